@@ -1,0 +1,23 @@
+//! The pure core of jitgate.
+//!
+//! Everything that decides something lives here: what a valid policy or request is,
+//! where JIT rules sit in a VM's NSG, how a request's ports move through their
+//! lifecycle, who may do what, and how the audit chain is hashed and verified.
+//!
+//! Architecture invariant: this crate does no IO and never reads the clock. Every
+//! function that needs the time takes `now` as a parameter, so the same code runs in
+//! tests with simulated time. Nothing here derives `Serialize`: the wire formats
+//! (Azure JSON, native API, storage rows) live at the edges and convert explicitly.
+
+pub mod audit;
+pub mod duration;
+pub mod error;
+pub mod ids;
+pub mod net;
+pub mod nsg;
+pub mod policy;
+pub mod rbac;
+pub mod request;
+
+pub use error::FieldError;
+pub use jiff::Timestamp;

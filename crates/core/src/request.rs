@@ -1,0 +1,795 @@
+//! Access requests and the lifecycle of their ports.
+//!
+//! A request asks, for some VMs and ports of one policy, that a source may connect
+//! until an end time. Each requested port moves through:
+//!
+//! ```text
+//! Initiated --(end time passes)-----------------> Revoked/Expired
+//!           --(requestor or admin revokes)------> Revoked/UserRequested
+//!           --(newer request, same vm/port/src)-> Revoked/NewerRequestInitiated
+//!           --(port removed from the policy)----> Revoked/PolicyChanged
+//! ```
+//!
+//! Revoked is final. A port is a live *grant* while it is Initiated and its end time
+//! is after `now`. Every function here takes `now`; none reads the clock.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use jiff::{SignedDuration, Timestamp};
+use uuid::Uuid;
+
+use crate::duration::parse_iso8601_secs;
+use crate::error::FieldError;
+use crate::ids::VmId;
+use crate::net::{Port, Protocol, SourcePrefix};
+use crate::policy::Policy;
+
+/// How far past the policy's maximum a client-computed `endTimeUtc` may reach, to
+/// absorb clock skew between client and controller. The granted end is still capped
+/// at `now + maximum`.
+pub const END_TIME_SKEW_SECS: i64 = 60;
+
+/// Longest justification kept.
+pub const MAX_JUSTIFICATION_LEN: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(Uuid);
+
+impl RequestId {
+    pub fn new(uuid: Uuid) -> Self {
+        RequestId(uuid)
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Uuid::parse_str(s)
+            .map(RequestId)
+            .map_err(|_| format!("'{s}' is not a request id (a GUID)"))
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.hyphenated())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RevokeReason {
+    Expired,
+    UserRequested,
+    NewerRequestInitiated,
+    /// The port was removed from the policy, or the policy deleted.
+    PolicyChanged,
+}
+
+impl RevokeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::Expired => "Expired",
+            RevokeReason::UserRequested => "UserRequested",
+            RevokeReason::NewerRequestInitiated => "NewerRequestInitiated",
+            RevokeReason::PolicyChanged => "PolicyChanged",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            RevokeReason::Expired,
+            RevokeReason::UserRequested,
+            RevokeReason::NewerRequestInitiated,
+            RevokeReason::PolicyChanged,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PortStatus {
+    Initiated,
+    Revoked(RevokeReason),
+}
+
+impl PortStatus {
+    /// Azure's `status` field.
+    pub fn status_str(self) -> &'static str {
+        match self {
+            PortStatus::Initiated => "Initiated",
+            PortStatus::Revoked(_) => "Revoked",
+        }
+    }
+
+    /// Azure's `statusReason` field. An initiated port reads `UserRequested`, as in
+    /// Azure's own responses.
+    pub fn reason_str(self) -> &'static str {
+        match self {
+            PortStatus::Initiated => "UserRequested",
+            PortStatus::Revoked(r) => r.as_str(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestPort {
+    pub number: Port,
+    pub protocol: Protocol,
+    pub source: SourcePrefix,
+    pub end: Timestamp,
+    pub status: PortStatus,
+}
+
+impl RequestPort {
+    /// Live: initiated and not yet at its end time.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        self.status == PortStatus::Initiated && self.end > now
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestVm {
+    pub id: VmId,
+    pub ports: Vec<RequestPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRequest {
+    pub id: RequestId,
+    /// Lower-cased key of the policy the request was made against.
+    pub policy_key: String,
+    pub requestor: String,
+    pub justification: Option<String>,
+    pub start: Timestamp,
+    /// The caller's observed address when it made the request.
+    pub caller_ip: IpAddr,
+    pub vms: Vec<RequestVm>,
+}
+
+// ---- raw input -------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default)]
+pub struct InitiatePortInput {
+    pub number: Option<i64>,
+    pub allowed_source_address_prefix: Option<String>,
+    pub end_time_utc: Option<String>,
+    pub duration: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InitiateVmInput {
+    pub id: Option<String>,
+    pub ports: Option<Vec<InitiatePortInput>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InitiateInput {
+    pub virtual_machines: Option<Vec<InitiateVmInput>>,
+    pub justification: Option<String>,
+}
+
+/// A live grant already stored, as far as superseding needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveGrant {
+    pub request: RequestId,
+    pub vm: VmId,
+    pub number: Port,
+    pub source: SourcePrefix,
+}
+
+/// Who asks, from where, when.
+pub struct InitiateContext<'a> {
+    pub id: RequestId,
+    pub policy: &'a Policy,
+    pub requestor: &'a str,
+    pub caller_ip: IpAddr,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitiateError {
+    Invalid(FieldError),
+    /// The caller may not initiate on this VM (the field names it).
+    Forbidden {
+        field: String,
+        vm: VmId,
+    },
+}
+
+impl From<FieldError> for InitiateError {
+    fn from(e: FieldError) -> Self {
+        InitiateError::Invalid(e)
+    }
+}
+
+/// What an accepted initiate changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitiatePlan {
+    pub request: AccessRequest,
+    /// Older live grants for the same VM, port and source: they become
+    /// `Revoked/NewerRequestInitiated`.
+    pub superseded: Vec<LiveGrant>,
+}
+
+pub fn parse_time(s: &str) -> Result<Timestamp, String> {
+    if let Ok(t) = s.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    // Some clients send a UTC time without its offset.
+    s.parse::<jiff::civil::DateTime>()
+        .ok()
+        .and_then(|dt| dt.to_zoned(jiff::tz::TimeZone::UTC).ok())
+        .map(|z| z.timestamp())
+        .ok_or_else(|| format!("'{s}' is not a date-time such as 2026-05-17T09:06:45Z"))
+}
+
+/// Validates an initiate against its policy and decides what it does.
+///
+/// `may_initiate` answers whether the caller holds the initiate action on a VM; it is
+/// asked for each VM before anything else about that VM is checked.
+pub fn plan_initiate(
+    ctx: &InitiateContext<'_>,
+    input: &InitiateInput,
+    may_initiate: &dyn Fn(&VmId) -> bool,
+    live: &[LiveGrant],
+) -> Result<InitiatePlan, InitiateError> {
+    let justification = match &input.justification {
+        Some(j) if j.len() > MAX_JUSTIFICATION_LEN => {
+            return Err(FieldError::new(
+                "justification",
+                format!("is longer than {MAX_JUSTIFICATION_LEN} characters"),
+            )
+            .into());
+        }
+        Some(j) if j.trim().is_empty() => None,
+        other => other.clone(),
+    };
+    let raw_vms = input
+        .virtual_machines
+        .as_ref()
+        .ok_or_else(|| FieldError::new("virtualMachines", "is required"))?;
+    if raw_vms.is_empty() {
+        return Err(
+            FieldError::new("virtualMachines", "must list at least one virtual machine").into(),
+        );
+    }
+    let mut vms = Vec::with_capacity(raw_vms.len());
+    let mut seen = HashSet::new();
+    for (i, raw) in raw_vms.iter().enumerate() {
+        let field = format!("virtualMachines[{i}]");
+        let id_text = raw
+            .id
+            .as_deref()
+            .ok_or_else(|| FieldError::new(format!("{field}.id"), "is required"))?;
+        let id = VmId::parse(id_text).map_err(|e| FieldError::new(format!("{field}.id"), e))?;
+        if !may_initiate(&id) {
+            return Err(InitiateError::Forbidden {
+                field: format!("{field}.id"),
+                vm: id,
+            });
+        }
+        if !seen.insert(id.key()) {
+            return Err(FieldError::new(
+                format!("{field}.id"),
+                format!("virtual machine '{id}' is listed twice"),
+            )
+            .into());
+        }
+        let policy_vm = ctx.policy.vm(&id).ok_or_else(|| {
+            FieldError::new(
+                format!("{field}.id"),
+                format!(
+                    "virtual machine '{id}' is not in policy '{}'",
+                    ctx.policy.key.name
+                ),
+            )
+        })?;
+        let raw_ports = raw
+            .ports
+            .as_ref()
+            .ok_or_else(|| FieldError::new(format!("{field}.ports"), "is required"))?;
+        if raw_ports.is_empty() {
+            return Err(
+                FieldError::new(format!("{field}.ports"), "must list at least one port").into(),
+            );
+        }
+        let mut ports: Vec<RequestPort> = Vec::with_capacity(raw_ports.len());
+        for (j, rp) in raw_ports.iter().enumerate() {
+            let pf = format!("{field}.ports[{j}]");
+            let number = rp
+                .number
+                .ok_or_else(|| FieldError::new(format!("{pf}.number"), "is required"))
+                .and_then(|n| {
+                    Port::new(n).map_err(|e| FieldError::new(format!("{pf}.number"), e))
+                })?;
+            if ports.iter().any(|p| p.number == number) {
+                return Err(FieldError::new(
+                    format!("{pf}.number"),
+                    format!("port {number} is listed twice"),
+                )
+                .into());
+            }
+            let rule = policy_vm.port(number).ok_or_else(|| {
+                FieldError::new(
+                    format!("{pf}.number"),
+                    format!(
+                        "port {number} is not protected by the policy for '{}'",
+                        id.name
+                    ),
+                )
+            })?;
+            let max = rule.max_duration.secs();
+            let end = match (&rp.end_time_utc, &rp.duration) {
+                (Some(_), Some(_)) => {
+                    return Err(FieldError::new(
+                        format!("{pf}.duration"),
+                        "give endTimeUtc or duration, not both",
+                    )
+                    .into());
+                }
+                (None, None) => {
+                    return Err(FieldError::new(
+                        format!("{pf}.endTimeUtc"),
+                        "is required (or give duration)",
+                    )
+                    .into());
+                }
+                (Some(t), None) => {
+                    let f = format!("{pf}.endTimeUtc");
+                    let end = parse_time(t).map_err(|e| FieldError::new(&f, e))?;
+                    if end <= ctx.now {
+                        return Err(
+                            FieldError::new(f, format!("{end} is not in the future")).into()
+                        );
+                    }
+                    let secs = end.duration_since(ctx.now).as_secs();
+                    if secs > max + END_TIME_SKEW_SECS {
+                        return Err(FieldError::new(
+                            f,
+                            format!(
+                                "{end} is further away than the policy's maximum of {} for port {number}",
+                                rule.max_duration.as_str()
+                            ),
+                        )
+                        .into());
+                    }
+                    end.min(add_secs(ctx.now, max))
+                }
+                (None, Some(d)) => {
+                    let f = format!("{pf}.duration");
+                    let secs = parse_iso8601_secs(d).map_err(|e| FieldError::new(&f, e))?;
+                    if secs <= 0 {
+                        return Err(FieldError::new(f, "must be longer than zero").into());
+                    }
+                    if secs > max {
+                        return Err(FieldError::new(
+                            f,
+                            format!(
+                                "{d} is longer than the policy's maximum of {} for port {number}",
+                                rule.max_duration.as_str()
+                            ),
+                        )
+                        .into());
+                    }
+                    add_secs(ctx.now, secs)
+                }
+            };
+            let source = match &rp.allowed_source_address_prefix {
+                Some(s) => SourcePrefix::parse(s)
+                    .map_err(|e| FieldError::new(format!("{pf}.allowedSourceAddressPrefix"), e))?,
+                None => SourcePrefix::host(ctx.caller_ip),
+            };
+            if !rule.allowed.permits(&source) {
+                let allowed: Vec<String> = rule
+                    .allowed
+                    .prefixes()
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect();
+                return Err(FieldError::new(
+                    format!("{pf}.allowedSourceAddressPrefix"),
+                    format!(
+                        "source {source} is not inside the prefixes allowed for port {number} ({})",
+                        allowed.join(", ")
+                    ),
+                )
+                .into());
+            }
+            ports.push(RequestPort {
+                number,
+                protocol: rule.protocol,
+                source,
+                end,
+                status: PortStatus::Initiated,
+            });
+        }
+        vms.push(RequestVm { id, ports });
+    }
+    let superseded = live
+        .iter()
+        .filter(|g| {
+            vms.iter().any(|v| {
+                v.id == g.vm
+                    && v.ports
+                        .iter()
+                        .any(|p| p.number == g.number && p.source == g.source)
+            })
+        })
+        .cloned()
+        .collect();
+    Ok(InitiatePlan {
+        request: AccessRequest {
+            id: ctx.id,
+            policy_key: ctx.policy.key.key(),
+            requestor: ctx.requestor.to_owned(),
+            justification,
+            start: ctx.now,
+            caller_ip: ctx.caller_ip,
+            vms,
+        },
+        superseded,
+    })
+}
+
+fn add_secs(t: Timestamp, secs: i64) -> Timestamp {
+    t.saturating_add(SignedDuration::from_secs(secs))
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// Applies a transition to one port. Only an initiated port changes; a revoked port is
+/// final. Returns true when the port changed.
+pub fn revoke_port(port: &mut RequestPort, reason: RevokeReason) -> bool {
+    if port.status == PortStatus::Initiated {
+        port.status = PortStatus::Revoked(reason);
+        true
+    } else {
+        false
+    }
+}
+
+/// The ports of `request` whose end time has come by `now` and that are still
+/// initiated: they become `Revoked/Expired`. Returns how many changed.
+pub fn expire_due(request: &mut AccessRequest, now: Timestamp) -> usize {
+    let mut n = 0;
+    for vm in &mut request.vms {
+        for p in &mut vm.ports {
+            if p.status == PortStatus::Initiated && p.end <= now {
+                p.status = PortStatus::Revoked(RevokeReason::Expired);
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{Location, PolicyName, ResourceGroup, SubscriptionId};
+    use crate::policy::{
+        PolicyInput, PolicyKey, PolicyVmInput, PortRuleInput, RawPrefix, validate_policy,
+    };
+    use proptest::prelude::*;
+
+    const SUB: &str = "20ff7fc3-e762-44dd-bd96-b71116dcdc23";
+
+    fn vm_id(name: &str) -> String {
+        format!(
+            "/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}"
+        )
+    }
+
+    fn policy(allowed: &str, max: &str) -> Policy {
+        let key = PolicyKey {
+            subscription: SubscriptionId::parse(SUB).unwrap(),
+            resource_group: ResourceGroup::parse("rg").unwrap(),
+            location: Location::parse("westeurope").unwrap(),
+            name: PolicyName::parse("default").unwrap(),
+        };
+        let rule = |n| PortRuleInput {
+            number: Some(n),
+            protocol: Some("TCP".into()),
+            allowed_source_address_prefix: Some(RawPrefix::One(allowed.into())),
+            allowed_source_address_prefixes: None,
+            max_request_access_duration: Some(max.into()),
+        };
+        let spec = validate_policy(
+            &key,
+            &PolicyInput {
+                kind: None,
+                virtual_machines: Some(vec![PolicyVmInput {
+                    id: Some(vm_id("vm1")),
+                    ports: Some(vec![rule(22), rule(3389)]),
+                    public_ip_address: None,
+                }]),
+            },
+        )
+        .unwrap();
+        Policy { key, spec }
+    }
+
+    fn now() -> Timestamp {
+        "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    fn ctx(p: &Policy) -> InitiateContext<'_> {
+        InitiateContext {
+            id: RequestId::new(Uuid::from_u128(1)),
+            policy: p,
+            requestor: "alice",
+            caller_ip: "10.0.0.9".parse().unwrap(),
+            now: now(),
+        }
+    }
+
+    fn one(port: InitiatePortInput) -> InitiateInput {
+        InitiateInput {
+            virtual_machines: Some(vec![InitiateVmInput {
+                id: Some(vm_id("vm1")),
+                ports: Some(vec![port]),
+            }]),
+            justification: Some("maintenance".into()),
+        }
+    }
+
+    fn port(n: i64) -> InitiatePortInput {
+        InitiatePortInput {
+            number: Some(n),
+            allowed_source_address_prefix: None,
+            end_time_utc: None,
+            duration: Some("PT1H".into()),
+        }
+    }
+
+    fn yes(_: &VmId) -> bool {
+        true
+    }
+
+    fn field_of(r: Result<InitiatePlan, InitiateError>) -> String {
+        match r {
+            Err(InitiateError::Invalid(e)) => e.field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn my_ip_is_the_caller_address() {
+        let p = policy("10.0.0.0/24", "PT3H");
+        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes, &[]).unwrap();
+        let rp = &plan.request.vms[0].ports[0];
+        assert_eq!(rp.source.to_string(), "10.0.0.9");
+        assert_eq!(rp.end, "2026-01-01T01:00:00Z".parse::<Timestamp>().unwrap());
+        assert_eq!(rp.protocol, Protocol::Tcp);
+        assert_eq!(rp.status, PortStatus::Initiated);
+    }
+
+    #[test]
+    fn subset_of_allowed_prefix_is_accepted() {
+        let p = policy("10.0.0.0/16", "PT3H");
+        let mut i = port(22);
+        i.allowed_source_address_prefix = Some("10.0.5.0/24".into());
+        assert!(plan_initiate(&ctx(&p), &one(i.clone()), &yes, &[]).is_ok());
+        i.allowed_source_address_prefix = Some("10.1.0.0/24".into());
+        assert_eq!(
+            field_of(plan_initiate(&ctx(&p), &one(i.clone()), &yes, &[])),
+            "virtualMachines[0].ports[0].allowedSourceAddressPrefix"
+        );
+        i.allowed_source_address_prefix = Some("*".into());
+        assert!(plan_initiate(&ctx(&p), &one(i), &yes, &[]).is_err());
+        let any = policy("*", "PT3H");
+        let mut i = port(22);
+        i.allowed_source_address_prefix = Some("*".into());
+        assert!(plan_initiate(&ctx(&any), &one(i), &yes, &[]).is_ok());
+    }
+
+    #[test]
+    fn bad_initiates_name_their_field() {
+        let p = policy("*", "PT3H");
+        let f = "virtualMachines[0].ports[0]";
+        let cases: Vec<(InitiatePortInput, String)> = vec![
+            (port(8080), format!("{f}.number")),
+            (port(0), format!("{f}.number")),
+            (
+                InitiatePortInput {
+                    duration: Some("PT4H".into()),
+                    ..port(22)
+                },
+                format!("{f}.duration"),
+            ),
+            (
+                InitiatePortInput {
+                    duration: Some("soon".into()),
+                    ..port(22)
+                },
+                format!("{f}.duration"),
+            ),
+            (
+                InitiatePortInput {
+                    duration: Some("PT0S".into()),
+                    ..port(22)
+                },
+                format!("{f}.duration"),
+            ),
+            (
+                InitiatePortInput {
+                    duration: None,
+                    ..port(22)
+                },
+                format!("{f}.endTimeUtc"),
+            ),
+            (
+                InitiatePortInput {
+                    end_time_utc: Some("2026-01-01T01:00:00Z".into()),
+                    ..port(22)
+                },
+                format!("{f}.duration"),
+            ),
+            (
+                InitiatePortInput {
+                    duration: None,
+                    end_time_utc: Some("2025-12-31T23:00:00Z".into()),
+                    ..port(22)
+                },
+                format!("{f}.endTimeUtc"),
+            ),
+            (
+                InitiatePortInput {
+                    duration: None,
+                    end_time_utc: Some("2026-01-01T05:00:00Z".into()),
+                    ..port(22)
+                },
+                format!("{f}.endTimeUtc"),
+            ),
+            (
+                InitiatePortInput {
+                    duration: None,
+                    end_time_utc: Some("tomorrow".into()),
+                    ..port(22)
+                },
+                format!("{f}.endTimeUtc"),
+            ),
+            (
+                InitiatePortInput {
+                    allowed_source_address_prefix: Some("10.0.0.5/24".into()),
+                    ..port(22)
+                },
+                format!("{f}.allowedSourceAddressPrefix"),
+            ),
+        ];
+        for (input, field) in cases {
+            assert_eq!(
+                field_of(plan_initiate(&ctx(&p), &one(input.clone()), &yes, &[])),
+                field,
+                "{input:?}"
+            );
+        }
+        let mut dup = one(port(22));
+        dup.virtual_machines.as_mut().unwrap()[0]
+            .ports
+            .as_mut()
+            .unwrap()
+            .push(port(22));
+        assert_eq!(
+            field_of(plan_initiate(&ctx(&p), &dup, &yes, &[])),
+            "virtualMachines[0].ports[1].number"
+        );
+        let mut other = one(port(22));
+        other.virtual_machines.as_mut().unwrap()[0].id = Some(vm_id("vm2"));
+        assert_eq!(
+            field_of(plan_initiate(&ctx(&p), &other, &yes, &[])),
+            "virtualMachines[0].id"
+        );
+        let empty = InitiateInput {
+            virtual_machines: Some(vec![]),
+            justification: None,
+        };
+        assert_eq!(
+            field_of(plan_initiate(&ctx(&p), &empty, &yes, &[])),
+            "virtualMachines"
+        );
+    }
+
+    #[test]
+    fn forbidden_vm_is_reported_before_anything_else() {
+        let p = policy("*", "PT3H");
+        let r = plan_initiate(&ctx(&p), &one(port(8080)), &|_: &VmId| false, &[]);
+        assert!(matches!(r, Err(InitiateError::Forbidden { .. })));
+    }
+
+    #[test]
+    fn end_time_is_capped_at_the_maximum() {
+        let p = policy("*", "PT3H");
+        let i = InitiatePortInput {
+            duration: None,
+            end_time_utc: Some("2026-01-01T03:00:30Z".into()),
+            ..port(22)
+        };
+        let plan = plan_initiate(&ctx(&p), &one(i), &yes, &[]).unwrap();
+        assert_eq!(
+            plan.request.vms[0].ports[0].end,
+            "2026-01-01T03:00:00Z".parse::<Timestamp>().unwrap()
+        );
+    }
+
+    #[test]
+    fn newer_request_supersedes_same_vm_port_and_source_only() {
+        let p = policy("*", "PT3H");
+        let vm = VmId::parse(&vm_id("vm1")).unwrap();
+        let g = |req: u128, n: i64, src: &str| LiveGrant {
+            request: RequestId::new(Uuid::from_u128(req)),
+            vm: vm.clone(),
+            number: Port::new(n).unwrap(),
+            source: SourcePrefix::parse(src).unwrap(),
+        };
+        let live = vec![
+            g(7, 22, "10.0.0.9"),
+            g(8, 22, "10.0.0.10"),
+            g(9, 3389, "10.0.0.9"),
+        ];
+        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes, &live).unwrap();
+        assert_eq!(plan.superseded, vec![live[0].clone()]);
+    }
+
+    #[test]
+    fn revoked_is_final() {
+        let mut p = RequestPort {
+            number: Port::new(22).unwrap(),
+            protocol: Protocol::Tcp,
+            source: SourcePrefix::Any,
+            end: now(),
+            status: PortStatus::Initiated,
+        };
+        assert!(revoke_port(&mut p, RevokeReason::UserRequested));
+        assert!(!revoke_port(&mut p, RevokeReason::Expired));
+        assert_eq!(p.status, PortStatus::Revoked(RevokeReason::UserRequested));
+    }
+
+    proptest! {
+        /// Any accepted duration yields an end inside (now, now + max]; any rejected one
+        /// is zero or above the maximum.
+        #[test]
+        fn duration_bounds(mins in 0i64..400) {
+            let p = policy("*", "PT3H");
+            let i = InitiatePortInput { duration: Some(format!("PT{mins}M")), ..port(22) };
+            match plan_initiate(&ctx(&p), &one(i), &yes, &[]) {
+                Ok(plan) => {
+                    let end = plan.request.vms[0].ports[0].end;
+                    prop_assert!(end > now());
+                    prop_assert!(end.duration_since(now()).as_secs() <= 3 * 3600);
+                    prop_assert!(mins > 0 && mins <= 180);
+                }
+                Err(_) => prop_assert!(mins == 0 || mins > 180),
+            }
+        }
+
+        /// Simulated time: a port is live exactly while initiated and before its end;
+        /// expiry changes it once, at or after the end, and never un-revokes.
+        #[test]
+        fn lifecycle_with_simulated_time(len_s in 1i64..10_000, steps in proptest::collection::vec((0i64..2_000, any::<bool>()), 1..20)) {
+            let p = policy("*", "PT3H");
+            let i = InitiatePortInput { duration: Some(format!("PT{}S", len_s.min(3 * 3600))), ..port(22) };
+            let mut req = plan_initiate(&ctx(&p), &one(i), &yes, &[]).unwrap().request;
+            let end = req.vms[0].ports[0].end;
+            let mut t = now();
+            let mut revoked_by_user = false;
+            for (advance, revoke) in steps {
+                t = add_secs(t, advance);
+                if revoke && !revoked_by_user {
+                    let changed = revoke_port(&mut req.vms[0].ports[0], RevokeReason::UserRequested);
+                    revoked_by_user = changed;
+                }
+                let before = req.vms[0].ports[0].status;
+                let n = expire_due(&mut req, t);
+                let port = &req.vms[0].ports[0];
+                if before == PortStatus::Initiated && t >= end {
+                    prop_assert_eq!(n, 1);
+                    prop_assert_eq!(port.status, PortStatus::Revoked(RevokeReason::Expired));
+                } else {
+                    prop_assert_eq!(n, 0);
+                    prop_assert_eq!(port.status, before);
+                }
+                prop_assert_eq!(port.is_live(t), port.status == PortStatus::Initiated && t < end);
+            }
+        }
+    }
+}
