@@ -1,1 +1,144 @@
+//! Storage for jitgate.
+//!
+//! [`Store`] is the one interface the controller uses. Every mutating operation is a
+//! single transaction that also appends its audit event(s), so state and audit chain
+//! never disagree; a method that returns `Ok` has committed durably. Backends:
+//! [`sqlite::SqliteStore`] (embedded default). A PostgreSQL backend is to pass the same
+//! [`conformance`] suite.
+//!
+//! Decisions are not made here: operations call the pure functions of `jitgate-core`
+//! inside their transaction (for example `plan_initiate`), so a decision and the state
+//! it was made on cannot drift apart.
 
+pub mod conformance;
+mod records;
+pub mod sqlite;
+
+pub use records::*;
+
+use async_trait::async_trait;
+use jitgate_core::Timestamp;
+use jitgate_core::audit::{AuditEntry, AuditRecord, VerifyReport};
+use jitgate_core::ids::{ResourceGroup, SubscriptionId, VmId};
+use jitgate_core::policy::{Policy, PolicyKey, PolicySpec};
+use jitgate_core::request::{AccessRequest, RequestId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Either a domain refusal (`E`) or a storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError<E> {
+    #[error("{0:?}")]
+    Refused(E),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- installation ----
+    /// Creates the default subscription and the bootstrap Owner (token and role
+    /// assignment at the subscription) if the store is empty; otherwise returns what
+    /// exists and creates nothing. Idempotent.
+    async fn bootstrap(&self, init: Bootstrap, audit: AuditCtx) -> Result<BootstrapOutcome>;
+    async fn subscriptions(&self) -> Result<Vec<SubscriptionId>>;
+
+    // ---- VMs ----
+    async fn register_vm(
+        &self,
+        vm: VmRecord,
+        audit: AuditCtx,
+    ) -> Result<RegisterOutcome, OpError<VmError>>;
+    async fn get_vm(&self, id: &VmId) -> Result<Option<VmRecord>>;
+    async fn list_vms(
+        &self,
+        subscription: SubscriptionId,
+        rg: Option<&ResourceGroup>,
+    ) -> Result<Vec<VmRecord>>;
+    async fn delete_vm(&self, id: &VmId, audit: AuditCtx) -> Result<bool, OpError<VmError>>;
+
+    // ---- policies ----
+    async fn put_policy(
+        &self,
+        key: PolicyKey,
+        spec: PolicySpec,
+        audit: AuditCtx,
+    ) -> Result<PutPolicyOutcome, OpError<PolicyError>>;
+    async fn get_policy(&self, key: &PolicyKey) -> Result<Option<Policy>>;
+    /// Policies in key order, after `after` (exclusive), at most `limit`.
+    async fn list_policies(
+        &self,
+        filter: &PolicyFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Policy>>;
+    async fn policy_for_vm(&self, vm: &VmId) -> Result<Option<Policy>>;
+    /// Deletes the policy and revokes its live grants. `None` when it did not exist.
+    async fn delete_policy(
+        &self,
+        key: &PolicyKey,
+        audit: AuditCtx,
+    ) -> Result<Option<Vec<RevokedPort>>>;
+
+    // ---- requests ----
+    async fn initiate(
+        &self,
+        args: InitiateArgs,
+        audit: AuditCtx,
+    ) -> Result<AccessRequest, OpError<InitiateRefusal>>;
+    /// The newest `limit` requests of the policy, newest first.
+    async fn policy_requests(&self, key: &PolicyKey, limit: usize) -> Result<Vec<AccessRequest>>;
+    async fn get_request(&self, id: RequestId) -> Result<Option<AccessRequest>>;
+    async fn list_requests(&self, filter: &RequestFilter) -> Result<Vec<AccessRequest>>;
+    /// Revokes the request's initiated ports (all, or those on one VM/port).
+    async fn revoke_request(
+        &self,
+        id: RequestId,
+        only: Option<PortSelector>,
+        audit: AuditCtx,
+    ) -> Result<Vec<RevokedPort>, OpError<RevokeError>>;
+    /// Marks every initiated port whose end time is at or before `now` as
+    /// Revoked/Expired, auditing each. Returns them.
+    async fn expire_due(&self, now: Timestamp) -> Result<Vec<RevokedPort>>;
+    /// The earliest end time among initiated ports.
+    async fn next_expiry(&self) -> Result<Option<Timestamp>>;
+    async fn live_grants(&self, vm: &VmId, now: Timestamp) -> Result<Vec<Grant>>;
+    async fn count_live_grants(&self, now: Timestamp) -> Result<u64>;
+
+    // ---- identity ----
+    async fn create_token(&self, token: TokenRecord, audit: AuditCtx) -> Result<()>;
+    async fn find_token(&self, id: &str) -> Result<Option<TokenRecord>>;
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    async fn revoke_token(&self, id: &str, audit: AuditCtx) -> Result<bool>;
+    async fn add_role_assignment(&self, ra: RoleAssignmentRecord, audit: AuditCtx) -> Result<()>;
+    async fn role_assignments(&self, principal: Option<&str>) -> Result<Vec<RoleAssignmentRecord>>;
+    async fn remove_role_assignment(&self, id: &str, audit: AuditCtx) -> Result<bool>;
+
+    // ---- audit ----
+    /// Appends one event on its own (denied and failed calls).
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64>;
+    async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
+    async fn verify_audit(&self) -> Result<VerifyReport>;
+}
+
+impl<E> From<rusqlite::Error> for OpError<E> {
+    fn from(e: rusqlite::Error) -> Self {
+        OpError::Store(e.into())
+    }
+}

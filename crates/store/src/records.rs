@@ -1,0 +1,171 @@
+//! The records the store keeps and the arguments and outcomes of its operations.
+
+use std::net::IpAddr;
+
+use jitgate_core::FieldError;
+use jitgate_core::Timestamp;
+use jitgate_core::ids::{Location, ResourceGroup, SubscriptionId, VmId};
+use jitgate_core::net::{Port, Protocol, SourcePrefix};
+use jitgate_core::rbac::RoleAssignment;
+use jitgate_core::request::{InitiateInput, RequestId, RevokeReason};
+
+/// Who is changing something, from where, when: the audit event's context.
+#[derive(Debug, Clone)]
+pub struct AuditCtx {
+    pub actor: String,
+    pub source: String,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub subscription: SubscriptionId,
+    pub owner_principal: String,
+    pub owner_token: TokenRecord,
+}
+
+#[derive(Debug, Clone)]
+pub struct BootstrapOutcome {
+    pub subscription: SubscriptionId,
+    /// True when this call created the installation.
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRecord {
+    pub id: VmId,
+    pub location: Option<Location>,
+    pub created: Timestamp,
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    Created,
+    AlreadyRegistered,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmError {
+    UnknownSubscription(SubscriptionId),
+    /// A VM in a policy cannot be deleted; the policy key is given.
+    InPolicy(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutPolicyOutcome {
+    pub created: bool,
+    /// Live grants revoked because their port left the policy.
+    pub revoked: Vec<RevokedPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyError {
+    UnknownSubscription(SubscriptionId),
+    /// The VM at this field is not registered.
+    UnknownVm(FieldError),
+    /// The VM at this field is already protected by another policy.
+    VmInOtherPolicy(FieldError),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PolicyFilter {
+    pub subscription: Option<SubscriptionId>,
+    pub resource_group: Option<ResourceGroup>,
+    pub location: Option<Location>,
+}
+
+/// A port that changed from Initiated to Revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedPort {
+    pub request: RequestId,
+    pub vm: VmId,
+    pub number: Port,
+    pub source: SourcePrefix,
+    pub end: Timestamp,
+    pub reason: RevokeReason,
+}
+
+pub struct InitiateArgs {
+    pub policy: jitgate_core::policy::PolicyKey,
+    pub input: InitiateInput,
+    pub id: RequestId,
+    pub requestor: String,
+    pub caller_ip: IpAddr,
+    /// The caller's role assignments: the initiate action is checked per VM.
+    pub assignments: Vec<RoleAssignment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitiateRefusal {
+    PolicyNotFound,
+    Invalid(FieldError),
+    Forbidden { field: String, vm: VmId },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RequestFilter {
+    pub vm: Option<VmId>,
+    pub requestor: Option<String>,
+    /// Only requests with at least one port live at this time.
+    pub live_at: Option<Timestamp>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PortSelector {
+    pub vm: Option<VmId>,
+    pub number: Option<Port>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeError {
+    NotFound,
+    /// Nothing was live to revoke.
+    NothingLive,
+}
+
+/// A live grant on a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub request: RequestId,
+    pub requestor: String,
+    pub number: Port,
+    pub protocol: Protocol,
+    pub source: SourcePrefix,
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public identifier (the part of the token before the secret).
+    pub id: String,
+    pub principal: String,
+    /// Hex SHA-256 of the secret; the secret itself is never stored.
+    pub secret_hash: String,
+    pub description: String,
+    pub created: Timestamp,
+    pub expires: Option<Timestamp>,
+    pub revoked: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleAssignmentRecord {
+    pub id: String,
+    pub assignment: RoleAssignment,
+    pub created: Timestamp,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Events whose target contains this text (case-insensitive), e.g. a VM id.
+    pub target: Option<String>,
+    pub actor: Option<String>,
+    /// Events whose action starts with this text.
+    pub action: Option<String>,
+    pub since: Option<Timestamp>,
+    pub until: Option<Timestamp>,
+    pub after_seq: Option<u64>,
+    pub limit: usize,
+}
