@@ -1,1 +1,171 @@
+//! The jitgate controller: the Azure-compatible JIT API, the native API, bearer-token
+//! authentication, RBAC enforcement, failure auditing and the expiry scheduler, over
+//! any [`jitgate_store::Store`].
+//!
+//! Handlers are thin: they parse and authorize, then call one store operation, which
+//! runs the core's decision inside its transaction. Nothing here decides policy.
 
+pub mod auth;
+pub mod azure;
+pub mod body;
+pub mod error;
+pub mod expiry;
+pub mod metrics;
+pub mod native;
+mod server;
+
+pub use server::{BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, Running, TlsFiles, start};
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::HeaderMap;
+use axum::middleware;
+use axum::routing::{get, post};
+use jitgate_core::ids::SubscriptionId;
+use jitgate_store::Store;
+use tokio::sync::{Notify, watch};
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub subscriptions: Arc<Vec<SubscriptionId>>,
+    pub metrics: Arc<metrics::Metrics>,
+    /// Wakes the expiry scheduler (a new earliest end time may exist).
+    pub expiry_wake: Arc<Notify>,
+    /// Bumped on every change of desired state (agents watch it).
+    pub revision: Arc<watch::Sender<u64>>,
+    pub tls: bool,
+}
+
+impl AppState {
+    pub fn default_subscription(&self) -> SubscriptionId {
+        self.subscriptions[0]
+    }
+
+    pub fn notify_change(&self) {
+        self.revision.send_modify(|r| *r += 1);
+    }
+
+    /// After a write that may have revoked `revoked` ports.
+    pub fn changed(&self, revoked: usize) {
+        self.metrics.revoked.inc_by(revoked as u64);
+        self.notify_change();
+        self.expiry_wake.notify_one();
+    }
+
+    pub fn initiated(&self) {
+        self.metrics.initiates.inc();
+        self.notify_change();
+        self.expiry_wake.notify_one();
+    }
+}
+
+/// `scheme://host` as the caller addressed us, for `nextLink`.
+pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("{}://{host}", if state.tls { "https" } else { "http" })
+}
+
+/// Azure treats path segments such as `resourceGroups` case-insensitively; route on
+/// one spelling.
+fn canonical_path(path: &str) -> Option<String> {
+    if !path
+        .get(..15)
+        .is_some_and(|p| p.eq_ignore_ascii_case("/subscriptions/"))
+    {
+        return None;
+    }
+    const FIXED: [&str; 6] = [
+        "subscriptions",
+        "resourceGroups",
+        "providers",
+        "Microsoft.Security",
+        "locations",
+        "jitNetworkAccessPolicies",
+    ];
+    let mut changed = false;
+    let out: Vec<String> = path
+        .split('/')
+        .map(
+            |seg| match FIXED.iter().find(|f| f.eq_ignore_ascii_case(seg)) {
+                Some(f) if *f != seg => {
+                    changed = true;
+                    (*f).to_owned()
+                }
+                _ => seg.to_owned(),
+            },
+        )
+        .collect();
+    changed.then(|| out.join("/"))
+}
+
+async fn normalize(mut req: Request, next: middleware::Next) -> axum::response::Response {
+    if let Some(p) = canonical_path(req.uri().path()) {
+        let pq = match req.uri().query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        };
+        if let Ok(uri) = pq.parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+    next.run(req).await
+}
+
+async fn count(
+    state: axum::extract::State<AppState>,
+    req: Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    state.metrics.http_requests.inc();
+    next.run(req).await
+}
+
+async fn not_found() -> error::ApiError {
+    error::ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "NotFound",
+        "no such API path; see /api/v1/openapi.json",
+    )
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    const POL: &str = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}";
+    let api = Router::new()
+        .route(
+            "/subscriptions/{sub}/providers/Microsoft.Security/jitNetworkAccessPolicies",
+            get(azure::list_subscription),
+        )
+        .route(
+            "/subscriptions/{sub}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies",
+            get(azure::list_region),
+        )
+        .route(
+            "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies",
+            get(azure::list_resource_group),
+        )
+        .route(
+            "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies",
+            get(azure::list_resource_group_region),
+        )
+        .route(POL, get(azure::get).put(azure::put).delete(azure::delete))
+        .route(&format!("{POL}/{{action}}"), post(azure::initiate))
+        .merge(native::routes())
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::auth_layer))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::audit_failures))
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state);
+    // Path normalization must run before routing, so it wraps the router.
+    Router::new()
+        .fallback_service(api)
+        .layer(middleware::from_fn(normalize))
+}

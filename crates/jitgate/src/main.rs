@@ -1,1 +1,33 @@
-fn main() {}
+//! `jitgate`: one binary for the controller (`serve`), the client verbs an admin uses
+//! (`vm`, `token`, `role`, `audit`), and the benchmarks (`bench`).
+//!
+//! Errors are printed once, as a chain, with a non-zero exit code.
+
+mod bench;
+mod cli;
+mod client;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("jitgate: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("jitgate: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

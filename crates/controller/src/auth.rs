@@ -1,0 +1,249 @@
+//! Authentication: bearer tokens.
+//!
+//! A token reads `jg_<id>.<secret>`. Only the SHA-256 of the secret is stored; the id
+//! finds the record and the secret's hash is compared in constant time. Any other
+//! string (for example an operator-chosen `JITGATE_BOOTSTRAP_TOKEN`) is accepted too:
+//! its id is derived from its own hash.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jitgate_core::Timestamp;
+use jitgate_core::audit::{AuditEntry, Outcome};
+use jitgate_core::ids::Scope;
+use jitgate_core::net::canonical_addr;
+use jitgate_core::rbac::{self, Action, RoleAssignment};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Splits a presented token into (id, secret).
+pub fn split_token(token: &str) -> (String, &str) {
+    if let Some(rest) = token.strip_prefix("jg_")
+        && let Some((id, secret)) = rest.split_once('.')
+        && !id.is_empty()
+        && !secret.is_empty()
+    {
+        return (id.to_owned(), secret);
+    }
+    (format!("x{}", &sha256_hex(token)[..16]), token)
+}
+
+/// A fresh token: (id, full token text, secret hash).
+pub fn generate_token() -> (String, String, String) {
+    let mut id = [0u8; 6];
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut id);
+    rand::rng().fill_bytes(&mut secret);
+    let id = hex::encode(id);
+    let secret = hex::encode(secret);
+    let hash = sha256_hex(&secret);
+    (id.clone(), format!("jg_{id}.{secret}"), hash)
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub name: String,
+    pub token_id: String,
+    pub assignments: Vec<RoleAssignment>,
+}
+
+impl Principal {
+    pub fn can(&self, action: Action, scope: &Scope) -> bool {
+        rbac::is_allowed(&self.assignments, &self.name, action, scope)
+    }
+
+    /// 403 unless the caller holds `action` on `scope`.
+    pub fn require(&self, action: Action, scope: &Scope) -> ApiResult<()> {
+        if self.can(action, scope) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                &self.name,
+                action.as_str(),
+                &scope.to_string(),
+            ))
+        }
+    }
+}
+
+/// The caller's observed address (IPv4-mapped IPv6 shown as IPv4).
+#[derive(Debug, Clone, Copy)]
+pub struct CallerIp(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for CallerIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ci| CallerIp(canonical_addr(ci.0.ip())))
+            .ok_or_else(|| ApiError::internal("no connection info"))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthenticated("authentication is required"))
+    }
+}
+
+async fn authenticate(
+    state: &AppState,
+    header: Option<&str>,
+    now: Timestamp,
+) -> ApiResult<Principal> {
+    let header = header.ok_or_else(|| {
+        ApiError::unauthenticated("Authentication failed. The 'Authorization' header is missing.")
+    })?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthenticated(
+                "Authentication failed. The 'Authorization' header must be 'Bearer <token>'.",
+            )
+        })?;
+    let (id, secret) = split_token(token);
+    let record = state.store.find_token(&id).await?;
+    let presented = sha256_hex(secret);
+    let valid = match &record {
+        Some(r) => bool::from(r.secret_hash.as_bytes().ct_eq(presented.as_bytes())),
+        // Compare anyway so an unknown id costs the same as a wrong secret.
+        None => {
+            let _ = presented.as_bytes().ct_eq(sha256_hex("").as_bytes());
+            false
+        }
+    };
+    let record = match record {
+        Some(r) if valid => r,
+        _ => {
+            return Err(ApiError::unauthenticated(
+                "Authentication failed. The token is not valid.",
+            ));
+        }
+    };
+    if record.revoked.is_some() {
+        return Err(ApiError::unauthenticated(
+            "Authentication failed. The token has been revoked; ask an administrator for a new one.",
+        ));
+    }
+    if record.expires.is_some_and(|e| e <= now) {
+        return Err(ApiError::unauthenticated(
+            "Authentication failed. The token has expired; ask an administrator for a new one.",
+        ));
+    }
+    let assignments = state
+        .store
+        .role_assignments(Some(&record.principal))
+        .await?
+        .into_iter()
+        .map(|r| r.assignment)
+        .collect();
+    Ok(Principal {
+        name: record.principal,
+        token_id: record.id,
+        assignments,
+    })
+}
+
+/// The authenticated caller's name, carried on the response for the audit layer.
+#[derive(Debug, Clone)]
+struct Actor(String);
+
+/// Paths anyone may call.
+fn is_public(path: &str) -> bool {
+    matches!(path, "/api/v1/health" | "/metrics" | "/api/v1/openapi.json")
+}
+
+/// Authenticates every non-public request; a failure is answered 401 and audited.
+pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if is_public(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let now = Timestamp::now();
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match authenticate(&state, header.as_deref(), now).await {
+        Ok(p) => {
+            let actor = Actor(p.name.clone());
+            req.extensions_mut().insert(p);
+            let mut resp = next.run(req).await;
+            resp.extensions_mut().insert(actor);
+            resp
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Records every refused or failed call (status 400 and up) in the audit log.
+pub async fn audit_failures(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| canonical_addr(c.0.ip()).to_string())
+        .unwrap_or_default();
+    let resp = next.run(req).await;
+    let actor = resp.extensions().get::<Actor>().map(|a| a.0.clone());
+    let status = resp.status();
+    if status.as_u16() >= 400 {
+        let info = resp.extensions().get::<crate::error::ErrorInfo>().cloned();
+        let action = match status.as_u16() {
+            401 => "authentication.failed",
+            403 => "authorization.denied",
+            s if s >= 500 => "request.failed",
+            _ => "request.rejected",
+        };
+        let outcome = if matches!(status.as_u16(), 401 | 403) {
+            Outcome::Denied
+        } else {
+            Outcome::Failed
+        };
+        let details = serde_json::json!({
+            "method": method.as_str(),
+            "status": status.as_u16(),
+            "code": info.as_ref().map(|i| i.code),
+            "message": info.as_ref().map(|i| i.message.clone()),
+            "field": info.as_ref().and_then(|i| i.target.clone()),
+        });
+        let entry = AuditEntry {
+            time: Timestamp::now().to_string(),
+            actor: actor.unwrap_or_else(|| "anonymous".to_owned()),
+            source,
+            action: action.to_owned(),
+            target: path,
+            outcome,
+            details: details.to_string(),
+        };
+        if let Err(e) = state.store.append_audit(entry).await {
+            tracing::error!(error = %e, "cannot audit a refused call");
+        }
+        state.metrics.refused(status.as_u16());
+    }
+    resp
+}

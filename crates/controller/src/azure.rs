@@ -1,0 +1,754 @@
+//! The Azure-compatible API: `Microsoft.Security/locations/jitNetworkAccessPolicies`,
+//! api-version 2020-01-01, as in `shared/reference/azure-jit/jitNetworkAccessPolicies.json`.
+//!
+//! Wire types here are one view of the core's model; they convert explicitly. Input
+//! types are permissive (every field optional, numbers as i64) so that the core's
+//! validation, not serde, names what is wrong.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use jitgate_core::Timestamp;
+use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, SubscriptionId};
+use jitgate_core::policy::{
+    AllowedSources, Policy, PolicyInput, PolicyKey, PolicySpec, PolicyVmInput, PortRuleInput,
+    RawPrefix, validate_policy,
+};
+use jitgate_core::rbac::Action;
+use jitgate_core::request::{
+    AccessRequest, InitiateInput, InitiatePortInput, InitiateVmInput, PortStatus, RequestId,
+    RevokeReason,
+};
+use jitgate_store::{AuditCtx, InitiateArgs, InitiateRefusal, OpError, PolicyError, PolicyFilter};
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::auth::{CallerIp, Principal};
+use crate::body::JsonBody;
+use crate::error::{ApiError, ApiResult};
+
+pub const API_VERSION: &str = "2020-01-01";
+pub const POLICY_TYPE: &str = "Microsoft.Security/locations/jitNetworkAccessPolicies";
+/// How many of a policy's requests `properties.requests` shows (newest first); the
+/// native API lists all.
+pub const REQUESTS_SHOWN: usize = 100;
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+
+// ---- wire types: input -------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    List(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRuleIn {
+    number: Option<i64>,
+    protocol: Option<String>,
+    allowed_source_address_prefix: Option<StringOrList>,
+    allowed_source_address_prefixes: Option<Vec<String>>,
+    max_request_access_duration: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyVmIn {
+    id: Option<String>,
+    ports: Option<Vec<PortRuleIn>>,
+    public_ip_address: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyPropertiesIn {
+    virtual_machines: Option<Vec<PolicyVmIn>>,
+    // `requests` and `provisioningState` are the server's: ignored on input.
+}
+
+#[derive(Deserialize)]
+pub struct PolicyIn {
+    kind: Option<String>,
+    properties: Option<PolicyPropertiesIn>,
+    // `id`, `name`, `type`, `location` are read-only: ignored on input.
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitiatePortIn {
+    number: Option<i64>,
+    allowed_source_address_prefix: Option<String>,
+    end_time_utc: Option<String>,
+    duration: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitiateVmIn {
+    id: Option<String>,
+    ports: Option<Vec<InitiatePortIn>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitiateIn {
+    virtual_machines: Option<Vec<InitiateVmIn>>,
+    justification: Option<String>,
+}
+
+impl From<PolicyIn> for PolicyInput {
+    fn from(p: PolicyIn) -> Self {
+        PolicyInput {
+            kind: p.kind,
+            virtual_machines: p.properties.and_then(|pr| pr.virtual_machines).map(|vms| {
+                vms.into_iter()
+                    .map(|v| PolicyVmInput {
+                        id: v.id,
+                        public_ip_address: v.public_ip_address,
+                        ports: v.ports.map(|ports| {
+                            ports
+                                .into_iter()
+                                .map(|r| PortRuleInput {
+                                    number: r.number,
+                                    protocol: r.protocol,
+                                    allowed_source_address_prefix: r
+                                        .allowed_source_address_prefix
+                                        .map(|x| match x {
+                                            StringOrList::One(s) => RawPrefix::One(s),
+                                            StringOrList::List(l) => RawPrefix::List(l),
+                                        }),
+                                    allowed_source_address_prefixes: r
+                                        .allowed_source_address_prefixes,
+                                    max_request_access_duration: r.max_request_access_duration,
+                                })
+                                .collect()
+                        }),
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+impl From<InitiateIn> for InitiateInput {
+    fn from(i: InitiateIn) -> Self {
+        InitiateInput {
+            justification: i.justification,
+            virtual_machines: i.virtual_machines.map(|vms| {
+                vms.into_iter()
+                    .map(|v| InitiateVmInput {
+                        id: v.id,
+                        ports: v.ports.map(|ports| {
+                            ports
+                                .into_iter()
+                                .map(|p| InitiatePortInput {
+                                    number: p.number,
+                                    allowed_source_address_prefix: p.allowed_source_address_prefix,
+                                    end_time_utc: p.end_time_utc,
+                                    duration: p.duration,
+                                })
+                                .collect()
+                        }),
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+// ---- wire types: output ------------------------------------------------------------
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRuleOut {
+    pub number: u16,
+    pub protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_source_address_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_source_address_prefixes: Option<Vec<String>>,
+    pub max_request_access_duration: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyVmOut {
+    pub id: String,
+    pub ports: Vec<PortRuleOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_ip_address: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestPortOut {
+    pub number: u16,
+    pub allowed_source_address_prefix: String,
+    pub end_time_utc: String,
+    pub status: String,
+    pub status_reason: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestVmOut {
+    pub id: String,
+    pub ports: Vec<RequestPortOut>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestOut {
+    pub virtual_machines: Vec<RequestVmOut>,
+    pub start_time_utc: String,
+    pub requestor: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyPropertiesOut {
+    pub virtual_machines: Vec<PolicyVmOut>,
+    pub requests: Vec<RequestOut>,
+    pub provisioning_state: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct PolicyOut {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind_type: String,
+    pub location: String,
+    pub kind: String,
+    pub properties: PolicyPropertiesOut,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyListOut {
+    pub value: Vec<PolicyOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_link: Option<String>,
+}
+
+/// Azure's wire has three revoke reasons; a port revoked because the policy changed
+/// was revoked at a user's request (the native API keeps the precise reason).
+fn azure_reason(s: PortStatus) -> &'static str {
+    match s {
+        PortStatus::Revoked(RevokeReason::PolicyChanged) => RevokeReason::UserRequested.as_str(),
+        other => other.reason_str(),
+    }
+}
+
+pub fn request_out(r: &AccessRequest) -> RequestOut {
+    RequestOut {
+        virtual_machines: r
+            .vms
+            .iter()
+            .map(|vm| RequestVmOut {
+                id: vm.id.to_string(),
+                ports: vm
+                    .ports
+                    .iter()
+                    .map(|p| RequestPortOut {
+                        number: p.number.get(),
+                        allowed_source_address_prefix: p.source.to_string(),
+                        end_time_utc: p.end.to_string(),
+                        status: p.status.status_str().to_owned(),
+                        status_reason: azure_reason(p.status).to_owned(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        start_time_utc: r.start.to_string(),
+        requestor: r.requestor.clone(),
+        justification: r.justification.clone(),
+    }
+}
+
+pub fn policy_out(p: &Policy, requests: &[AccessRequest]) -> PolicyOut {
+    PolicyOut {
+        id: p.key.id(),
+        name: p.key.name.to_string(),
+        kind_type: POLICY_TYPE.to_owned(),
+        location: p.key.location.to_string(),
+        kind: p.spec.kind.clone(),
+        properties: PolicyPropertiesOut {
+            virtual_machines: p
+                .spec
+                .vms
+                .iter()
+                .map(|vm| PolicyVmOut {
+                    id: vm.id.to_string(),
+                    public_ip_address: vm.public_ip_address.clone(),
+                    ports: vm
+                        .ports
+                        .iter()
+                        .map(|r| {
+                            let prefixes: Vec<String> =
+                                r.allowed.prefixes().iter().map(|x| x.to_string()).collect();
+                            let (one, many) = match &r.allowed {
+                                AllowedSources::Single(_) => (prefixes.into_iter().next(), None),
+                                AllowedSources::Many(_) => (None, Some(prefixes)),
+                            };
+                            PortRuleOut {
+                                number: r.number.get(),
+                                protocol: r.protocol.as_str().to_owned(),
+                                allowed_source_address_prefix: one,
+                                allowed_source_address_prefixes: many,
+                                max_request_access_duration: r.max_duration.as_str().to_owned(),
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+            requests: requests.iter().map(request_out).collect(),
+            provisioning_state: "Succeeded".to_owned(),
+        },
+    }
+}
+
+// ---- parameters ----------------------------------------------------------------------
+
+pub fn check_api_version(q: &HashMap<String, String>) -> ApiResult<()> {
+    match q.get("api-version").map(String::as_str) {
+        Some(API_VERSION) => Ok(()),
+        None => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MissingApiVersionParameter",
+            format!("The api-version query parameter (?api-version=) is required for all requests. Supported: {API_VERSION}."),
+        )
+        .with_target("api-version")),
+        Some(v) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidApiVersionParameter",
+            format!("The api-version '{v}' is invalid. The supported version is '{API_VERSION}'."),
+        )
+        .with_target("api-version")),
+    }
+}
+
+pub fn subscription_param(state: &AppState, s: &str) -> ApiResult<SubscriptionId> {
+    let sub = SubscriptionId::parse(s).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidSubscriptionId",
+            format!("subscriptionId: {e}"),
+        )
+        .with_target("subscriptionId")
+    })?;
+    if !state.subscriptions.contains(&sub) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "SubscriptionNotFound",
+            format!("The subscription '{sub}' could not be found."),
+        )
+        .with_target("subscriptionId"));
+    }
+    Ok(sub)
+}
+
+pub fn rg_param(s: &str) -> ApiResult<ResourceGroup> {
+    ResourceGroup::parse(s).map_err(|e| ApiError::bad_param("resourceGroupName", e))
+}
+
+fn location_param(s: &str) -> ApiResult<Location> {
+    Location::parse(s).map_err(|e| ApiError::bad_param("ascLocation", e))
+}
+
+fn policy_key(
+    state: &AppState,
+    sub: &str,
+    rg: &str,
+    loc: &str,
+    name: &str,
+) -> ApiResult<PolicyKey> {
+    Ok(PolicyKey {
+        subscription: subscription_param(state, sub)?,
+        resource_group: rg_param(rg)?,
+        location: location_param(loc)?,
+        name: PolicyName::parse(name)
+            .map_err(|e| ApiError::bad_param("jitNetworkAccessPolicyName", e))?,
+    })
+}
+
+fn page_size(q: &HashMap<String, String>) -> ApiResult<usize> {
+    match q.get("$top") {
+        None => Ok(DEFAULT_PAGE),
+        Some(t) => match t.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_param(
+                "$top",
+                format!("'{t}' is not a number from 1 to {MAX_PAGE}"),
+            )),
+        },
+    }
+}
+
+fn skip_token(q: &HashMap<String, String>) -> ApiResult<Option<String>> {
+    match q.get("$skipToken") {
+        None => Ok(None),
+        Some(t) => hex::decode(t)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_param("$skipToken", "is not a token this server issued")),
+    }
+}
+
+// ---- visibility ------------------------------------------------------------------------
+
+/// The part of a policy the caller may read: all of it with read on its resource
+/// group (or above), else only the VMs they may read; `None` when nothing.
+fn visible_part(principal: &Principal, p: &Policy) -> Option<Policy> {
+    let rg = Scope::ResourceGroup(p.key.subscription, p.key.resource_group.clone());
+    if principal.can(Action::PolicyRead, &rg) {
+        return Some(p.clone());
+    }
+    let vms: Vec<_> = p
+        .spec
+        .vms
+        .iter()
+        .filter(|v| principal.can(Action::PolicyRead, &v.id.scope()))
+        .cloned()
+        .collect();
+    if vms.is_empty() {
+        return None;
+    }
+    Some(Policy {
+        key: p.key.clone(),
+        spec: PolicySpec {
+            kind: p.spec.kind.clone(),
+            vms,
+        },
+    })
+}
+
+/// Requests filtered to the VMs of the (possibly partial) policy view.
+fn visible_requests(view: &Policy, requests: Vec<AccessRequest>) -> Vec<AccessRequest> {
+    requests
+        .into_iter()
+        .filter_map(|mut r| {
+            r.vms.retain(|v| view.vm(&v.id).is_some());
+            (!r.vms.is_empty()).then_some(r)
+        })
+        .collect()
+}
+
+async fn render(state: &AppState, view: &Policy) -> ApiResult<PolicyOut> {
+    let requests = state
+        .store
+        .policy_requests(&view.key, REQUESTS_SHOWN)
+        .await?;
+    Ok(policy_out(view, &visible_requests(view, requests)))
+}
+
+// ---- handlers --------------------------------------------------------------------------
+
+async fn list(
+    state: &AppState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    path: &str,
+    q: &HashMap<String, String>,
+    filter: PolicyFilter,
+) -> ApiResult<Json<PolicyListOut>> {
+    let limit = page_size(q)?;
+    let after = skip_token(q)?;
+    let page = state
+        .store
+        .list_policies(&filter, after.as_deref(), limit)
+        .await?;
+    let mut value = Vec::with_capacity(page.len());
+    for p in &page {
+        if let Some(view) = visible_part(principal, p) {
+            value.push(render(state, &view).await?);
+        }
+    }
+    let next_link = if page.len() == limit {
+        page.last().map(|last| {
+            let mut link = format!(
+                "{}{path}?api-version={API_VERSION}&$skipToken={}",
+                crate::base_url(state, headers),
+                hex::encode(last.key.key())
+            );
+            if q.contains_key("$top") {
+                link.push_str(&format!("&$top={limit}"));
+            }
+            link
+        })
+    } else {
+        None
+    };
+    Ok(Json(PolicyListOut { value, next_link }))
+}
+
+pub async fn list_subscription(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    Path(sub): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PolicyListOut>> {
+    check_api_version(&q)?;
+    let sub = subscription_param(&state, &sub)?;
+    let path =
+        format!("/subscriptions/{sub}/providers/Microsoft.Security/jitNetworkAccessPolicies");
+    let filter = PolicyFilter {
+        subscription: Some(sub),
+        ..Default::default()
+    };
+    list(&state, &principal, &headers, &path, &q, filter).await
+}
+
+pub async fn list_region(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    Path((sub, loc)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PolicyListOut>> {
+    check_api_version(&q)?;
+    let sub = subscription_param(&state, &sub)?;
+    let loc = location_param(&loc)?;
+    let path = format!(
+        "/subscriptions/{sub}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies"
+    );
+    let filter = PolicyFilter {
+        subscription: Some(sub),
+        location: Some(loc),
+        ..Default::default()
+    };
+    list(&state, &principal, &headers, &path, &q, filter).await
+}
+
+pub async fn list_resource_group(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    Path((sub, rg)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PolicyListOut>> {
+    check_api_version(&q)?;
+    let sub = subscription_param(&state, &sub)?;
+    let rg = rg_param(&rg)?;
+    let path = format!(
+        "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies"
+    );
+    let filter = PolicyFilter {
+        subscription: Some(sub),
+        resource_group: Some(rg),
+        ..Default::default()
+    };
+    list(&state, &principal, &headers, &path, &q, filter).await
+}
+
+pub async fn list_resource_group_region(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    Path((sub, rg, loc)): Path<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PolicyListOut>> {
+    check_api_version(&q)?;
+    let sub = subscription_param(&state, &sub)?;
+    let rg = rg_param(&rg)?;
+    let loc = location_param(&loc)?;
+    let path = format!(
+        "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies"
+    );
+    let filter = PolicyFilter {
+        subscription: Some(sub),
+        resource_group: Some(rg),
+        location: Some(loc),
+    };
+    list(&state, &principal, &headers, &path, &q, filter).await
+}
+
+fn policy_not_found(key: &PolicyKey) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFound",
+        format!(
+            "The JIT network access policy '{}' was not found.",
+            key.id()
+        ),
+    )
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((sub, rg, loc, name)): Path<(String, String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<PolicyOut>> {
+    check_api_version(&q)?;
+    let key = policy_key(&state, &sub, &rg, &loc, &name)?;
+    let rg_scope = Scope::ResourceGroup(key.subscription, key.resource_group.clone());
+    let Some(policy) = state.store.get_policy(&key).await? else {
+        principal
+            .require(Action::PolicyRead, &rg_scope)
+            .or_else(|e| {
+                // A caller with read on some VM of the group learns only "not found".
+                if jitgate_core::rbac::is_allowed_somewhere_under(
+                    &principal.assignments,
+                    &principal.name,
+                    Action::PolicyRead,
+                    &rg_scope,
+                ) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+        return Err(policy_not_found(&key));
+    };
+    let view = visible_part(&principal, &policy).ok_or_else(|| {
+        ApiError::forbidden(
+            &principal.name,
+            Action::PolicyRead.as_str(),
+            &rg_scope.to_string(),
+        )
+    })?;
+    Ok(Json(render(&state, &view).await?))
+}
+
+pub async fn put(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((sub, rg, loc, name)): Path<(String, String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    JsonBody(body): JsonBody<PolicyIn>,
+) -> ApiResult<Json<PolicyOut>> {
+    check_api_version(&q)?;
+    let key = policy_key(&state, &sub, &rg, &loc, &name)?;
+    principal.require(
+        Action::PolicyWrite,
+        &Scope::ResourceGroup(key.subscription, key.resource_group.clone()),
+    )?;
+    if body.properties.is_none() {
+        return Err(ApiError::field(jitgate_core::FieldError::new(
+            "properties",
+            "is required",
+        )));
+    }
+    let spec = validate_policy(&key, &body.into()).map_err(ApiError::field)?;
+    let audit = AuditCtx {
+        actor: principal.name.clone(),
+        source: ip.to_string(),
+        now: Timestamp::now(),
+    };
+    let outcome = state
+        .store
+        .put_policy(key.clone(), spec, audit)
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(PolicyError::UnknownSubscription(s)) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "SubscriptionNotFound",
+                format!("subscription {s} not found"),
+            ),
+            OpError::Refused(PolicyError::UnknownVm(f)) => ApiError::field(f),
+            OpError::Refused(PolicyError::VmInOtherPolicy(f)) => ApiError::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!("{}: {}", f.field, f.message),
+            )
+            .with_target(f.field),
+            OpError::Store(s) => s.into(),
+        })?;
+    state.changed(outcome.revoked.len());
+    let policy = state
+        .store
+        .get_policy(&key)
+        .await?
+        .ok_or_else(|| ApiError::internal("policy vanished after write"))?;
+    Ok(Json(render(&state, &policy).await?))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((sub, rg, loc, name)): Path<(String, String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<StatusCode> {
+    check_api_version(&q)?;
+    let key = policy_key(&state, &sub, &rg, &loc, &name)?;
+    principal.require(
+        Action::PolicyDelete,
+        &Scope::ResourceGroup(key.subscription, key.resource_group.clone()),
+    )?;
+    let audit = AuditCtx {
+        actor: principal.name.clone(),
+        source: ip.to_string(),
+        now: Timestamp::now(),
+    };
+    match state.store.delete_policy(&key, audit).await? {
+        Some(revoked) => {
+            state.changed(revoked.len());
+            Ok(StatusCode::OK)
+        }
+        None => Ok(StatusCode::NO_CONTENT),
+    }
+}
+
+pub async fn initiate(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((sub, rg, loc, name, action)): Path<(String, String, String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    JsonBody(body): JsonBody<InitiateIn>,
+) -> ApiResult<Response> {
+    check_api_version(&q)?;
+    let key = policy_key(&state, &sub, &rg, &loc, &name)?;
+    if !action.eq_ignore_ascii_case("initiate") {
+        return Err(ApiError::bad_param(
+            "jitNetworkAccessPolicyInitiateType",
+            format!("'{action}' is not a supported action (only 'initiate')"),
+        ));
+    }
+    let now = Timestamp::now();
+    let args = InitiateArgs {
+        policy: key.clone(),
+        input: body.into(),
+        id: RequestId::new(uuid::Uuid::new_v4()),
+        requestor: principal.name.clone(),
+        caller_ip: ip,
+        assignments: principal.assignments.clone(),
+    };
+    let audit = AuditCtx {
+        actor: principal.name.clone(),
+        source: ip.to_string(),
+        now,
+    };
+    let request = state
+        .store
+        .initiate(args, audit)
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(InitiateRefusal::PolicyNotFound) => policy_not_found(&key),
+            OpError::Refused(InitiateRefusal::Invalid(f)) => ApiError::field(f),
+            OpError::Refused(InitiateRefusal::Forbidden { field, vm }) => {
+                ApiError::forbidden(&principal.name, Action::Initiate.as_str(), &vm.to_string())
+                    .with_target(field)
+            }
+            OpError::Store(s) => s.into(),
+        })?;
+    state.initiated();
+    let mut resp = (StatusCode::ACCEPTED, Json(request_out(&request))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&request.id.to_string()) {
+        resp.headers_mut().insert("x-jitgate-request-id", v);
+    }
+    Ok(resp)
+}

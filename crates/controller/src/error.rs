@@ -1,0 +1,137 @@
+//! API errors, always answered as Azure's `CloudError` body:
+//! `{"error": {"code", "message", "target", "details": []}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use jitgate_core::FieldError;
+use jitgate_store::StoreError;
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub target: Option<String>,
+}
+
+/// Attached to every error response so the audit layer can record what was refused.
+#[derive(Debug, Clone)]
+pub struct ErrorInfo {
+    pub code: &'static str,
+    pub message: String,
+    pub target: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            target: None,
+        }
+    }
+
+    pub fn with_target(mut self, target: impl Into<String>) -> Self {
+        self.target = Some(target.into());
+        self
+    }
+
+    /// 400 naming the offending field, in message and `target`.
+    pub fn field(e: FieldError) -> Self {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContent",
+            format!("{}: {}", e.field, e.message),
+        )
+        .with_target(e.field)
+    }
+
+    pub fn bad_param(name: &str, message: impl std::fmt::Display) -> Self {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameter",
+            format!("{name}: {message}"),
+        )
+        .with_target(name)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "ResourceNotFound", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::CONFLICT, "Conflict", message)
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "AuthenticationFailed", message)
+    }
+
+    pub fn forbidden(principal: &str, action: &str, scope: &str) -> Self {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "AuthorizationFailed",
+            format!(
+                "The client '{principal}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid."
+            ),
+        )
+        .with_target(scope.to_owned())
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "the controller failed to process the request; see its log",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+#[derive(Serialize)]
+struct CloudError<'a> {
+    error: CloudErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct CloudErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<&'a str>,
+    details: [(); 0],
+    #[serde(rename = "additionalInfo")]
+    additional_info: [(); 0],
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = CloudError {
+            error: CloudErrorBody {
+                code: self.code,
+                message: &self.message,
+                target: self.target.as_deref(),
+                details: [],
+                additional_info: [],
+            },
+        };
+        let mut resp = (self.status, Json(body)).into_response();
+        resp.extensions_mut().insert(ErrorInfo {
+            code: self.code,
+            message: self.message,
+            target: self.target,
+        });
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

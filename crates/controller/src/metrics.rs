@@ -1,0 +1,93 @@
+//! Prometheus metrics, served at `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: u16,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub initiates: Counter,
+    pub expired: Counter,
+    pub revoked: Counter,
+    pub refused: Family<StatusLabel, Counter>,
+    pub live_grants: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub http_requests: Counter<u64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("jitgate");
+        let initiates = Counter::default();
+        let expired = Counter::default();
+        let revoked = Counter::default();
+        let refused = Family::<StatusLabel, Counter>::default();
+        let live_grants = Gauge::default();
+        let http_requests = Counter::default();
+        registry.register(
+            "initiates",
+            "Accepted access requests (initiate calls)",
+            initiates.clone(),
+        );
+        registry.register(
+            "grants_expired",
+            "Request ports that reached their end time",
+            expired.clone(),
+        );
+        registry.register(
+            "grants_revoked",
+            "Request ports revoked early (user, supersede or policy change)",
+            revoked.clone(),
+        );
+        registry.register(
+            "refused_calls",
+            "API calls answered with an error, by status",
+            refused.clone(),
+        );
+        registry.register(
+            "live_grants",
+            "Request ports currently open",
+            live_grants.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests served",
+            http_requests.clone(),
+        );
+        Metrics {
+            registry,
+            initiates,
+            expired,
+            revoked,
+            refused,
+            live_grants,
+            http_requests,
+        }
+    }
+
+    pub fn refused(&self, status: u16) {
+        self.refused.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

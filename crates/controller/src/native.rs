@@ -1,0 +1,902 @@
+//! The native API under `/api/v1`: VMs and their NSG view, requests (list, get,
+//! revoke), tokens, role assignments, audit (query, export, verify), whoami, health,
+//! and the OpenAPI document that describes all of it.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use jitgate_core::Timestamp;
+use jitgate_core::audit::AuditRecord;
+use jitgate_core::duration::parse_iso8601_secs;
+use jitgate_core::ids::{Location, ResourceGroup, Scope, VmId, VmName};
+use jitgate_core::net::Port;
+use jitgate_core::nsg::{GrantRef, NsgRule, RuleOrigin, nsg_view};
+use jitgate_core::rbac::{Action, Role, RoleAssignment};
+use jitgate_core::request::{AccessRequest, RequestId};
+use jitgate_store::{
+    AuditCtx, AuditQuery, OpError, PortSelector, RegisterOutcome, RequestFilter, RevokeError,
+    RoleAssignmentRecord, TokenRecord, VmError, VmRecord,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::{CallerIp, Principal, generate_token};
+use crate::body::{JsonBody, OptionalJsonBody};
+use crate::error::{ApiError, ApiResult};
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/whoami", get(whoami))
+        .route("/api/v1/vms", get(list_vms).post(register_vm))
+        .route("/api/v1/vms/{rg}/{name}", get(get_vm).delete(delete_vm))
+        .route("/api/v1/vms/{rg}/{name}/nsg", get(get_nsg))
+        .route("/api/v1/requests", get(list_requests))
+        .route("/api/v1/requests/{id}", get(get_request))
+        .route("/api/v1/requests/{id}/revoke", post(revoke_request))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route(
+            "/api/v1/roleAssignments",
+            get(list_role_assignments).post(create_role_assignment),
+        )
+        .route(
+            "/api/v1/roleAssignments/{id}",
+            axum::routing::delete(delete_role_assignment),
+        )
+        .route("/api/v1/audit", get(query_audit))
+        .route("/api/v1/audit/verify", get(verify_audit))
+}
+
+fn audit_ctx(p: &Principal, ip: std::net::IpAddr) -> AuditCtx {
+    AuditCtx {
+        actor: p.name.clone(),
+        source: ip.to_string(),
+        now: Timestamp::now(),
+    }
+}
+
+fn sub_scope(state: &AppState) -> Scope {
+    Scope::Subscription(state.default_subscription())
+}
+
+fn vm_param(state: &AppState, rg: &str, name: &str) -> ApiResult<VmId> {
+    Ok(VmId::new(
+        state.default_subscription(),
+        ResourceGroup::parse(rg).map_err(|e| ApiError::bad_param("resourceGroup", e))?,
+        VmName::parse(name).map_err(|e| ApiError::bad_param("name", e))?,
+    ))
+}
+
+// ---- health, metrics, openapi, whoami --------------------------------------------------
+
+async fn health(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    state.store.subscriptions().await?;
+    Ok(Json(
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+    ))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn whoami(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+) -> Json<Value> {
+    let roles: Vec<Value> = principal
+        .assignments
+        .iter()
+        .map(|a| json!({"role": a.role.as_str(), "scope": a.scope.to_string()}))
+        .collect();
+    Json(json!({
+        "principal": principal.name,
+        "tokenId": principal.token_id,
+        "subscription": state.default_subscription().to_string(),
+        "roles": roles,
+        "callerIp": ip.to_string(),
+    }))
+}
+
+// ---- VMs ----------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegisterVmIn {
+    id: Option<String>,
+    resource_group: Option<String>,
+    name: Option<String>,
+    location: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GrantOut {
+    request: String,
+    requestor: String,
+    port: u16,
+    protocol: String,
+    source: String,
+    start_time_utc: String,
+    end_time_utc: String,
+    seconds_left: i64,
+}
+
+fn vm_json(vm: &VmRecord) -> Value {
+    json!({
+        "id": vm.id.to_string(),
+        "subscription": vm.id.subscription.to_string(),
+        "resourceGroup": vm.id.resource_group.to_string(),
+        "name": vm.id.name.to_string(),
+        "location": vm.location.as_ref().map(|l| l.to_string()),
+        "registeredAt": vm.created.to_string(),
+        "registeredBy": vm.created_by,
+    })
+}
+
+async fn register_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    JsonBody(body): JsonBody<RegisterVmIn>,
+) -> ApiResult<Response> {
+    let id = match (&body.id, &body.resource_group, &body.name) {
+        (Some(id), None, None) => VmId::parse(id).map_err(|e| ApiError::bad_param("id", e))?,
+        (None, Some(rg), Some(name)) => vm_param(&state, rg, name).map_err(|mut e| {
+            if e.target.as_deref() == Some("resourceGroup") || e.target.as_deref() == Some("name") {
+                e.code = "InvalidRequestContent";
+            }
+            e
+        })?,
+        (Some(_), _, _) => {
+            return Err(ApiError::bad_param(
+                "id",
+                "give either id, or resourceGroup and name, not both",
+            ));
+        }
+        (None, None, _) => {
+            return Err(ApiError::bad_param(
+                "resourceGroup",
+                "is required (or give id)",
+            ));
+        }
+        (None, Some(_), None) => return Err(ApiError::bad_param("name", "is required")),
+    };
+    let location = body
+        .location
+        .as_deref()
+        .map(Location::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad_param("location", e))?;
+    principal.require(Action::VmWrite, &id.scope())?;
+    let record = VmRecord {
+        id: id.clone(),
+        location,
+        created: Timestamp::now(),
+        created_by: principal.name.clone(),
+    };
+    let outcome = state
+        .store
+        .register_vm(record, audit_ctx(&principal, ip))
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(VmError::UnknownSubscription(s)) => {
+                ApiError::bad_param("id", format!("subscription {s} does not exist"))
+            }
+            OpError::Refused(VmError::InPolicy(p)) => ApiError::conflict(format!("in policy {p}")),
+            OpError::Store(s) => s.into(),
+        })?;
+    let vm = state
+        .store
+        .get_vm(&id)
+        .await?
+        .ok_or_else(|| ApiError::internal("vm vanished"))?;
+    let status = match outcome {
+        RegisterOutcome::Created => StatusCode::CREATED,
+        RegisterOutcome::AlreadyRegistered => StatusCode::OK,
+    };
+    Ok((status, Json(vm_json(&vm))).into_response())
+}
+
+async fn list_vms(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let rg = q
+        .get("resourceGroup")
+        .map(|r| ResourceGroup::parse(r))
+        .transpose()
+        .map_err(|e| ApiError::bad_param("resourceGroup", e))?;
+    let vms = state
+        .store
+        .list_vms(state.default_subscription(), rg.as_ref())
+        .await?;
+    let now = Timestamp::now();
+    let mut out = Vec::new();
+    for vm in vms
+        .iter()
+        .filter(|v| principal.can(Action::VmRead, &v.id.scope()))
+    {
+        let policy = state.store.policy_for_vm(&vm.id).await?;
+        let grants = state.store.live_grants(&vm.id, now).await?;
+        let mut v = vm_json(vm);
+        v["policy"] = json!(policy.as_ref().map(|p| p.key.id()));
+        v["protectedPorts"] = json!(
+            policy
+                .as_ref()
+                .and_then(|p| p.vm(&vm.id))
+                .map(|pv| pv.ports.iter().map(|r| r.number.get()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        );
+        v["liveGrants"] = json!(grants.len());
+        out.push(v);
+    }
+    Ok(Json(json!({"value": out})))
+}
+
+async fn get_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((rg, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let id = vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmRead, &id.scope())?;
+    let vm =
+        state.store.get_vm(&id).await?.ok_or_else(|| {
+            ApiError::not_found(format!("virtual machine '{id}' is not registered"))
+        })?;
+    let now = Timestamp::now();
+    let policy = state.store.policy_for_vm(&id).await?;
+    let grants = state.store.live_grants(&id, now).await?;
+    let mut v = vm_json(&vm);
+    v["policy"] = json!(policy.as_ref().map(|p| p.key.id()));
+    v["grants"] = json!(
+        grants
+            .iter()
+            .map(|g| GrantOut {
+                request: g.request.to_string(),
+                requestor: g.requestor.clone(),
+                port: g.number.get(),
+                protocol: g.protocol.as_str().to_owned(),
+                source: g.source.to_string(),
+                start_time_utc: g.start.to_string(),
+                end_time_utc: g.end.to_string(),
+                seconds_left: g.end.duration_since(now).as_secs(),
+            })
+            .collect::<Vec<_>>()
+    );
+    Ok(Json(v))
+}
+
+async fn delete_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((rg, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let id = vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmWrite, &id.scope())?;
+    match state.store.delete_vm(&id, audit_ctx(&principal, ip)).await {
+        Ok(true) => Ok(StatusCode::OK),
+        Ok(false) => Ok(StatusCode::NO_CONTENT),
+        Err(OpError::Refused(VmError::InPolicy(p))) => Err(ApiError::conflict(format!(
+            "virtual machine '{id}' is protected by policy {p}; remove it from the policy first"
+        ))),
+        Err(OpError::Refused(VmError::UnknownSubscription(s))) => {
+            Err(ApiError::not_found(format!("subscription {s} not found")))
+        }
+        Err(OpError::Store(s)) => Err(s.into()),
+    }
+}
+
+fn rule_json(r: &NsgRule) -> Value {
+    let (origin, extra) = match &r.origin {
+        RuleOrigin::User => ("user", json!(null)),
+        RuleOrigin::JitDeny { policy } => ("jit-deny", json!({"policy": policy})),
+        RuleOrigin::JitAllow { request, expires } => (
+            "jit-allow",
+            json!({"request": request.to_string(), "endTimeUtc": expires.to_string()}),
+        ),
+    };
+    json!({
+        "name": r.name,
+        "priority": r.priority,
+        "access": r.access.as_str(),
+        "direction": "Inbound",
+        "protocol": r.protocol.as_str(),
+        "sourceAddressPrefixes": r.sources.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        "destinationPortRanges": r.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "description": r.description,
+        "origin": origin,
+        "jit": extra,
+    })
+}
+
+async fn get_nsg(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((rg, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let id = vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmRead, &id.scope())?;
+    if state.store.get_vm(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "virtual machine '{id}' is not registered"
+        )));
+    }
+    let now = Timestamp::now();
+    let policy = state.store.policy_for_vm(&id).await?;
+    let grants: Vec<GrantRef> = state
+        .store
+        .live_grants(&id, now)
+        .await?
+        .into_iter()
+        .map(|g| GrantRef {
+            request: g.request,
+            number: g.number,
+            protocol: g.protocol,
+            source: g.source,
+            start: g.start,
+            end: g.end,
+        })
+        .collect();
+    let pvm = policy.as_ref().and_then(|p| p.vm(&id).map(|v| (&p.key, v)));
+    let rules = nsg_view(&id, &[], pvm, &grants);
+    Ok(Json(json!({
+        "vm": id.to_string(),
+        "rules": rules.iter().map(rule_json).collect::<Vec<_>>(),
+    })))
+}
+
+// ---- requests ------------------------------------------------------------------------------
+
+fn request_json(r: &AccessRequest, now: Timestamp) -> Value {
+    json!({
+        "id": r.id.to_string(),
+        "policy": r.policy_key,
+        "requestor": r.requestor,
+        "justification": r.justification,
+        "startTimeUtc": r.start.to_string(),
+        "callerIp": r.caller_ip.to_string(),
+        "virtualMachines": r.vms.iter().map(|vm| json!({
+            "id": vm.id.to_string(),
+            "ports": vm.ports.iter().map(|p| json!({
+                "number": p.number.get(),
+                "protocol": p.protocol.as_str(),
+                "allowedSourceAddressPrefix": p.source.to_string(),
+                "endTimeUtc": p.end.to_string(),
+                "status": p.status.status_str(),
+                "statusReason": p.status.reason_str(),
+                "live": p.is_live(now),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The caller sees a request if they may read requests on one of its VMs, or made it.
+fn request_visible(p: &Principal, r: &AccessRequest) -> bool {
+    r.requestor == p.name
+        || r.vms
+            .iter()
+            .any(|v| p.can(Action::RequestRead, &v.id.scope()))
+}
+
+async fn list_requests(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let now = Timestamp::now();
+    let vm = q
+        .get("vm")
+        .map(|v| VmId::parse(v))
+        .transpose()
+        .map_err(|e| ApiError::bad_param("vm", e))?;
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_param("limit", format!("'{l}' is not a number from 1 to 1000"))
+            })?,
+    };
+    let flag = |name: &str| -> ApiResult<bool> {
+        match q.get(name).map(String::as_str) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(o) => Err(ApiError::bad_param(
+                name,
+                format!("'{o}' is not true or false"),
+            )),
+        }
+    };
+    let mine = flag("mine")?;
+    let requestor = if mine {
+        Some(principal.name.clone())
+    } else {
+        q.get("requestor").cloned()
+    };
+    let filter = RequestFilter {
+        vm,
+        requestor,
+        live_at: flag("active")?.then_some(now),
+        limit,
+    };
+    let requests = state.store.list_requests(&filter).await?;
+    let value: Vec<Value> = requests
+        .iter()
+        .filter(|r| request_visible(&principal, r))
+        .map(|r| request_json(r, now))
+        .collect();
+    Ok(Json(json!({"value": value})))
+}
+
+fn request_id(s: &str) -> ApiResult<RequestId> {
+    RequestId::parse(s).map_err(|e| ApiError::bad_param("id", e))
+}
+
+async fn get_request(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = request_id(&id)?;
+    let r = state
+        .store
+        .get_request(id)
+        .await?
+        .filter(|r| request_visible(&principal, r))
+        .ok_or_else(|| ApiError::not_found(format!("request {id} not found")))?;
+    Ok(Json(request_json(&r, Timestamp::now())))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RevokeIn {
+    vm: Option<String>,
+    port: Option<i64>,
+}
+
+async fn revoke_request(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path(id): Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody<RevokeIn>,
+) -> ApiResult<Json<Value>> {
+    let id = request_id(&id)?;
+    let r = state
+        .store
+        .get_request(id)
+        .await?
+        .filter(|r| request_visible(&principal, r))
+        .ok_or_else(|| ApiError::not_found(format!("request {id} not found")))?;
+    let selector = match body {
+        None => None,
+        Some(b) => Some(PortSelector {
+            vm: b
+                .vm
+                .as_deref()
+                .map(VmId::parse)
+                .transpose()
+                .map_err(|e| ApiError::bad_param("vm", e))?,
+            number: b
+                .port
+                .map(Port::new)
+                .transpose()
+                .map_err(|e| ApiError::bad_param("port", e))?,
+        }),
+    };
+    // The requestor may end their own request; anyone else needs the revoke action
+    // on every VM whose ports would close.
+    if r.requestor != principal.name {
+        for vm in &r.vms {
+            if selector
+                .as_ref()
+                .and_then(|s| s.vm.as_ref())
+                .is_some_and(|s| *s != vm.id)
+            {
+                continue;
+            }
+            principal.require(Action::RequestRevoke, &vm.id.scope())?;
+        }
+    }
+    let revoked = state
+        .store
+        .revoke_request(id, selector, audit_ctx(&principal, ip))
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(RevokeError::NotFound) => {
+                ApiError::not_found(format!("request {id} not found"))
+            }
+            OpError::Refused(RevokeError::NothingLive) => ApiError::conflict(format!(
+                "request {id} has no live port matching the selection to revoke"
+            )),
+            OpError::Store(s) => s.into(),
+        })?;
+    state.changed(revoked.len());
+    let after = state
+        .store
+        .get_request(id)
+        .await?
+        .ok_or_else(|| ApiError::internal("request vanished"))?;
+    Ok(Json(json!({
+        "revoked": revoked.iter().map(|p| json!({"vm": p.vm.to_string(), "port": p.number.get()})).collect::<Vec<_>>(),
+        "request": request_json(&after, Timestamp::now()),
+    })))
+}
+
+// ---- tokens ---------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenIn {
+    principal: Option<String>,
+    description: Option<String>,
+    /// ISO 8601 duration until the token expires (none: never).
+    expires_in: Option<String>,
+}
+
+fn token_json(t: &TokenRecord) -> Value {
+    json!({
+        "id": t.id,
+        "principal": t.principal,
+        "description": t.description,
+        "createdAt": t.created.to_string(),
+        "expiresAt": t.expires.map(|x| x.to_string()),
+        "revokedAt": t.revoked.map(|x| x.to_string()),
+    })
+}
+
+pub fn check_principal(field: &str, s: &str) -> ApiResult<()> {
+    if s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ApiError::bad_param(
+            field,
+            "must be 1 to 256 characters with no spaces or control characters",
+        ));
+    }
+    Ok(())
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    JsonBody(body): JsonBody<TokenIn>,
+) -> ApiResult<Response> {
+    principal.require(Action::TokenWrite, &sub_scope(&state))?;
+    let who = body
+        .principal
+        .ok_or_else(|| ApiError::bad_param("principal", "is required"))?;
+    check_principal("principal", &who)?;
+    let description = body.description.unwrap_or_default();
+    if description.len() > 1024 {
+        return Err(ApiError::bad_param(
+            "description",
+            "is longer than 1024 characters",
+        ));
+    }
+    let now = Timestamp::now();
+    let expires = match body.expires_in {
+        None => None,
+        Some(d) => {
+            let secs = parse_iso8601_secs(&d).map_err(|e| ApiError::bad_param("expiresIn", e))?;
+            if secs <= 0 {
+                return Err(ApiError::bad_param("expiresIn", "must be longer than zero"));
+            }
+            Some(
+                now.checked_add(jiff::SignedDuration::from_secs(secs))
+                    .map_err(|e| ApiError::bad_param("expiresIn", e))?,
+            )
+        }
+    };
+    let (id, text, hash) = generate_token();
+    let record = TokenRecord {
+        id,
+        principal: who,
+        secret_hash: hash,
+        description,
+        created: now,
+        expires,
+        revoked: None,
+    };
+    state
+        .store
+        .create_token(record.clone(), audit_ctx(&principal, ip))
+        .await?;
+    let mut v = token_json(&record);
+    v["token"] = json!(text);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn list_tokens(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Value>> {
+    principal.require(Action::TokenWrite, &sub_scope(&state))?;
+    let tokens = state.store.list_tokens().await?;
+    Ok(Json(
+        json!({"value": tokens.iter().map(token_json).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    principal.require(Action::TokenWrite, &sub_scope(&state))?;
+    if state.store.find_token(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!("token {id} not found")));
+    }
+    state
+        .store
+        .revoke_token(&id, audit_ctx(&principal, ip))
+        .await?;
+    Ok(StatusCode::OK)
+}
+
+// ---- role assignments -----------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct RoleAssignmentIn {
+    principal: Option<String>,
+    role: Option<String>,
+    scope: Option<String>,
+}
+
+fn ra_json(r: &RoleAssignmentRecord) -> Value {
+    json!({
+        "id": r.id,
+        "principal": r.assignment.principal,
+        "role": r.assignment.role.as_str(),
+        "scope": r.assignment.scope.to_string(),
+        "createdAt": r.created.to_string(),
+    })
+}
+
+async fn create_role_assignment(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    JsonBody(body): JsonBody<RoleAssignmentIn>,
+) -> ApiResult<Response> {
+    let who = body
+        .principal
+        .ok_or_else(|| ApiError::bad_param("principal", "is required"))?;
+    check_principal("principal", &who)?;
+    let role = Role::parse(
+        body.role
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_param("role", "is required"))?,
+    )
+    .map_err(|e| ApiError::bad_param("role", e))?;
+    let scope = Scope::parse(
+        body.scope
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_param("scope", "is required"))?,
+    )
+    .map_err(|e| ApiError::bad_param("scope", e))?;
+    if !state.subscriptions.contains(&scope.subscription()) {
+        return Err(ApiError::bad_param(
+            "scope",
+            format!("subscription {} does not exist", scope.subscription()),
+        ));
+    }
+    principal.require(Action::RoleAssignmentWrite, &scope)?;
+    let record = RoleAssignmentRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        assignment: RoleAssignment {
+            principal: who,
+            role,
+            scope,
+        },
+        created: Timestamp::now(),
+    };
+    state
+        .store
+        .add_role_assignment(record.clone(), audit_ctx(&principal, ip))
+        .await?;
+    Ok((StatusCode::CREATED, Json(ra_json(&record))).into_response())
+}
+
+async fn list_role_assignments(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let filter = q.get("principal").cloned();
+    let all = state.store.role_assignments(filter.as_deref()).await?;
+    // Anyone sees their own; managers of a scope see the assignments inside it.
+    let value: Vec<Value> = all
+        .iter()
+        .filter(|r| {
+            r.assignment.principal == principal.name
+                || principal.can(Action::RoleAssignmentWrite, &r.assignment.scope)
+        })
+        .map(ra_json)
+        .collect();
+    Ok(Json(json!({"value": value})))
+}
+
+async fn delete_role_assignment(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let all = state.store.role_assignments(None).await?;
+    let Some(r) = all.iter().find(|r| r.id == id) else {
+        return Err(ApiError::not_found(format!(
+            "role assignment {id} not found"
+        )));
+    };
+    principal.require(Action::RoleAssignmentWrite, &r.assignment.scope)?;
+    state
+        .store
+        .remove_role_assignment(&id, audit_ctx(&principal, ip))
+        .await?;
+    Ok(StatusCode::OK)
+}
+
+// ---- audit ----------------------------------------------------------------------------------
+
+fn audit_json(r: &AuditRecord) -> Value {
+    json!({
+        "seq": r.seq,
+        "time": r.entry.time,
+        "actor": r.entry.actor,
+        "source": r.entry.source,
+        "action": r.entry.action,
+        "target": r.entry.target,
+        "outcome": r.entry.outcome.as_str(),
+        "details": serde_json::from_str::<Value>(&r.entry.details).unwrap_or(Value::String(r.entry.details.clone())),
+        "prevHash": r.prev_hash,
+        "hash": r.hash,
+    })
+}
+
+fn time_param(q: &HashMap<String, String>, name: &str) -> ApiResult<Option<Timestamp>> {
+    q.get(name)
+        .map(|s| jitgate_core::request::parse_time(s))
+        .transpose()
+        .map_err(|e| ApiError::bad_param(name, e))
+}
+
+async fn query_audit(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    principal.require(Action::AuditRead, &sub_scope(&state))?;
+    let limit = match q.get("limit") {
+        None => 1000,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_param("limit", format!("'{l}' is not a number from 1 to 100000"))
+            })?,
+    };
+    let after_seq = q
+        .get("afterSeq")
+        .map(|s| s.parse::<u64>())
+        .transpose()
+        .map_err(|_| ApiError::bad_param("afterSeq", "is not a sequence number"))?;
+    let query = AuditQuery {
+        target: q.get("vm").or(q.get("target")).cloned(),
+        actor: q.get("actor").cloned(),
+        action: q.get("action").cloned(),
+        since: time_param(&q, "since")?,
+        until: time_param(&q, "until")?,
+        after_seq,
+        limit,
+    };
+    let records = state.store.query_audit(&query).await?;
+    match q.get("format").map(String::as_str) {
+        None | Some("json") => Ok(Json(
+            json!({"value": records.iter().map(audit_json).collect::<Vec<_>>()}),
+        )
+        .into_response()),
+        Some("jsonl") => {
+            let mut out = String::new();
+            for r in &records {
+                out.push_str(&audit_json(r).to_string());
+                out.push('\n');
+            }
+            Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+        }
+        Some("csv") => {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            let write = |w: &mut csv::Writer<Vec<u8>>| -> Result<(), csv::Error> {
+                w.write_record([
+                    "seq",
+                    "time",
+                    "actor",
+                    "source",
+                    "action",
+                    "target",
+                    "outcome",
+                    "details",
+                    "prev_hash",
+                    "hash",
+                ])?;
+                for r in &records {
+                    w.write_record([
+                        r.seq.to_string().as_str(),
+                        &r.entry.time,
+                        &r.entry.actor,
+                        &r.entry.source,
+                        &r.entry.action,
+                        &r.entry.target,
+                        r.entry.outcome.as_str(),
+                        &r.entry.details,
+                        &r.prev_hash,
+                        &r.hash,
+                    ])?;
+                }
+                Ok(())
+            };
+            write(&mut w).map_err(ApiError::internal)?;
+            let bytes = w.into_inner().map_err(ApiError::internal)?;
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        "attachment; filename=\"jitgate-audit.csv\"",
+                    ),
+                ],
+                bytes,
+            )
+                .into_response())
+        }
+        Some(other) => Err(ApiError::bad_param(
+            "format",
+            format!("'{other}' is not one of json, jsonl, csv"),
+        )),
+    }
+}
+
+async fn verify_audit(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Value>> {
+    principal.require(Action::AuditRead, &sub_scope(&state))?;
+    let report = state.store.verify_audit().await?;
+    Ok(Json(json!({
+        "ok": report.ok(),
+        "events": report.count,
+        "lastSeq": report.last_seq,
+        "headHash": report.head_hash,
+        "problems": report.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+    })))
+}

@@ -1,0 +1,271 @@
+//! `jitgate bench initiate`: starts a real controller (this binary, `serve`, as a child
+//! process on a fresh SQLite data directory), registers VMs and puts them in policies
+//! through the API, then drives initiates from concurrent clients over loopback HTTP
+//! and reports throughput, latency percentiles and the controller's peak memory.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Initiates per second against a real controller on SQLite.
+    ///
+    /// Example: jitgate bench initiate --vms 10000 --clients 8 --seconds 20
+    Initiate {
+        /// Registered VMs, all in policies (100 per resource group).
+        #[arg(long, default_value_t = 10_000)]
+        vms: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// How long to drive initiates.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Keep the data directory here instead of a temporary one.
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+    },
+}
+
+const VMS_PER_RG: usize = 100;
+const BENCH_TOKEN: &str = "bench-owner-token-0123456789abcdef";
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
+    match cmd {
+        BenchCommand::Initiate {
+            vms,
+            clients,
+            seconds,
+            data_dir,
+        } => {
+            let tmp = tempdir()?;
+            let dir = data_dir.unwrap_or_else(|| tmp.clone());
+            let r = initiate(vms, clients.max(1), seconds, &dir).await;
+            let _ = std::fs::remove_dir_all(&tmp);
+            r?;
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("jitgate-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("JITGATE_BOOTSTRAP_TOKEN", BENCH_TOKEN)
+        .env("JITGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start the controller")?;
+    let child = Child(child);
+    let pid = child.0.id();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients * 2)
+        .build()?;
+
+    // Wait for it to listen.
+    let started = Instant::now();
+    let who = loop {
+        if let Ok(r) = http
+            .get(format!("{base}/api/v1/whoami"))
+            .bearer_auth(BENCH_TOKEN)
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            break r.json::<serde_json::Value>().await?;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("the controller did not start within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let sub = who["subscription"]
+        .as_str()
+        .context("no subscription")?
+        .to_owned();
+
+    // Setup: register VMs and put them in policies, through the API.
+    let setup = Instant::now();
+    let groups = vms.div_ceil(VMS_PER_RG);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, base, next) = (http.clone(), base.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= vms {
+                    return anyhow::Ok(());
+                }
+                let r = http
+                    .post(format!("{base}/api/v1/vms"))
+                    .bearer_auth(BENCH_TOKEN)
+                    .json(&json!({"resourceGroup": format!("rg-{}", i / VMS_PER_RG), "name": format!("vm-{i}")}))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("register vm-{i}: {}", r.text().await?);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    for g in 0..groups {
+        let members: Vec<serde_json::Value> = (g * VMS_PER_RG..((g + 1) * VMS_PER_RG).min(vms))
+            .map(|i| {
+                json!({
+                    "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{i}"),
+                    "ports": [
+                        {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"},
+                        {"number": 3389, "protocol": "TCP", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"}
+                    ]
+                })
+            })
+            .collect();
+        let r = http
+            .put(format!(
+                "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default?api-version=2020-01-01"
+            ))
+            .bearer_auth(BENCH_TOKEN)
+            .json(&json!({"kind": "Basic", "properties": {"virtualMachines": members}}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("policy rg-{g}: {}", r.text().await?);
+        }
+    }
+    let setup_secs = setup.elapsed().as_secs_f64();
+
+    // Drive initiates.
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, base, sub) = (http.clone(), base.clone(), sub.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut n: u64 = 0;
+            // A small deterministic generator: each client walks VMs and sources.
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (c as u64);
+            while Instant::now() < deadline {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let vm = (x % vms as u64) as usize;
+                let g = vm / VMS_PER_RG;
+                let src = format!("10.{}.{}.{}", (x >> 16) & 255, (x >> 24) & 255, (x >> 32) & 255);
+                let body = json!({
+                    "virtualMachines": [{
+                        "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{vm}"),
+                        "ports": [{"number": 22, "allowedSourceAddressPrefix": src, "duration": "PT1H"}]
+                    }],
+                    "justification": "bench"
+                });
+                let t = Instant::now();
+                let r = http
+                    .post(format!(
+                        "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default/initiate?api-version=2020-01-01"
+                    ))
+                    .bearer_auth(BENCH_TOKEN)
+                    .json(&body)
+                    .send()
+                    .await?;
+                let status = r.status();
+                let _ = r.bytes().await?;
+                if status.as_u16() != 202 {
+                    bail!("initiate answered {status}");
+                }
+                hist.record(t.elapsed().as_micros().max(1) as u64)?;
+                n += 1;
+            }
+            anyhow::Ok((n, hist))
+        }));
+    }
+    let started = Instant::now();
+    let mut total = 0u64;
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        let (n, h) = t.await??;
+        total += n;
+        hist.add(h)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss = peak_rss_kib(pid);
+    println!("jitgate bench initiate");
+    println!(
+        "  controller:   SQLite (WAL, synchronous=FULL, group commit), data dir {}",
+        dir.display()
+    );
+    println!(
+        "  setup:        {vms} VMs registered and put in {groups} policies through the API in {setup_secs:.1} s"
+    );
+    println!(
+        "  clients:      {clients} concurrent, HTTP/1.1 keep-alive over loopback, {seconds} s"
+    );
+    println!(
+        "  initiates:    {total} accepted (202) in {elapsed:.2} s = {:.0} /s",
+        total as f64 / elapsed
+    );
+    println!(
+        "  latency:      p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.9) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        hist.max() as f64 / 1000.0
+    );
+    match rss {
+        Some(kib) => println!(
+            "  controller peak RSS (VmHWM): {:.1} MiB",
+            kib as f64 / 1024.0
+        ),
+        None => println!("  controller peak RSS: unavailable (/proc not readable)"),
+    }
+    drop(child);
+    Ok(())
+}

@@ -1,0 +1,556 @@
+//! Command-line definitions (raw flags) and their dispatch.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::client::Client;
+
+#[derive(Parser)]
+#[command(
+    name = "jitgate",
+    version,
+    about = "Just-in-time network access: management ports closed until someone asks"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the controller.
+    ///
+    /// Example: jitgate serve --listen 127.0.0.1:8080 --data-dir ./jitgate-data
+    Serve(ServeArgs),
+    /// Register, list and show protected machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Create, list and revoke API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Assign, list and remove roles.
+    #[command(subcommand)]
+    Role(RoleCommand),
+    /// Query and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of: listen, data_dir, tls_cert, tls_key, insecure_http, log_format.
+    #[arg(long, env = "JITGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "JITGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database and the bootstrap token [default: ./jitgate-data].
+    #[arg(long, env = "JITGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "JITGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "JITGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address (not recommended).
+    #[arg(long, env = "JITGATE_INSECURE_HTTP")]
+    pub insecure_http: bool,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "JITGATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Use this as the bootstrap Owner token at first start instead of generating one.
+    #[arg(
+        long,
+        env = "JITGATE_BOOTSTRAP_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub bootstrap_token: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    insecure_http: Option<bool>,
+    log_format: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Controller URL.
+    #[arg(long, env = "JITGATE_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Bearer token.
+    #[arg(long, env = "JITGATE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) for a controller with a private CA.
+    #[arg(long, env = "JITGATE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Register a machine without an agent.
+    ///
+    /// Example: jitgate vm register prod-web web-1 --location westeurope
+    Register {
+        resource_group: String,
+        name: String,
+        #[arg(long)]
+        location: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List registered machines.
+    ///
+    /// Example: jitgate vm list --resource-group prod-web
+    List {
+        #[arg(long)]
+        resource_group: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a machine's NSG: user rules, JIT deny rules and live grants, with priorities.
+    ///
+    /// Example: jitgate vm nsg prod-web web-1
+    Nsg {
+        resource_group: String,
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for a principal; the token is printed once.
+    ///
+    /// Example: jitgate token create --principal alice@example.com --expires-in P30D
+    Create {
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// ISO 8601 duration, e.g. PT12H or P30D.
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke a token by id.
+    ///
+    /// Example: jitgate token revoke 3f9a1c2b4d5e
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RoleCommand {
+    /// Give a principal a role at a scope.
+    ///
+    /// Example: jitgate role assign --principal alice --role "JIT Requester" --scope /subscriptions/<sub>/resourceGroups/prod-web
+    Assign {
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        scope: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List role assignments.
+    List {
+        #[arg(long)]
+        principal: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a role assignment by id.
+    Remove {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Verify the hash chain: offline on a data directory, or through the API.
+    ///
+    /// Example: jitgate audit verify --data-dir ./jitgate-data
+    Verify {
+        /// Verify the database in this data directory directly (no controller needed).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JITGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "text" => builder.try_init(),
+        "json" => builder.json().try_init(),
+        other => bail!("--log-format: '{other}' is not text or json"),
+    }
+    .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// Flags over environment over file over defaults.
+fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, String)> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid config file", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./jitgate-data"));
+    let tls = match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+    ) {
+        (Some(cert), Some(key)) => Some(jitgate_controller::TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => bail!("give both tls_cert and tls_key, or neither"),
+    };
+    let mut config = jitgate_controller::Config::new(listen, data_dir);
+    config.tls = tls;
+    config.insecure_http = args.insecure_http || file.insecure_http.unwrap_or(false);
+    config.bootstrap_token = args.bootstrap_token;
+    let log_format = args
+        .log_format
+        .or(file.log_format)
+        .unwrap_or_else(|| "text".to_owned());
+    Ok((config, log_format))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (config, log_format) = serve_config(args)?;
+    init_logging(&log_format)?;
+    let running = jitgate_controller::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    }
+    running.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print(json: bool, v: &Value, table: impl FnOnce(&Value)) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        table(v);
+    }
+}
+
+fn items(v: &Value) -> &[Value] {
+    v["value"].as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Vm(cmd) => vm(cmd).await,
+        Command::Token(cmd) => token(cmd).await,
+        Command::Role(cmd) => role(cmd).await,
+        Command::Audit(cmd) => audit(cmd).await,
+        Command::Bench(cmd) => crate::bench::run(cmd).await,
+    }
+}
+
+async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        VmCommand::Register {
+            resource_group,
+            name,
+            location,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            let v = c
+                .post(
+                    "/api/v1/vms",
+                    &json!({"resourceGroup": resource_group, "name": name, "location": location}),
+                )
+                .await?;
+            print(client.json, &v, |v| println!("registered {}", s(&v["id"])));
+        }
+        VmCommand::List {
+            resource_group,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            let path = match &resource_group {
+                Some(rg) => format!("/api/v1/vms?resourceGroup={rg}"),
+                None => "/api/v1/vms".to_owned(),
+            };
+            let v = c.get(&path).await?;
+            print(client.json, &v, |v| {
+                println!(
+                    "{:<20} {:<24} {:<14} {:<12} GRANTS",
+                    "RESOURCE GROUP", "NAME", "PORTS", "LOCATION"
+                );
+                for vm in items(v) {
+                    let ports: Vec<String> = vm["protectedPorts"]
+                        .as_array()
+                        .map(|a| a.iter().map(s).collect())
+                        .unwrap_or_default();
+                    println!(
+                        "{:<20} {:<24} {:<14} {:<12} {}",
+                        s(&vm["resourceGroup"]),
+                        s(&vm["name"]),
+                        if ports.is_empty() {
+                            "-".into()
+                        } else {
+                            ports.join(",")
+                        },
+                        s(&vm["location"]),
+                        s(&vm["liveGrants"])
+                    );
+                }
+            });
+        }
+        VmCommand::Nsg {
+            resource_group,
+            name,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            let v = c
+                .get(&format!("/api/v1/vms/{resource_group}/{name}/nsg"))
+                .await?;
+            print(client.json, &v, |v| {
+                println!(
+                    "{:<8} {:<48} {:<6} {:<5} {:<20} PORTS",
+                    "PRIORITY", "NAME", "ACCESS", "PROTO", "SOURCE"
+                );
+                for r in v["rules"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                    let join = |k: &str| {
+                        r[k].as_array()
+                            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                            .unwrap_or_default()
+                    };
+                    println!(
+                        "{:<8} {:<48} {:<6} {:<5} {:<20} {}",
+                        s(&r["priority"]),
+                        s(&r["name"]),
+                        s(&r["access"]),
+                        s(&r["protocol"]),
+                        join("sourceAddressPrefixes"),
+                        join("destinationPortRanges")
+                    );
+                }
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TokenCommand::Create {
+            principal,
+            description,
+            expires_in,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            let v = c
+                .post(
+                    "/api/v1/tokens",
+                    &json!({"principal": principal, "description": description, "expiresIn": expires_in}),
+                )
+                .await?;
+            print(client.json, &v, |v| {
+                eprintln!(
+                    "token {} for {} (shown once; store it now):",
+                    s(&v["id"]),
+                    s(&v["principal"])
+                );
+                println!("{}", s(&v["token"]));
+            });
+        }
+        TokenCommand::List { client } => {
+            let c = Client::new(&client)?;
+            let v = c.get("/api/v1/tokens").await?;
+            print(client.json, &v, |v| {
+                println!(
+                    "{:<14} {:<28} {:<32} {:<32} REVOKED",
+                    "ID", "PRINCIPAL", "CREATED", "EXPIRES"
+                );
+                for t in items(v) {
+                    println!(
+                        "{:<14} {:<28} {:<32} {:<32} {}",
+                        s(&t["id"]),
+                        s(&t["principal"]),
+                        s(&t["createdAt"]),
+                        s(&t["expiresAt"]),
+                        s(&t["revokedAt"])
+                    );
+                }
+            });
+        }
+        TokenCommand::Revoke { id, client } => {
+            let c = Client::new(&client)?;
+            c.delete(&format!("/api/v1/tokens/{id}")).await?;
+            println!("revoked token {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RoleCommand::Assign {
+            principal,
+            role,
+            scope,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            let v = c
+                .post(
+                    "/api/v1/roleAssignments",
+                    &json!({"principal": principal, "role": role, "scope": scope}),
+                )
+                .await?;
+            print(client.json, &v, |v| {
+                println!(
+                    "assigned {} to {} at {} (id {})",
+                    s(&v["role"]),
+                    s(&v["principal"]),
+                    s(&v["scope"]),
+                    s(&v["id"])
+                )
+            });
+        }
+        RoleCommand::List { principal, client } => {
+            let c = Client::new(&client)?;
+            let path = match &principal {
+                Some(p) => format!("/api/v1/roleAssignments?principal={p}"),
+                None => "/api/v1/roleAssignments".to_owned(),
+            };
+            let v = c.get(&path).await?;
+            print(client.json, &v, |v| {
+                println!("{:<38} {:<24} {:<18} SCOPE", "ID", "PRINCIPAL", "ROLE");
+                for r in items(v) {
+                    println!(
+                        "{:<38} {:<24} {:<18} {}",
+                        s(&r["id"]),
+                        s(&r["principal"]),
+                        s(&r["role"]),
+                        s(&r["scope"])
+                    );
+                }
+            });
+        }
+        RoleCommand::Remove { id, client } => {
+            let c = Client::new(&client)?;
+            c.delete(&format!("/api/v1/roleAssignments/{id}")).await?;
+            println!("removed role assignment {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify { data_dir, client } => {
+            let (ok, events, head, problems) = match data_dir {
+                Some(dir) => {
+                    let db = dir.join(jitgate_controller::DB_FILE);
+                    if !db.exists() {
+                        bail!("no jitgate database at {}", db.display());
+                    }
+                    let r = jitgate_store::sqlite::verify_file(&db)?;
+                    let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
+                    (r.ok(), r.count, r.head_hash, problems)
+                }
+                None => {
+                    let c = Client::new(&client)?;
+                    let v = c.get("/api/v1/audit/verify").await?;
+                    let problems = v["problems"]
+                        .as_array()
+                        .map(|a| a.iter().map(s).collect())
+                        .unwrap_or_default();
+                    (
+                        v["ok"].as_bool().unwrap_or(false),
+                        v["events"].as_u64().unwrap_or(0),
+                        s(&v["headHash"]),
+                        problems,
+                    )
+                }
+            };
+            if client.json {
+                println!(
+                    "{}",
+                    json!({"ok": ok, "events": events, "headHash": head, "problems": problems})
+                );
+            } else if ok {
+                println!("audit chain intact: {events} events, head {head}");
+            } else {
+                println!("audit chain BROKEN ({events} events read):");
+                for p in &problems {
+                    println!("  - {p}");
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+    }
+}
