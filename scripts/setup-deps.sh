@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs the system packages jitgate needs to build, test and (soon) enforce, on
+# Debian 12. Idempotent: when everything is already installed it does not touch apt,
+# so repeated runs take well under a second. Never reads stdin (safe under CI=true).
+#
+# Packages and why:
+#   build-essential, pkg-config  C toolchain for crates with build scripts (bundled SQLite, ring)
+#   ca-certificates, curl        TLS roots and downloads (rustup, scripts)
+#   nftables, iproute2           the agent's enforcement and the network-namespace test lab
+#   openssh-server/-client       end-to-end tests of `jitgate ssh` against a real sshd
+#   sqlite3                      inspecting the controller's database by hand
+set -euo pipefail
+
+PACKAGES=(
+  build-essential
+  pkg-config
+  ca-certificates
+  curl
+  nftables
+  iproute2
+  openssh-server
+  openssh-client
+  sqlite3
+)
+
+say() { printf 'setup-deps: %s\n' "$*" >&2; }
+
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+  for p in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    if [ "$status" != "install ok installed" ]; then
+      missing+=("$p")
+    fi
+  done
+else
+  say "dpkg-query not found: this script supports Debian 12 (and derivatives) only."
+  say "Install these packages with your system's package manager: ${PACKAGES[*]}"
+  exit 1
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    say "missing system packages: ${missing[*]}"
+    say "they are installed with apt-get, which needs root. Run as root, for example:"
+    say "  sudo $0"
+    say "or install them yourself: sudo apt-get install ${missing[*]}"
+    exit 1
+  fi
+  say "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update </dev/null
+  apt-get install -y --no-install-recommends "${missing[@]}" </dev/null
+else
+  say "system packages already installed"
+fi
+
+# The Rust toolchain is not an apt package here: it comes from rustup.
+if ! command -v cargo >/dev/null 2>&1; then
+  cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+  say "cargo was not found on PATH."
+  if [ -x "$cargo_home/bin/cargo" ]; then
+    say "it is installed in $cargo_home/bin; add that to PATH:"
+    say "  export PATH=\"$cargo_home/bin:\$PATH\""
+  else
+    say "install Rust (1.90 or newer) with rustup, then open a new shell:"
+    say "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y"
+    say "  . \"\$HOME/.cargo/env\""
+  fi
+  exit 1
+fi
