@@ -1,0 +1,12 @@
+//! Integration tests of the controller through its HTTP API: a real controller on
+//! loopback, real SQLite in a temporary directory, real HTTP.
+
+mod util;
+
+mod audit;
+mod azure;
+mod bad_input;
+mod examples;
+mod lifecycle;
+mod native;
+mod rbac;

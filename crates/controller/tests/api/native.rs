@@ -1,0 +1,158 @@
+//! The native API: VMs, whoami, health, metrics, OpenAPI, and TLS.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::util::{Ctl, OWNER};
+
+#[tokio::test]
+async fn vms_register_list_show_delete() {
+    let ctl = Ctl::start().await;
+    let r = ctl
+        .post(
+            "/api/v1/vms",
+            json!({"resourceGroup": "lab", "name": "box-1"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.body["id"], ctl.vm_id("lab", "box-1"));
+    // Registering again (any case) is idempotent.
+    let r = ctl
+        .post("/api/v1/vms", json!({"id": ctl.vm_id("LAB", "BOX-1")}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    ctl.enable("lab", &["box-2"], "*").await;
+    let list = ctl.get("/api/v1/vms?resourceGroup=lab").await;
+    let vms = list.body["value"].as_array().unwrap();
+    assert_eq!(vms.len(), 2);
+    let box2 = vms.iter().find(|v| v["name"] == "box-2").unwrap();
+    assert_eq!(box2["protectedPorts"], json!([22, 3389]));
+    let show = ctl.get("/api/v1/vms/lab/box-2").await;
+    assert!(
+        show.body["policy"]
+            .as_str()
+            .unwrap()
+            .ends_with("/jitNetworkAccessPolicies/default")
+    );
+    assert_eq!(
+        ctl.get("/api/v1/vms/lab/none").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // A VM in a policy cannot be deleted; one outside can.
+    let r = ctl.delete("/api/v1/vms/lab/box-2").await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(
+        ctl.delete("/api/v1/vms/lab/box-1").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        ctl.delete("/api/v1/vms/lab/box-1").await.status,
+        StatusCode::NO_CONTENT
+    );
+}
+
+#[tokio::test]
+async fn whoami_health_metrics_openapi() {
+    let ctl = Ctl::start().await;
+    let w = ctl.get("/api/v1/whoami").await;
+    assert_eq!(w.body["principal"], "bootstrap-admin");
+    assert_eq!(w.body["subscription"], ctl.sub);
+    assert_eq!(w.body["roles"][0]["role"], "Owner");
+    assert_eq!(w.body["callerIp"], "127.0.0.1");
+    let h = ctl
+        .call(reqwest::Method::GET, "/api/v1/health", None, None)
+        .await;
+    assert_eq!(h.body["status"], "ok");
+    ctl.enable("rg", &["vm1"], "*").await;
+    ctl.initiate(
+        "rg",
+        "vm1",
+        json!([{"number": 22, "allowedSourceAddressPrefix": "10.0.0.1", "duration": "PT1H"}]),
+    )
+    .await;
+    let m = ctl
+        .http
+        .get(format!("{}/metrics", ctl.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("jitgate_initiates_total 1"), "{m}");
+    assert!(m.contains("jitgate_http_requests_total"), "{m}");
+    let o = ctl
+        .call(reqwest::Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert!(
+        o.body["openapi"].as_str().unwrap_or("").starts_with("3."),
+        "{:?}",
+        o.body
+    );
+    // Unknown paths: a CloudError 404.
+    let r = ctl.get("/api/v1/nothing-here").await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "NotFound"));
+}
+
+#[tokio::test]
+async fn serves_tls_with_a_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut config = crate::util::config(dir.path().join("data"));
+    config.tls = Some(jitgate_controller::TlsFiles {
+        cert: cert_path,
+        key: key_path,
+    });
+    let running = jitgate_controller::start(config).await.unwrap();
+    let port = running.local_addr.port();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", running.local_addr)
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("https://localhost:{port}/api/v1/whoami"))
+        .bearer_auth(OWNER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // nextLink uses https when serving TLS.
+    let body: serde_json::Value = client
+        .get(format!("https://localhost:{port}/subscriptions/{}/providers/Microsoft.Security/jitNetworkAccessPolicies?api-version=2020-01-01&$top=1", running.subscription))
+        .bearer_auth(OWNER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(body["value"].as_array().unwrap().is_empty());
+    // Plain HTTP to the TLS port fails.
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{port}/api/v1/health"))
+            .await
+            .map(|r| !r.status().is_success())
+            .unwrap_or(true)
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn refuses_plain_http_on_a_public_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::util::config(dir.path().to_owned());
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    let err = jitgate_controller::start(config.clone())
+        .await
+        .err()
+        .expect("must refuse");
+    assert!(err.to_string().contains("--insecure-http"), "{err}");
+    config.insecure_http = true;
+    let running = jitgate_controller::start(config).await.unwrap();
+    running.shutdown().await.unwrap();
+}

@@ -1,0 +1,267 @@
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use jitgate_controller::{Config, Running};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+pub const OWNER: &str = "test-owner-token-0123456789";
+
+pub struct Ctl {
+    pub running: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    pub sub: String,
+    pub http: reqwest::Client,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Resp {
+    /// The CloudError code.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    pub fn message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+}
+
+pub fn config(dir: PathBuf) -> Config {
+    let mut c = Config::new(SocketAddr::from(([127, 0, 0, 1], 0)), dir);
+    c.bootstrap_token = Some(OWNER.to_owned());
+    c
+}
+
+impl Ctl {
+    pub async fn start() -> Ctl {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir) -> Ctl {
+        let running = jitgate_controller::start(config(dir.path().to_owned()))
+            .await
+            .unwrap();
+        let base = format!("http://{}", running.local_addr);
+        let sub = running.subscription.to_string();
+        Ctl {
+            running: Some(running),
+            dir,
+            base,
+            sub,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Stops the controller gracefully and starts a new one on the same data.
+    pub async fn restart(mut self) -> Ctl {
+        self.stop().await;
+        Self::start_in(self.dir).await
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.unwrap();
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Resp {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.call(Method::GET, path, Some(OWNER), None).await
+    }
+
+    pub async fn get_as(&self, token: &str, path: &str) -> Resp {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Resp {
+        self.call(Method::POST, path, Some(OWNER), Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Resp {
+        self.call(Method::PUT, path, Some(OWNER), Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.call(Method::DELETE, path, Some(OWNER), None).await
+    }
+
+    pub fn vm_id(&self, rg: &str, name: &str) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}",
+            self.sub
+        )
+    }
+
+    pub fn policy_path(&self, rg: &str, loc: &str, name: &str) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}",
+            self.sub
+        )
+    }
+
+    pub async fn register(&self, rg: &str, name: &str) {
+        let r = self
+            .post(
+                "/api/v1/vms",
+                json!({"resourceGroup": rg, "name": name, "location": "westeurope"}),
+            )
+            .await;
+        assert!(r.status.is_success(), "register {rg}/{name}: {:?}", r.body);
+    }
+
+    /// Registers the VMs and puts them in policy `default` of `rg` with ports 22 and 3389.
+    pub async fn enable(&self, rg: &str, vms: &[&str], allowed: &str) -> Resp {
+        for vm in vms {
+            self.register(rg, vm).await;
+        }
+        let body = json!({
+            "kind": "Basic",
+            "properties": {"virtualMachines": vms.iter().map(|vm| json!({
+                "id": self.vm_id(rg, vm),
+                "ports": [
+                    {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefix": allowed, "maxRequestAccessDuration": "PT3H"},
+                    {"number": 3389, "protocol": "*", "allowedSourceAddressPrefix": allowed, "maxRequestAccessDuration": "PT1H"}
+                ]
+            })).collect::<Vec<_>>()}
+        });
+        let r = self
+            .put(
+                &format!(
+                    "{}?api-version=2020-01-01",
+                    self.policy_path(rg, "westeurope", "default")
+                ),
+                body,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "enable: {:?}", r.body);
+        r
+    }
+
+    pub async fn initiate_as(&self, token: &str, rg: &str, vm: &str, ports: Value) -> Resp {
+        let body = json!({"virtualMachines": [{"id": self.vm_id(rg, vm), "ports": ports}], "justification": "test"});
+        self.call(
+            Method::POST,
+            &format!(
+                "{}/initiate?api-version=2020-01-01",
+                self.policy_path(rg, "westeurope", "default")
+            ),
+            Some(token),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn initiate(&self, rg: &str, vm: &str, ports: Value) -> Resp {
+        self.initiate_as(OWNER, rg, vm, ports).await
+    }
+
+    /// Creates a token for `principal` with `role` at `scope`; returns the token.
+    pub async fn principal(&self, principal: &str, role: &str, scope: &str) -> String {
+        let t = self
+            .post("/api/v1/tokens", json!({"principal": principal}))
+            .await;
+        assert_eq!(t.status, StatusCode::CREATED, "{:?}", t.body);
+        let r = self
+            .post(
+                "/api/v1/roleAssignments",
+                json!({"principal": principal, "role": role, "scope": scope}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        t.body["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn get_policy(&self, rg: &str) -> Value {
+        let r = self
+            .get(&format!(
+                "{}?api-version=2020-01-01",
+                self.policy_path(rg, "westeurope", "default")
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        r.body
+    }
+
+    /// Everything a rejected call must leave unchanged (the audit log aside, which
+    /// records the refusal).
+    pub async fn snapshot(&self) -> Value {
+        let policies = self
+            .get(&format!("/subscriptions/{}/providers/Microsoft.Security/jitNetworkAccessPolicies?api-version=2020-01-01", self.sub))
+            .await
+            .body;
+        json!({
+            "policies": policies,
+            "vms": self.get("/api/v1/vms").await.body,
+            "requests": self.get("/api/v1/requests?limit=1000").await.body,
+            "tokens": self.get("/api/v1/tokens").await.body,
+            "roles": self.get("/api/v1/roleAssignments").await.body,
+        })
+    }
+
+    pub async fn audit(&self, query: &str) -> Vec<Value> {
+        let r = self.get(&format!("/api/v1/audit?{query}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        r.body["value"].as_array().unwrap().clone()
+    }
+}
+
+/// The status of port `number` of the newest request of the policy.
+pub fn newest_port_status(policy: &Value, number: u64) -> (String, String) {
+    let req = &policy["properties"]["requests"][0];
+    for vm in req["virtualMachines"].as_array().unwrap() {
+        for p in vm["ports"].as_array().unwrap() {
+            if p["number"].as_u64() == Some(number) {
+                return (
+                    p["status"].as_str().unwrap().into(),
+                    p["statusReason"].as_str().unwrap().into(),
+                );
+            }
+        }
+    }
+    panic!("port {number} not in newest request: {policy}");
+}
+
+pub fn in_secs(s: i64) -> String {
+    jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(s))
+        .unwrap()
+        .to_string()
+}
