@@ -1,0 +1,465 @@
+//! The real `jitgate` binary: `serve` start-up, bootstrap, configuration, signals,
+//! durability across `kill -9`, admin verbs, and `audit verify` on a tampered database.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_jitgate");
+
+struct Server {
+    child: Child,
+    base: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn serve(args: &[&str], envs: &[(&str, &str)]) -> Server {
+    let port = free_port();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if !args.contains(&"--listen") && !args.contains(&"--config") {
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    Server {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        log,
+    }
+}
+
+fn wait_listening(s: &mut Server, base: &str) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(base.trim_start_matches("http://")).is_err() {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            panic!("serve exited with {status}: {}", s.log.lock().unwrap());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not listening: {}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn call(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    // Blocking calls through a tiny runtime keep these tests plain.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let mut req = c.request(method.parse().unwrap(), url).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    })
+}
+
+fn jitgate(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn first_start_writes_a_private_bootstrap_token_and_never_logs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = serve(&["--data-dir", data.to_str().unwrap()], &[]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let path = data.join("bootstrap-token");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+    let (status, who) = call("GET", &format!("{base}/api/v1/whoami"), &token, None);
+    assert_eq!(status, 200);
+    assert_eq!(who["principal"], "bootstrap-admin");
+    // A second start keeps the installation and its token.
+    drop(s);
+    let mut s = serve(&["--data-dir", data.to_str().unwrap()], &[]);
+    let base2 = s.base.clone();
+    wait_listening(&mut s, &base2);
+    let (status, who2) = call("GET", &format!("{base2}/api/v1/whoami"), &token, None);
+    assert_eq!(status, 200);
+    assert_eq!(who2["subscription"], who["subscription"]);
+    let secret = token.split('.').nth(1).unwrap();
+    assert!(
+        !s.log.lock().unwrap().contains(secret),
+        "the token leaked into the log"
+    );
+}
+
+#[test]
+fn bootstrap_token_from_the_environment_and_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("jitgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog_format = \"json\"\n",
+            dir.path().join("d").display()
+        ),
+    )
+    .unwrap();
+    let token = "operator-chosen-bootstrap-token";
+    let mut s = serve(
+        &["--config", config.to_str().unwrap()],
+        &[("JITGATE_BOOTSTRAP_TOKEN", token)],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_listening(&mut s, &base);
+    let (status, _) = call("GET", &format!("{base}/api/v1/whoami"), token, None);
+    assert_eq!(status, 200);
+    assert!(
+        !dir.path().join("d/bootstrap-token").exists(),
+        "no file when the token is given"
+    );
+    // JSON logs.
+    std::thread::sleep(Duration::from_millis(100));
+    let log = s.log.lock().unwrap().clone();
+    let first = log.lines().next().unwrap_or_default();
+    assert!(
+        serde_json::from_str::<Value>(first).is_ok(),
+        "not JSON: {first}"
+    );
+    assert!(!log.contains(token));
+}
+
+#[test]
+fn refuses_plain_http_on_a_public_address_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = jitgate(
+        &[
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--insecure-http") && err.contains("--tls-cert"),
+        "{err}"
+    );
+    let out = jitgate(
+        &[
+            "serve",
+            "--tls-cert",
+            "x.pem",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success(),
+        "a certificate without a key must be refused"
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = serve(
+        &["--data-dir", dir.path().to_str().unwrap()],
+        &[("JITGATE_BOOTSTRAP_TOKEN", "sigterm-test-token-123")],
+    );
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", s.log.lock().unwrap());
+    assert!(s.log.lock().unwrap().contains("shutting down"));
+}
+
+fn setup_policy(base: &str, token: &str, sub: &str) {
+    let (s, b) = call(
+        "POST",
+        &format!("{base}/api/v1/vms"),
+        token,
+        Some(json!({"resourceGroup": "rg", "name": "vm1"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let vm = format!(
+        "/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
+    );
+    let url = format!(
+        "{base}/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default?api-version=2020-01-01"
+    );
+    let (s, b) = call(
+        "PUT",
+        &url,
+        token,
+        Some(
+            json!({"properties": {"virtualMachines": [{"id": vm, "ports": [{"number": 22, "protocol": "TCP", "maxRequestAccessDuration": "PT3H"}]}]}}),
+        ),
+    );
+    assert_eq!(s, 200, "{b}");
+    let url = url.replace("/default?", "/default/initiate?");
+    let (s, b) = call(
+        "POST",
+        &url,
+        token,
+        Some(
+            json!({"virtualMachines": [{"id": vm, "ports": [{"number": 22, "allowedSourceAddressPrefix": "10.0.0.1", "duration": "PT1H"}]}]}),
+        ),
+    );
+    assert_eq!(s, 202, "{b}");
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "kill-nine-test-token-123";
+    let data = dir.path().to_str().unwrap();
+    let mut s = serve(&["--data-dir", data], &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let (_, who) = call("GET", &format!("{base}/api/v1/whoami"), token, None);
+    let sub = who["subscription"].as_str().unwrap().to_owned();
+    setup_policy(&base, token, &sub);
+    s.child.kill().unwrap(); // SIGKILL: no shutdown code runs.
+    s.child.wait().unwrap();
+    let mut s = serve(&["--data-dir", data], &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let url = format!(
+        "{base}/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default?api-version=2020-01-01"
+    );
+    let (status, policy) = call("GET", &url, token, None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        policy["properties"]["requests"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(
+        policy["properties"]["requests"][0]["virtualMachines"][0]["ports"][0]["status"],
+        "Initiated"
+    );
+    let out = jitgate(&["audit", "verify", "--data-dir", data], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn admin_verbs_and_audit_verify_detect_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "admin-verbs-test-token-123";
+    let data = dir.path().to_str().unwrap();
+    let mut s = serve(&["--data-dir", data], &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let env = [("JITGATE_URL", base.as_str()), ("JITGATE_TOKEN", token)];
+    let out = jitgate(
+        &["vm", "register", "lab", "box-1", "--location", "westeurope"],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("/resourceGroups/lab/providers/Microsoft.Compute/virtualMachines/box-1")
+    );
+    let out = jitgate(&["vm", "list", "--json"], &env);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["value"].as_array().unwrap().len(), 1);
+    let out = jitgate(
+        &[
+            "token",
+            "create",
+            "--principal",
+            "alice@example.com",
+            "--expires-in",
+            "P1D",
+        ],
+        &env,
+    );
+    assert!(out.status.success());
+    let alice = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(alice.starts_with("jg_"), "{alice}");
+    let (_, who) = call("GET", &format!("{base}/api/v1/whoami"), token, None);
+    let scope = format!("/subscriptions/{}", who["subscription"].as_str().unwrap());
+    let out = jitgate(
+        &[
+            "role",
+            "assign",
+            "--principal",
+            "alice@example.com",
+            "--role",
+            "Reader",
+            "--scope",
+            &scope,
+        ],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = jitgate(
+        &["vm", "list"],
+        &[
+            ("JITGATE_URL", base.as_str()),
+            ("JITGATE_TOKEN", alice.as_str()),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("box-1"));
+    // Errors are one line with the reason, and a non-zero exit.
+    let out = jitgate(&["vm", "register", "bad rg", "x"], &env);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resourceGroup"));
+    let out = jitgate(
+        &["vm", "list"],
+        &[
+            ("JITGATE_URL", base.as_str()),
+            ("JITGATE_TOKEN", "wrong-token-wrong-token"),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = jitgate(&["audit", "verify"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(s);
+
+    let db = Path::new(data).join("jitgate.db");
+    let verify = || {
+        let out = jitgate(&["audit", "verify", "--data-dir", data], &[]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(verify().0, Some(0), "{}", verify().1);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    // Modify one event.
+    conn.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 4", [])
+        .unwrap();
+    let (code, text) = verify();
+    assert_eq!(code, Some(2));
+    assert!(text.contains("event 4 was modified"), "{text}");
+    conn.execute(
+        "UPDATE audit SET actor = (SELECT actor FROM audit WHERE seq = 5) WHERE seq = 4",
+        [],
+    )
+    .unwrap();
+    // (seq 4 and 5 were both by the bootstrap admin: restored.)
+    assert_eq!(verify().0, Some(0), "{}", verify().1);
+    // Delete one from the middle.
+    let row: (String, String, i64, String, String, String, String, String, String, String, String) = conn
+        .query_row("SELECT seq, time, time_ns, actor, source, action, target, outcome, details, prev_hash, hash FROM audit WHERE seq = 3", [], |r| {
+            Ok((r.get::<_, i64>(0)?.to_string(), r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?))
+        })
+        .unwrap();
+    conn.execute("DELETE FROM audit WHERE seq = 3", []).unwrap();
+    let (code, text) = verify();
+    assert_eq!(code, Some(2));
+    assert!(text.contains("missing"), "{text}");
+    // Put it back, then swap two events' contents (reordering).
+    conn.execute(
+        "INSERT INTO audit(seq, time, time_ns, actor, source, action, target, outcome, details, prev_hash, hash) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
+        rusqlite::params![row.0.parse::<i64>().unwrap(), row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8, row.9, row.10],
+    )
+    .unwrap();
+    assert_eq!(verify().0, Some(0), "{}", verify().1);
+    conn.execute_batch(
+        "UPDATE audit SET seq = -1 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3; UPDATE audit SET seq = 3 WHERE seq = -1;",
+    )
+    .unwrap();
+    let (code, text) = verify();
+    assert_eq!(code, Some(2));
+    assert!(text.contains("BROKEN"), "{text}");
+    conn.execute_batch(
+        "UPDATE audit SET seq = -1 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3; UPDATE audit SET seq = 3 WHERE seq = -1;",
+    )
+    .unwrap();
+    // Delete the last event: caught against the recorded head.
+    conn.execute(
+        "DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)",
+        [],
+    )
+    .unwrap();
+    let (code, text) = verify();
+    assert_eq!(code, Some(2));
+    assert!(text.contains("deleted from the end"), "{text}");
+}
