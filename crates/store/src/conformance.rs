@@ -1,1 +1,2824 @@
-pub fn _placeholder() {}
+//! The store conformance suite: what every [`Store`] backend must do.
+//!
+//! Each check is a `pub async fn` taking a fresh, empty store and panicking with a
+//! message that says what went wrong. The checks use only the [`Store`] trait, so the
+//! SQLite backend and a future PostgreSQL backend run the very same suite.
+//!
+//! Time is simulated: every check passes explicit times (`AuditCtx::now`,
+//! `expire_due(now)`, `live_grants(.., now)`) from a fixed clock starting at
+//! [`t0`]; nothing reads the real clock or sleeps.
+//!
+//! A backend's test file runs the whole suite with [`store_conformance_tests!`]:
+//!
+//! ```ignore
+//! async fn fresh() -> (Box<dyn Store>, tempfile::TempDir) {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     let store = SqliteStore::open(&dir.path().join("jitgate.db")).unwrap();
+//!     (Box::new(store), dir)
+//! }
+//! jitgate_store::store_conformance_tests!(fresh);
+//! ```
+//!
+//! [`store_conformance_tests!`]: crate::store_conformance_tests
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::IpAddr;
+
+use jiff::{SignedDuration, Timestamp};
+use uuid::Uuid;
+
+use jitgate_core::audit::{AuditEntry, AuditRecord, Outcome, VerifyReport};
+use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, SubscriptionId, VmId, VmName};
+use jitgate_core::net::{Port, Protocol, SourcePrefix};
+use jitgate_core::policy::{
+    Policy, PolicyInput, PolicyKey, PolicySpec, PolicyVmInput, PortRuleInput, RawPrefix,
+    validate_policy,
+};
+use jitgate_core::rbac::{Role, RoleAssignment};
+use jitgate_core::request::{
+    AccessRequest, InitiateInput, InitiatePortInput, InitiateVmInput, PortStatus, RequestId,
+    RevokeReason,
+};
+
+use crate::*;
+
+/// Expands to one `#[tokio::test]` per conformance check.
+///
+/// `$make` is an async function (or closure returning a future) that yields
+/// `(store, guard)`: `store` derefs to something implementing [`Store`] (for example
+/// `Box<dyn Store>`), and `guard` keeps whatever the store needs alive (a temporary
+/// directory, a database schema) until the check is done. Each test calls `$make`
+/// once, so each check gets its own fresh, empty store. The crate invoking the macro
+/// needs `tokio` (with the `macros` and `rt` features) as a (dev-)dependency.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($make:expr) => {
+        $crate::__store_conformance_tests!(
+            $make;
+            bootstrap_is_idempotent,
+            register_vm_is_idempotent_and_case_insensitive,
+            register_vm_refuses_unknown_subscription,
+            list_vms_by_subscription_and_resource_group,
+            delete_vm_refused_while_in_policy,
+            put_policy_creates_then_updates,
+            put_policy_refuses_unknown_subscription,
+            put_policy_refuses_unknown_vm,
+            put_policy_refuses_vm_in_other_policy,
+            get_policy_is_case_insensitive,
+            list_policies_filters,
+            list_policies_pages_in_key_order,
+            policy_for_vm_finds_the_protecting_policy,
+            initiate_stores_the_request,
+            policy_requests_are_newest_first,
+            initiate_supersedes_same_vm_port_and_source,
+            initiate_refusals_change_nothing,
+            initiate_with_a_duplicate_id_fails_cleanly,
+            list_requests_filters,
+            revoke_request_all_ports,
+            revoke_request_selected_port,
+            revoke_request_refusals,
+            expire_due_expires_exactly_once,
+            next_expiry_is_earliest_initiated_end,
+            live_grants_and_count,
+            put_policy_update_revokes_removed_ports,
+            delete_policy_revokes_live_grants,
+            policy_changes_leave_ended_ports_to_expiry,
+            tokens_create_find_list_revoke,
+            role_assignments_add_list_remove,
+            mutations_are_audited_and_chain_verifies,
+            append_audit_assigns_consecutive_seqs,
+            query_audit_filters,
+            grouped_writes_keep_the_chain_contiguous,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_conformance_tests {
+    ($make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[::tokio::test]
+            async fn $check() {
+                let (store, guard) = ($make)().await;
+                $crate::conformance::$check(&*store).await;
+                drop(store);
+                drop(guard);
+            }
+        )+
+    };
+}
+
+// ---- fixtures -----------------------------------------------------------------------
+
+/// The installation's subscription.
+pub const SUB: &str = "20ff7fc3-e762-44dd-bd96-b71116dcdc23";
+/// A subscription the store does not know.
+pub const OTHER_SUB: &str = "7d2f1c5e-0b1a-4c3d-9e8f-123456789abc";
+/// The bootstrap Owner.
+pub const OWNER: &str = "alice";
+/// The bootstrap Owner's token id.
+pub const OWNER_TOKEN: &str = "jg_boot";
+
+/// The simulated clock's start: 2026-01-01T00:00:00Z.
+pub fn t0() -> Timestamp {
+    "2026-01-01T00:00:00Z".parse().unwrap()
+}
+
+/// `secs` seconds after [`t0`].
+pub fn at(secs: i64) -> Timestamp {
+    t0().checked_add(SignedDuration::from_secs(secs)).unwrap()
+}
+
+fn ctx(now: Timestamp) -> AuditCtx {
+    AuditCtx {
+        actor: OWNER.into(),
+        source: "192.0.2.10".into(),
+        now,
+    }
+}
+
+fn ctx_as(actor: &str, now: Timestamp) -> AuditCtx {
+    AuditCtx {
+        actor: actor.into(),
+        source: "192.0.2.20".into(),
+        now,
+    }
+}
+
+fn sub() -> SubscriptionId {
+    SubscriptionId::parse(SUB).unwrap()
+}
+
+fn other_sub() -> SubscriptionId {
+    SubscriptionId::parse(OTHER_SUB).unwrap()
+}
+
+fn rg(name: &str) -> ResourceGroup {
+    ResourceGroup::parse(name).unwrap()
+}
+
+fn loc(name: &str) -> Location {
+    Location::parse(name).unwrap()
+}
+
+fn vm_in(subscription: SubscriptionId, group: &str, name: &str) -> VmId {
+    VmId::new(subscription, rg(group), VmName::parse(name).unwrap())
+}
+
+fn vm(group: &str, name: &str) -> VmId {
+    vm_in(sub(), group, name)
+}
+
+/// The same VM id, spelled upper-case throughout.
+fn shout(id: &VmId) -> VmId {
+    VmId::parse(&id.to_string().to_uppercase()).unwrap()
+}
+
+fn pkey(group: &str, location: &str, name: &str) -> PolicyKey {
+    PolicyKey {
+        subscription: sub(),
+        resource_group: rg(group),
+        location: loc(location),
+        name: PolicyName::parse(name).unwrap(),
+    }
+}
+
+/// The same key, spelled upper-case.
+fn shout_key(k: &PolicyKey) -> PolicyKey {
+    PolicyKey {
+        subscription: k.subscription,
+        resource_group: rg(&k.resource_group.as_str().to_uppercase()),
+        location: loc(&k.location.as_str().to_uppercase()),
+        name: PolicyName::parse(&k.name.as_str().to_uppercase()).unwrap(),
+    }
+}
+
+fn rid(n: u128) -> RequestId {
+    RequestId::new(Uuid::from_u128(n))
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn prefix(s: &str) -> SourcePrefix {
+    SourcePrefix::parse(s).unwrap()
+}
+
+fn port(n: u16) -> Port {
+    Port::new(n as i64).unwrap()
+}
+
+fn rule(n: i64, protocol: &str, max: &str) -> PortRuleInput {
+    PortRuleInput {
+        number: Some(n),
+        protocol: Some(protocol.into()),
+        allowed_source_address_prefix: Some(RawPrefix::One("*".into())),
+        allowed_source_address_prefixes: None,
+        max_request_access_duration: Some(max.into()),
+    }
+}
+
+fn spec_with(key: &PolicyKey, vms: Vec<(&VmId, Vec<PortRuleInput>)>) -> PolicySpec {
+    let input = PolicyInput {
+        kind: None,
+        virtual_machines: Some(
+            vms.into_iter()
+                .map(|(id, ports)| PolicyVmInput {
+                    id: Some(id.to_string()),
+                    ports: Some(ports),
+                    public_ip_address: None,
+                })
+                .collect(),
+        ),
+    };
+    validate_policy(key, &input).unwrap_or_else(|e| panic!("fixture policy is invalid: {e}"))
+}
+
+/// A policy spec giving each VM the listed TCP ports, from anywhere, for up to 3 hours.
+fn spec(key: &PolicyKey, vms: &[(&VmId, &[i64])]) -> PolicySpec {
+    spec_with(
+        key,
+        vms.iter()
+            .map(|(id, ports)| (*id, ports.iter().map(|n| rule(*n, "TCP", "PT3H")).collect()))
+            .collect(),
+    )
+}
+
+fn bootstrap_input(subscription: SubscriptionId, token_id: &str) -> Bootstrap {
+    Bootstrap {
+        subscription,
+        owner_principal: OWNER.into(),
+        owner_token: token(token_id, OWNER, t0()),
+    }
+}
+
+fn token(id: &str, principal: &str, created: Timestamp) -> TokenRecord {
+    TokenRecord {
+        id: id.into(),
+        principal: principal.into(),
+        secret_hash: format!("{:064x}", id.len() * 7919),
+        description: format!("token {id}"),
+        created,
+        expires: None,
+        revoked: None,
+    }
+}
+
+fn owner_assignments() -> Vec<RoleAssignment> {
+    vec![RoleAssignment {
+        principal: OWNER.into(),
+        role: Role::Owner,
+        scope: Scope::Subscription(sub()),
+    }]
+}
+
+fn assignment(principal: &str, role: Role, scope: Scope) -> Vec<RoleAssignment> {
+    vec![RoleAssignment {
+        principal: principal.into(),
+        role,
+        scope,
+    }]
+}
+
+/// A requested port: source `None` means "my IP" (the caller's address).
+fn want(n: i64, source: Option<&str>, duration: &str) -> InitiatePortInput {
+    InitiatePortInput {
+        number: Some(n),
+        allowed_source_address_prefix: source.map(str::to_owned),
+        end_time_utc: None,
+        duration: Some(duration.into()),
+    }
+}
+
+fn input(vms: Vec<(&VmId, Vec<InitiatePortInput>)>) -> InitiateInput {
+    InitiateInput {
+        virtual_machines: Some(
+            vms.into_iter()
+                .map(|(id, ports)| InitiateVmInput {
+                    id: Some(id.to_string()),
+                    ports: Some(ports),
+                })
+                .collect(),
+        ),
+        justification: Some("maintenance".into()),
+    }
+}
+
+/// An initiate by the Owner from 10.0.0.9.
+fn args(key: &PolicyKey, id: RequestId, vms: Vec<(&VmId, Vec<InitiatePortInput>)>) -> InitiateArgs {
+    InitiateArgs {
+        policy: key.clone(),
+        input: input(vms),
+        id,
+        requestor: OWNER.into(),
+        caller_ip: ip("10.0.0.9"),
+        assignments: owner_assignments(),
+    }
+}
+
+async fn install(store: &dyn Store) -> SubscriptionId {
+    let out = store
+        .bootstrap(bootstrap_input(sub(), OWNER_TOKEN), ctx(t0()))
+        .await
+        .expect("bootstrap failed");
+    assert!(
+        out.created,
+        "bootstrap of an empty store must report created"
+    );
+    out.subscription
+}
+
+async fn register(store: &dyn Store, id: &VmId, now: Timestamp) {
+    let out = store
+        .register_vm(
+            VmRecord {
+                id: id.clone(),
+                location: Some(loc("westeurope")),
+                created: now,
+                created_by: OWNER.into(),
+            },
+            ctx(now),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("register_vm({id}) failed: {e:?}"));
+    assert_eq!(out, RegisterOutcome::Created, "register_vm({id})");
+}
+
+async fn put(
+    store: &dyn Store,
+    key: &PolicyKey,
+    spec: PolicySpec,
+    now: Timestamp,
+) -> PutPolicyOutcome {
+    store
+        .put_policy(key.clone(), spec, ctx(now))
+        .await
+        .unwrap_or_else(|e| panic!("put_policy({}) failed: {e:?}", key.id()))
+}
+
+async fn initiate_ok(store: &dyn Store, a: InitiateArgs, now: Timestamp) -> AccessRequest {
+    let id = a.id;
+    store
+        .initiate(a, ctx(now))
+        .await
+        .unwrap_or_else(|e| panic!("initiate {id} failed: {e:?}"))
+}
+
+async fn request(store: &dyn Store, id: RequestId) -> AccessRequest {
+    store
+        .get_request(id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("request {id} not found"))
+}
+
+/// The status of `vm`'s port `number` in request `id`.
+async fn status_of(store: &dyn Store, id: RequestId, vm: &VmId, number: u16) -> PortStatus {
+    let r = request(store, id).await;
+    r.vms
+        .iter()
+        .find(|v| v.id == *vm)
+        .and_then(|v| v.ports.iter().find(|p| p.number == port(number)))
+        .unwrap_or_else(|| panic!("request {id} has no port {number} on {vm}"))
+        .status
+}
+
+async fn verified(store: &dyn Store) -> VerifyReport {
+    let r = store.verify_audit().await.expect("verify_audit failed");
+    assert!(r.ok(), "the audit chain does not verify: {:?}", r.problems);
+    r
+}
+
+async fn audit_count(store: &dyn Store) -> u64 {
+    verified(store).await.count
+}
+
+async fn events_after(store: &dyn Store, after: u64) -> Vec<AuditRecord> {
+    store
+        .query_audit(&AuditQuery {
+            after_seq: Some(after),
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .expect("query_audit failed")
+}
+
+fn seqs(records: &[AuditRecord]) -> Vec<u64> {
+    records.iter().map(|r| r.seq).collect()
+}
+
+fn revoked(
+    request: RequestId,
+    vm: &VmId,
+    number: u16,
+    source: &str,
+    end: Timestamp,
+    reason: RevokeReason,
+) -> RevokedPort {
+    RevokedPort {
+        request,
+        vm: vm.clone(),
+        number: port(number),
+        source: prefix(source),
+        end,
+        reason,
+    }
+}
+
+fn sorted(mut v: Vec<RevokedPort>) -> Vec<RevokedPort> {
+    v.sort_by_key(|r| (r.request, r.vm.key(), r.number));
+    v
+}
+
+fn sorted_grants(mut v: Vec<Grant>) -> Vec<Grant> {
+    v.sort_by_key(|g| (g.request, g.number));
+    v
+}
+
+fn names(policies: &[Policy]) -> Vec<String> {
+    policies
+        .iter()
+        .map(|p| p.key.name.as_str().to_owned())
+        .collect()
+}
+
+fn request_ids(requests: &[AccessRequest]) -> Vec<RequestId> {
+    requests.iter().map(|r| r.id).collect()
+}
+
+fn refusal<T: std::fmt::Debug, E: std::fmt::Debug>(what: &str, r: Result<T, OpError<E>>) -> E {
+    match r {
+        Err(OpError::Refused(e)) => e,
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    }
+}
+
+/// Everything observable about the store's state, to show that a refused call
+/// changed nothing.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    audit_count: u64,
+    audit_head: String,
+    subscriptions: Vec<SubscriptionId>,
+    vms: Vec<VmRecord>,
+    policies: Vec<Policy>,
+    requests: Vec<AccessRequest>,
+    tokens: Vec<TokenRecord>,
+    assignments: Vec<RoleAssignmentRecord>,
+    next_expiry: Option<Timestamp>,
+}
+
+async fn snapshot(store: &dyn Store) -> Snapshot {
+    let report = verified(store).await;
+    let mut vms = store.list_vms(sub(), None).await.unwrap();
+    vms.sort_by_key(|v| v.id.key());
+    let mut tokens = store.list_tokens().await.unwrap();
+    tokens.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut assignments = store.role_assignments(None).await.unwrap();
+    assignments.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut requests = store
+        .list_requests(&RequestFilter {
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    requests.sort_by_key(|r| r.id);
+    Snapshot {
+        audit_count: report.count,
+        audit_head: report.head_hash,
+        subscriptions: store.subscriptions().await.unwrap(),
+        vms,
+        policies: store
+            .list_policies(&PolicyFilter::default(), None, 100_000)
+            .await
+            .unwrap(),
+        requests,
+        tokens,
+        assignments,
+        next_expiry: store.next_expiry().await.unwrap(),
+    }
+}
+
+/// The common setup: an installation, VMs `vm1`, `vm2` (in policy `default` of `rg1`,
+/// westeurope: vm1 ports 22 and 3389, vm2 port 22) and `vm3` (in no policy).
+struct Scene {
+    key: PolicyKey,
+    vm1: VmId,
+    vm2: VmId,
+    vm3: VmId,
+}
+
+async fn scene(store: &dyn Store) -> Scene {
+    install(store).await;
+    let s = Scene {
+        key: pkey("rg1", "westeurope", "default"),
+        vm1: vm("rg1", "vm1"),
+        vm2: vm("rg1", "vm2"),
+        vm3: vm("rg1", "vm3"),
+    };
+    for v in [&s.vm1, &s.vm2, &s.vm3] {
+        register(store, v, t0()).await;
+    }
+    let sp = spec(&s.key, &[(&s.vm1, &[22, 3389]), (&s.vm2, &[22])]);
+    put(store, &s.key, sp, t0()).await;
+    s
+}
+
+// ---- installation -------------------------------------------------------------------
+
+/// A second bootstrap returns the existing installation and creates nothing.
+pub async fn bootstrap_is_idempotent(store: &dyn Store) {
+    assert!(store.subscriptions().await.unwrap().is_empty());
+    let first = store
+        .bootstrap(bootstrap_input(sub(), OWNER_TOKEN), ctx(t0()))
+        .await
+        .unwrap();
+    assert!(first.created, "first bootstrap must create");
+    assert_eq!(first.subscription, sub());
+    assert_eq!(store.subscriptions().await.unwrap(), vec![sub()]);
+    assert_eq!(
+        store.find_token(OWNER_TOKEN).await.unwrap(),
+        Some(token(OWNER_TOKEN, OWNER, t0())),
+        "the bootstrap token is stored as given"
+    );
+    let ras = store.role_assignments(Some(OWNER)).await.unwrap();
+    assert_eq!(
+        ras.len(),
+        1,
+        "bootstrap creates one role assignment: {ras:?}"
+    );
+    assert_eq!(
+        ras[0].assignment,
+        owner_assignments()[0],
+        "the bootstrap principal is Owner at the subscription"
+    );
+    assert!(audit_count(store).await >= 1, "bootstrap is audited");
+
+    let before = snapshot(store).await;
+    let second = store
+        .bootstrap(bootstrap_input(other_sub(), "jg_second"), ctx(at(60)))
+        .await
+        .unwrap();
+    assert!(
+        !second.created,
+        "second bootstrap must report created=false"
+    );
+    assert_eq!(
+        second.subscription,
+        sub(),
+        "second bootstrap returns the existing subscription"
+    );
+    assert_eq!(
+        store.find_token("jg_second").await.unwrap(),
+        None,
+        "second bootstrap must not store its token"
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "second bootstrap changed the store"
+    );
+}
+
+// ---- VMs ----------------------------------------------------------------------------
+
+/// Registering twice (in any casing) gives Created then AlreadyRegistered.
+pub async fn register_vm_is_idempotent_and_case_insensitive(store: &dyn Store) {
+    install(store).await;
+    let id = vm("myRg", "myVm");
+    assert_eq!(store.get_vm(&id).await.unwrap(), None);
+    let rec = VmRecord {
+        id: id.clone(),
+        location: Some(loc("westeurope")),
+        created: at(10),
+        created_by: "agent-1".into(),
+    };
+    let n0 = audit_count(store).await;
+    let out = store.register_vm(rec.clone(), ctx(at(10))).await.unwrap();
+    assert_eq!(out, RegisterOutcome::Created);
+    assert_eq!(audit_count(store).await, n0 + 1, "registration is audited");
+    assert_eq!(store.get_vm(&id).await.unwrap(), Some(rec.clone()));
+
+    let before = snapshot(store).await;
+    let again = VmRecord {
+        id: shout(&id),
+        location: None,
+        created: at(20),
+        created_by: "someone-else".into(),
+    };
+    let out = store.register_vm(again, ctx(at(20))).await.unwrap();
+    assert_eq!(
+        out,
+        RegisterOutcome::AlreadyRegistered,
+        "VM ids match case-insensitively"
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "re-registering changed the store"
+    );
+    let got = store.get_vm(&shout(&id)).await.unwrap().unwrap();
+    assert_eq!(
+        got, rec,
+        "lookup is case-insensitive and keeps the first record"
+    );
+    assert_eq!(got.id.name.as_str(), "myVm", "the original casing is kept");
+    assert_eq!(got.id.resource_group.as_str(), "myRg");
+    assert_eq!(store.list_vms(sub(), None).await.unwrap().len(), 1);
+}
+
+/// A VM of a subscription the store does not know is refused.
+pub async fn register_vm_refuses_unknown_subscription(store: &dyn Store) {
+    install(store).await;
+    let before = snapshot(store).await;
+    let id = vm_in(other_sub(), "rg1", "vm1");
+    let r = store
+        .register_vm(
+            VmRecord {
+                id: id.clone(),
+                location: None,
+                created: at(10),
+                created_by: OWNER.into(),
+            },
+            ctx(at(10)),
+        )
+        .await;
+    assert_eq!(
+        refusal("register_vm in an unknown subscription", r),
+        VmError::UnknownSubscription(other_sub())
+    );
+    assert_eq!(store.get_vm(&id).await.unwrap(), None);
+    assert!(store.list_vms(other_sub(), None).await.unwrap().is_empty());
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusal changed the store"
+    );
+}
+
+/// `list_vms` filters by subscription and (case-insensitively) resource group.
+pub async fn list_vms_by_subscription_and_resource_group(store: &dyn Store) {
+    install(store).await;
+    let a1 = vm("rgA", "vm1");
+    let a2 = vm("rgA", "vm2");
+    let b1 = vm("rgB", "vm1");
+    for v in [&b1, &a2, &a1] {
+        register(store, v, at(1)).await;
+    }
+    let keys = |v: Vec<VmRecord>| {
+        let mut k: Vec<String> = v.into_iter().map(|r| r.id.key()).collect();
+        k.sort();
+        k
+    };
+    let mut all = vec![a1.key(), a2.key(), b1.key()];
+    all.sort();
+    assert_eq!(keys(store.list_vms(sub(), None).await.unwrap()), all);
+    assert_eq!(
+        keys(store.list_vms(sub(), Some(&rg("rgA"))).await.unwrap()),
+        vec![a1.key(), a2.key()]
+    );
+    assert_eq!(
+        keys(store.list_vms(sub(), Some(&rg("RGA"))).await.unwrap()),
+        vec![a1.key(), a2.key()],
+        "the resource group matches case-insensitively"
+    );
+    assert_eq!(
+        keys(store.list_vms(sub(), Some(&rg("rgb"))).await.unwrap()),
+        vec![b1.key()]
+    );
+    assert!(
+        store
+            .list_vms(sub(), Some(&rg("rgC")))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.list_vms(other_sub(), None).await.unwrap().is_empty());
+}
+
+/// A VM in a policy cannot be deleted; once out of it, it can, once.
+pub async fn delete_vm_refused_while_in_policy(store: &dyn Store) {
+    let s = scene(store).await;
+    let before = snapshot(store).await;
+    let r = store.delete_vm(&shout(&s.vm1), ctx(at(10))).await;
+    match refusal("delete_vm of a VM in a policy", r) {
+        VmError::InPolicy(k) => assert!(
+            k.eq_ignore_ascii_case(&s.key.key()),
+            "InPolicy names {k}, expected {}",
+            s.key.key()
+        ),
+        other => panic!("expected InPolicy, got {other:?}"),
+    }
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusal changed the store"
+    );
+
+    // vm3 is in no policy.
+    let n0 = audit_count(store).await;
+    assert!(store.delete_vm(&shout(&s.vm3), ctx(at(20))).await.unwrap());
+    assert_eq!(store.get_vm(&s.vm3).await.unwrap(), None);
+    assert_eq!(audit_count(store).await, n0 + 1, "vm deletion is audited");
+    let before = snapshot(store).await;
+    assert!(
+        !store.delete_vm(&s.vm3, ctx(at(30))).await.unwrap(),
+        "deleting an absent VM returns false"
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "deleting nothing changed the store"
+    );
+
+    // Out of the policy, vm1 can go.
+    store.delete_policy(&s.key, ctx(at(40))).await.unwrap();
+    assert!(store.delete_vm(&s.vm1, ctx(at(50))).await.unwrap());
+    assert_eq!(store.get_vm(&s.vm1).await.unwrap(), None);
+    verified(store).await;
+}
+
+// ---- policies -----------------------------------------------------------------------
+
+/// `put_policy` reports created on the first write and not on later ones.
+pub async fn put_policy_creates_then_updates(store: &dyn Store) {
+    install(store).await;
+    let v1 = vm("rg1", "vm1");
+    let v2 = vm("rg1", "vm2");
+    register(store, &v1, t0()).await;
+    register(store, &v2, t0()).await;
+    let key = pkey("rg1", "westeurope", "default");
+    assert_eq!(store.get_policy(&key).await.unwrap(), None);
+
+    let n0 = audit_count(store).await;
+    let first = spec(&key, &[(&v1, &[22])]);
+    let out = put(store, &key, first.clone(), at(10)).await;
+    assert_eq!(
+        out,
+        PutPolicyOutcome {
+            created: true,
+            revoked: vec![]
+        }
+    );
+    let got = store.get_policy(&key).await.unwrap().unwrap();
+    assert_eq!(got.key, key);
+    assert_eq!(got.spec, first, "the policy reads back as written");
+    assert_eq!(audit_count(store).await, n0 + 1, "creation is audited");
+
+    let second = spec_with(
+        &key,
+        vec![
+            (&v1, vec![rule(22, "TCP", "PT1H"), rule(3389, "*", "PT2H")]),
+            (&v2, vec![rule(5985, "UDP", "PT30M")]),
+        ],
+    );
+    let out = put(store, &shout_key(&key), second.clone(), at(20)).await;
+    assert!(
+        !out.created,
+        "writing an existing policy (in any casing) is an update"
+    );
+    assert!(out.revoked.is_empty());
+    assert_eq!(
+        store.get_policy(&key).await.unwrap().unwrap().spec,
+        second,
+        "the update is stored"
+    );
+    assert_eq!(
+        store
+            .list_policies(&PolicyFilter::default(), None, 100)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "an update does not add a policy"
+    );
+    assert_eq!(audit_count(store).await, n0 + 2, "the update is audited");
+    assert_eq!(
+        store.policy_for_vm(&v2).await.unwrap().map(|p| p.key),
+        Some(key)
+    );
+}
+
+/// A policy in a subscription the store does not know is refused.
+pub async fn put_policy_refuses_unknown_subscription(store: &dyn Store) {
+    install(store).await;
+    let before = snapshot(store).await;
+    let key = PolicyKey {
+        subscription: other_sub(),
+        ..pkey("rg1", "westeurope", "default")
+    };
+    let v = vm_in(other_sub(), "rg1", "vm1");
+    let sp = spec(&key, &[(&v, &[22])]);
+    let r = store.put_policy(key.clone(), sp, ctx(at(10))).await;
+    assert_eq!(
+        refusal("put_policy in an unknown subscription", r),
+        PolicyError::UnknownSubscription(other_sub())
+    );
+    assert_eq!(store.get_policy(&key).await.unwrap(), None);
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusal changed the store"
+    );
+}
+
+/// An unregistered VM is refused, naming its field; nothing changes.
+pub async fn put_policy_refuses_unknown_vm(store: &dyn Store) {
+    let s = scene(store).await;
+    let ghost = vm("rg1", "ghost");
+
+    // On create.
+    let key2 = pkey("rg1", "westeurope", "second");
+    let before = snapshot(store).await;
+    let r = store
+        .put_policy(
+            key2.clone(),
+            spec(&key2, &[(&s.vm3, &[22]), (&ghost, &[22])]),
+            ctx(at(10)),
+        )
+        .await;
+    match refusal("put_policy with an unregistered VM", r) {
+        PolicyError::UnknownVm(f) => assert_eq!(f.field, "properties.virtualMachines[1].id"),
+        other => panic!("expected UnknownVm, got {other:?}"),
+    }
+    assert_eq!(store.get_policy(&key2).await.unwrap(), None);
+    assert_eq!(store.policy_for_vm(&s.vm3).await.unwrap(), None);
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusal changed the store"
+    );
+
+    // On update: the existing policy stays as it was.
+    let r = store
+        .put_policy(
+            s.key.clone(),
+            spec(&s.key, &[(&ghost, &[22]), (&s.vm1, &[22])]),
+            ctx(at(20)),
+        )
+        .await;
+    match refusal("put_policy update with an unregistered VM", r) {
+        PolicyError::UnknownVm(f) => assert_eq!(f.field, "properties.virtualMachines[0].id"),
+        other => panic!("expected UnknownVm, got {other:?}"),
+    }
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusal changed the store"
+    );
+}
+
+/// A VM already protected by another policy is refused, naming its field.
+pub async fn put_policy_refuses_vm_in_other_policy(store: &dyn Store) {
+    let s = scene(store).await;
+    let other = pkey("rg1", "westeurope", "other");
+    let before = snapshot(store).await;
+    let r = store
+        .put_policy(
+            other.clone(),
+            spec(&other, &[(&s.vm3, &[22]), (&shout(&s.vm1), &[22])]),
+            ctx(at(10)),
+        )
+        .await;
+    match refusal("put_policy with a VM of another policy", r) {
+        PolicyError::VmInOtherPolicy(f) => {
+            assert_eq!(f.field, "properties.virtualMachines[1].id")
+        }
+        other => panic!("expected VmInOtherPolicy, got {other:?}"),
+    }
+    assert_eq!(store.get_policy(&other).await.unwrap(), None);
+    assert_eq!(
+        store.policy_for_vm(&s.vm1).await.unwrap().map(|p| p.key),
+        Some(s.key.clone())
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusal changed the store"
+    );
+
+    // Once the first policy lets go of vm2, another policy may take it.
+    put(
+        store,
+        &s.key,
+        spec(&s.key, &[(&s.vm1, &[22, 3389])]),
+        at(20),
+    )
+    .await;
+    put(store, &other, spec(&other, &[(&s.vm2, &[22])]), at(30)).await;
+    assert_eq!(
+        store.policy_for_vm(&s.vm2).await.unwrap().map(|p| p.key),
+        Some(other)
+    );
+}
+
+/// Policies are found whatever the casing of their key, and keep their own casing.
+pub async fn get_policy_is_case_insensitive(store: &dyn Store) {
+    install(store).await;
+    let v = vm("myRg", "vm1");
+    register(store, &v, t0()).await;
+    let key = pkey("myRg", "westEurope", "Default");
+    let sp = spec(&key, &[(&v, &[22])]);
+    put(store, &key, sp.clone(), at(10)).await;
+    for k in [
+        key.clone(),
+        shout_key(&key),
+        pkey("myrg", "westeurope", "default"),
+    ] {
+        let p = store
+            .get_policy(&k)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("get_policy({}) found nothing", k.id()));
+        assert_eq!(p.spec, sp);
+        assert_eq!(p.key.resource_group.as_str(), "myRg", "casing is kept");
+        assert_eq!(p.key.location.as_str(), "westEurope", "casing is kept");
+        assert_eq!(p.key.name.as_str(), "Default", "casing is kept");
+    }
+    assert_eq!(
+        store
+            .get_policy(&pkey("myRg", "westEurope", "Other"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .get_policy(&pkey("myRg", "northeurope", "Default"))
+            .await
+            .unwrap(),
+        None,
+        "the location is part of the key"
+    );
+}
+
+/// `list_policies` filters by subscription, resource group and location.
+pub async fn list_policies_filters(store: &dyn Store) {
+    install(store).await;
+    let (va1, va2, vb1) = (vm("rgA", "a1"), vm("rgA", "a2"), vm("rgB", "b1"));
+    for v in [&va1, &va2, &vb1] {
+        register(store, v, t0()).await;
+    }
+    let p1 = pkey("rgA", "westeurope", "p1");
+    let p2 = pkey("rgA", "northeurope", "p2");
+    let p3 = pkey("rgB", "westeurope", "p3");
+    put(store, &p1, spec(&p1, &[(&va1, &[22])]), at(1)).await;
+    put(store, &p2, spec(&p2, &[(&va2, &[22])]), at(2)).await;
+    put(store, &p3, spec(&p3, &[(&vb1, &[22])]), at(3)).await;
+
+    let list = |f: PolicyFilter| async move {
+        let out = store.list_policies(&f, None, 100).await.unwrap();
+        let keys: Vec<String> = out.iter().map(|p| p.key.key()).collect();
+        let mut in_order = keys.clone();
+        in_order.sort();
+        assert_eq!(keys, in_order, "list_policies must return key order");
+        let mut n = names(&out);
+        n.sort();
+        n
+    };
+    let f = |s: Option<SubscriptionId>, g: Option<&str>, l: Option<&str>| PolicyFilter {
+        subscription: s,
+        resource_group: g.map(rg),
+        location: l.map(loc),
+    };
+    assert_eq!(list(f(None, None, None)).await, ["p1", "p2", "p3"]);
+    assert_eq!(list(f(Some(sub()), None, None)).await, ["p1", "p2", "p3"]);
+    assert!(list(f(Some(other_sub()), None, None)).await.is_empty());
+    assert_eq!(list(f(None, Some("RGA"), None)).await, ["p1", "p2"]);
+    assert_eq!(list(f(None, None, Some("WestEurope"))).await, ["p1", "p3"]);
+    assert_eq!(
+        list(f(Some(sub()), Some("rga"), Some("westeurope"))).await,
+        ["p1"]
+    );
+    assert!(
+        list(f(None, Some("rgB"), Some("northeurope")))
+            .await
+            .is_empty()
+    );
+    assert!(list(f(None, Some("rgC"), None)).await.is_empty());
+}
+
+/// Paging with `after` (the last key of the previous page) and `limit` walks the
+/// policies in key order, each exactly once.
+pub async fn list_policies_pages_in_key_order(store: &dyn Store) {
+    install(store).await;
+    let names_in = ["p3", "P1", "p5", "p2", "P4"];
+    for (i, n) in names_in.iter().enumerate() {
+        let v = vm("rgP", &format!("vm{i}"));
+        register(store, &v, t0()).await;
+        let k = pkey("rgP", "westeurope", n);
+        put(store, &k, spec(&k, &[(&v, &[22])]), at(i as i64)).await;
+    }
+    let all = store
+        .list_policies(&PolicyFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&all),
+        ["P1", "p2", "p3", "P4", "p5"],
+        "key order ignores case"
+    );
+
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store
+            .list_policies(&PolicyFilter::default(), after.as_deref(), 2)
+            .await
+            .unwrap();
+        assert!(page.len() <= 2, "limit exceeded: {}", page.len());
+        if page.is_empty() {
+            break;
+        }
+        pages += 1;
+        assert!(pages <= 3, "paging does not end: {seen:?}");
+        after = Some(page.last().unwrap().key.key());
+        seen.extend(names(&page));
+    }
+    assert_eq!(seen, ["P1", "p2", "p3", "P4", "p5"]);
+    assert_eq!(pages, 3);
+
+    let filtered = store
+        .list_policies(
+            &PolicyFilter {
+                resource_group: Some(rg("RGP")),
+                ..Default::default()
+            },
+            Some(&pkey("rgP", "westeurope", "p2").key()),
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&filtered),
+        ["p3", "P4"],
+        "`after` is exclusive and combines with filters"
+    );
+}
+
+/// `policy_for_vm` finds the policy protecting a VM, case-insensitively.
+pub async fn policy_for_vm_finds_the_protecting_policy(store: &dyn Store) {
+    let s = scene(store).await;
+    let p = store.policy_for_vm(&shout(&s.vm1)).await.unwrap().unwrap();
+    assert_eq!(p.key, s.key);
+    assert_eq!(p, store.get_policy(&s.key).await.unwrap().unwrap());
+    assert_eq!(
+        store.policy_for_vm(&s.vm2).await.unwrap().map(|p| p.key),
+        Some(s.key.clone())
+    );
+    assert_eq!(store.policy_for_vm(&s.vm3).await.unwrap(), None);
+    assert_eq!(
+        store
+            .policy_for_vm(&vm("rg1", "unregistered"))
+            .await
+            .unwrap(),
+        None
+    );
+    put(store, &s.key, spec(&s.key, &[(&s.vm1, &[22])]), at(10)).await;
+    assert_eq!(
+        store.policy_for_vm(&s.vm2).await.unwrap(),
+        None,
+        "a VM dropped from its policy is in none"
+    );
+    assert!(store.policy_for_vm(&s.vm1).await.unwrap().is_some());
+}
+
+// ---- requests -----------------------------------------------------------------------
+
+/// An accepted initiate is stored as planned and readable in every way.
+pub async fn initiate_stores_the_request(store: &dyn Store) {
+    let s = scene(store).await;
+    let n0 = audit_count(store).await;
+    let r = initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![
+                (
+                    &s.vm1,
+                    vec![
+                        want(22, None, "PT1H"),
+                        want(3389, Some("10.1.0.0/16"), "PT2H"),
+                    ],
+                ),
+                (&s.vm2, vec![want(22, None, "PT30M")]),
+            ],
+        ),
+        at(100),
+    )
+    .await;
+    assert_eq!(r.id, rid(1));
+    assert_eq!(r.policy_key, s.key.key());
+    assert_eq!(r.requestor, OWNER);
+    assert_eq!(r.justification.as_deref(), Some("maintenance"));
+    assert_eq!(r.start, at(100));
+    assert_eq!(r.caller_ip, ip("10.0.0.9"));
+    assert_eq!(r.vms.len(), 2);
+    assert_eq!(r.vms[0].id, s.vm1);
+    let p = &r.vms[0].ports;
+    assert_eq!(
+        (p[0].number, p[0].source, p[0].end, p[0].status),
+        (
+            port(22),
+            prefix("10.0.0.9"),
+            at(100 + 3600),
+            PortStatus::Initiated
+        )
+    );
+    assert_eq!(p[0].protocol, Protocol::Tcp);
+    assert_eq!(
+        (p[1].number, p[1].source, p[1].end),
+        (port(3389), prefix("10.1.0.0/16"), at(100 + 7200))
+    );
+    assert_eq!(r.vms[1].ports[0].end, at(100 + 1800));
+
+    assert_eq!(
+        store.get_request(rid(1)).await.unwrap(),
+        Some(r.clone()),
+        "get_request reads back the request exactly"
+    );
+    assert_eq!(store.get_request(rid(2)).await.unwrap(), None);
+    assert_eq!(
+        store.policy_requests(&s.key, 10).await.unwrap(),
+        vec![r.clone()]
+    );
+    assert_eq!(
+        store.policy_requests(&shout_key(&s.key), 10).await.unwrap(),
+        vec![r.clone()],
+        "policy_requests matches the key case-insensitively"
+    );
+    let events = events_after(store, n0).await;
+    assert!(
+        !events.is_empty() && events.iter().all(|e| e.entry.action == "request.initiate"),
+        "initiate appends request.initiate events: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.entry.target.eq_ignore_ascii_case(&s.vm1.to_string())),
+        "an initiate event targets the VM"
+    );
+    verified(store).await;
+}
+
+/// `policy_requests` lists the newest first, at most `limit`.
+pub async fn policy_requests_are_newest_first(store: &dyn Store) {
+    let s = scene(store).await;
+    let ids = [rid(1), rid(2), rid(3)];
+    for (i, id) in ids.iter().enumerate() {
+        let src = format!("10.{i}.0.0/16");
+        initiate_ok(
+            store,
+            args(
+                &s.key,
+                *id,
+                vec![(&s.vm1, vec![want(22, Some(&src), "PT1H")])],
+            ),
+            at(10 * i as i64),
+        )
+        .await;
+    }
+    assert_eq!(
+        request_ids(&store.policy_requests(&s.key, 10).await.unwrap()),
+        vec![rid(3), rid(2), rid(1)]
+    );
+    assert_eq!(
+        request_ids(&store.policy_requests(&s.key, 2).await.unwrap()),
+        vec![rid(3), rid(2)]
+    );
+    let other = pkey("rg1", "westeurope", "nothing");
+    assert!(store.policy_requests(&other, 10).await.unwrap().is_empty());
+}
+
+/// A newer request for the same VM, port and source revokes the older port
+/// (NewerRequestInitiated); other sources and other ports stay initiated.
+pub async fn initiate_supersedes_same_vm_port_and_source(store: &dyn Store) {
+    let s = scene(store).await;
+    // r1: vm1 22 from my IP and vm1 3389 from my IP.
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![(
+                &s.vm1,
+                vec![want(22, None, "PT1H"), want(3389, None, "PT1H")],
+            )],
+        ),
+        at(0),
+    )
+    .await;
+    // r2: vm1 22 from another source.
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(2),
+            vec![(&s.vm1, vec![want(22, Some("10.1.0.0/16"), "PT1H")])],
+        ),
+        at(10),
+    )
+    .await;
+    let n0 = audit_count(store).await;
+    // r3: vm1 22 from my IP again (written as an explicit address).
+    let r3 = initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(3),
+            vec![(&shout(&s.vm1), vec![want(22, Some("10.0.0.9"), "PT2H")])],
+        ),
+        at(20),
+    )
+    .await;
+    assert_eq!(r3.vms[0].ports[0].status, PortStatus::Initiated);
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Revoked(RevokeReason::NewerRequestInitiated),
+        "the older port with the same VM, port and source is superseded"
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 3389).await,
+        PortStatus::Initiated,
+        "another port of the older request stays"
+    );
+    assert_eq!(
+        status_of(store, rid(2), &s.vm1, 22).await,
+        PortStatus::Initiated,
+        "a different source stays"
+    );
+    let live = sorted_grants(store.live_grants(&s.vm1, at(30)).await.unwrap());
+    let live: Vec<(RequestId, Port)> = live.iter().map(|g| (g.request, g.number)).collect();
+    assert_eq!(
+        live,
+        vec![(rid(1), port(3389)), (rid(2), port(22)), (rid(3), port(22))]
+    );
+    let mut actions: Vec<String> = events_after(store, n0)
+        .await
+        .into_iter()
+        .map(|e| e.entry.action)
+        .collect();
+    actions.sort();
+    assert_eq!(
+        actions,
+        ["request.initiate", "request.revoke"],
+        "superseding is audited"
+    );
+    verified(store).await;
+}
+
+/// Refused initiates (no policy, invalid input, forbidden VM) change nothing, and in
+/// particular supersede nothing.
+pub async fn initiate_refusals_change_nothing(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(&s.key, rid(1), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(0),
+    )
+    .await;
+    let before = &snapshot(store).await;
+    let now = at(60);
+    let try_ = |a: InitiateArgs| async move {
+        let id = a.id;
+        let r = store.initiate(a, ctx(now)).await;
+        let e = refusal("initiate", r);
+        assert_eq!(
+            store.get_request(id).await.unwrap(),
+            None,
+            "a refused request was stored"
+        );
+        assert_eq!(
+            &snapshot(store).await,
+            before,
+            "refused initiate changed state: {e:?}"
+        );
+        e
+    };
+
+    let missing = pkey("rg1", "westeurope", "missing");
+    assert_eq!(
+        try_(args(
+            &missing,
+            rid(10),
+            vec![(&s.vm1, vec![want(22, None, "PT1H")])]
+        ))
+        .await,
+        InitiateRefusal::PolicyNotFound
+    );
+
+    let field = |e: InitiateRefusal| match e {
+        InitiateRefusal::Invalid(f) => f.field,
+        other => panic!("expected Invalid, got {other:?}"),
+    };
+    // Port 22 would supersede rid(1); port 8080 is not in the policy.
+    let e = try_(args(
+        &s.key,
+        rid(11),
+        vec![(
+            &s.vm1,
+            vec![want(22, None, "PT1H"), want(8080, None, "PT1H")],
+        )],
+    ))
+    .await;
+    assert_eq!(field(e), "virtualMachines[0].ports[1].number");
+    let e = try_(args(
+        &s.key,
+        rid(12),
+        vec![(&s.vm1, vec![want(22, None, "PT4H")])],
+    ))
+    .await;
+    assert_eq!(field(e), "virtualMachines[0].ports[0].duration");
+    let e = try_(args(
+        &s.key,
+        rid(13),
+        vec![
+            (&s.vm1, vec![want(22, None, "PT1H")]),
+            (&s.vm3, vec![want(22, None, "PT1H")]),
+        ],
+    ))
+    .await;
+    assert_eq!(field(e), "virtualMachines[1].id");
+
+    // bob holds the initiate action on vm2 only.
+    let as_bob = |id: RequestId, assignments: Vec<RoleAssignment>, vms| InitiateArgs {
+        requestor: "bob".into(),
+        assignments,
+        ..args(&s.key, id, vms)
+    };
+    let bob_on_vm2 = assignment("bob", Role::JitRequester, s.vm2.scope());
+    let e = try_(as_bob(
+        rid(14),
+        bob_on_vm2.clone(),
+        vec![
+            (&s.vm2, vec![want(22, None, "PT1H")]),
+            (&s.vm1, vec![want(22, None, "PT1H")]),
+        ],
+    ))
+    .await;
+    assert_eq!(
+        e,
+        InitiateRefusal::Forbidden {
+            field: "virtualMachines[1].id".into(),
+            vm: s.vm1.clone()
+        }
+    );
+    let reader = assignment("bob", Role::Reader, Scope::Subscription(sub()));
+    let e = try_(as_bob(
+        rid(15),
+        reader,
+        vec![(&s.vm1, vec![want(22, None, "PT1H")])],
+    ))
+    .await;
+    assert!(
+        matches!(e, InitiateRefusal::Forbidden { ref field, .. } if field == "virtualMachines[0].id"),
+        "a Reader may not initiate: {e:?}"
+    );
+    let e = try_(as_bob(
+        rid(16),
+        owner_assignments(),
+        vec![(&s.vm1, vec![want(22, None, "PT1H")])],
+    ))
+    .await;
+    assert!(
+        matches!(e, InitiateRefusal::Forbidden { .. }),
+        "someone else's assignments do not count: {e:?}"
+    );
+
+    // And with the action on the VM, bob may.
+    let r = store
+        .initiate(
+            as_bob(
+                rid(17),
+                bob_on_vm2,
+                vec![(&s.vm2, vec![want(22, None, "PT1H")])],
+            ),
+            ctx_as("bob", now),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.requestor, "bob");
+    verified(store).await;
+}
+
+/// An initiate reusing an existing request id fails and changes nothing, even when it
+/// would have superseded (and audited the revocation of) an older grant first.
+pub async fn initiate_with_a_duplicate_id_fails_cleanly(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(&s.key, rid(1), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(0),
+    )
+    .await;
+    initiate_ok(
+        store,
+        args(&s.key, rid(2), vec![(&s.vm2, vec![want(22, None, "PT1H")])]),
+        at(10),
+    )
+    .await;
+    let before = snapshot(store).await;
+    // Same VM, port and source as rid(1), but the id of rid(2).
+    let r = store
+        .initiate(
+            args(&s.key, rid(2), vec![(&s.vm1, vec![want(22, None, "PT2H")])]),
+            ctx(at(20)),
+        )
+        .await;
+    assert!(
+        r.is_err(),
+        "an initiate reusing a request id must fail: {r:?}"
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the failed initiate changed the store"
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Initiated,
+        "the failed initiate superseded a grant"
+    );
+    // The chain continues without a gap.
+    initiate_ok(
+        store,
+        args(&s.key, rid(3), vec![(&s.vm1, vec![want(22, None, "PT2H")])]),
+        at(30),
+    )
+    .await;
+    let events = events_after(store, before.audit_count).await;
+    assert_eq!(events.len(), 2, "revoke and initiate: {events:?}");
+    assert_eq!(events[0].seq, before.audit_count + 1);
+    assert_eq!(events[0].prev_hash, before.audit_head);
+    verified(store).await;
+}
+
+/// `list_requests` filters by VM, requestor and liveness, newest first.
+pub async fn list_requests_filters(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(&s.key, rid(1), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(0),
+    )
+    .await;
+    let bob = InitiateArgs {
+        requestor: "bob".into(),
+        assignments: assignment("bob", Role::JitRequester, Scope::Subscription(sub())),
+        ..args(&s.key, rid(2), vec![(&s.vm2, vec![want(22, None, "PT2H")])])
+    };
+    store.initiate(bob, ctx_as("bob", at(60))).await.unwrap();
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(3),
+            vec![(&s.vm2, vec![want(22, Some("10.2.0.0/16"), "PT3H")])],
+        ),
+        at(120),
+    )
+    .await;
+
+    let list =
+        |f: RequestFilter| async move { request_ids(&store.list_requests(&f).await.unwrap()) };
+    let f = |vm: Option<&VmId>, who: Option<&str>, live: Option<Timestamp>, limit| RequestFilter {
+        vm: vm.cloned(),
+        requestor: who.map(str::to_owned),
+        live_at: live,
+        limit,
+    };
+    assert_eq!(
+        list(f(None, None, None, 0)).await,
+        [rid(3), rid(2), rid(1)],
+        "limit 0 means the default, newest first"
+    );
+    assert_eq!(list(f(None, None, None, 1)).await, [rid(3)]);
+    assert_eq!(list(f(Some(&s.vm1), None, None, 10)).await, [rid(1)]);
+    assert_eq!(
+        list(f(Some(&shout(&s.vm2)), None, None, 10)).await,
+        [rid(3), rid(2)]
+    );
+    assert!(list(f(Some(&s.vm3), None, None, 10)).await.is_empty());
+    assert_eq!(list(f(None, Some("bob"), None, 10)).await, [rid(2)]);
+    assert!(list(f(None, Some("nobody"), None, 10)).await.is_empty());
+    assert_eq!(list(f(Some(&s.vm2), Some(OWNER), None, 10)).await, [rid(3)]);
+    assert_eq!(
+        list(f(None, None, Some(at(3600)), 10)).await,
+        [rid(3), rid(2)],
+        "a request whose ports ended is not live"
+    );
+    assert_eq!(list(f(None, None, Some(at(60 + 7200)), 10)).await, [rid(3)]);
+    store
+        .revoke_request(rid(3), None, ctx(at(200)))
+        .await
+        .unwrap();
+    assert_eq!(
+        list(f(None, None, Some(at(300)), 10)).await,
+        [rid(2), rid(1)],
+        "a revoked request is not live"
+    );
+}
+
+/// Revoking a whole request revokes all its live ports, once.
+pub async fn revoke_request_all_ports(store: &dyn Store) {
+    let s = scene(store).await;
+    let r = initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![
+                (
+                    &s.vm1,
+                    vec![want(22, None, "PT1H"), want(3389, None, "PT1H")],
+                ),
+                (&s.vm2, vec![want(22, None, "PT1H")]),
+            ],
+        ),
+        at(0),
+    )
+    .await;
+    let n0 = audit_count(store).await;
+    let out = store
+        .revoke_request(rid(1), None, ctx(at(60)))
+        .await
+        .unwrap();
+    let end = at(3600);
+    let ur = RevokeReason::UserRequested;
+    assert_eq!(
+        sorted(out),
+        sorted(vec![
+            revoked(rid(1), &s.vm1, 22, "10.0.0.9", end, ur),
+            revoked(rid(1), &s.vm1, 3389, "10.0.0.9", end, ur),
+            revoked(rid(1), &s.vm2, 22, "10.0.0.9", end, ur),
+        ])
+    );
+    let got = request(store, rid(1)).await;
+    assert!(
+        got.vms
+            .iter()
+            .flat_map(|v| &v.ports)
+            .all(|p| p.status == PortStatus::Revoked(ur)),
+        "{got:?}"
+    );
+    assert_eq!(
+        got.start, r.start,
+        "revoking changes only the ports' status"
+    );
+    assert_eq!(store.count_live_grants(at(60)).await.unwrap(), 0);
+    let events = events_after(store, n0).await;
+    assert_eq!(events.len(), 3, "one event per revoked port");
+    assert!(events.iter().all(|e| e.entry.action == "request.revoke"));
+
+    let before = snapshot(store).await;
+    let again = store.revoke_request(rid(1), None, ctx(at(70))).await;
+    assert_eq!(
+        refusal("revoking a revoked request", again),
+        RevokeError::NothingLive
+    );
+    assert_eq!(snapshot(store).await, before);
+}
+
+/// Revoking with a selector revokes only the selected ports.
+pub async fn revoke_request_selected_port(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![
+                (
+                    &s.vm1,
+                    vec![want(22, None, "PT1H"), want(3389, None, "PT1H")],
+                ),
+                (&s.vm2, vec![want(22, None, "PT1H")]),
+            ],
+        ),
+        at(0),
+    )
+    .await;
+    let end = at(3600);
+    let ur = RevokeReason::UserRequested;
+    let sel = |vm: Option<&VmId>, n: Option<u16>| {
+        Some(PortSelector {
+            vm: vm.cloned(),
+            number: n.map(port),
+        })
+    };
+    let out = store
+        .revoke_request(rid(1), sel(None, Some(3389)), ctx(at(10)))
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![revoked(rid(1), &s.vm1, 3389, "10.0.0.9", end, ur)]
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Initiated
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm2, 22).await,
+        PortStatus::Initiated
+    );
+
+    let out = store
+        .revoke_request(rid(1), sel(Some(&shout(&s.vm2)), None), ctx(at(20)))
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![revoked(rid(1), &s.vm2, 22, "10.0.0.9", end, ur)],
+        "the VM selector matches case-insensitively"
+    );
+
+    let before = snapshot(store).await;
+    for (what, selector) in [
+        ("an already revoked port", sel(Some(&s.vm2), Some(22))),
+        ("a VM not in the request", sel(Some(&s.vm3), None)),
+        ("a port not in the request", sel(None, Some(8080))),
+    ] {
+        let r = store.revoke_request(rid(1), selector, ctx(at(30))).await;
+        assert_eq!(
+            refusal(what, r),
+            RevokeError::NothingLive,
+            "selecting {what}"
+        );
+        assert_eq!(snapshot(store).await, before, "selecting {what}");
+    }
+
+    let out = store
+        .revoke_request(rid(1), sel(Some(&s.vm1), Some(22)), ctx(at(40)))
+        .await
+        .unwrap();
+    assert_eq!(out, vec![revoked(rid(1), &s.vm1, 22, "10.0.0.9", end, ur)]);
+    assert_eq!(store.count_live_grants(at(40)).await.unwrap(), 0);
+    verified(store).await;
+}
+
+/// Unknown requests are NotFound; requests whose ports have ended have nothing live.
+pub async fn revoke_request_refusals(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(&s.key, rid(1), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(0),
+    )
+    .await;
+    let before = snapshot(store).await;
+    let r = store.revoke_request(rid(99), None, ctx(at(10))).await;
+    assert_eq!(
+        refusal("revoking an unknown request", r),
+        RevokeError::NotFound
+    );
+    assert_eq!(snapshot(store).await, before);
+
+    // At its end time the port is no longer live, though not yet swept.
+    let r = store.revoke_request(rid(1), None, ctx(at(3600))).await;
+    assert_eq!(
+        refusal("revoking an ended request", r),
+        RevokeError::NothingLive
+    );
+    assert_eq!(snapshot(store).await, before);
+    let expired = store.expire_due(at(3600)).await.unwrap();
+    assert_eq!(
+        expired,
+        vec![revoked(
+            rid(1),
+            &s.vm1,
+            22,
+            "10.0.0.9",
+            at(3600),
+            RevokeReason::Expired
+        )],
+        "an ended port is left for expiry"
+    );
+}
+
+/// `expire_due(now)` revokes (Expired) exactly the initiated ports whose end is at or
+/// before `now`, each once, auditing each at `now`.
+pub async fn expire_due_expires_exactly_once(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![(
+                &s.vm1,
+                vec![want(22, None, "PT1H"), want(3389, None, "PT2H")],
+            )],
+        ),
+        at(0),
+    )
+    .await;
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(2),
+            vec![(&s.vm2, vec![want(22, None, "PT30M")])],
+        ),
+        at(600),
+    )
+    .await;
+    let ex = RevokeReason::Expired;
+    let n0 = audit_count(store).await;
+    assert_eq!(store.next_expiry().await.unwrap(), Some(at(2400)));
+    assert!(
+        store.expire_due(at(2399)).await.unwrap().is_empty(),
+        "nothing is due a second before the first end"
+    );
+    assert_eq!(
+        store.expire_due(at(2400)).await.unwrap(),
+        vec![revoked(rid(2), &s.vm2, 22, "10.0.0.9", at(2400), ex)],
+        "a port is due exactly at its end"
+    );
+    assert!(
+        store.expire_due(at(2400)).await.unwrap().is_empty(),
+        "a port expires once"
+    );
+    assert_eq!(store.next_expiry().await.unwrap(), Some(at(3600)));
+    assert_eq!(
+        store.expire_due(at(5000)).await.unwrap(),
+        vec![revoked(rid(1), &s.vm1, 22, "10.0.0.9", at(3600), ex)]
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 3389).await,
+        PortStatus::Initiated
+    );
+    assert_eq!(
+        store.expire_due(at(99_999)).await.unwrap(),
+        vec![revoked(rid(1), &s.vm1, 3389, "10.0.0.9", at(7200), ex)]
+    );
+    assert!(store.expire_due(at(200_000)).await.unwrap().is_empty());
+    assert_eq!(store.next_expiry().await.unwrap(), None);
+    for (id, vm, n) in [
+        (rid(1), &s.vm1, 22),
+        (rid(1), &s.vm1, 3389),
+        (rid(2), &s.vm2, 22),
+    ] {
+        assert_eq!(
+            status_of(store, id, vm, n).await,
+            PortStatus::Revoked(ex),
+            "{id} {vm} {n}"
+        );
+    }
+    let events = events_after(store, n0).await;
+    let times: Vec<Timestamp> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e.entry.action, "request.expire");
+            e.entry.time.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        times,
+        vec![at(2400), at(5000), at(99_999)],
+        "each expiry is audited once, at the sweep's time"
+    );
+    verified(store).await;
+}
+
+/// `next_expiry` is the earliest end among initiated ports only.
+pub async fn next_expiry_is_earliest_initiated_end(store: &dyn Store) {
+    assert_eq!(store.next_expiry().await.unwrap(), None, "empty store");
+    let s = scene(store).await;
+    assert_eq!(store.next_expiry().await.unwrap(), None, "no requests");
+    initiate_ok(
+        store,
+        args(&s.key, rid(1), vec![(&s.vm2, vec![want(22, None, "PT2H")])]),
+        at(0),
+    )
+    .await;
+    assert_eq!(store.next_expiry().await.unwrap(), Some(at(7200)));
+    initiate_ok(
+        store,
+        args(&s.key, rid(2), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(60),
+    )
+    .await;
+    assert_eq!(store.next_expiry().await.unwrap(), Some(at(3660)));
+    store
+        .revoke_request(rid(2), None, ctx(at(120)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.next_expiry().await.unwrap(),
+        Some(at(7200)),
+        "a revoked port no longer counts"
+    );
+    assert_eq!(
+        store.next_expiry().await.unwrap(),
+        Some(at(7200)),
+        "next_expiry does not change the store"
+    );
+}
+
+/// `live_grants` and `count_live_grants` see initiated ports before their end.
+pub async fn live_grants_and_count(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(&s.key, rid(1), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(0),
+    )
+    .await;
+    let bob = InitiateArgs {
+        requestor: "bob".into(),
+        caller_ip: ip("10.1.2.3"),
+        assignments: assignment("bob", Role::JitRequester, s.vm1.scope()),
+        ..args(
+            &s.key,
+            rid(2),
+            vec![(&s.vm1, vec![want(3389, Some("10.1.0.0/16"), "PT2H")])],
+        )
+    };
+    store.initiate(bob, ctx_as("bob", at(60))).await.unwrap();
+    initiate_ok(
+        store,
+        args(&s.key, rid(3), vec![(&s.vm2, vec![want(22, None, "PT3H")])]),
+        at(0),
+    )
+    .await;
+
+    let g1 = Grant {
+        request: rid(1),
+        requestor: OWNER.into(),
+        number: port(22),
+        protocol: Protocol::Tcp,
+        source: prefix("10.0.0.9"),
+        start: at(0),
+        end: at(3600),
+    };
+    let g2 = Grant {
+        request: rid(2),
+        requestor: "bob".into(),
+        number: port(3389),
+        protocol: Protocol::Tcp,
+        source: prefix("10.1.0.0/16"),
+        start: at(60),
+        end: at(7260),
+    };
+    let grants = |vm: VmId, now: Timestamp| async move {
+        sorted_grants(store.live_grants(&vm, now).await.unwrap())
+    };
+    assert_eq!(
+        grants(s.vm1.clone(), at(120)).await,
+        vec![g1.clone(), g2.clone()]
+    );
+    assert_eq!(
+        grants(shout(&s.vm1), at(120)).await,
+        vec![g1, g2.clone()],
+        "the VM matches case-insensitively"
+    );
+    assert_eq!(
+        grants(s.vm1.clone(), at(3600)).await,
+        vec![g2],
+        "a grant is not live at its end time"
+    );
+    assert!(grants(s.vm3.clone(), at(120)).await.is_empty());
+    assert_eq!(grants(s.vm2.clone(), at(120)).await.len(), 1);
+
+    let count = |now| async move { store.count_live_grants(now).await.unwrap() };
+    assert_eq!(count(at(120)).await, 3);
+    assert_eq!(count(at(3600)).await, 2);
+    assert_eq!(count(at(7260)).await, 1);
+    assert_eq!(count(at(10_800)).await, 0);
+    store
+        .revoke_request(rid(3), None, ctx(at(130)))
+        .await
+        .unwrap();
+    assert_eq!(count(at(130)).await, 2, "a revoked grant is not live");
+    assert!(grants(s.vm2.clone(), at(130)).await.is_empty());
+}
+
+/// Updating a policy revokes (PolicyChanged) the live grants of the ports it no longer
+/// protects (removed port, changed protocol, removed VM) and leaves the others.
+pub async fn put_policy_update_revokes_removed_ports(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![
+                (
+                    &s.vm1,
+                    vec![want(22, None, "PT1H"), want(3389, None, "PT1H")],
+                ),
+                (&s.vm2, vec![want(22, None, "PT1H")]),
+            ],
+        ),
+        at(0),
+    )
+    .await;
+    let end = at(3600);
+    let pc = RevokeReason::PolicyChanged;
+
+    // Same ports, other maximum: nothing is revoked.
+    let out = put(
+        store,
+        &s.key,
+        spec_with(
+            &s.key,
+            vec![
+                (
+                    &s.vm1,
+                    vec![rule(22, "TCP", "PT2H"), rule(3389, "TCP", "PT2H")],
+                ),
+                (&s.vm2, vec![rule(22, "TCP", "PT2H")]),
+            ],
+        ),
+        at(10),
+    )
+    .await;
+    assert_eq!(
+        out,
+        PutPolicyOutcome {
+            created: false,
+            revoked: vec![]
+        }
+    );
+    assert_eq!(store.count_live_grants(at(10)).await.unwrap(), 3);
+
+    // Port 22 leaves vm1.
+    let n0 = audit_count(store).await;
+    let out = put(
+        store,
+        &s.key,
+        spec(&s.key, &[(&s.vm1, &[3389]), (&s.vm2, &[22])]),
+        at(20),
+    )
+    .await;
+    assert!(!out.created);
+    assert_eq!(
+        out.revoked,
+        vec![revoked(rid(1), &s.vm1, 22, "10.0.0.9", end, pc)]
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Revoked(pc)
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 3389).await,
+        PortStatus::Initiated
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm2, 22).await,
+        PortStatus::Initiated
+    );
+    let mut actions: Vec<String> = events_after(store, n0)
+        .await
+        .into_iter()
+        .map(|e| e.entry.action)
+        .collect();
+    actions.sort();
+    assert_eq!(actions, ["policy.update", "request.revoke"]);
+
+    // vm1's 3389 changes protocol: a different rule, its grant goes.
+    let out = put(
+        store,
+        &s.key,
+        spec_with(
+            &s.key,
+            vec![
+                (&s.vm1, vec![rule(3389, "UDP", "PT3H")]),
+                (&s.vm2, vec![rule(22, "TCP", "PT3H")]),
+            ],
+        ),
+        at(30),
+    )
+    .await;
+    assert_eq!(
+        out.revoked,
+        vec![revoked(rid(1), &s.vm1, 3389, "10.0.0.9", end, pc)]
+    );
+
+    // vm2 leaves the policy.
+    let out = put(
+        store,
+        &s.key,
+        spec_with(&s.key, vec![(&s.vm1, vec![rule(3389, "UDP", "PT3H")])]),
+        at(40),
+    )
+    .await;
+    assert_eq!(
+        out.revoked,
+        vec![revoked(rid(1), &s.vm2, 22, "10.0.0.9", end, pc)]
+    );
+    assert_eq!(store.count_live_grants(at(40)).await.unwrap(), 0);
+    verified(store).await;
+}
+
+/// Deleting a policy revokes its live grants (PolicyChanged); deleting an absent
+/// policy returns None and changes nothing.
+pub async fn delete_policy_revokes_live_grants(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![(
+                &s.vm1,
+                vec![want(22, None, "PT1H"), want(3389, None, "PT1H")],
+            )],
+        ),
+        at(0),
+    )
+    .await;
+    initiate_ok(
+        store,
+        args(&s.key, rid(2), vec![(&s.vm2, vec![want(22, None, "PT1H")])]),
+        at(0),
+    )
+    .await;
+    store
+        .revoke_request(rid(2), None, ctx(at(30)))
+        .await
+        .unwrap();
+
+    let n0 = audit_count(store).await;
+    let out = store
+        .delete_policy(&shout_key(&s.key), ctx(at(60)))
+        .await
+        .unwrap()
+        .expect("delete_policy of an existing policy returned None");
+    let pc = RevokeReason::PolicyChanged;
+    assert_eq!(
+        sorted(out),
+        sorted(vec![
+            revoked(rid(1), &s.vm1, 22, "10.0.0.9", at(3600), pc),
+            revoked(rid(1), &s.vm1, 3389, "10.0.0.9", at(3600), pc),
+        ]),
+        "only live grants are revoked"
+    );
+    assert_eq!(store.get_policy(&s.key).await.unwrap(), None);
+    assert_eq!(store.policy_for_vm(&s.vm1).await.unwrap(), None);
+    assert!(
+        store
+            .list_policies(&PolicyFilter::default(), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.count_live_grants(at(60)).await.unwrap(), 0);
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Revoked(pc)
+    );
+    assert_eq!(
+        status_of(store, rid(2), &s.vm2, 22).await,
+        PortStatus::Revoked(RevokeReason::UserRequested),
+        "an already revoked port keeps its reason"
+    );
+    let mut actions: Vec<String> = events_after(store, n0)
+        .await
+        .into_iter()
+        .map(|e| e.entry.action)
+        .collect();
+    actions.sort();
+    assert_eq!(
+        actions,
+        ["policy.delete", "request.revoke", "request.revoke"]
+    );
+
+    let before = snapshot(store).await;
+    assert_eq!(
+        store.delete_policy(&s.key, ctx(at(70))).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "deleting an absent policy changed the store"
+    );
+
+    // A policy without grants deletes with nothing revoked; its VMs are then free.
+    let k2 = pkey("rg1", "westeurope", "second");
+    put(store, &k2, spec(&k2, &[(&s.vm3, &[22])]), at(80)).await;
+    assert_eq!(
+        store.delete_policy(&k2, ctx(at(90))).await.unwrap(),
+        Some(vec![])
+    );
+    assert!(store.delete_vm(&s.vm1, ctx(at(100))).await.unwrap());
+    verified(store).await;
+}
+
+/// Policy changes revoke live grants only: a port at or past its end time (not yet
+/// swept) is left for `expire_due`, which marks it Expired.
+pub async fn policy_changes_leave_ended_ports_to_expiry(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![
+                (
+                    &s.vm1,
+                    vec![want(22, None, "PT1H"), want(3389, None, "PT2H")],
+                ),
+                (&s.vm2, vec![want(22, None, "PT1H")]),
+            ],
+        ),
+        at(0),
+    )
+    .await;
+    // At the end time of vm1:22, port 22 leaves vm1: the grant has ended, nothing live
+    // is revoked.
+    let out = put(
+        store,
+        &s.key,
+        spec(&s.key, &[(&s.vm1, &[3389]), (&s.vm2, &[22])]),
+        at(3600),
+    )
+    .await;
+    assert_eq!(out.revoked, vec![], "an ended grant is not revoked as live");
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Initiated,
+        "an ended port waits for expiry"
+    );
+    // The policy goes after vm2:22 ended but while vm1:3389 is live.
+    let out = store
+        .delete_policy(&s.key, ctx(at(3700)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![revoked(
+            rid(1),
+            &s.vm1,
+            3389,
+            "10.0.0.9",
+            at(7200),
+            RevokeReason::PolicyChanged
+        )],
+        "only the live grant is revoked"
+    );
+    let ex = RevokeReason::Expired;
+    assert_eq!(
+        sorted(store.expire_due(at(3700)).await.unwrap()),
+        sorted(vec![
+            revoked(rid(1), &s.vm1, 22, "10.0.0.9", at(3600), ex),
+            revoked(rid(1), &s.vm2, 22, "10.0.0.9", at(3600), ex),
+        ])
+    );
+    assert_eq!(store.next_expiry().await.unwrap(), None);
+    verified(store).await;
+}
+
+// ---- identity -----------------------------------------------------------------------
+
+/// Tokens are created, found, listed and revoked (once).
+pub async fn tokens_create_find_list_revoke(store: &dyn Store) {
+    install(store).await;
+    let mut t1 = token("jg_one", "bob", at(10));
+    t1.expires = Some(at(86_400));
+    let t2 = token("jg_two", "carol", at(20));
+    let n0 = audit_count(store).await;
+    store.create_token(t1.clone(), ctx(at(10))).await.unwrap();
+    store.create_token(t2.clone(), ctx(at(20))).await.unwrap();
+    assert_eq!(
+        audit_count(store).await,
+        n0 + 2,
+        "token creation is audited"
+    );
+    assert_eq!(store.find_token("jg_one").await.unwrap(), Some(t1.clone()));
+    assert_eq!(store.find_token("jg_two").await.unwrap(), Some(t2.clone()));
+    assert_eq!(store.find_token("jg_nope").await.unwrap(), None);
+    let mut ids: Vec<String> = store
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [OWNER_TOKEN, "jg_one", "jg_two"]);
+
+    let before = snapshot(store).await;
+    let dup = TokenRecord {
+        principal: "mallory".into(),
+        ..t1.clone()
+    };
+    assert!(
+        store.create_token(dup, ctx(at(30))).await.is_err(),
+        "a duplicate token id must fail"
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "a failed create_token changed the store"
+    );
+
+    assert!(store.revoke_token("jg_one", ctx(at(100))).await.unwrap());
+    let got = store.find_token("jg_one").await.unwrap().unwrap();
+    assert_eq!(got.revoked, Some(at(100)));
+    assert_eq!(
+        TokenRecord {
+            revoked: None,
+            ..got
+        },
+        t1,
+        "revoking changes only `revoked`"
+    );
+    assert_eq!(audit_count(store).await, n0 + 3, "revocation is audited");
+
+    let before = snapshot(store).await;
+    assert!(
+        !store.revoke_token("jg_one", ctx(at(200))).await.unwrap(),
+        "revoking twice returns false"
+    );
+    assert!(!store.revoke_token("jg_nope", ctx(at(200))).await.unwrap());
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "a no-op revoke changed the store"
+    );
+    assert_eq!(
+        store.find_token("jg_one").await.unwrap().unwrap().revoked,
+        Some(at(100)),
+        "the first revocation time stays"
+    );
+    assert_eq!(
+        store.find_token("jg_two").await.unwrap().unwrap().revoked,
+        None
+    );
+}
+
+/// Role assignments are added, listed (all or by principal) and removed (once).
+pub async fn role_assignments_add_list_remove(store: &dyn Store) {
+    install(store).await;
+    let boot = store.role_assignments(None).await.unwrap();
+    assert_eq!(boot.len(), 1, "bootstrap's Owner assignment: {boot:?}");
+    let ra = |id: &str, principal: &str, role: Role, scope: Scope, t: i64| RoleAssignmentRecord {
+        id: id.into(),
+        assignment: RoleAssignment {
+            principal: principal.into(),
+            role,
+            scope,
+        },
+        created: at(t),
+    };
+    let v = vm("rg1", "vm1");
+    let r1 = ra("ra1", "bob", Role::JitRequester, v.scope(), 10);
+    let r2 = ra(
+        "ra2",
+        "carol",
+        Role::Reader,
+        Scope::ResourceGroup(sub(), rg("rg1")),
+        20,
+    );
+    let r3 = ra("ra3", "bob", Role::Agent, Scope::Subscription(sub()), 30);
+    let n0 = audit_count(store).await;
+    for r in [&r1, &r2, &r3] {
+        store
+            .add_role_assignment(r.clone(), ctx(r.created))
+            .await
+            .unwrap();
+    }
+    assert_eq!(audit_count(store).await, n0 + 3, "additions are audited");
+    let by = |p: Option<&'static str>| async move {
+        let mut v = store.role_assignments(p).await.unwrap();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    };
+    assert_eq!(by(Some("bob")).await, vec![r1.clone(), r3.clone()]);
+    assert_eq!(by(Some("carol")).await, vec![r2.clone()]);
+    assert!(by(Some("nobody")).await.is_empty());
+    assert_eq!(by(None).await.len(), 4);
+
+    assert!(
+        store
+            .remove_role_assignment("ra1", ctx(at(40)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(audit_count(store).await, n0 + 4, "removal is audited");
+    let before = snapshot(store).await;
+    assert!(
+        !store
+            .remove_role_assignment("ra1", ctx(at(50)))
+            .await
+            .unwrap(),
+        "removing twice returns false"
+    );
+    assert!(
+        !store
+            .remove_role_assignment("nope", ctx(at(50)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(snapshot(store).await, before);
+    assert_eq!(by(Some("bob")).await, vec![r3]);
+    assert_eq!(by(None).await.len(), 3);
+}
+
+// ---- audit --------------------------------------------------------------------------
+
+/// Checks the events appended since `after`: their actions (as a multiset), and that
+/// they carry the context's actor, source and time. Returns the new last seq.
+async fn expect_events(store: &dyn Store, after: u64, actions: &[&str], c: &AuditCtx) -> u64 {
+    let events = events_after(store, after).await;
+    let mut got: Vec<&str> = events.iter().map(|e| e.entry.action.as_str()).collect();
+    got.sort();
+    let mut want: Vec<&str> = actions.to_vec();
+    want.sort();
+    assert_eq!(got, want, "events after seq {after}");
+    for e in &events {
+        assert_eq!(e.entry.actor, c.actor, "actor of {e:?}");
+        assert_eq!(e.entry.source, c.source, "source of {e:?}");
+        assert_eq!(
+            e.entry.time.parse::<Timestamp>().unwrap(),
+            c.now,
+            "time of {e:?}"
+        );
+        assert_eq!(e.entry.outcome, Outcome::Success);
+    }
+    let expected: Vec<u64> = (after + 1..=after + events.len() as u64).collect();
+    assert_eq!(seqs(&events), expected, "sequence numbers are consecutive");
+    let report = verified(store).await;
+    assert_eq!(report.last_seq, after + events.len() as u64);
+    report.last_seq
+}
+
+/// Every successful mutation appends its audit event(s), with the caller's context,
+/// and the chain verifies after each.
+pub async fn mutations_are_audited_and_chain_verifies(store: &dyn Store) {
+    let c = |t: i64| ctx(at(t));
+    let empty = verified(store).await;
+    assert_eq!(
+        (empty.count, empty.last_seq),
+        (0, 0),
+        "a fresh store has no events"
+    );
+
+    store
+        .bootstrap(bootstrap_input(sub(), OWNER_TOKEN), c(0))
+        .await
+        .unwrap();
+    let mut seq = expect_events(
+        store,
+        0,
+        &[
+            "subscription.create",
+            "token.create",
+            "roleAssignment.create",
+        ],
+        &c(0),
+    )
+    .await;
+
+    let key = pkey("rg1", "westeurope", "default");
+    let (v1, v2) = (vm("rg1", "vm1"), vm("rg1", "vm2"));
+    for (i, v) in [&v1, &v2].into_iter().enumerate() {
+        let t = 10 + i as i64;
+        let rec = VmRecord {
+            id: v.clone(),
+            location: None,
+            created: at(t),
+            created_by: OWNER.into(),
+        };
+        store.register_vm(rec, c(t)).await.unwrap();
+        seq = expect_events(store, seq, &["vm.register"], &c(t)).await;
+    }
+    let last = events_after(store, seq - 1).await;
+    assert!(
+        last[0].entry.target.eq_ignore_ascii_case(&v2.to_string()),
+        "vm.register targets the VM: {:?}",
+        last[0]
+    );
+    let rec = VmRecord {
+        id: v1.clone(),
+        location: None,
+        created: at(12),
+        created_by: OWNER.into(),
+    };
+    store.register_vm(rec, c(12)).await.unwrap();
+    seq = expect_events(store, seq, &[], &c(12)).await;
+
+    put(
+        store,
+        &key,
+        spec(&key, &[(&v1, &[22]), (&v2, &[22])]),
+        at(20),
+    )
+    .await;
+    seq = expect_events(store, seq, &["policy.create"], &c(20)).await;
+    let last = events_after(store, seq - 1).await;
+    assert!(
+        last[0].entry.target.eq_ignore_ascii_case(&key.id()),
+        "policy events target the policy id: {:?}",
+        last[0]
+    );
+
+    initiate_ok(
+        store,
+        args(
+            &key,
+            rid(1),
+            vec![
+                (&v1, vec![want(22, None, "PT1H")]),
+                (&v2, vec![want(22, None, "PT1H")]),
+            ],
+        ),
+        at(30),
+    )
+    .await;
+    seq = expect_events(
+        store,
+        seq,
+        &["request.initiate", "request.initiate"],
+        &c(30),
+    )
+    .await;
+
+    initiate_ok(
+        store,
+        args(&key, rid(2), vec![(&v1, vec![want(22, None, "PT1H")])]),
+        at(40),
+    )
+    .await;
+    seq = expect_events(store, seq, &["request.initiate", "request.revoke"], &c(40)).await;
+
+    put(store, &key, spec(&key, &[(&v1, &[22])]), at(50)).await;
+    seq = expect_events(store, seq, &["policy.update", "request.revoke"], &c(50)).await;
+
+    store.revoke_request(rid(2), None, c(60)).await.unwrap();
+    seq = expect_events(store, seq, &["request.revoke"], &c(60)).await;
+
+    initiate_ok(
+        store,
+        args(&key, rid(3), vec![(&v1, vec![want(22, None, "PT1H")])]),
+        at(70),
+    )
+    .await;
+    seq = expect_events(store, seq, &["request.initiate"], &c(70)).await;
+    let expired = store.expire_due(at(70 + 3600)).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    let events = events_after(store, seq).await;
+    assert_eq!(events.len(), 1, "one event per expired port: {events:?}");
+    assert_eq!(events[0].entry.action, "request.expire");
+    assert_eq!(
+        events[0].entry.time.parse::<Timestamp>().unwrap(),
+        at(70 + 3600)
+    );
+    seq = events[0].seq;
+
+    let denied = AuditEntry {
+        time: at(4000).to_string(),
+        actor: "mallory".into(),
+        source: "203.0.113.5".into(),
+        action: "policy.write".into(),
+        target: key.id(),
+        outcome: Outcome::Denied,
+        details: r#"{"code":"AuthorizationFailed"}"#.into(),
+    };
+    let n = store.append_audit(denied.clone()).await.unwrap();
+    assert_eq!(n, seq + 1, "append_audit continues the chain");
+    assert_eq!(events_after(store, seq).await[0].entry, denied);
+    seq = n;
+
+    store
+        .create_token(token("jg_x", "bob", at(4010)), c(4010))
+        .await
+        .unwrap();
+    seq = expect_events(store, seq, &["token.create"], &c(4010)).await;
+    store.revoke_token("jg_x", c(4020)).await.unwrap();
+    seq = expect_events(store, seq, &["token.revoke"], &c(4020)).await;
+
+    let ra = RoleAssignmentRecord {
+        id: "ra-x".into(),
+        assignment: RoleAssignment {
+            principal: "bob".into(),
+            role: Role::Reader,
+            scope: Scope::Subscription(sub()),
+        },
+        created: at(4030),
+    };
+    store.add_role_assignment(ra, c(4030)).await.unwrap();
+    seq = expect_events(store, seq, &["roleAssignment.create"], &c(4030)).await;
+    store.remove_role_assignment("ra-x", c(4040)).await.unwrap();
+    seq = expect_events(store, seq, &["roleAssignment.delete"], &c(4040)).await;
+
+    store.delete_policy(&key, c(4050)).await.unwrap().unwrap();
+    seq = expect_events(store, seq, &["policy.delete"], &c(4050)).await;
+    assert!(store.delete_vm(&v1, c(4060)).await.unwrap());
+    seq = expect_events(store, seq, &["vm.delete"], &c(4060)).await;
+
+    let report = verified(store).await;
+    assert_eq!((report.count, report.last_seq), (seq, seq));
+    let all = events_after(store, 0).await;
+    assert_eq!(seqs(&all), (1..=seq).collect::<Vec<_>>());
+    let tail = all.last().unwrap();
+    assert_eq!(
+        report.head_hash, tail.hash,
+        "the report's head is the last hash"
+    );
+    for w in all.windows(2) {
+        assert_eq!(
+            w[1].prev_hash, w[0].hash,
+            "event {} links to {}",
+            w[1].seq, w[0].seq
+        );
+    }
+}
+
+fn entry(t: Timestamp, actor: &str, action: &str, target: &str, outcome: Outcome) -> AuditEntry {
+    AuditEntry {
+        time: t.to_string(),
+        actor: actor.into(),
+        source: "198.51.100.7".into(),
+        action: action.into(),
+        target: target.into(),
+        outcome,
+        details: format!(r#"{{"n":"{action}"}}"#),
+    }
+}
+
+/// `append_audit` numbers events 1, 2, 3... keeps them exactly, and a failed append
+/// (unparseable time) uses no number.
+pub async fn append_audit_assigns_consecutive_seqs(store: &dyn Store) {
+    let entries: Vec<AuditEntry> = (0..3)
+        .map(|i| {
+            entry(
+                at(i),
+                "alice",
+                "auth.failed",
+                &format!("t{i}"),
+                Outcome::Failed,
+            )
+        })
+        .collect();
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(store.append_audit(e.clone()).await.unwrap(), i as u64 + 1);
+    }
+    let bad = AuditEntry {
+        time: "yesterday".into(),
+        ..entries[0].clone()
+    };
+    assert!(
+        store.append_audit(bad).await.is_err(),
+        "an unparseable time must be refused"
+    );
+    let next = entry(at(9), "bob", "auth.denied", "t9", Outcome::Denied);
+    assert_eq!(
+        store.append_audit(next.clone()).await.unwrap(),
+        4,
+        "a failed append leaves no gap"
+    );
+    let all = events_after(store, 0).await;
+    let got: Vec<AuditEntry> = all.iter().map(|r| r.entry.clone()).collect();
+    let mut want = entries;
+    want.push(next);
+    assert_eq!(got, want, "events read back exactly as appended");
+    let report = verified(store).await;
+    assert_eq!((report.count, report.last_seq), (4, 4));
+}
+
+/// `query_audit` filters: target substring (case-insensitive, literal), exact actor,
+/// literal action prefix, since/until (inclusive), after_seq (exclusive), limit;
+/// results in sequence order.
+pub async fn query_audit_filters(store: &dyn Store) {
+    let vm1 = format!(
+        "/subscriptions/{SUB}/resourceGroups/My_Rg/providers/Microsoft.Compute/virtualMachines/vm1"
+    );
+    let vm1x = format!(
+        "/subscriptions/{SUB}/resourceGroups/MyXRg/providers/Microsoft.Compute/virtualMachines/VM1"
+    );
+    let pol = format!(
+        "/subscriptions/{SUB}/resourceGroups/my_rg/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default"
+    );
+    let s = Outcome::Success;
+    let all = [
+        entry(at(0), "alice", "policy.create", &pol, s),
+        entry(at(60), "bob", "request.initiate", &vm1x, s),
+        entry(at(120), "alice", "request.revoke", &vm1, s),
+        entry(
+            at(180),
+            "alice2",
+            "policy.delete",
+            "quota-100%",
+            Outcome::Denied,
+        ),
+        entry(at(240), "mallory", "auth.token", "", Outcome::Failed),
+        entry(at(300), "bob", "policy.update", &pol, s),
+    ];
+    for e in &all {
+        store.append_audit(e.clone()).await.unwrap();
+    }
+    let all = &all;
+    let q = |q: AuditQuery| async move {
+        let out = store.query_audit(&q).await.unwrap();
+        for r in &out {
+            assert_eq!(
+                r.entry,
+                all[r.seq as usize - 1],
+                "record {} read back",
+                r.seq
+            );
+        }
+        seqs(&out)
+    };
+    let target = |t: &str| AuditQuery {
+        target: Some(t.into()),
+        ..Default::default()
+    };
+    let actor = |a: &str| AuditQuery {
+        actor: Some(a.into()),
+        ..Default::default()
+    };
+    let action = |a: &str| AuditQuery {
+        action: Some(a.into()),
+        ..Default::default()
+    };
+
+    assert_eq!(
+        q(AuditQuery::default()).await,
+        [1, 2, 3, 4, 5, 6],
+        "limit 0 means the default"
+    );
+    assert_eq!(q(target("vm1")).await, [2, 3]);
+    assert_eq!(
+        q(target("VIRTUALMACHINES/VM1")).await,
+        [2, 3],
+        "target matches case-insensitively"
+    );
+    assert_eq!(
+        q(target("my_rg")).await,
+        [1, 3, 6],
+        "`_` in a target is a literal character"
+    );
+    assert_eq!(q(target("100%")).await, [4]);
+    assert_eq!(
+        q(target("%")).await,
+        [4],
+        "`%` in a target is a literal character"
+    );
+    assert!(q(target("nowhere")).await.is_empty());
+
+    assert_eq!(q(actor("alice")).await, [1, 3], "actor matches exactly");
+    assert_eq!(q(actor("bob")).await, [2, 6]);
+    assert!(q(actor("ali")).await.is_empty());
+
+    assert_eq!(q(action("policy.")).await, [1, 4, 6]);
+    assert_eq!(q(action("request")).await, [2, 3]);
+    assert_eq!(q(action("policy.create")).await, [1]);
+    assert!(q(action("create")).await.is_empty(), "action is a prefix");
+    assert!(
+        q(action("policy_")).await.is_empty(),
+        "`_` in an action prefix is a literal character"
+    );
+    assert!(q(action("%")).await.is_empty());
+
+    let range = |since: Option<i64>, until: Option<i64>| AuditQuery {
+        since: since.map(at),
+        until: until.map(at),
+        ..Default::default()
+    };
+    assert_eq!(
+        q(range(Some(120), None)).await,
+        [3, 4, 5, 6],
+        "since is inclusive"
+    );
+    assert_eq!(
+        q(range(None, Some(120))).await,
+        [1, 2, 3],
+        "until is inclusive"
+    );
+    assert_eq!(q(range(Some(60), Some(180))).await, [2, 3, 4]);
+    assert_eq!(q(range(Some(61), Some(179))).await, [3]);
+    assert!(q(range(Some(301), None)).await.is_empty());
+
+    let page = |after: Option<u64>, limit: usize| AuditQuery {
+        after_seq: after,
+        limit,
+        ..Default::default()
+    };
+    assert_eq!(q(page(Some(4), 0)).await, [5, 6], "after_seq is exclusive");
+    assert!(q(page(Some(6), 0)).await.is_empty());
+    assert_eq!(q(page(None, 2)).await, [1, 2]);
+    assert_eq!(q(page(Some(2), 2)).await, [3, 4]);
+    assert_eq!(q(page(Some(4), 2)).await, [5, 6]);
+
+    assert_eq!(
+        q(AuditQuery {
+            actor: Some("bob".into()),
+            action: Some("policy.".into()),
+            ..Default::default()
+        })
+        .await,
+        [6]
+    );
+    assert_eq!(
+        q(AuditQuery {
+            target: Some("VM1".into()),
+            since: Some(at(100)),
+            ..Default::default()
+        })
+        .await,
+        [3]
+    );
+    assert_eq!(
+        q(AuditQuery {
+            target: Some("my_rg".into()),
+            after_seq: Some(1),
+            limit: 1,
+            ..Default::default()
+        })
+        .await,
+        [3]
+    );
+    verified(store).await;
+}
+
+/// Writes issued together (which a backend may commit as one group) each succeed or
+/// fail on their own, and the chain stays contiguous: failed and refused writes leave
+/// no trace.
+pub async fn grouped_writes_keep_the_chain_contiguous(store: &dyn Store) {
+    let s = scene(store).await;
+    let n0 = audit_count(store).await;
+    let e = |i: i64| {
+        entry(
+            at(1000 + i),
+            "system",
+            "probe",
+            &format!("p{i}"),
+            Outcome::Success,
+        )
+    };
+    let ghost = vm("rg1", "ghost");
+    let k2 = pkey("rg1", "westeurope", "second");
+    let (a1, dup, a2, refused, reg, tok, missing, a3) = tokio::join!(
+        store.append_audit(e(1)),
+        store.create_token(token(OWNER_TOKEN, "mallory", at(1000)), ctx(at(1000))),
+        store.append_audit(e(2)),
+        store.put_policy(k2.clone(), spec(&k2, &[(&ghost, &[22])]), ctx(at(1000))),
+        store.register_vm(
+            VmRecord {
+                id: vm("rg1", "vm4"),
+                location: None,
+                created: at(1000),
+                created_by: OWNER.into(),
+            },
+            ctx(at(1000)),
+        ),
+        store.create_token(token("jg_new", "bob", at(1000)), ctx(at(1000))),
+        store.revoke_request(rid(42), None, ctx(at(1000))),
+        store.append_audit(e(3)),
+    );
+    assert!(dup.is_err(), "a duplicate token id must fail");
+    assert!(
+        matches!(refused, Err(OpError::Refused(PolicyError::UnknownVm(_)))),
+        "{refused:?}"
+    );
+    assert!(
+        matches!(missing, Err(OpError::Refused(RevokeError::NotFound))),
+        "{missing:?}"
+    );
+    assert_eq!(reg.unwrap(), RegisterOutcome::Created);
+    tok.unwrap();
+    let mut appended = vec![a1.unwrap(), a2.unwrap(), a3.unwrap()];
+    appended.sort();
+    appended.dedup();
+    assert_eq!(appended.len(), 3, "each append gets its own seq");
+    assert!(appended[0] > n0);
+
+    let report = verified(store).await;
+    assert_eq!(report.count, n0 + 5, "3 appends, 1 registration, 1 token");
+    let events = events_after(store, 0).await;
+    assert_eq!(seqs(&events), (1..=n0 + 5).collect::<Vec<_>>());
+    assert_eq!(
+        store
+            .find_token(OWNER_TOKEN)
+            .await
+            .unwrap()
+            .unwrap()
+            .principal,
+        OWNER,
+        "the failed duplicate changed the existing token"
+    );
+    assert_eq!(store.get_policy(&k2).await.unwrap(), None);
+    assert!(store.get_vm(&vm("rg1", "vm4")).await.unwrap().is_some());
+    assert_eq!(
+        store.policy_for_vm(&s.vm1).await.unwrap().map(|p| p.key),
+        Some(s.key)
+    );
+
+    // And the store keeps working after the group.
+    let n = store.append_audit(e(4)).await.unwrap();
+    assert_eq!(n, n0 + 6);
+    verified(store).await;
+}

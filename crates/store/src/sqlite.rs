@@ -988,12 +988,13 @@ impl Store for SqliteStore {
             let mut revoked = Vec::new();
             if let Some((_, old)) = &old {
                 for (vm, port) in removed_ports(&old.spec, Some(&spec)) {
+                    // Live grants only: an ended port is left for expire_due.
                     revoked.extend(revoke_where(
                         ctx,
                         &audit,
                         RevokeReason::PolicyChanged,
-                        "vm_key = ?1 AND number = ?2",
-                        &[&vm.key(), &(port.get() as i64)],
+                        "vm_key = ?1 AND number = ?2 AND end_ns > ?3",
+                        &[&vm.key(), &(port.get() as i64), &ns(audit.now)],
                     )?);
                 }
             }
@@ -1079,12 +1080,13 @@ impl Store for SqliteStore {
             };
             let mut revoked = Vec::new();
             for (vm, port) in removed_ports(&old.spec, None) {
+                // Live grants only: an ended port is left for expire_due.
                 revoked.extend(revoke_where(
                     ctx,
                     &audit,
                     RevokeReason::PolicyChanged,
-                    "vm_key = ?1 AND number = ?2",
-                    &[&vm.key(), &(port.get() as i64)],
+                    "vm_key = ?1 AND number = ?2 AND end_ns > ?3",
+                    &[&vm.key(), &(port.get() as i64), &ns(audit.now)],
                 )?);
             }
             ctx.tx
@@ -1510,12 +1512,11 @@ impl Store for SqliteStore {
     }
 
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
-        let target = q
-            .target
-            .as_ref()
-            .map(|t| format!("%{}%", t.to_ascii_lowercase()));
+        // Matched literally (not with LIKE, where `_` and `%` in the text would be
+        // wildcards): a substring of the lower-cased target, a prefix of the action.
+        let target = q.target.as_ref().map(|t| t.to_ascii_lowercase());
         let actor = q.actor.clone();
-        let action = q.action.as_ref().map(|a| format!("{a}%"));
+        let action = q.action.clone();
         let since = q.since.map(ns);
         let until = q.until.map(ns);
         let after = q.after_seq.map(|s| s as i64);
@@ -1523,8 +1524,8 @@ impl Store for SqliteStore {
         self.read(move |c| {
             read_audit(
                 c,
-                "WHERE (?1 IS NULL OR lower(target) LIKE ?1) AND (?2 IS NULL OR actor = ?2)
-                   AND (?3 IS NULL OR action LIKE ?3) AND (?4 IS NULL OR time_ns >= ?4)
+                "WHERE (?1 IS NULL OR instr(lower(target), ?1) > 0) AND (?2 IS NULL OR actor = ?2)
+                   AND (?3 IS NULL OR substr(action, 1, length(?3)) = ?3) AND (?4 IS NULL OR time_ns >= ?4)
                    AND (?5 IS NULL OR time_ns <= ?5) AND (?6 IS NULL OR seq > ?6)
                  ORDER BY seq LIMIT ?7",
                 &[&target, &actor, &action, &since, &until, &after, &limit],

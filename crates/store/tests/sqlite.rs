@@ -1,0 +1,422 @@
+//! The SQLite backend: the conformance suite, plus what only a file-backed store has
+//! (durability across reopen, and tamper detection on the file itself).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use jitgate_core::audit::{Outcome, Problem, VerifyReport};
+use jitgate_core::ids::{Location, PolicyName, ResourceGroup, SubscriptionId, VmId, VmName};
+use jitgate_core::policy::{
+    PolicyInput, PolicyKey, PolicyVmInput, PortRuleInput, RawPrefix, validate_policy,
+};
+use jitgate_core::rbac::{Role, RoleAssignment};
+use jitgate_core::request::{
+    InitiateInput, InitiatePortInput, InitiateVmInput, PortStatus, RequestId,
+};
+use jitgate_store::conformance::{OWNER, SUB, at, t0};
+use jitgate_store::sqlite::{SqliteStore, verify_file};
+use jitgate_store::*;
+use tempfile::TempDir;
+
+async fn fresh() -> (Box<dyn Store>, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("jitgate.db")).unwrap();
+    (Box::new(store), dir)
+}
+
+jitgate_store::store_conformance_tests!(fresh);
+
+// ---- SQLite-specific ----------------------------------------------------------------
+
+fn ctx(secs: i64) -> AuditCtx {
+    AuditCtx {
+        actor: OWNER.into(),
+        source: "192.0.2.10".into(),
+        now: at(secs),
+    }
+}
+
+fn sub() -> SubscriptionId {
+    SubscriptionId::parse(SUB).unwrap()
+}
+
+fn vm(name: &str) -> VmId {
+    VmId::new(
+        sub(),
+        ResourceGroup::parse("rg1").unwrap(),
+        VmName::parse(name).unwrap(),
+    )
+}
+
+fn key() -> PolicyKey {
+    PolicyKey {
+        subscription: sub(),
+        resource_group: ResourceGroup::parse("rg1").unwrap(),
+        location: Location::parse("westeurope").unwrap(),
+        name: PolicyName::parse("default").unwrap(),
+    }
+}
+
+fn token(id: &str) -> TokenRecord {
+    TokenRecord {
+        id: id.into(),
+        principal: OWNER.into(),
+        secret_hash: "ab".repeat(32),
+        description: "bootstrap".into(),
+        created: t0(),
+        expires: None,
+        revoked: None,
+    }
+}
+
+/// A store with a little of everything: bootstrap, two VMs, a policy, a request.
+/// Returns the number of audit events written.
+async fn populate(store: &SqliteStore) -> u64 {
+    store
+        .bootstrap(
+            Bootstrap {
+                subscription: sub(),
+                owner_principal: OWNER.into(),
+                owner_token: token("jg_boot"),
+            },
+            ctx(0),
+        )
+        .await
+        .unwrap();
+    for (i, name) in ["vm1", "vm2"].into_iter().enumerate() {
+        store
+            .register_vm(
+                VmRecord {
+                    id: vm(name),
+                    location: None,
+                    created: at(i as i64),
+                    created_by: OWNER.into(),
+                },
+                ctx(10 + i as i64),
+            )
+            .await
+            .unwrap();
+    }
+    let rule = PortRuleInput {
+        number: Some(22),
+        protocol: Some("TCP".into()),
+        allowed_source_address_prefix: Some(RawPrefix::One("*".into())),
+        allowed_source_address_prefixes: None,
+        max_request_access_duration: Some("PT3H".into()),
+    };
+    let spec = validate_policy(
+        &key(),
+        &PolicyInput {
+            kind: None,
+            virtual_machines: Some(
+                ["vm1", "vm2"]
+                    .into_iter()
+                    .map(|n| PolicyVmInput {
+                        id: Some(vm(n).to_string()),
+                        ports: Some(vec![rule.clone()]),
+                        public_ip_address: None,
+                    })
+                    .collect(),
+            ),
+        },
+    )
+    .unwrap();
+    store.put_policy(key(), spec, ctx(20)).await.unwrap();
+    store
+        .initiate(
+            InitiateArgs {
+                policy: key(),
+                input: InitiateInput {
+                    virtual_machines: Some(vec![InitiateVmInput {
+                        id: Some(vm("vm1").to_string()),
+                        ports: Some(vec![InitiatePortInput {
+                            number: Some(22),
+                            allowed_source_address_prefix: None,
+                            end_time_utc: None,
+                            duration: Some("PT1H".into()),
+                        }]),
+                    }]),
+                    justification: None,
+                },
+                id: RequestId::new(uuid::Uuid::from_u128(1)),
+                requestor: OWNER.into(),
+                caller_ip: "10.0.0.9".parse().unwrap(),
+                assignments: vec![RoleAssignment {
+                    principal: OWNER.into(),
+                    role: Role::Owner,
+                    scope: jitgate_core::ids::Scope::Subscription(sub()),
+                }],
+            },
+            ctx(30),
+        )
+        .await
+        .unwrap();
+    let report = store.verify_audit().await.unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert!(report.count >= 6, "populate wrote {} events", report.count);
+    report.count
+}
+
+/// A directory holding a populated, closed database.
+async fn populated() -> (TempDir, PathBuf, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jitgate.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let n = populate(&store).await;
+    drop(store);
+    (dir, path, n)
+}
+
+/// A raw connection for tampering, as an attacker with file access would use.
+fn raw(path: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    c
+}
+
+fn problems(path: &Path) -> Vec<Problem> {
+    let report = verify_file(path).unwrap();
+    assert!(!report.ok(), "tampering went unnoticed");
+    report.problems
+}
+
+#[tokio::test]
+async fn data_survives_reopen_and_the_chain_verifies() {
+    let (_dir, path, n) = populated().await;
+    let before = verify_file(&path).unwrap();
+    assert!(before.ok(), "{:?}", before.problems);
+    assert_eq!(before.count, n);
+
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.subscriptions().await.unwrap(), vec![sub()]);
+    assert!(store.get_vm(&vm("vm2")).await.unwrap().is_some());
+    let policy = store.get_policy(&key()).await.unwrap().unwrap();
+    assert_eq!(policy.spec.vms.len(), 2);
+    let req = store
+        .get_request(RequestId::new(uuid::Uuid::from_u128(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.vms[0].ports[0].status, PortStatus::Initiated);
+    assert_eq!(req.vms[0].ports[0].end, at(30 + 3600));
+    assert_eq!(store.next_expiry().await.unwrap(), Some(at(3630)));
+    assert_eq!(
+        store.find_token("jg_boot").await.unwrap(),
+        Some(token("jg_boot"))
+    );
+    let report: VerifyReport = store.verify_audit().await.unwrap();
+    assert_eq!(report, before, "the reopened store sees the same chain");
+
+    // A reopened store continues the chain where it was.
+    let bootstrap_again = store
+        .bootstrap(
+            Bootstrap {
+                subscription: sub(),
+                owner_principal: OWNER.into(),
+                owner_token: token("jg_other"),
+            },
+            ctx(40),
+        )
+        .await
+        .unwrap();
+    assert!(!bootstrap_again.created);
+    let expired = store.expire_due(at(3630)).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    let report = store.verify_audit().await.unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.count, n + 1);
+    let last = store
+        .query_audit(&AuditQuery {
+            after_seq: Some(n),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].seq, n + 1);
+    assert_eq!(last[0].prev_hash, before.head_hash);
+    drop(store);
+
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        store.next_expiry().await.unwrap(),
+        None,
+        "the expiry was durable"
+    );
+    assert_eq!(store.verify_audit().await.unwrap().count, n + 1);
+}
+
+#[tokio::test]
+async fn verify_file_reads_a_bare_database_file() {
+    // `jitgate audit verify --data-dir` runs with no controller: there may be no WAL
+    // or shared-memory file beside the database.
+    let (dir, path, n) = populated().await;
+    raw(&path)
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(&path, &copy).unwrap();
+    let report = verify_file(&copy).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.count, n);
+}
+
+#[tokio::test]
+async fn verify_file_detects_a_modified_event() {
+    let (_dir, path, _) = populated().await;
+    let changed = raw(&path)
+        .execute("UPDATE audit SET actor = 'mallory' WHERE seq = 3", [])
+        .unwrap();
+    assert_eq!(changed, 1);
+    assert_eq!(problems(&path), vec![Problem::Modified { seq: 3 }]);
+
+    // The store itself reports it too.
+    let store = SqliteStore::open(&path).unwrap();
+    let report = store.verify_audit().await.unwrap();
+    assert_eq!(report.problems, vec![Problem::Modified { seq: 3 }]);
+}
+
+#[tokio::test]
+async fn verify_file_detects_a_modified_outcome() {
+    let (_dir, path, _) = populated().await;
+    raw(&path)
+        .execute("UPDATE audit SET outcome = 'bogus' WHERE seq = 2", [])
+        .unwrap();
+    assert_eq!(problems(&path), vec![Problem::Modified { seq: 2 }]);
+    raw(&path)
+        .execute(
+            &format!(
+                "UPDATE audit SET outcome = '{}' WHERE seq = 2",
+                Outcome::Denied.as_str()
+            ),
+            [],
+        )
+        .unwrap();
+    assert_eq!(problems(&path), vec![Problem::Modified { seq: 2 }]);
+}
+
+#[tokio::test]
+async fn verify_file_detects_a_deleted_middle_event() {
+    let (_dir, path, _) = populated().await;
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq = 4", [])
+        .unwrap();
+    assert_eq!(problems(&path), vec![Problem::Gap { after: 3, next: 5 }]);
+}
+
+#[tokio::test]
+async fn verify_file_detects_truncation_against_the_head() {
+    let (_dir, path, n) = populated().await;
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq = ?1", [n as i64])
+        .unwrap();
+    assert_eq!(
+        problems(&path),
+        vec![Problem::Truncated {
+            last: n - 1,
+            head: n
+        }]
+    );
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq > ?1", [n as i64 - 3])
+        .unwrap();
+    assert_eq!(
+        problems(&path),
+        vec![Problem::Truncated {
+            last: n - 3,
+            head: n
+        }]
+    );
+}
+
+#[tokio::test]
+async fn verify_file_detects_reordered_events() {
+    let (_dir, path, _) = populated().await;
+    // Swap everything but the sequence numbers of events 2 and 3.
+    let c = raw(&path);
+    let cols = "time, time_ns, actor, source, action, target, outcome, details, prev_hash, hash";
+    c.execute_batch(&format!(
+        "BEGIN;
+         CREATE TEMP TABLE swap AS SELECT seq, {cols} FROM audit WHERE seq IN (2, 3);
+         UPDATE audit SET ({cols}) = (SELECT {cols} FROM swap WHERE swap.seq = 5 - audit.seq)
+           WHERE seq IN (2, 3);
+         COMMIT;"
+    ))
+    .unwrap();
+    let actions: Vec<String> = c
+        .prepare("SELECT action FROM audit WHERE seq IN (2, 3) ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(
+        actions,
+        ["roleAssignment.create", "token.create"],
+        "swapped"
+    );
+    drop(c);
+    let p = problems(&path);
+    assert!(
+        p.iter().any(|x| matches!(
+            x,
+            Problem::Modified { seq: 2 | 3 } | Problem::Broken { seq: 2..=4, .. }
+        )),
+        "{p:?}"
+    );
+}
+
+#[tokio::test]
+async fn verify_file_detects_a_rehashed_forgery() {
+    // An attacker who recomputes the modified event's own hash still breaks the link
+    // to the next event.
+    let (_dir, path, _) = populated().await;
+    let c = raw(&path);
+    let (time, source, action, target, outcome, details, prev): (
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+    ) = c
+        .query_row(
+            "SELECT time, source, action, target, outcome, details, prev_hash FROM audit WHERE seq = 3",
+            [],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )
+        .unwrap();
+    let forged = jitgate_core::audit::AuditEntry {
+        time,
+        actor: "mallory".into(),
+        source,
+        action,
+        target,
+        outcome: Outcome::parse(&outcome).unwrap(),
+        details,
+    };
+    let hash = jitgate_core::audit::compute_hash(3, &prev, &forged);
+    c.execute(
+        "UPDATE audit SET actor = 'mallory', hash = ?1 WHERE seq = 3",
+        [&hash],
+    )
+    .unwrap();
+    drop(c);
+    let p = problems(&path);
+    assert!(
+        matches!(p.as_slice(), [Problem::Broken { seq: 4, .. }]),
+        "{p:?}"
+    );
+}
