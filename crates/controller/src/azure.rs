@@ -745,7 +745,14 @@ pub async fn initiate(
             }
             OpError::Store(s) => s.into(),
         })?;
-    state.initiated();
+    if let Some(first_end) = request
+        .vms
+        .iter()
+        .flat_map(|v| v.ports.iter().map(|p| p.end))
+        .min()
+    {
+        state.initiated(first_end);
+    }
     let mut resp = (StatusCode::ACCEPTED, Json(request_out(&request))).into_response();
     if let Ok(v) = HeaderValue::from_str(&request.id.to_string()) {
         resp.headers_mut().insert("x-jitgate-request-id", v);

@@ -17,7 +17,11 @@ use crate::AppState;
 /// Longest sleep between checks even with nothing due (guards against clock jumps).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
+/// How often the live-grants gauge is recounted.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
+
 pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    let mut counted: Option<std::time::Instant> = None;
     loop {
         let now = Timestamp::now();
         match state.store.expire_due(now).await {
@@ -29,8 +33,11 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "expiry pass failed"),
         }
-        if let Ok(n) = state.store.count_live_grants(now).await {
+        if counted.is_none_or(|t| t.elapsed() >= GAUGE_EVERY)
+            && let Ok(n) = state.store.count_live_grants(now).await
+        {
             state.metrics.live_grants.set(n as i64);
+            counted = Some(std::time::Instant::now());
         }
         let sleep = match state.store.next_expiry().await {
             Ok(Some(next)) => {
@@ -43,6 +50,10 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
                 Duration::from_secs(1)
             }
         };
+        let wake_at = Timestamp::now().as_nanosecond() as i64 + sleep.as_nanos() as i64;
+        state
+            .expiry_at
+            .store(wake_at, std::sync::atomic::Ordering::Release);
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
             _ = state.expiry_wake.notified() => {}

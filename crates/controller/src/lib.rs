@@ -17,6 +17,7 @@ mod server;
 pub use server::{BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, Running, TlsFiles, start};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use axum::Router;
 use axum::extract::Request;
@@ -35,6 +36,9 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Wakes the expiry scheduler (a new earliest end time may exist).
     pub expiry_wake: Arc<Notify>,
+    /// When the expiry scheduler will next wake (Unix nanoseconds): an initiate wakes
+    /// it only when it ends earlier.
+    pub expiry_at: Arc<AtomicI64>,
     /// Bumped on every change of desired state (agents watch it).
     pub revision: Arc<watch::Sender<u64>>,
     pub tls: bool,
@@ -53,13 +57,15 @@ impl AppState {
     pub fn changed(&self, revoked: usize) {
         self.metrics.revoked.inc_by(revoked as u64);
         self.notify_change();
-        self.expiry_wake.notify_one();
     }
 
-    pub fn initiated(&self) {
+    /// After an accepted request whose earliest port ends at `first_end`.
+    pub fn initiated(&self, first_end: jitgate_core::Timestamp) {
         self.metrics.initiates.inc();
         self.notify_change();
-        self.expiry_wake.notify_one();
+        if (first_end.as_nanosecond() as i64) < self.expiry_at.load(Ordering::Acquire) {
+            self.expiry_wake.notify_one();
+        }
     }
 }
 

@@ -170,6 +170,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         subscriptions: Arc::new(subscriptions),
         metrics: Arc::new(metrics::Metrics::new()),
         expiry_wake: Arc::new(Notify::new()),
+        expiry_at: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
         revision: Arc::new(revision),
         tls: config.tls.is_some(),
     };

@@ -1,6 +1,8 @@
 //! The real `jitgate` binary: `serve` start-up, bootstrap, configuration, signals,
 //! durability across `kill -9`, admin verbs, and `audit verify` on a tampered database.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -10,7 +10,7 @@
 //!
 //! A backend's test file runs the whole suite with [`store_conformance_tests!`]:
 //!
-//! ```ignore
+//! ```text
 //! async fn fresh() -> (Box<dyn Store>, tempfile::TempDir) {
 //!     let dir = tempfile::tempdir().unwrap();
 //!     let store = SqliteStore::open(&dir.path().join("jitgate.db")).unwrap();

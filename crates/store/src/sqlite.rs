@@ -37,7 +37,8 @@ use crate::*;
 /// The most writes committed together.
 const MAX_GROUP: usize = 512;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE subscriptions(id TEXT PRIMARY KEY, created_ns INTEGER NOT NULL);
 CREATE TABLE vms(
@@ -129,7 +130,11 @@ CREATE TABLE audit(
     hash TEXT NOT NULL
 );
 CREATE INDEX audit_time ON audit(time_ns);
-"#];
+"#,
+    r#"
+ALTER TABLE policies ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 fn ns(t: Timestamp) -> i64 {
     t.as_nanosecond() as i64
@@ -411,13 +416,49 @@ struct ChainTail {
     hash: String,
 }
 
+/// Decoded policies, by key, with the `uid` and `rev` they were decoded at. Decoding a
+/// policy's JSON is the writer's largest cost on the initiate path; an entry is used
+/// only while the row still has the same uid and rev, so a rolled-back write cannot
+/// leave a stale entry in use.
+type PolicyCache = std::collections::HashMap<String, (String, i64, Arc<Policy>)>;
+
 /// What a write job sees: the open transaction and the audit chain.
 pub struct WriteCtx<'a> {
     tx: &'a Transaction<'a>,
     tail: &'a mut ChainTail,
+    policies: &'a mut PolicyCache,
 }
 
 impl WriteCtx<'_> {
+    /// `load_policy` through the writer's cache.
+    fn policy(&mut self, key: &str) -> Result<Option<(String, Arc<Policy>)>> {
+        let row: Option<(String, i64)> = self
+            .tx
+            .prepare_cached("SELECT uid, rev FROM policies WHERE key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((uid, rev)) = row else {
+            self.policies.remove(key);
+            return Ok(None);
+        };
+        if let Some((c_uid, c_rev, p)) = self.policies.get(key)
+            && *c_uid == uid
+            && *c_rev == rev
+        {
+            return Ok(Some((uid, p.clone())));
+        }
+        let Some((uid, policy)) = load_policy(self.tx, key)? else {
+            return Ok(None);
+        };
+        let policy = Arc::new(policy);
+        if self.policies.len() > 100_000 {
+            self.policies.clear();
+        }
+        self.policies
+            .insert(key.to_owned(), (uid.clone(), rev, policy.clone()));
+        Ok(Some((uid, policy)))
+    }
+
     fn audit(
         &mut self,
         ctx: &AuditCtx,
@@ -501,6 +542,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
             return;
         }
     };
+    let mut policies = PolicyCache::new();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -520,6 +562,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
                     let mut ctx = WriteCtx {
                         tx: &tx,
                         tail: &mut tail,
+                        policies: &mut policies,
                     };
                     job(&mut ctx)
                 };
@@ -974,7 +1017,7 @@ impl Store for SqliteStore {
                 }
                 Some(_) => {
                     ctx.tx.execute(
-                        "UPDATE policies SET kind = ?2, vms_json = ?3, updated_ns = ?4 WHERE key = ?1",
+                        "UPDATE policies SET kind = ?2, vms_json = ?3, updated_ns = ?4, rev = rev + 1 WHERE key = ?1",
                         params![pkey, spec.kind, json, ns(audit.now)],
                     )?;
                     ctx.tx.execute("DELETE FROM policy_vms WHERE policy_key = ?1", [&pkey])?;
@@ -1110,7 +1153,7 @@ impl Store for SqliteStore {
         audit: AuditCtx,
     ) -> Result<AccessRequest, OpError<InitiateRefusal>> {
         self.write(move |ctx| {
-            let Some((uid, policy)) = load_policy(ctx.tx, &args.policy.key())? else {
+            let Some((uid, policy)) = ctx.policy(&args.policy.key())? else {
                 return Err(OpError::Refused(InitiateRefusal::PolicyNotFound));
             };
             // Live grants on the policy's VMs, for superseding.

@@ -1,6 +1,8 @@
 //! Integration tests of the controller through its HTTP API: a real controller on
 //! loopback, real SQLite in a temporary directory, real HTTP.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
 mod util;
 
 mod audit;
