@@ -173,7 +173,11 @@ struct Actor(String);
 
 /// Paths anyone may call.
 fn is_public(path: &str) -> bool {
-    matches!(path, "/api/v1/health" | "/metrics" | "/api/v1/openapi.json")
+    // Enrollment authenticates with the enrollment token in its body.
+    matches!(
+        path,
+        "/api/v1/health" | "/metrics" | "/api/v1/openapi.json" | "/api/v1/agent/enroll"
+    )
 }
 
 /// Authenticates every non-public request; a failure is answered 401 and audited.

@@ -647,6 +647,13 @@ pub async fn put(
         source: ip.to_string(),
         now: Timestamp::now(),
     };
+    let old_vms: Vec<jitgate_core::ids::VmId> = state
+        .store
+        .get_policy(&key)
+        .await?
+        .map(|p| p.spec.vms.into_iter().map(|v| v.id).collect())
+        .unwrap_or_default();
+    let new_vms: Vec<jitgate_core::ids::VmId> = spec.vms.iter().map(|v| v.id.clone()).collect();
     let outcome = state
         .store
         .put_policy(key.clone(), spec, audit)
@@ -667,6 +674,7 @@ pub async fn put(
             OpError::Store(s) => s.into(),
         })?;
     state.changed(outcome.revoked.len());
+    state.vm_changes.touch(old_vms.iter().chain(new_vms.iter()));
     let policy = state
         .store
         .get_policy(&key)
@@ -693,9 +701,13 @@ pub async fn delete(
         source: ip.to_string(),
         now: Timestamp::now(),
     };
+    let old = state.store.get_policy(&key).await?;
     match state.store.delete_policy(&key, audit).await? {
         Some(revoked) => {
             state.changed(revoked.len());
+            if let Some(old) = old {
+                state.vm_changes.touch(old.spec.vms.iter().map(|v| &v.id));
+            }
             Ok(StatusCode::OK)
         }
         None => Ok(StatusCode::NO_CONTENT),
@@ -745,6 +757,7 @@ pub async fn initiate(
             }
             OpError::Store(s) => s.into(),
         })?;
+    state.vm_changes.touch(request.vms.iter().map(|v| &v.id));
     if let Some(first_end) = request
         .vms
         .iter()

@@ -29,6 +29,7 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
                 tracing::info!(count = expired.len(), "grants expired");
                 state.metrics.expired.inc_by(expired.len() as u64);
                 state.notify_change();
+                state.vm_changes.touch(expired.iter().map(|p| &p.vm));
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "expiry pass failed"),

@@ -5,6 +5,7 @@
 //! Handlers are thin: they parse and authorize, then call one store operation, which
 //! runs the core's decision inside its transaction. Nothing here decides policy.
 
+pub mod agent;
 pub mod auth;
 pub mod azure;
 pub mod body;
@@ -39,8 +40,10 @@ pub struct AppState {
     /// When the expiry scheduler will next wake (Unix nanoseconds): an initiate wakes
     /// it only when it ends earlier.
     pub expiry_at: Arc<AtomicI64>,
-    /// Bumped on every change of desired state (agents watch it).
+    /// Bumped on every change of desired state.
     pub revision: Arc<watch::Sender<u64>>,
+    /// Per-VM change notifications that wake agents' long-polls.
+    pub vm_changes: Arc<agent::VmChanges>,
     pub tls: bool,
 }
 

@@ -41,6 +41,18 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/vms", get(list_vms).post(register_vm))
         .route("/api/v1/vms/{rg}/{name}", get(get_vm).delete(delete_vm))
         .route("/api/v1/vms/{rg}/{name}/nsg", get(get_nsg))
+        .route("/api/v1/vms/{rg}/{name}/nsg/rules", get(list_nsg_rules))
+        .route(
+            "/api/v1/vms/{rg}/{name}/nsg/rules/{rule}",
+            axum::routing::put(put_nsg_rule).delete(delete_nsg_rule),
+        )
+        .route(
+            "/api/v1/enrollTokens",
+            get(crate::agent::list_enroll_tokens).post(crate::agent::create_enroll_token),
+        )
+        .route("/api/v1/agent/enroll", post(crate::agent::enroll))
+        .route("/api/v1/agent/desired", get(crate::agent::desired))
+        .route("/api/v1/agent/status", post(crate::agent::status))
         .route("/api/v1/requests", get(list_requests))
         .route("/api/v1/requests/{id}", get(get_request))
         .route("/api/v1/requests/{id}/revoke", post(revoke_request))
@@ -274,6 +286,7 @@ async fn get_vm(
     let grants = state.store.live_grants(&id, now).await?;
     let mut v = vm_json(&vm);
     v["policy"] = json!(policy.as_ref().map(|p| p.key.id()));
+    v["agent"] = crate::agent::status_json(&state, &id).await?;
     v["grants"] = json!(
         grants
             .iter()
@@ -365,7 +378,8 @@ async fn get_nsg(
         })
         .collect();
     let pvm = policy.as_ref().and_then(|p| p.vm(&id).map(|v| (&p.key, v)));
-    let rules = nsg_view(&id, &[], pvm, &grants);
+    let user = state.store.nsg_rules(&id).await?;
+    let rules = nsg_view(&id, &user, pvm, &grants);
     Ok(Json(json!({
         "vm": id.to_string(),
         "rules": rules.iter().map(rule_json).collect::<Vec<_>>(),
@@ -541,6 +555,7 @@ async fn revoke_request(
             OpError::Store(s) => s.into(),
         })?;
     state.changed(revoked.len());
+    state.vm_changes.touch(revoked.iter().map(|p| &p.vm));
     let after = state
         .store
         .get_request(id)
@@ -899,4 +914,101 @@ async fn verify_audit(
         "headHash": report.head_hash,
         "problems": report.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
     })))
+}
+
+// ---- user NSG rules -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NsgRuleIn {
+    priority: Option<i64>,
+    access: Option<String>,
+    protocol: Option<String>,
+    source_address_prefixes: Option<Vec<String>>,
+    destination_port_ranges: Option<Vec<String>>,
+    description: Option<String>,
+}
+
+async fn list_nsg_rules(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((rg, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let id = vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmRead, &id.scope())?;
+    if state.store.get_vm(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "virtual machine '{id}' is not registered"
+        )));
+    }
+    let rules = state.store.nsg_rules(&id).await?;
+    Ok(Json(
+        json!({"value": rules.iter().map(rule_json).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn put_nsg_rule(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((rg, name, rule)): Path<(String, String, String)>,
+    JsonBody(body): JsonBody<NsgRuleIn>,
+) -> ApiResult<Response> {
+    let id = vm_param(&state, &rg, &name)?;
+    let input = jitgate_core::nsg::UserRuleInput {
+        priority: body.priority,
+        access: body.access,
+        protocol: body.protocol,
+        source_address_prefixes: body.source_address_prefixes,
+        destination_port_ranges: body.destination_port_ranges,
+        description: body.description,
+    };
+    let parsed = jitgate_core::nsg::validate_user_rule(&rule, &input).map_err(ApiError::field)?;
+    principal.require(Action::VmWrite, &id.scope())?;
+    let created = state
+        .store
+        .put_nsg_rule(&id, parsed.clone(), audit_ctx(&principal, ip))
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(jitgate_store::NsgRuleError::UnknownVm) => {
+                ApiError::not_found(format!("virtual machine '{id}' is not registered"))
+            }
+            OpError::Refused(jitgate_store::NsgRuleError::PriorityTaken(other)) => ApiError::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!(
+                    "priority: {} is already used by rule '{other}'",
+                    parsed.priority
+                ),
+            )
+            .with_target("priority"),
+            OpError::Store(s) => s.into(),
+        })?;
+    state.vm_changes.touch([&id]);
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(rule_json(&parsed))).into_response())
+}
+
+async fn delete_nsg_rule(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((rg, name, rule)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let id = vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmWrite, &id.scope())?;
+    let deleted = state
+        .store
+        .delete_nsg_rule(&id, &rule, audit_ctx(&principal, ip))
+        .await?;
+    if deleted {
+        state.vm_changes.touch([&id]);
+        Ok(StatusCode::OK)
+    } else {
+        Ok(StatusCode::NO_CONTENT)
+    }
 }

@@ -172,6 +172,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         expiry_wake: Arc::new(Notify::new()),
         expiry_at: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
         revision: Arc::new(revision),
+        vm_changes: Arc::new(crate::agent::VmChanges::default()),
         tls: config.tls.is_some(),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -165,6 +165,139 @@ pub fn nsg_view(
     out
 }
 
+// ---- user rules -----------------------------------------------------------------
+
+/// A user NSG rule as received, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct UserRuleInput {
+    pub priority: Option<i64>,
+    pub access: Option<String>,
+    pub protocol: Option<String>,
+    pub source_address_prefixes: Option<Vec<String>>,
+    pub destination_port_ranges: Option<Vec<String>>,
+    pub description: Option<String>,
+}
+
+/// Parses `22` or `5985-5986`.
+pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    let bad = || format!("'{s}' is not a port or a port range such as 22 or 5985-5986");
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (a.trim(), b.trim()),
+        None => (s.trim(), s.trim()),
+    };
+    let first = a.parse::<i64>().map_err(|_| bad())?;
+    let last = b.parse::<i64>().map_err(|_| bad())?;
+    let first = Port::new(first)?;
+    let last = Port::new(last)?;
+    if first > last {
+        return Err(format!("'{s}': the first port is above the last"));
+    }
+    Ok(PortRange { first, last })
+}
+
+/// Validates a user rule named `name`. JIT rule names (`JIT-...`) are reserved.
+pub fn validate_user_rule(name: &str, input: &UserRuleInput) -> Result<NsgRule, crate::FieldError> {
+    use crate::FieldError;
+    if name.is_empty()
+        || name.len() > 80
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(FieldError::new(
+            "name",
+            "must be 1 to 80 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if name.len() >= 4 && name[..4].eq_ignore_ascii_case("JIT-") {
+        return Err(FieldError::new(
+            "name",
+            "names starting with 'JIT-' are reserved for jitgate's own rules",
+        ));
+    }
+    let priority = input
+        .priority
+        .ok_or_else(|| FieldError::new("priority", "is required (100-4096)"))?;
+    if !(MIN_PRIORITY as i64..=MAX_PRIORITY as i64).contains(&priority) {
+        return Err(FieldError::new(
+            "priority",
+            format!("{priority} is outside 100-4096"),
+        ));
+    }
+    let access = match input
+        .access
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("allow") => Access::Allow,
+        Some("deny") => Access::Deny,
+        Some(other) => {
+            return Err(FieldError::new(
+                "access",
+                format!("'{other}' is not Allow or Deny"),
+            ));
+        }
+        None => return Err(FieldError::new("access", "is required (Allow or Deny)")),
+    };
+    let protocol = Protocol::parse(input.protocol.as_deref().unwrap_or("*"))
+        .map_err(|e| FieldError::new("protocol", e))?;
+    let raw_sources = input
+        .source_address_prefixes
+        .clone()
+        .unwrap_or_else(|| vec!["*".to_owned()]);
+    if raw_sources.is_empty() {
+        return Err(FieldError::new(
+            "sourceAddressPrefixes",
+            "must list at least one prefix (or '*')",
+        ));
+    }
+    let mut sources = Vec::new();
+    for (i, s) in raw_sources.iter().enumerate() {
+        let p = SourcePrefix::parse(s)
+            .map_err(|e| FieldError::new(format!("sourceAddressPrefixes[{i}]"), e))?;
+        if !sources.contains(&p) {
+            sources.push(p);
+        }
+    }
+    let raw_ports = input.destination_port_ranges.as_ref().ok_or_else(|| {
+        FieldError::new(
+            "destinationPortRanges",
+            "is required (e.g. [\"22\", \"5985-5986\"])",
+        )
+    })?;
+    if raw_ports.is_empty() {
+        return Err(FieldError::new(
+            "destinationPortRanges",
+            "must list at least one port or range",
+        ));
+    }
+    let mut ports = Vec::new();
+    for (i, r) in raw_ports.iter().enumerate() {
+        ports.push(
+            parse_port_range(r)
+                .map_err(|e| FieldError::new(format!("destinationPortRanges[{i}]"), e))?,
+        );
+    }
+    let description = input.description.clone().unwrap_or_default();
+    if description.len() > 256 {
+        return Err(FieldError::new(
+            "description",
+            "is longer than 256 characters",
+        ));
+    }
+    Ok(NsgRule {
+        name: name.to_owned(),
+        priority: priority as u16,
+        access,
+        protocol,
+        sources,
+        ports,
+        description,
+        origin: RuleOrigin::User,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +373,95 @@ mod tests {
         let got: Vec<(String, u16)> = view.iter().map(|r| (r.name.clone(), r.priority)).collect();
         let want: Vec<(String, u16)> = expect.iter().map(|(n, p)| (n.to_string(), *p)).collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn user_rules_are_validated_naming_the_field() {
+        let ok = UserRuleInput {
+            priority: Some(200),
+            access: Some("Allow".into()),
+            protocol: Some("TCP".into()),
+            source_address_prefixes: Some(vec!["10.0.0.0/8".into()]),
+            destination_port_ranges: Some(vec!["22".into(), "5985-5986".into()]),
+            description: None,
+        };
+        let r = validate_user_rule("corp-ssh", &ok).unwrap();
+        assert_eq!(r.ports[1].to_string(), "5985-5986");
+        let cases: Vec<(&str, UserRuleInput, &str)> = vec![
+            ("JIT-x", ok.clone(), "name"),
+            ("bad name", ok.clone(), "name"),
+            (
+                "r",
+                UserRuleInput {
+                    priority: Some(99),
+                    ..ok.clone()
+                },
+                "priority",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    priority: None,
+                    ..ok.clone()
+                },
+                "priority",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    access: Some("Permit".into()),
+                    ..ok.clone()
+                },
+                "access",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    protocol: Some("ICMP".into()),
+                    ..ok.clone()
+                },
+                "protocol",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    source_address_prefixes: Some(vec!["10.0.0.1/8".into()]),
+                    ..ok.clone()
+                },
+                "sourceAddressPrefixes[0]",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    destination_port_ranges: Some(vec!["30-20".into()]),
+                    ..ok.clone()
+                },
+                "destinationPortRanges[0]",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    destination_port_ranges: Some(vec![]),
+                    ..ok.clone()
+                },
+                "destinationPortRanges",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    destination_port_ranges: Some(vec!["0".into()]),
+                    ..ok.clone()
+                },
+                "destinationPortRanges[0]",
+            ),
+        ];
+        for (name, input, field) in cases {
+            assert_eq!(
+                validate_user_rule(name, &input).unwrap_err().field,
+                field,
+                "{name} {input:?}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use jitgate_core::Timestamp;
 use jitgate_core::audit::{AuditEntry, AuditRecord, VerifyReport};
 use jitgate_core::ids::{ResourceGroup, SubscriptionId, VmId};
+use jitgate_core::nsg::NsgRule;
 use jitgate_core::policy::{Policy, PolicyKey, PolicySpec};
 use jitgate_core::request::{AccessRequest, RequestId};
 
@@ -129,6 +130,28 @@ pub trait Store: Send + Sync + 'static {
     async fn add_role_assignment(&self, ra: RoleAssignmentRecord, audit: AuditCtx) -> Result<()>;
     async fn role_assignments(&self, principal: Option<&str>) -> Result<Vec<RoleAssignmentRecord>>;
     async fn remove_role_assignment(&self, id: &str, audit: AuditCtx) -> Result<bool>;
+
+    // ---- user NSG rules ----
+    /// Creates or replaces the VM's user rule of that name. `Ok(true)` when created.
+    async fn put_nsg_rule(
+        &self,
+        vm: &VmId,
+        rule: NsgRule,
+        audit: AuditCtx,
+    ) -> Result<bool, OpError<NsgRuleError>>;
+    async fn delete_nsg_rule(&self, vm: &VmId, name: &str, audit: AuditCtx) -> Result<bool>;
+    /// The VM's user rules by priority.
+    async fn nsg_rules(&self, vm: &VmId) -> Result<Vec<NsgRule>>;
+
+    // ---- agents ----
+    async fn create_enroll_token(&self, token: EnrollTokenRecord, audit: AuditCtx) -> Result<()>;
+    async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>>;
+    /// Uses one enrollment: registers the VM if needed, revokes its previous agent
+    /// credentials, stores the new one with the Agent role on the VM.
+    async fn enroll(&self, args: EnrollArgs, audit: AuditCtx)
+    -> Result<VmId, OpError<EnrollError>>;
+    async fn put_agent_status(&self, status: AgentStatusRecord) -> Result<()>;
+    async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>>;
 
     // ---- audit ----
     /// Appends one event on its own (denied and failed calls).

@@ -169,3 +169,53 @@ pub struct AuditQuery {
     pub after_seq: Option<u64>,
     pub limit: usize,
 }
+
+/// A one-purpose token with which agents enroll: scoped, expiring, limited in uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollTokenRecord {
+    pub id: String,
+    pub secret_hash: String,
+    pub scope: jitgate_core::ids::Scope,
+    pub expires: Timestamp,
+    pub uses_left: u32,
+    pub description: String,
+    pub created: Timestamp,
+    pub created_by: String,
+    pub revoked: Option<Timestamp>,
+}
+
+pub struct EnrollArgs {
+    pub token_id: String,
+    /// Hex SHA-256 of the presented secret.
+    pub presented_hash: String,
+    pub vm: VmId,
+    pub location: Option<Location>,
+    /// The credential the agent receives; its principal gets the Agent role on `vm`.
+    pub agent_token: TokenRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollError {
+    InvalidToken,
+    Expired,
+    UsedUp,
+    Revoked,
+    OutOfScope(String),
+    UnknownSubscription,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NsgRuleError {
+    UnknownVm,
+    /// Another rule of the VM has this priority.
+    PriorityTaken(String),
+}
+
+/// What an agent last reported, kept as the JSON it sent (the controller's wire type
+/// reads it back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatusRecord {
+    pub vm: VmId,
+    pub report: String,
+    pub last_seen: Timestamp,
+}

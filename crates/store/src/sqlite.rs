@@ -23,6 +23,7 @@ use jitgate_core::audit::{self, AuditEntry, AuditRecord, Outcome, VerifyReport};
 use jitgate_core::duration::MaxDuration;
 use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, SubscriptionId, VmId};
 use jitgate_core::net::{Port, Protocol, SourcePrefix};
+use jitgate_core::nsg::{Access, NsgRule, RuleOrigin, parse_port_range};
 use jitgate_core::policy::{
     AllowedSources, Policy, PolicyKey, PolicySpec, PolicyVm, PortRule, removed_ports,
 };
@@ -133,6 +134,37 @@ CREATE INDEX audit_time ON audit(time_ns);
 "#,
     r#"
 ALTER TABLE policies ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+"#,
+    r#"
+CREATE TABLE nsg_rules(
+    vm_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    access TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    sources TEXT NOT NULL,
+    ports TEXT NOT NULL,
+    description TEXT NOT NULL,
+    PRIMARY KEY(vm_key, name),
+    UNIQUE(vm_key, priority)
+);
+CREATE TABLE enroll_tokens(
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    expires_ns INTEGER NOT NULL,
+    uses_left INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    revoked_ns INTEGER
+);
+CREATE TABLE agent_status(
+    vm_key TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    report TEXT NOT NULL,
+    last_seen_ns INTEGER NOT NULL
+);
 "#,
 ];
 
@@ -1550,6 +1582,280 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn put_nsg_rule(
+        &self,
+        vm: &VmId,
+        rule: NsgRule,
+        audit: AuditCtx,
+    ) -> Result<bool, OpError<NsgRuleError>> {
+        let vm = vm.clone();
+        self.write(move |ctx| {
+            let known = ctx
+                .tx
+                .prepare_cached("SELECT 1 FROM vms WHERE key = ?1")?
+                .query_row([vm.key()], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if !known {
+                return Err(OpError::Refused(NsgRuleError::UnknownVm));
+            }
+            let taken: Option<String> = ctx
+                .tx
+                .query_row(
+                    "SELECT name FROM nsg_rules WHERE vm_key = ?1 AND priority = ?2 AND name != ?3",
+                    params![vm.key(), rule.priority as i64, rule.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(other) = taken {
+                return Err(OpError::Refused(NsgRuleError::PriorityTaken(other)));
+            }
+            let sources: Vec<String> = rule.sources.iter().map(|p| p.to_string()).collect();
+            let ports: Vec<String> = rule.ports.iter().map(|p| p.to_string()).collect();
+            let existed = ctx
+                .tx
+                .execute("DELETE FROM nsg_rules WHERE vm_key = ?1 AND name = ?2", params![vm.key(), rule.name])?
+                > 0;
+            ctx.tx.execute(
+                "INSERT INTO nsg_rules(vm_key, name, priority, access, protocol, sources, ports, description)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    vm.key(),
+                    rule.name,
+                    rule.priority as i64,
+                    rule.access.as_str(),
+                    rule.protocol.as_str(),
+                    sources.join(","),
+                    ports.join(","),
+                    rule.description
+                ],
+            )?;
+            ctx.audit(
+                &audit,
+                if existed { "nsgRule.update" } else { "nsgRule.create" },
+                &vm.to_string(),
+                serde_json::json!({
+                    "name": rule.name,
+                    "priority": rule.priority,
+                    "access": rule.access.as_str(),
+                    "protocol": rule.protocol.as_str(),
+                    "sourceAddressPrefixes": sources,
+                    "destinationPortRanges": ports,
+                }),
+            )?;
+            Ok(!existed)
+        })
+        .await
+    }
+
+    async fn delete_nsg_rule(&self, vm: &VmId, name: &str, audit: AuditCtx) -> Result<bool> {
+        let (vm, name) = (vm.clone(), name.to_owned());
+        self.write_plain(move |ctx| {
+            let n = ctx.tx.execute(
+                "DELETE FROM nsg_rules WHERE vm_key = ?1 AND name = ?2",
+                params![vm.key(), name],
+            )?;
+            if n > 0 {
+                ctx.audit(
+                    &audit,
+                    "nsgRule.delete",
+                    &vm.to_string(),
+                    serde_json::json!({"name": name}),
+                )?;
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn nsg_rules(&self, vm: &VmId) -> Result<Vec<NsgRule>> {
+        let vm = vm.key();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT name, priority, access, protocol, sources, ports, description FROM nsg_rules
+                 WHERE vm_key = ?1 ORDER BY priority",
+            )?;
+            let rows = st.query_map([vm], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, priority, access, protocol, sources, ports, description) = row?;
+                out.push(NsgRule {
+                    name,
+                    priority: u16::try_from(priority).map_err(corrupt("priority"))?,
+                    access: match access.as_str() {
+                        "Allow" => Access::Allow,
+                        "Deny" => Access::Deny,
+                        other => return Err(StoreError::Corrupt(format!("access {other}"))),
+                    },
+                    protocol: Protocol::parse(&protocol).map_err(corrupt("protocol"))?,
+                    sources: sources
+                        .split(',')
+                        .map(SourcePrefix::parse)
+                        .collect::<std::result::Result<_, _>>()
+                        .map_err(corrupt("sources"))?,
+                    ports: ports
+                        .split(',')
+                        .map(parse_port_range)
+                        .collect::<std::result::Result<_, _>>()
+                        .map_err(corrupt("ports"))?,
+                    description,
+                    origin: RuleOrigin::User,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn create_enroll_token(&self, token: EnrollTokenRecord, audit: AuditCtx) -> Result<()> {
+        self.write_plain(move |ctx| {
+            ctx.tx.execute(
+                "INSERT INTO enroll_tokens(id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    token.id,
+                    token.secret_hash,
+                    token.scope.to_string(),
+                    ns(token.expires),
+                    token.uses_left as i64,
+                    token.description,
+                    ns(token.created),
+                    token.created_by,
+                    token.revoked.map(ns)
+                ],
+            )?;
+            ctx.audit(
+                &audit,
+                "enrollToken.create",
+                &token.scope.to_string(),
+                serde_json::json!({"id": token.id, "uses": token.uses_left, "expires": token.expires.to_string()}),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
+        self.read(|c| read_enroll_tokens(c, "ORDER BY created_ns", &[]))
+            .await
+    }
+
+    async fn enroll(
+        &self,
+        args: EnrollArgs,
+        audit: AuditCtx,
+    ) -> Result<VmId, OpError<EnrollError>> {
+        self.write(move |ctx| {
+            let refuse = |e| Err(OpError::Refused(e));
+            let Some(t) = read_enroll_tokens(ctx.tx, "WHERE id = ?1", &[&args.token_id])?.into_iter().next() else {
+                return refuse(EnrollError::InvalidToken);
+            };
+            if !constant_time_eq(t.secret_hash.as_bytes(), args.presented_hash.as_bytes()) {
+                return refuse(EnrollError::InvalidToken);
+            }
+            if t.revoked.is_some() {
+                return refuse(EnrollError::Revoked);
+            }
+            if t.expires <= audit.now {
+                return refuse(EnrollError::Expired);
+            }
+            if t.uses_left == 0 {
+                return refuse(EnrollError::UsedUp);
+            }
+            if !t.scope.contains(&args.vm.scope()) {
+                return refuse(EnrollError::OutOfScope(t.scope.to_string()));
+            }
+            if !subscription_exists(ctx.tx, args.vm.subscription)? {
+                return refuse(EnrollError::UnknownSubscription);
+            }
+            ctx.tx.execute("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?1", [&t.id])?;
+            let created = ctx.tx.execute(
+                "INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(key) DO NOTHING",
+                params![
+                    args.vm.key(),
+                    args.vm.to_string(),
+                    args.vm.subscription.to_string(),
+                    args.vm.resource_group.key(),
+                    args.location.as_ref().map(|l| l.to_string()),
+                    ns(audit.now),
+                    format!("enroll-token:{}", t.id)
+                ],
+            )? > 0;
+            let principal = args.agent_token.principal.clone();
+            ctx.tx.execute(
+                "UPDATE tokens SET revoked_ns = ?2 WHERE principal = ?1 AND revoked_ns IS NULL",
+                params![principal, ns(audit.now)],
+            )?;
+            insert_token(ctx.tx, &args.agent_token)?;
+            ctx.tx.execute("DELETE FROM role_assignments WHERE principal = ?1", [&principal])?;
+            insert_role_assignment(
+                ctx.tx,
+                &RoleAssignmentRecord {
+                    id: format!("agent-{}", args.agent_token.id),
+                    assignment: RoleAssignment {
+                        principal: principal.clone(),
+                        role: Role::Agent,
+                        scope: args.vm.scope(),
+                    },
+                    created: audit.now,
+                },
+            )?;
+            ctx.audit(
+                &audit,
+                "agent.enroll",
+                &args.vm.to_string(),
+                serde_json::json!({"enrollToken": t.id, "registered": created, "agentToken": args.agent_token.id}),
+            )?;
+            Ok(args.vm)
+        })
+        .await
+    }
+
+    async fn put_agent_status(&self, status: AgentStatusRecord) -> Result<()> {
+        self.write_plain(move |ctx| {
+            ctx.tx
+                .prepare_cached(
+                    "INSERT INTO agent_status(vm_key, vm_id, report, last_seen_ns) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(vm_key) DO UPDATE SET vm_id = excluded.vm_id, report = excluded.report, last_seen_ns = excluded.last_seen_ns",
+                )?
+                .execute(params![status.vm.key(), status.vm.to_string(), status.report, ns(status.last_seen)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>> {
+        let vm = vm.key();
+        self.read(move |c| {
+            let row: Option<(String, String, i64)> = c
+                .prepare_cached(
+                    "SELECT vm_id, report, last_seen_ns FROM agent_status WHERE vm_key = ?1",
+                )?
+                .query_row([vm], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            row.map(|(id, report, seen)| {
+                Ok(AgentStatusRecord {
+                    vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
+                    report,
+                    last_seen: from_ns(seen)?,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
         self.write_plain(move |ctx| ctx.append(entry)).await
     }
@@ -1703,6 +2009,52 @@ fn read_tokens(
             description,
             created: from_ns(created)?,
             expires: expires.map(from_ns).transpose()?,
+            revoked: revoked.map(from_ns).transpose()?,
+        });
+    }
+    Ok(out)
+}
+
+/// Compares two byte strings in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn read_enroll_tokens(
+    c: &Connection,
+    tail: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<EnrollTokenRecord>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns
+         FROM enroll_tokens {tail}"
+    ))?;
+    let rows = st.query_map(params, |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, String>(5)?,
+            r.get::<_, i64>(6)?,
+            r.get::<_, String>(7)?,
+            r.get::<_, Option<i64>>(8)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, secret_hash, scope, expires, uses, description, created, created_by, revoked) =
+            row?;
+        out.push(EnrollTokenRecord {
+            id,
+            secret_hash,
+            scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
+            expires: from_ns(expires)?,
+            uses_left: u32::try_from(uses.max(0)).unwrap_or(0),
+            description,
+            created: from_ns(created)?,
+            created_by,
             revoked: revoked.map(from_ns).transpose()?,
         });
     }

@@ -1,0 +1,385 @@
+//! The agent-facing API: enrollment, the long-polled desired state, status reports;
+//! and the per-VM change notifications that wake long-polls within milliseconds.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use jitgate_core::Timestamp;
+use jitgate_core::ids::{Location, ResourceGroup, Scope, VmId, VmName};
+use jitgate_core::nsg::{GrantRef, nsg_view};
+use jitgate_core::rbac::Action;
+use jitgate_proto::{DesiredState, EnrollRequest, EnrollResponse, StatusReport};
+use jitgate_store::{
+    AgentStatusRecord, AuditCtx, EnrollArgs, EnrollError, EnrollTokenRecord, OpError, TokenRecord,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::AppState;
+use crate::auth::{CallerIp, Principal, sha256_hex};
+use crate::body::JsonBody;
+use crate::error::{ApiError, ApiResult};
+
+/// Longest a desired-state long-poll is held open.
+pub const MAX_WAIT_SECS: u64 = 60;
+/// How often agents report when nothing changes; an agent silent for three of these
+/// is shown offline.
+pub const HEARTBEAT_SECS: u64 = 10;
+
+/// One watch channel per VM: bumped whenever that VM's desired state may have changed.
+#[derive(Default)]
+pub struct VmChanges {
+    map: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl VmChanges {
+    pub fn subscribe(&self, vm: &VmId) -> watch::Receiver<u64> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(vm.key())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    pub fn touch<'a>(&self, vms: impl IntoIterator<Item = &'a VmId>) {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for vm in vms {
+            if let Some(tx) = map.get(&vm.key()) {
+                tx.send_modify(|r| *r += 1);
+            }
+        }
+    }
+}
+
+/// The VM's desired state now.
+pub async fn desired_state(state: &AppState, vm: &VmId) -> ApiResult<DesiredState> {
+    let now = Timestamp::now();
+    let user = state.store.nsg_rules(vm).await?;
+    let policy = state.store.policy_for_vm(vm).await?;
+    let grants: Vec<GrantRef> = state
+        .store
+        .live_grants(vm, now)
+        .await?
+        .into_iter()
+        .map(|g| GrantRef {
+            request: g.request,
+            number: g.number,
+            protocol: g.protocol,
+            source: g.source,
+            start: g.start,
+            end: g.end,
+        })
+        .collect();
+    let pvm = policy.as_ref().and_then(|p| p.vm(vm).map(|v| (&p.key, v)));
+    let view = nsg_view(vm, &user, pvm, &grants);
+    Ok(jitgate_proto::encode(vm, &view, &grants, now))
+}
+
+fn vm_query(q: &HashMap<String, String>) -> ApiResult<VmId> {
+    let id = q
+        .get("vm")
+        .ok_or_else(|| ApiError::bad_param("vm", "is required (the VM id)"))?;
+    VmId::parse(id).map_err(|e| ApiError::bad_param("vm", e))
+}
+
+async fn require_agent(state: &AppState, principal: &Principal, vm: &VmId) -> ApiResult<()> {
+    principal.require(Action::AgentReport, &vm.scope())?;
+    if state.store.get_vm(vm).await?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "virtual machine '{vm}' is not registered"
+        )));
+    }
+    Ok(())
+}
+
+pub async fn desired(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<DesiredState>> {
+    let vm = vm_query(&q)?;
+    let wait = match q.get("wait") {
+        None => 0,
+        Some(w) => w
+            .parse::<u64>()
+            .ok()
+            .filter(|w| *w <= MAX_WAIT_SECS)
+            .ok_or_else(|| {
+                ApiError::bad_param(
+                    "wait",
+                    format!("'{w}' is not a number of seconds from 0 to {MAX_WAIT_SECS}"),
+                )
+            })?,
+    };
+    require_agent(&state, &principal, &vm).await?;
+    let known = q.get("known").cloned();
+    let mut rx = state.vm_changes.subscribe(&vm);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        rx.borrow_and_update();
+        let d = desired_state(&state, &vm).await?;
+        if known.as_deref() != Some(d.revision.as_str()) {
+            return Ok(Json(d));
+        }
+        // Grants leave the desired state at their end even without a write; wake then.
+        let next_end = d
+            .grants
+            .iter()
+            .filter_map(|g| g.end_time_utc.parse::<Timestamp>().ok())
+            .min()
+            .map(|end| {
+                let ms = end.duration_since(Timestamp::now()).as_millis().max(0) as u64;
+                tokio::time::Instant::now() + Duration::from_millis(ms)
+            });
+        let until = next_end.map_or(deadline, |e| e.min(deadline));
+        tokio::select! {
+            changed = rx.changed() => { if changed.is_err() { return Ok(Json(d)); } }
+            _ = tokio::time::sleep_until(until) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(Json(d));
+                }
+            }
+        }
+    }
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<HashMap<String, String>>,
+    JsonBody(report): JsonBody<StatusReport>,
+) -> ApiResult<StatusCode> {
+    let vm = vm_query(&q)?;
+    require_agent(&state, &principal, &vm).await?;
+    if let Some(e) = &report.error {
+        tracing::warn!(vm = %vm, error = %e, "agent reports an enforcement error");
+    }
+    let text = serde_json::to_string(&report).map_err(ApiError::internal)?;
+    state
+        .store
+        .put_agent_status(AgentStatusRecord {
+            vm,
+            report: text,
+            last_seen: Timestamp::now(),
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// An agent's status for the VM view.
+pub async fn status_json(state: &AppState, vm: &VmId) -> ApiResult<Value> {
+    let Some(rec) = state.store.agent_status(vm).await? else {
+        return Ok(json!({"enrolled": false, "online": false}));
+    };
+    let report: StatusReport = serde_json::from_str(&rec.report).unwrap_or_default();
+    let now = Timestamp::now();
+    let age = now.duration_since(rec.last_seen).as_secs();
+    let current = desired_state(state, vm).await?;
+    Ok(json!({
+        "enrolled": true,
+        "online": age <= (3 * HEARTBEAT_SECS) as i64,
+        "lastSeen": rec.last_seen.to_string(),
+        "appliedRevision": report.applied_revision,
+        "appliedAt": report.applied_at,
+        "upToDate": report.applied_revision.as_deref() == Some(current.revision.as_str()),
+        "nftVersion": report.nft_version,
+        "error": report.error,
+        "hostname": report.hostname,
+        "os": report.os,
+        "agentVersion": report.agent_version,
+        "addresses": report.addresses,
+        "listening": report.listening,
+        "counters": report.counters,
+    }))
+}
+
+pub async fn enroll(
+    State(state): State<AppState>,
+    CallerIp(ip): CallerIp,
+    JsonBody(req): JsonBody<EnrollRequest>,
+) -> ApiResult<Json<EnrollResponse>> {
+    let (token_id, secret) = req
+        .enroll_token
+        .strip_prefix("je_")
+        .and_then(|r| r.split_once('.'))
+        .ok_or_else(|| ApiError::unauthenticated("the enrollment token is not valid"))?;
+    let vm = VmId::new(
+        state.default_subscription(),
+        ResourceGroup::parse(&req.resource_group)
+            .map_err(|e| ApiError::bad_param("resourceGroup", e))?,
+        VmName::parse(&req.name).map_err(|e| ApiError::bad_param("name", e))?,
+    );
+    let location = req
+        .location
+        .as_deref()
+        .map(Location::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad_param("location", e))?;
+    let (id, token, hash) = crate::auth::generate_token();
+    let principal = format!("agent:{vm}");
+    let now = Timestamp::now();
+    let args = EnrollArgs {
+        token_id: token_id.to_owned(),
+        presented_hash: sha256_hex(secret),
+        vm: vm.clone(),
+        location,
+        agent_token: TokenRecord {
+            id,
+            principal: principal.clone(),
+            secret_hash: hash,
+            description: format!("agent credential for {vm}"),
+            created: now,
+            expires: None,
+            revoked: None,
+        },
+    };
+    let audit = AuditCtx {
+        actor: format!("enroll-token:{token_id}"),
+        source: ip.to_string(),
+        now,
+    };
+    let vm = state.store.enroll(args, audit).await.map_err(|e| match e {
+        OpError::Refused(EnrollError::InvalidToken) => {
+            ApiError::unauthenticated("the enrollment token is not valid")
+        }
+        OpError::Refused(EnrollError::Expired) => ApiError::unauthenticated(
+            "the enrollment token has expired; ask an administrator for a new one",
+        ),
+        OpError::Refused(EnrollError::UsedUp) => ApiError::unauthenticated(
+            "the enrollment token has been used up; ask an administrator for a new one",
+        ),
+        OpError::Refused(EnrollError::Revoked) => {
+            ApiError::unauthenticated("the enrollment token has been revoked")
+        }
+        OpError::Refused(EnrollError::OutOfScope(scope)) => {
+            ApiError::forbidden(&format!("enroll-token:{token_id}"), "enroll", &scope)
+                .with_target("resourceGroup")
+        }
+        OpError::Refused(EnrollError::UnknownSubscription) => {
+            ApiError::internal("default subscription missing")
+        }
+        OpError::Store(s) => s.into(),
+    })?;
+    state.vm_changes.touch([&vm]);
+    Ok(Json(EnrollResponse {
+        vm_id: vm.to_string(),
+        subscription: vm.subscription.to_string(),
+        token,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollTokenIn {
+    scope: Option<String>,
+    uses: Option<i64>,
+    expires_in: Option<String>,
+    description: Option<String>,
+}
+
+fn enroll_token_json(t: &EnrollTokenRecord) -> Value {
+    json!({
+        "id": t.id,
+        "scope": t.scope.to_string(),
+        "usesLeft": t.uses_left,
+        "expiresAt": t.expires.to_string(),
+        "description": t.description,
+        "createdAt": t.created.to_string(),
+        "createdBy": t.created_by,
+        "revokedAt": t.revoked.map(|r| r.to_string()),
+    })
+}
+
+pub async fn create_enroll_token(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    JsonBody(body): JsonBody<EnrollTokenIn>,
+) -> ApiResult<Response> {
+    let scope = match body.scope.as_deref() {
+        None => Scope::Subscription(state.default_subscription()),
+        Some(s) => Scope::parse(s).map_err(|e| ApiError::bad_param("scope", e))?,
+    };
+    if matches!(scope, Scope::Vm(_)) {
+        return Err(ApiError::bad_param(
+            "scope",
+            "must be a subscription or a resource group",
+        ));
+    }
+    if !state.subscriptions.contains(&scope.subscription()) {
+        return Err(ApiError::bad_param(
+            "scope",
+            format!("subscription {} does not exist", scope.subscription()),
+        ));
+    }
+    let uses = body.uses.unwrap_or(1);
+    if !(1..=100_000).contains(&uses) {
+        return Err(ApiError::bad_param(
+            "uses",
+            format!("{uses} is outside 1-100000"),
+        ));
+    }
+    let secs =
+        jitgate_core::duration::parse_iso8601_secs(body.expires_in.as_deref().unwrap_or("PT24H"))
+            .map_err(|e| ApiError::bad_param("expiresIn", e))?;
+    if !(1..=30 * 86400).contains(&secs) {
+        return Err(ApiError::bad_param(
+            "expiresIn",
+            "must be between 1 second and 30 days",
+        ));
+    }
+    let description = body.description.unwrap_or_default();
+    if description.len() > 1024 {
+        return Err(ApiError::bad_param(
+            "description",
+            "is longer than 1024 characters",
+        ));
+    }
+    principal.require(Action::VmWrite, &scope)?;
+    let now = Timestamp::now();
+    let (id, text, hash) = crate::auth::generate_token();
+    let token = text.replacen("jg_", "je_", 1);
+    let record = EnrollTokenRecord {
+        id,
+        secret_hash: hash,
+        scope,
+        expires: now
+            .checked_add(jiff::SignedDuration::from_secs(secs))
+            .map_err(|e| ApiError::bad_param("expiresIn", e))?,
+        uses_left: uses as u32,
+        description,
+        created: now,
+        created_by: principal.name.clone(),
+        revoked: None,
+    };
+    let audit = AuditCtx {
+        actor: principal.name.clone(),
+        source: ip.to_string(),
+        now,
+    };
+    state
+        .store
+        .create_enroll_token(record.clone(), audit)
+        .await?;
+    let mut v = enroll_token_json(&record);
+    v["token"] = json!(token);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+pub async fn list_enroll_tokens(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Value>> {
+    let all = state.store.list_enroll_tokens().await?;
+    let value: Vec<Value> = all
+        .iter()
+        .filter(|t| principal.can(Action::VmWrite, &t.scope))
+        .map(enroll_token_json)
+        .collect();
+    Ok(Json(json!({"value": value})))
+}
