@@ -28,6 +28,13 @@ pub enum Command {
     ///
     /// Example: jitgate serve --listen 127.0.0.1:8080 --data-dir ./jitgate-data
     Serve(ServeArgs),
+    /// Run the agent on a protected host (as root): enforce its VM's rules in nftables.
+    ///
+    /// Example: jitgate agent --controller https://jit.example.com:8443 --enroll-token je_... --resource-group prod-web
+    Agent(AgentArgs),
+    /// Create and list enrollment tokens for agents.
+    #[command(subcommand)]
+    EnrollToken(EnrollTokenCommand),
     /// Register, list and show protected machines.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -76,6 +83,71 @@ pub struct ServeArgs {
         hide = true
     )]
     pub bootstrap_token: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct AgentArgs {
+    /// Controller URL.
+    #[arg(long, env = "JITGATE_CONTROLLER")]
+    pub controller: String,
+    /// Enrollment token (needed until the agent has its own credential).
+    #[arg(long, env = "JITGATE_ENROLL_TOKEN", hide_env_values = true)]
+    pub enroll_token: Option<String>,
+    /// Resource group of this machine.
+    #[arg(long, env = "JITGATE_RESOURCE_GROUP")]
+    pub resource_group: String,
+    /// Machine name [default: the hostname].
+    #[arg(long, env = "JITGATE_VM_NAME")]
+    pub name: Option<String>,
+    /// Location label (e.g. westeurope).
+    #[arg(long, env = "JITGATE_LOCATION")]
+    pub location: Option<String>,
+    /// Where the agent keeps its credential and last applied state.
+    #[arg(
+        long,
+        env = "JITGATE_STATE_DIR",
+        default_value = "/var/lib/jitgate-agent"
+    )]
+    pub state_dir: PathBuf,
+    /// PEM CA certificate of a controller with a private CA.
+    #[arg(long, env = "JITGATE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// The nft binary.
+    #[arg(long, default_value = "nft")]
+    pub nft: PathBuf,
+    /// Seconds between status reports when nothing changes.
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat_secs: u64,
+    /// Log format: text or json.
+    #[arg(long, env = "JITGATE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+#[derive(Subcommand)]
+pub enum EnrollTokenCommand {
+    /// Create an enrollment token (printed once).
+    ///
+    /// Example: jitgate enroll-token create --scope /subscriptions/<sub>/resourceGroups/prod-web --uses 10 --expires-in P1D
+    Create {
+        /// Subscription or resource group scope [default: the subscription].
+        #[arg(long)]
+        scope: Option<String>,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// ISO 8601 lifetime [default: PT24H].
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List enrollment tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Deserialize, Default)]
@@ -302,6 +374,8 @@ fn s(v: &Value) -> String {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Agent(args) => agent(args).await,
+        Command::EnrollToken(cmd) => enroll_token(cmd).await,
         Command::Vm(cmd) => vm(cmd).await,
         Command::Token(cmd) => token(cmd).await,
         Command::Role(cmd) => role(cmd).await,
@@ -553,4 +627,84 @@ async fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    init_logging(&args.log_format)?;
+    let name = match args.name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("cannot read the hostname; give --name")?
+            .trim()
+            .to_owned(),
+    };
+    let mut config = jitgate_agent::AgentConfig::new(
+        &args.controller,
+        &args.resource_group,
+        &name,
+        args.state_dir,
+    );
+    config.enroll_token = args.enroll_token;
+    config.location = args.location;
+    config.ca_cert = args.ca_cert;
+    config.nft = args.nft;
+    config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs.max(1));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let task = tokio::spawn(jitgate_agent::run(config, rx));
+    tokio::select! {
+        r = task => return r.context("agent task")?.map(|_| ExitCode::SUCCESS),
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("agent stopping; the kernel keeps enforcing the applied state");
+    let _ = tx.send(true);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        EnrollTokenCommand::Create {
+            scope,
+            uses,
+            expires_in,
+            description,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            let v = c
+                .post(
+                    "/api/v1/enrollTokens",
+                    &json!({"scope": scope, "uses": uses, "expiresIn": expires_in, "description": description}),
+                )
+                .await?;
+            print(client.json, &v, |v| {
+                eprintln!(
+                    "enrollment token {} for {} ({} uses, expires {}; shown once):",
+                    s(&v["id"]),
+                    s(&v["scope"]),
+                    s(&v["usesLeft"]),
+                    s(&v["expiresAt"])
+                );
+                println!("{}", s(&v["token"]));
+            });
+        }
+        EnrollTokenCommand::List { client } => {
+            let c = Client::new(&client)?;
+            let v = c.get("/api/v1/enrollTokens").await?;
+            print(client.json, &v, |v| {
+                println!("{:<14} {:<6} {:<32} SCOPE", "ID", "USES", "EXPIRES");
+                for t in items(v) {
+                    println!(
+                        "{:<14} {:<6} {:<32} {}",
+                        s(&t["id"]),
+                        s(&t["usesLeft"]),
+                        s(&t["expiresAt"]),
+                        s(&t["scope"])
+                    );
+                }
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

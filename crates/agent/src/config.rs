@@ -1,0 +1,44 @@
+//! The agent's configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Controller base URL, e.g. `https://jitgate.example.com:8443`.
+    pub controller: String,
+    /// Enrollment token, needed only until the agent has its own credential.
+    pub enroll_token: Option<String>,
+    pub resource_group: String,
+    pub name: String,
+    pub location: Option<String>,
+    pub state_dir: PathBuf,
+    /// PEM CA certificate for a controller with a private CA.
+    pub ca_cert: Option<PathBuf>,
+    /// The `nft` binary.
+    pub nft: PathBuf,
+    /// Where `/proc` is (tests may point elsewhere).
+    pub proc_root: PathBuf,
+    /// Status report interval when nothing changes.
+    pub heartbeat: Duration,
+    /// How long one long-poll may wait at the controller.
+    pub poll_wait: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(controller: &str, resource_group: &str, name: &str, state_dir: PathBuf) -> Self {
+        AgentConfig {
+            controller: controller.trim_end_matches('/').to_owned(),
+            enroll_token: None,
+            resource_group: resource_group.to_owned(),
+            name: name.to_owned(),
+            location: None,
+            state_dir,
+            ca_cert: None,
+            nft: PathBuf::from("nft"),
+            proc_root: PathBuf::from("/proc"),
+            heartbeat: Duration::from_secs(10),
+            poll_wait: Duration::from_secs(25),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! From a validated desired state to the kernel: plan with the pure planner
+//! (`jitgate_core::nft`), then one `nft -f` transaction.
+//!
+//! A change of grants only is applied as a delta (add/delete set elements); anything
+//! else, the first apply after start, or a failed delta rebuilds the whole table in one
+//! transaction, re-adding every live grant with its remaining lifetime. Either way the
+//! kernel never sees a half-applied state.
+
+use std::time::Instant;
+
+use jitgate_core::Timestamp;
+use jitgate_core::nft::{self, Element};
+use jitgate_core::nsg::NsgRule;
+use jitgate_proto::Desired;
+
+use crate::nft::Nft;
+
+/// What the agent last put in the kernel.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    pub revision: Option<String>,
+    pub rules: Vec<NsgRule>,
+    pub elements: Vec<Element>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyKind {
+    Full,
+    Delta,
+    Nothing,
+}
+
+pub struct Enforcer {
+    nft: Nft,
+    applied: Option<Applied>,
+}
+
+impl Enforcer {
+    pub fn new(nft: Nft) -> Self {
+        Enforcer { nft, applied: None }
+    }
+
+    pub fn applied_revision(&self) -> Option<&str> {
+        self.applied.as_ref().and_then(|a| a.revision.as_deref())
+    }
+
+    pub fn nft(&self) -> &Nft {
+        &self.nft
+    }
+
+    /// Makes the kernel match `desired` at `now`. Returns what was done and how long
+    /// the `nft` run took.
+    pub fn apply(
+        &mut self,
+        desired: &Desired,
+        now: Timestamp,
+    ) -> anyhow::Result<(ApplyKind, std::time::Duration)> {
+        nft::validate(&desired.rules)
+            .map_err(|e| anyhow::anyhow!("refusing an invalid desired state: {e}"))?;
+        let elements = nft::plan_elements(&desired.grants, now);
+        let started = Instant::now();
+        let kind = match &self.applied {
+            Some(a) if a.rules == desired.rules => {
+                let (add, remove) = nft::diff(&a.elements, &elements, now);
+                let script = nft::render_delta(&add, &remove, now);
+                if nft::delta_conflicts(&a.elements, &add, now) {
+                    self.nft
+                        .apply(&nft::render_full(&desired.rules, &elements, now))?;
+                    ApplyKind::Full
+                } else if script.is_empty() {
+                    ApplyKind::Nothing
+                } else if self.nft.apply(&script).is_ok() {
+                    ApplyKind::Delta
+                } else {
+                    // An element may have expired in the kernel between plan and apply;
+                    // rebuild instead.
+                    self.nft
+                        .apply(&nft::render_full(&desired.rules, &elements, now))?;
+                    ApplyKind::Full
+                }
+            }
+            _ => {
+                self.nft
+                    .apply(&nft::render_full(&desired.rules, &elements, now))?;
+                ApplyKind::Full
+            }
+        };
+        let took = started.elapsed();
+        self.applied = Some(Applied {
+            revision: Some(desired.revision.clone()),
+            rules: desired.rules.clone(),
+            elements,
+        });
+        Ok((kind, took))
+    }
+
+    /// Blocked-attempt counters of the JIT deny rules: (rule name, port, protocol, packets).
+    pub fn counters(&self) -> Vec<jitgate_proto::WireCounter> {
+        let Some(a) = &self.applied else {
+            return Vec::new();
+        };
+        let Ok(values) = self.nft.counters() else {
+            return Vec::new();
+        };
+        nft::deny_counter_names(&a.rules)
+            .into_iter()
+            .filter_map(|(name, port, protocol)| {
+                values.iter().find(|(n, _)| *n == name).map(|(_, packets)| {
+                    jitgate_proto::WireCounter {
+                        rule: name.clone(),
+                        port: port.get(),
+                        protocol: protocol.as_str().to_owned(),
+                        packets: *packets,
+                    }
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,98 @@
+//! The thin executor: runs `nft` for the agent. Only `table inet jitgate` is ever
+//! named; the ruleset as a whole is never listed.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+#[derive(Debug, Clone)]
+pub struct Nft {
+    bin: PathBuf,
+}
+
+impl Nft {
+    pub fn new(bin: PathBuf) -> Self {
+        Nft { bin }
+    }
+
+    /// Applies a script as one transaction (`nft -f -`): all or nothing.
+    pub fn apply(&self, script: &str) -> anyhow::Result<()> {
+        if script.is_empty() {
+            return Ok(());
+        }
+        let mut child = Command::new(&self.bin)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot run {} (is the nftables package installed?)",
+                    self.bin.display()
+                )
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .context("cannot write to nft")?;
+        }
+        let out = child.wait_with_output().context("nft did not finish")?;
+        if !out.status.success() {
+            bail!(
+                "nft -f failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| {
+                format!(
+                    "cannot run {} (is the nftables package installed?)",
+                    self.bin.display()
+                )
+            })?;
+        if !out.status.success() {
+            bail!(
+                "nft {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `nft --version`, e.g. `nftables v1.0.6 (Lester Gooch #5)`.
+    pub fn version(&self) -> anyhow::Result<String> {
+        Ok(self.run(&["--version"])?.trim().to_owned())
+    }
+
+    pub fn table_exists(&self) -> bool {
+        self.run(&["list", "table", "inet", "jitgate"]).is_ok()
+    }
+
+    /// Packet counts of the table's named counters.
+    pub fn counters(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let text = self.run(&["-j", "list", "counters", "table", "inet", "jitgate"])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).context("nft printed invalid JSON")?;
+        let mut out = Vec::new();
+        for item in v["nftables"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let c = &item["counter"];
+            if c["table"] == "jitgate"
+                && let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64())
+            {
+                out.push((name.to_owned(), packets));
+            }
+        }
+        Ok(out)
+    }
+}

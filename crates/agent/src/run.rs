@@ -1,0 +1,317 @@
+//! The agent's main loop: enroll, restore, long-poll, apply, report.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use jitgate_core::Timestamp;
+use jitgate_proto::{DesiredState, EnrollRequest, EnrollResponse, StatusReport};
+use tokio::sync::watch;
+
+use crate::config::AgentConfig;
+use crate::enforce::{ApplyKind, Enforcer};
+use crate::host;
+use crate::nft::Nft;
+use crate::state::{Credentials, StateDir};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What the status report says besides host facts.
+#[derive(Default, Clone)]
+struct Progress {
+    applied_revision: Option<String>,
+    applied_at: Option<String>,
+    error: Option<String>,
+}
+
+struct Shared {
+    config: AgentConfig,
+    http: reqwest::Client,
+    creds: Credentials,
+    enforcer: Mutex<Enforcer>,
+    progress: Mutex<Progress>,
+    nft_version: Option<String>,
+}
+
+fn client(config: &AgentConfig) -> anyhow::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(config.poll_wait + Duration::from_secs(15));
+    if let Some(ca) = &config.ca_cert {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        b = b.add_root_certificate(
+            reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?,
+        );
+    }
+    Ok(b.build()?)
+}
+
+async fn enroll(config: &AgentConfig, http: &reqwest::Client) -> anyhow::Result<Credentials> {
+    let token = config
+        .enroll_token
+        .clone()
+        .context("this agent has no credential yet: give --enroll-token (created with `jitgate enroll-token create`)")?;
+    let body = EnrollRequest {
+        enroll_token: token,
+        resource_group: config.resource_group.clone(),
+        name: config.name.clone(),
+        location: config.location.clone(),
+    };
+    let resp = http
+        .post(format!("{}/api/v1/agent/enroll", config.controller))
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the controller at {}", config.controller))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        bail!("enrollment refused ({status}): {msg}");
+    }
+    let r: EnrollResponse = serde_json::from_str(&text)
+        .context("the controller's enrollment answer is not understood")?;
+    Ok(Credentials {
+        controller: config.controller.clone(),
+        vm_id: r.vm_id,
+        token: r.token,
+    })
+}
+
+impl Shared {
+    async fn report(&self) {
+        let progress = self.progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let counters = self
+            .enforcer
+            .lock()
+            .map(|e| e.counters())
+            .unwrap_or_default();
+        let report = StatusReport {
+            applied_revision: progress.applied_revision,
+            applied_at: progress.applied_at,
+            nft_version: self.nft_version.clone(),
+            error: progress.error,
+            hostname: host::hostname(),
+            os: host::os_name(),
+            agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            addresses: host::addresses(),
+            listening: host::listeners(&self.config.proc_root),
+            counters,
+        };
+        let r = self
+            .http
+            .post(format!("{}/api/v1/agent/status", self.config.controller))
+            .query(&[("vm", self.creds.vm_id.as_str())])
+            .bearer_auth(&self.creds.token)
+            .json(&report)
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => {}
+            Ok(resp) => tracing::warn!(status = %resp.status(), "status report refused"),
+            Err(e) => tracing::debug!(error = %e, "status report failed"),
+        }
+    }
+
+    /// Validates and applies a desired state; records the outcome.
+    fn apply(&self, d: &DesiredState) -> anyhow::Result<ApplyKind> {
+        let result = (|| {
+            let desired = jitgate_proto::decode(d)
+                .map_err(|e| anyhow::anyhow!("invalid desired state: {e}"))?;
+            if desired.vm.to_string().to_ascii_lowercase() != self.creds.vm_id.to_ascii_lowercase()
+            {
+                bail!(
+                    "desired state is for {}, not this VM ({})",
+                    desired.vm,
+                    self.creds.vm_id
+                );
+            }
+            let mut enforcer = self
+                .enforcer
+                .lock()
+                .map_err(|_| anyhow::anyhow!("enforcer lock poisoned"))?;
+            let (kind, took) = enforcer.apply(&desired, Timestamp::now())?;
+            tracing::info!(revision = %desired.revision, ?kind, took_ms = took.as_secs_f64() * 1000.0, grants = desired.grants.len(), "applied");
+            Ok(kind)
+        })();
+        if let Ok(mut p) = self.progress.lock() {
+            match &result {
+                Ok(_) => {
+                    p.applied_revision = Some(d.revision.clone());
+                    p.applied_at = Some(Timestamp::now().to_string());
+                    p.error = None;
+                }
+                Err(e) => p.error = Some(format!("{e:#}")),
+            }
+        }
+        result
+    }
+
+    async fn poll(&self, known: Option<&str>) -> Result<DesiredState, PollError> {
+        let wait = self.config.poll_wait.as_secs().to_string();
+        let mut q = vec![("vm", self.creds.vm_id.as_str()), ("wait", wait.as_str())];
+        if let Some(k) = known {
+            q.push(("known", k));
+        }
+        let resp = self
+            .http
+            .get(format!("{}/api/v1/agent/desired", self.config.controller))
+            .query(&q)
+            .bearer_auth(&self.creds.token)
+            .send()
+            .await
+            .map_err(|e| PollError::Unreachable(e.to_string()))?;
+        let status = resp.status();
+        if status.as_u16() == 401 || status.as_u16() == 403 {
+            return Err(PollError::Refused(resp.text().await.unwrap_or_default()));
+        }
+        if !status.is_success() {
+            return Err(PollError::Unreachable(format!("{status}")));
+        }
+        resp.json::<DesiredState>()
+            .await
+            .map_err(|e| PollError::Unreachable(format!("bad answer: {e}")))
+    }
+}
+
+#[derive(Debug)]
+enum PollError {
+    Unreachable(String),
+    Refused(String),
+}
+
+/// Runs the agent until `shutdown` turns true.
+pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let state = StateDir::open(&config.state_dir)?;
+    let http = client(&config)?;
+    let creds = match state.credentials()? {
+        Some(c) if c.controller == config.controller => c,
+        _ => {
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                match enroll(&config, &http).await {
+                    Ok(c) => {
+                        state.save_credentials(&c)?;
+                        tracing::info!(vm = %c.vm_id, "enrolled");
+                        break c;
+                    }
+                    Err(e)
+                        if format!("{e:#}").contains("refused")
+                            || config.enroll_token.is_none() =>
+                    {
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "enrollment failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.changed() => return Ok(()),
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        }
+    };
+    let nft = Nft::new(config.nft.clone());
+    let nft_version = nft.version().ok();
+    if nft_version.is_none() {
+        tracing::error!(
+            "nft is not runnable: install the nftables package; enforcement will fail until then"
+        );
+    }
+    let shared = Arc::new(Shared {
+        http,
+        creds,
+        enforcer: Mutex::new(Enforcer::new(nft)),
+        progress: Mutex::new(Progress::default()),
+        nft_version,
+        config,
+    });
+
+    // Restore what was last applied, with remaining lifetimes, before asking anything:
+    // a restart never drops a live grant, and works with the controller down.
+    if let Some(cached) = state.applied() {
+        match shared.apply(&cached) {
+            Ok(_) => tracing::info!(revision = %cached.revision, "restored the last applied state"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot restore the last applied state")
+            }
+        }
+    }
+
+    let hb = shared.clone();
+    let mut hb_shutdown = shutdown.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            hb.report().await;
+            tokio::select! {
+                _ = tokio::time::sleep(hb.config.heartbeat) => {}
+                _ = hb_shutdown.changed() => return,
+            }
+        }
+    });
+
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let known = shared
+            .progress
+            .lock()
+            .ok()
+            .and_then(|p| p.applied_revision.clone());
+        let polled = tokio::select! {
+            r = shared.poll(known.as_deref()) => r,
+            _ = shutdown.changed() => break,
+        };
+        match polled {
+            Ok(d) => {
+                backoff = Duration::from_millis(200);
+                if known.as_deref() == Some(d.revision.as_str()) {
+                    continue;
+                }
+                match shared.apply(&d) {
+                    Ok(_) => {
+                        if let Err(e) = state.save_applied(&d) {
+                            tracing::error!(error = %format!("{e:#}"), "cannot persist the applied state");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "apply failed; keeping the previous state");
+                        let s = shared.clone();
+                        tokio::spawn(async move { s.report().await });
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.changed() => break,
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+                let s = shared.clone();
+                tokio::spawn(async move { s.report().await });
+            }
+            Err(e) => {
+                match &e {
+                    PollError::Refused(m) => {
+                        tracing::error!(message = %m, "the controller refused this agent's credential")
+                    }
+                    PollError::Unreachable(m) => {
+                        tracing::warn!(error = %m, "controller unreachable; keeping the last applied state")
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => break,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    heartbeat.abort();
+    Ok(())
+}
