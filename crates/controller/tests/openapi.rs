@@ -6,6 +6,9 @@
 //! path is a string literal, a `const` string, or `format!` over such consts, and the
 //! methods are the calls chained in the method router (`get(h).post(h)`,
 //! `axum::routing::delete(h)`). Adding a route without documenting it fails here.
+//!
+//! Likewise the paths that need no bearer token are read from `src/auth.rs`
+//! (`is_public`), and exactly those must be documented with `"security": []`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -419,11 +422,54 @@ fn every_reference_resolves() {
     }
 }
 
+/// The paths `auth::is_public` lets through without a bearer token: the string
+/// literals in its body.
+fn public_paths() -> BTreeSet<String> {
+    let src = strip_comments(include_str!("../src/auth.rs"));
+    let at = src
+        .find("fn is_public(")
+        .expect("src/auth.rs has no `fn is_public(`");
+    let body = &src[at..];
+    let body = &body[..body.find("\n}").expect("is_public has no end")];
+    // No literal in it holds an escaped quote: every other piece is a literal.
+    body.split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn public_paths_are_read_from_the_auth_layer() {
+    let public = public_paths();
+    for p in [
+        "/api/v1/health",
+        "/metrics",
+        "/api/v1/openapi.json",
+        "/api/v1/agent/enroll",
+    ] {
+        assert!(
+            public.contains(p),
+            "the scanner missed public path {p}; it found {public:?}"
+        );
+    }
+    assert!(
+        public.iter().all(|p| p.starts_with('/')),
+        "is_public holds a literal that is not a path: {public:?}"
+    );
+}
+
 #[test]
 fn public_paths_need_no_token_and_the_rest_do() {
-    // Mirrors `auth::is_public`: only these are reachable without a bearer token.
-    let public = ["/api/v1/health", "/metrics", "/api/v1/openapi.json"];
+    // Mirrors `auth::is_public`: only its paths are reachable without a bearer token.
+    let public = public_paths();
     let doc = doc();
+    let documented: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    let undocumented: Vec<_> = public.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "public paths in is_public that src/openapi.json does not document: {undocumented:?}"
+    );
     assert_eq!(doc["security"][0]["bearerAuth"], Value::Array(vec![]));
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
@@ -433,7 +479,7 @@ fn public_paths_need_no_token_and_the_rest_do() {
             let open = op.get("security") == Some(&Value::Array(vec![]));
             assert_eq!(
                 open,
-                public.contains(&path.as_str()),
+                public.contains(path.as_str()),
                 "{method} {path}: security does not match the auth layer"
             );
         }
