@@ -14,8 +14,10 @@ pub mod duration;
 pub mod error;
 pub mod ids;
 pub mod net;
+pub mod nft;
 pub mod nsg;
 pub mod policy;
+pub mod procnet;
 pub mod rbac;
 pub mod request;
 
