@@ -31,6 +31,7 @@ use uuid::Uuid;
 use jitgate_core::audit::{AuditEntry, AuditRecord, Outcome, VerifyReport};
 use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, SubscriptionId, VmId, VmName};
 use jitgate_core::net::{Port, Protocol, SourcePrefix};
+use jitgate_core::nsg::{Access, NsgRule, RuleOrigin, parse_port_range};
 use jitgate_core::policy::{
     Policy, PolicyInput, PolicyKey, PolicySpec, PolicyVmInput, PortRuleInput, RawPrefix,
     validate_policy,
@@ -90,6 +91,14 @@ macro_rules! store_conformance_tests {
             append_audit_assigns_consecutive_seqs,
             query_audit_filters,
             grouped_writes_keep_the_chain_contiguous,
+            nsg_rules_create_replace_list_delete,
+            nsg_rule_refusals_change_nothing,
+            enroll_registers_the_vm_and_issues_an_agent_credential,
+            enroll_uses_run_out,
+            enroll_refuses_an_expired_token,
+            enroll_refusals_change_nothing,
+            re_enroll_revokes_the_previous_agent_credential,
+            agent_status_put_get_upserts,
         );
     };
 }
@@ -470,6 +479,10 @@ struct Snapshot {
     tokens: Vec<TokenRecord>,
     assignments: Vec<RoleAssignmentRecord>,
     next_expiry: Option<Timestamp>,
+    /// Each registered VM's user NSG rules and agent status, in `vms` order.
+    nsg_rules: Vec<Vec<NsgRule>>,
+    agent_status: Vec<Option<AgentStatusRecord>>,
+    enroll_tokens: Vec<EnrollTokenRecord>,
 }
 
 async fn snapshot(store: &dyn Store) -> Snapshot {
@@ -488,6 +501,14 @@ async fn snapshot(store: &dyn Store) -> Snapshot {
         .await
         .unwrap();
     requests.sort_by_key(|r| r.id);
+    let mut nsg_rules = Vec::new();
+    let mut agent_status = Vec::new();
+    for v in &vms {
+        nsg_rules.push(store.nsg_rules(&v.id).await.unwrap());
+        agent_status.push(store.agent_status(&v.id).await.unwrap());
+    }
+    let mut enroll_tokens = store.list_enroll_tokens().await.unwrap();
+    enroll_tokens.sort_by(|a, b| a.id.cmp(&b.id));
     Snapshot {
         audit_count: report.count,
         audit_head: report.head_hash,
@@ -501,6 +522,9 @@ async fn snapshot(store: &dyn Store) -> Snapshot {
         tokens,
         assignments,
         next_expiry: store.next_expiry().await.unwrap(),
+        nsg_rules,
+        agent_status,
+        enroll_tokens,
     }
 }
 
@@ -2821,4 +2845,698 @@ pub async fn grouped_writes_keep_the_chain_contiguous(store: &dyn Store) {
     let n = store.append_audit(e(4)).await.unwrap();
     assert_eq!(n, n0 + 6);
     verified(store).await;
+}
+
+// ---- user NSG rules -----------------------------------------------------------------
+
+/// A user rule from anywhere listed in `sources` to `ports`, TCP.
+fn nsg_rule(
+    name: &str,
+    priority: u16,
+    access: Access,
+    ports: &[&str],
+    sources: &[&str],
+) -> NsgRule {
+    NsgRule {
+        name: name.into(),
+        priority,
+        access,
+        protocol: Protocol::Tcp,
+        sources: sources.iter().map(|s| prefix(s)).collect(),
+        ports: ports.iter().map(|p| parse_port_range(p).unwrap()).collect(),
+        description: format!("rule {name}"),
+        origin: RuleOrigin::User,
+    }
+}
+
+/// `put_nsg_rule` reports created, then replaced; `nsg_rules` lists by priority, per
+/// VM, case-insensitively; `delete_nsg_rule` deletes once. Every change is audited.
+pub async fn nsg_rules_create_replace_list_delete(store: &dyn Store) {
+    let s = scene(store).await;
+    let c = |t: i64| ctx_as("netadmin", at(t));
+    let mut seq = verified(store).await.last_seq;
+    assert!(store.nsg_rules(&s.vm1).await.unwrap().is_empty());
+
+    let ssh = nsg_rule("corp-ssh", 300, Access::Allow, &["22"], &["10.0.0.0/8"]);
+    let web = nsg_rule("web", 200, Access::Allow, &["80", "443"], &["*"]);
+    let created = store
+        .put_nsg_rule(&s.vm1, ssh.clone(), c(10))
+        .await
+        .unwrap();
+    assert!(created, "a new rule reports created");
+    seq = expect_events(store, seq, &["nsgRule.create"], &c(10)).await;
+    let last = events_after(store, seq - 1).await;
+    assert!(
+        last[0]
+            .entry
+            .target
+            .eq_ignore_ascii_case(&s.vm1.to_string()),
+        "nsg rule events target the VM: {:?}",
+        last[0]
+    );
+    assert!(
+        store
+            .put_nsg_rule(&s.vm1, web.clone(), c(20))
+            .await
+            .unwrap()
+    );
+    seq = expect_events(store, seq, &["nsgRule.create"], &c(20)).await;
+    assert_eq!(
+        store.nsg_rules(&s.vm1).await.unwrap(),
+        vec![web.clone(), ssh.clone()],
+        "rules are listed by priority, as stored"
+    );
+    assert_eq!(
+        store.nsg_rules(&shout(&s.vm1)).await.unwrap(),
+        vec![web.clone(), ssh.clone()],
+        "the VM matches case-insensitively"
+    );
+
+    // Replacing: new priority, ports, sources, access and protocol.
+    let ssh2 = NsgRule {
+        priority: 150,
+        access: Access::Deny,
+        protocol: Protocol::Any,
+        sources: vec![prefix("192.0.2.0/24"), prefix("2001:db8::/32")],
+        ports: vec![
+            parse_port_range("22").unwrap(),
+            parse_port_range("5985-5986").unwrap(),
+        ],
+        description: "replaced".into(),
+        ..ssh.clone()
+    };
+    let created = store
+        .put_nsg_rule(&shout(&s.vm1), ssh2.clone(), c(30))
+        .await
+        .unwrap();
+    assert!(
+        !created,
+        "replacing a rule of the same name reports not created"
+    );
+    seq = expect_events(store, seq, &["nsgRule.update"], &c(30)).await;
+    assert_eq!(
+        store.nsg_rules(&s.vm1).await.unwrap(),
+        vec![ssh2.clone(), web.clone()],
+        "the replacement took the old rule's place, by its new priority"
+    );
+    // A rule may keep its own priority when it is replaced.
+    assert!(
+        !store
+            .put_nsg_rule(&s.vm1, ssh2.clone(), c(40))
+            .await
+            .unwrap()
+    );
+    seq = expect_events(store, seq, &["nsgRule.update"], &c(40)).await;
+
+    // Priorities and names are per VM.
+    let other = nsg_rule("web", 200, Access::Deny, &["8080"], &["*"]);
+    assert!(
+        store
+            .put_nsg_rule(&s.vm2, other.clone(), c(50))
+            .await
+            .unwrap()
+    );
+    seq = expect_events(store, seq, &["nsgRule.create"], &c(50)).await;
+    assert_eq!(store.nsg_rules(&s.vm2).await.unwrap(), vec![other]);
+    assert_eq!(
+        store.nsg_rules(&s.vm1).await.unwrap(),
+        vec![ssh2.clone(), web]
+    );
+    assert!(store.nsg_rules(&s.vm3).await.unwrap().is_empty());
+
+    assert!(
+        store
+            .delete_nsg_rule(&shout(&s.vm1), "web", c(60))
+            .await
+            .unwrap()
+    );
+    seq = expect_events(store, seq, &["nsgRule.delete"], &c(60)).await;
+    assert_eq!(store.nsg_rules(&s.vm1).await.unwrap(), vec![ssh2]);
+    assert_eq!(
+        store.nsg_rules(&s.vm2).await.unwrap().len(),
+        1,
+        "deleting vm1's rule left vm2's rule of the same name"
+    );
+
+    let before = snapshot(store).await;
+    assert!(
+        !store.delete_nsg_rule(&s.vm1, "web", c(70)).await.unwrap(),
+        "deleting twice returns false"
+    );
+    assert!(!store.delete_nsg_rule(&s.vm3, "nope", c(70)).await.unwrap());
+    assert!(
+        !store
+            .delete_nsg_rule(&vm("rg1", "ghost"), "web", c(70))
+            .await
+            .unwrap(),
+        "deleting on an unknown VM returns false"
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "deleting nothing changed the store"
+    );
+    assert_eq!(verified(store).await.last_seq, seq);
+}
+
+/// A priority held by another rule of the VM is refused naming that rule; a rule for
+/// an unregistered VM is refused. Neither changes anything.
+pub async fn nsg_rule_refusals_change_nothing(store: &dyn Store) {
+    let s = scene(store).await;
+    let web = nsg_rule("web", 200, Access::Allow, &["443"], &["*"]);
+    let ssh = nsg_rule("corp-ssh", 300, Access::Allow, &["22"], &["10.0.0.0/8"]);
+    store
+        .put_nsg_rule(&s.vm1, web.clone(), ctx(at(10)))
+        .await
+        .unwrap();
+    store
+        .put_nsg_rule(&s.vm1, ssh.clone(), ctx(at(10)))
+        .await
+        .unwrap();
+
+    let before = snapshot(store).await;
+    let taken = nsg_rule("other", 200, Access::Deny, &["22"], &["*"]);
+    let r = store.put_nsg_rule(&s.vm1, taken, ctx(at(20))).await;
+    assert_eq!(
+        refusal("a new rule at a taken priority", r),
+        NsgRuleError::PriorityTaken("web".into())
+    );
+    let moved = NsgRule {
+        priority: 200,
+        ..ssh.clone()
+    };
+    let r = store.put_nsg_rule(&shout(&s.vm1), moved, ctx(at(20))).await;
+    assert_eq!(
+        refusal("replacing a rule onto a taken priority", r),
+        NsgRuleError::PriorityTaken("web".into())
+    );
+    let ghost = vm("rg1", "ghost");
+    let r = store.put_nsg_rule(&ghost, ssh.clone(), ctx(at(20))).await;
+    assert_eq!(
+        refusal("a rule for an unknown VM", r),
+        NsgRuleError::UnknownVm
+    );
+    let r = store
+        .put_nsg_rule(&vm_in(other_sub(), "rg1", "vm1"), ssh.clone(), ctx(at(20)))
+        .await;
+    assert_eq!(
+        refusal("a rule for a VM of an unknown subscription", r),
+        NsgRuleError::UnknownVm
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusals changed the store"
+    );
+    assert_eq!(store.nsg_rules(&s.vm1).await.unwrap(), vec![web, ssh]);
+    assert!(store.nsg_rules(&ghost).await.unwrap().is_empty());
+}
+
+// ---- agents -------------------------------------------------------------------------
+
+/// The stored hash of enrollment token `id`'s secret (opaque to the store).
+fn enroll_secret(id: &str) -> String {
+    format!("{:0>64}", format!("e{id}"))
+}
+
+fn enroll_token(id: &str, scope: Scope, uses: u32, expires: Timestamp) -> EnrollTokenRecord {
+    EnrollTokenRecord {
+        id: id.into(),
+        secret_hash: enroll_secret(id),
+        scope,
+        expires,
+        uses_left: uses,
+        description: format!("enroll token {id}"),
+        created: t0(),
+        created_by: OWNER.into(),
+        revoked: None,
+    }
+}
+
+fn rg_scope(group: &str) -> Scope {
+    Scope::ResourceGroup(sub(), rg(group))
+}
+
+/// The principal of `vm`'s agent, as the controller names it.
+fn agent_principal(vm: &VmId) -> String {
+    format!("agent:{vm}")
+}
+
+/// Enrollment of `vm` presenting `token_id`'s right secret; the agent credential gets
+/// id `agent_token`.
+fn enroll_args(token_id: &str, vm: &VmId, agent_token: &str, now: Timestamp) -> EnrollArgs {
+    EnrollArgs {
+        token_id: token_id.into(),
+        presented_hash: enroll_secret(token_id),
+        vm: vm.clone(),
+        location: Some(loc("westeurope")),
+        agent_token: TokenRecord {
+            description: format!("agent credential for {vm}"),
+            ..token(agent_token, &agent_principal(vm), now)
+        },
+    }
+}
+
+/// The audit context of an enrollment with `token_id`.
+fn enroll_ctx(token_id: &str, now: Timestamp) -> AuditCtx {
+    ctx_as(&format!("enroll-token:{token_id}"), now)
+}
+
+async fn uses_left(store: &dyn Store, id: &str) -> u32 {
+    store
+        .list_enroll_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.id == id)
+        .unwrap_or_else(|| panic!("enrollment token {id} not listed"))
+        .uses_left
+}
+
+/// A valid enrollment registers the VM, stores the agent's credential as given and
+/// gives its principal the Agent role on that VM only; it uses one use, and is audited.
+pub async fn enroll_registers_the_vm_and_issues_an_agent_credential(store: &dyn Store) {
+    install(store).await;
+    let tok = enroll_token("et1", rg_scope("rg1"), 5, at(3600));
+    let mut seq = verified(store).await.last_seq;
+    store
+        .create_enroll_token(tok.clone(), ctx(at(1)))
+        .await
+        .unwrap();
+    seq = expect_events(store, seq, &["enrollToken.create"], &ctx(at(1))).await;
+    assert_eq!(store.list_enroll_tokens().await.unwrap(), vec![tok.clone()]);
+
+    let v = vm("rg1", "web-1");
+    assert_eq!(store.get_vm(&v).await.unwrap(), None);
+    let args = enroll_args("et1", &v, "jg_agent1", at(10));
+    let agent_token = args.agent_token.clone();
+    let got = store
+        .enroll(args, enroll_ctx("et1", at(10)))
+        .await
+        .unwrap_or_else(|e| panic!("enroll failed: {e:?}"));
+    assert_eq!(got, v, "enroll returns the VM");
+    seq = expect_events(store, seq, &["agent.enroll"], &enroll_ctx("et1", at(10))).await;
+    let last = events_after(store, seq - 1).await;
+    assert!(
+        last[0].entry.target.eq_ignore_ascii_case(&v.to_string()),
+        "agent.enroll targets the VM: {:?}",
+        last[0]
+    );
+
+    let rec = store
+        .get_vm(&v)
+        .await
+        .unwrap()
+        .expect("enrollment registers the VM");
+    assert_eq!(rec.location, Some(loc("westeurope")));
+    assert_eq!(rec.created, at(10));
+    assert_eq!(
+        store.find_token("jg_agent1").await.unwrap(),
+        Some(agent_token),
+        "the agent credential is stored as given"
+    );
+    let ras = store
+        .role_assignments(Some(&agent_principal(&v)))
+        .await
+        .unwrap();
+    assert_eq!(ras.len(), 1, "one role assignment for the agent: {ras:?}");
+    assert_eq!(
+        ras[0].assignment,
+        RoleAssignment {
+            principal: agent_principal(&v),
+            role: Role::Agent,
+            scope: v.scope(),
+        },
+        "the agent holds the Agent role on its VM only"
+    );
+    assert_eq!(uses_left(store, "et1").await, 4, "one use was used");
+
+    // Enrolling a VM an admin registered keeps the admin's record.
+    let admin = vm("rg1", "db-1");
+    register(store, &admin, at(20)).await;
+    let first = store.get_vm(&admin).await.unwrap();
+    seq = verified(store).await.last_seq;
+    let got = store
+        .enroll(
+            enroll_args("et1", &shout(&admin), "jg_agent2", at(30)),
+            enroll_ctx("et1", at(30)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, admin, "the same VM, matched case-insensitively");
+    expect_events(store, seq, &["agent.enroll"], &enroll_ctx("et1", at(30))).await;
+    assert_eq!(
+        store.get_vm(&admin).await.unwrap(),
+        first,
+        "enrolling a registered VM keeps its record"
+    );
+    assert_eq!(store.list_vms(sub(), None).await.unwrap().len(), 2);
+    assert_eq!(uses_left(store, "et1").await, 3);
+    assert_eq!(
+        store
+            .find_token("jg_agent1")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked,
+        None,
+        "another VM's enrollment leaves web-1's agent credential alone"
+    );
+}
+
+/// Each enrollment uses one use; with none left, enrollment is refused (`UsedUp`).
+pub async fn enroll_uses_run_out(store: &dyn Store) {
+    install(store).await;
+    store
+        .create_enroll_token(
+            enroll_token("et2", Scope::Subscription(sub()), 2, at(3600)),
+            ctx(at(1)),
+        )
+        .await
+        .unwrap();
+    let (v1, v2, v3) = (vm("rgA", "a"), vm("rgB", "b"), vm("rgA", "c"));
+    store
+        .enroll(
+            enroll_args("et2", &v1, "jg_a", at(10)),
+            enroll_ctx("et2", at(10)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(uses_left(store, "et2").await, 1);
+    store
+        .enroll(
+            enroll_args("et2", &v2, "jg_b", at(20)),
+            enroll_ctx("et2", at(20)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(uses_left(store, "et2").await, 0);
+
+    let before = snapshot(store).await;
+    let r = store
+        .enroll(
+            enroll_args("et2", &v3, "jg_c", at(30)),
+            enroll_ctx("et2", at(30)),
+        )
+        .await;
+    assert_eq!(refusal("enroll with no use left", r), EnrollError::UsedUp);
+    let r = store
+        .enroll(
+            enroll_args("et2", &v1, "jg_c", at(30)),
+            enroll_ctx("et2", at(30)),
+        )
+        .await;
+    assert_eq!(
+        refusal("re-enroll with no use left", r),
+        EnrollError::UsedUp
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusals changed the store"
+    );
+    assert_eq!(store.get_vm(&v3).await.unwrap(), None);
+    assert_eq!(store.find_token("jg_c").await.unwrap(), None);
+    assert_eq!(
+        store.find_token("jg_a").await.unwrap().unwrap().revoked,
+        None,
+        "a refused re-enrollment keeps the current agent credential"
+    );
+}
+
+/// An enrollment token works until its expiry time, exclusive (simulated clock).
+pub async fn enroll_refuses_an_expired_token(store: &dyn Store) {
+    install(store).await;
+    store
+        .create_enroll_token(enroll_token("et3", rg_scope("rg1"), 5, at(100)), ctx(at(1)))
+        .await
+        .unwrap();
+    store
+        .enroll(
+            enroll_args("et3", &vm("rg1", "early"), "jg_early", at(99)),
+            enroll_ctx("et3", at(99)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("enroll a second before expiry failed: {e:?}"));
+
+    let before = snapshot(store).await;
+    for t in [100, 101, 86_400] {
+        let r = store
+            .enroll(
+                enroll_args("et3", &vm("rg1", "late"), "jg_late", at(t)),
+                enroll_ctx("et3", at(t)),
+            )
+            .await;
+        assert_eq!(
+            refusal(&format!("enroll {t} s after t0, expiry at 100 s"), r),
+            EnrollError::Expired
+        );
+    }
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusals changed the store"
+    );
+    assert_eq!(uses_left(store, "et3").await, 4);
+    assert_eq!(store.get_vm(&vm("rg1", "late")).await.unwrap(), None);
+}
+
+/// A wrong secret or unknown id (`InvalidToken`, whatever the token's state), a
+/// revoked token, a VM outside the token's scope, an unknown subscription: refused,
+/// and nothing changes (no VM, no credential, no role, no use, no audit event).
+pub async fn enroll_refusals_change_nothing(store: &dyn Store) {
+    install(store).await;
+    let good = enroll_token("et4", rg_scope("rg1"), 1, at(3600));
+    let spent = enroll_token("et5", rg_scope("rg1"), 0, at(3600));
+    let old = enroll_token("et6", rg_scope("rg1"), 1, at(10));
+    let revoked = EnrollTokenRecord {
+        revoked: Some(at(5)),
+        ..enroll_token("et7", rg_scope("rg1"), 1, at(3600))
+    };
+    let foreign = enroll_token("et8", Scope::Subscription(other_sub()), 1, at(3600));
+    for t in [&good, &spent, &old, &revoked, &foreign] {
+        store
+            .create_enroll_token(t.clone(), ctx(at(1)))
+            .await
+            .unwrap();
+    }
+    let v = vm("rg1", "web-1");
+    let now = at(20);
+
+    let before = snapshot(store).await;
+    let wrong = |token_id: &str| EnrollArgs {
+        presented_hash: enroll_secret("wrong"),
+        ..enroll_args(token_id, &v, "jg_x", now)
+    };
+    for id in ["et4", "et5", "et6", "et7"] {
+        let r = store.enroll(wrong(id), enroll_ctx(id, now)).await;
+        assert_eq!(
+            refusal(&format!("enroll with {id} and a wrong secret"), r),
+            EnrollError::InvalidToken,
+            "a wrong secret must not reveal the token's state"
+        );
+    }
+    let r = store
+        .enroll(
+            enroll_args("nope", &v, "jg_x", now),
+            enroll_ctx("nope", now),
+        )
+        .await;
+    assert_eq!(
+        refusal("enroll with an unknown token id", r),
+        EnrollError::InvalidToken
+    );
+    let r = store
+        .enroll(enroll_args("et7", &v, "jg_x", now), enroll_ctx("et7", now))
+        .await;
+    assert_eq!(
+        refusal("enroll with a revoked token", r),
+        EnrollError::Revoked
+    );
+    let r = store
+        .enroll(enroll_args("et6", &v, "jg_x", now), enroll_ctx("et6", now))
+        .await;
+    assert_eq!(
+        refusal("enroll with an expired token", r),
+        EnrollError::Expired
+    );
+    let r = store
+        .enroll(enroll_args("et5", &v, "jg_x", now), enroll_ctx("et5", now))
+        .await;
+    assert_eq!(
+        refusal("enroll with a used-up token", r),
+        EnrollError::UsedUp
+    );
+    for outside in [vm("rg2", "web-1"), vm_in(other_sub(), "rg1", "web-1")] {
+        let r = store
+            .enroll(
+                enroll_args("et4", &outside, "jg_x", now),
+                enroll_ctx("et4", now),
+            )
+            .await;
+        match refusal(&format!("enroll {outside} with a token for rg1"), r) {
+            EnrollError::OutOfScope(scope) => assert!(
+                scope.eq_ignore_ascii_case(&good.scope.to_string()),
+                "OutOfScope names {scope}, expected {}",
+                good.scope
+            ),
+            other => panic!("expected OutOfScope, got {other:?}"),
+        }
+    }
+    let r = store
+        .enroll(
+            enroll_args("et8", &vm_in(other_sub(), "rg1", "web-1"), "jg_x", now),
+            enroll_ctx("et8", now),
+        )
+        .await;
+    assert_eq!(
+        refusal("enroll into a subscription the store does not know", r),
+        EnrollError::UnknownSubscription
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusals changed the store"
+    );
+    assert_eq!(store.get_vm(&v).await.unwrap(), None);
+    assert_eq!(store.find_token("jg_x").await.unwrap(), None);
+    assert!(
+        store
+            .role_assignments(Some(&agent_principal(&v)))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The good token still works afterwards, once.
+    store
+        .enroll(enroll_args("et4", &v, "jg_ok", now), enroll_ctx("et4", now))
+        .await
+        .unwrap_or_else(|e| panic!("enroll after the refusals failed: {e:?}"));
+    assert_eq!(uses_left(store, "et4").await, 0);
+}
+
+/// Enrolling a VM again revokes its previous agent credential (at the enrollment's
+/// time) and leaves exactly one Agent role assignment; other agents are untouched.
+pub async fn re_enroll_revokes_the_previous_agent_credential(store: &dyn Store) {
+    install(store).await;
+    store
+        .create_enroll_token(
+            enroll_token("et9", rg_scope("rg1"), 5, at(3600)),
+            ctx(at(1)),
+        )
+        .await
+        .unwrap();
+    let (v1, v2) = (vm("rg1", "vm1"), vm("rg1", "vm2"));
+    for (v, id, t) in [(&v1, "jg_v1a", 10), (&v2, "jg_v2a", 11)] {
+        store
+            .enroll(enroll_args("et9", v, id, at(t)), enroll_ctx("et9", at(t)))
+            .await
+            .unwrap();
+    }
+    let seq = verified(store).await.last_seq;
+    store
+        .enroll(
+            enroll_args("et9", &v1, "jg_v1b", at(20)),
+            enroll_ctx("et9", at(20)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("re-enroll failed: {e:?}"));
+    expect_events(store, seq, &["agent.enroll"], &enroll_ctx("et9", at(20))).await;
+
+    assert_eq!(
+        store.find_token("jg_v1a").await.unwrap().unwrap().revoked,
+        Some(at(20)),
+        "the previous credential is revoked at the re-enrollment"
+    );
+    let new = store.find_token("jg_v1b").await.unwrap().unwrap();
+    assert_eq!(
+        (new.principal.as_str(), new.revoked),
+        (agent_principal(&v1).as_str(), None)
+    );
+    let ras = store
+        .role_assignments(Some(&agent_principal(&v1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        ras.len(),
+        1,
+        "exactly one Agent assignment after re-enrolling: {ras:?}"
+    );
+    assert_eq!(
+        (ras[0].assignment.role, &ras[0].assignment.scope),
+        (Role::Agent, &v1.scope())
+    );
+    assert_eq!(
+        store.find_token("jg_v2a").await.unwrap().unwrap().revoked,
+        None,
+        "another VM's agent credential is untouched"
+    );
+    assert_eq!(
+        store
+            .role_assignments(Some(&agent_principal(&v2)))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        store
+            .find_token(OWNER_TOKEN)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked,
+        None
+    );
+    assert_eq!(uses_left(store, "et9").await, 2);
+    assert_eq!(store.list_vms(sub(), None).await.unwrap().len(), 2);
+}
+
+/// `put_agent_status` keeps one record per VM (the latest); `agent_status` reads it
+/// case-insensitively. Status reports are heartbeats and are not audited.
+pub async fn agent_status_put_get_upserts(store: &dyn Store) {
+    let s = scene(store).await;
+    assert_eq!(store.agent_status(&s.vm1).await.unwrap(), None);
+    let n0 = audit_count(store).await;
+    let first = AgentStatusRecord {
+        vm: s.vm1.clone(),
+        report: r#"{"appliedRevision":"r1"}"#.into(),
+        last_seen: at(10),
+    };
+    store.put_agent_status(first.clone()).await.unwrap();
+    assert_eq!(store.agent_status(&s.vm1).await.unwrap(), Some(first));
+    let second = AgentStatusRecord {
+        vm: s.vm1.clone(),
+        report: r#"{"appliedRevision":"r2","error":null}"#.into(),
+        last_seen: at(20),
+    };
+    store.put_agent_status(second.clone()).await.unwrap();
+    assert_eq!(
+        store.agent_status(&shout(&s.vm1)).await.unwrap(),
+        Some(second.clone()),
+        "the latest report replaces the previous one"
+    );
+    assert_eq!(
+        store.agent_status(&s.vm2).await.unwrap(),
+        None,
+        "reports are per VM"
+    );
+    let third = AgentStatusRecord {
+        vm: shout(&s.vm1),
+        report: "{}".into(),
+        last_seen: at(30),
+    };
+    store.put_agent_status(third).await.unwrap();
+    let got = store.agent_status(&s.vm1).await.unwrap().unwrap();
+    assert_eq!(
+        (got.vm.key(), got.report.as_str(), got.last_seen),
+        (s.vm1.key(), "{}", at(30)),
+        "a report in another casing replaces the VM's record"
+    );
+    assert_eq!(
+        audit_count(store).await,
+        n0,
+        "status reports are not audited"
+    );
 }
