@@ -33,11 +33,21 @@ pub enum ApplyKind {
 pub struct Enforcer {
     nft: Nft,
     applied: Option<Applied>,
+    /// How long recent `nft` runs took: the kernel starts an element's timeout when
+    /// the transaction commits, not when it is planned.
+    recent: std::time::Duration,
 }
+
+/// The most a grant may close early to make sure it never closes late.
+pub const MAX_COMMIT_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Enforcer {
     pub fn new(nft: Nft) -> Self {
-        Enforcer { nft, applied: None }
+        Enforcer {
+            nft,
+            applied: None,
+            recent: std::time::Duration::from_millis(20),
+        }
     }
 
     pub fn applied_revision(&self) -> Option<&str> {
@@ -86,6 +96,9 @@ impl Enforcer {
             }
         };
         let took = started.elapsed();
+        if kind != ApplyKind::Nothing {
+            self.recent = took;
+        }
         self.applied = Some(Applied {
             revision: Some(desired.revision.clone()),
             rules: desired.rules.clone(),
@@ -94,26 +107,35 @@ impl Enforcer {
         Ok((kind, took))
     }
 
-    /// Blocked-attempt counters of the JIT deny rules: (rule name, port, protocol, packets).
-    pub fn counters(&self) -> Vec<jitgate_proto::WireCounter> {
-        let Some(a) = &self.applied else {
-            return Vec::new();
-        };
-        let Ok(values) = self.nft.counters() else {
-            return Vec::new();
-        };
-        nft::deny_counter_names(&a.rules)
-            .into_iter()
-            .filter_map(|(name, port, protocol)| {
-                values.iter().find(|(n, _)| *n == name).map(|(_, packets)| {
-                    jitgate_proto::WireCounter {
-                        rule: name.clone(),
-                        port: port.get(),
-                        protocol: protocol.as_str().to_owned(),
-                        packets: *packets,
-                    }
-                })
-            })
-            .collect()
+    /// The rules last applied (for reading their counters without holding `self`).
+    pub fn applied_rules(&self) -> Vec<NsgRule> {
+        self.applied
+            .as_ref()
+            .map(|a| a.rules.clone())
+            .unwrap_or_default()
     }
+}
+
+/// Blocked-attempt counters of the JIT deny rules among `rules`.
+pub fn read_counters(nft: &Nft, rules: &[NsgRule]) -> Vec<jitgate_proto::WireCounter> {
+    if rules.is_empty() {
+        return Vec::new();
+    }
+    let Ok(values) = nft.counters() else {
+        return Vec::new();
+    };
+    nft::deny_counter_names(rules)
+        .into_iter()
+        .filter_map(|(name, port, protocol)| {
+            values
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, packets)| jitgate_proto::WireCounter {
+                    rule: name.clone(),
+                    port: port.get(),
+                    protocol: protocol.as_str().to_owned(),
+                    packets: *packets,
+                })
+        })
+        .collect()
 }

@@ -24,8 +24,19 @@ struct Progress {
     error: Option<String>,
 }
 
+/// Host facts gathered at each full report, reused by light ones.
+#[derive(Default, Clone)]
+struct Inventory {
+    addresses: Vec<String>,
+    listening: Vec<jitgate_proto::WireListener>,
+    counters: Vec<jitgate_proto::WireCounter>,
+}
+
 struct Shared {
     config: AgentConfig,
+    inventory: Mutex<Inventory>,
+    /// A second handle for reading counters, so reports never wait on an apply.
+    counter_nft: Nft,
     http: reqwest::Client,
     creds: Credentials,
     enforcer: Mutex<Enforcer>,
@@ -84,13 +95,37 @@ async fn enroll(config: &AgentConfig, http: &reqwest::Client) -> anyhow::Result<
 }
 
 impl Shared {
-    async fn report(&self) {
+    /// Sends a status report. `full` adds what takes time to gather (listening
+    /// sockets with their processes, addresses, blocked-attempt counters); the report
+    /// right after an apply is light so it never delays the next apply.
+    async fn report(self: &Arc<Self>, full: bool) {
         let progress = self.progress.lock().map(|p| p.clone()).unwrap_or_default();
-        let counters = self
-            .enforcer
-            .lock()
-            .map(|e| e.counters())
+        let inventory = if full {
+            let me = self.clone();
+            let gathered = tokio::task::spawn_blocking(move || {
+                // Counters are read without holding the enforcer: only the rule names
+                // are copied under the lock.
+                let rules = me
+                    .enforcer
+                    .lock()
+                    .map(|e| e.applied_rules())
+                    .unwrap_or_default();
+                let counters = crate::enforce::read_counters(&me.counter_nft, &rules);
+                Inventory {
+                    addresses: host::addresses(),
+                    listening: host::listeners(&me.config.proc_root),
+                    counters,
+                }
+            })
+            .await
             .unwrap_or_default();
+            if let Ok(mut last) = self.inventory.lock() {
+                *last = gathered.clone();
+            }
+            gathered
+        } else {
+            self.inventory.lock().map(|i| i.clone()).unwrap_or_default()
+        };
         let report = StatusReport {
             applied_revision: progress.applied_revision,
             applied_at: progress.applied_at,
@@ -99,9 +134,9 @@ impl Shared {
             hostname: host::hostname(),
             os: host::os_name(),
             agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
-            addresses: host::addresses(),
-            listening: host::listeners(&self.config.proc_root),
-            counters,
+            addresses: inventory.addresses,
+            listening: inventory.listening,
+            counters: inventory.counters,
         };
         let r = self
             .http
@@ -226,6 +261,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         );
     }
     let shared = Arc::new(Shared {
+        inventory: Mutex::new(Inventory::default()),
+        counter_nft: nft.clone(),
         http,
         creds,
         enforcer: Mutex::new(Enforcer::new(nft)),
@@ -249,7 +286,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let mut hb_shutdown = shutdown.clone();
     let heartbeat = tokio::spawn(async move {
         loop {
-            hb.report().await;
+            hb.report(true).await;
             tokio::select! {
                 _ = tokio::time::sleep(hb.config.heartbeat) => {}
                 _ = hb_shutdown.changed() => return,
@@ -270,6 +307,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         };
         match polled {
             Ok(d) => {
+                tracing::debug!(revision = %d.revision, "desired state received");
                 backoff = Duration::from_millis(200);
                 if known.as_deref() == Some(d.revision.as_str()) {
                     continue;
@@ -283,7 +321,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                     Err(e) => {
                         tracing::error!(error = %format!("{e:#}"), "apply failed; keeping the previous state");
                         let s = shared.clone();
-                        tokio::spawn(async move { s.report().await });
+                        tokio::spawn(async move { s.report(false).await });
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = shutdown.changed() => break,
@@ -293,7 +331,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                     }
                 }
                 let s = shared.clone();
-                tokio::spawn(async move { s.report().await });
+                tokio::spawn(async move { s.report(false).await });
             }
             Err(e) => {
                 match &e {

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use jitgate_core::Timestamp;
 use jitgate_core::ids::{Location, ResourceGroup, Scope, VmId, VmName};
-use jitgate_core::nsg::{GrantRef, nsg_view};
+use jitgate_core::nsg::{GrantRef, NsgRule, nsg_view};
 use jitgate_core::rbac::Action;
 use jitgate_proto::{DesiredState, EnrollRequest, EnrollResponse, StatusReport};
 use jitgate_store::{
@@ -56,11 +56,14 @@ impl VmChanges {
     }
 }
 
-/// The VM's desired state now.
-pub async fn desired_state(state: &AppState, vm: &VmId) -> ApiResult<DesiredState> {
-    let now = Timestamp::now();
+/// The VM's NSG view (user, JIT deny and JIT allow rules) and live grants at `now`.
+pub async fn nsg_now(
+    state: &AppState,
+    vm: &VmId,
+    now: Timestamp,
+) -> ApiResult<(Vec<NsgRule>, Vec<GrantRef>)> {
     let user = state.store.nsg_rules(vm).await?;
-    let policy = state.store.policy_for_vm(vm).await?;
+    let policy = state.store.vm_policy(vm).await?;
     let grants: Vec<GrantRef> = state
         .store
         .live_grants(vm, now)
@@ -75,8 +78,14 @@ pub async fn desired_state(state: &AppState, vm: &VmId) -> ApiResult<DesiredStat
             end: g.end,
         })
         .collect();
-    let pvm = policy.as_ref().and_then(|p| p.vm(vm).map(|v| (&p.key, v)));
-    let view = nsg_view(vm, &user, pvm, &grants);
+    let pvm = policy.as_ref().map(|p| (&p.key, &p.vm));
+    Ok((nsg_view(vm, &user, pvm, &grants), grants))
+}
+
+/// The VM's desired state now.
+pub async fn desired_state(state: &AppState, vm: &VmId) -> ApiResult<DesiredState> {
+    let now = Timestamp::now();
+    let (view, grants) = nsg_now(state, vm, now).await?;
     Ok(jitgate_proto::encode(vm, &view, &grants, now))
 }
 

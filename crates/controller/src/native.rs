@@ -15,7 +15,7 @@ use jitgate_core::audit::AuditRecord;
 use jitgate_core::duration::parse_iso8601_secs;
 use jitgate_core::ids::{Location, ResourceGroup, Scope, VmId, VmName};
 use jitgate_core::net::Port;
-use jitgate_core::nsg::{GrantRef, NsgRule, RuleOrigin, nsg_view};
+use jitgate_core::nsg::{NsgRule, RuleOrigin};
 use jitgate_core::rbac::{Action, Role, RoleAssignment};
 use jitgate_core::request::{AccessRequest, RequestId};
 use jitgate_store::{
@@ -253,15 +253,19 @@ async fn list_vms(
         .iter()
         .filter(|v| principal.can(Action::VmRead, &v.id.scope()))
     {
-        let policy = state.store.policy_for_vm(&vm.id).await?;
+        let policy = state.store.vm_policy(&vm.id).await?;
         let grants = state.store.live_grants(&vm.id, now).await?;
         let mut v = vm_json(vm);
         v["policy"] = json!(policy.as_ref().map(|p| p.key.id()));
         v["protectedPorts"] = json!(
             policy
                 .as_ref()
-                .and_then(|p| p.vm(&vm.id))
-                .map(|pv| pv.ports.iter().map(|r| r.number.get()).collect::<Vec<_>>())
+                .map(|p| p
+                    .vm
+                    .ports
+                    .iter()
+                    .map(|r| r.number.get())
+                    .collect::<Vec<_>>())
                 .unwrap_or_default()
         );
         v["liveGrants"] = json!(grants.len());
@@ -282,7 +286,7 @@ async fn get_vm(
             ApiError::not_found(format!("virtual machine '{id}' is not registered"))
         })?;
     let now = Timestamp::now();
-    let policy = state.store.policy_for_vm(&id).await?;
+    let policy = state.store.vm_policy(&id).await?;
     let grants = state.store.live_grants(&id, now).await?;
     let mut v = vm_json(&vm);
     v["policy"] = json!(policy.as_ref().map(|p| p.key.id()));
@@ -361,25 +365,7 @@ async fn get_nsg(
             "virtual machine '{id}' is not registered"
         )));
     }
-    let now = Timestamp::now();
-    let policy = state.store.policy_for_vm(&id).await?;
-    let grants: Vec<GrantRef> = state
-        .store
-        .live_grants(&id, now)
-        .await?
-        .into_iter()
-        .map(|g| GrantRef {
-            request: g.request,
-            number: g.number,
-            protocol: g.protocol,
-            source: g.source,
-            start: g.start,
-            end: g.end,
-        })
-        .collect();
-    let pvm = policy.as_ref().and_then(|p| p.vm(&id).map(|v| (&p.key, v)));
-    let user = state.store.nsg_rules(&id).await?;
-    let rules = nsg_view(&id, &user, pvm, &grants);
+    let (rules, _) = crate::agent::nsg_now(&state, &id, Timestamp::now()).await?;
     Ok(Json(json!({
         "vm": id.to_string(),
         "rules": rules.iter().map(rule_json).collect::<Vec<_>>(),

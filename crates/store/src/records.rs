@@ -219,3 +219,10 @@ pub struct AgentStatusRecord {
     pub report: String,
     pub last_seen: Timestamp,
 }
+
+/// A VM's entry in the policy that protects it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPolicy {
+    pub key: jitgate_core::policy::PolicyKey,
+    pub vm: jitgate_core::policy::PolicyVm,
+}

@@ -35,6 +35,9 @@ use jitgate_core::request::{
 
 use crate::*;
 
+/// Read connections kept open (and concurrent reads allowed).
+const READERS: usize = 8;
+
 /// The most writes committed together.
 const MAX_GROUP: usize = 512;
 
@@ -464,31 +467,7 @@ pub struct WriteCtx<'a> {
 impl WriteCtx<'_> {
     /// `load_policy` through the writer's cache.
     fn policy(&mut self, key: &str) -> Result<Option<(String, Arc<Policy>)>> {
-        let row: Option<(String, i64)> = self
-            .tx
-            .prepare_cached("SELECT uid, rev FROM policies WHERE key = ?1")?
-            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((uid, rev)) = row else {
-            self.policies.remove(key);
-            return Ok(None);
-        };
-        if let Some((c_uid, c_rev, p)) = self.policies.get(key)
-            && *c_uid == uid
-            && *c_rev == rev
-        {
-            return Ok(Some((uid, p.clone())));
-        }
-        let Some((uid, policy)) = load_policy(self.tx, key)? else {
-            return Ok(None);
-        };
-        let policy = Arc::new(policy);
-        if self.policies.len() > 100_000 {
-            self.policies.clear();
-        }
-        self.policies
-            .insert(key.to_owned(), (uid.clone(), rev, policy.clone()));
-        Ok(Some((uid, policy)))
+        cached_policy(self.tx, key, self.policies)
     }
 
     fn audit(
@@ -541,6 +520,37 @@ impl WriteCtx<'_> {
         self.tail.hash = rec.hash;
         Ok(rec.seq)
     }
+}
+
+/// `load_policy` through a cache of decoded policies (`get` and `put` access it), used
+/// only while the row still has the uid and rev the entry was decoded at.
+fn cached_policy(
+    conn: &Connection,
+    key: &str,
+    cache: &mut PolicyCache,
+) -> Result<Option<(String, Arc<Policy>)>> {
+    let row: Option<(String, i64)> = conn
+        .prepare_cached("SELECT uid, rev FROM policies WHERE key = ?1")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((uid, rev)) = row else {
+        return Ok(None);
+    };
+    if let Some((c_uid, c_rev, p)) = cache.get(key)
+        && *c_uid == uid
+        && *c_rev == rev
+    {
+        return Ok(Some((uid, p.clone())));
+    }
+    let Some((uid, policy)) = load_policy(conn, key)? else {
+        return Ok(None);
+    };
+    let policy = Arc::new(policy);
+    if cache.len() > 100_000 {
+        cache.clear();
+    }
+    cache.insert(key.to_owned(), (uid.clone(), rev, policy.clone()));
+    Ok(Some((uid, policy)))
 }
 
 type Finish = Box<dyn FnOnce(Result<()>) + Send>;
@@ -632,6 +642,11 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// Bounds concurrent reads to the pool's size: a burst of callers waits here
+    /// instead of each occupying a blocking thread (and its memory).
+    read_slots: Arc<tokio::sync::Semaphore>,
+    /// Decoded policies shared by readers (see `cached_policy`).
+    read_policies: Arc<Mutex<PolicyCache>>,
 }
 
 impl SqliteStore {
@@ -648,6 +663,8 @@ impl SqliteStore {
             path: path.to_owned(),
             writer: Mutex::new(Some(tx)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            read_policies: Arc::new(Mutex::new(PolicyCache::new())),
         })
     }
 
@@ -698,6 +715,11 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        let _slot = self
+            .read_slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let readers = self.readers.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
@@ -1096,7 +1118,8 @@ impl Store for SqliteStore {
 
     async fn get_policy(&self, key: &PolicyKey) -> Result<Option<Policy>> {
         let key = key.key();
-        self.read(move |c| Ok(load_policy(c, &key)?.map(|(_, p)| p)))
+        let cache = self.read_policies.clone();
+        self.read(move |c| Ok(read_cached_policy(c, &cache, &key)?.map(|p| (*p).clone())))
             .await
     }
 
@@ -1127,8 +1150,29 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn vm_policy(&self, vm: &VmId) -> Result<Option<VmPolicy>> {
+        let id = vm.clone();
+        let vm = vm.key();
+        let cache = self.read_policies.clone();
+        self.read(move |c| {
+            let key: Option<String> = c
+                .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
+                .query_row([vm], |r| r.get(0))
+                .optional()?;
+            let Some(k) = key else { return Ok(None) };
+            Ok(read_cached_policy(c, &cache, &k)?.and_then(|p| {
+                p.vm(&id).map(|v| VmPolicy {
+                    key: p.key.clone(),
+                    vm: v.clone(),
+                })
+            }))
+        })
+        .await
+    }
+
     async fn policy_for_vm(&self, vm: &VmId) -> Result<Option<Policy>> {
         let vm = vm.key();
+        let cache = self.read_policies.clone();
         self.read(move |c| {
             let key: Option<String> = c
                 .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
@@ -1136,7 +1180,7 @@ impl Store for SqliteStore {
                 .optional()?;
             match key {
                 None => Ok(None),
-                Some(k) => Ok(load_policy(c, &k)?.map(|(_, p)| p)),
+                Some(k) => Ok(read_cached_policy(c, &cache, &k)?.map(|p| (*p).clone())),
             }
         })
         .await
@@ -2059,4 +2103,14 @@ fn read_enroll_tokens(
         });
     }
     Ok(out)
+}
+
+fn read_cached_policy(
+    c: &Connection,
+    cache: &Mutex<PolicyCache>,
+    key: &str,
+) -> Result<Option<Arc<Policy>>> {
+    let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    let got = cached_policy(c, key, &mut map)?;
+    Ok(got.map(|(_, p)| p))
 }

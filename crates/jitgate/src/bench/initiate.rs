@@ -10,34 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Subcommand;
 use serde_json::json;
 
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Initiates per second against a real controller on SQLite.
-    ///
-    /// Example: jitgate bench initiate --vms 10000 --clients 8 --seconds 20
-    Initiate {
-        /// Registered VMs, all in policies (100 per resource group).
-        #[arg(long, default_value_t = 10_000)]
-        vms: usize,
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        /// How long to drive initiates.
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-        /// Keep the data directory here instead of a temporary one.
-        #[arg(long)]
-        data_dir: Option<std::path::PathBuf>,
-    },
-}
-
 const VMS_PER_RG: usize = 100;
-const BENCH_TOKEN: &str = "bench-owner-token-0123456789abcdef";
+pub const BENCH_TOKEN: &str = "bench-owner-token-0123456789abcdef";
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -46,7 +24,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-struct Child(std::process::Child);
+pub struct Child(pub std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
@@ -55,31 +33,7 @@ impl Drop for Child {
     }
 }
 
-pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
-    match cmd {
-        BenchCommand::Initiate {
-            vms,
-            clients,
-            seconds,
-            data_dir,
-        } => {
-            let tmp = tempdir()?;
-            let dir = data_dir.unwrap_or_else(|| tmp.clone());
-            let r = initiate(vms, clients.max(1), seconds, &dir).await;
-            let _ = std::fs::remove_dir_all(&tmp);
-            r?;
-        }
-    }
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
-fn tempdir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("jitgate-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> anyhow::Result<()> {
+pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;

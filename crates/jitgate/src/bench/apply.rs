@@ -1,0 +1,181 @@
+//! `jitgate bench apply`: how long the agent takes to apply a change to a table that
+//! already holds many grant elements, with real nft in a fresh network namespace.
+//!
+//! The outer process creates the namespace and re-runs itself inside it with
+//! `--inner`, so every `nft` the agent spawns runs there, as in production.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use jitgate_agent::enforce::{ApplyKind, Enforcer};
+use jitgate_agent::nft::Nft;
+use jitgate_core::Timestamp;
+use jitgate_core::ids::VmId;
+use jitgate_core::net::{Port, PortRange, Protocol, SourcePrefix};
+use jitgate_core::nsg::{Access, GrantRef, NsgRule, RuleOrigin};
+use jitgate_core::request::RequestId;
+use jitgate_proto::Desired;
+
+use super::{lab, peak_rss_kib, percentiles};
+
+pub async fn run(elements: usize, inner: bool) -> anyhow::Result<()> {
+    if !inner {
+        lab::require_root_tools()?;
+        let ns = format!("jgb-apply-{}", std::process::id());
+        lab::sh(&["ip", "netns", "add", &ns])?;
+        let status = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(std::env::current_exe()?)
+            .args([
+                "bench",
+                "apply",
+                "--inner",
+                "--elements",
+                &elements.to_string(),
+            ])
+            .status();
+        let _ = lab::sh(&["ip", "netns", "del", &ns]);
+        if !status.context("cannot run the inner benchmark")?.success() {
+            bail!("the inner benchmark failed");
+        }
+        return Ok(());
+    }
+    tokio::task::block_in_place(|| inner_run(elements))
+}
+
+fn grant(i: u32, now: Timestamp) -> anyhow::Result<GrantRef> {
+    let addr = std::net::Ipv4Addr::from(0x0A00_0000u32 + i);
+    Ok(GrantRef {
+        request: RequestId::new(uuid::Uuid::from_u128(i as u128 + 1)),
+        number: Port::new(22).map_err(anyhow::Error::msg)?,
+        protocol: Protocol::Tcp,
+        source: SourcePrefix::parse(&addr.to_string()).map_err(anyhow::Error::msg)?,
+        start: now,
+        end: now.checked_add(jiff::SignedDuration::from_secs(3600 + i as i64 % 600))?,
+    })
+}
+
+fn deny_rule() -> anyhow::Result<NsgRule> {
+    Ok(NsgRule {
+        name: "JIT-Deny-default-22".into(),
+        priority: 1000,
+        access: Access::Deny,
+        protocol: Protocol::Tcp,
+        sources: vec![SourcePrefix::Any],
+        ports: vec![PortRange::single(
+            Port::new(22).map_err(anyhow::Error::msg)?,
+        )],
+        description: String::new(),
+        origin: RuleOrigin::JitDeny {
+            policy: String::new(),
+        },
+    })
+}
+
+fn inner_run(elements: usize) -> anyhow::Result<()> {
+    let vm = VmId::parse("/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/bench/providers/Microsoft.Compute/virtualMachines/vm")
+        .map_err(anyhow::Error::msg)?;
+    let now = Timestamp::now();
+    let mut grants = (0..elements as u32)
+        .map(|i| grant(i, now))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rules = vec![deny_rule()?];
+    let desired = |grants: &[GrantRef], rules: &[NsgRule], rev: usize| Desired {
+        vm: vm.clone(),
+        revision: format!("r{rev}"),
+        rules: rules.to_vec(),
+        grants: grants.to_vec(),
+    };
+    let mut enforcer = Enforcer::new(Nft::new("nft".into()));
+
+    let t = Instant::now();
+    let (kind, nft_took) = enforcer.apply(&desired(&grants, &rules, 0), Timestamp::now())?;
+    let first = t.elapsed();
+    assert_kind(kind, ApplyKind::Full)?;
+
+    let mut add = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut add_nft = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut remove = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut rev = 1;
+    for k in 0..50u32 {
+        grants.push(grant(elements as u32 + k, Timestamp::now())?);
+        let t = Instant::now();
+        let (kind, took) = enforcer.apply(&desired(&grants, &rules, rev), Timestamp::now())?;
+        add.record(t.elapsed().as_micros() as u64)?;
+        add_nft.record(took.as_micros() as u64)?;
+        assert_kind(kind, ApplyKind::Delta)?;
+        rev += 1;
+        grants.remove(k as usize);
+        let t = Instant::now();
+        let (kind, _) = enforcer.apply(&desired(&grants, &rules, rev), Timestamp::now())?;
+        remove.record(t.elapsed().as_micros() as u64)?;
+        assert_kind(kind, ApplyKind::Delta)?;
+        rev += 1;
+    }
+    // A change of rules rebuilds the whole table in one transaction.
+    let mut rules2 = rules.clone();
+    let mut user = deny_rule()?;
+    user.name = "user-web".into();
+    user.priority = 500;
+    user.access = Access::Allow;
+    user.origin = RuleOrigin::User;
+    user.ports = vec![PortRange::single(
+        Port::new(443).map_err(anyhow::Error::msg)?,
+    )];
+    rules2.insert(0, user);
+    let t = Instant::now();
+    let (kind, _) = enforcer.apply(&desired(&grants, &rules2, rev), Timestamp::now())?;
+    let rebuild = t.elapsed();
+    assert_kind(kind, ApplyKind::Full)?;
+
+    let out = Command::new("nft")
+        .args(["-j", "list", "set", "inet", "jitgate", "grants4"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let in_kernel = v["nftables"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find_map(|x| x["set"]["elem"].as_array().map(Vec::len))
+        })
+        .unwrap_or(0);
+
+    println!(
+        "jitgate bench apply (real nft {} in a fresh network namespace)",
+        enforcer.nft().version().unwrap_or_default()
+    );
+    println!(
+        "  table:        {elements} grant elements (+1 deny rule); {in_kernel} elements read back from the kernel"
+    );
+    println!(
+        "  first apply:  {:.1} ms (full table, nft -f alone {:.1} ms)",
+        first.as_secs_f64() * 1000.0,
+        nft_took.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  add 1 grant:  {} (nft alone: {})",
+        percentiles(&add),
+        percentiles(&add_nft)
+    );
+    println!("  revoke 1:     {}", percentiles(&remove));
+    println!(
+        "  rule change:  {:.1} ms (full rebuild of the table with every grant)",
+        rebuild.as_secs_f64() * 1000.0
+    );
+    match peak_rss_kib(std::process::id()) {
+        Some(kib) => println!(
+            "  agent peak RSS (this process, holding the applied state): {:.1} MiB",
+            kib as f64 / 1024.0
+        ),
+        None => println!("  agent peak RSS: unavailable"),
+    }
+    Ok(())
+}
+
+fn assert_kind(got: ApplyKind, want: ApplyKind) -> anyhow::Result<()> {
+    if got != want {
+        bail!("expected a {want:?} apply, the agent did {got:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Test hosts for benchmarks: network namespaces, veths, a controller child process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::{BENCH_TOKEN, Child};
+
+pub fn tempdir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("jitgate-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+pub fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {} (install iproute2 and nftables)", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+pub fn require_root_tools() -> anyhow::Result<()> {
+    for (tool, pkg) in [("ip", "iproute2"), ("nft", "nftables")] {
+        if Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            bail!("`{tool}` is missing: install the Debian package {pkg}");
+        }
+    }
+    if !std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    {
+        bail!("this benchmark creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+/// A network namespace joined to the root namespace by a veth pair:
+/// root side `10.<net>.0.1/24`, namespace side `10.<net>.0.2/24`.
+pub struct Host {
+    pub ns: String,
+    pub veth: String,
+    pub root_addr: std::net::Ipv4Addr,
+    pub ns_addr: std::net::Ipv4Addr,
+}
+
+impl Host {
+    pub fn create(tag: &str, net: u8) -> anyhow::Result<Host> {
+        let pid = std::process::id();
+        let ns = format!("jgb-{tag}-{pid}");
+        let veth = format!("jgb{net}-{}", pid % 100_000);
+        let peer = format!("jgp{net}-{}", pid % 100_000);
+        let root_addr = std::net::Ipv4Addr::new(10, net, 0, 1);
+        let ns_addr = std::net::Ipv4Addr::new(10, net, 0, 2);
+        let h = Host {
+            ns: ns.clone(),
+            veth: veth.clone(),
+            root_addr,
+            ns_addr,
+        };
+        sh(&["ip", "netns", "add", &ns])?;
+        sh(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer,
+        ])?;
+        sh(&["ip", "link", "set", &peer, "netns", &ns])?;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{root_addr}/24"),
+            "dev",
+            &veth,
+        ])?;
+        sh(&["ip", "link", "set", &veth, "up"])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{ns_addr}/24"),
+            "dev",
+            &peer,
+        ])?;
+        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", &peer, "up"])?;
+        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+        Ok(h)
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it opens live there).
+    pub fn spawn_in<F: FnOnce() + Send + 'static>(
+        &self,
+        f: F,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.ns))?;
+        Ok(std::thread::spawn(move || {
+            if nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                f();
+            }
+        }))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "link", "del", &self.veth]);
+        let _ = sh(&["ip", "netns", "del", &self.ns]);
+    }
+}
+
+/// Starts `jitgate serve` (this binary) and waits until it answers.
+pub async fn controller(
+    listen: SocketAddr,
+    dir: &Path,
+    http: &reqwest::Client,
+) -> anyhow::Result<(Child, String, String)> {
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args([
+            "serve",
+            "--insecure-http",
+            "--listen",
+            &listen.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("JITGATE_BOOTSTRAP_TOKEN", BENCH_TOKEN)
+        .env("JITGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start the controller")?;
+    let child = Child(child);
+    let base = format!("http://{listen}");
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = http
+            .get(format!("{base}/api/v1/whoami"))
+            .bearer_auth(BENCH_TOKEN)
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            let who: serde_json::Value = r.json().await?;
+            let sub = who["subscription"]
+                .as_str()
+                .context("no subscription")?
+                .to_owned();
+            return Ok((child, base, sub));
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("the controller did not start within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn free_port(ip: std::net::IpAddr) -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+/// Raises the open-files soft limit to the hard limit (many connections).
+pub fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

@@ -1,0 +1,98 @@
+//! Benchmarks. Each starts real parts (the controller as a child process on a fresh
+//! SQLite directory, the real agent, real nftables in network namespaces, real TCP)
+//! and prints its figures; none asserts timing.
+
+mod agents;
+mod apply;
+mod initiate;
+mod lab;
+mod propagation;
+
+use clap::Subcommand;
+
+pub use initiate::{BENCH_TOKEN, Child, peak_rss_kib};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Initiates per second against a real controller on SQLite.
+    ///
+    /// Example: jitgate bench initiate --vms 10000 --clients 8 --seconds 20
+    Initiate {
+        /// Registered VMs, all in policies (100 per resource group).
+        #[arg(long, default_value_t = 10_000)]
+        vms: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// How long to drive initiates.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Keep the data directory here instead of a temporary one.
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+    },
+    /// Time from sending an initiate to the protected port answering a TCP connect,
+    /// through a real controller and a real agent in a network namespace (root only).
+    ///
+    /// Example: jitgate bench propagation --grants 200
+    Propagation {
+        #[arg(long, default_value_t = 200)]
+        grants: usize,
+    },
+    /// Agent apply time of a change to a table holding many grant elements, in a fresh
+    /// network namespace (root only), and the agent's memory.
+    ///
+    /// Example: jitgate bench apply --elements 10000
+    Apply {
+        #[arg(long, default_value_t = 10_000)]
+        elements: usize,
+        /// Run inside an already prepared namespace (used by the benchmark itself).
+        #[arg(long, hide = true)]
+        inner: bool,
+    },
+    /// Propagation to simulated agents: many long-polling agents connected to one
+    /// controller; time from initiate to the VM's agent receiving its new state.
+    ///
+    /// Example: jitgate bench agents --agents 1000 --grants 200
+    Agents {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 200)]
+        grants: usize,
+    },
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
+    match cmd {
+        BenchCommand::Initiate {
+            vms,
+            clients,
+            seconds,
+            data_dir,
+        } => {
+            let tmp = lab::tempdir()?;
+            let dir = data_dir.unwrap_or_else(|| tmp.clone());
+            let r = initiate::initiate(vms, clients.max(1), seconds, &dir).await;
+            let _ = std::fs::remove_dir_all(&tmp);
+            r?;
+        }
+        BenchCommand::Propagation { grants } => propagation::run(grants.max(1)).await?,
+        BenchCommand::Apply { elements, inner } => apply::run(elements.max(1), inner).await?,
+        BenchCommand::Agents { agents, grants } => {
+            agents::run(agents.max(1), grants.max(1)).await?
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Prints p50/p90/p99/max of a histogram in microseconds as milliseconds.
+pub fn percentiles(h: &hdrhistogram::Histogram<u64>) -> String {
+    format!(
+        "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n={})",
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.9) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.max() as f64 / 1000.0,
+        h.len()
+    )
+}

@@ -1,0 +1,189 @@
+//! `jitgate bench propagation`: from the client sending an initiate to the protected
+//! port answering a TCP connect, through the real controller and the real agent.
+//!
+//! Hosts: the controller and the client in the root namespace on one end of a veth,
+//! the agent and a TCP service on port 22 in a "vm" namespace on the other end. Each
+//! round: initiate (source = the client's address, as seen by the controller), then
+//! connect attempts with a 1 ms timeout until one succeeds; then revoke and wait until
+//! the port is closed again.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use super::{BENCH_TOKEN, Child, lab, percentiles};
+
+fn port_open(addr: SocketAddr, timeout: Duration) -> bool {
+    TcpStream::connect_timeout(&addr, timeout).is_ok()
+}
+
+pub async fn run(grants: usize) -> anyhow::Result<()> {
+    lab::require_root_tools()?;
+    let vm = lab::Host::create("vm", 251)?;
+    let service = SocketAddr::from((vm.ns_addr, 22));
+    vm.spawn_in(move || {
+        if let Ok(l) = TcpListener::bind("0.0.0.0:22") {
+            for s in l.incoming().flatten() {
+                drop(s);
+            }
+        }
+    })?;
+    let dir = lab::tempdir()?;
+    let http = reqwest::Client::new();
+    let port = lab::free_port(vm.root_addr.into())?;
+    let (_ctl, base, sub) = lab::controller(
+        SocketAddr::from((vm.root_addr, port)),
+        &dir.join("ctl"),
+        &http,
+    )
+    .await?;
+
+    let et: serde_json::Value = http
+        .post(format!("{base}/api/v1/enrollTokens"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({"uses": 1}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let et = et["token"]
+        .as_str()
+        .context("no enrollment token")?
+        .to_owned();
+    let agent = Command::new("ip")
+        .args(["netns", "exec", &vm.ns])
+        .arg(std::env::current_exe()?)
+        .args([
+            "agent",
+            "--controller",
+            &base,
+            "--enroll-token",
+            &et,
+            "--resource-group",
+            "bench",
+            "--name",
+            "vm1",
+            "--state-dir",
+        ])
+        .arg(dir.join("agent"))
+        .env(
+            "JITGATE_LOG",
+            std::env::var("JITGATE_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start the agent")?;
+    let _agent = Child(agent);
+    let vm_id = format!(
+        "/subscriptions/{sub}/resourceGroups/bench/providers/Microsoft.Compute/virtualMachines/vm1"
+    );
+    let started = Instant::now();
+    while !http
+        .get(format!("{base}/api/v1/vms/bench/vm1"))
+        .bearer_auth(BENCH_TOKEN)
+        .send()
+        .await?
+        .status()
+        .is_success()
+    {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("the agent did not enroll within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let policy = format!(
+        "{base}/subscriptions/{sub}/resourceGroups/bench/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default"
+    );
+    let r = http
+        .put(format!("{policy}?api-version=2020-01-01"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({"properties": {"virtualMachines": [{"id": vm_id, "ports": [{"number": 22, "protocol": "TCP", "maxRequestAccessDuration": "PT1H"}]}]}}))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("policy: {}", r.text().await?);
+    }
+    let started = Instant::now();
+    while port_open(service, Duration::from_millis(100)) {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("the deny rule never took effect");
+        }
+    }
+
+    let mut open_hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut http_hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut close_hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let body =
+        json!({"virtualMachines": [{"id": vm_id, "ports": [{"number": 22, "duration": "PT10M"}]}]});
+    for _ in 0..grants {
+        let t0 = Instant::now();
+        let resp = http
+            .post(format!("{policy}/initiate?api-version=2020-01-01"))
+            .bearer_auth(BENCH_TOKEN)
+            .json(&body)
+            .send()
+            .await?;
+        let t_http = t0.elapsed();
+        if resp.status().as_u16() != 202 {
+            bail!("initiate: {}", resp.text().await?);
+        }
+        let id = resp
+            .headers()
+            .get("x-jitgate-request-id")
+            .and_then(|v| v.to_str().ok())
+            .context("no request id")?
+            .to_owned();
+        let opened = tokio::task::block_in_place(|| {
+            while !port_open(service, Duration::from_millis(1)) {
+                if t0.elapsed() > Duration::from_secs(5) {
+                    return None;
+                }
+            }
+            Some(t0.elapsed())
+        })
+        .context("the port did not open within 5 s")?;
+        open_hist.record(opened.as_micros() as u64)?;
+        http_hist.record(t_http.as_micros() as u64)?;
+
+        let t1 = Instant::now();
+        let r = http
+            .post(format!("{base}/api/v1/requests/{id}/revoke"))
+            .bearer_auth(BENCH_TOKEN)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("revoke: {}", r.text().await?);
+        }
+        let closed = tokio::task::block_in_place(|| {
+            while port_open(service, Duration::from_millis(5)) {
+                if t1.elapsed() > Duration::from_secs(5) {
+                    return None;
+                }
+            }
+            Some(t1.elapsed())
+        })
+        .context("the port did not close within 5 s after revoke")?;
+        close_hist.record(closed.as_micros() as u64)?;
+    }
+    println!(
+        "jitgate bench propagation (controller + real agent + real nftables, veth between namespaces)"
+    );
+    println!(
+        "  initiate sent -> port answers TCP connect: {}",
+        percentiles(&open_hist)
+    );
+    println!(
+        "  initiate HTTP round trip (202 received):   {}",
+        percentiles(&http_hist)
+    );
+    println!(
+        "  revoke sent -> port refuses new connects:  {} (probe timeout 5 ms)",
+        percentiles(&close_hist)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
