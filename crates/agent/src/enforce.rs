@@ -107,6 +107,11 @@ impl Enforcer {
         Ok((kind, took))
     }
 
+    /// Forgets what was applied, so the next apply rebuilds the whole table.
+    pub fn forget(&mut self) {
+        self.applied = None;
+    }
+
     /// The rules last applied (for reading their counters without holding `self`).
     pub fn applied_rules(&self) -> Vec<NsgRule> {
         self.applied

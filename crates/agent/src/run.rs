@@ -15,6 +15,8 @@ use crate::nft::Nft;
 use crate::state::{Credentials, StateDir};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often the agent checks that its table is still in the kernel.
+const TABLE_CHECK: Duration = Duration::from_secs(1);
 
 /// What the status report says besides host facts.
 #[derive(Default, Clone)]
@@ -34,6 +36,8 @@ struct Inventory {
 
 struct Shared {
     config: AgentConfig,
+    /// The desired state last applied successfully, for the table watchdog.
+    last: Mutex<Option<DesiredState>>,
     inventory: Mutex<Inventory>,
     /// A second handle for reading counters, so reports never wait on an apply.
     counter_nft: Nft,
@@ -153,12 +157,32 @@ impl Shared {
         }
     }
 
+    /// Rebuilds the table from the last applied state if it has vanished.
+    fn ensure_table(&self) {
+        let Some(last) = self.last.lock().ok().and_then(|l| l.clone()) else {
+            return;
+        };
+        if self.counter_nft.table_exists() {
+            return;
+        }
+        tracing::warn!("table inet jitgate is gone (flushed outside jitgate); rebuilding it");
+        if let Ok(mut e) = self.enforcer.lock() {
+            e.forget();
+        }
+        if let Err(e) = self.apply(&last) {
+            tracing::error!(error = %format!("{e:#}"), "cannot rebuild the table");
+        }
+    }
+
     /// Validates and applies a desired state; records the outcome.
     fn apply(&self, d: &DesiredState) -> anyhow::Result<ApplyKind> {
         let result = (|| {
             let desired = jitgate_proto::decode(d)
                 .map_err(|e| anyhow::anyhow!("invalid desired state: {e}"))?;
-            if desired.vm.to_string().to_ascii_lowercase() != self.creds.vm_id.to_ascii_lowercase()
+            if !desired
+                .vm
+                .to_string()
+                .eq_ignore_ascii_case(&self.creds.vm_id)
             {
                 bail!(
                     "desired state is for {}, not this VM ({})",
@@ -174,6 +198,11 @@ impl Shared {
             tracing::info!(revision = %desired.revision, ?kind, took_ms = took.as_secs_f64() * 1000.0, grants = desired.grants.len(), "applied");
             Ok(kind)
         })();
+        if result.is_ok()
+            && let Ok(mut last) = self.last.lock()
+        {
+            *last = Some(d.clone());
+        }
         if let Ok(mut p) = self.progress.lock() {
             match &result {
                 Ok(_) => {
@@ -261,6 +290,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         );
     }
     let shared = Arc::new(Shared {
+        last: Mutex::new(None),
         inventory: Mutex::new(Inventory::default()),
         counter_nft: nft.clone(),
         http,
@@ -291,6 +321,22 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                 _ = tokio::time::sleep(hb.config.heartbeat) => {}
                 _ = hb_shutdown.changed() => return,
             }
+        }
+    });
+
+    // Watchdog: if something outside jitgate removed the table (`nft flush ruleset`,
+    // a restart of nftables.service), rebuild it from the last applied state at once
+    // rather than at the next change.
+    let wd = shared.clone();
+    let mut wd_shutdown = shutdown.clone();
+    let watchdog = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(TABLE_CHECK) => {}
+                _ = wd_shutdown.changed() => return,
+            }
+            let me = wd.clone();
+            let _ = tokio::task::spawn_blocking(move || me.ensure_table()).await;
         }
     });
 
@@ -351,5 +397,6 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         }
     }
     heartbeat.abort();
+    watchdog.abort();
     Ok(())
 }

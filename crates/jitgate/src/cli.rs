@@ -35,6 +35,46 @@ pub enum Command {
     /// Create and list enrollment tokens for agents.
     #[command(subcommand)]
     EnrollToken(EnrollTokenCommand),
+    /// Store the controller URL and your token for the other commands.
+    ///
+    /// Example: jitgate login https://jit.example.com:8443 --token jg_...
+    Login(crate::people::LoginArgs),
+    /// Protect machines with JIT: deny their management ports except on request.
+    ///
+    /// Example: jitgate enable web-1 web-2 --port 22 --max 3h
+    Enable(crate::people::EnableArgs),
+    /// Stop protecting machines (removes them from their policy).
+    ///
+    /// Example: jitgate disable web-1
+    Disable(crate::people::DisableArgs),
+    /// Ask for access to ports of machines, from your address (or a range), for a while.
+    ///
+    /// Example: jitgate request web-1 --port 22 --for 1h --reason "deploy fix"
+    Request(crate::people::RequestArgs),
+    /// Get access to port 22 (reusing a live grant), wait until it opens, then run ssh.
+    ///
+    /// Example: jitgate ssh admin@web-1 -- -i ~/.ssh/id_ed25519
+    Ssh(crate::people::SshArgs),
+    /// Get access to a port (reusing a live grant), wait until it opens, print where to connect.
+    ///
+    /// Example: jitgate connect win-1 --port 3389
+    Connect(crate::people::ConnectArgs),
+    /// End access now: a request by id, or your live requests on a machine.
+    ///
+    /// Example: jitgate revoke web-1
+    Revoke(crate::people::RevokeArgs),
+    /// List access requests.
+    ///
+    /// Example: jitgate requests --mine --active
+    Requests(crate::people::RequestsArgs),
+    /// Print shell completions.
+    ///
+    /// Example: jitgate completions bash > /etc/bash_completion.d/jitgate
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    ///
+    /// Example: jitgate man > jitgate.1 && man ./jitgate.1
+    Man,
     /// Register, list and show protected machines.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -163,9 +203,9 @@ struct FileConfig {
 
 #[derive(Args, Clone)]
 pub struct ClientArgs {
-    /// Controller URL.
-    #[arg(long, env = "JITGATE_URL", default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// Controller URL [default: from `jitgate login`, else http://127.0.0.1:8080].
+    #[arg(long, env = "JITGATE_URL")]
+    pub url: Option<String>,
     /// Bearer token.
     #[arg(long, env = "JITGATE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -187,6 +227,15 @@ pub enum VmCommand {
         name: String,
         #[arg(long)]
         location: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a machine: policy, NSG rules, live grants with time left, agent, last access.
+    ///
+    /// Example: jitgate vm show web-1
+    Show {
+        /// Machine: name, resource-group/name, or full id.
+        vm: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -273,6 +322,10 @@ pub enum RoleCommand {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
+    /// Show audit events (oldest first), optionally following new ones.
+    ///
+    /// Example: jitgate audit show --vm web-1 --since 24h
+    Show(crate::people::AuditShowArgs),
     /// Verify the hash chain: offline on a data directory, or through the API.
     ///
     /// Example: jitgate audit verify --data-dir ./jitgate-data
@@ -351,7 +404,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print(json: bool, v: &Value, table: impl FnOnce(&Value)) {
+pub fn print(json: bool, v: &Value, table: impl FnOnce(&Value)) {
     if json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
@@ -359,11 +412,11 @@ fn print(json: bool, v: &Value, table: impl FnOnce(&Value)) {
     }
 }
 
-fn items(v: &Value) -> &[Value] {
+pub fn items(v: &Value) -> &[Value] {
     v["value"].as_array().map(Vec::as_slice).unwrap_or(&[])
 }
 
-fn s(v: &Value) -> String {
+pub fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
@@ -377,6 +430,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(args) => agent(args).await,
         Command::EnrollToken(cmd) => enroll_token(cmd).await,
         Command::Vm(cmd) => vm(cmd).await,
+        Command::Login(a) => crate::people::login(a).await,
+        Command::Enable(a) => crate::people::enable(a).await,
+        Command::Disable(a) => crate::people::disable(a).await,
+        Command::Request(a) => crate::people::request(a).await,
+        Command::Ssh(a) => crate::people::ssh(a).await,
+        Command::Connect(a) => crate::people::connect(a).await,
+        Command::Revoke(a) => crate::people::revoke(a).await,
+        Command::Requests(a) => crate::people::requests(a).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "jitgate", &mut out);
+            write_stdout(&out)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            write_stdout(&out)
+        }
         Command::Token(cmd) => token(cmd).await,
         Command::Role(cmd) => role(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
@@ -386,6 +459,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        VmCommand::Show { vm, client } => return crate::people::vm_show(&vm, &client).await,
         VmCommand::Register {
             resource_group,
             name,
@@ -581,6 +655,7 @@ async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
 
 async fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        AuditCommand::Show(a) => crate::people::audit_show(a).await,
         AuditCommand::Verify { data_dir, client } => {
             let (ok, events, head, problems) = match data_dir {
                 Some(dir) => {
@@ -707,4 +782,13 @@ async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes generated text; a closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }

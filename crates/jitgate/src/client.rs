@@ -1,21 +1,131 @@
-//! A small HTTP client for the controller's API.
+//! The client side of the CLI: where the controller is and who we are (flags, then
+//! `JITGATE_*` environment, then the file `jitgate login` wrote), an HTTP client for
+//! the API, errors with exit codes, and resolving machine names.
 
-use anyhow::{Context, bail};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cli::ClientArgs;
 
+/// An error that ends the command with a specific exit code.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+/// Exit codes: 1 any other error, 3 not found or ambiguous, 4 not authenticated or
+/// not permitted, 5 refused as invalid, 6 timed out waiting for a port.
+pub const EXIT_NOT_FOUND: u8 = 3;
+pub const EXIT_AUTH: u8 = 4;
+pub const EXIT_INVALID: u8 = 5;
+pub const EXIT_TIMEOUT: u8 = 6;
+
+impl Exit {
+    pub fn new(code: u8, message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Exit {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// What `jitgate login` stores (mode 0600).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Saved {
+    pub url: Option<String>,
+    pub token: Option<String>,
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// `$JITGATE_CONFIG_DIR`, else `$XDG_CONFIG_HOME/jitgate`, else `~/.config/jitgate`.
+pub fn config_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("JITGATE_CONFIG_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CONFIG_HOME") {
+        return Some(PathBuf::from(d).join("jitgate"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config").join("jitgate"))
+}
+
+pub fn config_file() -> Option<PathBuf> {
+    config_dir().map(|d| d.join("config.toml"))
+}
+
+pub fn load_saved() -> anyhow::Result<Saved> {
+    let Some(path) = config_file() else {
+        return Ok(Saved::default());
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid jitgate config", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Saved::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+pub fn save(saved: &Saved) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path =
+        config_file().context("cannot find a config directory: set HOME or JITGATE_CONFIG_DIR")?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let text = toml::to_string(saved)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(path)
+}
+
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    pub base: String,
     token: Option<String>,
 }
 
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+
 impl Client {
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder();
-        if let Some(ca) = &args.ca_cert {
+        let saved = load_saved()?;
+        let url = args
+            .url
+            .clone()
+            .or(saved.url)
+            .unwrap_or_else(|| DEFAULT_URL.to_owned());
+        let token = args.token.clone().or(saved.token);
+        let ca = args.ca_cert.clone().or(saved.ca_cert);
+        Self::build(&url, token, ca.as_deref())
+    }
+
+    pub fn build(url: &str, token: Option<String>, ca: Option<&Path>) -> anyhow::Result<Self> {
+        let mut builder =
+            reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+        if let Some(ca) = ca {
             let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
@@ -23,21 +133,27 @@ impl Client {
         }
         Ok(Client {
             http: builder.build().context("cannot build the HTTP client")?,
-            base: args.url.trim_end_matches('/').to_owned(),
-            token: args.token.clone(),
+            base: url.trim_end_matches('/').to_owned(),
+            token,
         })
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
         let req = match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the controller at {} (check the URL, or run `jitgate login URL`)",
+                self.base
+            )
+        })?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
         let body: Value = if text.trim().is_empty() {
             Value::Null
@@ -49,28 +165,151 @@ impl Client {
                 .as_str()
                 .map(str::to_owned)
                 .unwrap_or_else(|| body.to_string());
-            let hint = if status.as_u16() == 401 {
-                " (set JITGATE_TOKEN or --token to a valid token)"
-            } else {
-                ""
-            };
-            bail!("{status}: {msg}{hint}");
+            return Err(match status.as_u16() {
+                401 => Exit::new(
+                    EXIT_AUTH,
+                    format!(
+                        "not authenticated: {msg} Log in again with `jitgate login {} --token <token>` (or set JITGATE_TOKEN).",
+                        self.base
+                    ),
+                ),
+                403 => Exit::new(EXIT_AUTH, format!("not permitted: {msg}")),
+                404 => Exit::new(EXIT_NOT_FOUND, msg),
+                400 | 409 | 413 => Exit::new(EXIT_INVALID, msg),
+                _ => Exit::new(1, format!("{status}: {msg}")),
+            });
         }
-        Ok(body)
+        Ok((body, headers))
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
+        Ok(self
+            .send(self.http.get(format!("{}{path}", self.base)))
+            .await?
+            .0)
+    }
+
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
             .await
+            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            return Err(Exit::new(
+                if status.as_u16() == 401 || status.as_u16() == 403 {
+                    EXIT_AUTH
+                } else {
+                    1
+                },
+                format!("{status}: {}", resp.text().await.unwrap_or_default()),
+            ));
+        }
+        Ok(resp.text().await?)
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        Ok(self
+            .send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await?
+            .0)
+    }
+
+    pub async fn post_with_headers(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
     }
 
+    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        Ok(self
+            .send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await?
+            .0)
+    }
+
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.delete(format!("{}{path}", self.base)))
-            .await
+        Ok(self
+            .send(self.http.delete(format!("{}{path}", self.base)))
+            .await?
+            .0)
+    }
+}
+
+/// Finds a machine by full id, `rg/name`, or a unique short name, among `vms` (the
+/// `value` of GET /api/v1/vms).
+pub fn resolve<'a>(vms: &'a [Value], name: &str) -> anyhow::Result<&'a Value> {
+    let eq = |a: &Value, b: &str| a.as_str().is_some_and(|a| a.eq_ignore_ascii_case(b));
+    let matches: Vec<&Value> = if name.starts_with("/subscriptions/") {
+        vms.iter().filter(|v| eq(&v["id"], name)).collect()
+    } else if let Some((rg, n)) = name.split_once('/') {
+        vms.iter()
+            .filter(|v| eq(&v["resourceGroup"], rg) && eq(&v["name"], n))
+            .collect()
+    } else {
+        vms.iter().filter(|v| eq(&v["name"], name)).collect()
+    };
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => Err(Exit::new(
+            EXIT_NOT_FOUND,
+            format!("no machine named '{name}' that you can see; list them with `jitgate vm list`"),
+        )),
+        many => {
+            let names: Vec<String> = many
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{}/{}",
+                        v["resourceGroup"].as_str().unwrap_or("?"),
+                        v["name"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            Err(Exit::new(
+                EXIT_NOT_FOUND,
+                format!(
+                    "'{name}' is ambiguous: {}; name it as resource-group/name",
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn vms() -> Vec<Value> {
+        vec![
+            json!({"id": "/subscriptions/s/resourceGroups/prod/providers/Microsoft.Compute/virtualMachines/web-1", "resourceGroup": "prod", "name": "web-1"}),
+            json!({"id": "/subscriptions/s/resourceGroups/lab/providers/Microsoft.Compute/virtualMachines/web-1", "resourceGroup": "lab", "name": "web-1"}),
+            json!({"id": "/subscriptions/s/resourceGroups/lab/providers/Microsoft.Compute/virtualMachines/db", "resourceGroup": "lab", "name": "db"}),
+        ]
+    }
+
+    #[test]
+    fn resolves_names() {
+        let v = vms();
+        assert_eq!(resolve(&v, "db").unwrap()["resourceGroup"], "lab");
+        assert_eq!(resolve(&v, "LAB/WEB-1").unwrap()["resourceGroup"], "lab");
+        assert_eq!(resolve(&v, "/subscriptions/s/resourceGroups/prod/providers/Microsoft.Compute/virtualMachines/web-1").unwrap()["resourceGroup"], "prod");
+        let e = resolve(&v, "web-1").unwrap_err().to_string();
+        assert!(
+            e.contains("ambiguous") && e.contains("prod/web-1") && e.contains("lab/web-1"),
+            "{e}"
+        );
+        let e = resolve(&v, "nope").unwrap_err();
+        assert_eq!(e.downcast_ref::<Exit>().unwrap().code, EXIT_NOT_FOUND);
     }
 }

@@ -6,6 +6,7 @@
 mod bench;
 mod cli;
 mod client;
+mod people;
 
 use std::process::ExitCode;
 
@@ -27,9 +28,15 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(cli::run(args)) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("jitgate: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => match e.downcast_ref::<client::Exit>() {
+            Some(exit) => {
+                eprintln!("jitgate: {}", exit.message);
+                ExitCode::from(exit.code)
+            }
+            None => {
+                eprintln!("jitgate: {e:#}");
+                ExitCode::from(1)
+            }
+        },
     }
 }

@@ -1838,11 +1838,13 @@ impl Store for SqliteStore {
             )? > 0;
             let principal = args.agent_token.principal.clone();
             ctx.tx.execute(
-                "UPDATE tokens SET revoked_ns = ?2 WHERE principal = ?1 AND revoked_ns IS NULL",
+                // Case-insensitive: a VM's id may be written in any casing, and a
+                // re-enrollment must always replace the previous credential.
+                "UPDATE tokens SET revoked_ns = ?2 WHERE lower(principal) = lower(?1) AND revoked_ns IS NULL",
                 params![principal, ns(audit.now)],
             )?;
             insert_token(ctx.tx, &args.agent_token)?;
-            ctx.tx.execute("DELETE FROM role_assignments WHERE principal = ?1", [&principal])?;
+            ctx.tx.execute("DELETE FROM role_assignments WHERE lower(principal) = lower(?1)", [&principal])?;
             insert_role_assignment(
                 ctx.tx,
                 &RoleAssignmentRecord {
