@@ -168,15 +168,54 @@ pub async fn status(
     if let Some(e) = &report.error {
         tracing::warn!(vm = %vm, error = %e, "agent reports an enforcement error");
     }
+    let now = Timestamp::now();
+    // Blocked attempts since the previous report: counters only grow, except when the
+    // agent rebuilds its table (then they restart from zero).
+    let previous: Option<StatusReport> = state
+        .store
+        .agent_status(&vm)
+        .await?
+        .and_then(|r| serde_json::from_str(&r.report).ok());
+    let mut points = Vec::new();
+    for c in &report.counters {
+        let before = previous.as_ref().and_then(|p| {
+            p.counters
+                .iter()
+                .find(|x| x.rule == c.rule)
+                .map(|x| x.packets)
+        });
+        let delta = match before {
+            Some(b) if c.packets >= b => c.packets - b,
+            _ => c.packets,
+        };
+        if delta > 0 {
+            state
+                .metrics
+                .blocked
+                .get_or_create(&crate::metrics::PortLabel {
+                    port: c.port,
+                    protocol: c.protocol.clone(),
+                })
+                .inc_by(delta);
+            points.push(jitgate_store::BlockedPoint {
+                vm: vm.clone(),
+                port: c.port,
+                protocol: c.protocol.clone(),
+                at: now,
+                count: delta,
+            });
+        }
+    }
     let text = serde_json::to_string(&report).map_err(ApiError::internal)?;
     state
         .store
         .put_agent_status(AgentStatusRecord {
             vm,
             report: text,
-            last_seen: Timestamp::now(),
+            last_seen: now,
         })
         .await?;
+    state.store.record_blocked(points).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -191,7 +230,7 @@ pub async fn status_json(state: &AppState, vm: &VmId) -> ApiResult<Value> {
     let current = desired_state(state, vm).await?;
     Ok(json!({
         "enrolled": true,
-        "online": age <= (3 * HEARTBEAT_SECS) as i64,
+        "online": age <= state.recommend.offline_after.as_secs(),
         "lastSeen": rec.last_seen.to_string(),
         "appliedRevision": report.applied_revision,
         "appliedAt": report.applied_at,

@@ -13,6 +13,7 @@ pub mod error;
 pub mod expiry;
 pub mod metrics;
 pub mod native;
+pub mod recommend;
 mod server;
 
 pub use server::{BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, Running, TlsFiles, start};
@@ -45,6 +46,7 @@ pub struct AppState {
     /// Per-VM change notifications that wake agents' long-polls.
     pub vm_changes: Arc<agent::VmChanges>,
     pub tls: bool,
+    pub recommend: Arc<jitgate_core::recommend::RecommendConfig>,
 }
 
 impl AppState {

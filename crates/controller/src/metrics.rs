@@ -21,6 +21,19 @@ pub struct Metrics {
     pub refused: Family<StatusLabel, Counter>,
     pub live_grants: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub http_requests: Counter<u64, AtomicU64>,
+    pub verdicts: Family<VerdictLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub blocked: Family<PortLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabel {
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    pub port: u16,
+    pub protocol: String,
 }
 
 impl Default for Metrics {
@@ -38,6 +51,18 @@ impl Metrics {
         let refused = Family::<StatusLabel, Counter>::default();
         let live_grants = Gauge::default();
         let http_requests = Counter::default();
+        let verdicts = Family::<VerdictLabel, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
+        let blocked = Family::<PortLabel, Counter>::default();
+        registry.register(
+            "recommendation_vms",
+            "VMs by recommendation verdict (Healthy, Unhealthy, NotApplicable)",
+            verdicts.clone(),
+        );
+        registry.register(
+            "blocked_attempts",
+            "Connection attempts dropped by JIT deny rules, as reported by agents",
+            blocked.clone(),
+        );
         registry.register(
             "initiates",
             "Accepted access requests (initiate calls)",
@@ -76,6 +101,8 @@ impl Metrics {
             refused,
             live_grants,
             http_requests,
+            verdicts,
+            blocked,
         }
     }
 

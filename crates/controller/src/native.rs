@@ -53,6 +53,23 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/agent/enroll", post(crate::agent::enroll))
         .route("/api/v1/agent/desired", get(crate::agent::desired))
         .route("/api/v1/agent/status", post(crate::agent::status))
+        .route("/api/v1/recommendations", get(crate::recommend::list))
+        .route(
+            "/api/v1/recommendations/apply",
+            post(crate::recommend::apply),
+        )
+        .route(
+            "/api/v1/exclusions",
+            get(crate::recommend::list_exclusions).post(crate::recommend::create_exclusion),
+        )
+        .route(
+            "/api/v1/exclusions/{id}",
+            axum::routing::delete(crate::recommend::delete_exclusion),
+        )
+        .route(
+            "/api/v1/vms/{rg}/{name}/blocked",
+            get(crate::recommend::blocked),
+        )
         .route("/api/v1/requests", get(list_requests))
         .route("/api/v1/requests/{id}", get(get_request))
         .route("/api/v1/requests/{id}/revoke", post(revoke_request))
@@ -291,6 +308,30 @@ async fn get_vm(
     let mut v = vm_json(&vm);
     v["policy"] = json!(policy.as_ref().map(|p| p.key.id()));
     v["agent"] = crate::agent::status_json(&state, &id).await?;
+    let last = state
+        .store
+        .list_requests(&RequestFilter {
+            vm: Some(id.clone()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await?;
+    v["lastAccess"] = json!(last.first().map(|r| r.start.to_string()));
+    v["lastUser"] = json!(last.first().map(|r| r.requestor.clone()));
+    let day_ago = now
+        .checked_sub(jiff::SignedDuration::from_hours(24))
+        .map_err(ApiError::internal)?;
+    let mut blocked: std::collections::BTreeMap<(u16, String), u64> =
+        std::collections::BTreeMap::new();
+    for p in state.store.blocked_series(Some(&id), day_ago).await? {
+        *blocked.entry((p.port, p.protocol)).or_default() += p.count;
+    }
+    v["blockedLast24h"] = json!(
+        blocked
+            .iter()
+            .map(|((port, proto), n)| json!({"port": port, "protocol": proto, "count": n}))
+            .collect::<Vec<_>>()
+    );
     v["grants"] = json!(
         grants
             .iter()

@@ -35,6 +35,8 @@ pub struct Config {
     pub insecure_http: bool,
     /// Use this as the bootstrap Owner token instead of generating one.
     pub bootstrap_token: Option<String>,
+    /// Management ports and agent-offline time for recommendations.
+    pub recommend: jitgate_core::recommend::RecommendConfig,
 }
 
 impl Config {
@@ -45,6 +47,7 @@ impl Config {
             tls: None,
             insecure_http: false,
             bootstrap_token: None,
+            recommend: jitgate_core::recommend::RecommendConfig::default(),
         }
     }
 }
@@ -174,9 +177,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         revision: Arc::new(revision),
         vm_changes: Arc::new(crate::agent::VmChanges::default()),
         tls: config.tls.is_some(),
+        recommend: Arc::new(config.recommend.clone()),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let expiry = tokio::spawn(crate::expiry::run(state.clone(), shutdown_rx));
+    let expiry = tokio::spawn(crate::expiry::run(state.clone(), shutdown_rx.clone()));
+    tokio::spawn(crate::recommend::refresh_metrics(
+        state.clone(),
+        shutdown_rx,
+    ));
 
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;

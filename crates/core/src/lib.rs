@@ -19,6 +19,7 @@ pub mod nsg;
 pub mod policy;
 pub mod procnet;
 pub mod rbac;
+pub mod recommend;
 pub mod request;
 
 pub use error::FieldError;

@@ -33,6 +33,8 @@ pub enum Command {
     /// Example: jitgate agent --controller https://jit.example.com:8443 --enroll-token je_... --resource-group prod-web
     Agent(AgentArgs),
     /// Create and list enrollment tokens for agents.
+    ///
+    /// Example: jitgate enroll-token create --uses 10 --expires-in P1D
     #[command(subcommand)]
     EnrollToken(EnrollTokenCommand),
     /// Store the controller URL and your token for the other commands.
@@ -67,6 +69,10 @@ pub enum Command {
     ///
     /// Example: jitgate requests --mine --active
     Requests(crate::people::RequestsArgs),
+    /// Which machines still expose management ports (Healthy / Unhealthy / Not applicable).
+    ///
+    /// Example: jitgate recommendations --resource-group prod-web
+    Recommendations(crate::people::RecommendationsArgs),
     /// Print shell completions.
     ///
     /// Example: jitgate completions bash > /etc/bash_completion.d/jitgate
@@ -76,18 +82,28 @@ pub enum Command {
     /// Example: jitgate man > jitgate.1 && man ./jitgate.1
     Man,
     /// Register, list and show protected machines.
+    ///
+    /// Example: jitgate vm show web-1
     #[command(subcommand)]
     Vm(VmCommand),
     /// Create, list and revoke API tokens.
+    ///
+    /// Example: jitgate token create --principal alice@example.com --expires-in P30D
     #[command(subcommand)]
     Token(TokenCommand),
     /// Assign, list and remove roles.
+    ///
+    /// Example: jitgate role list --principal alice@example.com
     #[command(subcommand)]
     Role(RoleCommand),
     /// Query and verify the audit log.
+    ///
+    /// Example: jitgate audit show --vm web-1 --since 24h
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Benchmarks.
+    ///
+    /// Example: jitgate bench initiate --vms 10000 --clients 8 --seconds 20
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
 }
@@ -115,6 +131,12 @@ pub struct ServeArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "JITGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Management ports for recommendations [default: 22,3389,5985,5986].
+    #[arg(long, env = "JITGATE_MANAGEMENT_PORTS", value_delimiter = ',')]
+    pub management_ports: Option<Vec<u16>>,
+    /// Seconds without a report after which an agent counts as offline [default: 60].
+    #[arg(long, env = "JITGATE_AGENT_OFFLINE_AFTER")]
+    pub agent_offline_after: Option<u64>,
     /// Use this as the bootstrap Owner token at first start instead of generating one.
     #[arg(
         long,
@@ -184,6 +206,8 @@ pub enum EnrollTokenCommand {
         client: ClientArgs,
     },
     /// List enrollment tokens (never their secrets).
+    ///
+    /// Example: jitgate enroll-token list
     List {
         #[command(flatten)]
         client: ClientArgs,
@@ -199,6 +223,8 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     insecure_http: Option<bool>,
     log_format: Option<String>,
+    management_ports: Option<Vec<u16>>,
+    agent_offline_after: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -276,6 +302,8 @@ pub enum TokenCommand {
         client: ClientArgs,
     },
     /// List tokens (never their secrets).
+    ///
+    /// Example: jitgate token list --json
     List {
         #[command(flatten)]
         client: ClientArgs,
@@ -306,13 +334,17 @@ pub enum RoleCommand {
         client: ClientArgs,
     },
     /// List role assignments.
+    ///
+    /// Example: jitgate role list --principal alice@example.com
     List {
         #[arg(long)]
         principal: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Remove a role assignment by id.
+    /// Remove a role assignment by id (see `jitgate role list`).
+    ///
+    /// Example: jitgate role remove 0b6c1e5a-7f2d-4c8e-9a41-3d5f6e7a8b9c
     Remove {
         id: String,
         #[command(flatten)]
@@ -383,6 +415,18 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
     config.tls = tls;
     config.insecure_http = args.insecure_http || file.insecure_http.unwrap_or(false);
     config.bootstrap_token = args.bootstrap_token;
+    if let Some(ports) = args.management_ports.or(file.management_ports) {
+        if ports.is_empty() || ports.contains(&0) {
+            bail!("management_ports: give ports from 1 to 65535");
+        }
+        config.recommend.management_ports = ports;
+    }
+    if let Some(secs) = args.agent_offline_after.or(file.agent_offline_after) {
+        if secs == 0 {
+            bail!("agent_offline_after: must be at least 1 second");
+        }
+        config.recommend.offline_after = jiff::SignedDuration::from_secs(secs as i64);
+    }
     let log_format = args
         .log_format
         .or(file.log_format)
@@ -438,6 +482,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Connect(a) => crate::people::connect(a).await,
         Command::Revoke(a) => crate::people::revoke(a).await,
         Command::Requests(a) => crate::people::requests(a).await,
+        Command::Recommendations(a) => crate::people::recommendations(a).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();

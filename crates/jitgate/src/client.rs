@@ -26,7 +26,7 @@ pub const EXIT_INVALID: u8 = 5;
 pub const EXIT_TIMEOUT: u8 = 6;
 
 impl Exit {
-    pub fn new(code: u8, message: impl Into<String>) -> anyhow::Error {
+    pub fn err(code: u8, message: impl Into<String>) -> anyhow::Error {
         anyhow::Error::new(Exit {
             code,
             message: message.into(),
@@ -166,17 +166,17 @@ impl Client {
                 .map(str::to_owned)
                 .unwrap_or_else(|| body.to_string());
             return Err(match status.as_u16() {
-                401 => Exit::new(
+                401 => Exit::err(
                     EXIT_AUTH,
                     format!(
                         "not authenticated: {msg} Log in again with `jitgate login {} --token <token>` (or set JITGATE_TOKEN).",
                         self.base
                     ),
                 ),
-                403 => Exit::new(EXIT_AUTH, format!("not permitted: {msg}")),
-                404 => Exit::new(EXIT_NOT_FOUND, msg),
-                400 | 409 | 413 => Exit::new(EXIT_INVALID, msg),
-                _ => Exit::new(1, format!("{status}: {msg}")),
+                403 => Exit::err(EXIT_AUTH, format!("not permitted: {msg}")),
+                404 => Exit::err(EXIT_NOT_FOUND, msg),
+                400 | 409 | 413 => Exit::err(EXIT_INVALID, msg),
+                _ => Exit::err(1, format!("{status}: {msg}")),
             });
         }
         Ok((body, headers))
@@ -200,7 +200,7 @@ impl Client {
             .with_context(|| format!("cannot reach the controller at {}", self.base))?;
         if !resp.status().is_success() {
             let status = resp.status();
-            return Err(Exit::new(
+            return Err(Exit::err(
                 if status.as_u16() == 401 || status.as_u16() == 403 {
                     EXIT_AUTH
                 } else {
@@ -258,7 +258,7 @@ pub fn resolve<'a>(vms: &'a [Value], name: &str) -> anyhow::Result<&'a Value> {
     };
     match matches.as_slice() {
         [one] => Ok(one),
-        [] => Err(Exit::new(
+        [] => Err(Exit::err(
             EXIT_NOT_FOUND,
             format!("no machine named '{name}' that you can see; list them with `jitgate vm list`"),
         )),
@@ -273,7 +273,7 @@ pub fn resolve<'a>(vms: &'a [Value], name: &str) -> anyhow::Result<&'a Value> {
                     )
                 })
                 .collect();
-            Err(Exit::new(
+            Err(Exit::err(
                 EXIT_NOT_FOUND,
                 format!(
                     "'{name}' is ambiguous: {}; name it as resource-group/name",

@@ -80,7 +80,7 @@ fn left_until(end: &str) -> String {
 }
 
 fn invalid(msg: impl Into<String>) -> anyhow::Error {
-    Exit::new(EXIT_INVALID, msg)
+    Exit::err(EXIT_INVALID, msg)
 }
 
 // ---- shared lookups ---------------------------------------------------------------
@@ -177,8 +177,15 @@ pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
 #[derive(Args)]
 pub struct EnableArgs {
     /// Machines: name, resource-group/name, or full id.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "recommended")]
     pub vms: Vec<String>,
+    /// Enable JIT on every Unhealthy machine (its listening management ports, TCP, any
+    /// source, at most 3 hours), in one audited call.
+    #[arg(long, conflicts_with_all = ["vms", "ports", "from"])]
+    pub recommended: bool,
+    /// With --recommended: only this resource group.
+    #[arg(long, requires = "recommended")]
+    pub resource_group: Option<String>,
     /// Ports to protect [default: those of 22, 3389, 5985, 5986 the host listens on, else 22].
     #[arg(long = "port")]
     pub ports: Vec<u16>,
@@ -252,6 +259,34 @@ fn default_ports(vm: &Value) -> Vec<u16> {
 }
 
 pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
+    if a.recommended {
+        let ses = Session::new(&a.client)?;
+        let v = ses
+            .c
+            .post(
+                "/api/v1/recommendations/apply",
+                &json!({"resourceGroup": a.resource_group}),
+            )
+            .await?;
+        print(ses.json, &v, |v| {
+            let list = v["enabled"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            if list.is_empty() {
+                println!("no Unhealthy machine: nothing to enable");
+            }
+            for e in list {
+                let ports: Vec<String> = e["ports"]
+                    .as_array()
+                    .map(|a| a.iter().map(s).collect())
+                    .unwrap_or_default();
+                println!(
+                    "JIT enabled on {}: ports {} (max PT3H per request)",
+                    short_id(&s(&e["vm"])),
+                    ports.join(", ")
+                );
+            }
+        });
+        return Ok(ExitCode::SUCCESS);
+    }
     let max = iso_duration(&a.max).map_err(|e| invalid(format!("--max: {e}")))?;
     jitgate_core::net::Protocol::parse(&a.protocol)
         .map_err(|e| invalid(format!("--protocol: {e}")))?;
@@ -418,7 +453,7 @@ async fn protected_ports(c: &Client, vm: &Value) -> anyhow::Result<(String, Vec<
     })?;
     let policy = get_policy(c, &path)
         .await?
-        .ok_or_else(|| Exit::new(EXIT_NOT_FOUND, format!("the policy of {name} is gone")))?;
+        .ok_or_else(|| Exit::err(EXIT_NOT_FOUND, format!("the policy of {name} is gone")))?;
     let id = s(&vm["id"]);
     let entry = policy["properties"]["virtualMachines"]
         .as_array()
@@ -428,7 +463,7 @@ async fn protected_ports(c: &Client, vm: &Value) -> anyhow::Result<(String, Vec<
                 .cloned()
         })
         .ok_or_else(|| {
-            Exit::new(
+            Exit::err(
                 EXIT_NOT_FOUND,
                 format!("{name} is not in its policy any more"),
             )
@@ -571,7 +606,7 @@ pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     let out = json!({"requests": results});
-    print(ses.json, &out, |v| print_granted(v));
+    print(ses.json, &out, print_granted);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -727,7 +762,7 @@ fn wait_open(host: &str, port: u16, wait: Duration) -> anyhow::Result<SocketAddr
             if tty {
                 eprint!("\r\x1b[K");
             }
-            return Err(Exit::new(
+            return Err(Exit::err(
                 EXIT_TIMEOUT,
                 format!(
                     "port {port} on {host} did not open within {}s; check the machine's agent with `jitgate vm show`, or that {host} is the right address (--host)",
@@ -871,7 +906,20 @@ pub async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
                 urlencode(&id)
             ))
             .await?;
-        for r in items(&list) {
+        // The list holds requests with a live port anywhere that also name this
+        // machine; revoke only those still live on it (revoking one whose port here
+        // already ended would fail and stop before the others).
+        let live_here = |r: &&Value| {
+            r["virtualMachines"].as_array().is_some_and(|vms| {
+                vms.iter().any(|v| {
+                    s(&v["id"]).eq_ignore_ascii_case(&id)
+                        && v["ports"]
+                            .as_array()
+                            .is_some_and(|ps| ps.iter().any(|p| p["live"] == true))
+                })
+            })
+        };
+        for r in items(&list).iter().filter(live_here) {
             let res = ses
                 .c
                 .post(
@@ -882,7 +930,7 @@ pub async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
             revoked.extend(res["revoked"].as_array().cloned().unwrap_or_default());
         }
         if revoked.is_empty() {
-            return Err(Exit::new(
+            return Err(Exit::err(
                 EXIT_NOT_FOUND,
                 format!(
                     "no live request of yours on {}; see `jitgate requests --mine --active`",
@@ -1186,6 +1234,58 @@ pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---- recommendations -------------------------------------------------------------------
+
+#[derive(Args)]
+pub struct RecommendationsArgs {
+    #[arg(long)]
+    pub resource_group: Option<String>,
+    /// Only this verdict: Healthy, Unhealthy or NotApplicable.
+    #[arg(long)]
+    pub verdict: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+pub async fn recommendations(a: RecommendationsArgs) -> anyhow::Result<ExitCode> {
+    let ses = Session::new(&a.client)?;
+    let mut q = "/api/v1/recommendations?".to_owned();
+    if let Some(rg) = &a.resource_group {
+        q.push_str(&format!("resourceGroup={}&", urlencode(rg)));
+    }
+    if let Some(v) = &a.verdict {
+        q.push_str(&format!("verdict={}", urlencode(v)));
+    }
+    let v = ses.c.get(&q).await?;
+    print(ses.json, &v, |v| {
+        for (verdict, title) in [
+            (
+                "Unhealthy",
+                "Not configured (Unhealthy): management ports open to everyone",
+            ),
+            ("Healthy", "Configured (Healthy)"),
+            ("NotApplicable", "Unsupported (Not applicable)"),
+        ] {
+            let rows: Vec<&Value> = items(v)
+                .iter()
+                .filter(|r| r["verdict"] == verdict)
+                .collect();
+            println!("{title}: {}", s(&v["summary"][verdict]));
+            for r in rows {
+                println!(
+                    "  {:<28} {}",
+                    format!("{}/{}", s(&r["resourceGroup"]), s(&r["name"])),
+                    s(&r["reason"])
+                );
+            }
+        }
+        if v["summary"]["Unhealthy"].as_u64().unwrap_or(0) > 0 {
+            println!("Protect them: jitgate enable --recommended");
+        }
+    });
     Ok(ExitCode::SUCCESS)
 }
 

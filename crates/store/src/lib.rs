@@ -154,6 +154,20 @@ pub trait Store: Send + Sync + 'static {
     -> Result<VmId, OpError<EnrollError>>;
     async fn put_agent_status(&self, status: AgentStatusRecord) -> Result<()>;
     async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>>;
+    async fn all_agent_status(&self) -> Result<Vec<AgentStatusRecord>>;
+    /// Appends blocked-attempt counts (a time series per VM and port).
+    async fn record_blocked(&self, points: Vec<BlockedPoint>) -> Result<()>;
+    /// Blocked-attempt counts since `since`, oldest first (one VM, or all).
+    async fn blocked_series(
+        &self,
+        vm: Option<&VmId>,
+        since: Timestamp,
+    ) -> Result<Vec<BlockedPoint>>;
+
+    // ---- recommendations ----
+    async fn add_exclusion(&self, exclusion: ExclusionRecord, audit: AuditCtx) -> Result<()>;
+    async fn list_exclusions(&self) -> Result<Vec<ExclusionRecord>>;
+    async fn remove_exclusion(&self, id: &str, audit: AuditCtx) -> Result<bool>;
 
     // ---- audit ----
     /// Appends one event on its own (denied and failed calls).

@@ -226,3 +226,23 @@ pub struct VmPolicy {
     pub key: jitgate_core::policy::PolicyKey,
     pub vm: jitgate_core::policy::PolicyVm,
 }
+
+/// An administrator's decision that JIT does not apply to a scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExclusionRecord {
+    pub id: String,
+    pub scope: jitgate_core::ids::Scope,
+    pub reason: String,
+    pub created: Timestamp,
+    pub created_by: String,
+}
+
+/// Attempts blocked by a VM's JIT deny rule for one port, between two agent reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedPoint {
+    pub vm: VmId,
+    pub port: u16,
+    pub protocol: String,
+    pub at: Timestamp,
+    pub count: u64,
+}

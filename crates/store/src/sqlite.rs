@@ -169,6 +169,25 @@ CREATE TABLE agent_status(
     last_seen_ns INTEGER NOT NULL
 );
 "#,
+    r#"
+CREATE TABLE exclusions(
+    id TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE blocked_attempts(
+    vm_key TEXT NOT NULL,
+    vm_id TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    protocol TEXT NOT NULL,
+    at_ns INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX blocked_attempts_vm ON blocked_attempts(vm_key, at_ns);
+CREATE INDEX blocked_attempts_at ON blocked_attempts(at_ns);
+"#,
 ];
 
 fn ns(t: Timestamp) -> i64 {
@@ -1898,6 +1917,152 @@ impl Store for SqliteStore {
                 })
             })
             .transpose()
+        })
+        .await
+    }
+
+    async fn all_agent_status(&self) -> Result<Vec<AgentStatusRecord>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT vm_id, report, last_seen_ns FROM agent_status ORDER BY vm_key",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, report, seen) = row?;
+                out.push(AgentStatusRecord {
+                    vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
+                    report,
+                    last_seen: from_ns(seen)?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_blocked(&self, points: Vec<BlockedPoint>) -> Result<()> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        self.write_plain(move |ctx| {
+            let mut st = ctx.tx.prepare_cached(
+                "INSERT INTO blocked_attempts(vm_key, vm_id, port, protocol, at_ns, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for p in &points {
+                st.execute(params![p.vm.key(), p.vm.to_string(), p.port as i64, p.protocol, ns(p.at), p.count as i64])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn blocked_series(
+        &self,
+        vm: Option<&VmId>,
+        since: Timestamp,
+    ) -> Result<Vec<BlockedPoint>> {
+        let vm = vm.map(|v| v.key());
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT vm_id, port, protocol, at_ns, count FROM blocked_attempts
+                 WHERE (?1 IS NULL OR vm_key = ?1) AND at_ns >= ?2 ORDER BY at_ns, rowid",
+            )?;
+            let rows = st.query_map(params![vm, ns(since)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, port, protocol, at, count) = row?;
+                out.push(BlockedPoint {
+                    vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
+                    port: u16::try_from(port).map_err(corrupt("port"))?,
+                    protocol,
+                    at: from_ns(at)?,
+                    count: count.max(0) as u64,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn add_exclusion(&self, e: ExclusionRecord, audit: AuditCtx) -> Result<()> {
+        self.write_plain(move |ctx| {
+            ctx.tx.execute(
+                "INSERT INTO exclusions(id, scope, reason, created_ns, created_by) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![e.id, e.scope.to_string(), e.reason, ns(e.created), e.created_by],
+            )?;
+            ctx.audit(
+                &audit,
+                "exclusion.create",
+                &e.scope.to_string(),
+                serde_json::json!({"id": e.id, "reason": e.reason}),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_exclusions(&self) -> Result<Vec<ExclusionRecord>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached("SELECT id, scope, reason, created_ns, created_by FROM exclusions ORDER BY created_ns, id")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, scope, reason, created, created_by) = row?;
+                out.push(ExclusionRecord {
+                    id,
+                    scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
+                    reason,
+                    created: from_ns(created)?,
+                    created_by,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_exclusion(&self, id: &str, audit: AuditCtx) -> Result<bool> {
+        let id = id.to_owned();
+        self.write_plain(move |ctx| {
+            let scope: Option<String> = ctx
+                .tx
+                .query_row("SELECT scope FROM exclusions WHERE id = ?1", [&id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(scope) = scope else { return Ok(false) };
+            ctx.tx
+                .execute("DELETE FROM exclusions WHERE id = ?1", [&id])?;
+            ctx.audit(
+                &audit,
+                "exclusion.delete",
+                &scope,
+                serde_json::json!({"id": id}),
+            )?;
+            Ok(true)
         })
         .await
     }

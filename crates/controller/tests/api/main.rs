@@ -12,3 +12,4 @@ mod examples;
 mod lifecycle;
 mod native;
 mod rbac;
+mod recommend;

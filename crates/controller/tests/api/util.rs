@@ -47,9 +47,13 @@ impl Ctl {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> Ctl {
-        let running = jitgate_controller::start(config(dir.path().to_owned()))
-            .await
-            .unwrap();
+        Self::start_with(dir, |_| {}).await
+    }
+
+    pub async fn start_with(dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Ctl {
+        let mut c = config(dir.path().to_owned());
+        adjust(&mut c);
+        let running = jitgate_controller::start(c).await.unwrap();
         let base = format!("http://{}", running.local_addr);
         let sub = running.subscription.to_string();
         Ctl {

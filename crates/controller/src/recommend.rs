@@ -1,0 +1,459 @@
+//! Recommendations (Defender's tabs) from what agents really report; applying them
+//! (enable JIT on every unhealthy machine's listening management ports, one call,
+//! audited); exclusions (JIT switched off for a scope); blocked-attempt series.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use jitgate_core::Timestamp;
+use jitgate_core::audit::{AuditEntry, Outcome};
+use jitgate_core::duration::MaxDuration;
+use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, VmId};
+use jitgate_core::net::{Port, Protocol, SourcePrefix};
+use jitgate_core::policy::{AllowedSources, PolicyKey, PolicySpec, PolicyVm, PortRule};
+use jitgate_core::rbac::Action;
+use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
+use jitgate_proto::StatusReport;
+use jitgate_store::{AuditCtx, ExclusionRecord, OpError, PolicyError, VmRecord};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::AppState;
+use crate::auth::{CallerIp, Principal};
+use crate::body::OptionalJsonBody;
+use crate::error::{ApiError, ApiResult};
+
+fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
+    AgentFacts {
+        last_seen,
+        nft_version: report.nft_version.clone(),
+        error: report.error.clone(),
+        listening: report
+            .listening
+            .iter()
+            .filter_map(|l| {
+                Some(Listening {
+                    protocol: Protocol::parse(&l.protocol).ok()?,
+                    addr: l.address.parse().ok()?,
+                    port: l.port,
+                    process: l.process.clone(),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// Recommendations for `vms` at `now`.
+pub async fn recommendations(
+    state: &AppState,
+    vms: &[VmRecord],
+    now: Timestamp,
+) -> ApiResult<Vec<(VmRecord, Recommendation)>> {
+    let exclusions = state.store.list_exclusions().await?;
+    let statuses: HashMap<String, (StatusReport, Timestamp)> = state
+        .store
+        .all_agent_status()
+        .await?
+        .into_iter()
+        .map(|s| {
+            (
+                s.vm.key(),
+                (
+                    serde_json::from_str(&s.report).unwrap_or_default(),
+                    s.last_seen,
+                ),
+            )
+        })
+        .collect();
+    let mut out = Vec::with_capacity(vms.len());
+    for vm in vms {
+        let policy = state.store.vm_policy(&vm.id).await?;
+        let facts = VmFacts {
+            agent: statuses
+                .get(&vm.id.key())
+                .map(|(r, seen)| agent_facts(r, *seen)),
+            excluded: exclusions
+                .iter()
+                .find(|e| e.scope.contains(&vm.id.scope()))
+                .map(|e| e.reason.clone()),
+            protected: policy
+                .map(|p| p.vm.ports.iter().map(|r| (r.number, r.protocol)).collect())
+                .unwrap_or_default(),
+            user_rules: state.store.nsg_rules(&vm.id).await?,
+        };
+        out.push((vm.clone(), classify(&facts, &state.recommend, now)));
+    }
+    Ok(out)
+}
+
+fn rec_json(vm: &VmRecord, r: &Recommendation) -> Value {
+    json!({
+        "vm": vm.id.to_string(),
+        "resourceGroup": vm.id.resource_group.to_string(),
+        "name": vm.id.name.to_string(),
+        "verdict": r.verdict.as_str(),
+        "reason": r.reason,
+        "exposedPorts": r.exposed,
+        "listeningManagementPorts": r.listening_management,
+    })
+}
+
+async fn visible_vms(
+    state: &AppState,
+    principal: &Principal,
+    rg: Option<&ResourceGroup>,
+) -> ApiResult<Vec<VmRecord>> {
+    Ok(state
+        .store
+        .list_vms(state.default_subscription(), rg)
+        .await?
+        .into_iter()
+        .filter(|v| principal.can(Action::VmRead, &v.id.scope()))
+        .collect())
+}
+
+fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
+    q.get("resourceGroup")
+        .map(|r| ResourceGroup::parse(r))
+        .transpose()
+        .map_err(|e| ApiError::bad_param("resourceGroup", e))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let verdict = q
+        .get("verdict")
+        .map(|v| {
+            Verdict::parse(v).ok_or_else(|| {
+                ApiError::bad_param(
+                    "verdict",
+                    format!("'{v}' is not Healthy, Unhealthy or NotApplicable"),
+                )
+            })
+        })
+        .transpose()?;
+    let rg = rg_query(&q)?;
+    let vms = visible_vms(&state, &principal, rg.as_ref()).await?;
+    let recs = recommendations(&state, &vms, Timestamp::now()).await?;
+    let mut summary = BTreeMap::from([("Healthy", 0), ("Unhealthy", 0), ("NotApplicable", 0)]);
+    for (_, r) in &recs {
+        *summary.entry(r.verdict.as_str()).or_default() += 1;
+    }
+    let value: Vec<Value> = recs
+        .iter()
+        .filter(|(_, r)| verdict.is_none_or(|v| v == r.verdict))
+        .map(|(vm, r)| rec_json(vm, r))
+        .collect();
+    Ok(Json(json!({"summary": summary, "value": value})))
+}
+
+/// A VM and the ports to protect on it.
+type VmPorts = (VmId, Vec<u16>);
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyIn {
+    resource_group: Option<String>,
+}
+
+/// Enables JIT on every unhealthy machine the caller may see (in one resource group,
+/// or all), on its listening management ports: TCP, any source, at most 3 hours.
+pub async fn apply(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    OptionalJsonBody(body): OptionalJsonBody<ApplyIn>,
+) -> ApiResult<Json<Value>> {
+    let rg = body
+        .and_then(|b| b.resource_group)
+        .map(|r| ResourceGroup::parse(&r))
+        .transpose()
+        .map_err(|e| ApiError::bad_param("resourceGroup", e))?;
+    let now = Timestamp::now();
+    let vms = visible_vms(&state, &principal, rg.as_ref()).await?;
+    let recs = recommendations(&state, &vms, now).await?;
+    // Target policy key -> VMs (with their ports) to add.
+    let mut plan: BTreeMap<String, (PolicyKey, Vec<VmPorts>)> = BTreeMap::new();
+    for (vm, r) in recs.iter().filter(|(_, r)| r.verdict == Verdict::Unhealthy) {
+        let rg_scope = Scope::ResourceGroup(vm.id.subscription, vm.id.resource_group.clone());
+        principal.require(Action::PolicyWrite, &rg_scope)?;
+        let key = match state.store.vm_policy(&vm.id).await? {
+            Some(p) => p.key,
+            None => {
+                let existing = state
+                    .store
+                    .list_policies(
+                        &jitgate_store::PolicyFilter {
+                            subscription: Some(vm.id.subscription),
+                            resource_group: Some(vm.id.resource_group.clone()),
+                            location: None,
+                        },
+                        None,
+                        1,
+                    )
+                    .await?;
+                match existing.into_iter().next() {
+                    Some(p) => p.key,
+                    None => PolicyKey {
+                        subscription: vm.id.subscription,
+                        resource_group: vm.id.resource_group.clone(),
+                        location: vm
+                            .location
+                            .clone()
+                            .unwrap_or(Location::parse("global").map_err(ApiError::internal)?),
+                        name: PolicyName::parse("default").map_err(ApiError::internal)?,
+                    },
+                }
+            }
+        };
+        plan.entry(key.key())
+            .or_insert_with(|| (key.clone(), Vec::new()))
+            .1
+            .push((vm.id.clone(), r.exposed.clone()));
+    }
+    let audit = AuditCtx {
+        actor: principal.name.clone(),
+        source: ip.to_string(),
+        now,
+    };
+    let mut enabled = Vec::new();
+    for (_, (key, adds)) in plan {
+        let mut spec = state
+            .store
+            .get_policy(&key)
+            .await?
+            .map(|p| p.spec)
+            .unwrap_or(PolicySpec {
+                kind: "Basic".to_owned(),
+                vms: Vec::new(),
+            });
+        for (vm, ports) in &adds {
+            let rule = |p: u16| -> ApiResult<PortRule> {
+                Ok(PortRule {
+                    number: Port::new(p as i64).map_err(ApiError::internal)?,
+                    protocol: Protocol::Tcp,
+                    allowed: AllowedSources::Single(SourcePrefix::Any),
+                    max_duration: MaxDuration::default_three_hours(),
+                })
+            };
+            match spec.vms.iter_mut().find(|v| v.id == *vm) {
+                Some(entry) => {
+                    for p in ports {
+                        if entry.ports.iter().all(|r| r.number.get() != *p) {
+                            entry.ports.push(rule(*p)?);
+                        }
+                    }
+                }
+                None => spec.vms.push(PolicyVm {
+                    id: vm.clone(),
+                    ports: ports.iter().map(|p| rule(*p)).collect::<ApiResult<_>>()?,
+                    public_ip_address: None,
+                }),
+            }
+            enabled.push(json!({"vm": vm.to_string(), "ports": ports, "policy": key.id()}));
+        }
+        state
+            .store
+            .put_policy(key.clone(), spec, audit.clone())
+            .await
+            .map_err(|e| match e {
+                OpError::Refused(PolicyError::UnknownVm(f) | PolicyError::VmInOtherPolicy(f)) => {
+                    ApiError::conflict(f.to_string())
+                }
+                OpError::Refused(PolicyError::UnknownSubscription(s)) => {
+                    ApiError::not_found(format!("subscription {s}"))
+                }
+                OpError::Store(s) => s.into(),
+            })?;
+        state.vm_changes.touch(adds.iter().map(|(v, _)| v));
+    }
+    state.notify_change();
+    let entry = AuditEntry {
+        time: now.to_string(),
+        actor: principal.name.clone(),
+        source: ip.to_string(),
+        action: "recommendations.apply".to_owned(),
+        target: rg
+            .as_ref()
+            .map(|r| Scope::ResourceGroup(state.default_subscription(), r.clone()).to_string())
+            .unwrap_or_else(|| Scope::Subscription(state.default_subscription()).to_string()),
+        outcome: Outcome::Success,
+        details: json!({"enabled": enabled}).to_string(),
+    };
+    state.store.append_audit(entry).await?;
+    Ok(Json(json!({"enabled": enabled})))
+}
+
+// ---- exclusions -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+pub struct ExclusionIn {
+    scope: Option<String>,
+    reason: Option<String>,
+}
+
+fn exclusion_json(e: &ExclusionRecord) -> Value {
+    json!({
+        "id": e.id,
+        "scope": e.scope.to_string(),
+        "reason": e.reason,
+        "createdAt": e.created.to_string(),
+        "createdBy": e.created_by,
+    })
+}
+
+pub async fn list_exclusions(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<Value>> {
+    let all = state.store.list_exclusions().await?;
+    let value: Vec<Value> = all
+        .iter()
+        .filter(|e| {
+            jitgate_core::rbac::is_allowed_somewhere_under(
+                &principal.assignments,
+                &principal.name,
+                Action::PolicyRead,
+                &e.scope,
+            )
+        })
+        .map(exclusion_json)
+        .collect();
+    Ok(Json(json!({"value": value})))
+}
+
+pub async fn create_exclusion(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    crate::body::JsonBody(body): crate::body::JsonBody<ExclusionIn>,
+) -> ApiResult<Response> {
+    let scope = Scope::parse(
+        body.scope
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_param("scope", "is required"))?,
+    )
+    .map_err(|e| ApiError::bad_param("scope", e))?;
+    if !state.subscriptions.contains(&scope.subscription()) {
+        return Err(ApiError::bad_param(
+            "scope",
+            format!("subscription {} does not exist", scope.subscription()),
+        ));
+    }
+    let reason = body.reason.unwrap_or_default();
+    if reason.trim().is_empty() || reason.len() > 512 {
+        return Err(ApiError::bad_param(
+            "reason",
+            "is required (1 to 512 characters): say why JIT does not apply",
+        ));
+    }
+    principal.require(Action::PolicyWrite, &scope)?;
+    let record = ExclusionRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        scope,
+        reason,
+        created: Timestamp::now(),
+        created_by: principal.name.clone(),
+    };
+    let audit = AuditCtx {
+        actor: principal.name.clone(),
+        source: ip.to_string(),
+        now: record.created,
+    };
+    state.store.add_exclusion(record.clone(), audit).await?;
+    Ok((StatusCode::CREATED, Json(exclusion_json(&record))).into_response())
+}
+
+pub async fn delete_exclusion(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let all = state.store.list_exclusions().await?;
+    let Some(e) = all.iter().find(|e| e.id == id) else {
+        return Err(ApiError::not_found(format!("exclusion {id} not found")));
+    };
+    principal.require(Action::PolicyWrite, &e.scope)?;
+    let audit = AuditCtx {
+        actor: principal.name.clone(),
+        source: ip.to_string(),
+        now: Timestamp::now(),
+    };
+    state.store.remove_exclusion(&id, audit).await?;
+    Ok(StatusCode::OK)
+}
+
+// ---- blocked attempts ---------------------------------------------------------------------
+
+pub async fn blocked(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((rg, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let id = VmId::new(
+        state.default_subscription(),
+        ResourceGroup::parse(&rg).map_err(|e| ApiError::bad_param("resourceGroup", e))?,
+        jitgate_core::ids::VmName::parse(&name).map_err(|e| ApiError::bad_param("name", e))?,
+    );
+    principal.require(Action::VmRead, &id.scope())?;
+    let since = match q.get("since") {
+        Some(s) => {
+            jitgate_core::request::parse_time(s).map_err(|e| ApiError::bad_param("since", e))?
+        }
+        None => Timestamp::now()
+            .checked_sub(jiff::SignedDuration::from_hours(24))
+            .map_err(ApiError::internal)?,
+    };
+    let points = state.store.blocked_series(Some(&id), since).await?;
+    let mut totals: BTreeMap<(u16, String), u64> = BTreeMap::new();
+    for p in &points {
+        *totals.entry((p.port, p.protocol.clone())).or_default() += p.count;
+    }
+    Ok(Json(json!({
+        "vm": id.to_string(),
+        "since": since.to_string(),
+        "totals": totals.iter().map(|((port, proto), n)| json!({"port": port, "protocol": proto, "count": n})).collect::<Vec<_>>(),
+        "series": points.iter().map(|p| json!({"port": p.port, "protocol": p.protocol, "at": p.at.to_string(), "count": p.count})).collect::<Vec<_>>(),
+    })))
+}
+
+/// Keeps the verdict gauges current (every 30 s).
+pub async fn refresh_metrics(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if let Ok(vms) = state
+            .store
+            .list_vms(state.default_subscription(), None)
+            .await
+            && let Ok(recs) = recommendations(&state, &vms, Timestamp::now()).await
+        {
+            let mut counts: HashMap<&str, i64> =
+                HashMap::from([("Healthy", 0), ("Unhealthy", 0), ("NotApplicable", 0)]);
+            for (_, r) in &recs {
+                *counts.entry(r.verdict.as_str()).or_default() += 1;
+            }
+            for (verdict, n) in counts {
+                state
+                    .metrics
+                    .verdicts
+                    .get_or_create(&crate::metrics::VerdictLabel {
+                        verdict: verdict.to_owned(),
+                    })
+                    .set(n);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

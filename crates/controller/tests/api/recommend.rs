@@ -1,0 +1,212 @@
+//! Recommendations from agent reports, applying them, exclusions, blocked attempts.
+//! Agents are played here by HTTP calls with real agent credentials (enrollment);
+//! the end-to-end tests run real agents.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::util::Ctl;
+
+/// Enrolls an agent for lab/<name>; returns (vm id, agent token).
+async fn enroll(ctl: &Ctl, name: &str) -> (String, String) {
+    let et = ctl.post("/api/v1/enrollTokens", json!({"uses": 1})).await;
+    assert_eq!(et.status, StatusCode::CREATED, "{:?}", et.body);
+    let r = ctl
+        .call(
+            Method::POST,
+            "/api/v1/agent/enroll",
+            None,
+            Some(json!({"enrollToken": et.body["token"], "resourceGroup": "lab", "name": name})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    (
+        r.body["vmId"].as_str().unwrap().to_owned(),
+        r.body["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn report(ctl: &Ctl, vm: &str, token: &str, listening: &[u16], counters: Value) {
+    let listening: Vec<Value> = listening
+        .iter()
+        .map(|p| json!({"protocol": "tcp", "family": "IPv4", "address": "0.0.0.0", "port": p, "process": "sshd"}))
+        .collect();
+    let body =
+        json!({"nftVersion": "nftables v1.0.6", "listening": listening, "counters": counters});
+    let r = ctl
+        .call(
+            Method::POST,
+            &format!("/api/v1/agent/status?vm={}", urlenc(vm)),
+            Some(token),
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+}
+
+fn urlenc(s: &str) -> String {
+    s.replace('/', "%2F")
+}
+
+fn verdict_of(list: &Value, name: &str) -> (String, String) {
+    let r = list["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {list}"));
+    (
+        r["verdict"].as_str().unwrap().to_owned(),
+        r["reason"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn verdicts_follow_what_agents_report_and_enable_recommended_fixes_them() {
+    let ctl = Ctl::start().await;
+    let (web, web_t) = enroll(&ctl, "web").await;
+    let (quiet, quiet_t) = enroll(&ctl, "quiet").await;
+    ctl.register("lab", "noagent").await;
+    report(&ctl, &web, &web_t, &[22, 8080], json!([])).await;
+    report(&ctl, &quiet, &quiet_t, &[8080], json!([])).await;
+
+    let list = ctl.get("/api/v1/recommendations").await.body;
+    let (v, why) = verdict_of(&list, "web");
+    assert_eq!(v, "Unhealthy");
+    assert!(why.contains("22") && why.contains("sshd"), "{why}");
+    assert_eq!(verdict_of(&list, "quiet").0, "Healthy");
+    let (v, why) = verdict_of(&list, "noagent");
+    assert_eq!(v, "NotApplicable");
+    assert!(why.contains("no agent"), "{why}");
+    assert_eq!(
+        list["summary"],
+        json!({"Healthy": 1, "NotApplicable": 1, "Unhealthy": 1})
+    );
+    let only = ctl
+        .get("/api/v1/recommendations?verdict=Unhealthy")
+        .await
+        .body;
+    assert_eq!(only["value"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        ctl.get("/api/v1/recommendations?verdict=Bad").await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    // One call enables JIT on every unhealthy machine, on its listening management ports.
+    let r = ctl
+        .post(
+            "/api/v1/recommendations/apply",
+            json!({"resourceGroup": "lab"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["enabled"].as_array().unwrap().len(), 1);
+    assert_eq!(r.body["enabled"][0]["ports"], json!([22]));
+    let list = ctl.get("/api/v1/recommendations").await.body;
+    let (v, why) = verdict_of(&list, "web");
+    assert_eq!(v, "Healthy", "{why}");
+    let vm = ctl.get("/api/v1/vms/lab/web").await.body;
+    assert!(
+        vm["policy"]
+            .as_str()
+            .unwrap()
+            .ends_with("/jitNetworkAccessPolicies/default")
+    );
+    assert_eq!(ctl.audit("action=recommendations.apply").await.len(), 1);
+    // A second run has nothing to do.
+    let r = ctl.post("/api/v1/recommendations/apply", json!({})).await;
+    assert_eq!(r.body["enabled"], json!([]));
+}
+
+#[tokio::test]
+async fn offline_agents_and_exclusions_are_not_applicable() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Ctl::start_with(dir, |c| {
+        c.recommend.offline_after = jiff::SignedDuration::from_secs(1)
+    })
+    .await;
+    let (vm, t) = enroll(&ctl, "box").await;
+    report(&ctl, &vm, &t, &[], json!([])).await;
+    assert_eq!(
+        verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box").0,
+        "Healthy"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (v, why) = verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box");
+    assert_eq!(v, "NotApplicable");
+    assert!(why.contains("offline"), "{why}");
+    assert_eq!(
+        ctl.get("/api/v1/vms/lab/box").await.body["agent"]["online"],
+        false
+    );
+
+    report(&ctl, &vm, &t, &[22], json!([])).await;
+    assert_eq!(
+        verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box").0,
+        "Unhealthy"
+    );
+    let scope = format!("/subscriptions/{}/resourceGroups/lab", ctl.sub);
+    let bad = ctl
+        .post("/api/v1/exclusions", json!({"scope": scope}))
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.message().contains("reason"));
+    let e = ctl
+        .post(
+            "/api/v1/exclusions",
+            json!({"scope": scope, "reason": "lab machines are disposable"}),
+        )
+        .await;
+    assert_eq!(e.status, StatusCode::CREATED, "{:?}", e.body);
+    let (v, why) = verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box");
+    assert_eq!(v, "NotApplicable");
+    assert!(why.contains("disposable"), "{why}");
+    let id = e.body["id"].as_str().unwrap();
+    assert_eq!(
+        ctl.delete(&format!("/api/v1/exclusions/{id}")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box").0,
+        "Unhealthy"
+    );
+}
+
+#[tokio::test]
+async fn blocked_attempts_become_a_time_series_and_metrics() {
+    let ctl = Ctl::start().await;
+    let (vm, t) = enroll(&ctl, "web").await;
+    let c = |n: u64| json!([{"rule": "deny_tcp_22", "port": 22, "protocol": "TCP", "packets": n}]);
+    report(&ctl, &vm, &t, &[22], c(3)).await;
+    report(&ctl, &vm, &t, &[22], c(5)).await;
+    report(&ctl, &vm, &t, &[22], c(5)).await;
+    // The agent rebuilt its table: the counter restarted.
+    report(&ctl, &vm, &t, &[22], c(1)).await;
+    let b = ctl.get("/api/v1/vms/lab/web/blocked").await.body;
+    let counts: Vec<u64> = b["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![3, 2, 1]);
+    assert_eq!(
+        b["totals"],
+        json!([{"port": 22, "protocol": "TCP", "count": 6}])
+    );
+    let vmv = ctl.get("/api/v1/vms/lab/web").await.body;
+    assert_eq!(vmv["blockedLast24h"][0]["count"], 6);
+    let m = ctl
+        .http
+        .get(format!("{}/metrics", ctl.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("jitgate_blocked_attempts_total{port=\"22\",protocol=\"TCP\"} 6"),
+        "{m}"
+    );
+}
