@@ -396,7 +396,10 @@ fn admin_verbs_and_audit_verify_detect_tampering() {
     );
     assert_eq!(out.status.code(), Some(4), "not authenticated: exit code 4");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not authenticated") && err.contains("jitgate login"), "{err}");
+    assert!(
+        err.contains("not authenticated") && err.contains("jitgate login"),
+        "{err}"
+    );
     let out = jitgate(&["audit", "verify"], &env);
     assert!(
         out.status.success(),
