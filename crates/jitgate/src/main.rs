@@ -14,6 +14,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    quiet_broken_pipe();
     // One TLS crypto provider for every client and server in this process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -39,4 +40,19 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Output piped into a reader that stops early (`jitgate audit show | head`): end
+/// quietly with the shell's SIGPIPE status, as other Unix tools do, instead of the
+/// panic `println!` raises on EPIPE (Rust ignores SIGPIPE, and unsafe code is denied
+/// here, so the signal's default action cannot be restored).
+fn quiet_broken_pipe() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info.payload_as_str().unwrap_or_default();
+        if msg.starts_with("failed printing to stdout") && msg.contains("os error 32") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
 }

@@ -190,8 +190,12 @@ CREATE INDEX blocked_attempts_at ON blocked_attempts(at_ns);
 "#,
 ];
 
+/// Nanoseconds since the epoch, saturating: i64 ends in 2262, and a later time (a
+/// token valid for 300 years, `since=2999-01-01`) must stay "far future" rather than
+/// wrap into the past.
 fn ns(t: Timestamp) -> i64 {
-    t.as_nanosecond() as i64
+    t.as_nanosecond()
+        .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
 
 fn from_ns(n: i64) -> Result<Timestamp> {

@@ -1,0 +1,1285 @@
+//! The verbs a person uses daily, run as the real `jitgate` binary against a real
+//! controller (`jitgate serve` as a child process): login, enable/disable, request,
+//! requests, revoke, connect, ssh (with `--ssh /bin/echo` instead of OpenSSH), audit
+//! show, bad input (one-line errors, exit codes, nothing changed), help, completions
+//! and the man page. No agent runs here: nothing is enforced in a kernel, so these
+//! tests check the flow and what the controller records.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_jitgate");
+const ADMIN: &str = "people-test-bootstrap-token";
+
+/// Variables that would let the caller's environment leak into a test.
+const CLEARED_ENV: [&str; 6] = [
+    "JITGATE_URL",
+    "JITGATE_TOKEN",
+    "JITGATE_CA_CERT",
+    "JITGATE_CONFIG_DIR",
+    "XDG_CONFIG_HOME",
+    "JITGATE_LOG",
+];
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A controller child process on a free loopback port with a known bootstrap token.
+struct Controller {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<String>>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one run of the binary did.
+#[derive(Debug)]
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    #[track_caller]
+    fn ok(self) -> Self {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "expected success\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Fails with `code` and a single-line error on stderr containing every one of `words`.
+    #[track_caller]
+    fn fails(&self, code: i32, words: &[&str]) {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit {code}\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        let err = self.stderr.trim_end();
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("jitgate: "),
+            "the error is not a `jitgate: ...` line: {err}"
+        );
+        for w in words {
+            assert!(last.contains(w), "the error does not mention {w:?}: {last}");
+        }
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs the binary with a clean environment plus `envs`; the config directory is
+/// always set so a developer's own `~/.config/jitgate` is never read or written.
+fn run(args: &[&str], envs: &[(&str, &str)], config_dir: &Path) -> Out {
+    run_with_stdin(args, envs, config_dir, None)
+}
+
+fn run_with_stdin(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    config_dir: &Path,
+    stdin: Option<&str>,
+) -> Out {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for k in CLEARED_ENV {
+        cmd.env_remove(k);
+    }
+    cmd.env("JITGATE_CONFIG_DIR", config_dir);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd.spawn().unwrap();
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn start() -> Controller {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env("JITGATE_BOOTSTRAP_TOKEN", ADMIN)
+        .env_remove("JITGATE_CONFIG")
+        .env_remove("JITGATE_LISTEN")
+        .env_remove("JITGATE_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let mut c = Controller {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        log,
+        dir,
+    };
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = c.child.try_wait().unwrap() {
+            panic!("serve exited with {status}: {}", c.log.lock().unwrap());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the controller is not listening: {}",
+            c.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c
+}
+
+impl Controller {
+    /// A config directory nobody logged in to: only flags and environment count.
+    fn no_config(&self) -> PathBuf {
+        self.dir.path().join("no-config")
+    }
+
+    /// Runs a client verb as the bootstrap admin (URL and token in the environment).
+    fn jg(&self, args: &[&str]) -> Out {
+        self.jg_as(ADMIN, args)
+    }
+
+    fn jg_as(&self, token: &str, args: &[&str]) -> Out {
+        run(
+            args,
+            &[("JITGATE_URL", &self.base), ("JITGATE_TOKEN", token)],
+            &self.no_config(),
+        )
+    }
+
+    /// Runs a verb with `--json` as the admin, expecting success.
+    #[track_caller]
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        self.jg(&all).ok().json()
+    }
+
+    fn register(&self, rg: &str, name: &str) {
+        self.jg(&["vm", "register", rg, name]).ok();
+    }
+
+    fn subscription(&self) -> String {
+        let (status, who) = http_get(&format!("{}/api/v1/whoami", self.base), ADMIN);
+        assert_eq!(status, 200, "{who}");
+        who["subscription"].as_str().unwrap().to_owned()
+    }
+
+    /// The Azure policy `vm` belongs to (its JSON), or `None` when it has none.
+    fn policy_of(&self, vm: &str) -> Option<Value> {
+        let show = self.json(&["vm", "show", vm]);
+        let path = show["policy"].as_str()?;
+        let (status, body) = http_get(
+            &format!("{}{path}?api-version=2020-01-01", self.base),
+            ADMIN,
+        );
+        assert_eq!(status, 200, "{body}");
+        Some(body)
+    }
+
+    /// Everything a refused command must leave as it was: machines, their policies,
+    /// NSGs and grants, and the requests.
+    fn snapshot(&self, vms: &[&str]) -> Value {
+        let mut out = json!({
+            "vms": self.json(&["vm", "list"]),
+            "requests": self.json(&["requests", "--limit", "1000"]),
+        });
+        for vm in vms {
+            let mut show = self.json(&["vm", "show", vm]);
+            // The one field that changes by itself as time passes.
+            for g in show["grants"].as_array_mut().unwrap() {
+                g.as_object_mut().unwrap().remove("secondsLeft");
+            }
+            out[*vm] = json!({"show": show, "policy": self.policy_of(vm)});
+        }
+        out
+    }
+
+    /// Creates a token for `principal` and gives it `role` on the subscription: (id, token).
+    fn user(&self, principal: &str, role: &str) -> (String, String) {
+        let t = self.json(&["token", "create", "--principal", principal]);
+        let scope = format!("/subscriptions/{}", self.subscription());
+        self.jg(&[
+            "role",
+            "assign",
+            "--principal",
+            principal,
+            "--role",
+            role,
+            "--scope",
+            &scope,
+        ])
+        .ok();
+        (
+            t["id"].as_str().unwrap().to_owned(),
+            t["token"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// One authenticated GET through a small runtime (status, body).
+fn http_get(url: &str, token: &str) -> (u16, Value) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    })
+}
+
+/// The entries of a policy by short machine name.
+fn entries(policy: &Value) -> std::collections::BTreeMap<String, Value> {
+    policy["properties"]["virtualMachines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let id = e["id"].as_str().unwrap();
+            (
+                id.rsplit('/').next().unwrap().to_owned(),
+                e["ports"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn port_rule(number: u16, max: &str, from: &str) -> Value {
+    json!({
+        "number": number,
+        "protocol": "*",
+        "allowedSourceAddressPrefix": from,
+        "maxRequestAccessDuration": max,
+    })
+}
+
+fn seconds_until(end: &str) -> i64 {
+    let end: jiff::Timestamp = end.parse().unwrap();
+    end.as_second() - jiff::Timestamp::now().as_second()
+}
+
+/// The ids of the requests in a `requests --json` answer.
+fn request_ids(v: &Value) -> Vec<String> {
+    v["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+// ---- 1. login -----------------------------------------------------------------------
+
+#[test]
+fn login_saves_a_private_config_that_later_commands_use_and_flags_override() {
+    let c = start();
+    let cfg = c.dir.path().join("home/.config/jitgate");
+    let out = run(&["login", &c.base, "--token", ADMIN], &[], &cfg).ok();
+    assert!(
+        out.stdout.contains("logged in") && out.stdout.contains("bootstrap-admin"),
+        "{}",
+        out.stdout
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let file = cfg.join("config.toml");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the config holds a token: owner only");
+    let dir_mode = std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(saved.contains(&c.base) && saved.contains(ADMIN), "{saved}");
+
+    // No URL or token in the environment: the saved ones are used.
+    run(&["vm", "register", "lab", "box-1"], &[], &cfg).ok();
+    let list = run(&["vm", "list", "--json"], &[], &cfg).ok().json();
+    assert_eq!(list["value"][0]["name"], "box-1");
+
+    // Flags and environment override the file.
+    run(
+        &["vm", "list", "--token", "wrong-token-wrong-token"],
+        &[],
+        &cfg,
+    )
+    .fails(4, &["not authenticated", "jitgate login"]);
+    run(
+        &["vm", "list"],
+        &[("JITGATE_TOKEN", "wrong-token-wrong-token")],
+        &cfg,
+    )
+    .fails(4, &["not authenticated"]);
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    run(&["vm", "list", "--url", &nowhere], &[], &cfg).fails(1, &["cannot reach", &nowhere]);
+    run(&["vm", "list"], &[("JITGATE_URL", &nowhere)], &cfg).fails(1, &["cannot reach"]);
+
+    // A bad token at login fails and writes nothing: neither a new file...
+    let fresh = c.dir.path().join("fresh");
+    run(
+        &["login", &c.base, "--token", "not-a-valid-token"],
+        &[],
+        &fresh,
+    )
+    .fails(4, &["not authenticated"]);
+    assert!(!fresh.join("config.toml").exists());
+    // ... nor over the existing one.
+    run(
+        &["login", &c.base, "--token", "not-a-valid-token"],
+        &[],
+        &cfg,
+    )
+    .fails(4, &["not authenticated"]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), saved);
+    run(&["vm", "list"], &[], &cfg).ok();
+
+    // The token can come from standard input instead of the command line.
+    let piped = c.dir.path().join("piped");
+    run_with_stdin(
+        &["login", &c.base, "--token-stdin"],
+        &[],
+        &piped,
+        Some(&format!("{ADMIN}\n")),
+    )
+    .ok();
+    run(&["vm", "list"], &[], &piped).ok();
+    // No token at all: says how to give one.
+    run(&["login", &c.base], &[], &fresh).fails(5, &["--token"]);
+}
+
+// ---- 2. enable / disable ---------------------------------------------------------------
+
+#[test]
+fn enable_adds_machines_without_touching_others_and_disable_removes_only_them() {
+    let c = start();
+    for vm in ["web-1", "web-2", "web-3"] {
+        c.register("prod", vm);
+    }
+    let out = c.jg(&["enable", "web-1", "web-2"]).ok();
+    assert!(
+        out.stdout.contains("JIT enabled on prod/web-1: ports 22")
+            && out.stdout.contains("JIT enabled on prod/web-2: ports 22"),
+        "{}",
+        out.stdout
+    );
+    let policy = c.policy_of("web-1").unwrap();
+    let e = entries(&policy);
+    assert_eq!(e.len(), 2, "{policy}");
+    // No agent reports listeners: port 22, any protocol, the default maximum of 3h.
+    assert_eq!(e["web-1"], json!([port_rule(22, "PT10800S", "*")]));
+    assert_eq!(e["web-2"], json!([port_rule(22, "PT10800S", "*")]));
+    assert_eq!(
+        c.policy_of("web-2").unwrap()["id"],
+        policy["id"],
+        "one policy per resource group"
+    );
+
+    // A third machine joins the same policy; the first two are untouched.
+    c.jg(&["enable", "web-3", "--port", "3389", "--max", "30m"])
+        .ok();
+    let e3 = entries(&c.policy_of("web-3").unwrap());
+    assert_eq!(e3.len(), 3);
+    assert_eq!(e3["web-1"], e["web-1"]);
+    assert_eq!(e3["web-2"], e["web-2"]);
+    assert_eq!(e3["web-3"], json!([port_rule(3389, "PT1800S", "*")]));
+
+    // Updating one machine changes only that machine.
+    c.jg(&[
+        "enable",
+        "web-1",
+        "--port",
+        "22",
+        "--port",
+        "5985",
+        "--from",
+        "10.0.0.0/8",
+    ])
+    .ok();
+    let e4 = entries(&c.policy_of("web-1").unwrap());
+    assert_eq!(
+        e4["web-1"],
+        json!([
+            port_rule(22, "PT10800S", "10.0.0.0/8"),
+            port_rule(5985, "PT10800S", "10.0.0.0/8")
+        ])
+    );
+    assert_eq!(e4["web-2"], e3["web-2"]);
+    assert_eq!(e4["web-3"], e3["web-3"]);
+    // Protocol and an ISO 8601 maximum, several sources.
+    c.jg(&[
+        "enable",
+        "prod/web-2",
+        "--protocol",
+        "TCP",
+        "--max",
+        "PT1H",
+        "--from",
+        "10.0.0.0/8",
+        "--from",
+        "192.168.1.0/24",
+    ])
+    .ok();
+    let e5 = entries(&c.policy_of("web-2").unwrap());
+    assert_eq!(e5["web-2"][0]["number"], 22);
+    assert_eq!(e5["web-2"][0]["protocol"], "TCP");
+    assert_eq!(e5["web-2"][0]["maxRequestAccessDuration"], "PT1H");
+    assert_eq!(
+        e5["web-2"][0]["allowedSourceAddressPrefixes"],
+        json!(["10.0.0.0/8", "192.168.1.0/24"])
+    );
+    assert_eq!(e5["web-1"], e4["web-1"]);
+    assert_eq!(e5["web-3"], e4["web-3"]);
+    // The machine list shows what is protected; the NSG has the deny rules.
+    let list = c.json(&["vm", "list"]);
+    let ports = |name: &str| {
+        list["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()["protectedPorts"]
+            .clone()
+    };
+    assert_eq!(ports("web-1"), json!([22, 5985]));
+    assert_eq!(ports("web-3"), json!([3389]));
+    let show = c.json(&["vm", "show", "web-1"]);
+    let denies: Vec<&Value> = show["nsg"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["origin"] == "jit-deny")
+        .collect();
+    assert_eq!(denies.len(), 2, "{show}");
+
+    // Disabling one machine removes only it.
+    let out = c.jg(&["disable", "web-2"]).ok();
+    assert!(
+        out.stdout.contains("JIT disabled on prod/web-2"),
+        "{}",
+        out.stdout
+    );
+    let e6 = entries(&c.policy_of("web-1").unwrap());
+    assert_eq!(e6.len(), 2);
+    assert_eq!(e6["web-1"], e5["web-1"]);
+    assert_eq!(e6["web-3"], e5["web-3"]);
+    assert!(c.policy_of("web-2").is_none());
+    assert!(
+        c.json(&["vm", "show", "web-2"])["nsg"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // Disabling the last machines deletes the policy.
+    let path = c.json(&["vm", "show", "web-1"])["policy"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.jg(&["disable", "web-1", "prod/web-3"]).ok();
+    let (status, _) = http_get(&format!("{}{path}?api-version=2020-01-01", c.base), ADMIN);
+    assert_eq!(status, 404, "the empty policy is deleted");
+    assert!(c.policy_of("web-1").is_none() && c.policy_of("web-3").is_none());
+    // Disabling an unprotected machine is not an error, and says so.
+    let out = c.jg(&["disable", "web-1"]).ok();
+    assert!(out.stderr.contains("not protected"), "{}", out.stderr);
+    // Machines of another resource group get their own policy.
+    c.register("lab", "box");
+    c.jg(&["enable", "box"]).ok();
+    let lab = c.policy_of("box").unwrap();
+    assert!(
+        lab["id"].as_str().unwrap().contains("/resourceGroups/lab/"),
+        "{lab}"
+    );
+}
+
+// ---- 3. request, requests, revoke ---------------------------------------------------------
+
+#[test]
+fn request_prints_the_grant_and_revoke_ends_it() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("prod", "web-2");
+    c.jg(&["enable", "web-1", "web-2", "--port", "22"]).ok();
+
+    let out = c
+        .jg(&[
+            "request", "web-1", "--port", "22", "--for", "30m", "--from", "10.1.2.3", "--reason",
+            "x",
+        ])
+        .ok();
+    let line = out.stdout.trim();
+    assert!(
+        line.starts_with("granted prod/web-1 port 22 from 10.1.2.3 until "),
+        "{line}"
+    );
+    let until = line
+        .split(" until ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let left = seconds_until(until);
+    assert!((1790..=1800).contains(&left), "{left}s left: {line}");
+    let first = line.rsplit("request ").next().unwrap().to_owned();
+    uuid::Uuid::parse_str(&first).unwrap();
+
+    // --json parses and says the same.
+    let v = c.json(&[
+        "request", "web-1", "--port", "22", "--for", "1h", "--from", "10.1.2.4",
+    ]);
+    let second = v["requests"][0]["request"].as_str().unwrap().to_owned();
+    let port = &v["requests"][0]["granted"]["virtualMachines"][0]["ports"][0];
+    assert_eq!(port["number"], 22);
+    assert_eq!(port["status"], "Initiated");
+    assert_eq!(port["allowedSourceAddressPrefix"], "10.1.2.4");
+    let left = seconds_until(port["endTimeUtc"].as_str().unwrap());
+    assert!((3590..=3600).contains(&left), "{left}");
+
+    // Both are listed as mine and active, newest first, with the justification.
+    let mine = c.json(&["requests", "--mine", "--active"]);
+    assert_eq!(request_ids(&mine), vec![second.clone(), first.clone()]);
+    assert_eq!(mine["value"][1]["justification"], "x");
+    let table = c.jg(&["requests", "--mine", "--active"]).ok().stdout;
+    assert!(
+        table.contains(&first) && table.contains(&second) && table.contains("open"),
+        "{table}"
+    );
+    let by_vm = c.json(&["requests", "--vm", "web-2"]);
+    assert!(request_ids(&by_vm).is_empty());
+
+    // `revoke VM` ends my live requests on it.
+    let out = c.jg(&["revoke", "web-1"]).ok();
+    assert_eq!(
+        out.stdout.matches("revoked prod/web-1 port 22").count(),
+        2,
+        "{}",
+        out.stdout
+    );
+    assert!(request_ids(&c.json(&["requests", "--mine", "--active"])).is_empty());
+    assert!(
+        c.json(&["vm", "show", "web-1"])["grants"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let all = c.json(&["requests", "--vm", "web-1"]);
+    for r in all["value"].as_array().unwrap() {
+        let p = &r["virtualMachines"][0]["ports"][0];
+        assert_eq!(p["status"], "Revoked");
+        assert_eq!(p["statusReason"], "UserRequested");
+    }
+    c.jg(&["revoke", "web-1"])
+        .fails(3, &["no live request", "jitgate requests --mine --active"]);
+
+    // `revoke REQUEST` by id; a second time says there is nothing left to revoke.
+    let v = c.json(&["request", "web-1", "--port", "22", "--from", "10.1.2.5"]);
+    let id = v["requests"][0]["request"].as_str().unwrap().to_owned();
+    let out = c.jg(&["revoke", &id]).ok();
+    assert!(
+        out.stdout.contains("revoked prod/web-1 port 22"),
+        "{}",
+        out.stdout
+    );
+    c.jg(&["revoke", &id]).fails(5, &[&id, "no live port"]);
+    c.jg(&["revoke", "5d1b7c34-2f7e-4f57-9f3b-8d0c6d4e2a10"])
+        .fails(3, &["not found"]);
+
+    // A request spanning two machines whose port on web-2 was superseded: `revoke
+    // web-2` still ends every live request of mine on web-2 and leaves web-1 open.
+    let older = c.json(&["request", "web-2", "--port", "22", "--from", "10.9.9.9"]);
+    let older = older["requests"][0]["request"].as_str().unwrap().to_owned();
+    let both = c.json(&[
+        "request", "web-1", "web-2", "--port", "22", "--from", "10.1.1.1",
+    ]);
+    let both = both["requests"][0]["request"].as_str().unwrap().to_owned();
+    c.json(&["request", "web-2", "--port", "22", "--from", "10.1.1.1"]);
+    let out = c.jg(&["revoke", "web-2"]).ok();
+    assert_eq!(
+        out.stdout.matches("revoked prod/web-2 port 22").count(),
+        2,
+        "{}",
+        out.stdout
+    );
+    assert!(
+        c.json(&["vm", "show", "web-2"])["grants"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let web1 = c.json(&["vm", "show", "web-1"]);
+    assert_eq!(web1["grants"].as_array().unwrap().len(), 1, "{web1}");
+    assert_eq!(web1["grants"][0]["request"], both.as_str());
+    let older = c.json(&["requests", "--vm", "web-2"])["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == older.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(older["virtualMachines"][0]["ports"][0]["status"], "Revoked");
+}
+
+// ---- 4. bad input -----------------------------------------------------------------------------
+
+#[test]
+fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_nothing() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("lab", "web-1");
+    c.register("prod", "db");
+    c.register("prod", "app");
+    c.jg(&[
+        "enable",
+        "prod/web-1",
+        "app",
+        "--port",
+        "22",
+        "--port",
+        "3389",
+        "--max",
+        "1h",
+    ])
+    .ok();
+    c.jg(&["request", "app", "--port", "22", "--from", "10.0.0.7"])
+        .ok();
+    let vms = ["prod/web-1", "lab/web-1", "db", "app"];
+    let before = c.snapshot(&vms);
+
+    let cases: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
+        (
+            vec!["request", "nope", "--port", "22"],
+            3,
+            vec!["'nope'", "jitgate vm list"],
+        ),
+        (
+            vec!["request", "web-1", "--port", "22", "--from", "10.0.0.1"],
+            3,
+            vec![
+                "ambiguous",
+                "prod/web-1",
+                "lab/web-1",
+                "resource-group/name",
+            ],
+        ),
+        (vec!["enable", "web-1"], 3, vec!["ambiguous", "prod/web-1"]),
+        (
+            vec![
+                "request",
+                "prod/web-1",
+                "--port",
+                "23",
+                "--from",
+                "10.0.0.1",
+            ],
+            5,
+            vec!["port 23", "22, 3389"],
+        ),
+        (
+            vec![
+                "request",
+                "prod/web-1",
+                "--port",
+                "22",
+                "--for",
+                "2h",
+                "--from",
+                "10.0.0.1",
+            ],
+            5,
+            vec!["--for 2h", "maximum", "PT3600S"],
+        ),
+        (
+            vec![
+                "request",
+                "prod/web-1",
+                "--port",
+                "22",
+                "--from",
+                "10.0.0.5/24",
+            ],
+            5,
+            vec!["--from", "10.0.0.0/24"],
+        ),
+        (
+            vec!["request", "prod/web-1", "--port", "22", "--for", "soon"],
+            5,
+            vec!["--for", "'soon'", "30m"],
+        ),
+        (
+            vec!["request", "prod/web-1", "--from", "10.0.0.1"],
+            5,
+            vec!["22, 3389", "--port"],
+        ),
+        (
+            vec!["request", "db", "--port", "22"],
+            5,
+            vec!["not protected", "jitgate enable prod/db"],
+        ),
+        (
+            vec!["connect", "prod/web-1", "--port", "23", "--wait", "1"],
+            5,
+            vec!["port 23", "jitgate enable prod/web-1 --port 23"],
+        ),
+        (
+            vec!["enable", "db", "--from", "10.0.0.5/24"],
+            5,
+            vec!["--from", "10.0.0.0/24"],
+        ),
+        (
+            vec!["enable", "db", "--max", "soon"],
+            5,
+            vec!["--max", "'soon'"],
+        ),
+        (
+            vec!["enable", "db", "--max", "2d"],
+            5,
+            vec!["maxRequestAccessDuration"],
+        ),
+        (
+            vec!["enable", "db", "--protocol", "ICMP"],
+            5,
+            vec!["--protocol"],
+        ),
+        (
+            vec!["enable", "db", "nope"],
+            3,
+            vec!["'nope'", "jitgate vm list"],
+        ),
+        (vec!["disable", "nope"], 3, vec!["jitgate vm list"]),
+        (vec!["revoke", "nope"], 3, vec!["jitgate vm list"]),
+        (vec!["vm", "show", "nope"], 3, vec!["jitgate vm list"]),
+        (vec!["requests", "--vm", "nope"], 3, vec!["jitgate vm list"]),
+        (
+            vec!["audit", "show", "--since", "bogus"],
+            5,
+            vec!["--since"],
+        ),
+    ];
+    for (args, code, words) in &cases {
+        let out = c.jg(args);
+        assert_eq!(
+            out.stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {}",
+            out.stderr
+        );
+        out.fails(*code, words);
+    }
+    assert_eq!(
+        c.snapshot(&vms),
+        before,
+        "a refused command changed something"
+    );
+
+    // An expired token says so and how to log in again.
+    let bob = c.json(&[
+        "token",
+        "create",
+        "--principal",
+        "bob",
+        "--expires-in",
+        "PT1S",
+    ]);
+    let bob = bob["token"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(1500));
+    c.jg_as(
+        &bob,
+        &["request", "app", "--port", "22", "--from", "10.0.0.8"],
+    )
+    .fails(4, &["expired", "jitgate login", &c.base]);
+    // A revoked one too.
+    let (carol_id, carol) = c.user("carol", "JIT Requester");
+    c.jg_as(&carol, &["requests", "--mine"]).ok();
+    c.jg(&["token", "revoke", &carol_id]).ok();
+    c.jg_as(
+        &carol,
+        &["request", "app", "--port", "22", "--from", "10.0.0.8"],
+    )
+    .fails(4, &["revoked", "jitgate login"]);
+    // A token valid for centuries (past the year 2262) is not taken for expired.
+    let eve = c.json(&[
+        "token",
+        "create",
+        "--principal",
+        "eve",
+        "--expires-in",
+        "P120000D",
+    ]);
+    assert!(
+        eve["expiresAt"].as_str().unwrap().starts_with("2355-"),
+        "{eve}"
+    );
+    c.jg_as(eve["token"].as_str().unwrap(), &["requests", "--mine"])
+        .ok();
+    let listed = c.json(&["token", "list"]);
+    let listed = listed["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["principal"] == "eve")
+        .unwrap()
+        .clone();
+    assert!(
+        listed["expiresAt"].as_str().unwrap() > "2262",
+        "stored expiry went backwards: {listed}"
+    );
+    // A reader may look but not ask.
+    let (_, dave) = c.user("dave", "Reader");
+    c.jg_as(&dave, &["vm", "show", "app"]).ok();
+    c.jg_as(
+        &dave,
+        &["request", "app", "--port", "22", "--from", "10.0.0.8"],
+    )
+    .fails(4, &["not permitted"]);
+    c.jg_as(&dave, &["enable", "db"])
+        .fails(4, &["not permitted"]);
+    c.jg_as(&dave, &["disable", "app"])
+        .fails(4, &["not permitted"]);
+    assert_eq!(
+        c.snapshot(&vms),
+        before,
+        "a refused command changed something"
+    );
+}
+
+// ---- 5. connect -----------------------------------------------------------------------------
+
+#[test]
+fn connect_requests_waits_for_the_port_and_reuses_a_live_grant() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("prod", "web-2");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap().port().to_string();
+    c.jg(&["enable", "web-1", "--port", &open]).ok();
+
+    let out = c
+        .jg(&[
+            "connect",
+            "web-1",
+            "--port",
+            &open,
+            "--host",
+            "127.0.0.1",
+            "--wait",
+            "5",
+        ])
+        .ok();
+    assert!(
+        out.stderr
+            .contains(&format!("granted port {open} on prod/web-1 from 127.0.0.1")),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "prod/web-1 port {open} is open: connect to 127.0.0.1:{open}"
+        )),
+        "{}",
+        out.stdout
+    );
+    // It really connected.
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_ok(), "nothing connected to the port");
+    let grants = c.json(&["vm", "show", "web-1"])["grants"].clone();
+    assert_eq!(grants.as_array().unwrap().len(), 1, "{grants}");
+    assert_eq!(grants[0]["source"], "127.0.0.1");
+    assert_eq!(grants[0]["port"].to_string(), open);
+
+    // A second run reuses the live grant instead of asking again.
+    let out = c
+        .jg(&[
+            "connect",
+            "web-1",
+            "--port",
+            &open,
+            "--host",
+            "127.0.0.1",
+            "--wait",
+            "5",
+        ])
+        .ok();
+    assert!(out.stderr.contains("reusing"), "{}", out.stderr);
+    assert!(out.stdout.contains("is open"), "{}", out.stdout);
+    assert_eq!(
+        c.json(&["requests", "--vm", "web-1"])["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "no second request"
+    );
+
+    // A port that never opens: exit 6 after the deadline, with what to check.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    c.jg(&["enable", "web-2", "--port", &closed]).ok();
+    let started = Instant::now();
+    let out = c.jg(&[
+        "connect",
+        "web-2",
+        "--port",
+        &closed,
+        "--host",
+        "127.0.0.1",
+        "--wait",
+        "1",
+    ]);
+    out.fails(
+        6,
+        &[
+            &format!("port {closed} on 127.0.0.1 did not open within 1s"),
+            "--host",
+        ],
+    );
+    assert!(out.stderr.contains("granted port"), "{}", out.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the deadline was not kept: {:?}",
+        started.elapsed()
+    );
+}
+
+// ---- 6. ssh ---------------------------------------------------------------------------------
+
+#[test]
+fn ssh_waits_then_execs_the_ssh_program_with_port_options_destination_and_command() {
+    let c = start();
+    c.register("prod", "web-1");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = listener.local_addr().unwrap().port().to_string();
+    c.jg(&["enable", "web-1", "--port", &p]).ok();
+    let out = c
+        .jg(&[
+            "ssh",
+            "admin@web-1",
+            "--port",
+            &p,
+            "--host",
+            "127.0.0.1",
+            "--ssh",
+            "/bin/echo",
+            "--",
+            "-i",
+            "key",
+            "-o",
+            "BatchMode=yes",
+            "uname",
+            "-a",
+        ])
+        .ok();
+    assert_eq!(
+        out.stdout,
+        format!("-p {p} -i key -o BatchMode=yes admin@127.0.0.1 uname -a\n")
+    );
+    assert!(out.stderr.contains("granted port"), "{}", out.stderr);
+    // Again, without a user: the live grant is reused.
+    let out = c
+        .jg(&[
+            "ssh",
+            "prod/web-1",
+            "--port",
+            &p,
+            "--host",
+            "127.0.0.1",
+            "--ssh",
+            "/bin/echo",
+            "--",
+            "hostname",
+        ])
+        .ok();
+    assert_eq!(out.stdout, format!("-p {p} 127.0.0.1 hostname\n"));
+    assert!(out.stderr.contains("reusing"), "{}", out.stderr);
+    // A missing ssh program is a clear error.
+    c.jg(&[
+        "ssh",
+        "web-1",
+        "--port",
+        &p,
+        "--host",
+        "127.0.0.1",
+        "--ssh",
+        "/nonexistent/ssh",
+    ])
+    .fails(1, &["/nonexistent/ssh"]);
+}
+
+// ---- 7. audit show ----------------------------------------------------------------------------
+
+#[test]
+fn audit_show_filters_exports_csv_and_follows() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("prod", "web-2");
+    c.jg(&["enable", "web-1", "web-2"]).ok();
+    c.jg(&[
+        "request",
+        "web-1",
+        "--port",
+        "22",
+        "--from",
+        "10.1.2.3",
+        "--reason",
+        "deploy-fix-42",
+    ])
+    .ok();
+    c.jg(&["request", "web-2", "--port", "22", "--from", "10.1.2.3"])
+        .ok();
+
+    let out = c.jg(&["audit", "show", "--vm", "web-1"]).ok();
+    let initiates: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("request.initiate"))
+        .collect();
+    assert_eq!(initiates.len(), 1, "{}", out.stdout);
+    assert!(
+        initiates[0].contains("bootstrap-admin") && initiates[0].contains("prod/web-1"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("prod/web-2"), "{}", out.stdout);
+
+    let csv = c
+        .jg(&["audit", "show", "--vm", "web-1", "--csv"])
+        .ok()
+        .stdout;
+    assert!(
+        csv.starts_with("seq,time,actor,source,action,target,outcome,details,prev_hash,hash\n"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains("request.initiate") && csv.contains("deploy-fix-42"),
+        "{csv}"
+    );
+
+    let recent = c.jg(&["audit", "show", "--since", "1h"]).ok().stdout;
+    assert_eq!(recent.matches("request.initiate").count(), 2, "{recent}");
+    let json_lines = c.jg(&["audit", "show", "--since", "1h", "--json"]).ok();
+    let events: Vec<Value> = json_lines
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| e["action"] == "request.initiate"));
+    let future = c
+        .jg(&["audit", "show", "--since", "2999-01-01T00:00:00Z"])
+        .ok();
+    assert!(future.stdout.trim().is_empty(), "{}", future.stdout);
+    let by_actor = c.jg(&["audit", "show", "--actor", "nobody"]).ok();
+    assert!(by_actor.stdout.trim().is_empty(), "{}", by_actor.stdout);
+
+    // --follow prints new events as they happen.
+    let mut follow = Command::new(BIN);
+    for k in CLEARED_ENV {
+        follow.env_remove(k);
+    }
+    let mut child = follow
+        .args(["audit", "show", "--vm", "web-1", "--follow"])
+        .env("JITGATE_CONFIG_DIR", c.no_config())
+        .env("JITGATE_URL", &c.base)
+        .env("JITGATE_TOKEN", ADMIN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    // Reads until the revoke shows up, then closes the pipe (like `| grep -m1`).
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let last = line.contains("request.revoke");
+            if tx.send(line).is_err() || last {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("--follow never printed {what}: {e}"),
+            }
+        }
+    };
+    wait_for("request.initiate");
+    c.jg(&["revoke", "web-1"]).ok();
+    let line = wait_for("request.revoke");
+    assert!(line.contains("prod/web-1"), "{line}");
+    reader.join().unwrap();
+    // The reader is gone: the next event ends `--follow` quietly (the shell's SIGPIPE
+    // status), not with a panic about a broken pipe.
+    c.jg(&["request", "web-1", "--port", "22", "--from", "10.1.2.9"])
+        .ok();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("--follow kept running after its reader went away");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.code(), Some(141), "{status}: {err}");
+}
+
+// ---- 8. help, completions, man --------------------------------------------------------------
+
+/// The subcommand names listed under `Commands:` in a help text.
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| *n != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_subcommand_has_an_example_and_completions_and_man_page_render() {
+    let none = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell], &[], none.path()).ok();
+        assert!(
+            out.stdout.len() > 1000 && out.stdout.contains("jitgate"),
+            "{shell}: {}",
+            out.stdout
+        );
+        assert!(out.stdout.contains("revoke"), "{shell} completes verbs");
+    }
+    let man = run(&["man"], &[], none.path()).ok();
+    assert!(man.stdout.contains(".TH") && man.stdout.contains("jitgate"));
+
+    let top = run(&["--help"], &[], none.path()).ok().stdout;
+    let mut todo: Vec<Vec<String>> = subcommands(&top).into_iter().map(|c| vec![c]).collect();
+    for expected in [
+        "login",
+        "enable",
+        "disable",
+        "request",
+        "ssh",
+        "connect",
+        "revoke",
+        "requests",
+        "vm",
+        "token",
+        "role",
+        "audit",
+        "enroll-token",
+        "bench",
+        "completions",
+        "man",
+    ] {
+        assert!(
+            todo.iter().any(|c| c[0] == expected),
+            "`jitgate --help` does not list {expected}: {top}"
+        );
+    }
+    let mut seen = 0;
+    let mut missing = Vec::new();
+    while let Some(path) = todo.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let out = run(&args, &[], none.path()).ok();
+        seen += 1;
+        if !out.stdout.contains("Example:") {
+            missing.push(path.join(" "));
+        }
+        for sub in subcommands(&out.stdout) {
+            let mut p = path.clone();
+            p.push(sub);
+            todo.push(p);
+        }
+    }
+    assert!(seen > 30, "only {seen} commands found");
+    assert!(missing.is_empty(), "--help without an example: {missing:?}");
+}
