@@ -218,9 +218,10 @@ async fn get_policy(c: &Client, path: &str) -> anyhow::Result<Option<Value>> {
 
 /// The policy a VM should join: its own, else an existing one in its resource group,
 /// else a new `default` one in the VM's location (or `global`).
-async fn target_policy(c: &Client, vm: &Value) -> anyhow::Result<String> {
+/// Also says whether that policy exists already.
+async fn target_policy(c: &Client, vm: &Value) -> anyhow::Result<(String, bool)> {
     if let Some(p) = policy_path_of(vm) {
-        return Ok(p);
+        return Ok((p, true));
     }
     let sub = s(&vm["subscription"]);
     let rg = s(&vm["resourceGroup"]);
@@ -228,11 +229,14 @@ async fn target_policy(c: &Client, vm: &Value) -> anyhow::Result<String> {
         .get(&format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies?{API}"))
         .await?;
     if let Some(first) = items(&list).first() {
-        return Ok(s(&first["id"]));
+        return Ok((s(&first["id"]), true));
     }
     let loc = vm["location"].as_str().unwrap_or("global");
-    Ok(format!(
-        "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/default"
+    Ok((
+        format!(
+            "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/default"
+        ),
+        false,
     ))
 }
 
@@ -295,8 +299,8 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
     }
     let ses = Session::new(&a.client)?;
     let all = ses.vms().await?;
-    // Target policy -> (vm id, ports)
-    let mut plan: BTreeMap<String, Vec<(String, Vec<u16>)>> = BTreeMap::new();
+    // Target policy -> (exists, [(vm id, ports)])
+    let mut plan: BTreeMap<String, (bool, Vec<(String, Vec<u16>)>)> = BTreeMap::new();
     for name in &a.vms {
         let vm = ses.vm(&all, name).await?;
         let ports = if a.ports.is_empty() {
@@ -304,12 +308,21 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
         } else {
             a.ports.clone()
         };
-        let target = target_policy(&ses.c, &vm).await?;
-        plan.entry(target).or_default().push((s(&vm["id"]), ports));
+        let (target, exists) = target_policy(&ses.c, &vm).await?;
+        plan.entry(target)
+            .or_insert((exists, Vec::new()))
+            .1
+            .push((s(&vm["id"]), ports));
     }
     let mut done = Vec::new();
-    for (path, vms) in plan {
-        let existing = get_policy(&ses.c, &path).await?;
+    for (path, (exists, vms)) in plan {
+        // A policy known not to exist is not asked for (a 404 would be audited as a
+        // refused call).
+        let existing = if exists {
+            get_policy(&ses.c, &path).await?
+        } else {
+            None
+        };
         let mut entries: Vec<Value> = existing
             .as_ref()
             .and_then(|p| p["properties"]["virtualMachines"].as_array().cloned())
