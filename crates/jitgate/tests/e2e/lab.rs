@@ -6,6 +6,10 @@
 //! (`setns` changes only the calling thread, and a socket lives in the namespace it
 //! was created in).
 //!
+//! [`Lab::builder`] makes variants (port 22 left free for a real sshd, extra flags
+//! for `jitgate serve`); [`Lab::jitgate`] runs the real client in a host's namespace
+//! and [`run_in_ns`] any other program, each with a deadline.
+//!
 //! Every lab has unique namespace names (`jge2e<pid>x<n>-<host>`; interface names
 //! are fixed and per namespace, so they never collide) and is torn down on drop:
 //! services stopped, child processes killed, namespaces deleted. The host's root
@@ -15,7 +19,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
@@ -144,6 +148,106 @@ fn run_stdin(bin: &str, args: &[&str], input: &str) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );
+}
+
+/// What a command run to completion printed, and how it ended.
+#[derive(Debug)]
+pub struct Ran {
+    pub what: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Panics unless the command succeeded; returns it for further checks.
+    pub fn expect_ok(self) -> Ran {
+        assert!(self.success(), "{self}");
+        self
+    }
+}
+
+impl std::fmt::Display for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` ended with {}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.what,
+            self.status,
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// Runs `program args` inside network namespace `ns` (`ip netns exec`, which execs
+/// the program: the child is the program itself) with these environment variables
+/// added, to completion. Kills it and panics when it has not ended within `within`.
+pub fn run_in_ns(
+    ns: &str,
+    program: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    within: Duration,
+) -> Ran {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, program]).args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    run_bounded(
+        cmd,
+        format!("ip netns exec {ns} {program} {}", args.join(" ")),
+        within,
+    )
+}
+
+/// Runs `cmd` to completion (standard input empty, outputs captured); kills it and
+/// panics when it has not ended within `within`.
+fn run_bounded(mut cmd: Command, what: String, within: Duration) -> Ran {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            let ran = Ran {
+                what,
+                status,
+                stdout: out.join().unwrap_or_default(),
+                stderr: err.join().unwrap_or_default(),
+            };
+            panic!("killed after {within:?}: {ran}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ran {
+        what,
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
 }
 
 /// Runs `f` on a new thread that has entered network namespace `ns`, and returns its
@@ -481,12 +585,54 @@ pub struct Lab {
     pub sub: String,
     /// `nft list tables` in the VM's namespace before the agent first started.
     pub tables_before: String,
+    /// Extra flags of every `jitgate serve` this lab starts.
+    serve_args: Vec<String>,
+}
+
+/// A lab other than the default one: see [`Lab::builder`].
+#[derive(Clone, Debug)]
+pub struct LabBuilder {
+    echo_on_ssh: bool,
+    serve_args: Vec<String>,
+}
+
+impl LabBuilder {
+    /// No TCP echo service on the VM's port 22: it stays free (for a real sshd), or
+    /// the VM listens on no management port at all.
+    pub fn without_echo_on_ssh(mut self) -> Self {
+        self.echo_on_ssh = false;
+        self
+    }
+
+    /// Extra flags for `jitgate serve` (kept for restarts), e.g.
+    /// `["--agent-offline-after", "3"]`.
+    pub fn serve_args(mut self, args: &[&str]) -> Self {
+        self.serve_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// Builds and starts the lab, as [`Lab::start`] does.
+    pub fn start(self) -> Lab {
+        Lab::start_with(self)
+    }
 }
 
 impl Lab {
     /// Builds the namespaces, starts the echo services, the controller and the agent,
     /// and waits until the agent has enrolled and applied its first desired state.
     pub fn start() -> Lab {
+        Lab::builder().start()
+    }
+
+    /// The default lab, to be changed before [`LabBuilder::start`].
+    pub fn builder() -> LabBuilder {
+        LabBuilder {
+            echo_on_ssh: true,
+            serve_args: Vec::new(),
+        }
+    }
+
+    fn start_with(options: LabBuilder) -> Lab {
         preconditions();
         SWEEP.call_once(sweep_stale_labs);
         let n = LABS.fetch_add(1, Ordering::SeqCst) + 1;
@@ -519,6 +665,7 @@ impl Lab {
             enroll_token: String::new(),
             sub: String::new(),
             tables_before: String::new(),
+            serve_args: options.serve_args,
         };
         lab.build_network();
         // Something of the host's own in the VM's nftables, which jitgate must leave
@@ -529,7 +676,12 @@ impl Lab {
             "table ip e2e_other {\n\tchain keep {\n\t\tcounter accept\n\t}\n}\n",
         );
         lab.tables_before = lab.nft(&["list", "tables"]);
-        lab.services = Services::start(&lab.vm.ns, &[SSH, WEB], &[DNS]);
+        let tcp: &[u16] = if options.echo_on_ssh {
+            &[SSH, WEB]
+        } else {
+            &[WEB]
+        };
+        lab.services = Services::start(&lab.vm.ns, tcp, &[DNS]);
 
         lab.start_controller();
         let who = lab.admin("GET", "/api/v1/whoami", None);
@@ -634,16 +786,18 @@ impl Lab {
         assert!(self.controller.is_none(), "the controller is running");
         let data = self.dir.path().join("controller");
         let listen = self.ctl.v4_at(CTL_PORT).to_string();
+        let mut args = vec![
+            "serve",
+            "--listen",
+            listen.as_str(),
+            "--insecure-http",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend(self.serve_args.iter().map(String::as_str));
         let child = self.spawn_in(
             &self.ctl.ns.clone(),
-            &[
-                "serve",
-                "--listen",
-                &listen,
-                "--insecure-http",
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
+            &args,
             &[("JITGATE_BOOTSTRAP_TOKEN", OWNER)],
             &self.log_path("controller"),
         );
@@ -687,6 +841,29 @@ impl Lab {
             &self.log_path("agent"),
         );
         self.agent = Some(child);
+    }
+
+    /// Runs the real `jitgate` client with `args` in `from`'s namespace, against this
+    /// lab's controller with `token` (`JITGATE_URL`, `JITGATE_TOKEN`, and a
+    /// configuration directory of the lab's, so nothing of the caller's leaks in).
+    /// Killed (and a panic) after 30 s.
+    pub fn jitgate(&self, from: &Host, token: &str, args: &[&str]) -> Ran {
+        let config = self.dir.path().join(format!("cli-{}", from.role));
+        std::fs::create_dir_all(&config).unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &from.ns, BIN])
+            .args(args)
+            .env("JITGATE_URL", self.base())
+            .env("JITGATE_TOKEN", token)
+            .env("JITGATE_CONFIG_DIR", &config)
+            .env("NO_COLOR", "1")
+            .env_remove("JITGATE_CA_CERT")
+            .env_remove("JITGATE_LOG");
+        run_bounded(
+            cmd,
+            format!("jitgate {} (in {})", args.join(" "), from.role),
+            Duration::from_secs(30),
+        )
     }
 
     pub fn agent_state_dir(&self) -> PathBuf {

@@ -1,9 +1,12 @@
 //! End-to-end tests of enforcement (issue 3): the real controller and the real agent in
-//! network namespaces, with real TCP and UDP connections from two client namespaces.
+//! network namespaces, with real TCP and UDP connections from two client namespaces;
+//! `jitgate ssh` against a real OpenSSH server (issue 4); recommendations from what
+//! real agents see (issue 5).
 //!
-//! Needs root, `ip` (iproute2) and `nft` (nftables); without them every test fails
-//! saying what to install. Each test builds its own lab (see `lab.rs`) and tears it
-//! down. Run: `cargo test -p jitgate --test e2e`.
+//! Needs root, `ip` (iproute2) and `nft` (nftables), and for `ssh.rs` OpenSSH
+//! (openssh-server, openssh-client); without them the tests fail saying what to
+//! install. Each test builds its own lab (see `lab.rs`) and tears it down.
+//! Run: `cargo test -p jitgate --test e2e`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
@@ -12,3 +15,5 @@ mod agent;
 mod faults;
 mod lab;
 mod nsg;
+mod recommend;
+mod ssh;
