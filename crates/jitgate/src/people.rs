@@ -174,6 +174,9 @@ pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
 
 // ---- enable / disable --------------------------------------------------------------
 
+/// A machine's id and the ports to protect on it.
+type VmPorts = (String, Vec<u16>);
+
 #[derive(Args)]
 pub struct EnableArgs {
     /// Machines: name, resource-group/name, or full id.
@@ -300,7 +303,7 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
     let all = ses.vms().await?;
     // Target policy -> (exists, [(vm id, ports)])
-    let mut plan: BTreeMap<String, (bool, Vec<(String, Vec<u16>)>)> = BTreeMap::new();
+    let mut plan: BTreeMap<String, (bool, Vec<VmPorts>)> = BTreeMap::new();
     for name in &a.vms {
         let vm = ses.vm(&all, name).await?;
         let ports = if a.ports.is_empty() {
