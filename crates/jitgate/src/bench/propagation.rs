@@ -147,6 +147,14 @@ pub async fn run(grants: usize) -> anyhow::Result<()> {
         })
         .context("the port did not open within 5 s")?;
         open_hist.record(opened.as_micros() as u64)?;
+        if std::env::var_os("JITGATE_BENCH_TRACE").is_some() {
+            eprintln!(
+                "trace: initiate at {} http {:?} open after {:?}",
+                jiff::Timestamp::now() - jiff::SignedDuration::try_from(opened).unwrap_or_default(),
+                t_http,
+                opened
+            );
+        }
         http_hist.record(t_http.as_micros() as u64)?;
 
         let t1 = Instant::now();
@@ -168,6 +176,9 @@ pub async fn run(grants: usize) -> anyhow::Result<()> {
         })
         .context("the port did not close within 5 s after revoke")?;
         close_hist.record(closed.as_micros() as u64)?;
+        // Let the agent finish this round (a probe can time out while nft is still
+        // committing) so that rounds do not overlap.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
         "jitgate bench propagation (controller + real agent + real nftables, veth between namespaces)"
