@@ -99,6 +99,23 @@ fn sub_scope(state: &AppState) -> Scope {
     Scope::Subscription(state.default_subscription())
 }
 
+/// A registered VM the caller may read, from the path's resource group and name.
+async fn readable_vm(
+    state: &AppState,
+    principal: &Principal,
+    rg: &str,
+    name: &str,
+) -> ApiResult<VmId> {
+    let id = vm_param(state, rg, name)?;
+    principal.require(Action::VmRead, &id.scope())?;
+    if state.store.get_vm(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "virtual machine '{id}' is not registered"
+        )));
+    }
+    Ok(id)
+}
+
 fn vm_param(state: &AppState, rg: &str, name: &str) -> ApiResult<VmId> {
     Ok(VmId::new(
         state.default_subscription(),
@@ -399,13 +416,7 @@ async fn get_nsg(
     principal: Principal,
     Path((rg, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let id = vm_param(&state, &rg, &name)?;
-    principal.require(Action::VmRead, &id.scope())?;
-    if state.store.get_vm(&id).await?.is_none() {
-        return Err(ApiError::not_found(format!(
-            "virtual machine '{id}' is not registered"
-        )));
-    }
+    let id = readable_vm(&state, &principal, &rg, &name).await?;
     let (rules, _) = crate::agent::nsg_now(&state, &id, Timestamp::now()).await?;
     Ok(Json(json!({
         "vm": id.to_string(),
@@ -961,13 +972,7 @@ async fn list_nsg_rules(
     principal: Principal,
     Path((rg, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let id = vm_param(&state, &rg, &name)?;
-    principal.require(Action::VmRead, &id.scope())?;
-    if state.store.get_vm(&id).await?.is_none() {
-        return Err(ApiError::not_found(format!(
-            "virtual machine '{id}' is not registered"
-        )));
-    }
+    let id = readable_vm(&state, &principal, &rg, &name).await?;
     let rules = state.store.nsg_rules(&id).await?;
     Ok(Json(
         json!({"value": rules.iter().map(rule_json).collect::<Vec<_>>()}),
