@@ -570,20 +570,7 @@ async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                     "PRIORITY", "NAME", "ACCESS", "PROTO", "SOURCE"
                 );
                 for r in v["rules"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-                    let join = |k: &str| {
-                        r[k].as_array()
-                            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
-                            .unwrap_or_default()
-                    };
-                    println!(
-                        "{:<8} {:<48} {:<6} {:<5} {:<20} {}",
-                        s(&r["priority"]),
-                        s(&r["name"]),
-                        s(&r["access"]),
-                        s(&r["protocol"]),
-                        join("sourceAddressPrefixes"),
-                        join("destinationPortRanges")
-                    );
+                    println!("{}", nsg_rule_line(r));
                 }
             });
         }
@@ -836,4 +823,22 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<ExitCode> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// One NSG rule (native API JSON) as a table row.
+pub fn nsg_rule_line(r: &Value) -> String {
+    let join = |k: &str| {
+        r[k].as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .unwrap_or_default()
+    };
+    format!(
+        "{:<8} {:<48} {:<6} {:<5} {:<20} {}",
+        s(&r["priority"]),
+        s(&r["name"]),
+        s(&r["access"]),
+        s(&r["protocol"]),
+        join("sourceAddressPrefixes"),
+        join("destinationPortRanges")
+    )
 }

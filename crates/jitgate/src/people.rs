@@ -1129,20 +1129,7 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
         }
         println!("  NSG rules:");
         for r in v["nsg"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            let join = |k: &str| {
-                r[k].as_array()
-                    .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
-                    .unwrap_or_default()
-            };
-            println!(
-                "    {:<6} {:<48} {:<6} {:<4} from {:<20} ports {}",
-                s(&r["priority"]),
-                s(&r["name"]),
-                s(&r["access"]),
-                s(&r["protocol"]),
-                join("sourceAddressPrefixes"),
-                join("destinationPortRanges")
-            );
+            println!("    {}", crate::cli::nsg_rule_line(r));
         }
         if let Some(counters) = agent["counters"].as_array().filter(|c| !c.is_empty()) {
             println!("  blocked attempts:");
