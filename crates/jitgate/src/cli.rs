@@ -96,11 +96,10 @@ pub enum Command {
     /// Example: jitgate role list --principal alice@example.com
     #[command(subcommand)]
     Role(RoleCommand),
-    /// Query and verify the audit log.
+    /// Show and verify the audit log (without a subcommand: show).
     ///
-    /// Example: jitgate audit show --vm web-1 --since 24h
-    #[command(subcommand)]
-    Audit(AuditCommand),
+    /// Example: jitgate audit --vm web-1 --since 24h --follow
+    Audit(AuditArgs),
     /// Benchmarks.
     ///
     /// Example: jitgate bench initiate --vms 10000 --clients 8 --seconds 20
@@ -352,6 +351,15 @@ pub enum RoleCommand {
     },
 }
 
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub cmd: Option<AuditCommand>,
+    #[command(flatten)]
+    pub show: crate::people::AuditShowArgs,
+}
+
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Show audit events (oldest first), optionally following new ones.
@@ -497,7 +505,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Token(cmd) => token(cmd).await,
         Command::Role(cmd) => role(cmd).await,
-        Command::Audit(cmd) => audit(cmd).await,
+        Command::Audit(AuditArgs { cmd: Some(cmd), .. }) => audit(cmd).await,
+        Command::Audit(AuditArgs { cmd: None, show }) => crate::people::audit_show(show).await,
         Command::Bench(cmd) => crate::bench::run(cmd).await,
     }
 }

@@ -1150,10 +1150,13 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
 
 #[derive(Args)]
 pub struct AuditShowArgs {
+    /// Only events about this machine.
     #[arg(long)]
     pub vm: Option<String>,
+    /// Only events by this principal.
     #[arg(long)]
     pub actor: Option<String>,
+    /// Only actions starting with this (e.g. request., policy.create, authorization.denied).
     #[arg(long)]
     pub action: Option<String>,
     /// How far back (e.g. 24h) or a time (2026-01-01T00:00:00Z).
@@ -1162,7 +1165,7 @@ pub struct AuditShowArgs {
     /// Keep printing new events.
     #[arg(long)]
     pub follow: bool,
-    /// Print CSV.
+    /// Print CSV (the export format; --json prints JSON lines).
     #[arg(long, conflicts_with = "follow")]
     pub csv: bool,
     #[arg(long, default_value_t = 1000)]

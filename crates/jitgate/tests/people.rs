@@ -1115,6 +1115,9 @@ fn audit_show_filters_exports_csv_and_follows() {
         out.stdout
     );
     assert!(!out.stdout.contains("prod/web-2"), "{}", out.stdout);
+    // `audit` without a subcommand shows, with the same filters.
+    let bare = c.jg(&["audit", "--vm", "web-1"]).ok();
+    assert_eq!(bare.stdout, out.stdout);
 
     let csv = c
         .jg(&["audit", "show", "--vm", "web-1", "--csv"])
