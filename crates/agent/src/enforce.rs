@@ -38,6 +38,10 @@ pub struct Enforcer {
     recent: std::time::Duration,
 }
 
+/// The kernel keeps element timeouts in jiffies: an element may outlive its timeout by up
+/// to one tick (10 ms at HZ=100, the coarsest common setting).
+pub const KERNEL_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The most a grant may close early to make sure it never closes late.
 pub const MAX_COMMIT_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -60,6 +64,12 @@ impl Enforcer {
 
     /// Makes the kernel match `desired` at `now`. Returns what was done and how long
     /// the `nft` run took.
+    ///
+    /// The kernel starts an element's timeout when the transaction commits, and keeps
+    /// it in jiffies. So timeouts are computed as if it were already `now` plus the
+    /// expected time to commit (1.5 times the last `nft` run) plus one kernel tick
+    /// ([`KERNEL_TICK`]), at most [`MAX_COMMIT_MARGIN`]: a grant may close that much
+    /// early, never late.
     pub fn apply(
         &mut self,
         desired: &Desired,
@@ -67,6 +77,10 @@ impl Enforcer {
     ) -> anyhow::Result<(ApplyKind, std::time::Duration)> {
         nft::validate(&desired.rules)
             .map_err(|e| anyhow::anyhow!("refusing an invalid desired state: {e}"))?;
+        let margin = (self.recent + self.recent / 2 + KERNEL_TICK).min(MAX_COMMIT_MARGIN);
+        let now = now
+            .checked_add(jiff::SignedDuration::try_from(margin).unwrap_or_default())
+            .unwrap_or(now);
         let elements = nft::plan_elements(&desired.grants, now);
         let started = Instant::now();
         let kind = match &self.applied {

@@ -4,9 +4,11 @@
 
 mod agents;
 mod apply;
+mod expiry;
 mod initiate;
 mod lab;
 mod propagation;
+mod rig;
 
 use clap::Subcommand;
 
@@ -50,6 +52,17 @@ pub enum BenchCommand {
         #[arg(long, hide = true)]
         inner: bool,
     },
+    /// When grants really close relative to their end time, also with the controller
+    /// and the agent killed (root only).
+    ///
+    /// Example: jitgate bench expiry --grants 30 --killed 5
+    Expiry {
+        #[arg(long, default_value_t = 30)]
+        grants: usize,
+        /// Extra rounds in which the controller and the agent are killed during the grant.
+        #[arg(long, default_value_t = 5)]
+        killed: usize,
+    },
     /// Propagation to simulated agents: many long-polling agents connected to one
     /// controller; time from initiate to the VM's agent receiving its new state.
     ///
@@ -78,6 +91,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
         }
         BenchCommand::Propagation { grants } => propagation::run(grants.max(1)).await?,
         BenchCommand::Apply { elements, inner } => apply::run(elements.max(1), inner).await?,
+        BenchCommand::Expiry { grants, killed } => expiry::run(grants.max(1), killed).await?,
         BenchCommand::Agents { agents, grants } => {
             agents::run(agents.max(1), grants.max(1)).await?
         }

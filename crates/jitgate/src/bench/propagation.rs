@@ -7,113 +7,18 @@
 //! connect attempts with a 1 ms timeout until one succeeds; then revoke and wait until
 //! the port is closed again.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::{BENCH_TOKEN, Child, lab, percentiles};
-
-fn port_open(addr: SocketAddr, timeout: Duration) -> bool {
-    TcpStream::connect_timeout(&addr, timeout).is_ok()
-}
+use super::rig::{Rig, port_open};
+use super::{BENCH_TOKEN, percentiles};
 
 pub async fn run(grants: usize) -> anyhow::Result<()> {
-    lab::require_root_tools()?;
-    let vm = lab::Host::create("vm", 251)?;
-    let service = SocketAddr::from((vm.ns_addr, 22));
-    vm.spawn_in(move || {
-        if let Ok(l) = TcpListener::bind("0.0.0.0:22") {
-            for s in l.incoming().flatten() {
-                drop(s);
-            }
-        }
-    })?;
-    let dir = lab::tempdir()?;
-    let http = reqwest::Client::new();
-    let port = lab::free_port(vm.root_addr.into())?;
-    let (_ctl, base, sub) = lab::controller(
-        SocketAddr::from((vm.root_addr, port)),
-        &dir.join("ctl"),
-        &http,
-    )
-    .await?;
-
-    let et: serde_json::Value = http
-        .post(format!("{base}/api/v1/enrollTokens"))
-        .bearer_auth(BENCH_TOKEN)
-        .json(&json!({"uses": 1}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let et = et["token"]
-        .as_str()
-        .context("no enrollment token")?
-        .to_owned();
-    let agent = Command::new("ip")
-        .args(["netns", "exec", &vm.ns])
-        .arg(std::env::current_exe()?)
-        .args([
-            "agent",
-            "--controller",
-            &base,
-            "--enroll-token",
-            &et,
-            "--resource-group",
-            "bench",
-            "--name",
-            "vm1",
-            "--state-dir",
-        ])
-        .arg(dir.join("agent"))
-        .env(
-            "JITGATE_LOG",
-            std::env::var("JITGATE_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start the agent")?;
-    let _agent = Child(agent);
-    let vm_id = format!(
-        "/subscriptions/{sub}/resourceGroups/bench/providers/Microsoft.Compute/virtualMachines/vm1"
-    );
-    let started = Instant::now();
-    while !http
-        .get(format!("{base}/api/v1/vms/bench/vm1"))
-        .bearer_auth(BENCH_TOKEN)
-        .send()
-        .await?
-        .status()
-        .is_success()
-    {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("the agent did not enroll within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let policy = format!(
-        "{base}/subscriptions/{sub}/resourceGroups/bench/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default"
-    );
-    let r = http
-        .put(format!("{policy}?api-version=2020-01-01"))
-        .bearer_auth(BENCH_TOKEN)
-        .json(&json!({"properties": {"virtualMachines": [{"id": vm_id, "ports": [{"number": 22, "protocol": "TCP", "maxRequestAccessDuration": "PT1H"}]}]}}))
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        bail!("policy: {}", r.text().await?);
-    }
-    let started = Instant::now();
-    while port_open(service, Duration::from_millis(100)) {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("the deny rule never took effect");
-        }
-    }
-
+    let rig = Rig::start().await?;
+    let (http, base, vm_id, policy, service) =
+        (&rig.http, &rig.base, &rig.vm_id, &rig.policy, rig.service);
     let mut open_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut http_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut close_hist = hdrhistogram::Histogram::<u64>::new(3)?;
@@ -171,6 +76,8 @@ pub async fn run(grants: usize) -> anyhow::Result<()> {
                 if t1.elapsed() > Duration::from_secs(5) {
                     return None;
                 }
+                // Paced: every successful probe leaves a TIME_WAIT socket.
+                std::thread::sleep(Duration::from_micros(500));
             }
             Some(t1.elapsed())
         })
@@ -195,6 +102,5 @@ pub async fn run(grants: usize) -> anyhow::Result<()> {
         "  revoke sent -> port refuses new connects:  {} (probe timeout 5 ms)",
         percentiles(&close_hist)
     );
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
