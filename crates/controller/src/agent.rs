@@ -28,9 +28,6 @@ use crate::error::{ApiError, ApiResult};
 
 /// Longest a desired-state long-poll is held open.
 pub const MAX_WAIT_SECS: u64 = 60;
-/// How often agents report when nothing changes; an agent silent for three of these
-/// is shown offline.
-pub const HEARTBEAT_SECS: u64 = 10;
 
 /// One watch channel per VM: bumped whenever that VM's desired state may have changed.
 #[derive(Default)]

@@ -28,7 +28,7 @@ use axum::middleware;
 use axum::routing::{get, post};
 use jitgate_core::ids::SubscriptionId;
 use jitgate_store::Store;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -41,8 +41,6 @@ pub struct AppState {
     /// When the expiry scheduler will next wake (Unix nanoseconds): an initiate wakes
     /// it only when it ends earlier.
     pub expiry_at: Arc<AtomicI64>,
-    /// Bumped on every change of desired state.
-    pub revision: Arc<watch::Sender<u64>>,
     /// Per-VM change notifications that wake agents' long-polls.
     pub vm_changes: Arc<agent::VmChanges>,
     pub tls: bool,
@@ -54,20 +52,14 @@ impl AppState {
         self.subscriptions[0]
     }
 
-    pub fn notify_change(&self) {
-        self.revision.send_modify(|r| *r += 1);
-    }
-
     /// After a write that may have revoked `revoked` ports.
     pub fn changed(&self, revoked: usize) {
         self.metrics.revoked.inc_by(revoked as u64);
-        self.notify_change();
     }
 
     /// After an accepted request whose earliest port ends at `first_end`.
     pub fn initiated(&self, first_end: jitgate_core::Timestamp) {
         self.metrics.initiates.inc();
-        self.notify_change();
         if (first_end.as_nanosecond() as i64) < self.expiry_at.load(Ordering::Acquire) {
             self.expiry_wake.notify_one();
         }

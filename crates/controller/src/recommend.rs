@@ -275,7 +275,6 @@ pub async fn apply(
             })?;
         state.vm_changes.touch(adds.iter().map(|(v, _)| v));
     }
-    state.notify_change();
     let entry = AuditEntry {
         time: now.to_string(),
         actor: principal.name.clone(),

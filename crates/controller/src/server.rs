@@ -167,14 +167,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (store, subscriptions) = bootstrap(&config).await?;
-    let (revision, _) = watch::channel(0u64);
     let state = AppState {
         store,
         subscriptions: Arc::new(subscriptions),
         metrics: Arc::new(metrics::Metrics::new()),
         expiry_wake: Arc::new(Notify::new()),
         expiry_at: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
-        revision: Arc::new(revision),
         vm_changes: Arc::new(crate::agent::VmChanges::default()),
         tls: config.tls.is_some(),
         recommend: Arc::new(config.recommend.clone()),
