@@ -381,16 +381,7 @@ fn policy_key(
 }
 
 fn page_size(q: &HashMap<String, String>) -> ApiResult<usize> {
-    match q.get("$top") {
-        None => Ok(DEFAULT_PAGE),
-        Some(t) => match t.parse::<usize>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-            _ => Err(ApiError::bad_param(
-                "$top",
-                format!("'{t}' is not a number from 1 to {MAX_PAGE}"),
-            )),
-        },
-    }
+    crate::native::count_param(q, "$top", DEFAULT_PAGE, MAX_PAGE)
 }
 
 fn skip_token(q: &HashMap<String, String>) -> ApiResult<Option<String>> {

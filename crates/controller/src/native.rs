@@ -95,6 +95,25 @@ fn audit_ctx(p: &Principal, ip: std::net::IpAddr) -> AuditCtx {
     }
 }
 
+/// A count query parameter from 1 to `max`, `default` when absent.
+pub fn count_param(
+    q: &HashMap<String, String>,
+    name: &str,
+    default: usize,
+    max: usize,
+) -> ApiResult<usize> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_param(name, format!("'{l}' is not a number from 1 to {max}"))
+            }),
+    }
+}
+
 fn sub_scope(state: &AppState) -> Scope {
     Scope::Subscription(state.default_subscription())
 }
@@ -468,16 +487,7 @@ async fn list_requests(
         .map(|v| VmId::parse(v))
         .transpose()
         .map_err(|e| ApiError::bad_param("vm", e))?;
-    let limit = match q.get("limit") {
-        None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_param("limit", format!("'{l}' is not a number from 1 to 1000"))
-            })?,
-    };
+    let limit = count_param(&q, "limit", 100, 1000)?;
     let flag = |name: &str| -> ApiResult<bool> {
         match q.get(name).map(String::as_str) {
             None | Some("false") => Ok(false),
@@ -849,16 +859,7 @@ async fn query_audit(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     principal.require(Action::AuditRead, &sub_scope(&state))?;
-    let limit = match q.get("limit") {
-        None => 1000,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=100_000).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_param("limit", format!("'{l}' is not a number from 1 to 100000"))
-            })?,
-    };
+    let limit = count_param(&q, "limit", 1000, 100_000)?;
     let after_seq = q
         .get("afterSeq")
         .map(|s| s.parse::<u64>())
