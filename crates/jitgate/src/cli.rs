@@ -445,10 +445,12 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let (config, log_format) = serve_config(args)?;
     init_logging(&log_format)?;
+    // Handlers first: a signal that arrives while the controller starts is then still
+    // a graceful stop, not the default (immediate) death.
+    let (mut term, mut int) = stop_signals()?;
     let running = jitgate_controller::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = int.recv() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),
     }
     running.shutdown().await?;
@@ -766,11 +768,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.nft = args.nft;
     config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs.max(1));
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (mut term, mut int) = stop_signals()?;
     let task = tokio::spawn(jitgate_agent::run(config, rx));
     tokio::select! {
         r = task => return r.context("agent task")?.map(|_| ExitCode::SUCCESS),
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     tracing::info!("agent stopping; the kernel keeps enforcing the applied state");
@@ -850,4 +852,13 @@ pub fn nsg_rule_line(r: &Value) -> String {
         join("sourceAddressPrefixes"),
         join("destinationPortRanges")
     )
+}
+
+/// SIGTERM and SIGINT streams, registered now.
+fn stop_signals() -> anyhow::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    Ok((
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    ))
 }
