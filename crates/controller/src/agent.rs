@@ -402,11 +402,7 @@ pub async fn create_enroll_token(
         created_by: principal.name.clone(),
         revoked: None,
     };
-    let audit = AuditCtx {
-        actor: principal.name.clone(),
-        source: ip.to_string(),
-        now,
-    };
+    let audit = principal.audit_ctx(ip, now);
     state
         .store
         .create_enroll_token(record.clone(), audit)

@@ -64,6 +64,15 @@ impl Principal {
         rbac::is_allowed(&self.assignments, &self.name, action, scope)
     }
 
+    /// The audit context of a change this caller makes from `ip` at `now`.
+    pub fn audit_ctx(&self, ip: IpAddr, now: Timestamp) -> jitgate_store::AuditCtx {
+        jitgate_store::AuditCtx {
+            actor: self.name.clone(),
+            source: ip.to_string(),
+            now,
+        }
+    }
+
     /// 403 unless the caller holds `action` on `scope`.
     pub fn require(&self, action: Action, scope: &Scope) -> ApiResult<()> {
         if self.can(action, scope) {

@@ -22,7 +22,7 @@ use jitgate_core::request::{
     AccessRequest, InitiateInput, InitiatePortInput, InitiateVmInput, PortStatus, RequestId,
     RevokeReason,
 };
-use jitgate_store::{AuditCtx, InitiateArgs, InitiateRefusal, OpError, PolicyError, PolicyFilter};
+use jitgate_store::{InitiateArgs, InitiateRefusal, OpError, PolicyError, PolicyFilter};
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
@@ -633,11 +633,7 @@ pub async fn put(
         )));
     }
     let spec = validate_policy(&key, &body.into()).map_err(ApiError::field)?;
-    let audit = AuditCtx {
-        actor: principal.name.clone(),
-        source: ip.to_string(),
-        now: Timestamp::now(),
-    };
+    let audit = principal.audit_ctx(ip, Timestamp::now());
     let old_vms: Vec<jitgate_core::ids::VmId> = state
         .store
         .get_policy(&key)
@@ -687,11 +683,7 @@ pub async fn delete(
         Action::PolicyDelete,
         &Scope::ResourceGroup(key.subscription, key.resource_group.clone()),
     )?;
-    let audit = AuditCtx {
-        actor: principal.name.clone(),
-        source: ip.to_string(),
-        now: Timestamp::now(),
-    };
+    let audit = principal.audit_ctx(ip, Timestamp::now());
     let old = state.store.get_policy(&key).await?;
     match state.store.delete_policy(&key, audit).await? {
         Some(revoked) => {
@@ -730,11 +722,7 @@ pub async fn initiate(
         caller_ip: ip,
         assignments: principal.assignments.clone(),
     };
-    let audit = AuditCtx {
-        actor: principal.name.clone(),
-        source: ip.to_string(),
-        now,
-    };
+    let audit = principal.audit_ctx(ip, now);
     let request = state
         .store
         .initiate(args, audit)

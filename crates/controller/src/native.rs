@@ -19,7 +19,7 @@ use jitgate_core::nsg::{NsgRule, RuleOrigin};
 use jitgate_core::rbac::{Action, Role, RoleAssignment};
 use jitgate_core::request::{AccessRequest, RequestId};
 use jitgate_store::{
-    AuditCtx, AuditQuery, OpError, PortSelector, RegisterOutcome, RequestFilter, RevokeError,
+    AuditQuery, OpError, PortSelector, RegisterOutcome, RequestFilter, RevokeError,
     RoleAssignmentRecord, TokenRecord, VmError, VmRecord,
 };
 use serde::{Deserialize, Serialize};
@@ -85,14 +85,6 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/v1/audit", get(query_audit))
         .route("/api/v1/audit/verify", get(verify_audit))
-}
-
-fn audit_ctx(p: &Principal, ip: std::net::IpAddr) -> AuditCtx {
-    AuditCtx {
-        actor: p.name.clone(),
-        source: ip.to_string(),
-        now: Timestamp::now(),
-    }
 }
 
 /// A count query parameter from 1 to `max`, `default` when absent.
@@ -265,7 +257,7 @@ async fn register_vm(
     };
     let outcome = state
         .store
-        .register_vm(record, audit_ctx(&principal, ip))
+        .register_vm(record, principal.audit_ctx(ip, Timestamp::now()))
         .await
         .map_err(|e| match e {
             OpError::Refused(VmError::UnknownSubscription(s)) => {
@@ -394,7 +386,11 @@ async fn delete_vm(
 ) -> ApiResult<StatusCode> {
     let id = vm_param(&state, &rg, &name)?;
     principal.require(Action::VmWrite, &id.scope())?;
-    match state.store.delete_vm(&id, audit_ctx(&principal, ip)).await {
+    match state
+        .store
+        .delete_vm(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .await
+    {
         Ok(true) => Ok(StatusCode::OK),
         Ok(false) => Ok(StatusCode::NO_CONTENT),
         Err(OpError::Refused(VmError::InPolicy(p))) => Err(ApiError::conflict(format!(
@@ -519,8 +515,20 @@ async fn list_requests(
     Ok(Json(json!({"value": value})))
 }
 
-fn request_id(s: &str) -> ApiResult<RequestId> {
-    RequestId::parse(s).map_err(|e| ApiError::bad_param("id", e))
+/// The request with this id, if the caller may see it (else 404, as if absent).
+async fn visible_request(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> ApiResult<(RequestId, AccessRequest)> {
+    let id = RequestId::parse(id).map_err(|e| ApiError::bad_param("id", e))?;
+    let r = state
+        .store
+        .get_request(id)
+        .await?
+        .filter(|r| request_visible(principal, r))
+        .ok_or_else(|| ApiError::not_found(format!("request {id} not found")))?;
+    Ok((id, r))
 }
 
 async fn get_request(
@@ -528,13 +536,7 @@ async fn get_request(
     principal: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let id = request_id(&id)?;
-    let r = state
-        .store
-        .get_request(id)
-        .await?
-        .filter(|r| request_visible(&principal, r))
-        .ok_or_else(|| ApiError::not_found(format!("request {id} not found")))?;
+    let (_, r) = visible_request(&state, &principal, &id).await?;
     Ok(Json(request_json(&r, Timestamp::now())))
 }
 
@@ -552,13 +554,7 @@ async fn revoke_request(
     Path(id): Path<String>,
     OptionalJsonBody(body): OptionalJsonBody<RevokeIn>,
 ) -> ApiResult<Json<Value>> {
-    let id = request_id(&id)?;
-    let r = state
-        .store
-        .get_request(id)
-        .await?
-        .filter(|r| request_visible(&principal, r))
-        .ok_or_else(|| ApiError::not_found(format!("request {id} not found")))?;
+    let (id, r) = visible_request(&state, &principal, &id).await?;
     let selector = match body {
         None => None,
         Some(b) => Some(PortSelector {
@@ -591,7 +587,7 @@ async fn revoke_request(
     }
     let revoked = state
         .store
-        .revoke_request(id, selector, audit_ctx(&principal, ip))
+        .revoke_request(id, selector, principal.audit_ctx(ip, Timestamp::now()))
         .await
         .map_err(|e| match e {
             OpError::Refused(RevokeError::NotFound) => {
@@ -691,7 +687,7 @@ async fn create_token(
     };
     state
         .store
-        .create_token(record.clone(), audit_ctx(&principal, ip))
+        .create_token(record.clone(), principal.audit_ctx(ip, Timestamp::now()))
         .await?;
     let mut v = token_json(&record);
     v["token"] = json!(text);
@@ -721,7 +717,7 @@ async fn revoke_token(
     }
     state
         .store
-        .revoke_token(&id, audit_ctx(&principal, ip))
+        .revoke_token(&id, principal.audit_ctx(ip, Timestamp::now()))
         .await?;
     Ok(StatusCode::OK)
 }
@@ -785,7 +781,7 @@ async fn create_role_assignment(
     };
     state
         .store
-        .add_role_assignment(record.clone(), audit_ctx(&principal, ip))
+        .add_role_assignment(record.clone(), principal.audit_ctx(ip, Timestamp::now()))
         .await?;
     Ok((StatusCode::CREATED, Json(ra_json(&record))).into_response())
 }
@@ -824,7 +820,7 @@ async fn delete_role_assignment(
     principal.require(Action::RoleAssignmentWrite, &r.assignment.scope)?;
     state
         .store
-        .remove_role_assignment(&id, audit_ctx(&principal, ip))
+        .remove_role_assignment(&id, principal.audit_ctx(ip, Timestamp::now()))
         .await?;
     Ok(StatusCode::OK)
 }
@@ -1000,7 +996,11 @@ async fn put_nsg_rule(
     principal.require(Action::VmWrite, &id.scope())?;
     let created = state
         .store
-        .put_nsg_rule(&id, parsed.clone(), audit_ctx(&principal, ip))
+        .put_nsg_rule(
+            &id,
+            parsed.clone(),
+            principal.audit_ctx(ip, Timestamp::now()),
+        )
         .await
         .map_err(|e| match e {
             OpError::Refused(jitgate_store::NsgRuleError::UnknownVm) => {
@@ -1036,7 +1036,7 @@ async fn delete_nsg_rule(
     principal.require(Action::VmWrite, &id.scope())?;
     let deleted = state
         .store
-        .delete_nsg_rule(&id, &rule, audit_ctx(&principal, ip))
+        .delete_nsg_rule(&id, &rule, principal.audit_ctx(ip, Timestamp::now()))
         .await?;
     if deleted {
         state.vm_changes.touch([&id]);

@@ -18,7 +18,7 @@ use jitgate_core::policy::{AllowedSources, PolicyKey, PolicySpec, PolicyVm, Port
 use jitgate_core::rbac::Action;
 use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
 use jitgate_proto::StatusReport;
-use jitgate_store::{AuditCtx, ExclusionRecord, OpError, PolicyError, VmRecord};
+use jitgate_store::{ExclusionRecord, OpError, PolicyError, VmRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -219,11 +219,7 @@ pub async fn apply(
             .1
             .push((vm.id.clone(), r.exposed.clone()));
     }
-    let audit = AuditCtx {
-        actor: principal.name.clone(),
-        source: ip.to_string(),
-        now,
-    };
+    let audit = principal.audit_ctx(ip, now);
     let mut enabled = Vec::new();
     for (_, (key, adds)) in plan {
         let mut spec = state
@@ -362,11 +358,7 @@ pub async fn create_exclusion(
         created: Timestamp::now(),
         created_by: principal.name.clone(),
     };
-    let audit = AuditCtx {
-        actor: principal.name.clone(),
-        source: ip.to_string(),
-        now: record.created,
-    };
+    let audit = principal.audit_ctx(ip, record.created);
     state.store.add_exclusion(record.clone(), audit).await?;
     Ok((StatusCode::CREATED, Json(exclusion_json(&record))).into_response())
 }
@@ -382,11 +374,7 @@ pub async fn delete_exclusion(
         return Err(ApiError::not_found(format!("exclusion {id} not found")));
     };
     principal.require(Action::PolicyWrite, &e.scope)?;
-    let audit = AuditCtx {
-        actor: principal.name.clone(),
-        source: ip.to_string(),
-        now: Timestamp::now(),
-    };
+    let audit = principal.audit_ctx(ip, Timestamp::now());
     state.store.remove_exclusion(&id, audit).await?;
     Ok(StatusCode::OK)
 }

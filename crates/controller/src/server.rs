@@ -75,14 +75,6 @@ impl Running {
         served.context("server")?;
         Ok(())
     }
-
-    /// Waits until the server stops on its own (it does not, unless it fails).
-    pub async fn wait(&mut self) -> anyhow::Result<()> {
-        (&mut self.server)
-            .await
-            .context("server task")?
-            .context("server")
-    }
 }
 
 fn write_secret_file(path: &Path, content: &str) -> anyhow::Result<()> {
