@@ -18,7 +18,6 @@ use crate::nft::Nft;
 /// What the agent last put in the kernel.
 #[derive(Debug, Clone, Default)]
 pub struct Applied {
-    pub revision: Option<String>,
     pub rules: Vec<NsgRule>,
     pub elements: Vec<Element>,
 }
@@ -52,10 +51,6 @@ impl Enforcer {
             applied: None,
             recent: std::time::Duration::from_millis(20),
         }
-    }
-
-    pub fn applied_revision(&self) -> Option<&str> {
-        self.applied.as_ref().and_then(|a| a.revision.as_deref())
     }
 
     pub fn nft(&self) -> &Nft {
@@ -114,7 +109,6 @@ impl Enforcer {
             self.recent = took;
         }
         self.applied = Some(Applied {
-            revision: Some(desired.revision.clone()),
             rules: desired.rules.clone(),
             elements,
         });

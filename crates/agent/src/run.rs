@@ -21,9 +21,17 @@ const TABLE_CHECK: Duration = Duration::from_secs(1);
 /// What the status report says besides host facts.
 #[derive(Default, Clone)]
 struct Progress {
-    applied_revision: Option<String>,
+    /// The desired state last applied successfully (its revision is reported; the
+    /// table watchdog rebuilds from it).
+    last: Option<DesiredState>,
     applied_at: Option<String>,
     error: Option<String>,
+}
+
+impl Progress {
+    fn applied_revision(&self) -> Option<String> {
+        self.last.as_ref().map(|d| d.revision.clone())
+    }
 }
 
 /// Host facts gathered at each full report, reused by light ones.
@@ -36,8 +44,6 @@ struct Inventory {
 
 struct Shared {
     config: AgentConfig,
-    /// The desired state last applied successfully, for the table watchdog.
-    last: Mutex<Option<DesiredState>>,
     inventory: Mutex<Inventory>,
     /// A second handle for reading counters, so reports never wait on an apply.
     counter_nft: Nft,
@@ -131,7 +137,7 @@ impl Shared {
             self.inventory.lock().map(|i| i.clone()).unwrap_or_default()
         };
         let report = StatusReport {
-            applied_revision: progress.applied_revision,
+            applied_revision: progress.applied_revision(),
             applied_at: progress.applied_at,
             nft_version: self.nft_version.clone(),
             error: progress.error,
@@ -159,7 +165,7 @@ impl Shared {
 
     /// Rebuilds the table from the last applied state if it has vanished.
     fn ensure_table(&self) {
-        let Some(last) = self.last.lock().ok().and_then(|l| l.clone()) else {
+        let Some(last) = self.progress.lock().ok().and_then(|p| p.last.clone()) else {
             return;
         };
         if self.counter_nft.table_exists() {
@@ -198,15 +204,10 @@ impl Shared {
             tracing::info!(revision = %desired.revision, ?kind, took_ms = took.as_secs_f64() * 1000.0, grants = desired.grants.len(), "applied");
             Ok(kind)
         })();
-        if result.is_ok()
-            && let Ok(mut last) = self.last.lock()
-        {
-            *last = Some(d.clone());
-        }
         if let Ok(mut p) = self.progress.lock() {
             match &result {
                 Ok(_) => {
-                    p.applied_revision = Some(d.revision.clone());
+                    p.last = Some(d.clone());
                     p.applied_at = Some(Timestamp::now().to_string());
                     p.error = None;
                 }
@@ -290,7 +291,6 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         );
     }
     let shared = Arc::new(Shared {
-        last: Mutex::new(None),
         inventory: Mutex::new(Inventory::default()),
         counter_nft: nft.clone(),
         http,
@@ -346,7 +346,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             .progress
             .lock()
             .ok()
-            .and_then(|p| p.applied_revision.clone());
+            .and_then(|p| p.applied_revision());
         let polled = tokio::select! {
             r = shared.poll(known.as_deref()) => r,
             _ = shutdown.changed() => break,
