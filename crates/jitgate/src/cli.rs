@@ -536,11 +536,11 @@ async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             client,
         } => {
             let c = Client::new(&client)?;
-            let path = match &resource_group {
-                Some(rg) => format!("/api/v1/vms?resourceGroup={rg}"),
-                None => "/api/v1/vms".to_owned(),
-            };
-            let v = c.get(&path).await?;
+            let q: Vec<(&str, String)> = resource_group
+                .map(|rg| ("resourceGroup", rg))
+                .into_iter()
+                .collect();
+            let v = c.get_query("/api/v1/vms", &q).await?;
             print(client.json, &v, |v| {
                 println!(
                     "{:<20} {:<24} {:<14} {:<12} GRANTS",
@@ -669,11 +669,8 @@ async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
         }
         RoleCommand::List { principal, client } => {
             let c = Client::new(&client)?;
-            let path = match &principal {
-                Some(p) => format!("/api/v1/roleAssignments?principal={p}"),
-                None => "/api/v1/roleAssignments".to_owned(),
-            };
-            let v = c.get(&path).await?;
+            let q: Vec<(&str, String)> = principal.map(|p| ("principal", p)).into_iter().collect();
+            let v = c.get_query("/api/v1/roleAssignments", &q).await?;
             print(client.json, &v, |v| {
                 println!("{:<38} {:<24} {:<18} SCOPE", "ID", "PRINCIPAL", "ROLE");
                 for r in items(v) {

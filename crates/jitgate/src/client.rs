@@ -189,8 +189,16 @@ impl Client {
             .0)
     }
 
-    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let mut req = self.http.get(format!("{}{path}", self.base));
+    /// GET with query parameters (encoded by the HTTP client).
+    pub async fn get_query(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+        Ok(self
+            .send(self.http.get(format!("{}{path}", self.base)).query(query))
+            .await?
+            .0)
+    }
+
+    pub async fn get_text(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
+        let mut req = self.http.get(format!("{}{path}", self.base)).query(query);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

@@ -914,14 +914,11 @@ pub async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
         let all = ses.vms().await?;
         let vm = client::resolve(&all, &a.target)?;
         let id = s(&vm["id"]);
-        let mine = if a.all { "" } else { "&mine=true" };
-        let list = ses
-            .c
-            .get(&format!(
-                "/api/v1/requests?active=true{mine}&vm={}",
-                urlencode(&id)
-            ))
-            .await?;
+        let mut q = vec![("active", "true".to_owned()), ("vm", id.clone())];
+        if !a.all {
+            q.push(("mine", "true".to_owned()));
+        }
+        let list = ses.c.get_query("/api/v1/requests", &q).await?;
         // The list holds requests with a live port anywhere that also name this
         // machine; revoke only those still live on it (revoking one whose port here
         // already ended would fail and stop before the others).
@@ -964,17 +961,6 @@ pub async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
 #[derive(Args)]
 pub struct RequestsArgs {
     /// Only requests you made.
@@ -994,21 +980,18 @@ pub struct RequestsArgs {
 
 pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
-    let mut q = format!("/api/v1/requests?limit={}", a.limit);
+    let mut q = vec![("limit", a.limit.to_string())];
     if a.mine {
-        q.push_str("&mine=true");
+        q.push(("mine", "true".to_owned()));
     }
     if a.active {
-        q.push_str("&active=true");
+        q.push(("active", "true".to_owned()));
     }
     if let Some(v) = &a.vm {
         let all = ses.vms().await?;
-        q.push_str(&format!(
-            "&vm={}",
-            urlencode(&s(&client::resolve(&all, v)?["id"]))
-        ));
+        q.push(("vm", s(&client::resolve(&all, v)?["id"])));
     }
-    let v = ses.c.get(&q).await?;
+    let v = ses.c.get_query("/api/v1/requests", &q).await?;
     print(ses.json, &v, |v| {
         println!(
             "{:<36} {:<20} {:<22} {:<6} {:<18} {:<8} LEFT",
@@ -1062,10 +1045,10 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
     let nsg = ses.c.get(&format!("/api/v1/vms/{rg}/{n}/nsg")).await?;
     let last = ses
         .c
-        .get(&format!(
-            "/api/v1/requests?limit=1&vm={}",
-            urlencode(&s(&vm["id"]))
-        ))
+        .get_query(
+            "/api/v1/requests",
+            &[("limit", "1".to_owned()), ("vm", s(&vm["id"]))],
+        )
         .await?;
     let last = items(&last).first().cloned();
     vm["nsg"] = nsg["rules"].clone();
@@ -1176,19 +1159,16 @@ pub struct AuditShowArgs {
 
 pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
-    let mut q = format!("limit={}", a.limit);
+    let mut q = vec![("limit", a.limit.to_string())];
     if let Some(v) = &a.vm {
         let all = ses.vms().await?;
-        q.push_str(&format!(
-            "&vm={}",
-            urlencode(&s(&client::resolve(&all, v)?["id"]))
-        ));
+        q.push(("vm", s(&client::resolve(&all, v)?["id"])));
     }
     if let Some(x) = &a.actor {
-        q.push_str(&format!("&actor={}", urlencode(x)));
+        q.push(("actor", x.clone()));
     }
     if let Some(x) = &a.action {
-        q.push_str(&format!("&action={}", urlencode(x)));
+        q.push(("action", x.clone()));
     }
     if let Some(since) = &a.since {
         let t = match iso_duration(since) {
@@ -1198,24 +1178,20 @@ pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
             Err(_) => jitgate_core::request::parse_time(since)
                 .map_err(|e| invalid(format!("--since: {e}")))?,
         };
-        q.push_str(&format!("&since={}", urlencode(&t.to_string())));
+        q.push(("since", t.to_string()));
     }
     if a.csv {
-        print!(
-            "{}",
-            ses.c
-                .get_text(&format!("/api/v1/audit?{q}&format=csv"))
-                .await?
-        );
+        q.push(("format", "csv".to_owned()));
+        print!("{}", ses.c.get_text("/api/v1/audit", &q).await?);
         return Ok(ExitCode::SUCCESS);
     }
     let mut after: Option<u64> = None;
     loop {
-        let page = match after {
-            Some(seq) => format!("/api/v1/audit?{q}&afterSeq={seq}"),
-            None => format!("/api/v1/audit?{q}"),
-        };
-        let v = ses.c.get(&page).await?;
+        let mut page = q.clone();
+        if let Some(seq) = after {
+            page.push(("afterSeq", seq.to_string()));
+        }
+        let v = ses.c.get_query("/api/v1/audit", &page).await?;
         for e in items(&v) {
             after = e["seq"].as_u64().or(after);
             if ses.json {
@@ -1258,14 +1234,14 @@ pub struct RecommendationsArgs {
 
 pub async fn recommendations(a: RecommendationsArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
-    let mut q = "/api/v1/recommendations?".to_owned();
+    let mut q = Vec::new();
     if let Some(rg) = &a.resource_group {
-        q.push_str(&format!("resourceGroup={}&", urlencode(rg)));
+        q.push(("resourceGroup", rg.clone()));
     }
     if let Some(v) = &a.verdict {
-        q.push_str(&format!("verdict={}", urlencode(v)));
+        q.push(("verdict", v.clone()));
     }
-    let v = ses.c.get(&q).await?;
+    let v = ses.c.get_query("/api/v1/recommendations", &q).await?;
     print(ses.json, &v, |v| {
         for (verdict, title) in [
             (
