@@ -69,7 +69,7 @@ macro_rules! store_conformance_tests {
             get_policy_is_case_insensitive,
             list_policies_filters,
             list_policies_pages_in_key_order,
-            policy_for_vm_finds_the_protecting_policy,
+            vm_policy_finds_the_protecting_policy,
             initiate_stores_the_request,
             policy_requests_are_newest_first,
             initiate_supersedes_same_vm_port_and_source,
@@ -823,7 +823,7 @@ pub async fn put_policy_creates_then_updates(store: &dyn Store) {
     );
     assert_eq!(audit_count(store).await, n0 + 2, "the update is audited");
     assert_eq!(
-        store.policy_for_vm(&v2).await.unwrap().map(|p| p.key),
+        store.vm_policy(&v2).await.unwrap().map(|p| p.key),
         Some(key)
     );
 }
@@ -871,7 +871,7 @@ pub async fn put_policy_refuses_unknown_vm(store: &dyn Store) {
         other => panic!("expected UnknownVm, got {other:?}"),
     }
     assert_eq!(store.get_policy(&key2).await.unwrap(), None);
-    assert_eq!(store.policy_for_vm(&s.vm3).await.unwrap(), None);
+    assert_eq!(store.vm_policy(&s.vm3).await.unwrap(), None);
     assert_eq!(
         snapshot(store).await,
         before,
@@ -917,7 +917,7 @@ pub async fn put_policy_refuses_vm_in_other_policy(store: &dyn Store) {
     }
     assert_eq!(store.get_policy(&other).await.unwrap(), None);
     assert_eq!(
-        store.policy_for_vm(&s.vm1).await.unwrap().map(|p| p.key),
+        store.vm_policy(&s.vm1).await.unwrap().map(|p| p.key),
         Some(s.key.clone())
     );
     assert_eq!(
@@ -936,7 +936,7 @@ pub async fn put_policy_refuses_vm_in_other_policy(store: &dyn Store) {
     .await;
     put(store, &other, spec(&other, &[(&s.vm2, &[22])]), at(30)).await;
     assert_eq!(
-        store.policy_for_vm(&s.vm2).await.unwrap().map(|p| p.key),
+        store.vm_policy(&s.vm2).await.unwrap().map(|p| p.key),
         Some(other)
     );
 }
@@ -1086,31 +1086,33 @@ pub async fn list_policies_pages_in_key_order(store: &dyn Store) {
     );
 }
 
-/// `policy_for_vm` finds the policy protecting a VM, case-insensitively.
-pub async fn policy_for_vm_finds_the_protecting_policy(store: &dyn Store) {
+/// `vm_policy` finds the policy protecting a VM (its entry), case-insensitively.
+pub async fn vm_policy_finds_the_protecting_policy(store: &dyn Store) {
     let s = scene(store).await;
-    let p = store.policy_for_vm(&shout(&s.vm1)).await.unwrap().unwrap();
+    let p = store.vm_policy(&shout(&s.vm1)).await.unwrap().unwrap();
     assert_eq!(p.key, s.key);
-    assert_eq!(p, store.get_policy(&s.key).await.unwrap().unwrap());
+    let whole = store.get_policy(&s.key).await.unwrap().unwrap();
     assert_eq!(
-        store.policy_for_vm(&s.vm2).await.unwrap().map(|p| p.key),
+        &p.vm,
+        whole.vm(&s.vm1).unwrap(),
+        "the VM's own entry of that policy"
+    );
+    assert_eq!(
+        store.vm_policy(&s.vm2).await.unwrap().map(|p| p.key),
         Some(s.key.clone())
     );
-    assert_eq!(store.policy_for_vm(&s.vm3).await.unwrap(), None);
+    assert_eq!(store.vm_policy(&s.vm3).await.unwrap(), None);
     assert_eq!(
-        store
-            .policy_for_vm(&vm("rg1", "unregistered"))
-            .await
-            .unwrap(),
+        store.vm_policy(&vm("rg1", "unregistered")).await.unwrap(),
         None
     );
     put(store, &s.key, spec(&s.key, &[(&s.vm1, &[22])]), at(10)).await;
     assert_eq!(
-        store.policy_for_vm(&s.vm2).await.unwrap(),
+        store.vm_policy(&s.vm2).await.unwrap(),
         None,
         "a VM dropped from its policy is in none"
     );
-    assert!(store.policy_for_vm(&s.vm1).await.unwrap().is_some());
+    assert!(store.vm_policy(&s.vm1).await.unwrap().is_some());
 }
 
 // ---- requests -----------------------------------------------------------------------
@@ -2087,7 +2089,7 @@ pub async fn delete_policy_revokes_live_grants(store: &dyn Store) {
         "only live grants are revoked"
     );
     assert_eq!(store.get_policy(&s.key).await.unwrap(), None);
-    assert_eq!(store.policy_for_vm(&s.vm1).await.unwrap(), None);
+    assert_eq!(store.vm_policy(&s.vm1).await.unwrap(), None);
     assert!(
         store
             .list_policies(&PolicyFilter::default(), None, 10)
@@ -2837,7 +2839,7 @@ pub async fn grouped_writes_keep_the_chain_contiguous(store: &dyn Store) {
     assert_eq!(store.get_policy(&k2).await.unwrap(), None);
     assert!(store.get_vm(&vm("rg1", "vm4")).await.unwrap().is_some());
     assert_eq!(
-        store.policy_for_vm(&s.vm1).await.unwrap().map(|p| p.key),
+        store.vm_policy(&s.vm1).await.unwrap().map(|p| p.key),
         Some(s.key)
     );
 

@@ -89,7 +89,6 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Policy>>;
-    async fn policy_for_vm(&self, vm: &VmId) -> Result<Option<Policy>>;
     /// The VM's own entry of the policy protecting it (cheaper than the whole policy).
     async fn vm_policy(&self, vm: &VmId) -> Result<Option<VmPolicy>>;
     /// Deletes the policy and revokes its live grants. `None` when it did not exist.

@@ -1193,22 +1193,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn policy_for_vm(&self, vm: &VmId) -> Result<Option<Policy>> {
-        let vm = vm.key();
-        let cache = self.read_policies.clone();
-        self.read(move |c| {
-            let key: Option<String> = c
-                .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
-                .query_row([vm], |r| r.get(0))
-                .optional()?;
-            match key {
-                None => Ok(None),
-                Some(k) => Ok(read_cached_policy(c, &cache, &k)?.map(|p| (*p).clone())),
-            }
-        })
-        .await
-    }
-
     async fn delete_policy(
         &self,
         key: &PolicyKey,
