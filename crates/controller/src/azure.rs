@@ -634,12 +634,6 @@ pub async fn put(
     }
     let spec = validate_policy(&key, &body.into()).map_err(ApiError::field)?;
     let audit = principal.audit_ctx(ip, Timestamp::now());
-    let old_vms: Vec<jitgate_core::ids::VmId> = state
-        .store
-        .get_policy(&key)
-        .await?
-        .map(|p| p.spec.vms.into_iter().map(|v| v.id).collect())
-        .unwrap_or_default();
     let new_vms: Vec<jitgate_core::ids::VmId> = spec.vms.iter().map(|v| v.id.clone()).collect();
     let outcome = state
         .store
@@ -661,7 +655,9 @@ pub async fn put(
             OpError::Store(s) => s.into(),
         })?;
     state.changed(outcome.revoked.len());
-    state.vm_changes.touch(old_vms.iter().chain(new_vms.iter()));
+    state
+        .vm_changes
+        .touch(outcome.previous_vms.iter().chain(new_vms.iter()));
     let policy = state
         .store
         .get_policy(&key)
@@ -684,13 +680,10 @@ pub async fn delete(
         &Scope::ResourceGroup(key.subscription, key.resource_group.clone()),
     )?;
     let audit = principal.audit_ctx(ip, Timestamp::now());
-    let old = state.store.get_policy(&key).await?;
     match state.store.delete_policy(&key, audit).await? {
-        Some(revoked) => {
-            state.changed(revoked.len());
-            if let Some(old) = old {
-                state.vm_changes.touch(old.spec.vms.iter().map(|v| &v.id));
-            }
+        Some(deleted) => {
+            state.changed(deleted.revoked.len());
+            state.vm_changes.touch(&deleted.vms);
             Ok(StatusCode::OK)
         }
         None => Ok(StatusCode::NO_CONTENT),

@@ -786,6 +786,7 @@ pub async fn put_policy_creates_then_updates(store: &dyn Store) {
         out,
         PutPolicyOutcome {
             created: true,
+            previous_vms: vec![],
             revoked: vec![]
         }
     );
@@ -1971,6 +1972,7 @@ pub async fn put_policy_update_revokes_removed_ports(store: &dyn Store) {
         out,
         PutPolicyOutcome {
             created: false,
+            previous_vms: vec![s.vm1.clone(), s.vm2.clone()],
             revoked: vec![]
         }
     );
@@ -2078,7 +2080,8 @@ pub async fn delete_policy_revokes_live_grants(store: &dyn Store) {
         .delete_policy(&shout_key(&s.key), ctx(at(60)))
         .await
         .unwrap()
-        .expect("delete_policy of an existing policy returned None");
+        .expect("delete_policy of an existing policy returned None")
+        .revoked;
     let pc = RevokeReason::PolicyChanged;
     assert_eq!(
         sorted(out),
@@ -2134,7 +2137,10 @@ pub async fn delete_policy_revokes_live_grants(store: &dyn Store) {
     put(store, &k2, spec(&k2, &[(&s.vm3, &[22])]), at(80)).await;
     assert_eq!(
         store.delete_policy(&k2, ctx(at(90))).await.unwrap(),
-        Some(vec![])
+        Some(DeletedPolicy {
+            vms: vec![s.vm3.clone()],
+            revoked: vec![]
+        })
     );
     assert!(store.delete_vm(&s.vm1, ctx(at(100))).await.unwrap());
     verified(store).await;
@@ -2180,7 +2186,8 @@ pub async fn policy_changes_leave_ended_ports_to_expiry(store: &dyn Store) {
         .delete_policy(&s.key, ctx(at(3700)))
         .await
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .revoked;
     assert_eq!(
         out,
         vec![revoked(

@@ -96,7 +96,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &PolicyKey,
         audit: AuditCtx,
-    ) -> Result<Option<Vec<RevokedPort>>>;
+    ) -> Result<Option<DeletedPolicy>>;
 
     // ---- requests ----
     async fn initiate(

@@ -55,6 +55,8 @@ pub enum VmError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutPolicyOutcome {
     pub created: bool,
+    /// The VMs the policy protected before this write (their agents need the news too).
+    pub previous_vms: Vec<VmId>,
     /// Live grants revoked because their port left the policy.
     pub revoked: Vec<RevokedPort>,
 }
@@ -245,4 +247,13 @@ pub struct BlockedPoint {
     pub protocol: String,
     pub at: Timestamp,
     pub count: u64,
+}
+
+/// What deleting a policy did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedPolicy {
+    /// The VMs it protected.
+    pub vms: Vec<VmId>,
+    /// Their live grants, now revoked.
+    pub revoked: Vec<RevokedPort>,
 }

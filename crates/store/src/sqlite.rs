@@ -1134,7 +1134,14 @@ impl Store for SqliteStore {
                 &key.id(),
                 serde_json::json!({"virtualMachines": ports, "revokedGrants": revoked.len()}),
             )?;
-            Ok(PutPolicyOutcome { created, revoked })
+            let previous_vms = old
+                .map(|(_, p)| p.spec.vms.into_iter().map(|v| v.id).collect())
+                .unwrap_or_default();
+            Ok(PutPolicyOutcome {
+                created,
+                previous_vms,
+                revoked,
+            })
         })
         .await
     }
@@ -1197,7 +1204,7 @@ impl Store for SqliteStore {
         &self,
         key: &PolicyKey,
         audit: AuditCtx,
-    ) -> Result<Option<Vec<RevokedPort>>> {
+    ) -> Result<Option<DeletedPolicy>> {
         let key = key.clone();
         self.write_plain(move |ctx| {
             let pkey = key.key();
@@ -1225,7 +1232,10 @@ impl Store for SqliteStore {
                 &key.id(),
                 serde_json::json!({"revokedGrants": revoked.len()}),
             )?;
-            Ok(Some(revoked))
+            Ok(Some(DeletedPolicy {
+                vms: old.spec.vms.iter().map(|v| v.id.clone()).collect(),
+                revoked,
+            }))
         })
         .await
     }
