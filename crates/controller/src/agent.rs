@@ -348,18 +348,12 @@ pub async fn create_enroll_token(
 ) -> ApiResult<Response> {
     let scope = match body.scope.as_deref() {
         None => Scope::Subscription(state.default_subscription()),
-        Some(s) => Scope::parse(s).map_err(|e| ApiError::bad_param("scope", e))?,
+        given => crate::native::scope_param(&state, given)?,
     };
     if matches!(scope, Scope::Vm(_)) {
         return Err(ApiError::bad_param(
             "scope",
             "must be a subscription or a resource group",
-        ));
-    }
-    if !state.subscriptions.contains(&scope.subscription()) {
-        return Err(ApiError::bad_param(
-            "scope",
-            format!("subscription {} does not exist", scope.subscription()),
         ));
     }
     let uses = body.uses.unwrap_or(1);

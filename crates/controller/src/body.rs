@@ -13,6 +13,19 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 pub struct JsonBody<T>(pub T);
 
+/// The whole body, at most `MAX_BODY_BYTES` (else 413 as a CloudError).
+async fn read(req: Request) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        })
+}
+
 /// Decodes JSON, naming the failing path (`properties.virtualMachines[0].ports[0].number`).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
@@ -47,15 +60,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, Self::Rejection> {
-        let body = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "RequestEntityTooLarge",
-                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-                )
-            })?;
+        let body = read(req).await?;
         decode::<T>(&body).map(JsonBody)
     }
 }
@@ -67,15 +72,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T>
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, Self::Rejection> {
-        let body: Bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "RequestEntityTooLarge",
-                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-                )
-            })?;
+        let body: Bytes = read(req).await?;
         if body.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(OptionalJsonBody(None));
         }

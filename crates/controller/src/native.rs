@@ -87,6 +87,20 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/audit/verify", get(verify_audit))
 }
 
+/// The `scope` field: a subscription, resource group or VM scope of a subscription
+/// that exists.
+pub fn scope_param(state: &AppState, scope: Option<&str>) -> ApiResult<Scope> {
+    let scope = Scope::parse(scope.ok_or_else(|| ApiError::bad_param("scope", "is required"))?)
+        .map_err(|e| ApiError::bad_param("scope", e))?;
+    if !state.subscriptions.contains(&scope.subscription()) {
+        return Err(ApiError::bad_param(
+            "scope",
+            format!("subscription {} does not exist", scope.subscription()),
+        ));
+    }
+    Ok(scope)
+}
+
 /// A count query parameter from 1 to `max`, `default` when absent.
 pub fn count_param(
     q: &HashMap<String, String>,
@@ -757,18 +771,7 @@ async fn create_role_assignment(
             .ok_or_else(|| ApiError::bad_param("role", "is required"))?,
     )
     .map_err(|e| ApiError::bad_param("role", e))?;
-    let scope = Scope::parse(
-        body.scope
-            .as_deref()
-            .ok_or_else(|| ApiError::bad_param("scope", "is required"))?,
-    )
-    .map_err(|e| ApiError::bad_param("scope", e))?;
-    if !state.subscriptions.contains(&scope.subscription()) {
-        return Err(ApiError::bad_param(
-            "scope",
-            format!("subscription {} does not exist", scope.subscription()),
-        ));
-    }
+    let scope = scope_param(&state, body.scope.as_deref())?;
     principal.require(Action::RoleAssignmentWrite, &scope)?;
     let record = RoleAssignmentRecord {
         id: uuid::Uuid::new_v4().to_string(),

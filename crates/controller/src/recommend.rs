@@ -331,18 +331,7 @@ pub async fn create_exclusion(
     CallerIp(ip): CallerIp,
     crate::body::JsonBody(body): crate::body::JsonBody<ExclusionIn>,
 ) -> ApiResult<Response> {
-    let scope = Scope::parse(
-        body.scope
-            .as_deref()
-            .ok_or_else(|| ApiError::bad_param("scope", "is required"))?,
-    )
-    .map_err(|e| ApiError::bad_param("scope", e))?;
-    if !state.subscriptions.contains(&scope.subscription()) {
-        return Err(ApiError::bad_param(
-            "scope",
-            format!("subscription {} does not exist", scope.subscription()),
-        ));
-    }
+    let scope = crate::native::scope_param(&state, body.scope.as_deref())?;
     let reason = body.reason.unwrap_or_default();
     if reason.trim().is_empty() || reason.len() > 512 {
         return Err(ApiError::bad_param(
