@@ -3,85 +3,26 @@
 //! through the API, then drives initiates from concurrent clients over loopback HTTP
 //! and reports throughput, latency percentiles and the controller's peak memory.
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::json;
 
+use super::{BENCH_TOKEN, peak_rss_kib};
+
 const VMS_PER_RG: usize = 100;
-pub const BENCH_TOKEN: &str = "bench-owner-token-0123456789abcdef";
-
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-}
-
-pub struct Child(pub std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    let exe = std::env::current_exe()?;
-    let child = std::process::Command::new(exe)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("JITGATE_BOOTSTRAP_TOKEN", BENCH_TOKEN)
-        .env("JITGATE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start the controller")?;
-    let child = Child(child);
-    let pid = child.0.id();
-    let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients * 2)
         .build()?;
-
-    // Wait for it to listen.
-    let started = Instant::now();
-    let who = loop {
-        if let Ok(r) = http
-            .get(format!("{base}/api/v1/whoami"))
-            .bearer_auth(BENCH_TOKEN)
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            break r.json::<serde_json::Value>().await?;
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            bail!("the controller did not start within 20 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let sub = who["subscription"]
-        .as_str()
-        .context("no subscription")?
-        .to_owned();
+    let port = super::lab::free_port([127, 0, 0, 1].into())?;
+    let (child, base, sub) =
+        super::lab::controller(SocketAddr::from(([127, 0, 0, 1], port)), dir, &http).await?;
+    let pid = child.0.id();
 
     // Setup: register VMs and put them in policies, through the API.
     let setup = Instant::now();

@@ -7,7 +7,28 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::{BENCH_TOKEN, Child};
+/// The bootstrap Owner token of the controllers benchmarks start.
+pub const BENCH_TOKEN: &str = "bench-owner-token-0123456789abcdef";
+
+/// A process's peak resident memory (`VmHWM`), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 pub fn tempdir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("jitgate-bench-{}", uuid::Uuid::new_v4()));

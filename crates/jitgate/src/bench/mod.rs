@@ -12,7 +12,7 @@ mod rig;
 
 use clap::Subcommand;
 
-pub use initiate::{BENCH_TOKEN, Child, peak_rss_kib};
+pub use lab::{BENCH_TOKEN, Child, peak_rss_kib};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
