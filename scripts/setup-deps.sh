@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the system packages jitgate needs to build, test and (soon) enforce, on
+# Installs the system packages jitgate needs to build, test and enforce, on
 # Debian 12. Idempotent: when everything is already installed it does not touch apt,
 # so repeated runs take well under a second. Never reads stdin (safe under CI=true).
 #
