@@ -6,7 +6,8 @@
 //! ```text
 //! Initiated --(end time passes)-----------------> Revoked/Expired
 //!           --(requestor or admin revokes)------> Revoked/UserRequested
-//!           --(newer request, same vm/port/src)-> Revoked/NewerRequestInitiated
+//!           --(same requestor's newer request,
+//!              same vm/port/src)----------------> Revoked/NewerRequestInitiated
 //!           --(port removed from the policy)----> Revoked/PolicyChanged
 //! ```
 //!
@@ -172,6 +173,8 @@ pub struct InitiateInput {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveGrant {
     pub request: RequestId,
+    /// Who asked for it: only the same requestor's grants are superseded.
+    pub requestor: String,
     pub vm: VmId,
     pub number: Port,
     pub source: SourcePrefix,
@@ -206,8 +209,10 @@ impl From<FieldError> for InitiateError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitiatePlan {
     pub request: AccessRequest,
-    /// Older live grants for the same VM, port and source: they become
-    /// `Revoked/NewerRequestInitiated`.
+    /// The same requestor's older live grants for the same VM, port and source: they
+    /// become `Revoked/NewerRequestInitiated`. Other people's grants are never touched
+    /// (ending them needs the revoke right); the kernel element carries the latest end
+    /// of all grants that cover it.
     pub superseded: Vec<LiveGrant>,
 }
 
@@ -407,6 +412,7 @@ pub fn plan_initiate(
     }
     let superseded = live
         .iter()
+        .filter(|g| g.requestor == ctx.requestor)
         .filter(|g| {
             vms.iter().any(|v| {
                 v.id == g.vm
@@ -717,6 +723,7 @@ mod tests {
         let vm = VmId::parse(&vm_id("vm1")).unwrap();
         let g = |req: u128, n: i64, src: &str| LiveGrant {
             request: RequestId::new(Uuid::from_u128(req)),
+            requestor: "alice".into(),
             vm: vm.clone(),
             number: Port::new(n).unwrap(),
             source: SourcePrefix::parse(src).unwrap(),
@@ -728,6 +735,24 @@ mod tests {
         ];
         let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes, &live).unwrap();
         assert_eq!(plan.superseded, vec![live[0].clone()]);
+    }
+
+    #[test]
+    fn another_requestors_grant_is_never_superseded() {
+        // Regression (issue 8.1): a requester could end the admin's grant by initiating
+        // a short request with the admin's source address.
+        let p = policy("*", "PT3H");
+        let vm = VmId::parse(&vm_id("vm1")).unwrap();
+        let grant = |req: u128, who: &str| LiveGrant {
+            request: RequestId::new(Uuid::from_u128(req)),
+            requestor: who.into(),
+            vm: vm.clone(),
+            number: Port::new(22).unwrap(),
+            source: SourcePrefix::parse("10.0.0.9").unwrap(),
+        };
+        let live = vec![grant(7, "admin"), grant(8, "alice")];
+        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes, &live).unwrap();
+        assert_eq!(plan.superseded, vec![live[1].clone()]);
     }
 
     #[test]

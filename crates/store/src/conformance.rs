@@ -73,6 +73,7 @@ macro_rules! store_conformance_tests {
             initiate_stores_the_request,
             policy_requests_are_newest_first,
             initiate_supersedes_same_vm_port_and_source,
+            initiate_never_supersedes_another_requestors_grant,
             initiate_refusals_change_nothing,
             initiate_with_a_duplicate_id_fails_cleanly,
             list_requests_filters,
@@ -1297,6 +1298,68 @@ pub async fn initiate_supersedes_same_vm_port_and_source(store: &dyn Store) {
         actions,
         ["request.initiate", "request.revoke"],
         "superseding is audited"
+    );
+    verified(store).await;
+}
+
+/// Regression (issue 8.1): a requester could end someone else's grant by initiating a
+/// short request with the same VM, port and source. Superseding replaces only the same
+/// requestor's grants; both grants stay live and the later end counts for enforcement.
+pub async fn initiate_never_supersedes_another_requestors_grant(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![(&s.vm1, vec![want(22, Some("10.0.0.9"), "PT2H")])],
+        ),
+        at(0),
+    )
+    .await;
+    let mallory = InitiateArgs {
+        requestor: "mallory".into(),
+        assignments: assignment("mallory", Role::JitRequester, Scope::Subscription(sub())),
+        ..args(
+            &s.key,
+            rid(2),
+            vec![(&s.vm1, vec![want(22, Some("10.0.0.9"), "PT5M")])],
+        )
+    };
+    let n0 = audit_count(store).await;
+    initiate_ok(store, mallory, at(10)).await;
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Initiated,
+        "another requestor's grant for the same source stays"
+    );
+    let live = sorted_grants(store.live_grants(&s.vm1, at(20)).await.unwrap());
+    let live: Vec<RequestId> = live.iter().map(|g| g.request).collect();
+    assert_eq!(live, vec![rid(1), rid(2)]);
+    let actions: Vec<String> = events_after(store, n0)
+        .await
+        .into_iter()
+        .map(|e| e.entry.action)
+        .collect();
+    assert_eq!(actions, ["request.initiate"], "nothing was revoked");
+    // Mallory's own newer request does supersede her earlier one.
+    let mallory2 = InitiateArgs {
+        requestor: "mallory".into(),
+        assignments: assignment("mallory", Role::JitRequester, Scope::Subscription(sub())),
+        ..args(
+            &s.key,
+            rid(3),
+            vec![(&s.vm1, vec![want(22, Some("10.0.0.9"), "PT5M")])],
+        )
+    };
+    initiate_ok(store, mallory2, at(30)).await;
+    assert_eq!(
+        status_of(store, rid(2), &s.vm1, 22).await,
+        PortStatus::Revoked(RevokeReason::NewerRequestInitiated)
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Initiated
     );
     verified(store).await;
 }

@@ -1253,8 +1253,9 @@ impl Store for SqliteStore {
             let mut live = Vec::new();
             {
                 let mut st = ctx.tx.prepare_cached(
-                    "SELECT request_id, vm_id, number, source FROM request_ports
-                     WHERE vm_key = ?1 AND status = 'Initiated' AND end_ns > ?2",
+                    "SELECT p.request_id, p.vm_id, p.number, p.source, r.requestor
+                     FROM request_ports p JOIN requests r ON r.id = p.request_id
+                     WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2",
                 )?;
                 let requested: Vec<String> = args
                     .input
@@ -1267,12 +1268,19 @@ impl Store for SqliteStore {
                     .collect();
                 for vm_key in requested {
                     let rows = st.query_map(params![vm_key, ns(audit.now)], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, String>(4)?,
+                        ))
                     })?;
                     for row in rows {
-                        let (req, vm, number, source) = row?;
+                        let (req, vm, number, source, requestor) = row?;
                         live.push(LiveGrant {
                             request: RequestId::parse(&req).map_err(corrupt("request id"))?,
+                            requestor,
                             vm: VmId::parse(&vm).map_err(corrupt("vm id"))?,
                             number: Port::new(number).map_err(corrupt("port"))?,
                             source: SourcePrefix::parse(&source).map_err(corrupt("source"))?,

@@ -74,6 +74,64 @@ async fn newer_request_supersedes_same_source_only() {
     );
 }
 
+/// Regression (issue 8.1): a JIT Requester who may not revoke the admin's request could
+/// still end it by initiating a one-second request with the admin's source address.
+#[tokio::test]
+async fn a_requester_cannot_end_anothers_grant_by_superseding_it() {
+    let ctl = Ctl::start().await;
+    ctl.enable("rg", &["vm1"], "*").await;
+    let scope = format!("/subscriptions/{}", ctl.sub);
+    let mallory = ctl.principal("mallory", "JIT Requester", &scope).await;
+    let admin = ctl
+        .initiate(
+            "rg",
+            "vm1",
+            json!([{"number": 22, "allowedSourceAddressPrefix": "10.0.0.1", "duration": "PT1H"}]),
+        )
+        .await;
+    assert_eq!(admin.status, StatusCode::ACCEPTED, "{:?}", admin.body);
+    let admin_id = admin.headers["x-jitgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    // The direct way is refused...
+    let revoke = ctl
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/requests/{admin_id}/revoke"),
+            Some(&mallory),
+            Some(json!({})),
+        )
+        .await;
+    assert!(
+        revoke.status == StatusCode::FORBIDDEN || revoke.status == StatusCode::NOT_FOUND,
+        "{:?}",
+        revoke
+    );
+    // ...and so is the indirect one: the admin's grant survives mallory's request.
+    let m = ctl
+        .initiate_as(
+            &mallory,
+            "rg",
+            "vm1",
+            json!([{"number": 22, "allowedSourceAddressPrefix": "10.0.0.1", "duration": "PT5M"}]),
+        )
+        .await;
+    assert_eq!(m.status, StatusCode::ACCEPTED, "{:?}", m.body);
+    let r = ctl.get(&format!("/api/v1/requests/{admin_id}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let port = &r.body["virtualMachines"][0]["ports"][0];
+    assert_eq!(port["status"], "Initiated", "{:?}", r.body);
+    // Both grants are live, and the NSG shows both allow rules.
+    let live = ctl.get("/api/v1/requests?active=true").await;
+    assert_eq!(
+        live.body["value"].as_array().unwrap().len(),
+        2,
+        "{:?}",
+        live.body
+    );
+}
+
 #[tokio::test]
 async fn early_revoke_and_nsg_view() {
     let ctl = Ctl::start().await;
