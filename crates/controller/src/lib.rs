@@ -9,6 +9,7 @@ pub mod agent;
 pub mod auth;
 pub mod azure;
 pub mod body;
+pub mod checkpoint;
 pub mod error;
 pub mod expiry;
 pub mod metrics;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub vm_changes: Arc<agent::VmChanges>,
     pub tls: bool,
     pub recommend: Arc<jitgate_core::recommend::RecommendConfig>,
+    /// Signs and ships audit checkpoints; its file anchors `audit verify`.
+    pub checkpoints: Arc<checkpoint::Checkpointer>,
 }
 
 impl AppState {

@@ -944,13 +944,21 @@ async fn verify_audit(
     principal: Principal,
 ) -> ApiResult<Json<Value>> {
     principal.require(Action::AuditRead, &sub_scope(&state))?;
-    let report = state.store.verify_audit().await?;
+    let anchors = state
+        .checkpoints
+        .anchors()
+        .map_err(|e| ApiError::internal(format!("cannot read the audit checkpoints: {e:#}")))?;
+    let checkpoints = anchors.checkpoints.len();
+    let report = state.store.verify_audit(Some(anchors)).await?;
     Ok(Json(json!({
         "ok": report.ok(),
         "events": report.count,
         "lastSeq": report.last_seq,
         "headHash": report.head_hash,
         "problems": report.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "checkpoints": checkpoints,
+        "anchoredAt": report.anchored_at,
+        "publicKey": state.checkpoints.public().to_hex(),
     })))
 }
 

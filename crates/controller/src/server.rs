@@ -14,6 +14,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth::{generate_token, sha256_hex, split_token};
+use crate::checkpoint::{Checkpointer, create_secret_file};
 use crate::{AppState, metrics};
 
 pub const DB_FILE: &str = "jitgate.db";
@@ -37,6 +38,14 @@ pub struct Config {
     pub bootstrap_token: Option<String>,
     /// Management ports and agent-offline time for recommendations.
     pub recommend: jitgate_core::recommend::RecommendConfig,
+    /// Where signed audit checkpoints are appended (default: `audit-checkpoints.jsonl`
+    /// in the data directory; better on another volume).
+    pub audit_checkpoints: Option<PathBuf>,
+    /// How often a checkpoint is written while the chain grows.
+    pub checkpoint_interval: std::time::Duration,
+    /// Serve even though the audit chain does not match its newest checkpoint (the
+    /// decision is audited).
+    pub accept_audit_break: bool,
 }
 
 impl Config {
@@ -48,6 +57,9 @@ impl Config {
             insecure_http: false,
             bootstrap_token: None,
             recommend: jitgate_core::recommend::RecommendConfig::default(),
+            audit_checkpoints: None,
+            checkpoint_interval: std::time::Duration::from_secs(5),
+            accept_audit_break: false,
         }
     }
 }
@@ -61,6 +73,7 @@ pub struct Running {
     handle: axum_server::Handle<SocketAddr>,
     server: JoinHandle<std::io::Result<()>>,
     expiry: JoinHandle<()>,
+    checkpoints: JoinHandle<()>,
 }
 
 impl Running {
@@ -72,24 +85,23 @@ impl Running {
         let _ = self.shutdown.send(true);
         let served = self.server.await.context("server task")?;
         let _ = self.expiry.await;
+        // The final checkpoint, after the last request's events are written.
+        let _ = self.checkpoints.await;
         served.context("server")?;
         Ok(())
     }
 }
 
-fn write_secret_file(path: &Path, content: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(content.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
+/// Takes group and other permissions away from a path the controller owns (the data
+/// directory 0700, database files 0600), also when started by hand with a loose umask.
+fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    if meta.permissions().mode() & 0o777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot restrict {} to mode {mode:o}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -101,8 +113,16 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
             config.data_dir.display()
         )
     })?;
-    let store = SqliteStore::open(&config.data_dir.join(DB_FILE))
+    restrict(&config.data_dir, 0o700)?;
+    let db = config.data_dir.join(DB_FILE);
+    let store = SqliteStore::open(&db)
         .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let f = PathBuf::from(format!("{}{suffix}", db.display()));
+        if f.exists() {
+            restrict(&f, 0o600)?;
+        }
+    }
     let store: Arc<dyn Store> = Arc::new(store);
     let now = Timestamp::now();
     let (token_text, generated) = match &config.bootstrap_token {
@@ -138,7 +158,7 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
         tracing::info!(subscription = %outcome.subscription, "created the installation");
         if generated {
             let path = config.data_dir.join(BOOTSTRAP_TOKEN_FILE);
-            write_secret_file(&path, &token_text)?;
+            create_secret_file(&path, format!("{token_text}\n").as_bytes())?;
             tracing::info!(path = %path.display(), "wrote the bootstrap Owner token (mode 0600)");
         }
     }
@@ -159,6 +179,26 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (store, subscriptions) = bootstrap(&config).await?;
+    let (checkpointer, fresh_key) = Checkpointer::open(
+        &config.data_dir.join(crate::checkpoint::SIGNING_KEY_FILE),
+        config
+            .audit_checkpoints
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join(crate::checkpoint::CHECKPOINT_FILE)),
+    )?;
+    crate::checkpoint::check_at_start(
+        &checkpointer,
+        store.as_ref(),
+        fresh_key,
+        config.accept_audit_break,
+    )
+    .await?;
+    tracing::info!(
+        public_key = %checkpointer.public().to_hex(),
+        checkpoints = %checkpointer.path().display(),
+        "audit checkpoints are signed with this Ed25519 key"
+    );
+    let checkpointer = Arc::new(checkpointer);
     let state = AppState {
         store,
         subscriptions: Arc::new(subscriptions),
@@ -168,8 +208,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         vm_changes: Arc::new(crate::agent::VmChanges::default()),
         tls: config.tls.is_some(),
         recommend: Arc::new(config.recommend.clone()),
+        checkpoints: checkpointer.clone(),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let checkpoints = tokio::spawn(crate::checkpoint::run(
+        checkpointer,
+        state.store.clone(),
+        config.checkpoint_interval,
+        shutdown_rx.clone(),
+    ));
     let expiry = tokio::spawn(crate::expiry::run(state.clone(), shutdown_rx.clone()));
     tokio::spawn(crate::recommend::refresh_metrics(
         state.clone(),
@@ -211,5 +258,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         handle,
         server,
         expiry,
+        checkpoints,
     })
 }

@@ -144,6 +144,14 @@ pub struct ServeArgs {
         hide = true
     )]
     pub bootstrap_token: Option<String>,
+    /// File the signed audit checkpoints are appended to; better on another volume
+    /// than the database [default: <data-dir>/audit-checkpoints.jsonl].
+    #[arg(long, env = "JITGATE_AUDIT_CHECKPOINTS")]
+    pub audit_checkpoints: Option<PathBuf>,
+    /// Serve even though the audit log does not match its newest signed checkpoint
+    /// (deleted, rewritten or truncated events). The decision is audited.
+    #[arg(long)]
+    pub accept_audit_break: bool,
 }
 
 #[derive(Args, Clone)]
@@ -224,6 +232,7 @@ struct FileConfig {
     log_format: Option<String>,
     management_ports: Option<Vec<u16>>,
     agent_offline_after: Option<u64>,
+    audit_checkpoints: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -373,9 +382,41 @@ pub enum AuditCommand {
         /// Verify the database in this data directory directly (no controller needed).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Signed checkpoints to check the chain against (with --data-dir)
+        /// [default: <data-dir>/audit-checkpoints.jsonl].
+        #[arg(long, requires = "data_dir")]
+        checkpoints: Option<PathBuf>,
+        /// The controller's audit public key, hex, or a file holding it; trust this
+        /// rather than the copy in the data directory (with --data-dir)
+        /// [default: <data-dir>/audit-signing.pub].
+        #[arg(long, requires = "data_dir")]
+        public_key: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// The checkpoints and key for an offline verify; None when there are none at all.
+fn offline_anchors(
+    dir: &std::path::Path,
+    checkpoints: Option<PathBuf>,
+    public_key: Option<String>,
+) -> anyhow::Result<Option<jitgate_store::AnchorSet>> {
+    use jitgate_controller::checkpoint::{CHECKPOINT_FILE, PUBLIC_KEY_FILE};
+    let cp_path = checkpoints.unwrap_or_else(|| dir.join(CHECKPOINT_FILE));
+    let key_text = match public_key {
+        Some(k) if std::path::Path::new(&k).is_file() => std::fs::read_to_string(&k)
+            .with_context(|| format!("cannot read the public key file {k}"))?,
+        Some(k) => k,
+        None => match std::fs::read_to_string(dir.join(PUBLIC_KEY_FILE)) {
+            Ok(t) => t,
+            Err(_) => return Ok(None),
+        },
+    };
+    let key = jitgate_core::audit::CheckpointPublicKey::parse(&key_text)
+        .map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
+    let checkpoints = jitgate_store::checkpoint::read(&cp_path)?;
+    Ok(Some(jitgate_store::AnchorSet { key, checkpoints }))
 }
 
 fn init_logging(format: &str) -> anyhow::Result<()> {
@@ -423,6 +464,8 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
     config.tls = tls;
     config.insecure_http = args.insecure_http || file.insecure_http.unwrap_or(false);
     config.bootstrap_token = args.bootstrap_token;
+    config.audit_checkpoints = args.audit_checkpoints.or(file.audit_checkpoints);
+    config.accept_audit_break = args.accept_audit_break;
     if let Some(ports) = args.management_ports.or(file.management_ports) {
         if ports.is_empty() || ports.contains(&0) {
             bail!("management_ports: give ports from 1 to 65535");
@@ -696,15 +739,32 @@ async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
 async fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::Show(a) => crate::people::audit_show(a).await,
-        AuditCommand::Verify { data_dir, client } => {
+        AuditCommand::Verify {
+            data_dir,
+            checkpoints,
+            public_key,
+            client,
+        } => {
             let (ok, events, head, problems) = match data_dir {
                 Some(dir) => {
                     let db = dir.join(jitgate_controller::DB_FILE);
                     if !db.exists() {
                         bail!("no jitgate database at {}", db.display());
                     }
-                    let r = jitgate_store::sqlite::verify_file(&db)?;
+                    let anchors = offline_anchors(&dir, checkpoints, public_key)?;
+                    let r = jitgate_store::sqlite::verify_file(&db, anchors.as_ref())?;
                     let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
+                    match (&anchors, r.anchored_at) {
+                        (None, _) => eprintln!(
+                            "warning: no audit public key found: the chain was checked only against itself (give --public-key and --checkpoints)"
+                        ),
+                        (Some(_), None) => eprintln!(
+                            "warning: no signed checkpoint found: events at the end could have been deleted unnoticed"
+                        ),
+                        (Some(_), Some(seq)) => {
+                            eprintln!("anchored by a signed checkpoint of event {seq}")
+                        }
+                    }
                     (r.ok(), r.count, r.head_hash, problems)
                 }
                 None => {

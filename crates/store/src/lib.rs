@@ -10,6 +10,7 @@
 //! inside their transaction (for example `plan_initiate`), so a decision and the state
 //! it was made on cannot drift apart.
 
+pub mod checkpoint;
 pub mod conformance;
 mod records;
 pub mod sqlite;
@@ -172,7 +173,15 @@ pub trait Store: Send + Sync + 'static {
     /// Appends one event on its own (denied and failed calls).
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64>;
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
-    async fn verify_audit(&self) -> Result<VerifyReport>;
+    /// Verifies the whole chain, against signed checkpoints when given.
+    async fn verify_audit(&self, anchors: Option<AnchorSet>) -> Result<VerifyReport>;
+    /// The newest event's sequence number and hash (0 and the genesis hash when empty):
+    /// what a checkpoint signs.
+    async fn audit_tail(&self) -> Result<(u64, String)>;
+    /// The start-up check: the whole chain against the given (newest) checkpoint,
+    /// except what precedes the newest `audit.break_accepted` event that the
+    /// checkpoint covers (that part was found broken, and the break accepted).
+    async fn verify_audit_from(&self, anchor: AnchorSet) -> Result<VerifyReport>;
 }
 
 impl<E> From<rusqlite::Error> for OpError<E> {

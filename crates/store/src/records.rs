@@ -17,6 +17,23 @@ pub struct AuditCtx {
     pub now: Timestamp,
 }
 
+/// Signed checkpoints and the key they must be signed with, to verify the audit
+/// chain against.
+#[derive(Debug, Clone)]
+pub struct AnchorSet {
+    pub key: jitgate_core::audit::CheckpointPublicKey,
+    pub checkpoints: Vec<jitgate_core::audit::Checkpoint>,
+}
+
+impl AnchorSet {
+    pub fn anchors(&self) -> jitgate_core::audit::Anchors<'_> {
+        jitgate_core::audit::Anchors {
+            key: &self.key,
+            checkpoints: &self.checkpoints,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
     pub subscription: SubscriptionId,

@@ -2100,28 +2100,91 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn verify_audit(&self) -> Result<VerifyReport> {
-        self.read(verify_connection).await
+    async fn verify_audit(&self, anchors: Option<AnchorSet>) -> Result<VerifyReport> {
+        self.read(move |c| verify_connection(c, anchors.as_ref()))
+            .await
+    }
+
+    async fn verify_audit_from(&self, anchor: AnchorSet) -> Result<VerifyReport> {
+        self.read(move |c| {
+            let newest = anchor
+                .anchors()
+                .checkpoints
+                .iter()
+                .map(|c| c.seq)
+                .max()
+                .unwrap_or(0);
+            // From the newest accepted break that the checkpoint covers: what came
+            // before it was already found broken and the break accepted (and audited).
+            let from: Option<i64> = c.query_row(
+                "SELECT max(seq) FROM audit WHERE action = 'audit.break_accepted' AND seq <= ?1",
+                [newest as i64],
+                |r| r.get(0),
+            )?;
+            let (records, edited) = tail_with_times(c, from.unwrap_or(0).max(0) as u64)?;
+            let mut report =
+                audit::verify_range(records, recorded_head(c)?, Some(anchor.anchors()));
+            report.problems.extend(edited);
+            Ok(report)
+        })
+        .await
+    }
+
+    async fn audit_tail(&self) -> Result<(u64, String)> {
+        self.read(|c| {
+            let t = load_tail(c)?;
+            Ok((t.seq, t.hash))
+        })
+        .await
     }
 }
 
-/// Verifies the audit chain of an open database (used by the store and by
-/// `jitgate audit verify --data-dir`, which needs no running controller).
-pub fn verify_connection(c: &Connection) -> Result<VerifyReport> {
-    let records = read_audit(c, "ORDER BY rowid", &[])?;
+/// The events from `from` on, in storage order, with their time-index problems.
+fn tail_with_times(c: &Connection, from: u64) -> Result<(Vec<AuditRecord>, Vec<audit::Problem>)> {
+    let records = read_audit(c, "WHERE seq >= ?1 ORDER BY rowid", &[&(from as i64)])?;
+    let mut edited = Vec::new();
+    let mut st =
+        c.prepare("SELECT seq, time, time_ns FROM audit WHERE seq >= ?1 ORDER BY rowid")?;
+    let rows = st.query_map([from as i64], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (seq, time, time_ns) = row?;
+        if time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
+            edited.push(audit::Problem::TimeEdited { seq: seq as u64 });
+        }
+    }
+    Ok((records, edited))
+}
+
+fn recorded_head(c: &Connection) -> Result<Option<u64>> {
     let head: Option<String> = c
         .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| {
             r.get(0)
         })
         .optional()?;
-    let head = head.and_then(|h| h.parse::<u64>().ok());
-    Ok(audit::verify(records, head))
+    Ok(head.and_then(|h| h.parse::<u64>().ok()))
 }
 
-/// Opens a database read-only-in-spirit and verifies its audit chain.
-pub fn verify_file(path: &Path) -> Result<VerifyReport> {
+/// Verifies the audit chain of an open database (used by the store and by
+/// `jitgate audit verify --data-dir`, which needs no running controller): the links
+/// and hashes, the recorded head, the signed checkpoints when given, and that every
+/// event's time index (`time_ns`, which queries use) is its hashed time.
+pub fn verify_connection(c: &Connection, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
+    let (records, edited) = tail_with_times(c, 0)?;
+    let mut report = audit::verify(records, recorded_head(c)?, anchors.map(AnchorSet::anchors));
+    report.problems.extend(edited);
+    Ok(report)
+}
+
+/// Opens a database read-only and verifies its audit chain.
+pub fn verify_file(path: &Path, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    verify_connection(&conn)
+    verify_connection(&conn, anchors)
 }
 
 fn read_audit(

@@ -152,7 +152,7 @@ async fn populate(store: &SqliteStore) -> u64 {
         )
         .await
         .unwrap();
-    let report = store.verify_audit().await.unwrap();
+    let report = store.verify_audit(None).await.unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     assert!(report.count >= 6, "populate wrote {} events", report.count);
     report.count
@@ -176,7 +176,7 @@ fn raw(path: &Path) -> rusqlite::Connection {
 }
 
 fn problems(path: &Path) -> Vec<Problem> {
-    let report = verify_file(path).unwrap();
+    let report = verify_file(path, None).unwrap();
     assert!(!report.ok(), "tampering went unnoticed");
     report.problems
 }
@@ -184,7 +184,7 @@ fn problems(path: &Path) -> Vec<Problem> {
 #[tokio::test]
 async fn data_survives_reopen_and_the_chain_verifies() {
     let (_dir, path, n) = populated().await;
-    let before = verify_file(&path).unwrap();
+    let before = verify_file(&path, None).unwrap();
     assert!(before.ok(), "{:?}", before.problems);
     assert_eq!(before.count, n);
 
@@ -205,7 +205,7 @@ async fn data_survives_reopen_and_the_chain_verifies() {
         store.find_token("jg_boot").await.unwrap(),
         Some(token("jg_boot"))
     );
-    let report: VerifyReport = store.verify_audit().await.unwrap();
+    let report: VerifyReport = store.verify_audit(None).await.unwrap();
     assert_eq!(report, before, "the reopened store sees the same chain");
 
     // A reopened store continues the chain where it was.
@@ -223,7 +223,7 @@ async fn data_survives_reopen_and_the_chain_verifies() {
     assert!(!bootstrap_again.created);
     let expired = store.expire_due(at(3630)).await.unwrap();
     assert_eq!(expired.len(), 1);
-    let report = store.verify_audit().await.unwrap();
+    let report = store.verify_audit(None).await.unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(report.count, n + 1);
     let last = store
@@ -244,7 +244,7 @@ async fn data_survives_reopen_and_the_chain_verifies() {
         None,
         "the expiry was durable"
     );
-    assert_eq!(store.verify_audit().await.unwrap().count, n + 1);
+    assert_eq!(store.verify_audit(None).await.unwrap().count, n + 1);
 }
 
 #[tokio::test]
@@ -257,7 +257,7 @@ async fn verify_file_reads_a_bare_database_file() {
         .unwrap();
     let copy = dir.path().join("copy.db");
     std::fs::copy(&path, &copy).unwrap();
-    let report = verify_file(&copy).unwrap();
+    let report = verify_file(&copy, None).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(report.count, n);
 }
@@ -273,7 +273,7 @@ async fn verify_file_detects_a_modified_event() {
 
     // The store itself reports it too.
     let store = SqliteStore::open(&path).unwrap();
-    let report = store.verify_audit().await.unwrap();
+    let report = store.verify_audit(None).await.unwrap();
     assert_eq!(report.problems, vec![Problem::Modified { seq: 3 }]);
 }
 

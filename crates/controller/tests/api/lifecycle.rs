@@ -106,7 +106,7 @@ async fn a_requester_cannot_end_anothers_grant_by_superseding_it() {
     assert!(
         revoke.status == StatusCode::FORBIDDEN || revoke.status == StatusCode::NOT_FOUND,
         "{:?}",
-        revoke
+        revoke.body
     );
     // ...and so is the indirect one: the admin's grant survives mallory's request.
     let m = ctl

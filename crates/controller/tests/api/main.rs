@@ -6,6 +6,7 @@
 mod util;
 
 mod audit;
+mod audit_anchor;
 mod azure;
 mod bad_input;
 mod examples;
