@@ -22,4 +22,4 @@ pub mod run;
 pub mod state;
 
 pub use config::AgentConfig;
-pub use run::run;
+pub use run::{Replaced, run};

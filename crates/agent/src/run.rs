@@ -69,40 +69,71 @@ fn client(config: &AgentConfig) -> anyhow::Result<reqwest::Client> {
     Ok(b.build()?)
 }
 
-async fn enroll(config: &AgentConfig, http: &reqwest::Client) -> anyhow::Result<Credentials> {
-    let token = config
-        .enroll_token
-        .clone()
-        .context("this agent has no credential yet: give --enroll-token (created with `jitgate enroll-token create`)")?;
+/// Why an enrollment did not succeed: retry only when the controller was not reached
+/// or failed (5xx); a refusal is final.
+#[derive(Debug, thiserror::Error)]
+enum EnrollFailure {
+    #[error(
+        "this agent has no credential yet: give --enroll-token-file (a token from `jitgate enroll-token create`)"
+    )]
+    NoToken,
+    #[error("enrollment refused ({status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("cannot enroll at {controller}: {reason}")]
+    Unreachable { controller: String, reason: String },
+}
+
+async fn enroll(
+    config: &AgentConfig,
+    http: &reqwest::Client,
+) -> Result<Credentials, EnrollFailure> {
+    let token = config.enroll_token.clone().ok_or(EnrollFailure::NoToken)?;
     let body = EnrollRequest {
         enroll_token: token,
         resource_group: config.resource_group.clone(),
         name: config.name.clone(),
         location: config.location.clone(),
     };
+    let unreachable = |reason: String| EnrollFailure::Unreachable {
+        controller: config.controller.clone(),
+        reason,
+    };
     let resp = http
         .post(format!("{}/api/v1/agent/enroll", config.controller))
         .json(&body)
         .send()
         .await
-        .with_context(|| format!("cannot reach the controller at {}", config.controller))?;
+        .map_err(|e| unreachable(format!("{e:#}")))?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
+    if status.is_server_error() {
+        return Err(unreachable(format!("the controller answered {status}")));
+    }
     if !status.is_success() {
-        let msg = serde_json::from_str::<serde_json::Value>(&text)
+        let message = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
             .unwrap_or(text);
-        bail!("enrollment refused ({status}): {msg}");
+        return Err(EnrollFailure::Refused {
+            status: status.as_u16(),
+            message,
+        });
     }
     let r: EnrollResponse = serde_json::from_str(&text)
-        .context("the controller's enrollment answer is not understood")?;
+        .map_err(|e| unreachable(format!("the enrollment answer is not understood: {e}")))?;
     Ok(Credentials {
         controller: config.controller.clone(),
         vm_id: r.vm_id,
         token: r.token,
     })
 }
+
+/// The controller revoked this agent's credential: the VM was enrolled again (by a
+/// new agent) or an administrator revoked it. The agent stops for good, leaving the
+/// kernel table as it is (fail-closed), instead of retrying forever.
+#[derive(Debug, thiserror::Error)]
+#[error("this agent's credential was revoked: {0}")]
+pub struct Replaced(pub String);
 
 impl Shared {
     /// Sends a status report. `full` adds what takes time to gather (listening
@@ -233,7 +264,16 @@ impl Shared {
             .map_err(|e| PollError::Unreachable(e.to_string()))?;
         let status = resp.status();
         if status.as_u16() == 401 || status.as_u16() == 403 {
-            return Err(PollError::Refused(resp.text().await.unwrap_or_default()));
+            let text = resp.text().await.unwrap_or_default();
+            let body = serde_json::from_str::<serde_json::Value>(&text).ok();
+            let field = |k: &str| {
+                body.as_ref()
+                    .and_then(|v| v["error"][k].as_str().map(str::to_owned))
+            };
+            return Err(PollError::Refused {
+                code: field("code").unwrap_or_default(),
+                message: field("message").unwrap_or(text),
+            });
         }
         if !status.is_success() {
             return Err(PollError::Unreachable(format!("{status}")));
@@ -247,7 +287,7 @@ impl Shared {
 #[derive(Debug)]
 enum PollError {
     Unreachable(String),
-    Refused(String),
+    Refused { code: String, message: String },
 }
 
 /// Runs the agent until `shutdown` turns true.
@@ -265,14 +305,11 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                         tracing::info!(vm = %c.vm_id, "enrolled");
                         break c;
                     }
-                    Err(e)
-                        if format!("{e:#}").contains("refused")
-                            || config.enroll_token.is_none() =>
-                    {
-                        return Err(e);
+                    Err(e @ (EnrollFailure::NoToken | EnrollFailure::Refused { .. })) => {
+                        return Err(e.into());
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "enrollment failed; retrying");
+                    Err(e @ EnrollFailure::Unreachable { .. }) => {
+                        tracing::warn!(error = %e, "enrollment failed; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = shutdown.changed() => return Ok(()),
@@ -381,8 +418,13 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             }
             Err(e) => {
                 match &e {
-                    PollError::Refused(m) => {
-                        tracing::error!(message = %m, "the controller refused this agent's credential")
+                    PollError::Refused { code, message } => {
+                        if code == "AgentCredentialRevoked" {
+                            heartbeat.abort();
+                            watchdog.abort();
+                            return Err(Replaced(message.clone()).into());
+                        }
+                        tracing::error!(%code, %message, "the controller refused this agent's credential")
                     }
                     PollError::Unreachable(m) => {
                         tracing::warn!(error = %m, "controller unreachable; keeping the last applied state")

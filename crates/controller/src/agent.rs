@@ -282,6 +282,9 @@ pub async fn enroll(
             expires: None,
             revoked: None,
         },
+        online_since: now
+            .checked_sub(state.recommend.offline_after)
+            .unwrap_or(now),
     };
     let audit = AuditCtx {
         actor: format!("enroll-token:{token_id}"),
@@ -308,6 +311,22 @@ pub async fn enroll(
         OpError::Refused(EnrollError::UnknownSubscription) => {
             ApiError::internal("default subscription missing")
         }
+        OpError::Refused(EnrollError::AgentOnline) => {
+            tracing::warn!(
+                vm = %vm,
+                enroll_token = %token_id,
+                source = %ip,
+                "refused an enrollment that would replace the VM's online agent"
+            );
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "AgentAlreadyEnrolled",
+                format!(
+                    "{vm} has an online agent; an administrator must revoke it first, or enroll with a token created with --allow-replace"
+                ),
+            )
+            .with_target("name")
+        }
         OpError::Store(s) => s.into(),
     })?;
     state.vm_changes.touch([&vm]);
@@ -325,6 +344,7 @@ pub struct EnrollTokenIn {
     uses: Option<i64>,
     expires_in: Option<String>,
     description: Option<String>,
+    allow_replace: Option<bool>,
 }
 
 fn enroll_token_json(t: &EnrollTokenRecord) -> Value {
@@ -337,6 +357,7 @@ fn enroll_token_json(t: &EnrollTokenRecord) -> Value {
         "createdAt": t.created.to_string(),
         "createdBy": t.created_by,
         "revokedAt": t.revoked.map(|r| r.to_string()),
+        "allowReplace": t.allow_replace,
     })
 }
 
@@ -395,6 +416,7 @@ pub async fn create_enroll_token(
         created: now,
         created_by: principal.name.clone(),
         revoked: None,
+        allow_replace: body.allow_replace.unwrap_or(false),
     };
     let audit = principal.audit_ctx(ip, now);
     state
@@ -417,4 +439,29 @@ pub async fn list_enroll_tokens(
         .map(enroll_token_json)
         .collect();
     Ok(Json(json!({"value": value})))
+}
+
+pub async fn revoke_enroll_token(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<StatusCode> {
+    let all = state.store.list_enroll_tokens().await?;
+    // Unknown and not-yours look the same.
+    let t = all
+        .iter()
+        .find(|t| t.id == id && principal.can(Action::VmWrite, &t.scope))
+        .ok_or_else(|| ApiError::not_found(format!("enrollment token {id} not found")))?;
+    principal.require(Action::VmWrite, &t.scope)?;
+    let revoked = state
+        .store
+        .revoke_enroll_token(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .await?;
+    Ok(if revoked {
+        StatusCode::NO_CONTENT
+    } else {
+        // Already revoked: nothing changed.
+        StatusCode::OK
+    })
 }

@@ -123,10 +123,11 @@ async fn authenticate(
     let header = header.ok_or_else(|| {
         ApiError::unauthenticated("Authentication failed. The 'Authorization' header is missing.")
     })?;
+    // The scheme is case-insensitive (RFC 9110, 11.1): `Bearer`, `bearer`, `BEARER`.
     let token = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
-        .map(str::trim)
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
             ApiError::unauthenticated(
@@ -152,6 +153,14 @@ async fn authenticate(
             ));
         }
     };
+    if record.revoked.is_some() && record.principal.starts_with("agent:") {
+        // Told apart so that the agent stops instead of retrying forever.
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "AgentCredentialRevoked",
+            "Authentication failed. This agent's credential was revoked: its VM was enrolled again by another agent, or an administrator revoked it.",
+        ));
+    }
     if record.revoked.is_some() {
         return Err(ApiError::unauthenticated(
             "Authentication failed. The token has been revoked; ask an administrator for a new one.",

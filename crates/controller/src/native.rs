@@ -50,6 +50,10 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/enrollTokens",
             get(crate::agent::list_enroll_tokens).post(crate::agent::create_enroll_token),
         )
+        .route(
+            "/api/v1/enrollTokens/{id}",
+            axum::routing::delete(crate::agent::revoke_enroll_token),
+        )
         .route("/api/v1/agent/enroll", post(crate::agent::enroll))
         .route("/api/v1/agent/desired", get(crate::agent::desired))
         .route("/api/v1/agent/status", post(crate::agent::status))

@@ -159,9 +159,18 @@ pub struct AgentArgs {
     /// Controller URL.
     #[arg(long, env = "JITGATE_CONTROLLER")]
     pub controller: String,
-    /// Enrollment token (needed until the agent has its own credential).
-    #[arg(long, env = "JITGATE_ENROLL_TOKEN", hide_env_values = true)]
+    /// Enrollment token (needed until the agent has its own credential). Prefer
+    /// --enroll-token-file or the environment: a command line is visible in `ps`.
+    #[arg(
+        long,
+        env = "JITGATE_ENROLL_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
     pub enroll_token: Option<String>,
+    /// File holding the enrollment token (`-` reads it from standard input).
+    #[arg(long, conflicts_with = "enroll_token")]
+    pub enroll_token_file: Option<PathBuf>,
     /// Resource group of this machine.
     #[arg(long, env = "JITGATE_RESOURCE_GROUP")]
     pub resource_group: String,
@@ -209,6 +218,19 @@ pub enum EnrollTokenCommand {
         expires_in: Option<String>,
         #[arg(long)]
         description: Option<String>,
+        /// May enroll a machine whose agent is online, replacing that agent (for a
+        /// reinstall). Without it, such an enrollment is refused.
+        #[arg(long)]
+        allow_replace: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke an enrollment token: it enrolls nothing more.
+    ///
+    /// Example: jitgate enroll-token revoke 3f2a9c...
+    Revoke {
+        /// The token's id (as listed; `je_<id>.<secret>` also works).
+        id: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -819,7 +841,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         &name,
         args.state_dir,
     );
-    config.enroll_token = args.enroll_token;
+    config.enroll_token = match (&args.enroll_token_file, args.enroll_token) {
+        (Some(path), _) => Some(read_secret(path).context("--enroll-token-file")?),
+        (None, t) => t,
+    };
     config.location = args.location;
     config.ca_cert = args.ca_cert;
     config.nft = args.nft;
@@ -828,7 +853,17 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let (mut term, mut int) = stop_signals()?;
     let task = tokio::spawn(jitgate_agent::run(config, rx));
     tokio::select! {
-        r = task => return r.context("agent task")?.map(|_| ExitCode::SUCCESS),
+        r = task => {
+            return match r.context("agent task")? {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) if e.downcast_ref::<jitgate_agent::Replaced>().is_some() => {
+                    tracing::error!(error = %format!("{e:#}"), "stopping for good");
+                    // EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus).
+                    Ok(ExitCode::from(78))
+                }
+                Err(e) => Err(e),
+            };
+        }
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
@@ -844,13 +879,14 @@ async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
             uses,
             expires_in,
             description,
+            allow_replace,
             client,
         } => {
             let c = Client::new(&client)?;
             let v = c
                 .post(
                     "/api/v1/enrollTokens",
-                    &json!({"scope": scope, "uses": uses, "expiresIn": expires_in, "description": description}),
+                    &json!({"scope": scope, "uses": uses, "expiresIn": expires_in, "description": description, "allowReplace": allow_replace}),
                 )
                 .await?;
             print(client.json, &v, |v| {
@@ -863,6 +899,16 @@ async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                 );
                 println!("{}", s(&v["token"]));
             });
+        }
+        EnrollTokenCommand::Revoke { id, client } => {
+            let id = id
+                .strip_prefix("je_")
+                .map(|r| r.split_once('.').map_or(r, |(i, _)| i))
+                .unwrap_or(&id)
+                .to_owned();
+            let c = Client::new(&client)?;
+            c.delete(&format!("/api/v1/enrollTokens/{id}")).await?;
+            println!("revoked enrollment token {id}");
         }
         EnrollTokenCommand::List { client } => {
             let c = Client::new(&client)?;
@@ -882,6 +928,24 @@ async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A secret from a file, or from standard input for `-`; surrounding whitespace
+/// (the newline) is dropped, and an empty secret is an error.
+pub fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = if path.as_os_str() == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+            .context("cannot read standard input")?;
+        t
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let t = text.trim();
+    if t.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(t.to_owned())
 }
 
 /// Writes generated text; a closed pipe (`| head`) is not an error.

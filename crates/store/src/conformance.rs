@@ -99,6 +99,8 @@ macro_rules! store_conformance_tests {
             enroll_refuses_an_expired_token,
             enroll_refusals_change_nothing,
             re_enroll_revokes_the_previous_agent_credential,
+            enroll_refuses_to_replace_an_online_agent,
+            revoked_enroll_tokens_enroll_nothing,
             agent_status_put_get_upserts,
         );
     };
@@ -3142,6 +3144,7 @@ fn enroll_token(id: &str, scope: Scope, uses: u32, expires: Timestamp) -> Enroll
         created: t0(),
         created_by: OWNER.into(),
         revoked: None,
+        allow_replace: false,
     }
 }
 
@@ -3166,6 +3169,7 @@ fn enroll_args(token_id: &str, vm: &VmId, agent_token: &str, now: Timestamp) -> 
             description: format!("agent credential for {vm}"),
             ..token(agent_token, &agent_principal(vm), now)
         },
+        online_since: now,
     }
 }
 
@@ -3610,5 +3614,151 @@ pub async fn agent_status_put_get_upserts(store: &dyn Store) {
         audit_count(store).await,
         n0,
         "status reports are not audited"
+    );
+}
+
+/// Regression (issue 8.4): a leaked enrollment token took over a machine whose agent
+/// was alive. Replacing an online agent needs a token made for replacing.
+pub async fn enroll_refuses_to_replace_an_online_agent(store: &dyn Store) {
+    install(store).await;
+    store
+        .create_enroll_token(
+            enroll_token("et1", rg_scope("rg1"), 5, at(3600)),
+            ctx(at(1)),
+        )
+        .await
+        .unwrap();
+    let v = vm("rg1", "web-1");
+    store
+        .enroll(
+            enroll_args("et1", &v, "jg_real", at(10)),
+            enroll_ctx("et1", at(10)),
+        )
+        .await
+        .unwrap();
+    store
+        .put_agent_status(AgentStatusRecord {
+            vm: v.clone(),
+            report: "{}".into(),
+            last_seen: at(100),
+        })
+        .await
+        .unwrap();
+    let before = snapshot(store).await;
+    let online = EnrollArgs {
+        online_since: at(60),
+        ..enroll_args("et1", &v, "jg_evil", at(110))
+    };
+    let r = store.enroll(online, enroll_ctx("et1", at(110))).await;
+    assert_eq!(
+        refusal("take over an online agent", r),
+        EnrollError::AgentOnline
+    );
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "the refusal changed something"
+    );
+    assert_eq!(
+        store.find_token("jg_real").await.unwrap().unwrap().revoked,
+        None
+    );
+    assert_eq!(
+        uses_left(store, "et1").await,
+        4,
+        "a refused enrollment uses nothing"
+    );
+
+    // Offline long enough: a plain token may re-enroll (the machine was rebuilt).
+    let offline = EnrollArgs {
+        online_since: at(101),
+        ..enroll_args("et1", &v, "jg_rebuilt", at(200))
+    };
+    store
+        .enroll(offline, enroll_ctx("et1", at(200)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.find_token("jg_real").await.unwrap().unwrap().revoked,
+        Some(at(200))
+    );
+
+    // Online again, and a token made for replacing: allowed, and audited as such.
+    store
+        .put_agent_status(AgentStatusRecord {
+            vm: v.clone(),
+            report: "{}".into(),
+            last_seen: at(300),
+        })
+        .await
+        .unwrap();
+    store
+        .create_enroll_token(
+            EnrollTokenRecord {
+                allow_replace: true,
+                ..enroll_token("et2", rg_scope("rg1"), 1, at(3600))
+            },
+            ctx(at(301)),
+        )
+        .await
+        .unwrap();
+    let seq = verified(store).await.last_seq;
+    let replace = EnrollArgs {
+        online_since: at(250),
+        ..enroll_args("et2", &v, "jg_new", at(310))
+    };
+    store
+        .enroll(replace, enroll_ctx("et2", at(310)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .find_token("jg_rebuilt")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked,
+        Some(at(310))
+    );
+    let events = events_after(store, seq).await;
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].entry.details.contains("\"replacedAgent\":true"),
+        "{:?}",
+        events[0]
+    );
+    let listed = store.list_enroll_tokens().await.unwrap();
+    assert!(listed.iter().any(|t| t.id == "et2" && t.allow_replace));
+}
+
+/// Enrollment tokens can be revoked (audited); a revoked one enrolls nothing.
+pub async fn revoked_enroll_tokens_enroll_nothing(store: &dyn Store) {
+    install(store).await;
+    store
+        .create_enroll_token(
+            enroll_token("et1", rg_scope("rg1"), 5, at(3600)),
+            ctx(at(1)),
+        )
+        .await
+        .unwrap();
+    let seq = verified(store).await.last_seq;
+    assert!(store.revoke_enroll_token("et1", ctx(at(5))).await.unwrap());
+    expect_events(store, seq, &["enrollToken.revoke"], &ctx(at(5))).await;
+    assert!(!store.revoke_enroll_token("et1", ctx(at(6))).await.unwrap());
+    assert!(!store.revoke_enroll_token("nope", ctx(at(6))).await.unwrap());
+    let v = vm("rg1", "web-1");
+    let r = store
+        .enroll(
+            enroll_args("et1", &v, "jg_x", at(10)),
+            enroll_ctx("et1", at(10)),
+        )
+        .await;
+    assert_eq!(
+        refusal("enroll with a revoked token", r),
+        EnrollError::Revoked
+    );
+    assert_eq!(
+        store.list_enroll_tokens().await.unwrap()[0].revoked,
+        Some(at(5))
     );
 }

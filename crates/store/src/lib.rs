@@ -150,6 +150,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>>;
     /// Uses one enrollment: registers the VM if needed, revokes its previous agent
     /// credentials, stores the new one with the Agent role on the VM.
+    /// Revokes an enrollment token (audited); false if unknown or already revoked.
+    async fn revoke_enroll_token(&self, id: &str, audit: AuditCtx) -> Result<bool>;
     async fn enroll(&self, args: EnrollArgs, audit: AuditCtx)
     -> Result<VmId, OpError<EnrollError>>;
     async fn put_agent_status(&self, status: AgentStatusRecord) -> Result<()>;

@@ -201,6 +201,8 @@ pub struct EnrollTokenRecord {
     pub created: Timestamp,
     pub created_by: String,
     pub revoked: Option<Timestamp>,
+    /// May enroll a VM whose agent is online, replacing it (a reinstall).
+    pub allow_replace: bool,
 }
 
 pub struct EnrollArgs {
@@ -211,6 +213,9 @@ pub struct EnrollArgs {
     pub location: Option<Location>,
     /// The credential the agent receives; its principal gets the Agent role on `vm`.
     pub agent_token: TokenRecord,
+    /// An agent that reported at or after this is online: replacing it needs a token
+    /// created with `allow_replace`.
+    pub online_since: Timestamp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +226,8 @@ pub enum EnrollError {
     Revoked,
     OutOfScope(String),
     UnknownSubscription,
+    /// The VM's agent is online and the token was not made for replacing it.
+    AgentOnline,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -188,6 +188,9 @@ CREATE TABLE blocked_attempts(
 CREATE INDEX blocked_attempts_vm ON blocked_attempts(vm_key, at_ns);
 CREATE INDEX blocked_attempts_at ON blocked_attempts(at_ns);
 "#,
+    r#"
+ALTER TABLE enroll_tokens ADD COLUMN allow_replace INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Nanoseconds since the epoch, saturating: i64 ends in 2262, and a later time (a
@@ -1789,8 +1792,8 @@ impl Store for SqliteStore {
     async fn create_enroll_token(&self, token: EnrollTokenRecord, audit: AuditCtx) -> Result<()> {
         self.write_plain(move |ctx| {
             ctx.tx.execute(
-                "INSERT INTO enroll_tokens(id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO enroll_tokens(id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     token.id,
                     token.secret_hash,
@@ -1800,16 +1803,32 @@ impl Store for SqliteStore {
                     token.description,
                     ns(token.created),
                     token.created_by,
-                    token.revoked.map(ns)
+                    token.revoked.map(ns),
+                    token.allow_replace
                 ],
             )?;
             ctx.audit(
                 &audit,
                 "enrollToken.create",
                 &token.scope.to_string(),
-                serde_json::json!({"id": token.id, "uses": token.uses_left, "expires": token.expires.to_string()}),
+                serde_json::json!({"id": token.id, "uses": token.uses_left, "expires": token.expires.to_string(), "allowReplace": token.allow_replace}),
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn revoke_enroll_token(&self, id: &str, audit: AuditCtx) -> Result<bool> {
+        let id = id.to_owned();
+        self.write_plain(move |ctx| {
+            let n = ctx.tx.execute(
+                "UPDATE enroll_tokens SET revoked_ns = ?2 WHERE id = ?1 AND revoked_ns IS NULL",
+                params![id, ns(audit.now)],
+            )?;
+            if n > 0 {
+                ctx.audit(&audit, "enrollToken.revoke", &id, serde_json::json!({}))?;
+            }
+            Ok(n > 0)
         })
         .await
     }
@@ -1847,6 +1866,28 @@ impl Store for SqliteStore {
             if !subscription_exists(ctx.tx, args.vm.subscription)? {
                 return refuse(EnrollError::UnknownSubscription);
             }
+            let principal = args.agent_token.principal.clone();
+            // Taking over a machine whose agent is alive needs a token made for it:
+            // otherwise a leaked token would silently replace the real agent and
+            // receive every grant's source address.
+            let live_agent: Option<i64> = ctx
+                .tx
+                .query_row(
+                    "SELECT s.last_seen_ns FROM agent_status s
+                     WHERE s.vm_key = ?1 AND s.last_seen_ns >= ?2
+                       AND EXISTS (SELECT 1 FROM tokens t WHERE lower(t.principal) = lower(?3) AND t.revoked_ns IS NULL)",
+                    params![args.vm.key(), ns(args.online_since), principal],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if live_agent.is_some() && !t.allow_replace {
+                return refuse(EnrollError::AgentOnline);
+            }
+            let replaced: bool = ctx.tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE lower(principal) = lower(?1) AND revoked_ns IS NULL)",
+                [&principal],
+                |r| r.get(0),
+            )?;
             ctx.tx.execute("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?1", [&t.id])?;
             let created = ctx.tx.execute(
                 "INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by)
@@ -1861,7 +1902,6 @@ impl Store for SqliteStore {
                     format!("enroll-token:{}", t.id)
                 ],
             )? > 0;
-            let principal = args.agent_token.principal.clone();
             ctx.tx.execute(
                 // Case-insensitive: a VM's id may be written in any casing, and a
                 // re-enrollment must always replace the previous credential.
@@ -1886,7 +1926,7 @@ impl Store for SqliteStore {
                 &audit,
                 "agent.enroll",
                 &args.vm.to_string(),
-                serde_json::json!({"enrollToken": t.id, "registered": created, "agentToken": args.agent_token.id}),
+                serde_json::json!({"enrollToken": t.id, "registered": created, "agentToken": args.agent_token.id, "replacedAgent": replaced}),
             )?;
             Ok(args.vm)
         })
@@ -2306,7 +2346,7 @@ fn read_enroll_tokens(
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<EnrollTokenRecord>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns
+        "SELECT id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace
          FROM enroll_tokens {tail}"
     ))?;
     let rows = st.query_map(params, |r| {
@@ -2320,12 +2360,23 @@ fn read_enroll_tokens(
             r.get::<_, i64>(6)?,
             r.get::<_, String>(7)?,
             r.get::<_, Option<i64>>(8)?,
+            r.get::<_, bool>(9)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, secret_hash, scope, expires, uses, description, created, created_by, revoked) =
-            row?;
+        let (
+            id,
+            secret_hash,
+            scope,
+            expires,
+            uses,
+            description,
+            created,
+            created_by,
+            revoked,
+            allow_replace,
+        ) = row?;
         out.push(EnrollTokenRecord {
             id,
             secret_hash,
@@ -2336,6 +2387,7 @@ fn read_enroll_tokens(
             created: from_ns(created)?,
             created_by,
             revoked: revoked.map(from_ns).transpose()?,
+            allow_replace,
         });
     }
     Ok(out)

@@ -9,6 +9,7 @@ mod audit;
 mod audit_anchor;
 mod azure;
 mod bad_input;
+mod enrollment;
 mod examples;
 mod lifecycle;
 mod native;

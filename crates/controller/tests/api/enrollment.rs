@@ -1,0 +1,129 @@
+//! Regression tests for issue 8.4: enrollment tokens can be revoked, and a leaked one
+//! cannot silently take over a machine whose agent is online.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::util::Ctl;
+
+async fn token(ctl: &Ctl, body: Value) -> (String, String) {
+    let et = ctl.post("/api/v1/enrollTokens", body).await;
+    assert_eq!(et.status, StatusCode::CREATED, "{:?}", et.body);
+    (
+        et.body["id"].as_str().unwrap().to_owned(),
+        et.body["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn enroll(ctl: &Ctl, token: &str, name: &str) -> crate::util::Resp {
+    ctl.call(
+        Method::POST,
+        "/api/v1/agent/enroll",
+        None,
+        Some(json!({"enrollToken": token, "resourceGroup": "lab", "name": name})),
+    )
+    .await
+}
+
+async fn report(ctl: &Ctl, vm: &str, agent: &str) -> StatusCode {
+    ctl.call(
+        Method::POST,
+        &format!("/api/v1/agent/status?vm={}", vm.replace('/', "%2F")),
+        Some(agent),
+        Some(json!({"nftVersion": "nftables v1.0.6"})),
+    )
+    .await
+    .status
+}
+
+#[tokio::test]
+async fn a_revoked_enrollment_token_enrolls_nothing() {
+    let ctl = Ctl::start().await;
+    let (id, text) = token(&ctl, json!({"uses": 5})).await;
+    let r = ctl.delete(&format!("/api/v1/enrollTokens/{id}")).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let again = ctl.delete(&format!("/api/v1/enrollTokens/{id}")).await;
+    assert_eq!(
+        again.status,
+        StatusCode::OK,
+        "revoking twice changes nothing"
+    );
+    let e = enroll(&ctl, &text, "web-1").await;
+    assert_eq!(e.status, StatusCode::UNAUTHORIZED, "{:?}", e.body);
+    assert!(e.message().contains("revoked"), "{:?}", e.body);
+    let listed = ctl.get("/api/v1/enrollTokens").await;
+    assert!(listed.body["value"][0]["revokedAt"].is_string());
+    assert_eq!(ctl.audit("action=enrollToken.revoke").await.len(), 1);
+    // Unknown ids, and callers without VM-write rights, get 404 / 403, and nothing changes.
+    let r = ctl.delete("/api/v1/enrollTokens/nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let (id2, _) = token(&ctl, json!({})).await;
+    let reader = ctl
+        .principal("rita", "Reader", &format!("/subscriptions/{}", ctl.sub))
+        .await;
+    let r = ctl
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/enrollTokens/{id2}"),
+            Some(&reader),
+            None,
+        )
+        .await;
+    assert!(
+        r.status == StatusCode::NOT_FOUND || r.status == StatusCode::FORBIDDEN,
+        "{:?}",
+        r.body
+    );
+    let listed = ctl.get("/api/v1/enrollTokens").await;
+    let t = listed.body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id2.as_str())
+        .unwrap()
+        .clone();
+    assert!(t["revokedAt"].is_null());
+}
+
+#[tokio::test]
+async fn a_leaked_token_cannot_take_over_an_online_agent() {
+    let ctl = Ctl::start().await;
+    let (_, text) = token(&ctl, json!({"uses": 5})).await;
+    let real = enroll(&ctl, &text, "web-1").await;
+    assert_eq!(real.status, StatusCode::OK, "{:?}", real.body);
+    let vm = real.body["vmId"].as_str().unwrap().to_owned();
+    let real_cred = real.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(report(&ctl, &vm, &real_cred).await, StatusCode::NO_CONTENT);
+
+    // The attacker enrolls under the same name with the (leaked) token: refused.
+    let evil = enroll(&ctl, &text, "WEB-1").await;
+    assert_eq!(evil.status, StatusCode::CONFLICT, "{:?}", evil.body);
+    assert_eq!(evil.code(), "AgentAlreadyEnrolled");
+    assert_eq!(evil.body["error"]["target"], "name");
+    // The real agent is untouched.
+    assert_eq!(report(&ctl, &vm, &real_cred).await, StatusCode::NO_CONTENT);
+    let refused = ctl.audit("action=request.rejected").await;
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["details"].to_string().contains("AgentAlreadyEnrolled")),
+        "{refused:?}"
+    );
+
+    // A token made for replacing (a reinstall) may, and the old agent is told.
+    let (_, replace) = token(&ctl, json!({"allowReplace": true})).await;
+    let new = enroll(&ctl, &replace, "web-1").await;
+    assert_eq!(new.status, StatusCode::OK, "{:?}", new.body);
+    let old = ctl
+        .call(
+            Method::GET,
+            &format!("/api/v1/agent/desired?vm={}&wait=0", vm.replace('/', "%2F")),
+            Some(&real_cred),
+            None,
+        )
+        .await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(old.code(), "AgentCredentialRevoked", "{:?}", old.body);
+    let enrolls = ctl.audit("action=agent.enroll").await;
+    assert_eq!(enrolls.last().unwrap()["details"]["replacedAgent"], true);
+}
