@@ -15,6 +15,7 @@
 //! last applied state and retries with backoff.
 
 pub mod config;
+pub mod drift;
 pub mod enforce;
 pub mod host;
 pub mod nft;

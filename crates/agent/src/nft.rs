@@ -75,6 +75,15 @@ impl Nft {
         Ok(self.run(&["--version"])?.trim().to_owned())
     }
 
+    /// `nft -j list table inet jitgate`; None when the table does not exist.
+    pub fn list_table_json(&self) -> anyhow::Result<Option<String>> {
+        if !self.table_exists() {
+            return Ok(None);
+        }
+        self.run(&["-j", "list", "table", "inet", "jitgate"])
+            .map(Some)
+    }
+
     pub fn table_exists(&self) -> bool {
         self.run(&["list", "table", "inet", "jitgate"]).is_ok()
     }

@@ -1,7 +1,7 @@
 //! The agent's main loop: enroll, restore, long-poll, apply, report.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use jitgate_core::Timestamp;
@@ -26,6 +26,10 @@ struct Progress {
     last: Option<DesiredState>,
     applied_at: Option<String>,
     error: Option<String>,
+    /// Some(false) from finding drift until a later check confirms the table matches.
+    table_matches: Option<bool>,
+    drift_events: u64,
+    last_drift: Option<jitgate_proto::WireDrift>,
 }
 
 impl Progress {
@@ -50,6 +54,8 @@ struct Shared {
     http: reqwest::Client,
     creds: Credentials,
     enforcer: Mutex<Enforcer>,
+    /// The table as read back right after the last apply (drift is measured against it).
+    baseline: Mutex<Option<crate::drift::Baseline>>,
     progress: Mutex<Progress>,
     nft_version: Option<String>,
 }
@@ -178,6 +184,9 @@ impl Shared {
             addresses: inventory.addresses,
             listening: inventory.listening,
             counters: inventory.counters,
+            table_matches: progress.table_matches,
+            drift_events: progress.drift_events,
+            last_drift: progress.last_drift,
         };
         let r = self
             .http
@@ -194,20 +203,80 @@ impl Shared {
         }
     }
 
-    /// Rebuilds the table from the last applied state if it has vanished.
-    fn ensure_table(&self) {
+    /// Compares the kernel's table with the baseline read after the last apply. On
+    /// drift, records it (the caller reports, then calls [`Self::repair`]) and returns
+    /// true; when a table found drifted earlier matches again, confirms it.
+    fn check_table(&self) -> DriftCheck {
+        let has_state = self
+            .progress
+            .lock()
+            .map(|p| p.last.is_some())
+            .unwrap_or(false);
+        if !has_state {
+            return DriftCheck::Same;
+        }
+        // Under the enforcer's lock, so an apply cannot land between the listing and
+        // the baseline it is compared with.
+        let Ok(_enforcer) = self.enforcer.lock() else {
+            return DriftCheck::Same;
+        };
+        let listing = match self.counter_nft.list_table_json() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read table inet jitgate back");
+                return DriftCheck::Same;
+            }
+        };
+        let base = self.baseline.lock().ok().and_then(|b| b.clone());
+        let changes = match &base {
+            Some(b) => crate::drift::compare(b, listing.as_deref(), Instant::now()),
+            None if listing.is_none() => vec!["table inet jitgate was deleted".to_owned()],
+            None => Vec::new(),
+        };
+        let Ok(mut p) = self.progress.lock() else {
+            return DriftCheck::Same;
+        };
+        if changes.is_empty() {
+            if p.table_matches != Some(true) {
+                let was_drifted = p.table_matches == Some(false);
+                p.table_matches = Some(true);
+                return if was_drifted {
+                    DriftCheck::Confirmed
+                } else {
+                    DriftCheck::Same
+                };
+            }
+            return DriftCheck::Same;
+        }
+        tracing::warn!(changes = ?changes, "table inet jitgate was changed outside jitgate; reporting and rebuilding it");
+        p.table_matches = Some(false);
+        p.drift_events += 1;
+        p.last_drift = Some(jitgate_proto::WireDrift {
+            detected_at: Timestamp::now().to_string(),
+            changes,
+            repaired: false,
+        });
+        DriftCheck::Drift
+    }
+
+    /// Rebuilds the whole table from the last desired state (grants with their
+    /// remaining lifetimes) after drift.
+    fn repair(&self) {
         let Some(last) = self.progress.lock().ok().and_then(|p| p.last.clone()) else {
             return;
         };
-        if self.counter_nft.table_exists() {
-            return;
-        }
-        tracing::warn!("table inet jitgate is gone (flushed outside jitgate); rebuilding it");
         if let Ok(mut e) = self.enforcer.lock() {
             e.forget();
         }
-        if let Err(e) = self.apply(&last) {
-            tracing::error!(error = %format!("{e:#}"), "cannot rebuild the table");
+        match self.apply(&last) {
+            Ok(_) => {
+                if let Ok(mut p) = self.progress.lock()
+                    && let Some(d) = &mut p.last_drift
+                {
+                    d.repaired = true;
+                }
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot rebuild the table"),
         }
     }
 
@@ -232,6 +301,20 @@ impl Shared {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("enforcer lock poisoned"))?;
             let (kind, took) = enforcer.apply(&desired, Timestamp::now())?;
+            let stale = self.baseline.lock().map(|b| b.is_none()).unwrap_or(true);
+            if kind != ApplyKind::Nothing || stale {
+                // Read the table back while still holding the enforcer: drift is
+                // measured against what the kernel holds after this apply.
+                let base = enforcer
+                    .nft()
+                    .list_table_json()
+                    .ok()
+                    .flatten()
+                    .and_then(|json| crate::drift::baseline(&json, Instant::now()).ok());
+                if let Ok(mut b) = self.baseline.lock() {
+                    *b = base;
+                }
+            }
             tracing::info!(revision = %desired.revision, ?kind, took_ms = took.as_secs_f64() * 1000.0, grants = desired.grants.len(), "applied");
             Ok(kind)
         })();
@@ -284,6 +367,14 @@ impl Shared {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DriftCheck {
+    Same,
+    Drift,
+    /// A table found drifted earlier matches again.
+    Confirmed,
+}
+
 #[derive(Debug)]
 enum PollError {
     Unreachable(String),
@@ -333,6 +424,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         http,
         creds,
         enforcer: Mutex::new(Enforcer::new(nft)),
+        baseline: Mutex::new(None),
         progress: Mutex::new(Progress::default()),
         nft_version,
         config,
@@ -373,7 +465,21 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                 _ = wd_shutdown.changed() => return,
             }
             let me = wd.clone();
-            let _ = tokio::task::spawn_blocking(move || me.ensure_table()).await;
+            let found = tokio::task::spawn_blocking(move || me.check_table())
+                .await
+                .unwrap_or(DriftCheck::Same);
+            match found {
+                DriftCheck::Same => {}
+                DriftCheck::Confirmed => wd.report(false).await,
+                DriftCheck::Drift => {
+                    // Tell the controller before repairing, so the drift is on record
+                    // even if the repair fails; the next check confirms the repair.
+                    wd.report(false).await;
+                    let me = wd.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.repair()).await;
+                    wd.report(false).await;
+                }
+            }
         }
     });
 

@@ -162,8 +162,10 @@ pub async fn status(
 ) -> ApiResult<StatusCode> {
     let vm = vm_query(&q)?;
     require_agent(&state, &principal, &vm).await?;
+    let report = checked_report(report)?;
     if let Some(e) = &report.error {
-        tracing::warn!(vm = %vm, error = %e, "agent reports an enforcement error");
+        // Debug formatting escapes newlines: an agent cannot forge log lines.
+        tracing::warn!(vm = %vm, error = ?e, "agent reports an enforcement error");
     }
     let now = Timestamp::now();
     // Blocked attempts since the previous report: counters only grow, except when the
@@ -203,6 +205,33 @@ pub async fn status(
             });
         }
     }
+    // A drift the agent found that the previous report did not carry: on record.
+    if let Some(d) = &report.last_drift
+        && previous
+            .as_ref()
+            .and_then(|p| p.last_drift.as_ref())
+            .is_none_or(|p| p.detected_at != d.detected_at)
+    {
+        state.metrics.drift.inc();
+        tracing::warn!(vm = %vm, changes = ?d.changes, "enforcement drift reported by the agent");
+        state
+            .store
+            .append_audit(jitgate_core::audit::AuditEntry {
+                time: now.to_string(),
+                actor: principal.name.clone(),
+                source: "agent".to_owned(),
+                action: "enforcement.drift".to_owned(),
+                target: vm.to_string(),
+                outcome: jitgate_core::audit::Outcome::Failed,
+                details: json!({
+                    "detectedAt": d.detected_at,
+                    "changes": d.changes,
+                    "repaired": d.repaired,
+                })
+                .to_string(),
+            })
+            .await?;
+    }
     let text = serde_json::to_string(&report).map_err(ApiError::internal)?;
     state
         .store
@@ -240,7 +269,102 @@ pub async fn status_json(state: &AppState, vm: &VmId) -> ApiResult<Value> {
         "addresses": report.addresses,
         "listening": report.listening,
         "counters": report.counters,
+        "tableMatches": report.table_matches,
+        "driftEvents": report.drift_events,
+        "lastDrift": report.last_drift,
     }))
+}
+
+/// Bounds and validates what an agent reports (a hostile agent must not grow the
+/// database, the metrics or the logs without bound): too many entries or an invalid
+/// value is a 400 naming the field; counters are clamped to what storage holds.
+fn checked_report(mut r: StatusReport) -> ApiResult<StatusReport> {
+    fn text(field: &str, v: &Option<String>, max: usize) -> ApiResult<()> {
+        match v {
+            Some(t) if t.chars().count() > max => Err(ApiError::bad_param(
+                field,
+                format!("is longer than {max} characters"),
+            )),
+            _ => Ok(()),
+        }
+    }
+    fn count<T>(field: &str, v: &[T], max: usize) -> ApiResult<()> {
+        if v.len() > max {
+            return Err(ApiError::bad_param(
+                field,
+                format!("has {} entries; at most {max}", v.len()),
+            ));
+        }
+        Ok(())
+    }
+    fn label(field: &str, v: &str, max: usize) -> ApiResult<()> {
+        if v.chars().count() > max || v.chars().any(char::is_control) {
+            return Err(ApiError::bad_param(
+                field,
+                format!("must be at most {max} printable characters"),
+            ));
+        }
+        Ok(())
+    }
+    for (field, v, max) in [
+        ("appliedRevision", &r.applied_revision, 128),
+        ("appliedAt", &r.applied_at, 64),
+        ("nftVersion", &r.nft_version, 256),
+        ("hostname", &r.hostname, 256),
+        ("os", &r.os, 256),
+        ("agentVersion", &r.agent_version, 64),
+        ("error", &r.error, 4096),
+    ] {
+        text(field, v, max)?;
+    }
+    count("addresses", &r.addresses, 1024)?;
+    for (i, a) in r.addresses.iter().enumerate() {
+        label(&format!("addresses[{i}]"), a, 64)?;
+    }
+    count("listening", &r.listening, 8192)?;
+    for (i, l) in r.listening.iter().enumerate() {
+        if !matches!(l.protocol.as_str(), "tcp" | "udp") {
+            return Err(ApiError::bad_param(
+                &format!("listening[{i}].protocol"),
+                "must be tcp or udp",
+            ));
+        }
+        if !matches!(l.family.as_str(), "IPv4" | "IPv6") {
+            return Err(ApiError::bad_param(
+                &format!("listening[{i}].family"),
+                "must be IPv4 or IPv6",
+            ));
+        }
+        if l.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(ApiError::bad_param(
+                &format!("listening[{i}].address"),
+                "is not an IP address",
+            ));
+        }
+        if let Some(p) = &l.process {
+            label(&format!("listening[{i}].process"), p, 64)?;
+        }
+    }
+    count("counters", &r.counters, 1024)?;
+    for (i, c) in r.counters.iter_mut().enumerate() {
+        // Canonical spelling, so metric labels stay a small fixed set.
+        c.protocol = jitgate_core::net::Protocol::parse(&c.protocol)
+            .map_err(|_| {
+                ApiError::bad_param(&format!("counters[{i}].protocol"), "must be TCP, UDP or *")
+            })?
+            .as_str()
+            .to_owned();
+        label(&format!("counters[{i}].rule"), &c.rule, 128)?;
+        c.packets = c.packets.min(i64::MAX as u64);
+    }
+    if let Some(d) = &r.last_drift {
+        label("lastDrift.detectedAt", &d.detected_at, 64)?;
+        count("lastDrift.changes", &d.changes, 32)?;
+        for (i, c) in d.changes.iter().enumerate() {
+            label(&format!("lastDrift.changes[{i}]"), c, 1024)?;
+        }
+    }
+    Ok(r)
 }
 
 pub async fn enroll(

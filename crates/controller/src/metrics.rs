@@ -23,6 +23,7 @@ pub struct Metrics {
     pub http_requests: Counter<u64, AtomicU64>,
     pub verdicts: Family<VerdictLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     pub blocked: Family<PortLabel, Counter>,
+    pub drift: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +54,12 @@ impl Metrics {
         let http_requests = Counter::default();
         let verdicts = Family::<VerdictLabel, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
         let blocked = Family::<PortLabel, Counter>::default();
+        let drift = Counter::default();
+        registry.register(
+            "enforcement_drift",
+            "Changes to an agent's table inet jitgate made outside jitgate, as reported by agents",
+            drift.clone(),
+        );
         registry.register(
             "recommendation_vms",
             "VMs by recommendation verdict (Healthy, Unhealthy, NotApplicable)",
@@ -103,6 +110,7 @@ impl Metrics {
             http_requests,
             verdicts,
             blocked,
+            drift,
         }
     }
 

@@ -33,6 +33,13 @@ fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
         last_seen,
         nft_version: report.nft_version.clone(),
         error: report.error.clone(),
+        drift: (report.table_matches == Some(false)).then(|| {
+            report
+                .last_drift
+                .as_ref()
+                .map(|d| d.changes.join("; "))
+                .unwrap_or_else(|| "unknown change".to_owned())
+        }),
         listening: report
             .listening
             .iter()

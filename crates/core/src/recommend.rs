@@ -54,6 +54,9 @@ pub struct AgentFacts {
     pub nft_version: Option<String>,
     pub error: Option<String>,
     pub listening: Vec<Listening>,
+    /// The agent found its table changed outside jitgate and has not yet confirmed
+    /// that it matches again: what was changed.
+    pub drift: Option<String>,
 }
 
 /// Everything the classification looks at for one VM.
@@ -141,6 +144,17 @@ pub fn classify(f: &VmFacts, config: &RecommendConfig, now: Timestamp) -> Recomm
         return na(
             "nftables is not available on the host (install the nftables package)".to_owned(),
         );
+    }
+    if let Some(what) = &agent.drift {
+        // Not Healthy whatever the ports: the kernel may not enforce what was planned.
+        return Recommendation {
+            verdict: Verdict::Unhealthy,
+            reason: format!(
+                "enforcement drift: table inet jitgate was changed outside jitgate ({what}) and the agent has not confirmed it matches again"
+            ),
+            exposed: Vec::new(),
+            listening_management: Vec::new(),
+        };
     }
     if let Some(e) = &agent.error {
         return na(format!("the agent cannot apply rules: {e}"));
@@ -240,6 +254,7 @@ mod tests {
             nft_version: Some("nftables v1.0.6".into()),
             error: None,
             listening,
+            drift: None,
         })
     }
 
@@ -376,5 +391,20 @@ mod tests {
         let r = classify(&f, &RecommendConfig::default(), now());
         assert_eq!(r.listening_management, vec![22, 3389]);
         assert_eq!(r.exposed, vec![22, 3389]);
+    }
+
+    #[test]
+    fn unconfirmed_drift_is_never_healthy() {
+        let mut f = facts(agent(Vec::new()));
+        assert_eq!(
+            classify(&f, &RecommendConfig::default(), now()).verdict,
+            Verdict::Healthy
+        );
+        if let Some(a) = &mut f.agent {
+            a.drift = Some("rule removed: JIT-Deny".into());
+        }
+        let r = classify(&f, &RecommendConfig::default(), now());
+        assert_eq!(r.verdict, Verdict::Unhealthy);
+        assert!(r.reason.contains("drift"), "{}", r.reason);
     }
 }

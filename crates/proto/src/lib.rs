@@ -273,6 +273,27 @@ pub struct StatusReport {
     pub listening: Vec<WireListener>,
     #[serde(default)]
     pub counters: Vec<WireCounter>,
+    /// False while the agent has found its table changed outside jitgate and not yet
+    /// confirmed it matches what it applied (absent: no check has run).
+    #[serde(default)]
+    pub table_matches: Option<bool>,
+    /// Drifts found since the agent started.
+    #[serde(default)]
+    pub drift_events: u64,
+    /// The newest drift found.
+    #[serde(default)]
+    pub last_drift: Option<WireDrift>,
+}
+
+/// A change to `table inet jitgate` made outside jitgate, as the agent found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WireDrift {
+    pub detected_at: String,
+    /// What differed, one line each (bounded by the agent and again by the controller).
+    pub changes: Vec<String>,
+    /// The agent rebuilt the table after finding it.
+    pub repaired: bool,
 }
 
 #[cfg(test)]

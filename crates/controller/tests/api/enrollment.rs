@@ -127,3 +127,75 @@ async fn a_leaked_token_cannot_take_over_an_online_agent() {
     let enrolls = ctl.audit("action=agent.enroll").await;
     assert_eq!(enrolls.last().unwrap()["details"]["replacedAgent"], true);
 }
+
+/// Regression (issue 8.6): a hostile agent's status reports grew `/metrics` without
+/// bound (free-text labels), wrapped counters above i64 to -1, and could forge log
+/// lines. Reports are bounded and validated, naming the field, and change nothing
+/// when refused.
+#[tokio::test]
+async fn hostile_status_reports_are_bounded_and_refused_by_field() {
+    let ctl = Ctl::start().await;
+    let (_, text) = token(&ctl, json!({})).await;
+    let r = enroll(&ctl, &text, "web-1").await;
+    let vm = r.body["vmId"].as_str().unwrap().to_owned();
+    let agent = r.body["token"].as_str().unwrap().to_owned();
+    let send = |body: Value| {
+        let ctl = &ctl;
+        let vm = vm.clone();
+        let agent = agent.clone();
+        async move {
+            ctl.call(
+                Method::POST,
+                &format!("/api/v1/agent/status?vm={}", vm.replace('/', "%2F")),
+                Some(&agent),
+                Some(body),
+            )
+            .await
+        }
+    };
+    let bad = [
+        (
+            json!({"counters": [{"rule": "r", "port": 22, "protocol": "x\ny", "packets": 1}]}),
+            "counters[0].protocol",
+        ),
+        (
+            json!({"listening": [{"protocol": "sctp", "family": "IPv4", "address": "0.0.0.0", "port": 22}]}),
+            "listening[0].protocol",
+        ),
+        (
+            json!({"listening": [{"protocol": "tcp", "family": "IPv4", "address": "nope", "port": 22}]}),
+            "listening[0].address",
+        ),
+        (json!({"error": "x".repeat(5000)}), "error"),
+        (json!({"addresses": vec!["10.0.0.1/24"; 2000]}), "addresses"),
+        (
+            json!({"lastDrift": {"detectedAt": "t", "changes": vec!["c"; 100], "repaired": true}}),
+            "lastDrift.changes",
+        ),
+    ];
+    for (body, field) in bad {
+        let r = send(body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{field}: {:?}", r.body);
+        assert_eq!(r.body["error"]["target"], field, "{:?}", r.body);
+    }
+    let view = ctl.get("/api/v1/vms/lab/web-1").await;
+    assert_eq!(
+        view.body["agent"]["enrolled"], false,
+        "a refused report was stored"
+    );
+
+    // A huge counter is clamped, not wrapped; the metric label is canonical.
+    let r = send(json!({"nftVersion": "nftables v1.0.6",
+        "counters": [{"rule": "JIT-Deny-default-22", "port": 22, "protocol": "tcp", "packets": u64::MAX}]}))
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let view = ctl.get("/api/v1/vms/lab/web-1").await;
+    assert_eq!(
+        view.body["agent"]["counters"][0]["packets"],
+        i64::MAX as u64
+    );
+    let metrics = ctl.call(Method::GET, "/metrics", None, None).await;
+    let m = metrics.body.as_str().unwrap();
+    assert!(m.contains("protocol=\"TCP\""), "{m}");
+    assert!(!m.contains("-1"), "a counter wrapped: {m}");
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::lab::{Lab, OPEN_PROBE, SSH, sleep_until};
+use crate::lab::{Lab, OPEN_PROBE, SSH, sleep_until, wait_for};
 
 #[test]
 fn grants_end_on_time_with_controller_and_agent_killed_and_survive_an_agent_restart() {
@@ -72,4 +72,115 @@ fn grants_end_on_time_with_controller_and_agent_killed_and_survive_an_agent_rest
         "after the agent restarts the port was still open 250 ms after the end time ({})",
         g.end_times[0]
     );
+}
+
+/// Regression (issue 8.3): changes to `table inet jitgate` made outside jitgate left
+/// port 22 open to everyone while the controller showed the agent up to date. Each
+/// attack here must be found within seconds, repaired (a flushed grant set comes back
+/// with the grants' remaining lifetimes), reported on the VM, audited and counted.
+#[test]
+fn drift_of_the_table_is_found_repaired_reported_and_audited() {
+    let lab = Lab::start();
+    lab.enable_default();
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let ssh4 = lab.vm.v4_at(SSH);
+    let g = lab.initiate(&a, json!([{"number": SSH, "duration": "PT10M"}]));
+    a.wait_tcp_open(ssh4, Duration::from_secs(2));
+    assert!(!b.tcp_open(ssh4));
+
+    let deny_handle = || -> String {
+        let listing = lab.nft(&["-a", "list", "chain", "inet", "jitgate", "input"]);
+        let line = listing
+            .lines()
+            .find(|l| l.contains("JIT-Deny") && l.contains("dport 22"))
+            .unwrap_or_else(|| panic!("no deny rule for 22 in:\n{listing}"));
+        line.rsplit("# handle ").next().unwrap().trim().to_owned()
+    };
+    let opens_for_b = |what: &str, attack: &dyn Fn()| {
+        let before = lab.vm_view()["agent"]["driftEvents"].as_u64().unwrap_or(0);
+        attack();
+        // The attack really opened the port to someone without a grant...
+        let opened = b.tcp_open(ssh4);
+        // ...and within seconds the agent has closed it again and reported.
+        b.wait_tcp_closed(ssh4, Duration::from_secs(4));
+        wait_for(
+            &format!("drift reported after: {what}"),
+            Duration::from_secs(6),
+            || {
+                let v = lab.vm_view();
+                v["agent"]["driftEvents"].as_u64().unwrap_or(0) > before
+                    && v["agent"]["tableMatches"] == true
+                    && v["agent"]["lastDrift"]["repaired"] == true
+            },
+        );
+        a.wait_tcp_open(ssh4, Duration::from_secs(2));
+        opened
+    };
+
+    // Each attack opens the port to b until the agent notices (a probe right after it
+    // usually gets in; the repair may win the race, so only the sum is asserted).
+    let mut opened = 0;
+    let flush_chain = || {
+        lab.nft(&["flush", "chain", "inet", "jitgate", "input"]);
+    };
+    opened += opens_for_b("nft flush chain inet jitgate input", &flush_chain) as u32;
+    let delete_deny = || {
+        let h = deny_handle();
+        lab.nft(&["delete", "rule", "inet", "jitgate", "input", "handle", &h]);
+    };
+    opened += opens_for_b("delete the deny rule", &delete_deny) as u32;
+    let b_element = format!("{{ {} . tcp . 22 }}", b.v4);
+    let add_element = || {
+        lab.nft(&["add", "element", "inet", "jitgate", "grants4", &b_element]);
+    };
+    opened += opens_for_b("add a permanent element for b", &add_element) as u32;
+    let flush_table = || {
+        lab.nft(&["flush", "table", "inet", "jitgate"]);
+    };
+    opened += opens_for_b("nft flush table inet jitgate", &flush_table) as u32;
+    let delete_table = || {
+        lab.nft(&["delete", "table", "inet", "jitgate"]);
+    };
+    opened += opens_for_b("nft delete table inet jitgate", &delete_table) as u32;
+    assert!(
+        opened >= 1,
+        "no attack opened the port: the test proves nothing"
+    );
+
+    // A flushed grant set: a loses access, and gets it back with its remaining lifetime.
+    lab.nft(&["flush", "set", "inet", "jitgate", "grants4"]);
+    a.wait_tcp_open(ssh4, Duration::from_secs(4));
+    let listing = lab.nft(&["list", "set", "inet", "jitgate", "grants4"]);
+    assert!(
+        listing.contains(&a.v4.to_string()) && listing.contains("expires"),
+        "the grant came back without its lifetime:\n{listing}"
+    );
+    assert!(g.end() > std::time::Instant::now());
+
+    // On record: the audit log names what was changed, and the metric counts it.
+    let events = lab.admin(
+        "GET",
+        "/api/v1/audit?action=enforcement.drift&limit=100",
+        None,
+    );
+    let events = events.body["value"].as_array().unwrap().clone();
+    assert!(events.len() >= 6, "{events:?}");
+    let all = serde_json::to_string(&events).unwrap();
+    for want in [
+        "JIT-Deny",
+        "added to set grants4",
+        "deleted",
+        "before its end",
+    ] {
+        assert!(all.contains(want), "no drift event mentions {want}: {all}");
+    }
+    let metrics = lab.call(&lab.ctl, "GET", "/metrics", None, None);
+    let text = metrics.body.as_str().unwrap_or_default().to_owned();
+    let count: f64 = text
+        .lines()
+        .find(|l| l.starts_with("jitgate_enforcement_drift_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    assert!(count >= 6.0, "{text}");
 }
