@@ -387,6 +387,15 @@ mod tests {
         };
         let r = validate_user_rule("corp-ssh", &ok).unwrap();
         assert_eq!(r.ports[1].to_string(), "5985-5986");
+        let mapped = UserRuleInput {
+            source_address_prefixes: Some(vec!["::ffff:192.168.0.0/112".into()]),
+            ..ok.clone()
+        };
+        let r = validate_user_rule("corp-ssh", &mapped).unwrap();
+        assert_eq!(
+            r.sources,
+            vec![SourcePrefix::parse("192.168.0.0/16").unwrap()]
+        );
         let cases: Vec<(&str, UserRuleInput, &str)> = vec![
             ("JIT-x", ok.clone(), "name"),
             ("bad name", ok.clone(), "name"),
@@ -429,6 +438,17 @@ mod tests {
                     ..ok.clone()
                 },
                 "sourceAddressPrefixes[0]",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    source_address_prefixes: Some(vec![
+                        "10.0.0.0/8".into(),
+                        "::ffff:0:0/64".into(),
+                    ]),
+                    ..ok.clone()
+                },
+                "sourceAddressPrefixes[1]",
             ),
             (
                 "r",
