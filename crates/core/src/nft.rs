@@ -65,8 +65,11 @@ pub const MIN_TIMEOUT_MS: i64 = 10;
 /// kernel instead of deleting it: deleting an element the kernel has just expired
 /// fails with "No such file or directory" and aborts the whole transaction.
 pub const EXPIRY_MARGIN: SignedDuration = SignedDuration::from_secs(2);
-/// Longest rule name accepted by [`validate`].
-pub const MAX_RULE_NAME_LEN: usize = 80;
+/// Longest rule name accepted by [`validate`], in characters. User rule names are at
+/// most 80, but the JIT deny rules' are `JIT-Deny-<policy name>-<port>`, up to 105
+/// with a 90-character policy name; a lower limit here made the agent refuse every
+/// state of such a policy's VMs. It is the nft comment limit, so no name is cut.
+pub const MAX_RULE_NAME_LEN: usize = MAX_COMMENT_LEN;
 /// nft refuses comments longer than this.
 const MAX_COMMENT_LEN: usize = 128;
 
@@ -1074,10 +1077,10 @@ mod tests {
             ),
             (
                 NsgRule {
-                    name: "n".repeat(81),
+                    name: "n".repeat(129),
                     ..ok()
                 },
-                "longer than 80",
+                "longer than 128",
             ),
             (
                 NsgRule {
@@ -1096,7 +1099,7 @@ mod tests {
         }
         assert!(
             validate(&[NsgRule {
-                name: "n".repeat(80),
+                name: "\u{e9}".repeat(128),
                 ..ok()
             }])
             .is_ok()

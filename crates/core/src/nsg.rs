@@ -376,6 +376,22 @@ mod tests {
     }
 
     #[test]
+    fn rules_of_the_longest_policy_name_pass_the_renderers_validation() {
+        // Regression: `JIT-Deny-<90 characters>-65535` is 105 characters, and the
+        // agent refused every state holding such a rule.
+        let mut k = key();
+        k.name = PolicyName::parse(&"p".repeat(90)).unwrap();
+        let user_rules = [user(&"u".repeat(80), 200, 1, 100)];
+        let view = nsg_view(&vm(), &user_rules, Some((&k, &pvm(&[65535]))), &[]);
+        let deny = view
+            .iter()
+            .find(|r| matches!(r.origin, RuleOrigin::JitDeny { .. }))
+            .unwrap();
+        assert_eq!(deny.name.len(), 105);
+        assert_eq!(crate::nft::validate(&view), Ok(()));
+    }
+
+    #[test]
     fn user_rules_are_validated_naming_the_field() {
         let ok = UserRuleInput {
             priority: Some(200),
