@@ -744,3 +744,209 @@ pub async fn initiate(
     }
     Ok(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jitgate_core::ids::VmId;
+    use jitgate_core::request::{InitiateContext, InitiateError, plan_initiate};
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    const SUB: &str = "20ff7fc3-e762-44dd-bd96-b71116dcdc23";
+
+    fn key() -> PolicyKey {
+        PolicyKey {
+            subscription: SubscriptionId::parse(SUB).unwrap(),
+            resource_group: ResourceGroup::parse("rg").unwrap(),
+            location: Location::parse("westeurope").unwrap(),
+            name: PolicyName::parse("default").unwrap(),
+        }
+    }
+
+    fn vm(name: &str) -> String {
+        format!(
+            "/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}"
+        )
+    }
+
+    /// Azure's documented example, with both forms of allowed sources.
+    fn policy_body() -> Value {
+        json!({"kind": "Basic", "properties": {"virtualMachines": [{
+            "id": vm("vm1"),
+            "ports": [
+                {"number": 22, "protocol": "*", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"},
+                {"number": 3389, "protocol": "TCP", "allowedSourceAddressPrefixes": ["10.0.0.0/8", "192.168.0.0/16"], "maxRequestAccessDuration": "PT1H"},
+                {"number": 5985, "protocol": "UDP", "allowedSourceAddressPrefix": ["10.0.0.0/8"]}
+            ],
+            "publicIpAddress": "203.0.113.7"
+        }]}})
+    }
+
+    fn initiate_body() -> Value {
+        json!({"virtualMachines": [{"id": vm("vm1"), "ports": [
+            {"number": 22, "duration": "PT1H"},
+            {"number": 3389, "allowedSourceAddressPrefix": "10.1.0.0/16", "endTimeUtc": "2026-01-01T00:30:00Z"}
+        ]}], "justification": "maintenance"})
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            prop::sample::select(vec![
+                "*",
+                "TCP",
+                "PT3H",
+                "P2D",
+                "10.0.0.5/24",
+                "::ffff:1.2.3.4/64"
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::vec(
+                    (
+                        prop::sample::select(vec![
+                            "kind",
+                            "properties",
+                            "virtualMachines",
+                            "id",
+                            "ports",
+                            "number",
+                            "protocol",
+                            "allowedSourceAddressPrefix",
+                            "allowedSourceAddressPrefixes",
+                            "maxRequestAccessDuration",
+                            "duration",
+                            "endTimeUtc",
+                            "justification",
+                            "x",
+                        ]),
+                        inner,
+                    ),
+                    0..5,
+                )
+                .prop_map(|kv| Value::Object(
+                    kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    /// Every JSON pointer of `v`, the root first.
+    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+        out.push(at.clone());
+        match v {
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    pointers(x, format!("{at}/{i}"), out);
+                }
+            }
+            Value::Object(o) => {
+                for (k, x) in o {
+                    let k = k.replace('~', "~0").replace('/', "~1");
+                    pointers(x, format!("{at}/{k}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A body: a valid one with one node replaced, maybe a byte changed, or any JSON.
+    fn arb_body(valid: fn() -> Value) -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => (
+                any::<prop::sample::Index>(),
+                arb_json(),
+                proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+            )
+                .prop_map(move |(at, with, byte)| {
+                    let mut v = valid();
+                    let mut all = Vec::new();
+                    pointers(&v, String::new(), &mut all);
+                    *v.pointer_mut(&all[at.index(all.len())]).unwrap() = with;
+                    let mut bytes = serde_json::to_vec(&v).unwrap();
+                    if let Some((i, b)) = byte {
+                        let i = i.index(bytes.len());
+                        bytes[i] = b;
+                    }
+                    bytes
+                }),
+            1 => arb_json().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        ]
+    }
+
+    fn bad_request(e: &ApiError) -> bool {
+        e.status == StatusCode::BAD_REQUEST && e.code == "InvalidRequestContent"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A policy body: refused as a 400 when it does not decode, else validated with
+        /// any refusal naming a field of the body.
+        #[test]
+        fn policy_bodies(bytes in arb_body(policy_body)) {
+            match crate::body::decode::<PolicyIn>(&bytes) {
+                Err(e) => prop_assert!(bad_request(&e), "{:?}", e.message),
+                Ok(body) => {
+                    if let Err(e) = validate_policy(&key(), &body.into()) {
+                        prop_assert!(
+                            e.field == "kind" || e.field.starts_with("properties.virtualMachines"),
+                            "{}", e
+                        );
+                    }
+                }
+            }
+        }
+
+        /// An initiate body, against the example policy: the same.
+        #[test]
+        fn initiate_bodies(bytes in arb_body(initiate_body)) {
+            let body: PolicyIn = serde_json::from_value(policy_body()).unwrap();
+            let policy = Policy { key: key(), spec: validate_policy(&key(), &body.into()).unwrap() };
+            let ctx = InitiateContext {
+                id: RequestId::new(uuid::Uuid::from_u128(1)),
+                policy: &policy,
+                requestor: "alice",
+                caller_ip: "10.0.0.9".parse().unwrap(),
+                now: "2026-01-01T00:00:00Z".parse().unwrap(),
+            };
+            match crate::body::decode::<InitiateIn>(&bytes) {
+                Err(e) => prop_assert!(bad_request(&e), "{:?}", e.message),
+                Ok(body) => match plan_initiate(&ctx, &body.into(), &|_: &VmId| true, &[]) {
+                    Ok(_) => {}
+                    Err(InitiateError::Invalid(e)) => prop_assert!(
+                        e.field == "justification" || e.field.starts_with("virtualMachines"),
+                        "{}", e
+                    ),
+                    Err(InitiateError::Forbidden { .. }) => prop_assert!(false, "every VM is allowed"),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn the_examples_are_valid() {
+        let body: PolicyIn = serde_json::from_value(policy_body()).unwrap();
+        let spec = validate_policy(&key(), &body.into()).unwrap();
+        assert_eq!(spec.vms[0].ports.len(), 3);
+        let policy = Policy { key: key(), spec };
+        let ctx = InitiateContext {
+            id: RequestId::new(uuid::Uuid::from_u128(1)),
+            policy: &policy,
+            requestor: "alice",
+            caller_ip: "10.0.0.9".parse().unwrap(),
+            now: "2026-01-01T00:00:00Z".parse().unwrap(),
+        };
+        let body: InitiateIn = serde_json::from_value(initiate_body()).unwrap();
+        let plan = plan_initiate(&ctx, &body.into(), &|_: &VmId| true, &[]).unwrap();
+        assert_eq!(plan.request.vms[0].ports.len(), 2);
+    }
+}

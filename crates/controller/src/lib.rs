@@ -175,3 +175,90 @@ pub fn router(state: AppState) -> Router {
         .fallback_service(api)
         .layer(middleware::from_fn(normalize))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const FIXED: [&str; 6] = [
+        "subscriptions",
+        "resourceGroups",
+        "providers",
+        "Microsoft.Security",
+        "locations",
+        "jitNetworkAccessPolicies",
+    ];
+
+    #[test]
+    fn fixed_segments_take_one_spelling() {
+        assert_eq!(
+            canonical_path("/SUBSCRIPTIONS/x/RESOURCEGROUPS/Rg/Providers/microsoft.security/x")
+                .as_deref(),
+            Some("/subscriptions/x/resourceGroups/Rg/providers/Microsoft.Security/x")
+        );
+        assert_eq!(canonical_path("/subscriptions/x/resourceGroups/rg"), None);
+        assert_eq!(canonical_path("/api/v1/Subscriptions"), None);
+        assert_eq!(canonical_path("/subscription\u{e9}/x"), None);
+    }
+
+    /// A fixed segment in a random case.
+    fn fixed_segment() -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(FIXED.to_vec()),
+            prop::collection::vec(any::<bool>(), 32),
+        )
+            .prop_map(|(f, upper)| {
+                f.chars()
+                    .zip(upper)
+                    .map(|(c, u)| {
+                        if u {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c.to_ascii_lowercase()
+                        }
+                    })
+                    .collect()
+            })
+    }
+
+    fn arb_path() -> impl Strategy<Value = String> {
+        let segment = prop_oneof![
+            2 => fixed_segment(),
+            2 => "[a-zA-Z0-9._()-]{0,12}",
+            1 => "\\PC{0,12}",
+        ];
+        prop_oneof![
+            4 => (fixed_segment(), prop::collection::vec(segment, 0..10))
+                .prop_map(|(first, rest)| format!("/{first}/{}", rest.join("/"))),
+            1 => any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Never panics; idempotent; only fixed segments change, and only their case;
+        /// only paths under /subscriptions/ are touched.
+        #[test]
+        fn canonical_path_only_fixes_the_case_of_fixed_segments(path in arb_path()) {
+            let out = canonical_path(&path);
+            if !path.get(..15).is_some_and(|p| p.eq_ignore_ascii_case("/subscriptions/")) {
+                prop_assert_eq!(out, None);
+                return Ok(());
+            }
+            let canonical = out.clone().unwrap_or_else(|| path.clone());
+            prop_assert_eq!(canonical_path(&canonical), None, "not idempotent: {}", canonical);
+            let before: Vec<&str> = path.split('/').collect();
+            let after: Vec<&str> = canonical.split('/').collect();
+            prop_assert_eq!(before.len(), after.len());
+            for (b, a) in before.iter().zip(&after) {
+                match FIXED.iter().find(|f| f.eq_ignore_ascii_case(b)) {
+                    Some(f) => prop_assert_eq!(a, f),
+                    None => prop_assert_eq!(a, b),
+                }
+            }
+            prop_assert_eq!(out.is_some(), canonical != path);
+        }
+    }
+}

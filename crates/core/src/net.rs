@@ -107,6 +107,9 @@ pub enum SourcePrefix {
 
 impl SourcePrefix {
     /// Parses `*`, an address (`192.168.0.3`, `2001:db8::1`) or a canonical CIDR.
+    /// IPv4-mapped IPv6 addresses and prefixes are the IPv4 ones they carry
+    /// (`::ffff:10.0.0.0/120` is `10.0.0.0/24`); a mapped prefix shorter than /96 is
+    /// refused.
     /// `Internet`, `Any` and `0.0.0.0/0` style spellings of "everyone" other than `*`
     /// are taken literally (a /0 is a valid, canonical network).
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -120,6 +123,7 @@ impl SourcePrefix {
         let net: IpNet = s.parse().map_err(|_| {
             format!("'{s}' is not an IP address, a CIDR prefix (10.0.0.0/24) or '*'")
         })?;
+        let net = unmap_prefix(s, net)?;
         if net.trunc() != net {
             return Err(format!(
                 "'{s}' is not a canonical CIDR: host bits are set (did you mean {}?)",
@@ -142,6 +146,29 @@ impl SourcePrefix {
             (SourcePrefix::Net(outer), SourcePrefix::Net(inner)) => outer.contains(inner),
         }
     }
+}
+
+/// An IPv4-mapped IPv6 prefix (`::ffff:10.0.0.0/120`) never matches anything in
+/// nftables: IPv4 traffic is matched by `ip saddr`, never as a mapped IPv6 address. It
+/// is the IPv4 prefix it carries (`10.0.0.0/24`, 96 bits shorter). One shorter than
+/// /96 is refused: it covers no IPv4 prefix at all, only IPv6 addresses beside the
+/// mapped ones, which is certainly not what its author meant.
+fn unmap_prefix(text: &str, net: IpNet) -> Result<IpNet, String> {
+    let IpNet::V6(v6) = net else {
+        return Ok(net);
+    };
+    let Some(v4) = v6.addr().to_ipv4_mapped() else {
+        return Ok(net);
+    };
+    let len = v6.prefix_len();
+    if len < 96 {
+        return Err(format!(
+            "'{text}' is an IPv4-mapped IPv6 prefix shorter than /96, which cannot match IPv4 traffic: write the IPv4 prefix instead (::ffff:10.0.0.0/120 is 10.0.0.0/24)"
+        ));
+    }
+    ipnet::Ipv4Net::new(v4, len - 96)
+        .map(IpNet::V4)
+        .map_err(|_| format!("'{text}' is not a valid IPv4-mapped IPv6 prefix"))
 }
 
 /// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, as a dual-stack socket reports an
@@ -233,6 +260,151 @@ mod tests {
         assert_eq!(Protocol::parse("tcp").unwrap(), Protocol::Tcp);
         assert!(Protocol::parse("ICMP").is_err());
         assert!(Protocol::Any.overlaps(Protocol::Udp) && !Protocol::Tcp.overlaps(Protocol::Udp));
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_become_ipv4() {
+        let p = |s| SourcePrefix::parse(s).unwrap().to_string();
+        assert_eq!(p("::ffff:10.0.0.0/120"), "10.0.0.0/24");
+        assert_eq!(p("::FFFF:10.0.0.0/104"), "10.0.0.0/8");
+        assert_eq!(p("::ffff:0.0.0.0/96"), "0.0.0.0/0");
+        assert_eq!(p("::ffff:10.1.2.3/128"), "10.1.2.3");
+        assert_eq!(p("::ffff:a01:203/128"), "10.1.2.3");
+        assert_eq!(
+            SourcePrefix::parse("::ffff:10.0.0.0/120").unwrap(),
+            SourcePrefix::parse("10.0.0.0/24").unwrap()
+        );
+        // Host bits are still refused, and the suggestion is the IPv4 prefix.
+        let e = SourcePrefix::parse("::ffff:10.0.0.5/120").unwrap_err();
+        assert!(e.contains("did you mean 10.0.0.0/24"), "{e}");
+        // Shorter than /96: no IPv4 prefix to convert to.
+        for bad in ["::ffff:10.0.0.0/95", "::ffff:0.0.0.0/90", "::ffff:0:0/80"] {
+            let e = SourcePrefix::parse(bad).unwrap_err();
+            assert!(
+                e.contains("IPv4-mapped IPv6 prefix shorter than /96"),
+                "{bad}: {e}"
+            );
+        }
+        // Plain IPv6 prefixes that merely contain the mapped range are IPv6.
+        assert_eq!(p("::/0"), "::/0");
+        assert_eq!(p("::ff00:0:0/88"), "::ff00:0:0/88");
+        assert_eq!(p("::a00:0/120"), "::a00:0/120");
+    }
+
+    /// Text that looks like addresses and prefixes: digits, hex, separators, a few
+    /// stray characters, and whole arbitrary strings.
+    fn arb_prefix_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9a-fA-F:./*% -]{0,48}",
+            "(::ffff:)?[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}(/[0-9]{1,3})?",
+            "[0-9a-f]{0,4}(:[0-9a-f]{0,4}){0,8}(/[0-9]{1,3})?",
+            any::<String>(),
+        ]
+    }
+
+    /// Any network, canonical or not, as text.
+    fn arb_net_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, len)| format!("{}/{len}", std::net::Ipv4Addr::from(a))),
+            (any::<u128>(), 0u8..=128)
+                .prop_map(|(a, len)| format!("{}/{len}", std::net::Ipv6Addr::from(a))),
+            (any::<u32>(), 0u8..=128).prop_map(|(a, len)| format!(
+                "{}/{len}",
+                std::net::Ipv4Addr::from(a).to_ipv6_mapped()
+            )),
+        ]
+    }
+
+    /// What every accepted prefix must be: canonical, never IPv4-mapped, and
+    /// reparsing its display gives it back.
+    fn check_accepted(p: &SourcePrefix) -> Result<(), TestCaseError> {
+        if let SourcePrefix::Net(n) = p {
+            prop_assert_eq!(n.trunc(), *n, "not canonical: {}", n);
+            if let IpNet::V6(v6) = n {
+                prop_assert!(v6.addr().to_ipv4_mapped().is_none(), "mapped: {}", n);
+            }
+        }
+        let text = p.to_string();
+        prop_assert!(!text.chars().any(char::is_whitespace));
+        prop_assert_eq!(SourcePrefix::parse(&text), Ok(*p), "{}", text);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary text never panics; what is accepted is canonical and round-trips.
+        #[test]
+        fn parse_never_panics_and_accepts_only_canonical(s in arb_prefix_text()) {
+            if let Ok(p) = SourcePrefix::parse(&s) {
+                check_accepted(&p)?;
+            }
+        }
+
+        /// Networks as text: accepted exactly when canonical (an IPv4-mapped one is
+        /// judged as the IPv4 network it carries), and round-trip when accepted.
+        #[test]
+        fn networks_parse_iff_canonical(text in arb_net_text()) {
+            let net: IpNet = text.parse().unwrap();
+            let effective = match net {
+                IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+                    Some(v4) if v6.prefix_len() >= 96 => {
+                        Some(IpNet::V4(ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).unwrap()))
+                    }
+                    Some(_) => None,
+                    None => Some(net),
+                },
+                IpNet::V4(_) => Some(net),
+            };
+            let got = SourcePrefix::parse(&text);
+            match effective {
+                Some(n) if n.trunc() == n => {
+                    prop_assert_eq!(&got, &Ok(SourcePrefix::Net(n)));
+                }
+                Some(n) => {
+                    let e = got.unwrap_err();
+                    prop_assert!(e.contains(&format!("did you mean {}", n.trunc())), "{}", e);
+                }
+                None => {
+                    let e = got.unwrap_err();
+                    prop_assert!(e.contains("shorter than /96"), "{}", e);
+                }
+            }
+            if let Ok(p) = SourcePrefix::parse(&text) {
+                check_accepted(&p)?;
+            }
+        }
+
+        /// An IPv4-mapped prefix of /96 or longer is the same prefix as its IPv4 form.
+        #[test]
+        fn mapped_prefixes_equal_their_ipv4_form(base in any::<u32>(), len in 0u8..=32) {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            let v4 = std::net::Ipv4Addr::from(base & mask);
+            let plain = SourcePrefix::parse(&format!("{v4}/{len}")).unwrap();
+            let mapped = SourcePrefix::parse(&format!("{}/{}", v4.to_ipv6_mapped(), len + 96));
+            prop_assert_eq!(mapped, Ok(plain));
+        }
+
+        /// Addresses: canonical_addr is idempotent, keeps IPv4 and unmaps IPv6.
+        #[test]
+        fn canonical_addr_unmaps(v4 in any::<u32>(), v6 in any::<u128>()) {
+            let v4 = std::net::Ipv4Addr::from(v4);
+            let v6 = std::net::Ipv6Addr::from(v6);
+            prop_assert_eq!(canonical_addr(IpAddr::V4(v4)), IpAddr::V4(v4));
+            prop_assert_eq!(canonical_addr(IpAddr::V6(v4.to_ipv6_mapped())), IpAddr::V4(v4));
+            let c = canonical_addr(IpAddr::V6(v6));
+            prop_assert_eq!(canonical_addr(c), c);
+            if let IpAddr::V6(c6) = c {
+                prop_assert!(c6.to_ipv4_mapped().is_none());
+                prop_assert_eq!(c6, v6);
+            }
+            for addr in [IpAddr::V4(v4), IpAddr::V6(v6)] {
+                let host = SourcePrefix::host(addr);
+                check_accepted(&host)?;
+                prop_assert_eq!(SourcePrefix::parse(&addr.to_string()), Ok(host));
+            }
+        }
     }
 
     proptest! {

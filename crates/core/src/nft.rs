@@ -65,8 +65,11 @@ pub const MIN_TIMEOUT_MS: i64 = 10;
 /// kernel instead of deleting it: deleting an element the kernel has just expired
 /// fails with "No such file or directory" and aborts the whole transaction.
 pub const EXPIRY_MARGIN: SignedDuration = SignedDuration::from_secs(2);
-/// Longest rule name accepted by [`validate`].
-pub const MAX_RULE_NAME_LEN: usize = 80;
+/// Longest rule name accepted by [`validate`], in characters. User rule names are at
+/// most 80, but the JIT deny rules' are `JIT-Deny-<policy name>-<port>`, up to 105
+/// with a 90-character policy name; a lower limit here made the agent refuse every
+/// state of such a policy's VMs. It is the nft comment limit, so no name is cut.
+pub const MAX_RULE_NAME_LEN: usize = MAX_COMMENT_LEN;
 /// nft refuses comments longer than this.
 const MAX_COMMENT_LEN: usize = 128;
 
@@ -1074,10 +1077,10 @@ mod tests {
             ),
             (
                 NsgRule {
-                    name: "n".repeat(81),
+                    name: "n".repeat(129),
                     ..ok()
                 },
-                "longer than 80",
+                "longer than 128",
             ),
             (
                 NsgRule {
@@ -1096,7 +1099,7 @@ mod tests {
         }
         assert!(
             validate(&[NsgRule {
-                name: "n".repeat(80),
+                name: "\u{e9}".repeat(128),
                 ..ok()
             }])
             .is_ok()
@@ -1251,6 +1254,161 @@ mod tests {
             for e in &remove {
                 prop_assert!(e.end > leave_after);
             }
+        }
+    }
+
+    // ---------------------------------------------------------------------------
+    // Properties of rendering: user text never changes the script's structure
+    // ---------------------------------------------------------------------------
+
+    /// Rule names as a hostile user might write them.
+    fn arb_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[\"';{}#\\\\\n\r\t $@a-z]{1,40}",
+            "\\PC{100,300}",
+            Just("x\" ; drop ; comment \"y".to_owned()),
+            Just("a\"\n}\ntable inet evil { chain c { type filter hook input priority 0; policy drop; } }\n#".to_owned()),
+            Just("\\\" accept #".to_owned()),
+        ]
+    }
+
+    fn arb_rule_source() -> impl Strategy<Value = SourcePrefix> {
+        prop_oneof![
+            1 => Just(SourcePrefix::Any),
+            3 => (any::<u32>(), 8u32..=32).prop_map(|(a, len)| {
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                src(&format!("{}/{len}", std::net::Ipv4Addr::from(a & mask)))
+            }),
+            2 => (any::<u128>(), 16u32..=128).prop_map(|(a, len)| {
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                src(&format!("{}/{len}", std::net::Ipv6Addr::from(a & mask)))
+            }),
+        ]
+    }
+
+    /// Rules with random names, unique priorities, any access, protocol, sources and
+    /// ports, user or JIT deny.
+    fn arb_named_rules() -> impl Strategy<Value = Vec<NsgRule>> {
+        prop::collection::vec(
+            (
+                arb_name(),
+                100u16..=4096,
+                any::<bool>(),
+                prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Any]),
+                prop::collection::vec(arb_rule_source(), 1..4),
+                prop::collection::vec((1u16..=65535, 0u16..50), 1..4),
+                any::<bool>(),
+            ),
+            0..8,
+        )
+        .prop_map(|raw| {
+            let mut rules: Vec<NsgRule> = Vec::new();
+            for (name, priority, allow, protocol, sources, ports, deny) in raw {
+                if rules.iter().any(|r| r.priority == priority) {
+                    continue;
+                }
+                rules.push(NsgRule {
+                    name,
+                    priority,
+                    access: if allow && !deny {
+                        Access::Allow
+                    } else {
+                        Access::Deny
+                    },
+                    protocol,
+                    sources,
+                    ports: ports
+                        .into_iter()
+                        .map(|(a, w)| PortRange {
+                            first: port(a),
+                            last: port(a.saturating_add(w)),
+                        })
+                        .collect(),
+                    description: "; drop\n#".into(),
+                    origin: if deny {
+                        RuleOrigin::JitDeny { policy: "p".into() }
+                    } else {
+                        RuleOrigin::User
+                    },
+                });
+            }
+            rules
+        })
+    }
+
+    /// The script with every comment emptied, and the comments in order. Fails when a
+    /// comment is not one quoted string ending its line.
+    fn split_comments(script: &str) -> Result<(String, Vec<String>), TestCaseError> {
+        let mut skeleton = String::new();
+        let mut comments = Vec::new();
+        for line in script.lines() {
+            // The first ` comment "` of a line is the renderer's: everything before it
+            // is generated from typed values.
+            match line.find(" comment \"") {
+                Some(i) => {
+                    let text = &line[i + " comment \"".len()..];
+                    prop_assert!(text.ends_with('"'), "unterminated comment: {}", line);
+                    let text = &text[..text.len() - 1];
+                    prop_assert!(!text.contains('"'), "comment escapes its quotes: {}", line);
+                    comments.push(text.to_owned());
+                    skeleton.push_str(&line[..i]);
+                    skeleton.push_str(" comment \"\"\n");
+                }
+                None => {
+                    skeleton.push_str(line);
+                    skeleton.push('\n');
+                }
+            }
+        }
+        Ok((skeleton, comments))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever the rule names, the script is the one rendered with harmless names
+        /// except inside the quoted comments, and each comment is the name's printable
+        /// ASCII (quotes and backslashes replaced), cut at 128 characters.
+        #[test]
+        fn names_only_ever_reach_quoted_comments(
+            rules in arb_named_rules(),
+            grants in prop::collection::vec(arb_grant(), 0..6),
+        ) {
+            let elements = plan_elements(&grants, t0());
+            let script = render_full(&rules, &elements, t0());
+            let harmless: Vec<NsgRule> = rules
+                .iter()
+                .map(|r| NsgRule { name: "n".into(), description: String::new(), ..r.clone() })
+                .collect();
+            let expected = render_full(&harmless, &elements, t0());
+            let (skeleton, comments) = split_comments(&script)?;
+            let (expected_skeleton, expected_comments) = split_comments(&expected)?;
+            prop_assert_eq!(&skeleton, &expected_skeleton);
+            prop_assert_eq!(comments.len(), expected_comments.len());
+            prop_assert!(script.chars().all(|c| c == '\n' || c == '\t' || c == ' ' || c.is_ascii_graphic()));
+
+            // Each rendered line of a rule carries that rule's comment, in order.
+            let mut names: Vec<&NsgRule> = rules.iter().filter(|r| !matches!(r.origin, RuleOrigin::JitAllow { .. })).collect();
+            names.sort_by_key(|r| r.priority);
+            let mut k = 0;
+            for r in names {
+                let lines = source_matches(&r.sources).len();
+                for _ in 0..lines {
+                    let c: Vec<char> = comments[k].chars().collect();
+                    let n: Vec<char> = r.name.chars().collect();
+                    prop_assert_eq!(c.len(), n.len().min(MAX_COMMENT_LEN));
+                    for (out, name) in c.iter().zip(&n) {
+                        prop_assert!(*out == ' ' || out.is_ascii_graphic());
+                        prop_assert!(*out != '"' && *out != '\\');
+                        if *name == ' ' || (name.is_ascii_graphic() && *name != '"' && *name != '\\') {
+                            prop_assert_eq!(out, name);
+                        }
+                    }
+                    k += 1;
+                }
+            }
+            prop_assert_eq!(k, comments.len());
         }
     }
 }

@@ -376,6 +376,22 @@ mod tests {
     }
 
     #[test]
+    fn rules_of_the_longest_policy_name_pass_the_renderers_validation() {
+        // Regression: `JIT-Deny-<90 characters>-65535` is 105 characters, and the
+        // agent refused every state holding such a rule.
+        let mut k = key();
+        k.name = PolicyName::parse(&"p".repeat(90)).unwrap();
+        let user_rules = [user(&"u".repeat(80), 200, 1, 100)];
+        let view = nsg_view(&vm(), &user_rules, Some((&k, &pvm(&[65535]))), &[]);
+        let deny = view
+            .iter()
+            .find(|r| matches!(r.origin, RuleOrigin::JitDeny { .. }))
+            .unwrap();
+        assert_eq!(deny.name.len(), 105);
+        assert_eq!(crate::nft::validate(&view), Ok(()));
+    }
+
+    #[test]
     fn user_rules_are_validated_naming_the_field() {
         let ok = UserRuleInput {
             priority: Some(200),
@@ -387,6 +403,15 @@ mod tests {
         };
         let r = validate_user_rule("corp-ssh", &ok).unwrap();
         assert_eq!(r.ports[1].to_string(), "5985-5986");
+        let mapped = UserRuleInput {
+            source_address_prefixes: Some(vec!["::ffff:192.168.0.0/112".into()]),
+            ..ok.clone()
+        };
+        let r = validate_user_rule("corp-ssh", &mapped).unwrap();
+        assert_eq!(
+            r.sources,
+            vec![SourcePrefix::parse("192.168.0.0/16").unwrap()]
+        );
         let cases: Vec<(&str, UserRuleInput, &str)> = vec![
             ("JIT-x", ok.clone(), "name"),
             ("bad name", ok.clone(), "name"),
@@ -429,6 +454,17 @@ mod tests {
                     ..ok.clone()
                 },
                 "sourceAddressPrefixes[0]",
+            ),
+            (
+                "r",
+                UserRuleInput {
+                    source_address_prefixes: Some(vec![
+                        "10.0.0.0/8".into(),
+                        "::ffff:0:0/64".into(),
+                    ]),
+                    ..ok.clone()
+                },
+                "sourceAddressPrefixes[1]",
             ),
             (
                 "r",

@@ -408,6 +408,26 @@ mod tests {
             ),
             (
                 PortRuleInput {
+                    allowed_source_address_prefix: Some(RawPrefix::One(
+                        "::ffff:10.0.0.0/90".into(),
+                    )),
+                    ..port(22)
+                },
+                format!("{f}.allowedSourceAddressPrefix"),
+            ),
+            (
+                PortRuleInput {
+                    allowed_source_address_prefix: None,
+                    allowed_source_address_prefixes: Some(vec![
+                        "10.0.0.0/8".into(),
+                        "::ffff:0:0/64".into(),
+                    ]),
+                    ..port(22)
+                },
+                format!("{f}.allowedSourceAddressPrefixes[1]"),
+            ),
+            (
+                PortRuleInput {
                     max_request_access_duration: Some("PT1M".into()),
                     ..port(22)
                 },
@@ -490,6 +510,18 @@ mod tests {
         };
         let spec = validate_policy(&key(), &input(vec![defaults])).unwrap();
         assert_eq!(spec.vms[0].ports[0].max_duration.secs(), 3 * 3600);
+
+        // An IPv4-mapped IPv6 prefix is stored as the IPv4 prefix it carries, which is
+        // what nft can match.
+        let mapped = PortRuleInput {
+            allowed_source_address_prefix: Some(RawPrefix::One("::ffff:10.0.0.0/120".into())),
+            ..port(22)
+        };
+        let spec = validate_policy(&key(), &input(vec![mapped])).unwrap();
+        assert_eq!(
+            spec.vms[0].ports[0].allowed,
+            AllowedSources::Single(SourcePrefix::parse("10.0.0.0/24").unwrap())
+        );
     }
 
     #[test]

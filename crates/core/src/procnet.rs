@@ -162,6 +162,7 @@ fn parse_words(hex: &str) -> Result<Vec<u32>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// Parses `text` as `file` and compares `(addr, port, inode)` of the listeners.
     fn check(file: ProcNetFile, text: &str, expect: &[(&str, u16, u64)]) {
@@ -270,5 +271,151 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("wrong length"), "{e}");
+    }
+
+    // ---------------------------------------------------------------------------
+    // Properties
+    // ---------------------------------------------------------------------------
+
+    fn arb_file() -> impl Strategy<Value = ProcNetFile> {
+        prop::sample::select(ProcNetFile::ALL.to_vec())
+    }
+
+    /// A socket as the kernel would print it: `(address, port, state, inode)`.
+    type Sock = (IpAddr, u16, u8, u64);
+
+    fn arb_sock(family: Family) -> BoxedStrategy<Sock> {
+        let addr = match family {
+            Family::V4 => any::<u32>()
+                .prop_map(|a| IpAddr::V4(Ipv4Addr::from(a)))
+                .boxed(),
+            Family::V6 => any::<u128>()
+                .prop_map(|a| IpAddr::V6(Ipv6Addr::from(a)))
+                .boxed(),
+        };
+        let state = prop_oneof![Just(0x0Au8), Just(0x07), Just(0x01), any::<u8>()];
+        (
+            addr,
+            prop_oneof![Just(0u16), any::<u16>()],
+            state,
+            any::<u64>(),
+        )
+            .boxed()
+    }
+
+    /// The kernel's hex form of an address (see the module docs).
+    fn hex_addr(addr: IpAddr) -> String {
+        let octets = match addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        octets
+            .chunks_exact(4)
+            .map(|c| format!("{:08X}", u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect()
+    }
+
+    fn line(sl: usize, (addr, port, state, inode): Sock) -> String {
+        let zero = hex_addr(match addr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        });
+        format!(
+            "{sl:4}: {}:{port:04X} {zero}:0000 {state:02X} 00000000:00000000 00:00000000 00000000     0        0 {inode} 1 0000000000000000 100 0 0 10 0",
+            hex_addr(addr)
+        )
+    }
+
+    fn text_of(socks: &[Sock]) -> String {
+        let mut t = TCP.lines().next().unwrap().to_owned();
+        t.push('\n');
+        for (i, s) in socks.iter().enumerate() {
+            t.push_str(&line(i, *s));
+            t.push('\n');
+        }
+        t
+    }
+
+    fn arb_file_and_socks() -> impl Strategy<Value = (ProcNetFile, Vec<Sock>)> {
+        arb_file().prop_flat_map(|f| (Just(f), prop::collection::vec(arb_sock(f.family()), 0..12)))
+    }
+
+    /// An error names the file and a line that exists and is not blank, and quotes it.
+    fn check_error(file: ProcNetFile, text: &str, e: &str) -> Result<(), TestCaseError> {
+        let prefix = format!("{} line ", file.path());
+        prop_assert!(e.starts_with(&prefix), "{}", e);
+        let rest = &e[prefix.len()..];
+        let n: usize = rest[..rest.find(':').unwrap()].parse().unwrap();
+        let named = text.lines().nth(n - 1);
+        prop_assert!(named.is_some(), "line {} of {:?}", n, text);
+        let named = named.unwrap().trim();
+        prop_assert!(!named.is_empty());
+        prop_assert!(e.ends_with(&format!(": '{named}'")), "{}", e);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary text never panics; an error names its line.
+        #[test]
+        fn arbitrary_text_never_panics(file in arb_file(), text in prop_oneof![
+            any::<String>(),
+            "([ 0-9A-Fa-f:x]{0,60}\n){0,6}",
+        ]) {
+            if let Err(e) = parse(file, &text) {
+                check_error(file, &text, &e)?;
+            }
+        }
+
+        /// Well-formed files give exactly the listening sockets, with their address,
+        /// port and inode.
+        #[test]
+        fn well_formed_files_round_trip((file, socks) in arb_file_and_socks()) {
+            let got = parse(file, &text_of(&socks)).unwrap();
+            let want: Vec<Listener> = socks
+                .iter()
+                .filter(|(_, port, state, _)| *state == file.listening_state() && *port != 0)
+                .map(|&(addr, port, _, inode)| Listener {
+                    proto: file.proto(),
+                    family: file.family(),
+                    addr,
+                    port,
+                    inode,
+                })
+                .collect();
+            prop_assert_eq!(got, want);
+        }
+
+        /// A well-formed file with one byte replaced, or text inserted, never panics,
+        /// and an error names a line.
+        #[test]
+        fn mutated_files_never_panic(
+            (file, socks) in arb_file_and_socks(),
+            at in any::<prop::sample::Index>(),
+            insert in prop_oneof![any::<char>().prop_map(String::from), "[ :\n0-9A-Fxg\u{e9}]{1,4}"],
+            replace in any::<bool>(),
+        ) {
+            let mut text = text_of(&socks);
+            let mut i = at.index(text.len() + 1);
+            while !text.is_char_boundary(i) {
+                i -= 1;
+            }
+            if replace && i < text.len() {
+                let next = text[i..].chars().next().unwrap();
+                text.replace_range(i..i + next.len_utf8(), &insert);
+            } else {
+                text.insert_str(i, &insert);
+            }
+            match parse(file, &text) {
+                Ok(found) => {
+                    for l in found {
+                        prop_assert_eq!((l.proto, l.family), (file.proto(), file.family()));
+                        prop_assert!(l.port != 0);
+                    }
+                }
+                Err(e) => check_error(file, &text, &e)?,
+            }
+        }
     }
 }

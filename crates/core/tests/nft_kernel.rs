@@ -22,6 +22,8 @@ use jitgate_core::net::{Port, PortRange, Protocol, SourcePrefix};
 use jitgate_core::nft::{self, Element, L4};
 use jitgate_core::nsg::{Access, GrantRef, NsgRule, RuleOrigin};
 use jitgate_core::request::RequestId;
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------
@@ -580,6 +582,215 @@ fn deleting_an_expired_element_fails_the_transaction() {
     assert!(!nft::delta_conflicts(&short, &add, now));
     ns.apply(&nft::render_delta(&add, &remove, now)).unwrap();
     assert_eq!(held_text(&ns, nft::SET4).len(), 1);
+}
+
+// ---------------------------------------------------------------------------------
+// Random rule names: nft accepts the script and holds exactly the planned rules
+// ---------------------------------------------------------------------------------
+
+/// Rule names as a hostile user might write them, within what `nft::validate`
+/// accepts (1 to 128 characters).
+fn arb_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<String>(),
+        "[\"';{}#\\\\\n\r\t $@a-z]{1,40}",
+        "\\PC{100,200}",
+        Just("x\" ; drop ; comment \"y".to_owned()),
+        Just("a\"\n}\ntable inet evil { chain c { type filter hook input priority 0; policy drop; } }\n#".to_owned()),
+        Just("\\\" accept #".to_owned()),
+        Just(" ".to_owned()),
+    ]
+    .prop_map(|n| n.chars().take(128).collect::<String>())
+    .prop_filter("validate refuses empty names", |n| !n.is_empty())
+}
+
+fn arb_source() -> impl Strategy<Value = SourcePrefix> {
+    prop_oneof![
+        1 => Just(SourcePrefix::Any),
+        3 => (any::<u32>(), 8u32..=32).prop_map(|(a, len)| {
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            SourcePrefix::parse(&format!("{}/{len}", std::net::Ipv4Addr::from(a & mask))).unwrap()
+        }),
+        2 => (any::<u128>(), 16u32..=128).prop_map(|(a, len)| {
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            SourcePrefix::parse(&format!("{}/{len}", std::net::Ipv6Addr::from(a & mask))).unwrap()
+        }),
+    ]
+}
+
+fn arb_rules() -> impl Strategy<Value = Vec<NsgRule>> {
+    prop::collection::vec(
+        (
+            arb_name(),
+            100u16..=4096,
+            any::<bool>(),
+            prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Any]),
+            prop::collection::vec(arb_source(), 1..4),
+            prop::collection::vec((1u16..=65535, 0u16..50), 1..4),
+            any::<bool>(),
+        ),
+        1..8,
+    )
+    .prop_map(|raw| {
+        let mut rules: Vec<NsgRule> = Vec::new();
+        for (name, priority, allow, protocol, sources, ports, deny) in raw {
+            if rules.iter().any(|r| r.priority == priority) {
+                continue;
+            }
+            rules.push(NsgRule {
+                name,
+                priority,
+                access: if allow && !deny {
+                    Access::Allow
+                } else {
+                    Access::Deny
+                },
+                protocol,
+                sources,
+                ports: ports
+                    .into_iter()
+                    .map(|(a, w)| PortRange {
+                        first: port(a),
+                        last: port(a.saturating_add(w)),
+                    })
+                    .collect(),
+                description: "\"; flush ruleset\n#".into(),
+                origin: if deny {
+                    RuleOrigin::JitDeny { policy: "p".into() }
+                } else {
+                    RuleOrigin::User
+                },
+            });
+        }
+        rules
+    })
+}
+
+/// A rule name as the kernel must hold its comment: printable ASCII kept, `"` and `\`
+/// replaced (nft strings have no escapes), anything else `_`, at most 128 characters.
+fn sanitized(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '"' => '\'',
+            '\\' => '/',
+            c if c == ' ' || c.is_ascii_graphic() => c,
+            _ => '_',
+        })
+        .take(128)
+        .collect()
+}
+
+/// The chain the rules must give, derived from the rules alone (not from the script):
+/// `(comment, verdict)` for the three fixed rules (established, the two grant sets),
+/// then for each rule by priority one line per source family (one for `*`).
+fn expected_chain(rules: &[NsgRule]) -> Vec<(Option<String>, &'static str)> {
+    let mut out = vec![(None, "accept"); 3];
+    let mut sorted: Vec<&NsgRule> = rules.iter().collect();
+    sorted.sort_by_key(|r| r.priority);
+    for r in sorted {
+        let lines = if r.sources.contains(&SourcePrefix::Any) {
+            1
+        } else {
+            let v4 = r
+                .sources
+                .iter()
+                .any(|s| matches!(s, SourcePrefix::Net(IpNet::V4(_))));
+            let v6 = r
+                .sources
+                .iter()
+                .any(|s| matches!(s, SourcePrefix::Net(IpNet::V6(_))));
+            usize::from(v4) + usize::from(v6)
+        };
+        let verdict = match (&r.origin, r.access) {
+            (RuleOrigin::User, Access::Allow) => "accept",
+            _ => "drop",
+        };
+        for _ in 0..lines {
+            out.push((Some(sanitized(&r.name)), verdict));
+        }
+    }
+    out
+}
+
+/// Random rule names, many cases: `nft -f` accepts every script, and the kernel then
+/// holds exactly the planned table: one table, one chain, the two sets, the planned
+/// counters, and the planned rules in order with their comments and verdicts.
+#[test]
+fn random_rule_names_give_exactly_the_planned_rules() {
+    let ns = Netns::new("names");
+    let mut runner = TestRunner::new(ProptestConfig::with_cases(32));
+    let result = runner.run(&arb_rules(), |rules| {
+        nft::validate(&rules).unwrap();
+        let now = Timestamp::now();
+        let elements = nft::plan_elements(
+            &[
+                grant(1, 22, Protocol::Tcp, "10.0.0.1", after(now, 60_000)),
+                grant(2, 22, Protocol::Any, "2001:db8::/64", after(now, 60_000)),
+            ],
+            now,
+        );
+        let script = nft::render_full(&rules, &elements, now);
+        ns.apply(&script)
+            .unwrap_or_else(|e| panic!("{e}\n--- script ---\n{script}"));
+
+        let text = ns.nft(&["-j", "list", "ruleset"]);
+        let doc = json::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let objects = doc.get("nftables").and_then(json::Value::array).unwrap();
+        let of = |kind: &str| -> Vec<&json::Value> {
+            objects.iter().filter_map(|o| o.get(kind)).collect()
+        };
+        let name = |o: &json::Value| o.get("name").and_then(json::Value::str).unwrap().to_owned();
+        let tables: Vec<String> = of("table")
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {}",
+                    t.get("family").and_then(json::Value::str).unwrap(),
+                    name(t)
+                )
+            })
+            .collect();
+        assert_eq!(tables, ["inet jitgate"]);
+        assert_eq!(
+            of("chain").iter().map(|c| name(c)).collect::<Vec<_>>(),
+            ["input"]
+        );
+        assert_eq!(
+            of("set").iter().map(|c| name(c)).collect::<Vec<_>>(),
+            [nft::SET4, nft::SET6]
+        );
+        let counters: BTreeSet<String> = of("counter").iter().map(|c| name(c)).collect();
+        let planned_counters: BTreeSet<String> = nft::deny_counter_names(&rules)
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        assert_eq!(counters, planned_counters);
+
+        let held: Vec<(Option<String>, &'static str)> = of("rule")
+            .iter()
+            .map(|r| {
+                assert_eq!(r.get("chain").and_then(json::Value::str), Some("input"));
+                let comment = r
+                    .get("comment")
+                    .and_then(json::Value::str)
+                    .map(str::to_owned);
+                let expr = r.get("expr").and_then(json::Value::array).unwrap();
+                let verdict = if expr.iter().any(|e| e.get("accept").is_some()) {
+                    "accept"
+                } else if expr.iter().any(|e| e.get("drop").is_some()) {
+                    "drop"
+                } else {
+                    panic!("rule without verdict: {r:?}")
+                };
+                (comment, verdict)
+            })
+            .collect();
+        assert_eq!(held, expected_chain(&rules), "\n--- script ---\n{script}");
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 }
 
 // ---------------------------------------------------------------------------------

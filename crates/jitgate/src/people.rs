@@ -23,10 +23,15 @@ const API: &str = "api-version=2020-01-01";
 // ---- durations --------------------------------------------------------------------
 
 /// Accepts `90m`, `3h`, `1h30m`, `1d`, `45s` or ISO 8601 (`PT3H`); returns ISO 8601.
+/// Durations of zero, and ones too long to represent, are refused.
 pub fn iso_duration(text: &str) -> Result<String, String> {
     let t = text.trim();
+    let too_long = || format!("'{text}' is too long a duration");
+    let zero = || format!("'{text}' is zero: ask for some time");
     if t.starts_with(['P', 'p']) {
-        jitgate_core::duration::parse_iso8601_secs(t)?;
+        if jitgate_core::duration::parse_iso8601_secs(t)? <= 0 {
+            return Err(zero());
+        }
         return Ok(t.to_ascii_uppercase());
     }
     let bad = || format!("'{text}' is not a duration such as 30m, 3h, 1h30m, 1d or PT3H");
@@ -37,20 +42,34 @@ pub fn iso_duration(text: &str) -> Result<String, String> {
             num.push(c);
             continue;
         }
-        let n: i64 = num.parse().map_err(|_| bad())?;
-        num.clear();
-        secs += n * match c {
+        if num.is_empty() {
+            return Err(bad());
+        }
+        let unit: i64 = match c {
             'd' => 86400,
             'h' => 3600,
             'm' => 60,
             's' => 1,
             _ => return Err(bad()),
         };
+        // Only digits: parsing fails only when the number is too large.
+        let n: i64 = num.parse().map_err(|_| too_long())?;
+        num.clear();
+        secs = n
+            .checked_mul(unit)
+            .and_then(|s| secs.checked_add(s))
+            .ok_or_else(too_long)?;
     }
-    if !num.is_empty() || secs <= 0 {
+    if !num.is_empty() || t.is_empty() {
         return Err(bad());
     }
-    Ok(format!("PT{secs}S"))
+    if secs <= 0 {
+        return Err(zero());
+    }
+    let iso = format!("PT{secs}S");
+    // The controller must be able to read it back.
+    jitgate_core::duration::parse_iso8601_secs(&iso).map_err(|_| too_long())?;
+    Ok(iso)
 }
 
 fn secs_of(iso: &str) -> i64 {
@@ -1282,8 +1301,64 @@ mod tests {
         assert_eq!(iso_duration("1h30m").unwrap(), "PT5400S");
         assert_eq!(iso_duration("1d").unwrap(), "PT86400S");
         assert_eq!(iso_duration("PT3H").unwrap(), "PT3H");
-        for bad in ["", "3", "h", "3x", "-1h", "0m", "P", "soon"] {
+        for bad in ["", "3", "h", "3x", "-1h", "0m", "P", "soon", "PT0S", "1h m"] {
             assert!(iso_duration(bad).is_err(), "{bad}");
+        }
+        // Regression: these overflowed (a panic in debug builds, a wrapped, possibly
+        // negative duration in release).
+        for huge in [
+            "99999999999999999h",
+            "9223372036854775807s1s",
+            "999999999999999999999999d",
+            "106751991167301d",
+            "99999999d",
+            "PT99999999999999999H",
+        ] {
+            let e = iso_duration(huge).unwrap_err();
+            assert!(e.contains("too long"), "{huge}: {e}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Arbitrary text never panics; whatever is accepted is an ISO 8601 duration
+        /// the controller reads as more than zero seconds.
+        #[test]
+        fn durations_never_panic(text in proptest::prop_oneof![
+            proptest::prelude::any::<String>(),
+            "[0-9dhmsPTHMSx -]{0,30}",
+            "[0-9]{1,30}[dhms]([0-9]{1,30}[dhms]){0,3}",
+        ]) {
+            if let Ok(iso) = iso_duration(&text) {
+                let secs = jitgate_core::duration::parse_iso8601_secs(&iso);
+                proptest::prop_assert!(matches!(secs, Ok(n) if n > 0), "{} -> {} -> {:?}", text, iso, secs);
+            }
+        }
+
+        /// `1d2h3m4s` and its parts give exactly their seconds, and round-trip.
+        #[test]
+        fn valid_durations_round_trip(
+            parts in proptest::array::uniform4(proptest::option::of(0i64..100_000)),
+        ) {
+            let text: String = parts
+                .iter()
+                .zip(["d", "h", "m", "s"])
+                .filter_map(|(n, u)| n.map(|n| format!("{n}{u}")))
+                .collect();
+            let want: i64 = parts
+                .iter()
+                .zip([86_400, 3_600, 60, 1])
+                .map(|(n, u)| n.unwrap_or(0) * u)
+                .sum();
+            match iso_duration(&text) {
+                Ok(iso) => {
+                    proptest::prop_assert_eq!(&iso, &format!("PT{want}S"));
+                    proptest::prop_assert_eq!(jitgate_core::duration::parse_iso8601_secs(&iso), Ok(want));
+                    proptest::prop_assert_eq!(iso_duration(&iso), Ok(iso.clone()));
+                }
+                Err(_) => proptest::prop_assert!(want == 0, "{} refused", text),
+            }
         }
     }
 

@@ -18,6 +18,7 @@
 use jitgate_core::Timestamp;
 use jitgate_core::ids::VmId;
 use jitgate_core::net::{Port, Protocol, SourcePrefix};
+use jitgate_core::nft;
 use jitgate_core::nsg::{Access, GrantRef, NsgRule, RuleOrigin, parse_port_range};
 use jitgate_core::request::RequestId;
 use serde::{Deserialize, Serialize};
@@ -128,7 +129,8 @@ pub fn encode(vm: &VmId, nsg: &[NsgRule], grants: &[GrantRef], now: Timestamp) -
 }
 
 /// Validates a received desired state. Nothing half-valid gets through: any bad field
-/// rejects the whole state, naming it.
+/// rejects the whole state, naming it. The rules of a decoded state always pass
+/// [`jitgate_core::nft::validate`].
 pub fn decode(d: &DesiredState) -> Result<Desired, String> {
     let vm = VmId::parse(&d.vm).map_err(|e| format!("vm: {e}"))?;
     if revision_of(&d.vm, &d.rules, &d.grants) != d.revision {
@@ -163,7 +165,7 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
             .map(|s| parse_port_range(s))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| f("destinationPortRanges", e))?;
-        rules.push(NsgRule {
+        let rule = NsgRule {
             name: r.name.clone(),
             priority: r.priority,
             access,
@@ -172,7 +174,10 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
             ports,
             description: r.description.clone(),
             origin,
-        });
+        };
+        // What the renderer relies on (a name, a priority in range, ports, sources).
+        nft::validate(std::slice::from_ref(&rule)).map_err(|e| format!("rules[{i}]: {e}"))?;
+        rules.push(rule);
     }
     for w in rules.windows(2) {
         if w[0].priority >= w[1].priority {
@@ -182,6 +187,8 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
             ));
         }
     }
+    // The whole set too, so that a decoded state is one the agent can render.
+    nft::validate(&rules).map_err(|e| format!("rules: {e}"))?;
     let mut grants = Vec::with_capacity(d.grants.len());
     for (i, g) in d.grants.iter().enumerate() {
         let f = |what: &str, e: String| format!("grants[{i}].{what}: {e}");
@@ -300,8 +307,13 @@ pub struct WireDrift {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use jitgate_core::ids::{ResourceGroup, SubscriptionId, VmName};
+    use jitgate_core::duration::MaxDuration;
+    use jitgate_core::ids::{Location, PolicyName, ResourceGroup, SubscriptionId, VmName};
     use jitgate_core::net::PortRange;
+    use jitgate_core::nsg::{UserRuleInput, nsg_view, validate_user_rule};
+    use jitgate_core::policy::{AllowedSources, PolicyKey, PolicyVm, PortRule};
+    use proptest::prelude::*;
+    use serde_json::Value;
 
     fn vm() -> VmId {
         VmId::new(
@@ -403,5 +415,520 @@ mod tests {
                 .unwrap_err()
                 .starts_with("grants[0].endTimeUtc")
         );
+    }
+
+    // ---------------------------------------------------------------------------
+    // Properties: nothing the agent decodes fails nft::validate, nothing panics,
+    // and everything the controller encodes decodes.
+    // ---------------------------------------------------------------------------
+
+    fn t0() -> Timestamp {
+        "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    /// Strings a hostile or broken controller might send.
+    fn nasty() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            any::<String>(),
+            "[a-zA-Z0-9\"';{}#\n\\\\ $@-]{0,40}",
+            "[a-z]{100,140}",
+        ]
+    }
+
+    fn prefix_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("*".to_owned()),
+            Just("10.0.0.0/8".to_owned()),
+            Just("10.0.0.5/24".to_owned()),
+            Just("::ffff:10.0.0.0/120".to_owned()),
+            Just("::ffff:10.0.0.0/64".to_owned()),
+            Just("2001:db8::/32".to_owned()),
+            "[0-9a-f:./]{0,20}",
+            nasty(),
+        ]
+    }
+
+    fn range_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<u16>().prop_map(|p| p.to_string()),
+            (any::<u16>(), any::<u16>()).prop_map(|(a, b)| format!("{a}-{b}")),
+            Just("70000".to_owned()),
+            nasty(),
+        ]
+    }
+
+    fn one_of(fixed: &'static [&'static str]) -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(fixed).prop_map(str::to_owned),
+            1 => nasty(),
+        ]
+    }
+
+    fn arb_wire_rule() -> impl Strategy<Value = WireRule> {
+        (
+            prop_oneof!["[a-zA-Z0-9._-]{1,90}", nasty()],
+            prop_oneof![any::<u16>(), 100u16..=4096],
+            one_of(&["Allow", "Deny"]),
+            one_of(&["TCP", "UDP", "*"]),
+            prop::collection::vec(prefix_text(), 0..4),
+            prop::collection::vec(range_text(), 0..4),
+            one_of(&["user", "jit-deny"]),
+            nasty(),
+        )
+            .prop_map(
+                |(name, priority, access, protocol, sources, ports, origin, description)| {
+                    WireRule {
+                        name,
+                        priority,
+                        access,
+                        protocol,
+                        source_address_prefixes: sources,
+                        destination_port_ranges: ports,
+                        origin,
+                        description,
+                    }
+                },
+            )
+    }
+
+    fn arb_time() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (-100_000i64..100_000).prop_map(|s| t0()
+                .checked_add(jiff::SignedDuration::from_secs(s))
+                .unwrap()
+                .to_string()),
+            1 => nasty(),
+        ]
+    }
+
+    fn arb_wire_grant() -> impl Strategy<Value = WireGrant> {
+        (
+            prop_oneof![
+                4 => any::<u128>().prop_map(|n| uuid_of(n).to_string()),
+                1 => nasty(),
+            ],
+            any::<u16>(),
+            one_of(&["TCP", "UDP", "*"]),
+            prefix_text(),
+            arb_time(),
+            arb_time(),
+        )
+            .prop_map(|(request, port, protocol, source, start, end)| WireGrant {
+                request,
+                port,
+                protocol,
+                source,
+                start_time_utc: start,
+                end_time_utc: end,
+            })
+    }
+
+    fn uuid_of(n: u128) -> RequestId {
+        RequestId::parse(&format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            (n >> 96) as u32,
+            (n >> 80) as u16,
+            (n >> 64) as u16,
+            (n >> 48) as u16,
+            n & 0xffff_ffff_ffff
+        ))
+        .unwrap()
+    }
+
+    /// A state with random content. Most get a correct revision (else decoding stops
+    /// there) and rules sorted by unique priority (else it stops at the order check).
+    fn arb_state() -> impl Strategy<Value = DesiredState> {
+        (
+            prop_oneof![4 => Just(vm().to_string()), 1 => nasty()],
+            prop::collection::vec(arb_wire_rule(), 0..6),
+            prop::collection::vec(arb_wire_grant(), 0..6),
+            prop::bool::weighted(0.9),
+            prop::bool::weighted(0.8),
+        )
+            .prop_map(|(vm, mut rules, grants, fix_revision, sort)| {
+                if sort {
+                    rules.sort_by_key(|r| r.priority);
+                    rules.dedup_by_key(|r| r.priority);
+                }
+                let mut d = DesiredState {
+                    revision: "0".repeat(32),
+                    vm,
+                    generated_at: t0().to_string(),
+                    rules,
+                    grants,
+                };
+                if fix_revision {
+                    d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+                }
+                d
+            })
+    }
+
+    /// An error names what is wrong: `vm`, `revision`, `rules`, `rules[i]...` or
+    /// `grants[i]...`.
+    fn names_a_field(e: &str) -> bool {
+        let Some((field, _)) = e.split_once(": ") else {
+            return false;
+        };
+        let indexed = |head: &str| {
+            field
+                .strip_prefix(head)
+                .and_then(|r| r.split_once(']'))
+                .is_some_and(|(n, rest)| {
+                    n.parse::<usize>().is_ok()
+                        && (rest.is_empty()
+                            || rest
+                                .strip_prefix('.')
+                                .is_some_and(|w| w.chars().all(|c| c.is_ascii_alphabetic())))
+                })
+        };
+        matches!(field, "vm" | "revision" | "rules") || indexed("rules[") || indexed("grants[")
+    }
+
+    /// What must hold of any decode: an accepted state passes nft::validate, renders,
+    /// and survives encode/decode unchanged; a refused one names its field.
+    fn check_decode(d: &DesiredState) -> Result<(), TestCaseError> {
+        match decode(d) {
+            Ok(got) => {
+                prop_assert_eq!(nft::validate(&got.rules), Ok(()));
+                let elements = nft::plan_elements(&got.grants, t0());
+                let script = nft::render_full(&got.rules, &elements, t0());
+                prop_assert!(script.ends_with("}\n"), "{}", script);
+                let again = decode(&encode(&got.vm, &got.rules, &got.grants, t0()));
+                prop_assert!(again.is_ok(), "{:?}", again);
+                let again = again.unwrap();
+                prop_assert_eq!(again.rules, got.rules);
+                prop_assert_eq!(again.grants, got.grants);
+            }
+            Err(e) => prop_assert!(names_a_field(&e), "{}", e),
+        }
+        Ok(())
+    }
+
+    fn arb_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(&[
+                "vm", "revision", "generatedAt", "rules", "grants", "name", "priority",
+                "access", "protocol", "sourceAddressPrefixes", "destinationPortRanges",
+                "origin", "description", "request", "port", "source", "startTimeUtc",
+                "endTimeUtc",
+            ][..])
+            .prop_map(str::to_owned),
+            1 => nasty(),
+        ]
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u16>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            nasty().prop_map(Value::String),
+            prefix_text().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((arb_key(), inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Replaces the `n`th node (pre-order, modulo the node count) of `v`, or removes it
+    /// from its object or array when `with` is None.
+    fn mutate(v: &mut Value, n: usize, with: Option<Value>) {
+        fn count(v: &Value) -> usize {
+            1 + match v {
+                Value::Array(a) => a.iter().map(count).sum(),
+                Value::Object(o) => o.values().map(count).sum(),
+                _ => 0,
+            }
+        }
+        fn walk(v: &mut Value, n: &mut usize, with: &mut Option<Option<Value>>) {
+            let children: Vec<&mut Value> = match v {
+                Value::Array(a) => a.iter_mut().collect(),
+                Value::Object(o) => o.values_mut().collect(),
+                _ => return,
+            };
+            let mut remove = None;
+            for (i, child) in children.into_iter().enumerate() {
+                if with.is_none() {
+                    return;
+                }
+                if *n == 0 {
+                    match with.take().flatten() {
+                        Some(new) => *child = new,
+                        None => remove = Some(i),
+                    }
+                    break;
+                }
+                *n -= 1;
+                walk(child, n, with);
+            }
+            if let Some(i) = remove {
+                match v {
+                    Value::Array(a) => {
+                        a.remove(i);
+                    }
+                    Value::Object(o) => {
+                        let key = o.keys().nth(i).cloned().unwrap();
+                        o.remove(&key);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let total = count(v);
+        let mut n = n % total;
+        if n == 0 {
+            if let Some(new) = with {
+                *v = new;
+            }
+            return;
+        }
+        n -= 1;
+        walk(v, &mut n, &mut Some(with));
+    }
+
+    /// A valid state with a few of everything, as the controller sends it.
+    fn rich_sample() -> DesiredState {
+        let mut d = sample();
+        d.rules.push(WireRule {
+            name: "web".into(),
+            priority: 2000,
+            access: "Deny".into(),
+            protocol: "*".into(),
+            source_address_prefixes: vec!["2001:db8::/32".into(), "192.0.2.7".into()],
+            destination_port_ranges: vec!["80".into(), "8000-8100".into()],
+            origin: "user".into(),
+            description: "d".into(),
+        });
+        let mut g = d.grants[0].clone();
+        g.source = "*".into();
+        g.protocol = "*".into();
+        d.grants.push(g);
+        d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+        d
+    }
+
+    fn arb_policy_name() -> impl Strategy<Value = PolicyName> {
+        "[a-zA-Z0-9_.-]{0,89}[a-zA-Z0-9_-]".prop_map(|s| PolicyName::parse(&s).unwrap())
+    }
+
+    fn arb_canonical_prefix() -> impl Strategy<Value = SourcePrefix> {
+        prop_oneof![
+            1 => Just(SourcePrefix::Any),
+            4 => (any::<u32>(), 0u32..=32).prop_map(|(a, len)| {
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                let net = std::net::Ipv4Addr::from(a & mask);
+                SourcePrefix::parse(&format!("{net}/{len}")).unwrap()
+            }),
+            2 => (any::<u128>(), 0u32..=128).prop_map(|(a, len)| {
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                let net = std::net::Ipv6Addr::from(a & mask);
+                SourcePrefix::parse(&format!("{net}/{len}")).unwrap()
+            }),
+        ]
+    }
+
+    fn arb_protocol() -> impl Strategy<Value = Protocol> {
+        prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Any])
+    }
+
+    /// User rules as the store keeps them: valid, unique names and priorities.
+    fn arb_user_rules() -> impl Strategy<Value = Vec<NsgRule>> {
+        prop::collection::vec(
+            (
+                "[a-zA-Z0-9._-]{1,80}",
+                100i64..=4096,
+                any::<bool>(),
+                prop::sample::select(vec!["TCP", "UDP", "*"]),
+                prop::collection::vec(arb_canonical_prefix(), 1..4),
+                prop::collection::vec((1u16..=65535, 0u16..100), 1..4),
+                "[ -~]{0,256}",
+            ),
+            0..6,
+        )
+        .prop_map(|raw| {
+            let mut out: Vec<NsgRule> = Vec::new();
+            for (name, priority, allow, protocol, sources, ports, description) in raw {
+                let input = UserRuleInput {
+                    priority: Some(priority),
+                    access: Some(if allow { "Allow" } else { "Deny" }.into()),
+                    protocol: Some(protocol.into()),
+                    source_address_prefixes: Some(sources.iter().map(|s| s.to_string()).collect()),
+                    destination_port_ranges: Some(
+                        ports
+                            .iter()
+                            .map(|&(a, w)| format!("{a}-{}", a.saturating_add(w)))
+                            .collect(),
+                    ),
+                    description: Some(description),
+                };
+                let Ok(rule) = validate_user_rule(&name, &input) else {
+                    continue; // a reserved JIT- name
+                };
+                if out
+                    .iter()
+                    .all(|r| r.priority != rule.priority && r.name != rule.name)
+                {
+                    out.push(rule);
+                }
+            }
+            out
+        })
+    }
+
+    fn arb_view() -> impl Strategy<Value = (Vec<NsgRule>, Vec<GrantRef>)> {
+        (
+            arb_policy_name(),
+            arb_user_rules(),
+            prop::collection::btree_map(1u16..=65535, arb_protocol(), 0..4),
+            prop::collection::vec(
+                (
+                    any::<u128>(),
+                    any::<prop::sample::Index>(),
+                    arb_canonical_prefix(),
+                    1i64..86_400,
+                ),
+                0..6,
+            ),
+        )
+            .prop_map(|(name, user, ports, raw_grants)| {
+                let key = PolicyKey {
+                    subscription: vm().subscription,
+                    resource_group: vm().resource_group,
+                    location: Location::parse("westeurope").unwrap(),
+                    name,
+                };
+                let pvm = PolicyVm {
+                    id: vm(),
+                    ports: ports
+                        .iter()
+                        .map(|(&n, &protocol)| PortRule {
+                            number: Port::new(i64::from(n)).unwrap(),
+                            protocol,
+                            allowed: AllowedSources::Single(SourcePrefix::Any),
+                            max_duration: MaxDuration::default_three_hours(),
+                        })
+                        .collect(),
+                    public_ip_address: None,
+                };
+                let grants: Vec<GrantRef> = if pvm.ports.is_empty() {
+                    Vec::new()
+                } else {
+                    raw_grants
+                        .into_iter()
+                        .map(|(n, i, source, secs)| {
+                            let rule = &pvm.ports[i.index(pvm.ports.len())];
+                            GrantRef {
+                                request: uuid_of(n),
+                                number: rule.number,
+                                protocol: rule.protocol,
+                                source,
+                                start: t0(),
+                                end: t0()
+                                    .checked_add(jiff::SignedDuration::from_secs(secs))
+                                    .unwrap(),
+                            }
+                        })
+                        .collect()
+                };
+                let view = nsg_view(&vm(), &user, Some((&key, &pvm)), &grants);
+                (view, grants)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random states: never a panic; accepted ones validate and round-trip.
+        #[test]
+        fn decoded_states_always_validate(d in arb_state()) {
+            check_decode(&d)?;
+        }
+
+        /// Arbitrary JSON: whatever deserializes as a DesiredState decodes safely.
+        #[test]
+        fn arbitrary_json_never_panics(v in arb_json(), fix in any::<bool>()) {
+            if let Ok(mut d) = serde_json::from_value::<DesiredState>(v) {
+                if fix {
+                    d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+                }
+                check_decode(&d)?;
+            }
+        }
+
+        /// A valid state with one JSON node replaced or removed, or one byte of its
+        /// text changed: never a panic, and the same guarantees.
+        #[test]
+        fn mutated_json_never_panics(
+            node in any::<usize>(),
+            with in proptest::option::of(arb_json()),
+            byte in proptest::option::of((any::<prop::sample::Index>(), 0x20u8..0x7f)),
+            fix in prop::bool::weighted(0.8),
+        ) {
+            let mut v = serde_json::to_value(rich_sample()).unwrap();
+            mutate(&mut v, node, with);
+            let mut text = serde_json::to_vec(&v).unwrap();
+            if let Some((at, b)) = byte {
+                let i = at.index(text.len());
+                text[i] = b;
+            }
+            if let Ok(mut d) = serde_json::from_slice::<DesiredState>(&text) {
+                if fix {
+                    d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+                }
+                check_decode(&d)?;
+            }
+        }
+
+        /// Everything the controller can encode (any valid policy name, user rules,
+        /// protected ports and grants) the agent accepts, unchanged.
+        #[test]
+        fn every_encoded_view_decodes((view, grants) in arb_view()) {
+            let d = encode(&vm(), &view, &grants, t0());
+            let got = decode(&d);
+            prop_assert!(got.is_ok(), "{:?}", got);
+            let got = got.unwrap();
+            let sent: Vec<&NsgRule> = view
+                .iter()
+                .filter(|r| !matches!(r.origin, RuleOrigin::JitAllow { .. }))
+                .collect();
+            prop_assert_eq!(got.rules.len(), sent.len());
+            for (g, s) in got.rules.iter().zip(sent) {
+                prop_assert_eq!(
+                    (&g.name, g.priority, g.access, g.protocol, &g.sources, &g.ports, &g.description),
+                    (&s.name, s.priority, s.access, s.protocol, &s.sources, &s.ports, &s.description)
+                );
+            }
+            prop_assert_eq!(got.grants, grants);
+        }
+    }
+
+    #[test]
+    fn rules_the_renderer_cannot_use_are_rejected_naming_the_rule() {
+        let fix = |mut d: DesiredState| {
+            d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+            d
+        };
+        type Change = fn(&mut WireRule);
+        let cases: Vec<(Change, &str)> = vec![
+            (|r| r.name = String::new(), "empty name"),
+            (|r| r.priority = 99, "outside 100-4096"),
+            (|r| r.priority = 5000, "outside 100-4096"),
+            (|r| r.source_address_prefixes.clear(), "no source"),
+            (|r| r.destination_port_ranges.clear(), "no destination port"),
+        ];
+        for (change, want) in cases {
+            let mut d = sample();
+            change(&mut d.rules[0]);
+            let e = decode(&fix(d)).unwrap_err();
+            assert!(e.starts_with("rules[0]: ") && e.contains(want), "{e}");
+        }
     }
 }
