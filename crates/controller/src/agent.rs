@@ -103,6 +103,16 @@ async fn require_agent(state: &AppState, principal: &Principal, vm: &VmId) -> Ap
     Ok(())
 }
 
+/// The answer to an agent whose credential was revoked (told apart from other 401s so
+/// that the agent stops instead of retrying forever).
+pub fn credential_revoked() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "AgentCredentialRevoked",
+        "Authentication failed. This agent's credential was revoked: its VM was enrolled again by another agent, or an administrator revoked it.",
+    )
+}
+
 pub async fn desired(
     State(state): State<AppState>,
     principal: Principal,
@@ -144,7 +154,18 @@ pub async fn desired(
             });
         let until = next_end.map_or(deadline, |e| e.min(deadline));
         tokio::select! {
-            changed = rx.changed() => { if changed.is_err() { return Ok(Json(d)); } }
+            changed = rx.changed() => {
+                if changed.is_err() { return Ok(Json(d)); }
+                // A wake may be this agent being replaced or revoked: tell it now.
+                if state
+                    .store
+                    .find_token(&principal.token_id)
+                    .await?
+                    .is_none_or(|t| t.revoked.is_some())
+                {
+                    return Err(credential_revoked());
+                }
+            }
             _ = tokio::time::sleep_until(until) => {
                 if tokio::time::Instant::now() >= deadline {
                     return Ok(Json(d));

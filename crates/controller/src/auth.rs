@@ -28,15 +28,9 @@ pub fn sha256_hex(s: &str) -> String {
 }
 
 /// Splits a presented token into (id, secret).
-pub fn split_token(token: &str) -> (String, &str) {
-    if let Some(rest) = token.strip_prefix("jg_")
-        && let Some((id, secret)) = rest.split_once('.')
-        && !id.is_empty()
-        && !secret.is_empty()
-    {
-        return (id.to_owned(), secret);
-    }
-    (format!("x{}", &sha256_hex(token)[..16]), token)
+pub fn split_token(token: &str) -> Option<(&str, &str)> {
+    let (id, secret) = token.strip_prefix("jg_")?.split_once('.')?;
+    (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
 }
 
 /// A fresh token: (id, full token text, secret hash).
@@ -134,9 +128,16 @@ async fn authenticate(
                 "Authentication failed. The 'Authorization' header must be 'Bearer <token>'.",
             )
         })?;
-    let (id, secret) = split_token(token);
-    let record = state.store.find_token(&id).await?;
-    let presented = sha256_hex(secret);
+    // `jg_<id>.<secret>` is found by its id. Any other text can only be a bootstrap
+    // token an operator chose (JITGATE_BOOTSTRAP_TOKEN); it is stored under a random
+    // id and found by the hash of the whole text, so its id reveals nothing about it.
+    let (record, presented) = match split_token(token) {
+        Some((id, secret)) => (state.store.find_token(id).await?, sha256_hex(secret)),
+        None => {
+            let hash = sha256_hex(token);
+            (state.store.find_token_by_secret_hash(&hash).await?, hash)
+        }
+    };
     let valid = match &record {
         Some(r) => bool::from(r.secret_hash.as_bytes().ct_eq(presented.as_bytes())),
         // Compare anyway so an unknown id costs the same as a wrong secret.
@@ -155,11 +156,7 @@ async fn authenticate(
     };
     if record.revoked.is_some() && record.principal.starts_with("agent:") {
         // Told apart so that the agent stops instead of retrying forever.
-        return Err(ApiError::new(
-            axum::http::StatusCode::UNAUTHORIZED,
-            "AgentCredentialRevoked",
-            "Authentication failed. This agent's credential was revoked: its VM was enrolled again by another agent, or an administrator revoked it.",
-        ));
+        return Err(crate::agent::credential_revoked());
     }
     if record.revoked.is_some() {
         return Err(ApiError::unauthenticated(

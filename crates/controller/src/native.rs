@@ -730,14 +730,59 @@ async fn revoke_token(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     principal.require(Action::TokenWrite, &sub_scope(&state))?;
-    if state.store.find_token(&id).await?.is_none() {
+    let Some(token) = state.store.find_token(&id).await? else {
         return Err(ApiError::not_found(format!("token {id} not found")));
+    };
+    let now = Timestamp::now();
+    if token.revoked.is_none() && last_owner_credential(&state, &token, now).await? {
+        return Err(ApiError::conflict(
+            "this is the last credential of an Owner of the subscription: revoking it would lock everyone out. Create another Owner token first (or recover locally with `jitgate admin recover --data-dir DIR`)",
+        )
+        .with_target("id"));
     }
     state
         .store
-        .revoke_token(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .revoke_token(&id, principal.audit_ctx(ip, now))
         .await?;
+    // An agent holding it is told at once (its long-poll wakes and re-checks).
+    if let Some(vm) = token.principal.strip_prefix("agent:")
+        && let Ok(vm) = VmId::parse(vm)
+    {
+        state.vm_changes.touch([&vm]);
+    }
     Ok(StatusCode::OK)
+}
+
+/// Whether `token` is the only live credential of any Owner of the subscription.
+async fn last_owner_credential(
+    state: &AppState,
+    token: &jitgate_store::TokenRecord,
+    now: Timestamp,
+) -> ApiResult<bool> {
+    let sub = sub_scope(state);
+    let owners: std::collections::HashSet<String> = state
+        .store
+        .role_assignments(None)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            r.assignment.role == jitgate_core::rbac::Role::Owner && r.assignment.scope == sub
+        })
+        .map(|r| r.assignment.principal)
+        .collect();
+    if !owners.contains(&token.principal) {
+        return Ok(false);
+    }
+    let others = state
+        .store
+        .list_tokens()
+        .await?
+        .into_iter()
+        .filter(|t| t.id != token.id && t.revoked.is_none())
+        .filter(|t| t.expires.is_none_or(|e| e > now))
+        .filter(|t| owners.contains(&t.principal))
+        .count();
+    Ok(others == 0)
 }
 
 // ---- role assignments -----------------------------------------------------------------------

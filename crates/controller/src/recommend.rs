@@ -179,6 +179,19 @@ pub async fn apply(
     CallerIp(ip): CallerIp,
     OptionalJsonBody(body): OptionalJsonBody<ApplyIn>,
 ) -> ApiResult<Json<Value>> {
+    // A caller who may write no policy anywhere has nothing to apply: refuse rather
+    // than answer (and audit) an empty success.
+    if !principal
+        .assignments
+        .iter()
+        .any(|a| a.principal == principal.name && a.role.permits(Action::PolicyWrite))
+    {
+        return Err(ApiError::forbidden(
+            &principal.name,
+            Action::PolicyWrite.as_str(),
+            &Scope::Subscription(state.default_subscription()).to_string(),
+        ));
+    }
     let rg = body
         .and_then(|b| b.resource_group)
         .map(|r| ResourceGroup::parse(&r))

@@ -134,7 +134,11 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
         }
         None => (generate_token().1, true),
     };
-    let (id, secret) = split_token(&token_text);
+    let (id, secret) = match split_token(&token_text) {
+        Some((id, secret)) => (id.to_owned(), secret),
+        // A token of the operator's own making gets a random id (never derived from it).
+        None => (generate_token().0, token_text.as_str()),
+    };
     let init = Bootstrap {
         subscription: SubscriptionId::new(uuid::Uuid::new_v4()),
         owner_principal: BOOTSTRAP_PRINCIPAL.to_owned(),

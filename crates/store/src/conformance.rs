@@ -87,6 +87,7 @@ macro_rules! store_conformance_tests {
             delete_policy_revokes_live_grants,
             policy_changes_leave_ended_ports_to_expiry,
             tokens_create_find_list_revoke,
+            tokens_are_found_by_secret_hash,
             role_assignments_add_list_remove,
             mutations_are_audited_and_chain_verifies,
             append_audit_assigns_consecutive_seqs,
@@ -3760,5 +3761,29 @@ pub async fn revoked_enroll_tokens_enroll_nothing(store: &dyn Store) {
     assert_eq!(
         store.list_enroll_tokens().await.unwrap()[0].revoked,
         Some(at(5))
+    );
+}
+
+/// Bootstrap tokens that are not `jg_<id>.<secret>` are found by their secret's hash.
+pub async fn tokens_are_found_by_secret_hash(store: &dyn Store) {
+    install(store).await;
+    let t = TokenRecord {
+        secret_hash: "ab".repeat(32),
+        ..token("rnd123", "dave", at(25))
+    };
+    store.create_token(t.clone(), ctx(at(25))).await.unwrap();
+    assert_eq!(
+        store
+            .find_token_by_secret_hash(&"ab".repeat(32))
+            .await
+            .unwrap(),
+        Some(t)
+    );
+    assert_eq!(
+        store
+            .find_token_by_secret_hash(&"cd".repeat(32))
+            .await
+            .unwrap(),
+        None
     );
 }

@@ -127,6 +127,9 @@ pub trait Store: Send + Sync + 'static {
     // ---- identity ----
     async fn create_token(&self, token: TokenRecord, audit: AuditCtx) -> Result<()>;
     async fn find_token(&self, id: &str) -> Result<Option<TokenRecord>>;
+    /// The token whose secret hashes to `secret_hash` (for bootstrap tokens that are
+    /// not of the `jg_<id>.<secret>` form).
+    async fn find_token_by_secret_hash(&self, secret_hash: &str) -> Result<Option<TokenRecord>>;
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
     async fn revoke_token(&self, id: &str, audit: AuditCtx) -> Result<bool>;
     async fn add_role_assignment(&self, ra: RoleAssignmentRecord, audit: AuditCtx) -> Result<()>;

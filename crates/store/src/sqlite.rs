@@ -190,6 +190,7 @@ CREATE INDEX blocked_attempts_at ON blocked_attempts(at_ns);
 "#,
     r#"
 ALTER TABLE enroll_tokens ADD COLUMN allow_replace INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX tokens_secret_hash ON tokens(secret_hash);
 "#,
 ];
 
@@ -1553,6 +1554,16 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.read(move |c| Ok(read_tokens(c, "WHERE id = ?1", &[&id])?.into_iter().next()))
             .await
+    }
+
+    async fn find_token_by_secret_hash(&self, secret_hash: &str) -> Result<Option<TokenRecord>> {
+        let h = secret_hash.to_owned();
+        self.read(move |c| {
+            Ok(read_tokens(c, "WHERE secret_hash = ?1", &[&h])?
+                .into_iter()
+                .next())
+        })
+        .await
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {

@@ -363,9 +363,19 @@ fn every_grant_element_in_the_kernel_expires_no_later_than_its_end() {
     );
 }
 
+fn desired(lab: &Lab, vm: &str, token: &str) -> crate::lab::Resp {
+    lab.call(
+        &lab.vm,
+        "GET",
+        &format!("/api/v1/agent/desired?vm={vm}&wait=0"),
+        Some(token),
+        None,
+    )
+}
+
 #[test]
 fn revoked_and_foreign_agent_credentials_are_refused_and_audited() {
-    let lab = Lab::start();
+    let mut lab = Lab::start();
     lab.enable_default();
     let creds: Value = serde_json::from_slice(
         &std::fs::read(lab.agent_state_dir().join("credentials.json")).unwrap(),
@@ -374,16 +384,7 @@ fn revoked_and_foreign_agent_credentials_are_refused_and_audited() {
     let token = creds["token"].as_str().unwrap().to_owned();
     let vm_id = creds["vmId"].as_str().unwrap().to_owned();
     assert!(vm_id.eq_ignore_ascii_case(&lab.vm_id()), "{creds}");
-    let desired = |vm: &str, token: &str| {
-        lab.call(
-            &lab.vm,
-            "GET",
-            &format!("/api/v1/agent/desired?vm={vm}&wait=0"),
-            Some(token),
-            None,
-        )
-    };
-    let r = desired(&vm_id, &token);
+    let r = desired(&lab, &vm_id, &token);
     assert_eq!(r.status, 200, "{:?}", r.body);
 
     // Another VM: 403, even though it exists.
@@ -394,7 +395,7 @@ fn revoked_and_foreign_agent_credentials_are_refused_and_audited() {
     );
     assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
     let vm2 = vm_id.replace("/vm1", "/vm2");
-    let r = desired(&vm2, &token);
+    let r = desired(&lab, &vm2, &token);
     assert_eq!(r.status, 403, "another VM's desired state: {:?}", r.body);
     assert_eq!(
         r.body["error"]["code"], "AuthorizationFailed",
@@ -432,14 +433,30 @@ fn revoked_and_foreign_agent_credentials_are_refused_and_audited() {
         None,
     );
     assert!(r.status == 200 || r.status == 204, "{:?}", r.body);
-    let r = desired(&vm_id, &token);
+    let r = desired(&lab, &vm_id, &token);
     assert_eq!(r.status, 401, "a revoked agent credential: {:?}", r.body);
     assert_eq!(
-        r.body["error"]["code"], "AuthenticationFailed",
+        r.body["error"]["code"], "AgentCredentialRevoked",
         "{:?}",
         r.body
     );
-    let r = desired(&vm_id, "jg_notatoken.nosecret");
+    // The running agent is told at its next poll and stops for good (exit 78, which
+    // its systemd unit does not restart), leaving the table in place.
+    let mut agent = lab.agent.take().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(70);
+    let status = loop {
+        if let Some(s) = agent.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not stop after its credential was revoked:\n{}",
+            lab.log_tail("agent")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(78), "{}", lab.log_tail("agent"));
+    let r = desired(&lab, &vm_id, "jg_notatoken.nosecret");
     assert_eq!(r.status, 401, "a made-up credential: {:?}", r.body);
 
     // Both refusals are in the audit log.

@@ -579,7 +579,7 @@ pub struct Lab {
     pub a: Host,
     pub b: Host,
     controller: Option<Child>,
-    agent: Option<Child>,
+    pub agent: Option<Child>,
     services: Services,
     enroll_token: String,
     pub sub: String,
