@@ -197,7 +197,17 @@ fn is_public(path: &str) -> bool {
 
 /// Authenticates every non-public request; a failure is answered 401 and audited.
 pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    if is_public(req.uri().path()) {
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let blocked = source.is_some_and(|ip| state.refusals.blocked(ip, std::time::Instant::now()));
+    let path = req.uri().path();
+    if is_public(path) {
+        // Enrollment tokens are guessed through this door: it is limited like the rest.
+        if blocked && path == "/api/v1/agent/enroll" {
+            return too_many(&state);
+        }
         return next.run(req).await;
     }
     let now = Timestamp::now();
@@ -214,23 +224,70 @@ pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: N
             resp.extensions_mut().insert(actor);
             resp
         }
+        // A source past its refusal limit gets 429 instead of 401: it is told to slow
+        // down, and nothing more is written for it (a valid credential still works).
+        Err(_) if blocked => too_many(&state),
         Err(e) => e.into_response(),
     }
+}
+
+fn too_many(state: &AppState) -> Response {
+    let secs = state.refusals.limits().window.as_secs().max(1);
+    let mut resp = ApiError::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        format!(
+            "too many refused calls from this address; retry in {secs} s with a valid credential"
+        ),
+    )
+    .into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+/// The longest request path written to the audit log (a refused call's path is the
+/// caller's choice).
+const MAX_AUDITED_PATH: usize = 256;
+
+fn bounded_path(path: &str) -> String {
+    if path.len() <= MAX_AUDITED_PATH {
+        return path.to_owned();
+    }
+    let mut end = MAX_AUDITED_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &path[..end], path.len())
 }
 
 /// Records every refused or failed call (status 400 and up) in the audit log.
 pub async fn audit_failures(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let source = req
+    let path = bounded_path(req.uri().path());
+    let ip = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| canonical_addr(c.0.ip()).to_string())
-        .unwrap_or_default();
+        .map(|c| canonical_addr(c.0.ip()));
+    let source = ip.map(|i| i.to_string()).unwrap_or_default();
     let resp = next.run(req).await;
     let actor = resp.extensions().get::<Actor>().map(|a| a.0.clone());
     let status = resp.status();
-    if status.as_u16() >= 400 {
+    let audit_it = status.as_u16() >= 400
+        && match ip {
+            Some(ip) => {
+                state.refusals.refused(ip, std::time::Instant::now())
+                    == crate::limits::Refusal::Audit
+            }
+            None => true,
+        };
+    if status.as_u16() >= 400 && !audit_it {
+        state.metrics.refusals_suppressed.inc();
+        state.metrics.refused(status.as_u16());
+    }
+    if audit_it {
         let info = resp.extensions().get::<crate::error::ErrorInfo>().cloned();
         let action = match status.as_u16() {
             401 => "authentication.failed",

@@ -12,6 +12,7 @@ pub mod body;
 pub mod checkpoint;
 pub mod error;
 pub mod expiry;
+pub mod limits;
 pub mod metrics;
 pub mod native;
 pub mod recommend;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub recommend: Arc<jitgate_core::recommend::RecommendConfig>,
     /// Signs and ships audit checkpoints; its file anchors `audit verify`.
     pub checkpoints: Arc<checkpoint::Checkpointer>,
+    /// Refused calls per source (audit burst, 429 past the block threshold).
+    pub refusals: Arc<limits::RefusalLimiter>,
 }
 
 impl AppState {

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub verdicts: Family<VerdictLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     pub blocked: Family<PortLabel, Counter>,
     pub drift: Counter,
+    pub refusals_suppressed: Counter,
+    pub connections_refused: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,6 +57,18 @@ impl Metrics {
         let verdicts = Family::<VerdictLabel, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
         let blocked = Family::<PortLabel, Counter>::default();
         let drift = Counter::default();
+        let refusals_suppressed = Counter::default();
+        let connections_refused = Counter::default();
+        registry.register(
+            "refusals_suppressed",
+            "Refused calls past a source's audit burst: counted here and summarized in the audit log instead of written one by one",
+            refusals_suppressed.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the connection cap was reached",
+            connections_refused.clone(),
+        );
         registry.register(
             "enforcement_drift",
             "Changes to an agent's table inet jitgate made outside jitgate, as reported by agents",
@@ -111,6 +125,8 @@ impl Metrics {
             verdicts,
             blocked,
             drift,
+            refusals_suppressed,
+            connections_refused,
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Config {
     /// Serve even though the audit chain does not match its newest checkpoint (the
     /// decision is audited).
     pub accept_audit_break: bool,
+    /// Refused-call, connection and timeout limits.
+    pub limits: crate::limits::Limits,
 }
 
 impl Config {
@@ -60,6 +62,7 @@ impl Config {
             audit_checkpoints: None,
             checkpoint_interval: std::time::Duration::from_secs(5),
             accept_audit_break: false,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -213,8 +216,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tls: config.tls.is_some(),
         recommend: Arc::new(config.recommend.clone()),
         checkpoints: checkpointer.clone(),
+        refusals: Arc::new(crate::limits::RefusalLimiter::new(config.limits.clone())),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
+    tokio::spawn(crate::limits::summarize(state.clone(), shutdown_rx.clone()));
     let checkpoints = tokio::spawn(crate::checkpoint::run(
         checkpointer,
         state.store.clone(),
@@ -233,6 +238,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let local_addr = listener.local_addr()?;
     let handle = axum_server::Handle::<SocketAddr>::new();
     let app = crate::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    // Leave room for the database, checkpoint and log files under the fd limit.
+    let fd_limit = crate::limits::raise_fd_limit();
+    let max_connections = config
+        .limits
+        .max_connections
+        .min(fd_limit.saturating_sub(128).max(16) as usize);
+    let cap =
+        crate::limits::CapAcceptor::new(max_connections, state.metrics.connections_refused.clone());
+    let mut srv = axum_server::from_tcp(listener)?.handle(handle.clone());
+    srv.http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(config.limits.header_read_timeout);
+    srv.http_builder()
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(10));
     let server = match &config.tls {
         Some(tls) => {
             let rustls_config =
@@ -245,14 +268,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                             tls.key.display()
                         )
                     })?;
-            let srv = axum_server::from_tcp_rustls(listener, rustls_config)?.handle(handle.clone());
-            tokio::spawn(srv.serve(app))
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls_config)
+                .handshake_timeout(config.limits.header_read_timeout)
+                .acceptor(cap);
+            tokio::spawn(srv.acceptor(acceptor).serve(app))
         }
-        None => {
-            let srv = axum_server::from_tcp(listener)?.handle(handle.clone());
-            tokio::spawn(srv.serve(app))
-        }
+        None => tokio::spawn(srv.acceptor(cap).serve(app)),
     };
+    tracing::info!(max_connections, fd_limit, "connection cap");
     tracing::info!(addr = %local_addr, tls = config.tls.is_some(), "controller listening");
     Ok(Running {
         local_addr,

@@ -141,3 +141,112 @@ async fn recommendations_apply_without_any_policy_right_is_403() {
     let applied = ctl.audit("action=recommendations.apply").await;
     assert!(applied.is_empty(), "{applied:?}");
 }
+
+fn tight(c: &mut jitgate_controller::Config) {
+    c.limits.window = std::time::Duration::from_secs(2);
+    c.limits.audit_burst = 10;
+    c.limits.block_after = 30;
+    c.limits.max_connections = 20;
+    c.limits.header_read_timeout = std::time::Duration::from_secs(1);
+}
+
+/// Regression (issue 8.5): 300 anonymous requests with long paths added 15 MB to the
+/// audit log in 0.2 s. Now a source's refusals past its burst are counted and
+/// summarized, past the block threshold it gets 429, paths are truncated, and a valid
+/// credential from the same address still works.
+#[tokio::test]
+async fn an_anonymous_flood_is_limited_summarized_and_does_not_lock_out_owners() {
+    let ctl = Ctl::start_with(tempfile::tempdir().unwrap(), tight).await;
+    let before = ctl.audit("limit=1000").await.len();
+    let long = format!("/api/v1/{}", "a".repeat(4000));
+    let mut statuses = Vec::new();
+    for _ in 0..300 {
+        let r = ctl
+            .call(Method::GET, &long, Some("jg_bad.token"), None)
+            .await;
+        statuses.push(r.status.as_u16());
+    }
+    assert_eq!(statuses[0], 401);
+    assert_eq!(*statuses.last().unwrap(), 429, "{statuses:?}");
+    // The owner, from the same address, is not locked out.
+    assert_eq!(ctl.get("/api/v1/whoami").await.status, StatusCode::OK);
+    let events = ctl.audit("limit=1000").await;
+    let written = events.len() - before;
+    assert!(written <= 12, "{written} events written for 300 refusals");
+    for e in &events[before..] {
+        assert!(e["target"].as_str().unwrap().len() < 300, "{e}");
+    }
+    // After the window, one summary says how many were not written one by one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = ctl.audit("action=audit.refusals_suppressed").await;
+        if let Some(e) = s.first() {
+            assert_eq!(e["details"]["count"], 290, "{e}");
+            assert_eq!(e["source"], "127.0.0.1");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no summary");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let m = ctl.call(Method::GET, "/metrics", None, None).await;
+    assert!(
+        m.body
+            .as_str()
+            .unwrap()
+            .contains("jitgate_refusals_suppressed_total 290"),
+        "{}",
+        m.body
+    );
+}
+
+/// Regression (issue 8.5): idle and slow sockets held the controller until it stopped
+/// answering anyone. A connection that sends no complete request head within the
+/// timeout is closed, and connections past the cap are closed at once.
+#[tokio::test]
+async fn slow_and_excess_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ctl = Ctl::start_with(tempfile::tempdir().unwrap(), tight).await;
+    let addr = ctl.base.trim_start_matches("http://").to_owned();
+    // Slowloris: half a request head, then silence.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("the slow connection was not closed within 5 s")
+        .unwrap_or(0);
+    let _ = n; // closed (0 bytes) or a 408 answer, then closed
+    // Fill the cap with idle connections: the next one is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let got = tokio::time::timeout(std::time::Duration::from_secs(2), extra.read(&mut buf))
+        .await
+        .expect("the connection past the cap was neither answered nor closed");
+    assert!(
+        matches!(got, Ok(0) | Err(_)),
+        "a connection past the cap was served: {:?}",
+        got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    );
+    // The idle ones time out, and the controller serves again.
+    drop(idle);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(ctl.get("/api/v1/health").await.status, StatusCode::OK);
+    let m = ctl.call(Method::GET, "/metrics", None, None).await;
+    assert!(
+        m.body
+            .as_str()
+            .unwrap()
+            .contains("jitgate_connections_refused_total"),
+        "{}",
+        m.body
+    );
+}
