@@ -18,7 +18,7 @@ pub mod native;
 pub mod recommend;
 mod server;
 
-pub use server::{BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, Running, TlsFiles, start};
+pub use server::{BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, Running, TlsFiles, recover, start};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -20,6 +20,34 @@ use crate::{AppState, metrics};
 pub const DB_FILE: &str = "jitgate.db";
 pub const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
 pub const BOOTSTRAP_PRINCIPAL: &str = "bootstrap-admin";
+pub const LOCK_FILE: &str = "controller.lock";
+pub const RECOVERY_PRINCIPAL: &str = "recovery-admin";
+
+/// An exclusive lock on the data directory, held while a controller (or a local
+/// recovery) uses it: two writers would fork the audit chain.
+pub struct DataDirLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl DataDirLock {
+    pub fn acquire(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                anyhow::anyhow!(
+                    "{} is in use by another jitgate controller (or a recovery): {e}",
+                    data_dir.display()
+                )
+            })?;
+        Ok(DataDirLock { _lock: lock })
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -77,6 +105,7 @@ pub struct Running {
     server: JoinHandle<std::io::Result<()>>,
     expiry: JoinHandle<()>,
     checkpoints: JoinHandle<()>,
+    _lock: DataDirLock,
 }
 
 impl Running {
@@ -185,6 +214,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+    let lock = DataDirLock::acquire(&config.data_dir)?;
     let (store, subscriptions) = bootstrap(&config).await?;
     let (checkpointer, fresh_key) = Checkpointer::open(
         &config.data_dir.join(crate::checkpoint::SIGNING_KEY_FILE),
@@ -286,5 +322,96 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         server,
         expiry,
         checkpoints,
+        _lock: lock,
     })
+}
+
+/// `jitgate admin recover`: mints a new Owner token directly in the data directory,
+/// for when every Owner credential is lost. Local only: the caller must be root or
+/// own the data directory, and no controller may be running on it. Audited
+/// (`admin.recover`, then the token and role assignment it creates), and anchored
+/// with a fresh signed checkpoint. Returns the token text.
+pub async fn recover(data_dir: &Path, checkpoints: Option<PathBuf>) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let db = data_dir.join(DB_FILE);
+    if !db.exists() {
+        bail!("no jitgate database at {}", db.display());
+    }
+    let me = std::fs::metadata("/proc/self")
+        .context("cannot tell who runs this (no /proc)")?
+        .uid();
+    let owner = std::fs::metadata(data_dir)?.uid();
+    if me != 0 && me != owner {
+        bail!(
+            "only root or the owner of {} (uid {owner}) may recover it",
+            data_dir.display()
+        );
+    }
+    let _lock = DataDirLock::acquire(data_dir).context(
+        "stop the controller first (jitgate admin recover works on a stopped controller)",
+    )?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db)?);
+    let (checkpointer, fresh) = Checkpointer::open(
+        &data_dir.join(crate::checkpoint::SIGNING_KEY_FILE),
+        checkpoints.unwrap_or_else(|| data_dir.join(crate::checkpoint::CHECKPOINT_FILE)),
+    )?;
+    // Recovery does not paper over a broken log: the same check as a start.
+    crate::checkpoint::check_at_start(&checkpointer, store.as_ref(), fresh, false).await?;
+    let now = Timestamp::now();
+    let audit = AuditCtx {
+        actor: format!("local-recovery:uid={me}"),
+        source: "local".to_owned(),
+        now,
+    };
+    store
+        .append_audit(jitgate_core::audit::AuditEntry {
+            time: now.to_string(),
+            actor: audit.actor.clone(),
+            source: audit.source.clone(),
+            action: "admin.recover".to_owned(),
+            target: data_dir.display().to_string(),
+            outcome: jitgate_core::audit::Outcome::Success,
+            details: serde_json::json!({"principal": RECOVERY_PRINCIPAL}).to_string(),
+        })
+        .await?;
+    let (id, text, hash) = generate_token();
+    store
+        .create_token(
+            TokenRecord {
+                id,
+                principal: RECOVERY_PRINCIPAL.to_owned(),
+                secret_hash: hash,
+                description: "created by jitgate admin recover".to_owned(),
+                created: now,
+                expires: None,
+                revoked: None,
+            },
+            audit.clone(),
+        )
+        .await?;
+    let existing = store.role_assignments(Some(RECOVERY_PRINCIPAL)).await?;
+    for sub in store.subscriptions().await? {
+        let scope = jitgate_core::ids::Scope::Subscription(sub);
+        if existing.iter().any(|r| {
+            r.assignment.role == jitgate_core::rbac::Role::Owner && r.assignment.scope == scope
+        }) {
+            continue;
+        }
+        store
+            .add_role_assignment(
+                jitgate_store::RoleAssignmentRecord {
+                    id: format!("recovery-{}", generate_token().0),
+                    assignment: jitgate_core::rbac::RoleAssignment {
+                        principal: RECOVERY_PRINCIPAL.to_owned(),
+                        role: jitgate_core::rbac::Role::Owner,
+                        scope,
+                    },
+                    created: now,
+                },
+                audit.clone(),
+            )
+            .await?;
+    }
+    checkpointer.checkpoint(store.as_ref()).await?;
+    Ok(text)
 }

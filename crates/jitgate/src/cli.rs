@@ -30,16 +30,16 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the agent on a protected host (as root): enforce its VM's rules in nftables.
     ///
-    /// Example: jitgate agent --controller https://jit.example.com:8443 --enroll-token je_... --resource-group prod-web
+    /// Example: jitgate agent --controller https://jit.example.com:8443 --enroll-token-file /etc/jitgate/enroll-token --resource-group prod-web
     Agent(AgentArgs),
-    /// Create and list enrollment tokens for agents.
+    /// Create, list and revoke enrollment tokens for agents.
     ///
     /// Example: jitgate enroll-token create --uses 10 --expires-in P1D
     #[command(subcommand)]
     EnrollToken(EnrollTokenCommand),
     /// Store the controller URL and your token for the other commands.
     ///
-    /// Example: jitgate login https://jit.example.com:8443 --token jg_...
+    /// Example: jitgate login https://jit.example.com:8443 --token-stdin < my-token
     Login(crate::people::LoginArgs),
     /// Protect machines with JIT: deny their management ports except on request.
     ///
@@ -81,6 +81,11 @@ pub enum Command {
     ///
     /// Example: jitgate man > jitgate.1 && man ./jitgate.1
     Man,
+    /// Local administration of a controller's data directory.
+    ///
+    /// Example: sudo jitgate admin recover --data-dir /var/lib/jitgate
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Register, list and show protected machines.
     ///
     /// Example: jitgate vm show web-1
@@ -199,6 +204,22 @@ pub struct AgentArgs {
     /// Log format: text or json.
     #[arg(long, env = "JITGATE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Mint a new Owner token when every Owner credential is lost. Runs on the
+    /// controller's machine, as root or the data directory's owner, with the controller
+    /// stopped; audited. Prints the token once.
+    ///
+    /// Example: sudo jitgate admin recover --data-dir /var/lib/jitgate
+    Recover {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The controller's checkpoint file, if not the default.
+        #[arg(long)]
+        audit_checkpoints: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -571,6 +592,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             write_stdout(&out)
         }
         Command::Token(cmd) => token(cmd).await,
+        Command::Admin(AdminCommand::Recover {
+            data_dir,
+            audit_checkpoints,
+        }) => {
+            let token = jitgate_controller::recover(&data_dir, audit_checkpoints).await?;
+            eprintln!(
+                "new Owner token for principal recovery-admin (shown once; revoke it once you have another Owner):"
+            );
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Role(cmd) => role(cmd).await,
         Command::Audit(AuditArgs { cmd: Some(cmd), .. }) => audit(cmd).await,
         Command::Audit(AuditArgs { cmd: None, show }) => crate::people::audit_show(show).await,

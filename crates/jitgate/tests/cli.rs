@@ -469,3 +469,83 @@ fn admin_verbs_and_audit_verify_detect_tampering() {
     assert_eq!(code, Some(2));
     assert!(text.contains("deleted from the end"), "{text}");
 }
+
+fn stop(s: &mut Server) {
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = Instant::now();
+    while s.child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Regression (issue 8.6): the last Owner could revoke its own token and lock
+/// everybody out for good. The revoke is refused; and should every Owner credential be
+/// lost anyway, `jitgate admin recover` mints a new one locally, only with the
+/// controller stopped, audited, with the audit log still anchored.
+#[test]
+fn admin_recover_mints_an_owner_token_locally_and_only_when_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let owner = "recover-test-owner-token-1234";
+    let mut s = serve(&["--data-dir", d], &[("JITGATE_BOOTSTRAP_TOKEN", owner)]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    // While the controller runs, recovery is refused (two writers would fork the chain).
+    let out = jitgate(&["admin", "recover", "--data-dir", d], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stop the controller first"), "{err}");
+    // Lose the Owner credential the hard way (as if its file were gone): revoke it
+    // through a second Owner, then revoke that one too.
+    let (_, tokens) = call("GET", &format!("{base}/api/v1/tokens"), owner, None);
+    let boot = tokens["value"][0]["id"].as_str().unwrap().to_owned();
+    let (st, _) = call(
+        "DELETE",
+        &format!("{base}/api/v1/tokens/{boot}"),
+        owner,
+        None,
+    );
+    assert_eq!(st, 409, "the last Owner credential was revocable");
+    stop(&mut s);
+
+    let out = jitgate(&["admin", "recover", "--data-dir", d], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(token.starts_with("jg_"), "{token}");
+
+    let mut s = serve(&["--data-dir", d], &[]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let (st, who) = call("GET", &format!("{base}/api/v1/whoami"), &token, None);
+    assert_eq!(st, 200, "{who}");
+    assert_eq!(who["principal"], "recovery-admin", "{who}");
+    let (_, ev) = call(
+        "GET",
+        &format!("{base}/api/v1/audit?action=admin.recover"),
+        &token,
+        None,
+    );
+    assert_eq!(ev["value"].as_array().unwrap().len(), 1, "{ev}");
+    let (_, v) = call("GET", &format!("{base}/api/v1/audit/verify"), &token, None);
+    assert_eq!(v["ok"], true, "{v}");
+    stop(&mut s);
+    let out = jitgate(&["audit", "verify", "--data-dir", d], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
