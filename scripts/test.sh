@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # README command #2 (and what CI runs, through .ci/run): installs what is needed, then
-# checks formatting, lints and runs every test of the workspace. Stops at the first
-# failure.
+# checks formatting, lints and runs every test of the workspace.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,9 +22,18 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   fi
 fi
 
+# Every step runs even when an earlier one fails, and every test binary runs even when
+# another fails (--no-fail-fast), so one failure never hides others; the script exits
+# non-zero if any step failed.
+failed=()
 echo "==> cargo fmt --all -- --check" >&2
-cargo fmt --all -- --check
+cargo fmt --all -- --check || failed+=("cargo fmt")
 echo "==> cargo clippy --workspace --all-targets -- -D warnings" >&2
-cargo clippy --workspace --all-targets -- -D warnings
-echo "==> cargo test --workspace" >&2
-cargo test --workspace
+cargo clippy --workspace --all-targets -- -D warnings || failed+=("cargo clippy")
+echo "==> cargo test --workspace --no-fail-fast" >&2
+cargo test --workspace --no-fail-fast || failed+=("cargo test")
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "test.sh: FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "test.sh: all passed" >&2
