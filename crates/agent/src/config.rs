@@ -8,7 +8,7 @@ pub struct AgentConfig {
     /// Controller base URL, e.g. `https://jitgate.example.com:8443`.
     pub controller: String,
     /// Enrollment token, needed only until the agent has its own credential.
-    pub enroll_token: Option<String>,
+    pub enroll_token: Option<jitgate_proto::Secret>,
     pub resource_group: String,
     pub name: String,
     pub location: Option<String>,

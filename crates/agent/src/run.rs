@@ -192,7 +192,7 @@ impl Shared {
             .http
             .post(format!("{}/api/v1/agent/status", self.config.controller))
             .query(&[("vm", self.creds.vm_id.as_str())])
-            .bearer_auth(&self.creds.token)
+            .bearer_auth(self.creds.token.expose())
             .json(&report)
             .send()
             .await;
@@ -341,7 +341,7 @@ impl Shared {
             .http
             .get(format!("{}/api/v1/agent/desired", self.config.controller))
             .query(&q)
-            .bearer_auth(&self.creds.token)
+            .bearer_auth(self.creds.token.expose())
             .send()
             .await
             .map_err(|e| PollError::Unreachable(e.to_string()))?;

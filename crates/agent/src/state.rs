@@ -14,7 +14,7 @@ use jitgate_proto::DesiredState;
 pub struct Credentials {
     pub controller: String,
     pub vm_id: String,
-    pub token: String,
+    pub token: jitgate_proto::Secret,
 }
 
 pub struct StateDir {

@@ -395,6 +395,7 @@ pub async fn enroll(
 ) -> ApiResult<Json<EnrollResponse>> {
     let (token_id, secret) = req
         .enroll_token
+        .expose()
         .strip_prefix("je_")
         .and_then(|r| r.split_once('.'))
         .ok_or_else(|| ApiError::unauthenticated("the enrollment token is not valid"))?;
@@ -478,7 +479,7 @@ pub async fn enroll(
     Ok(Json(EnrollResponse {
         vm_id: vm.to_string(),
         subscription: vm.subscription.to_string(),
-        token,
+        token: jitgate_proto::Secret::new(token),
     }))
 }
 

@@ -97,10 +97,14 @@ pub fn scope_param(state: &AppState, scope: Option<&str>) -> ApiResult<Scope> {
     let scope = Scope::parse(scope.ok_or_else(|| ApiError::bad_param("scope", "is required"))?)
         .map_err(|e| ApiError::bad_param("scope", e))?;
     if !state.subscriptions.contains(&scope.subscription()) {
-        return Err(ApiError::bad_param(
-            "scope",
+        // A well-formed scope of a subscription that is not here: not found, as Azure
+        // answers for an unknown subscription.
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "SubscriptionNotFound",
             format!("subscription {} does not exist", scope.subscription()),
-        ));
+        )
+        .with_target("scope"));
     }
     Ok(scope)
 }
@@ -278,9 +282,12 @@ async fn register_vm(
         .register_vm(record, principal.audit_ctx(ip, Timestamp::now()))
         .await
         .map_err(|e| match e {
-            OpError::Refused(VmError::UnknownSubscription(s)) => {
-                ApiError::bad_param("id", format!("subscription {s} does not exist"))
-            }
+            OpError::Refused(VmError::UnknownSubscription(s)) => ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "SubscriptionNotFound",
+                format!("subscription {s} does not exist"),
+            )
+            .with_target("id"),
             OpError::Refused(VmError::InPolicy(p)) => ApiError::conflict(format!("in policy {p}")),
             OpError::Store(s) => s.into(),
         })?;
@@ -1093,6 +1100,8 @@ async fn delete_nsg_rule(
     Path((rg, name, rule)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     let id = vm_param(&state, &rg, &name)?;
+    jitgate_core::nsg::check_rule_name(&rule)
+        .map_err(|e| ApiError::bad_param("rule", e.message))?;
     principal.require(Action::VmWrite, &id.scope())?;
     let deleted = state
         .store

@@ -63,7 +63,7 @@ pub struct Config {
     /// Allow plain HTTP on a non-loopback address.
     pub insecure_http: bool,
     /// Use this as the bootstrap Owner token instead of generating one.
-    pub bootstrap_token: Option<String>,
+    pub bootstrap_token: Option<jitgate_proto::Secret>,
     /// Management ports and agent-offline time for recommendations.
     pub recommend: jitgate_core::recommend::RecommendConfig,
     /// Where signed audit checkpoints are appended (default: `audit-checkpoints.jsonl`
@@ -159,10 +159,10 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
     let now = Timestamp::now();
     let (token_text, generated) = match &config.bootstrap_token {
         Some(t) => {
-            if t.len() < 16 {
+            if t.expose().len() < 16 {
                 bail!("JITGATE_BOOTSTRAP_TOKEN must be at least 16 characters long");
             }
-            (t.clone(), false)
+            (t.expose().to_owned(), false)
         }
         None => (generate_token().1, true),
     };

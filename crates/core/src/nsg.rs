@@ -195,20 +195,26 @@ pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
     Ok(PortRange { first, last })
 }
 
-/// Validates a user rule named `name`. JIT rule names (`JIT-...`) are reserved.
-pub fn validate_user_rule(name: &str, input: &UserRuleInput) -> Result<NsgRule, crate::FieldError> {
-    use crate::FieldError;
+/// Checks the form of a rule name (1 to 80 letters, digits, `-`, `_`, `.`).
+pub fn check_rule_name(name: &str) -> Result<(), crate::FieldError> {
     if name.is_empty()
         || name.len() > 80
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
-        return Err(FieldError::new(
+        return Err(crate::FieldError::new(
             "name",
             "must be 1 to 80 letters, digits, '-', '_' or '.'",
         ));
     }
+    Ok(())
+}
+
+/// Validates a user rule named `name`. JIT rule names (`JIT-...`) are reserved.
+pub fn validate_user_rule(name: &str, input: &UserRuleInput) -> Result<NsgRule, crate::FieldError> {
+    use crate::FieldError;
+    check_rule_name(name)?;
     if name.len() >= 4 && name[..4].eq_ignore_ascii_case("JIT-") {
         return Err(FieldError::new(
             "name",

@@ -157,6 +157,18 @@ pub struct ServeArgs {
     /// (deleted, rewritten or truncated events). The decision is audited.
     #[arg(long)]
     pub accept_audit_break: bool,
+    /// Refused calls per source address (IPv6: per /64) written to the audit log one by
+    /// one in each 10 s window; more are counted and summarized [default: 100].
+    #[arg(long, env = "JITGATE_REFUSALS_AUDITED")]
+    pub refusals_audited: Option<u32>,
+    /// Refused calls per source and 10 s window after which calls without a valid
+    /// credential get 429 [default: 300].
+    #[arg(long, env = "JITGATE_REFUSALS_BLOCK_AFTER")]
+    pub refusals_block_after: Option<u32>,
+    /// Most connections open at once (one per agent long-poll), also bounded by the
+    /// open-file limit [default: 16384].
+    #[arg(long, env = "JITGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -276,6 +288,9 @@ struct FileConfig {
     management_ports: Option<Vec<u16>>,
     agent_offline_after: Option<u64>,
     audit_checkpoints: Option<PathBuf>,
+    refusals_audited: Option<u32>,
+    refusals_block_after: Option<u32>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -506,9 +521,21 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
     let mut config = jitgate_controller::Config::new(listen, data_dir);
     config.tls = tls;
     config.insecure_http = args.insecure_http || file.insecure_http.unwrap_or(false);
-    config.bootstrap_token = args.bootstrap_token;
+    config.bootstrap_token = args.bootstrap_token.map(jitgate_proto::Secret::new);
     config.audit_checkpoints = args.audit_checkpoints.or(file.audit_checkpoints);
     config.accept_audit_break = args.accept_audit_break;
+    if let Some(n) = args.refusals_audited.or(file.refusals_audited) {
+        config.limits.audit_burst = n;
+    }
+    if let Some(n) = args.refusals_block_after.or(file.refusals_block_after) {
+        config.limits.block_after = n;
+    }
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        if n < 16 {
+            bail!("max_connections: must be at least 16");
+        }
+        config.limits.max_connections = n;
+    }
     if let Some(ports) = args.management_ports.or(file.management_ports) {
         if ports.is_empty() || ports.contains(&0) {
             bail!("management_ports: give ports from 1 to 65535");
@@ -874,8 +901,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         args.state_dir,
     );
     config.enroll_token = match (&args.enroll_token_file, args.enroll_token) {
-        (Some(path), _) => Some(read_secret(path).context("--enroll-token-file")?),
-        (None, t) => t,
+        (Some(path), _) => Some(jitgate_proto::Secret::new(
+            read_secret(path).context("--enroll-token-file")?,
+        )),
+        (None, t) => t.map(jitgate_proto::Secret::new),
     };
     config.location = args.location;
     config.ca_cert = args.ca_cert;

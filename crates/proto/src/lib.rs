@@ -217,10 +217,33 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
     })
 }
 
+/// A secret (a token): its `Debug` never shows it, so it cannot reach a log through a
+/// `{:?}` of the struct that holds it. On the wire it is the plain string.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that must send or check it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollRequest {
-    pub enroll_token: String,
+    pub enroll_token: Secret,
     pub resource_group: String,
     pub name: String,
     #[serde(default)]
@@ -233,7 +256,7 @@ pub struct EnrollResponse {
     pub vm_id: String,
     pub subscription: String,
     /// The agent's own credential, usable for its VM only.
-    pub token: String,
+    pub token: Secret,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

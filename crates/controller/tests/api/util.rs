@@ -36,7 +36,7 @@ impl Resp {
 
 pub fn config(dir: PathBuf) -> Config {
     let mut c = Config::new(SocketAddr::from(([127, 0, 0, 1], 0)), dir);
-    c.bootstrap_token = Some(OWNER.to_owned());
+    c.bootstrap_token = Some(jitgate_proto::Secret::new(OWNER));
     c
 }
 
