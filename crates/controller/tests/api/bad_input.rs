@@ -378,17 +378,20 @@ async fn bad_native_input() {
             json!({"principal": "alice", "role": "Reader", "scope": "/nowhere"}),
             "scope",
         ),
-        (
-            "/api/v1/roleAssignments",
-            json!({"principal": "alice", "role": "Reader", "scope": "/subscriptions/00000000-0000-0000-0000-000000000009"}),
-            "scope",
-        ),
     ] {
         let r = ctl.post(path, body.clone()).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {:?}", r.body);
         assert!(r.message().contains(field), "{body}: {}", r.message());
         assert_eq!(ctl.snapshot().await, before, "{body}");
     }
+    // A well-formed scope of a subscription that is not here is not found (404),
+    // naming the field, and changes nothing.
+    let body = json!({"principal": "alice", "role": "Reader", "scope": "/subscriptions/00000000-0000-0000-0000-000000000009"});
+    let r = ctl.post("/api/v1/roleAssignments", body.clone()).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{body}: {:?}", r.body);
+    assert_eq!(r.code(), "SubscriptionNotFound");
+    assert_eq!(r.body["error"]["target"], "scope");
+    assert_eq!(ctl.snapshot().await, before, "{body}");
     for (path, field) in [
         ("/api/v1/requests/not-a-guid", "id"),
         ("/api/v1/requests?limit=0", "limit"),
