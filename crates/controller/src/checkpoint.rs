@@ -27,11 +27,36 @@ pub const SIGNING_KEY_FILE: &str = "audit-signing.key";
 pub const PUBLIC_KEY_FILE: &str = "audit-signing.pub";
 pub const CHECKPOINT_FILE: &str = "audit-checkpoints.jsonl";
 
+/// A place checkpoints are shipped to, out of reach of whoever can write the
+/// database. The file is the first; the notification outbox (webhooks) will be
+/// another, receiving the same line (`jitgate_store::checkpoint::to_line`).
+pub trait CheckpointSink: Send + Sync {
+    fn ship(&self, cp: &Checkpoint, key: &CheckpointPublicKey) -> anyhow::Result<()>;
+    fn describe(&self) -> String;
+}
+
+/// Appends checkpoints to a file (fsynced), which the controller also reads back to
+/// verify against.
+pub struct FileSink(pub PathBuf);
+
+impl CheckpointSink for FileSink {
+    fn ship(&self, cp: &Checkpoint, key: &CheckpointPublicKey) -> anyhow::Result<()> {
+        Ok(file::append(&self.0, cp, key)?)
+    }
+
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
 /// Signs and ships checkpoints; remembers the last one it wrote.
 pub struct Checkpointer {
     key: CheckpointKey,
     public: CheckpointPublicKey,
+    /// The checkpoint file: shipped to and read back for verification.
     path: PathBuf,
+    /// Further destinations, each receiving every checkpoint.
+    sinks: Vec<Box<dyn CheckpointSink>>,
     /// Sequence number of the newest checkpoint written (0: none yet).
     last: Mutex<u64>,
 }
@@ -99,10 +124,16 @@ impl Checkpointer {
                 key,
                 public,
                 path: checkpoints,
+                sinks: Vec::new(),
                 last: Mutex::new(0),
             },
             created,
         ))
+    }
+
+    /// Ships every later checkpoint to `sink` too.
+    pub fn add_sink(&mut self, sink: Box<dyn CheckpointSink>) {
+        self.sinks.push(sink);
     }
 
     pub fn public(&self) -> &CheckpointPublicKey {
@@ -129,7 +160,13 @@ impl Checkpointer {
             return Ok(None);
         }
         let cp = self.key.sign(seq, &hash, &Timestamp::now().to_string());
-        file::append(&self.path, &cp, &self.public)?;
+        FileSink(self.path.clone()).ship(&cp, &self.public)?;
+        for sink in &self.sinks {
+            // One destination being down must not stop the others (nor the file).
+            if let Err(e) = sink.ship(&cp, &self.public) {
+                tracing::error!(sink = %sink.describe(), error = %format!("{e:#}"), "cannot ship an audit checkpoint");
+            }
+        }
         *last = seq;
         Ok(Some(cp))
     }
@@ -227,5 +264,72 @@ pub async fn run(
         if *shutdown.borrow() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    struct Collect(Arc<StdMutex<Vec<u64>>>);
+    impl CheckpointSink for Collect {
+        fn ship(&self, cp: &Checkpoint, _: &CheckpointPublicKey) -> anyhow::Result<()> {
+            self.0.lock().unwrap().push(cp.seq);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "collect".into()
+        }
+    }
+    struct Down;
+    impl CheckpointSink for Down {
+        fn ship(&self, _: &Checkpoint, _: &CheckpointPublicKey) -> anyhow::Result<()> {
+            anyhow::bail!("unreachable")
+        }
+        fn describe(&self) -> String {
+            "down".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_sink_gets_every_checkpoint_and_one_down_stops_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(jitgate_store::sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        let (mut cp, fresh) =
+            Checkpointer::open(&dir.path().join("key"), dir.path().join("cp.jsonl")).unwrap();
+        assert!(fresh);
+        let got = Arc::new(StdMutex::new(Vec::new()));
+        cp.add_sink(Box::new(Down));
+        cp.add_sink(Box::new(Collect(got.clone())));
+        let entry = |i: u64| AuditEntry {
+            time: "2026-01-01T00:00:00Z".into(),
+            actor: "t".into(),
+            source: "t".into(),
+            action: format!("test.{i}"),
+            target: "t".into(),
+            outcome: Outcome::Success,
+            details: "{}".into(),
+        };
+        store.append_audit(entry(1)).await.unwrap();
+        assert_eq!(cp.checkpoint(store.as_ref()).await.unwrap().unwrap().seq, 1);
+        assert!(
+            cp.checkpoint(store.as_ref()).await.unwrap().is_none(),
+            "nothing new"
+        );
+        store.append_audit(entry(2)).await.unwrap();
+        cp.checkpoint(store.as_ref()).await.unwrap();
+        assert_eq!(*got.lock().unwrap(), vec![1, 2]);
+        let anchors = cp.anchors().unwrap();
+        assert_eq!(anchors.checkpoints.len(), 2, "the file has both");
+        // The key file is private.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }
