@@ -1261,80 +1261,16 @@ mod tests {
     // Properties of rendering: user text never changes the script's structure
     // ---------------------------------------------------------------------------
 
-    /// Rule names as a hostile user might write them.
-    fn arb_name() -> impl Strategy<Value = String> {
-        prop_oneof![
-            any::<String>(),
-            "[\"';{}#\\\\\n\r\t $@a-z]{1,40}",
-            "\\PC{100,300}",
-            Just("x\" ; drop ; comment \"y".to_owned()),
-            Just("a\"\n}\ntable inet evil { chain c { type filter hook input priority 0; policy drop; } }\n#".to_owned()),
-            Just("\\\" accept #".to_owned()),
-        ]
+    mod hostile_rules {
+        include!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/hostile_rules.rs"
+        ));
     }
+    use hostile_rules::{arb_name, arb_rules};
 
-    fn arb_rule_source() -> impl Strategy<Value = SourcePrefix> {
-        prop_oneof![
-            1 => Just(SourcePrefix::Any),
-            3 => (any::<u32>(), 8u32..=32).prop_map(|(a, len)| {
-                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-                src(&format!("{}/{len}", std::net::Ipv4Addr::from(a & mask)))
-            }),
-            2 => (any::<u128>(), 16u32..=128).prop_map(|(a, len)| {
-                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
-                src(&format!("{}/{len}", std::net::Ipv6Addr::from(a & mask)))
-            }),
-        ]
-    }
-
-    /// Rules with random names, unique priorities, any access, protocol, sources and
-    /// ports, user or JIT deny.
     fn arb_named_rules() -> impl Strategy<Value = Vec<NsgRule>> {
-        prop::collection::vec(
-            (
-                arb_name(),
-                100u16..=4096,
-                any::<bool>(),
-                prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Any]),
-                prop::collection::vec(arb_rule_source(), 1..4),
-                prop::collection::vec((1u16..=65535, 0u16..50), 1..4),
-                any::<bool>(),
-            ),
-            0..8,
-        )
-        .prop_map(|raw| {
-            let mut rules: Vec<NsgRule> = Vec::new();
-            for (name, priority, allow, protocol, sources, ports, deny) in raw {
-                if rules.iter().any(|r| r.priority == priority) {
-                    continue;
-                }
-                rules.push(NsgRule {
-                    name,
-                    priority,
-                    access: if allow && !deny {
-                        Access::Allow
-                    } else {
-                        Access::Deny
-                    },
-                    protocol,
-                    sources,
-                    ports: ports
-                        .into_iter()
-                        .map(|(a, w)| PortRange {
-                            first: port(a),
-                            last: port(a.saturating_add(w)),
-                        })
-                        .collect(),
-                    description: "; drop\n#".into(),
-                    origin: if deny {
-                        RuleOrigin::JitDeny { policy: "p".into() }
-                    } else {
-                        RuleOrigin::User
-                    },
-                });
-            }
-            rules
-        })
+        arb_rules(arb_name(), 0, "; drop\n#")
     }
 
     /// The script with every comment emptied, and the comments in order. Fails when a

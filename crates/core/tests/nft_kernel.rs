@@ -588,82 +588,17 @@ fn deleting_an_expired_element_fails_the_transaction() {
 // Random rule names: nft accepts the script and holds exactly the planned rules
 // ---------------------------------------------------------------------------------
 
+mod hostile_rules {
+    include!("support/hostile_rules.rs");
+}
+
 /// Rule names as a hostile user might write them, within what `nft::validate`
 /// accepts (1 to 128 characters).
-fn arb_name() -> impl Strategy<Value = String> {
-    prop_oneof![
-        any::<String>(),
-        "[\"';{}#\\\\\n\r\t $@a-z]{1,40}",
-        "\\PC{100,200}",
-        Just("x\" ; drop ; comment \"y".to_owned()),
-        Just("a\"\n}\ntable inet evil { chain c { type filter hook input priority 0; policy drop; } }\n#".to_owned()),
-        Just("\\\" accept #".to_owned()),
-        Just(" ".to_owned()),
-    ]
-    .prop_map(|n| n.chars().take(128).collect::<String>())
-    .prop_filter("validate refuses empty names", |n| !n.is_empty())
-}
-
-fn arb_source() -> impl Strategy<Value = SourcePrefix> {
-    prop_oneof![
-        1 => Just(SourcePrefix::Any),
-        3 => (any::<u32>(), 8u32..=32).prop_map(|(a, len)| {
-            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-            SourcePrefix::parse(&format!("{}/{len}", std::net::Ipv4Addr::from(a & mask))).unwrap()
-        }),
-        2 => (any::<u128>(), 16u32..=128).prop_map(|(a, len)| {
-            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
-            SourcePrefix::parse(&format!("{}/{len}", std::net::Ipv6Addr::from(a & mask))).unwrap()
-        }),
-    ]
-}
-
 fn arb_rules() -> impl Strategy<Value = Vec<NsgRule>> {
-    prop::collection::vec(
-        (
-            arb_name(),
-            100u16..=4096,
-            any::<bool>(),
-            prop::sample::select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Any]),
-            prop::collection::vec(arb_source(), 1..4),
-            prop::collection::vec((1u16..=65535, 0u16..50), 1..4),
-            any::<bool>(),
-        ),
-        1..8,
-    )
-    .prop_map(|raw| {
-        let mut rules: Vec<NsgRule> = Vec::new();
-        for (name, priority, allow, protocol, sources, ports, deny) in raw {
-            if rules.iter().any(|r| r.priority == priority) {
-                continue;
-            }
-            rules.push(NsgRule {
-                name,
-                priority,
-                access: if allow && !deny {
-                    Access::Allow
-                } else {
-                    Access::Deny
-                },
-                protocol,
-                sources,
-                ports: ports
-                    .into_iter()
-                    .map(|(a, w)| PortRange {
-                        first: port(a),
-                        last: port(a.saturating_add(w)),
-                    })
-                    .collect(),
-                description: "\"; flush ruleset\n#".into(),
-                origin: if deny {
-                    RuleOrigin::JitDeny { policy: "p".into() }
-                } else {
-                    RuleOrigin::User
-                },
-            });
-        }
-        rules
-    })
+    let names = hostile_rules::arb_name()
+        .prop_map(|n| n.chars().take(128).collect::<String>())
+        .prop_filter("validate refuses empty names", |n| !n.is_empty());
+    hostile_rules::arb_rules(names, 1, "\"; flush ruleset\n#")
 }
 
 /// A rule name as the kernel must hold its comment: printable ASCII kept, `"` and `\`

@@ -221,25 +221,7 @@ fn sigterm_shuts_down_gracefully() {
     );
     let base = s.base.clone();
     wait_listening(&mut s, &base);
-    let pid = s.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = stop(&mut s);
     assert!(status.success(), "{status}: {}", s.log.lock().unwrap());
     assert!(s.log.lock().unwrap().contains("shutting down"));
 }
@@ -470,7 +452,8 @@ fn admin_verbs_and_audit_verify_detect_tampering() {
     assert!(text.contains("deleted from the end"), "{text}");
 }
 
-fn stop(s: &mut Server) {
+/// SIGTERM, then waits (at most 10 s) for the exit.
+fn stop(s: &mut Server) -> std::process::ExitStatus {
     let pid = s.child.id().to_string();
     assert!(
         Command::new("kill")
@@ -480,8 +463,14 @@ fn stop(s: &mut Server) {
             .success()
     );
     let start = Instant::now();
-    while s.child.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(10), "did not stop");
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -515,7 +504,7 @@ fn admin_recover_mints_an_owner_token_locally_and_only_when_stopped() {
         None,
     );
     assert_eq!(st, 409, "the last Owner credential was revocable");
-    stop(&mut s);
+    assert!(stop(&mut s).success());
 
     let out = jitgate(&["admin", "recover", "--data-dir", d], &[]);
     assert!(
@@ -541,7 +530,7 @@ fn admin_recover_mints_an_owner_token_locally_and_only_when_stopped() {
     assert_eq!(ev["value"].as_array().unwrap().len(), 1, "{ev}");
     let (_, v) = call("GET", &format!("{base}/api/v1/audit/verify"), &token, None);
     assert_eq!(v["ok"], true, "{v}");
-    stop(&mut s);
+    assert!(stop(&mut s).success());
     let out = jitgate(&["audit", "verify", "--data-dir", d], &[]);
     assert!(
         out.status.success(),

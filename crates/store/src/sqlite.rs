@@ -1573,17 +1573,8 @@ impl Store for SqliteStore {
 
     async fn revoke_token(&self, id: &str, audit: AuditCtx) -> Result<bool> {
         let id = id.to_owned();
-        self.write_plain(move |ctx| {
-            let n = ctx.tx.execute(
-                "UPDATE tokens SET revoked_ns = ?2 WHERE id = ?1 AND revoked_ns IS NULL",
-                params![id, ns(audit.now)],
-            )?;
-            if n > 0 {
-                ctx.audit(&audit, "token.revoke", &id, serde_json::json!({}))?;
-            }
-            Ok(n > 0)
-        })
-        .await
+        self.write_plain(move |ctx| revoke_row(ctx, &audit, Revocable::Token, &id))
+            .await
     }
 
     async fn add_role_assignment(&self, ra: RoleAssignmentRecord, audit: AuditCtx) -> Result<()> {
@@ -1831,17 +1822,8 @@ impl Store for SqliteStore {
 
     async fn revoke_enroll_token(&self, id: &str, audit: AuditCtx) -> Result<bool> {
         let id = id.to_owned();
-        self.write_plain(move |ctx| {
-            let n = ctx.tx.execute(
-                "UPDATE enroll_tokens SET revoked_ns = ?2 WHERE id = ?1 AND revoked_ns IS NULL",
-                params![id, ns(audit.now)],
-            )?;
-            if n > 0 {
-                ctx.audit(&audit, "enrollToken.revoke", &id, serde_json::json!({}))?;
-            }
-            Ok(n > 0)
-        })
-        .await
+        self.write_plain(move |ctx| revoke_row(ctx, &audit, Revocable::EnrollToken, &id))
+            .await
     }
 
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
@@ -2349,6 +2331,33 @@ fn read_tokens(
 /// Compares two byte strings in time independent of where they differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What `revoke_row` can revoke.
+#[derive(Clone, Copy)]
+enum Revocable {
+    Token,
+    EnrollToken,
+}
+
+/// Marks a token or an enrollment token revoked (once; audited). False if it is
+/// unknown or already revoked.
+fn revoke_row(ctx: &mut WriteCtx<'_>, audit: &AuditCtx, what: Revocable, id: &str) -> Result<bool> {
+    let (sql, action) = match what {
+        Revocable::Token => (
+            "UPDATE tokens SET revoked_ns = ?2 WHERE id = ?1 AND revoked_ns IS NULL",
+            "token.revoke",
+        ),
+        Revocable::EnrollToken => (
+            "UPDATE enroll_tokens SET revoked_ns = ?2 WHERE id = ?1 AND revoked_ns IS NULL",
+            "enrollToken.revoke",
+        ),
+    };
+    let n = ctx.tx.execute(sql, params![id, ns(audit.now)])?;
+    if n > 0 {
+        ctx.audit(audit, action, id, serde_json::json!({}))?;
+    }
+    Ok(n > 0)
 }
 
 fn read_enroll_tokens(
