@@ -54,8 +54,15 @@ struct Shared {
     http: reqwest::Client,
     creds: Credentials,
     enforcer: Mutex<Enforcer>,
-    /// The table as read back right after the last apply (drift is measured against it).
-    baseline: Mutex<Option<crate::drift::Baseline>>,
+    /// The table as read back after the apply numbered by its `u64` (drift is
+    /// measured against it).
+    baseline: Mutex<Option<(u64, crate::drift::Baseline)>>,
+    /// A sequence lock around applies: odd while an apply runs, bumped twice by each.
+    /// A read-back is trusted only when the number is even and unchanged across it,
+    /// so reading the table never holds up an apply.
+    apply_seq: std::sync::atomic::AtomicU64,
+    /// Wakes the watchdog to read the table back right after an apply.
+    baseline_wanted: tokio::sync::Notify,
     progress: Mutex<Progress>,
     nft_version: Option<String>,
 }
@@ -203,10 +210,12 @@ impl Shared {
         }
     }
 
-    /// Compares the kernel's table with the baseline read after the last apply. On
-    /// drift, records it (the caller reports, then calls [`Self::repair`]) and returns
-    /// true; when a table found drifted earlier matches again, confirms it.
+    /// Compares the kernel's table with the baseline read after the last apply (or
+    /// takes that baseline, the first time after an apply). On drift, records it (the
+    /// caller reports, then calls [`Self::repair`]); when a table found drifted earlier
+    /// matches again, confirms it.
     fn check_table(&self) -> DriftCheck {
+        use std::sync::atomic::Ordering;
         let has_state = self
             .progress
             .lock()
@@ -215,11 +224,10 @@ impl Shared {
         if !has_state {
             return DriftCheck::Same;
         }
-        // Under the enforcer's lock, so an apply cannot land between the listing and
-        // the baseline it is compared with.
-        let Ok(_enforcer) = self.enforcer.lock() else {
-            return DriftCheck::Same;
-        };
+        let before = self.apply_seq.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            return DriftCheck::Retry;
+        }
         let listing = match self.counter_nft.list_table_json() {
             Ok(l) => l,
             Err(e) => {
@@ -227,11 +235,25 @@ impl Shared {
                 return DriftCheck::Same;
             }
         };
-        let base = self.baseline.lock().ok().and_then(|b| b.clone());
-        let changes = match &base {
-            Some(b) => crate::drift::compare(b, listing.as_deref(), Instant::now()),
-            None if listing.is_none() => vec!["table inet jitgate was deleted".to_owned()],
-            None => Vec::new(),
+        if self.apply_seq.load(Ordering::Acquire) != before {
+            // An apply ran meanwhile: this listing belongs to no single state.
+            return DriftCheck::Retry;
+        }
+        let now = Instant::now();
+        let changes = match (&listing, self.baseline.lock().as_deref_mut()) {
+            (None, _) => vec!["table inet jitgate was deleted".to_owned()],
+            (Some(_), Err(_)) => return DriftCheck::Same,
+            (Some(json), Ok(slot)) => match slot {
+                Some((seq, base)) if *seq == before => crate::drift::compare(base, Some(json), now),
+                _ => {
+                    // The first read-back after this apply becomes its baseline.
+                    match crate::drift::baseline(json, now) {
+                        Ok(b) => *slot = Some((before, b)),
+                        Err(e) => tracing::warn!(error = %e, "cannot parse table inet jitgate"),
+                    }
+                    Vec::new()
+                }
+            },
         };
         let Ok(mut p) = self.progress.lock() else {
             return DriftCheck::Same;
@@ -300,20 +322,13 @@ impl Shared {
                 .enforcer
                 .lock()
                 .map_err(|_| anyhow::anyhow!("enforcer lock poisoned"))?;
-            let (kind, took) = enforcer.apply(&desired, Timestamp::now())?;
-            let stale = self.baseline.lock().map(|b| b.is_none()).unwrap_or(true);
-            if kind != ApplyKind::Nothing || stale {
-                // Read the table back while still holding the enforcer: drift is
-                // measured against what the kernel holds after this apply.
-                let base = enforcer
-                    .nft()
-                    .list_table_json()
-                    .ok()
-                    .flatten()
-                    .and_then(|json| crate::drift::baseline(&json, Instant::now()).ok());
-                if let Ok(mut b) = self.baseline.lock() {
-                    *b = base;
-                }
+            let (kind, took) = {
+                let _seq = SeqGuard::enter(&self.apply_seq);
+                enforcer.apply(&desired, Timestamp::now())?
+            };
+            if kind != ApplyKind::Nothing {
+                // The watchdog reads the new table back at once, off this path.
+                self.baseline_wanted.notify_one();
             }
             tracing::info!(revision = %desired.revision, ?kind, took_ms = took.as_secs_f64() * 1000.0, grants = desired.grants.len(), "applied");
             Ok(kind)
@@ -367,9 +382,28 @@ impl Shared {
     }
 }
 
+/// Holds the apply sequence odd for the duration of an apply (see `Shared::apply_seq`),
+/// even on an early return.
+struct SeqGuard<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> SeqGuard<'a> {
+    fn enter(seq: &'a std::sync::atomic::AtomicU64) -> Self {
+        seq.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        SeqGuard(seq)
+    }
+}
+
+impl Drop for SeqGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DriftCheck {
     Same,
+    /// An apply ran during the read-back: read again shortly.
+    Retry,
     Drift,
     /// A table found drifted earlier matches again.
     Confirmed,
@@ -425,6 +459,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         creds,
         enforcer: Mutex::new(Enforcer::new(nft)),
         baseline: Mutex::new(None),
+        apply_seq: std::sync::atomic::AtomicU64::new(0),
+        baseline_wanted: tokio::sync::Notify::new(),
         progress: Mutex::new(Progress::default()),
         nft_version,
         config,
@@ -459,17 +495,21 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let wd = shared.clone();
     let mut wd_shutdown = shutdown.clone();
     let watchdog = tokio::spawn(async move {
+        let mut pause = TABLE_CHECK;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(TABLE_CHECK) => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = wd.baseline_wanted.notified() => {}
                 _ = wd_shutdown.changed() => return,
             }
+            pause = TABLE_CHECK;
             let me = wd.clone();
             let found = tokio::task::spawn_blocking(move || me.check_table())
                 .await
                 .unwrap_or(DriftCheck::Same);
             match found {
                 DriftCheck::Same => {}
+                DriftCheck::Retry => pause = Duration::from_millis(20),
                 DriftCheck::Confirmed => wd.report(false).await,
                 DriftCheck::Drift => {
                     // Tell the controller before repairing, so the drift is on record
