@@ -136,12 +136,25 @@ pub async fn desired(
     let known = q.get("known").cloned();
     let mut rx = state.vm_changes.subscribe(&vm);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut woken = false;
     loop {
         rx.borrow_and_update();
         let d = desired_state(&state, &vm).await?;
         if known.as_deref() != Some(d.revision.as_str()) {
             return Ok(Json(d));
         }
+        // Woken with nothing new for this VM: it may be this agent being replaced or
+        // revoked; tell it now (off the path of real changes).
+        if woken
+            && state
+                .store
+                .find_token(&principal.token_id)
+                .await?
+                .is_none_or(|t| t.revoked.is_some())
+        {
+            return Err(credential_revoked());
+        }
+        woken = false;
         // Grants leave the desired state at their end even without a write; wake then.
         let next_end = d
             .grants
@@ -156,15 +169,7 @@ pub async fn desired(
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() { return Ok(Json(d)); }
-                // A wake may be this agent being replaced or revoked: tell it now.
-                if state
-                    .store
-                    .find_token(&principal.token_id)
-                    .await?
-                    .is_none_or(|t| t.revoked.is_some())
-                {
-                    return Err(credential_revoked());
-                }
+                woken = true;
             }
             _ = tokio::time::sleep_until(until) => {
                 if tokio::time::Instant::now() >= deadline {
