@@ -573,6 +573,9 @@ pub fn render_full(rules: &[NsgRule], elements: &[Element], now: Timestamp) -> S
         "\t\ttype filter hook input priority filter; policy accept;"
     );
     let _ = writeln!(out, "\t\tct state established,related accept");
+    // The machine talking to itself (`ssh localhost`, local monitoring) is not the
+    // network JIT guards.
+    let _ = writeln!(out, "\t\tiif \"lo\" accept");
     let _ = writeln!(out, "\t\tip saddr . meta l4proto . th dport @{SET4} accept");
     let _ = writeln!(
         out,
@@ -743,6 +746,7 @@ mod tests {
     const CHAIN: &str = "chain input {
         type filter hook input priority filter; policy accept;
         ct state established,related accept
+        iif \"lo\" accept
         ip saddr . meta l4proto . th dport @grants4 accept
         ip6 saddr . meta l4proto . th dport @grants6 accept";
 

@@ -140,16 +140,17 @@ fn proto(s: &str) -> L4 {
 /// bare value).
 fn held_json(ns: &Netns, set: &str) -> Vec<Held> {
     let text = ns.nft(&["-j", "list", "set", "inet", "jitgate", set]);
-    let doc = json::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    let sets: Vec<&json::Value> = doc
+    let doc =
+        serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let sets: Vec<&serde_json::Value> = doc
         .get("nftables")
-        .and_then(json::Value::array)
+        .and_then(serde_json::Value::as_array)
         .unwrap()
         .iter()
         .filter_map(|o| o.get("set"))
         .collect();
     assert_eq!(sets.len(), 1, "{text}");
-    let Some(elems) = sets[0].get("elem").and_then(json::Value::array) else {
+    let Some(elems) = sets[0].get("elem").and_then(serde_json::Value::as_array) else {
         return Vec::new();
     };
     elems
@@ -161,22 +162,22 @@ fn held_json(ns: &Netns, set: &str) -> Vec<Held> {
             let concat = e
                 .get("val")
                 .and_then(|v| v.get("concat"))
-                .and_then(json::Value::array)
+                .and_then(serde_json::Value::as_array)
                 .unwrap();
             let net = match &concat[0] {
-                json::Value::Str(a) => IpNet::from(a.parse::<IpAddr>().unwrap()),
+                serde_json::Value::String(a) => IpNet::from(a.parse::<IpAddr>().unwrap()),
                 p => {
                     let p = p.get("prefix").unwrap();
-                    let addr = p.get("addr").and_then(json::Value::str).unwrap();
-                    let len = p.get("len").and_then(json::Value::num).unwrap();
+                    let addr = p.get("addr").and_then(serde_json::Value::as_str).unwrap();
+                    let len = p.get("len").and_then(serde_json::Value::as_f64).unwrap();
                     format!("{addr}/{len}").parse().unwrap()
                 }
             };
-            let l4 = proto(concat[1].str().unwrap());
-            let port = concat[2].num().unwrap() as u16;
+            let l4 = proto(concat[1].as_str().unwrap());
+            let port = concat[2].as_f64().unwrap() as u16;
             let secs = |k: &str| {
                 e.get(k)
-                    .and_then(json::Value::num)
+                    .and_then(serde_json::Value::as_f64)
                     .unwrap_or_else(|| panic!("element {net} . {l4:?} . {port} has no {k}"))
                     as i64
             };
@@ -619,7 +620,8 @@ fn sanitized(name: &str) -> String {
 /// `(comment, verdict)` for the three fixed rules (established, the two grant sets),
 /// then for each rule by priority one line per source family (one for `*`).
 fn expected_chain(rules: &[NsgRule]) -> Vec<(Option<String>, &'static str)> {
-    let mut out = vec![(None, "accept"); 3];
+    // established/related, loopback, the two grant sets.
+    let mut out = vec![(None, "accept"); 4];
     let mut sorted: Vec<&NsgRule> = rules.iter().collect();
     sorted.sort_by_key(|r| r.priority);
     for r in sorted {
@@ -669,18 +671,27 @@ fn random_rule_names_give_exactly_the_planned_rules() {
             .unwrap_or_else(|e| panic!("{e}\n--- script ---\n{script}"));
 
         let text = ns.nft(&["-j", "list", "ruleset"]);
-        let doc = json::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-        let objects = doc.get("nftables").and_then(json::Value::array).unwrap();
-        let of = |kind: &str| -> Vec<&json::Value> {
+        let doc = serde_json::from_str::<serde_json::Value>(&text)
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        let objects = doc
+            .get("nftables")
+            .and_then(serde_json::Value::as_array)
+            .unwrap();
+        let of = |kind: &str| -> Vec<&serde_json::Value> {
             objects.iter().filter_map(|o| o.get(kind)).collect()
         };
-        let name = |o: &json::Value| o.get("name").and_then(json::Value::str).unwrap().to_owned();
+        let name = |o: &serde_json::Value| {
+            o.get("name")
+                .and_then(serde_json::Value::as_str)
+                .unwrap()
+                .to_owned()
+        };
         let tables: Vec<String> = of("table")
             .iter()
             .map(|t| {
                 format!(
                     "{} {}",
-                    t.get("family").and_then(json::Value::str).unwrap(),
+                    t.get("family").and_then(serde_json::Value::as_str).unwrap(),
                     name(t)
                 )
             })
@@ -704,12 +715,15 @@ fn random_rule_names_give_exactly_the_planned_rules() {
         let held: Vec<(Option<String>, &'static str)> = of("rule")
             .iter()
             .map(|r| {
-                assert_eq!(r.get("chain").and_then(json::Value::str), Some("input"));
+                assert_eq!(
+                    r.get("chain").and_then(serde_json::Value::as_str),
+                    Some("input")
+                );
                 let comment = r
                     .get("comment")
-                    .and_then(json::Value::str)
+                    .and_then(serde_json::Value::as_str)
                     .map(str::to_owned);
-                let expr = r.get("expr").and_then(json::Value::array).unwrap();
+                let expr = r.get("expr").and_then(serde_json::Value::as_array).unwrap();
                 let verdict = if expr.iter().any(|e| e.get("accept").is_some()) {
                     "accept"
                 } else if expr.iter().any(|e| e.get("drop").is_some()) {
@@ -725,195 +739,5 @@ fn random_rule_names_give_exactly_the_planned_rules() {
     });
     if let Err(e) = result {
         panic!("{e}");
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// A minimal JSON reader (the core crate has no JSON dependency, by design)
-// ---------------------------------------------------------------------------------
-
-mod json {
-    #[derive(Debug)]
-    pub enum Value {
-        /// `true`, `false` or `null` (nft's output has none we read).
-        Literal,
-        Num(f64),
-        Str(String),
-        Arr(Vec<Value>),
-        Obj(Vec<(String, Value)>),
-    }
-
-    impl Value {
-        pub fn get(&self, key: &str) -> Option<&Value> {
-            match self {
-                Value::Obj(kv) => kv.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-                _ => None,
-            }
-        }
-        pub fn array(&self) -> Option<&Vec<Value>> {
-            match self {
-                Value::Arr(a) => Some(a),
-                _ => None,
-            }
-        }
-        pub fn str(&self) -> Option<&str> {
-            match self {
-                Value::Str(s) => Some(s),
-                _ => None,
-            }
-        }
-        pub fn num(&self) -> Option<f64> {
-            match self {
-                Value::Num(n) => Some(*n),
-                _ => None,
-            }
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Value, String> {
-        let mut p = Parser {
-            s: s.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        if p.i != p.s.len() {
-            return Err(format!("trailing data at {}", p.i));
-        }
-        Ok(v)
-    }
-
-    struct Parser<'a> {
-        s: &'a [u8],
-        i: usize,
-    }
-
-    impl Parser<'_> {
-        fn ws(&mut self) {
-            while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-                self.i += 1;
-            }
-        }
-        fn eat(&mut self, c: u8) -> Result<(), String> {
-            self.ws();
-            if self.s.get(self.i) == Some(&c) {
-                self.i += 1;
-                Ok(())
-            } else {
-                Err(format!("expected '{}' at {}", c as char, self.i))
-            }
-        }
-        fn value(&mut self) -> Result<Value, String> {
-            self.ws();
-            match self.s.get(self.i) {
-                Some(b'{') => {
-                    self.i += 1;
-                    let mut kv = Vec::new();
-                    self.ws();
-                    if self.s.get(self.i) == Some(&b'}') {
-                        self.i += 1;
-                        return Ok(Value::Obj(kv));
-                    }
-                    loop {
-                        self.ws();
-                        let k = self.string()?;
-                        self.eat(b':')?;
-                        kv.push((k, self.value()?));
-                        self.ws();
-                        match self.s.get(self.i) {
-                            Some(b',') => self.i += 1,
-                            Some(b'}') => {
-                                self.i += 1;
-                                return Ok(Value::Obj(kv));
-                            }
-                            _ => return Err(format!("bad object at {}", self.i)),
-                        }
-                    }
-                }
-                Some(b'[') => {
-                    self.i += 1;
-                    let mut items = Vec::new();
-                    self.ws();
-                    if self.s.get(self.i) == Some(&b']') {
-                        self.i += 1;
-                        return Ok(Value::Arr(items));
-                    }
-                    loop {
-                        items.push(self.value()?);
-                        self.ws();
-                        match self.s.get(self.i) {
-                            Some(b',') => self.i += 1,
-                            Some(b']') => {
-                                self.i += 1;
-                                return Ok(Value::Arr(items));
-                            }
-                            _ => return Err(format!("bad array at {}", self.i)),
-                        }
-                    }
-                }
-                Some(b'"') => self.string().map(Value::Str),
-                Some(b't') => self.word("true"),
-                Some(b'f') => self.word("false"),
-                Some(b'n') => self.word("null"),
-                Some(_) => {
-                    let start = self.i;
-                    while self.i < self.s.len()
-                        && matches!(
-                            self.s[self.i],
-                            b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
-                        )
-                    {
-                        self.i += 1;
-                    }
-                    std::str::from_utf8(&self.s[start..self.i])
-                        .ok()
-                        .and_then(|t| t.parse().ok())
-                        .map(Value::Num)
-                        .ok_or_else(|| format!("bad number at {start}"))
-                }
-                None => Err("unexpected end".into()),
-            }
-        }
-        fn word(&mut self, w: &str) -> Result<Value, String> {
-            if self.s[self.i..].starts_with(w.as_bytes()) {
-                self.i += w.len();
-                Ok(Value::Literal)
-            } else {
-                Err(format!("bad literal at {}", self.i))
-            }
-        }
-        fn string(&mut self) -> Result<String, String> {
-            if self.s.get(self.i) != Some(&b'"') {
-                return Err(format!("expected string at {}", self.i));
-            }
-            self.i += 1;
-            let mut out = Vec::new();
-            while let Some(&c) = self.s.get(self.i) {
-                self.i += 1;
-                match c {
-                    b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
-                    b'\\' => {
-                        let e = *self.s.get(self.i).ok_or("unterminated escape")?;
-                        self.i += 1;
-                        match e {
-                            b'n' => out.push(b'\n'),
-                            b't' => out.push(b'\t'),
-                            b'u' => {
-                                let hex = std::str::from_utf8(&self.s[self.i..self.i + 4])
-                                    .map_err(|e| e.to_string())?;
-                                let code =
-                                    u32::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
-                                self.i += 4;
-                                let ch = char::from_u32(code).unwrap_or('?');
-                                out.extend(ch.to_string().as_bytes());
-                            }
-                            other => out.push(other),
-                        }
-                    }
-                    c => out.push(c),
-                }
-            }
-            Err("unterminated string".into())
-        }
     }
 }

@@ -34,6 +34,12 @@ fn before_any_grant_protected_ports_are_closed_and_others_open() {
         assert!(c.tcp_open(lab.vm.v4_at(WEB)), "{} lost v4:8080", c.role);
         assert!(c.tcp_open(lab.vm.v6_at(WEB)), "{} lost v6:8080", c.role);
     }
+    // The machine talking to itself is not the network: `ssh localhost` and local
+    // monitoring keep working (issue 9.4), over IPv4 and IPv6 loopback.
+    for lo in ["127.0.0.1:22", "[::1]:22"] {
+        let lo: std::net::SocketAddr = lo.parse().unwrap();
+        assert!(lab.vm.tcp_open(lo), "the VM cannot reach itself on {lo}");
+    }
 }
 
 #[test]
