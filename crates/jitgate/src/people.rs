@@ -132,8 +132,10 @@ impl Session {
             .await
     }
 
-    async fn my_ip(&self) -> anyhow::Result<String> {
-        Ok(s(&self.c.get("/api/v1/whoami").await?["callerIp"]))
+    /// (my principal, the address the controller sees).
+    async fn whoami(&self) -> anyhow::Result<(String, String)> {
+        let v = self.c.get("/api/v1/whoami").await?;
+        Ok((s(&v["principal"]), s(&v["callerIp"])))
     }
 }
 
@@ -729,7 +731,9 @@ fn host_of(vm: &Value) -> String {
         .unwrap_or_else(|| s(&vm["name"]))
 }
 
-/// Makes sure a live grant from my address covers `port`; returns its end time.
+/// Makes sure a live grant of mine from my address covers `port`; returns its end
+/// time. Only my own grants are reused: someone else's grant from the same address
+/// (a shared office NAT) is not mine to use, and my access must be on record as mine.
 async fn ensure_grant(
     ses: &Session,
     vm: &Value,
@@ -737,15 +741,15 @@ async fn ensure_grant(
     duration: Option<&str>,
     reason: Option<&str>,
 ) -> anyhow::Result<String> {
-    let my_ip: IpAddr = ses
-        .my_ip()
-        .await?
+    let (principal, my_ip) = ses.whoami().await?;
+    let my_ip: IpAddr = my_ip
         .parse()
         .context("the controller reported an unreadable address")?;
     let me = SourcePrefix::host(my_ip);
     let reusable = vm["grants"].as_array().and_then(|gs| {
         gs.iter().find(|g| {
-            g["port"].as_u64() == Some(port as u64)
+            g["requestor"].as_str() == Some(principal.as_str())
+                && g["port"].as_u64() == Some(port as u64)
                 && g["secondsLeft"].as_i64().unwrap_or(0) > 30
                 && SourcePrefix::parse(g["source"].as_str().unwrap_or(""))
                     .is_ok_and(|src| src.contains(&me))

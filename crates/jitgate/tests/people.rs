@@ -983,6 +983,35 @@ fn connect_requests_waits_for_the_port_and_reuses_a_live_grant() {
         1,
         "no second request"
     );
+    // Someone else from the same address does not ride on that grant (issue 9.5): she
+    // gets her own, so her access is on record as hers.
+    let (_, alice) = c.user("alice", "JIT Requester");
+    let out = c
+        .jg_as(
+            &alice,
+            &[
+                "connect",
+                "web-1",
+                "--port",
+                &open,
+                "--host",
+                "127.0.0.1",
+                "--wait",
+                "5",
+            ],
+        )
+        .ok();
+    assert!(!out.stderr.contains("reusing"), "{}", out.stderr);
+    assert!(out.stderr.contains("granted port"), "{}", out.stderr);
+    let requests = c.json(&["requests", "--vm", "web-1"])["value"].clone();
+    let requestors: Vec<&str> = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requestor"].as_str().unwrap())
+        .collect();
+    assert!(requestors.contains(&"alice"), "{requestors:?}");
+    assert_eq!(requestors.len(), 2, "{requestors:?}");
 
     // A port that never opens: exit 6 after the deadline, with what to check.
     let closed = {
