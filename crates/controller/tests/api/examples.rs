@@ -1,29 +1,190 @@
-//! Every request body in Azure's published examples is accepted and answered with the
-//! example response's shape.
-
-use std::path::PathBuf;
+//! The Azure contract (`jitNetworkAccessPolicies`, api-version 2020-01-01), operation
+//! by operation, with fixtures of our own written in the shape of the published
+//! examples: every request body is accepted and answered with the response's shape.
+//! The repository carries them; nothing outside it is read (a fresh clone has no
+//! `shared/`).
 
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::util::{Ctl, OWNER};
 
-const EXAMPLE_SUB: &str = "20ff7fc3-e762-44dd-bd96-b71116dcdc23";
+/// The subscription the fixtures are written for; rewritten to the controller's.
+const FIXTURE_SUB: &str = "7d1c2a64-3b9e-4f20-9a8d-5e6f70819a2b";
+const RG: &str = "prod-web";
+const LOC: &str = "northeurope";
+const POLICY: &str = "default";
 
-fn examples_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/reference/azure-jit/examples/JitNetworkAccessPolicies");
-    assert!(
-        dir.is_dir(),
-        "Azure's examples are expected at {} (the shared/ folder beside the repository); without them this contract test cannot run",
-        dir.display()
-    );
-    dir
+fn vm(name: &str) -> String {
+    format!(
+        "/subscriptions/{FIXTURE_SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachines/{name}"
+    )
 }
 
-fn example(name: &str) -> Value {
-    let text = std::fs::read_to_string(examples_dir().join(name)).unwrap();
-    serde_json::from_str(&text).unwrap()
+fn policy_id() -> String {
+    format!(
+        "/subscriptions/{FIXTURE_SUB}/resourceGroups/{RG}/providers/Microsoft.Security/locations/{LOC}/jitNetworkAccessPolicies/{POLICY}"
+    )
+}
+
+/// Path parameters as the contract names them.
+fn params(rg: bool, loc: bool, name: bool, action: bool) -> Value {
+    let mut p = json!({"api-version": "2020-01-01", "subscriptionId": FIXTURE_SUB});
+    if rg {
+        p["resourceGroupName"] = json!(RG);
+    }
+    if loc {
+        p["ascLocation"] = json!(LOC);
+    }
+    if name {
+        p["jitNetworkAccessPolicyName"] = json!(POLICY);
+    }
+    if action {
+        p["jitNetworkAccessPolicyInitiateType"] = json!("initiate");
+    }
+    p
+}
+
+/// The policy as the contract shows it (with one request, whose shape the answers
+/// must have once requests exist).
+fn policy_body(with_request: bool) -> Value {
+    let requests = if with_request {
+        json!([{
+            "virtualMachines": [{
+                "id": vm("web-1"),
+                "ports": [{
+                    "number": 22,
+                    "allowedSourceAddressPrefix": "203.0.113.7",
+                    "endTimeUtc": "2026-03-01T10:00:00.0000000Z",
+                    "status": "Initiated",
+                    "statusReason": "UserRequested"
+                }]
+            }],
+            "startTimeUtc": "2026-03-01T09:00:00.0000000Z",
+            "requestor": "someone@example.com"
+        }])
+    } else {
+        json!([])
+    };
+    json!({
+        "id": policy_id(),
+        "name": POLICY,
+        "type": "Microsoft.Security/locations/jitNetworkAccessPolicies",
+        "kind": "Basic",
+        "location": LOC,
+        "properties": {
+            "virtualMachines": [
+                {
+                    "id": vm("web-1"),
+                    "ports": [
+                        {"number": 22, "protocol": "*", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"},
+                        {"number": 3389, "protocol": "TCP", "allowedSourceAddressPrefixes": ["203.0.113.0/24", "198.51.100.0/24"], "maxRequestAccessDuration": "PT1H"}
+                    ]
+                },
+                {
+                    "id": vm("db-1"),
+                    "ports": [
+                        {"number": 5986, "protocol": "TCP", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT30M"}
+                    ]
+                }
+            ],
+            "requests": requests,
+            "provisioningState": "Succeeded"
+        }
+    })
+}
+
+fn fixture(params: Value, body: Option<Value>, status: &str, response: Value) -> Value {
+    let mut p = params;
+    if let Some(b) = body {
+        p["body"] = b;
+    }
+    json!({"parameters": p, "responses": {status: {"body": response}}})
+}
+
+/// Create or update: the body carries read-only fields and a `requests` array, which
+/// the server ignores.
+fn create() -> Value {
+    fixture(
+        params(true, true, true, false),
+        Some(policy_body(true)),
+        "200",
+        policy_body(false),
+    )
+}
+
+/// Initiate with `duration`, as the current contract's example sends it.
+fn initiate() -> Value {
+    let body = json!({
+        "virtualMachines": [{
+            "id": vm("web-1"),
+            "ports": [{"number": 22, "duration": "PT1H", "allowedSourceAddressPrefix": "203.0.113.7"}]
+        }],
+        "justification": "rotate the host keys"
+    });
+    let response = json!({
+        "virtualMachines": [{
+            "id": vm("web-1"),
+            "ports": [{
+                "number": 22,
+                "allowedSourceAddressPrefix": "203.0.113.7",
+                "endTimeUtc": "2026-03-01T10:00:00.0000000Z",
+                "status": "Initiated",
+                "statusReason": "UserRequested"
+            }]
+        }],
+        "startTimeUtc": "2026-03-01T09:00:00.0000000Z",
+        "requestor": "someone@example.com",
+        "justification": "rotate the host keys"
+    });
+    fixture(params(true, true, true, true), Some(body), "202", response)
+}
+
+/// Get, and the four lists (subscription, subscription + location, resource group,
+/// resource group + location), each answered with the policy and its requests.
+fn reads() -> Vec<(&'static str, Value, bool)> {
+    let list = json!({"value": [policy_body(true)]});
+    vec![
+        (
+            "get",
+            fixture(
+                params(true, true, true, false),
+                None,
+                "200",
+                policy_body(true),
+            ),
+            false,
+        ),
+        (
+            "list",
+            fixture(
+                params(false, false, false, false),
+                None,
+                "200",
+                list.clone(),
+            ),
+            true,
+        ),
+        (
+            "list by location",
+            fixture(params(false, true, false, false), None, "200", list.clone()),
+            true,
+        ),
+        (
+            "list by resource group",
+            fixture(params(true, false, false, false), None, "200", list.clone()),
+            true,
+        ),
+        (
+            "list by resource group and location",
+            fixture(params(true, true, false, false), None, "200", list),
+            true,
+        ),
+    ]
+}
+
+fn delete() -> Value {
+    fixture(params(true, true, true, false), None, "200", Value::Null)
 }
 
 /// Every key of `want` exists in `got` with the same JSON type, recursively; arrays
@@ -56,9 +217,9 @@ fn same_shape(want: &Value, got: &Value, path: &str) {
     }
 }
 
-/// Rewrites the example's subscription to ours.
+/// Rewrites the fixture's subscription to ours.
 fn adapt(v: &Value, sub: &str) -> Value {
-    serde_json::from_str(&v.to_string().replace(EXAMPLE_SUB, sub)).unwrap()
+    serde_json::from_str(&v.to_string().replace(FIXTURE_SUB, sub)).unwrap()
 }
 
 fn path_of(ctl: &Ctl, p: &Value) -> String {
@@ -83,13 +244,11 @@ fn path_of(ctl: &Ctl, p: &Value) -> String {
 #[tokio::test]
 async fn every_azure_example_is_accepted_with_its_response_shape() {
     let ctl = Ctl::start().await;
-    ctl.register("myRg1", "vm1").await;
+    ctl.register(RG, "web-1").await;
+    ctl.register(RG, "db-1").await;
 
     // Create (its body carries read-only fields and a requests array: ignored).
-    let create = adapt(
-        &example("CreateJitNetworkAccessPolicy_example.json"),
-        &ctl.sub,
-    );
+    let create = adapt(&create(), &ctl.sub);
     let p = &create["parameters"];
     let r = ctl
         .call(
@@ -117,10 +276,7 @@ async fn every_azure_example_is_accepted_with_its_response_shape() {
 
     // Initiate, as the current example sends it (`duration`), then as the older one
     // and PowerShell do (`endTimeUtc`).
-    let init = adapt(
-        &example("InitiateJitNetworkAccessPolicy_example.json"),
-        &ctl.sub,
-    );
+    let init = adapt(&initiate(), &ctl.sub);
     let p = &init["parameters"];
     let r = ctl
         .call(
@@ -135,12 +291,9 @@ async fn every_azure_example_is_accepted_with_its_response_shape() {
     let port = &r.body["virtualMachines"][0]["ports"][0];
     assert_eq!(port["status"], "Initiated");
     assert_eq!(port["statusReason"], "UserRequested");
-    assert_eq!(port["allowedSourceAddressPrefix"], "192.127.0.2");
+    assert_eq!(port["allowedSourceAddressPrefix"], "203.0.113.7");
     assert_eq!(r.body["requestor"], "bootstrap-admin");
-    assert_eq!(
-        r.body["justification"],
-        "testing a new version of the product"
-    );
+    assert_eq!(r.body["justification"], "rotate the host keys");
     let mut older = p["body"].clone();
     let port = &mut older["virtualMachines"][0]["ports"][0];
     port.as_object_mut().unwrap().remove("duration");
@@ -151,23 +304,8 @@ async fn every_azure_example_is_accepted_with_its_response_shape() {
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
 
     // Get and the four lists now show the policy with its requests, newest first.
-    for (file, list) in [
-        ("GetJitNetworkAccessPolicy_example.json", false),
-        ("GetJitNetworkAccessPoliciesSubscription_example.json", true),
-        (
-            "GetJitNetworkAccessPoliciesSubscriptionLocation_example.json",
-            true,
-        ),
-        (
-            "GetJitNetworkAccessPoliciesResourceGroup_example.json",
-            true,
-        ),
-        (
-            "GetJitNetworkAccessPoliciesResourceGroupLocation_example.json",
-            true,
-        ),
-    ] {
-        let ex = adapt(&example(file), &ctl.sub);
+    for (file, ex, list) in reads() {
+        let ex = adapt(&ex, &ctl.sub);
         let r = ctl
             .call(
                 Method::GET,
@@ -193,10 +331,7 @@ async fn every_azure_example_is_accepted_with_its_response_shape() {
     }
 
     // Delete: 200, then 204 when it no longer exists.
-    let del = adapt(
-        &example("DeleteJitNetworkAccessPolicy_example.json"),
-        &ctl.sub,
-    );
+    let del = adapt(&delete(), &ctl.sub);
     let r = ctl
         .call(
             Method::DELETE,
