@@ -588,3 +588,45 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     watchdog.abort();
     Ok(())
 }
+
+/// What `restore` put back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub revision: String,
+    /// Grants still live (each with its remaining lifetime).
+    pub grants: usize,
+}
+
+/// The boot-time step (`jitgate agent restore`): rebuilds `table inet jitgate` from
+/// the state the agent last applied, with each grant's remaining lifetime (expired
+/// ones dropped), without the network and without the controller, so a machine boots
+/// closed. The same validation as every apply runs first. `None` when there is no
+/// saved state (a machine that never enrolled: nothing to close).
+pub fn restore(
+    state_dir: &std::path::Path,
+    nft: std::path::PathBuf,
+) -> anyhow::Result<Option<Restored>> {
+    let state = StateDir::open(state_dir)?;
+    let Some(saved) = state.applied() else {
+        return Ok(None);
+    };
+    let creds = state
+        .credentials()?
+        .context("the state directory has an applied state but no credential")?;
+    let desired = jitgate_proto::decode(&saved)
+        .map_err(|e| anyhow::anyhow!("the saved state is invalid: {e}"))?;
+    if !desired.vm.to_string().eq_ignore_ascii_case(&creds.vm_id) {
+        bail!(
+            "the saved state is for {}, not this VM ({})",
+            desired.vm,
+            creds.vm_id
+        );
+    }
+    let now = Timestamp::now();
+    let grants = desired.grants.iter().filter(|g| g.end > now).count();
+    Enforcer::new(Nft::new(nft)).apply(&desired, now)?;
+    Ok(Some(Restored {
+        revision: saved.revision,
+        grants,
+    }))
+}

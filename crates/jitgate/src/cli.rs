@@ -31,6 +31,7 @@ pub enum Command {
     /// Run the agent on a protected host (as root): enforce its VM's rules in nftables.
     ///
     /// Example: jitgate agent --controller https://jit.example.com:8443 --enroll-token-file /etc/jitgate/enroll-token --resource-group prod-web
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Agent(AgentArgs),
     /// Create, list and revoke enrollment tokens for agents.
     ///
@@ -171,11 +172,34 @@ pub struct ServeArgs {
     pub max_connections: Option<usize>,
 }
 
+#[derive(Subcommand, Clone)]
+pub enum AgentCommand {
+    /// The boot-time step, run before the network comes up: rebuild table inet jitgate
+    /// from the last applied state (each grant with its remaining lifetime, expired ones
+    /// dropped), with no network and no controller, so the machine boots closed.
+    ///
+    /// Example: jitgate agent restore --state-dir /var/lib/jitgate-agent
+    Restore {
+        /// Where the agent keeps its credential and last applied state.
+        #[arg(
+            long,
+            env = "JITGATE_STATE_DIR",
+            default_value = "/var/lib/jitgate-agent"
+        )]
+        state_dir: PathBuf,
+        /// The nft binary.
+        #[arg(long, default_value = "nft")]
+        nft: PathBuf,
+    },
+}
+
 #[derive(Args, Clone)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub cmd: Option<AgentCommand>,
     /// Controller URL.
-    #[arg(long, env = "JITGATE_CONTROLLER")]
-    pub controller: String,
+    #[arg(long, env = "JITGATE_CONTROLLER", required = true)]
+    pub controller: Option<String>,
     /// Enrollment token (needed until the agent has its own credential). Prefer
     /// --enroll-token-file or the environment: a command line is visible in `ps`.
     #[arg(
@@ -189,8 +213,8 @@ pub struct AgentArgs {
     #[arg(long, conflicts_with = "enroll_token")]
     pub enroll_token_file: Option<PathBuf>,
     /// Resource group of this machine.
-    #[arg(long, env = "JITGATE_RESOURCE_GROUP")]
-    pub resource_group: String,
+    #[arg(long, env = "JITGATE_RESOURCE_GROUP", required = true)]
+    pub resource_group: Option<String>,
     /// Machine name [default: the hostname].
     #[arg(long, env = "JITGATE_VM_NAME")]
     pub name: Option<String>,
@@ -887,6 +911,26 @@ async fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 
 async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     init_logging(&args.log_format)?;
+    if let Some(AgentCommand::Restore { state_dir, nft }) = args.cmd {
+        return match jitgate_agent::restore(&state_dir, nft)? {
+            Some(r) => {
+                println!(
+                    "restored table inet jitgate (revision {}, {} live grant{})",
+                    r.revision,
+                    r.grants,
+                    if r.grants == 1 { "" } else { "s" }
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                println!(
+                    "no saved state in {}: nothing to restore (the agent has not applied a state yet)",
+                    state_dir.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        };
+    }
     let name = match args.name {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -895,8 +939,12 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
             .to_owned(),
     };
     let mut config = jitgate_agent::AgentConfig::new(
-        &args.controller,
-        &args.resource_group,
+        args.controller
+            .as_deref()
+            .context("--controller is required")?,
+        args.resource_group
+            .as_deref()
+            .context("--resource-group is required")?,
         &name,
         args.state_dir,
     );

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::lab::{Lab, OPEN_PROBE, SSH, sleep_until, wait_for};
+use crate::lab::{BIN, Lab, OPEN_PROBE, SSH, run_in_ns, sleep_until, wait_for};
 
 #[test]
 fn grants_end_on_time_with_controller_and_agent_killed_and_survive_an_agent_restart() {
@@ -183,4 +183,49 @@ fn drift_of_the_table_is_found_repaired_reported_and_audited() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0.0);
     assert!(count >= 6.0, "{text}");
+}
+
+/// Issue 9.3: a machine boots closed. A reboot loses the kernel's table; the boot-time
+/// step (`jitgate agent restore`, ordered before the network) rebuilds it from the saved
+/// state with the controller unreachable and the agent not running: the protected port
+/// is closed to everyone else, and a live grant still works with its remaining lifetime.
+#[test]
+fn the_boot_time_restore_closes_the_machine_before_the_agent_runs() {
+    let mut lab = Lab::start();
+    lab.enable_default();
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let ssh4 = lab.vm.v4_at(SSH);
+    let g = lab.initiate(&a, json!([{"number": SSH, "duration": "PT10M"}]));
+    a.wait_tcp_open(ssh4, Duration::from_secs(2));
+
+    // The simulated reboot: agent and controller gone, the table with them.
+    lab.kill_agent();
+    lab.kill_controller();
+    lab.nft(&["delete", "table", "inet", "jitgate"]);
+    assert!(
+        b.tcp_open(ssh4),
+        "without the table the port is open to everyone"
+    );
+
+    let state = lab.agent_state_dir();
+    let r = run_in_ns(
+        &lab.vm.ns,
+        BIN,
+        &["agent", "restore", "--state-dir", state.to_str().unwrap()],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(r.success(), "{r}");
+    assert!(r.stdout.contains("1 live grant"), "{r}");
+    assert!(!b.tcp_open(ssh4), "the restored table left the port open");
+    assert!(
+        a.tcp_open(ssh4),
+        "the live grant did not survive the reboot"
+    );
+    let listing = lab.nft(&["list", "set", "inet", "jitgate", "grants4"]);
+    assert!(
+        listing.contains(&a.v4.to_string()) && listing.contains("expires"),
+        "{listing}"
+    );
+    assert!(g.end() > std::time::Instant::now());
 }
