@@ -926,19 +926,18 @@ fn connect_requests_waits_for_the_port_and_reuses_a_live_grant() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let open = listener.local_addr().unwrap().port().to_string();
     c.jg(&["enable", "web-1", "--port", &open]).ok();
+    let connect = [
+        "connect",
+        "web-1",
+        "--port",
+        open.as_str(),
+        "--host",
+        "127.0.0.1",
+        "--wait",
+        "5",
+    ];
 
-    let out = c
-        .jg(&[
-            "connect",
-            "web-1",
-            "--port",
-            &open,
-            "--host",
-            "127.0.0.1",
-            "--wait",
-            "5",
-        ])
-        .ok();
+    let out = c.jg(&connect).ok();
     assert!(
         out.stderr
             .contains(&format!("granted port {open} on prod/web-1 from 127.0.0.1")),
@@ -961,18 +960,7 @@ fn connect_requests_waits_for_the_port_and_reuses_a_live_grant() {
     assert_eq!(grants[0]["port"].to_string(), open);
 
     // A second run reuses the live grant instead of asking again.
-    let out = c
-        .jg(&[
-            "connect",
-            "web-1",
-            "--port",
-            &open,
-            "--host",
-            "127.0.0.1",
-            "--wait",
-            "5",
-        ])
-        .ok();
+    let out = c.jg(&connect).ok();
     assert!(out.stderr.contains("reusing"), "{}", out.stderr);
     assert!(out.stdout.contains("is open"), "{}", out.stdout);
     assert_eq!(
@@ -986,21 +974,7 @@ fn connect_requests_waits_for_the_port_and_reuses_a_live_grant() {
     // Someone else from the same address does not ride on that grant (issue 9.5): she
     // gets her own, so her access is on record as hers.
     let (_, alice) = c.user("alice", "JIT Requester");
-    let out = c
-        .jg_as(
-            &alice,
-            &[
-                "connect",
-                "web-1",
-                "--port",
-                &open,
-                "--host",
-                "127.0.0.1",
-                "--wait",
-                "5",
-            ],
-        )
-        .ok();
+    let out = c.jg_as(&alice, &connect).ok();
     assert!(!out.stderr.contains("reusing"), "{}", out.stderr);
     assert!(out.stderr.contains("granted port"), "{}", out.stderr);
     let requests = c.json(&["requests", "--vm", "web-1"])["value"].clone();
