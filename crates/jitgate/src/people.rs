@@ -213,15 +213,17 @@ pub struct EnableArgs {
     /// Ports to protect [default: those of 22, 3389, 5985, 5986 the host listens on, else 22].
     #[arg(long = "port")]
     pub ports: Vec<u16>,
-    /// TCP, UDP or * (both).
-    #[arg(long, default_value = "*")]
-    pub protocol: String,
-    /// Sources allowed to request access (CIDR or address; repeatable) [default: any].
+    /// TCP, UDP or * (both) [default for a new port rule: *].
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// Sources allowed to request access (CIDR or address; repeatable) [default for a
+    /// new port rule: any].
     #[arg(long = "from")]
     pub from: Vec<String>,
-    /// Longest access a request may get (e.g. 3h, 30m, PT3H).
-    #[arg(long, default_value = "3h")]
-    pub max: String,
+    /// Longest access a request may get (e.g. 3h, 30m, PT3H) [default for a new port
+    /// rule: 3h].
+    #[arg(long)]
+    pub max: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -315,9 +317,14 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
         });
         return Ok(ExitCode::SUCCESS);
     }
-    let max = iso_duration(&a.max).map_err(|e| invalid(format!("--max: {e}")))?;
-    jitgate_core::net::Protocol::parse(&a.protocol)
+    let max = iso_duration(a.max.as_deref().unwrap_or("3h"))
+        .map_err(|e| invalid(format!("--max: {e}")))?;
+    let protocol = a.protocol.clone().unwrap_or_else(|| "*".to_owned());
+    jitgate_core::net::Protocol::parse(&protocol)
         .map_err(|e| invalid(format!("--protocol: {e}")))?;
+    // Without a flag that says how, a port already protected keeps its rule (and so
+    // its live grants); only new ports get the defaults.
+    let reshape = a.max.is_some() || a.protocol.is_some() || !a.from.is_empty();
     for f in &a.from {
         SourcePrefix::parse(f).map_err(|e| invalid(format!("--from: {e}")))?;
     }
@@ -351,23 +358,34 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
             .as_ref()
             .and_then(|p| p["properties"]["virtualMachines"].as_array().cloned())
             .unwrap_or_default();
-        entries.retain(|e| {
-            !vms.iter()
-                .any(|(id, _)| s(&e["id"]).eq_ignore_ascii_case(id))
-        });
+        let is = |e: &Value, id: &str| s(&e["id"]).eq_ignore_ascii_case(id);
         for (id, ports) in &vms {
-            let rules: Vec<Value> = ports
+            // The machine's current rules: every port stays unless listed and reshaped.
+            let mut rules: Vec<Value> = entries
                 .iter()
-                .map(|p| {
-                    let mut r = json!({"number": p, "protocol": a.protocol, "maxRequestAccessDuration": max});
-                    match a.from.as_slice() {
-                        [] => r["allowedSourceAddressPrefix"] = json!("*"),
-                        [one] => r["allowedSourceAddressPrefix"] = json!(one),
-                        many => r["allowedSourceAddressPrefixes"] = json!(many),
-                    }
-                    r
-                })
-                .collect();
+                .find(|e| is(e, id))
+                .and_then(|e| e["ports"].as_array().cloned())
+                .unwrap_or_default();
+            for p in ports {
+                let current = rules
+                    .iter()
+                    .position(|r| r["number"].as_u64() == Some(u64::from(*p)));
+                if current.is_some() && !reshape {
+                    continue;
+                }
+                let mut r =
+                    json!({"number": p, "protocol": protocol, "maxRequestAccessDuration": max});
+                match a.from.as_slice() {
+                    [] => r["allowedSourceAddressPrefix"] = json!("*"),
+                    [one] => r["allowedSourceAddressPrefix"] = json!(one),
+                    many => r["allowedSourceAddressPrefixes"] = json!(many),
+                }
+                match current {
+                    Some(i) => rules[i] = r,
+                    None => rules.push(r),
+                }
+            }
+            entries.retain(|e| !is(e, id));
             entries.push(json!({"id": id, "ports": rules}));
             done.push(json!({"vm": id, "ports": ports, "policy": path, "max": max}));
         }

@@ -1289,3 +1289,51 @@ fn every_subcommand_has_an_example_and_completions_and_man_page_render() {
     assert!(seen > 30, "only {seen} commands found");
     assert!(missing.is_empty(), "--help without an example: {missing:?}");
 }
+
+/// Issue 9.6: `enable web-1 --port 22 --port 2222` replaced port 22's rule and so
+/// ended everyone's live grant on it, though nothing about port 22 changed. A port
+/// already protected keeps its rule (and its grants) unless a flag reshapes it.
+#[test]
+fn enable_keeps_the_rules_and_grants_of_ports_it_does_not_change() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.jg(&[
+        "enable",
+        "web-1",
+        "--port",
+        "22",
+        "--max",
+        "1h",
+        "--from",
+        "10.0.0.0/8",
+    ])
+    .ok();
+    c.jg(&[
+        "request", "web-1", "--port", "22", "--for", "30m", "--from", "10.1.2.3",
+    ])
+    .ok();
+    let before = entries(&c.policy_of("web-1").unwrap())["web-1"].clone();
+
+    c.jg(&["enable", "web-1", "--port", "22", "--port", "2222"])
+        .ok();
+    let after = entries(&c.policy_of("web-1").unwrap())["web-1"].clone();
+    assert_eq!(after[0], before[0], "port 22's rule changed: {after}");
+    assert_eq!(after[1], port_rule(2222, "PT10800S", "*"), "{after}");
+    let live = c.json(&["requests", "--vm", "web-1", "--active"]);
+    assert_eq!(
+        live["value"].as_array().unwrap().len(),
+        1,
+        "the live grant on port 22 was ended: {live}"
+    );
+
+    // A flag that reshapes the port does change it (and the policy update decides
+    // which grants the new rule still allows).
+    c.jg(&["enable", "web-1", "--port", "22", "--max", "2h"])
+        .ok();
+    let reshaped = entries(&c.policy_of("web-1").unwrap())["web-1"].clone();
+    assert_eq!(
+        reshaped[0]["maxRequestAccessDuration"], "PT7200S",
+        "{reshaped}"
+    );
+    assert_eq!(reshaped[1], after[1], "port 2222 was not listed and stays");
+}
