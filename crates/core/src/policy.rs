@@ -299,6 +299,25 @@ pub fn removed_ports(old: &PolicySpec, new: Option<&PolicySpec>) -> Vec<(VmId, P
     out
 }
 
+/// Whether `new` (None: the policy is deleted) still allows a live grant of `vm`'s
+/// `port` for `protocol` from `source`: the VM keeps a rule for the port whose protocol
+/// covers the grant's and whose allowed sources contain the grant's source. A policy
+/// update ends exactly the grants for which this is false; the rest keep running.
+pub fn still_allows(
+    new: Option<&PolicySpec>,
+    vm: &VmId,
+    port: Port,
+    protocol: Protocol,
+    source: &SourcePrefix,
+) -> bool {
+    new.and_then(|n| n.vms.iter().find(|v| v.id == *vm))
+        .and_then(|v| v.port(port))
+        .is_some_and(|rule| {
+            (rule.protocol == Protocol::Any || rule.protocol == protocol)
+                && rule.allowed.permits(source)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,7 @@ macro_rules! store_conformance_tests {
             next_expiry_is_earliest_initiated_end,
             live_grants_and_count,
             put_policy_update_revokes_removed_ports,
+            put_policy_update_ends_only_the_grants_it_no_longer_allows,
             delete_policy_revokes_live_grants,
             policy_changes_leave_ended_ports_to_expiry,
             tokens_create_find_list_revoke,
@@ -3786,4 +3787,89 @@ pub async fn tokens_are_found_by_secret_hash(store: &dyn Store) {
             .unwrap(),
         None
     );
+}
+
+/// Issue 9.6: a policy update ends exactly the live grants its new rules no longer
+/// allow. Narrowing a port's sources ends the grants outside them and keeps the others;
+/// widening the protocol (TCP to *) keeps a TCP grant; changing it (TCP to UDP) ends it.
+pub async fn put_policy_update_ends_only_the_grants_it_no_longer_allows(store: &dyn Store) {
+    let s = scene(store).await;
+    for (n, src) in [(1, "10.0.0.9"), (2, "192.168.7.7")] {
+        initiate_ok(
+            store,
+            args(
+                &s.key,
+                rid(n),
+                vec![(&s.vm1, vec![want(22, Some(src), "PT1H")])],
+            ),
+            at(0),
+        )
+        .await;
+    }
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(3),
+            vec![(&s.vm1, vec![want(3389, None, "PT1H")])],
+        ),
+        at(0),
+    )
+    .await;
+    let pc = RevokeReason::PolicyChanged;
+    let narrowed = |port22: PortRuleInput, port3389: PortRuleInput| {
+        spec_with(
+            &s.key,
+            vec![
+                (&s.vm1, vec![port22, port3389]),
+                (&s.vm2, vec![rule(22, "TCP", "PT3H")]),
+            ],
+        )
+    };
+    // Port 22 now only from 10.0.0.0/8; 3389 widened from TCP to any protocol.
+    let only_ten = PortRuleInput {
+        allowed_source_address_prefix: Some(RawPrefix::One("10.0.0.0/8".into())),
+        ..rule(22, "TCP", "PT3H")
+    };
+    let out = put(
+        store,
+        &s.key,
+        narrowed(only_ten.clone(), rule(3389, "*", "PT3H")),
+        at(10),
+    )
+    .await;
+    assert_eq!(
+        out.revoked.iter().map(|r| r.request).collect::<Vec<_>>(),
+        vec![rid(2)],
+        "only the grant from outside the new sources ends"
+    );
+    assert_eq!(
+        status_of(store, rid(2), &s.vm1, 22).await,
+        PortStatus::Revoked(pc)
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Initiated
+    );
+    assert_eq!(
+        status_of(store, rid(3), &s.vm1, 3389).await,
+        PortStatus::Initiated
+    );
+    // 3389 becomes UDP only: the TCP grant is no longer allowed.
+    let out = put(
+        store,
+        &s.key,
+        narrowed(only_ten, rule(3389, "UDP", "PT3H")),
+        at(20),
+    )
+    .await;
+    assert_eq!(
+        out.revoked.iter().map(|r| r.request).collect::<Vec<_>>(),
+        vec![rid(3)]
+    );
+    assert_eq!(
+        status_of(store, rid(1), &s.vm1, 22).await,
+        PortStatus::Initiated
+    );
+    verified(store).await;
 }

@@ -25,7 +25,7 @@ use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, Subscription
 use jitgate_core::net::{Port, Protocol, SourcePrefix};
 use jitgate_core::nsg::{Access, NsgRule, RuleOrigin, parse_port_range};
 use jitgate_core::policy::{
-    AllowedSources, Policy, PolicyKey, PolicySpec, PolicyVm, PortRule, removed_ports,
+    AllowedSources, Policy, PolicyKey, PolicySpec, PolicyVm, PortRule, removed_ports, still_allows,
 };
 use jitgate_core::rbac::{self, Action, Role, RoleAssignment};
 use jitgate_core::request::{
@@ -1111,14 +1111,44 @@ impl Store for SqliteStore {
             }
             let mut revoked = Vec::new();
             if let Some((_, old)) = &old {
-                for (vm, port) in removed_ports(&old.spec, Some(&spec)) {
-                    // Live grants only: an ended port is left for expire_due.
+                // End exactly the live grants the new rules no longer allow (a removed
+                // port, a protocol or source no longer covered); the others keep
+                // running. Ended ports are left for expire_due.
+                let mut ended = Vec::new();
+                {
+                    let mut st = ctx.tx.prepare_cached(
+                        "SELECT request_id, vm_id, number, protocol, source FROM request_ports
+                         WHERE vm_key = ?1 AND status = 'Initiated' AND end_ns > ?2",
+                    )?;
+                    for vm in &old.spec.vms {
+                        let rows = st.query_map(params![vm.id.key(), ns(audit.now)], |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, i64>(2)?,
+                                r.get::<_, String>(3)?,
+                                r.get::<_, String>(4)?,
+                            ))
+                        })?;
+                        for row in rows {
+                            let (req, vm_id, number, protocol, source) = row?;
+                            let vm_id = VmId::parse(&vm_id).map_err(corrupt("vm id"))?;
+                            let port = Port::new(number).map_err(corrupt("port"))?;
+                            let protocol = Protocol::parse(&protocol).map_err(corrupt("protocol"))?;
+                            let source = SourcePrefix::parse(&source).map_err(corrupt("source"))?;
+                            if !still_allows(Some(&spec), &vm_id, port, protocol, &source) {
+                                ended.push((req, vm_id.key(), number));
+                            }
+                        }
+                    }
+                }
+                for (req, vm_key, number) in ended {
                     revoked.extend(revoke_where(
                         ctx,
                         &audit,
                         RevokeReason::PolicyChanged,
-                        "vm_key = ?1 AND number = ?2 AND end_ns > ?3",
-                        &[&vm.key(), &(port.get() as i64), &ns(audit.now)],
+                        "request_id = ?1 AND vm_key = ?2 AND number = ?3 AND end_ns > ?4",
+                        &[&req, &vm_key, &number, &ns(audit.now)],
                     )?);
                 }
             }
