@@ -2077,7 +2077,7 @@ pub async fn put_policy_update_revokes_removed_ports(store: &dyn Store) {
         .map(|e| e.entry.action)
         .collect();
     actions.sort();
-    assert_eq!(actions, ["policy.update", "request.revoke"]);
+    assert_eq!(actions, ["policy.update", "request.endedByPolicy"]);
 
     // vm1's 3389 changes protocol: a different rule, its grant goes.
     let out = put(
@@ -2185,7 +2185,11 @@ pub async fn delete_policy_revokes_live_grants(store: &dyn Store) {
     actions.sort();
     assert_eq!(
         actions,
-        ["policy.delete", "request.revoke", "request.revoke"]
+        [
+            "policy.delete",
+            "request.endedByPolicy",
+            "request.endedByPolicy"
+        ]
     );
 
     let before = snapshot(store).await;
@@ -2554,7 +2558,13 @@ pub async fn mutations_are_audited_and_chain_verifies(store: &dyn Store) {
     seq = expect_events(store, seq, &["request.initiate", "request.revoke"], &c(40)).await;
 
     put(store, &key, spec(&key, &[(&v1, &[22])]), at(50)).await;
-    seq = expect_events(store, seq, &["policy.update", "request.revoke"], &c(50)).await;
+    seq = expect_events(
+        store,
+        seq,
+        &["policy.update", "request.endedByPolicy"],
+        &c(50),
+    )
+    .await;
 
     store.revoke_request(rid(2), None, c(60)).await.unwrap();
     seq = expect_events(store, seq, &["request.revoke"], &c(60)).await;

@@ -857,10 +857,13 @@ fn revoke_where(
             end: from_ns(end_ns)?,
             reason,
         };
-        let action = if reason == RevokeReason::Expired {
-            "request.expire"
-        } else {
-            "request.revoke"
+        // A person's revoke, a grant reaching its end and a policy change ending it are
+        // told apart in the log (the actor of the last is the admin who changed the
+        // policy, not someone who revoked access).
+        let action = match reason {
+            RevokeReason::Expired => "request.expire",
+            RevokeReason::PolicyChanged => "request.endedByPolicy",
+            _ => "request.revoke",
         };
         ctx.audit(
             audit,
