@@ -1118,30 +1118,10 @@ impl Store for SqliteStore {
                 // port, a protocol or source no longer covered); the others keep
                 // running. Ended ports are left for expire_due.
                 let mut ended = Vec::new();
-                {
-                    let mut st = ctx.tx.prepare_cached(
-                        "SELECT request_id, vm_id, number, protocol, source FROM request_ports
-                         WHERE vm_key = ?1 AND status = 'Initiated' AND end_ns > ?2",
-                    )?;
-                    for vm in &old.spec.vms {
-                        let rows = st.query_map(params![vm.id.key(), ns(audit.now)], |r| {
-                            Ok((
-                                r.get::<_, String>(0)?,
-                                r.get::<_, String>(1)?,
-                                r.get::<_, i64>(2)?,
-                                r.get::<_, String>(3)?,
-                                r.get::<_, String>(4)?,
-                            ))
-                        })?;
-                        for row in rows {
-                            let (req, vm_id, number, protocol, source) = row?;
-                            let vm_id = VmId::parse(&vm_id).map_err(corrupt("vm id"))?;
-                            let port = Port::new(number).map_err(corrupt("port"))?;
-                            let protocol = Protocol::parse(&protocol).map_err(corrupt("protocol"))?;
-                            let source = SourcePrefix::parse(&source).map_err(corrupt("source"))?;
-                            if !still_allows(Some(&spec), &vm_id, port, protocol, &source) {
-                                ended.push((req, vm_id.key(), number));
-                            }
+                for vm in &old.spec.vms {
+                    for g in live_grant_rows(ctx.tx, &vm.id.key(), audit.now)? {
+                        if !still_allows(Some(&spec), &g.grant.vm, g.grant.number, g.protocol, &g.grant.source) {
+                            ended.push((g.grant.request.to_string(), g.grant.vm.key(), g.grant.number.get() as i64));
                         }
                     }
                 }
@@ -1286,44 +1266,17 @@ impl Store for SqliteStore {
             let Some((uid, policy)) = ctx.policy(&args.policy.key())? else {
                 return Err(OpError::Refused(InitiateRefusal::PolicyNotFound));
             };
-            // Live grants on the policy's VMs, for superseding.
+            // Live grants on the requested VMs, for superseding.
             let mut live = Vec::new();
-            {
-                let mut st = ctx.tx.prepare_cached(
-                    "SELECT p.request_id, p.vm_id, p.number, p.source, r.requestor
-                     FROM request_ports p JOIN requests r ON r.id = p.request_id
-                     WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2",
-                )?;
-                let requested: Vec<String> = args
-                    .input
-                    .virtual_machines
-                    .iter()
-                    .flatten()
-                    .filter_map(|v| v.id.as_deref())
-                    .filter_map(|s| VmId::parse(s).ok())
-                    .map(|v| v.key())
-                    .collect();
-                for vm_key in requested {
-                    let rows = st.query_map(params![vm_key, ns(audit.now)], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, String>(4)?,
-                        ))
-                    })?;
-                    for row in rows {
-                        let (req, vm, number, source, requestor) = row?;
-                        live.push(LiveGrant {
-                            request: RequestId::parse(&req).map_err(corrupt("request id"))?,
-                            requestor,
-                            vm: VmId::parse(&vm).map_err(corrupt("vm id"))?,
-                            number: Port::new(number).map_err(corrupt("port"))?,
-                            source: SourcePrefix::parse(&source).map_err(corrupt("source"))?,
-                        });
-                    }
-                }
+            let requested = args
+                .input
+                .virtual_machines
+                .iter()
+                .flatten()
+                .filter_map(|v| v.id.as_deref())
+                .filter_map(|s| VmId::parse(s).ok());
+            for vm in requested {
+                live.extend(live_grant_rows(ctx.tx, &vm.key(), audit.now)?.into_iter().map(|g| g.grant));
             }
             let ictx = InitiateContext {
                 id: args.id,
@@ -2364,6 +2317,46 @@ fn read_tokens(
 /// Compares two byte strings in time independent of where they differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A live grant as stored, with the protocol its port rule had.
+struct LiveRow {
+    grant: LiveGrant,
+    protocol: Protocol,
+}
+
+/// The live grants (status `Initiated`, ending after `now`) on the VM with key `vm_key`.
+fn live_grant_rows(conn: &Connection, vm_key: &str, now: Timestamp) -> Result<Vec<LiveRow>> {
+    let mut st = conn.prepare_cached(
+        "SELECT p.request_id, p.vm_id, p.number, p.protocol, p.source, r.requestor
+         FROM request_ports p JOIN requests r ON r.id = p.request_id
+         WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2",
+    )?;
+    let rows = st.query_map(params![vm_key, ns(now)], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, String>(5)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (req, vm, number, protocol, source, requestor) = row?;
+        out.push(LiveRow {
+            grant: LiveGrant {
+                request: RequestId::parse(&req).map_err(corrupt("request id"))?,
+                requestor,
+                vm: VmId::parse(&vm).map_err(corrupt("vm id"))?,
+                number: Port::new(number).map_err(corrupt("port"))?,
+                source: SourcePrefix::parse(&source).map_err(corrupt("source"))?,
+            },
+            protocol: Protocol::parse(&protocol).map_err(corrupt("protocol"))?,
+        });
+    }
+    Ok(out)
 }
 
 /// What `revoke_row` can revoke.
