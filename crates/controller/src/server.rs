@@ -139,12 +139,7 @@ fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
 
 /// Opens the store and creates the installation at first start.
 async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<SubscriptionId>)> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            config.data_dir.display()
-        )
-    })?;
+    // `start` created the directory (it holds the lock).
     restrict(&config.data_dir, 0o700)?;
     let db = config.data_dir.join(DB_FILE);
     let store = SqliteStore::open(&db)

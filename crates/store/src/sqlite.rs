@@ -1119,9 +1119,9 @@ impl Store for SqliteStore {
                 // running. Ended ports are left for expire_due.
                 let mut ended = Vec::new();
                 for vm in &old.spec.vms {
-                    for g in live_grant_rows(ctx.tx, &vm.id.key(), audit.now)? {
-                        if !still_allows(Some(&spec), &g.grant.vm, g.grant.number, g.protocol, &g.grant.source) {
-                            ended.push((g.grant.request.to_string(), g.grant.vm.key(), g.grant.number.get() as i64));
+                    for g in read_live_grants(ctx.tx, &vm.id.key(), audit.now)? {
+                        if !still_allows(Some(&spec), &vm.id, g.number, g.protocol, &g.source) {
+                            ended.push((g.request.to_string(), vm.id.key(), g.number.get() as i64));
                         }
                     }
                 }
@@ -1276,7 +1276,15 @@ impl Store for SqliteStore {
                 .filter_map(|v| v.id.as_deref())
                 .filter_map(|s| VmId::parse(s).ok());
             for vm in requested {
-                live.extend(live_grant_rows(ctx.tx, &vm.key(), audit.now)?.into_iter().map(|g| g.grant));
+                live.extend(read_live_grants(ctx.tx, &vm.key(), audit.now)?.into_iter().map(|g| {
+                    LiveGrant {
+                        request: g.request,
+                        requestor: g.requestor,
+                        vm: vm.clone(),
+                        number: g.number,
+                        source: g.source,
+                    }
+                }));
             }
             let ictx = InitiateContext {
                 id: args.id,
@@ -1474,40 +1482,7 @@ impl Store for SqliteStore {
 
     async fn live_grants(&self, vm: &VmId, now: Timestamp) -> Result<Vec<Grant>> {
         let vm = vm.key();
-        self.read(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT p.request_id, r.requestor, p.number, p.protocol, p.source, r.start_ns, p.end_ns
-                 FROM request_ports p JOIN requests r ON r.id = p.request_id
-                 WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2
-                 ORDER BY r.start_ns, p.request_id, p.number",
-            )?;
-            let rows = st.query_map(params![vm, ns(now)], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, i64>(6)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (req, requestor, number, protocol, source, start, end) = row?;
-                out.push(Grant {
-                    request: RequestId::parse(&req).map_err(corrupt("request id"))?,
-                    requestor,
-                    number: Port::new(number).map_err(corrupt("port"))?,
-                    protocol: Protocol::parse(&protocol).map_err(corrupt("protocol"))?,
-                    source: SourcePrefix::parse(&source).map_err(corrupt("source"))?,
-                    start: from_ns(start)?,
-                    end: from_ns(end)?,
-                });
-            }
-            Ok(out)
-        })
-        .await
+        self.read(move |c| read_live_grants(c, &vm, now)).await
     }
 
     async fn count_live_grants(&self, now: Timestamp) -> Result<u64> {
@@ -2319,18 +2294,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A live grant as stored, with the protocol its port rule had.
-struct LiveRow {
-    grant: LiveGrant,
-    protocol: Protocol,
-}
-
-/// The live grants (status `Initiated`, ending after `now`) on the VM with key `vm_key`.
-fn live_grant_rows(conn: &Connection, vm_key: &str, now: Timestamp) -> Result<Vec<LiveRow>> {
+/// The live grants (status `Initiated`, ending after `now`) on the VM with key
+/// `vm_key`, oldest request first (`live_grants`, initiate's superseding and a
+/// policy update's judgement all read them here).
+fn read_live_grants(conn: &Connection, vm_key: &str, now: Timestamp) -> Result<Vec<Grant>> {
     let mut st = conn.prepare_cached(
-        "SELECT p.request_id, p.vm_id, p.number, p.protocol, p.source, r.requestor
+        "SELECT p.request_id, r.requestor, p.number, p.protocol, p.source, r.start_ns, p.end_ns
          FROM request_ports p JOIN requests r ON r.id = p.request_id
-         WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2",
+         WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2
+         ORDER BY r.start_ns, p.request_id, p.number",
     )?;
     let rows = st.query_map(params![vm_key, ns(now)], |r| {
         Ok((
@@ -2339,21 +2311,21 @@ fn live_grant_rows(conn: &Connection, vm_key: &str, now: Timestamp) -> Result<Ve
             r.get::<_, i64>(2)?,
             r.get::<_, String>(3)?,
             r.get::<_, String>(4)?,
-            r.get::<_, String>(5)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, i64>(6)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (req, vm, number, protocol, source, requestor) = row?;
-        out.push(LiveRow {
-            grant: LiveGrant {
-                request: RequestId::parse(&req).map_err(corrupt("request id"))?,
-                requestor,
-                vm: VmId::parse(&vm).map_err(corrupt("vm id"))?,
-                number: Port::new(number).map_err(corrupt("port"))?,
-                source: SourcePrefix::parse(&source).map_err(corrupt("source"))?,
-            },
+        let (req, requestor, number, protocol, source, start, end) = row?;
+        out.push(Grant {
+            request: RequestId::parse(&req).map_err(corrupt("request id"))?,
+            requestor,
+            number: Port::new(number).map_err(corrupt("port"))?,
             protocol: Protocol::parse(&protocol).map_err(corrupt("protocol"))?,
+            source: SourcePrefix::parse(&source).map_err(corrupt("source"))?,
+            start: from_ns(start)?,
+            end: from_ns(end)?,
         });
     }
     Ok(out)
