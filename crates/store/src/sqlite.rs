@@ -2135,22 +2135,14 @@ impl Store for SqliteStore {
 
 /// The events from `from` on, in storage order, with their time-index problems.
 fn tail_with_times(c: &Connection, from: u64) -> Result<(Vec<AuditRecord>, Vec<audit::Problem>)> {
-    let records = read_audit(c, "WHERE seq >= ?1 ORDER BY rowid", &[&(from as i64)])?;
+    let rows = read_audit_rows(c, "WHERE seq >= ?1 ORDER BY rowid", &[&(from as i64)])?;
     let mut edited = Vec::new();
-    let mut st =
-        c.prepare("SELECT seq, time, time_ns FROM audit WHERE seq >= ?1 ORDER BY rowid")?;
-    let rows = st.query_map([from as i64], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (seq, time, time_ns) = row?;
-        if time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
-            edited.push(audit::Problem::TimeEdited { seq: seq as u64 });
+    let mut records = Vec::with_capacity(rows.len());
+    for (record, time_ns) in rows {
+        if record.entry.time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
+            edited.push(audit::Problem::TimeEdited { seq: record.seq });
         }
+        records.push(record);
     }
     Ok((records, edited))
 }
@@ -2186,42 +2178,66 @@ fn read_audit(
     tail: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<AuditRecord>> {
+    Ok(read_audit_rows(c, tail, params)?
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect())
+}
+
+/// Audit records with their stored time index (`time_ns`, which verification checks
+/// against the hashed time), in one pass.
+fn read_audit_rows(
+    c: &Connection,
+    tail: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<(AuditRecord, i64)>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT seq, time, actor, source, action, target, outcome, details, prev_hash, hash FROM audit {tail}"
+        "SELECT seq, time, actor, source, action, target, outcome, details, prev_hash, hash, time_ns FROM audit {tail}"
     ))?;
     let rows = st.query_map(params, |r| {
         Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, String>(5)?,
-            r.get::<_, String>(6)?,
-            r.get::<_, String>(7)?,
-            r.get::<_, String>(8)?,
-            r.get::<_, String>(9)?,
+            (
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+            ),
+            (
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, String>(8)?,
+                r.get::<_, String>(9)?,
+                r.get::<_, i64>(10)?,
+            ),
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (seq, time, actor, source, action, target, outcome, details, prev_hash, hash) = row?;
-        out.push(AuditRecord {
-            seq: seq as u64,
-            entry: AuditEntry {
-                time,
-                actor,
-                source,
-                action,
-                target,
-                // An unknown outcome string is tampering; keep the record so the hash
-                // check reports it as modified.
-                outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
-                details,
+        let (
+            (seq, time, actor, source, action, target),
+            (outcome, details, prev_hash, hash, time_ns),
+        ) = row?;
+        out.push((
+            AuditRecord {
+                seq: seq as u64,
+                entry: AuditEntry {
+                    time,
+                    actor,
+                    source,
+                    action,
+                    target,
+                    // An unknown outcome string is tampering; keep the record so the
+                    // hash check reports it as modified.
+                    outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
+                    details,
+                },
+                prev_hash,
+                hash,
             },
-            prev_hash,
-            hash,
-        });
+            time_ns,
+        ));
     }
     Ok(out)
 }
