@@ -9,6 +9,8 @@
 #   nftables, iproute2           the agent's enforcement and the network-namespace test lab
 #   openssh-server/-client       end-to-end tests of `jitgate ssh` against a real sshd
 #   sqlite3                      inspecting the controller's database by hand
+#   openssl                      tests make certificates the usual way (openssl req -x509)
+#   util-linux                   setpriv: tests run the agent without CAP_NET_ADMIN
 set -euo pipefail
 
 PACKAGES=(
@@ -21,6 +23,8 @@ PACKAGES=(
   openssh-server
   openssh-client
   sqlite3
+  openssl
+  util-linux
 )
 
 say() { printf 'setup-deps: %s\n' "$*" >&2; }

@@ -15,6 +15,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// PEM CA certificate for a controller with a private CA.
     pub ca_cert: Option<PathBuf>,
+    /// SHA-256 fingerprint of the controller's CA to pin (also carried by an
+    /// enrollment token, and kept with the credential after enrollment).
+    pub ca_fingerprint: Option<jitgate_proto::tls::Fingerprint>,
     /// The `nft` binary.
     pub nft: PathBuf,
     /// Where `/proc` is (tests may point elsewhere).
@@ -35,6 +38,7 @@ impl AgentConfig {
             location: None,
             state_dir,
             ca_cert: None,
+            ca_fingerprint: None,
             nft: PathBuf::from("nft"),
             proc_root: PathBuf::from("/proc"),
             heartbeat: Duration::from_secs(10),

@@ -23,4 +23,4 @@ pub mod run;
 pub mod state;
 
 pub use config::AgentConfig;
-pub use run::{Replaced, Restored, restore, run};
+pub use run::{Permanent, Replaced, Restored, preflight, restore, run};

@@ -67,19 +67,101 @@ struct Shared {
     nft_version: Option<String>,
 }
 
-fn client(config: &AgentConfig) -> anyhow::Result<reqwest::Client> {
+/// The HTTP client: trusts the controller by `--ca-cert` and the pinned fingerprint
+/// when given (see `jitgate_proto::tls`), else by the system's roots.
+fn client(
+    config: &AgentConfig,
+    pin: Option<jitgate_proto::tls::Fingerprint>,
+) -> anyhow::Result<reqwest::Client> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(config.poll_wait + Duration::from_secs(15));
+    let mut anchors = Vec::new();
     if let Some(ca) = &config.ca_cert {
         let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-        b = b.add_root_certificate(
-            reqwest::Certificate::from_pem(&pem)
-                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?,
-        );
+        anchors = jitgate_proto::tls::certs_from_pem(&pem)
+            .map_err(|e| Permanent(format!("--ca-cert {}: {e}", ca.display())))?;
+    }
+    if !anchors.is_empty() || pin.is_some() {
+        let verifier = jitgate_proto::tls::PinnedVerifier::new(anchors, pin.into_iter().collect());
+        b = b.tls_backend_preconfigured(verifier.client_config()?);
     }
     Ok(b.build()?)
+}
+
+/// A failed request, in words: TLS failures become advice (what to fix).
+fn describe(e: &reqwest::Error, controller: &str) -> String {
+    jitgate_proto::tls::advice(e, controller).unwrap_or_else(|| {
+        let mut text = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            src = s.source();
+        }
+        text
+    })
+}
+
+/// A condition restarting the agent with the same configuration cannot fix (nft
+/// missing, no privilege, a certificate that does not validate, a refused token):
+/// the agent exits with EX_CONFIG (78) and this advice instead of retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+/// Before enrolling (which uses up a token use and registers the VM): checks that
+/// this machine can enforce and that the controller answers and its TLS validates.
+/// Each failure is one message; a permanent one is [`Permanent`].
+pub async fn preflight(config: &AgentConfig, http: &reqwest::Client) -> anyhow::Result<()> {
+    let nft = Nft::new(config.nft.clone());
+    if let Err(e) = nft.version() {
+        return Err(Permanent(format!(
+            "cannot run {} ({e:#}): install the nftables package (apt install nftables) or give --nft PATH",
+            config.nft.display()
+        ))
+        .into());
+    }
+    if let Err(e) = nft.check("add table inet jitgate_preflight\n") {
+        let text = format!("{e:#}");
+        let lower = text.to_ascii_lowercase();
+        let advice = if lower.contains("operation not permitted")
+            || lower.contains("permission denied")
+        {
+            "the agent needs root (CAP_NET_ADMIN) to change the firewall: run it as root, as the systemd unit does"
+        } else if lower.contains("not supported") || lower.contains("no such file") {
+            "the kernel has no nf_tables support: load it (modprobe nf_tables) or use a kernel with CONFIG_NF_TABLES"
+        } else {
+            "nft cannot change the firewall here"
+        };
+        return Err(Permanent(format!("{advice} (nft -c said: {text})")).into());
+    }
+    let url = format!("{}/api/v1/health", config.controller);
+    let resp = http.get(&url).send().await.map_err(|e| {
+        match jitgate_proto::tls::advice(&e, &config.controller) {
+            Some(advice) => anyhow::Error::new(Permanent(advice)),
+            None => anyhow::anyhow!(
+                "the controller at {} does not answer ({}): is `jitgate serve` running there, is the port open to this machine, is --controller right?",
+                config.controller,
+                describe(&e, &config.controller)
+            ),
+        }
+    })?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let healthy = status.is_success()
+        && serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .is_some_and(|v| v.get("status").is_some());
+    if !healthy {
+        return Err(Permanent(format!(
+            "{} does not look like a jitgate controller (GET /api/v1/health answered {status}): check --controller",
+            config.controller
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Why an enrollment did not succeed: retry only when the controller was not reached
@@ -116,7 +198,7 @@ async fn enroll(
         .json(&body)
         .send()
         .await
-        .map_err(|e| unreachable(format!("{e:#}")))?;
+        .map_err(|e| unreachable(describe(&e, &config.controller)))?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     if status.is_server_error() {
@@ -138,6 +220,7 @@ async fn enroll(
         controller: config.controller.clone(),
         vm_id: r.vm_id,
         token: r.token,
+        ca_fingerprint: None,
     })
 }
 
@@ -359,7 +442,7 @@ impl Shared {
             .bearer_auth(self.creds.token.expose())
             .send()
             .await
-            .map_err(|e| PollError::Unreachable(e.to_string()))?;
+            .map_err(|e| PollError::Unreachable(describe(&e, &self.config.controller)))?;
         let status = resp.status();
         if status.as_u16() == 401 || status.as_u16() == 403 {
             let text = resp.text().await.unwrap_or_default();
@@ -417,21 +500,53 @@ enum PollError {
 
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut config = config;
     let state = StateDir::open(&config.state_dir)?;
-    let http = client(&config)?;
-    let creds = match state.credentials()? {
-        Some(c) if c.controller == config.controller => c,
-        _ => {
+    // An enrollment token may carry the fingerprint of the controller's CA.
+    let token_pin = match &config.enroll_token {
+        Some(t) => {
+            let (token, pin) = jitgate_proto::tls::split_pinned_token(t.expose())
+                .map_err(|e| Permanent(format!("the enrollment token: {e}")))?;
+            let token = token.to_owned();
+            config.enroll_token = Some(jitgate_proto::Secret::new(token));
+            pin
+        }
+        None => None,
+    };
+    let saved = state
+        .credentials()?
+        .filter(|c| c.controller == config.controller);
+    let saved_pin = saved
+        .as_ref()
+        .and_then(|c| c.ca_fingerprint.as_deref())
+        .map(jitgate_proto::tls::Fingerprint::parse)
+        .transpose()
+        .map_err(|e| Permanent(format!("the saved credential's CA fingerprint: {e}")))?;
+    let pin = config.ca_fingerprint.or(token_pin).or(saved_pin);
+    if pin.is_some() && !config.controller.starts_with("https://") {
+        return Err(Permanent(format!(
+            "a CA fingerprint is pinned but --controller {} is not https://: use the https:// URL",
+            config.controller
+        ))
+        .into());
+    }
+    let http = client(&config, pin)?;
+    let creds = match saved {
+        Some(c) => c,
+        None => {
+            preflight(&config, &http).await?;
             let mut backoff = Duration::from_millis(500);
             loop {
                 match enroll(&config, &http).await {
-                    Ok(c) => {
+                    Ok(mut c) => {
+                        c.ca_fingerprint = pin.map(|p| p.to_string());
                         state.save_credentials(&c)?;
-                        tracing::info!(vm = %c.vm_id, "enrolled");
+                        tracing::info!(vm = %c.vm_id, pinned = ?c.ca_fingerprint, "enrolled");
                         break c;
                     }
-                    Err(e @ (EnrollFailure::NoToken | EnrollFailure::Refused { .. })) => {
-                        return Err(e.into());
+                    Err(e @ EnrollFailure::NoToken) => return Err(Permanent(e.to_string()).into()),
+                    Err(e @ EnrollFailure::Refused { .. }) => {
+                        return Err(Permanent(e.to_string()).into());
                     }
                     Err(e @ EnrollFailure::Unreachable { .. }) => {
                         tracing::warn!(error = %e, "enrollment failed; retrying");
@@ -569,6 +684,16 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                             heartbeat.abort();
                             watchdog.abort();
                             return Err(Replaced(message.clone()).into());
+                        }
+                        if code == "AuthenticationFailed" {
+                            // Retrying the same credential cannot succeed.
+                            heartbeat.abort();
+                            watchdog.abort();
+                            return Err(Permanent(format!(
+                                "the controller does not accept this agent's credential ({message}): it was revoked, or the controller's database is not the one this agent enrolled with. The kernel keeps enforcing the last applied state. To enroll again, remove {} and start the agent with a new --enroll-token-file",
+                                shared.config.state_dir.join("credentials.json").display()
+                            ))
+                            .into());
                         }
                         tracing::error!(%code, %message, "the controller refused this agent's credential")
                     }

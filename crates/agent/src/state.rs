@@ -15,6 +15,10 @@ pub struct Credentials {
     pub controller: String,
     pub vm_id: String,
     pub token: jitgate_proto::Secret,
+    /// The controller CA's fingerprint pinned at enrollment (from the enrollment token
+    /// or --ca-fingerprint), kept so later starts trust the same controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
 }
 
 pub struct StateDir {

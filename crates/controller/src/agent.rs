@@ -401,6 +401,10 @@ pub async fn enroll(
     let (token_id, secret) = req
         .enroll_token
         .expose()
+        // A token may carry the CA fingerprint the agent pinned; it is not secret.
+        .split(jitgate_proto::tls::PIN_SEPARATOR)
+        .next()
+        .unwrap_or_default()
         .strip_prefix("je_")
         .and_then(|r| r.split_once('.'))
         .ok_or_else(|| ApiError::unauthenticated("the enrollment token is not valid"))?;
@@ -575,7 +579,14 @@ pub async fn create_enroll_token(
         .create_enroll_token(record.clone(), audit)
         .await?;
     let mut v = enroll_token_json(&record);
-    v["token"] = json!(token);
+    // Over TLS the token carries the fingerprint agents pin: nothing else to copy.
+    match state.tls_pin {
+        Some(pin) => {
+            v["token"] = json!(format!("{token}{}{pin}", jitgate_proto::tls::PIN_SEPARATOR));
+            v["caFingerprint"] = json!(pin.to_string());
+        }
+        None => v["token"] = json!(token),
+    }
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 

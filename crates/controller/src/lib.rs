@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod native;
 pub mod recommend;
 mod server;
+pub mod tls;
 
 pub use server::{BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, Running, TlsFiles, recover, start};
 
@@ -46,6 +47,9 @@ pub struct AppState {
     /// Per-VM change notifications that wake agents' long-polls.
     pub vm_changes: Arc<agent::VmChanges>,
     pub tls: bool,
+    /// The SHA-256 fingerprint clients pin (the controller's own CA, or the top of a
+    /// given chain); carried by enrollment tokens.
+    pub tls_pin: Option<jitgate_proto::tls::Fingerprint>,
     pub recommend: Arc<jitgate_core::recommend::RecommendConfig>,
     /// Signs and ships audit checkpoints; its file anchors `audit verify`.
     pub checkpoints: Arc<checkpoint::Checkpointer>,

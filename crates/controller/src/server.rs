@@ -62,6 +62,11 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Allow plain HTTP on a non-loopback address.
     pub insecure_http: bool,
+    /// Serve HTTPS with the controller's own CA also on a loopback address (the
+    /// default elsewhere when no certificate is given).
+    pub auto_tls: bool,
+    /// Extra subject alternative names for the controller's own certificate.
+    pub tls_sans: Vec<String>,
     /// Use this as the bootstrap Owner token instead of generating one.
     pub bootstrap_token: Option<jitgate_proto::Secret>,
     /// Management ports and agent-offline time for recommendations.
@@ -85,6 +90,8 @@ impl Config {
             data_dir,
             tls: None,
             insecure_http: false,
+            auto_tls: false,
+            tls_sans: Vec::new(),
             bootstrap_token: None,
             recommend: jitgate_core::recommend::RecommendConfig::default(),
             audit_checkpoints: None,
@@ -202,12 +209,7 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
 
 /// Starts the controller and returns once it is listening.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    if !config.listen.ip().is_loopback() && config.tls.is_none() && !config.insecure_http {
-        bail!(
-            "refusing to serve plain HTTP on the non-loopback address {}: give --tls-cert and --tls-key, or --insecure-http",
-            config.listen
-        );
-    }
+    let loopback = config.listen.ip().is_loopback();
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
@@ -217,6 +219,38 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })?;
     let lock = DataDirLock::acquire(&config.data_dir)?;
     let (store, subscriptions) = bootstrap(&config).await?;
+    let served = match &config.tls {
+        Some(files) => {
+            let (served, warnings) = crate::tls::check_given(files, config.listen)?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            Some(served)
+        }
+        None if config.auto_tls || (!loopback && !config.insecure_http) => Some(
+            crate::tls::ensure_auto(&config.data_dir, config.listen, &config.tls_sans)?,
+        ),
+        None => {
+            if !loopback {
+                tracing::warn!(
+                    addr = %config.listen,
+                    "serving plain HTTP on a non-loopback address (--insecure-http): tokens and grants cross the network in clear text; anyone on the path can read and replay them. Remove --insecure-http to serve HTTPS with the controller's own CA"
+                );
+            }
+            None
+        }
+    };
+    if let Some(s) = &served {
+        if s.auto {
+            tracing::info!(
+                ca_fingerprint = %s.pin,
+                ca_cert = %crate::tls::ca_cert_path(&config.data_dir).display(),
+                "serving HTTPS with the controller's own CA; clients pin this fingerprint (enrollment tokens carry it; `jitgate login` shows it)"
+            );
+        } else {
+            tracing::info!(pin = %s.pin, "serving HTTPS with the given certificate; clients may pin this fingerprint");
+        }
+    }
     let (checkpointer, fresh_key) = Checkpointer::open(
         &config.data_dir.join(crate::checkpoint::SIGNING_KEY_FILE),
         config
@@ -244,7 +278,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         expiry_wake: Arc::new(Notify::new()),
         expiry_at: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
         vm_changes: Arc::new(crate::agent::VmChanges::default()),
-        tls: config.tls.is_some(),
+        tls: served.is_some(),
+        tls_pin: served.as_ref().map(|s| s.pin),
         recommend: Arc::new(config.recommend.clone()),
         checkpoints: checkpointer.clone(),
         refusals: Arc::new(crate::limits::RefusalLimiter::new(config.limits.clone())),
@@ -287,7 +322,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(10));
-    let server = match &config.tls {
+    let server = match served.as_ref().map(|s| &s.files) {
         Some(tls) => {
             let rustls_config =
                 axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
@@ -299,6 +334,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                             tls.key.display()
                         )
                     })?;
+            if served.as_ref().is_some_and(|s| s.auto) {
+                tokio::spawn(renew_auto_tls(
+                    config.clone(),
+                    rustls_config.clone(),
+                    shutdown.subscribe(),
+                ));
+            }
             let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls_config)
                 .handshake_timeout(config.limits.header_read_timeout)
                 .acceptor(cap);
@@ -307,7 +349,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => tokio::spawn(srv.acceptor(cap).serve(app)),
     };
     tracing::info!(max_connections, fd_limit, "connection cap");
-    tracing::info!(addr = %local_addr, tls = config.tls.is_some(), "controller listening");
+    tracing::info!(addr = %local_addr, tls = served.is_some(), "controller listening");
     Ok(Running {
         local_addr,
         subscription: state.default_subscription(),
@@ -319,6 +361,37 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         checkpoints,
         _lock: lock,
     })
+}
+
+/// Renews the controller's own server certificate before it expires (checked twice a
+/// day) and serves the new one without a restart.
+async fn renew_auto_tls(
+    config: Config,
+    rustls_config: axum_server::tls_rustls::RustlsConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(12 * 3600)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let before =
+            std::fs::read(config.data_dir.join(crate::tls::TLS_DIR).join("server.pem")).ok();
+        match crate::tls::ensure_auto(&config.data_dir, config.listen, &config.tls_sans) {
+            Ok(s) => {
+                if std::fs::read(&s.files.cert).ok() != before
+                    && let Err(e) = rustls_config
+                        .reload_from_pem_file(&s.files.cert, &s.files.key)
+                        .await
+                {
+                    tracing::error!(error = %e, "cannot load the renewed server certificate");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot renew the server certificate")
+            }
+        }
+    }
 }
 
 /// `jitgate admin recover`: mints a new Owner token directly in the data directory,

@@ -130,9 +130,19 @@ pub struct ServeArgs {
     /// PEM private key for TLS.
     #[arg(long, env = "JITGATE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Allow plain HTTP on a non-loopback address (not recommended).
+    /// Allow plain HTTP on a non-loopback address (not recommended: tokens cross the
+    /// network in clear text). Without a certificate and without this flag, a
+    /// non-loopback address is served over HTTPS with the controller's own CA.
     #[arg(long, env = "JITGATE_INSECURE_HTTP")]
     pub insecure_http: bool,
+    /// Serve HTTPS with the controller's own CA also on a loopback address (on other
+    /// addresses it is the default when no --tls-cert is given).
+    #[arg(long, env = "JITGATE_AUTO_TLS", conflicts_with_all = ["tls_cert", "insecure_http"])]
+    pub auto_tls: bool,
+    /// Another name (DNS name or IP address) for the controller's own certificate,
+    /// besides the listen address, the hostname and localhost. Repeatable.
+    #[arg(long = "tls-san", env = "JITGATE_TLS_SAN", value_delimiter = ',', value_parser = parse_tls_san)]
+    pub tls_sans: Vec<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "JITGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -228,9 +238,14 @@ pub struct AgentArgs {
         default_value = "/var/lib/jitgate-agent"
     )]
     pub state_dir: PathBuf,
-    /// PEM CA certificate of a controller with a private CA.
+    /// PEM CA certificate of a controller with a private CA (or the controller's
+    /// self-signed certificate, pinned as it is).
     #[arg(long, env = "JITGATE_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+    /// SHA-256 fingerprint of the controller's CA to pin (`jitgate serve` prints it;
+    /// enrollment tokens created over HTTPS carry it, so it is rarely needed).
+    #[arg(long, env = "JITGATE_CA_FINGERPRINT", value_parser = parse_fingerprint)]
+    pub ca_fingerprint: Option<jitgate_proto::tls::Fingerprint>,
     /// The nft binary.
     #[arg(long, default_value = "nft")]
     pub nft: PathBuf,
@@ -308,6 +323,8 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     insecure_http: Option<bool>,
+    auto_tls: Option<bool>,
+    tls_san: Option<Vec<String>>,
     log_format: Option<String>,
     management_ports: Option<Vec<u16>>,
     agent_offline_after: Option<u64>,
@@ -315,6 +332,14 @@ struct FileConfig {
     refusals_audited: Option<u32>,
     refusals_block_after: Option<u32>,
     max_connections: Option<usize>,
+}
+
+pub fn parse_tls_san(text: &str) -> Result<String, String> {
+    jitgate_controller::tls::parse_san(text)
+}
+
+pub fn parse_fingerprint(text: &str) -> Result<jitgate_proto::tls::Fingerprint, String> {
+    jitgate_proto::tls::Fingerprint::parse(text)
 }
 
 #[derive(Args, Clone)]
@@ -325,7 +350,8 @@ pub struct ClientArgs {
     /// Bearer token.
     #[arg(long, env = "JITGATE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// CA certificate (PEM) for a controller with a private CA.
+    /// CA certificate (PEM) for a controller with a private CA, or the controller's
+    /// self-signed certificate (pinned as it is).
     #[arg(long, env = "JITGATE_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
     /// Print JSON instead of a table.
@@ -545,6 +571,22 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
     let mut config = jitgate_controller::Config::new(listen, data_dir);
     config.tls = tls;
     config.insecure_http = args.insecure_http || file.insecure_http.unwrap_or(false);
+    config.auto_tls = args.auto_tls || file.auto_tls.unwrap_or(false);
+    config.tls_sans = args.tls_sans;
+    for san in file.tls_san.unwrap_or_default() {
+        config.tls_sans.push(
+            jitgate_controller::tls::parse_san(&san)
+                .map_err(|e| anyhow::anyhow!("tls_san: {e}"))?,
+        );
+    }
+    if config.tls.is_some() && config.auto_tls {
+        bail!("auto_tls: the controller's own CA and a given tls_cert exclude each other");
+    }
+    if config.tls.is_some() && !config.tls_sans.is_empty() {
+        bail!(
+            "--tls-san names the controller's own certificate; with --tls-cert, put the names in that certificate"
+        );
+    }
     config.bootstrap_token = args.bootstrap_token.map(jitgate_proto::Secret::new);
     config.audit_checkpoints = args.audit_checkpoints.or(file.audit_checkpoints);
     config.accept_audit_break = args.accept_audit_break;
@@ -956,6 +998,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     config.location = args.location;
     config.ca_cert = args.ca_cert;
+    config.ca_fingerprint = args.ca_fingerprint;
     config.nft = args.nft;
     config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs.max(1));
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -965,7 +1008,8 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         r = task => {
             return match r.context("agent task")? {
                 Ok(()) => Ok(ExitCode::SUCCESS),
-                Err(e) if e.downcast_ref::<jitgate_agent::Replaced>().is_some() => {
+                Err(e) if e.downcast_ref::<jitgate_agent::Replaced>().is_some()
+                    || e.downcast_ref::<jitgate_agent::Permanent>().is_some() => {
                     tracing::error!(error = %format!("{e:#}"), "stopping for good");
                     // EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus).
                     Ok(ExitCode::from(78))
@@ -1006,6 +1050,11 @@ async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                     s(&v["usesLeft"]),
                     s(&v["expiresAt"])
                 );
+                if let Some(fp) = v["caFingerprint"].as_str() {
+                    eprintln!(
+                        "(it carries the controller's CA fingerprint {fp}: the agent pins it, nothing else to copy)"
+                    );
+                }
                 println!("{}", s(&v["token"]));
             });
         }

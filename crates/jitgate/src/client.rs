@@ -18,12 +18,38 @@ pub struct Exit {
     pub message: String,
 }
 
-/// Exit codes: 1 any other error, 3 not found or ambiguous, 4 not authenticated or
-/// not permitted, 5 refused as invalid, 6 timed out waiting for a port.
+/// Exit codes: 1 any other error, 2 usage error, 3 not found or ambiguous, 4 not
+/// authenticated or not permitted, 5 refused as invalid, 6 timed out waiting for a
+/// port, 7 the controller's certificate does not validate.
 pub const EXIT_NOT_FOUND: u8 = 3;
 pub const EXIT_AUTH: u8 = 4;
 pub const EXIT_INVALID: u8 = 5;
 pub const EXIT_TIMEOUT: u8 = 6;
+/// The controller's certificate does not validate (or TLS is not spoken there).
+pub const EXIT_TLS: u8 = 7;
+/// A usage error: a flag or argument is missing or invalid (clap's own code).
+pub const EXIT_USAGE: u8 = 2;
+
+/// A plain `http://` URL to an address that is not loopback: a token sent there
+/// crosses the network readable.
+pub fn cleartext_to_network(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return false;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => !ip.is_loopback(),
+        Err(_) => true,
+    }
+}
 
 impl Exit {
     pub fn err(code: u8, message: impl Into<String>) -> anyhow::Error {
@@ -123,13 +149,22 @@ impl Client {
     }
 
     pub fn build(url: &str, token: Option<String>, ca: Option<&Path>) -> anyhow::Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder =
             reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
         if let Some(ca) = ca {
+            // The file's certificates are trust anchors; the controller's own
+            // certificate, if it is one of them, is accepted as it is (pinned).
             let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
-            builder = builder.add_root_certificate(cert);
+            let anchors = jitgate_proto::tls::certs_from_pem(&pem)
+                .map_err(|e| Exit::err(EXIT_USAGE, format!("--ca-cert {}: {e}", ca.display())))?;
+            let verifier = jitgate_proto::tls::PinnedVerifier::new(anchors, Vec::new());
+            builder = builder.tls_backend_preconfigured(verifier.client_config()?);
+        }
+        if token.is_some() && cleartext_to_network(url) {
+            eprintln!(
+                "warning: sending your token in clear text to {url}, which is not a loopback address: anyone on the path can read and reuse it. Use the controller's https:// URL."
+            );
         }
         Ok(Client {
             http: builder.build().context("cannot build the HTTP client")?,
@@ -146,12 +181,18 @@ impl Client {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req.send().await.with_context(|| {
-            format!(
-                "cannot reach the controller at {} (check the URL, or run `jitgate login URL`)",
-                self.base
-            )
-        })?;
+        let resp =
+            req.send()
+                .await
+                .map_err(|e| {
+                    match jitgate_proto::tls::advice(&e, &self.base) {
+                Some(advice) => Exit::err(EXIT_TLS, advice),
+                None => anyhow::Error::new(e).context(format!(
+                    "cannot reach the controller at {} (check the URL, or run `jitgate login URL`)",
+                    self.base
+                )),
+            }
+                })?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
@@ -319,5 +360,25 @@ mod tests {
         );
         let e = resolve(&v, "nope").unwrap_err();
         assert_eq!(e.downcast_ref::<Exit>().unwrap().code, EXIT_NOT_FOUND);
+    }
+
+    #[test]
+    fn a_token_in_clear_text_to_the_network_is_recognised() {
+        for url in [
+            "http://10.0.0.1:8080",
+            "http://jit.example.com",
+            "http://[fd00::1]:80/x",
+        ] {
+            assert!(cleartext_to_network(url), "{url}");
+        }
+        for url in [
+            "https://10.0.0.1:8443",
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+            "http://127.9.9.9",
+        ] {
+            assert!(!cleartext_to_network(url), "{url}");
+        }
     }
 }

@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod client;
 mod people;
+mod trust;
 
 use std::process::ExitCode;
 

@@ -155,9 +155,15 @@ pub struct LoginArgs {
     /// Read the token from standard input.
     #[arg(long)]
     pub token_stdin: bool,
-    /// CA certificate (PEM) for a controller with a private CA.
-    #[arg(long)]
+    /// CA certificate (PEM) for a controller with a private CA, or the controller's
+    /// self-signed certificate (pinned as it is).
+    #[arg(long, conflicts_with = "ca_fingerprint")]
     pub ca_cert: Option<PathBuf>,
+    /// SHA-256 fingerprint of the controller's CA (`jitgate serve` prints it): pin the
+    /// certificate with that fingerprint without asking. Without it, login shows the
+    /// fingerprint of a certificate this machine does not trust and asks once.
+    #[arg(long, value_parser = crate::cli::parse_fingerprint)]
+    pub ca_fingerprint: Option<jitgate_proto::tls::Fingerprint>,
 }
 
 pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
@@ -175,8 +181,12 @@ pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
     if token.is_empty() {
         return Err(invalid("the token is empty"));
     }
-    let ca = a.ca_cert.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
-    let c = Client::build(&a.url, Some(token.clone()), ca.as_deref())?;
+    let url = a.url.trim_end_matches('/').to_owned();
+    let ca = match a.ca_cert {
+        Some(p) => Some(std::fs::canonicalize(&p).unwrap_or(p)),
+        None => crate::trust::first_contact(&url, a.ca_fingerprint).await?,
+    };
+    let c = Client::build(&url, Some(token.clone()), ca.as_deref())?;
     let who = c.get("/api/v1/whoami").await?;
     let path = client::save(&client::Saved {
         url: Some(a.url.trim_end_matches('/').to_owned()),

@@ -178,24 +178,65 @@ fn bootstrap_token_from_the_environment_and_config_file() {
 }
 
 #[test]
-fn refuses_plain_http_on_a_public_address_unless_told() {
+fn a_public_address_without_a_certificate_gets_https_from_the_controllers_own_ca() {
     let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("data");
+    let s = serve(
+        &[
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-san",
+            "jit.example.com",
+        ],
+        &[("NO_COLOR", "1")],
+    );
+    let start = Instant::now();
+    while !s.log.lock().unwrap().contains("controller listening") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not listening: {}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = s.log.lock().unwrap().clone();
+    assert!(
+        log.contains("serving HTTPS with the controller's own CA"),
+        "{log}"
+    );
+    assert!(log.contains("ca_fingerprint=sha256:"), "{log}");
+    // curl-style clients trust it with the CA file; plain HTTP gets nothing.
+    let ca = data.join("tls").join("ca.pem");
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert", ca.to_str().unwrap()])
+        .args(["--resolve", &format!("jit.example.com:{port}:127.0.0.1")])
+        .arg(format!("https://jit.example.com:{port}/api/v1/health"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"status\":\"ok\""),
+        "{out:?}"
+    );
     let out = jitgate(
         &[
-            "serve",
-            "--listen",
-            "0.0.0.0:0",
-            "--data-dir",
-            dir.path().to_str().unwrap(),
+            "vm",
+            "list",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+            "--token",
+            "x",
         ],
-        &[],
+        &[("JITGATE_CONFIG_DIR", dir.path().to_str().unwrap())],
     );
-    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--insecure-http") && err.contains("--tls-cert"),
-        "{err}"
-    );
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("serves HTTPS"), "{err}");
+    drop(s);
+
+    // Flags that exclude each other are refused before anything starts.
     let out = jitgate(
         &[
             "serve",
@@ -206,10 +247,15 @@ fn refuses_plain_http_on_a_public_address_unless_told() {
         ],
         &[],
     );
-    assert!(
-        !out.status.success(),
+    assert_eq!(
+        out.status.code(),
+        Some(2),
         "a certificate without a key must be refused"
     );
+    let out = jitgate(&["serve", "--tls-san", "not a name"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--tls-san"), "{err}");
 }
 
 #[test]

@@ -955,3 +955,4 @@ mod tests {
         }
     }
 }
+pub mod tls;

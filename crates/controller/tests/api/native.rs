@@ -143,16 +143,74 @@ async fn serves_tls_with_a_given_certificate() {
 }
 
 #[tokio::test]
-async fn refuses_plain_http_on_a_public_address() {
+async fn a_public_address_is_served_over_https_from_the_controllers_own_ca_unless_told() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let mut config = crate::util::config(dir.path().to_owned());
     config.listen = "0.0.0.0:0".parse().unwrap();
-    let err = jitgate_controller::start(config.clone())
+    let running = jitgate_controller::start(config.clone()).await.unwrap();
+    assert!(running.state.tls);
+    let pin = running.state.tls_pin.expect("a pin");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], running.local_addr.port()));
+    // A client pinning the CA's fingerprint, and nothing else, verifies the server.
+    let verifier = jitgate_proto::tls::PinnedVerifier::new(Vec::new(), vec![pin]);
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(verifier.client_config().unwrap())
+        .build()
+        .unwrap();
+    let r = client
+        .post(format!("https://{addr}/api/v1/enrollTokens"))
+        .bearer_auth(OWNER)
+        .json(&json!({"uses": 1}))
+        .send()
         .await
-        .err()
-        .expect("must refuse");
-    assert!(err.to_string().contains("--insecure-http"), "{err}");
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let body: serde_json::Value = r.json().await.unwrap();
+    // The enrollment token carries the fingerprint for the agent to pin.
+    assert_eq!(body["caFingerprint"], pin.to_string());
+    let token = body["token"].as_str().unwrap();
+    assert_eq!(
+        jitgate_proto::tls::split_pinned_token(token).unwrap().1,
+        Some(pin)
+    );
+    // The token with its pin enrolls (the controller ignores the pin part).
+    let r = client
+        .post(format!("https://{addr}/api/v1/agent/enroll"))
+        .json(&json!({"enrollToken": token, "resourceGroup": "rg", "name": "vm-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.text().await);
+    // A client pinning another fingerprint gets nowhere.
+    let other = jitgate_proto::tls::PinnedVerifier::new(
+        Vec::new(),
+        vec![jitgate_proto::tls::Fingerprint([7; 32])],
+    );
+    let err = reqwest::Client::builder()
+        .tls_backend_preconfigured(other.client_config().unwrap())
+        .build()
+        .unwrap()
+        .get(format!("https://{addr}/api/v1/health"))
+        .send()
+        .await
+        .unwrap_err();
+    let advice = jitgate_proto::tls::advice(&err, &format!("https://{addr}")).unwrap();
+    assert!(
+        advice.contains("not the one the fingerprint names"),
+        "{advice}"
+    );
+    running.shutdown().await.unwrap();
+
+    // A second start keeps the CA: the pin agents hold stays valid.
+    let running = jitgate_controller::start(config.clone()).await.unwrap();
+    assert_eq!(running.state.tls_pin, Some(pin));
+    running.shutdown().await.unwrap();
+
+    // Plain HTTP only when told, and then without a pin.
     config.insecure_http = true;
     let running = jitgate_controller::start(config).await.unwrap();
+    assert!(!running.state.tls);
+    assert_eq!(running.state.tls_pin, None);
     running.shutdown().await.unwrap();
 }

@@ -511,7 +511,16 @@ pub struct Resp {
 }
 
 /// One HTTP call made from namespace `ns` (so the controller sees that host's address).
-pub fn http(ns: &str, method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> Resp {
+/// To a controller serving HTTPS, it trusts the certificates in `ca` (a PEM file: its
+/// CA, or its self-signed certificate, pinned).
+pub fn http_ca(
+    ns: &str,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+    ca: Option<&Path>,
+) -> Resp {
     in_ns(ns, || {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -519,11 +528,19 @@ pub fn http(ns: &str, method: &str, url: &str, token: Option<&str>, body: Option
             .build()
             .unwrap();
         rt.block_on(async {
-            let c = reqwest::Client::builder()
+            let mut c = reqwest::Client::builder()
                 .no_proxy()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap();
+                .timeout(Duration::from_secs(10));
+            if let Some(ca) = ca {
+                let anchors =
+                    jitgate_proto::tls::certs_from_pem(&std::fs::read(ca).unwrap()).unwrap();
+                c = c.tls_backend_preconfigured(
+                    jitgate_proto::tls::PinnedVerifier::new(anchors, Vec::new())
+                        .client_config()
+                        .unwrap(),
+                );
+            }
+            let c = c.build().unwrap();
             let mut req = c.request(method.parse().unwrap(), url);
             if let Some(t) = token {
                 req = req.bearer_auth(t);
@@ -587,6 +604,20 @@ pub struct Lab {
     pub tables_before: String,
     /// Extra flags of every `jitgate serve` this lab starts.
     serve_args: Vec<String>,
+    pub tls: LabTls,
+    /// The PEM file clients trust when the controller serves HTTPS.
+    pub ca: Option<PathBuf>,
+}
+
+/// How the lab's controller serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabTls {
+    /// Plain HTTP (`--insecure-http`).
+    Off,
+    /// HTTPS with the controller's own CA (no certificate given, no `--insecure-http`).
+    Auto,
+    /// HTTPS with a given certificate and key (`--tls-cert`, `--tls-key`).
+    Given { cert: PathBuf, key: PathBuf },
 }
 
 /// A lab other than the default one: see [`Lab::builder`].
@@ -594,6 +625,7 @@ pub struct Lab {
 pub struct LabBuilder {
     echo_on_ssh: bool,
     serve_args: Vec<String>,
+    tls: LabTls,
 }
 
 impl LabBuilder {
@@ -608,6 +640,12 @@ impl LabBuilder {
     /// `["--agent-offline-after", "3"]`.
     pub fn serve_args(mut self, args: &[&str]) -> Self {
         self.serve_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// How the controller serves (default: plain HTTP).
+    pub fn tls(mut self, tls: LabTls) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -629,6 +667,7 @@ impl Lab {
         LabBuilder {
             echo_on_ssh: true,
             serve_args: Vec::new(),
+            tls: LabTls::Off,
         }
     }
 
@@ -666,6 +705,11 @@ impl Lab {
             sub: String::new(),
             tables_before: String::new(),
             serve_args: options.serve_args,
+            ca: match &options.tls {
+                LabTls::Given { cert, .. } => Some(cert.clone()),
+                _ => None,
+            },
+            tls: options.tls,
         };
         lab.build_network();
         // Something of the host's own in the VM's nftables, which jitgate must leave
@@ -778,7 +822,22 @@ impl Lab {
     }
 
     pub fn base(&self) -> String {
-        format!("http://{}", self.ctl.v4_at(CTL_PORT))
+        let scheme = if self.tls == LabTls::Off {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{}", self.ctl.v4_at(CTL_PORT))
+    }
+
+    /// The controller's data directory.
+    pub fn controller_data(&self) -> PathBuf {
+        self.dir.path().join("controller")
+    }
+
+    /// The lab's scratch directory (removed with the lab).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Starts (or restarts, on the same data) the controller and waits until it listens.
@@ -790,10 +849,20 @@ impl Lab {
             "serve",
             "--listen",
             listen.as_str(),
-            "--insecure-http",
             "--data-dir",
             data.to_str().unwrap(),
         ];
+        let tls = self.tls.clone();
+        match &tls {
+            LabTls::Off => args.push("--insecure-http"),
+            LabTls::Auto => {}
+            LabTls::Given { cert, key } => args.extend([
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ]),
+        }
         args.extend(self.serve_args.iter().map(String::as_str));
         let child = self.spawn_in(
             &self.ctl.ns.clone(),
@@ -812,6 +881,9 @@ impl Lab {
             }
             self.ctl.tcp_open(addr)
         });
+        if self.tls == LabTls::Auto {
+            self.ca = Some(data.join("tls").join("ca.pem"));
+        }
     }
 
     /// Starts (or restarts, with the same state directory) the agent. Waits only for
@@ -859,6 +931,9 @@ impl Lab {
             .env("NO_COLOR", "1")
             .env_remove("JITGATE_CA_CERT")
             .env_remove("JITGATE_LOG");
+        if let Some(ca) = &self.ca {
+            cmd.env("JITGATE_CA_CERT", ca);
+        }
         run_bounded(
             cmd,
             format!("jitgate {} (in {})", args.join(" "), from.role),
@@ -933,12 +1008,13 @@ impl Lab {
         token: Option<&str>,
         body: Option<Value>,
     ) -> Resp {
-        http(
+        http_ca(
             &from.ns,
             method,
             &format!("{}{path}", self.base()),
             token,
             body,
+            self.ca.as_deref(),
         )
     }
 

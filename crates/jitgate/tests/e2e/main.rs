@@ -17,3 +17,4 @@ mod lab;
 mod nsg;
 mod recommend;
 mod ssh;
+mod tls;
