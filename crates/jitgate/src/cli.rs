@@ -720,7 +720,17 @@ async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                     "/api/v1/vms",
                     &json!({"resourceGroup": resource_group, "name": name, "location": location}),
                 )
-                .await?;
+                .await
+                .map_err(|e| {
+                    name_flags(
+                        e,
+                        &[
+                            ("resourceGroup", "RESOURCE_GROUP"),
+                            ("name", "NAME"),
+                            ("location", "--location"),
+                        ],
+                    )
+                })?;
             print(client.json, &v, |v| println!("registered {}", s(&v["id"])));
         }
         VmCommand::List {
