@@ -742,7 +742,10 @@ async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 .map(|rg| ("resourceGroup", rg))
                 .into_iter()
                 .collect();
-            let v = c.get_query("/api/v1/vms", &q).await?;
+            let v = c
+                .get_query("/api/v1/vms", &q)
+                .await
+                .map_err(|e| name_flags(e, &[("resourceGroup", "--resource-group")]))?;
             print(client.json, &v, |v| {
                 let mut t = Table::new(&[
                     "RESOURCE GROUP",

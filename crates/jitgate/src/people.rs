@@ -233,7 +233,8 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
                 "/api/v1/recommendations/apply",
                 &json!({"resourceGroup": a.resource_group}),
             )
-            .await?;
+            .await
+            .map_err(|e| name_flags(e, &[("resourceGroup", "--resource-group")]))?;
         print(ses.json, &v, |v| {
             let list = v["enabled"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             if list.is_empty() {
@@ -1180,7 +1181,11 @@ pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
         let all = ses.vms().await?;
         q.push(("vm", s(&client::resolve(&all, v)?["id"])));
     }
-    let v = ses.c.get_query("/api/v1/requests", &q).await?;
+    let v = ses
+        .c
+        .get_query("/api/v1/requests", &q)
+        .await
+        .map_err(|e| name_flags(e, &[("limit", "--limit")]))?;
     print(ses.json, &v, |v| {
         let mut t = Table::new(&[
             "REQUEST",
@@ -1630,7 +1635,19 @@ pub async fn recommendations(a: RecommendationsArgs) -> anyhow::Result<ExitCode>
     if let Some(v) = &a.verdict {
         q.push(("verdict", v.clone()));
     }
-    let v = ses.c.get_query("/api/v1/recommendations", &q).await?;
+    let v = ses
+        .c
+        .get_query("/api/v1/recommendations", &q)
+        .await
+        .map_err(|e| {
+            name_flags(
+                e,
+                &[
+                    ("verdict", "--verdict"),
+                    ("resourceGroup", "--resource-group"),
+                ],
+            )
+        })?;
     print(ses.json, &v, |v| {
         for (verdict, title) in [
             (

@@ -932,6 +932,17 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
         ),
         (vec!["audit", "show", "--limit", "0"], 2, vec!["--limit"]),
         (
+            vec!["recommendations", "--verdict", "Meh"],
+            5,
+            vec!["--verdict: ", "'Meh'"],
+        ),
+        (vec!["requests", "--limit", "0"], 5, vec!["--limit: "]),
+        (
+            vec!["vm", "list", "--resource-group", "bad rg"],
+            5,
+            vec!["--resource-group: "],
+        ),
+        (
             vec!["enable", "db", "nope"],
             3,
             vec!["'nope'", "jitgate vm list"],
@@ -2021,4 +2032,51 @@ fn man_pages_per_verb_and_help_document_the_exit_codes() {
     ] {
         assert!(help.contains(line), "no {line:?} in --help:\n{help}");
     }
+}
+
+#[test]
+fn every_verb_that_prints_has_json() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("prod", "web-2");
+    c.jg(&["enable", "web-1", "web-2", "--port", "22"]).ok();
+    let v = c.json(&["disable", "web-2"]);
+    assert!(
+        v["disabled"][0]["vm"].as_str().unwrap().ends_with("/web-2"),
+        "{v}"
+    );
+    let t = c.json(&["token", "create", "--principal", "zed"]);
+    let id = t["id"].as_str().unwrap();
+    assert_eq!(c.json(&["token", "revoke", id]), json!({"revoked": id}));
+    let r = c.json(&[
+        "role",
+        "assign",
+        "--principal",
+        "zed",
+        "--role",
+        "Reader",
+        "--resource-group",
+        "prod",
+    ]);
+    let rid = r["id"].as_str().unwrap();
+    assert_eq!(c.json(&["role", "remove", rid]), json!({"removed": rid}));
+    let e = c.json(&["enroll-token", "create"]);
+    let eid = e["id"].as_str().unwrap();
+    assert_eq!(
+        c.json(&["enroll-token", "revoke", eid]),
+        json!({"revoked": eid})
+    );
+    let cfg = c.dir.path().join("json-login");
+    let out = run_with_stdin(
+        &["login", &c.base, "--token-stdin", "--json"],
+        &[],
+        &cfg,
+        Some(&format!("{ADMIN}\n")),
+    )
+    .ok();
+    let v = out.json();
+    assert_eq!(v["principal"], "bootstrap-admin");
+    assert_eq!(v["url"], c.base.as_str());
+    let v = c.json(&["vm", "nsg", "prod", "web-1"]);
+    assert!(v["rules"].is_array(), "{v}");
 }
