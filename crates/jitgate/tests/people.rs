@@ -1858,8 +1858,7 @@ fn audit_show_has_a_header_source_and_justification_and_the_vms_policy_events() 
         .collect();
     let removal = events
         .iter()
-        .filter(|e| e["action"] == "policy.update")
-        .next_back()
+        .rfind(|e| e["action"] == "policy.update")
         .unwrap();
     let since = removal["time"].as_str().unwrap();
     let later = c
