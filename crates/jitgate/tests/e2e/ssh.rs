@@ -270,6 +270,14 @@ fn jitgate_ssh_through_real_sshd_while_plain_ssh_fails_before_and_after_the_gran
         .expect_ok();
     assert!(r.stdout.contains("JIT enabled on lab/vm1: ports 22"), "{r}");
     lab.wait_agent_up_to_date();
+    // `jitgate status` counts the real agent as online (issue 9.7).
+    let r = lab
+        .jitgate(&lab.ctl, OWNER, &["status", "--json"])
+        .expect_ok();
+    let status: Value = serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {r}"));
+    assert_eq!(status["agents"]["online"], 1, "{status}");
+    assert_eq!(status["audit"]["ok"], true, "{status}");
     let (ra, rb) = plain_ssh_a_and_b(&lab, &sshd);
     assert_timed_out(&ra, "plain ssh from A before any grant");
     assert_timed_out(&rb, "plain ssh from B before any grant");
