@@ -1538,40 +1538,58 @@ pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
         ),
         Some(_) => None,
     };
+    // Every policy event is followed (by anyone: membership depends on them all);
+    // --actor applies to what is shown.
     let mut policies = match (&vm, &policy_action) {
-        (Some(id), Some(action)) => {
-            let mut p = q.clone();
-            p.retain(|(k, _)| *k != "limit");
-            p.push(("limit", AUDIT_PAGE_MAX.to_string()));
-            p.push(("action", action.clone()));
-            Some((p, PolicyEventsOf::new(id)))
-        }
+        (Some(id), Some(action)) => Some((
+            vec![
+                ("limit", AUDIT_PAGE_MAX.to_string()),
+                ("action", action.clone()),
+            ],
+            PolicyEventsOf::new(id),
+        )),
         _ => None,
     };
+    // Policy events of the machine not shown yet (past --limit), and how far the
+    // policy events were read.
+    let mut pending: Vec<Value> = Vec::new();
+    let mut policy_after: Option<u64> = None;
     let mut after: Option<u64> = None;
     let mut widths: Option<Vec<usize>> = None;
     loop {
-        let page = |query: &Vec<(&'static str, String)>| {
+        let mut page = own.clone();
+        if let Some(seq) = after {
+            page.push(("afterSeq", seq.to_string()));
+        }
+        let mut events = items(&ses.c.get_query("/api/v1/audit", &page).await?).to_vec();
+        if let Some((query, tracker)) = &mut policies {
             let mut page = query.clone();
-            if let Some(seq) = after {
+            if let Some(seq) = policy_after {
                 page.push(("afterSeq", seq.to_string()));
             }
-            page
-        };
-        let mut events = items(&ses.c.get_query("/api/v1/audit", &page(&own)).await?).to_vec();
-        if let Some((query, tracker)) = &mut policies {
-            let all = ses.c.get_query("/api/v1/audit", &page(query)).await?;
+            let all = ses.c.get_query("/api/v1/audit", &page).await?;
             for e in items(&all) {
+                policy_after = e["seq"].as_u64().or(policy_after);
+                let concerns = tracker.concerns(e);
                 let shown = since.is_none_or(|t| {
                     jitgate_core::request::parse_time(&s(&e["time"])).is_ok_and(|at| at >= t)
-                });
-                if tracker.concerns(e) && shown {
-                    events.push(e.clone());
+                }) && a.actor.as_ref().is_none_or(|x| e["actor"] == x.as_str());
+                if concerns && shown {
+                    pending.push(e.clone());
                 }
             }
+            events.append(&mut pending);
             events.sort_by_key(|e| e["seq"].as_u64());
             events.dedup_by_key(|e| e["seq"].as_u64());
-            events.truncate(a.limit);
+            if events.len() > a.limit {
+                // The machine's own events past the limit are read again next time;
+                // its policy events are kept.
+                pending = events
+                    .split_off(a.limit)
+                    .into_iter()
+                    .filter(|e| s(&e["action"]).starts_with("policy."))
+                    .collect();
+            }
         }
         for e in &events {
             after = e["seq"].as_u64().or(after);

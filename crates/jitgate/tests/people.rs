@@ -1867,6 +1867,26 @@ fn audit_show_has_a_header_source_and_justification_and_the_vms_policy_events() 
         .stdout;
     assert!(later.contains("policy.update"), "{later}");
     assert!(!later.contains("policy.create"), "{later}");
+    // --limit takes the first events of the merged list; --actor applies to both.
+    let first = c
+        .jg(&["audit", "show", "--vm", "web-1", "--limit", "2", "--json"])
+        .ok()
+        .stdout;
+    let first: Vec<Value> = first
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[1]["action"], "policy.create", "{first:?}");
+    c.jg(&["audit", "show", "--vm", "web-1", "--actor", "nobody"])
+        .ok();
+    let none = c
+        .jg(&[
+            "audit", "show", "--vm", "web-1", "--actor", "nobody", "--json",
+        ])
+        .ok()
+        .stdout;
+    assert!(none.trim().is_empty(), "{none}");
     // --action narrows the policy events too.
     let only = c
         .jg(&["audit", "show", "--vm", "web-1", "--action", "request."])
