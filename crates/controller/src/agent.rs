@@ -272,6 +272,20 @@ pub async fn status(
 }
 
 /// An agent's status for the VM view.
+/// Whether a VM has an agent and whether it reports: the short form of `status_json`
+/// for lists (no desired state is computed).
+pub async fn presence_json(state: &AppState, vm: &VmId, now: Timestamp) -> ApiResult<Value> {
+    Ok(match state.store.agent_status(vm).await? {
+        None => json!({"enrolled": false, "online": false}),
+        Some(rec) => json!({
+            "enrolled": true,
+            "online": now.duration_since(rec.last_seen).as_secs()
+                <= state.recommend.offline_after.as_secs(),
+            "lastSeen": rec.last_seen.to_string(),
+        }),
+    })
+}
+
 pub async fn status_json(state: &AppState, vm: &VmId) -> ApiResult<Value> {
     let Some(rec) = state.store.agent_status(vm).await? else {
         return Ok(json!({"enrolled": false, "online": false}));

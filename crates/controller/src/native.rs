@@ -339,6 +339,7 @@ async fn list_vms(
                 .unwrap_or_default()
         );
         v["liveGrants"] = json!(grants.len());
+        v["agent"] = crate::agent::presence_json(&state, &vm.id, now).await?;
         out.push(v);
     }
     Ok(Json(json!({"value": out})))

@@ -10,12 +10,16 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::client::Client;
+use crate::human;
+use crate::table::Table;
+use crate::usage::{FlagMap, bad_flag, name_flags};
 
 #[derive(Parser)]
 #[command(
     name = "jitgate",
     version,
-    about = "Just-in-time network access: management ports closed until someone asks"
+    about = "Just-in-time network access: management ports closed until someone asks",
+    after_help = crate::usage::exit_codes_text(),
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -35,7 +39,7 @@ pub enum Command {
     Agent(AgentArgs),
     /// Create, list and revoke enrollment tokens for agents.
     ///
-    /// Example: jitgate enroll-token create --uses 10 --expires-in P1D
+    /// Example: jitgate enroll-token create --resource-group prod-web --uses 10 --expires-in 1d
     #[command(subcommand)]
     EnrollToken(EnrollTokenCommand),
     /// Store the controller URL and your token for the other commands.
@@ -78,10 +82,21 @@ pub enum Command {
     ///
     /// Example: jitgate completions bash > /etc/bash_completion.d/jitgate
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
+    /// Print a man page (roff): the top page, or a verb's (`jitgate man ssh`).
     ///
-    /// Example: jitgate man > jitgate.1 && man ./jitgate.1
-    Man,
+    /// Example: jitgate man ssh | man -l -
+    Man {
+        /// A verb, or a verb and its subcommand (`jitgate man token create`).
+        verb: Vec<String>,
+    },
+    /// Who you are to the controller: principal, roles, subscription, your address.
+    ///
+    /// Example: jitgate whoami
+    Whoami(crate::overview::WhoamiArgs),
+    /// The controller at a glance: reachable, version, TLS, agents, live grants, audit chain.
+    ///
+    /// Example: jitgate status
+    Status(crate::overview::StatusArgs),
     /// Local administration of a controller's data directory.
     ///
     /// Example: sudo jitgate admin recover --data-dir /var/lib/jitgate
@@ -94,7 +109,7 @@ pub enum Command {
     Vm(VmCommand),
     /// Create, list and revoke API tokens.
     ///
-    /// Example: jitgate token create --principal alice@example.com --expires-in P30D
+    /// Example: jitgate token create --principal alice@example.com --expires-in 30d
     #[command(subcommand)]
     Token(TokenCommand),
     /// Assign, list and remove roles.
@@ -277,17 +292,17 @@ pub enum AdminCommand {
 pub enum EnrollTokenCommand {
     /// Create an enrollment token (printed once).
     ///
-    /// Example: jitgate enroll-token create --scope /subscriptions/<sub>/resourceGroups/prod-web --uses 10 --expires-in P1D
+    /// Example: jitgate enroll-token create --resource-group prod-web --uses 10 --expires-in 1d
     Create {
-        /// Subscription or resource group scope [default: the subscription].
-        #[arg(long)]
-        scope: Option<String>,
+        #[command(flatten)]
+        scope: ScopeArgs,
         /// How many agents may enroll with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
-        /// ISO 8601 lifetime [default: PT24H].
+        /// Lifetime, e.g. 1d, 12h or ISO 8601 (P1D) [default: 1d].
         #[arg(long)]
         expires_in: Option<String>,
+        /// A note for the token list.
         #[arg(long)]
         description: Option<String>,
         /// May enroll a machine whose agent is online, replacing that agent (for a
@@ -340,6 +355,32 @@ pub fn parse_tls_san(text: &str) -> Result<String, String> {
 
 pub fn parse_fingerprint(text: &str) -> Result<jitgate_proto::tls::Fingerprint, String> {
     jitgate_proto::tls::Fingerprint::parse(text)
+}
+
+/// Where something applies: a resource group by name, or a full scope id; the
+/// subscription when neither is given.
+#[derive(Args, Clone)]
+pub struct ScopeArgs {
+    /// Scope id: /subscriptions/<id>, /subscriptions/<id>/resourceGroups/<name> or a
+    /// machine's id [default: the subscription].
+    #[arg(long, conflicts_with = "resource_group")]
+    pub scope: Option<String>,
+    /// A resource group of the subscription, by name (instead of --scope).
+    #[arg(long)]
+    pub resource_group: Option<String>,
+}
+
+/// As `ScopeArgs`, but one of the two must be given.
+#[derive(Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct RequiredScopeArgs {
+    /// Scope id: /subscriptions/<id>, /subscriptions/<id>/resourceGroups/<name> or a
+    /// machine's id.
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// A resource group of the subscription, by name (instead of --scope).
+    #[arg(long)]
+    pub resource_group: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -407,11 +448,13 @@ pub enum TokenCommand {
     ///
     /// Example: jitgate token create --principal alice@example.com --expires-in P30D
     Create {
+        /// Who the token is for (e.g. alice@example.com).
         #[arg(long)]
         principal: String,
+        /// A note for the token list.
         #[arg(long)]
         description: Option<String>,
-        /// ISO 8601 duration, e.g. PT12H or P30D.
+        /// Lifetime, e.g. 12h, 30d or ISO 8601 (P30D) [default: never expires].
         #[arg(long)]
         expires_in: Option<String>,
         #[command(flatten)]
@@ -438,14 +481,16 @@ pub enum TokenCommand {
 pub enum RoleCommand {
     /// Give a principal a role at a scope.
     ///
-    /// Example: jitgate role assign --principal alice --role "JIT Requester" --scope /subscriptions/<sub>/resourceGroups/prod-web
+    /// Example: jitgate role assign --principal alice --role "JIT Requester" --resource-group prod-web
     Assign {
+        /// Who gets the role (a token's principal).
         #[arg(long)]
         principal: String,
+        /// Owner, JIT Administrator, JIT Requester, JIT Approver, Reader or Agent.
         #[arg(long)]
         role: String,
-        #[arg(long)]
-        scope: String,
+        #[command(flatten)]
+        scope: RequiredScopeArgs,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -530,8 +575,10 @@ fn offline_anchors(
 fn init_logging(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("JITGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never into journald or a file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         "text" => builder.try_init(),
@@ -678,12 +725,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut cmd, "jitgate", &mut out);
             write_stdout(&out)
         }
-        Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            let mut out = Vec::new();
-            clap_mangen::Man::new(cmd).render(&mut out)?;
-            write_stdout(&out)
-        }
+        Command::Man { verb } => write_stdout(&crate::man::page(&verb)?),
+        Command::Whoami(a) => crate::overview::whoami(a).await,
+        Command::Status(a) => crate::overview::status(a).await,
         Command::Token(cmd) => token(cmd).await,
         Command::Admin(AdminCommand::Recover {
             data_dir,
@@ -718,7 +762,17 @@ async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                     "/api/v1/vms",
                     &json!({"resourceGroup": resource_group, "name": name, "location": location}),
                 )
-                .await?;
+                .await
+                .map_err(|e| {
+                    name_flags(
+                        e,
+                        &[
+                            ("resourceGroup", "RESOURCE_GROUP"),
+                            ("name", "NAME"),
+                            ("location", "--location"),
+                        ],
+                    )
+                })?;
             print(client.json, &v, |v| println!("registered {}", s(&v["id"])));
         }
         VmCommand::List {
@@ -730,30 +784,40 @@ async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 .map(|rg| ("resourceGroup", rg))
                 .into_iter()
                 .collect();
-            let v = c.get_query("/api/v1/vms", &q).await?;
+            let v = c
+                .get_query("/api/v1/vms", &q)
+                .await
+                .map_err(|e| name_flags(e, &[("resourceGroup", "--resource-group")]))?;
             print(client.json, &v, |v| {
-                println!(
-                    "{:<20} {:<24} {:<14} {:<12} GRANTS",
-                    "RESOURCE GROUP", "NAME", "PORTS", "LOCATION"
-                );
+                let mut t = Table::new(&[
+                    "RESOURCE GROUP",
+                    "NAME",
+                    "PORTS",
+                    "LOCATION",
+                    "AGENT",
+                    "GRANTS",
+                ]);
                 for vm in items(v) {
                     let ports: Vec<String> = vm["protectedPorts"]
                         .as_array()
                         .map(|a| a.iter().map(s).collect())
                         .unwrap_or_default();
-                    println!(
-                        "{:<20} {:<24} {:<14} {:<12} {}",
+                    let agent = match (&vm["agent"]["enrolled"], &vm["agent"]["online"]) {
+                        (Value::Bool(false), _) => "none",
+                        (_, Value::Bool(true)) => "online",
+                        (_, Value::Bool(false)) => "offline",
+                        _ => "-",
+                    };
+                    t.row(vec![
                         s(&vm["resourceGroup"]),
                         s(&vm["name"]),
-                        if ports.is_empty() {
-                            "-".into()
-                        } else {
-                            ports.join(",")
-                        },
+                        ports.join(","),
                         s(&vm["location"]),
-                        s(&vm["liveGrants"])
-                    );
+                        agent.to_owned(),
+                        s(&vm["liveGrants"]),
+                    ]);
                 }
+                t.print();
             });
         }
         VmCommand::Nsg {
@@ -766,13 +830,7 @@ async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 .get(&format!("/api/v1/vms/{resource_group}/{name}/nsg"))
                 .await?;
             print(client.json, &v, |v| {
-                println!(
-                    "{:<8} {:<48} {:<6} {:<5} {:<20} PORTS",
-                    "PRIORITY", "NAME", "ACCESS", "PROTO", "SOURCE"
-                );
-                for r in v["rules"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-                    println!("{}", nsg_rule_line(r));
-                }
+                nsg_table(v["rules"].as_array().map(Vec::as_slice).unwrap_or(&[])).print();
             });
         }
     }
@@ -787,16 +845,22 @@ async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             expires_in,
             client,
         } => {
+            let expires_in = lifetime(expires_in.as_deref())?;
             let c = Client::new(&client)?;
             let v = c
                 .post(
                     "/api/v1/tokens",
                     &json!({"principal": principal, "description": description, "expiresIn": expires_in}),
                 )
-                .await?;
+                .await
+                .map_err(|e| name_flags(e, TOKEN_FLAGS))?;
             print(client.json, &v, |v| {
+                let expires = match v["expiresAt"].as_str() {
+                    Some(t) => format!("expires {}", human::time(t)),
+                    None => "never expires".to_owned(),
+                };
                 eprintln!(
-                    "token {} for {} (shown once; store it now):",
+                    "token {} for {} ({expires}; shown once, store it now):",
                     s(&v["id"]),
                     s(&v["principal"])
                 );
@@ -807,29 +871,118 @@ async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             let c = Client::new(&client)?;
             let v = c.get("/api/v1/tokens").await?;
             print(client.json, &v, |v| {
-                println!(
-                    "{:<14} {:<28} {:<32} {:<32} REVOKED",
-                    "ID", "PRINCIPAL", "CREATED", "EXPIRES"
-                );
-                for t in items(v) {
-                    println!(
-                        "{:<14} {:<28} {:<32} {:<32} {}",
-                        s(&t["id"]),
-                        s(&t["principal"]),
-                        s(&t["createdAt"]),
-                        s(&t["expiresAt"]),
-                        s(&t["revokedAt"])
-                    );
+                let mut t = Table::new(&[
+                    "ID",
+                    "PRINCIPAL",
+                    "CREATED",
+                    "EXPIRES",
+                    "STATUS",
+                    "REASON",
+                    "DESCRIPTION",
+                ]);
+                for tok in items(v) {
+                    let expired = tok["expiresAt"]
+                        .as_str()
+                        .and_then(|e| jitgate_core::request::parse_time(e).ok())
+                        .is_some_and(|e| e <= jitgate_core::Timestamp::now());
+                    let (status, reason) = if !tok["revokedAt"].is_null() {
+                        ("Ended", "Revoked")
+                    } else if expired {
+                        ("Ended", "Expired")
+                    } else {
+                        ("Active", "")
+                    };
+                    t.row(vec![
+                        s(&tok["id"]),
+                        s(&tok["principal"]),
+                        human::time(&s(&tok["createdAt"])),
+                        match tok["expiresAt"].as_str() {
+                            Some(e) => human::time(e),
+                            None => "never".to_owned(),
+                        },
+                        status.to_owned(),
+                        reason.to_owned(),
+                        tok["description"].as_str().unwrap_or("").to_owned(),
+                    ]);
                 }
+                t.print();
             });
         }
         TokenCommand::Revoke { id, client } => {
             let c = Client::new(&client)?;
             c.delete(&format!("/api/v1/tokens/{id}")).await?;
-            println!("revoked token {id}");
+            print(client.json, &json!({"revoked": id}), |_| {
+                println!("revoked token {id}")
+            });
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The request fields `token create` fills, and their flags.
+const TOKEN_FLAGS: FlagMap = &[
+    ("principal", "--principal"),
+    ("expiresIn", "--expires-in"),
+    ("description", "--description"),
+];
+
+/// `--expires-in` as ISO 8601.
+fn lifetime(text: Option<&str>) -> anyhow::Result<Option<String>> {
+    text.map(|t| human::to_iso(t).map_err(|e| bad_flag("--expires-in", e)))
+        .transpose()
+}
+
+/// The scope id a verb sends for `--scope` or `--resource-group` (checked here
+/// first); `None` when neither is given.
+async fn scope_id(
+    c: &Client,
+    scope: Option<&str>,
+    resource_group: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    if let Some(sc) = scope {
+        jitgate_core::ids::Scope::parse(sc).map_err(|e| {
+            bad_flag(
+                "--scope",
+                format!("{e}; for a resource group give --resource-group NAME"),
+            )
+        })?;
+        return Ok(Some(sc.to_owned()));
+    }
+    let Some(rg) = resource_group else {
+        return Ok(None);
+    };
+    jitgate_core::ids::ResourceGroup::parse(rg).map_err(|e| bad_flag("--resource-group", e))?;
+    let who = c.get("/api/v1/whoami").await?;
+    Ok(Some(format!(
+        "/subscriptions/{}/resourceGroups/{rg}",
+        s(&who["subscription"])
+    )))
+}
+
+/// Checks `--scope` / `--resource-group` without the controller (a wrong flag
+/// changes nothing, and is told before any call).
+fn check_scope(scope: Option<&str>, resource_group: Option<&str>) -> anyhow::Result<()> {
+    if let Some(sc) = scope {
+        jitgate_core::ids::Scope::parse(sc).map_err(|e| {
+            bad_flag(
+                "--scope",
+                format!("{e}; for a resource group give --resource-group NAME"),
+            )
+        })?;
+    }
+    if let Some(rg) = resource_group {
+        jitgate_core::ids::ResourceGroup::parse(rg).map_err(|e| bad_flag("--resource-group", e))?;
+    }
+    Ok(())
+}
+
+/// The scope flag a verb was given, to name in a refusal about `scope`.
+fn scope_flag(scope: Option<&str>) -> FlagMap {
+    if scope.is_some() {
+        &[("scope", "--scope")]
+    } else {
+        &[("scope", "--resource-group")]
+    }
 }
 
 async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
@@ -840,13 +993,20 @@ async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
             scope,
             client,
         } => {
+            let (sc, rg) = (scope.scope.as_deref(), scope.resource_group.as_deref());
+            check_scope(sc, rg)?;
             let c = Client::new(&client)?;
+            let scope_id = scope_id(&c, sc, rg).await?;
             let v = c
                 .post(
                     "/api/v1/roleAssignments",
-                    &json!({"principal": principal, "role": role, "scope": scope}),
+                    &json!({"principal": principal, "role": role, "scope": scope_id}),
                 )
-                .await?;
+                .await
+                .map_err(|e| {
+                    let e = name_flags(e, &[("principal", "--principal"), ("role", "--role")]);
+                    name_flags(e, scope_flag(sc))
+                })?;
             print(client.json, &v, |v| {
                 println!(
                     "assigned {} to {} at {} (id {})",
@@ -862,22 +1022,24 @@ async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
             let q: Vec<(&str, String)> = principal.map(|p| ("principal", p)).into_iter().collect();
             let v = c.get_query("/api/v1/roleAssignments", &q).await?;
             print(client.json, &v, |v| {
-                println!("{:<38} {:<24} {:<18} SCOPE", "ID", "PRINCIPAL", "ROLE");
+                let mut t = Table::new(&["ID", "PRINCIPAL", "ROLE", "SCOPE"]);
                 for r in items(v) {
-                    println!(
-                        "{:<38} {:<24} {:<18} {}",
+                    t.row(vec![
                         s(&r["id"]),
                         s(&r["principal"]),
                         s(&r["role"]),
-                        s(&r["scope"])
-                    );
+                        s(&r["scope"]),
+                    ]);
                 }
+                t.print();
             });
         }
         RoleCommand::Remove { id, client } => {
             let c = Client::new(&client)?;
             c.delete(&format!("/api/v1/roleAssignments/{id}")).await?;
-            println!("removed role assignment {id}");
+            print(client.json, &json!({"removed": id}), |_| {
+                println!("removed role assignment {id}")
+            });
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -945,7 +1107,7 @@ async fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::from(2)
+                ExitCode::from(crate::usage::EXIT_AUDIT_BROKEN)
             })
         }
     }
@@ -1035,20 +1197,38 @@ async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
             allow_replace,
             client,
         } => {
+            let (sc, rg) = (scope.scope.as_deref(), scope.resource_group.as_deref());
+            check_scope(sc, rg)?;
+            if uses == 0 {
+                return Err(bad_flag("--uses", "0 enrolls nothing; give 1 or more"));
+            }
+            let expires_in = lifetime(expires_in.as_deref())?;
             let c = Client::new(&client)?;
+            let scope_id = scope_id(&c, sc, rg).await?;
             let v = c
                 .post(
                     "/api/v1/enrollTokens",
-                    &json!({"scope": scope, "uses": uses, "expiresIn": expires_in, "description": description, "allowReplace": allow_replace}),
+                    &json!({"scope": scope_id, "uses": uses, "expiresIn": expires_in, "description": description, "allowReplace": allow_replace}),
                 )
-                .await?;
+                .await
+                .map_err(|e| {
+                    let e = name_flags(
+                        e,
+                        &[
+                            ("uses", "--uses"),
+                            ("expiresIn", "--expires-in"),
+                            ("description", "--description"),
+                        ],
+                    );
+                    name_flags(e, scope_flag(sc))
+                })?;
             print(client.json, &v, |v| {
                 eprintln!(
                     "enrollment token {} for {} ({} uses, expires {}; shown once):",
                     s(&v["id"]),
                     s(&v["scope"]),
                     s(&v["usesLeft"]),
-                    s(&v["expiresAt"])
+                    human::time(&s(&v["expiresAt"]))
                 );
                 if let Some(fp) = v["caFingerprint"].as_str() {
                     eprintln!(
@@ -1066,22 +1246,37 @@ async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                 .to_owned();
             let c = Client::new(&client)?;
             c.delete(&format!("/api/v1/enrollTokens/{id}")).await?;
-            println!("revoked enrollment token {id}");
+            print(client.json, &json!({"revoked": id}), |_| {
+                println!("revoked enrollment token {id}")
+            });
         }
         EnrollTokenCommand::List { client } => {
             let c = Client::new(&client)?;
             let v = c.get("/api/v1/enrollTokens").await?;
             print(client.json, &v, |v| {
-                println!("{:<14} {:<6} {:<32} SCOPE", "ID", "USES", "EXPIRES");
-                for t in items(v) {
-                    println!(
-                        "{:<14} {:<6} {:<32} {}",
-                        s(&t["id"]),
-                        s(&t["usesLeft"]),
-                        s(&t["expiresAt"]),
-                        s(&t["scope"])
-                    );
+                let mut t = Table::new(&["ID", "USES", "EXPIRES", "STATUS", "REASON", "SCOPE"]);
+                for tok in items(v) {
+                    let expired = jitgate_core::request::parse_time(&s(&tok["expiresAt"]))
+                        .is_ok_and(|e| e <= jitgate_core::Timestamp::now());
+                    let (status, reason) = if !tok["revokedAt"].is_null() {
+                        ("Ended", "Revoked")
+                    } else if expired {
+                        ("Ended", "Expired")
+                    } else if tok["usesLeft"] == 0 {
+                        ("Ended", "Used up")
+                    } else {
+                        ("Active", "")
+                    };
+                    t.row(vec![
+                        s(&tok["id"]),
+                        s(&tok["usesLeft"]),
+                        human::time(&s(&tok["expiresAt"])),
+                        status.to_owned(),
+                        reason.to_owned(),
+                        s(&tok["scope"]),
+                    ]);
                 }
+                t.print();
             });
         }
     }
@@ -1115,22 +1310,25 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// One NSG rule (native API JSON) as a table row.
-pub fn nsg_rule_line(r: &Value) -> String {
-    let join = |k: &str| {
+/// NSG rules (native API JSON) as a table.
+pub fn nsg_table(rules: &[Value]) -> Table {
+    let join = |r: &Value, k: &str| {
         r[k].as_array()
             .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
             .unwrap_or_default()
     };
-    format!(
-        "{:<8} {:<48} {:<6} {:<5} {:<20} {}",
-        s(&r["priority"]),
-        s(&r["name"]),
-        s(&r["access"]),
-        s(&r["protocol"]),
-        join("sourceAddressPrefixes"),
-        join("destinationPortRanges")
-    )
+    let mut t = Table::new(&["PRIORITY", "NAME", "ACCESS", "PROTO", "SOURCE", "PORTS"]);
+    for r in rules {
+        t.row(vec![
+            s(&r["priority"]),
+            s(&r["name"]),
+            s(&r["access"]),
+            s(&r["protocol"]),
+            join(r, "sourceAddressPrefixes"),
+            join(r, "destinationPortRanges"),
+        ]);
+    }
+    t
 }
 
 /// SIGTERM and SIGINT streams, registered now.

@@ -20,15 +20,14 @@ pub struct Exit {
 
 /// Exit codes: 1 any other error, 2 usage error, 3 not found or ambiguous, 4 not
 /// authenticated or not permitted, 5 refused as invalid, 6 timed out waiting for a
-/// port, 7 the controller's certificate does not validate.
+/// port, 7 the audit chain is broken, 8 the controller's certificate does not validate.
 pub const EXIT_NOT_FOUND: u8 = 3;
 pub const EXIT_AUTH: u8 = 4;
 pub const EXIT_INVALID: u8 = 5;
 pub const EXIT_TIMEOUT: u8 = 6;
 /// The controller's certificate does not validate (or TLS is not spoken there).
-pub const EXIT_TLS: u8 = 7;
-/// A usage error: a flag or argument is missing or invalid (clap's own code).
-pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_TLS: u8 = 8;
+pub use crate::usage::EXIT_USAGE;
 
 /// A plain `http://` URL to an address that is not loopback: a token sent there
 /// crosses the network readable.

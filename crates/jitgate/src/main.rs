@@ -1,13 +1,19 @@
 //! `jitgate`: one binary for the controller (`serve`), the client verbs an admin uses
 //! (`vm`, `token`, `role`, `audit`), and the benchmarks (`bench`).
 //!
-//! Errors are printed once, as a chain, with a non-zero exit code.
+//! Errors are printed once, as a chain, with a non-zero exit code (the codes are listed
+//! in `usage::EXIT_CODES`, shown by `--help` and the man pages).
 
 mod bench;
 mod cli;
 mod client;
+mod human;
+mod man;
+mod overview;
 mod people;
+mod table;
 mod trust;
+mod usage;
 
 use std::process::ExitCode;
 

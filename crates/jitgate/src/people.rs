@@ -16,87 +16,12 @@ use serde_json::{Value, json};
 
 use crate::cli::{ClientArgs, items, print, s};
 use crate::client::{self, Client, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TIMEOUT, Exit};
+use crate::human;
+use crate::table::Table;
+use crate::usage::{FlagMap, bad_flag, name_flags, usage};
 
 const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 const API: &str = "api-version=2020-01-01";
-
-// ---- durations --------------------------------------------------------------------
-
-/// Accepts `90m`, `3h`, `1h30m`, `1d`, `45s` or ISO 8601 (`PT3H`); returns ISO 8601.
-/// Durations of zero, and ones too long to represent, are refused.
-pub fn iso_duration(text: &str) -> Result<String, String> {
-    let t = text.trim();
-    let too_long = || format!("'{text}' is too long a duration");
-    let zero = || format!("'{text}' is zero: ask for some time");
-    if t.starts_with(['P', 'p']) {
-        if jitgate_core::duration::parse_iso8601_secs(t)? <= 0 {
-            return Err(zero());
-        }
-        return Ok(t.to_ascii_uppercase());
-    }
-    let bad = || format!("'{text}' is not a duration such as 30m, 3h, 1h30m, 1d or PT3H");
-    let mut secs: i64 = 0;
-    let mut num = String::new();
-    for c in t.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        if num.is_empty() {
-            return Err(bad());
-        }
-        let unit: i64 = match c {
-            'd' => 86400,
-            'h' => 3600,
-            'm' => 60,
-            's' => 1,
-            _ => return Err(bad()),
-        };
-        // Only digits: parsing fails only when the number is too large.
-        let n: i64 = num.parse().map_err(|_| too_long())?;
-        num.clear();
-        secs = n
-            .checked_mul(unit)
-            .and_then(|s| secs.checked_add(s))
-            .ok_or_else(too_long)?;
-    }
-    if !num.is_empty() || t.is_empty() {
-        return Err(bad());
-    }
-    if secs <= 0 {
-        return Err(zero());
-    }
-    let iso = format!("PT{secs}S");
-    // The controller must be able to read it back.
-    jitgate_core::duration::parse_iso8601_secs(&iso).map_err(|_| too_long())?;
-    Ok(iso)
-}
-
-fn secs_of(iso: &str) -> i64 {
-    jitgate_core::duration::parse_iso8601_secs(iso).unwrap_or(0)
-}
-
-fn human_secs(mut secs: i64) -> String {
-    if secs <= 0 {
-        return "ended".into();
-    }
-    let h = secs / 3600;
-    secs %= 3600;
-    let m = secs / 60;
-    let s = secs % 60;
-    match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m{s:02}s"),
-        _ => format!("{h}h{m:02}m"),
-    }
-}
-
-fn left_until(end: &str) -> String {
-    match end.parse::<Timestamp>() {
-        Ok(t) => human_secs(t.duration_since(Timestamp::now()).as_secs()),
-        Err(_) => "?".into(),
-    }
-}
 
 fn invalid(msg: impl Into<String>) -> anyhow::Error {
     Exit::err(EXIT_INVALID, msg)
@@ -164,6 +89,9 @@ pub struct LoginArgs {
     /// fingerprint of a certificate this machine does not trust and asks once.
     #[arg(long, value_parser = crate::cli::parse_fingerprint)]
     pub ca_fingerprint: Option<jitgate_proto::tls::Fingerprint>,
+    /// Print JSON instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
@@ -176,10 +104,10 @@ pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
             line.trim().to_owned()
         }
         (Some(t), false) => t,
-        (None, false) => return Err(invalid("give --token TOKEN or --token-stdin")),
+        (None, false) => return Err(usage("give --token TOKEN or --token-stdin")),
     };
     if token.is_empty() {
-        return Err(invalid("the token is empty"));
+        return Err(usage("the token is empty"));
     }
     let url = a.url.trim_end_matches('/').to_owned();
     let ca = match a.ca_cert {
@@ -193,13 +121,21 @@ pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
         token: Some(token),
         ca_cert: ca,
     })?;
-    println!(
-        "logged in to {} as {} (your address as the controller sees it: {}); saved in {}",
-        a.url,
-        s(&who["principal"]),
-        s(&who["callerIp"]),
-        path.display()
-    );
+    let out = json!({
+        "url": a.url.trim_end_matches('/'),
+        "principal": who["principal"],
+        "callerIp": who["callerIp"],
+        "saved": path.display().to_string(),
+    });
+    print(a.json, &out, |v| {
+        println!(
+            "logged in to {} as {} (your address as the controller sees it: {}); saved in {}",
+            s(&v["url"]),
+            s(&v["principal"]),
+            s(&v["callerIp"]),
+            s(&v["saved"])
+        )
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -307,7 +243,8 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
                 "/api/v1/recommendations/apply",
                 &json!({"resourceGroup": a.resource_group}),
             )
-            .await?;
+            .await
+            .map_err(|e| name_flags(e, &[("resourceGroup", "--resource-group")]))?;
         print(ses.json, &v, |v| {
             let list = v["enabled"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             if list.is_empty() {
@@ -319,7 +256,7 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
                     .map(|a| a.iter().map(s).collect())
                     .unwrap_or_default();
                 println!(
-                    "JIT enabled on {}: ports {} (max PT3H per request)",
+                    "JIT enabled on {}: ports {} (max 3h per request)",
                     short_id(&s(&e["vm"])),
                     ports.join(", ")
                 );
@@ -327,17 +264,16 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
         });
         return Ok(ExitCode::SUCCESS);
     }
-    let max = iso_duration(a.max.as_deref().unwrap_or("3h"))
-        .map_err(|e| invalid(format!("--max: {e}")))?;
+    let max = max_duration(a.max.as_deref())?;
     let protocol = a.protocol.clone().unwrap_or_else(|| "*".to_owned());
-    jitgate_core::net::Protocol::parse(&protocol)
-        .map_err(|e| invalid(format!("--protocol: {e}")))?;
+    jitgate_core::net::Protocol::parse(&protocol).map_err(|e| bad_flag("--protocol", e))?;
     // Without a flag that says how, a port already protected keeps its rule (and so
     // its live grants); only new ports get the defaults.
     let reshape = a.max.is_some() || a.protocol.is_some() || !a.from.is_empty();
     for f in &a.from {
-        SourcePrefix::parse(f).map_err(|e| invalid(format!("--from: {e}")))?;
+        SourcePrefix::parse(f).map_err(|e| bad_flag("--from", e))?;
     }
+    check_ports(&a.ports)?;
     let ses = Session::new(&a.client)?;
     let all = ses.vms().await?;
     // Target policy -> (exists, [(vm id, ports)])
@@ -408,7 +344,8 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
                 &format!("{path}?{API}"),
                 &json!({"kind": kind, "properties": {"virtualMachines": entries}}),
             )
-            .await?;
+            .await
+            .map_err(|e| name_flags(e, ENABLE_FLAGS))?;
     }
     let out = json!({"enabled": done});
     print(ses.json, &out, |v| {
@@ -421,11 +358,51 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
                 "JIT enabled on {}: ports {} (max {} per request)",
                 short_id(&s(&e["vm"])),
                 ports.join(", "),
-                s(&e["max"])
+                human::iso(&s(&e["max"]))
             );
         }
     });
     Ok(ExitCode::SUCCESS)
+}
+
+/// The policy fields `enable` fills, and the flags they come from.
+const ENABLE_FLAGS: FlagMap = &[
+    ("maxRequestAccessDuration", "--max"),
+    ("allowedSourceAddressPrefix", "--from"),
+    ("allowedSourceAddressPrefixes", "--from"),
+    ("protocol", "--protocol"),
+    ("number", "--port"),
+    ("ports", "--port"),
+];
+
+/// `--max` as ISO 8601, checked against the limits every policy has (5m to 1d).
+fn max_duration(text: Option<&str>) -> anyhow::Result<String> {
+    use jitgate_core::duration::{MAX_MAX_DURATION_SECS, MIN_MAX_DURATION_SECS};
+    let Some(text) = text else {
+        return Ok("PT10800S".to_owned());
+    };
+    let secs = human::parse_secs(text).map_err(|e| bad_flag("--max", e))?;
+    if secs > MAX_MAX_DURATION_SECS {
+        return Err(usage(format!(
+            "--max {text} is longer than the {} maximum",
+            human::duration(MAX_MAX_DURATION_SECS)
+        )));
+    }
+    if secs < MIN_MAX_DURATION_SECS {
+        return Err(usage(format!(
+            "--max {text} is shorter than the {} minimum",
+            human::duration(MIN_MAX_DURATION_SECS)
+        )));
+    }
+    human::to_iso(text).map_err(|e| bad_flag("--max", e))
+}
+
+/// Port 0 is no port.
+fn check_ports(ports: &[u16]) -> anyhow::Result<()> {
+    if ports.contains(&0) {
+        return Err(bad_flag("--port", "0 is not a port; give 1 to 65535"));
+    }
+    Ok(())
 }
 
 fn short_id(id: &str) -> String {
@@ -459,6 +436,7 @@ pub async fn disable(a: DisableArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
+    let mut done = Vec::new();
     for (path, ids) in plan {
         let Some(policy) = get_policy(&ses.c, &path).await? else {
             continue;
@@ -479,12 +457,17 @@ pub async fn disable(a: DisableArgs) -> anyhow::Result<ExitCode> {
                 .await?;
         }
         for id in ids {
-            println!(
-                "JIT disabled on {} (its deny rules are removed; live grants revoked)",
-                short_id(&id)
-            );
+            done.push(json!({"vm": id, "policy": path}));
         }
     }
+    print(ses.json, &json!({"disabled": done}), |v| {
+        for e in v["disabled"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            println!(
+                "JIT disabled on {} (its deny rules are removed; live grants revoked)",
+                short_id(&s(&e["vm"]))
+            );
+        }
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -555,6 +538,21 @@ struct Wanted {
     ports: Vec<(u16, String)>,
 }
 
+/// The initiate fields a request fills, and the flags they come from.
+const INITIATE_FLAGS: FlagMap = &[
+    ("duration", "--for"),
+    ("allowedSourceAddressPrefix", "--from"),
+    ("justification", "--reason"),
+    ("number", "--port"),
+    ("ports", "--port"),
+];
+
+/// `--for` as ISO 8601 (none: the policy decides).
+fn for_duration(text: Option<&str>) -> anyhow::Result<Option<String>> {
+    text.map(|t| human::to_iso(t).map_err(|e| bad_flag("--for", e)))
+        .transpose()
+}
+
 async fn initiate(
     ses: &Session,
     wanted: &[Wanted],
@@ -577,7 +575,7 @@ async fn initiate(
                     .map(|(n, max)| {
                         let d = match duration {
                             Some(d) => d.to_owned(),
-                            None => format!("PT{}S", secs_of(max).clamp(1, 3600)),
+                            None => format!("PT{}S", human::iso_secs(max).clamp(1, 3600)),
                         };
                         let mut p = json!({"number": n, "duration": d});
                         if from != "my-ip" {
@@ -596,7 +594,8 @@ async fn initiate(
         let (resp, headers) = ses
             .c
             .post_with_headers(&format!("{path}/initiate?{API}"), &body)
-            .await?;
+            .await
+            .map_err(|e| name_flags(e, INITIATE_FLAGS))?;
         let id = headers
             .get("x-jitgate-request-id")
             .and_then(|v| v.to_str().ok())
@@ -608,15 +607,12 @@ async fn initiate(
 }
 
 pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
-    let duration = a
-        .duration
-        .as_deref()
-        .map(iso_duration)
-        .transpose()
-        .map_err(|e| invalid(format!("--for: {e}")))?;
+    let duration = for_duration(a.duration.as_deref())?;
     if a.from != "my-ip" {
-        SourcePrefix::parse(&a.from).map_err(|e| invalid(format!("--from: {e} (or use my-ip)")))?;
+        SourcePrefix::parse(&a.from)
+            .map_err(|e| bad_flag("--from", format!("{e} (or use my-ip)")))?;
     }
+    check_ports(&a.ports)?;
     let ses = Session::new(&a.client)?;
     let all = ses.vms().await?;
     let mut wanted = Vec::new();
@@ -652,10 +648,11 @@ pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
         };
         if let Some(d) = &duration {
             for (p, max) in &ports {
-                if secs_of(d) > secs_of(max) {
+                if human::iso_secs(d) > human::iso_secs(max) {
                     return Err(invalid(format!(
-                        "--for {} is longer than the maximum of {max} for port {p} on {short}; ask for less",
-                        a.duration.as_deref().unwrap_or("")
+                        "--for {} is longer than the {} maximum for port {p} on {short}; ask for less",
+                        a.duration.as_deref().unwrap_or(""),
+                        human::iso(max)
                     )));
                 }
             }
@@ -684,16 +681,16 @@ fn print_granted(v: &Value) {
         {
             for p in vm["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
                 println!(
-                    "granted {} port {} from {} until {} ({} left), request {}",
+                    "granted {} port {} from {} until {}, request {}",
                     short_id(&s(&vm["id"])),
                     s(&p["number"]),
                     s(&p["allowedSourceAddressPrefix"]),
-                    s(&p["endTimeUtc"]),
-                    left_until(&s(&p["endTimeUtc"])),
+                    human::time(&s(&p["endTimeUtc"])),
                     s(&r["request"])
                 );
             }
         }
+        println!("end it sooner with: jitgate revoke {}", s(&r["request"]));
     }
 }
 
@@ -707,12 +704,14 @@ pub struct ConnectArgs {
     /// Address or name to connect to [default: the address the agent reports, else the machine name].
     #[arg(long)]
     pub host: Option<String>,
-    /// How long to ask for when no live grant covers you [default: policy maximum, at most 1h].
+    /// How long to ask for when no live grant covers you (e.g. 15m, 1h) [default: the
+    /// policy's maximum, at most 1h].
     #[arg(long = "for")]
     pub duration: Option<String>,
-    /// Seconds to wait for the port to open.
-    #[arg(long, default_value_t = 30)]
-    pub wait: u64,
+    /// How long to wait for the port to open (e.g. 30s, 2m; a bare number is seconds).
+    #[arg(long, default_value = "30s")]
+    pub wait: String,
+    /// Why you need access (recorded in the audit log).
     #[arg(long)]
     pub reason: Option<String>,
     #[command(flatten)]
@@ -725,14 +724,23 @@ pub struct SshArgs {
     pub target: String,
     #[arg(long, default_value_t = 22)]
     pub port: u16,
+    /// Address or name to connect to [default: the address the agent reports, else the machine name].
     #[arg(long)]
     pub host: Option<String>,
+    /// How long to ask for when no live grant covers you: a short grant for one
+    /// session, e.g. 15m [default: the policy's maximum, at most 1h].
     #[arg(long = "for")]
     pub duration: Option<String>,
-    #[arg(long, default_value_t = 30)]
-    pub wait: u64,
+    /// How long to wait for the port to open (e.g. 30s, 2m; a bare number is seconds).
+    #[arg(long, default_value = "30s")]
+    pub wait: String,
+    /// Why you need access (recorded in the audit log).
     #[arg(long)]
     pub reason: Option<String>,
+    /// Stay the parent of ssh and revoke the grant when ssh exits (a grant this run did
+    /// not make, reused from earlier, is left as it is).
+    #[arg(long)]
+    pub revoke_on_exit: bool,
     /// The ssh program.
     #[arg(long, default_value = "ssh")]
     pub ssh: PathBuf,
@@ -743,8 +751,17 @@ pub struct SshArgs {
     pub client: ClientArgs,
 }
 
-/// The host's address from the agent's report (global IPv4 first), else the name.
-fn host_of(vm: &Value) -> String {
+/// `--wait`: a duration, or a bare number of seconds (zero: try once).
+fn wait_duration(text: &str) -> anyhow::Result<Duration> {
+    if let Ok(secs) = text.trim().parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let secs = human::parse_secs(text).map_err(|e| bad_flag("--wait", e))?;
+    Ok(Duration::from_secs(secs.unsigned_abs()))
+}
+
+/// The host's address from the agent's report (global IPv4 first).
+fn agent_address(vm: &Value) -> Option<String> {
     let addrs: Vec<String> = vm["agent"]["addresses"]
         .as_array()
         .map(|a| a.iter().map(s).collect())
@@ -756,19 +773,60 @@ fn host_of(vm: &Value) -> String {
         .find(|i| i.is_ipv4() && !i.is_loopback())
         .or_else(|| addrs.iter().filter_map(ip).find(|i| matches!(i, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) != 0xfe80 && !v6.is_loopback())))
         .map(|i| i.to_string())
-        .unwrap_or_else(|| s(&vm["name"]))
 }
 
-/// Makes sure a live grant of mine from my address covers `port`; returns its end
-/// time. Only my own grants are reused: someone else's grant from the same address
-/// (a shared office NAT) is not mine to use, and my access must be on record as mine.
+/// The host's address from the agent's report, else the machine name.
+fn host_of(vm: &Value) -> String {
+    agent_address(vm).unwrap_or_else(|| s(&vm["name"]))
+}
+
+/// Where to connect, resolved before anything is asked of the controller: a machine
+/// whose address is unknown gets no grant nobody could use.
+fn resolve_host(
+    vm: &Value,
+    flag: Option<&str>,
+    port: u16,
+) -> anyhow::Result<(String, Vec<SocketAddr>)> {
+    let host = flag.map(str::to_owned).unwrap_or_else(|| host_of(vm));
+    let addrs: Vec<SocketAddr> = (host.as_str(), port)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    if !addrs.is_empty() {
+        return Ok((host, addrs));
+    }
+    let short = short_id(&s(&vm["id"]));
+    Err(Exit::err(
+        EXIT_NOT_FOUND,
+        match flag {
+            Some(h) => format!(
+                "--host {h} does not resolve to an address; give an address or a name that resolves"
+            ),
+            None => format!(
+                "cannot find the address of {short}: its agent reported none and the name {host} does not resolve; give --host ADDRESS (nothing was requested)"
+            ),
+        },
+    ))
+}
+
+/// A live grant of mine that covers a port.
+struct Grant {
+    request: String,
+    end: String,
+    /// Made earlier (by me), not by this run.
+    reused: bool,
+}
+
+/// Makes sure a live grant of mine from my address covers `port`. Only my own grants
+/// are reused: someone else's grant from the same address (a shared office NAT) is not
+/// mine to use, and my access must be on record as mine.
 async fn ensure_grant(
     ses: &Session,
     vm: &Value,
     port: u16,
     duration: Option<&str>,
     reason: Option<&str>,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Grant> {
     let (principal, my_ip) = ses.whoami().await?;
     let my_ip: IpAddr = my_ip
         .parse()
@@ -785,10 +843,15 @@ async fn ensure_grant(
     });
     if let Some(g) = reusable {
         eprintln!(
-            "reusing a live grant for port {port} ({} left)",
-            left_until(&s(&g["endTimeUtc"]))
+            "reusing a live grant for port {port} ({} left, request {})",
+            human::left(&s(&g["endTimeUtc"])),
+            s(&g["request"])
         );
-        return Ok(s(&g["endTimeUtc"]));
+        return Ok(Grant {
+            request: s(&g["request"]),
+            end: s(&g["endTimeUtc"]),
+            reused: true,
+        });
     }
     let (path, protected) = protected_ports(&ses.c, vm).await?;
     let short = short_id(&s(&vm["id"]));
@@ -802,22 +865,30 @@ async fn ensure_grant(
     }];
     let res = initiate(ses, &wanted, duration, "my-ip", reason).await?;
     let end = s(&res[0]["granted"]["virtualMachines"][0]["ports"][0]["endTimeUtc"]);
-    eprintln!("granted port {port} on {short} from {my_ip} until {end}");
-    Ok(end)
+    eprintln!(
+        "granted port {port} on {short} from {my_ip} until {}",
+        human::time(&end)
+    );
+    Ok(Grant {
+        request: s(&res[0]["request"]),
+        end,
+        reused: false,
+    })
 }
 
-/// Waits until a TCP connection to `host:port` succeeds from here.
-fn wait_open(host: &str, port: u16, wait: Duration) -> anyhow::Result<SocketAddr> {
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve {host}; give --host ADDRESS"))?
-        .collect();
+/// Waits until a TCP connection to one of `addrs` succeeds from here.
+fn wait_open(
+    host: &str,
+    addrs: &[SocketAddr],
+    port: u16,
+    wait: Duration,
+) -> anyhow::Result<SocketAddr> {
     let tty = std::io::stderr().is_terminal();
     let spinner = ['|', '/', '-', '\\'];
     let start = Instant::now();
     let mut i = 0;
     loop {
-        for a in &addrs {
+        for a in addrs {
             if TcpStream::connect_timeout(a, Duration::from_millis(300)).is_ok() {
                 if tty {
                     eprint!("\r\x1b[K");
@@ -832,8 +903,8 @@ fn wait_open(host: &str, port: u16, wait: Duration) -> anyhow::Result<SocketAddr
             return Err(Exit::err(
                 EXIT_TIMEOUT,
                 format!(
-                    "port {port} on {host} did not open within {}s; check the machine's agent with `jitgate vm show`, or that {host} is the right address (--host)",
-                    wait.as_secs()
+                    "port {port} on {host} did not open within {}; check the machine's agent with `jitgate vm show`, or that {host} is the right address (--host)",
+                    human::duration(wait.as_secs() as i64)
                 ),
             ));
         }
@@ -851,25 +922,35 @@ fn wait_open(host: &str, port: u16, wait: Duration) -> anyhow::Result<SocketAddr
 }
 
 pub async fn connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
-    let duration = a
-        .duration
-        .as_deref()
-        .map(iso_duration)
-        .transpose()
-        .map_err(|e| invalid(format!("--for: {e}")))?;
+    let duration = for_duration(a.duration.as_deref())?;
+    let wait = wait_duration(&a.wait)?;
     let ses = Session::new(&a.client)?;
     let all = ses.vms().await?;
     let vm = ses.vm(&all, &a.vm).await?;
-    let end = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
-    let host = a.host.clone().unwrap_or_else(|| host_of(&vm));
-    let addr =
-        tokio::task::block_in_place(|| wait_open(&host, a.port, Duration::from_secs(a.wait)))?;
-    println!(
-        "{} port {} is open: connect to {addr} (until {end}, {} left)",
-        short_id(&s(&vm["id"])),
-        a.port,
-        left_until(&end)
-    );
+    let (host, addrs) = resolve_host(&vm, a.host.as_deref(), a.port)?;
+    let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
+    let addr = tokio::task::block_in_place(|| wait_open(&host, &addrs, a.port, wait))?;
+    let out = json!({
+        "vm": vm["id"],
+        "port": a.port,
+        "address": addr.to_string(),
+        "request": grant.request,
+        "endTimeUtc": grant.end,
+        "reused": grant.reused,
+    });
+    print(ses.json, &out, |v| {
+        println!(
+            "{} port {} is open: connect to {}",
+            short_id(&s(&v["vm"])),
+            s(&v["port"]),
+            s(&v["address"])
+        );
+        println!(
+            "it stays open until {}; end it sooner with: jitgate revoke {}",
+            human::time(&s(&v["endTimeUtc"])),
+            s(&v["request"])
+        );
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -903,12 +984,8 @@ pub fn split_ssh_args(args: &[String]) -> (Vec<String>, Vec<String>) {
 }
 
 pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
-    let duration = a
-        .duration
-        .as_deref()
-        .map(iso_duration)
-        .transpose()
-        .map_err(|e| invalid(format!("--for: {e}")))?;
+    let duration = for_duration(a.duration.as_deref())?;
+    let wait = wait_duration(&a.wait)?;
     let (user, machine) = match a.target.split_once('@') {
         Some((u, m)) => (Some(u.to_owned()), m.to_owned()),
         None => (None, a.target.clone()),
@@ -916,9 +993,22 @@ pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
     let all = ses.vms().await?;
     let vm = ses.vm(&all, &machine).await?;
-    ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
-    let host = a.host.clone().unwrap_or_else(|| host_of(&vm));
-    tokio::task::block_in_place(|| wait_open(&host, a.port, Duration::from_secs(a.wait)))?;
+    let short = short_id(&s(&vm["id"]));
+    let (host, addrs) = resolve_host(&vm, a.host.as_deref(), a.port)?;
+    let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
+    tokio::task::block_in_place(|| wait_open(&host, &addrs, a.port, wait))?;
+    let until = human::time(&grant.end);
+    if a.revoke_on_exit && !grant.reused {
+        eprintln!(
+            "port {} on {short} is open until {until} or until ssh exits (then it is revoked)",
+            a.port
+        );
+    } else {
+        eprintln!(
+            "port {} on {short} stays open until {until}; end it sooner with: jitgate revoke {}",
+            a.port, grant.request
+        );
+    }
     let (opts, command) = split_ssh_args(&a.ssh_args);
     let dest = match user {
         Some(u) => format!("{u}@{host}"),
@@ -930,13 +1020,72 @@ pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
         .args(&opts)
         .arg(&dest)
         .args(&command);
-    // Replace this process: the terminal and signals belong to ssh from here on.
-    use std::os::unix::process::CommandExt;
-    let err = cmd.exec();
-    Err(anyhow::anyhow!(
-        "cannot run {}: {err} (is openssh-client installed?)",
-        a.ssh.display()
-    ))
+    let cannot_run = |e: std::io::Error| {
+        anyhow::anyhow!(
+            "cannot run {}: {e} (is openssh-client installed?)",
+            a.ssh.display()
+        )
+    };
+    if !a.revoke_on_exit {
+        // Replace this process: the terminal and signals belong to ssh from here on.
+        use std::os::unix::process::CommandExt;
+        return Err(cannot_run(cmd.exec()));
+    }
+    let code = run_child(cmd).await.map_err(cannot_run)?;
+    if grant.reused {
+        eprintln!(
+            "ssh exited; request {} was not made by this run and stays open until {until}; end it with: jitgate revoke {}",
+            grant.request, grant.request
+        );
+        return Ok(ExitCode::from(code));
+    }
+    ses.c
+        .post(
+            &format!("/api/v1/requests/{}/revoke", grant.request),
+            &json!({"vm": vm["id"]}),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "ssh exited, but revoking request {} failed; it stays open until {until}: run `jitgate revoke {}`",
+                grant.request, grant.request
+            )
+        })?;
+    eprintln!(
+        "ssh exited; revoked request {}: port {} on {short} is closed",
+        grant.request, a.port
+    );
+    Ok(ExitCode::from(code))
+}
+
+/// Runs ssh as a child and waits for it; its exit status (128 + the signal when a
+/// signal ended it). Ctrl-C belongs to ssh (the terminal sends it to both; this process
+/// stays to revoke); SIGTERM and SIGHUP are passed on to ssh.
+async fn run_child(cmd: std::process::Command) -> std::io::Result<u8> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut child = tokio::process::Command::from(cmd).spawn()?;
+    let pass_on = |child: &tokio::process::Child, sig: nix::sys::signal::Signal| {
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    };
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = int.recv() => {}
+            _ = term.recv() => pass_on(&child, nix::sys::signal::Signal::SIGTERM),
+            _ = hup.recv() => pass_on(&child, nix::sys::signal::Signal::SIGHUP),
+        }
+    };
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c).unwrap_or(1),
+        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(1),
+        (None, None) => 1,
+    })
 }
 
 // ---- revoke / requests ------------------------------------------------------------------
@@ -1042,12 +1191,22 @@ pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
         let all = ses.vms().await?;
         q.push(("vm", s(&client::resolve(&all, v)?["id"])));
     }
-    let v = ses.c.get_query("/api/v1/requests", &q).await?;
+    let v = ses
+        .c
+        .get_query("/api/v1/requests", &q)
+        .await
+        .map_err(|e| name_flags(e, &[("limit", "--limit")]))?;
     print(ses.json, &v, |v| {
-        println!(
-            "{:<36} {:<20} {:<22} {:<6} {:<18} {:<8} LEFT",
-            "REQUEST", "REQUESTOR", "MACHINE", "PORT", "SOURCE", "STATUS"
-        );
+        let mut t = Table::new(&[
+            "REQUEST",
+            "REQUESTOR",
+            "MACHINE",
+            "PORT",
+            "SOURCE",
+            "STATUS",
+            "REASON",
+            "UNTIL",
+        ]);
         for r in items(v) {
             for vm in r["virtualMachines"]
                 .as_array()
@@ -1055,35 +1214,43 @@ pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or(&[])
             {
                 for p in vm["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-                    let status = if p["status"] == "Initiated" {
-                        "open".to_owned()
-                    } else {
-                        s(&p["statusReason"])
-                    };
-                    let status = if p["status"] == "Initiated" && p["live"] == false {
-                        "ended".to_owned()
-                    } else {
-                        status
-                    };
-                    println!(
-                        "{:<36} {:<20} {:<22} {:<6} {:<18} {:<8} {}",
+                    let (status, reason) = port_status(p);
+                    t.row(vec![
                         s(&r["id"]),
                         s(&r["requestor"]),
                         short_id(&s(&vm["id"])),
                         s(&p["number"]),
                         s(&p["allowedSourceAddressPrefix"]),
-                        status,
-                        if p["live"] == true {
-                            left_until(&s(&p["endTimeUtc"]))
-                        } else {
-                            "-".into()
-                        }
-                    );
+                        status.to_owned(),
+                        reason.to_owned(),
+                        human::time(&s(&p["endTimeUtc"])),
+                    ]);
                 }
             }
         }
+        t.print();
     });
     Ok(ExitCode::SUCCESS)
+}
+
+/// A requested port's STATUS (Active or Ended) and, once ended, why.
+fn port_status(p: &Value) -> (&'static str, &'static str) {
+    if p["status"] == "Initiated" {
+        if p["live"] == false {
+            ("Ended", "Expired")
+        } else {
+            ("Active", "")
+        }
+    } else {
+        let reason = match p["statusReason"].as_str().unwrap_or("") {
+            "Expired" => "Expired",
+            "UserRequested" => "Revoked",
+            "NewerRequestInitiated" => "Superseded by a newer request",
+            "PolicyChanged" => "Policy changed",
+            _ => "Ended",
+        };
+        ("Ended", reason)
+    }
 }
 
 // ---- vm show -------------------------------------------------------------------------------
@@ -1125,7 +1292,7 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
                 }
             )
         } else {
-            format!("OFFLINE since {}", s(&agent["lastSeen"]))
+            format!("OFFLINE, last seen {}", human::time(&s(&agent["lastSeen"])))
         };
         println!("{}", s(&v["id"]));
         println!(
@@ -1140,11 +1307,15 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
         if let Some(e) = agent["error"].as_str() {
             println!("  agent error: {e}");
         }
-        println!(
-            "  last access: {} by {}",
-            s(&v["lastAccess"]),
-            s(&v["lastUser"])
-        );
+        if v["lastAccess"].is_null() {
+            println!("  last access: never");
+        } else {
+            println!(
+                "  last access: {} by {}",
+                human::time(&s(&v["lastAccess"])),
+                s(&v["lastUser"])
+            );
+        }
         println!("  live grants:");
         let grants = v["grants"].as_array().map(Vec::as_slice).unwrap_or(&[]);
         if grants.is_empty() {
@@ -1152,18 +1323,22 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
         }
         for g in grants {
             println!(
-                "    port {} {} from {} for {} ({} left, request {})",
+                "    port {} {} from {} for {} until {}, request {}",
                 s(&g["port"]),
                 s(&g["protocol"]),
                 s(&g["source"]),
                 s(&g["requestor"]),
-                human_secs(g["secondsLeft"].as_i64().unwrap_or(0)),
+                human::time(&s(&g["endTimeUtc"])),
                 s(&g["request"])
             );
         }
         println!("  NSG rules:");
-        for r in v["nsg"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            println!("    {}", crate::cli::nsg_rule_line(r));
+        let rules = crate::cli::nsg_table(v["nsg"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+        for line in rules
+            .render(crate::table::terminal_width().map(|w| w.saturating_sub(4)))
+            .lines()
+        {
+            println!("    {line}");
         }
         if let Some(counters) = agent["counters"].as_array().filter(|c| !c.is_empty()) {
             println!("  blocked attempts:");
@@ -1184,7 +1359,8 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
 
 #[derive(Args)]
 pub struct AuditShowArgs {
-    /// Only events about this machine.
+    /// Only events about this machine: its requests, grants and agent, and the policy
+    /// changes that added, changed or removed it.
     #[arg(long)]
     pub vm: Option<String>,
     /// Only events by this principal.
@@ -1193,71 +1369,266 @@ pub struct AuditShowArgs {
     /// Only actions starting with this (e.g. request., policy.create, authorization.denied).
     #[arg(long)]
     pub action: Option<String>,
-    /// How far back (e.g. 24h) or a time (2026-01-01T00:00:00Z).
+    /// How far back (e.g. 24h, 30m, P1D) or a time (2026-01-01T00:00:00Z).
     #[arg(long)]
     pub since: Option<String>,
     /// Keep printing new events.
     #[arg(long)]
     pub follow: bool,
-    /// Print CSV (the export format; --json prints JSON lines).
+    /// Print CSV (the export format, every field; with --vm only the events whose
+    /// target is the machine). --json prints JSON lines.
     #[arg(long, conflicts_with = "follow")]
     pub csv: bool,
+    /// At most this many events (1 to 100000).
     #[arg(long, default_value_t = 1000)]
     pub limit: usize,
     #[command(flatten)]
     pub client: ClientArgs,
 }
 
-pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
-    let ses = Session::new(&a.client)?;
-    let mut q = vec![("limit", a.limit.to_string())];
-    if let Some(v) = &a.vm {
-        let all = ses.vms().await?;
-        q.push(("vm", s(&client::resolve(&all, v)?["id"])));
+/// The largest page the controller serves.
+const AUDIT_PAGE_MAX: usize = 100_000;
+
+/// `--since`: a duration back from now, or a time.
+fn since_time(text: &str) -> anyhow::Result<Timestamp> {
+    match human::parse_secs(text) {
+        Ok(secs) => Timestamp::now()
+            .checked_sub(jiff::SignedDuration::from_secs(secs))
+            .map_err(|_| bad_flag("--since", format!("'{text}' is too far back"))),
+        Err(_) => jitgate_core::request::parse_time(text).map_err(|_| {
+            bad_flag(
+                "--since",
+                format!(
+                    "'{text}' is neither a duration ({}) nor a time such as 2026-05-17T09:06:45Z",
+                    human::DURATION_FORMS
+                ),
+            )
+        }),
     }
+}
+
+/// Which policy events concern one machine: those that list it (it was added or its
+/// rules changed), and the next event on a policy that listed it but no longer does
+/// (it was removed, or the policy deleted). Fed every policy event in order.
+struct PolicyEventsOf {
+    vm: String,
+    /// Policies (lower-cased ids) that list the machine as of the last event seen.
+    member_of: std::collections::BTreeSet<String>,
+}
+
+impl PolicyEventsOf {
+    fn new(vm: &str) -> Self {
+        PolicyEventsOf {
+            vm: vm.to_owned(),
+            member_of: Default::default(),
+        }
+    }
+
+    /// Whether `e` (a `policy.*` event) concerns the machine.
+    fn concerns(&mut self, e: &Value) -> bool {
+        let policy = s(&e["target"]).to_ascii_lowercase();
+        let lists = e["details"]["virtualMachines"]
+            .as_array()
+            .is_some_and(|vms| {
+                vms.iter()
+                    .any(|v| s(&v["vm"]).eq_ignore_ascii_case(&self.vm))
+            });
+        if lists {
+            self.member_of.insert(policy);
+            true
+        } else {
+            self.member_of.remove(&policy)
+        }
+    }
+}
+
+/// One audit event as a table row.
+fn audit_row(e: &Value) -> Vec<String> {
+    let d = &e["details"];
+    let why = d["justification"]
+        .as_str()
+        .or(d["reason"].as_str())
+        .unwrap_or("")
+        .to_owned();
+    vec![
+        s(&e["seq"]),
+        human::stamp(&s(&e["time"])),
+        s(&e["actor"]),
+        s(&e["source"]),
+        s(&e["action"]),
+        short_target(&s(&e["target"])),
+        s(&e["outcome"]),
+        why,
+    ]
+}
+
+const AUDIT_HEADERS: [&str; 8] = [
+    "SEQ",
+    "TIME",
+    "ACTOR",
+    "SOURCE",
+    "ACTION",
+    "TARGET",
+    "OUTCOME",
+    "JUSTIFICATION",
+];
+
+/// A machine or policy id in short (`prod/web-1`, `policy prod/default`); other
+/// targets as they are.
+fn short_target(id: &str) -> String {
+    let parts: Vec<&str> = id.split('/').collect();
+    match parts.as_slice() {
+        [
+            "",
+            "subscriptions",
+            _,
+            "resourceGroups",
+            rg,
+            "providers",
+            _,
+            "locations",
+            _,
+            "jitNetworkAccessPolicies",
+            name,
+        ] => {
+            format!("policy {rg}/{name}")
+        }
+        _ => short_id(id),
+    }
+}
+
+pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
+    if !(1..=AUDIT_PAGE_MAX).contains(&a.limit) {
+        return Err(bad_flag(
+            "--limit",
+            format!("{} is not from 1 to {AUDIT_PAGE_MAX}", a.limit),
+        ));
+    }
+    let since = a.since.as_deref().map(since_time).transpose()?;
+    let ses = Session::new(&a.client)?;
+    let vm = match &a.vm {
+        Some(v) => {
+            let all = ses.vms().await?;
+            Some(s(&client::resolve(&all, v)?["id"]))
+        }
+        None => None,
+    };
+    let mut q = vec![("limit", a.limit.to_string())];
     if let Some(x) = &a.actor {
         q.push(("actor", x.clone()));
     }
+    // The machine's own events; its policy events are found apart (they name the
+    // policy as their target).
+    let mut own = q.clone();
     if let Some(x) = &a.action {
-        q.push(("action", x.clone()));
+        own.push(("action", x.clone()));
     }
-    if let Some(since) = &a.since {
-        let t = match iso_duration(since) {
-            Ok(d) => Timestamp::now()
-                .checked_sub(jiff::SignedDuration::from_secs(secs_of(&d)))
-                .map_err(|e| invalid(format!("--since: {e}")))?,
-            Err(_) => jitgate_core::request::parse_time(since)
-                .map_err(|e| invalid(format!("--since: {e}")))?,
-        };
-        q.push(("since", t.to_string()));
+    if let Some(id) = &vm {
+        own.push(("vm", id.clone()));
+    }
+    if let Some(t) = since {
+        own.push(("since", t.to_string()));
     }
     if a.csv {
-        q.push(("format", "csv".to_owned()));
-        print!("{}", ses.c.get_text("/api/v1/audit", &q).await?);
+        own.push(("format", "csv".to_owned()));
+        print!("{}", ses.c.get_text("/api/v1/audit", &own).await?);
         return Ok(ExitCode::SUCCESS);
     }
+    // Policy events: every one from the start (whether a later one removed the
+    // machine depends on the earlier ones), shown from --since on.
+    let policy_action = match a.action.as_deref() {
+        None => Some("policy.".to_owned()),
+        Some(x) if x.starts_with("policy.") || "policy.".starts_with(x) => Some(
+            if x.len() > "policy.".len() {
+                x
+            } else {
+                "policy."
+            }
+            .to_owned(),
+        ),
+        Some(_) => None,
+    };
+    // Every policy event is followed (by anyone: membership depends on them all);
+    // --actor applies to what is shown.
+    let mut policies = match (&vm, &policy_action) {
+        (Some(id), Some(action)) => Some((
+            vec![
+                ("limit", AUDIT_PAGE_MAX.to_string()),
+                ("action", action.clone()),
+            ],
+            PolicyEventsOf::new(id),
+        )),
+        _ => None,
+    };
+    // Policy events of the machine not shown yet (past --limit), and how far the
+    // policy events were read.
+    let mut pending: Vec<Value> = Vec::new();
+    let mut policy_after: Option<u64> = None;
     let mut after: Option<u64> = None;
+    let mut widths: Option<Vec<usize>> = None;
     loop {
-        let mut page = q.clone();
+        let mut page = own.clone();
         if let Some(seq) = after {
             page.push(("afterSeq", seq.to_string()));
         }
-        let v = ses.c.get_query("/api/v1/audit", &page).await?;
-        for e in items(&v) {
-            after = e["seq"].as_u64().or(after);
-            if ses.json {
-                println!("{e}");
-            } else {
-                println!(
-                    "{:<6} {:<32} {:<20} {:<22} {:<8} {}",
-                    s(&e["seq"]),
-                    s(&e["time"]),
-                    s(&e["actor"]),
-                    s(&e["action"]),
-                    s(&e["outcome"]),
-                    short_id(&s(&e["target"]))
-                );
+        let mut events = items(&ses.c.get_query("/api/v1/audit", &page).await?).to_vec();
+        if let Some((query, tracker)) = &mut policies {
+            let mut page = query.clone();
+            if let Some(seq) = policy_after {
+                page.push(("afterSeq", seq.to_string()));
             }
+            let all = ses.c.get_query("/api/v1/audit", &page).await?;
+            for e in items(&all) {
+                policy_after = e["seq"].as_u64().or(policy_after);
+                let concerns = tracker.concerns(e);
+                let shown = since.is_none_or(|t| {
+                    jitgate_core::request::parse_time(&s(&e["time"])).is_ok_and(|at| at >= t)
+                }) && a.actor.as_ref().is_none_or(|x| e["actor"] == x.as_str());
+                if concerns && shown {
+                    pending.push(e.clone());
+                }
+            }
+            events.append(&mut pending);
+            events.sort_by_key(|e| e["seq"].as_u64());
+            events.dedup_by_key(|e| e["seq"].as_u64());
+            if events.len() > a.limit {
+                // The machine's own events past the limit are read again next time;
+                // its policy events are kept.
+                pending = events
+                    .split_off(a.limit)
+                    .into_iter()
+                    .filter(|e| s(&e["action"]).starts_with("policy."))
+                    .collect();
+            }
+        }
+        for e in &events {
+            after = e["seq"].as_u64().or(after);
+        }
+        if ses.json {
+            for e in &events {
+                println!("{e}");
+            }
+        } else if events.is_empty() && !a.follow {
+            eprintln!("no matching events");
+        } else if !events.is_empty() || widths.is_none() {
+            let mut t = Table::new(&AUDIT_HEADERS);
+            if a.follow {
+                // Room for the events still to come.
+                t.at_least(&[6, 19, 16, 15, 22, 24, 7]);
+            }
+            for e in &events {
+                t.row(audit_row(e));
+            }
+            let fit = crate::table::terminal_width();
+            match &widths {
+                None => {
+                    let w = t.widths(fit);
+                    print!("{}", t.render_with(&w, true, fit.is_some()));
+                    widths = Some(w);
+                }
+                Some(w) => print!("{}", t.render_with(w, false, fit.is_some())),
+            }
+            let _ = std::io::stdout().flush();
         }
         if !a.follow {
             break;
@@ -1292,7 +1663,19 @@ pub async fn recommendations(a: RecommendationsArgs) -> anyhow::Result<ExitCode>
     if let Some(v) = &a.verdict {
         q.push(("verdict", v.clone()));
     }
-    let v = ses.c.get_query("/api/v1/recommendations", &q).await?;
+    let v = ses
+        .c
+        .get_query("/api/v1/recommendations", &q)
+        .await
+        .map_err(|e| {
+            name_flags(
+                e,
+                &[
+                    ("verdict", "--verdict"),
+                    ("resourceGroup", "--resource-group"),
+                ],
+            )
+        })?;
     print(ses.json, &v, |v| {
         for (verdict, title) in [
             (
@@ -1326,73 +1709,6 @@ pub async fn recommendations(a: RecommendationsArgs) -> anyhow::Result<ExitCode>
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(iso_duration("3h").unwrap(), "PT10800S");
-        assert_eq!(iso_duration("1h30m").unwrap(), "PT5400S");
-        assert_eq!(iso_duration("1d").unwrap(), "PT86400S");
-        assert_eq!(iso_duration("PT3H").unwrap(), "PT3H");
-        for bad in ["", "3", "h", "3x", "-1h", "0m", "P", "soon", "PT0S", "1h m"] {
-            assert!(iso_duration(bad).is_err(), "{bad}");
-        }
-        // Regression: these overflowed (a panic in debug builds, a wrapped, possibly
-        // negative duration in release).
-        for huge in [
-            "99999999999999999h",
-            "9223372036854775807s1s",
-            "999999999999999999999999d",
-            "106751991167301d",
-            "99999999d",
-            "PT99999999999999999H",
-        ] {
-            let e = iso_duration(huge).unwrap_err();
-            assert!(e.contains("too long"), "{huge}: {e}");
-        }
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
-
-        /// Arbitrary text never panics; whatever is accepted is an ISO 8601 duration
-        /// the controller reads as more than zero seconds.
-        #[test]
-        fn durations_never_panic(text in proptest::prop_oneof![
-            proptest::prelude::any::<String>(),
-            "[0-9dhmsPTHMSx -]{0,30}",
-            "[0-9]{1,30}[dhms]([0-9]{1,30}[dhms]){0,3}",
-        ]) {
-            if let Ok(iso) = iso_duration(&text) {
-                let secs = jitgate_core::duration::parse_iso8601_secs(&iso);
-                proptest::prop_assert!(matches!(secs, Ok(n) if n > 0), "{} -> {} -> {:?}", text, iso, secs);
-            }
-        }
-
-        /// `1d2h3m4s` and its parts give exactly their seconds, and round-trip.
-        #[test]
-        fn valid_durations_round_trip(
-            parts in proptest::array::uniform4(proptest::option::of(0i64..100_000)),
-        ) {
-            let text: String = parts
-                .iter()
-                .zip(["d", "h", "m", "s"])
-                .filter_map(|(n, u)| n.map(|n| format!("{n}{u}")))
-                .collect();
-            let want: i64 = parts
-                .iter()
-                .zip([86_400, 3_600, 60, 1])
-                .map(|(n, u)| n.unwrap_or(0) * u)
-                .sum();
-            match iso_duration(&text) {
-                Ok(iso) => {
-                    proptest::prop_assert_eq!(&iso, &format!("PT{want}S"));
-                    proptest::prop_assert_eq!(jitgate_core::duration::parse_iso8601_secs(&iso), Ok(want));
-                    proptest::prop_assert_eq!(iso_duration(&iso), Ok(iso.clone()));
-                }
-                Err(_) => proptest::prop_assert!(want == 0, "{} refused", text),
-            }
-        }
-    }
 
     #[test]
     fn ssh_args_split_options_from_the_remote_command() {

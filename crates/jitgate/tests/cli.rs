@@ -138,6 +138,13 @@ fn first_start_writes_a_private_bootstrap_token_and_never_logs_it() {
         !s.log.lock().unwrap().contains(secret),
         "the token leaked into the log"
     );
+    // Logged into a pipe, not a terminal: no colour codes.
+    let log = s.log.lock().unwrap().clone();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in a log that is not a terminal: {log:?}"
+    );
 }
 
 #[test]
@@ -232,7 +239,7 @@ fn a_public_address_without_a_certificate_gets_https_from_the_controllers_own_ca
         &[("JITGATE_CONFIG_DIR", dir.path().to_str().unwrap())],
     );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert_eq!(out.status.code(), Some(8), "{err}");
     assert!(err.contains("serves HTTPS"), "{err}");
     drop(s);
 
@@ -412,9 +419,11 @@ fn admin_verbs_and_audit_verify_detect_tampering() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("box-1"));
     // Errors are one line with the reason, and a non-zero exit.
+    // Errors are one line naming the argument (not the JSON field) and exit 5.
     let out = jitgate(&["vm", "register", "bad rg", "x"], &env);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resourceGroup"));
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("jitgate: RESOURCE_GROUP: "), "{err}");
     let out = jitgate(
         &["vm", "list"],
         &[
@@ -450,7 +459,11 @@ fn admin_verbs_and_audit_verify_detect_tampering() {
     conn.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 4", [])
         .unwrap();
     let (code, text) = verify();
-    assert_eq!(code, Some(2));
+    assert_eq!(
+        code,
+        Some(7),
+        "a broken chain is exit 7 (2 is a usage error)"
+    );
     assert!(text.contains("event 4 was modified"), "{text}");
     conn.execute(
         "UPDATE audit SET actor = (SELECT actor FROM audit WHERE seq = 5) WHERE seq = 4",
@@ -467,7 +480,11 @@ fn admin_verbs_and_audit_verify_detect_tampering() {
         .unwrap();
     conn.execute("DELETE FROM audit WHERE seq = 3", []).unwrap();
     let (code, text) = verify();
-    assert_eq!(code, Some(2));
+    assert_eq!(
+        code,
+        Some(7),
+        "a broken chain is exit 7 (2 is a usage error)"
+    );
     assert!(text.contains("missing"), "{text}");
     // Put it back, then swap two events' contents (reordering).
     conn.execute(
@@ -481,7 +498,11 @@ fn admin_verbs_and_audit_verify_detect_tampering() {
     )
     .unwrap();
     let (code, text) = verify();
-    assert_eq!(code, Some(2));
+    assert_eq!(
+        code,
+        Some(7),
+        "a broken chain is exit 7 (2 is a usage error)"
+    );
     assert!(text.contains("BROKEN"), "{text}");
     conn.execute_batch(
         "UPDATE audit SET seq = -1 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3; UPDATE audit SET seq = 3 WHERE seq = -1;",
@@ -494,7 +515,11 @@ fn admin_verbs_and_audit_verify_detect_tampering() {
     )
     .unwrap();
     let (code, text) = verify();
-    assert_eq!(code, Some(2));
+    assert_eq!(
+        code,
+        Some(7),
+        "a broken chain is exit 7 (2 is a usage error)"
+    );
     assert!(text.contains("deleted from the end"), "{text}");
 }
 

@@ -204,6 +204,16 @@ impl Controller {
         self.jg_as(ADMIN, args)
     }
 
+    /// Runs a verb as the admin with extra environment (e.g. `COLUMNS`).
+    fn jg_env(&self, envs: &[(&str, &str)], args: &[&str]) -> Out {
+        let mut all = vec![
+            ("JITGATE_URL", self.base.as_str()),
+            ("JITGATE_TOKEN", ADMIN),
+        ];
+        all.extend_from_slice(envs);
+        run(args, &all, &self.no_config())
+    }
+
     fn jg_as(&self, token: &str, args: &[&str]) -> Out {
         run(
             args,
@@ -418,7 +428,7 @@ fn login_saves_a_private_config_that_later_commands_use_and_flags_override() {
     .ok();
     run(&["vm", "list"], &[], &piped).ok();
     // No token at all: says how to give one.
-    run(&["login", &c.base], &[], &fresh).fails(5, &["--token"]);
+    run(&["login", &c.base], &[], &fresh).fails(2, &["--token"]);
 }
 
 // ---- 2. enable / disable ---------------------------------------------------------------
@@ -580,22 +590,25 @@ fn request_prints_the_grant_and_revoke_ends_it() {
             "x",
         ])
         .ok();
-    let line = out.stdout.trim();
+    // Local wall time and what is left, not nanosecond UTC; then how to end it.
+    let mut lines = out.stdout.lines();
+    let line = lines.next().unwrap();
     assert!(
         line.starts_with("granted prod/web-1 port 22 from 10.1.2.3 until "),
         "{line}"
     );
-    let until = line
-        .split(" until ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
-    let left = seconds_until(until);
-    assert!((1790..=1800).contains(&left), "{left}s left: {line}");
+    let until = line.split(" until ").nth(1).unwrap();
+    assert!(
+        until.contains(" (in 29m 5") || until.contains(" (in 30m)"),
+        "{line}"
+    );
+    assert!(!line.contains('Z') && !line.contains("PT"), "{line}");
     let first = line.rsplit("request ").next().unwrap().to_owned();
     uuid::Uuid::parse_str(&first).unwrap();
+    assert_eq!(
+        lines.next(),
+        Some(format!("end it sooner with: jitgate revoke {first}").as_str())
+    );
 
     // --json parses and says the same.
     let v = c.json(&[
@@ -615,7 +628,7 @@ fn request_prints_the_grant_and_revoke_ends_it() {
     assert_eq!(mine["value"][1]["justification"], "x");
     let table = c.jg(&["requests", "--mine", "--active"]).ok().stdout;
     assert!(
-        table.contains(&first) && table.contains(&second) && table.contains("open"),
+        table.contains(&first) && table.contains(&second) && table.contains("Active"),
         "{table}"
     );
     let by_vm = c.json(&["requests", "--vm", "web-2"]);
@@ -716,8 +729,13 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
     .ok();
     c.jg(&["request", "app", "--port", "22", "--from", "10.0.0.7"])
         .ok();
-    let vms = ["prod/web-1", "lab/web-1", "db", "app"];
+    c.register("prod", "ghost");
+    c.jg(&["enable", "ghost", "--port", "22"]).ok();
+    let vms = ["prod/web-1", "lab/web-1", "db", "app", "ghost"];
     let before = c.snapshot(&vms);
+    let tokens_before = c.json(&["token", "list"]);
+    let roles_before = c.json(&["role", "list"]);
+    let enroll_before = c.json(&["enroll-token", "list"]);
 
     let cases: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
         (
@@ -760,7 +778,7 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
                 "10.0.0.1",
             ],
             5,
-            vec!["--for 2h", "maximum", "PT3600S"],
+            vec!["--for 2h", "longer than the 1h maximum", "port 22"],
         ),
         (
             vec![
@@ -771,13 +789,18 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
                 "--from",
                 "10.0.0.5/24",
             ],
-            5,
+            2,
             vec!["--from", "10.0.0.0/24"],
         ),
         (
             vec!["request", "prod/web-1", "--port", "22", "--for", "soon"],
-            5,
+            2,
             vec!["--for", "'soon'", "30m"],
+        ),
+        (
+            vec!["request", "prod/web-1", "--port", "0"],
+            2,
+            vec!["--port", "1 to 65535"],
         ),
         (
             vec!["request", "prod/web-1", "--from", "10.0.0.1"],
@@ -790,29 +813,134 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
             vec!["not protected", "jitgate enable prod/db"],
         ),
         (
-            vec!["connect", "prod/web-1", "--port", "23", "--wait", "1"],
+            vec![
+                "connect",
+                "prod/web-1",
+                "--port",
+                "23",
+                "--host",
+                "127.0.0.1",
+                "--wait",
+                "1",
+            ],
             5,
             vec!["port 23", "jitgate enable prod/web-1 --port 23"],
         ),
         (
+            vec!["connect", "prod/web-1", "--wait", "soon"],
+            2,
+            vec!["--wait", "'soon'"],
+        ),
+        // The machine's address is unknown (no agent, a name that does not resolve):
+        // said before anything is requested.
+        (
+            vec!["ssh", "ghost", "--ssh", "/bin/echo"],
+            3,
+            vec!["address of prod/ghost", "--host", "nothing was requested"],
+        ),
+        (
+            vec!["connect", "ghost", "--host", "no-such-host.invalid"],
+            3,
+            vec!["--host no-such-host.invalid", "does not resolve"],
+        ),
+        (
             vec!["enable", "db", "--from", "10.0.0.5/24"],
-            5,
+            2,
             vec!["--from", "10.0.0.0/24"],
         ),
         (
             vec!["enable", "db", "--max", "soon"],
-            5,
+            2,
             vec!["--max", "'soon'"],
         ),
         (
             vec!["enable", "db", "--max", "2d"],
-            5,
-            vec!["maxRequestAccessDuration"],
+            2,
+            vec!["--max 2d is longer than the 1d maximum"],
+        ),
+        (
+            vec!["enable", "db", "--max", "1m"],
+            2,
+            vec!["--max 1m is shorter than the 5m minimum"],
         ),
         (
             vec!["enable", "db", "--protocol", "ICMP"],
-            5,
+            2,
             vec!["--protocol"],
+        ),
+        (
+            vec![
+                "token",
+                "create",
+                "--principal",
+                "zed",
+                "--expires-in",
+                "soon",
+            ],
+            2,
+            vec!["--expires-in", "'soon'", "1d"],
+        ),
+        (
+            vec!["enroll-token", "create", "--expires-in", "0m"],
+            2,
+            vec!["--expires-in", "zero"],
+        ),
+        (
+            vec!["enroll-token", "create", "--scope", "prod"],
+            2,
+            vec!["--scope", "'prod'", "--resource-group"],
+        ),
+        (
+            vec!["enroll-token", "create", "--uses", "0"],
+            2,
+            vec!["--uses"],
+        ),
+        (
+            vec![
+                "role",
+                "assign",
+                "--principal",
+                "zed",
+                "--role",
+                "Reader",
+                "--resource-group",
+                "bad rg",
+            ],
+            2,
+            vec!["--resource-group", "bad rg"],
+        ),
+        // What only the controller can judge comes back naming the flag, not the
+        // JSON field the verb filled.
+        (
+            vec![
+                "role",
+                "assign",
+                "--principal",
+                "zed",
+                "--role",
+                "Wizard",
+                "--resource-group",
+                "prod",
+            ],
+            5,
+            vec!["--role: ", "Wizard"],
+        ),
+        (
+            vec!["token", "create", "--principal", "zed zed"],
+            5,
+            vec!["--principal: "],
+        ),
+        (vec!["audit", "show", "--limit", "0"], 2, vec!["--limit"]),
+        (
+            vec!["recommendations", "--verdict", "Meh"],
+            5,
+            vec!["--verdict: ", "'Meh'"],
+        ),
+        (vec!["requests", "--limit", "0"], 5, vec!["--limit: "]),
+        (
+            vec!["vm", "list", "--resource-group", "bad rg"],
+            5,
+            vec!["--resource-group: "],
         ),
         (
             vec!["enable", "db", "nope"],
@@ -825,8 +953,8 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
         (vec!["requests", "--vm", "nope"], 3, vec!["jitgate vm list"]),
         (
             vec!["audit", "show", "--since", "bogus"],
-            5,
-            vec!["--since"],
+            2,
+            vec!["--since", "'bogus'", "30m"],
         ),
     ];
     for (args, code, words) in &cases {
@@ -843,6 +971,20 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
         c.snapshot(&vms),
         before,
         "a refused command changed something"
+    );
+    assert_eq!(c.json(&["token", "list"]), tokens_before);
+    assert_eq!(c.json(&["role", "list"]), roles_before);
+    assert_eq!(c.json(&["enroll-token", "list"]), enroll_before);
+    // clap's own usage errors (an unknown flag, a missing scope) are exit 2 as well.
+    let out = c.jg(&["requests", "--bogus"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("--bogus"), "{}", out.stderr);
+    let out = c.jg(&["role", "assign", "--principal", "zed", "--role", "Reader"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("--scope") && out.stderr.contains("--resource-group"),
+        "{}",
+        out.stderr
     );
 
     // An expired token says so and how to log in again.
@@ -1336,4 +1478,624 @@ fn enable_keeps_the_rules_and_grants_of_ports_it_does_not_change() {
         "{reshaped}"
     );
     assert_eq!(reshaped[1], after[1], "port 2222 was not listed and stays");
+}
+
+// ---- 9. a command line that speaks human (issue 9.7) ------------------------------------
+
+/// The lines of a table whose first column is `first`.
+fn rows_starting<'a>(table: &'a str, first: &str) -> Vec<&'a str> {
+    table.lines().filter(|l| l.starts_with(first)).collect()
+}
+
+/// The column of `header` in a table's header line (its start, in characters).
+fn column(table: &str, header: &str) -> usize {
+    let head = table.lines().next().unwrap();
+    head.find(header)
+        .unwrap_or_else(|| panic!("no {header} column: {head}"))
+}
+
+#[test]
+fn whoami_and_status_tell_who_you_are_and_how_the_controller_is() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("prod", "web-2");
+    c.jg(&["enable", "web-1", "--port", "22"]).ok();
+    c.jg(&["request", "web-1", "--port", "22", "--from", "10.0.0.7"])
+        .ok();
+    let sub = c.subscription();
+
+    let who = c.jg(&["whoami"]).ok().stdout;
+    for want in [
+        "principal:    bootstrap-admin",
+        &format!("subscription: {sub}"),
+        "your address: 127.0.0.1",
+        &format!("controller:   {}", c.base),
+        &format!("Owner at /subscriptions/{sub}"),
+    ] {
+        assert!(who.contains(want), "no {want:?} in:\n{who}");
+    }
+    let v = c.json(&["whoami"]);
+    assert_eq!(v["principal"], "bootstrap-admin");
+    assert_eq!(v["callerIp"], "127.0.0.1");
+    assert_eq!(v["controller"], c.base.as_str());
+    assert_eq!(v["roles"][0]["role"], "Owner", "{v}");
+
+    let out = c.jg(&["status"]).ok().stdout;
+    for want in [
+        &format!(
+            "controller:  {} reachable, version {}",
+            c.base,
+            env!("CARGO_PKG_VERSION")
+        ),
+        "connection:  plain HTTP, not encrypted",
+        "you:         bootstrap-admin",
+        "machines:    2 you can see; agents 0 online, 0 offline, 2 without an agent",
+        "live grants: 1",
+        "audit chain: intact, ",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    let v = c.json(&["status"]);
+    assert_eq!(v["reachable"], true);
+    assert_eq!(v["tls"], false);
+    assert_eq!(v["machines"], 2);
+    assert_eq!(v["agents"], json!({"online": 0, "offline": 0, "none": 2}));
+    assert_eq!(v["liveGrants"], 1);
+    assert_eq!(v["audit"]["ok"], true, "{v}");
+    assert!(v["audit"]["events"].as_u64().unwrap() > 3, "{v}");
+    // The VM list says which machines have an agent (none here).
+    let vms = c.json(&["vm", "list"]);
+    assert_eq!(vms["value"][0]["agent"]["enrolled"], false, "{vms}");
+    let table = c.jg(&["vm", "list"]).ok().stdout;
+    assert!(table.lines().next().unwrap().contains("AGENT"), "{table}");
+    assert_eq!(rows_starting(&table, "prod").len(), 2, "{table}");
+
+    // Someone who may not read the audit log still gets the rest.
+    let (_, alice) = c.user("alice", "JIT Requester");
+    let out = c.jg_as(&alice, &["status"]).ok().stdout;
+    assert!(out.contains("audit chain: not shown"), "{out}");
+    assert!(out.contains("you:         alice"), "{out}");
+    let who = c.jg_as(&alice, &["whoami"]).ok().stdout;
+    assert!(who.contains("JIT Requester at /subscriptions/"), "{who}");
+    // A controller that is not there: exit 1, saying where it looked.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    run(&["status", "--url", &nowhere], &[], &c.no_config()).fails(1, &["cannot reach", &nowhere]);
+}
+
+#[test]
+fn tables_say_active_or_ended_with_the_reason_apart_and_fit_the_terminal() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("prod", "web-2");
+    c.jg(&["enable", "web-1", "web-2", "--port", "22", "--port", "3389"])
+        .ok();
+    let id = |out: Out| {
+        out.json()["requests"][0]["request"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let live = id(c.jg(&[
+        "request", "web-1", "--port", "22", "--from", "10.0.0.1", "--json",
+    ]));
+    let revoked = id(c.jg(&[
+        "request", "web-2", "--port", "22", "--from", "10.0.0.2", "--json",
+    ]));
+    c.jg(&["revoke", &revoked]).ok();
+    let superseded = id(c.jg(&[
+        "request", "web-1", "--port", "3389", "--from", "10.0.0.3", "--json",
+    ]));
+    let newer = id(c.jg(&[
+        "request", "web-1", "--port", "3389", "--from", "10.0.0.3", "--json",
+    ]));
+    let by_policy = id(c.jg(&[
+        "request", "web-2", "--port", "3389", "--from", "10.0.0.4", "--json",
+    ]));
+    // Narrowing port 3389's sources on web-2 ends the grant from 10.0.0.4.
+    c.jg(&[
+        "enable",
+        "web-2",
+        "--port",
+        "3389",
+        "--from",
+        "192.0.2.0/24",
+    ])
+    .ok();
+
+    let table = c.jg(&["requests"]).ok().stdout;
+    let (status, reason, until) = (
+        column(&table, "STATUS"),
+        column(&table, "REASON"),
+        column(&table, "UNTIL"),
+    );
+    let row = |id: &str| {
+        let r = rows_starting(&table, id);
+        assert_eq!(r.len(), 1, "{id}: {table}");
+        let cell = |from: usize, to: usize| {
+            r[0].chars()
+                .skip(from)
+                .take(to - from)
+                .collect::<String>()
+                .trim()
+                .to_owned()
+        };
+        (cell(status, reason), cell(reason, until))
+    };
+    assert_eq!(row(&live), ("Active".into(), "-".into()), "{table}");
+    assert_eq!(row(&newer), ("Active".into(), "-".into()), "{table}");
+    assert_eq!(row(&revoked), ("Ended".into(), "Revoked".into()), "{table}");
+    assert_eq!(
+        row(&superseded),
+        ("Ended".into(), "Superseded by a newer request".into()),
+        "{table}"
+    );
+    assert_eq!(
+        row(&by_policy),
+        ("Ended".into(), "Policy changed".into()),
+        "{table}"
+    );
+    // Times are local wall times with what is left or past, never raw UTC.
+    assert!(!table.contains("Z ") && !table.contains("T0"), "{table}");
+    assert!(table.contains("(in "), "{table}");
+
+    // A narrow terminal: every line fits, the widest columns give way.
+    let narrow = c.jg_env(&[("COLUMNS", "100")], &["requests"]).ok().stdout;
+    for line in narrow.lines() {
+        assert!(line.chars().count() <= 100, "{} wide: {line}", line.len());
+    }
+    assert!(narrow.contains('…'), "nothing was cut: {narrow}");
+    assert!(
+        narrow.lines().next().unwrap().contains("STATUS"),
+        "{narrow}"
+    );
+    // A pipe without COLUMNS is never cut.
+    assert!(!table.contains('…'), "{table}");
+
+    // Tokens say Active or Ended and why, with their expiry in local time.
+    let t = c.json(&[
+        "token",
+        "create",
+        "--principal",
+        "zed",
+        "--expires-in",
+        "2h",
+    ]);
+    c.jg(&["token", "revoke", t["id"].as_str().unwrap()]).ok();
+    let tokens = c.jg(&["token", "list"]).ok().stdout;
+    let zed = rows_starting(&tokens, t["id"].as_str().unwrap());
+    assert!(
+        zed[0].contains("Ended") && zed[0].contains("Revoked") && zed[0].contains("(in 1h 59m"),
+        "{tokens}"
+    );
+    assert!(
+        tokens.contains("never") && tokens.contains("Active"),
+        "{tokens}"
+    );
+}
+
+#[test]
+fn durations_and_scopes_as_people_write_them() {
+    let c = start();
+    let sub = c.subscription();
+    // --expires-in: 30d and ISO P30D mean the same.
+    for text in ["30d", "P30D"] {
+        let t = c.json(&[
+            "token",
+            "create",
+            "--principal",
+            "zed",
+            "--expires-in",
+            text,
+        ]);
+        let left = seconds_until(t["expiresAt"].as_str().unwrap());
+        assert!(
+            (30 * 86400 - 60..=30 * 86400).contains(&left),
+            "{text}: {t}"
+        );
+    }
+    let out = c
+        .jg(&[
+            "token",
+            "create",
+            "--principal",
+            "zed",
+            "--expires-in",
+            "12h",
+        ])
+        .ok();
+    assert!(
+        out.stderr.contains("expires ") && out.stderr.contains("(in 11h 59m"),
+        "{}",
+        out.stderr
+    );
+    // Scopes by resource group name, or by full id.
+    let e = c.json(&[
+        "enroll-token",
+        "create",
+        "--resource-group",
+        "prod",
+        "--expires-in",
+        "1d",
+    ]);
+    assert_eq!(
+        e["scope"],
+        format!("/subscriptions/{sub}/resourceGroups/prod")
+    );
+    let left = seconds_until(e["expiresAt"].as_str().unwrap());
+    assert!((86400 - 60..=86400).contains(&left), "{e}");
+    let e = c.json(&[
+        "enroll-token",
+        "create",
+        "--scope",
+        &format!("/subscriptions/{sub}"),
+    ]);
+    assert_eq!(e["scope"], format!("/subscriptions/{sub}"));
+    let listed = c.jg(&["enroll-token", "list"]).ok().stdout;
+    assert!(
+        listed.lines().next().unwrap().contains("STATUS"),
+        "{listed}"
+    );
+    assert_eq!(listed.matches("Active").count(), 2, "{listed}");
+    let r = c.json(&[
+        "role",
+        "assign",
+        "--principal",
+        "zed",
+        "--role",
+        "JIT Requester",
+        "--resource-group",
+        "prod",
+    ]);
+    assert_eq!(
+        r["scope"],
+        format!("/subscriptions/{sub}/resourceGroups/prod")
+    );
+    // --scope and --resource-group together: clap says they conflict.
+    let out = c.jg(&[
+        "role",
+        "assign",
+        "--principal",
+        "zed",
+        "--role",
+        "Reader",
+        "--resource-group",
+        "prod",
+        "--scope",
+        &format!("/subscriptions/{sub}"),
+    ]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    // Durations come out as people write them.
+    c.register("prod", "web-1");
+    let out = c
+        .jg(&["enable", "web-1", "--port", "22", "--max", "90m"])
+        .ok();
+    assert!(
+        out.stdout
+            .contains("JIT enabled on prod/web-1: ports 22 (max 1h 30m per request)"),
+        "{}",
+        out.stdout
+    );
+    let rule = &entries(&c.policy_of("web-1").unwrap())["web-1"][0];
+    assert_eq!(rule["maxRequestAccessDuration"], "PT5400S");
+}
+
+#[test]
+fn audit_show_has_a_header_source_and_justification_and_the_vms_policy_events() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("prod", "web-2");
+    c.register("lab", "db");
+    c.jg(&["enable", "web-1", "web-2", "--port", "22"]).ok();
+    c.jg(&["enable", "db", "--port", "22"]).ok();
+    c.jg(&[
+        "request",
+        "web-1",
+        "--port",
+        "22",
+        "--from",
+        "10.1.2.3",
+        "--reason",
+        "deploy-fix-42",
+    ])
+    .ok();
+    c.jg(&["disable", "web-1"]).ok();
+    // A change to its old policy after web-1 left it is not web-1's.
+    c.jg(&["enable", "web-2", "--port", "2222"]).ok();
+
+    let out = c.jg(&["audit", "show", "--vm", "web-1"]).ok().stdout;
+    let head = out.lines().next().unwrap();
+    for h in [
+        "SEQ",
+        "TIME",
+        "ACTOR",
+        "SOURCE",
+        "ACTION",
+        "TARGET",
+        "OUTCOME",
+        "JUSTIFICATION",
+    ] {
+        assert!(head.contains(h), "no {h} in {head}");
+    }
+    let actions: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(5).unwrap())
+        .collect();
+    // (SEQ, date, time, ACTOR, SOURCE, ACTION...): web-1's own events, the policy
+    // change that added it and the one that removed it (ending its grant), not the
+    // later change to that policy, nor anything of lab/db.
+    assert_eq!(
+        actions,
+        [
+            "vm.register",
+            "policy.create",
+            "request.initiate",
+            "request.endedByPolicy",
+            "policy.update"
+        ],
+        "{out}"
+    );
+    let initiate = out
+        .lines()
+        .find(|l| l.contains("request.initiate"))
+        .unwrap();
+    assert!(
+        initiate.contains("127.0.0.1")
+            && initiate.contains("deploy-fix-42")
+            && initiate.contains("prod/web-1"),
+        "{initiate}"
+    );
+    assert!(out.contains("policy prod/default"), "{out}");
+    assert!(!out.contains("lab/"), "{out}");
+    // --since still finds the removal, though web-1 joined the policy before it.
+    let json = c
+        .jg(&["audit", "show", "--vm", "web-1", "--json"])
+        .ok()
+        .stdout;
+    let events: Vec<Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let removal = events
+        .iter()
+        .rfind(|e| e["action"] == "policy.update")
+        .unwrap();
+    let since = removal["time"].as_str().unwrap();
+    let later = c
+        .jg(&["audit", "show", "--vm", "web-1", "--since", since])
+        .ok()
+        .stdout;
+    assert!(later.contains("policy.update"), "{later}");
+    assert!(!later.contains("policy.create"), "{later}");
+    // --limit takes the first events of the merged list; --actor applies to both.
+    let first = c
+        .jg(&["audit", "show", "--vm", "web-1", "--limit", "2", "--json"])
+        .ok()
+        .stdout;
+    let first: Vec<Value> = first
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[1]["action"], "policy.create", "{first:?}");
+    c.jg(&["audit", "show", "--vm", "web-1", "--actor", "nobody"])
+        .ok();
+    let none = c
+        .jg(&[
+            "audit", "show", "--vm", "web-1", "--actor", "nobody", "--json",
+        ])
+        .ok()
+        .stdout;
+    assert!(none.trim().is_empty(), "{none}");
+    // --action narrows the policy events too.
+    let only = c
+        .jg(&["audit", "show", "--vm", "web-1", "--action", "request."])
+        .ok()
+        .stdout;
+    assert!(!only.contains("policy."), "{only}");
+    assert!(only.contains("request.initiate"), "{only}");
+}
+
+#[test]
+fn ssh_says_until_when_and_how_to_revoke_and_revoke_on_exit_ends_the_grant() {
+    let c = start();
+    c.register("prod", "web-1");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = listener.local_addr().unwrap().port().to_string();
+    c.jg(&["enable", "web-1", "--port", &p, "--max", "1h"]).ok();
+    // A stand-in for ssh that says what it got and ends with its own status.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake-ssh");
+    std::fs::write(&fake, "#!/bin/sh\necho \"$@\"\nexit 42\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = fake.to_str().unwrap();
+    let ssh = |extra: &[&str]| {
+        let mut args = vec![
+            "ssh",
+            "admin@web-1",
+            "--port",
+            p.as_str(),
+            "--host",
+            "127.0.0.1",
+            "--ssh",
+            fake,
+        ];
+        args.extend_from_slice(extra);
+        c.jg(&args)
+    };
+
+    // --for: a short grant; --revoke-on-exit: ended when ssh exits, whose status is ours.
+    let out = ssh(&["--for", "15m", "--revoke-on-exit", "--", "uptime"]);
+    assert_eq!(out.code, Some(42), "{out:?}");
+    assert_eq!(out.stdout, format!("-p {p} admin@127.0.0.1 uptime\n"));
+    assert!(
+        out.stderr.contains("(in 14m 5") || out.stderr.contains("(in 15m)"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("until ssh exits"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("ssh exited; revoked request"),
+        "{}",
+        out.stderr
+    );
+    let reqs = c.json(&["requests", "--vm", "web-1"]);
+    let port = &reqs["value"][0]["virtualMachines"][0]["ports"][0];
+    assert_eq!(port["status"], "Revoked", "{reqs}");
+    assert_eq!(port["statusReason"], "UserRequested", "{reqs}");
+    assert!(
+        c.json(&["vm", "show", "web-1"])["grants"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // Without it: ssh replaces jitgate, after saying until when and how to revoke.
+    let out = ssh(&["--for", "20m"]);
+    assert_eq!(out.code, Some(42), "{out:?}");
+    let id = c.json(&["requests", "--vm", "web-1", "--active"])["value"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        out.stderr.contains("stays open until")
+            && out
+                .stderr
+                .contains(&format!("end it sooner with: jitgate revoke {id}")),
+        "{}",
+        out.stderr
+    );
+    // A grant reused from earlier is not this run's to revoke.
+    let out = ssh(&["--revoke-on-exit"]);
+    assert_eq!(out.code, Some(42), "{out:?}");
+    assert!(out.stderr.contains("reusing"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("request {id} was not made by this run")),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        c.json(&["requests", "--vm", "web-1", "--active"])["value"][0]["id"],
+        id.as_str()
+    );
+
+    // connect --json: where to connect, until when, which request.
+    let v = c.json(&[
+        "connect",
+        "web-1",
+        "--port",
+        &p,
+        "--host",
+        "127.0.0.1",
+        "--wait",
+        "5s",
+    ]);
+    assert_eq!(v["address"], format!("127.0.0.1:{p}"));
+    assert_eq!(v["request"], id.as_str());
+    assert_eq!(v["reused"], true);
+    assert!(seconds_until(v["endTimeUtc"].as_str().unwrap()) > 60, "{v}");
+    let out = c
+        .jg(&["connect", "web-1", "--port", &p, "--host", "127.0.0.1"])
+        .ok();
+    assert!(
+        out.stdout
+            .contains(&format!("end it sooner with: jitgate revoke {id}")),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn man_pages_per_verb_and_help_document_the_exit_codes() {
+    let none = tempfile::tempdir().unwrap();
+    let ssh = run(&["man", "ssh"], &[], none.path()).ok().stdout;
+    for section in [
+        ".TH JITGATE-SSH",
+        ".SH SYNOPSIS",
+        ".SH OPTIONS",
+        ".SH \"EXAMPLES\"",
+        ".SH \"EXIT STATUS\"",
+        ".SH \"ENVIRONMENT\"",
+        ".SH \"FILES\"",
+    ] {
+        assert!(
+            ssh.contains(section),
+            "no {section} in `jitgate man ssh`:\n{ssh}"
+        );
+    }
+    assert!(
+        ssh.contains("revoke\\-on\\-exit") && ssh.contains("JITGATE_URL"),
+        "{ssh}"
+    );
+    let top = run(&["man"], &[], none.path()).ok().stdout;
+    assert!(
+        top.contains(".TH JITGATE ") && top.contains(".SH \"EXIT STATUS\""),
+        "{top}"
+    );
+    let sub = run(&["man", "token", "create"], &[], none.path())
+        .ok()
+        .stdout;
+    assert!(
+        sub.contains(".TH JITGATE-TOKEN-CREATE") && sub.contains("\\-\\-expires\\-in"),
+        "{sub}"
+    );
+    run(&["man", "nope"], &[], none.path()).fails(2, &["`nope`"]);
+    let help = run(&["--help"], &[], none.path()).ok().stdout;
+    assert!(help.contains("Exit status:"), "{help}");
+    for line in [
+        "  2   Usage error",
+        "  5   Refused as invalid",
+        "  7   audit verify",
+    ] {
+        assert!(help.contains(line), "no {line:?} in --help:\n{help}");
+    }
+}
+
+#[test]
+fn every_verb_that_prints_has_json() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.register("prod", "web-2");
+    c.jg(&["enable", "web-1", "web-2", "--port", "22"]).ok();
+    let v = c.json(&["disable", "web-2"]);
+    assert!(
+        v["disabled"][0]["vm"].as_str().unwrap().ends_with("/web-2"),
+        "{v}"
+    );
+    let t = c.json(&["token", "create", "--principal", "zed"]);
+    let id = t["id"].as_str().unwrap();
+    assert_eq!(c.json(&["token", "revoke", id]), json!({"revoked": id}));
+    let r = c.json(&[
+        "role",
+        "assign",
+        "--principal",
+        "zed",
+        "--role",
+        "Reader",
+        "--resource-group",
+        "prod",
+    ]);
+    let rid = r["id"].as_str().unwrap();
+    assert_eq!(c.json(&["role", "remove", rid]), json!({"removed": rid}));
+    let e = c.json(&["enroll-token", "create"]);
+    let eid = e["id"].as_str().unwrap();
+    assert_eq!(
+        c.json(&["enroll-token", "revoke", eid]),
+        json!({"revoked": eid})
+    );
+    let cfg = c.dir.path().join("json-login");
+    let out = run_with_stdin(
+        &["login", &c.base, "--token-stdin", "--json"],
+        &[],
+        &cfg,
+        Some(&format!("{ADMIN}\n")),
+    )
+    .ok();
+    let v = out.json();
+    assert_eq!(v["principal"], "bootstrap-admin");
+    assert_eq!(v["url"], c.base.as_str());
+    let v = c.json(&["vm", "nsg", "prod", "web-1"]);
+    assert!(v["rules"].is_array(), "{v}");
 }

@@ -199,3 +199,45 @@ async fn hostile_status_reports_are_bounded_and_refused_by_field() {
     assert!(m.contains("protocol=\"TCP\""), "{m}");
     assert!(!m.contains("-1"), "a counter wrapped: {m}");
 }
+
+/// Issue 9.7 (`jitgate status`, `vm list`): the VM list says which machines have an
+/// enrolled agent and whether it reports, without a call per machine.
+#[tokio::test]
+async fn the_vm_list_says_which_machines_have_an_agent_and_whether_it_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Ctl::start_with(dir, |c| {
+        c.recommend.offline_after = jiff::SignedDuration::from_secs(1);
+    })
+    .await;
+    ctl.register("lab", "bare").await;
+    let (_, text) = token(&ctl, json!({"uses": 1})).await;
+    let e = enroll(&ctl, &text, "web-1").await;
+    assert_eq!(e.status, StatusCode::OK, "{:?}", e.body);
+    let vm = e.body["vmId"].as_str().unwrap().to_owned();
+    let cred = e.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(report(&ctl, &vm, &cred).await, StatusCode::NO_CONTENT);
+    let agent_of = |list: &Value, name: &str| {
+        list["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()["agent"]
+            .clone()
+    };
+    let list = ctl.get("/api/v1/vms").await.body;
+    assert_eq!(
+        agent_of(&list, "bare"),
+        json!({"enrolled": false, "online": false})
+    );
+    let web = agent_of(&list, "web-1");
+    assert_eq!(web["enrolled"], true, "{web}");
+    assert_eq!(web["online"], true, "{web}");
+    assert!(web["lastSeen"].is_string(), "{web}");
+    // Silent past the threshold: offline, as the VM's own page says.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let list = ctl.get("/api/v1/vms").await.body;
+    assert_eq!(agent_of(&list, "web-1")["online"], false, "{list}");
+    let one = ctl.get("/api/v1/vms/lab/web-1").await.body;
+    assert_eq!(one["agent"]["online"], false, "{one}");
+}

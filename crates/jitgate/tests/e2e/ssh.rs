@@ -197,9 +197,16 @@ fn plain_ssh(lab: &Lab, sshd: &Sshd, from: &Host) -> Ran {
 /// `jitgate ssh root@vm1 --host <vm IPv4> --wait 10 -- <options> echo jitgate-ssh-ok`
 /// from `from`, as the Owner.
 fn jitgate_ssh(lab: &Lab, sshd: &Sshd, from: &Host) -> Ran {
+    jitgate_ssh_with(lab, sshd, from, &[])
+}
+
+/// `jitgate_ssh` with more jitgate flags (before `--`).
+fn jitgate_ssh_with(lab: &Lab, sshd: &Sshd, from: &Host, flags: &[&str]) -> Ran {
     let host = lab.vm.v4.to_string();
     let opts = ssh_options(sshd);
-    let mut args = vec!["ssh", "root@vm1", "--host", &host, "--wait", "10", "--"];
+    let mut args = vec!["ssh", "root@vm1", "--host", &host, "--wait", "10"];
+    args.extend_from_slice(flags);
+    args.push("--");
     args.extend(opts.iter().map(String::as_str));
     args.extend(["echo", VIA_JITGATE]);
     lab.jitgate(from, OWNER, &args)
@@ -263,6 +270,14 @@ fn jitgate_ssh_through_real_sshd_while_plain_ssh_fails_before_and_after_the_gran
         .expect_ok();
     assert!(r.stdout.contains("JIT enabled on lab/vm1: ports 22"), "{r}");
     lab.wait_agent_up_to_date();
+    // `jitgate status` counts the real agent as online (issue 9.7).
+    let r = lab
+        .jitgate(&lab.ctl, OWNER, &["status", "--json"])
+        .expect_ok();
+    let status: Value = serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {r}"));
+    assert_eq!(status["agents"]["online"], 1, "{status}");
+    assert_eq!(status["audit"]["ok"], true, "{status}");
     let (ra, rb) = plain_ssh_a_and_b(&lab, &sshd);
     assert_timed_out(&ra, "plain ssh from A before any grant");
     assert_timed_out(&rb, "plain ssh from B before any grant");
@@ -342,4 +357,18 @@ fn jitgate_ssh_through_real_sshd_while_plain_ssh_fails_before_and_after_the_gran
     let (ra, rb) = plain_ssh_a_and_b(&lab, &sshd);
     assert_timed_out(&ra, "plain ssh from A after the grant ended");
     assert_timed_out(&rb, "plain ssh from B after the grant ended");
+
+    // --revoke-on-exit (issue 9.7): jitgate stays ssh's parent and revokes the grant
+    // when ssh exits, so the port closes long before the grant's 10 minutes are up.
+    let r = jitgate_ssh_with(&lab, &sshd, a, &["--for", "10m", "--revoke-on-exit"]);
+    assert_logged_in(&r, VIA_JITGATE, "jitgate ssh --revoke-on-exit");
+    assert!(
+        r.stderr.contains("ssh exited; revoked request"),
+        "jitgate ssh --revoke-on-exit did not revoke: {r}"
+    );
+    lab.wait_agent_up_to_date();
+    assert_timed_out(
+        &plain_ssh(&lab, &sshd, a),
+        "plain ssh from A after jitgate ssh --revoke-on-exit",
+    );
 }

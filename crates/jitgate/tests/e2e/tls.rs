@@ -145,7 +145,7 @@ fn a_controller_on_the_network_serves_https_with_its_own_ca_and_agents_pin_it_fr
     // A wrong fingerprint: refused, nothing saved.
     let wrong = format!("sha256:{}", "ab".repeat(32));
     let (code, text) = login(&["--token", OWNER, "--ca-fingerprint", &wrong]);
-    assert_eq!(code, Some(7), "{text}");
+    assert_eq!(code, Some(8), "{text}");
     assert!(!config.join("config.toml").exists());
     // OpenSSL's spelling of the right one.
     let colons = fp.as_bytes()["sha256:".len()..]
@@ -314,7 +314,7 @@ fn a_certificate_made_with_openssl_works_when_pinned() {
         .env_remove("JITGATE_CA_CERT");
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert_eq!(out.status.code(), Some(8), "{err}");
     assert!(err.contains("--ca-cert"), "{err}");
 }
 
