@@ -91,11 +91,12 @@ fn blocks() -> Vec<Block> {
             let marker = (i > 0 && lines[i - 1].trim_start().starts_with("<!-- walk:"))
                 .then(|| parse_marker(lines[i - 1]));
             let start = i;
+            // Blocks inside list items are indented as their fence is.
+            let indent = &lines[i][..lines[i].len() - lines[i].trim_start().len()];
             i += 1;
             let mut text = String::new();
             while i < lines.len() && lines[i].trim() != "```" {
-                // Blocks inside list items are indented.
-                text.push_str(lines[i].trim_start_matches("   "));
+                text.push_str(lines[i].strip_prefix(indent).unwrap_or(lines[i]));
                 text.push('\n');
                 i += 1;
             }
@@ -140,12 +141,25 @@ fn every_jitgate_command_in_the_readme_parses() {
     );
     let dir = tempfile::tempdir().unwrap();
     // Files the commands read from (`< my-token`) exist, empty.
-    for f in ["my-token", "enroll-token", "alice-token", "ca-fingerprint"] {
+    for f in ["my-token", "enroll-token", "alice-token"] {
         std::fs::write(dir.path().join(f), "").unwrap();
     }
+    // As `openssl x509 -noout -fingerprint -sha256` writes it.
+    std::fs::write(
+        dir.path().join("ca-fingerprint"),
+        format!("sha256 Fingerprint={}\n", vec!["AB"; 32].join(":")),
+    )
+    .unwrap();
     let mut checked = 0;
     for b in &all {
         for line in jitgate_lines(&b.text) {
+            // Files it reads from (`< jitgate-data/bootstrap-token`) exist, empty.
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for w in words.windows(2).filter(|w| w[0] == "<") {
+                let f = dir.path().join(w[1]);
+                std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                std::fs::write(f, "").unwrap();
+            }
             // A function named jitgate shadows the binary: it drops what follows `--`
             // (ssh's own arguments) and asks for --help, so only parsing happens.
             let script = format!(
@@ -234,6 +248,11 @@ impl Net {
         &self.names[i]
     }
 
+    /// The address of host `i` (1 controller, 2 machine, 3 laptop).
+    fn addr(&self, i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 66, (std::process::id() % 200) as u8 + 1, i)
+    }
+
     fn build() -> Net {
         let id = format!("jgrd{}", std::process::id());
         let names: Vec<String> = ["lan", "ctl", "vm", "lap"]
@@ -252,7 +271,17 @@ impl Net {
         let lan = net.names[0].as_str();
         run(
             "ip",
-            &["-n", lan, "link", "add", "br0", "type", "bridge", "stp_state", "0"],
+            &[
+                "-n",
+                lan,
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+            ],
         );
         run("ip", &["-n", lan, "link", "set", "br0", "up"]);
         for (i, ns) in net.names[1..].iter().enumerate() {
@@ -264,7 +293,10 @@ impl Net {
                     "netns", ns,
                 ],
             );
-            run("ip", &["-n", lan, "link", "set", &port, "master", "br0", "up"]);
+            run(
+                "ip",
+                &["-n", lan, "link", "set", &port, "master", "br0", "up"],
+            );
             let addr = format!("{}/24", ip(i as u8 + 1));
             run("ip", &["-n", ns, "addr", "add", &addr, "dev", "eth0"]);
             run("ip", &["-n", ns, "link", "set", "eth0", "up"]);
@@ -331,10 +363,11 @@ impl Drop for Background {
 }
 
 /// The bash that runs a block as `role`: that role's variables from earlier blocks,
-/// the working directory, errors fatal; afterwards the variables are kept.
+/// the working directory, errors fatal; afterwards the variables are kept (`set -a`
+/// exports every assignment, so `export -p` has them all).
 fn script(env: &Path, walk_dir: &Path, block: &str, keep: bool) -> String {
     let mut s = format!(
-        "set -euo pipefail\nset -a\nsource '{}'\nset +a\ncd '{}'\n",
+        "set -euo pipefail\nset -a\nsource '{}'\ncd '{}'\n",
         env.display(),
         walk_dir.display()
     );
@@ -359,15 +392,22 @@ fn bash_in(ns: &str, script: &str) -> Command {
 fn the_first_hour_works_as_written() {
     preconditions();
     let walk: Vec<Block> = blocks().into_iter().filter(|b| b.walk.is_some()).collect();
-    assert!(walk.len() >= 8, "the README's walk has {} blocks", walk.len());
+    assert!(
+        walk.len() >= 8,
+        "the README's walk has {} blocks",
+        walk.len()
+    );
     let net = Net::build();
     net.serve_port_22(net.ns("machine"));
     let dir = tempfile::tempdir().unwrap();
     let walk_dir = dir.path().join("walk");
     std::fs::create_dir_all(&walk_dir).unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::os::unix::fs::symlink(repo.join("scripts").canonicalize().unwrap(), walk_dir.join("scripts"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        repo.join("scripts").canonicalize().unwrap(),
+        walk_dir.join("scripts"),
+    )
+    .unwrap();
     let bin_dir = Path::new(BIN).parent().unwrap();
     let path = format!(
         "{}:{}",
@@ -409,11 +449,14 @@ fn the_first_hour_works_as_written() {
             let ctl_env = dir.path().join("controller.env");
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
-                let ok = bash_in(net.ns("controller"), &script(&ctl_env, &walk_dir, ready, false))
-                    .output()
-                    .unwrap()
-                    .status
-                    .success();
+                let ok = bash_in(
+                    net.ns("controller"),
+                    &script(&ctl_env, &walk_dir, ready, false),
+                )
+                .output()
+                .unwrap()
+                .status
+                .success();
                 if ok {
                     break;
                 }
@@ -464,12 +507,7 @@ fn the_first_hour_works_as_written() {
     let ctl_env = dir.path().join("controller.env");
     let out = bash_in(
         net.ns("controller"),
-        &script(
-            &ctl_env,
-            &walk_dir,
-            "jitgate requests --json",
-            false,
-        ),
+        &script(&ctl_env, &walk_dir, "jitgate requests --json", false),
     )
     .output()
     .unwrap();
@@ -478,5 +516,23 @@ fn the_first_hour_works_as_written() {
     let text = requests.to_string();
     assert!(text.contains("alice@example.com"), "{text}");
     assert!(transcript.contains("alice@example.com"), "{transcript}");
+    // And the kernel agrees: Alice revoked her access, so port 22 of web-1 drops the
+    // laptop's connections again, while web-1 still reaches itself.
+    let vm_addr = net.addr(2);
+    let probe = format!("timeout 1 bash -c '</dev/tcp/{vm_addr}/22'");
+    let from_laptop = bash_in(net.ns("laptop"), &probe).output().unwrap();
+    assert!(
+        !from_laptop.status.success(),
+        "port 22 of web-1 answers the laptop after the revoke"
+    );
+    let from_itself = bash_in(
+        net.ns("machine"),
+        "timeout 1 bash -c '</dev/tcp/127.0.0.1/22'",
+    )
+    .output()
+    .unwrap();
+    assert!(from_itself.status.success(), "{from_itself:?}");
     drop(background);
+    // The whole walk, for whoever runs this with --nocapture.
+    eprintln!("{transcript}");
 }
