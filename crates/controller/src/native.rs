@@ -303,6 +303,31 @@ async fn register_vm(
     Ok((status, Json(vm_json(&vm))).into_response())
 }
 
+/// The opaque continuation token of a page that ended at VM key `key`.
+fn continuation(key: &str) -> String {
+    hex::encode(key)
+}
+
+fn after_continuation(q: &HashMap<String, String>) -> ApiResult<Option<String>> {
+    q.get("continuationToken")
+        .map(|t| {
+            hex::decode(t)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    ApiError::bad_param(
+                        "continuationToken",
+                        "is not a token this API returned (pass it back unchanged)",
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// VMs the caller may read, a page at a time (`limit`, default 100, at most 1000;
+/// `continuationToken` from the previous page), filtered by `resourceGroup` and `name`
+/// in the store. A page is filled with readable VMs however many unreadable ones lie
+/// between them; what each shows is read for the whole page at once.
 async fn list_vms(
     State(state): State<AppState>,
     principal: Principal,
@@ -313,22 +338,64 @@ async fn list_vms(
         .map(|r| ResourceGroup::parse(r))
         .transpose()
         .map_err(|e| ApiError::bad_param("resourceGroup", e))?;
-    let vms = state
-        .store
-        .list_vms(state.default_subscription(), rg.as_ref())
-        .await?;
+    let name = q
+        .get("name")
+        .map(|n| VmName::parse(n))
+        .transpose()
+        .map_err(|e| ApiError::bad_param("name", e))?;
+    let limit = count_param(&q, "limit", 100, 1000)?;
+    let mut filter = jitgate_store::VmFilter {
+        resource_group: rg,
+        name,
+        after: after_continuation(&q)?,
+        limit,
+    };
+    let mut page: Vec<jitgate_store::VmRecord> = Vec::new();
+    let mut more = false;
+    loop {
+        let batch = state
+            .store
+            .find_vms(state.default_subscription(), &filter)
+            .await?;
+        let exhausted = batch.len() < limit;
+        for vm in batch {
+            filter.after = Some(vm.id.key());
+            if principal.can(Action::VmRead, &vm.id.scope()) {
+                if page.len() == limit {
+                    more = true;
+                    break;
+                }
+                page.push(vm);
+            }
+        }
+        if more || exhausted {
+            break;
+        }
+    }
+    if more {
+        // The page ends at its own last VM; the one found beyond it comes again.
+        filter.after = page.last().map(|v| v.id.key());
+    }
     let now = Timestamp::now();
-    let mut out = Vec::new();
-    for vm in vms
-        .iter()
-        .filter(|v| principal.can(Action::VmRead, &v.id.scope()))
-    {
-        let policy = state.store.vm_policy(&vm.id).await?;
-        let grants = state.store.live_grants(&vm.id, now).await?;
+    let ids: Vec<VmId> = page.iter().map(|v| v.id.clone()).collect();
+    let summaries: HashMap<String, jitgate_store::VmSummary> = state
+        .store
+        .vm_summaries(&ids, now)
+        .await?
+        .into_iter()
+        .map(|s| (s.vm.key(), s))
+        .collect();
+    let offline_after = state.recommend.offline_after.as_secs();
+    let mut out = Vec::with_capacity(page.len());
+    for vm in &page {
+        // A VM deleted since the page was read is left out.
+        let Some(sum) = summaries.get(&vm.id.key()) else {
+            continue;
+        };
         let mut v = vm_json(vm);
-        v["policy"] = json!(policy.as_ref().map(|p| p.key.id()));
+        v["policy"] = json!(sum.policy.as_ref().map(|p| p.key.id()));
         v["protectedPorts"] = json!(
-            policy
+            sum.policy
                 .as_ref()
                 .map(|p| p
                     .vm
@@ -338,11 +405,22 @@ async fn list_vms(
                     .collect::<Vec<_>>())
                 .unwrap_or_default()
         );
-        v["liveGrants"] = json!(grants.len());
-        v["agent"] = crate::agent::presence_json(&state, &vm.id, now).await?;
+        v["liveGrants"] = json!(sum.live_grants);
+        v["agent"] = match sum.agent_last_seen {
+            None => json!({"enrolled": false, "online": false}),
+            Some(seen) => json!({
+                "enrolled": true,
+                "online": now.duration_since(seen).as_secs() <= offline_after,
+                "lastSeen": seen.to_string(),
+            }),
+        };
         out.push(v);
     }
-    Ok(Json(json!({"value": out})))
+    let mut body = json!({ "value": out });
+    if more && let Some(after) = &filter.after {
+        body["continuationToken"] = json!(continuation(after));
+    }
+    Ok(Json(body))
 }
 
 async fn get_vm(

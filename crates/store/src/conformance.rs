@@ -61,6 +61,8 @@ macro_rules! store_conformance_tests {
             register_vm_is_idempotent_and_case_insensitive,
             register_vm_refuses_unknown_subscription,
             list_vms_by_subscription_and_resource_group,
+            find_vms_pages_and_filters_by_name_and_group,
+            vm_summaries_read_a_page_at_once,
             delete_vm_refused_while_in_policy,
             put_policy_creates_then_updates,
             put_policy_refuses_unknown_subscription,
@@ -731,6 +733,164 @@ pub async fn list_vms_by_subscription_and_resource_group(store: &dyn Store) {
 }
 
 /// A VM in a policy cannot be deleted; once out of it, it can, once.
+/// VMs come in pages in key order, filtered by name (across resource groups) and by
+/// resource group in the store, each page starting after the previous one's last.
+pub async fn find_vms_pages_and_filters_by_name_and_group(store: &dyn Store) {
+    install(store).await;
+    let all = [
+        vm("rg-a", "web-1"),
+        vm("rg-a", "web-2"),
+        vm("rg-b", "Web-1"),
+        vm("rg-b", "db"),
+        vm("rg-c", "web-10"),
+    ];
+    for v in &all {
+        register(store, v, t0()).await;
+    }
+    let keys = |vms: &[VmRecord]| vms.iter().map(|v| v.id.key()).collect::<Vec<_>>();
+    let mut expected: Vec<String> = all.iter().map(VmId::key).collect();
+    expected.sort();
+    // Pages of two cover everything once, in key order.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .find_vms(
+                sub(),
+                &VmFilter {
+                    after: after.clone(),
+                    limit: 2,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(page.len() <= 2);
+        if page.is_empty() {
+            break;
+        }
+        after = Some(page.last().unwrap().id.key());
+        seen.extend(keys(&page));
+    }
+    assert_eq!(seen, expected);
+    // By name, whatever its case and group; not a prefix match.
+    let named = store
+        .find_vms(
+            sub(),
+            &VmFilter {
+                name: Some(VmName::parse("WEB-1").unwrap()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(&named),
+        vec![vm("rg-a", "web-1").key(), vm("rg-b", "web-1").key()]
+    );
+    // By group and name.
+    let both = store
+        .find_vms(
+            sub(),
+            &VmFilter {
+                resource_group: Some(ResourceGroup::parse("RG-B").unwrap()),
+                name: Some(VmName::parse("web-1").unwrap()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys(&both), vec![vm("rg-b", "web-1").key()]);
+    assert_eq!(
+        both[0].id.name.to_string(),
+        "Web-1",
+        "the original casing is kept"
+    );
+    // By group, paged.
+    let group = store
+        .find_vms(
+            sub(),
+            &VmFilter {
+                resource_group: Some(ResourceGroup::parse("rg-a").unwrap()),
+                after: Some(vm("rg-a", "web-1").key()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys(&group), vec![vm("rg-a", "web-2").key()]);
+    // Another subscription has none of them.
+    let other = SubscriptionId::new(Uuid::from_u128(0xdead));
+    let none = store
+        .find_vms(
+            other,
+            &VmFilter {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+/// A page's policy, live grants and agent presence are read together, in the page's
+/// order; unknown VMs are left out.
+pub async fn vm_summaries_read_a_page_at_once(store: &dyn Store) {
+    let s = scene(store).await;
+    initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![(
+                &s.vm1,
+                vec![
+                    want(22, Some("10.0.0.9"), "PT1H"),
+                    want(3389, Some("10.0.0.9"), "PT5M"),
+                ],
+            )],
+        ),
+        at(0),
+    )
+    .await;
+    store
+        .put_agent_status(AgentStatusRecord {
+            vm: s.vm2.clone(),
+            report: "{}".into(),
+            last_seen: at(30),
+        })
+        .await
+        .unwrap();
+    let ghost = vm("rg1", "ghost");
+    let page = store
+        .vm_summaries(
+            &[s.vm3.clone(), ghost, s.vm1.clone(), s.vm2.clone()],
+            at(60),
+        )
+        .await
+        .unwrap();
+    let ids: Vec<&VmId> = page.iter().map(|p| &p.vm).collect();
+    assert_eq!(ids, vec![&s.vm3, &s.vm1, &s.vm2]);
+    let (v3, v1, v2) = (&page[0], &page[1], &page[2]);
+    assert_eq!(v3.policy, None);
+    assert_eq!((v3.live_grants, v3.agent_last_seen), (0, None));
+    let p1 = v1.policy.as_ref().expect("vm1 is protected");
+    assert_eq!(p1.key, s.key);
+    let ports: Vec<u16> = p1.vm.ports.iter().map(|r| r.number.get()).collect();
+    assert_eq!(ports, vec![22, 3389]);
+    assert_eq!(v1.live_grants, 2);
+    assert_eq!(v2.agent_last_seen, Some(at(30)));
+    assert_eq!(v2.live_grants, 0);
+    // After the 5-minute port ended, one grant is left.
+    let later = store.vm_summaries(&[s.vm1.clone()], at(400)).await.unwrap();
+    assert_eq!(later[0].live_grants, 1);
+    assert!(store.vm_summaries(&[], at(0)).await.unwrap().is_empty());
+}
+
 pub async fn delete_vm_refused_while_in_policy(store: &dyn Store) {
     let s = scene(store).await;
     let before = snapshot(store).await;

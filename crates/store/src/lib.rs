@@ -73,6 +73,17 @@ pub trait Store: Send + Sync + 'static {
         subscription: SubscriptionId,
         rg: Option<&ResourceGroup>,
     ) -> Result<Vec<VmRecord>>;
+    /// One page of VMs in key order, filtered by resource group and/or name in the
+    /// store (indexed), after `filter.after`.
+    async fn find_vms(
+        &self,
+        subscription: SubscriptionId,
+        filter: &VmFilter,
+    ) -> Result<Vec<VmRecord>>;
+    /// What a list shows about each of `vms` (policy, live grants at `now`, agent
+    /// last seen), in a few batched reads whatever their number; in `vms`' order,
+    /// unknown VMs left out.
+    async fn vm_summaries(&self, vms: &[VmId], now: Timestamp) -> Result<Vec<VmSummary>>;
     async fn delete_vm(&self, id: &VmId, audit: AuditCtx) -> Result<bool, OpError<VmError>>;
 
     // ---- policies ----

@@ -56,6 +56,28 @@ pub struct VmRecord {
     pub created_by: String,
 }
 
+/// Which VMs a list reads: one page, in key order (the lower-cased id).
+#[derive(Debug, Clone, Default)]
+pub struct VmFilter {
+    pub resource_group: Option<jitgate_core::ids::ResourceGroup>,
+    /// Machines of this name in any resource group (an indexed lookup).
+    pub name: Option<jitgate_core::ids::VmName>,
+    /// Only VMs whose key sorts after this one: the previous page's last.
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// What a VM list shows about each VM, read for a whole page at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSummary {
+    pub vm: VmId,
+    /// The policy protecting it, with its ports there.
+    pub policy: Option<VmPolicy>,
+    pub live_grants: u64,
+    /// When its agent last reported; `None` when no agent ever enrolled.
+    pub agent_last_seen: Option<Timestamp>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegisterOutcome {
     Created,

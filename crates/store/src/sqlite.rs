@@ -192,6 +192,14 @@ CREATE INDEX blocked_attempts_at ON blocked_attempts(at_ns);
 ALTER TABLE enroll_tokens ADD COLUMN allow_replace INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX tokens_secret_hash ON tokens(secret_hash);
 "#,
+    // A VM found by name in one indexed read; pages of a resource group in key order.
+    // The name is what follows the id's last '/'.
+    r#"
+ALTER TABLE vms ADD COLUMN name_key TEXT NOT NULL DEFAULT '';
+UPDATE vms SET name_key = lower(replace(id, rtrim(id, replace(id, '/', '')), ''));
+CREATE INDEX vms_name ON vms(subscription, name_key, key);
+CREATE INDEX vms_rg_page ON vms(subscription, rg_key, key);
+"#,
 ];
 
 /// Nanoseconds since the epoch, saturating: i64 ends in 2262, and a later time (a
@@ -956,8 +964,8 @@ impl Store for SqliteStore {
                 )));
             }
             let n = ctx.tx.execute(
-                "INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(key) DO NOTHING",
+                "INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by, name_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING",
                 params![
                     vm.id.key(),
                     vm.id.to_string(),
@@ -965,7 +973,8 @@ impl Store for SqliteStore {
                     vm.id.resource_group.key(),
                     vm.location.as_ref().map(|l| l.to_string()),
                     ns(vm.created),
-                    vm.created_by
+                    vm.created_by,
+                    vm.id.name.key()
                 ],
             )?;
             if n == 0 {
@@ -1005,6 +1014,111 @@ impl Store for SqliteStore {
                 &[&sub, rg],
             ),
             None => read_vms(c, "WHERE subscription = ?1 ORDER BY key", &[&sub]),
+        })
+        .await
+    }
+
+    async fn find_vms(
+        &self,
+        subscription: SubscriptionId,
+        filter: &VmFilter,
+    ) -> Result<Vec<VmRecord>> {
+        let sub = subscription.to_string();
+        let rg = filter.resource_group.as_ref().map(|r| r.key());
+        let name = filter.name.as_ref().map(|n| n.key());
+        let after = filter.after.clone().unwrap_or_default();
+        let limit = filter.limit.min(i64::MAX as usize) as i64;
+        self.read(move |c| {
+            // One statement per shape, so each uses its index (vms_name, vms_rg_page,
+            // the key) rather than a plan that fits all.
+            match (&rg, &name) {
+                (Some(rg), Some(name)) => read_vms(
+                    c,
+                    "WHERE subscription = ?1 AND rg_key = ?2 AND name_key = ?3 AND key > ?4 ORDER BY key LIMIT ?5",
+                    &[&sub, rg, name, &after, &limit],
+                ),
+                (None, Some(name)) => read_vms(
+                    c,
+                    "WHERE subscription = ?1 AND name_key = ?2 AND key > ?3 ORDER BY key LIMIT ?4",
+                    &[&sub, name, &after, &limit],
+                ),
+                (Some(rg), None) => read_vms(
+                    c,
+                    "WHERE subscription = ?1 AND rg_key = ?2 AND key > ?3 ORDER BY key LIMIT ?4",
+                    &[&sub, rg, &after, &limit],
+                ),
+                (None, None) => read_vms(
+                    c,
+                    "WHERE subscription = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
+                    &[&sub, &after, &limit],
+                ),
+            }
+        })
+        .await
+    }
+
+    async fn vm_summaries(&self, vms: &[VmId], now: Timestamp) -> Result<Vec<VmSummary>> {
+        let vms = vms.to_vec();
+        let cache = self.read_policies.clone();
+        let now = ns(now);
+        self.read(move |c| {
+            let mut out = Vec::with_capacity(vms.len());
+            // SQLite binds at most 32,766 parameters; pages are far smaller, but a
+            // caller's slice is split anyway.
+            for chunk in vms.chunks(500) {
+                let keys: Vec<String> = chunk.iter().map(VmId::key).collect();
+                let marks = vec!["?"; keys.len()].join(",");
+                let params: Vec<&dyn rusqlite::ToSql> =
+                    keys.iter().map(|k| k as &dyn rusqlite::ToSql).collect();
+                let known: std::collections::HashSet<String> = c
+                    .prepare(&format!("SELECT key FROM vms WHERE key IN ({marks})"))?
+                    .query_map(params.as_slice(), |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let policy_of: std::collections::HashMap<String, String> = c
+                    .prepare(&format!(
+                        "SELECT vm_key, policy_key FROM policy_vms WHERE vm_key IN ({marks})"
+                    ))?
+                    .query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut with_now = params.clone();
+                with_now.push(&now);
+                let grants: std::collections::HashMap<String, i64> = c
+                    .prepare(&format!(
+                        "SELECT vm_key, count(*) FROM request_ports
+                         WHERE status = 'Initiated' AND vm_key IN ({marks}) AND end_ns > ?{}
+                         GROUP BY vm_key",
+                        keys.len() + 1
+                    ))?
+                    .query_map(with_now.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let seen: std::collections::HashMap<String, i64> = c
+                    .prepare(&format!(
+                        "SELECT vm_key, last_seen_ns FROM agent_status WHERE vm_key IN ({marks})"
+                    ))?
+                    .query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (vm, key) in chunk.iter().zip(&keys) {
+                    if !known.contains(key) {
+                        continue;
+                    }
+                    let policy = match policy_of.get(key) {
+                        Some(pk) => read_cached_policy(c, &cache, pk)?.and_then(|p| {
+                            p.vm(vm).map(|v| VmPolicy {
+                                key: p.key.clone(),
+                                vm: v.clone(),
+                            })
+                        }),
+                        None => None,
+                    };
+                    out.push(VmSummary {
+                        vm: vm.clone(),
+                        policy,
+                        live_grants: grants.get(key).copied().unwrap_or(0).max(0) as u64,
+                        agent_last_seen: seen.get(key).map(|t| from_ns(*t)).transpose()?,
+                    });
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -1844,8 +1958,8 @@ impl Store for SqliteStore {
             )?;
             ctx.tx.execute("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?1", [&t.id])?;
             let created = ctx.tx.execute(
-                "INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(key) DO NOTHING",
+                "INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by, name_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING",
                 params![
                     args.vm.key(),
                     args.vm.to_string(),
@@ -1853,7 +1967,8 @@ impl Store for SqliteStore {
                     args.vm.resource_group.key(),
                     args.location.as_ref().map(|l| l.to_string()),
                     ns(audit.now),
-                    format!("enroll-token:{}", t.id)
+                    format!("enroll-token:{}", t.id),
+                    args.vm.name.key()
                 ],
             )? > 0;
             ctx.tx.execute(

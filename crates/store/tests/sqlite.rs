@@ -420,3 +420,42 @@ async fn verify_file_detects_a_rehashed_forgery() {
         "{p:?}"
     );
 }
+
+/// A database from before machines had an indexed name gets it at the next open:
+/// VMs registered then are found by name.
+#[tokio::test]
+async fn the_vm_name_index_is_filled_in_for_an_older_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jitgate.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        populate(&store).await;
+    }
+    {
+        // Back to the schema before the migration that added the name.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        c.execute_batch(&format!(
+            "DROP INDEX vms_name; DROP INDEX vms_rg_page; ALTER TABLE vms DROP COLUMN name_key;
+             PRAGMA user_version = {};",
+            version - 1
+        ))
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let found = store
+        .find_vms(
+            sub(),
+            &VmFilter {
+                name: Some(VmName::parse("VM2").unwrap()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, vm("vm2"));
+}

@@ -214,3 +214,109 @@ async fn a_public_address_is_served_over_https_from_the_controllers_own_ca_unles
     assert_eq!(running.state.tls_pin, None);
     running.shutdown().await.unwrap();
 }
+
+/// `GET /api/v1/vms` pages (a continuation token, pages filled with what the caller
+/// may read however many others lie between), filters by name across resource groups
+/// and by group in the store, and refuses a token it did not issue.
+#[tokio::test]
+async fn vm_lists_are_paged_filtered_and_only_what_the_caller_may_read() {
+    let ctl = Ctl::start().await;
+    for (rg, name) in [
+        ("rg-a", "web-1"),
+        ("rg-a", "web-2"),
+        ("rg-b", "web-1"),
+        ("rg-b", "db-1"),
+        ("rg-b", "db-2"),
+        ("rg-c", "web-1"),
+        ("rg-c", "web-3"),
+    ] {
+        ctl.register(rg, name).await;
+    }
+    ctl.enable("rg-b", &["db-1"], "*").await;
+    let all_pages = |token: String, query: &'static str| {
+        let ctl = &ctl;
+        async move {
+            let mut names = Vec::new();
+            let mut pages = 0;
+            let mut next: Option<String> = None;
+            loop {
+                let mut path = format!("/api/v1/vms?limit=2{query}");
+                if let Some(t) = &next {
+                    path.push_str(&format!("&continuationToken={t}"));
+                }
+                let r = ctl.get_as(&token, &path).await;
+                assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+                let value = r.body["value"].as_array().unwrap();
+                assert!(value.len() <= 2);
+                pages += 1;
+                for v in value {
+                    names.push(format!(
+                        "{}/{}",
+                        v["resourceGroup"].as_str().unwrap(),
+                        v["name"].as_str().unwrap()
+                    ));
+                }
+                match r.body["continuationToken"].as_str() {
+                    Some(t) => {
+                        assert_eq!(value.len(), 2, "a page before the last is full");
+                        next = Some(t.to_owned());
+                    }
+                    None => break,
+                }
+            }
+            (names, pages)
+        }
+    };
+    let (names, pages) = all_pages(OWNER.to_owned(), "").await;
+    assert_eq!(
+        names,
+        [
+            "rg-a/web-1",
+            "rg-a/web-2",
+            "rg-b/db-1",
+            "rg-b/db-2",
+            "rg-b/web-1",
+            "rg-c/web-1",
+            "rg-c/web-3"
+        ]
+    );
+    assert_eq!(pages, 4);
+    // A reader of rg-a and rg-c sees full pages of just those.
+    let scope = |rg: &str| format!("/subscriptions/{}/resourceGroups/{rg}", ctl.sub);
+    let carol = ctl.principal("carol", "Reader", &scope("rg-a")).await;
+    let r = ctl
+        .post(
+            "/api/v1/roleAssignments",
+            json!({"principal": "carol", "role": "Reader", "scope": scope("rg-c")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let (names, _) = all_pages(carol.clone(), "").await;
+    assert_eq!(
+        names,
+        ["rg-a/web-1", "rg-a/web-2", "rg-c/web-1", "rg-c/web-3"]
+    );
+    // By name, across groups; by group and name.
+    let (names, _) = all_pages(OWNER.to_owned(), "&name=WEB-1").await;
+    assert_eq!(names, ["rg-a/web-1", "rg-b/web-1", "rg-c/web-1"]);
+    let (names, _) = all_pages(carol, "&name=web-1").await;
+    assert_eq!(names, ["rg-a/web-1", "rg-c/web-1"]);
+    let r = ctl.get("/api/v1/vms?name=db-1&resourceGroup=rg-b").await;
+    let v = &r.body["value"];
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["protectedPorts"], json!([22, 3389]));
+    assert!(v[0]["policy"].as_str().unwrap().ends_with("/default"));
+    assert_eq!(v[0]["liveGrants"], 0);
+    assert_eq!(v[0]["agent"]["enrolled"], false);
+    // Bad input names the parameter.
+    for (query, field) in [
+        ("continuationToken=zz", "continuationToken"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("name=a%20b", "name"),
+    ] {
+        let r = ctl.get(&format!("/api/v1/vms?{query}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}: {:?}", r.body);
+        assert_eq!(r.body["error"]["target"], field, "{query}: {:?}", r.body);
+    }
+}
