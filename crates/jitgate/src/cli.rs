@@ -785,7 +785,7 @@ async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 .into_iter()
                 .collect();
             let v = c
-                .get_query("/api/v1/vms", &q)
+                .get_all_pages("/api/v1/vms", &q)
                 .await
                 .map_err(|e| name_flags(e, &[("resourceGroup", "--resource-group")]))?;
             print(client.json, &v, |v| {

@@ -237,6 +237,54 @@ impl Client {
             .0)
     }
 
+    /// Every page of a paged native list (`continuationToken`), as one
+    /// `{"value": [...]}`.
+    pub async fn get_all_pages(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<Value> {
+        let mut all = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut q: Vec<(&str, String)> = query.to_vec();
+            q.push(("limit", "1000".to_owned()));
+            if let Some(t) = &next {
+                q.push(("continuationToken", t.clone()));
+            }
+            let page = self.get_query(path, &q).await?;
+            all.extend(page["value"].as_array().cloned().unwrap_or_default());
+            match page["continuationToken"].as_str() {
+                Some(t) => next = Some(t.to_owned()),
+                None => return Ok(serde_json::json!({ "value": all })),
+            }
+        }
+    }
+
+    /// The machine `name` names (a full id, `rg/name`, or a short name unique among
+    /// those the caller may read), found by the controller with an indexed lookup:
+    /// never by listing every machine.
+    pub async fn find_vm(&self, name: &str) -> anyhow::Result<Value> {
+        let (rg, short) = split_vm_name(name);
+        let mut q = vec![("name", short.to_owned()), ("limit", "50".to_owned())];
+        if let Some(rg) = rg {
+            q.push(("resourceGroup", rg.to_owned()));
+        }
+        let found = match self.get_query("/api/v1/vms", &q).await {
+            Ok(v) => v,
+            // A name the controller refuses cannot name a machine.
+            Err(e)
+                if e.downcast_ref::<Exit>()
+                    .is_some_and(|x| x.code == EXIT_INVALID) =>
+            {
+                serde_json::json!({ "value": [] })
+            }
+            Err(e) => return Err(e),
+        };
+        let vms = found["value"].as_array().cloned().unwrap_or_default();
+        resolve(&vms, name).cloned()
+    }
+
     pub async fn get_text(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
         let mut req = self.http.get(format!("{}{path}", self.base)).query(query);
         if let Some(t) = &self.token {
@@ -288,6 +336,27 @@ impl Client {
             .send(self.http.delete(format!("{}{path}", self.base)))
             .await?
             .0)
+    }
+}
+
+/// (resource group, name) of a machine named by full id, `rg/name` or short name.
+pub fn split_vm_name(name: &str) -> (Option<&str>, &str) {
+    if name.starts_with('/') {
+        let parts: Vec<&str> = name.split('/').collect();
+        let after = |seg: &str| {
+            parts
+                .iter()
+                .position(|p| p.eq_ignore_ascii_case(seg))
+                .and_then(|i| parts.get(i + 1).copied())
+        };
+        return (
+            after("resourceGroups"),
+            after("virtualMachines").unwrap_or(name),
+        );
+    }
+    match name.split_once('/') {
+        Some((rg, n)) => (Some(rg), n),
+        None => (None, name),
     }
 }
 
@@ -359,6 +428,18 @@ mod tests {
         );
         let e = resolve(&v, "nope").unwrap_err();
         assert_eq!(e.downcast_ref::<Exit>().unwrap().code, EXIT_NOT_FOUND);
+    }
+
+    #[test]
+    fn machine_names_split_into_group_and_name() {
+        assert_eq!(split_vm_name("web-1"), (None, "web-1"));
+        assert_eq!(split_vm_name("prod/web-1"), (Some("prod"), "web-1"));
+        assert_eq!(
+            split_vm_name(
+                "/subscriptions/s/resourcegroups/Prod/providers/Microsoft.Compute/virtualMachines/Web-1"
+            ),
+            (Some("Prod"), "Web-1")
+        );
     }
 
     #[test]

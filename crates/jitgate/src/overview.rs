@@ -54,7 +54,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     // Reachable at all (health needs no token), and which version.
     let health = c.get("/api/v1/health").await?;
     let who = c.get("/api/v1/whoami").await?;
-    let vms = c.get("/api/v1/vms").await?;
+    let vms = c.get_all_pages("/api/v1/vms", &[]).await?;
     let mut agents = json!({"online": 0, "offline": 0, "none": 0});
     let mut grants = 0u64;
     for vm in items(&vms) {

@@ -42,12 +42,10 @@ impl Session {
         })
     }
 
-    async fn vms(&self) -> anyhow::Result<Vec<Value>> {
-        Ok(items(&self.c.get("/api/v1/vms").await?).to_vec())
-    }
-
-    async fn vm(&self, all: &[Value], name: &str) -> anyhow::Result<Value> {
-        let v = client::resolve(all, name)?;
+    /// The machine's full view (policy, agent report, addresses), found by name
+    /// without listing every machine.
+    async fn vm(&self, name: &str) -> anyhow::Result<Value> {
+        let v = self.c.find_vm(name).await?;
         self.c
             .get(&format!(
                 "/api/v1/vms/{}/{}",
@@ -275,11 +273,10 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
     }
     check_ports(&a.ports)?;
     let ses = Session::new(&a.client)?;
-    let all = ses.vms().await?;
     // Target policy -> (exists, [(vm id, ports)])
     let mut plan: BTreeMap<String, (bool, Vec<VmPorts>)> = BTreeMap::new();
     for name in &a.vms {
-        let vm = ses.vm(&all, name).await?;
+        let vm = ses.vm(name).await?;
         let ports = if a.ports.is_empty() {
             default_ports(&vm)
         } else {
@@ -424,10 +421,9 @@ pub struct DisableArgs {
 
 pub async fn disable(a: DisableArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
-    let all = ses.vms().await?;
     let mut plan: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for name in &a.vms {
-        let vm = ses.vm(&all, name).await?;
+        let vm = ses.vm(name).await?;
         match policy_path_of(&vm) {
             Some(p) => plan.entry(p).or_default().push(s(&vm["id"])),
             None => eprintln!(
@@ -614,10 +610,9 @@ pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
     }
     check_ports(&a.ports)?;
     let ses = Session::new(&a.client)?;
-    let all = ses.vms().await?;
     let mut wanted = Vec::new();
     for name in &a.vms {
-        let vm = ses.vm(&all, name).await?;
+        let vm = ses.vm(name).await?;
         let (path, protected) = protected_ports(&ses.c, &vm).await?;
         let short = short_id(&s(&vm["id"]));
         let list: Vec<String> = protected.iter().map(|(p, _)| p.to_string()).collect();
@@ -925,8 +920,7 @@ pub async fn connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
     let duration = for_duration(a.duration.as_deref())?;
     let wait = wait_duration(&a.wait)?;
     let ses = Session::new(&a.client)?;
-    let all = ses.vms().await?;
-    let vm = ses.vm(&all, &a.vm).await?;
+    let vm = ses.vm(&a.vm).await?;
     let (host, addrs) = resolve_host(&vm, a.host.as_deref(), a.port)?;
     let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
     let addr = tokio::task::block_in_place(|| wait_open(&host, &addrs, a.port, wait))?;
@@ -991,8 +985,7 @@ pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
         None => (None, a.target.clone()),
     };
     let ses = Session::new(&a.client)?;
-    let all = ses.vms().await?;
-    let vm = ses.vm(&all, &machine).await?;
+    let vm = ses.vm(&machine).await?;
     let short = short_id(&s(&vm["id"]));
     let (host, addrs) = resolve_host(&vm, a.host.as_deref(), a.port)?;
     let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
@@ -1111,8 +1104,7 @@ pub async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
             .await?;
         revoked.extend(r["revoked"].as_array().cloned().unwrap_or_default());
     } else {
-        let all = ses.vms().await?;
-        let vm = client::resolve(&all, &a.target)?;
+        let vm = ses.c.find_vm(&a.target).await?;
         let id = s(&vm["id"]);
         let mut q = vec![("active", "true".to_owned()), ("vm", id.clone())];
         if !a.all {
@@ -1188,8 +1180,7 @@ pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
         q.push(("active", "true".to_owned()));
     }
     if let Some(v) = &a.vm {
-        let all = ses.vms().await?;
-        q.push(("vm", s(&client::resolve(&all, v)?["id"])));
+        q.push(("vm", s(&ses.c.find_vm(v).await?["id"])));
     }
     let v = ses
         .c
@@ -1257,8 +1248,7 @@ fn port_status(p: &Value) -> (&'static str, &'static str) {
 
 pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(args)?;
-    let all = ses.vms().await?;
-    let mut vm = ses.vm(&all, name).await?;
+    let mut vm = ses.vm(name).await?;
     let (rg, n) = (s(&vm["resourceGroup"]), s(&vm["name"]));
     let nsg = ses.c.get(&format!("/api/v1/vms/{rg}/{n}/nsg")).await?;
     let last = ses
@@ -1507,10 +1497,7 @@ pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
     let since = a.since.as_deref().map(since_time).transpose()?;
     let ses = Session::new(&a.client)?;
     let vm = match &a.vm {
-        Some(v) => {
-            let all = ses.vms().await?;
-            Some(s(&client::resolve(&all, v)?["id"]))
-        }
+        Some(v) => Some(s(&ses.c.find_vm(v).await?["id"])),
         None => None,
     };
     let mut q = vec![("limit", a.limit.to_string())];
