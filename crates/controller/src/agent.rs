@@ -498,6 +498,8 @@ pub async fn enroll(
         }
         OpError::Store(s) => s.into(),
     })?;
+    // The VM's previous agent credential was revoked with the enrollment.
+    state.auth_cache.invalidate();
     state.vm_changes.touch([&vm]);
     Ok(Json(EnrollResponse {
         vm_id: vm.to_string(),

@@ -131,12 +131,31 @@ async fn authenticate(
     // `jg_<id>.<secret>` is found by its id. Any other text can only be a bootstrap
     // token an operator chose (JITGATE_BOOTSTRAP_TOKEN); it is stored under a random
     // id and found by the hash of the whole text, so its id reveals nothing about it.
-    let (record, presented) = match split_token(token) {
-        Some((id, secret)) => (state.store.find_token(id).await?, sha256_hex(secret)),
+    // A token authenticated moments ago is in the cache (no store read); the secret is
+    // compared with its record's hash all the same.
+    let (cache_key, presented) = match split_token(token) {
+        Some((id, secret)) => (format!("id:{id}"), sha256_hex(secret)),
         None => {
             let hash = sha256_hex(token);
-            (state.store.find_token_by_secret_hash(&hash).await?, hash)
+            (format!("hash:{hash}"), hash)
         }
+    };
+    let generation = state.auth_cache.generation();
+    let cached = state.auth_cache.get(&cache_key);
+    if cached.is_some() {
+        state.metrics.auth_cache_hits.inc();
+    } else {
+        state.metrics.auth_cache_misses.inc();
+    }
+    let (record, cached_assignments) = match cached {
+        Some(c) => (Some(c.record), Some(c.assignments)),
+        None => match split_token(token) {
+            Some((id, _)) => (state.store.find_token(id).await?, None),
+            None => (
+                state.store.find_token_by_secret_hash(&presented).await?,
+                None,
+            ),
+        },
     };
     let valid = match &record {
         Some(r) => bool::from(r.secret_hash.as_bytes().ct_eq(presented.as_bytes())),
@@ -168,13 +187,27 @@ async fn authenticate(
             "Authentication failed. The token has expired; ask an administrator for a new one.",
         ));
     }
-    let assignments = state
-        .store
-        .role_assignments(Some(&record.principal))
-        .await?
-        .into_iter()
-        .map(|r| r.assignment)
-        .collect();
+    let assignments = match cached_assignments {
+        Some(a) => a,
+        None => {
+            let a: Vec<_> = state
+                .store
+                .role_assignments(Some(&record.principal))
+                .await?
+                .into_iter()
+                .map(|r| r.assignment)
+                .collect();
+            state.auth_cache.put(
+                cache_key,
+                crate::authcache::Cached {
+                    record: record.clone(),
+                    assignments: a.clone(),
+                },
+                generation,
+            );
+            a
+        }
+    };
     Ok(Principal {
         name: record.principal,
         token_id: record.id,

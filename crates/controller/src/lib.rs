@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod authcache;
 pub mod azure;
 pub mod body;
 pub mod checkpoint;
@@ -55,6 +56,9 @@ pub struct AppState {
     pub checkpoints: Arc<checkpoint::Checkpointer>,
     /// Refused calls per source (audit burst, 429 past the block threshold).
     pub refusals: Arc<limits::RefusalLimiter>,
+    /// Recently authenticated tokens (no store read on the hot path); invalidated by
+    /// every token or role change.
+    pub auth_cache: Arc<authcache::AuthCache>,
 }
 
 impl AppState {

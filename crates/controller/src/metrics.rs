@@ -26,6 +26,8 @@ pub struct Metrics {
     pub drift: Counter,
     pub refusals_suppressed: Counter,
     pub connections_refused: Counter,
+    pub auth_cache_hits: Counter,
+    pub auth_cache_misses: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +61,18 @@ impl Metrics {
         let drift = Counter::default();
         let refusals_suppressed = Counter::default();
         let connections_refused = Counter::default();
+        let auth_cache_hits = Counter::default();
+        let auth_cache_misses = Counter::default();
+        registry.register(
+            "auth_cache_hits",
+            "Calls authenticated from the token cache, without a store read",
+            auth_cache_hits.clone(),
+        );
+        registry.register(
+            "auth_cache_misses",
+            "Calls whose token was looked up in the store",
+            auth_cache_misses.clone(),
+        );
         registry.register(
             "refusals_suppressed",
             "Refused calls past a source's audit burst: counted here and summarized in the audit log instead of written one by one",
@@ -127,6 +141,8 @@ impl Metrics {
             drift,
             refusals_suppressed,
             connections_refused,
+            auth_cache_hits,
+            auth_cache_misses,
         }
     }
 

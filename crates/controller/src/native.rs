@@ -830,6 +830,7 @@ async fn revoke_token(
         .store
         .revoke_token(&id, principal.audit_ctx(ip, now))
         .await?;
+    state.auth_cache.invalidate();
     // An agent holding it is told at once (its long-poll wakes and re-checks).
     if let Some(vm) = token.principal.strip_prefix("agent:")
         && let Ok(vm) = VmId::parse(vm)
@@ -921,6 +922,7 @@ async fn create_role_assignment(
         .store
         .add_role_assignment(record.clone(), principal.audit_ctx(ip, Timestamp::now()))
         .await?;
+    state.auth_cache.invalidate();
     Ok((StatusCode::CREATED, Json(ra_json(&record))).into_response())
 }
 
@@ -960,6 +962,7 @@ async fn delete_role_assignment(
         .store
         .remove_role_assignment(&id, principal.audit_ctx(ip, Timestamp::now()))
         .await?;
+    state.auth_cache.invalidate();
     Ok(StatusCode::OK)
 }
 

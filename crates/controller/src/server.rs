@@ -283,6 +283,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         recommend: Arc::new(config.recommend.clone()),
         checkpoints: checkpointer.clone(),
         refusals: Arc::new(crate::limits::RefusalLimiter::new(config.limits.clone())),
+        auth_cache: Arc::new(crate::authcache::AuthCache::default()),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     tokio::spawn(crate::limits::summarize(state.clone(), shutdown_rx.clone()));

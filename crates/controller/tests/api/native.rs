@@ -320,3 +320,86 @@ async fn vm_lists_are_paged_filtered_and_only_what_the_caller_may_read() {
         assert_eq!(r.body["error"]["target"], field, "{query}: {:?}", r.body);
     }
 }
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Authentication reads nothing from the store for a token seen moments ago, yet a
+/// revoke or a removed role takes effect on the very next call.
+#[tokio::test]
+async fn authentication_is_cached_and_every_token_or_role_change_is_seen_at_once() {
+    let ctl = Ctl::start().await;
+    ctl.register("rg1", "vm1").await;
+    let scope = format!("/subscriptions/{}/resourceGroups/rg1", ctl.sub);
+    let dave = ctl.principal("dave", "Reader", &scope).await;
+    let counts = || async {
+        let m = ctl
+            .call(reqwest::Method::GET, "/metrics", None, None)
+            .await
+            .body;
+        let text = m.as_str().unwrap_or_default().to_owned();
+        (
+            metric(&text, "jitgate_auth_cache_hits_total"),
+            metric(&text, "jitgate_auth_cache_misses_total"),
+        )
+    };
+    assert_eq!(
+        ctl.get_as(&dave, "/api/v1/vms/rg1/vm1").await.status,
+        StatusCode::OK
+    );
+    let (hits0, misses0) = counts().await;
+    for _ in 0..5 {
+        assert_eq!(
+            ctl.get_as(&dave, "/api/v1/vms/rg1/vm1").await.status,
+            StatusCode::OK
+        );
+    }
+    let (hits1, misses1) = counts().await;
+    assert!(hits1 - hits0 >= 5.0, "hits {hits0} -> {hits1}");
+    assert_eq!(misses1, misses0, "no store lookup for a cached token");
+    // A wrong secret for a cached token id is still refused.
+    let last = dave.chars().last().unwrap();
+    let wrong = format!(
+        "{}{}",
+        &dave[..dave.len() - 1],
+        if last == '0' { '1' } else { '0' }
+    );
+    assert_eq!(
+        ctl.get_as(&wrong, "/api/v1/whoami").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Removing dave's role is seen by the next call.
+    let ras = ctl.get("/api/v1/roleAssignments?principal=dave").await;
+    let id = ras.body["value"][0]["id"].as_str().unwrap().to_owned();
+    let r = ctl.delete(&format!("/api/v1/roleAssignments/{id}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        ctl.get_as(&dave, "/api/v1/vms/rg1/vm1").await.status,
+        StatusCode::FORBIDDEN
+    );
+    // And so is a revoke of the token.
+    let tokens = ctl.get("/api/v1/tokens").await;
+    let tid = tokens.body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["principal"] == "dave")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        ctl.get_as(&dave, "/api/v1/whoami").await.status,
+        StatusCode::OK
+    );
+    let r = ctl.delete(&format!("/api/v1/tokens/{tid}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        ctl.get_as(&dave, "/api/v1/whoami").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
