@@ -886,7 +886,10 @@ pub async fn vm_summaries_read_a_page_at_once(store: &dyn Store) {
     assert_eq!(v2.agent_last_seen, Some(at(30)));
     assert_eq!(v2.live_grants, 0);
     // After the 5-minute port ended, one grant is left.
-    let later = store.vm_summaries(&[s.vm1.clone()], at(400)).await.unwrap();
+    let later = store
+        .vm_summaries(std::slice::from_ref(&s.vm1), at(400))
+        .await
+        .unwrap();
     assert_eq!(later[0].live_grants, 1);
     assert!(store.vm_summaries(&[], at(0)).await.unwrap().is_empty());
 }
