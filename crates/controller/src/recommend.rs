@@ -78,22 +78,37 @@ pub async fn recommendations(
         })
         .collect();
     let mut out = Vec::with_capacity(vms.len());
-    for vm in vms {
-        let policy = state.store.vm_policy(&vm.id).await?;
-        let facts = VmFacts {
-            agent: statuses
-                .get(&vm.id.key())
-                .map(|(r, seen)| agent_facts(r, *seen)),
-            excluded: exclusions
-                .iter()
-                .find(|e| e.scope.contains(&vm.id.scope()))
-                .map(|e| e.reason.clone()),
-            protected: policy
-                .map(|p| p.vm.ports.iter().map(|r| (r.number, r.protocol)).collect())
-                .unwrap_or_default(),
-            user_rules: state.store.nsg_rules(&vm.id).await?,
-        };
-        out.push((vm.clone(), classify(&facts, &state.recommend, now)));
+    // Policies and user rules a few hundred VMs at a time, in batched reads.
+    for chunk in vms.chunks(500) {
+        let ids: Vec<VmId> = chunk.iter().map(|v| v.id.clone()).collect();
+        let mut summaries: HashMap<String, jitgate_store::VmSummary> = state
+            .store
+            .vm_summaries(&ids, now)
+            .await?
+            .into_iter()
+            .map(|s| (s.vm.key(), s))
+            .collect();
+        for vm in chunk {
+            // A VM deleted meanwhile is left out.
+            let Some(summary) = summaries.remove(&vm.id.key()) else {
+                continue;
+            };
+            let facts = VmFacts {
+                agent: statuses
+                    .get(&vm.id.key())
+                    .map(|(r, seen)| agent_facts(r, *seen)),
+                excluded: exclusions
+                    .iter()
+                    .find(|e| e.scope.contains(&vm.id.scope()))
+                    .map(|e| e.reason.clone()),
+                protected: summary
+                    .policy
+                    .map(|p| p.vm.ports.iter().map(|r| (r.number, r.protocol)).collect())
+                    .unwrap_or_default(),
+                user_rules: summary.user_rules,
+            };
+            out.push((vm.clone(), classify(&facts, &state.recommend, now)));
+        }
     }
     Ok(out)
 }

@@ -865,6 +865,14 @@ pub async fn vm_summaries_read_a_page_at_once(store: &dyn Store) {
         })
         .await
         .unwrap();
+    let ssh = nsg_rule("corp-ssh", 300, Access::Allow, &["22"], &["10.0.0.0/8"]);
+    let web = nsg_rule("web", 200, Access::Allow, &["80", "443"], &["*"]);
+    for r in [&ssh, &web] {
+        store
+            .put_nsg_rule(&s.vm3, r.clone(), ctx(at(1)))
+            .await
+            .unwrap();
+    }
     let ghost = vm("rg1", "ghost");
     let page = store
         .vm_summaries(
@@ -877,6 +885,8 @@ pub async fn vm_summaries_read_a_page_at_once(store: &dyn Store) {
     assert_eq!(ids, vec![&s.vm3, &s.vm1, &s.vm2]);
     let (v3, v1, v2) = (&page[0], &page[1], &page[2]);
     assert_eq!(v3.policy, None);
+    assert_eq!(v3.user_rules, vec![web, ssh], "by priority");
+    assert!(v1.user_rules.is_empty());
     assert_eq!((v3.live_grants, v3.agent_last_seen), (0, None));
     let p1 = v1.policy.as_ref().expect("vm1 is protected");
     assert_eq!(p1.key, s.key);

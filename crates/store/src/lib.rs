@@ -81,7 +81,7 @@ pub trait Store: Send + Sync + 'static {
         filter: &VmFilter,
     ) -> Result<Vec<VmRecord>>;
     /// What a list shows about each of `vms` (policy, live grants at `now`, agent
-    /// last seen), in a few batched reads whatever their number; in `vms`' order,
+    /// last seen, user NSG rules), in a few batched reads whatever their number; in `vms`' order,
     /// unknown VMs left out.
     async fn vm_summaries(&self, vms: &[VmId], now: Timestamp) -> Result<Vec<VmSummary>>;
     async fn delete_vm(&self, id: &VmId, audit: AuditCtx) -> Result<bool, OpError<VmError>>;

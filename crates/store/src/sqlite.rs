@@ -200,6 +200,10 @@ UPDATE vms SET name_key = lower(replace(id, rtrim(id, replace(id, '/', '')), '')
 CREATE INDEX vms_name ON vms(subscription, name_key, key);
 CREATE INDEX vms_rg_page ON vms(subscription, rg_key, key);
 "#,
+    // Pages of all VMs in key order without sorting the subscription's VMs first.
+    r#"
+CREATE INDEX vms_page ON vms(subscription, key);
+"#,
 ];
 
 /// Nanoseconds since the epoch, saturating: i64 ends in 2262, and a later time (a
@@ -1091,6 +1095,16 @@ impl Store for SqliteStore {
                     ))?
                     .query_map(with_now.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<rusqlite::Result<_>>()?;
+                let mut rules: std::collections::HashMap<String, Vec<NsgRule>> =
+                    std::collections::HashMap::new();
+                let mut st = c.prepare(&format!(
+                    "SELECT name, priority, access, protocol, sources, ports, description, vm_key
+                     FROM nsg_rules WHERE vm_key IN ({marks}) ORDER BY vm_key, priority"
+                ))?;
+                for row in st.query_map(params.as_slice(), nsg_row)? {
+                    let (vm_key, rule) = decode_nsg_row(row?)?;
+                    rules.entry(vm_key).or_default().push(rule);
+                }
                 let seen: std::collections::HashMap<String, i64> = c
                     .prepare(&format!(
                         "SELECT vm_key, last_seen_ns FROM agent_status WHERE vm_key IN ({marks})"
@@ -1115,6 +1129,7 @@ impl Store for SqliteStore {
                         policy,
                         live_grants: grants.get(key).copied().unwrap_or(0).max(0) as u64,
                         agent_last_seen: seen.get(key).map(|t| from_ns(*t)).transpose()?,
+                        user_rules: rules.remove(key).unwrap_or_default(),
                     });
                 }
             }
@@ -1821,47 +1836,12 @@ impl Store for SqliteStore {
         let vm = vm.key();
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT name, priority, access, protocol, sources, ports, description FROM nsg_rules
+                "SELECT name, priority, access, protocol, sources, ports, description, vm_key FROM nsg_rules
                  WHERE vm_key = ?1 ORDER BY priority",
             )?;
-            let rows = st.query_map([vm], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (name, priority, access, protocol, sources, ports, description) = row?;
-                out.push(NsgRule {
-                    name,
-                    priority: u16::try_from(priority).map_err(corrupt("priority"))?,
-                    access: match access.as_str() {
-                        "Allow" => Access::Allow,
-                        "Deny" => Access::Deny,
-                        other => return Err(StoreError::Corrupt(format!("access {other}"))),
-                    },
-                    protocol: Protocol::parse(&protocol).map_err(corrupt("protocol"))?,
-                    sources: sources
-                        .split(',')
-                        .map(SourcePrefix::parse)
-                        .collect::<std::result::Result<_, _>>()
-                        .map_err(corrupt("sources"))?,
-                    ports: ports
-                        .split(',')
-                        .map(parse_port_range)
-                        .collect::<std::result::Result<_, _>>()
-                        .map_err(corrupt("ports"))?,
-                    description,
-                    origin: RuleOrigin::User,
-                });
-            }
-            Ok(out)
+            let rows = st.query_map([vm], nsg_row)?;
+            rows.map(|row| decode_nsg_row(row?).map(|(_, rule)| rule))
+                .collect()
         })
         .await
     }
@@ -2355,6 +2335,53 @@ fn read_audit_rows(
         ));
     }
     Ok(out)
+}
+
+/// A `nsg_rules` row: name, priority, access, protocol, sources, ports, description,
+/// vm_key.
+type NsgRow = (String, i64, String, String, String, String, String, String);
+
+fn nsg_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NsgRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+/// (vm key, rule) of a `nsg_rules` row.
+fn decode_nsg_row(row: NsgRow) -> Result<(String, NsgRule)> {
+    let (name, priority, access, protocol, sources, ports, description, vm_key) = row;
+    Ok((
+        vm_key,
+        NsgRule {
+            name,
+            priority: u16::try_from(priority).map_err(corrupt("priority"))?,
+            access: match access.as_str() {
+                "Allow" => Access::Allow,
+                "Deny" => Access::Deny,
+                other => return Err(StoreError::Corrupt(format!("access {other}"))),
+            },
+            protocol: Protocol::parse(&protocol).map_err(corrupt("protocol"))?,
+            sources: sources
+                .split(',')
+                .map(SourcePrefix::parse)
+                .collect::<std::result::Result<_, _>>()
+                .map_err(corrupt("sources"))?,
+            ports: ports
+                .split(',')
+                .map(parse_port_range)
+                .collect::<std::result::Result<_, _>>()
+                .map_err(corrupt("ports"))?,
+            description,
+            origin: RuleOrigin::User,
+        },
+    ))
 }
 
 fn read_vms(c: &Connection, tail: &str, params: &[&dyn rusqlite::ToSql]) -> Result<Vec<VmRecord>> {

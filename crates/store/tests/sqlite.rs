@@ -438,9 +438,9 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         c.execute_batch(&format!(
-            "DROP INDEX vms_name; DROP INDEX vms_rg_page; ALTER TABLE vms DROP COLUMN name_key;
-             PRAGMA user_version = {};",
-            version - 1
+            "DROP INDEX vms_page; DROP INDEX vms_name; DROP INDEX vms_rg_page;
+             ALTER TABLE vms DROP COLUMN name_key; PRAGMA user_version = {};",
+            version - 2
         ))
         .unwrap();
     }

@@ -26,56 +26,7 @@ pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> a
 
     // Setup: register VMs and put them in policies, through the API.
     let setup = Instant::now();
-    let groups = vms.div_ceil(VMS_PER_RG);
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (http, base, next) = (http.clone(), base.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if i >= vms {
-                    return anyhow::Ok(());
-                }
-                let r = http
-                    .post(format!("{base}/api/v1/vms"))
-                    .bearer_auth(BENCH_TOKEN)
-                    .json(&json!({"resourceGroup": format!("rg-{}", i / VMS_PER_RG), "name": format!("vm-{i}")}))
-                    .send()
-                    .await?;
-                if !r.status().is_success() {
-                    bail!("register vm-{i}: {}", r.text().await?);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    for g in 0..groups {
-        let members: Vec<serde_json::Value> = (g * VMS_PER_RG..((g + 1) * VMS_PER_RG).min(vms))
-            .map(|i| {
-                json!({
-                    "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{i}"),
-                    "ports": [
-                        {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"},
-                        {"number": 3389, "protocol": "TCP", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"}
-                    ]
-                })
-            })
-            .collect();
-        let r = http
-            .put(format!(
-                "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default?api-version=2020-01-01"
-            ))
-            .bearer_auth(BENCH_TOKEN)
-            .json(&json!({"kind": "Basic", "properties": {"virtualMachines": members}}))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("policy rg-{g}: {}", r.text().await?);
-        }
-    }
+    let groups = populate(&http, &base, &sub, vms, clients).await?;
     let setup_secs = setup.elapsed().as_secs_f64();
 
     // Drive initiates.
@@ -163,4 +114,67 @@ pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> a
     }
     drop(child);
     Ok(())
+}
+
+/// Registers `vms` VMs (`vm-<i>` in `rg-<i / 100>`) and puts each group in a policy
+/// protecting ports 22 and 3389, through the API with `clients` concurrent clients.
+/// Returns the number of groups.
+pub async fn populate(
+    http: &reqwest::Client,
+    base: &str,
+    sub: &str,
+    vms: usize,
+    clients: usize,
+) -> anyhow::Result<usize> {
+    let groups = vms.div_ceil(VMS_PER_RG);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, base, next) = (http.clone(), base.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= vms {
+                    return anyhow::Ok(());
+                }
+                let r = http
+                    .post(format!("{base}/api/v1/vms"))
+                    .bearer_auth(BENCH_TOKEN)
+                    .json(&json!({"resourceGroup": format!("rg-{}", i / VMS_PER_RG), "name": format!("vm-{i}")}))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("register vm-{i}: {}", r.text().await?);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    for g in 0..groups {
+        let members: Vec<serde_json::Value> = (g * VMS_PER_RG..((g + 1) * VMS_PER_RG).min(vms))
+            .map(|i| {
+                json!({
+                    "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{i}"),
+                    "ports": [
+                        {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"},
+                        {"number": 3389, "protocol": "TCP", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"}
+                    ]
+                })
+            })
+            .collect();
+        let r = http
+            .put(format!(
+                "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default?api-version=2020-01-01"
+            ))
+            .bearer_auth(BENCH_TOKEN)
+            .json(&json!({"kind": "Basic", "properties": {"virtualMachines": members}}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("policy rg-{g}: {}", r.text().await?);
+        }
+    }
+    Ok(groups)
 }

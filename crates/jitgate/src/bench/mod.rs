@@ -8,6 +8,7 @@ mod expiry;
 mod initiate;
 mod lab;
 mod propagation;
+mod reads;
 mod rig;
 
 use clap::Subcommand;
@@ -63,6 +64,18 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         killed: usize,
     },
+    /// How reads scale with the number of VMs: one VM's view, the lookup by name,
+    /// pages of 100, the recommendations summary and `jitgate vm show`, against a
+    /// real controller on SQLite.
+    ///
+    /// Example: jitgate bench reads --vms 100000
+    Reads {
+        #[arg(long, default_value_t = 10_000)]
+        vms: usize,
+        /// Calls timed per kind of read.
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+    },
     /// Propagation to simulated agents: many long-polling agents connected to one
     /// controller; time from initiate to the VM's agent receiving its new state.
     ///
@@ -90,6 +103,12 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
             r?;
         }
         BenchCommand::Propagation { grants } => propagation::run(grants.max(1)).await?,
+        BenchCommand::Reads { vms, rounds } => {
+            let tmp = lab::tempdir()?;
+            let r = reads::run(vms.max(1), rounds.max(1), &tmp).await;
+            let _ = std::fs::remove_dir_all(&tmp);
+            r?;
+        }
         BenchCommand::Apply { elements, inner } => apply::run(elements.max(1), inner).await?,
         BenchCommand::Expiry { grants, killed } => expiry::run(grants.max(1), killed).await?,
         BenchCommand::Agents { agents, grants } => {
