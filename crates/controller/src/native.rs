@@ -304,11 +304,11 @@ async fn register_vm(
 }
 
 /// The opaque continuation token of a page that ended at VM key `key`.
-fn continuation(key: &str) -> String {
+pub fn continuation(key: &str) -> String {
     hex::encode(key)
 }
 
-fn after_continuation(q: &HashMap<String, String>) -> ApiResult<Option<String>> {
+pub fn after_continuation(q: &HashMap<String, String>) -> ApiResult<Option<String>> {
     q.get("continuationToken")
         .map(|t| {
             hex::decode(t)

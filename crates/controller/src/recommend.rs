@@ -55,16 +55,38 @@ fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
     }
 }
 
-/// Recommendations for `vms` at `now`.
+/// Recommendations for `vms` at `now`, read 500 VMs at a time (policies, user rules
+/// and agent reports in batched reads; never every agent's report at once).
 pub async fn recommendations(
     state: &AppState,
     vms: &[VmRecord],
     now: Timestamp,
 ) -> ApiResult<Vec<(VmRecord, Recommendation)>> {
     let exclusions = state.store.list_exclusions().await?;
+    let mut out = Vec::with_capacity(vms.len());
+    for chunk in vms.chunks(500) {
+        out.extend(classify_chunk(state, chunk, &exclusions, now).await?);
+    }
+    Ok(out)
+}
+
+async fn classify_chunk(
+    state: &AppState,
+    chunk: &[VmRecord],
+    exclusions: &[ExclusionRecord],
+    now: Timestamp,
+) -> ApiResult<Vec<(VmRecord, Recommendation)>> {
+    let ids: Vec<VmId> = chunk.iter().map(|v| v.id.clone()).collect();
+    let mut summaries: HashMap<String, jitgate_store::VmSummary> = state
+        .store
+        .vm_summaries(&ids, now)
+        .await?
+        .into_iter()
+        .map(|s| (s.vm.key(), s))
+        .collect();
     let statuses: HashMap<String, (StatusReport, Timestamp)> = state
         .store
-        .all_agent_status()
+        .agent_statuses(&ids)
         .await?
         .into_iter()
         .map(|s| {
@@ -77,38 +99,27 @@ pub async fn recommendations(
             )
         })
         .collect();
-    let mut out = Vec::with_capacity(vms.len());
-    // Policies and user rules a few hundred VMs at a time, in batched reads.
-    for chunk in vms.chunks(500) {
-        let ids: Vec<VmId> = chunk.iter().map(|v| v.id.clone()).collect();
-        let mut summaries: HashMap<String, jitgate_store::VmSummary> = state
-            .store
-            .vm_summaries(&ids, now)
-            .await?
-            .into_iter()
-            .map(|s| (s.vm.key(), s))
-            .collect();
-        for vm in chunk {
-            // A VM deleted meanwhile is left out.
-            let Some(summary) = summaries.remove(&vm.id.key()) else {
-                continue;
-            };
-            let facts = VmFacts {
-                agent: statuses
-                    .get(&vm.id.key())
-                    .map(|(r, seen)| agent_facts(r, *seen)),
-                excluded: exclusions
-                    .iter()
-                    .find(|e| e.scope.contains(&vm.id.scope()))
-                    .map(|e| e.reason.clone()),
-                protected: summary
-                    .policy
-                    .map(|p| p.vm.ports.iter().map(|r| (r.number, r.protocol)).collect())
-                    .unwrap_or_default(),
-                user_rules: summary.user_rules,
-            };
-            out.push((vm.clone(), classify(&facts, &state.recommend, now)));
-        }
+    let mut out = Vec::with_capacity(chunk.len());
+    for vm in chunk {
+        // A VM deleted meanwhile is left out.
+        let Some(summary) = summaries.remove(&vm.id.key()) else {
+            continue;
+        };
+        let facts = VmFacts {
+            agent: statuses
+                .get(&vm.id.key())
+                .map(|(r, seen)| agent_facts(r, *seen)),
+            excluded: exclusions
+                .iter()
+                .find(|e| e.scope.contains(&vm.id.scope()))
+                .map(|e| e.reason.clone()),
+            protected: summary
+                .policy
+                .map(|p| p.vm.ports.iter().map(|r| (r.number, r.protocol)).collect())
+                .unwrap_or_default(),
+            user_rules: summary.user_rules,
+        };
+        out.push((vm.clone(), classify(&facts, &state.recommend, now)));
     }
     Ok(out)
 }
@@ -146,6 +157,11 @@ fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
         .map_err(|e| ApiError::bad_param("resourceGroup", e))
 }
 
+/// Recommendations a page at a time (`limit`, default 1000, at most 5000;
+/// `continuationToken` from the previous page), optionally only one `verdict`. The
+/// first page (no continuation token) also carries the `summary` of every VM the
+/// caller may read; it is counted while VMs stream through 500 at a time, so memory
+/// stays flat in the number of VMs.
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -163,18 +179,60 @@ pub async fn list(
         })
         .transpose()?;
     let rg = rg_query(&q)?;
-    let vms = visible_vms(&state, &principal, rg.as_ref()).await?;
-    let recs = recommendations(&state, &vms, Timestamp::now()).await?;
-    let mut summary = BTreeMap::from([("Healthy", 0), ("Unhealthy", 0), ("NotApplicable", 0)]);
-    for (_, r) in &recs {
-        *summary.entry(r.verdict.as_str()).or_default() += 1;
+    let limit = crate::native::count_param(&q, "limit", 1000, 5000)?;
+    let after = crate::native::after_continuation(&q)?;
+    let with_summary = after.is_none();
+    let now = Timestamp::now();
+    let exclusions = state.store.list_exclusions().await?;
+    let mut summary = BTreeMap::from([("Healthy", 0u64), ("Unhealthy", 0), ("NotApplicable", 0)]);
+    let mut value: Vec<Value> = Vec::new();
+    let mut last_key: Option<String> = None;
+    let mut more = false;
+    let mut filter = jitgate_store::VmFilter {
+        resource_group: rg,
+        name: None,
+        after,
+        limit: 500,
+    };
+    loop {
+        let batch = state
+            .store
+            .find_vms(state.default_subscription(), &filter)
+            .await?;
+        let exhausted = batch.len() < filter.limit;
+        let Some(last) = batch.last() else { break };
+        filter.after = Some(last.id.key());
+        let visible: Vec<VmRecord> = batch
+            .into_iter()
+            .filter(|v| principal.can(Action::VmRead, &v.id.scope()))
+            .collect();
+        for (vm, r) in classify_chunk(&state, &visible, &exclusions, now).await? {
+            if with_summary {
+                *summary.entry(r.verdict.as_str()).or_default() += 1;
+            }
+            if verdict.is_some_and(|v| v != r.verdict) {
+                continue;
+            }
+            if value.len() == limit {
+                more = true;
+            } else if !more {
+                last_key = Some(vm.id.key());
+                value.push(rec_json(&vm, &r));
+            }
+        }
+        // Past a full page only the summary needs the rest.
+        if exhausted || (more && !with_summary) {
+            break;
+        }
     }
-    let value: Vec<Value> = recs
-        .iter()
-        .filter(|(_, r)| verdict.is_none_or(|v| v == r.verdict))
-        .map(|(vm, r)| rec_json(vm, r))
-        .collect();
-    Ok(Json(json!({"summary": summary, "value": value})))
+    let mut body = json!({ "value": value });
+    if with_summary {
+        body["summary"] = json!(summary);
+    }
+    if more && let Some(k) = last_key {
+        body["continuationToken"] = json!(crate::native::continuation(&k));
+    }
+    Ok(Json(body))
 }
 
 /// A VM and the ports to protect on it.

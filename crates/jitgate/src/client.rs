@@ -238,13 +238,14 @@ impl Client {
     }
 
     /// Every page of a paged native list (`continuationToken`), as one
-    /// `{"value": [...]}`.
+    /// `{"value": [...]}` with whatever else the first page carried.
     pub async fn get_all_pages(
         &self,
         path: &str,
         query: &[(&str, String)],
     ) -> anyhow::Result<Value> {
         let mut all = Vec::new();
+        let mut first: Option<Value> = None;
         let mut next: Option<String> = None;
         loop {
             let mut q: Vec<(&str, String)> = query.to_vec();
@@ -252,11 +253,23 @@ impl Client {
             if let Some(t) = &next {
                 q.push(("continuationToken", t.clone()));
             }
-            let page = self.get_query(path, &q).await?;
+            let mut page = self.get_query(path, &q).await?;
             all.extend(page["value"].as_array().cloned().unwrap_or_default());
+            // What only the first page carries (a summary) is kept.
+            first.get_or_insert_with(|| {
+                page["value"] = Value::Null;
+                page.clone()
+            });
             match page["continuationToken"].as_str() {
                 Some(t) => next = Some(t.to_owned()),
-                None => return Ok(serde_json::json!({ "value": all })),
+                None => {
+                    let mut out = first.take().unwrap_or_default();
+                    if let Some(o) = out.as_object_mut() {
+                        o.remove("continuationToken");
+                    }
+                    out["value"] = Value::Array(all);
+                    return Ok(out);
+                }
             }
         }
     }

@@ -1652,7 +1652,7 @@ pub async fn recommendations(a: RecommendationsArgs) -> anyhow::Result<ExitCode>
     }
     let v = ses
         .c
-        .get_query("/api/v1/recommendations", &q)
+        .get_all_pages("/api/v1/recommendations", &q)
         .await
         .map_err(|e| {
             name_flags(

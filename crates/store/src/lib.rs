@@ -171,6 +171,9 @@ pub trait Store: Send + Sync + 'static {
     async fn put_agent_status(&self, status: AgentStatusRecord) -> Result<()>;
     async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>>;
     async fn all_agent_status(&self) -> Result<Vec<AgentStatusRecord>>;
+    /// The last reports of these VMs' agents, in one batched read (VMs without an
+    /// agent left out).
+    async fn agent_statuses(&self, vms: &[VmId]) -> Result<Vec<AgentStatusRecord>>;
     /// Appends blocked-attempt counts (a time series per VM and port).
     async fn record_blocked(&self, points: Vec<BlockedPoint>) -> Result<()>;
     /// Blocked-attempt counts since `since`, oldest first (one VM, or all).

@@ -1111,12 +1111,20 @@ impl Store for SqliteStore {
                     ))?
                     .query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<rusqlite::Result<_>>()?;
+                // Each policy is read (or its cache entry checked) once per chunk.
+                let mut policies: std::collections::HashMap<&str, Option<Arc<Policy>>> =
+                    std::collections::HashMap::new();
+                for pk in policy_of.values() {
+                    if !policies.contains_key(pk.as_str()) {
+                        policies.insert(pk, read_cached_policy(c, &cache, pk)?);
+                    }
+                }
                 for (vm, key) in chunk.iter().zip(&keys) {
                     if !known.contains(key) {
                         continue;
                     }
                     let policy = match policy_of.get(key) {
-                        Some(pk) => read_cached_policy(c, &cache, pk)?.and_then(|p| {
+                        Some(pk) => policies.get(pk.as_str()).cloned().flatten().and_then(|p| {
                             p.vm(vm).map(|v| VmPolicy {
                                 key: p.key.clone(),
                                 vm: v.clone(),
@@ -2012,6 +2020,38 @@ impl Store for SqliteStore {
                 })
             })
             .transpose()
+        })
+        .await
+    }
+
+    async fn agent_statuses(&self, vms: &[VmId]) -> Result<Vec<AgentStatusRecord>> {
+        let keys: Vec<String> = vms.iter().map(VmId::key).collect();
+        self.read(move |c| {
+            let mut out = Vec::new();
+            for chunk in keys.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let params: Vec<&dyn rusqlite::ToSql> =
+                    chunk.iter().map(|k| k as &dyn rusqlite::ToSql).collect();
+                let mut st = c.prepare(&format!(
+                    "SELECT vm_id, report, last_seen_ns FROM agent_status WHERE vm_key IN ({marks})"
+                ))?;
+                let rows = st.query_map(params.as_slice(), |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (id, report, seen) = row?;
+                    out.push(AgentStatusRecord {
+                        vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
+                        report,
+                        last_seen: from_ns(seen)?,
+                    });
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -210,3 +210,75 @@ async fn blocked_attempts_become_a_time_series_and_metrics() {
         "{m}"
     );
 }
+
+/// Recommendations come a page at a time; the first page carries the summary of every
+/// VM the caller may read, whatever the page size or verdict filter.
+#[tokio::test]
+async fn recommendations_are_paged_and_the_first_page_summarizes_all() {
+    let ctl = Ctl::start().await;
+    // Three with agents exposing SSH (Unhealthy), four without agents (NotApplicable).
+    for name in ["a1", "a2", "a3"] {
+        let (vm, token) = enroll(&ctl, name).await;
+        report(&ctl, &vm, &token, &[22], json!([])).await;
+    }
+    for name in ["n1", "n2", "n3", "n4"] {
+        ctl.register("lab", name).await;
+    }
+    let mut names = Vec::new();
+    let mut next: Option<String> = None;
+    let mut first = true;
+    loop {
+        let mut path = "/api/v1/recommendations?limit=2".to_owned();
+        if let Some(t) = &next {
+            path.push_str(&format!("&continuationToken={t}"));
+        }
+        let r = ctl.get(&path).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        if first {
+            assert_eq!(
+                r.body["summary"],
+                json!({"Healthy": 0, "Unhealthy": 3, "NotApplicable": 4})
+            );
+            first = false;
+        } else {
+            assert!(r.body.get("summary").is_none(), "{:?}", r.body);
+        }
+        for v in r.body["value"].as_array().unwrap() {
+            names.push(v["name"].as_str().unwrap().to_owned());
+        }
+        match r.body["continuationToken"].as_str() {
+            Some(t) => next = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["a1", "a2", "a3", "n1", "n2", "n3", "n4"]);
+    // Only the Unhealthy ones, in pages of two; the summary still counts all.
+    let r = ctl
+        .get("/api/v1/recommendations?limit=2&verdict=Unhealthy")
+        .await;
+    let page: Vec<&str> = r.body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(page, ["a1", "a2"]);
+    assert_eq!(r.body["summary"]["NotApplicable"], 4);
+    let t = r.body["continuationToken"].as_str().unwrap().to_owned();
+    let r = ctl
+        .get(&format!(
+            "/api/v1/recommendations?limit=2&verdict=Unhealthy&continuationToken={t}"
+        ))
+        .await;
+    assert_eq!(r.body["value"].as_array().unwrap().len(), 1);
+    assert!(r.body.get("continuationToken").is_none());
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=5001", "limit"),
+        ("continuationToken=xyz", "continuationToken"),
+    ] {
+        let r = ctl.get(&format!("/api/v1/recommendations?{query}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(r.body["error"]["target"], field);
+    }
+}
