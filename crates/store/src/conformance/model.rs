@@ -17,9 +17,12 @@
 //! a port it does not protect, a source outside the allowed prefixes, a duration over
 //! the maximum, an end time past it, a VM the caller may not touch), revokes (by the
 //! requestor, or by someone else with or without the right; all ports or a selection),
-//! simulated time passing with or without `expire_due(now)`, and store restarts (the
-//! backend reopens the same database). [`StoreUnderTest`] applies each step through the
-//! [`Store`] trait and, after every step, compares with the model:
+//! simulated time passing with or without `expire_due(now)`, store restarts (the
+//! backend reopens the same database), and bursts: a few writes sent together, which
+//! a backend that groups commits (SQLite's writer) may commit in one transaction,
+//! chosen so that their order does not matter. Policy keys and VM ids are sometimes
+//! spelled upper-case (they compare case-insensitively). [`StoreUnderTest`] applies each step
+//! through the [`Store`] trait and, after every step, compares with the model:
 //!
 //! - the step's outcome: acceptance or the refusal and the field it names, the created
 //!   request, the ports a revoke, an expiry or a policy change ended (with reasons);
@@ -40,7 +43,10 @@
 //! The number of cases is `PROPTEST_CASES` (default [`DEFAULT_CASES`]); sequences have
 //! up to [`MAX_STEPS`] steps. A failure prints the shortest sequence found.
 
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::Poll;
 
 use proptest::prelude::*;
 use proptest::sample::{Index, select, subsequence};
@@ -375,6 +381,9 @@ pub enum Step {
         expire: bool,
     },
     Restart,
+    /// Writes sent together, which the backend may commit in one group; their order
+    /// does not matter (see [`burst`]).
+    Burst(Vec<Step>),
 }
 
 // ---- the model ----------------------------------------------------------------------
@@ -436,6 +445,8 @@ pub struct ModelRequest {
     pub policy: usize,
     /// Which incarnation of the policy (a policy deleted and created again is new).
     pub generation: u32,
+    /// The burst it was made in, if any.
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -505,6 +516,7 @@ pub enum Outcome {
     Refused(Refusal),
     TimePassed,
     Restarted,
+    Burst(Vec<Outcome>),
 }
 
 #[derive(Debug, Clone)]
@@ -516,6 +528,9 @@ pub struct State {
     /// Accepted requests, oldest first.
     pub requests: Vec<ModelRequest>,
     next_id: u128,
+    /// Bursts so far, and the one being applied.
+    bursts: u32,
+    burst: Option<u32>,
     /// Audit events appended since the setup.
     pub audit: u64,
     /// What the last step should have answered.
@@ -530,6 +545,8 @@ impl Default for State {
             generations: [0, 0],
             requests: Vec::new(),
             next_id: 1,
+            bursts: 0,
+            burst: None,
             audit: 0,
             last: Outcome::None,
         }
@@ -710,6 +727,7 @@ impl State {
             who,
             policy,
             generation,
+            burst: self.burst,
         });
         Outcome::Initiated(view)
     }
@@ -783,6 +801,28 @@ impl State {
             .collect();
         out.sort();
         out
+    }
+
+    /// `items` (requests or their ids, newest first) with the requests made in one
+    /// burst ordered by id: the store may commit a burst's writes in any order.
+    fn canon<T>(&self, mut items: Vec<T>, id: impl Fn(&T) -> u128) -> Vec<T> {
+        let burst_of = |t: &T| {
+            self.requests
+                .iter()
+                .find(|r| r.view.id == id(t))
+                .and_then(|r| r.burst)
+        };
+        let mut i = 0;
+        while i < items.len() {
+            let b = burst_of(&items[i]);
+            let mut j = i + 1;
+            while b.is_some() && j < items.len() && burst_of(&items[j]) == b {
+                j += 1;
+            }
+            items[i..j].sort_by_key(|t| id(t));
+            i = j;
+        }
+        items
     }
 
     fn is_live(&self, r: &ModelRequest) -> bool {
@@ -1069,6 +1109,115 @@ fn advance() -> BoxedStrategy<Step> {
         .boxed()
 }
 
+/// Writes sent together. So that the model need not know which order the backend
+/// commits them in, they commute: initiates by different requestors (one never ends
+/// another's grants, and initiates change nothing another initiate checks), revokes by
+/// their requestors (no rights to look up first) of different requests that none of
+/// those initiators made, and the expiry of what has already ended (initiates and
+/// revokes touch only live grants).
+fn burst(state: &State) -> BoxedStrategy<Step> {
+    let mut parts = vec![
+        (4, initiate(state)),
+        (
+            1,
+            Just(Step::Advance {
+                secs: 0,
+                expire: true,
+            })
+            .boxed(),
+        ),
+    ];
+    if !state.requests.is_empty() {
+        parts.push((3, revoke(state)));
+    }
+    let first_id = state.next_id;
+    let requestors: Vec<Who> = state.requests.iter().map(|r| r.who).collect();
+    prop::collection::vec(Union::new_weighted(parts), 2..=4)
+        .prop_map(move |steps| {
+            let mut steps: Vec<Step> = steps
+                .into_iter()
+                .zip(first_id..)
+                .map(|(step, fresh)| match step {
+                    Step::Initiate {
+                        id: _,
+                        policy,
+                        shout,
+                        who,
+                        caller,
+                        vms,
+                    } => Step::Initiate {
+                        id: fresh,
+                        policy,
+                        shout,
+                        who,
+                        caller,
+                        vms,
+                    },
+                    Step::Revoke {
+                        request: Some(i),
+                        only,
+                        ..
+                    } => Step::Revoke {
+                        request: Some(i),
+                        by: requestors[i],
+                        only,
+                    },
+                    other => other,
+                })
+                .collect();
+            // Keep the longest prefix that commutes.
+            let n = order_free_with(&requestors, &steps);
+            steps.truncate(n);
+            Step::Burst(steps)
+        })
+        .boxed()
+}
+
+/// How many of `steps`, from the first, commute (see [`burst`]).
+fn order_free(state: &State, steps: &[Step]) -> usize {
+    let requestors: Vec<Who> = state.requests.iter().map(|r| r.who).collect();
+    order_free_with(&requestors, steps)
+}
+
+fn order_free_with(requestors: &[Who], steps: &[Step]) -> usize {
+    let mut initiators: Vec<Who> = Vec::new();
+    let mut revoked: Vec<usize> = Vec::new();
+    let mut ids: Vec<u128> = Vec::new();
+    for (n, step) in steps.iter().enumerate() {
+        let fits = match step {
+            Step::Initiate { id, who, .. } => {
+                let fits = !initiators.contains(who)
+                    && !revoked.iter().any(|i| requestors.get(*i) == Some(who))
+                    && !ids.contains(id);
+                initiators.push(*who);
+                ids.push(*id);
+                fits
+            }
+            Step::Revoke { request: None, .. } => true,
+            Step::Revoke {
+                request: Some(i),
+                by,
+                ..
+            } => {
+                let fits = requestors.get(*i) == Some(by)
+                    && !revoked.contains(i)
+                    && !initiators.contains(by);
+                revoked.push(*i);
+                fits
+            }
+            Step::Advance {
+                secs: 0,
+                expire: true,
+            } => true,
+            _ => false,
+        };
+        if !fits {
+            return n;
+        }
+    }
+    steps.len()
+}
+
 impl ReferenceStateMachine for LifecycleRef {
     type State = State;
     type Transition = Step;
@@ -1098,6 +1247,9 @@ impl ReferenceStateMachine for LifecycleRef {
         if !state.requests.is_empty() {
             steps.push((3, revoke(state)));
         }
+        if !no_policy {
+            steps.push((2, burst(state)));
+        }
         Union::new_weighted(steps).boxed()
     }
 
@@ -1107,14 +1259,26 @@ impl ReferenceStateMachine for LifecycleRef {
                 request: Some(i), ..
             } => *i < state.requests.len(),
             Step::Initiate { id, .. } => !state.requests.iter().any(|r| r.view.id == *id),
+            Step::Burst(steps) => {
+                steps.iter().all(|s| Self::preconditions(state, s))
+                    && order_free(state, steps) == steps.len()
+            }
             _ => true,
         }
     }
 
     fn apply(mut state: State, step: &Step) -> State {
-        state.last = match step {
-            Step::PutPolicy { policy, vms, .. } => state.put_policy(*policy, vms),
-            Step::DeletePolicy { policy, .. } => state.delete_policy(*policy),
+        state.last = state.step(step);
+        state
+    }
+}
+
+impl State {
+    /// Applies a step to the model and says what the store should answer.
+    fn step(&mut self, step: &Step) -> Outcome {
+        let out = match step {
+            Step::PutPolicy { policy, vms, .. } => self.put_policy(*policy, vms),
+            Step::DeletePolicy { policy, .. } => self.delete_policy(*policy),
             Step::Initiate {
                 id,
                 policy,
@@ -1122,15 +1286,22 @@ impl ReferenceStateMachine for LifecycleRef {
                 caller,
                 vms,
                 ..
-            } => state.initiate(*id, *policy, *who, *caller, vms),
-            Step::Revoke { request, by, only } => state.revoke(*request, *by, *only),
-            Step::Advance { secs, expire } => state.advance(*secs, *expire),
+            } => self.initiate(*id, *policy, *who, *caller, vms),
+            Step::Revoke { request, by, only } => self.revoke(*request, *by, *only),
+            Step::Advance { secs, expire } => self.advance(*secs, *expire),
             Step::Restart => Outcome::Restarted,
+            Step::Burst(steps) => {
+                self.bursts += 1;
+                self.burst = Some(self.bursts);
+                let out = steps.iter().map(|s| self.step(s)).collect();
+                self.burst = None;
+                Outcome::Burst(out)
+            }
         };
         if let Step::Initiate { id, .. } = step {
-            state.next_id = state.next_id.max(id + 1);
+            self.next_id = self.next_id.max(id + 1);
         }
-        state
+        out
     }
 }
 
@@ -1300,133 +1471,164 @@ fn initiate_input(vms: &[(usize, Vec<Want>)], now: i64, loud: bool) -> InitiateI
     }
 }
 
+/// Runs one step (not a restart, nor a burst) on the store, as the controller would.
+async fn on(store: &dyn Store, model: &State, step: Step) -> Outcome {
+    // Every step happens at the model's time (after it, for `Advance`).
+    let now = at(model.now);
+    match step {
+        Step::PutPolicy { policy, vms, shout } => {
+            let spec = policy_spec(policy, &vms, shout);
+            match store
+                .put_policy(spelled_key(policy, shout), spec, ctx(now))
+                .await
+            {
+                Ok(out) => Outcome::PolicyPut {
+                    created: out.created,
+                    previous: vm_indices(&out.previous_vms),
+                    ended: ended(&out.revoked),
+                },
+                Err(OpError::Refused(PolicyError::UnknownVm(f))) => {
+                    Outcome::Refused(Refusal::UnknownVm(f.field))
+                }
+                Err(OpError::Refused(PolicyError::VmInOtherPolicy(f))) => {
+                    Outcome::Refused(Refusal::VmInOtherPolicy(f.field))
+                }
+                Err(e) => panic!("put_policy failed: {e:?}"),
+            }
+        }
+        Step::DeletePolicy { policy, shout } => {
+            let out = store
+                .delete_policy(&spelled_key(policy, shout), ctx(now))
+                .await
+                .expect("delete_policy failed");
+            Outcome::PolicyDeleted(out.map(|d| (vm_indices(&d.vms), ended(&d.revoked))))
+        }
+        Step::Initiate {
+            id,
+            policy,
+            shout,
+            who,
+            caller,
+            vms,
+        } => {
+            let args = InitiateArgs {
+                policy: spelled_key(policy, shout),
+                input: initiate_input(&vms, model.now, shout),
+                id: rid(id),
+                requestor: who.name().into(),
+                caller_ip: caller.ip(),
+                assignments: who.assignments(),
+            };
+            match store.initiate(args, ctx_as(who.name(), now)).await {
+                Ok(r) => Outcome::Initiated(view(&r)),
+                Err(OpError::Refused(InitiateRefusal::PolicyNotFound)) => {
+                    Outcome::Refused(Refusal::PolicyNotFound)
+                }
+                Err(OpError::Refused(InitiateRefusal::Forbidden { field, vm })) => {
+                    Outcome::Refused(Refusal::Forbidden(field, vm_index(&vm)))
+                }
+                Err(OpError::Refused(InitiateRefusal::Invalid(f))) => {
+                    Outcome::Refused(Refusal::Invalid(f.field))
+                }
+                Err(OpError::Store(e)) => panic!("initiate failed: {e}"),
+            }
+        }
+        Step::Revoke { request, by, only } => {
+            let id = match request {
+                Some(i) => rid(model.requests[i].view.id),
+                None => rid(u128::MAX),
+            };
+            let selector = only.map(|(vm, port)| PortSelector {
+                vm: vm.map(model_vm),
+                number: port.map(super::port),
+            });
+            // The controller's check: the requestor may end their own request;
+            // anyone else needs the revoke right on every VM whose ports would close.
+            let stored = store.get_request(id).await.expect("get_request");
+            if let Some(r) = &stored
+                && r.requestor != by.name()
+            {
+                let only_vm = selector.as_ref().and_then(|s| s.vm.clone());
+                let denied = r
+                    .vms
+                    .iter()
+                    .filter(|v| only_vm.as_ref().is_none_or(|o| *o == v.id))
+                    .any(|v| {
+                        !is_allowed(
+                            &by.assignments(),
+                            by.name(),
+                            Action::RequestRevoke,
+                            &v.id.scope(),
+                        )
+                    });
+                if denied {
+                    return Outcome::Refused(Refusal::RevokeForbidden);
+                }
+            }
+            match store
+                .revoke_request(id, selector, ctx_as(by.name(), now))
+                .await
+            {
+                Ok(ports) => Outcome::Revoked(ended(&ports)),
+                Err(OpError::Refused(RevokeError::NotFound)) => Outcome::Refused(Refusal::NotFound),
+                Err(OpError::Refused(RevokeError::NothingLive)) => {
+                    Outcome::Refused(Refusal::NothingLive)
+                }
+                Err(OpError::Store(e)) => panic!("revoke_request failed: {e}"),
+            }
+        }
+        Step::Advance { expire, .. } => {
+            if expire {
+                Outcome::Expired(ended(
+                    &store.expire_due(now).await.expect("expire_due failed"),
+                ))
+            } else {
+                Outcome::TimePassed
+            }
+        }
+        Step::Restart | Step::Burst(_) => unreachable!("run by Open::step"),
+    }
+}
+
+/// Polls the futures together, each first in the order given, so that their writes
+/// are queued in that order and committed in the same groups as far as the backend
+/// groups them; returns their outputs in the same order.
+async fn together<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(o) => *out = Some(o),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}
+
 impl<B: ModelBackend> Open<B> {
     fn store(&self) -> &dyn Store {
         self.store.as_deref().expect("the store is open")
     }
 
     async fn step(&mut self, model: &State, step: Step) -> Outcome {
-        // Every step happens at the model's time (after it, for `Advance`).
-        let now = at(model.now);
         match step {
-            Step::PutPolicy { policy, vms, shout } => {
-                let spec = policy_spec(policy, &vms, shout);
-                match self
-                    .store()
-                    .put_policy(spelled_key(policy, shout), spec, ctx(now))
-                    .await
-                {
-                    Ok(out) => Outcome::PolicyPut {
-                        created: out.created,
-                        previous: vm_indices(&out.previous_vms),
-                        ended: ended(&out.revoked),
-                    },
-                    Err(OpError::Refused(PolicyError::UnknownVm(f))) => {
-                        Outcome::Refused(Refusal::UnknownVm(f.field))
-                    }
-                    Err(OpError::Refused(PolicyError::VmInOtherPolicy(f))) => {
-                        Outcome::Refused(Refusal::VmInOtherPolicy(f.field))
-                    }
-                    Err(e) => panic!("put_policy failed: {e:?}"),
-                }
-            }
-            Step::DeletePolicy { policy, shout } => {
-                let out = self
-                    .store()
-                    .delete_policy(&spelled_key(policy, shout), ctx(now))
-                    .await
-                    .expect("delete_policy failed");
-                Outcome::PolicyDeleted(out.map(|d| (vm_indices(&d.vms), ended(&d.revoked))))
-            }
-            Step::Initiate {
-                id,
-                policy,
-                shout,
-                who,
-                caller,
-                vms,
-            } => {
-                let args = InitiateArgs {
-                    policy: spelled_key(policy, shout),
-                    input: initiate_input(&vms, model.now, shout),
-                    id: rid(id),
-                    requestor: who.name().into(),
-                    caller_ip: caller.ip(),
-                    assignments: who.assignments(),
-                };
-                match self.store().initiate(args, ctx_as(who.name(), now)).await {
-                    Ok(r) => Outcome::Initiated(view(&r)),
-                    Err(OpError::Refused(InitiateRefusal::PolicyNotFound)) => {
-                        Outcome::Refused(Refusal::PolicyNotFound)
-                    }
-                    Err(OpError::Refused(InitiateRefusal::Forbidden { field, vm })) => {
-                        Outcome::Refused(Refusal::Forbidden(field, vm_index(&vm)))
-                    }
-                    Err(OpError::Refused(InitiateRefusal::Invalid(f))) => {
-                        Outcome::Refused(Refusal::Invalid(f.field))
-                    }
-                    Err(OpError::Store(e)) => panic!("initiate failed: {e}"),
-                }
-            }
-            Step::Revoke { request, by, only } => {
-                let id = match request {
-                    Some(i) => rid(model.requests[i].view.id),
-                    None => rid(u128::MAX),
-                };
-                let selector = only.map(|(vm, port)| PortSelector {
-                    vm: vm.map(model_vm),
-                    number: port.map(super::port),
-                });
-                // The controller's check: the requestor may end their own request;
-                // anyone else needs the revoke right on every VM whose ports would close.
-                let stored = self.store().get_request(id).await.expect("get_request");
-                if let Some(r) = &stored
-                    && r.requestor != by.name()
-                {
-                    let only_vm = selector.as_ref().and_then(|s| s.vm.clone());
-                    let denied = r
-                        .vms
-                        .iter()
-                        .filter(|v| only_vm.as_ref().is_none_or(|o| *o == v.id))
-                        .any(|v| {
-                            !is_allowed(
-                                &by.assignments(),
-                                by.name(),
-                                Action::RequestRevoke,
-                                &v.id.scope(),
-                            )
-                        });
-                    if denied {
-                        return Outcome::Refused(Refusal::RevokeForbidden);
-                    }
-                }
-                match self
-                    .store()
-                    .revoke_request(id, selector, ctx_as(by.name(), now))
-                    .await
-                {
-                    Ok(ports) => Outcome::Revoked(ended(&ports)),
-                    Err(OpError::Refused(RevokeError::NotFound)) => {
-                        Outcome::Refused(Refusal::NotFound)
-                    }
-                    Err(OpError::Refused(RevokeError::NothingLive)) => {
-                        Outcome::Refused(Refusal::NothingLive)
-                    }
-                    Err(OpError::Store(e)) => panic!("revoke_request failed: {e}"),
-                }
-            }
-            Step::Advance { expire, .. } => {
-                if expire {
-                    Outcome::Expired(ended(
-                        &self
-                            .store()
-                            .expire_due(now)
-                            .await
-                            .expect("expire_due failed"),
-                    ))
-                } else {
-                    Outcome::TimePassed
-                }
+            Step::Burst(steps) => {
+                let store = self.store();
+                Outcome::Burst(together(steps.into_iter().map(|s| on(store, model, s))).await)
             }
             Step::Restart => {
                 drop(self.store.take());
@@ -1440,6 +1642,7 @@ impl<B: ModelBackend> Open<B> {
                 self.store = Some(store);
                 Outcome::Restarted
             }
+            step => on(self.store(), model, step).await,
         }
     }
 
@@ -1486,13 +1689,16 @@ impl<B: ModelBackend> Open<B> {
             })
             .await
             .expect("list_requests failed");
-        let got: Vec<RequestView> = all.iter().map(view).collect();
-        let want: Vec<RequestView> = model
-            .requests
-            .iter()
-            .rev()
-            .map(|r| r.view.clone())
-            .collect();
+        let got: Vec<RequestView> = model.canon(all.iter().map(view).collect(), |v| v.id);
+        let want: Vec<RequestView> = model.canon(
+            model
+                .requests
+                .iter()
+                .rev()
+                .map(|r| r.view.clone())
+                .collect(),
+            |v| v.id,
+        );
         assert_eq!(got, want, "requests (newest first) at t+{}s", model.now);
 
         let live = store
@@ -1503,14 +1709,17 @@ impl<B: ModelBackend> Open<B> {
             })
             .await
             .expect("list_requests(live_at) failed");
-        let got: Vec<u128> = live.iter().map(|r| id_of(r.id)).collect();
-        let want: Vec<u128> = model
-            .requests
-            .iter()
-            .rev()
-            .filter(|r| model.is_live(r))
-            .map(|r| r.view.id)
-            .collect();
+        let got: Vec<u128> = model.canon(live.iter().map(|r| id_of(r.id)).collect(), |i| *i);
+        let want: Vec<u128> = model.canon(
+            model
+                .requests
+                .iter()
+                .rev()
+                .filter(|r| model.is_live(r))
+                .map(|r| r.view.id)
+                .collect(),
+            |i| *i,
+        );
         assert_eq!(got, want, "requests live at t+{}s", model.now);
 
         let next = store.next_expiry().await.expect("next_expiry failed");
@@ -1539,6 +1748,7 @@ impl<B: ModelBackend> Open<B> {
                 .iter()
                 .map(|r| id_of(r.id))
                 .collect();
+            let got = model.canon(got, |i| *i);
             let want: Vec<u128> = match modelled {
                 None => Vec::new(),
                 Some(m) => model
@@ -1549,6 +1759,7 @@ impl<B: ModelBackend> Open<B> {
                     .map(|r| r.view.id)
                     .collect(),
             };
+            let want = model.canon(want, |i| *i);
             assert_eq!(got, want, "requests of policy {}", POLICIES[p]);
         }
         for (vm, name) in VMS.iter().enumerate() {
