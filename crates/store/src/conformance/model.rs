@@ -248,7 +248,7 @@ impl Proto {
 }
 
 /// The principals. Their role assignments (given to the store) and their rights (the
-/// model's own table) are side by side in [`Who::assignments`] and the `may_*` methods.
+/// model's own table) are side by side in `Who::assignments` and the `may_*` methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Who {
     /// Owner of the subscription.
@@ -381,8 +381,8 @@ pub enum Step {
         expire: bool,
     },
     Restart,
-    /// Writes sent together, which the backend may commit in one group; their order
-    /// does not matter (see [`burst`]).
+    /// Writes sent together, which the backend may commit in one group; they are chosen
+    /// so that their order does not matter.
     Burst(Vec<Step>),
 }
 
