@@ -64,7 +64,7 @@ use super::*;
 /// few seconds of the normal `cargo test`.
 pub const DEFAULT_CASES: u32 = 32;
 /// The longest sequence of steps in a case.
-pub const MAX_STEPS: usize = 40;
+pub const MAX_STEPS: usize = 30;
 
 /// How a backend is created and reopened (a restart) for the model.
 #[async_trait]
