@@ -1074,18 +1074,35 @@ fn initiate(state: &State) -> BoxedStrategy<Step> {
 /// unknown id.
 fn revoke(state: &State) -> BoxedStrategy<Step> {
     let requestors: Vec<Who> = state.requests.iter().map(|r| r.who).collect();
+    // Mostly a request with a port still initiated (live, or ended and not yet
+    // expired); the others can only answer "nothing live".
+    let open: Vec<usize> = (0..state.requests.len())
+        .filter(|i| {
+            state.requests[*i]
+                .view
+                .vms
+                .iter()
+                .flat_map(|(_, ports)| ports)
+                .any(|p| p.status == Status::Initiated)
+        })
+        .collect();
     let only = (
         prop::option::of(0..REGISTERED),
         prop::option::of(select(PORTS.to_vec())),
     );
     (
         any::<Index>(),
+        prop::bool::weighted(0.2),
         prop::option::weighted(0.4, who()),
         prop::option::weighted(0.3, only),
         prop::bool::weighted(0.05),
     )
-        .prop_map(move |(i, by, only, unknown)| {
-            let idx = i.index(requestors.len());
+        .prop_map(move |(i, any_request, by, only, unknown)| {
+            let idx = if open.is_empty() || any_request {
+                i.index(requestors.len())
+            } else {
+                open[i.index(open.len())]
+            };
             Step::Revoke {
                 request: (!unknown).then_some(idx),
                 by: by.unwrap_or(requestors[idx]),
@@ -1095,16 +1112,35 @@ fn revoke(state: &State) -> BoxedStrategy<Step> {
         .boxed()
 }
 
-fn advance() -> BoxedStrategy<Step> {
-    (
+/// Seconds to minutes, or (often, when something is live) exactly to a live grant's
+/// end, a second before or a second after: the boundaries where "live" and "expired"
+/// meet.
+fn advance(state: &State) -> BoxedStrategy<Step> {
+    let now = state.now;
+    let ends: Vec<i64> = state
+        .requests
+        .iter()
+        .flat_map(|r| r.view.vms.iter().flat_map(|(_, ports)| ports))
+        .filter(|p| p.live(now))
+        .map(|p| p.end - now)
+        .collect();
+    let secs = prop_oneof![
+        1 => Just(0i64),
+        3 => 1..=59i64,
+        4 => (1..=20i64).prop_map(|m| m * 60),
+        2 => 600..=4000i64,
+    ];
+    let secs = if ends.is_empty() {
+        secs.boxed()
+    } else {
         prop_oneof![
-            1 => Just(0i64),
-            3 => 1..=59i64,
-            4 => (1..=20i64).prop_map(|m| m * 60),
-            2 => 600..=4000i64,
-        ],
-        prop::bool::weighted(0.7),
-    )
+            1 => secs,
+            1 => (any::<Index>(), -1..=1i64)
+                .prop_map(move |(i, delta)| ends[i.index(ends.len())] + delta),
+        ]
+        .boxed()
+    };
+    (secs, prop::bool::weighted(0.6))
         .prop_map(|(secs, expire)| Step::Advance { secs, expire })
         .boxed()
 }
@@ -1241,7 +1277,7 @@ impl ReferenceStateMachine for LifecycleRef {
                     .boxed(),
             ),
             (6, initiate(state)),
-            (3, advance()),
+            (3, advance(state)),
             (1, Just(Step::Restart).boxed()),
         ];
         if !state.requests.is_empty() {
