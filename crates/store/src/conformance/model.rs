@@ -17,7 +17,8 @@
 //! a port it does not protect, a source outside the allowed prefixes, a duration over
 //! the maximum, an end time past it, a VM the caller may not touch), revokes (by the
 //! requestor, or by someone else with or without the right; all ports or a selection),
-//! simulated time passing with or without `expire_due(now)`, store restarts (the
+//! simulated time passing (often to exactly a grant's end, or a second either side)
+//! with or without `expire_due(now)`, store restarts (the
 //! backend reopens the same database), and bursts: a few writes sent together, which
 //! a backend that groups commits (SQLite's writer) may commit in one transaction,
 //! chosen so that their order does not matter. Policy keys and VM ids are sometimes
