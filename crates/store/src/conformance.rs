@@ -44,6 +44,9 @@ use jitgate_core::request::{
 
 use crate::*;
 
+#[cfg(feature = "model")]
+pub mod model;
+
 /// Expands to one `#[tokio::test]` per conformance check.
 ///
 /// `$make` is an async function (or closure returning a future) that yields

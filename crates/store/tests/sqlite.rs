@@ -14,6 +14,7 @@ use jitgate_core::rbac::{Role, RoleAssignment};
 use jitgate_core::request::{
     InitiateInput, InitiatePortInput, InitiateVmInput, PortStatus, RequestId,
 };
+use jitgate_store::conformance::model::{self, ModelBackend};
 use jitgate_store::conformance::{OWNER, SUB, at, t0};
 use jitgate_store::sqlite::{SqliteStore, verify_file};
 use jitgate_store::*;
@@ -26,6 +27,35 @@ async fn fresh() -> (Box<dyn Store>, TempDir) {
 }
 
 jitgate_store::store_conformance_tests!(fresh);
+
+/// The request lifecycle against the reference model; a restart reopens the same file.
+struct Sqlite;
+
+#[async_trait::async_trait]
+impl ModelBackend for Sqlite {
+    type Data = TempDir;
+
+    /// In memory where the machine has `/dev/shm`: the model is about the lifecycle, the
+    /// fsyncs would be half its time, and durability has tests of its own.
+    async fn create() -> TempDir {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir()
+            && let Ok(dir) = tempfile::tempdir_in(shm)
+        {
+            return dir;
+        }
+        tempfile::tempdir().unwrap()
+    }
+
+    async fn open(dir: &TempDir) -> Box<dyn Store> {
+        Box::new(SqliteStore::open(&dir.path().join("jitgate.db")).unwrap())
+    }
+}
+
+#[test]
+fn request_lifecycle_matches_the_model() {
+    model::run::<Sqlite>();
+}
 
 // ---- SQLite-specific ----------------------------------------------------------------
 
