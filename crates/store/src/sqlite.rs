@@ -480,21 +480,50 @@ struct ChainTail {
 
 /// Decoded policies, by key, with the `uid` and `rev` they were decoded at. Decoding a
 /// policy's JSON is the writer's largest cost on the initiate path; an entry is used
-/// only while the row still has the same uid and rev, so a rolled-back write cannot
-/// leave a stale entry in use.
+/// only while the row still has the same uid and rev. Readers only ever see committed
+/// rows; the writer also sees its open transaction, whose rev may be rolled back and
+/// then reused by a later write with other content, so the writer's cache forgets
+/// what it read inside a rolled-back job or a failed commit (`WriterPolicies`).
 type PolicyCache = std::collections::HashMap<String, (String, i64, Arc<Policy>)>;
+
+/// The writer's policy cache and the keys it was asked for since the last commit.
+/// Like the audit chain's tail, what was learnt from uncommitted rows is undone when
+/// they are: a job rolled back to its savepoint forgets the keys it looked up, a failed
+/// commit forgets every key looked up in the group.
+#[derive(Default)]
+struct WriterPolicies {
+    cache: PolicyCache,
+    /// Keys looked up in the open transaction, in order (a hit is listed too: evicting
+    /// it costs one decode, and keeps the rule simple).
+    looked_up: Vec<String>,
+}
+
+impl WriterPolicies {
+    /// Forgets the entries looked up after the `mark`-th lookup of the open transaction.
+    fn forget_since(&mut self, mark: usize) {
+        for key in self.looked_up.drain(mark..) {
+            self.cache.remove(&key);
+        }
+    }
+
+    /// The transaction committed: what it read is now true.
+    fn committed(&mut self) {
+        self.looked_up.clear();
+    }
+}
 
 /// What a write job sees: the open transaction and the audit chain.
 pub struct WriteCtx<'a> {
     tx: &'a Transaction<'a>,
     tail: &'a mut ChainTail,
-    policies: &'a mut PolicyCache,
+    policies: &'a mut WriterPolicies,
 }
 
 impl WriteCtx<'_> {
     /// `load_policy` through the writer's cache.
     fn policy(&mut self, key: &str) -> Result<Option<(String, Arc<Policy>)>> {
-        cached_policy(self.tx, key, self.policies)
+        self.policies.looked_up.push(key.to_owned());
+        cached_policy(self.tx, key, &mut self.policies.cache)
     }
 
     fn audit(
@@ -611,7 +640,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
             return;
         }
     };
-    let mut policies = PolicyCache::new();
+    let mut policies = WriterPolicies::default();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -627,6 +656,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
             for job in jobs.drain(..) {
                 tx.execute_batch("SAVEPOINT job")?;
                 let before = tail.clone();
+                let looked_up = policies.looked_up.len();
                 let (ok, finish) = {
                     let mut ctx = WriteCtx {
                         tx: &tx,
@@ -640,15 +670,20 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
                 } else {
                     tx.execute_batch("ROLLBACK TO job; RELEASE job")?;
                     tail = before;
+                    policies.forget_since(looked_up);
                 }
                 finishes.push(finish);
             }
             tx.commit()?;
             Ok(())
         })();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "write transaction failed");
-            tail = saved;
+        match &result {
+            Ok(()) => policies.committed(),
+            Err(e) => {
+                tracing::error!(error = %e, "write transaction failed");
+                tail = saved;
+                policies.forget_since(0);
+            }
         }
         for f in finishes {
             f(match &result {
