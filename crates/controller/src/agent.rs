@@ -201,6 +201,15 @@ pub async fn status(
         .agent_status(&vm)
         .await?
         .and_then(|r| serde_json::from_str(&r.report).ok());
+    // The host facts the agent could not read: logged when they change (reports
+    // come every 10 s), shown with the VM and in its recommendation.
+    if !report.inventory_errors.is_empty()
+        && previous
+            .as_ref()
+            .is_none_or(|p| p.inventory_errors != report.inventory_errors)
+    {
+        tracing::warn!(vm = %vm, errors = ?report.inventory_errors, "agent cannot read all of the host's listening sockets");
+    }
     let mut points = Vec::new();
     for c in &report.counters {
         let before = previous.as_ref().and_then(|p| {
@@ -308,6 +317,7 @@ pub async fn status_json(state: &AppState, vm: &VmId) -> ApiResult<Value> {
         "agentVersion": report.agent_version,
         "addresses": report.addresses,
         "listening": report.listening,
+        "inventoryErrors": report.inventory_errors,
         "counters": report.counters,
         "tableMatches": report.table_matches,
         "driftEvents": report.drift_events,
@@ -384,6 +394,10 @@ fn checked_report(mut r: StatusReport) -> ApiResult<StatusReport> {
         if let Some(p) = &l.process {
             label(&format!("listening[{i}].process"), p, 64)?;
         }
+    }
+    count("inventoryErrors", &r.inventory_errors, 16)?;
+    for (i, e) in r.inventory_errors.iter().enumerate() {
+        label(&format!("inventoryErrors[{i}]"), e, 1024)?;
     }
     count("counters", &r.counters, 1024)?;
     for (i, c) in r.counters.iter_mut().enumerate() {

@@ -52,6 +52,7 @@ fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
                 })
             })
             .collect(),
+        inventory_errors: report.inventory_errors.clone(),
     }
 }
 
