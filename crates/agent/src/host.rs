@@ -217,7 +217,10 @@ mod tests {
         assert_eq!(got.errors.len(), 1, "{:?}", got.errors);
         let e = &got.errors[0];
         assert!(e.starts_with("/proc/net/tcp line 3: "), "{e}");
-        assert!(e.contains("garbage?line"), "control characters are replaced: {e}");
+        assert!(
+            e.contains("garbage?line"),
+            "control characters are replaced: {e}"
+        );
         assert!(!e.chars().any(char::is_control), "{e}");
         // The other files are still read.
         assert_eq!(got.listening.len(), 1);
@@ -232,7 +235,11 @@ mod tests {
         std::fs::create_dir(root.path().join("net").join("tcp6")).unwrap();
         let got = listeners(root.path());
         assert_eq!(got.errors.len(), 2, "{:?}", got.errors);
-        assert!(got.errors[0].starts_with("cannot read "), "{:?}", got.errors);
+        assert!(
+            got.errors[0].starts_with("cannot read "),
+            "{:?}",
+            got.errors
+        );
         assert!(got.errors[0].contains("net/tcp:"), "{:?}", got.errors);
         assert!(got.errors[1].contains("net/tcp6:"), "{:?}", got.errors);
     }
@@ -252,8 +259,14 @@ mod tests {
         let a = "/proc/net/tcp line 3: not a socket line: 'x'".to_owned();
         let b = "cannot read /proc/net/udp: denied".to_owned();
         assert_eq!(new_errors(&[], std::slice::from_ref(&a)), vec![a.as_str()]);
-        assert_eq!(new_errors(std::slice::from_ref(&a), std::slice::from_ref(&a)), Vec::<&str>::new());
-        assert_eq!(new_errors(std::slice::from_ref(&a), &[a.clone(), b.clone()]), vec![b.as_str()]);
+        assert_eq!(
+            new_errors(std::slice::from_ref(&a), std::slice::from_ref(&a)),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            new_errors(std::slice::from_ref(&a), &[a.clone(), b.clone()]),
+            vec![b.as_str()]
+        );
         assert_eq!(new_errors(&[a.clone(), b.clone()], &[]), Vec::<&str>::new());
     }
 }

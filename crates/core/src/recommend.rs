@@ -392,7 +392,12 @@ mod tests {
                 "cannot read every listening socket, so an exposed management port may be missed: /proc/net/tcp6 line 2",
             ),
             // What was read is enough to say Unhealthy.
-            (unreadable(vec![listen(22, "0.0.0.0")]), &c, Verdict::Unhealthy, "22"),
+            (
+                unreadable(vec![listen(22, "0.0.0.0")]),
+                &c,
+                Verdict::Unhealthy,
+                "22",
+            ),
             (
                 facts(agent(vec![listen(8443, "0.0.0.0")])),
                 &custom,

@@ -226,7 +226,10 @@ async fn unreadable_sockets_are_shown_and_never_healthy() {
         async move { ctl.call(Method::POST, &path, Some(&t), Some(body)).await }
     };
     let unreadable = "/proc/net/tcp6 line 7: state 'zz' is not hex: '6: ...'";
-    let r = status(json!({"nftVersion": "nftables v1.0.6", "listening": [], "inventoryErrors": [unreadable]})).await;
+    let r = status(
+        json!({"nftVersion": "nftables v1.0.6", "listening": [], "inventoryErrors": [unreadable]}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
 
     let agent = &ctl.get("/api/v1/vms/lab/box").await.body["agent"];
@@ -251,7 +254,10 @@ async fn unreadable_sockets_are_shown_and_never_healthy() {
     for (body, field) in [
         (json!({"inventoryErrors": vec!["x"; 17]}), "inventoryErrors"),
         (json!({"inventoryErrors": ["a\nb"]}), "inventoryErrors[0]"),
-        (json!({"inventoryErrors": ["ok", "y".repeat(1025)]}), "inventoryErrors[1]"),
+        (
+            json!({"inventoryErrors": ["ok", "y".repeat(1025)]}),
+            "inventoryErrors[1]",
+        ),
     ] {
         let r = status(body).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
