@@ -10,13 +10,14 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use jitgate_core::FieldError;
 use jitgate_core::audit::{self, AuditEntry, AuditRecord, Outcome, VerifyReport};
@@ -40,6 +41,12 @@ const READERS: usize = 8;
 
 /// The most writes committed together.
 const MAX_GROUP: usize = 512;
+
+/// Rows deleted per write by a prune.
+const PRUNE_CHUNK: usize = 10_000;
+
+/// Writes that may wait for the writer by default, besides the group it is committing.
+pub const DEFAULT_WRITE_QUEUE: usize = 4096;
 
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -632,7 +639,7 @@ fn load_tail(conn: &Connection) -> Result<ChainTail> {
     })
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     let mut tail = match load_tail(&conn) {
         Ok(t) => t,
         Err(e) => {
@@ -641,7 +648,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
         }
     };
     let mut policies = WriterPolicies::default();
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -700,9 +707,40 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
 
 // ---- the store ---------------------------------------------------------------------
 
+/// How a [`SqliteStore`] is opened.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The most writes waiting for the writer (besides the group it is committing).
+    /// A write asked for when it is full fails at once with [`StoreError::Busy`]
+    /// instead of growing the queue (and every caller's wait) without bound; the few
+    /// writes that record what already happened (`append_audit`, `expire_due`,
+    /// `prune_blocked`, `bootstrap`) wait for room instead. At least 1.
+    pub write_queue: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            write_queue: DEFAULT_WRITE_QUEUE,
+        }
+    }
+}
+
+/// What a write does when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhenFull {
+    /// Fail with `StoreError::Busy` (the caller is told to retry).
+    Refuse,
+    /// Wait for room: the write records something that has already happened.
+    Wait,
+}
+
 pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
+    write_queue: usize,
+    /// Writes refused because the queue was full, since opening.
+    refused_writes: AtomicU64,
     readers: Arc<Mutex<Vec<Connection>>>,
     /// Bounds concurrent reads to the pool's size: a burst of callers waits here
     /// instead of each occupying a blocking thread (and its memory).
@@ -714,9 +752,14 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, SqliteOptions::default())
+    }
+
+    pub fn open_with(path: &Path, options: SqliteOptions) -> Result<Self> {
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let write_queue = options.write_queue.max(1);
+        let (tx, rx) = mpsc::channel::<Job>(write_queue);
         std::thread::Builder::new()
             .name("jitgate-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx))
@@ -724,14 +767,26 @@ impl SqliteStore {
         Ok(SqliteStore {
             path: path.to_owned(),
             writer: Mutex::new(Some(tx)),
+            write_queue,
+            refused_writes: AtomicU64::new(0),
             readers: Arc::new(Mutex::new(Vec::new())),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
             read_policies: Arc::new(Mutex::new(PolicyCache::new())),
         })
     }
 
-    /// Runs `f` in the next group commit; resolves once it has committed.
+    /// Runs `f` in the next group commit; resolves once it has committed. Refused with
+    /// `Busy` when the queue is full.
     async fn write<T, E, F>(&self, f: F) -> Result<T, OpError<E>>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T, OpError<E>> + Send + 'static,
+    {
+        self.write_when(WhenFull::Refuse, f).await
+    }
+
+    async fn write_when<T, E, F>(&self, when_full: WhenFull, f: F) -> Result<T, OpError<E>>
     where
         T: Send + 'static,
         E: Send + 'static,
@@ -750,10 +805,27 @@ impl SqliteStore {
             });
             (ok, finish)
         });
-        {
+        let sender = {
             let guard = self.writer.lock().map_err(|_| StoreError::Closed)?;
             let sender = guard.as_ref().ok_or(StoreError::Closed)?;
-            sender.send(job).map_err(|_| StoreError::Closed)?;
+            match when_full {
+                WhenFull::Refuse => {
+                    sender.try_send(job).map_err(|e| match e {
+                        mpsc::error::TrySendError::Full(_) => {
+                            self.refused_writes.fetch_add(1, Ordering::Relaxed);
+                            StoreError::Busy {
+                                queued: self.write_queue,
+                            }
+                        }
+                        mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+                    })?;
+                    None
+                }
+                WhenFull::Wait => Some((sender.clone(), job)),
+            }
+        };
+        if let Some((sender, job)) = sender {
+            sender.send(job).await.map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| OpError::Store(StoreError::Closed))?
     }
@@ -763,12 +835,22 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
     {
-        self.write::<T, std::convert::Infallible, _>(move |ctx| f(ctx).map_err(OpError::Store))
-            .await
-            .map_err(|e| match e {
-                OpError::Store(s) => s,
-                OpError::Refused(never) => match never {},
-            })
+        self.write_plain_when(WhenFull::Refuse, f).await
+    }
+
+    async fn write_plain_when<T, F>(&self, when_full: WhenFull, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
+    {
+        self.write_when::<T, std::convert::Infallible, _>(when_full, move |ctx| {
+            f(ctx).map_err(OpError::Store)
+        })
+        .await
+        .map_err(|e| match e {
+            OpError::Store(s) => s,
+            OpError::Refused(never) => match never {},
+        })
     }
 
     /// Runs `f` on a pooled read connection, off the async threads.
@@ -921,7 +1003,7 @@ fn revoke_where(
 #[async_trait]
 impl Store for SqliteStore {
     async fn bootstrap(&self, init: Bootstrap, audit: AuditCtx) -> Result<BootstrapOutcome> {
-        self.write_plain(move |ctx| {
+        self.write_plain_when(WhenFull::Wait, move |ctx| {
             let existing: Option<String> = ctx
                 .tx
                 .query_row("SELECT id FROM subscriptions ORDER BY created_ns LIMIT 1", [], |r| r.get(0))
@@ -1486,7 +1568,9 @@ impl Store for SqliteStore {
     }
 
     async fn expire_due(&self, now: Timestamp) -> Result<Vec<RevokedPort>> {
-        self.write_plain(move |ctx| {
+        // The kernel has already closed these ports: the record follows, whatever the
+        // load.
+        self.write_plain_when(WhenFull::Wait, move |ctx| {
             let audit = AuditCtx {
                 actor: "system".into(),
                 source: "controller".into(),
@@ -1998,6 +2082,29 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn prune_blocked(&self, before: Timestamp) -> Result<u64> {
+        // In chunks, each its own write: a large backlog never holds the writer (and
+        // every caller behind it) for long.
+        let mut total = 0u64;
+        loop {
+            let deleted = self
+                .write_plain_when(WhenFull::Wait, move |ctx| {
+                    Ok(ctx
+                        .tx
+                        .prepare_cached(
+                            "DELETE FROM blocked_attempts WHERE rowid IN
+                             (SELECT rowid FROM blocked_attempts WHERE at_ns < ?1 LIMIT ?2)",
+                        )?
+                        .execute(params![ns(before), PRUNE_CHUNK as i64])?)
+                })
+                .await?;
+            total += deleted as u64;
+            if deleted < PRUNE_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
     async fn blocked_series(
         &self,
         vm: Option<&VmId>,
@@ -2103,7 +2210,10 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
-        self.write_plain(move |ctx| ctx.append(entry)).await
+        // What it records (a refused call, a drift) has happened: it waits for room
+        // rather than being lost to a full queue.
+        self.write_plain_when(WhenFull::Wait, move |ctx| ctx.append(entry))
+            .await
     }
 
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
@@ -2157,6 +2267,20 @@ impl Store for SqliteStore {
             Ok(report)
         })
         .await
+    }
+
+    fn write_queue(&self) -> Option<WriteQueueStats> {
+        let depth = self
+            .writer
+            .lock()
+            .ok()?
+            .as_ref()
+            .map_or(0, |s| s.max_capacity() - s.capacity());
+        Some(WriteQueueStats {
+            depth,
+            capacity: self.write_queue,
+            refused: self.refused_writes.load(Ordering::Relaxed),
+        })
     }
 
     async fn audit_tail(&self) -> Result<(u64, String)> {

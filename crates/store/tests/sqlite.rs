@@ -558,3 +558,68 @@ async fn a_failed_commit_forgets_the_policies_it_read() {
     let report = store.verify_audit(None).await.unwrap();
     assert!(report.ok(), "{:?}", report.problems);
 }
+
+/// Issue 10: the write queue is bounded. Past it a write is refused at once with
+/// `Busy` and changes nothing; a write recording what already happened (an audit
+/// event) waits for room instead.
+#[tokio::test]
+async fn a_full_write_queue_refuses_writes_but_not_audit_events() {
+    use jitgate_store::sqlite::SqliteOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jitgate.db");
+    let store = std::sync::Arc::new(
+        SqliteStore::open_with(&path, SqliteOptions { write_queue: 1 }).unwrap(),
+    );
+    populate(&store).await;
+    let stats = store.write_queue().unwrap();
+    assert_eq!((stats.depth, stats.capacity, stats.refused), (0, 1, 0));
+
+    let lock = raw(&path);
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let spawn_token = |id: &'static str| {
+        let store = store.clone();
+        tokio::spawn(async move { store.create_token(token(id), ctx(50)).await })
+    };
+    // The writer takes the first and waits for the lock; the second fills the queue.
+    let held = spawn_token("jg_held");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let queued = spawn_token("jg_queued");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(store.write_queue().unwrap().depth, 1);
+
+    let r = store.create_token(token("jg_refused"), ctx(51)).await;
+    assert!(
+        matches!(r, Err(StoreError::Busy { queued: 1 })),
+        "refused at once: {r:?}"
+    );
+    assert_eq!(store.write_queue().unwrap().refused, 1);
+    let audited = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .append_audit(jitgate_core::audit::AuditEntry {
+                    time: at(52).to_string(),
+                    actor: "anonymous".into(),
+                    source: "192.0.2.99".into(),
+                    action: "request.failed".into(),
+                    target: "/api/v1/tokens".into(),
+                    outcome: Outcome::Failed,
+                    details: "{}".into(),
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!audited.is_finished(), "the audit event waits for room");
+
+    lock.execute_batch("COMMIT").unwrap();
+    held.await.unwrap().unwrap();
+    queued.await.unwrap().unwrap();
+    audited.await.unwrap().unwrap();
+    assert!(store.find_token("jg_held").await.unwrap().is_some());
+    assert!(store.find_token("jg_queued").await.unwrap().is_some());
+    assert_eq!(store.find_token("jg_refused").await.unwrap(), None);
+    let report = store.verify_audit(None).await.unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(store.write_queue().unwrap().depth, 0);
+}
