@@ -2260,9 +2260,10 @@ impl Store for SqliteStore {
                 [newest as i64],
                 |r| r.get(0),
             )?;
-            let (records, edited) = tail_with_times(c, from.unwrap_or(0).max(0) as u64)?;
-            let mut report =
-                audit::verify_range(records, recorded_head(c)?, Some(anchor.anchors()));
+            let (mut report, edited) =
+                stream_audit(c, from.unwrap_or(0).max(0) as u64, |records, head| {
+                    audit::verify_range(records, head, Some(anchor.anchors()))
+                })?;
             report.problems.extend(edited);
             Ok(report)
         })
@@ -2292,18 +2293,49 @@ impl Store for SqliteStore {
     }
 }
 
-/// The events from `from` on, in storage order, with their time-index problems.
-fn tail_with_times(c: &Connection, from: u64) -> Result<(Vec<AuditRecord>, Vec<audit::Problem>)> {
-    let rows = read_audit_rows(c, "WHERE seq >= ?1 ORDER BY rowid", &[&(from as i64)])?;
+/// Hands the events from `from` on, in storage order, to `walk` as an iterator that
+/// reads one row at a time (memory does not grow with the chain), together with the
+/// recorded head; returns what `walk` returned and the events whose time index
+/// disagrees with their hashed time. Rows and head are read in one transaction, so an
+/// event appended during a long walk cannot look like a truncation.
+fn stream_audit<T>(
+    c: &Connection,
+    from: u64,
+    walk: impl FnOnce(&mut dyn Iterator<Item = AuditRecord>, Option<u64>) -> T,
+) -> Result<(T, Vec<audit::Problem>)> {
+    let tx = c.unchecked_transaction()?;
+    let head = recorded_head(&tx)?;
+    let mut st = tx.prepare(&format!(
+        "SELECT {AUDIT_COLS} FROM audit WHERE seq >= ?1 ORDER BY rowid"
+    ))?;
+    let mut rows = st.query([from as i64])?;
+    let mut failed: Option<rusqlite::Error> = None;
     let mut edited = Vec::new();
-    let mut records = Vec::with_capacity(rows.len());
-    for (record, time_ns) in rows {
-        if record.entry.time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
-            edited.push(audit::Problem::TimeEdited { seq: record.seq });
+    let mut records = std::iter::from_fn(|| {
+        let row = match rows.next() {
+            Ok(Some(row)) => audit_row(row),
+            Ok(None) => return None,
+            Err(e) => Err(e),
+        };
+        match row {
+            Ok((record, time_ns)) => {
+                if record.entry.time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
+                    edited.push(audit::Problem::TimeEdited { seq: record.seq });
+                }
+                Some(record)
+            }
+            Err(e) => {
+                failed = Some(e);
+                None
+            }
         }
-        records.push(record);
+    });
+    let out = walk(&mut records, head);
+    // A read error ends the walk early: it must not pass for the chain's end.
+    if let Some(e) = failed {
+        return Err(e.into());
     }
-    Ok((records, edited))
+    Ok((out, edited))
 }
 
 fn recorded_head(c: &Connection) -> Result<Option<u64>> {
@@ -2320,8 +2352,9 @@ fn recorded_head(c: &Connection) -> Result<Option<u64>> {
 /// and hashes, the recorded head, the signed checkpoints when given, and that every
 /// event's time index (`time_ns`, which queries use) is its hashed time.
 pub fn verify_connection(c: &Connection, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
-    let (records, edited) = tail_with_times(c, 0)?;
-    let mut report = audit::verify(records, recorded_head(c)?, anchors.map(AnchorSet::anchors));
+    let (mut report, edited) = stream_audit(c, 0, |records, head| {
+        audit::verify(records, head, anchors.map(AnchorSet::anchors))
+    })?;
     report.problems.extend(edited);
     Ok(report)
 }
@@ -2343,6 +2376,10 @@ fn read_audit(
         .collect())
 }
 
+/// The columns `audit_row` reads.
+const AUDIT_COLS: &str =
+    "seq, time, actor, source, action, target, outcome, details, prev_hash, hash, time_ns";
+
 /// Audit records with their stored time index (`time_ns`, which verification checks
 /// against the hashed time), in one pass.
 fn read_audit_rows(
@@ -2350,55 +2387,33 @@ fn read_audit_rows(
     tail: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<(AuditRecord, i64)>> {
-    let mut st = c.prepare_cached(&format!(
-        "SELECT seq, time, actor, source, action, target, outcome, details, prev_hash, hash, time_ns FROM audit {tail}"
-    ))?;
-    let rows = st.query_map(params, |r| {
-        Ok((
-            (
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-            ),
-            (
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-                r.get::<_, String>(8)?,
-                r.get::<_, String>(9)?,
-                r.get::<_, i64>(10)?,
-            ),
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (
-            (seq, time, actor, source, action, target),
-            (outcome, details, prev_hash, hash, time_ns),
-        ) = row?;
-        out.push((
-            AuditRecord {
-                seq: seq as u64,
-                entry: AuditEntry {
-                    time,
-                    actor,
-                    source,
-                    action,
-                    target,
-                    // An unknown outcome string is tampering; keep the record so the
-                    // hash check reports it as modified.
-                    outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
-                    details,
-                },
-                prev_hash,
-                hash,
+    let mut st = c.prepare_cached(&format!("SELECT {AUDIT_COLS} FROM audit {tail}"))?;
+    let rows = st.query_map(params, audit_row)?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// One row of `SELECT {AUDIT_COLS}`: the record and its stored time index.
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {
+    let outcome: String = r.get(6)?;
+    Ok((
+        AuditRecord {
+            seq: r.get::<_, i64>(0)? as u64,
+            entry: AuditEntry {
+                time: r.get(1)?,
+                actor: r.get(2)?,
+                source: r.get(3)?,
+                action: r.get(4)?,
+                target: r.get(5)?,
+                // An unknown outcome string is tampering; keep the record so the
+                // hash check reports it as modified.
+                outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
+                details: r.get(7)?,
             },
-            time_ns,
-        ));
-    }
-    Ok(out)
+            prev_hash: r.get(8)?,
+            hash: r.get(9)?,
+        },
+        r.get(10)?,
+    ))
 }
 
 fn read_vms(c: &Connection, tail: &str, params: &[&dyn rusqlite::ToSql]) -> Result<Vec<VmRecord>> {

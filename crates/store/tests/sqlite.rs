@@ -623,3 +623,15 @@ async fn a_full_write_queue_refuses_writes_but_not_audit_events() {
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(store.write_queue().unwrap().depth, 0);
 }
+
+/// `audit verify` streams the chain; a row it cannot read is an error, never taken for
+/// the chain's end (which would report an intact, shorter chain).
+#[tokio::test]
+async fn verify_file_fails_on_an_unreadable_row() {
+    let (_dir, path, _) = populated().await;
+    raw(&path)
+        .execute("UPDATE audit SET hash = x'00ff' WHERE seq = 3", [])
+        .unwrap();
+    let r = verify_file(&path, None);
+    assert!(r.is_err(), "{r:?}");
+}
