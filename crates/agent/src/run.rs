@@ -43,6 +43,8 @@ impl Progress {
 struct Inventory {
     addresses: Vec<String>,
     listening: Vec<jitgate_proto::WireListener>,
+    /// What could not be read while gathering `listening`.
+    errors: Vec<String>,
     counters: Vec<jitgate_proto::WireCounter>,
 }
 
@@ -248,15 +250,25 @@ impl Shared {
                     .map(|e| e.applied_rules())
                     .unwrap_or_default();
                 let counters = crate::enforce::read_counters(&me.counter_nft, &rules);
+                let listeners = host::listeners(&me.config.proc_root);
                 Inventory {
                     addresses: host::addresses(),
-                    listening: host::listeners(&me.config.proc_root),
+                    listening: listeners.listening,
+                    errors: listeners.errors,
                     counters,
                 }
             })
             .await
             .unwrap_or_default();
             if let Ok(mut last) = self.inventory.lock() {
+                // Logged once when it appears (reports come every 10 s); the report
+                // carries every current one to the controller.
+                for e in host::new_errors(&last.errors, &gathered.errors) {
+                    tracing::warn!(error = %e, "cannot read the host's listening sockets; the report may miss some");
+                }
+                if !last.errors.is_empty() && gathered.errors.is_empty() {
+                    tracing::info!("the host's listening sockets are readable again");
+                }
                 *last = gathered.clone();
             }
             gathered
@@ -273,6 +285,7 @@ impl Shared {
             agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
             addresses: inventory.addresses,
             listening: inventory.listening,
+            inventory_errors: inventory.errors,
             counters: inventory.counters,
             table_matches: progress.table_matches,
             drift_events: progress.drift_events,

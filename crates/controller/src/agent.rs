@@ -2,7 +2,7 @@
 //! and the per-VM change notifications that wake long-polls within milliseconds.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -30,17 +30,26 @@ use crate::error::{ApiError, ApiResult};
 pub const MAX_WAIT_SECS: u64 = 60;
 
 /// One watch channel per VM: bumped whenever that VM's desired state may have changed.
+/// A channel exists only while a long-poll waits on it: the last [`VmWatch`] to go
+/// removes it, so the map holds the VMs being watched now, not every VM ever watched.
 #[derive(Default)]
 pub struct VmChanges {
     map: Mutex<HashMap<String, watch::Sender<u64>>>,
 }
 
 impl VmChanges {
-    pub fn subscribe(&self, vm: &VmId) -> watch::Receiver<u64> {
+    pub fn subscribe(self: &Arc<Self>, vm: &VmId) -> VmWatch {
+        let key = vm.key();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(vm.key())
+        let rx = map
+            .entry(key.clone())
             .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+            .subscribe();
+        VmWatch {
+            changes: self.clone(),
+            key,
+            rx: Some(rx),
+        }
     }
 
     pub fn touch<'a>(&self, vms: impl IntoIterator<Item = &'a VmId>) {
@@ -49,6 +58,56 @@ impl VmChanges {
             if let Some(tx) = map.get(&vm.key()) {
                 tx.send_modify(|r| *r += 1);
             }
+        }
+    }
+
+    /// How many VMs are watched now.
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A long-poll's subscription to one VM's changes; dropping the last one of a VM
+/// removes its channel.
+pub struct VmWatch {
+    changes: Arc<VmChanges>,
+    key: String,
+    /// Always `Some` until dropped: taken in `drop`, under the map's lock.
+    rx: Option<watch::Receiver<u64>>,
+}
+
+impl VmWatch {
+    /// Marks the current value seen.
+    pub fn borrow_and_update(&mut self) {
+        if let Some(rx) = &mut self.rx {
+            rx.borrow_and_update();
+        }
+    }
+
+    /// Waits for a change not yet seen.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        match &mut self.rx {
+            Some(rx) => rx.changed().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for VmWatch {
+    fn drop(&mut self) {
+        // Under the lock, like `subscribe`: a subscriber arriving now either finds the
+        // channel still counted or creates a fresh one, never a channel being removed.
+        let mut map = self.changes.map.lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.rx.take());
+        if map
+            .get(&self.key)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            map.remove(&self.key);
         }
     }
 }
@@ -201,6 +260,15 @@ pub async fn status(
         .agent_status(&vm)
         .await?
         .and_then(|r| serde_json::from_str(&r.report).ok());
+    // The host facts the agent could not read: logged when they change (reports
+    // come every 10 s), shown with the VM and in its recommendation.
+    if !report.inventory_errors.is_empty()
+        && previous
+            .as_ref()
+            .is_none_or(|p| p.inventory_errors != report.inventory_errors)
+    {
+        tracing::warn!(vm = %vm, errors = ?report.inventory_errors, "agent cannot read all of the host's listening sockets");
+    }
     let mut points = Vec::new();
     for c in &report.counters {
         let before = previous.as_ref().and_then(|p| {
@@ -308,6 +376,7 @@ pub async fn status_json(state: &AppState, vm: &VmId) -> ApiResult<Value> {
         "agentVersion": report.agent_version,
         "addresses": report.addresses,
         "listening": report.listening,
+        "inventoryErrors": report.inventory_errors,
         "counters": report.counters,
         "tableMatches": report.table_matches,
         "driftEvents": report.drift_events,
@@ -384,6 +453,10 @@ fn checked_report(mut r: StatusReport) -> ApiResult<StatusReport> {
         if let Some(p) = &l.process {
             label(&format!("listening[{i}].process"), p, 64)?;
         }
+    }
+    count("inventoryErrors", &r.inventory_errors, 16)?;
+    for (i, e) in r.inventory_errors.iter().enumerate() {
+        label(&format!("inventoryErrors[{i}]"), e, 1024)?;
     }
     count("counters", &r.counters, 1024)?;
     for (i, c) in r.counters.iter_mut().enumerate() {
@@ -642,4 +715,55 @@ pub async fn revoke_enroll_token(
         // Already revoked: nothing changed.
         StatusCode::OK
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn vm(name: &str) -> VmId {
+        VmId::new(
+            jitgate_core::ids::SubscriptionId::new(uuid::Uuid::nil()),
+            ResourceGroup::parse("rg").unwrap(),
+            VmName::parse(name).unwrap(),
+        )
+    }
+
+    /// Issue 10: channels of VMs nobody watches any more are removed (the map grew by
+    /// one entry per VM ever long-polled).
+    #[tokio::test]
+    async fn channels_go_with_their_last_watcher() {
+        let changes = Arc::new(VmChanges::default());
+        let mut a = changes.subscribe(&vm("a"));
+        let mut a2 = changes.subscribe(&vm("A"));
+        let b = changes.subscribe(&vm("b"));
+        assert_eq!(changes.len(), 2, "one channel per VM, by key");
+
+        changes.touch([&vm("a")]);
+        a.changed().await.unwrap();
+        a2.changed().await.unwrap();
+        drop(a);
+        assert_eq!(changes.len(), 2, "a is still watched");
+        changes.touch([&vm("a")]);
+        a2.changed().await.unwrap();
+        drop(a2);
+        drop(b);
+        assert!(changes.is_empty());
+
+        // Touching an unwatched VM creates nothing; a new watcher starts afresh and
+        // is woken by the next change.
+        changes.touch([&vm("a")]);
+        assert!(changes.is_empty());
+        let mut again = changes.subscribe(&vm("a"));
+        again.borrow_and_update();
+        changes.touch([&vm("a")]);
+        tokio::time::timeout(Duration::from_secs(1), again.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        drop(again);
+        assert!(changes.is_empty());
+    }
 }

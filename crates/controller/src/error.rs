@@ -14,6 +14,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub target: Option<String>,
+    /// Seconds for a `Retry-After` header (503, 429).
+    pub retry_after: Option<u64>,
 }
 
 /// Attached to every error response so the audit layer can record what was refused.
@@ -31,6 +33,7 @@ impl ApiError {
             code,
             message: message.into(),
             target: None,
+            retry_after: None,
         }
     }
 
@@ -91,9 +94,27 @@ impl ApiError {
     }
 }
 
+/// How long a caller refused for a full write queue is asked to wait.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        match e {
+            // Not a failure of the controller: too many writes at once. Nothing was
+            // changed; the caller retries.
+            StoreError::Busy { queued } => {
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServerBusy",
+                    format!(
+                        "the controller has {queued} writes waiting, the most it queues; nothing was changed: retry in {BUSY_RETRY_AFTER_SECS} s"
+                    ),
+                );
+                e.retry_after = Some(BUSY_RETRY_AFTER_SECS);
+                e
+            }
+            e => ApiError::internal(e),
+        }
     }
 }
 
@@ -125,6 +146,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
         resp.extensions_mut().insert(ErrorInfo {
             code: self.code,
             message: self.message,

@@ -20,7 +20,10 @@ pub mod recommend;
 mod server;
 pub mod tls;
 
-pub use server::{BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, Running, TlsFiles, recover, start};
+pub use server::{
+    BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, DEFAULT_BLOCKED_RETENTION, Running, TlsFiles, recover,
+    start,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

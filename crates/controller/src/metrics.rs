@@ -28,6 +28,11 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub auth_cache_hits: Counter,
     pub auth_cache_misses: Counter,
+    /// The store's write queue, read from the store at each scrape.
+    pub write_queue_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub write_queue_capacity: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub writes_refused: Counter<u64, AtomicU64>,
+    pub blocked_pruned: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +77,30 @@ impl Metrics {
             "auth_cache_misses",
             "Calls whose token was looked up in the store",
             auth_cache_misses.clone(),
+        );
+        let write_queue_depth = Gauge::default();
+        let write_queue_capacity = Gauge::default();
+        let writes_refused = Counter::default();
+        let blocked_pruned = Counter::default();
+        registry.register(
+            "write_queue_depth",
+            "Writes waiting for the store's writer (besides the group being committed)",
+            write_queue_depth.clone(),
+        );
+        registry.register(
+            "write_queue_capacity",
+            "The most writes that may wait for the store's writer (--write-queue)",
+            write_queue_capacity.clone(),
+        );
+        registry.register(
+            "writes_refused",
+            "Writes refused because the write queue was full (answered 503 with Retry-After)",
+            writes_refused.clone(),
+        );
+        registry.register(
+            "blocked_attempts_pruned",
+            "Blocked-attempt points deleted for being older than the retention",
+            blocked_pruned.clone(),
         );
         registry.register(
             "refusals_suppressed",
@@ -143,6 +172,21 @@ impl Metrics {
             connections_refused,
             auth_cache_hits,
             auth_cache_misses,
+            write_queue_depth,
+            write_queue_capacity,
+            writes_refused,
+            blocked_pruned,
+        }
+    }
+
+    /// Takes in the store's write-queue figures (at each scrape: the store counts).
+    pub fn observe_write_queue(&self, stats: Option<jitgate_store::WriteQueueStats>) {
+        if let Some(q) = stats {
+            self.write_queue_depth.set(q.depth as i64);
+            self.write_queue_capacity.set(q.capacity as i64);
+            self.writes_refused
+                .inner()
+                .store(q.refused, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

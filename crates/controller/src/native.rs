@@ -167,6 +167,7 @@ async fn health(State(state): State<AppState>) -> ApiResult<Json<Value>> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.observe_write_queue(state.store.write_queue());
     (
         [(
             header::CONTENT_TYPE,

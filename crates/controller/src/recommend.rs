@@ -1,6 +1,7 @@
 //! Recommendations (Defender's tabs) from what agents really report; applying them
 //! (enable JIT on every unhealthy machine's listening management ports, one call,
-//! audited); exclusions (JIT switched off for a scope); blocked-attempt series.
+//! audited); exclusions (JIT switched off for a scope); blocked-attempt series and
+//! their retention.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -52,6 +53,7 @@ fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
                 })
             })
             .collect(),
+        inventory_errors: report.inventory_errors.clone(),
     }
 }
 
@@ -494,6 +496,36 @@ pub async fn blocked(
         "totals": totals.iter().map(|((port, proto), n)| json!({"port": port, "protocol": proto, "count": n})).collect::<Vec<_>>(),
         "series": points.iter().map(|p| json!({"port": p.port, "protocol": p.protocol, "at": p.at.to_string(), "count": p.count})).collect::<Vec<_>>(),
     })))
+}
+
+/// How often points past the retention are deleted (also once at start).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes blocked-attempt points older than `retention`, at start and then hourly.
+pub async fn prune_blocked(
+    state: AppState,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let before = jiff::SignedDuration::try_from(retention)
+            .ok()
+            .and_then(|r| Timestamp::now().checked_sub(r).ok());
+        if let Some(before) = before {
+            match state.store.prune_blocked(before).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    state.metrics.blocked_pruned.inc_by(n);
+                    tracing::info!(deleted = n, %before, "pruned blocked-attempt points past the retention");
+                }
+                Err(e) => tracing::error!(error = %e, "cannot prune blocked-attempt points"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Keeps the verdict gauges current (every 30 s).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use jitgate_core::Timestamp;
 use jitgate_core::ids::SubscriptionId;
-use jitgate_store::sqlite::SqliteStore;
+use jitgate_store::sqlite::{SqliteOptions, SqliteStore};
 use jitgate_store::{AuditCtx, Bootstrap, Store, TokenRecord};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -22,6 +22,9 @@ pub const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
 pub const BOOTSTRAP_PRINCIPAL: &str = "bootstrap-admin";
 pub const LOCK_FILE: &str = "controller.lock";
 pub const RECOVERY_PRINCIPAL: &str = "recovery-admin";
+/// Blocked-attempt points are kept 30 days unless configured otherwise.
+pub const DEFAULT_BLOCKED_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(30 * 86_400);
 
 /// An exclusive lock on the data directory, held while a controller (or a local
 /// recovery) uses it: two writers would fork the audit chain.
@@ -81,6 +84,11 @@ pub struct Config {
     pub accept_audit_break: bool,
     /// Refused-call, connection and timeout limits.
     pub limits: crate::limits::Limits,
+    /// The most writes waiting for the store's writer; past it a write is answered 503
+    /// with `Retry-After` (see `jitgate_store::sqlite::SqliteOptions`).
+    pub write_queue: usize,
+    /// How long blocked-attempt points are kept (pruned at start and hourly).
+    pub blocked_retention: std::time::Duration,
 }
 
 impl Config {
@@ -98,6 +106,8 @@ impl Config {
             checkpoint_interval: std::time::Duration::from_secs(5),
             accept_audit_break: false,
             limits: crate::limits::Limits::default(),
+            write_queue: jitgate_store::sqlite::DEFAULT_WRITE_QUEUE,
+            blocked_retention: DEFAULT_BLOCKED_RETENTION,
         }
     }
 }
@@ -149,8 +159,13 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
     // `start` created the directory (it holds the lock).
     restrict(&config.data_dir, 0o700)?;
     let db = config.data_dir.join(DB_FILE);
-    let store = SqliteStore::open(&db)
-        .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
+    let store = SqliteStore::open_with(
+        &db,
+        SqliteOptions {
+            write_queue: config.write_queue,
+        },
+    )
+    .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
     for suffix in ["", "-wal", "-shm"] {
         let f = PathBuf::from(format!("{}{suffix}", db.display()));
         if f.exists() {
@@ -294,6 +309,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown_rx.clone(),
     ));
     let expiry = tokio::spawn(crate::expiry::run(state.clone(), shutdown_rx.clone()));
+    tokio::spawn(crate::recommend::prune_blocked(
+        state.clone(),
+        config.blocked_retention,
+        shutdown_rx.clone(),
+    ));
     tokio::spawn(crate::recommend::refresh_metrics(
         state.clone(),
         shutdown_rx,

@@ -272,7 +272,9 @@ impl VerifyReport {
     }
 }
 
-/// Walks the chain in storage order. `recorded_head` is the sequence number the store
+/// Walks the chain in storage order, one event at a time: `records` can stream from
+/// disk, and nothing of it is kept but the previous link (and the problems found), so
+/// memory does not grow with the chain. `recorded_head` is the sequence number the store
 /// recorded as its last, when it keeps one, to detect deletions at the end. With
 /// `anchors`, every checkpoint signed by the key must match the event it names.
 pub fn verify(
@@ -327,11 +329,12 @@ fn verify_after(
 /// that event's stored link is taken as given (the part before it is not checked),
 /// everything from it on is.
 pub fn verify_range(
-    records: Vec<AuditRecord>,
+    records: impl IntoIterator<Item = AuditRecord>,
     recorded_head: Option<u64>,
     anchors: Option<Anchors<'_>>,
 ) -> VerifyReport {
-    let start = match records.first() {
+    let mut records = records.into_iter().peekable();
+    let start = match records.peek() {
         Some(r) if r.seq > 1 => (r.seq - 1, r.prev_hash.clone()),
         _ => (0, GENESIS_HASH.to_owned()),
     };

@@ -54,6 +54,9 @@ pub struct AgentFacts {
     pub nft_version: Option<String>,
     pub error: Option<String>,
     pub listening: Vec<Listening>,
+    /// What the agent could not read about the host's sockets: `listening` may miss
+    /// some, so "nothing exposed" cannot be concluded.
+    pub inventory_errors: Vec<String>,
     /// The agent found its table changed outside jitgate and has not yet confirmed
     /// that it matches again: what was changed.
     pub drift: Option<String>,
@@ -204,6 +207,17 @@ pub fn classify(f: &VmFacts, config: &RecommendConfig, now: Timestamp) -> Recomm
             listening_management: listening,
         };
     }
+    if let Some(e) = agent.inventory_errors.first() {
+        // What was read exposes nothing, but what could not be read might.
+        return Recommendation {
+            verdict: Verdict::NotApplicable,
+            reason: format!(
+                "the agent cannot read every listening socket, so an exposed management port may be missed: {e}"
+            ),
+            exposed: Vec::new(),
+            listening_management: listening,
+        };
+    }
     let reason = if listening.is_empty() {
         "no management port is listening".to_owned()
     } else {
@@ -254,6 +268,7 @@ mod tests {
             nft_version: Some("nftables v1.0.6".into()),
             error: None,
             listening,
+            inventory_errors: Vec::new(),
             drift: None,
         })
     }
@@ -311,6 +326,12 @@ mod tests {
         partly.protected = vec![p22];
         let mut custom = RecommendConfig::default();
         custom.management_ports.push(8443);
+        let unreadable = |listening| {
+            let mut f = facts(agent(listening));
+            f.agent.as_mut().unwrap().inventory_errors =
+                vec!["/proc/net/tcp6 line 2: not a socket line: 'x'".into()];
+            f
+        };
 
         let cases: Vec<(VmFacts, &RecommendConfig, Verdict, &str)> = vec![
             (
@@ -364,6 +385,19 @@ mod tests {
             (user_deny, &c, Verdict::Healthy, "protected"),
             (user_allow_only, &c, Verdict::Unhealthy, "22"),
             (partly, &c, Verdict::Unhealthy, "3389"),
+            (
+                unreadable(vec![]),
+                &c,
+                Verdict::NotApplicable,
+                "cannot read every listening socket, so an exposed management port may be missed: /proc/net/tcp6 line 2",
+            ),
+            // What was read is enough to say Unhealthy.
+            (
+                unreadable(vec![listen(22, "0.0.0.0")]),
+                &c,
+                Verdict::Unhealthy,
+                "22",
+            ),
             (
                 facts(agent(vec![listen(8443, "0.0.0.0")])),
                 &custom,

@@ -195,6 +195,14 @@ pub struct ServeArgs {
     /// open-file limit [default: 16384].
     #[arg(long, env = "JITGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most writes waiting for the database; a write beyond it is answered 503 with
+    /// Retry-After instead of waiting longer [default: 4096].
+    #[arg(long, env = "JITGATE_WRITE_QUEUE")]
+    pub write_queue: Option<usize>,
+    /// How long blocked-attempt points (agents' deny-rule counters) are kept, e.g.
+    /// 30d, 2160h or P90D; older ones are deleted hourly [default: 30d; at least 1d].
+    #[arg(long, env = "JITGATE_BLOCKED_ATTEMPTS_RETENTION", value_parser = parse_retention)]
+    pub blocked_attempts_retention: Option<u64>,
 }
 
 #[derive(Subcommand, Clone)]
@@ -347,6 +355,20 @@ struct FileConfig {
     refusals_audited: Option<u32>,
     refusals_block_after: Option<u32>,
     max_connections: Option<usize>,
+    write_queue: Option<usize>,
+    blocked_attempts_retention: Option<String>,
+}
+
+/// A retention in seconds: a duration of at least a day (the VM view and the blocked
+/// series show the last 24 hours by default).
+pub fn parse_retention(text: &str) -> Result<u64, String> {
+    let secs = crate::human::parse_secs(text)?;
+    if secs < 86_400 {
+        return Err(format!(
+            "'{text}' is less than 1d: blocked attempts of the last 24 hours are shown by default"
+        ));
+    }
+    Ok(secs as u64)
 }
 
 pub fn parse_tls_san(text: &str) -> Result<String, String> {
@@ -648,6 +670,26 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
             bail!("max_connections: must be at least 16");
         }
         config.limits.max_connections = n;
+    }
+    if let Some(n) = args.write_queue.or(file.write_queue) {
+        if n == 0 {
+            bail!("write_queue: must be at least 1");
+        }
+        config.write_queue = n;
+    }
+    let retention = match (
+        args.blocked_attempts_retention,
+        file.blocked_attempts_retention,
+    ) {
+        (Some(secs), _) => Some(secs),
+        (None, Some(text)) => Some(
+            parse_retention(&text)
+                .map_err(|e| anyhow::anyhow!("blocked_attempts_retention: {e}"))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(secs) = retention {
+        config.blocked_retention = std::time::Duration::from_secs(secs);
     }
     if let Some(ports) = args.management_ports.or(file.management_ports) {
         if ports.is_empty() || ports.contains(&0) {
@@ -1338,4 +1380,80 @@ fn stop_signals() -> anyhow::Result<(tokio::signal::unix::Signal, tokio::signal:
         signal(SignalKind::terminate())?,
         signal(SignalKind::interrupt())?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn serve_args(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut argv = vec!["jitgate", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(a) => Ok(a),
+            _ => unreachable!(),
+        }
+    }
+
+    fn with_file(toml: &str, args: &[&str]) -> anyhow::Result<jitgate_controller::Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jitgate.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut argv = vec!["--config", path.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        Ok(serve_config(serve_args(&argv).unwrap())?.0)
+    }
+
+    /// Issue 10: the write queue and the blocked-attempt retention, from a flag over
+    /// the TOML file over the default.
+    #[test]
+    fn write_queue_and_retention_settings() {
+        let d = serve_config(serve_args(&[]).unwrap()).unwrap().0;
+        assert_eq!(d.write_queue, jitgate_store::sqlite::DEFAULT_WRITE_QUEUE);
+        assert_eq!(
+            d.blocked_retention,
+            jitgate_controller::DEFAULT_BLOCKED_RETENTION
+        );
+
+        let c = with_file(
+            "write_queue = 64\nblocked_attempts_retention = \"P90D\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.write_queue, 64);
+        assert_eq!(c.blocked_retention.as_secs(), 90 * 86_400);
+        let c = with_file(
+            "write_queue = 64\nblocked_attempts_retention = \"P90D\"\n",
+            &[
+                "--write-queue",
+                "8",
+                "--blocked-attempts-retention",
+                "2d 12h",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.write_queue, 8);
+        assert_eq!(c.blocked_retention.as_secs(), 60 * 3600);
+
+        let e = with_file("write_queue = 0\n", &[]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("write_queue: must be at least 1"),
+            "{e:#}"
+        );
+        let e = with_file("blocked_attempts_retention = \"12h\"\n", &[]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("blocked_attempts_retention: '12h' is less than 1d"),
+            "{e:#}"
+        );
+        let e = serve_args(&["--blocked-attempts-retention", "soon"])
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("--blocked-attempts-retention"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), 2);
+    }
 }

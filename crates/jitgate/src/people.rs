@@ -1297,6 +1297,13 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
         if let Some(e) = agent["error"].as_str() {
             println!("  agent error: {e}");
         }
+        for e in agent["inventoryErrors"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            println!("  sockets:     incomplete, {}", s(e));
+        }
         if v["lastAccess"].is_null() {
             println!("  last access: never");
         } else {

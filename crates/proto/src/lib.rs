@@ -301,6 +301,11 @@ pub struct StatusReport {
     pub addresses: Vec<String>,
     #[serde(default)]
     pub listening: Vec<WireListener>,
+    /// What the agent could not read about the host (a `/proc/net` file that cannot
+    /// be read or does not parse), one sentence each: `listening` may be incomplete.
+    /// Kept apart from `error`, which says that enforcement failed.
+    #[serde(default)]
+    pub inventory_errors: Vec<String>,
     #[serde(default)]
     pub counters: Vec<WireCounter>,
     /// False while the agent has found its table changed outside jitgate and not yet

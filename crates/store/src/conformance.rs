@@ -109,6 +109,7 @@ macro_rules! store_conformance_tests {
             enroll_refuses_to_replace_an_online_agent,
             revoked_enroll_tokens_enroll_nothing,
             agent_status_put_get_upserts,
+            prune_blocked_keeps_exactly_the_recent_points,
         );
     };
 }
@@ -3803,6 +3804,61 @@ pub async fn agent_status_put_get_upserts(store: &dyn Store) {
         n0,
         "status reports are not audited"
     );
+}
+
+/// Issue 10: blocked-attempt points have a retention. `prune_blocked(before)` deletes
+/// exactly the points older than `before`, of every VM and however many there are,
+/// and keeps the others; like recording them, it is not audited (telemetry).
+pub async fn prune_blocked_keeps_exactly_the_recent_points(store: &dyn Store) {
+    let s = scene(store).await;
+    const DAY: i64 = 86_400;
+    let point = |vm: &VmId, secs: i64, count: u64| BlockedPoint {
+        vm: vm.clone(),
+        port: 22,
+        protocol: "TCP".into(),
+        at: at(secs),
+        count,
+    };
+    // Many old points (more than a backend may delete at once), then a few around
+    // the cut.
+    let old: Vec<BlockedPoint> = (0..25_000)
+        .map(|i| point(if i % 2 == 0 { &s.vm1 } else { &s.vm2 }, i, 1))
+        .collect();
+    store.record_blocked(old).await.unwrap();
+    store
+        .record_blocked(vec![
+            point(&s.vm2, 10 * DAY, 2),
+            point(&s.vm1, 30 * DAY - 1, 3),
+            point(&s.vm1, 30 * DAY, 4),
+            point(&s.vm2, 40 * DAY, 5),
+        ])
+        .await
+        .unwrap();
+    let n0 = audit_count(store).await;
+
+    // Kept for 10 days, at day 40: everything before day 30 goes.
+    let deleted = store.prune_blocked(at(30 * DAY)).await.unwrap();
+    assert_eq!(deleted, 25_002, "the old points of both VMs");
+    let left: Vec<(String, i64, u64)> = store
+        .blocked_series(None, t0())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| {
+            (
+                p.vm.name.as_str().to_owned(),
+                p.at.duration_since(t0()).as_secs(),
+                p.count,
+            )
+        })
+        .collect();
+    assert_eq!(
+        left,
+        vec![("vm1".into(), 30 * DAY, 4), ("vm2".into(), 40 * DAY, 5)],
+        "a point at the cut itself is kept"
+    );
+    assert_eq!(store.prune_blocked(at(30 * DAY)).await.unwrap(), 0);
+    assert_eq!(audit_count(store).await, n0, "pruning is not audited");
 }
 
 /// Regression (issue 8.4): a leaked enrollment token took over a machine whose agent

@@ -33,6 +33,21 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is shut down")]
     Closed,
+    /// The write queue is full: the write was not queued and changed nothing; retry
+    /// shortly.
+    #[error("the write queue is full ({queued} writes waiting); retry shortly")]
+    Busy { queued: usize },
+}
+
+/// How full a backend's write queue is (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteQueueStats {
+    /// Writes waiting now (not counting the group being committed).
+    pub depth: usize,
+    /// The most that may wait.
+    pub capacity: usize,
+    /// Writes refused with [`StoreError::Busy`] since the store was opened.
+    pub refused: u64,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -176,6 +191,10 @@ pub trait Store: Send + Sync + 'static {
     async fn agent_statuses(&self, vms: &[VmId]) -> Result<Vec<AgentStatusRecord>>;
     /// Appends blocked-attempt counts (a time series per VM and port).
     async fn record_blocked(&self, points: Vec<BlockedPoint>) -> Result<()>;
+    /// Deletes the blocked-attempt points older than `before` (the retention); returns
+    /// how many. Like the points themselves, not audited: telemetry, not a change
+    /// anyone made.
+    async fn prune_blocked(&self, before: Timestamp) -> Result<u64>;
     /// Blocked-attempt counts since `since`, oldest first (one VM, or all).
     async fn blocked_series(
         &self,
@@ -201,6 +220,12 @@ pub trait Store: Send + Sync + 'static {
     /// except what precedes the newest `audit.break_accepted` event that the
     /// checkpoint covers (that part was found broken, and the break accepted).
     async fn verify_audit_from(&self, anchor: AnchorSet) -> Result<VerifyReport>;
+
+    // ---- operations ----
+    /// The write queue's state, for a backend that has one.
+    fn write_queue(&self) -> Option<WriteQueueStats> {
+        None
+    }
 }
 
 impl<E> From<rusqlite::Error> for OpError<E> {

@@ -10,13 +10,14 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use jitgate_core::FieldError;
 use jitgate_core::audit::{self, AuditEntry, AuditRecord, Outcome, VerifyReport};
@@ -40,6 +41,12 @@ const READERS: usize = 8;
 
 /// The most writes committed together.
 const MAX_GROUP: usize = 512;
+
+/// Rows deleted per write by a prune.
+const PRUNE_CHUNK: usize = 10_000;
+
+/// Writes that may wait for the writer by default, besides the group it is committing.
+pub const DEFAULT_WRITE_QUEUE: usize = 4096;
 
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -492,21 +499,50 @@ struct ChainTail {
 
 /// Decoded policies, by key, with the `uid` and `rev` they were decoded at. Decoding a
 /// policy's JSON is the writer's largest cost on the initiate path; an entry is used
-/// only while the row still has the same uid and rev, so a rolled-back write cannot
-/// leave a stale entry in use.
+/// only while the row still has the same uid and rev. Readers only ever see committed
+/// rows; the writer also sees its open transaction, whose rev may be rolled back and
+/// then reused by a later write with other content, so the writer's cache forgets
+/// what it read inside a rolled-back job or a failed commit (`WriterPolicies`).
 type PolicyCache = std::collections::HashMap<String, (String, i64, Arc<Policy>)>;
+
+/// The writer's policy cache and the keys it was asked for since the last commit.
+/// Like the audit chain's tail, what was learnt from uncommitted rows is undone when
+/// they are: a job rolled back to its savepoint forgets the keys it looked up, a failed
+/// commit forgets every key looked up in the group.
+#[derive(Default)]
+struct WriterPolicies {
+    cache: PolicyCache,
+    /// Keys looked up in the open transaction, in order (a hit is listed too: evicting
+    /// it costs one decode, and keeps the rule simple).
+    looked_up: Vec<String>,
+}
+
+impl WriterPolicies {
+    /// Forgets the entries looked up after the `mark`-th lookup of the open transaction.
+    fn forget_since(&mut self, mark: usize) {
+        for key in self.looked_up.drain(mark..) {
+            self.cache.remove(&key);
+        }
+    }
+
+    /// The transaction committed: what it read is now true.
+    fn committed(&mut self) {
+        self.looked_up.clear();
+    }
+}
 
 /// What a write job sees: the open transaction and the audit chain.
 pub struct WriteCtx<'a> {
     tx: &'a Transaction<'a>,
     tail: &'a mut ChainTail,
-    policies: &'a mut PolicyCache,
+    policies: &'a mut WriterPolicies,
 }
 
 impl WriteCtx<'_> {
     /// `load_policy` through the writer's cache.
     fn policy(&mut self, key: &str) -> Result<Option<(String, Arc<Policy>)>> {
-        cached_policy(self.tx, key, self.policies)
+        self.policies.looked_up.push(key.to_owned());
+        cached_policy(self.tx, key, &mut self.policies.cache)
     }
 
     fn audit(
@@ -615,7 +651,7 @@ fn load_tail(conn: &Connection) -> Result<ChainTail> {
     })
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     let mut tail = match load_tail(&conn) {
         Ok(t) => t,
         Err(e) => {
@@ -623,8 +659,8 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
             return;
         }
     };
-    let mut policies = PolicyCache::new();
-    while let Ok(first) = rx.recv() {
+    let mut policies = WriterPolicies::default();
+    while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -639,6 +675,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
             for job in jobs.drain(..) {
                 tx.execute_batch("SAVEPOINT job")?;
                 let before = tail.clone();
+                let looked_up = policies.looked_up.len();
                 let (ok, finish) = {
                     let mut ctx = WriteCtx {
                         tx: &tx,
@@ -652,15 +689,20 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
                 } else {
                     tx.execute_batch("ROLLBACK TO job; RELEASE job")?;
                     tail = before;
+                    policies.forget_since(looked_up);
                 }
                 finishes.push(finish);
             }
             tx.commit()?;
             Ok(())
         })();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "write transaction failed");
-            tail = saved;
+        match &result {
+            Ok(()) => policies.committed(),
+            Err(e) => {
+                tracing::error!(error = %e, "write transaction failed");
+                tail = saved;
+                policies.forget_since(0);
+            }
         }
         for f in finishes {
             f(match &result {
@@ -677,9 +719,40 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
 
 // ---- the store ---------------------------------------------------------------------
 
+/// How a [`SqliteStore`] is opened.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The most writes waiting for the writer (besides the group it is committing).
+    /// A write asked for when it is full fails at once with [`StoreError::Busy`]
+    /// instead of growing the queue (and every caller's wait) without bound; the few
+    /// writes that record what already happened (`append_audit`, `expire_due`,
+    /// `prune_blocked`, `bootstrap`) wait for room instead. At least 1.
+    pub write_queue: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            write_queue: DEFAULT_WRITE_QUEUE,
+        }
+    }
+}
+
+/// What a write does when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhenFull {
+    /// Fail with `StoreError::Busy` (the caller is told to retry).
+    Refuse,
+    /// Wait for room: the write records something that has already happened.
+    Wait,
+}
+
 pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
+    write_queue: usize,
+    /// Writes refused because the queue was full, since opening.
+    refused_writes: AtomicU64,
     readers: Arc<Mutex<Vec<Connection>>>,
     /// Bounds concurrent reads to the pool's size: a burst of callers waits here
     /// instead of each occupying a blocking thread (and its memory).
@@ -691,9 +764,14 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, SqliteOptions::default())
+    }
+
+    pub fn open_with(path: &Path, options: SqliteOptions) -> Result<Self> {
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let write_queue = options.write_queue.max(1);
+        let (tx, rx) = mpsc::channel::<Job>(write_queue);
         std::thread::Builder::new()
             .name("jitgate-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx))
@@ -701,14 +779,26 @@ impl SqliteStore {
         Ok(SqliteStore {
             path: path.to_owned(),
             writer: Mutex::new(Some(tx)),
+            write_queue,
+            refused_writes: AtomicU64::new(0),
             readers: Arc::new(Mutex::new(Vec::new())),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
             read_policies: Arc::new(Mutex::new(PolicyCache::new())),
         })
     }
 
-    /// Runs `f` in the next group commit; resolves once it has committed.
+    /// Runs `f` in the next group commit; resolves once it has committed. Refused with
+    /// `Busy` when the queue is full.
     async fn write<T, E, F>(&self, f: F) -> Result<T, OpError<E>>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T, OpError<E>> + Send + 'static,
+    {
+        self.write_when(WhenFull::Refuse, f).await
+    }
+
+    async fn write_when<T, E, F>(&self, when_full: WhenFull, f: F) -> Result<T, OpError<E>>
     where
         T: Send + 'static,
         E: Send + 'static,
@@ -727,10 +817,27 @@ impl SqliteStore {
             });
             (ok, finish)
         });
-        {
+        let sender = {
             let guard = self.writer.lock().map_err(|_| StoreError::Closed)?;
             let sender = guard.as_ref().ok_or(StoreError::Closed)?;
-            sender.send(job).map_err(|_| StoreError::Closed)?;
+            match when_full {
+                WhenFull::Refuse => {
+                    sender.try_send(job).map_err(|e| match e {
+                        mpsc::error::TrySendError::Full(_) => {
+                            self.refused_writes.fetch_add(1, Ordering::Relaxed);
+                            StoreError::Busy {
+                                queued: self.write_queue,
+                            }
+                        }
+                        mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+                    })?;
+                    None
+                }
+                WhenFull::Wait => Some((sender.clone(), job)),
+            }
+        };
+        if let Some((sender, job)) = sender {
+            sender.send(job).await.map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| OpError::Store(StoreError::Closed))?
     }
@@ -740,12 +847,22 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
     {
-        self.write::<T, std::convert::Infallible, _>(move |ctx| f(ctx).map_err(OpError::Store))
-            .await
-            .map_err(|e| match e {
-                OpError::Store(s) => s,
-                OpError::Refused(never) => match never {},
-            })
+        self.write_plain_when(WhenFull::Refuse, f).await
+    }
+
+    async fn write_plain_when<T, F>(&self, when_full: WhenFull, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
+    {
+        self.write_when::<T, std::convert::Infallible, _>(when_full, move |ctx| {
+            f(ctx).map_err(OpError::Store)
+        })
+        .await
+        .map_err(|e| match e {
+            OpError::Store(s) => s,
+            OpError::Refused(never) => match never {},
+        })
     }
 
     /// Runs `f` on a pooled read connection, off the async threads.
@@ -898,7 +1015,7 @@ fn revoke_where(
 #[async_trait]
 impl Store for SqliteStore {
     async fn bootstrap(&self, init: Bootstrap, audit: AuditCtx) -> Result<BootstrapOutcome> {
-        self.write_plain(move |ctx| {
+        self.write_plain_when(WhenFull::Wait, move |ctx| {
             let existing: Option<String> = ctx
                 .tx
                 .query_row("SELECT id FROM subscriptions ORDER BY created_ns LIMIT 1", [], |r| r.get(0))
@@ -1588,7 +1705,9 @@ impl Store for SqliteStore {
     }
 
     async fn expire_due(&self, now: Timestamp) -> Result<Vec<RevokedPort>> {
-        self.write_plain(move |ctx| {
+        // The kernel has already closed these ports: the record follows, whatever the
+        // load.
+        self.write_plain_when(WhenFull::Wait, move |ctx| {
             let audit = AuditCtx {
                 actor: "system".into(),
                 source: "controller".into(),
@@ -2098,6 +2217,29 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn prune_blocked(&self, before: Timestamp) -> Result<u64> {
+        // In chunks, each its own write: a large backlog never holds the writer (and
+        // every caller behind it) for long.
+        let mut total = 0u64;
+        loop {
+            let deleted = self
+                .write_plain_when(WhenFull::Wait, move |ctx| {
+                    Ok(ctx
+                        .tx
+                        .prepare_cached(
+                            "DELETE FROM blocked_attempts WHERE rowid IN
+                             (SELECT rowid FROM blocked_attempts WHERE at_ns < ?1 LIMIT ?2)",
+                        )?
+                        .execute(params![ns(before), PRUNE_CHUNK as i64])?)
+                })
+                .await?;
+            total += deleted as u64;
+            if deleted < PRUNE_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
     async fn blocked_series(
         &self,
         vm: Option<&VmId>,
@@ -2203,7 +2345,10 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
-        self.write_plain(move |ctx| ctx.append(entry)).await
+        // What it records (a refused call, a drift) has happened: it waits for room
+        // rather than being lost to a full queue.
+        self.write_plain_when(WhenFull::Wait, move |ctx| ctx.append(entry))
+            .await
     }
 
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
@@ -2250,13 +2395,28 @@ impl Store for SqliteStore {
                 [newest as i64],
                 |r| r.get(0),
             )?;
-            let (records, edited) = tail_with_times(c, from.unwrap_or(0).max(0) as u64)?;
-            let mut report =
-                audit::verify_range(records, recorded_head(c)?, Some(anchor.anchors()));
+            let (mut report, edited) =
+                stream_audit(c, from.unwrap_or(0).max(0) as u64, |records, head| {
+                    audit::verify_range(records, head, Some(anchor.anchors()))
+                })?;
             report.problems.extend(edited);
             Ok(report)
         })
         .await
+    }
+
+    fn write_queue(&self) -> Option<WriteQueueStats> {
+        let depth = self
+            .writer
+            .lock()
+            .ok()?
+            .as_ref()
+            .map_or(0, |s| s.max_capacity() - s.capacity());
+        Some(WriteQueueStats {
+            depth,
+            capacity: self.write_queue,
+            refused: self.refused_writes.load(Ordering::Relaxed),
+        })
     }
 
     async fn audit_tail(&self) -> Result<(u64, String)> {
@@ -2268,18 +2428,49 @@ impl Store for SqliteStore {
     }
 }
 
-/// The events from `from` on, in storage order, with their time-index problems.
-fn tail_with_times(c: &Connection, from: u64) -> Result<(Vec<AuditRecord>, Vec<audit::Problem>)> {
-    let rows = read_audit_rows(c, "WHERE seq >= ?1 ORDER BY rowid", &[&(from as i64)])?;
+/// Hands the events from `from` on, in storage order, to `walk` as an iterator that
+/// reads one row at a time (memory does not grow with the chain), together with the
+/// recorded head; returns what `walk` returned and the events whose time index
+/// disagrees with their hashed time. Rows and head are read in one transaction, so an
+/// event appended during a long walk cannot look like a truncation.
+fn stream_audit<T>(
+    c: &Connection,
+    from: u64,
+    walk: impl FnOnce(&mut dyn Iterator<Item = AuditRecord>, Option<u64>) -> T,
+) -> Result<(T, Vec<audit::Problem>)> {
+    let tx = c.unchecked_transaction()?;
+    let head = recorded_head(&tx)?;
+    let mut st = tx.prepare(&format!(
+        "SELECT {AUDIT_COLS} FROM audit WHERE seq >= ?1 ORDER BY rowid"
+    ))?;
+    let mut rows = st.query([from as i64])?;
+    let mut failed: Option<rusqlite::Error> = None;
     let mut edited = Vec::new();
-    let mut records = Vec::with_capacity(rows.len());
-    for (record, time_ns) in rows {
-        if record.entry.time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
-            edited.push(audit::Problem::TimeEdited { seq: record.seq });
+    let mut records = std::iter::from_fn(|| {
+        let row = match rows.next() {
+            Ok(Some(row)) => audit_row(row),
+            Ok(None) => return None,
+            Err(e) => Err(e),
+        };
+        match row {
+            Ok((record, time_ns)) => {
+                if record.entry.time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
+                    edited.push(audit::Problem::TimeEdited { seq: record.seq });
+                }
+                Some(record)
+            }
+            Err(e) => {
+                failed = Some(e);
+                None
+            }
         }
-        records.push(record);
+    });
+    let out = walk(&mut records, head);
+    // A read error ends the walk early: it must not pass for the chain's end.
+    if let Some(e) = failed {
+        return Err(e.into());
     }
-    Ok((records, edited))
+    Ok((out, edited))
 }
 
 fn recorded_head(c: &Connection) -> Result<Option<u64>> {
@@ -2296,8 +2487,9 @@ fn recorded_head(c: &Connection) -> Result<Option<u64>> {
 /// and hashes, the recorded head, the signed checkpoints when given, and that every
 /// event's time index (`time_ns`, which queries use) is its hashed time.
 pub fn verify_connection(c: &Connection, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
-    let (records, edited) = tail_with_times(c, 0)?;
-    let mut report = audit::verify(records, recorded_head(c)?, anchors.map(AnchorSet::anchors));
+    let (mut report, edited) = stream_audit(c, 0, |records, head| {
+        audit::verify(records, head, anchors.map(AnchorSet::anchors))
+    })?;
     report.problems.extend(edited);
     Ok(report)
 }
@@ -2319,6 +2511,10 @@ fn read_audit(
         .collect())
 }
 
+/// The columns `audit_row` reads.
+const AUDIT_COLS: &str =
+    "seq, time, actor, source, action, target, outcome, details, prev_hash, hash, time_ns";
+
 /// Audit records with their stored time index (`time_ns`, which verification checks
 /// against the hashed time), in one pass.
 fn read_audit_rows(
@@ -2326,55 +2522,33 @@ fn read_audit_rows(
     tail: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<(AuditRecord, i64)>> {
-    let mut st = c.prepare_cached(&format!(
-        "SELECT seq, time, actor, source, action, target, outcome, details, prev_hash, hash, time_ns FROM audit {tail}"
-    ))?;
-    let rows = st.query_map(params, |r| {
-        Ok((
-            (
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-            ),
-            (
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-                r.get::<_, String>(8)?,
-                r.get::<_, String>(9)?,
-                r.get::<_, i64>(10)?,
-            ),
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (
-            (seq, time, actor, source, action, target),
-            (outcome, details, prev_hash, hash, time_ns),
-        ) = row?;
-        out.push((
-            AuditRecord {
-                seq: seq as u64,
-                entry: AuditEntry {
-                    time,
-                    actor,
-                    source,
-                    action,
-                    target,
-                    // An unknown outcome string is tampering; keep the record so the
-                    // hash check reports it as modified.
-                    outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
-                    details,
-                },
-                prev_hash,
-                hash,
+    let mut st = c.prepare_cached(&format!("SELECT {AUDIT_COLS} FROM audit {tail}"))?;
+    let rows = st.query_map(params, audit_row)?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// One row of `SELECT {AUDIT_COLS}`: the record and its stored time index.
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {
+    let outcome: String = r.get(6)?;
+    Ok((
+        AuditRecord {
+            seq: r.get::<_, i64>(0)? as u64,
+            entry: AuditEntry {
+                time: r.get(1)?,
+                actor: r.get(2)?,
+                source: r.get(3)?,
+                action: r.get(4)?,
+                target: r.get(5)?,
+                // An unknown outcome string is tampering; keep the record so the
+                // hash check reports it as modified.
+                outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Failed),
+                details: r.get(7)?,
             },
-            time_ns,
-        ));
-    }
-    Ok(out)
+            prev_hash: r.get(8)?,
+            hash: r.get(9)?,
+        },
+        r.get(10)?,
+    ))
 }
 
 /// A `nsg_rules` row: name, priority, access, protocol, sources, ports, description,

@@ -489,3 +489,218 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].id, vm("vm2"));
 }
+
+/// A policy on vm1 and vm2 with `ports` open to any source for up to 3 h.
+fn spec_with(ports: &[i64]) -> jitgate_core::policy::PolicySpec {
+    let rules: Vec<PortRuleInput> = ports
+        .iter()
+        .map(|&n| PortRuleInput {
+            number: Some(n),
+            protocol: Some("TCP".into()),
+            allowed_source_address_prefix: Some(RawPrefix::One("*".into())),
+            allowed_source_address_prefixes: None,
+            max_request_access_duration: Some("PT3H".into()),
+        })
+        .collect();
+    validate_policy(
+        &key(),
+        &PolicyInput {
+            kind: None,
+            virtual_machines: Some(
+                ["vm1", "vm2"]
+                    .into_iter()
+                    .map(|n| PolicyVmInput {
+                        id: Some(vm(n).to_string()),
+                        ports: Some(rules.clone()),
+                        public_ip_address: None,
+                    })
+                    .collect(),
+            ),
+        },
+    )
+    .unwrap()
+}
+
+/// An initiate for vm1's `port`, for an hour, by the Owner.
+fn initiate_port(id: u128, port: i64) -> InitiateArgs {
+    InitiateArgs {
+        policy: key(),
+        input: InitiateInput {
+            virtual_machines: Some(vec![InitiateVmInput {
+                id: Some(vm("vm1").to_string()),
+                ports: Some(vec![InitiatePortInput {
+                    number: Some(port),
+                    allowed_source_address_prefix: None,
+                    end_time_utc: None,
+                    duration: Some("PT1H".into()),
+                }]),
+            }]),
+            justification: None,
+        },
+        id: RequestId::new(uuid::Uuid::from_u128(id)),
+        requestor: OWNER.into(),
+        caller_ip: "10.0.0.9".parse().unwrap(),
+        assignments: vec![RoleAssignment {
+            principal: OWNER.into(),
+            role: Role::Owner,
+            scope: jitgate_core::ids::Scope::Subscription(sub()),
+        }],
+    }
+}
+
+/// Regression (issue 10): after a failed group commit the writer restored the audit
+/// tail but kept the policies it had decoded inside the failed transaction. A policy
+/// update that never committed left its content cached under the row's next `rev`;
+/// the next update, which reuses that `rev`, was then judged by the uncommitted
+/// content. Here an update opening 3389 fails to commit (a deferred foreign key,
+/// planted by a trigger, fails the COMMIT) after an initiate in the same group read
+/// it; the update that does commit keeps only 22, and an initiate for 3389 must be
+/// refused.
+#[tokio::test]
+async fn a_failed_commit_forgets_the_policies_it_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jitgate.db");
+    let store = std::sync::Arc::new(SqliteStore::open(&path).unwrap());
+    populate(&store).await;
+
+    // Another connection holds the write lock, so that the next writes queue up and
+    // are committed as one group; it also plants the fault: every `policy.update`
+    // event inserts a row whose deferred foreign key fails at COMMIT.
+    let lock = raw(&path);
+    lock.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE poison_parent(id INTEGER PRIMARY KEY);
+         CREATE TABLE poison(parent INTEGER REFERENCES poison_parent(id) DEFERRABLE INITIALLY DEFERRED);
+         CREATE TRIGGER poison_policy_update AFTER INSERT ON audit
+             WHEN NEW.action = 'policy.update'
+         BEGIN INSERT INTO poison(parent) VALUES (1); END;",
+    )
+    .unwrap();
+    // The writer takes this one and waits for the lock with it...
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.revoke_token("jg_unknown", ctx(40)).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // ...while these two queue behind it, in this order: the next group.
+    let group = tokio::spawn({
+        let store = store.clone();
+        async move {
+            tokio::join!(
+                store.put_policy(key(), spec_with(&[22, 3389]), ctx(41)),
+                store.initiate(initiate_port(2, 3389), ctx(42)),
+            )
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    lock.execute_batch("COMMIT").unwrap();
+
+    assert!(!first.await.unwrap().unwrap(), "no such token");
+    let (put, init) = group.await.unwrap();
+    assert!(
+        matches!(put, Err(OpError::Store(StoreError::Db(ref m))) if m.contains("FOREIGN KEY")),
+        "the update's commit fails: {put:?}"
+    );
+    assert!(
+        matches!(init, Err(OpError::Store(_))),
+        "the initiate shared the failed commit: {init:?}"
+    );
+    lock.execute_batch("DROP TRIGGER poison_policy_update")
+        .unwrap();
+    assert_eq!(
+        store.get_policy(&key()).await.unwrap().unwrap().spec,
+        spec_with(&[22]),
+        "nothing of the failed group is stored"
+    );
+
+    // The update that commits takes the same `rev` the failed one had.
+    store
+        .put_policy(key(), spec_with(&[22]), ctx(43))
+        .await
+        .unwrap();
+    let r = store.initiate(initiate_port(3, 3389), ctx(44)).await;
+    assert!(
+        matches!(r, Err(OpError::Refused(InitiateRefusal::Invalid(_)))),
+        "3389 was only in the update that never committed: {r:?}"
+    );
+    store.initiate(initiate_port(4, 22), ctx(45)).await.unwrap();
+    let report = store.verify_audit(None).await.unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// Issue 10: the write queue is bounded. Past it a write is refused at once with
+/// `Busy` and changes nothing; a write recording what already happened (an audit
+/// event) waits for room instead.
+#[tokio::test]
+async fn a_full_write_queue_refuses_writes_but_not_audit_events() {
+    use jitgate_store::sqlite::SqliteOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jitgate.db");
+    let store = std::sync::Arc::new(
+        SqliteStore::open_with(&path, SqliteOptions { write_queue: 1 }).unwrap(),
+    );
+    populate(&store).await;
+    let stats = store.write_queue().unwrap();
+    assert_eq!((stats.depth, stats.capacity, stats.refused), (0, 1, 0));
+
+    let lock = raw(&path);
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let spawn_token = |id: &'static str| {
+        let store = store.clone();
+        tokio::spawn(async move { store.create_token(token(id), ctx(50)).await })
+    };
+    // The writer takes the first and waits for the lock; the second fills the queue.
+    let held = spawn_token("jg_held");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let queued = spawn_token("jg_queued");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(store.write_queue().unwrap().depth, 1);
+
+    let r = store.create_token(token("jg_refused"), ctx(51)).await;
+    assert!(
+        matches!(r, Err(StoreError::Busy { queued: 1 })),
+        "refused at once: {r:?}"
+    );
+    assert_eq!(store.write_queue().unwrap().refused, 1);
+    let audited = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .append_audit(jitgate_core::audit::AuditEntry {
+                    time: at(52).to_string(),
+                    actor: "anonymous".into(),
+                    source: "192.0.2.99".into(),
+                    action: "request.failed".into(),
+                    target: "/api/v1/tokens".into(),
+                    outcome: Outcome::Failed,
+                    details: "{}".into(),
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!audited.is_finished(), "the audit event waits for room");
+
+    lock.execute_batch("COMMIT").unwrap();
+    held.await.unwrap().unwrap();
+    queued.await.unwrap().unwrap();
+    audited.await.unwrap().unwrap();
+    assert!(store.find_token("jg_held").await.unwrap().is_some());
+    assert!(store.find_token("jg_queued").await.unwrap().is_some());
+    assert_eq!(store.find_token("jg_refused").await.unwrap(), None);
+    let report = store.verify_audit(None).await.unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(store.write_queue().unwrap().depth, 0);
+}
+
+/// `audit verify` streams the chain; a row it cannot read is an error, never taken for
+/// the chain's end (which would report an intact, shorter chain).
+#[tokio::test]
+async fn verify_file_fails_on_an_unreadable_row() {
+    let (_dir, path, _) = populated().await;
+    raw(&path)
+        .execute("UPDATE audit SET hash = x'00ff' WHERE seq = 3", [])
+        .unwrap();
+    let r = verify_file(&path, None);
+    assert!(r.is_err(), "{r:?}");
+}

@@ -11,6 +11,7 @@ mod azure;
 mod bad_input;
 mod enrollment;
 mod examples;
+mod growth;
 mod hardening;
 mod lifecycle;
 mod native;

@@ -282,3 +282,57 @@ async fn recommendations_are_paged_and_the_first_page_summarizes_all() {
         assert_eq!(r.body["error"]["target"], field);
     }
 }
+
+/// Issue 10: what the agent could not read about the host's sockets is shown with the
+/// VM (`agent.inventoryErrors`, apart from the enforcement `error`), keeps a machine
+/// that otherwise looks clean from being called Healthy, and is bounded like the rest
+/// of a report.
+#[tokio::test]
+async fn unreadable_sockets_are_shown_and_never_healthy() {
+    let ctl = Ctl::start().await;
+    let (vm, t) = enroll(&ctl, "box").await;
+    let status = |body: Value| {
+        let path = format!("/api/v1/agent/status?vm={}", urlenc(&vm));
+        let t = t.clone();
+        let ctl = &ctl;
+        async move { ctl.call(Method::POST, &path, Some(&t), Some(body)).await }
+    };
+    let unreadable = "/proc/net/tcp6 line 7: state 'zz' is not hex: '6: ...'";
+    let r = status(
+        json!({"nftVersion": "nftables v1.0.6", "listening": [], "inventoryErrors": [unreadable]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+
+    let agent = &ctl.get("/api/v1/vms/lab/box").await.body["agent"];
+    assert_eq!(agent["inventoryErrors"], json!([unreadable]));
+    assert_eq!(agent["error"], Value::Null, "enforcement did not fail");
+    let (v, why) = verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box");
+    assert_eq!(v, "NotApplicable");
+    assert!(why.contains(unreadable), "{why}");
+
+    // Once everything is read again, the verdict is the usual one.
+    report(&ctl, &vm, &t, &[], json!([])).await;
+    assert_eq!(
+        ctl.get("/api/v1/vms/lab/box").await.body["agent"]["inventoryErrors"],
+        json!([])
+    );
+    assert_eq!(
+        verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box").0,
+        "Healthy"
+    );
+
+    // Bounded: at most 16 sentences, each printable and at most 1024 characters.
+    for (body, field) in [
+        (json!({"inventoryErrors": vec!["x"; 17]}), "inventoryErrors"),
+        (json!({"inventoryErrors": ["a\nb"]}), "inventoryErrors[0]"),
+        (
+            json!({"inventoryErrors": ["ok", "y".repeat(1025)]}),
+            "inventoryErrors[1]",
+        ),
+    ] {
+        let r = status(body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+        assert_eq!(r.body["error"]["target"], field, "{:?}", r.body);
+    }
+}
