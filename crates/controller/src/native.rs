@@ -304,6 +304,22 @@ async fn register_vm(
     Ok((status, Json(vm_json(&vm))).into_response())
 }
 
+/// `vm_summaries` of `vms`, by VM key (a VM deleted meanwhile has none).
+pub async fn summaries_by_key(
+    state: &AppState,
+    vms: &[jitgate_store::VmRecord],
+    now: Timestamp,
+) -> ApiResult<HashMap<String, jitgate_store::VmSummary>> {
+    let ids: Vec<VmId> = vms.iter().map(|v| v.id.clone()).collect();
+    Ok(state
+        .store
+        .vm_summaries(&ids, now)
+        .await?
+        .into_iter()
+        .map(|s| (s.vm.key(), s))
+        .collect())
+}
+
 /// The opaque continuation token of a page that ended at VM key `key`.
 pub fn continuation(key: &str) -> String {
     hex::encode(key)
@@ -378,14 +394,7 @@ async fn list_vms(
         filter.after = page.last().map(|v| v.id.key());
     }
     let now = Timestamp::now();
-    let ids: Vec<VmId> = page.iter().map(|v| v.id.clone()).collect();
-    let summaries: HashMap<String, jitgate_store::VmSummary> = state
-        .store
-        .vm_summaries(&ids, now)
-        .await?
-        .into_iter()
-        .map(|s| (s.vm.key(), s))
-        .collect();
+    let summaries = summaries_by_key(&state, &page, now).await?;
     let offline_after = state.recommend.offline_after.as_secs();
     let mut out = Vec::with_capacity(page.len());
     for vm in &page {

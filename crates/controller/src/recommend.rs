@@ -79,13 +79,7 @@ async fn classify_chunk(
     now: Timestamp,
 ) -> ApiResult<Vec<(VmRecord, Recommendation)>> {
     let ids: Vec<VmId> = chunk.iter().map(|v| v.id.clone()).collect();
-    let mut summaries: HashMap<String, jitgate_store::VmSummary> = state
-        .store
-        .vm_summaries(&ids, now)
-        .await?
-        .into_iter()
-        .map(|s| (s.vm.key(), s))
-        .collect();
+    let mut summaries = crate::native::summaries_by_key(state, chunk, now).await?;
     let statuses: HashMap<String, (StatusReport, Timestamp)> = state
         .store
         .agent_statuses(&ids)

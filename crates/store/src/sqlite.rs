@@ -2154,20 +2154,8 @@ impl Store for SqliteStore {
                 let mut st = c.prepare(&format!(
                     "SELECT vm_id, report, last_seen_ns FROM agent_status WHERE vm_key IN ({marks})"
                 ))?;
-                let rows = st.query_map(params.as_slice(), |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?;
-                for row in rows {
-                    let (id, report, seen) = row?;
-                    out.push(AgentStatusRecord {
-                        vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
-                        report,
-                        last_seen: from_ns(seen)?,
-                    });
+                for row in st.query_map(params.as_slice(), agent_status_row)? {
+                    out.push(decode_agent_status(row?)?);
                 }
             }
             Ok(out)
@@ -2180,23 +2168,9 @@ impl Store for SqliteStore {
             let mut st = c.prepare_cached(
                 "SELECT vm_id, report, last_seen_ns FROM agent_status ORDER BY vm_key",
             )?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, report, seen) = row?;
-                out.push(AgentStatusRecord {
-                    vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
-                    report,
-                    last_seen: from_ns(seen)?,
-                });
-            }
-            Ok(out)
+            st.query_map([], agent_status_row)?
+                .map(|row| decode_agent_status(row?))
+                .collect()
         })
         .await
     }
@@ -2549,6 +2523,19 @@ fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {
         },
         r.get(10)?,
     ))
+}
+
+/// An `agent_status` row: vm_id, report, last_seen_ns.
+fn agent_status_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+fn decode_agent_status((id, report, seen): (String, String, i64)) -> Result<AgentStatusRecord> {
+    Ok(AgentStatusRecord {
+        vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
+        report,
+        last_seen: from_ns(seen)?,
+    })
 }
 
 /// A `nsg_rules` row: name, priority, access, protocol, sources, ports, description,

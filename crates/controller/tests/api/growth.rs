@@ -4,29 +4,10 @@
 
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::util::Ctl;
-
-/// Enrolls an agent for lab/<name>; returns (vm id, agent token).
-async fn enroll(ctl: &Ctl, name: &str) -> (String, String) {
-    let et = ctl.post("/api/v1/enrollTokens", json!({"uses": 1})).await;
-    assert_eq!(et.status, StatusCode::CREATED, "{:?}", et.body);
-    let r = ctl
-        .call(
-            Method::POST,
-            "/api/v1/agent/enroll",
-            None,
-            Some(json!({"enrollToken": et.body["token"], "resourceGroup": "lab", "name": name})),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    (
-        r.body["vmId"].as_str().unwrap().to_owned(),
-        r.body["token"].as_str().unwrap().to_owned(),
-    )
-}
+use crate::util::{Ctl, enroll};
 
 fn watched(ctl: &Ctl) -> usize {
     ctl.running.as_ref().unwrap().state.vm_changes.len()

@@ -5,26 +5,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::util::Ctl;
-
-/// Enrolls an agent for lab/<name>; returns (vm id, agent token).
-async fn enroll(ctl: &Ctl, name: &str) -> (String, String) {
-    let et = ctl.post("/api/v1/enrollTokens", json!({"uses": 1})).await;
-    assert_eq!(et.status, StatusCode::CREATED, "{:?}", et.body);
-    let r = ctl
-        .call(
-            Method::POST,
-            "/api/v1/agent/enroll",
-            None,
-            Some(json!({"enrollToken": et.body["token"], "resourceGroup": "lab", "name": name})),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    (
-        r.body["vmId"].as_str().unwrap().to_owned(),
-        r.body["token"].as_str().unwrap().to_owned(),
-    )
-}
+use crate::util::{Ctl, enroll};
 
 async fn report(ctl: &Ctl, vm: &str, token: &str, listening: &[u16], counters: Value) {
     let listening: Vec<Value> = listening

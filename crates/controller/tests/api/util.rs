@@ -269,3 +269,22 @@ pub fn in_secs(s: i64) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Enrolls an agent for lab/<name>; returns (vm id, agent token).
+pub async fn enroll(ctl: &Ctl, name: &str) -> (String, String) {
+    let et = ctl.post("/api/v1/enrollTokens", json!({"uses": 1})).await;
+    assert_eq!(et.status, StatusCode::CREATED, "{:?}", et.body);
+    let r = ctl
+        .call(
+            Method::POST,
+            "/api/v1/agent/enroll",
+            None,
+            Some(json!({"enrollToken": et.body["token"], "resourceGroup": "lab", "name": name})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    (
+        r.body["vmId"].as_str().unwrap().to_owned(),
+        r.body["token"].as_str().unwrap().to_owned(),
+    )
+}

@@ -15,6 +15,7 @@ mod agent;
 mod faults;
 mod lab;
 mod nsg;
+mod readme;
 mod recommend;
 mod ssh;
 mod tls;

@@ -16,8 +16,6 @@
 //! The walk needs root, `ip`, `nft`, `curl` and `openssl`; without them it fails saying
 //! what to install.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
-
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
@@ -27,8 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_jitgate");
-const README: &str = include_str!("../../../README.md");
+use crate::lab::{BIN, run};
+
+const README: &str = include_str!("../../../../README.md");
 
 #[derive(Debug, Clone)]
 struct Walk {
@@ -188,34 +187,9 @@ fn every_jitgate_command_in_the_readme_parses() {
 
 // ---- the walk -------------------------------------------------------------------------------
 
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "`{program} {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn preconditions() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|r| r.split_whitespace().nth(1))
-        == Some("0");
-    assert!(
-        root,
-        "the README walk builds network namespaces and must run as root (sudo -E cargo test -p jitgate --test readme)"
-    );
+    crate::lab::preconditions();
     for (bin, arg, package) in [
-        ("ip", "-V", "iproute2"),
-        ("nft", "--version", "nftables"),
         ("curl", "--version", "curl"),
         ("openssl", "version", "openssl"),
     ] {
