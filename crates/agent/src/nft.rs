@@ -22,8 +22,20 @@ impl Nft {
         if script.is_empty() {
             return Ok(());
         }
+        self.pipe(&["-f", "-"], script)
+            .map_err(|e| anyhow::anyhow!("nft -f failed: {e:#}"))
+    }
+
+    /// Checks a script against the kernel without committing it (`nft -c -f -`): needs
+    /// the same privileges and kernel support as an apply.
+    pub fn check(&self, script: &str) -> anyhow::Result<()> {
+        self.pipe(&["-c", "-f", "-"], script)
+    }
+
+    /// Runs nft with `script` on its standard input; its error output is the error.
+    fn pipe(&self, args: &[&str], script: &str) -> anyhow::Result<()> {
         let mut child = Command::new(&self.bin)
-            .args(["-f", "-"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -41,10 +53,7 @@ impl Nft {
         }
         let out = child.wait_with_output().context("nft did not finish")?;
         if !out.status.success() {
-            bail!(
-                "nft -f failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(())
     }
@@ -68,28 +77,6 @@ impl Nft {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Checks a script against the kernel without committing it (`nft -c -f -`): needs
-    /// the same privileges and kernel support as an apply.
-    pub fn check(&self, script: &str) -> anyhow::Result<()> {
-        let mut child = Command::new(&self.bin)
-            .args(["-c", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot run {}", self.bin.display()))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .context("cannot write to nft")?;
-        }
-        let out = child.wait_with_output().context("nft did not finish")?;
-        if !out.status.success() {
-            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(())
     }
 
     /// `nft --version`, e.g. `nftables v1.0.6 (Lester Gooch #5)`.
