@@ -340,18 +340,17 @@ pub async fn status(
 }
 
 /// An agent's status for the VM view.
-/// Whether a VM has an agent and whether it reports: the short form of `status_json`
-/// for lists (no desired state is computed).
-pub async fn presence_json(state: &AppState, vm: &VmId, now: Timestamp) -> ApiResult<Value> {
-    Ok(match state.store.agent_status(vm).await? {
+/// Whether a VM has an agent and whether it reports (from when it last reported): the
+/// short form of `status_json` for lists, with no store read of its own.
+pub fn presence_json(state: &AppState, last_seen: Option<Timestamp>, now: Timestamp) -> Value {
+    match last_seen {
         None => json!({"enrolled": false, "online": false}),
-        Some(rec) => json!({
+        Some(seen) => json!({
             "enrolled": true,
-            "online": now.duration_since(rec.last_seen).as_secs()
-                <= state.recommend.offline_after.as_secs(),
-            "lastSeen": rec.last_seen.to_string(),
+            "online": now.duration_since(seen).as_secs() <= state.recommend.offline_after.as_secs(),
+            "lastSeen": seen.to_string(),
         }),
-    })
+    }
 }
 
 pub async fn status_json(state: &AppState, vm: &VmId) -> ApiResult<Value> {

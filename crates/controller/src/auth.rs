@@ -133,7 +133,8 @@ async fn authenticate(
     // id and found by the hash of the whole text, so its id reveals nothing about it.
     // A token authenticated moments ago is in the cache (no store read); the secret is
     // compared with its record's hash all the same.
-    let (cache_key, presented) = match split_token(token) {
+    let split = split_token(token);
+    let (cache_key, presented) = match split {
         Some((id, secret)) => (format!("id:{id}"), sha256_hex(secret)),
         None => {
             let hash = sha256_hex(token);
@@ -149,7 +150,7 @@ async fn authenticate(
     }
     let (record, cached_assignments) = match cached {
         Some(c) => (Some(c.record), Some(c.assignments)),
-        None => match split_token(token) {
+        None => match split {
             Some((id, _)) => (state.store.find_token(id).await?, None),
             None => (
                 state.store.find_token_by_secret_hash(&presented).await?,

@@ -395,7 +395,6 @@ async fn list_vms(
     }
     let now = Timestamp::now();
     let summaries = summaries_by_key(&state, &page, now).await?;
-    let offline_after = state.recommend.offline_after.as_secs();
     let mut out = Vec::with_capacity(page.len());
     for vm in &page {
         // A VM deleted since the page was read is left out.
@@ -416,14 +415,7 @@ async fn list_vms(
                 .unwrap_or_default()
         );
         v["liveGrants"] = json!(sum.live_grants);
-        v["agent"] = match sum.agent_last_seen {
-            None => json!({"enrolled": false, "online": false}),
-            Some(seen) => json!({
-                "enrolled": true,
-                "online": now.duration_since(seen).as_secs() <= offline_after,
-                "lastSeen": seen.to_string(),
-            }),
-        };
+        v["agent"] = crate::agent::presence_json(&state, sum.agent_last_seen, now);
         out.push(v);
     }
     let mut body = json!({ "value": out });

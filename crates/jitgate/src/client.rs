@@ -32,21 +32,17 @@ pub use crate::usage::EXIT_USAGE;
 /// A plain `http://` URL to an address that is not loopback: a token sent there
 /// crosses the network readable.
 pub fn cleartext_to_network(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Ok(u) = reqwest::Url::parse(url) else {
         return false;
     };
-    let host = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = match host.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.eq_ignore_ascii_case("localhost") {
+    if u.scheme() != "http" {
         return false;
     }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => !ip.is_loopback(),
-        Err(_) => true,
+    match u.host() {
+        Some(url::Host::Domain(d)) => !d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => !ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => !ip.is_loopback(),
+        None => false,
     }
 }
 

@@ -97,12 +97,16 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
 fn pin_file(url: &str) -> anyhow::Result<PathBuf> {
     let dir = crate::client::config_dir()
         .context("cannot find a config directory: set HOME or JITGATE_CONFIG_DIR")?;
-    let host: String = url
-        .split("://")
-        .nth(1)
-        .unwrap_or(url)
-        .split('/')
-        .next()
+    // host and port, as `host_port`, with nothing a file name could misread.
+    let host: String = reqwest::Url::parse(url)
+        .ok()
+        .map(|u| {
+            format!(
+                "{}_{}",
+                u.host_str().unwrap_or_default(),
+                u.port_or_known_default().unwrap_or_default()
+            )
+        })
         .unwrap_or_default()
         .chars()
         .map(|c| {

@@ -319,25 +319,22 @@ fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
 /// What to do about a connection to `url` that failed with `err`, when the cause is
 /// TLS (or plain HTTP against TLS, or the reverse); `None` for other failures.
 pub fn advice(err: &(dyn std::error::Error + 'static), url: &str) -> Option<String> {
-    let host = url
-        .split("://")
-        .nth(1)
-        .unwrap_or(url)
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let host_only = host
-        .rsplit_once(':')
-        .map(|(h, p)| {
-            if p.chars().all(|c| c.is_ascii_digit()) {
-                h
-            } else {
-                host
-            }
+    let parsed = url::Url::parse(url).ok();
+    // `host:port` for the message, and the bare host (no IPv6 brackets) for --tls-san.
+    let host = parsed
+        .as_ref()
+        .map(|u| match u.port() {
+            Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
+            None => u.host_str().unwrap_or_default().to_owned(),
         })
-        .unwrap_or(host)
+        .unwrap_or_else(|| url.to_owned());
+    let host_only = parsed
+        .as_ref()
+        .and_then(|u| u.host_str())
+        .unwrap_or_default()
         .trim_start_matches('[')
-        .trim_end_matches(']');
+        .trim_end_matches(']')
+        .to_owned();
     let trust = "give --ca-cert FILE (the controller's CA, or its self-signed certificate) or --ca-fingerprint sha256:... (printed by `jitgate serve`, also carried by enrollment tokens)";
     if let Some(r) = find_rustls(err) {
         return Some(match r {

@@ -237,7 +237,6 @@ impl Net {
             names,
             stop: Arc::new(AtomicBool::new(false)),
         };
-        let ip = |i: u8| Ipv4Addr::new(10, 66, (std::process::id() % 200) as u8 + 1, i);
         for ns in &net.names {
             run("ip", &["netns", "add", ns]);
             run("ip", &["-n", ns, "link", "set", "lo", "up"]);
@@ -271,7 +270,7 @@ impl Net {
                 "ip",
                 &["-n", lan, "link", "set", &port, "master", "br0", "up"],
             );
-            let addr = format!("{}/24", ip(i as u8 + 1));
+            let addr = format!("{}/24", net.addr(i as u8 + 1));
             run("ip", &["-n", ns, "addr", "add", &addr, "dev", "eth0"]);
             run("ip", &["-n", ns, "link", "set", "eth0", "up"]);
             let etc = PathBuf::from("/etc/netns").join(ns);
@@ -280,7 +279,7 @@ impl Net {
                 etc.join("hosts"),
                 format!(
                     "127.0.0.1 localhost\n::1 localhost\n{} jit.example.com\n",
-                    ip(1)
+                    net.addr(1)
                 ),
             )
             .unwrap();
