@@ -24,7 +24,7 @@ use jitgate_core::request::RequestId;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WireRule {
     pub name: String,
@@ -39,7 +39,7 @@ pub struct WireRule {
     pub description: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WireGrant {
     pub request: String,
@@ -50,7 +50,7 @@ pub struct WireGrant {
     pub end_time_utc: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DesiredState {
     pub vm: String,
@@ -240,9 +240,10 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollRequest {
+    #[schema(value_type = String)]
     pub enroll_token: Secret,
     pub resource_group: String,
     pub name: String,
@@ -250,16 +251,17 @@ pub struct EnrollRequest {
     pub location: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollResponse {
     pub vm_id: String,
     pub subscription: String,
     /// The agent's own credential, usable for its VM only.
+    #[schema(value_type = String)]
     pub token: Secret,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WireListener {
     pub protocol: String,
@@ -270,7 +272,7 @@ pub struct WireListener {
     pub process: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WireCounter {
     pub rule: String,
@@ -280,7 +282,7 @@ pub struct WireCounter {
     pub packets: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusReport {
     #[serde(default)]
@@ -321,7 +323,7 @@ pub struct StatusReport {
 }
 
 /// A change to `table inet jitgate` made outside jitgate, as the agent found it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WireDrift {
     pub detected_at: String,
@@ -960,4 +962,5 @@ mod tests {
         }
     }
 }
+pub mod api;
 pub mod tls;
