@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use jitgate_core::FieldError;
 use jitgate_store::StoreError;
-use serde::Serialize;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -118,31 +117,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct CloudError<'a> {
-    error: CloudErrorBody<'a>,
-}
-
-#[derive(Serialize)]
-struct CloudErrorBody<'a> {
-    code: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    target: Option<&'a str>,
-    details: [(); 0],
-    #[serde(rename = "additionalInfo")]
-    additional_info: [(); 0],
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = CloudError {
-            error: CloudErrorBody {
-                code: self.code,
-                message: &self.message,
-                target: self.target.as_deref(),
-                details: [],
-                additional_info: [],
+        let body = jitgate_proto::api::CloudError {
+            error: jitgate_proto::api::CloudErrorBody {
+                code: self.code.to_owned(),
+                message: self.message.clone(),
+                target: self.target.clone(),
+                details: Vec::new(),
+                additional_info: Vec::new(),
             },
         };
         let mut resp = (self.status, Json(body)).into_response();

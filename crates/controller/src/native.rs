@@ -610,6 +610,7 @@ async fn list_requests(
         vm,
         requestor,
         live_at: flag("active")?.then_some(now),
+        after: None,
         limit,
     };
     let requests = state.store.list_requests(&filter).await?;

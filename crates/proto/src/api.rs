@@ -46,6 +46,12 @@ pub struct CloudErrorBody {
     /// The field or parameter at fault, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// Always empty (Azure's shape).
+    #[serde(default)]
+    pub details: Vec<serde_json::Value>,
+    /// Always empty (Azure's shape).
+    #[serde(default, rename = "additionalInfo")]
+    pub additional_info: Vec<serde_json::Value>,
 }
 
 // ---- service --------------------------------------------------------------------------

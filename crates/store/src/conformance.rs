@@ -82,6 +82,8 @@ macro_rules! store_conformance_tests {
             initiate_refusals_change_nothing,
             initiate_with_a_duplicate_id_fails_cleanly,
             list_requests_filters,
+            list_requests_pages_newest_first,
+            lists_page_in_creation_order,
             revoke_request_all_ports,
             revoke_request_selected_port,
             revoke_request_refusals,
@@ -1763,6 +1765,7 @@ pub async fn list_requests_filters(store: &dyn Store) {
         vm: vm.cloned(),
         requestor: who.map(str::to_owned),
         live_at: live,
+        after: None,
         limit,
     };
     assert_eq!(
@@ -4114,4 +4117,205 @@ pub async fn put_policy_update_ends_only_the_grants_it_no_longer_allows(store: &
         PortStatus::Initiated
     );
     verified(store).await;
+}
+
+/// Following each page's last request as the next page's cursor walks every request
+/// exactly once, newest first, ties in start time included.
+pub async fn list_requests_pages_newest_first(store: &dyn Store) {
+    let s = scene(store).await;
+    for (i, t) in [(1, 0), (2, 60), (3, 60), (4, 60), (5, 120)] {
+        initiate_ok(
+            store,
+            args(&s.key, rid(i), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+            at(t),
+        )
+        .await;
+    }
+    let all = store
+        .list_requests(&RequestFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 5);
+    for limit in [1, 2, 3] {
+        let mut walked = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .list_requests(&RequestFilter {
+                    after: after.clone(),
+                    limit,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert!(page.len() <= limit);
+            let Some(last) = page.last() else { break };
+            after = Some(Cursor {
+                at: last.start,
+                id: last.id.to_string(),
+            });
+            walked.extend(page.iter().map(|r| r.id));
+        }
+        assert_eq!(
+            walked,
+            all.iter().map(|r| r.id).collect::<Vec<_>>(),
+            "pages of {limit}"
+        );
+    }
+    // A filter and a cursor together.
+    let page = store
+        .list_requests(&RequestFilter {
+            vm: Some(s.vm1.clone()),
+            after: Some(Cursor {
+                at: all[1].start,
+                id: all[1].id.to_string(),
+            }),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.id).collect::<Vec<_>>(),
+        all[2..].iter().map(|r| r.id).collect::<Vec<_>>()
+    );
+}
+
+/// Walks a list ordered by creation a page at a time.
+async fn walk<T, F, Fut>(limit: usize, key: impl Fn(&T) -> Cursor, mut fetch: F) -> Vec<T>
+where
+    F: FnMut(Paging) -> Fut,
+    Fut: std::future::Future<Output = Vec<T>>,
+{
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = fetch(Paging { after, limit }).await;
+        assert!(page.len() <= limit, "a page holds at most its limit");
+        let Some(last) = page.last() else { break };
+        after = Some(key(last));
+        out.extend(page);
+    }
+    out
+}
+
+/// Tokens, role assignments, enrollment tokens and exclusions page oldest first
+/// (ties in creation time broken by id), each item exactly once.
+pub async fn lists_page_in_creation_order(store: &dyn Store) {
+    install(store).await;
+    let times = [100, 200, 200, 200, 300];
+    for (i, t) in times.iter().enumerate() {
+        let id = format!("jg_page{i}");
+        store
+            .create_token(token(&id, "pager", at(*t)), ctx(at(*t)))
+            .await
+            .unwrap();
+        store
+            .add_role_assignment(
+                RoleAssignmentRecord {
+                    id: format!("ra-page-{i}"),
+                    assignment: RoleAssignment {
+                        principal: "pager".into(),
+                        role: Role::Reader,
+                        scope: Scope::Subscription(sub()),
+                    },
+                    created: at(*t),
+                },
+                ctx(at(*t)),
+            )
+            .await
+            .unwrap();
+        let mut e = enroll_token(
+            &format!("page{i}"),
+            Scope::Subscription(sub()),
+            1,
+            at(99_999),
+        );
+        e.created = at(*t);
+        store.create_enroll_token(e, ctx(at(*t))).await.unwrap();
+        store
+            .add_exclusion(
+                ExclusionRecord {
+                    id: format!("ex-page-{i}"),
+                    scope: rg_scope(&format!("rg{i}")),
+                    reason: "lab".into(),
+                    created: at(*t),
+                    created_by: OWNER.into(),
+                },
+                ctx(at(*t)),
+            )
+            .await
+            .unwrap();
+    }
+    let tokens = store.list_tokens().await.unwrap();
+    let ras = store.role_assignments(Some("pager")).await.unwrap();
+    let ets = store.list_enroll_tokens().await.unwrap();
+    let exs = store.list_exclusions().await.unwrap();
+    assert_eq!(ras.len(), 5);
+    assert_eq!(ets.len(), 5);
+    assert_eq!(exs.len(), 5);
+    for limit in [1, 2, 4, 10] {
+        let t = walk(
+            limit,
+            |t: &TokenRecord| Cursor {
+                at: t.created,
+                id: t.id.clone(),
+            },
+            |p| async move { store.tokens_page(&p).await.unwrap() },
+        )
+        .await;
+        assert_eq!(t, tokens, "tokens in pages of {limit}");
+        let r = walk(
+            limit,
+            |r: &RoleAssignmentRecord| Cursor {
+                at: r.created,
+                id: r.id.clone(),
+            },
+            |p| async move {
+                store
+                    .role_assignments_page(Some("pager"), &p)
+                    .await
+                    .unwrap()
+            },
+        )
+        .await;
+        assert_eq!(r, ras, "role assignments in pages of {limit}");
+        let e = walk(
+            limit,
+            |e: &EnrollTokenRecord| Cursor {
+                at: e.created,
+                id: e.id.clone(),
+            },
+            |p| async move { store.enroll_tokens_page(&p).await.unwrap() },
+        )
+        .await;
+        assert_eq!(
+            e.iter().map(|e| &e.id).collect::<Vec<_>>(),
+            ets.iter().map(|e| &e.id).collect::<Vec<_>>(),
+            "enrollment tokens in pages of {limit}"
+        );
+        let x = walk(
+            limit,
+            |x: &ExclusionRecord| Cursor {
+                at: x.created,
+                id: x.id.clone(),
+            },
+            |p| async move { store.exclusions_page(&p).await.unwrap() },
+        )
+        .await;
+        assert_eq!(
+            x.iter().map(|x| &x.id).collect::<Vec<_>>(),
+            exs.iter().map(|x| &x.id).collect::<Vec<_>>(),
+            "exclusions in pages of {limit}"
+        );
+    }
+    // Oldest first, ties by id.
+    let created: Vec<(Timestamp, String)> =
+        tokens.iter().map(|t| (t.created, t.id.clone())).collect();
+    let mut sorted = created.clone();
+    sorted.sort();
+    assert_eq!(created, sorted);
 }

@@ -157,9 +157,17 @@ pub trait Store: Send + Sync + 'static {
     /// not of the `jg_<id>.<secret>` form).
     async fn find_token_by_secret_hash(&self, secret_hash: &str) -> Result<Option<TokenRecord>>;
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Tokens oldest first, a page at a time.
+    async fn tokens_page(&self, paging: &Paging) -> Result<Vec<TokenRecord>>;
     async fn revoke_token(&self, id: &str, audit: AuditCtx) -> Result<bool>;
     async fn add_role_assignment(&self, ra: RoleAssignmentRecord, audit: AuditCtx) -> Result<()>;
     async fn role_assignments(&self, principal: Option<&str>) -> Result<Vec<RoleAssignmentRecord>>;
+    /// Role assignments (of one principal, or all) oldest first, a page at a time.
+    async fn role_assignments_page(
+        &self,
+        principal: Option<&str>,
+        paging: &Paging,
+    ) -> Result<Vec<RoleAssignmentRecord>>;
     async fn remove_role_assignment(&self, id: &str, audit: AuditCtx) -> Result<bool>;
 
     // ---- user NSG rules ----
@@ -177,6 +185,8 @@ pub trait Store: Send + Sync + 'static {
     // ---- agents ----
     async fn create_enroll_token(&self, token: EnrollTokenRecord, audit: AuditCtx) -> Result<()>;
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>>;
+    /// Enrollment tokens oldest first, a page at a time.
+    async fn enroll_tokens_page(&self, paging: &Paging) -> Result<Vec<EnrollTokenRecord>>;
     /// Uses one enrollment: registers the VM if needed, revokes its previous agent
     /// credentials, stores the new one with the Agent role on the VM.
     /// Revokes an enrollment token (audited); false if unknown or already revoked.
@@ -205,6 +215,8 @@ pub trait Store: Send + Sync + 'static {
     // ---- recommendations ----
     async fn add_exclusion(&self, exclusion: ExclusionRecord, audit: AuditCtx) -> Result<()>;
     async fn list_exclusions(&self) -> Result<Vec<ExclusionRecord>>;
+    /// Exclusions oldest first, a page at a time.
+    async fn exclusions_page(&self, paging: &Paging) -> Result<Vec<ExclusionRecord>>;
     async fn remove_exclusion(&self, id: &str, audit: AuditCtx) -> Result<bool>;
 
     // ---- audit ----

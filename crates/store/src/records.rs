@@ -152,6 +152,25 @@ pub struct RequestFilter {
     pub requestor: Option<String>,
     /// Only requests with at least one port live at this time.
     pub live_at: Option<Timestamp>,
+    /// Only requests after this one in the list's order (newest first): the previous
+    /// page's last request.
+    pub after: Option<Cursor>,
+    pub limit: usize,
+}
+
+/// Where a page of a list ended: the time and id of its last item (lists are ordered
+/// by time, then id, so a page continues exactly where the previous one stopped
+/// whatever was written meanwhile).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub at: Timestamp,
+    pub id: String,
+}
+
+/// A page of a list ordered by creation: at most `limit` items after `after`.
+#[derive(Debug, Clone, Default)]
+pub struct Paging {
+    pub after: Option<Cursor>,
     pub limit: usize,
 }
 

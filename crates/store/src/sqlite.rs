@@ -211,7 +211,26 @@ CREATE INDEX vms_rg_page ON vms(subscription, rg_key, key);
     r#"
 CREATE INDEX vms_page ON vms(subscription, key);
 "#,
+    // Pages of requests (newest first) and of the lists ordered by creation.
+    r#"
+CREATE INDEX requests_page ON requests(start_ns, id);
+CREATE INDEX tokens_page ON tokens(created_ns, id);
+CREATE INDEX role_assignments_page ON role_assignments(created_ns, id);
+CREATE INDEX enroll_tokens_page ON enroll_tokens(created_ns, id);
+CREATE INDEX exclusions_page ON exclusions(created_ns, id);
+"#,
 ];
+
+/// The bounds of a page ordered by (created_ns, id) ascending: `(after ns, after id,
+/// limit)` for `WHERE (?n IS NULL OR created_ns > ?n OR (created_ns = ?n AND id > ?m))`.
+fn page_bounds(paging: &Paging) -> (Option<i64>, Option<String>, i64) {
+    let limit = if paging.limit == 0 { 100 } else { paging.limit };
+    (
+        paging.after.as_ref().map(|c| ns(c.at)),
+        paging.after.as_ref().map(|c| c.id.clone()),
+        limit.min(i64::MAX as usize) as i64,
+    )
+}
 
 /// Nanoseconds since the epoch, saturating: i64 ends in 2262, and a later time (a
 /// token valid for 300 years, `since=2999-01-01`) must stay "far future" rather than
@@ -1655,6 +1674,8 @@ impl Store for SqliteStore {
         let requestor = filter.requestor.clone();
         let live = filter.live_at.map(ns);
         let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
+        let before_ns = filter.after.as_ref().map(|c| ns(c.at));
+        let before_id = filter.after.as_ref().map(|c| c.id.clone());
         self.read(move |c| {
             let ids = ids_of(
                 c,
@@ -1663,8 +1684,9 @@ impl Store for SqliteStore {
                    AND (?2 IS NULL OR EXISTS (SELECT 1 FROM request_ports p WHERE p.request_id = r.id AND p.vm_key = ?2))
                    AND (?3 IS NULL OR EXISTS (SELECT 1 FROM request_ports p WHERE p.request_id = r.id
                                               AND p.status = 'Initiated' AND p.end_ns > ?3))
-                 ORDER BY r.start_ns DESC, r.rowid DESC LIMIT ?4",
-                &[&requestor, &vm, &live, &limit],
+                   AND (?5 IS NULL OR r.start_ns < ?5 OR (r.start_ns = ?5 AND r.id < ?6))
+                 ORDER BY r.start_ns DESC, r.id DESC LIMIT ?4",
+                &[&requestor, &vm, &live, &limit, &before_ns, &before_id],
             )?;
             load_requests(c, &ids)
         })
@@ -1784,8 +1806,21 @@ impl Store for SqliteStore {
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
-        self.read(|c| read_tokens(c, "ORDER BY created_ns", &[]))
+        self.read(|c| read_tokens(c, "ORDER BY created_ns, id", &[]))
             .await
+    }
+
+    async fn tokens_page(&self, paging: &Paging) -> Result<Vec<TokenRecord>> {
+        let (at, id, limit) = page_bounds(paging);
+        self.read(move |c| {
+            read_tokens(
+                c,
+                "WHERE ?1 IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
+                 ORDER BY created_ns, id LIMIT ?3",
+                &[&at, &id, &limit],
+            )
+        })
+        .await
     }
 
     async fn revoke_token(&self, id: &str, audit: AuditCtx) -> Result<bool> {
@@ -1815,33 +1850,30 @@ impl Store for SqliteStore {
     async fn role_assignments(&self, principal: Option<&str>) -> Result<Vec<RoleAssignmentRecord>> {
         let principal = principal.map(str::to_owned);
         self.read(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT id, principal, role, scope, created_ns FROM role_assignments
-                 WHERE ?1 IS NULL OR principal = ?1 ORDER BY created_ns, id",
-            )?;
-            let rows = st.query_map([principal], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, principal, role, scope, created) = row?;
-                out.push(RoleAssignmentRecord {
-                    id,
-                    assignment: RoleAssignment {
-                        principal,
-                        role: Role::parse(&role).map_err(corrupt("role"))?,
-                        scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
-                    },
-                    created: from_ns(created)?,
-                });
-            }
-            Ok(out)
+            read_role_assignments(
+                c,
+                "WHERE ?1 IS NULL OR principal = ?1 ORDER BY created_ns, id",
+                &[&principal],
+            )
+        })
+        .await
+    }
+
+    async fn role_assignments_page(
+        &self,
+        principal: Option<&str>,
+        paging: &Paging,
+    ) -> Result<Vec<RoleAssignmentRecord>> {
+        let principal = principal.map(str::to_owned);
+        let (at, id, limit) = page_bounds(paging);
+        self.read(move |c| {
+            read_role_assignments(
+                c,
+                "WHERE (?1 IS NULL OR principal = ?1)
+                   AND (?2 IS NULL OR created_ns > ?2 OR (created_ns = ?2 AND id > ?3))
+                 ORDER BY created_ns, id LIMIT ?4",
+                &[&principal, &at, &id, &limit],
+            )
         })
         .await
     }
@@ -2008,8 +2040,21 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn enroll_tokens_page(&self, paging: &Paging) -> Result<Vec<EnrollTokenRecord>> {
+        let (at, id, limit) = page_bounds(paging);
+        self.read(move |c| {
+            read_enroll_tokens(
+                c,
+                "WHERE ?1 IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
+                 ORDER BY created_ns, id LIMIT ?3",
+                &[&at, &id, &limit],
+            )
+        })
+        .await
+    }
+
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
-        self.read(|c| read_enroll_tokens(c, "ORDER BY created_ns", &[]))
+        self.read(|c| read_enroll_tokens(c, "ORDER BY created_ns, id", &[]))
             .await
     }
 
@@ -2268,29 +2313,19 @@ impl Store for SqliteStore {
     }
 
     async fn list_exclusions(&self) -> Result<Vec<ExclusionRecord>> {
-        self.read(|c| {
-            let mut st = c.prepare_cached("SELECT id, scope, reason, created_ns, created_by FROM exclusions ORDER BY created_ns, id")?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, scope, reason, created, created_by) = row?;
-                out.push(ExclusionRecord {
-                    id,
-                    scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
-                    reason,
-                    created: from_ns(created)?,
-                    created_by,
-                });
-            }
-            Ok(out)
+        self.read(|c| read_exclusions(c, "ORDER BY created_ns, id", &[]))
+            .await
+    }
+
+    async fn exclusions_page(&self, paging: &Paging) -> Result<Vec<ExclusionRecord>> {
+        let (at, id, limit) = page_bounds(paging);
+        self.read(move |c| {
+            read_exclusions(
+                c,
+                "WHERE ?1 IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
+                 ORDER BY created_ns, id LIMIT ?3",
+                &[&at, &id, &limit],
+            )
         })
         .await
     }
@@ -2606,6 +2641,70 @@ fn read_vms(c: &Connection, tail: &str, params: &[&dyn rusqlite::ToSql]) -> Resu
                 .map(|l| Location::parse(&l))
                 .transpose()
                 .map_err(corrupt("location"))?,
+            created: from_ns(created)?,
+            created_by,
+        });
+    }
+    Ok(out)
+}
+
+fn read_role_assignments(
+    c: &Connection,
+    tail: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<RoleAssignmentRecord>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT id, principal, role, scope, created_ns FROM role_assignments {tail}"
+    ))?;
+    let rows = st.query_map(params, |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, principal, role, scope, created) = row?;
+        out.push(RoleAssignmentRecord {
+            id,
+            assignment: RoleAssignment {
+                principal,
+                role: Role::parse(&role).map_err(corrupt("role"))?,
+                scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
+            },
+            created: from_ns(created)?,
+        });
+    }
+    Ok(out)
+}
+
+fn read_exclusions(
+    c: &Connection,
+    tail: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<ExclusionRecord>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT id, scope, reason, created_ns, created_by FROM exclusions {tail}"
+    ))?;
+    let rows = st.query_map(params, |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, scope, reason, created, created_by) = row?;
+        out.push(ExclusionRecord {
+            id,
+            scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
+            reason,
             created: from_ns(created)?,
             created_by,
         });

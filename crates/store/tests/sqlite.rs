@@ -462,15 +462,18 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
         populate(&store).await;
     }
     {
-        // Back to the schema before the migration that added the name.
+        // Back to the schema before the migration that added the name (and the two
+        // after it: the page indexes).
         let c = rusqlite::Connection::open(&path).unwrap();
         let version: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         c.execute_batch(&format!(
-            "DROP INDEX vms_page; DROP INDEX vms_name; DROP INDEX vms_rg_page;
+            "DROP INDEX requests_page; DROP INDEX tokens_page; DROP INDEX role_assignments_page;
+             DROP INDEX enroll_tokens_page; DROP INDEX exclusions_page;
+             DROP INDEX vms_page; DROP INDEX vms_name; DROP INDEX vms_rg_page;
              ALTER TABLE vms DROP COLUMN name_key; PRAGMA user_version = {};",
-            version - 2
+            version - 3
         ))
         .unwrap();
     }
