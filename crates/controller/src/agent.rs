@@ -172,6 +172,9 @@ pub fn credential_revoked() -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/api/v1/agent/desired", tag = "agents",
+    params(("vm" = String, Query, description = "The agent's VM (resource id)"), ("known" = Option<String>, Query, description = "The revision the agent has"), ("wait" = Option<u64>, Query, description = "Seconds (0-60) to hold the call open until the state differs from `known`")),
+    responses((status = 200, body = jitgate_proto::DesiredState)))]
 pub async fn desired(
     State(state): State<AppState>,
     principal: Principal,
@@ -239,6 +242,9 @@ pub async fn desired(
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/agent/status", tag = "agents",
+    params(("vm" = String, Query, description = "The agent's VM (resource id)")), request_body = jitgate_proto::StatusReport,
+    responses((status = 204, description = "Recorded")))]
 pub async fn status(
     State(state): State<AppState>,
     principal: Principal,
@@ -479,6 +485,8 @@ fn checked_report(mut r: StatusReport) -> ApiResult<StatusReport> {
     Ok(r)
 }
 
+#[utoipa::path(post, path = "/api/v1/agent/enroll", tag = "agents", request_body = jitgate_proto::EnrollRequest,
+    responses((status = 200, body = jitgate_proto::EnrollResponse)))]
 pub async fn enroll(
     State(state): State<AppState>,
     CallerIp(ip): CallerIp,
@@ -590,20 +598,22 @@ pub struct EnrollTokenIn {
     allow_replace: Option<bool>,
 }
 
-fn enroll_token_json(t: &EnrollTokenRecord) -> Value {
-    json!({
-        "id": t.id,
-        "scope": t.scope.to_string(),
-        "usesLeft": t.uses_left,
-        "expiresAt": t.expires.to_string(),
-        "description": t.description,
-        "createdAt": t.created.to_string(),
-        "createdBy": t.created_by,
-        "revokedAt": t.revoked.map(|r| r.to_string()),
-        "allowReplace": t.allow_replace,
-    })
+fn enroll_token_wire(t: &EnrollTokenRecord) -> jitgate_proto::api::EnrollToken {
+    jitgate_proto::api::EnrollToken {
+        id: t.id.clone(),
+        scope: t.scope.to_string(),
+        uses_left: t.uses_left,
+        expires_at: t.expires.to_string(),
+        description: t.description.clone(),
+        created_at: t.created.to_string(),
+        created_by: t.created_by.clone(),
+        revoked_at: t.revoked.map(|r| r.to_string()),
+        allow_replace: t.allow_replace,
+    }
 }
 
+#[utoipa::path(post, path = "/api/v1/enrollTokens", tag = "agents", request_body = jitgate_proto::api::CreateEnrollToken,
+    responses((status = 201, body = jitgate_proto::api::CreatedEnrollToken)))]
 pub async fn create_enroll_token(
     State(state): State<AppState>,
     principal: Principal,
@@ -612,7 +622,7 @@ pub async fn create_enroll_token(
 ) -> ApiResult<Response> {
     let scope = match body.scope.as_deref() {
         None => Scope::Subscription(state.default_subscription()),
-        given => crate::native::scope_param(&state, given)?,
+        given => crate::params::scope_param(&state, given)?,
     };
     if matches!(scope, Scope::Vm(_)) {
         return Err(ApiError::bad_param(
@@ -666,31 +676,59 @@ pub async fn create_enroll_token(
         .store
         .create_enroll_token(record.clone(), audit)
         .await?;
-    let mut v = enroll_token_json(&record);
     // Over TLS the token carries the fingerprint agents pin: nothing else to copy.
-    match state.tls_pin {
-        Some(pin) => {
-            v["token"] = json!(format!("{token}{}{pin}", jitgate_proto::tls::PIN_SEPARATOR));
-            v["caFingerprint"] = json!(pin.to_string());
-        }
-        None => v["token"] = json!(token),
-    }
+    let v = jitgate_proto::api::CreatedEnrollToken {
+        info: enroll_token_wire(&record),
+        token: match state.tls_pin {
+            Some(pin) => format!("{token}{}{pin}", jitgate_proto::tls::PIN_SEPARATOR),
+            None => token,
+        },
+        ca_fingerprint: state.tls_pin.map(|pin| pin.to_string()),
+    };
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/enrollTokens", tag = "agents",
+    params(("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
+    responses((status = 200, body = jitgate_proto::api::EnrollTokenPage)))]
 pub async fn list_enroll_tokens(
     State(state): State<AppState>,
     principal: Principal,
-) -> ApiResult<Json<Value>> {
-    let all = state.store.list_enroll_tokens().await?;
-    let value: Vec<Value> = all
-        .iter()
-        .filter(|t| principal.can(Action::VmWrite, &t.scope))
-        .map(enroll_token_json)
-        .collect();
-    Ok(Json(json!({"value": value})))
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<jitgate_proto::api::EnrollTokenPage>> {
+    use crate::params;
+    let limit = params::count_param(&q, "limit", 100, 1000)?;
+    let after = params::after_continuation(&q)?;
+    if let Some(a) = &after {
+        params::cursor(a)?;
+    }
+    let (page, next) = params::filtered_page(
+        after,
+        limit,
+        |t: &EnrollTokenRecord| params::cursor_key(t.created, &t.id),
+        |t| principal.can(Action::VmWrite, &t.scope),
+        |after, n| {
+            let store = state.store.clone();
+            let after = after.as_deref().map(params::cursor).transpose();
+            async move {
+                let paging = jitgate_store::Paging {
+                    after: after?,
+                    limit: n,
+                };
+                Ok(store.enroll_tokens_page(&paging).await?)
+            }
+        },
+    )
+    .await?;
+    Ok(Json(jitgate_proto::api::EnrollTokenPage {
+        value: page.iter().map(enroll_token_wire).collect(),
+        continuation_token: next,
+    }))
 }
 
+#[utoipa::path(delete, path = "/api/v1/enrollTokens/{id}", tag = "agents",
+    params(("id" = String, Path)),
+    responses((status = 204, description = "Revoked"), (status = 200, description = "Already revoked: nothing changed")))]
 pub async fn revoke_enroll_token(
     State(state): State<AppState>,
     principal: Principal,

@@ -221,7 +221,7 @@ async fn authenticate(
 struct Actor(String);
 
 /// Paths anyone may call.
-fn is_public(path: &str) -> bool {
+pub fn is_public(path: &str) -> bool {
     // Enrollment authenticates with the enrollment token in its body.
     matches!(
         path,

@@ -40,14 +40,14 @@ pub const MAX_PAGE: usize = 1000;
 
 // ---- wire types: input -------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum StringOrList {
     One(String),
     List(Vec<String>),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortRuleIn {
     number: Option<i64>,
@@ -57,7 +57,7 @@ pub struct PortRuleIn {
     max_request_access_duration: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyVmIn {
     id: Option<String>,
@@ -65,21 +65,21 @@ pub struct PolicyVmIn {
     public_ip_address: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyPropertiesIn {
     virtual_machines: Option<Vec<PolicyVmIn>>,
     // `requests` and `provisioningState` are the server's: ignored on input.
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct PolicyIn {
     kind: Option<String>,
     properties: Option<PolicyPropertiesIn>,
     // `id`, `name`, `type`, `location` are read-only: ignored on input.
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InitiatePortIn {
     number: Option<i64>,
@@ -88,14 +88,14 @@ pub struct InitiatePortIn {
     duration: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InitiateVmIn {
     id: Option<String>,
     ports: Option<Vec<InitiatePortIn>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InitiateIn {
     virtual_machines: Option<Vec<InitiateVmIn>>,
@@ -164,7 +164,7 @@ impl From<InitiateIn> for InitiateInput {
 
 // ---- wire types: output ------------------------------------------------------------
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortRuleOut {
     pub number: u16,
@@ -176,7 +176,7 @@ pub struct PortRuleOut {
     pub max_request_access_duration: String,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyVmOut {
     pub id: String,
@@ -185,7 +185,7 @@ pub struct PolicyVmOut {
     pub public_ip_address: Option<String>,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestPortOut {
     pub number: u16,
@@ -195,14 +195,14 @@ pub struct RequestPortOut {
     pub status_reason: String,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestVmOut {
     pub id: String,
     pub ports: Vec<RequestPortOut>,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestOut {
     pub virtual_machines: Vec<RequestVmOut>,
@@ -212,7 +212,7 @@ pub struct RequestOut {
     pub justification: Option<String>,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyPropertiesOut {
     pub virtual_machines: Vec<PolicyVmOut>,
@@ -220,7 +220,7 @@ pub struct PolicyPropertiesOut {
     pub provisioning_state: String,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct PolicyOut {
     pub id: String,
     pub name: String,
@@ -231,7 +231,7 @@ pub struct PolicyOut {
     pub properties: PolicyPropertiesOut,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyListOut {
     pub value: Vec<PolicyOut>,
@@ -381,7 +381,7 @@ fn policy_key(
 }
 
 fn page_size(q: &HashMap<String, String>) -> ApiResult<usize> {
-    crate::native::count_param(q, "$top", DEFAULT_PAGE, MAX_PAGE)
+    crate::params::count_param(q, "$top", DEFAULT_PAGE, MAX_PAGE)
 }
 
 fn skip_token(q: &HashMap<String, String>) -> ApiResult<Option<String>> {
@@ -482,6 +482,9 @@ async fn list(
     Ok(Json(PolicyListOut { value, next_link }))
 }
 
+#[utoipa::path(get, path = "/subscriptions/{sub}/providers/Microsoft.Security/jitNetworkAccessPolicies", tag = "azure",
+    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("$top" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    responses((status = 200, body = PolicyListOut)))]
 pub async fn list_subscription(
     State(state): State<AppState>,
     principal: Principal,
@@ -500,6 +503,9 @@ pub async fn list_subscription(
     list(&state, &principal, &headers, &path, &q, filter).await
 }
 
+#[utoipa::path(get, path = "/subscriptions/{sub}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies", tag = "azure",
+    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("loc" = String, Path), ("$top" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    responses((status = 200, body = PolicyListOut)))]
 pub async fn list_region(
     State(state): State<AppState>,
     principal: Principal,
@@ -521,6 +527,9 @@ pub async fn list_region(
     list(&state, &principal, &headers, &path, &q, filter).await
 }
 
+#[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies", tag = "azure",
+    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("rg" = String, Path), ("$top" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    responses((status = 200, body = PolicyListOut)))]
 pub async fn list_resource_group(
     State(state): State<AppState>,
     principal: Principal,
@@ -542,6 +551,9 @@ pub async fn list_resource_group(
     list(&state, &principal, &headers, &path, &q, filter).await
 }
 
+#[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies", tag = "azure",
+    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("rg" = String, Path), ("loc" = String, Path), ("$top" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    responses((status = 200, body = PolicyListOut)))]
 pub async fn list_resource_group_region(
     State(state): State<AppState>,
     principal: Principal,
@@ -575,6 +587,9 @@ fn policy_not_found(key: &PolicyKey) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
+    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")),
+    responses((status = 200, body = PolicyOut)))]
 pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
@@ -612,6 +627,9 @@ pub async fn get(
     Ok(Json(render(&state, &view).await?))
 }
 
+#[utoipa::path(put, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
+    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")), request_body = PolicyIn,
+    responses((status = 200, body = PolicyOut)))]
 pub async fn put(
     State(state): State<AppState>,
     principal: Principal,
@@ -666,6 +684,9 @@ pub async fn put(
     Ok(Json(render(&state, &policy).await?))
 }
 
+#[utoipa::path(delete, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
+    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")),
+    responses((status = 200, description = "Deleted"), (status = 204, description = "There was no such policy")))]
 pub async fn delete(
     State(state): State<AppState>,
     principal: Principal,
@@ -690,6 +711,10 @@ pub async fn delete(
     }
 }
 
+#[utoipa::path(post, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}/{action}", tag = "azure",
+    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01"), ("action" = String, Path, description = "initiate")), request_body = InitiateIn,
+    responses((status = 202, description = "Accepted: the ports open within milliseconds", body = RequestOut,
+        headers(("x-jitgate-request-id" = String, description = "The request's id in the native API")))))]
 pub async fn initiate(
     State(state): State<AppState>,
     principal: Principal,

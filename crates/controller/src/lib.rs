@@ -16,6 +16,8 @@ pub mod expiry;
 pub mod limits;
 pub mod metrics;
 pub mod native;
+pub mod openapi;
+pub mod params;
 pub mod recommend;
 mod server;
 pub mod tls;
@@ -32,10 +34,12 @@ use axum::Router;
 use axum::extract::Request;
 use axum::http::HeaderMap;
 use axum::middleware;
-use axum::routing::{get, post};
 use jitgate_core::ids::SubscriptionId;
 use jitgate_store::Store;
 use tokio::sync::Notify;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -155,32 +159,31 @@ async fn not_found() -> error::ApiError {
     )
 }
 
+/// Every route of both APIs, with the OpenAPI description of each.
+pub fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(azure::list_subscription))
+        .routes(routes!(azure::list_region))
+        .routes(routes!(azure::list_resource_group))
+        .routes(routes!(azure::list_resource_group_region))
+        .routes(routes!(azure::get, azure::put, azure::delete))
+        .routes(routes!(azure::initiate))
+        .merge(native::routes())
+}
+
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    const POL: &str = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}";
-    let api = Router::new()
-        .route(
-            "/subscriptions/{sub}/providers/Microsoft.Security/jitNetworkAccessPolicies",
-            get(azure::list_subscription),
-        )
-        .route(
-            "/subscriptions/{sub}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies",
-            get(azure::list_region),
-        )
-        .route(
-            "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies",
-            get(azure::list_resource_group),
-        )
-        .route(
-            "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies",
-            get(azure::list_resource_group_region),
-        )
-        .route(POL, get(azure::get).put(azure::put).delete(azure::delete))
-        .route(&format!("{POL}/{{action}}"), post(azure::initiate))
-        .merge(native::routes())
+    let (routes, _) = api_router().split_for_parts();
+    let api = routes
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), auth::auth_layer))
-        .layer(middleware::from_fn_with_state(state.clone(), auth::audit_failures))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::auth_layer,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::audit_failures,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state);

@@ -97,6 +97,33 @@ pub fn after_continuation(q: &Q) -> ApiResult<Option<String>> {
         .transpose()
 }
 
+/// The page key of an item of a list ordered by time and id (`Cursor`), as
+/// `continuation` encodes it.
+pub fn cursor_key(at: Timestamp, id: &str) -> String {
+    format!("{}/{id}", at.as_nanosecond())
+}
+
+/// The store's cursor from a page key made by `cursor_key` (and handed back by the
+/// client inside a continuation token: checked, never trusted).
+pub fn cursor(key: &str) -> ApiResult<jitgate_store::Cursor> {
+    let bad = || {
+        ApiError::bad_param(
+            "continuationToken",
+            "is not a token this API returned (pass it back unchanged)",
+        )
+    };
+    let (ns, id) = key.split_once('/').ok_or_else(bad)?;
+    let at = ns
+        .parse::<i128>()
+        .ok()
+        .and_then(|n| Timestamp::from_nanosecond(n).ok())
+        .ok_or_else(bad)?;
+    Ok(jitgate_store::Cursor {
+        at,
+        id: id.to_owned(),
+    })
+}
+
 /// The VM of the path's resource group and name, in the default subscription.
 pub fn vm_param(state: &AppState, rg: &str, name: &str) -> ApiResult<VmId> {
     Ok(VmId::new(
@@ -124,7 +151,11 @@ pub fn sub_scope(state: &AppState) -> Scope {
 
 /// A page of `items` (which holds at most `limit + 1`: the one past the page says that
 /// more follow), with the continuation token at the page's last item's key.
-pub fn page<T>(mut items: Vec<T>, limit: usize, key: impl Fn(&T) -> String) -> (Vec<T>, Option<String>) {
+pub fn page<T>(
+    mut items: Vec<T>,
+    limit: usize,
+    key: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
     if items.len() > limit {
         items.truncate(limit);
         let next = items.last().map(|t| continuation(&key(t)));
@@ -219,6 +250,20 @@ mod tests {
                 .as_deref(),
             Some("mine")
         );
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        let at = Timestamp::from_second(1_800_000_000).unwrap();
+        let c = cursor(&cursor_key(at, "abc/def")).unwrap();
+        assert_eq!((c.at, c.id.as_str()), (at, "abc/def"));
+        for bad in ["", "x/abc", "12", "99999999999999999999999999999/x"] {
+            assert_eq!(
+                cursor(bad).unwrap_err().target.as_deref(),
+                Some("continuationToken"),
+                "{bad}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -79,7 +79,7 @@ async fn classify_chunk(
     now: Timestamp,
 ) -> ApiResult<Vec<(VmRecord, Recommendation)>> {
     let ids: Vec<VmId> = chunk.iter().map(|v| v.id.clone()).collect();
-    let mut summaries = crate::native::summaries_by_key(state, chunk, now).await?;
+    let mut summaries = crate::native::vms::summaries_by_key(state, chunk, now).await?;
     let statuses: HashMap<String, (StatusReport, Timestamp)> = state
         .store
         .agent_statuses(&ids)
@@ -158,6 +158,9 @@ fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
 /// first page (no continuation token) also carries the `summary` of every VM the
 /// caller may read; it is counted while VMs stream through 500 at a time, so memory
 /// stays flat in the number of VMs.
+#[utoipa::path(get, path = "/api/v1/recommendations", tag = "recommendations",
+    params(("verdict" = Option<String>, Query, description = "Healthy, Unhealthy or NotApplicable"), ("resourceGroup" = Option<String>, Query), ("limit" = Option<usize>, Query, description = "Page size, 1-5000 (default 1000)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
+    responses((status = 200, body = jitgate_proto::api::RecommendationPage)))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -175,8 +178,8 @@ pub async fn list(
         })
         .transpose()?;
     let rg = rg_query(&q)?;
-    let limit = crate::native::count_param(&q, "limit", 1000, 5000)?;
-    let after = crate::native::after_continuation(&q)?;
+    let limit = crate::params::count_param(&q, "limit", 1000, 5000)?;
+    let after = crate::params::after_continuation(&q)?;
     let with_summary = after.is_none();
     let now = Timestamp::now();
     let exclusions = state.store.list_exclusions().await?;
@@ -226,7 +229,7 @@ pub async fn list(
         body["summary"] = json!(summary);
     }
     if more && let Some(k) = last_key {
-        body["continuationToken"] = json!(crate::native::continuation(&k));
+        body["continuationToken"] = json!(crate::params::continuation(&k));
     }
     Ok(Json(body))
 }
@@ -242,6 +245,9 @@ pub struct ApplyIn {
 
 /// Enables JIT on every unhealthy machine the caller may see (in one resource group,
 /// or all), on its listening management ports: TCP, any source, at most 3 hours.
+#[utoipa::path(post, path = "/api/v1/recommendations/apply", tag = "recommendations",
+    request_body(content = Option<jitgate_proto::api::ApplyRecommendations>, description = "Limit to one resource group (none: every VM the caller may see)"),
+    responses((status = 200, body = jitgate_proto::api::ApplyResult)))]
 pub async fn apply(
     State(state): State<AppState>,
     principal: Principal,
@@ -384,43 +390,70 @@ pub struct ExclusionIn {
     reason: Option<String>,
 }
 
-fn exclusion_json(e: &ExclusionRecord) -> Value {
-    json!({
-        "id": e.id,
-        "scope": e.scope.to_string(),
-        "reason": e.reason,
-        "createdAt": e.created.to_string(),
-        "createdBy": e.created_by,
-    })
+fn exclusion_wire(e: &ExclusionRecord) -> jitgate_proto::api::Exclusion {
+    jitgate_proto::api::Exclusion {
+        id: e.id.clone(),
+        scope: e.scope.to_string(),
+        reason: e.reason.clone(),
+        created_at: e.created.to_string(),
+        created_by: e.created_by.clone(),
+    }
 }
 
+#[utoipa::path(get, path = "/api/v1/exclusions", tag = "recommendations",
+    params(("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
+    responses((status = 200, body = jitgate_proto::api::ExclusionPage)))]
 pub async fn list_exclusions(
     State(state): State<AppState>,
     principal: Principal,
-) -> ApiResult<Json<Value>> {
-    let all = state.store.list_exclusions().await?;
-    let value: Vec<Value> = all
-        .iter()
-        .filter(|e| {
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<jitgate_proto::api::ExclusionPage>> {
+    use crate::params;
+    let limit = params::count_param(&q, "limit", 100, 1000)?;
+    let after = params::after_continuation(&q)?;
+    if let Some(a) = &after {
+        params::cursor(a)?;
+    }
+    let (page, next) = params::filtered_page(
+        after,
+        limit,
+        |e: &ExclusionRecord| params::cursor_key(e.created, &e.id),
+        |e| {
             jitgate_core::rbac::is_allowed_somewhere_under(
                 &principal.assignments,
                 &principal.name,
                 Action::PolicyRead,
                 &e.scope,
             )
-        })
-        .map(exclusion_json)
-        .collect();
-    Ok(Json(json!({"value": value})))
+        },
+        |after, n| {
+            let store = state.store.clone();
+            let after = after.as_deref().map(params::cursor).transpose();
+            async move {
+                let paging = jitgate_store::Paging {
+                    after: after?,
+                    limit: n,
+                };
+                Ok(store.exclusions_page(&paging).await?)
+            }
+        },
+    )
+    .await?;
+    Ok(Json(jitgate_proto::api::ExclusionPage {
+        value: page.iter().map(exclusion_wire).collect(),
+        continuation_token: next,
+    }))
 }
 
+#[utoipa::path(post, path = "/api/v1/exclusions", tag = "recommendations", request_body = jitgate_proto::api::CreateExclusion,
+    responses((status = 201, body = jitgate_proto::api::Exclusion)))]
 pub async fn create_exclusion(
     State(state): State<AppState>,
     principal: Principal,
     CallerIp(ip): CallerIp,
     crate::body::JsonBody(body): crate::body::JsonBody<ExclusionIn>,
 ) -> ApiResult<Response> {
-    let scope = crate::native::scope_param(&state, body.scope.as_deref())?;
+    let scope = crate::params::scope_param(&state, body.scope.as_deref())?;
     let reason = body.reason.unwrap_or_default();
     if reason.trim().is_empty() || reason.len() > 512 {
         return Err(ApiError::bad_param(
@@ -438,9 +471,12 @@ pub async fn create_exclusion(
     };
     let audit = principal.audit_ctx(ip, record.created);
     state.store.add_exclusion(record.clone(), audit).await?;
-    Ok((StatusCode::CREATED, Json(exclusion_json(&record))).into_response())
+    Ok((StatusCode::CREATED, Json(exclusion_wire(&record))).into_response())
 }
 
+#[utoipa::path(delete, path = "/api/v1/exclusions/{id}", tag = "recommendations",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "Removed")))]
 pub async fn delete_exclusion(
     State(state): State<AppState>,
     principal: Principal,
@@ -459,6 +495,9 @@ pub async fn delete_exclusion(
 
 // ---- blocked attempts ---------------------------------------------------------------------
 
+#[utoipa::path(get, path = "/api/v1/vms/{rg}/{name}/blocked", tag = "vms",
+    params(("rg" = String, Path), ("name" = String, Path), ("since" = Option<String>, Query, description = "RFC 3339 (default: 24 hours ago)")),
+    responses((status = 200, body = jitgate_proto::api::BlockedSeries)))]
 pub async fn blocked(
     State(state): State<AppState>,
     principal: Principal,

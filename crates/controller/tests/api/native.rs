@@ -403,3 +403,281 @@ async fn authentication_is_cached_and_every_token_or_role_change_is_seen_at_once
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// Every operation of the document, called for real with a successful outcome (and a
+/// refused one where that is a different body), each answer checked against the
+/// document by `Ctl::call`. An operation added without a call here fails the test.
+#[tokio::test]
+async fn every_operation_answers_as_documented() {
+    use crate::schema::{SEEN, operations};
+    use reqwest::Method;
+    let ctl = Ctl::start().await;
+    let sub = ctl.sub.clone();
+    let pol = ctl.policy_path("rg", "westeurope", "default");
+    let q = "?api-version=2020-01-01";
+    // Service.
+    ctl.call(Method::GET, "/api/v1/health", None, None).await;
+    ctl.call(Method::GET, "/metrics", None, None).await;
+    ctl.call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    ctl.get("/api/v1/whoami").await;
+    // VMs, policies, requests.
+    let r = ctl
+        .post("/api/v1/vms", json!({"resourceGroup": "rg", "name": "vm1"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    ctl.enable("rg", &["vm1", "vm2"], "*").await;
+    ctl.get(&format!("{pol}{q}")).await;
+    for p in [
+        format!("/subscriptions/{sub}/providers/Microsoft.Security/jitNetworkAccessPolicies"),
+        format!(
+            "/subscriptions/{sub}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies"
+        ),
+        format!(
+            "/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Security/jitNetworkAccessPolicies"
+        ),
+        format!(
+            "/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies"
+        ),
+    ] {
+        assert_eq!(ctl.get(&format!("{p}{q}")).await.status, StatusCode::OK);
+    }
+    let i = ctl
+        .initiate(
+            "rg",
+            "vm1",
+            json!([{"number": 22, "allowedSourceAddressPrefix": "10.0.0.1", "duration": "PT1H"}]),
+        )
+        .await;
+    assert_eq!(i.status, StatusCode::ACCEPTED, "{:?}", i.body);
+    let id = i.headers["x-jitgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    ctl.get("/api/v1/vms").await;
+    ctl.get("/api/v1/vms/rg/vm1").await;
+    ctl.get("/api/v1/vms/rg/vm1/nsg").await;
+    ctl.get("/api/v1/vms/rg/vm1/blocked").await;
+    let rule = "/api/v1/vms/rg/vm1/nsg/rules/allow-mon";
+    let body = json!({"priority": 200, "access": "Allow", "destinationPortRanges": ["9100"]});
+    assert_eq!(ctl.put(rule, body).await.status, StatusCode::CREATED);
+    ctl.get("/api/v1/vms/rg/vm1/nsg/rules").await;
+    assert_eq!(ctl.delete(rule).await.status, StatusCode::OK);
+    ctl.get("/api/v1/requests").await;
+    ctl.get(&format!("/api/v1/requests/{id}")).await;
+    let r = ctl
+        .post(&format!("/api/v1/requests/{id}/revoke"), json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    // People.
+    let t = ctl
+        .principal("dora", "Reader", &format!("/subscriptions/{sub}"))
+        .await;
+    ctl.get("/api/v1/tokens").await;
+    ctl.get("/api/v1/roleAssignments").await;
+    let ras = ctl.get("/api/v1/roleAssignments?principal=dora").await;
+    let ra = ras.body["value"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        ctl.delete(&format!("/api/v1/roleAssignments/{ra}"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert!(t.starts_with("jg_"));
+    let tokens = ctl.get("/api/v1/tokens").await;
+    let tid = tokens.body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["principal"] == "dora")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        ctl.delete(&format!("/api/v1/tokens/{tid}")).await.status,
+        StatusCode::OK
+    );
+    // Agents.
+    let (vm, agent) = crate::util::enroll(&ctl, "web-1").await;
+    let d = ctl
+        .get_as(&agent, &format!("/api/v1/agent/desired?vm={vm}"))
+        .await;
+    assert_eq!(d.status, StatusCode::OK, "{:?}", d.body);
+    let s = ctl
+        .call(
+            Method::POST,
+            &format!("/api/v1/agent/status?vm={vm}"),
+            Some(&agent),
+            Some(json!({"nftVersion": "1.0.6", "listening": [
+                {"protocol": "tcp", "family": "IPv4", "address": "0.0.0.0", "port": 22}
+            ]})),
+        )
+        .await;
+    assert_eq!(s.status, StatusCode::NO_CONTENT, "{:?}", s.body);
+    ctl.get("/api/v1/enrollTokens").await;
+    let et = ctl.post("/api/v1/enrollTokens", json!({})).await;
+    let etid = et.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        ctl.delete(&format!("/api/v1/enrollTokens/{etid}"))
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    // Recommendations.
+    ctl.get("/api/v1/recommendations").await;
+    let a = ctl.post("/api/v1/recommendations/apply", json!({})).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    let x = ctl
+        .post(
+            "/api/v1/exclusions",
+            json!({"scope": format!("/subscriptions/{sub}/resourceGroups/legacy"), "reason": "appliances"}),
+        )
+        .await;
+    assert_eq!(x.status, StatusCode::CREATED, "{:?}", x.body);
+    ctl.get("/api/v1/exclusions").await;
+    let xid = x.body["id"].as_str().unwrap();
+    assert_eq!(
+        ctl.delete(&format!("/api/v1/exclusions/{xid}"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // Audit, then the policy's end.
+    ctl.get("/api/v1/audit").await;
+    ctl.get("/api/v1/audit?format=csv").await;
+    ctl.get("/api/v1/audit/verify").await;
+    assert_eq!(
+        ctl.delete(&format!("{pol}{q}")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        ctl.delete("/api/v1/vms/rg/vm2").await.status,
+        StatusCode::OK
+    );
+    // Errors are documented too (the `default` CloudError).
+    let e = ctl.get("/api/v1/requests?limit=0").await;
+    assert_eq!(e.status, StatusCode::BAD_REQUEST);
+
+    let seen = SEEN.lock().unwrap().clone();
+    let missing: Vec<_> = operations().difference(&seen).cloned().collect();
+    assert!(missing.is_empty(), "operations never called: {missing:?}");
+}
+
+/// Every list pages: a continuation token walks each item exactly once, and a forged
+/// token is refused naming the parameter.
+#[tokio::test]
+async fn every_list_pages_without_gaps() {
+    let ctl = Ctl::start().await;
+    let sub = ctl.sub.clone();
+    for i in 0..5 {
+        ctl.principal(&format!("p{i}"), "Reader", &format!("/subscriptions/{sub}"))
+            .await;
+        ctl.post("/api/v1/enrollTokens", json!({})).await;
+        ctl.post(
+            "/api/v1/exclusions",
+            json!({"scope": format!("/subscriptions/{sub}/resourceGroups/x{i}"), "reason": "lab"}),
+        )
+        .await;
+    }
+    ctl.enable("rg", &["vm1", "vm2", "vm3"], "*").await;
+    for vm in ["vm1", "vm2", "vm3", "vm1", "vm2"] {
+        let r = ctl
+            .initiate(
+                "rg",
+                vm,
+                json!([{"number": 22, "allowedSourceAddressPrefix": "10.0.0.1", "duration": "PT1H"}]),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+    }
+    for list in [
+        "/api/v1/vms",
+        "/api/v1/requests",
+        "/api/v1/tokens",
+        "/api/v1/roleAssignments",
+        "/api/v1/enrollTokens",
+        "/api/v1/exclusions",
+        "/api/v1/audit",
+    ] {
+        let whole = ctl.get(&format!("{list}?limit=1000")).await;
+        assert_eq!(whole.status, StatusCode::OK, "{list}: {:?}", whole.body);
+        assert!(whole.body.get("continuationToken").is_none(), "{list}");
+        let want: Vec<serde_json::Value> = whole.body["value"].as_array().unwrap().clone();
+        assert!(want.len() >= 3, "{list} has {} items", want.len());
+        let mut got: Vec<serde_json::Value> = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let url = match &next {
+                None => format!("{list}?limit=2"),
+                Some(t) => format!("{list}?limit=2&continuationToken={t}"),
+            };
+            let page = ctl.get(&url).await;
+            assert_eq!(page.status, StatusCode::OK, "{url}: {:?}", page.body);
+            let items = page.body["value"].as_array().unwrap();
+            assert!(items.len() <= 2, "{url}");
+            got.extend(items.iter().cloned());
+            match page.body["continuationToken"].as_str() {
+                Some(t) => {
+                    assert_eq!(items.len(), 2, "{url}: a page before the end is full");
+                    next = Some(t.to_owned());
+                }
+                None => break,
+            }
+        }
+        // Items carry times that move (live grants' seconds left): compare ids.
+        let key = |v: &serde_json::Value| {
+            ["id", "seq"]
+                .iter()
+                .find_map(|k| v.get(*k).map(|x| x.to_string()))
+                .unwrap()
+        };
+        assert_eq!(
+            got.iter().map(key).collect::<Vec<_>>(),
+            want.iter().map(key).collect::<Vec<_>>(),
+            "{list}: pages of 2"
+        );
+        let forged = ctl.get(&format!("{list}?continuationToken=zz")).await;
+        assert_eq!(
+            (forged.status, forged.body["error"]["target"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("continuationToken")),
+            "{list}"
+        );
+    }
+}
+
+/// The document is OpenAPI 3.1; exactly the paths the authentication layer lets
+/// through without a token are documented with no security requirement, every other
+/// operation inherits the bearer token; every operation documents its errors.
+#[test]
+fn the_document_marks_exactly_the_public_paths() {
+    let doc = &*crate::schema::DOC;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
+    assert_eq!(doc["security"], json!([{"bearerAuth": []}]));
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearerAuth"]["scheme"],
+        "bearer"
+    );
+    let mut public = Vec::new();
+    for op in crate::schema::operations() {
+        let (m, t) = op.split_once(' ').unwrap();
+        let o = &doc["paths"][t][m.to_ascii_lowercase()];
+        match o.get("security") {
+            Some(s) if s == &json!([]) => public.push(t.to_owned()),
+            Some(s) => panic!("{op} has its own security {s}"),
+            None => {}
+        }
+        assert!(o["responses"].get("default").is_some(), "{op} documents no errors");
+        assert!(o["tags"].as_array().is_some_and(|t| !t.is_empty()), "{op} has no tag");
+    }
+    public.sort();
+    assert_eq!(
+        public,
+        [
+            "/api/v1/agent/enroll",
+            "/api/v1/health",
+            "/api/v1/openapi.json",
+            "/metrics"
+        ]
+    );
+}

@@ -84,6 +84,7 @@ impl Ctl {
         token: Option<&str>,
         body: Option<Value>,
     ) -> Resp {
+        let method_name = method.clone();
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -100,6 +101,10 @@ impl Ctl {
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
+        let ct = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        crate::schema::check(&method_name, path, status.as_u16(), ct, &body);
         Resp {
             status,
             body,

@@ -1,0 +1,74 @@
+//! The service itself: health, metrics, the OpenAPI document, and who the caller is.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use jitgate_proto::api::{Health, RoleAt, WhoAmI};
+
+use crate::AppState;
+use crate::auth::{CallerIp, Principal};
+use crate::error::ApiResult;
+
+/// Whether the controller and its store answer. No token needed.
+#[utoipa::path(get, path = "/api/v1/health", tag = "service",
+    responses((status = 200, description = "The store answers", body = Health)))]
+pub async fn health(State(state): State<AppState>) -> ApiResult<Json<Health>> {
+    state.store.subscriptions().await?;
+    Ok(Json(Health {
+        status: "ok".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    }))
+}
+
+/// Prometheus metrics (OpenMetrics text). No token needed.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "OpenMetrics text",
+        content_type = "application/openmetrics-text", body = String)))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.observe_write_queue(state.store.write_queue());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// This document. No token needed.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "service",
+    responses((status = 200, description = "The OpenAPI 3.1 document of both APIs",
+        content_type = "application/json", body = Object)))]
+pub async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::json(),
+    )
+        .into_response()
+}
+
+/// The caller: principal, token, roles, and the address the controller sees.
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "service",
+    responses((status = 200, body = WhoAmI)))]
+pub async fn whoami(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        roles: principal
+            .assignments
+            .iter()
+            .map(|a| RoleAt {
+                role: a.role.as_str().to_owned(),
+                scope: a.scope.to_string(),
+            })
+            .collect(),
+        principal: principal.name,
+        token_id: principal.token_id,
+        subscription: state.default_subscription().to_string(),
+        caller_ip: ip.to_string(),
+    })
+}

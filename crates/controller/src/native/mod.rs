@@ -1,0 +1,61 @@
+//! The native API under `/api/v1`, one module per resource: VMs and their NSG view,
+//! access requests, tokens and role assignments, the audit log, and the service itself
+//! (health, metrics, whoami, the OpenAPI document). Agents' calls are in
+//! [`crate::agent`], recommendations and exclusions in [`crate::recommend`].
+//!
+//! Every handler answers with a wire type of [`jitgate_proto::api`] and carries its
+//! `#[utoipa::path]`, from which [`crate::openapi`] generates the document: the route
+//! table below is the one place a route is declared.
+
+pub mod access;
+pub mod audit;
+pub mod meta;
+pub mod nsg;
+pub mod requests;
+pub mod vms;
+
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(meta::health))
+        .routes(routes!(meta::metrics))
+        .routes(routes!(meta::openapi))
+        .routes(routes!(meta::whoami))
+        .routes(routes!(vms::list_vms, vms::register_vm))
+        .routes(routes!(vms::get_vm, vms::delete_vm))
+        .routes(routes!(nsg::get_nsg))
+        .routes(routes!(nsg::list_nsg_rules))
+        .routes(routes!(nsg::put_nsg_rule, nsg::delete_nsg_rule))
+        .routes(routes!(
+            crate::agent::list_enroll_tokens,
+            crate::agent::create_enroll_token
+        ))
+        .routes(routes!(crate::agent::revoke_enroll_token))
+        .routes(routes!(crate::agent::enroll))
+        .routes(routes!(crate::agent::desired))
+        .routes(routes!(crate::agent::status))
+        .routes(routes!(crate::recommend::list))
+        .routes(routes!(crate::recommend::apply))
+        .routes(routes!(
+            crate::recommend::list_exclusions,
+            crate::recommend::create_exclusion
+        ))
+        .routes(routes!(crate::recommend::delete_exclusion))
+        .routes(routes!(crate::recommend::blocked))
+        .routes(routes!(requests::list_requests))
+        .routes(routes!(requests::get_request))
+        .routes(routes!(requests::revoke_request))
+        .routes(routes!(access::list_tokens, access::create_token))
+        .routes(routes!(access::revoke_token))
+        .routes(routes!(
+            access::list_role_assignments,
+            access::create_role_assignment
+        ))
+        .routes(routes!(access::delete_role_assignment))
+        .routes(routes!(audit::query_audit))
+        .routes(routes!(audit::verify_audit))
+}

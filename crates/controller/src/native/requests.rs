@@ -1,0 +1,242 @@
+//! Access requests: list (paged, newest first), view one, revoke.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use jitgate_core::Timestamp;
+use jitgate_core::ids::VmId;
+use jitgate_core::net::Port;
+use jitgate_core::rbac::Action;
+use jitgate_core::request::{AccessRequest, RequestId};
+use jitgate_proto::api::{
+    Request, RequestPage, RequestPort, RequestVm, RevokeResult, RevokeSelection, RevokedPort,
+};
+use jitgate_store::{OpError, PortSelector, RequestFilter, RevokeError};
+
+use crate::AppState;
+use crate::auth::{CallerIp, Principal};
+use crate::body::OptionalJsonBody;
+use crate::error::{ApiError, ApiResult};
+use crate::params::{self, Q};
+
+pub fn request_wire(r: &AccessRequest, now: Timestamp) -> Request {
+    Request {
+        id: r.id.to_string(),
+        policy: r.policy_key.clone(),
+        requestor: r.requestor.clone(),
+        justification: r.justification.clone(),
+        start_time_utc: r.start.to_string(),
+        caller_ip: r.caller_ip.to_string(),
+        virtual_machines: r
+            .vms
+            .iter()
+            .map(|vm| RequestVm {
+                id: vm.id.to_string(),
+                ports: vm
+                    .ports
+                    .iter()
+                    .map(|p| RequestPort {
+                        number: p.number.get(),
+                        protocol: p.protocol.as_str().to_owned(),
+                        allowed_source_address_prefix: p.source.to_string(),
+                        end_time_utc: p.end.to_string(),
+                        status: p.status.status_str().to_owned(),
+                        status_reason: p.status.reason_str().to_owned(),
+                        live: p.is_live(now),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The caller sees a request if they may read requests on one of its VMs, or made it.
+fn request_visible(p: &Principal, r: &AccessRequest) -> bool {
+    r.requestor == p.name
+        || r.vms
+            .iter()
+            .any(|v| p.can(Action::RequestRead, &v.id.scope()))
+}
+
+/// Requests the caller may see, newest first, a page at a time. Someone who may read
+/// no one else's requests anywhere lists their own in the store directly.
+#[utoipa::path(get, path = "/api/v1/requests", tag = "requests",
+    params(
+        ("vm" = Option<String>, Query, description = "Only requests for this VM (resource id)"),
+        ("requestor" = Option<String>, Query, description = "Only this requestor's"),
+        ("mine" = Option<bool>, Query, description = "Only the caller's own"),
+        ("active" = Option<bool>, Query, description = "Only requests with a live port"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"),
+        ("continuationToken" = Option<String>, Query, description = "From the previous page"),
+    ),
+    responses((status = 200, body = RequestPage)))]
+pub async fn list_requests(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<Q>,
+) -> ApiResult<Json<RequestPage>> {
+    let now = Timestamp::now();
+    let vm = q
+        .get("vm")
+        .map(|v| VmId::parse(v))
+        .transpose()
+        .map_err(|e| ApiError::bad_param("vm", e))?;
+    let limit = params::count_param(&q, "limit", 100, 1000)?;
+    let reads_others = principal
+        .assignments
+        .iter()
+        .any(|a| a.principal == principal.name && a.role.permits(Action::RequestRead));
+    let requestor = if params::flag_param(&q, "mine")? || !reads_others {
+        match q.get("requestor") {
+            Some(other) if *other != principal.name => {
+                // Asking for someone else's while seeing only one's own: nothing.
+                return Ok(Json(RequestPage {
+                    value: Vec::new(),
+                    continuation_token: None,
+                }));
+            }
+            _ => Some(principal.name.clone()),
+        }
+    } else {
+        q.get("requestor").cloned()
+    };
+    let filter = RequestFilter {
+        vm,
+        requestor,
+        live_at: params::flag_param(&q, "active")?.then_some(now),
+        after: None,
+        limit,
+    };
+    let after = params::after_continuation(&q)?;
+    if let Some(a) = &after {
+        params::cursor(a)?;
+    }
+    let (page, next) = params::filtered_page(
+        after,
+        limit,
+        |r: &AccessRequest| params::cursor_key(r.start, &r.id.to_string()),
+        |r| request_visible(&principal, r),
+        |after, n| {
+            let store = state.store.clone();
+            let after = after.as_deref().map(params::cursor).transpose();
+            let filter = RequestFilter {
+                limit: n,
+                ..filter.clone()
+            };
+            async move {
+                let filter = RequestFilter {
+                    after: after?,
+                    ..filter
+                };
+                Ok(store.list_requests(&filter).await?)
+            }
+        },
+    )
+    .await?;
+    Ok(Json(RequestPage {
+        value: page.iter().map(|r| request_wire(r, now)).collect(),
+        continuation_token: next,
+    }))
+}
+
+/// The request with this id, if the caller may see it (else 404, as if absent).
+async fn visible_request(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> ApiResult<(RequestId, AccessRequest)> {
+    let id = RequestId::parse(id).map_err(|e| ApiError::bad_param("id", e))?;
+    let r = state
+        .store
+        .get_request(id)
+        .await?
+        .filter(|r| request_visible(principal, r))
+        .ok_or_else(|| ApiError::not_found(format!("request {id} not found")))?;
+    Ok((id, r))
+}
+
+/// One request, if the caller made it or may read requests on one of its VMs.
+#[utoipa::path(get, path = "/api/v1/requests/{id}", tag = "requests",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Request)))]
+pub async fn get_request(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Request>> {
+    let (_, r) = visible_request(&state, &principal, &id).await?;
+    Ok(Json(request_wire(&r, Timestamp::now())))
+}
+
+/// Ends a request's live ports now (all, or the selected VM/port): the requestor may
+/// end their own; anyone else needs the revoke action on every VM whose ports close.
+#[utoipa::path(post, path = "/api/v1/requests/{id}/revoke", tag = "requests",
+    params(("id" = String, Path)),
+    request_body(content = Option<RevokeSelection>, description = "Which ports (none: all live ports)"),
+    responses((status = 200, body = RevokeResult)))]
+pub async fn revoke_request(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path(id): Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody<RevokeSelection>,
+) -> ApiResult<Json<RevokeResult>> {
+    let (id, r) = visible_request(&state, &principal, &id).await?;
+    let selector = match body {
+        None => None,
+        Some(b) => Some(PortSelector {
+            vm: b
+                .vm
+                .as_deref()
+                .map(VmId::parse)
+                .transpose()
+                .map_err(|e| ApiError::bad_param("vm", e))?,
+            number: b
+                .port
+                .map(Port::new)
+                .transpose()
+                .map_err(|e| ApiError::bad_param("port", e))?,
+        }),
+    };
+    if r.requestor != principal.name {
+        for vm in &r.vms {
+            if selector
+                .as_ref()
+                .and_then(|s| s.vm.as_ref())
+                .is_some_and(|s| *s != vm.id)
+            {
+                continue;
+            }
+            principal.require(Action::RequestRevoke, &vm.id.scope())?;
+        }
+    }
+    let revoked = state
+        .store
+        .revoke_request(id, selector, principal.audit_ctx(ip, Timestamp::now()))
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(RevokeError::NotFound) => {
+                ApiError::not_found(format!("request {id} not found"))
+            }
+            OpError::Refused(RevokeError::NothingLive) => ApiError::conflict(format!(
+                "request {id} has no live port matching the selection to revoke"
+            )),
+            OpError::Store(s) => s.into(),
+        })?;
+    state.changed(revoked.len());
+    state.vm_changes.touch(revoked.iter().map(|p| &p.vm));
+    let after = state
+        .store
+        .get_request(id)
+        .await?
+        .ok_or_else(|| ApiError::internal("request vanished"))?;
+    Ok(Json(RevokeResult {
+        revoked: revoked
+            .iter()
+            .map(|p| RevokedPort {
+                vm: p.vm.to_string(),
+                port: p.number.get(),
+            })
+            .collect(),
+        request: request_wire(&after, Timestamp::now()),
+    }))
+}

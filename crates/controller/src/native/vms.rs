@@ -1,0 +1,334 @@
+//! VMs: register, list (paged, filtered in the store), view one (with its agent's
+//! status, live grants and blocked attempts), delete.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use jitgate_core::Timestamp;
+use jitgate_core::ids::{Location, VmId, VmName};
+use jitgate_core::rbac::Action;
+use jitgate_proto::StatusReport;
+use jitgate_proto::api::{
+    AgentPresence, AgentStatus, BlockedTotal, Grant, RegisterVm, Vm, VmDetail, VmListItem, VmPage,
+};
+use jitgate_store::{OpError, RegisterOutcome, RequestFilter, VmError, VmRecord, VmSummary};
+
+use crate::AppState;
+use crate::auth::{CallerIp, Principal};
+use crate::body::JsonBody;
+use crate::error::{ApiError, ApiResult};
+use crate::params::{self, Q};
+
+pub fn vm_wire(vm: &VmRecord) -> Vm {
+    Vm {
+        id: vm.id.to_string(),
+        subscription: vm.id.subscription.to_string(),
+        resource_group: vm.id.resource_group.to_string(),
+        name: vm.id.name.to_string(),
+        location: vm.location.as_ref().map(|l| l.to_string()),
+        registered_at: vm.created.to_string(),
+        registered_by: vm.created_by.clone(),
+    }
+}
+
+/// Whether a VM has an agent and whether it reports (from when it last reported).
+pub fn presence(state: &AppState, last_seen: Option<Timestamp>, now: Timestamp) -> AgentPresence {
+    match last_seen {
+        None => AgentPresence {
+            enrolled: false,
+            online: false,
+            last_seen: None,
+        },
+        Some(seen) => AgentPresence {
+            enrolled: true,
+            online: online(state, seen, now),
+            last_seen: Some(seen.to_string()),
+        },
+    }
+}
+
+fn online(state: &AppState, seen: Timestamp, now: Timestamp) -> bool {
+    now.duration_since(seen).as_secs() <= state.recommend.offline_after.as_secs()
+}
+
+/// A VM's agent in full: its last report, and whether it applied the current state.
+pub async fn agent_status(state: &AppState, vm: &VmId, now: Timestamp) -> ApiResult<AgentStatus> {
+    let Some(rec) = state.store.agent_status(vm).await? else {
+        return Ok(AgentStatus::default());
+    };
+    let report: StatusReport = serde_json::from_str(&rec.report).unwrap_or_default();
+    let current = crate::agent::desired_state(state, vm).await?;
+    Ok(AgentStatus {
+        enrolled: true,
+        online: online(state, rec.last_seen, now),
+        last_seen: Some(rec.last_seen.to_string()),
+        up_to_date: Some(report.applied_revision.as_deref() == Some(current.revision.as_str())),
+        applied_revision: report.applied_revision,
+        applied_at: report.applied_at,
+        nft_version: report.nft_version,
+        error: report.error,
+        hostname: report.hostname,
+        os: report.os,
+        agent_version: report.agent_version,
+        addresses: report.addresses,
+        listening: report.listening,
+        inventory_errors: report.inventory_errors,
+        counters: report.counters,
+        table_matches: report.table_matches,
+        drift_events: report.drift_events,
+        last_drift: report.last_drift,
+    })
+}
+
+/// Registers a VM (idempotent: 201 when new, 200 when it was already registered).
+#[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = RegisterVm,
+    responses((status = 201, body = Vm), (status = 200, description = "Already registered", body = Vm)))]
+pub async fn register_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    JsonBody(body): JsonBody<RegisterVm>,
+) -> ApiResult<Response> {
+    let id = match (&body.id, &body.resource_group, &body.name) {
+        (Some(id), None, None) => VmId::parse(id).map_err(|e| ApiError::bad_param("id", e))?,
+        (None, Some(rg), Some(name)) => params::vm_param(&state, rg, name).map_err(|mut e| {
+            if e.target.as_deref() == Some("resourceGroup") || e.target.as_deref() == Some("name") {
+                e.code = "InvalidRequestContent";
+            }
+            e
+        })?,
+        (Some(_), _, _) => {
+            return Err(ApiError::bad_param(
+                "id",
+                "give either id, or resourceGroup and name, not both",
+            ));
+        }
+        (None, None, _) => {
+            return Err(ApiError::bad_param(
+                "resourceGroup",
+                "is required (or give id)",
+            ));
+        }
+        (None, Some(_), None) => return Err(ApiError::bad_param("name", "is required")),
+    };
+    let location = body
+        .location
+        .as_deref()
+        .map(Location::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad_param("location", e))?;
+    principal.require(Action::VmWrite, &id.scope())?;
+    let record = VmRecord {
+        id: id.clone(),
+        location,
+        created: Timestamp::now(),
+        created_by: principal.name.clone(),
+    };
+    let outcome = state
+        .store
+        .register_vm(record, principal.audit_ctx(ip, Timestamp::now()))
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(VmError::UnknownSubscription(s)) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "SubscriptionNotFound",
+                format!("subscription {s} does not exist"),
+            )
+            .with_target("id"),
+            OpError::Refused(VmError::InPolicy(p)) => ApiError::conflict(format!("in policy {p}")),
+            OpError::Store(s) => s.into(),
+        })?;
+    let vm = state
+        .store
+        .get_vm(&id)
+        .await?
+        .ok_or_else(|| ApiError::internal("vm vanished"))?;
+    let status = match outcome {
+        RegisterOutcome::Created => StatusCode::CREATED,
+        RegisterOutcome::AlreadyRegistered => StatusCode::OK,
+    };
+    Ok((status, Json(vm_wire(&vm))).into_response())
+}
+
+/// `vm_summaries` of `vms`, by VM key (a VM deleted meanwhile has none).
+pub async fn summaries_by_key(
+    state: &AppState,
+    vms: &[VmRecord],
+    now: Timestamp,
+) -> ApiResult<HashMap<String, VmSummary>> {
+    let ids: Vec<VmId> = vms.iter().map(|v| v.id.clone()).collect();
+    Ok(state
+        .store
+        .vm_summaries(&ids, now)
+        .await?
+        .into_iter()
+        .map(|s| (s.vm.key(), s))
+        .collect())
+}
+
+/// VMs the caller may read, a page at a time, filtered by `resourceGroup` and `name`
+/// in the store. A page is filled with readable VMs however many unreadable ones lie
+/// between them; what each shows is read for the whole page at once.
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+    params(
+        ("resourceGroup" = Option<String>, Query, description = "Only this resource group"),
+        ("name" = Option<String>, Query, description = "Only the VM of this name (case-insensitive; one indexed read)"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"),
+        ("continuationToken" = Option<String>, Query, description = "From the previous page"),
+    ),
+    responses((status = 200, body = VmPage)))]
+pub async fn list_vms(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<Q>,
+) -> ApiResult<Json<VmPage>> {
+    let name = q
+        .get("name")
+        .map(|n| VmName::parse(n))
+        .transpose()
+        .map_err(|e| ApiError::bad_param("name", e))?;
+    let limit = params::count_param(&q, "limit", 100, 1000)?;
+    let filter = jitgate_store::VmFilter {
+        resource_group: params::rg_param(&q)?,
+        name,
+        after: None,
+        limit,
+    };
+    let sub = state.default_subscription();
+    let (page, next) = params::filtered_page(
+        params::after_continuation(&q)?,
+        limit,
+        |vm: &VmRecord| vm.id.key(),
+        |vm| principal.can(Action::VmRead, &vm.id.scope()),
+        |after, n| {
+            let filter = jitgate_store::VmFilter {
+                after,
+                limit: n,
+                ..filter.clone()
+            };
+            let store = state.store.clone();
+            async move { Ok(store.find_vms(sub, &filter).await?) }
+        },
+    )
+    .await?;
+    let now = Timestamp::now();
+    let summaries = summaries_by_key(&state, &page, now).await?;
+    let value = page
+        .iter()
+        // A VM deleted since the page was read is left out.
+        .filter_map(|vm| {
+            let sum = summaries.get(&vm.id.key())?;
+            Some(VmListItem {
+                vm: vm_wire(vm),
+                policy: sum.policy.as_ref().map(|p| p.key.id()),
+                protected_ports: sum
+                    .policy
+                    .as_ref()
+                    .map(|p| p.vm.ports.iter().map(|r| r.number.get()).collect())
+                    .unwrap_or_default(),
+                live_grants: sum.live_grants as u64,
+                agent: presence(&state, sum.agent_last_seen, now),
+            })
+        })
+        .collect();
+    Ok(Json(VmPage {
+        value,
+        continuation_token: next,
+    }))
+}
+
+/// One VM: its policy, its agent's full status, live grants, the newest request and
+/// the last 24 hours' blocked attempts.
+#[utoipa::path(get, path = "/api/v1/vms/{rg}/{name}", tag = "vms",
+    params(("rg" = String, Path, description = "Resource group"), ("name" = String, Path, description = "VM name")),
+    responses((status = 200, body = VmDetail)))]
+pub async fn get_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((rg, name)): Path<(String, String)>,
+) -> ApiResult<Json<VmDetail>> {
+    let id = params::vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmRead, &id.scope())?;
+    let vm =
+        state.store.get_vm(&id).await?.ok_or_else(|| {
+            ApiError::not_found(format!("virtual machine '{id}' is not registered"))
+        })?;
+    let now = Timestamp::now();
+    let policy = state.store.vm_policy(&id).await?;
+    let grants = state.store.live_grants(&id, now).await?;
+    let last = state
+        .store
+        .list_requests(&RequestFilter {
+            vm: Some(id.clone()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await?;
+    let day_ago = now
+        .checked_sub(jiff::SignedDuration::from_hours(24))
+        .map_err(ApiError::internal)?;
+    let mut blocked: BTreeMap<(u16, String), u64> = BTreeMap::new();
+    for p in state.store.blocked_series(Some(&id), day_ago).await? {
+        *blocked.entry((p.port, p.protocol)).or_default() += p.count;
+    }
+    Ok(Json(VmDetail {
+        vm: vm_wire(&vm),
+        policy: policy.as_ref().map(|p| p.key.id()),
+        agent: agent_status(&state, &id, now).await?,
+        last_access: last.first().map(|r| r.start.to_string()),
+        last_user: last.first().map(|r| r.requestor.clone()),
+        blocked_last24h: blocked
+            .into_iter()
+            .map(|((port, protocol), count)| BlockedTotal {
+                port,
+                protocol,
+                count,
+            })
+            .collect(),
+        grants: grants
+            .iter()
+            .map(|g| Grant {
+                request: g.request.to_string(),
+                requestor: g.requestor.clone(),
+                port: g.number.get(),
+                protocol: g.protocol.as_str().to_owned(),
+                source: g.source.to_string(),
+                start_time_utc: g.start.to_string(),
+                end_time_utc: g.end.to_string(),
+                seconds_left: g.end.duration_since(now).as_secs(),
+            })
+            .collect(),
+    }))
+}
+
+/// Deletes a VM that no policy protects (200 deleted, 204 there was none).
+#[utoipa::path(delete, path = "/api/v1/vms/{rg}/{name}", tag = "vms",
+    params(("rg" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "Deleted"), (status = 204, description = "There was no such VM")))]
+pub async fn delete_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((rg, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let id = params::vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmWrite, &id.scope())?;
+    match state
+        .store
+        .delete_vm(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .await
+    {
+        Ok(true) => Ok(StatusCode::OK),
+        Ok(false) => Ok(StatusCode::NO_CONTENT),
+        Err(OpError::Refused(VmError::InPolicy(p))) => Err(ApiError::conflict(format!(
+            "virtual machine '{id}' is protected by policy {p}; remove it from the policy first"
+        ))),
+        Err(OpError::Refused(VmError::UnknownSubscription(s))) => {
+            Err(ApiError::not_found(format!("subscription {s} not found")))
+        }
+        Err(OpError::Store(s)) => Err(s.into()),
+    }
+}
