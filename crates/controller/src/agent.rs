@@ -18,7 +18,7 @@ use jitgate_store::{
     AgentStatusRecord, AuditCtx, EnrollArgs, EnrollError, EnrollTokenRecord, OpError, TokenRecord,
 };
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
 
 use crate::AppState;
@@ -343,50 +343,6 @@ pub async fn status(
         .await?;
     state.store.record_blocked(points).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// An agent's status for the VM view.
-/// Whether a VM has an agent and whether it reports (from when it last reported): the
-/// short form of `status_json` for lists, with no store read of its own.
-pub fn presence_json(state: &AppState, last_seen: Option<Timestamp>, now: Timestamp) -> Value {
-    match last_seen {
-        None => json!({"enrolled": false, "online": false}),
-        Some(seen) => json!({
-            "enrolled": true,
-            "online": now.duration_since(seen).as_secs() <= state.recommend.offline_after.as_secs(),
-            "lastSeen": seen.to_string(),
-        }),
-    }
-}
-
-pub async fn status_json(state: &AppState, vm: &VmId) -> ApiResult<Value> {
-    let Some(rec) = state.store.agent_status(vm).await? else {
-        return Ok(json!({"enrolled": false, "online": false}));
-    };
-    let report: StatusReport = serde_json::from_str(&rec.report).unwrap_or_default();
-    let now = Timestamp::now();
-    let age = now.duration_since(rec.last_seen).as_secs();
-    let current = desired_state(state, vm).await?;
-    Ok(json!({
-        "enrolled": true,
-        "online": age <= state.recommend.offline_after.as_secs(),
-        "lastSeen": rec.last_seen.to_string(),
-        "appliedRevision": report.applied_revision,
-        "appliedAt": report.applied_at,
-        "upToDate": report.applied_revision.as_deref() == Some(current.revision.as_str()),
-        "nftVersion": report.nft_version,
-        "error": report.error,
-        "hostname": report.hostname,
-        "os": report.os,
-        "agentVersion": report.agent_version,
-        "addresses": report.addresses,
-        "listening": report.listening,
-        "inventoryErrors": report.inventory_errors,
-        "counters": report.counters,
-        "tableMatches": report.table_matches,
-        "driftEvents": report.drift_events,
-        "lastDrift": report.last_drift,
-    }))
 }
 
 /// Bounds and validates what an agent reports (a hostile agent must not grow the

@@ -19,6 +19,7 @@ use jitgate_core::policy::{AllowedSources, PolicyKey, PolicySpec, PolicyVm, Port
 use jitgate_core::rbac::Action;
 use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
 use jitgate_proto::StatusReport;
+use jitgate_proto::api::{BlockedPoint, BlockedSeries, BlockedTotal};
 use jitgate_store::{ExclusionRecord, OpError, PolicyError, VmRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -503,7 +504,7 @@ pub async fn blocked(
     principal: Principal,
     Path((rg, name)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<BlockedSeries>> {
     let id = VmId::new(
         state.default_subscription(),
         ResourceGroup::parse(&rg).map_err(|e| ApiError::bad_param("resourceGroup", e))?,
@@ -523,12 +524,27 @@ pub async fn blocked(
     for p in &points {
         *totals.entry((p.port, p.protocol.clone())).or_default() += p.count;
     }
-    Ok(Json(json!({
-        "vm": id.to_string(),
-        "since": since.to_string(),
-        "totals": totals.iter().map(|((port, proto), n)| json!({"port": port, "protocol": proto, "count": n})).collect::<Vec<_>>(),
-        "series": points.iter().map(|p| json!({"port": p.port, "protocol": p.protocol, "at": p.at.to_string(), "count": p.count})).collect::<Vec<_>>(),
-    })))
+    Ok(Json(BlockedSeries {
+        vm: id.to_string(),
+        since: since.to_string(),
+        totals: totals
+            .into_iter()
+            .map(|((port, protocol), count)| BlockedTotal {
+                port,
+                protocol,
+                count,
+            })
+            .collect(),
+        series: points
+            .iter()
+            .map(|p| BlockedPoint {
+                port: p.port,
+                protocol: p.protocol.clone(),
+                at: p.at.to_string(),
+                count: p.count,
+            })
+            .collect(),
+    }))
 }
 
 /// How often points past the retention are deleted (also once at start).
