@@ -7,11 +7,9 @@
 mod bench;
 mod cli;
 mod client;
-mod human;
+mod cmd;
 mod man;
-mod overview;
-mod people;
-mod table;
+mod output;
 mod trust;
 mod usage;
 

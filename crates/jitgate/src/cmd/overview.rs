@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::cli::{ClientArgs, items, print, s};
+use crate::cli::ClientArgs;
 use crate::client::{Client, EXIT_AUTH, Exit};
+use crate::output::{items, print, s};
 use crate::usage::EXIT_AUDIT_BROKEN;
 
 #[derive(Args)]
