@@ -6,17 +6,18 @@ use std::process::ExitCode;
 
 use clap::Args;
 use jitgate_core::net::SourcePrefix;
-use serde_json::{Value, json};
+use jitgate_proto::api;
+use serde::Serialize;
+use serde_json::Value;
 
+use crate::azure::{self, API};
 use crate::cli::ClientArgs;
-use crate::client::EXIT_NOT_FOUND;
-use crate::client::{Client, Exit};
+use crate::client::Reply;
 use crate::cmd::policy::check_ports;
-use crate::cmd::{API, Session, get_policy, invalid, policy_path_of};
-use crate::output::short_id;
+use crate::cmd::{Session, invalid};
 use crate::output::table::Table;
-use crate::output::{human, items, print, s};
-use crate::usage::{FlagMap, bad_flag, name_flags};
+use crate::output::{human, print, short_id};
+use crate::usage::{EXIT_NOT_FOUND, Exit, FlagMap, bad_flag, name_flags};
 
 // ---- request ------------------------------------------------------------------------
 
@@ -42,48 +43,38 @@ pub struct RequestArgs {
 
 /// The protected ports of a VM and their maximum durations, from its policy.
 pub async fn protected_ports(
-    c: &Client,
-    vm: &Value,
+    ses: &Session,
+    vm: &api::VmDetail,
 ) -> anyhow::Result<(String, Vec<(u16, String)>)> {
-    let name = short_id(&s(&vm["id"]));
-    let path = policy_path_of(vm).ok_or_else(|| {
+    let name = short_id(&vm.vm.id);
+    let path = vm.policy.clone().ok_or_else(|| {
         invalid(format!("{name} is not protected by JIT; an administrator can enable it with `jitgate enable {name}`"))
     })?;
-    let policy = get_policy(c, &path)
+    let policy = azure::get_policy(&ses.c, &path)
         .await?
         .ok_or_else(|| Exit::err(EXIT_NOT_FOUND, format!("the policy of {name} is gone")))?;
-    let id = s(&vm["id"]);
-    let entry = policy["properties"]["virtualMachines"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find(|e| s(&e["id"]).eq_ignore_ascii_case(&id))
-                .cloned()
-        })
+    let entry = policy
+        .properties
+        .virtual_machines
+        .into_iter()
+        .find(|e| e.id.eq_ignore_ascii_case(&vm.vm.id))
         .ok_or_else(|| {
             Exit::err(
                 EXIT_NOT_FOUND,
                 format!("{name} is not in its policy any more"),
             )
         })?;
-    let ports = entry["ports"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| {
-                    Some((
-                        p["number"].as_u64()? as u16,
-                        s(&p["maxRequestAccessDuration"]),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let ports = entry
+        .ports
+        .into_iter()
+        .map(|p| (p.number, p.max_request_access_duration))
+        .collect();
     Ok((path, ports))
 }
 
+/// Ports of one machine to ask for, under the policy at `path`.
 pub struct Wanted {
-    pub vm: Value,
+    pub vm: String,
     pub path: String,
     pub ports: Vec<(u16, String)>,
 }
@@ -103,55 +94,73 @@ pub fn for_duration(text: Option<&str>) -> anyhow::Result<Option<String>> {
         .transpose()
 }
 
+/// One initiate: the request's id (from the `x-jitgate-request-id` header) and what
+/// was granted.
+pub struct Initiation {
+    pub request: String,
+    pub granted: Reply<azure::Initiated>,
+}
+
+/// What `request` prints with `--json`: each request's id and the controller's answer.
+#[derive(Serialize)]
+struct Requested<'a> {
+    requests: Vec<RequestedOne<'a>>,
+}
+
+#[derive(Serialize)]
+struct RequestedOne<'a> {
+    request: &'a str,
+    granted: &'a Value,
+}
+
+/// Asks for `wanted`, one initiate per policy.
 pub async fn initiate(
     ses: &Session,
     wanted: &[Wanted],
     duration: Option<&str>,
     from: &str,
     reason: Option<&str>,
-) -> anyhow::Result<Vec<Value>> {
+) -> anyhow::Result<Vec<Initiation>> {
     let mut by_policy: BTreeMap<&str, Vec<&Wanted>> = BTreeMap::new();
     for w in wanted {
         by_policy.entry(&w.path).or_default().push(w);
     }
     let mut out = Vec::new();
     for (path, ws) in by_policy {
-        let vms: Vec<Value> = ws
-            .iter()
-            .map(|w| {
-                let ports: Vec<Value> = w
-                    .ports
-                    .iter()
-                    .map(|(n, max)| {
-                        let d = match duration {
-                            Some(d) => d.to_owned(),
-                            None => format!("PT{}S", human::iso_secs(max).clamp(1, 3600)),
-                        };
-                        let mut p = json!({"number": n, "duration": d});
-                        if from != "my-ip" {
-                            p["allowedSourceAddressPrefix"] = json!(from);
-                        }
-                        p
-                    })
-                    .collect();
-                json!({"id": w.vm["id"], "ports": ports})
-            })
-            .collect();
-        let mut body = json!({"virtualMachines": vms});
-        if let Some(r) = reason {
-            body["justification"] = json!(r);
-        }
-        let (resp, headers) = ses
+        let body = azure::Initiate {
+            virtual_machines: ws
+                .iter()
+                .map(|w| azure::InitiateVm {
+                    id: w.vm.clone(),
+                    ports: w
+                        .ports
+                        .iter()
+                        .map(|(n, max)| azure::InitiatePort {
+                            number: *n,
+                            duration: match duration {
+                                Some(d) => d.to_owned(),
+                                None => format!("PT{}S", human::iso_secs(max).clamp(1, 3600)),
+                            },
+                            allowed_source_address_prefix: (from != "my-ip")
+                                .then(|| from.to_owned()),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            justification: reason.map(str::to_owned),
+        };
+        let granted = ses
             .c
-            .post_with_headers(&format!("{path}/initiate?{API}"), &body)
+            .post::<_, azure::Initiated>(&format!("{path}/initiate?{API}"), &body)
             .await
             .map_err(|e| name_flags(e, INITIATE_FLAGS))?;
-        let id = headers
+        let request = granted
+            .headers
             .get("x-jitgate-request-id")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        out.push(json!({"request": id, "granted": resp}));
+        out.push(Initiation { request, granted });
     }
     Ok(out)
 }
@@ -167,8 +176,8 @@ pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
     let mut wanted = Vec::new();
     for name in &a.vms {
         let vm = ses.vm(name).await?;
-        let (path, protected) = protected_ports(&ses.c, &vm).await?;
-        let short = short_id(&s(&vm["id"]));
+        let (path, protected) = protected_ports(&ses, &vm).await?;
+        let short = short_id(&vm.vm.id);
         let list: Vec<String> = protected.iter().map(|(p, _)| p.to_string()).collect();
         let ports: Vec<(u16, String)> = if a.ports.is_empty() {
             match protected.as_slice() {
@@ -206,7 +215,11 @@ pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        wanted.push(Wanted { vm, path, ports });
+        wanted.push(Wanted {
+            vm: vm.data.vm.id,
+            path,
+            ports,
+        });
     }
     let results = initiate(
         &ses,
@@ -216,30 +229,34 @@ pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
         a.reason.as_deref(),
     )
     .await?;
-    let out = json!({"requests": results});
-    print(ses.json, &out, print_granted);
+    let out = Requested {
+        requests: results
+            .iter()
+            .map(|r| RequestedOne {
+                request: &r.request,
+                granted: &r.granted.json,
+            })
+            .collect(),
+    };
+    print(ses.json, &out, || print_granted(&results));
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_granted(v: &Value) {
-    for r in v["requests"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-        for vm in r["granted"]["virtualMachines"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-        {
-            for p in vm["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+fn print_granted(results: &[Initiation]) {
+    for r in results {
+        for vm in &r.granted.virtual_machines {
+            for p in &vm.ports {
                 println!(
                     "granted {} port {} from {} until {}, request {}",
-                    short_id(&s(&vm["id"])),
-                    s(&p["number"]),
-                    s(&p["allowedSourceAddressPrefix"]),
-                    human::time(&s(&p["endTimeUtc"])),
-                    s(&r["request"])
+                    short_id(&vm.id),
+                    p.number,
+                    p.allowed_source_address_prefix,
+                    human::time(&p.end_time_utc),
+                    r.request
                 );
             }
         }
-        println!("end it sooner with: jitgate revoke {}", s(&r["request"]));
+        println!("end it sooner with: jitgate revoke {}", r.request);
     }
 }
 
@@ -256,45 +273,55 @@ pub struct RevokeArgs {
     pub client: ClientArgs,
 }
 
+/// What `revoke` prints with `--json`.
+#[derive(Serialize)]
+struct Revoked {
+    revoked: Vec<api::RevokedPort>,
+}
+
+/// Revokes request `id` (all its live ports, or those on `vm`).
+pub async fn revoke_request(
+    ses: &Session,
+    id: &str,
+    vm: Option<&str>,
+) -> anyhow::Result<api::RevokeResult> {
+    let body = api::RevokeSelection {
+        vm: vm.map(str::to_owned),
+        port: None,
+    };
+    Ok(ses
+        .c
+        .post::<_, api::RevokeResult>(&format!("/api/v1/requests/{id}/revoke"), &body)
+        .await?
+        .data)
+}
+
 pub async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
     let mut revoked = Vec::new();
     if jitgate_core::request::RequestId::parse(&a.target).is_ok() {
-        let r = ses
-            .c
-            .post(&format!("/api/v1/requests/{}/revoke", a.target), &json!({}))
-            .await?;
-        revoked.extend(r["revoked"].as_array().cloned().unwrap_or_default());
+        revoked.extend(revoke_request(&ses, &a.target, None).await?.revoked);
     } else {
-        let vm = ses.c.find_vm(&a.target).await?;
-        let id = s(&vm["id"]);
+        let vm = ses.find_vm(&a.target).await?;
+        let id = vm.vm.id;
         let mut q = vec![("active", "true".to_owned()), ("vm", id.clone())];
         if !a.all {
             q.push(("mine", "true".to_owned()));
         }
-        let list = ses.c.get_query("/api/v1/requests", &q).await?;
+        let list = ses
+            .c
+            .get_all_pages::<api::RequestPage>("/api/v1/requests", &q)
+            .await?;
         // The list holds requests with a live port anywhere that also name this
         // machine; revoke only those still live on it (revoking one whose port here
         // already ended would fail and stop before the others).
-        let live_here = |r: &&Value| {
-            r["virtualMachines"].as_array().is_some_and(|vms| {
-                vms.iter().any(|v| {
-                    s(&v["id"]).eq_ignore_ascii_case(&id)
-                        && v["ports"]
-                            .as_array()
-                            .is_some_and(|ps| ps.iter().any(|p| p["live"] == true))
-                })
-            })
+        let live_here = |r: &&api::Request| {
+            r.virtual_machines
+                .iter()
+                .any(|v| v.id.eq_ignore_ascii_case(&id) && v.ports.iter().any(|p| p.live))
         };
-        for r in items(&list).iter().filter(live_here) {
-            let res = ses
-                .c
-                .post(
-                    &format!("/api/v1/requests/{}/revoke", s(&r["id"])),
-                    &json!({"vm": id}),
-                )
-                .await?;
-            revoked.extend(res["revoked"].as_array().cloned().unwrap_or_default());
+        for r in list.value.iter().filter(live_here) {
+            revoked.extend(revoke_request(&ses, &r.id, Some(&id)).await?.revoked);
         }
         if revoked.is_empty() {
             return Err(Exit::err(
@@ -306,10 +333,10 @@ pub async fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
             ));
         }
     }
-    let out = json!({"revoked": revoked});
-    print(ses.json, &out, |v| {
-        for p in v["revoked"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            println!("revoked {} port {}", short_id(&s(&p["vm"])), s(&p["port"]));
+    let out = Revoked { revoked };
+    print(ses.json, &out, || {
+        for p in &out.revoked {
+            println!("revoked {} port {}", short_id(&p.vm), p.port);
         }
     });
     Ok(ExitCode::SUCCESS)
@@ -342,14 +369,15 @@ pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
         q.push(("active", "true".to_owned()));
     }
     if let Some(v) = &a.vm {
-        q.push(("vm", s(&ses.c.find_vm(v).await?["id"])));
+        q.push(("vm", ses.find_vm(v).await?.vm.id));
     }
-    let v = ses
+    // Pages until --limit requests (a page may hold fewer than asked for).
+    let list = ses
         .c
-        .get_query("/api/v1/requests", &q)
+        .get_pages::<api::RequestPage>("/api/v1/requests", &q, Some(a.limit))
         .await
         .map_err(|e| name_flags(e, &[("limit", "--limit")]))?;
-    print(ses.json, &v, |v| {
+    print(ses.json, &list.json, || {
         let mut t = Table::new(&[
             "REQUEST",
             "REQUESTOR",
@@ -360,23 +388,19 @@ pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
             "REASON",
             "UNTIL",
         ]);
-        for r in items(v) {
-            for vm in r["virtualMachines"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or(&[])
-            {
-                for p in vm["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        for r in &list.value {
+            for vm in &r.virtual_machines {
+                for p in &vm.ports {
                     let (status, reason) = port_status(p);
                     t.row(vec![
-                        s(&r["id"]),
-                        s(&r["requestor"]),
-                        short_id(&s(&vm["id"])),
-                        s(&p["number"]),
-                        s(&p["allowedSourceAddressPrefix"]),
+                        r.id.clone(),
+                        r.requestor.clone(),
+                        short_id(&vm.id),
+                        p.number.to_string(),
+                        p.allowed_source_address_prefix.clone(),
                         status.to_owned(),
                         reason.to_owned(),
-                        human::time(&s(&p["endTimeUtc"])),
+                        human::time(&p.end_time_utc),
                     ]);
                 }
             }
@@ -387,15 +411,15 @@ pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A requested port's STATUS (Active or Ended) and, once ended, why.
-fn port_status(p: &Value) -> (&'static str, &'static str) {
-    if p["status"] == "Initiated" {
-        if p["live"] == false {
+fn port_status(p: &api::RequestPort) -> (&'static str, &'static str) {
+    if p.status == "Initiated" {
+        if !p.live {
             ("Ended", "Expired")
         } else {
             ("Active", "")
         }
     } else {
-        let reason = match p["statusReason"].as_str().unwrap_or("") {
+        let reason = match p.status_reason.as_str() {
             "Expired" => "Expired",
             "UserRequested" => "Revoked",
             "NewerRequestInitiated" => "Superseded by a newer request",

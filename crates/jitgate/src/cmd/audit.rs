@@ -10,14 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use jitgate_core::Timestamp;
-use serde_json::{Value, json};
+use jitgate_proto::api;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::ClientArgs;
-use crate::client::Client;
 use crate::cmd::Session;
-use crate::output::short_id;
 use crate::output::table::Table;
-use crate::output::{human, items, s};
+use crate::output::{human, short_id};
 use crate::usage::bad_flag;
 
 #[derive(Args)]
@@ -114,25 +113,23 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
                     (r.ok(), r.count, r.head_hash, problems)
                 }
                 None => {
-                    let c = Client::new(&client)?;
-                    let v = c.get("/api/v1/audit/verify").await?;
-                    let problems = v["problems"]
-                        .as_array()
-                        .map(|a| a.iter().map(s).collect())
-                        .unwrap_or_default();
-                    (
-                        v["ok"].as_bool().unwrap_or(false),
-                        v["events"].as_u64().unwrap_or(0),
-                        s(&v["headHash"]),
-                        problems,
-                    )
+                    let ses = Session::new(&client)?;
+                    let v = ses
+                        .c
+                        .get::<api::AuditVerify>("/api/v1/audit/verify", &[])
+                        .await?
+                        .data;
+                    (v.ok, v.events, v.head_hash, v.problems)
                 }
             };
             if client.json {
-                println!(
-                    "{}",
-                    json!({"ok": ok, "events": events, "headHash": head, "problems": problems})
-                );
+                let out = Verified {
+                    ok,
+                    events,
+                    head_hash: &head,
+                    problems: &problems,
+                };
+                println!("{}", serde_json::to_value(&out)?);
             } else if ok {
                 println!("audit chain intact: {events} events, head {head}");
             } else {
@@ -202,6 +199,38 @@ fn since_time(text: &str) -> anyhow::Result<Timestamp> {
     }
 }
 
+/// What `audit verify --json` prints, offline or through the API.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Verified<'a> {
+    ok: bool,
+    events: u64,
+    head_hash: &'a str,
+    problems: &'a [String],
+}
+
+/// The parts of an event's `details` this verb reads (the details are free-form, one
+/// shape per action; anything else in them is ignored).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Details {
+    justification: Option<String>,
+    reason: Option<String>,
+    /// A `policy.*` event: the machines the policy lists after it.
+    virtual_machines: Option<Vec<DetailsVm>>,
+}
+
+#[derive(Deserialize)]
+struct DetailsVm {
+    vm: Option<String>,
+}
+
+impl Details {
+    fn of(e: &api::AuditEvent) -> Details {
+        Details::deserialize(&e.details).unwrap_or_default()
+    }
+}
+
 /// Which policy events concern one machine: those that list it (it was added or its
 /// rules changed), and the next event on a policy that listed it but no longer does
 /// (it was removed, or the policy deleted). Fed every policy event in order.
@@ -220,14 +249,14 @@ impl PolicyEventsOf {
     }
 
     /// Whether `e` (a `policy.*` event) concerns the machine.
-    fn concerns(&mut self, e: &Value) -> bool {
-        let policy = s(&e["target"]).to_ascii_lowercase();
-        let lists = e["details"]["virtualMachines"]
-            .as_array()
-            .is_some_and(|vms| {
-                vms.iter()
-                    .any(|v| s(&v["vm"]).eq_ignore_ascii_case(&self.vm))
-            });
+    fn concerns(&mut self, e: &api::AuditEvent) -> bool {
+        let policy = e.target.to_ascii_lowercase();
+        let lists = Details::of(e).virtual_machines.is_some_and(|vms| {
+            vms.iter().any(|v| {
+                v.vm.as_deref()
+                    .is_some_and(|id| id.eq_ignore_ascii_case(&self.vm))
+            })
+        });
         if lists {
             self.member_of.insert(policy);
             true
@@ -238,21 +267,17 @@ impl PolicyEventsOf {
 }
 
 /// One audit event as a table row.
-fn audit_row(e: &Value) -> Vec<String> {
-    let d = &e["details"];
-    let why = d["justification"]
-        .as_str()
-        .or(d["reason"].as_str())
-        .unwrap_or("")
-        .to_owned();
+fn audit_row(e: &api::AuditEvent) -> Vec<String> {
+    let d = Details::of(e);
+    let why = d.justification.or(d.reason).unwrap_or_default();
     vec![
-        s(&e["seq"]),
-        human::stamp(&s(&e["time"])),
-        s(&e["actor"]),
-        s(&e["source"]),
-        s(&e["action"]),
-        short_target(&s(&e["target"])),
-        s(&e["outcome"]),
+        e.seq.to_string(),
+        human::stamp(&e.time),
+        e.actor.clone(),
+        e.source.clone(),
+        e.action.clone(),
+        short_target(&e.target),
+        e.outcome.clone(),
         why,
     ]
 }
@@ -302,7 +327,7 @@ pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
     let since = a.since.as_deref().map(since_time).transpose()?;
     let ses = Session::new(&a.client)?;
     let vm = match &a.vm {
-        Some(v) => Some(s(&ses.c.find_vm(v).await?["id"])),
+        Some(v) => Some(ses.find_vm(v).await?.vm.id),
         None => None,
     };
     let mut q = vec![("limit", a.limit.to_string())];
@@ -354,7 +379,7 @@ pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
     };
     // Policy events of the machine not shown yet (past --limit), and how far the
     // policy events were read.
-    let mut pending: Vec<Value> = Vec::new();
+    let mut pending: Vec<api::AuditEvent> = Vec::new();
     let mut policy_after: Option<u64> = None;
     let mut after: Option<u64> = None;
     let mut widths: Option<Vec<usize>> = None;
@@ -363,42 +388,52 @@ pub async fn audit_show(a: AuditShowArgs) -> anyhow::Result<ExitCode> {
         if let Some(seq) = after {
             page.push(("afterSeq", seq.to_string()));
         }
-        let mut events = items(&ses.c.get_query("/api/v1/audit", &page).await?).to_vec();
+        let mut events = ses
+            .c
+            .get_pages::<api::AuditPage>("/api/v1/audit", &page, Some(a.limit))
+            .await?
+            .data
+            .value;
         if let Some((query, tracker)) = &mut policies {
             let mut page = query.clone();
             if let Some(seq) = policy_after {
                 page.push(("afterSeq", seq.to_string()));
             }
-            let all = ses.c.get_query("/api/v1/audit", &page).await?;
-            for e in items(&all) {
-                policy_after = e["seq"].as_u64().or(policy_after);
-                let concerns = tracker.concerns(e);
+            let all = ses
+                .c
+                .get_all_pages::<api::AuditPage>("/api/v1/audit", &page)
+                .await?
+                .data
+                .value;
+            for e in all {
+                policy_after = Some(e.seq);
+                let concerns = tracker.concerns(&e);
                 let shown = since.is_none_or(|t| {
-                    jitgate_core::request::parse_time(&s(&e["time"])).is_ok_and(|at| at >= t)
-                }) && a.actor.as_ref().is_none_or(|x| e["actor"] == x.as_str());
+                    jitgate_core::request::parse_time(&e.time).is_ok_and(|at| at >= t)
+                }) && a.actor.as_ref().is_none_or(|x| &e.actor == x);
                 if concerns && shown {
-                    pending.push(e.clone());
+                    pending.push(e);
                 }
             }
             events.append(&mut pending);
-            events.sort_by_key(|e| e["seq"].as_u64());
-            events.dedup_by_key(|e| e["seq"].as_u64());
+            events.sort_by_key(|e| e.seq);
+            events.dedup_by_key(|e| e.seq);
             if events.len() > a.limit {
                 // The machine's own events past the limit are read again next time;
                 // its policy events are kept.
                 pending = events
                     .split_off(a.limit)
                     .into_iter()
-                    .filter(|e| s(&e["action"]).starts_with("policy."))
+                    .filter(|e| e.action.starts_with("policy."))
                     .collect();
             }
         }
-        for e in &events {
-            after = e["seq"].as_u64().or(after);
+        if let Some(e) = events.last() {
+            after = Some(e.seq);
         }
         if ses.json {
             for e in &events {
-                println!("{e}");
+                println!("{}", serde_json::to_value(e)?);
             }
         } else if events.is_empty() && !a.follow {
             eprintln!("no matching events");

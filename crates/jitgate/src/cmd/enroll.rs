@@ -3,14 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use serde_json::json;
+use jitgate_proto::api;
+use serde::Serialize;
 
-use crate::cli::ClientArgs;
-use crate::cli::ScopeArgs;
-use crate::client::Client;
-use crate::cmd::{check_scope, lifetime, scope_flag, scope_id};
+use crate::cli::{ClientArgs, ScopeArgs};
+use crate::cmd::{Session, check_scope, lifetime, scope_flag, scope_id};
 use crate::output::table::Table;
-use crate::output::{human, items, print, s};
+use crate::output::{human, print};
 use crate::usage::{bad_flag, name_flags};
 
 #[derive(Subcommand)]
@@ -55,6 +54,12 @@ pub enum EnrollTokenCommand {
     },
 }
 
+/// What `enroll-token revoke` prints with `--json`.
+#[derive(Serialize)]
+struct Revoked<'a> {
+    revoked: &'a str,
+}
+
 pub async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         EnrollTokenCommand::Create {
@@ -71,13 +76,17 @@ pub async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                 return Err(bad_flag("--uses", "0 enrolls nothing; give 1 or more"));
             }
             let expires_in = lifetime(expires_in.as_deref())?;
-            let c = Client::new(&client)?;
-            let scope_id = scope_id(&c, sc, rg).await?;
-            let v = c
-                .post(
-                    "/api/v1/enrollTokens",
-                    &json!({"scope": scope_id, "uses": uses, "expiresIn": expires_in, "description": description, "allowReplace": allow_replace}),
-                )
+            let ses = Session::new(&client)?;
+            let body = api::CreateEnrollToken {
+                scope: scope_id(&ses, sc, rg).await?,
+                uses: Some(i64::from(uses)),
+                expires_in,
+                description,
+                allow_replace: Some(allow_replace),
+            };
+            let t = ses
+                .c
+                .post::<_, api::CreatedEnrollToken>("/api/v1/enrollTokens", &body)
                 .await
                 .map_err(|e| {
                     let e = name_flags(
@@ -90,20 +99,20 @@ pub async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                     );
                     name_flags(e, scope_flag(sc))
                 })?;
-            print(client.json, &v, |v| {
+            print(ses.json, &t.json, || {
                 eprintln!(
                     "enrollment token {} for {} ({} uses, expires {}; shown once):",
-                    s(&v["id"]),
-                    s(&v["scope"]),
-                    s(&v["usesLeft"]),
-                    human::time(&s(&v["expiresAt"]))
+                    t.info.id,
+                    t.info.scope,
+                    t.info.uses_left,
+                    human::time(&t.info.expires_at)
                 );
-                if let Some(fp) = v["caFingerprint"].as_str() {
+                if let Some(fp) = &t.ca_fingerprint {
                     eprintln!(
                         "(it carries the controller's CA fingerprint {fp}: the agent pins it, nothing else to copy)"
                     );
                 }
-                println!("{}", s(&v["token"]));
+                println!("{}", t.token);
             });
         }
         EnrollTokenCommand::Revoke { id, client } => {
@@ -112,36 +121,39 @@ pub async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                 .map(|r| r.split_once('.').map_or(r, |(i, _)| i))
                 .unwrap_or(&id)
                 .to_owned();
-            let c = Client::new(&client)?;
-            c.delete(&format!("/api/v1/enrollTokens/{id}")).await?;
-            print(client.json, &json!({"revoked": id}), |_| {
+            let ses = Session::new(&client)?;
+            ses.c.delete(&format!("/api/v1/enrollTokens/{id}")).await?;
+            print(ses.json, &Revoked { revoked: &id }, || {
                 println!("revoked enrollment token {id}")
             });
         }
         EnrollTokenCommand::List { client } => {
-            let c = Client::new(&client)?;
-            let v = c.get("/api/v1/enrollTokens").await?;
-            print(client.json, &v, |v| {
+            let ses = Session::new(&client)?;
+            let list = ses
+                .c
+                .get_all_pages::<api::EnrollTokenPage>("/api/v1/enrollTokens", &[])
+                .await?;
+            print(ses.json, &list.json, || {
                 let mut t = Table::new(&["ID", "USES", "EXPIRES", "STATUS", "REASON", "SCOPE"]);
-                for tok in items(v) {
-                    let expired = jitgate_core::request::parse_time(&s(&tok["expiresAt"]))
+                for tok in &list.value {
+                    let expired = jitgate_core::request::parse_time(&tok.expires_at)
                         .is_ok_and(|e| e <= jitgate_core::Timestamp::now());
-                    let (status, reason) = if !tok["revokedAt"].is_null() {
+                    let (status, reason) = if tok.revoked_at.is_some() {
                         ("Ended", "Revoked")
                     } else if expired {
                         ("Ended", "Expired")
-                    } else if tok["usesLeft"] == 0 {
+                    } else if tok.uses_left == 0 {
                         ("Ended", "Used up")
                     } else {
                         ("Active", "")
                     };
                     t.row(vec![
-                        s(&tok["id"]),
-                        s(&tok["usesLeft"]),
-                        human::time(&s(&tok["expiresAt"])),
+                        tok.id.clone(),
+                        tok.uses_left.to_string(),
+                        human::time(&tok.expires_at),
                         status.to_owned(),
                         reason.to_owned(),
-                        s(&tok["scope"]),
+                        tok.scope.clone(),
                     ]);
                 }
                 t.print();

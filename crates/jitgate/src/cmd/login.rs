@@ -5,14 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use serde_json::json;
+use jitgate_proto::api;
+use serde::Serialize;
 
-use crate::client;
 use crate::client::Client;
-use crate::output::{print, s};
+use crate::config;
+use crate::output::print;
 use crate::usage::usage;
-
-// ---- login ------------------------------------------------------------------------
 
 #[derive(Args)]
 pub struct LoginArgs {
@@ -59,26 +58,33 @@ pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
         None => crate::trust::first_contact(&url, a.ca_fingerprint).await?,
     };
     let c = Client::build(&url, Some(token.clone()), ca.as_deref())?;
-    let who = c.get("/api/v1/whoami").await?;
-    let path = client::save(&client::Saved {
-        url: Some(a.url.trim_end_matches('/').to_owned()),
+    let who = c.get::<api::WhoAmI>("/api/v1/whoami", &[]).await?.data;
+    let path = config::save(&config::Saved {
+        url: Some(url.clone()),
         token: Some(token),
         ca_cert: ca,
     })?;
-    let out = json!({
-        "url": a.url.trim_end_matches('/'),
-        "principal": who["principal"],
-        "callerIp": who["callerIp"],
-        "saved": path.display().to_string(),
-    });
-    print(a.json, &out, |v| {
+    let out = LoggedIn {
+        url,
+        principal: who.principal,
+        caller_ip: who.caller_ip,
+        saved: path.display().to_string(),
+    };
+    print(a.json, &out, || {
         println!(
             "logged in to {} as {} (your address as the controller sees it: {}); saved in {}",
-            s(&v["url"]),
-            s(&v["principal"]),
-            s(&v["callerIp"]),
-            s(&v["saved"])
+            out.url, out.principal, out.caller_ip, out.saved
         )
     });
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `login --json` prints.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LoggedIn {
+    url: String,
+    principal: String,
+    caller_ip: String,
+    saved: String,
 }

@@ -1,5 +1,7 @@
 //! The verbs, one module per resource. Each module holds its verbs' clap arguments
 //! next to the code that runs them; `cli.rs` gathers them into the command line.
+//! What several verbs share is here: the session (client and `--json`), machines by
+//! name, and scopes.
 
 pub mod access;
 pub mod admin;
@@ -16,23 +18,19 @@ pub mod ssh;
 pub mod token;
 pub mod vm;
 
-use serde_json::Value;
+use jitgate_proto::api;
 
 use crate::cli::ClientArgs;
-use crate::client::{Client, Exit};
-use crate::client::{EXIT_INVALID, EXIT_NOT_FOUND};
-use crate::output::{human, s};
-use crate::usage::{FlagMap, bad_flag};
+use crate::client::{Client, Reply};
+use crate::output::human;
+use crate::usage::{EXIT_INVALID, EXIT_NOT_FOUND, Exit, FlagMap, bad_flag, has_code};
 
-/// The query parameter of every Azure-compatible call.
-pub const API: &str = "api-version=2020-01-01";
-
+/// Refused as invalid (exit 5), before anything was asked of the controller.
 pub fn invalid(msg: impl Into<String>) -> anyhow::Error {
     Exit::err(EXIT_INVALID, msg)
 }
 
-// ---- shared lookups ---------------------------------------------------------------
-
+/// The client of one command, and whether it prints JSON.
 pub struct Session {
     pub c: Client,
     pub json: bool,
@@ -46,41 +44,94 @@ impl Session {
         })
     }
 
-    /// The machine's full view (policy, agent report, addresses), found by name
-    /// without listing every machine.
-    pub async fn vm(&self, name: &str) -> anyhow::Result<Value> {
-        let v = self.c.find_vm(name).await?;
+    /// The machine `name` names (a full id, `rg/name`, or a short name unique among
+    /// those the caller may read), found by the controller with an indexed lookup:
+    /// never by listing every machine.
+    pub async fn find_vm(&self, name: &str) -> anyhow::Result<api::VmListItem> {
+        let (rg, short) = split_vm_name(name);
+        let mut q = vec![("name", short.to_owned()), ("limit", "50".to_owned())];
+        if let Some(rg) = rg {
+            q.push(("resourceGroup", rg.to_owned()));
+        }
+        let found = match self.c.get::<api::VmPage>("/api/v1/vms", &q).await {
+            Ok(page) => page.data.value,
+            // A name the controller refuses cannot name a machine.
+            Err(e) if has_code(&e, EXIT_INVALID) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        resolve(&found, name).cloned()
+    }
+
+    /// The machine's full view (policy, agent report, addresses, live grants), found
+    /// by name without listing every machine.
+    pub async fn vm(&self, name: &str) -> anyhow::Result<Reply<api::VmDetail>> {
+        let v = self.find_vm(name).await?;
         self.c
-            .get(&format!(
-                "/api/v1/vms/{}/{}",
-                s(&v["resourceGroup"]),
-                s(&v["name"])
-            ))
+            .get(
+                &format!("/api/v1/vms/{}/{}", v.vm.resource_group, v.vm.name),
+                &[],
+            )
             .await
     }
 
-    /// (my principal, the address the controller sees).
-    pub async fn whoami(&self) -> anyhow::Result<(String, String)> {
-        let v = self.c.get("/api/v1/whoami").await?;
-        Ok((s(&v["principal"]), s(&v["callerIp"])))
+    /// Who the controller takes the caller for, and the address it sees.
+    pub async fn whoami(&self) -> anyhow::Result<Reply<api::WhoAmI>> {
+        self.c.get("/api/v1/whoami", &[]).await
     }
 }
 
-pub fn policy_path_of(vm: &Value) -> Option<String> {
-    vm["policy"].as_str().map(str::to_owned)
+/// (resource group, name) of a machine named by full id, `rg/name` or short name.
+pub fn split_vm_name(name: &str) -> (Option<&str>, &str) {
+    if name.starts_with('/') {
+        let parts: Vec<&str> = name.split('/').collect();
+        let after = |seg: &str| {
+            parts
+                .iter()
+                .position(|p| p.eq_ignore_ascii_case(seg))
+                .and_then(|i| parts.get(i + 1).copied())
+        };
+        return (
+            after("resourceGroups"),
+            after("virtualMachines").unwrap_or(name),
+        );
+    }
+    match name.split_once('/') {
+        Some((rg, n)) => (Some(rg), n),
+        None => (None, name),
+    }
 }
 
-/// Reads a policy (Azure JSON) or `None` when it does not exist yet.
-pub async fn get_policy(c: &Client, path: &str) -> anyhow::Result<Option<Value>> {
-    match c.get(&format!("{path}?{API}")).await {
-        Ok(v) => Ok(Some(v)),
-        Err(e)
-            if e.downcast_ref::<Exit>()
-                .is_some_and(|x| x.code == EXIT_NOT_FOUND) =>
-        {
-            Ok(None)
+/// Finds a machine by full id, `rg/name`, or a unique short name, among `vms`.
+pub fn resolve<'a>(vms: &'a [api::VmListItem], name: &str) -> anyhow::Result<&'a api::VmListItem> {
+    let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    let matches: Vec<&api::VmListItem> = if name.starts_with("/subscriptions/") {
+        vms.iter().filter(|v| eq(&v.vm.id, name)).collect()
+    } else if let Some((rg, n)) = name.split_once('/') {
+        vms.iter()
+            .filter(|v| eq(&v.vm.resource_group, rg) && eq(&v.vm.name, n))
+            .collect()
+    } else {
+        vms.iter().filter(|v| eq(&v.vm.name, name)).collect()
+    };
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => Err(Exit::err(
+            EXIT_NOT_FOUND,
+            format!("no machine named '{name}' that you can see; list them with `jitgate vm list`"),
+        )),
+        many => {
+            let names: Vec<String> = many
+                .iter()
+                .map(|v| format!("{}/{}", v.vm.resource_group, v.vm.name))
+                .collect();
+            Err(Exit::err(
+                EXIT_NOT_FOUND,
+                format!(
+                    "'{name}' is ambiguous: {}; name it as resource-group/name",
+                    names.join(", ")
+                ),
+            ))
         }
-        Err(e) => Err(e),
     }
 }
 
@@ -93,27 +144,21 @@ pub fn lifetime(text: Option<&str>) -> anyhow::Result<Option<String>> {
 /// The scope id a verb sends for `--scope` or `--resource-group` (checked here
 /// first); `None` when neither is given.
 pub async fn scope_id(
-    c: &Client,
+    ses: &Session,
     scope: Option<&str>,
     resource_group: Option<&str>,
 ) -> anyhow::Result<Option<String>> {
+    check_scope(scope, resource_group)?;
     if let Some(sc) = scope {
-        jitgate_core::ids::Scope::parse(sc).map_err(|e| {
-            bad_flag(
-                "--scope",
-                format!("{e}; for a resource group give --resource-group NAME"),
-            )
-        })?;
         return Ok(Some(sc.to_owned()));
     }
     let Some(rg) = resource_group else {
         return Ok(None);
     };
-    jitgate_core::ids::ResourceGroup::parse(rg).map_err(|e| bad_flag("--resource-group", e))?;
-    let who = c.get("/api/v1/whoami").await?;
+    let who = ses.whoami().await?;
     Ok(Some(format!(
         "/subscriptions/{}/resourceGroups/{rg}",
-        s(&who["subscription"])
+        who.subscription
     )))
 }
 
@@ -140,5 +185,66 @@ pub fn scope_flag(scope: Option<&str>) -> FlagMap {
         &[("scope", "--scope")]
     } else {
         &[("scope", "--resource-group")]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn vm(rg: &str, name: &str) -> api::VmListItem {
+        api::VmListItem {
+            vm: api::Vm {
+                id: format!(
+                    "/subscriptions/s/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}"
+                ),
+                subscription: "s".into(),
+                resource_group: rg.into(),
+                name: name.into(),
+                location: None,
+                registered_at: "2026-01-01T00:00:00Z".into(),
+                registered_by: "admin".into(),
+            },
+            policy: None,
+            protected_ports: vec![],
+            live_grants: 0,
+            agent: api::AgentPresence {
+                enrolled: false,
+                online: false,
+                last_seen: None,
+            },
+        }
+    }
+
+    fn vms() -> Vec<api::VmListItem> {
+        vec![vm("prod", "web-1"), vm("lab", "web-1"), vm("lab", "db")]
+    }
+
+    #[test]
+    fn resolves_names() {
+        let v = vms();
+        assert_eq!(resolve(&v, "db").unwrap().vm.resource_group, "lab");
+        assert_eq!(resolve(&v, "LAB/WEB-1").unwrap().vm.resource_group, "lab");
+        assert_eq!(resolve(&v, "/subscriptions/s/resourceGroups/prod/providers/Microsoft.Compute/virtualMachines/web-1").unwrap().vm.resource_group, "prod");
+        let e = resolve(&v, "web-1").unwrap_err().to_string();
+        assert!(
+            e.contains("ambiguous") && e.contains("prod/web-1") && e.contains("lab/web-1"),
+            "{e}"
+        );
+        let e = resolve(&v, "nope").unwrap_err();
+        assert_eq!(e.downcast_ref::<Exit>().unwrap().code, EXIT_NOT_FOUND);
+    }
+
+    #[test]
+    fn machine_names_split_into_group_and_name() {
+        assert_eq!(split_vm_name("web-1"), (None, "web-1"));
+        assert_eq!(split_vm_name("prod/web-1"), (Some("prod"), "web-1"));
+        assert_eq!(
+            split_vm_name(
+                "/subscriptions/s/resourcegroups/Prod/providers/Microsoft.Compute/virtualMachines/Web-1"
+            ),
+            (Some("Prod"), "Web-1")
+        );
     }
 }

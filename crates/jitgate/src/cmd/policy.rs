@@ -7,18 +7,16 @@ use std::process::ExitCode;
 
 use clap::Args;
 use jitgate_core::net::SourcePrefix;
-use serde_json::{Value, json};
+use jitgate_proto::api;
+use serde::Serialize;
 
+use crate::azure::{self, API, Policy, PolicyProperties, PolicyVm, PortRule};
 use crate::cli::ClientArgs;
-use crate::client::Client;
-use crate::cmd::{API, Session, get_policy, policy_path_of};
-use crate::output::short_id;
-use crate::output::{human, items, print, s};
+use crate::cmd::Session;
+use crate::output::{human, joined, print, short_id};
 use crate::usage::{FlagMap, bad_flag, name_flags, usage};
 
 const MANAGEMENT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
-
-// ---- enable / disable --------------------------------------------------------------
 
 /// A machine's id and the ports to protect on it.
 type VmPorts = (String, Vec<u16>);
@@ -53,22 +51,48 @@ pub struct EnableArgs {
     pub client: ClientArgs,
 }
 
+/// What `enable` did, for `--json`.
+#[derive(Serialize)]
+struct Enabled {
+    enabled: Vec<EnabledVm>,
+}
+
+#[derive(Serialize)]
+struct EnabledVm {
+    vm: String,
+    ports: Vec<u16>,
+    policy: String,
+    max: String,
+}
+
+/// What `disable` did, for `--json`.
+#[derive(Serialize)]
+struct Disabled {
+    disabled: Vec<DisabledVm>,
+}
+
+#[derive(Serialize)]
+struct DisabledVm {
+    vm: String,
+    policy: String,
+}
+
 /// The policy a VM should join: its own, else an existing one in its resource group,
 /// else a new `default` one in the VM's location (or `global`).
 /// Also says whether that policy exists already.
-async fn target_policy(c: &Client, vm: &Value) -> anyhow::Result<(String, bool)> {
-    if let Some(p) = policy_path_of(vm) {
-        return Ok((p, true));
+async fn target_policy(ses: &Session, vm: &api::VmDetail) -> anyhow::Result<(String, bool)> {
+    if let Some(p) = &vm.policy {
+        return Ok((p.clone(), true));
     }
-    let sub = s(&vm["subscription"]);
-    let rg = s(&vm["resourceGroup"]);
-    let list = c
-        .get(&format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies?{API}"))
+    let (sub, rg) = (&vm.vm.subscription, &vm.vm.resource_group);
+    let list = ses
+        .c
+        .get::<azure::PolicyList>(&format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies?{API}"), &[])
         .await?;
-    if let Some(first) = items(&list).first() {
-        return Ok((s(&first["id"]), true));
+    if let Some(first) = list.value.first() {
+        return Ok((first.id.clone(), true));
     }
-    let loc = vm["location"].as_str().unwrap_or("global");
+    let loc = vm.vm.location.as_deref().unwrap_or("global");
     Ok((
         format!(
             "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/default"
@@ -77,20 +101,15 @@ async fn target_policy(c: &Client, vm: &Value) -> anyhow::Result<(String, bool)>
     ))
 }
 
-fn default_ports(vm: &Value) -> Vec<u16> {
-    let listening: Vec<u16> = vm["agent"]["listening"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|l| {
-                    l["protocol"]
-                        .as_str()
-                        .is_some_and(|p| p.eq_ignore_ascii_case("tcp"))
-                })
-                .filter_map(|l| l["port"].as_u64().map(|p| p as u16))
-                .collect()
-        })
-        .unwrap_or_default();
+/// The management ports the machine's agent sees listening on TCP, else 22.
+fn default_ports(vm: &api::VmDetail) -> Vec<u16> {
+    let listening: Vec<u16> = vm
+        .agent
+        .listening
+        .iter()
+        .filter(|l| l.protocol.eq_ignore_ascii_case("tcp"))
+        .map(|l| l.port)
+        .collect();
     let found: Vec<u16> = MANAGEMENT_PORTS
         .iter()
         .copied()
@@ -102,28 +121,23 @@ fn default_ports(vm: &Value) -> Vec<u16> {
 pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
     if a.recommended {
         let ses = Session::new(&a.client)?;
-        let v = ses
+        let body = api::ApplyRecommendations {
+            resource_group: a.resource_group.clone(),
+        };
+        let r = ses
             .c
-            .post(
-                "/api/v1/recommendations/apply",
-                &json!({"resourceGroup": a.resource_group}),
-            )
+            .post::<_, api::ApplyResult>("/api/v1/recommendations/apply", &body)
             .await
             .map_err(|e| name_flags(e, &[("resourceGroup", "--resource-group")]))?;
-        print(ses.json, &v, |v| {
-            let list = v["enabled"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-            if list.is_empty() {
+        print(ses.json, &r.json, || {
+            if r.enabled.is_empty() {
                 println!("no Unhealthy machine: nothing to enable");
             }
-            for e in list {
-                let ports: Vec<String> = e["ports"]
-                    .as_array()
-                    .map(|a| a.iter().map(s).collect())
-                    .unwrap_or_default();
+            for e in &r.enabled {
                 println!(
                     "JIT enabled on {}: ports {} (max 3h per request)",
-                    short_id(&s(&e["vm"])),
-                    ports.join(", ")
+                    short_id(&e.vm),
+                    joined(&e.ports, ", ")
                 );
             }
         });
@@ -149,80 +163,81 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
         } else {
             a.ports.clone()
         };
-        let (target, exists) = target_policy(&ses.c, &vm).await?;
+        let (target, exists) = target_policy(&ses, &vm).await?;
         plan.entry(target)
             .or_insert((exists, Vec::new()))
             .1
-            .push((s(&vm["id"]), ports));
+            .push((vm.vm.id.clone(), ports));
     }
     let mut done = Vec::new();
     for (path, (exists, vms)) in plan {
         // A policy known not to exist is not asked for (a 404 would be audited as a
         // refused call).
         let existing = if exists {
-            get_policy(&ses.c, &path).await?
+            azure::get_policy(&ses.c, &path).await?
         } else {
             None
         };
-        let mut entries: Vec<Value> = existing
-            .as_ref()
-            .and_then(|p| p["properties"]["virtualMachines"].as_array().cloned())
-            .unwrap_or_default();
-        let is = |e: &Value, id: &str| s(&e["id"]).eq_ignore_ascii_case(id);
+        let mut policy = existing.unwrap_or_else(|| Policy {
+            kind: "Basic".to_owned(),
+            properties: PolicyProperties {
+                virtual_machines: Vec::new(),
+            },
+        });
+        let entries = &mut policy.properties.virtual_machines;
         for (id, ports) in &vms {
-            // The machine's current rules: every port stays unless listed and reshaped.
-            let mut rules: Vec<Value> = entries
-                .iter()
-                .find(|e| is(e, id))
-                .and_then(|e| e["ports"].as_array().cloned())
-                .unwrap_or_default();
-            for p in ports {
-                let current = rules
-                    .iter()
-                    .position(|r| r["number"].as_u64() == Some(u64::from(*p)));
+            // The machine's current entry: every port stays unless listed and reshaped.
+            let mut entry = match entries.iter().position(|e| e.id.eq_ignore_ascii_case(id)) {
+                Some(i) => entries.remove(i),
+                None => PolicyVm {
+                    id: id.clone(),
+                    ports: Vec::new(),
+                    public_ip_address: None,
+                },
+            };
+            entry.id = id.clone();
+            for &p in ports {
+                let current = entry.ports.iter().position(|r| r.number == p);
                 if current.is_some() && !reshape {
                     continue;
                 }
-                let mut r =
-                    json!({"number": p, "protocol": protocol, "maxRequestAccessDuration": max});
-                match a.from.as_slice() {
-                    [] => r["allowedSourceAddressPrefix"] = json!("*"),
-                    [one] => r["allowedSourceAddressPrefix"] = json!(one),
-                    many => r["allowedSourceAddressPrefixes"] = json!(many),
-                }
+                let (one, many) = match a.from.as_slice() {
+                    [] => (Some("*".to_owned()), None),
+                    [one] => (Some(one.clone()), None),
+                    many => (None, Some(many.to_vec())),
+                };
+                let r = PortRule {
+                    number: p,
+                    protocol: protocol.clone(),
+                    allowed_source_address_prefix: one,
+                    allowed_source_address_prefixes: many,
+                    max_request_access_duration: max.clone(),
+                };
                 match current {
-                    Some(i) => rules[i] = r,
-                    None => rules.push(r),
+                    Some(i) => entry.ports[i] = r,
+                    None => entry.ports.push(r),
                 }
             }
-            entries.retain(|e| !is(e, id));
-            entries.push(json!({"id": id, "ports": rules}));
-            done.push(json!({"vm": id, "ports": ports, "policy": path, "max": max}));
+            entries.push(entry);
+            done.push(EnabledVm {
+                vm: id.clone(),
+                ports: ports.clone(),
+                policy: path.clone(),
+                max: max.clone(),
+            });
         }
-        let kind = existing
-            .as_ref()
-            .map(|p| p["kind"].clone())
-            .unwrap_or(json!("Basic"));
-        ses.c
-            .put(
-                &format!("{path}?{API}"),
-                &json!({"kind": kind, "properties": {"virtualMachines": entries}}),
-            )
+        azure::put_policy(&ses.c, &path, &policy)
             .await
             .map_err(|e| name_flags(e, ENABLE_FLAGS))?;
     }
-    let out = json!({"enabled": done});
-    print(ses.json, &out, |v| {
-        for e in v["enabled"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            let ports: Vec<String> = e["ports"]
-                .as_array()
-                .map(|a| a.iter().map(s).collect())
-                .unwrap_or_default();
+    let out = Enabled { enabled: done };
+    print(ses.json, &out, || {
+        for e in &out.enabled {
             println!(
                 "JIT enabled on {}: ports {} (max {} per request)",
-                short_id(&s(&e["vm"])),
-                ports.join(", "),
-                human::iso(&s(&e["max"]))
+                short_id(&e.vm),
+                joined(&e.ports, ", "),
+                human::iso(&e.max)
             );
         }
     });
@@ -282,43 +297,41 @@ pub async fn disable(a: DisableArgs) -> anyhow::Result<ExitCode> {
     let mut plan: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for name in &a.vms {
         let vm = ses.vm(name).await?;
-        match policy_path_of(&vm) {
-            Some(p) => plan.entry(p).or_default().push(s(&vm["id"])),
+        match &vm.policy {
+            Some(p) => plan.entry(p.clone()).or_default().push(vm.vm.id.clone()),
             None => eprintln!(
                 "{} is not protected by JIT; nothing to do",
-                short_id(&s(&vm["id"]))
+                short_id(&vm.vm.id)
             ),
         }
     }
     let mut done = Vec::new();
     for (path, ids) in plan {
-        let Some(policy) = get_policy(&ses.c, &path).await? else {
+        let Some(mut policy) = azure::get_policy(&ses.c, &path).await? else {
             continue;
         };
-        let mut entries = policy["properties"]["virtualMachines"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        entries.retain(|e| !ids.iter().any(|id| s(&e["id"]).eq_ignore_ascii_case(id)));
-        if entries.is_empty() {
+        policy
+            .properties
+            .virtual_machines
+            .retain(|e| !ids.iter().any(|id| e.id.eq_ignore_ascii_case(id)));
+        if policy.properties.virtual_machines.is_empty() {
             ses.c.delete(&format!("{path}?{API}")).await?;
         } else {
-            ses.c
-                .put(
-                    &format!("{path}?{API}"),
-                    &json!({"kind": policy["kind"], "properties": {"virtualMachines": entries}}),
-                )
-                .await?;
+            azure::put_policy(&ses.c, &path, &policy).await?;
         }
         for id in ids {
-            done.push(json!({"vm": id, "policy": path}));
+            done.push(DisabledVm {
+                vm: id,
+                policy: path.clone(),
+            });
         }
     }
-    print(ses.json, &json!({"disabled": done}), |v| {
-        for e in v["disabled"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+    let out = Disabled { disabled: done };
+    print(ses.json, &out, || {
+        for e in &out.disabled {
             println!(
                 "JIT disabled on {} (its deny rules are removed; live grants revoked)",
-                short_id(&s(&e["vm"]))
+                short_id(&e.vm)
             );
         }
     });

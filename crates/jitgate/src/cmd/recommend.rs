@@ -3,11 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use serde_json::Value;
+use jitgate_proto::api;
 
 use crate::cli::ClientArgs;
 use crate::cmd::Session;
-use crate::output::{items, print, s};
+use crate::output::print;
 use crate::usage::name_flags;
 
 // ---- recommendations -------------------------------------------------------------------
@@ -25,16 +25,16 @@ pub struct RecommendationsArgs {
 
 pub async fn recommendations(a: RecommendationsArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
-    let mut q = Vec::new();
+    let mut q = vec![("limit", "1000".to_owned())];
     if let Some(rg) = &a.resource_group {
         q.push(("resourceGroup", rg.clone()));
     }
     if let Some(v) = &a.verdict {
         q.push(("verdict", v.clone()));
     }
-    let v = ses
+    let list = ses
         .c
-        .get_all_pages("/api/v1/recommendations", &q)
+        .get_all_pages::<api::RecommendationPage>("/api/v1/recommendations", &q)
         .await
         .map_err(|e| {
             name_flags(
@@ -45,29 +45,36 @@ pub async fn recommendations(a: RecommendationsArgs) -> anyhow::Result<ExitCode>
                 ],
             )
         })?;
-    print(ses.json, &v, |v| {
-        for (verdict, title) in [
+    print(ses.json, &list.json, || {
+        let summary = list.summary.as_ref();
+        for (verdict, title, count) in [
             (
                 "Unhealthy",
                 "Not configured (Unhealthy): management ports open to everyone",
+                summary.map(|s| s.unhealthy),
             ),
-            ("Healthy", "Configured (Healthy)"),
-            ("NotApplicable", "Unsupported (Not applicable)"),
+            (
+                "Healthy",
+                "Configured (Healthy)",
+                summary.map(|s| s.healthy),
+            ),
+            (
+                "NotApplicable",
+                "Unsupported (Not applicable)",
+                summary.map(|s| s.not_applicable),
+            ),
         ] {
-            let rows: Vec<&Value> = items(v)
-                .iter()
-                .filter(|r| r["verdict"] == verdict)
-                .collect();
-            println!("{title}: {}", s(&v["summary"][verdict]));
-            for r in rows {
+            let count = count.map_or_else(|| "-".to_owned(), |n| n.to_string());
+            println!("{title}: {count}");
+            for r in list.value.iter().filter(|r| r.verdict == verdict) {
                 println!(
                     "  {:<28} {}",
-                    format!("{}/{}", s(&r["resourceGroup"]), s(&r["name"])),
-                    s(&r["reason"])
+                    format!("{}/{}", r.resource_group, r.name),
+                    r.reason
                 );
             }
         }
-        if v["summary"]["Unhealthy"].as_u64().unwrap_or(0) > 0 {
+        if summary.is_some_and(|s| s.unhealthy > 0) {
             println!("Protect them: jitgate enable --recommended");
         }
     });

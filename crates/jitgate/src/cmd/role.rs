@@ -3,14 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use serde_json::json;
+use jitgate_proto::api;
+use serde::Serialize;
 
-use crate::cli::ClientArgs;
-use crate::cli::RequiredScopeArgs;
-use crate::client::Client;
-use crate::cmd::{check_scope, scope_flag, scope_id};
+use crate::cli::{ClientArgs, RequiredScopeArgs};
+use crate::cmd::{Session, check_scope, scope_flag, scope_id};
+use crate::output::print;
 use crate::output::table::Table;
-use crate::output::{items, print, s};
 use crate::usage::name_flags;
 
 #[derive(Subcommand)]
@@ -49,6 +48,12 @@ pub enum RoleCommand {
     },
 }
 
+/// What `role remove` prints with `--json`.
+#[derive(Serialize)]
+struct Removed<'a> {
+    removed: &'a str,
+}
+
 pub async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         RoleCommand::Assign {
@@ -59,49 +64,53 @@ pub async fn role(cmd: RoleCommand) -> anyhow::Result<ExitCode> {
         } => {
             let (sc, rg) = (scope.scope.as_deref(), scope.resource_group.as_deref());
             check_scope(sc, rg)?;
-            let c = Client::new(&client)?;
-            let scope_id = scope_id(&c, sc, rg).await?;
-            let v = c
-                .post(
-                    "/api/v1/roleAssignments",
-                    &json!({"principal": principal, "role": role, "scope": scope_id}),
-                )
+            let ses = Session::new(&client)?;
+            let body = api::CreateRoleAssignment {
+                principal: Some(principal),
+                role: Some(role),
+                scope: scope_id(&ses, sc, rg).await?,
+            };
+            let r = ses
+                .c
+                .post::<_, api::RoleAssignment>("/api/v1/roleAssignments", &body)
                 .await
                 .map_err(|e| {
                     let e = name_flags(e, &[("principal", "--principal"), ("role", "--role")]);
                     name_flags(e, scope_flag(sc))
                 })?;
-            print(client.json, &v, |v| {
+            print(ses.json, &r.json, || {
                 println!(
                     "assigned {} to {} at {} (id {})",
-                    s(&v["role"]),
-                    s(&v["principal"]),
-                    s(&v["scope"]),
-                    s(&v["id"])
+                    r.role, r.principal, r.scope, r.id
                 )
             });
         }
         RoleCommand::List { principal, client } => {
-            let c = Client::new(&client)?;
+            let ses = Session::new(&client)?;
             let q: Vec<(&str, String)> = principal.map(|p| ("principal", p)).into_iter().collect();
-            let v = c.get_query("/api/v1/roleAssignments", &q).await?;
-            print(client.json, &v, |v| {
+            let list = ses
+                .c
+                .get_all_pages::<api::RoleAssignmentPage>("/api/v1/roleAssignments", &q)
+                .await?;
+            print(ses.json, &list.json, || {
                 let mut t = Table::new(&["ID", "PRINCIPAL", "ROLE", "SCOPE"]);
-                for r in items(v) {
+                for r in &list.value {
                     t.row(vec![
-                        s(&r["id"]),
-                        s(&r["principal"]),
-                        s(&r["role"]),
-                        s(&r["scope"]),
+                        r.id.clone(),
+                        r.principal.clone(),
+                        r.role.clone(),
+                        r.scope.clone(),
                     ]);
                 }
                 t.print();
             });
         }
         RoleCommand::Remove { id, client } => {
-            let c = Client::new(&client)?;
-            c.delete(&format!("/api/v1/roleAssignments/{id}")).await?;
-            print(client.json, &json!({"removed": id}), |_| {
+            let ses = Session::new(&client)?;
+            ses.c
+                .delete(&format!("/api/v1/roleAssignments/{id}"))
+                .await?;
+            print(ses.json, &Removed { removed: &id }, || {
                 println!("removed role assignment {id}")
             });
         }

@@ -13,16 +13,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use jitgate_core::net::SourcePrefix;
-use serde_json::{Value, json};
+use jitgate_proto::api;
+use serde::Serialize;
 
 use crate::cli::ClientArgs;
-use crate::client::Exit;
-use crate::client::{EXIT_NOT_FOUND, EXIT_TIMEOUT};
-use crate::cmd::access::{Wanted, for_duration, initiate, protected_ports};
+use crate::cmd::access::{Wanted, for_duration, initiate, protected_ports, revoke_request};
 use crate::cmd::{Session, invalid};
-use crate::output::short_id;
-use crate::output::{human, print, s};
-use crate::usage::bad_flag;
+use crate::output::{human, print, short_id};
+use crate::usage::{EXIT_NOT_FOUND, EXIT_TIMEOUT, Exit, bad_flag};
 
 // ---- ssh / connect --------------------------------------------------------------------
 
@@ -91,11 +89,7 @@ fn wait_duration(text: &str) -> anyhow::Result<Duration> {
 }
 
 /// The host's address from the agent's report (global IPv4 first).
-fn agent_address(vm: &Value) -> Option<String> {
-    let addrs: Vec<String> = vm["agent"]["addresses"]
-        .as_array()
-        .map(|a| a.iter().map(s).collect())
-        .unwrap_or_default();
+fn agent_address(addrs: &[String]) -> Option<String> {
     let ip = |a: &String| a.split('/').next().and_then(|x| x.parse::<IpAddr>().ok());
     addrs
         .iter()
@@ -106,18 +100,20 @@ fn agent_address(vm: &Value) -> Option<String> {
 }
 
 /// The host's address from the agent's report, else the machine name.
-fn host_of(vm: &Value) -> String {
-    agent_address(vm).unwrap_or_else(|| s(&vm["name"]))
+fn host_of(addresses: &[String], name: &str) -> String {
+    agent_address(addresses).unwrap_or_else(|| name.to_owned())
 }
 
 /// Where to connect, resolved before anything is asked of the controller: a machine
 /// whose address is unknown gets no grant nobody could use.
 fn resolve_host(
-    vm: &Value,
+    vm: &api::VmDetail,
     flag: Option<&str>,
     port: u16,
 ) -> anyhow::Result<(String, Vec<SocketAddr>)> {
-    let host = flag.map(str::to_owned).unwrap_or_else(|| host_of(vm));
+    let host = flag
+        .map(str::to_owned)
+        .unwrap_or_else(|| host_of(&vm.agent.addresses, &vm.vm.name));
     let addrs: Vec<SocketAddr> = (host.as_str(), port)
         .to_socket_addrs()
         .map(Iterator::collect)
@@ -125,7 +121,7 @@ fn resolve_host(
     if !addrs.is_empty() {
         return Ok((host, addrs));
     }
-    let short = short_id(&s(&vm["id"]));
+    let short = short_id(&vm.vm.id);
     Err(Exit::err(
         EXIT_NOT_FOUND,
         match flag {
@@ -152,55 +148,57 @@ struct Grant {
 /// mine to use, and my access must be on record as mine.
 async fn ensure_grant(
     ses: &Session,
-    vm: &Value,
+    vm: &api::VmDetail,
     port: u16,
     duration: Option<&str>,
     reason: Option<&str>,
 ) -> anyhow::Result<Grant> {
-    let (principal, my_ip) = ses.whoami().await?;
-    let my_ip: IpAddr = my_ip
+    let who = ses.whoami().await?;
+    let my_ip: IpAddr = who
+        .caller_ip
         .parse()
         .context("the controller reported an unreadable address")?;
     let me = SourcePrefix::host(my_ip);
-    let reusable = vm["grants"].as_array().and_then(|gs| {
-        gs.iter().find(|g| {
-            g["requestor"].as_str() == Some(principal.as_str())
-                && g["port"].as_u64() == Some(port as u64)
-                && g["secondsLeft"].as_i64().unwrap_or(0) > 30
-                && SourcePrefix::parse(g["source"].as_str().unwrap_or(""))
-                    .is_ok_and(|src| src.contains(&me))
-        })
+    let reusable = vm.grants.iter().find(|g| {
+        g.requestor == who.principal
+            && g.port == port
+            && g.seconds_left > 30
+            && SourcePrefix::parse(&g.source).is_ok_and(|src| src.contains(&me))
     });
     if let Some(g) = reusable {
         eprintln!(
             "reusing a live grant for port {port} ({} left, request {})",
-            human::left(&s(&g["endTimeUtc"])),
-            s(&g["request"])
+            human::left(&g.end_time_utc),
+            g.request
         );
         return Ok(Grant {
-            request: s(&g["request"]),
-            end: s(&g["endTimeUtc"]),
+            request: g.request.clone(),
+            end: g.end_time_utc.clone(),
             reused: true,
         });
     }
-    let (path, protected) = protected_ports(&ses.c, vm).await?;
-    let short = short_id(&s(&vm["id"]));
+    let (path, protected) = protected_ports(ses, vm).await?;
+    let short = short_id(&vm.vm.id);
     let rule = protected.into_iter().find(|(p, _)| *p == port).ok_or_else(|| {
         invalid(format!("port {port} is not protected by JIT on {short}; connect directly, or ask an admin to `jitgate enable {short} --port {port}`"))
     })?;
     let wanted = [Wanted {
-        vm: vm.clone(),
+        vm: vm.vm.id.clone(),
         path,
         ports: vec![rule],
     }];
     let res = initiate(ses, &wanted, duration, "my-ip", reason).await?;
-    let end = s(&res[0]["granted"]["virtualMachines"][0]["ports"][0]["endTimeUtc"]);
+    let first = res.first();
+    let end = first
+        .and_then(|r| r.granted.virtual_machines.first())
+        .and_then(|v| v.ports.first())
+        .map_or_else(|| "-".to_owned(), |p| p.end_time_utc.clone());
     eprintln!(
         "granted port {port} on {short} from {my_ip} until {}",
         human::time(&end)
     );
     Ok(Grant {
-        request: s(&res[0]["request"]),
+        request: first.map_or_else(|| "-".to_owned(), |r| r.request.clone()),
         end,
         reused: false,
     })
@@ -251,6 +249,18 @@ fn wait_open(
     }
 }
 
+/// What `connect` prints with `--json`: where to connect, until when, which request.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Connected<'a> {
+    vm: &'a str,
+    port: u16,
+    address: String,
+    request: &'a str,
+    end_time_utc: &'a str,
+    reused: bool,
+}
+
 pub async fn connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
     let duration = for_duration(a.duration.as_deref())?;
     let wait = wait_duration(&a.wait)?;
@@ -259,25 +269,25 @@ pub async fn connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
     let (host, addrs) = resolve_host(&vm, a.host.as_deref(), a.port)?;
     let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
     let addr = tokio::task::block_in_place(|| wait_open(&host, &addrs, a.port, wait))?;
-    let out = json!({
-        "vm": vm["id"],
-        "port": a.port,
-        "address": addr.to_string(),
-        "request": grant.request,
-        "endTimeUtc": grant.end,
-        "reused": grant.reused,
-    });
-    print(ses.json, &out, |v| {
+    let out = Connected {
+        vm: &vm.vm.id,
+        port: a.port,
+        address: addr.to_string(),
+        request: &grant.request,
+        end_time_utc: &grant.end,
+        reused: grant.reused,
+    };
+    print(ses.json, &out, || {
         println!(
             "{} port {} is open: connect to {}",
-            short_id(&s(&v["vm"])),
-            s(&v["port"]),
-            s(&v["address"])
+            short_id(out.vm),
+            out.port,
+            out.address
         );
         println!(
             "it stays open until {}; end it sooner with: jitgate revoke {}",
-            human::time(&s(&v["endTimeUtc"])),
-            s(&v["request"])
+            human::time(out.end_time_utc),
+            out.request
         );
     });
     Ok(ExitCode::SUCCESS)
@@ -321,7 +331,7 @@ pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
     };
     let ses = Session::new(&a.client)?;
     let vm = ses.vm(&machine).await?;
-    let short = short_id(&s(&vm["id"]));
+    let short = short_id(&vm.vm.id);
     let (host, addrs) = resolve_host(&vm, a.host.as_deref(), a.port)?;
     let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
     tokio::task::block_in_place(|| wait_open(&host, &addrs, a.port, wait))?;
@@ -367,11 +377,7 @@ pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(code));
     }
-    ses.c
-        .post(
-            &format!("/api/v1/requests/{}/revoke", grant.request),
-            &json!({"vm": vm["id"]}),
-        )
+    revoke_request(&ses, &grant.request, Some(&vm.vm.id))
         .await
         .with_context(|| {
             format!(
@@ -449,10 +455,11 @@ mod tests {
 
     #[test]
     fn host_prefers_a_global_ipv4() {
-        let vm = json!({"name": "web-1", "agent": {"addresses": ["fe80::1/64", "2001:db8::5/64", "10.0.0.5/24"]}});
-        assert_eq!(host_of(&vm), "10.0.0.5");
-        let vm = json!({"name": "web-1", "agent": {"addresses": ["fe80::1/64", "2001:db8::5/64"]}});
-        assert_eq!(host_of(&vm), "2001:db8::5");
-        assert_eq!(host_of(&json!({"name": "web-1"})), "web-1");
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let addresses = v(&["fe80::1/64", "2001:db8::5/64", "10.0.0.5/24"]);
+        assert_eq!(host_of(&addresses, "web-1"), "10.0.0.5");
+        let addresses = v(&["fe80::1/64", "2001:db8::5/64"]);
+        assert_eq!(host_of(&addresses, "web-1"), "2001:db8::5");
+        assert_eq!(host_of(&[], "web-1"), "web-1");
     }
 }

@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use serde_json::json;
+use jitgate_proto::api;
+use serde::Serialize;
 
 use crate::cli::ClientArgs;
-use crate::client::Client;
-use crate::cmd::lifetime;
+use crate::cmd::{Session, lifetime};
 use crate::output::table::Table;
-use crate::output::{human, items, print, s};
+use crate::output::{human, print};
 use crate::usage::{FlagMap, name_flags};
 
 #[derive(Subcommand)]
@@ -47,6 +47,12 @@ pub enum TokenCommand {
     },
 }
 
+/// What `token revoke` prints with `--json`.
+#[derive(Serialize)]
+struct Revoked<'a> {
+    revoked: &'a str,
+}
+
 pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TokenCommand::Create {
@@ -56,31 +62,36 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             client,
         } => {
             let expires_in = lifetime(expires_in.as_deref())?;
-            let c = Client::new(&client)?;
-            let v = c
-                .post(
-                    "/api/v1/tokens",
-                    &json!({"principal": principal, "description": description, "expiresIn": expires_in}),
-                )
+            let ses = Session::new(&client)?;
+            let body = api::CreateToken {
+                principal: Some(principal),
+                description,
+                expires_in,
+            };
+            let t = ses
+                .c
+                .post::<_, api::CreatedToken>("/api/v1/tokens", &body)
                 .await
                 .map_err(|e| name_flags(e, TOKEN_FLAGS))?;
-            print(client.json, &v, |v| {
-                let expires = match v["expiresAt"].as_str() {
-                    Some(t) => format!("expires {}", human::time(t)),
+            print(ses.json, &t.json, || {
+                let expires = match &t.info.expires_at {
+                    Some(at) => format!("expires {}", human::time(at)),
                     None => "never expires".to_owned(),
                 };
                 eprintln!(
                     "token {} for {} ({expires}; shown once, store it now):",
-                    s(&v["id"]),
-                    s(&v["principal"])
+                    t.info.id, t.info.principal
                 );
-                println!("{}", s(&v["token"]));
+                println!("{}", t.token);
             });
         }
         TokenCommand::List { client } => {
-            let c = Client::new(&client)?;
-            let v = c.get("/api/v1/tokens").await?;
-            print(client.json, &v, |v| {
+            let ses = Session::new(&client)?;
+            let list = ses
+                .c
+                .get_all_pages::<api::TokenPage>("/api/v1/tokens", &[])
+                .await?;
+            print(ses.json, &list.json, || {
                 let mut t = Table::new(&[
                     "ID",
                     "PRINCIPAL",
@@ -90,12 +101,13 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                     "REASON",
                     "DESCRIPTION",
                 ]);
-                for tok in items(v) {
-                    let expired = tok["expiresAt"]
-                        .as_str()
+                for tok in &list.value {
+                    let expired = tok
+                        .expires_at
+                        .as_deref()
                         .and_then(|e| jitgate_core::request::parse_time(e).ok())
                         .is_some_and(|e| e <= jitgate_core::Timestamp::now());
-                    let (status, reason) = if !tok["revokedAt"].is_null() {
+                    let (status, reason) = if tok.revoked_at.is_some() {
                         ("Ended", "Revoked")
                     } else if expired {
                         ("Ended", "Expired")
@@ -103,25 +115,25 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                         ("Active", "")
                     };
                     t.row(vec![
-                        s(&tok["id"]),
-                        s(&tok["principal"]),
-                        human::time(&s(&tok["createdAt"])),
-                        match tok["expiresAt"].as_str() {
+                        tok.id.clone(),
+                        tok.principal.clone(),
+                        human::time(&tok.created_at),
+                        match &tok.expires_at {
                             Some(e) => human::time(e),
                             None => "never".to_owned(),
                         },
                         status.to_owned(),
                         reason.to_owned(),
-                        tok["description"].as_str().unwrap_or("").to_owned(),
+                        tok.description.clone(),
                     ]);
                 }
                 t.print();
             });
         }
         TokenCommand::Revoke { id, client } => {
-            let c = Client::new(&client)?;
-            c.delete(&format!("/api/v1/tokens/{id}")).await?;
-            print(client.json, &json!({"revoked": id}), |_| {
+            let ses = Session::new(&client)?;
+            ses.c.delete(&format!("/api/v1/tokens/{id}")).await?;
+            print(ses.json, &Revoked { revoked: &id }, || {
                 println!("revoked token {id}")
             });
         }

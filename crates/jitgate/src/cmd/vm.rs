@@ -3,14 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use serde_json::{Value, json};
+use jitgate_proto::api;
+use serde_json::Value;
 
 use crate::cli::ClientArgs;
-use crate::client::Client;
 use crate::cmd::Session;
-use crate::output::nsg_table;
 use crate::output::table::Table;
-use crate::output::{human, items, print, s};
+use crate::output::{human, joined, nsg_table, or_dash, print};
 use crate::usage::name_flags;
 
 #[derive(Subcommand)]
@@ -64,12 +63,16 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             location,
             client,
         } => {
-            let c = Client::new(&client)?;
-            let v = c
-                .post(
-                    "/api/v1/vms",
-                    &json!({"resourceGroup": resource_group, "name": name, "location": location}),
-                )
+            let ses = Session::new(&client)?;
+            let body = api::RegisterVm {
+                id: None,
+                resource_group: Some(resource_group),
+                name: Some(name),
+                location,
+            };
+            let v = ses
+                .c
+                .post::<_, api::Vm>("/api/v1/vms", &body)
                 .await
                 .map_err(|e| {
                     name_flags(
@@ -81,22 +84,23 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                         ],
                     )
                 })?;
-            print(client.json, &v, |v| println!("registered {}", s(&v["id"])));
+            print(ses.json, &v.json, || println!("registered {}", v.id));
         }
         VmCommand::List {
             resource_group,
             client,
         } => {
-            let c = Client::new(&client)?;
-            let q: Vec<(&str, String)> = resource_group
-                .map(|rg| ("resourceGroup", rg))
-                .into_iter()
-                .collect();
-            let v = c
-                .get_all_pages("/api/v1/vms", &q)
+            let ses = Session::new(&client)?;
+            let mut q = vec![("limit", "1000".to_owned())];
+            if let Some(rg) = resource_group {
+                q.push(("resourceGroup", rg));
+            }
+            let list = ses
+                .c
+                .get_all_pages::<api::VmPage>("/api/v1/vms", &q)
                 .await
                 .map_err(|e| name_flags(e, &[("resourceGroup", "--resource-group")]))?;
-            print(client.json, &v, |v| {
+            print(ses.json, &list.json, || {
                 let mut t = Table::new(&[
                     "RESOURCE GROUP",
                     "NAME",
@@ -105,24 +109,19 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                     "AGENT",
                     "GRANTS",
                 ]);
-                for vm in items(v) {
-                    let ports: Vec<String> = vm["protectedPorts"]
-                        .as_array()
-                        .map(|a| a.iter().map(s).collect())
-                        .unwrap_or_default();
-                    let agent = match (&vm["agent"]["enrolled"], &vm["agent"]["online"]) {
-                        (Value::Bool(false), _) => "none",
-                        (_, Value::Bool(true)) => "online",
-                        (_, Value::Bool(false)) => "offline",
-                        _ => "-",
+                for vm in &list.value {
+                    let agent = match (vm.agent.enrolled, vm.agent.online) {
+                        (false, _) => "none",
+                        (true, true) => "online",
+                        (true, false) => "offline",
                     };
                     t.row(vec![
-                        s(&vm["resourceGroup"]),
-                        s(&vm["name"]),
-                        ports.join(","),
-                        s(&vm["location"]),
+                        vm.vm.resource_group.clone(),
+                        vm.vm.name.clone(),
+                        joined(&vm.protected_ports, ","),
+                        or_dash(vm.vm.location.as_deref()),
                         agent.to_owned(),
-                        s(&vm["liveGrants"]),
+                        vm.live_grants.to_string(),
                     ]);
                 }
                 t.print();
@@ -133,120 +132,110 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             name,
             client,
         } => {
-            let c = Client::new(&client)?;
-            let v = c
-                .get(&format!("/api/v1/vms/{resource_group}/{name}/nsg"))
+            let ses = Session::new(&client)?;
+            let nsg = ses
+                .c
+                .get::<api::NsgView>(&format!("/api/v1/vms/{resource_group}/{name}/nsg"), &[])
                 .await?;
-            print(client.json, &v, |v| {
-                nsg_table(v["rules"].as_array().map(Vec::as_slice).unwrap_or(&[])).print();
-            });
+            print(ses.json, &nsg.json, || nsg_table(&nsg.rules).print());
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-// ---- vm show -------------------------------------------------------------------------------
-
+/// `vm show`: the machine's view, its NSG and its last access.
 pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(args)?;
-    let mut vm = ses.vm(name).await?;
-    let (rg, n) = (s(&vm["resourceGroup"]), s(&vm["name"]));
-    let nsg = ses.c.get(&format!("/api/v1/vms/{rg}/{n}/nsg")).await?;
+    let vm = ses.vm(name).await?;
+    let (rg, n) = (&vm.vm.resource_group, &vm.vm.name);
+    let nsg = ses
+        .c
+        .get::<api::NsgView>(&format!("/api/v1/vms/{rg}/{n}/nsg"), &[])
+        .await?;
     let last = ses
         .c
-        .get_query(
+        .get::<api::RequestPage>(
             "/api/v1/requests",
-            &[("limit", "1".to_owned()), ("vm", s(&vm["id"]))],
+            &[("limit", "1".to_owned()), ("vm", vm.vm.id.clone())],
         )
         .await?;
-    let last = items(&last).first().cloned();
-    vm["nsg"] = nsg["rules"].clone();
-    vm["lastAccess"] = last
-        .as_ref()
-        .map(|r| r["startTimeUtc"].clone())
-        .unwrap_or(Value::Null);
-    vm["lastUser"] = last
-        .as_ref()
-        .map(|r| r["requestor"].clone())
-        .unwrap_or(Value::Null);
-    print(ses.json, &vm, |v| {
-        let agent = &v["agent"];
-        let agent_state = if agent["enrolled"] != true {
+    let last = last.data.value.into_iter().next();
+    let last_access = last.as_ref().map(|r| r.start_time_utc.clone());
+    let last_user = last.as_ref().map(|r| r.requestor.clone());
+    // The controller's view of the machine as it came, with its NSG rules and its last
+    // access beside it.
+    let mut out = vm.json.clone();
+    if let Value::Object(m) = &mut out {
+        m.insert("nsg".to_owned(), serde_json::to_value(&nsg.rules)?);
+        m.insert("lastAccess".to_owned(), last_access.clone().into());
+        m.insert("lastUser".to_owned(), last_user.clone().into());
+    }
+    print(ses.json, &out, || {
+        let agent = &vm.agent;
+        let agent_state = if !agent.enrolled {
             "no agent enrolled (not enforced)".to_owned()
-        } else if agent["online"] == true {
+        } else if agent.online {
             format!(
                 "online, {}",
-                if agent["upToDate"] == true {
+                if agent.up_to_date == Some(true) {
                     "up to date"
                 } else {
                     "applying changes"
                 }
             )
         } else {
-            format!("OFFLINE, last seen {}", human::time(&s(&agent["lastSeen"])))
+            format!(
+                "OFFLINE, last seen {}",
+                human::time(&or_dash(agent.last_seen.as_deref()))
+            )
         };
-        println!("{}", s(&v["id"]));
+        println!("{}", vm.vm.id);
         println!(
             "  policy:      {}",
-            if v["policy"].is_null() {
-                "none (JIT not enabled)".into()
-            } else {
-                s(&v["policy"])
-            }
+            vm.policy.as_deref().unwrap_or("none (JIT not enabled)")
         );
         println!("  agent:       {agent_state}");
-        if let Some(e) = agent["error"].as_str() {
+        if let Some(e) = &agent.error {
             println!("  agent error: {e}");
         }
-        for e in agent["inventoryErrors"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-        {
-            println!("  sockets:     incomplete, {}", s(e));
+        for e in &agent.inventory_errors {
+            println!("  sockets:     incomplete, {e}");
         }
-        if v["lastAccess"].is_null() {
-            println!("  last access: never");
-        } else {
-            println!(
+        match (&last_access, &last_user) {
+            (Some(at), by) => println!(
                 "  last access: {} by {}",
-                human::time(&s(&v["lastAccess"])),
-                s(&v["lastUser"])
-            );
+                human::time(at),
+                or_dash(by.as_deref())
+            ),
+            (None, _) => println!("  last access: never"),
         }
         println!("  live grants:");
-        let grants = v["grants"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-        if grants.is_empty() {
+        if vm.grants.is_empty() {
             println!("    none");
         }
-        for g in grants {
+        for g in &vm.grants {
             println!(
                 "    port {} {} from {} for {} until {}, request {}",
-                s(&g["port"]),
-                s(&g["protocol"]),
-                s(&g["source"]),
-                s(&g["requestor"]),
-                human::time(&s(&g["endTimeUtc"])),
-                s(&g["request"])
+                g.port,
+                g.protocol,
+                g.source,
+                g.requestor,
+                human::time(&g.end_time_utc),
+                g.request
             );
         }
         println!("  NSG rules:");
-        let rules = nsg_table(v["nsg"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+        let rules = nsg_table(&nsg.rules);
         for line in rules
             .render(crate::output::table::terminal_width().map(|w| w.saturating_sub(4)))
             .lines()
         {
             println!("    {line}");
         }
-        if let Some(counters) = agent["counters"].as_array().filter(|c| !c.is_empty()) {
+        if !agent.counters.is_empty() {
             println!("  blocked attempts:");
-            for c in counters {
-                println!(
-                    "    port {} {}: {}",
-                    s(&c["port"]),
-                    s(&c["protocol"]),
-                    s(&c["packets"])
-                );
+            for c in &agent.counters {
+                println!("    port {} {}: {}", c.port, c.protocol, c.packets);
             }
         }
     });

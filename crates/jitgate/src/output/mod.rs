@@ -1,33 +1,43 @@
-//! What the verbs print: `--json` (the server's JSON, pretty) or tables and sentences
-//! for people (`human` for durations and times, `table` for aligned columns).
+//! What the verbs print: with `--json`, the JSON (the controller's answer as it came,
+//! or what the verb built), pretty and with its keys in order; otherwise tables and
+//! sentences for people (`human` for durations and times, `table` for aligned columns).
 
 pub mod human;
 pub mod table;
 
-use serde_json::Value;
+use jitgate_proto::api;
+use serde::Serialize;
 
 use table::Table;
 
-pub fn print(json: bool, v: &Value, table: impl FnOnce(&Value)) {
+/// Prints `v` as JSON with `--json`, else calls `human`.
+pub fn print(json: bool, v: &impl Serialize, human: impl FnOnce()) {
     if json {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        // Through a `Value`: keys in order, whatever the type declared.
+        let text = serde_json::to_value(v)
+            .and_then(|v| serde_json::to_string_pretty(&v))
+            .unwrap_or_default();
+        println!("{text}");
     } else {
-        table(v);
+        human();
     }
 }
 
-pub fn items(v: &Value) -> &[Value] {
-    v["value"].as_array().map(Vec::as_slice).unwrap_or(&[])
+/// An optional text, `-` when absent.
+pub fn or_dash(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_owned()
 }
 
-pub fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+/// Numbers joined with commas (`22,3389`).
+pub fn joined(items: &[impl ToString], sep: &str) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(sep)
 }
 
+/// A machine id in short (`prod/web-1`); another text as it is.
 pub fn short_id(id: &str) -> String {
     let parts: Vec<&str> = id.split('/').collect();
     if parts.len() == 9 {
@@ -37,22 +47,17 @@ pub fn short_id(id: &str) -> String {
     }
 }
 
-/// NSG rules (native API JSON) as a table.
-pub fn nsg_table(rules: &[Value]) -> Table {
-    let join = |r: &Value, k: &str| {
-        r[k].as_array()
-            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
-            .unwrap_or_default()
-    };
+/// NSG rules as a table.
+pub fn nsg_table(rules: &[api::NsgRule]) -> Table {
     let mut t = Table::new(&["PRIORITY", "NAME", "ACCESS", "PROTO", "SOURCE", "PORTS"]);
     for r in rules {
         t.row(vec![
-            s(&r["priority"]),
-            s(&r["name"]),
-            s(&r["access"]),
-            s(&r["protocol"]),
-            join(r, "sourceAddressPrefixes"),
-            join(r, "destinationPortRanges"),
+            r.priority.to_string(),
+            r.name.clone(),
+            r.access.clone(),
+            r.protocol.clone(),
+            r.source_address_prefixes.join(","),
+            r.destination_port_ranges.join(","),
         ]);
     }
     t
