@@ -1,33 +1,23 @@
-//! The client side of the CLI: where the controller is and who we are (flags, then
-//! `JITGATE_*` environment, then the file `jitgate login` wrote), an HTTP client for
-//! the API, errors with exit codes, and resolving machine names.
+//! The HTTP client of the CLI: one `reqwest` client with the caller's token and trust
+//! (`--ca-cert` pinned through `proto::tls::PinnedVerifier`), answers read into the
+//! wire types of `jitgate_proto::api` (or the Azure JSON the policy verbs read), lists
+//! followed through every page, and a refusal turned into one readable line and an
+//! exit code (`usage::Exit`).
+//!
+//! Every answer is kept twice: decoded into its type for the verbs, and as the JSON the
+//! controller sent, which is what `--json` prints (so a field this build does not know
+//! still reaches a script).
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use jitgate_proto::api;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::cli::ClientArgs;
-
-/// An error that ends the command with a specific exit code.
-#[derive(Debug)]
-pub struct Exit {
-    pub code: u8,
-    pub message: String,
-}
-
-/// Exit codes: 1 any other error, 2 usage error, 3 not found or ambiguous, 4 not
-/// authenticated or not permitted, 5 refused as invalid, 6 timed out waiting for a
-/// port, 7 the audit chain is broken, 8 the controller's certificate does not validate.
-pub const EXIT_NOT_FOUND: u8 = 3;
-pub const EXIT_AUTH: u8 = 4;
-pub const EXIT_INVALID: u8 = 5;
-pub const EXIT_TIMEOUT: u8 = 6;
-/// The controller's certificate does not validate (or TLS is not spoken there).
-pub const EXIT_TLS: u8 = 8;
-pub use crate::usage::EXIT_USAGE;
+use crate::usage::{EXIT_AUTH, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TLS, EXIT_USAGE, Exit};
 
 /// A plain `http://` URL to an address that is not loopback: a token sent there
 /// crosses the network readable.
@@ -46,81 +36,65 @@ pub fn cleartext_to_network(url: &str) -> bool {
     }
 }
 
-impl Exit {
-    pub fn err(code: u8, message: impl Into<String>) -> anyhow::Error {
-        anyhow::Error::new(Exit {
-            code,
-            message: message.into(),
-        })
+/// An answer: `data` decoded into its wire type, `json` as the controller sent it
+/// (what `--json` prints), and the response headers.
+pub struct Reply<T> {
+    pub data: T,
+    pub json: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl<T> std::ops::Deref for Reply<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.data
     }
 }
 
-impl fmt::Display for Exit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
+/// A page of a native list: `value` and, when more follow, `continuationToken`.
+pub trait Page: DeserializeOwned {
+    /// How many items the page holds.
+    fn len(&self) -> usize;
+    /// Keeps the first `n` items.
+    fn truncate(&mut self, n: usize);
+    /// Takes the continuation token out (None: this was the last page).
+    fn take_token(&mut self) -> Option<String>;
+    /// Appends the items of a later page.
+    fn append(&mut self, later: Self);
 }
 
-impl std::error::Error for Exit {}
-
-/// What `jitgate login` stores (mode 0600).
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct Saved {
-    pub url: Option<String>,
-    pub token: Option<String>,
-    pub ca_cert: Option<PathBuf>,
+macro_rules! page {
+    ($($t:ty),* $(,)?) => {$(
+        impl Page for $t {
+            fn len(&self) -> usize {
+                self.value.len()
+            }
+            fn truncate(&mut self, n: usize) {
+                self.value.truncate(n);
+            }
+            fn take_token(&mut self) -> Option<String> {
+                self.continuation_token.take()
+            }
+            fn append(&mut self, later: Self) {
+                self.value.extend(later.value);
+            }
+        }
+    )*};
 }
 
-/// `$JITGATE_CONFIG_DIR`, else `$XDG_CONFIG_HOME/jitgate`, else `~/.config/jitgate`.
-pub fn config_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("JITGATE_CONFIG_DIR") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("XDG_CONFIG_HOME") {
-        return Some(PathBuf::from(d).join("jitgate"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config").join("jitgate"))
-}
+page!(
+    api::VmPage,
+    api::RequestPage,
+    api::TokenPage,
+    api::RoleAssignmentPage,
+    api::AuditPage,
+    api::RecommendationPage,
+    api::ExclusionPage,
+    api::EnrollTokenPage,
+);
 
-pub fn config_file() -> Option<PathBuf> {
-    config_dir().map(|d| d.join("config.toml"))
-}
-
-pub fn load_saved() -> anyhow::Result<Saved> {
-    let Some(path) = config_file() else {
-        return Ok(Saved::default());
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text)
-            .with_context(|| format!("{} is not a valid jitgate config", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Saved::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
-pub fn save(saved: &Saved) -> anyhow::Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let path =
-        config_file().context("cannot find a config directory: set HOME or JITGATE_CONFIG_DIR")?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let text = toml::to_string(saved)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(path)
-}
+/// A query string: (name, value) pairs, encoded by the HTTP client.
+pub type Query<'a> = [(&'a str, String)];
 
 pub struct Client {
     http: reqwest::Client,
@@ -131,8 +105,10 @@ pub struct Client {
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 
 impl Client {
+    /// The controller and credential from the flags, then `JITGATE_*`, then the file
+    /// `jitgate login` wrote.
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
-        let saved = load_saved()?;
+        let saved = crate::config::load_saved()?;
         let url = args
             .url
             .clone()
@@ -168,6 +144,12 @@ impl Client {
         })
     }
 
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request; a refusal becomes an `Exit` with its code and the server's
+    /// message. The body as JSON (null when empty).
     async fn send(
         &self,
         req: reqwest::RequestBuilder,
@@ -191,16 +173,20 @@ impl Client {
         let status = resp.status();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
-        let body: Value = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
         if !status.is_success() {
-            let msg = body["error"]["message"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| body.to_string());
+            let msg = match serde_json::from_str::<api::CloudError>(&text) {
+                Ok(e) => e.error.message,
+                // Not a CloudError: the body as it came, as JSON text.
+                Err(_) => serde_json::from_str::<Value>(&text)
+                    .unwrap_or_else(|_| {
+                        if text.trim().is_empty() {
+                            Value::Null
+                        } else {
+                            Value::String(text.clone())
+                        }
+                    })
+                    .to_string(),
+            };
             return Err(match status.as_u16() {
                 401 => Exit::err(
                     EXIT_AUTH,
@@ -215,87 +201,104 @@ impl Client {
                 _ => Exit::err(1, format!("{status}: {msg}")),
             });
         }
+        let body = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         Ok((body, headers))
     }
 
-    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        Ok(self
-            .send(self.http.get(format!("{}{path}", self.base)))
-            .await?
-            .0)
+    /// Sends a request and reads the answer into `T`.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<Reply<T>> {
+        let (json, headers) = self.send(req).await?;
+        let data = T::deserialize(&json).with_context(|| {
+            format!(
+                "the controller's answer to {what} is not what this jitgate expects (is it another version?)"
+            )
+        })?;
+        Ok(Reply {
+            data,
+            json,
+            headers,
+        })
     }
 
     /// GET with query parameters (encoded by the HTTP client).
-    pub async fn get_query(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
-        Ok(self
-            .send(self.http.get(format!("{}{path}", self.base)).query(query))
-            .await?
-            .0)
-    }
-
-    /// Every page of a paged native list (`continuationToken`), as one
-    /// `{"value": [...]}` with whatever else the first page carried.
-    pub async fn get_all_pages(
+    pub async fn get<T: DeserializeOwned>(
         &self,
         path: &str,
-        query: &[(&str, String)],
-    ) -> anyhow::Result<Value> {
-        let mut all = Vec::new();
-        let mut first: Option<Value> = None;
-        let mut next: Option<String> = None;
-        loop {
-            let mut q: Vec<(&str, String)> = query.to_vec();
-            q.push(("limit", "1000".to_owned()));
-            if let Some(t) = &next {
-                q.push(("continuationToken", t.clone()));
-            }
-            let mut page = self.get_query(path, &q).await?;
-            all.extend(page["value"].as_array().cloned().unwrap_or_default());
-            // What only the first page carries (a summary) is kept.
-            first.get_or_insert_with(|| {
-                page["value"] = Value::Null;
-                page.clone()
-            });
-            match page["continuationToken"].as_str() {
-                Some(t) => next = Some(t.to_owned()),
-                None => {
-                    let mut out = first.take().unwrap_or_default();
-                    if let Some(o) = out.as_object_mut() {
-                        o.remove("continuationToken");
-                    }
-                    out["value"] = Value::Array(all);
-                    return Ok(out);
+        query: &Query<'_>,
+    ) -> anyhow::Result<Reply<T>> {
+        self.call(
+            &format!("GET {path}"),
+            self.http.get(self.url(path)).query(query),
+        )
+        .await
+    }
+
+    /// Every page of a paged native list (`continuationToken`), as one page holding
+    /// every item; its JSON is `{"value": [...]}` with whatever else the first page
+    /// carried (a summary).
+    pub async fn get_all_pages<P: Page>(
+        &self,
+        path: &str,
+        query: &Query<'_>,
+    ) -> anyhow::Result<Reply<P>> {
+        self.get_pages(path, query, None).await
+    }
+
+    /// The pages of a list until `max` items (all of them when `None`).
+    pub async fn get_pages<P: Page>(
+        &self,
+        path: &str,
+        query: &Query<'_>,
+        max: Option<usize>,
+    ) -> anyhow::Result<Reply<P>> {
+        let mut first: Reply<P> = self.get(path, query).await?;
+        let mut next = first.data.take_token();
+        let mut json = Vec::new();
+        let mut head = match first.json {
+            Value::Object(mut m) => {
+                if let Some(Value::Array(items)) = m.remove("value") {
+                    json = items;
                 }
+                m.remove("continuationToken");
+                m
             }
-        }
-    }
-
-    /// The machine `name` names (a full id, `rg/name`, or a short name unique among
-    /// those the caller may read), found by the controller with an indexed lookup:
-    /// never by listing every machine.
-    pub async fn find_vm(&self, name: &str) -> anyhow::Result<Value> {
-        let (rg, short) = split_vm_name(name);
-        let mut q = vec![("name", short.to_owned()), ("limit", "50".to_owned())];
-        if let Some(rg) = rg {
-            q.push(("resourceGroup", rg.to_owned()));
-        }
-        let found = match self.get_query("/api/v1/vms", &q).await {
-            Ok(v) => v,
-            // A name the controller refuses cannot name a machine.
-            Err(e)
-                if e.downcast_ref::<Exit>()
-                    .is_some_and(|x| x.code == EXIT_INVALID) =>
-            {
-                serde_json::json!({ "value": [] })
-            }
-            Err(e) => return Err(e),
+            _ => serde_json::Map::new(),
         };
-        let vms = found["value"].as_array().cloned().unwrap_or_default();
-        resolve(&vms, name).cloned()
+        while let Some(token) = next.take() {
+            if max.is_some_and(|m| first.data.len() >= m) {
+                break;
+            }
+            let mut q = query.to_vec();
+            q.push(("continuationToken", token));
+            let mut page: Reply<P> = self.get(path, &q).await?;
+            next = page.data.take_token();
+            if let Value::Object(mut m) = page.json
+                && let Some(Value::Array(items)) = m.remove("value")
+            {
+                json.extend(items);
+            }
+            first.data.append(page.data);
+        }
+        if let Some(m) = max {
+            first.data.truncate(m);
+            json.truncate(m);
+        }
+        head.insert("value".to_owned(), Value::Array(json));
+        first.json = Value::Object(head);
+        Ok(first)
     }
 
-    pub async fn get_text(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
-        let mut req = self.http.get(format!("{}{path}", self.base)).query(query);
+    /// GET of a text export (CSV, JSON lines).
+    pub async fn get_text(&self, path: &str, query: &Query<'_>) -> anyhow::Result<String> {
+        let mut req = self.http.get(self.url(path)).query(query);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -317,96 +320,34 @@ impl Client {
         Ok(resp.text().await?)
     }
 
-    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        Ok(self
-            .send(self.http.post(format!("{}{path}", self.base)).json(body))
-            .await?
-            .0)
-    }
-
-    pub async fn post_with_headers(
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
-        body: &Value,
-    ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
-            .await
+        body: &B,
+    ) -> anyhow::Result<Reply<T>> {
+        self.call(
+            &format!("POST {path}"),
+            self.http.post(self.url(path)).json(body),
+        )
+        .await
     }
 
-    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        Ok(self
-            .send(self.http.put(format!("{}{path}", self.base)).json(body))
-            .await?
-            .0)
+    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<Reply<T>> {
+        self.call(
+            &format!("PUT {path}"),
+            self.http.put(self.url(path)).json(body),
+        )
+        .await
     }
 
-    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        Ok(self
-            .send(self.http.delete(format!("{}{path}", self.base)))
-            .await?
-            .0)
-    }
-}
-
-/// (resource group, name) of a machine named by full id, `rg/name` or short name.
-pub fn split_vm_name(name: &str) -> (Option<&str>, &str) {
-    if name.starts_with('/') {
-        let parts: Vec<&str> = name.split('/').collect();
-        let after = |seg: &str| {
-            parts
-                .iter()
-                .position(|p| p.eq_ignore_ascii_case(seg))
-                .and_then(|i| parts.get(i + 1).copied())
-        };
-        return (
-            after("resourceGroups"),
-            after("virtualMachines").unwrap_or(name),
-        );
-    }
-    match name.split_once('/') {
-        Some((rg, n)) => (Some(rg), n),
-        None => (None, name),
-    }
-}
-
-/// Finds a machine by full id, `rg/name`, or a unique short name, among `vms` (the
-/// `value` of GET /api/v1/vms).
-pub fn resolve<'a>(vms: &'a [Value], name: &str) -> anyhow::Result<&'a Value> {
-    let eq = |a: &Value, b: &str| a.as_str().is_some_and(|a| a.eq_ignore_ascii_case(b));
-    let matches: Vec<&Value> = if name.starts_with("/subscriptions/") {
-        vms.iter().filter(|v| eq(&v["id"], name)).collect()
-    } else if let Some((rg, n)) = name.split_once('/') {
-        vms.iter()
-            .filter(|v| eq(&v["resourceGroup"], rg) && eq(&v["name"], n))
-            .collect()
-    } else {
-        vms.iter().filter(|v| eq(&v["name"], name)).collect()
-    };
-    match matches.as_slice() {
-        [one] => Ok(one),
-        [] => Err(Exit::err(
-            EXIT_NOT_FOUND,
-            format!("no machine named '{name}' that you can see; list them with `jitgate vm list`"),
-        )),
-        many => {
-            let names: Vec<String> = many
-                .iter()
-                .map(|v| {
-                    format!(
-                        "{}/{}",
-                        v["resourceGroup"].as_str().unwrap_or("?"),
-                        v["name"].as_str().unwrap_or("?")
-                    )
-                })
-                .collect();
-            Err(Exit::err(
-                EXIT_NOT_FOUND,
-                format!(
-                    "'{name}' is ambiguous: {}; name it as resource-group/name",
-                    names.join(", ")
-                ),
-            ))
-        }
+    /// DELETE; whatever the answer holds is not needed.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send(self.http.delete(self.url(path))).await?;
+        Ok(())
     }
 }
 
@@ -414,42 +355,6 @@ pub fn resolve<'a>(vms: &'a [Value], name: &str) -> anyhow::Result<&'a Value> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use serde_json::json;
-
-    fn vms() -> Vec<Value> {
-        vec![
-            json!({"id": "/subscriptions/s/resourceGroups/prod/providers/Microsoft.Compute/virtualMachines/web-1", "resourceGroup": "prod", "name": "web-1"}),
-            json!({"id": "/subscriptions/s/resourceGroups/lab/providers/Microsoft.Compute/virtualMachines/web-1", "resourceGroup": "lab", "name": "web-1"}),
-            json!({"id": "/subscriptions/s/resourceGroups/lab/providers/Microsoft.Compute/virtualMachines/db", "resourceGroup": "lab", "name": "db"}),
-        ]
-    }
-
-    #[test]
-    fn resolves_names() {
-        let v = vms();
-        assert_eq!(resolve(&v, "db").unwrap()["resourceGroup"], "lab");
-        assert_eq!(resolve(&v, "LAB/WEB-1").unwrap()["resourceGroup"], "lab");
-        assert_eq!(resolve(&v, "/subscriptions/s/resourceGroups/prod/providers/Microsoft.Compute/virtualMachines/web-1").unwrap()["resourceGroup"], "prod");
-        let e = resolve(&v, "web-1").unwrap_err().to_string();
-        assert!(
-            e.contains("ambiguous") && e.contains("prod/web-1") && e.contains("lab/web-1"),
-            "{e}"
-        );
-        let e = resolve(&v, "nope").unwrap_err();
-        assert_eq!(e.downcast_ref::<Exit>().unwrap().code, EXIT_NOT_FOUND);
-    }
-
-    #[test]
-    fn machine_names_split_into_group_and_name() {
-        assert_eq!(split_vm_name("web-1"), (None, "web-1"));
-        assert_eq!(split_vm_name("prod/web-1"), (Some("prod"), "web-1"));
-        assert_eq!(
-            split_vm_name(
-                "/subscriptions/s/resourcegroups/Prod/providers/Microsoft.Compute/virtualMachines/Web-1"
-            ),
-            (Some("Prod"), "Web-1")
-        );
-    }
 
     #[test]
     fn a_token_in_clear_text_to_the_network_is_recognised() {

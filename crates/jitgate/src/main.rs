@@ -4,14 +4,14 @@
 //! Errors are printed once, as a chain, with a non-zero exit code (the codes are listed
 //! in `usage::EXIT_CODES`, shown by `--help` and the man pages).
 
+mod azure;
 mod bench;
 mod cli;
 mod client;
-mod human;
+mod cmd;
+mod config;
 mod man;
-mod overview;
-mod people;
-mod table;
+mod output;
 mod trust;
 mod usage;
 
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(cli::run(args)) {
         Ok(code) => code,
-        Err(e) => match e.downcast_ref::<client::Exit>() {
+        Err(e) => match e.downcast_ref::<usage::Exit>() {
             Some(exit) => {
                 eprintln!("jitgate: {}", exit.message);
                 ExitCode::from(exit.code)

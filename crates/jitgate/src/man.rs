@@ -359,7 +359,7 @@ mod tests {
     #[test]
     fn an_unknown_verb_is_a_usage_error() {
         let e = page(&["nope".to_owned()]).unwrap_err();
-        let exit = e.downcast_ref::<crate::client::Exit>().unwrap();
+        let exit = e.downcast_ref::<crate::usage::Exit>().unwrap();
         assert_eq!(exit.code, crate::usage::EXIT_USAGE);
         assert!(exit.message.contains("`nope`"), "{}", exit.message);
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use jitgate_proto::tls::{ChainRecorder, Fingerprint};
 
-use crate::client::{EXIT_TLS, EXIT_USAGE, Exit};
+use crate::usage::{EXIT_TLS, EXIT_USAGE, Exit};
 
 /// The chain the controller at `url` shows, server certificate first. No credential
 /// is sent on this connection.
@@ -95,7 +95,7 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
 
 /// Where the pinned certificate of `url` is kept.
 fn pin_file(url: &str) -> anyhow::Result<PathBuf> {
-    let dir = crate::client::config_dir()
+    let dir = crate::config::config_dir()
         .context("cannot find a config directory: set HOME or JITGATE_CONFIG_DIR")?;
     // host and port, as `host_port`, with nothing a file name could misread.
     let host: String = reqwest::Url::parse(url)

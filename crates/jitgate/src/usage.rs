@@ -8,12 +8,51 @@
 //! knows which of its flags filled which field, and `name_flags` rewrites the message
 //! so it names the flag (`--max: ...`).
 
-use crate::client::{EXIT_INVALID, Exit};
+use std::fmt;
+
+/// An error that ends the command with a specific exit code.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Exit {
+    pub fn err(code: u8, message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Exit {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Whether `e` ends the command with exit code `code`.
+pub fn has_code(e: &anyhow::Error, code: u8) -> bool {
+    e.downcast_ref::<Exit>().is_some_and(|x| x.code == code)
+}
 
 /// A flag or argument is wrong (as clap's own usage errors): nothing was changed.
 pub const EXIT_USAGE: u8 = 2;
+/// Not found or ambiguous.
+pub const EXIT_NOT_FOUND: u8 = 3;
+/// Not authenticated or not permitted.
+pub const EXIT_AUTH: u8 = 4;
+/// Refused as invalid.
+pub const EXIT_INVALID: u8 = 5;
+/// Timed out waiting for a port.
+pub const EXIT_TIMEOUT: u8 = 6;
 /// `audit verify`: the audit chain is broken.
 pub const EXIT_AUDIT_BROKEN: u8 = 7;
+/// The controller's certificate does not validate (or TLS is not spoken there).
+pub const EXIT_TLS: u8 = 8;
 
 /// Every exit status the binary uses, for `--help` and the man pages.
 pub const EXIT_CODES: &[(u8, &str)] = &[
@@ -170,10 +209,10 @@ mod tests {
             assert!(text.contains(&format!("  {code} ")), "{text}");
         }
         for code in [
-            crate::client::EXIT_NOT_FOUND,
-            crate::client::EXIT_AUTH,
-            crate::client::EXIT_INVALID,
-            crate::client::EXIT_TIMEOUT,
+            EXIT_NOT_FOUND,
+            EXIT_AUTH,
+            EXIT_INVALID,
+            EXIT_TIMEOUT,
             EXIT_USAGE,
             EXIT_AUDIT_BROKEN,
         ] {

@@ -3,14 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_jitgate");
+mod common;
+use common::{BIN, call, capture_stderr, free_port};
 
 struct Server {
     child: Child,
@@ -23,14 +23,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn serve(args: &[&str], envs: &[(&str, &str)]) -> Server {
@@ -48,14 +40,7 @@ fn serve(args: &[&str], envs: &[(&str, &str)]) -> Server {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
+    let log = capture_stderr(&mut child);
     Server {
         child,
         base: format!("http://127.0.0.1:{port}"),
@@ -64,41 +49,12 @@ fn serve(args: &[&str], envs: &[(&str, &str)]) -> Server {
 }
 
 fn wait_listening(s: &mut Server, base: &str) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(base.trim_start_matches("http://")).is_err() {
-        if let Some(status) = s.child.try_wait().unwrap() {
-            panic!("serve exited with {status}: {}", s.log.lock().unwrap());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "not listening: {}",
-            s.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn call(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-    // Blocking calls through a tiny runtime keep these tests plain.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let c = reqwest::Client::new();
-        let mut req = c.request(method.parse().unwrap(), url).bearer_auth(token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    })
+    common::wait_listening(
+        &mut s.child,
+        base.trim_start_matches("http://"),
+        &s.log,
+        Duration::from_secs(10),
+    );
 }
 
 fn jitgate(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {

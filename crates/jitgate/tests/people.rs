@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_jitgate");
+mod common;
+use common::{BIN, capture_stderr, feed_stdin, free_port, http_get};
+
 const ADMIN: &str = "people-test-bootstrap-token";
 
 /// Variables that would let the caller's environment leak into a test.
@@ -28,14 +30,6 @@ const CLEARED_ENV: [&str; 6] = [
     "XDG_CONFIG_HOME",
     "JITGATE_LOG",
 ];
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A controller child process on a free loopback port with a known bootstrap token.
 struct Controller {
@@ -129,12 +123,7 @@ fn run_with_stdin(
     });
     let mut child = cmd.spawn().unwrap();
     if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
+        feed_stdin(&mut child, text);
     }
     let out = child.wait_with_output().unwrap();
     Out {
@@ -164,32 +153,19 @@ fn start() -> Controller {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
+    let log = capture_stderr(&mut child);
     let mut c = Controller {
         child,
         base: format!("http://127.0.0.1:{port}"),
         log,
         dir,
     };
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = c.child.try_wait().unwrap() {
-            panic!("serve exited with {status}: {}", c.log.lock().unwrap());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the controller is not listening: {}",
-            c.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_listening(
+        &mut c.child,
+        &format!("127.0.0.1:{port}"),
+        &c.log,
+        Duration::from_secs(20),
+    );
     c
 }
 
@@ -290,29 +266,6 @@ impl Controller {
             t["token"].as_str().unwrap().to_owned(),
         )
     }
-}
-
-/// One authenticated GET through a small runtime (status, body).
-fn http_get(url: &str, token: &str) -> (u16, Value) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .get(url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    })
 }
 
 /// The entries of a policy by short machine name.

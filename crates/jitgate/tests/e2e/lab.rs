@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use nix::sched::CloneFlags;
 use serde_json::{Value, json};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_jitgate");
+pub use crate::common::BIN;
 /// The bootstrap Owner token every lab's controller starts with.
 pub const OWNER: &str = "jg-e2e-owner-token-0123456789abcdef";
 pub const RG: &str = "lab";
@@ -135,12 +135,7 @@ fn run_stdin(bin: &str, args: &[&str], input: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+    crate::common::feed_stdin(&mut child, input);
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -522,12 +517,7 @@ pub fn http_ca(
     ca: Option<&Path>,
 ) -> Resp {
     in_ns(ns, || {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        crate::common::block_on(async {
             let mut c = reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(10));

@@ -12,6 +12,8 @@
 
 mod access;
 mod agent;
+#[path = "../common/mod.rs"]
+mod common;
 mod faults;
 mod lab;
 mod nsg;

@@ -1,0 +1,345 @@
+//! `jitgate serve`: the controller, configured from flags, `JITGATE_*` variables and a
+//! TOML file (flag > environment > file > default; unknown keys in the file are an
+//! error), with logging and a graceful stop on SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of: listen, data_dir, tls_cert, tls_key, insecure_http, log_format.
+    #[arg(long, env = "JITGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "JITGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database and the bootstrap token [default: ./jitgate-data].
+    #[arg(long, env = "JITGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "JITGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "JITGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address (not recommended: tokens cross the
+    /// network in clear text). Without a certificate and without this flag, a
+    /// non-loopback address is served over HTTPS with the controller's own CA.
+    #[arg(long, env = "JITGATE_INSECURE_HTTP")]
+    pub insecure_http: bool,
+    /// Serve HTTPS with the controller's own CA also on a loopback address (on other
+    /// addresses it is the default when no --tls-cert is given).
+    #[arg(long, env = "JITGATE_AUTO_TLS", conflicts_with_all = ["tls_cert", "insecure_http"])]
+    pub auto_tls: bool,
+    /// Another name (DNS name or IP address) for the controller's own certificate,
+    /// besides the listen address, the hostname and localhost. Repeatable.
+    #[arg(long = "tls-san", env = "JITGATE_TLS_SAN", value_delimiter = ',', value_parser = parse_tls_san)]
+    pub tls_sans: Vec<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "JITGATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Management ports for recommendations [default: 22,3389,5985,5986].
+    #[arg(long, env = "JITGATE_MANAGEMENT_PORTS", value_delimiter = ',')]
+    pub management_ports: Option<Vec<u16>>,
+    /// Seconds without a report after which an agent counts as offline [default: 60].
+    #[arg(long, env = "JITGATE_AGENT_OFFLINE_AFTER")]
+    pub agent_offline_after: Option<u64>,
+    /// Use this as the bootstrap Owner token at first start instead of generating one.
+    #[arg(
+        long,
+        env = "JITGATE_BOOTSTRAP_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub bootstrap_token: Option<String>,
+    /// File the signed audit checkpoints are appended to; better on another volume
+    /// than the database [default: <data-dir>/audit-checkpoints.jsonl].
+    #[arg(long, env = "JITGATE_AUDIT_CHECKPOINTS")]
+    pub audit_checkpoints: Option<PathBuf>,
+    /// Serve even though the audit log does not match its newest signed checkpoint
+    /// (deleted, rewritten or truncated events). The decision is audited.
+    #[arg(long)]
+    pub accept_audit_break: bool,
+    /// Refused calls per source address (IPv6: per /64) written to the audit log one by
+    /// one in each 10 s window; more are counted and summarized [default: 100].
+    #[arg(long, env = "JITGATE_REFUSALS_AUDITED")]
+    pub refusals_audited: Option<u32>,
+    /// Refused calls per source and 10 s window after which calls without a valid
+    /// credential get 429 [default: 300].
+    #[arg(long, env = "JITGATE_REFUSALS_BLOCK_AFTER")]
+    pub refusals_block_after: Option<u32>,
+    /// Most connections open at once (one per agent long-poll), also bounded by the
+    /// open-file limit [default: 16384].
+    #[arg(long, env = "JITGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most writes waiting for the database; a write beyond it is answered 503 with
+    /// Retry-After instead of waiting longer [default: 4096].
+    #[arg(long, env = "JITGATE_WRITE_QUEUE")]
+    pub write_queue: Option<usize>,
+    /// How long blocked-attempt points (agents' deny-rule counters) are kept, e.g.
+    /// 30d, 2160h or P90D; older ones are deleted hourly [default: 30d; at least 1d].
+    #[arg(long, env = "JITGATE_BLOCKED_ATTEMPTS_RETENTION", value_parser = parse_retention)]
+    pub blocked_attempts_retention: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    insecure_http: Option<bool>,
+    auto_tls: Option<bool>,
+    tls_san: Option<Vec<String>>,
+    log_format: Option<String>,
+    management_ports: Option<Vec<u16>>,
+    agent_offline_after: Option<u64>,
+    audit_checkpoints: Option<PathBuf>,
+    refusals_audited: Option<u32>,
+    refusals_block_after: Option<u32>,
+    max_connections: Option<usize>,
+    write_queue: Option<usize>,
+    blocked_attempts_retention: Option<String>,
+}
+
+/// A retention in seconds: a duration of at least a day (the VM view and the blocked
+/// series show the last 24 hours by default).
+pub fn parse_retention(text: &str) -> Result<u64, String> {
+    let secs = crate::output::human::parse_secs(text)?;
+    if secs < 86_400 {
+        return Err(format!(
+            "'{text}' is less than 1d: blocked attempts of the last 24 hours are shown by default"
+        ));
+    }
+    Ok(secs as u64)
+}
+
+pub fn parse_tls_san(text: &str) -> Result<String, String> {
+    jitgate_controller::tls::parse_san(text)
+}
+
+pub fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JITGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never into journald or a file.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        "text" => builder.try_init(),
+        "json" => builder.json().try_init(),
+        other => bail!("--log-format: '{other}' is not text or json"),
+    }
+    .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// Flags over environment over file over defaults.
+fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, String)> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid config file", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./jitgate-data"));
+    let tls = match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+    ) {
+        (Some(cert), Some(key)) => Some(jitgate_controller::TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => bail!("give both tls_cert and tls_key, or neither"),
+    };
+    let mut config = jitgate_controller::Config::new(listen, data_dir);
+    config.tls = tls;
+    config.insecure_http = args.insecure_http || file.insecure_http.unwrap_or(false);
+    config.auto_tls = args.auto_tls || file.auto_tls.unwrap_or(false);
+    config.tls_sans = args.tls_sans;
+    for san in file.tls_san.unwrap_or_default() {
+        config.tls_sans.push(
+            jitgate_controller::tls::parse_san(&san)
+                .map_err(|e| anyhow::anyhow!("tls_san: {e}"))?,
+        );
+    }
+    if config.tls.is_some() && config.auto_tls {
+        bail!("auto_tls: the controller's own CA and a given tls_cert exclude each other");
+    }
+    if config.tls.is_some() && !config.tls_sans.is_empty() {
+        bail!(
+            "--tls-san names the controller's own certificate; with --tls-cert, put the names in that certificate"
+        );
+    }
+    config.bootstrap_token = args.bootstrap_token.map(jitgate_proto::Secret::new);
+    config.audit_checkpoints = args.audit_checkpoints.or(file.audit_checkpoints);
+    config.accept_audit_break = args.accept_audit_break;
+    if let Some(n) = args.refusals_audited.or(file.refusals_audited) {
+        config.limits.audit_burst = n;
+    }
+    if let Some(n) = args.refusals_block_after.or(file.refusals_block_after) {
+        config.limits.block_after = n;
+    }
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        if n < 16 {
+            bail!("max_connections: must be at least 16");
+        }
+        config.limits.max_connections = n;
+    }
+    if let Some(n) = args.write_queue.or(file.write_queue) {
+        if n == 0 {
+            bail!("write_queue: must be at least 1");
+        }
+        config.write_queue = n;
+    }
+    let retention = match (
+        args.blocked_attempts_retention,
+        file.blocked_attempts_retention,
+    ) {
+        (Some(secs), _) => Some(secs),
+        (None, Some(text)) => Some(
+            parse_retention(&text)
+                .map_err(|e| anyhow::anyhow!("blocked_attempts_retention: {e}"))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(secs) = retention {
+        config.blocked_retention = std::time::Duration::from_secs(secs);
+    }
+    if let Some(ports) = args.management_ports.or(file.management_ports) {
+        if ports.is_empty() || ports.contains(&0) {
+            bail!("management_ports: give ports from 1 to 65535");
+        }
+        config.recommend.management_ports = ports;
+    }
+    if let Some(secs) = args.agent_offline_after.or(file.agent_offline_after) {
+        if secs == 0 {
+            bail!("agent_offline_after: must be at least 1 second");
+        }
+        config.recommend.offline_after = jiff::SignedDuration::from_secs(secs as i64);
+    }
+    let log_format = args
+        .log_format
+        .or(file.log_format)
+        .unwrap_or_else(|| "text".to_owned());
+    Ok((config, log_format))
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (config, log_format) = serve_config(args)?;
+    init_logging(&log_format)?;
+    // Handlers first: a signal that arrives while the controller starts is then still
+    // a graceful stop, not the default (immediate) death.
+    let (mut term, mut int) = stop_signals()?;
+    let running = jitgate_controller::start(config).await?;
+    tokio::select! {
+        _ = int.recv() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    }
+    running.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT streams, registered now.
+pub fn stop_signals() -> anyhow::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    Ok((
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn serve_args(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut argv = vec!["jitgate", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(a) => Ok(a),
+            _ => unreachable!(),
+        }
+    }
+
+    fn with_file(toml: &str, args: &[&str]) -> anyhow::Result<jitgate_controller::Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jitgate.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut argv = vec!["--config", path.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        Ok(serve_config(serve_args(&argv).unwrap())?.0)
+    }
+
+    /// Issue 10: the write queue and the blocked-attempt retention, from a flag over
+    /// the TOML file over the default.
+    #[test]
+    fn write_queue_and_retention_settings() {
+        let d = serve_config(serve_args(&[]).unwrap()).unwrap().0;
+        assert_eq!(d.write_queue, jitgate_store::sqlite::DEFAULT_WRITE_QUEUE);
+        assert_eq!(
+            d.blocked_retention,
+            jitgate_controller::DEFAULT_BLOCKED_RETENTION
+        );
+
+        let c = with_file(
+            "write_queue = 64\nblocked_attempts_retention = \"P90D\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.write_queue, 64);
+        assert_eq!(c.blocked_retention.as_secs(), 90 * 86_400);
+        let c = with_file(
+            "write_queue = 64\nblocked_attempts_retention = \"P90D\"\n",
+            &[
+                "--write-queue",
+                "8",
+                "--blocked-attempts-retention",
+                "2d 12h",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.write_queue, 8);
+        assert_eq!(c.blocked_retention.as_secs(), 60 * 3600);
+
+        let e = with_file("write_queue = 0\n", &[]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("write_queue: must be at least 1"),
+            "{e:#}"
+        );
+        let e = with_file("blocked_attempts_retention = \"12h\"\n", &[]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("blocked_attempts_retention: '12h' is less than 1d"),
+            "{e:#}"
+        );
+        let e = serve_args(&["--blocked-attempts-retention", "soon"])
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("--blocked-attempts-retention"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), 2);
+    }
+}
