@@ -652,7 +652,11 @@ async fn every_list_pages_without_gaps() {
 #[test]
 fn the_document_marks_exactly_the_public_paths() {
     let doc = &*crate::schema::DOC;
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
     assert_eq!(doc["security"], json!([{"bearerAuth": []}]));
     assert_eq!(
         doc["components"]["securitySchemes"]["bearerAuth"]["scheme"],
@@ -667,8 +671,14 @@ fn the_document_marks_exactly_the_public_paths() {
             Some(s) => panic!("{op} has its own security {s}"),
             None => {}
         }
-        assert!(o["responses"].get("default").is_some(), "{op} documents no errors");
-        assert!(o["tags"].as_array().is_some_and(|t| !t.is_empty()), "{op} has no tag");
+        assert!(
+            o["responses"].get("default").is_some(),
+            "{op} documents no errors"
+        );
+        assert!(
+            o["tags"].as_array().is_some_and(|t| !t.is_empty()),
+            "{op} has no tag"
+        );
     }
     public.sort();
     assert_eq!(

@@ -152,23 +152,12 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
         .c
         .get::<api::NsgView>(&format!("/api/v1/vms/{rg}/{n}/nsg"), &[])
         .await?;
-    let last = ses
-        .c
-        .get::<api::RequestPage>(
-            "/api/v1/requests",
-            &[("limit", "1".to_owned()), ("vm", vm.vm.id.clone())],
-        )
-        .await?;
-    let last = last.data.value.into_iter().next();
-    let last_access = last.as_ref().map(|r| r.start_time_utc.clone());
-    let last_user = last.as_ref().map(|r| r.requestor.clone());
-    // The controller's view of the machine as it came, with its NSG rules and its last
-    // access beside it.
+    let (last_access, last_user) = (vm.last_access.clone(), vm.last_user.clone());
+    // The controller's view of the machine as it came (its last access included), with
+    // its NSG rules beside it.
     let mut out = vm.json.clone();
     if let Value::Object(m) = &mut out {
         m.insert("nsg".to_owned(), serde_json::to_value(&nsg.rules)?);
-        m.insert("lastAccess".to_owned(), last_access.clone().into());
-        m.insert("lastUser".to_owned(), last_user.clone().into());
     }
     print(ses.json, &out, || {
         let agent = &vm.agent;
