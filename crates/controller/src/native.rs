@@ -17,7 +17,7 @@ use jitgate_core::ids::{Location, ResourceGroup, Scope, VmId, VmName};
 use jitgate_core::net::Port;
 use jitgate_core::nsg::{NsgRule, RuleOrigin};
 use jitgate_core::rbac::{Action, Role, RoleAssignment};
-use jitgate_core::request::{AccessRequest, RequestId};
+use jitgate_core::request::{AccessRequest, RequestId, RevokeRefusal};
 use jitgate_store::{
     AuditQuery, OpError, PortSelector, RegisterOutcome, RequestFilter, RevokeError,
     RoleAssignmentRecord, TokenRecord, VmError, VmRecord,
@@ -677,31 +677,37 @@ async fn revoke_request(
                 .map_err(|e| ApiError::bad_param("port", e))?,
         }),
     };
-    // The requestor may end their own request; anyone else needs the revoke action
-    // on every VM whose ports would close.
-    if r.requestor != principal.name {
-        for vm in &r.vms {
-            if selector
-                .as_ref()
-                .and_then(|s| s.vm.as_ref())
-                .is_some_and(|s| *s != vm.id)
-            {
-                continue;
-            }
-            principal.require(Action::RequestRevoke, &vm.id.scope())?;
-        }
-    }
+    // Who may end which ports is core's rule; the store then ends them.
+    let now = Timestamp::now();
+    let nothing_live = || {
+        ApiError::conflict(format!(
+            "request {id} has no live port matching the selection to revoke"
+        ))
+    };
+    jitgate_core::request::plan_revoke(
+        &r,
+        &principal.name,
+        &selector.clone().unwrap_or_default(),
+        &|vm| principal.can(Action::RequestRevoke, &vm.scope()),
+        now,
+    )
+    .map_err(|e| match e {
+        RevokeRefusal::Forbidden { vm } => ApiError::forbidden(
+            &principal.name,
+            Action::RequestRevoke.as_str(),
+            &vm.scope().to_string(),
+        ),
+        RevokeRefusal::NothingLive => nothing_live(),
+    })?;
     let revoked = state
         .store
-        .revoke_request(id, selector, principal.audit_ctx(ip, Timestamp::now()))
+        .revoke_request(id, selector, principal.audit_ctx(ip, now))
         .await
         .map_err(|e| match e {
             OpError::Refused(RevokeError::NotFound) => {
                 ApiError::not_found(format!("request {id} not found"))
             }
-            OpError::Refused(RevokeError::NothingLive) => ApiError::conflict(format!(
-                "request {id} has no live port matching the selection to revoke"
-            )),
+            OpError::Refused(RevokeError::NothingLive) => nothing_live(),
             OpError::Store(s) => s.into(),
         })?;
     state.changed(revoked.len());

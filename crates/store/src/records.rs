@@ -155,11 +155,9 @@ pub struct RequestFilter {
     pub limit: usize,
 }
 
-#[derive(Debug, Clone)]
-pub struct PortSelector {
-    pub vm: Option<VmId>,
-    pub number: Option<Port>,
-}
+/// Which ports of a request a revoke names (core's type: the rule is
+/// `jitgate_core::request::plan_revoke`).
+pub type PortSelector = jitgate_core::request::RevokeSelection;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevokeError {
