@@ -10,6 +10,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use jitgate_core::Timestamp;
+use jitgate_core::blocked::{CounterReading, counter_deltas};
 use jitgate_core::ids::{Location, ResourceGroup, Scope, VmId, VmName};
 use jitgate_core::nsg::{GrantRef, NsgRule, nsg_view};
 use jitgate_core::rbac::Action;
@@ -253,8 +254,8 @@ pub async fn status(
         tracing::warn!(vm = %vm, error = ?e, "agent reports an enforcement error");
     }
     let now = Timestamp::now();
-    // Blocked attempts since the previous report: counters only grow, except when the
-    // agent rebuilds its table (then they restart from zero).
+    // Blocked attempts since the previous report (`core::blocked::counter_deltas`:
+    // counters grow, and restart from zero when the agent rebuilds its table).
     let previous: Option<StatusReport> = state
         .store
         .agent_status(&vm)
@@ -269,18 +270,21 @@ pub async fn status(
     {
         tracing::warn!(vm = %vm, errors = ?report.inventory_errors, "agent cannot read all of the host's listening sockets");
     }
+    fn readings(r: &StatusReport) -> Vec<CounterReading<'_>> {
+        r.counters
+            .iter()
+            .map(|c| CounterReading {
+                rule: &c.rule,
+                packets: c.packets,
+            })
+            .collect()
+    }
+    let deltas = counter_deltas(
+        &previous.as_ref().map(readings).unwrap_or_default(),
+        &readings(&report),
+    );
     let mut points = Vec::new();
-    for c in &report.counters {
-        let before = previous.as_ref().and_then(|p| {
-            p.counters
-                .iter()
-                .find(|x| x.rule == c.rule)
-                .map(|x| x.packets)
-        });
-        let delta = match before {
-            Some(b) if c.packets >= b => c.packets - b,
-            _ => c.packets,
-        };
+    for (c, delta) in report.counters.iter().zip(deltas) {
         if delta > 0 {
             state
                 .metrics

@@ -10,6 +10,7 @@
 //! (Azure JSON, native API, storage rows) live at the edges and convert explicitly.
 
 pub mod audit;
+pub mod blocked;
 pub mod duration;
 pub mod error;
 pub mod ids;
