@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod blocked;
 pub mod duration;
+pub mod enable;
 pub mod error;
 pub mod ids;
 pub mod net;

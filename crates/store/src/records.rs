@@ -93,6 +93,16 @@ pub enum VmError {
     InPolicy(String),
 }
 
+/// An audit event a caller composes (its actor, source and time come from the
+/// operation's `AuditCtx`): the summary `apply_policies` appends after its writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditNote {
+    pub action: String,
+    pub target: String,
+    /// JSON text.
+    pub details: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutPolicyOutcome {
     pub created: bool,

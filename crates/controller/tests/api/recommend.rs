@@ -93,7 +93,20 @@ async fn verdicts_follow_what_agents_report_and_enable_recommended_fixes_them() 
             .unwrap()
             .ends_with("/jitNetworkAccessPolicies/default")
     );
-    assert_eq!(ctl.audit("action=recommendations.apply").await.len(), 1);
+    let applied = ctl.audit("action=recommendations.apply").await;
+    assert_eq!(applied.len(), 1);
+    // The summary says what the answer said, about the group asked for; it was
+    // committed with the policy write (core plan, one store transaction).
+    assert_eq!(applied[0]["details"]["enabled"], r.body["enabled"]);
+    assert!(
+        applied[0]["target"]
+            .as_str()
+            .unwrap()
+            .ends_with("/resourceGroups/lab"),
+        "{}",
+        applied[0]
+    );
+    assert_eq!(ctl.audit("action=policy.create").await.len(), 1);
     // A second run has nothing to do.
     let r = ctl.post("/api/v1/recommendations/apply", json!({})).await;
     assert_eq!(r.body["enabled"], json!([]));
