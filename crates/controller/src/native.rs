@@ -275,12 +275,12 @@ async fn register_vm(
     let record = VmRecord {
         id: id.clone(),
         location,
-        created: Timestamp::now(),
+        created: state.clock.now(),
         created_by: principal.name.clone(),
     };
     let outcome = state
         .store
-        .register_vm(record, principal.audit_ctx(ip, Timestamp::now()))
+        .register_vm(record, principal.audit_ctx(ip, state.clock.now()))
         .await
         .map_err(|e| match e {
             OpError::Refused(VmError::UnknownSubscription(s)) => ApiError::new(
@@ -393,7 +393,7 @@ async fn list_vms(
         // The page ends at its own last VM; the one found beyond it comes again.
         filter.after = page.last().map(|v| v.id.key());
     }
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let summaries = summaries_by_key(&state, &page, now).await?;
     let mut out = Vec::with_capacity(page.len());
     for vm in &page {
@@ -436,7 +436,7 @@ async fn get_vm(
         state.store.get_vm(&id).await?.ok_or_else(|| {
             ApiError::not_found(format!("virtual machine '{id}' is not registered"))
         })?;
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let policy = state.store.vm_policy(&id).await?;
     let grants = state.store.live_grants(&id, now).await?;
     let mut v = vm_json(&vm);
@@ -494,7 +494,7 @@ async fn delete_vm(
     principal.require(Action::VmWrite, &id.scope())?;
     match state
         .store
-        .delete_vm(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .delete_vm(&id, principal.audit_ctx(ip, state.clock.now()))
         .await
     {
         Ok(true) => Ok(StatusCode::OK),
@@ -538,7 +538,7 @@ async fn get_nsg(
     Path((rg, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let id = readable_vm(&state, &principal, &rg, &name).await?;
-    let (rules, _) = crate::agent::nsg_now(&state, &id, Timestamp::now()).await?;
+    let (rules, _) = crate::agent::nsg_now(&state, &id, state.clock.now()).await?;
     Ok(Json(json!({
         "vm": id.to_string(),
         "rules": rules.iter().map(rule_json).collect::<Vec<_>>(),
@@ -583,7 +583,7 @@ async fn list_requests(
     principal: Principal,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let vm = q
         .get("vm")
         .map(|v| VmId::parse(v))
@@ -643,7 +643,7 @@ async fn get_request(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let (_, r) = visible_request(&state, &principal, &id).await?;
-    Ok(Json(request_json(&r, Timestamp::now())))
+    Ok(Json(request_json(&r, state.clock.now())))
 }
 
 #[derive(Deserialize)]
@@ -678,7 +678,7 @@ async fn revoke_request(
         }),
     };
     // Who may end which ports is core's rule; the store then ends them.
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let nothing_live = || {
         ApiError::conflict(format!(
             "request {id} has no live port matching the selection to revoke"
@@ -719,7 +719,7 @@ async fn revoke_request(
         .ok_or_else(|| ApiError::internal("request vanished"))?;
     Ok(Json(json!({
         "revoked": revoked.iter().map(|p| json!({"vm": p.vm.to_string(), "port": p.number.get()})).collect::<Vec<_>>(),
-        "request": request_json(&after, Timestamp::now()),
+        "request": request_json(&after, state.clock.now()),
     })))
 }
 
@@ -773,7 +773,7 @@ async fn create_token(
             "is longer than 1024 characters",
         ));
     }
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let expires = match body.expires_in {
         None => None,
         Some(d) => {
@@ -799,7 +799,7 @@ async fn create_token(
     };
     state
         .store
-        .create_token(record.clone(), principal.audit_ctx(ip, Timestamp::now()))
+        .create_token(record.clone(), principal.audit_ctx(ip, state.clock.now()))
         .await?;
     let mut v = token_json(&record);
     v["token"] = json!(text);
@@ -827,7 +827,7 @@ async fn revoke_token(
     let Some(token) = state.store.find_token(&id).await? else {
         return Err(ApiError::not_found(format!("token {id} not found")));
     };
-    let now = Timestamp::now();
+    let now = state.clock.now();
     if token.revoked.is_none() && last_owner_credential(&state, &token, now).await? {
         return Err(ApiError::conflict(
             "this is the last credential of an Owner of the subscription: revoking it would lock everyone out. Create another Owner token first (or recover locally with `jitgate admin recover --data-dir DIR`)",
@@ -924,11 +924,11 @@ async fn create_role_assignment(
             role,
             scope,
         },
-        created: Timestamp::now(),
+        created: state.clock.now(),
     };
     state
         .store
-        .add_role_assignment(record.clone(), principal.audit_ctx(ip, Timestamp::now()))
+        .add_role_assignment(record.clone(), principal.audit_ctx(ip, state.clock.now()))
         .await?;
     state.auth_cache.invalidate();
     Ok((StatusCode::CREATED, Json(ra_json(&record))).into_response())
@@ -968,7 +968,7 @@ async fn delete_role_assignment(
     principal.require(Action::RoleAssignmentWrite, &r.assignment.scope)?;
     state
         .store
-        .remove_role_assignment(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .remove_role_assignment(&id, principal.audit_ctx(ip, state.clock.now()))
         .await?;
     state.auth_cache.invalidate();
     Ok(StatusCode::OK)
@@ -1156,7 +1156,7 @@ async fn put_nsg_rule(
         .put_nsg_rule(
             &id,
             parsed.clone(),
-            principal.audit_ctx(ip, Timestamp::now()),
+            principal.audit_ctx(ip, state.clock.now()),
         )
         .await
         .map_err(|e| match e {
@@ -1195,7 +1195,7 @@ async fn delete_nsg_rule(
     principal.require(Action::VmWrite, &id.scope())?;
     let deleted = state
         .store
-        .delete_nsg_rule(&id, &rule, principal.audit_ctx(ip, Timestamp::now()))
+        .delete_nsg_rule(&id, &rule, principal.audit_ctx(ip, state.clock.now()))
         .await?;
     if deleted {
         state.vm_changes.touch([&id]);

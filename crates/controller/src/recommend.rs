@@ -177,7 +177,7 @@ pub async fn list(
     let limit = crate::native::count_param(&q, "limit", 1000, 5000)?;
     let after = crate::native::after_continuation(&q)?;
     let with_summary = after.is_none();
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let exclusions = state.store.list_exclusions().await?;
     let mut summary = BTreeMap::from([("Healthy", 0u64), ("Unhealthy", 0), ("NotApplicable", 0)]);
     let mut value: Vec<Value> = Vec::new();
@@ -262,7 +262,7 @@ pub async fn apply(
         .map(|r| ResourceGroup::parse(&r))
         .transpose()
         .map_err(|e| ApiError::bad_param("resourceGroup", e))?;
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let vms = visible_vms(&state, &principal, rg.as_ref()).await?;
     let recs = recommendations(&state, &vms, now).await?;
     let mut exposed = Vec::new();
@@ -413,7 +413,7 @@ pub async fn create_exclusion(
         id: uuid::Uuid::new_v4().to_string(),
         scope,
         reason,
-        created: Timestamp::now(),
+        created: state.clock.now(),
         created_by: principal.name.clone(),
     };
     let audit = principal.audit_ctx(ip, record.created);
@@ -432,7 +432,7 @@ pub async fn delete_exclusion(
         return Err(ApiError::not_found(format!("exclusion {id} not found")));
     };
     principal.require(Action::PolicyWrite, &e.scope)?;
-    let audit = principal.audit_ctx(ip, Timestamp::now());
+    let audit = principal.audit_ctx(ip, state.clock.now());
     state.store.remove_exclusion(&id, audit).await?;
     Ok(StatusCode::OK)
 }
@@ -455,7 +455,9 @@ pub async fn blocked(
         Some(s) => {
             jitgate_core::request::parse_time(s).map_err(|e| ApiError::bad_param("since", e))?
         }
-        None => Timestamp::now()
+        None => state
+            .clock
+            .now()
             .checked_sub(jiff::SignedDuration::from_hours(24))
             .map_err(ApiError::internal)?,
     };
@@ -484,7 +486,7 @@ pub async fn prune_blocked(
     loop {
         let before = jiff::SignedDuration::try_from(retention)
             .ok()
-            .and_then(|r| Timestamp::now().checked_sub(r).ok());
+            .and_then(|r| state.clock.now().checked_sub(r).ok());
         if let Some(before) = before {
             match state.store.prune_blocked(before).await {
                 Ok(0) => {}
@@ -509,7 +511,7 @@ pub async fn refresh_metrics(state: AppState, mut shutdown: watch::Receiver<bool
             .store
             .list_vms(state.default_subscription(), None)
             .await
-            && let Ok(recs) = recommendations(&state, &vms, Timestamp::now()).await
+            && let Ok(recs) = recommendations(&state, &vms, state.clock.now()).await
         {
             let mut counts: HashMap<&str, i64> =
                 HashMap::from([("Healthy", 0), ("Unhealthy", 0), ("NotApplicable", 0)]);
