@@ -115,7 +115,7 @@ async fn verdicts_follow_what_agents_report_and_enable_recommended_fixes_them() 
 #[tokio::test]
 async fn offline_agents_and_exclusions_are_not_applicable() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Ctl::start_with(dir, |c| {
+    let ctl = Ctl::start_simulated_with(dir, |c| {
         c.recommend.offline_after = jiff::SignedDuration::from_secs(1)
     })
     .await;
@@ -125,7 +125,7 @@ async fn offline_agents_and_exclusions_are_not_applicable() {
         verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box").0,
         "Healthy"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    ctl.advance(std::time::Duration::from_millis(2100));
     let (v, why) = verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box");
     assert_eq!(v, "NotApplicable");
     assert!(why.contains("offline"), "{why}");
