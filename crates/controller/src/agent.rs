@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use jiff::SignedDuration;
 use jitgate_core::Timestamp;
+use jitgate_core::blocked::{CounterReading, counter_deltas};
 use jitgate_core::ids::{Location, ResourceGroup, Scope, VmId, VmName};
 use jitgate_core::nsg::{GrantRef, NsgRule, nsg_view};
 use jitgate_core::rbac::Action;
@@ -140,7 +141,7 @@ pub async fn nsg_now(
 
 /// The VM's desired state now.
 pub async fn desired_state(state: &AppState, vm: &VmId) -> ApiResult<DesiredState> {
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let (view, grants) = nsg_now(state, vm, now).await?;
     Ok(jitgate_proto::encode(vm, &view, &grants, now))
 }
@@ -197,7 +198,15 @@ pub async fn desired(
     require_agent(&state, &principal, &vm).await?;
     let known = q.get("known").cloned();
     let mut rx = state.vm_changes.subscribe(&vm);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    // The deadline is on the controller's clock; a long-poll is also never held longer
+    // than `wait` of real time (a wall clock set back must not hold it for hours).
+    let wait = SignedDuration::from_secs(wait as i64);
+    let deadline = state
+        .clock
+        .now()
+        .saturating_add(wait)
+        .unwrap_or(Timestamp::MAX);
+    let hard_stop = tokio::time::Instant::now() + wait.unsigned_abs();
     let mut woken = false;
     loop {
         rx.borrow_and_update();
@@ -222,22 +231,19 @@ pub async fn desired(
             .grants
             .iter()
             .filter_map(|g| g.end_time_utc.parse::<Timestamp>().ok())
-            .min()
-            .map(|end| {
-                let ms = end.duration_since(Timestamp::now()).as_millis().max(0) as u64;
-                tokio::time::Instant::now() + Duration::from_millis(ms)
-            });
+            .min();
         let until = next_end.map_or(deadline, |e| e.min(deadline));
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() { return Ok(Json(d)); }
                 woken = true;
             }
-            _ = tokio::time::sleep_until(until) => {
-                if tokio::time::Instant::now() >= deadline {
+            _ = state.clock.sleep_until(until) => {
+                if state.clock.now() >= deadline {
                     return Ok(Json(d));
                 }
             }
+            _ = tokio::time::sleep_until(hard_stop) => return Ok(Json(d)),
         }
     }
 }
@@ -258,9 +264,9 @@ pub async fn status(
         // Debug formatting escapes newlines: an agent cannot forge log lines.
         tracing::warn!(vm = %vm, error = ?e, "agent reports an enforcement error");
     }
-    let now = Timestamp::now();
-    // Blocked attempts since the previous report: counters only grow, except when the
-    // agent rebuilds its table (then they restart from zero).
+    let now = state.clock.now();
+    // Blocked attempts since the previous report (`core::blocked::counter_deltas`:
+    // counters grow, and restart from zero when the agent rebuilds its table).
     let previous: Option<StatusReport> = state
         .store
         .agent_status(&vm)
@@ -275,18 +281,21 @@ pub async fn status(
     {
         tracing::warn!(vm = %vm, errors = ?report.inventory_errors, "agent cannot read all of the host's listening sockets");
     }
+    fn readings(r: &StatusReport) -> Vec<CounterReading<'_>> {
+        r.counters
+            .iter()
+            .map(|c| CounterReading {
+                rule: &c.rule,
+                packets: c.packets,
+            })
+            .collect()
+    }
+    let deltas = counter_deltas(
+        &previous.as_ref().map(readings).unwrap_or_default(),
+        &readings(&report),
+    );
     let mut points = Vec::new();
-    for c in &report.counters {
-        let before = previous.as_ref().and_then(|p| {
-            p.counters
-                .iter()
-                .find(|x| x.rule == c.rule)
-                .map(|x| x.packets)
-        });
-        let delta = match before {
-            Some(b) if c.packets >= b => c.packets - b,
-            _ => c.packets,
-        };
+    for (c, delta) in report.counters.iter().zip(deltas) {
         if delta > 0 {
             state
                 .metrics
@@ -472,7 +481,7 @@ pub async fn enroll(
         .map_err(|e| ApiError::bad_param("location", e))?;
     let (id, token, hash) = crate::auth::generate_token();
     let principal = format!("agent:{vm}");
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let args = EnrollArgs {
         token_id: token_id.to_owned(),
         presented_hash: sha256_hex(secret),
@@ -610,7 +619,7 @@ pub async fn create_enroll_token(
         ));
     }
     principal.require(Action::VmWrite, &scope)?;
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let (id, text, hash) = crate::auth::generate_token();
     let token = text.replacen("jg_", "je_", 1);
     let record = EnrollTokenRecord {
@@ -700,7 +709,7 @@ pub async fn revoke_enroll_token(
     principal.require(Action::VmWrite, &t.scope)?;
     let revoked = state
         .store
-        .revoke_enroll_token(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .revoke_enroll_token(&id, principal.audit_ctx(ip, state.clock.now()))
         .await?;
     Ok(if revoked {
         StatusCode::NO_CONTENT
@@ -715,6 +724,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::time::Duration;
 
     fn vm(name: &str) -> VmId {
         VmId::new(

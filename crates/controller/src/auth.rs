@@ -244,7 +244,7 @@ pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: N
         }
         return next.run(req).await;
     }
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -342,7 +342,7 @@ pub async fn audit_failures(State(state): State<AppState>, req: Request, next: N
             "field": info.as_ref().and_then(|i| i.target.clone()),
         });
         let entry = AuditEntry {
-            time: Timestamp::now().to_string(),
+            time: state.clock.now().to_string(),
             actor: actor.unwrap_or_else(|| "anonymous".to_owned()),
             source,
             action: action.to_owned(),

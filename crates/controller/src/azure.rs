@@ -11,7 +11,6 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use jitgate_core::Timestamp;
 use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, SubscriptionId};
 use jitgate_core::policy::{
     AllowedSources, Policy, PolicyInput, PolicyKey, PolicySpec, PolicyVmInput, PortRuleInput,
@@ -651,7 +650,7 @@ pub async fn put(
         )));
     }
     let spec = validate_policy(&key, &body.into()).map_err(ApiError::field)?;
-    let audit = principal.audit_ctx(ip, Timestamp::now());
+    let audit = principal.audit_ctx(ip, state.clock.now());
     let new_vms: Vec<jitgate_core::ids::VmId> = spec.vms.iter().map(|v| v.id.clone()).collect();
     let outcome = state
         .store
@@ -700,7 +699,7 @@ pub async fn delete(
         Action::PolicyDelete,
         &Scope::ResourceGroup(key.subscription, key.resource_group.clone()),
     )?;
-    let audit = principal.audit_ctx(ip, Timestamp::now());
+    let audit = principal.audit_ctx(ip, state.clock.now());
     match state.store.delete_policy(&key, audit).await? {
         Some(deleted) => {
             state.changed(deleted.revoked.len());
@@ -731,7 +730,7 @@ pub async fn initiate(
             format!("'{action}' is not a supported action (only 'initiate')"),
         ));
     }
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let args = InitiateArgs {
         policy: key.clone(),
         input: body.into(),

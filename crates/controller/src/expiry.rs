@@ -2,9 +2,9 @@
 //! audit it.
 //!
 //! The kernel closes the port on its own (the agent sets a timeout on each grant);
-//! this task keeps the controller's record true to that. It sleeps until the earliest
-//! end time, or until woken by a new request, so ports are marked within milliseconds
-//! of their end. At start it first processes everything that ended while the
+//! this task keeps the controller's record true to that. It sleeps (on the
+//! controller's [`Clock`](crate::clock::Clock)) until the earliest end time, or until
+//! woken by a new request, so ports are marked within milliseconds of their end. At start it first processes everything that ended while the
 //! controller was down.
 
 use std::time::Duration;
@@ -23,7 +23,7 @@ const GAUGE_EVERY: Duration = Duration::from_secs(5);
 pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     let mut counted: Option<std::time::Instant> = None;
     loop {
-        let now = Timestamp::now();
+        let now = state.clock.now();
         match state.store.expire_due(now).await {
             Ok(expired) if !expired.is_empty() => {
                 tracing::info!(count = expired.len(), "grants expired");
@@ -39,25 +39,30 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
             state.metrics.live_grants.set(n as i64);
             counted = Some(std::time::Instant::now());
         }
-        let sleep = match state.store.next_expiry().await {
-            Ok(Some(next)) => {
-                let ms = next.duration_since(Timestamp::now()).as_millis().max(0) as u64;
-                Duration::from_millis(ms).min(MAX_SLEEP)
-            }
-            Ok(None) => MAX_SLEEP,
+        let latest = later(now, MAX_SLEEP);
+        let wake_at = match state.store.next_expiry().await {
+            Ok(Some(next)) => next.min(latest),
+            Ok(None) => latest,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the next expiry");
-                Duration::from_secs(1)
+                later(now, Duration::from_secs(1))
             }
         };
-        let wake_at = Timestamp::now().as_nanosecond() as i64 + sleep.as_nanos() as i64;
-        state
-            .expiry_at
-            .store(wake_at, std::sync::atomic::Ordering::Release);
+        state.expiry_at.store(
+            i64::try_from(wake_at.as_nanosecond()).unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::Release,
+        );
         tokio::select! {
-            _ = tokio::time::sleep(sleep) => {}
+            _ = state.clock.sleep_until(wake_at) => {}
             _ = state.expiry_wake.notified() => {}
             _ = shutdown.changed() => return,
         }
     }
+}
+
+fn later(t: Timestamp, by: Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(by)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
 }

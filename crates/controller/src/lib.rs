@@ -11,6 +11,7 @@ pub mod authcache;
 pub mod azure;
 pub mod body;
 pub mod checkpoint;
+pub mod clock;
 pub mod error;
 pub mod expiry;
 pub mod limits;
@@ -45,12 +46,15 @@ use utoipa_axum::routes;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// The time, for every decision and wait that depends on it (a test clock in
+    /// tests).
+    pub clock: clock::Clock,
     pub subscriptions: Arc<Vec<SubscriptionId>>,
     pub metrics: Arc<metrics::Metrics>,
     /// Wakes the expiry scheduler (a new earliest end time may exist).
     pub expiry_wake: Arc<Notify>,
-    /// When the expiry scheduler will next wake (Unix nanoseconds): an initiate wakes
-    /// it only when it ends earlier.
+    /// When the expiry scheduler will next wake (Unix nanoseconds, on `clock`): an
+    /// initiate wakes it only when it ends earlier.
     pub expiry_at: Arc<AtomicI64>,
     /// Per-VM change notifications that wake agents' long-polls.
     pub vm_changes: Arc<agent::VmChanges>,

@@ -293,7 +293,7 @@ pub async fn summarize(state: crate::AppState, mut shutdown: tokio::sync::watch:
         }
         for s in state.refusals.take_summaries(Instant::now()) {
             let entry = jitgate_core::audit::AuditEntry {
-                time: jitgate_core::Timestamp::now().to_string(),
+                time: state.clock.now().to_string(),
                 actor: "system".to_owned(),
                 source: s.source.clone(),
                 action: "audit.refusals_suppressed".to_owned(),

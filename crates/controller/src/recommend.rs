@@ -11,16 +11,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use jitgate_core::Timestamp;
-use jitgate_core::audit::{AuditEntry, Outcome};
-use jitgate_core::duration::MaxDuration;
-use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, VmId};
-use jitgate_core::net::{Port, Protocol, SourcePrefix};
-use jitgate_core::policy::{AllowedSources, PolicyKey, PolicySpec, PolicyVm, PortRule};
+use jitgate_core::enable::{Exposed, NewPolicy, plan_enable};
+use jitgate_core::ids::{ResourceGroup, Scope, SubscriptionId, VmId};
+use jitgate_core::net::{Port, Protocol};
+use jitgate_core::policy::Policy;
 use jitgate_core::rbac::Action;
 use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
 use jitgate_proto::StatusReport;
 use jitgate_proto::api::{BlockedPoint, BlockedSeries, BlockedTotal};
-use jitgate_store::{ExclusionRecord, OpError, PolicyError, VmRecord};
+use jitgate_store::{AuditNote, ExclusionRecord, OpError, PolicyError, VmRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -182,7 +181,7 @@ pub async fn list(
     let limit = crate::params::count_param(&q, "limit", 1000, 5000)?;
     let after = crate::params::after_continuation(&q)?;
     let with_summary = after.is_none();
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let exclusions = state.store.list_exclusions().await?;
     let mut summary = BTreeMap::from([("Healthy", 0u64), ("Unhealthy", 0), ("NotApplicable", 0)]);
     let mut value: Vec<Value> = Vec::new();
@@ -235,9 +234,6 @@ pub async fn list(
     Ok(Json(body))
 }
 
-/// A VM and the ports to protect on it.
-type VmPorts = (VmId, Vec<u16>);
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ApplyIn {
@@ -273,115 +269,99 @@ pub async fn apply(
         .map(|r| ResourceGroup::parse(&r))
         .transpose()
         .map_err(|e| ApiError::bad_param("resourceGroup", e))?;
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let vms = visible_vms(&state, &principal, rg.as_ref()).await?;
     let recs = recommendations(&state, &vms, now).await?;
-    // Target policy key -> VMs (with their ports) to add.
-    let mut plan: BTreeMap<String, (PolicyKey, Vec<VmPorts>)> = BTreeMap::new();
+    let mut exposed = Vec::new();
+    let mut groups: BTreeMap<String, (SubscriptionId, ResourceGroup)> = BTreeMap::new();
     for (vm, r) in recs.iter().filter(|(_, r)| r.verdict == Verdict::Unhealthy) {
         let rg_scope = Scope::ResourceGroup(vm.id.subscription, vm.id.resource_group.clone());
         principal.require(Action::PolicyWrite, &rg_scope)?;
-        let key = match state.store.vm_policy(&vm.id).await? {
-            Some(p) => p.key,
-            None => {
-                let existing = state
-                    .store
-                    .list_policies(
-                        &jitgate_store::PolicyFilter {
-                            subscription: Some(vm.id.subscription),
-                            resource_group: Some(vm.id.resource_group.clone()),
-                            location: None,
-                        },
-                        None,
-                        1,
-                    )
-                    .await?;
-                match existing.into_iter().next() {
-                    Some(p) => p.key,
-                    None => PolicyKey {
-                        subscription: vm.id.subscription,
-                        resource_group: vm.id.resource_group.clone(),
-                        location: vm
-                            .location
-                            .clone()
-                            .unwrap_or(Location::parse("global").map_err(ApiError::internal)?),
-                        name: PolicyName::parse("default").map_err(ApiError::internal)?,
-                    },
-                }
-            }
+        groups.insert(
+            rg_scope.to_string().to_ascii_lowercase(),
+            (vm.id.subscription, vm.id.resource_group.clone()),
+        );
+        exposed.push(Exposed {
+            vm: vm.id.clone(),
+            location: vm.location.clone(),
+            ports: r
+                .exposed
+                .iter()
+                .map(|p| Port::new(*p as i64))
+                .collect::<Result<_, _>>()
+                .map_err(ApiError::internal)?,
+        });
+    }
+    // The plan needs every policy of those groups (a machine's own is among them).
+    let mut policies = Vec::new();
+    for (subscription, group) in groups.into_values() {
+        let filter = jitgate_store::PolicyFilter {
+            subscription: Some(subscription),
+            resource_group: Some(group),
+            location: None,
         };
-        plan.entry(key.key())
-            .or_insert_with(|| (key.clone(), Vec::new()))
-            .1
-            .push((vm.id.clone(), r.exposed.clone()));
-    }
-    let audit = principal.audit_ctx(ip, now);
-    let mut enabled = Vec::new();
-    for (_, (key, adds)) in plan {
-        let mut spec = state
-            .store
-            .get_policy(&key)
-            .await?
-            .map(|p| p.spec)
-            .unwrap_or(PolicySpec {
-                kind: "Basic".to_owned(),
-                vms: Vec::new(),
-            });
-        for (vm, ports) in &adds {
-            let rule = |p: u16| -> ApiResult<PortRule> {
-                Ok(PortRule {
-                    number: Port::new(p as i64).map_err(ApiError::internal)?,
-                    protocol: Protocol::Tcp,
-                    allowed: AllowedSources::Single(SourcePrefix::Any),
-                    max_duration: MaxDuration::default_three_hours(),
-                })
-            };
-            match spec.vms.iter_mut().find(|v| v.id == *vm) {
-                Some(entry) => {
-                    for p in ports {
-                        if entry.ports.iter().all(|r| r.number.get() != *p) {
-                            entry.ports.push(rule(*p)?);
-                        }
-                    }
-                }
-                None => spec.vms.push(PolicyVm {
-                    id: vm.clone(),
-                    ports: ports.iter().map(|p| rule(*p)).collect::<ApiResult<_>>()?,
-                    public_ip_address: None,
-                }),
+        loop {
+            let after = policies.last().map(|p: &Policy| p.key.key());
+            let page = state
+                .store
+                .list_policies(&filter, after.as_deref(), POLICY_PAGE)
+                .await?;
+            let full = page.len() == POLICY_PAGE;
+            policies.extend(page);
+            if !full {
+                break;
             }
-            enabled.push(json!({"vm": vm.to_string(), "ports": ports, "policy": key.id()}));
         }
-        state
-            .store
-            .put_policy(key.clone(), spec, audit.clone())
-            .await
-            .map_err(|e| match e {
-                OpError::Refused(PolicyError::UnknownVm(f) | PolicyError::VmInOtherPolicy(f)) => {
-                    ApiError::conflict(f.to_string())
-                }
-                OpError::Refused(PolicyError::UnknownSubscription(s)) => {
-                    ApiError::not_found(format!("subscription {s}"))
-                }
-                OpError::Store(s) => s.into(),
-            })?;
-        state.vm_changes.touch(adds.iter().map(|(v, _)| v));
     }
-    let entry = AuditEntry {
-        time: now.to_string(),
-        actor: principal.name.clone(),
-        source: ip.to_string(),
-        action: "recommendations.apply".to_owned(),
-        target: rg
-            .as_ref()
-            .map(|r| Scope::ResourceGroup(state.default_subscription(), r.clone()).to_string())
-            .unwrap_or_else(|| Scope::Subscription(state.default_subscription()).to_string()),
-        outcome: Outcome::Success,
-        details: json!({"enabled": enabled}).to_string(),
-    };
-    state.store.append_audit(entry).await?;
+    let plan = plan_enable(
+        &exposed,
+        &policies,
+        &NewPolicy::standard().map_err(ApiError::internal)?,
+    );
+    let enabled: Vec<Value> = plan
+        .enabled
+        .iter()
+        .map(|e| {
+            json!({
+                "vm": e.vm.to_string(),
+                "ports": e.ports.iter().map(|p| p.get()).collect::<Vec<_>>(),
+                "policy": e.policy.id(),
+            })
+        })
+        .collect();
+    let target = rg
+        .as_ref()
+        .map(|r| Scope::ResourceGroup(state.default_subscription(), r.clone()).to_string())
+        .unwrap_or_else(|| Scope::Subscription(state.default_subscription()).to_string());
+    // The policy writes and the summary commit together, or not at all.
+    let outcomes = state
+        .store
+        .apply_policies(
+            plan.writes,
+            AuditNote {
+                action: "recommendations.apply".to_owned(),
+                target,
+                details: json!({"enabled": enabled}).to_string(),
+            },
+            principal.audit_ctx(ip, now),
+        )
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(PolicyError::UnknownVm(f) | PolicyError::VmInOtherPolicy(f)) => {
+                ApiError::conflict(f.to_string())
+            }
+            OpError::Refused(PolicyError::UnknownSubscription(s)) => {
+                ApiError::not_found(format!("subscription {s}"))
+            }
+            OpError::Store(s) => s.into(),
+        })?;
+    state.changed(outcomes.iter().map(|o| o.revoked.len()).sum());
+    state.vm_changes.touch(plan.enabled.iter().map(|e| &e.vm));
     Ok(Json(json!({"enabled": enabled})))
 }
+
+/// Policies read at a time while gathering those of a resource group.
+const POLICY_PAGE: usize = 500;
 
 // ---- exclusions -------------------------------------------------------------------------
 
@@ -467,7 +447,7 @@ pub async fn create_exclusion(
         id: uuid::Uuid::new_v4().to_string(),
         scope,
         reason,
-        created: Timestamp::now(),
+        created: state.clock.now(),
         created_by: principal.name.clone(),
     };
     let audit = principal.audit_ctx(ip, record.created);
@@ -489,7 +469,7 @@ pub async fn delete_exclusion(
         return Err(ApiError::not_found(format!("exclusion {id} not found")));
     };
     principal.require(Action::PolicyWrite, &e.scope)?;
-    let audit = principal.audit_ctx(ip, Timestamp::now());
+    let audit = principal.audit_ctx(ip, state.clock.now());
     state.store.remove_exclusion(&id, audit).await?;
     Ok(StatusCode::OK)
 }
@@ -515,7 +495,9 @@ pub async fn blocked(
         Some(s) => {
             jitgate_core::request::parse_time(s).map_err(|e| ApiError::bad_param("since", e))?
         }
-        None => Timestamp::now()
+        None => state
+            .clock
+            .now()
             .checked_sub(jiff::SignedDuration::from_hours(24))
             .map_err(ApiError::internal)?,
     };
@@ -559,7 +541,7 @@ pub async fn prune_blocked(
     loop {
         let before = jiff::SignedDuration::try_from(retention)
             .ok()
-            .and_then(|r| Timestamp::now().checked_sub(r).ok());
+            .and_then(|r| state.clock.now().checked_sub(r).ok());
         if let Some(before) = before {
             match state.store.prune_blocked(before).await {
                 Ok(0) => {}
@@ -584,7 +566,7 @@ pub async fn refresh_metrics(state: AppState, mut shutdown: watch::Receiver<bool
             .store
             .list_vms(state.default_subscription(), None)
             .await
-            && let Ok(recs) = recommendations(&state, &vms, Timestamp::now()).await
+            && let Ok(recs) = recommendations(&state, &vms, state.clock.now()).await
         {
             let mut counts: HashMap<&str, i64> =
                 HashMap::from([("Healthy", 0), ("Unhealthy", 0), ("NotApplicable", 0)]);

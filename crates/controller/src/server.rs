@@ -89,6 +89,9 @@ pub struct Config {
     pub write_queue: usize,
     /// How long blocked-attempt points are kept (pruned at start and hourly).
     pub blocked_retention: std::time::Duration,
+    /// Where the controller reads the time (the system clock; tests pass a
+    /// `ManualClock`).
+    pub clock: crate::clock::Clock,
 }
 
 impl Config {
@@ -108,6 +111,7 @@ impl Config {
             limits: crate::limits::Limits::default(),
             write_queue: jitgate_store::sqlite::DEFAULT_WRITE_QUEUE,
             blocked_retention: DEFAULT_BLOCKED_RETENTION,
+            clock: crate::clock::Clock::system(),
         }
     }
 }
@@ -173,7 +177,7 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
         }
     }
     let store: Arc<dyn Store> = Arc::new(store);
-    let now = Timestamp::now();
+    let now = config.clock.now();
     let (token_text, generated) = match &config.bootstrap_token {
         Some(t) => {
             if t.expose().len() < 16 {
@@ -288,6 +292,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let checkpointer = Arc::new(checkpointer);
     let state = AppState {
         store,
+        clock: config.clock.clone(),
         subscriptions: Arc::new(subscriptions),
         metrics: Arc::new(metrics::Metrics::new()),
         expiry_wake: Arc::new(Notify::new()),

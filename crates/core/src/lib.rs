@@ -10,7 +10,9 @@
 //! (Azure JSON, native API, storage rows) live at the edges and convert explicitly.
 
 pub mod audit;
+pub mod blocked;
 pub mod duration;
+pub mod enable;
 pub mod error;
 pub mod ids;
 pub mod net;

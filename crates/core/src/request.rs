@@ -16,7 +16,8 @@
 //! change, and a port past its end stays Initiated until the expiry marks it Expired.
 //! Every function here takes `now`; none reads the clock.
 //!
-//! This module decides what an initiate does ([`plan_initiate`]); the store applies
+//! This module decides what an initiate does ([`plan_initiate`]) and who may end which
+//! ports early ([`plan_revoke`]); the store applies
 //! the transitions, in its write transactions, and `jitgate_store::conformance::model`
 //! checks every backend against a reference model of this lifecycle.
 
@@ -443,6 +444,95 @@ pub fn plan_initiate(
     })
 }
 
+/// Which ports of a request a revoke names: every port (both fields `None`), the ports
+/// of one VM, one port number on every VM, or one port of one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevokeSelection {
+    pub vm: Option<VmId>,
+    pub number: Option<Port>,
+}
+
+impl RevokeSelection {
+    /// True when port `number` of `vm` is among the selected ones.
+    pub fn selects(&self, vm: &VmId, number: Port) -> bool {
+        self.selects_vm(vm) && self.number.is_none_or(|n| n == number)
+    }
+
+    fn selects_vm(&self, vm: &VmId) -> bool {
+        self.vm.as_ref().is_none_or(|v| v == vm)
+    }
+}
+
+/// Why a revoke changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeRefusal {
+    /// The caller is not the requestor and lacks the revoke right on this VM.
+    Forbidden { vm: VmId },
+    /// No port of the request matching the selection is live: they have all reached
+    /// their end, were revoked already, or the selection names none of the request's
+    /// ports.
+    NothingLive,
+}
+
+/// A port a revoke ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedRef {
+    pub vm: VmId,
+    pub number: Port,
+}
+
+/// Decides a revoke of `request`'s ports named by `only`, by `revoker`, at `now`.
+///
+/// - The requestor may end their own request, with no right at all (even one they have
+///   since lost: ending access early only ever takes access away).
+/// - Anyone else needs the revoke right (`may_revoke`) on every VM of the request the
+///   selection names by VM (all of them when it names none), whether or not that VM's
+///   ports are still live. This is checked before anything else, so a caller without
+///   the right learns nothing about which ports are live.
+/// - Only live ports (`Initiated` and before their end) matching the selection are
+///   ended, as `Revoked/UserRequested`. A port past its end is left to the expiry,
+///   which records the truth (`Expired`); a revoked port stays as it is (Revoked is
+///   final). When that leaves nothing to end the revoke is refused, so that a revoke
+///   that changed nothing never reads as a success.
+///
+/// Returns the ports that end, in the request's order. The store applies the same
+/// selection in its write transaction (`jitgate_store::Store::revoke_request`), which
+/// has the last word if a port reached its end meanwhile.
+pub fn plan_revoke(
+    request: &AccessRequest,
+    revoker: &str,
+    only: &RevokeSelection,
+    may_revoke: &dyn Fn(&VmId) -> bool,
+    now: Timestamp,
+) -> Result<Vec<RevokedRef>, RevokeRefusal> {
+    if request.requestor != revoker
+        && let Some(vm) = request
+            .vms
+            .iter()
+            .filter(|v| only.selects_vm(&v.id))
+            .find(|v| !may_revoke(&v.id))
+    {
+        return Err(RevokeRefusal::Forbidden { vm: vm.id.clone() });
+    }
+    let ended: Vec<RevokedRef> = request
+        .vms
+        .iter()
+        .flat_map(|v| {
+            v.ports
+                .iter()
+                .filter(|p| p.is_live(now) && only.selects(&v.id, p.number))
+                .map(|p| RevokedRef {
+                    vm: v.id.clone(),
+                    number: p.number,
+                })
+        })
+        .collect();
+    if ended.is_empty() {
+        return Err(RevokeRefusal::NothingLive);
+    }
+    Ok(ended)
+}
+
 fn add_secs(t: Timestamp, secs: i64) -> Timestamp {
     t.saturating_add(SignedDuration::from_secs(secs))
         .unwrap_or(Timestamp::MAX)
@@ -752,6 +842,200 @@ mod tests {
         );
         p.status = PortStatus::Revoked(RevokeReason::UserRequested);
         assert!(!p.is_live(now()));
+    }
+
+    // ---- the revoke rule ----
+
+    fn id(name: &str) -> VmId {
+        VmId::parse(&vm_id(name)).unwrap()
+    }
+
+    fn rport(number: u16, end_in_secs: i64, status: PortStatus) -> RequestPort {
+        RequestPort {
+            number: Port::new(number as i64).unwrap(),
+            protocol: Protocol::Tcp,
+            source: SourcePrefix::Any,
+            end: add_secs(now(), end_in_secs),
+            status,
+        }
+    }
+
+    /// alice's request: on vm1, 22 live and 3389 past its end (not yet marked); on
+    /// vm2, 22 live, 80 already revoked and 443 ending exactly now.
+    fn alices_request() -> AccessRequest {
+        AccessRequest {
+            id: RequestId::new(Uuid::from_u128(7)),
+            policy_key: "k".into(),
+            requestor: "alice".into(),
+            justification: None,
+            start: now(),
+            caller_ip: "10.0.0.9".parse().unwrap(),
+            vms: vec![
+                RequestVm {
+                    id: id("vm1"),
+                    ports: vec![
+                        rport(22, 600, PortStatus::Initiated),
+                        rport(3389, -5, PortStatus::Initiated),
+                    ],
+                },
+                RequestVm {
+                    id: id("vm2"),
+                    ports: vec![
+                        rport(22, 600, PortStatus::Initiated),
+                        rport(
+                            80,
+                            600,
+                            PortStatus::Revoked(RevokeReason::NewerRequestInitiated),
+                        ),
+                        rport(443, 0, PortStatus::Initiated),
+                    ],
+                },
+            ],
+        }
+    }
+
+    fn sel(vm: Option<&str>, number: Option<u16>) -> RevokeSelection {
+        RevokeSelection {
+            vm: vm.map(id),
+            number: number.map(|n| Port::new(n as i64).unwrap()),
+        }
+    }
+
+    /// One revoke of alice's request: by whom, which ports, on which VMs the revoker
+    /// holds the revoke right; the expected ports ended as `vm:port`, or the refusal.
+    fn check_revoke(
+        by: &str,
+        only: RevokeSelection,
+        rights: &[&str],
+        expect: Result<&[&str], RevokeRefusal>,
+    ) {
+        let may = |vm: &VmId| rights.iter().any(|r| id(r) == *vm);
+        let got = plan_revoke(&alices_request(), by, &only, &may, now()).map(|ended| {
+            ended
+                .iter()
+                .map(|p| format!("{}:{}", p.vm.name, p.number))
+                .collect::<Vec<_>>()
+        });
+        let expect = expect.map(|e| e.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            got, expect,
+            "{by} revoking {only:?} with rights on {rights:?}"
+        );
+    }
+
+    #[test]
+    fn the_requestor_ends_their_own_live_ports_without_any_right() {
+        check_revoke("alice", sel(None, None), &[], Ok(&["vm1:22", "vm2:22"]));
+        check_revoke("alice", sel(Some("vm2"), None), &[], Ok(&["vm2:22"]));
+        check_revoke("alice", sel(None, Some(22)), &[], Ok(&["vm1:22", "vm2:22"]));
+        check_revoke("alice", sel(Some("VM1"), Some(22)), &[], Ok(&["vm1:22"]));
+    }
+
+    #[test]
+    fn ended_revoked_and_unknown_ports_are_nothing_to_revoke() {
+        // Past its end but not yet marked: left to the expiry, which says Expired.
+        check_revoke(
+            "alice",
+            sel(Some("vm1"), Some(3389)),
+            &[],
+            Err(RevokeRefusal::NothingLive),
+        );
+        // Revoked is final: not revoked again with another reason.
+        check_revoke(
+            "alice",
+            sel(Some("vm2"), Some(80)),
+            &[],
+            Err(RevokeRefusal::NothingLive),
+        );
+        // Its end is now: no longer live.
+        check_revoke(
+            "alice",
+            sel(None, Some(443)),
+            &[],
+            Err(RevokeRefusal::NothingLive),
+        );
+        check_revoke(
+            "alice",
+            sel(Some("vm3"), None),
+            &[],
+            Err(RevokeRefusal::NothingLive),
+        );
+        check_revoke(
+            "alice",
+            sel(None, Some(8080)),
+            &[],
+            Err(RevokeRefusal::NothingLive),
+        );
+        let mut all_dead = alices_request();
+        for v in &mut all_dead.vms {
+            for p in &mut v.ports {
+                p.status = PortStatus::Revoked(RevokeReason::Expired);
+            }
+        }
+        assert_eq!(
+            plan_revoke(&all_dead, "alice", &RevokeSelection::default(), &yes, now()),
+            Err(RevokeRefusal::NothingLive)
+        );
+    }
+
+    #[test]
+    fn others_need_the_right_on_every_vm_the_selection_names() {
+        check_revoke(
+            "bob",
+            sel(None, None),
+            &["vm1", "vm2"],
+            Ok(&["vm1:22", "vm2:22"]),
+        );
+        check_revoke(
+            "bob",
+            sel(None, None),
+            &["vm1"],
+            Err(RevokeRefusal::Forbidden { vm: id("vm2") }),
+        );
+        check_revoke("bob", sel(Some("vm1"), None), &["vm1"], Ok(&["vm1:22"]));
+        // A port number alone names every VM of the request.
+        check_revoke(
+            "bob",
+            sel(None, Some(22)),
+            &["vm2"],
+            Err(RevokeRefusal::Forbidden { vm: id("vm1") }),
+        );
+        // The right is checked first: no right, no hint about what is live.
+        check_revoke(
+            "bob",
+            sel(Some("vm1"), Some(3389)),
+            &[],
+            Err(RevokeRefusal::Forbidden { vm: id("vm1") }),
+        );
+        check_revoke(
+            "bob",
+            sel(Some("vm1"), Some(3389)),
+            &["vm1"],
+            Err(RevokeRefusal::NothingLive),
+        );
+        // The requestor's name is compared exactly.
+        check_revoke(
+            "Alice",
+            sel(None, None),
+            &[],
+            Err(RevokeRefusal::Forbidden { vm: id("vm1") }),
+        );
+    }
+
+    #[test]
+    fn a_revoke_at_a_later_time_finds_less_live() {
+        let r = alices_request();
+        let later = add_secs(now(), 600);
+        assert_eq!(
+            plan_revoke(&r, "alice", &RevokeSelection::default(), &yes, later),
+            Err(RevokeRefusal::NothingLive)
+        );
+        let just_before = add_secs(now(), 599);
+        assert_eq!(
+            plan_revoke(&r, "alice", &RevokeSelection::default(), &yes, just_before)
+                .map(|v| v.len()),
+            Ok(2)
+        );
     }
 
     proptest! {

@@ -71,6 +71,7 @@ macro_rules! store_conformance_tests {
             put_policy_refuses_unknown_subscription,
             put_policy_refuses_unknown_vm,
             put_policy_refuses_vm_in_other_policy,
+            apply_policies_is_all_or_nothing,
             get_policy_is_case_insensitive,
             list_policies_filters,
             list_policies_pages_in_key_order,
@@ -1124,6 +1125,113 @@ pub async fn put_policy_refuses_vm_in_other_policy(store: &dyn Store) {
         store.vm_policy(&s.vm2).await.unwrap().map(|p| p.key),
         Some(other)
     );
+}
+
+fn apply_note() -> AuditNote {
+    AuditNote {
+        action: "recommendations.apply".into(),
+        target: format!("/subscriptions/{SUB}"),
+        details: r#"{"enabled":["vm3","vm4"]}"#.into(),
+    }
+}
+
+/// `apply_policies` commits its policy writes and its summary event in one
+/// transaction: when one write is refused (here a VM another policy protects), none of
+/// them is written, not even those before it, and no summary says it succeeded. Without
+/// the refused write, every policy is written with its own event, then the summary.
+pub async fn apply_policies_is_all_or_nothing(store: &dyn Store) {
+    let s = scene(store).await;
+    let vm4 = vm("rg2", "vm4");
+    register(store, &vm4, t0()).await;
+    let fresh = pkey("rg2", "westeurope", "default");
+    let other = pkey("rg1", "westeurope", "other");
+    let grown = spec(
+        &s.key,
+        &[(&s.vm1, &[22, 3389]), (&s.vm2, &[22]), (&s.vm3, &[22])],
+    );
+    let before = snapshot(store).await;
+    let r = store
+        .apply_policies(
+            vec![
+                (fresh.clone(), spec(&fresh, &[(&vm4, &[22])])),
+                (s.key.clone(), grown.clone()),
+                // vm2 is protected by the default policy.
+                (other.clone(), spec(&other, &[(&shout(&s.vm2), &[3389])])),
+            ],
+            apply_note(),
+            ctx(at(10)),
+        )
+        .await;
+    match refusal("apply_policies with a VM of another policy", r) {
+        PolicyError::VmInOtherPolicy(f) => {
+            assert_eq!(f.field, "properties.virtualMachines[0].id")
+        }
+        other => panic!("expected VmInOtherPolicy, got {other:?}"),
+    }
+    assert_eq!(store.get_policy(&fresh).await.unwrap(), None);
+    assert_eq!(store.vm_policy(&s.vm3).await.unwrap(), None);
+    assert_eq!(
+        snapshot(store).await,
+        before,
+        "a refused apply changed the store or its audit log"
+    );
+    assert!(summaries(store).await.is_empty());
+
+    let out = store
+        .apply_policies(
+            vec![
+                (fresh.clone(), spec(&fresh, &[(&vm4, &[22])])),
+                (s.key.clone(), grown.clone()),
+            ],
+            apply_note(),
+            ctx(at(20)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply_policies failed: {e:?}"));
+    assert_eq!(
+        out.iter().map(|o| o.created).collect::<Vec<_>>(),
+        [true, false]
+    );
+    assert_eq!(out[1].previous_vms, vec![s.vm1.clone(), s.vm2.clone()]);
+    assert_eq!(store.get_policy(&s.key).await.unwrap().unwrap().spec, grown);
+    assert_eq!(
+        store.vm_policy(&vm4).await.unwrap().map(|p| p.key),
+        Some(fresh.clone())
+    );
+    assert_eq!(
+        store.vm_policy(&s.vm3).await.unwrap().map(|p| p.key),
+        Some(s.key.clone())
+    );
+    let events = store
+        .query_audit(&AuditQuery {
+            after_seq: Some(before.audit_count),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let actions: Vec<&str> = events.iter().map(|e| e.entry.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["policy.create", "policy.update", "recommendations.apply"]
+    );
+    let summary = &events[2].entry;
+    let note = apply_note();
+    assert_eq!(
+        (&summary.target, &summary.details, &summary.actor),
+        (&note.target, &note.details, &OWNER.to_owned())
+    );
+    assert_eq!(summary.time, at(20).to_string());
+    assert_eq!(summary.outcome, Outcome::Success);
+    assert_eq!(summaries(store).await.len(), 1);
+    verified(store).await;
+}
+
+async fn summaries(store: &dyn Store) -> Vec<AuditRecord> {
+    let q = AuditQuery {
+        action: Some("recommendations.apply".into()),
+        ..Default::default()
+    };
+    store.query_audit(&q).await.unwrap()
 }
 
 /// Policies are found whatever the casing of their key, and keep their own casing.

@@ -108,6 +108,16 @@ pub trait Store: Send + Sync + 'static {
         spec: PolicySpec,
         audit: AuditCtx,
     ) -> Result<PutPolicyOutcome, OpError<PolicyError>>;
+    /// Writes several policies, each as [`Store::put_policy`] would (with its own
+    /// `policy.*` event), then appends `summary`, all in one transaction: every write
+    /// and the summary commit, or nothing does. The first refused write refuses the
+    /// whole call (its field is relative to that policy). Outcomes in `writes`' order.
+    async fn apply_policies(
+        &self,
+        writes: Vec<(PolicyKey, PolicySpec)>,
+        summary: AuditNote,
+        audit: AuditCtx,
+    ) -> Result<Vec<PutPolicyOutcome>, OpError<PolicyError>>;
     async fn get_policy(&self, key: &PolicyKey) -> Result<Option<Policy>>;
     /// Policies in key order, after `after` (exclusive), at most `limit`.
     async fn list_policies(

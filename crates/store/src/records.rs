@@ -93,6 +93,16 @@ pub enum VmError {
     InPolicy(String),
 }
 
+/// An audit event a caller composes (its actor, source and time come from the
+/// operation's `AuditCtx`): the summary `apply_policies` appends after its writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditNote {
+    pub action: String,
+    pub target: String,
+    /// JSON text.
+    pub details: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutPolicyOutcome {
     pub created: bool,
@@ -174,11 +184,9 @@ pub struct Paging {
     pub limit: usize,
 }
 
-#[derive(Debug, Clone)]
-pub struct PortSelector {
-    pub vm: Option<VmId>,
-    pub number: Option<Port>,
-}
+/// Which ports of a request a revoke names (core's type: the rule is
+/// `jitgate_core::request::plan_revoke`).
+pub type PortSelector = jitgate_core::request::RevokeSelection;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevokeError {

@@ -962,6 +962,146 @@ fn insert_role_assignment(conn: &Connection, ra: &RoleAssignmentRecord) -> Resul
     Ok(())
 }
 
+/// `put_policy` inside a write job: checks the VMs, writes the policy, ends the live
+/// grants the new rules no longer allow, audits.
+fn put_policy_in(
+    ctx: &mut WriteCtx<'_>,
+    key: &PolicyKey,
+    spec: &PolicySpec,
+    audit: &AuditCtx,
+) -> Result<PutPolicyOutcome, OpError<PolicyError>> {
+    if !subscription_exists(ctx.tx, key.subscription)? {
+        return Err(OpError::Refused(PolicyError::UnknownSubscription(
+            key.subscription,
+        )));
+    }
+    let pkey = key.key();
+    for (i, vm) in spec.vms.iter().enumerate() {
+        let field = format!("properties.virtualMachines[{i}].id");
+        let known = ctx
+            .tx
+            .prepare_cached("SELECT 1 FROM vms WHERE key = ?1")?
+            .query_row([vm.id.key()], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !known {
+            return Err(OpError::Refused(PolicyError::UnknownVm(FieldError::new(
+                field,
+                format!(
+                    "virtual machine '{}' is not registered (enroll its agent or register it first)",
+                    vm.id
+                ),
+            ))));
+        }
+        let other: Option<String> = ctx
+            .tx
+            .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
+            .query_row([vm.id.key()], |r| r.get(0))
+            .optional()?;
+        if let Some(other) = other
+            && other != pkey
+        {
+            return Err(OpError::Refused(PolicyError::VmInOtherPolicy(
+                FieldError::new(
+                    field,
+                    format!(
+                        "virtual machine '{}' is already protected by policy {other}",
+                        vm.id
+                    ),
+                ),
+            )));
+        }
+    }
+    let old = load_policy(ctx.tx, &pkey)?;
+    let json = encode_vms(spec)?;
+    let created = old.is_none();
+    match &old {
+        None => {
+            ctx.tx.execute(
+                "INSERT INTO policies(key, uid, subscription, rg, rg_key, location, location_key, name, kind, vms_json, created_ns, updated_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                params![
+                    pkey,
+                    uuid::Uuid::new_v4().to_string(),
+                    key.subscription.to_string(),
+                    key.resource_group.as_str(),
+                    key.resource_group.key(),
+                    key.location.as_str(),
+                    key.location.key(),
+                    key.name.as_str(),
+                    spec.kind,
+                    json,
+                    ns(audit.now)
+                ],
+            )?;
+        }
+        Some(_) => {
+            ctx.tx.execute(
+                "UPDATE policies SET kind = ?2, vms_json = ?3, updated_ns = ?4, rev = rev + 1 WHERE key = ?1",
+                params![pkey, spec.kind, json, ns(audit.now)],
+            )?;
+            ctx.tx
+                .execute("DELETE FROM policy_vms WHERE policy_key = ?1", [&pkey])?;
+        }
+    }
+    for vm in &spec.vms {
+        ctx.tx
+            .prepare_cached("INSERT INTO policy_vms(vm_key, policy_key) VALUES (?1, ?2)")?
+            .execute(params![vm.id.key(), pkey])?;
+    }
+    let mut revoked = Vec::new();
+    if let Some((_, old)) = &old {
+        // End exactly the live grants the new rules no longer allow (a removed
+        // port, a protocol or source no longer covered); the others keep
+        // running. Ended ports are left for expire_due.
+        let mut ended = Vec::new();
+        for vm in &old.spec.vms {
+            for g in read_live_grants(ctx.tx, &vm.id.key(), audit.now)? {
+                if !still_allows(Some(spec), &vm.id, g.number, g.protocol, &g.source) {
+                    ended.push((g.request.to_string(), vm.id.key(), g.number.get() as i64));
+                }
+            }
+        }
+        for (req, vm_key, number) in ended {
+            revoked.extend(revoke_where(
+                ctx,
+                audit,
+                RevokeReason::PolicyChanged,
+                "request_id = ?1 AND vm_key = ?2 AND number = ?3 AND end_ns > ?4",
+                &[&req, &vm_key, &number, &ns(audit.now)],
+            )?);
+        }
+    }
+    let ports: Vec<serde_json::Value> = spec
+        .vms
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "vm": v.id.to_string(),
+                "ports": v.ports.iter().map(|p| p.number.get()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    ctx.audit(
+        audit,
+        if created {
+            "policy.create"
+        } else {
+            "policy.update"
+        },
+        &key.id(),
+        serde_json::json!({"virtualMachines": ports, "revokedGrants": revoked.len()}),
+    )?;
+    let previous_vms = old
+        .map(|(_, p)| p.spec.vms.into_iter().map(|v| v.id).collect())
+        .unwrap_or_default();
+    Ok(PutPolicyOutcome {
+        created,
+        previous_vms,
+        revoked,
+    })
+}
+
 /// Revokes the initiated ports selected by `where_sql` (over `request_ports`),
 /// auditing each, and returns them.
 fn revoke_where(
@@ -1313,125 +1453,33 @@ impl Store for SqliteStore {
         spec: PolicySpec,
         audit: AuditCtx,
     ) -> Result<PutPolicyOutcome, OpError<PolicyError>> {
+        self.write(move |ctx| put_policy_in(ctx, &key, &spec, &audit))
+            .await
+    }
+
+    async fn apply_policies(
+        &self,
+        writes: Vec<(PolicyKey, PolicySpec)>,
+        summary: AuditNote,
+        audit: AuditCtx,
+    ) -> Result<Vec<PutPolicyOutcome>, OpError<PolicyError>> {
         self.write(move |ctx| {
-            if !subscription_exists(ctx.tx, key.subscription)? {
-                return Err(OpError::Refused(PolicyError::UnknownSubscription(key.subscription)));
+            let mut out = Vec::with_capacity(writes.len());
+            for (key, spec) in &writes {
+                // A refusal returns before the summary: the job rolls back to its
+                // savepoint, taking the writes before it along.
+                out.push(put_policy_in(ctx, key, spec, &audit)?);
             }
-            let pkey = key.key();
-            for (i, vm) in spec.vms.iter().enumerate() {
-                let field = format!("properties.virtualMachines[{i}].id");
-                let known = ctx
-                    .tx
-                    .prepare_cached("SELECT 1 FROM vms WHERE key = ?1")?
-                    .query_row([vm.id.key()], |_| Ok(()))
-                    .optional()?
-                    .is_some();
-                if !known {
-                    return Err(OpError::Refused(PolicyError::UnknownVm(FieldError::new(
-                        field,
-                        format!(
-                            "virtual machine '{}' is not registered (enroll its agent or register it first)",
-                            vm.id
-                        ),
-                    ))));
-                }
-                let other: Option<String> = ctx
-                    .tx
-                    .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
-                    .query_row([vm.id.key()], |r| r.get(0))
-                    .optional()?;
-                if let Some(other) = other
-                    && other != pkey
-                {
-                    return Err(OpError::Refused(PolicyError::VmInOtherPolicy(FieldError::new(
-                        field,
-                        format!("virtual machine '{}' is already protected by policy {other}", vm.id),
-                    ))));
-                }
-            }
-            let old = load_policy(ctx.tx, &pkey)?;
-            let json = encode_vms(&spec)?;
-            let created = old.is_none();
-            match &old {
-                None => {
-                    ctx.tx.execute(
-                        "INSERT INTO policies(key, uid, subscription, rg, rg_key, location, location_key, name, kind, vms_json, created_ns, updated_ns)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
-                        params![
-                            pkey,
-                            uuid::Uuid::new_v4().to_string(),
-                            key.subscription.to_string(),
-                            key.resource_group.as_str(),
-                            key.resource_group.key(),
-                            key.location.as_str(),
-                            key.location.key(),
-                            key.name.as_str(),
-                            spec.kind,
-                            json,
-                            ns(audit.now)
-                        ],
-                    )?;
-                }
-                Some(_) => {
-                    ctx.tx.execute(
-                        "UPDATE policies SET kind = ?2, vms_json = ?3, updated_ns = ?4, rev = rev + 1 WHERE key = ?1",
-                        params![pkey, spec.kind, json, ns(audit.now)],
-                    )?;
-                    ctx.tx.execute("DELETE FROM policy_vms WHERE policy_key = ?1", [&pkey])?;
-                }
-            }
-            for vm in &spec.vms {
-                ctx.tx
-                    .prepare_cached("INSERT INTO policy_vms(vm_key, policy_key) VALUES (?1, ?2)")?
-                    .execute(params![vm.id.key(), pkey])?;
-            }
-            let mut revoked = Vec::new();
-            if let Some((_, old)) = &old {
-                // End exactly the live grants the new rules no longer allow (a removed
-                // port, a protocol or source no longer covered); the others keep
-                // running. Ended ports are left for expire_due.
-                let mut ended = Vec::new();
-                for vm in &old.spec.vms {
-                    for g in read_live_grants(ctx.tx, &vm.id.key(), audit.now)? {
-                        if !still_allows(Some(&spec), &vm.id, g.number, g.protocol, &g.source) {
-                            ended.push((g.request.to_string(), vm.id.key(), g.number.get() as i64));
-                        }
-                    }
-                }
-                for (req, vm_key, number) in ended {
-                    revoked.extend(revoke_where(
-                        ctx,
-                        &audit,
-                        RevokeReason::PolicyChanged,
-                        "request_id = ?1 AND vm_key = ?2 AND number = ?3 AND end_ns > ?4",
-                        &[&req, &vm_key, &number, &ns(audit.now)],
-                    )?);
-                }
-            }
-            let ports: Vec<serde_json::Value> = spec
-                .vms
-                .iter()
-                .map(|v| {
-                    serde_json::json!({
-                        "vm": v.id.to_string(),
-                        "ports": v.ports.iter().map(|p| p.number.get()).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-            ctx.audit(
-                &audit,
-                if created { "policy.create" } else { "policy.update" },
-                &key.id(),
-                serde_json::json!({"virtualMachines": ports, "revokedGrants": revoked.len()}),
-            )?;
-            let previous_vms = old
-                .map(|(_, p)| p.spec.vms.into_iter().map(|v| v.id).collect())
-                .unwrap_or_default();
-            Ok(PutPolicyOutcome {
-                created,
-                previous_vms,
-                revoked,
-            })
+            ctx.append(AuditEntry {
+                time: audit.now.to_string(),
+                actor: audit.actor.clone(),
+                source: audit.source.clone(),
+                action: summary.action,
+                target: summary.target,
+                outcome: Outcome::Success,
+                details: summary.details,
+            })?;
+            Ok(out)
         })
         .await
     }

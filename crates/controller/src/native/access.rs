@@ -53,7 +53,7 @@ pub async fn create_token(
             "is longer than 1024 characters",
         ));
     }
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let expires = match body.expires_in {
         None => None,
         Some(d) => {
@@ -79,7 +79,7 @@ pub async fn create_token(
     };
     state
         .store
-        .create_token(record.clone(), principal.audit_ctx(ip, Timestamp::now()))
+        .create_token(record.clone(), principal.audit_ctx(ip, state.clock.now()))
         .await?;
     let out = CreatedToken {
         info: token_wire(&record),
@@ -134,7 +134,7 @@ pub async fn revoke_token(
     let Some(token) = state.store.find_token(&id).await? else {
         return Err(ApiError::not_found(format!("token {id} not found")));
     };
-    let now = Timestamp::now();
+    let now = state.clock.now();
     if token.revoked.is_none() && last_owner_credential(&state, &token, now).await? {
         return Err(ApiError::conflict(
             "this is the last credential of an Owner of the subscription: revoking it would lock everyone out. Create another Owner token first (or recover locally with `jitgate admin recover --data-dir DIR`)",
@@ -224,11 +224,11 @@ pub async fn create_role_assignment(
             role,
             scope,
         },
-        created: Timestamp::now(),
+        created: state.clock.now(),
     };
     state
         .store
-        .add_role_assignment(record.clone(), principal.audit_ctx(ip, Timestamp::now()))
+        .add_role_assignment(record.clone(), principal.audit_ctx(ip, state.clock.now()))
         .await?;
     state.auth_cache.invalidate();
     Ok((StatusCode::CREATED, Json(ra_wire(&record))).into_response())
@@ -317,7 +317,7 @@ pub async fn delete_role_assignment(
     principal.require(Action::RoleAssignmentWrite, &r.assignment.scope)?;
     state
         .store
-        .remove_role_assignment(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .remove_role_assignment(&id, principal.audit_ctx(ip, state.clock.now()))
         .await?;
     state.auth_cache.invalidate();
     Ok(StatusCode::OK)

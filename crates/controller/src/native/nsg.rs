@@ -5,7 +5,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use jitgate_core::Timestamp;
 use jitgate_core::ids::VmId;
 use jitgate_core::nsg::RuleOrigin;
 use jitgate_core::rbac::Action;
@@ -80,7 +79,7 @@ pub async fn get_nsg(
     Path((rg, name)): Path<(String, String)>,
 ) -> ApiResult<Json<NsgView>> {
     let id = readable_vm(&state, &principal, &rg, &name).await?;
-    let (rules, _) = crate::agent::nsg_now(&state, &id, Timestamp::now()).await?;
+    let (rules, _) = crate::agent::nsg_now(&state, &id, state.clock.now()).await?;
     Ok(Json(NsgView {
         vm: id.to_string(),
         rules: rules.iter().map(rule_wire).collect(),
@@ -131,7 +130,7 @@ pub async fn put_nsg_rule(
         .put_nsg_rule(
             &id,
             parsed.clone(),
-            principal.audit_ctx(ip, Timestamp::now()),
+            principal.audit_ctx(ip, state.clock.now()),
         )
         .await
         .map_err(|e| match e {
@@ -174,7 +173,7 @@ pub async fn delete_nsg_rule(
     principal.require(Action::VmWrite, &id.scope())?;
     let deleted = state
         .store
-        .delete_nsg_rule(&id, &rule, principal.audit_ctx(ip, Timestamp::now()))
+        .delete_nsg_rule(&id, &rule, principal.audit_ctx(ip, state.clock.now()))
         .await?;
     if deleted {
         state.vm_changes.touch([&id]);

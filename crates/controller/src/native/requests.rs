@@ -6,7 +6,7 @@ use jitgate_core::Timestamp;
 use jitgate_core::ids::VmId;
 use jitgate_core::net::Port;
 use jitgate_core::rbac::Action;
-use jitgate_core::request::{AccessRequest, RequestId};
+use jitgate_core::request::{AccessRequest, RequestId, RevokeRefusal};
 use jitgate_proto::api::{
     Request, RequestPage, RequestPort, RequestVm, RevokeResult, RevokeSelection, RevokedPort,
 };
@@ -74,7 +74,7 @@ pub async fn list_requests(
     principal: Principal,
     Query(q): Query<Q>,
 ) -> ApiResult<Json<RequestPage>> {
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let vm = q
         .get("vm")
         .map(|v| VmId::parse(v))
@@ -164,7 +164,7 @@ pub async fn get_request(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Request>> {
     let (_, r) = visible_request(&state, &principal, &id).await?;
-    Ok(Json(request_wire(&r, Timestamp::now())))
+    Ok(Json(request_wire(&r, state.clock.now())))
 }
 
 /// Ends a request's live ports now (all, or the selected VM/port): the requestor may
@@ -197,29 +197,37 @@ pub async fn revoke_request(
                 .map_err(|e| ApiError::bad_param("port", e))?,
         }),
     };
-    if r.requestor != principal.name {
-        for vm in &r.vms {
-            if selector
-                .as_ref()
-                .and_then(|s| s.vm.as_ref())
-                .is_some_and(|s| *s != vm.id)
-            {
-                continue;
-            }
-            principal.require(Action::RequestRevoke, &vm.id.scope())?;
-        }
-    }
+    // Who may end which ports is core's rule; the store then ends them.
+    let now = state.clock.now();
+    let nothing_live = || {
+        ApiError::conflict(format!(
+            "request {id} has no live port matching the selection to revoke"
+        ))
+    };
+    jitgate_core::request::plan_revoke(
+        &r,
+        &principal.name,
+        &selector.clone().unwrap_or_default(),
+        &|vm| principal.can(Action::RequestRevoke, &vm.scope()),
+        now,
+    )
+    .map_err(|e| match e {
+        RevokeRefusal::Forbidden { vm } => ApiError::forbidden(
+            &principal.name,
+            Action::RequestRevoke.as_str(),
+            &vm.scope().to_string(),
+        ),
+        RevokeRefusal::NothingLive => nothing_live(),
+    })?;
     let revoked = state
         .store
-        .revoke_request(id, selector, principal.audit_ctx(ip, Timestamp::now()))
+        .revoke_request(id, selector, principal.audit_ctx(ip, now))
         .await
         .map_err(|e| match e {
             OpError::Refused(RevokeError::NotFound) => {
                 ApiError::not_found(format!("request {id} not found"))
             }
-            OpError::Refused(RevokeError::NothingLive) => ApiError::conflict(format!(
-                "request {id} has no live port matching the selection to revoke"
-            )),
+            OpError::Refused(RevokeError::NothingLive) => nothing_live(),
             OpError::Store(s) => s.into(),
         })?;
     state.changed(revoked.len());
@@ -237,6 +245,6 @@ pub async fn revoke_request(
                 port: p.number.get(),
             })
             .collect(),
-        request: request_wire(&after, Timestamp::now()),
+        request: request_wire(&after, state.clock.now()),
     }))
 }

@@ -124,12 +124,12 @@ pub async fn register_vm(
     let record = VmRecord {
         id: id.clone(),
         location,
-        created: Timestamp::now(),
+        created: state.clock.now(),
         created_by: principal.name.clone(),
     };
     let outcome = state
         .store
-        .register_vm(record, principal.audit_ctx(ip, Timestamp::now()))
+        .register_vm(record, principal.audit_ctx(ip, state.clock.now()))
         .await
         .map_err(|e| match e {
             OpError::Refused(VmError::UnknownSubscription(s)) => ApiError::new(
@@ -214,7 +214,7 @@ pub async fn list_vms(
         },
     )
     .await?;
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let summaries = summaries_by_key(&state, &page, now).await?;
     let value = page
         .iter()
@@ -256,7 +256,7 @@ pub async fn get_vm(
         state.store.get_vm(&id).await?.ok_or_else(|| {
             ApiError::not_found(format!("virtual machine '{id}' is not registered"))
         })?;
-    let now = Timestamp::now();
+    let now = state.clock.now();
     let policy = state.store.vm_policy(&id).await?;
     let grants = state.store.live_grants(&id, now).await?;
     let last = state
@@ -318,7 +318,7 @@ pub async fn delete_vm(
     principal.require(Action::VmWrite, &id.scope())?;
     match state
         .store
-        .delete_vm(&id, principal.audit_ctx(ip, Timestamp::now()))
+        .delete_vm(&id, principal.audit_ctx(ip, state.clock.now()))
         .await
     {
         Ok(true) => Ok(StatusCode::OK),

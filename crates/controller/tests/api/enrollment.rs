@@ -205,7 +205,7 @@ async fn hostile_status_reports_are_bounded_and_refused_by_field() {
 #[tokio::test]
 async fn the_vm_list_says_which_machines_have_an_agent_and_whether_it_reports() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Ctl::start_with(dir, |c| {
+    let ctl = Ctl::start_simulated_with(dir, |c| {
         c.recommend.offline_after = jiff::SignedDuration::from_secs(1);
     })
     .await;
@@ -235,7 +235,7 @@ async fn the_vm_list_says_which_machines_have_an_agent_and_whether_it_reports() 
     assert_eq!(web["online"], true, "{web}");
     assert!(web["lastSeen"].is_string(), "{web}");
     // Silent past the threshold: offline, as the VM's own page says.
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    ctl.advance(std::time::Duration::from_millis(2100));
     let list = ctl.get("/api/v1/vms").await.body;
     assert_eq!(agent_of(&list, "web-1")["online"], false, "{list}");
     let one = ctl.get("/api/v1/vms/lab/web-1").await.body;

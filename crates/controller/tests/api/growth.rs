@@ -27,7 +27,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 /// one, whether it was answered by a change or by its deadline.
 #[tokio::test]
 async fn change_channels_go_when_their_long_polls_end() {
-    let ctl = Ctl::start().await;
+    let ctl = Ctl::start_simulated().await;
     let (vm, agent) = enroll(&ctl, "web").await;
     let desired = |known: String, wait: u64| {
         let url = format!(
@@ -74,10 +74,20 @@ async fn change_channels_go_when_their_long_polls_end() {
     assert_eq!(a, b);
     until("the channel is removed", || watched(&ctl) == 0).await;
 
-    // A long-poll that ends at its deadline removes its channel too.
-    let started = std::time::Instant::now();
-    assert_eq!(desired(a.clone(), 1).await, a);
-    assert!(started.elapsed() >= Duration::from_millis(900));
+    // A long-poll that ends at its deadline removes its channel too. It is answered
+    // when the controller's clock reaches the deadline, not before.
+    let poll = tokio::spawn(desired(a.clone(), 20));
+    until("the long-poll waits", || watched(&ctl) == 1).await;
+    ctl.advance(Duration::from_secs(19));
+    tokio::task::yield_now().await;
+    assert_eq!(watched(&ctl), 1, "answered before its deadline");
+    assert!(!poll.is_finished(), "answered before its deadline");
+    ctl.advance(Duration::from_secs(1));
+    let answered = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answered, a);
     until("the channel is removed", || watched(&ctl) == 0).await;
 }
 

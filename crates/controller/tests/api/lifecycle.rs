@@ -238,7 +238,7 @@ async fn wait_status(
 
 #[tokio::test]
 async fn grants_expire_at_their_end_time() {
-    let ctl = Ctl::start().await;
+    let ctl = Ctl::start_simulated().await;
     ctl.enable("rg", &["vm1"], "*").await;
     let r = ctl
         .initiate(
@@ -257,6 +257,14 @@ async fn grants_expire_at_their_end_time() {
         newest_port_status(&ctl.get_policy("rg").await, 22).0,
         "Initiated"
     );
+    // A moment before its end the grant is live; at its end the scheduler marks it.
+    ctl.advance(Duration::from_millis(1999));
+    assert_eq!(
+        newest_port_status(&ctl.get_policy("rg").await, 22).0,
+        "Initiated"
+    );
+    assert!(ctl.audit("action=request.expire").await.is_empty());
+    ctl.advance(Duration::from_millis(1));
     wait_status(
         &ctl,
         "rg",
@@ -266,7 +274,7 @@ async fn grants_expire_at_their_end_time() {
     )
     .await;
     // Marked at (not before) the end time, and within a second of it.
-    let now = jiff::Timestamp::now();
+    let now = ctl.now();
     assert!(now >= end);
     let events = ctl.audit("action=request.expire").await;
     assert_eq!(events.len(), 1);
@@ -281,7 +289,7 @@ async fn grants_expire_at_their_end_time() {
 
 #[tokio::test]
 async fn grants_that_ended_while_the_controller_was_down_expire_at_start() {
-    let mut ctl = Ctl::start().await;
+    let mut ctl = Ctl::start_simulated().await;
     ctl.enable("rg", &["vm1"], "*").await;
     let r = ctl
         .initiate(
@@ -292,8 +300,8 @@ async fn grants_that_ended_while_the_controller_was_down_expire_at_start() {
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
     ctl.stop().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let ctl = Ctl::start_in(ctl.dir).await;
+    ctl.advance(Duration::from_millis(1500));
+    let ctl = ctl.start_again().await;
     wait_status(
         &ctl,
         "rg",

@@ -51,7 +51,7 @@ async fn unauthenticated_calls_are_refused_and_audited() {
 
 #[tokio::test]
 async fn revoked_and_expired_tokens_stop_working() {
-    let ctl = Ctl::start().await;
+    let ctl = Ctl::start_simulated().await;
     let t = ctl
         .post(
             "/api/v1/tokens",
@@ -86,7 +86,7 @@ async fn revoked_and_expired_tokens_stop_working() {
         ctl.get_as(&token, "/api/v1/whoami").await.status,
         StatusCode::OK
     );
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    ctl.advance(std::time::Duration::from_millis(1200));
     let r = ctl.get_as(&token, "/api/v1/whoami").await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(r.message().contains("expired"), "{}", r.message());

@@ -93,7 +93,20 @@ async fn verdicts_follow_what_agents_report_and_enable_recommended_fixes_them() 
             .unwrap()
             .ends_with("/jitNetworkAccessPolicies/default")
     );
-    assert_eq!(ctl.audit("action=recommendations.apply").await.len(), 1);
+    let applied = ctl.audit("action=recommendations.apply").await;
+    assert_eq!(applied.len(), 1);
+    // The summary says what the answer said, about the group asked for; it was
+    // committed with the policy write (core plan, one store transaction).
+    assert_eq!(applied[0]["details"]["enabled"], r.body["enabled"]);
+    assert!(
+        applied[0]["target"]
+            .as_str()
+            .unwrap()
+            .ends_with("/resourceGroups/lab"),
+        "{}",
+        applied[0]
+    );
+    assert_eq!(ctl.audit("action=policy.create").await.len(), 1);
     // A second run has nothing to do.
     let r = ctl.post("/api/v1/recommendations/apply", json!({})).await;
     assert_eq!(r.body["enabled"], json!([]));
@@ -102,7 +115,7 @@ async fn verdicts_follow_what_agents_report_and_enable_recommended_fixes_them() 
 #[tokio::test]
 async fn offline_agents_and_exclusions_are_not_applicable() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Ctl::start_with(dir, |c| {
+    let ctl = Ctl::start_simulated_with(dir, |c| {
         c.recommend.offline_after = jiff::SignedDuration::from_secs(1)
     })
     .await;
@@ -112,7 +125,7 @@ async fn offline_agents_and_exclusions_are_not_applicable() {
         verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box").0,
         "Healthy"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    ctl.advance(std::time::Duration::from_millis(2100));
     let (v, why) = verdict_of(&ctl.get("/api/v1/recommendations").await.body, "box");
     assert_eq!(v, "NotApplicable");
     assert!(why.contains("offline"), "{why}");

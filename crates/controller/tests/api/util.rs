@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use jitgate_controller::clock::ManualClock;
 use jitgate_controller::{Config, Running};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -15,6 +16,8 @@ pub struct Ctl {
     pub base: String,
     pub sub: String,
     pub http: reqwest::Client,
+    /// The controller's clock when the test moves time itself.
+    pub clock: Option<ManualClock>,
 }
 
 pub struct Resp {
@@ -62,13 +65,65 @@ impl Ctl {
             base,
             sub,
             http: reqwest::Client::new(),
+            clock: None,
         }
     }
 
-    /// Stops the controller gracefully and starts a new one on the same data.
+    /// A controller whose time moves only by [`Ctl::advance`] (it starts at the
+    /// system's time), so a test waits for no grant, token or agent to age.
+    pub async fn start_simulated() -> Ctl {
+        Self::start_simulated_with(tempfile::tempdir().unwrap(), |_| {}).await
+    }
+
+    pub async fn start_simulated_with(
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Ctl {
+        Self::start_on(dir, ManualClock::starting_now(), adjust).await
+    }
+
+    async fn start_on(
+        dir: tempfile::TempDir,
+        clock: ManualClock,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Ctl {
+        let mut ctl = Self::start_with(dir, |c| {
+            c.clock = clock.clone().into();
+            adjust(c);
+        })
+        .await;
+        ctl.clock = Some(clock);
+        ctl
+    }
+
+    /// Moves the simulated clock forward (see [`Ctl::start_simulated`]).
+    pub fn advance(&self, by: std::time::Duration) {
+        self.clock
+            .as_ref()
+            .expect("advance needs a controller started with start_simulated")
+            .advance(by);
+    }
+
+    /// The controller's time.
+    pub fn now(&self) -> jiff::Timestamp {
+        self.clock
+            .as_ref()
+            .map_or_else(jiff::Timestamp::now, ManualClock::now)
+    }
+
+    /// Stops the controller gracefully and starts a new one on the same data (and the
+    /// same clock).
     pub async fn restart(mut self) -> Ctl {
         self.stop().await;
-        Self::start_in(self.dir).await
+        Self::start_again(self).await
+    }
+
+    /// Starts a stopped controller again on its data and clock.
+    pub async fn start_again(self) -> Ctl {
+        match self.clock.clone() {
+            Some(clock) => Self::start_on(self.dir, clock, |_| {}).await,
+            None => Self::start_in(self.dir).await,
+        }
     }
 
     pub async fn stop(&mut self) {

@@ -38,8 +38,8 @@
 //!
 //! Revoking someone else's request needs the revoke right, which the controller checks
 //! before calling the store (the store's `revoke_request` takes no assignments); the
-//! harness makes that check as the controller does, with `rbac::is_allowed`, and the
-//! model predicts it from its own table of rights.
+//! harness makes that check as the controller does, with core's `plan_revoke` and
+//! `rbac::is_allowed`, and the model predicts it from its own table of rights.
 //!
 //! The number of cases is `PROPTEST_CASES` (default [`DEFAULT_CASES`]); sequences have
 //! up to [`MAX_STEPS`] steps. A failure prints the shortest sequence found.
@@ -58,6 +58,7 @@ use tokio::runtime::Runtime;
 
 use async_trait::async_trait;
 use jitgate_core::rbac::{Action, is_allowed};
+use jitgate_core::request::{RevokeRefusal, plan_revoke};
 
 use super::*;
 
@@ -1579,28 +1580,27 @@ async fn on(store: &dyn Store, model: &State, step: Step) -> Outcome {
                 vm: vm.map(model_vm),
                 number: port.map(super::port),
             });
-            // The controller's check: the requestor may end their own request;
-            // anyone else needs the revoke right on every VM whose ports would close.
+            // The controller's check (core's revoke rule): the requestor may end their
+            // own request; anyone else needs the revoke right on every VM the
+            // selection names. That nothing is live is left for the store to say.
             let stored = store.get_request(id).await.expect("get_request");
             if let Some(r) = &stored
-                && r.requestor != by.name()
-            {
-                let only_vm = selector.as_ref().and_then(|s| s.vm.clone());
-                let denied = r
-                    .vms
-                    .iter()
-                    .filter(|v| only_vm.as_ref().is_none_or(|o| *o == v.id))
-                    .any(|v| {
-                        !is_allowed(
+                && let Err(RevokeRefusal::Forbidden { .. }) = plan_revoke(
+                    r,
+                    by.name(),
+                    &selector.clone().unwrap_or_default(),
+                    &|vm| {
+                        is_allowed(
                             &by.assignments(),
                             by.name(),
                             Action::RequestRevoke,
-                            &v.id.scope(),
+                            &vm.scope(),
                         )
-                    });
-                if denied {
-                    return Outcome::Refused(Refusal::RevokeForbidden);
-                }
+                    },
+                    now,
+                )
+            {
+                return Outcome::Refused(Refusal::RevokeForbidden);
             }
             match store
                 .revoke_request(id, selector, ctx_as(by.name(), now))
