@@ -12,6 +12,7 @@ pub mod azure;
 pub mod body;
 pub mod checkpoint;
 pub mod clock;
+pub mod desired;
 pub mod error;
 pub mod expiry;
 pub mod limits;
@@ -57,7 +58,7 @@ pub struct AppState {
     /// initiate wakes it only when it ends earlier.
     pub expiry_at: Arc<AtomicI64>,
     /// Per-VM change notifications that wake agents' long-polls.
-    pub vm_changes: Arc<agent::VmChanges>,
+    pub vm_changes: Arc<desired::VmChanges>,
     pub tls: bool,
     /// The SHA-256 fingerprint clients pin (the controller's own CA, or the top of a
     /// given chain); carried by enrollment tokens.
@@ -173,6 +174,8 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(azure::get, azure::put, azure::delete))
         .routes(routes!(azure::initiate))
         .merge(native::routes())
+        .merge(agent::routes())
+        .merge(recommend::routes())
 }
 
 /// The whole HTTP application.

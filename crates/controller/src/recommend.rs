@@ -18,7 +18,7 @@ use jitgate_core::policy::Policy;
 use jitgate_core::rbac::Action;
 use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
 use jitgate_proto::StatusReport;
-use jitgate_proto::api::{BlockedPoint, BlockedSeries, BlockedTotal};
+use jitgate_proto::api::{ApplyResult, BlockedPoint, BlockedSeries, BlockedTotal, Enabled};
 use jitgate_store::{AuditNote, ExclusionRecord, OpError, PolicyError, VmRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -234,12 +234,6 @@ pub async fn list(
     Ok(Json(body))
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ApplyIn {
-    resource_group: Option<String>,
-}
-
 /// Enables JIT on every unhealthy machine the caller may see (in one resource group,
 /// or all), on its listening management ports: TCP, any source, at most 3 hours.
 #[utoipa::path(post, path = "/api/v1/recommendations/apply", tag = "recommendations",
@@ -249,8 +243,8 @@ pub async fn apply(
     State(state): State<AppState>,
     principal: Principal,
     CallerIp(ip): CallerIp,
-    OptionalJsonBody(body): OptionalJsonBody<ApplyIn>,
-) -> ApiResult<Json<Value>> {
+    OptionalJsonBody(body): OptionalJsonBody<jitgate_proto::api::ApplyRecommendations>,
+) -> ApiResult<Json<ApplyResult>> {
     // A caller who may write no policy anywhere has nothing to apply: refuse rather
     // than answer (and audit) an empty success.
     if !principal
@@ -300,13 +294,15 @@ pub async fn apply(
             resource_group: Some(group),
             location: None,
         };
+        // Pages of this group only: the previous group's last key is no cursor here.
+        let mut after: Option<String> = None;
         loop {
-            let after = policies.last().map(|p: &Policy| p.key.key());
-            let page = state
+            let page: Vec<Policy> = state
                 .store
                 .list_policies(&filter, after.as_deref(), POLICY_PAGE)
                 .await?;
             let full = page.len() == POLICY_PAGE;
+            after = page.last().map(|p| p.key.key());
             policies.extend(page);
             if !full {
                 break;
@@ -318,17 +314,17 @@ pub async fn apply(
         &policies,
         &NewPolicy::standard().map_err(ApiError::internal)?,
     );
-    let enabled: Vec<Value> = plan
-        .enabled
-        .iter()
-        .map(|e| {
-            json!({
-                "vm": e.vm.to_string(),
-                "ports": e.ports.iter().map(|p| p.get()).collect::<Vec<_>>(),
-                "policy": e.policy.id(),
+    let result = ApplyResult {
+        enabled: plan
+            .enabled
+            .iter()
+            .map(|e| Enabled {
+                vm: e.vm.to_string(),
+                ports: e.ports.iter().map(|p| p.get()).collect(),
+                policy: e.policy.id(),
             })
-        })
-        .collect();
+            .collect(),
+    };
     let target = rg
         .as_ref()
         .map(|r| Scope::ResourceGroup(state.default_subscription(), r.clone()).to_string())
@@ -341,7 +337,7 @@ pub async fn apply(
             AuditNote {
                 action: "recommendations.apply".to_owned(),
                 target,
-                details: json!({"enabled": enabled}).to_string(),
+                details: serde_json::to_string(&result).map_err(ApiError::internal)?,
             },
             principal.audit_ctx(ip, now),
         )
@@ -357,7 +353,7 @@ pub async fn apply(
         })?;
     state.changed(outcomes.iter().map(|o| o.revoked.len()).sum());
     state.vm_changes.touch(plan.enabled.iter().map(|e| &e.vm));
-    Ok(Json(json!({"enabled": enabled})))
+    Ok(Json(result))
 }
 
 /// Policies read at a time while gathering those of a resource group.
@@ -588,4 +584,15 @@ pub async fn refresh_metrics(state: AppState, mut shutdown: watch::Receiver<bool
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Recommendations', exclusions' and blocked-attempt series' routes.
+pub fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(apply))
+        .routes(routes!(list_exclusions, create_exclusion))
+        .routes(routes!(delete_exclusion))
+        .routes(routes!(blocked))
 }

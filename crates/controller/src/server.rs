@@ -297,7 +297,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: Arc::new(metrics::Metrics::new()),
         expiry_wake: Arc::new(Notify::new()),
         expiry_at: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
-        vm_changes: Arc::new(crate::agent::VmChanges::default()),
+        vm_changes: Arc::new(crate::desired::VmChanges::default()),
         tls: served.is_some(),
         tls_pin: served.as_ref().map(|s| s.pin),
         recommend: Arc::new(config.recommend.clone()),

@@ -1,7 +1,8 @@
 //! The native API under `/api/v1`, one module per resource: VMs and their NSG view,
 //! access requests, tokens and role assignments, the audit log, and the service itself
 //! (health, metrics, whoami, the OpenAPI document). Agents' calls are in
-//! [`crate::agent`], recommendations and exclusions in [`crate::recommend`].
+//! [`crate::agent`], recommendations and exclusions in [`crate::recommend`], each with
+//! its own route table; `lib.rs` merges the three.
 //!
 //! Every handler answers with a wire type of [`jitgate_proto::api`] and carries its
 //! `#[utoipa::path]`, from which [`crate::openapi`] generates the document: the route
@@ -30,22 +31,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(nsg::get_nsg))
         .routes(routes!(nsg::list_nsg_rules))
         .routes(routes!(nsg::put_nsg_rule, nsg::delete_nsg_rule))
-        .routes(routes!(
-            crate::agent::list_enroll_tokens,
-            crate::agent::create_enroll_token
-        ))
-        .routes(routes!(crate::agent::revoke_enroll_token))
-        .routes(routes!(crate::agent::enroll))
-        .routes(routes!(crate::agent::desired))
-        .routes(routes!(crate::agent::status))
-        .routes(routes!(crate::recommend::list))
-        .routes(routes!(crate::recommend::apply))
-        .routes(routes!(
-            crate::recommend::list_exclusions,
-            crate::recommend::create_exclusion
-        ))
-        .routes(routes!(crate::recommend::delete_exclusion))
-        .routes(routes!(crate::recommend::blocked))
         .routes(routes!(requests::list_requests))
         .routes(routes!(requests::get_request))
         .routes(routes!(requests::revoke_request))

@@ -60,7 +60,7 @@ pub async fn agent_status(state: &AppState, vm: &VmId, now: Timestamp) -> ApiRes
         return Ok(AgentStatus::default());
     };
     let report: StatusReport = serde_json::from_str(&rec.report).unwrap_or_default();
-    let current = crate::agent::desired_state(state, vm).await?;
+    let current = crate::desired::desired_state(state, vm).await?;
     Ok(AgentStatus {
         enrolled: true,
         online: online(state, rec.last_seen, now),
