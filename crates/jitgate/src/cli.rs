@@ -114,11 +114,6 @@ pub enum Command {
     ///
     /// Example: jitgate audit --vm web-1 --since 24h --follow
     Audit(cmd::audit::AuditArgs),
-    /// Benchmarks.
-    ///
-    /// Example: jitgate bench initiate --vms 10000 --clients 8 --seconds 20
-    #[command(subcommand)]
-    Bench(crate::bench::BenchCommand),
 }
 
 pub fn parse_fingerprint(text: &str) -> Result<jitgate_proto::tls::Fingerprint, String> {
@@ -196,7 +191,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Admin(c) => cmd::admin::admin(c).await,
         Command::Role(c) => cmd::role::role(c).await,
         Command::Audit(a) => cmd::audit::audit(a).await,
-        Command::Bench(c) => crate::bench::run(c).await,
     }
 }
 

@@ -1,11 +1,11 @@
-//! `jitgate`: one binary for the controller (`serve`), the client verbs an admin uses
-//! (`vm`, `token`, `role`, `audit`), and the benchmarks (`bench`).
+//! `jitgate`: one binary for the controller (`serve`), the agent (`agent`) and the
+//! client verbs people use (`vm`, `token`, `role`, `audit`, ...). The benchmarks are a
+//! binary of their own (`crates/bench`), so this one holds only the product.
 //!
 //! Errors are printed once, as a chain, with a non-zero exit code (the codes are listed
 //! in `usage::EXIT_CODES`, shown by `--help` and the man pages).
 
 mod azure;
-mod bench;
 mod cli;
 mod client;
 mod cmd;

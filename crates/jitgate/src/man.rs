@@ -88,7 +88,7 @@ fn files(verb: &str) -> Vec<(&'static str, &'static str)> {
             ),
             CONFIG_FILE,
         ],
-        "bench" | "completions" | "man" => vec![],
+        "completions" | "man" => vec![],
         _ => vec![CONFIG_FILE],
     }
 }

@@ -1356,7 +1356,6 @@ fn every_subcommand_has_an_example_and_completions_and_man_page_render() {
         "role",
         "audit",
         "enroll-token",
-        "bench",
         "completions",
         "man",
     ] {

@@ -1,4 +1,4 @@
-//! `jitgate bench initiate`: starts a real controller (this binary, `serve`, as a child
+//! `jitgate-bench initiate`: starts a real controller (this binary, `serve`, as a child
 //! process on a fresh SQLite data directory), registers VMs and puts them in policies
 //! through the API, then drives initiates from concurrent clients over loopback HTTP
 //! and reports throughput, latency percentiles and the controller's peak memory.
@@ -83,7 +83,7 @@ pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> a
     }
     let elapsed = started.elapsed().as_secs_f64();
     let rss = peak_rss_kib(pid);
-    println!("jitgate bench initiate");
+    println!("jitgate-bench initiate");
     println!(
         "  controller:   SQLite (WAL, synchronous=FULL, group commit), data dir {}",
         dir.display()

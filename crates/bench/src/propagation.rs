@@ -1,4 +1,4 @@
-//! `jitgate bench propagation`: from the client sending an initiate to the protected
+//! `jitgate-bench propagation`: from the client sending an initiate to the protected
 //! port answering a TCP connect, through the real controller and the real agent.
 //!
 //! Hosts: the controller and the client in the root namespace on one end of a veth,
@@ -88,7 +88,7 @@ pub async fn run(grants: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
-        "jitgate bench propagation (controller + real agent + real nftables, veth between namespaces)"
+        "jitgate-bench propagation (controller + real agent + real nftables, veth between namespaces)"
     );
     println!(
         "  initiate sent -> port answers TCP connect: {}",

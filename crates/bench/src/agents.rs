@@ -1,4 +1,4 @@
-//! `jitgate bench agents`: many simulated agents long-polling one controller; the time
+//! `jitgate-bench agents`: many simulated agents long-polling one controller; the time
 //! from an initiate to the right agent receiving its new desired state, and the
 //! controller's memory with all of them connected.
 
@@ -168,7 +168,7 @@ pub async fn run(agents: usize, grants: usize) -> anyhow::Result<()> {
         hist.record(got.duration_since(t0).as_micros() as u64)?;
     }
     println!(
-        "jitgate bench agents ({agents} simulated agents long-polling one controller over loopback HTTP)"
+        "jitgate-bench agents ({agents} simulated agents long-polling one controller over loopback HTTP)"
     );
     println!(
         "  initiate sent -> that VM's agent has its new desired state: {}",

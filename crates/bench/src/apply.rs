@@ -1,4 +1,4 @@
-//! `jitgate bench apply`: how long the agent takes to apply a change to a table that
+//! `jitgate-bench apply`: how long the agent takes to apply a change to a table that
 //! already holds many grant elements, with real nft in a fresh network namespace.
 //!
 //! The outer process creates the namespace and re-runs itself inside it with
@@ -27,13 +27,7 @@ pub async fn run(elements: usize, inner: bool) -> anyhow::Result<()> {
         let status = Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(std::env::current_exe()?)
-            .args([
-                "bench",
-                "apply",
-                "--inner",
-                "--elements",
-                &elements.to_string(),
-            ])
+            .args(["apply", "--inner", "--elements", &elements.to_string()])
             .status();
         let _ = lab::sh(&["ip", "netns", "del", &ns]);
         if !status.context("cannot run the inner benchmark")?.success() {
@@ -142,7 +136,7 @@ fn inner_run(elements: usize) -> anyhow::Result<()> {
         .unwrap_or(0);
 
     println!(
-        "jitgate bench apply (real nft {} in a fresh network namespace)",
+        "jitgate-bench apply (real nft {} in a fresh network namespace)",
         enforcer.nft().version().unwrap_or_default()
     );
     println!(

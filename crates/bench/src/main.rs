@@ -1,6 +1,10 @@
-//! Benchmarks. Each starts real parts (the controller as a child process on a fresh
-//! SQLite directory, the real agent, real nftables in network namespaces, real TCP)
-//! and prints its figures; none asserts timing.
+//! `jitgate-bench`: jitgate's benchmarks, a binary of its own so that the shipped
+//! `jitgate` holds only the product. Each starts real parts (the `jitgate` binary as
+//! the controller on a fresh SQLite directory and as the agent, real nftables in
+//! network namespaces, real TCP) and prints its figures; none asserts timing.
+//!
+//! The `jitgate` binary is found in `$JITGATE_BIN`, else beside this one (both are in
+//! `target/release` after `cargo build --release -p jitgate -p jitgate-bench`).
 
 mod agents;
 mod apply;
@@ -11,15 +15,23 @@ mod propagation;
 mod reads;
 mod rig;
 
-use clap::Subcommand;
+use clap::{Parser, Subcommand};
 
 pub use lab::{BENCH_TOKEN, Child, peak_rss_kib};
+
+/// jitgate's benchmarks: each prints its figures.
+#[derive(Parser)]
+#[command(name = "jitgate-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Initiates per second against a real controller on SQLite.
     ///
-    /// Example: jitgate bench initiate --vms 10000 --clients 8 --seconds 20
+    /// Example: jitgate-bench initiate --vms 10000 --clients 8 --seconds 20
     Initiate {
         /// Registered VMs, all in policies (100 per resource group).
         #[arg(long, default_value_t = 10_000)]
@@ -37,7 +49,7 @@ pub enum BenchCommand {
     /// Time from sending an initiate to the protected port answering a TCP connect,
     /// through a real controller and a real agent in a network namespace (root only).
     ///
-    /// Example: jitgate bench propagation --grants 200
+    /// Example: jitgate-bench propagation --grants 200
     Propagation {
         #[arg(long, default_value_t = 200)]
         grants: usize,
@@ -45,7 +57,7 @@ pub enum BenchCommand {
     /// Agent apply time of a change to a table holding many grant elements, in a fresh
     /// network namespace (root only), and the agent's memory.
     ///
-    /// Example: jitgate bench apply --elements 10000
+    /// Example: jitgate-bench apply --elements 10000
     Apply {
         #[arg(long, default_value_t = 10_000)]
         elements: usize,
@@ -56,7 +68,7 @@ pub enum BenchCommand {
     /// When grants really close relative to their end time, also with the controller
     /// and the agent killed (root only).
     ///
-    /// Example: jitgate bench expiry --grants 30 --killed 5
+    /// Example: jitgate-bench expiry --grants 30 --killed 5
     Expiry {
         #[arg(long, default_value_t = 30)]
         grants: usize,
@@ -68,7 +80,7 @@ pub enum BenchCommand {
     /// pages of 100, the recommendations summary and `jitgate vm show`, against a
     /// real controller on SQLite.
     ///
-    /// Example: jitgate bench reads --vms 100000
+    /// Example: jitgate-bench reads --vms 100000
     Reads {
         #[arg(long, default_value_t = 10_000)]
         vms: usize,
@@ -79,7 +91,7 @@ pub enum BenchCommand {
     /// Propagation to simulated agents: many long-polling agents connected to one
     /// controller; time from initiate to the VM's agent receiving its new state.
     ///
-    /// Example: jitgate bench agents --agents 1000 --grants 200
+    /// Example: jitgate-bench agents --agents 1000 --grants 200
     Agents {
         #[arg(long, default_value_t = 1000)]
         agents: usize,
@@ -88,7 +100,7 @@ pub enum BenchCommand {
     },
 }
 
-pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
+async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
         BenchCommand::Initiate {
             vms,
@@ -128,4 +140,16 @@ pub fn percentiles(h: &hdrhistogram::Histogram<u64>) -> String {
         h.max() as f64 / 1000.0,
         h.len()
     )
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("jitgate-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -150,12 +150,28 @@ impl Drop for Host {
 }
 
 /// Starts `jitgate serve` (this binary) and waits until it answers.
+/// The `jitgate` binary the benchmarks run: `$JITGATE_BIN`, else the one beside this
+/// benchmark binary.
+pub fn jitgate_exe() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("JITGATE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe()?;
+    let exe = me.with_file_name("jitgate");
+    anyhow::ensure!(
+        exe.is_file(),
+        "no jitgate binary at {} (build it: cargo build --release -p jitgate -p jitgate-bench, or set JITGATE_BIN)",
+        exe.display()
+    );
+    Ok(exe)
+}
+
 pub async fn controller(
     listen: SocketAddr,
     dir: &Path,
     http: &reqwest::Client,
 ) -> anyhow::Result<(Child, String, String)> {
-    let exe = std::env::current_exe()?;
+    let exe = jitgate_exe()?;
     let child = Command::new(exe)
         .args([
             "serve",

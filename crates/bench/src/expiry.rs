@@ -1,4 +1,4 @@
-//! `jitgate bench expiry`: when a grant really closes, relative to its end time, seen
+//! `jitgate-bench expiry`: when a grant really closes, relative to its end time, seen
 //! from the client: with everything running, and with the controller and the agent both
 //! killed (`kill -9`) while the grant is live.
 //!
@@ -114,7 +114,7 @@ pub async fn run(grants: usize, killed: usize) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    println!("jitgate bench expiry (real controller, agent and nftables; close seen by a client)");
+    println!("jitgate-bench expiry (real controller, agent and nftables; close seen by a client)");
     println!(
         "  close - end, all running:                 {}",
         spread(&mut live)

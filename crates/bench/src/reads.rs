@@ -128,7 +128,7 @@ pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
         timed_get(&http, &format!("{base}/api/v1/recommendations"), &mut recs).await?;
     }
     // `jitgate vm show` as a person runs it: a process per call.
-    let exe = std::env::current_exe()?;
+    let exe = super::lab::jitgate_exe()?;
     let mut show = hist()?;
     for _ in 0..rounds.clamp(1, 20) {
         let vm = walk.next(vms);

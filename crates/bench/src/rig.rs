@@ -115,7 +115,7 @@ impl Rig {
     pub fn start_agent(&mut self, enroll: Option<&str>) -> anyhow::Result<()> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.vm.ns])
-            .arg(std::env::current_exe()?)
+            .arg(super::lab::jitgate_exe()?)
             .args([
                 "agent",
                 "--controller",
