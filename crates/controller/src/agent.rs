@@ -545,25 +545,15 @@ pub async fn list_enroll_tokens(
 ) -> ApiResult<Json<jitgate_proto::api::EnrollTokenPage>> {
     use crate::params;
     let limit = params::count_param(&q, "limit", 100, 1000)?;
-    let after = params::after_continuation(&q)?;
-    if let Some(a) = &after {
-        params::cursor(a)?;
-    }
-    let (page, next) = params::filtered_page(
-        after,
+    let store = state.store.clone();
+    let (page, next) = params::cursor_page(
+        &q,
         limit,
-        |t: &EnrollTokenRecord| params::cursor_key(t.created, &t.id),
+        |t: &EnrollTokenRecord| (t.created, t.id.as_str()),
         |t| principal.can(Action::VmWrite, &t.scope),
-        |after, n| {
-            let store = state.store.clone();
-            let after = after.as_deref().map(params::cursor).transpose();
-            async move {
-                let paging = jitgate_store::Paging {
-                    after: after?,
-                    limit: n,
-                };
-                Ok(store.enroll_tokens_page(&paging).await?)
-            }
+        |paging| {
+            let store = store.clone();
+            async move { store.enroll_tokens_page(&paging).await }
         },
     )
     .await?;

@@ -199,6 +199,47 @@ where
     }
 }
 
+/// A page of a list ordered by creation (`Cursor`: time, then id), read from the store
+/// with `fetch` and filtered by `visible` as `filtered_page` does. Checks the
+/// continuation token before any read.
+pub async fn cursor_page<T, F, Fut>(
+    q: &Q,
+    limit: usize,
+    key: impl Fn(&T) -> (Timestamp, &str),
+    visible: impl Fn(&T) -> bool,
+    fetch: F,
+) -> ApiResult<(Vec<T>, Option<String>)>
+where
+    F: Fn(jitgate_store::Paging) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, jitgate_store::StoreError>>,
+{
+    let after = after_continuation(q)?;
+    if let Some(a) = &after {
+        cursor(a)?;
+    }
+    filtered_page(
+        after,
+        limit,
+        |t| {
+            let (at, id) = key(t);
+            cursor_key(at, id)
+        },
+        visible,
+        |after, n| {
+            let after = after.as_deref().map(cursor).transpose();
+            let fetch = &fetch;
+            async move {
+                let paging = jitgate_store::Paging {
+                    after: after?,
+                    limit: n,
+                };
+                Ok(fetch(paging).await?)
+            }
+        },
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -387,14 +387,11 @@ pub async fn list_exclusions(
 ) -> ApiResult<Json<jitgate_proto::api::ExclusionPage>> {
     use crate::params;
     let limit = params::count_param(&q, "limit", 100, 1000)?;
-    let after = params::after_continuation(&q)?;
-    if let Some(a) = &after {
-        params::cursor(a)?;
-    }
-    let (page, next) = params::filtered_page(
-        after,
+    let store = state.store.clone();
+    let (page, next) = params::cursor_page(
+        &q,
         limit,
-        |e: &ExclusionRecord| params::cursor_key(e.created, &e.id),
+        |e: &ExclusionRecord| (e.created, e.id.as_str()),
         |e| {
             jitgate_core::rbac::is_allowed_somewhere_under(
                 &principal.assignments,
@@ -403,16 +400,9 @@ pub async fn list_exclusions(
                 &e.scope,
             )
         },
-        |after, n| {
-            let store = state.store.clone();
-            let after = after.as_deref().map(params::cursor).transpose();
-            async move {
-                let paging = jitgate_store::Paging {
-                    after: after?,
-                    limit: n,
-                };
-                Ok(store.exclusions_page(&paging).await?)
-            }
+        |paging| {
+            let store = store.clone();
+            async move { store.exclusions_page(&paging).await }
         },
     )
     .await?;

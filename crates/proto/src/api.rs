@@ -157,7 +157,8 @@ pub struct VmDetail {
     pub grants: Vec<Grant>,
 }
 
-/// A VM's agent as the controller knows it (`enrolled: false`: the rest is empty).
+/// A VM's agent as the controller knows it: whether it reports, whether it applied the
+/// current desired state, and its last report (`enrolled: false`: the report is empty).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
@@ -165,38 +166,11 @@ pub struct AgentStatus {
     pub online: bool,
     #[serde(default)]
     pub last_seen: Option<String>,
-    #[serde(default)]
-    pub applied_revision: Option<String>,
-    #[serde(default)]
-    pub applied_at: Option<String>,
     /// Whether the agent applied the current desired state.
     #[serde(default)]
     pub up_to_date: Option<bool>,
-    #[serde(default)]
-    pub nft_version: Option<String>,
-    /// Why enforcement failed, when it did.
-    #[serde(default)]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub hostname: Option<String>,
-    #[serde(default)]
-    pub os: Option<String>,
-    #[serde(default)]
-    pub agent_version: Option<String>,
-    #[serde(default)]
-    pub addresses: Vec<String>,
-    #[serde(default)]
-    pub listening: Vec<crate::WireListener>,
-    #[serde(default)]
-    pub inventory_errors: Vec<String>,
-    #[serde(default)]
-    pub counters: Vec<crate::WireCounter>,
-    #[serde(default)]
-    pub table_matches: Option<bool>,
-    #[serde(default)]
-    pub drift_events: u64,
-    #[serde(default)]
-    pub last_drift: Option<crate::WireDrift>,
+    #[serde(flatten)]
+    pub report: crate::StatusReport,
 }
 
 /// A live grant on a VM.

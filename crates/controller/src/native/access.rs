@@ -249,10 +249,6 @@ pub async fn list_role_assignments(
     Query(q): Query<Q>,
 ) -> ApiResult<Json<RoleAssignmentPage>> {
     let limit = params::count_param(&q, "limit", 100, 1000)?;
-    let after = params::after_continuation(&q)?;
-    if let Some(a) = &after {
-        params::cursor(a)?;
-    }
     let manages_any = principal
         .assignments
         .iter()
@@ -268,26 +264,22 @@ pub async fn list_role_assignments(
     } else {
         Some(principal.name.clone())
     };
-    let (page, next) = params::filtered_page(
-        after,
+    let store = state.store.clone();
+    let (page, next) = params::cursor_page(
+        &q,
         limit,
-        |r: &RoleAssignmentRecord| params::cursor_key(r.created, &r.id),
+        |r: &RoleAssignmentRecord| (r.created, r.id.as_str()),
         |r| {
             r.assignment.principal == principal.name
                 || principal.can(Action::RoleAssignmentWrite, &r.assignment.scope)
         },
-        |after, n| {
-            let store = state.store.clone();
+        |paging| {
+            let store = store.clone();
             let filter = filter.clone();
-            let after = after.as_deref().map(params::cursor).transpose();
             async move {
-                let paging = Paging {
-                    after: after?,
-                    limit: n,
-                };
-                Ok(store
+                store
                     .role_assignments_page(filter.as_deref(), &paging)
-                    .await?)
+                    .await
             }
         },
     )

@@ -66,20 +66,7 @@ pub async fn agent_status(state: &AppState, vm: &VmId, now: Timestamp) -> ApiRes
         online: online(state, rec.last_seen, now),
         last_seen: Some(rec.last_seen.to_string()),
         up_to_date: Some(report.applied_revision.as_deref() == Some(current.revision.as_str())),
-        applied_revision: report.applied_revision,
-        applied_at: report.applied_at,
-        nft_version: report.nft_version,
-        error: report.error,
-        hostname: report.hostname,
-        os: report.os,
-        agent_version: report.agent_version,
-        addresses: report.addresses,
-        listening: report.listening,
-        inventory_errors: report.inventory_errors,
-        counters: report.counters,
-        table_matches: report.table_matches,
-        drift_events: report.drift_events,
-        last_drift: report.last_drift,
+        report,
     })
 }
 

@@ -105,6 +105,7 @@ async fn target_policy(ses: &Session, vm: &api::VmDetail) -> anyhow::Result<(Str
 fn default_ports(vm: &api::VmDetail) -> Vec<u16> {
     let listening: Vec<u16> = vm
         .agent
+        .report
         .listening
         .iter()
         .filter(|l| l.protocol.eq_ignore_ascii_case("tcp"))

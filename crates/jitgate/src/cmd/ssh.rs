@@ -113,7 +113,7 @@ fn resolve_host(
 ) -> anyhow::Result<(String, Vec<SocketAddr>)> {
     let host = flag
         .map(str::to_owned)
-        .unwrap_or_else(|| host_of(&vm.agent.addresses, &vm.vm.name));
+        .unwrap_or_else(|| host_of(&vm.agent.report.addresses, &vm.vm.name));
     let addrs: Vec<SocketAddr> = (host.as_str(), port)
         .to_socket_addrs()
         .map(Iterator::collect)

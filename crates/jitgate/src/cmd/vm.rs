@@ -184,10 +184,10 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
             vm.policy.as_deref().unwrap_or("none (JIT not enabled)")
         );
         println!("  agent:       {agent_state}");
-        if let Some(e) = &agent.error {
+        if let Some(e) = &agent.report.error {
             println!("  agent error: {e}");
         }
-        for e in &agent.inventory_errors {
+        for e in &agent.report.inventory_errors {
             println!("  sockets:     incomplete, {e}");
         }
         match (&last_access, &last_user) {
@@ -221,9 +221,9 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
         {
             println!("    {line}");
         }
-        if !agent.counters.is_empty() {
+        if !agent.report.counters.is_empty() {
             println!("  blocked attempts:");
-            for c in &agent.counters {
+            for c in &agent.report.counters {
                 println!("    port {} {}: {}", c.port, c.protocol, c.packets);
             }
         }
