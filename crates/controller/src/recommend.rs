@@ -29,7 +29,9 @@ use crate::auth::{CallerIp, Principal};
 use crate::body::OptionalJsonBody;
 use crate::error::{ApiError, ApiResult};
 
-fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
+/// What recommendations classify from an agent's report (the store keeps it with the
+/// report and classifies the VM again when it changes).
+pub(crate) fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
     AgentFacts {
         last_seen,
         nft_version: report.nft_version.clone(),
