@@ -16,10 +16,10 @@ use jitgate_core::duration::MaxDuration;
 use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, VmId};
 use jitgate_core::net::{Port, Protocol, SourcePrefix};
 use jitgate_core::policy::{AllowedSources, PolicyKey, PolicySpec, PolicyVm, PortRule};
-use jitgate_core::rbac::Action;
+use jitgate_core::rbac::{Action, scopes_allowing};
 use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
 use jitgate_proto::StatusReport;
-use jitgate_store::{ExclusionRecord, OpError, PolicyError, VmRecord};
+use jitgate_store::{ExclusionRecord, OpError, PolicyError, VerdictPage, VerdictScope, VmRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -122,11 +122,11 @@ async fn classify_chunk(
     Ok(out)
 }
 
-fn rec_json(vm: &VmRecord, r: &Recommendation) -> Value {
+fn rec_json(vm: &VmId, r: &Recommendation) -> Value {
     json!({
-        "vm": vm.id.to_string(),
-        "resourceGroup": vm.id.resource_group.to_string(),
-        "name": vm.id.name.to_string(),
+        "vm": vm.to_string(),
+        "resourceGroup": vm.resource_group.to_string(),
+        "name": vm.name.to_string(),
         "verdict": r.verdict.as_str(),
         "reason": r.reason,
         "exposedPorts": r.exposed,
@@ -158,8 +158,9 @@ fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
 /// Recommendations a page at a time (`limit`, default 1000, at most 5000;
 /// `continuationToken` from the previous page), optionally only one `verdict`. The
 /// first page (no continuation token) also carries the `summary` of every VM the
-/// caller may read; it is counted while VMs stream through 500 at a time, so memory
-/// stays flat in the number of VMs.
+/// caller may read. Nothing is classified here: the store keeps each VM's verdict
+/// current with every write that changes its facts, so a page is one read and the
+/// summary one aggregate, both filtered by the caller's readable scopes in the store.
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -181,54 +182,47 @@ pub async fn list(
     let after = crate::native::after_continuation(&q)?;
     let with_summary = after.is_none();
     let now = Timestamp::now();
-    let exclusions = state.store.list_exclusions().await?;
-    let mut summary = BTreeMap::from([("Healthy", 0u64), ("Unhealthy", 0), ("NotApplicable", 0)]);
-    let mut value: Vec<Value> = Vec::new();
-    let mut last_key: Option<String> = None;
-    let mut more = false;
-    let mut filter = jitgate_store::VmFilter {
+    let sub = state.default_subscription();
+    let scope = VerdictScope {
         resource_group: rg,
-        name: None,
-        after,
-        limit: 500,
+        readable: Some(scopes_allowing(
+            &principal.assignments,
+            &principal.name,
+            Action::VmRead,
+        )),
     };
-    loop {
-        let batch = state
-            .store
-            .find_vms(state.default_subscription(), &filter)
-            .await?;
-        let exhausted = batch.len() < filter.limit;
-        let Some(last) = batch.last() else { break };
-        filter.after = Some(last.id.key());
-        let visible: Vec<VmRecord> = batch
-            .into_iter()
-            .filter(|v| principal.can(Action::VmRead, &v.id.scope()))
-            .collect();
-        for (vm, r) in classify_chunk(&state, &visible, &exclusions, now).await? {
-            if with_summary {
-                *summary.entry(r.verdict.as_str()).or_default() += 1;
-            }
-            if verdict.is_some_and(|v| v != r.verdict) {
-                continue;
-            }
-            if value.len() == limit {
-                more = true;
-            } else if !more {
-                last_key = Some(vm.id.key());
-                value.push(rec_json(&vm, &r));
-            }
-        }
-        // Past a full page only the summary needs the rest.
-        if exhausted || (more && !with_summary) {
-            break;
-        }
-    }
+    // One more than a page: whether another page follows.
+    let mut page = state
+        .store
+        .recommendations(
+            sub,
+            &VerdictPage {
+                scope: scope.clone(),
+                verdict,
+                after,
+                limit: limit + 1,
+            },
+            now,
+        )
+        .await?;
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let value: Vec<Value> = page
+        .iter()
+        .map(|v| rec_json(&v.vm, &v.recommendation))
+        .collect();
     let mut body = json!({ "value": value });
     if with_summary {
+        let counts = state.store.verdict_counts(sub, &scope, now).await?;
+        let summary: BTreeMap<&str, u64> =
+            [Verdict::Healthy, Verdict::Unhealthy, Verdict::NotApplicable]
+                .into_iter()
+                .map(|v| (v.as_str(), counts.get(v)))
+                .collect();
         body["summary"] = json!(summary);
     }
-    if more && let Some(k) = last_key {
-        body["continuationToken"] = json!(crate::native::continuation(&k));
+    if more && let Some(last) = page.last() {
+        body["continuationToken"] = json!(crate::native::continuation(&last.vm.key()));
     }
     Ok(Json(body))
 }
@@ -524,29 +518,30 @@ pub async fn prune_blocked(
     }
 }
 
-/// Keeps the verdict gauges current (every 30 s).
+/// Keeps the verdict gauges current (every 30 s), from the store's aggregate.
 pub async fn refresh_metrics(state: AppState, mut shutdown: watch::Receiver<bool>) {
     loop {
-        if let Ok(vms) = state
+        match state
             .store
-            .list_vms(state.default_subscription(), None)
+            .verdict_counts(
+                state.default_subscription(),
+                &VerdictScope::default(),
+                Timestamp::now(),
+            )
             .await
-            && let Ok(recs) = recommendations(&state, &vms, Timestamp::now()).await
         {
-            let mut counts: HashMap<&str, i64> =
-                HashMap::from([("Healthy", 0), ("Unhealthy", 0), ("NotApplicable", 0)]);
-            for (_, r) in &recs {
-                *counts.entry(r.verdict.as_str()).or_default() += 1;
+            Ok(counts) => {
+                for verdict in [Verdict::Healthy, Verdict::Unhealthy, Verdict::NotApplicable] {
+                    state
+                        .metrics
+                        .verdicts
+                        .get_or_create(&crate::metrics::VerdictLabel {
+                            verdict: verdict.as_str().to_owned(),
+                        })
+                        .set(i64::try_from(counts.get(verdict)).unwrap_or(i64::MAX));
+                }
             }
-            for (verdict, n) in counts {
-                state
-                    .metrics
-                    .verdicts
-                    .get_or_create(&crate::metrics::VerdictLabel {
-                        verdict: verdict.to_owned(),
-                    })
-                    .set(n);
-            }
+            Err(e) => tracing::error!(error = %e, "cannot count the recommendations' verdicts"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
