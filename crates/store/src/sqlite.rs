@@ -220,7 +220,8 @@ CREATE INDEX vms_page ON vms(subscription, key);
     // changes them; `excluded` is the reason of the exclusion covering it, and
     // `last_seen_ns` its agent's last report, both settled when read. The agent's
     // facts are kept beside its report. The table is filled when the store opens
-    // (`fill_verdicts`), which is how an existing installation gets it.
+    // (`fill_verdicts`), which is how an existing installation gets it. The counts read
+    // only their (covering) index; pages read in key order without sorting.
     r#"
 CREATE TABLE vm_verdicts(
     vm_key TEXT PRIMARY KEY,
@@ -233,7 +234,9 @@ CREATE TABLE vm_verdicts(
     last_seen_ns INTEGER,
     excluded TEXT
 );
-CREATE INDEX vm_verdicts_scope ON vm_verdicts(subscription, rg_key, verdict, last_seen_ns);
+CREATE INDEX vm_verdicts_counts ON vm_verdicts(subscription, rg_key, verdict, last_seen_ns, excluded);
+CREATE INDEX vm_verdicts_page ON vm_verdicts(subscription, vm_key);
+CREATE INDEX vm_verdicts_rg_page ON vm_verdicts(subscription, rg_key, vm_key);
 ALTER TABLE agent_status ADD COLUMN facts TEXT;
 "#,
 ];
@@ -528,7 +531,50 @@ struct ChainTail {
 /// rows; the writer also sees its open transaction, whose rev may be rolled back and
 /// then reused by a later write with other content, so the writer's cache forgets
 /// what it read inside a rolled-back job or a failed commit (`WriterPolicies`).
-type PolicyCache = std::collections::HashMap<String, (String, i64, Arc<Policy>)>;
+///
+/// Bounded by the VMs its policies hold (`POLICY_CACHE_VMS`), not by their number: a
+/// decoded policy's size grows with its VMs, so a bound in policies let the cache (one
+/// for the writer, one for the readers) grow with the installation, about 50 MiB each
+/// at 100,000 VMs. Past the bound, entries are evicted in no particular order; a policy
+/// evicted costs one decode when it is needed again.
+#[derive(Default)]
+struct PolicyCache {
+    map: std::collections::HashMap<String, (String, i64, Arc<Policy>)>,
+    /// The VMs of the cached policies (a policy without VMs counts one).
+    vms: usize,
+}
+
+/// The most VM entries the decoded policies of one cache hold (about 10 MiB).
+const POLICY_CACHE_VMS: usize = 20_000;
+
+fn policy_weight(p: &Policy) -> usize {
+    p.spec.vms.len().max(1)
+}
+
+impl PolicyCache {
+    fn get(&self, key: &str) -> Option<&(String, i64, Arc<Policy>)> {
+        self.map.get(key)
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((_, _, p)) = self.map.remove(key) {
+            self.vms -= policy_weight(&p);
+        }
+    }
+
+    fn insert(&mut self, key: String, uid: String, rev: i64, policy: Arc<Policy>) {
+        self.remove(&key);
+        let weight = policy_weight(&policy);
+        while self.vms + weight > POLICY_CACHE_VMS {
+            let Some(victim) = self.map.keys().next().cloned() else {
+                break;
+            };
+            self.remove(&victim);
+        }
+        self.vms += weight;
+        self.map.insert(key, (uid, rev, policy));
+    }
+}
 
 /// The writer's policy cache and the keys it was asked for since the last commit.
 /// Like the audit chain's tail, what was learnt from uncommitted rows is undone when
@@ -648,10 +694,7 @@ fn cached_policy(
         return Ok(None);
     };
     let policy = Arc::new(policy);
-    if cache.len() > 100_000 {
-        cache.clear();
-    }
-    cache.insert(key.to_owned(), (uid.clone(), rev, policy.clone()));
+    cache.insert(key.to_owned(), uid.clone(), rev, policy.clone());
     Ok(Some((uid, policy)))
 }
 
@@ -1070,8 +1113,6 @@ fn fill_verdicts(conn: &mut Connection, recommend: &RecommendConfig) -> Result<(
             };
             refresh_verdicts(&mut ctx, &keys)?;
         }
-        // Decoded policies are not kept past a batch: memory stays flat.
-        policies = WriterPolicies::default();
         match keys.last() {
             Some(k) if keys.len() as i64 == BATCH => after = k.clone(),
             _ => break,
@@ -1204,7 +1245,7 @@ impl SqliteStore {
             refused_writes: AtomicU64::new(0),
             readers: Arc::new(Mutex::new(Vec::new())),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
-            read_policies: Arc::new(Mutex::new(PolicyCache::new())),
+            read_policies: Arc::new(Mutex::new(PolicyCache::default())),
             recommend,
         })
     }
@@ -3305,4 +3346,81 @@ fn read_cached_policy(
     let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
     let got = cached_policy(c, key, &mut map)?;
     Ok(got.map(|(_, p)| p))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A policy of resource group `rg` with `n` VMs.
+    fn policy(rg: &str, n: usize) -> Arc<Policy> {
+        let key = PolicyKey {
+            subscription: SubscriptionId::parse("20ff7fc3-e762-44dd-bd96-b71116dcdc23").unwrap(),
+            resource_group: ResourceGroup::parse(rg).unwrap(),
+            location: Location::parse("westeurope").unwrap(),
+            name: PolicyName::parse("default").unwrap(),
+        };
+        let vms = (0..n)
+            .map(|i| PolicyVm {
+                id: VmId::new(
+                    key.subscription,
+                    key.resource_group.clone(),
+                    jitgate_core::ids::VmName::parse(&format!("vm-{i}")).unwrap(),
+                ),
+                ports: Vec::new(),
+                public_ip_address: None,
+            })
+            .collect();
+        Arc::new(Policy {
+            key,
+            spec: PolicySpec {
+                kind: "Basic".into(),
+                vms,
+            },
+        })
+    }
+
+    /// Issue 10: memory flat in the number of VMs. The decoded-policy cache holds at
+    /// most `POLICY_CACHE_VMS` VM entries however many policies there are, keeps a
+    /// policy larger than that on its own, and counts a replaced entry once.
+    #[test]
+    fn the_policy_cache_is_bounded_by_vm_entries() {
+        let mut cache = PolicyCache::default();
+        let per = 100;
+        for i in 0..(3 * POLICY_CACHE_VMS / per) {
+            cache.insert(
+                format!("p{i}"),
+                "u".into(),
+                0,
+                policy(&format!("rg{i}"), per),
+            );
+            assert!(cache.vms <= POLICY_CACHE_VMS, "{} VM entries", cache.vms);
+            let counted: usize = cache.map.values().map(|(_, _, p)| policy_weight(p)).sum();
+            assert_eq!(counted, cache.vms);
+        }
+        assert_eq!(cache.map.len(), POLICY_CACHE_VMS / per);
+        let newest = format!("p{}", 3 * POLICY_CACHE_VMS / per - 1);
+        assert!(
+            cache.get(&newest).is_some(),
+            "the entry just inserted is kept"
+        );
+        cache.insert(newest.clone(), "u".into(), 1, policy("x", per));
+        assert_eq!(cache.vms, POLICY_CACHE_VMS, "a replaced entry counts once");
+        cache.insert(
+            "huge".into(),
+            "u".into(),
+            0,
+            policy("big", POLICY_CACHE_VMS + 1),
+        );
+        assert_eq!(cache.map.len(), 1);
+        assert_eq!(cache.vms, POLICY_CACHE_VMS + 1);
+        cache.insert("small".into(), "u".into(), 0, policy("s", 0));
+        assert_eq!(
+            (cache.map.len(), cache.vms),
+            (1, 1),
+            "an empty policy counts one"
+        );
+    }
 }
