@@ -1,10 +1,12 @@
-//! `jitgate bench reads`: how reads scale with the number of VMs. Starts a real
+//! `jitgate-bench reads`: how reads scale with the number of VMs. Starts a real
 //! controller on a fresh SQLite directory, registers VMs and policies through the API
 //! (as `bench initiate` does) plus some live grants, then times, one call at a time
 //! over loopback HTTP (so a call's time is the server's plus a loopback round trip):
 //! one VM's view by name, the lookup by name the CLI uses, pages of 100 VMs, the
 //! recommendations summary, and `jitgate vm show` as a person runs it (a process per
-//! call). Prints percentiles and the controller's peak memory.
+//! call). One VM in 20 (at most 2,000) gets an enrolled agent that reports what
+//! listens, half of them a management port no policy protects, so verdicts differ.
+//! Prints percentiles and the controller's peak and final memory.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -78,6 +80,7 @@ pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
             bail!("initiate: {}", r.text().await?);
         }
     }
+    let agents = report_agents(&http, &base, vms).await?;
     let setup_secs = setup.elapsed().as_secs_f64();
     let rss_after_setup = peak_rss_kib(pid);
 
@@ -122,7 +125,26 @@ pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
             break;
         }
     }
-    // The recommendations summary (every VM classified).
+    // The recommendations summary alone (a first page of one VM), then with the
+    // default first page of 1,000.
+    let mut summary = hist()?;
+    let mut counted = Value::Null;
+    for _ in 0..rounds.clamp(1, 20) {
+        counted = timed_get(
+            &http,
+            &format!("{base}/api/v1/recommendations?limit=1"),
+            &mut summary,
+        )
+        .await?["summary"]
+            .clone();
+        let total: u64 = ["Healthy", "Unhealthy", "NotApplicable"]
+            .iter()
+            .map(|v| counted[v].as_u64().unwrap_or(0))
+            .sum();
+        if total != vms as u64 {
+            bail!("the summary counts {total} VMs of {vms}: {counted}");
+        }
+    }
     let mut recs = hist()?;
     for _ in 0..rounds.clamp(1, 10) {
         timed_get(&http, &format!("{base}/api/v1/recommendations"), &mut recs).await?;
@@ -149,9 +171,10 @@ pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
         }
     }
     let rss = peak_rss_kib(pid);
-    println!("jitgate bench reads");
+    let rss_now = super::lab::rss_kib(pid);
+    println!("jitgate-bench reads");
     println!(
-        "  setup:           {vms} VMs in {groups} policies, 200 live grants, through the API in {setup_secs:.1} s"
+        "  setup:           {vms} VMs in {groups} policies, 200 live grants, {agents} agents reporting, through the API in {setup_secs:.1} s"
     );
     println!("  one VM's view:   {}", percentiles(&view));
     println!("  VM by name:      {}", percentiles(&by_name));
@@ -159,15 +182,88 @@ pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
         "  page of 100 VMs: {} ({listed} VMs listed)",
         percentiles(&pages)
     );
-    println!("  recommendations: {}", percentiles(&recs));
+    println!(
+        "  recommendations summary: {} (first page of 1 VM; {counted})",
+        percentiles(&summary)
+    );
+    println!(
+        "  recommendations: {} (summary and first page of 1,000)",
+        percentiles(&recs)
+    );
     println!(
         "  jitgate vm show: {} (a process per call)",
         percentiles(&show)
     );
     println!(
-        "  controller peak RSS: {} MiB after setup, {} MiB at the end",
+        "  controller peak RSS: {} MiB after setup, {} MiB at the end; RSS at the end {} MiB",
         rss_after_setup.map_or("?".into(), |k| (k / 1024).to_string()),
-        rss.map_or("?".into(), |k| (k / 1024).to_string())
+        rss.map_or("?".into(), |k| (k / 1024).to_string()),
+        rss_now.map_or("?".into(), |k| (k / 1024).to_string())
     );
     Ok(())
+}
+
+/// Enrolls an agent on one VM in 20 (at most 2,000), 16 at a time, and has each report
+/// once: SSH listening (protected by the VM's policy), and on every other one WinRM
+/// (5985, protected by nothing) too. Returns how many.
+async fn report_agents(http: &reqwest::Client, base: &str, vms: usize) -> anyhow::Result<usize> {
+    let agents = (vms / 20).min(2000);
+    if agents == 0 {
+        return Ok(0);
+    }
+    let et: Value = http
+        .post(format!("{base}/api/v1/enrollTokens"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({"uses": agents}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let et = et["token"].as_str().unwrap_or_default().to_owned();
+    for chunk in (0..agents).collect::<Vec<_>>().chunks(16) {
+        let mut tasks = Vec::new();
+        for &n in chunk {
+            let (http, base, et) = (http.clone(), base.to_owned(), et.clone());
+            // Spread over the installation.
+            let vm = n * 20;
+            tasks.push(tokio::spawn(async move {
+                let r = http
+                    .post(format!("{base}/api/v1/agent/enroll"))
+                    .json(&json!({"enrollToken": et, "resourceGroup": format!("rg-{}", vm / 100), "name": format!("vm-{vm}")}))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("enroll vm-{vm}: {}", r.text().await?);
+                }
+                let v: Value = r.json().await?;
+                let (id, token) = (
+                    v["vmId"].as_str().unwrap_or_default(),
+                    v["token"].as_str().unwrap_or_default(),
+                );
+                let mut ports = vec![22];
+                if n % 2 == 1 {
+                    ports.push(5985);
+                }
+                let listening: Vec<Value> = ports
+                    .iter()
+                    .map(|p| json!({"protocol": "tcp", "family": "IPv4", "address": "0.0.0.0", "port": p, "process": "sshd"}))
+                    .collect();
+                let r = http
+                    .post(format!("{base}/api/v1/agent/status"))
+                    .query(&[("vm", id)])
+                    .bearer_auth(token)
+                    .json(&json!({"nftVersion": "nftables v1.0.6", "listening": listening}))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("status of vm-{vm}: {}", r.text().await?);
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+    }
+    Ok(agents)
 }

@@ -224,13 +224,17 @@ pub async fn status(
             .await?;
     }
     let text = serde_json::to_string(&report).map_err(ApiError::internal)?;
+    let facts = crate::recommend::agent_facts(&report, now);
     state
         .store
-        .put_agent_status(AgentStatusRecord {
-            vm,
-            report: text,
-            last_seen: now,
-        })
+        .put_agent_status(
+            AgentStatusRecord {
+                vm,
+                report: text,
+                last_seen: now,
+            },
+            facts,
+        )
         .await?;
     state.store.record_blocked(points).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -15,13 +15,17 @@ use jitgate_core::enable::{Exposed, NewPolicy, plan_enable};
 use jitgate_core::ids::{ResourceGroup, Scope, SubscriptionId, VmId};
 use jitgate_core::net::{Port, Protocol};
 use jitgate_core::policy::Policy;
-use jitgate_core::rbac::Action;
+use jitgate_core::rbac::{Action, scopes_allowing};
 use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
 use jitgate_proto::StatusReport;
-use jitgate_proto::api::{ApplyResult, BlockedPoint, BlockedSeries, BlockedTotal, Enabled};
-use jitgate_store::{AuditNote, ExclusionRecord, OpError, PolicyError, VmRecord};
+use jitgate_proto::api::{
+    ApplyResult, BlockedPoint, BlockedSeries, BlockedTotal, Enabled, RecommendationPage,
+    VerdictCounts,
+};
+use jitgate_store::{
+    AuditNote, ExclusionRecord, OpError, PolicyError, VerdictPage, VerdictScope, VmRecord,
+};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::AppState;
@@ -29,7 +33,9 @@ use crate::auth::{CallerIp, Principal};
 use crate::body::OptionalJsonBody;
 use crate::error::{ApiError, ApiResult};
 
-fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
+/// What recommendations classify from an agent's report (the store keeps it with the
+/// report and classifies the VM again when it changes).
+pub(crate) fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
     AgentFacts {
         last_seen,
         nft_version: report.nft_version.clone(),
@@ -79,7 +85,13 @@ async fn classify_chunk(
     now: Timestamp,
 ) -> ApiResult<Vec<(VmRecord, Recommendation)>> {
     let ids: Vec<VmId> = chunk.iter().map(|v| v.id.clone()).collect();
-    let mut summaries = crate::native::vms::summaries_by_key(state, chunk, now).await?;
+    let mut summaries: HashMap<String, jitgate_store::VmSummary> = state
+        .store
+        .vm_summaries(&ids, now)
+        .await?
+        .into_iter()
+        .map(|s| (s.vm.key(), s))
+        .collect();
     let statuses: HashMap<String, (StatusReport, Timestamp)> = state
         .store
         .agent_statuses(&ids)
@@ -120,16 +132,16 @@ async fn classify_chunk(
     Ok(out)
 }
 
-fn rec_json(vm: &VmRecord, r: &Recommendation) -> Value {
-    json!({
-        "vm": vm.id.to_string(),
-        "resourceGroup": vm.id.resource_group.to_string(),
-        "name": vm.id.name.to_string(),
-        "verdict": r.verdict.as_str(),
-        "reason": r.reason,
-        "exposedPorts": r.exposed,
-        "listeningManagementPorts": r.listening_management,
-    })
+fn rec_wire(vm: &VmId, r: &Recommendation) -> jitgate_proto::api::Recommendation {
+    jitgate_proto::api::Recommendation {
+        vm: vm.to_string(),
+        resource_group: vm.resource_group.to_string(),
+        name: vm.name.to_string(),
+        verdict: r.verdict.as_str().to_owned(),
+        reason: r.reason.clone(),
+        exposed_ports: r.exposed.clone(),
+        listening_management_ports: r.listening_management.clone(),
+    }
 }
 
 async fn visible_vms(
@@ -156,8 +168,9 @@ fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
 /// Recommendations a page at a time (`limit`, default 1000, at most 5000;
 /// `continuationToken` from the previous page), optionally only one `verdict`. The
 /// first page (no continuation token) also carries the `summary` of every VM the
-/// caller may read; it is counted while VMs stream through 500 at a time, so memory
-/// stays flat in the number of VMs.
+/// caller may read. Nothing is classified here: the store keeps each VM's verdict
+/// current with every write that changes its facts, so a page is one read and the
+/// summary one aggregate, both filtered by the caller's readable scopes in the store.
 #[utoipa::path(get, path = "/api/v1/recommendations", tag = "recommendations",
     params(("verdict" = Option<String>, Query, description = "Healthy, Unhealthy or NotApplicable"), ("resourceGroup" = Option<String>, Query), ("limit" = Option<usize>, Query, description = "Page size, 1-5000 (default 1000)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
     responses((status = 200, body = jitgate_proto::api::RecommendationPage)))]
@@ -165,7 +178,7 @@ pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RecommendationPage>> {
     let verdict = q
         .get("verdict")
         .map(|v| {
@@ -182,56 +195,55 @@ pub async fn list(
     let after = crate::params::after_continuation(&q)?;
     let with_summary = after.is_none();
     let now = state.clock.now();
-    let exclusions = state.store.list_exclusions().await?;
-    let mut summary = BTreeMap::from([("Healthy", 0u64), ("Unhealthy", 0), ("NotApplicable", 0)]);
-    let mut value: Vec<Value> = Vec::new();
-    let mut last_key: Option<String> = None;
-    let mut more = false;
-    let mut filter = jitgate_store::VmFilter {
+    let sub = state.default_subscription();
+    let scope = VerdictScope {
         resource_group: rg,
-        name: None,
-        after,
-        limit: 500,
+        readable: Some(scopes_allowing(
+            &principal.assignments,
+            &principal.name,
+            Action::VmRead,
+        )),
     };
-    loop {
-        let batch = state
-            .store
-            .find_vms(state.default_subscription(), &filter)
-            .await?;
-        let exhausted = batch.len() < filter.limit;
-        let Some(last) = batch.last() else { break };
-        filter.after = Some(last.id.key());
-        let visible: Vec<VmRecord> = batch
-            .into_iter()
-            .filter(|v| principal.can(Action::VmRead, &v.id.scope()))
-            .collect();
-        for (vm, r) in classify_chunk(&state, &visible, &exclusions, now).await? {
-            if with_summary {
-                *summary.entry(r.verdict.as_str()).or_default() += 1;
-            }
-            if verdict.is_some_and(|v| v != r.verdict) {
-                continue;
-            }
-            if value.len() == limit {
-                more = true;
-            } else if !more {
-                last_key = Some(vm.id.key());
-                value.push(rec_json(&vm, &r));
-            }
-        }
-        // Past a full page only the summary needs the rest.
-        if exhausted || (more && !with_summary) {
-            break;
-        }
-    }
-    let mut body = json!({ "value": value });
-    if with_summary {
-        body["summary"] = json!(summary);
-    }
-    if more && let Some(k) = last_key {
-        body["continuationToken"] = json!(crate::params::continuation(&k));
-    }
-    Ok(Json(body))
+    // One more than a page: whether another page follows.
+    let mut page = state
+        .store
+        .recommendations(
+            sub,
+            &VerdictPage {
+                scope: scope.clone(),
+                verdict,
+                after,
+                limit: limit + 1,
+            },
+            now,
+        )
+        .await?;
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let summary = if with_summary {
+        let counts = state.store.verdict_counts(sub, &scope, now).await?;
+        Some(VerdictCounts {
+            healthy: counts.get(Verdict::Healthy),
+            unhealthy: counts.get(Verdict::Unhealthy),
+            not_applicable: counts.get(Verdict::NotApplicable),
+        })
+    } else {
+        None
+    };
+    let continuation_token = more
+        .then(|| {
+            page.last()
+                .map(|last| crate::params::continuation(&last.vm.key()))
+        })
+        .flatten();
+    Ok(Json(RecommendationPage {
+        value: page
+            .iter()
+            .map(|v| rec_wire(&v.vm, &v.recommendation))
+            .collect(),
+        summary,
+        continuation_token,
+    }))
 }
 
 /// Enables JIT on every unhealthy machine the caller may see (in one resource group,
@@ -545,29 +557,30 @@ pub async fn prune_blocked(
     }
 }
 
-/// Keeps the verdict gauges current (every 30 s).
+/// Keeps the verdict gauges current (every 30 s), from the store's aggregate.
 pub async fn refresh_metrics(state: AppState, mut shutdown: watch::Receiver<bool>) {
     loop {
-        if let Ok(vms) = state
+        match state
             .store
-            .list_vms(state.default_subscription(), None)
+            .verdict_counts(
+                state.default_subscription(),
+                &VerdictScope::default(),
+                state.clock.now(),
+            )
             .await
-            && let Ok(recs) = recommendations(&state, &vms, state.clock.now()).await
         {
-            let mut counts: HashMap<&str, i64> =
-                HashMap::from([("Healthy", 0), ("Unhealthy", 0), ("NotApplicable", 0)]);
-            for (_, r) in &recs {
-                *counts.entry(r.verdict.as_str()).or_default() += 1;
+            Ok(counts) => {
+                for verdict in [Verdict::Healthy, Verdict::Unhealthy, Verdict::NotApplicable] {
+                    state
+                        .metrics
+                        .verdicts
+                        .get_or_create(&crate::metrics::VerdictLabel {
+                            verdict: verdict.as_str().to_owned(),
+                        })
+                        .set(i64::try_from(counts.get(verdict)).unwrap_or(i64::MAX));
+                }
             }
-            for (verdict, n) in counts {
-                state
-                    .metrics
-                    .verdicts
-                    .get_or_create(&crate::metrics::VerdictLabel {
-                        verdict: verdict.to_owned(),
-                    })
-                    .set(n);
-            }
+            Err(e) => tracing::error!(error = %e, "cannot count the recommendations' verdicts"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}

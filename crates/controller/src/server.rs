@@ -167,6 +167,7 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
         &db,
         SqliteOptions {
             write_queue: config.write_queue,
+            recommend: config.recommend.clone(),
         },
     )
     .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;

@@ -162,6 +162,21 @@ pub fn is_allowed(
         .any(|a| a.principal == principal && a.role.permits(action) && a.scope.contains(target))
 }
 
+/// The scopes at which `principal` holds `action`: `is_allowed` on a target is true
+/// exactly when one of them contains it. A store filters by these instead of asking
+/// `is_allowed` row by row.
+pub fn scopes_allowing(
+    assignments: &[RoleAssignment],
+    principal: &str,
+    action: Action,
+) -> Vec<Scope> {
+    assignments
+        .iter()
+        .filter(|a| a.principal == principal && a.role.permits(action))
+        .map(|a| a.scope.clone())
+        .collect()
+}
+
 /// True when the principal holds `action` somewhere at or under `scope` (for example a
 /// VM-scoped requester listing policies of the resource group: they may see the part
 /// that concerns their VM).
@@ -255,7 +270,17 @@ mod tests {
                 want,
                 "{p} {action:?} {target}"
             );
+            // The scopes a store filters by decide the same.
+            let by_scopes = scopes_allowing(&a, p, action)
+                .iter()
+                .any(|s| s.contains(&target));
+            assert_eq!(by_scopes, want, "scopes_allowing: {p} {action:?} {target}");
         }
+        assert_eq!(
+            scopes_allowing(&a, "alice", Action::VmRead),
+            vec![vm("rg", "web-1")]
+        );
+        assert_eq!(scopes_allowing(&a, "alice", Action::TokenWrite), vec![]);
         assert!(is_allowed_somewhere_under(
             &a,
             "alice",

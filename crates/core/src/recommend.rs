@@ -117,32 +117,80 @@ fn restricted_by_user_rules(rules: &[NsgRule], port: u16) -> bool {
     })
 }
 
-/// Classifies one VM at `now`.
-pub fn classify(f: &VmFacts, config: &RecommendConfig, now: Timestamp) -> Recommendation {
-    let na = |reason: String| Recommendation {
+fn not_applicable(reason: String) -> Recommendation {
+    Recommendation {
         verdict: Verdict::NotApplicable,
         reason,
         exposed: Vec::new(),
         listening_management: Vec::new(),
-    };
-    if let Some(why) = &f.excluded {
-        return na(format!(
+    }
+}
+
+/// Classifies one VM at `now`: [`settle`] applied to [`classify_reported`].
+pub fn classify(f: &VmFacts, config: &RecommendConfig, now: Timestamp) -> Recommendation {
+    settle(
+        classify_reported(f, config),
+        f.excluded.as_deref(),
+        f.agent.as_ref().map(|a| a.last_seen),
+        config,
+        now,
+    )
+}
+
+/// The verdict at `now` of a VM whose reported verdict is `reported`: an exclusion of
+/// its scope (`excluded`, its reason), then an agent silent for longer than
+/// `offline_after` since `last_seen`, override it. These are the only parts of a
+/// verdict that change without a write to the VM's own facts (an exclusion may cover
+/// thousands of VMs; silence is the passing of time), so a store can keep
+/// `reported` per VM and settle it when it is read.
+pub fn settle(
+    reported: Recommendation,
+    excluded: Option<&str>,
+    last_seen: Option<Timestamp>,
+    config: &RecommendConfig,
+    now: Timestamp,
+) -> Recommendation {
+    if let Some(why) = excluded {
+        return not_applicable(format!(
             "JIT is switched off for this machine's scope by an administrator: {why}"
         ));
     }
+    if let Some(seen) = last_seen
+        && is_offline(seen, config, now)
+    {
+        let silent = now.duration_since(seen);
+        return not_applicable(format!(
+            "the agent is offline: last seen {} ago (at {})",
+            human(silent.as_secs()),
+            seen
+        ));
+    }
+    reported
+}
+
+/// True when an agent last seen at `last_seen` is offline at `now`: silent for longer
+/// than `offline_after`, that is, seen before [`offline_cutoff`].
+pub fn is_offline(last_seen: Timestamp, config: &RecommendConfig, now: Timestamp) -> bool {
+    now.duration_since(last_seen) > config.offline_after
+}
+
+/// The earliest time an agent may have last reported and still be online at `now`:
+/// an agent is offline exactly when it was last seen before it (a store filters by it).
+/// `None` when no time is that early.
+pub fn offline_cutoff(config: &RecommendConfig, now: Timestamp) -> Option<Timestamp> {
+    now.checked_sub(config.offline_after).ok()
+}
+
+/// What `classify` concludes from what was written about the VM (its agent's last
+/// report, its JIT-protected ports, its user rules), as if its agent were online and
+/// its scope not excluded: [`settle`] adds those.
+pub fn classify_reported(f: &VmFacts, config: &RecommendConfig) -> Recommendation {
+    let na = not_applicable;
     let Some(agent) = &f.agent else {
         return na(
             "no agent has enrolled for this machine, so nothing can enforce JIT on it".to_owned(),
         );
     };
-    let silent = now.duration_since(agent.last_seen);
-    if silent > config.offline_after {
-        return na(format!(
-            "the agent is offline: last seen {} ago (at {})",
-            human(silent.as_secs()),
-            agent.last_seen
-        ));
-    }
     if agent.nft_version.is_none() {
         return na(
             "nftables is not available on the host (install the nftables package)".to_owned(),
@@ -425,6 +473,33 @@ mod tests {
         let r = classify(&f, &RecommendConfig::default(), now());
         assert_eq!(r.listening_management, vec![22, 3389]);
         assert_eq!(r.exposed, vec![22, 3389]);
+    }
+
+    /// A store counts offline agents with `last_seen < offline_cutoff`: the same
+    /// decision as `is_offline`, to the nanosecond around the threshold.
+    #[test]
+    fn offline_cutoff_agrees_with_is_offline() {
+        let c = RecommendConfig::default();
+        let cutoff = offline_cutoff(&c, now()).unwrap();
+        for delta in [-1_000_000_000i64, -1, 0, 1, 1_000_000_000] {
+            let seen = cutoff
+                .checked_add(SignedDuration::from_nanos(delta))
+                .unwrap();
+            assert_eq!(is_offline(seen, &c, now()), seen < cutoff, "{delta} ns");
+        }
+        assert_eq!(offline_cutoff(&c, Timestamp::MIN), None);
+        // Settled: exclusion first, then silence; otherwise the reported verdict.
+        let reported = classify_reported(&facts(agent(vec![listen(22, "0.0.0.0")])), &c);
+        assert_eq!(reported.verdict, Verdict::Unhealthy);
+        let old = cutoff.checked_sub(SignedDuration::from_secs(1)).unwrap();
+        let r = settle(reported.clone(), None, Some(old), &c, now());
+        assert!(r.reason.contains("offline"), "{}", r.reason);
+        let r = settle(reported.clone(), Some("lab"), Some(old), &c, now());
+        assert!(r.reason.contains("switched off") && r.reason.ends_with("lab"));
+        assert_eq!(
+            settle(reported.clone(), None, Some(now()), &c, now()),
+            reported
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ use jitgate_core::policy::{
     validate_policy,
 };
 use jitgate_core::rbac::{Role, RoleAssignment};
+use jitgate_core::recommend::{AgentFacts, Listening, RecommendConfig, Verdict, VmFacts, classify};
 use jitgate_core::request::{
     AccessRequest, InitiateInput, InitiatePortInput, InitiateVmInput, PortStatus, RequestId,
     RevokeReason,
@@ -113,6 +114,13 @@ macro_rules! store_conformance_tests {
             revoked_enroll_tokens_enroll_nothing,
             agent_status_put_get_upserts,
             prune_blocked_keeps_exactly_the_recent_points,
+            verdicts_follow_agent_reports,
+            verdicts_follow_policies,
+            verdicts_follow_nsg_rules,
+            verdicts_follow_exclusions,
+            verdicts_follow_vm_register_and_delete,
+            verdicts_settle_the_offline_threshold,
+            verdict_reads_page_and_filter_by_scope,
         );
     };
 }
@@ -497,6 +505,8 @@ struct Snapshot {
     nsg_rules: Vec<Vec<NsgRule>>,
     agent_status: Vec<Option<AgentStatusRecord>>,
     enroll_tokens: Vec<EnrollTokenRecord>,
+    /// Every VM's recommendation, read at a fixed time.
+    verdicts: Vec<VmVerdict>,
 }
 
 async fn snapshot(store: &dyn Store) -> Snapshot {
@@ -539,6 +549,7 @@ async fn snapshot(store: &dyn Store) -> Snapshot {
         nsg_rules,
         agent_status,
         enroll_tokens,
+        verdicts: stored_verdicts(store, all_of(VerdictScope::default()), at(60)).await,
     }
 }
 
@@ -865,11 +876,14 @@ pub async fn vm_summaries_read_a_page_at_once(store: &dyn Store) {
     )
     .await;
     store
-        .put_agent_status(AgentStatusRecord {
-            vm: s.vm2.clone(),
-            report: "{}".into(),
-            last_seen: at(30),
-        })
+        .put_agent_status(
+            AgentStatusRecord {
+                vm: s.vm2.clone(),
+                report: "{}".into(),
+                last_seen: at(30),
+            },
+            quiet_agent(),
+        )
         .await
         .unwrap();
     let ssh = nsg_rule("corp-ssh", 300, Access::Allow, &["22"], &["10.0.0.0/8"]);
@@ -3880,14 +3894,20 @@ pub async fn agent_status_put_get_upserts(store: &dyn Store) {
         report: r#"{"appliedRevision":"r1"}"#.into(),
         last_seen: at(10),
     };
-    store.put_agent_status(first.clone()).await.unwrap();
+    store
+        .put_agent_status(first.clone(), quiet_agent())
+        .await
+        .unwrap();
     assert_eq!(store.agent_status(&s.vm1).await.unwrap(), Some(first));
     let second = AgentStatusRecord {
         vm: s.vm1.clone(),
         report: r#"{"appliedRevision":"r2","error":null}"#.into(),
         last_seen: at(20),
     };
-    store.put_agent_status(second.clone()).await.unwrap();
+    store
+        .put_agent_status(second.clone(), quiet_agent())
+        .await
+        .unwrap();
     assert_eq!(
         store.agent_status(&shout(&s.vm1)).await.unwrap(),
         Some(second.clone()),
@@ -3903,7 +3923,7 @@ pub async fn agent_status_put_get_upserts(store: &dyn Store) {
         report: "{}".into(),
         last_seen: at(30),
     };
-    store.put_agent_status(third).await.unwrap();
+    store.put_agent_status(third, quiet_agent()).await.unwrap();
     let got = store.agent_status(&s.vm1).await.unwrap().unwrap();
     assert_eq!(
         (got.vm.key(), got.report.as_str(), got.last_seen),
@@ -3992,11 +4012,14 @@ pub async fn enroll_refuses_to_replace_an_online_agent(store: &dyn Store) {
         .await
         .unwrap();
     store
-        .put_agent_status(AgentStatusRecord {
-            vm: v.clone(),
-            report: "{}".into(),
-            last_seen: at(100),
-        })
+        .put_agent_status(
+            AgentStatusRecord {
+                vm: v.clone(),
+                report: "{}".into(),
+                last_seen: at(100),
+            },
+            quiet_agent(),
+        )
         .await
         .unwrap();
     let before = snapshot(store).await;
@@ -4040,11 +4063,14 @@ pub async fn enroll_refuses_to_replace_an_online_agent(store: &dyn Store) {
 
     // Online again, and a token made for replacing: allowed, and audited as such.
     store
-        .put_agent_status(AgentStatusRecord {
-            vm: v.clone(),
-            report: "{}".into(),
-            last_seen: at(300),
-        })
+        .put_agent_status(
+            AgentStatusRecord {
+                vm: v.clone(),
+                report: "{}".into(),
+                last_seen: at(300),
+            },
+            quiet_agent(),
+        )
         .await
         .unwrap();
     store
@@ -4426,4 +4452,748 @@ pub async fn lists_page_in_creation_order(store: &dyn Store) {
     let mut sorted = created.clone();
     sorted.sort();
     assert_eq!(created, sorted);
+}
+
+// ---- recommendations ------------------------------------------------------------------
+
+/// An agent reporting nftables and these TCP ports listening on every address.
+fn agent_facts(listening: &[u16]) -> AgentFacts {
+    AgentFacts {
+        last_seen: t0(),
+        nft_version: Some("nftables v1.0.6".into()),
+        error: None,
+        listening: listening
+            .iter()
+            .map(|p| Listening {
+                protocol: Protocol::Tcp,
+                addr: ip("0.0.0.0"),
+                port: *p,
+                process: Some(format!("daemon-{p}")),
+            })
+            .collect(),
+        inventory_errors: Vec::new(),
+        drift: None,
+    }
+}
+
+/// An agent with nothing listening.
+fn quiet_agent() -> AgentFacts {
+    agent_facts(&[])
+}
+
+/// The facts every agent last reported, by VM key, as the tests sent them: the
+/// from-scratch side of the comparison.
+type Reported = std::collections::HashMap<String, AgentFacts>;
+
+/// `vm`'s agent reports `facts` at `now`.
+async fn report(
+    store: &dyn Store,
+    reported: &mut Reported,
+    vm: &VmId,
+    facts: AgentFacts,
+    now: Timestamp,
+) {
+    store
+        .put_agent_status(
+            AgentStatusRecord {
+                vm: vm.clone(),
+                report: "{}".into(),
+                last_seen: now,
+            },
+            facts.clone(),
+        )
+        .await
+        .unwrap();
+    reported.insert(
+        vm.key(),
+        AgentFacts {
+            last_seen: now,
+            ..facts
+        },
+    );
+}
+
+/// Every registered VM's recommendation at `now`, classified from scratch: the facts
+/// its agent last reported, and what the store gives back about its policy ports, user
+/// rules and exclusions, through `classify` with the default configuration.
+async fn classified(store: &dyn Store, reported: &Reported, now: Timestamp) -> Vec<VmVerdict> {
+    let exclusions = store.list_exclusions().await.unwrap();
+    let mut vms = store.list_vms(sub(), None).await.unwrap();
+    vms.sort_by_key(|v| v.id.key());
+    let mut out = Vec::new();
+    for v in vms {
+        let facts = VmFacts {
+            agent: reported.get(&v.id.key()).cloned(),
+            excluded: exclusions
+                .iter()
+                .find(|e| e.scope.contains(&v.id.scope()))
+                .map(|e| e.reason.clone()),
+            protected: store
+                .vm_policy(&v.id)
+                .await
+                .unwrap()
+                .map(|p| p.vm.ports.iter().map(|r| (r.number, r.protocol)).collect())
+                .unwrap_or_default(),
+            user_rules: store.nsg_rules(&v.id).await.unwrap(),
+        };
+        out.push(VmVerdict {
+            recommendation: classify(&facts, &RecommendConfig::default(), now),
+            vm: v.id,
+        });
+    }
+    out
+}
+
+async fn stored_verdicts(store: &dyn Store, page: VerdictPage, now: Timestamp) -> Vec<VmVerdict> {
+    store.recommendations(sub(), &page, now).await.unwrap()
+}
+
+fn all_of(scope: VerdictScope) -> VerdictPage {
+    VerdictPage {
+        scope,
+        limit: 100_000,
+        ..Default::default()
+    }
+}
+
+fn count(verdicts: &[VmVerdict]) -> VerdictCounts {
+    let mut c = VerdictCounts::default();
+    for v in verdicts {
+        c.add(v.recommendation.verdict, 1);
+    }
+    c
+}
+
+/// The stored verdicts at `now` are what `classify` computes from scratch: every VM's
+/// (verdict, reason, ports), the counts, and each verdict's own list. Returns them.
+async fn check_verdicts(
+    store: &dyn Store,
+    reported: &Reported,
+    now: Timestamp,
+    after: &str,
+) -> Vec<VmVerdict> {
+    let want = classified(store, reported, now).await;
+    let got = stored_verdicts(store, all_of(VerdictScope::default()), now).await;
+    assert_eq!(
+        got, want,
+        "after {after}: stored verdicts differ from classify"
+    );
+    assert_eq!(
+        store
+            .verdict_counts(sub(), &VerdictScope::default(), now)
+            .await
+            .unwrap(),
+        count(&want),
+        "after {after}: counts"
+    );
+    for v in [Verdict::Healthy, Verdict::Unhealthy, Verdict::NotApplicable] {
+        let only = stored_verdicts(
+            store,
+            VerdictPage {
+                verdict: Some(v),
+                ..all_of(VerdictScope::default())
+            },
+            now,
+        )
+        .await;
+        let expected: Vec<VmVerdict> = want
+            .iter()
+            .filter(|w| w.recommendation.verdict == v)
+            .cloned()
+            .collect();
+        assert_eq!(only, expected, "after {after}: the {v:?} list");
+    }
+    want
+}
+
+fn verdict_of(verdicts: &[VmVerdict], vm: &VmId) -> (Verdict, String) {
+    let v = verdicts
+        .iter()
+        .find(|v| v.vm == *vm)
+        .unwrap_or_else(|| panic!("{vm} has no verdict"));
+    (v.recommendation.verdict, v.recommendation.reason.clone())
+}
+
+/// Issue 10: a VM's stored verdict follows its agent's reports (listening ports,
+/// nftables missing, an enforcement error, drift, unreadable sockets), including a
+/// heartbeat that repeats the previous report (it keeps the agent online). Status
+/// reports stay unaudited.
+pub async fn verdicts_follow_agent_reports(store: &dyn Store) {
+    install(store).await;
+    let (a, b) = (vm("rg1", "a"), vm("rg1", "b"));
+    register(store, &a, t0()).await;
+    register(store, &b, t0()).await;
+    let mut reported = Reported::new();
+    let v = check_verdicts(store, &reported, at(1), "registering").await;
+    assert!(verdict_of(&v, &a).1.contains("no agent"), "{v:?}");
+    let n0 = audit_count(store).await;
+
+    report(store, &mut reported, &a, agent_facts(&[22, 8080]), at(10)).await;
+    let v = check_verdicts(store, &reported, at(20), "a report with SSH listening").await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Unhealthy);
+    // The same report again, a heartbeat: 50 s after it the agent is online, 70 s after
+    // the first one.
+    report(store, &mut reported, &a, agent_facts(&[22, 8080]), at(30)).await;
+    let v = check_verdicts(store, &reported, at(80), "a heartbeat").await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Unhealthy);
+
+    let mut loopback = agent_facts(&[22, 3389]);
+    loopback.listening[0].addr = ip("127.0.0.1");
+    loopback.listening[1].addr = ip("::");
+    let facts = vec![
+        ("nothing listening", quiet_agent()),
+        (
+            "nftables missing",
+            AgentFacts {
+                nft_version: None,
+                ..agent_facts(&[22])
+            },
+        ),
+        (
+            "an enforcement error",
+            AgentFacts {
+                error: Some("nft -f failed: Operation not permitted".into()),
+                ..quiet_agent()
+            },
+        ),
+        (
+            "drift",
+            AgentFacts {
+                drift: Some("rule removed: JIT-Deny-default-22".into()),
+                ..quiet_agent()
+            },
+        ),
+        (
+            "unreadable sockets",
+            AgentFacts {
+                inventory_errors: vec!["/proc/net/tcp6 line 2: not a socket line: 'x'".into()],
+                ..quiet_agent()
+            },
+        ),
+        (
+            "unreadable sockets and SSH",
+            AgentFacts {
+                inventory_errors: vec!["/proc/net/tcp6 line 2: not a socket line: 'x'".into()],
+                ..agent_facts(&[22])
+            },
+        ),
+        ("SSH on loopback, RDP on every IPv6 address", loopback),
+        (
+            "a management port on a UDP socket",
+            AgentFacts {
+                listening: vec![Listening {
+                    protocol: Protocol::Udp,
+                    addr: ip("0.0.0.0"),
+                    port: 22,
+                    process: None,
+                }],
+                ..quiet_agent()
+            },
+        ),
+    ];
+    let mut now = 100;
+    let mut seen = std::collections::HashSet::new();
+    for (what, f) in facts {
+        report(store, &mut reported, &a, f, at(now)).await;
+        let v = check_verdicts(store, &reported, at(now + 1), what).await;
+        seen.insert(verdict_of(&v, &a).0);
+        now += 10;
+    }
+    assert_eq!(seen.len(), 3, "the reports cover every verdict");
+    // Another casing of the VM's id is the same VM.
+    report(
+        store,
+        &mut reported,
+        &shout(&a),
+        agent_facts(&[5985]),
+        at(now),
+    )
+    .await;
+    reported.remove(&a.key());
+    reported.insert(
+        a.key(),
+        AgentFacts {
+            last_seen: at(now),
+            ..agent_facts(&[5985])
+        },
+    );
+    let v = check_verdicts(store, &reported, at(now + 1), "a report in another casing").await;
+    assert!(verdict_of(&v, &a).1.contains("5985"), "{v:?}");
+    assert_eq!(verdict_of(&v, &b).0, Verdict::NotApplicable);
+    assert_eq!(
+        audit_count(store).await,
+        n0,
+        "status reports are not audited"
+    );
+}
+
+/// Issue 10: writing, changing and deleting a policy changes its VMs' protected ports,
+/// and so their verdicts, in the same transaction; a refused policy write changes no
+/// verdict.
+pub async fn verdicts_follow_policies(store: &dyn Store) {
+    install(store).await;
+    let (a, b, c) = (vm("rg1", "a"), vm("rg1", "b"), vm("rg2", "c"));
+    let mut reported = Reported::new();
+    for v in [&a, &b, &c] {
+        register(store, v, t0()).await;
+        report(store, &mut reported, v, agent_facts(&[22, 3389]), at(1)).await;
+    }
+    let v = check_verdicts(store, &reported, at(2), "reports").await;
+    assert_eq!(count(&v).unhealthy, 3);
+
+    let k = pkey("rg1", "westeurope", "default");
+    put(store, &k, spec(&k, &[(&a, &[22])]), at(3)).await;
+    let v = check_verdicts(store, &reported, at(4), "a policy protecting SSH on a").await;
+    assert!(verdict_of(&v, &a).1.contains("3389") && !verdict_of(&v, &a).1.contains("22 "));
+    put(
+        store,
+        &k,
+        spec(&k, &[(&a, &[22, 3389]), (&b, &[22])]),
+        at(5),
+    )
+    .await;
+    let v = check_verdicts(
+        store,
+        &reported,
+        at(6),
+        "the policy covering a and part of b",
+    )
+    .await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Healthy);
+    assert_eq!(verdict_of(&v, &b).0, Verdict::Unhealthy);
+    // A protocol that does not cover TCP protects nothing.
+    put(
+        store,
+        &k,
+        spec_with(
+            &k,
+            vec![(&b, vec![rule(22, "UDP", "PT1H"), rule(3389, "*", "PT1H")])],
+        ),
+        at(7),
+    )
+    .await;
+    let v = check_verdicts(
+        store,
+        &reported,
+        at(8),
+        "a left the policy, b's SSH rule is UDP",
+    )
+    .await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Unhealthy);
+    assert!(verdict_of(&v, &b).1.contains("22"));
+
+    let k2 = pkey("rg2", "westeurope", "default");
+    put(store, &k2, spec(&k2, &[(&c, &[22, 3389])]), at(9)).await;
+    let before = check_verdicts(store, &reported, at(10), "c's own policy").await;
+    assert_eq!(verdict_of(&before, &c).0, Verdict::Healthy);
+    // Refused: b is in another policy.
+    let k3 = pkey("rg1", "westeurope", "other");
+    let r = store
+        .put_policy(
+            k3.clone(),
+            spec(&k3, &[(&a, &[22, 3389]), (&b, &[22, 3389])]),
+            ctx(at(11)),
+        )
+        .await;
+    assert!(
+        matches!(r, Err(OpError::Refused(PolicyError::VmInOtherPolicy(_)))),
+        "{r:?}"
+    );
+    assert_eq!(
+        stored_verdicts(store, all_of(VerdictScope::default()), at(10)).await,
+        before,
+        "a refused policy write changed a verdict"
+    );
+
+    store.delete_policy(&k2, ctx(at(12))).await.unwrap();
+    let v = check_verdicts(store, &reported, at(13), "deleting c's policy").await;
+    assert_eq!(verdict_of(&v, &c).0, Verdict::Unhealthy);
+    store.delete_policy(&k, ctx(at(14))).await.unwrap();
+    let v = check_verdicts(store, &reported, at(15), "deleting the last policy").await;
+    assert_eq!(count(&v).unhealthy, 3);
+}
+
+/// Issue 10: a user NSG rule denying everyone a port makes it unexposed; allowing only
+/// some sources does not; deleting the rule exposes it again.
+pub async fn verdicts_follow_nsg_rules(store: &dyn Store) {
+    install(store).await;
+    let (a, b) = (vm("rg1", "a"), vm("rg1", "b"));
+    let mut reported = Reported::new();
+    for v in [&a, &b] {
+        register(store, v, t0()).await;
+        report(store, &mut reported, v, agent_facts(&[22]), at(1)).await;
+    }
+    store
+        .put_nsg_rule(
+            &a,
+            nsg_rule("corp-ssh", 200, Access::Allow, &["22"], &["10.0.0.0/8"]),
+            ctx(at(2)),
+        )
+        .await
+        .unwrap();
+    let v = check_verdicts(store, &reported, at(3), "an allow rule").await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Unhealthy);
+    store
+        .put_nsg_rule(
+            &shout(&a),
+            nsg_rule("no-ssh", 300, Access::Deny, &["20-23"], &["*"]),
+            ctx(at(4)),
+        )
+        .await
+        .unwrap();
+    let v = check_verdicts(store, &reported, at(5), "a deny rule for everyone").await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Healthy);
+    assert_eq!(verdict_of(&v, &b).0, Verdict::Unhealthy, "rules are per VM");
+    // Replaced by a rule on another port.
+    store
+        .put_nsg_rule(
+            &a,
+            nsg_rule("no-ssh", 300, Access::Deny, &["3389"], &["*"]),
+            ctx(at(6)),
+        )
+        .await
+        .unwrap();
+    let v = check_verdicts(store, &reported, at(7), "replacing the deny rule").await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Unhealthy);
+    store
+        .put_nsg_rule(
+            &a,
+            nsg_rule("no-ssh", 300, Access::Deny, &["22"], &["*"]),
+            ctx(at(8)),
+        )
+        .await
+        .unwrap();
+    let v = check_verdicts(store, &reported, at(9), "denying SSH again").await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Healthy);
+    // Refused (priority taken): nothing changes.
+    let r = store
+        .put_nsg_rule(
+            &a,
+            nsg_rule("other", 300, Access::Allow, &["22"], &["*"]),
+            ctx(at(10)),
+        )
+        .await;
+    assert!(r.is_err());
+    check_verdicts(store, &reported, at(11), "a refused rule").await;
+    assert!(
+        store
+            .delete_nsg_rule(&a, "no-ssh", ctx(at(12)))
+            .await
+            .unwrap()
+    );
+    let v = check_verdicts(store, &reported, at(13), "deleting the deny rule").await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Unhealthy);
+}
+
+/// Issue 10: an exclusion makes every VM of its scope NotApplicable with its reason (the
+/// first exclusion, in the order they are listed, when several cover a VM), including
+/// VMs registered later; removing it gives them back their own verdicts.
+pub async fn verdicts_follow_exclusions(store: &dyn Store) {
+    install(store).await;
+    let (a, b, c) = (vm("rg1", "a"), vm("rg1", "b"), vm("rg2", "c"));
+    let mut reported = Reported::new();
+    for v in [&a, &b, &c] {
+        register(store, v, t0()).await;
+        report(store, &mut reported, v, agent_facts(&[22]), at(1)).await;
+    }
+    let exclusion = |id: &str, scope: Scope, reason: &str, created: i64| ExclusionRecord {
+        id: id.into(),
+        scope,
+        reason: reason.into(),
+        created: at(created),
+        created_by: OWNER.into(),
+    };
+    store
+        .add_exclusion(
+            exclusion("e-rg", rg_scope("RG1"), "lab machines", 10),
+            ctx(at(10)),
+        )
+        .await
+        .unwrap();
+    let v = check_verdicts(store, &reported, at(11), "excluding rg1").await;
+    assert!(verdict_of(&v, &a).1.ends_with("lab machines"));
+    assert_eq!(verdict_of(&v, &c).0, Verdict::Unhealthy);
+    // Listed first (created earlier), so its reason wins where both apply.
+    store
+        .add_exclusion(
+            exclusion("e-sub", Scope::Subscription(sub()), "whole tenant", 5),
+            ctx(at(12)),
+        )
+        .await
+        .unwrap();
+    let v = check_verdicts(store, &reported, at(13), "excluding the subscription").await;
+    assert!(verdict_of(&v, &a).1.ends_with("whole tenant"));
+    assert_eq!(count(&v).not_applicable, 3);
+    store
+        .add_exclusion(
+            exclusion("e-vm", Scope::Vm(shout(&c)), "being rebuilt", 14),
+            ctx(at(14)),
+        )
+        .await
+        .unwrap();
+    check_verdicts(store, &reported, at(15), "excluding c").await;
+    assert!(store.remove_exclusion("e-sub", ctx(at(16))).await.unwrap());
+    let v = check_verdicts(
+        store,
+        &reported,
+        at(17),
+        "removing the subscription's exclusion",
+    )
+    .await;
+    assert!(verdict_of(&v, &b).1.ends_with("lab machines"));
+    assert!(verdict_of(&v, &c).1.ends_with("being rebuilt"));
+    // A VM registered into an excluded scope is excluded from the start.
+    let d = vm("rg1", "d");
+    register(store, &d, at(18)).await;
+    let v = check_verdicts(store, &reported, at(19), "registering into rg1").await;
+    assert!(verdict_of(&v, &d).1.ends_with("lab machines"));
+    assert!(store.remove_exclusion("e-rg", ctx(at(20))).await.unwrap());
+    assert!(store.remove_exclusion("e-vm", ctx(at(21))).await.unwrap());
+    assert!(!store.remove_exclusion("e-vm", ctx(at(22))).await.unwrap());
+    let v = check_verdicts(store, &reported, at(23), "removing every exclusion").await;
+    assert_eq!(count(&v).unhealthy, 3);
+    assert!(verdict_of(&v, &d).1.contains("no agent"));
+}
+
+/// Issue 10: a VM has a verdict from its registration (by an admin or by its agent's
+/// enrollment) until it is deleted; a deleted VM is in no list and no count, even when
+/// its agent still reports; registered again, its agent's last report counts.
+pub async fn verdicts_follow_vm_register_and_delete(store: &dyn Store) {
+    install(store).await;
+    let (a, b) = (vm("rg1", "a"), vm("rg1", "b"));
+    let mut reported = Reported::new();
+    register(store, &a, t0()).await;
+    store
+        .create_enroll_token(
+            enroll_token("et1", rg_scope("rg1"), 5, at(3600)),
+            ctx(at(1)),
+        )
+        .await
+        .unwrap();
+    store
+        .enroll(
+            enroll_args("et1", &b, "jg_b", at(2)),
+            enroll_ctx("et1", at(2)),
+        )
+        .await
+        .unwrap();
+    let v = check_verdicts(store, &reported, at(3), "registering and enrolling").await;
+    assert_eq!(v.len(), 2);
+    report(store, &mut reported, &a, agent_facts(&[22]), at(4)).await;
+    report(store, &mut reported, &b, quiet_agent(), at(4)).await;
+    check_verdicts(store, &reported, at(5), "reports").await;
+
+    assert!(store.delete_vm(&shout(&a), ctx(at(6))).await.unwrap());
+    let v = check_verdicts(store, &reported, at(7), "deleting a").await;
+    assert_eq!(v.len(), 1);
+    assert_eq!(
+        store
+            .verdict_counts(sub(), &VerdictScope::default(), at(7))
+            .await
+            .unwrap(),
+        VerdictCounts {
+            healthy: 1,
+            ..Default::default()
+        }
+    );
+    // Its agent still reports: the VM stays deleted.
+    report(store, &mut reported, &a, agent_facts(&[22, 3389]), at(8)).await;
+    let v = check_verdicts(store, &reported, at(9), "a deleted VM's agent reporting").await;
+    assert_eq!(v.len(), 1);
+    register(store, &a, at(10)).await;
+    let v = check_verdicts(store, &reported, at(11), "registering a again").await;
+    assert!(verdict_of(&v, &a).1.contains("3389"), "{v:?}");
+}
+
+/// Issue 10: whether an agent is offline depends on the time of the read, not on a
+/// write: at exactly `offline_after` (60 s) since its last report it is online, a
+/// nanosecond later it is offline, in the lists, the counts and each verdict's list.
+pub async fn verdicts_settle_the_offline_threshold(store: &dyn Store) {
+    install(store).await;
+    let (a, b) = (vm("rg1", "a"), vm("rg1", "b"));
+    let mut reported = Reported::new();
+    register(store, &a, t0()).await;
+    register(store, &b, t0()).await;
+    report(store, &mut reported, &a, agent_facts(&[22]), at(100)).await;
+    report(store, &mut reported, &b, quiet_agent(), at(130)).await;
+    let edge = at(160);
+    let v = check_verdicts(store, &reported, edge, "60 s of silence").await;
+    assert_eq!(verdict_of(&v, &a).0, Verdict::Unhealthy);
+    let past = edge.checked_add(SignedDuration::from_nanos(1)).unwrap();
+    let v = check_verdicts(store, &reported, past, "60 s and 1 ns of silence").await;
+    let (verdict, why) = verdict_of(&v, &a);
+    assert_eq!(verdict, Verdict::NotApplicable);
+    assert!(why.contains("offline"), "{why}");
+    assert_eq!(verdict_of(&v, &b).0, Verdict::Healthy);
+    let v = check_verdicts(store, &reported, at(200), "both silent").await;
+    assert_eq!(count(&v).not_applicable, 2);
+    // A new report brings it back; an exclusion's reason comes before silence.
+    report(store, &mut reported, &a, agent_facts(&[22]), at(200)).await;
+    check_verdicts(store, &reported, at(201), "a new report").await;
+    store
+        .add_exclusion(
+            ExclusionRecord {
+                id: "e1".into(),
+                scope: Scope::Vm(b.clone()),
+                reason: "retired".into(),
+                created: at(202),
+                created_by: OWNER.into(),
+            },
+            ctx(at(202)),
+        )
+        .await
+        .unwrap();
+    let v = check_verdicts(store, &reported, at(1000), "an excluded silent agent").await;
+    assert!(verdict_of(&v, &b).1.ends_with("retired"));
+    // The clock's far ends.
+    check_verdicts(store, &reported, Timestamp::MIN, "the earliest time").await;
+    check_verdicts(store, &reported, Timestamp::MAX, "the latest time").await;
+}
+
+/// Issue 10: recommendations are read a page at a time in key order, filtered by
+/// resource group and by the caller's readable scopes (subscription, resource group,
+/// VM; another subscription's scopes read nothing) in the store; the counts cover
+/// exactly what the pages list.
+pub async fn verdict_reads_page_and_filter_by_scope(store: &dyn Store) {
+    install(store).await;
+    let mut reported = Reported::new();
+    let mut ids = Vec::new();
+    for (i, (group, name)) in [
+        ("rg1", "a"),
+        ("rg1", "b"),
+        ("RG2", "c"),
+        ("rg2", "d"),
+        ("rg3", "e"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = vm(group, name);
+        register(store, &id, t0()).await;
+        if i % 2 == 0 {
+            report(store, &mut reported, &id, agent_facts(&[22]), at(1)).await;
+        }
+        ids.push(id);
+    }
+    let now = at(2);
+    let all = check_verdicts(store, &reported, now, "setup").await;
+    let within = |keep: &dyn Fn(&VmId) -> bool| -> Vec<VmVerdict> {
+        all.iter().filter(|v| keep(&v.vm)).cloned().collect()
+    };
+    let cases: Vec<(&str, VerdictScope, Vec<VmVerdict>)> = vec![
+        (
+            "the subscription",
+            VerdictScope {
+                resource_group: None,
+                readable: Some(vec![Scope::Subscription(sub())]),
+            },
+            all.clone(),
+        ),
+        (
+            "a resource group (any casing)",
+            VerdictScope {
+                resource_group: None,
+                readable: Some(vec![rg_scope("rg2")]),
+            },
+            within(&|v| v.resource_group == rg("rg2")),
+        ),
+        (
+            "a VM and a resource group",
+            VerdictScope {
+                resource_group: None,
+                readable: Some(vec![Scope::Vm(shout(&ids[0])), rg_scope("rg3")]),
+            },
+            within(&|v| *v == ids[0] || v.resource_group == rg("rg3")),
+        ),
+        (
+            "another subscription's scopes",
+            VerdictScope {
+                resource_group: None,
+                readable: Some(vec![
+                    Scope::Subscription(other_sub()),
+                    Scope::ResourceGroup(other_sub(), rg("rg1")),
+                    Scope::Vm(vm_in(other_sub(), "rg1", "a")),
+                ]),
+            },
+            Vec::new(),
+        ),
+        (
+            "no scope",
+            VerdictScope {
+                resource_group: None,
+                readable: Some(Vec::new()),
+            },
+            Vec::new(),
+        ),
+        (
+            "one resource group of the readable ones",
+            VerdictScope {
+                resource_group: Some(rg("RG1")),
+                readable: Some(vec![Scope::Vm(ids[1].clone()), rg_scope("rg2")]),
+            },
+            vec![all[1].clone()],
+        ),
+        (
+            "one resource group, everything readable",
+            VerdictScope {
+                resource_group: Some(rg("rg2")),
+                readable: None,
+            },
+            within(&|v| v.resource_group == rg("rg2")),
+        ),
+    ];
+    for (what, scope, want) in cases {
+        assert_eq!(
+            stored_verdicts(store, all_of(scope.clone()), now).await,
+            want,
+            "{what}"
+        );
+        assert_eq!(
+            store.verdict_counts(sub(), &scope, now).await.unwrap(),
+            count(&want),
+            "{what}: counts"
+        );
+        // The same in pages of two, each after the previous page's last key.
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = stored_verdicts(
+                store,
+                VerdictPage {
+                    scope: scope.clone(),
+                    verdict: None,
+                    after: after.clone(),
+                    limit: 2,
+                },
+                now,
+            )
+            .await;
+            assert!(page.len() <= 2, "{what}: a page of {}", page.len());
+            let Some(last) = page.last() else { break };
+            after = Some(last.vm.key());
+            paged.extend(page);
+        }
+        assert_eq!(paged, want, "{what}: pages");
+    }
+    // Pages of one verdict.
+    let page = stored_verdicts(
+        store,
+        VerdictPage {
+            scope: VerdictScope::default(),
+            verdict: Some(Verdict::NotApplicable),
+            after: Some(ids[0].key()),
+            limit: 1,
+        },
+        now,
+    )
+    .await;
+    assert_eq!(page, vec![all[1].clone()]);
+    assert_eq!(
+        store
+            .recommendations(other_sub(), &all_of(VerdictScope::default()), now)
+            .await
+            .unwrap(),
+        Vec::new(),
+        "a subscription without VMs"
+    );
 }

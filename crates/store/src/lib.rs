@@ -23,6 +23,7 @@ use jitgate_core::audit::{AuditEntry, AuditRecord, VerifyReport};
 use jitgate_core::ids::{ResourceGroup, SubscriptionId, VmId};
 use jitgate_core::nsg::NsgRule;
 use jitgate_core::policy::{Policy, PolicyKey, PolicySpec};
+use jitgate_core::recommend::AgentFacts;
 use jitgate_core::request::{AccessRequest, RequestId};
 
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +204,10 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_enroll_token(&self, id: &str, audit: AuditCtx) -> Result<bool>;
     async fn enroll(&self, args: EnrollArgs, audit: AuditCtx)
     -> Result<VmId, OpError<EnrollError>>;
-    async fn put_agent_status(&self, status: AgentStatusRecord) -> Result<()>;
+    /// Keeps the agent's last report, and `facts`, what recommendations classify from
+    /// it (their `last_seen` is `status.last_seen`, whatever `facts.last_seen` says),
+    /// updating the VM's verdict in the same transaction.
+    async fn put_agent_status(&self, status: AgentStatusRecord, facts: AgentFacts) -> Result<()>;
     async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>>;
     async fn all_agent_status(&self) -> Result<Vec<AgentStatusRecord>>;
     /// The last reports of these VMs' agents, in one batched read (VMs without an
@@ -223,6 +227,25 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<BlockedPoint>>;
 
     // ---- recommendations ----
+    /// One page of VMs' recommendations at `now`, in key order: for each VM, what
+    /// `core::recommend::classify` gives from its current facts (agent report, policy
+    /// ports, user rules, exclusions) with the store's `RecommendConfig`. A backend
+    /// keeps each VM's verdict up to date in the transaction of every write that
+    /// changes its facts, and decides what depends on `now` (an agent gone silent) at
+    /// the read, so no VM is classified here.
+    async fn recommendations(
+        &self,
+        subscription: SubscriptionId,
+        page: &VerdictPage,
+        now: Timestamp,
+    ) -> Result<Vec<VmVerdict>>;
+    /// How many VMs of `scope` have each verdict at `now` (one aggregate read).
+    async fn verdict_counts(
+        &self,
+        subscription: SubscriptionId,
+        scope: &VerdictScope,
+        now: Timestamp,
+    ) -> Result<VerdictCounts>;
     async fn add_exclusion(&self, exclusion: ExclusionRecord, audit: AuditCtx) -> Result<()>;
     async fn list_exclusions(&self) -> Result<Vec<ExclusionRecord>>;
     /// Exclusions oldest first, a page at a time.

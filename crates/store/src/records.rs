@@ -332,3 +332,60 @@ pub struct DeletedPolicy {
     /// Their live grants, now revoked.
     pub revoked: Vec<RevokedPort>,
 }
+
+/// Which VMs a recommendations read covers.
+#[derive(Debug, Clone, Default)]
+pub struct VerdictScope {
+    pub resource_group: Option<ResourceGroup>,
+    /// Only VMs one of these scopes contains (the caller's, from
+    /// `rbac::scopes_allowing`); `None`: every VM. Scopes of another subscription
+    /// contain none of the subscription's VMs.
+    pub readable: Option<Vec<jitgate_core::ids::Scope>>,
+}
+
+/// One page of recommendations, in key order (the lower-cased VM id).
+#[derive(Debug, Clone, Default)]
+pub struct VerdictPage {
+    pub scope: VerdictScope,
+    /// Only VMs with this verdict (at the time of the read).
+    pub verdict: Option<jitgate_core::recommend::Verdict>,
+    /// Only VMs whose key sorts after this one: the previous page's last.
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// A VM's recommendation, as `core::recommend::classify` gives it from the VM's
+/// current facts at the time of the read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmVerdict {
+    pub vm: VmId,
+    pub recommendation: jitgate_core::recommend::Recommendation,
+}
+
+/// How many VMs have each verdict.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VerdictCounts {
+    pub healthy: u64,
+    pub unhealthy: u64,
+    pub not_applicable: u64,
+}
+
+impl VerdictCounts {
+    pub fn get(&self, v: jitgate_core::recommend::Verdict) -> u64 {
+        use jitgate_core::recommend::Verdict;
+        match v {
+            Verdict::Healthy => self.healthy,
+            Verdict::Unhealthy => self.unhealthy,
+            Verdict::NotApplicable => self.not_applicable,
+        }
+    }
+
+    pub fn add(&mut self, v: jitgate_core::recommend::Verdict, n: u64) {
+        use jitgate_core::recommend::Verdict;
+        match v {
+            Verdict::Healthy => self.healthy += n,
+            Verdict::Unhealthy => self.unhealthy += n,
+            Verdict::NotApplicable => self.not_applicable += n,
+        }
+    }
+}

@@ -29,6 +29,10 @@ use jitgate_core::policy::{
     AllowedSources, Policy, PolicyKey, PolicySpec, PolicyVm, PortRule, removed_ports, still_allows,
 };
 use jitgate_core::rbac::{self, Action, Role, RoleAssignment};
+use jitgate_core::recommend::{
+    AgentFacts, Listening, RecommendConfig, Recommendation, Verdict, VmFacts, classify_reported,
+    offline_cutoff, settle,
+};
 use jitgate_core::request::{
     AccessRequest, InitiateContext, InitiateError, LiveGrant, PortStatus, RequestId, RequestPort,
     RequestVm, RevokeReason, plan_initiate,
@@ -218,6 +222,30 @@ CREATE INDEX tokens_page ON tokens(created_ns, id);
 CREATE INDEX role_assignments_page ON role_assignments(created_ns, id);
 CREATE INDEX enroll_tokens_page ON enroll_tokens(created_ns, id);
 CREATE INDEX exclusions_page ON exclusions(created_ns, id);
+"#,
+    // Recommendations without classifying every VM at each read: each VM's verdict
+    // as its own facts give it (`refresh_verdicts`), updated by every write that
+    // changes them; `excluded` is the reason of the exclusion covering it, and
+    // `last_seen_ns` its agent's last report, both settled when read. The agent's
+    // facts are kept beside its report. The table is filled when the store opens
+    // (`fill_verdicts`), which is how an existing installation gets it. The counts read
+    // only their (covering) index; pages read in key order without sorting.
+    r#"
+CREATE TABLE vm_verdicts(
+    vm_key TEXT PRIMARY KEY,
+    subscription TEXT NOT NULL,
+    rg_key TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    exposed TEXT NOT NULL,
+    listening TEXT NOT NULL,
+    last_seen_ns INTEGER,
+    excluded TEXT
+);
+CREATE INDEX vm_verdicts_counts ON vm_verdicts(subscription, rg_key, verdict, last_seen_ns, excluded);
+CREATE INDEX vm_verdicts_page ON vm_verdicts(subscription, vm_key);
+CREATE INDEX vm_verdicts_rg_page ON vm_verdicts(subscription, rg_key, vm_key);
+ALTER TABLE agent_status ADD COLUMN facts TEXT;
 "#,
 ];
 
@@ -522,7 +550,50 @@ struct ChainTail {
 /// rows; the writer also sees its open transaction, whose rev may be rolled back and
 /// then reused by a later write with other content, so the writer's cache forgets
 /// what it read inside a rolled-back job or a failed commit (`WriterPolicies`).
-type PolicyCache = std::collections::HashMap<String, (String, i64, Arc<Policy>)>;
+///
+/// Bounded by the VMs its policies hold (`POLICY_CACHE_VMS`), not by their number: a
+/// decoded policy's size grows with its VMs, so a bound in policies let the cache (one
+/// for the writer, one for the readers) grow with the installation, about 50 MiB each
+/// at 100,000 VMs. Past the bound, entries are evicted in no particular order; a policy
+/// evicted costs one decode when it is needed again.
+#[derive(Default)]
+struct PolicyCache {
+    map: std::collections::HashMap<String, (String, i64, Arc<Policy>)>,
+    /// The VMs of the cached policies (a policy without VMs counts one).
+    vms: usize,
+}
+
+/// The most VM entries the decoded policies of one cache hold (about 10 MiB).
+const POLICY_CACHE_VMS: usize = 20_000;
+
+fn policy_weight(p: &Policy) -> usize {
+    p.spec.vms.len().max(1)
+}
+
+impl PolicyCache {
+    fn get(&self, key: &str) -> Option<&(String, i64, Arc<Policy>)> {
+        self.map.get(key)
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((_, _, p)) = self.map.remove(key) {
+            self.vms -= policy_weight(&p);
+        }
+    }
+
+    fn insert(&mut self, key: String, uid: String, rev: i64, policy: Arc<Policy>) {
+        self.remove(&key);
+        let weight = policy_weight(&policy);
+        while self.vms + weight > POLICY_CACHE_VMS {
+            let Some(victim) = self.map.keys().next().cloned() else {
+                break;
+            };
+            self.remove(&victim);
+        }
+        self.vms += weight;
+        self.map.insert(key, (uid, rev, policy));
+    }
+}
 
 /// The writer's policy cache and the keys it was asked for since the last commit.
 /// Like the audit chain's tail, what was learnt from uncommitted rows is undone when
@@ -555,6 +626,8 @@ pub struct WriteCtx<'a> {
     tx: &'a Transaction<'a>,
     tail: &'a mut ChainTail,
     policies: &'a mut WriterPolicies,
+    /// What verdicts are computed with (`refresh_verdicts`).
+    recommend: &'a RecommendConfig,
 }
 
 impl WriteCtx<'_> {
@@ -640,10 +713,7 @@ fn cached_policy(
         return Ok(None);
     };
     let policy = Arc::new(policy);
-    if cache.len() > 100_000 {
-        cache.clear();
-    }
-    cache.insert(key.to_owned(), (uid.clone(), rev, policy.clone()));
+    cache.insert(key.to_owned(), uid.clone(), rev, policy.clone());
     Ok(Some((uid, policy)))
 }
 
@@ -670,7 +740,7 @@ fn load_tail(conn: &Connection) -> Result<ChainTail> {
     })
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recommend: Arc<RecommendConfig>) {
     let mut tail = match load_tail(&conn) {
         Ok(t) => t,
         Err(e) => {
@@ -700,6 +770,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
                         tx: &tx,
                         tail: &mut tail,
                         policies: &mut policies,
+                        recommend: &recommend,
                     };
                     job(&mut ctx)
                 };
@@ -736,6 +807,361 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
+// ---- recommendations (storage-private) --------------------------------------------
+
+/// An agent's facts as stored beside its report (`agent_status.facts`): what
+/// recommendations classify, without the time it was seen.
+#[derive(Serialize, Deserialize, PartialEq)]
+struct StoredFacts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nft: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    drift: Option<String>,
+    #[serde(default)]
+    listening: Vec<StoredListener>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    inventory_errors: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, PartialEq)]
+struct StoredListener {
+    protocol: String,
+    addr: IpAddr,
+    port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    process: Option<String>,
+}
+
+fn encode_facts(f: &AgentFacts) -> Result<String> {
+    serde_json::to_string(&StoredFacts {
+        nft: f.nft_version.clone(),
+        error: f.error.clone(),
+        drift: f.drift.clone(),
+        listening: f
+            .listening
+            .iter()
+            .map(|l| StoredListener {
+                protocol: l.protocol.as_str().to_owned(),
+                addr: l.addr,
+                port: l.port,
+                process: l.process.clone(),
+            })
+            .collect(),
+        inventory_errors: f.inventory_errors.clone(),
+    })
+    .map_err(|e| StoreError::Db(format!("cannot encode agent facts: {e}")))
+}
+
+fn decode_facts(json: &str, last_seen: Timestamp) -> Result<AgentFacts> {
+    let f: StoredFacts = serde_json::from_str(json).map_err(corrupt("agent facts"))?;
+    Ok(AgentFacts {
+        last_seen,
+        nft_version: f.nft,
+        error: f.error,
+        drift: f.drift,
+        listening: f
+            .listening
+            .into_iter()
+            .map(|l| {
+                Ok(Listening {
+                    protocol: Protocol::parse(&l.protocol).map_err(corrupt("listener protocol"))?,
+                    addr: l.addr,
+                    port: l.port,
+                    process: l.process,
+                })
+            })
+            .collect::<Result<_>>()?,
+        inventory_errors: f.inventory_errors,
+    })
+}
+
+/// The reported verdict of a VM whose agent's last report was stored before the store
+/// kept agents' facts (an installation upgraded while the agent was away): nothing is
+/// known about its sockets until it reports again, which an online agent does within
+/// its heartbeat (10 s).
+fn facts_unknown() -> Recommendation {
+    Recommendation {
+        verdict: Verdict::NotApplicable,
+        reason: "the agent's last report predates this controller's recommendations; its next report (every 10 s while online) gives the verdict".to_owned(),
+        exposed: Vec::new(),
+        listening_management: Vec::new(),
+    }
+}
+
+fn ports_text(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn ports_from_text(text: &str) -> Result<Vec<u16>> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|p| p.parse::<u16>().map_err(corrupt("verdict port")))
+        .collect()
+}
+
+fn excluded_reason(exclusions: &[ExclusionRecord], vm: &VmId) -> Option<String> {
+    exclusions
+        .iter()
+        .find(|e| e.scope.contains(&vm.scope()))
+        .map(|e| e.reason.clone())
+}
+
+/// Recomputes the stored verdicts of the VMs with these keys from their stored facts,
+/// inside the write that changed them: `core::recommend::classify_reported` on the
+/// agent's facts, the VM's policy ports and user rules, plus the exclusion covering
+/// it and the agent's last report, which reads settle. A key that is not a registered
+/// VM loses its row.
+fn refresh_verdicts(ctx: &mut WriteCtx<'_>, keys: &[String]) -> Result<()> {
+    let exclusions = read_exclusions(ctx.tx, "ORDER BY created_ns, id", &[])?;
+    // Each policy's ports by VM key, built once per policy: a policy may hold
+    // thousands of VMs, and `Policy::vm` is a scan.
+    type PortsByVm = std::collections::HashMap<String, Vec<(Port, Protocol)>>;
+    let mut policies: std::collections::HashMap<String, PortsByVm> =
+        std::collections::HashMap::new();
+    for key in keys {
+        let row: Option<(String, String, String)> = ctx
+            .tx
+            .prepare_cached("SELECT id, subscription, rg_key FROM vms WHERE key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((id, sub, rg_key)) = row else {
+            ctx.tx
+                .prepare_cached("DELETE FROM vm_verdicts WHERE vm_key = ?1")?
+                .execute([key])?;
+            continue;
+        };
+        let vm = VmId::parse(&id).map_err(corrupt("vm id"))?;
+        let policy_key: Option<String> = ctx
+            .tx
+            .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?;
+        let protected = match policy_key {
+            Some(pk) => {
+                if !policies.contains_key(&pk) {
+                    let by_vm = ctx
+                        .policy(&pk)?
+                        .map(|(_, p)| {
+                            p.spec
+                                .vms
+                                .iter()
+                                .map(|v| {
+                                    (
+                                        v.id.key(),
+                                        v.ports.iter().map(|r| (r.number, r.protocol)).collect(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    policies.insert(pk.clone(), by_vm);
+                }
+                policies
+                    .get(&pk)
+                    .and_then(|m| m.get(key))
+                    .cloned()
+                    .unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        let user_rules = {
+            let mut st = ctx.tx.prepare_cached(
+                "SELECT name, priority, access, protocol, sources, ports, description, vm_key FROM nsg_rules
+                 WHERE vm_key = ?1 ORDER BY priority",
+            )?;
+            let rows = st.query_map([key], nsg_row)?;
+            rows.map(|row| decode_nsg_row(row?).map(|(_, rule)| rule))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let agent: Option<(Option<String>, i64)> = ctx
+            .tx
+            .prepare_cached("SELECT facts, last_seen_ns FROM agent_status WHERE vm_key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let facts = |agent| VmFacts {
+            agent,
+            excluded: None,
+            protected: protected.clone(),
+            user_rules: user_rules.clone(),
+        };
+        let (reported, last_seen) = match agent {
+            None => (classify_reported(&facts(None), ctx.recommend), None),
+            Some((None, seen)) => (facts_unknown(), Some(seen)),
+            Some((Some(json), seen)) => {
+                let agent = decode_facts(&json, from_ns(seen)?)?;
+                (
+                    classify_reported(&facts(Some(agent)), ctx.recommend),
+                    Some(seen),
+                )
+            }
+        };
+        ctx.tx
+            .prepare_cached(
+                "INSERT INTO vm_verdicts(vm_key, subscription, rg_key, verdict, reason, exposed, listening, last_seen_ns, excluded)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(vm_key) DO UPDATE SET subscription = excluded.subscription, rg_key = excluded.rg_key,
+                   verdict = excluded.verdict, reason = excluded.reason, exposed = excluded.exposed,
+                   listening = excluded.listening, last_seen_ns = excluded.last_seen_ns, excluded = excluded.excluded",
+            )?
+            .execute(params![
+                key,
+                sub,
+                rg_key,
+                reported.verdict.as_str(),
+                reported.reason,
+                ports_text(&reported.exposed),
+                ports_text(&reported.listening_management),
+                last_seen,
+                excluded_reason(&exclusions, &vm),
+            ])?;
+    }
+    Ok(())
+}
+
+/// After an exclusion of `scope` was added or removed: which exclusion covers each VM
+/// of the scope (a batch at a time; a subscription may hold many VMs). Nothing else of
+/// a verdict depends on exclusions.
+fn refresh_exclusions(ctx: &mut WriteCtx<'_>, scope: &Scope) -> Result<()> {
+    const BATCH: i64 = 1000;
+    let exclusions = read_exclusions(ctx.tx, "ORDER BY created_ns, id", &[])?;
+    // Parameters: ?1 the subscription, ?2 the previous batch's last key, ?3 the batch
+    // size, ?4 the resource group's or the VM's key.
+    let (filter, sub, key) = match scope {
+        Scope::Subscription(s) => ("v.subscription = ?1", s.to_string(), String::new()),
+        Scope::ResourceGroup(s, rg) => (
+            "v.subscription = ?1 AND v.rg_key = ?4",
+            s.to_string(),
+            rg.key(),
+        ),
+        Scope::Vm(vm) => ("v.vm_key = ?4", vm.subscription.to_string(), vm.key()),
+    };
+    let mut after = String::new();
+    loop {
+        let mut params: Vec<&dyn rusqlite::ToSql> = vec![&sub, &after, &BATCH];
+        if !key.is_empty() {
+            params.push(&key);
+        }
+        let rows: Vec<(String, String, Option<String>)> = {
+            let mut st = ctx.tx.prepare_cached(&format!(
+                "SELECT v.vm_key, vms.id, v.excluded FROM vm_verdicts v JOIN vms ON vms.key = v.vm_key
+                 WHERE {filter} AND v.vm_key > ?2 ORDER BY v.vm_key LIMIT ?3"
+            ))?;
+            st.query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for (key, id, was) in &rows {
+            let vm = VmId::parse(id).map_err(corrupt("vm id"))?;
+            let now = excluded_reason(&exclusions, &vm);
+            if now != *was {
+                ctx.tx
+                    .prepare_cached("UPDATE vm_verdicts SET excluded = ?2 WHERE vm_key = ?1")?
+                    .execute(params![key, now])?;
+            }
+        }
+        match rows.last() {
+            Some((key, _, _)) if rows.len() as i64 == BATCH => after = key.clone(),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Computes every VM's verdict when the store opens, in one transaction: an
+/// installation that predates `vm_verdicts` gets it filled, and a changed
+/// configuration (management ports) or a new version's classification takes effect,
+/// since the stored verdicts are only ever a function of stored facts, configuration
+/// and code. A batch of VMs at a time, so memory stays flat in their number.
+fn fill_verdicts(conn: &mut Connection, recommend: &RecommendConfig) -> Result<()> {
+    const BATCH: i64 = 500;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut tail = load_tail(&tx)?;
+    let mut policies = WriterPolicies::default();
+    tx.execute(
+        "DELETE FROM vm_verdicts WHERE vm_key NOT IN (SELECT key FROM vms)",
+        [],
+    )?;
+    let mut after = String::new();
+    loop {
+        let keys = ids_of(
+            &tx,
+            "SELECT key FROM vms WHERE key > ?1 ORDER BY key LIMIT ?2",
+            &[&after, &BATCH],
+        )?;
+        {
+            let mut ctx = WriteCtx {
+                tx: &tx,
+                tail: &mut tail,
+                policies: &mut policies,
+                recommend,
+            };
+            refresh_verdicts(&mut ctx, &keys)?;
+        }
+        match keys.last() {
+            Some(k) if keys.len() as i64 == BATCH => after = k.clone(),
+            _ => break,
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The `WHERE` clause (over `vm_verdicts v`) of a recommendations read and its
+/// parameters: the subscription, the resource group, the caller's readable scopes.
+/// `None` when the readable scopes contain none of the subscription's VMs.
+fn verdict_scope_sql(
+    subscription: SubscriptionId,
+    scope: &VerdictScope,
+) -> Option<(String, Vec<Box<dyn rusqlite::ToSql + Send>>)> {
+    let mut sql = "v.subscription = ?".to_owned();
+    let mut params: Vec<Box<dyn rusqlite::ToSql + Send>> = vec![Box::new(subscription.to_string())];
+    if let Some(rg) = &scope.resource_group {
+        sql.push_str(" AND v.rg_key = ?");
+        params.push(Box::new(rg.key()));
+    }
+    if let Some(readable) = &scope.readable {
+        // The same containment as `Scope::contains`, over the row's keys.
+        let mut rgs = Vec::new();
+        let mut vms = Vec::new();
+        let mut all = false;
+        for s in readable {
+            match s {
+                Scope::Subscription(s) => all |= *s == subscription,
+                Scope::ResourceGroup(s, rg) if *s == subscription => rgs.push(rg.key()),
+                Scope::Vm(vm) if vm.subscription == subscription => vms.push(vm.key()),
+                _ => {}
+            }
+        }
+        if !all {
+            if rgs.is_empty() && vms.is_empty() {
+                return None;
+            }
+            // One JSON array parameter each, however many scopes the caller has.
+            sql.push_str(
+                " AND (v.rg_key IN (SELECT value FROM json_each(?)) OR v.vm_key IN (SELECT value FROM json_each(?)))",
+            );
+            params.push(Box::new(serde_json::Value::from(rgs).to_string()));
+            params.push(Box::new(serde_json::Value::from(vms).to_string()));
+        }
+    }
+    Some((sql, params))
+}
+
+/// The verdict of a `vm_verdicts v` row at the read: `settle` in SQL (an exclusion or
+/// an agent last seen before the cutoff parameter make it NotApplicable).
+const SETTLED_VERDICT: &str = "CASE WHEN v.excluded IS NOT NULL OR v.last_seen_ns < ? THEN 'NotApplicable' ELSE v.verdict END";
+
+/// `last_seen_ns < cutoff` says "offline"; with no time early enough, nobody is.
+fn cutoff_ns(recommend: &RecommendConfig, now: Timestamp) -> i64 {
+    offline_cutoff(recommend, now).map_or(i64::MIN, ns)
+}
+
 // ---- the store ---------------------------------------------------------------------
 
 /// How a [`SqliteStore`] is opened.
@@ -747,12 +1173,15 @@ pub struct SqliteOptions {
     /// writes that record what already happened (`append_audit`, `expire_due`,
     /// `prune_blocked`, `bootstrap`) wait for room instead. At least 1.
     pub write_queue: usize,
+    /// What recommendations are classified with (management ports, offline time).
+    pub recommend: RecommendConfig,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
         SqliteOptions {
             write_queue: DEFAULT_WRITE_QUEUE,
+            recommend: RecommendConfig::default(),
         }
     }
 }
@@ -778,6 +1207,7 @@ pub struct SqliteStore {
     read_slots: Arc<tokio::sync::Semaphore>,
     /// Decoded policies shared by readers (see `cached_policy`).
     read_policies: Arc<Mutex<PolicyCache>>,
+    recommend: Arc<RecommendConfig>,
 }
 
 impl SqliteStore {
@@ -789,11 +1219,14 @@ impl SqliteStore {
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<Self> {
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
+        let recommend = Arc::new(options.recommend);
+        fill_verdicts(&mut conn, &recommend)?;
         let write_queue = options.write_queue.max(1);
         let (tx, rx) = mpsc::channel::<Job>(write_queue);
+        let writer_recommend = recommend.clone();
         std::thread::Builder::new()
             .name("jitgate-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, writer_recommend))
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             path: path.to_owned(),
@@ -802,7 +1235,8 @@ impl SqliteStore {
             refused_writes: AtomicU64::new(0),
             readers: Arc::new(Mutex::new(Vec::new())),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
-            read_policies: Arc::new(Mutex::new(PolicyCache::new())),
+            read_policies: Arc::new(Mutex::new(PolicyCache::default())),
+            recommend,
         })
     }
 
@@ -1092,9 +1526,18 @@ fn put_policy_in(
         &key.id(),
         serde_json::json!({"virtualMachines": ports, "revokedGrants": revoked.len()}),
     )?;
-    let previous_vms = old
+    let previous_vms: Vec<VmId> = old
         .map(|(_, p)| p.spec.vms.into_iter().map(|v| v.id).collect())
         .unwrap_or_default();
+    // The VMs it protected and protects: their protected ports changed.
+    let mut touched: Vec<String> = previous_vms
+        .iter()
+        .chain(spec.vms.iter().map(|v| &v.id))
+        .map(VmId::key)
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
+    refresh_verdicts(ctx, &touched)?;
     Ok(PutPolicyOutcome {
         created,
         previous_vms,
@@ -1266,6 +1709,7 @@ impl Store for SqliteStore {
                 &vm.id.to_string(),
                 serde_json::json!({"location": vm.location.as_ref().map(|l| l.to_string())}),
             )?;
+            refresh_verdicts(ctx, &[vm.id.key()])?;
             Ok(RegisterOutcome::Created)
         })
         .await
@@ -1441,6 +1885,7 @@ impl Store for SqliteStore {
                 .execute("DELETE FROM vms WHERE key = ?1", [id.key()])?;
             if n > 0 {
                 ctx.audit(&audit, "vm.delete", &id.to_string(), serde_json::json!({}))?;
+                refresh_verdicts(ctx, &[id.key()])?;
             }
             Ok(n > 0)
         })
@@ -1570,6 +2015,8 @@ impl Store for SqliteStore {
                 &key.id(),
                 serde_json::json!({"revokedGrants": revoked.len()}),
             )?;
+            let unprotected: Vec<String> = old.spec.vms.iter().map(|v| v.id.key()).collect();
+            refresh_verdicts(ctx, &unprotected)?;
             Ok(Some(DeletedPolicy {
                 vms: old.spec.vms.iter().map(|v| v.id.clone()).collect(),
                 revoked,
@@ -2014,6 +2461,7 @@ impl Store for SqliteStore {
                     "destinationPortRanges": ports,
                 }),
             )?;
+            refresh_verdicts(ctx, &[vm.key()])?;
             Ok(!existed)
         })
         .await
@@ -2033,6 +2481,7 @@ impl Store for SqliteStore {
                     &vm.to_string(),
                     serde_json::json!({"name": name}),
                 )?;
+                refresh_verdicts(ctx, &[vm.key()])?;
             }
             Ok(n > 0)
         })
@@ -2197,19 +2646,39 @@ impl Store for SqliteStore {
                 &args.vm.to_string(),
                 serde_json::json!({"enrollToken": t.id, "registered": created, "agentToken": args.agent_token.id, "replacedAgent": replaced}),
             )?;
+            if created {
+                refresh_verdicts(ctx, &[args.vm.key()])?;
+            }
             Ok(args.vm)
         })
         .await
     }
 
-    async fn put_agent_status(&self, status: AgentStatusRecord) -> Result<()> {
+    async fn put_agent_status(&self, status: AgentStatusRecord, facts: AgentFacts) -> Result<()> {
+        let facts = encode_facts(&facts)?;
         self.write_plain(move |ctx| {
+            let key = status.vm.key();
+            let before: Option<Option<String>> = ctx
+                .tx
+                .prepare_cached("SELECT facts FROM agent_status WHERE vm_key = ?1")?
+                .query_row([&key], |r| r.get(0))
+                .optional()?;
             ctx.tx
                 .prepare_cached(
-                    "INSERT INTO agent_status(vm_key, vm_id, report, last_seen_ns) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(vm_key) DO UPDATE SET vm_id = excluded.vm_id, report = excluded.report, last_seen_ns = excluded.last_seen_ns",
+                    "INSERT INTO agent_status(vm_key, vm_id, report, last_seen_ns, facts) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(vm_key) DO UPDATE SET vm_id = excluded.vm_id, report = excluded.report,
+                       last_seen_ns = excluded.last_seen_ns, facts = excluded.facts",
                 )?
-                .execute(params![status.vm.key(), status.vm.to_string(), status.report, ns(status.last_seen)])?;
+                .execute(params![key, status.vm.to_string(), status.report, ns(status.last_seen), facts])?;
+            if before.flatten().as_deref() == Some(facts.as_str()) {
+                // A heartbeat with nothing new (the usual report): the verdict stands,
+                // only the time it was last confirmed moves.
+                ctx.tx
+                    .prepare_cached("UPDATE vm_verdicts SET last_seen_ns = ?2 WHERE vm_key = ?1")?
+                    .execute(params![key, ns(status.last_seen)])?;
+            } else {
+                refresh_verdicts(ctx, &[key])?;
+            }
             Ok(())
         })
         .await
@@ -2355,6 +2824,7 @@ impl Store for SqliteStore {
                 &e.scope.to_string(),
                 serde_json::json!({"id": e.id, "reason": e.reason}),
             )?;
+            refresh_exclusions(ctx, &e.scope)?;
             Ok(())
         })
         .await
@@ -2378,6 +2848,101 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn recommendations(
+        &self,
+        subscription: SubscriptionId,
+        page: &VerdictPage,
+        now: Timestamp,
+    ) -> Result<Vec<VmVerdict>> {
+        let Some((filter, mut params)) = verdict_scope_sql(subscription, &page.scope) else {
+            return Ok(Vec::new());
+        };
+        let recommend = self.recommend.clone();
+        let mut sql = format!(
+            "SELECT vms.id, v.verdict, v.reason, v.exposed, v.listening, v.last_seen_ns, v.excluded
+             FROM vm_verdicts v JOIN vms ON vms.key = v.vm_key
+             WHERE {filter} AND v.vm_key > ?"
+        );
+        params.push(Box::new(page.after.clone().unwrap_or_default()));
+        if let Some(v) = page.verdict {
+            sql.push_str(&format!(" AND {SETTLED_VERDICT} = ?"));
+            params.push(Box::new(cutoff_ns(&recommend, now)));
+            params.push(Box::new(v.as_str()));
+        }
+        sql.push_str(" ORDER BY v.vm_key LIMIT ?");
+        params.push(Box::new(page.limit.min(i64::MAX as usize) as i64));
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let refs: Vec<&dyn rusqlite::ToSql> = params
+                .iter()
+                .map(|p| p.as_ref() as &dyn rusqlite::ToSql)
+                .collect();
+            let rows = st.query_map(refs.as_slice(), |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, verdict, reason, exposed, listening, seen, excluded) = row?;
+                let reported = Recommendation {
+                    verdict: Verdict::parse(&verdict)
+                        .ok_or_else(|| StoreError::Corrupt(format!("verdict {verdict}")))?,
+                    reason,
+                    exposed: ports_from_text(&exposed)?,
+                    listening_management: ports_from_text(&listening)?,
+                };
+                let seen = seen.map(from_ns).transpose()?;
+                out.push(VmVerdict {
+                    vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
+                    recommendation: settle(reported, excluded.as_deref(), seen, &recommend, now),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn verdict_counts(
+        &self,
+        subscription: SubscriptionId,
+        scope: &VerdictScope,
+        now: Timestamp,
+    ) -> Result<VerdictCounts> {
+        let Some((filter, mut params)) = verdict_scope_sql(subscription, scope) else {
+            return Ok(VerdictCounts::default());
+        };
+        // The settled verdict's parameter comes first in the statement.
+        params.insert(0, Box::new(cutoff_ns(&self.recommend, now)));
+        let sql = format!(
+            "SELECT {SETTLED_VERDICT} AS settled, count(*) FROM vm_verdicts v WHERE {filter} GROUP BY settled"
+        );
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let refs: Vec<&dyn rusqlite::ToSql> = params
+                .iter()
+                .map(|p| p.as_ref() as &dyn rusqlite::ToSql)
+                .collect();
+            let mut counts = VerdictCounts::default();
+            for row in st.query_map(refs.as_slice(), |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })? {
+                let (verdict, n) = row?;
+                let v = Verdict::parse(&verdict)
+                    .ok_or_else(|| StoreError::Corrupt(format!("verdict {verdict}")))?;
+                counts.add(v, n.max(0) as u64);
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
     async fn remove_exclusion(&self, id: &str, audit: AuditCtx) -> Result<bool> {
         let id = id.to_owned();
         self.write_plain(move |ctx| {
@@ -2396,6 +2961,7 @@ impl Store for SqliteStore {
                 &scope,
                 serde_json::json!({"id": id}),
             )?;
+            refresh_exclusions(ctx, &Scope::parse(&scope).map_err(corrupt("scope"))?)?;
             Ok(true)
         })
         .await
@@ -2925,4 +3491,81 @@ fn read_cached_policy(
     let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
     let got = cached_policy(c, key, &mut map)?;
     Ok(got.map(|(_, p)| p))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A policy of resource group `rg` with `n` VMs.
+    fn policy(rg: &str, n: usize) -> Arc<Policy> {
+        let key = PolicyKey {
+            subscription: SubscriptionId::parse("20ff7fc3-e762-44dd-bd96-b71116dcdc23").unwrap(),
+            resource_group: ResourceGroup::parse(rg).unwrap(),
+            location: Location::parse("westeurope").unwrap(),
+            name: PolicyName::parse("default").unwrap(),
+        };
+        let vms = (0..n)
+            .map(|i| PolicyVm {
+                id: VmId::new(
+                    key.subscription,
+                    key.resource_group.clone(),
+                    jitgate_core::ids::VmName::parse(&format!("vm-{i}")).unwrap(),
+                ),
+                ports: Vec::new(),
+                public_ip_address: None,
+            })
+            .collect();
+        Arc::new(Policy {
+            key,
+            spec: PolicySpec {
+                kind: "Basic".into(),
+                vms,
+            },
+        })
+    }
+
+    /// Issue 10: memory flat in the number of VMs. The decoded-policy cache holds at
+    /// most `POLICY_CACHE_VMS` VM entries however many policies there are, keeps a
+    /// policy larger than that on its own, and counts a replaced entry once.
+    #[test]
+    fn the_policy_cache_is_bounded_by_vm_entries() {
+        let mut cache = PolicyCache::default();
+        let per = 100;
+        for i in 0..(3 * POLICY_CACHE_VMS / per) {
+            cache.insert(
+                format!("p{i}"),
+                "u".into(),
+                0,
+                policy(&format!("rg{i}"), per),
+            );
+            assert!(cache.vms <= POLICY_CACHE_VMS, "{} VM entries", cache.vms);
+            let counted: usize = cache.map.values().map(|(_, _, p)| policy_weight(p)).sum();
+            assert_eq!(counted, cache.vms);
+        }
+        assert_eq!(cache.map.len(), POLICY_CACHE_VMS / per);
+        let newest = format!("p{}", 3 * POLICY_CACHE_VMS / per - 1);
+        assert!(
+            cache.get(&newest).is_some(),
+            "the entry just inserted is kept"
+        );
+        cache.insert(newest.clone(), "u".into(), 1, policy("x", per));
+        assert_eq!(cache.vms, POLICY_CACHE_VMS, "a replaced entry counts once");
+        cache.insert(
+            "huge".into(),
+            "u".into(),
+            0,
+            policy("big", POLICY_CACHE_VMS + 1),
+        );
+        assert_eq!(cache.map.len(), 1);
+        assert_eq!(cache.vms, POLICY_CACHE_VMS + 1);
+        cache.insert("small".into(), "u".into(), 0, policy("s", 0));
+        assert_eq!(
+            (cache.map.len(), cache.vms),
+            (1, 1),
+            "an empty policy counts one"
+        );
+    }
 }

@@ -7,16 +7,18 @@ use std::path::{Path, PathBuf};
 
 use jitgate_core::audit::{Outcome, Problem, VerifyReport};
 use jitgate_core::ids::{Location, PolicyName, ResourceGroup, SubscriptionId, VmId, VmName};
+use jitgate_core::net::Protocol;
 use jitgate_core::policy::{
     PolicyInput, PolicyKey, PolicyVmInput, PortRuleInput, RawPrefix, validate_policy,
 };
 use jitgate_core::rbac::{Role, RoleAssignment};
+use jitgate_core::recommend::{AgentFacts, Listening, RecommendConfig, Verdict};
 use jitgate_core::request::{
     InitiateInput, InitiatePortInput, InitiateVmInput, PortStatus, RequestId,
 };
 use jitgate_store::conformance::model::{self, ModelBackend};
 use jitgate_store::conformance::{OWNER, SUB, at, t0};
-use jitgate_store::sqlite::{SqliteStore, verify_file};
+use jitgate_store::sqlite::{SqliteOptions, SqliteStore, verify_file};
 use jitgate_store::*;
 use tempfile::TempDir;
 
@@ -462,18 +464,19 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
         populate(&store).await;
     }
     {
-        // Back to the schema before the migration that added the name (and the two
-        // after it: the page indexes).
+        // Back to the schema before the migration that added the name (and the three
+        // after it: VM pages, the list page indexes, stored verdicts).
         let c = rusqlite::Connection::open(&path).unwrap();
         let version: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         c.execute_batch(&format!(
-            "DROP INDEX requests_page; DROP INDEX tokens_page; DROP INDEX role_assignments_page;
+            "DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts;
+             DROP INDEX requests_page; DROP INDEX tokens_page; DROP INDEX role_assignments_page;
              DROP INDEX enroll_tokens_page; DROP INDEX exclusions_page;
              DROP INDEX vms_page; DROP INDEX vms_name; DROP INDEX vms_rg_page;
              ALTER TABLE vms DROP COLUMN name_key; PRAGMA user_version = {};",
-            version - 3
+            version - 4
         ))
         .unwrap();
     }
@@ -491,6 +494,125 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
         .unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].id, vm("vm2"));
+}
+
+/// An agent reporting nftables and these TCP ports listening on every address.
+fn listening(ports: &[u16]) -> AgentFacts {
+    AgentFacts {
+        last_seen: t0(),
+        nft_version: Some("nftables v1.0.6".into()),
+        error: None,
+        listening: ports
+            .iter()
+            .map(|p| Listening {
+                protocol: Protocol::Tcp,
+                addr: "0.0.0.0".parse().unwrap(),
+                port: *p,
+                process: None,
+            })
+            .collect(),
+        inventory_errors: Vec::new(),
+        drift: None,
+    }
+}
+
+async fn verdicts(store: &SqliteStore, now: i64) -> Vec<(String, Verdict, String)> {
+    store
+        .recommendations(
+            sub(),
+            &VerdictPage {
+                limit: 100,
+                ..Default::default()
+            },
+            at(now),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| {
+            (
+                v.vm.name.as_str().to_owned(),
+                v.recommendation.verdict,
+                v.recommendation.reason,
+            )
+        })
+        .collect()
+}
+
+/// Issue 10: a database from before verdicts were stored gets them when it opens: a
+/// VM without an agent is NotApplicable as before, one whose agent reported before
+/// the upgrade (its facts were not kept) waits for the agent's next report, or is
+/// offline; that report gives the verdict. Verdicts are computed again at every open,
+/// so a changed configuration (another management port) takes effect.
+#[tokio::test]
+async fn verdicts_are_filled_in_for_an_older_database_and_follow_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jitgate.db");
+    let status = |secs| AgentStatusRecord {
+        vm: vm("vm1"),
+        report: "{}".into(),
+        last_seen: at(secs),
+    };
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        populate(&store).await;
+        store
+            .put_agent_status(status(100), listening(&[22, 8443]))
+            .await
+            .unwrap();
+    }
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        c.execute_batch(&format!(
+            "DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts; PRAGMA user_version = {};",
+            version - 1
+        ))
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let v = verdicts(&store, 110).await;
+    assert_eq!(v.len(), 2);
+    assert_eq!((v[0].0.as_str(), v[0].1), ("vm1", Verdict::NotApplicable));
+    assert!(v[0].2.contains("next report"), "{v:?}");
+    assert_eq!((v[1].0.as_str(), v[1].1), ("vm2", Verdict::NotApplicable));
+    assert!(v[1].2.contains("no agent"), "{v:?}");
+    assert!(verdicts(&store, 1000).await[0].2.contains("offline"));
+    // The next report: SSH is protected by the policy, 8443 is no management port.
+    store
+        .put_agent_status(status(200), listening(&[22, 8443]))
+        .await
+        .unwrap();
+    assert_eq!(verdicts(&store, 210).await[0].1, Verdict::Healthy);
+    drop(store);
+
+    let store = SqliteStore::open_with(
+        &path,
+        SqliteOptions {
+            recommend: RecommendConfig {
+                management_ports: vec![22, 8443],
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = verdicts(&store, 210).await;
+    assert_eq!(v[0].1, Verdict::Unhealthy, "{v:?}");
+    assert!(v[0].2.contains("8443"), "{v:?}");
+    assert_eq!(
+        store
+            .verdict_counts(sub(), &VerdictScope::default(), at(210))
+            .await
+            .unwrap(),
+        VerdictCounts {
+            unhealthy: 1,
+            not_applicable: 1,
+            ..Default::default()
+        }
+    );
 }
 
 /// A policy on vm1 and vm2 with `ports` open to any source for up to 3 h.
@@ -636,11 +758,17 @@ async fn a_failed_commit_forgets_the_policies_it_read() {
 /// event) waits for room instead.
 #[tokio::test]
 async fn a_full_write_queue_refuses_writes_but_not_audit_events() {
-    use jitgate_store::sqlite::SqliteOptions;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jitgate.db");
     let store = std::sync::Arc::new(
-        SqliteStore::open_with(&path, SqliteOptions { write_queue: 1 }).unwrap(),
+        SqliteStore::open_with(
+            &path,
+            SqliteOptions {
+                write_queue: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
     );
     populate(&store).await;
     let stats = store.write_queue().unwrap();

@@ -330,3 +330,100 @@ async fn unreadable_sockets_are_shown_and_never_healthy() {
         assert_eq!(r.body["error"]["target"], field, "{:?}", r.body);
     }
 }
+
+/// Issue 10: the summary and the pages count and list only the VMs the caller may
+/// read (a role at the subscription, a resource group or one VM), filtered in the
+/// store; a caller who may read none gets an empty page and zero counts, and an agent's
+/// credential reads nothing.
+#[tokio::test]
+async fn recommendations_show_only_what_the_caller_may_read() {
+    let ctl = Ctl::start().await;
+    let (web, web_t) = enroll(&ctl, "web").await;
+    report(&ctl, &web, &web_t, &[22], json!([])).await;
+    ctl.register("lab", "idle").await;
+    ctl.register("prod", "db").await;
+    ctl.register("prod", "cache").await;
+    let sub = format!("/subscriptions/{}", ctl.sub);
+    let everyone = ctl.principal("auditor", "Reader", &sub).await;
+    let prod = ctl
+        .principal(
+            "prod-team",
+            "JIT Requester",
+            &format!("{sub}/resourceGroups/PROD"),
+        )
+        .await;
+    let one = ctl
+        .principal("web-owner", "Reader", &web.to_uppercase())
+        .await;
+    let nobody = ctl
+        .principal("stranger", "Reader", &format!("{sub}/resourceGroups/empty"))
+        .await;
+    let cases = [
+        (
+            &everyone,
+            vec!["idle", "web", "cache", "db"],
+            json!({"Healthy": 0, "Unhealthy": 1, "NotApplicable": 3}),
+        ),
+        (
+            &prod,
+            vec!["cache", "db"],
+            json!({"Healthy": 0, "Unhealthy": 0, "NotApplicable": 2}),
+        ),
+        (
+            &one,
+            vec!["web"],
+            json!({"Healthy": 0, "Unhealthy": 1, "NotApplicable": 0}),
+        ),
+        (
+            &nobody,
+            vec![],
+            json!({"Healthy": 0, "Unhealthy": 0, "NotApplicable": 0}),
+        ),
+        (
+            &web_t,
+            vec![],
+            json!({"Healthy": 0, "Unhealthy": 0, "NotApplicable": 0}),
+        ),
+    ];
+    for (token, names, summary) in cases {
+        let r = ctl.get_as(token, "/api/v1/recommendations?limit=1").await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.body["summary"], summary, "{names:?}");
+        // Page by page, one VM each.
+        let mut seen = Vec::new();
+        let mut page = r.body;
+        loop {
+            for v in page["value"].as_array().unwrap() {
+                seen.push(v["name"].as_str().unwrap().to_owned());
+            }
+            let Some(t) = page["continuationToken"].as_str() else {
+                break;
+            };
+            page = ctl
+                .get_as(
+                    token,
+                    &format!("/api/v1/recommendations?limit=1&continuationToken={t}"),
+                )
+                .await
+                .body;
+        }
+        assert_eq!(seen, names);
+    }
+    // Within the readable ones, one resource group.
+    let r = ctl
+        .get_as(&prod, "/api/v1/recommendations?resourceGroup=lab")
+        .await;
+    assert_eq!(r.body["value"], json!([]));
+    let r = ctl
+        .get_as(
+            &everyone,
+            "/api/v1/recommendations?resourceGroup=LAB&verdict=notapplicable",
+        )
+        .await;
+    assert_eq!(r.body["value"].as_array().unwrap().len(), 1);
+    assert_eq!(r.body["value"][0]["name"], "idle");
+    assert_eq!(r.body["summary"]["Unhealthy"], 1);
+    let bad = ctl.get("/api/v1/recommendations?resourceGroup=a/b").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.body["error"]["target"], "resourceGroup");
+}
