@@ -144,6 +144,8 @@ pub fn percentiles(h: &hdrhistogram::Histogram<u64>) -> String {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // reqwest is built without a default TLS provider: the workspace's is ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match run(cli.command).await {
         Ok(code) => code,
