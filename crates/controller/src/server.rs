@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use jitgate_core::Timestamp;
 use jitgate_core::ids::SubscriptionId;
-use jitgate_store::sqlite::{SqliteOptions, SqliteStore};
 use jitgate_store::{AuditCtx, Bootstrap, Store, TokenRecord};
+use jitgate_store_sqlite::{SqliteOptions, SqliteStore};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -85,7 +85,7 @@ pub struct Config {
     /// Refused-call, connection and timeout limits.
     pub limits: crate::limits::Limits,
     /// The most writes waiting for the store's writer; past it a write is answered 503
-    /// with `Retry-After` (see `jitgate_store::sqlite::SqliteOptions`).
+    /// with `Retry-After` (see `jitgate_store_sqlite::SqliteOptions`).
     pub write_queue: usize,
     /// How long blocked-attempt points are kept (pruned at start and hourly).
     pub blocked_retention: std::time::Duration,
@@ -109,7 +109,7 @@ impl Config {
             checkpoint_interval: std::time::Duration::from_secs(5),
             accept_audit_break: false,
             limits: crate::limits::Limits::default(),
-            write_queue: jitgate_store::sqlite::DEFAULT_WRITE_QUEUE,
+            write_queue: jitgate_store_sqlite::DEFAULT_WRITE_QUEUE,
             blocked_retention: DEFAULT_BLOCKED_RETENTION,
             clock: crate::clock::Clock::system(),
         }

@@ -2,18 +2,23 @@
 //!
 //! [`Store`] is the one interface the controller uses. Every mutating operation is a
 //! single transaction that also appends its audit event(s), so state and audit chain
-//! never disagree; a method that returns `Ok` has committed durably. Backends:
-//! [`sqlite::SqliteStore`] (embedded default). A PostgreSQL backend is to pass the same
-//! [`conformance`] suite.
+//! never disagree; a method that returns `Ok` has committed durably. Backends live in
+//! crates of their own: `jitgate-store-sqlite` (embedded, the default). Every backend
+//! passes the same conformance suite (`conformance`, behind the `conformance` feature:
+//! test support, not compiled into the product; `model` adds the lifecycle's
+//! reference model).
+//!
+//! The `rusqlite` feature converts `rusqlite` errors into [`StoreError`] (Rust's orphan
+//! rule puts that conversion here); only the SQLite backend turns it on.
 //!
 //! Decisions are not made here: operations call the pure functions of `jitgate-core`
 //! inside their transaction (for example `plan_initiate`), so a decision and the state
 //! it was made on cannot drift apart.
 
 pub mod checkpoint;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 mod records;
-pub mod sqlite;
 
 pub use records::*;
 
@@ -51,6 +56,7 @@ pub struct WriteQueueStats {
     pub refused: u64,
 }
 
+#[cfg(feature = "rusqlite")]
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Db(e.to_string())
@@ -273,6 +279,7 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+#[cfg(feature = "rusqlite")]
 impl<E> From<rusqlite::Error> for OpError<E> {
     fn from(e: rusqlite::Error) -> Self {
         OpError::Store(e.into())

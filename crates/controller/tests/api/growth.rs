@@ -243,7 +243,7 @@ async fn blocked_attempts_past_the_retention_are_pruned_at_start() {
             .unwrap()
     };
     {
-        let store = jitgate_store::sqlite::SqliteStore::open(
+        let store = jitgate_store_sqlite::SqliteStore::open(
             &ctl.dir.path().join(jitgate_controller::DB_FILE),
         )
         .unwrap();

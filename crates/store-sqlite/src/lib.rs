@@ -1,4 +1,6 @@
-//! The embedded SQLite backend.
+//! `jitgate-store-sqlite`: the embedded SQLite backend of `jitgate_store::Store`, the
+//! default. It passes the conformance suite of `jitgate-store` (its tests run it) and
+//! adds what only a file-backed store has (`verify_file`, opening options).
 //!
 //! One writer thread owns the only write connection and commits in groups: it takes
 //! every write queued while the previous commit was in flight, runs each in its own
@@ -38,7 +40,7 @@ use jitgate_core::request::{
     RequestVm, RevokeReason, plan_initiate,
 };
 
-use crate::*;
+use jitgate_store::*;
 
 /// Read connections kept open (and concurrent reads allowed).
 const READERS: usize = 8;

@@ -18,8 +18,8 @@ use jitgate_core::request::{
 };
 use jitgate_store::conformance::model::{self, ModelBackend};
 use jitgate_store::conformance::{OWNER, SUB, at, t0};
-use jitgate_store::sqlite::{SqliteOptions, SqliteStore, verify_file};
 use jitgate_store::*;
+use jitgate_store_sqlite::{SqliteOptions, SqliteStore, verify_file};
 use tempfile::TempDir;
 
 async fn fresh() -> (Box<dyn Store>, TempDir) {
