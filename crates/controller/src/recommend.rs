@@ -18,10 +18,7 @@ use jitgate_core::policy::Policy;
 use jitgate_core::rbac::{Action, scopes_allowing};
 use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
 use jitgate_proto::StatusReport;
-use jitgate_proto::api::{
-    ApplyResult, BlockedPoint, BlockedSeries, BlockedTotal, Enabled, RecommendationPage,
-    VerdictCounts,
-};
+use jitgate_proto::api::{ApplyResult, Enabled, RecommendationPage, VerdictCounts};
 use jitgate_store::{
     AuditNote, ExclusionRecord, OpError, PolicyError, VerdictPage, VerdictScope, VmRecord,
 };
@@ -474,59 +471,6 @@ pub async fn delete_exclusion(
 
 // ---- blocked attempts ---------------------------------------------------------------------
 
-#[utoipa::path(get, path = "/api/v1/vms/{rg}/{name}/blocked", tag = "vms",
-    params(("rg" = String, Path), ("name" = String, Path), ("since" = Option<String>, Query, description = "RFC 3339 (default: 24 hours ago)")),
-    responses((status = 200, body = jitgate_proto::api::BlockedSeries)))]
-pub async fn blocked(
-    State(state): State<AppState>,
-    principal: Principal,
-    Path((rg, name)): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<BlockedSeries>> {
-    let id = VmId::new(
-        state.default_subscription(),
-        ResourceGroup::parse(&rg).map_err(|e| ApiError::bad_param("resourceGroup", e))?,
-        jitgate_core::ids::VmName::parse(&name).map_err(|e| ApiError::bad_param("name", e))?,
-    );
-    principal.require(Action::VmRead, &id.scope())?;
-    let since = match q.get("since") {
-        Some(s) => {
-            jitgate_core::request::parse_time(s).map_err(|e| ApiError::bad_param("since", e))?
-        }
-        None => state
-            .clock
-            .now()
-            .checked_sub(jiff::SignedDuration::from_hours(24))
-            .map_err(ApiError::internal)?,
-    };
-    let points = state.store.blocked_series(Some(&id), since).await?;
-    let mut totals: BTreeMap<(u16, String), u64> = BTreeMap::new();
-    for p in &points {
-        *totals.entry((p.port, p.protocol.clone())).or_default() += p.count;
-    }
-    Ok(Json(BlockedSeries {
-        vm: id.to_string(),
-        since: since.to_string(),
-        totals: totals
-            .into_iter()
-            .map(|((port, protocol), count)| BlockedTotal {
-                port,
-                protocol,
-                count,
-            })
-            .collect(),
-        series: points
-            .iter()
-            .map(|p| BlockedPoint {
-                port: p.port,
-                protocol: p.protocol.clone(),
-                at: p.at.to_string(),
-                count: p.count,
-            })
-            .collect(),
-    }))
-}
-
 /// How often points past the retention are deleted (also once at start).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -589,7 +533,7 @@ pub async fn refresh_metrics(state: AppState, mut shutdown: watch::Receiver<bool
     }
 }
 
-/// Recommendations', exclusions' and blocked-attempt series' routes.
+/// Recommendations' and exclusions' routes.
 pub fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
     use utoipa_axum::routes;
     utoipa_axum::router::OpenApiRouter::new()
@@ -597,5 +541,4 @@ pub fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(apply))
         .routes(routes!(list_exclusions, create_exclusion))
         .routes(routes!(delete_exclusion))
-        .routes(routes!(blocked))
 }

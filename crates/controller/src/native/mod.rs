@@ -28,6 +28,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(meta::whoami))
         .routes(routes!(vms::list_vms, vms::register_vm))
         .routes(routes!(vms::get_vm, vms::delete_vm))
+        .routes(routes!(vms::blocked))
         .routes(routes!(nsg::get_nsg))
         .routes(routes!(nsg::list_nsg_rules))
         .routes(routes!(nsg::put_nsg_rule, nsg::delete_nsg_rule))

@@ -12,7 +12,8 @@ use jitgate_core::ids::{Location, VmId, VmName};
 use jitgate_core::rbac::Action;
 use jitgate_proto::StatusReport;
 use jitgate_proto::api::{
-    AgentPresence, AgentStatus, BlockedTotal, Grant, RegisterVm, Vm, VmDetail, VmListItem, VmPage,
+    AgentPresence, AgentStatus, BlockedPoint, BlockedSeries, BlockedTotal, Grant, RegisterVm, Vm,
+    VmDetail, VmListItem, VmPage,
 };
 use jitgate_store::{OpError, RegisterOutcome, RequestFilter, VmError, VmRecord, VmSummary};
 
@@ -254,27 +255,14 @@ pub async fn get_vm(
             ..Default::default()
         })
         .await?;
-    let day_ago = now
-        .checked_sub(jiff::SignedDuration::from_hours(24))
-        .map_err(ApiError::internal)?;
-    let mut blocked: BTreeMap<(u16, String), u64> = BTreeMap::new();
-    for p in state.store.blocked_series(Some(&id), day_ago).await? {
-        *blocked.entry((p.port, p.protocol)).or_default() += p.count;
-    }
+    let blocked = state.store.blocked_series(Some(&id), day_ago(now)?).await?;
     Ok(Json(VmDetail {
         vm: vm_wire(&vm),
         policy: policy.as_ref().map(|p| p.key.id()),
         agent: agent_status(&state, &id, now).await?,
         last_access: last.first().map(|r| r.start.to_string()),
         last_user: last.first().map(|r| r.requestor.clone()),
-        blocked_last24h: blocked
-            .into_iter()
-            .map(|((port, protocol), count)| BlockedTotal {
-                port,
-                protocol,
-                count,
-            })
-            .collect(),
+        blocked_last24h: blocked_totals(&blocked),
         grants: grants
             .iter()
             .map(|g| Grant {
@@ -318,4 +306,59 @@ pub async fn delete_vm(
         }
         Err(OpError::Store(s)) => Err(s.into()),
     }
+}
+
+/// Blocked attempts per protected port, summed over `points`.
+fn blocked_totals(points: &[jitgate_store::BlockedPoint]) -> Vec<BlockedTotal> {
+    let mut totals: BTreeMap<(u16, &str), u64> = BTreeMap::new();
+    for p in points {
+        *totals.entry((p.port, p.protocol.as_str())).or_default() += p.count;
+    }
+    totals
+        .into_iter()
+        .map(|((port, protocol), count)| BlockedTotal {
+            port,
+            protocol: protocol.to_owned(),
+            count,
+        })
+        .collect()
+}
+
+/// Attempts the VM's firewall dropped on protected ports since `since`: totals per port
+/// and the series the agents reported.
+#[utoipa::path(get, path = "/api/v1/vms/{rg}/{name}/blocked", tag = "vms",
+    params(("rg" = String, Path), ("name" = String, Path), ("since" = Option<String>, Query, description = "RFC 3339 (default: 24 hours ago)")),
+    responses((status = 200, body = BlockedSeries)))]
+pub async fn blocked(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((rg, name)): Path<(String, String)>,
+    Query(q): Query<Q>,
+) -> ApiResult<Json<BlockedSeries>> {
+    let id = params::vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmRead, &id.scope())?;
+    let since = match params::time_param(&q, "since")? {
+        Some(t) => t,
+        None => day_ago(state.clock.now())?,
+    };
+    let points = state.store.blocked_series(Some(&id), since).await?;
+    Ok(Json(BlockedSeries {
+        vm: id.to_string(),
+        since: since.to_string(),
+        totals: blocked_totals(&points),
+        series: points
+            .iter()
+            .map(|p| BlockedPoint {
+                port: p.port,
+                protocol: p.protocol.clone(),
+                at: p.at.to_string(),
+                count: p.count,
+            })
+            .collect(),
+    }))
+}
+
+fn day_ago(now: Timestamp) -> ApiResult<Timestamp> {
+    now.checked_sub(jiff::SignedDuration::from_hours(24))
+        .map_err(ApiError::internal)
 }
