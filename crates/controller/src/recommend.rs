@@ -16,12 +16,10 @@ use jitgate_core::ids::{ResourceGroup, Scope, SubscriptionId, VmId};
 use jitgate_core::net::{Port, Protocol};
 use jitgate_core::policy::Policy;
 use jitgate_core::rbac::{Action, scopes_allowing};
-use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict, VmFacts, classify};
+use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict};
 use jitgate_proto::StatusReport;
 use jitgate_proto::api::{ApplyResult, Enabled, RecommendationPage, VerdictCounts};
-use jitgate_store::{
-    AuditNote, ExclusionRecord, OpError, PolicyError, VerdictPage, VerdictScope, VmRecord,
-};
+use jitgate_store::{AuditNote, ExclusionRecord, OpError, PolicyError, VerdictPage, VerdictScope};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -60,75 +58,6 @@ pub(crate) fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentF
     }
 }
 
-/// Recommendations for `vms` at `now`, read 500 VMs at a time (policies, user rules
-/// and agent reports in batched reads; never every agent's report at once).
-pub async fn recommendations(
-    state: &AppState,
-    vms: &[VmRecord],
-    now: Timestamp,
-) -> ApiResult<Vec<(VmRecord, Recommendation)>> {
-    let exclusions = state.store.list_exclusions().await?;
-    let mut out = Vec::with_capacity(vms.len());
-    for chunk in vms.chunks(500) {
-        out.extend(classify_chunk(state, chunk, &exclusions, now).await?);
-    }
-    Ok(out)
-}
-
-async fn classify_chunk(
-    state: &AppState,
-    chunk: &[VmRecord],
-    exclusions: &[ExclusionRecord],
-    now: Timestamp,
-) -> ApiResult<Vec<(VmRecord, Recommendation)>> {
-    let ids: Vec<VmId> = chunk.iter().map(|v| v.id.clone()).collect();
-    let mut summaries: HashMap<String, jitgate_store::VmSummary> = state
-        .store
-        .vm_summaries(&ids, now)
-        .await?
-        .into_iter()
-        .map(|s| (s.vm.key(), s))
-        .collect();
-    let statuses: HashMap<String, (StatusReport, Timestamp)> = state
-        .store
-        .agent_statuses(&ids)
-        .await?
-        .into_iter()
-        .map(|s| {
-            (
-                s.vm.key(),
-                (
-                    serde_json::from_str(&s.report).unwrap_or_default(),
-                    s.last_seen,
-                ),
-            )
-        })
-        .collect();
-    let mut out = Vec::with_capacity(chunk.len());
-    for vm in chunk {
-        // A VM deleted meanwhile is left out.
-        let Some(summary) = summaries.remove(&vm.id.key()) else {
-            continue;
-        };
-        let facts = VmFacts {
-            agent: statuses
-                .get(&vm.id.key())
-                .map(|(r, seen)| agent_facts(r, *seen)),
-            excluded: exclusions
-                .iter()
-                .find(|e| e.scope.contains(&vm.id.scope()))
-                .map(|e| e.reason.clone()),
-            protected: summary
-                .policy
-                .map(|p| p.vm.ports.iter().map(|r| (r.number, r.protocol)).collect())
-                .unwrap_or_default(),
-            user_rules: summary.user_rules,
-        };
-        out.push((vm.clone(), classify(&facts, &state.recommend, now)));
-    }
-    Ok(out)
-}
-
 fn rec_wire(vm: &VmId, r: &Recommendation) -> jitgate_proto::api::Recommendation {
     jitgate_proto::api::Recommendation {
         vm: vm.to_string(),
@@ -139,20 +68,6 @@ fn rec_wire(vm: &VmId, r: &Recommendation) -> jitgate_proto::api::Recommendation
         exposed_ports: r.exposed.clone(),
         listening_management_ports: r.listening_management.clone(),
     }
-}
-
-async fn visible_vms(
-    state: &AppState,
-    principal: &Principal,
-    rg: Option<&ResourceGroup>,
-) -> ApiResult<Vec<VmRecord>> {
-    Ok(state
-        .store
-        .list_vms(state.default_subscription(), rg)
-        .await?
-        .into_iter()
-        .filter(|v| principal.can(Action::VmRead, &v.id.scope()))
-        .collect())
 }
 
 fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
@@ -273,27 +188,61 @@ pub async fn apply(
         .transpose()
         .map_err(|e| ApiError::bad_param("resourceGroup", e))?;
     let now = state.clock.now();
-    let vms = visible_vms(&state, &principal, rg.as_ref()).await?;
-    let recs = recommendations(&state, &vms, now).await?;
+    // The stored verdicts, Unhealthy only, of the VMs the caller may read: nothing is
+    // classified here either.
+    let scope = VerdictScope {
+        resource_group: rg.clone(),
+        readable: Some(scopes_allowing(
+            &principal.assignments,
+            &principal.name,
+            Action::VmRead,
+        )),
+    };
     let mut exposed = Vec::new();
     let mut groups: BTreeMap<String, (SubscriptionId, ResourceGroup)> = BTreeMap::new();
-    for (vm, r) in recs.iter().filter(|(_, r)| r.verdict == Verdict::Unhealthy) {
-        let rg_scope = Scope::ResourceGroup(vm.id.subscription, vm.id.resource_group.clone());
-        principal.require(Action::PolicyWrite, &rg_scope)?;
-        groups.insert(
-            rg_scope.to_string().to_ascii_lowercase(),
-            (vm.id.subscription, vm.id.resource_group.clone()),
-        );
-        exposed.push(Exposed {
-            vm: vm.id.clone(),
-            location: vm.location.clone(),
-            ports: r
-                .exposed
-                .iter()
-                .map(|p| Port::new(*p as i64))
-                .collect::<Result<_, _>>()
-                .map_err(ApiError::internal)?,
-        });
+    let mut after: Option<String> = None;
+    loop {
+        let page = state
+            .store
+            .recommendations(
+                state.default_subscription(),
+                &VerdictPage {
+                    scope: scope.clone(),
+                    verdict: Some(Verdict::Unhealthy),
+                    after: after.clone(),
+                    limit: VERDICT_PAGE,
+                },
+                now,
+            )
+            .await?;
+        let full = page.len() == VERDICT_PAGE;
+        after = page.last().map(|v| v.vm.key());
+        for v in page {
+            let rg_scope = Scope::ResourceGroup(v.vm.subscription, v.vm.resource_group.clone());
+            principal.require(Action::PolicyWrite, &rg_scope)?;
+            // Its location names a new policy; a VM deleted meanwhile is left out.
+            let Some(record) = state.store.get_vm(&v.vm).await? else {
+                continue;
+            };
+            groups.insert(
+                rg_scope.to_string().to_ascii_lowercase(),
+                (v.vm.subscription, v.vm.resource_group.clone()),
+            );
+            exposed.push(Exposed {
+                vm: v.vm.clone(),
+                location: record.location,
+                ports: v
+                    .recommendation
+                    .exposed
+                    .iter()
+                    .map(|p| Port::new(*p as i64))
+                    .collect::<Result<_, _>>()
+                    .map_err(ApiError::internal)?,
+            });
+        }
+        if !full {
+            break;
+        }
     }
     // The plan needs every policy of those groups (a machine's own is among them).
     let mut policies = Vec::new();
@@ -364,6 +313,9 @@ pub async fn apply(
     state.vm_changes.touch(plan.enabled.iter().map(|e| &e.vm));
     Ok(Json(result))
 }
+
+/// Unhealthy verdicts read at a time by `apply`.
+const VERDICT_PAGE: usize = 500;
 
 /// Policies read at a time while gathering those of a resource group.
 const POLICY_PAGE: usize = 500;
