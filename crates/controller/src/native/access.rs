@@ -249,6 +249,10 @@ pub async fn list_role_assignments(
     Query(q): Query<Q>,
 ) -> ApiResult<Json<RoleAssignmentPage>> {
     let limit = params::count_param(&q, "limit", 100, 1000)?;
+    // The token is checked before any answer, the empty one below included.
+    if let Some(a) = params::after_continuation(&q)? {
+        params::cursor(&a)?;
+    }
     let manages_any = principal
         .assignments
         .iter()

@@ -81,11 +81,18 @@ pub async fn list_requests(
         .transpose()
         .map_err(|e| ApiError::bad_param("vm", e))?;
     let limit = params::count_param(&q, "limit", 100, 1000)?;
+    // Every parameter is checked before any answer, the empty one below included.
+    let live_at = params::flag_param(&q, "active")?.then_some(now);
+    let mine = params::flag_param(&q, "mine")?;
+    let after = params::after_continuation(&q)?;
+    if let Some(a) = &after {
+        params::cursor(a)?;
+    }
     let reads_others = principal
         .assignments
         .iter()
         .any(|a| a.principal == principal.name && a.role.permits(Action::RequestRead));
-    let requestor = if params::flag_param(&q, "mine")? || !reads_others {
+    let requestor = if mine || !reads_others {
         match q.get("requestor") {
             Some(other) if *other != principal.name => {
                 // Asking for someone else's while seeing only one's own: nothing.
@@ -102,14 +109,10 @@ pub async fn list_requests(
     let filter = RequestFilter {
         vm,
         requestor,
-        live_at: params::flag_param(&q, "active")?.then_some(now),
+        live_at,
         after: None,
         limit,
     };
-    let after = params::after_continuation(&q)?;
-    if let Some(a) = &after {
-        params::cursor(a)?;
-    }
     let (page, next) = params::filtered_page(
         after,
         limit,

@@ -498,6 +498,9 @@ async fn every_operation_answers_as_documented() {
         ctl.delete(&format!("/api/v1/tokens/{tid}")).await.status,
         StatusCode::OK
     );
+    let t2 = ctl
+        .principal("erin", "JIT Requester", &format!("/subscriptions/{sub}"))
+        .await;
     // Agents.
     let (vm, agent) = crate::util::enroll(&ctl, "web-1").await;
     let d = ctl
@@ -558,6 +561,14 @@ async fn every_operation_answers_as_documented() {
     // Errors are documented too (the `default` CloudError).
     let e = ctl.get("/api/v1/requests?limit=0").await;
     assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    // Checked before any answer, also one that would be empty anyway.
+    let e = ctl
+        .get_as(&t2, "/api/v1/requests?active=maybe&requestor=someone-else")
+        .await;
+    assert_eq!(
+        (e.status, e.body["error"]["target"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("active"))
+    );
 
     let seen = SEEN.lock().unwrap().clone();
     let missing: Vec<_> = operations().difference(&seen).cloned().collect();
