@@ -11,7 +11,9 @@ use jiff::SignedDuration;
 use jitgate_core::Timestamp;
 use jitgate_core::blocked::{CounterReading, counter_deltas};
 use jitgate_core::ids::{Location, ResourceGroup, Scope, VmId, VmName};
+use jitgate_core::net::Protocol;
 use jitgate_core::rbac::Action;
+use jitgate_core::recommend::{AgentFacts, Listening};
 use jitgate_proto::{DesiredState, EnrollRequest, EnrollResponse, StatusReport};
 use jitgate_store::{
     AgentStatusRecord, AuditCtx, EnrollArgs, EnrollError, EnrollTokenRecord, OpError, TokenRecord,
@@ -224,7 +226,7 @@ pub async fn status(
             .await?;
     }
     let text = serde_json::to_string(&report).map_err(ApiError::internal)?;
-    let facts = crate::recommend::agent_facts(&report, now);
+    let facts = agent_facts(&report, now);
     state
         .store
         .put_agent_status(
@@ -238,6 +240,36 @@ pub async fn status(
         .await?;
     state.store.record_blocked(points).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What recommendations classify from an agent's report (the store keeps it with the
+/// report and classifies the VM again when it changes).
+fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
+    AgentFacts {
+        last_seen,
+        nft_version: report.nft_version.clone(),
+        error: report.error.clone(),
+        drift: (report.table_matches == Some(false)).then(|| {
+            report
+                .last_drift
+                .as_ref()
+                .map(|d| d.changes.join("; "))
+                .unwrap_or_else(|| "unknown change".to_owned())
+        }),
+        listening: report
+            .listening
+            .iter()
+            .filter_map(|l| {
+                Some(Listening {
+                    protocol: Protocol::parse(&l.protocol).ok()?,
+                    addr: l.address.parse().ok()?,
+                    port: l.port,
+                    process: l.process.clone(),
+                })
+            })
+            .collect(),
+        inventory_errors: report.inventory_errors.clone(),
+    }
 }
 
 /// Bounds and validates what an agent reports (a hostile agent must not grow the

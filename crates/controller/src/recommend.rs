@@ -10,14 +10,12 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use jitgate_core::Timestamp;
 use jitgate_core::enable::{Exposed, NewPolicy, plan_enable};
 use jitgate_core::ids::{ResourceGroup, Scope, SubscriptionId, VmId};
-use jitgate_core::net::{Port, Protocol};
+use jitgate_core::net::Port;
 use jitgate_core::policy::Policy;
 use jitgate_core::rbac::{Action, scopes_allowing};
-use jitgate_core::recommend::{AgentFacts, Listening, Recommendation, Verdict};
-use jitgate_proto::StatusReport;
+use jitgate_core::recommend::{Recommendation, Verdict};
 use jitgate_proto::api::{ApplyResult, Enabled, RecommendationPage, VerdictCounts};
 use jitgate_store::{AuditNote, ExclusionRecord, OpError, PolicyError, VerdictPage, VerdictScope};
 use serde::Deserialize;
@@ -27,36 +25,6 @@ use crate::AppState;
 use crate::auth::{CallerIp, Principal};
 use crate::body::OptionalJsonBody;
 use crate::error::{ApiError, ApiResult};
-
-/// What recommendations classify from an agent's report (the store keeps it with the
-/// report and classifies the VM again when it changes).
-pub(crate) fn agent_facts(report: &StatusReport, last_seen: Timestamp) -> AgentFacts {
-    AgentFacts {
-        last_seen,
-        nft_version: report.nft_version.clone(),
-        error: report.error.clone(),
-        drift: (report.table_matches == Some(false)).then(|| {
-            report
-                .last_drift
-                .as_ref()
-                .map(|d| d.changes.join("; "))
-                .unwrap_or_else(|| "unknown change".to_owned())
-        }),
-        listening: report
-            .listening
-            .iter()
-            .filter_map(|l| {
-                Some(Listening {
-                    protocol: Protocol::parse(&l.protocol).ok()?,
-                    addr: l.address.parse().ok()?,
-                    port: l.port,
-                    process: l.process.clone(),
-                })
-            })
-            .collect(),
-        inventory_errors: report.inventory_errors.clone(),
-    }
-}
 
 fn rec_wire(vm: &VmId, r: &Recommendation) -> jitgate_proto::api::Recommendation {
     jitgate_proto::api::Recommendation {

@@ -1817,16 +1817,6 @@ impl Store for SqliteStore {
                     ))?
                     .query_map(with_now.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<rusqlite::Result<_>>()?;
-                let mut rules: std::collections::HashMap<String, Vec<NsgRule>> =
-                    std::collections::HashMap::new();
-                let mut st = c.prepare(&format!(
-                    "SELECT name, priority, access, protocol, sources, ports, description, vm_key
-                     FROM nsg_rules WHERE vm_key IN ({marks}) ORDER BY vm_key, priority"
-                ))?;
-                for row in st.query_map(params.as_slice(), nsg_row)? {
-                    let (vm_key, rule) = decode_nsg_row(row?)?;
-                    rules.entry(vm_key).or_default().push(rule);
-                }
                 let seen: std::collections::HashMap<String, i64> = c
                     .prepare(&format!(
                         "SELECT vm_key, last_seen_ns FROM agent_status WHERE vm_key IN ({marks})"
@@ -1859,7 +1849,6 @@ impl Store for SqliteStore {
                         policy,
                         live_grants: grants.get(key).copied().unwrap_or(0).max(0) as u64,
                         agent_last_seen: seen.get(key).map(|t| from_ns(*t)).transpose()?,
-                        user_rules: rules.remove(key).unwrap_or_default(),
                     });
                 }
             }
@@ -2689,52 +2678,13 @@ impl Store for SqliteStore {
     async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>> {
         let vm = vm.key();
         self.read(move |c| {
-            let row: Option<(String, String, i64)> = c
-                .prepare_cached(
-                    "SELECT vm_id, report, last_seen_ns FROM agent_status WHERE vm_key = ?1",
-                )?
-                .query_row([vm], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()?;
-            row.map(|(id, report, seen)| {
-                Ok(AgentStatusRecord {
-                    vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
-                    report,
-                    last_seen: from_ns(seen)?,
-                })
-            })
+            c.prepare_cached(
+                "SELECT vm_id, report, last_seen_ns FROM agent_status WHERE vm_key = ?1",
+            )?
+            .query_row([vm], agent_status_row)
+            .optional()?
+            .map(decode_agent_status)
             .transpose()
-        })
-        .await
-    }
-
-    async fn agent_statuses(&self, vms: &[VmId]) -> Result<Vec<AgentStatusRecord>> {
-        let keys: Vec<String> = vms.iter().map(VmId::key).collect();
-        self.read(move |c| {
-            let mut out = Vec::new();
-            for chunk in keys.chunks(500) {
-                let marks = vec!["?"; chunk.len()].join(",");
-                let params: Vec<&dyn rusqlite::ToSql> =
-                    chunk.iter().map(|k| k as &dyn rusqlite::ToSql).collect();
-                let mut st = c.prepare(&format!(
-                    "SELECT vm_id, report, last_seen_ns FROM agent_status WHERE vm_key IN ({marks})"
-                ))?;
-                for row in st.query_map(params.as_slice(), agent_status_row)? {
-                    out.push(decode_agent_status(row?)?);
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn all_agent_status(&self) -> Result<Vec<AgentStatusRecord>> {
-        self.read(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT vm_id, report, last_seen_ns FROM agent_status ORDER BY vm_key",
-            )?;
-            st.query_map([], agent_status_row)?
-                .map(|row| decode_agent_status(row?))
-                .collect()
         })
         .await
     }

@@ -103,7 +103,7 @@ pub trait Store: Send + Sync + 'static {
         filter: &VmFilter,
     ) -> Result<Vec<VmRecord>>;
     /// What a list shows about each of `vms` (policy, live grants at `now`, agent
-    /// last seen, user NSG rules), in a few batched reads whatever their number; in `vms`' order,
+    /// last seen), in a few batched reads whatever their number; in `vms`' order,
     /// unknown VMs left out.
     async fn vm_summaries(&self, vms: &[VmId], now: Timestamp) -> Result<Vec<VmSummary>>;
     async fn delete_vm(&self, id: &VmId, audit: AuditCtx) -> Result<bool, OpError<VmError>>;
@@ -215,10 +215,6 @@ pub trait Store: Send + Sync + 'static {
     /// updating the VM's verdict in the same transaction.
     async fn put_agent_status(&self, status: AgentStatusRecord, facts: AgentFacts) -> Result<()>;
     async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>>;
-    async fn all_agent_status(&self) -> Result<Vec<AgentStatusRecord>>;
-    /// The last reports of these VMs' agents, in one batched read (VMs without an
-    /// agent left out).
-    async fn agent_statuses(&self, vms: &[VmId]) -> Result<Vec<AgentStatusRecord>>;
     /// Appends blocked-attempt counts (a time series per VM and port).
     async fn record_blocked(&self, points: Vec<BlockedPoint>) -> Result<()>;
     /// Deletes the blocked-attempt points older than `before` (the retention); returns

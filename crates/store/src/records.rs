@@ -76,8 +76,6 @@ pub struct VmSummary {
     pub live_grants: u64,
     /// When its agent last reported; `None` when no agent ever enrolled.
     pub agent_last_seen: Option<Timestamp>,
-    /// Its user NSG rules, by priority.
-    pub user_rules: Vec<jitgate_core::nsg::NsgRule>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
