@@ -1726,24 +1726,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_vms(
-        &self,
-        subscription: SubscriptionId,
-        rg: Option<&ResourceGroup>,
-    ) -> Result<Vec<VmRecord>> {
-        let sub = subscription.to_string();
-        let rg = rg.map(|r| r.key());
-        self.read(move |c| match &rg {
-            Some(rg) => read_vms(
-                c,
-                "WHERE subscription = ?1 AND rg_key = ?2 ORDER BY key",
-                &[&sub, rg],
-            ),
-            None => read_vms(c, "WHERE subscription = ?1 ORDER BY key", &[&sub]),
-        })
-        .await
-    }
-
     async fn find_vms(
         &self,
         subscription: SubscriptionId,

@@ -25,7 +25,7 @@ pub use records::*;
 use async_trait::async_trait;
 use jitgate_core::Timestamp;
 use jitgate_core::audit::{AuditEntry, AuditRecord, VerifyReport};
-use jitgate_core::ids::{ResourceGroup, SubscriptionId, VmId};
+use jitgate_core::ids::{SubscriptionId, VmId};
 use jitgate_core::nsg::NsgRule;
 use jitgate_core::policy::{Policy, PolicyKey, PolicySpec};
 use jitgate_core::recommend::AgentFacts;
@@ -90,11 +90,6 @@ pub trait Store: Send + Sync + 'static {
         audit: AuditCtx,
     ) -> Result<RegisterOutcome, OpError<VmError>>;
     async fn get_vm(&self, id: &VmId) -> Result<Option<VmRecord>>;
-    async fn list_vms(
-        &self,
-        subscription: SubscriptionId,
-        rg: Option<&ResourceGroup>,
-    ) -> Result<Vec<VmRecord>>;
     /// One page of VMs in key order, filtered by resource group and/or name in the
     /// store (indexed), after `filter.after`.
     async fn find_vms(
