@@ -58,7 +58,7 @@ pub fn credential_revoked() -> ApiError {
 }
 
 #[utoipa::path(get, path = "/api/v1/agent/desired", tag = "agents",
-    params(("vm" = String, Query, description = "The agent's VM (resource id)"), ("known" = Option<String>, Query, description = "The revision the agent has"), ("wait" = Option<u64>, Query, description = "Seconds (0-60) to hold the call open until the state differs from `known`")),
+    params(("vm" = String, Query, description = "The agent's VM (resource id)"), ("known" = Option<String>, Query, description = "The revision the agent has"), ("wait" = Option<u64>, Query, maximum = 60, description = "Seconds (0-60) to hold the call open until the state differs from `known`")),
     responses((status = 200, body = jitgate_proto::DesiredState)))]
 pub async fn desired(
     State(state): State<AppState>,
@@ -572,7 +572,7 @@ pub async fn create_enroll_token(
 }
 
 #[utoipa::path(get, path = "/api/v1/enrollTokens", tag = "agents",
-    params(("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
+    params(("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
     responses((status = 200, body = jitgate_proto::api::EnrollTokenPage)))]
 pub async fn list_enroll_tokens(
     State(state): State<AppState>,

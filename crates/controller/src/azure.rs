@@ -482,7 +482,7 @@ async fn list(
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/providers/Microsoft.Security/jitNetworkAccessPolicies", tag = "azure",
-    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("$top" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "Subscription id"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
     responses((status = 200, body = PolicyListOut)))]
 pub async fn list_subscription(
     State(state): State<AppState>,
@@ -503,7 +503,7 @@ pub async fn list_subscription(
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies", tag = "azure",
-    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("loc" = String, Path), ("$top" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "Subscription id"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
     responses((status = 200, body = PolicyListOut)))]
 pub async fn list_region(
     State(state): State<AppState>,
@@ -527,7 +527,7 @@ pub async fn list_region(
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies", tag = "azure",
-    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("rg" = String, Path), ("$top" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "Subscription id"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
     responses((status = 200, body = PolicyListOut)))]
 pub async fn list_resource_group(
     State(state): State<AppState>,
@@ -551,7 +551,7 @@ pub async fn list_resource_group(
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies", tag = "azure",
-    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("rg" = String, Path), ("loc" = String, Path), ("$top" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "Subscription id"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
     responses((status = 200, body = PolicyListOut)))]
 pub async fn list_resource_group_region(
     State(state): State<AppState>,
@@ -587,7 +587,7 @@ fn policy_not_found(key: &PolicyKey) -> ApiError {
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
-    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")),
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01")),
     responses((status = 200, body = PolicyOut)))]
 pub async fn get(
     State(state): State<AppState>,
@@ -627,7 +627,7 @@ pub async fn get(
 }
 
 #[utoipa::path(put, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
-    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")), request_body = PolicyIn,
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01")), request_body = PolicyIn,
     responses((status = 200, body = PolicyOut)))]
 pub async fn put(
     State(state): State<AppState>,
@@ -684,7 +684,7 @@ pub async fn put(
 }
 
 #[utoipa::path(delete, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
-    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")),
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01")),
     responses((status = 200, description = "Deleted"), (status = 204, description = "There was no such policy")))]
 pub async fn delete(
     State(state): State<AppState>,
@@ -711,7 +711,7 @@ pub async fn delete(
 }
 
 #[utoipa::path(post, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}/{action}", tag = "azure",
-    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01"), ("action" = String, Path, description = "initiate")), request_body = InitiateIn,
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("action" = String, Path, description = "initiate")), request_body = InitiateIn,
     responses((status = 202, description = "Accepted: the ports open within milliseconds", body = RequestOut,
         headers(("x-jitgate-request-id" = String, description = "The request's id in the native API")))))]
 pub async fn initiate(

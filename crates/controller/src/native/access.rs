@@ -91,7 +91,7 @@ pub async fn create_token(
 /// Tokens, oldest first, a page at a time (token managers only).
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "access",
     params(
-        ("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"),
         ("continuationToken" = Option<String>, Query, description = "From the previous page"),
     ),
     responses((status = 200, body = TokenPage)))]
@@ -239,7 +239,7 @@ pub async fn create_role_assignment(
 #[utoipa::path(get, path = "/api/v1/roleAssignments", tag = "access",
     params(
         ("principal" = Option<String>, Query, description = "Only this principal's"),
-        ("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"),
         ("continuationToken" = Option<String>, Query, description = "From the previous page"),
     ),
     responses((status = 200, body = RoleAssignmentPage)))]

@@ -65,7 +65,7 @@ fn request_visible(p: &Principal, r: &AccessRequest) -> bool {
         ("requestor" = Option<String>, Query, description = "Only this requestor's"),
         ("mine" = Option<bool>, Query, description = "Only the caller's own"),
         ("active" = Option<bool>, Query, description = "Only requests with a live port"),
-        ("limit" = Option<usize>, Query, description = "Page size, 1-1000 (default 100)"),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"),
         ("continuationToken" = Option<String>, Query, description = "From the previous page"),
     ),
     responses((status = 200, body = RequestPage)))]

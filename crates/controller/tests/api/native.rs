@@ -575,6 +575,128 @@ async fn every_operation_answers_as_documented() {
     assert!(missing.is_empty(), "operations never called: {missing:?}");
 }
 
+/// The bounds the document gives parameters are the server's: on every GET operation,
+/// an integer parameter at its documented minimum and maximum is accepted and one past
+/// either is refused naming it, and a path name of the documented maximum length (and
+/// matching its pattern) is not refused as malformed while one character more is. A
+/// client or fuzzer that trusts the document never sends what the server refuses.
+#[tokio::test]
+async fn documented_bounds_are_the_servers() {
+    use crate::schema::DOC;
+    use reqwest::Method;
+    let ctl = Ctl::start().await;
+    ctl.enable("rg", &["vm1"], "*").await;
+    let (vm, agent) = crate::util::enroll(&ctl, "web-1").await;
+    let mut checked = 0;
+    for (template, item) in DOC["paths"].as_object().unwrap() {
+        let Some(op) = item.get("get") else { continue };
+        let params = op["parameters"].as_array().cloned().unwrap_or_default();
+        let token = if template.starts_with("/api/v1/agent/") {
+            agent.as_str()
+        } else {
+            OWNER
+        };
+        // A call with every path parameter at a valid value and the required query
+        // parameters set, except `name`, which is set to `value` in its place.
+        let url = |name: &str, value: &str| {
+            let mut path = template.clone();
+            let mut query = Vec::new();
+            for p in &params {
+                let n = p["name"].as_str().unwrap();
+                let v = if n == name {
+                    value.to_owned()
+                } else {
+                    match n {
+                        "sub" => ctl.sub.clone(),
+                        "rg" => "rg".into(),
+                        "loc" => "westeurope".into(),
+                        "name" if template.contains("jitNetworkAccessPolicies") => "default".into(),
+                        "name" => "vm1".into(),
+                        "rule" => "r1".into(),
+                        "id" => "0".into(),
+                        "api-version" => "2020-01-01".into(),
+                        "vm" if p["required"] == true => vm.clone(),
+                        _ => continue,
+                    }
+                };
+                if p["in"] == "path" {
+                    path = path.replace(&format!("{{{n}}}"), &v);
+                } else if p["required"] == true || n == name {
+                    query.push(format!("{n}={v}"));
+                }
+            }
+            if query.is_empty() {
+                path
+            } else {
+                format!("{path}?{}", query.join("&"))
+            }
+        };
+        for p in &params {
+            let name = p["name"].as_str().unwrap();
+            let schema = &p["schema"];
+            let refused_naming = |r: &crate::util::Resp| {
+                r.status == StatusCode::BAD_REQUEST
+                    && (r.body["error"]["target"].as_str() == Some(name)
+                        || r.message().contains(name))
+            };
+            if let Some(max) = schema["maximum"].as_i64() {
+                let min = schema["minimum"].as_i64().unwrap_or(0);
+                for ok in [min, max] {
+                    let r = ctl
+                        .call(Method::GET, &url(name, &ok.to_string()), Some(token), None)
+                        .await;
+                    assert_ne!(
+                        r.status,
+                        StatusCode::BAD_REQUEST,
+                        "{template} {name}={ok}: {:?}",
+                        r.body
+                    );
+                }
+                for bad in [min - 1, max + 1] {
+                    let r = ctl
+                        .call(Method::GET, &url(name, &bad.to_string()), Some(token), None)
+                        .await;
+                    assert!(
+                        refused_naming(&r),
+                        "{template} {name}={bad}: {} {:?}",
+                        r.status,
+                        r.body
+                    );
+                }
+                checked += 1;
+            }
+            if p["in"] == "path"
+                && let Some(max) = schema["maxLength"].as_u64()
+            {
+                let longest = "a".repeat(max as usize);
+                let r = ctl
+                    .call(Method::GET, &url(name, &longest), Some(token), None)
+                    .await;
+                assert_ne!(
+                    r.status,
+                    StatusCode::BAD_REQUEST,
+                    "{template} {name} of {max}: {:?}",
+                    r.body
+                );
+                let over = "a".repeat(max as usize + 1);
+                let r = ctl
+                    .call(Method::GET, &url(name, &over), Some(token), None)
+                    .await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::BAD_REQUEST,
+                    "{template} {name} of {}: {:?}",
+                    max + 1,
+                    r.body
+                );
+                checked += 1;
+            }
+        }
+    }
+    // The limits of every list, `$top`, `wait`, and the names of the VM and policy paths.
+    assert!(checked >= 20, "only {checked} bounds checked");
+}
+
 /// Every list pages: a continuation token walks each item exactly once, and a forged
 /// token is refused naming the parameter.
 #[tokio::test]
