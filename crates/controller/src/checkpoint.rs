@@ -297,7 +297,7 @@ mod tests {
     async fn every_sink_gets_every_checkpoint_and_one_down_stops_none() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
-            Arc::new(jitgate_store_sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+            Arc::new(jitgate_store_sql::SqlStore::open(&dir.path().join("db")).unwrap());
         let (mut cp, fresh) =
             Checkpointer::open(&dir.path().join("key"), dir.path().join("cp.jsonl")).unwrap();
         assert!(fresh);

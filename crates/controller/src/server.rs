@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use jitgate_core::Timestamp;
 use jitgate_core::ids::SubscriptionId;
 use jitgate_store::{AuditCtx, Bootstrap, Store, TokenRecord};
-use jitgate_store_sqlite::{SqliteOptions, SqliteStore};
+use jitgate_store_sql::{SqlStore, StoreOptions};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -85,7 +85,7 @@ pub struct Config {
     /// Refused-call, connection and timeout limits.
     pub limits: crate::limits::Limits,
     /// The most writes waiting for the store's writer; past it a write is answered 503
-    /// with `Retry-After` (see `jitgate_store_sqlite::SqliteOptions`).
+    /// with `Retry-After` (see `jitgate_store_sql::StoreOptions`).
     pub write_queue: usize,
     /// How long blocked-attempt points are kept (pruned at start and hourly).
     pub blocked_retention: std::time::Duration,
@@ -109,7 +109,7 @@ impl Config {
             checkpoint_interval: std::time::Duration::from_secs(5),
             accept_audit_break: false,
             limits: crate::limits::Limits::default(),
-            write_queue: jitgate_store_sqlite::DEFAULT_WRITE_QUEUE,
+            write_queue: jitgate_store_sql::DEFAULT_WRITE_QUEUE,
             blocked_retention: DEFAULT_BLOCKED_RETENTION,
             clock: crate::clock::Clock::system(),
         }
@@ -163,9 +163,9 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
     // `start` created the directory (it holds the lock).
     restrict(&config.data_dir, 0o700)?;
     let db = config.data_dir.join(DB_FILE);
-    let store = SqliteStore::open_with(
+    let store = SqlStore::open_with(
         &db,
-        SqliteOptions {
+        StoreOptions {
             write_queue: config.write_queue,
             recommend: config.recommend.clone(),
         },
@@ -445,7 +445,7 @@ pub async fn recover(data_dir: &Path, checkpoints: Option<PathBuf>) -> anyhow::R
     let _lock = DataDirLock::acquire(data_dir).context(
         "stop the controller first (jitgate admin recover works on a stopped controller)",
     )?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db)?);
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open(&db)?);
     let (checkpointer, fresh) = Checkpointer::open(
         &data_dir.join(crate::checkpoint::SIGNING_KEY_FILE),
         checkpoints.unwrap_or_else(|| data_dir.join(crate::checkpoint::CHECKPOINT_FILE)),

@@ -13,7 +13,7 @@
 //! ```text
 //! async fn fresh() -> (Box<dyn Store>, tempfile::TempDir) {
 //!     let dir = tempfile::tempdir().unwrap();
-//!     let store = SqliteStore::open(&dir.path().join("jitgate.db")).unwrap();
+//!     let store = SqlStore::open(&dir.path().join("jitgate.db")).unwrap();
 //!     (Box::new(store), dir)
 //! }
 //! jitgate_store::store_conformance_tests!(fresh);

@@ -3,7 +3,7 @@
 //! [`Store`] is the one interface the controller uses. Every mutating operation is a
 //! single transaction that also appends its audit event(s), so state and audit chain
 //! never disagree; a method that returns `Ok` has committed durably. Backends live in
-//! crates of their own: `jitgate-store-sqlite` (embedded, the default). Every backend
+//! crates of their own: `jitgate-store-sql` (embedded, the default). Every backend
 //! passes the same conformance suite (`conformance`, behind the `conformance` feature:
 //! test support, not compiled into the product; `model` adds the lifecycle's
 //! reference model).

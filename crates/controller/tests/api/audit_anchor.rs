@@ -112,7 +112,7 @@ fn anchors(dir: &Path) -> AnchorSet {
 }
 
 fn verify(dir: &Path) -> audit::VerifyReport {
-    jitgate_store_sqlite::verify_file(&dir.join(jitgate_controller::DB_FILE), Some(&anchors(dir)))
+    jitgate_store_sql::verify_file(&dir.join(jitgate_controller::DB_FILE), Some(&anchors(dir)))
         .unwrap()
 }
 
@@ -379,7 +379,7 @@ async fn a_replaced_signing_key_is_caught_with_the_exported_public_key() {
         key: CheckpointPublicKey::parse(&exported).unwrap(),
         checkpoints: jitgate_store::checkpoint::read(&cp_file).unwrap(),
     };
-    let report = jitgate_store_sqlite::verify_file(
+    let report = jitgate_store_sql::verify_file(
         &dir.path().join(jitgate_controller::DB_FILE),
         Some(&honest),
     )

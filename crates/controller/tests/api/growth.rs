@@ -243,10 +243,9 @@ async fn blocked_attempts_past_the_retention_are_pruned_at_start() {
             .unwrap()
     };
     {
-        let store = jitgate_store_sqlite::SqliteStore::open(
-            &ctl.dir.path().join(jitgate_controller::DB_FILE),
-        )
-        .unwrap();
+        let store =
+            jitgate_store_sql::SqlStore::open(&ctl.dir.path().join(jitgate_controller::DB_FILE))
+                .unwrap();
         let point = |at, count| jitgate_store::BlockedPoint {
             vm: jitgate_core::ids::VmId::parse(&vm).unwrap(),
             port: 22,

@@ -97,7 +97,7 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
                         bail!("no jitgate database at {}", db.display());
                     }
                     let anchors = offline_anchors(&dir, checkpoints, public_key)?;
-                    let r = jitgate_store_sqlite::verify_file(&db, anchors.as_ref())?;
+                    let r = jitgate_store_sql::verify_file(&db, anchors.as_ref())?;
                     let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
                     match (&anchors, r.anchored_at) {
                         (None, _) => eprintln!(

@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn write_queue_and_retention_settings() {
         let d = serve_config(serve_args(&[]).unwrap()).unwrap().0;
-        assert_eq!(d.write_queue, jitgate_store_sqlite::DEFAULT_WRITE_QUEUE);
+        assert_eq!(d.write_queue, jitgate_store_sql::DEFAULT_WRITE_QUEUE);
         assert_eq!(
             d.blocked_retention,
             jitgate_controller::DEFAULT_BLOCKED_RETENTION

@@ -19,12 +19,12 @@ use jitgate_core::request::{
 use jitgate_store::conformance::model::{self, ModelBackend};
 use jitgate_store::conformance::{OWNER, SUB, at, t0};
 use jitgate_store::*;
-use jitgate_store_sqlite::{SqliteOptions, SqliteStore, verify_file};
+use jitgate_store_sql::{SqlStore, StoreOptions, verify_file};
 use tempfile::TempDir;
 
 async fn fresh() -> (Box<dyn Store>, TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("jitgate.db")).unwrap();
+    let store = SqlStore::open(&dir.path().join("jitgate.db")).unwrap();
     (Box::new(store), dir)
 }
 
@@ -50,7 +50,7 @@ impl ModelBackend for Sqlite {
     }
 
     async fn open(dir: &TempDir) -> Box<dyn Store> {
-        Box::new(SqliteStore::open(&dir.path().join("jitgate.db")).unwrap())
+        Box::new(SqlStore::open(&dir.path().join("jitgate.db")).unwrap())
     }
 }
 
@@ -104,7 +104,7 @@ fn token(id: &str) -> TokenRecord {
 
 /// A store with a little of everything: bootstrap, two VMs, a policy, a request.
 /// Returns the number of audit events written.
-async fn populate(store: &SqliteStore) -> u64 {
+async fn populate(store: &SqlStore) -> u64 {
     store
         .bootstrap(
             Bootstrap {
@@ -194,7 +194,7 @@ async fn populate(store: &SqliteStore) -> u64 {
 async fn populated() -> (TempDir, PathBuf, u64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jitgate.db");
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open(&path).unwrap();
     let n = populate(&store).await;
     drop(store);
     (dir, path, n)
@@ -220,7 +220,7 @@ async fn data_survives_reopen_and_the_chain_verifies() {
     assert!(before.ok(), "{:?}", before.problems);
     assert_eq!(before.count, n);
 
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open(&path).unwrap();
     assert_eq!(store.subscriptions().await.unwrap(), vec![sub()]);
     assert!(store.get_vm(&vm("vm2")).await.unwrap().is_some());
     let policy = store.get_policy(&key()).await.unwrap().unwrap();
@@ -270,7 +270,7 @@ async fn data_survives_reopen_and_the_chain_verifies() {
     assert_eq!(last[0].prev_hash, before.head_hash);
     drop(store);
 
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open(&path).unwrap();
     assert_eq!(
         store.next_expiry().await.unwrap(),
         None,
@@ -304,7 +304,7 @@ async fn verify_file_detects_a_modified_event() {
     assert_eq!(problems(&path), vec![Problem::Modified { seq: 3 }]);
 
     // The store itself reports it too.
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open(&path).unwrap();
     let report = store.verify_audit(None).await.unwrap();
     assert_eq!(report.problems, vec![Problem::Modified { seq: 3 }]);
 }
@@ -460,7 +460,7 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jitgate.db");
     {
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqlStore::open(&path).unwrap();
         populate(&store).await;
     }
     {
@@ -480,7 +480,7 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
         ))
         .unwrap();
     }
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open(&path).unwrap();
     let found = store
         .find_vms(
             sub(),
@@ -516,7 +516,7 @@ fn listening(ports: &[u16]) -> AgentFacts {
     }
 }
 
-async fn verdicts(store: &SqliteStore, now: i64) -> Vec<(String, Verdict, String)> {
+async fn verdicts(store: &SqlStore, now: i64) -> Vec<(String, Verdict, String)> {
     store
         .recommendations(
             sub(),
@@ -554,7 +554,7 @@ async fn verdicts_are_filled_in_for_an_older_database_and_follow_the_configurati
         last_seen: at(secs),
     };
     {
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqlStore::open(&path).unwrap();
         populate(&store).await;
         store
             .put_agent_status(status(100), listening(&[22, 8443]))
@@ -572,7 +572,7 @@ async fn verdicts_are_filled_in_for_an_older_database_and_follow_the_configurati
         ))
         .unwrap();
     }
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqlStore::open(&path).unwrap();
     let v = verdicts(&store, 110).await;
     assert_eq!(v.len(), 2);
     assert_eq!((v[0].0.as_str(), v[0].1), ("vm1", Verdict::NotApplicable));
@@ -588,9 +588,9 @@ async fn verdicts_are_filled_in_for_an_older_database_and_follow_the_configurati
     assert_eq!(verdicts(&store, 210).await[0].1, Verdict::Healthy);
     drop(store);
 
-    let store = SqliteStore::open_with(
+    let store = SqlStore::open_with(
         &path,
-        SqliteOptions {
+        StoreOptions {
             recommend: RecommendConfig {
                 management_ports: vec![22, 8443],
                 ..Default::default()
@@ -685,7 +685,7 @@ fn initiate_port(id: u128, port: i64) -> InitiateArgs {
 async fn a_failed_commit_forgets_the_policies_it_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jitgate.db");
-    let store = std::sync::Arc::new(SqliteStore::open(&path).unwrap());
+    let store = std::sync::Arc::new(SqlStore::open(&path).unwrap());
     populate(&store).await;
 
     // Another connection holds the write lock, so that the next writes queue up and
@@ -761,9 +761,9 @@ async fn a_full_write_queue_refuses_writes_but_not_audit_events() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jitgate.db");
     let store = std::sync::Arc::new(
-        SqliteStore::open_with(
+        SqlStore::open_with(
             &path,
-            SqliteOptions {
+            StoreOptions {
                 write_queue: 1,
                 ..Default::default()
             },

@@ -1,4 +1,4 @@
-//! `jitgate-store-sqlite`: the embedded SQLite backend of `jitgate_store::Store`, the
+//! `jitgate-store-sql`: the embedded SQLite backend of `jitgate_store::Store`, the
 //! default. It passes the conformance suite of `jitgate-store` (its tests run it) and
 //! adds what only a file-backed store has (`verify_file`, opening options).
 //!
@@ -11,13 +11,12 @@
 //! writer).
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -42,6 +41,14 @@ use jitgate_core::request::{
 
 use jitgate_store::*;
 
+use crate::db::{Db, Dialect, Row, ToParam};
+
+pub mod db;
+mod pg;
+mod sqlite;
+
+pub use sqlite::verify_file;
+
 /// Read connections kept open (and concurrent reads allowed).
 const READERS: usize = 8;
 
@@ -53,203 +60,6 @@ const PRUNE_CHUNK: usize = 10_000;
 
 /// Writes that may wait for the writer by default, besides the group it is committing.
 pub const DEFAULT_WRITE_QUEUE: usize = 4096;
-
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE subscriptions(id TEXT PRIMARY KEY, created_ns INTEGER NOT NULL);
-CREATE TABLE vms(
-    key TEXT PRIMARY KEY,
-    id TEXT NOT NULL,
-    subscription TEXT NOT NULL,
-    rg_key TEXT NOT NULL,
-    location TEXT,
-    created_ns INTEGER NOT NULL,
-    created_by TEXT NOT NULL
-);
-CREATE INDEX vms_scope ON vms(subscription, rg_key);
-CREATE TABLE policies(
-    key TEXT PRIMARY KEY,
-    uid TEXT NOT NULL UNIQUE,
-    subscription TEXT NOT NULL,
-    rg TEXT NOT NULL,
-    rg_key TEXT NOT NULL,
-    location TEXT NOT NULL,
-    location_key TEXT NOT NULL,
-    name TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    vms_json TEXT NOT NULL,
-    created_ns INTEGER NOT NULL,
-    updated_ns INTEGER NOT NULL
-);
-CREATE INDEX policies_scope ON policies(subscription, rg_key, location_key);
-CREATE TABLE policy_vms(
-    vm_key TEXT PRIMARY KEY,
-    policy_key TEXT NOT NULL REFERENCES policies(key) ON DELETE CASCADE
-);
-CREATE INDEX policy_vms_policy ON policy_vms(policy_key);
-CREATE TABLE requests(
-    id TEXT PRIMARY KEY,
-    policy_uid TEXT NOT NULL,
-    policy_key TEXT NOT NULL,
-    requestor TEXT NOT NULL,
-    justification TEXT,
-    start_ns INTEGER NOT NULL,
-    caller_ip TEXT NOT NULL
-);
-CREATE INDEX requests_policy ON requests(policy_uid, start_ns);
-CREATE INDEX requests_requestor ON requests(requestor, start_ns);
-CREATE TABLE request_ports(
-    request_id TEXT NOT NULL REFERENCES requests(id) ON DELETE CASCADE,
-    vm_idx INTEGER NOT NULL,
-    port_idx INTEGER NOT NULL,
-    vm_key TEXT NOT NULL,
-    vm_id TEXT NOT NULL,
-    number INTEGER NOT NULL,
-    protocol TEXT NOT NULL,
-    source TEXT NOT NULL,
-    end_ns INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    reason TEXT,
-    PRIMARY KEY(request_id, vm_idx, port_idx)
-);
-CREATE INDEX request_ports_live ON request_ports(end_ns) WHERE status = 'Initiated';
-CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
-CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
-CREATE TABLE tokens(
-    id TEXT PRIMARY KEY,
-    principal TEXT NOT NULL,
-    secret_hash TEXT NOT NULL,
-    description TEXT NOT NULL,
-    created_ns INTEGER NOT NULL,
-    expires_ns INTEGER,
-    revoked_ns INTEGER
-);
-CREATE TABLE role_assignments(
-    id TEXT PRIMARY KEY,
-    principal TEXT NOT NULL,
-    role TEXT NOT NULL,
-    scope TEXT NOT NULL,
-    created_ns INTEGER NOT NULL
-);
-CREATE INDEX role_assignments_principal ON role_assignments(principal);
-CREATE TABLE audit(
-    seq INTEGER PRIMARY KEY,
-    time TEXT NOT NULL,
-    time_ns INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    source TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    details TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE INDEX audit_time ON audit(time_ns);
-"#,
-    r#"
-ALTER TABLE policies ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
-"#,
-    r#"
-CREATE TABLE nsg_rules(
-    vm_key TEXT NOT NULL,
-    name TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    access TEXT NOT NULL,
-    protocol TEXT NOT NULL,
-    sources TEXT NOT NULL,
-    ports TEXT NOT NULL,
-    description TEXT NOT NULL,
-    PRIMARY KEY(vm_key, name),
-    UNIQUE(vm_key, priority)
-);
-CREATE TABLE enroll_tokens(
-    id TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL,
-    scope TEXT NOT NULL,
-    expires_ns INTEGER NOT NULL,
-    uses_left INTEGER NOT NULL,
-    description TEXT NOT NULL,
-    created_ns INTEGER NOT NULL,
-    created_by TEXT NOT NULL,
-    revoked_ns INTEGER
-);
-CREATE TABLE agent_status(
-    vm_key TEXT PRIMARY KEY,
-    vm_id TEXT NOT NULL,
-    report TEXT NOT NULL,
-    last_seen_ns INTEGER NOT NULL
-);
-"#,
-    r#"
-CREATE TABLE exclusions(
-    id TEXT PRIMARY KEY,
-    scope TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    created_ns INTEGER NOT NULL,
-    created_by TEXT NOT NULL
-);
-CREATE TABLE blocked_attempts(
-    vm_key TEXT NOT NULL,
-    vm_id TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    protocol TEXT NOT NULL,
-    at_ns INTEGER NOT NULL,
-    count INTEGER NOT NULL
-);
-CREATE INDEX blocked_attempts_vm ON blocked_attempts(vm_key, at_ns);
-CREATE INDEX blocked_attempts_at ON blocked_attempts(at_ns);
-"#,
-    r#"
-ALTER TABLE enroll_tokens ADD COLUMN allow_replace INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX tokens_secret_hash ON tokens(secret_hash);
-"#,
-    // A VM found by name in one indexed read; pages of a resource group in key order.
-    // The name is what follows the id's last '/'.
-    r#"
-ALTER TABLE vms ADD COLUMN name_key TEXT NOT NULL DEFAULT '';
-UPDATE vms SET name_key = lower(replace(id, rtrim(id, replace(id, '/', '')), ''));
-CREATE INDEX vms_name ON vms(subscription, name_key, key);
-CREATE INDEX vms_rg_page ON vms(subscription, rg_key, key);
-"#,
-    // Pages of all VMs in key order without sorting the subscription's VMs first.
-    r#"
-CREATE INDEX vms_page ON vms(subscription, key);
-"#,
-    // Pages of requests (newest first) and of the lists ordered by creation.
-    r#"
-CREATE INDEX requests_page ON requests(start_ns, id);
-CREATE INDEX tokens_page ON tokens(created_ns, id);
-CREATE INDEX role_assignments_page ON role_assignments(created_ns, id);
-CREATE INDEX enroll_tokens_page ON enroll_tokens(created_ns, id);
-CREATE INDEX exclusions_page ON exclusions(created_ns, id);
-"#,
-    // Recommendations without classifying every VM at each read: each VM's verdict
-    // as its own facts give it (`refresh_verdicts`), updated by every write that
-    // changes them; `excluded` is the reason of the exclusion covering it, and
-    // `last_seen_ns` its agent's last report, both settled when read. The agent's
-    // facts are kept beside its report. The table is filled when the store opens
-    // (`fill_verdicts`), which is how an existing installation gets it. The counts read
-    // only their (covering) index; pages read in key order without sorting.
-    r#"
-CREATE TABLE vm_verdicts(
-    vm_key TEXT PRIMARY KEY,
-    subscription TEXT NOT NULL,
-    rg_key TEXT NOT NULL,
-    verdict TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    exposed TEXT NOT NULL,
-    listening TEXT NOT NULL,
-    last_seen_ns INTEGER,
-    excluded TEXT
-);
-CREATE INDEX vm_verdicts_counts ON vm_verdicts(subscription, rg_key, verdict, last_seen_ns, excluded);
-CREATE INDEX vm_verdicts_page ON vm_verdicts(subscription, vm_key);
-CREATE INDEX vm_verdicts_rg_page ON vm_verdicts(subscription, rg_key, vm_key);
-ALTER TABLE agent_status ADD COLUMN facts TEXT;
-"#,
-];
 
 /// The bounds of a page ordered by (created_ns, id) ascending: `(after ns, after id,
 /// limit)` for `WHERE (?n IS NULL OR created_ns > ?n OR (created_ns = ?n AND id > ?m))`.
@@ -277,28 +87,6 @@ fn from_ns(n: i64) -> Result<Timestamp> {
 
 fn corrupt<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StoreError + '_ {
     move |e| StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-fn open_connection(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         PRAGMA foreign_keys = ON;",
-    )?;
-    Ok(conn)
-}
-
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute_batch(sql)?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
-        tx.commit()?;
-    }
-    Ok(())
 }
 
 // ---- policy encoding (storage-private) --------------------------------------------
@@ -385,9 +173,7 @@ fn decode_vms(json: &str) -> Result<Vec<PolicyVm>> {
 
 const POLICY_COLS: &str = "subscription, rg, location, name, kind, vms_json";
 
-fn policy_from_row(
-    r: &rusqlite::Row<'_>,
-) -> rusqlite::Result<(String, String, String, String, String, String)> {
+fn policy_from_row(r: &mut Row) -> Result<(String, String, String, String, String, String)> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -414,14 +200,13 @@ fn build_policy(row: (String, String, String, String, String, String)) -> Result
     })
 }
 
-fn load_policy(conn: &Connection, key: &str) -> Result<Option<(String, Policy)>> {
-    let row = conn
-        .prepare_cached(&format!(
-            "SELECT uid, {POLICY_COLS} FROM policies WHERE key = ?1"
-        ))?
-        .query_row([key], |r| {
+fn load_policy(conn: &dyn Db, key: &str) -> Result<Option<(String, Policy)>> {
+    let row = conn.one(
+        &format!("SELECT uid, {POLICY_COLS} FROM policies WHERE key = ?1"),
+        &[&key],
+        |r| {
             Ok((
-                r.get::<_, String>(0)?,
+                r.get::<String>(0)?,
                 (
                     r.get(1)?,
                     r.get(2)?,
@@ -431,8 +216,8 @@ fn load_policy(conn: &Connection, key: &str) -> Result<Option<(String, Policy)>>
                     r.get(6)?,
                 ),
             ))
-        })
-        .optional()?;
+        },
+    )?;
     match row {
         None => Ok(None),
         Some((uid, row)) => Ok(Some((uid, build_policy(row)?))),
@@ -461,45 +246,45 @@ fn parse_status(status: &str, reason: Option<String>) -> Result<PortStatus> {
 }
 
 /// Loads whole requests by id, preserving the order of `ids`.
-fn load_requests(conn: &Connection, ids: &[String]) -> Result<Vec<AccessRequest>> {
+fn load_requests(conn: &dyn Db, ids: &[String]) -> Result<Vec<AccessRequest>> {
     let mut out = Vec::with_capacity(ids.len());
-    let mut head = conn.prepare_cached(
-        "SELECT policy_key, requestor, justification, start_ns, caller_ip FROM requests WHERE id = ?1",
-    )?;
-    let mut ports = conn.prepare_cached(
-        "SELECT vm_idx, vm_id, number, protocol, source, end_ns, status, reason
-         FROM request_ports WHERE request_id = ?1 ORDER BY vm_idx, port_idx",
-    )?;
     for id in ids {
-        let Some((policy_key, requestor, justification, start_ns, caller_ip)) = head
-            .query_row([id], |r| {
+        let Some((policy_key, requestor, justification, start_ns, caller_ip)) = conn.one(
+            "SELECT policy_key, requestor, justification, start_ns, caller_ip FROM requests WHERE id = ?1",
+            &[id],
+            |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<Option<String>>(2)?,
+                    r.get::<i64>(3)?,
+                    r.get::<String>(4)?,
                 ))
-            })
-            .optional()?
+            },
+        )?
         else {
             continue;
         };
         let mut vms: Vec<(i64, RequestVm)> = Vec::new();
-        let rows = ports.query_map([id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, Option<String>>(7)?,
-            ))
-        })?;
+        let rows = conn.all(
+            "SELECT vm_idx, vm_id, number, protocol, source, end_ns, status, reason
+             FROM request_ports WHERE request_id = ?1 ORDER BY vm_idx, port_idx",
+            &[id],
+            |r| {
+                Ok((
+                    r.get::<i64>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<i64>(2)?,
+                    r.get::<String>(3)?,
+                    r.get::<String>(4)?,
+                    r.get::<i64>(5)?,
+                    r.get::<String>(6)?,
+                    r.get::<Option<String>>(7)?,
+                ))
+            },
+        )?;
         for row in rows {
-            let (vm_idx, vm_id, number, protocol, source, end_ns, status, reason) = row?;
+            let (vm_idx, vm_id, number, protocol, source, end_ns, status, reason) = row;
             let port = RequestPort {
                 number: Port::new(number).map_err(corrupt("port"))?,
                 protocol: Protocol::parse(&protocol).map_err(corrupt("protocol"))?,
@@ -531,10 +316,8 @@ fn load_requests(conn: &Connection, ids: &[String]) -> Result<Vec<AccessRequest>
     Ok(out)
 }
 
-fn ids_of(conn: &Connection, sql: &str, params: &[&dyn rusqlite::ToSql]) -> Result<Vec<String>> {
-    let mut st = conn.prepare_cached(sql)?;
-    let rows = st.query_map(params, |r| r.get::<_, String>(0))?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+fn ids_of(conn: &dyn Db, sql: &str, params: &[&dyn ToParam]) -> Result<Vec<String>> {
+    conn.all(sql, params, |r| r.get::<String>(0))
 }
 
 // ---- the writer --------------------------------------------------------------------
@@ -625,7 +408,7 @@ impl WriterPolicies {
 
 /// What a write job sees: the open transaction and the audit chain.
 pub struct WriteCtx<'a> {
-    tx: &'a Transaction<'a>,
+    tx: &'a dyn Db,
     tail: &'a mut ChainTail,
     policies: &'a mut WriterPolicies,
     /// What verdicts are computed with (`refresh_verdicts`).
@@ -665,26 +448,12 @@ impl WriteCtx<'_> {
             .map_err(|e| StoreError::Db(format!("audit time '{}': {e}", entry.time)))?;
         let rec = audit::link(self.tail.seq, &self.tail.hash, entry);
         self.tx
-            .prepare_cached(
+            .execute(
                 "INSERT INTO audit(seq, time, time_ns, actor, source, action, target, outcome, details, prev_hash, hash)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?
-            .execute(params![
-                rec.seq as i64,
-                rec.entry.time,
-                time_ns,
-                rec.entry.actor,
-                rec.entry.source,
-                rec.entry.action,
-                rec.entry.target,
-                rec.entry.outcome.as_str(),
-                rec.entry.details,
-                rec.prev_hash,
-                rec.hash
-            ])?;
+            &[&(rec.seq as i64), &rec.entry.time, &time_ns, &rec.entry.actor, &rec.entry.source, &rec.entry.action, &rec.entry.target, &rec.entry.outcome.as_str(), &rec.entry.details, &rec.prev_hash, &rec.hash])?;
         self.tx
-            .prepare_cached("INSERT INTO meta(key, value) VALUES ('audit_head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
-            .execute([rec.seq.to_string()])?;
+            .execute("INSERT INTO meta(key, value) VALUES ('audit_head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value", &[&rec.seq.to_string()])?;
         self.tail.seq = rec.seq;
         self.tail.hash = rec.hash;
         Ok(rec.seq)
@@ -694,14 +463,15 @@ impl WriteCtx<'_> {
 /// `load_policy` through a cache of decoded policies (`get` and `put` access it), used
 /// only while the row still has the uid and rev the entry was decoded at.
 fn cached_policy(
-    conn: &Connection,
+    conn: &dyn Db,
     key: &str,
     cache: &mut PolicyCache,
 ) -> Result<Option<(String, Arc<Policy>)>> {
-    let row: Option<(String, i64)> = conn
-        .prepare_cached("SELECT uid, rev FROM policies WHERE key = ?1")?
-        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
+    let row: Option<(String, i64)> = conn.one(
+        "SELECT uid, rev FROM policies WHERE key = ?1",
+        &[&key],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let Some((uid, rev)) = row else {
         return Ok(None);
     };
@@ -722,14 +492,12 @@ fn cached_policy(
 type Finish = Box<dyn FnOnce(Result<()>) + Send>;
 type Job = Box<dyn FnOnce(&mut WriteCtx<'_>) -> (bool, Finish) + Send>;
 
-fn load_tail(conn: &Connection) -> Result<ChainTail> {
-    let row = conn
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-        )
-        .optional()?;
+fn load_tail(conn: &dyn Db) -> Result<ChainTail> {
+    let row = conn.one(
+        "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+        &[],
+        |r| Ok((r.get::<i64>(0)?, r.get::<String>(1)?)),
+    )?;
     Ok(match row {
         Some((seq, hash)) => ChainTail {
             seq: seq as u64,
@@ -742,14 +510,27 @@ fn load_tail(conn: &Connection) -> Result<ChainTail> {
     })
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recommend: Arc<RecommendConfig>) {
-    let mut tail = match load_tail(&conn) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the audit chain; writer stops");
-            return;
-        }
-    };
+/// Begins a write transaction holding the store's write lock: every writer of the
+/// database (one per controller) waits here for the others, so each group sees every
+/// earlier commit and extends one audit chain. SQLite takes its database lock;
+/// PostgreSQL locks the one row of `write_lock` (a row lock, not an advisory lock, so
+/// it also works behind a transaction-pooling proxy).
+fn begin_write(db: &dyn Db) -> Result<()> {
+    db.batch(match db.dialect() {
+        Dialect::Sqlite => "BEGIN IMMEDIATE",
+        Dialect::Postgres => "BEGIN; SELECT id FROM write_lock WHERE id = 1 FOR UPDATE",
+    })
+}
+
+/// Opens a new connection of the store's engine.
+type Connect = Arc<dyn Fn() -> Result<Box<dyn Db + Send>> + Send + Sync>;
+
+fn writer_loop(
+    mut db: Box<dyn Db + Send>,
+    connect: Connect,
+    mut rx: mpsc::Receiver<Job>,
+    recommend: Arc<RecommendConfig>,
+) {
     let mut policies = WriterPolicies::default();
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -759,17 +540,25 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recommend: Arc
                 Err(_) => break,
             }
         }
-        let saved = tail.clone();
+        if !db.healthy() {
+            match connect() {
+                Ok(c) => db = c,
+                Err(e) => tracing::error!(error = %e, "the writer cannot reconnect"),
+            }
+        }
         let mut finishes: Vec<Finish> = Vec::with_capacity(jobs.len());
         let result: Result<()> = (|| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            begin_write(&*db)?;
+            // The chain's tail is read under the lock at every group: another
+            // controller on the same database may have extended it.
+            let mut tail = load_tail(&*db)?;
             for job in jobs.drain(..) {
-                tx.execute_batch("SAVEPOINT job")?;
+                db.batch("SAVEPOINT job")?;
                 let before = tail.clone();
                 let looked_up = policies.looked_up.len();
                 let (ok, finish) = {
                     let mut ctx = WriteCtx {
-                        tx: &tx,
+                        tx: &*db,
                         tail: &mut tail,
                         policies: &mut policies,
                         recommend: &recommend,
@@ -777,22 +566,23 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recommend: Arc
                     job(&mut ctx)
                 };
                 if ok {
-                    tx.execute_batch("RELEASE job")?;
+                    db.batch("RELEASE SAVEPOINT job")?;
                 } else {
-                    tx.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                    db.batch("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")?;
                     tail = before;
                     policies.forget_since(looked_up);
                 }
                 finishes.push(finish);
             }
-            tx.commit()?;
+            db.batch("COMMIT")?;
             Ok(())
         })();
         match &result {
             Ok(()) => policies.committed(),
             Err(e) => {
                 tracing::error!(error = %e, "write transaction failed");
-                tail = saved;
+                // Ends the transaction if it is still open (no harm if it is not).
+                let _ = db.batch("ROLLBACK");
                 policies.forget_since(0);
             }
         }
@@ -929,23 +719,22 @@ fn refresh_verdicts(ctx: &mut WriteCtx<'_>, keys: &[String]) -> Result<()> {
     let mut policies: std::collections::HashMap<String, PortsByVm> =
         std::collections::HashMap::new();
     for key in keys {
-        let row: Option<(String, String, String)> = ctx
-            .tx
-            .prepare_cached("SELECT id, subscription, rg_key FROM vms WHERE key = ?1")?
-            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
+        let row: Option<(String, String, String)> = ctx.tx.one(
+            "SELECT id, subscription, rg_key FROM vms WHERE key = ?1",
+            &[&key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         let Some((id, sub, rg_key)) = row else {
             ctx.tx
-                .prepare_cached("DELETE FROM vm_verdicts WHERE vm_key = ?1")?
-                .execute([key])?;
+                .execute("DELETE FROM vm_verdicts WHERE vm_key = ?1", &[&key])?;
             continue;
         };
         let vm = VmId::parse(&id).map_err(corrupt("vm id"))?;
-        let policy_key: Option<String> = ctx
-            .tx
-            .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
-            .query_row([key], |r| r.get(0))
-            .optional()?;
+        let policy_key: Option<String> = ctx.tx.one(
+            "SELECT policy_key FROM policy_vms WHERE vm_key = ?1",
+            &[&key],
+            |r| r.get(0),
+        )?;
         let protected = match policy_key {
             Some(pk) => {
                 if !policies.contains_key(&pk) {
@@ -975,19 +764,19 @@ fn refresh_verdicts(ctx: &mut WriteCtx<'_>, keys: &[String]) -> Result<()> {
             None => Vec::new(),
         };
         let user_rules = {
-            let mut st = ctx.tx.prepare_cached(
+            let rows = ctx.tx.all(
                 "SELECT name, priority, access, protocol, sources, ports, description, vm_key FROM nsg_rules
                  WHERE vm_key = ?1 ORDER BY priority",
-            )?;
-            let rows = st.query_map([key], nsg_row)?;
-            rows.map(|row| decode_nsg_row(row?).map(|(_, rule)| rule))
+            &[&key], nsg_row)?;
+            rows.into_iter()
+                .map(|row| decode_nsg_row(row).map(|(_, rule)| rule))
                 .collect::<Result<Vec<_>>>()?
         };
-        let agent: Option<(Option<String>, i64)> = ctx
-            .tx
-            .prepare_cached("SELECT facts, last_seen_ns FROM agent_status WHERE vm_key = ?1")?
-            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+        let agent: Option<(Option<String>, i64)> = ctx.tx.one(
+            "SELECT facts, last_seen_ns FROM agent_status WHERE vm_key = ?1",
+            &[&key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         let facts = |agent| VmFacts {
             agent,
             excluded: None,
@@ -1006,24 +795,13 @@ fn refresh_verdicts(ctx: &mut WriteCtx<'_>, keys: &[String]) -> Result<()> {
             }
         };
         ctx.tx
-            .prepare_cached(
+            .execute(
                 "INSERT INTO vm_verdicts(vm_key, subscription, rg_key, verdict, reason, exposed, listening, last_seen_ns, excluded)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT(vm_key) DO UPDATE SET subscription = excluded.subscription, rg_key = excluded.rg_key,
                    verdict = excluded.verdict, reason = excluded.reason, exposed = excluded.exposed,
                    listening = excluded.listening, last_seen_ns = excluded.last_seen_ns, excluded = excluded.excluded",
-            )?
-            .execute(params![
-                key,
-                sub,
-                rg_key,
-                reported.verdict.as_str(),
-                reported.reason,
-                ports_text(&reported.exposed),
-                ports_text(&reported.listening_management),
-                last_seen,
-                excluded_reason(&exclusions, &vm),
-            ])?;
+            &[&key, &sub, &rg_key, &reported.verdict.as_str(), &reported.reason, &ports_text(&reported.exposed), &ports_text(&reported.listening_management), &last_seen, &(excluded_reason(&exclusions, &vm))])?;
     }
     Ok(())
 }
@@ -1047,25 +825,26 @@ fn refresh_exclusions(ctx: &mut WriteCtx<'_>, scope: &Scope) -> Result<()> {
     };
     let mut after = String::new();
     loop {
-        let mut params: Vec<&dyn rusqlite::ToSql> = vec![&sub, &after, &BATCH];
+        let mut params: Vec<&dyn ToParam> = vec![&sub, &after, &BATCH];
         if !key.is_empty() {
             params.push(&key);
         }
-        let rows: Vec<(String, String, Option<String>)> = {
-            let mut st = ctx.tx.prepare_cached(&format!(
+        let rows: Vec<(String, String, Option<String>)> = ctx.tx.all(
+            &format!(
                 "SELECT v.vm_key, vms.id, v.excluded FROM vm_verdicts v JOIN vms ON vms.key = v.vm_key
                  WHERE {filter} AND v.vm_key > ?2 ORDER BY v.vm_key LIMIT ?3"
-            ))?;
-            st.query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<_>>()?
-        };
+            ),
+            params.as_slice(),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         for (key, id, was) in &rows {
             let vm = VmId::parse(id).map_err(corrupt("vm id"))?;
             let now = excluded_reason(&exclusions, &vm);
             if now != *was {
-                ctx.tx
-                    .prepare_cached("UPDATE vm_verdicts SET excluded = ?2 WHERE vm_key = ?1")?
-                    .execute(params![key, now])?;
+                ctx.tx.execute(
+                    "UPDATE vm_verdicts SET excluded = ?2 WHERE vm_key = ?1",
+                    &[&key, &now],
+                )?;
             }
         }
         match rows.last() {
@@ -1080,25 +859,36 @@ fn refresh_exclusions(ctx: &mut WriteCtx<'_>, scope: &Scope) -> Result<()> {
 /// configuration (management ports) or a new version's classification takes effect,
 /// since the stored verdicts are only ever a function of stored facts, configuration
 /// and code. A batch of VMs at a time, so memory stays flat in their number.
-fn fill_verdicts(conn: &mut Connection, recommend: &RecommendConfig) -> Result<()> {
+fn fill_verdicts(tx: &dyn Db, recommend: &RecommendConfig) -> Result<()> {
+    begin_write(tx)?;
+    let filled = fill_verdicts_in(tx, recommend);
+    match filled {
+        Ok(()) => tx.batch("COMMIT"),
+        Err(e) => {
+            let _ = tx.batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn fill_verdicts_in(tx: &dyn Db, recommend: &RecommendConfig) -> Result<()> {
     const BATCH: i64 = 500;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut tail = load_tail(&tx)?;
+    let mut tail = load_tail(tx)?;
     let mut policies = WriterPolicies::default();
     tx.execute(
         "DELETE FROM vm_verdicts WHERE vm_key NOT IN (SELECT key FROM vms)",
-        [],
+        &[],
     )?;
     let mut after = String::new();
     loop {
         let keys = ids_of(
-            &tx,
+            tx,
             "SELECT key FROM vms WHERE key > ?1 ORDER BY key LIMIT ?2",
             &[&after, &BATCH],
         )?;
         {
             let mut ctx = WriteCtx {
-                tx: &tx,
+                tx,
                 tail: &mut tail,
                 policies: &mut policies,
                 recommend,
@@ -1110,7 +900,6 @@ fn fill_verdicts(conn: &mut Connection, recommend: &RecommendConfig) -> Result<(
             _ => break,
         }
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -1118,11 +907,12 @@ fn fill_verdicts(conn: &mut Connection, recommend: &RecommendConfig) -> Result<(
 /// parameters: the subscription, the resource group, the caller's readable scopes.
 /// `None` when the readable scopes contain none of the subscription's VMs.
 fn verdict_scope_sql(
+    dialect: Dialect,
     subscription: SubscriptionId,
     scope: &VerdictScope,
-) -> Option<(String, Vec<Box<dyn rusqlite::ToSql + Send>>)> {
+) -> Option<(String, Vec<Box<dyn ToParam + Send>>)> {
     let mut sql = "v.subscription = ?".to_owned();
-    let mut params: Vec<Box<dyn rusqlite::ToSql + Send>> = vec![Box::new(subscription.to_string())];
+    let mut params: Vec<Box<dyn ToParam + Send>> = vec![Box::new(subscription.to_string())];
     if let Some(rg) = &scope.resource_group {
         sql.push_str(" AND v.rg_key = ?");
         params.push(Box::new(rg.key()));
@@ -1145,9 +935,14 @@ fn verdict_scope_sql(
                 return None;
             }
             // One JSON array parameter each, however many scopes the caller has.
-            sql.push_str(
-                " AND (v.rg_key IN (SELECT value FROM json_each(?)) OR v.vm_key IN (SELECT value FROM json_each(?)))",
-            );
+            sql.push_str(match dialect {
+                Dialect::Sqlite => {
+                    " AND (v.rg_key IN (SELECT value FROM json_each(?)) OR v.vm_key IN (SELECT value FROM json_each(?)))"
+                }
+                Dialect::Postgres => {
+                    " AND (v.rg_key IN (SELECT json_array_elements_text(CAST(CAST(? AS TEXT) AS json))) OR v.vm_key IN (SELECT json_array_elements_text(CAST(CAST(? AS TEXT) AS json))))"
+                }
+            });
             params.push(Box::new(serde_json::Value::from(rgs).to_string()));
             params.push(Box::new(serde_json::Value::from(vms).to_string()));
         }
@@ -1166,9 +961,9 @@ fn cutoff_ns(recommend: &RecommendConfig, now: Timestamp) -> i64 {
 
 // ---- the store ---------------------------------------------------------------------
 
-/// How a [`SqliteStore`] is opened.
+/// How a [`SqlStore`] is opened (either engine).
 #[derive(Debug, Clone)]
-pub struct SqliteOptions {
+pub struct StoreOptions {
     /// The most writes waiting for the writer (besides the group it is committing).
     /// A write asked for when it is full fails at once with [`StoreError::Busy`]
     /// instead of growing the queue (and every caller's wait) without bound; the few
@@ -1179,9 +974,9 @@ pub struct SqliteOptions {
     pub recommend: RecommendConfig,
 }
 
-impl Default for SqliteOptions {
+impl Default for StoreOptions {
     fn default() -> Self {
-        SqliteOptions {
+        StoreOptions {
             write_queue: DEFAULT_WRITE_QUEUE,
             recommend: RecommendConfig::default(),
         }
@@ -1197,13 +992,16 @@ enum WhenFull {
     Wait,
 }
 
-pub struct SqliteStore {
-    path: PathBuf,
+/// A [`Store`] on a SQL database: SQLite ([`SqlStore::open`]) or PostgreSQL
+/// ([`SqlStore::connect_postgres`]).
+pub struct SqlStore {
+    dialect: Dialect,
+    connect: Connect,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     write_queue: usize,
     /// Writes refused because the queue was full, since opening.
     refused_writes: AtomicU64,
-    readers: Arc<Mutex<Vec<Connection>>>,
+    readers: Arc<Mutex<Vec<Box<dyn Db + Send>>>>,
     /// Bounds concurrent reads to the pool's size: a burst of callers waits here
     /// instead of each occupying a blocking thread (and its memory).
     read_slots: Arc<tokio::sync::Semaphore>,
@@ -1212,26 +1010,53 @@ pub struct SqliteStore {
     recommend: Arc<RecommendConfig>,
 }
 
-impl SqliteStore {
-    /// Opens (creating and migrating if needed) the database at `path`.
+impl SqlStore {
+    /// Opens (creating and migrating if needed) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with(path, SqliteOptions::default())
+        Self::open_with(path, StoreOptions::default())
     }
 
-    pub fn open_with(path: &Path, options: SqliteOptions) -> Result<Self> {
-        let mut conn = open_connection(path)?;
-        migrate(&mut conn)?;
+    /// [`SqlStore::open`] with options.
+    pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self> {
+        let mut conn = sqlite::open_connection(path)?;
+        sqlite::migrate(&mut conn)?;
+        let path = path.to_owned();
+        let connect: Connect =
+            Arc::new(move || Ok(Box::new(sqlite::open_connection(&path)?) as Box<dyn Db + Send>));
+        Self::start(Box::new(conn), connect, options)
+    }
+
+    /// Connects to PostgreSQL (`postgres://...` or `host=... dbname=...`; several hosts
+    /// with `target_session_attrs=read-write` follow a promoted standby), applies the
+    /// schema migrations it lacks under a lock, and starts the store.
+    pub async fn connect_postgres(url: &str, options: StoreOptions) -> Result<Self> {
+        let config = pg::config(url)?;
+        tokio::task::spawn_blocking(move || {
+            let db = pg::connect(&config)?;
+            pg::migrate(&db)?;
+            let connect: Connect =
+                Arc::new(move || Ok(Box::new(pg::connect(&config)?) as Box<dyn Db + Send>));
+            Self::start(Box::new(db), connect, options)
+        })
+        .await
+        .map_err(|e| StoreError::Db(format!("connecting task failed: {e}")))?
+    }
+
+    fn start(db: Box<dyn Db + Send>, connect: Connect, options: StoreOptions) -> Result<Self> {
+        let dialect = db.dialect();
         let recommend = Arc::new(options.recommend);
-        fill_verdicts(&mut conn, &recommend)?;
+        fill_verdicts(&*db, &recommend)?;
         let write_queue = options.write_queue.max(1);
         let (tx, rx) = mpsc::channel::<Job>(write_queue);
         let writer_recommend = recommend.clone();
+        let writer_connect = connect.clone();
         std::thread::Builder::new()
-            .name("jitgate-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_recommend))
+            .name("jitgate-store-writer".into())
+            .spawn(move || writer_loop(db, writer_connect, rx, writer_recommend))
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
-        Ok(SqliteStore {
-            path: path.to_owned(),
+        Ok(SqlStore {
+            dialect,
+            connect,
             writer: Mutex::new(Some(tx)),
             write_queue,
             refused_writes: AtomicU64::new(0),
@@ -1324,7 +1149,7 @@ impl SqliteStore {
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&dyn Db) -> Result<T> + Send + 'static,
     {
         let _slot = self
             .read_slots
@@ -1332,15 +1157,17 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         let readers = self.readers.clone();
-        let path = self.path.clone();
+        let connect = self.connect.clone();
         tokio::task::spawn_blocking(move || {
             let conn = readers.lock().ok().and_then(|mut v| v.pop());
             let conn = match conn {
                 Some(c) => c,
-                None => open_connection(&path)?,
+                None => connect()?,
             };
-            let r = f(&conn);
-            if let Ok(mut v) = readers.lock()
+            let r = f(&*conn);
+            // A lost connection is dropped, not pooled.
+            if conn.healthy()
+                && let Ok(mut v) = readers.lock()
                 && v.len() < 16
             {
                 v.push(conn);
@@ -1359,42 +1186,24 @@ impl SqliteStore {
     }
 }
 
-fn subscription_exists(conn: &Connection, sub: SubscriptionId) -> Result<bool> {
+fn subscription_exists(conn: &dyn Db, sub: SubscriptionId) -> Result<bool> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM subscriptions WHERE id = ?1")?
-        .query_row([sub.to_string()], |_| Ok(()))
-        .optional()?
+        .one(
+            "SELECT 1 FROM subscriptions WHERE id = ?1",
+            &[&sub.to_string()],
+            |_| Ok(()),
+        )?
         .is_some())
 }
 
-fn insert_token(conn: &Connection, t: &TokenRecord) -> Result<()> {
-    conn.execute(
-        "INSERT INTO tokens(id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            t.id,
-            t.principal,
-            t.secret_hash,
-            t.description,
-            ns(t.created),
-            t.expires.map(ns),
-            t.revoked.map(ns)
-        ],
-    )?;
+fn insert_token(conn: &dyn Db, t: &TokenRecord) -> Result<()> {
+    conn.execute("INSERT INTO tokens(id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", &[&t.id, &t.principal, &t.secret_hash, &t.description, &ns(t.created), &t.expires.map(ns), &t.revoked.map(ns)])?;
     Ok(())
 }
 
-fn insert_role_assignment(conn: &Connection, ra: &RoleAssignmentRecord) -> Result<()> {
-    conn.execute(
-        "INSERT INTO role_assignments(id, principal, role, scope, created_ns) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            ra.id,
-            ra.assignment.principal,
-            ra.assignment.role.as_str(),
-            ra.assignment.scope.to_string(),
-            ns(ra.created)
-        ],
-    )?;
+fn insert_role_assignment(conn: &dyn Db, ra: &RoleAssignmentRecord) -> Result<()> {
+    conn.execute("INSERT INTO role_assignments(id, principal, role, scope, created_ns) VALUES (?1, ?2, ?3, ?4, ?5)", &[&ra.id, &ra.assignment.principal, &ra.assignment.role.as_str(), &ra.assignment.scope.to_string(), &ns(ra.created)])?;
     Ok(())
 }
 
@@ -1416,9 +1225,9 @@ fn put_policy_in(
         let field = format!("properties.virtualMachines[{i}].id");
         let known = ctx
             .tx
-            .prepare_cached("SELECT 1 FROM vms WHERE key = ?1")?
-            .query_row([vm.id.key()], |_| Ok(()))
-            .optional()?
+            .one("SELECT 1 FROM vms WHERE key = ?1", &[&vm.id.key()], |_| {
+                Ok(())
+            })?
             .is_some();
         if !known {
             return Err(OpError::Refused(PolicyError::UnknownVm(FieldError::new(
@@ -1429,11 +1238,11 @@ fn put_policy_in(
                 ),
             ))));
         }
-        let other: Option<String> = ctx
-            .tx
-            .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
-            .query_row([vm.id.key()], |r| r.get(0))
-            .optional()?;
+        let other: Option<String> = ctx.tx.one(
+            "SELECT policy_key FROM policy_vms WHERE vm_key = ?1",
+            &[&vm.id.key()],
+            |r| r.get(0),
+        )?;
         if let Some(other) = other
             && other != pkey
         {
@@ -1453,37 +1262,20 @@ fn put_policy_in(
     let created = old.is_none();
     match &old {
         None => {
-            ctx.tx.execute(
-                "INSERT INTO policies(key, uid, subscription, rg, rg_key, location, location_key, name, kind, vms_json, created_ns, updated_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
-                params![
-                    pkey,
-                    uuid::Uuid::new_v4().to_string(),
-                    key.subscription.to_string(),
-                    key.resource_group.as_str(),
-                    key.resource_group.key(),
-                    key.location.as_str(),
-                    key.location.key(),
-                    key.name.as_str(),
-                    spec.kind,
-                    json,
-                    ns(audit.now)
-                ],
-            )?;
+            ctx.tx.execute("INSERT INTO policies(key, uid, subscription, rg, rg_key, location, location_key, name, kind, vms_json, created_ns, updated_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)", &[&pkey, &uuid::Uuid::new_v4().to_string(), &key.subscription.to_string(), &key.resource_group.as_str(), &key.resource_group.key(), &key.location.as_str(), &key.location.key(), &key.name.as_str(), &spec.kind, &json, &ns(audit.now)])?;
         }
         Some(_) => {
-            ctx.tx.execute(
-                "UPDATE policies SET kind = ?2, vms_json = ?3, updated_ns = ?4, rev = rev + 1 WHERE key = ?1",
-                params![pkey, spec.kind, json, ns(audit.now)],
-            )?;
+            ctx.tx.execute("UPDATE policies SET kind = ?2, vms_json = ?3, updated_ns = ?4, rev = rev + 1 WHERE key = ?1", &[&pkey, &spec.kind, &json, &ns(audit.now)])?;
             ctx.tx
-                .execute("DELETE FROM policy_vms WHERE policy_key = ?1", [&pkey])?;
+                .execute("DELETE FROM policy_vms WHERE policy_key = ?1", &[&pkey])?;
         }
     }
     for vm in &spec.vms {
-        ctx.tx
-            .prepare_cached("INSERT INTO policy_vms(vm_key, policy_key) VALUES (?1, ?2)")?
-            .execute(params![vm.id.key(), pkey])?;
+        ctx.tx.execute(
+            "INSERT INTO policy_vms(vm_key, policy_key) VALUES (?1, ?2)",
+            &[&vm.id.key(), &pkey],
+        )?;
     }
     let mut revoked = Vec::new();
     if let Some((_, old)) = &old {
@@ -1554,34 +1346,35 @@ fn revoke_where(
     audit: &AuditCtx,
     reason: RevokeReason,
     where_sql: &str,
-    params: &[&dyn rusqlite::ToSql],
+    params: &[&dyn ToParam],
 ) -> Result<Vec<RevokedPort>> {
     let rows: Vec<(String, i64, i64, String, i64, String, i64)> = {
-        let mut st = ctx.tx.prepare_cached(&format!(
+        ctx.tx.all(
+            &format!(
             "SELECT request_id, vm_idx, port_idx, vm_id, number, source, end_ns FROM request_ports
              WHERE status = 'Initiated' AND {where_sql}"
-        ))?;
-        st.query_map(params, |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<_>>()?
+        ),
+            params,
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )?
     };
     let mut out = Vec::with_capacity(rows.len());
     for (req, vm_idx, port_idx, vm_id, number, source, end_ns) in rows {
-        ctx.tx
-            .prepare_cached(
-                "UPDATE request_ports SET status = 'Revoked', reason = ?4
+        ctx.tx.execute(
+            "UPDATE request_ports SET status = 'Revoked', reason = ?4
                  WHERE request_id = ?1 AND vm_idx = ?2 AND port_idx = ?3",
-            )?
-            .execute(params![req, vm_idx, port_idx, reason.as_str()])?;
+            &[&req, &vm_idx, &port_idx, &reason.as_str()],
+        )?;
         let rp = RevokedPort {
             request: RequestId::parse(&req).map_err(corrupt("request id"))?,
             vm: VmId::parse(&vm_id).map_err(corrupt("vm id"))?,
@@ -1617,23 +1410,19 @@ fn revoke_where(
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn bootstrap(&self, init: Bootstrap, audit: AuditCtx) -> Result<BootstrapOutcome> {
         self.write_plain_when(WhenFull::Wait, move |ctx| {
             let existing: Option<String> = ctx
                 .tx
-                .query_row("SELECT id FROM subscriptions ORDER BY created_ns LIMIT 1", [], |r| r.get(0))
-                .optional()?;
+                .one("SELECT id FROM subscriptions ORDER BY created_ns LIMIT 1", &[], |r| r.get(0))?;
             if let Some(s) = existing {
                 return Ok(BootstrapOutcome {
                     subscription: SubscriptionId::parse(&s).map_err(corrupt("subscription"))?,
                     created: false,
                 });
             }
-            ctx.tx.execute(
-                "INSERT INTO subscriptions(id, created_ns) VALUES (?1, ?2)",
-                params![init.subscription.to_string(), ns(audit.now)],
-            )?;
+            ctx.tx.execute("INSERT INTO subscriptions(id, created_ns) VALUES (?1, ?2)", &[&init.subscription.to_string(), &ns(audit.now)])?;
             insert_token(ctx.tx, &init.owner_token)?;
             let ra = RoleAssignmentRecord {
                 id: format!("bootstrap-{}", init.owner_token.id),
@@ -1688,20 +1477,8 @@ impl Store for SqliteStore {
                     vm.id.subscription,
                 )));
             }
-            let n = ctx.tx.execute(
-                "INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by, name_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING",
-                params![
-                    vm.id.key(),
-                    vm.id.to_string(),
-                    vm.id.subscription.to_string(),
-                    vm.id.resource_group.key(),
-                    vm.location.as_ref().map(|l| l.to_string()),
-                    ns(vm.created),
-                    vm.created_by,
-                    vm.id.name.key()
-                ],
-            )?;
+            let n = ctx.tx.execute("INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by, name_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING", &[&vm.id.key(), &vm.id.to_string(), &vm.id.subscription.to_string(), &vm.id.resource_group.key(), &(vm.location.as_ref().map(|l| l.to_string())), &ns(vm.created), &vm.created_by, &vm.id.name.key()])?;
             if n == 0 {
                 return Ok(RegisterOutcome::AlreadyRegistered);
             }
@@ -1776,35 +1553,46 @@ impl Store for SqliteStore {
             for chunk in vms.chunks(500) {
                 let keys: Vec<String> = chunk.iter().map(VmId::key).collect();
                 let marks = vec!["?"; keys.len()].join(",");
-                let params: Vec<&dyn rusqlite::ToSql> =
-                    keys.iter().map(|k| k as &dyn rusqlite::ToSql).collect();
+                let params: Vec<&dyn ToParam> = keys.iter().map(|k| k as &dyn ToParam).collect();
                 let known: std::collections::HashSet<String> = c
-                    .prepare(&format!("SELECT key FROM vms WHERE key IN ({marks})"))?
-                    .query_map(params.as_slice(), |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .all(
+                        &format!("SELECT key FROM vms WHERE key IN ({marks})"),
+                        params.as_slice(),
+                        |r| r.get(0),
+                    )?
+                    .into_iter()
+                    .collect();
                 let policy_of: std::collections::HashMap<String, String> = c
-                    .prepare(&format!(
-                        "SELECT vm_key, policy_key FROM policy_vms WHERE vm_key IN ({marks})"
-                    ))?
-                    .query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .all(
+                        &format!(
+                            "SELECT vm_key, policy_key FROM policy_vms WHERE vm_key IN ({marks})"
+                        ),
+                        params.as_slice(),
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )?
+                    .into_iter()
+                    .collect();
                 let mut with_now = params.clone();
                 with_now.push(&now);
                 let grants: std::collections::HashMap<String, i64> = c
-                    .prepare(&format!(
-                        "SELECT vm_key, count(*) FROM request_ports
+                    .all(
+                        &format!(
+                            "SELECT vm_key, count(*) FROM request_ports
                          WHERE status = 'Initiated' AND vm_key IN ({marks}) AND end_ns > ?{}
                          GROUP BY vm_key",
-                        keys.len() + 1
-                    ))?
-                    .query_map(with_now.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
+                            keys.len() + 1
+                        ),
+                        with_now.as_slice(),
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )?
+                    .into_iter()
+                    .collect();
                 let seen: std::collections::HashMap<String, i64> = c
-                    .prepare(&format!(
+                    .all(&format!(
                         "SELECT vm_key, last_seen_ns FROM agent_status WHERE vm_key IN ({marks})"
-                    ))?
-                    .query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
+                    ), params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .into_iter()
+                    .collect();
                 // Each policy is read (or its cache entry checked) once per chunk.
                 let mut policies: std::collections::HashMap<&str, Option<Arc<Policy>>> =
                     std::collections::HashMap::new();
@@ -1842,20 +1630,17 @@ impl Store for SqliteStore {
     async fn delete_vm(&self, id: &VmId, audit: AuditCtx) -> Result<bool, OpError<VmError>> {
         let id = id.clone();
         self.write(move |ctx| {
-            let in_policy: Option<String> = ctx
-                .tx
-                .query_row(
-                    "SELECT policy_key FROM policy_vms WHERE vm_key = ?1",
-                    [id.key()],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let in_policy: Option<String> = ctx.tx.one(
+                "SELECT policy_key FROM policy_vms WHERE vm_key = ?1",
+                &[&id.key()],
+                |r| r.get(0),
+            )?;
             if let Some(p) = in_policy {
                 return Err(OpError::Refused(VmError::InPolicy(p)));
             }
             let n = ctx
                 .tx
-                .execute("DELETE FROM vms WHERE key = ?1", [id.key()])?;
+                .execute("DELETE FROM vms WHERE key = ?1", &[&id.key()])?;
             if n > 0 {
                 ctx.audit(&audit, "vm.delete", &id.to_string(), serde_json::json!({}))?;
                 refresh_verdicts(ctx, &[id.key()])?;
@@ -1920,16 +1705,19 @@ impl Store for SqliteStore {
         let loc = filter.location.as_ref().map(|l| l.key());
         let after = after.unwrap_or("").to_owned();
         self.read(move |c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT {POLICY_COLS} FROM policies
+            let rows = c.all(
+                &format!(
+                    "SELECT {POLICY_COLS} FROM policies
                  WHERE (?1 IS NULL OR subscription = ?1) AND (?2 IS NULL OR rg_key = ?2)
                    AND (?3 IS NULL OR location_key = ?3) AND key > ?4
                  ORDER BY key LIMIT ?5"
-            ))?;
-            let rows = st.query_map(params![sub, rg, loc, after, limit as i64], policy_from_row)?;
+                ),
+                &[&sub, &rg, &loc, &after, &(limit as i64)],
+                policy_from_row,
+            )?;
             let mut out = Vec::new();
             for r in rows {
-                out.push(build_policy(r?)?);
+                out.push(build_policy(r)?);
             }
             Ok(out)
         })
@@ -1941,10 +1729,11 @@ impl Store for SqliteStore {
         let vm = vm.key();
         let cache = self.read_policies.clone();
         self.read(move |c| {
-            let key: Option<String> = c
-                .prepare_cached("SELECT policy_key FROM policy_vms WHERE vm_key = ?1")?
-                .query_row([vm], |r| r.get(0))
-                .optional()?;
+            let key: Option<String> = c.one(
+                "SELECT policy_key FROM policy_vms WHERE vm_key = ?1",
+                &[&vm],
+                |r| r.get(0),
+            )?;
             let Some(k) = key else { return Ok(None) };
             Ok(read_cached_policy(c, &cache, &k)?.and_then(|p| {
                 p.vm(&id).map(|v| VmPolicy {
@@ -1979,9 +1768,9 @@ impl Store for SqliteStore {
                 )?);
             }
             ctx.tx
-                .execute("DELETE FROM policy_vms WHERE policy_key = ?1", [&pkey])?;
+                .execute("DELETE FROM policy_vms WHERE policy_key = ?1", &[&pkey])?;
             ctx.tx
-                .execute("DELETE FROM policies WHERE key = ?1", [&pkey])?;
+                .execute("DELETE FROM policies WHERE key = ?1", &[&pkey])?;
             ctx.audit(
                 &audit,
                 "policy.delete",
@@ -2052,42 +1841,32 @@ impl Store for SqliteStore {
             }
             let req = &plan.request;
             ctx.tx
-                .prepare_cached(
+                .execute(
                     "INSERT INTO requests(id, policy_uid, policy_key, requestor, justification, start_ns, caller_ip)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
-                    req.id.to_string(),
-                    uid,
-                    req.policy_key,
-                    req.requestor,
-                    req.justification,
-                    ns(req.start),
-                    req.caller_ip.to_string()
-                ])?;
-            let mut insert = ctx.tx.prepare_cached(
-                "INSERT INTO request_ports(request_id, vm_idx, port_idx, vm_key, vm_id, number, protocol, source, end_ns, status, reason)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?;
+                &[&req.id.to_string(), &uid, &req.policy_key, &req.requestor, &req.justification, &ns(req.start), &req.caller_ip.to_string()])?;
             for (i, vm) in req.vms.iter().enumerate() {
                 for (j, p) in vm.ports.iter().enumerate() {
                     let (status, reason) = status_cols(p.status);
-                    insert.execute(params![
-                        req.id.to_string(),
-                        i as i64,
-                        j as i64,
-                        vm.id.key(),
-                        vm.id.to_string(),
-                        p.number.get() as i64,
-                        p.protocol.as_str(),
-                        p.source.to_string(),
-                        ns(p.end),
-                        status,
-                        reason
-                    ])?;
+                    ctx.tx.execute(
+                        "INSERT INTO request_ports(request_id, vm_idx, port_idx, vm_key, vm_id, number, protocol, source, end_ns, status, reason)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                        &[
+                            &req.id.to_string(),
+                            &(i as i64),
+                            &(j as i64),
+                            &vm.id.key(),
+                            &vm.id.to_string(),
+                            &i64::from(p.number.get()),
+                            &p.protocol.as_str(),
+                            &p.source.to_string(),
+                            &ns(p.end),
+                            &status,
+                            &reason,
+                        ],
+                    )?;
                 }
             }
-            drop(insert);
             for vm in &req.vms {
                 let ports: Vec<serde_json::Value> = vm
                     .ports
@@ -2170,9 +1949,7 @@ impl Store for SqliteStore {
         self.write(move |ctx| {
             let exists = ctx
                 .tx
-                .prepare_cached("SELECT 1 FROM requests WHERE id = ?1")?
-                .query_row([id.to_string()], |_| Ok(()))
-                .optional()?
+                .one("SELECT 1 FROM requests WHERE id = ?1", &[&id.to_string()], |_| Ok(()))?
                 .is_some();
             if !exists {
                 return Err(OpError::Refused(RevokeError::NotFound));
@@ -2216,11 +1993,13 @@ impl Store for SqliteStore {
 
     async fn next_expiry(&self) -> Result<Option<Timestamp>> {
         self.read(|c| {
-            let n: Option<i64> = c.query_row(
-                "SELECT MIN(end_ns) FROM request_ports WHERE status = 'Initiated'",
-                [],
-                |r| r.get(0),
-            )?;
+            let n: Option<i64> = c
+                .one(
+                    "SELECT MIN(end_ns) FROM request_ports WHERE status = 'Initiated'",
+                    &[],
+                    |r| r.get(0),
+                )?
+                .ok_or_else(|| StoreError::Db("the query returned no row".into()))?;
             n.map(from_ns).transpose()
         })
         .await
@@ -2233,11 +2012,13 @@ impl Store for SqliteStore {
 
     async fn count_live_grants(&self, now: Timestamp) -> Result<u64> {
         self.read(move |c| {
-            let n: i64 = c.query_row(
-                "SELECT COUNT(*) FROM request_ports WHERE status = 'Initiated' AND end_ns > ?1",
-                [ns(now)],
-                |r| r.get(0),
-            )?;
+            let n: i64 = c
+                .one(
+                    "SELECT COUNT(*) FROM request_ports WHERE status = 'Initiated' AND end_ns > ?1",
+                    &[&ns(now)],
+                    |r| r.get(0),
+                )?
+                .ok_or_else(|| StoreError::Db("the query returned no row".into()))?;
             Ok(n as u64)
         })
         .await
@@ -2349,19 +2130,16 @@ impl Store for SqliteStore {
     async fn remove_role_assignment(&self, id: &str, audit: AuditCtx) -> Result<bool> {
         let id = id.to_owned();
         self.write_plain(move |ctx| {
-            let row: Option<(String, String, String)> = ctx
-                .tx
-                .query_row(
-                    "SELECT principal, role, scope FROM role_assignments WHERE id = ?1",
-                    [&id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
+            let row: Option<(String, String, String)> = ctx.tx.one(
+                "SELECT principal, role, scope FROM role_assignments WHERE id = ?1",
+                &[&id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
             let Some((principal, role, scope)) = row else {
                 return Ok(false);
             };
             ctx.tx
-                .execute("DELETE FROM role_assignments WHERE id = ?1", [&id])?;
+                .execute("DELETE FROM role_assignments WHERE id = ?1", &[&id])?;
             ctx.audit(
                 &audit,
                 "roleAssignment.delete",
@@ -2383,21 +2161,14 @@ impl Store for SqliteStore {
         self.write(move |ctx| {
             let known = ctx
                 .tx
-                .prepare_cached("SELECT 1 FROM vms WHERE key = ?1")?
-                .query_row([vm.key()], |_| Ok(()))
-                .optional()?
+                .one("SELECT 1 FROM vms WHERE key = ?1", &[&vm.key()], |_| Ok(()))?
                 .is_some();
             if !known {
                 return Err(OpError::Refused(NsgRuleError::UnknownVm));
             }
             let taken: Option<String> = ctx
                 .tx
-                .query_row(
-                    "SELECT name FROM nsg_rules WHERE vm_key = ?1 AND priority = ?2 AND name != ?3",
-                    params![vm.key(), rule.priority as i64, rule.name],
-                    |r| r.get(0),
-                )
-                .optional()?;
+                .one("SELECT name FROM nsg_rules WHERE vm_key = ?1 AND priority = ?2 AND name != ?3", &[&vm.key(), &(rule.priority as i64), &rule.name], |r| r.get(0))?;
             if let Some(other) = taken {
                 return Err(OpError::Refused(NsgRuleError::PriorityTaken(other)));
             }
@@ -2405,22 +2176,10 @@ impl Store for SqliteStore {
             let ports: Vec<String> = rule.ports.iter().map(|p| p.to_string()).collect();
             let existed = ctx
                 .tx
-                .execute("DELETE FROM nsg_rules WHERE vm_key = ?1 AND name = ?2", params![vm.key(), rule.name])?
+                .execute("DELETE FROM nsg_rules WHERE vm_key = ?1 AND name = ?2", &[&vm.key(), &rule.name])?
                 > 0;
-            ctx.tx.execute(
-                "INSERT INTO nsg_rules(vm_key, name, priority, access, protocol, sources, ports, description)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    vm.key(),
-                    rule.name,
-                    rule.priority as i64,
-                    rule.access.as_str(),
-                    rule.protocol.as_str(),
-                    sources.join(","),
-                    ports.join(","),
-                    rule.description
-                ],
-            )?;
+            ctx.tx.execute("INSERT INTO nsg_rules(vm_key, name, priority, access, protocol, sources, ports, description)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)", &[&vm.key(), &rule.name, &(rule.priority as i64), &rule.access.as_str(), &rule.protocol.as_str(), &sources.join(","), &ports.join(","), &rule.description])?;
             ctx.audit(
                 &audit,
                 if existed { "nsgRule.update" } else { "nsgRule.create" },
@@ -2445,7 +2204,7 @@ impl Store for SqliteStore {
         self.write_plain(move |ctx| {
             let n = ctx.tx.execute(
                 "DELETE FROM nsg_rules WHERE vm_key = ?1 AND name = ?2",
-                params![vm.key(), name],
+                &[&vm.key(), &name],
             )?;
             if n > 0 {
                 ctx.audit(
@@ -2464,12 +2223,12 @@ impl Store for SqliteStore {
     async fn nsg_rules(&self, vm: &VmId) -> Result<Vec<NsgRule>> {
         let vm = vm.key();
         self.read(move |c| {
-            let mut st = c.prepare_cached(
+            let rows = c.all(
                 "SELECT name, priority, access, protocol, sources, ports, description, vm_key FROM nsg_rules
                  WHERE vm_key = ?1 ORDER BY priority",
-            )?;
-            let rows = st.query_map([vm], nsg_row)?;
-            rows.map(|row| decode_nsg_row(row?).map(|(_, rule)| rule))
+            &[&vm], nsg_row)?;
+            rows.into_iter()
+                .map(|row| decode_nsg_row(row).map(|(_, rule)| rule))
                 .collect()
         })
         .await
@@ -2477,22 +2236,8 @@ impl Store for SqliteStore {
 
     async fn create_enroll_token(&self, token: EnrollTokenRecord, audit: AuditCtx) -> Result<()> {
         self.write_plain(move |ctx| {
-            ctx.tx.execute(
-                "INSERT INTO enroll_tokens(id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
-                    token.id,
-                    token.secret_hash,
-                    token.scope.to_string(),
-                    ns(token.expires),
-                    token.uses_left as i64,
-                    token.description,
-                    ns(token.created),
-                    token.created_by,
-                    token.revoked.map(ns),
-                    token.allow_replace
-                ],
-            )?;
+            ctx.tx.execute("INSERT INTO enroll_tokens(id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)", &[&token.id, &token.secret_hash, &token.scope.to_string(), &ns(token.expires), &(token.uses_left as i64), &token.description, &ns(token.created), &token.created_by, &token.revoked.map(ns), &token.allow_replace])?;
             ctx.audit(
                 &audit,
                 "enrollToken.create",
@@ -2562,45 +2307,24 @@ impl Store for SqliteStore {
             // receive every grant's source address.
             let live_agent: Option<i64> = ctx
                 .tx
-                .query_row(
-                    "SELECT s.last_seen_ns FROM agent_status s
+                .one("SELECT s.last_seen_ns FROM agent_status s
                      WHERE s.vm_key = ?1 AND s.last_seen_ns >= ?2
-                       AND EXISTS (SELECT 1 FROM tokens t WHERE lower(t.principal) = lower(?3) AND t.revoked_ns IS NULL)",
-                    params![args.vm.key(), ns(args.online_since), principal],
-                    |r| r.get(0),
-                )
-                .optional()?;
+                       AND EXISTS (SELECT 1 FROM tokens t WHERE lower(t.principal) = lower(?3) AND t.revoked_ns IS NULL)", &[&args.vm.key(), &ns(args.online_since), &principal], |r| r.get(0))?;
             if live_agent.is_some() && !t.allow_replace {
                 return refuse(EnrollError::AgentOnline);
             }
-            let replaced: bool = ctx.tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM tokens WHERE lower(principal) = lower(?1) AND revoked_ns IS NULL)",
-                [&principal],
-                |r| r.get(0),
-            )?;
-            ctx.tx.execute("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?1", [&t.id])?;
-            let created = ctx.tx.execute(
-                "INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by, name_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING",
-                params![
-                    args.vm.key(),
-                    args.vm.to_string(),
-                    args.vm.subscription.to_string(),
-                    args.vm.resource_group.key(),
-                    args.location.as_ref().map(|l| l.to_string()),
-                    ns(audit.now),
-                    format!("enroll-token:{}", t.id),
-                    args.vm.name.key()
-                ],
-            )? > 0;
+            let replaced: bool = ctx.tx.one("SELECT EXISTS (SELECT 1 FROM tokens WHERE lower(principal) = lower(?1) AND revoked_ns IS NULL)", &[&principal], |r| r.get(0))?.ok_or_else(|| StoreError::Db("the query returned no row".into()))?;
+            ctx.tx.execute("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?1", &[&t.id])?;
+            let created = ctx.tx.execute("INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by, name_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING", &[&args.vm.key(), &args.vm.to_string(), &args.vm.subscription.to_string(), &args.vm.resource_group.key(), &(args.location.as_ref().map(|l| l.to_string())), &ns(audit.now), &(format!("enroll-token:{}", t.id)), &args.vm.name.key()])? > 0;
             ctx.tx.execute(
                 // Case-insensitive: a VM's id may be written in any casing, and a
                 // re-enrollment must always replace the previous credential.
                 "UPDATE tokens SET revoked_ns = ?2 WHERE lower(principal) = lower(?1) AND revoked_ns IS NULL",
-                params![principal, ns(audit.now)],
+                &[&principal, &ns(audit.now)],
             )?;
             insert_token(ctx.tx, &args.agent_token)?;
-            ctx.tx.execute("DELETE FROM role_assignments WHERE lower(principal) = lower(?1)", [&principal])?;
+            ctx.tx.execute("DELETE FROM role_assignments WHERE lower(principal) = lower(?1)", &[&principal])?;
             insert_role_assignment(
                 ctx.tx,
                 &RoleAssignmentRecord {
@@ -2633,22 +2357,18 @@ impl Store for SqliteStore {
             let key = status.vm.key();
             let before: Option<Option<String>> = ctx
                 .tx
-                .prepare_cached("SELECT facts FROM agent_status WHERE vm_key = ?1")?
-                .query_row([&key], |r| r.get(0))
-                .optional()?;
+                .one("SELECT facts FROM agent_status WHERE vm_key = ?1", &[&key], |r| r.get(0))?;
             ctx.tx
-                .prepare_cached(
+                .execute(
                     "INSERT INTO agent_status(vm_key, vm_id, report, last_seen_ns, facts) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT(vm_key) DO UPDATE SET vm_id = excluded.vm_id, report = excluded.report,
                        last_seen_ns = excluded.last_seen_ns, facts = excluded.facts",
-                )?
-                .execute(params![key, status.vm.to_string(), status.report, ns(status.last_seen), facts])?;
+                &[&key, &status.vm.to_string(), &status.report, &ns(status.last_seen), &facts])?;
             if before.flatten().as_deref() == Some(facts.as_str()) {
                 // A heartbeat with nothing new (the usual report): the verdict stands,
                 // only the time it was last confirmed moves.
                 ctx.tx
-                    .prepare_cached("UPDATE vm_verdicts SET last_seen_ns = ?2 WHERE vm_key = ?1")?
-                    .execute(params![key, ns(status.last_seen)])?;
+                    .execute("UPDATE vm_verdicts SET last_seen_ns = ?2 WHERE vm_key = ?1", &[&key, &ns(status.last_seen)])?;
             } else {
                 refresh_verdicts(ctx, &[key])?;
             }
@@ -2660,11 +2380,11 @@ impl Store for SqliteStore {
     async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>> {
         let vm = vm.key();
         self.read(move |c| {
-            c.prepare_cached(
+            c.one(
                 "SELECT vm_id, report, last_seen_ns FROM agent_status WHERE vm_key = ?1",
+                &[&vm],
+                agent_status_row,
             )?
-            .query_row([vm], agent_status_row)
-            .optional()?
             .map(decode_agent_status)
             .transpose()
         })
@@ -2676,11 +2396,11 @@ impl Store for SqliteStore {
             return Ok(());
         }
         self.write_plain(move |ctx| {
-            let mut st = ctx.tx.prepare_cached(
-                "INSERT INTO blocked_attempts(vm_key, vm_id, port, protocol, at_ns, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
             for p in &points {
-                st.execute(params![p.vm.key(), p.vm.to_string(), p.port as i64, p.protocol, ns(p.at), p.count as i64])?;
+                ctx.tx.execute(
+                    "INSERT INTO blocked_attempts(vm_key, vm_id, port, protocol, at_ns, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    &[&p.vm.key(), &p.vm.to_string(), &i64::from(p.port), &p.protocol, &ns(p.at), &(p.count as i64)],
+                )?;
             }
             Ok(())
         })
@@ -2694,17 +2414,15 @@ impl Store for SqliteStore {
         loop {
             let deleted = self
                 .write_plain_when(WhenFull::Wait, move |ctx| {
-                    Ok(ctx
-                        .tx
-                        .prepare_cached(
-                            "DELETE FROM blocked_attempts WHERE rowid IN
+                    ctx.tx.execute(
+                        "DELETE FROM blocked_attempts WHERE rowid IN
                              (SELECT rowid FROM blocked_attempts WHERE at_ns < ?1 LIMIT ?2)",
-                        )?
-                        .execute(params![ns(before), PRUNE_CHUNK as i64])?)
+                        &[&ns(before), &(PRUNE_CHUNK as i64)],
+                    )
                 })
                 .await?;
-            total += deleted as u64;
-            if deleted < PRUNE_CHUNK {
+            total += deleted;
+            if deleted < PRUNE_CHUNK as u64 {
                 return Ok(total);
             }
         }
@@ -2717,22 +2435,23 @@ impl Store for SqliteStore {
     ) -> Result<Vec<BlockedPoint>> {
         let vm = vm.map(|v| v.key());
         self.read(move |c| {
-            let mut st = c.prepare_cached(
+            let rows = c.all(
                 "SELECT vm_id, port, protocol, at_ns, count FROM blocked_attempts
                  WHERE (?1 IS NULL OR vm_key = ?1) AND at_ns >= ?2 ORDER BY at_ns, rowid",
+                &[&vm, &ns(since)],
+                |r| {
+                    Ok((
+                        r.get::<String>(0)?,
+                        r.get::<i64>(1)?,
+                        r.get::<String>(2)?,
+                        r.get::<i64>(3)?,
+                        r.get::<i64>(4)?,
+                    ))
+                },
             )?;
-            let rows = st.query_map(params![vm, ns(since)], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, port, protocol, at, count) = row?;
+                let (id, port, protocol, at, count) = row;
                 out.push(BlockedPoint {
                     vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
                     port: u16::try_from(port).map_err(corrupt("port"))?,
@@ -2748,10 +2467,7 @@ impl Store for SqliteStore {
 
     async fn add_exclusion(&self, e: ExclusionRecord, audit: AuditCtx) -> Result<()> {
         self.write_plain(move |ctx| {
-            ctx.tx.execute(
-                "INSERT INTO exclusions(id, scope, reason, created_ns, created_by) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![e.id, e.scope.to_string(), e.reason, ns(e.created), e.created_by],
-            )?;
+            ctx.tx.execute("INSERT INTO exclusions(id, scope, reason, created_ns, created_by) VALUES (?1, ?2, ?3, ?4, ?5)", &[&e.id, &e.scope.to_string(), &e.reason, &ns(e.created), &e.created_by])?;
             ctx.audit(
                 &audit,
                 "exclusion.create",
@@ -2788,7 +2504,8 @@ impl Store for SqliteStore {
         page: &VerdictPage,
         now: Timestamp,
     ) -> Result<Vec<VmVerdict>> {
-        let Some((filter, mut params)) = verdict_scope_sql(subscription, &page.scope) else {
+        let Some((filter, mut params)) = verdict_scope_sql(self.dialect, subscription, &page.scope)
+        else {
             return Ok(Vec::new());
         };
         let recommend = self.recommend.clone();
@@ -2806,25 +2523,22 @@ impl Store for SqliteStore {
         sql.push_str(" ORDER BY v.vm_key LIMIT ?");
         params.push(Box::new(page.limit.min(i64::MAX as usize) as i64));
         self.read(move |c| {
-            let mut st = c.prepare_cached(&sql)?;
-            let refs: Vec<&dyn rusqlite::ToSql> = params
-                .iter()
-                .map(|p| p.as_ref() as &dyn rusqlite::ToSql)
-                .collect();
-            let rows = st.query_map(refs.as_slice(), |r| {
+            let refs: Vec<&dyn ToParam> =
+                params.iter().map(|p| p.as_ref() as &dyn ToParam).collect();
+            let rows = c.all(&sql, refs.as_slice(), |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, Option<String>>(6)?,
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<String>(2)?,
+                    r.get::<String>(3)?,
+                    r.get::<String>(4)?,
+                    r.get::<Option<i64>>(5)?,
+                    r.get::<Option<String>>(6)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, verdict, reason, exposed, listening, seen, excluded) = row?;
+                let (id, verdict, reason, exposed, listening, seen, excluded) = row;
                 let reported = Recommendation {
                     verdict: Verdict::parse(&verdict)
                         .ok_or_else(|| StoreError::Corrupt(format!("verdict {verdict}")))?,
@@ -2849,7 +2563,8 @@ impl Store for SqliteStore {
         scope: &VerdictScope,
         now: Timestamp,
     ) -> Result<VerdictCounts> {
-        let Some((filter, mut params)) = verdict_scope_sql(subscription, scope) else {
+        let Some((filter, mut params)) = verdict_scope_sql(self.dialect, subscription, scope)
+        else {
             return Ok(VerdictCounts::default());
         };
         // The settled verdict's parameter comes first in the statement.
@@ -2858,16 +2573,12 @@ impl Store for SqliteStore {
             "SELECT {SETTLED_VERDICT} AS settled, count(*) FROM vm_verdicts v WHERE {filter} GROUP BY settled"
         );
         self.read(move |c| {
-            let mut st = c.prepare_cached(&sql)?;
-            let refs: Vec<&dyn rusqlite::ToSql> = params
-                .iter()
-                .map(|p| p.as_ref() as &dyn rusqlite::ToSql)
-                .collect();
+            let refs: Vec<&dyn ToParam> =
+                params.iter().map(|p| p.as_ref() as &dyn ToParam).collect();
             let mut counts = VerdictCounts::default();
-            for row in st.query_map(refs.as_slice(), |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            for (verdict, n) in c.all(&sql, refs.as_slice(), |r| {
+                Ok((r.get::<String>(0)?, r.get::<i64>(1)?))
             })? {
-                let (verdict, n) = row?;
                 let v = Verdict::parse(&verdict)
                     .ok_or_else(|| StoreError::Corrupt(format!("verdict {verdict}")))?;
                 counts.add(v, n.max(0) as u64);
@@ -2880,15 +2591,14 @@ impl Store for SqliteStore {
     async fn remove_exclusion(&self, id: &str, audit: AuditCtx) -> Result<bool> {
         let id = id.to_owned();
         self.write_plain(move |ctx| {
-            let scope: Option<String> = ctx
-                .tx
-                .query_row("SELECT scope FROM exclusions WHERE id = ?1", [&id], |r| {
-                    r.get(0)
-                })
-                .optional()?;
+            let scope: Option<String> =
+                ctx.tx
+                    .one("SELECT scope FROM exclusions WHERE id = ?1", &[&id], |r| {
+                        r.get(0)
+                    })?;
             let Some(scope) = scope else { return Ok(false) };
             ctx.tx
-                .execute("DELETE FROM exclusions WHERE id = ?1", [&id])?;
+                .execute("DELETE FROM exclusions WHERE id = ?1", &[&id])?;
             ctx.audit(
                 &audit,
                 "exclusion.delete",
@@ -2947,11 +2657,7 @@ impl Store for SqliteStore {
                 .unwrap_or(0);
             // From the newest accepted break that the checkpoint covers: what came
             // before it was already found broken and the break accepted (and audited).
-            let from: Option<i64> = c.query_row(
-                "SELECT max(seq) FROM audit WHERE action = 'audit.break_accepted' AND seq <= ?1",
-                [newest as i64],
-                |r| r.get(0),
-            )?;
+            let from: Option<i64> = c.one("SELECT max(seq) FROM audit WHERE action = 'audit.break_accepted' AND seq <= ?1", &[&(newest as i64)], |r| r.get(0))?.ok_or_else(|| StoreError::Db("the query returned no row".into()))?;
             let (mut report, edited) =
                 stream_audit(c, from.unwrap_or(0).max(0) as u64, |records, head| {
                     audit::verify_range(records, head, Some(anchor.anchors()))
@@ -2985,57 +2691,75 @@ impl Store for SqliteStore {
     }
 }
 
-/// Hands the events from `from` on, in storage order, to `walk` as an iterator that
-/// reads one row at a time (memory does not grow with the chain), together with the
-/// recorded head; returns what `walk` returned and the events whose time index
-/// disagrees with their hashed time. Rows and head are read in one transaction, so an
+/// Hands the events from `from` on, in sequence order, to `walk` as an iterator that
+/// reads them a chunk at a time (memory does not grow with the chain), together with
+/// the recorded head; returns what `walk` returned and the events whose time index
+/// disagrees with their hashed time. Rows and head are read in one snapshot, so an
 /// event appended during a long walk cannot look like a truncation.
 fn stream_audit<T>(
-    c: &Connection,
+    c: &dyn Db,
     from: u64,
     walk: impl FnOnce(&mut dyn Iterator<Item = AuditRecord>, Option<u64>) -> T,
 ) -> Result<(T, Vec<audit::Problem>)> {
-    let tx = c.unchecked_transaction()?;
-    let head = recorded_head(&tx)?;
-    let mut st = tx.prepare(&format!(
-        "SELECT {AUDIT_COLS} FROM audit WHERE seq >= ?1 ORDER BY rowid"
-    ))?;
-    let mut rows = st.query([from as i64])?;
-    let mut failed: Option<rusqlite::Error> = None;
+    c.batch(match c.dialect() {
+        Dialect::Sqlite => "BEGIN",
+        Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    })?;
+    let out = stream_audit_in(c, from, walk);
+    let end = c.batch("COMMIT");
+    let out = out?;
+    end?;
+    Ok(out)
+}
+
+fn stream_audit_in<T>(
+    c: &dyn Db,
+    from: u64,
+    walk: impl FnOnce(&mut dyn Iterator<Item = AuditRecord>, Option<u64>) -> T,
+) -> Result<(T, Vec<audit::Problem>)> {
+    const CHUNK: i64 = 2000;
+    let head = recorded_head(c)?;
+    let mut next = from.min(i64::MAX as u64) as i64;
+    let mut chunk = std::collections::VecDeque::new();
+    let mut done = false;
+    let mut failed: Option<StoreError> = None;
     let mut edited = Vec::new();
     let mut records = std::iter::from_fn(|| {
-        let row = match rows.next() {
-            Ok(Some(row)) => audit_row(row),
-            Ok(None) => return None,
-            Err(e) => Err(e),
-        };
-        match row {
-            Ok((record, time_ns)) => {
-                if record.entry.time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
-                    edited.push(audit::Problem::TimeEdited { seq: record.seq });
+        if chunk.is_empty() && !done {
+            match read_audit_rows(c, "WHERE seq >= ?1 ORDER BY seq LIMIT ?2", &[&next, &CHUNK]) {
+                Ok(rows) => {
+                    done = (rows.len() as i64) < CHUNK;
+                    if let Some((last, _)) = rows.last() {
+                        next = last.seq as i64 + 1;
+                    }
+                    chunk.extend(rows);
                 }
-                Some(record)
-            }
-            Err(e) => {
-                failed = Some(e);
-                None
+                Err(e) => {
+                    failed = Some(e);
+                    return None;
+                }
             }
         }
+        let (record, time_ns) = chunk.pop_front()?;
+        if record.entry.time.parse::<Timestamp>().map(ns).ok() != Some(time_ns) {
+            edited.push(audit::Problem::TimeEdited { seq: record.seq });
+        }
+        Some(record)
     });
     let out = walk(&mut records, head);
     // A read error ends the walk early: it must not pass for the chain's end.
     if let Some(e) = failed {
-        return Err(e.into());
+        return Err(e);
     }
     Ok((out, edited))
 }
 
-fn recorded_head(c: &Connection) -> Result<Option<u64>> {
-    let head: Option<String> = c
-        .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
+fn recorded_head(c: &dyn Db) -> Result<Option<u64>> {
+    let head: Option<String> = c.one(
+        "SELECT value FROM meta WHERE key = 'audit_head'",
+        &[],
+        |r| r.get(0),
+    )?;
     Ok(head.and_then(|h| h.parse::<u64>().ok()))
 }
 
@@ -3043,7 +2767,7 @@ fn recorded_head(c: &Connection) -> Result<Option<u64>> {
 /// `jitgate audit verify --data-dir`, which needs no running controller): the links
 /// and hashes, the recorded head, the signed checkpoints when given, and that every
 /// event's time index (`time_ns`, which queries use) is its hashed time.
-pub fn verify_connection(c: &Connection, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
+pub fn verify_connection(c: &dyn Db, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
     let (mut report, edited) = stream_audit(c, 0, |records, head| {
         audit::verify(records, head, anchors.map(AnchorSet::anchors))
     })?;
@@ -3051,17 +2775,7 @@ pub fn verify_connection(c: &Connection, anchors: Option<&AnchorSet>) -> Result<
     Ok(report)
 }
 
-/// Opens a database read-only and verifies its audit chain.
-pub fn verify_file(path: &Path, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    verify_connection(&conn, anchors)
-}
-
-fn read_audit(
-    c: &Connection,
-    tail: &str,
-    params: &[&dyn rusqlite::ToSql],
-) -> Result<Vec<AuditRecord>> {
+fn read_audit(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<AuditRecord>> {
     Ok(read_audit_rows(c, tail, params)?
         .into_iter()
         .map(|(r, _)| r)
@@ -3075,21 +2789,24 @@ const AUDIT_COLS: &str =
 /// Audit records with their stored time index (`time_ns`, which verification checks
 /// against the hashed time), in one pass.
 fn read_audit_rows(
-    c: &Connection,
+    c: &dyn Db,
     tail: &str,
-    params: &[&dyn rusqlite::ToSql],
+    params: &[&dyn ToParam],
 ) -> Result<Vec<(AuditRecord, i64)>> {
-    let mut st = c.prepare_cached(&format!("SELECT {AUDIT_COLS} FROM audit {tail}"))?;
-    let rows = st.query_map(params, audit_row)?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    let rows = c.all(
+        &format!("SELECT {AUDIT_COLS} FROM audit {tail}"),
+        params,
+        audit_row,
+    )?;
+    Ok(rows)
 }
 
 /// One row of `SELECT {AUDIT_COLS}`: the record and its stored time index.
-fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {
+fn audit_row(r: &mut Row) -> Result<(AuditRecord, i64)> {
     let outcome: String = r.get(6)?;
     Ok((
         AuditRecord {
-            seq: r.get::<_, i64>(0)? as u64,
+            seq: r.get::<i64>(0)? as u64,
             entry: AuditEntry {
                 time: r.get(1)?,
                 actor: r.get(2)?,
@@ -3109,7 +2826,7 @@ fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditRecord, i64)> {
 }
 
 /// An `agent_status` row: vm_id, report, last_seen_ns.
-fn agent_status_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64)> {
+fn agent_status_row(r: &mut Row) -> Result<(String, String, i64)> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
 }
 
@@ -3125,7 +2842,7 @@ fn decode_agent_status((id, report, seen): (String, String, i64)) -> Result<Agen
 /// vm_key.
 type NsgRow = (String, i64, String, String, String, String, String, String);
 
-fn nsg_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NsgRow> {
+fn nsg_row(r: &mut Row) -> Result<NsgRow> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -3168,21 +2885,22 @@ fn decode_nsg_row(row: NsgRow) -> Result<(String, NsgRule)> {
     ))
 }
 
-fn read_vms(c: &Connection, tail: &str, params: &[&dyn rusqlite::ToSql]) -> Result<Vec<VmRecord>> {
-    let mut st = c.prepare_cached(&format!(
-        "SELECT id, location, created_ns, created_by FROM vms {tail}"
-    ))?;
-    let rows = st.query_map(params, |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, Option<String>>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, String>(3)?,
-        ))
-    })?;
+fn read_vms(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<VmRecord>> {
+    let rows = c.all(
+        &format!("SELECT id, location, created_ns, created_by FROM vms {tail}"),
+        params,
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<Option<String>>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<String>(3)?,
+            ))
+        },
+    )?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, location, created, created_by) = row?;
+        let (id, location, created, created_by) = row;
         out.push(VmRecord {
             id: VmId::parse(&id).map_err(corrupt("vm id"))?,
             location: location
@@ -3197,25 +2915,26 @@ fn read_vms(c: &Connection, tail: &str, params: &[&dyn rusqlite::ToSql]) -> Resu
 }
 
 fn read_role_assignments(
-    c: &Connection,
+    c: &dyn Db,
     tail: &str,
-    params: &[&dyn rusqlite::ToSql],
+    params: &[&dyn ToParam],
 ) -> Result<Vec<RoleAssignmentRecord>> {
-    let mut st = c.prepare_cached(&format!(
-        "SELECT id, principal, role, scope, created_ns FROM role_assignments {tail}"
-    ))?;
-    let rows = st.query_map(params, |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, i64>(4)?,
-        ))
-    })?;
+    let rows = c.all(
+        &format!("SELECT id, principal, role, scope, created_ns FROM role_assignments {tail}"),
+        params,
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<String>(2)?,
+                r.get::<String>(3)?,
+                r.get::<i64>(4)?,
+            ))
+        },
+    )?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, principal, role, scope, created) = row?;
+        let (id, principal, role, scope, created) = row;
         out.push(RoleAssignmentRecord {
             id,
             assignment: RoleAssignment {
@@ -3230,25 +2949,26 @@ fn read_role_assignments(
 }
 
 fn read_exclusions(
-    c: &Connection,
+    c: &dyn Db,
     tail: &str,
-    params: &[&dyn rusqlite::ToSql],
+    params: &[&dyn ToParam],
 ) -> Result<Vec<ExclusionRecord>> {
-    let mut st = c.prepare_cached(&format!(
-        "SELECT id, scope, reason, created_ns, created_by FROM exclusions {tail}"
-    ))?;
-    let rows = st.query_map(params, |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, String>(4)?,
-        ))
-    })?;
+    let rows = c.all(
+        &format!("SELECT id, scope, reason, created_ns, created_by FROM exclusions {tail}"),
+        params,
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<String>(2)?,
+                r.get::<i64>(3)?,
+                r.get::<String>(4)?,
+            ))
+        },
+    )?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, scope, reason, created, created_by) = row?;
+        let (id, scope, reason, created, created_by) = row;
         out.push(ExclusionRecord {
             id,
             scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
@@ -3260,28 +2980,23 @@ fn read_exclusions(
     Ok(out)
 }
 
-fn read_tokens(
-    c: &Connection,
-    tail: &str,
-    params: &[&dyn rusqlite::ToSql],
-) -> Result<Vec<TokenRecord>> {
-    let mut st = c.prepare_cached(&format!(
+fn read_tokens(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<TokenRecord>> {
+    let rows = c.all(&format!(
         "SELECT id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns FROM tokens {tail}"
-    ))?;
-    let rows = st.query_map(params, |r| {
+    ), params, |r| {
         Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, i64>(4)?,
-            r.get::<_, Option<i64>>(5)?,
-            r.get::<_, Option<i64>>(6)?,
+            r.get::<String>(0)?,
+            r.get::<String>(1)?,
+            r.get::<String>(2)?,
+            r.get::<String>(3)?,
+            r.get::<i64>(4)?,
+            r.get::<Option<i64>>(5)?,
+            r.get::<Option<i64>>(6)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, principal, secret_hash, description, created, expires, revoked) = row?;
+        let (id, principal, secret_hash, description, created, expires, revoked) = row;
         out.push(TokenRecord {
             id,
             principal,
@@ -3303,27 +3018,28 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The live grants (status `Initiated`, ending after `now`) on the VM with key
 /// `vm_key`, oldest request first (`live_grants`, initiate's superseding and a
 /// policy update's judgement all read them here).
-fn read_live_grants(conn: &Connection, vm_key: &str, now: Timestamp) -> Result<Vec<Grant>> {
-    let mut st = conn.prepare_cached(
+fn read_live_grants(conn: &dyn Db, vm_key: &str, now: Timestamp) -> Result<Vec<Grant>> {
+    let rows = conn.all(
         "SELECT p.request_id, r.requestor, p.number, p.protocol, p.source, r.start_ns, p.end_ns
          FROM request_ports p JOIN requests r ON r.id = p.request_id
          WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2
          ORDER BY r.start_ns, p.request_id, p.number",
+        &[&vm_key, &ns(now)],
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<String>(3)?,
+                r.get::<String>(4)?,
+                r.get::<i64>(5)?,
+                r.get::<i64>(6)?,
+            ))
+        },
     )?;
-    let rows = st.query_map(params![vm_key, ns(now)], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, i64>(5)?,
-            r.get::<_, i64>(6)?,
-        ))
-    })?;
     let mut out = Vec::new();
     for row in rows {
-        let (req, requestor, number, protocol, source, start, end) = row?;
+        let (req, requestor, number, protocol, source, start, end) = row;
         out.push(Grant {
             request: RequestId::parse(&req).map_err(corrupt("request id"))?,
             requestor,
@@ -3357,7 +3073,7 @@ fn revoke_row(ctx: &mut WriteCtx<'_>, audit: &AuditCtx, what: Revocable, id: &st
             "enrollToken.revoke",
         ),
     };
-    let n = ctx.tx.execute(sql, params![id, ns(audit.now)])?;
+    let n = ctx.tx.execute(sql, &[&id, &ns(audit.now)])?;
     if n > 0 {
         ctx.audit(audit, action, id, serde_json::json!({}))?;
     }
@@ -3365,26 +3081,25 @@ fn revoke_row(ctx: &mut WriteCtx<'_>, audit: &AuditCtx, what: Revocable, id: &st
 }
 
 fn read_enroll_tokens(
-    c: &Connection,
+    c: &dyn Db,
     tail: &str,
-    params: &[&dyn rusqlite::ToSql],
+    params: &[&dyn ToParam],
 ) -> Result<Vec<EnrollTokenRecord>> {
-    let mut st = c.prepare_cached(&format!(
+    let rows = c.all(&format!(
         "SELECT id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace
          FROM enroll_tokens {tail}"
-    ))?;
-    let rows = st.query_map(params, |r| {
+    ), params, |r| {
         Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, i64>(4)?,
-            r.get::<_, String>(5)?,
-            r.get::<_, i64>(6)?,
-            r.get::<_, String>(7)?,
-            r.get::<_, Option<i64>>(8)?,
-            r.get::<_, bool>(9)?,
+            r.get::<String>(0)?,
+            r.get::<String>(1)?,
+            r.get::<String>(2)?,
+            r.get::<i64>(3)?,
+            r.get::<i64>(4)?,
+            r.get::<String>(5)?,
+            r.get::<i64>(6)?,
+            r.get::<String>(7)?,
+            r.get::<Option<i64>>(8)?,
+            r.get::<bool>(9)?,
         ))
     })?;
     let mut out = Vec::new();
@@ -3400,7 +3115,7 @@ fn read_enroll_tokens(
             created_by,
             revoked,
             allow_replace,
-        ) = row?;
+        ) = row;
         out.push(EnrollTokenRecord {
             id,
             secret_hash,
@@ -3418,7 +3133,7 @@ fn read_enroll_tokens(
 }
 
 fn read_cached_policy(
-    c: &Connection,
+    c: &dyn Db,
     cache: &Mutex<PolicyCache>,
     key: &str,
 ) -> Result<Option<Arc<Policy>>> {

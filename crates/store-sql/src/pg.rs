@@ -1,0 +1,452 @@
+//! The PostgreSQL engine: for installations that run several controllers on one
+//! database (every replica's writer takes the `write_lock` row, so there is one audit
+//! chain and each write sees every earlier commit). Synchronous `postgres` client
+//! (tokio-postgres underneath) on the store's own threads, like SQLite's connections:
+//! the store's logic runs unchanged on either engine. Statements are prepared once per
+//! connection.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::error::Error;
+use std::str::FromStr;
+use std::time::Duration;
+
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Client, Config, NoTls, Statement};
+
+use jitgate_store::{Result, StoreError};
+
+use crate::db::{Db, Dialect, Param, Row, ToParam, Value, to_dollar_placeholders};
+
+/// The schema, one migration per step (`schema_version` holds how many were applied).
+/// Column types are those of the SQLite schema, with 64-bit integers and byte-order
+/// ("C") text comparison, so keys sort and page exactly as they do on SQLite.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE write_lock(id BIGINT PRIMARY KEY);
+INSERT INTO write_lock(id) VALUES (1);
+CREATE TABLE meta(key TEXT COLLATE "C" PRIMARY KEY, value TEXT COLLATE "C" NOT NULL);
+CREATE TABLE subscriptions(id TEXT COLLATE "C" PRIMARY KEY, created_ns BIGINT NOT NULL);
+CREATE TABLE vms(
+    key TEXT COLLATE "C" PRIMARY KEY,
+    id TEXT COLLATE "C" NOT NULL,
+    subscription TEXT COLLATE "C" NOT NULL,
+    rg_key TEXT COLLATE "C" NOT NULL,
+    location TEXT COLLATE "C",
+    created_ns BIGINT NOT NULL,
+    created_by TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX vms_scope ON vms(subscription, rg_key);
+CREATE TABLE policies(
+    key TEXT COLLATE "C" PRIMARY KEY,
+    uid TEXT COLLATE "C" NOT NULL UNIQUE,
+    subscription TEXT COLLATE "C" NOT NULL,
+    rg TEXT COLLATE "C" NOT NULL,
+    rg_key TEXT COLLATE "C" NOT NULL,
+    location TEXT COLLATE "C" NOT NULL,
+    location_key TEXT COLLATE "C" NOT NULL,
+    name TEXT COLLATE "C" NOT NULL,
+    kind TEXT COLLATE "C" NOT NULL,
+    vms_json TEXT COLLATE "C" NOT NULL,
+    created_ns BIGINT NOT NULL,
+    updated_ns BIGINT NOT NULL
+);
+CREATE INDEX policies_scope ON policies(subscription, rg_key, location_key);
+CREATE TABLE policy_vms(
+    vm_key TEXT COLLATE "C" PRIMARY KEY,
+    policy_key TEXT COLLATE "C" NOT NULL REFERENCES policies(key) ON DELETE CASCADE
+);
+CREATE INDEX policy_vms_policy ON policy_vms(policy_key);
+CREATE TABLE requests(
+    rowid BIGINT GENERATED ALWAYS AS IDENTITY,
+    id TEXT COLLATE "C" PRIMARY KEY,
+    policy_uid TEXT COLLATE "C" NOT NULL,
+    policy_key TEXT COLLATE "C" NOT NULL,
+    requestor TEXT COLLATE "C" NOT NULL,
+    justification TEXT COLLATE "C",
+    start_ns BIGINT NOT NULL,
+    caller_ip TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX requests_policy ON requests(policy_uid, start_ns);
+CREATE INDEX requests_requestor ON requests(requestor, start_ns);
+CREATE TABLE request_ports(
+    request_id TEXT COLLATE "C" NOT NULL REFERENCES requests(id) ON DELETE CASCADE,
+    vm_idx BIGINT NOT NULL,
+    port_idx BIGINT NOT NULL,
+    vm_key TEXT COLLATE "C" NOT NULL,
+    vm_id TEXT COLLATE "C" NOT NULL,
+    number BIGINT NOT NULL,
+    protocol TEXT COLLATE "C" NOT NULL,
+    source TEXT COLLATE "C" NOT NULL,
+    end_ns BIGINT NOT NULL,
+    status TEXT COLLATE "C" NOT NULL,
+    reason TEXT COLLATE "C",
+    PRIMARY KEY(request_id, vm_idx, port_idx)
+);
+CREATE INDEX request_ports_live ON request_ports(end_ns) WHERE status = 'Initiated';
+CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
+CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
+CREATE TABLE tokens(
+    id TEXT COLLATE "C" PRIMARY KEY,
+    principal TEXT COLLATE "C" NOT NULL,
+    secret_hash TEXT COLLATE "C" NOT NULL,
+    description TEXT COLLATE "C" NOT NULL,
+    created_ns BIGINT NOT NULL,
+    expires_ns BIGINT,
+    revoked_ns BIGINT
+);
+CREATE TABLE role_assignments(
+    id TEXT COLLATE "C" PRIMARY KEY,
+    principal TEXT COLLATE "C" NOT NULL,
+    role TEXT COLLATE "C" NOT NULL,
+    scope TEXT COLLATE "C" NOT NULL,
+    created_ns BIGINT NOT NULL
+);
+CREATE INDEX role_assignments_principal ON role_assignments(principal);
+CREATE TABLE audit(
+    seq BIGINT PRIMARY KEY,
+    time TEXT COLLATE "C" NOT NULL,
+    time_ns BIGINT NOT NULL,
+    actor TEXT COLLATE "C" NOT NULL,
+    source TEXT COLLATE "C" NOT NULL,
+    action TEXT COLLATE "C" NOT NULL,
+    target TEXT COLLATE "C" NOT NULL,
+    outcome TEXT COLLATE "C" NOT NULL,
+    details TEXT COLLATE "C" NOT NULL,
+    prev_hash TEXT COLLATE "C" NOT NULL,
+    hash TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX audit_time ON audit(time_ns);
+
+
+ALTER TABLE policies ADD COLUMN rev BIGINT NOT NULL DEFAULT 0;
+
+
+CREATE TABLE nsg_rules(
+    vm_key TEXT COLLATE "C" NOT NULL,
+    name TEXT COLLATE "C" NOT NULL,
+    priority BIGINT NOT NULL,
+    access TEXT COLLATE "C" NOT NULL,
+    protocol TEXT COLLATE "C" NOT NULL,
+    sources TEXT COLLATE "C" NOT NULL,
+    ports TEXT COLLATE "C" NOT NULL,
+    description TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY(vm_key, name),
+    UNIQUE(vm_key, priority)
+);
+CREATE TABLE enroll_tokens(
+    id TEXT COLLATE "C" PRIMARY KEY,
+    secret_hash TEXT COLLATE "C" NOT NULL,
+    scope TEXT COLLATE "C" NOT NULL,
+    expires_ns BIGINT NOT NULL,
+    uses_left BIGINT NOT NULL,
+    description TEXT COLLATE "C" NOT NULL,
+    created_ns BIGINT NOT NULL,
+    created_by TEXT COLLATE "C" NOT NULL,
+    revoked_ns BIGINT
+);
+CREATE TABLE agent_status(
+    vm_key TEXT COLLATE "C" PRIMARY KEY,
+    vm_id TEXT COLLATE "C" NOT NULL,
+    report TEXT COLLATE "C" NOT NULL,
+    last_seen_ns BIGINT NOT NULL
+);
+
+
+CREATE TABLE exclusions(
+    id TEXT COLLATE "C" PRIMARY KEY,
+    scope TEXT COLLATE "C" NOT NULL,
+    reason TEXT COLLATE "C" NOT NULL,
+    created_ns BIGINT NOT NULL,
+    created_by TEXT COLLATE "C" NOT NULL
+);
+CREATE TABLE blocked_attempts(
+    rowid BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    vm_key TEXT COLLATE "C" NOT NULL,
+    vm_id TEXT COLLATE "C" NOT NULL,
+    port BIGINT NOT NULL,
+    protocol TEXT COLLATE "C" NOT NULL,
+    at_ns BIGINT NOT NULL,
+    count BIGINT NOT NULL
+);
+CREATE INDEX blocked_attempts_vm ON blocked_attempts(vm_key, at_ns);
+CREATE INDEX blocked_attempts_at ON blocked_attempts(at_ns);
+
+
+ALTER TABLE enroll_tokens ADD COLUMN allow_replace BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX tokens_secret_hash ON tokens(secret_hash);
+
+
+ALTER TABLE vms ADD COLUMN name_key TEXT COLLATE "C" NOT NULL DEFAULT '';
+CREATE INDEX vms_name ON vms(subscription, name_key, key);
+CREATE INDEX vms_rg_page ON vms(subscription, rg_key, key);
+
+
+CREATE INDEX vms_page ON vms(subscription, key);
+
+
+CREATE INDEX requests_page ON requests(start_ns, id);
+CREATE INDEX requests_order ON requests(policy_uid, start_ns, rowid);
+CREATE INDEX tokens_page ON tokens(created_ns, id);
+CREATE INDEX role_assignments_page ON role_assignments(created_ns, id);
+CREATE INDEX enroll_tokens_page ON enroll_tokens(created_ns, id);
+CREATE INDEX exclusions_page ON exclusions(created_ns, id);
+
+
+CREATE TABLE vm_verdicts(
+    vm_key TEXT COLLATE "C" PRIMARY KEY,
+    subscription TEXT COLLATE "C" NOT NULL,
+    rg_key TEXT COLLATE "C" NOT NULL,
+    verdict TEXT COLLATE "C" NOT NULL,
+    reason TEXT COLLATE "C" NOT NULL,
+    exposed TEXT COLLATE "C" NOT NULL,
+    listening TEXT COLLATE "C" NOT NULL,
+    last_seen_ns BIGINT,
+    excluded TEXT COLLATE "C"
+);
+CREATE INDEX vm_verdicts_counts ON vm_verdicts(subscription, rg_key, verdict, last_seen_ns, excluded);
+CREATE INDEX vm_verdicts_page ON vm_verdicts(subscription, vm_key);
+CREATE INDEX vm_verdicts_rg_page ON vm_verdicts(subscription, rg_key, vm_key);
+ALTER TABLE agent_status ADD COLUMN facts TEXT COLLATE "C";
+"#];
+
+/// Any number below 2^63 that no other program takes as its advisory lock key: the
+/// migration lock (transaction-scoped, so it also works behind a pooling proxy).
+const MIGRATION_LOCK: i64 = 0x006a_6974_6761_7465;
+
+/// The connection settings of `url` (`postgres://user@host:port/db?...` or
+/// `host=... port=... dbname=...`), with a connect timeout and keepalives unless the
+/// URL sets its own.
+pub(crate) fn config(url: &str) -> Result<Config> {
+    let mut config = Config::from_str(url)
+        .map_err(|e| StoreError::Db(format!("the database URL is not valid: {e}")))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("jitgate");
+    }
+    config.keepalives(true);
+    Ok(config)
+}
+
+pub(crate) fn connect(config: &Config) -> Result<PgDb> {
+    let client = config.connect(NoTls).map_err(pg_err)?;
+    Ok(PgDb {
+        client: Some(RefCell::new(client)),
+        statements: RefCell::new(HashMap::new()),
+    })
+}
+
+/// Applies the migrations the database lacks, in one transaction under a lock, so
+/// that controllers starting together migrate once.
+pub(crate) fn migrate(db: &dyn Db) -> Result<()> {
+    db.batch("BEGIN")?;
+    let r = (|| {
+        db.execute("SELECT pg_advisory_xact_lock(?1)", &[&MIGRATION_LOCK])?;
+        db.batch("CREATE TABLE IF NOT EXISTS schema_version(version BIGINT NOT NULL)")?;
+        let version = db
+            .one("SELECT version FROM schema_version", &[], |r| {
+                r.get::<i64>(0)
+            })?
+            .unwrap_or(0);
+        if version == 0 {
+            db.execute("INSERT INTO schema_version(version) VALUES (0)", &[])?;
+        }
+        if version as usize > MIGRATIONS.len() {
+            return Err(StoreError::Db(format!(
+                "the database's schema (version {version}) is newer than this controller's ({}); upgrade the controller",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            db.batch(sql)?;
+            db.execute("UPDATE schema_version SET version = ?1", &[&(i as i64 + 1)])?;
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => db.batch("COMMIT"),
+        Err(e) => {
+            let _ = db.batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// A PostgreSQL error as the store reports it: the server's code and message.
+fn pg_err(e: postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(d) => StoreError::Db(format!(
+            "PostgreSQL {}: {}{}",
+            d.code().code(),
+            d.message(),
+            d.detail().map(|x| format!(" ({x})")).unwrap_or_default()
+        )),
+        None => StoreError::Db(format!(
+            "PostgreSQL: {e}{}",
+            e.source().map(|s| format!(": {s}")).unwrap_or_default()
+        )),
+    }
+}
+
+/// One connection.
+pub(crate) struct PgDb {
+    /// `None` only while being dropped.
+    client: Option<RefCell<Client>>,
+    statements: RefCell<HashMap<String, Statement>>,
+}
+
+impl PgDb {
+    fn client(&self) -> std::cell::RefMut<'_, Client> {
+        #[allow(clippy::expect_used)]
+        self.client
+            .as_ref()
+            .expect("a live connection")
+            .borrow_mut()
+    }
+
+    fn statement(&self, sql: &str) -> Result<Statement> {
+        if let Some(st) = self.statements.borrow().get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self
+            .client()
+            .prepare(&to_dollar_placeholders(sql))
+            .map_err(pg_err)?;
+        let mut cache = self.statements.borrow_mut();
+        // Statements built with variable parts (lists of placeholders) are bounded.
+        if cache.len() >= 512 {
+            cache.clear();
+        }
+        cache.insert(sql.to_owned(), st.clone());
+        Ok(st)
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        // The synchronous client owns a small runtime, which must not be dropped on
+        // an async thread: a store dropped there closes its connections elsewhere.
+        self.statements.get_mut().clear();
+        if let Some(c) = self.client.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            std::thread::spawn(move || drop(c));
+        }
+    }
+}
+
+/// A parameter bound to whatever type PostgreSQL inferred for its placeholder.
+#[derive(Debug)]
+struct PgParam<'a>(Param<'a>);
+
+impl ToSql for PgParam<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn Error + Sync + Send>> {
+        match self.0 {
+            Param::Null => Ok(IsNull::Yes),
+            Param::Int(i) => match *ty {
+                Type::INT8 => i.to_sql(ty, out),
+                Type::INT4 => i32::try_from(i)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(i)?.to_sql(ty, out),
+                Type::BOOL => (i != 0).to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR => i.to_string().as_str().to_sql(ty, out),
+                _ => Err(format!("an integer cannot be bound to a {ty} parameter").into()),
+            },
+            Param::Text(s) => match *ty {
+                Type::INT8 => s.parse::<i64>()?.to_sql(ty, out),
+                _ => s.to_sql(ty, out),
+            },
+            Param::Blob(b) => b.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn value(row: &postgres::Row, i: usize) -> Result<Value> {
+    let ty = row.columns()[i].type_();
+    let get_err = |e: postgres::Error| StoreError::Corrupt(format!("column {i}: {e}"));
+    Ok(match *ty {
+        Type::INT8 => row
+            .try_get::<_, Option<i64>>(i)
+            .map_err(get_err)?
+            .map_or(Value::Null, Value::Int),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(i)
+            .map_err(get_err)?
+            .map_or(Value::Null, |v| Value::Int(v.into())),
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(i)
+            .map_err(get_err)?
+            .map_or(Value::Null, |v| Value::Int(v.into())),
+        Type::BOOL => row
+            .try_get::<_, Option<bool>>(i)
+            .map_err(get_err)?
+            .map_or(Value::Null, |v| Value::Int(v.into())),
+        Type::BYTEA => row
+            .try_get::<_, Option<Vec<u8>>>(i)
+            .map_err(get_err)?
+            .map_or(Value::Null, Value::Blob),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => row
+            .try_get::<_, Option<String>>(i)
+            .map_err(get_err)?
+            .map_or(Value::Null, Value::Text),
+        _ => {
+            return Err(StoreError::Db(format!(
+                "column {i} has the type {ty}, which the store does not read"
+            )));
+        }
+    })
+}
+
+impl Db for PgDb {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn execute(&self, sql: &str, params: &[&dyn ToParam]) -> Result<u64> {
+        let st = self.statement(sql)?;
+        let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(p.param())).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        self.client().execute(&st, &refs).map_err(pg_err)
+    }
+
+    fn each(
+        &self,
+        sql: &str,
+        params: &[&dyn ToParam],
+        each: &mut dyn FnMut(&mut Row) -> Result<()>,
+    ) -> Result<()> {
+        use postgres::fallible_iterator::FallibleIterator;
+        let st = self.statement(sql)?;
+        let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(p.param())).collect();
+        let mut client = self.client();
+        let mut rows = client.query_raw(&st, bound.iter()).map_err(pg_err)?;
+        while let Some(r) = rows.next().map_err(pg_err)? {
+            let cols = (0..r.len())
+                .map(|i| value(&r, i))
+                .collect::<Result<Vec<_>>>()?;
+            each(&mut Row::new(cols))?;
+        }
+        Ok(())
+    }
+
+    fn batch(&self, sql: &str) -> Result<()> {
+        self.client().batch_execute(sql).map_err(pg_err)
+    }
+
+    fn healthy(&self) -> bool {
+        self.client
+            .as_ref()
+            .is_some_and(|c| !c.borrow().is_closed())
+    }
+}

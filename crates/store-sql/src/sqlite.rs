@@ -1,0 +1,306 @@
+//! The SQLite engine: the embedded default. One file in WAL mode, `synchronous=FULL`;
+//! its schema migrations, numbered by `PRAGMA user_version`; and what only a file has
+//! (`verify_file`).
+
+use std::path::Path;
+
+use rusqlite::Connection;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+
+use jitgate_core::audit::VerifyReport;
+use jitgate_store::{AnchorSet, Result, StoreError};
+
+use crate::db::{Db, Dialect, Param, Row, ToParam, Value};
+
+/// The schema, one migration per step; a file at step N gets N+1.. applied.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE subscriptions(id TEXT PRIMARY KEY, created_ns INTEGER NOT NULL);
+CREATE TABLE vms(
+    key TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    subscription TEXT NOT NULL,
+    rg_key TEXT NOT NULL,
+    location TEXT,
+    created_ns INTEGER NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE INDEX vms_scope ON vms(subscription, rg_key);
+CREATE TABLE policies(
+    key TEXT PRIMARY KEY,
+    uid TEXT NOT NULL UNIQUE,
+    subscription TEXT NOT NULL,
+    rg TEXT NOT NULL,
+    rg_key TEXT NOT NULL,
+    location TEXT NOT NULL,
+    location_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    vms_json TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL
+);
+CREATE INDEX policies_scope ON policies(subscription, rg_key, location_key);
+CREATE TABLE policy_vms(
+    vm_key TEXT PRIMARY KEY,
+    policy_key TEXT NOT NULL REFERENCES policies(key) ON DELETE CASCADE
+);
+CREATE INDEX policy_vms_policy ON policy_vms(policy_key);
+CREATE TABLE requests(
+    id TEXT PRIMARY KEY,
+    policy_uid TEXT NOT NULL,
+    policy_key TEXT NOT NULL,
+    requestor TEXT NOT NULL,
+    justification TEXT,
+    start_ns INTEGER NOT NULL,
+    caller_ip TEXT NOT NULL
+);
+CREATE INDEX requests_policy ON requests(policy_uid, start_ns);
+CREATE INDEX requests_requestor ON requests(requestor, start_ns);
+CREATE TABLE request_ports(
+    request_id TEXT NOT NULL REFERENCES requests(id) ON DELETE CASCADE,
+    vm_idx INTEGER NOT NULL,
+    port_idx INTEGER NOT NULL,
+    vm_key TEXT NOT NULL,
+    vm_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    protocol TEXT NOT NULL,
+    source TEXT NOT NULL,
+    end_ns INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    PRIMARY KEY(request_id, vm_idx, port_idx)
+);
+CREATE INDEX request_ports_live ON request_ports(end_ns) WHERE status = 'Initiated';
+CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
+CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
+CREATE TABLE tokens(
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    expires_ns INTEGER,
+    revoked_ns INTEGER
+);
+CREATE TABLE role_assignments(
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    role TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE INDEX role_assignments_principal ON role_assignments(principal);
+CREATE TABLE audit(
+    seq INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    time_ns INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    details TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX audit_time ON audit(time_ns);
+"#,
+    r#"
+ALTER TABLE policies ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+"#,
+    r#"
+CREATE TABLE nsg_rules(
+    vm_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    access TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    sources TEXT NOT NULL,
+    ports TEXT NOT NULL,
+    description TEXT NOT NULL,
+    PRIMARY KEY(vm_key, name),
+    UNIQUE(vm_key, priority)
+);
+CREATE TABLE enroll_tokens(
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    expires_ns INTEGER NOT NULL,
+    uses_left INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    revoked_ns INTEGER
+);
+CREATE TABLE agent_status(
+    vm_key TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    report TEXT NOT NULL,
+    last_seen_ns INTEGER NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE exclusions(
+    id TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE blocked_attempts(
+    vm_key TEXT NOT NULL,
+    vm_id TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    protocol TEXT NOT NULL,
+    at_ns INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX blocked_attempts_vm ON blocked_attempts(vm_key, at_ns);
+CREATE INDEX blocked_attempts_at ON blocked_attempts(at_ns);
+"#,
+    r#"
+ALTER TABLE enroll_tokens ADD COLUMN allow_replace INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX tokens_secret_hash ON tokens(secret_hash);
+"#,
+    // A VM found by name in one indexed read; pages of a resource group in key order.
+    // The name is what follows the id's last '/'.
+    r#"
+ALTER TABLE vms ADD COLUMN name_key TEXT NOT NULL DEFAULT '';
+UPDATE vms SET name_key = lower(replace(id, rtrim(id, replace(id, '/', '')), ''));
+CREATE INDEX vms_name ON vms(subscription, name_key, key);
+CREATE INDEX vms_rg_page ON vms(subscription, rg_key, key);
+"#,
+    // Pages of all VMs in key order without sorting the subscription's VMs first.
+    r#"
+CREATE INDEX vms_page ON vms(subscription, key);
+"#,
+    // Pages of requests (newest first) and of the lists ordered by creation.
+    r#"
+CREATE INDEX requests_page ON requests(start_ns, id);
+CREATE INDEX tokens_page ON tokens(created_ns, id);
+CREATE INDEX role_assignments_page ON role_assignments(created_ns, id);
+CREATE INDEX enroll_tokens_page ON enroll_tokens(created_ns, id);
+CREATE INDEX exclusions_page ON exclusions(created_ns, id);
+"#,
+    // Recommendations without classifying every VM at each read: each VM's verdict
+    // as its own facts give it (`refresh_verdicts`), updated by every write that
+    // changes them; `excluded` is the reason of the exclusion covering it, and
+    // `last_seen_ns` its agent's last report, both settled when read. The agent's
+    // facts are kept beside its report. The table is filled when the store opens
+    // (`fill_verdicts`), which is how an existing installation gets it. The counts read
+    // only their (covering) index; pages read in key order without sorting.
+    r#"
+CREATE TABLE vm_verdicts(
+    vm_key TEXT PRIMARY KEY,
+    subscription TEXT NOT NULL,
+    rg_key TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    exposed TEXT NOT NULL,
+    listening TEXT NOT NULL,
+    last_seen_ns INTEGER,
+    excluded TEXT
+);
+CREATE INDEX vm_verdicts_counts ON vm_verdicts(subscription, rg_key, verdict, last_seen_ns, excluded);
+CREATE INDEX vm_verdicts_page ON vm_verdicts(subscription, vm_key);
+CREATE INDEX vm_verdicts_rg_page ON vm_verdicts(subscription, rg_key, vm_key);
+ALTER TABLE agent_status ADD COLUMN facts TEXT;
+"#,
+];
+
+/// Opens (creating if needed) the database file with the store's settings.
+pub(crate) fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;",
+    )?;
+    Ok(conn)
+}
+
+/// Applies the migrations the file has not had, each in its own transaction.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Opens a database read-only and verifies its audit chain (`jitgate audit verify
+/// --data-dir`, which needs no running controller).
+pub fn verify_file(path: &Path, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    crate::verify_connection(&conn, anchors)
+}
+
+fn bind<'a>(params: &'a [&'a dyn ToParam]) -> impl Iterator<Item = ToSqlOutput<'a>> + 'a {
+    params.iter().map(|p| {
+        ToSqlOutput::Borrowed(match p.param() {
+            Param::Null => ValueRef::Null,
+            Param::Int(i) => ValueRef::Integer(i),
+            Param::Text(s) => ValueRef::Text(s.as_bytes()),
+            Param::Blob(b) => ValueRef::Blob(b),
+        })
+    })
+}
+
+fn value(v: ValueRef<'_>) -> Result<Value> {
+    Ok(match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        ValueRef::Text(t) => Value::Text(
+            std::str::from_utf8(t)
+                .map_err(|e| StoreError::Corrupt(format!("text column: {e}")))?
+                .to_owned(),
+        ),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+        ValueRef::Real(r) => {
+            return Err(StoreError::Corrupt(format!(
+                "unexpected floating-point column {r}"
+            )));
+        }
+    })
+}
+
+impl Db for Connection {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    fn execute(&self, sql: &str, params: &[&dyn ToParam]) -> Result<u64> {
+        let n = self
+            .prepare_cached(sql)?
+            .execute(rusqlite::params_from_iter(bind(params)))?;
+        Ok(n as u64)
+    }
+
+    fn each(
+        &self,
+        sql: &str,
+        params: &[&dyn ToParam],
+        each: &mut dyn FnMut(&mut Row) -> Result<()>,
+    ) -> Result<()> {
+        let mut st = self.prepare_cached(sql)?;
+        let n = st.column_count();
+        let mut rows = st.query(rusqlite::params_from_iter(bind(params)))?;
+        while let Some(r) = rows.next()? {
+            let cols = (0..n)
+                .map(|i| value(r.get_ref(i)?))
+                .collect::<Result<Vec<_>>>()?;
+            each(&mut Row::new(cols))?;
+        }
+        Ok(())
+    }
+
+    fn batch(&self, sql: &str) -> Result<()> {
+        Ok(self.execute_batch(sql)?)
+    }
+}
