@@ -11,6 +11,9 @@
 #   sqlite3                      inspecting the controller's database by hand
 #   openssl                      tests make certificates the usual way (openssl req -x509)
 #   util-linux                   setpriv: tests run the agent without CAP_NET_ADMIN
+# and with --tests (scripts/test.sh), what only the tests need:
+#   postgresql-15                the PostgreSQL store's tests start throwaway servers
+#                                (initdb, pg_ctl); no system-wide server is used
 set -euo pipefail
 
 PACKAGES=(
@@ -26,6 +29,9 @@ PACKAGES=(
   openssl
   util-linux
 )
+if [ "${1:-}" = "--tests" ]; then
+  PACKAGES+=(postgresql-15)
+fi
 
 say() { printf 'setup-deps: %s\n' "$*" >&2; }
 

@@ -9,7 +9,7 @@ if [ -d "$cargo_bin" ]; then
   export PATH="$cargo_bin:$PATH"
 fi
 
-./scripts/setup-deps.sh
+./scripts/setup-deps.sh --tests
 
 # rustfmt and clippy are rustup components; add them when they are missing.
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then

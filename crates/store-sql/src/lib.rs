@@ -46,6 +46,8 @@ use crate::db::{Db, Dialect, Row, ToParam};
 pub mod db;
 mod pg;
 mod sqlite;
+#[cfg(feature = "testpg")]
+pub mod testpg;
 
 pub use sqlite::verify_file;
 
@@ -62,7 +64,8 @@ const PRUNE_CHUNK: usize = 10_000;
 pub const DEFAULT_WRITE_QUEUE: usize = 4096;
 
 /// The bounds of a page ordered by (created_ns, id) ascending: `(after ns, after id,
-/// limit)` for `WHERE (?n IS NULL OR created_ns > ?n OR (created_ns = ?n AND id > ?m))`.
+/// limit)` for `WHERE (CAST(?n AS BIGINT) IS NULL OR created_ns > ?n OR (created_ns = ?n AND id > ?m))`
+/// (the cast gives the parameter its type where PostgreSQL first meets it).
 fn page_bounds(paging: &Paging) -> (Option<i64>, Option<String>, i64) {
     let limit = if paging.limit == 0 { 100 } else { paging.limit };
     (
@@ -821,7 +824,11 @@ fn refresh_exclusions(ctx: &mut WriteCtx<'_>, scope: &Scope) -> Result<()> {
             s.to_string(),
             rg.key(),
         ),
-        Scope::Vm(vm) => ("v.vm_key = ?4", vm.subscription.to_string(), vm.key()),
+        Scope::Vm(vm) => (
+            "v.subscription = ?1 AND v.vm_key = ?4",
+            vm.subscription.to_string(),
+            vm.key(),
+        ),
     };
     let mut after = String::new();
     loop {
@@ -1708,8 +1715,8 @@ impl Store for SqlStore {
             let rows = c.all(
                 &format!(
                     "SELECT {POLICY_COLS} FROM policies
-                 WHERE (?1 IS NULL OR subscription = ?1) AND (?2 IS NULL OR rg_key = ?2)
-                   AND (?3 IS NULL OR location_key = ?3) AND key > ?4
+                 WHERE (CAST(?1 AS TEXT) IS NULL OR subscription = ?1) AND (CAST(?2 AS TEXT) IS NULL OR rg_key = ?2)
+                   AND (CAST(?3 AS TEXT) IS NULL OR location_key = ?3) AND key > ?4
                  ORDER BY key LIMIT ?5"
                 ),
                 &[&sub, &rg, &loc, &after, &(limit as i64)],
@@ -1927,11 +1934,11 @@ impl Store for SqlStore {
             let ids = ids_of(
                 c,
                 "SELECT r.id FROM requests r
-                 WHERE (?1 IS NULL OR r.requestor = ?1)
-                   AND (?2 IS NULL OR EXISTS (SELECT 1 FROM request_ports p WHERE p.request_id = r.id AND p.vm_key = ?2))
-                   AND (?3 IS NULL OR EXISTS (SELECT 1 FROM request_ports p WHERE p.request_id = r.id
+                 WHERE (CAST(?1 AS TEXT) IS NULL OR r.requestor = ?1)
+                   AND (CAST(?2 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM request_ports p WHERE p.request_id = r.id AND p.vm_key = ?2))
+                   AND (CAST(?3 AS BIGINT) IS NULL OR EXISTS (SELECT 1 FROM request_ports p WHERE p.request_id = r.id
                                               AND p.status = 'Initiated' AND p.end_ns > ?3))
-                   AND (?5 IS NULL OR r.start_ns < ?5 OR (r.start_ns = ?5 AND r.id < ?6))
+                   AND (CAST(?5 AS BIGINT) IS NULL OR r.start_ns < ?5 OR (r.start_ns = ?5 AND r.id < ?6))
                  ORDER BY r.start_ns DESC, r.id DESC LIMIT ?4",
                 &[&requestor, &vm, &live, &limit, &before_ns, &before_id],
             )?;
@@ -1960,7 +1967,7 @@ impl Store for SqlStore {
                 ctx,
                 &audit,
                 RevokeReason::UserRequested,
-                "request_id = ?1 AND end_ns > ?2 AND (?3 IS NULL OR vm_key = ?3) AND (?4 IS NULL OR number = ?4)",
+                "request_id = ?1 AND end_ns > ?2 AND (CAST(?3 AS TEXT) IS NULL OR vm_key = ?3) AND (CAST(?4 AS BIGINT) IS NULL OR number = ?4)",
                 &[&id.to_string(), &ns(audit.now), &vm, &number],
             )?;
             if revoked.is_empty() {
@@ -2064,7 +2071,7 @@ impl Store for SqlStore {
         self.read(move |c| {
             read_tokens(
                 c,
-                "WHERE ?1 IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
+                "WHERE CAST(?1 AS BIGINT) IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
                  ORDER BY created_ns, id LIMIT ?3",
                 &[&at, &id, &limit],
             )
@@ -2101,7 +2108,7 @@ impl Store for SqlStore {
         self.read(move |c| {
             read_role_assignments(
                 c,
-                "WHERE ?1 IS NULL OR principal = ?1 ORDER BY created_ns, id",
+                "WHERE CAST(?1 AS TEXT) IS NULL OR principal = ?1 ORDER BY created_ns, id",
                 &[&principal],
             )
         })
@@ -2118,8 +2125,8 @@ impl Store for SqlStore {
         self.read(move |c| {
             read_role_assignments(
                 c,
-                "WHERE (?1 IS NULL OR principal = ?1)
-                   AND (?2 IS NULL OR created_ns > ?2 OR (created_ns = ?2 AND id > ?3))
+                "WHERE (CAST(?1 AS TEXT) IS NULL OR principal = ?1)
+                   AND (CAST(?2 AS BIGINT) IS NULL OR created_ns > ?2 OR (created_ns = ?2 AND id > ?3))
                  ORDER BY created_ns, id LIMIT ?4",
                 &[&principal, &at, &id, &limit],
             )
@@ -2260,7 +2267,7 @@ impl Store for SqlStore {
         self.read(move |c| {
             read_enroll_tokens(
                 c,
-                "WHERE ?1 IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
+                "WHERE CAST(?1 AS BIGINT) IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
                  ORDER BY created_ns, id LIMIT ?3",
                 &[&at, &id, &limit],
             )
@@ -2437,7 +2444,7 @@ impl Store for SqlStore {
         self.read(move |c| {
             let rows = c.all(
                 "SELECT vm_id, port, protocol, at_ns, count FROM blocked_attempts
-                 WHERE (?1 IS NULL OR vm_key = ?1) AND at_ns >= ?2 ORDER BY at_ns, rowid",
+                 WHERE (CAST(?1 AS TEXT) IS NULL OR vm_key = ?1) AND at_ns >= ?2 ORDER BY at_ns, rowid",
                 &[&vm, &ns(since)],
                 |r| {
                     Ok((
@@ -2490,7 +2497,7 @@ impl Store for SqlStore {
         self.read(move |c| {
             read_exclusions(
                 c,
-                "WHERE ?1 IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
+                "WHERE CAST(?1 AS BIGINT) IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
                  ORDER BY created_ns, id LIMIT ?3",
                 &[&at, &id, &limit],
             )
@@ -2631,9 +2638,9 @@ impl Store for SqlStore {
         self.read(move |c| {
             read_audit(
                 c,
-                "WHERE (?1 IS NULL OR instr(lower(target), ?1) > 0) AND (?2 IS NULL OR actor = ?2)
-                   AND (?3 IS NULL OR substr(action, 1, length(?3)) = ?3) AND (?4 IS NULL OR time_ns >= ?4)
-                   AND (?5 IS NULL OR time_ns <= ?5) AND (?6 IS NULL OR seq > ?6)
+                "WHERE (CAST(?1 AS TEXT) IS NULL OR instr(lower(target), ?1) > 0) AND (CAST(?2 AS TEXT) IS NULL OR actor = ?2)
+                   AND (CAST(?3 AS TEXT) IS NULL OR substr(action, 1, length(?3)) = ?3) AND (CAST(?4 AS BIGINT) IS NULL OR time_ns >= ?4)
+                   AND (CAST(?5 AS BIGINT) IS NULL OR time_ns <= ?5) AND (CAST(?6 AS BIGINT) IS NULL OR seq > ?6)
                  ORDER BY seq LIMIT ?7",
                 &[&target, &actor, &action, &since, &until, &after, &limit],
             )

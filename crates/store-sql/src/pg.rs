@@ -22,6 +22,9 @@ use crate::db::{Db, Dialect, Param, Row, ToParam, Value, to_dollar_placeholders}
 /// Column types are those of the SQLite schema, with 64-bit integers and byte-order
 /// ("C") text comparison, so keys sort and page exactly as they do on SQLite.
 const MIGRATIONS: &[&str] = &[r#"
+-- SQLite's instr(), which the audit query uses.
+CREATE FUNCTION instr(haystack TEXT, needle TEXT) RETURNS INTEGER
+    LANGUAGE sql IMMUTABLE STRICT AS 'SELECT strpos(haystack, needle)';
 CREATE TABLE write_lock(id BIGINT PRIMARY KEY);
 INSERT INTO write_lock(id) VALUES (1);
 CREATE TABLE meta(key TEXT COLLATE "C" PRIMARY KEY, value TEXT COLLATE "C" NOT NULL);
@@ -312,7 +315,10 @@ impl PgDb {
         let st = self
             .client()
             .prepare(&to_dollar_placeholders(sql))
-            .map_err(pg_err)?;
+            .map_err(|e| match pg_err(e) {
+                StoreError::Db(m) => StoreError::Db(format!("{m}, in: {}", sql.trim())),
+                other => other,
+            })?;
         let mut cache = self.statements.borrow_mut();
         // Statements built with variable parts (lists of placeholders) are bounded.
         if cache.len() >= 512 {
