@@ -47,6 +47,14 @@ impl VmChanges {
         }
     }
 
+    /// Wakes every long-poll (each re-reads its VM's state).
+    pub fn touch_all(&self) {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in map.values() {
+            tx.send_modify(|r| *r += 1);
+        }
+    }
+
     /// How many VMs are watched now.
     pub fn len(&self) -> usize {
         self.map.lock().map(|m| m.len()).unwrap_or_default()

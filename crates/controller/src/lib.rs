@@ -15,6 +15,7 @@ pub mod clock;
 pub mod desired;
 pub mod error;
 pub mod expiry;
+pub mod feed;
 pub mod limits;
 pub mod metrics;
 pub mod native;

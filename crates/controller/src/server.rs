@@ -62,6 +62,9 @@ pub struct TlsFiles {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// A PostgreSQL connection string: all state there instead of in the data
+    /// directory's SQLite file (several controllers may share it).
+    pub database: Option<String>,
     pub tls: Option<TlsFiles>,
     /// Allow plain HTTP on a non-loopback address.
     pub insecure_http: bool,
@@ -99,6 +102,7 @@ impl Config {
         Config {
             listen,
             data_dir,
+            database: None,
             tls: None,
             insecure_http: false,
             auto_tls: false,
@@ -162,21 +166,32 @@ fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
 async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<SubscriptionId>)> {
     // `start` created the directory (it holds the lock).
     restrict(&config.data_dir, 0o700)?;
-    let db = config.data_dir.join(DB_FILE);
-    let store = SqlStore::open_with(
-        &db,
-        StoreOptions {
-            write_queue: config.write_queue,
-            recommend: config.recommend.clone(),
-        },
-    )
-    .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
-    for suffix in ["", "-wal", "-shm"] {
-        let f = PathBuf::from(format!("{}{suffix}", db.display()));
-        if f.exists() {
-            restrict(&f, 0o600)?;
+    let options = StoreOptions {
+        write_queue: config.write_queue,
+        recommend: config.recommend.clone(),
+    };
+    let store = match &config.database {
+        Some(url) => {
+            let store = SqlStore::connect_postgres(url, options)
+                .await
+                .context("cannot open the PostgreSQL database")?;
+            tracing::info!("state is kept in PostgreSQL");
+            store
         }
-    }
+        None => {
+            let db = config.data_dir.join(DB_FILE);
+            let store = SqlStore::open_with(&db, options).with_context(|| {
+                format!("cannot open the database in {}", config.data_dir.display())
+            })?;
+            for suffix in ["", "-wal", "-shm"] {
+                let f = PathBuf::from(format!("{}{suffix}", db.display()));
+                if f.exists() {
+                    restrict(&f, 0o600)?;
+                }
+            }
+            store
+        }
+    };
     let store: Arc<dyn Store> = Arc::new(store);
     let now = config.clock.now();
     let (token_text, generated) = match &config.bootstrap_token {
@@ -308,6 +323,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     tokio::spawn(crate::limits::summarize(state.clone(), shutdown_rx.clone()));
+    if let Some(bell) = state.store.shared_changes() {
+        tokio::spawn(crate::feed::run(state.clone(), bell, shutdown_rx.clone()));
+    }
     let checkpoints = tokio::spawn(crate::checkpoint::run(
         checkpointer,
         state.store.clone(),

@@ -51,6 +51,12 @@ pub mod testpg;
 
 pub use sqlite::verify_file;
 
+/// Whether `url` is a PostgreSQL connection string (without connecting). The error
+/// does not repeat the URL (it may hold a password).
+pub fn check_postgres_url(url: &str) -> Result<()> {
+    pg::config(url).map(|_| ())
+}
+
 /// Read connections kept open (and concurrent reads allowed).
 const READERS: usize = 8;
 
@@ -577,6 +583,10 @@ fn writer_loop(
                 }
                 finishes.push(finish);
             }
+            if db.dialect() == Dialect::Postgres {
+                // The other controllers' doorbell, delivered when this commits.
+                db.batch(pg::NOTIFY)?;
+            }
             db.batch("COMMIT")?;
             Ok(())
         })();
@@ -1015,6 +1025,8 @@ pub struct SqlStore {
     /// Decoded policies shared by readers (see `cached_policy`).
     read_policies: Arc<Mutex<PolicyCache>>,
     recommend: Arc<RecommendConfig>,
+    /// PostgreSQL: the other controllers' doorbell (see `Store::shared_changes`).
+    changes: Option<pg::Changes>,
 }
 
 impl SqlStore {
@@ -1041,9 +1053,12 @@ impl SqlStore {
         tokio::task::spawn_blocking(move || {
             let db = pg::connect(&config)?;
             pg::migrate(&db)?;
+            let changes = pg::listen(config.clone())?;
             let connect: Connect =
                 Arc::new(move || Ok(Box::new(pg::connect(&config)?) as Box<dyn Db + Send>));
-            Self::start(Box::new(db), connect, options)
+            let mut store = Self::start(Box::new(db), connect, options)?;
+            store.changes = Some(changes);
+            Ok(store)
         })
         .await
         .map_err(|e| StoreError::Db(format!("connecting task failed: {e}")))?
@@ -1071,6 +1086,7 @@ impl SqlStore {
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
             read_policies: Arc::new(Mutex::new(PolicyCache::default())),
             recommend,
+            changes: None,
         })
     }
 
@@ -2673,6 +2689,10 @@ impl Store for SqlStore {
             Ok(report)
         })
         .await
+    }
+
+    fn shared_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.changes.as_ref().map(pg::Changes::subscribe)
     }
 
     fn write_queue(&self) -> Option<WriteQueueStats> {

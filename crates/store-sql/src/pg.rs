@@ -292,6 +292,94 @@ fn pg_err(e: postgres::Error) -> StoreError {
     }
 }
 
+/// What the writer sends, in each transaction, to wake the other controllers.
+pub(crate) const NOTIFY: &str = "NOTIFY jitgate_changes";
+
+/// The doorbell of the other controllers' commits: a thread holds a connection that
+/// listens, bumps the channel on each notification and after every reconnection (a
+/// notification sent while it was away is lost, so the listener's owner must catch
+/// up), and ends when the store is dropped.
+pub(crate) struct Changes {
+    tx: tokio::sync::watch::Sender<u64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Changes {
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Starts listening (the first connection is made before returning, so a bad
+/// database fails the start, not a thread later).
+pub(crate) fn listen(config: Config) -> Result<Changes> {
+    use std::sync::atomic::Ordering;
+    let (tx, _) = tokio::sync::watch::channel(0u64);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut client = config.connect(NoTls).map_err(pg_err)?;
+    client
+        .batch_execute("LISTEN jitgate_changes")
+        .map_err(pg_err)?;
+    let bell = tx.clone();
+    let stopped = stop.clone();
+    std::thread::Builder::new()
+        .name("jitgate-pg-listen".into())
+        .spawn(move || {
+            use postgres::fallible_iterator::FallibleIterator;
+            let mut client = Some(client);
+            while !stopped.load(Ordering::Acquire) {
+                let Some(c) = client.as_mut() else {
+                    std::thread::sleep(Duration::from_secs(1));
+                    match config.connect(NoTls).and_then(|mut c| {
+                        c.batch_execute("LISTEN jitgate_changes")?;
+                        Ok(c)
+                    }) {
+                        Ok(c) => {
+                            client = Some(c);
+                            // Whatever was sent meanwhile was lost: catch up.
+                            bell.send_modify(|n| *n += 1);
+                        }
+                        Err(e) => tracing::warn!(error = %pg_err(e), "cannot listen for other controllers' changes; retrying"),
+                    }
+                    continue;
+                };
+                let mut got = false;
+                let mut lost = false;
+                {
+                    let mut n = c.notifications();
+                    let first = n.timeout_iter(Duration::from_millis(500)).next();
+                    match first {
+                        Ok(Some(_)) => {
+                            got = true;
+                            // Those that arrived with it ring the bell once.
+                            let mut pending = n.iter();
+                            while let Ok(Some(_)) = pending.next() {}
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %pg_err(e), "lost the connection that listens for other controllers' changes");
+                            lost = true;
+                        }
+                    }
+                }
+                if got {
+                    bell.send_modify(|n| *n += 1);
+                }
+                if lost || c.is_closed() {
+                    client = None;
+                }
+            }
+        })
+        .map_err(|e| StoreError::Db(format!("cannot start the listening thread: {e}")))?;
+    Ok(Changes { tx, stop })
+}
+
 /// One connection.
 pub(crate) struct PgDb {
     /// `None` only while being dropped.

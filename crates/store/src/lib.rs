@@ -268,6 +268,16 @@ pub trait Store: Send + Sync + 'static {
     fn write_queue(&self) -> Option<WriteQueueStats> {
         None
     }
+
+    /// For a database several controllers share: a doorbell rung (the value bumped)
+    /// when another controller may have committed a change, and after every lost and
+    /// restored connection to it. It carries no data and may be late or lost: the audit
+    /// log, which every change extends in the same transaction, is the record a
+    /// controller catches up from. `None` when this process is the database's only
+    /// writer (the embedded SQLite file, locked by its data directory).
+    fn shared_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 #[cfg(feature = "rusqlite")]

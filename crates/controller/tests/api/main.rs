@@ -1,5 +1,6 @@
 //! Integration tests of the controller through its HTTP API: a real controller on
-//! loopback, real SQLite in a temporary directory, real HTTP.
+//! loopback, real SQLite in a temporary directory (and, in `replicas`, several
+//! controllers on one real PostgreSQL database), real HTTP.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
@@ -18,3 +19,4 @@ mod lifecycle;
 mod native;
 mod rbac;
 mod recommend;
+mod replicas;

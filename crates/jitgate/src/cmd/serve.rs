@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 #[derive(Args, Clone)]
 pub struct ServeArgs {
-    /// TOML file with any of: listen, data_dir, tls_cert, tls_key, insecure_http, log_format.
+    /// TOML file with any of: listen, data_dir, database, tls_cert, tls_key, insecure_http, log_format.
     #[arg(long, env = "JITGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -21,6 +21,13 @@ pub struct ServeArgs {
     /// Directory for the database and the bootstrap token [default: ./jitgate-data].
     #[arg(long, env = "JITGATE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL database to keep all state in instead of the embedded SQLite file,
+    /// for several controllers sharing one database: postgres://user@host/db or
+    /// host=... dbname=... (several hosts with target_session_attrs=read-write follow
+    /// a promoted standby). The data directory still holds this controller's own files
+    /// (TLS, checkpoint key and checkpoints).
+    #[arg(long, env = "JITGATE_DATABASE_URL", hide_env_values = true)]
+    pub database: Option<String>,
     /// PEM certificate chain for TLS.
     #[arg(long, env = "JITGATE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -92,6 +99,7 @@ pub struct ServeArgs {
 struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    database: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     insecure_http: Option<bool>,
@@ -168,6 +176,12 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
         _ => bail!("give both tls_cert and tls_key, or neither"),
     };
     let mut config = jitgate_controller::Config::new(listen, data_dir);
+    config.database = args.database.or(file.database);
+    if let Some(url) = &config.database
+        && let Err(e) = jitgate_store_sql::check_postgres_url(url)
+    {
+        bail!("--database: {e} (expected postgres://user@host:port/db or host=... dbname=...)");
+    }
     config.tls = tls;
     config.insecure_http = args.insecure_http || file.insecure_http.unwrap_or(false);
     config.auto_tls = args.auto_tls || file.auto_tls.unwrap_or(false);
