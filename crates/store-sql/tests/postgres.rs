@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use jitgate_core::ids::SubscriptionId;
 use jitgate_store::conformance::model::{self, ModelBackend};
 use jitgate_store::*;
 use jitgate_store_sql::testpg::TestDb;
@@ -42,4 +43,63 @@ impl ModelBackend for Postgres {
 #[test]
 fn request_lifecycle_matches_the_model() {
     model::run::<Postgres>();
+}
+
+// ---- one database, several controllers ------------------------------------------------
+
+/// Two stores on one new database, as two controllers open it (at the same time: the
+/// schema is migrated once, under its lock).
+async fn two_on_one() -> (SqlStore, SqlStore, TestDb) {
+    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    let (a, b) = tokio::join!(open(&db), open(&db));
+    (a, b, db)
+}
+
+#[tokio::test]
+async fn shared_writers_keep_one_chain() {
+    let (a, b, _db) = two_on_one().await;
+    jitgate_store::conformance::shared_writers_keep_one_chain(&a, &b).await;
+}
+
+#[tokio::test]
+async fn shared_expiry_happens_once() {
+    let (a, b, _db) = two_on_one().await;
+    jitgate_store::conformance::shared_expiry_happens_once(&a, &b).await;
+}
+
+/// A commit through one store rings the other's doorbell.
+#[tokio::test]
+async fn a_commit_rings_the_other_stores_doorbell() {
+    let (a, b, _db) = two_on_one().await;
+    let mut bell = b
+        .shared_changes()
+        .expect("a shared database has a doorbell");
+    let seen = *bell.borrow_and_update();
+    a.bootstrap(
+        Bootstrap {
+            subscription: SubscriptionId::parse(jitgate_store::conformance::SUB).unwrap(),
+            owner_principal: "alice".into(),
+            owner_token: TokenRecord {
+                id: "jg_boot".into(),
+                principal: "alice".into(),
+                secret_hash: "ab".repeat(32),
+                description: "bootstrap".into(),
+                created: jitgate_store::conformance::t0(),
+                expires: None,
+                revoked: None,
+            },
+        },
+        AuditCtx {
+            actor: "system".into(),
+            source: "test".into(),
+            now: jitgate_store::conformance::t0(),
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), bell.changed())
+        .await
+        .expect("the doorbell rang")
+        .unwrap();
+    assert_ne!(*bell.borrow(), seen);
 }

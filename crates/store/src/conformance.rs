@@ -5209,3 +5209,91 @@ pub async fn verdict_reads_page_and_filter_by_scope(store: &dyn Store) {
         "a subscription without VMs"
     );
 }
+
+// ---- a database shared by several stores -------------------------------------------
+//
+// For a backend several controllers share (PostgreSQL): `a` and `b` are two stores on
+// the same, empty database, as two controllers would open it.
+
+/// Initiates from two stores at once land in one audit chain, contiguous and
+/// verifying, and each store reads every request either made.
+pub async fn shared_writers_keep_one_chain(a: &dyn Store, b: &dyn Store) {
+    let s = scene(a).await;
+    let before = audit_count(a).await;
+    const EACH: u32 = 40;
+    tokio::join!(
+        burst(a, &s.key, &s.vm1, 1_000, EACH),
+        burst(b, &s.key, &s.vm1, 2_000, EACH)
+    );
+    let events = events_after(a, before).await;
+    assert_eq!(events.len(), 2 * EACH as usize, "one event per initiate");
+    let want_seqs: Vec<u64> = (before + 1..=before + 2 * u64::from(EACH)).collect();
+    assert_eq!(seqs(&events), want_seqs, "the chain has no gap");
+    assert_eq!(verified(a).await.count, verified(b).await.count);
+    for store in [a, b] {
+        let all = store
+            .list_requests(&RequestFilter {
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            all.len(),
+            2 * EACH as usize,
+            "every request, read by either store"
+        );
+        assert_eq!(
+            store.count_live_grants(at(61)).await.unwrap(),
+            u64::from(2 * EACH)
+        );
+    }
+}
+
+/// `n` initiates through `writer`, request ids from `first`, each from a source of its
+/// own (none supersedes another).
+async fn burst(writer: &dyn Store, key: &PolicyKey, vm: &VmId, first: u128, n: u32) {
+    for i in 0..n {
+        let source = format!("10.{}.{}.{}", first / 1000, i / 200, i % 200 + 1);
+        initiate_ok(
+            writer,
+            args(
+                key,
+                rid(first + u128::from(i)),
+                vec![(vm, vec![want(22, Some(&source), "PT1H")])],
+            ),
+            at(60),
+        )
+        .await;
+    }
+}
+
+/// Two stores expiring at the same moment expire each port once, audited once.
+pub async fn shared_expiry_happens_once(a: &dyn Store, b: &dyn Store) {
+    let s = scene(a).await;
+    for i in 0..30u32 {
+        let source = format!("10.9.0.{}", i + 1);
+        initiate_ok(
+            if i % 2 == 0 { a } else { b },
+            args(
+                &s.key,
+                rid(5_000 + u128::from(i)),
+                vec![(&s.vm1, vec![want(22, Some(&source), "PT1H")])],
+            ),
+            at(0),
+        )
+        .await;
+    }
+    let before = audit_count(a).await;
+    let (x, y) = tokio::join!(a.expire_due(at(3_600)), b.expire_due(at(3_600)));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(
+        x.len() + y.len(),
+        30,
+        "each port expired by exactly one store"
+    );
+    let events = events_after(b, before).await;
+    assert_eq!(events.len(), 30, "each expiry audited once");
+    assert!(events.iter().all(|e| e.entry.action == "request.expire"));
+    assert_eq!(a.count_live_grants(at(3_600)).await.unwrap(), 0);
+}
