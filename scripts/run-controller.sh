@@ -23,4 +23,6 @@ else
   (cd "$repo" && cargo build --release -p jitgate)
   bin="$repo/target/release/jitgate"
 fi
+# Two glibc heap arenas, as the systemd unit runs it (see deploy/jitgate-controller.service).
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
 exec "$bin" serve "$@"

@@ -193,6 +193,8 @@ pub async fn controller(
         .arg(dir)
         .env("JITGATE_BOOTSTRAP_TOKEN", BENCH_TOKEN)
         .env("JITGATE_LOG", "warn")
+        // As the systemd unit runs it (deploy/jitgate-controller.service).
+        .env("MALLOC_ARENA_MAX", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
