@@ -181,6 +181,16 @@ pub async fn controller(
     dir: &Path,
     http: &reqwest::Client,
 ) -> anyhow::Result<(Child, String, String)> {
+    controller_with(listen, dir, http, &[]).await
+}
+
+/// [`controller`] with more `serve` arguments (`--database URL`).
+pub async fn controller_with(
+    listen: SocketAddr,
+    dir: &Path,
+    http: &reqwest::Client,
+    extra: &[&str],
+) -> anyhow::Result<(Child, String, String)> {
     let exe = jitgate_exe()?;
     let child = Command::new(exe)
         .args([
@@ -191,6 +201,7 @@ pub async fn controller(
             "--data-dir",
         ])
         .arg(dir)
+        .args(extra)
         .env("JITGATE_BOOTSTRAP_TOKEN", BENCH_TOKEN)
         .env("JITGATE_LOG", "warn")
         // As the systemd unit runs it (deploy/jitgate-controller.service).

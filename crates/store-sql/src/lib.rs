@@ -461,8 +461,8 @@ impl WriteCtx<'_> {
                 "INSERT INTO audit(seq, time, time_ns, actor, source, action, target, outcome, details, prev_hash, hash)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             &[&(rec.seq as i64), &rec.entry.time, &time_ns, &rec.entry.actor, &rec.entry.source, &rec.entry.action, &rec.entry.target, &rec.entry.outcome.as_str(), &rec.entry.details, &rec.prev_hash, &rec.hash])?;
-        self.tx
-            .execute("INSERT INTO meta(key, value) VALUES ('audit_head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value", &[&rec.seq.to_string()])?;
+        // The recorded head (`meta.audit_head`) is written once per group, with the
+        // commit (`writer_loop`).
         self.tail.seq = rec.seq;
         self.tail.hash = rec.hash;
         Ok(rec.seq)
@@ -561,8 +561,13 @@ fn writer_loop(
             // The chain's tail is read under the lock at every group: another
             // controller on the same database may have extended it.
             let mut tail = load_tail(&*db)?;
+            let start = tail.seq;
+            // One savepoint per job, the previous one released in the same round trip
+            // (COMMIT releases the last).
+            let mut savepoint = "SAVEPOINT job";
             for job in jobs.drain(..) {
-                db.batch("SAVEPOINT job")?;
+                db.batch(savepoint)?;
+                savepoint = "RELEASE SAVEPOINT job; SAVEPOINT job";
                 let before = tail.clone();
                 let looked_up = policies.looked_up.len();
                 let (ok, finish) = {
@@ -574,20 +579,29 @@ fn writer_loop(
                     };
                     job(&mut ctx)
                 };
-                if ok {
-                    db.batch("RELEASE SAVEPOINT job")?;
-                } else {
-                    db.batch("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")?;
+                if !ok {
+                    db.batch("ROLLBACK TO SAVEPOINT job")?;
                     tail = before;
                     policies.forget_since(looked_up);
                 }
                 finishes.push(finish);
             }
-            if db.dialect() == Dialect::Postgres {
-                // The other controllers' doorbell, delivered when this commits.
-                db.batch(pg::NOTIFY)?;
+            // The recorded head, the other controllers' doorbell (PostgreSQL delivers it
+            // when this commits) and the commit, in one round trip. The head is a
+            // number written by this code, never text from a caller.
+            let mut end = String::new();
+            if tail.seq != start {
+                end.push_str(&format!(
+                    "INSERT INTO meta(key, value) VALUES ('audit_head', '{}') ON CONFLICT(key) DO UPDATE SET value = excluded.value; ",
+                    tail.seq
+                ));
             }
-            db.batch("COMMIT")?;
+            if db.dialect() == Dialect::Postgres {
+                end.push_str(pg::NOTIFY);
+                end.push_str("; ");
+            }
+            end.push_str("COMMIT");
+            db.batch(&end)?;
             Ok(())
         })();
         match &result {

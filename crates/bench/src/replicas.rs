@@ -1,0 +1,292 @@
+//! `jitgate-bench replicas`: several controllers (this binary's `jitgate serve`, as
+//! child processes) on one PostgreSQL database. Reports durable initiates per second
+//! through all of them (clients spread over the replicas) with latency percentiles,
+//! and the propagation of a grant made through one replica to an agent long-polling
+//! another.
+//!
+//! Without `--database` it starts its own PostgreSQL (Debian's postgresql-15) on
+//! loopback with durability on: `fsync=on`, `synchronous_commit=on`, as a production
+//! primary without a synchronous standby.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use super::BENCH_TOKEN;
+use super::lab::{self, Child};
+
+pub struct Args {
+    pub replicas: usize,
+    pub vms: usize,
+    pub clients: usize,
+    pub seconds: u64,
+    pub rounds: usize,
+    pub database: Option<String>,
+}
+
+/// A durable throwaway PostgreSQL and the URL of its `jitgate` database.
+fn start_postgres() -> anyhow::Result<String> {
+    use jitgate_store_sql::testpg;
+    let bin = testpg::bin_dir();
+    let dir = testpg::server_dir("jitgate-bench-pg");
+    testpg::clean_up_after_exit(&bin, &dir);
+    let data = testpg::init_data_dir(&bin, &dir, "data");
+    let port = lab::free_port([127, 0, 0, 1].into())?;
+    testpg::start_server(
+        &bin,
+        &data,
+        port,
+        &dir,
+        "-c fsync=on -c synchronous_commit=on -c shared_buffers=256MB",
+    );
+    let admin = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let out = std::process::Command::new(bin.join("psql"))
+        .args(["-X", "-q", "-d", &admin, "-c", "CREATE DATABASE jitgate"])
+        .output()?;
+    if !out.status.success() {
+        bail!("CREATE DATABASE: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=jitgate"
+    ))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let url = match &args.database {
+        Some(u) => u.clone(),
+        None => tokio::task::spawn_blocking(start_postgres).await??,
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients * 2)
+        .build()?;
+    let mut children: Vec<Child> = Vec::new();
+    let mut bases = Vec::new();
+    let mut dirs = Vec::new();
+    let mut sub = String::new();
+    for _ in 0..args.replicas {
+        let dir = lab::tempdir()?;
+        let port = lab::free_port([127, 0, 0, 1].into())?;
+        let (child, base, s) = lab::controller_with(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            &dir,
+            &http,
+            &["--database", &url],
+        )
+        .await?;
+        children.push(child);
+        bases.push(base);
+        dirs.push(dir);
+        sub = s;
+    }
+    let setup = Instant::now();
+    let groups = super::initiate::populate(&http, &bases[0], &sub, args.vms, args.clients).await?;
+    let setup_secs = setup.elapsed().as_secs_f64();
+
+    // Initiates through every replica at once.
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let (http, base, sub) = (http.clone(), bases[c % bases.len()].clone(), sub.clone());
+        let vms = args.vms;
+        tasks.push(tokio::spawn(async move {
+            let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut n: u64 = 0;
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (c as u64 + 1);
+            while Instant::now() < deadline {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let vm = (x % vms as u64) as usize;
+                let src = format!(
+                    "10.{}.{}.{}",
+                    (x >> 16) & 255,
+                    (x >> 24) & 255,
+                    (x >> 32) & 255
+                );
+                let t = Instant::now();
+                initiate(&http, &base, &sub, vm, &src).await?;
+                hist.record(t.elapsed().as_micros().max(1) as u64)?;
+                n += 1;
+            }
+            anyhow::Ok((n, hist))
+        }));
+    }
+    let started = Instant::now();
+    let mut total = 0u64;
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        let (n, h) = t.await??;
+        total += n;
+        hist.add(h)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+
+    // Propagation: an agent long-polls the last replica, grants go through the first.
+    let propagation = if args.replicas > 1 {
+        Some(propagation(&http, &bases[0], &bases[bases.len() - 1], &sub, args.rounds).await?)
+    } else {
+        None
+    };
+
+    println!("jitgate-bench replicas");
+    println!(
+        "  database:     PostgreSQL{}",
+        if args.database.is_some() {
+            " (given)"
+        } else {
+            " 15 on loopback, fsync=on, synchronous_commit=on"
+        }
+    );
+    println!(
+        "  replicas:     {} controllers; {} VMs in {groups} policies set up through the first in {setup_secs:.1} s",
+        args.replicas, args.vms
+    );
+    println!(
+        "  clients:      {} concurrent, spread over the replicas, {} s",
+        args.clients, args.seconds
+    );
+    println!(
+        "  initiates:    {total} accepted (202) in {elapsed:.2} s = {:.0} /s",
+        total as f64 / elapsed
+    );
+    println!("  latency:      {}", super::percentiles(&hist));
+    if let Some(h) = propagation {
+        println!(
+            "  propagation:  initiate on replica 1 -> agent long-polling replica {}: {}",
+            args.replicas,
+            super::percentiles(&h)
+        );
+    }
+    drop(children);
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(())
+}
+
+async fn initiate(
+    http: &reqwest::Client,
+    base: &str,
+    sub: &str,
+    vm: usize,
+    src: &str,
+) -> anyhow::Result<()> {
+    let g = vm / 100;
+    let r = http
+        .post(format!(
+            "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default/initiate?api-version=2020-01-01"
+        ))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({
+            "virtualMachines": [{
+                "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{vm}"),
+                "ports": [{"number": 22, "allowedSourceAddressPrefix": src, "duration": "PT1H"}]
+            }],
+            "justification": "bench"
+        }))
+        .send()
+        .await?;
+    let status = r.status();
+    let body = r.text().await?;
+    if status.as_u16() != 202 {
+        bail!("initiate answered {status}: {body}");
+    }
+    Ok(())
+}
+
+/// Enrolls a simulated agent through `a` for a VM in a policy, then `rounds` times:
+/// the agent long-polls `b`, a grant is made through `a`, and the time from sending
+/// the initiate to `b` answering the long-poll is recorded.
+async fn propagation(
+    http: &reqwest::Client,
+    a: &str,
+    b: &str,
+    sub: &str,
+    rounds: usize,
+) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    let et: serde_json::Value = http
+        .post(format!("{a}/api/v1/enrollTokens"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({"uses": 1}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let en: serde_json::Value = http
+        .post(format!("{a}/api/v1/agent/enroll"))
+        .json(&json!({"enrollToken": et["token"], "resourceGroup": "prop", "name": "agent-1"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let vm = en["vmId"].as_str().context("no vmId")?.to_owned();
+    let agent = en["token"].as_str().context("no agent token")?.to_owned();
+    let r = http
+        .put(format!(
+            "{a}/subscriptions/{sub}/resourceGroups/prop/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default?api-version=2020-01-01"
+        ))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({"kind": "Basic", "properties": {"virtualMachines": [{"id": vm, "ports": [
+            {"number": 22, "protocol": "TCP", "allowedSourceAddressPrefix": "*", "maxRequestAccessDuration": "PT3H"}]}]}}))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("policy: {}", r.text().await?);
+    }
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for i in 0..rounds {
+        let d: serde_json::Value = http
+            .get(format!("{b}/api/v1/agent/desired?vm={vm}"))
+            .bearer_auth(&agent)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let known = d["revision"].as_str().context("no revision")?.to_owned();
+        let poll = {
+            let (http, b, vm, agent, known) = (
+                http.clone(),
+                b.to_owned(),
+                vm.clone(),
+                agent.clone(),
+                known.clone(),
+            );
+            tokio::spawn(async move {
+                let r: serde_json::Value = http
+                    .get(format!(
+                        "{b}/api/v1/agent/desired?vm={vm}&known={known}&wait=30"
+                    ))
+                    .bearer_auth(agent)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                anyhow::Ok((r, Instant::now()))
+            })
+        };
+        // Let the long-poll reach the replica before the change.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let src = format!("10.200.{}.{}", i / 250, i % 250 + 1);
+        let t = Instant::now();
+        let r = http
+            .post(format!(
+                "{a}/subscriptions/{sub}/resourceGroups/prop/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default/initiate?api-version=2020-01-01"
+            ))
+            .bearer_auth(BENCH_TOKEN)
+            .json(&json!({"virtualMachines": [{"id": vm, "ports": [
+                {"number": 22, "allowedSourceAddressPrefix": src, "duration": "PT1H"}]}]}))
+            .send()
+            .await?;
+        if r.status().as_u16() != 202 {
+            bail!("initiate: {}", r.text().await?);
+        }
+        let (body, at) = poll.await??;
+        if body["revision"] == known.as_str() {
+            bail!("the long-poll on the other replica ended without the change");
+        }
+        hist.record(at.saturating_duration_since(t).as_micros().max(1) as u64)?;
+    }
+    Ok(hist)
+}
