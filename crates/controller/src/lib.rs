@@ -26,8 +26,8 @@ mod server;
 pub mod tls;
 
 pub use server::{
-    BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, DEFAULT_BLOCKED_RETENTION, Running, TlsFiles, recover,
-    start,
+    BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, DEFAULT_BLOCKED_RETENTION, Running, TlsFiles,
+    migrate_to_postgres, recover, start,
 };
 
 use std::sync::Arc;

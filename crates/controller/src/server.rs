@@ -444,6 +444,27 @@ async fn renew_auto_tls(
 /// own the data directory, and no controller may be running on it. Audited
 /// (`admin.recover`, then the token and role assignment it creates), and anchored
 /// with a fresh signed checkpoint. Returns the token text.
+/// Copies the installation in `data_dir` (the controller stopped) into an empty
+/// PostgreSQL database, its audit chain verified after the copy. The data directory
+/// is left as it was (a way back); `jitgate serve --database` then runs on the copy,
+/// with the same data directory for its TLS files and checkpoint key.
+pub async fn migrate_to_postgres(
+    data_dir: &Path,
+    url: &str,
+) -> anyhow::Result<jitgate_store_sql::CopyReport> {
+    let db = data_dir.join(DB_FILE);
+    if !db.exists() {
+        bail!("no jitgate database at {}", db.display());
+    }
+    let _lock = DataDirLock::acquire(data_dir)
+        .context("stop the controller first (the copy must see a database nobody writes)")?;
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || jitgate_store_sql::copy_sqlite_to_postgres(&db, &url))
+        .await
+        .context("the copy task failed")?
+        .context("the copy failed")
+}
+
 pub async fn recover(data_dir: &Path, checkpoints: Option<PathBuf>) -> anyhow::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let db = data_dir.join(DB_FILE);

@@ -565,3 +565,101 @@ fn admin_recover_mints_an_owner_token_locally_and_only_when_stopped() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// An installation moves from its embedded SQLite file to PostgreSQL with
+/// `jitgate admin migrate` (refused while the controller runs), its audit chain
+/// verifies there against the signed checkpoints of the data directory
+/// (`audit verify --database`), and `serve --database` serves the same policy and
+/// request from it, to the same bootstrap token.
+#[test]
+fn an_installation_moves_to_postgres_and_is_served_from_it() {
+    let db = jitgate_store_sql::testpg::TestDb::create();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "migrate-test-token-1234";
+    let data = dir.path().to_str().unwrap();
+    let mut s = serve(&["--data-dir", data], &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let (_, who) = call("GET", &format!("{base}/api/v1/whoami"), token, None);
+    let sub = who["subscription"].as_str().unwrap().to_owned();
+    setup_policy(&base, token, &sub);
+
+    let busy = jitgate(
+        &["admin", "migrate", "--from-data-dir", data, "--to", &db.url],
+        &[],
+    );
+    assert!(
+        !busy.status.success(),
+        "a running controller's data is not copied"
+    );
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("stop the controller"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert!(stop(&mut s).success());
+
+    let out = jitgate(
+        &["admin", "migrate", "--from-data-dir", data, "--to", &db.url],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("requests") && stdout.contains("audit chain verified"),
+        "{stdout}"
+    );
+
+    let out = jitgate(
+        &["audit", "verify", "--database", &db.url, "--data-dir", data],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("anchored by a signed checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut s = serve(
+        &["--data-dir", data, "--database", &db.url],
+        &[("JITGATE_BOOTSTRAP_TOKEN", token)],
+    );
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let url = format!(
+        "{base}/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default?api-version=2020-01-01"
+    );
+    let (status, policy) = call("GET", &url, token, None);
+    assert_eq!(status, 200, "{policy}");
+    assert_eq!(
+        policy["properties"]["requests"][0]["virtualMachines"][0]["ports"][0]["status"],
+        "Initiated"
+    );
+    assert!(
+        s.log.lock().unwrap().contains("PostgreSQL"),
+        "{}",
+        s.log.lock().unwrap()
+    );
+
+    // A malformed URL is refused by name, before anything starts.
+    let out = jitgate(
+        &["serve", "--database", "postgres://x:y@/db?port=notanumber"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--database"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -88,6 +88,23 @@ pub enum Value {
     Blob(Vec<u8>),
 }
 
+impl ToParam for Value {
+    fn param(&self) -> Param<'_> {
+        match self {
+            Value::Null => Param::Null,
+            Value::Int(i) => Param::Int(*i),
+            Value::Text(t) => Param::Text(t),
+            Value::Blob(b) => Param::Blob(b),
+        }
+    }
+}
+
+impl FromValue for Value {
+    fn from_value(v: Value) -> std::result::Result<Self, String> {
+        Ok(v)
+    }
+}
+
 /// What a column can be read as.
 pub trait FromValue: Sized {
     fn from_value(v: Value) -> std::result::Result<Self, String>;

@@ -3259,3 +3259,147 @@ mod tests {
         );
     }
 }
+
+// ---- moving between engines ---------------------------------------------------------
+
+/// Verifies the audit chain of a PostgreSQL database directly (no controller needed).
+/// Blocking: call it off async threads.
+pub fn verify_postgres(url: &str, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
+    let db = pg::connect(&pg::config(url)?)?;
+    verify_connection(&db, anchors)
+}
+
+/// What [`copy_sqlite_to_postgres`] copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyReport {
+    /// Rows copied, by table, in copy order.
+    pub tables: Vec<(&'static str, u64)>,
+    /// The audit chain as verified on the copy.
+    pub audit: VerifyReport,
+}
+
+/// The tables of an installation, parents before children (foreign keys), and the
+/// order their rows are copied in (what lists order by, so the copy pages alike).
+const TABLES: &[(&str, &str)] = &[
+    ("meta", "key"),
+    ("subscriptions", "id"),
+    ("vms", "key"),
+    ("policies", "key"),
+    ("policy_vms", "vm_key"),
+    ("requests", "rowid"),
+    ("request_ports", "request_id, vm_idx, port_idx"),
+    ("tokens", "id"),
+    ("role_assignments", "id"),
+    ("audit", "seq"),
+    ("nsg_rules", "vm_key, name"),
+    ("enroll_tokens", "id"),
+    ("agent_status", "vm_key"),
+    ("exclusions", "id"),
+    ("blocked_attempts", "rowid"),
+    ("vm_verdicts", "vm_key"),
+];
+
+/// Copies an SQLite installation (the file at `path`, read-only) into an empty
+/// PostgreSQL database (its schema created if needed), all in one PostgreSQL
+/// transaction, then verifies the copy's audit chain and compares its head with the
+/// source's. Refuses a database that already holds an installation. Blocking.
+pub fn copy_sqlite_to_postgres(path: &Path, url: &str) -> Result<CopyReport> {
+    let from = sqlite::open_read_only(path)?;
+    let source = verify_connection(&from, None)?;
+    if !source.ok() {
+        return Err(StoreError::Corrupt(format!(
+            "the source's audit chain does not verify ({} problems); verify and repair it first",
+            source.problems.len()
+        )));
+    }
+    let to = pg::connect(&pg::config(url)?)?;
+    pg::migrate(&to)?;
+    let to: Box<dyn Db> = Box::new(to);
+    if to.exists("SELECT 1 FROM subscriptions", &[])? {
+        return Err(StoreError::Db(
+            "the PostgreSQL database already holds an installation; copy into an empty one".into(),
+        ));
+    }
+    to.batch("BEGIN")?;
+    let copied = (|| {
+        let mut tables = Vec::new();
+        for (table, order) in TABLES {
+            tables.push((*table, copy_table(&from, &*to, table, order)?));
+        }
+        Ok(tables)
+    })();
+    let tables = match copied {
+        Ok(t) => {
+            to.batch("COMMIT")?;
+            t
+        }
+        Err(e) => {
+            let _ = to.batch("ROLLBACK");
+            return Err(e);
+        }
+    };
+    let audit = verify_connection(&*to, None)?;
+    if !audit.ok() || audit.count != source.count || audit.head_hash != source.head_hash {
+        return Err(StoreError::Corrupt(format!(
+            "the copy's audit chain differs from the source's: {} events, head {} (source: {} events, head {}); problems: {:?}",
+            audit.count, audit.head_hash, source.count, source.head_hash, audit.problems
+        )));
+    }
+    Ok(CopyReport { tables, audit })
+}
+
+/// Copies one table's rows, a batch at a time, in `order`. Columns are the source's
+/// (SQLite's `pragma_table_info`), which the PostgreSQL schema has by the same names.
+fn copy_table(from: &dyn Db, to: &dyn Db, table: &str, order: &str) -> Result<u64> {
+    const BATCH: usize = 200;
+    let cols = from.all(
+        "SELECT name FROM pragma_table_info(?1) ORDER BY cid",
+        &[&table],
+        |r| r.get::<String>(0),
+    )?;
+    if cols.is_empty() {
+        return Err(StoreError::Db(format!("the source has no table {table}")));
+    }
+    let list = cols.join(", ");
+    let mut rows: Vec<Vec<db::Value>> = Vec::new();
+    let mut copied = 0u64;
+    let mut flush = |rows: &mut Vec<Vec<db::Value>>| -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let one = format!("({})", vec!["?"; cols.len()].join(", "));
+        let sql = format!(
+            "INSERT INTO {table}({list}) VALUES {}",
+            vec![one; rows.len()].join(", ")
+        );
+        let params: Vec<&dyn ToParam> = rows
+            .iter()
+            .flat_map(|r| r.iter().map(|v| v as &dyn ToParam))
+            .collect();
+        to.execute(&sql, &params)?;
+        copied += rows.len() as u64;
+        rows.clear();
+        Ok(())
+    };
+    let mut failed = None;
+    from.each(
+        &format!("SELECT {list} FROM {table} ORDER BY {order}"),
+        &[],
+        &mut |r| {
+            let row = (0..cols.len())
+                .map(|i| r.get::<db::Value>(i))
+                .collect::<Result<Vec<_>>>()?;
+            rows.push(row);
+            if rows.len() == BATCH
+                && let Err(e) = flush(&mut rows)
+            {
+                failed = Some(e);
+                return Err(StoreError::Db("copy stopped".into()));
+            }
+            Ok(())
+        },
+    )
+    .map_err(|e| failed.take().unwrap_or(e))?;
+    flush(&mut rows)?;
+    Ok(copied)
+}

@@ -234,11 +234,21 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
+/// Opens a database file read-only.
+pub(crate) fn open_read_only(path: &Path) -> Result<Connection> {
+    if !path.exists() {
+        return Err(StoreError::Db(format!("no database at {}", path.display())));
+    }
+    Ok(Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?)
+}
+
 /// Opens a database read-only and verifies its audit chain (`jitgate audit verify
 /// --data-dir`, which needs no running controller).
 pub fn verify_file(path: &Path, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    crate::verify_connection(&conn, anchors)
+    crate::verify_connection(&open_read_only(path)?, anchors)
 }
 
 fn bind<'a>(params: &'a [&'a dyn ToParam]) -> impl Iterator<Item = ToSqlOutput<'a>> + 'a {

@@ -103,3 +103,79 @@ async fn a_commit_rings_the_other_stores_doorbell() {
         .unwrap();
     assert_ne!(*bell.borrow(), seen);
 }
+
+// ---- moving an installation over ------------------------------------------------------
+
+/// An SQLite installation copied into PostgreSQL reads the same through the store, and
+/// its audit chain is intact (same events, same head); a second copy into the same
+/// database is refused and changes nothing.
+#[tokio::test]
+async fn an_sqlite_installation_moves_to_postgres_with_its_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jitgate.db");
+    let lite = SqlStore::open(&file).unwrap();
+    // A scene, 80 requests and their audit events.
+    jitgate_store::conformance::shared_writers_keep_one_chain(&lite, &lite).await;
+    let all = RequestFilter {
+        limit: 1_000,
+        ..Default::default()
+    };
+    let requests = lite.list_requests(&all).await.unwrap();
+    let chain = lite.verify_audit(None).await.unwrap();
+    let vms = lite
+        .find_vms(
+            SubscriptionId::parse(jitgate_store::conformance::SUB).unwrap(),
+            &VmFilter {
+                limit: 1_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    drop(lite);
+
+    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    let (f, url) = (file.clone(), db.url.clone());
+    let report =
+        tokio::task::spawn_blocking(move || jitgate_store_sql::copy_sqlite_to_postgres(&f, &url))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(report.audit.ok());
+    assert_eq!(report.audit.count, chain.count);
+    assert_eq!(report.audit.head_hash, chain.head_hash);
+    assert!(
+        report
+            .tables
+            .iter()
+            .any(|(t, n)| *t == "requests" && *n == 80)
+    );
+
+    let pg = open(&db).await;
+    assert_eq!(pg.list_requests(&all).await.unwrap(), requests);
+    let moved = pg
+        .find_vms(
+            SubscriptionId::parse(jitgate_store::conformance::SUB).unwrap(),
+            &VmFilter {
+                limit: 1_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, vms);
+    let verified = pg.verify_audit(None).await.unwrap();
+    assert_eq!(
+        (verified.count, verified.head_hash),
+        (chain.count, chain.head_hash.clone())
+    );
+
+    // Into a database that holds an installation: refused, nothing changed.
+    let (f, url) = (file.clone(), db.url.clone());
+    let again =
+        tokio::task::spawn_blocking(move || jitgate_store_sql::copy_sqlite_to_postgres(&f, &url))
+            .await
+            .unwrap();
+    assert!(again.is_err(), "{again:?}");
+    assert_eq!(pg.verify_audit(None).await.unwrap().count, chain.count);
+}

@@ -19,10 +19,37 @@ pub enum AdminCommand {
         #[arg(long)]
         audit_checkpoints: Option<PathBuf>,
     },
+    /// Copy a controller's installation (its embedded SQLite database) into an empty
+    /// PostgreSQL database, for controllers that share it (`serve --database`). Runs
+    /// with the controller stopped; the audit chain is verified on the copy. The data
+    /// directory is left as it was.
+    ///
+    /// Example: sudo jitgate admin migrate --from-data-dir /var/lib/jitgate --to postgres://jitgate@db/jitgate
+    Migrate {
+        #[arg(long)]
+        from_data_dir: PathBuf,
+        /// The PostgreSQL database (postgres://... or host=... dbname=...).
+        #[arg(long, env = "JITGATE_DATABASE_URL", hide_env_values = true)]
+        to: String,
+    },
 }
 
 pub async fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        AdminCommand::Migrate { from_data_dir, to } => {
+            let r = jitgate_controller::migrate_to_postgres(&from_data_dir, &to).await?;
+            for (table, rows) in &r.tables {
+                println!("{table:<18} {rows:>10} rows");
+            }
+            println!(
+                "audit chain verified on the copy: {} events, head {}",
+                r.audit.count, r.audit.head_hash
+            );
+            eprintln!(
+                "next: start the controller with --database (the same URL) and the same --data-dir"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         AdminCommand::Recover {
             data_dir,
             audit_checkpoints,

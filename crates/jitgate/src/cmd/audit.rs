@@ -39,8 +39,12 @@ pub enum AuditCommand {
     /// Example: jitgate audit verify --data-dir ./jitgate-data
     Verify {
         /// Verify the database in this data directory directly (no controller needed).
+        /// With --database, where a controller's checkpoints and public key are.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Verify this PostgreSQL database directly (controllers sharing it may run).
+        #[arg(long, env = "JITGATE_DATABASE_URL", hide_env_values = true)]
+        database: Option<String>,
         /// Signed checkpoints to check the chain against (with --data-dir)
         /// [default: <data-dir>/audit-checkpoints.jsonl].
         #[arg(long, requires = "data_dir")]
@@ -86,22 +90,41 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         AuditCommand::Show(a) => audit_show(a).await,
         AuditCommand::Verify {
             data_dir,
+            database,
             checkpoints,
             public_key,
             client,
         } => {
-            let (ok, events, head, problems) = match data_dir {
-                Some(dir) => {
-                    let db = dir.join(jitgate_controller::DB_FILE);
-                    if !db.exists() {
-                        bail!("no jitgate database at {}", db.display());
-                    }
-                    let anchors = offline_anchors(&dir, checkpoints, public_key)?;
-                    let r = jitgate_store_sql::verify_file(&db, anchors.as_ref())?;
+            let (ok, events, head, problems) = match (data_dir, database) {
+                (dir, database) if dir.is_some() || database.is_some() => {
+                    let anchors = match &dir {
+                        Some(dir) => offline_anchors(dir, checkpoints, public_key)?,
+                        None => None,
+                    };
+                    let (r, anchors) = match (database, dir) {
+                        (Some(url), _) => {
+                            tokio::task::spawn_blocking(move || {
+                                jitgate_store_sql::verify_postgres(&url, anchors.as_ref())
+                                    .map(|r| (r, anchors))
+                            })
+                            .await??
+                        }
+                        (None, Some(dir)) => {
+                            let db = dir.join(jitgate_controller::DB_FILE);
+                            if !db.exists() {
+                                bail!("no jitgate database at {}", db.display());
+                            }
+                            (
+                                jitgate_store_sql::verify_file(&db, anchors.as_ref())?,
+                                anchors,
+                            )
+                        }
+                        (None, None) => bail!("give --data-dir or --database"),
+                    };
                     let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
                     match (&anchors, r.anchored_at) {
                         (None, _) => eprintln!(
-                            "warning: no audit public key found: the chain was checked only against itself (give --public-key and --checkpoints)"
+                            "warning: no audit public key found: the chain was checked only against itself (give --data-dir, or --public-key and --checkpoints)"
                         ),
                         (Some(_), None) => eprintln!(
                             "warning: no signed checkpoint found: events at the end could have been deleted unnoticed"
@@ -112,7 +135,7 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
                     }
                     (r.ok(), r.count, r.head_hash, problems)
                 }
-                None => {
+                _ => {
                     let ses = Session::new(&client)?;
                     let v = ses
                         .c
