@@ -317,6 +317,27 @@ pub fn policy_out(p: &Policy, requests: &[AccessRequest]) -> PolicyOut {
 
 // ---- parameters ----------------------------------------------------------------------
 
+/// The caller's idempotency key: `Idempotency-Key`, else Azure's
+/// `x-ms-client-request-id` (its SDKs send the same one with every retry of a call).
+/// 1 to 128 visible ASCII characters.
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> ApiResult<Option<String>> {
+    for name in ["idempotency-key", "x-ms-client-request-id"] {
+        if let Some(v) = headers.get(name) {
+            let ok = v.to_str().ok().filter(|t| {
+                !t.is_empty() && t.len() <= 128 && t.bytes().all(|b| b.is_ascii_graphic())
+            });
+            return match ok {
+                Some(t) => Ok(Some(t.to_owned())),
+                None => Err(ApiError::bad_param(
+                    name,
+                    "must be 1 to 128 visible ASCII characters".to_owned(),
+                )),
+            };
+        }
+    }
+    Ok(None)
+}
+
 pub fn check_api_version(q: &HashMap<String, String>) -> ApiResult<()> {
     match q.get("api-version").map(String::as_str) {
         Some(API_VERSION) => Ok(()),
@@ -711,7 +732,9 @@ pub async fn delete(
 }
 
 #[utoipa::path(post, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}/{action}", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("action" = String, Path, description = "initiate")), request_body = InitiateIn,
+    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("action" = String, Path, description = "initiate"),
+        ("Idempotency-Key" = Option<String>, Header, max_length = 128, pattern = "^[!-~]{1,128}$", description = "A retry with the key of a request already made (by the same caller, within 24 hours) answers with that request and changes nothing"),
+        ("x-ms-client-request-id" = Option<String>, Header, max_length = 128, pattern = "^[!-~]{1,128}$", description = "Azure's SDKs' request id, used as the idempotency key when there is no Idempotency-Key")), request_body = InitiateIn,
     responses((status = 202, description = "Accepted: the ports open within milliseconds", body = RequestOut,
         headers(("x-jitgate-request-id" = String, description = "The request's id in the native API")))))]
 pub async fn initiate(
@@ -720,8 +743,10 @@ pub async fn initiate(
     CallerIp(ip): CallerIp,
     Path((sub, rg, loc, name, action)): Path<(String, String, String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<InitiateIn>,
 ) -> ApiResult<Response> {
+    let idempotency_key = idempotency_key(&headers)?;
     check_api_version(&q)?;
     let key = policy_key(&state, &sub, &rg, &loc, &name)?;
     if !action.eq_ignore_ascii_case("initiate") {
@@ -738,6 +763,7 @@ pub async fn initiate(
         requestor: principal.name.clone(),
         caller_ip: ip,
         assignments: principal.assignments.clone(),
+        idempotency_key,
     };
     let audit = principal.audit_ctx(ip, now);
     let request = state

@@ -1830,6 +1830,18 @@ impl Store for SqlStore {
         audit: AuditCtx,
     ) -> Result<AccessRequest, OpError<InitiateRefusal>> {
         self.write(move |ctx| {
+            // A retry of a request already made: the request made then, nothing new.
+            let window = i64::try_from(IDEMPOTENCY_WINDOW.as_nanos()).unwrap_or(i64::MAX);
+            if let Some(k) = &args.idempotency_key
+                && let Some(id) = ctx.tx.one(
+                    "SELECT request_id FROM idempotency WHERE requestor = ?1 AND key = ?2 AND created_ns > ?3",
+                    &[&args.requestor, k, &ns(audit.now).saturating_sub(window)],
+                    |r| r.get::<String>(0),
+                )?
+                && let Some(made) = load_requests(ctx.tx, &[id])?.pop()
+            {
+                return Ok(made);
+            }
             let Some((uid, policy)) = ctx.policy(&args.policy.key())? else {
                 return Err(OpError::Refused(InitiateRefusal::PolicyNotFound));
             };
@@ -1882,6 +1894,13 @@ impl Store for SqlStore {
                     "INSERT INTO requests(id, policy_uid, policy_key, requestor, justification, start_ns, caller_ip)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 &[&req.id.to_string(), &uid, &req.policy_key, &req.requestor, &req.justification, &ns(req.start), &req.caller_ip.to_string()])?;
+            if let Some(k) = &args.idempotency_key {
+                ctx.tx.execute(
+                    "INSERT INTO idempotency(requestor, key, request_id, created_ns) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(requestor, key) DO UPDATE SET request_id = excluded.request_id, created_ns = excluded.created_ns",
+                    &[&req.requestor, k, &req.id.to_string(), &ns(req.start)],
+                )?;
+            }
             for (i, vm) in req.vms.iter().enumerate() {
                 for (j, p) in vm.ports.iter().enumerate() {
                     let (status, reason) = status_cols(p.status);
@@ -2017,6 +2036,12 @@ impl Store for SqlStore {
                 source: "controller".into(),
                 now,
             };
+            // Idempotency keys are remembered for their window, no longer.
+            let window = i64::try_from(IDEMPOTENCY_WINDOW.as_nanos()).unwrap_or(i64::MAX);
+            ctx.tx.execute(
+                "DELETE FROM idempotency WHERE created_ns <= ?1",
+                &[&ns(now).saturating_sub(window)],
+            )?;
             revoke_where(
                 ctx,
                 &audit,

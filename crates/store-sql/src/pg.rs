@@ -21,7 +21,8 @@ use crate::db::{Db, Dialect, Param, Row, ToParam, Value, to_dollar_placeholders}
 /// The schema, one migration per step (`schema_version` holds how many were applied).
 /// Column types are those of the SQLite schema, with 64-bit integers and byte-order
 /// ("C") text comparison, so keys sort and page exactly as they do on SQLite.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 -- SQLite's instr(), which the audit query uses.
 CREATE FUNCTION instr(haystack TEXT, needle TEXT) RETURNS INTEGER
     LANGUAGE sql IMMUTABLE STRICT AS 'SELECT strpos(haystack, needle)';
@@ -210,7 +211,19 @@ CREATE INDEX vm_verdicts_counts ON vm_verdicts(subscription, rg_key, verdict, la
 CREATE INDEX vm_verdicts_page ON vm_verdicts(subscription, vm_key);
 CREATE INDEX vm_verdicts_rg_page ON vm_verdicts(subscription, rg_key, vm_key);
 ALTER TABLE agent_status ADD COLUMN facts TEXT COLLATE "C";
-"#];
+"#,
+    // Initiates retried with the same key (a lost answer, a failover) are not doubled.
+    r#"
+CREATE TABLE idempotency(
+    requestor TEXT COLLATE "C" NOT NULL,
+    key TEXT COLLATE "C" NOT NULL,
+    request_id TEXT COLLATE "C" NOT NULL,
+    created_ns BIGINT NOT NULL,
+    PRIMARY KEY(requestor, key)
+);
+CREATE INDEX idempotency_age ON idempotency(created_ns);
+"#,
+];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the
 /// migration lock (transaction-scoped, so it also works behind a pooling proxy).

@@ -208,6 +208,17 @@ CREATE INDEX vm_verdicts_page ON vm_verdicts(subscription, vm_key);
 CREATE INDEX vm_verdicts_rg_page ON vm_verdicts(subscription, rg_key, vm_key);
 ALTER TABLE agent_status ADD COLUMN facts TEXT;
 "#,
+    // Initiates retried with the same key (a lost answer, a failover) are not doubled.
+    r#"
+CREATE TABLE idempotency(
+    requestor TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    PRIMARY KEY(requestor, key)
+);
+CREATE INDEX idempotency_age ON idempotency(created_ns);
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

@@ -179,6 +179,7 @@ async fn populate(store: &SqlStore) -> u64 {
                     role: Role::Owner,
                     scope: jitgate_core::ids::Scope::Subscription(sub()),
                 }],
+                idempotency_key: None,
             },
             ctx(30),
         )
@@ -464,19 +465,19 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
         populate(&store).await;
     }
     {
-        // Back to the schema before the migration that added the name (and the three
-        // after it: VM pages, the list page indexes, stored verdicts).
+        // Back to the schema before the migration that added the name (and the four
+        // after it: VM pages, the list page indexes, stored verdicts, idempotency keys).
         let c = rusqlite::Connection::open(&path).unwrap();
         let version: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         c.execute_batch(&format!(
-            "DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts;
+            "DROP TABLE idempotency; DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts;
              DROP INDEX requests_page; DROP INDEX tokens_page; DROP INDEX role_assignments_page;
              DROP INDEX enroll_tokens_page; DROP INDEX exclusions_page;
              DROP INDEX vms_page; DROP INDEX vms_name; DROP INDEX vms_rg_page;
              ALTER TABLE vms DROP COLUMN name_key; PRAGMA user_version = {};",
-            version - 4
+            version - 5
         ))
         .unwrap();
     }
@@ -567,8 +568,8 @@ async fn verdicts_are_filled_in_for_an_older_database_and_follow_the_configurati
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         c.execute_batch(&format!(
-            "DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts; PRAGMA user_version = {};",
-            version - 1
+            "DROP TABLE idempotency; DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts; PRAGMA user_version = {};",
+            version - 2
         ))
         .unwrap();
     }
@@ -670,6 +671,7 @@ fn initiate_port(id: u128, port: i64) -> InitiateArgs {
             role: Role::Owner,
             scope: jitgate_core::ids::Scope::Subscription(sub()),
         }],
+        idempotency_key: None,
     }
 }
 

@@ -83,6 +83,7 @@ macro_rules! store_conformance_tests {
             initiate_never_supersedes_another_requestors_grant,
             initiate_refusals_change_nothing,
             initiate_with_a_duplicate_id_fails_cleanly,
+            initiate_retried_with_its_key_is_not_doubled,
             list_requests_filters,
             list_requests_pages_newest_first,
             lists_page_in_creation_order,
@@ -367,6 +368,7 @@ fn args(key: &PolicyKey, id: RequestId, vms: Vec<(&VmId, Vec<InitiatePortInput>)
         requestor: OWNER.into(),
         caller_ip: ip("10.0.0.9"),
         assignments: owner_assignments(),
+        idempotency_key: None,
     }
 }
 
@@ -5296,4 +5298,55 @@ pub async fn shared_expiry_happens_once(a: &dyn Store, b: &dyn Store) {
     assert_eq!(events.len(), 30, "each expiry audited once");
     assert!(events.iter().all(|e| e.entry.action == "request.expire"));
     assert_eq!(a.count_live_grants(at(3_600)).await.unwrap(), 0);
+}
+
+/// An initiate retried with the key it was made with (a lost answer) returns the
+/// request made then and changes nothing; another requestor's key of the same text,
+/// or the same requestor's other key, makes a new request.
+pub async fn initiate_retried_with_its_key_is_not_doubled(store: &dyn Store) {
+    let s = scene(store).await;
+    let keyed = |id: u128, requestor: &str, key: &str| InitiateArgs {
+        requestor: requestor.into(),
+        assignments: assignment(requestor, Role::JitRequester, Scope::Subscription(sub())),
+        idempotency_key: Some(key.into()),
+        ..args(
+            &s.key,
+            rid(id),
+            vec![(&s.vm1, vec![want(22, Some("10.7.0.1"), "PT1H")])],
+        )
+    };
+    let first = store
+        .initiate(keyed(1, "bob", "k-1"), ctx_as("bob", at(60)))
+        .await
+        .unwrap();
+    let before = snapshot(store).await;
+    // The retry has a new id (a new call) but the same key.
+    let again = store
+        .initiate(keyed(2, "bob", "k-1"), ctx_as("bob", at(61)))
+        .await
+        .unwrap();
+    assert_eq!(
+        again, first,
+        "the retry answers with the request made first"
+    );
+    assert_eq!(snapshot(store).await, before, "and changes nothing");
+    // Another requestor with the same key text, and another key: new requests.
+    let carol = store
+        .initiate(keyed(3, "carol", "k-1"), ctx_as("carol", at(62)))
+        .await
+        .unwrap();
+    assert_eq!(carol.id, rid(3));
+    let other = store
+        .initiate(keyed(4, "bob", "k-2"), ctx_as("bob", at(63)))
+        .await
+        .unwrap();
+    assert_eq!(other.id, rid(4));
+    // Past the window the key is forgotten (an expiry pass prunes it).
+    let later = at(60 + IDEMPOTENCY_WINDOW.as_secs() as i64 + 1);
+    store.expire_due(later).await.unwrap();
+    let fresh = store
+        .initiate(keyed(5, "bob", "k-1"), ctx_as("bob", later))
+        .await
+        .unwrap();
+    assert_eq!(fresh.id, rid(5));
 }

@@ -145,7 +145,15 @@ pub struct InitiateArgs {
     pub caller_ip: IpAddr,
     /// The caller's role assignments: the initiate action is checked per VM.
     pub assignments: Vec<RoleAssignment>,
+    /// The client's key for this request (`Idempotency-Key`, or Azure's
+    /// `x-ms-client-request-id`): an initiate by the same requestor with a key seen in
+    /// the last [`IDEMPOTENCY_WINDOW`] returns the request made then and changes
+    /// nothing, so a retry after an unknown outcome (a failover) is never doubled.
+    pub idempotency_key: Option<String>,
 }
+
+/// How long an initiate's idempotency key is remembered.
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InitiateRefusal {

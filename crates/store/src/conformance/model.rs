@@ -1556,6 +1556,7 @@ async fn on(store: &dyn Store, model: &State, step: Step) -> Outcome {
                 requestor: who.name().into(),
                 caller_ip: caller.ip(),
                 assignments: who.assignments(),
+                idempotency_key: None,
             };
             match store.initiate(args, ctx_as(who.name(), now)).await {
                 Ok(r) => Outcome::Initiated(view(&r)),
