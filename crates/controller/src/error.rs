@@ -112,6 +112,21 @@ impl From<StoreError> for ApiError {
                 e.retry_after = Some(BUSY_RETRY_AFTER_SECS);
                 e
             }
+            // The database is unreachable for now (a failover): nothing this call
+            // asked may have been done, or it may; a retry with the same idempotency
+            // key settles which.
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "the database is unavailable");
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "DatabaseUnavailable",
+                    format!(
+                        "the controller cannot reach its database now; retry in {BUSY_RETRY_AFTER_SECS} s (an initiate with the same Idempotency-Key is never made twice)"
+                    ),
+                );
+                e.retry_after = Some(BUSY_RETRY_AFTER_SECS);
+                e
+            }
             e => ApiError::internal(e),
         }
     }

@@ -616,6 +616,9 @@ fn writer_loop(
         for f in finishes {
             f(match &result {
                 Ok(()) => Ok(()),
+                // A lost database stays "unavailable" for every caller of the group:
+                // their writes may or may not have committed, and a retry may succeed.
+                Err(StoreError::Unavailable(m)) => Err(StoreError::Unavailable(m.clone())),
                 Err(e) => Err(StoreError::Db(e.to_string())),
             });
         }

@@ -289,8 +289,28 @@ pub(crate) fn migrate(db: &dyn Db) -> Result<()> {
     }
 }
 
-/// A PostgreSQL error as the store reports it: the server's code and message.
+/// A PostgreSQL error as the store reports it: the server's code and message. Lost
+/// connections, a server shutting down or read-only (a standby), and serialization
+/// failures are `Unavailable`: retried, they may succeed.
 fn pg_err(e: postgres::Error) -> StoreError {
+    let transient = match e.code() {
+        Some(c) => {
+            let c = c.code();
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || matches!(c, "25006" | "40001" | "40P01" | "53300")
+        }
+        None => e.is_closed() || e.as_db_error().is_none(),
+    };
+    if transient {
+        return StoreError::Unavailable(match e.as_db_error() {
+            Some(d) => format!("PostgreSQL {}: {}", d.code().code(), d.message()),
+            None => format!(
+                "PostgreSQL: {e}{}",
+                e.source().map(|s| format!(": {s}")).unwrap_or_default()
+            ),
+        });
+    }
     match e.as_db_error() {
         Some(d) => StoreError::Db(format!(
             "PostgreSQL {}: {}{}",

@@ -39,6 +39,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is shut down")]
     Closed,
+    /// The database cannot be reached now (connection lost, a standby not yet
+    /// promoted): retry shortly. A write that failed so may or may not have been
+    /// committed; retry it with the same idempotency key.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     /// The write queue is full: the write was not queued and changed nothing; retry
     /// shortly.
     #[error("the write queue is full ({queued} writes waiting); retry shortly")]
