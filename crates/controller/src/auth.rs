@@ -225,7 +225,11 @@ pub fn is_public(path: &str) -> bool {
     // Enrollment authenticates with the enrollment token in its body.
     matches!(
         path,
-        "/api/v1/health" | "/metrics" | "/api/v1/openapi.json" | "/api/v1/agent/enroll"
+        "/api/v1/health"
+            | "/api/v1/health/live"
+            | "/metrics"
+            | "/api/v1/openapi.json"
+            | "/api/v1/agent/enroll"
     )
 }
 

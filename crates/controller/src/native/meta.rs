@@ -10,7 +10,9 @@ use crate::AppState;
 use crate::auth::{CallerIp, Principal};
 use crate::error::ApiResult;
 
-/// Whether the controller and its store answer. No token needed.
+/// Readiness: whether the controller and its database answer (503 while the database
+/// is unreachable, for example during a failover). A load balancer sends calls only
+/// to replicas that are ready. No token needed.
 #[utoipa::path(get, path = "/api/v1/health", tag = "service",
     responses((status = 200, description = "The store answers", body = Health)))]
 pub async fn health(State(state): State<AppState>) -> ApiResult<Json<Health>> {
@@ -19,6 +21,18 @@ pub async fn health(State(state): State<AppState>) -> ApiResult<Json<Health>> {
         status: "ok".to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     }))
+}
+
+/// Liveness: the process answers, whatever its database does (restart it only when
+/// this fails; a database outage is not cured by restarting controllers). No token
+/// needed.
+#[utoipa::path(get, path = "/api/v1/health/live", tag = "service",
+    responses((status = 200, description = "The process answers", body = Health)))]
+pub async fn live() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
 }
 
 /// Prometheus metrics (OpenMetrics text). No token needed.

@@ -23,6 +23,7 @@ use crate::AppState;
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(meta::health))
+        .routes(routes!(meta::live))
         .routes(routes!(meta::metrics))
         .routes(routes!(meta::openapi))
         .routes(routes!(meta::whoami))

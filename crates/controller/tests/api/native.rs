@@ -417,6 +417,8 @@ async fn every_operation_answers_as_documented() {
     let q = "?api-version=2020-01-01";
     // Service.
     ctl.call(Method::GET, "/api/v1/health", None, None).await;
+    ctl.call(Method::GET, "/api/v1/health/live", None, None)
+        .await;
     ctl.call(Method::GET, "/metrics", None, None).await;
     ctl.call(Method::GET, "/api/v1/openapi.json", None, None)
         .await;
@@ -819,6 +821,7 @@ fn the_document_marks_exactly_the_public_paths() {
         [
             "/api/v1/agent/enroll",
             "/api/v1/health",
+            "/api/v1/health/live",
             "/api/v1/openapi.json",
             "/metrics"
         ]
