@@ -3388,6 +3388,17 @@ fn copy_table(from: &dyn Db, to: &dyn Db, table: &str, order: &str) -> Result<u6
     if cols.is_empty() {
         return Err(StoreError::Db(format!("the source has no table {table}")));
     }
+    // The names go into SQL: a file someone tampered with must not bring its own.
+    if let Some(bad) = cols.iter().find(|c| {
+        c.is_empty()
+            || !c
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }) {
+        return Err(StoreError::Corrupt(format!(
+            "the source's table {table} has a column named {bad:?}, which no jitgate schema has"
+        )));
+    }
     let list = cols.join(", ");
     let mut rows: Vec<Vec<db::Value>> = Vec::new();
     let mut copied = 0u64;

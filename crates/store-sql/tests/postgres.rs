@@ -179,3 +179,33 @@ async fn an_sqlite_installation_moves_to_postgres_with_its_chain() {
     assert!(again.is_err(), "{again:?}");
     assert_eq!(pg.verify_audit(None).await.unwrap().count, chain.count);
 }
+
+/// A source file someone tampered with cannot bring SQL of its own into the copy
+/// through a column name: refused, and nothing is copied.
+#[tokio::test]
+async fn a_tampered_source_cannot_inject_sql_through_a_column_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jitgate.db");
+    let lite = SqlStore::open(&file).unwrap();
+    jitgate_store::conformance::shared_expiry_happens_once(&lite, &lite).await;
+    drop(lite);
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute_batch(r#"ALTER TABLE vms ADD COLUMN "name_key) SELECT 1; --" TEXT"#)
+        .unwrap();
+    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    let (f, url) = (file.clone(), db.url.clone());
+    let r =
+        tokio::task::spawn_blocking(move || jitgate_store_sql::copy_sqlite_to_postgres(&f, &url))
+            .await
+            .unwrap();
+    assert!(
+        matches!(&r, Err(StoreError::Corrupt(m)) if m.contains("column")),
+        "{r:?}"
+    );
+    let pg = open(&db).await;
+    assert!(
+        pg.subscriptions().await.unwrap().is_empty(),
+        "nothing was copied"
+    );
+}
