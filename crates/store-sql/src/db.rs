@@ -189,6 +189,20 @@ pub trait Db {
     ) -> Result<()>;
     /// Runs statements without parameters (`BEGIN`, DDL, `SAVEPOINT`).
     fn batch(&self, sql: &str) -> Result<()>;
+    /// Runs a statement whose result nobody reads. An engine may hold it and send it
+    /// with the next round trip (its error then surfaces there, or at [`Db::flush`]);
+    /// the order of statements is kept.
+    fn defer(&self, sql: &str, params: &[&dyn ToParam]) -> Result<()> {
+        self.execute(sql, params).map(|_| ())
+    }
+    /// [`Db::batch`], deferred like [`Db::defer`].
+    fn defer_batch(&self, sql: &str) -> Result<()> {
+        self.batch(sql)
+    }
+    /// Sends what was deferred and waits for it.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
     /// False once the connection is known to be lost (it is then replaced).
     fn healthy(&self) -> bool {
         true

@@ -457,7 +457,7 @@ impl WriteCtx<'_> {
             .map_err(|e| StoreError::Db(format!("audit time '{}': {e}", entry.time)))?;
         let rec = audit::link(self.tail.seq, &self.tail.hash, entry);
         self.tx
-            .execute(
+            .defer(
                 "INSERT INTO audit(seq, time, time_ns, actor, source, action, target, outcome, details, prev_hash, hash)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             &[&(rec.seq as i64), &rec.entry.time, &time_ns, &rec.entry.actor, &rec.entry.source, &rec.entry.action, &rec.entry.target, &rec.entry.outcome.as_str(), &rec.entry.details, &rec.prev_hash, &rec.hash])?;
@@ -525,7 +525,8 @@ fn load_tail(conn: &dyn Db) -> Result<ChainTail> {
 /// PostgreSQL locks the one row of `write_lock` (a row lock, not an advisory lock, so
 /// it also works behind a transaction-pooling proxy).
 fn begin_write(db: &dyn Db) -> Result<()> {
-    db.batch(match db.dialect() {
+    // Deferred: it goes out with the first read of the transaction (the chain's tail).
+    db.defer_batch(match db.dialect() {
         Dialect::Sqlite => "BEGIN IMMEDIATE",
         Dialect::Postgres => "BEGIN; SELECT id FROM write_lock WHERE id = 1 FOR UPDATE",
     })
@@ -566,7 +567,7 @@ fn writer_loop(
             // (COMMIT releases the last).
             let mut savepoint = "SAVEPOINT job";
             for job in jobs.drain(..) {
-                db.batch(savepoint)?;
+                db.defer_batch(savepoint)?;
                 savepoint = "RELEASE SAVEPOINT job; SAVEPOINT job";
                 let before = tail.clone();
                 let looked_up = policies.looked_up.len();
@@ -580,6 +581,8 @@ fn writer_loop(
                     job(&mut ctx)
                 };
                 if !ok {
+                    // What the refused job left waiting is undone with it.
+                    let _ = db.flush();
                     db.batch("ROLLBACK TO SAVEPOINT job")?;
                     tail = before;
                     policies.forget_since(looked_up);
@@ -825,7 +828,7 @@ fn refresh_verdicts(ctx: &mut WriteCtx<'_>, keys: &[String]) -> Result<()> {
             }
         };
         ctx.tx
-            .execute(
+            .defer(
                 "INSERT INTO vm_verdicts(vm_key, subscription, rg_key, verdict, reason, exposed, listening, last_seen_ns, excluded)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT(vm_key) DO UPDATE SET subscription = excluded.subscription, rg_key = excluded.rg_key,
@@ -1126,7 +1129,8 @@ impl SqlStore {
     {
         let (tx, rx) = oneshot::channel::<Result<T, OpError<E>>>();
         let job: Job = Box::new(move |ctx| {
-            let r = f(ctx);
+            // A deferred statement's failure is this job's.
+            let r = f(ctx).and_then(|v| ctx.tx.flush().map(|()| v).map_err(OpError::Store));
             let ok = r.is_ok();
             let finish: Finish = Box::new(move |committed: Result<()>| {
                 let out = match committed {
@@ -1410,7 +1414,7 @@ fn revoke_where(
     };
     let mut out = Vec::with_capacity(rows.len());
     for (req, vm_idx, port_idx, vm_id, number, source, end_ns) in rows {
-        ctx.tx.execute(
+        ctx.tx.defer(
             "UPDATE request_ports SET status = 'Revoked', reason = ?4
                  WHERE request_id = ?1 AND vm_idx = ?2 AND port_idx = ?3",
             &[&req, &vm_idx, &port_idx, &reason.as_str()],
@@ -1893,12 +1897,12 @@ impl Store for SqlStore {
             }
             let req = &plan.request;
             ctx.tx
-                .execute(
+                .defer(
                     "INSERT INTO requests(id, policy_uid, policy_key, requestor, justification, start_ns, caller_ip)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 &[&req.id.to_string(), &uid, &req.policy_key, &req.requestor, &req.justification, &ns(req.start), &req.caller_ip.to_string()])?;
             if let Some(k) = &args.idempotency_key {
-                ctx.tx.execute(
+                ctx.tx.defer(
                     "INSERT INTO idempotency(requestor, key, request_id, created_ns) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(requestor, key) DO UPDATE SET request_id = excluded.request_id, created_ns = excluded.created_ns",
                     &[&req.requestor, k, &req.id.to_string(), &ns(req.start)],
@@ -1907,7 +1911,7 @@ impl Store for SqlStore {
             for (i, vm) in req.vms.iter().enumerate() {
                 for (j, p) in vm.ports.iter().enumerate() {
                     let (status, reason) = status_cols(p.status);
-                    ctx.tx.execute(
+                    ctx.tx.defer(
                         "INSERT INTO request_ports(request_id, vm_idx, port_idx, vm_key, vm_id, number, protocol, source, end_ns, status, reason)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                         &[

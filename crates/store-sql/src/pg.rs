@@ -11,8 +11,9 @@ use std::error::Error;
 use std::str::FromStr;
 use std::time::Duration;
 
-use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use postgres::{Client, Config, NoTls, Statement};
+use futures_util::TryStreamExt;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Client, Config, NoTls, Statement};
 
 use jitgate_store::{Result, StoreError};
 
@@ -246,10 +247,21 @@ pub(crate) fn config(url: &str) -> Result<Config> {
 }
 
 pub(crate) fn connect(config: &Config) -> Result<PgDb> {
-    let client = config.connect(NoTls).map_err(pg_err)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::Db(format!("cannot start a runtime for PostgreSQL: {e}")))?;
+    let (client, connection) = rt.block_on(config.connect(NoTls)).map_err(pg_err)?;
+    // Driven whenever this connection's runtime runs (each call blocks on it).
+    rt.spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "a PostgreSQL connection ended");
+        }
+    });
     Ok(PgDb {
-        client: Some(RefCell::new(client)),
+        inner: Some((rt, client)),
         statements: RefCell::new(HashMap::new()),
+        pending: RefCell::new(Vec::new()),
     })
 }
 
@@ -292,7 +304,7 @@ pub(crate) fn migrate(db: &dyn Db) -> Result<()> {
 /// A PostgreSQL error as the store reports it: the server's code and message. Lost
 /// connections, a server shutting down or read-only (a standby), and serialization
 /// failures are `Unavailable`: retried, they may succeed.
-fn pg_err(e: postgres::Error) -> StoreError {
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
     let transient = match e.code() {
         Some(c) => {
             let c = c.code();
@@ -352,6 +364,7 @@ impl Drop for Changes {
 /// Starts listening (the first connection is made before returning, so a bad
 /// database fails the start, not a thread later).
 pub(crate) fn listen(config: Config) -> Result<Changes> {
+    let config = postgres::Config::from(config);
     use std::sync::atomic::Ordering;
     let (tx, _) = tokio::sync::watch::channel(0u64);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -369,7 +382,7 @@ pub(crate) fn listen(config: Config) -> Result<Changes> {
             while !stopped.load(Ordering::Acquire) {
                 let Some(c) = client.as_mut() else {
                     std::thread::sleep(Duration::from_secs(1));
-                    match config.connect(NoTls).and_then(|mut c| {
+                    match config.connect(postgres::NoTls).and_then(|mut c| {
                         c.batch_execute("LISTEN jitgate_changes")?;
                         Ok(c)
                     }) {
@@ -378,7 +391,7 @@ pub(crate) fn listen(config: Config) -> Result<Changes> {
                             // Whatever was sent meanwhile was lost: catch up.
                             bell.send_modify(|n| *n += 1);
                         }
-                        Err(e) => tracing::warn!(error = %pg_err(e), "cannot listen for other controllers' changes; retrying"),
+                        Err(e) => tracing::warn!(error = %e, "cannot listen for other controllers' changes; retrying"),
                     }
                     continue;
                 };
@@ -396,7 +409,7 @@ pub(crate) fn listen(config: Config) -> Result<Changes> {
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            tracing::warn!(error = %pg_err(e), "lost the connection that listens for other controllers' changes");
+                            tracing::warn!(error = %e, "lost the connection that listens for other controllers' changes");
                             lost = true;
                         }
                     }
@@ -413,29 +426,40 @@ pub(crate) fn listen(config: Config) -> Result<Changes> {
     Ok(Changes { tx, stop })
 }
 
-/// One connection.
+/// A statement sent with the next round trip, whose result nobody reads.
+enum Pending {
+    /// Statements without parameters (`SAVEPOINT`).
+    Batch(String),
+    Statement(Statement, Vec<Value>),
+}
+
+/// One connection: tokio-postgres on a runtime of its own, driven from the store's
+/// threads (each call blocks on it). Statements whose results nobody reads
+/// ([`Db::defer`]) wait and go out pipelined with the next round trip, so a write
+/// costs about one round trip per statement whose answer it needs.
 pub(crate) struct PgDb {
     /// `None` only while being dropped.
-    client: Option<RefCell<Client>>,
+    inner: Option<(tokio::runtime::Runtime, Client)>,
     statements: RefCell<HashMap<String, Statement>>,
+    pending: RefCell<Vec<Pending>>,
 }
 
 impl PgDb {
-    fn client(&self) -> std::cell::RefMut<'_, Client> {
+    fn parts(&self) -> (&tokio::runtime::Runtime, &Client) {
         #[allow(clippy::expect_used)]
-        self.client
-            .as_ref()
-            .expect("a live connection")
-            .borrow_mut()
+        let (rt, client) = self.inner.as_ref().expect("a live connection");
+        (rt, client)
     }
 
     fn statement(&self, sql: &str) -> Result<Statement> {
         if let Some(st) = self.statements.borrow().get(sql) {
             return Ok(st.clone());
         }
-        let st = self
-            .client()
-            .prepare(&to_dollar_placeholders(sql))
+        // Preparing is a round trip of its own: send what waits first, in order.
+        self.flush()?;
+        let (rt, client) = self.parts();
+        let st = rt
+            .block_on(client.prepare(&to_dollar_placeholders(sql)))
             .map_err(|e| match pg_err(e) {
                 StoreError::Db(m) => StoreError::Db(format!("{m}, in: {}", sql.trim())),
                 other => other,
@@ -448,19 +472,67 @@ impl PgDb {
         cache.insert(sql.to_owned(), st.clone());
         Ok(st)
     }
+
+    /// Sends what waits, in order, all at once; resolves when every answer is in.
+    async fn send_pending(client: &Client, pending: Vec<Pending>) -> Result<()> {
+        let bound: Vec<(Option<Statement>, Option<String>, Vec<PgValue>)> = pending
+            .into_iter()
+            .map(|p| match p {
+                Pending::Batch(sql) => (None, Some(sql), Vec::new()),
+                Pending::Statement(st, vals) => {
+                    (Some(st), None, vals.into_iter().map(PgValue).collect())
+                }
+            })
+            .collect();
+        let all = bound.iter().map(|(st, sql, vals)| async move {
+            match (st, sql) {
+                (Some(st), _) => client
+                    .execute_raw(st, vals.iter().map(|v| v as &dyn ToSql))
+                    .await
+                    .map(|_| ()),
+                (None, Some(sql)) => client.batch_execute(sql).await,
+                (None, None) => Ok(()),
+            }
+        });
+        futures_util::future::try_join_all(all)
+            .await
+            .map(|_| ())
+            .map_err(pg_err)
+    }
 }
 
 impl Drop for PgDb {
     fn drop(&mut self) {
-        // The synchronous client owns a small runtime, which must not be dropped on
-        // an async thread: a store dropped there closes its connections elsewhere.
+        // A runtime must not be dropped on an async thread: a store dropped there
+        // closes its connections elsewhere.
         self.statements.get_mut().clear();
-        if let Some(c) = self.client.take()
+        self.pending.get_mut().clear();
+        if let Some(inner) = self.inner.take()
             && tokio::runtime::Handle::try_current().is_ok()
         {
-            std::thread::spawn(move || drop(c));
+            std::thread::spawn(move || drop(inner));
         }
     }
+}
+
+/// An owned parameter (of a deferred statement), bound like [`PgParam`].
+#[derive(Debug)]
+struct PgValue(Value);
+
+impl ToSql for PgValue {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn Error + Sync + Send>> {
+        PgParam(self.0.param()).to_sql(ty, out)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
 }
 
 /// A parameter bound to whatever type PostgreSQL inferred for its placeholder.
@@ -498,9 +570,9 @@ impl ToSql for PgParam<'_> {
     to_sql_checked!();
 }
 
-fn value(row: &postgres::Row, i: usize) -> Result<Value> {
+fn value(row: &tokio_postgres::Row, i: usize) -> Result<Value> {
     let ty = row.columns()[i].type_();
-    let get_err = |e: postgres::Error| StoreError::Corrupt(format!("column {i}: {e}"));
+    let get_err = |e: tokio_postgres::Error| StoreError::Corrupt(format!("column {i}: {e}"));
     Ok(match *ty {
         Type::INT8 => row
             .try_get::<_, Option<i64>>(i)
@@ -542,9 +614,16 @@ impl Db for PgDb {
     fn execute(&self, sql: &str, params: &[&dyn ToParam]) -> Result<u64> {
         let st = self.statement(sql)?;
         let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(p.param())).collect();
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        self.client().execute(&st, &refs).map_err(pg_err)
+        let pending = self.pending.take();
+        let (rt, client) = self.parts();
+        rt.block_on(async {
+            let (before, this) = tokio::join!(
+                Self::send_pending(client, pending),
+                client.execute_raw(&st, bound.iter().map(|p| p as &dyn ToSql))
+            );
+            before?;
+            this.map_err(pg_err)
+        })
     }
 
     fn each(
@@ -553,27 +632,73 @@ impl Db for PgDb {
         params: &[&dyn ToParam],
         each: &mut dyn FnMut(&mut Row) -> Result<()>,
     ) -> Result<()> {
-        use postgres::fallible_iterator::FallibleIterator;
         let st = self.statement(sql)?;
         let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(p.param())).collect();
-        let mut client = self.client();
-        let mut rows = client.query_raw(&st, bound.iter()).map_err(pg_err)?;
-        while let Some(r) = rows.next().map_err(pg_err)? {
-            let cols = (0..r.len())
-                .map(|i| value(&r, i))
-                .collect::<Result<Vec<_>>>()?;
-            each(&mut Row::new(cols))?;
-        }
-        Ok(())
+        let pending = self.pending.take();
+        let (rt, client) = self.parts();
+        rt.block_on(async {
+            let (before, rows) = tokio::join!(
+                Self::send_pending(client, pending),
+                client.query_raw(&st, bound.iter().map(|p| p as &dyn ToSql))
+            );
+            before?;
+            let rows = rows.map_err(pg_err)?;
+            futures_util::pin_mut!(rows);
+            while let Some(r) = rows.try_next().await.map_err(pg_err)? {
+                let cols = (0..r.len())
+                    .map(|i| value(&r, i))
+                    .collect::<Result<Vec<_>>>()?;
+                each(&mut Row::new(cols))?;
+            }
+            Ok(())
+        })
     }
 
     fn batch(&self, sql: &str) -> Result<()> {
-        self.client().batch_execute(sql).map_err(pg_err)
+        let pending = self.pending.take();
+        let (rt, client) = self.parts();
+        rt.block_on(async {
+            let (before, this) = tokio::join!(
+                Self::send_pending(client, pending),
+                client.batch_execute(sql)
+            );
+            before?;
+            this.map_err(pg_err)
+        })
+    }
+
+    fn defer(&self, sql: &str, params: &[&dyn ToParam]) -> Result<()> {
+        let st = self.statement(sql)?;
+        let vals = params
+            .iter()
+            .map(|p| match p.param() {
+                Param::Null => Value::Null,
+                Param::Int(i) => Value::Int(i),
+                Param::Text(t) => Value::Text(t.to_owned()),
+                Param::Blob(b) => Value::Blob(b.to_vec()),
+            })
+            .collect();
+        self.pending.borrow_mut().push(Pending::Statement(st, vals));
+        Ok(())
+    }
+
+    fn defer_batch(&self, sql: &str) -> Result<()> {
+        self.pending
+            .borrow_mut()
+            .push(Pending::Batch(sql.to_owned()));
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        let pending = self.pending.take();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (rt, client) = self.parts();
+        rt.block_on(Self::send_pending(client, pending))
     }
 
     fn healthy(&self) -> bool {
-        self.client
-            .as_ref()
-            .is_some_and(|c| !c.borrow().is_closed())
+        self.inner.as_ref().is_some_and(|(_, c)| !c.is_closed())
     }
 }
