@@ -23,18 +23,7 @@ pub async fn run(agents: usize, grants: usize) -> anyhow::Result<()> {
     let port = lab::free_port([127, 0, 0, 1].into())?;
     let (ctl, base, sub) =
         lab::controller(SocketAddr::from(([127, 0, 0, 1], port)), &dir, &http).await?;
-    let et: serde_json::Value = http
-        .post(format!("{base}/api/v1/enrollTokens"))
-        .bearer_auth(BENCH_TOKEN)
-        .json(&json!({"uses": agents}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let et = et["token"]
-        .as_str()
-        .context("no enrollment token")?
-        .to_owned();
+    let et = lab::enroll_token(&http, &base, agents).await?;
 
     // Enroll every simulated agent (16 at a time).
     let mut tokens: Vec<(String, String)> = Vec::with_capacity(agents);

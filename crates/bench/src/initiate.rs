@@ -35,42 +35,7 @@ pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> a
     for c in 0..clients {
         let (http, base, sub) = (http.clone(), base.clone(), sub.clone());
         tasks.push(tokio::spawn(async move {
-            let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            let mut n: u64 = 0;
-            // A small deterministic generator: each client walks VMs and sources.
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (c as u64);
-            while Instant::now() < deadline {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let vm = (x % vms as u64) as usize;
-                let g = vm / VMS_PER_RG;
-                let src = format!("10.{}.{}.{}", (x >> 16) & 255, (x >> 24) & 255, (x >> 32) & 255);
-                let body = json!({
-                    "virtualMachines": [{
-                        "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{vm}"),
-                        "ports": [{"number": 22, "allowedSourceAddressPrefix": src, "duration": "PT1H"}]
-                    }],
-                    "justification": "bench"
-                });
-                let t = Instant::now();
-                let r = http
-                    .post(format!(
-                        "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default/initiate?api-version=2020-01-01"
-                    ))
-                    .bearer_auth(BENCH_TOKEN)
-                    .json(&body)
-                    .send()
-                    .await?;
-                let status = r.status();
-                let _ = r.bytes().await?;
-                if status.as_u16() != 202 {
-                    bail!("initiate answered {status}");
-                }
-                hist.record(t.elapsed().as_micros().max(1) as u64)?;
-                n += 1;
-            }
-            anyhow::Ok((n, hist))
+            drive(&http, &base, &sub, vms, c, deadline).await
         }));
     }
     let started = Instant::now();
@@ -113,6 +78,69 @@ pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> a
         None => println!("  controller peak RSS: unavailable (/proc not readable)"),
     }
     drop(child);
+    Ok(())
+}
+
+/// One client's initiates until `deadline`: a small deterministic generator walks VMs
+/// and sources (client `c` its own walk). Returns how many and their latencies.
+pub async fn drive(
+    http: &reqwest::Client,
+    base: &str,
+    sub: &str,
+    vms: usize,
+    c: usize,
+    deadline: Instant,
+) -> anyhow::Result<(u64, hdrhistogram::Histogram<u64>)> {
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut n: u64 = 0;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (c as u64);
+    while Instant::now() < deadline {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let vm = (x % vms as u64) as usize;
+        let src = format!(
+            "10.{}.{}.{}",
+            (x >> 16) & 255,
+            (x >> 24) & 255,
+            (x >> 32) & 255
+        );
+        let t = Instant::now();
+        initiate_one(http, base, sub, vm, &src).await?;
+        hist.record(t.elapsed().as_micros().max(1) as u64)?;
+        n += 1;
+    }
+    Ok((n, hist))
+}
+
+/// Initiates port 22 of `vm-<vm>` from `src` for an hour; fails unless answered 202.
+pub async fn initiate_one(
+    http: &reqwest::Client,
+    base: &str,
+    sub: &str,
+    vm: usize,
+    src: &str,
+) -> anyhow::Result<()> {
+    let g = vm / VMS_PER_RG;
+    let r = http
+        .post(format!(
+            "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default/initiate?api-version=2020-01-01"
+        ))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({
+            "virtualMachines": [{
+                "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{vm}"),
+                "ports": [{"number": 22, "allowedSourceAddressPrefix": src, "duration": "PT1H"}]
+            }],
+            "justification": "bench"
+        }))
+        .send()
+        .await?;
+    let status = r.status();
+    let body = r.text().await?;
+    if status.as_u16() != 202 {
+        bail!("initiate answered {status}: {body}");
+    }
     Ok(())
 }
 

@@ -235,6 +235,26 @@ pub async fn controller_with(
     }
 }
 
+/// A new enrollment token for `uses` agents, through the API.
+pub async fn enroll_token(
+    http: &reqwest::Client,
+    base: &str,
+    uses: usize,
+) -> anyhow::Result<String> {
+    let et: serde_json::Value = http
+        .post(format!("{base}/api/v1/enrollTokens"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&serde_json::json!({ "uses": uses }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(et["token"]
+        .as_str()
+        .context("no enrollment token")?
+        .to_owned())
+}
+
 pub fn free_port(ip: std::net::IpAddr) -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }

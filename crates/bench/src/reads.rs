@@ -211,15 +211,7 @@ async fn report_agents(http: &reqwest::Client, base: &str, vms: usize) -> anyhow
     if agents == 0 {
         return Ok(0);
     }
-    let et: Value = http
-        .post(format!("{base}/api/v1/enrollTokens"))
-        .bearer_auth(BENCH_TOKEN)
-        .json(&json!({"uses": agents}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let et = et["token"].as_str().unwrap_or_default().to_owned();
+    let et = super::lab::enroll_token(http, base, agents).await?;
     for chunk in (0..agents).collect::<Vec<_>>().chunks(16) {
         let mut tasks = Vec::new();
         for &n in chunk {

@@ -91,26 +91,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let (http, base, sub) = (http.clone(), bases[c % bases.len()].clone(), sub.clone());
         let vms = args.vms;
         tasks.push(tokio::spawn(async move {
-            let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            let mut n: u64 = 0;
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (c as u64 + 1);
-            while Instant::now() < deadline {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let vm = (x % vms as u64) as usize;
-                let src = format!(
-                    "10.{}.{}.{}",
-                    (x >> 16) & 255,
-                    (x >> 24) & 255,
-                    (x >> 32) & 255
-                );
-                let t = Instant::now();
-                initiate(&http, &base, &sub, vm, &src).await?;
-                hist.record(t.elapsed().as_micros().max(1) as u64)?;
-                n += 1;
-            }
-            anyhow::Ok((n, hist))
+            super::initiate::drive(&http, &base, &sub, vms, c + 1, deadline).await
         }));
     }
     let started = Instant::now();
@@ -166,36 +147,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn initiate(
-    http: &reqwest::Client,
-    base: &str,
-    sub: &str,
-    vm: usize,
-    src: &str,
-) -> anyhow::Result<()> {
-    let g = vm / 100;
-    let r = http
-        .post(format!(
-            "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default/initiate?api-version=2020-01-01"
-        ))
-        .bearer_auth(BENCH_TOKEN)
-        .json(&json!({
-            "virtualMachines": [{
-                "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{vm}"),
-                "ports": [{"number": 22, "allowedSourceAddressPrefix": src, "duration": "PT1H"}]
-            }],
-            "justification": "bench"
-        }))
-        .send()
-        .await?;
-    let status = r.status();
-    let body = r.text().await?;
-    if status.as_u16() != 202 {
-        bail!("initiate answered {status}: {body}");
-    }
-    Ok(())
-}
-
 /// Enrolls a simulated agent through `a` for a VM in a policy, then `rounds` times:
 /// the agent long-polls `b`, a grant is made through `a`, and the time from sending
 /// the initiate to `b` answering the long-poll is recorded.
@@ -206,17 +157,10 @@ async fn propagation(
     sub: &str,
     rounds: usize,
 ) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
-    let et: serde_json::Value = http
-        .post(format!("{a}/api/v1/enrollTokens"))
-        .bearer_auth(BENCH_TOKEN)
-        .json(&json!({"uses": 1}))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let et = lab::enroll_token(http, a, 1).await?;
     let en: serde_json::Value = http
         .post(format!("{a}/api/v1/agent/enroll"))
-        .json(&json!({"enrollToken": et["token"], "resourceGroup": "prop", "name": "agent-1"}))
+        .json(&json!({"enrollToken": et, "resourceGroup": "prop", "name": "agent-1"}))
         .send()
         .await?
         .json()

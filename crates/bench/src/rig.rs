@@ -46,18 +46,7 @@ impl Rig {
         let http = reqwest::Client::new();
         let listen = SocketAddr::from((vm.root_addr, lab::free_port(vm.root_addr.into())?));
         let (ctl, base, sub) = lab::controller(listen, &dir.join("ctl"), &http).await?;
-        let et: serde_json::Value = http
-            .post(format!("{base}/api/v1/enrollTokens"))
-            .bearer_auth(BENCH_TOKEN)
-            .json(&json!({"uses": 1}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let et = et["token"]
-            .as_str()
-            .context("no enrollment token")?
-            .to_owned();
+        let et = lab::enroll_token(&http, &base, 1).await?;
         let vm_id = format!(
             "/subscriptions/{sub}/resourceGroups/bench/providers/Microsoft.Compute/virtualMachines/vm1"
         );

@@ -270,17 +270,24 @@ fn setup_policy(base: &str, token: &str, sub: &str) {
     assert_eq!(s, 202, "{b}");
 }
 
-#[test]
-fn acknowledged_writes_survive_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let token = "kill-nine-test-token-123";
-    let data = dir.path().to_str().unwrap();
+/// A controller on `data` with `token` as its bootstrap token, a policy and a request
+/// (`setup_policy`); returns it and its subscription.
+fn serve_with_a_request(data: &str, token: &str) -> (Server, String) {
     let mut s = serve(&["--data-dir", data], &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
     let base = s.base.clone();
     wait_listening(&mut s, &base);
     let (_, who) = call("GET", &format!("{base}/api/v1/whoami"), token, None);
     let sub = who["subscription"].as_str().unwrap().to_owned();
     setup_policy(&base, token, &sub);
+    (s, sub)
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "kill-nine-test-token-123";
+    let data = dir.path().to_str().unwrap();
+    let (mut s, sub) = serve_with_a_request(data, token);
     s.child.kill().unwrap(); // SIGKILL: no shutdown code runs.
     s.child.wait().unwrap();
     let mut s = serve(&["--data-dir", data], &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
@@ -577,12 +584,7 @@ fn an_installation_moves_to_postgres_and_is_served_from_it() {
     let dir = tempfile::tempdir().unwrap();
     let token = "migrate-test-token-1234";
     let data = dir.path().to_str().unwrap();
-    let mut s = serve(&["--data-dir", data], &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
-    let base = s.base.clone();
-    wait_listening(&mut s, &base);
-    let (_, who) = call("GET", &format!("{base}/api/v1/whoami"), token, None);
-    let sub = who["subscription"].as_str().unwrap().to_owned();
-    setup_policy(&base, token, &sub);
+    let (mut s, sub) = serve_with_a_request(data, token);
 
     let busy = jitgate(
         &["admin", "migrate", "--from-data-dir", data, "--to", &db.url],

@@ -501,6 +501,22 @@ impl PgDb {
     }
 }
 
+impl PgDb {
+    /// Runs what `call` sends in the same round trip as what waits (sent first).
+    fn after_pending<'a, T, F>(&'a self, call: impl FnOnce(&'a Client) -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    {
+        let pending = self.pending.take();
+        let (rt, client) = self.parts();
+        rt.block_on(async {
+            let (before, this) = tokio::join!(Self::send_pending(client, pending), call(client));
+            before?;
+            this.map_err(pg_err)
+        })
+    }
+}
+
 impl Drop for PgDb {
     fn drop(&mut self) {
         // A runtime must not be dropped on an async thread: a store dropped there
@@ -614,16 +630,7 @@ impl Db for PgDb {
     fn execute(&self, sql: &str, params: &[&dyn ToParam]) -> Result<u64> {
         let st = self.statement(sql)?;
         let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(p.param())).collect();
-        let pending = self.pending.take();
-        let (rt, client) = self.parts();
-        rt.block_on(async {
-            let (before, this) = tokio::join!(
-                Self::send_pending(client, pending),
-                client.execute_raw(&st, bound.iter().map(|p| p as &dyn ToSql))
-            );
-            before?;
-            this.map_err(pg_err)
-        })
+        self.after_pending(|client| client.execute_raw(&st, bound.iter().map(|p| p as &dyn ToSql)))
     }
 
     fn each(
@@ -655,16 +662,7 @@ impl Db for PgDb {
     }
 
     fn batch(&self, sql: &str) -> Result<()> {
-        let pending = self.pending.take();
-        let (rt, client) = self.parts();
-        rt.block_on(async {
-            let (before, this) = tokio::join!(
-                Self::send_pending(client, pending),
-                client.batch_execute(sql)
-            );
-            before?;
-            this.map_err(pg_err)
-        })
+        self.after_pending(|client| client.batch_execute(sql))
     }
 
     fn defer(&self, sql: &str, params: &[&dyn ToParam]) -> Result<()> {

@@ -106,6 +106,15 @@ async fn a_commit_rings_the_other_stores_doorbell() {
 
 // ---- moving an installation over ------------------------------------------------------
 
+async fn all_vms(store: &dyn Store) -> Vec<VmRecord> {
+    let sub = SubscriptionId::parse(jitgate_store::conformance::SUB).unwrap();
+    let all = VmFilter {
+        limit: 1_000,
+        ..Default::default()
+    };
+    store.find_vms(sub, &all).await.unwrap()
+}
+
 /// An SQLite installation copied into PostgreSQL reads the same through the store, and
 /// its audit chain is intact (same events, same head); a second copy into the same
 /// database is refused and changes nothing.
@@ -122,16 +131,7 @@ async fn an_sqlite_installation_moves_to_postgres_with_its_chain() {
     };
     let requests = lite.list_requests(&all).await.unwrap();
     let chain = lite.verify_audit(None).await.unwrap();
-    let vms = lite
-        .find_vms(
-            SubscriptionId::parse(jitgate_store::conformance::SUB).unwrap(),
-            &VmFilter {
-                limit: 1_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let vms = all_vms(&lite).await;
     drop(lite);
 
     let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
@@ -153,17 +153,7 @@ async fn an_sqlite_installation_moves_to_postgres_with_its_chain() {
 
     let pg = open(&db).await;
     assert_eq!(pg.list_requests(&all).await.unwrap(), requests);
-    let moved = pg
-        .find_vms(
-            SubscriptionId::parse(jitgate_store::conformance::SUB).unwrap(),
-            &VmFilter {
-                limit: 1_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(moved, vms);
+    assert_eq!(all_vms(&pg).await, vms);
     let verified = pg.verify_audit(None).await.unwrap();
     assert_eq!(
         (verified.count, verified.head_hash),
