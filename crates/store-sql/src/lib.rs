@@ -540,6 +540,8 @@ fn writer_loop(
     connect: Connect,
     mut rx: mpsc::Receiver<Job>,
     recommend: Arc<RecommendConfig>,
+    // PostgreSQL: the notification each commit sends the other controllers.
+    notify: Option<String>,
 ) {
     let mut policies = WriterPolicies::default();
     while let Some(first) = rx.blocking_recv() {
@@ -599,8 +601,8 @@ fn writer_loop(
                     tail.seq
                 ));
             }
-            if db.dialect() == Dialect::Postgres {
-                end.push_str(pg::NOTIFY);
+            if let Some(sql) = &notify {
+                end.push_str(sql);
                 end.push_str("; ");
             }
             end.push_str("COMMIT");
@@ -1062,7 +1064,7 @@ impl SqlStore {
         let path = path.to_owned();
         let connect: Connect =
             Arc::new(move || Ok(Box::new(sqlite::open_connection(&path)?) as Box<dyn Db + Send>));
-        Self::start(Box::new(conn), connect, options)
+        Self::start(Box::new(conn), connect, options, None)
     }
 
     /// Connects to PostgreSQL (`postgres://...` or `host=... dbname=...`; several hosts
@@ -1073,10 +1075,12 @@ impl SqlStore {
         tokio::task::spawn_blocking(move || {
             let db = pg::connect(&config)?;
             pg::migrate(&db)?;
-            let changes = pg::listen(config.clone())?;
+            // This store's id, in its notifications (its own listener skips them).
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let changes = pg::listen(config.clone(), id.clone())?;
             let connect: Connect =
                 Arc::new(move || Ok(Box::new(pg::connect(&config)?) as Box<dyn Db + Send>));
-            let mut store = Self::start(Box::new(db), connect, options)?;
+            let mut store = Self::start(Box::new(db), connect, options, Some(pg::notify_sql(&id)))?;
             store.changes = Some(changes);
             Ok(store)
         })
@@ -1084,7 +1088,12 @@ impl SqlStore {
         .map_err(|e| StoreError::Db(format!("connecting task failed: {e}")))?
     }
 
-    fn start(db: Box<dyn Db + Send>, connect: Connect, options: StoreOptions) -> Result<Self> {
+    fn start(
+        db: Box<dyn Db + Send>,
+        connect: Connect,
+        options: StoreOptions,
+        notify: Option<String>,
+    ) -> Result<Self> {
         let dialect = db.dialect();
         let recommend = Arc::new(options.recommend);
         fill_verdicts(&*db, &recommend)?;
@@ -1094,7 +1103,7 @@ impl SqlStore {
         let writer_connect = connect.clone();
         std::thread::Builder::new()
             .name("jitgate-store-writer".into())
-            .spawn(move || writer_loop(db, writer_connect, rx, writer_recommend))
+            .spawn(move || writer_loop(db, writer_connect, rx, writer_recommend, notify))
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(SqlStore {
             dialect,

@@ -337,8 +337,13 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// What the writer sends, in each transaction, to wake the other controllers.
-pub(crate) const NOTIFY: &str = "NOTIFY jitgate_changes";
+/// What the writer of the store `id` sends, in each transaction, to wake the other
+/// controllers: the notification carries the writer's id, so that its own listener
+/// ignores it (this controller already knows its own changes). `id` is hex, never text
+/// from outside.
+pub(crate) fn notify_sql(id: &str) -> String {
+    format!("NOTIFY jitgate_changes, '{id}'")
+}
 
 /// The doorbell of the other controllers' commits: a thread holds a connection that
 /// listens, bumps the channel on each notification and after every reconnection (a
@@ -363,7 +368,7 @@ impl Drop for Changes {
 
 /// Starts listening (the first connection is made before returning, so a bad
 /// database fails the start, not a thread later).
-pub(crate) fn listen(config: Config) -> Result<Changes> {
+pub(crate) fn listen(config: Config, own: String) -> Result<Changes> {
     let config = postgres::Config::from(config);
     use std::sync::atomic::Ordering;
     let (tx, _) = tokio::sync::watch::channel(0u64);
@@ -401,11 +406,13 @@ pub(crate) fn listen(config: Config) -> Result<Changes> {
                     let mut n = c.notifications();
                     let first = n.timeout_iter(Duration::from_millis(500)).next();
                     match first {
-                        Ok(Some(_)) => {
-                            got = true;
+                        Ok(Some(note)) => {
+                            got |= note.payload() != own;
                             // Those that arrived with it ring the bell once.
                             let mut pending = n.iter();
-                            while let Ok(Some(_)) = pending.next() {}
+                            while let Ok(Some(note)) = pending.next() {
+                                got |= note.payload() != own;
+                            }
                         }
                         Ok(None) => {}
                         Err(e) => {
