@@ -30,23 +30,8 @@ pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> a
     let setup_secs = setup.elapsed().as_secs_f64();
 
     // Drive initiates.
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (http, base, sub) = (http.clone(), base.clone(), sub.clone());
-        tasks.push(tokio::spawn(async move {
-            drive(&http, &base, &sub, vms, c, deadline).await
-        }));
-    }
-    let started = Instant::now();
-    let mut total = 0u64;
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for t in tasks {
-        let (n, h) = t.await??;
-        total += n;
-        hist.add(h)?;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let bases = [base];
+    let (total, hist, elapsed) = drive_all(&http, &bases, &sub, vms, clients, seconds).await?;
     let rss = peak_rss_kib(pid);
     println!("jitgate-bench initiate");
     println!(
@@ -79,6 +64,35 @@ pub async fn initiate(vms: usize, clients: usize, seconds: u64, dir: &Path) -> a
     }
     drop(child);
     Ok(())
+}
+
+/// `clients` concurrent clients (client `c` on `bases[c % len]`) driving initiates for
+/// `seconds`: how many were accepted, their latencies, and the seconds it took.
+pub async fn drive_all(
+    http: &reqwest::Client,
+    bases: &[String],
+    sub: &str,
+    vms: usize,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<(u64, hdrhistogram::Histogram<u64>, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, base, sub) = (http.clone(), bases[c % bases.len()].clone(), sub.to_owned());
+        tasks.push(tokio::spawn(async move {
+            drive(&http, &base, &sub, vms, c, deadline).await
+        }));
+    }
+    let mut total = 0u64;
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        let (n, h) = t.await??;
+        total += n;
+        hist.add(h)?;
+    }
+    Ok((total, hist, started.elapsed().as_secs_f64()))
 }
 
 /// One client's initiates until `deadline`: a small deterministic generator walks VMs

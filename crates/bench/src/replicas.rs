@@ -33,7 +33,7 @@ fn start_postgres() -> anyhow::Result<String> {
     let dir = testpg::server_dir("jitgate-bench-pg");
     testpg::clean_up_after_exit(&bin, &dir);
     let data = testpg::init_data_dir(&bin, &dir, "data");
-    let port = lab::free_port([127, 0, 0, 1].into())?;
+    let port = testpg::free_port();
     testpg::start_server(
         &bin,
         &data,
@@ -41,13 +41,11 @@ fn start_postgres() -> anyhow::Result<String> {
         &dir,
         "-c fsync=on -c synchronous_commit=on -c shared_buffers=256MB",
     );
-    let admin = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-    let out = std::process::Command::new(bin.join("psql"))
-        .args(["-X", "-q", "-d", &admin, "-c", "CREATE DATABASE jitgate"])
-        .output()?;
-    if !out.status.success() {
-        bail!("CREATE DATABASE: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    testpg::psql_at(
+        &bin,
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+        "CREATE DATABASE jitgate",
+    );
     Ok(format!(
         "host=127.0.0.1 port={port} user=postgres dbname=jitgate"
     ))
@@ -85,24 +83,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let setup_secs = setup.elapsed().as_secs_f64();
 
     // Initiates through every replica at once.
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let mut tasks = Vec::new();
-    for c in 0..args.clients {
-        let (http, base, sub) = (http.clone(), bases[c % bases.len()].clone(), sub.clone());
-        let vms = args.vms;
-        tasks.push(tokio::spawn(async move {
-            super::initiate::drive(&http, &base, &sub, vms, c + 1, deadline).await
-        }));
-    }
-    let started = Instant::now();
-    let mut total = 0u64;
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for t in tasks {
-        let (n, h) = t.await??;
-        total += n;
-        hist.add(h)?;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let (total, hist, elapsed) =
+        super::initiate::drive_all(&http, &bases, &sub, args.vms, args.clients, args.seconds)
+            .await?;
 
     // Propagation: an agent long-polls the last replica, grants go through the first.
     let propagation = if args.replicas > 1 {

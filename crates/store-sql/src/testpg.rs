@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Server {
     /// `host=... port=... user=...`, without a database.
     base: String,
-    psql: PathBuf,
     /// The server's directory (none for `JITGATE_TEST_PG`).
     pub dir: Option<PathBuf>,
     /// The port (0 for `JITGATE_TEST_PG`).
@@ -88,7 +87,8 @@ pub fn as_server_user(program: &Path) -> Command {
     }
 }
 
-fn run(mut c: Command, what: &str) {
+/// Runs `c`; panics with its output unless it succeeds.
+pub fn run(mut c: Command, what: &str) {
     let out = c
         .stdin(Stdio::null())
         .output()
@@ -101,7 +101,8 @@ fn run(mut c: Command, what: &str) {
     );
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -196,11 +197,9 @@ pub fn clean_up_after_exit(bin: &Path, dir: &Path) {
 pub fn server() -> &'static Server {
     SERVER.get_or_init(|| {
         let bin = bin_dir();
-        let psql = bin.join("psql");
         if let Ok(url) = std::env::var("JITGATE_TEST_PG") {
             return Server {
                 base: url,
-                psql,
                 dir: None,
                 port: 0,
                 bin,
@@ -219,7 +218,6 @@ pub fn server() -> &'static Server {
         );
         Server {
             base: format!("host=127.0.0.1 port={port} user=postgres"),
-            psql,
             dir: Some(dir),
             port,
             bin,
@@ -240,21 +238,35 @@ impl Server {
 
     /// Runs `sql` with `psql` on database `db`; returns its output.
     pub fn psql_on(&self, db: &str, sql: &str) -> String {
-        let out = Command::new(&self.psql)
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-            .arg(self.url(db))
-            .arg("-c")
-            .arg(sql)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
-        assert!(
-            out.status.success(),
-            "psql {sql:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        psql_at(&self.bin, &self.url(db), sql)
     }
+}
+
+/// Runs `sql` with the `psql` of `bin` on the database `conninfo` names; returns its
+/// output, or panics with psql's error.
+pub fn psql_at(bin: &Path, conninfo: &str, sql: &str) -> String {
+    let out = Command::new(bin.join("psql"))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            sql,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+    assert!(
+        out.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A database of its own for one test, dropped (connections and all) with the value.
@@ -284,7 +296,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(s) = SERVER.get() {
-            let _ = Command::new(&s.psql)
+            let _ = Command::new(s.bin.join("psql"))
                 .args(["-X", "-q", "-d"])
                 .arg(s.url("postgres"))
                 .arg("-c")

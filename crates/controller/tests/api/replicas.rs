@@ -179,22 +179,12 @@ struct Pair {
     url: String,
 }
 
-fn run_pg(mut c: std::process::Command, what: &str) {
-    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn primary_and_standby() -> Pair {
     use jitgate_store_sql::testpg;
     let bin = testpg::bin_dir();
     let dir = testpg::server_dir("jitgate-failover");
     testpg::clean_up_after_exit(&bin, &dir);
-    let ports = [free_port(), free_port()];
+    let ports = [testpg::free_port(), testpg::free_port()];
     let primary = testpg::init_data_dir(&bin, &dir, "primary");
     // Zero loss needs the standby to have every acknowledged commit: synchronous
     // replication (the commit waits for the standby's flush).
@@ -220,18 +210,14 @@ fn primary_and_standby() -> Pair {
         "-D",
     ])
     .arg(&standby);
-    run_pg(c, "pg_basebackup");
+    testpg::run(c, "pg_basebackup");
     testpg::start_server(&bin, &standby, ports[1], &dir, "-c fsync=off");
     let psql = |port: u16, sql: &str| {
-        let out = std::process::Command::new(bin.join("psql"))
-            .args(["-X", "-A", "-t", "-q", "-d"])
-            .arg(format!(
-                "host=127.0.0.1 port={port} user=postgres dbname=postgres"
-            ))
-            .args(["-c", sql])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        testpg::psql_at(
+            &bin,
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            sql,
+        )
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while psql(ports[0], "SELECT sync_state FROM pg_stat_replication") != "sync" {
@@ -251,14 +237,6 @@ fn primary_and_standby() -> Pair {
             ports[0], ports[1]
         ),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Sends the initiate of `n` (its own source and key) until it is acknowledged,
@@ -351,10 +329,10 @@ async fn a_failover_during_a_burst_loses_and_doubles_no_acknowledged_initiate() 
         c.arg("-D")
             .arg(&primary)
             .args(["-m", "immediate", "-w", "stop"]);
-        run_pg(c, "kill the primary");
+        jitgate_store_sql::testpg::run(c, "kill the primary");
         let mut c = as_server_user(&bin.join("pg_ctl"));
         c.arg("-D").arg(&standby).args(["-w", "promote"]);
-        run_pg(c, "promote the standby");
+        jitgate_store_sql::testpg::run(c, "promote the standby");
     })
     .await
     .unwrap();
