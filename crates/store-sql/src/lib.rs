@@ -54,7 +54,7 @@ pub use sqlite::verify_file;
 /// Whether `url` is a PostgreSQL connection string (without connecting). The error
 /// does not repeat the URL (it may hold a password).
 pub fn check_postgres_url(url: &str) -> Result<()> {
-    pg::config(url).map(|_| ())
+    pg::target(url).map(|_| ())
 }
 
 /// Read connections kept open (and concurrent reads allowed).
@@ -1071,15 +1071,15 @@ impl SqlStore {
     /// with `target_session_attrs=read-write` follow a promoted standby), applies the
     /// schema migrations it lacks under a lock, and starts the store.
     pub async fn connect_postgres(url: &str, options: StoreOptions) -> Result<Self> {
-        let config = pg::config(url)?;
+        let target = pg::target(url)?;
         tokio::task::spawn_blocking(move || {
-            let db = pg::connect(&config)?;
+            let db = pg::connect(&target)?;
             pg::migrate(&db)?;
             // This store's id, in its notifications (its own listener skips them).
             let id = uuid::Uuid::new_v4().simple().to_string();
-            let changes = pg::listen(config.clone(), id.clone())?;
+            let changes = pg::listen(target.clone(), id.clone())?;
             let connect: Connect =
-                Arc::new(move || Ok(Box::new(pg::connect(&config)?) as Box<dyn Db + Send>));
+                Arc::new(move || Ok(Box::new(pg::connect(&target)?) as Box<dyn Db + Send>));
             let mut store = Self::start(Box::new(db), connect, options, Some(pg::notify_sql(&id)))?;
             store.changes = Some(changes);
             Ok(store)
@@ -3306,7 +3306,7 @@ mod tests {
 /// Verifies the audit chain of a PostgreSQL database directly (no controller needed).
 /// Blocking: call it off async threads.
 pub fn verify_postgres(url: &str, anchors: Option<&AnchorSet>) -> Result<VerifyReport> {
-    let db = pg::connect(&pg::config(url)?)?;
+    let db = pg::connect(&pg::target(url)?)?;
     verify_connection(&db, anchors)
 }
 
@@ -3353,7 +3353,7 @@ pub fn copy_sqlite_to_postgres(path: &Path, url: &str) -> Result<CopyReport> {
             source.problems.len()
         )));
     }
-    let to = pg::connect(&pg::config(url)?)?;
+    let to = pg::connect(&pg::target(url)?)?;
     pg::migrate(&to)?;
     let to: Box<dyn Db> = Box::new(to);
     if to.exists("SELECT 1 FROM subscriptions", &[])? {

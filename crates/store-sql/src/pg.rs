@@ -8,12 +8,19 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::error::Error;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
+use percent_encoding::percent_decode_str;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::{Client, Config, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use jitgate_store::{Result, StoreError};
 
@@ -230,11 +237,27 @@ CREATE INDEX idempotency_age ON idempotency(created_ns);
 /// migration lock (transaction-scoped, so it also works behind a pooling proxy).
 const MIGRATION_LOCK: i64 = 0x006a_6974_6761_7465;
 
+/// Where and how to connect: the settings parsed from the URL and the TLS connector
+/// (rustls with jitgate's own crypto provider).
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub(crate) config: Config,
+    tls: MakeRustlsConnect,
+}
+
 /// The connection settings of `url` (`postgres://user@host:port/db?...` or
 /// `host=... port=... dbname=...`), with a connect timeout and keepalives unless the
 /// URL sets its own.
-pub(crate) fn config(url: &str) -> Result<Config> {
-    let mut config = Config::from_str(url)
+///
+/// TLS: jitgate always verifies the server's certificate chain and host name (what
+/// libpq calls `verify-full`), against the system's roots or the CA file named by
+/// `sslrootcert`. `sslmode` takes libpq's values: `disable`, `prefer`, `require`,
+/// `verify-ca` and `verify-full` (the last three all mean a verified TLS connection or
+/// none). Without `sslmode`, a database on another machine is reached over TLS only
+/// (`require`); one on the loopback interface or a Unix socket without TLS.
+pub(crate) fn target(url: &str) -> Result<Target> {
+    let (rest, tls) = split_tls_options(url)?;
+    let mut config = Config::from_str(&rest)
         .map_err(|e| StoreError::Db(format!("the database URL is not valid: {e}")))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
@@ -243,15 +266,152 @@ pub(crate) fn config(url: &str) -> Result<Config> {
         config.application_name("jitgate");
     }
     config.keepalives(true);
-    Ok(config)
+    config.ssl_mode(match tls.mode {
+        Some(mode) => mode,
+        None if config.get_hosts().iter().all(is_local) => SslMode::Disable,
+        None => SslMode::Require,
+    });
+    let roots = roots(tls.root_cert.as_deref())?;
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Db(format!("TLS to PostgreSQL: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Target {
+        config,
+        tls: MakeRustlsConnect::new(client),
+    })
 }
 
-pub(crate) fn connect(config: &Config) -> Result<PgDb> {
+/// Whether a host is this machine: a Unix socket directory, `localhost` or a loopback
+/// address.
+fn is_local(host: &Host) -> bool {
+    match host {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    }
+}
+
+/// What the URL says about TLS beyond what tokio-postgres reads itself.
+#[derive(Debug, Default, PartialEq)]
+struct TlsOptions {
+    /// `sslmode`, if given.
+    mode: Option<SslMode>,
+    /// `sslrootcert`: the CA certificates (PEM) to trust instead of the system's.
+    root_cert: Option<PathBuf>,
+}
+
+/// Takes `sslmode` and `sslrootcert` out of `url` (either form), returning the rest.
+fn split_tls_options(url: &str) -> Result<(String, TlsOptions)> {
+    let mut tls = TlsOptions::default();
+    let mut take = |key: &str, value: &str| -> Result<bool> {
+        match key {
+            "sslmode" => {
+                tls.mode = Some(match value {
+                    "disable" => SslMode::Disable,
+                    "prefer" | "allow" => SslMode::Prefer,
+                    "require" | "verify-ca" | "verify-full" => SslMode::Require,
+                    other => {
+                        return Err(StoreError::Db(format!(
+                            "the database URL is not valid: sslmode '{other}' is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                        )));
+                    }
+                });
+                Ok(true)
+            }
+            "sslrootcert" => {
+                tls.root_cert = Some(PathBuf::from(value));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    };
+    if let Some(after) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    {
+        let scheme = &url[..url.len() - after.len()];
+        let Some((base, query)) = after.split_once('?') else {
+            return Ok((url.to_owned(), tls));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode_str(v).decode_utf8().map_err(|_| {
+                StoreError::Db(format!(
+                    "the database URL is not valid: the value of '{k}' is not UTF-8"
+                ))
+            })?;
+            if !take(k, &value)? {
+                kept.push(pair);
+            }
+        }
+        let rest = if kept.is_empty() {
+            format!("{scheme}{base}")
+        } else {
+            format!("{scheme}{base}?{}", kept.join("&"))
+        };
+        return Ok((rest, tls));
+    }
+    // key=value form: the TLS keys are taken when written `key=value` without quotes.
+    let mut kept = Vec::new();
+    for word in url.split_whitespace() {
+        match word.split_once('=') {
+            Some((k, v)) if !v.starts_with('\'') && take(k, v)? => {}
+            _ => kept.push(word),
+        }
+    }
+    Ok((kept.join(" "), tls))
+}
+
+/// The certificates a server's chain must lead to.
+fn roots(file: Option<&Path>) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    match file {
+        Some(path) => {
+            let bad = |e: &dyn std::fmt::Display| {
+                StoreError::Db(format!(
+                    "sslrootcert '{}' cannot be read: {e}",
+                    path.display()
+                ))
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(&e))?;
+            let mut any = false;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+                any = true;
+            }
+            if !any {
+                return Err(bad(&"it holds no PEM certificate"));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                // A system certificate rustls cannot use is skipped, as browsers do.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    Ok(roots)
+}
+
+pub(crate) fn connect(target: &Target) -> Result<PgDb> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| StoreError::Db(format!("cannot start a runtime for PostgreSQL: {e}")))?;
-    let (client, connection) = rt.block_on(config.connect(NoTls)).map_err(pg_err)?;
+    let (client, connection) = rt
+        .block_on(target.config.connect(target.tls.clone()))
+        .map_err(pg_err)?;
     // Driven whenever this connection's runtime runs (each call blocks on it).
     rt.spawn(async move {
         if let Err(e) = connection.await {
@@ -351,7 +511,7 @@ pub(crate) fn notify_sql(id: &str) -> String {
 /// up), and ends when the store is dropped.
 pub(crate) struct Changes {
     tx: tokio::sync::watch::Sender<u64>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Changes {
@@ -368,12 +528,13 @@ impl Drop for Changes {
 
 /// Starts listening (the first connection is made before returning, so a bad
 /// database fails the start, not a thread later).
-pub(crate) fn listen(config: Config, own: String) -> Result<Changes> {
-    let config = postgres::Config::from(config);
+pub(crate) fn listen(target: Target, own: String) -> Result<Changes> {
+    let tls = target.tls;
+    let config = postgres::Config::from(target.config);
     use std::sync::atomic::Ordering;
     let (tx, _) = tokio::sync::watch::channel(0u64);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut client = config.connect(NoTls).map_err(pg_err)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut client = config.connect(tls.clone()).map_err(pg_err)?;
     client
         .batch_execute("LISTEN jitgate_changes")
         .map_err(pg_err)?;
@@ -387,7 +548,7 @@ pub(crate) fn listen(config: Config, own: String) -> Result<Changes> {
             while !stopped.load(Ordering::Acquire) {
                 let Some(c) = client.as_mut() else {
                     std::thread::sleep(Duration::from_secs(1));
-                    match config.connect(postgres::NoTls).and_then(|mut c| {
+                    match config.connect(tls.clone()).and_then(|mut c| {
                         c.batch_execute("LISTEN jitgate_changes")?;
                         Ok(c)
                     }) {
@@ -705,5 +866,62 @@ impl Db for PgDb {
 
     fn healthy(&self) -> bool {
         self.inner.as_ref().is_some_and(|(_, c)| !c.is_closed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn split(url: &str) -> (String, TlsOptions) {
+        split_tls_options(url).unwrap()
+    }
+
+    #[test]
+    fn tls_options_are_taken_from_either_form() {
+        let (rest, tls) = split(
+            "postgres://u@db1:5432,db2:5432/jg?target_session_attrs=read-write&sslmode=verify-full&sslrootcert=%2Fetc%2Fjitgate%2Fpg%20ca.pem",
+        );
+        assert_eq!(
+            rest,
+            "postgres://u@db1:5432,db2:5432/jg?target_session_attrs=read-write"
+        );
+        assert_eq!(tls.mode, Some(SslMode::Require));
+        assert_eq!(tls.root_cert, Some(PathBuf::from("/etc/jitgate/pg ca.pem")));
+        let (rest, tls) = split("postgresql://u@db/jg?sslmode=disable");
+        assert_eq!(rest, "postgresql://u@db/jg");
+        assert_eq!(tls.mode, Some(SslMode::Disable));
+        let (rest, tls) = split("host=db user=u sslrootcert=/ca.pem sslmode=verify-ca dbname=jg");
+        assert_eq!(rest, "host=db user=u dbname=jg");
+        assert_eq!(tls.mode, Some(SslMode::Require));
+        assert_eq!(tls.root_cert, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(split("postgres://u@db/jg").1, TlsOptions::default());
+        let e = split_tls_options("postgres://db/jg?sslmode=sometimes").unwrap_err();
+        assert!(e.to_string().contains("sslmode 'sometimes'"), "{e}");
+    }
+
+    #[test]
+    fn a_remote_database_needs_tls_unless_the_url_says_otherwise() {
+        let mode = |url: &str| target(url).unwrap().config.get_ssl_mode();
+        assert_eq!(mode("postgres://u@db.example.net/jg"), SslMode::Require);
+        assert_eq!(
+            mode("postgres://u@localhost,db.example.net/jg"),
+            SslMode::Require
+        );
+        assert_eq!(mode("host=10.0.0.5 user=u"), SslMode::Require);
+        assert_eq!(mode("postgres://u@localhost/jg"), SslMode::Disable);
+        assert_eq!(mode("host=127.0.0.1 user=u"), SslMode::Disable);
+        assert_eq!(mode("postgres://u@[::1]:5432/jg"), SslMode::Disable);
+        assert_eq!(mode("host=/var/run/postgresql user=u"), SslMode::Disable);
+        assert_eq!(
+            mode("postgres://u@db.example.net/jg?sslmode=disable"),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgres://u@localhost/jg?sslmode=require"),
+            SslMode::Require
+        );
     }
 }

@@ -87,6 +87,15 @@ pub fn as_server_user(program: &Path) -> Command {
     }
 }
 
+/// Makes the server's user the owner of `path` (a key file the server must read).
+pub fn give_to_server_user(path: &Path) {
+    if is_root() {
+        let mut c = Command::new("chown");
+        c.arg("postgres:postgres").arg(path);
+        run(c, "chown");
+    }
+}
+
 /// Runs `c`; panics with its output unless it succeeds.
 pub fn run(mut c: Command, what: &str) {
     let out = c
