@@ -109,6 +109,11 @@ pub enum BenchCommand {
         /// An existing PostgreSQL database (empty) instead of a throwaway server.
         #[arg(long)]
         database: Option<String>,
+        /// Then, with the controllers stopped: what PostgreSQL alone takes of the rows
+        /// initiates write (pgbench, one initiate per transaction, as many clients),
+        /// durable and with synchronous_commit=off. Only on the throwaway server.
+        #[arg(long, conflicts_with = "database")]
+        ceiling: bool,
     },
     /// Propagation to simulated agents: many long-polling agents connected to one
     /// controller; time from initiate to the VM's agent receiving its new state.
@@ -152,6 +157,7 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
             seconds,
             rounds,
             database,
+            ceiling,
         } => {
             replicas::run(replicas::Args {
                 replicas: replicas.max(1),
@@ -160,6 +166,7 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
                 seconds,
                 rounds: rounds.max(1),
                 database,
+                ceiling,
             })
             .await?
         }

@@ -24,6 +24,7 @@ pub struct Args {
     pub seconds: u64,
     pub rounds: usize,
     pub database: Option<String>,
+    pub ceiling: bool,
 }
 
 /// A durable throwaway PostgreSQL and the URL of its `jitgate` database.
@@ -127,7 +128,61 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for d in dirs {
         let _ = std::fs::remove_dir_all(d);
     }
+    if args.ceiling {
+        let clients = args.clients;
+        let seconds = args.seconds;
+        for (label, options) in [
+            ("durable", ""),
+            ("synchronous_commit=off", "-c synchronous_commit=off"),
+        ] {
+            let url = url.clone();
+            let tps = tokio::task::spawn_blocking(move || ceiling(&url, clients, seconds, options))
+                .await??;
+            println!(
+                "  ceiling:      PostgreSQL alone (pgbench, an initiate's rows per transaction, {clients} clients, {label}): {tps:.0} /s"
+            );
+        }
+    }
     Ok(())
+}
+
+/// Runs pgbench with `initiate-ceiling.sql` on `url` (`PGOPTIONS` = `options`); returns
+/// its transactions per second.
+fn ceiling(url: &str, clients: usize, seconds: u64, options: &str) -> anyhow::Result<f64> {
+    use jitgate_store_sql::testpg;
+    let bin = testpg::bin_dir();
+    testpg::psql_at(
+        &bin,
+        url,
+        "CREATE SEQUENCE IF NOT EXISTS ceiling_seq START 1000000000000",
+    );
+    let script = lab::tempdir()?.join("initiate-ceiling.sql");
+    std::fs::write(&script, include_str!("initiate-ceiling.sql"))?;
+    let out = std::process::Command::new(bin.join("pgbench"))
+        .args(["-n", "-M", "prepared", "-j", "2", "-c"])
+        .arg(clients.to_string())
+        .arg("-T")
+        .arg(seconds.to_string())
+        .arg("-f")
+        .arg(&script)
+        .arg(url)
+        .env("PGOPTIONS", options)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run pgbench")?;
+    let _ = std::fs::remove_dir_all(script.parent().unwrap_or(&script));
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "pgbench failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no tps in pgbench's output: {text}"))
 }
 
 /// Enrolls a simulated agent through `a` for a VM in a policy, then `rounds` times:

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod native;
 pub mod openapi;
 pub mod params;
+pub mod proxy;
 pub mod recommend;
 mod server;
 pub mod tls;
@@ -72,6 +73,8 @@ pub struct AppState {
     /// Recently authenticated tokens (no store read on the hot path); invalidated by
     /// every token or role change.
     pub auth_cache: Arc<authcache::AuthCache>,
+    /// Proxies whose `X-Forwarded-For` names the caller (`proxy`).
+    pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
 }
 
 impl AppState {
@@ -193,6 +196,10 @@ pub fn router(state: AppState) -> Router {
             auth::audit_failures,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            proxy::client_address,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state);
     // Path normalization must run before routing, so it wraps the router.

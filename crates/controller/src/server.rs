@@ -92,6 +92,9 @@ pub struct Config {
     pub write_queue: usize,
     /// How long blocked-attempt points are kept (pruned at start and hourly).
     pub blocked_retention: std::time::Duration,
+    /// Load balancers and reverse proxies whose `X-Forwarded-For` header names the
+    /// caller (see `proxy`); empty: the connection's address is the caller's.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Where the controller reads the time (the system clock; tests pass a
     /// `ManualClock`).
     pub clock: crate::clock::Clock,
@@ -115,6 +118,7 @@ impl Config {
             limits: crate::limits::Limits::default(),
             write_queue: jitgate_store_sql::DEFAULT_WRITE_QUEUE,
             blocked_retention: DEFAULT_BLOCKED_RETENTION,
+            trusted_proxies: Vec::new(),
             clock: crate::clock::Clock::system(),
         }
     }
@@ -320,6 +324,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         checkpoints: checkpointer.clone(),
         refusals: Arc::new(crate::limits::RefusalLimiter::new(config.limits.clone())),
         auth_cache: Arc::new(crate::authcache::AuthCache::default()),
+        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     tokio::spawn(crate::limits::summarize(state.clone(), shutdown_rx.clone()));

@@ -251,3 +251,79 @@ async fn slow_and_excess_connections_are_closed() {
         m.body
     );
 }
+
+/// Behind a trusted load balancer, the caller is the rightmost address of
+/// `X-Forwarded-For` that is not a proxy: grants default to it ("My IP") and the audit
+/// log records it. What the caller wrote to the left of it, and the header from a
+/// connection that is not a trusted proxy, count for nothing.
+#[tokio::test]
+async fn only_a_trusted_proxy_names_the_caller() {
+    let initiate_path = |ctl: &Ctl| {
+        format!(
+            "{}/initiate?api-version=2020-01-01",
+            ctl.policy_path("rg", "westeurope", "default")
+        )
+    };
+    let body = |ctl: &Ctl| json!({"virtualMachines": [{"id": ctl.vm_id("rg", "vm1"), "ports": [{"number": 22, "duration": "PT1H"}]}]});
+    let granted_to = |r: &crate::util::Resp| {
+        r.body["virtualMachines"][0]["ports"][0]["allowedSourceAddressPrefix"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let forwarded = [("X-Forwarded-For", "198.51.100.9, 203.0.113.7")];
+
+    // The controller's own connections come from 127.0.0.1: here, a trusted proxy.
+    let ctl = Ctl::start_with(tempfile::tempdir().unwrap(), |c| {
+        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    ctl.enable("rg", &["vm1"], "*").await;
+    let r = ctl
+        .call_with(
+            Method::POST,
+            &initiate_path(&ctl),
+            Some(OWNER),
+            Some(body(&ctl)),
+            &forwarded,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    assert_eq!(granted_to(&r), "203.0.113.7");
+    let events = ctl.audit("action=request.initiate").await;
+    assert_eq!(
+        events.last().unwrap()["source"],
+        "203.0.113.7",
+        "{events:?}"
+    );
+
+    // A proxy's garbled header is refused, naming it, and changes nothing.
+    let before = ctl.snapshot().await;
+    let r = ctl
+        .call_with(
+            Method::POST,
+            &initiate_path(&ctl),
+            Some(OWNER),
+            Some(body(&ctl)),
+            &[("X-Forwarded-For", "203.0.113.7, unknown")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(r.body["error"]["target"], "X-Forwarded-For", "{:?}", r.body);
+    assert_eq!(ctl.snapshot().await, before);
+
+    // Without trusted proxies the header is the caller's word, and ignored.
+    let plain = Ctl::start().await;
+    plain.enable("rg", &["vm1"], "*").await;
+    let r = plain
+        .call_with(
+            Method::POST,
+            &initiate_path(&plain),
+            Some(OWNER),
+            Some(body(&plain)),
+            &forwarded,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    assert_eq!(granted_to(&r), "127.0.0.1");
+}

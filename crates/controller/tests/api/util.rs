@@ -139,8 +139,23 @@ impl Ctl {
         token: Option<&str>,
         body: Option<Value>,
     ) -> Resp {
+        self.call_with(method, path, token, body, &[]).await
+    }
+
+    /// [`Ctl::call`] with more request headers.
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let method_name = method.clone();
         let mut req = self.http.request(method, format!("{}{path}", self.base));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 #[derive(Args, Clone)]
 pub struct ServeArgs {
-    /// TOML file with any of: listen, data_dir, database, tls_cert, tls_key, insecure_http, log_format.
+    /// TOML file with the settings below, by their long names with underscores (listen, data_dir, database, tls_cert, trusted_proxies, ...).
     #[arg(long, env = "JITGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -92,6 +92,12 @@ pub struct ServeArgs {
     /// 30d, 2160h or P90D; older ones are deleted hourly [default: 30d; at least 1d].
     #[arg(long, env = "JITGATE_BLOCKED_ATTEMPTS_RETENTION", value_parser = parse_retention)]
     pub blocked_attempts_retention: Option<u64>,
+    /// A load balancer or reverse proxy (address or network, e.g. 10.0.0.0/24) whose
+    /// X-Forwarded-For header names the caller: the address grants default to ("My
+    /// IP"), the audit log's source and the per-source limits then use it. The header
+    /// of any other connection is ignored. Repeatable.
+    #[arg(long = "trusted-proxy", env = "JITGATE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_trusted_proxy)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Deserialize, Default)]
@@ -114,6 +120,25 @@ struct FileConfig {
     max_connections: Option<usize>,
     write_queue: Option<usize>,
     blocked_attempts_retention: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+}
+
+/// A proxy's address (`10.0.0.5`, as `/32`) or network (`10.0.0.0/24`); never every
+/// address, which would let any caller claim any address.
+pub fn parse_trusted_proxy(text: &str) -> Result<ipnet::IpNet, String> {
+    let net = match text.parse::<ipnet::IpNet>() {
+        Ok(n) => n,
+        Err(_) => text
+            .parse::<std::net::IpAddr>()
+            .map(ipnet::IpNet::from)
+            .map_err(|_| format!("'{text}' is not an IP address or network"))?,
+    };
+    if net.prefix_len() == 0 {
+        return Err(format!(
+            "'{text}' is every address: any caller could then claim any address; name the proxies"
+        ));
+    }
+    Ok(net.trunc())
 }
 
 /// A retention in seconds: a duration of at least a day (the VM view and the blocked
@@ -247,6 +272,14 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
         }
         config.recommend.offline_after = jiff::SignedDuration::from_secs(secs as i64);
     }
+    config.trusted_proxies = args.trusted_proxies;
+    if config.trusted_proxies.is_empty() {
+        for text in file.trusted_proxies.unwrap_or_default() {
+            config.trusted_proxies.push(
+                parse_trusted_proxy(&text).map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
+            );
+        }
+    }
     let log_format = args
         .log_format
         .or(file.log_format)
@@ -355,5 +388,39 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.exit_code(), 2);
+    }
+
+    /// Trusted proxies: addresses and networks from the flag (repeatable or
+    /// comma-separated) over the file; "every address" is refused.
+    #[test]
+    fn trusted_proxy_settings() {
+        let c = with_file(
+            "trusted_proxies = [\"10.0.0.0/24\", \"2001:db8::5\"]\n",
+            &[],
+        )
+        .unwrap();
+        let nets: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/24", "2001:db8::5/128"]);
+        let c = with_file(
+            "trusted_proxies = [\"10.0.0.0/24\"]\n",
+            &["--trusted-proxy", "192.0.2.7,192.0.2.9/31"],
+        )
+        .unwrap();
+        let nets: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["192.0.2.7/32", "192.0.2.8/31"]);
+        let e = with_file("trusted_proxies = [\"0.0.0.0/0\"]\n", &[]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("trusted_proxies: '0.0.0.0/0' is every address"),
+            "{e:#}"
+        );
+        let e = serve_args(&["--trusted-proxy", "::/0"]).err().unwrap();
+        assert!(e.to_string().contains("every address"), "{e}");
+        let e = serve_args(&["--trusted-proxy", "lb.example.net"])
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("not an IP address or network"),
+            "{e}"
+        );
     }
 }
