@@ -580,7 +580,7 @@ fn admin_recover_mints_an_owner_token_locally_and_only_when_stopped() {
 /// request from it, to the same bootstrap token.
 #[test]
 fn an_installation_moves_to_postgres_and_is_served_from_it() {
-    let db = jitgate_store_sql::testpg::TestDb::create();
+    let db = jitgate_store_sql::testpg::TestDb::empty();
     let dir = tempfile::tempdir().unwrap();
     let token = "migrate-test-token-1234";
     let data = dir.path().to_str().unwrap();

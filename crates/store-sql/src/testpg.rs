@@ -7,7 +7,8 @@
 //! with its socket in that directory, durability switched off (these are functional
 //! tests; benchmarks keep it on). A watcher process stops the server and removes the
 //! directory when the test process ends, however it ends. Each test gets a database of
-//! its own ([`TestDb`]), dropped with it.
+//! its own ([`TestDb`]), dropped with it: a copy of a template migrated once per
+//! process, or an empty one for tests of migrating.
 //!
 //! `JITGATE_TEST_PG` (a connection string to a server where `CREATE DATABASE` is
 //! allowed) uses that server instead. Without either, the test fails saying what to
@@ -34,6 +35,8 @@ pub struct Server {
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
+/// The migrated, empty database each [`TestDb::create`] copies (own server only).
+static TEMPLATE: OnceLock<Option<String>> = OnceLock::new();
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// The directory holding PostgreSQL's programs (`initdb`, `pg_ctl`, `psql`): the
@@ -286,20 +289,64 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// A new, empty database on the process's server.
+    /// A new database with the store's schema and no rows: a copy of a template
+    /// migrated once per process (on `JITGATE_TEST_PG`, an empty database that the
+    /// store migrates when it connects).
     pub fn create() -> TestDb {
+        Self::new(template())
+    }
+
+    /// A new database without even the schema: for what happens when stores migrate
+    /// one (several at once, for example).
+    pub fn empty() -> TestDb {
+        Self::new(None)
+    }
+
+    fn new(template: Option<&str>) -> TestDb {
         let s = server();
         let name = format!(
             "jg_{}_{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        s.psql(&format!("CREATE DATABASE {name}"));
+        match template {
+            Some(t) => s.psql(&format!("CREATE DATABASE {name} TEMPLATE {t}")),
+            None => s.psql(&format!("CREATE DATABASE {name}")),
+        };
         TestDb {
             url: s.url(&name),
             name,
         }
     }
+}
+
+/// The template database, migrated on first use, with no connection left to it
+/// (PostgreSQL copies only a template nobody is connected to).
+fn template() -> Option<&'static str> {
+    TEMPLATE
+        .get_or_init(|| {
+            let s = server();
+            s.dir.as_ref()?;
+            let name = "jg_template";
+            s.psql(&format!("CREATE DATABASE {name}"));
+            let target = crate::pg::target(&s.url(name)).expect("the template's URL");
+            let db = crate::pg::connect(&target).expect("a connection to the template");
+            crate::pg::migrate(&db).expect("the template's schema");
+            drop(db);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while s.psql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}'"
+            )) != "0"
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a connection to the template database stays open"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Some(name.to_owned())
+        })
+        .as_deref()
 }
 
 impl Drop for TestDb {

@@ -50,7 +50,7 @@ fn request_lifecycle_matches_the_model() {
 /// Two stores on one new database, as two controllers open it (at the same time: the
 /// schema is migrated once, under its lock).
 async fn two_on_one() -> (SqlStore, SqlStore, TestDb) {
-    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    let db = tokio::task::spawn_blocking(TestDb::empty).await.unwrap();
     let (a, b) = tokio::join!(open(&db), open(&db));
     (a, b, db)
 }
@@ -140,7 +140,8 @@ async fn an_sqlite_installation_moves_to_postgres_with_its_chain() {
     let vms = all_vms(&lite).await;
     drop(lite);
 
-    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    // Into a new database, as an installation moves: the copy creates the schema.
+    let db = tokio::task::spawn_blocking(TestDb::empty).await.unwrap();
     let (f, url) = (file.clone(), db.url.clone());
     let report =
         tokio::task::spawn_blocking(move || jitgate_store_sql::copy_sqlite_to_postgres(&f, &url))
