@@ -14,6 +14,8 @@
 # and with --tests (scripts/test.sh), what only the tests need:
 #   postgresql-15                the PostgreSQL store's tests start throwaway servers
 #                                (initdb, pg_ctl); no system-wide server is used
+#   nodejs, npm (if no node)     the sign-in tests run a real OpenID Provider
+#                                (testing/oidc-op, from npm with its lockfile)
 set -euo pipefail
 
 PACKAGES=(
@@ -31,6 +33,11 @@ PACKAGES=(
 )
 if [ "${1:-}" = "--tests" ]; then
   PACKAGES+=(postgresql-15)
+  # Node.js 20 may come from elsewhere (nodesource); Debian's is installed only when
+  # there is none.
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    PACKAGES+=(nodejs npm)
+  fi
 fi
 
 say() { printf 'setup-deps: %s\n' "$*" >&2; }
@@ -78,4 +85,11 @@ if ! command -v cargo >/dev/null 2>&1; then
     say "  . \"\$HOME/.cargo/env\""
   fi
   exit 1
+fi
+
+# The test OpenID Provider's packages, exactly as locked.
+if [ "${1:-}" = "--tests" ]; then
+  here="$(cd "$(dirname "$0")/.." && pwd)"
+  say "installing the test OpenID Provider (npm ci in testing/oidc-op)"
+  npm ci --prefix "$here/testing/oidc-op" --no-audit --no-fund </dev/null >&2
 fi

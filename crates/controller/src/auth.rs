@@ -230,6 +230,9 @@ pub fn is_public(path: &str) -> bool {
             | "/metrics"
             | "/api/v1/openapi.json"
             | "/api/v1/agent/enroll"
+            | "/auth/login"
+            | "/auth/callback"
+            | "/auth/logout"
     )
 }
 
@@ -249,11 +252,26 @@ pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: N
         return next.run(req).await;
     }
     let now = state.clock.now();
-    let header = req
+    let mut header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    // A browser's session (sign-in with the identity provider) is its cookie; a
+    // change made with it must come from the controller's own pages (CSRF).
+    if header.is_none()
+        && let Some(oidc) = &state.oidc
+        && let Some(session) = crate::oidc::read_cookie(req.headers(), crate::oidc::SESSION_COOKIE)
+    {
+        let safe = matches!(
+            *req.method(),
+            axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+        );
+        if !safe && let Err(e) = crate::oidc::check_origin(oidc, req.headers()) {
+            return e.into_response();
+        }
+        header = Some(format!("Bearer {session}"));
+    }
     match authenticate(&state, header.as_deref(), now).await {
         Ok(p) => {
             let actor = Actor(p.name.clone());

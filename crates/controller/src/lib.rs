@@ -19,6 +19,7 @@ pub mod feed;
 pub mod limits;
 pub mod metrics;
 pub mod native;
+pub mod oidc;
 pub mod openapi;
 pub mod params;
 pub mod proxy;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub auth_cache: Arc<authcache::AuthCache>,
     /// Proxies whose `X-Forwarded-For` names the caller (`proxy`).
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    /// Sign-in with the organisation's OpenID Provider, when configured.
+    pub oidc: Option<Arc<oidc::Oidc>>,
 }
 
 impl AppState {
@@ -182,10 +185,19 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(recommend::routes())
 }
 
+/// Browser sign-in (not part of the API document).
+fn auth_routes() -> Router<AppState> {
+    Router::new()
+        .route("/auth/login", axum::routing::get(oidc::login))
+        .route("/auth/callback", axum::routing::get(oidc::callback))
+        .route("/auth/logout", axum::routing::post(oidc::logout))
+}
+
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let (routes, _) = api_router().split_for_parts();
     let api = routes
+        .merge(auth_routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -95,6 +95,8 @@ pub struct Config {
     /// Load balancers and reverse proxies whose `X-Forwarded-For` header names the
     /// caller (see `proxy`); empty: the connection's address is the caller's.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Sign-in with the organisation's OpenID Provider.
+    pub oidc: Option<crate::oidc::OidcConfig>,
     /// Where the controller reads the time (the system clock; tests pass a
     /// `ManualClock`).
     pub clock: crate::clock::Clock,
@@ -119,6 +121,7 @@ impl Config {
             write_queue: jitgate_store_sql::DEFAULT_WRITE_QUEUE,
             blocked_retention: DEFAULT_BLOCKED_RETENTION,
             trusted_proxies: Vec::new(),
+            oidc: None,
             clock: crate::clock::Clock::system(),
         }
     }
@@ -325,6 +328,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         refusals: Arc::new(crate::limits::RefusalLimiter::new(config.limits.clone())),
         auth_cache: Arc::new(crate::authcache::AuthCache::default()),
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+        oidc: match &config.oidc {
+            Some(c) => Some(Arc::new(crate::oidc::Oidc::new(c.clone())?)),
+            None => None,
+        },
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     tokio::spawn(crate::limits::summarize(state.clone(), shutdown_rx.clone()));

@@ -24,7 +24,7 @@ pub enum Command {
     /// Run the controller.
     ///
     /// Example: jitgate serve --listen 127.0.0.1:8080 --data-dir ./jitgate-data
-    Serve(cmd::serve::ServeArgs),
+    Serve(Box<cmd::serve::ServeArgs>),
     /// Run the agent on a protected host (as root): enforce its VM's rules in nftables.
     ///
     /// Example: jitgate agent --controller https://jit.example.com:8443 --enroll-token-file /etc/jitgate/enroll-token --resource-group prod-web
@@ -165,7 +165,7 @@ pub struct ClientArgs {
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => cmd::serve::serve(args).await,
+        Command::Serve(args) => cmd::serve::serve(*args).await,
         Command::Agent(args) => cmd::agent::agent(args).await,
         Command::EnrollToken(c) => cmd::enroll::enroll_token(c).await,
         Command::Vm(c) => cmd::vm::vm(c).await,

@@ -17,6 +17,7 @@ mod growth;
 mod hardening;
 mod lifecycle;
 mod native;
+mod oidc;
 mod rbac;
 mod recommend;
 mod replicas;

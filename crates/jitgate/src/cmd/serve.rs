@@ -98,6 +98,26 @@ pub struct ServeArgs {
     /// of any other connection is ignored. Repeatable.
     #[arg(long = "trusted-proxy", env = "JITGATE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_trusted_proxy)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The controller's address as browsers reach it (https://jit.example.net:8443):
+    /// the sign-in redirect URI is <public-url>/auth/callback.
+    #[arg(long, env = "JITGATE_PUBLIC_URL")]
+    pub public_url: Option<url::Url>,
+    /// Sign in with this OpenID Provider (its issuer URL); see also the [oidc] table of
+    /// the TOML file, which maps the provider's groups to roles.
+    #[arg(long, env = "JITGATE_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// The controller's client id at the provider.
+    #[arg(long, env = "JITGATE_OIDC_CLIENT_ID")]
+    pub oidc_client_id: Option<String>,
+    /// A file holding the controller's client secret at the provider.
+    #[arg(long, env = "JITGATE_OIDC_CLIENT_SECRET_FILE")]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// Scopes asked for [default: openid,email,profile,groups].
+    #[arg(long, env = "JITGATE_OIDC_SCOPES", value_delimiter = ',')]
+    pub oidc_scopes: Option<Vec<String>>,
+    /// How long a sign-in lasts, e.g. 8h [default: 8h; 5m to 7d].
+    #[arg(long, env = "JITGATE_SESSION_LIFETIME")]
+    pub session_lifetime: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -121,6 +141,120 @@ struct FileConfig {
     write_queue: Option<usize>,
     blocked_attempts_retention: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    public_url: Option<String>,
+    oidc: Option<FileOidc>,
+}
+
+/// The `[oidc]` table.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileOidc {
+    issuer: Option<String>,
+    client_id: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    scopes: Option<Vec<String>>,
+    name_claim: Option<String>,
+    groups_claim: Option<String>,
+    session_lifetime: Option<String>,
+    #[serde(default)]
+    role: Vec<FileGroupRole>,
+}
+
+/// `[[oidc.role]] group = "ops" role = "JIT Requester" scope = "/subscriptions/..."`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGroupRole {
+    group: String,
+    role: String,
+    scope: String,
+}
+
+/// The sign-in settings, or none when no issuer is given.
+fn oidc_config(
+    args: &ServeArgs,
+    file: Option<FileOidc>,
+    public_url: Option<url::Url>,
+) -> anyhow::Result<Option<jitgate_controller::oidc::OidcConfig>> {
+    let file = file.unwrap_or_default();
+    let Some(issuer) = args.oidc_issuer.clone().or(file.issuer) else {
+        if !file.role.is_empty() || args.oidc_client_id.is_some() {
+            bail!("oidc: give the provider's issuer (--oidc-issuer or issuer in [oidc])");
+        }
+        return Ok(None);
+    };
+    let client_id = args
+        .oidc_client_id
+        .clone()
+        .or(file.client_id)
+        .context("oidc: give the client id (--oidc-client-id or client_id in [oidc])")?;
+    let secret_file = args
+        .oidc_client_secret_file
+        .clone()
+        .or(file.client_secret_file)
+        .context("oidc: give the client secret's file (--oidc-client-secret-file or client_secret_file in [oidc])")?;
+    let secret = std::fs::read_to_string(&secret_file)
+        .with_context(|| {
+            format!(
+                "oidc: cannot read the client secret file {}",
+                secret_file.display()
+            )
+        })?
+        .trim()
+        .to_owned();
+    if secret.is_empty() {
+        bail!(
+            "oidc: the client secret file {} is empty",
+            secret_file.display()
+        );
+    }
+    let public_url = public_url
+        .context("oidc: give the controller's public URL (--public-url https://jit.example.net:8443): the provider sends browsers back to <public-url>/auth/callback")?;
+    let lifetime = match args.session_lifetime.clone().or(file.session_lifetime) {
+        Some(t) => {
+            let secs = crate::output::human::parse_secs(&t)
+                .map_err(|e| anyhow::anyhow!("session_lifetime: {e}"))?;
+            if !(300..=7 * 86_400).contains(&secs) {
+                bail!("session_lifetime: '{t}' is not between 5m and 7d");
+            }
+            secs as u64
+        }
+        None => 8 * 3600,
+    };
+    let mut roles = Vec::new();
+    for (i, r) in file.role.iter().enumerate() {
+        let role = jitgate_core::rbac::Role::parse(&r.role)
+            .map_err(|e| anyhow::anyhow!("oidc.role[{i}].role: {e}"))?;
+        if role == jitgate_core::rbac::Role::Agent {
+            bail!("oidc.role[{i}].role: the Agent role is for agents' credentials, not people");
+        }
+        let scope = jitgate_core::ids::Scope::parse(&r.scope)
+            .map_err(|e| anyhow::anyhow!("oidc.role[{i}].scope: {e}"))?;
+        if r.group.is_empty() {
+            bail!("oidc.role[{i}].group: is empty");
+        }
+        roles.push(jitgate_controller::oidc::GroupRole {
+            group: r.group.clone(),
+            role,
+            scope,
+        });
+    }
+    let config = jitgate_controller::oidc::OidcConfig {
+        issuer: issuer.trim_end_matches('/').to_owned(),
+        client_id,
+        client_secret: jitgate_proto::Secret::new(secret),
+        scopes: args.oidc_scopes.clone().or(file.scopes).unwrap_or_else(|| {
+            ["openid", "email", "profile", "groups"]
+                .map(str::to_owned)
+                .to_vec()
+        }),
+        name_claim: file.name_claim.unwrap_or_else(|| "name".into()),
+        groups_claim: file.groups_claim.unwrap_or_else(|| "groups".into()),
+        roles,
+        public_url,
+        session: std::time::Duration::from_secs(lifetime),
+    };
+    jitgate_controller::oidc::check_config(&config).map_err(anyhow::Error::msg)?;
+    Ok(Some(config))
 }
 
 /// A proxy's address (`10.0.0.5`, as `/32`) or network (`10.0.0.0/24`); never every
@@ -184,6 +318,15 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
         }
         None => FileConfig::default(),
     };
+    let mut file = file;
+    let public_url = match (&args.public_url, &file.public_url) {
+        (Some(u), _) => Some(u.clone()),
+        (None, Some(t)) => {
+            Some(url::Url::parse(t).map_err(|e| anyhow::anyhow!("public_url: '{t}': {e}"))?)
+        }
+        (None, None) => None,
+    };
+    let oidc = oidc_config(&args, file.oidc.take(), public_url)?;
     let listen = args
         .listen
         .or(file.listen)
@@ -272,6 +415,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
         }
         config.recommend.offline_after = jiff::SignedDuration::from_secs(secs as i64);
     }
+    config.oidc = oidc;
     config.trusted_proxies = args.trusted_proxies;
     if config.trusted_proxies.is_empty() {
         for text in file.trusted_proxies.unwrap_or_default() {
@@ -325,7 +469,7 @@ mod tests {
         let mut argv = vec!["jitgate", "serve"];
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv)?.command {
-            Command::Serve(a) => Ok(a),
+            Command::Serve(a) => Ok(*a),
             _ => unreachable!(),
         }
     }
