@@ -258,13 +258,8 @@ async fn slow_and_excess_connections_are_closed() {
 /// connection that is not a trusted proxy, count for nothing.
 #[tokio::test]
 async fn only_a_trusted_proxy_names_the_caller() {
-    let initiate_path = |ctl: &Ctl| {
-        format!(
-            "{}/initiate?api-version=2020-01-01",
-            ctl.policy_path("rg", "westeurope", "default")
-        )
-    };
-    let body = |ctl: &Ctl| json!({"virtualMachines": [{"id": ctl.vm_id("rg", "vm1"), "ports": [{"number": 22, "duration": "PT1H"}]}]});
+    // Port 22 of vm1, without a source: the grant opens to the caller.
+    let port22 = || json!([{"number": 22, "duration": "PT1H"}]);
     let granted_to = |r: &crate::util::Resp| {
         r.body["virtualMachines"][0]["ports"][0]["allowedSourceAddressPrefix"]
             .as_str()
@@ -280,13 +275,7 @@ async fn only_a_trusted_proxy_names_the_caller() {
     .await;
     ctl.enable("rg", &["vm1"], "*").await;
     let r = ctl
-        .call_with(
-            Method::POST,
-            &initiate_path(&ctl),
-            Some(OWNER),
-            Some(body(&ctl)),
-            &forwarded,
-        )
+        .initiate_with(OWNER, "rg", "vm1", port22(), &forwarded)
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     assert_eq!(granted_to(&r), "203.0.113.7");
@@ -300,11 +289,11 @@ async fn only_a_trusted_proxy_names_the_caller() {
     // A proxy's garbled header is refused, naming it, and changes nothing.
     let before = ctl.snapshot().await;
     let r = ctl
-        .call_with(
-            Method::POST,
-            &initiate_path(&ctl),
-            Some(OWNER),
-            Some(body(&ctl)),
+        .initiate_with(
+            OWNER,
+            "rg",
+            "vm1",
+            port22(),
             &[("X-Forwarded-For", "203.0.113.7, unknown")],
         )
         .await;
@@ -316,13 +305,7 @@ async fn only_a_trusted_proxy_names_the_caller() {
     let plain = Ctl::start().await;
     plain.enable("rg", &["vm1"], "*").await;
     let r = plain
-        .call_with(
-            Method::POST,
-            &initiate_path(&plain),
-            Some(OWNER),
-            Some(body(&plain)),
-            &forwarded,
-        )
+        .initiate_with(OWNER, "rg", "vm1", port22(), &forwarded)
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     assert_eq!(granted_to(&r), "127.0.0.1");

@@ -255,8 +255,20 @@ impl Ctl {
     }
 
     pub async fn initiate_as(&self, token: &str, rg: &str, vm: &str, ports: Value) -> Resp {
+        self.initiate_with(token, rg, vm, ports, &[]).await
+    }
+
+    /// [`Ctl::initiate_as`] with more request headers.
+    pub async fn initiate_with(
+        &self,
+        token: &str,
+        rg: &str,
+        vm: &str,
+        ports: Value,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let body = json!({"virtualMachines": [{"id": self.vm_id(rg, vm), "ports": ports}], "justification": "test"});
-        self.call(
+        self.call_with(
             Method::POST,
             &format!(
                 "{}/initiate?api-version=2020-01-01",
@@ -264,6 +276,7 @@ impl Ctl {
             ),
             Some(token),
             Some(body),
+            headers,
         )
         .await
     }
