@@ -32,11 +32,7 @@ const POLL: Duration = Duration::from_secs(1);
 /// Events read per query while catching up.
 const PAGE: usize = 1000;
 
-pub async fn run(
-    state: AppState,
-    mut bell: watch::Receiver<u64>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(state: AppState, bell: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
     // What happened before this controller started is already in the database, and
     // nothing in memory depends on it.
     let mut last = loop {
@@ -51,14 +47,10 @@ pub async fn run(
             }
         }
     };
+    let mut bell = Some(bell);
     loop {
         tokio::select! {
-            r = bell.changed() => {
-                if r.is_err() {
-                    // The store is gone; keep the poll.
-                    bell = watch::channel(0).1;
-                }
-            }
+            _ = rung(&mut bell) => {}
             _ = tokio::time::sleep(POLL) => {}
             _ = shutdown.changed() => return,
         }
@@ -84,6 +76,18 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Returns when the doorbell rings. A doorbell whose store is gone never rings again
+/// (only the poll is left), rather than answering at once forever.
+async fn rung(bell: &mut Option<watch::Receiver<u64>>) {
+    let closed = match bell.as_mut() {
+        Some(b) => b.changed().await.is_err(),
+        None => return std::future::pending().await,
+    };
+    if closed {
+        *bell = None;
     }
 }
 
