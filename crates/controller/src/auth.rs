@@ -109,16 +109,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
     }
 }
 
-async fn authenticate(
-    state: &AppState,
-    header: Option<&str>,
-    now: Timestamp,
-) -> ApiResult<Principal> {
+/// The token of an `Authorization` header: `Bearer <token>`, the scheme
+/// case-insensitive (RFC 9110, 11.1).
+fn bearer(header: Option<&str>) -> ApiResult<&str> {
     let header = header.ok_or_else(|| {
         ApiError::unauthenticated("Authentication failed. The 'Authorization' header is missing.")
     })?;
-    // The scheme is case-insensitive (RFC 9110, 11.1): `Bearer`, `bearer`, `BEARER`.
-    let token = header
+    header
         .split_once(' ')
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim())
@@ -127,7 +124,17 @@ async fn authenticate(
             ApiError::unauthenticated(
                 "Authentication failed. The 'Authorization' header must be 'Bearer <token>'.",
             )
-        })?;
+        })
+}
+
+/// The principal of a presented token (from the header or a session cookie), with its
+/// role assignments: the secret compared in constant time, revoked and expired
+/// tokens refused.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    token: &str,
+    now: Timestamp,
+) -> ApiResult<Principal> {
     // `jg_<id>.<secret>` is found by its id. Any other text can only be a bootstrap
     // token an operator chose (JITGATE_BOOTSTRAP_TOKEN); it is stored under a random
     // id and found by the hash of the whole text, so its id reveals nothing about it.
@@ -252,27 +259,35 @@ pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: N
         return next.run(req).await;
     }
     let now = state.clock.now();
-    let mut header = req
+    let header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .and_then(|v| v.to_str().ok());
     // A browser's session (sign-in with the identity provider) is its cookie; a
     // change made with it must come from the controller's own pages (CSRF).
-    if header.is_none()
-        && let Some(oidc) = &state.oidc
-        && let Some(session) = crate::oidc::read_cookie(req.headers(), crate::oidc::SESSION_COOKIE)
-    {
-        let safe = matches!(
-            *req.method(),
-            axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
-        );
-        if !safe && let Err(e) = crate::oidc::check_origin(oidc, req.headers()) {
-            return e.into_response();
+    let session = match (&state.oidc, header) {
+        (Some(oidc), None) => {
+            crate::oidc::read_cookie(req.headers(), crate::oidc::SESSION_COOKIE).map(|s| (oidc, s))
         }
-        header = Some(format!("Bearer {session}"));
-    }
-    match authenticate(&state, header.as_deref(), now).await {
+        _ => None,
+    };
+    let result = match session {
+        Some((oidc, session)) => {
+            let safe = matches!(
+                *req.method(),
+                axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+            );
+            if !safe && let Err(e) = crate::oidc::check_origin(oidc, req.headers()) {
+                return e.into_response();
+            }
+            authenticate(&state, &session, now).await
+        }
+        None => match bearer(header) {
+            Ok(token) => authenticate(&state, token, now).await,
+            Err(e) => Err(e),
+        },
+    };
+    match result {
         Ok(p) => {
             let actor = Actor(p.name.clone());
             req.extensions_mut().insert(p);
@@ -319,6 +334,11 @@ fn bounded_path(path: &str) -> String {
     format!("{}... ({} bytes)", &path[..end], path.len())
 }
 
+/// The audit action a refused call is recorded as, when the handler names a more
+/// precise one than its status gives (`auth.signin` for a refused sign-in).
+#[derive(Debug, Clone, Copy)]
+pub struct AuditAs(pub &'static str);
+
 /// Records every refused or failed call (status 400 and up) in the audit log.
 pub async fn audit_failures(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
@@ -345,11 +365,14 @@ pub async fn audit_failures(State(state): State<AppState>, req: Request, next: N
     }
     if audit_it {
         let info = resp.extensions().get::<crate::error::ErrorInfo>().cloned();
-        let action = match status.as_u16() {
-            401 => "authentication.failed",
-            403 => "authorization.denied",
-            s if s >= 500 => "request.failed",
-            _ => "request.rejected",
+        let action = match resp.extensions().get::<AuditAs>() {
+            Some(AuditAs(named)) => named,
+            None => match status.as_u16() {
+                401 => "authentication.failed",
+                403 => "authorization.denied",
+                s if s >= 500 => "request.failed",
+                _ => "request.rejected",
+            },
         };
         let outcome = if matches!(status.as_u16(), 401 | 403) {
             Outcome::Denied

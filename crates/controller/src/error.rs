@@ -96,36 +96,35 @@ impl ApiError {
 /// How long a caller refused for a full write queue is asked to wait.
 pub const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
+/// 503 with `Retry-After`: nothing is wrong with the call, try it again shortly.
+fn retry_later(code: &'static str, message: String) -> ApiError {
+    let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    e.retry_after = Some(BUSY_RETRY_AFTER_SECS);
+    e
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             // Not a failure of the controller: too many writes at once. Nothing was
             // changed; the caller retries.
-            StoreError::Busy { queued } => {
-                let mut e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServerBusy",
-                    format!(
-                        "the controller has {queued} writes waiting, the most it queues; nothing was changed: retry in {BUSY_RETRY_AFTER_SECS} s"
-                    ),
-                );
-                e.retry_after = Some(BUSY_RETRY_AFTER_SECS);
-                e
-            }
+            StoreError::Busy { queued } => retry_later(
+                "ServerBusy",
+                format!(
+                    "the controller has {queued} writes waiting, the most it queues; nothing was changed: retry in {BUSY_RETRY_AFTER_SECS} s"
+                ),
+            ),
             // The database is unreachable for now (a failover): nothing this call
             // asked may have been done, or it may; a retry with the same idempotency
             // key settles which.
             StoreError::Unavailable(m) => {
                 tracing::warn!(error = %m, "the database is unavailable");
-                let mut e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                retry_later(
                     "DatabaseUnavailable",
                     format!(
                         "the controller cannot reach its database now; retry in {BUSY_RETRY_AFTER_SECS} s (an initiate with the same Idempotency-Key is never made twice)"
                     ),
-                );
-                e.retry_after = Some(BUSY_RETRY_AFTER_SECS);
-                e
+                )
             }
             e => ApiError::internal(e),
         }

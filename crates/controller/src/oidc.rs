@@ -40,14 +40,14 @@ use subtle::ConstantTimeEq;
 use tokio::sync::RwLock;
 
 use crate::AppState;
-use crate::auth::{generate_token, sha256_hex};
+use crate::auth::generate_token;
 use crate::error::ApiError;
 
 /// The session cookie: the `__Host-` prefix makes browsers refuse it unless it is
 /// `Secure`, has `Path=/` and no `Domain` (no sibling host can set or read it).
 pub const SESSION_COOKIE: &str = "__Host-jitgate_session";
 /// The cookie that carries a sign-in from `/auth/login` to `/auth/callback`.
-const LOGIN_COOKIE: &str = "__Host-jitgate_login";
+pub const LOGIN_COOKIE: &str = "__Host-jitgate_login";
 /// How long a person has to sign in at the provider.
 const LOGIN_TTL: Duration = Duration::from_secs(600);
 /// The largest answer read from the provider.
@@ -455,21 +455,13 @@ pub async fn callback(
             Ok(resp)
         }
         Err(reason) => {
-            let _ = state
-                .store
-                .append_audit(AuditEntry {
-                    time: now.to_string(),
-                    actor: "anonymous".into(),
-                    source,
-                    action: "auth.signin".into(),
-                    target: oidc.config.issuer.clone(),
-                    outcome: Outcome::Denied,
-                    details: serde_json::json!({ "reason": reason }).to_string(),
-                })
-                .await;
+            // Audited once, as `auth.signin`, by the refused-call layer (within the
+            // per-source limit: nobody can grow the log without bound through here).
             let mut resp = ApiError::unauthenticated(format!("sign-in refused: {reason}"))
                 .with_target("signin")
                 .into_response();
+            resp.extensions_mut()
+                .insert(crate::auth::AuditAs("auth.signin"));
             resp.headers_mut()
                 .append(header::SET_COOKIE, clear_cookie(LOGIN_COOKIE));
             Ok(resp)
@@ -707,44 +699,34 @@ async fn sync_roles(
 /// replica) and clears the cookie. Only from the controller's own pages (`Origin`).
 pub async fn logout(
     State(state): State<AppState>,
+    crate::auth::CallerIp(ip): crate::auth::CallerIp,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let oidc = state.oidc.clone().ok_or_else(not_configured)?;
     check_origin(&oidc, &headers)?;
+    let now = state.clock.now();
+    // A session that is no longer valid has nothing to end: its cookie is cleared all
+    // the same.
     if let Some(token) = read_cookie(&headers, SESSION_COOKIE)
-        && let Some((id, secret)) = crate::auth::split_token(&token)
-        && let Some(record) = state.store.find_token(id).await?
-        && bool::from(
-            record
-                .secret_hash
-                .as_bytes()
-                .ct_eq(sha256_hex(secret).as_bytes()),
-        )
-        && record.revoked.is_none()
+        && let Ok(p) = crate::auth::authenticate(&state, &token, now).await
     {
-        let now = state.clock.now();
-        state
-            .store
-            .revoke_token(
-                id,
-                AuditCtx {
-                    actor: record.principal.clone(),
-                    source: String::new(),
-                    now,
-                },
-            )
-            .await?;
+        let audit = AuditCtx {
+            actor: p.name.clone(),
+            source: ip.to_string(),
+            now,
+        };
+        state.store.revoke_token(&p.token_id, audit.clone()).await?;
         state.auth_cache.invalidate();
         state
             .store
             .append_audit(AuditEntry {
                 time: now.to_string(),
-                actor: record.principal.clone(),
-                source: String::new(),
+                actor: audit.actor,
+                source: audit.source,
                 action: "auth.signout".into(),
                 target: oidc.config.issuer.clone(),
                 outcome: Outcome::Success,
-                details: serde_json::json!({ "session": id }).to_string(),
+                details: serde_json::json!({ "session": p.token_id }).to_string(),
             })
             .await?;
     }

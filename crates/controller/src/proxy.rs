@@ -29,7 +29,8 @@ pub fn client_addr<'a>(
     forwarded: impl DoubleEndedIterator<Item = &'a HeaderValue>,
     trusted: &[IpNet],
 ) -> Result<IpAddr, String> {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&canonical_addr(ip)));
+    // Every address below is canonical (IPv4-mapped IPv6 as IPv4) before it is asked.
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip));
     let peer = canonical_addr(peer);
     if !is_trusted(peer) {
         return Ok(peer);

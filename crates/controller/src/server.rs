@@ -451,11 +451,6 @@ async fn renew_auto_tls(
     }
 }
 
-/// `jitgate admin recover`: mints a new Owner token directly in the data directory,
-/// for when every Owner credential is lost. Local only: the caller must be root or
-/// own the data directory, and no controller may be running on it. Audited
-/// (`admin.recover`, then the token and role assignment it creates), and anchored
-/// with a fresh signed checkpoint. Returns the token text.
 /// Copies the installation in `data_dir` (the controller stopped) into an empty
 /// PostgreSQL database, its audit chain verified after the copy. The data directory
 /// is left as it was (a way back); `jitgate serve --database` then runs on the copy,
@@ -477,6 +472,11 @@ pub async fn migrate_to_postgres(
         .context("the copy failed")
 }
 
+/// `jitgate admin recover`: mints a new Owner token directly in the data directory,
+/// for when every Owner credential is lost. Local only: the caller must be root or
+/// own the data directory, and no controller may be running on it. Audited
+/// (`admin.recover`, then the token and role assignment it creates), and anchored
+/// with a fresh signed checkpoint. Returns the token text.
 pub async fn recover(data_dir: &Path, checkpoints: Option<PathBuf>) -> anyhow::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let db = data_dir.join(DB_FILE);

@@ -274,40 +274,21 @@ async fn unknown_subscription_is_404() {
 async fn an_initiate_retried_with_its_key_is_not_doubled() {
     let ctl = Ctl::start().await;
     ctl.enable("rg", &["vm1"], "*").await;
-    let url = format!(
-        "{}{}/initiate?api-version=2020-01-01",
-        ctl.base,
-        ctl.policy_path("rg", "westeurope", "default")
-    );
-    let body = json!({"virtualMachines": [{"id": ctl.vm_id("rg", "vm1"), "ports": [
-        {"number": 22, "allowedSourceAddressPrefix": "10.0.0.1", "duration": "PT1H"}]}]});
-    let send = |header: &'static str, key: &'static str| {
-        ctl.http
-            .post(&url)
-            .bearer_auth(OWNER)
-            .header(header, key)
-            .json(&body)
-            .send()
-    };
-    let id_of = |r: &reqwest::Response| {
-        r.headers()["x-jitgate-request-id"]
-            .to_str()
-            .unwrap()
-            .to_owned()
-    };
-    let first = send("Idempotency-Key", "retry-1").await.unwrap();
-    assert_eq!(first.status(), StatusCode::ACCEPTED);
-    let again = send("Idempotency-Key", "retry-1").await.unwrap();
-    assert_eq!(again.status(), StatusCode::ACCEPTED);
-    assert_eq!(id_of(&again), id_of(&first));
-    let sdk = send("x-ms-client-request-id", "0b6c1f3e-sdk")
-        .await
-        .unwrap();
-    let sdk_again = send("x-ms-client-request-id", "0b6c1f3e-sdk")
-        .await
-        .unwrap();
-    assert_eq!(id_of(&sdk_again), id_of(&sdk));
-    assert_ne!(id_of(&sdk), id_of(&first));
+    async fn send(ctl: &Ctl, header: &str, key: &str) -> crate::util::Resp {
+        let ports =
+            json!([{"number": 22, "allowedSourceAddressPrefix": "10.0.0.1", "duration": "PT1H"}]);
+        ctl.initiate_with(OWNER, "rg", "vm1", ports, &[(header, key)])
+            .await
+    }
+    let first = send(&ctl, "Idempotency-Key", "retry-1").await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let again = send(&ctl, "Idempotency-Key", "retry-1").await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!(again.request_id(), first.request_id());
+    let sdk = send(&ctl, "x-ms-client-request-id", "0b6c1f3e-sdk").await;
+    let sdk_again = send(&ctl, "x-ms-client-request-id", "0b6c1f3e-sdk").await;
+    assert_eq!(sdk_again.request_id(), sdk.request_id());
+    assert_ne!(sdk.request_id(), first.request_id());
     let listed = ctl.get("/api/v1/requests").await;
     assert_eq!(
         listed.body["value"].as_array().unwrap().len(),
@@ -316,10 +297,13 @@ async fn an_initiate_retried_with_its_key_is_not_doubled() {
         listed.body
     );
     // A key that is not 1-128 visible ASCII characters: 400 naming it, nothing made.
-    let bad = send("Idempotency-Key", "has space").await.unwrap();
-    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
-    let err: serde_json::Value = bad.json().await.unwrap();
-    assert_eq!(err["error"]["target"], "idempotency-key", "{err}");
+    let bad = send(&ctl, "Idempotency-Key", "has space").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        bad.body["error"]["target"], "idempotency-key",
+        "{:?}",
+        bad.body
+    );
     let listed = ctl.get("/api/v1/requests").await;
     assert_eq!(listed.body["value"].as_array().unwrap().len(), 2);
 }

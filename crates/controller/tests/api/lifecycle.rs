@@ -90,10 +90,7 @@ async fn a_requester_cannot_end_anothers_grant_by_superseding_it() {
         )
         .await;
     assert_eq!(admin.status, StatusCode::ACCEPTED, "{:?}", admin.body);
-    let admin_id = admin.headers["x-jitgate-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let admin_id = admin.request_id();
     // The direct way is refused...
     let revoke = ctl
         .call(
@@ -158,10 +155,7 @@ async fn early_revoke_and_nsg_view() {
 
     let r = ctl.initiate("rg", "vm1", json!([{"number": 22, "allowedSourceAddressPrefix": "10.1.2.3", "duration": "PT1H"}, {"number": 3389, "allowedSourceAddressPrefix": "10.1.2.3", "duration": "PT1H"}])).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    let id = r.headers["x-jitgate-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = r.request_id();
     let nsg = ctl.get("/api/v1/vms/rg/vm1/nsg").await;
     let first = &nsg.body["rules"][0];
     assert_eq!(first["name"], format!("JIT-Allow-{id}-22"));

@@ -452,10 +452,7 @@ async fn every_operation_answers_as_documented() {
         )
         .await;
     assert_eq!(i.status, StatusCode::ACCEPTED, "{:?}", i.body);
-    let id = i.headers["x-jitgate-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = i.request_id();
     ctl.get("/api/v1/vms").await;
     ctl.get("/api/v1/vms/rg/vm1").await;
     ctl.get("/api/v1/vms/rg/vm1/nsg").await;

@@ -192,10 +192,7 @@ async fn a_requester_scoped_to_one_vm_cannot_read_or_open_another() {
             json!([{"number": 22, "allowedSourceAddressPrefix": "10.0.0.9", "duration": "PT1H"}]),
         )
         .await;
-    let their_id = theirs.headers["x-jitgate-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let their_id = theirs.request_id();
     assert_eq!(
         ctl.get_as(&alice, &format!("/api/v1/requests/{their_id}"))
             .await
@@ -211,10 +208,7 @@ async fn a_requester_scoped_to_one_vm_cannot_read_or_open_another() {
         )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    let mine = ok.headers["x-jitgate-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let mine = ok.request_id();
     let r = ctl
         .call(
             Method::POST,

@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant};
 
 use jitgate_store_sql::testpg::TestDb;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::util::{Ctl, OWNER, enroll};
 
-async fn replica(db: &TestDb) -> Ctl {
-    let url = db.url.clone();
+async fn replica(url: &str) -> Ctl {
+    let url = url.to_owned();
     Ctl::start_with(tempfile::tempdir().unwrap(), move |c| {
         c.database = Some(url)
     })
@@ -21,8 +21,8 @@ async fn replica(db: &TestDb) -> Ctl {
 
 async fn two_replicas() -> (TestDb, Ctl, Ctl) {
     let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
-    let a = replica(&db).await;
-    let b = replica(&db).await;
+    let a = replica(&db.url).await;
+    let b = replica(&db.url).await;
     (db, a, b)
 }
 
@@ -51,10 +51,7 @@ async fn any_replica_answers_any_call() {
         )
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    let id = r.headers["x-jitgate-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = r.request_id();
     let listed = a.get("/api/v1/requests").await;
     assert_eq!(listed.body["value"][0]["id"], id.as_str());
     let revoked = a
@@ -162,9 +159,7 @@ async fn a_token_revoked_through_one_replica_is_refused_by_the_others() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The owner's token works on both throughout.
-    let who = b
-        .call(Method::GET, "/api/v1/whoami", Some(OWNER), None)
-        .await;
+    let who = b.get("/api/v1/whoami").await;
     assert_eq!(who.status, StatusCode::OK);
 }
 
@@ -285,20 +280,8 @@ async fn a_failover_during_a_burst_loses_and_doubles_no_acknowledged_initiate() 
     let pair = tokio::task::spawn_blocking(primary_and_standby)
         .await
         .unwrap();
-    let a = {
-        let url = pair.url.clone();
-        Ctl::start_with(tempfile::tempdir().unwrap(), move |c| {
-            c.database = Some(url)
-        })
-        .await
-    };
-    let b = {
-        let url = pair.url.clone();
-        Ctl::start_with(tempfile::tempdir().unwrap(), move |c| {
-            c.database = Some(url)
-        })
-        .await
-    };
+    let a = replica(&pair.url).await;
+    let b = replica(&pair.url).await;
     a.enable("rg", &["vm1"], "*").await;
     let path = format!(
         "{}/initiate?api-version=2020-01-01",

@@ -32,6 +32,14 @@ impl Resp {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
 
+    /// The request id an initiate was answered with (`x-jitgate-request-id`).
+    pub fn request_id(&self) -> String {
+        self.headers["x-jitgate-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
     pub fn message(&self) -> &str {
         self.body["error"]["message"].as_str().unwrap_or("")
     }
