@@ -88,6 +88,17 @@ pub enum Value {
     Blob(Vec<u8>),
 }
 
+impl From<Param<'_>> for Value {
+    fn from(p: Param<'_>) -> Self {
+        match p {
+            Param::Null => Value::Null,
+            Param::Int(i) => Value::Int(i),
+            Param::Text(t) => Value::Text(t.to_owned()),
+            Param::Blob(b) => Value::Blob(b.to_vec()),
+        }
+    }
+}
+
 impl ToParam for Value {
     fn param(&self) -> Param<'_> {
         match self {
@@ -241,6 +252,32 @@ impl dyn Db + '_ {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// The one row a query always returns (an aggregate), mapped by `f`.
+    pub fn row<T>(
+        &self,
+        sql: &str,
+        params: &[&dyn ToParam],
+        f: impl FnOnce(&mut Row) -> Result<T>,
+    ) -> Result<T> {
+        self.one(sql, params, f)?
+            .ok_or_else(|| StoreError::Db(format!("no row from: {}", sql.trim())))
+    }
+
+    /// Ends the open transaction with `r`: COMMIT after a success, ROLLBACK after an
+    /// error (which is the one returned).
+    pub fn end<T>(&self, r: Result<T>) -> Result<T> {
+        match r {
+            Ok(v) => {
+                self.batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.batch("ROLLBACK");
+                Err(e)
+            }
+        }
     }
 
     /// Whether the query returns a row.

@@ -54,7 +54,7 @@ pub use sqlite::verify_file;
 /// Whether `url` is a PostgreSQL connection string (without connecting). The error
 /// does not repeat the URL (it may hold a password).
 pub fn check_postgres_url(url: &str) -> Result<()> {
-    pg::target(url).map(|_| ())
+    pg::settings(url).map(|_| ())
 }
 
 /// Read connections kept open (and concurrent reads allowed).
@@ -761,7 +761,7 @@ fn refresh_verdicts(ctx: &mut WriteCtx<'_>, keys: &[String]) -> Result<()> {
         )?;
         let Some((id, sub, rg_key)) = row else {
             ctx.tx
-                .execute("DELETE FROM vm_verdicts WHERE vm_key = ?1", &[&key])?;
+                .defer("DELETE FROM vm_verdicts WHERE vm_key = ?1", &[&key])?;
             continue;
         };
         let vm = VmId::parse(&id).map_err(corrupt("vm id"))?;
@@ -880,7 +880,7 @@ fn refresh_exclusions(ctx: &mut WriteCtx<'_>, scope: &Scope) -> Result<()> {
             let vm = VmId::parse(id).map_err(corrupt("vm id"))?;
             let now = excluded_reason(&exclusions, &vm);
             if now != *was {
-                ctx.tx.execute(
+                ctx.tx.defer(
                     "UPDATE vm_verdicts SET excluded = ?2 WHERE vm_key = ?1",
                     &[&key, &now],
                 )?;
@@ -900,14 +900,7 @@ fn refresh_exclusions(ctx: &mut WriteCtx<'_>, scope: &Scope) -> Result<()> {
 /// and code. A batch of VMs at a time, so memory stays flat in their number.
 fn fill_verdicts(tx: &dyn Db, recommend: &RecommendConfig) -> Result<()> {
     begin_write(tx)?;
-    let filled = fill_verdicts_in(tx, recommend);
-    match filled {
-        Ok(()) => tx.batch("COMMIT"),
-        Err(e) => {
-            let _ = tx.batch("ROLLBACK");
-            Err(e)
-        }
-    }
+    tx.end(fill_verdicts_in(tx, recommend))
 }
 
 fn fill_verdicts_in(tx: &dyn Db, recommend: &RecommendConfig) -> Result<()> {
@@ -1240,23 +1233,26 @@ impl SqlStore {
 }
 
 fn subscription_exists(conn: &dyn Db, sub: SubscriptionId) -> Result<bool> {
-    Ok(conn
-        .one(
-            "SELECT 1 FROM subscriptions WHERE id = ?1",
-            &[&sub.to_string()],
-            |_| Ok(()),
-        )?
-        .is_some())
+    conn.exists(
+        "SELECT 1 FROM subscriptions WHERE id = ?1",
+        &[&sub.to_string()],
+    )
+}
+
+/// The creation time (Unix ns) before which an idempotency key is forgotten.
+fn idempotency_cutoff(now: Timestamp) -> i64 {
+    let window = i64::try_from(IDEMPOTENCY_WINDOW.as_nanos()).unwrap_or(i64::MAX);
+    ns(now).saturating_sub(window)
 }
 
 fn insert_token(conn: &dyn Db, t: &TokenRecord) -> Result<()> {
-    conn.execute("INSERT INTO tokens(id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns)
+    conn.defer("INSERT INTO tokens(id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", &[&t.id, &t.principal, &t.secret_hash, &t.description, &ns(t.created), &t.expires.map(ns), &t.revoked.map(ns)])?;
     Ok(())
 }
 
 fn insert_role_assignment(conn: &dyn Db, ra: &RoleAssignmentRecord) -> Result<()> {
-    conn.execute("INSERT INTO role_assignments(id, principal, role, scope, created_ns) VALUES (?1, ?2, ?3, ?4, ?5)", &[&ra.id, &ra.assignment.principal, &ra.assignment.role.as_str(), &ra.assignment.scope.to_string(), &ns(ra.created)])?;
+    conn.defer("INSERT INTO role_assignments(id, principal, role, scope, created_ns) VALUES (?1, ?2, ?3, ?4, ?5)", &[&ra.id, &ra.assignment.principal, &ra.assignment.role.as_str(), &ra.assignment.scope.to_string(), &ns(ra.created)])?;
     Ok(())
 }
 
@@ -1278,10 +1274,7 @@ fn put_policy_in(
         let field = format!("properties.virtualMachines[{i}].id");
         let known = ctx
             .tx
-            .one("SELECT 1 FROM vms WHERE key = ?1", &[&vm.id.key()], |_| {
-                Ok(())
-            })?
-            .is_some();
+            .exists("SELECT 1 FROM vms WHERE key = ?1", &[&vm.id.key()])?;
         if !known {
             return Err(OpError::Refused(PolicyError::UnknownVm(FieldError::new(
                 field,
@@ -1315,17 +1308,17 @@ fn put_policy_in(
     let created = old.is_none();
     match &old {
         None => {
-            ctx.tx.execute("INSERT INTO policies(key, uid, subscription, rg, rg_key, location, location_key, name, kind, vms_json, created_ns, updated_ns)
+            ctx.tx.defer("INSERT INTO policies(key, uid, subscription, rg, rg_key, location, location_key, name, kind, vms_json, created_ns, updated_ns)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)", &[&pkey, &uuid::Uuid::new_v4().to_string(), &key.subscription.to_string(), &key.resource_group.as_str(), &key.resource_group.key(), &key.location.as_str(), &key.location.key(), &key.name.as_str(), &spec.kind, &json, &ns(audit.now)])?;
         }
         Some(_) => {
-            ctx.tx.execute("UPDATE policies SET kind = ?2, vms_json = ?3, updated_ns = ?4, rev = rev + 1 WHERE key = ?1", &[&pkey, &spec.kind, &json, &ns(audit.now)])?;
+            ctx.tx.defer("UPDATE policies SET kind = ?2, vms_json = ?3, updated_ns = ?4, rev = rev + 1 WHERE key = ?1", &[&pkey, &spec.kind, &json, &ns(audit.now)])?;
             ctx.tx
-                .execute("DELETE FROM policy_vms WHERE policy_key = ?1", &[&pkey])?;
+                .defer("DELETE FROM policy_vms WHERE policy_key = ?1", &[&pkey])?;
         }
     }
     for vm in &spec.vms {
-        ctx.tx.execute(
+        ctx.tx.defer(
             "INSERT INTO policy_vms(vm_key, policy_key) VALUES (?1, ?2)",
             &[&vm.id.key(), &pkey],
         )?;
@@ -1475,7 +1468,7 @@ impl Store for SqlStore {
                     created: false,
                 });
             }
-            ctx.tx.execute("INSERT INTO subscriptions(id, created_ns) VALUES (?1, ?2)", &[&init.subscription.to_string(), &ns(audit.now)])?;
+            ctx.tx.defer("INSERT INTO subscriptions(id, created_ns) VALUES (?1, ?2)", &[&init.subscription.to_string(), &ns(audit.now)])?;
             insert_token(ctx.tx, &init.owner_token)?;
             let ra = RoleAssignmentRecord {
                 id: format!("bootstrap-{}", init.owner_token.id),
@@ -1821,9 +1814,9 @@ impl Store for SqlStore {
                 )?);
             }
             ctx.tx
-                .execute("DELETE FROM policy_vms WHERE policy_key = ?1", &[&pkey])?;
+                .defer("DELETE FROM policy_vms WHERE policy_key = ?1", &[&pkey])?;
             ctx.tx
-                .execute("DELETE FROM policies WHERE key = ?1", &[&pkey])?;
+                .defer("DELETE FROM policies WHERE key = ?1", &[&pkey])?;
             ctx.audit(
                 &audit,
                 "policy.delete",
@@ -1847,11 +1840,10 @@ impl Store for SqlStore {
     ) -> Result<AccessRequest, OpError<InitiateRefusal>> {
         self.write(move |ctx| {
             // A retry of a request already made: the request made then, nothing new.
-            let window = i64::try_from(IDEMPOTENCY_WINDOW.as_nanos()).unwrap_or(i64::MAX);
             if let Some(k) = &args.idempotency_key
                 && let Some(id) = ctx.tx.one(
                     "SELECT request_id FROM idempotency WHERE requestor = ?1 AND key = ?2 AND created_ns > ?3",
-                    &[&args.requestor, k, &ns(audit.now).saturating_sub(window)],
+                    &[&args.requestor, k, &idempotency_cutoff(audit.now)],
                     |r| r.get::<String>(0),
                 )?
                 && let Some(made) = load_requests(ctx.tx, &[id])?.pop()
@@ -2021,8 +2013,7 @@ impl Store for SqlStore {
         self.write(move |ctx| {
             let exists = ctx
                 .tx
-                .one("SELECT 1 FROM requests WHERE id = ?1", &[&id.to_string()], |_| Ok(()))?
-                .is_some();
+                .exists("SELECT 1 FROM requests WHERE id = ?1", &[&id.to_string()])?;
             if !exists {
                 return Err(OpError::Refused(RevokeError::NotFound));
             }
@@ -2053,10 +2044,9 @@ impl Store for SqlStore {
                 now,
             };
             // Idempotency keys are remembered for their window, no longer.
-            let window = i64::try_from(IDEMPOTENCY_WINDOW.as_nanos()).unwrap_or(i64::MAX);
-            ctx.tx.execute(
+            ctx.tx.defer(
                 "DELETE FROM idempotency WHERE created_ns <= ?1",
-                &[&ns(now).saturating_sub(window)],
+                &[&idempotency_cutoff(now)],
             )?;
             revoke_where(
                 ctx,
@@ -2071,13 +2061,11 @@ impl Store for SqlStore {
 
     async fn next_expiry(&self) -> Result<Option<Timestamp>> {
         self.read(|c| {
-            let n: Option<i64> = c
-                .one(
-                    "SELECT MIN(end_ns) FROM request_ports WHERE status = 'Initiated'",
-                    &[],
-                    |r| r.get(0),
-                )?
-                .ok_or_else(|| StoreError::Db("the query returned no row".into()))?;
+            let n: Option<i64> = c.row(
+                "SELECT MIN(end_ns) FROM request_ports WHERE status = 'Initiated'",
+                &[],
+                |r| r.get(0),
+            )?;
             n.map(from_ns).transpose()
         })
         .await
@@ -2090,13 +2078,11 @@ impl Store for SqlStore {
 
     async fn count_live_grants(&self, now: Timestamp) -> Result<u64> {
         self.read(move |c| {
-            let n: i64 = c
-                .one(
-                    "SELECT COUNT(*) FROM request_ports WHERE status = 'Initiated' AND end_ns > ?1",
-                    &[&ns(now)],
-                    |r| r.get(0),
-                )?
-                .ok_or_else(|| StoreError::Db("the query returned no row".into()))?;
+            let n: i64 = c.row(
+                "SELECT COUNT(*) FROM request_ports WHERE status = 'Initiated' AND end_ns > ?1",
+                &[&ns(now)],
+                |r| r.get(0),
+            )?;
             Ok(n as u64)
         })
         .await
@@ -2217,7 +2203,7 @@ impl Store for SqlStore {
                 return Ok(false);
             };
             ctx.tx
-                .execute("DELETE FROM role_assignments WHERE id = ?1", &[&id])?;
+                .defer("DELETE FROM role_assignments WHERE id = ?1", &[&id])?;
             ctx.audit(
                 &audit,
                 "roleAssignment.delete",
@@ -2239,8 +2225,7 @@ impl Store for SqlStore {
         self.write(move |ctx| {
             let known = ctx
                 .tx
-                .one("SELECT 1 FROM vms WHERE key = ?1", &[&vm.key()], |_| Ok(()))?
-                .is_some();
+                .exists("SELECT 1 FROM vms WHERE key = ?1", &[&vm.key()])?;
             if !known {
                 return Err(OpError::Refused(NsgRuleError::UnknownVm));
             }
@@ -2256,7 +2241,7 @@ impl Store for SqlStore {
                 .tx
                 .execute("DELETE FROM nsg_rules WHERE vm_key = ?1 AND name = ?2", &[&vm.key(), &rule.name])?
                 > 0;
-            ctx.tx.execute("INSERT INTO nsg_rules(vm_key, name, priority, access, protocol, sources, ports, description)
+            ctx.tx.defer("INSERT INTO nsg_rules(vm_key, name, priority, access, protocol, sources, ports, description)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)", &[&vm.key(), &rule.name, &(rule.priority as i64), &rule.access.as_str(), &rule.protocol.as_str(), &sources.join(","), &ports.join(","), &rule.description])?;
             ctx.audit(
                 &audit,
@@ -2314,7 +2299,7 @@ impl Store for SqlStore {
 
     async fn create_enroll_token(&self, token: EnrollTokenRecord, audit: AuditCtx) -> Result<()> {
         self.write_plain(move |ctx| {
-            ctx.tx.execute("INSERT INTO enroll_tokens(id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace)
+            ctx.tx.defer("INSERT INTO enroll_tokens(id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)", &[&token.id, &token.secret_hash, &token.scope.to_string(), &ns(token.expires), &(token.uses_left as i64), &token.description, &ns(token.created), &token.created_by, &token.revoked.map(ns), &token.allow_replace])?;
             ctx.audit(
                 &audit,
@@ -2391,18 +2376,18 @@ impl Store for SqlStore {
             if live_agent.is_some() && !t.allow_replace {
                 return refuse(EnrollError::AgentOnline);
             }
-            let replaced: bool = ctx.tx.one("SELECT EXISTS (SELECT 1 FROM tokens WHERE lower(principal) = lower(?1) AND revoked_ns IS NULL)", &[&principal], |r| r.get(0))?.ok_or_else(|| StoreError::Db("the query returned no row".into()))?;
-            ctx.tx.execute("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?1", &[&t.id])?;
+            let replaced = ctx.tx.exists("SELECT 1 FROM tokens WHERE lower(principal) = lower(?1) AND revoked_ns IS NULL", &[&principal])?;
+            ctx.tx.defer("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?1", &[&t.id])?;
             let created = ctx.tx.execute("INSERT INTO vms(key, id, subscription, rg_key, location, created_ns, created_by, name_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING", &[&args.vm.key(), &args.vm.to_string(), &args.vm.subscription.to_string(), &args.vm.resource_group.key(), &(args.location.as_ref().map(|l| l.to_string())), &ns(audit.now), &(format!("enroll-token:{}", t.id)), &args.vm.name.key()])? > 0;
-            ctx.tx.execute(
+            ctx.tx.defer(
                 // Case-insensitive: a VM's id may be written in any casing, and a
                 // re-enrollment must always replace the previous credential.
                 "UPDATE tokens SET revoked_ns = ?2 WHERE lower(principal) = lower(?1) AND revoked_ns IS NULL",
                 &[&principal, &ns(audit.now)],
             )?;
             insert_token(ctx.tx, &args.agent_token)?;
-            ctx.tx.execute("DELETE FROM role_assignments WHERE lower(principal) = lower(?1)", &[&principal])?;
+            ctx.tx.defer("DELETE FROM role_assignments WHERE lower(principal) = lower(?1)", &[&principal])?;
             insert_role_assignment(
                 ctx.tx,
                 &RoleAssignmentRecord {
@@ -2437,7 +2422,7 @@ impl Store for SqlStore {
                 .tx
                 .one("SELECT facts FROM agent_status WHERE vm_key = ?1", &[&key], |r| r.get(0))?;
             ctx.tx
-                .execute(
+                .defer(
                     "INSERT INTO agent_status(vm_key, vm_id, report, last_seen_ns, facts) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT(vm_key) DO UPDATE SET vm_id = excluded.vm_id, report = excluded.report,
                        last_seen_ns = excluded.last_seen_ns, facts = excluded.facts",
@@ -2446,7 +2431,7 @@ impl Store for SqlStore {
                 // A heartbeat with nothing new (the usual report): the verdict stands,
                 // only the time it was last confirmed moves.
                 ctx.tx
-                    .execute("UPDATE vm_verdicts SET last_seen_ns = ?2 WHERE vm_key = ?1", &[&key, &ns(status.last_seen)])?;
+                    .defer("UPDATE vm_verdicts SET last_seen_ns = ?2 WHERE vm_key = ?1", &[&key, &ns(status.last_seen)])?;
             } else {
                 refresh_verdicts(ctx, &[key])?;
             }
@@ -2475,7 +2460,7 @@ impl Store for SqlStore {
         }
         self.write_plain(move |ctx| {
             for p in &points {
-                ctx.tx.execute(
+                ctx.tx.defer(
                     "INSERT INTO blocked_attempts(vm_key, vm_id, port, protocol, at_ns, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     &[&p.vm.key(), &p.vm.to_string(), &i64::from(p.port), &p.protocol, &ns(p.at), &(p.count as i64)],
                 )?;
@@ -2545,7 +2530,7 @@ impl Store for SqlStore {
 
     async fn add_exclusion(&self, e: ExclusionRecord, audit: AuditCtx) -> Result<()> {
         self.write_plain(move |ctx| {
-            ctx.tx.execute("INSERT INTO exclusions(id, scope, reason, created_ns, created_by) VALUES (?1, ?2, ?3, ?4, ?5)", &[&e.id, &e.scope.to_string(), &e.reason, &ns(e.created), &e.created_by])?;
+            ctx.tx.defer("INSERT INTO exclusions(id, scope, reason, created_ns, created_by) VALUES (?1, ?2, ?3, ?4, ?5)", &[&e.id, &e.scope.to_string(), &e.reason, &ns(e.created), &e.created_by])?;
             ctx.audit(
                 &audit,
                 "exclusion.create",
@@ -2676,7 +2661,7 @@ impl Store for SqlStore {
                     })?;
             let Some(scope) = scope else { return Ok(false) };
             ctx.tx
-                .execute("DELETE FROM exclusions WHERE id = ?1", &[&id])?;
+                .defer("DELETE FROM exclusions WHERE id = ?1", &[&id])?;
             ctx.audit(
                 &audit,
                 "exclusion.delete",
@@ -2735,7 +2720,11 @@ impl Store for SqlStore {
                 .unwrap_or(0);
             // From the newest accepted break that the checkpoint covers: what came
             // before it was already found broken and the break accepted (and audited).
-            let from: Option<i64> = c.one("SELECT max(seq) FROM audit WHERE action = 'audit.break_accepted' AND seq <= ?1", &[&(newest as i64)], |r| r.get(0))?.ok_or_else(|| StoreError::Db("the query returned no row".into()))?;
+            let from: Option<i64> = c.row(
+                "SELECT max(seq) FROM audit WHERE action = 'audit.break_accepted' AND seq <= ?1",
+                &[&(newest as i64)],
+                |r| r.get(0),
+            )?;
             let (mut report, edited) =
                 stream_audit(c, from.unwrap_or(0).max(0) as u64, |records, head| {
                     audit::verify_range(records, head, Some(anchor.anchors()))
@@ -2787,11 +2776,8 @@ fn stream_audit<T>(
         Dialect::Sqlite => "BEGIN",
         Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
     })?;
-    let out = stream_audit_in(c, from, walk);
-    let end = c.batch("COMMIT");
-    let out = out?;
-    end?;
-    Ok(out)
+    // Read only: a rollback after an error leaves the same as a commit.
+    c.end(stream_audit_in(c, from, walk))
 }
 
 fn stream_audit_in<T>(
@@ -2968,32 +2954,22 @@ fn decode_nsg_row(row: NsgRow) -> Result<(String, NsgRule)> {
 }
 
 fn read_vms(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<VmRecord>> {
-    let rows = c.all(
+    c.all(
         &format!("SELECT id, location, created_ns, created_by FROM vms {tail}"),
         params,
         |r| {
-            Ok((
-                r.get::<String>(0)?,
-                r.get::<Option<String>>(1)?,
-                r.get::<i64>(2)?,
-                r.get::<String>(3)?,
-            ))
+            Ok(VmRecord {
+                id: VmId::parse(&r.get::<String>(0)?).map_err(corrupt("vm id"))?,
+                location: r
+                    .get::<Option<String>>(1)?
+                    .map(|l| Location::parse(&l))
+                    .transpose()
+                    .map_err(corrupt("location"))?,
+                created: from_ns(r.get(2)?)?,
+                created_by: r.get(3)?,
+            })
         },
-    )?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, location, created, created_by) = row;
-        out.push(VmRecord {
-            id: VmId::parse(&id).map_err(corrupt("vm id"))?,
-            location: location
-                .map(|l| Location::parse(&l))
-                .transpose()
-                .map_err(corrupt("location"))?,
-            created: from_ns(created)?,
-            created_by,
-        });
-    }
-    Ok(out)
+    )
 }
 
 fn read_role_assignments(
@@ -3001,33 +2977,21 @@ fn read_role_assignments(
     tail: &str,
     params: &[&dyn ToParam],
 ) -> Result<Vec<RoleAssignmentRecord>> {
-    let rows = c.all(
+    c.all(
         &format!("SELECT id, principal, role, scope, created_ns FROM role_assignments {tail}"),
         params,
         |r| {
-            Ok((
-                r.get::<String>(0)?,
-                r.get::<String>(1)?,
-                r.get::<String>(2)?,
-                r.get::<String>(3)?,
-                r.get::<i64>(4)?,
-            ))
+            Ok(RoleAssignmentRecord {
+                id: r.get(0)?,
+                assignment: RoleAssignment {
+                    principal: r.get(1)?,
+                    role: Role::parse(&r.get::<String>(2)?).map_err(corrupt("role"))?,
+                    scope: Scope::parse(&r.get::<String>(3)?).map_err(corrupt("scope"))?,
+                },
+                created: from_ns(r.get(4)?)?,
+            })
         },
-    )?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, principal, role, scope, created) = row;
-        out.push(RoleAssignmentRecord {
-            id,
-            assignment: RoleAssignment {
-                principal,
-                role: Role::parse(&role).map_err(corrupt("role"))?,
-                scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
-            },
-            created: from_ns(created)?,
-        });
-    }
-    Ok(out)
+    )
 }
 
 fn read_exclusions(
@@ -3035,61 +2999,35 @@ fn read_exclusions(
     tail: &str,
     params: &[&dyn ToParam],
 ) -> Result<Vec<ExclusionRecord>> {
-    let rows = c.all(
+    c.all(
         &format!("SELECT id, scope, reason, created_ns, created_by FROM exclusions {tail}"),
         params,
         |r| {
-            Ok((
-                r.get::<String>(0)?,
-                r.get::<String>(1)?,
-                r.get::<String>(2)?,
-                r.get::<i64>(3)?,
-                r.get::<String>(4)?,
-            ))
+            Ok(ExclusionRecord {
+                id: r.get(0)?,
+                scope: Scope::parse(&r.get::<String>(1)?).map_err(corrupt("scope"))?,
+                reason: r.get(2)?,
+                created: from_ns(r.get(3)?)?,
+                created_by: r.get(4)?,
+            })
         },
-    )?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, scope, reason, created, created_by) = row;
-        out.push(ExclusionRecord {
-            id,
-            scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
-            reason,
-            created: from_ns(created)?,
-            created_by,
-        });
-    }
-    Ok(out)
+    )
 }
 
 fn read_tokens(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<TokenRecord>> {
-    let rows = c.all(&format!(
+    c.all(&format!(
         "SELECT id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns FROM tokens {tail}"
     ), params, |r| {
-        Ok((
-            r.get::<String>(0)?,
-            r.get::<String>(1)?,
-            r.get::<String>(2)?,
-            r.get::<String>(3)?,
-            r.get::<i64>(4)?,
-            r.get::<Option<i64>>(5)?,
-            r.get::<Option<i64>>(6)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, principal, secret_hash, description, created, expires, revoked) = row;
-        out.push(TokenRecord {
-            id,
-            principal,
-            secret_hash,
-            description,
-            created: from_ns(created)?,
-            expires: expires.map(from_ns).transpose()?,
-            revoked: revoked.map(from_ns).transpose()?,
-        });
-    }
-    Ok(out)
+        Ok(TokenRecord {
+            id: r.get(0)?,
+            principal: r.get(1)?,
+            secret_hash: r.get(2)?,
+            description: r.get(3)?,
+            created: from_ns(r.get(4)?)?,
+            expires: r.get::<Option<i64>>(5)?.map(from_ns).transpose()?,
+            revoked: r.get::<Option<i64>>(6)?.map(from_ns).transpose()?,
+        })
+    })
 }
 
 /// Compares two byte strings in time independent of where they differ.
@@ -3101,38 +3039,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// `vm_key`, oldest request first (`live_grants`, initiate's superseding and a
 /// policy update's judgement all read them here).
 fn read_live_grants(conn: &dyn Db, vm_key: &str, now: Timestamp) -> Result<Vec<Grant>> {
-    let rows = conn.all(
+    conn.all(
         "SELECT p.request_id, r.requestor, p.number, p.protocol, p.source, r.start_ns, p.end_ns
          FROM request_ports p JOIN requests r ON r.id = p.request_id
          WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2
          ORDER BY r.start_ns, p.request_id, p.number",
         &[&vm_key, &ns(now)],
         |r| {
-            Ok((
-                r.get::<String>(0)?,
-                r.get::<String>(1)?,
-                r.get::<i64>(2)?,
-                r.get::<String>(3)?,
-                r.get::<String>(4)?,
-                r.get::<i64>(5)?,
-                r.get::<i64>(6)?,
-            ))
+            Ok(Grant {
+                request: RequestId::parse(&r.get::<String>(0)?).map_err(corrupt("request id"))?,
+                requestor: r.get(1)?,
+                number: Port::new(r.get(2)?).map_err(corrupt("port"))?,
+                protocol: Protocol::parse(&r.get::<String>(3)?).map_err(corrupt("protocol"))?,
+                source: SourcePrefix::parse(&r.get::<String>(4)?).map_err(corrupt("source"))?,
+                start: from_ns(r.get(5)?)?,
+                end: from_ns(r.get(6)?)?,
+            })
         },
-    )?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (req, requestor, number, protocol, source, start, end) = row;
-        out.push(Grant {
-            request: RequestId::parse(&req).map_err(corrupt("request id"))?,
-            requestor,
-            number: Port::new(number).map_err(corrupt("port"))?,
-            protocol: Protocol::parse(&protocol).map_err(corrupt("protocol"))?,
-            source: SourcePrefix::parse(&source).map_err(corrupt("source"))?,
-            start: from_ns(start)?,
-            end: from_ns(end)?,
-        });
-    }
-    Ok(out)
+    )
 }
 
 /// What `revoke_row` can revoke.
@@ -3167,51 +3091,23 @@ fn read_enroll_tokens(
     tail: &str,
     params: &[&dyn ToParam],
 ) -> Result<Vec<EnrollTokenRecord>> {
-    let rows = c.all(&format!(
+    c.all(&format!(
         "SELECT id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace
          FROM enroll_tokens {tail}"
     ), params, |r| {
-        Ok((
-            r.get::<String>(0)?,
-            r.get::<String>(1)?,
-            r.get::<String>(2)?,
-            r.get::<i64>(3)?,
-            r.get::<i64>(4)?,
-            r.get::<String>(5)?,
-            r.get::<i64>(6)?,
-            r.get::<String>(7)?,
-            r.get::<Option<i64>>(8)?,
-            r.get::<bool>(9)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (
-            id,
-            secret_hash,
-            scope,
-            expires,
-            uses,
-            description,
-            created,
-            created_by,
-            revoked,
-            allow_replace,
-        ) = row;
-        out.push(EnrollTokenRecord {
-            id,
-            secret_hash,
-            scope: Scope::parse(&scope).map_err(corrupt("scope"))?,
-            expires: from_ns(expires)?,
-            uses_left: u32::try_from(uses.max(0)).unwrap_or(0),
-            description,
-            created: from_ns(created)?,
-            created_by,
-            revoked: revoked.map(from_ns).transpose()?,
-            allow_replace,
-        });
-    }
-    Ok(out)
+        Ok(EnrollTokenRecord {
+            id: r.get(0)?,
+            secret_hash: r.get(1)?,
+            scope: Scope::parse(&r.get::<String>(2)?).map_err(corrupt("scope"))?,
+            expires: from_ns(r.get(3)?)?,
+            uses_left: u32::try_from(r.get::<i64>(4)?.max(0)).unwrap_or(0),
+            description: r.get(5)?,
+            created: from_ns(r.get(6)?)?,
+            created_by: r.get(7)?,
+            revoked: r.get::<Option<i64>>(8)?.map(from_ns).transpose()?,
+            allow_replace: r.get(9)?,
+        })
+    })
 }
 
 fn read_cached_policy(
@@ -3346,6 +3242,16 @@ const TABLES: &[(&str, &str)] = &[
 /// source's. Refuses a database that already holds an installation. Blocking.
 pub fn copy_sqlite_to_postgres(path: &Path, url: &str) -> Result<CopyReport> {
     let from = sqlite::open_read_only(path)?;
+    // The target first: a wrong URL or a used database is told at once, not after a
+    // walk of the whole source chain.
+    let to = pg::connect(&pg::target(url)?)?;
+    pg::migrate(&to)?;
+    let to: &dyn Db = &to;
+    if to.exists("SELECT 1 FROM subscriptions", &[])? {
+        return Err(StoreError::Db(
+            "the PostgreSQL database already holds an installation; copy into an empty one".into(),
+        ));
+    }
     let source = verify_connection(&from, None)?;
     if !source.ok() {
         return Err(StoreError::Corrupt(format!(
@@ -3353,33 +3259,14 @@ pub fn copy_sqlite_to_postgres(path: &Path, url: &str) -> Result<CopyReport> {
             source.problems.len()
         )));
     }
-    let to = pg::connect(&pg::target(url)?)?;
-    pg::migrate(&to)?;
-    let to: Box<dyn Db> = Box::new(to);
-    if to.exists("SELECT 1 FROM subscriptions", &[])? {
-        return Err(StoreError::Db(
-            "the PostgreSQL database already holds an installation; copy into an empty one".into(),
-        ));
-    }
     to.batch("BEGIN")?;
-    let copied = (|| {
-        let mut tables = Vec::new();
-        for (table, order) in TABLES {
-            tables.push((*table, copy_table(&from, &*to, table, order)?));
-        }
-        Ok(tables)
-    })();
-    let tables = match copied {
-        Ok(t) => {
-            to.batch("COMMIT")?;
-            t
-        }
-        Err(e) => {
-            let _ = to.batch("ROLLBACK");
-            return Err(e);
-        }
-    };
-    let audit = verify_connection(&*to, None)?;
+    let tables = to.end(
+        TABLES
+            .iter()
+            .map(|(table, order)| Ok((*table, copy_table(&from, to, table, order)?)))
+            .collect(),
+    )?;
+    let audit = verify_connection(to, None)?;
     if !audit.ok() || audit.count != source.count || audit.head_hash != source.head_hash {
         return Err(StoreError::Corrupt(format!(
             "the copy's audit chain differs from the source's: {} events, head {} (source: {} events, head {}); problems: {:?}",
@@ -3433,7 +3320,6 @@ fn copy_table(from: &dyn Db, to: &dyn Db, table: &str, order: &str) -> Result<u6
         rows.clear();
         Ok(())
     };
-    let mut failed = None;
     from.each(
         &format!("SELECT {list} FROM {table} ORDER BY {order}"),
         &[],
@@ -3442,16 +3328,12 @@ fn copy_table(from: &dyn Db, to: &dyn Db, table: &str, order: &str) -> Result<u6
                 .map(|i| r.get::<db::Value>(i))
                 .collect::<Result<Vec<_>>>()?;
             rows.push(row);
-            if rows.len() == BATCH
-                && let Err(e) = flush(&mut rows)
-            {
-                failed = Some(e);
-                return Err(StoreError::Db("copy stopped".into()));
+            if rows.len() == BATCH {
+                flush(&mut rows)?;
             }
             Ok(())
         },
-    )
-    .map_err(|e| failed.take().unwrap_or(e))?;
+    )?;
     flush(&mut rows)?;
     Ok(copied)
 }

@@ -256,6 +256,24 @@ pub(crate) struct Target {
 /// none). Without `sslmode`, a database on another machine is reached over TLS only
 /// (`require`); one on the loopback interface or a Unix socket without TLS.
 pub(crate) fn target(url: &str) -> Result<Target> {
+    let (config, tls) = settings(url)?;
+    let roots = roots(tls.root_cert.as_deref())?;
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Db(format!("TLS to PostgreSQL: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Target {
+        config,
+        tls: MakeRustlsConnect::new(client),
+    })
+}
+
+/// The connection settings of `url` with the TLS mode decided, and the TLS options
+/// (the CA file is read only by [`target`]).
+pub(crate) fn settings(url: &str) -> Result<(Config, TlsOptions)> {
     let (rest, tls) = split_tls_options(url)?;
     let mut config = Config::from_str(&rest)
         .map_err(|e| StoreError::Db(format!("the database URL is not valid: {e}")))?;
@@ -271,18 +289,7 @@ pub(crate) fn target(url: &str) -> Result<Target> {
         None if config.get_hosts().iter().all(is_local) => SslMode::Disable,
         None => SslMode::Require,
     });
-    let roots = roots(tls.root_cert.as_deref())?;
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| StoreError::Db(format!("TLS to PostgreSQL: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Target {
-        config,
-        tls: MakeRustlsConnect::new(client),
-    })
+    Ok((config, tls))
 }
 
 /// Whether a host is this machine: a Unix socket directory, `localhost` or a loopback
@@ -302,7 +309,7 @@ fn is_local(host: &Host) -> bool {
 
 /// What the URL says about TLS beyond what tokio-postgres reads itself.
 #[derive(Debug, Default, PartialEq)]
-struct TlsOptions {
+pub(crate) struct TlsOptions {
     /// `sslmode`, if given.
     mode: Option<SslMode>,
     /// `sslrootcert`: the CA certificates (PEM) to trust instead of the system's.
@@ -452,13 +459,7 @@ pub(crate) fn migrate(db: &dyn Db) -> Result<()> {
         }
         Ok(())
     })();
-    match r {
-        Ok(()) => db.batch("COMMIT"),
-        Err(e) => {
-            let _ = db.batch("ROLLBACK");
-            Err(e)
-        }
-    }
+    db.end(r)
 }
 
 /// A PostgreSQL error as the store reports it: the server's code and message. Lost
@@ -502,8 +503,11 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
 /// ignores it (this controller already knows its own changes). `id` is hex, never text
 /// from outside.
 pub(crate) fn notify_sql(id: &str) -> String {
-    format!("NOTIFY jitgate_changes, '{id}'")
+    format!("NOTIFY {CHANNEL}, '{id}'")
 }
+
+/// The notification channel of the controllers' commits.
+const CHANNEL: &str = "jitgate_changes";
 
 /// The doorbell of the other controllers' commits: a thread holds a connection that
 /// listens, bumps the channel on each notification and after every reconnection (a
@@ -534,10 +538,12 @@ pub(crate) fn listen(target: Target, own: String) -> Result<Changes> {
     use std::sync::atomic::Ordering;
     let (tx, _) = tokio::sync::watch::channel(0u64);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut client = config.connect(tls.clone()).map_err(pg_err)?;
-    client
-        .batch_execute("LISTEN jitgate_changes")
-        .map_err(pg_err)?;
+    let connect = move || {
+        let mut c = config.connect(tls.clone())?;
+        c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+        Ok::<_, postgres::Error>(c)
+    };
+    let client = connect().map_err(pg_err)?;
     let bell = tx.clone();
     let stopped = stop.clone();
     std::thread::Builder::new()
@@ -548,10 +554,7 @@ pub(crate) fn listen(target: Target, own: String) -> Result<Changes> {
             while !stopped.load(Ordering::Acquire) {
                 let Some(c) = client.as_mut() else {
                     std::thread::sleep(Duration::from_secs(1));
-                    match config.connect(tls.clone()).and_then(|mut c| {
-                        c.batch_execute("LISTEN jitgate_changes")?;
-                        Ok(c)
-                    }) {
+                    match connect() {
                         Ok(c) => {
                             client = Some(c);
                             // Whatever was sent meanwhile was lost: catch up.
@@ -598,7 +601,7 @@ pub(crate) fn listen(target: Target, own: String) -> Result<Changes> {
 enum Pending {
     /// Statements without parameters (`SAVEPOINT`).
     Batch(String),
-    Statement(Statement, Vec<Value>),
+    Statement(Statement, Vec<PgValue>),
 }
 
 /// One connection: tokio-postgres on a runtime of its own, driven from the store's
@@ -643,23 +646,13 @@ impl PgDb {
 
     /// Sends what waits, in order, all at once; resolves when every answer is in.
     async fn send_pending(client: &Client, pending: Vec<Pending>) -> Result<()> {
-        let bound: Vec<(Option<Statement>, Option<String>, Vec<PgValue>)> = pending
-            .into_iter()
-            .map(|p| match p {
-                Pending::Batch(sql) => (None, Some(sql), Vec::new()),
-                Pending::Statement(st, vals) => {
-                    (Some(st), None, vals.into_iter().map(PgValue).collect())
-                }
-            })
-            .collect();
-        let all = bound.iter().map(|(st, sql, vals)| async move {
-            match (st, sql) {
-                (Some(st), _) => client
+        let all = pending.iter().map(|p| async move {
+            match p {
+                Pending::Statement(st, vals) => client
                     .execute_raw(st, vals.iter().map(|v| v as &dyn ToSql))
                     .await
                     .map(|_| ()),
-                (None, Some(sql)) => client.batch_execute(sql).await,
-                (None, None) => Ok(()),
+                Pending::Batch(sql) => client.batch_execute(sql).await,
             }
         });
         futures_util::future::try_join_all(all)
@@ -667,20 +660,19 @@ impl PgDb {
             .map(|_| ())
             .map_err(pg_err)
     }
-}
 
-impl PgDb {
-    /// Runs what `call` sends in the same round trip as what waits (sent first).
+    /// Runs what `call` sends in the same round trip as what waits (sent first); an
+    /// error of what waited comes first.
     fn after_pending<'a, T, F>(&'a self, call: impl FnOnce(&'a Client) -> F) -> Result<T>
     where
-        F: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+        F: std::future::Future<Output = Result<T>>,
     {
         let pending = self.pending.take();
         let (rt, client) = self.parts();
         rt.block_on(async {
             let (before, this) = tokio::join!(Self::send_pending(client, pending), call(client));
             before?;
-            this.map_err(pg_err)
+            this
         })
     }
 }
@@ -798,7 +790,12 @@ impl Db for PgDb {
     fn execute(&self, sql: &str, params: &[&dyn ToParam]) -> Result<u64> {
         let st = self.statement(sql)?;
         let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(p.param())).collect();
-        self.after_pending(|client| client.execute_raw(&st, bound.iter().map(|p| p as &dyn ToSql)))
+        self.after_pending(|client| async move {
+            client
+                .execute_raw(&st, bound.iter().map(|p| p as &dyn ToSql))
+                .await
+                .map_err(pg_err)
+        })
     }
 
     fn each(
@@ -809,15 +806,11 @@ impl Db for PgDb {
     ) -> Result<()> {
         let st = self.statement(sql)?;
         let bound: Vec<PgParam<'_>> = params.iter().map(|p| PgParam(p.param())).collect();
-        let pending = self.pending.take();
-        let (rt, client) = self.parts();
-        rt.block_on(async {
-            let (before, rows) = tokio::join!(
-                Self::send_pending(client, pending),
-                client.query_raw(&st, bound.iter().map(|p| p as &dyn ToSql))
-            );
-            before?;
-            let rows = rows.map_err(pg_err)?;
+        self.after_pending(|client| async move {
+            let rows = client
+                .query_raw(&st, bound.iter().map(|p| p as &dyn ToSql))
+                .await
+                .map_err(pg_err)?;
             futures_util::pin_mut!(rows);
             while let Some(r) = rows.try_next().await.map_err(pg_err)? {
                 let cols = (0..r.len())
@@ -830,19 +823,14 @@ impl Db for PgDb {
     }
 
     fn batch(&self, sql: &str) -> Result<()> {
-        self.after_pending(|client| client.batch_execute(sql))
+        self.after_pending(|client| async move { client.batch_execute(sql).await.map_err(pg_err) })
     }
 
     fn defer(&self, sql: &str, params: &[&dyn ToParam]) -> Result<()> {
         let st = self.statement(sql)?;
         let vals = params
             .iter()
-            .map(|p| match p.param() {
-                Param::Null => Value::Null,
-                Param::Int(i) => Value::Int(i),
-                Param::Text(t) => Value::Text(t.to_owned()),
-                Param::Blob(b) => Value::Blob(b.to_vec()),
-            })
+            .map(|p| PgValue(Value::from(p.param())))
             .collect();
         self.pending.borrow_mut().push(Pending::Statement(st, vals));
         Ok(())
@@ -904,7 +892,7 @@ mod tests {
 
     #[test]
     fn a_remote_database_needs_tls_unless_the_url_says_otherwise() {
-        let mode = |url: &str| target(url).unwrap().config.get_ssl_mode();
+        let mode = |url: &str| settings(url).unwrap().0.get_ssl_mode();
         assert_eq!(mode("postgres://u@db.example.net/jg"), SslMode::Require);
         assert_eq!(
             mode("postgres://u@localhost,db.example.net/jg"),

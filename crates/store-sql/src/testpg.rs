@@ -28,8 +28,6 @@ pub struct Server {
     base: String,
     /// The server's directory (none for `JITGATE_TEST_PG`).
     pub dir: Option<PathBuf>,
-    /// The port (0 for `JITGATE_TEST_PG`).
-    pub port: u16,
     /// PostgreSQL's programs.
     pub bin: PathBuf,
 }
@@ -72,11 +70,14 @@ pub fn bin_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    static ROOT: OnceLock<bool> = OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false)
+    })
 }
 
 /// `program args...`, as the `postgres` user when running as root.
@@ -164,16 +165,7 @@ pub fn server_dir(prefix: &str) -> PathBuf {
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).expect("a temporary directory");
-    if is_root() {
-        run(
-            {
-                let mut c = Command::new("chown");
-                c.arg("postgres:postgres").arg(&dir);
-                c
-            },
-            "chown",
-        );
-    }
+    give_to_server_user(&dir);
     dir
 }
 
@@ -213,28 +205,30 @@ pub fn server() -> &'static Server {
             return Server {
                 base: url,
                 dir: None,
-                port: 0,
                 bin,
             };
         }
-        let dir = server_dir("jitgate-test-pg");
-        clean_up_after_exit(&bin, &dir);
-        let data = init_data_dir(&bin, &dir, "data");
-        let port = free_port();
-        start_server(
-            &bin,
-            &data,
-            port,
-            &dir,
+        start_own(
+            "jitgate-test-pg",
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-        );
-        Server {
-            base: format!("host=127.0.0.1 port={port} user=postgres"),
-            dir: Some(dir),
-            port,
-            bin,
-        }
+        )
     })
+}
+
+/// A server of this process's own on a free loopback port (stopped and removed when
+/// the process ends), with `settings` (`-c name=value ...`).
+pub fn start_own(prefix: &str, settings: &str) -> Server {
+    let bin = bin_dir();
+    let dir = server_dir(prefix);
+    clean_up_after_exit(&bin, &dir);
+    let data = init_data_dir(&bin, &dir, "data");
+    let port = free_port();
+    start_server(&bin, &data, port, &dir, settings);
+    Server {
+        base: format!("host=127.0.0.1 port={port} user=postgres"),
+        dir: Some(dir),
+        bin,
+    }
 }
 
 impl Server {
@@ -245,12 +239,7 @@ impl Server {
 
     /// Runs `sql` with `psql` on the `postgres` database; returns its output.
     pub fn psql(&self, sql: &str) -> String {
-        self.psql_on("postgres", sql)
-    }
-
-    /// Runs `sql` with `psql` on database `db`; returns its output.
-    pub fn psql_on(&self, db: &str, sql: &str) -> String {
-        psql_at(&self.bin, &self.url(db), sql)
+        psql_at(&self.bin, &self.url("postgres"), sql)
     }
 }
 
