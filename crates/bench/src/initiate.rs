@@ -97,7 +97,7 @@ pub async fn drive_all(
 
 /// One client's initiates until `deadline`: a small deterministic generator walks VMs
 /// and sources (client `c` its own walk). Returns how many and their latencies.
-pub async fn drive(
+async fn drive(
     http: &reqwest::Client,
     base: &str,
     sub: &str,
@@ -107,11 +107,9 @@ pub async fn drive(
 ) -> anyhow::Result<(u64, hdrhistogram::Histogram<u64>)> {
     let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut n: u64 = 0;
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (c as u64);
+    let mut walk = super::lab::Walk(0x9E37_79B9_7F4A_7C15 ^ (c as u64));
     while Instant::now() < deadline {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = walk.bits();
         let vm = (x % vms as u64) as usize;
         let src = format!(
             "10.{}.{}.{}",

@@ -159,7 +159,25 @@ impl Drop for Host {
     }
 }
 
-/// Starts `jitgate serve` (this binary) and waits until it answers.
+/// A small deterministic generator (xorshift): the benchmarks' walks over VMs and
+/// source addresses.
+pub struct Walk(pub u64);
+
+impl Walk {
+    /// The next 64 bits.
+    pub fn bits(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// The next number below `n`.
+    pub fn next(&mut self, n: usize) -> usize {
+        (self.bits() % n as u64) as usize
+    }
+}
+
 /// The `jitgate` binary the benchmarks run: `$JITGATE_BIN`, else the one beside this
 /// benchmark binary.
 pub fn jitgate_exe() -> anyhow::Result<PathBuf> {
@@ -176,6 +194,7 @@ pub fn jitgate_exe() -> anyhow::Result<PathBuf> {
     Ok(exe)
 }
 
+/// Starts `jitgate serve` (the `jitgate` binary) and waits until it answers.
 pub async fn controller(
     listen: SocketAddr,
     dir: &Path,

@@ -91,30 +91,10 @@ pub enum BenchCommand {
     },
     /// Several controllers on one PostgreSQL database: durable initiates per second
     /// through all of them, and propagation from a grant made through one replica to an
-    /// agent long-polling another. Starts its own PostgreSQL 15 unless --database.
+    /// agent long-polling another. Starts its own PostgreSQL (the newest installed) unless --database.
     ///
     /// Example: jitgate-bench replicas --replicas 2 --clients 16 --seconds 20
-    Replicas {
-        #[arg(long, default_value_t = 2)]
-        replicas: usize,
-        #[arg(long, default_value_t = 10_000)]
-        vms: usize,
-        #[arg(long, default_value_t = 16)]
-        clients: usize,
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-        /// Propagation rounds (with two or more replicas).
-        #[arg(long, default_value_t = 200)]
-        rounds: usize,
-        /// An existing PostgreSQL database (empty) instead of a throwaway server.
-        #[arg(long)]
-        database: Option<String>,
-        /// Then, with the controllers stopped: what PostgreSQL alone takes of the rows
-        /// initiates write (pgbench, one initiate per transaction, as many clients),
-        /// durable and with synchronous_commit=off. Only on the throwaway server.
-        #[arg(long, conflicts_with = "database")]
-        ceiling: bool,
-    },
+    Replicas(replicas::Args),
     /// Propagation to simulated agents: many long-polling agents connected to one
     /// controller; time from initiate to the VM's agent receiving its new state.
     ///
@@ -150,25 +130,12 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
         }
         BenchCommand::Apply { elements, inner } => apply::run(elements.max(1), inner).await?,
         BenchCommand::Expiry { grants, killed } => expiry::run(grants.max(1), killed).await?,
-        BenchCommand::Replicas {
-            replicas,
-            vms,
-            clients,
-            seconds,
-            rounds,
-            database,
-            ceiling,
-        } => {
-            replicas::run(replicas::Args {
-                replicas: replicas.max(1),
-                vms: vms.max(1),
-                clients: clients.max(1),
-                seconds,
-                rounds: rounds.max(1),
-                database,
-                ceiling,
-            })
-            .await?
+        BenchCommand::Replicas(mut args) => {
+            args.replicas = args.replicas.max(1);
+            args.vms = args.vms.max(1);
+            args.clients = args.clients.max(1);
+            args.rounds = args.rounds.max(1);
+            replicas::run(args).await?
         }
         BenchCommand::Agents { agents, grants } => {
             agents::run(agents.max(1), grants.max(1)).await?

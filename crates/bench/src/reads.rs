@@ -26,17 +26,6 @@ fn hist() -> anyhow::Result<hdrhistogram::Histogram<u64>> {
 }
 
 /// A small deterministic generator of VM numbers.
-struct Walk(u64);
-
-impl Walk {
-    fn next(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
-
 async fn timed_get(
     http: &reqwest::Client,
     url: &str,
@@ -62,23 +51,10 @@ pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
     let setup = Instant::now();
     let groups = super::initiate::populate(&http, &base, &sub, vms, 8).await?;
     // Some live grants, so views count real ones.
-    let mut walk = Walk(0x9E37_79B9_7F4A_7C15);
+    let mut walk = super::lab::Walk(0x9E37_79B9_7F4A_7C15);
     for _ in 0..200.min(vms) {
         let vm = walk.next(vms);
-        let g = vm / 100;
-        let r = http
-            .post(format!(
-                "{base}/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default/initiate?api-version=2020-01-01"
-            ))
-            .bearer_auth(BENCH_TOKEN)
-            .json(&json!({"virtualMachines": [{
-                "id": format!("/subscriptions/{sub}/resourceGroups/rg-{g}/providers/Microsoft.Compute/virtualMachines/vm-{vm}"),
-                "ports": [{"number": 22, "allowedSourceAddressPrefix": "10.1.2.3", "duration": "PT1H"}]}]}))
-            .send()
-            .await?;
-        if r.status().as_u16() != 202 {
-            bail!("initiate: {}", r.text().await?);
-        }
+        super::initiate::initiate_one(&http, &base, &sub, vm, "10.1.2.3").await?;
     }
     let agents = report_agents(&http, &base, vms).await?;
     let setup_secs = setup.elapsed().as_secs_f64();

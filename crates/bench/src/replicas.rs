@@ -4,7 +4,7 @@
 //! and the propagation of a grant made through one replica to an agent long-polling
 //! another.
 //!
-//! Without `--database` it starts its own PostgreSQL (Debian's postgresql-15) on
+//! Without `--database` it starts its own PostgreSQL (the newest installed) on
 //! loopback with durability on: `fsync=on`, `synchronous_commit=on`, as a production
 //! primary without a synchronous standby.
 
@@ -17,45 +17,43 @@ use serde_json::json;
 use super::BENCH_TOKEN;
 use super::lab::{self, Child};
 
+#[derive(clap::Args)]
 pub struct Args {
+    #[arg(long, default_value_t = 2)]
     pub replicas: usize,
+    #[arg(long, default_value_t = 10_000)]
     pub vms: usize,
+    #[arg(long, default_value_t = 16)]
     pub clients: usize,
+    #[arg(long, default_value_t = 20)]
     pub seconds: u64,
+    /// Propagation rounds (with two or more replicas).
+    #[arg(long, default_value_t = 200)]
     pub rounds: usize,
+    /// An existing PostgreSQL database (empty) instead of a throwaway server.
+    #[arg(long)]
     pub database: Option<String>,
+    /// Then, with the controllers stopped: what PostgreSQL alone takes of the rows
+    /// initiates write (pgbench, one initiate per transaction, as many clients),
+    /// durable and with synchronous_commit=off. Only on the throwaway server.
+    #[arg(long, conflicts_with = "database")]
     pub ceiling: bool,
 }
 
 /// A durable throwaway PostgreSQL and the URL of its `jitgate` database.
-fn start_postgres() -> anyhow::Result<String> {
-    use jitgate_store_sql::testpg;
-    let bin = testpg::bin_dir();
-    let dir = testpg::server_dir("jitgate-bench-pg");
-    testpg::clean_up_after_exit(&bin, &dir);
-    let data = testpg::init_data_dir(&bin, &dir, "data");
-    let port = testpg::free_port();
-    testpg::start_server(
-        &bin,
-        &data,
-        port,
-        &dir,
+fn start_postgres() -> String {
+    let s = jitgate_store_sql::testpg::start_own(
+        "jitgate-bench-pg",
         "-c fsync=on -c synchronous_commit=on -c shared_buffers=256MB",
     );
-    testpg::psql_at(
-        &bin,
-        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-        "CREATE DATABASE jitgate",
-    );
-    Ok(format!(
-        "host=127.0.0.1 port={port} user=postgres dbname=jitgate"
-    ))
+    s.psql("CREATE DATABASE jitgate");
+    s.url("jitgate")
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let url = match &args.database {
         Some(u) => u.clone(),
-        None => tokio::task::spawn_blocking(start_postgres).await??,
+        None => tokio::task::spawn_blocking(start_postgres).await?,
     };
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.clients * 2)
@@ -101,7 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         if args.database.is_some() {
             " (given)"
         } else {
-            " 15 on loopback, fsync=on, synchronous_commit=on"
+            " on loopback, fsync=on, synchronous_commit=on"
         }
     );
     println!(
@@ -129,15 +127,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(d);
     }
     if args.ceiling {
-        let clients = args.clients;
-        let seconds = args.seconds;
-        for (label, options) in [
-            ("durable", ""),
-            ("synchronous_commit=off", "-c synchronous_commit=off"),
-        ] {
-            let url = url.clone();
-            let tps = tokio::task::spawn_blocking(move || ceiling(&url, clients, seconds, options))
-                .await??;
+        let (clients, seconds) = (args.clients, args.seconds);
+        let tps = tokio::task::spawn_blocking(move || ceiling(&url, clients, seconds)).await??;
+        for (label, tps) in ["durable", "synchronous_commit=off"].into_iter().zip(tps) {
             println!(
                 "  ceiling:      PostgreSQL alone (pgbench, an initiate's rows per transaction, {clients} clients, {label}): {tps:.0} /s"
             );
@@ -146,9 +138,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs pgbench with `initiate-ceiling.sql` on `url` (`PGOPTIONS` = `options`); returns
-/// its transactions per second.
-fn ceiling(url: &str, clients: usize, seconds: u64, options: &str) -> anyhow::Result<f64> {
+/// Runs pgbench with `initiate-ceiling.sql` on `url`, durable and then with
+/// `synchronous_commit=off`; returns both transactions-per-second figures.
+fn ceiling(url: &str, clients: usize, seconds: u64) -> anyhow::Result<[f64; 2]> {
     use jitgate_store_sql::testpg;
     let bin = testpg::bin_dir();
     testpg::psql_at(
@@ -156,33 +148,39 @@ fn ceiling(url: &str, clients: usize, seconds: u64, options: &str) -> anyhow::Re
         url,
         "CREATE SEQUENCE IF NOT EXISTS ceiling_seq START 1000000000000",
     );
-    let script = lab::tempdir()?.join("initiate-ceiling.sql");
+    let dir = lab::tempdir()?;
+    let script = dir.join("initiate-ceiling.sql");
     std::fs::write(&script, include_str!("initiate-ceiling.sql"))?;
-    let out = std::process::Command::new(bin.join("pgbench"))
-        .args(["-n", "-M", "prepared", "-j", "2", "-c"])
-        .arg(clients.to_string())
-        .arg("-T")
-        .arg(seconds.to_string())
-        .arg("-f")
-        .arg(&script)
-        .arg(url)
-        .env("PGOPTIONS", options)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .context("cannot run pgbench")?;
-    let _ = std::fs::remove_dir_all(script.parent().unwrap_or(&script));
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "pgbench failed: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    text.lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no tps in pgbench's output: {text}"))
+    let run = |options: &str| -> anyhow::Result<f64> {
+        let out = std::process::Command::new(bin.join("pgbench"))
+            .args(["-n", "-M", "prepared", "-j", "2", "-c"])
+            .arg(clients.to_string())
+            .arg("-T")
+            .arg(seconds.to_string())
+            .arg("-f")
+            .arg(&script)
+            .arg(url)
+            .env("PGOPTIONS", options)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("cannot run pgbench")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "pgbench failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        text.lines()
+            .find_map(|l| l.strip_prefix("tps = "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no tps in pgbench's output: {text}"))
+    };
+    let tps = [run(""), run("-c synchronous_commit=off")];
+    let _ = std::fs::remove_dir_all(&dir);
+    let [durable, relaxed] = tps;
+    Ok([durable?, relaxed?])
 }
 
 /// Enrolls a simulated agent through `a` for a VM in a policy, then `rounds` times:
@@ -218,15 +216,16 @@ async fn propagation(
         bail!("policy: {}", r.text().await?);
     }
     let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    // The revision the agent knows: read once, then each round's answer.
+    let d: serde_json::Value = http
+        .get(format!("{b}/api/v1/agent/desired?vm={vm}"))
+        .bearer_auth(&agent)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut known = d["revision"].as_str().context("no revision")?.to_owned();
     for i in 0..rounds {
-        let d: serde_json::Value = http
-            .get(format!("{b}/api/v1/agent/desired?vm={vm}"))
-            .bearer_auth(&agent)
-            .send()
-            .await?
-            .json()
-            .await?;
-        let known = d["revision"].as_str().context("no revision")?.to_owned();
         let poll = {
             let (http, b, vm, agent, known) = (
                 http.clone(),
@@ -269,6 +268,7 @@ async fn propagation(
             bail!("the long-poll on the other replica ended without the change");
         }
         hist.record(at.saturating_duration_since(t).as_micros().max(1) as u64)?;
+        known = body["revision"].as_str().context("no revision")?.to_owned();
     }
     Ok(hist)
 }
