@@ -60,7 +60,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     say "missing system packages: ${missing[*]}"
     say "they are installed with apt-get, which needs root. Run as root, for example:"
-    say "  sudo $0"
+    say "  sudo $0 ${1:-}"
     say "or install them yourself: sudo apt-get install ${missing[*]}"
     exit 1
   fi
@@ -90,6 +90,13 @@ fi
 # The test OpenID Provider's packages, exactly as locked.
 if [ "${1:-}" = "--tests" ]; then
   here="$(cd "$(dirname "$0")/.." && pwd)"
-  say "installing the test OpenID Provider (npm ci in testing/oidc-op)"
-  npm ci --prefix "$here/testing/oidc-op" --no-audit --no-fund </dev/null >&2
+  op="$here/testing/oidc-op"
+  # Installed already exactly as locked (a copy of the lockfile marks it): nothing to do.
+  if cmp -s "$op/package-lock.json" "$op/node_modules/.jitgate-installed-lock" 2>/dev/null; then
+    say "test OpenID Provider already installed"
+  else
+    say "installing the test OpenID Provider (npm ci in testing/oidc-op)"
+    npm ci --prefix "$op" --no-audit --no-fund </dev/null >&2
+    cp "$op/package-lock.json" "$op/node_modules/.jitgate-installed-lock"
+  fi
 fi

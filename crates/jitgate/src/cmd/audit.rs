@@ -43,7 +43,9 @@ pub enum AuditCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Verify this PostgreSQL database directly (controllers sharing it may run).
-        #[arg(long, env = "JITGATE_DATABASE_URL", hide_env_values = true)]
+        /// Not read from JITGATE_DATABASE_URL: a controller's environment must not
+        /// turn a verify through the API into another one.
+        #[arg(long)]
         database: Option<String>,
         /// Signed checkpoints to check the chain against (with --data-dir)
         /// [default: <data-dir>/audit-checkpoints.jsonl].
@@ -96,30 +98,37 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
             client,
         } => {
             let (ok, events, head, problems) = match (data_dir, database) {
-                (dir, database) if dir.is_some() || database.is_some() => {
+                (None, None) => {
+                    let ses = Session::new(&client)?;
+                    let v = ses
+                        .c
+                        .get::<api::AuditVerify>("/api/v1/audit/verify", &[])
+                        .await?
+                        .data;
+                    (v.ok, v.events, v.head_hash, v.problems)
+                }
+                (dir, database) => {
                     let anchors = match &dir {
                         Some(dir) => offline_anchors(dir, checkpoints, public_key)?,
                         None => None,
                     };
-                    let (r, anchors) = match (database, dir) {
+                    let r = match (database, dir) {
                         (Some(url), _) => {
+                            let anchors = anchors.clone();
                             tokio::task::spawn_blocking(move || {
                                 jitgate_store_sql::verify_postgres(&url, anchors.as_ref())
-                                    .map(|r| (r, anchors))
                             })
                             .await??
                         }
-                        (None, Some(dir)) => {
-                            let db = dir.join(jitgate_controller::DB_FILE);
+                        (None, dir) => {
+                            let db = dir
+                                .context("give --data-dir or --database")?
+                                .join(jitgate_controller::DB_FILE);
                             if !db.exists() {
                                 bail!("no jitgate database at {}", db.display());
                             }
-                            (
-                                jitgate_store_sql::verify_file(&db, anchors.as_ref())?,
-                                anchors,
-                            )
+                            jitgate_store_sql::verify_file(&db, anchors.as_ref())?
                         }
-                        (None, None) => bail!("give --data-dir or --database"),
                     };
                     let problems: Vec<String> = r.problems.iter().map(|p| p.to_string()).collect();
                     match (&anchors, r.anchored_at) {
@@ -134,15 +143,6 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
                         }
                     }
                     (r.ok(), r.count, r.head_hash, problems)
-                }
-                _ => {
-                    let ses = Session::new(&client)?;
-                    let v = ses
-                        .c
-                        .get::<api::AuditVerify>("/api/v1/audit/verify", &[])
-                        .await?
-                        .data;
-                    (v.ok, v.events, v.head_hash, v.problems)
                 }
             };
             if client.json {

@@ -12,7 +12,10 @@ use serde::Deserialize;
 
 #[derive(Args, Clone)]
 pub struct ServeArgs {
-    /// TOML file with the settings below, by their long names with underscores (listen, data_dir, database, tls_cert, trusted_proxies, ...).
+    /// TOML file with the settings below by their long names with underscores
+    /// (listen, data_dir, database, trusted_proxies, public_url, ...); the sign-in ones
+    /// in an [oidc] table (issuer, client_id, client_secret_file, scopes, name_claim,
+    /// groups_claim, session_lifetime, and [[oidc.role]] group/role/scope).
     #[arg(long, env = "JITGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -116,8 +119,8 @@ pub struct ServeArgs {
     #[arg(long, env = "JITGATE_OIDC_SCOPES", value_delimiter = ',')]
     pub oidc_scopes: Option<Vec<String>>,
     /// How long a sign-in lasts, e.g. 8h [default: 8h; 5m to 7d].
-    #[arg(long, env = "JITGATE_SESSION_LIFETIME")]
-    pub session_lifetime: Option<String>,
+    #[arg(long, env = "JITGATE_SESSION_LIFETIME", value_parser = parse_session_lifetime)]
+    pub session_lifetime: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -169,18 +172,40 @@ struct FileGroupRole {
     scope: String,
 }
 
-/// The sign-in settings, or none when no issuer is given.
+/// How long a sign-in lasts, in seconds: a duration from 5 minutes to 7 days.
+pub fn parse_session_lifetime(text: &str) -> Result<u64, String> {
+    let secs = crate::output::human::parse_secs(text)?;
+    if !(300..=7 * 86_400).contains(&secs) {
+        return Err(format!("'{text}' is not between 5m and 7d"));
+    }
+    Ok(secs as u64)
+}
+
+/// The sign-in settings (from the flags over the `[oidc]` table, and the public URL
+/// from the flag over the file's `public_url`), or none when no issuer is given.
 fn oidc_config(
     args: &ServeArgs,
     file: Option<FileOidc>,
-    public_url: Option<url::Url>,
+    file_public_url: Option<String>,
 ) -> anyhow::Result<Option<jitgate_controller::oidc::OidcConfig>> {
+    let given = file.is_some()
+        || args.oidc_client_id.is_some()
+        || args.oidc_client_secret_file.is_some()
+        || args.oidc_scopes.is_some()
+        || args.session_lifetime.is_some();
     let file = file.unwrap_or_default();
     let Some(issuer) = args.oidc_issuer.clone().or(file.issuer) else {
-        if !file.role.is_empty() || args.oidc_client_id.is_some() {
+        if given {
             bail!("oidc: give the provider's issuer (--oidc-issuer or issuer in [oidc])");
         }
         return Ok(None);
+    };
+    let public_url = match (&args.public_url, file_public_url) {
+        (Some(u), _) => Some(u.clone()),
+        (None, Some(t)) => {
+            Some(url::Url::parse(&t).map_err(|e| anyhow::anyhow!("public_url: '{t}': {e}"))?)
+        }
+        (None, None) => None,
     };
     let client_id = args
         .oidc_client_id
@@ -209,16 +234,12 @@ fn oidc_config(
     }
     let public_url = public_url
         .context("oidc: give the controller's public URL (--public-url https://jit.example.net:8443): the provider sends browsers back to <public-url>/auth/callback")?;
-    let lifetime = match args.session_lifetime.clone().or(file.session_lifetime) {
-        Some(t) => {
-            let secs = crate::output::human::parse_secs(&t)
-                .map_err(|e| anyhow::anyhow!("session_lifetime: {e}"))?;
-            if !(300..=7 * 86_400).contains(&secs) {
-                bail!("session_lifetime: '{t}' is not between 5m and 7d");
-            }
-            secs as u64
+    let lifetime = match (args.session_lifetime, file.session_lifetime) {
+        (Some(secs), _) => secs,
+        (None, Some(t)) => {
+            parse_session_lifetime(&t).map_err(|e| anyhow::anyhow!("oidc.session_lifetime: {e}"))?
         }
-        None => 8 * 3600,
+        (None, None) => 8 * 3600,
     };
     let mut roles = Vec::new();
     for (i, r) in file.role.iter().enumerate() {
@@ -309,7 +330,7 @@ pub fn init_logging(format: &str) -> anyhow::Result<()> {
 
 /// Flags over environment over file over defaults.
 fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, String)> {
-    let file: FileConfig = match &args.config {
+    let mut file: FileConfig = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
@@ -318,15 +339,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
         }
         None => FileConfig::default(),
     };
-    let mut file = file;
-    let public_url = match (&args.public_url, &file.public_url) {
-        (Some(u), _) => Some(u.clone()),
-        (None, Some(t)) => {
-            Some(url::Url::parse(t).map_err(|e| anyhow::anyhow!("public_url: '{t}': {e}"))?)
-        }
-        (None, None) => None,
-    };
-    let oidc = oidc_config(&args, file.oidc.take(), public_url)?;
+    let oidc = oidc_config(&args, file.oidc.take(), file.public_url.take())?;
     let listen = args
         .listen
         .or(file.listen)
@@ -532,6 +545,17 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.exit_code(), 2);
+    }
+
+    /// A malformed database URL is refused by name, before anything starts.
+    #[test]
+    fn a_malformed_database_url_is_refused_by_name() {
+        let e = serve_config(
+            serve_args(&["--database", "postgres://x:y@/db?port=notanumber"]).unwrap(),
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{e:#}").contains("--database"), "{e:#}");
     }
 
     /// Trusted proxies: addresses and networks from the flag (repeatable or
