@@ -503,7 +503,7 @@ async fn list(
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/providers/Microsoft.Security/jitNetworkAccessPolicies", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "Subscription id"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
     responses((status = 200, body = PolicyListOut)))]
 pub async fn list_subscription(
     State(state): State<AppState>,
@@ -524,7 +524,7 @@ pub async fn list_subscription(
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "Subscription id"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("loc" = String, Path), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
     responses((status = 200, body = PolicyListOut)))]
 pub async fn list_region(
     State(state): State<AppState>,
@@ -548,7 +548,7 @@ pub async fn list_region(
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/jitNetworkAccessPolicies", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "Subscription id"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("rg" = String, Path), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
     responses((status = 200, body = PolicyListOut)))]
 pub async fn list_resource_group(
     State(state): State<AppState>,
@@ -572,7 +572,7 @@ pub async fn list_resource_group(
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$", description = "Subscription id"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
+    params(("sub" = String, Path, description = "Subscription id"), ("api-version" = String, Query, description = "2020-01-01"), ("rg" = String, Path), ("loc" = String, Path), ("$top" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"), ("$skipToken" = Option<String>, Query, description = "From nextLink")),
     responses((status = 200, body = PolicyListOut)))]
 pub async fn list_resource_group_region(
     State(state): State<AppState>,
@@ -608,7 +608,7 @@ fn policy_not_found(key: &PolicyKey) -> ApiError {
 }
 
 #[utoipa::path(get, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01")),
+    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")),
     responses((status = 200, body = PolicyOut)))]
 pub async fn get(
     State(state): State<AppState>,
@@ -648,7 +648,7 @@ pub async fn get(
 }
 
 #[utoipa::path(put, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01")), request_body = PolicyIn,
+    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")), request_body = PolicyIn,
     responses((status = 200, body = PolicyOut)))]
 pub async fn put(
     State(state): State<AppState>,
@@ -705,7 +705,7 @@ pub async fn put(
 }
 
 #[utoipa::path(delete, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01")),
+    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01")),
     responses((status = 200, description = "Deleted"), (status = 204, description = "There was no such policy")))]
 pub async fn delete(
     State(state): State<AppState>,
@@ -732,7 +732,7 @@ pub async fn delete(
 }
 
 #[utoipa::path(post, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}/{action}", tag = "azure",
-    params(("sub" = String, Path, pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"), ("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("loc" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$"), ("name" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$"), ("api-version" = String, Query, pattern = "^2020-01-01$", description = "2020-01-01"), ("action" = String, Path, description = "initiate"),
+    params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01"), ("action" = String, Path, description = "initiate"),
         ("Idempotency-Key" = Option<String>, Header, max_length = 128, pattern = "^[!-~]{1,128}$", description = "A retry with the key of a request already made (by the same caller, within 24 hours) answers with that request and changes nothing"),
         ("x-ms-client-request-id" = Option<String>, Header, max_length = 128, pattern = "^[!-~]{1,128}$", description = "Azure's SDKs' request id, used as the idempotency key when there is no Idempotency-Key")), request_body = InitiateIn,
     responses((status = 202, description = "Accepted: the ports open within milliseconds", body = RequestOut,

@@ -2,16 +2,19 @@
 //! [`crate::native::routes`]), each handler's `#[utoipa::path]`, and the wire types:
 //! nothing in it is written by hand but the prose below.
 //!
-//! Two rules are applied to the generated operations rather than repeated on each:
+//! Three rules are applied to the generated operations rather than repeated on each:
 //! every call needs the bearer token except the public paths, which the
-//! authentication layer's own list ([`crate::auth::is_public`]) names; and every
-//! operation answers errors as a `CloudError` (the `default` response).
+//! authentication layer's own list ([`crate::auth::is_public`]) names; every
+//! operation answers errors as a `CloudError` (the `default` response); and the
+//! parameters named alike everywhere (`sub`, `rg`, `loc`, `name`, `rule`,
+//! `resourceGroup`, `api-version`) carry the bounds the server's parsers apply
+//! ([`name_bounds`]).
 
 use std::sync::LazyLock;
 
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{RefOr, ResponseBuilder, content::ContentBuilder};
+use utoipa::openapi::{RefOr, ResponseBuilder, Schema, content::ContentBuilder};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +37,29 @@ use utoipa::openapi::{RefOr, ResponseBuilder, content::ContentBuilder};
     )
 )]
 pub struct ApiDoc;
+
+const GUID: &str = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$";
+const RESOURCE_GROUP: &str = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$";
+const LOCATION: &str = "^[A-Za-z0-9_-]{1,64}$";
+const POLICY_NAME: &str = "^[A-Za-z0-9_.-]{0,89}[A-Za-z0-9_-]$";
+const VM_NAME: &str = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$";
+const RULE_NAME: &str = "^[A-Za-z0-9_.-]{1,80}$";
+
+/// The most length and the pattern of a parameter named `name` on `path`, as the
+/// server checks them (`jitgate_core::ids`, `params`); `name` is a policy's on the
+/// Azure paths and a VM's on the native ones.
+fn name_bounds(path: &str, name: &str) -> Option<(Option<usize>, &'static str)> {
+    Some(match name {
+        "sub" => (None, GUID),
+        "api-version" => (None, "^2020-01-01$"),
+        "rg" | "resourceGroup" => (Some(90), RESOURCE_GROUP),
+        "loc" => (Some(64), LOCATION),
+        "name" if path.contains("/jitNetworkAccessPolicies/") => (Some(90), POLICY_NAME),
+        "name" => (Some(64), VM_NAME),
+        "rule" => (Some(80), RULE_NAME),
+        _ => return None,
+    })
+}
 
 /// The document, generated from the router.
 pub fn document() -> utoipa::openapi::OpenApi {
@@ -76,6 +102,15 @@ pub fn document() -> utoipa::openapi::OpenApi {
         {
             if public {
                 op.security = Some(Vec::new());
+            }
+            for p in op.parameters.iter_mut().flatten() {
+                if let RefOr::T(p) = p
+                    && let Some((max, pattern)) = name_bounds(path, &p.name)
+                    && let Some(RefOr::T(Schema::Object(o))) = p.schema.as_mut()
+                {
+                    o.max_length = max;
+                    o.pattern = Some(pattern.to_owned());
+                }
             }
             op.responses
                 .responses

@@ -52,7 +52,7 @@ fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
 /// current with every write that changes its facts, so a page is one read and the
 /// summary one aggregate, both filtered by the caller's readable scopes in the store.
 #[utoipa::path(get, path = "/api/v1/recommendations", tag = "recommendations",
-    params(("verdict" = Option<String>, Query, pattern = "^(Healthy|Unhealthy|NotApplicable)$", description = "Healthy, Unhealthy or NotApplicable"), ("resourceGroup" = Option<String>, Query, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 5000, description = "Page size, 1-5000 (default 1000)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
+    params(("verdict" = Option<String>, Query, pattern = "^(Healthy|Unhealthy|NotApplicable)$", description = "Healthy, Unhealthy or NotApplicable"), ("resourceGroup" = Option<String>, Query), ("limit" = Option<usize>, Query, minimum = 1, maximum = 5000, description = "Page size, 1-5000 (default 1000)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
     responses((status = 200, body = jitgate_proto::api::RecommendationPage)))]
 pub async fn list(
     State(state): State<AppState>,

@@ -71,7 +71,7 @@ pub async fn readable_vm(
 /// The rules the VM's firewall enforces now: user rules, JIT deny rules of its policy,
 /// JIT allow rules of live grants, by priority.
 #[utoipa::path(get, path = "/api/v1/vms/{rg}/{name}/nsg", tag = "vms",
-    params(("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("name" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$")),
+    params(("rg" = String, Path), ("name" = String, Path)),
     responses((status = 200, body = NsgView)))]
 pub async fn get_nsg(
     State(state): State<AppState>,
@@ -88,7 +88,7 @@ pub async fn get_nsg(
 
 /// The VM's user rules.
 #[utoipa::path(get, path = "/api/v1/vms/{rg}/{name}/nsg/rules", tag = "vms",
-    params(("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("name" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$")),
+    params(("rg" = String, Path), ("name" = String, Path)),
     responses((status = 200, body = NsgRuleList)))]
 pub async fn list_nsg_rules(
     State(state): State<AppState>,
@@ -104,7 +104,7 @@ pub async fn list_nsg_rules(
 
 /// Creates (201) or replaces (200) a user rule.
 #[utoipa::path(put, path = "/api/v1/vms/{rg}/{name}/nsg/rules/{rule}", tag = "vms",
-    params(("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("name" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$"), ("rule" = String, Path, max_length = 80, pattern = "^[A-Za-z0-9_.-]{1,80}$", description = "Rule name")),
+    params(("rg" = String, Path), ("name" = String, Path), ("rule" = String, Path, description = "Rule name")),
     request_body = NsgRuleInput,
     responses((status = 201, body = NsgRule), (status = 200, description = "Replaced", body = NsgRule)))]
 pub async fn put_nsg_rule(
@@ -159,7 +159,7 @@ pub async fn put_nsg_rule(
 
 /// Deletes a user rule (200 deleted, 204 there was none).
 #[utoipa::path(delete, path = "/api/v1/vms/{rg}/{name}/nsg/rules/{rule}", tag = "vms",
-    params(("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("name" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$"), ("rule" = String, Path, max_length = 80, pattern = "^[A-Za-z0-9_.-]{1,80}$")),
+    params(("rg" = String, Path), ("name" = String, Path), ("rule" = String, Path)),
     responses((status = 200, description = "Deleted"), (status = 204, description = "There was no such rule")))]
 pub async fn delete_nsg_rule(
     State(state): State<AppState>,

@@ -162,8 +162,8 @@ pub async fn summaries_by_key(
 /// between them; what each shows is read for the whole page at once.
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
     params(
-        ("resourceGroup" = Option<String>, Query, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$", description = "Only this resource group"),
-        ("name" = Option<String>, Query, max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$", description = "Only the VM of this name (case-insensitive; one indexed read)"),
+        ("resourceGroup" = Option<String>, Query, description = "Only this resource group"),
+        ("name" = Option<String>, Query, description = "Only the VM of this name (case-insensitive; one indexed read)"),
         ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"),
         ("continuationToken" = Option<String>, Query, description = "From the previous page"),
     ),
@@ -231,7 +231,7 @@ pub async fn list_vms(
 /// One VM: its policy, its agent's full status, live grants, the newest request and
 /// the last 24 hours' blocked attempts.
 #[utoipa::path(get, path = "/api/v1/vms/{rg}/{name}", tag = "vms",
-    params(("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$", description = "Resource group"), ("name" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$", description = "VM name")),
+    params(("rg" = String, Path, description = "Resource group"), ("name" = String, Path, description = "VM name")),
     responses((status = 200, body = VmDetail)))]
 pub async fn get_vm(
     State(state): State<AppState>,
@@ -281,7 +281,7 @@ pub async fn get_vm(
 
 /// Deletes a VM that no policy protects (200 deleted, 204 there was none).
 #[utoipa::path(delete, path = "/api/v1/vms/{rg}/{name}", tag = "vms",
-    params(("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("name" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$")),
+    params(("rg" = String, Path), ("name" = String, Path)),
     responses((status = 200, description = "Deleted"), (status = 204, description = "There was no such VM")))]
 pub async fn delete_vm(
     State(state): State<AppState>,
@@ -327,7 +327,7 @@ fn blocked_totals(points: &[jitgate_store::BlockedPoint]) -> Vec<BlockedTotal> {
 /// Attempts the VM's firewall dropped on protected ports since `since`: totals per port
 /// and the series the agents reported.
 #[utoipa::path(get, path = "/api/v1/vms/{rg}/{name}/blocked", tag = "vms",
-    params(("rg" = String, Path, max_length = 90, pattern = "^[A-Za-z0-9_().-]{0,89}[A-Za-z0-9_()-]$"), ("name" = String, Path, max_length = 64, pattern = "^[A-Za-z0-9_.-]{0,63}[A-Za-z0-9_-]$"), ("since" = Option<String>, Query, format = DateTime, description = "RFC 3339 (default: 24 hours ago)")),
+    params(("rg" = String, Path), ("name" = String, Path), ("since" = Option<String>, Query, format = DateTime, description = "RFC 3339 (default: 24 hours ago)")),
     responses((status = 200, body = BlockedSeries)))]
 pub async fn blocked(
     State(state): State<AppState>,
