@@ -69,9 +69,14 @@ const PRUNE_CHUNK: usize = 10_000;
 /// Writes that may wait for the writer by default, besides the group it is committing.
 pub const DEFAULT_WRITE_QUEUE: usize = 4096;
 
+/// One page of a table ordered by (created_ns, id), with the parameters of
+/// [`page_bounds`] (the cast gives `?1` its type where PostgreSQL first meets it).
+const PAGE_BY_CREATED: &str =
+    "WHERE CAST(?1 AS BIGINT) IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
+     ORDER BY created_ns, id LIMIT ?3";
+
 /// The bounds of a page ordered by (created_ns, id) ascending: `(after ns, after id,
-/// limit)` for `WHERE (CAST(?n AS BIGINT) IS NULL OR created_ns > ?n OR (created_ns = ?n AND id > ?m))`
-/// (the cast gives the parameter its type where PostgreSQL first meets it).
+/// limit)`, the parameters of [`PAGE_BY_CREATED`] (and of pages filtered further).
 fn page_bounds(paging: &Paging) -> (Option<i64>, Option<String>, i64) {
     let limit = if paging.limit == 0 { 100 } else { paging.limit };
     (
@@ -2125,15 +2130,8 @@ impl Store for SqlStore {
 
     async fn tokens_page(&self, paging: &Paging) -> Result<Vec<TokenRecord>> {
         let (at, id, limit) = page_bounds(paging);
-        self.read(move |c| {
-            read_tokens(
-                c,
-                "WHERE CAST(?1 AS BIGINT) IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
-                 ORDER BY created_ns, id LIMIT ?3",
-                &[&at, &id, &limit],
-            )
-        })
-        .await
+        self.read(move |c| read_tokens(c, PAGE_BY_CREATED, &[&at, &id, &limit]))
+            .await
     }
 
     async fn revoke_token(&self, id: &str, audit: AuditCtx) -> Result<bool> {
@@ -2320,15 +2318,8 @@ impl Store for SqlStore {
 
     async fn enroll_tokens_page(&self, paging: &Paging) -> Result<Vec<EnrollTokenRecord>> {
         let (at, id, limit) = page_bounds(paging);
-        self.read(move |c| {
-            read_enroll_tokens(
-                c,
-                "WHERE CAST(?1 AS BIGINT) IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
-                 ORDER BY created_ns, id LIMIT ?3",
-                &[&at, &id, &limit],
-            )
-        })
-        .await
+        self.read(move |c| read_enroll_tokens(c, PAGE_BY_CREATED, &[&at, &id, &limit]))
+            .await
     }
 
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
@@ -2550,15 +2541,8 @@ impl Store for SqlStore {
 
     async fn exclusions_page(&self, paging: &Paging) -> Result<Vec<ExclusionRecord>> {
         let (at, id, limit) = page_bounds(paging);
-        self.read(move |c| {
-            read_exclusions(
-                c,
-                "WHERE CAST(?1 AS BIGINT) IS NULL OR created_ns > ?1 OR (created_ns = ?1 AND id > ?2)
-                 ORDER BY created_ns, id LIMIT ?3",
-                &[&at, &id, &limit],
-            )
-        })
-        .await
+        self.read(move |c| read_exclusions(c, PAGE_BY_CREATED, &[&at, &id, &limit]))
+            .await
     }
 
     async fn recommendations(
