@@ -413,6 +413,7 @@ pub async fn enroll(
             created: now,
             expires: None,
             revoked: None,
+            identity: None,
         },
         online_since: now
             .checked_sub(state.recommend.offline_after)

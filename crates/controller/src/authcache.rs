@@ -82,6 +82,7 @@ mod tests {
                 created: jitgate_core::Timestamp::UNIX_EPOCH,
                 expires: None,
                 revoked: None,
+                identity: None,
             },
             assignments: Vec::new(),
         }

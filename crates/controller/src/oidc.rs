@@ -592,6 +592,7 @@ async fn finish(
                 created: now,
                 expires: Some(expires),
                 revoked: None,
+                identity: None,
             },
             audit,
         )

@@ -226,6 +226,7 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
             created: now,
             expires: None,
             revoked: None,
+            identity: None,
         },
     };
     let audit = AuditCtx {
@@ -531,6 +532,7 @@ pub async fn recover(data_dir: &Path, checkpoints: Option<PathBuf>) -> anyhow::R
                 created: now,
                 expires: None,
                 revoked: None,
+                identity: None,
             },
             audit.clone(),
         )

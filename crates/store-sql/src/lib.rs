@@ -1251,8 +1251,8 @@ fn idempotency_cutoff(now: Timestamp) -> i64 {
 }
 
 fn insert_token(conn: &dyn Db, t: &TokenRecord) -> Result<()> {
-    conn.defer("INSERT INTO tokens(id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", &[&t.id, &t.principal, &t.secret_hash, &t.description, &ns(t.created), &t.expires.map(ns), &t.revoked.map(ns)])?;
+    conn.defer("INSERT INTO tokens(id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns, identity)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)", &[&t.id, &t.principal, &t.secret_hash, &t.description, &ns(t.created), &t.expires.map(ns), &t.revoked.map(ns), &t.identity])?;
     Ok(())
 }
 
@@ -2140,6 +2140,95 @@ impl Store for SqlStore {
             .await
     }
 
+    async fn start_signin(&self, s: SigninRecord, max_open: usize) -> Result<bool> {
+        self.write_plain(move |ctx| {
+            ctx.tx.execute("DELETE FROM signins WHERE expires_ns <= ?1", &[&ns(s.created)])?;
+            let open: i64 = ctx.tx.row("SELECT COUNT(*) FROM signins", &[], |r| r.get(0))?;
+            if open >= i64::try_from(max_open).unwrap_or(i64::MAX) {
+                return Ok(false);
+            }
+            let (status, principal, identity) = signin_columns(&s.status);
+            ctx.tx.execute(
+                "INSERT INTO signins(id, user_code, challenge, source, status, principal, identity, created_ns, expires_ns, polled_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                &[&s.id, &s.user_code, &s.challenge, &s.source, &status, &principal, &identity, &ns(s.created), &ns(s.expires), &s.polled.map(ns)],
+            )?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn signin_by_user_code(
+        &self,
+        user_code: &str,
+        now: Timestamp,
+    ) -> Result<Option<SigninRecord>> {
+        let code = user_code.to_owned();
+        self.read(move |c| {
+            Ok(read_signins(
+                c,
+                "WHERE user_code = ?1 AND expires_ns > ?2",
+                &[&code, &ns(now)],
+            )?
+            .into_iter()
+            .next())
+        })
+        .await
+    }
+
+    async fn decide_signin(
+        &self,
+        user_code: &str,
+        decision: SigninStatus,
+        audit: AuditCtx,
+    ) -> Result<bool> {
+        let code = user_code.to_owned();
+        self.write_plain(move |ctx| {
+            let (status, principal, identity) = signin_columns(&decision);
+            if status == "pending" {
+                return Ok(false);
+            }
+            let n = ctx.tx.execute(
+                "UPDATE signins SET status = ?2, principal = ?3, identity = ?4
+                 WHERE user_code = ?1 AND status = 'pending' AND expires_ns > ?5",
+                &[&code, &status, &principal, &identity, &ns(audit.now)],
+            )?;
+            if n > 0 {
+                let action = if status == "approved" {
+                    "auth.device.approve"
+                } else {
+                    "auth.device.deny"
+                };
+                ctx.audit(&audit, action, &code, serde_json::json!({}))?;
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn take_signin(&self, id: &str, now: Timestamp) -> Result<Option<SigninRecord>> {
+        let id = id.to_owned();
+        self.write_plain(move |ctx| {
+            let Some(s) = read_signins(ctx.tx, "WHERE id = ?1", &[&id])?
+                .into_iter()
+                .next()
+            else {
+                return Ok(None);
+            };
+            if s.status == SigninStatus::Pending && s.expires > now {
+                ctx.tx.execute(
+                    "UPDATE signins SET polled_ns = ?2 WHERE id = ?1",
+                    &[&id, &ns(now)],
+                )?;
+            } else {
+                ctx.tx
+                    .execute("DELETE FROM signins WHERE id = ?1", &[&id])?;
+            }
+            Ok(Some(s))
+        })
+        .await
+    }
+
     async fn add_role_assignment(&self, ra: RoleAssignmentRecord, audit: AuditCtx) -> Result<()> {
         self.write_plain(move |ctx| {
             insert_role_assignment(ctx.tx, &ra)?;
@@ -3000,7 +3089,7 @@ fn read_exclusions(
 
 fn read_tokens(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<TokenRecord>> {
     c.all(&format!(
-        "SELECT id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns FROM tokens {tail}"
+        "SELECT id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns, identity FROM tokens {tail}"
     ), params, |r| {
         Ok(TokenRecord {
             id: r.get(0)?,
@@ -3010,8 +3099,46 @@ fn read_tokens(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<To
             created: from_ns(r.get(4)?)?,
             expires: r.get::<Option<i64>>(5)?.map(from_ns).transpose()?,
             revoked: r.get::<Option<i64>>(6)?.map(from_ns).transpose()?,
+            identity: r.get(7)?,
         })
     })
+}
+
+fn read_signins(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<SigninRecord>> {
+    c.all(&format!(
+        "SELECT id, user_code, challenge, source, status, principal, identity, created_ns, expires_ns, polled_ns FROM signins {tail}"
+    ), params, |r| {
+        let principal = r.get::<Option<String>>(5)?;
+        let identity = r.get::<Option<String>>(6)?;
+        let status = match (r.get::<String>(4)?.as_str(), principal, identity) {
+            ("pending", _, _) => SigninStatus::Pending,
+            ("approved", Some(principal), Some(identity)) => SigninStatus::Approved { principal, identity },
+            ("denied", Some(principal), _) => SigninStatus::Denied { principal },
+            (other, ..) => return Err(StoreError::Corrupt(format!("a sign-in has status {other:?} without who decided"))),
+        };
+        Ok(SigninRecord {
+            id: r.get(0)?,
+            user_code: r.get(1)?,
+            challenge: r.get(2)?,
+            source: r.get(3)?,
+            status,
+            created: from_ns(r.get(7)?)?,
+            expires: from_ns(r.get(8)?)?,
+            polled: r.get::<Option<i64>>(9)?.map(from_ns).transpose()?,
+        })
+    })
+}
+
+/// A sign-in's status as stored: (status, principal, identity).
+fn signin_columns(s: &SigninStatus) -> (&'static str, Option<&str>, Option<&str>) {
+    match s {
+        SigninStatus::Pending => ("pending", None, None),
+        SigninStatus::Approved {
+            principal,
+            identity,
+        } => ("approved", Some(principal), Some(identity)),
+        SigninStatus::Denied { principal } => ("denied", Some(principal), None),
+    }
 }
 
 /// Compares two byte strings in time independent of where they differ.

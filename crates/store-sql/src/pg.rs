@@ -231,6 +231,22 @@ CREATE TABLE idempotency(
 );
 CREATE INDEX idempotency_age ON idempotency(created_ns);
 "#,
+    r#"
+ALTER TABLE tokens ADD COLUMN identity TEXT COLLATE "C";
+CREATE TABLE signins(
+    id TEXT COLLATE "C" PRIMARY KEY,
+    user_code TEXT COLLATE "C" UNIQUE,
+    challenge TEXT COLLATE "C",
+    source TEXT COLLATE "C" NOT NULL,
+    status TEXT COLLATE "C" NOT NULL,
+    principal TEXT COLLATE "C",
+    identity TEXT COLLATE "C",
+    created_ns BIGINT NOT NULL,
+    expires_ns BIGINT NOT NULL,
+    polled_ns BIGINT
+);
+CREATE INDEX signins_expiry ON signins(expires_ns);
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

@@ -219,6 +219,24 @@ CREATE TABLE idempotency(
 );
 CREATE INDEX idempotency_age ON idempotency(created_ns);
 "#,
+    // Sign-in with the identity provider: who a sign-in credential was issued to, and
+    // the command line's sign-ins under way (loopback and device flows).
+    r#"
+ALTER TABLE tokens ADD COLUMN identity TEXT;
+CREATE TABLE signins(
+    id TEXT PRIMARY KEY,
+    user_code TEXT UNIQUE,
+    challenge TEXT,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    principal TEXT,
+    identity TEXT,
+    created_ns INTEGER NOT NULL,
+    expires_ns INTEGER NOT NULL,
+    polled_ns INTEGER
+);
+CREATE INDEX signins_expiry ON signins(expires_ns);
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

@@ -82,6 +82,7 @@ async fn bootstrap(store: &SqlStore) {
                     created: jitgate_store::conformance::t0(),
                     expires: None,
                     revoked: None,
+                    identity: None,
                 },
             },
             AuditCtx {

@@ -99,6 +99,7 @@ fn token(id: &str) -> TokenRecord {
         created: t0(),
         expires: None,
         revoked: None,
+        identity: None,
     }
 }
 

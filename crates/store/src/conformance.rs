@@ -99,6 +99,7 @@ macro_rules! store_conformance_tests {
             policy_changes_leave_ended_ports_to_expiry,
             tokens_create_find_list_revoke,
             tokens_are_found_by_secret_hash,
+            signins_are_decided_once_and_taken_once,
             role_assignments_add_list_remove,
             mutations_are_audited_and_chain_verifies,
             append_audit_assigns_consecutive_seqs,
@@ -316,6 +317,7 @@ fn token(id: &str, principal: &str, created: Timestamp) -> TokenRecord {
         created,
         expires: None,
         revoked: None,
+        identity: None,
     }
 }
 
@@ -4180,6 +4182,172 @@ pub async fn tokens_are_found_by_secret_hash(store: &dyn Store) {
             .unwrap(),
         None
     );
+}
+
+/// Command-line sign-ins under way: decided once (audited), taken once, bounded in
+/// number, gone when expired; a credential keeps the identity it was issued to.
+pub async fn signins_are_decided_once_and_taken_once(store: &dyn Store) {
+    install(store).await;
+    let device = |id: &str, code: &str, now: Timestamp| SigninRecord {
+        id: id.into(),
+        user_code: Some(code.into()),
+        challenge: None,
+        source: "192.0.2.7".into(),
+        status: SigninStatus::Pending,
+        created: now,
+        expires: now + SignedDuration::from_secs(600),
+        polled: None,
+    };
+    assert!(
+        store
+            .start_signin(device("d1", "BCDF-GHJK", at(0)), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .start_signin(device("d2", "LMNP-QRST", at(1)), 2)
+            .await
+            .unwrap()
+    );
+    // Two open: a third is refused and not stored.
+    assert!(
+        !store
+            .start_signin(device("d3", "VWXZ-BCDF", at(2)), 2)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.take_signin("d3", at(2)).await.unwrap(), None);
+    // Pending: taking it leaves it, with the time it was asked.
+    let first = store.take_signin("d1", at(5)).await.unwrap().unwrap();
+    assert_eq!(
+        (first.status.clone(), first.polled),
+        (SigninStatus::Pending, None)
+    );
+    assert_eq!(
+        store
+            .take_signin("d1", at(10))
+            .await
+            .unwrap()
+            .unwrap()
+            .polled,
+        Some(at(5))
+    );
+    // Found by user code while unexpired.
+    assert_eq!(
+        store
+            .signin_by_user_code("BCDF-GHJK", at(10))
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        "d1"
+    );
+    assert_eq!(
+        store
+            .signin_by_user_code("BCDF-GHJK", at(600))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .signin_by_user_code("NOPE-NOPE", at(10))
+            .await
+            .unwrap(),
+        None
+    );
+    // Decided once.
+    let approved = SigninStatus::Approved {
+        principal: "idp#alice".into(),
+        identity: "{}".into(),
+    };
+    assert!(
+        store
+            .decide_signin("BCDF-GHJK", approved.clone(), ctx(at(20)))
+            .await
+            .unwrap()
+    );
+    let deny = SigninStatus::Denied {
+        principal: "idp#bob".into(),
+    };
+    assert!(
+        !store
+            .decide_signin("BCDF-GHJK", deny.clone(), ctx(at(21)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .decide_signin("BCDF-GHJK", SigninStatus::Pending, ctx(at(21)))
+            .await
+            .unwrap()
+    );
+    // An expired one cannot be decided.
+    assert!(
+        !store
+            .decide_signin("LMNP-QRST", deny, ctx(at(601)))
+            .await
+            .unwrap()
+    );
+    // Taken once: the decision, then nothing.
+    assert_eq!(
+        store
+            .take_signin("d1", at(30))
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        approved
+    );
+    assert_eq!(store.take_signin("d1", at(31)).await.unwrap(), None);
+    // An expired one is returned as it was (the caller says it expired), then gone.
+    let late = store.take_signin("d2", at(700)).await.unwrap().unwrap();
+    assert_eq!(late.status, SigninStatus::Pending);
+    assert_eq!(store.take_signin("d2", at(701)).await.unwrap(), None);
+    // Expired ones no longer count against the bound.
+    assert!(
+        store
+            .start_signin(device("d4", "VWXZ-BCDF", at(800)), 1)
+            .await
+            .unwrap()
+    );
+    // A loopback sign-in is stored decided, with its challenge.
+    let loopback = SigninRecord {
+        id: "l1".into(),
+        user_code: None,
+        challenge: Some("chal".into()),
+        status: approved.clone(),
+        ..device("l1", "", at(800))
+    };
+    assert!(store.start_signin(loopback.clone(), 10).await.unwrap());
+    assert_eq!(
+        store.take_signin("l1", at(801)).await.unwrap(),
+        Some(loopback)
+    );
+    let actions: Vec<String> = store
+        .query_audit(&AuditQuery {
+            action: Some("auth.device".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| format!("{} {} {}", r.entry.action, r.entry.target, r.entry.actor))
+        .collect();
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert!(
+        actions[0].starts_with("auth.device.approve BCDF-GHJK"),
+        "{actions:?}"
+    );
+    // A credential keeps who it was issued to.
+    let t = TokenRecord {
+        identity: Some(r#"{"name":"Alice"}"#.into()),
+        ..token("sess01", "idp#alice", at(900))
+    };
+    store.create_token(t.clone(), ctx(at(900))).await.unwrap();
+    assert_eq!(store.find_token("sess01").await.unwrap(), Some(t));
 }
 
 /// Issue 9.6: a policy update ends exactly the live grants its new rules no longer

@@ -187,6 +187,30 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<RoleAssignmentRecord>>;
     async fn remove_role_assignment(&self, id: &str, audit: AuditCtx) -> Result<bool>;
 
+    // ---- command-line sign-ins under way ----
+    /// Stores a sign-in under way, first dropping those expired at `signin.created`.
+    /// `Ok(false)` (nothing stored) when `max_open` unexpired ones exist already: the
+    /// device flow starts without a credential, so nobody can grow the table unbounded.
+    async fn start_signin(&self, signin: SigninRecord, max_open: usize) -> Result<bool>;
+    /// The unexpired sign-in with that user code.
+    async fn signin_by_user_code(
+        &self,
+        user_code: &str,
+        now: Timestamp,
+    ) -> Result<Option<SigninRecord>>;
+    /// Approves or denies the pending, unexpired sign-in with that user code (the
+    /// status carries who), audited as `auth.device.approve` / `auth.device.deny`.
+    /// `Ok(false)` when there is no such pending sign-in.
+    async fn decide_signin(
+        &self,
+        user_code: &str,
+        decision: SigninStatus,
+        audit: AuditCtx,
+    ) -> Result<bool>;
+    /// The sign-in with that id as it was, taken once: a pending, unexpired one stays
+    /// (its `polled` becomes `now`), any other is deleted by this call.
+    async fn take_signin(&self, id: &str, now: Timestamp) -> Result<Option<SigninRecord>>;
+
     // ---- user NSG rules ----
     /// Creates or replaces the VM's user rule of that name. `Ok(true)` when created.
     async fn put_nsg_rule(

@@ -224,6 +224,44 @@ pub struct TokenRecord {
     pub created: Timestamp,
     pub expires: Option<Timestamp>,
     pub revoked: Option<Timestamp>,
+    /// For a credential a person got by signing in with the identity provider: who they
+    /// were at that sign-in (JSON the controller writes: display name, groups, how they
+    /// signed in). `None` for tokens an administrator minted (automation) and agents'.
+    pub identity: Option<String>,
+}
+
+/// A sign-in of the command line under way (`jitgate login`): the loopback flow's
+/// one-time code, or the device flow's device code. Found by the SHA-256 of the code
+/// the command line holds (never the code itself); taken once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigninRecord {
+    /// Hex SHA-256 of the code the command line presents.
+    pub id: String,
+    /// Device flow: the short code the person confirms on the controller's page.
+    pub user_code: Option<String>,
+    /// Loopback flow: the PKCE S256 challenge of the command line's verifier.
+    pub challenge: Option<String>,
+    /// The address that started it (shown to the person asked to confirm).
+    pub source: String,
+    pub status: SigninStatus,
+    pub created: Timestamp,
+    pub expires: Timestamp,
+    /// When the command line last asked (device flow: polls slower than the interval).
+    pub polled: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SigninStatus {
+    Pending,
+    /// Confirmed by `principal`, who was `identity` (as [`TokenRecord::identity`]).
+    Approved {
+        principal: String,
+        identity: String,
+    },
+    /// Refused by `principal`.
+    Denied {
+        principal: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -76,6 +76,7 @@ pub async fn create_token(
         created: now,
         expires,
         revoked: None,
+        identity: None,
     };
     state
         .store
