@@ -51,6 +51,12 @@ pub struct Principal {
     pub name: String,
     pub token_id: String,
     pub assignments: Vec<RoleAssignment>,
+    /// A person signed in with the identity provider: who, as the credential keeps it.
+    /// `None` for tokens an administrator made (automation) and agents'.
+    pub signed_in: Option<crate::oidc::SignedIn>,
+    /// True for a token the provider issued (a bearer JWT), not one jitgate issued.
+    pub provider_token: bool,
+    pub expires: Option<Timestamp>,
 }
 
 impl Principal {
@@ -111,7 +117,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
 
 /// The token of an `Authorization` header: `Bearer <token>`, the scheme
 /// case-insensitive (RFC 9110, 11.1).
-fn bearer(header: Option<&str>) -> ApiResult<&str> {
+pub(crate) fn bearer(header: Option<&str>) -> ApiResult<&str> {
     let header = header.ok_or_else(|| {
         ApiError::unauthenticated("Authentication failed. The 'Authorization' header is missing.")
     })?;
@@ -140,6 +146,11 @@ pub(crate) async fn authenticate(
     // id and found by the hash of the whole text, so its id reveals nothing about it.
     // A token authenticated moments ago is in the cache (no store read); the secret is
     // compared with its record's hash all the same.
+    if let Some(oidc) = &state.oidc
+        && crate::oidc::looks_like_jwt(token)
+    {
+        return provider_token(state, oidc, token, now).await;
+    }
     let split = split_token(token);
     let (cache_key, presented) = match split {
         Some((id, secret)) => (format!("id:{id}"), sha256_hex(secret)),
@@ -217,8 +228,55 @@ pub(crate) async fn authenticate(
         }
     };
     Ok(Principal {
+        signed_in: record
+            .identity
+            .as_deref()
+            .and_then(crate::oidc::SignedIn::parse),
+        provider_token: false,
+        expires: record.expires,
         name: record.principal,
         token_id: record.id,
+        assignments,
+    })
+}
+
+/// The principal of a token the provider issued for jitgate: its roles are those an
+/// administrator assigned to it plus what its groups map to now (the mapping a web
+/// sign-in stored is not used: the token's own groups are the ones that count).
+async fn provider_token(
+    state: &AppState,
+    oidc: &crate::oidc::Oidc,
+    jwt: &str,
+    now: Timestamp,
+) -> ApiResult<Principal> {
+    let caller = oidc.verify_bearer(jwt, now).await.map_err(|reason| {
+        ApiError::unauthenticated(format!(
+            "Authentication failed. The identity provider's token is not valid: {reason}"
+        ))
+    })?;
+    let mut assignments: Vec<RoleAssignment> = state
+        .store
+        .role_assignments(Some(&caller.principal))
+        .await?
+        .into_iter()
+        .filter(|r| !r.id.starts_with("oidc-"))
+        .map(|r| r.assignment)
+        .collect();
+    for a in oidc.mapped(&caller.principal, &caller.groups) {
+        if !assignments.contains(&a) {
+            assignments.push(a);
+        }
+    }
+    Ok(Principal {
+        signed_in: Some(crate::oidc::SignedIn {
+            name: caller.name,
+            groups: caller.groups,
+            via: "provider-token".into(),
+        }),
+        provider_token: true,
+        expires: Some(caller.expires),
+        name: caller.principal,
+        token_id: caller.id,
         assignments,
     })
 }
@@ -240,6 +298,8 @@ pub fn is_public(path: &str) -> bool {
             | "/auth/login"
             | "/auth/callback"
             | "/auth/logout"
+            | "/auth/token"
+            | "/auth/device"
     )
 }
 

@@ -25,6 +25,7 @@ pub mod params;
 pub mod proxy;
 pub mod recommend;
 mod server;
+pub mod signin;
 pub mod tls;
 
 pub use server::{
@@ -191,6 +192,15 @@ fn auth_routes() -> Router<AppState> {
         .route("/auth/login", axum::routing::get(oidc::login))
         .route("/auth/callback", axum::routing::get(oidc::callback))
         .route("/auth/logout", axum::routing::post(oidc::logout))
+        .route("/auth/token", axum::routing::post(signin::token))
+        .route(
+            "/auth/device",
+            axum::routing::get(signin::device_page).post(signin::device_start),
+        )
+        .route(
+            "/auth/device/decide",
+            axum::routing::post(signin::device_decide),
+        )
 }
 
 /// The whole HTTP application.

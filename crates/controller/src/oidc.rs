@@ -27,12 +27,16 @@ use jitgate_core::Timestamp;
 use jitgate_core::audit::{AuditEntry, Outcome};
 use jitgate_core::ids::Scope;
 use jitgate_core::rbac::{Role, RoleAssignment};
-use jitgate_store::{AuditCtx, RoleAssignmentRecord, TokenRecord};
-use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+use jitgate_store::{AuditCtx, RoleAssignmentRecord, SigninRecord, SigninStatus, TokenRecord};
+use openidconnect::core::{
+    CoreAuthenticationFlow, CoreClient, CoreIdToken, CoreJsonWebKey, CoreJsonWebKeySet,
+    CoreJwsSigningAlgorithm, CoreProviderMetadata,
+};
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet,
-    EndpointSet, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl,
-    Scope as OidcScope, TokenResponse,
+    AuthorizationCode, ClaimsVerificationError, ClientId, ClientSecret, CsrfToken,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, IdTokenVerifier, IssuerUrl, JsonWebTokenType,
+    Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope as OidcScope,
+    SignatureVerificationError, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -67,6 +71,9 @@ pub struct OidcConfig {
     pub issuer: String,
     pub client_id: String,
     pub client_secret: jitgate_proto::Secret,
+    /// The audience of the provider's tokens accepted as bearer credentials on the API
+    /// (by default the client id).
+    pub audience: String,
     pub scopes: Vec<String>,
     /// The ID token claim with the person's display name.
     pub name_claim: String,
@@ -133,12 +140,41 @@ type Client = CoreClient<
     EndpointMaybeSet,
 >;
 
+/// What discovery found: the client made from the provider's metadata and its keys.
+struct Discovered {
+    client: Client,
+    issuer: IssuerUrl,
+    jwks: CoreJsonWebKeySet,
+    fetched: Instant,
+}
+
+/// Signing algorithms accepted from the provider: asymmetric ones only (never `none`,
+/// never a MAC keyed with a secret some other party holds), and of those only what the
+/// provider announces.
+const ALLOWED_ALGS: [CoreJwsSigningAlgorithm; 10] = [
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha384,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha512,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha256,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha384,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha512,
+    CoreJwsSigningAlgorithm::EcdsaP256Sha256,
+    CoreJwsSigningAlgorithm::EcdsaP384Sha384,
+    CoreJwsSigningAlgorithm::EcdsaP521Sha512,
+    CoreJwsSigningAlgorithm::EdDsa,
+];
+
+/// The shortest time between two fetches of the provider's keys caused by a bearer
+/// token signed with a key id the controller does not know (anyone can present such a
+/// token: it must not make the controller hammer the provider).
+const MIN_REFETCH: Duration = Duration::from_secs(60);
+
 /// The controller's OIDC client: configuration, the provider's discovered metadata
-/// (fetched on first use, and again when an ID token is signed with a key it lacks).
+/// (fetched on first use, and again when a token is signed with a key it lacks).
 pub struct Oidc {
     pub config: OidcConfig,
     http: reqwest::Client,
-    client: RwLock<Option<(Arc<Client>, Instant)>>,
+    discovered: RwLock<Option<Arc<Discovered>>>,
     /// Signs the login cookie; derived from the client secret, which every replica has.
     cookie_key: [u8; 32],
 }
@@ -200,6 +236,9 @@ struct Pending {
     r: String,
     /// Expiry (Unix seconds).
     e: i64,
+    /// A command line's sign-in: where it returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    c: Option<CliReturn>,
 }
 
 /// Who signed in.
@@ -229,25 +268,23 @@ impl Oidc {
         Ok(Oidc {
             config,
             http,
-            client: RwLock::new(None),
+            discovered: RwLock::new(None),
             cookie_key,
         })
     }
 
-    /// The client made from the provider's metadata; `refresh` fetches it again (new
-    /// signing keys), once for all the callers waiting at the same time. ID tokens come
-    /// only from the provider's token endpoint, so nobody else can make the controller
-    /// refetch.
-    async fn client(&self, refresh: bool) -> Result<Arc<Client>, String> {
+    /// What discovery found; `refresh` fetches it again (new signing keys), once for
+    /// all the callers waiting at the same time.
+    async fn discovered(&self, refresh: bool) -> Result<Arc<Discovered>, String> {
         let asked = Instant::now();
-        if !refresh && let Some((c, _)) = &*self.client.read().await {
-            return Ok(c.clone());
+        if !refresh && let Some(d) = &*self.discovered.read().await {
+            return Ok(d.clone());
         }
-        let mut guard = self.client.write().await;
-        if let Some((c, at)) = &*guard
-            && (!refresh || *at >= asked)
+        let mut guard = self.discovered.write().await;
+        if let Some(d) = &*guard
+            && (!refresh || d.fetched >= asked)
         {
-            return Ok(c.clone());
+            return Ok(d.clone());
         }
         let issuer = IssuerUrl::new(self.config.issuer.clone()).map_err(|e| e.to_string())?;
         let http = self.http.clone();
@@ -260,6 +297,8 @@ impl Oidc {
                     chain(&e)
                 )
             })?;
+        let issuer = metadata.issuer().clone();
+        let jwks = metadata.jwks().clone();
         let client = CoreClient::from_provider_metadata(
             metadata,
             ClientId::new(self.config.client_id.clone()),
@@ -268,9 +307,14 @@ impl Oidc {
             )),
         )
         .set_redirect_uri(RedirectUrl::new(self.config.redirect_uri()).map_err(|e| e.to_string())?);
-        let client = Arc::new(client);
-        *guard = Some((client.clone(), Instant::now()));
-        Ok(client)
+        let d = Arc::new(Discovered {
+            client,
+            issuer,
+            jwks,
+            fetched: Instant::now(),
+        });
+        *guard = Some(d.clone());
+        Ok(d)
     }
 
     fn sign(&self, payload: &[u8]) -> Vec<u8> {
@@ -364,21 +408,76 @@ fn return_path(r: Option<&String>) -> Result<String, ApiError> {
     Ok(r.clone())
 }
 
+/// Where a command line's sign-in returns (`jitgate login`, RFC 8252): its loopback
+/// port, its `state`, and the S256 challenge of the verifier it will present with the
+/// code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CliReturn {
+    p: u16,
+    s: String,
+    c: String,
+}
+
 #[derive(Deserialize)]
 pub struct LoginQuery {
     return_to: Option<String>,
+    cli_port: Option<u16>,
+    cli_state: Option<String>,
+    cli_challenge: Option<String>,
 }
 
-/// `GET /auth/login`: to the provider.
+/// The command line's return, checked: all three parameters or none.
+fn cli_return(q: &LoginQuery) -> Result<Option<CliReturn>, ApiError> {
+    let (port, st, ch) = match (&q.cli_port, &q.cli_state, &q.cli_challenge) {
+        (None, None, None) => return Ok(None),
+        (Some(p), Some(s), Some(c)) => (*p, s, c),
+        _ => {
+            return Err(ApiError::bad_param(
+                "cli_port",
+                "cli_port, cli_state and cli_challenge go together (jitgate login sets them)",
+            ));
+        }
+    };
+    if port == 0 {
+        return Err(ApiError::bad_param("cli_port", "must be a port, 1-65535"));
+    }
+    let unreserved = |c: char| c.is_ascii_alphanumeric() || "-._~".contains(c);
+    if !(8..=128).contains(&st.len()) || !st.chars().all(unreserved) {
+        return Err(ApiError::bad_param(
+            "cli_state",
+            "must be 8-128 characters of A-Z a-z 0-9 - . _ ~",
+        ));
+    }
+    if ch.len() != 43
+        || !ch
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ApiError::bad_param(
+            "cli_challenge",
+            "must be a PKCE S256 challenge (43 characters of base64url)",
+        ));
+    }
+    Ok(Some(CliReturn {
+        p: port,
+        s: st.clone(),
+        c: ch.clone(),
+    }))
+}
+
+/// `GET /auth/login`: to the provider. With `cli_port`, `cli_state` and
+/// `cli_challenge` the sign-in is a command line's: it ends on its loopback address
+/// with a one-time code instead of a browser session.
 pub async fn login(
     State(state): State<AppState>,
     Query(q): Query<LoginQuery>,
 ) -> Result<Response, ApiError> {
     let oidc = state.oidc.clone().ok_or_else(not_configured)?;
     let return_to = return_path(q.return_to.as_ref())?;
-    let client = oidc.client(false).await.map_err(provider_unavailable)?;
+    let cli = cli_return(&q)?;
+    let d = oidc.discovered(false).await.map_err(provider_unavailable)?;
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    let mut req = client.authorize_url(
+    let mut req = d.client.authorize_url(
         CoreAuthenticationFlow::AuthorizationCode,
         CsrfToken::new_random,
         Nonce::new_random,
@@ -395,6 +494,7 @@ pub async fn login(
         v: verifier.secret().clone(),
         r: return_to,
         e: state.clock.now().as_second() + LOGIN_TTL.as_secs() as i64,
+        c: cli,
     };
     let mut resp = StatusCode::SEE_OTHER.into_response();
     let h = resp.headers_mut();
@@ -427,6 +527,13 @@ pub struct CallbackQuery {
     error_description: Option<String>,
 }
 
+/// How a sign-in ends: a browser session, or the command line's loopback address
+/// with a one-time code.
+enum Signed {
+    Web { token: String, return_to: String },
+    Cli { location: String },
+}
+
 /// `GET /auth/callback`: back from the provider.
 pub async fn callback(
     State(state): State<AppState>,
@@ -438,20 +545,30 @@ pub async fn callback(
     let source = ip.to_string();
     let now = state.clock.now();
     match finish(&state, &oidc, &headers, q, now, &source).await {
-        Ok((identity, token, return_to)) => {
+        Ok(signed) => {
             let mut resp = StatusCode::SEE_OTHER.into_response();
             let h = resp.headers_mut();
+            h.append(header::SET_COOKIE, clear_cookie(LOGIN_COOKIE));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            // The page the browser leaves must not pass the code on in `Referer`.
+            h.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            let location = match signed {
+                Signed::Web { token, return_to } => {
+                    h.append(
+                        header::SET_COOKIE,
+                        cookie(SESSION_COOKIE, &token, oidc.config.session),
+                    );
+                    return_to
+                }
+                Signed::Cli { location } => location,
+            };
             h.insert(
                 header::LOCATION,
-                HeaderValue::from_str(&return_to).unwrap_or(HeaderValue::from_static("/")),
+                HeaderValue::from_str(&location).unwrap_or(HeaderValue::from_static("/")),
             );
-            h.append(header::SET_COOKIE, clear_cookie(LOGIN_COOKIE));
-            h.append(
-                header::SET_COOKIE,
-                cookie(SESSION_COOKIE, &token, oidc.config.session),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            tracing::info!(principal = %identity.principal, "signed in");
             Ok(resp)
         }
         Err(reason) => {
@@ -469,8 +586,137 @@ pub async fn callback(
     }
 }
 
-/// The callback's checks and the session it opens; an error is the refusal's reason
-/// (audited, shown to the person), never a code, token or secret.
+/// Who a sign-in credential was issued to, as its token record keeps it
+/// (`TokenRecord::identity`): shown by `whoami`, and how `token list` tells sign-ins
+/// from automation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SignedIn {
+    pub name: String,
+    pub groups: Vec<String>,
+    /// `web`, `cli` (loopback) or `device`.
+    pub via: String,
+}
+
+impl SignedIn {
+    pub fn parse(json: &str) -> Option<SignedIn> {
+        serde_json::from_str(json).ok()
+    }
+}
+
+/// A sign-in credential: a jitgate token that expires after the session lifetime.
+pub(crate) struct Minted {
+    pub id: String,
+    pub token: String,
+    pub expires: Timestamp,
+}
+
+/// Issues a sign-in credential to `principal` (audited as `token.create`).
+pub(crate) async fn mint(
+    state: &AppState,
+    oidc: &Oidc,
+    principal: &str,
+    who: &SignedIn,
+    source: &str,
+    now: Timestamp,
+) -> Result<Minted, String> {
+    let (id, token, hash) = generate_token();
+    let expires = now
+        .checked_add(
+            jiff::SignedDuration::try_from(oidc.config.session).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+    state
+        .store
+        .create_token(
+            TokenRecord {
+                id: id.clone(),
+                principal: principal.to_owned(),
+                secret_hash: hash,
+                description: format!("sign-in ({}) of {}", who.via, who.name),
+                created: now,
+                expires: Some(expires),
+                revoked: None,
+                identity: Some(serde_json::to_string(who).map_err(|e| e.to_string())?),
+            },
+            AuditCtx {
+                actor: principal.to_owned(),
+                source: source.to_owned(),
+                now,
+            },
+        )
+        .await
+        .map_err(|e| format!("the credential cannot be stored: {e}"))?;
+    Ok(Minted { id, token, expires })
+}
+
+/// The verifier of tokens from the provider, at the controller's time: the
+/// provider's keys, its issuer, `audience`, the asymmetric algorithms only.
+fn verifier<'a>(
+    d: &'a Discovered,
+    audience: &str,
+    now: Timestamp,
+) -> IdTokenVerifier<'a, CoreJsonWebKey> {
+    let at =
+        chrono::DateTime::from_timestamp(now.as_second(), now.subsec_nanosecond().max(0) as u32)
+            .unwrap_or_default();
+    IdTokenVerifier::new_public_client(
+        ClientId::new(audience.to_owned()),
+        d.issuer.clone(),
+        d.jwks.clone(),
+    )
+    .set_allowed_algs(ALLOWED_ALGS)
+    .set_time_fn(move || at)
+}
+
+/// The claims of a verified token that name the person: display name and groups.
+fn person(
+    payload: &serde_json::Value,
+    config: &OidcConfig,
+    subject: &str,
+) -> (String, Vec<String>) {
+    let name = payload[&config.name_claim]
+        .as_str()
+        .or(payload["email"].as_str())
+        .unwrap_or(subject)
+        .chars()
+        .take(256)
+        .collect::<String>();
+    let groups = match &payload[&config.groups_claim] {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|g| g.as_str().map(|g| g.chars().take(256).collect()))
+            .take(1000)
+            .collect(),
+        serde_json::Value::String(s) => vec![s.chars().take(256).collect()],
+        _ => Vec::new(),
+    };
+    (name, groups)
+}
+
+/// The principal of the provider's subject: `<issuer>#<subject>`.
+fn principal_of(issuer: &str, subject: &str) -> Result<String, String> {
+    let principal = format!("{}#{subject}", issuer.trim_end_matches('/'));
+    if principal.len() > 256
+        || principal
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err("the provider's subject cannot name a jitgate principal (spaces, or over 256 characters with the issuer)".into());
+    }
+    Ok(principal)
+}
+
+/// The payload of a JWT whose signature was verified.
+fn payload_of(jwt: &str) -> Result<serde_json::Value, String> {
+    jwt.split('.')
+        .nth(1)
+        .and_then(|p| B64.decode(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| "the token's payload cannot be read".to_owned())
+}
+
+/// The callback's checks, then the session or the command line's code; an error is
+/// the refusal's reason (audited, shown to the person), never a code, token or secret.
 async fn finish(
     state: &AppState,
     oidc: &Oidc,
@@ -478,7 +724,7 @@ async fn finish(
     q: CallbackQuery,
     now: Timestamp,
     source: &str,
-) -> Result<(Identity, String, String), String> {
+) -> Result<Signed, String> {
     let cookie = read_cookie(headers, LOGIN_COOKIE)
         .ok_or("no sign-in is under way in this browser (the sign-in cookie is missing)")?;
     let pending = oidc.read_pending(&cookie, now.as_second())?;
@@ -502,10 +748,11 @@ async fn finish(
         ));
     }
     let code = q.code.ok_or("the provider's answer has no code")?;
-    let client = oidc.client(false).await?;
+    let d = oidc.discovered(false).await?;
     let http = oidc.http.clone();
     let fetch = move |r| call(http.clone(), r);
-    let tokens = client
+    let tokens = d
+        .client
         .exchange_code(AuthorizationCode::new(code))
         .map_err(|e| e.to_string())?
         .set_pkce_verifier(PkceCodeVerifier::new(pending.v.clone()))
@@ -516,50 +763,26 @@ async fn finish(
         .id_token()
         .ok_or("the provider's answer has no ID token")?;
     let nonce = Nonce::new(pending.n.clone());
-    let claims = match id_token.claims(&client.id_token_verifier(), &nonce) {
+    let id = &oidc.config.client_id;
+    let claims = match id_token.claims(&verifier(&d, id, now), &nonce) {
         Ok(c) => c.clone(),
         Err(first) => {
-            // Keys rotated since they were fetched: fetch them again, once.
-            let fresh = oidc.client(true).await?;
+            // Keys rotated since they were fetched: fetch them again, once. (ID tokens
+            // come only from the provider's token endpoint: nobody else can cause it.)
+            let fresh = oidc.discovered(true).await?;
             id_token
-                .claims(&fresh.id_token_verifier(), &nonce)
+                .claims(&verifier(&fresh, id, now), &nonce)
                 .map_err(|_| format!("the ID token is not valid: {}", chain(&first)))?
                 .clone()
         }
     };
     // The signature is verified: the payload's other claims are the provider's.
-    let payload: serde_json::Value = id_token
-        .to_string()
-        .split('.')
-        .nth(1)
-        .and_then(|p| B64.decode(p).ok())
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or("the ID token's payload cannot be read")?;
+    let payload = payload_of(&id_token.to_string())?;
     let issuer = claims.issuer().as_str().trim_end_matches('/').to_owned();
     let subject = claims.subject().as_str().to_owned();
-    let principal = format!("{issuer}#{subject}");
-    if principal.len() > 256
-        || principal
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
-    {
-        return Err("the provider's subject cannot name a jitgate principal (spaces, or over 256 characters with the issuer)".into());
-    }
-    let name = payload[&oidc.config.name_claim]
-        .as_str()
-        .or(payload["email"].as_str())
-        .unwrap_or(&subject)
-        .chars()
-        .take(256)
-        .collect::<String>();
-    let groups: Vec<String> = match &payload[&oidc.config.groups_claim] {
-        serde_json::Value::Array(a) => a
-            .iter()
-            .filter_map(|g| g.as_str().map(str::to_owned))
-            .collect(),
-        serde_json::Value::String(s) => vec![s.clone()],
-        _ => Vec::new(),
-    };
+    let principal = principal_of(&issuer, &subject)?;
+    let (name, groups) = person(&payload, &oidc.config, &subject);
+    let via = if pending.c.is_some() { "cli" } else { "web" };
     let identity = Identity {
         principal,
         issuer,
@@ -570,34 +793,63 @@ async fn finish(
     let roles = sync_roles(state, oidc, &identity, now)
         .await
         .map_err(|e| format!("the role assignments cannot be updated: {e}"))?;
-    let (id, token, hash) = generate_token();
-    let audit = AuditCtx {
-        actor: identity.principal.clone(),
-        source: source.to_owned(),
-        now,
+    let who = SignedIn {
+        name: identity.name.clone(),
+        groups: identity.groups.clone(),
+        via: via.into(),
     };
-    let expires = now
-        .checked_add(
-            jiff::SignedDuration::try_from(oidc.config.session).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
-    state
-        .store
-        .create_token(
-            TokenRecord {
-                id: id.clone(),
-                principal: identity.principal.clone(),
-                secret_hash: hash,
-                description: format!("web session of {}", identity.name),
-                created: now,
-                expires: Some(expires),
-                revoked: None,
-                identity: None,
-            },
-            audit,
-        )
-        .await
-        .map_err(|e| format!("the session cannot be stored: {e}"))?;
+    let mut details = serde_json::json!({
+        "subject": identity.subject,
+        "name": identity.name,
+        "groups": identity.groups,
+        "roles": roles,
+        "via": via,
+    });
+    let signed = match &pending.c {
+        None => {
+            let m = mint(state, oidc, &identity.principal, &who, source, now).await?;
+            details["session"] = m.id.clone().into();
+            details["expires"] = m.expires.to_string().into();
+            Signed::Web {
+                token: m.token,
+                return_to: pending.r.clone(),
+            }
+        }
+        Some(cli) => {
+            let code = crate::signin::one_time_code();
+            let stored = state
+                .store
+                .start_signin(
+                    SigninRecord {
+                        id: crate::auth::sha256_hex(&code),
+                        user_code: None,
+                        challenge: Some(cli.c.clone()),
+                        source: source.to_owned(),
+                        status: SigninStatus::Approved {
+                            principal: identity.principal.clone(),
+                            identity: serde_json::to_string(&who).map_err(|e| e.to_string())?,
+                        },
+                        created: now,
+                        expires: now + crate::signin::LOOPBACK_CODE_TTL,
+                        polled: None,
+                    },
+                    crate::signin::MAX_OPEN,
+                )
+                .await
+                .map_err(|e| format!("the sign-in cannot be stored: {e}"))?;
+            if !stored {
+                return Err("too many sign-ins are under way; try again in a few minutes".into());
+            }
+            let mut back = url::Url::parse(&format!("http://127.0.0.1:{}/callback", cli.p))
+                .map_err(|e| e.to_string())?;
+            back.query_pairs_mut()
+                .append_pair("code", &code)
+                .append_pair("state", &cli.s);
+            Signed::Cli {
+                location: back.to_string(),
+            }
+        }
+    };
     state
         .store
         .append_audit(AuditEntry {
@@ -607,19 +859,103 @@ async fn finish(
             action: "auth.signin".into(),
             target: identity.issuer.clone(),
             outcome: Outcome::Success,
-            details: serde_json::json!({
-                "subject": identity.subject,
-                "name": identity.name,
-                "groups": identity.groups,
-                "roles": roles,
-                "session": id,
-                "expires": expires.to_string(),
-            })
-            .to_string(),
+            details: details.to_string(),
         })
         .await
         .map_err(|e| format!("the sign-in cannot be audited: {e}"))?;
-    Ok((identity, token, pending.r))
+    tracing::info!(principal = %identity.principal, via, "signed in");
+    Ok(signed)
+}
+
+/// A caller who presented a token the provider issued for jitgate (automation with
+/// workload identity: `Authorization: Bearer <JWT>`).
+#[derive(Debug, Clone)]
+pub struct ProviderCaller {
+    pub principal: String,
+    pub name: String,
+    pub groups: Vec<String>,
+    pub expires: Timestamp,
+    /// Names the token in the audit log without being it: `jwt-` and the first 12 hex
+    /// digits of its SHA-256.
+    pub id: String,
+}
+
+/// Whether `token` has the shape of a JWS (three base64url parts, the first a JSON
+/// header naming an algorithm): only those are sent to the provider's keys.
+pub fn looks_like_jwt(token: &str) -> bool {
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    B64.decode(h)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get("alg").is_some())
+}
+
+impl Oidc {
+    /// Verifies a bearer JWT from the provider as an ID token is verified (signature
+    /// with the provider's keys, the asymmetric algorithms only, issuer, expiry), for
+    /// jitgate's audience (`--oidc-audience`, by default the client id). A key id the
+    /// controller lacks fetches the keys again, at most once a minute.
+    pub async fn verify_bearer(&self, jwt: &str, now: Timestamp) -> Result<ProviderCaller, String> {
+        let token: CoreIdToken = jwt.parse().map_err(|_| {
+            "it is not a JWT with the claims of an OpenID token (iss, sub, aud, exp, iat)"
+                .to_owned()
+        })?;
+        let types = ["JWT", "at+jwt"].map(|t| JsonWebTokenType::new(t.to_owned()).normalize());
+        let types: Vec<_> = types.into_iter().filter_map(Result::ok).collect();
+        let aud = &self.config.audience;
+        let check = |d: &Discovered| {
+            token
+                .claims(
+                    &verifier(d, aud, now).set_allowed_jose_types(types.clone()),
+                    |_: Option<&Nonce>| Ok::<(), String>(()),
+                )
+                .cloned()
+        };
+        let d = self.discovered(false).await?;
+        let claims = match check(&d) {
+            Ok(c) => c,
+            Err(ClaimsVerificationError::SignatureVerification(
+                SignatureVerificationError::NoMatchingKey,
+            )) if d.fetched.elapsed() >= MIN_REFETCH => {
+                let fresh = self.discovered(true).await?;
+                check(&fresh).map_err(|e| chain(&e))?
+            }
+            Err(e) => return Err(chain(&e)),
+        };
+        let payload = payload_of(jwt)?;
+        let subject = claims.subject().as_str().to_owned();
+        let principal = principal_of(claims.issuer().as_str(), &subject)?;
+        let (name, groups) = person(&payload, &self.config, &subject);
+        let exp = claims.expiration();
+        Ok(ProviderCaller {
+            principal,
+            name,
+            groups,
+            expires: Timestamp::from_second(exp.timestamp()).map_err(|e| e.to_string())?,
+            id: format!("jwt-{}", &crate::auth::sha256_hex(jwt)[..12]),
+        })
+    }
+
+    /// The role assignments the configured mapping gives `groups`.
+    pub fn mapped(&self, principal: &str, groups: &[String]) -> Vec<RoleAssignment> {
+        let mut out: Vec<RoleAssignment> = Vec::new();
+        for m in &self.config.roles {
+            let a = RoleAssignment {
+                principal: principal.to_owned(),
+                role: m.role,
+                scope: m.scope.clone(),
+            };
+            if groups.contains(&m.group) && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out
+    }
 }
 
 fn bounded(s: &str) -> String {
@@ -642,22 +978,11 @@ async fn sync_roles(
     who: &Identity,
     now: Timestamp,
 ) -> Result<Vec<String>, jitgate_store::StoreError> {
-    let mut wanted: Vec<(String, RoleAssignment)> = Vec::new();
-    for m in &oidc.config.roles {
-        if who.groups.contains(&m.group) {
-            let id = mapped_id(&who.principal, m.role, &m.scope);
-            if !wanted.iter().any(|(i, _)| *i == id) {
-                wanted.push((
-                    id,
-                    RoleAssignment {
-                        principal: who.principal.clone(),
-                        role: m.role,
-                        scope: m.scope.clone(),
-                    },
-                ));
-            }
-        }
-    }
+    let wanted: Vec<(String, RoleAssignment)> = oidc
+        .mapped(&who.principal, &who.groups)
+        .into_iter()
+        .map(|a| (mapped_id(&a.principal, a.role, &a.scope), a))
+        .collect();
     let audit = || AuditCtx {
         actor: "oidc".into(),
         source: oidc.config.issuer.clone(),
@@ -696,40 +1021,43 @@ async fn sync_roles(
         .collect())
 }
 
-/// `POST /auth/logout`: ends the browser's session (its token is revoked, on every
-/// replica) and clears the cookie. Only from the controller's own pages (`Origin`).
+/// `POST /auth/logout`: ends a sign-in, on every replica. A browser's session (its
+/// cookie; only from the controller's own pages, `Origin`) is revoked, its cookie
+/// cleared, and the browser sent to `/`. A command line's sign-in credential
+/// (`Authorization: Bearer`, what `jitgate logout` sends) is revoked and answered
+/// `200 {"revoked": id}`; a token an administrator minted is not ended here (`jitgate
+/// token revoke` is how).
 pub async fn logout(
     State(state): State<AppState>,
     crate::auth::CallerIp(ip): crate::auth::CallerIp,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let oidc = state.oidc.clone().ok_or_else(not_configured)?;
-    check_origin(&oidc, &headers)?;
     let now = state.clock.now();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|h| crate::auth::bearer(Some(h)))
+        .transpose()?;
+    if let Some(token) = bearer {
+        let p = crate::auth::authenticate(&state, token, now).await?;
+        if p.signed_in.is_none() || p.provider_token {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "NotASignIn",
+                "this credential is not a sign-in's: revoke a token an administrator made with `jitgate token revoke`; a provider's token ends at its expiry",
+            ));
+        }
+        signout(&state, &oidc, &p, ip, now).await?;
+        return Ok(axum::Json(serde_json::json!({ "revoked": p.token_id })).into_response());
+    }
+    check_origin(&oidc, &headers)?;
     // A session that is no longer valid has nothing to end: its cookie is cleared all
     // the same.
     if let Some(token) = read_cookie(&headers, SESSION_COOKIE)
         && let Ok(p) = crate::auth::authenticate(&state, &token, now).await
     {
-        let audit = AuditCtx {
-            actor: p.name.clone(),
-            source: ip.to_string(),
-            now,
-        };
-        state.store.revoke_token(&p.token_id, audit.clone()).await?;
-        state.auth_cache.invalidate();
-        state
-            .store
-            .append_audit(AuditEntry {
-                time: now.to_string(),
-                actor: audit.actor,
-                source: audit.source,
-                action: "auth.signout".into(),
-                target: oidc.config.issuer.clone(),
-                outcome: Outcome::Success,
-                details: serde_json::json!({ "session": p.token_id }).to_string(),
-            })
-            .await?;
+        signout(&state, &oidc, &p, ip, now).await?;
     }
     let mut resp = StatusCode::SEE_OTHER.into_response();
     resp.headers_mut()
@@ -737,6 +1065,32 @@ pub async fn logout(
     resp.headers_mut()
         .insert(header::SET_COOKIE, clear_cookie(SESSION_COOKIE));
     Ok(resp)
+}
+
+/// Revokes a sign-in credential (`token.revoke`) and records `auth.signout`.
+async fn signout(
+    state: &AppState,
+    oidc: &Oidc,
+    p: &crate::auth::Principal,
+    ip: std::net::IpAddr,
+    now: Timestamp,
+) -> Result<(), ApiError> {
+    let audit = p.audit_ctx(ip, now);
+    state.store.revoke_token(&p.token_id, audit.clone()).await?;
+    state.auth_cache.invalidate();
+    state
+        .store
+        .append_audit(AuditEntry {
+            time: now.to_string(),
+            actor: audit.actor,
+            source: audit.source,
+            action: "auth.signout".into(),
+            target: oidc.config.issuer.clone(),
+            outcome: Outcome::Success,
+            details: serde_json::json!({ "session": p.token_id }).to_string(),
+        })
+        .await?;
+    Ok(())
 }
 
 /// A call authenticated by the session cookie that changes something must come from
@@ -770,6 +1124,7 @@ mod tests {
             issuer: issuer.into(),
             client_id: "jitgate".into(),
             client_secret: jitgate_proto::Secret::new("s3cret"),
+            audience: "jitgate".into(),
             scopes: vec!["openid".into()],
             name_claim: "name".into(),
             groups_claim: "groups".into(),
@@ -810,6 +1165,7 @@ mod tests {
             v: "ve".into(),
             r: "/x".into(),
             e: 100,
+            c: None,
         };
         let c = o.pending_cookie(&p);
         assert_eq!(o.read_pending(&c, 99).unwrap().s, "st");

@@ -72,6 +72,72 @@ pub struct WhoAmI {
     pub roles: Vec<RoleAt>,
     /// The address the controller sees the call from (what "My IP" would use).
     pub caller_ip: String,
+    /// What the credential is: `signIn` (a person signed in with the identity
+    /// provider), `providerToken` (a token the provider issued, presented as is),
+    /// `automation` (a token an administrator made) or `agent`.
+    #[serde(default)]
+    pub credential: String,
+    /// The person's display name, for a sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The person's groups at the provider when they signed in (their roles follow
+    /// them through the controller's group mapping).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// When the credential stops working, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+// ---- the command line's sign-in --------------------------------------------------------
+
+/// `POST /auth/device`: a device sign-in begun. The person opens
+/// `verificationUriComplete` (or `verificationUri` and types `userCode`), signs in and
+/// confirms; meanwhile the command line asks `POST /auth/token` every `interval` s.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStart {
+    pub device_code: String,
+    pub user_code: String,
+    pub verification_uri: String,
+    pub verification_uri_complete: String,
+    pub expires_in: u64,
+    pub interval: u64,
+}
+
+/// `POST /auth/token`: what the command line exchanges for its credential.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "grantType", rename_all = "camelCase")]
+pub enum SigninGrant {
+    /// The one-time code its loopback address received, and the PKCE verifier whose
+    /// S256 challenge it sent to `/auth/login`.
+    #[serde(rename_all = "camelCase")]
+    Loopback { code: String, code_verifier: String },
+    /// The device code of `POST /auth/device`.
+    #[serde(rename_all = "camelCase")]
+    Device { device_code: String },
+}
+
+/// `POST /auth/token` answered 200: the sign-in credential (a jitgate token that
+/// expires).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SigninToken {
+    pub token: String,
+    pub token_id: String,
+    pub principal: String,
+    pub name: String,
+    pub groups: Vec<String>,
+    pub expires_at: String,
+}
+
+/// `POST /auth/token` answered 202: not yet confirmed; ask again after `interval` s
+/// (`slowDown`: the command line asked too often, and the interval grew).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SigninPending {
+    pub status: String,
+    pub interval: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -364,6 +430,10 @@ pub struct Token {
     pub created_at: String,
     pub expires_at: Option<String>,
     pub revoked_at: Option<String>,
+    /// `signIn` (issued when a person signed in with the identity provider; expires),
+    /// `automation` (made by an administrator) or `agent` (an enrolled agent's).
+    #[serde(default)]
+    pub kind: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

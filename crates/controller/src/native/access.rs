@@ -29,6 +29,14 @@ fn token_wire(t: &TokenRecord) -> Token {
         created_at: t.created.to_string(),
         expires_at: t.expires.map(|x| x.to_string()),
         revoked_at: t.revoked.map(|x| x.to_string()),
+        kind: if t.identity.is_some() {
+            "signIn"
+        } else if t.principal.starts_with("agent:") {
+            "agent"
+        } else {
+            "automation"
+        }
+        .into(),
     }
 }
 

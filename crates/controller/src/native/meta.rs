@@ -80,6 +80,16 @@ pub async fn whoami(
                 scope: a.scope.to_string(),
             })
             .collect(),
+        credential: match (&principal.signed_in, principal.provider_token) {
+            (_, true) => "providerToken",
+            (Some(_), false) => "signIn",
+            (None, false) if principal.name.starts_with("agent:") => "agent",
+            (None, false) => "automation",
+        }
+        .into(),
+        name: principal.signed_in.as_ref().map(|s| s.name.clone()),
+        groups: principal.signed_in.map(|s| s.groups).unwrap_or_default(),
+        expires_at: principal.expires.map(|e| e.to_string()),
         principal: principal.name,
         token_id: principal.token_id,
         subscription: state.default_subscription().to_string(),

@@ -131,6 +131,7 @@ async fn controller_with(port: u16, op: &Op, mapped: bool) -> Ctl {
             issuer,
             client_id: "jitgate".into(),
             client_secret: jitgate_proto::Secret::new(SECRET),
+            audience: "jitgate".into(),
             scopes: ["openid", "email", "profile", "groups"]
                 .map(str::to_owned)
                 .to_vec(),

@@ -14,7 +14,7 @@ use serde::Deserialize;
 pub struct ServeArgs {
     /// TOML file with the settings below by their long names with underscores
     /// (listen, data_dir, database, trusted_proxies, public_url, ...); the sign-in ones
-    /// in an [oidc] table (issuer, client_id, client_secret_file, scopes, name_claim,
+    /// in an [oidc] table (issuer, client_id, client_secret_file, audience, scopes, name_claim,
     /// groups_claim, session_lifetime, and [[oidc.role]] group/role/scope).
     #[arg(long, env = "JITGATE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// A file holding the controller's client secret at the provider.
     #[arg(long, env = "JITGATE_OIDC_CLIENT_SECRET_FILE")]
     pub oidc_client_secret_file: Option<PathBuf>,
+    /// The audience of the provider's own tokens accepted as bearer credentials on the
+    /// API (automation with workload identity) [default: the client id].
+    #[arg(long, env = "JITGATE_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
     /// Scopes asked for [default: openid,email,profile,groups].
     #[arg(long, env = "JITGATE_OIDC_SCOPES", value_delimiter = ',')]
     pub oidc_scopes: Option<Vec<String>>,
@@ -155,6 +159,7 @@ struct FileOidc {
     issuer: Option<String>,
     client_id: Option<String>,
     client_secret_file: Option<PathBuf>,
+    audience: Option<String>,
     scopes: Option<Vec<String>>,
     name_claim: Option<String>,
     groups_claim: Option<String>,
@@ -192,6 +197,7 @@ fn oidc_config(
         || args.oidc_client_id.is_some()
         || args.oidc_client_secret_file.is_some()
         || args.oidc_scopes.is_some()
+        || args.oidc_audience.is_some()
         || args.session_lifetime.is_some();
     let file = file.unwrap_or_default();
     let Some(issuer) = args.oidc_issuer.clone().or(file.issuer) else {
@@ -259,8 +265,17 @@ fn oidc_config(
             scope,
         });
     }
+    let audience = args
+        .oidc_audience
+        .clone()
+        .or(file.audience)
+        .unwrap_or_else(|| client_id.clone());
+    if audience.is_empty() {
+        bail!("oidc: the audience is empty");
+    }
     let config = jitgate_controller::oidc::OidcConfig {
         issuer: issuer.trim_end_matches('/').to_owned(),
+        audience,
         client_id,
         client_secret: jitgate_proto::Secret::new(secret),
         scopes: args.oidc_scopes.clone().or(file.scopes).unwrap_or_else(|| {
