@@ -184,30 +184,24 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(native::routes())
         .merge(agent::routes())
         .merge(recommend::routes())
+        .merge(auth_routes())
 }
 
-/// Browser sign-in (not part of the API document).
-fn auth_routes() -> Router<AppState> {
-    Router::new()
-        .route("/auth/login", axum::routing::get(oidc::login))
-        .route("/auth/callback", axum::routing::get(oidc::callback))
-        .route("/auth/logout", axum::routing::post(oidc::logout))
-        .route("/auth/token", axum::routing::post(signin::token))
-        .route(
-            "/auth/device",
-            axum::routing::get(signin::device_page).post(signin::device_start),
-        )
-        .route(
-            "/auth/device/decide",
-            axum::routing::post(signin::device_decide),
-        )
+/// Sign-in with the identity provider: browsers and the command line.
+fn auth_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(oidc::login))
+        .routes(routes!(oidc::callback))
+        .routes(routes!(oidc::logout))
+        .routes(routes!(signin::token))
+        .routes(routes!(signin::device_page, signin::device_start))
+        .routes(routes!(signin::device_decide))
 }
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let (routes, _) = api_router().split_for_parts();
     let api = routes
-        .merge(auth_routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

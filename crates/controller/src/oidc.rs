@@ -86,7 +86,14 @@ pub struct OidcConfig {
     pub public_url: url::Url,
     /// How long a session lasts (its token's expiry).
     pub session: Duration,
+    /// The shortest time between two fetches of the provider's keys caused by a
+    /// bearer token signed with a key id the controller does not know (anyone can
+    /// present such a token: it must not make the controller hammer the provider).
+    pub key_refetch: Duration,
 }
+
+/// The default of [`OidcConfig::key_refetch`].
+pub const KEY_REFETCH: Duration = Duration::from_secs(60);
 
 impl OidcConfig {
     pub fn redirect_uri(&self) -> String {
@@ -163,11 +170,6 @@ const ALLOWED_ALGS: [CoreJwsSigningAlgorithm; 10] = [
     CoreJwsSigningAlgorithm::EcdsaP521Sha512,
     CoreJwsSigningAlgorithm::EdDsa,
 ];
-
-/// The shortest time between two fetches of the provider's keys caused by a bearer
-/// token signed with a key id the controller does not know (anyone can present such a
-/// token: it must not make the controller hammer the provider).
-const MIN_REFETCH: Duration = Duration::from_secs(60);
 
 /// The controller's OIDC client: configuration, the provider's discovered metadata
 /// (fetched on first use, and again when a token is signed with a key it lacks).
@@ -468,6 +470,14 @@ fn cli_return(q: &LoginQuery) -> Result<Option<CliReturn>, ApiError> {
 /// `GET /auth/login`: to the provider. With `cli_port`, `cli_state` and
 /// `cli_challenge` the sign-in is a command line's: it ends on its loopback address
 /// with a one-time code instead of a browser session.
+#[utoipa::path(get, path = "/auth/login", tag = "signin",
+    params(
+        ("return_to" = Option<String>, Query, description = "A path on this controller to return to after signing in (default /)"),
+        ("cli_port" = Option<u16>, Query, description = "A command line's loopback port (jitgate login): the sign-in ends at http://127.0.0.1:<port>/callback"),
+        ("cli_state" = Option<String>, Query, description = "The command line's state, returned to it"),
+        ("cli_challenge" = Option<String>, Query, description = "The S256 challenge of the command line's PKCE verifier"),
+    ),
+    responses((status = 303, description = "To the identity provider")))]
 pub async fn login(
     State(state): State<AppState>,
     Query(q): Query<LoginQuery>,
@@ -535,6 +545,14 @@ enum Signed {
 }
 
 /// `GET /auth/callback`: back from the provider.
+#[utoipa::path(get, path = "/auth/callback", tag = "signin",
+    params(
+        ("code" = Option<String>, Query, description = "The provider's authorization code"),
+        ("state" = Option<String>, Query, description = "The state /auth/login sent"),
+        ("error" = Option<String>, Query, description = "The provider's refusal"),
+        ("error_description" = Option<String>, Query, description = "The provider's words on it"),
+    ),
+    responses((status = 303, description = "Signed in: to the page asked for, with the session cookie; or to the command line's loopback address with a one-time code")))]
 pub async fn callback(
     State(state): State<AppState>,
     crate::auth::CallerIp(ip): crate::auth::CallerIp,
@@ -921,7 +939,7 @@ impl Oidc {
             Ok(c) => c,
             Err(ClaimsVerificationError::SignatureVerification(
                 SignatureVerificationError::NoMatchingKey,
-            )) if d.fetched.elapsed() >= MIN_REFETCH => {
+            )) if d.fetched.elapsed() >= self.config.key_refetch => {
                 let fresh = self.discovered(true).await?;
                 check(&fresh).map_err(|e| chain(&e))?
             }
@@ -1027,6 +1045,11 @@ async fn sync_roles(
 /// (`Authorization: Bearer`, what `jitgate logout` sends) is revoked and answered
 /// `200 {"revoked": id}`; a token an administrator minted is not ended here (`jitgate
 /// token revoke` is how).
+#[utoipa::path(post, path = "/auth/logout", tag = "signin",
+    responses(
+        (status = 200, description = "The bearer sign-in credential was revoked", body = serde_json::Value),
+        (status = 303, description = "The browser's session was revoked and its cookie cleared"),
+    ))]
 pub async fn logout(
     State(state): State<AppState>,
     crate::auth::CallerIp(ip): crate::auth::CallerIp,
@@ -1131,6 +1154,7 @@ mod tests {
             roles: Vec::new(),
             public_url: url::Url::parse(public).unwrap(),
             session: Duration::from_secs(3600),
+            key_refetch: KEY_REFETCH,
         }
     }
 

@@ -34,6 +34,7 @@ use utoipa::openapi::{RefOr, ResponseBuilder, Schema, content::ContentBuilder};
         (name = "agents", description = "Enrollment and the agent protocol"),
         (name = "recommendations", description = "Which machines expose management ports"),
         (name = "service", description = "Health, metrics, this document, the caller"),
+        (name = "signin", description = "Sign-in with the organisation's identity provider, for browsers and the command line"),
     )
 )]
 pub struct ApiDoc;

@@ -96,6 +96,8 @@ fn too_many_signins() -> ApiError {
 }
 
 /// `POST /auth/device`: begins a device sign-in.
+#[utoipa::path(post, path = "/auth/device", tag = "signin",
+    responses((status = 200, body = DeviceStart)))]
 pub async fn device_start(
     State(state): State<AppState>,
     CallerIp(ip): CallerIp,
@@ -146,6 +148,11 @@ fn refused(code: &'static str, message: impl Into<String>) -> Response {
 }
 
 /// `POST /auth/token`: the command line's code for its credential.
+#[utoipa::path(post, path = "/auth/token", tag = "signin", request_body = SigninGrant,
+    responses(
+        (status = 200, description = "The sign-in credential", body = SigninToken),
+        (status = 202, description = "Not decided yet: ask again after `interval` seconds", body = SigninPending),
+    ))]
 pub async fn token(
     State(state): State<AppState>,
     CallerIp(ip): CallerIp,
@@ -294,6 +301,12 @@ fn page(title: &str, body: &str) -> Response {
 
 /// `GET /auth/device`: the page where a person confirms a device sign-in, after
 /// signing in here (a browser without a session is sent to `/auth/login` first).
+#[utoipa::path(get, path = "/auth/device", tag = "signin",
+    params(("code" = Option<String>, Query, description = "The user code (XXXX-XXXX)")),
+    responses(
+        (status = 200, description = "The page where a signed-in person confirms the code", content_type = "text/html", body = String),
+        (status = 303, description = "Not signed in: to /auth/login first"),
+    ))]
 pub async fn device_page(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -378,7 +391,7 @@ pub async fn device_page(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct Decision {
     code: String,
     decision: String,
@@ -388,6 +401,9 @@ pub struct Decision {
 /// the authentication layer has checked its `Origin`): approves or denies. Only a
 /// person signed in with the identity provider can: a token an administrator made
 /// cannot turn itself into sign-in credentials.
+#[utoipa::path(post, path = "/auth/device/decide", tag = "signin",
+    request_body(content = Decision, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, description = "Decided", content_type = "text/html", body = String)))]
 pub async fn device_decide(
     State(state): State<AppState>,
     principal: Principal,

@@ -18,6 +18,7 @@ mod hardening;
 mod lifecycle;
 mod native;
 mod oidc;
+mod op;
 mod rbac;
 mod recommend;
 mod replicas;

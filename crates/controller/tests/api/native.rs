@@ -569,6 +569,35 @@ async fn every_operation_answers_as_documented() {
         (StatusCode::BAD_REQUEST, Some("active"))
     );
 
+    // Sign-in: this controller has no identity provider, so each answers 404 saying
+    // so (the sign-in tests in `oidc` call them configured).
+    for (method, path, body) in [
+        (Method::GET, "/auth/login", None),
+        (Method::GET, "/auth/callback?code=x&state=y", None),
+        (Method::POST, "/auth/logout", None),
+        (Method::POST, "/auth/device", None),
+        (Method::GET, "/auth/device", None),
+        (
+            Method::POST,
+            "/auth/token",
+            Some(json!({"grantType": "device", "deviceCode": "0".repeat(64)})),
+        ),
+    ] {
+        let r = ctl.call(method, path, None, body).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}: {:?}", r.body);
+        assert!(r.message().contains("--oidc-issuer"), "{:?}", r.body);
+    }
+    let r = ctl
+        .call_with(
+            Method::POST,
+            "/auth/device/decide",
+            None,
+            None,
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+    assert!(r.status.is_client_error());
+
     let seen = SEEN.lock().unwrap().clone();
     let missing: Vec<_> = operations().difference(&seen).cloned().collect();
     assert!(missing.is_empty(), "operations never called: {missing:?}");

@@ -2,102 +2,15 @@
 //! with Node on a loopback port), driven over HTTP as a browser would: the controller's
 //! `/auth/login`, the provider's login form, the callback, the session cookie.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use jitgate_controller::oidc::{LOGIN_COOKIE, SESSION_COOKIE};
 
+use crate::op::{Browser, Op, SECRET};
 use crate::util::Ctl;
-
-const SECRET: &str = "test-client-secret-0123456789";
-
-/// The provider, stopped when dropped.
-struct Op {
-    child: Child,
-    issuer: String,
-    users: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Op {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Op {
-    /// Starts the provider with the client `jitgate` (redirect URI `redirect`) and
-    /// `users` (login -> claims).
-    fn start(redirect: &str, users: Value) -> Op {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testing/oidc-op");
-        assert!(
-            root.join("node_modules/oidc-provider").exists(),
-            "the test OpenID Provider is not installed: run `npm ci --prefix testing/oidc-op` \
-             (Node.js 20 and npm; ./scripts/test.sh does it)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let users_file = dir.path().join("users.json");
-        std::fs::write(&users_file, users.to_string()).unwrap();
-        let config = dir.path().join("op.json");
-        std::fs::write(
-            &config,
-            json!({
-                "clients": [{
-                    "client_id": "jitgate",
-                    "client_secret": SECRET,
-                    "redirect_uris": [redirect],
-                    "grant_types": ["authorization_code"],
-                    "response_types": ["code"],
-                }],
-                "users": users_file,
-            })
-            .to_string(),
-        )
-        .unwrap();
-        let mut child = Command::new("node")
-            .arg(root.join("op.mjs"))
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("node runs (install Node.js 20: ./scripts/setup-deps.sh --tests does)");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let issuer = serde_json::from_str::<Value>(&line)
-            .unwrap_or_else(|e| panic!("the provider did not start ({e}): {line:?}"))["issuer"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        Op {
-            child,
-            issuer,
-            users: users_file,
-            _dir: dir,
-        }
-    }
-
-    fn set_users(&self, users: Value) {
-        std::fs::write(&self.users, users.to_string()).unwrap();
-    }
-
-    async fn rotate_keys(&self) {
-        let r = reqwest::Client::new()
-            .post(format!("{}/test/rotate", self.issuer))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    }
-}
 
 /// A controller whose sign-in uses `op`'s provider, listening on `port`; with
 /// `mapped`, members of `ops` are JIT Requesters on resource group `prod` and members
@@ -125,13 +38,13 @@ async fn controller_with(port: u16, op: &Op, mapped: bool) -> Ctl {
     } else {
         Vec::new()
     };
-    Ctl::start_with(first.dir, move |c| {
+    Ctl::start_simulated_with(first.dir, move |c| {
         c.listen = SocketAddr::from(([127, 0, 0, 1], port));
         c.oidc = Some(jitgate_controller::oidc::OidcConfig {
             issuer,
             client_id: "jitgate".into(),
             client_secret: jitgate_proto::Secret::new(SECRET),
-            audience: "jitgate".into(),
+            audience: "jitgate-api".into(),
             scopes: ["openid", "email", "profile", "groups"]
                 .map(str::to_owned)
                 .to_vec(),
@@ -140,138 +53,10 @@ async fn controller_with(port: u16, op: &Op, mapped: bool) -> Ctl {
             roles,
             public_url: url::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
             session: std::time::Duration::from_secs(3600),
+            key_refetch: std::time::Duration::from_secs(3),
         });
     })
     .await
-}
-
-/// A browser: cookies per name (the provider's and the controller's), no redirects
-/// followed by themselves.
-struct Browser {
-    http: reqwest::Client,
-    cookies: std::collections::BTreeMap<String, String>,
-}
-
-impl Browser {
-    fn new() -> Browser {
-        Browser {
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap(),
-            cookies: Default::default(),
-        }
-    }
-
-    async fn send(
-        &mut self,
-        method: Method,
-        url: &str,
-        form: Option<&[(&str, &str)]>,
-    ) -> (StatusCode, String, String) {
-        let mut req = self.http.request(method, url);
-        if !self.cookies.is_empty() {
-            let c: Vec<String> = self
-                .cookies
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            req = req.header("Cookie", c.join("; "));
-        }
-        if let Some(f) = form {
-            let body = url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(f)
-                .finish();
-            req = req
-                .header("Content-Type", "application/x-www-form-urlencoded")
-                .body(body);
-        }
-        let resp = req.send().await.unwrap();
-        for sc in resp.headers().get_all("set-cookie") {
-            let sc = sc.to_str().unwrap();
-            let (kv, attrs) = sc.split_once(';').unwrap_or((sc, ""));
-            let (k, v) = kv.split_once('=').unwrap();
-            if v.is_empty()
-                || attrs.contains("Max-Age=0")
-                || attrs.contains("expires=Thu, 01 Jan 1970")
-            {
-                self.cookies.remove(k);
-            } else {
-                self.cookies.insert(k.to_owned(), v.to_owned());
-            }
-        }
-        let status = resp.status();
-        let location = resp
-            .headers()
-            .get("location")
-            .map(|l| l.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        (status, location, resp.text().await.unwrap())
-    }
-
-    /// Signs in at the controller `base` as `login`, up to the callback URL the
-    /// provider sends the browser to (not yet followed).
-    async fn until_callback(&mut self, base: &str, issuer: &str, login: &str) -> String {
-        let (status, mut next, body) = self
-            .send(
-                Method::GET,
-                &format!("{base}/auth/login?return_to=/requests"),
-                None,
-            )
-            .await;
-        assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
-        assert!(next.starts_with(issuer), "{next}");
-        for _ in 0..10 {
-            if next.starts_with(base) {
-                return next;
-            }
-            let url = if next.starts_with('/') {
-                format!("{issuer}{next}")
-            } else {
-                next.clone()
-            };
-            let (status, location, body) = self.send(Method::GET, &url, None).await;
-            if status.is_redirection() {
-                next = location;
-                continue;
-            }
-            // The provider's login form.
-            assert_eq!(status, StatusCode::OK, "{body}");
-            let action = body
-                .split("action=\"")
-                .nth(1)
-                .and_then(|s| s.split('"').next())
-                .unwrap_or_else(|| panic!("no form in {body}"))
-                .to_owned();
-            let action = if action.starts_with('/') {
-                format!("{issuer}{action}")
-            } else {
-                action
-            };
-            let (status, location, body) = self
-                .send(
-                    Method::POST,
-                    &action,
-                    Some(&[("prompt", "login"), ("login", login), ("password", "any")]),
-                )
-                .await;
-            assert!(status.is_redirection(), "{status} {body}");
-            next = location;
-        }
-        panic!("the provider never sent the browser back");
-    }
-
-    /// The whole sign-in; returns the session cookie.
-    async fn sign_in(&mut self, ctl: &Ctl, issuer: &str, login: &str) -> String {
-        let callback = self.until_callback(&ctl.base, issuer, login).await;
-        let (status, location, body) = self.send(Method::GET, &callback, None).await;
-        assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
-        assert_eq!(location, "/requests");
-        self.cookies
-            .get(SESSION_COOKIE)
-            .expect("a session cookie")
-            .clone()
-    }
 }
 
 async fn whoami(ctl: &Ctl, session: &str) -> (StatusCode, Value) {
@@ -315,7 +100,7 @@ async fn a_person_signs_in_and_holds_the_roles_of_their_groups() {
     );
     let ctl = controller_with(port, &op, true).await;
     let mut browser = Browser::new();
-    let session = browser.sign_in(&ctl, &op.issuer, "alice").await;
+    let session = browser.sign_in(&ctl.base, &op.issuer, "alice").await;
 
     let (status, who) = whoami(&ctl, &session).await;
     assert_eq!(status, StatusCode::OK, "{who}");
@@ -336,7 +121,7 @@ async fn a_person_signs_in_and_holds_the_roles_of_their_groups() {
 
     // Out of `admins`: the next sign-in takes Owner away, from every session of hers.
     op.set_users(json!({"alice": {"name": "Alice Example", "groups": ["ops"]}}));
-    let second = Browser::new().sign_in(&ctl, &op.issuer, "alice").await;
+    let second = Browser::new().sign_in(&ctl.base, &op.issuer, "alice").await;
     assert_eq!(roles(&whoami(&ctl, &second).await.1), ["JIT Requester"]);
     assert_eq!(roles(&whoami(&ctl, &session).await.1), ["JIT Requester"]);
     let removed = ctl.audit("action=roleAssignment.delete").await;
@@ -344,7 +129,7 @@ async fn a_person_signs_in_and_holds_the_roles_of_their_groups() {
 
     // A provider that rotated its signing key: the new key is fetched.
     op.rotate_keys().await;
-    let third = Browser::new().sign_in(&ctl, &op.issuer, "alice").await;
+    let third = Browser::new().sign_in(&ctl.base, &op.issuer, "alice").await;
     assert_eq!(whoami(&ctl, &third).await.0, StatusCode::OK);
 }
 
@@ -359,7 +144,7 @@ async fn sessions_refuse_other_origins_and_end_at_sign_out() {
     );
     let ctl = controller_with(port, &op, true).await;
     let mut browser = Browser::new();
-    let session = browser.sign_in(&ctl, &op.issuer, "bob").await;
+    let session = browser.sign_in(&ctl.base, &op.issuer, "bob").await;
     let origin = format!("http://127.0.0.1:{port}");
     let cookie = session_cookie(&session);
     async fn post(ctl: &Ctl, cookie: &str, origin: Option<&str>) -> crate::util::Resp {
@@ -452,4 +237,474 @@ async fn forged_and_replayed_callbacks_are_refused_and_audited() {
     assert_eq!(refused.len(), 3, "{refused:?}");
     // Nothing was granted to a refused sign-in, and the owner still works.
     assert_eq!(ctl.get("/api/v1/whoami").await.status, StatusCode::OK);
+}
+
+/// The message of a refused call.
+fn message(body: &str) -> String {
+    serde_json::from_str::<Value>(body).unwrap()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// ID tokens a provider should never send, each refused with its reason and audited:
+/// another audience, expired, signed with a key that is not the provider's, unsigned
+/// (`alg: none`), a MAC keyed with the client secret, another sign-in's nonce.
+#[tokio::test]
+async fn id_tokens_that_do_not_verify_are_refused_and_audited() {
+    let port = jitgate_store_sql::testpg::free_port();
+    let op = Op::start(
+        &format!("http://127.0.0.1:{port}/auth/callback"),
+        json!({"dave": {"name": "Dave", "groups": ["admins"]}}),
+    );
+    let ctl = controller_with(port, &op, true).await;
+    let past = jiff::Timestamp::now().as_second() - 120;
+    let cases = [
+        (json!({"claims": {"aud": "someone-else"}}), "audience"),
+        (json!({"claims": {"exp": past}}), "expired"),
+        (json!({"key": "other"}), "signature"),
+        (json!({"alg": "none"}), "no signature"),
+        (json!({"alg": "HS256"}), "alg"),
+        (json!({"claims": {"nonce": "another-sign-in"}}), "nonce"),
+        (json!({"claims": {"nonce": null}}), "nonce"),
+    ];
+    for (how, reason) in &cases {
+        let mut browser = Browser::new();
+        let callback = browser.until_callback(&ctl.base, &op.issuer, "dave").await;
+        op.tamper(how.clone()).await;
+        let (status, _, body) = browser.send(Method::GET, &callback, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{how}: {body}");
+        let m = message(&body).to_lowercase();
+        assert!(
+            m.contains("id token is not valid") && m.contains(reason),
+            "{how}: {m}"
+        );
+        assert!(!browser.cookies.contains_key("__Host-jitgate_session"));
+    }
+    let refused: Vec<Value> = ctl
+        .audit("action=auth.signin")
+        .await
+        .into_iter()
+        .filter(|e| e["outcome"] != "success")
+        .collect();
+    assert_eq!(refused.len(), cases.len(), "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|e| e.to_string().contains("ID token is not valid"))
+    );
+    // Nobody was given a role by a refused sign-in.
+    let roles = ctl.get("/api/v1/roleAssignments").await;
+    assert!(
+        !roles.body.to_string().contains("#dave"),
+        "{:?}",
+        roles.body
+    );
+}
+
+/// A session ends at its absolute lifetime, on the controller's clock.
+#[tokio::test]
+async fn sessions_expire() {
+    let port = jitgate_store_sql::testpg::free_port();
+    let op = Op::start(
+        &format!("http://127.0.0.1:{port}/auth/callback"),
+        json!({"erin": {"name": "Erin", "groups": ["ops"]}}),
+    );
+    let ctl = controller_with(port, &op, true).await;
+    let session = Browser::new().sign_in(&ctl.base, &op.issuer, "erin").await;
+    let (status, who) = whoami(&ctl, &session).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(who["credential"], "signIn");
+    assert_eq!(who["name"], "Erin");
+    assert_eq!(who["groups"], json!(["ops"]));
+    ctl.advance(std::time::Duration::from_secs(3599));
+    assert_eq!(whoami(&ctl, &session).await.0, StatusCode::OK);
+    ctl.advance(std::time::Duration::from_secs(2));
+    let (status, body) = whoami(&ctl, &session).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.to_string().contains("expired"), "{body}");
+    // The owner's token list shows it as a sign-in, next to automation tokens.
+    let tokens = ctl.get("/api/v1/tokens").await.body;
+    let kinds: Vec<&str> = tokens["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"signIn") && kinds.contains(&"automation"),
+        "{kinds:?}"
+    );
+}
+
+/// The provider's own tokens for jitgate's audience are bearer credentials (a
+/// workload's identity): roles from an administrator's assignment; refused when for
+/// another audience, expired, unsigned or signed by another key, each audited; a
+/// rotated key is fetched, but not more than once per `key_refetch`.
+#[tokio::test]
+async fn provider_tokens_are_bearer_credentials_for_jitgates_audience() {
+    let port = jitgate_store_sql::testpg::free_port();
+    let op = Op::start(&format!("http://127.0.0.1:{port}/auth/callback"), json!({}));
+    let ctl = controller_with(port, &op, true).await;
+    let robot = op.robot_token().await;
+    let r = ctl.get_as(&robot, "/api/v1/whoami").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["credential"], "providerToken");
+    let principal = r.body["principal"].as_str().unwrap().to_owned();
+    assert_eq!(principal, format!("{}#robot", op.issuer));
+    assert_eq!(r.body["roles"], json!([]));
+    // An Owner gives it a role; it holds it at once.
+    let scope = format!("/subscriptions/{}/resourceGroups/prod", ctl.sub);
+    let a = ctl
+        .post(
+            "/api/v1/roleAssignments",
+            json!({"principal": principal, "role": "JIT Requester", "scope": scope}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    let r = ctl.get_as(&robot, "/api/v1/whoami").await;
+    assert_eq!(r.body["roles"][0]["role"], "JIT Requester");
+    // It is not a sign-in: it cannot end itself at /auth/logout.
+    let out = ctl
+        .call(Method::POST, "/auth/logout", Some(&robot), None)
+        .await;
+    assert_eq!(out.status, StatusCode::BAD_REQUEST);
+
+    let now = jiff::Timestamp::now().as_second();
+    let claims = |extra: Value| {
+        let mut c = json!({"sub": "robot", "aud": "jitgate-api", "client_id": "robot"});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let forged = [
+        (
+            json!({"claims": claims(json!({"aud": "another-api"}))}),
+            "audience",
+        ),
+        (
+            json!({"claims": claims(json!({"exp": now - 60, "iat": now - 400}))}),
+            "expired",
+        ),
+        (
+            json!({"claims": claims(json!({"iss": "http://127.0.0.1:1"}))}),
+            "issuer",
+        ),
+        (
+            json!({"claims": claims(json!({})), "key": "other"}),
+            "signature",
+        ),
+        (
+            json!({"claims": claims(json!({})), "alg": "none"}),
+            "signature",
+        ),
+        (json!({"claims": claims(json!({})), "alg": "HS256"}), "alg"),
+    ];
+    for (how, reason) in &forged {
+        let jwt = op.sign(how.clone()).await;
+        let r = ctl.get_as(&jwt, "/api/v1/whoami").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{how}");
+        let m = r.message().to_lowercase();
+        assert!(
+            m.contains("provider's token is not valid") && m.contains(reason),
+            "{how}: {m}"
+        );
+    }
+    // The same claims, properly signed, pass: the refusals were for what was changed.
+    let good = op.sign(json!({"claims": claims(json!({}))})).await;
+    assert_eq!(
+        ctl.get_as(&good, "/api/v1/whoami").await.status,
+        StatusCode::OK
+    );
+    let audited = ctl.audit("action=authentication.failed").await;
+    assert!(audited.len() >= forged.len(), "{audited:?}");
+    assert!(!audited.iter().any(|e| e.to_string().contains(&robot[..40])));
+
+    // Rotated keys: a token with the new key id is refused until `key_refetch` (3 s)
+    // has passed since the last fetch, then the keys are fetched again.
+    op.rotate_keys().await;
+    let fresh = op.robot_token().await;
+    let r = ctl.get_as(&fresh, "/api/v1/whoami").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.body);
+    assert!(r.message().contains("No matching key"), "{}", r.message());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        ctl.get_as(&fresh, "/api/v1/whoami").await.status,
+        StatusCode::OK
+    );
+}
+
+/// The command line's loopback exchange and the device flow through the API: a code
+/// is taken once (a wrong verifier uses it up), a device code is answered 202 until
+/// decided, too-fast polling is slowed down, only a signed-in person can decide, from
+/// the controller's origin, and a denial is final.
+#[tokio::test]
+async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
+    use base64::Engine;
+    use sha2::Digest;
+    let port = jitgate_store_sql::testpg::free_port();
+    let op = Op::start(
+        &format!("http://127.0.0.1:{port}/auth/callback"),
+        json!({"fay": {"name": "Fay", "groups": ["ops"]}}),
+    );
+    let ctl = controller_with(port, &op, true).await;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    // Loopback: the callback sends the browser to the command line's port.
+    let verifier = "v".repeat(50);
+    let challenge = b64.encode(sha2::Sha256::digest(verifier.as_bytes()));
+    let start = format!(
+        "{}/auth/login?cli_port=45678&cli_state=state-12345&cli_challenge={challenge}",
+        ctl.base
+    );
+    let mut browser = Browser::new();
+    let callback = browser
+        .from_login(&start, &ctl.base, &op.issuer, "fay")
+        .await;
+    let (status, location, body) = browser.send(Method::GET, &callback, None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    assert!(
+        location.starts_with("http://127.0.0.1:45678/callback?code="),
+        "{location}"
+    );
+    assert!(location.ends_with("&state=state-12345"), "{location}");
+    assert!(!browser.cookies.contains_key("__Host-jitgate_session"));
+    let code = url::Url::parse(&location)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let exchange = |code: &str, verifier: &str| json!({"grantType": "loopback", "code": code, "codeVerifier": verifier});
+    // A wrong verifier is refused, and the code is gone with it.
+    let r = ctl
+        .call(
+            Method::POST,
+            "/auth/token",
+            None,
+            Some(exchange(&code, "w")),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "InvalidGrant")
+    );
+    let r = ctl
+        .call(
+            Method::POST,
+            "/auth/token",
+            None,
+            Some(exchange(&code, &verifier)),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "InvalidGrant")
+    );
+    // Bad input names its field and changes nothing.
+    for (body, field) in [
+        (exchange("nothex", &verifier), "code"),
+        (
+            json!({"grantType": "device", "deviceCode": "12"}),
+            "deviceCode",
+        ),
+        (json!({"grantType": "password"}), "grantType"),
+    ] {
+        let r = ctl
+            .call(Method::POST, "/auth/token", None, Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.message().contains(field), "{}", r.message());
+    }
+    for bad in [
+        "cli_port=0&cli_state=state-12345",
+        "cli_port=1&cli_state=x&cli_challenge=y",
+    ] {
+        let (status, _, body) = Browser::new()
+            .send(Method::GET, &format!("{}/auth/login?{bad}", ctl.base), None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(message(&body).contains("cli_"), "{body}");
+    }
+    // A fresh loopback sign-in, exchanged properly.
+    let mut browser = Browser::new();
+    let callback = browser
+        .from_login(&start, &ctl.base, &op.issuer, "fay")
+        .await;
+    let (_, location, _) = browser.send(Method::GET, &callback, None).await;
+    let code = url::Url::parse(&location)
+        .unwrap()
+        .query_pairs()
+        .next()
+        .unwrap()
+        .1
+        .into_owned();
+    let r = ctl
+        .call(
+            Method::POST,
+            "/auth/token",
+            None,
+            Some(exchange(&code, &verifier)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["name"], "Fay");
+    let token = r.body["token"].as_str().unwrap().to_owned();
+    let who = ctl.get_as(&token, "/api/v1/whoami").await.body;
+    assert_eq!(who["credential"], "signIn");
+    assert_eq!(who["roles"][0]["role"], "JIT Requester");
+
+    // Device: pending, slowed down, then decided by a signed-in person.
+    let d = ctl.call(Method::POST, "/auth/device", None, None).await;
+    assert_eq!(d.status, StatusCode::OK, "{:?}", d.body);
+    let device_code = d.body["deviceCode"].as_str().unwrap().to_owned();
+    let user_code = d.body["userCode"].as_str().unwrap().to_owned();
+    let poll = || async {
+        ctl.call(
+            Method::POST,
+            "/auth/token",
+            None,
+            Some(json!({"grantType": "device", "deviceCode": device_code})),
+        )
+        .await
+    };
+    let r = poll().await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (StatusCode::ACCEPTED, Some("authorizationPending"))
+    );
+    let r = poll().await;
+    assert_eq!(r.body["status"], "slowDown");
+    // The page: a browser without a session is sent to sign in first.
+    let page = format!("{}/auth/device?code={}", ctl.base, user_code.to_lowercase());
+    let mut person = Browser::new();
+    let (status, location, _) = person.send(Method::GET, &page, None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        location.starts_with("/auth/login?return_to=%2Fauth%2Fdevice"),
+        "{location}"
+    );
+    person.sign_in(&ctl.base, &op.issuer, "fay").await;
+    let (status, _, html) = person.send(Method::GET, &page, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains(&user_code) && html.contains("127.0.0.1") && html.contains("Fay"),
+        "{html}"
+    );
+    let decide = format!("{}/auth/device/decide", ctl.base);
+    let form = [("code", user_code.as_str()), ("decision", "approve")];
+    // Another site's form cannot approve with the person's session.
+    let session = person.cookies["__Host-jitgate_session"].clone();
+    let cross = reqwest::Client::new()
+        .post(&decide)
+        .header("Cookie", session_cookie(&session))
+        .header("Origin", "https://evil.example")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form)
+                .finish(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), StatusCode::FORBIDDEN);
+    // An administrator's token cannot turn itself into sign-in credentials.
+    let admin = reqwest::Client::new()
+        .post(&decide)
+        .bearer_auth(crate::util::OWNER)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form)
+                .finish(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), StatusCode::FORBIDDEN);
+    assert!(admin.text().await.unwrap().contains("NotASignIn"));
+    let ok = reqwest::Client::new()
+        .post(&decide)
+        .header("Cookie", session_cookie(&session))
+        .header("Origin", format!("http://127.0.0.1:{port}"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form)
+                .finish(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    ctl.advance(std::time::Duration::from_secs(5));
+    let r = poll().await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let device_token = r.body["token"].as_str().unwrap().to_owned();
+    let who = ctl.get_as(&device_token, "/api/v1/whoami").await.body;
+    assert_eq!(who["principal"], format!("{}#fay", op.issuer));
+    // Taken once.
+    assert_eq!(poll().await.code(), "InvalidGrant");
+    // `jitgate logout` ends it.
+    let out = ctl
+        .call(Method::POST, "/auth/logout", Some(&device_token), None)
+        .await;
+    assert_eq!(out.status, StatusCode::OK, "{:?}", out.body);
+    assert_eq!(
+        ctl.get_as(&device_token, "/api/v1/whoami").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // A denial is final; an expired one says so.
+    let d = ctl
+        .call(Method::POST, "/auth/device", None, None)
+        .await
+        .body;
+    let form = [
+        ("code", d["userCode"].as_str().unwrap()),
+        ("decision", "deny"),
+    ];
+    let no = reqwest::Client::new()
+        .post(&decide)
+        .header("Cookie", session_cookie(&session))
+        .header("Origin", format!("http://127.0.0.1:{port}"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form)
+                .finish(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no.status(), StatusCode::OK);
+    let r = ctl
+        .call(
+            Method::POST,
+            "/auth/token",
+            None,
+            Some(json!({"grantType": "device", "deviceCode": d["deviceCode"]})),
+        )
+        .await;
+    assert_eq!(r.code(), "AccessDenied");
+    let d = ctl
+        .call(Method::POST, "/auth/device", None, None)
+        .await
+        .body;
+    ctl.advance(std::time::Duration::from_secs(601));
+    let r = ctl
+        .call(
+            Method::POST,
+            "/auth/token",
+            None,
+            Some(json!({"grantType": "device", "deviceCode": d["deviceCode"]})),
+        )
+        .await;
+    assert_eq!(r.code(), "ExpiredToken");
+    let decided = ctl.audit("action=auth.device").await;
+    assert_eq!(decided.len(), 2, "{decided:?}");
 }

@@ -288,6 +288,7 @@ fn oidc_config(
         roles,
         public_url,
         session: std::time::Duration::from_secs(lifetime),
+        key_refetch: jitgate_controller::oidc::KEY_REFETCH,
     };
     jitgate_controller::oidc::check_config(&config).map_err(anyhow::Error::msg)?;
     Ok(Some(config))
