@@ -35,10 +35,15 @@ pub enum Command {
     /// Example: jitgate enroll-token create --resource-group prod-web --uses 10 --expires-in 1d
     #[command(subcommand)]
     EnrollToken(cmd::enroll::EnrollTokenCommand),
-    /// Store the controller URL and your token for the other commands.
+    /// Sign in (with your organisation's identity provider, in a browser) or present a
+    /// token, and store the controller URL and the credential for the other commands.
     ///
-    /// Example: jitgate login https://jit.example.com:8443 --token-stdin < my-token
+    /// Example: jitgate login https://jit.example.com:8443
     Login(cmd::login::LoginArgs),
+    /// Sign out: revoke the sign-in's credential and forget it.
+    ///
+    /// Example: jitgate logout
+    Logout(cmd::login::LogoutArgs),
     /// Protect machines with JIT: deny their management ports except on request.
     ///
     /// Example: jitgate enable web-1 web-2 --port 22 --max 3h
@@ -170,6 +175,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::EnrollToken(c) => cmd::enroll::enroll_token(c).await,
         Command::Vm(c) => cmd::vm::vm(c).await,
         Command::Login(a) => cmd::login::login(a).await,
+        Command::Logout(a) => cmd::login::logout(a).await,
         Command::Enable(a) => cmd::policy::enable(a).await,
         Command::Disable(a) => cmd::policy::disable(a).await,
         Command::Request(a) => cmd::access::request(a).await,

@@ -1,6 +1,9 @@
 //! A real OpenID Provider for the sign-in tests (`testing/oidc-op`: panva's
 //! oidc-provider, run with Node on a loopback port) and a browser that drives it over
-//! HTTP. Shared by the controller's API tests and the command line's tests.
+//! HTTP. Shared by the controller's API tests and the command line's tests (each uses
+//! part of it).
+
+#![allow(dead_code)]
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -33,6 +36,7 @@ impl Op {
     /// Starts the provider with the client `jitgate` (redirect URI `redirect`) and
     /// `users` (login -> claims).
     pub fn start(redirect: &str, users: Value) -> Op {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testing/oidc-op");
         assert!(
             root.join("node_modules/oidc-provider").exists(),
@@ -166,7 +170,13 @@ impl Browser {
         url: &str,
         form: Option<&[(&str, &str)]>,
     ) -> (StatusCode, String, String) {
+        // A form posted from a page of the same site: browsers name its origin.
+        let origin = (method == Method::POST)
+            .then(|| url::Url::parse(url).unwrap().origin().ascii_serialization());
         let mut req = self.http.request(method, url);
+        if let Some(o) = origin {
+            req = req.header("Origin", o);
+        }
         if !self.cookies.is_empty() {
             let c: Vec<String> = self
                 .cookies

@@ -30,7 +30,25 @@ pub async fn whoami(a: WhoamiArgs) -> anyhow::Result<ExitCode> {
     }
     print(ses.json, &out, || {
         println!("principal:    {}", who.principal);
-        println!("token:        {}", who.token_id);
+        if let Some(n) = &who.name {
+            println!("name:         {n}");
+        }
+        if !who.groups.is_empty() {
+            println!("groups:       {}", who.groups.join(", "));
+        }
+        let kind = match who.credential.as_str() {
+            "signIn" => "signed in with the identity provider",
+            "providerToken" => "a token of the identity provider",
+            "agent" => "an agent's",
+            "automation" => "a token made by an administrator (automation)",
+            other => other,
+        };
+        let expiry = who
+            .expires_at
+            .as_ref()
+            .map(|e| format!(", expires at {e}"))
+            .unwrap_or_default();
+        println!("credential:   {} ({kind}{expiry})", who.token_id);
         println!("subscription: {}", who.subscription);
         println!(
             "your address: {} (as the controller sees it; requests from `my-ip` open ports to it)",
