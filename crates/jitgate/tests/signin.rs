@@ -245,4 +245,27 @@ async fn login_through_the_browser_and_with_a_device_code_then_logout() {
     let who = whoami(&config);
     assert_eq!(who["credential"], "signIn");
     assert_eq!(who["name"], "Gil Example");
+
+    // The owner's token list tells sign-ins from automation.
+    let (ok, list, err) = jitgate(
+        &config,
+        &[
+            "token",
+            "list",
+            "--url",
+            &base,
+            "--token",
+            "signin-test-owner-token-0123",
+        ],
+    );
+    assert!(ok, "{err}");
+    let kinds: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert!(
+        kinds.contains(&"sign-in") && kinds.contains(&"automation"),
+        "{list}"
+    );
 }

@@ -94,6 +94,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             print(ses.json, &list.json, || {
                 let mut t = Table::new(&[
                     "ID",
+                    "KIND",
                     "PRINCIPAL",
                     "CREATED",
                     "EXPIRES",
@@ -116,6 +117,12 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                     };
                     t.row(vec![
                         tok.id.clone(),
+                        match tok.kind.as_str() {
+                            "signIn" => "sign-in",
+                            "" => "-",
+                            k => k,
+                        }
+                        .to_owned(),
                         tok.principal.clone(),
                         human::time(&tok.created_at),
                         match &tok.expires_at {
