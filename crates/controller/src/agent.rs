@@ -414,6 +414,7 @@ pub async fn enroll(
             expires: None,
             revoked: None,
             identity: None,
+            last_used: None,
         },
         online_since: now
             .checked_sub(state.recommend.offline_after)

@@ -133,6 +133,9 @@ pub(crate) fn bearer(header: Option<&str>) -> ApiResult<&str> {
         })
 }
 
+/// How often a sign-in credential's use is written (its idle timeout's granularity).
+const TOUCH_EVERY: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+
 /// The principal of a presented token (from the header or a session cookie), with its
 /// role assignments: the secret compared in constant time, revoked and expired
 /// tokens refused.
@@ -202,9 +205,44 @@ pub(crate) async fn authenticate(
         ));
     }
     if record.expires.is_some_and(|e| e <= now) {
-        return Err(ApiError::unauthenticated(
-            "Authentication failed. The token has expired; ask an administrator for a new one.",
-        ));
+        return Err(ApiError::unauthenticated(if record.identity.is_some() {
+            "Authentication failed. The sign-in has expired; sign in again."
+        } else {
+            "Authentication failed. The token has expired; ask an administrator for a new one."
+        }));
+    }
+    // A sign-in's credential also ends when unused for the idle timeout; its use is
+    // written at most once a minute (and the cached record updated with it).
+    let mut record = record;
+    if record.identity.is_some()
+        && let Some(oidc) = &state.oidc
+    {
+        let last = record.last_used.unwrap_or(record.created);
+        let idle = now.duration_since(last);
+        if idle
+            > jiff::SignedDuration::try_from(oidc.config.idle).unwrap_or(jiff::SignedDuration::MAX)
+        {
+            return Err(ApiError::unauthenticated(format!(
+                "Authentication failed. The sign-in ended after {} min without use; sign in again.",
+                oidc.config.idle.as_secs() / 60
+            )));
+        }
+        if idle >= TOUCH_EVERY {
+            if let Err(e) = state.store.touch_token(&record.id, now).await {
+                tracing::warn!(error = %e, "cannot record a sign-in's use");
+            }
+            record.last_used = Some(now);
+            if let Some(a) = &cached_assignments {
+                state.auth_cache.put(
+                    cache_key.clone(),
+                    crate::authcache::Cached {
+                        record: record.clone(),
+                        assignments: a.clone(),
+                    },
+                    generation,
+                );
+            }
+        }
     }
     let assignments = match cached_assignments {
         Some(a) => a,

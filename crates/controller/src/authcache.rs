@@ -83,6 +83,7 @@ mod tests {
                 expires: None,
                 revoked: None,
                 identity: None,
+                last_used: None,
             },
             assignments: Vec::new(),
         }

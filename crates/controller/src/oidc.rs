@@ -86,6 +86,8 @@ pub struct OidcConfig {
     pub public_url: url::Url,
     /// How long a session lasts (its token's expiry).
     pub session: Duration,
+    /// A sign-in credential unused this long ends (its use is recorded to the minute).
+    pub idle: Duration,
     /// The shortest time between two fetches of the provider's keys caused by a
     /// bearer token signed with a key id the controller does not know (anyone can
     /// present such a token: it must not make the controller hammer the provider).
@@ -655,6 +657,7 @@ pub(crate) async fn mint(
                 expires: Some(expires),
                 revoked: None,
                 identity: Some(serde_json::to_string(who).map_err(|e| e.to_string())?),
+                last_used: None,
             },
             AuditCtx {
                 actor: principal.to_owned(),
@@ -1154,6 +1157,7 @@ mod tests {
             roles: Vec::new(),
             public_url: url::Url::parse(public).unwrap(),
             session: Duration::from_secs(3600),
+            idle: Duration::from_secs(3600),
             key_refetch: KEY_REFETCH,
         }
     }

@@ -227,6 +227,7 @@ async fn bootstrap(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Vec<Subsc
             expires: None,
             revoked: None,
             identity: None,
+            last_used: None,
         },
     };
     let audit = AuditCtx {
@@ -533,6 +534,7 @@ pub async fn recover(data_dir: &Path, checkpoints: Option<PathBuf>) -> anyhow::R
                 expires: None,
                 revoked: None,
                 identity: None,
+                last_used: None,
             },
             audit.clone(),
         )

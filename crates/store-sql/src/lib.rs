@@ -1251,8 +1251,8 @@ fn idempotency_cutoff(now: Timestamp) -> i64 {
 }
 
 fn insert_token(conn: &dyn Db, t: &TokenRecord) -> Result<()> {
-    conn.defer("INSERT INTO tokens(id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns, identity)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)", &[&t.id, &t.principal, &t.secret_hash, &t.description, &ns(t.created), &t.expires.map(ns), &t.revoked.map(ns), &t.identity])?;
+    conn.defer("INSERT INTO tokens(id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns, identity, last_used_ns)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)", &[&t.id, &t.principal, &t.secret_hash, &t.description, &ns(t.created), &t.expires.map(ns), &t.revoked.map(ns), &t.identity, &t.last_used.map(ns)])?;
     Ok(())
 }
 
@@ -2138,6 +2138,18 @@ impl Store for SqlStore {
         let id = id.to_owned();
         self.write_plain(move |ctx| revoke_row(ctx, &audit, Revocable::Token, &id))
             .await
+    }
+
+    async fn touch_token(&self, id: &str, now: Timestamp) -> Result<()> {
+        let id = id.to_owned();
+        self.write_plain(move |ctx| {
+            ctx.tx.defer(
+                "UPDATE tokens SET last_used_ns = ?2 WHERE id = ?1",
+                &[&id, &ns(now)],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     async fn start_signin(&self, s: SigninRecord, max_open: usize) -> Result<bool> {
@@ -3089,7 +3101,7 @@ fn read_exclusions(
 
 fn read_tokens(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<TokenRecord>> {
     c.all(&format!(
-        "SELECT id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns, identity FROM tokens {tail}"
+        "SELECT id, principal, secret_hash, description, created_ns, expires_ns, revoked_ns, identity, last_used_ns FROM tokens {tail}"
     ), params, |r| {
         Ok(TokenRecord {
             id: r.get(0)?,
@@ -3100,6 +3112,7 @@ fn read_tokens(c: &dyn Db, tail: &str, params: &[&dyn ToParam]) -> Result<Vec<To
             expires: r.get::<Option<i64>>(5)?.map(from_ns).transpose()?,
             revoked: r.get::<Option<i64>>(6)?.map(from_ns).transpose()?,
             identity: r.get(7)?,
+            last_used: r.get::<Option<i64>>(8)?.map(from_ns).transpose()?,
         })
     })
 }

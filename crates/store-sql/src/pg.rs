@@ -247,6 +247,9 @@ CREATE TABLE signins(
 );
 CREATE INDEX signins_expiry ON signins(expires_ns);
 "#,
+    r#"
+ALTER TABLE tokens ADD COLUMN last_used_ns BIGINT;
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

@@ -237,6 +237,10 @@ CREATE TABLE signins(
 );
 CREATE INDEX signins_expiry ON signins(expires_ns);
 "#,
+    // A sign-in credential's idle timeout.
+    r#"
+ALTER TABLE tokens ADD COLUMN last_used_ns INTEGER;
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

@@ -83,6 +83,7 @@ async fn bootstrap(store: &SqlStore) {
                     expires: None,
                     revoked: None,
                     identity: None,
+                    last_used: None,
                 },
             },
             AuditCtx {

@@ -100,6 +100,7 @@ fn token(id: &str) -> TokenRecord {
         expires: None,
         revoked: None,
         identity: None,
+        last_used: None,
     }
 }
 

@@ -318,6 +318,7 @@ fn token(id: &str, principal: &str, created: Timestamp) -> TokenRecord {
         expires: None,
         revoked: None,
         identity: None,
+        last_used: None,
     }
 }
 
@@ -4347,7 +4348,15 @@ pub async fn signins_are_decided_once_and_taken_once(store: &dyn Store) {
         ..token("sess01", "idp#alice", at(900))
     };
     store.create_token(t.clone(), ctx(at(900))).await.unwrap();
-    assert_eq!(store.find_token("sess01").await.unwrap(), Some(t));
+    assert_eq!(store.find_token("sess01").await.unwrap(), Some(t.clone()));
+    // Its use is recorded (its idle timeout), not audited.
+    let events = store.audit_tail().await.unwrap().0;
+    store.touch_token("sess01", at(950)).await.unwrap();
+    assert_eq!(
+        store.find_token("sess01").await.unwrap().unwrap().last_used,
+        Some(at(950))
+    );
+    assert_eq!(store.audit_tail().await.unwrap().0, events);
 }
 
 /// Issue 9.6: a policy update ends exactly the live grants its new rules no longer

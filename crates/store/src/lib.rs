@@ -177,6 +177,8 @@ pub trait Store: Send + Sync + 'static {
     /// Tokens oldest first, a page at a time.
     async fn tokens_page(&self, paging: &Paging) -> Result<Vec<TokenRecord>>;
     async fn revoke_token(&self, id: &str, audit: AuditCtx) -> Result<bool>;
+    /// Records that the token was used at `now` (a sign-in's idle timeout); not audited.
+    async fn touch_token(&self, id: &str, now: Timestamp) -> Result<()>;
     async fn add_role_assignment(&self, ra: RoleAssignmentRecord, audit: AuditCtx) -> Result<()>;
     async fn role_assignments(&self, principal: Option<&str>) -> Result<Vec<RoleAssignmentRecord>>;
     /// Role assignments (of one principal, or all) oldest first, a page at a time.

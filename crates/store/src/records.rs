@@ -228,6 +228,8 @@ pub struct TokenRecord {
     /// were at that sign-in (JSON the controller writes: display name, groups, how they
     /// signed in). `None` for tokens an administrator minted (automation) and agents'.
     pub identity: Option<String>,
+    /// When a sign-in credential was last used (kept to the minute: its idle timeout).
+    pub last_used: Option<Timestamp>,
 }
 
 /// A sign-in of the command line under way (`jitgate login`): the loopback flow's

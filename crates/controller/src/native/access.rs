@@ -85,6 +85,7 @@ pub async fn create_token(
         expires,
         revoked: None,
         identity: None,
+        last_used: None,
     };
     state
         .store

@@ -53,6 +53,7 @@ async fn controller_with(port: u16, op: &Op, mapped: bool) -> Ctl {
             roles,
             public_url: url::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
             session: std::time::Duration::from_secs(3600),
+            idle: std::time::Duration::from_secs(1800),
             key_refetch: std::time::Duration::from_secs(3),
         });
     })
@@ -302,7 +303,8 @@ async fn id_tokens_that_do_not_verify_are_refused_and_audited() {
     );
 }
 
-/// A session ends at its absolute lifetime, on the controller's clock.
+/// A session ends at its absolute lifetime (1 h here), and earlier when unused for
+/// the idle timeout (30 min here), on the controller's clock.
 #[tokio::test]
 async fn sessions_expire() {
     let port = jitgate_store_sql::testpg::free_port();
@@ -312,14 +314,23 @@ async fn sessions_expire() {
     );
     let ctl = controller_with(port, &op, true).await;
     let session = Browser::new().sign_in(&ctl.base, &op.issuer, "erin").await;
+    let unused = Browser::new().sign_in(&ctl.base, &op.issuer, "erin").await;
     let (status, who) = whoami(&ctl, &session).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(who["credential"], "signIn");
     assert_eq!(who["name"], "Erin");
     assert_eq!(who["groups"], json!(["ops"]));
-    ctl.advance(std::time::Duration::from_secs(3599));
+    let min = |m: u64| std::time::Duration::from_secs(m * 60);
+    ctl.advance(min(28));
     assert_eq!(whoami(&ctl, &session).await.0, StatusCode::OK);
-    ctl.advance(std::time::Duration::from_secs(2));
+    ctl.advance(min(28));
+    // Used 28 minutes ago: still on. Never used for 56 minutes: ended.
+    assert_eq!(whoami(&ctl, &session).await.0, StatusCode::OK);
+    let (status, body) = whoami(&ctl, &unused).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.to_string().contains("without use"), "{body}");
+    // At an hour the absolute lifetime ends it, used or not.
+    ctl.advance(min(5));
     let (status, body) = whoami(&ctl, &session).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body.to_string().contains("expired"), "{body}");

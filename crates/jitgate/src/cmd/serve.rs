@@ -14,8 +14,9 @@ use serde::Deserialize;
 pub struct ServeArgs {
     /// TOML file with the settings below by their long names with underscores
     /// (listen, data_dir, database, trusted_proxies, public_url, ...); the sign-in ones
-    /// in an [oidc] table (issuer, client_id, client_secret_file, audience, scopes, name_claim,
-    /// groups_claim, session_lifetime, and [[oidc.role]] group/role/scope).
+    /// in an [oidc] table (issuer, client_id, client_secret_file, audience, scopes,
+    /// name_claim, groups_claim, session_lifetime, session_idle_timeout, and
+    /// [[oidc.role]] group/role/scope).
     #[arg(long, env = "JITGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -125,6 +126,9 @@ pub struct ServeArgs {
     /// How long a sign-in lasts, e.g. 8h [default: 8h; 5m to 7d].
     #[arg(long, env = "JITGATE_SESSION_LIFETIME", value_parser = parse_session_lifetime)]
     pub session_lifetime: Option<u64>,
+    /// A sign-in unused this long ends, e.g. 1h [default: 1h; 5m to 7d].
+    #[arg(long, env = "JITGATE_SESSION_IDLE_TIMEOUT", value_parser = parse_session_lifetime)]
+    pub session_idle_timeout: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -164,6 +168,7 @@ struct FileOidc {
     name_claim: Option<String>,
     groups_claim: Option<String>,
     session_lifetime: Option<String>,
+    session_idle_timeout: Option<String>,
     #[serde(default)]
     role: Vec<FileGroupRole>,
 }
@@ -198,7 +203,8 @@ fn oidc_config(
         || args.oidc_client_secret_file.is_some()
         || args.oidc_scopes.is_some()
         || args.oidc_audience.is_some()
-        || args.session_lifetime.is_some();
+        || args.session_lifetime.is_some()
+        || args.session_idle_timeout.is_some();
     let file = file.unwrap_or_default();
     let Some(issuer) = args.oidc_issuer.clone().or(file.issuer) else {
         if given {
@@ -247,6 +253,12 @@ fn oidc_config(
         }
         (None, None) => 8 * 3600,
     };
+    let idle = match (args.session_idle_timeout, file.session_idle_timeout) {
+        (Some(secs), _) => secs,
+        (None, Some(t)) => parse_session_lifetime(&t)
+            .map_err(|e| anyhow::anyhow!("oidc.session_idle_timeout: {e}"))?,
+        (None, None) => 3600,
+    };
     let mut roles = Vec::new();
     for (i, r) in file.role.iter().enumerate() {
         let role = jitgate_core::rbac::Role::parse(&r.role)
@@ -288,6 +300,7 @@ fn oidc_config(
         roles,
         public_url,
         session: std::time::Duration::from_secs(lifetime),
+        idle: std::time::Duration::from_secs(idle),
         key_refetch: jitgate_controller::oidc::KEY_REFETCH,
     };
     jitgate_controller::oidc::check_config(&config).map_err(anyhow::Error::msg)?;
