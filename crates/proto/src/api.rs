@@ -668,6 +668,7 @@ mod tests {
                 created_at: "2026-01-01T00:00:00Z".into(),
                 expires_at: None,
                 revoked_at: None,
+                kind: "automation".into(),
             },
             token: "jg_abc.secret".into(),
         };
