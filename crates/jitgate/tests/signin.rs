@@ -108,6 +108,7 @@ fn start_login(config: &std::path::Path, args: &[&str], marker: &str) -> (Child,
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("jitgate login printed no line with {marker}: {line}");
 }
 
@@ -158,7 +159,7 @@ async fn login_through_the_browser_and_with_a_device_code_then_logout() {
         "{start}"
     );
     let mut browser = Browser::new();
-    let callback = browser.from_login(&start, &base, &op.issuer, "gil").await;
+    let callback = browser.sign_in_from(&start, &base, &op.issuer, "gil").await;
     let (status, back, body) = browser.send(Method::GET, &callback, None).await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
     assert!(back.starts_with("http://127.0.0.1:"), "{back}");
@@ -222,7 +223,7 @@ async fn login_through_the_browser_and_with_a_device_code_then_logout() {
     let (status, to_login, _) = person.send(Method::GET, &page, None).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     let callback = person
-        .from_login(&format!("{base}{to_login}"), &base, &op.issuer, "gil")
+        .sign_in_from(&format!("{base}{to_login}"), &base, &op.issuer, "gil")
         .await;
     let (status, back, _) = person.send(Method::GET, &callback, None).await;
     assert_eq!(status, StatusCode::SEE_OTHER);

@@ -471,7 +471,7 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
     );
     let mut browser = Browser::new();
     let callback = browser
-        .from_login(&start, &ctl.base, &op.issuer, "fay")
+        .sign_in_from(&start, &ctl.base, &op.issuer, "fay")
         .await;
     let (status, location, body) = browser.send(Method::GET, &callback, None).await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
@@ -542,7 +542,7 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
     // A fresh loopback sign-in, exchanged properly.
     let mut browser = Browser::new();
     let callback = browser
-        .from_login(&start, &ctl.base, &op.issuer, "fay")
+        .sign_in_from(&start, &ctl.base, &op.issuer, "fay")
         .await;
     let (_, location, _) = browser.send(Method::GET, &callback, None).await;
     let code = url::Url::parse(&location)

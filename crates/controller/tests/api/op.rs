@@ -219,7 +219,7 @@ impl Browser {
     /// Signs in at the controller `base` as `login`, up to the callback URL the
     /// provider sends the browser to (not yet followed).
     pub async fn until_callback(&mut self, base: &str, issuer: &str, login: &str) -> String {
-        self.from_login(
+        self.sign_in_from(
             &format!("{base}/auth/login?return_to=/requests"),
             base,
             issuer,
@@ -231,7 +231,7 @@ impl Browser {
     /// Opens `start` (a controller's `/auth/login...`), signs in at the provider as
     /// `login`, and returns the callback URL on the controller `base` the provider
     /// sends the browser to (not yet followed).
-    pub async fn from_login(
+    pub async fn sign_in_from(
         &mut self,
         start: &str,
         base: &str,
