@@ -97,10 +97,16 @@ fn files(verb: &str) -> Vec<(&'static str, &'static str)> {
 fn examples(verb: &str) -> &'static [&'static str] {
     match verb {
         "" => &[
-            "jitgate login https://jit.example.com:8443 --token-stdin < my-token",
+            "jitgate login https://jit.example.com:8443",
             "jitgate status",
             "jitgate ssh admin@web-1 --for 15m --revoke-on-exit",
             "jitgate requests --mine --active",
+        ],
+        "login" => &[
+            "jitgate login https://jit.example.com:8443",
+            "jitgate login https://jit.example.com:8443 --device",
+            "jitgate login https://jit.example.com:8443 --no-browser",
+            "jitgate login https://jit.example.com:8443 --token-stdin < automation-token",
         ],
         "ssh" => &[
             "jitgate ssh admin@web-1",
