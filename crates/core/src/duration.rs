@@ -65,6 +65,29 @@ fn has_huge_number(s: &str) -> bool {
     false
 }
 
+/// Seconds as an ISO 8601 duration (`P1D`, `PT1H30M`, `PT45S`).
+pub fn format_iso8601_secs(secs: i64) -> String {
+    let (d, rest) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rest / 3600, rest % 3600 / 60, rest % 60);
+    let mut out = String::from("P");
+    if d > 0 {
+        out.push_str(&format!("{d}D"));
+    }
+    if h > 0 || m > 0 || s > 0 || d == 0 {
+        out.push('T');
+        if h > 0 {
+            out.push_str(&format!("{h}H"));
+        }
+        if m > 0 {
+            out.push_str(&format!("{m}M"));
+        }
+        if s > 0 || (h == 0 && m == 0) {
+            out.push_str(&format!("{s}S"));
+        }
+    }
+    out
+}
+
 /// A validated maximum request duration, keeping the text the caller wrote so that it
 /// round-trips unchanged through the Azure API.
 #[derive(Debug, Clone, PartialEq, Eq)]

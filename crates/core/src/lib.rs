@@ -9,6 +9,7 @@
 //! tests with simulated time. Nothing here derives `Serialize`: the wire formats
 //! (Azure JSON, native API, storage rows) live at the edges and convert explicitly.
 
+pub mod approval;
 pub mod audit;
 pub mod blocked;
 pub mod duration;

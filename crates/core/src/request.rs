@@ -70,6 +70,10 @@ pub enum RevokeReason {
     NewerRequestInitiated,
     /// The port was removed from the policy, or the policy deleted.
     PolicyChanged,
+    /// It waited for approval longer than its rule allows.
+    ApprovalExpired,
+    /// Its requestor withdrew it while it waited for approval.
+    Cancelled,
 }
 
 impl RevokeReason {
@@ -79,6 +83,8 @@ impl RevokeReason {
             RevokeReason::UserRequested => "UserRequested",
             RevokeReason::NewerRequestInitiated => "NewerRequestInitiated",
             RevokeReason::PolicyChanged => "PolicyChanged",
+            RevokeReason::ApprovalExpired => "ApprovalExpired",
+            RevokeReason::Cancelled => "Cancelled",
         }
     }
 
@@ -88,6 +94,8 @@ impl RevokeReason {
             RevokeReason::UserRequested,
             RevokeReason::NewerRequestInitiated,
             RevokeReason::PolicyChanged,
+            RevokeReason::ApprovalExpired,
+            RevokeReason::Cancelled,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -96,16 +104,22 @@ impl RevokeReason {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PortStatus {
+    /// Waiting for approval (see `approval`): it reaches no agent.
+    Pending,
     Initiated,
     Revoked(RevokeReason),
+    /// Its approvers denied it.
+    Denied,
 }
 
 impl PortStatus {
     /// Azure's `status` field.
     pub fn status_str(self) -> &'static str {
         match self {
+            PortStatus::Pending => "Pending",
             PortStatus::Initiated => "Initiated",
             PortStatus::Revoked(_) => "Revoked",
+            PortStatus::Denied => "Denied",
         }
     }
 
@@ -113,8 +127,10 @@ impl PortStatus {
     /// Azure's own responses.
     pub fn reason_str(self) -> &'static str {
         match self {
+            PortStatus::Pending => "ApprovalRequired",
             PortStatus::Initiated => "UserRequested",
             PortStatus::Revoked(r) => r.as_str(),
+            PortStatus::Denied => "ApproverDenied",
         }
     }
 }
@@ -152,6 +168,8 @@ pub struct AccessRequest {
     /// The caller's observed address when it made the request.
     pub caller_ip: IpAddr,
     pub vms: Vec<RequestVm>,
+    /// The approval it waits (or waited) under, if a rule covered one of its ports.
+    pub approval: Option<crate::approval::Approval>,
 }
 
 // ---- raw input -------------------------------------------------------------------
@@ -439,6 +457,7 @@ pub fn plan_initiate(
             start: ctx.now,
             caller_ip: ctx.caller_ip,
             vms,
+            approval: None,
         },
         superseded,
     })
@@ -891,6 +910,7 @@ mod tests {
                     ],
                 },
             ],
+            approval: None,
         }
     }
 

@@ -105,6 +105,9 @@ pub struct InitiatedPort {
     pub number: u16,
     pub allowed_source_address_prefix: String,
     pub end_time_utc: String,
+    /// `Initiated`, or `Pending` when an approval rule makes it wait.
+    #[serde(default)]
+    pub status: String,
 }
 
 /// Reads a policy, or `None` when it does not exist (yet).

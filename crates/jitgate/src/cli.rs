@@ -72,6 +72,22 @@ pub enum Command {
     ///
     /// Example: jitgate requests --mine --active
     Requests(cmd::access::RequestsArgs),
+    /// Requests waiting for your decision.
+    ///
+    /// Example: jitgate approvals
+    Approvals(cmd::approvals::ApprovalsArgs),
+    /// Approve a pending request (optionally for less time or from a narrower source).
+    ///
+    /// Example: jitgate approve 6f1c... --reason "CHG-1234" --for 30m
+    Approve(cmd::approvals::ApproveArgs),
+    /// Deny a pending request, saying why.
+    ///
+    /// Example: jitgate deny 6f1c... --reason "no change ticket"
+    Deny(cmd::approvals::DenyArgs),
+    /// Withdraw your own pending request.
+    ///
+    /// Example: jitgate cancel 6f1c...
+    Cancel(cmd::approvals::CancelArgs),
     /// Which machines still expose management ports (Healthy / Unhealthy / Not applicable).
     ///
     /// Example: jitgate recommendations --resource-group prod-web
@@ -183,6 +199,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Connect(a) => cmd::ssh::connect(a).await,
         Command::Revoke(a) => cmd::access::revoke(a).await,
         Command::Requests(a) => cmd::access::requests(a).await,
+        Command::Approvals(a) => cmd::approvals::approvals(a).await,
+        Command::Approve(a) => cmd::approvals::approve(a).await,
+        Command::Deny(a) => cmd::approvals::deny(a).await,
+        Command::Cancel(a) => cmd::approvals::cancel(a).await,
         Command::Recommendations(a) => cmd::recommend::recommendations(a).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

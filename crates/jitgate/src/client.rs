@@ -98,6 +98,8 @@ pub type Query<'a> = [(&'a str, String)];
 
 pub struct Client {
     http: reqwest::Client,
+    /// The same, following no redirect (to read what a path answers itself).
+    probe: reqwest::Client,
     pub base: String,
     token: Option<String>,
 }
@@ -123,14 +125,18 @@ impl Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder =
             reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+        let mut probe = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = ca {
             // The file's certificates are trust anchors; the controller's own
             // certificate, if it is one of them, is accepted as it is (pinned).
             let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
             let anchors = jitgate_proto::tls::certs_from_pem(&pem)
                 .map_err(|e| Exit::err(EXIT_USAGE, format!("--ca-cert {}: {e}", ca.display())))?;
-            let verifier = jitgate_proto::tls::PinnedVerifier::new(anchors, Vec::new());
-            builder = builder.tls_backend_preconfigured(verifier.client_config()?);
+            let verifier = || jitgate_proto::tls::PinnedVerifier::new(anchors.clone(), Vec::new());
+            builder = builder.tls_backend_preconfigured(verifier().client_config()?);
+            probe = probe.tls_backend_preconfigured(verifier().client_config()?);
         }
         if token.is_some() && cleartext_to_network(url) {
             eprintln!(
@@ -139,6 +145,7 @@ impl Client {
         }
         Ok(Client {
             http: builder.build().context("cannot build the HTTP client")?,
+            probe: probe.build().context("cannot build the HTTP client")?,
             base: url.trim_end_matches('/').to_owned(),
             token,
         })
@@ -318,6 +325,18 @@ impl Client {
             ));
         }
         Ok(resp.text().await?)
+    }
+
+    /// The status a GET of `path` answers itself (no redirect followed, no credential).
+    pub async fn status_of(&self, path: &str) -> anyhow::Result<u16> {
+        let resp = self.probe.get(self.url(path)).send().await.map_err(|e| {
+            match jitgate_proto::tls::advice(&e, &self.base) {
+                Some(advice) => Exit::err(EXIT_TLS, advice),
+                None => anyhow::Error::new(e)
+                    .context(format!("cannot reach the controller at {}", self.base)),
+            }
+        })?;
+        Ok(resp.status().as_u16())
     }
 
     pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(

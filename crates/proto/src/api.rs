@@ -356,6 +356,12 @@ pub struct Request {
     pub start_time_utc: String,
     pub caller_ip: String,
     pub virtual_machines: Vec<RequestVm>,
+    /// `Pending`, `Active`, `Denied`, `Expired`, `Cancelled` or `Ended`.
+    #[serde(default)]
+    pub state: String,
+    /// The approval the request waits (or waited) under, with every decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<RequestApproval>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -704,4 +710,108 @@ mod tests {
             serde_json::json!({"Healthy": 1, "Unhealthy": 2, "NotApplicable": 3})
         );
     }
+}
+
+// ---- approvals ------------------------------------------------------------------------
+
+/// `PUT /api/v1/approvalRules/{name}`: which request ports wait for people's approval.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalRuleIn {
+    /// Subscription, resource group or VM scope (`/subscriptions/...`).
+    pub scope: Option<String>,
+    /// The ports covered (default: every port).
+    pub ports: Option<Vec<i64>>,
+    /// Who may decide (default: everyone holding `JIT Approver` at the request's VMs).
+    pub approvers: Option<Vec<String>>,
+    /// Approvals needed, 1-10 (default 1).
+    pub min_approvals: Option<i64>,
+    /// Denials that end a request, 1-10 (default 1).
+    pub deny_threshold: Option<i64>,
+    /// Whether a request must say why (default true).
+    pub require_justification: Option<bool>,
+    /// A regular expression the justification must match, e.g. `^CHG-[0-9]+`.
+    pub justification_pattern: Option<String>,
+    /// How long a request waits for its decisions, PT5M to P1D (default PT1H).
+    pub pending_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalRuleOut {
+    pub name: String,
+    pub scope: String,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+    /// Empty: everyone holding `JIT Approver` at the request's VMs.
+    pub approvers: Vec<String>,
+    pub min_approvals: u32,
+    pub deny_threshold: u32,
+    pub require_justification: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification_pattern: Option<String>,
+    pub pending_timeout: String,
+}
+
+page!(
+    /// Approval rules by name.
+    ApprovalRulePage,
+    ApprovalRuleOut
+);
+
+/// A request's approval: the rule it waits (or waited) under and every decision.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestApproval {
+    pub rule: String,
+    pub min_approvals: u32,
+    pub deny_threshold: u32,
+    /// Empty: everyone holding `JIT Approver` at the request's VMs.
+    pub approvers: Vec<String>,
+    /// When it ends as expired if not decided.
+    pub pending_until: String,
+    pub decisions: Vec<ApprovalDecision>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalDecision {
+    pub principal: String,
+    /// `approve` or `deny`.
+    pub decision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub time: String,
+}
+
+/// `POST /api/v1/requests/{id}/approve`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApproveIn {
+    pub reason: Option<String>,
+    /// A shorter duration than asked for (ISO 8601, e.g. PT30M), counted from the
+    /// approval.
+    pub duration: Option<String>,
+    /// A narrower source than asked for.
+    pub source_prefix: Option<String>,
+}
+
+/// `POST /api/v1/requests/{id}/deny`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DenyIn {
+    /// Required: the requestor is told why.
+    pub reason: Option<String>,
+}
+
+/// What a decision did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionOut {
+    /// `counted` (more approvals needed), `approved` (the ports are open now) or
+    /// `denied`.
+    pub outcome: String,
+    pub approvals: u32,
+    pub needed: u32,
+    pub request: Request,
 }

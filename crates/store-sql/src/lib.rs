@@ -43,6 +43,7 @@ use jitgate_store::*;
 
 use crate::db::{Db, Dialect, Row, ToParam};
 
+mod approvals;
 pub mod db;
 mod pg;
 mod sqlite;
@@ -242,14 +243,18 @@ fn load_policy(conn: &dyn Db, key: &str) -> Result<Option<(String, Policy)>> {
 
 fn status_cols(s: PortStatus) -> (&'static str, Option<&'static str>) {
     match s {
+        PortStatus::Pending => ("Pending", None),
         PortStatus::Initiated => ("Initiated", None),
         PortStatus::Revoked(r) => ("Revoked", Some(r.as_str())),
+        PortStatus::Denied => ("Denied", None),
     }
 }
 
 fn parse_status(status: &str, reason: Option<String>) -> Result<PortStatus> {
     match status {
         "Initiated" => Ok(PortStatus::Initiated),
+        "Pending" => Ok(PortStatus::Pending),
+        "Denied" => Ok(PortStatus::Denied),
         "Revoked" => reason
             .as_deref()
             .and_then(RevokeReason::parse)
@@ -325,6 +330,7 @@ fn load_requests(conn: &dyn Db, ids: &[String]) -> Result<Vec<AccessRequest>> {
             start: from_ns(start_ns)?,
             caller_ip: caller_ip.parse::<IpAddr>().map_err(corrupt("caller ip"))?,
             vms: vms.into_iter().map(|(_, v)| v).collect(),
+            approval: approvals::load_approval(conn, id)?,
         });
     }
     Ok(out)
@@ -1886,12 +1892,15 @@ impl Store for SqlStore {
                 now: audit.now,
             };
             let may = |vm: &VmId| rbac::is_allowed(&args.assignments, &args.requestor, Action::Initiate, &vm.scope());
-            let plan = plan_initiate(&ictx, &args.input, &may, &live).map_err(|e| {
+            let mut plan = plan_initiate(&ictx, &args.input, &may, &live).map_err(|e| {
                 OpError::Refused(match e {
                     InitiateError::Invalid(f) => InitiateRefusal::Invalid(f),
                     InitiateError::Forbidden { field, vm } => InitiateRefusal::Forbidden { field, vm },
                 })
             })?;
+            let rules = approvals::all_rules(ctx.tx)?;
+            jitgate_core::approval::apply_rules(&mut plan, &rules, audit.now)
+                .map_err(|f| OpError::Refused(InitiateRefusal::Invalid(f)))?;
             for g in &plan.superseded {
                 revoke_where(
                     ctx,
@@ -1907,6 +1916,9 @@ impl Store for SqlStore {
                     "INSERT INTO requests(id, policy_uid, policy_key, requestor, justification, start_ns, caller_ip)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 &[&req.id.to_string(), &uid, &req.policy_key, &req.requestor, &req.justification, &ns(req.start), &req.caller_ip.to_string()])?;
+            if let Some(a) = &req.approval {
+                approvals::write_snapshot(ctx.tx, &req.id.to_string(), &a.snapshot)?;
+            }
             if let Some(k) = &args.idempotency_key {
                 ctx.tx.defer(
                     "INSERT INTO idempotency(requestor, key, request_id, created_ns) VALUES (?1, ?2, ?3, ?4)
@@ -1946,6 +1958,7 @@ impl Store for SqlStore {
                             "protocol": p.protocol.as_str(),
                             "source": p.source.to_string(),
                             "endTimeUtc": p.end.to_string(),
+                            "status": p.status.status_str(),
                         })
                     })
                     .collect();
@@ -1958,6 +1971,7 @@ impl Store for SqlStore {
                         "policy": policy.key.id(),
                         "ports": ports,
                         "justification": req.justification,
+                        "approvalRule": req.approval.as_ref().map(|a| a.snapshot.rule.clone()),
                     }),
                 )?;
             }
@@ -1992,18 +2006,38 @@ impl Store for SqlStore {
         let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
         let before_ns = filter.after.as_ref().map(|c| ns(c.at));
         let before_id = filter.after.as_ref().map(|c| c.id.clone());
+        let pending = filter.pending;
+        // Pending: only requests whose wait is open (`open_until_ns` set), then those
+        // with a port still pending (an expired wait not yet ended by the expiry task
+        // is still listed, as still pending).
+        let open = if pending { Some(0i64) } else { None };
         self.read(move |c| {
             let ids = ids_of(
                 c,
                 "SELECT r.id FROM requests r
-                 WHERE (CAST(?1 AS TEXT) IS NULL OR r.requestor = ?1)
+                 WHERE (CAST(?7 AS BIGINT) IS NULL OR r.open_until_ns IS NOT NULL)
+                   AND (CAST(?1 AS TEXT) IS NULL OR r.requestor = ?1)
                    AND (CAST(?2 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM request_ports p WHERE p.request_id = r.id AND p.vm_key = ?2))
                    AND (CAST(?3 AS BIGINT) IS NULL OR EXISTS (SELECT 1 FROM request_ports p WHERE p.request_id = r.id
                                               AND p.status = 'Initiated' AND p.end_ns > ?3))
                    AND (CAST(?5 AS BIGINT) IS NULL OR r.start_ns < ?5 OR (r.start_ns = ?5 AND r.id < ?6))
                  ORDER BY r.start_ns DESC, r.id DESC LIMIT ?4",
-                &[&requestor, &vm, &live, &limit, &before_ns, &before_id],
+                &[&requestor, &vm, &live, &limit, &before_ns, &before_id, &open],
             )?;
+            let ids = if pending {
+                let mut kept = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if c.exists(
+                        "SELECT 1 FROM request_ports WHERE request_id = ?1 AND status = 'Pending'",
+                        &[&id],
+                    )? {
+                        kept.push(id);
+                    }
+                }
+                kept
+            } else {
+                ids
+            };
             load_requests(c, &ids)
         })
         .await
@@ -2053,6 +2087,7 @@ impl Store for SqlStore {
                 "DELETE FROM idempotency WHERE created_ns <= ?1",
                 &[&idempotency_cutoff(now)],
             )?;
+            approvals::expire_pending(ctx, &audit)?;
             revoke_where(
                 ctx,
                 &audit,
@@ -2071,7 +2106,12 @@ impl Store for SqlStore {
                 &[],
                 |r| r.get(0),
             )?;
-            n.map(from_ns).transpose()
+            let grants = n.map(from_ns).transpose()?;
+            // A wait for approval ends on time too.
+            Ok(match (grants, approvals::next_pending_end(c)?) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            })
         })
         .await
     }
@@ -2150,6 +2190,53 @@ impl Store for SqlStore {
             Ok(())
         })
         .await
+    }
+
+    async fn put_approval_rule(
+        &self,
+        rule: jitgate_core::approval::ApprovalRule,
+        audit: AuditCtx,
+    ) -> Result<bool> {
+        self.write_plain(move |ctx| approvals::put_rule(ctx, &rule, &audit))
+            .await
+    }
+
+    async fn approval_rule(
+        &self,
+        name: &str,
+    ) -> Result<Option<jitgate_core::approval::ApprovalRule>> {
+        let name = name.to_owned();
+        self.read(move |c| approvals::rule(c, &name)).await
+    }
+
+    async fn approval_rules(&self) -> Result<Vec<jitgate_core::approval::ApprovalRule>> {
+        self.read(|c| approvals::all_rules(c)).await
+    }
+
+    async fn delete_approval_rule(&self, name: &str, audit: AuditCtx) -> Result<bool> {
+        let name = name.to_owned();
+        self.write_plain(move |ctx| approvals::delete_rule(ctx, &name, &audit))
+            .await
+    }
+
+    async fn decide_request(
+        &self,
+        args: DecideArgs,
+        audit: AuditCtx,
+    ) -> Result<Decided, OpError<DecideRefusal>> {
+        self.write(move |ctx| approvals::decide(ctx, &args, &audit))
+            .await
+    }
+
+    async fn cancel_request(
+        &self,
+        request: RequestId,
+        who: &str,
+        audit: AuditCtx,
+    ) -> Result<AccessRequest, OpError<CancelRefusal>> {
+        let who = who.to_owned();
+        self.write(move |ctx| approvals::cancel(ctx, request, &who, &audit))
+            .await
     }
 
     async fn start_signin(&self, s: SigninRecord, max_open: usize) -> Result<bool> {
@@ -3349,6 +3436,8 @@ const TABLES: &[(&str, &str)] = &[
     ("policy_vms", "vm_key"),
     ("requests", "rowid"),
     ("request_ports", "request_id, vm_idx, port_idx"),
+    ("approval_votes", "request_id, principal"),
+    ("approval_rules", "name"),
     ("tokens", "id"),
     ("role_assignments", "id"),
     ("audit", "seq"),

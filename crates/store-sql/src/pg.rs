@@ -250,6 +250,38 @@ CREATE INDEX signins_expiry ON signins(expires_ns);
     r#"
 ALTER TABLE tokens ADD COLUMN last_used_ns BIGINT;
 "#,
+    // Approvals: the rules, a request's snapshot of the rule it waits under (its wait is
+    // open while open_until_ns is set), and the decisions.
+    r#"
+CREATE TABLE approval_rules(
+    name TEXT COLLATE "C" PRIMARY KEY,
+    scope TEXT COLLATE "C" NOT NULL,
+    ports TEXT COLLATE "C" NOT NULL,
+    approvers TEXT COLLATE "C" NOT NULL,
+    min_approvals BIGINT NOT NULL,
+    deny_threshold BIGINT NOT NULL,
+    require_justification BIGINT NOT NULL,
+    justification_pattern TEXT COLLATE "C",
+    pending_timeout_s BIGINT NOT NULL,
+    created_ns BIGINT NOT NULL,
+    updated_ns BIGINT NOT NULL
+);
+ALTER TABLE requests ADD COLUMN approval_rule TEXT COLLATE "C";
+ALTER TABLE requests ADD COLUMN min_approvals BIGINT;
+ALTER TABLE requests ADD COLUMN deny_threshold BIGINT;
+ALTER TABLE requests ADD COLUMN approvers TEXT COLLATE "C";
+ALTER TABLE requests ADD COLUMN pending_until_ns BIGINT;
+ALTER TABLE requests ADD COLUMN open_until_ns BIGINT;
+CREATE INDEX requests_open ON requests(open_until_ns) WHERE open_until_ns IS NOT NULL;
+CREATE TABLE approval_votes(
+    request_id TEXT COLLATE "C" NOT NULL REFERENCES requests(id) ON DELETE CASCADE,
+    principal TEXT COLLATE "C" NOT NULL,
+    approve BIGINT NOT NULL,
+    reason TEXT COLLATE "C",
+    at_ns BIGINT NOT NULL,
+    PRIMARY KEY(request_id, principal)
+);
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

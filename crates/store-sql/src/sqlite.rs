@@ -241,6 +241,38 @@ CREATE INDEX signins_expiry ON signins(expires_ns);
     r#"
 ALTER TABLE tokens ADD COLUMN last_used_ns INTEGER;
 "#,
+    // Approvals: the rules, a request's snapshot of the rule it waits under (its wait is
+    // open while open_until_ns is set), and the decisions.
+    r#"
+CREATE TABLE approval_rules(
+    name TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    ports TEXT NOT NULL,
+    approvers TEXT NOT NULL,
+    min_approvals INTEGER NOT NULL,
+    deny_threshold INTEGER NOT NULL,
+    require_justification INTEGER NOT NULL,
+    justification_pattern TEXT,
+    pending_timeout_s INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL
+);
+ALTER TABLE requests ADD COLUMN approval_rule TEXT;
+ALTER TABLE requests ADD COLUMN min_approvals INTEGER;
+ALTER TABLE requests ADD COLUMN deny_threshold INTEGER;
+ALTER TABLE requests ADD COLUMN approvers TEXT;
+ALTER TABLE requests ADD COLUMN pending_until_ns INTEGER;
+ALTER TABLE requests ADD COLUMN open_until_ns INTEGER;
+CREATE INDEX requests_open ON requests(open_until_ns) WHERE open_until_ns IS NOT NULL;
+CREATE TABLE approval_votes(
+    request_id TEXT NOT NULL REFERENCES requests(id) ON DELETE CASCADE,
+    principal TEXT NOT NULL,
+    approve INTEGER NOT NULL,
+    reason TEXT,
+    at_ns INTEGER NOT NULL,
+    PRIMARY KEY(request_id, principal)
+);
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

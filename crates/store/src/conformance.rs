@@ -1904,6 +1904,7 @@ pub async fn list_requests_filters(store: &dyn Store) {
         vm: vm.cloned(),
         requestor: who.map(str::to_owned),
         live_at: live,
+        pending: false,
         after: None,
         limit,
     };

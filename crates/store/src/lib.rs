@@ -189,6 +189,37 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<RoleAssignmentRecord>>;
     async fn remove_role_assignment(&self, id: &str, audit: AuditCtx) -> Result<bool>;
 
+    // ---- approvals ----
+    /// Creates or replaces an approval rule (audited); `Ok(true)` when created.
+    async fn put_approval_rule(
+        &self,
+        rule: jitgate_core::approval::ApprovalRule,
+        audit: AuditCtx,
+    ) -> Result<bool>;
+    async fn approval_rule(
+        &self,
+        name: &str,
+    ) -> Result<Option<jitgate_core::approval::ApprovalRule>>;
+    /// Every approval rule, by name.
+    async fn approval_rules(&self) -> Result<Vec<jitgate_core::approval::ApprovalRule>>;
+    async fn delete_approval_rule(&self, name: &str, audit: AuditCtx) -> Result<bool>;
+    /// Records a decision on a pending request and applies what it decides (the last
+    /// approval needed activates its pending ports from now; the deny threshold ends
+    /// them as denied), each transition audited in the same transaction.
+    async fn decide_request(
+        &self,
+        args: DecideArgs,
+        audit: AuditCtx,
+    ) -> Result<Decided, OpError<DecideRefusal>>;
+    /// The requestor withdraws its pending request (its pending ports end as
+    /// `Revoked/Cancelled`).
+    async fn cancel_request(
+        &self,
+        request: RequestId,
+        who: &str,
+        audit: AuditCtx,
+    ) -> Result<AccessRequest, OpError<CancelRefusal>>;
+
     // ---- command-line sign-ins under way ----
     /// Stores a sign-in under way, first dropping those expired at `signin.created`.
     /// `Ok(false)` (nothing stored) when `max_open` unexpired ones exist already: the

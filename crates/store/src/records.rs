@@ -168,6 +168,8 @@ pub struct RequestFilter {
     pub requestor: Option<String>,
     /// Only requests with at least one port live at this time.
     pub live_at: Option<Timestamp>,
+    /// Only requests with a port waiting for approval.
+    pub pending: bool,
     /// Only requests after this one in the list's order (newest first): the previous
     /// page's last request.
     pub after: Option<Cursor>,
@@ -434,4 +436,40 @@ impl VerdictCounts {
             Verdict::NotApplicable => self.not_applicable += n,
         }
     }
+}
+
+/// A decision on a pending request (`Store::decide_request`).
+#[derive(Debug, Clone)]
+pub struct DecideArgs {
+    pub request: jitgate_core::request::RequestId,
+    pub who: String,
+    pub approve: bool,
+    pub reason: Option<String>,
+    /// The approval's shorter duration (seconds), if any.
+    pub duration: Option<i64>,
+    /// The approval's narrower source, if any.
+    pub source: Option<jitgate_core::net::SourcePrefix>,
+    /// The decider's role assignments now (eligibility is checked at the decision).
+    pub assignments: Vec<jitgate_core::rbac::RoleAssignment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecideRefusal {
+    NotFound,
+    Decide(jitgate_core::approval::DecideError),
+    Invalid(jitgate_core::FieldError),
+}
+
+/// What a decision did, and the request after it.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub outcome: jitgate_core::approval::Outcome,
+    pub request: jitgate_core::request::AccessRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelRefusal {
+    NotFound,
+    NotYours,
+    NotPending,
 }

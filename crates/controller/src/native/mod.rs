@@ -9,6 +9,7 @@
 //! table below is the one place a route is declared.
 
 pub mod access;
+pub mod approvals;
 pub mod audit;
 pub mod meta;
 pub mod nsg;
@@ -36,6 +37,15 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(requests::list_requests))
         .routes(routes!(requests::get_request))
         .routes(routes!(requests::revoke_request))
+        .routes(routes!(approvals::approve))
+        .routes(routes!(approvals::deny))
+        .routes(routes!(approvals::cancel))
+        .routes(routes!(approvals::list_rules))
+        .routes(routes!(
+            approvals::get_rule,
+            approvals::put_rule,
+            approvals::delete_rule
+        ))
         .routes(routes!(access::list_tokens, access::create_token))
         .routes(routes!(access::revoke_token))
         .routes(routes!(

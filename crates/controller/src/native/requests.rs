@@ -18,8 +18,56 @@ use crate::body::OptionalJsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::params::{self, Q};
 
+/// A request's state as a whole: `Pending` while a port waits for approval, `Active`
+/// while a port is live, else how it ended: `Denied`, `Expired` (a wait that ran out,
+/// or grants that reached their end), `Cancelled`, or `Ended`.
+pub fn request_state(r: &AccessRequest, now: Timestamp) -> &'static str {
+    use jitgate_core::request::{PortStatus, RevokeReason};
+    let ports = || r.vms.iter().flat_map(|v| v.ports.iter());
+    if ports().any(|p| p.status == PortStatus::Pending) {
+        "Pending"
+    } else if ports().any(|p| p.is_live(now)) {
+        "Active"
+    } else if ports().any(|p| p.status == PortStatus::Denied) {
+        "Denied"
+    } else if ports().any(|p| p.status == PortStatus::Revoked(RevokeReason::Cancelled)) {
+        "Cancelled"
+    } else if ports().all(|p| {
+        matches!(
+            p.status,
+            PortStatus::Initiated
+                | PortStatus::Revoked(RevokeReason::Expired | RevokeReason::ApprovalExpired)
+        )
+    }) {
+        "Expired"
+    } else {
+        "Ended"
+    }
+}
+
 pub fn request_wire(r: &AccessRequest, now: Timestamp) -> Request {
     Request {
+        state: request_state(r, now).to_owned(),
+        approval: r
+            .approval
+            .as_ref()
+            .map(|a| jitgate_proto::api::RequestApproval {
+                rule: a.snapshot.rule.clone(),
+                min_approvals: a.snapshot.min_approvals,
+                deny_threshold: a.snapshot.deny_threshold,
+                approvers: a.snapshot.approvers.clone(),
+                pending_until: a.snapshot.pending_until.to_string(),
+                decisions: a
+                    .votes
+                    .iter()
+                    .map(|v| jitgate_proto::api::ApprovalDecision {
+                        principal: v.principal.clone(),
+                        decision: if v.approve { "approve" } else { "deny" }.into(),
+                        reason: v.reason.clone(),
+                        time: v.at.to_string(),
+                    })
+                    .collect(),
+            }),
         id: r.id.to_string(),
         policy: r.policy_key.clone(),
         requestor: r.requestor.clone(),
@@ -49,12 +97,33 @@ pub fn request_wire(r: &AccessRequest, now: Timestamp) -> Request {
     }
 }
 
-/// The caller sees a request if they may read requests on one of its VMs, or made it.
+/// The caller sees a request if they may read requests on one of its VMs, made it, or
+/// may decide on it.
 fn request_visible(p: &Principal, r: &AccessRequest) -> bool {
     r.requestor == p.name
         || r.vms
             .iter()
             .any(|v| p.can(Action::RequestRead, &v.id.scope()))
+        || reviewable(p, r)
+}
+
+/// Whether the caller may decide on this pending request now: not its requestor, one
+/// of its rule's approvers (if the rule names them), holding the approve action at
+/// every machine of the request, and not decided yet.
+pub fn reviewable(p: &Principal, r: &AccessRequest) -> bool {
+    let Some(a) = &r.approval else { return false };
+    let pending = r.vms.iter().any(|v| {
+        v.ports
+            .iter()
+            .any(|x| x.status == jitgate_core::request::PortStatus::Pending)
+    });
+    pending
+        && r.requestor != p.name
+        && (a.snapshot.approvers.is_empty() || a.snapshot.approvers.contains(&p.name))
+        && !a.votes.iter().any(|v| v.principal == p.name)
+        && r.vms
+            .iter()
+            .all(|v| p.can(Action::RequestApprove, &v.id.scope()))
 }
 
 /// Requests the caller may see, newest first, a page at a time. Someone who may read
@@ -65,6 +134,8 @@ fn request_visible(p: &Principal, r: &AccessRequest) -> bool {
         ("requestor" = Option<String>, Query, description = "Only this requestor's"),
         ("mine" = Option<bool>, Query, description = "Only the caller's own"),
         ("active" = Option<bool>, Query, description = "Only requests with a live port"),
+        ("state" = Option<String>, Query, description = "Only requests in this state: Pending (a port waits for approval)"),
+        ("reviewable" = Option<bool>, Query, description = "Only requests the caller may decide on now"),
         ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"),
         ("continuationToken" = Option<String>, Query, description = "From the previous page"),
     ),
@@ -84,6 +155,17 @@ pub async fn list_requests(
     // Every parameter is checked before any answer, the empty one below included.
     let live_at = params::flag_param(&q, "active")?.then_some(now);
     let mine = params::flag_param(&q, "mine")?;
+    let pending = match q.get("state").map(String::as_str) {
+        None => false,
+        Some(s) if s.eq_ignore_ascii_case("pending") => true,
+        Some(s) => {
+            return Err(ApiError::bad_param(
+                "state",
+                format!("'{s}' is not a state a list filters by (Pending)"),
+            ));
+        }
+    };
+    let reviewable_only = params::flag_param(&q, "reviewable")?;
     let after = params::after_continuation(&q)?;
     if let Some(a) = &after {
         params::cursor(a)?;
@@ -92,7 +174,12 @@ pub async fn list_requests(
         .assignments
         .iter()
         .any(|a| a.principal == principal.name && a.role.permits(Action::RequestRead));
-    let requestor = if mine || !reads_others {
+    // An approver sees the requests it may decide on without the read action.
+    let decides = principal
+        .assignments
+        .iter()
+        .any(|a| a.principal == principal.name && a.role.permits(Action::RequestApprove));
+    let requestor = if mine || (!reads_others && !(decides && (pending || reviewable_only))) {
         match q.get("requestor") {
             Some(other) if *other != principal.name => {
                 // Asking for someone else's while seeing only one's own: nothing.
@@ -110,6 +197,7 @@ pub async fn list_requests(
         vm,
         requestor,
         live_at,
+        pending: pending || reviewable_only,
         after: None,
         limit,
     };
@@ -117,7 +205,7 @@ pub async fn list_requests(
         after,
         limit,
         |r: &AccessRequest| params::cursor_key(r.start, &r.id.to_string()),
-        |r| request_visible(&principal, r),
+        |r| request_visible(&principal, r) && (!reviewable_only || reviewable(&principal, r)),
         |after, n| {
             let store = state.store.clone();
             let after = after.as_deref().map(params::cursor).transpose();
@@ -142,7 +230,7 @@ pub async fn list_requests(
 }
 
 /// The request with this id, if the caller may see it (else 404, as if absent).
-async fn visible_request(
+pub(crate) async fn visible_request(
     state: &AppState,
     principal: &Principal,
     id: &str,

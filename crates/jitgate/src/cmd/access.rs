@@ -246,6 +246,17 @@ fn print_granted(results: &[Initiation]) {
     for r in results {
         for vm in &r.granted.virtual_machines {
             for p in &vm.ports {
+                if p.status == "Pending" {
+                    println!(
+                        "waiting for approval: {} port {} from {}, request {} (see it with `jitgate requests --mine`; withdraw it with `jitgate cancel {}`)",
+                        short_id(&vm.id),
+                        p.number,
+                        p.allowed_source_address_prefix,
+                        r.request,
+                        r.request
+                    );
+                    continue;
+                }
                 println!(
                     "granted {} port {} from {} until {}, request {}",
                     short_id(&vm.id),
@@ -412,6 +423,12 @@ pub async fn requests(a: RequestsArgs) -> anyhow::Result<ExitCode> {
 
 /// A requested port's STATUS (Active or Ended) and, once ended, why.
 fn port_status(p: &api::RequestPort) -> (&'static str, &'static str) {
+    if p.status == "Pending" {
+        return ("Pending", "Waiting for approval");
+    }
+    if p.status == "Denied" {
+        return ("Ended", "Denied");
+    }
     if p.status == "Initiated" {
         if !p.live {
             ("Ended", "Expired")
@@ -424,6 +441,8 @@ fn port_status(p: &api::RequestPort) -> (&'static str, &'static str) {
             "UserRequested" => "Revoked",
             "NewerRequestInitiated" => "Superseded by a newer request",
             "PolicyChanged" => "Policy changed",
+            "ApprovalExpired" => "Not approved in time",
+            "Cancelled" => "Cancelled",
             _ => "Ended",
         };
         ("Ended", reason)

@@ -99,6 +99,12 @@ pub async fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
         Some(t) => (t, None),
         None => {
             let anon = Client::build(&url, None, ca.as_deref())?;
+            // Only a controller with an identity provider signs people in.
+            if anon.status_of("/auth/login").await? == 404 {
+                return Err(usage(format!(
+                    "{url} does not sign people in with an identity provider: give your token with --token TOKEN or --token-stdin"
+                )));
+            }
             let wait = Duration::from_secs(a.timeout);
             let s = if a.device {
                 device(&anon, wait).await?

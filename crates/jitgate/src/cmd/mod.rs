@@ -6,6 +6,7 @@
 pub mod access;
 pub mod admin;
 pub mod agent;
+pub mod approvals;
 pub mod audit;
 pub mod enroll;
 pub mod login;

@@ -405,6 +405,9 @@ impl Reason {
             RevokeReason::UserRequested => Reason::UserRequested,
             RevokeReason::NewerRequestInitiated => Reason::NewerRequestInitiated,
             RevokeReason::PolicyChanged => Reason::PolicyChanged,
+            RevokeReason::ApprovalExpired | RevokeReason::Cancelled => {
+                panic!("the model makes no approval rules, yet a port ended as {r:?}")
+            }
         }
     }
 }
@@ -1391,6 +1394,9 @@ fn status(s: PortStatus) -> Status {
     match s {
         PortStatus::Initiated => Status::Initiated,
         PortStatus::Revoked(r) => Status::Revoked(Reason::of(r)),
+        PortStatus::Pending | PortStatus::Denied => {
+            panic!("the model makes no approval rules, yet a port is {s:?}")
+        }
     }
 }
 
