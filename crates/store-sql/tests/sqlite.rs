@@ -90,6 +90,17 @@ fn key() -> PolicyKey {
     }
 }
 
+/// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
+/// approvals), undone, for the tests that take a database back to an older schema.
+const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 3;
+const UNDO_SINCE_IDEMPOTENCY: &str = "
+    DROP TABLE approval_votes; DROP INDEX requests_open; DROP TABLE approval_rules;
+    ALTER TABLE requests DROP COLUMN approval_rule; ALTER TABLE requests DROP COLUMN min_approvals;
+    ALTER TABLE requests DROP COLUMN deny_threshold; ALTER TABLE requests DROP COLUMN approvers;
+    ALTER TABLE requests DROP COLUMN pending_until_ns; ALTER TABLE requests DROP COLUMN open_until_ns;
+    ALTER TABLE tokens DROP COLUMN last_used_ns;
+    DROP TABLE signins; ALTER TABLE tokens DROP COLUMN identity;";
+
 fn token(id: &str) -> TokenRecord {
     TokenRecord {
         id: id.into(),
@@ -473,13 +484,14 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
         let version: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
+        c.execute_batch(UNDO_SINCE_IDEMPOTENCY).unwrap();
         c.execute_batch(&format!(
             "DROP TABLE idempotency; DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts;
              DROP INDEX requests_page; DROP INDEX tokens_page; DROP INDEX role_assignments_page;
              DROP INDEX enroll_tokens_page; DROP INDEX exclusions_page;
              DROP INDEX vms_page; DROP INDEX vms_name; DROP INDEX vms_rg_page;
              ALTER TABLE vms DROP COLUMN name_key; PRAGMA user_version = {};",
-            version - 5
+            version - 5 - MIGRATIONS_SINCE_IDEMPOTENCY
         ))
         .unwrap();
     }
@@ -569,9 +581,10 @@ async fn verdicts_are_filled_in_for_an_older_database_and_follow_the_configurati
         let version: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
+        c.execute_batch(UNDO_SINCE_IDEMPOTENCY).unwrap();
         c.execute_batch(&format!(
             "DROP TABLE idempotency; DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts; PRAGMA user_version = {};",
-            version - 2
+            version - 2 - MIGRATIONS_SINCE_IDEMPOTENCY
         ))
         .unwrap();
     }
