@@ -100,6 +100,7 @@ macro_rules! store_conformance_tests {
             tokens_create_find_list_revoke,
             tokens_are_found_by_secret_hash,
             signins_are_decided_once_and_taken_once,
+            approvals_make_ports_wait_then_open_deny_cancel_or_expire,
             role_assignments_add_list_remove,
             mutations_are_audited_and_chain_verifies,
             append_audit_assigns_consecutive_seqs,
@@ -4358,6 +4359,258 @@ pub async fn signins_are_decided_once_and_taken_once(store: &dyn Store) {
         Some(at(950))
     );
     assert_eq!(store.audit_tail().await.unwrap().0, events);
+}
+
+/// Approvals: a port a rule covers waits (not live, no grant), the requestor never
+/// decides, approvals count per principal, the last one opens the port for its duration
+/// from then (narrowed, never widened); denials, cancellation and the pending timeout
+/// end waits; rules are stored, replaced and deleted, each step audited.
+pub async fn approvals_make_ports_wait_then_open_deny_cancel_or_expire(store: &dyn Store) {
+    use jitgate_core::approval::{ApprovalRuleInput, DecideError, Outcome, validate_rule};
+    let s = scene(store).await;
+    let rule = validate_rule(
+        "ssh",
+        &ApprovalRuleInput {
+            scope: Some(
+                Scope::ResourceGroup(sub(), ResourceGroup::parse("rg1").unwrap()).to_string(),
+            ),
+            ports: Some(vec![22]),
+            min_approvals: Some(2),
+            pending_timeout: Some("PT10M".into()),
+            ..Default::default()
+        },
+        &|_| Ok(()),
+    )
+    .unwrap();
+    assert!(
+        store
+            .put_approval_rule(rule.clone(), ctx(at(0)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_approval_rule(rule.clone(), ctx(at(0)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.approval_rules().await.unwrap(), vec![rule.clone()]);
+    assert_eq!(
+        store.approval_rule("ssh").await.unwrap(),
+        Some(rule.clone())
+    );
+
+    // 22 waits, 3389 (no rule) opens at once.
+    let r = initiate_ok(
+        store,
+        args(
+            &s.key,
+            rid(1),
+            vec![(
+                &s.vm1,
+                vec![want(22, None, "PT1H"), want(3389, None, "PT1H")],
+            )],
+        ),
+        at(0),
+    )
+    .await;
+    let status = |r: &AccessRequest, n: u16| {
+        r.vms[0]
+            .ports
+            .iter()
+            .find(|p| p.number.get() == n)
+            .unwrap()
+            .status
+    };
+    assert_eq!(status(&r, 22), PortStatus::Pending);
+    assert_eq!(status(&r, 3389), PortStatus::Initiated);
+    assert_eq!(r.approval.as_ref().unwrap().snapshot.rule, "ssh");
+    let live: Vec<u16> = store
+        .live_grants(&s.vm1, at(1))
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.number.get())
+        .collect();
+    assert_eq!(live, [3389], "a pending port is no grant");
+    let pending = store
+        .list_requests(&RequestFilter {
+            pending: true,
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1);
+
+    let approver = |who: &str| assignment(who, Role::JitApprover, Scope::Subscription(sub()));
+    let vote = |who: &str, approve: bool, duration: Option<i64>| DecideArgs {
+        request: rid(1),
+        who: who.into(),
+        approve,
+        reason: Some(format!("{who} says so")),
+        duration,
+        source: None,
+        assignments: if who == OWNER {
+            owner_assignments()
+        } else {
+            approver(who)
+        },
+    };
+    let refused = |r: Result<Decided, OpError<DecideRefusal>>| match r {
+        Err(OpError::Refused(x)) => x,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // The Owner made it: it cannot decide on it, whatever it holds.
+    assert_eq!(
+        refused(
+            store
+                .decide_request(vote(OWNER, true, None), ctx(at(60)))
+                .await
+        ),
+        DecideRefusal::Decide(DecideError::OwnRequest)
+    );
+    // Someone without the approve action is not an approver.
+    let mut nobody = vote("nobody", true, None);
+    nobody.assignments = Vec::new();
+    assert_eq!(
+        refused(store.decide_request(nobody, ctx_as("nobody", at(60))).await),
+        DecideRefusal::Decide(DecideError::NotAnApprover)
+    );
+    let d = store
+        .decide_request(vote("amy", true, None), ctx_as("amy", at(60)))
+        .await
+        .unwrap();
+    assert_eq!(
+        d.outcome,
+        Outcome::Counted {
+            approvals: 1,
+            needed: 2
+        }
+    );
+    assert_eq!(
+        refused(
+            store
+                .decide_request(vote("amy", true, None), ctx_as("amy", at(61)))
+                .await
+        ),
+        DecideRefusal::Decide(DecideError::AlreadyDecided)
+    );
+    // Widening is refused and writes nothing.
+    assert!(matches!(
+        refused(store.decide_request(vote("ben", true, Some(7200)), ctx_as("ben", at(120))).await),
+        DecideRefusal::Invalid(f) if f.field == "duration"
+    ));
+    // The second approval opens 22 now, for the 30 minutes ben allows.
+    let d = store
+        .decide_request(vote("ben", true, Some(1800)), ctx_as("ben", at(120)))
+        .await
+        .unwrap();
+    assert_eq!(d.outcome, Outcome::Approved);
+    let p22 = d.request.vms[0]
+        .ports
+        .iter()
+        .find(|p| p.number.get() == 22)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (p22.status, p22.end),
+        (PortStatus::Initiated, at(120 + 1800))
+    );
+    assert_eq!(d.request.approval.as_ref().unwrap().votes.len(), 2);
+    let mut live: Vec<u16> = store
+        .live_grants(&s.vm1, at(121))
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.number.get())
+        .collect();
+    live.sort();
+    assert_eq!(live, [22, 3389]);
+    assert_eq!(
+        refused(
+            store
+                .decide_request(vote("cat", true, None), ctx_as("cat", at(130)))
+                .await
+        ),
+        DecideRefusal::Decide(DecideError::NotPending)
+    );
+
+    // Denied, cancelled, expired.
+    let deny_args = |n: u128| args(&s.key, rid(n), vec![(&s.vm2, vec![want(22, None, "PT1H")])]);
+    initiate_ok(store, deny_args(2), at(200)).await;
+    let mut d2 = vote("amy", false, None);
+    d2.request = rid(2);
+    // One denial ends it (the default threshold).
+    let dd = store
+        .decide_request(d2, ctx_as("amy", at(201)))
+        .await
+        .unwrap();
+    assert_eq!(dd.outcome, Outcome::Denied);
+    assert_eq!(dd.request.vms[0].ports[0].status, PortStatus::Denied);
+    initiate_ok(store, deny_args(3), at(300)).await;
+    match store
+        .cancel_request(rid(3), "someone-else", ctx_as("someone-else", at(301)))
+        .await
+    {
+        Err(OpError::Refused(CancelRefusal::NotYours)) => {}
+        other => panic!("{other:?}"),
+    }
+    let c = store
+        .cancel_request(rid(3), OWNER, ctx(at(302)))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.vms[0].ports[0].status,
+        PortStatus::Revoked(RevokeReason::Cancelled)
+    );
+    initiate_ok(store, deny_args(4), at(400)).await;
+    assert_eq!(store.next_expiry().await.unwrap(), Some(at(400 + 600)));
+    store.expire_due(at(1001)).await.unwrap();
+    for n in [4] {
+        let r = request(store, rid(n)).await;
+        assert_eq!(
+            r.vms[0].ports[0].status,
+            PortStatus::Revoked(RevokeReason::ApprovalExpired),
+            "request {n}"
+        );
+    }
+    let actions: Vec<String> = store
+        .query_audit(&AuditQuery {
+            action: Some("request.".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.entry.action)
+        .collect();
+    for a in [
+        "request.approve",
+        "request.approved",
+        "request.deny",
+        "request.cancel",
+        "request.approvalExpired",
+    ] {
+        assert!(actions.iter().any(|x| x == a), "{a} in {actions:?}");
+    }
+    assert!(
+        store
+            .delete_approval_rule("ssh", ctx(at(1100)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .delete_approval_rule("ssh", ctx(at(1100)))
+            .await
+            .unwrap()
+    );
+    // A request made without rules does not wait.
+    let r = initiate_ok(store, deny_args(5), at(1200)).await;
+    assert_eq!(r.vms[0].ports[0].status, PortStatus::Initiated);
+    assert!(r.approval.is_none());
 }
 
 /// Issue 9.6: a policy update ends exactly the live grants its new rules no longer
