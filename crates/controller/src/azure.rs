@@ -780,10 +780,18 @@ pub async fn initiate(
             OpError::Store(s) => s.into(),
         })?;
     state.vm_changes.touch(request.vms.iter().map(|v| &v.id));
+    // The expiry task wakes for the first grant's end, or the end of a wait for
+    // approval (a pending port's own end counts only once it is approved).
     if let Some(first_end) = request
         .vms
         .iter()
-        .flat_map(|v| v.ports.iter().map(|p| p.end))
+        .flat_map(|v| {
+            v.ports
+                .iter()
+                .filter(|p| p.status == PortStatus::Initiated)
+                .map(|p| p.end)
+        })
+        .chain(request.approval.as_ref().map(|a| a.snapshot.pending_until))
         .min()
     {
         state.initiated(first_end);

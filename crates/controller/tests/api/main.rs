@@ -7,6 +7,7 @@
 mod schema;
 mod util;
 
+mod approvals;
 mod audit;
 mod audit_anchor;
 mod azure;

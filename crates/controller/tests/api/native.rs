@@ -569,6 +569,63 @@ async fn every_operation_answers_as_documented() {
         (StatusCode::BAD_REQUEST, Some("active"))
     );
 
+    // Approvals: a rule, a pending request, approve, deny, cancel.
+    ctl.enable("appr", &["vma"], "*").await;
+    let scope = format!("/subscriptions/{sub}/resourceGroups/appr");
+    let r = ctl
+        .put(
+            "/api/v1/approvalRules/ops",
+            json!({"scope": scope, "ports": [22], "requireJustification": false}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    ctl.get("/api/v1/approvalRules").await;
+    ctl.get("/api/v1/approvalRules/ops").await;
+    let approver = ctl.principal("approver", "JIT Approver", &scope).await;
+    let mut pending = Vec::new();
+    for _ in 0..3 {
+        let r = ctl
+            .initiate(
+                "appr",
+                "vma",
+                json!([{"number": 22, "duration": "PT1H", "allowedSourceAddressPrefix": "10.0.0.1"}]),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+        pending.push(r.request_id());
+    }
+    let r = ctl
+        .call(
+            Method::POST,
+            &format!("/api/v1/requests/{}/approve", pending[0]),
+            Some(&approver),
+            Some(json!({"reason": "ok"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = ctl
+        .call(
+            Method::POST,
+            &format!("/api/v1/requests/{}/deny", pending[1]),
+            Some(&approver),
+            Some(json!({"reason": "no"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = ctl
+        .call(
+            Method::POST,
+            &format!("/api/v1/requests/{}/cancel", pending[2]),
+            Some(crate::util::OWNER),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        ctl.delete("/api/v1/approvalRules/ops").await.status,
+        StatusCode::OK
+    );
+
     // Sign-in: this controller has no identity provider, so each answers 404 saying
     // so (the sign-in tests in `oidc` call them configured).
     for (method, path, body) in [
@@ -849,6 +906,12 @@ fn the_document_marks_exactly_the_public_paths() {
             "/api/v1/health",
             "/api/v1/health/live",
             "/api/v1/openapi.json",
+            "/auth/callback",
+            "/auth/device",
+            "/auth/device",
+            "/auth/login",
+            "/auth/logout",
+            "/auth/token",
             "/metrics"
         ]
     );

@@ -333,6 +333,7 @@ impl Ctl {
             "requests": self.get("/api/v1/requests?limit=1000").await.body,
             "tokens": self.get("/api/v1/tokens").await.body,
             "roles": self.get("/api/v1/roleAssignments").await.body,
+            "approvalRules": self.get("/api/v1/approvalRules").await.body,
         })
     }
 
