@@ -90,7 +90,7 @@ impl Scene {
     }
 }
 
-fn port<'a>(request: &'a Value, number: u64) -> &'a Value {
+fn port(request: &Value, number: u64) -> &Value {
     request["virtualMachines"][0]["ports"]
         .as_array()
         .unwrap()
