@@ -163,3 +163,82 @@ fn an_early_revoke_closes_the_port_at_once() {
     assert_eq!(port["status"], "Revoked", "{}", r.body);
     assert_eq!(port["statusReason"], "UserRequested", "{}", r.body);
 }
+
+/// Issue 13: a port an approval rule covers stays closed while it waits; the approval
+/// opens it (the time from the approval's answer to an open port is printed); a denied
+/// request never opens.
+#[test]
+fn a_pending_request_opens_only_when_approved_and_a_denied_one_never() {
+    let lab = Lab::start();
+    lab.enable_default();
+    let a = &lab.a;
+    let vm = lab.vm_id();
+    let sub_scope = vm.split("/resourceGroups/").next().unwrap().to_owned();
+    let r = lab.admin(
+        "PUT",
+        "/api/v1/approvalRules/ssh",
+        Some(json!({"scope": sub_scope, "ports": [SSH], "justificationPattern": "^e2e"})),
+    );
+    assert_eq!(r.status, 201, "rule: {:?}", r.body);
+    let t = lab.admin(
+        "POST",
+        "/api/v1/tokens",
+        Some(json!({"principal": "approver"})),
+    );
+    assert_eq!(t.status, 201, "{:?}", t.body);
+    let approver = t.body["token"].as_str().unwrap().to_owned();
+    let r = lab.admin(
+        "POST",
+        "/api/v1/roleAssignments",
+        Some(json!({"principal": "approver", "role": "JIT Approver", "scope": sub_scope})),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+
+    let g = lab.initiate(a, json!([{"number": SSH, "duration": "PT5M"}]));
+    assert_eq!(
+        g.body["virtualMachines"][0]["ports"][0]["status"],
+        "Pending"
+    );
+    lab.wait_agent_up_to_date();
+    assert!(!a.tcp_open(lab.vm.v4_at(SSH)), "a pending port is closed");
+
+    let decided = Instant::now();
+    let r = lab.call(
+        a,
+        "POST",
+        &format!("/api/v1/requests/{}/approve", g.id),
+        Some(&approver),
+        Some(json!({"reason": "e2e"})),
+    );
+    assert_eq!(r.status, 200, "approve: {:?}", r.body);
+    assert_eq!(r.body["outcome"], "approved");
+    a.wait_tcp_open(lab.vm.v4_at(SSH), Duration::from_secs(2));
+    eprintln!(
+        "open {:?} after the approval was answered",
+        decided.elapsed()
+    );
+
+    // Revoked, then asked again and denied: it never opens.
+    let r = lab.call(
+        a,
+        "POST",
+        &format!("/api/v1/requests/{}/revoke", g.id),
+        Some(crate::lab::OWNER),
+        Some(json!({})),
+    );
+    assert_eq!(r.status, 200, "revoke: {:?}", r.body);
+    a.wait_tcp_closed(lab.vm.v4_at(SSH), Duration::from_secs(1));
+    let g2 = lab.initiate(a, json!([{"number": SSH, "duration": "PT5M"}]));
+    let r = lab.call(
+        a,
+        "POST",
+        &format!("/api/v1/requests/{}/deny", g2.id),
+        Some(&approver),
+        Some(json!({"reason": "not now"})),
+    );
+    assert_eq!(r.status, 200, "deny: {:?}", r.body);
+    assert_eq!(r.body["outcome"], "denied");
+    lab.wait_agent_up_to_date();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!a.tcp_open(lab.vm.v4_at(SSH)), "a denied port stays closed");
+}
