@@ -734,7 +734,8 @@ pub async fn delete(
 #[utoipa::path(post, path = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Security/locations/{loc}/jitNetworkAccessPolicies/{name}/{action}", tag = "azure",
     params(("sub" = String, Path), ("rg" = String, Path), ("loc" = String, Path), ("name" = String, Path), ("api-version" = String, Query, description = "2020-01-01"), ("action" = String, Path, description = "initiate"),
         ("Idempotency-Key" = Option<String>, Header, max_length = 128, pattern = "^[!-~]{1,128}$", description = "A retry with the key of a request already made (by the same caller, within 24 hours) answers with that request and changes nothing"),
-        ("x-ms-client-request-id" = Option<String>, Header, max_length = 128, pattern = "^[!-~]{1,128}$", description = "Azure's SDKs' request id, used as the idempotency key when there is no Idempotency-Key")), request_body = InitiateIn,
+        ("x-ms-client-request-id" = Option<String>, Header, max_length = 128, pattern = "^[!-~]{1,128}$", description = "Azure's SDKs' request id, used as the idempotency key when there is no Idempotency-Key"),
+        ("x-jitgate-break-glass" = Option<bool>, Header, description = "true: break-glass access (the JIT Break-glass role): every port opens now whatever the approval rules say, a justification is required, at most the controller's break-glass maximum (default PT1H); flagged until an approver reviews it")), request_body = InitiateIn,
     responses((status = 202, description = "Accepted: the ports open within milliseconds", body = RequestOut,
         headers(("x-jitgate-request-id" = String, description = "The request's id in the native API")))))]
 pub async fn initiate(
@@ -747,6 +748,20 @@ pub async fn initiate(
     JsonBody(body): JsonBody<InitiateIn>,
 ) -> ApiResult<Response> {
     let idempotency_key = idempotency_key(&headers)?;
+    let break_glass = match headers
+        .get("x-jitgate-break-glass")
+        .map(|v| v.to_str().unwrap_or_default().to_ascii_lowercase())
+    {
+        None => false,
+        Some(v) if v == "true" => true,
+        Some(v) if v == "false" => false,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "x-jitgate-break-glass",
+                "must be true or false",
+            ));
+        }
+    };
     check_api_version(&q)?;
     let key = policy_key(&state, &sub, &rg, &loc, &name)?;
     if !action.eq_ignore_ascii_case("initiate") {
@@ -764,6 +779,7 @@ pub async fn initiate(
         caller_ip: ip,
         assignments: principal.assignments.clone(),
         idempotency_key,
+        break_glass: break_glass.then_some(state.break_glass_max),
     };
     let audit = principal.audit_ctx(ip, now);
     let request = state
@@ -773,10 +789,16 @@ pub async fn initiate(
         .map_err(|e| match e {
             OpError::Refused(InitiateRefusal::PolicyNotFound) => policy_not_found(&key),
             OpError::Refused(InitiateRefusal::Invalid(f)) => ApiError::field(f),
-            OpError::Refused(InitiateRefusal::Forbidden { field, vm }) => {
-                ApiError::forbidden(&principal.name, Action::Initiate.as_str(), &vm.to_string())
-                    .with_target(field)
-            }
+            OpError::Refused(InitiateRefusal::Forbidden { field, vm }) => ApiError::forbidden(
+                &principal.name,
+                if break_glass {
+                    Action::BreakGlass.as_str()
+                } else {
+                    Action::Initiate.as_str()
+                },
+                &vm.to_string(),
+            )
+            .with_target(field),
             OpError::Store(s) => s.into(),
         })?;
     state.vm_changes.touch(request.vms.iter().map(|v| &v.id));

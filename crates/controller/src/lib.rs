@@ -79,6 +79,8 @@ pub struct AppState {
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
     /// Sign-in with the organisation's OpenID Provider, when configured.
     pub oidc: Option<Arc<oidc::Oidc>>,
+    /// How long break-glass access lasts at most (seconds).
+    pub break_glass_max: i64,
 }
 
 impl AppState {

@@ -97,6 +97,8 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Sign-in with the organisation's OpenID Provider.
     pub oidc: Option<crate::oidc::OidcConfig>,
+    /// How long break-glass access lasts at most (seconds).
+    pub break_glass_max: i64,
     /// Where the controller reads the time (the system clock; tests pass a
     /// `ManualClock`).
     pub clock: crate::clock::Clock,
@@ -122,6 +124,7 @@ impl Config {
             blocked_retention: DEFAULT_BLOCKED_RETENTION,
             trusted_proxies: Vec::new(),
             oidc: None,
+            break_glass_max: jitgate_core::approval::BREAK_GLASS_MAX_SECS,
             clock: crate::clock::Clock::system(),
         }
     }
@@ -330,6 +333,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         refusals: Arc::new(crate::limits::RefusalLimiter::new(config.limits.clone())),
         auth_cache: Arc::new(crate::authcache::AuthCache::default()),
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+        break_glass_max: config.break_glass_max,
         oidc: match &config.oidc {
             Some(c) => Some(Arc::new(crate::oidc::Oidc::new(c.clone())?)),
             None => None,

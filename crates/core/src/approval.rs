@@ -434,6 +434,51 @@ pub struct Approval {
     pub votes: Vec<Vote>,
 }
 
+/// A break-glass request's review: an approver looks at it afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BreakGlass {
+    pub reviewed_by: Option<String>,
+    pub reviewed_at: Option<Timestamp>,
+}
+
+/// How long break-glass access lasts at most, by default.
+pub const BREAK_GLASS_MAX_SECS: i64 = 3600;
+
+/// Makes an accepted initiate a break-glass one: every port opens now whatever the
+/// rules say, a justification is required, and no port lasts longer than `max_secs`.
+pub fn apply_break_glass(
+    plan: &mut crate::request::InitiatePlan,
+    max_secs: i64,
+) -> Result<(), FieldError> {
+    if plan
+        .request
+        .justification
+        .as_deref()
+        .is_none_or(|j| j.trim().is_empty())
+    {
+        return Err(FieldError::new(
+            "justification",
+            "is required for break-glass access: say what the emergency is",
+        ));
+    }
+    let start = plan.request.start;
+    for (i, vm) in plan.request.vms.iter().enumerate() {
+        for (j, p) in vm.ports.iter().enumerate() {
+            if p.end.duration_since(start).as_secs() > max_secs {
+                return Err(FieldError::new(
+                    format!("virtualMachines[{i}].ports[{j}].duration"),
+                    format!(
+                        "break-glass access lasts at most {}",
+                        crate::duration::format_iso8601_secs(max_secs)
+                    ),
+                ));
+            }
+        }
+    }
+    plan.request.break_glass = Some(BreakGlass::default());
+    Ok(())
+}
+
 /// Applies the approval rules to an accepted initiate: each port a rule covers becomes
 /// `Pending` (its `end` stays the end asked for as if it started now: the duration is
 /// counted again from the approval), the request keeps a snapshot of the strictest of

@@ -18,6 +18,8 @@ pub enum Action {
     /// Revoke anybody's request. A requestor may always revoke their own.
     RequestRevoke,
     RequestApprove,
+    /// Open access at once, without the approvals a rule asks for (break-glass).
+    BreakGlass,
     AuditRead,
     TokenWrite,
     RoleAssignmentWrite,
@@ -25,7 +27,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 13] = [
+    pub const ALL: [Action; 14] = [
         Action::PolicyRead,
         Action::PolicyWrite,
         Action::PolicyDelete,
@@ -35,6 +37,7 @@ impl Action {
         Action::RequestRead,
         Action::RequestRevoke,
         Action::RequestApprove,
+        Action::BreakGlass,
         Action::AuditRead,
         Action::TokenWrite,
         Action::RoleAssignmentWrite,
@@ -57,6 +60,7 @@ impl Action {
             }
             Action::RequestRevoke => "Jitgate/requests/revoke/action",
             Action::RequestApprove => "Jitgate/requests/approve/action",
+            Action::BreakGlass => "Jitgate/requests/breakGlass/action",
             Action::AuditRead => "Jitgate/audit/read",
             Action::TokenWrite => "Jitgate/tokens/write",
             Action::RoleAssignmentWrite => "Microsoft.Authorization/roleAssignments/write",
@@ -71,16 +75,19 @@ pub enum Role {
     JitAdministrator,
     JitRequester,
     JitApprover,
+    /// Requests that open at once, without approvals, when an emergency cannot wait.
+    JitBreakGlass,
     Reader,
     Agent,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Owner,
         Role::JitAdministrator,
         Role::JitRequester,
         Role::JitApprover,
+        Role::JitBreakGlass,
         Role::Reader,
         Role::Agent,
     ];
@@ -91,6 +98,7 @@ impl Role {
             Role::JitAdministrator => "JIT Administrator",
             Role::JitRequester => "JIT Requester",
             Role::JitApprover => "JIT Approver",
+            Role::JitBreakGlass => "JIT Break-glass",
             Role::Reader => "Reader",
             Role::Agent => "Agent",
         }
@@ -133,6 +141,7 @@ impl Role {
             ],
             Role::JitRequester => &[PolicyRead, Initiate, VmRead, RequestRead],
             Role::JitApprover => &[PolicyRead, VmRead, RequestRead, RequestApprove],
+            Role::JitBreakGlass => &[PolicyRead, Initiate, VmRead, RequestRead, BreakGlass],
             Role::Reader => &[PolicyRead, VmRead, RequestRead, AuditRead],
             Role::Agent => &[AgentReport],
         }

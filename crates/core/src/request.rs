@@ -170,6 +170,8 @@ pub struct AccessRequest {
     pub vms: Vec<RequestVm>,
     /// The approval it waits (or waited) under, if a rule covered one of its ports.
     pub approval: Option<crate::approval::Approval>,
+    /// Set when it was a break-glass request: opened at once, without approvals.
+    pub break_glass: Option<crate::approval::BreakGlass>,
 }
 
 // ---- raw input -------------------------------------------------------------------
@@ -458,6 +460,7 @@ pub fn plan_initiate(
             caller_ip: ctx.caller_ip,
             vms,
             approval: None,
+            break_glass: None,
         },
         superseded,
     })
@@ -911,6 +914,7 @@ mod tests {
                 },
             ],
             approval: None,
+            break_glass: None,
         }
     }
 

@@ -88,6 +88,10 @@ pub enum Command {
     ///
     /// Example: jitgate cancel 6f1c...
     Cancel(cmd::approvals::CancelArgs),
+    /// Mark a break-glass request reviewed.
+    ///
+    /// Example: jitgate review 6f1c...
+    Review(cmd::approvals::ReviewArgs),
     /// Which machines still expose management ports (Healthy / Unhealthy / Not applicable).
     ///
     /// Example: jitgate recommendations --resource-group prod-web
@@ -203,6 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Approve(a) => cmd::approvals::approve(a).await,
         Command::Deny(a) => cmd::approvals::deny(a).await,
         Command::Cancel(a) => cmd::approvals::cancel(a).await,
+        Command::Review(a) => cmd::approvals::review(a).await,
         Command::Recommendations(a) => cmd::recommend::recommendations(a).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

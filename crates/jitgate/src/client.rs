@@ -351,6 +351,20 @@ impl Client {
         .await
     }
 
+    /// POST with extra request headers.
+    pub async fn post_with<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Reply<T>> {
+        let mut req = self.http.post(self.url(path)).json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.call(&format!("POST {path}"), req).await
+    }
+
     pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,

@@ -362,6 +362,20 @@ pub struct Request {
     /// The approval the request waits (or waited) under, with every decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<RequestApproval>,
+    /// Present for break-glass requests (opened at once, without approvals): flagged
+    /// until an approver reviews it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<BreakGlassOut>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakGlassOut {
+    pub reviewed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewed_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewed_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -436,3 +436,51 @@ pub(crate) fn next_pending_end(c: &dyn Db) -> Result<Option<Timestamp>> {
     let n: Option<i64> = c.row("SELECT MIN(open_until_ns) FROM requests", &[], |r| r.get(0))?;
     n.map(from_ns).transpose()
 }
+
+/// An approver marks a break-glass request reviewed.
+pub(crate) fn review(
+    ctx: &mut WriteCtx<'_>,
+    request: RequestId,
+    who: &str,
+    assignments: &[RoleAssignment],
+    audit: &AuditCtx,
+) -> std::result::Result<AccessRequest, OpError<ReviewRefusal>> {
+    let id = request.to_string();
+    let Some(r) = load_requests(ctx.tx, std::slice::from_ref(&id))?.pop() else {
+        return Err(OpError::Refused(ReviewRefusal::NotFound));
+    };
+    let Some(bg) = &r.break_glass else {
+        return Err(OpError::Refused(ReviewRefusal::NotBreakGlass));
+    };
+    if bg.reviewed_by.is_some() {
+        return Err(OpError::Refused(ReviewRefusal::AlreadyReviewed));
+    }
+    if r.requestor == who {
+        return Err(OpError::Refused(ReviewRefusal::OwnRequest));
+    }
+    if !r
+        .vms
+        .iter()
+        .all(|v| rbac::is_allowed(assignments, who, Action::RequestApprove, &v.id.scope()))
+    {
+        return Err(OpError::Refused(ReviewRefusal::NotAnApprover));
+    }
+    ctx.tx.defer(
+        "UPDATE requests SET reviewed_by = ?2, reviewed_ns = ?3 WHERE id = ?1",
+        &[&id, &who, &ns(audit.now)],
+    )?;
+    for vm in &r.vms {
+        ctx.audit(
+            audit,
+            "request.breakGlassReviewed",
+            &vm.id.to_string(),
+            serde_json::json!({"request": id}),
+        )?;
+    }
+    let mut r = r;
+    r.break_glass = Some(jitgate_core::approval::BreakGlass {
+        reviewed_by: Some(who.to_owned()),
+        reviewed_at: Some(audit.now),
+    });
+    Ok(r)
+}

@@ -268,16 +268,25 @@ fn parse_status(status: &str, reason: Option<String>) -> Result<PortStatus> {
 fn load_requests(conn: &dyn Db, ids: &[String]) -> Result<Vec<AccessRequest>> {
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        let Some((policy_key, requestor, justification, start_ns, caller_ip)) = conn.one(
-            "SELECT policy_key, requestor, justification, start_ns, caller_ip FROM requests WHERE id = ?1",
+        let Some((policy_key, requestor, justification, start_ns, caller_ip, break_glass)) = conn.one(
+            "SELECT policy_key, requestor, justification, start_ns, caller_ip, break_glass, reviewed_by, reviewed_ns
+             FROM requests WHERE id = ?1",
             &[id],
             |r| {
+                let break_glass = match r.get::<Option<i64>>(5)? {
+                    Some(1) => Some(jitgate_core::approval::BreakGlass {
+                        reviewed_by: r.get(6)?,
+                        reviewed_at: r.get::<Option<i64>>(7)?.map(from_ns).transpose()?,
+                    }),
+                    _ => None,
+                };
                 Ok((
                     r.get::<String>(0)?,
                     r.get::<String>(1)?,
                     r.get::<Option<String>>(2)?,
                     r.get::<i64>(3)?,
                     r.get::<String>(4)?,
+                    break_glass,
                 ))
             },
         )?
@@ -331,6 +340,7 @@ fn load_requests(conn: &dyn Db, ids: &[String]) -> Result<Vec<AccessRequest>> {
             caller_ip: caller_ip.parse::<IpAddr>().map_err(corrupt("caller ip"))?,
             vms: vms.into_iter().map(|(_, v)| v).collect(),
             approval: approvals::load_approval(conn, id)?,
+            break_glass,
         });
     }
     Ok(out)
@@ -1898,9 +1908,26 @@ impl Store for SqlStore {
                     InitiateError::Forbidden { field, vm } => InitiateRefusal::Forbidden { field, vm },
                 })
             })?;
-            let rules = approvals::all_rules(ctx.tx)?;
-            jitgate_core::approval::apply_rules(&mut plan, &rules, audit.now)
-                .map_err(|f| OpError::Refused(InitiateRefusal::Invalid(f)))?;
+            match args.break_glass {
+                // Break-glass: the right on every VM, then open now, capped.
+                Some(max) => {
+                    for (i, vm) in plan.request.vms.iter().enumerate() {
+                        if !rbac::is_allowed(&args.assignments, &args.requestor, Action::BreakGlass, &vm.id.scope()) {
+                            return Err(OpError::Refused(InitiateRefusal::Forbidden {
+                                field: format!("virtualMachines[{i}].id"),
+                                vm: vm.id.clone(),
+                            }));
+                        }
+                    }
+                    jitgate_core::approval::apply_break_glass(&mut plan, max)
+                        .map_err(|f| OpError::Refused(InitiateRefusal::Invalid(f)))?;
+                }
+                None => {
+                    let rules = approvals::all_rules(ctx.tx)?;
+                    jitgate_core::approval::apply_rules(&mut plan, &rules, audit.now)
+                        .map_err(|f| OpError::Refused(InitiateRefusal::Invalid(f)))?;
+                }
+            }
             for g in &plan.superseded {
                 revoke_where(
                     ctx,
@@ -1918,6 +1945,21 @@ impl Store for SqlStore {
                 &[&req.id.to_string(), &uid, &req.policy_key, &req.requestor, &req.justification, &ns(req.start), &req.caller_ip.to_string()])?;
             if let Some(a) = &req.approval {
                 approvals::write_snapshot(ctx.tx, &req.id.to_string(), &a.snapshot)?;
+            }
+            if req.break_glass.is_some() {
+                ctx.tx.defer("UPDATE requests SET break_glass = 1 WHERE id = ?1", &[&req.id.to_string()])?;
+                for vm in &req.vms {
+                    ctx.audit(
+                        &audit,
+                        "request.breakGlass",
+                        &vm.id.to_string(),
+                        serde_json::json!({
+                            "request": req.id.to_string(),
+                            "ports": vm.ports.iter().map(|p| p.number.get()).collect::<Vec<_>>(),
+                            "justification": req.justification,
+                        }),
+                    )?;
+                }
             }
             if let Some(k) = &args.idempotency_key {
                 ctx.tx.defer(
@@ -2225,6 +2267,18 @@ impl Store for SqlStore {
         audit: AuditCtx,
     ) -> Result<Decided, OpError<DecideRefusal>> {
         self.write(move |ctx| approvals::decide(ctx, &args, &audit))
+            .await
+    }
+
+    async fn review_break_glass(
+        &self,
+        request: RequestId,
+        who: &str,
+        assignments: Vec<RoleAssignment>,
+        audit: AuditCtx,
+    ) -> Result<AccessRequest, OpError<ReviewRefusal>> {
+        let who = who.to_owned();
+        self.write(move |ctx| approvals::review(ctx, request, &who, &assignments, &audit))
             .await
     }
 

@@ -282,6 +282,12 @@ CREATE TABLE approval_votes(
     PRIMARY KEY(request_id, principal)
 );
 "#,
+    // Break-glass requests, and their review.
+    r#"
+ALTER TABLE requests ADD COLUMN break_glass BIGINT;
+ALTER TABLE requests ADD COLUMN reviewed_by TEXT COLLATE "C";
+ALTER TABLE requests ADD COLUMN reviewed_ns BIGINT;
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

@@ -273,6 +273,12 @@ CREATE TABLE approval_votes(
     PRIMARY KEY(request_id, principal)
 );
 "#,
+    // Break-glass requests, and their review.
+    r#"
+ALTER TABLE requests ADD COLUMN break_glass INTEGER;
+ALTER TABLE requests ADD COLUMN reviewed_by TEXT;
+ALTER TABLE requests ADD COLUMN reviewed_ns INTEGER;
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

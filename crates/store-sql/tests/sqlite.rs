@@ -91,9 +91,11 @@ fn key() -> PolicyKey {
 }
 
 /// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
-/// approvals), undone, for the tests that take a database back to an older schema.
-const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 3;
+/// approvals, break-glass), undone, for the tests that take a database back to an older schema.
+const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 4;
 const UNDO_SINCE_IDEMPOTENCY: &str = "
+    ALTER TABLE requests DROP COLUMN break_glass; ALTER TABLE requests DROP COLUMN reviewed_by;
+    ALTER TABLE requests DROP COLUMN reviewed_ns;
     DROP TABLE approval_votes; DROP INDEX requests_open; DROP TABLE approval_rules;
     ALTER TABLE requests DROP COLUMN approval_rule; ALTER TABLE requests DROP COLUMN min_approvals;
     ALTER TABLE requests DROP COLUMN deny_threshold; ALTER TABLE requests DROP COLUMN approvers;
@@ -193,6 +195,7 @@ async fn populate(store: &SqlStore) -> u64 {
                     scope: jitgate_core::ids::Scope::Subscription(sub()),
                 }],
                 idempotency_key: None,
+                break_glass: None,
             },
             ctx(30),
         )
@@ -687,6 +690,7 @@ fn initiate_port(id: u128, port: i64) -> InitiateArgs {
             scope: jitgate_core::ids::Scope::Subscription(sub()),
         }],
         idempotency_key: None,
+        break_glass: None,
     }
 }
 

@@ -373,6 +373,7 @@ fn args(key: &PolicyKey, id: RequestId, vms: Vec<(&VmId, Vec<InitiatePortInput>)
         caller_ip: ip("10.0.0.9"),
         assignments: owner_assignments(),
         idempotency_key: None,
+        break_glass: None,
     }
 }
 

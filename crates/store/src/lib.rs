@@ -211,6 +211,15 @@ pub trait Store: Send + Sync + 'static {
         args: DecideArgs,
         audit: AuditCtx,
     ) -> Result<Decided, OpError<DecideRefusal>>;
+    /// An approver (the approve action at every VM, not the requestor) marks a
+    /// break-glass request reviewed (audited).
+    async fn review_break_glass(
+        &self,
+        request: RequestId,
+        who: &str,
+        assignments: Vec<jitgate_core::rbac::RoleAssignment>,
+        audit: AuditCtx,
+    ) -> Result<AccessRequest, OpError<ReviewRefusal>>;
     /// The requestor withdraws its pending request (its pending ports end as
     /// `Revoked/Cancelled`).
     async fn cancel_request(

@@ -150,6 +150,9 @@ pub struct InitiateArgs {
     /// the last [`IDEMPOTENCY_WINDOW`] returns the request made then and changes
     /// nothing, so a retry after an unknown outcome (a failover) is never doubled.
     pub idempotency_key: Option<String>,
+    /// Break-glass: open every port now whatever the approval rules say, for at most
+    /// this many seconds (the caller needs the break-glass action on every VM).
+    pub break_glass: Option<i64>,
 }
 
 /// How long an initiate's idempotency key is remembered.
@@ -465,6 +468,17 @@ pub enum DecideRefusal {
 pub struct Decided {
     pub outcome: jitgate_core::approval::Outcome,
     pub request: jitgate_core::request::AccessRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReviewRefusal {
+    NotFound,
+    NotBreakGlass,
+    AlreadyReviewed,
+    /// Nobody reviews their own break-glass request.
+    OwnRequest,
+    /// The approve action at every VM of the request is needed.
+    NotAnApprover,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

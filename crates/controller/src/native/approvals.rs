@@ -13,7 +13,7 @@ use jitgate_core::rbac::Action;
 use jitgate_proto::api::{
     ApprovalRuleIn, ApprovalRuleOut, ApprovalRulePage, ApproveIn, DecisionOut, DenyIn, Request,
 };
-use jitgate_store::{CancelRefusal, DecideArgs, DecideRefusal, OpError};
+use jitgate_store::{CancelRefusal, DecideArgs, DecideRefusal, OpError, ReviewRefusal};
 
 use crate::AppState;
 use crate::auth::{CallerIp, Principal};
@@ -365,6 +365,57 @@ pub async fn cancel(
                 StatusCode::CONFLICT,
                 "NotPending",
                 "the request is not waiting for approval (revoke a live one)",
+            ),
+            OpError::Store(s) => s.into(),
+        })?;
+    Ok(Json(request_wire(&r, now)))
+}
+
+/// An approver marks a break-glass request reviewed (it stays flagged in lists until
+/// then). Not its requestor; the approve action at every VM of the request.
+#[utoipa::path(post, path = "/api/v1/requests/{id}/review", tag = "approvals",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Request)))]
+pub async fn review(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Request>> {
+    let (id, _) = visible_request(&state, &principal, &id).await?;
+    let now = state.clock.now();
+    let r = state
+        .store
+        .review_break_glass(
+            id,
+            &principal.name,
+            principal.assignments.clone(),
+            principal.audit_ctx(ip, now),
+        )
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(ReviewRefusal::NotFound) => {
+                ApiError::not_found(format!("request {id} not found"))
+            }
+            OpError::Refused(ReviewRefusal::NotBreakGlass) => ApiError::new(
+                StatusCode::CONFLICT,
+                "NotBreakGlass",
+                "only break-glass requests are reviewed",
+            ),
+            OpError::Refused(ReviewRefusal::AlreadyReviewed) => ApiError::new(
+                StatusCode::CONFLICT,
+                "AlreadyReviewed",
+                "this break-glass request was reviewed already",
+            ),
+            OpError::Refused(ReviewRefusal::OwnRequest) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "SelfReviewRefused",
+                "nobody reviews their own break-glass request",
+            ),
+            OpError::Refused(ReviewRefusal::NotAnApprover) => ApiError::forbidden(
+                &principal.name,
+                Action::RequestApprove.as_str(),
+                &id.to_string(),
             ),
             OpError::Store(s) => s.into(),
         })?;

@@ -40,6 +40,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(approvals::approve))
         .routes(routes!(approvals::deny))
         .routes(routes!(approvals::cancel))
+        .routes(routes!(approvals::review))
         .routes(routes!(approvals::list_rules))
         .routes(routes!(
             approvals::get_rule,

@@ -47,6 +47,14 @@ pub fn request_state(r: &AccessRequest, now: Timestamp) -> &'static str {
 
 pub fn request_wire(r: &AccessRequest, now: Timestamp) -> Request {
     Request {
+        break_glass: r
+            .break_glass
+            .as_ref()
+            .map(|b| jitgate_proto::api::BreakGlassOut {
+                reviewed: b.reviewed_by.is_some(),
+                reviewed_by: b.reviewed_by.clone(),
+                reviewed_at: b.reviewed_at.map(|t| t.to_string()),
+            }),
         state: request_state(r, now).to_owned(),
         approval: r
             .approval
@@ -136,6 +144,7 @@ pub fn reviewable(p: &Principal, r: &AccessRequest) -> bool {
         ("active" = Option<bool>, Query, description = "Only requests with a live port"),
         ("state" = Option<String>, Query, description = "Only requests in this state: Pending (a port waits for approval)"),
         ("reviewable" = Option<bool>, Query, description = "Only requests the caller may decide on now"),
+        ("breakGlass" = Option<String>, Query, description = "unreviewed: only break-glass requests no approver has reviewed yet; any: every break-glass request"),
         ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size, 1-1000 (default 100)"),
         ("continuationToken" = Option<String>, Query, description = "From the previous page"),
     ),
@@ -166,6 +175,17 @@ pub async fn list_requests(
         }
     };
     let reviewable_only = params::flag_param(&q, "reviewable")?;
+    let break_glass = match q.get("breakGlass").map(String::as_str) {
+        None => None,
+        Some("unreviewed") => Some(true),
+        Some("any") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad_param(
+                "breakGlass",
+                format!("'{other}' is not one of: unreviewed, any"),
+            ));
+        }
+    };
     let after = params::after_continuation(&q)?;
     if let Some(a) = &after {
         params::cursor(a)?;
@@ -205,7 +225,15 @@ pub async fn list_requests(
         after,
         limit,
         |r: &AccessRequest| params::cursor_key(r.start, &r.id.to_string()),
-        |r| request_visible(&principal, r) && (!reviewable_only || reviewable(&principal, r)),
+        |r| {
+            request_visible(&principal, r)
+                && (!reviewable_only || reviewable(&principal, r))
+                && match (break_glass, &r.break_glass) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(unreviewed), Some(b)) => !unreviewed || b.reviewed_by.is_none(),
+                }
+        },
         |after, n| {
             let store = state.store.clone();
             let after = after.as_deref().map(params::cursor).transpose();

@@ -83,6 +83,51 @@ impl Scene {
             .await
     }
 
+    /// A break-glass initiate (header `header`) of port 22 for `duration`.
+    async fn glass(&self, token: &str, justification: &str, duration: &str, header: &str) -> Resp {
+        let body = json!({
+            "virtualMachines": [{"id": self.ctl.vm_id("prod", "vm1"), "ports": [
+                {"number": 22, "duration": duration, "allowedSourceAddressPrefix": "10.9.9.9"}
+            ]}],
+            "justification": justification,
+        });
+        let path = format!(
+            "{}/initiate?api-version=2020-01-01",
+            self.ctl.policy_path("prod", "westeurope", "default")
+        );
+        self.ctl
+            .call_with(
+                Method::POST,
+                &path,
+                Some(token),
+                Some(body),
+                &[("x-jitgate-break-glass", header)],
+            )
+            .await
+    }
+
+    async fn review(&self, token: &str, id: &str) -> Resp {
+        self.ctl
+            .call(
+                Method::POST,
+                &format!("/api/v1/requests/{id}/review"),
+                Some(token),
+                None,
+            )
+            .await
+    }
+
+    /// How many unreviewed break-glass requests `token` sees.
+    async fn flagged(&self, token: &str) -> usize {
+        self.ctl
+            .get_as(token, "/api/v1/requests?breakGlass=unreviewed")
+            .await
+            .body["value"]
+            .as_array()
+            .unwrap()
+            .len()
+    }
+
     async fn request(&self, id: &str) -> Value {
         let r = self.ctl.get(&format!("/api/v1/requests/{id}")).await;
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
@@ -461,4 +506,69 @@ async fn rules_are_checked_and_need_policy_rights() {
         "Initiated"
     );
     assert!(!s.ctl.audit("action=approvalRule.delete").await.is_empty());
+}
+
+/// Break-glass: its own right; opens at once whatever the rules say; needs a
+/// justification; capped; flagged until an approver (not its requestor) reviews it.
+#[tokio::test]
+async fn break_glass_opens_at_once_and_stays_flagged_until_reviewed() {
+    let s = scene().await;
+    let bea = s
+        .ctl
+        .principal("bea", "JIT Break-glass", &s.rg_scope())
+        .await;
+    let r = s
+        .rule("strict", json!({"scope": s.rg_scope(), "minApprovals": 2}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let before = s.ctl.snapshot().await;
+    let r = s.glass(&bea, "", "PT30M", "true").await;
+    assert_eq!(r.body["error"]["target"], "justification", "{:?}", r.body);
+    let r = s.glass(&bea, "db down", "PT2H", "true").await;
+    assert_eq!(
+        r.body["error"]["target"], "virtualMachines[0].ports[0].duration",
+        "{:?}",
+        r.body
+    );
+    let r = s.glass(&bea, "db down", "PT30M", "maybe").await;
+    assert_eq!(r.body["error"]["target"], "x-jitgate-break-glass");
+    // The right is its own: a requester cannot.
+    let r = s.glass(&s.rita, "db down", "PT30M", "true").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(s.ctl.snapshot().await, before);
+
+    let r = s.glass(&bea, "db down, INC-7", "PT30M", "true").await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    assert_eq!(
+        r.body["virtualMachines"][0]["ports"][0]["status"],
+        "Initiated"
+    );
+    let id = r.request_id();
+    let req = s.request(&id).await;
+    assert_eq!(req["state"], "Active");
+    assert_eq!(req["breakGlass"]["reviewed"], false);
+    assert!(!s.ctl.audit("action=request.breakGlass").await.is_empty());
+    // Without the header the same person waits for the rule like anyone.
+    let r = s.glass(&bea, "routine", "PT30M", "false").await;
+    assert_eq!(
+        r.body["virtualMachines"][0]["ports"][0]["status"],
+        "Pending"
+    );
+
+    assert_eq!(s.flagged(&s.amy).await, 1);
+    assert_eq!(s.review(&bea, &id).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(s.review(&s.ivan, &id).await.status, StatusCode::FORBIDDEN);
+    let r = s.review(&s.amy, &id).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["breakGlass"]["reviewedBy"], "amy");
+    assert_eq!(s.review(&s.ben, &id).await.status, StatusCode::CONFLICT);
+    assert_eq!(s.flagged(&s.amy).await, 0);
+    assert!(
+        !s.ctl
+            .audit("action=request.breakGlassReviewed")
+            .await
+            .is_empty()
+    );
+    let r = s.ctl.get("/api/v1/requests?breakGlass=sometimes").await;
+    assert_eq!(r.body["error"]["target"], "breakGlass");
 }

@@ -621,6 +621,31 @@ async fn every_operation_answers_as_documented() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    // Break-glass, reviewed.
+    let glass = ctl.principal("glass", "JIT Break-glass", &scope).await;
+    let body = json!({"virtualMachines": [{"id": ctl.vm_id("appr", "vma"), "ports": [{"number": 22, "duration": "PT10M", "allowedSourceAddressPrefix": "10.0.0.2"}]}], "justification": "outage"});
+    let r = ctl
+        .call_with(
+            Method::POST,
+            &format!(
+                "{}/initiate?api-version=2020-01-01",
+                ctl.policy_path("appr", "westeurope", "default")
+            ),
+            Some(&glass),
+            Some(body),
+            &[("x-jitgate-break-glass", "true")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let r = ctl
+        .call(
+            Method::POST,
+            &format!("/api/v1/requests/{}/review", r.request_id()),
+            Some(&approver),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(
         ctl.delete("/api/v1/approvalRules/ops").await.status,
         StatusCode::OK

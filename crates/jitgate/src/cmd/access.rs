@@ -37,6 +37,11 @@ pub struct RequestArgs {
     /// Why you need access (recorded in the audit log).
     #[arg(long)]
     pub reason: Option<String>,
+    /// An emergency that cannot wait for approvals (the JIT Break-glass role): the
+    /// ports open now, --reason is required, at most the controller's break-glass
+    /// maximum; every approver is told, and it stays flagged until one reviews it.
+    #[arg(long, requires = "reason")]
+    pub break_glass: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -120,6 +125,7 @@ pub async fn initiate(
     duration: Option<&str>,
     from: &str,
     reason: Option<&str>,
+    break_glass: bool,
 ) -> anyhow::Result<Vec<Initiation>> {
     let mut by_policy: BTreeMap<&str, Vec<&Wanted>> = BTreeMap::new();
     for w in wanted {
@@ -149,9 +155,14 @@ pub async fn initiate(
                 .collect(),
             justification: reason.map(str::to_owned),
         };
+        let headers: &[(&str, &str)] = if break_glass {
+            &[("x-jitgate-break-glass", "true")]
+        } else {
+            &[]
+        };
         let granted = ses
             .c
-            .post::<_, azure::Initiated>(&format!("{path}/initiate?{API}"), &body)
+            .post_with::<_, azure::Initiated>(&format!("{path}/initiate?{API}"), &body, headers)
             .await
             .map_err(|e| name_flags(e, INITIATE_FLAGS))?;
         let request = granted
@@ -227,6 +238,7 @@ pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
         duration.as_deref(),
         &a.from,
         a.reason.as_deref(),
+        a.break_glass,
     )
     .await?;
     let out = Requested {

@@ -183,3 +183,24 @@ pub async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {
     });
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Args)]
+pub struct ReviewArgs {
+    /// The id of a break-glass request.
+    pub id: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Marks a break-glass request reviewed.
+pub async fn review(a: ReviewArgs) -> anyhow::Result<ExitCode> {
+    let ses = Session::new(&a.client)?;
+    let r = ses
+        .c
+        .post::<_, api::Request>(&format!("/api/v1/requests/{}/review", a.id), &())
+        .await?;
+    print(ses.json, &r.json, || {
+        println!("break-glass request {} marked reviewed", a.id);
+    });
+    Ok(ExitCode::SUCCESS)
+}

@@ -96,6 +96,9 @@ pub struct ServeArgs {
     /// 30d, 2160h or P90D; older ones are deleted hourly [default: 30d; at least 1d].
     #[arg(long, env = "JITGATE_BLOCKED_ATTEMPTS_RETENTION", value_parser = parse_retention)]
     pub blocked_attempts_retention: Option<u64>,
+    /// How long break-glass access lasts at most, e.g. 1h [default: 1h; 5m to 1d].
+    #[arg(long, env = "JITGATE_BREAK_GLASS_MAX", value_parser = parse_break_glass_max)]
+    pub break_glass_max: Option<u64>,
     /// A load balancer or reverse proxy (address or network, e.g. 10.0.0.0/24) whose
     /// X-Forwarded-For header names the caller: the address grants default to ("My
     /// IP"), the audit log's source and the per-source limits then use it. The header
@@ -151,6 +154,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     write_queue: Option<usize>,
     blocked_attempts_retention: Option<String>,
+    break_glass_max: Option<String>,
     trusted_proxies: Option<Vec<String>>,
     public_url: Option<String>,
     oidc: Option<FileOidc>,
@@ -180,6 +184,15 @@ struct FileGroupRole {
     group: String,
     role: String,
     scope: String,
+}
+
+/// How long break-glass access lasts at most, in seconds: 5 minutes to 1 day.
+pub fn parse_break_glass_max(text: &str) -> Result<u64, String> {
+    let secs = crate::output::human::parse_secs(text)?;
+    if !(300..=86_400).contains(&secs) {
+        return Err(format!("'{text}' is not between 5m and 1d"));
+    }
+    Ok(secs as u64)
 }
 
 /// How long a sign-in lasts, in seconds: a duration from 5 minutes to 7 days.
@@ -458,6 +471,15 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
         config.recommend.offline_after = jiff::SignedDuration::from_secs(secs as i64);
     }
     config.oidc = oidc;
+    match (args.break_glass_max, file.break_glass_max) {
+        (Some(secs), _) => config.break_glass_max = secs as i64,
+        (None, Some(t)) => {
+            config.break_glass_max = parse_break_glass_max(&t)
+                .map_err(|e| anyhow::anyhow!("break_glass_max: {e}"))?
+                as i64;
+        }
+        (None, None) => {}
+    }
     config.trusted_proxies = args.trusted_proxies;
     if config.trusted_proxies.is_empty() {
         for text in file.trusted_proxies.unwrap_or_default() {

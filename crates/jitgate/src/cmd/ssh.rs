@@ -187,7 +187,7 @@ async fn ensure_grant(
         path,
         ports: vec![rule],
     }];
-    let res = initiate(ses, &wanted, duration, "my-ip", reason).await?;
+    let res = initiate(ses, &wanted, duration, "my-ip", reason, false).await?;
     let first = res.first();
     let end = first
         .and_then(|r| r.granted.virtual_machines.first())

@@ -1563,6 +1563,7 @@ async fn on(store: &dyn Store, model: &State, step: Step) -> Outcome {
                 caller_ip: caller.ip(),
                 assignments: who.assignments(),
                 idempotency_key: None,
+                break_glass: None,
             };
             match store.initiate(args, ctx_as(who.name(), now)).await {
                 Ok(r) => Outcome::Initiated(view(&r)),
