@@ -2051,3 +2051,118 @@ fn every_verb_that_prints_has_json() {
     let v = c.json(&["vm", "nsg", "prod", "web-1"]);
     assert!(v["rules"].is_array(), "{v}");
 }
+
+// ---- approvals ---------------------------------------------------------------------------
+
+/// A rule makes a request wait: `request --wait` waits and says who decided; the
+/// approver finds it with `approvals`, decides with `approve`/`deny`; nobody approves
+/// their own request; `cancel` withdraws one.
+#[test]
+fn approvers_decide_from_the_command_line_and_the_requester_waits_for_them() {
+    let c = start();
+    c.register("prod", "web-1");
+    c.jg(&["enable", "web-1"]).ok();
+    let scope = format!("/subscriptions/{}/resourceGroups/prod", c.subscription());
+    let (status, body) = common::call(
+        "PUT",
+        &format!("{}/api/v1/approvalRules/ssh", c.base),
+        ADMIN,
+        Some(json!({"scope": scope, "justificationPattern": "^CHG-"})),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, t) = common::call(
+        "POST",
+        &format!("{}/api/v1/tokens", c.base),
+        ADMIN,
+        Some(json!({"principal": "amy"})),
+    );
+    assert_eq!(status, 201, "{t}");
+    let amy = t["token"].as_str().unwrap().to_owned();
+    let (status, body) = common::call(
+        "POST",
+        &format!("{}/api/v1/roleAssignments", c.base),
+        ADMIN,
+        Some(json!({"principal": "amy", "role": "JIT Approver", "scope": scope})),
+    );
+    assert_eq!(status, 201, "{body}");
+
+    // The justification the rule asks for is checked before anything is made.
+    c.jg(&["request", "web-1", "--reason", "fix"])
+        .fails(5, &["--reason", "CHG-"]);
+    assert_eq!(
+        c.jg_as(&amy, &["approvals"]).ok().stdout.trim(),
+        "no request waits for your decision"
+    );
+
+    // Waiting for the decision, in the background.
+    let base = c.base.clone();
+    let cfg = c.no_config();
+    let waiting = std::thread::spawn(move || {
+        run(
+            &["request", "web-1", "--reason", "CHG-1 restart", "--wait"],
+            &[("JITGATE_URL", &base), ("JITGATE_TOKEN", ADMIN)],
+            &cfg,
+        )
+    });
+    let id = common::wait_for(
+        "the request in amy's approvals",
+        Duration::from_secs(10),
+        || {
+            let list = c.jg_as(&amy, &["approvals", "--json"]).ok().json();
+            list["value"][0]["id"].as_str().map(str::to_owned)
+        },
+    );
+    // Nobody approves their own request, an Owner included.
+    c.jg(&["approve", &id]).fails(4, &["own request"]);
+    let out = c
+        .jg_as(&amy, &["approve", &id, "--reason", "ok", "--for", "30m"])
+        .ok();
+    assert!(out.stdout.contains("approved"), "{}", out.stdout);
+    let done = waiting.join().unwrap().ok();
+    assert!(
+        done.stderr.contains("approved by amy (ok)"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.stdout.contains("waiting for approval"),
+        "{}",
+        done.stdout
+    );
+    assert!(
+        done.stdout.contains("open prod/web-1 port 22"),
+        "{}",
+        done.stdout
+    );
+
+    // Denied: the waiting requester is told by whom and why, and fails.
+    let base = c.base.clone();
+    let cfg = c.no_config();
+    let waiting = std::thread::spawn(move || {
+        run(
+            &["request", "web-1", "--reason", "CHG-2", "--wait"],
+            &[("JITGATE_URL", &base), ("JITGATE_TOKEN", ADMIN)],
+            &cfg,
+        )
+    });
+    let id = common::wait_for("the second request", Duration::from_secs(10), || {
+        let list = c.jg_as(&amy, &["approvals", "--json"]).ok().json();
+        list["value"][0]["id"].as_str().map(str::to_owned)
+    });
+    c.jg_as(&amy, &["deny", &id, "--reason", "not today"]).ok();
+    waiting
+        .join()
+        .unwrap()
+        .fails(4, &["denied by amy (not today)"]);
+
+    // Withdrawn by its requestor.
+    let out = c
+        .jg(&["request", "web-1", "--reason", "CHG-3", "--json"])
+        .ok()
+        .json();
+    let id = out["requests"][0]["request"].as_str().unwrap().to_owned();
+    c.jg_as(&amy, &["cancel", &id]).fails(4, &["requestor"]);
+    c.jg(&["cancel", &id]).ok();
+    let shown = c.json(&["requests", "--mine"]);
+    assert!(shown.to_string().contains("Cancelled"), "{shown}");
+}

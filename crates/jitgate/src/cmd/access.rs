@@ -42,6 +42,10 @@ pub struct RequestArgs {
     /// maximum; every approver is told, and it stays flagged until one reviews it.
     #[arg(long, requires = "reason")]
     pub break_glass: bool,
+    /// When an approval rule makes the request wait: wait for the decision and say who
+    /// decided.
+    #[arg(long)]
+    pub wait: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -251,6 +255,31 @@ pub async fn request(a: RequestArgs) -> anyhow::Result<ExitCode> {
             .collect(),
     };
     print(ses.json, &out, || print_granted(&results));
+    if a.wait {
+        for r in &results {
+            let pending = r
+                .granted
+                .virtual_machines
+                .iter()
+                .any(|v| v.ports.iter().any(|p| p.status == "Pending"));
+            if pending {
+                let decided = crate::cmd::approvals::wait_decision(&ses, &r.request).await?;
+                if !ses.json {
+                    for vm in &decided.virtual_machines {
+                        for p in vm.ports.iter().filter(|p| p.live) {
+                            println!(
+                                "open {} port {} from {} until {}",
+                                short_id(&vm.id),
+                                p.number,
+                                p.allowed_source_address_prefix,
+                                human::time(&p.end_time_utc)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

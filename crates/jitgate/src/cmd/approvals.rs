@@ -204,3 +204,77 @@ pub async fn review(a: ReviewArgs) -> anyhow::Result<ExitCode> {
     });
     Ok(ExitCode::SUCCESS)
 }
+
+/// Waits until a pending request is decided (asking every 2 seconds, a spinner on a
+/// terminal), says who decided, and returns the request then. An approved request is
+/// returned; a denied, expired or cancelled one is an error saying so.
+pub async fn wait_decision(ses: &Session, id: &str) -> anyhow::Result<api::Request> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let spinner = ['|', '/', '-', '\\'];
+    let mut i = 0;
+    let r = loop {
+        let r = ses
+            .c
+            .get::<api::Request>(&format!("/api/v1/requests/{id}"), &[])
+            .await?
+            .data;
+        if r.state != "Pending" {
+            break r;
+        }
+        if tty {
+            let (got, needed) = r.approval.as_ref().map_or((0, 0), |a| {
+                (
+                    a.decisions
+                        .iter()
+                        .filter(|d| d.decision == "approve")
+                        .count(),
+                    a.min_approvals,
+                )
+            });
+            eprint!(
+                "\r\x1b[K{} waiting for approval of request {id} ({got} of {needed})",
+                spinner[i % spinner.len()]
+            );
+            i += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    };
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let decisions = r
+        .approval
+        .as_ref()
+        .map(|a| a.decisions.clone())
+        .unwrap_or_default();
+    let by = |approve: bool| {
+        decisions
+            .iter()
+            .filter(|d| (d.decision == "approve") == approve)
+            .map(|d| match &d.reason {
+                Some(why) => format!("{} ({why})", d.principal),
+                None => d.principal.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match r.state.as_str() {
+        "Active" | "Ended" | "Expired" if !by(true).is_empty() => {
+            eprintln!("request {id} approved by {}", by(true));
+            Ok(r)
+        }
+        "Denied" => Err(crate::usage::Exit::err(
+            crate::usage::EXIT_AUTH,
+            format!("request {id} was denied by {}", by(false)),
+        )),
+        "Cancelled" => Err(crate::usage::Exit::err(
+            1,
+            format!("request {id} was cancelled"),
+        )),
+        _ => Err(crate::usage::Exit::err(
+            crate::usage::EXIT_TIMEOUT,
+            format!("request {id} was not approved in time (it is {})", r.state),
+        )),
+    }
+}

@@ -189,10 +189,28 @@ async fn ensure_grant(
     }];
     let res = initiate(ses, &wanted, duration, "my-ip", reason, false).await?;
     let first = res.first();
-    let end = first
+    let asked = first
         .and_then(|r| r.granted.virtual_machines.first())
-        .and_then(|v| v.ports.first())
-        .map_or_else(|| "-".to_owned(), |p| p.end_time_utc.clone());
+        .and_then(|v| v.ports.first());
+    let mut end = asked.map_or_else(|| "-".to_owned(), |p| p.end_time_utc.clone());
+    // An approval rule makes it wait: for the decision first, then for the port.
+    if let (Some(r), Some(p)) = (first, asked)
+        && p.status == "Pending"
+    {
+        eprintln!(
+            "port {port} on {short} needs approval: waiting for it (request {}; withdraw it with `jitgate cancel {}`)",
+            r.request, r.request
+        );
+        let decided = crate::cmd::approvals::wait_decision(ses, &r.request).await?;
+        if let Some(p) = decided
+            .virtual_machines
+            .iter()
+            .flat_map(|v| v.ports.iter())
+            .find(|p| p.number == port)
+        {
+            end = p.end_time_utc.clone();
+        }
+    }
     eprintln!(
         "granted port {port} on {short} from {my_ip} until {}",
         human::time(&end)
