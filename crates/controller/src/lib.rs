@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod recommend;
 mod server;
 pub mod signin;
+pub mod webhooks;
 pub mod tls;
 
 pub use server::{
@@ -81,6 +82,10 @@ pub struct AppState {
     pub oidc: Option<Arc<oidc::Oidc>>,
     /// How long break-glass access lasts at most (seconds).
     pub break_glass_max: i64,
+    /// URL prefixes webhooks may reach even on private or loopback addresses.
+    pub webhook_allow: Arc<Vec<String>>,
+    /// The first retry of a failed webhook delivery.
+    pub webhook_retry: std::time::Duration,
 }
 
 impl AppState {

@@ -34,6 +34,8 @@ use utoipa::openapi::{RefOr, ResponseBuilder, Schema, content::ContentBuilder};
         (name = "agents", description = "Enrollment and the agent protocol"),
         (name = "recommendations", description = "Which machines expose management ports"),
         (name = "service", description = "Health, metrics, this document, the caller"),
+        (name = "approvals", description = "Approval rules, decisions on pending requests, break-glass reviews"),
+        (name = "webhooks", description = "Endpoints told about requests, decisions, grants and drift (Standard Webhooks)"),
         (name = "signin", description = "Sign-in with the organisation's identity provider, for browsers and the command line"),
     )
 )]

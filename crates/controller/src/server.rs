@@ -99,6 +99,10 @@ pub struct Config {
     pub oidc: Option<crate::oidc::OidcConfig>,
     /// How long break-glass access lasts at most (seconds).
     pub break_glass_max: i64,
+    /// URL prefixes webhooks may reach even on private or loopback addresses.
+    pub webhook_allow: Vec<String>,
+    /// The first retry of a failed webhook delivery (later ones are multiples).
+    pub webhook_retry: std::time::Duration,
     /// Where the controller reads the time (the system clock; tests pass a
     /// `ManualClock`).
     pub clock: crate::clock::Clock,
@@ -125,6 +129,8 @@ impl Config {
             trusted_proxies: Vec::new(),
             oidc: None,
             break_glass_max: jitgate_core::approval::BREAK_GLASS_MAX_SECS,
+            webhook_allow: Vec::new(),
+            webhook_retry: std::time::Duration::from_secs(5),
             clock: crate::clock::Clock::system(),
         }
     }
@@ -334,6 +340,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         auth_cache: Arc::new(crate::authcache::AuthCache::default()),
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         break_glass_max: config.break_glass_max,
+        webhook_allow: Arc::new(config.webhook_allow.clone()),
+        webhook_retry: config.webhook_retry,
         oidc: match &config.oidc {
             Some(c) => Some(Arc::new(crate::oidc::Oidc::new(c.clone())?)),
             None => None,
@@ -341,6 +349,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     tokio::spawn(crate::limits::summarize(state.clone(), shutdown_rx.clone()));
+    tokio::spawn(crate::webhooks::run(state.clone(), shutdown_rx.clone()));
     if let Some(bell) = state.store.shared_changes() {
         tokio::spawn(crate::feed::run(state.clone(), bell, shutdown_rx.clone()));
     }

@@ -829,3 +829,47 @@ pub struct DecisionOut {
     pub needed: u32,
     pub request: Request,
 }
+
+// ---- webhooks ---------------------------------------------------------------------------
+
+/// `PUT /api/v1/webhooks/{name}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookIn {
+    /// Where events are POSTed (https://; a private address only when the controller's
+    /// `--webhook-allow` names it).
+    pub url: Option<String>,
+    /// Event types (`request.pending`, `request.approved`, `request.denied`,
+    /// `request.expired`, `request.cancelled`, `grant.started`, `grant.ended`,
+    /// `grant.revoked`, `breakglass.used`, `enforcement.drift`), or `*` (the default).
+    pub events: Option<Vec<String>>,
+    /// `standard` (Standard Webhooks JSON, the default) or `slack` (a message).
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookOut {
+    pub name: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub format: String,
+    /// When deliveries stopped (the endpoint answered 410 Gone); PUT it again to resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+    pub delivered: u64,
+    pub failed: u64,
+    /// Messages not delivered yet (due, or waiting for a retry).
+    pub waiting: u64,
+    /// The signing secret (`whsec_...`): in the answer that creates the webhook only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+page!(
+    /// Webhooks by name.
+    WebhookPage,
+    WebhookOut
+);

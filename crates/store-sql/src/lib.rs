@@ -44,6 +44,7 @@ use jitgate_store::*;
 use crate::db::{Db, Dialect, Row, ToParam};
 
 mod approvals;
+pub mod webhooks;
 pub mod db;
 mod pg;
 mod sqlite;
@@ -420,6 +421,8 @@ struct WriterPolicies {
     /// Keys looked up in the open transaction, in order (a hit is listed too: evicting
     /// it costs one decode, and keeps the rule simple).
     looked_up: Vec<String>,
+    /// The webhook endpoints (which audit events become outbox rows).
+    hooks: webhooks::HookCache,
 }
 
 impl WriterPolicies {
@@ -485,7 +488,8 @@ impl WriteCtx<'_> {
         // The recorded head (`meta.audit_head`) is written once per group, with the
         // commit (`writer_loop`).
         self.tail.seq = rec.seq;
-        self.tail.hash = rec.hash;
+        self.tail.hash = rec.hash.clone();
+        webhooks::enqueue(self, &rec)?;
         Ok(rec.seq)
     }
 }
@@ -2290,6 +2294,46 @@ impl Store for SqlStore {
     ) -> Result<AccessRequest, OpError<CancelRefusal>> {
         let who = who.to_owned();
         self.write(move |ctx| approvals::cancel(ctx, request, &who, &audit))
+            .await
+    }
+
+    async fn put_webhook(&self, hook: WebhookRecord, audit: AuditCtx) -> Result<bool> {
+        self.write_plain(move |ctx| webhooks::put(ctx, &hook, &audit)).await
+    }
+
+    async fn webhook(&self, name: &str) -> Result<Option<WebhookRecord>> {
+        let name = name.to_owned();
+        self.read(move |c| webhooks::one(c, &name)).await
+    }
+
+    async fn webhooks(&self) -> Result<Vec<WebhookRecord>> {
+        self.read(|c| webhooks::all(c)).await
+    }
+
+    async fn delete_webhook(&self, name: &str, audit: AuditCtx) -> Result<bool> {
+        let name = name.to_owned();
+        self.write_plain(move |ctx| webhooks::delete(ctx, &name, &audit))
+            .await
+    }
+
+    async fn webhook_counts(&self, name: &str) -> Result<(u64, u64, u64)> {
+        let name = name.to_owned();
+        self.read(move |c| webhooks::counts(c, &name)).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: Timestamp,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        self.write_plain_when(WhenFull::Wait, move |ctx| webhooks::claim(ctx, now, lease, limit))
+            .await
+    }
+
+    async fn finish_delivery(&self, msg_id: &str, result: DeliveryResult, now: Timestamp) -> Result<()> {
+        let msg_id = msg_id.to_owned();
+        self.write_plain_when(WhenFull::Wait, move |ctx| webhooks::finish(ctx, &msg_id, &result, now))
             .await
     }
 

@@ -288,6 +288,35 @@ ALTER TABLE requests ADD COLUMN break_glass BIGINT;
 ALTER TABLE requests ADD COLUMN reviewed_by TEXT COLLATE "C";
 ALTER TABLE requests ADD COLUMN reviewed_ns BIGINT;
 "#,
+    // Webhooks: the endpoints and the durable outbox of their messages.
+    r#"
+CREATE TABLE webhooks(
+    name TEXT COLLATE "C" PRIMARY KEY,
+    url TEXT COLLATE "C" NOT NULL,
+    events TEXT COLLATE "C" NOT NULL,
+    format TEXT COLLATE "C" NOT NULL,
+    secret TEXT COLLATE "C" NOT NULL,
+    created_ns BIGINT NOT NULL,
+    updated_ns BIGINT NOT NULL,
+    disabled_ns BIGINT,
+    disabled_reason TEXT COLLATE "C"
+);
+CREATE TABLE webhook_outbox(
+    msg_id TEXT COLLATE "C" PRIMARY KEY,
+    webhook TEXT COLLATE "C" NOT NULL,
+    event TEXT COLLATE "C" NOT NULL,
+    payload TEXT COLLATE "C" NOT NULL,
+    created_ns BIGINT NOT NULL,
+    attempts BIGINT NOT NULL,
+    next_ns BIGINT NOT NULL,
+    claimed_until_ns BIGINT,
+    done_ns BIGINT,
+    outcome TEXT COLLATE "C",
+    last_error TEXT COLLATE "C"
+);
+CREATE INDEX webhook_outbox_due ON webhook_outbox(next_ns) WHERE done_ns IS NULL;
+CREATE INDEX webhook_outbox_of ON webhook_outbox(webhook);
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

@@ -279,6 +279,35 @@ ALTER TABLE requests ADD COLUMN break_glass INTEGER;
 ALTER TABLE requests ADD COLUMN reviewed_by TEXT;
 ALTER TABLE requests ADD COLUMN reviewed_ns INTEGER;
 "#,
+    // Webhooks: the endpoints and the durable outbox of their messages.
+    r#"
+CREATE TABLE webhooks(
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    format TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    disabled_ns INTEGER,
+    disabled_reason TEXT
+);
+CREATE TABLE webhook_outbox(
+    msg_id TEXT PRIMARY KEY,
+    webhook TEXT NOT NULL,
+    event TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_ns INTEGER NOT NULL,
+    claimed_until_ns INTEGER,
+    done_ns INTEGER,
+    outcome TEXT,
+    last_error TEXT
+);
+CREATE INDEX webhook_outbox_due ON webhook_outbox(next_ns) WHERE done_ns IS NULL;
+CREATE INDEX webhook_outbox_of ON webhook_outbox(webhook);
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

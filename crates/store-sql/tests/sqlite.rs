@@ -91,9 +91,10 @@ fn key() -> PolicyKey {
 }
 
 /// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
-/// approvals, break-glass), undone, for the tests that take a database back to an older schema.
-const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 4;
+/// approvals, break-glass, webhooks), undone, for the tests that take a database back to an older schema.
+const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 5;
 const UNDO_SINCE_IDEMPOTENCY: &str = "
+    DROP TABLE webhook_outbox; DROP TABLE webhooks;
     ALTER TABLE requests DROP COLUMN break_glass; ALTER TABLE requests DROP COLUMN reviewed_by;
     ALTER TABLE requests DROP COLUMN reviewed_ns;
     DROP TABLE approval_votes; DROP INDEX requests_open; DROP TABLE approval_rules;

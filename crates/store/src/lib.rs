@@ -229,6 +229,31 @@ pub trait Store: Send + Sync + 'static {
         audit: AuditCtx,
     ) -> Result<AccessRequest, OpError<CancelRefusal>>;
 
+    // ---- webhooks ----
+    /// Creates or replaces an endpoint (audited, its secret never); `Ok(true)` when
+    /// created. A replaced endpoint keeps its secret and is enabled again.
+    async fn put_webhook(&self, hook: WebhookRecord, audit: AuditCtx) -> Result<bool>;
+    async fn webhook(&self, name: &str) -> Result<Option<WebhookRecord>>;
+    async fn webhooks(&self) -> Result<Vec<WebhookRecord>>;
+    /// Deletes an endpoint and its undelivered messages (audited).
+    async fn delete_webhook(&self, name: &str, audit: AuditCtx) -> Result<bool>;
+    /// An endpoint's messages: (delivered, failed, waiting).
+    async fn webhook_counts(&self, name: &str) -> Result<(u64, u64, u64)>;
+    /// Takes up to `limit` due deliveries for `lease` (another controller takes them
+    /// only once the lease is over).
+    async fn claim_deliveries(
+        &self,
+        now: Timestamp,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<Delivery>>;
+    async fn finish_delivery(
+        &self,
+        msg_id: &str,
+        result: DeliveryResult,
+        now: Timestamp,
+    ) -> Result<()>;
+
     // ---- command-line sign-ins under way ----
     /// Stores a sign-in under way, first dropping those expired at `signin.created`.
     /// `Ok(false)` (nothing stored) when `max_open` unexpired ones exist already: the

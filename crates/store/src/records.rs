@@ -487,3 +487,48 @@ pub enum CancelRefusal {
     NotYours,
     NotPending,
 }
+
+/// An endpoint told about events (`PUT /api/v1/webhooks/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRecord {
+    pub name: String,
+    pub url: String,
+    /// Event types (`request.pending`, ...), or `*` for all.
+    pub events: Vec<String>,
+    /// `standard` (Standard Webhooks JSON) or `slack` (a message for Slack).
+    pub format: String,
+    /// The signing secret (`whsec_` and base64); shown once, at creation.
+    pub secret: String,
+    pub created: Timestamp,
+    pub updated: Timestamp,
+    /// When and why deliveries stopped (the endpoint answered 410 Gone).
+    pub disabled: Option<(Timestamp, String)>,
+}
+
+/// One delivery taken from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The Standard Webhooks message id: the same on every attempt.
+    pub msg_id: String,
+    pub webhook: String,
+    pub event: String,
+    /// The event as JSON (`{"type", "timestamp", "data"}`).
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub url: String,
+    pub format: String,
+    pub secret: String,
+}
+
+/// What one delivery attempt did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryResult {
+    Delivered,
+    /// Try again at `at`.
+    Retry { at: Timestamp, error: String },
+    /// Given up.
+    Failed { error: String },
+    /// The endpoint answered 410: it is disabled, nothing more is sent to it.
+    Gone { error: String },
+}

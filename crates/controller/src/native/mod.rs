@@ -41,6 +41,12 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(approvals::deny))
         .routes(routes!(approvals::cancel))
         .routes(routes!(approvals::review))
+        .routes(routes!(crate::webhooks::list))
+        .routes(routes!(
+            crate::webhooks::get,
+            crate::webhooks::put,
+            crate::webhooks::delete
+        ))
         .routes(routes!(approvals::list_rules))
         .routes(routes!(
             approvals::get_rule,

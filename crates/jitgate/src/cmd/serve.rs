@@ -99,6 +99,10 @@ pub struct ServeArgs {
     /// How long break-glass access lasts at most, e.g. 1h [default: 1h; 5m to 1d].
     #[arg(long, env = "JITGATE_BREAK_GLASS_MAX", value_parser = parse_break_glass_max)]
     pub break_glass_max: Option<u64>,
+    /// A URL prefix webhooks may reach even on a private or loopback address, e.g.
+    /// https://hooks.internal.example:8443/ (repeatable; plain http:// only so).
+    #[arg(long, env = "JITGATE_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub webhook_allow: Vec<String>,
     /// A load balancer or reverse proxy (address or network, e.g. 10.0.0.0/24) whose
     /// X-Forwarded-For header names the caller: the address grants default to ("My
     /// IP"), the audit log's source and the per-source limits then use it. The header
@@ -155,6 +159,7 @@ struct FileConfig {
     write_queue: Option<usize>,
     blocked_attempts_retention: Option<String>,
     break_glass_max: Option<String>,
+    webhook_allow: Option<Vec<String>>,
     trusted_proxies: Option<Vec<String>>,
     public_url: Option<String>,
     oidc: Option<FileOidc>,
@@ -471,6 +476,17 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
         config.recommend.offline_after = jiff::SignedDuration::from_secs(secs as i64);
     }
     config.oidc = oidc;
+    config.webhook_allow = if args.webhook_allow.is_empty() {
+        file.webhook_allow.unwrap_or_default()
+    } else {
+        args.webhook_allow.clone()
+    };
+    for (i, p) in config.webhook_allow.iter().enumerate() {
+        let u = url::Url::parse(p).map_err(|e| anyhow::anyhow!("webhook_allow[{i}]: '{p}': {e}"))?;
+        if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+            bail!("webhook_allow[{i}]: '{p}' must be an http(s)://host[:port]/ prefix");
+        }
+    }
     match (args.break_glass_max, file.break_glass_max) {
         (Some(secs), _) => config.break_glass_max = secs as i64,
         (None, Some(t)) => {
