@@ -26,8 +26,8 @@ pub mod proxy;
 pub mod recommend;
 mod server;
 pub mod signin;
-pub mod webhooks;
 pub mod tls;
+pub mod webhooks;
 
 pub use server::{
     BOOTSTRAP_TOKEN_FILE, Config, DB_FILE, DEFAULT_BLOCKED_RETENTION, Running, TlsFiles,

@@ -74,7 +74,10 @@ pub fn forbidden_ip(ip: IpAddr) -> bool {
 }
 
 fn allowed_explicitly(state: &AppState, url: &str) -> bool {
-    state.webhook_allow.iter().any(|p| url.starts_with(p.as_str()))
+    state
+        .webhook_allow
+        .iter()
+        .any(|p| url.starts_with(p.as_str()))
 }
 
 /// The address a delivery to `url` connects to: resolved, every answer checked.
@@ -128,7 +131,10 @@ fn require_admin(state: &AppState, p: &Principal) -> ApiResult<()> {
 
 #[utoipa::path(get, path = "/api/v1/webhooks", tag = "webhooks",
     responses((status = 200, body = WebhookPage)))]
-pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<WebhookPage>> {
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> ApiResult<Json<WebhookPage>> {
     require_admin(&state, &principal)?;
     let mut value = Vec::new();
     for h in state.store.webhooks().await? {
@@ -178,10 +184,16 @@ pub async fn put(
         .url
         .ok_or_else(|| ApiError::bad_param("url", "is required"))?;
     if url_text.len() > MAX_URL {
-        return Err(ApiError::bad_param("url", format!("is longer than {MAX_URL} characters")));
+        return Err(ApiError::bad_param(
+            "url",
+            format!("is longer than {MAX_URL} characters"),
+        ));
     }
     let url = url::Url::parse(&url_text).map_err(|e| ApiError::bad_param("url", e))?;
-    if !matches!(url.scheme(), "https" | "http") || !url.username().is_empty() || url.password().is_some() {
+    if !matches!(url.scheme(), "https" | "http")
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
         return Err(ApiError::bad_param(
             "url",
             "must be an http(s):// URL without a user name or password",
@@ -193,10 +205,15 @@ pub async fn put(
             "must be https:// (plain http only for a URL the controller's --webhook-allow names)",
         ));
     }
-    target(&state, &url).await.map_err(|e| ApiError::bad_param("url", e))?;
+    target(&state, &url)
+        .await
+        .map_err(|e| ApiError::bad_param("url", e))?;
     let events = body.events.unwrap_or_else(|| vec!["*".to_owned()]);
     if events.is_empty() {
-        return Err(ApiError::bad_param("events", "must list at least one event (or \"*\")"));
+        return Err(ApiError::bad_param(
+            "events",
+            "must list at least one event (or \"*\")",
+        ));
     }
     for (i, e) in events.iter().enumerate() {
         if e != "*" && !jitgate_store_sql::webhooks::EVENTS.contains(&e.as_str()) {
@@ -239,7 +256,11 @@ pub async fn put(
         .await?;
     let counts = state.store.webhook_counts(&name).await?;
     let out = wire(&record, counts, created.then_some(secret));
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(out)).into_response())
 }
 
@@ -258,7 +279,11 @@ pub async fn delete(
         .store
         .delete_webhook(&name, principal.audit_ctx(ip, state.clock.now()))
         .await?;
-    Ok(if deleted { StatusCode::OK } else { StatusCode::NO_CONTENT })
+    Ok(if deleted {
+        StatusCode::OK
+    } else {
+        StatusCode::NO_CONTENT
+    })
 }
 
 /// `v1,<base64 HMAC-SHA256>` of `id.timestamp.body`, keyed with the secret's base64
@@ -281,7 +306,10 @@ fn body_of(state: &AppState, d: &Delivery) -> String {
     let data = &v["data"];
     let request = data["details"]["request"].as_str().unwrap_or_default();
     let link = match (&state.oidc, request.is_empty()) {
-        (Some(o), false) => format!(" <{}/api/v1/requests/{request}|request {request}>", o.config.origin()),
+        (Some(o), false) => format!(
+            " <{}/api/v1/requests/{request}|request {request}>",
+            o.config.origin()
+        ),
         (None, false) => format!(" (request {request})"),
         _ => String::new(),
     };
@@ -315,7 +343,11 @@ async fn attempt(state: &AppState, d: &Delivery, now: Timestamp) -> DeliveryResu
     };
     let url = match url::Url::parse(&d.url) {
         Ok(u) => u,
-        Err(e) => return DeliveryResult::Failed { error: format!("the URL is not valid: {e}") },
+        Err(e) => {
+            return DeliveryResult::Failed {
+                error: format!("the URL is not valid: {e}"),
+            };
+        }
     };
     // Checked again now: the name may resolve elsewhere than at registration.
     let addr = match target(state, &url).await {
@@ -380,10 +412,15 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
         // One after another: a slow endpoint delays the others by its timeout at most.
         for d in &due {
             let result = attempt(&state, d, now).await;
-            if let DeliveryResult::Retry { error, .. } | DeliveryResult::Failed { error } = &result {
+            if let DeliveryResult::Retry { error, .. } | DeliveryResult::Failed { error } = &result
+            {
                 tracing::warn!(message = %d.msg_id, error = %error, "a webhook delivery failed");
             }
-            if let Err(e) = state.store.finish_delivery(&d.msg_id, result, state.clock.now()).await {
+            if let Err(e) = state
+                .store
+                .finish_delivery(&d.msg_id, result, state.clock.now())
+                .await
+            {
                 tracing::warn!(error = %e, "cannot record a webhook delivery");
             }
         }
@@ -399,8 +436,19 @@ mod tests {
     #[test]
     fn non_public_addresses_are_forbidden() {
         for bad in [
-            "10.1.2.3", "172.16.0.1", "192.168.1.1", "127.0.0.1", "169.254.169.254", "0.0.0.0",
-            "100.64.0.1", "224.0.0.1", "255.255.255.255", "::1", "fd00::1", "fe80::1", "::ffff:10.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
         ] {
             assert!(forbidden_ip(bad.parse().unwrap()), "{bad}");
         }

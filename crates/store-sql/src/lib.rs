@@ -44,12 +44,12 @@ use jitgate_store::*;
 use crate::db::{Db, Dialect, Row, ToParam};
 
 mod approvals;
-pub mod webhooks;
 pub mod db;
 mod pg;
 mod sqlite;
 #[cfg(feature = "testpg")]
 pub mod testpg;
+pub mod webhooks;
 
 pub use sqlite::verify_file;
 
@@ -2298,7 +2298,8 @@ impl Store for SqlStore {
     }
 
     async fn put_webhook(&self, hook: WebhookRecord, audit: AuditCtx) -> Result<bool> {
-        self.write_plain(move |ctx| webhooks::put(ctx, &hook, &audit)).await
+        self.write_plain(move |ctx| webhooks::put(ctx, &hook, &audit))
+            .await
     }
 
     async fn webhook(&self, name: &str) -> Result<Option<WebhookRecord>> {
@@ -2327,14 +2328,23 @@ impl Store for SqlStore {
         lease: std::time::Duration,
         limit: usize,
     ) -> Result<Vec<Delivery>> {
-        self.write_plain_when(WhenFull::Wait, move |ctx| webhooks::claim(ctx, now, lease, limit))
-            .await
+        self.write_plain_when(WhenFull::Wait, move |ctx| {
+            webhooks::claim(ctx, now, lease, limit)
+        })
+        .await
     }
 
-    async fn finish_delivery(&self, msg_id: &str, result: DeliveryResult, now: Timestamp) -> Result<()> {
+    async fn finish_delivery(
+        &self,
+        msg_id: &str,
+        result: DeliveryResult,
+        now: Timestamp,
+    ) -> Result<()> {
         let msg_id = msg_id.to_owned();
-        self.write_plain_when(WhenFull::Wait, move |ctx| webhooks::finish(ctx, &msg_id, &result, now))
-            .await
+        self.write_plain_when(WhenFull::Wait, move |ctx| {
+            webhooks::finish(ctx, &msg_id, &result, now)
+        })
+        .await
     }
 
     async fn start_signin(&self, s: SigninRecord, max_open: usize) -> Result<bool> {

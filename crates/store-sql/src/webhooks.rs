@@ -154,7 +154,9 @@ pub(crate) fn all(c: &dyn Db) -> Result<Vec<WebhookRecord>> {
 }
 
 pub(crate) fn one(c: &dyn Db, name: &str) -> Result<Option<WebhookRecord>> {
-    Ok(read_hooks(c, "WHERE name = ?1", &[&name])?.into_iter().next())
+    Ok(read_hooks(c, "WHERE name = ?1", &[&name])?
+        .into_iter()
+        .next())
 }
 
 /// Creates or replaces an endpoint (a replaced one keeps its secret and is enabled
@@ -168,12 +170,23 @@ pub(crate) fn put(ctx: &mut WriteCtx<'_>, h: &WebhookRecord, audit: &AuditCtx) -
          ON CONFLICT(name) DO UPDATE SET url = excluded.url, events = excluded.events,
             format = excluded.format, updated_ns = excluded.updated_ns,
             disabled_ns = NULL, disabled_reason = NULL",
-        &[&h.name, &h.url, &events, &h.format, &h.secret, &ns(audit.now)],
+        &[
+            &h.name,
+            &h.url,
+            &events,
+            &h.format,
+            &h.secret,
+            &ns(audit.now),
+        ],
     )?;
     ctx.policies.hooks.invalidate();
     ctx.audit(
         audit,
-        if created { "webhook.create" } else { "webhook.update" },
+        if created {
+            "webhook.create"
+        } else {
+            "webhook.update"
+        },
         &h.name,
         serde_json::json!({"url": h.url, "events": h.events, "format": h.format}),
     )?;
@@ -186,7 +199,8 @@ pub(crate) fn delete(ctx: &mut WriteCtx<'_>, name: &str, audit: &AuditCtx) -> Re
     }
     ctx.tx
         .execute("DELETE FROM webhook_outbox WHERE webhook = ?1", &[&name])?;
-    ctx.tx.execute("DELETE FROM webhooks WHERE name = ?1", &[&name])?;
+    ctx.tx
+        .execute("DELETE FROM webhooks WHERE name = ?1", &[&name])?;
     ctx.policies.hooks.invalidate();
     ctx.audit(audit, "webhook.delete", name, serde_json::json!({}))?;
     Ok(true)
@@ -219,7 +233,8 @@ pub(crate) fn claim(
             })
         },
     )?;
-    let until = ns(now + jiff::SignedDuration::try_from(lease).unwrap_or(jiff::SignedDuration::ZERO));
+    let until =
+        ns(now + jiff::SignedDuration::try_from(lease).unwrap_or(jiff::SignedDuration::ZERO));
     for d in &due {
         ctx.tx.defer(
             "UPDATE webhook_outbox SET claimed_until_ns = ?2 WHERE msg_id = ?1",

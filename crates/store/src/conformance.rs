@@ -101,6 +101,7 @@ macro_rules! store_conformance_tests {
             tokens_are_found_by_secret_hash,
             signins_are_decided_once_and_taken_once,
             approvals_make_ports_wait_then_open_deny_cancel_or_expire,
+            webhook_events_are_queued_with_their_event_claimed_once_and_finished,
             role_assignments_add_list_remove,
             mutations_are_audited_and_chain_verifies,
             append_audit_assigns_consecutive_seqs,
@@ -4612,6 +4613,158 @@ pub async fn approvals_make_ports_wait_then_open_deny_cancel_or_expire(store: &d
     let r = initiate_ok(store, deny_args(5), at(1200)).await;
     assert_eq!(r.vms[0].ports[0].status, PortStatus::Initiated);
     assert!(r.approval.is_none());
+}
+
+/// Webhooks: an audit event people are told about is queued in its own transaction for
+/// each subscribed endpoint; a delivery is claimed once per lease; its outcome is
+/// recorded; 410 disables the endpoint.
+pub async fn webhook_events_are_queued_with_their_event_claimed_once_and_finished(
+    store: &dyn Store,
+) {
+    use std::time::Duration;
+    let s = scene(store).await;
+    let hook = |name: &str, events: &[&str]| WebhookRecord {
+        name: name.into(),
+        url: format!("https://hooks.example.net/{name}"),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        format: "standard".into(),
+        secret: "whsec_c2VjcmV0".into(),
+        created: at(0),
+        updated: at(0),
+        disabled: None,
+    };
+    assert!(
+        store
+            .put_webhook(hook("all", &["*"]), ctx(at(0)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .put_webhook(hook("ends", &["grant.ended"]), ctx(at(0)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.webhooks().await.unwrap().len(), 2);
+    // A refused initiate queues nothing; an accepted one queues grant.started for "all".
+    let bad = args(
+        &s.key,
+        rid(9),
+        vec![(&s.vm1, vec![want(9999, None, "PT1H")])],
+    );
+    assert!(store.initiate(bad, ctx(at(1))).await.is_err());
+    initiate_ok(
+        store,
+        args(&s.key, rid(1), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(2),
+    )
+    .await;
+    let d = store
+        .claim_deliveries(at(3), Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(
+        (d[0].webhook.as_str(), d[0].event.as_str()),
+        ("all", "grant.started")
+    );
+    let payload: serde_json::Value = serde_json::from_str(&d[0].payload).unwrap();
+    assert_eq!(payload["type"], "grant.started");
+    assert_eq!(payload["data"]["details"]["request"], rid(1).to_string());
+    // Claimed: nobody else gets it during the lease; after it, it is due again.
+    assert!(
+        store
+            .claim_deliveries(at(4), Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = store
+        .claim_deliveries(at(64), Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        again[0].msg_id, d[0].msg_id,
+        "the same message, the same id"
+    );
+    store
+        .finish_delivery(
+            &d[0].msg_id,
+            DeliveryResult::Retry {
+                at: at(100),
+                error: "500".into(),
+            },
+            at(65),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_deliveries(at(99), Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let third = store
+        .claim_deliveries(at(100), Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(third[0].attempts, 1);
+    store
+        .finish_delivery(&d[0].msg_id, DeliveryResult::Delivered, at(101))
+        .await
+        .unwrap();
+    assert_eq!(store.webhook_counts("all").await.unwrap(), (1, 0, 0));
+    // The grant's end goes to both; 410 from one disables it.
+    store.expire_due(at(2 + 3600)).await.unwrap();
+    let ends = store
+        .claim_deliveries(at(3700), Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(ends.len(), 2, "{ends:?}");
+    let gone = ends.iter().find(|e| e.webhook == "ends").unwrap();
+    store
+        .finish_delivery(
+            &gone.msg_id,
+            DeliveryResult::Gone {
+                error: "410".into(),
+            },
+            at(3701),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .webhook("ends")
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled
+            .is_some()
+    );
+    // Deleting an endpoint drops what it had not received.
+    assert!(store.delete_webhook("all", ctx(at(3800))).await.unwrap());
+    assert!(store.webhook("all").await.unwrap().is_none());
+    let actions: Vec<String> = store
+        .query_audit(&AuditQuery {
+            action: Some("webhook.".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.entry.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "webhook.create",
+            "webhook.create",
+            "webhook.disable",
+            "webhook.delete"
+        ]
+    );
 }
 
 /// Issue 9.6: a policy update ends exactly the live grants its new rules no longer

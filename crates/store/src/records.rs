@@ -526,9 +526,16 @@ pub struct Delivery {
 pub enum DeliveryResult {
     Delivered,
     /// Try again at `at`.
-    Retry { at: Timestamp, error: String },
+    Retry {
+        at: Timestamp,
+        error: String,
+    },
     /// Given up.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
     /// The endpoint answered 410: it is disabled, nothing more is sent to it.
-    Gone { error: String },
+    Gone {
+        error: String,
+    },
 }

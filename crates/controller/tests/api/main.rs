@@ -6,6 +6,7 @@
 
 mod schema;
 mod util;
+mod webhooks;
 
 mod approvals;
 mod audit;

@@ -651,6 +651,21 @@ async fn every_operation_answers_as_documented() {
         StatusCode::OK
     );
 
+    // Webhooks (a public address: nothing is delivered to it during the test).
+    let r = ctl
+        .put(
+            "/api/v1/webhooks/ops",
+            json!({"url": "https://192.0.43.10/hook"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    ctl.get("/api/v1/webhooks").await;
+    ctl.get("/api/v1/webhooks/ops").await;
+    assert_eq!(
+        ctl.delete("/api/v1/webhooks/ops").await.status,
+        StatusCode::OK
+    );
+
     // Sign-in: this controller has no identity provider, so each answers 404 saying
     // so (the sign-in tests in `oidc` call them configured).
     for (method, path, body) in [

@@ -334,6 +334,7 @@ impl Ctl {
             "tokens": self.get("/api/v1/tokens").await.body,
             "roles": self.get("/api/v1/roleAssignments").await.body,
             "approvalRules": self.get("/api/v1/approvalRules").await.body,
+            "webhooks": self.get("/api/v1/webhooks").await.body,
         })
     }
 

@@ -482,7 +482,8 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
         args.webhook_allow.clone()
     };
     for (i, p) in config.webhook_allow.iter().enumerate() {
-        let u = url::Url::parse(p).map_err(|e| anyhow::anyhow!("webhook_allow[{i}]: '{p}': {e}"))?;
+        let u =
+            url::Url::parse(p).map_err(|e| anyhow::anyhow!("webhook_allow[{i}]: '{p}': {e}"))?;
         if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
             bail!("webhook_allow[{i}]: '{p}' must be an http(s)://host[:port]/ prefix");
         }
