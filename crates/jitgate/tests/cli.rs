@@ -653,3 +653,88 @@ fn an_installation_moves_to_postgres_and_is_served_from_it() {
         s.log.lock().unwrap()
     );
 }
+
+/// A minimal HTTP receiver on `port` (one request per connection, answered 200):
+/// what it got, as (webhook-id, body).
+fn hook_receiver(port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let (mut id, mut len) = (String::new(), 0usize);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("webhook-id:") {
+                    id = v.trim().to_owned();
+                }
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            g.lock()
+                .unwrap()
+                .push((id, String::from_utf8_lossy(&body).into_owned()));
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    got
+}
+
+/// Issue 13: events whose endpoint is down wait in the durable outbox; a kill -9 of
+/// the controller loses none, and after the restart each is delivered once.
+#[test]
+fn undelivered_webhooks_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "webhook-kill-nine-token-12";
+    let data = dir.path().to_str().unwrap();
+    let hook_port = common::free_port();
+    let allow = format!("http://127.0.0.1:{hook_port}/");
+    let args = ["--data-dir", data, "--webhook-allow", &allow];
+    let mut s = serve(&args, &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    let (status, body) = call(
+        "PUT",
+        &format!("{base}/api/v1/webhooks/ops"),
+        token,
+        Some(
+            json!({"url": format!("http://127.0.0.1:{hook_port}/hook"), "events": ["grant.started"]}),
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (_, who) = call("GET", &format!("{base}/api/v1/whoami"), token, None);
+    setup_policy(&base, token, who["subscription"].as_str().unwrap());
+    // At least one attempt fails (nothing listens), then SIGKILL.
+    std::thread::sleep(Duration::from_millis(1200));
+    let (_, hook) = call("GET", &format!("{base}/api/v1/webhooks/ops"), token, None);
+    assert_eq!(hook["waiting"], 1, "{hook}");
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+
+    let got = hook_receiver(hook_port);
+    let mut s = serve(&args, &[("JITGATE_BOOTSTRAP_TOKEN", token)]);
+    let base = s.base.clone();
+    wait_listening(&mut s, &base);
+    common::wait_for(
+        "the delivery after the restart",
+        Duration::from_secs(30),
+        || (!got.lock().unwrap().is_empty()).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "delivered once: {got:?}");
+    assert!(got[0].0.starts_with("msg_"), "{got:?}");
+    let event: Value = serde_json::from_str(&got[0].1).unwrap();
+    assert_eq!(event["type"], "grant.started");
+}
