@@ -275,3 +275,55 @@ async fn undelivered_events_survive_a_restart() {
     assert_eq!(event["type"], "grant.started");
     drop(ctl);
 }
+
+/// Two controllers on one PostgreSQL database deliver one outbox: every event once,
+/// whichever controller wrote it and whichever claims it.
+#[tokio::test]
+async fn two_replicas_deliver_each_event_once() {
+    let rx = receiver(None).await;
+    let port = rx.addr.port();
+    let db = tokio::task::spawn_blocking(jitgate_store_sql::testpg::TestDb::create)
+        .await
+        .unwrap();
+    let replica = |url: String| {
+        Ctl::start_with(tempfile::tempdir().unwrap(), move |c| {
+            c.database = Some(url);
+            c.webhook_allow = vec![format!("http://127.0.0.1:{port}/")];
+            c.webhook_retry = Duration::from_secs(1);
+        })
+    };
+    let a = replica(db.url.clone()).await;
+    let b = replica(db.url.clone()).await;
+    a.enable("rg", &["vm1"], "*").await;
+    let r = a
+        .put(
+            "/api/v1/webhooks/ops",
+            json!({"url": format!("http://{}/hook", rx.addr), "events": ["grant.started"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    // The writers' copies of the endpoint list are at most a second old.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let n = 20;
+    for i in 0..n {
+        let ctl = if i % 2 == 0 { &a } else { &b };
+        let r = ctl
+            .initiate("rg", "vm1", json!([{"number": 22, "duration": "PT1H", "allowedSourceAddressPrefix": format!("10.0.0.{}", i + 1)}]))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    }
+    let seen = wait_seen(&rx, n, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen_now = rx.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen_now.len(),
+        n,
+        "no event delivered twice: {}",
+        seen_now.len()
+    );
+    let mut ids: Vec<&String> = seen.iter().map(|s| &s.0).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n);
+    drop((a, b, db));
+}
