@@ -78,6 +78,28 @@ fn session_cookie(session: &str) -> String {
     format!("{SESSION_COOKIE}={session}")
 }
 
+/// A form POSTed to `url` by a browser holding `session`, from the page at `origin`.
+async fn post_form(
+    url: &str,
+    session: &str,
+    origin: &str,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url)
+        .header("Cookie", session_cookie(session))
+        .header("Origin", origin)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form)
+                .finish(),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
 fn roles(who: &Value) -> Vec<String> {
     let mut r: Vec<String> = who["roles"]
         .as_array()
@@ -608,19 +630,7 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
     let form = [("code", user_code.as_str()), ("decision", "approve")];
     // Another site's form cannot approve with the person's session.
     let session = person.cookies["__Host-jitgate_session"].clone();
-    let cross = reqwest::Client::new()
-        .post(&decide)
-        .header("Cookie", session_cookie(&session))
-        .header("Origin", "https://evil.example")
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(
-            url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(form)
-                .finish(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let cross = post_form(&decide, &session, "https://evil.example", &form).await;
     assert_eq!(cross.status(), StatusCode::FORBIDDEN);
     // An administrator's token cannot turn itself into sign-in credentials.
     let admin = reqwest::Client::new()
@@ -637,19 +647,13 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
         .unwrap();
     assert_eq!(admin.status(), StatusCode::FORBIDDEN);
     assert!(admin.text().await.unwrap().contains("NotASignIn"));
-    let ok = reqwest::Client::new()
-        .post(&decide)
-        .header("Cookie", session_cookie(&session))
-        .header("Origin", format!("http://127.0.0.1:{port}"))
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(
-            url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(form)
-                .finish(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let ok = post_form(
+        &decide,
+        &session,
+        &format!("http://127.0.0.1:{port}"),
+        &form,
+    )
+    .await;
     assert_eq!(ok.status(), StatusCode::OK);
     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     ctl.advance(std::time::Duration::from_secs(5));
@@ -679,19 +683,13 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
         ("code", d["userCode"].as_str().unwrap()),
         ("decision", "deny"),
     ];
-    let no = reqwest::Client::new()
-        .post(&decide)
-        .header("Cookie", session_cookie(&session))
-        .header("Origin", format!("http://127.0.0.1:{port}"))
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(
-            url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(form)
-                .finish(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let no = post_form(
+        &decide,
+        &session,
+        &format!("http://127.0.0.1:{port}"),
+        &form,
+    )
+    .await;
     assert_eq!(no.status(), StatusCode::OK);
     let r = ctl
         .call(
