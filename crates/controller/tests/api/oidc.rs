@@ -60,6 +60,15 @@ async fn controller_with(port: u16, op: &Op, mapped: bool) -> Ctl {
     .await
 }
 
+/// A provider with `users` and a controller signing in with it (see
+/// [`controller_with`]) on a free port, which is returned too.
+async fn provider_and_controller(users: Value, mapped: bool) -> (u16, Op, Ctl) {
+    let port = jitgate_store_sql::testpg::free_port();
+    let op = Op::start(&format!("http://127.0.0.1:{port}/auth/callback"), users);
+    let ctl = controller_with(port, &op, mapped).await;
+    (port, op, ctl)
+}
+
 async fn whoami(ctl: &Ctl, session: &str) -> (StatusCode, Value) {
     let r = ctl
         .call_with(
@@ -116,12 +125,7 @@ fn roles(who: &Value) -> Vec<String> {
 /// next sign-in once out of its group; each step is audited.
 #[tokio::test]
 async fn a_person_signs_in_and_holds_the_roles_of_their_groups() {
-    let port = jitgate_store_sql::testpg::free_port();
-    let op = Op::start(
-        &format!("http://127.0.0.1:{port}/auth/callback"),
-        json!({"alice": {"name": "Alice Example", "email": "alice@example.net", "groups": ["ops", "admins"]}}),
-    );
-    let ctl = controller_with(port, &op, true).await;
+    let (_, op, ctl) = provider_and_controller(json!({"alice": {"name": "Alice Example", "email": "alice@example.net", "groups": ["ops", "admins"]}}), true).await;
     let mut browser = Browser::new();
     let session = browser.sign_in(&ctl.base, &op.issuer, "alice").await;
 
@@ -160,12 +164,8 @@ async fn a_person_signs_in_and_holds_the_roles_of_their_groups() {
 /// signing out revokes the session on the spot.
 #[tokio::test]
 async fn sessions_refuse_other_origins_and_end_at_sign_out() {
-    let port = jitgate_store_sql::testpg::free_port();
-    let op = Op::start(
-        &format!("http://127.0.0.1:{port}/auth/callback"),
-        json!({"bob": {"name": "Bob", "groups": ["admins"]}}),
-    );
-    let ctl = controller_with(port, &op, true).await;
+    let (port, op, ctl) =
+        provider_and_controller(json!({"bob": {"name": "Bob", "groups": ["admins"]}}), true).await;
     let mut browser = Browser::new();
     let session = browser.sign_in(&ctl.base, &op.issuer, "bob").await;
     let origin = format!("http://127.0.0.1:{port}");
@@ -213,12 +213,8 @@ async fn sessions_refuse_other_origins_and_end_at_sign_out() {
 /// takes a code once), a state that is not this browser's, no sign-in cookie at all.
 #[tokio::test]
 async fn forged_and_replayed_callbacks_are_refused_and_audited() {
-    let port = jitgate_store_sql::testpg::free_port();
-    let op = Op::start(
-        &format!("http://127.0.0.1:{port}/auth/callback"),
-        json!({"carol": {"name": "Carol", "groups": []}}),
-    );
-    let ctl = controller_with(port, &op, false).await;
+    let (_, op, ctl) =
+        provider_and_controller(json!({"carol": {"name": "Carol", "groups": []}}), false).await;
     let mut browser = Browser::new();
     let callback = browser.until_callback(&ctl.base, &op.issuer, "carol").await;
     let login_cookie = browser.cookies.get(LOGIN_COOKIE).unwrap().clone();
@@ -275,12 +271,11 @@ fn message(body: &str) -> String {
 /// (`alg: none`), a MAC keyed with the client secret, another sign-in's nonce.
 #[tokio::test]
 async fn id_tokens_that_do_not_verify_are_refused_and_audited() {
-    let port = jitgate_store_sql::testpg::free_port();
-    let op = Op::start(
-        &format!("http://127.0.0.1:{port}/auth/callback"),
+    let (_, op, ctl) = provider_and_controller(
         json!({"dave": {"name": "Dave", "groups": ["admins"]}}),
-    );
-    let ctl = controller_with(port, &op, true).await;
+        true,
+    )
+    .await;
     let past = jiff::Timestamp::now().as_second() - 120;
     let cases = [
         (json!({"claims": {"aud": "someone-else"}}), "audience"),
@@ -329,12 +324,8 @@ async fn id_tokens_that_do_not_verify_are_refused_and_audited() {
 /// the idle timeout (30 min here), on the controller's clock.
 #[tokio::test]
 async fn sessions_expire() {
-    let port = jitgate_store_sql::testpg::free_port();
-    let op = Op::start(
-        &format!("http://127.0.0.1:{port}/auth/callback"),
-        json!({"erin": {"name": "Erin", "groups": ["ops"]}}),
-    );
-    let ctl = controller_with(port, &op, true).await;
+    let (_, op, ctl) =
+        provider_and_controller(json!({"erin": {"name": "Erin", "groups": ["ops"]}}), true).await;
     let session = Browser::new().sign_in(&ctl.base, &op.issuer, "erin").await;
     let unused = Browser::new().sign_in(&ctl.base, &op.issuer, "erin").await;
     let (status, who) = whoami(&ctl, &session).await;
@@ -476,12 +467,8 @@ async fn provider_tokens_are_bearer_credentials_for_jitgates_audience() {
 async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
     use base64::Engine;
     use sha2::Digest;
-    let port = jitgate_store_sql::testpg::free_port();
-    let op = Op::start(
-        &format!("http://127.0.0.1:{port}/auth/callback"),
-        json!({"fay": {"name": "Fay", "groups": ["ops"]}}),
-    );
-    let ctl = controller_with(port, &op, true).await;
+    let (port, op, ctl) =
+        provider_and_controller(json!({"fay": {"name": "Fay", "groups": ["ops"]}}), true).await;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     // Loopback: the callback sends the browser to the command line's port.
