@@ -350,6 +350,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     tokio::spawn(crate::limits::summarize(state.clone(), shutdown_rx.clone()));
     tokio::spawn(crate::webhooks::run(state.clone(), shutdown_rx.clone()));
+    tokio::spawn(crate::webhooks::watch_agents(
+        state.clone(),
+        shutdown_rx.clone(),
+    ));
     if let Some(bell) = state.store.shared_changes() {
         tokio::spawn(crate::feed::run(state.clone(), bell, shutdown_rx.clone()));
     }

@@ -393,6 +393,32 @@ async fn attempt(state: &AppState, d: &Delivery, now: Timestamp) -> DeliveryResu
     }
 }
 
+/// Marks agents offline once their last report is older than the threshold
+/// (`--agent-offline-after`), each once: the `agent.offline` event. Checked every
+/// quarter of the threshold (at most every 15 s, at least every second).
+pub async fn watch_agents(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let after = state.recommend.offline_after;
+    let every = Duration::from_secs((after.as_secs() / 4).clamp(1, 15) as u64);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = state.clock.now();
+        let Ok(cutoff) = now.checked_sub(after) else {
+            continue;
+        };
+        match state.store.mark_agents_offline(cutoff, now).await {
+            Ok(vms) => {
+                for vm in vms {
+                    tracing::warn!(vm = %vm, "an agent stopped reporting");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot check for offline agents"),
+        }
+    }
+}
+
 /// Delivers the outbox until shutdown: every half second, takes what is due (under a
 /// lease), sends it, records the outcome.
 pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {

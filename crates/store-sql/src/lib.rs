@@ -2705,16 +2705,27 @@ impl Store for SqlStore {
         let facts = encode_facts(&facts)?;
         self.write_plain(move |ctx| {
             let key = status.vm.key();
-            let before: Option<Option<String>> = ctx
-                .tx
-                .one("SELECT facts FROM agent_status WHERE vm_key = ?1", &[&key], |r| r.get(0))?;
+            let row: Option<(Option<String>, Option<i64>)> = ctx.tx.one(
+                "SELECT facts, offline_ns FROM agent_status WHERE vm_key = ?1",
+                &[&key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let (before, offline) = row.map_or((None, None), |(f, o)| (f, o));
             ctx.tx
                 .defer(
                     "INSERT INTO agent_status(vm_key, vm_id, report, last_seen_ns, facts) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT(vm_key) DO UPDATE SET vm_id = excluded.vm_id, report = excluded.report,
-                       last_seen_ns = excluded.last_seen_ns, facts = excluded.facts",
+                       last_seen_ns = excluded.last_seen_ns, facts = excluded.facts, offline_ns = NULL",
                 &[&key, &status.vm.to_string(), &status.report, &ns(status.last_seen), &facts])?;
-            if before.flatten().as_deref() == Some(facts.as_str()) {
+            if let Some(since) = offline {
+                ctx.audit(
+                    &AuditCtx { actor: "system".into(), source: "controller".into(), now: status.last_seen },
+                    "agent.online",
+                    &status.vm.to_string(),
+                    serde_json::json!({"offlineSince": from_ns(since)?.to_string()}),
+                )?;
+            }
+            if before.as_deref() == Some(facts.as_str()) {
                 // A heartbeat with nothing new (the usual report): the verdict stands,
                 // only the time it was last confirmed moves.
                 ctx.tx
@@ -2723,6 +2734,42 @@ impl Store for SqlStore {
                 refresh_verdicts(ctx, &[key])?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn mark_agents_offline(
+        &self,
+        seen_before: Timestamp,
+        now: Timestamp,
+    ) -> Result<Vec<VmId>> {
+        self.write_plain_when(WhenFull::Wait, move |ctx| {
+            let gone: Vec<(String, String, i64)> = ctx.tx.all(
+                "SELECT vm_key, vm_id, last_seen_ns FROM agent_status
+                 WHERE offline_ns IS NULL AND last_seen_ns < ?1 ORDER BY vm_key",
+                &[&ns(seen_before)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let audit = AuditCtx {
+                actor: "system".into(),
+                source: "controller".into(),
+                now,
+            };
+            let mut out = Vec::with_capacity(gone.len());
+            for (key, id, last) in gone {
+                ctx.tx.defer(
+                    "UPDATE agent_status SET offline_ns = ?2 WHERE vm_key = ?1",
+                    &[&key, &ns(now)],
+                )?;
+                ctx.audit(
+                    &audit,
+                    "agent.offline",
+                    &id,
+                    serde_json::json!({"lastSeen": from_ns(last)?.to_string()}),
+                )?;
+                out.push(VmId::parse(&id).map_err(corrupt("vm id"))?);
+            }
+            Ok(out)
         })
         .await
     }

@@ -317,6 +317,10 @@ CREATE TABLE webhook_outbox(
 CREATE INDEX webhook_outbox_due ON webhook_outbox(next_ns) WHERE done_ns IS NULL;
 CREATE INDEX webhook_outbox_of ON webhook_outbox(webhook);
 "#,
+    // When an agent was found offline (its report older than the threshold), once.
+    r#"
+ALTER TABLE agent_status ADD COLUMN offline_ns BIGINT;
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

@@ -308,6 +308,10 @@ CREATE TABLE webhook_outbox(
 CREATE INDEX webhook_outbox_due ON webhook_outbox(next_ns) WHERE done_ns IS NULL;
 CREATE INDEX webhook_outbox_of ON webhook_outbox(webhook);
 "#,
+    // When an agent was found offline (its report older than the threshold), once.
+    r#"
+ALTER TABLE agent_status ADD COLUMN offline_ns INTEGER;
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

@@ -50,6 +50,8 @@ pub fn event_of(action: &str, details: &serde_json::Value) -> Vec<&'static str> 
         "request.revoke" | "request.endedByPolicy" => vec!["grant.revoked"],
         "request.breakGlass" => vec!["breakglass.used"],
         "enforcement.drift" => vec!["enforcement.drift"],
+        "agent.offline" => vec!["agent.offline"],
+        "agent.online" => vec!["agent.online"],
         _ => Vec::new(),
     }
 }
@@ -66,6 +68,8 @@ pub const EVENTS: &[&str] = &[
     "grant.revoked",
     "breakglass.used",
     "enforcement.drift",
+    "agent.offline",
+    "agent.online",
 ];
 
 /// Queues the events of an audit record for the endpoints subscribed to them (in the

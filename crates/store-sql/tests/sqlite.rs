@@ -91,9 +91,10 @@ fn key() -> PolicyKey {
 }
 
 /// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
-/// approvals, break-glass, webhooks), undone, for the tests that take a database back to an older schema.
-const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 5;
+/// approvals, break-glass, webhooks, offline agents), undone, for the tests that take a database back to an older schema.
+const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 6;
 const UNDO_SINCE_IDEMPOTENCY: &str = "
+    ALTER TABLE agent_status DROP COLUMN offline_ns;
     DROP TABLE webhook_outbox; DROP TABLE webhooks;
     ALTER TABLE requests DROP COLUMN break_glass; ALTER TABLE requests DROP COLUMN reviewed_by;
     ALTER TABLE requests DROP COLUMN reviewed_ns;

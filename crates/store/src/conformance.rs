@@ -102,6 +102,7 @@ macro_rules! store_conformance_tests {
             signins_are_decided_once_and_taken_once,
             approvals_make_ports_wait_then_open_deny_cancel_or_expire,
             webhook_events_are_queued_with_their_event_claimed_once_and_finished,
+            agents_are_marked_offline_once_and_online_again,
             role_assignments_add_list_remove,
             mutations_are_audited_and_chain_verifies,
             append_audit_assigns_consecutive_seqs,
@@ -4765,6 +4766,72 @@ pub async fn webhook_events_are_queued_with_their_event_claimed_once_and_finishe
             "webhook.delete"
         ]
     );
+}
+
+/// An agent whose last report is older than the threshold is marked offline once
+/// (`agent.offline`); its next report marks it online (`agent.online`).
+pub async fn agents_are_marked_offline_once_and_online_again(store: &dyn Store) {
+    let s = scene(store).await;
+    let report = |t: i64| AgentStatusRecord {
+        vm: s.vm1.clone(),
+        report: "{}".into(),
+        last_seen: at(t),
+    };
+    store
+        .put_agent_status(report(10), quiet_agent())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .mark_agents_offline(at(10), at(20))
+            .await
+            .unwrap()
+            .is_empty(),
+        "seen at the cutoff"
+    );
+    assert_eq!(
+        store.mark_agents_offline(at(11), at(100)).await.unwrap(),
+        vec![s.vm1.clone()]
+    );
+    assert!(
+        store
+            .mark_agents_offline(at(50), at(200))
+            .await
+            .unwrap()
+            .is_empty(),
+        "once"
+    );
+    store
+        .put_agent_status(report(300), quiet_agent())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .mark_agents_offline(at(250), at(310))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .mark_agents_offline(at(400), at(410))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let actions: Vec<String> = store
+        .query_audit(&AuditQuery {
+            action: Some("agent.o".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.entry.action)
+        .collect();
+    assert_eq!(actions, ["agent.offline", "agent.online", "agent.offline"]);
 }
 
 /// Issue 9.6: a policy update ends exactly the live grants its new rules no longer

@@ -305,6 +305,13 @@ pub trait Store: Send + Sync + 'static {
     /// it (their `last_seen` is `status.last_seen`, whatever `facts.last_seen` says),
     /// updating the VM's verdict in the same transaction.
     async fn put_agent_status(&self, status: AgentStatusRecord, facts: AgentFacts) -> Result<()>;
+    /// Marks the agents last seen before `seen_before` offline, each once (audited as
+    /// `agent.offline`; its next report audits `agent.online`); returns their VMs.
+    async fn mark_agents_offline(
+        &self,
+        seen_before: Timestamp,
+        now: Timestamp,
+    ) -> Result<Vec<VmId>>;
     async fn agent_status(&self, vm: &VmId) -> Result<Option<AgentStatusRecord>>;
     /// Appends blocked-attempt counts (a time series per VM and port).
     async fn record_blocked(&self, points: Vec<BlockedPoint>) -> Result<()>;

@@ -327,3 +327,48 @@ async fn two_replicas_deliver_each_event_once() {
     assert_eq!(ids.len(), n);
     drop((a, b, db));
 }
+
+/// An agent that stops reporting is announced once (`agent.offline`), and again when
+/// it is back (`agent.online`).
+#[tokio::test]
+async fn an_agent_that_stops_reporting_is_announced_once() {
+    let rx = receiver(None).await;
+    let port = rx.addr.port();
+    let ctl = Ctl::start_simulated_with(tempfile::tempdir().unwrap(), move |c| {
+        c.webhook_allow = vec![format!("http://127.0.0.1:{port}/")];
+        c.webhook_retry = Duration::from_secs(1);
+        c.recommend.offline_after = jiff::SignedDuration::from_secs(4);
+    })
+    .await;
+    let r = ctl
+        .put(
+            "/api/v1/webhooks/ops",
+            json!({"url": format!("http://{}/hook", rx.addr), "events": ["agent.offline", "agent.online"]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let (vm, agent) = crate::util::enroll(&ctl, "box-1").await;
+    let path = format!("/api/v1/agent/status?vm={}", vm.replace('/', "%2F"));
+    let report = || {
+        ctl.call(
+            reqwest::Method::POST,
+            &path,
+            Some(&agent),
+            Some(json!({"nftVersion": "nftables v1.0.6"})),
+        )
+    };
+    assert!(report().await.status.is_success());
+    ctl.advance(Duration::from_secs(10));
+    let seen = wait_seen(&rx, 1, Duration::from_secs(10)).await;
+    let event: Value = serde_json::from_str(&seen[0].3).unwrap();
+    assert_eq!(event["type"], "agent.offline");
+    assert_eq!(event["data"]["target"], vm);
+    // Once: more time offline announces nothing more.
+    ctl.advance(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(rx.seen.lock().unwrap().len(), 1);
+    assert!(report().await.status.is_success());
+    let seen = wait_seen(&rx, 2, Duration::from_secs(10)).await;
+    let event: Value = serde_json::from_str(&seen[1].3).unwrap();
+    assert_eq!(event["type"], "agent.online");
+}
