@@ -310,6 +310,7 @@ async fn provider_token(
             name: caller.name,
             groups: caller.groups,
             via: "provider-token".into(),
+            not_after: None,
         }),
         provider_token: true,
         expires: Some(caller.expires),

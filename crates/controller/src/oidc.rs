@@ -615,6 +615,11 @@ pub struct SignedIn {
     pub groups: Vec<String>,
     /// `web`, `cli` (loopback) or `device`.
     pub via: String,
+    /// A device sign-in confirmed from a browser session ends no later than that
+    /// session (RFC 3339): a credential cannot renew itself past the sign-in it came
+    /// from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
 }
 
 impl SignedIn {
@@ -640,11 +645,18 @@ pub(crate) async fn mint(
     now: Timestamp,
 ) -> Result<Minted, String> {
     let (id, token, hash) = generate_token();
-    let expires = now
+    let mut expires = now
         .checked_add(
             jiff::SignedDuration::try_from(oidc.config.session).map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
+    if let Some(cap) = who
+        .not_after
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok())
+    {
+        expires = expires.min(cap);
+    }
     state
         .store
         .create_token(
@@ -818,6 +830,7 @@ async fn finish(
         name: identity.name.clone(),
         groups: identity.groups.clone(),
         via: via.into(),
+        not_after: None,
     };
     let mut details = serde_json::json!({
         "subject": identity.subject,
@@ -855,6 +868,7 @@ async fn finish(
                         polled: None,
                     },
                     crate::signin::MAX_OPEN,
+                    crate::signin::MAX_PER_SOURCE,
                 )
                 .await
                 .map_err(|e| format!("the sign-in cannot be stored: {e}"))?;

@@ -48,6 +48,8 @@ pub const POLL_INTERVAL: u64 = 5;
 /// At most this many sign-ins under way at once (the device flow starts without a
 /// credential: nobody can fill the store through it).
 pub const MAX_OPEN: usize = 1000;
+/// At most this many device sign-ins under way from one address.
+pub const MAX_PER_SOURCE: usize = 5;
 /// User codes: consonants only (no vowels, so no words; no look-alikes such as 0/O).
 const USER_CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
 
@@ -89,9 +91,11 @@ fn oidc_of(state: &AppState) -> Result<std::sync::Arc<Oidc>, ApiError> {
 
 fn too_many_signins() -> ApiError {
     ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
         "TooManySignins",
-        format!("{MAX_OPEN} sign-ins are under way already; try again in a few minutes"),
+        format!(
+            "too many device sign-ins are under way (at most {MAX_PER_SOURCE} from one address, {MAX_OPEN} in all); finish or let them expire (10 minutes)"
+        ),
     )
 }
 
@@ -120,6 +124,7 @@ pub async fn device_start(
                 polled: None,
             },
             MAX_OPEN,
+            MAX_PER_SOURCE,
         )
         .await?;
     if !stored {
@@ -411,10 +416,12 @@ pub async fn device_decide(
     axum::Form(d): axum::Form<Decision>,
 ) -> Result<Response, ApiError> {
     let _ = oidc_of(&state)?;
-    let Some(me) = principal
+    // A browser's session only: a command line's credential (or a token the provider
+    // issued) approving a device would renew itself without the provider.
+    let Some(mut me) = principal
         .signed_in
         .clone()
-        .filter(|_| !principal.provider_token)
+        .filter(|s| !principal.provider_token && s.via == "web")
     else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -422,6 +429,8 @@ pub async fn device_decide(
             "only a person signed in at this controller's page can confirm a device sign-in",
         ));
     };
+    // The device's credential ends no later than the session that confirmed it.
+    me.not_after = principal.expires.map(|e| e.to_string());
     let code = normalize_user_code(&d.code)
         .ok_or_else(|| ApiError::bad_param("code", "must be a code as XXXX-XXXX"))?;
     let decision = match d.decision.as_str() {

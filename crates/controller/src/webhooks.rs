@@ -37,8 +37,12 @@ use crate::params;
 
 /// Retries after a failed attempt: multiples of the configured base (5 s by default).
 const BACKOFF: [u32; 7] = [1, 6, 24, 120, 360, 720, 1440];
-/// How long a claimed delivery is the claimer's.
-const LEASE: Duration = Duration::from_secs(60);
+/// How long a claimed delivery is the claimer's: longer than a batch can take
+/// (`BATCH` attempts of at most `DNS_TIMEOUT` and `SEND_TIMEOUT` each).
+const LEASE: Duration = Duration::from_secs(120);
+const BATCH: usize = 5;
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_URL: usize = 2048;
 
 /// An address no webhook may reach unless its URL is allowed explicitly.
@@ -56,6 +60,9 @@ pub fn forbidden_ip(ip: IpAddr) -> bool {
                 || o[0] == 0
                 || (o[0] == 100 && (64..128).contains(&o[1]))
                 || (o[0] == 198 && (18..20).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 192 && o[1] == 88 && o[2] == 99)
+                || o == [168, 63, 129, 16]
                 || o[0] >= 240
         }
         IpAddr::V6(v6) => {
@@ -63,21 +70,57 @@ pub fn forbidden_ip(ip: IpAddr) -> bool {
                 return forbidden_ip(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            // IPv4 carried inside IPv6: NAT64 (64:ff9b::/96, 64:ff9b:1::/48),
+            // IPv4-compatible (::a.b.c.d), SIIT (::ffff:0:a.b.c.d), 6to4 (2002::/16).
+            let v4 = |hi: u16, lo: u16| {
+                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+            };
+            let embedded = if (s[0] == 0x0064 && s[1] == 0xff9b)
+                || s[..6] == [0, 0, 0, 0, 0, 0]
+                || s[..6] == [0, 0, 0, 0, 0xffff, 0]
+            {
+                Some(v4(s[6], s[7]))
+            } else if s[0] == 0x2002 {
+                Some(v4(s[1], s[2]))
+            } else {
+                None
+            };
+            if embedded.is_some_and(|a| forbidden_ip(IpAddr::V4(a))) {
+                return true;
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
                 || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x2001 && s[1] == 0x0000)
         }
     }
 }
 
+/// Whether `url` is under one of the allowed prefixes: the same scheme, host and port
+/// exactly, and a path under the prefix's (a prefix `http://hooks` never allows
+/// `http://hooks.attacker.example`).
 fn allowed_explicitly(state: &AppState, url: &str) -> bool {
-    state
-        .webhook_allow
-        .iter()
-        .any(|p| url.starts_with(p.as_str()))
+    let Ok(u) = url::Url::parse(url) else {
+        return false;
+    };
+    state.webhook_allow.iter().any(|p| {
+        let Ok(a) = url::Url::parse(p) else {
+            return false;
+        };
+        let dir = if a.path().ends_with('/') {
+            a.path().to_owned()
+        } else {
+            format!("{}/", a.path())
+        };
+        a.scheme() == u.scheme()
+            && a.host_str() == u.host_str()
+            && a.port_or_known_default() == u.port_or_known_default()
+            && (u.path() == a.path() || u.path().starts_with(&dir))
+    })
 }
 
 /// The address a delivery to `url` connects to: resolved, every answer checked.
@@ -87,8 +130,9 @@ async fn target(state: &AppState, url: &url::Url) -> Result<Option<SocketAddr>, 
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => tokio::net::lookup_host((host, port))
+        Err(_) => tokio::time::timeout(DNS_TIMEOUT, tokio::net::lookup_host((host, port)))
             .await
+            .map_err(|_| format!("{host} was not resolved within {DNS_TIMEOUT:?}"))?
             .map_err(|e| format!("{host} cannot be resolved: {e}"))?
             .collect(),
     };
@@ -318,11 +362,18 @@ fn body_of(state: &AppState, d: &Delivery) -> String {
         .or(data["details"]["reason"].as_str())
         .map(|j| format!(": \"{}\"", j.chars().take(200).collect::<String>()))
         .unwrap_or_default();
+    // Slack reads `<...>` as links and mentions: text from requests is escaped.
+    let esc = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
     let text = format!(
-        "jitgate {}: {} on {}{why}{link}",
+        "jitgate {}: {} on {}{}{link}",
         d.event,
-        data["actor"].as_str().unwrap_or("someone"),
-        data["target"].as_str().unwrap_or(""),
+        esc(data["actor"].as_str().unwrap_or("someone")),
+        esc(data["target"].as_str().unwrap_or("")),
+        esc(&why),
     );
     serde_json::json!({ "text": text }).to_string()
 }
@@ -357,7 +408,8 @@ async fn attempt(state: &AppState, d: &Delivery, now: Timestamp) -> DeliveryResu
     };
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10));
+        .no_proxy()
+        .timeout(SEND_TIMEOUT);
     if let Some(host) = url.host_str()
         && host.parse::<IpAddr>().is_err()
     {
@@ -389,7 +441,8 @@ async fn attempt(state: &AppState, d: &Delivery, now: Timestamp) -> DeliveryResu
             error: "the endpoint answered 410 Gone".into(),
         },
         Ok(r) => retry(format!("the endpoint answered {}", r.status())),
-        Err(e) => retry(format!("cannot deliver: {e}")),
+        // Not the URL (a chat's carries a secret): what went wrong.
+        Err(e) => retry(format!("cannot deliver: {}", e.without_url())),
     }
 }
 
@@ -427,8 +480,11 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = shutdown.changed() => return,
         }
-        let now = state.clock.now();
-        let due = match state.store.claim_deliveries(now, LEASE, 20).await {
+        let due = match state
+            .store
+            .claim_deliveries(state.clock.now(), LEASE, BATCH)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the webhook outbox");
@@ -437,14 +493,15 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
         };
         // One after another: a slow endpoint delays the others by its timeout at most.
         for d in &due {
-            let result = attempt(&state, d, now).await;
+            // Its own time: the signature's timestamp is when it is sent.
+            let result = attempt(&state, d, state.clock.now()).await;
             if let DeliveryResult::Retry { error, .. } | DeliveryResult::Failed { error } = &result
             {
                 tracing::warn!(message = %d.msg_id, error = %error, "a webhook delivery failed");
             }
             if let Err(e) = state
                 .store
-                .finish_delivery(&d.msg_id, result, state.clock.now())
+                .finish_delivery(&d.msg_id, d.claimed_until, result, state.clock.now())
                 .await
             {
                 tracing::warn!(error = %e, "cannot record a webhook delivery");
@@ -475,6 +532,13 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "::7f00:1",
+            "2002:a00:1::",
+            "2001::1",
+            "fec0::1",
+            "168.63.129.16",
+            "192.0.0.8",
         ] {
             assert!(forbidden_ip(bad.parse().unwrap()), "{bad}");
         }

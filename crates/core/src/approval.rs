@@ -275,6 +275,59 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// What a request covered by several rules waits under: every rule's demand at
+    /// once (the most approvals any asks, the fewest denials, the shortest wait, and
+    /// only approvers every rule that names approvers names), so no rule is weakened by
+    /// another, whoever wrote it. Refused when the named approvers have nobody in
+    /// common (nobody could ever approve).
+    pub fn combine(rules: &[&ApprovalRule], now: Timestamp) -> Result<Snapshot, FieldError> {
+        let mut sorted: Vec<&ApprovalRule> = rules.to_vec();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let Some(first) = sorted.first() else {
+            return Err(FieldError::new(
+                "virtualMachines",
+                "no approval rule applies",
+            ));
+        };
+        let mut approvers: Option<Vec<String>> = None;
+        for r in sorted.iter().filter(|r| !r.approvers.is_empty()) {
+            approvers = Some(match approvers {
+                None => r.approvers.clone(),
+                Some(a) => a.into_iter().filter(|p| r.approvers.contains(p)).collect(),
+            });
+        }
+        let min_approvals = sorted.iter().map(|r| r.min_approvals).max().unwrap_or(1);
+        if let Some(a) = &approvers
+            && (a.len() as u32) < min_approvals
+        {
+            let names: Vec<&str> = sorted.iter().map(|r| r.name.as_str()).collect();
+            return Err(FieldError::new(
+                "virtualMachines",
+                format!(
+                    "the approval rules {} together leave {} common approver(s) for {min_approvals} approvals: nobody could approve this request; ask for those ports separately",
+                    names.join(", "),
+                    a.len()
+                ),
+            ));
+        }
+        let timeout = sorted
+            .iter()
+            .map(|r| r.pending_timeout)
+            .min()
+            .unwrap_or(first.pending_timeout);
+        Ok(Snapshot {
+            rule: sorted
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join("+"),
+            min_approvals,
+            deny_threshold: sorted.iter().map(|r| r.deny_threshold).min().unwrap_or(1),
+            approvers: approvers.unwrap_or_default(),
+            pending_until: now + jiff::SignedDuration::from_secs(timeout),
+        })
+    }
+
     pub fn of(rule: &ApprovalRule, now: Timestamp) -> Snapshot {
         Snapshot {
             rule: rule.name.clone(),
@@ -308,6 +361,9 @@ pub enum DecideError {
     NotAnApprover,
     /// The caller decided already.
     AlreadyDecided,
+    /// What the request asks is no longer allowed (the policy changed or is gone, or
+    /// the requestor lost the right to ask): it can only be denied or cancelled.
+    PolicyChanged,
 }
 
 impl DecideError {
@@ -322,6 +378,9 @@ impl DecideError {
                 "you are not an approver of this request (the rule's approvers, or JIT Approver at its machines)"
             }
             DecideError::AlreadyDecided => "you have decided on this request already",
+            DecideError::PolicyChanged => {
+                "the policy (or the requestor's rights) no longer allows what this request asks: deny it, or let its requestor cancel it"
+            }
         }
     }
 }
@@ -492,7 +551,7 @@ pub fn apply_rules(
     let mut covering: Vec<&ApprovalRule> = Vec::new();
     for vm in &mut plan.request.vms {
         for p in &mut vm.ports {
-            if let Some(r) = rule_for(rules, &vm.id, p.number) {
+            for r in rules.iter().filter(|r| r.covers(&vm.id, p.number)) {
                 p.status = crate::request::PortStatus::Pending;
                 if !covering.iter().any(|c| c.name == r.name) {
                     covering.push(r);
@@ -500,14 +559,14 @@ pub fn apply_rules(
             }
         }
     }
-    let Some(rule) = strictest(&covering) else {
+    if covering.is_empty() {
         return Ok(());
-    };
+    }
     for r in &covering {
         check_justification(r, plan.request.justification.as_deref())?;
     }
     plan.request.approval = Some(Approval {
-        snapshot: Snapshot::of(rule, now),
+        snapshot: Snapshot::combine(&covering, now)?,
         votes: Vec::new(),
     });
     let vms = &plan.request.vms;
@@ -721,6 +780,52 @@ mod tests {
         assert!(rule_for(&rules[1..], &vm("dev", "a"), p(22)).is_none());
         let all: Vec<&ApprovalRule> = rules.iter().collect();
         assert_eq!(strictest(&all).unwrap().name, "prod-ssh");
+    }
+
+    /// Several rules on one request: each one's demand holds; named approvers must be
+    /// named by every rule that names any.
+    #[test]
+    fn several_rules_combine_and_none_is_weakened() {
+        let sub = format!("/subscriptions/{SUB}");
+        let named = |name: &str, who: &[&str], min: i64| {
+            rule(
+                name,
+                &sub,
+                ApprovalRuleInput {
+                    approvers: Some(who.iter().map(|s| s.to_string()).collect()),
+                    min_approvals: Some(min),
+                    ..Default::default()
+                },
+            )
+        };
+        let security = named("security", &["sec1", "sec2"], 1);
+        let friends = named("friends", &["pal", "sec1"], 1);
+        let open = rule(
+            "open",
+            &sub,
+            ApprovalRuleInput {
+                min_approvals: Some(2),
+                deny_threshold: Some(3),
+                pending_timeout: Some("PT10M".into()),
+                ..Default::default()
+            },
+        );
+        let s = Snapshot::combine(&[&security, &friends], t(0)).unwrap();
+        assert_eq!(s.approvers, ["sec1"]);
+        assert_eq!(s.rule, "friends+security");
+        // 2 approvals from the 2 named: possible.
+        let s = Snapshot::combine(&[&security, &open], t(0)).unwrap();
+        assert_eq!((s.min_approvals, s.approvers.len()), (2, 2));
+        // 2 approvals from 1 common approver: impossible, refused.
+        let e = Snapshot::combine(&[&security, &friends, &open], t(0)).unwrap_err();
+        assert_eq!(e.field, "virtualMachines");
+        let s = Snapshot::combine(&[&named("a", &["x", "y"], 1), &open], t(0)).unwrap();
+        assert_eq!(
+            (s.min_approvals, s.deny_threshold, s.approvers.len()),
+            (2, 1, 2)
+        );
+        assert_eq!(s.pending_until, t(600));
+        assert!(Snapshot::combine(&[&security, &named("other", &["pal"], 1)], t(0)).is_err());
     }
 
     #[test]

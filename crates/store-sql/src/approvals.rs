@@ -281,12 +281,43 @@ pub(crate) fn decide(
         audit.now,
     )
     .map_err(|e| OpError::Refused(DecideRefusal::Decide(e)))?;
-    // What the approver narrows is checked before anything is written.
+    // What the approver narrows is checked before anything is written, and so is what
+    // opens: the policy as it is now must still allow every port (its VM, its port,
+    // the source, the duration), and the requestor must still hold the initiate right.
     let mut activated: Vec<(i64, i64, i64, SourcePrefix)> = Vec::new();
     if outcome == Outcome::Approved {
-        for (vm_idx, port_idx, _, _, source, secs) in &ports {
+        let policy_uid: Option<String> = ctx.tx.one(
+            "SELECT policy_uid FROM requests WHERE id = ?1",
+            &[&id],
+            |r| r.get(0),
+        )?;
+        let policy = ctx
+            .policy(&request.policy_key)?
+            .filter(|(uid, _)| Some(uid) == policy_uid.as_ref())
+            .map(|(_, p)| p);
+        let requestor_rights =
+            read_role_assignments(ctx.tx, "WHERE principal = ?1", &[&request.requestor])?;
+        let changed = || OpError::Refused(DecideRefusal::Decide(DecideError::PolicyChanged));
+        let Some(policy) = policy else {
+            return Err(changed());
+        };
+        for (vm_idx, port_idx, vm, number, source, secs) in &ports {
             let (secs, src) = approval::narrow(*secs, source, args.duration, args.source.as_ref())
                 .map_err(|e| OpError::Refused(DecideRefusal::Invalid(e)))?;
+            let rule = policy
+                .vm(vm)
+                .and_then(|v| v.port(*number))
+                .ok_or_else(changed)?;
+            if !rule.allowed.permits(&src) || secs > rule.max_duration.secs() {
+                return Err(changed());
+            }
+            let rights: Vec<RoleAssignment> = requestor_rights
+                .iter()
+                .map(|r| r.assignment.clone())
+                .collect();
+            if !rbac::is_allowed(&rights, &request.requestor, Action::Initiate, &vm.scope()) {
+                return Err(changed());
+            }
             activated.push((*vm_idx, *port_idx, secs, src));
         }
     } else if args.duration.is_some() || args.source.is_some() {

@@ -2337,22 +2337,43 @@ impl Store for SqlStore {
     async fn finish_delivery(
         &self,
         msg_id: &str,
+        claimed_until: Timestamp,
         result: DeliveryResult,
         now: Timestamp,
     ) -> Result<()> {
         let msg_id = msg_id.to_owned();
         self.write_plain_when(WhenFull::Wait, move |ctx| {
-            webhooks::finish(ctx, &msg_id, &result, now)
+            webhooks::finish(ctx, &msg_id, claimed_until, &result, now)
         })
         .await
     }
 
-    async fn start_signin(&self, s: SigninRecord, max_open: usize) -> Result<bool> {
+    async fn start_signin(
+        &self,
+        s: SigninRecord,
+        max_open: usize,
+        max_per_source: usize,
+    ) -> Result<bool> {
         self.write_plain(move |ctx| {
             ctx.tx.execute("DELETE FROM signins WHERE expires_ns <= ?1", &[&ns(s.created)])?;
-            let open: i64 = ctx.tx.row("SELECT COUNT(*) FROM signins", &[], |r| r.get(0))?;
+            let device = i64::from(s.user_code.is_some());
+            let open: i64 = ctx.tx.row(
+                "SELECT COUNT(*) FROM signins WHERE (user_code IS NOT NULL) = (?1 = 1)",
+                &[&device],
+                |r| r.get(0),
+            )?;
             if open >= i64::try_from(max_open).unwrap_or(i64::MAX) {
                 return Ok(false);
+            }
+            if device == 1 {
+                let mine: i64 = ctx.tx.row(
+                    "SELECT COUNT(*) FROM signins WHERE user_code IS NOT NULL AND source = ?1",
+                    &[&s.source],
+                    |r| r.get(0),
+                )?;
+                if mine >= i64::try_from(max_per_source).unwrap_or(i64::MAX) {
+                    return Ok(false);
+                }
             }
             let (status, principal, identity) = signin_columns(&s.status);
             ctx.tx.execute(
@@ -2415,6 +2436,14 @@ impl Store for SqlStore {
 
     async fn take_signin(&self, id: &str, now: Timestamp) -> Result<Option<SigninRecord>> {
         let id = id.to_owned();
+        // An unknown code (a guess) costs a read, not a write under the lock.
+        let known = id.clone();
+        if !self
+            .read(move |c| c.exists("SELECT 1 FROM signins WHERE id = ?1", &[&known]))
+            .await?
+        {
+            return Ok(None);
+        }
         self.write_plain(move |ctx| {
             let Some(s) = read_signins(ctx.tx, "WHERE id = ?1", &[&id])?
                 .into_iter()

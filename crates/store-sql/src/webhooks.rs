@@ -192,9 +192,18 @@ pub(crate) fn put(ctx: &mut WriteCtx<'_>, h: &WebhookRecord, audit: &AuditCtx) -
             "webhook.update"
         },
         &h.name,
-        serde_json::json!({"url": h.url, "events": h.events, "format": h.format}),
+        // Not the whole URL: a chat's incoming-webhook URL carries its secret in the path.
+        serde_json::json!({"url": redacted(&h.url), "events": h.events, "format": h.format}),
     )?;
     Ok(created)
+}
+
+/// A URL as it may be shown to anyone who reads the audit log: scheme, host and port.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!("{}/...", u.origin().ascii_serialization()),
+        Err(_) => "(not a URL)".into(),
+    }
 }
 
 pub(crate) fn delete(ctx: &mut WriteCtx<'_>, name: &str, audit: &AuditCtx) -> Result<bool> {
@@ -217,6 +226,7 @@ pub(crate) fn claim(
     lease: Duration,
     limit: usize,
 ) -> Result<Vec<Delivery>> {
+    let until = now + jiff::SignedDuration::try_from(lease).unwrap_or(jiff::SignedDuration::ZERO);
     let due: Vec<Delivery> = ctx.tx.all(
         "SELECT o.msg_id, o.webhook, o.event, o.payload, o.attempts, w.url, w.format, w.secret
          FROM webhook_outbox o JOIN webhooks w ON w.name = o.webhook
@@ -234,15 +244,14 @@ pub(crate) fn claim(
                 url: r.get(5)?,
                 format: r.get(6)?,
                 secret: r.get(7)?,
+                claimed_until: until,
             })
         },
     )?;
-    let until =
-        ns(now + jiff::SignedDuration::try_from(lease).unwrap_or(jiff::SignedDuration::ZERO));
     for d in &due {
         ctx.tx.defer(
             "UPDATE webhook_outbox SET claimed_until_ns = ?2 WHERE msg_id = ?1",
-            &[&d.msg_id, &until],
+            &[&d.msg_id, &ns(until)],
         )?;
     }
     Ok(due)
@@ -252,9 +261,18 @@ pub(crate) fn claim(
 pub(crate) fn finish(
     ctx: &mut WriteCtx<'_>,
     msg_id: &str,
+    claimed_until: Timestamp,
     result: &DeliveryResult,
     now: Timestamp,
 ) -> Result<()> {
+    // Only while this claim holds: after its lease another controller may have taken
+    // the message, and its outcome is the one that counts.
+    if !ctx.tx.exists(
+        "SELECT 1 FROM webhook_outbox WHERE msg_id = ?1 AND claimed_until_ns = ?2",
+        &[&msg_id, &ns(claimed_until)],
+    )? {
+        return Ok(());
+    }
     match result {
         DeliveryResult::Delivered => ctx.tx.defer(
             "UPDATE webhook_outbox SET done_ns = ?2, outcome = 'delivered', attempts = attempts + 1,

@@ -4206,20 +4206,20 @@ pub async fn signins_are_decided_once_and_taken_once(store: &dyn Store) {
     };
     assert!(
         store
-            .start_signin(device("d1", "BCDF-GHJK", at(0)), 2)
+            .start_signin(device("d1", "BCDF-GHJK", at(0)), 2, 5)
             .await
             .unwrap()
     );
     assert!(
         store
-            .start_signin(device("d2", "LMNP-QRST", at(1)), 2)
+            .start_signin(device("d2", "LMNP-QRST", at(1)), 2, 5)
             .await
             .unwrap()
     );
     // Two open: a third is refused and not stored.
     assert!(
         !store
-            .start_signin(device("d3", "VWXZ-BCDF", at(2)), 2)
+            .start_signin(device("d3", "VWXZ-BCDF", at(2)), 2, 5)
             .await
             .unwrap()
     );
@@ -4314,7 +4314,31 @@ pub async fn signins_are_decided_once_and_taken_once(store: &dyn Store) {
     // Expired ones no longer count against the bound.
     assert!(
         store
-            .start_signin(device("d4", "VWXZ-BCDF", at(800)), 1)
+            .start_signin(device("d4", "VWXZ-BCDF", at(800)), 1, 5)
+            .await
+            .unwrap()
+    );
+    // One address cannot take every place: 2 from 192.0.2.7 at most here, while
+    // another address still gets one, and loopback sign-ins have their own places.
+    let from = |id: &str, code: &str, src: &str| SigninRecord {
+        source: src.into(),
+        ..device(id, code, at(810))
+    };
+    assert!(
+        store
+            .start_signin(from("p1", "BBBB-BBBB", "192.0.2.7"), 10, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .start_signin(from("p2", "CCCC-CCCC", "192.0.2.7"), 10, 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .start_signin(from("p3", "DDDD-DDDD", "198.51.100.1"), 10, 2)
             .await
             .unwrap()
     );
@@ -4326,7 +4350,7 @@ pub async fn signins_are_decided_once_and_taken_once(store: &dyn Store) {
         status: approved.clone(),
         ..device("l1", "", at(800))
     };
-    assert!(store.start_signin(loopback.clone(), 10).await.unwrap());
+    assert!(store.start_signin(loopback.clone(), 1, 5).await.unwrap());
     assert_eq!(
         store.take_signin("l1", at(801)).await.unwrap(),
         Some(loopback)
@@ -4688,9 +4712,21 @@ pub async fn webhook_events_are_queued_with_their_event_claimed_once_and_finishe
         again[0].msg_id, d[0].msg_id,
         "the same message, the same id"
     );
+    // The first claimer's late outcome is ignored: the message is the second's now.
     store
         .finish_delivery(
             &d[0].msg_id,
+            d[0].claimed_until,
+            DeliveryResult::Delivered,
+            at(65),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.webhook_counts("all").await.unwrap(), (0, 0, 1));
+    store
+        .finish_delivery(
+            &d[0].msg_id,
+            again[0].claimed_until,
             DeliveryResult::Retry {
                 at: at(100),
                 error: "500".into(),
@@ -4712,7 +4748,12 @@ pub async fn webhook_events_are_queued_with_their_event_claimed_once_and_finishe
         .unwrap();
     assert_eq!(third[0].attempts, 1);
     store
-        .finish_delivery(&d[0].msg_id, DeliveryResult::Delivered, at(101))
+        .finish_delivery(
+            &d[0].msg_id,
+            third[0].claimed_until,
+            DeliveryResult::Delivered,
+            at(101),
+        )
         .await
         .unwrap();
     assert_eq!(store.webhook_counts("all").await.unwrap(), (1, 0, 0));
@@ -4727,6 +4768,7 @@ pub async fn webhook_events_are_queued_with_their_event_claimed_once_and_finishe
     store
         .finish_delivery(
             &gone.msg_id,
+            gone.claimed_until,
             DeliveryResult::Gone {
                 error: "410".into(),
             },

@@ -247,18 +247,28 @@ pub trait Store: Send + Sync + 'static {
         lease: std::time::Duration,
         limit: usize,
     ) -> Result<Vec<Delivery>>;
+    /// Records an attempt's outcome, if the claim `claimed_until` still holds (a
+    /// delivery another controller took over after the lease is left to it).
     async fn finish_delivery(
         &self,
         msg_id: &str,
+        claimed_until: Timestamp,
         result: DeliveryResult,
         now: Timestamp,
     ) -> Result<()>;
 
     // ---- command-line sign-ins under way ----
     /// Stores a sign-in under way, first dropping those expired at `signin.created`.
-    /// `Ok(false)` (nothing stored) when `max_open` unexpired ones exist already: the
-    /// device flow starts without a credential, so nobody can grow the table unbounded.
-    async fn start_signin(&self, signin: SigninRecord, max_open: usize) -> Result<bool>;
+    /// `Ok(false)` (nothing stored) when `max_open` unexpired ones of its kind (device,
+    /// or loopback) exist already, or, for a device sign-in, `max_per_source` from its
+    /// address: the device flow starts without a credential, so nobody can grow the
+    /// table unbounded, nor take every place.
+    async fn start_signin(
+        &self,
+        signin: SigninRecord,
+        max_open: usize,
+        max_per_source: usize,
+    ) -> Result<bool>;
     /// The unexpired sign-in with that user code.
     async fn signin_by_user_code(
         &self,

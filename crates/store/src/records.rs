@@ -519,6 +519,8 @@ pub struct Delivery {
     pub url: String,
     pub format: String,
     pub secret: String,
+    /// Until when this claim holds: its outcome is recorded only while it does.
+    pub claimed_until: Timestamp,
 }
 
 /// What one delivery attempt did.

@@ -178,9 +178,10 @@ fn reason_param(reason: Option<String>, required: bool) -> ApiResult<Option<Stri
 fn decide_error(e: DecideError) -> ApiError {
     let status = match e {
         DecideError::OwnRequest | DecideError::NotAnApprover => StatusCode::FORBIDDEN,
-        DecideError::NotPending | DecideError::Expired | DecideError::AlreadyDecided => {
-            StatusCode::CONFLICT
-        }
+        DecideError::NotPending
+        | DecideError::Expired
+        | DecideError::AlreadyDecided
+        | DecideError::PolicyChanged => StatusCode::CONFLICT,
     };
     let code = match e {
         DecideError::OwnRequest => "SelfApprovalRefused",
@@ -188,6 +189,7 @@ fn decide_error(e: DecideError) -> ApiError {
         DecideError::NotPending => "NotPending",
         DecideError::Expired => "ApprovalExpired",
         DecideError::AlreadyDecided => "AlreadyDecided",
+        DecideError::PolicyChanged => "PolicyChanged",
     };
     ApiError::new(status, code, e.message())
 }

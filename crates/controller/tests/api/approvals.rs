@@ -572,3 +572,65 @@ async fn break_glass_opens_at_once_and_stays_flagged_until_reviewed() {
     let r = s.ctl.get("/api/v1/requests?breakGlass=sometimes").await;
     assert_eq!(r.body["error"]["target"], "breakGlass");
 }
+
+/// What opens is what the policy allows at the approval: a request whose source the
+/// policy no longer allows cannot be approved (only denied or cancelled). Several rules
+/// on one port: none is weakened (only approvers every naming rule names count).
+#[tokio::test]
+async fn approval_rechecks_the_policy_and_combines_rules() {
+    let s = scene().await;
+    let r = s
+        .rule(
+            "prod",
+            json!({"scope": s.rg_scope(), "requireJustification": false}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let id = s.initiate(&s.rita, "", false).await.request_id();
+    // The policy now allows 192.168.0.0/16 only: 10.1.2.0/24 cannot open.
+    s.ctl.enable("prod", &["vm1"], "192.168.0.0/16").await;
+    let r = s.decide(&s.amy, &id, "approve", json!({})).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "PolicyChanged"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(s.request(&id).await["state"], "Pending");
+    let r = s
+        .decide(&s.amy, &id, "deny", json!({"reason": "policy changed"}))
+        .await;
+    assert_eq!(r.body["outcome"], "denied");
+    s.ctl.enable("prod", &["vm1"], "10.0.0.0/8").await;
+
+    // A second rule naming ben only: amy no longer counts for port 22, ben does.
+    let r = s
+        .rule("ssh-ben", json!({"scope": s.rg_scope(), "ports": [22], "approvers": ["ben"], "requireJustification": false}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let id = s.initiate(&s.rita, "", false).await.request_id();
+    assert_eq!(
+        s.request(&id).await["approval"]["approvers"],
+        json!(["ben"])
+    );
+    let r = s.decide(&s.amy, &id, "approve", json!({})).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::FORBIDDEN, "NotAnApprover")
+    );
+    let r = s.decide(&s.ben, &id, "approve", json!({})).await;
+    assert_eq!(r.body["outcome"], "approved", "{:?}", r.body);
+    // A rule naming only ivan beside it: nobody is named by both, so nobody could
+    // approve, and the request is refused up front.
+    let r = s
+        .rule("ssh-ivan", json!({"scope": s.rg_scope(), "ports": [22], "approvers": ["ivan"], "requireJustification": false}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = s.initiate(&s.rita, "", false).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(
+        r.message().contains("nobody could approve"),
+        "{}",
+        r.message()
+    );
+}

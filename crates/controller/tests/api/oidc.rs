@@ -649,6 +649,32 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
     let device_token = r.body["token"].as_str().unwrap().to_owned();
     let who = ctl.get_as(&device_token, "/api/v1/whoami").await.body;
     assert_eq!(who["principal"], format!("{}#fay", op.issuer));
+    // It ends no later than the browser session that confirmed it.
+    let session_end: jiff::Timestamp = whoami(&ctl, &session).await.1["expiresAt"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let device_end: jiff::Timestamp = who["expiresAt"].as_str().unwrap().parse().unwrap();
+    assert!(device_end <= session_end, "{device_end} > {session_end}");
+    // A command line's credential cannot confirm another device (it would renew
+    // itself without the provider).
+    let d2 = ctl
+        .call(Method::POST, "/auth/device", None, None)
+        .await
+        .body;
+    let again = reqwest::Client::new()
+        .post(&decide)
+        .bearer_auth(&device_token)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "code={}&decision=approve",
+            d2["userCode"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::FORBIDDEN);
     // Taken once.
     assert_eq!(poll().await.code(), "InvalidGrant");
     // `jitgate logout` ends it.
@@ -701,6 +727,20 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
         )
         .await;
     assert_eq!(r.code(), "ExpiredToken");
+    // One address cannot take every place: at most 5 device sign-ins under way.
+    let mut refused = None;
+    for _ in 0..6 {
+        let r = ctl.call(Method::POST, "/auth/device", None, None).await;
+        if r.status != StatusCode::OK {
+            refused = Some(r);
+            break;
+        }
+    }
+    let refused = refused.expect("the address's sign-ins are bounded");
+    assert_eq!(
+        (refused.status, refused.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "TooManySignins")
+    );
     let decided = ctl.audit("action=auth.device").await;
     assert_eq!(decided.len(), 2, "{decided:?}");
 }
