@@ -351,8 +351,15 @@ pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: N
     let blocked = source.is_some_and(|ip| state.refusals.blocked(ip, std::time::Instant::now()));
     let path = req.uri().path();
     if is_public(path) {
-        // Enrollment tokens are guessed through this door: it is limited like the rest.
-        if blocked && path == "/api/v1/agent/enroll" {
+        // Enrollment tokens are guessed through this door, and sign-in codes through
+        // these (each refused callback also costs a call to the provider): they are
+        // limited like the rest.
+        if blocked
+            && matches!(
+                path,
+                "/api/v1/agent/enroll" | "/auth/callback" | "/auth/token" | "/auth/device"
+            )
+        {
             return too_many(&state);
         }
         return next.run(req).await;

@@ -542,8 +542,15 @@ pub struct CallbackQuery {
 /// How a sign-in ends: a browser session, or the command line's loopback address
 /// with a one-time code.
 enum Signed {
-    Web { token: String, return_to: String },
-    Cli { location: String },
+    Web {
+        token: String,
+        return_to: String,
+    },
+    Cli {
+        location: String,
+        port: u16,
+        name: String,
+    },
 }
 
 /// `GET /auth/callback`: back from the provider.
@@ -554,7 +561,10 @@ enum Signed {
         ("error" = Option<String>, Query, description = "The provider's refusal"),
         ("error_description" = Option<String>, Query, description = "The provider's words on it"),
     ),
-    responses((status = 303, description = "Signed in: to the page asked for, with the session cookie; or to the command line's loopback address with a one-time code")))]
+    responses(
+        (status = 303, description = "Signed in: to the page asked for, with the session cookie"),
+        (status = 200, description = "A command line's sign-in: a page asking the person to confirm, whose link takes the one-time code to the command line's loopback address", content_type = "text/html", body = String),
+    ))]
 pub async fn callback(
     State(state): State<AppState>,
     crate::auth::CallerIp(ip): crate::auth::CallerIp,
@@ -565,6 +575,15 @@ pub async fn callback(
     let source = ip.to_string();
     let now = state.clock.now();
     match finish(&state, &oidc, &headers, q, now, &source).await {
+        // A command line's sign-in: the person confirms it before the code goes to the
+        // loopback port. A link crafted by someone else on a shared machine (their own
+        // port and challenge) would otherwise hand them the person's sign-in in one
+        // click, silently when the provider remembers the person.
+        Ok(Signed::Cli {
+            location,
+            port,
+            name,
+        }) => Ok(crate::signin::confirm_cli_page(&location, port, &name)),
         Ok(signed) => {
             let mut resp = StatusCode::SEE_OTHER.into_response();
             let h = resp.headers_mut();
@@ -583,7 +602,7 @@ pub async fn callback(
                     );
                     return_to
                 }
-                Signed::Cli { location } => location,
+                Signed::Cli { location, .. } => location,
             };
             h.insert(
                 header::LOCATION,
@@ -882,6 +901,8 @@ async fn finish(
                 .append_pair("state", &cli.s);
             Signed::Cli {
                 location: back.to_string(),
+                port: cli.p,
+                name: identity.name.clone(),
             }
         }
     };

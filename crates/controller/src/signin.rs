@@ -304,6 +304,35 @@ fn page(title: &str, body: &str) -> Response {
     resp
 }
 
+/// The page that asks a person to confirm a command line's sign-in before its one-time
+/// code goes to the loopback address (`Continue` is a plain link to it).
+pub fn confirm_cli_page(location: &str, port: u16, name: &str) -> Response {
+    let mut resp = page(
+        "Sign in the command line?",
+        &format!(
+            "<p>A command line on this computer (listening on port {port}) asks to act as you, \
+             <b>{name}</b>, until its credential expires.</p>\
+             <p>Continue only if you ran <code>jitgate login</code> yourself just now.</p>\
+             <p><a href=\"{href}\"><button>Continue</button></a> <a href=\"/\">Cancel</a></p>",
+            name = esc(name),
+            href = esc(location),
+        ),
+    );
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{}=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Lax",
+        crate::oidc::LOGIN_COOKIE
+    )) {
+        h.append(header::SET_COOKIE, v);
+    }
+    // The code in the link must not leave in a `Referer`.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
 /// `GET /auth/device`: the page where a person confirms a device sign-in, after
 /// signing in here (a browser without a session is sent to `/auth/login` first).
 #[utoipa::path(get, path = "/auth/device", tag = "signin",

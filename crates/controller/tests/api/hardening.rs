@@ -310,3 +310,24 @@ async fn only_a_trusted_proxy_names_the_caller() {
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     assert_eq!(granted_to(&r), "127.0.0.1");
 }
+
+/// Sign-in codes are guessed through public doors: past the block threshold a source
+/// gets 429 there too (and so never reaches the store or the provider).
+#[tokio::test]
+async fn guessing_sign_in_codes_is_limited_like_the_rest() {
+    let ctl = Ctl::start_with(tempfile::tempdir().unwrap(), tight).await;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let r = ctl
+            .call(
+                Method::POST,
+                "/auth/token",
+                None,
+                Some(serde_json::json!({"grantType": "device", "deviceCode": "0".repeat(64)})),
+            )
+            .await;
+        statuses.push(r.status.as_u16());
+    }
+    assert_eq!(statuses[0], 404, "{statuses:?}");
+    assert_eq!(*statuses.last().unwrap(), 429, "{statuses:?}");
+}

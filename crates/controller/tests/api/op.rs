@@ -293,3 +293,13 @@ impl Browser {
             .clone()
     }
 }
+
+/// The target of the first link of a page (`Continue` on the controller's confirmation
+/// page), unescaped.
+pub fn first_link(html: &str) -> String {
+    html.split("<a href=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("no link in {html}"))
+        .replace("&amp;", "&")
+}
