@@ -87,6 +87,17 @@ fn session_cookie(session: &str) -> String {
     format!("{SESSION_COOKIE}={session}")
 }
 
+/// The command line's poll of a device sign-in.
+async fn exchange_device(ctl: &Ctl, device_code: &Value) -> crate::util::Resp {
+    ctl.call(
+        Method::POST,
+        "/auth/token",
+        None,
+        Some(json!({"grantType": "device", "deviceCode": device_code})),
+    )
+    .await
+}
+
 /// A form POSTed to `url` by a browser holding `session`, from the page at `origin`.
 async fn post_form(
     url: &str,
@@ -586,17 +597,9 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
     // Device: pending, slowed down, then decided by a signed-in person.
     let d = ctl.call(Method::POST, "/auth/device", None, None).await;
     assert_eq!(d.status, StatusCode::OK, "{:?}", d.body);
-    let device_code = d.body["deviceCode"].as_str().unwrap().to_owned();
+    let device_code = d.body["deviceCode"].clone();
     let user_code = d.body["userCode"].as_str().unwrap().to_owned();
-    let poll = || async {
-        ctl.call(
-            Method::POST,
-            "/auth/token",
-            None,
-            Some(json!({"grantType": "device", "deviceCode": device_code})),
-        )
-        .await
-    };
+    let poll = || exchange_device(&ctl, &device_code);
     let r = poll().await;
     assert_eq!(
         (r.status, r.body["status"].as_str()),
@@ -711,28 +714,14 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
     )
     .await;
     assert_eq!(no.status(), StatusCode::OK);
-    let r = ctl
-        .call(
-            Method::POST,
-            "/auth/token",
-            None,
-            Some(json!({"grantType": "device", "deviceCode": d["deviceCode"]})),
-        )
-        .await;
+    let r = exchange_device(&ctl, &d["deviceCode"]).await;
     assert_eq!(r.code(), "AccessDenied");
     let d = ctl
         .call(Method::POST, "/auth/device", None, None)
         .await
         .body;
     ctl.advance(std::time::Duration::from_secs(601));
-    let r = ctl
-        .call(
-            Method::POST,
-            "/auth/token",
-            None,
-            Some(json!({"grantType": "device", "deviceCode": d["deviceCode"]})),
-        )
-        .await;
+    let r = exchange_device(&ctl, &d["deviceCode"]).await;
     assert_eq!(r.code(), "ExpiredToken");
     // One address cannot take every place: at most 5 device sign-ins under way.
     let mut refused = None;
