@@ -51,9 +51,14 @@ pub enum BenchCommand {
     /// through a real controller and a real agent in a network namespace (root only).
     ///
     /// Example: jitgate-bench propagation --grants 200
+    ///
+    /// With --approval, an approval rule covers the port: each request waits, and the
+    /// time measured is from sending the approval to the port answering.
     Propagation {
         #[arg(long, default_value_t = 200)]
         grants: usize,
+        #[arg(long)]
+        approval: bool,
     },
     /// Agent apply time of a change to a table holding many grant elements, in a fresh
     /// network namespace (root only), and the agent's memory.
@@ -121,7 +126,9 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
             let _ = std::fs::remove_dir_all(&tmp);
             r?;
         }
-        BenchCommand::Propagation { grants } => propagation::run(grants.max(1)).await?,
+        BenchCommand::Propagation { grants, approval } => {
+            propagation::run(grants.max(1), approval).await?
+        }
         BenchCommand::Reads { vms, rounds } => {
             let tmp = lab::tempdir()?;
             let r = reads::run(vms.max(1), rounds.max(1), &tmp).await;

@@ -5,7 +5,8 @@
 //! the agent and a TCP service on port 22 in a "vm" namespace on the other end. Each
 //! round: initiate (source = the client's address, as seen by the controller), then
 //! connect attempts with a 1 ms timeout until one succeeds; then revoke and wait until
-//! the port is closed again.
+//! the port is closed again. With `approval`, a rule makes each request wait, and the
+//! clock starts when the approval is sent (by an approver other than the requestor).
 
 use std::time::{Duration, Instant};
 
@@ -15,24 +16,29 @@ use serde_json::json;
 use super::rig::{Rig, port_open};
 use super::{BENCH_TOKEN, percentiles};
 
-pub async fn run(grants: usize) -> anyhow::Result<()> {
+pub async fn run(grants: usize, approval: bool) -> anyhow::Result<()> {
     let rig = Rig::start().await?;
     let (http, base, vm_id, policy, service) =
         (&rig.http, &rig.base, &rig.vm_id, &rig.policy, rig.service);
+    let approver = if approval {
+        Some(approver(http, base, vm_id).await?)
+    } else {
+        None
+    };
     let mut open_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut http_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut close_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let body =
         json!({"virtualMachines": [{"id": vm_id, "ports": [{"number": 22, "duration": "PT10M"}]}]});
     for _ in 0..grants {
-        let t0 = Instant::now();
+        let mut t0 = Instant::now();
         let resp = http
             .post(format!("{policy}/initiate?api-version=2020-01-01"))
             .bearer_auth(BENCH_TOKEN)
             .json(&body)
             .send()
             .await?;
-        let t_http = t0.elapsed();
+        let mut t_http = t0.elapsed();
         if resp.status().as_u16() != 202 {
             bail!("initiate: {}", resp.text().await?);
         }
@@ -42,6 +48,24 @@ pub async fn run(grants: usize) -> anyhow::Result<()> {
             .and_then(|v| v.to_str().ok())
             .context("no request id")?
             .to_owned();
+        if let Some(token) = &approver {
+            // The port waits for approval: the clock starts at the approval.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if port_open(service, Duration::from_millis(5)) {
+                bail!("the port opened before the approval");
+            }
+            t0 = Instant::now();
+            let r = http
+                .post(format!("{base}/api/v1/requests/{id}/approve"))
+                .bearer_auth(token)
+                .json(&json!({}))
+                .send()
+                .await?;
+            t_http = t0.elapsed();
+            if !r.status().is_success() {
+                bail!("approve: {}", r.text().await?);
+            }
+        }
         let opened = tokio::task::block_in_place(|| {
             while !port_open(service, Duration::from_millis(1)) {
                 if t0.elapsed() > Duration::from_secs(5) {
@@ -90,12 +114,13 @@ pub async fn run(grants: usize) -> anyhow::Result<()> {
     println!(
         "jitgate-bench propagation (controller + real agent + real nftables, veth between namespaces)"
     );
+    let what = if approval { "approval" } else { "initiate" };
     println!(
-        "  initiate sent -> port answers TCP connect: {}",
+        "  {what} sent -> port answers TCP connect: {}",
         percentiles(&open_hist)
     );
     println!(
-        "  initiate HTTP round trip (202 received):   {}",
+        "  {what} HTTP round trip (answer received):  {}",
         percentiles(&http_hist)
     );
     println!(
@@ -103,4 +128,43 @@ pub async fn run(grants: usize) -> anyhow::Result<()> {
         percentiles(&close_hist)
     );
     Ok(())
+}
+
+/// An approval rule on the subscription for port 22 and a token of an approver.
+async fn approver(http: &reqwest::Client, base: &str, vm_id: &str) -> anyhow::Result<String> {
+    let scope = vm_id
+        .split("/resourceGroups/")
+        .next()
+        .context("the VM id has no subscription")?
+        .to_owned();
+    let r = http
+        .put(format!("{base}/api/v1/approvalRules/bench"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({"scope": scope, "ports": [22], "requireJustification": false}))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("approval rule: {}", r.text().await?);
+    }
+    let t: serde_json::Value = http
+        .post(format!("{base}/api/v1/tokens"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({"principal": "bench-approver"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let r = http
+        .post(format!("{base}/api/v1/roleAssignments"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(&json!({"principal": "bench-approver", "role": "JIT Approver", "scope": scope}))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("role assignment: {}", r.text().await?);
+    }
+    t["token"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no approver token")
 }
