@@ -2,7 +2,7 @@
 //! waits under (columns of `requests`), the decisions (`approval_votes`), and the
 //! transitions of pending ports, each audited in the transaction that makes it.
 
-use jitgate_core::approval::{self, Approval, ApprovalRule, DecideError, Outcome, Snapshot, Vote};
+use jitgate_core::approval::{self, ApprovalRule, DecideError, Outcome, Snapshot, Vote};
 
 use super::*;
 
@@ -138,28 +138,26 @@ pub(crate) fn write_snapshot(tx: &dyn Db, request: &str, s: &Snapshot) -> Result
     Ok(())
 }
 
-/// The approval of a request, if it has one.
-pub(crate) fn load_approval(c: &dyn Db, request: &str) -> Result<Option<Approval>> {
-    let snapshot = c.one(
-        "SELECT approval_rule, min_approvals, deny_threshold, approvers, pending_until_ns
-         FROM requests WHERE id = ?1 AND approval_rule IS NOT NULL",
-        &[&request],
-        |r| {
-            Ok(Snapshot {
-                rule: r.get(0)?,
-                min_approvals: u32::try_from(r.get::<i64>(1)?).map_err(corrupt("minApprovals"))?,
-                deny_threshold: u32::try_from(r.get::<i64>(2)?)
-                    .map_err(corrupt("denyThreshold"))?,
-                approvers: serde_json::from_str(&r.get::<String>(3)?)
-                    .map_err(|e| StoreError::Corrupt(format!("approvers: {e}")))?,
-                pending_until: from_ns(r.get(4)?)?,
-            })
-        },
-    )?;
-    let Some(snapshot) = snapshot else {
+/// The snapshot in a `requests` row whose columns `approval_rule, min_approvals,
+/// deny_threshold, approvers, pending_until_ns` start at `at`; `None` for a request no
+/// rule covered.
+pub(crate) fn snapshot_at(r: &mut Row, at: usize) -> Result<Option<Snapshot>> {
+    let Some(rule) = r.get::<Option<String>>(at)? else {
         return Ok(None);
     };
-    let votes = c.all(
+    Ok(Some(Snapshot {
+        rule,
+        min_approvals: u32::try_from(r.get::<i64>(at + 1)?).map_err(corrupt("minApprovals"))?,
+        deny_threshold: u32::try_from(r.get::<i64>(at + 2)?).map_err(corrupt("denyThreshold"))?,
+        approvers: serde_json::from_str(&r.get::<String>(at + 3)?)
+            .map_err(|e| StoreError::Corrupt(format!("approvers: {e}")))?,
+        pending_until: from_ns(r.get(at + 4)?)?,
+    }))
+}
+
+/// The decisions on a request, in the order they were made.
+pub(crate) fn votes(c: &dyn Db, request: &str) -> Result<Vec<Vote>> {
+    c.all(
         "SELECT principal, approve, reason, at_ns FROM approval_votes
          WHERE request_id = ?1 ORDER BY at_ns, principal",
         &[&request],
@@ -171,8 +169,7 @@ pub(crate) fn load_approval(c: &dyn Db, request: &str) -> Result<Option<Approval
                 at: from_ns(r.get(3)?)?,
             })
         },
-    )?;
-    Ok(Some(Approval { snapshot, votes }))
+    )
 }
 
 /// The pending ports of a request: (vm_idx, port_idx, vm id, number, source, requested

@@ -269,8 +269,11 @@ fn parse_status(status: &str, reason: Option<String>) -> Result<PortStatus> {
 fn load_requests(conn: &dyn Db, ids: &[String]) -> Result<Vec<AccessRequest>> {
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        let Some((policy_key, requestor, justification, start_ns, caller_ip, break_glass)) = conn.one(
-            "SELECT policy_key, requestor, justification, start_ns, caller_ip, break_glass, reviewed_by, reviewed_ns
+        // The request's row once, its approval's snapshot with it (the decisions are
+        // read only for a request that has one).
+        let Some((policy_key, requestor, justification, start_ns, caller_ip, break_glass, snapshot)) = conn.one(
+            "SELECT policy_key, requestor, justification, start_ns, caller_ip, break_glass, reviewed_by, reviewed_ns,
+                    approval_rule, min_approvals, deny_threshold, approvers, pending_until_ns
              FROM requests WHERE id = ?1",
             &[id],
             |r| {
@@ -288,6 +291,7 @@ fn load_requests(conn: &dyn Db, ids: &[String]) -> Result<Vec<AccessRequest>> {
                     r.get::<i64>(3)?,
                     r.get::<String>(4)?,
                     break_glass,
+                    approvals::snapshot_at(r, 8)?,
                 ))
             },
         )?
@@ -340,7 +344,13 @@ fn load_requests(conn: &dyn Db, ids: &[String]) -> Result<Vec<AccessRequest>> {
             start: from_ns(start_ns)?,
             caller_ip: caller_ip.parse::<IpAddr>().map_err(corrupt("caller ip"))?,
             vms: vms.into_iter().map(|(_, v)| v).collect(),
-            approval: approvals::load_approval(conn, id)?,
+            approval: match snapshot {
+                Some(snapshot) => Some(jitgate_core::approval::Approval {
+                    snapshot,
+                    votes: approvals::votes(conn, id)?,
+                }),
+                None => None,
+            },
             break_glass,
         });
     }

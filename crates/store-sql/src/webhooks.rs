@@ -78,12 +78,6 @@ pub(crate) fn enqueue(ctx: &mut WriteCtx<'_>, rec: &AuditRecord) -> Result<()> {
     if rec.entry.outcome != Outcome::Success && rec.entry.action != "enforcement.drift" {
         return Ok(());
     }
-    let details: serde_json::Value =
-        serde_json::from_str(&rec.entry.details).unwrap_or(serde_json::Value::Null);
-    let events = event_of(&rec.entry.action, &details);
-    if events.is_empty() {
-        return Ok(());
-    }
     let cache = &mut ctx.policies.hooks;
     if cache.fetched.is_none_or(|t| t.elapsed() > HOOKS_TTL) {
         cache.hooks = ctx.tx.all(
@@ -96,6 +90,17 @@ pub(crate) fn enqueue(ctx: &mut WriteCtx<'_>, rec: &AuditRecord) -> Result<()> {
             },
         )?;
         cache.fetched = Some(Instant::now());
+    }
+    // Without an endpoint (the usual case) nothing more is done per record: its
+    // details are parsed only for someone to tell.
+    if cache.hooks.is_empty() {
+        return Ok(());
+    }
+    let details: serde_json::Value =
+        serde_json::from_str(&rec.entry.details).unwrap_or(serde_json::Value::Null);
+    let events = event_of(&rec.entry.action, &details);
+    if events.is_empty() {
+        return Ok(());
     }
     let now_ns = rec.entry.time.parse::<Timestamp>().map(ns).unwrap_or(0);
     let hooks = ctx.policies.hooks.hooks.clone();
