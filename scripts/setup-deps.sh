@@ -16,6 +16,9 @@
 #                                (initdb, pg_ctl); no system-wide server is used
 #   nodejs, npm (if no node)     the sign-in tests run a real OpenID Provider
 #                                (testing/oidc-op, from npm with its lockfile)
+#   chromium, chromium-driver    the dashboard's tests click through it in a real,
+#                                headless browser over WebDriver (same source package,
+#                                so their versions always match; nothing downloads one)
 set -euo pipefail
 
 PACKAGES=(
@@ -32,7 +35,7 @@ PACKAGES=(
   util-linux
 )
 if [ "${1:-}" = "--tests" ]; then
-  PACKAGES+=(postgresql-15)
+  PACKAGES+=(postgresql-15 chromium chromium-driver)
   # Node.js 20 may come from elsewhere (nodesource); Debian's is installed only when
   # there is none.
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then

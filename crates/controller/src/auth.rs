@@ -322,7 +322,7 @@ async fn provider_token(
 
 /// The authenticated caller's name, carried on the response for the audit layer.
 #[derive(Debug, Clone)]
-struct Actor(String);
+pub(crate) struct Actor(pub String);
 
 /// Paths anyone may call.
 pub fn is_public(path: &str) -> bool {
@@ -350,6 +350,14 @@ pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: N
         .map(|c| c.0.ip());
     let blocked = source.is_some_and(|ip| state.refusals.blocked(ip, std::time::Instant::now()));
     let path = req.uri().path();
+    // The dashboard's pages authenticate their own callers (a browser without a
+    // session is sent to sign in, not answered 401).
+    if crate::web::is_dashboard(path) {
+        if blocked && req.method() == axum::http::Method::POST && path == "/ui/signin" {
+            return too_many(&state);
+        }
+        return next.run(req).await;
+    }
     if is_public(path) {
         // Enrollment tokens are guessed through this door, and sign-in codes through
         // these (each refused callback also costs a call to the provider): they are

@@ -27,6 +27,7 @@ pub mod recommend;
 mod server;
 pub mod signin;
 pub mod tls;
+pub mod web;
 pub mod webhooks;
 
 pub use server::{
@@ -86,6 +87,8 @@ pub struct AppState {
     pub webhook_allow: Arc<Vec<String>>,
     /// The first retry of a failed webhook delivery.
     pub webhook_retry: std::time::Duration,
+    /// The API as the dashboard calls it, in process (set by [`router`]).
+    pub web_api: web::Api,
 }
 
 impl AppState {
@@ -208,7 +211,13 @@ fn auth_routes() -> OpenApiRouter<AppState> {
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let (routes, _) = api_router().split_for_parts();
+    // The dashboard calls every route as the person it signed in, past the
+    // authentication layer (it authenticated them itself).
+    state
+        .web_api
+        .set(routes.clone().fallback(not_found).with_state(state.clone()));
     let api = routes
+        .merge(web::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

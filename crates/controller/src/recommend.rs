@@ -10,13 +10,14 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use jitgate_core::enable::{Exposed, NewPolicy, plan_enable};
+use jitgate_core::duration::MaxDuration;
+use jitgate_core::enable::{Exposed, NewPolicy, plan_enable, recommended_rule};
 use jitgate_core::ids::{ResourceGroup, Scope, SubscriptionId, VmId};
-use jitgate_core::net::Port;
-use jitgate_core::policy::Policy;
+use jitgate_core::net::{Port, Protocol, SourcePrefix};
+use jitgate_core::policy::{AllowedSources, Policy, PortRule, PortRuleInput, validate_port_rule};
 use jitgate_core::rbac::{Action, scopes_allowing};
 use jitgate_core::recommend::{Recommendation, Verdict};
-use jitgate_proto::api::{ApplyResult, Enabled, RecommendationPage, VerdictCounts};
+use jitgate_proto::api::{ApplyResult, Enabled, PortRuleSpec, RecommendationPage, VerdictCounts};
 use jitgate_store::{AuditNote, ExclusionRecord, OpError, PolicyError, VerdictPage, VerdictScope};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -129,7 +130,7 @@ pub async fn list(
 /// Enables JIT on every unhealthy machine the caller may see (in one resource group,
 /// or all), on its listening management ports: TCP, any source, at most 3 hours.
 #[utoipa::path(post, path = "/api/v1/recommendations/apply", tag = "recommendations",
-    request_body(content = Option<jitgate_proto::api::ApplyRecommendations>, description = "Limit to one resource group (none: every VM the caller may see)"),
+    request_body(content = Option<jitgate_proto::api::ApplyRecommendations>, description = "Limit to one resource group (none: every VM the caller may see), or name the VMs and ports"),
     responses((status = 200, body = jitgate_proto::api::ApplyResult)))]
 pub async fn apply(
     State(state): State<AppState>,
@@ -150,66 +151,50 @@ pub async fn apply(
             &Scope::Subscription(state.default_subscription()).to_string(),
         ));
     }
+    let body = body.unwrap_or_default();
     let rg = body
-        .and_then(|b| b.resource_group)
-        .map(|r| ResourceGroup::parse(&r))
+        .resource_group
+        .as_ref()
+        .map(|r| ResourceGroup::parse(r))
         .transpose()
         .map_err(|e| ApiError::bad_param("resourceGroup", e))?;
     let now = state.clock.now();
-    // The stored verdicts, Unhealthy only, of the VMs the caller may read: nothing is
-    // classified here either.
-    let scope = VerdictScope {
-        resource_group: rg.clone(),
-        readable: Some(scopes_allowing(
-            &principal.assignments,
-            &principal.name,
-            Action::VmRead,
-        )),
-    };
     let mut exposed = Vec::new();
     let mut groups: BTreeMap<String, (SubscriptionId, ResourceGroup)> = BTreeMap::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = state
-            .store
-            .recommendations(
-                state.default_subscription(),
-                &VerdictPage {
-                    scope: scope.clone(),
-                    verdict: Some(Verdict::Unhealthy),
-                    after: after.clone(),
-                    limit: VERDICT_PAGE,
-                },
+    let chosen = body.vms.is_some();
+    match &body.vms {
+        Some(vms) => {
+            let rules = chosen_rules(body.ports.as_deref())?;
+            for (vm, record) in chosen_vms(&state, &principal, vms, rg.as_ref()).await? {
+                groups.insert(
+                    Scope::ResourceGroup(vm.subscription, vm.resource_group.clone())
+                        .to_string()
+                        .to_ascii_lowercase(),
+                    (vm.subscription, vm.resource_group.clone()),
+                );
+                exposed.push(Exposed {
+                    vm,
+                    location: record.location,
+                    rules: rules.clone(),
+                });
+            }
+        }
+        None if body.ports.is_some() => {
+            return Err(ApiError::bad_param(
+                "ports",
+                "is only allowed with vms (the recommendations enable each VM's exposed ports)",
+            ));
+        }
+        None => {
+            unhealthy(
+                &state,
+                &principal,
+                rg.as_ref(),
                 now,
+                &mut exposed,
+                &mut groups,
             )
             .await?;
-        let full = page.len() == VERDICT_PAGE;
-        after = page.last().map(|v| v.vm.key());
-        for v in page {
-            let rg_scope = Scope::ResourceGroup(v.vm.subscription, v.vm.resource_group.clone());
-            principal.require(Action::PolicyWrite, &rg_scope)?;
-            // Its location names a new policy; a VM deleted meanwhile is left out.
-            let Some(record) = state.store.get_vm(&v.vm).await? else {
-                continue;
-            };
-            groups.insert(
-                rg_scope.to_string().to_ascii_lowercase(),
-                (v.vm.subscription, v.vm.resource_group.clone()),
-            );
-            exposed.push(Exposed {
-                vm: v.vm.clone(),
-                location: record.location,
-                ports: v
-                    .recommendation
-                    .exposed
-                    .iter()
-                    .map(|p| Port::new(*p as i64))
-                    .collect::<Result<_, _>>()
-                    .map_err(ApiError::internal)?,
-            });
-        }
-        if !full {
-            break;
         }
     }
     // The plan needs every policy of those groups (a machine's own is among them).
@@ -261,7 +246,12 @@ pub async fn apply(
         .apply_policies(
             plan.writes,
             AuditNote {
-                action: "recommendations.apply".to_owned(),
+                action: if chosen {
+                    "policies.enable"
+                } else {
+                    "recommendations.apply"
+                }
+                .to_owned(),
                 target,
                 details: serde_json::to_string(&result).map_err(ApiError::internal)?,
             },
@@ -280,6 +270,174 @@ pub async fn apply(
     state.changed(outcomes.iter().map(|o| o.revoked.len()).sum());
     state.vm_changes.touch(plan.enabled.iter().map(|e| &e.vm));
     Ok(Json(result))
+}
+
+/// The unhealthy VMs the caller may read (in `rg`, or all), with their exposed ports.
+async fn unhealthy(
+    state: &AppState,
+    principal: &Principal,
+    rg: Option<&ResourceGroup>,
+    now: jitgate_core::Timestamp,
+    exposed: &mut Vec<Exposed>,
+    groups: &mut BTreeMap<String, (SubscriptionId, ResourceGroup)>,
+) -> ApiResult<()> {
+    // The stored verdicts, Unhealthy only, of the VMs the caller may read: nothing is
+    // classified here either.
+    let scope = VerdictScope {
+        resource_group: rg.cloned(),
+        readable: Some(scopes_allowing(
+            &principal.assignments,
+            &principal.name,
+            Action::VmRead,
+        )),
+    };
+    let mut after: Option<String> = None;
+    loop {
+        let page = state
+            .store
+            .recommendations(
+                state.default_subscription(),
+                &VerdictPage {
+                    scope: scope.clone(),
+                    verdict: Some(Verdict::Unhealthy),
+                    after: after.clone(),
+                    limit: VERDICT_PAGE,
+                },
+                now,
+            )
+            .await?;
+        let full = page.len() == VERDICT_PAGE;
+        after = page.last().map(|v| v.vm.key());
+        for v in page {
+            let rg_scope = Scope::ResourceGroup(v.vm.subscription, v.vm.resource_group.clone());
+            principal.require(Action::PolicyWrite, &rg_scope)?;
+            // Its location names a new policy; a VM deleted meanwhile is left out.
+            let Some(record) = state.store.get_vm(&v.vm).await? else {
+                continue;
+            };
+            groups.insert(
+                rg_scope.to_string().to_ascii_lowercase(),
+                (v.vm.subscription, v.vm.resource_group.clone()),
+            );
+            exposed.push(Exposed {
+                vm: v.vm.clone(),
+                location: record.location,
+                rules: v
+                    .recommendation
+                    .exposed
+                    .iter()
+                    .map(|p| Port::new(*p as i64).map(recommended_rule))
+                    .collect::<Result<_, _>>()
+                    .map_err(ApiError::internal)?,
+            });
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The most VMs one "Enable JIT" names.
+const MAX_CHOSEN: usize = 1000;
+
+/// The ports an administrator chose for "Enable JIT on N VMs", validated like a
+/// policy's (none given: the reference's four management ports).
+fn chosen_rules(ports: Option<&[PortRuleSpec]>) -> ApiResult<Vec<PortRule>> {
+    let Some(ports) = ports else {
+        return [22, 3389, 5985, 5986]
+            .into_iter()
+            .map(|n| {
+                Ok(PortRule {
+                    number: Port::new(n).map_err(ApiError::internal)?,
+                    protocol: Protocol::Any,
+                    allowed: AllowedSources::Single(SourcePrefix::Any),
+                    max_duration: MaxDuration::default_three_hours(),
+                })
+            })
+            .collect();
+    };
+    if ports.is_empty() || ports.len() > 64 {
+        return Err(ApiError::bad_param("ports", "must name 1 to 64 port rules"));
+    }
+    let mut out: Vec<PortRule> = Vec::with_capacity(ports.len());
+    for (i, p) in ports.iter().enumerate() {
+        let rule = validate_port_rule(
+            &format!("ports[{i}]"),
+            &PortRuleInput {
+                number: p.number,
+                protocol: Some(p.protocol.clone().unwrap_or_else(|| "*".to_owned())),
+                allowed_source_address_prefix: None,
+                allowed_source_address_prefixes: Some(
+                    p.allowed_source_address_prefixes
+                        .clone()
+                        .unwrap_or_else(|| vec!["*".to_owned()]),
+                ),
+                max_request_access_duration: Some(
+                    p.max_request_access_duration
+                        .clone()
+                        .unwrap_or_else(|| "PT3H".to_owned()),
+                ),
+            },
+        )
+        .map_err(ApiError::field)?;
+        if out.iter().any(|r| r.number == rule.number) {
+            return Err(ApiError::bad_param(
+                &format!("ports[{i}].number"),
+                format!("port {} is given twice", rule.number.get()),
+            ));
+        }
+        out.push(rule);
+    }
+    Ok(out)
+}
+
+/// The VMs an administrator chose, each readable and in a resource group where the
+/// caller may write policies (and in `rg`, when given).
+async fn chosen_vms(
+    state: &AppState,
+    principal: &Principal,
+    vms: &[String],
+    rg: Option<&ResourceGroup>,
+) -> ApiResult<Vec<(VmId, jitgate_store::VmRecord)>> {
+    if vms.is_empty() || vms.len() > MAX_CHOSEN {
+        return Err(ApiError::bad_param(
+            "vms",
+            format!("must name 1 to {MAX_CHOSEN} VMs"),
+        ));
+    }
+    let mut out: Vec<(VmId, jitgate_store::VmRecord)> = Vec::with_capacity(vms.len());
+    for (i, raw) in vms.iter().enumerate() {
+        let field = format!("vms[{i}]");
+        let vm = VmId::parse(raw).map_err(|e| ApiError::bad_param(&field, e))?;
+        if out.iter().any(|(v, _)| v.key() == vm.key()) {
+            continue;
+        }
+        if let Some(rg) = rg
+            && !vm.resource_group.as_str().eq_ignore_ascii_case(rg.as_str())
+        {
+            return Err(ApiError::bad_param(
+                &field,
+                format!("is not in resource group {rg}"),
+            ));
+        }
+        // A VM the caller may not read is answered as missing (its existence is not
+        // told).
+        let record = if principal.can(Action::VmRead, &vm.scope()) {
+            state.store.get_vm(&vm).await?
+        } else {
+            None
+        };
+        let Some(record) = record else {
+            return Err(ApiError::bad_param(&field, format!("no such VM: {raw}")));
+        };
+        principal.require(
+            Action::PolicyWrite,
+            &Scope::ResourceGroup(vm.subscription, vm.resource_group.clone()),
+        )?;
+        out.push((vm, record));
+    }
+    Ok(out)
 }
 
 /// Unhealthy verdicts read at a time by `apply`.

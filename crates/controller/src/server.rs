@@ -346,6 +346,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Some(c) => Some(Arc::new(crate::oidc::Oidc::new(c.clone())?)),
             None => None,
         },
+        web_api: crate::web::Api::default(),
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     tokio::spawn(crate::limits::summarize(state.clone(), shutdown_rx.clone()));

@@ -1,5 +1,5 @@
-//! Enabling JIT where the recommendations say a machine is exposed: the plan of
-//! `recommendations/apply`.
+//! Enabling JIT where the recommendations say a machine is exposed, or on machines an
+//! administrator picked: the plan of `recommendations/apply`.
 //!
 //! Each unhealthy machine's exposed management ports go into one policy: the policy
 //! that protects the machine already, else the first policy (by key) of its resource
@@ -25,7 +25,9 @@ pub struct Exposed {
     pub vm: VmId,
     /// Where the machine is, for a policy created for it.
     pub location: Option<Location>,
-    pub ports: Vec<Port>,
+    /// The rules to add for it: [`recommended_rule`] of each exposed port, or what an
+    /// administrator chose ("Enable JIT on N VMs").
+    pub rules: Vec<PortRule>,
 }
 
 /// One machine the plan enables JIT on.
@@ -104,14 +106,14 @@ pub fn plan_enable(exposed: &[Exposed], policies: &[Policy], new: &NewPolicy) ->
                 &mut spec.vms[last]
             }
         };
-        for &port in &e.ports {
-            if entry.port(port).is_none() {
-                entry.ports.push(recommended_rule(port));
+        for rule in &e.rules {
+            if entry.port(rule.number).is_none() {
+                entry.ports.push(rule.clone());
             }
         }
         enabled.push(Enabled {
             vm: e.vm.clone(),
-            ports: e.ports.clone(),
+            ports: e.rules.iter().map(|r| r.number).collect(),
             policy: key,
         });
     }
@@ -217,7 +219,7 @@ mod tests {
         Exposed {
             vm: id,
             location: location.map(|l| Location::parse(l).unwrap()),
-            ports: ports.iter().map(|n| port(*n)).collect(),
+            rules: ports.iter().map(|n| recommended_rule(port(*n))).collect(),
         }
     }
 

@@ -150,7 +150,7 @@ fn parse_prefix_list(field: &str, items: &[String]) -> Result<Vec<SourcePrefix>,
     Ok(out)
 }
 
-fn validate_port_rule(field: &str, input: &PortRuleInput) -> Result<PortRule, FieldError> {
+pub fn validate_port_rule(field: &str, input: &PortRuleInput) -> Result<PortRule, FieldError> {
     let number = input
         .number
         .ok_or_else(|| FieldError::new(format!("{field}.number"), "is required"))

@@ -580,6 +580,31 @@ pub struct RecommendationPage {
 pub struct ApplyRecommendations {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_group: Option<String>,
+    /// Enable JIT on exactly these VMs (resource ids), whatever their verdict, instead
+    /// of on every unhealthy one ("Enable JIT on N VMs").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<Vec<String>>,
+    /// With `vms`: the port rules to add to each (default: 22, 3389, 5985 and 5986,
+    /// any protocol, any source, at most 3 hours, as the reference's pane proposes).
+    /// A rule a VM's entry already has for a port number is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortRuleSpec>>,
+}
+
+/// A policy's port rule, in Azure's field names.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRuleSpec {
+    pub number: Option<i64>,
+    /// `*`, `TCP` or `UDP` (default `*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Sources a request may name: `*` (any), or addresses and prefixes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_source_address_prefixes: Option<Vec<String>>,
+    /// ISO 8601, `PT5M` to `PT24H` (default `PT3H`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_access_duration: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

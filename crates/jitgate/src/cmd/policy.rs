@@ -124,6 +124,7 @@ pub async fn enable(a: EnableArgs) -> anyhow::Result<ExitCode> {
         let ses = Session::new(&a.client)?;
         let body = api::ApplyRecommendations {
             resource_group: a.resource_group.clone(),
+            ..Default::default()
         };
         let r = ses
             .c
