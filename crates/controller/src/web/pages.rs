@@ -1323,12 +1323,21 @@ fn mentions_vm(e: &jitgate_proto::api::AuditEvent, id: &str, name: &str) -> bool
 
 fn activity_row(e: &jitgate_proto::api::AuditEvent) -> ActivityRow {
     let d = &e.details;
-    let ports: Vec<String> = d["virtualMachines"]
+    let ports: Vec<String> = d["ports"]
         .as_array()
         .into_iter()
         .flatten()
-        .flat_map(|v| v["ports"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| p["number"].as_u64().map(|n| n.to_string()))
+        .chain(
+            d["virtualMachines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|v| v["ports"].as_array().into_iter().flatten()),
+        )
+        .filter_map(|p| match (p["number"].as_u64(), p.as_u64()) {
+            (Some(n), _) | (None, Some(n)) => Some(n.to_string()),
+            _ => None,
+        })
         .collect();
     ActivityRow {
         time: render::when(&e.time),

@@ -13,6 +13,7 @@ mod audit;
 mod audit_anchor;
 mod azure;
 mod bad_input;
+mod dashboard;
 mod enrollment;
 mod examples;
 mod growth;
