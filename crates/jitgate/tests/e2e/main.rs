@@ -14,6 +14,7 @@ mod access;
 mod agent;
 #[path = "../common/mod.rs"]
 mod common;
+mod dashboard;
 mod faults;
 mod lab;
 mod nsg;
