@@ -417,6 +417,9 @@ pub(crate) struct ConfiguredRow {
     pub last_user: String,
     pub agent: String,
     pub ports: String,
+    /// Blocked attempts in the last 24 hours, and their sparkline (2-hour bars).
+    pub blocked: u64,
+    pub spark: Vec<Bar>,
 }
 
 pub(crate) struct CandidateRow {
@@ -568,7 +571,8 @@ fn vm_name_of(id: &str) -> String {
 }
 
 /// A request as a row, with what the person may do with it.
-fn request_row(r: &Request, me: &str, reviewable: bool) -> RequestRow {
+fn request_row(r: &Request, who: &crate::auth::Principal, reviewable: bool) -> RequestRow {
+    let me = who.name.as_str();
     let live = r
         .virtual_machines
         .iter()
@@ -642,7 +646,12 @@ fn request_row(r: &Request, me: &str, reviewable: bool) -> RequestRow {
         justification: r.justification.clone().unwrap_or_default(),
         can_decide: reviewable && r.state == "Pending" && r.requestor != me,
         can_cancel: r.state == "Pending" && r.requestor == me,
-        can_revoke: live,
+        can_revoke: live
+            && (r.requestor == me
+                || r.virtual_machines.iter().all(|v| {
+                    jitgate_core::ids::VmId::parse(&v.id)
+                        .is_ok_and(|id| who.can(Action::RequestRevoke, &id.scope()))
+                })),
         unreviewed_break_glass: r.break_glass.as_ref().is_some_and(|b| !b.reviewed),
     }
 }
@@ -796,6 +805,8 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
                     .unwrap_or_else(|| "N/A".to_owned()),
                 agent: agent_text(&v.agent),
                 ports: ports_text(v.protected_ports.clone()),
+                blocked: 0,
+                spark: Vec::new(),
             });
             continue;
         }
@@ -863,10 +874,37 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
         let start = ((page_no - 1) * PAGE).min(len);
         start..(start + PAGE).min(len)
     };
-    let configured: Vec<ConfiguredRow> = {
+    let mut configured: Vec<ConfiguredRow> = {
         let w = window(configured.len());
         configured.drain(w).collect()
     };
+    // The sparkline of blocked attempts, for the rows shown only.
+    if tab == Tab::Configured {
+        for row in &mut configured {
+            let uri = format!(
+                "/api/v1/vms/{}/{}/blocked",
+                url_component(&row.rg),
+                url_component(&row.name)
+            );
+            if let Ok(b) = get::<BlockedSeries>(state, s, &uri).await {
+                let buckets = render::bucket(
+                    b.series
+                        .iter()
+                        .filter_map(|p| p.at.parse::<Timestamp>().ok().map(|t| (t, p.count))),
+                    now,
+                    7200,
+                    12,
+                );
+                row.blocked = buckets.iter().sum();
+                let labels: Vec<(String, u64)> = buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (format!("{}-{} h ago", 22 - 2 * i, 24 - 2 * i), *n))
+                    .collect();
+                row.spark = render::bars(&labels, 60, 16);
+            }
+        }
+    }
     let candidates: Vec<CandidateRow> = {
         let w = window(candidates.len());
         candidates.drain(w).collect()
@@ -901,7 +939,7 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
         requests = list
             .value
             .iter()
-            .map(|r| request_row(r, &s.who.name, reviewable.contains(&r.id)))
+            .map(|r| request_row(r, &s.who, reviewable.contains(&r.id)))
             .collect();
     }
     let live_grants: u64 = vms.iter().map(|v| v.live_grants).sum();
@@ -1021,7 +1059,8 @@ pub(crate) struct GrantRow {
     pub end: String,
     pub end_rfc: String,
     pub connect: String,
-    pub mine: bool,
+    /// The person may revoke it (their own, or with the right to revoke others').
+    pub revocable: bool,
 }
 
 pub(crate) struct ActivityRow {
@@ -1170,12 +1209,13 @@ async fn vm_inner(
     };
     let nsg: NsgView = get(state, s, &format!("{base}/nsg")).await?;
     let blocked: Option<BlockedSeries> = get(state, s, &format!("{base}/blocked")).await.ok();
+    // The agent reports its interfaces' addresses with their prefix length.
     let address = d
         .agent
         .report
         .addresses
         .first()
-        .cloned()
+        .map(|a| a.split('/').next().unwrap_or(a).to_owned())
         .unwrap_or_else(|| d.vm.name.clone());
     let grants = d
         .grants
@@ -1193,7 +1233,9 @@ async fn vm_inner(
                 3389 => format!("RDP to {address}:3389"),
                 p => format!("{address}:{p}"),
             },
-            mine: g.requestor == s.who.name,
+            revocable: g.requestor == s.who.name
+                || jitgate_core::ids::VmId::parse(&d.vm.id)
+                    .is_ok_and(|id| s.who.can(Action::RequestRevoke, &id.scope())),
         })
         .collect();
     let (blocked_bars, blocked_total, blocked_ports) = match &blocked {

@@ -152,6 +152,17 @@ async fn sign_out(c: &Client) {
     c.wait().for_element(Locator::Css("#token")).await.unwrap();
 }
 
+/// Waits (up to 10 s, without navigating) until `css` matches on the page.
+async fn wait_element(c: &Client, css: &str) {
+    for _ in 0..100 {
+        if c.find(Locator::Css(css)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{css} did not appear on the page within 10 s");
+}
+
 /// The number in a tab's badge.
 async fn count(c: &Client, tab: &str) -> u64 {
     text(c, &format!("#tab-{tab} .count"))
@@ -314,6 +325,43 @@ fn the_dashboard_in_a_real_browser() {
             .await
             .unwrap();
         lab.a.wait_tcp_closed(ssh, Duration::from_secs(5));
+
+        // Live: a grant made elsewhere (the API) appears on the open page without a
+        // reload, with its countdown, and goes when it is revoked there.
+        let marker = c
+            .execute("window.__notReloaded = true; return true;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(marker, Value::Bool(true));
+        let r = lab.call(
+            &lab.a,
+            "POST",
+            &format!("{pid}/initiate?api-version=2020-01-01"),
+            Some(OWNER),
+            Some(json!({"virtualMachines": [{"id": lab.vm_id(), "ports": [{"number": SSH, "duration": "PT10M"}]}]})),
+        );
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        let id = r.headers["x-jitgate-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        wait_element(&c, "#connect .grant time.countdown").await;
+        let r = lab.admin(
+            "POST",
+            &format!("/api/v1/requests/{id}/revoke"),
+            Some(json!({})),
+        );
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        wait_element(&c, "#connect .empty").await;
+        let same = c
+            .execute("return window.__notReloaded === true;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            same,
+            Value::Bool(true),
+            "the page was reloaded, not updated"
+        );
 
         // The activity log, filtered to the VM, and its CSV.
         let log = text(&c, "#activity-log").await;
