@@ -83,7 +83,8 @@ pub enum BenchCommand {
         killed: usize,
     },
     /// How reads scale with the number of VMs: one VM's view, the lookup by name,
-    /// pages of 100, the recommendations summary and `jitgate vm show`, against a
+    /// pages of 100, the recommendations summary, `jitgate vm show` and the dashboard's
+    /// pages, against a
     /// real controller on SQLite.
     ///
     /// Example: jitgate-bench reads --vms 100000

@@ -42,6 +42,27 @@ async fn timed_get(
     Ok(serde_json::from_slice(&body)?)
 }
 
+/// One dashboard page, signed in with the bench's token in the session cookie.
+async fn timed_page(
+    http: &reqwest::Client,
+    url: &str,
+    h: &mut hdrhistogram::Histogram<u64>,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let r = http
+        .get(url)
+        .header("cookie", format!("jitgate_session={BENCH_TOKEN}"))
+        .send()
+        .await?;
+    let status = r.status();
+    let body = r.text().await?;
+    h.record(t.elapsed().as_micros().max(1) as u64)?;
+    if !status.is_success() || !body.trim_end().ends_with("</html>") {
+        bail!("GET {url}: {status}: {}", &body[..body.len().min(500)]);
+    }
+    Ok(())
+}
+
 pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().build()?;
     let port = super::lab::free_port([127, 0, 0, 1].into())?;
@@ -125,6 +146,28 @@ pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
     for _ in 0..rounds.clamp(1, 10) {
         timed_get(&http, &format!("{base}/api/v1/recommendations"), &mut recs).await?;
     }
+    // The dashboard's pages, as a signed-in browser loads them (the session cookie
+    // holds the token): every tab reads every VM the person may see.
+    let mut pages_ui: Vec<(&str, hdrhistogram::Histogram<u64>)> = Vec::new();
+    for (label, path) in [
+        ("dashboard Configured tab", "/".to_owned()),
+        (
+            "dashboard Not configured tab",
+            "/?tab=not-configured".to_owned(),
+        ),
+        ("dashboard Unsupported tab", "/?tab=unsupported".to_owned()),
+        (
+            "dashboard Requests tab (all)",
+            "/?tab=requests&view=all".to_owned(),
+        ),
+        ("dashboard VM page", "/ui/vms/rg-0/vm-20".to_owned()),
+    ] {
+        let mut h = hist()?;
+        for _ in 0..rounds.clamp(1, 20) {
+            timed_page(&http, &format!("{base}{path}"), &mut h).await?;
+        }
+        pages_ui.push((label, h));
+    }
     // `jitgate vm show` as a person runs it: a process per call.
     let exe = super::lab::jitgate_exe()?;
     let mut show = hist()?;
@@ -170,6 +213,9 @@ pub async fn run(vms: usize, rounds: usize, dir: &Path) -> anyhow::Result<()> {
         "  jitgate vm show: {} (a process per call)",
         percentiles(&show)
     );
+    for (label, h) in &pages_ui {
+        println!("  {label}: {}", percentiles(h));
+    }
     println!(
         "  controller peak RSS: {} MiB after setup, {} MiB at the end; RSS at the end {} MiB",
         rss_after_setup.map_or("?".into(), |k| (k / 1024).to_string()),

@@ -27,7 +27,7 @@ use crate::auth::{CallerIp, Principal};
 use crate::body::OptionalJsonBody;
 use crate::error::{ApiError, ApiResult};
 
-fn rec_wire(vm: &VmId, r: &Recommendation) -> jitgate_proto::api::Recommendation {
+fn rec_wire(vm: &VmId, r: &Recommendation, protected: bool) -> jitgate_proto::api::Recommendation {
     jitgate_proto::api::Recommendation {
         vm: vm.to_string(),
         resource_group: vm.resource_group.to_string(),
@@ -36,6 +36,7 @@ fn rec_wire(vm: &VmId, r: &Recommendation) -> jitgate_proto::api::Recommendation
         reason: r.reason.clone(),
         exposed_ports: r.exposed.clone(),
         listening_management_ports: r.listening_management.clone(),
+        protected,
     }
 }
 
@@ -120,7 +121,7 @@ pub async fn list(
     Ok(Json(RecommendationPage {
         value: page
             .iter()
-            .map(|v| rec_wire(&v.vm, &v.recommendation))
+            .map(|v| rec_wire(&v.vm, &v.recommendation, v.protected))
             .collect(),
         summary,
         continuation_token,

@@ -552,6 +552,9 @@ pub struct Recommendation {
     /// Management ports reachable from anywhere.
     pub exposed_ports: Vec<u16>,
     pub listening_management_ports: Vec<u16>,
+    /// A JIT policy protects the VM.
+    #[serde(default)]
+    pub protected: bool,
 }
 
 /// How many VMs the caller may read have each verdict.

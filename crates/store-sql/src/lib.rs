@@ -2939,7 +2939,8 @@ impl Store for SqlStore {
         };
         let recommend = self.recommend.clone();
         let mut sql = format!(
-            "SELECT vms.id, v.verdict, v.reason, v.exposed, v.listening, v.last_seen_ns, v.excluded
+            "SELECT vms.id, v.verdict, v.reason, v.exposed, v.listening, v.last_seen_ns, v.excluded,
+                    CASE WHEN EXISTS(SELECT 1 FROM policy_vms p WHERE p.vm_key = v.vm_key) THEN 1 ELSE 0 END
              FROM vm_verdicts v JOIN vms ON vms.key = v.vm_key
              WHERE {filter} AND v.vm_key > ?"
         );
@@ -2963,11 +2964,12 @@ impl Store for SqlStore {
                     r.get::<String>(4)?,
                     r.get::<Option<i64>>(5)?,
                     r.get::<Option<String>>(6)?,
+                    r.get::<bool>(7)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, verdict, reason, exposed, listening, seen, excluded) = row;
+                let (id, verdict, reason, exposed, listening, seen, excluded, protected) = row;
                 let reported = Recommendation {
                     verdict: Verdict::parse(&verdict)
                         .ok_or_else(|| StoreError::Corrupt(format!("verdict {verdict}")))?,
@@ -2979,6 +2981,7 @@ impl Store for SqlStore {
                 out.push(VmVerdict {
                     vm: VmId::parse(&id).map_err(corrupt("vm id"))?,
                     recommendation: settle(reported, excluded.as_deref(), seen, &recommend, now),
+                    protected,
                 });
             }
             Ok(out)

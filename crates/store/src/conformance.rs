@@ -5244,9 +5244,11 @@ async fn classified(store: &dyn Store, reported: &Reported, now: Timestamp) -> V
                 .unwrap_or_default(),
             user_rules: store.nsg_rules(&v.id).await.unwrap(),
         };
+        let protected = store.vm_policy(&v.id).await.unwrap().is_some();
         out.push(VmVerdict {
             recommendation: classify(&facts, &RecommendConfig::default(), now),
             vm: v.id,
+            protected,
         });
     }
     out

@@ -411,6 +411,8 @@ pub struct VerdictPage {
 pub struct VmVerdict {
     pub vm: VmId,
     pub recommendation: jitgate_core::recommend::Recommendation,
+    /// A policy protects the VM (the dashboard's Configured tab).
+    pub protected: bool,
 }
 
 /// How many VMs have each verdict.

@@ -178,8 +178,17 @@ pub(crate) struct Session {
 
 /// Why a page cannot be shown to this browser.
 pub(crate) enum Refused {
-    /// No valid session: to the sign-in page, then back.
+    /// No session: to the sign-in page, then back.
     SignIn(String),
+    /// A session cookie that is not (or no longer) valid: 401, counted and audited
+    /// like any refused credential, the cookie cleared.
+    Ended {
+        back: String,
+        secure: bool,
+        plain_name: bool,
+    },
+    /// Too many refused credentials from this address.
+    TooMany,
     /// A change that is not from the controller's own page.
     Forged(&'static str),
 }
@@ -193,6 +202,53 @@ impl IntoResponse for Refused {
                 if let Ok(v) = HeaderValue::from_str(&to) {
                     resp.headers_mut().insert(header::LOCATION, v);
                 }
+                resp
+            }
+            Refused::Ended {
+                back,
+                secure,
+                plain_name,
+            } => {
+                let to = format!("/ui/signin?return_to={}", render::url_component(&back));
+                let html = format!(
+                    "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+                     <title>Signed out · jitgate</title>\
+                     <link rel=\"stylesheet\" href=\"/ui/assets/app.css\"></head>\
+                     <body><main id=\"main\" class=\"narrow\"><h1>Your session has ended</h1>\
+                     <p>It expired, was revoked, or was not valid.</p>\
+                     <p><a class=\"button primary\" href=\"{to}\">Sign in again</a></p>\
+                     </main></body></html>"
+                );
+                let mut resp =
+                    (StatusCode::UNAUTHORIZED, axum::response::Html(html)).into_response();
+                let name = if plain_name {
+                    PLAIN_COOKIE
+                } else {
+                    SECURE_COOKIE
+                };
+                let flag = if secure { "; Secure" } else { "" };
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{flag}"
+                )) {
+                    resp.headers_mut().insert(header::SET_COOKIE, v);
+                }
+                resp.extensions_mut().insert(crate::error::ErrorInfo {
+                    code: "AuthenticationFailed",
+                    message: "the browser's session is not valid".into(),
+                    target: Some("session".into()),
+                });
+                secure_headers(&mut resp);
+                resp
+            }
+            Refused::TooMany => {
+                let mut resp = crate::error::ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    "too many refused calls from this address; retry later with a valid credential",
+                )
+                .into_response();
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
                 resp
             }
             Refused::Forged(why) => {
@@ -236,9 +292,21 @@ impl FromRequestParts<AppState> for Session {
         if !safe {
             same_origin(state, &parts.headers).map_err(Refused::Forged)?;
         }
-        let who = crate::auth::authenticate(state, &token, state.clock.now())
-            .await
-            .map_err(|_| Refused::SignIn(back))?;
+        // A wrong or ended credential counts as a refusal (the audit layer sees the
+        // 401); past the limit, the address is told to slow down.
+        let who = match crate::auth::authenticate(state, &token, state.clock.now()).await {
+            Ok(who) => who,
+            Err(_) if state.refusals.blocked(ip, std::time::Instant::now()) => {
+                return Err(Refused::TooMany);
+            }
+            Err(_) => {
+                return Err(Refused::Ended {
+                    back,
+                    secure: secure(state),
+                    plain_name: !secure(state),
+                });
+            }
+        };
         Ok(Session {
             who,
             ip,

@@ -11,7 +11,7 @@ use jitgate_core::Timestamp;
 use jitgate_core::rbac::Action;
 use jitgate_proto::api::{
     AuditPage, BlockedSeries, NsgView, Recommendation, Request, RequestPage, RoleAssignmentPage,
-    VmDetail, VmListItem,
+    VmDetail,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -416,7 +416,8 @@ pub(crate) struct ConfiguredRow {
     pub connection: String,
     pub last_user: String,
     pub agent: String,
-    pub ports: String,
+    /// The recommendation's reason (all management ports protected, or what is not).
+    pub verdict: String,
     /// Blocked attempts in the last 24 hours, and their sparkline (2-hour bars).
     pub blocked: u64,
     pub spark: Vec<Bar>,
@@ -549,11 +550,14 @@ fn unsupported_group(reason: &str) -> &'static str {
     }
 }
 
-fn agent_text(a: &jitgate_proto::api::AgentPresence) -> String {
-    match (a.enrolled, a.online) {
-        (false, _) => "No agent".to_owned(),
-        (true, true) => "Online".to_owned(),
-        (true, false) => "Offline".to_owned(),
+/// The agent's state as the recommendation tells it.
+fn agent_of(r: &Recommendation) -> &'static str {
+    if r.reason.starts_with("no agent") {
+        "No agent"
+    } else if r.reason.starts_with("the agent is offline") {
+        "Offline"
+    } else {
+        "Online"
     }
 }
 
@@ -670,8 +674,8 @@ pub(crate) async fn home(
 async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Response, Failed> {
     let now = state.clock.now();
     let tab = Tab::parse(q.tab.as_deref());
-    let vms: Vec<VmListItem> =
-        all_pages(state, s, "/api/v1/vms?limit=1000", 200, value_list).await?;
+    // Every VM the person may read, with its verdict and whether a policy protects
+    // it: one list (the VMs' own list would read each one's summary too).
     let recs: Vec<Recommendation> = all_pages(
         state,
         s,
@@ -680,10 +684,6 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
         value_list,
     )
     .await?;
-    let recs: HashMap<String, Recommendation> = recs
-        .into_iter()
-        .map(|r| (r.vm.to_ascii_lowercase(), r))
-        .collect();
     // The last week's requests, newest first (the reference's "Presented data is for
     // the last week").
     let week_ago = now
@@ -760,18 +760,18 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
     let mut unsupported_rows: Vec<(String, CandidateRow)> = Vec::new();
     let mut offline = 0usize;
     let mut drift = 0usize;
-    for v in &vms {
-        if v.agent.enrolled && !v.agent.online {
+    for r in &recs {
+        let agent = agent_of(r);
+        if agent == "Offline" {
             offline += 1;
         }
-        let rec = recs.get(&v.vm.id.to_ascii_lowercase());
-        if rec.is_some_and(|r| r.reason.contains("drift")) {
+        if r.reason.contains("drift") {
             drift += 1;
         }
-        let href = vm_href(&v.vm.resource_group, &v.vm.name);
-        if v.policy.is_some() {
-            let u = uses.get(&v.vm.id.to_ascii_lowercase());
-            let active = v.live_grants > 0;
+        let href = vm_href(&r.resource_group, &r.name);
+        let u = uses.get(&r.vm.to_ascii_lowercase());
+        if r.protected {
+            let active = u.is_some_and(|u| !u.live.is_empty());
             let (last_access, key) = match (active, u.and_then(|u| u.last.as_ref())) {
                 (true, _) => ("Active now".to_owned(), i64::MAX),
                 (false, Some((t, _))) => {
@@ -790,9 +790,9 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
                 .filter(|c| !c.is_empty())
                 .unwrap_or_else(|| "-".to_owned());
             configured.push(ConfiguredRow {
-                id: v.vm.id.clone(),
-                name: v.vm.name.clone(),
-                rg: v.vm.resource_group.clone(),
+                id: r.vm.clone(),
+                name: r.name.clone(),
+                rg: r.resource_group.clone(),
                 href,
                 approved: u.map(|u| u.approved).unwrap_or(0),
                 last_access,
@@ -803,35 +803,26 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
                     .and_then(|u| u.last.as_ref())
                     .map(|(_, who)| who.clone())
                     .unwrap_or_else(|| "N/A".to_owned()),
-                agent: agent_text(&v.agent),
-                ports: ports_text(v.protected_ports.clone()),
+                agent: agent.to_owned(),
+                verdict: r.reason.clone(),
                 blocked: 0,
                 spark: Vec::new(),
             });
             continue;
         }
         let row = CandidateRow {
-            id: v.vm.id.clone(),
-            name: v.vm.name.clone(),
-            rg: v.vm.resource_group.clone(),
+            id: r.vm.clone(),
+            name: r.name.clone(),
+            rg: r.resource_group.clone(),
             href,
-            agent: agent_text(&v.agent),
-            reason: rec
-                .map(|r| r.reason.clone())
-                .unwrap_or_else(|| "no report from an agent yet".to_owned()),
-            exposed: rec
-                .map(|r| ports_text(r.exposed_ports.clone()))
-                .unwrap_or_else(|| "-".to_owned()),
+            agent: agent.to_owned(),
+            reason: r.reason.clone(),
+            exposed: ports_text(r.exposed_ports.clone()),
         };
-        match rec.map(|r| r.verdict.as_str()) {
-            Some("NotApplicable") | None => {
-                let group = match rec {
-                    Some(r) => unsupported_group(&r.reason),
-                    None => "No agent enrolled",
-                };
-                unsupported_rows.push((group.to_owned(), row));
-            }
-            _ => candidates.push(row),
+        if r.verdict == "NotApplicable" {
+            unsupported_rows.push((unsupported_group(&r.reason).to_owned(), row));
+        } else {
+            candidates.push(row);
         }
     }
     let counts_before = [
@@ -942,7 +933,11 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
             .map(|r| request_row(r, &s.who, reviewable.contains(&r.id)))
             .collect();
     }
-    let live_grants: u64 = vms.iter().map(|v| v.live_grants).sum();
+    let live_grants: usize = uses
+        .values()
+        .flat_map(|u| u.live.values())
+        .map(Vec::len)
+        .sum();
     let approved_week = week
         .iter()
         .filter(|r| !matches!(r.state.as_str(), "Pending" | "Denied" | "Cancelled"))

@@ -191,6 +191,27 @@ async fn a_browser_without_a_session_is_sent_to_sign_in_and_a_wrong_token_is_ref
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert!(r.headers().get(SET_COOKIE).is_none());
+    // A cookie with a wrong or revoked credential: 401, the cookie cleared, audited
+    // like any refused credential.
+    let r = http
+        .get(format!("{}/ui/vms/prod/web-1", ctl.base))
+        .header("cookie", "jitgate_session=jg_abc.wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        r.headers()[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    assert!(r.text().await.unwrap().contains("Your session has ended"));
+    let failed = ctl.audit("action=authentication.failed").await;
+    assert!(
+        failed.iter().any(|e| e["target"] == "/ui/vms/prod/web-1"),
+        "{failed:?}"
+    );
     // A page is never answered as JSON 401, and the API still is.
     let api = http
         .get(format!("{}/api/v1/vms", ctl.base))

@@ -740,3 +740,70 @@ async fn command_line_codes_are_taken_once_and_confirmed_by_a_person() {
     let decided = ctl.audit("action=auth.device").await;
     assert_eq!(decided.len(), 2, "{decided:?}");
 }
+
+/// The dashboard with the identity provider: the sign-in's `__Host-` cookie opens it,
+/// the page names the person, the sign-in page offers only the provider (no token
+/// pasting), and Sign out revokes the sign-in's credential.
+#[tokio::test]
+async fn the_dashboard_opens_with_a_provider_sign_in_and_signing_out_revokes_it() {
+    let (port, op, ctl) = provider_and_controller(
+        json!({"carol": {"name": "Carol Example", "groups": ["ops"]}}),
+        true,
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signin = http
+        .get(format!("{}/ui/signin?return_to=/", ctl.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(signin.contains("/auth/login?return_to=%2F"), "{signin}");
+    assert!(
+        !signin.contains("name=\"token\""),
+        "no token pasting with a provider"
+    );
+    let pasted = http
+        .post(format!("{}/ui/signin", ctl.base))
+        .header("origin", format!("http://127.0.0.1:{port}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", crate::util::OWNER))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pasted.status(), StatusCode::BAD_REQUEST);
+
+    let session = Browser::new().sign_in(&ctl.base, &op.issuer, "carol").await;
+    let home = http
+        .get(format!("{}/", ctl.base))
+        .header("Cookie", session_cookie(&session))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(home.status(), StatusCode::OK);
+    let html = home.text().await.unwrap();
+    assert!(html.contains("Carol Example"), "{html}");
+    let at = html.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let csrf = &html[at..at + 64];
+    let out = http
+        .post(format!("{}/ui/signout", ctl.base))
+        .header("Cookie", session_cookie(&session))
+        .header("origin", format!("http://127.0.0.1:{port}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    let cleared = out.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cleared.starts_with(&format!("{SESSION_COOKIE}=;")) && cleared.contains("Secure"),
+        "{cleared}"
+    );
+    assert_eq!(whoami(&ctl, &session).await.0, StatusCode::UNAUTHORIZED);
+}
