@@ -54,7 +54,9 @@ fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
 /// current with every write that changes its facts, so a page is one read and the
 /// summary one aggregate, both filtered by the caller's readable scopes in the store.
 #[utoipa::path(get, path = "/api/v1/recommendations", tag = "recommendations",
-    params(("verdict" = Option<String>, Query, pattern = "^(Healthy|Unhealthy|NotApplicable)$", description = "Healthy, Unhealthy or NotApplicable"), ("resourceGroup" = Option<String>, Query), ("limit" = Option<usize>, Query, minimum = 1, maximum = 5000, description = "Page size, 1-5000 (default 1000)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
+    params(("verdict" = Option<String>, Query, pattern = "^(Healthy|Unhealthy|NotApplicable)$", description = "Healthy, Unhealthy or NotApplicable"), ("resourceGroup" = Option<String>, Query),
+        ("tab" = Option<String>, Query, pattern = "^(configured|notConfigured|unsupported)$", description = "Only the VMs of one of the dashboard's tabs: configured (a policy protects it), notConfigured (no policy, JIT possible), unsupported (no policy, NotApplicable)"),
+        ("search" = Option<String>, Query, description = "Only VMs whose resource group or name contains this (case-insensitive; 1-80 characters)"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 5000, description = "Page size, 1-5000 (default 1000)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
     responses((status = 200, body = jitgate_proto::api::RecommendationPage)))]
 pub async fn list(
     State(state): State<AppState>,
@@ -73,6 +75,28 @@ pub async fn list(
         })
         .transpose()?;
     let rg = rg_query(&q)?;
+    let tab = match q.get("tab").map(String::as_str) {
+        None => None,
+        Some("configured") => Some(jitgate_store::JitTab::Configured),
+        Some("notConfigured") => Some(jitgate_store::JitTab::NotConfigured),
+        Some("unsupported") => Some(jitgate_store::JitTab::Unsupported),
+        Some(other) => {
+            return Err(ApiError::bad_param(
+                "tab",
+                format!("'{other}' is not configured, notConfigured or unsupported"),
+            ));
+        }
+    };
+    let search = match q.get("search") {
+        None => None,
+        Some(t) if t.is_empty() || t.chars().count() > 80 || t.chars().any(char::is_control) => {
+            return Err(ApiError::bad_param(
+                "search",
+                "must be 1 to 80 characters, none of them a control character",
+            ));
+        }
+        Some(t) => Some(t.clone()),
+    };
     let limit = crate::params::count_param(&q, "limit", 1000, 5000)?;
     let after = crate::params::after_continuation(&q)?;
     let with_summary = after.is_none();
@@ -96,21 +120,33 @@ pub async fn list(
                 verdict,
                 after,
                 limit: limit + 1,
+                tab,
+                search,
             },
             now,
         )
         .await?;
     let more = page.len() > limit;
     page.truncate(limit);
-    let summary = if with_summary {
+    let (summary, tabs) = if with_summary {
         let counts = state.store.verdict_counts(sub, &scope, now).await?;
-        Some(VerdictCounts {
-            healthy: counts.get(Verdict::Healthy),
-            unhealthy: counts.get(Verdict::Unhealthy),
-            not_applicable: counts.get(Verdict::NotApplicable),
-        })
+        let t = state.store.tab_counts(sub, &scope, now).await?;
+        (
+            Some(VerdictCounts {
+                healthy: counts.get(Verdict::Healthy),
+                unhealthy: counts.get(Verdict::Unhealthy),
+                not_applicable: counts.get(Verdict::NotApplicable),
+            }),
+            Some(jitgate_proto::api::TabCounts {
+                configured: t.configured,
+                not_configured: t.not_configured,
+                unsupported: t.unsupported,
+                agents_offline: t.agents_offline,
+                drift: t.drift,
+            }),
+        )
     } else {
-        None
+        (None, None)
     };
     let continuation_token = more
         .then(|| {
@@ -124,6 +160,7 @@ pub async fn list(
             .map(|v| rec_wire(&v.vm, &v.recommendation, v.protected))
             .collect(),
         summary,
+        tabs,
         continuation_token,
     }))
 }
@@ -303,6 +340,7 @@ async fn unhealthy(
                     verdict: Some(Verdict::Unhealthy),
                     after: after.clone(),
                     limit: VERDICT_PAGE,
+                    ..Default::default()
                 },
                 now,
             )

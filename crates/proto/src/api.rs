@@ -566,6 +566,19 @@ pub struct VerdictCounts {
     pub not_applicable: u64,
 }
 
+/// The reference portal's tabs: Configured (a policy protects the VM), Not configured
+/// (no policy, JIT possible), Unsupported (no policy, verdict NotApplicable); and how
+/// many of those VMs have an agent offline or enforcement drift.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TabCounts {
+    pub configured: u64,
+    pub not_configured: u64,
+    pub unsupported: u64,
+    pub agents_offline: u64,
+    pub drift: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecommendationPage {
@@ -573,6 +586,9 @@ pub struct RecommendationPage {
     /// On the first page only (no continuation token given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<VerdictCounts>,
+    /// On the first page only: how many VMs are on each of the dashboard's tabs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tabs: Option<TabCounts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub continuation_token: Option<String>,
 }

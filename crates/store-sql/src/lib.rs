@@ -1021,6 +1021,23 @@ fn verdict_scope_sql(
 /// an agent last seen before the cutoff parameter make it NotApplicable).
 const SETTLED_VERDICT: &str = "CASE WHEN v.excluded IS NOT NULL OR v.last_seen_ns < ? THEN 'NotApplicable' ELSE v.verdict END";
 
+/// A policy protects the VM of the verdict row `v`.
+const PROTECTED: &str = "EXISTS(SELECT 1 FROM policy_vms p WHERE p.vm_key = v.vm_key)";
+
+/// A `LIKE ... ESCAPE '!'` pattern matching keys that contain `text` (lower-cased;
+/// its `%`, `_` and `!` taken literally) after `prefix` (a pattern itself).
+fn like_contains(prefix: &str, text: &str) -> String {
+    let mut out = format!("{prefix}%");
+    for c in text.to_ascii_lowercase().chars() {
+        if matches!(c, '%' | '_' | '!') {
+            out.push('!');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
 /// `last_seen_ns < cutoff` says "offline"; with no time early enough, nobody is.
 fn cutoff_ns(recommend: &RecommendConfig, now: Timestamp) -> i64 {
     offline_cutoff(recommend, now).map_or(i64::MIN, ns)
@@ -2940,7 +2957,7 @@ impl Store for SqlStore {
         let recommend = self.recommend.clone();
         let mut sql = format!(
             "SELECT vms.id, v.verdict, v.reason, v.exposed, v.listening, v.last_seen_ns, v.excluded,
-                    CASE WHEN EXISTS(SELECT 1 FROM policy_vms p WHERE p.vm_key = v.vm_key) THEN 1 ELSE 0 END
+                    CASE WHEN {PROTECTED} THEN 1 ELSE 0 END
              FROM vm_verdicts v JOIN vms ON vms.key = v.vm_key
              WHERE {filter} AND v.vm_key > ?"
         );
@@ -2949,6 +2966,27 @@ impl Store for SqlStore {
             sql.push_str(&format!(" AND {SETTLED_VERDICT} = ?"));
             params.push(Box::new(cutoff_ns(&recommend, now)));
             params.push(Box::new(v.as_str()));
+        }
+        match page.tab {
+            None => {}
+            Some(JitTab::Configured) => sql.push_str(&format!(" AND {PROTECTED}")),
+            Some(tab) => {
+                let op = if tab == JitTab::Unsupported {
+                    "="
+                } else {
+                    "<>"
+                };
+                sql.push_str(&format!(
+                    " AND NOT {PROTECTED} AND {SETTLED_VERDICT} {op} 'NotApplicable'"
+                ));
+                params.push(Box::new(cutoff_ns(&recommend, now)));
+            }
+        }
+        if let Some(text) = &page.search {
+            // The resource group's name or the VM's (the last segment of its key).
+            sql.push_str(" AND (v.rg_key LIKE ? ESCAPE '!' OR v.vm_key LIKE ? ESCAPE '!')");
+            params.push(Box::new(like_contains("", text)));
+            params.push(Box::new(like_contains("%/virtualmachines/", text)));
         }
         sql.push_str(" ORDER BY v.vm_key LIMIT ?");
         params.push(Box::new(page.limit.min(i64::MAX as usize) as i64));
@@ -3014,6 +3052,53 @@ impl Store for SqlStore {
                 let v = Verdict::parse(&verdict)
                     .ok_or_else(|| StoreError::Corrupt(format!("verdict {verdict}")))?;
                 counts.add(v, n.max(0) as u64);
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    async fn tab_counts(
+        &self,
+        subscription: SubscriptionId,
+        scope: &VerdictScope,
+        now: Timestamp,
+    ) -> Result<TabCounts> {
+        let Some((filter, mut params)) = verdict_scope_sql(self.dialect, subscription, scope)
+        else {
+            return Ok(TabCounts::default());
+        };
+        // The settled verdict's and the offline test's parameters come first.
+        let cutoff = cutoff_ns(&self.recommend, now);
+        params.insert(0, Box::new(cutoff));
+        params.insert(1, Box::new(cutoff));
+        let sql = format!(
+            "SELECT CASE WHEN {PROTECTED} THEN 'c' WHEN {SETTLED_VERDICT} = 'NotApplicable' THEN 'u' ELSE 'n' END AS tab,
+                    count(*),
+                    SUM(CASE WHEN v.excluded IS NULL AND v.last_seen_ns < ? THEN 1 ELSE 0 END),
+                    SUM(CASE WHEN v.reason LIKE 'enforcement drift%' THEN 1 ELSE 0 END)
+             FROM vm_verdicts v WHERE {filter} GROUP BY tab"
+        );
+        self.read(move |c| {
+            let refs: Vec<&dyn ToParam> =
+                params.iter().map(|p| p.as_ref() as &dyn ToParam).collect();
+            let mut counts = TabCounts::default();
+            for (tab, n, offline, drift) in c.all(&sql, refs.as_slice(), |r| {
+                Ok((
+                    r.get::<String>(0)?,
+                    r.get::<i64>(1)?,
+                    r.get::<i64>(2)?,
+                    r.get::<i64>(3)?,
+                ))
+            })? {
+                let n = n.max(0) as u64;
+                match tab.as_str() {
+                    "c" => counts.configured += n,
+                    "u" => counts.unsupported += n,
+                    _ => counts.not_configured += n,
+                }
+                counts.agents_offline += offline.max(0) as u64;
+                counts.drift += drift.max(0) as u64;
             }
             Ok(counts)
         })

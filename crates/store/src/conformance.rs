@@ -5313,6 +5313,83 @@ async fn check_verdicts(
             .collect();
         assert_eq!(only, expected, "after {after}: the {v:?} list");
     }
+    // The dashboard's tabs: each one's list and count, and the search within one.
+    let mut counts = TabCounts::default();
+    for w in &want {
+        match JitTab::of(w.protected, w.recommendation.verdict) {
+            JitTab::Configured => counts.configured += 1,
+            JitTab::NotConfigured => counts.not_configured += 1,
+            JitTab::Unsupported => counts.unsupported += 1,
+        }
+        if w.recommendation.reason.starts_with("the agent is offline") {
+            counts.agents_offline += 1;
+        }
+        if w.recommendation.reason.starts_with("enforcement drift") {
+            counts.drift += 1;
+        }
+    }
+    assert_eq!(
+        store
+            .tab_counts(sub(), &VerdictScope::default(), now)
+            .await
+            .unwrap(),
+        counts,
+        "after {after}: the tabs' counts"
+    );
+    for tab in [
+        JitTab::Configured,
+        JitTab::NotConfigured,
+        JitTab::Unsupported,
+    ] {
+        let only = stored_verdicts(
+            store,
+            VerdictPage {
+                tab: Some(tab),
+                ..all_of(VerdictScope::default())
+            },
+            now,
+        )
+        .await;
+        let expected: Vec<VmVerdict> = want
+            .iter()
+            .filter(|w| JitTab::of(w.protected, w.recommendation.verdict) == tab)
+            .cloned()
+            .collect();
+        assert_eq!(only, expected, "after {after}: the {tab:?} tab");
+    }
+    if let Some(first) = want.first() {
+        let name = first.vm.name.to_string().to_ascii_uppercase();
+        let found = stored_verdicts(
+            store,
+            VerdictPage {
+                search: Some(name.clone()),
+                ..all_of(VerdictScope::default())
+            },
+            now,
+        )
+        .await;
+        assert!(
+            found.iter().any(|f| f.vm == first.vm),
+            "after {after}: searching {name} finds {}",
+            first.vm
+        );
+        let needle = name.to_ascii_lowercase();
+        assert!(
+            found.iter().all(|f| f.vm.name.key().contains(&needle)
+                || f.vm.resource_group.key().contains(&needle)),
+            "after {after}: the search is a filter"
+        );
+        let none = stored_verdicts(
+            store,
+            VerdictPage {
+                search: Some("%_no such vm_%".into()),
+                ..all_of(VerdictScope::default())
+            },
+            now,
+        )
+        .await;
+        assert!(none.is_empty(), "after {after}: % and _ are literal");
+    }
     want
 }
 
@@ -5874,6 +5951,7 @@ pub async fn verdict_reads_page_and_filter_by_scope(store: &dyn Store) {
                     verdict: None,
                     after: after.clone(),
                     limit: 2,
+                    ..Default::default()
                 },
                 now,
             )
@@ -5893,6 +5971,7 @@ pub async fn verdict_reads_page_and_filter_by_scope(store: &dyn Store) {
             verdict: Some(Verdict::NotApplicable),
             after: Some(ids[0].key()),
             limit: 1,
+            ..Default::default()
         },
         now,
     )

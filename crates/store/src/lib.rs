@@ -356,6 +356,14 @@ pub trait Store: Send + Sync + 'static {
         scope: &VerdictScope,
         now: Timestamp,
     ) -> Result<VerdictCounts>;
+    /// How many VMs of `scope` are on each dashboard tab at `now`, with the agents
+    /// offline and the enforcement drifts among them (one aggregate read).
+    async fn tab_counts(
+        &self,
+        subscription: SubscriptionId,
+        scope: &VerdictScope,
+        now: Timestamp,
+    ) -> Result<TabCounts>;
     async fn add_exclusion(&self, exclusion: ExclusionRecord, audit: AuditCtx) -> Result<()>;
     async fn list_exclusions(&self) -> Result<Vec<ExclusionRecord>>;
     /// Exclusions oldest first, a page at a time.

@@ -403,6 +403,41 @@ pub struct VerdictPage {
     /// Only VMs whose key sorts after this one: the previous page's last.
     pub after: Option<String>,
     pub limit: usize,
+    /// Only the VMs of this tab of the dashboard.
+    pub tab: Option<JitTab>,
+    /// Only VMs whose resource group or name contains this text (case-insensitive).
+    pub search: Option<String>,
+}
+
+/// The reference portal's tabs: VMs a policy protects; VMs without one that can have
+/// one; VMs without one that cannot (their verdict is NotApplicable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JitTab {
+    Configured,
+    NotConfigured,
+    Unsupported,
+}
+
+impl JitTab {
+    /// Which tab a VM is on.
+    pub fn of(protected: bool, verdict: jitgate_core::recommend::Verdict) -> JitTab {
+        match (protected, verdict) {
+            (true, _) => JitTab::Configured,
+            (false, jitgate_core::recommend::Verdict::NotApplicable) => JitTab::Unsupported,
+            (false, _) => JitTab::NotConfigured,
+        }
+    }
+}
+
+/// How many VMs are on each tab, and how many of them have an agent gone silent or a
+/// table changed outside jitgate (one aggregate read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TabCounts {
+    pub configured: u64,
+    pub not_configured: u64,
+    pub unsupported: u64,
+    pub agents_offline: u64,
+    pub drift: u64,
 }
 
 /// A VM's recommendation, as `core::recommend::classify` gives it from the VM's

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use jitgate_core::Timestamp;
 use jitgate_core::rbac::Action;
 use jitgate_proto::api::{
-    AuditPage, BlockedSeries, NsgView, Recommendation, Request, RequestPage, RoleAssignmentPage,
-    VmDetail,
+    AuditPage, BlockedSeries, NsgView, Recommendation, RecommendationPage, Request, RequestPage,
+    RoleAssignmentPage, VmDetail,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -23,6 +23,9 @@ use crate::error::ErrorInfo;
 
 /// Rows of a list shown at once.
 const PAGE: usize = 50;
+/// A tab with at most this many VMs is read whole (sorted by any column, paged here);
+/// a larger one a page at a time in key order.
+const IN_MEMORY: u64 = 1000;
 /// Azure's JIT API version, for the policy calls.
 const AZ: &str = "api-version=2020-01-01";
 
@@ -483,6 +486,9 @@ struct HomePage {
     grants_chart: Vec<Bar>,
     can_enable: bool,
     back: String,
+    /// The tab has more VMs than are sorted as a whole: pages in key order.
+    server_paged: bool,
+    next_href: Option<String>,
 }
 
 impl HomePage {
@@ -505,6 +511,19 @@ impl HomePage {
             (true, false) => " ▲",
             (true, true) => " ▼",
         }
+    }
+
+    fn tab_href_first(&self) -> String {
+        format!(
+            "/?tab={}&q={}",
+            match self.tab {
+                Tab::Configured => "configured",
+                Tab::NotConfigured => "not-configured",
+                Tab::Unsupported => "unsupported",
+                Tab::Requests => "requests",
+            },
+            url_component(&self.q)
+        )
     }
 
     fn page_href(&self, n: usize) -> String {
@@ -531,6 +550,8 @@ pub(crate) struct HomeQuery {
     desc: Option<String>,
     page: Option<usize>,
     view: Option<String>,
+    /// A continuation token, for a tab read a page at a time.
+    after: Option<String>,
 }
 
 /// The unsupported reason a recommendation's text falls under (the reference groups
@@ -674,16 +695,53 @@ pub(crate) async fn home(
 async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Response, Failed> {
     let now = state.clock.now();
     let tab = Tab::parse(q.tab.as_deref());
-    // Every VM the person may read, with its verdict and whether a policy protects
-    // it: one list (the VMs' own list would read each one's summary too).
-    let recs: Vec<Recommendation> = all_pages(
-        state,
-        s,
-        "/api/v1/recommendations?limit=5000",
-        50,
-        value_list,
-    )
-    .await?;
+    let search = q.q.clone().unwrap_or_default().trim().to_owned();
+    // The tabs' counts (aggregates in the store), then the shown tab's VMs with their
+    // verdicts: all of them when few enough to sort as a whole, else a page at a
+    // time in key order (resource group, name).
+    let first: RecommendationPage = get(state, s, "/api/v1/recommendations?limit=1").await?;
+    let tabs = first.tabs.unwrap_or_default();
+    let (tab_param, tab_total) = match tab {
+        Tab::Configured => (Some("configured"), tabs.configured),
+        Tab::NotConfigured => (Some("notConfigured"), tabs.not_configured),
+        Tab::Unsupported => (Some("unsupported"), tabs.unsupported),
+        Tab::Requests => (None, 0),
+    };
+    let search_param = if search.is_empty() {
+        String::new()
+    } else {
+        format!("&search={}", url_component(&search))
+    };
+    let server_paged = tab_total > IN_MEMORY;
+    let mut server_next: Option<String> = None;
+    let recs: Vec<Recommendation> = match tab_param {
+        None => Vec::new(),
+        Some(t) if !server_paged => {
+            all_pages(
+                state,
+                s,
+                &format!("/api/v1/recommendations?tab={t}&limit=1000{search_param}"),
+                2,
+                value_list,
+            )
+            .await?
+        }
+        Some(t) => {
+            let after = q
+                .after
+                .as_deref()
+                .map(|a| format!("&continuationToken={}", url_component(a)))
+                .unwrap_or_default();
+            let page: RecommendationPage = get(
+                state,
+                s,
+                &format!("/api/v1/recommendations?tab={t}&limit={PAGE}{search_param}{after}"),
+            )
+            .await?;
+            server_next = page.continuation_token;
+            page.value
+        }
+    };
     // The last week's requests, newest first (the reference's "Presented data is for
     // the last week").
     let week_ago = now
@@ -748,7 +806,6 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
             }
         }
     }
-    let search = q.q.clone().unwrap_or_default();
     let needle = search.to_ascii_lowercase();
     let matches = |name: &str, rg: &str| {
         needle.is_empty()
@@ -758,16 +815,9 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
     let mut configured = Vec::new();
     let mut candidates = Vec::new();
     let mut unsupported_rows: Vec<(String, CandidateRow)> = Vec::new();
-    let mut offline = 0usize;
-    let mut drift = 0usize;
+    let (offline, drift) = (tabs.agents_offline, tabs.drift);
     for r in &recs {
         let agent = agent_of(r);
-        if agent == "Offline" {
-            offline += 1;
-        }
-        if r.reason.contains("drift") {
-            drift += 1;
-        }
         let href = vm_href(&r.resource_group, &r.name);
         let u = uses.get(&r.vm.to_ascii_lowercase());
         if r.protected {
@@ -826,9 +876,9 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
         }
     }
     let counts_before = [
-        configured.len(),
-        candidates.len(),
-        unsupported_rows.len(),
+        tabs.configured as usize,
+        tabs.not_configured as usize,
+        tabs.unsupported as usize,
         0,
     ];
     configured.retain(|r| matches(&r.name, &r.rg));
@@ -859,7 +909,11 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
         Tab::Unsupported => unsupported_rows.len(),
         Tab::Requests => 0,
     };
-    let pages = rows.div_ceil(PAGE).max(1);
+    let pages = if server_paged {
+        1
+    } else {
+        rows.div_ceil(PAGE).max(1)
+    };
     let page_no = q.page.unwrap_or(1).clamp(1, pages);
     let window = |len: usize| {
         let start = ((page_no - 1) * PAGE).min(len);
@@ -1015,7 +1069,7 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
             counts_before[2],
             pending.value.len(),
         ],
-        q: search,
+        q: search.clone(),
         sort,
         desc,
         view: view.to_owned(),
@@ -1030,6 +1084,15 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
         requests,
         grants_chart: render::bars(&labels, 280, 60),
         can_enable,
+        next_href: server_next.map(|t| {
+            format!(
+                "/?tab={}&q={}&after={}",
+                q.tab.as_deref().unwrap_or("configured"),
+                url_component(&search),
+                url_component(&t)
+            )
+        }),
+        server_paged,
         back: format!("/?tab=requests&view={view}"),
     };
     Ok(page(&page_t, StatusCode::OK))

@@ -752,3 +752,37 @@ async fn apply_with_named_vms_validates_every_field() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["enabled"][0]["ports"], json!([22, 3389, 5985, 5986]));
 }
+
+#[tokio::test]
+async fn a_tab_of_more_than_a_thousand_vms_is_read_a_page_at_a_time() {
+    let ctl = Ctl::start().await;
+    for i in 0..1005 {
+        let r = ctl
+            .post(
+                "/api/v1/vms",
+                json!({"resourceGroup": "fleet", "name": format!("node-{i:04}")}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    let b = Browser::sign_in(&ctl, OWNER).await;
+    let first = b.get("/?tab=unsupported").await;
+    assert_eq!(tab_count(&first.html, "unsupported"), 1005);
+    assert_eq!(first.html.matches("<tr data-vm=").count(), 50);
+    assert!(first.html.contains(">node-0000<") && !first.html.contains(">node-0050<"));
+    let at = first.html.find("id=\"next-page\"").unwrap();
+    let href_at = first.html[..at].rfind("href=\"").unwrap() + 6;
+    let href = first.html[href_at..at].split('"').next().unwrap().replace("&#38;", "&");
+    let second = b.get(&href).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert!(second.html.contains(">node-0050<") && !second.html.contains(">node-0000<"));
+    // The search is the store's: across every page.
+    let found = b.get("/?tab=unsupported&q=node-1003").await;
+    assert_eq!(found.html.matches("<tr data-vm=").count(), 1, "{}", found.html);
+    // Bad parameters of the list name themselves.
+    for (query, field) in [("tab=bogus", "tab"), ("search=", "search")] {
+        let r = ctl.get(&format!("/api/v1/recommendations?{query}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(r.body["error"]["target"], field, "{query}");
+    }
+}
