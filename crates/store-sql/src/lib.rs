@@ -3072,12 +3072,14 @@ impl Store for SqlStore {
         let cutoff = cutoff_ns(&self.recommend, now);
         params.insert(0, Box::new(cutoff));
         params.insert(1, Box::new(cutoff));
+        // A join rather than a subquery per row: one pass over both keys.
         let sql = format!(
-            "SELECT CASE WHEN {PROTECTED} THEN 'c' WHEN {SETTLED_VERDICT} = 'NotApplicable' THEN 'u' ELSE 'n' END AS tab,
+            "SELECT CASE WHEN p.vm_key IS NOT NULL THEN 'c' WHEN {SETTLED_VERDICT} = 'NotApplicable' THEN 'u' ELSE 'n' END AS tab,
                     count(*),
                     SUM(CASE WHEN v.excluded IS NULL AND v.last_seen_ns < ? THEN 1 ELSE 0 END),
                     SUM(CASE WHEN v.reason LIKE 'enforcement drift%' THEN 1 ELSE 0 END)
-             FROM vm_verdicts v WHERE {filter} GROUP BY tab"
+             FROM vm_verdicts v LEFT JOIN policy_vms p ON p.vm_key = v.vm_key
+             WHERE {filter} GROUP BY tab"
         );
         self.read(move |c| {
             let refs: Vec<&dyn ToParam> =

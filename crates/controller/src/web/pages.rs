@@ -333,9 +333,17 @@ pub(crate) async fn signin(
         );
     }
     let token = f.one("token").unwrap_or("").trim().to_owned();
-    if token.is_empty() || token.len() > 4096 || token.chars().any(|c| !c.is_ascii_graphic()) {
+    // Kept in a cookie: nothing that would end the cookie's value or add to it.
+    if token.is_empty()
+        || token.len() > 4096
+        || token
+            .chars()
+            .any(|c| !c.is_ascii_graphic() || matches!(c, ';' | ',' | '"' | '\\'))
+    {
         return refuse(
-            "token: paste a jitgate token (jg_...)".to_owned(),
+            "token: paste a jitgate token (jg_...); a token with spaces, quotes, commas, \
+             semicolons or backslashes cannot be kept in a browser's cookie"
+                .to_owned(),
             StatusCode::BAD_REQUEST,
         );
     }

@@ -772,13 +772,22 @@ async fn a_tab_of_more_than_a_thousand_vms_is_read_a_page_at_a_time() {
     assert!(first.html.contains(">node-0000<") && !first.html.contains(">node-0050<"));
     let at = first.html.find("id=\"next-page\"").unwrap();
     let href_at = first.html[..at].rfind("href=\"").unwrap() + 6;
-    let href = first.html[href_at..at].split('"').next().unwrap().replace("&#38;", "&");
+    let href = first.html[href_at..at]
+        .split('"')
+        .next()
+        .unwrap()
+        .replace("&#38;", "&");
     let second = b.get(&href).await;
     assert_eq!(second.status, StatusCode::OK);
     assert!(second.html.contains(">node-0050<") && !second.html.contains(">node-0000<"));
     // The search is the store's: across every page.
     let found = b.get("/?tab=unsupported&q=node-1003").await;
-    assert_eq!(found.html.matches("<tr data-vm=").count(), 1, "{}", found.html);
+    assert_eq!(
+        found.html.matches("<tr data-vm=").count(),
+        1,
+        "{}",
+        found.html
+    );
     // Bad parameters of the list name themselves.
     for (query, field) in [("tab=bogus", "tab"), ("search=", "search")] {
         let r = ctl.get(&format!("/api/v1/recommendations?{query}")).await;
