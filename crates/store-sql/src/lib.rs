@@ -805,6 +805,7 @@ fn refresh_verdicts(ctx: &mut WriteCtx<'_>, keys: &[String]) -> Result<()> {
             &[&key],
             |r| r.get(0),
         )?;
+        let in_policy = policy_key.is_some();
         let protected = match policy_key {
             Some(pk) => {
                 if !policies.contains_key(&pk) {
@@ -866,12 +867,13 @@ fn refresh_verdicts(ctx: &mut WriteCtx<'_>, keys: &[String]) -> Result<()> {
         };
         ctx.tx
             .defer(
-                "INSERT INTO vm_verdicts(vm_key, subscription, rg_key, verdict, reason, exposed, listening, last_seen_ns, excluded)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                "INSERT INTO vm_verdicts(vm_key, subscription, rg_key, verdict, reason, exposed, listening, last_seen_ns, excluded, protected)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT(vm_key) DO UPDATE SET subscription = excluded.subscription, rg_key = excluded.rg_key,
                    verdict = excluded.verdict, reason = excluded.reason, exposed = excluded.exposed,
-                   listening = excluded.listening, last_seen_ns = excluded.last_seen_ns, excluded = excluded.excluded",
-            &[&key, &sub, &rg_key, &reported.verdict.as_str(), &reported.reason, &ports_text(&reported.exposed), &ports_text(&reported.listening_management), &last_seen, &(excluded_reason(&exclusions, &vm))])?;
+                   listening = excluded.listening, last_seen_ns = excluded.last_seen_ns, excluded = excluded.excluded,
+                   protected = excluded.protected",
+            &[&key, &sub, &rg_key, &reported.verdict.as_str(), &reported.reason, &ports_text(&reported.exposed), &ports_text(&reported.listening_management), &last_seen, &(excluded_reason(&exclusions, &vm)), &i64::from(in_policy)])?;
     }
     Ok(())
 }
@@ -1021,8 +1023,9 @@ fn verdict_scope_sql(
 /// an agent last seen before the cutoff parameter make it NotApplicable).
 const SETTLED_VERDICT: &str = "CASE WHEN v.excluded IS NOT NULL OR v.last_seen_ns < ? THEN 'NotApplicable' ELSE v.verdict END";
 
-/// A policy protects the VM of the verdict row `v`.
-const PROTECTED: &str = "EXISTS(SELECT 1 FROM policy_vms p WHERE p.vm_key = v.vm_key)";
+/// A policy protects the VM of the verdict row `v` (kept with the verdict by
+/// `refresh_verdicts`).
+const PROTECTED: &str = "v.protected <> 0";
 
 /// A `LIKE ... ESCAPE '!'` pattern matching keys that contain `text` (lower-cased;
 /// its `%`, `_` and `!` taken literally) after `prefix` (a pattern itself).
@@ -3072,14 +3075,12 @@ impl Store for SqlStore {
         let cutoff = cutoff_ns(&self.recommend, now);
         params.insert(0, Box::new(cutoff));
         params.insert(1, Box::new(cutoff));
-        // A join rather than a subquery per row: one pass over both keys.
         let sql = format!(
-            "SELECT CASE WHEN p.vm_key IS NOT NULL THEN 'c' WHEN {SETTLED_VERDICT} = 'NotApplicable' THEN 'u' ELSE 'n' END AS tab,
+            "SELECT CASE WHEN {PROTECTED} THEN 'c' WHEN {SETTLED_VERDICT} = 'NotApplicable' THEN 'u' ELSE 'n' END AS tab,
                     count(*),
                     SUM(CASE WHEN v.excluded IS NULL AND v.last_seen_ns < ? THEN 1 ELSE 0 END),
                     SUM(CASE WHEN v.reason LIKE 'enforcement drift%' THEN 1 ELSE 0 END)
-             FROM vm_verdicts v LEFT JOIN policy_vms p ON p.vm_key = v.vm_key
-             WHERE {filter} GROUP BY tab"
+             FROM vm_verdicts v WHERE {filter} GROUP BY tab"
         );
         self.read(move |c| {
             let refs: Vec<&dyn ToParam> =

@@ -321,6 +321,11 @@ CREATE INDEX webhook_outbox_of ON webhook_outbox(webhook);
     r#"
 ALTER TABLE agent_status ADD COLUMN offline_ns BIGINT;
 "#,
+    // Whether a policy protects the VM, kept with its verdict (the dashboard's tabs are
+    // then one aggregate over this table); filled when the store opens.
+    r#"
+ALTER TABLE vm_verdicts ADD COLUMN protected BIGINT NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

@@ -312,6 +312,11 @@ CREATE INDEX webhook_outbox_of ON webhook_outbox(webhook);
     r#"
 ALTER TABLE agent_status ADD COLUMN offline_ns INTEGER;
 "#,
+    // Whether a policy protects the VM, kept with its verdict (the dashboard's tabs are
+    // then one aggregate over this table); filled when the store opens.
+    r#"
+ALTER TABLE vm_verdicts ADD COLUMN protected INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

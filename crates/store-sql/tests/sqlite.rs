@@ -92,8 +92,9 @@ fn key() -> PolicyKey {
 
 /// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
 /// approvals, break-glass, webhooks, offline agents), undone, for the tests that take a database back to an older schema.
-const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 6;
+const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 7;
 const UNDO_SINCE_IDEMPOTENCY: &str = "
+    ALTER TABLE vm_verdicts DROP COLUMN protected;
     ALTER TABLE agent_status DROP COLUMN offline_ns;
     DROP TABLE webhook_outbox; DROP TABLE webhooks;
     ALTER TABLE requests DROP COLUMN break_glass; ALTER TABLE requests DROP COLUMN reviewed_by;
@@ -857,4 +858,68 @@ async fn verify_file_fails_on_an_unreadable_row() {
         .unwrap();
     let r = verify_file(&path, None);
     assert!(r.is_err(), "{r:?}");
+}
+
+/// The dashboard's tabs read whether a policy protects each VM from its verdict row:
+/// an older database gets the column, filled in when the store opens.
+#[tokio::test]
+async fn the_protected_flag_is_filled_in_for_an_older_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jitgate.db");
+    {
+        let store = SqlStore::open(&path).unwrap();
+        populate(&store).await;
+        store
+            .register_vm(
+                VmRecord {
+                    id: vm("vm3"),
+                    location: None,
+                    created: at(30),
+                    created_by: OWNER.into(),
+                },
+                ctx(30),
+            )
+            .await
+            .unwrap();
+    }
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        c.execute_batch(&format!(
+            "ALTER TABLE vm_verdicts DROP COLUMN protected; PRAGMA user_version = {};",
+            version - 1
+        ))
+        .unwrap();
+    }
+    let store = SqlStore::open(&path).unwrap();
+    let page = store
+        .recommendations(
+            sub(),
+            &VerdictPage {
+                limit: 10,
+                ..Default::default()
+            },
+            at(40),
+        )
+        .await
+        .unwrap();
+    let protected: Vec<(String, bool)> = page
+        .iter()
+        .map(|v| (v.vm.name.to_string(), v.protected))
+        .collect();
+    assert_eq!(
+        protected,
+        [
+            ("vm1".to_owned(), true),
+            ("vm2".to_owned(), true),
+            ("vm3".to_owned(), false)
+        ]
+    );
+    let tabs = store
+        .tab_counts(sub(), &VerdictScope::default(), at(40))
+        .await
+        .unwrap();
+    assert_eq!((tabs.configured, tabs.unsupported), (2, 1));
 }
