@@ -139,6 +139,14 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
+    /// A form's frame: no live refresh (it would replace what is being typed).
+    fn form(s: &Session, title: impl Into<String>) -> Self {
+        Layout {
+            live: false,
+            ..Layout::new(s, title)
+        }
+    }
+
     fn new(s: &Session, title: impl Into<String>) -> Self {
         Layout {
             title: title.into(),
@@ -1535,6 +1543,7 @@ pub(crate) async fn activity_csv(
 
 // ---- port configuration: enable, edit, remove --------------------------------------------
 
+#[derive(Clone)]
 pub(crate) struct PortField {
     pub number: String,
     pub protocol: String,
@@ -1552,6 +1561,39 @@ struct PortsPage {
     ports: Vec<PortField>,
     error: Option<String>,
     submit: String,
+}
+
+/// The port configuration pane: `heading` over `vms`, posting to `action`, with
+/// `ports` in its rows and `error` above them (a refused save keeps what was typed).
+#[allow(clippy::too_many_arguments)]
+fn ports_page(
+    s: &Session,
+    heading: String,
+    action: String,
+    vms: Vec<(String, String)>,
+    ports: Vec<PortField>,
+    error: Option<String>,
+    status: StatusCode,
+    info: Option<ErrorInfo>,
+) -> Response {
+    let mut resp = page(
+        &PortsPage {
+            l: Layout::form(s, "JIT VM access configuration"),
+            heading,
+            action,
+            vms,
+            ports,
+            error,
+            submit: "Save".into(),
+        },
+        status,
+    );
+    attach(&mut resp, s, info);
+    resp
+}
+
+fn enable_heading(n: usize) -> String {
+    format!("Enable JIT on {n} VM{}", if n == 1 { "" } else { "s" })
 }
 
 fn default_ports() -> Vec<PortField> {
@@ -1638,22 +1680,16 @@ fn vm_pairs(ids: &[String]) -> Vec<(String, String)> {
 /// "Enable JIT on N VMs": the port configuration pane, prefilled as the reference's.
 pub(crate) async fn enable_page(s: Session, RawQuery(raw): RawQuery) -> Response {
     let ids = vms_of(raw);
-    let n = ids.len();
-    page(
-        &PortsPage {
-            l: Layout {
-                live: false,
-                ..Layout::new(&s, "JIT VM access configuration")
-            },
-            heading: format!("Enable JIT on {n} VM{}", if n == 1 { "" } else { "s" }),
-            action: "/ui/enable".into(),
-            vms: vm_pairs(&ids),
-            ports: default_ports(),
-            error: (n == 0)
-                .then(|| "Select one or more VMs on the Not configured tab first.".to_owned()),
-            submit: "Save".into(),
-        },
+    ports_page(
+        &s,
+        enable_heading(ids.len()),
+        "/ui/enable".into(),
+        vm_pairs(&ids),
+        default_ports(),
+        ids.is_empty()
+            .then(|| "Select one or more VMs on the Not configured tab first.".to_owned()),
         StatusCode::OK,
+        None,
     )
 }
 
@@ -1669,31 +1705,20 @@ pub(crate) async fn enable(
     let ids: Vec<String> = f.all("vm").into_iter().map(str::to_owned).collect();
     let (fields, rules, error) = ports_from(&f);
     let redo = |error: String, status: StatusCode, info: Option<ErrorInfo>| {
-        let n = ids.len();
-        let mut resp = page(
-            &PortsPage {
-                l: Layout {
-                    live: false,
-                    ..Layout::new(&s, "JIT VM access configuration")
-                },
-                heading: format!("Enable JIT on {n} VM{}", if n == 1 { "" } else { "s" }),
-                action: "/ui/enable".into(),
-                vms: vm_pairs(&ids),
-                ports: if fields.is_empty() {
-                    default_ports()
-                } else {
-                    fields
-                        .iter()
-                        .map(|p| PortField { ..clone_field(p) })
-                        .collect()
-                },
-                error: Some(error),
-                submit: "Save".into(),
+        ports_page(
+            &s,
+            enable_heading(ids.len()),
+            "/ui/enable".into(),
+            vm_pairs(&ids),
+            if fields.is_empty() {
+                default_ports()
+            } else {
+                fields.clone()
             },
+            Some(error),
             status,
-        );
-        attach(&mut resp, &s, info);
-        resp
+            info,
+        )
     };
     if let Some(e) = error {
         return redo(e, StatusCode::BAD_REQUEST, None);
@@ -1710,15 +1735,6 @@ pub(crate) async fn enable(
     {
         Ok(_) => see_other("/?tab=configured"),
         Err(f) => redo(f.text(), f.status, f.info),
-    }
-}
-
-fn clone_field(p: &PortField) -> PortField {
-    PortField {
-        number: p.number.clone(),
-        protocol: p.protocol.clone(),
-        sources: p.sources.clone(),
-        hours: p.hours.clone(),
     }
 }
 
@@ -1771,20 +1787,15 @@ pub(crate) async fn edit_page(
             .collect(),
         None => default_ports(),
     };
-    page(
-        &PortsPage {
-            l: Layout {
-                live: false,
-                ..Layout::new(&s, "JIT VM access configuration")
-            },
-            heading: format!("Port configuration of {}", d.vm.name),
-            action: format!("{}/edit", vm_href(&rg, &name)),
-            vms: vm_pairs(std::slice::from_ref(&d.vm.id)),
-            ports,
-            error: None,
-            submit: "Save".into(),
-        },
+    ports_page(
+        &s,
+        format!("Port configuration of {}", d.vm.name),
+        format!("{}/edit", vm_href(&rg, &name)),
+        vm_pairs(std::slice::from_ref(&d.vm.id)),
+        ports,
+        None,
         StatusCode::OK,
+        None,
     )
 }
 
@@ -1805,23 +1816,16 @@ pub(crate) async fn edit(
         Err(f) => return failed(&s, f),
     };
     let redo = |error: String, status: StatusCode, info: Option<ErrorInfo>| {
-        let mut resp = page(
-            &PortsPage {
-                l: Layout {
-                    live: false,
-                    ..Layout::new(&s, "JIT VM access configuration")
-                },
-                heading: format!("Port configuration of {}", d.vm.name),
-                action: format!("{}/edit", vm_href(&rg, &name)),
-                vms: vm_pairs(std::slice::from_ref(&d.vm.id)),
-                ports: fields.iter().map(clone_field).collect(),
-                error: Some(error),
-                submit: "Save".into(),
-            },
+        ports_page(
+            &s,
+            format!("Port configuration of {}", d.vm.name),
+            format!("{}/edit", vm_href(&rg, &name)),
+            vm_pairs(std::slice::from_ref(&d.vm.id)),
+            fields.clone(),
+            Some(error),
             status,
-        );
-        attach(&mut resp, &s, info);
-        resp
+            info,
+        )
     };
     if let Some(e) = error {
         return redo(e, StatusCode::BAD_REQUEST, None);
@@ -1882,10 +1886,7 @@ pub(crate) async fn remove_page(
     };
     page(
         &RemovePage {
-            l: Layout {
-                live: false,
-                ..Layout::new(&s, "Remove JIT")
-            },
+            l: Layout::form(&s, "Remove JIT"),
             name: d.vm.name.clone(),
             href: vm_href(&rg, &name),
             action: format!("{}/remove", vm_href(&rg, &name)),
@@ -2022,10 +2023,7 @@ pub(crate) async fn request_page(
     match request_rows(&state, &s, &ids).await {
         Ok(rows) => page(
             &RequestPageT {
-                l: Layout {
-                    live: false,
-                    ..Layout::new(&s, "Request access")
-                },
+                l: Layout::form(&s, "Request access"),
                 my_ip: s.ip.to_string(),
                 ipv6: s.ip.is_ipv6(),
                 vms: rows.into_iter().map(|(r, _)| r).collect(),
@@ -2112,10 +2110,7 @@ pub(crate) async fn request(
                 rows: Vec<(RequestVmRow, String)>| {
         let mut resp = page(
             &RequestPageT {
-                l: Layout {
-                    live: false,
-                    ..Layout::new(&s, "Request access")
-                },
+                l: Layout::form(&s, "Request access"),
                 my_ip: s.ip.to_string(),
                 ipv6: s.ip.is_ipv6(),
                 vms: rows.into_iter().map(|(r, _)| r).collect(),
@@ -2336,10 +2331,7 @@ async fn access_view(
         .collect();
     let mut resp = page(
         &AccessPage {
-            l: Layout {
-                live: false,
-                ..Layout::new(s, "Access")
-            },
+            l: Layout::form(s, "Access"),
             scope,
             assignments,
             mappings,

@@ -141,15 +141,12 @@ async fn sign_in(c: &Client, base: &str, token: &str) {
     );
     fill(c, "#token", token).await;
     click(c, "#signin-submit").await;
-    c.wait()
-        .for_element(Locator::Css("#tab-configured"))
-        .await
-        .unwrap();
+    wait_element(c, "#tab-configured").await;
 }
 
 async fn sign_out(c: &Client) {
     click(c, "form.who button").await;
-    c.wait().for_element(Locator::Css("#token")).await.unwrap();
+    wait_element(c, "#token").await;
 }
 
 /// Waits (up to 10 s, without navigating) until `css` matches on the page.
@@ -161,6 +158,17 @@ async fn wait_element(c: &Client, css: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{css} did not appear on the page within 10 s");
+}
+
+/// From the Configured tab: vm1 ticked, Request access, every port but 22 switched
+/// off.
+async fn request_port_22(c: &Client) {
+    click(c, "#configured tr[data-vm='vm1'] input[name=vm]").await;
+    click(c, "#request-access").await;
+    wait_element(c, "#request-form").await;
+    for port in ["3389", "5985", "5986", "2222"] {
+        click(c, &format!("#on-0\\.{port}")).await;
+    }
 }
 
 /// The number in a tab's badge.
@@ -207,10 +215,7 @@ fn the_dashboard_in_a_real_browser() {
 
         // Not configured → select vm1 → "Enable JIT on 1 VM" → the pane's defaults.
         click(&c, "#tab-not-configured").await;
-        c.wait()
-            .for_element(Locator::Css("#not-configured"))
-            .await
-            .unwrap();
+        wait_element(&c, "#not-configured").await;
         let button = c.find(Locator::Css("#enable-jit")).await.unwrap();
         assert!(
             !button.is_enabled().await.unwrap(),
@@ -220,10 +225,7 @@ fn the_dashboard_in_a_real_browser() {
         assert_eq!(text(&c, "#enable-jit").await, "Enable JIT on 1 VM");
         shot(&c, "02-not-configured").await;
         click(&c, "#enable-jit").await;
-        c.wait()
-            .for_element(Locator::Css("#ports-form"))
-            .await
-            .unwrap();
+        wait_element(&c, "#ports-form").await;
         assert_eq!(text(&c, "#pane-heading").await, "Enable JIT on 1 VM");
         let ports: Vec<String> = {
             let mut v = Vec::new();
@@ -239,10 +241,7 @@ fn the_dashboard_in_a_real_browser() {
         rows[rows.len() - 2].send_keys("2222").await.unwrap();
         shot(&c, "03-enable-pane").await;
         click(&c, "#save").await;
-        c.wait()
-            .for_element(Locator::Css("#configured"))
-            .await
-            .unwrap();
+        wait_element(&c, "#configured").await;
         assert_eq!(count(&c, "configured").await, 1);
         assert_eq!(count(&c, "not-configured").await, 0);
         let pid = lab.vm_view()["policy"].as_str().unwrap().to_owned();
@@ -260,16 +259,8 @@ fn the_dashboard_in_a_real_browser() {
 
         // Request access with My IP for port 22 only, 30 minutes, a hostile
         // justification.
-        click(&c, "#configured tr[data-vm='vm1'] input[name=vm]").await;
-        click(&c, "#request-access").await;
-        c.wait()
-            .for_element(Locator::Css("#request-form"))
-            .await
-            .unwrap();
+        request_port_22(&c).await;
         assert_eq!(text(&c, "#my-ip").await, lab.a.v4.to_string());
-        for port in ["3389", "5985", "5986", "2222"] {
-            click(&c, &format!("#on-0\\.{port}")).await;
-        }
         let slider = c
             .find(Locator::Css("input[name='min.0.22']"))
             .await
@@ -283,10 +274,7 @@ fn the_dashboard_in_a_real_browser() {
         .await;
         shot(&c, "05-request-access").await;
         click(&c, "#open-ports").await;
-        c.wait()
-            .for_element(Locator::Css("#connect .grant"))
-            .await
-            .unwrap();
+        wait_element(&c, "#connect .grant").await;
         lab.a.wait_tcp_open(ssh, Duration::from_secs(5));
         assert!(
             !lab.b.tcp_open(ssh),
@@ -320,10 +308,7 @@ fn the_dashboard_in_a_real_browser() {
         // Revoke from the Connect card: the port closes at once.
         c.goto(&format!("{base}/ui/vms/{RG}/{VM}")).await.unwrap();
         click(&c, "#revoke-22").await;
-        c.wait()
-            .for_element(Locator::Css("#connect .empty"))
-            .await
-            .unwrap();
+        wait_element(&c, "#connect .empty").await;
         lab.a.wait_tcp_closed(ssh, Duration::from_secs(5));
 
         // Live: a grant made elsewhere (the API) appears on the open page without a
@@ -404,10 +389,7 @@ fn the_dashboard_in_a_real_browser() {
             .unwrap();
         fill(&c, "#add-principal", "dave").await;
         click(&c, "#add-submit").await;
-        c.wait()
-            .for_element(Locator::Css("#assignments"))
-            .await
-            .unwrap();
+        wait_element(&c, "#assignments").await;
         assert!(text(&c, "#assignments").await.contains("dave"));
         shot(&c, "09-access").await;
         // An approval rule on the resource group, and an approver.
@@ -437,21 +419,10 @@ fn the_dashboard_in_a_real_browser() {
         sign_in(&c, &base, &dave).await;
         assert_eq!(count(&c, "configured").await, 1);
         assert_eq!(count(&c, "unsupported").await, 0, "vm2 is not his to see");
-        click(&c, "#configured tr[data-vm='vm1'] input[name=vm]").await;
-        click(&c, "#request-access").await;
-        c.wait()
-            .for_element(Locator::Css("#request-form"))
-            .await
-            .unwrap();
-        for port in ["3389", "5985", "5986", "2222"] {
-            click(&c, &format!("#on-0\\.{port}")).await;
-        }
+        request_port_22(&c).await;
         fill(&c, "#justification", "deploy").await;
         click(&c, "#open-ports").await;
-        c.wait()
-            .for_element(Locator::Css("#connect"))
-            .await
-            .unwrap();
+        wait_element(&c, "#connect").await;
         assert!(!lab.a.tcp_open(ssh), "pending: still closed");
         c.goto(&format!("{base}/?tab=requests")).await.unwrap();
         assert!(text(&c, "#requests").await.contains("Pending"));
@@ -465,10 +436,7 @@ fn the_dashboard_in_a_real_browser() {
         fill(&c, "#requests input[name=reason]", "ok for tonight").await;
         shot(&c, "10-approve").await;
         click(&c, "#requests button[value=approve]").await;
-        c.wait()
-            .for_element(Locator::Css("#requests"))
-            .await
-            .unwrap();
+        wait_element(&c, "#requests").await;
         lab.a.wait_tcp_open(ssh, Duration::from_secs(5));
         c.goto(&format!("{base}/?tab=requests&view=all"))
             .await
