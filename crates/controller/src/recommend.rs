@@ -56,7 +56,8 @@ fn rg_query(q: &HashMap<String, String>) -> ApiResult<Option<ResourceGroup>> {
 #[utoipa::path(get, path = "/api/v1/recommendations", tag = "recommendations",
     params(("verdict" = Option<String>, Query, pattern = "^(Healthy|Unhealthy|NotApplicable)$", description = "Healthy, Unhealthy or NotApplicable"), ("resourceGroup" = Option<String>, Query),
         ("tab" = Option<String>, Query, pattern = "^(configured|notConfigured|unsupported)$", description = "Only the VMs of one of the dashboard's tabs: configured (a policy protects it), notConfigured (no policy, JIT possible), unsupported (no policy, NotApplicable)"),
-        ("search" = Option<String>, Query, description = "Only VMs whose resource group or name contains this (case-insensitive; 1-80 characters)"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 5000, description = "Page size, 1-5000 (default 1000)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
+        ("search" = Option<String>, Query, description = "Only VMs whose resource group or name contains this (case-insensitive; 1-80 characters)"),
+        ("tabs" = Option<bool>, Query, description = "With the first page: count the dashboard's tabs too (`tabs`)"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 5000, description = "Page size, 1-5000 (default 1000)"), ("continuationToken" = Option<String>, Query, description = "From the previous page")),
     responses((status = 200, body = jitgate_proto::api::RecommendationPage)))]
 pub async fn list(
     State(state): State<AppState>,
@@ -100,6 +101,7 @@ pub async fn list(
     let limit = crate::params::count_param(&q, "limit", 1000, 5000)?;
     let after = crate::params::after_continuation(&q)?;
     let with_summary = after.is_none();
+    let with_tabs = with_summary && crate::params::flag_param(&q, "tabs")?;
     let now = state.clock.now();
     let sub = state.default_subscription();
     let scope = VerdictScope {
@@ -130,20 +132,25 @@ pub async fn list(
     page.truncate(limit);
     let (summary, tabs) = if with_summary {
         let counts = state.store.verdict_counts(sub, &scope, now).await?;
-        let t = state.store.tab_counts(sub, &scope, now).await?;
-        (
-            Some(VerdictCounts {
-                healthy: counts.get(Verdict::Healthy),
-                unhealthy: counts.get(Verdict::Unhealthy),
-                not_applicable: counts.get(Verdict::NotApplicable),
-            }),
+        let tabs = if with_tabs {
+            let t = state.store.tab_counts(sub, &scope, now).await?;
             Some(jitgate_proto::api::TabCounts {
                 configured: t.configured,
                 not_configured: t.not_configured,
                 unsupported: t.unsupported,
                 agents_offline: t.agents_offline,
                 drift: t.drift,
+            })
+        } else {
+            None
+        };
+        (
+            Some(VerdictCounts {
+                healthy: counts.get(Verdict::Healthy),
+                unhealthy: counts.get(Verdict::Unhealthy),
+                not_applicable: counts.get(Verdict::NotApplicable),
             }),
+            tabs,
         )
     } else {
         (None, None)

@@ -586,7 +586,8 @@ pub struct RecommendationPage {
     /// On the first page only (no continuation token given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<VerdictCounts>,
-    /// On the first page only: how many VMs are on each of the dashboard's tabs.
+    /// On the first page, when asked (`tabs=true`): how many VMs are on each of the
+    /// dashboard's tabs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tabs: Option<TabCounts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -715,7 +715,8 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
     // The tabs' counts (aggregates in the store), then the shown tab's VMs with their
     // verdicts: all of them when few enough to sort as a whole, else a page at a
     // time in key order (resource group, name).
-    let first: RecommendationPage = get(state, s, "/api/v1/recommendations?limit=1").await?;
+    let first: RecommendationPage =
+        get(state, s, "/api/v1/recommendations?limit=1&tabs=true").await?;
     let tabs = first.tabs.unwrap_or_default();
     let (tab_param, tab_total) = match tab {
         Tab::Configured => (Some("configured"), tabs.configured),

@@ -789,7 +789,15 @@ async fn a_tab_of_more_than_a_thousand_vms_is_read_a_page_at_a_time() {
         found.html
     );
     // Bad parameters of the list name themselves.
-    for (query, field) in [("tab=bogus", "tab"), ("search=", "search")] {
+    let plain = ctl.get("/api/v1/recommendations?limit=1").await;
+    assert!(plain.body.get("tabs").is_none(), "counted only when asked");
+    let counted = ctl.get("/api/v1/recommendations?limit=1&tabs=true").await;
+    assert_eq!(counted.body["tabs"]["unsupported"], 1005);
+    for (query, field) in [
+        ("tab=bogus", "tab"),
+        ("search=", "search"),
+        ("tabs=maybe", "tabs"),
+    ] {
         let r = ctl.get(&format!("/api/v1/recommendations?{query}")).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}");
         assert_eq!(r.body["error"]["target"], field, "{query}");
