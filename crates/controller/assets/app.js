@@ -83,8 +83,11 @@ function live() {
   if (!url) return;
   var seen = null;
   var busy = false;
+  var last = 0;
+  var stopped = false;
   function poll() {
-    if (busy || document.hidden) return;
+    // At most one refresh every 5 s, whatever happens in the log meanwhile.
+    if (stopped || busy || document.hidden || Date.now() - last < 5000) return;
     busy = true;
     fetch(url, { credentials: "same-origin", cache: "no-store" })
       .then(function (r) { return r.ok ? r.json() : null; })
@@ -93,8 +96,13 @@ function live() {
         if (seen === null) { seen = j.v; return null; }
         if (j.v === seen) return null;
         seen = j.v;
+        last = Date.now();
         return fetch(location.href, { credentials: "same-origin", cache: "no-store" })
-          .then(function (r) { return r.ok ? r.text() : null; })
+          .then(function (r) {
+            // A page that can no longer be shown is not asked for again.
+            if (!r.ok) { stopped = true; return null; }
+            return r.text();
+          })
           .then(function (html) {
             if (!html) return;
             var doc = new DOMParser().parseFromString(html, "text/html");
@@ -113,7 +121,7 @@ function live() {
       .then(function () { busy = false; });
   }
   poll();
-  setInterval(poll, 2000);
+  setInterval(poll, 1000);
 }
 
 document.addEventListener("DOMContentLoaded", function () {

@@ -324,10 +324,20 @@ fn same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), &'static str
         return Ok(());
     };
     let origin = origin.to_str().map_err(|_| "its Origin is not readable")?;
+    // Behind a proxy that terminates TLS the browser's origin is https:// while this
+    // controller serves plain HTTP: the same host under either scheme is ours there.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let proxied = !state.trusted_proxies.is_empty()
+        && !host.is_empty()
+        && (origin == format!("https://{host}") || origin == format!("http://{host}"));
     let ours = match &state.oidc {
         Some(oidc) => oidc.config.origin() == origin,
         None => false,
-    } || origin == crate::base_url(state, headers);
+    } || origin == crate::base_url(state, headers)
+        || proxied;
     if ours {
         Ok(())
     } else {

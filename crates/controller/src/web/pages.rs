@@ -23,6 +23,8 @@ use crate::error::ErrorInfo;
 
 /// Rows of a list shown at once.
 const PAGE: usize = 50;
+/// The most VMs one page or form acts on.
+const MAX_VMS: usize = 100;
 /// A tab with at most this many VMs is read whole (sorted by any column, paged here);
 /// a larger one a page at a time in key order.
 const IN_MEMORY: u64 = 1000;
@@ -187,7 +189,8 @@ struct ErrorPage {
 fn failed(s: &Session, f: Failed) -> Response {
     let mut resp = page(
         &ErrorPage {
-            l: Layout::new(s, "Something went wrong"),
+            // No live refresh: refetching a refused page would only be refused again.
+            l: Layout::form(s, "Something went wrong"),
             message: f.text(),
         },
         f.status,
@@ -214,32 +217,45 @@ fn see_other(to: &str) -> Response {
     resp
 }
 
-/// A form's fields, repeated names kept in order.
-pub(crate) struct Form(Vec<(String, String)>);
+/// A form's fields: each name's values in order, found by name in one lookup.
+pub(crate) struct Form(HashMap<String, Vec<String>>);
 
 impl Form {
     fn parse(body: &[u8]) -> Form {
-        Form(
-            url::form_urlencoded::parse(body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect(),
-        )
+        let mut fields: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, v) in url::form_urlencoded::parse(body) {
+            fields
+                .entry(k.into_owned())
+                .or_default()
+                .push(v.into_owned());
+        }
+        Form(fields)
     }
 
     fn one(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.0.get(name).and_then(|v| v.first()).map(String::as_str)
     }
 
     fn all(&self, name: &str) -> Vec<&str> {
         self.0
-            .iter()
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
+            .get(name)
+            .map(|v| v.iter().map(String::as_str).collect())
+            .unwrap_or_default()
     }
+}
+
+/// The VMs a form or query names: each once, at most [`MAX_VMS`].
+fn distinct_vms<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for id in ids {
+        if out.len() == MAX_VMS {
+            break;
+        }
+        if !out.iter().any(|o| o.eq_ignore_ascii_case(id)) {
+            out.push(id.to_owned());
+        }
+    }
+    out
 }
 
 /// A form from its body, after its CSRF token is checked.
@@ -314,6 +330,13 @@ pub(crate) async fn signin(
     // controller's page.
     if let Err(why) = super::same_origin(&state, &headers) {
         return Refused::Forged(why).into_response();
+    }
+    let same_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"same-origin");
+    if !headers.contains_key(header::ORIGIN) && !same_site {
+        return Refused::Forged("it carries no Origin (browsers send one with every form)")
+            .into_response();
     }
     let refuse = |message: String, status: StatusCode| {
         let mut resp = page(
@@ -395,9 +418,11 @@ pub(crate) async fn signout(
 
 /// A cheap answer the pages poll: the audit log's newest sequence number changes with
 /// every grant, request and policy change.
-pub(crate) async fn live(axum::extract::State(state): St, _s: Session) -> Response {
+pub(crate) async fn live(axum::extract::State(state): St, s: Session) -> Response {
     let seq = state.store.audit_tail().await.map(|(s, _)| s).unwrap_or(0);
-    let mut resp = axum::Json(json!({ "v": seq })).into_response();
+    // Opaque: it says that something changed, not how many events the log holds.
+    let v = crate::auth::sha256_hex(&format!("{}:{seq}", s.csrf));
+    let mut resp = axum::Json(json!({ "v": &v[..16] })).into_response();
     super::secure_headers(&mut resp);
     resp
 }
@@ -413,6 +438,15 @@ pub(crate) enum Tab {
 }
 
 impl Tab {
+    fn as_param(self) -> &'static str {
+        match self {
+            Tab::Configured => "configured",
+            Tab::NotConfigured => "not-configured",
+            Tab::Unsupported => "unsupported",
+            Tab::Requests => "requests",
+        }
+    }
+
     fn parse(s: Option<&str>) -> Tab {
         match s {
             Some("not-configured") => Tab::NotConfigured,
@@ -1104,7 +1138,7 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
         next_href: server_next.map(|t| {
             format!(
                 "/?tab={}&q={}&after={}",
-                q.tab.as_deref().unwrap_or("configured"),
+                tab.as_param(),
                 url_component(&search),
                 url_component(&t)
             )
@@ -1340,23 +1374,11 @@ async fn vm_inner(
         }
         None => (Vec::new(), 0, String::new()),
     };
-    // The activity log, filtered to this VM (needs the right to read the audit log).
-    let audit_uri = format!(
-        "/api/v1/audit?vm={}&limit=500{}",
-        url_component(&d.vm.name),
-        audit_range(q)
-    );
-    let (activity, activity_error) = match get::<AuditPage>(state, s, &audit_uri).await {
-        Ok(p) => (
-            Some(
-                p.value
-                    .iter()
-                    .rev()
-                    .filter(|e| mentions_vm(e, &d.vm.id, &d.vm.name))
-                    .take(200)
-                    .map(activity_row)
-                    .collect(),
-            ),
+    // The activity log of this VM, newest first (needs the right to read the audit
+    // log): the API's text filter, then this VM's events exactly.
+    let (activity, activity_error) = match vm_events(state, s, &d.vm.id, &d.vm.name, q).await {
+        Ok(events) => (
+            Some(events.iter().rev().take(200).map(activity_row).collect()),
             String::new(),
         ),
         Err(f) => (None, f.text()),
@@ -1429,13 +1451,60 @@ async fn vm_inner(
 }
 
 /// Whether an audit event is about this VM (its id, or its name as a whole segment).
-fn mentions_vm(e: &jitgate_proto::api::AuditEvent, id: &str, name: &str) -> bool {
-    let hay = format!("{} {}", e.target, e.details).to_ascii_lowercase();
-    hay.contains(&id.to_ascii_lowercase())
-        || e.target
-            .rsplit('/')
-            .next()
-            .is_some_and(|last| last.eq_ignore_ascii_case(name))
+/// Whether an audit event is about the VM `id`: its target is the VM, or its details
+/// name the VM's id as a whole JSON string (not as the prefix of another's).
+fn mentions_vm(target: &str, details: &str, id: &str) -> bool {
+    target.eq_ignore_ascii_case(id)
+        || details
+            .to_ascii_lowercase()
+            .contains(&format!("\"{}\"", id.to_ascii_lowercase()))
+}
+
+/// The most audit events read for one VM's log (pages of 1,000, oldest first).
+const VM_EVENTS: usize = 20;
+
+/// The VM's events in the asked time range (default: the last 7 days), oldest first,
+/// the newest kept when there are more than fit.
+async fn vm_events(
+    state: &AppState,
+    s: &Session,
+    id: &str,
+    name: &str,
+    q: &VmQuery,
+) -> Result<Vec<jitgate_proto::api::AuditEvent>, Failed> {
+    let mut range = audit_range(q);
+    if q.since.as_deref().is_none_or(str::is_empty) {
+        let week = state
+            .clock
+            .now()
+            .checked_sub(jiff::SignedDuration::from_hours(24 * 7))
+            .unwrap_or(state.clock.now());
+        range.push_str(&format!("&since={}", url_component(&week.to_string())));
+    }
+    let uri = format!("/api/v1/audit?vm={}&limit=1000{range}", url_component(name));
+    let mut out: std::collections::VecDeque<jitgate_proto::api::AuditEvent> =
+        std::collections::VecDeque::new();
+    let mut next: Option<String> = None;
+    for _ in 0..VM_EVENTS {
+        let page_uri = match &next {
+            Some(t) => format!("{uri}&continuationToken={}", url_component(t)),
+            None => uri.clone(),
+        };
+        let page: AuditPage = get(state, s, &page_uri).await?;
+        for e in page.value {
+            if mentions_vm(&e.target, &e.details.to_string(), id) {
+                if out.len() == 1000 {
+                    out.pop_front();
+                }
+                out.push_back(e);
+            }
+        }
+        next = page.continuation_token;
+        if next.is_none() {
+            break;
+        }
+    }
+    Ok(out.into())
 }
 
 fn activity_row(e: &jitgate_proto::api::AuditEvent) -> ActivityRow {
@@ -1499,7 +1568,20 @@ pub(crate) async fn activity_csv(
         .await
     {
         Ok((status, bytes, _)) if status.is_success() => {
-            let mut resp = bytes.into_response();
+            let rows = match only_vm_rows(&bytes, &d.vm.id) {
+                Ok(r) => r,
+                Err(e) => {
+                    return failed(
+                        &s,
+                        Failed {
+                            status: StatusCode::INTERNAL_SERVER_ERROR,
+                            info: None,
+                            message: format!("cannot filter the activity log: {e}"),
+                        },
+                    );
+                }
+            };
+            let mut resp = rows.into_response();
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/csv; charset=utf-8"),
@@ -1540,6 +1622,29 @@ pub(crate) async fn activity_csv(
             },
         ),
     }
+}
+
+/// The rows of the API's CSV export that are about the VM `id` (the header kept).
+fn only_vm_rows(csv_bytes: &[u8], id: &str) -> Result<Vec<u8>, csv::Error> {
+    let mut r = csv::Reader::from_reader(csv_bytes);
+    let header = r.headers()?.clone();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (Some(target), Some(details)) = (col("target"), col("details")) else {
+        return Ok(csv_bytes.to_vec());
+    };
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(&header)?;
+    for row in r.records() {
+        let row = row?;
+        if mentions_vm(
+            row.get(target).unwrap_or(""),
+            row.get(details).unwrap_or(""),
+            id,
+        ) {
+            w.write_record(&row)?;
+        }
+    }
+    w.into_inner().map_err(|e| csv::Error::from(e.into_error()))
 }
 
 // ---- port configuration: enable, edit, remove --------------------------------------------
@@ -1635,7 +1740,8 @@ fn ports_from(f: &Form) -> (Vec<PortField>, Vec<Value>, Option<String>) {
             .parse::<f64>()
             .ok()
             .filter(|h| h.is_finite() && *h > 0.0)
-            .map(|h| (h * 60.0).round() as i64);
+            // Far past any policy's maximum: the API names the field.
+            .map(|h| (h.min(100_000.0) * 60.0).round() as i64);
         if number.is_none() && error.is_none() {
             error = Some(format!("port: '{}' is not a port number", field.number));
         }
@@ -1667,11 +1773,8 @@ fn ports_from(f: &Form) -> (Vec<PortField>, Vec<Value>, Option<String>) {
 }
 
 fn vms_of(raw: Option<String>) -> Vec<String> {
-    url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-        .filter(|(k, _)| k == "vm")
-        .map(|(_, v)| v.into_owned())
-        .take(1000)
-        .collect()
+    let f = Form::parse(raw.unwrap_or_default().as_bytes());
+    distinct_vms(f.all("vm"))
 }
 
 fn vm_pairs(ids: &[String]) -> Vec<(String, String)> {
@@ -1703,7 +1806,7 @@ pub(crate) async fn enable(
         Ok(f) => f,
         Err(r) => return r.into_response(),
     };
-    let ids: Vec<String> = f.all("vm").into_iter().map(str::to_owned).collect();
+    let ids = distinct_vms(f.all("vm"));
     let (fields, rules, error) = ports_from(&f);
     let redo = |error: String, status: StatusCode, info: Option<ErrorInfo>| {
         ports_page(
@@ -1957,6 +2060,10 @@ pub(crate) struct RequestPortRow {
     pub max_minutes: i64,
     pub default_minutes: i64,
     pub max: String,
+    /// What the form had (a refused request is shown again as it was filled in).
+    pub on: bool,
+    pub src: String,
+    pub range: String,
 }
 
 #[derive(Template)]
@@ -2005,6 +2112,9 @@ async fn request_rows(
                         max_minutes: r.max_minutes,
                         default_minutes: r.max_minutes.min(60),
                         max: r.max.clone(),
+                        on: true,
+                        src: "myip".into(),
+                        range: String::new(),
                     })
                     .collect(),
             },
@@ -2039,6 +2149,34 @@ pub(crate) async fn request_page(
     }
 }
 
+/// A VM's port rows as the refused form had them: what was switched on, which source,
+/// the range and the time asked for.
+fn refill(mut vm: RequestVmRow, f: &Form) -> RequestVmRow {
+    let on = f.all("on");
+    for p in &mut vm.ports {
+        p.on = on.contains(&p.key.as_str());
+        if let Some(src) = f
+            .one(&format!("src.{}", p.key))
+            .filter(|v| matches!(*v, "myip" | "range" | "any"))
+        {
+            p.src = src.to_owned();
+        }
+        p.range = f
+            .one(&format!("range.{}", p.key))
+            .unwrap_or("")
+            .chars()
+            .take(100)
+            .collect();
+        if let Some(m) = f
+            .one(&format!("min.{}", p.key))
+            .and_then(|m| m.trim().parse::<i64>().ok())
+        {
+            p.default_minutes = m.clamp(5, p.max_minutes.max(5));
+        }
+    }
+    vm
+}
+
 /// Initiates the request: one per policy, through Azure's initiate action.
 pub(crate) async fn request(
     axum::extract::State(state): St,
@@ -2049,7 +2187,7 @@ pub(crate) async fn request(
         Ok(f) => f,
         Err(r) => return r.into_response(),
     };
-    let ids: Vec<String> = f.all("vm").into_iter().map(str::to_owned).collect();
+    let ids = distinct_vms(f.all("vm"));
     let rows = match request_rows(&state, &s, &ids).await {
         Ok(r) => r,
         Err(e) => return failed(&s, e),
@@ -2092,7 +2230,7 @@ pub(crate) async fn request(
             ports.push(json!({
                 "number": p.number,
                 "allowedSourceAddressPrefix": source,
-                "duration": jitgate_core::duration::format_iso8601_secs(minutes * 60),
+                "duration": jitgate_core::duration::format_iso8601_secs(minutes.saturating_mul(60)),
             }));
         }
         if !ports.is_empty() {
@@ -2114,7 +2252,7 @@ pub(crate) async fn request(
                 l: Layout::form(&s, "Request access"),
                 my_ip: s.ip.to_string(),
                 ipv6: s.ip.is_ipv6(),
-                vms: rows.into_iter().map(|(r, _)| r).collect(),
+                vms: rows.into_iter().map(|(r, _)| refill(r, &f)).collect(),
                 error: Some(error),
                 justification: justification.clone(),
             },
@@ -2268,9 +2406,16 @@ async fn access_view(
             Err(f) => return failed(s, f),
         };
     let _: Option<RoleAssignmentPage> = None;
+    // The sign-in group mappings are configuration: shown to those who manage roles.
+    let manages = s
+        .who
+        .assignments
+        .iter()
+        .any(|a| a.principal == s.who.name && a.role.permits(Action::RoleAssignmentWrite));
     let mappings: Vec<MappingRow> = state
         .oidc
         .as_ref()
+        .filter(|_| manages)
         .map(|o| {
             o.config
                 .roles

@@ -191,6 +191,16 @@ async fn a_browser_without_a_session_is_sent_to_sign_in_and_a_wrong_token_is_ref
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert!(r.headers().get(SET_COOKIE).is_none());
+    // ... nor a form without any Origin (browsers always send one).
+    let r = http
+        .post(format!("{}/ui/signin", ctl.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(encode(&[("token", OWNER)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(r.headers().get(SET_COOKIE).is_none());
     // A cookie with a wrong or revoked credential: 401, the cookie cleared, audited
     // like any refused credential.
     let r = http
@@ -441,6 +451,18 @@ async fn a_requester_requests_with_my_ip_sees_the_grant_and_revokes_and_cannot_c
         )
         .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    // Shown again as it was filled in: 3389 on, 22 off.
+    assert!(
+        bad.html
+            .contains("value=\"0.3389\" checked id=\"on-0.3389\""),
+        "{}",
+        bad.html
+    );
+    assert!(
+        bad.html.contains("value=\"0.22\" id=\"on-0.22\""),
+        "{}",
+        bad.html
+    );
     assert!(
         bad.html
             .contains("time of port 3389 on web-1: choose 1 to 60 minutes"),
@@ -592,7 +614,9 @@ async fn an_approver_approves_from_the_requests_tab_and_the_activity_log_downloa
         all.html
     );
 
-    // The activity log of the VM, in the page and as CSV (the owner reads the log).
+    // The activity log of the VM, in the page and as CSV (the owner reads the log);
+    // another VM whose name starts the same is not in it.
+    ctl.register("prod", "web-10").await;
     let o = Browser::sign_in(&ctl, OWNER).await;
     let vm = o.get("/ui/vms/prod/web-1").await;
     assert!(vm.html.contains("request.initiate"), "{}", vm.html);
@@ -611,6 +635,11 @@ async fn an_approver_approves_from_the_requests_tab_and_the_activity_log_downloa
         records
             .iter()
             .any(|r| &r[action] == "request.initiate" && &r[actor] == "alice"),
+        "{records:?}"
+    );
+    let target = header.iter().position(|h| h == "target").unwrap();
+    assert!(
+        records.iter().all(|r| !r[target].ends_with("/web-10")),
         "{records:?}"
     );
     assert!(
