@@ -258,11 +258,35 @@ fn distinct_vms<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     out
 }
 
-/// A form from its body, after its CSRF token is checked.
-async fn form(s: &Session, body: axum::body::Bytes) -> Result<Form, Refused> {
-    let f = Form::parse(&body);
-    s.check_csrf(f.one("csrf").unwrap_or(""))?;
-    Ok(f)
+/// A form posted by a signed-in browser from this controller's page: its session
+/// (the `Origin` checked) and its fields, after its CSRF token is checked.
+pub(crate) struct Posted {
+    s: Session,
+    f: Form,
+}
+
+impl axum::extract::FromRequest<AppState> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let s = <Session as axum::extract::FromRequestParts<AppState>>::from_request_parts(
+            &mut parts, state,
+        )
+        .await
+        .map_err(IntoResponse::into_response)?;
+        let req = axum::extract::Request::from_parts(parts, body);
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let f = Form::parse(&body);
+        s.check_csrf(f.one("csrf").unwrap_or(""))
+            .map_err(IntoResponse::into_response)?;
+        Ok(Posted { s, f })
+    }
 }
 
 /// A path on this controller to go back to (never elsewhere).
@@ -395,14 +419,7 @@ pub(crate) async fn signin(
 }
 
 /// Signs the browser out: its cookie is cleared, and a sign-in's credential revoked.
-pub(crate) async fn signout(
-    axum::extract::State(state): St,
-    s: Session,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Err(r) = form(&s, body).await {
-        return r.into_response();
-    }
+pub(crate) async fn signout(axum::extract::State(state): St, Posted { s, .. }: Posted) -> Response {
     if s.who.signed_in.is_some() && !s.who.provider_token {
         let audit = s.who.audit_ctx(s.ip, state.clock.now());
         if let Err(e) = state.store.revoke_token(&s.who.token_id, audit).await {
@@ -1797,15 +1814,7 @@ pub(crate) async fn enable_page(s: Session, RawQuery(raw): RawQuery) -> Response
     )
 }
 
-pub(crate) async fn enable(
-    axum::extract::State(state): St,
-    s: Session,
-    body: axum::body::Bytes,
-) -> Response {
-    let f = match form(&s, body).await {
-        Ok(f) => f,
-        Err(r) => return r.into_response(),
-    };
+pub(crate) async fn enable(axum::extract::State(state): St, Posted { s, f }: Posted) -> Response {
     let ids = distinct_vms(f.all("vm"));
     let (fields, rules, error) = ports_from(&f);
     let redo = |error: String, status: StatusCode, info: Option<ErrorInfo>| {
@@ -1906,14 +1915,9 @@ pub(crate) async fn edit_page(
 /// Saves the VM's port configuration into its policy (or enables JIT on it).
 pub(crate) async fn edit(
     axum::extract::State(state): St,
-    s: Session,
     Path((rg, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    Posted { s, f }: Posted,
 ) -> Response {
-    let f = match form(&s, body).await {
-        Ok(f) => f,
-        Err(r) => return r.into_response(),
-    };
     let (fields, rules, error) = ports_from(&f);
     let (d, policy) = match vm_policy(&state, &s, &rg, &name).await {
         Ok(x) => x,
@@ -2003,13 +2007,9 @@ pub(crate) async fn remove_page(
 /// Takes the VM out of its policy (the policy is deleted with its last VM).
 pub(crate) async fn remove(
     axum::extract::State(state): St,
-    s: Session,
     Path((rg, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    Posted { s, .. }: Posted,
 ) -> Response {
-    if let Err(r) = form(&s, body).await {
-        return r.into_response();
-    }
     let (d, policy) = match vm_policy(&state, &s, &rg, &name).await {
         Ok(x) => x,
         Err(f) => return failed(&s, f),
@@ -2178,15 +2178,7 @@ fn refill(mut vm: RequestVmRow, f: &Form) -> RequestVmRow {
 }
 
 /// Initiates the request: one per policy, through Azure's initiate action.
-pub(crate) async fn request(
-    axum::extract::State(state): St,
-    s: Session,
-    body: axum::body::Bytes,
-) -> Response {
-    let f = match form(&s, body).await {
-        Ok(f) => f,
-        Err(r) => return r.into_response(),
-    };
+pub(crate) async fn request(axum::extract::State(state): St, Posted { s, f }: Posted) -> Response {
     let ids = distinct_vms(f.all("vm"));
     let rows = match request_rows(&state, &s, &ids).await {
         Ok(r) => r,
@@ -2296,14 +2288,9 @@ pub(crate) async fn request(
 /// Approve, deny, cancel, review or revoke a request, with a reason.
 pub(crate) async fn decide(
     axum::extract::State(state): St,
-    s: Session,
     Path((id, action)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    Posted { s, f }: Posted,
 ) -> Response {
-    let f = match form(&s, body).await {
-        Ok(f) => f,
-        Err(r) => return r.into_response(),
-    };
     if !matches!(
         action.as_str(),
         "approve" | "deny" | "cancel" | "review" | "revoke"
@@ -2506,15 +2493,7 @@ pub(crate) async fn access_page(
 }
 
 /// Adds or removes a role assignment.
-pub(crate) async fn access(
-    axum::extract::State(state): St,
-    s: Session,
-    body: axum::body::Bytes,
-) -> Response {
-    let f = match form(&s, body).await {
-        Ok(f) => f,
-        Err(r) => return r.into_response(),
-    };
+pub(crate) async fn access(axum::extract::State(state): St, Posted { s, f }: Posted) -> Response {
     let scope = f.one("scope").unwrap_or("").trim().to_owned();
     let q = AccessQuery {
         scope: Some(scope.clone()),
