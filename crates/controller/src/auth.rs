@@ -416,7 +416,7 @@ pub async fn auth_layer(State(state): State<AppState>, mut req: Request, next: N
     }
 }
 
-fn too_many(state: &AppState) -> Response {
+pub(crate) fn too_many(state: &AppState) -> Response {
     let secs = state.refusals.limits().window.as_secs().max(1);
     let mut resp = ApiError::new(
         axum::http::StatusCode::TOO_MANY_REQUESTS,

@@ -2960,7 +2960,7 @@ impl Store for SqlStore {
         let recommend = self.recommend.clone();
         let mut sql = format!(
             "SELECT vms.id, v.verdict, v.reason, v.exposed, v.listening, v.last_seen_ns, v.excluded,
-                    CASE WHEN {PROTECTED} THEN 1 ELSE 0 END
+                    v.protected
              FROM vm_verdicts v JOIN vms ON vms.key = v.vm_key
              WHERE {filter} AND v.vm_key > ?"
         );

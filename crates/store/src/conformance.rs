@@ -4602,17 +4602,7 @@ pub async fn approvals_make_ports_wait_then_open_deny_cancel_or_expire(store: &d
             "request {n}"
         );
     }
-    let actions: Vec<String> = store
-        .query_audit(&AuditQuery {
-            action: Some("request.".into()),
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.entry.action)
-        .collect();
+    let actions = audit_actions(store, "request.", 100).await;
     for a in [
         "request.approve",
         "request.approved",
@@ -4788,17 +4778,7 @@ pub async fn webhook_events_are_queued_with_their_event_claimed_once_and_finishe
     // Deleting an endpoint drops what it had not received.
     assert!(store.delete_webhook("all", ctx(at(3800))).await.unwrap());
     assert!(store.webhook("all").await.unwrap().is_none());
-    let actions: Vec<String> = store
-        .query_audit(&AuditQuery {
-            action: Some("webhook.".into()),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.entry.action)
-        .collect();
+    let actions = audit_actions(store, "webhook.", 10).await;
     assert_eq!(
         actions,
         [
@@ -4862,17 +4842,7 @@ pub async fn agents_are_marked_offline_once_and_online_again(store: &dyn Store) 
             .len(),
         1
     );
-    let actions: Vec<String> = store
-        .query_audit(&AuditQuery {
-            action: Some("agent.o".into()),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.entry.action)
-        .collect();
+    let actions = audit_actions(store, "agent.o", 10).await;
     assert_eq!(actions, ["agent.offline", "agent.online", "agent.offline"]);
 }
 
@@ -5272,6 +5242,22 @@ fn count(verdicts: &[VmVerdict]) -> VerdictCounts {
         c.add(v.recommendation.verdict, 1);
     }
     c
+}
+
+/// The actions of the audit events whose action starts with `prefix`, oldest first
+/// (at most `limit`).
+async fn audit_actions(store: &dyn Store, prefix: &str, limit: usize) -> Vec<String> {
+    store
+        .query_audit(&AuditQuery {
+            action: Some(prefix.into()),
+            limit,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.entry.action)
+        .collect()
 }
 
 /// The stored verdicts at `now` are what `classify` computes from scratch: every VM's

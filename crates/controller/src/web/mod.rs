@@ -137,6 +137,11 @@ fn secure(state: &AppState) -> bool {
     state.tls || state.oidc.is_some()
 }
 
+/// The sign-in page, coming back to `back`.
+fn signin_href(back: &str) -> String {
+    format!("/ui/signin?return_to={}", render::url_component(back))
+}
+
 /// A `Set-Cookie` value for the browser's credential (a session cookie: it ends with
 /// the browser unless the provider's sign-in set a lifetime).
 fn session_cookie(state: &AppState, token: &str) -> HeaderValue {
@@ -182,13 +187,9 @@ pub(crate) enum Refused {
     SignIn(String),
     /// A session cookie that is not (or no longer) valid: 401, counted and audited
     /// like any refused credential, the cookie cleared.
-    Ended {
-        back: String,
-        secure: bool,
-        plain_name: bool,
-    },
-    /// Too many refused credentials from this address.
-    TooMany,
+    Ended { back: String, clear: HeaderValue },
+    /// Too many refused credentials from this address: the API's own answer.
+    TooMany(Box<Response>),
     /// A change that is not from the controller's own page.
     Forged(&'static str),
 }
@@ -197,19 +198,14 @@ impl IntoResponse for Refused {
     fn into_response(self) -> Response {
         match self {
             Refused::SignIn(back) => {
-                let to = format!("/ui/signin?return_to={}", render::url_component(&back));
                 let mut resp = StatusCode::SEE_OTHER.into_response();
-                if let Ok(v) = HeaderValue::from_str(&to) {
+                if let Ok(v) = HeaderValue::from_str(&signin_href(&back)) {
                     resp.headers_mut().insert(header::LOCATION, v);
                 }
                 resp
             }
-            Refused::Ended {
-                back,
-                secure,
-                plain_name,
-            } => {
-                let to = format!("/ui/signin?return_to={}", render::url_component(&back));
+            Refused::Ended { back, clear } => {
+                let to = signin_href(&back);
                 let html = format!(
                     "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
                      <title>Signed out · jitgate</title>\
@@ -221,17 +217,7 @@ impl IntoResponse for Refused {
                 );
                 let mut resp =
                     (StatusCode::UNAUTHORIZED, axum::response::Html(html)).into_response();
-                let name = if plain_name {
-                    PLAIN_COOKIE
-                } else {
-                    SECURE_COOKIE
-                };
-                let flag = if secure { "; Secure" } else { "" };
-                if let Ok(v) = HeaderValue::from_str(&format!(
-                    "{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{flag}"
-                )) {
-                    resp.headers_mut().insert(header::SET_COOKIE, v);
-                }
+                resp.headers_mut().insert(header::SET_COOKIE, clear);
                 resp.extensions_mut().insert(crate::error::ErrorInfo {
                     code: "AuthenticationFailed",
                     message: "the browser's session is not valid".into(),
@@ -240,30 +226,13 @@ impl IntoResponse for Refused {
                 secure_headers(&mut resp);
                 resp
             }
-            Refused::TooMany => {
-                let mut resp = crate::error::ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "TooManyRequests",
-                    "too many refused calls from this address; retry later with a valid credential",
-                )
-                .into_response();
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
-                resp
-            }
-            Refused::Forged(why) => {
-                let mut resp = crate::error::ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "CrossSiteRefused",
-                    format!("the form was refused: {why}; reload the page and try again"),
-                )
-                .into_response();
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                resp
-            }
+            Refused::TooMany(resp) => *resp,
+            Refused::Forged(why) => crate::error::ApiError::new(
+                StatusCode::FORBIDDEN,
+                "CrossSiteRefused",
+                format!("the form was refused: {why}; reload the page and try again"),
+            )
+            .into_response(),
         }
     }
 }
@@ -297,13 +266,12 @@ impl FromRequestParts<AppState> for Session {
         let who = match crate::auth::authenticate(state, &token, state.clock.now()).await {
             Ok(who) => who,
             Err(_) if state.refusals.blocked(ip, std::time::Instant::now()) => {
-                return Err(Refused::TooMany);
+                return Err(Refused::TooMany(Box::new(crate::auth::too_many(state))));
             }
             Err(_) => {
                 return Err(Refused::Ended {
                     back,
-                    secure: secure(state),
-                    plain_name: !secure(state),
+                    clear: clear_session_cookie(state),
                 });
             }
         };

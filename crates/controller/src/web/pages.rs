@@ -10,8 +10,7 @@ use axum::response::{IntoResponse, Response};
 use jitgate_core::Timestamp;
 use jitgate_core::rbac::Action;
 use jitgate_proto::api::{
-    AuditPage, BlockedSeries, NsgView, Recommendation, RecommendationPage, Request, RequestPage,
-    RoleAssignmentPage, VmDetail,
+    BlockedSeries, NsgView, Recommendation, RecommendationPage, Request, RequestPage, VmDetail,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -92,43 +91,64 @@ async fn get<T: DeserializeOwned>(state: &AppState, s: &Session, uri: &str) -> R
     api(state, s, Method::GET, uri, None).await
 }
 
-/// Every page of a list the API pages with `continuationToken`.
-async fn all_pages<T: DeserializeOwned>(
+/// A page of any API list: its items and the token of the next page.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApiPage<T> {
+    value: Vec<T>,
+    continuation_token: Option<String>,
+}
+
+/// Walks the pages of a list the API pages with `continuationToken` (at most `cap`
+/// pages), handing each item to `keep` until it answers false.
+async fn each_item<T: DeserializeOwned>(
     state: &AppState,
     s: &Session,
     uri: &str,
     cap: usize,
-    items: impl Fn(&mut Value) -> Option<Value>,
-) -> Result<Vec<T>, Failed> {
-    let mut out = Vec::new();
+    mut keep: impl FnMut(T) -> bool,
+) -> Result<(), Failed> {
     let mut next: Option<String> = None;
     for _ in 0..cap {
         let page_uri = match &next {
             Some(t) => format!("{uri}&continuationToken={}", url_component(t)),
             None => uri.to_owned(),
         };
-        let mut page: Value = get(state, s, &page_uri).await?;
-        if let Some(v) = items(&mut page) {
-            let v: Vec<T> = serde_json::from_value(v).map_err(|e| Failed {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                info: None,
-                message: format!("cannot read the controller's answer: {e}"),
-            })?;
-            out.extend(v);
+        let page: ApiPage<T> = get(state, s, &page_uri).await?;
+        for item in page.value {
+            if !keep(item) {
+                return Ok(());
+            }
         }
-        next = page
-            .get("continuationToken")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        next = page.continuation_token;
         if next.is_none() {
             break;
         }
     }
+    Ok(())
+}
+
+/// Every item of a paged list (at most `cap` pages).
+async fn all_pages<T: DeserializeOwned>(
+    state: &AppState,
+    s: &Session,
+    uri: &str,
+    cap: usize,
+) -> Result<Vec<T>, Failed> {
+    let mut out = Vec::new();
+    each_item(state, s, uri, cap, |item| {
+        out.push(item);
+        true
+    })
+    .await?;
     Ok(out)
 }
 
-fn value_list(page: &mut Value) -> Option<Value> {
-    page.get_mut("value").map(Value::take)
+/// A week before now: the reference's "Presented data is for the last week".
+fn week_ago(state: &AppState) -> Timestamp {
+    let now = state.clock.now();
+    now.checked_sub(jiff::SignedDuration::from_hours(24 * 7))
+        .unwrap_or(now)
 }
 
 /// What every page's frame shows.
@@ -581,27 +601,13 @@ impl HomePage {
     }
 
     fn tab_href_first(&self) -> String {
-        format!(
-            "/?tab={}&q={}",
-            match self.tab {
-                Tab::Configured => "configured",
-                Tab::NotConfigured => "not-configured",
-                Tab::Unsupported => "unsupported",
-                Tab::Requests => "requests",
-            },
-            url_component(&self.q)
-        )
+        format!("/?tab={}&q={}", self.tab.as_param(), url_component(&self.q))
     }
 
     fn page_href(&self, n: usize) -> String {
-        let tab = match self.tab {
-            Tab::Configured => "configured",
-            Tab::NotConfigured => "not-configured",
-            Tab::Unsupported => "unsupported",
-            Tab::Requests => "requests",
-        };
         format!(
-            "/?tab={tab}&q={}&sort={}{}&page={n}",
+            "/?tab={}&q={}&sort={}{}&page={n}",
+            self.tab.as_param(),
             url_component(&self.q),
             url_component(&self.sort),
             if self.desc { "&desc=1" } else { "" }
@@ -790,7 +796,6 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
                 s,
                 &format!("/api/v1/recommendations?tab={t}&limit=1000{search_param}"),
                 2,
-                value_list,
             )
             .await?
         }
@@ -812,36 +817,20 @@ async fn home_inner(state: &AppState, s: &Session, q: HomeQuery) -> Result<Respo
     };
     // The last week's requests, newest first (the reference's "Presented data is for
     // the last week").
-    let week_ago = now
-        .checked_sub(jiff::SignedDuration::from_hours(24 * 7))
-        .unwrap_or(now);
+    let week_ago = week_ago(state);
     let mut week: Vec<Request> = Vec::new();
-    let mut next: Option<String> = None;
-    for _ in 0..20 {
-        let uri = match &next {
-            Some(t) => format!(
-                "/api/v1/requests?limit=1000&continuationToken={}",
-                url_component(t)
-            ),
-            None => "/api/v1/requests?limit=1000".to_owned(),
-        };
-        let page: RequestPage = get(state, s, &uri).await?;
-        let mut older = false;
-        for r in page.value {
-            if r.start_time_utc
-                .parse::<Timestamp>()
-                .is_ok_and(|t| t < week_ago)
-            {
-                older = true;
-                break;
-            }
-            week.push(r);
+    // Newest first: the walk ends at the first request older than a week.
+    each_item(state, s, "/api/v1/requests?limit=1000", 20, |r: Request| {
+        if r.start_time_utc
+            .parse::<Timestamp>()
+            .is_ok_and(|t| t < week_ago)
+        {
+            return false;
         }
-        next = page.continuation_token;
-        if older || next.is_none() {
-            break;
-        }
-    }
+        week.push(r);
+        true
+    })
+    .await?;
     // Per VM (lower-cased id): approved requests, last access, last user, who holds
     // which ports now.
     #[derive(Default)]
@@ -1395,7 +1384,7 @@ async fn vm_inner(
     // log): the API's text filter, then this VM's events exactly.
     let (activity, activity_error) = match vm_events(state, s, &d.vm.id, &d.vm.name, q).await {
         Ok(events) => (
-            Some(events.iter().rev().take(200).map(activity_row).collect()),
+            Some(events.iter().rev().map(activity_row).collect()),
             String::new(),
         ),
         Err(f) => (None, f.text()),
@@ -1479,6 +1468,8 @@ fn mentions_vm(target: &str, details: &str, id: &str) -> bool {
 
 /// The most audit events read for one VM's log (pages of 1,000, oldest first).
 const VM_EVENTS: usize = 20;
+/// The newest events of a VM's log shown.
+const VM_LOG_ROWS: usize = 200;
 
 /// The VM's events in the asked time range (default: the last 7 days), oldest first,
 /// the newest kept when there are more than fit.
@@ -1491,36 +1482,30 @@ async fn vm_events(
 ) -> Result<Vec<jitgate_proto::api::AuditEvent>, Failed> {
     let mut range = audit_range(q);
     if q.since.as_deref().is_none_or(str::is_empty) {
-        let week = state
-            .clock
-            .now()
-            .checked_sub(jiff::SignedDuration::from_hours(24 * 7))
-            .unwrap_or(state.clock.now());
-        range.push_str(&format!("&since={}", url_component(&week.to_string())));
+        range.push_str(&format!(
+            "&since={}",
+            url_component(&week_ago(state).to_string())
+        ));
     }
     let uri = format!("/api/v1/audit?vm={}&limit=1000{range}", url_component(name));
     let mut out: std::collections::VecDeque<jitgate_proto::api::AuditEvent> =
         std::collections::VecDeque::new();
-    let mut next: Option<String> = None;
-    for _ in 0..VM_EVENTS {
-        let page_uri = match &next {
-            Some(t) => format!("{uri}&continuationToken={}", url_component(t)),
-            None => uri.clone(),
-        };
-        let page: AuditPage = get(state, s, &page_uri).await?;
-        for e in page.value {
+    each_item(
+        state,
+        s,
+        &uri,
+        VM_EVENTS,
+        |e: jitgate_proto::api::AuditEvent| {
             if mentions_vm(&e.target, &e.details.to_string(), id) {
-                if out.len() == 1000 {
+                if out.len() == VM_LOG_ROWS {
                     out.pop_front();
                 }
                 out.push_back(e);
             }
-        }
-        next = page.continuation_token;
-        if next.is_none() {
-            break;
-        }
-    }
+            true
+        },
+    )
+    .await?;
     Ok(out.into())
 }
 
@@ -2385,14 +2370,12 @@ async fn access_view(
             s,
             "/api/v1/roleAssignments?limit=1000",
             50,
-            value_list,
         )
         .await
         {
             Ok(l) => l,
             Err(f) => return failed(s, f),
         };
-    let _: Option<RoleAssignmentPage> = None;
     // The sign-in group mappings are configuration: shown to those who manage roles.
     let manages = s
         .who
