@@ -18,6 +18,7 @@ pub mod config;
 pub mod drift;
 pub mod enforce;
 pub mod host;
+pub mod netlink;
 pub mod nft;
 pub mod run;
 pub mod state;

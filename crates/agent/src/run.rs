@@ -418,16 +418,18 @@ impl Shared {
                 .enforcer
                 .lock()
                 .map_err(|_| anyhow::anyhow!("enforcer lock poisoned"))?;
-            let (kind, took) = {
+            let revision = desired.revision.clone();
+            let grants = desired.grants.len();
+            let stats = {
                 let _seq = SeqGuard::enter(&self.apply_seq);
-                enforcer.apply(&desired, Timestamp::now())?
+                enforcer.apply(desired, Timestamp::now())?
             };
-            if kind != ApplyKind::Nothing {
+            if stats.kind != ApplyKind::Nothing {
                 // The watchdog reads the new table back at once, off this path.
                 self.baseline_wanted.notify_one();
             }
-            tracing::info!(revision = %desired.revision, ?kind, took_ms = took.as_secs_f64() * 1000.0, grants = desired.grants.len(), "applied");
-            Ok(kind)
+            tracing::info!(%revision, kind = ?stats.kind, kernel_ms = stats.kernel.as_secs_f64() * 1000.0, added = stats.added, deleted = stats.deleted, already_expired = stats.already_gone, grants, "applied");
+            Ok(stats.kind)
         })();
         if let Ok(mut p) = self.progress.lock() {
             match &result {
@@ -762,7 +764,7 @@ pub fn restore(
     }
     let now = Timestamp::now();
     let grants = desired.grants.iter().filter(|g| g.end > now).count();
-    Enforcer::new(Nft::new(nft)).apply(&desired, now)?;
+    Enforcer::new(Nft::new(nft)).apply(desired, now)?;
     Ok(Some(Restored {
         revision: saved.revision,
         grants,

@@ -114,7 +114,7 @@ pub async fn nsg_now(
 ) -> ApiResult<(Vec<NsgRule>, Vec<GrantRef>)> {
     let user = state.store.nsg_rules(vm).await?;
     let policy = state.store.vm_policy(vm).await?;
-    let grants: Vec<GrantRef> = state
+    let mut grants: Vec<GrantRef> = state
         .store
         .live_grants(vm, now)
         .await?
@@ -128,6 +128,8 @@ pub async fn nsg_now(
             end: g.end,
         })
         .collect();
+    // In order: the agent finds what changed by walking two sorted lists.
+    grants.sort_unstable();
     let pvm = policy.as_ref().map(|p| (&p.key, &p.vm));
     Ok((nsg_view(vm, &user, pvm, &grants), grants))
 }

@@ -17,6 +17,7 @@ pub mod enable;
 pub mod error;
 pub mod ids;
 pub mod net;
+pub mod nfnl;
 pub mod nft;
 pub mod nsg;
 pub mod policy;

@@ -61,7 +61,7 @@ impl fmt::Display for PortRange {
 }
 
 /// `TCP`, `UDP` or `*` (both).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -99,7 +99,7 @@ impl fmt::Display for Protocol {
 }
 
 /// A source address prefix: any address (`*`) or one canonical network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SourcePrefix {
     Any,
     Net(IpNet),

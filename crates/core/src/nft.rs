@@ -3,22 +3,30 @@
 //! jitgate owns exactly one table, `inet jitgate`, and never names another one. Its
 //! content is:
 //!
-//! * two sets of live grants, `grants4` (`ipv4_addr . inet_proto . inet_service`) and
-//!   `grants6` (`ipv6_addr . ...`), both `flags interval, timeout`. Every element
-//!   carries a kernel timeout equal to the time left until its grant's end, rounded
-//!   *down* to the millisecond, so a grant closes in the kernel on time even when the
-//!   agent and the controller are dead;
+//! * four sets of live grants, by shape. A grant for one address (a /32 or /128, the
+//!   common "My IP" case) goes into `hosts4` (`ipv4_addr . inet_proto . inet_service`)
+//!   or `hosts6` (`ipv6_addr . ...`), hash sets with `flags timeout`, where the kernel
+//!   adds and deletes an element in microseconds whatever the set's size. A grant for
+//!   a prefix goes into `nets4` or `nets6`, `flags interval, timeout`, which the kernel
+//!   keeps in its pipapo backend (a delete there costs milliseconds on a large set).
+//!   Every element carries a kernel timeout equal to the time left until its grant's
+//!   end, rounded *down* to the millisecond, so a grant closes in the kernel on time
+//!   even when the agent and the controller are dead;
 //! * one named counter per JIT deny rule, which is how the agent reports blocked
 //!   attempts per protected port;
-//! * one `input` chain: established traffic, then the two grant sets, then the VM's
+//! * one `input` chain: established traffic, then the four grant sets, then the VM's
 //!   NSG rules (user allow/deny rules and JIT deny rules) in priority order.
 //!
-//! Why the elements are planned here rather than written as they come: nft rejects
-//! overlapping intervals in an interval set ("File exists"), and for a concatenation
-//! the key space is the whole tuple, so `10.0.0.0/8 . tcp . 22` and
-//! `10.1.2.3/32 . tcp . 22` collide. [`plan_elements`] turns any set of grants into
+//! The chain accepts a packet that any of the sets matches, so an address is open
+//! until the latest end among the grants containing it, whichever set holds them.
+//!
+//! Why the prefix elements are planned here rather than written as they come: nft
+//! rejects overlapping intervals in an interval set ("File exists"), and for a
+//! concatenation the key space is the whole tuple, so `10.0.0.0/8 . tcp . 22` and
+//! `10.1.0.0/16 . tcp . 22` collide. [`plan_elements`] turns the prefix grants into
 //! disjoint CIDR elements that cover, for every address, exactly the latest end among
-//! the grants containing it.
+//! the prefix grants containing it. Single-address grants need no such care: one
+//! element per address, protocol and port, with the latest end.
 //!
 //! Why text and not JSON: with nft 1.0.6's JSON input a fractional `"timeout": 1.5` is
 //! silently dropped and the element is added *without any timeout*, i.e. permanent
@@ -33,10 +41,10 @@
 //! jiffy is at most 10 ms (`CONFIG_HZ=100`), so nothing under 10 ms is ever written.
 //! The kernel's own rounding to jiffies is downwards too, so it never extends a grant.
 //!
-//! Two renderings: [`render_full`] replaces the whole table in one atomic transaction
-//! (used at start and whenever a delta cannot be trusted); [`render_delta`] adds and
-//! deletes elements (the common case: a grant opens or is revoked). Both are
-//! all-or-nothing under `nft -f`.
+//! [`render_full`] replaces the whole table in one atomic `nft -f` transaction (used
+//! at start and whenever a delta cannot be trusted). The common case, a grant opening
+//! or being revoked, adds and deletes elements: the agent sends those over netlink as
+//! one batch ([`crate::nfnl`]); [`render_delta`] is the same change as nft text.
 //!
 //! A timeout is relative: the kernel starts counting when it commits the transaction,
 //! not at `now`. Callers take `now` immediately before running `nft`, so an element
@@ -47,24 +55,26 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 
 use crate::net::{Port, PortRange, Protocol, SourcePrefix};
 use crate::nsg::{Access, GrantRef, MAX_PRIORITY, MIN_PRIORITY, NsgRule, RuleOrigin};
 
 /// The one table jitgate owns (family `inet`).
 pub const TABLE: &str = "jitgate";
-/// The set of IPv4 grants.
-pub const SET4: &str = "grants4";
-/// The set of IPv6 grants.
-pub const SET6: &str = "grants6";
+/// The hash set of single-address IPv4 grants.
+pub const HOSTS4: &str = "hosts4";
+/// The hash set of single-address IPv6 grants.
+pub const HOSTS6: &str = "hosts6";
+/// The interval set of IPv4 prefix grants.
+pub const NETS4: &str = "nets4";
+/// The interval set of IPv6 prefix grants.
+pub const NETS6: &str = "nets6";
+/// Every grant set, in the order they are rendered and matched.
+pub const SETS: [&str; 4] = [HOSTS4, NETS4, HOSTS6, NETS6];
 /// Elements with less time left than this are not written (see the module docs: a
 /// timeout below one jiffy is permanent on unpatched kernels).
 pub const MIN_TIMEOUT_MS: i64 = 10;
-/// How close to its end an applied element must be for [`diff`] to leave it to the
-/// kernel instead of deleting it: deleting an element the kernel has just expired
-/// fails with "No such file or directory" and aborts the whole transaction.
-pub const EXPIRY_MARGIN: SignedDuration = SignedDuration::from_secs(2);
 /// Longest rule name accepted by [`validate`], in characters. User rule names are at
 /// most 80, but the JIT deny rules' are `JIT-Deny-<policy name>-<port>`, up to 105
 /// with a 90-character policy name; a lower limit here made the agent refuse every
@@ -99,8 +109,9 @@ impl L4 {
     }
 }
 
-/// One element of `grants4` or `grants6`: traffic from `net` with protocol `proto` to
-/// `port` is allowed until `end`.
+/// One element of a grant set: traffic from `net` with protocol `proto` to `port` is
+/// allowed until `end`. A host prefix (/32, /128) is an element of `hosts4`/`hosts6`,
+/// any other of `nets4`/`nets6`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Element {
     pub net: IpNet,
@@ -110,21 +121,40 @@ pub struct Element {
 }
 
 impl Element {
-    fn set(&self) -> &'static str {
-        match self.net {
-            IpNet::V4(_) => SET4,
-            IpNet::V6(_) => SET6,
+    /// True for a single address (/32 or /128): an element of a hash set.
+    pub fn is_host(&self) -> bool {
+        self.net.prefix_len() == self.net.max_prefix_len()
+    }
+
+    /// The set that holds this element.
+    pub fn set(&self) -> &'static str {
+        match (self.net, self.is_host()) {
+            (IpNet::V4(_), true) => HOSTS4,
+            (IpNet::V4(_), false) => NETS4,
+            (IpNet::V6(_), true) => HOSTS6,
+            (IpNet::V6(_), false) => NETS6,
         }
     }
 
-    /// The element's key in nft syntax, without timeout.
+    /// The element's key in nft syntax, without timeout (a host set's key is an
+    /// address, an interval set's a prefix).
     fn key(&self) -> String {
-        format!("{} . {} . {}", self.net, self.proto.as_str(), self.port)
+        if self.is_host() {
+            format!(
+                "{} . {} . {}",
+                self.net.addr(),
+                self.proto.as_str(),
+                self.port
+            )
+        } else {
+            format!("{} . {} . {}", self.net, self.proto.as_str(), self.port)
+        }
     }
 
-    /// True when both elements would collide in one interval set.
+    /// True when both elements would collide in one set.
     pub fn overlaps(&self, other: &Element) -> bool {
-        self.proto == other.proto
+        self.set() == other.set()
+            && self.proto == other.proto
             && self.port == other.port
             && (self.net.contains(&other.net) || other.net.contains(&self.net))
     }
@@ -160,67 +190,102 @@ fn grant_nets(source: &SourcePrefix) -> Vec<IpNet> {
     }
 }
 
-/// Turns live grants into disjoint set elements.
+/// Turns live grants into set elements.
 ///
-/// For every (family, protocol, port) the output covers each address with exactly the
-/// latest end among the grants containing it, and no two elements overlap. Grants
-/// with less than [`MIN_TIMEOUT_MS`] left produce nothing. The result is sorted.
+/// Single-address grants give one element per address, protocol and port, ending at
+/// the latest end among them. Prefix grants give disjoint elements: for every
+/// (family, protocol, port) they cover each address with exactly the latest end among
+/// the prefix grants containing it, and no two overlap. Grants with less than
+/// [`MIN_TIMEOUT_MS`] left produce nothing. The result is sorted.
 ///
-/// Method: take the prefixes latest end first (broader first on equal ends) and add
-/// to each only the part not yet covered, as CIDRs. Everything already covered ends
-/// at least as late, so an identical or nested prefix that ends no later is dropped,
-/// and an outer prefix around a later inner one is split around it.
+/// Method for prefixes: take them latest end first (broader first on equal ends) and
+/// add to each only the part not yet covered, as CIDRs. Everything already covered
+/// ends at least as late, so an identical or nested prefix that ends no later is
+/// dropped, and an outer prefix around a later inner one is split around it.
 pub fn plan_elements(grants: &[GrantRef], now: Timestamp) -> Vec<Element> {
-    type Group = (bool, L4, Port);
-    let mut groups: BTreeMap<Group, Vec<(IpNet, Timestamp)>> = BTreeMap::new();
-    for g in grants {
-        if timeout_ms(g.end, now).is_none() {
-            continue;
-        }
-        for net in grant_nets(&g.source) {
-            for proto in L4::of(g.protocol) {
-                groups
-                    .entry((matches!(net, IpNet::V6(_)), *proto, g.number))
-                    .or_default()
-                    .push((net, g.end));
-            }
-        }
-    }
-
     let mut out = Vec::new();
-    for ((_, proto, port), mut items) in groups {
-        items.sort_by(|a, b| {
-            b.1.cmp(&a.1)
-                .then(a.0.prefix_len().cmp(&b.0.prefix_len()))
-                .then(a.0.cmp(&b.0))
-        });
-        // Disjoint nets chosen so far, keyed by network address.
-        let mut chosen: BTreeMap<IpAddr, (IpNet, Timestamp)> = BTreeMap::new();
-        for (net, end) in items {
-            // Disjoint CIDRs never share a network address, so a chosen net that
-            // contains `net` is the last one starting at or before it.
-            if let Some((_, (c, _))) = chosen.range(..=net.network()).next_back()
-                && c.contains(&net)
-            {
-                continue;
-            }
-            let inside: Vec<IpNet> = chosen
-                .range(net.network()..=net.broadcast())
-                .map(|(_, (c, _))| *c)
-                .collect();
-            for part in subtract(net, &inside) {
-                chosen.insert(part.network(), (part, end));
-            }
-        }
-        out.extend(chosen.into_values().map(|(net, end)| Element {
-            net,
-            proto,
-            port,
-            end,
-        }));
+    for (group, items) in group_grants(grants, now) {
+        out.extend(plan_group(group, items));
     }
     out.sort_by_key(element_order);
     out
+}
+
+/// Elements are planned independently per group: the same family, set shape,
+/// protocol and port. The agent replans only the groups a change touches.
+pub type Group = (bool, bool, L4, Port);
+
+/// The group of a set element.
+pub fn group_of(e: &Element) -> Group {
+    (matches!(e.net, IpNet::V6(_)), e.is_host(), e.proto, e.port)
+}
+
+/// A grant's (group, prefix) pairs: `*` is both families, protocol `*` both
+/// protocols.
+pub fn grant_parts(g: &GrantRef) -> impl Iterator<Item = (Group, IpNet)> + '_ {
+    grant_nets(&g.source).into_iter().flat_map(move |net| {
+        L4::of(g.protocol).iter().map(move |proto| {
+            let host = net.prefix_len() == net.max_prefix_len();
+            ((matches!(net, IpNet::V6(_)), host, *proto, g.number), net)
+        })
+    })
+}
+
+/// The live grants' (prefix, end) pairs, by group.
+pub fn group_grants(
+    grants: &[GrantRef],
+    now: Timestamp,
+) -> BTreeMap<Group, Vec<(IpNet, Timestamp)>> {
+    let mut groups: BTreeMap<Group, Vec<(IpNet, Timestamp)>> = BTreeMap::new();
+    for g in grants.iter().filter(|g| timeout_ms(g.end, now).is_some()) {
+        for (group, net) in grant_parts(g) {
+            groups.entry(group).or_default().push((net, g.end));
+        }
+    }
+    groups
+}
+
+/// The elements of one group (see [`plan_elements`]), sorted by network.
+pub fn plan_group(group: Group, mut items: Vec<(IpNet, Timestamp)>) -> Vec<Element> {
+    let (_, host, proto, port) = group;
+    let element = |(net, end): (IpNet, Timestamp)| Element {
+        net,
+        proto,
+        port,
+        end,
+    };
+    if host {
+        let mut latest: BTreeMap<IpNet, Timestamp> = BTreeMap::new();
+        for (net, end) in items {
+            let e = latest.entry(net).or_insert(end);
+            *e = (*e).max(end);
+        }
+        return latest.into_iter().map(element).collect();
+    }
+    items.sort_by(|a, b| {
+        b.1.cmp(&a.1)
+            .then(a.0.prefix_len().cmp(&b.0.prefix_len()))
+            .then(a.0.cmp(&b.0))
+    });
+    // Disjoint nets chosen so far, keyed by network address.
+    let mut chosen: BTreeMap<IpAddr, (IpNet, Timestamp)> = BTreeMap::new();
+    for (net, end) in items {
+        // Disjoint CIDRs never share a network address, so a chosen net that
+        // contains `net` is the last one starting at or before it.
+        if let Some((_, (c, _))) = chosen.range(..=net.network()).next_back()
+            && c.contains(&net)
+        {
+            continue;
+        }
+        let inside: Vec<IpNet> = chosen
+            .range(net.network()..=net.broadcast())
+            .map(|(_, (c, _))| *c)
+            .collect();
+        for part in subtract(net, &inside) {
+            chosen.insert(part.network(), (part, end));
+        }
+    }
+    chosen.into_values().map(element).collect()
 }
 
 /// `net` minus the union of `covered`, as CIDRs. Any two CIDRs are nested or
@@ -252,20 +317,15 @@ fn subtract(net: IpNet, covered: &[IpNet]) -> Vec<IpNet> {
 
 /// What to change to go from the `applied` elements to the `desired` ones:
 /// `(to_add, to_remove)`, both sorted. An element whose end changed is removed and
-/// re-added (in one transaction: [`render_delta`] writes deletions first), because
-/// older kernels such as Debian 12's 6.1 silently ignore re-adding an existing
-/// element, keeping its old timeout; newer ones update it. Delete-then-add works on
-/// both.
+/// re-added (deletions go first in the same transaction), because older kernels such
+/// as Debian 12's 6.1 silently ignore re-adding an existing element, keeping its old
+/// timeout; newer ones update it. Delete-then-add works on both.
 ///
-/// Applied elements ending within [`EXPIRY_MARGIN`] of `now` (or already ended) are
-/// never removed: the kernel expires them on its own, and deleting an element the
-/// kernel has just expired fails with "No such file or directory", which aborts the
-/// whole transaction (nft 1.0.6 has no `destroy element`). The cost is that a grant
-/// revoked in its last two seconds stays open until its end.
-///
-/// Such a left-over element may still be in the kernel when a new element overlapping
-/// it is added (a grant extended in its last seconds): check [`delta_conflicts`] and
-/// use [`render_full`] when it returns true.
+/// Applied elements that have already ended (at `now`) are not removed: the kernel
+/// has expired them. One the kernel expires between this plan and the commit is
+/// still in `to_remove`; the netlink path treats "no such element" as done for that
+/// element (see [`crate::nfnl`]), so a revoke closes the port at any moment, even in
+/// a grant's last milliseconds.
 pub fn diff(
     applied: &[Element],
     desired: &[Element],
@@ -273,7 +333,6 @@ pub fn diff(
 ) -> (Vec<Element>, Vec<Element>) {
     let applied_set: HashSet<&Element> = applied.iter().collect();
     let desired_set: HashSet<&Element> = desired.iter().collect();
-    let leave_after = now.checked_add(EXPIRY_MARGIN).unwrap_or(Timestamp::MAX);
     let mut to_add: Vec<Element> = desired
         .iter()
         .filter(|e| !applied_set.contains(e))
@@ -281,7 +340,7 @@ pub fn diff(
         .collect();
     let mut to_remove: Vec<Element> = applied
         .iter()
-        .filter(|e| !desired_set.contains(e) && e.end > leave_after)
+        .filter(|e| !desired_set.contains(e) && e.end > now)
         .copied()
         .collect();
     to_add.sort_by_key(element_order);
@@ -289,19 +348,6 @@ pub fn diff(
     to_remove.sort_by_key(element_order);
     to_remove.dedup();
     (to_add, to_remove)
-}
-
-/// True when a delta computed by [`diff`] may fail in the kernel: some element to add
-/// overlaps an applied element that [`diff`] left to expire on its own and that may
-/// still be in the kernel (its end is within [`EXPIRY_MARGIN`] of `now`). The agent
-/// then applies [`render_full`] instead.
-pub fn delta_conflicts(applied: &[Element], to_add: &[Element], now: Timestamp) -> bool {
-    let from = now.checked_sub(EXPIRY_MARGIN).unwrap_or(Timestamp::MIN);
-    let to = now.checked_add(EXPIRY_MARGIN).unwrap_or(Timestamp::MAX);
-    applied
-        .iter()
-        .filter(|a| a.end > from && a.end <= to)
-        .any(|a| to_add.iter().any(|e| e != a && e.overlaps(a)))
 }
 
 // ---------------------------------------------------------------------------------
@@ -520,10 +566,21 @@ fn element_line(e: &Element, now: Timestamp) -> Option<String> {
     timeout_ms(e.end, now).map(|ms| format!("{} timeout {ms}ms", e.key()))
 }
 
-fn render_set(out: &mut String, name: &str, key_type: &str, elements: &[String]) {
+/// The key type and flags of each grant set.
+fn set_shape(name: &str) -> (&'static str, &'static str) {
+    match name {
+        HOSTS4 => ("ipv4_addr", "timeout"),
+        HOSTS6 => ("ipv6_addr", "timeout"),
+        NETS4 => ("ipv4_addr", "interval, timeout"),
+        _ => ("ipv6_addr", "interval, timeout"),
+    }
+}
+
+fn render_set(out: &mut String, name: &str, elements: &[String]) {
+    let (key_type, flags) = set_shape(name);
     let _ = writeln!(out, "\tset {name} {{");
     let _ = writeln!(out, "\t\ttype {key_type} . inet_proto . inet_service");
-    let _ = writeln!(out, "\t\tflags interval, timeout");
+    let _ = writeln!(out, "\t\tflags {flags}");
     if !elements.is_empty() {
         let _ = writeln!(out, "\t\telements = {{");
         for (i, e) in elements.iter().enumerate() {
@@ -564,8 +621,9 @@ pub fn render_full(rules: &[NsgRule], elements: &[Element], now: Timestamp) -> S
             .filter_map(|e| element_line(e, now))
             .collect()
     };
-    render_set(&mut out, SET4, "ipv4_addr", &lines(SET4));
-    render_set(&mut out, SET6, "ipv6_addr", &lines(SET6));
+    for set in SETS {
+        render_set(&mut out, set, &lines(set));
+    }
 
     let _ = writeln!(out, "\tchain input {{");
     let _ = writeln!(
@@ -576,11 +634,13 @@ pub fn render_full(rules: &[NsgRule], elements: &[Element], now: Timestamp) -> S
     // The machine talking to itself (`ssh localhost`, local monitoring) is not the
     // network JIT guards.
     let _ = writeln!(out, "\t\tiif \"lo\" accept");
-    let _ = writeln!(out, "\t\tip saddr . meta l4proto . th dport @{SET4} accept");
-    let _ = writeln!(
-        out,
-        "\t\tip6 saddr . meta l4proto . th dport @{SET6} accept"
-    );
+    for set in SETS {
+        let family = if set.ends_with('4') { "ip" } else { "ip6" };
+        let _ = writeln!(
+            out,
+            "\t\t{family} saddr . meta l4proto . th dport @{set} accept"
+        );
+    }
     for rule in ordered(rules) {
         match rule.origin {
             RuleOrigin::JitAllow { .. } => {}
@@ -612,7 +672,7 @@ pub fn render_delta(added: &[Element], removed: &[Element], now: Timestamp) -> S
     let mut added: Vec<&Element> = added.iter().collect();
     added.sort_by_key(|e| element_order(e));
     added.dedup();
-    for set in [SET4, SET6] {
+    for set in SETS {
         let keys: Vec<String> = removed
             .iter()
             .filter(|e| e.set() == set)
@@ -626,7 +686,7 @@ pub fn render_delta(added: &[Element], removed: &[Element], now: Timestamp) -> S
             );
         }
     }
-    for set in [SET4, SET6] {
+    for set in SETS {
         let lines: Vec<String> = added
             .iter()
             .filter(|e| e.set() == set)
@@ -647,6 +707,7 @@ pub fn render_delta(added: &[Element], removed: &[Element], now: Timestamp) -> S
 mod tests {
     use super::*;
     use crate::request::RequestId;
+    use jiff::SignedDuration;
     use proptest::prelude::*;
     use uuid::Uuid;
 
@@ -747,8 +808,10 @@ mod tests {
         type filter hook input priority filter; policy accept;
         ct state established,related accept
         iif \"lo\" accept
-        ip saddr . meta l4proto . th dport @grants4 accept
-        ip6 saddr . meta l4proto . th dport @grants6 accept";
+        ip saddr . meta l4proto . th dport @hosts4 accept
+        ip saddr . meta l4proto . th dport @nets4 accept
+        ip6 saddr . meta l4proto . th dport @hosts6 accept
+        ip6 saddr . meta l4proto . th dport @nets6 accept";
 
     #[test]
     fn empty_vm_renders_empty_sets_and_chain() {
@@ -757,11 +820,19 @@ mod tests {
             &[],
             &format!(
                 "{HEAD}
-                set grants4 {{
+                set hosts4 {{
+                    type ipv4_addr . inet_proto . inet_service
+                    flags timeout
+                }}
+                set nets4 {{
                     type ipv4_addr . inet_proto . inet_service
                     flags interval, timeout
                 }}
-                set grants6 {{
+                set hosts6 {{
+                    type ipv6_addr . inet_proto . inet_service
+                    flags timeout
+                }}
+                set nets6 {{
                     type ipv6_addr . inet_proto . inet_service
                     flags interval, timeout
                 }}
@@ -832,16 +903,26 @@ mod tests {
                 "{HEAD}
                 counter deny_tcp_22 {{}}
                 counter deny_any_3389 {{}}
-                set grants4 {{
+                set hosts4 {{
+                    type ipv4_addr . inet_proto . inet_service
+                    flags timeout
+                    elements = {{
+                        10.1.1.1 . tcp . 22 timeout 60000ms
+                    }}
+                }}
+                set nets4 {{
                     type ipv4_addr . inet_proto . inet_service
                     flags interval, timeout
                     elements = {{
-                        10.1.1.1/32 . tcp . 22 timeout 60000ms,
                         0.0.0.0/0 . tcp . 3389 timeout 1234ms,
                         0.0.0.0/0 . udp . 3389 timeout 1234ms
                     }}
                 }}
-                set grants6 {{
+                set hosts6 {{
+                    type ipv6_addr . inet_proto . inet_service
+                    flags timeout
+                }}
+                set nets6 {{
                     type ipv6_addr . inet_proto . inet_service
                     flags interval, timeout
                     elements = {{
@@ -928,7 +1009,7 @@ mod tests {
         };
         assert_eq!(
             element_line(&e, now).as_deref(),
-            Some("10.0.0.1/32 . tcp . 22 timeout 2345ms")
+            Some("10.0.0.1 . tcp . 22 timeout 2345ms")
         );
         assert_eq!(timeout_ms(at_ms(10), t0()), Some(10));
         assert_eq!(
@@ -951,35 +1032,35 @@ mod tests {
         // Inner ends later: the outer is split around it.
         let got = plan_elements(
             &[
-                grant(1, 22, Protocol::Tcp, "10.0.0.0/30", 1_000),
-                grant(2, 22, Protocol::Tcp, "10.0.0.1", 5_000),
+                grant(1, 22, Protocol::Tcp, "10.0.0.0/29", 1_000),
+                grant(2, 22, Protocol::Tcp, "10.0.0.2/31", 5_000),
             ],
             t0(),
         );
         assert_eq!(
             got,
             vec![
-                el("10.0.0.0/32", L4::Tcp, 22, 1_000),
-                el("10.0.0.1/32", L4::Tcp, 22, 5_000),
-                el("10.0.0.2/31", L4::Tcp, 22, 1_000),
+                el("10.0.0.0/31", L4::Tcp, 22, 1_000),
+                el("10.0.0.2/31", L4::Tcp, 22, 5_000),
+                el("10.0.0.4/30", L4::Tcp, 22, 1_000),
             ]
         );
         // Inner ends earlier (or at the same time): it is redundant.
         let got = plan_elements(
             &[
-                grant(1, 22, Protocol::Tcp, "10.0.0.0/30", 5_000),
-                grant(2, 22, Protocol::Tcp, "10.0.0.1", 5_000),
-                grant(3, 22, Protocol::Tcp, "10.0.0.2", 1_000),
-                grant(4, 22, Protocol::Tcp, "10.0.0.0/30", 2_000),
+                grant(1, 22, Protocol::Tcp, "10.0.0.0/29", 5_000),
+                grant(2, 22, Protocol::Tcp, "10.0.0.2/31", 5_000),
+                grant(3, 22, Protocol::Tcp, "10.0.0.4/30", 1_000),
+                grant(4, 22, Protocol::Tcp, "10.0.0.0/29", 2_000),
             ],
             t0(),
         );
-        assert_eq!(got, vec![el("10.0.0.0/30", L4::Tcp, 22, 5_000)]);
+        assert_eq!(got, vec![el("10.0.0.0/29", L4::Tcp, 22, 5_000)]);
         // Another port or protocol does not interact.
         let got = plan_elements(
             &[
                 grant(1, 22, Protocol::Tcp, "*", 5_000),
-                grant(2, 22, Protocol::Udp, "10.0.0.1", 9_000),
+                grant(2, 22, Protocol::Udp, "10.0.0.0/24", 9_000),
                 grant(3, 23, Protocol::Tcp, "2001:db8::/64", 9_000),
             ],
             t0(),
@@ -988,7 +1069,7 @@ mod tests {
             got,
             vec![
                 el("0.0.0.0/0", L4::Tcp, 22, 5_000),
-                el("10.0.0.1/32", L4::Udp, 22, 9_000),
+                el("10.0.0.0/24", L4::Udp, 22, 9_000),
                 el("::/0", L4::Tcp, 22, 5_000),
                 el("2001:db8::/64", L4::Tcp, 23, 9_000),
             ]
@@ -996,29 +1077,57 @@ mod tests {
     }
 
     #[test]
-    fn diff_replaces_changed_ends_and_leaves_expiring_elements_to_the_kernel() {
+    fn single_addresses_go_to_the_host_sets_with_their_latest_end() {
+        // A host grant inside a prefix grant: both elements, each in its own set;
+        // the chain accepts while either holds, so the later end wins.
+        let got = plan_elements(
+            &[
+                grant(1, 22, Protocol::Tcp, "10.0.0.0/30", 1_000),
+                grant(2, 22, Protocol::Tcp, "10.0.0.1", 5_000),
+                grant(3, 22, Protocol::Tcp, "10.0.0.1", 3_000),
+                grant(4, 22, Protocol::Tcp, "2001:db8::1", 3_000),
+            ],
+            t0(),
+        );
+        assert_eq!(
+            got,
+            vec![
+                el("10.0.0.0/30", L4::Tcp, 22, 1_000),
+                el("10.0.0.1/32", L4::Tcp, 22, 5_000),
+                el("2001:db8::1/128", L4::Tcp, 22, 3_000),
+            ]
+        );
+        let sets: Vec<&str> = got.iter().map(Element::set).collect();
+        assert_eq!(sets, [NETS4, HOSTS4, HOSTS6]);
+        assert!(!got[0].overlaps(&got[1]), "different sets never collide");
+        let text = render_delta(&got, &[], t0());
+        assert!(
+            text.contains("add element inet jitgate hosts4 { 10.0.0.1 . tcp . 22 timeout 5000ms }"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "add element inet jitgate hosts6 { 2001:db8::1 . tcp . 22 timeout 3000ms }"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn diff_replaces_changed_ends_and_removes_even_elements_about_to_expire() {
         let a = el("10.0.0.1/32", L4::Tcp, 22, 60_000);
         let b = el("10.0.0.2/32", L4::Tcp, 22, 60_000);
         let b2 = el("10.0.0.2/32", L4::Tcp, 22, 90_000);
         let c = el("10.0.0.3/32", L4::Tcp, 22, 60_000);
-        let soon = el("10.0.0.4/32", L4::Tcp, 22, 1_500);
+        let soon = el("10.0.0.4/32", L4::Tcp, 22, 15);
         let gone = el("10.0.0.5/32", L4::Tcp, 22, -10_000);
         let (add, remove) = diff(&[a, b, c, soon, gone], &[a, b2], t0());
         assert_eq!(add, vec![b2]);
-        assert_eq!(remove, vec![b, c]);
-        assert!(!delta_conflicts(&[a, b, c, soon, gone], &add, t0()));
+        // A revoke in the grant's last milliseconds still deletes it; an element
+        // that has ended is the kernel's to expire.
+        assert_eq!(remove, vec![b, c, soon]);
         assert_eq!(render_delta(&[], &[], t0()), "");
         assert_eq!(diff(&[a], &[a], t0()), (vec![], vec![]));
-
-        // Extending an element in its last seconds: its deletion is skipped, so the
-        // re-add would collide with it in the kernel.
-        let soon2 = el("10.0.0.4/32", L4::Tcp, 22, 60_000);
-        let (add, remove) = diff(&[soon], &[soon2], t0());
-        assert_eq!((add.clone(), remove), (vec![soon2], vec![]));
-        assert!(delta_conflicts(&[soon], &add, t0()));
-        // Long ended elements are gone from the kernel: no conflict.
-        let again = el("10.0.0.5/32", L4::Tcp, 22, 60_000);
-        assert!(!delta_conflicts(&[gone], &[again], t0()));
     }
 
     #[test]
@@ -1029,12 +1138,16 @@ mod tests {
             el("10.128.0.0/9", L4::Tcp, 22, 1_000),
             el("10.9.9.9/32", L4::Tcp, 22, 5), // below the minimum: not written
         ];
-        let removed = [el("10.0.0.0/8", L4::Tcp, 22, 1_000)];
+        let removed = [
+            el("10.0.0.0/8", L4::Tcp, 22, 1_000),
+            el("10.1.2.3/32", L4::Tcp, 22, 1_000),
+        ];
         assert_eq!(
             render_delta(&added, &removed, t0()),
-            "delete element inet jitgate grants4 { 10.0.0.0/8 . tcp . 22 }\n\
-             add element inet jitgate grants4 { 10.0.0.0/9 . tcp . 22 timeout 3000ms, 10.128.0.0/9 . tcp . 22 timeout 1000ms }\n\
-             add element inet jitgate grants6 { 2001:db8::/32 . udp . 53 timeout 5000ms }\n"
+            "delete element inet jitgate hosts4 { 10.1.2.3 . tcp . 22 }\n\
+             delete element inet jitgate nets4 { 10.0.0.0/8 . tcp . 22 }\n\
+             add element inet jitgate nets4 { 10.0.0.0/9 . tcp . 22 timeout 3000ms, 10.128.0.0/9 . tcp . 22 timeout 1000ms }\n\
+             add element inet jitgate nets6 { 2001:db8::/32 . udp . 53 timeout 5000ms }\n"
         );
     }
 
@@ -1200,8 +1313,12 @@ mod tests {
                             .iter()
                             .filter(|e| e.proto == proto && e.port == port(p) && e.net.contains(&addr))
                             .collect();
-                        prop_assert!(hits.len() <= 1);
-                        prop_assert_eq!(hits.first().map(|e| e.end), want, "{} {:?} {}", addr, proto, p);
+                        // At most one element per set shape (a host and a prefix
+                        // element may both hold the address); the chain accepts if
+                        // any does, so the address is open until the latest of them.
+                        prop_assert!(hits.iter().filter(|e| e.is_host()).count() <= 1);
+                        prop_assert!(hits.iter().filter(|e| !e.is_host()).count() <= 1);
+                        prop_assert_eq!(hits.iter().map(|e| e.end).max(), want, "{} {:?} {}", addr, proto, p);
                     }
                 }
             }
@@ -1232,8 +1349,8 @@ mod tests {
             prop_assert_eq!(written, out.len());
         }
 
-        /// Applying a diff to the applied list yields the desired one, except for the
-        /// expiring elements it leaves to the kernel.
+        /// Applying a diff to the applied list yields the desired one, except for
+        /// ended elements, which the kernel has expired.
         #[test]
         fn diff_round_trips(
             a in prop::collection::vec(arb_grant(), 0..20),
@@ -1244,20 +1361,13 @@ mod tests {
             let (add, remove) = diff(&applied, &desired, t0());
             let mut result: Vec<Element> = applied
                 .iter()
-                .filter(|e| !remove.contains(e))
+                .filter(|e| !remove.contains(e) && e.end > t0())
                 .chain(add.iter())
                 .copied()
                 .collect();
-            let leave_after = t0().checked_add(EXPIRY_MARGIN).unwrap();
-            result.retain(|e| desired.contains(e) || e.end <= leave_after);
             result.sort_by_key(element_order);
-            prop_assert_eq!(
-                result.iter().filter(|e| desired.contains(e)).count(),
-                desired.len()
-            );
-            for e in &remove {
-                prop_assert!(e.end > leave_after);
-            }
+            result.dedup();
+            prop_assert_eq!(result, desired);
         }
     }
 

@@ -74,7 +74,7 @@ impl NsgRule {
 }
 
 /// A live grant on this VM, for the view.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GrantRef {
     pub request: RequestId,
     pub number: Port,

@@ -270,7 +270,7 @@ fn check_held(
     let mut json_keys = BTreeSet::new();
     let mut text_keys = BTreeSet::new();
     let mut out = Vec::new();
-    for set in [nft::SET4, nft::SET6] {
+    for set in nft::SETS {
         for h in held_json(ns, set) {
             let e = want
                 .iter()
@@ -539,7 +539,6 @@ fn full_render_and_delta_apply_with_every_element_timed() {
     let desired = nft::plan_elements(&g2, now2);
     let (add, remove) = nft::diff(&planned, &desired, now2);
     assert!(!add.is_empty() && !remove.is_empty());
-    assert!(!nft::delta_conflicts(&planned, &add, now2));
     let delta = nft::render_delta(&add, &remove, now2);
     ns.apply(&delta)
         .unwrap_or_else(|e| panic!("{e}\n--- delta ---\n{delta}"));
@@ -553,10 +552,12 @@ fn full_render_and_delta_apply_with_every_element_timed() {
     assert_eq!(nft::render_delta(&[], &[], now2), "");
 }
 
-/// Why `diff` leaves expiring elements alone: deleting an element the kernel has
-/// already expired fails, and takes the whole transaction down with it.
+/// Why the agent sends deltas over netlink, one element per message: in an `nft -f`
+/// transaction, deleting an element the kernel has already expired fails and takes
+/// the whole transaction down with it (the netlink path drops that one delete and
+/// commits the rest; see the agent's `netlink_kernel` test).
 #[test]
-fn deleting_an_expired_element_fails_the_transaction() {
+fn deleting_an_expired_element_fails_an_nft_transaction() {
     let ns = Netns::new("expired");
     let now = Timestamp::now();
     let short = nft::plan_elements(
@@ -575,14 +576,13 @@ fn deleting_an_expired_element_fails_the_transaction() {
         .apply(&nft::render_delta(&other, &short, now))
         .unwrap_err();
     assert!(err.contains("No such file or directory"), "{err}");
-    assert!(held_text(&ns, nft::SET4).is_empty());
+    assert!(held_text(&ns, nft::HOSTS4).is_empty());
 
-    // diff does not delete it, so the delta applies.
+    // diff does not delete an element that has ended, so the delta applies.
     let (add, remove) = nft::diff(&short, &other, now);
     assert!(remove.is_empty());
-    assert!(!nft::delta_conflicts(&short, &add, now));
     ns.apply(&nft::render_delta(&add, &remove, now)).unwrap();
-    assert_eq!(held_text(&ns, nft::SET4).len(), 1);
+    assert_eq!(held_text(&ns, nft::HOSTS4).len(), 1);
 }
 
 // ---------------------------------------------------------------------------------
@@ -617,11 +617,11 @@ fn sanitized(name: &str) -> String {
 }
 
 /// The chain the rules must give, derived from the rules alone (not from the script):
-/// `(comment, verdict)` for the three fixed rules (established, the two grant sets),
+/// `(comment, verdict)` for the fixed rules (established, loopback, the four grant sets),
 /// then for each rule by priority one line per source family (one for `*`).
 fn expected_chain(rules: &[NsgRule]) -> Vec<(Option<String>, &'static str)> {
-    // established/related, loopback, the two grant sets.
-    let mut out = vec![(None, "accept"); 4];
+    // established/related, loopback, the four grant sets.
+    let mut out = vec![(None, "accept"); 2 + nft::SETS.len()];
     let mut sorted: Vec<&NsgRule> = rules.iter().collect();
     sorted.sort_by_key(|r| r.priority);
     for r in sorted {
@@ -650,7 +650,7 @@ fn expected_chain(rules: &[NsgRule]) -> Vec<(Option<String>, &'static str)> {
 }
 
 /// Random rule names, many cases: `nft -f` accepts every script, and the kernel then
-/// holds exactly the planned table: one table, one chain, the two sets, the planned
+/// holds exactly the planned table: one table, one chain, the four sets, the planned
 /// counters, and the planned rules in order with their comments and verdicts.
 #[test]
 fn random_rule_names_give_exactly_the_planned_rules() {
@@ -703,7 +703,7 @@ fn random_rule_names_give_exactly_the_planned_rules() {
         );
         assert_eq!(
             of("set").iter().map(|c| name(c)).collect::<Vec<_>>(),
-            [nft::SET4, nft::SET6]
+            nft::SETS
         );
         let counters: BTreeSet<String> = of("counter").iter().map(|c| name(c)).collect();
         let planned_counters: BTreeSet<String> = nft::deny_counter_names(&rules)

@@ -1,0 +1,302 @@
+//! The agent's netlink sockets to nf_tables: one that changes and reads the grant sets
+//! ([`NfSocket`]), and one that listens to every change of the ruleset
+//! ([`Monitor`]). The messages are encoded and decoded by `jitgate_core::nfnl`; this
+//! module only moves bytes.
+//!
+//! The kernel handles a message sent to it synchronously, in `sendmsg`, and answers
+//! in order. So after a batch the socket asks for the ruleset's generation: its
+//! answer arrives after every answer to the batch, and reading up to it collects
+//! them all, with no timer involved (a receive timeout of [`RECV_TIMEOUT`] only
+//! guards against a kernel that never answers).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use jitgate_core::nfnl::{self, Held, Message, NLMSG_DONE, Notice, Outcome, SetOp};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockname,
+    recv, sendto, setsockopt, socket, sockopt,
+};
+
+/// The longest the agent waits for the kernel's answer.
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+/// Receive buffer asked for (root may exceed `net.core.rmem_max`).
+const RCVBUF: usize = 8 << 20;
+/// Send buffer asked for: a batch goes in one `sendmsg`.
+const SNDBUF: usize = 8 << 20;
+/// The largest batch sent in one message; a larger change is a full rebuild.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+/// How many times a batch is re-sent without the deletes of elements that were
+/// already gone.
+const MAX_ROUNDS: usize = 4;
+
+const ENOENT: i32 = Errno::ENOENT as i32;
+
+fn open(groups: u32) -> anyhow::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .context("cannot open a netlink socket to nf_tables")?;
+    // Larger buffers: a dump of a large set, a burst of notifications. Forcing needs
+    // CAP_NET_ADMIN, which the agent has; the plain option is the fallback.
+    if setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF).is_err() {
+        let _ = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
+    }
+    if setsockopt(&fd, sockopt::SndBufForce, &SNDBUF).is_err() {
+        let _ = setsockopt(&fd, sockopt::SndBuf, &SNDBUF);
+    }
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).context("cannot bind the netlink socket")?;
+    Ok(fd)
+}
+
+/// What one [`NfSocket::apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Deletes dropped because the kernel had already expired the element.
+    pub already_gone: usize,
+    /// Batches sent (1 unless some deletes were dropped and the rest re-sent).
+    pub rounds: usize,
+}
+
+/// A failed batch: nothing of it was committed.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The kernel refused an operation (for example an element that is already there,
+    /// "File exists", which means the kernel holds what the agent did not put there).
+    #[error("nf_tables refused {op}: {errno}")]
+    Refused { op: String, errno: Errno },
+    /// The batch would not fit in one message (bytes).
+    #[error("a batch of {0} bytes is too large for one message")]
+    TooLarge(usize),
+    /// Anything else: the socket, the batch as a whole, a malformed answer.
+    #[error("{0:#}")]
+    Other(anyhow::Error),
+}
+
+/// A socket that changes and reads `table inet jitgate`'s sets.
+pub struct NfSocket {
+    fd: OwnedFd,
+    seq: u32,
+    port: u32,
+    buf: Vec<u8>,
+}
+
+impl NfSocket {
+    /// Opens a socket in the current network namespace.
+    pub fn open() -> anyhow::Result<Self> {
+        let fd = open(0)?;
+        let timeout = nix::sys::time::TimeVal::new(RECV_TIMEOUT.as_secs() as _, 0);
+        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)
+            .context("cannot set a receive timeout")?;
+        let port = getsockname::<NetlinkAddr>(fd.as_raw_fd())
+            .map(|a| a.pid())
+            .context("cannot read the netlink port id")?;
+        Ok(NfSocket {
+            fd,
+            seq: std::process::id().wrapping_mul(1_000_003),
+            port,
+            buf: vec![0; 1 << 20],
+        })
+    }
+
+    /// The socket's netlink port id: the kernel's notifications of the changes this
+    /// socket makes carry it.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    fn next_seq(&mut self, n: usize) -> u32 {
+        let s = self.seq;
+        self.seq = self.seq.wrapping_add(n as u32 + 1);
+        s
+    }
+
+    fn send(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        let sent = sendto(
+            self.fd.as_raw_fd(),
+            bytes,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )
+        .context("cannot send to nf_tables")?;
+        if sent != bytes.len() {
+            bail!("nf_tables took {sent} of {} bytes", bytes.len());
+        }
+        Ok(())
+    }
+
+    /// Receives datagrams, handing each message to `each`, until it returns true.
+    fn receive_until(
+        &mut self,
+        mut each: impl FnMut(&Message<'_>) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => bail!("nf_tables did not answer within {RECV_TIMEOUT:?}"),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("cannot receive from nf_tables"),
+            };
+            for m in nfnl::messages(&self.buf[..n])? {
+                if each(&m)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Sends one batch and collects the kernel's verdict on it.
+    fn send_batch(&mut self, ops: &[SetOp]) -> anyhow::Result<Outcome> {
+        let seq = self.next_seq(ops.len() + 3);
+        let bytes = nfnl::batch(ops, seq);
+        self.send(&bytes)?;
+        let fence = seq.wrapping_add(ops.len() as u32 + 2);
+        self.send(&nfnl::get_gen(fence))?;
+        let mut outcome = Outcome::default();
+        self.receive_until(|m| {
+            if m.seq == fence {
+                if let Some(code) = m.error().filter(|c| *c != 0) {
+                    bail!(
+                        "nf_tables refused the generation request: {}",
+                        Errno::from_raw(code)
+                    );
+                }
+                return Ok(true);
+            }
+            let o = Outcome::from_answers(std::slice::from_ref(m), seq, ops.len());
+            outcome.failed.extend(o.failed);
+            outcome.batch_error = outcome.batch_error.or(o.batch_error);
+            Ok(false)
+        })?;
+        Ok(outcome)
+    }
+
+    /// Applies `ops` as one atomic batch. A delete that fails because the element is
+    /// already gone (the kernel expired it between plan and commit) counts as done:
+    /// the batch is sent again without it, so the other operations still happen.
+    pub fn apply(&mut self, ops: &[SetOp]) -> Result<BatchReport, BatchError> {
+        // Roughly 100 bytes an element; checked before encoding anything.
+        let estimate = ops.len() * 120;
+        if estimate > MAX_BATCH_BYTES {
+            return Err(BatchError::TooLarge(estimate));
+        }
+        let mut ops = ops.to_vec();
+        let mut report = BatchReport::default();
+        while !ops.is_empty() {
+            if report.rounds == MAX_ROUNDS {
+                return Err(BatchError::Other(anyhow::anyhow!(
+                    "elements kept disappearing during {MAX_ROUNDS} batches"
+                )));
+            }
+            report.rounds += 1;
+            let outcome = self.send_batch(&ops).map_err(BatchError::Other)?;
+            if outcome.committed() {
+                return Ok(report);
+            }
+            if let Some(code) = outcome.batch_error {
+                return Err(BatchError::Other(anyhow::anyhow!(
+                    "nf_tables refused the batch: {}",
+                    Errno::from_raw(code)
+                )));
+            }
+            let gone =
+                |i: usize, code: i32| code == ENOENT && matches!(ops.get(i), Some(SetOp::Del(_)));
+            if let Some(&(i, code)) = outcome.failed.iter().find(|(i, c)| !gone(*i, *c)) {
+                let op = match ops.get(i) {
+                    Some(SetOp::Add { element, .. }) => format!("adding {element:?}"),
+                    Some(SetOp::Del(element)) => format!("deleting {element:?}"),
+                    None => "an unknown operation".to_owned(),
+                };
+                return Err(BatchError::Refused {
+                    op,
+                    errno: Errno::from_raw(code),
+                });
+            }
+            let mut drop: Vec<usize> = outcome.failed.iter().map(|(i, _)| *i).collect();
+            drop.sort_unstable();
+            drop.dedup();
+            report.already_gone += drop.len();
+            for i in drop.into_iter().rev() {
+                ops.remove(i);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Every element of `set` in `table inet jitgate`, with its timeout and the time
+    /// left.
+    pub fn dump(&mut self, set: &str) -> anyhow::Result<Vec<Held>> {
+        let seq = self.next_seq(1);
+        self.send(&nfnl::dump_set(set, seq))?;
+        let mut out = Vec::new();
+        self.receive_until(|m| {
+            if m.seq != seq {
+                return Ok(false);
+            }
+            if let Some(code) = m.error().filter(|c| *c != 0) {
+                bail!("cannot list set {set}: {}", Errno::from_raw(code));
+            }
+            if m.ty == NLMSG_DONE {
+                return Ok(true);
+            }
+            out.extend(nfnl::dumped_elements(m)?);
+            Ok(false)
+        })?;
+        Ok(out)
+    }
+}
+
+/// Listens to the nf_tables change notifications (what `nft monitor` reads).
+pub struct Monitor {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+/// What the monitor heard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    Notice {
+        notice: Notice,
+        port: u32,
+    },
+    /// The kernel dropped notifications (the buffer overflowed): anything may have
+    /// changed.
+    Lost,
+}
+
+impl Monitor {
+    pub fn open() -> anyhow::Result<Self> {
+        let fd = open(1 << (nfnl::NFNLGRP_NFTABLES - 1))?;
+        Ok(Monitor {
+            fd,
+            buf: vec![0; 1 << 20],
+        })
+    }
+
+    /// Blocks until the next datagram; returns what it says.
+    pub fn next(&mut self) -> anyhow::Result<Vec<Heard>> {
+        loop {
+            let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::ENOBUFS) => return Ok(vec![Heard::Lost]),
+                Err(e) => return Err(e).context("cannot receive nf_tables notifications"),
+            };
+            let msgs = nfnl::messages(&self.buf[..n])?;
+            return Ok(msgs
+                .iter()
+                .filter_map(|m| {
+                    nfnl::notice(m).map(|notice| Heard::Notice {
+                        notice,
+                        port: m.port,
+                    })
+                })
+                .collect());
+        }
+    }
+}

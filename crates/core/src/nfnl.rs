@@ -1,0 +1,778 @@
+//! nf_tables over netlink: the few messages the agent sends to change, read and watch
+//! its grant sets, encoded and decoded here (no IO; the agent owns the socket).
+//!
+//! Why by hand: no maintained crate on a permissive licence encodes set elements with
+//! per-element timeouts and concatenated keys (see `docs/ARCHITECTURE.md`); the
+//! messages jitgate needs are few and fixed:
+//!
+//! * a **batch** `NFNL_MSG_BATCH_BEGIN`, one `NFT_MSG_DELSETELEM` or
+//!   `NFT_MSG_NEWSETELEM` per element, `NFNL_MSG_BATCH_END`. The kernel commits the
+//!   whole batch or nothing; it answers only the messages that failed (none carries
+//!   `NLM_F_ACK`), each with its sequence number, so [`Outcome`] can say which
+//!   element failed and why. One element per message is what lets the agent drop a
+//!   delete that failed with "no such element" (the kernel expired it a moment ago)
+//!   and send the rest again: a revoke closes the port at any moment.
+//! * `NFT_MSG_GETGEN`, sent after a batch: its answer comes after every answer to
+//!   the batch, so reading up to it collects them all.
+//! * `NFT_MSG_GETSETELEM` with `NLM_F_DUMP`: every element of a set with its timeout
+//!   and the milliseconds left (`nft -j` prints whole seconds only).
+//! * the notifications of group `NFNLGRP_NFTABLES` (what `nft monitor` reads): which
+//!   table each change touched, and which process committed it (`NFT_MSG_NEWGEN`).
+//!
+//! Wire facts (kernel UAPI `linux/netfilter/nf_tables.h`, `nfnetlink.h`): headers
+//! and attribute headers are in host order, nf_tables values (timeouts, ports, the
+//! generation) in network order; attributes are padded to 4 bytes. A concatenated key
+//! puts each field in its own 4-byte register: `ipv4_addr . inet_proto .
+//! inet_service` is `a.b.c.d | proto 0 0 0 | port_hi port_lo 0 0` (12 bytes), with
+//! an IPv6 address 24. An interval set's element carries its first key and, in
+//! `NFTA_SET_ELEM_KEY_END`, its last (the prefix's broadcast address); a hash set's
+//! only the key. Timeouts are milliseconds.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+use crate::net::Port;
+use crate::nft::{Element, L4, TABLE};
+
+// netlink (linux/netlink.h)
+const NLMSG_HDRLEN: usize = 16;
+/// An error or acknowledgement.
+pub const NLMSG_ERROR: u16 = 2;
+/// The end of a dump.
+pub const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+// nfnetlink (linux/netfilter/nfnetlink.h)
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFPROTO_UNSPEC: u8 = 0;
+const NFPROTO_INET: u8 = 1;
+/// The multicast group of nf_tables changes.
+pub const NFNLGRP_NFTABLES: u32 = 7;
+
+// nf_tables (linux/netfilter/nf_tables.h)
+/// `NFT_MSG_*` message kinds.
+pub mod msg {
+    pub const NEWTABLE: u16 = 0;
+    pub const DELTABLE: u16 = 2;
+    pub const NEWCHAIN: u16 = 3;
+    pub const DELCHAIN: u16 = 5;
+    pub const NEWRULE: u16 = 6;
+    pub const DELRULE: u16 = 8;
+    pub const NEWSET: u16 = 9;
+    pub const DELSET: u16 = 11;
+    pub const NEWSETELEM: u16 = 12;
+    pub const GETSETELEM: u16 = 13;
+    pub const DELSETELEM: u16 = 14;
+    pub const NEWGEN: u16 = 15;
+    pub const GETGEN: u16 = 16;
+    pub const NEWOBJ: u16 = 18;
+    pub const DELOBJ: u16 = 20;
+}
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_GEN_ID: u16 = 1;
+const NFTA_GEN_PROC_PID: u16 = 2;
+const NFTA_GEN_PROC_NAME: u16 = 3;
+/// In every object message (table, chain, rule, set, element list, object,
+/// flowtable) attribute 1 is the table's name.
+const NFTA_ANY_TABLE: u16 = 1;
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// The message type of an nf_tables message kind.
+fn nft_type(kind: u16) -> u16 {
+    (NFNL_SUBSYS_NFTABLES << 8) | kind
+}
+
+// ---------------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------------
+
+fn align(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Appends netlink messages to one buffer.
+#[derive(Default)]
+struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// Starts a message (header and `nfgenmsg`); returns its offset for [`Self::end`].
+    fn begin(&mut self, ty: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> usize {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched by `end`
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(&flags.to_ne_bytes());
+        self.buf.extend_from_slice(&seq.to_ne_bytes());
+        self.buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        self.buf.push(family);
+        self.buf.push(0); // NFNETLINK_V0
+        self.buf.extend_from_slice(&res_id.to_be_bytes());
+        start
+    }
+
+    fn end(&mut self, start: usize) {
+        let len = (self.buf.len() - start) as u32;
+        self.buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn attr(&mut self, ty: u16, data: &[u8]) {
+        let len = 4 + data.len();
+        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(data);
+        self.buf.resize(self.buf.len() + align(len) - len, 0);
+    }
+
+    fn str_attr(&mut self, ty: u16, s: &str) {
+        let mut v = Vec::with_capacity(s.len() + 1);
+        v.extend_from_slice(s.as_bytes());
+        v.push(0);
+        self.attr(ty, &v);
+    }
+
+    fn nest(&mut self, ty: u16) -> usize {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&0u16.to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        start
+    }
+
+    fn nest_end(&mut self, start: usize) {
+        let len = (self.buf.len() - start) as u16;
+        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+}
+
+/// The 4-byte-register layout of `addr . proto . port`.
+pub fn key_bytes(addr: IpAddr, proto: L4, port: u16) -> Vec<u8> {
+    let mut k = match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    k.extend_from_slice(&[l4_number(proto), 0, 0, 0]);
+    k.extend_from_slice(&port.to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    k
+}
+
+fn l4_number(p: L4) -> u8 {
+    match p {
+        L4::Tcp => IPPROTO_TCP,
+        L4::Udp => IPPROTO_UDP,
+    }
+}
+
+/// One change to a grant set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetOp {
+    /// Add the element with this many milliseconds to live (never 0: a timeout of
+    /// 0 means "no timeout" to the kernel, i.e. permanent access).
+    Add { element: Element, timeout_ms: u64 },
+    /// Delete the element.
+    Del(Element),
+}
+
+impl SetOp {
+    pub fn element(&self) -> &Element {
+        match self {
+            SetOp::Add { element, .. } | SetOp::Del(element) => element,
+        }
+    }
+}
+
+fn element_attrs(w: &mut Writer, op: &SetOp) {
+    let e = op.element();
+    w.str_attr(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    w.str_attr(NFTA_SET_ELEM_LIST_SET, e.set());
+    let list = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+    let item = w.nest(NFTA_LIST_ELEM);
+    let key = w.nest(NFTA_SET_ELEM_KEY);
+    w.attr(
+        NFTA_DATA_VALUE,
+        &key_bytes(e.net.network(), e.proto, e.port.get()),
+    );
+    w.nest_end(key);
+    if !e.is_host() {
+        let end = w.nest(NFTA_SET_ELEM_KEY_END);
+        w.attr(
+            NFTA_DATA_VALUE,
+            &key_bytes(e.net.broadcast(), e.proto, e.port.get()),
+        );
+        w.nest_end(end);
+    }
+    if let SetOp::Add { timeout_ms, .. } = op {
+        w.attr(NFTA_SET_ELEM_TIMEOUT, &timeout_ms.max(&1).to_be_bytes());
+    }
+    w.nest_end(item);
+    w.nest_end(list);
+}
+
+/// One atomic batch: `ops[i]` is sent with sequence number `seq + 1 + i` (the
+/// batch's begin takes `seq`, its end `seq + 1 + ops.len()`). Adds carry
+/// `NLM_F_CREATE | NLM_F_EXCL`: an element already in the kernel fails the batch
+/// ("File exists") rather than keep an old timeout.
+pub fn batch(ops: &[SetOp], seq: u32) -> Vec<u8> {
+    let mut w = Writer::default();
+    let b = w.begin(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq,
+        NFPROTO_UNSPEC,
+        NFNL_SUBSYS_NFTABLES,
+    );
+    w.end(b);
+    for (i, op) in ops.iter().enumerate() {
+        let (kind, flags) = match op {
+            SetOp::Add { .. } => (msg::NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL),
+            SetOp::Del(_) => (msg::DELSETELEM, NLM_F_REQUEST),
+        };
+        let m = w.begin(
+            nft_type(kind),
+            flags,
+            seq.wrapping_add(1 + i as u32),
+            NFPROTO_INET,
+            0,
+        );
+        element_attrs(&mut w, op);
+        w.end(m);
+    }
+    let e = w.begin(
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        seq.wrapping_add(1 + ops.len() as u32),
+        NFPROTO_UNSPEC,
+        NFNL_SUBSYS_NFTABLES,
+    );
+    w.end(e);
+    w.buf
+}
+
+/// `NFT_MSG_GETGEN`: asks for the ruleset's generation. Its answer is a
+/// `NFT_MSG_NEWGEN` with the same sequence number.
+pub fn get_gen(seq: u32) -> Vec<u8> {
+    let mut w = Writer::default();
+    let m = w.begin(nft_type(msg::GETGEN), NLM_F_REQUEST, seq, NFPROTO_UNSPEC, 0);
+    w.end(m);
+    w.buf
+}
+
+/// `NFT_MSG_GETSETELEM` with `NLM_F_DUMP`: every element of `set` in `table inet
+/// jitgate`, answered by `NFT_MSG_NEWSETELEM` messages (see [`dumped_elements`]) and
+/// `NLMSG_DONE`.
+pub fn dump_set(set: &str, seq: u32) -> Vec<u8> {
+    let mut w = Writer::default();
+    let m = w.begin(
+        nft_type(msg::GETSETELEM),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        NFPROTO_INET,
+        0,
+    );
+    w.str_attr(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    w.str_attr(NFTA_SET_ELEM_LIST_SET, set);
+    w.end(m);
+    w.buf
+}
+
+// ---------------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------------
+
+/// A message that cannot be decoded (truncated or with bad lengths).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed netlink message: {0}")]
+pub struct Malformed(&'static str);
+
+/// One netlink message as received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub ty: u16,
+    pub flags: u16,
+    pub seq: u32,
+    /// The port id of the socket that caused it (0: the kernel).
+    pub port: u32,
+    /// Everything after the 16-byte header.
+    pub payload: &'a [u8],
+}
+
+fn u16_ne(b: &[u8]) -> u16 {
+    u16::from_ne_bytes([b[0], b[1]])
+}
+
+fn u32_ne(b: &[u8]) -> u32 {
+    u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The messages in one received datagram.
+pub fn messages(mut buf: &[u8]) -> Result<Vec<Message<'_>>, Malformed> {
+    let mut out = Vec::new();
+    while buf.len() >= NLMSG_HDRLEN {
+        let len = u32_ne(&buf[0..4]) as usize;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            return Err(Malformed("message length"));
+        }
+        out.push(Message {
+            ty: u16_ne(&buf[4..6]),
+            flags: u16_ne(&buf[6..8]),
+            seq: u32_ne(&buf[8..12]),
+            port: u32_ne(&buf[12..16]),
+            payload: &buf[NLMSG_HDRLEN..len],
+        });
+        buf = &buf[align(len).min(buf.len())..];
+    }
+    Ok(out)
+}
+
+impl Message<'_> {
+    /// For `NLMSG_ERROR`: the errno (positive; 0 is an acknowledgement).
+    pub fn error(&self) -> Option<i32> {
+        if self.ty != NLMSG_ERROR || self.payload.len() < 4 {
+            return None;
+        }
+        let code = i32::from_ne_bytes([
+            self.payload[0],
+            self.payload[1],
+            self.payload[2],
+            self.payload[3],
+        ]);
+        Some(code.saturating_neg())
+    }
+
+    /// The nf_tables message kind (`msg::*`), if this is one.
+    pub fn nft_kind(&self) -> Option<u16> {
+        (self.ty >> 8 == NFNL_SUBSYS_NFTABLES).then_some(self.ty & 0xff)
+    }
+
+    /// The `nfgenmsg` family and the attributes after it.
+    fn nfgen(&self) -> Result<(u8, Vec<(u16, &[u8])>), Malformed> {
+        if self.payload.len() < 4 {
+            return Err(Malformed("nfgenmsg"));
+        }
+        Ok((self.payload[0], attrs(&self.payload[4..])?))
+    }
+}
+
+/// The attributes in `buf`: (type without flags, payload).
+fn attrs(mut buf: &[u8]) -> Result<Vec<(u16, &[u8])>, Malformed> {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let len = u16_ne(&buf[0..2]) as usize;
+        if len < 4 || len > buf.len() {
+            return Err(Malformed("attribute length"));
+        }
+        out.push((u16_ne(&buf[2..4]) & NLA_TYPE_MASK, &buf[4..len]));
+        buf = &buf[align(len).min(buf.len())..];
+    }
+    Ok(out)
+}
+
+fn find<'a>(attrs: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
+    attrs.iter().find(|(t, _)| *t == ty).map(|(_, v)| *v)
+}
+
+fn nul_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn be_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+fn be_u32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+/// One element as the kernel holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub net: IpNet,
+    pub proto: L4,
+    pub port: Port,
+    /// The timeout it was added with (None: it never expires).
+    pub timeout_ms: Option<u64>,
+    /// Milliseconds left before the kernel expires it.
+    pub expires_ms: Option<u64>,
+}
+
+/// Decodes a key (`addr . proto . port`, see [`key_bytes`]).
+fn parse_key(b: &[u8]) -> Result<(IpAddr, L4, Port), Malformed> {
+    let (addr, rest) = match b.len() {
+        12 => {
+            let o: [u8; 4] = b[..4].try_into().map_err(|_| Malformed("key"))?;
+            (IpAddr::V4(Ipv4Addr::from(o)), &b[4..])
+        }
+        24 => {
+            let o: [u8; 16] = b[..16].try_into().map_err(|_| Malformed("key"))?;
+            (IpAddr::V6(Ipv6Addr::from(o)), &b[16..])
+        }
+        _ => return Err(Malformed("key length")),
+    };
+    let proto = match rest[0] {
+        IPPROTO_TCP => L4::Tcp,
+        IPPROTO_UDP => L4::Udp,
+        _ => return Err(Malformed("key protocol")),
+    };
+    let port = Port::new(i64::from(u16::from_be_bytes([rest[4], rest[5]])))
+        .map_err(|_| Malformed("key port"))?;
+    Ok((addr, proto, port))
+}
+
+/// The prefix from its first and last address; None when they do not bound one CIDR.
+fn prefix_between(first: IpAddr, last: IpAddr) -> Option<IpNet> {
+    let (a, b, bits) = match (first, last) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return None,
+    };
+    let host_bits = 128 - (a ^ b).leading_zeros();
+    let len = bits - host_bits.min(bits);
+    let net = IpNet::new(first, len as u8).ok()?;
+    (net.network() == first && net.broadcast() == last).then_some(net)
+}
+
+fn nested_value(b: &[u8]) -> Result<&[u8], Malformed> {
+    find(&attrs(b)?, NFTA_DATA_VALUE).ok_or(Malformed("key without a value"))
+}
+
+/// The elements in one answer to [`dump_set`].
+pub fn dumped_elements(m: &Message<'_>) -> Result<Vec<Held>, Malformed> {
+    if m.nft_kind() != Some(msg::NEWSETELEM) {
+        return Ok(Vec::new());
+    }
+    let (_, top) = m.nfgen()?;
+    let Some(list) = find(&top, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (ty, item) in attrs(list)? {
+        if ty != NFTA_LIST_ELEM {
+            continue;
+        }
+        let a = attrs(item)?;
+        let key = find(&a, NFTA_SET_ELEM_KEY).ok_or(Malformed("element without a key"))?;
+        let (first, proto, port) = parse_key(nested_value(key)?)?;
+        let net = match find(&a, NFTA_SET_ELEM_KEY_END) {
+            Some(end) => {
+                let (last, _, _) = parse_key(nested_value(end)?)?;
+                prefix_between(first, last).ok_or(Malformed("interval is not a prefix"))?
+            }
+            None => IpNet::from(first),
+        };
+        out.push(Held {
+            net,
+            proto,
+            port,
+            timeout_ms: find(&a, NFTA_SET_ELEM_TIMEOUT).and_then(be_u64),
+            expires_ms: find(&a, NFTA_SET_ELEM_EXPIRATION).and_then(be_u64),
+        });
+    }
+    Ok(out)
+}
+
+/// The generation in an answer to [`get_gen`] or a `NEWGEN` notification.
+pub fn generation(m: &Message<'_>) -> Option<u32> {
+    if m.nft_kind() != Some(msg::NEWGEN) {
+        return None;
+    }
+    let (_, a) = m.nfgen().ok()?;
+    find(&a, NFTA_GEN_ID).and_then(be_u32)
+}
+
+/// What one notification of [`NFNLGRP_NFTABLES`] says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A change to an object (`kind` is a `msg::*`) of `table` in `family`.
+    Change {
+        kind: u16,
+        family: u8,
+        table: String,
+    },
+    /// A transaction committed: the changes notified since the previous one are
+    /// its. `pid` is the committing task's id (a thread's, for a threaded process).
+    Commit {
+        generation: u32,
+        pid: u32,
+        process: String,
+    },
+}
+
+impl Notice {
+    /// True for a change to `table inet jitgate`.
+    pub fn touches_jitgate(&self) -> bool {
+        matches!(self, Notice::Change { family, table, .. } if *family == NFPROTO_INET && table == TABLE)
+    }
+}
+
+/// Decodes a notification (None for anything else, such as a trace message).
+pub fn notice(m: &Message<'_>) -> Option<Notice> {
+    let kind = m.nft_kind()?;
+    let (family, a) = m.nfgen().ok()?;
+    if kind == msg::NEWGEN {
+        return Some(Notice::Commit {
+            generation: find(&a, NFTA_GEN_ID).and_then(be_u32)?,
+            pid: find(&a, NFTA_GEN_PROC_PID).and_then(be_u32).unwrap_or(0),
+            process: find(&a, NFTA_GEN_PROC_NAME)
+                .map(nul_str)
+                .unwrap_or_default(),
+        });
+    }
+    let known = [
+        msg::NEWTABLE,
+        msg::DELTABLE,
+        msg::NEWCHAIN,
+        msg::DELCHAIN,
+        msg::NEWRULE,
+        msg::DELRULE,
+        msg::NEWSET,
+        msg::DELSET,
+        msg::NEWSETELEM,
+        msg::DELSETELEM,
+        msg::NEWOBJ,
+        msg::DELOBJ,
+    ];
+    if !known.contains(&kind) {
+        return None;
+    }
+    Some(Notice::Change {
+        kind,
+        family,
+        table: find(&a, NFTA_ANY_TABLE).map(nul_str)?,
+    })
+}
+
+/// What the kernel answered to a batch sent with [`batch`] at sequence `seq` with
+/// `len` operations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// (index into the operations, errno) of every operation that failed.
+    pub failed: Vec<(usize, i32)>,
+    /// An error about the batch as a whole (at its begin or end, or at commit).
+    pub batch_error: Option<i32>,
+}
+
+impl Outcome {
+    /// Collects the errors in `answers` that belong to the batch.
+    pub fn from_answers(answers: &[Message<'_>], seq: u32, len: usize) -> Self {
+        let mut out = Outcome::default();
+        for m in answers {
+            let Some(code) = m.error().filter(|c| *c != 0) else {
+                continue;
+            };
+            let offset = m.seq.wrapping_sub(seq) as usize;
+            if (1..=len).contains(&offset) {
+                out.failed.push((offset - 1, code));
+            } else if offset == 0 || offset == len + 1 {
+                out.batch_error = Some(code);
+            }
+        }
+        out
+    }
+
+    /// True when the kernel committed the batch.
+    pub fn committed(&self) -> bool {
+        self.failed.is_empty() && self.batch_error.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::Timestamp;
+
+    fn el(net: &str, proto: L4, port: u16) -> Element {
+        Element {
+            net: net.parse().unwrap(),
+            proto,
+            port: Port::new(i64::from(port)).unwrap(),
+            end: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn keys_put_each_field_in_a_register() {
+        assert_eq!(
+            key_bytes("10.1.2.3".parse().unwrap(), L4::Tcp, 22),
+            [10, 1, 2, 3, 6, 0, 0, 0, 0, 22, 0, 0]
+        );
+        let k6 = key_bytes("2001:db8::1".parse().unwrap(), L4::Udp, 3389);
+        assert_eq!(k6.len(), 24);
+        assert_eq!(&k6[16..], [17, 0, 0, 0, 0x0d, 0x3d, 0, 0]);
+        assert_eq!(
+            parse_key(&k6).unwrap(),
+            (
+                "2001:db8::1".parse().unwrap(),
+                L4::Udp,
+                Port::new(3389).unwrap()
+            )
+        );
+        assert!(parse_key(&[0; 11]).is_err());
+    }
+
+    /// The exact bytes of a one-element batch, checked field by field.
+    #[test]
+    fn a_batch_is_begin_one_message_per_element_end() {
+        let add = SetOp::Add {
+            element: el("10.0.0.0/8", L4::Tcp, 22),
+            timeout_ms: 90_000,
+        };
+        let del = SetOp::Del(el("192.0.2.7/32", L4::Udp, 53));
+        let bytes = batch(&[del, add], 100);
+        let msgs = messages(&bytes).unwrap();
+        assert_eq!(msgs.len(), 4);
+        assert_eq!((msgs[0].ty, msgs[0].seq), (NFNL_MSG_BATCH_BEGIN, 100));
+        assert_eq!(
+            msgs[0].payload,
+            [0, 0, 0, 10],
+            "res_id is the nf_tables subsystem"
+        );
+        assert_eq!((msgs[3].ty, msgs[3].seq), (NFNL_MSG_BATCH_END, 103));
+
+        let d = msgs[1];
+        assert_eq!((d.ty, d.flags, d.seq), (0x0a0e, NLM_F_REQUEST, 101));
+        let (family, a) = d.nfgen().unwrap();
+        assert_eq!(family, NFPROTO_INET);
+        assert_eq!(find(&a, 1).unwrap(), b"jitgate\0");
+        assert_eq!(find(&a, 2).unwrap(), b"hosts4\0");
+        let list = attrs(find(&a, 3).unwrap()).unwrap();
+        let item = attrs(find(&list, 1).unwrap()).unwrap();
+        assert_eq!(
+            nested_value(find(&item, NFTA_SET_ELEM_KEY).unwrap()).unwrap(),
+            [192, 0, 2, 7, 17, 0, 0, 0, 0, 53, 0, 0]
+        );
+        assert!(
+            find(&item, NFTA_SET_ELEM_KEY_END).is_none(),
+            "a hash set has no key end"
+        );
+        assert!(find(&item, NFTA_SET_ELEM_TIMEOUT).is_none());
+
+        let n = msgs[2];
+        assert_eq!(
+            (n.ty, n.flags, n.seq),
+            (0x0a0c, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, 102)
+        );
+        let (_, a) = n.nfgen().unwrap();
+        assert_eq!(find(&a, 2).unwrap(), b"nets4\0");
+        let list = attrs(find(&a, 3).unwrap()).unwrap();
+        let item = attrs(find(&list, 1).unwrap()).unwrap();
+        assert_eq!(
+            nested_value(find(&item, NFTA_SET_ELEM_KEY).unwrap()).unwrap(),
+            [10, 0, 0, 0, 6, 0, 0, 0, 0, 22, 0, 0]
+        );
+        assert_eq!(
+            nested_value(find(&item, NFTA_SET_ELEM_KEY_END).unwrap()).unwrap(),
+            [10, 255, 255, 255, 6, 0, 0, 0, 0, 22, 0, 0]
+        );
+        assert_eq!(
+            find(&item, NFTA_SET_ELEM_TIMEOUT).unwrap(),
+            90_000u64.to_be_bytes()
+        );
+        // Nested attributes are flagged as such.
+        let a = {
+            let mut rest = &n.payload[4..];
+            let mut flags = Vec::new();
+            while rest.len() >= 4 {
+                let len = u16_ne(&rest[0..2]) as usize;
+                flags.push(u16_ne(&rest[2..4]));
+                rest = &rest[align(len)..];
+            }
+            flags
+        };
+        assert_eq!(a, [1, 2, 3 | NLA_F_NESTED]);
+    }
+
+    #[test]
+    fn a_zero_timeout_is_never_written() {
+        let add = SetOp::Add {
+            element: el("10.0.0.1/32", L4::Tcp, 22),
+            timeout_ms: 0,
+        };
+        let bytes = batch(&[add], 1);
+        let msgs = messages(&bytes).unwrap();
+        let (_, a) = msgs[1].nfgen().unwrap();
+        let list = attrs(find(&a, 3).unwrap()).unwrap();
+        let item = attrs(find(&list, 1).unwrap()).unwrap();
+        assert_eq!(
+            find(&item, NFTA_SET_ELEM_TIMEOUT).unwrap(),
+            1u64.to_be_bytes()
+        );
+    }
+
+    fn error_msg(seq: u32, errno: i32) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&36u32.to_ne_bytes());
+        v.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        v.extend_from_slice(&0u16.to_ne_bytes());
+        v.extend_from_slice(&seq.to_ne_bytes());
+        v.extend_from_slice(&0u32.to_ne_bytes());
+        v.extend_from_slice(&(-errno).to_ne_bytes());
+        v.extend_from_slice(&[0; 16]);
+        v
+    }
+
+    #[test]
+    fn answers_name_the_failed_operations() {
+        let mut buf = error_msg(12, 2);
+        buf.extend(error_msg(14, 17));
+        buf.extend(error_msg(99, 1)); // another request's
+        buf.extend(error_msg(11, 0)); // an acknowledgement
+        let msgs = messages(&buf).unwrap();
+        assert_eq!(msgs.len(), 4);
+        let o = Outcome::from_answers(&msgs, 10, 5);
+        assert_eq!(o.failed, [(1, 2), (3, 17)]);
+        assert_eq!(o.batch_error, None);
+        assert!(!o.committed());
+        let whole = error_msg(10, 1);
+        let o = Outcome::from_answers(&messages(&whole).unwrap(), 10, 5);
+        assert_eq!((o.failed.len(), o.batch_error), (0, Some(1)));
+        assert!(Outcome::from_answers(&[], 10, 5).committed());
+        // Truncated input is an error, not a panic.
+        assert!(messages(&buf[..20]).is_err());
+        let mut bad = error_msg(1, 1);
+        bad[0] = 200;
+        assert!(messages(&bad).is_err());
+    }
+
+    #[test]
+    fn prefixes_come_back_from_their_bounds() {
+        let p = |a: &str, b: &str| prefix_between(a.parse().unwrap(), b.parse().unwrap());
+        assert_eq!(
+            p("10.0.0.0", "10.255.255.255"),
+            Some("10.0.0.0/8".parse().unwrap())
+        );
+        assert_eq!(
+            p("0.0.0.0", "255.255.255.255"),
+            Some("0.0.0.0/0".parse().unwrap())
+        );
+        assert_eq!(
+            p("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+            Some("::/0".parse().unwrap())
+        );
+        assert_eq!(
+            p("10.0.0.1", "10.0.0.1"),
+            Some("10.0.0.1/32".parse().unwrap())
+        );
+        assert_eq!(p("10.0.0.1", "10.0.0.2"), None);
+        assert_eq!(p("10.0.0.0", "10.0.0.2"), None);
+    }
+}
