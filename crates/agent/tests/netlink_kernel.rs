@@ -1,0 +1,493 @@
+//! The netlink path against the real kernel, in fresh network namespaces: what the
+//! encoder sends is what `nft` itself reads back (both set shapes, IPv4 and IPv6,
+//! millisecond timeouts, port byte order), a batch is all or nothing, a delete of an
+//! element the kernel already expired does not stop the rest, and the enforcer's
+//! deltas leave the kernel holding exactly the planned elements.
+//!
+//! Needs root, `nft` (nftables) and `ip` (iproute2); fails (never skips) without them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use jitgate_agent::enforce::{ApplyKind, Enforcer};
+use jitgate_agent::netlink::{BatchError, NfSocket};
+use jitgate_agent::nft::Nft;
+use jitgate_core::Timestamp;
+use jitgate_core::ids::VmId;
+use jitgate_core::net::{Port, PortRange, Protocol, SourcePrefix};
+use jitgate_core::nfnl::{Held, SetOp};
+use jitgate_core::nft::{self, Element, L4};
+use jitgate_core::nsg::{Access, GrantRef, NsgRule, RuleOrigin};
+use jitgate_core::request::RequestId;
+use jitgate_proto::Desired;
+
+fn preflight() {
+    let install = "install nftables and iproute2 (apt-get install nftables iproute2) and run \
+                   this test as root: it changes nf_tables over netlink in a network namespace";
+    for (tool, arg) in [("nft", "--version"), ("ip", "-V")] {
+        match Command::new(tool).arg(arg).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!("`{tool} {arg}` failed ({}): {install}", o.status),
+            Err(e) => panic!("`{tool}` cannot be run ({e}): {install}"),
+        }
+    }
+    let uid = Command::new("id").arg("-u").output().map(|o| o.stdout);
+    match uid {
+        Ok(out) if String::from_utf8_lossy(&out).trim() == "0" => {}
+        _ => panic!("not running as root: {install}"),
+    }
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        preflight();
+        let name = format!("jg-nl-{}-{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = Netns(name);
+        ns.apply(&nft::render_full(&[], &[], Timestamp::now()))
+            .unwrap();
+        ns
+    }
+
+    fn apply(&self, script: &str) -> Result<(), String> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn nft(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it opens and
+    /// processes it starts belong to the namespace.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let fd = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// `nft list set` text (millisecond precision): key -> (timeout ms, expires ms).
+    fn held_text(&self, set: &str) -> BTreeMap<(IpNet, L4, u16), (i64, i64)> {
+        let text = self.nft(&["list", "set", "inet", "jitgate", set]);
+        let Some(start) = text.find("elements = {") else {
+            return BTreeMap::new();
+        };
+        let body = &text[start + "elements = {".len()..];
+        let body = &body[..body.find('}').unwrap()];
+        body.split(',')
+            .map(|item| {
+                let t: Vec<&str> = item.split_whitespace().collect();
+                assert!(
+                    t.len() == 9 && t[5] == "timeout" && t[7] == "expires",
+                    "element without timeout/expires in {set}: '{}'",
+                    item.trim()
+                );
+                let net: IpNet = if t[0].contains('/') {
+                    t[0].parse().unwrap()
+                } else {
+                    IpNet::from(t[0].parse::<IpAddr>().unwrap())
+                };
+                let proto = match t[2] {
+                    "tcp" => L4::Tcp,
+                    "udp" => L4::Udp,
+                    p => panic!("protocol {p}"),
+                };
+                (
+                    (net, proto, t[4].parse().unwrap()),
+                    (nft_ms(t[6]), nft_ms(t[8])),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// `1d2h3m4s5ms` as milliseconds.
+fn nft_ms(s: &str) -> i64 {
+    let mut total = 0;
+    let mut n = 0i64;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if let Some(d) = c.to_digit(10) {
+            n = n * 10 + i64::from(d);
+            continue;
+        }
+        let unit = match c {
+            'd' => 86_400_000,
+            'h' => 3_600_000,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            'm' => 60_000,
+            's' => 1_000,
+            _ => panic!("bad duration {s}"),
+        };
+        total += n * unit;
+        n = 0;
+    }
+    total
+}
+
+fn el(net: &str, proto: L4, port: u16) -> Element {
+    Element {
+        net: net.parse().unwrap(),
+        proto,
+        port: Port::new(i64::from(port)).unwrap(),
+        end: Timestamp::now(),
+    }
+}
+
+fn add(e: Element, timeout_ms: u64) -> SetOp {
+    SetOp::Add {
+        element: e,
+        timeout_ms,
+    }
+}
+
+fn dump_all(socket: &mut NfSocket) -> Vec<Held> {
+    nft::SETS
+        .iter()
+        .flat_map(|s| socket.dump(s).unwrap())
+        .collect()
+}
+
+/// The same elements sent over netlink in one namespace and as `nft -f` text in
+/// another read back identically, timeouts to the millisecond; the netlink dump
+/// says the same.
+#[test]
+fn what_the_encoder_sends_is_what_nft_reads_back() {
+    let by_netlink = Netns::new("enc");
+    let by_text = Netns::new("txt");
+    let elements = [
+        (el("10.1.2.3/32", L4::Tcp, 22), 90_000),
+        (el("10.1.2.3/32", L4::Udp, 65_535), 2_345),
+        (el("192.0.2.1/32", L4::Tcp, 1), 86_400_000),
+        (el("2001:db8::7/128", L4::Tcp, 3389), 61_001),
+        (el("10.0.0.0/8", L4::Tcp, 22), 120_000),
+        (el("0.0.0.0/0", L4::Udp, 53), 3_600_000),
+        (el("198.51.100.128/25", L4::Tcp, 5986), 45_678),
+        (el("2001:db8::/32", L4::Tcp, 22), 70_000),
+        (el("::/0", L4::Udp, 5985), 999),
+    ];
+    let ops: Vec<SetOp> = elements.iter().map(|(e, ms)| add(*e, *ms)).collect();
+    let dumped = by_netlink.run(|| {
+        let mut s = NfSocket::open().unwrap();
+        let report = s.apply(&ops).unwrap();
+        assert_eq!((report.rounds, report.already_gone), (1, 0));
+        dump_all(&mut s)
+    });
+    // The same as text, with the same timeouts: `render_delta` writes each element's
+    // time left from `now`, so give each an end exactly its timeout away.
+    let now = Timestamp::now();
+    let text_elements: Vec<Element> = elements
+        .iter()
+        .map(|(e, ms)| Element {
+            end: now
+                .checked_add(jiff::SignedDuration::from_millis(*ms as i64))
+                .unwrap(),
+            ..*e
+        })
+        .collect();
+    by_text
+        .apply(&nft::render_delta(&text_elements, &[], now))
+        .unwrap();
+
+    for set in nft::SETS {
+        let a = by_netlink.held_text(set);
+        let b = by_text.held_text(set);
+        let keys = |m: &BTreeMap<(IpNet, L4, u16), (i64, i64)>| {
+            m.iter().map(|(k, (t, _))| (*k, *t)).collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&a), keys(&b), "set {set}");
+    }
+    // nft's view of the netlink namespace: every element, in the set of its shape,
+    // with its timeout (the kernel rounds down to its tick, at most 10 ms).
+    for (e, ms) in &elements {
+        let held = by_netlink.held_text(e.set());
+        let (timeout, expires) = held
+            .get(&(e.net, e.proto, e.port.get()))
+            .unwrap_or_else(|| panic!("{e:?} not in {}: {held:?}", e.set()));
+        assert!(
+            *timeout <= *ms as i64 && *timeout > *ms as i64 - 10,
+            "{e:?}: {timeout} ms"
+        );
+        assert!(*expires <= *timeout);
+    }
+    // The dump over netlink reads the same keys and timeouts.
+    assert_eq!(dumped.len(), elements.len());
+    for (e, ms) in &elements {
+        let h = dumped
+            .iter()
+            .find(|h| (h.net, h.proto, h.port) == (e.net, e.proto, e.port))
+            .unwrap_or_else(|| panic!("{e:?} not dumped: {dumped:?}"));
+        let timeout = h.timeout_ms.unwrap();
+        assert!(timeout <= *ms && timeout + 10 > *ms, "{h:?}");
+        assert!(h.expires_ms.unwrap() <= timeout, "{h:?}");
+    }
+}
+
+/// One conflicting element fails the batch, and nothing of it is committed.
+#[test]
+fn a_conflicting_element_aborts_the_whole_batch() {
+    let ns = Netns::new("abort");
+    ns.run(|| {
+        let mut s = NfSocket::open().unwrap();
+        let x = el("10.0.0.1/32", L4::Tcp, 22);
+        let p = el("10.8.0.0/16", L4::Tcp, 22);
+        s.apply(&[add(x, 60_000), add(p, 60_000)]).unwrap();
+        let fresh = el("10.0.0.2/32", L4::Tcp, 22);
+        let fresh6 = el("2001:db8::2/128", L4::Tcp, 22);
+        for dup in [x, p, el("10.8.1.0/24", L4::Tcp, 22)] {
+            let err = s
+                .apply(&[add(fresh, 60_000), add(fresh6, 60_000), add(dup, 30_000)])
+                .unwrap_err();
+            match &err {
+                BatchError::Refused { errno, .. } => assert!(
+                    matches!(
+                        errno,
+                        nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTEMPTY
+                    ),
+                    "{err}"
+                ),
+                other => panic!("{other}"),
+            }
+            let held = dump_all(&mut s);
+            assert_eq!(held.len(), 2, "only the first two elements: {held:?}");
+        }
+    });
+    assert!(ns.held_text(nft::HOSTS6).is_empty());
+}
+
+/// A revoke at any moment: deleting an element the kernel expired a moment ago
+/// (or never held) is done for that element, and the rest of the batch commits.
+#[test]
+fn a_delete_of_an_element_already_gone_does_not_stop_the_rest() {
+    let ns = Netns::new("gone");
+    ns.run(|| {
+        let mut s = NfSocket::open().unwrap();
+        let short = el("10.0.0.1/32", L4::Tcp, 22);
+        let short_net = el("10.9.0.0/16", L4::Tcp, 22);
+        let stays = el("10.0.0.3/32", L4::Tcp, 22);
+        s.apply(&[add(short, 20), add(short_net, 20), add(stays, 60_000)])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        let new = el("10.0.0.4/32", L4::Tcp, 22);
+        let never = el("2001:db8::9/128", L4::Udp, 53);
+        let report = s
+            .apply(&[
+                SetOp::Del(short),
+                SetOp::Del(never),
+                SetOp::Del(short_net),
+                SetOp::Del(stays),
+                add(new, 60_000),
+            ])
+            .unwrap();
+        assert_eq!(report.already_gone, 3, "{report:?}");
+        assert!(report.rounds >= 2, "{report:?}");
+        let held = dump_all(&mut s);
+        let keys: Vec<IpNet> = held.iter().map(|h| h.net).collect();
+        assert_eq!(keys, ["10.0.0.4/32".parse::<IpNet>().unwrap()]);
+
+        // And a live element is deleted at once, whatever its time left.
+        let last = el("10.0.0.5/32", L4::Tcp, 22);
+        s.apply(&[add(last, 40)]).unwrap();
+        s.apply(&[SetOp::Del(last)]).unwrap();
+        assert!(!dump_all(&mut s).iter().any(|h| h.net == last.net));
+    });
+}
+
+fn vm() -> VmId {
+    VmId::parse("/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm").unwrap()
+}
+
+fn deny(port: u16) -> NsgRule {
+    NsgRule {
+        name: format!("JIT-Deny-p-{port}"),
+        priority: 1000 + port % 1000,
+        access: Access::Deny,
+        protocol: Protocol::Tcp,
+        sources: vec![SourcePrefix::Any],
+        ports: vec![PortRange::single(Port::new(i64::from(port)).unwrap())],
+        description: String::new(),
+        origin: RuleOrigin::JitDeny { policy: "p".into() },
+    }
+}
+
+fn grant(n: u128, port: u16, source: &str, secs: i64) -> GrantRef {
+    let now = Timestamp::now();
+    GrantRef {
+        request: RequestId::new(uuid::Uuid::from_u128(n)),
+        number: Port::new(i64::from(port)).unwrap(),
+        protocol: Protocol::Tcp,
+        source: SourcePrefix::parse(source).unwrap(),
+        start: now,
+        end: now
+            .checked_add(jiff::SignedDuration::from_secs(secs))
+            .unwrap(),
+    }
+}
+
+fn desired(rules: &[NsgRule], grants: &[GrantRef]) -> Desired {
+    Desired {
+        vm: vm(),
+        revision: "r".into(),
+        rules: rules.to_vec(),
+        grants: grants.to_vec(),
+    }
+}
+
+/// Every element the kernel holds, against what the enforcer planned.
+fn assert_kernel_matches(e: &mut Enforcer) {
+    let mut planned: Vec<(IpNet, L4, u16)> = e
+        .applied_elements()
+        .iter()
+        .map(|x| (x.net, x.proto, x.port.get()))
+        .collect();
+    let mut held: Vec<(IpNet, L4, u16)> = e
+        .kernel_elements()
+        .unwrap()
+        .iter()
+        .map(|h| (h.net, h.proto, h.port.get()))
+        .collect();
+    planned.sort();
+    held.sort();
+    assert_eq!(held, planned);
+}
+
+/// The enforcer: a first full apply, then grant changes as netlink deltas, a
+/// conflict planted by someone else turning a delta into a rebuild, a rule change
+/// rebuilding the table.
+#[test]
+fn the_enforcer_applies_grant_changes_as_deltas() {
+    let ns = Netns::new("enf");
+    ns.run(|| {
+        let mut e = Enforcer::new(Nft::new("nft".into()));
+        assert!(e.netlink_port().is_some(), "no netlink socket");
+        let rules = vec![deny(22), deny(3389)];
+        let mut grants = vec![
+            grant(1, 22, "10.0.0.1", 600),
+            grant(2, 22, "10.0.0.0/24", 300),
+            grant(3, 3389, "2001:db8::5", 600),
+        ];
+        let s = e.apply(desired(&rules, &grants), Timestamp::now()).unwrap();
+        assert_eq!(s.kind, ApplyKind::Full);
+        assert_kernel_matches(&mut e);
+
+        // A host grant added, then a second grant on the same address ending later:
+        // the element is replaced (deleted and added with the later end).
+        grants.push(grant(4, 22, "10.0.0.2", 600));
+        let s = e.apply(desired(&rules, &grants), Timestamp::now()).unwrap();
+        assert_eq!((s.kind, s.added, s.deleted), (ApplyKind::Delta, 1, 0));
+        grants.push(grant(5, 22, "10.0.0.2", 900));
+        let s = e.apply(desired(&rules, &grants), Timestamp::now()).unwrap();
+        assert_eq!((s.kind, s.added, s.deleted), (ApplyKind::Delta, 1, 1));
+        assert_kernel_matches(&mut e);
+
+        // A prefix grant inside another with a later end: its group is replanned.
+        grants.push(grant(6, 22, "10.0.0.128/25", 900));
+        let s = e.apply(desired(&rules, &grants), Timestamp::now()).unwrap();
+        assert_eq!(s.kind, ApplyKind::Delta);
+        assert_kernel_matches(&mut e);
+
+        // Revokes (in any order of the list: the enforcer sorts it).
+        grants.retain(|g| g.request != RequestId::new(uuid::Uuid::from_u128(1)));
+        grants.reverse();
+        let s = e.apply(desired(&rules, &grants), Timestamp::now()).unwrap();
+        assert_eq!((s.kind, s.added, s.deleted), (ApplyKind::Delta, 0, 1));
+        assert_kernel_matches(&mut e);
+        let s = e.apply(desired(&rules, &grants), Timestamp::now()).unwrap();
+        assert_eq!(s.kind, ApplyKind::Nothing);
+
+        // Someone else adds the element of the next grant: the delta's add is
+        // refused ("File exists"), and the enforcer rebuilds the table instead.
+        let out = Command::new("nft")
+            .args([
+                "add",
+                "element",
+                "inet",
+                "jitgate",
+                "hosts4",
+                "{ 10.0.0.9 . tcp . 22 timeout 1h }",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        grants.push(grant(7, 22, "10.0.0.9", 60));
+        let s = e.apply(desired(&rules, &grants), Timestamp::now()).unwrap();
+        assert_eq!(s.kind, ApplyKind::Full);
+        assert_kernel_matches(&mut e);
+        let held = e.kernel_elements().unwrap();
+        let nine = held
+            .iter()
+            .find(|h| h.net == "10.0.0.9/32".parse::<IpNet>().unwrap())
+            .unwrap();
+        assert!(nine.timeout_ms.unwrap() <= 60_000, "{nine:?}");
+
+        // A change of rules rebuilds.
+        let s = e
+            .apply(desired(&rules[..1], &grants), Timestamp::now())
+            .unwrap();
+        assert_eq!(s.kind, ApplyKind::Full);
+        assert_kernel_matches(&mut e);
+    });
+}
