@@ -26,6 +26,9 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// How long one long-poll may wait at the controller.
     pub poll_wait: Duration,
+    /// How often the table is compared with what was applied when nothing announced
+    /// a change (the kernel's change notifications trigger a comparison at once).
+    pub drift_check: Duration,
 }
 
 impl AgentConfig {
@@ -43,6 +46,7 @@ impl AgentConfig {
             proc_root: PathBuf::from("/proc"),
             heartbeat: Duration::from_secs(10),
             poll_wait: Duration::from_secs(25),
+            drift_check: Duration::from_secs(5),
         }
     }
 }

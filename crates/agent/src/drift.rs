@@ -1,13 +1,16 @@
 //! Drift: any change to `table inet jitgate` made outside jitgate.
 //!
-//! Right after every apply the agent reads its table back (`nft -j list table inet
-//! jitgate`) and keeps a [`Baseline`]: the table's structure (chains with hook,
+//! Right after every apply the agent reads its table back and keeps a [`Baseline`]:
+//! the table's structure (`nft -t -j list table inet jitgate`: chains with hook,
 //! priority and policy, rules in order, sets with type and flags, counters; handles
 //! and counter values left out) and every set element with the moment it is due to
-//! expire. Every second the watchdog reads the table again and [`compare`]s: a changed
-//! structure, an element that disappeared before its end, an element that was added,
-//! or one whose lifetime was extended is drift. The agent then reports it and rebuilds
-//! the table from the last desired state (grants with their remaining lifetimes).
+//! expire (read over netlink, to the millisecond; nft's JSON says whole seconds).
+//! Whenever the kernel announces a change to the table made by another process, and
+//! every few seconds as a backstop, the watchdog reads the table again and
+//! [`compare`]s: a changed structure, an element that disappeared before its end, an
+//! element that was added, or one whose lifetime was extended is drift. The agent
+//! then reports it and rebuilds the table from the last desired state (grants with
+//! their remaining lifetimes).
 //!
 //! Comparing the kernel with itself (rather than with the text the agent rendered)
 //! makes the check independent of how nft prints what it was given.
@@ -15,11 +18,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use jitgate_core::nfnl::Held;
 use serde_json::Value;
 
-/// An element may vanish this long before its expected expiry without being drift
-/// (nft prints lifetimes in whole seconds).
-const SLACK: Duration = Duration::from_secs(2);
+/// An element may vanish this long before its expected expiry, or outlive it by
+/// this much, without being drift: the kernel counts in ticks, and the table is read
+/// a moment before the time it is compared at.
+const SLACK: Duration = Duration::from_millis(500);
 
 /// At most this many changes are described.
 const MAX_CHANGES: usize = 20;
@@ -35,8 +40,23 @@ pub struct Baseline {
 struct Listing {
     /// (summary for people, normalized JSON) of each object, in order.
     structure: Vec<(String, String)>,
-    /// (set, element) -> seconds left (None: no timeout).
+    /// (set, element) -> milliseconds left (None: no timeout).
     elements: BTreeMap<(String, String), Option<u64>>,
+}
+
+/// The elements of the grant sets as read over netlink: (set, element).
+pub type Elements = [(&'static str, Held)];
+
+fn element_map(elements: &Elements) -> BTreeMap<(String, String), Option<u64>> {
+    elements
+        .iter()
+        .map(|(set, h)| {
+            let key = format!("{} . {} . {}", h.net, h.proto.as_str(), h.port);
+            // An element with a timeout always reports the time left.
+            let left = h.timeout_ms.map(|_| h.expires_ms.unwrap_or(0));
+            (((*set).to_owned(), key), left)
+        })
+        .collect()
 }
 
 fn strip(v: &mut Value) {
@@ -76,10 +96,10 @@ fn summary(kind: &str, body: &Value) -> String {
     }
 }
 
-fn parse(json: &str) -> anyhow::Result<Listing> {
+/// `structure` is `nft -t -j list table` (no elements); `elements` come over netlink.
+fn parse(json: &str, elements: &Elements) -> anyhow::Result<Listing> {
     let v: Value = serde_json::from_str(json)?;
     let mut structure = Vec::new();
-    let mut elements = BTreeMap::new();
     for item in v["nftables"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let Some((kind, body)) = item.as_object().and_then(|m| m.iter().next()) else {
             continue;
@@ -88,54 +108,38 @@ fn parse(json: &str) -> anyhow::Result<Listing> {
             continue;
         }
         let mut body = body.clone();
-        if kind == "set"
-            && let Some(elems) = body.as_object_mut().and_then(|m| m.remove("elem"))
-        {
-            let set = body["name"].as_str().unwrap_or("").to_owned();
-            for e in elems.as_array().map(Vec::as_slice).unwrap_or(&[]) {
-                // With a timeout nft prints {"elem": {"val", "timeout", "expires"}};
-                // without one, the bare value.
-                let (val, left) = match e.get("elem") {
-                    Some(inner) => (
-                        inner["val"].clone(),
-                        inner["expires"].as_u64().or(Some(0)).filter(|_| {
-                            inner.get("timeout").is_some() || inner.get("expires").is_some()
-                        }),
-                    ),
-                    None => (e.clone(), None),
-                };
-                elements.insert((set.clone(), val.to_string()), left);
-            }
+        if let Some(m) = body.as_object_mut() {
+            m.remove("elem");
         }
         strip(&mut body);
         structure.push((summary(kind, &body), format!("{kind}:{body}")));
     }
     Ok(Listing {
         structure,
-        elements,
+        elements: element_map(elements),
     })
 }
 
 /// The baseline from the listing read right after an apply, at `at`.
-pub fn baseline(json: &str, at: Instant) -> anyhow::Result<Baseline> {
-    let l = parse(json)?;
+pub fn baseline(json: &str, elements: &Elements, at: Instant) -> anyhow::Result<Baseline> {
+    let l = parse(json, elements)?;
     Ok(Baseline {
         structure: l.structure,
         elements: l
             .elements
             .into_iter()
-            .map(|(k, left)| (k, left.map(|s| at + Duration::from_secs(s))))
+            .map(|(k, left)| (k, left.map(|ms| at + Duration::from_millis(ms))))
             .collect(),
     })
 }
 
 /// What differs between the baseline and the table listed at `now` (`None`: the
 /// table is gone). Empty when nothing does.
-pub fn compare(base: &Baseline, now_json: Option<&str>, now: Instant) -> Vec<String> {
-    let Some(json) = now_json else {
+pub fn compare(base: &Baseline, listing: Option<(&str, &Elements)>, now: Instant) -> Vec<String> {
+    let Some((json, elements)) = listing else {
         return vec!["table inet jitgate was deleted".to_owned()];
     };
-    let cur = match parse(json) {
+    let cur = match parse(json, elements) {
         Ok(c) => c,
         Err(e) => return vec![format!("the table cannot be read back: {e}")],
     };
@@ -167,7 +171,7 @@ pub fn compare(base: &Baseline, now_json: Option<&str>, now: Instant) -> Vec<Str
         match (base.elements.get(&(set.clone(), elem.clone())), left) {
             (None, _) => out.push(format!("element {elem} added to set {set}")),
             (Some(_), None) => out.push(format!("element {elem} in set {set} has no timeout")),
-            (Some(Some(t)), Some(s)) if now + Duration::from_secs(*s) > *t + SLACK => out.push(
+            (Some(Some(t)), Some(ms)) if now + Duration::from_millis(*ms) > *t + SLACK => out.push(
                 format!("element {elem} in set {set} had its lifetime extended"),
             ),
             _ => {}
@@ -185,93 +189,107 @@ pub fn compare(base: &Baseline, now_json: Option<&str>, now: Instant) -> Vec<Str
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use jitgate_core::net::Port;
+    use jitgate_core::nft::L4;
 
-    fn listing(rules: &[&str], elems: &[(&str, Option<u64>)]) -> String {
+    type Table = (String, Vec<(&'static str, Held)>);
+
+    /// A terse listing (as `nft -t -j` prints it) and the elements (as netlink
+    /// dumps them: `left` is milliseconds, None for an element without timeout).
+    fn listing(rules: &[&str], elems: &[(&str, Option<u64>)]) -> Table {
         let mut items = vec![
             serde_json::json!({"metainfo": {"version": "1.0.6"}}),
             serde_json::json!({"table": {"family": "inet", "name": "jitgate", "handle": 1}}),
             serde_json::json!({"counter": {"family": "inet", "name": "c", "table": "jitgate", "handle": 2, "packets": 5, "bytes": 300}}),
         ];
-        let elem: Vec<Value> = elems
-            .iter()
-            .map(|(v, left)| match left {
-                Some(s) => serde_json::json!({"elem": {"val": {"concat": [v, "tcp", 22]}, "timeout": 3600, "expires": s}}),
-                None => serde_json::json!({"concat": [v, "tcp", 22]}),
-            })
-            .collect();
-        items.push(serde_json::json!({"set": {"family": "inet", "name": "grants4", "table": "jitgate", "handle": 3, "flags": ["interval", "timeout"], "elem": elem}}));
+        items.push(serde_json::json!({"set": {"family": "inet", "name": "nets4", "table": "jitgate", "handle": 3, "flags": ["interval", "timeout"]}}));
         items.push(serde_json::json!({"chain": {"family": "inet", "table": "jitgate", "name": "input", "handle": 1, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}));
         for (i, r) in rules.iter().enumerate() {
             items.push(serde_json::json!({"rule": {"family": "inet", "table": "jitgate", "chain": "input", "handle": 10 + i, "comment": r, "expr": [{"accept": null}]}}));
         }
-        serde_json::json!({ "nftables": items }).to_string()
+        let elements = elems
+            .iter()
+            .map(|(net, left)| {
+                (
+                    "nets4",
+                    Held {
+                        net: net.parse().unwrap(),
+                        proto: L4::Tcp,
+                        port: Port::new(22).unwrap(),
+                        timeout_ms: left.map(|_| 3_600_000),
+                        expires_ms: *left,
+                    },
+                )
+            })
+            .collect();
+        (
+            serde_json::json!({ "nftables": items }).to_string(),
+            elements,
+        )
+    }
+
+    fn of(t: &Table) -> Option<(&str, &Elements)> {
+        Some((t.0.as_str(), t.1.as_slice()))
     }
 
     #[test]
     fn an_unchanged_table_is_no_drift_even_as_counters_and_lifetimes_move() {
         let t0 = Instant::now();
-        let b = baseline(&listing(&["a", "b"], &[("10.0.0.1", Some(100))]), t0).unwrap();
-        let later = listing(&["a", "b"], &[("10.0.0.1", Some(90))])
-            .replace("\"packets\":5", "\"packets\":9");
-        assert!(compare(&b, Some(&later), t0 + Duration::from_secs(10)).is_empty());
+        let (json, els) = listing(&["a", "b"], &[("10.0.0.0/8", Some(100_000))]);
+        let b = baseline(&json, &els, t0).unwrap();
+        let mut later = listing(&["a", "b"], &[("10.0.0.0/8", Some(90_000))]);
+        later.0 = later.0.replace("\"packets\":5", "\"packets\":9");
+        assert!(compare(&b, of(&later), t0 + Duration::from_secs(10)).is_empty());
         // An element that reached its end is gone, as it should be.
         let gone = listing(&["a", "b"], &[]);
-        assert!(compare(&b, Some(&gone), t0 + Duration::from_secs(99)).is_empty());
+        assert!(compare(&b, of(&gone), t0 + Duration::from_millis(99_800)).is_empty());
     }
 
     #[test]
     fn every_kind_of_change_is_drift() {
         let t0 = Instant::now();
-        let b = baseline(&listing(&["a", "b"], &[("10.0.0.1", Some(100))]), t0).unwrap();
+        let (json, els) = listing(&["a", "b"], &[("10.0.0.0/8", Some(100_000))]);
+        let b = baseline(&json, &els, t0).unwrap();
         let now = t0 + Duration::from_secs(1);
+        let same = &[("10.0.0.0/8", Some(99_000))];
+        let mut prio = listing(&["a", "b"], same);
+        prio.0 = prio.0.replace("\"prio\":0", "\"prio\":10");
+        let mut flags = listing(&["a", "b"], same);
+        flags.0 = flags.0.replace("\"interval\",", "");
         let cases = [
+            (listing(&["a"], same), "removed or changed: rule \"b\""),
+            (listing(&["b", "a"], same), "reordered"),
+            (listing(&["a", "b", "c"], same), "added: rule \"c\""),
+            // A second early: the millisecond lifetimes tell it from expiry.
             (
-                Some(listing(&["a"], &[("10.0.0.1", Some(99))])),
-                "removed or changed: rule \"b\"",
+                listing(&["a", "b"], &[]),
+                "removed from set nets4 before its end",
             ),
             (
-                Some(listing(&["b", "a"], &[("10.0.0.1", Some(99))])),
-                "reordered",
-            ),
-            (
-                Some(listing(&["a", "b", "c"], &[("10.0.0.1", Some(99))])),
-                "added: rule \"c\"",
-            ),
-            (
-                Some(listing(&["a", "b"], &[])),
-                "removed from set grants4 before its end",
-            ),
-            (
-                Some(listing(
+                listing(
                     &["a", "b"],
-                    &[("10.0.0.1", Some(99)), ("0.0.0.0/0", Some(99))],
-                )),
-                "added to set grants4",
+                    &[("10.0.0.0/8", Some(99_000)), ("0.0.0.0/0", Some(99_000))],
+                ),
+                "added to set nets4",
             ),
             (
-                Some(listing(&["a", "b"], &[("10.0.0.1", None)])),
+                listing(&["a", "b"], &[("10.0.0.0/8", None)]),
                 "has no timeout",
             ),
             (
-                Some(listing(&["a", "b"], &[("10.0.0.1", Some(5000))])),
+                listing(&["a", "b"], &[("10.0.0.0/8", Some(100_000))]),
                 "lifetime extended",
             ),
-            (
-                Some(
-                    listing(&["a", "b"], &[("10.0.0.1", Some(99))])
-                        .replace("\"prio\":0", "\"prio\":10"),
-                ),
-                "chain input",
-            ),
-            (
-                Some(listing(&["a", "b"], &[("10.0.0.1", Some(99))]).replace("\"interval\",", "")),
-                "set grants4",
-            ),
-            (None, "deleted"),
+            (prio, "chain input"),
+            (flags, "set nets4"),
         ];
         for (cur, want) in cases {
-            let d = compare(&b, cur.as_deref(), now);
+            let d = compare(&b, of(&cur), now);
             assert!(d.iter().any(|c| c.contains(want)), "{want}: {d:?}");
         }
+        assert!(compare(&b, None, now).iter().any(|c| c.contains("deleted")));
+        // Within the slack of the kernel's ticks: no drift.
+        let close = listing(&["a", "b"], &[("10.0.0.0/8", Some(99_300))]);
+        assert!(compare(&b, of(&close), now).is_empty());
     }
 }

@@ -272,18 +272,24 @@ pub enum Heard {
 impl Monitor {
     pub fn open() -> anyhow::Result<Self> {
         let fd = open(1 << (nfnl::NFNLGRP_NFTABLES - 1))?;
+        // Wakes up now and then even when nothing changes, so the listening thread
+        // notices that the agent has stopped.
+        let wake = nix::sys::time::TimeVal::new(1, 0);
+        setsockopt(&fd, sockopt::ReceiveTimeout, &wake).context("cannot set a receive timeout")?;
         Ok(Monitor {
             fd,
             buf: vec![0; 1 << 20],
         })
     }
 
-    /// Blocks until the next datagram; returns what it says.
-    pub fn next(&mut self) -> anyhow::Result<Vec<Heard>> {
+    /// Blocks until the next datagram (at most about a second); returns what it
+    /// says (nothing when the second passed quietly).
+    pub fn listen(&mut self) -> anyhow::Result<Vec<Heard>> {
         loop {
             let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok(Vec::new()),
                 Err(Errno::ENOBUFS) => return Ok(vec![Heard::Lost]),
                 Err(e) => return Err(e).context("cannot receive nf_tables notifications"),
             };

@@ -7,6 +7,26 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
+/// The process ids of the last `nft` runs started here, so that the notification of a
+/// change they commit is known as the agent's own (see [`is_recent_child`]).
+static CHILDREN: std::sync::Mutex<std::collections::VecDeque<u32>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const CHILDREN_KEPT: usize = 32;
+
+fn remember_child(pid: u32) {
+    if let Ok(mut c) = CHILDREN.lock() {
+        if c.len() == CHILDREN_KEPT {
+            c.pop_front();
+        }
+        c.push_back(pid);
+    }
+}
+
+/// True when `pid` is one of the last `nft` runs this process started.
+pub fn is_recent_child(pid: u32) -> bool {
+    CHILDREN.lock().map(|c| c.contains(&pid)).unwrap_or(false)
+}
+
 #[derive(Debug, Clone)]
 pub struct Nft {
     bin: PathBuf,
@@ -46,6 +66,8 @@ impl Nft {
                     self.bin.display()
                 )
             })?;
+        // Before nft reads its script, so before it can commit anything.
+        remember_child(child.id());
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(script.as_bytes())
@@ -84,17 +106,19 @@ impl Nft {
         Ok(self.run(&["--version"])?.trim().to_owned())
     }
 
-    /// `nft -j list table inet jitgate`; None when the table does not exist.
-    pub fn list_table_json(&self) -> anyhow::Result<Option<String>> {
-        if !self.table_exists() {
-            return Ok(None);
+    /// `nft -t -j list table inet jitgate`: the table without set elements; None
+    /// when the table does not exist.
+    pub fn list_table_terse_json(&self) -> anyhow::Result<Option<String>> {
+        match self.run(&["-t", "-j", "list", "table", "inet", "jitgate"]) {
+            Ok(json) => Ok(Some(json)),
+            Err(e) if format!("{e:#}").contains("No such file or directory") => Ok(None),
+            Err(e) => Err(e),
         }
-        self.run(&["-j", "list", "table", "inet", "jitgate"])
-            .map(Some)
     }
 
     pub fn table_exists(&self) -> bool {
-        self.run(&["list", "table", "inet", "jitgate"]).is_ok()
+        self.run(&["-t", "list", "table", "inet", "jitgate"])
+            .is_ok()
     }
 
     /// Packet counts of the table's named counters.

@@ -11,12 +11,12 @@ use tokio::sync::watch;
 use crate::config::AgentConfig;
 use crate::enforce::{ApplyKind, Enforcer};
 use crate::host;
+use crate::netlink::{Heard, Monitor, NfSocket};
 use crate::nft::Nft;
 use crate::state::{Credentials, StateDir};
+use jitgate_core::nfnl::Notice;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// How often the agent checks that its table is still in the kernel.
-const TABLE_CHECK: Duration = Duration::from_secs(1);
 
 /// What the status report says besides host facts.
 #[derive(Default, Clone)]
@@ -65,6 +65,15 @@ struct Shared {
     apply_seq: std::sync::atomic::AtomicU64,
     /// Wakes the watchdog to read the table back right after an apply.
     baseline_wanted: tokio::sync::Notify,
+    /// Wakes the watchdog when the kernel announces a change of the table by another
+    /// process (see [`watch_changes`]).
+    table_changed: tokio::sync::Notify,
+    /// Reads the grant sets' elements for the drift check (a socket of its own, so
+    /// reading never waits for an apply).
+    reader: Mutex<Option<NfSocket>>,
+    /// The netlink port ids of the agent's own sockets: changes they make are not
+    /// drift.
+    own_ports: Vec<u32>,
     progress: Mutex<Progress>,
     nft_version: Option<String>,
 }
@@ -104,6 +113,70 @@ fn describe(e: &reqwest::Error, controller: &str) -> String {
         }
         text
     })
+}
+
+/// True when `pid` (a committing task, as the kernel names it) is this process's:
+/// one of its threads, or an `nft` it started.
+fn is_own_task(pid: u32) -> bool {
+    crate::nft::is_recent_child(pid)
+        || std::path::Path::new(&format!("/proc/self/task/{pid}")).exists()
+}
+
+/// Listens to the kernel's nf_tables change notifications on a thread of its own and
+/// wakes the watchdog when a transaction committed by another process touched
+/// `table inet jitgate` (or when notifications were lost), so drift is found the
+/// moment it happens rather than at the next periodic check. Ends with the agent.
+fn watch_changes(shared: std::sync::Weak<Shared>) {
+    let mut monitor = match Monitor::open() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot listen to nf_tables changes; drift is found by the periodic check only");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("nft-monitor".into())
+        .spawn(move || {
+            // Whether the transaction being announced touched the table from a
+            // socket that is not the agent's.
+            let mut foreign = false;
+            loop {
+                let heard = match monitor.listen() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "nf_tables notifications stopped; drift is found by the periodic check only");
+                        return;
+                    }
+                };
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                for h in heard {
+                    match h {
+                        Heard::Lost => {
+                            tracing::debug!("nf_tables notifications were lost; checking the table");
+                            shared.table_changed.notify_one();
+                        }
+                        Heard::Notice { notice, port } => match notice {
+                            Notice::Commit { pid, process, .. } => {
+                                if foreign && !is_own_task(pid) {
+                                    tracing::info!(pid, %process, "another process changed table inet jitgate; checking it now");
+                                    shared.table_changed.notify_one();
+                                }
+                                foreign = false;
+                            }
+                            n if n.touches_jitgate() && !shared.own_ports.contains(&port) => {
+                                foreign = true;
+                            }
+                            _ => {}
+                        },
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the nf_tables monitor thread");
+    }
 }
 
 /// A condition restarting the agent with the same configuration cannot fix (nft
@@ -324,12 +397,22 @@ impl Shared {
         if before % 2 == 1 {
             return DriftCheck::Retry;
         }
-        let listing = match self.counter_nft.list_table_json() {
+        let listing = match self.counter_nft.list_table_terse_json() {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot read table inet jitgate back");
                 return DriftCheck::Same;
             }
+        };
+        let elements = match &listing {
+            Some(_) => match self.read_elements() {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the grant sets back");
+                    return DriftCheck::Same;
+                }
+            },
+            None => Vec::new(),
         };
         if self.apply_seq.load(Ordering::Acquire) != before {
             // An apply ran meanwhile: this listing belongs to no single state.
@@ -340,10 +423,12 @@ impl Shared {
             (None, _) => vec!["table inet jitgate was deleted".to_owned()],
             (Some(_), Err(_)) => return DriftCheck::Same,
             (Some(json), Ok(slot)) => match slot {
-                Some((seq, base)) if *seq == before => crate::drift::compare(base, Some(json), now),
+                Some((seq, base)) if *seq == before => {
+                    crate::drift::compare(base, Some((json, &elements)), now)
+                }
                 _ => {
                     // The first read-back after this apply becomes its baseline.
-                    match crate::drift::baseline(json, now) {
+                    match crate::drift::baseline(json, &elements, now) {
                         Ok(b) => *slot = Some((before, b)),
                         Err(e) => tracing::warn!(error = %e, "cannot parse table inet jitgate"),
                     }
@@ -375,6 +460,34 @@ impl Shared {
             repaired: false,
         });
         DriftCheck::Drift
+    }
+
+    /// Every element of the grant sets, over netlink. A set that does not exist
+    /// reads as empty (the structure comparison reports it missing).
+    fn read_elements(&self) -> anyhow::Result<Vec<(&'static str, jitgate_core::nfnl::Held)>> {
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| anyhow::anyhow!("reader lock poisoned"))?;
+        if reader.is_none() {
+            *reader = Some(NfSocket::open()?);
+        }
+        let Some(socket) = reader.as_mut() else {
+            bail!("no netlink socket");
+        };
+        let mut out = Vec::new();
+        for set in jitgate_core::nft::SETS {
+            match socket.dump(set) {
+                Ok(held) => out.extend(held.into_iter().map(|h| (set, h))),
+                Err(e) if format!("{e:#}").contains("No such file or directory") => {}
+                Err(e) => {
+                    // The socket may be out of step with the kernel: a new one next time.
+                    *reader = None;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Rebuilds the whole table from the last desired state (grants with their
@@ -582,15 +695,27 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             "nft is not runnable: install the nftables package; enforcement will fail until then"
         );
     }
+    let enforcer = Enforcer::new(nft.clone());
+    let reader = NfSocket::open()
+        .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot open a netlink socket to read the grant sets"))
+        .ok();
+    let own_ports = enforcer
+        .netlink_port()
+        .into_iter()
+        .chain(reader.as_ref().map(NfSocket::port))
+        .collect();
     let shared = Arc::new(Shared {
         inventory: Mutex::new(Inventory::default()),
-        counter_nft: nft.clone(),
+        counter_nft: nft,
         http,
         creds,
-        enforcer: Mutex::new(Enforcer::new(nft)),
+        enforcer: Mutex::new(enforcer),
         baseline: Mutex::new(None),
         apply_seq: std::sync::atomic::AtomicU64::new(0),
         baseline_wanted: tokio::sync::Notify::new(),
+        table_changed: tokio::sync::Notify::new(),
+        reader: Mutex::new(reader),
+        own_ports,
         progress: Mutex::new(Progress::default()),
         nft_version,
         config,
@@ -622,17 +747,19 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     // Watchdog: if something outside jitgate removed the table (`nft flush ruleset`,
     // a restart of nftables.service), rebuild it from the last applied state at once
     // rather than at the next change.
+    watch_changes(Arc::downgrade(&shared));
     let wd = shared.clone();
     let mut wd_shutdown = shutdown.clone();
     let watchdog = tokio::spawn(async move {
-        let mut pause = TABLE_CHECK;
+        let mut pause = wd.config.drift_check;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = wd.baseline_wanted.notified() => {}
+                _ = wd.table_changed.notified() => {}
                 _ = wd_shutdown.changed() => return,
             }
-            pause = TABLE_CHECK;
+            pause = wd.config.drift_check;
             let me = wd.clone();
             let found = tokio::task::spawn_blocking(move || me.check_table())
                 .await

@@ -491,3 +491,110 @@ fn the_enforcer_applies_grant_changes_as_deltas() {
         assert_kernel_matches(&mut e);
     });
 }
+
+/// The kernel's change notifications: a change by another process (`nft`) is
+/// announced as a change to `table inet jitgate` followed by a commit naming that
+/// process; the agent's own batch carries its socket's port id, which is how the
+/// agent tells its own changes from drift.
+#[test]
+fn changes_are_announced_with_who_made_them() {
+    use jitgate_agent::netlink::{Heard, Monitor};
+    use jitgate_core::nfnl::Notice;
+    let ns = Netns::new("mon");
+    let (mut monitor, mut socket) =
+        ns.run(|| (Monitor::open().unwrap(), NfSocket::open().unwrap()));
+    let heard = |monitor: &mut Monitor| {
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            let got = monitor.listen().unwrap();
+            let done = got.iter().any(|h| {
+                matches!(
+                    h,
+                    Heard::Notice {
+                        notice: Notice::Commit { .. },
+                        ..
+                    }
+                )
+            });
+            out.extend(got);
+            if done {
+                break;
+            }
+        }
+        out
+    };
+
+    // Another process adds an element.
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "jitgate",
+            "hosts4",
+            "{ 10.0.0.7 . tcp . 22 timeout 1h }",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        child.status.success(),
+        "{}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let got = heard(&mut monitor);
+    let change = got
+        .iter()
+        .find_map(|h| match h {
+            Heard::Notice { notice, port } if notice.touches_jitgate() => Some(*port),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no change to table inet jitgate announced: {got:?}"));
+    assert_ne!(change, socket.port());
+    let commit = got
+        .iter()
+        .find_map(|h| match h {
+            Heard::Notice {
+                notice: Notice::Commit { process, pid, .. },
+                ..
+            } => Some((process.clone(), *pid)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(commit.0, "nft", "{got:?}");
+    assert!(commit.1 > 0);
+
+    // The agent's own batch: the change carries its socket's port id.
+    socket
+        .apply(&[add(el("10.0.0.8/32", L4::Tcp, 22), 60_000)])
+        .unwrap();
+    let got = heard(&mut monitor);
+    let ports: Vec<u32> = got
+        .iter()
+        .filter_map(|h| match h {
+            Heard::Notice { notice, port } if notice.touches_jitgate() => Some(*port),
+            _ => None,
+        })
+        .collect();
+    assert!(!ports.is_empty(), "{got:?}");
+    assert!(
+        ports.iter().all(|p| *p == socket.port()),
+        "{ports:?} vs {}",
+        socket.port()
+    );
+    let own = got.iter().find_map(|h| match h {
+        Heard::Notice {
+            notice: Notice::Commit { pid, .. },
+            ..
+        } => Some(*pid),
+        _ => None,
+    });
+    let own = own.unwrap();
+    assert!(
+        std::path::Path::new(&format!("/proc/self/task/{own}")).exists(),
+        "the commit names task {own}, not one of this process's"
+    );
+}

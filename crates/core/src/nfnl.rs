@@ -364,7 +364,7 @@ impl Message<'_> {
     }
 
     /// The `nfgenmsg` family and the attributes after it.
-    fn nfgen(&self) -> Result<(u8, Vec<(u16, &[u8])>), Malformed> {
+    fn nfgen(&self) -> Result<(u8, Attrs<'_>), Malformed> {
         if self.payload.len() < 4 {
             return Err(Malformed("nfgenmsg"));
         }
@@ -372,8 +372,11 @@ impl Message<'_> {
     }
 }
 
-/// The attributes in `buf`: (type without flags, payload).
-fn attrs(mut buf: &[u8]) -> Result<Vec<(u16, &[u8])>, Malformed> {
+/// Attributes: (type without flags, payload).
+type Attrs<'a> = Vec<(u16, &'a [u8])>;
+
+/// The attributes in `buf`.
+fn attrs(mut buf: &[u8]) -> Result<Attrs<'_>, Malformed> {
     let mut out = Vec::new();
     while buf.len() >= 4 {
         let len = u16_ne(&buf[0..2]) as usize;

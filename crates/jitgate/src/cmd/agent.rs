@@ -79,6 +79,11 @@ pub struct AgentArgs {
     /// Seconds between status reports when nothing changes.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_secs: u64,
+    /// Seconds between full comparisons of table inet jitgate with what the agent
+    /// applied. A change by another process is caught at once from the kernel's
+    /// change notifications; this is the backstop.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub drift_check_secs: u64,
     /// Log format: text or json.
     #[arg(long, env = "JITGATE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -134,6 +139,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.ca_fingerprint = args.ca_fingerprint;
     config.nft = args.nft;
     config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs.max(1));
+    config.drift_check = std::time::Duration::from_secs(args.drift_check_secs);
     let (tx, rx) = tokio::sync::watch::channel(false);
     let (mut term, mut int) = stop_signals()?;
     let task = tokio::spawn(jitgate_agent::run(config, rx));

@@ -298,7 +298,7 @@ fn every_grant_element_in_the_kernel_expires_no_later_than_its_end() {
     b.wait_tcp_open(lab.vm.v4_at(SSH), Duration::from_secs(2));
 
     let mut seen = 0;
-    for set in ["grants4", "grants6"] {
+    for set in ["hosts4", "nets4", "hosts6", "nets6"] {
         // JSON (whole seconds, rounded down), then text (milliseconds).
         let json_text = lab.nft(&["-j", "list", "set", "inet", "jitgate", set]);
         let json_at = Instant::now();
@@ -313,12 +313,14 @@ fn every_grant_element_in_the_kernel_expires_no_later_than_its_end() {
             (from_text, text_at, &text),
         ] {
             for e in elems {
-                // The grants this element could stand for; it must end no later than
-                // the last of them.
+                // The grants this element could stand for (single addresses in the
+                // host sets, prefixes in the others); it must end no later than the
+                // last of them.
                 let latest = wants
                     .iter()
                     .filter(|w| {
-                        w.v6 == e.v6
+                        (w.lo == w.hi) == set.starts_with("hosts")
+                            && w.v6 == e.v6
                             && w.proto == e.proto
                             && u64::from(w.port) >= e.plo
                             && u64::from(w.port) <= e.phi

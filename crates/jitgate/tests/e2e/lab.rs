@@ -594,6 +594,8 @@ pub struct Lab {
     pub tables_before: String,
     /// Extra flags of every `jitgate serve` this lab starts.
     serve_args: Vec<String>,
+    /// Extra flags of every `jitgate agent` this lab starts from now on.
+    pub agent_args: Vec<String>,
     pub tls: LabTls,
     /// The PEM file clients trust when the controller serves HTTPS.
     pub ca: Option<PathBuf>,
@@ -695,6 +697,7 @@ impl Lab {
             sub: String::new(),
             tables_before: String::new(),
             serve_args: options.serve_args,
+            agent_args: Vec::new(),
             ca: match &options.tls {
                 LabTls::Given { cert, .. } => Some(cert.clone()),
                 _ => None,
@@ -898,7 +901,10 @@ impl Lab {
                 state.to_str().unwrap(),
                 "--heartbeat-secs",
                 "1",
-            ],
+            ]
+            .into_iter()
+            .chain(self.agent_args.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
             &[],
             &self.log_path("agent"),
         );
@@ -947,6 +953,22 @@ impl Lab {
         let mut c = self.agent.take().expect("no agent running");
         c.kill().unwrap();
         c.wait().unwrap();
+    }
+
+    /// Freezes the agent (SIGSTOP): it neither applies nor repairs until resumed, and
+    /// the kernel keeps what it announces meanwhile in the agent's socket buffers.
+    pub fn pause_agent(&self) {
+        self.signal_agent(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused agent run again (SIGCONT).
+    pub fn resume_agent(&self) {
+        self.signal_agent(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal_agent(&self, signal: nix::sys::signal::Signal) {
+        let c = self.agent.as_ref().expect("no agent running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), signal).unwrap();
     }
 
     /// SIGTERM to the agent; waits until it has exited (cleanly).
