@@ -114,13 +114,21 @@ async fn text(c: &Client, css: &str) -> String {
         .unwrap()
 }
 
+/// Clicks the element. The page's live update may replace a region between finding
+/// the element and clicking it (it never replaces the region holding the focus, so
+/// once clicked the element stays); a stale element is found again.
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("no {css}: {e}"))
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("cannot click {css}: {e}"));
+    for attempt in 1.. {
+        let e = c
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"));
+        match e.click().await {
+            Ok(_) => return,
+            Err(e) if attempt < 5 && e.to_string().contains("stale element") => {}
+            Err(e) => panic!("cannot click {css}: {e}"),
+        }
+    }
 }
 
 async fn fill(c: &Client, css: &str, value: &str) {
