@@ -1,63 +1,48 @@
 //! Drift: any change to `table inet jitgate` made outside jitgate.
 //!
-//! Right after every apply the agent reads its table back and keeps a [`Baseline`]:
-//! the table's structure (`nft -t -j list table inet jitgate`: chains with hook,
-//! priority and policy, rules in order, sets with type and flags, counters; handles
-//! and counter values left out) and every set element with the moment it is due to
-//! expire (read over netlink, to the millisecond; nft's JSON says whole seconds).
-//! Whenever the kernel announces a change to the table made by another process, and
-//! every few seconds as a backstop, the watchdog reads the table again and
-//! [`compare`]s: a changed structure, an element that disappeared before its end, an
-//! element that was added, or one whose lifetime was extended is drift. The agent
-//! then reports it and rebuilds the table from the last desired state (grants with
-//! their remaining lifetimes).
+//! Two comparisons:
 //!
-//! Comparing the kernel with itself (rather than with the text the agent rendered)
-//! makes the check independent of how nft prints what it was given.
+//! * **Structure**: right after every full rebuild the agent reads its table back
+//!   (`nft -t -j list table inet jitgate`: chains with hook, priority and policy,
+//!   rules in order, sets with type and flags, counters; handles and counter values
+//!   left out) and keeps it as the [`Baseline`]; a later listing that differs is
+//!   drift. Comparing the kernel with itself keeps this independent of how nft prints
+//!   what it was given. A delta changes only elements, so the baseline stays.
+//! * **Elements**: what the kernel holds (dumped over netlink, lifetimes to the
+//!   millisecond) against what the agent applied ([`compare_elements`]): an element
+//!   the agent did not put there, one without a timeout, one that outlives its
+//!   grant, or one gone before its grant's end is drift.
+//!
+//! The agent compares whenever the kernel announces a change to the table made by
+//! another process, and periodically as a backstop; on drift it reports and rebuilds
+//! the table from the last desired state (grants with their remaining lifetimes).
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::Duration;
 
+use ipnet::IpNet;
+use jitgate_core::Timestamp;
+use jitgate_core::net::Port;
 use jitgate_core::nfnl::Held;
+use jitgate_core::nft::{Element, L4};
 use serde_json::Value;
 
-/// An element may vanish this long before its expected expiry, or outlive it by
-/// this much, without being drift: the kernel counts in ticks, and the table is read
-/// a moment before the time it is compared at.
+/// An element may vanish this long before its grant's end (beyond the agent's commit
+/// margin), or outlive it by this much, without being drift: the kernel counts in
+/// ticks, and the table is read a moment before the time it is compared at.
 const SLACK: Duration = Duration::from_millis(500);
 
 /// At most this many changes are described.
 const MAX_CHANGES: usize = 20;
 
+/// The table's structure as read back after a full rebuild.
 #[derive(Debug, Clone)]
 pub struct Baseline {
     structure: Vec<(String, String)>,
-    /// (set, element) -> when it expires (None: no timeout).
-    elements: BTreeMap<(String, String), Option<Instant>>,
-}
-
-/// What one listing holds.
-struct Listing {
-    /// (summary for people, normalized JSON) of each object, in order.
-    structure: Vec<(String, String)>,
-    /// (set, element) -> milliseconds left (None: no timeout).
-    elements: BTreeMap<(String, String), Option<u64>>,
 }
 
 /// The elements of the grant sets as read over netlink: (set, element).
 pub type Elements = [(&'static str, Held)];
-
-fn element_map(elements: &Elements) -> BTreeMap<(String, String), Option<u64>> {
-    elements
-        .iter()
-        .map(|(set, h)| {
-            let key = format!("{} . {} . {}", h.net, h.proto.as_str(), h.port);
-            // An element with a timeout always reports the time left.
-            let left = h.timeout_ms.map(|_| h.expires_ms.unwrap_or(0));
-            (((*set).to_owned(), key), left)
-        })
-        .collect()
-}
 
 fn strip(v: &mut Value) {
     match v {
@@ -96,8 +81,8 @@ fn summary(kind: &str, body: &Value) -> String {
     }
 }
 
-/// `structure` is `nft -t -j list table` (no elements); `elements` come over netlink.
-fn parse(json: &str, elements: &Elements) -> anyhow::Result<Listing> {
+/// The structure in `nft -t -j list table` (elements, if any, are left out).
+fn parse(json: &str) -> anyhow::Result<Vec<(String, String)>> {
     let v: Value = serde_json::from_str(json)?;
     let mut structure = Vec::new();
     for item in v["nftables"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
@@ -114,43 +99,34 @@ fn parse(json: &str, elements: &Elements) -> anyhow::Result<Listing> {
         strip(&mut body);
         structure.push((summary(kind, &body), format!("{kind}:{body}")));
     }
-    Ok(Listing {
-        structure,
-        elements: element_map(elements),
-    })
+    Ok(structure)
 }
 
-/// The baseline from the listing read right after an apply, at `at`.
-pub fn baseline(json: &str, elements: &Elements, at: Instant) -> anyhow::Result<Baseline> {
-    let l = parse(json, elements)?;
+/// The baseline from the listing read right after a full rebuild.
+pub fn baseline(json: &str) -> anyhow::Result<Baseline> {
     Ok(Baseline {
-        structure: l.structure,
-        elements: l
-            .elements
-            .into_iter()
-            .map(|(k, left)| (k, left.map(|ms| at + Duration::from_millis(ms))))
-            .collect(),
+        structure: parse(json)?,
     })
 }
 
-/// What differs between the baseline and the table listed at `now` (`None`: the
-/// table is gone). Empty when nothing does.
-pub fn compare(base: &Baseline, listing: Option<(&str, &Elements)>, now: Instant) -> Vec<String> {
-    let Some((json, elements)) = listing else {
+/// How the structure listed now differs from the baseline (`None`: the table is
+/// gone). Empty when it does not.
+pub fn compare_structure(base: &Baseline, listing: Option<&str>) -> Vec<String> {
+    let Some(json) = listing else {
         return vec!["table inet jitgate was deleted".to_owned()];
     };
-    let cur = match parse(json, elements) {
+    let cur = match parse(json) {
         Ok(c) => c,
         Err(e) => return vec![format!("the table cannot be read back: {e}")],
     };
     let mut out = Vec::new();
-    if cur.structure != base.structure {
+    if cur != base.structure {
         for (summary, norm) in &base.structure {
-            if !cur.structure.iter().any(|(_, n)| n == norm) {
+            if !cur.iter().any(|(_, n)| n == norm) {
                 out.push(format!("removed or changed: {summary}"));
             }
         }
-        for (summary, norm) in &cur.structure {
+        for (summary, norm) in &cur {
             if !base.structure.iter().any(|(_, n)| n == norm) {
                 out.push(format!("added: {summary}"));
             }
@@ -159,24 +135,60 @@ pub fn compare(base: &Baseline, listing: Option<(&str, &Elements)>, now: Instant
             out.push("rules were reordered".to_owned());
         }
     }
-    for ((set, elem), expires) in &base.elements {
-        let due = expires.is_some_and(|t| t <= now + SLACK);
-        if !due && !cur.elements.contains_key(&(set.clone(), elem.clone())) {
+    out
+}
+
+fn describe(set: &str, net: IpNet, proto: L4, port: Port) -> String {
+    format!("{net} . {} . {port} in set {set}", proto.as_str())
+}
+
+/// How the elements the kernel holds (`held`, dumped at `now`) differ from those the
+/// agent applied (`expected`, each with its grant's end). `margin` is the most the
+/// agent shortens a timeout to be sure it never ends late.
+pub fn compare_elements(
+    expected: &[Element],
+    held: &Elements,
+    now: Timestamp,
+    margin: Duration,
+) -> Vec<String> {
+    let want: HashMap<(&str, IpNet, L4, Port), Timestamp> = expected
+        .iter()
+        .map(|e| ((e.set(), e.net, e.proto, e.port), e.end))
+        .collect();
+    let mut out = Vec::new();
+    let mut present = std::collections::HashSet::with_capacity(held.len());
+    for (set, h) in held {
+        let key = (*set, h.net, h.proto, h.port);
+        present.insert(key);
+        let what = describe(set, h.net, h.proto, h.port);
+        match (want.get(&key), h.timeout_ms, h.expires_ms) {
+            (None, _, _) => out.push(format!("element {what} was added")),
+            (Some(_), None, _) => out.push(format!("element {what} has no timeout")),
+            (Some(end), Some(_), left) => {
+                let expires = now
+                    .checked_add(Duration::from_millis(left.unwrap_or(0)))
+                    .unwrap_or(Timestamp::MAX);
+                let latest = end.checked_add(SLACK).unwrap_or(Timestamp::MAX);
+                if expires > latest {
+                    out.push(format!("element {what} had its lifetime extended"));
+                }
+            }
+        }
+    }
+    let still_due = now.checked_add(margin + SLACK).unwrap_or(Timestamp::MAX);
+    for e in expected {
+        if e.end > still_due && !present.contains(&(e.set(), e.net, e.proto, e.port)) {
             out.push(format!(
-                "element {elem} removed from set {set} before its end"
+                "element {} was removed before its end",
+                describe(e.set(), e.net, e.proto, e.port)
             ));
         }
     }
-    for ((set, elem), left) in &cur.elements {
-        match (base.elements.get(&(set.clone(), elem.clone())), left) {
-            (None, _) => out.push(format!("element {elem} added to set {set}")),
-            (Some(_), None) => out.push(format!("element {elem} in set {set} has no timeout")),
-            (Some(Some(t)), Some(ms)) if now + Duration::from_millis(*ms) > *t + SLACK => out.push(
-                format!("element {elem} in set {set} had its lifetime extended"),
-            ),
-            _ => {}
-        }
-    }
+    out
+}
+
+/// Cuts a long list of changes to [`MAX_CHANGES`] with a count of the rest.
+pub fn limit(mut out: Vec<String>) -> Vec<String> {
     if out.len() > MAX_CHANGES {
         let more = out.len() - MAX_CHANGES;
         out.truncate(MAX_CHANGES);
@@ -189,14 +201,8 @@ pub fn compare(base: &Baseline, listing: Option<(&str, &Elements)>, now: Instant
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use jitgate_core::net::Port;
-    use jitgate_core::nft::L4;
 
-    type Table = (String, Vec<(&'static str, Held)>);
-
-    /// A terse listing (as `nft -t -j` prints it) and the elements (as netlink
-    /// dumps them: `left` is milliseconds, None for an element without timeout).
-    fn listing(rules: &[&str], elems: &[(&str, Option<u64>)]) -> Table {
+    fn listing(rules: &[&str]) -> String {
         let mut items = vec![
             serde_json::json!({"metainfo": {"version": "1.0.6"}}),
             serde_json::json!({"table": {"family": "inet", "name": "jitgate", "handle": 1}}),
@@ -207,89 +213,133 @@ mod tests {
         for (i, r) in rules.iter().enumerate() {
             items.push(serde_json::json!({"rule": {"family": "inet", "table": "jitgate", "chain": "input", "handle": 10 + i, "comment": r, "expr": [{"accept": null}]}}));
         }
-        let elements = elems
-            .iter()
-            .map(|(net, left)| {
-                (
-                    "nets4",
-                    Held {
-                        net: net.parse().unwrap(),
-                        proto: L4::Tcp,
-                        port: Port::new(22).unwrap(),
-                        timeout_ms: left.map(|_| 3_600_000),
-                        expires_ms: *left,
-                    },
-                )
-            })
-            .collect();
+        serde_json::json!({ "nftables": items }).to_string()
+    }
+
+    #[test]
+    fn the_structure_is_compared_without_handles_or_counter_values() {
+        let b = baseline(&listing(&["a", "b"])).unwrap();
+        let later = listing(&["a", "b"]).replace("\"packets\":5", "\"packets\":9");
+        assert!(compare_structure(&b, Some(&later)).is_empty());
+        let cases = [
+            (listing(&["a"]), "removed or changed: rule \"b\""),
+            (listing(&["b", "a"]), "reordered"),
+            (listing(&["a", "b", "c"]), "added: rule \"c\""),
+            (
+                listing(&["a", "b"]).replace("\"prio\":0", "\"prio\":10"),
+                "chain input",
+            ),
+            (
+                listing(&["a", "b"]).replace("\"interval\",", ""),
+                "set nets4",
+            ),
+        ];
+        for (cur, want) in cases {
+            let d = compare_structure(&b, Some(&cur));
+            assert!(d.iter().any(|c| c.contains(want)), "{want}: {d:?}");
+        }
+        assert!(compare_structure(&b, None)[0].contains("deleted"));
+    }
+
+    fn t0() -> Timestamp {
+        "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        t0().checked_add(jiff::SignedDuration::from_millis(ms))
+            .unwrap()
+    }
+
+    fn el(net: &str, end_ms: i64) -> Element {
+        Element {
+            net: net.parse().unwrap(),
+            proto: L4::Tcp,
+            port: Port::new(22).unwrap(),
+            end: at(end_ms),
+        }
+    }
+
+    fn held(net: &str, left: Option<u64>) -> (&'static str, Held) {
+        let net: IpNet = net.parse().unwrap();
+        let set = el(&net.to_string(), 0).set();
         (
-            serde_json::json!({ "nftables": items }).to_string(),
-            elements,
+            set,
+            Held {
+                net,
+                proto: L4::Tcp,
+                port: Port::new(22).unwrap(),
+                timeout_ms: left.map(|_| 3_600_000),
+                expires_ms: left,
+            },
         )
     }
 
-    fn of(t: &Table) -> Option<(&str, &Elements)> {
-        Some((t.0.as_str(), t.1.as_slice()))
-    }
-
     #[test]
-    fn an_unchanged_table_is_no_drift_even_as_counters_and_lifetimes_move() {
-        let t0 = Instant::now();
-        let (json, els) = listing(&["a", "b"], &[("10.0.0.0/8", Some(100_000))]);
-        let b = baseline(&json, &els, t0).unwrap();
-        let mut later = listing(&["a", "b"], &[("10.0.0.0/8", Some(90_000))]);
-        later.0 = later.0.replace("\"packets\":5", "\"packets\":9");
-        assert!(compare(&b, of(&later), t0 + Duration::from_secs(10)).is_empty());
-        // An element that reached its end is gone, as it should be.
-        let gone = listing(&["a", "b"], &[]);
-        assert!(compare(&b, of(&gone), t0 + Duration::from_millis(99_800)).is_empty());
-    }
+    fn the_elements_are_compared_with_what_the_agent_applied() {
+        let margin = Duration::from_millis(100);
+        let expected = [
+            el("10.0.0.1/32", 100_000),
+            el("10.0.0.0/8", 50_000),
+            el("10.0.0.9/32", 300),
+        ];
+        // At 1 s, everything as applied: each element expires a little before its end
+        // (the agent's margin); the one ending at 300 ms has gone, as it should.
+        let ok = [
+            held("10.0.0.1/32", Some(98_950)),
+            held("10.0.0.0/8", Some(48_900)),
+        ];
+        assert!(compare_elements(&expected, &ok, at(1_000), margin).is_empty());
+        // Within the slack of the kernel's ticks: no drift either.
+        let close = [
+            held("10.0.0.1/32", Some(99_300)),
+            held("10.0.0.0/8", Some(48_900)),
+        ];
+        assert!(compare_elements(&expected, &close, at(1_000), margin).is_empty());
 
-    #[test]
-    fn every_kind_of_change_is_drift() {
-        let t0 = Instant::now();
-        let (json, els) = listing(&["a", "b"], &[("10.0.0.0/8", Some(100_000))]);
-        let b = baseline(&json, &els, t0).unwrap();
-        let now = t0 + Duration::from_secs(1);
-        let same = &[("10.0.0.0/8", Some(99_000))];
-        let mut prio = listing(&["a", "b"], same);
-        prio.0 = prio.0.replace("\"prio\":0", "\"prio\":10");
-        let mut flags = listing(&["a", "b"], same);
-        flags.0 = flags.0.replace("\"interval\",", "");
-        let cases = [
-            (listing(&["a"], same), "removed or changed: rule \"b\""),
-            (listing(&["b", "a"], same), "reordered"),
-            (listing(&["a", "b", "c"], same), "added: rule \"c\""),
-            // A second early: the millisecond lifetimes tell it from expiry.
+        let cases: [(&[(&'static str, Held)], &str); 5] = [
             (
-                listing(&["a", "b"], &[]),
-                "removed from set nets4 before its end",
+                &[held("10.0.0.0/8", Some(48_900))],
+                "10.0.0.1/32 . tcp . 22 in set hosts4 was removed before its end",
             ),
             (
-                listing(
-                    &["a", "b"],
-                    &[("10.0.0.0/8", Some(99_000)), ("0.0.0.0/0", Some(99_000))],
-                ),
-                "added to set nets4",
+                &[
+                    held("10.0.0.1/32", Some(98_950)),
+                    held("10.0.0.0/8", Some(48_900)),
+                    held("10.0.0.2/32", Some(5_000)),
+                ],
+                "10.0.0.2/32 . tcp . 22 in set hosts4 was added",
             ),
             (
-                listing(&["a", "b"], &[("10.0.0.0/8", None)]),
+                &[held("10.0.0.1/32", None), held("10.0.0.0/8", Some(48_900))],
                 "has no timeout",
             ),
             (
-                listing(&["a", "b"], &[("10.0.0.0/8", Some(100_000))]),
-                "lifetime extended",
+                &[
+                    held("10.0.0.1/32", Some(200_000)),
+                    held("10.0.0.0/8", Some(48_900)),
+                ],
+                "10.0.0.1/32 . tcp . 22 in set hosts4 had its lifetime extended",
             ),
-            (prio, "chain input"),
-            (flags, "set nets4"),
+            (
+                &[held("10.0.0.1/32", Some(98_950))],
+                "10.0.0.0/8 . tcp . 22 in set nets4 was removed",
+            ),
         ];
         for (cur, want) in cases {
-            let d = compare(&b, of(&cur), now);
+            let d = compare_elements(&expected, cur, at(1_000), margin);
             assert!(d.iter().any(|c| c.contains(want)), "{want}: {d:?}");
         }
-        assert!(compare(&b, None, now).iter().any(|c| c.contains("deleted")));
-        // Within the slack of the kernel's ticks: no drift.
-        let close = listing(&["a", "b"], &[("10.0.0.0/8", Some(99_300))]);
-        assert!(compare(&b, of(&close), now).is_empty());
+        // The same address in the other set's shape is not the applied element.
+        let wrong_set = [
+            ("nets4", held("10.0.0.1/32", Some(98_950)).1),
+            held("10.0.0.0/8", Some(48_900)),
+        ];
+        let d = compare_elements(&expected, &wrong_set, at(1_000), margin);
+        assert!(
+            d.iter().any(|c| c.contains("in set nets4 was added")),
+            "{d:?}"
+        );
+        let many: Vec<String> = (0..30).map(|i| i.to_string()).collect();
+        assert_eq!(limit(many).len(), MAX_CHANGES + 1);
     }
 }

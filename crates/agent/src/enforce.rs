@@ -47,6 +47,8 @@ struct Applied {
     rules: Vec<NsgRule>,
     /// The grants, sorted.
     grants: Vec<GrantRef>,
+    /// True when the grants' keys strictly increase (see `changed`).
+    by_key: bool,
     /// For each host key, the grants on it and their ends.
     hosts: HashMap<HostKey, Vec<(GrantId, Timestamp)>>,
     /// The element in the kernel for each host key (its end).
@@ -147,6 +149,7 @@ impl Applied {
         for g in &grants {
             a.index(g, true);
         }
+        a.by_key = strictly_sorted(&grants);
         a.grants = grants;
         let keys: Vec<HostKey> = a.hosts.keys().copied().collect();
         for k in keys {
@@ -165,7 +168,22 @@ impl Applied {
     }
 }
 
-/// The grants in `new` and not in `old`, and in `old` and not in `new`; both sorted.
+/// A grant's identity: its request and port. The controller sends at most one grant
+/// per request and port; the order of grants is the order of their keys (the derived
+/// order of `GrantRef` starts with the same two fields).
+#[inline]
+fn key(g: &GrantRef) -> (u128, u16) {
+    (g.request.as_u128(), g.number.get())
+}
+
+/// True when the keys strictly increase: sorted, and no key twice.
+fn strictly_sorted(grants: &[GrantRef]) -> bool {
+    grants.windows(2).all(|w| key(&w[0]) < key(&w[1]))
+}
+
+/// The grants in `new` and not in `old`, and in `old` and not in `new`, for lists
+/// whose keys strictly increase. A grant whose key is in both but whose content
+/// changed is in both results.
 fn changed<'o, 'n>(
     old: &'o [GrantRef],
     new: &'n [GrantRef],
@@ -173,17 +191,22 @@ fn changed<'o, 'n>(
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
     while i < old.len() && j < new.len() {
-        match old[i].cmp(&new[j]) {
+        let (a, b) = (&old[i], &new[j]);
+        match key(a).cmp(&key(b)) {
             std::cmp::Ordering::Equal => {
+                if a != b {
+                    removed.push(a);
+                    added.push(b);
+                }
                 i += 1;
                 j += 1;
             }
             std::cmp::Ordering::Less => {
-                removed.push(&old[i]);
+                removed.push(a);
                 i += 1;
             }
             std::cmp::Ordering::Greater => {
-                added.push(&new[j]);
+                added.push(b);
                 j += 1;
             }
         }
@@ -265,15 +288,21 @@ impl Enforcer {
             .checked_add(jiff::SignedDuration::try_from(margin).unwrap_or_default())
             .unwrap_or(now);
         let mut grants = desired.grants;
-        if !grants.is_sorted() {
+        // One pass in the common case (the controller sends them in order).
+        let mut by_key = strictly_sorted(&grants);
+        if !by_key {
             grants.sort_unstable();
+            grants.dedup();
+            by_key = strictly_sorted(&grants);
         }
-        grants.dedup();
 
-        let same_rules = self
-            .applied
-            .as_ref()
-            .is_some_and(|a| a.rules == desired.rules);
+        // Two different grants with one key (which the controller never sends) cannot
+        // be walked by key: such a state is rebuilt in full.
+        let same_rules = by_key
+            && self
+                .applied
+                .as_ref()
+                .is_some_and(|a| a.rules == desired.rules && a.by_key);
         if same_rules && let Some(mut applied) = self.applied.take() {
             match self.delta(&mut applied, &grants, now) {
                 Ok(Some(stats)) => {
@@ -443,6 +472,13 @@ impl Enforcer {
             .as_ref()
             .map(|a| a.rules.clone())
             .unwrap_or_default()
+    }
+
+    /// How many elements were last applied.
+    pub fn applied_len(&self) -> usize {
+        self.applied.as_ref().map_or(0, |a| {
+            a.host_elements.len() + a.net_elements.values().map(Vec::len).sum::<usize>()
+        })
     }
 
     /// Every element last applied (its planned end), for the drift check.

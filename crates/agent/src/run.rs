@@ -56,9 +56,9 @@ struct Shared {
     http: reqwest::Client,
     creds: Credentials,
     enforcer: Mutex<Enforcer>,
-    /// The table as read back after the apply numbered by its `u64` (drift is
-    /// measured against it).
-    baseline: Mutex<Option<(u64, crate::drift::Baseline)>>,
+    /// The table's structure as read back after the last full rebuild (None: not
+    /// read yet since).
+    baseline: Mutex<Option<crate::drift::Baseline>>,
     /// A sequence lock around applies: odd while an apply runs, bumped twice by each.
     /// A read-back is trusted only when the number is even and unchanged across it,
     /// so reading the table never holds up an apply.
@@ -379,11 +379,13 @@ impl Shared {
         }
     }
 
-    /// Compares the kernel's table with the baseline read after the last apply (or
-    /// takes that baseline, the first time after an apply). On drift, records it (the
-    /// caller reports, then calls [`Self::repair`]); when a table found drifted earlier
-    /// matches again, confirms it.
-    fn check_table(&self) -> DriftCheck {
+    /// Compares the kernel's table with what the agent applied: its structure with
+    /// the baseline read after the last full rebuild (or takes that baseline, the
+    /// first time after one), and, when `elements` is true, every set element with
+    /// the applied plan. On drift, records it (the caller reports, then calls
+    /// [`Self::repair`]); when a table found drifted earlier matches again, confirms
+    /// it.
+    fn check_table(&self, elements: bool) -> DriftCheck {
         use std::sync::atomic::Ordering;
         let has_state = self
             .progress
@@ -404,38 +406,53 @@ impl Shared {
                 return DriftCheck::Same;
             }
         };
-        let elements = match &listing {
-            Some(_) => match self.read_elements() {
-                Ok(e) => e,
+        let held = match (&listing, elements) {
+            (Some(_), true) => match self.read_elements() {
+                Ok(h) => Some((Timestamp::now(), h)),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot read the grant sets back");
                     return DriftCheck::Same;
                 }
             },
-            None => Vec::new(),
+            _ => None,
+        };
+        // What the agent applied, taken after the read-back: unchanged if no apply
+        // ran meanwhile (checked next).
+        let expected = match &held {
+            Some(_) => match self.enforcer.lock() {
+                Ok(e) => Some(e.applied_elements()),
+                Err(_) => return DriftCheck::Same,
+            },
+            None => None,
         };
         if self.apply_seq.load(Ordering::Acquire) != before {
             // An apply ran meanwhile: this listing belongs to no single state.
             return DriftCheck::Retry;
         }
-        let now = Instant::now();
-        let changes = match (&listing, self.baseline.lock().as_deref_mut()) {
+        let mut changes = match (&listing, self.baseline.lock().as_deref_mut()) {
             (None, _) => vec!["table inet jitgate was deleted".to_owned()],
             (Some(_), Err(_)) => return DriftCheck::Same,
             (Some(json), Ok(slot)) => match slot {
-                Some((seq, base)) if *seq == before => {
-                    crate::drift::compare(base, Some((json, &elements)), now)
-                }
-                _ => {
-                    // The first read-back after this apply becomes its baseline.
-                    match crate::drift::baseline(json, &elements, now) {
-                        Ok(b) => *slot = Some((before, b)),
+                Some(base) => crate::drift::compare_structure(base, Some(json)),
+                None => {
+                    // The first read-back after a full rebuild becomes its baseline.
+                    match crate::drift::baseline(json) {
+                        Ok(b) => *slot = Some(b),
                         Err(e) => tracing::warn!(error = %e, "cannot parse table inet jitgate"),
                     }
                     Vec::new()
                 }
             },
         };
+        if let (Some((at, held)), Some(expected)) = (&held, &expected) {
+            changes.extend(crate::drift::compare_elements(
+                expected,
+                held,
+                *at,
+                crate::enforce::MAX_COMMIT_MARGIN,
+            ));
+        }
+        let changes = crate::drift::limit(changes);
         let Ok(mut p) = self.progress.lock() else {
             return DriftCheck::Same;
         };
@@ -537,8 +554,12 @@ impl Shared {
                 let _seq = SeqGuard::enter(&self.apply_seq);
                 enforcer.apply(desired, Timestamp::now())?
             };
-            if stats.kind != ApplyKind::Nothing {
-                // The watchdog reads the new table back at once, off this path.
+            if stats.kind == ApplyKind::Full {
+                // The watchdog reads the new table back at once, off this path, as
+                // the baseline of its structure (a delta changes only elements).
+                if let Ok(mut b) = self.baseline.lock() {
+                    *b = None;
+                }
                 self.baseline_wanted.notify_one();
             }
             tracing::info!(%revision, kind = ?stats.kind, kernel_ms = stats.kernel.as_secs_f64() * 1000.0, added = stats.added, deleted = stats.deleted, already_expired = stats.already_gone, grants, "applied");
@@ -752,21 +773,39 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let mut wd_shutdown = shutdown.clone();
     let watchdog = tokio::spawn(async move {
         let mut pause = wd.config.drift_check;
+        let mut elements_checked = Instant::now();
+        // Set when an element check could not finish: the next check reads them.
+        let mut elements_pending = false;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = wd.baseline_wanted.notified() => {}
-                _ = wd.table_changed.notified() => {}
+            // Elements are read when the kernel announced a change by someone else,
+            // and periodically; a large set is read less often (the kernel's dump of
+            // a set costs more than its size: about 1 s at 100,000 elements), at most
+            // every `drift_check` times one per 10,000 elements.
+            let elements = tokio::select! {
+                _ = tokio::time::sleep(pause) => {
+                    let size = wd.enforcer.lock().map(|e| e.applied_len()).unwrap_or(0);
+                    let every = wd.config.drift_check * (1 + size / 10_000) as u32;
+                    elements_pending || elements_checked.elapsed() >= every
+                }
+                _ = wd.baseline_wanted.notified() => false,
+                _ = wd.table_changed.notified() => true,
                 _ = wd_shutdown.changed() => return,
+            };
+            if elements {
+                elements_checked = Instant::now();
+                elements_pending = false;
             }
             pause = wd.config.drift_check;
             let me = wd.clone();
-            let found = tokio::task::spawn_blocking(move || me.check_table())
+            let found = tokio::task::spawn_blocking(move || me.check_table(elements))
                 .await
                 .unwrap_or(DriftCheck::Same);
             match found {
                 DriftCheck::Same => {}
-                DriftCheck::Retry => pause = Duration::from_millis(20),
+                DriftCheck::Retry => {
+                    pause = Duration::from_millis(20);
+                    elements_pending |= elements;
+                }
                 DriftCheck::Confirmed => wd.report(false).await,
                 DriftCheck::Drift => {
                     // Tell the controller before repairing, so the drift is on record

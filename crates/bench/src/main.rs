@@ -59,6 +59,10 @@ pub enum BenchCommand {
         grants: usize,
         #[arg(long)]
         approval: bool,
+        /// Other live grants on the VM before the rounds start (one per source
+        /// address, through the API like any other).
+        #[arg(long, default_value_t = 0)]
+        background: usize,
     },
     /// Agent apply time of a change to a table holding many grant elements, in a fresh
     /// network namespace (root only), and the agent's memory.
@@ -127,9 +131,11 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
             let _ = std::fs::remove_dir_all(&tmp);
             r?;
         }
-        BenchCommand::Propagation { grants, approval } => {
-            propagation::run(grants.max(1), approval).await?
-        }
+        BenchCommand::Propagation {
+            grants,
+            approval,
+            background,
+        } => propagation::run(grants.max(1), approval, background).await?,
         BenchCommand::Reads { vms, rounds } => {
             let tmp = lab::tempdir()?;
             let r = reads::run(vms.max(1), rounds.max(1), &tmp).await;

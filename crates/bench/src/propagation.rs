@@ -16,10 +16,20 @@ use serde_json::json;
 use super::rig::{Rig, port_open};
 use super::{BENCH_TOKEN, percentiles};
 
-pub async fn run(grants: usize, approval: bool) -> anyhow::Result<()> {
+pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Result<()> {
     let rig = Rig::start().await?;
     let (http, base, vm_id, policy, service) =
         (&rig.http, &rig.base, &rig.vm_id, &rig.policy, rig.service);
+    let t = Instant::now();
+    fill(http, policy, vm_id, background).await?;
+    if background > 0 {
+        println!(
+            "  {background} other live grants made in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        // Let the agent catch up with the last of them.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let approver = if approval {
         Some(approver(http, base, vm_id).await?)
     } else {
@@ -112,7 +122,7 @@ pub async fn run(grants: usize, approval: bool) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
-        "jitgate-bench propagation (controller + real agent + real nftables, veth between namespaces)"
+        "jitgate-bench propagation (controller + real agent + real nftables, veth between namespaces; {background} other live grants on the VM)"
     );
     let what = if approval { "approval" } else { "initiate" };
     println!(
@@ -127,6 +137,37 @@ pub async fn run(grants: usize, approval: bool) -> anyhow::Result<()> {
         "  revoke sent -> port refuses new connects:  {} (probe timeout 5 ms)",
         percentiles(&close_hist)
     );
+    Ok(())
+}
+
+/// `n` live grants of port 22 for other sources (172.16.0.0/12, one address each),
+/// made by 8 concurrent clients.
+async fn fill(http: &reqwest::Client, policy: &str, vm_id: &str, n: usize) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..8usize {
+        let (http, policy, vm_id) = (http.clone(), policy.to_owned(), vm_id.to_owned());
+        tasks.spawn(async move {
+            for i in (worker..n).step_by(8) {
+                let addr = std::net::Ipv4Addr::from(0xAC10_0000u32 + i as u32);
+                let body = json!({"virtualMachines": [{"id": vm_id, "ports": [
+                    {"number": 22, "duration": "PT1H", "allowedSourceAddressPrefix": addr.to_string()}
+                ]}]});
+                let r = http
+                    .post(format!("{policy}/initiate?api-version=2020-01-01"))
+                    .bearer_auth(BENCH_TOKEN)
+                    .json(&body)
+                    .send()
+                    .await?;
+                if r.status().as_u16() != 202 {
+                    bail!("background initiate: {}", r.text().await?);
+                }
+            }
+            Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
     Ok(())
 }
 

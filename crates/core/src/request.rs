@@ -46,6 +46,11 @@ pub const MAX_JUSTIFICATION_LEN: usize = 1024;
 pub struct RequestId(Uuid);
 
 impl RequestId {
+    /// The id as a number (for fast comparisons).
+    pub fn as_u128(&self) -> u128 {
+        self.0.as_u128()
+    }
+
     pub fn new(uuid: Uuid) -> Self {
         RequestId(uuid)
     }
