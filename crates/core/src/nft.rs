@@ -215,11 +215,6 @@ pub fn plan_elements(grants: &[GrantRef], now: Timestamp) -> Vec<Element> {
 /// protocol and port. The agent replans only the groups a change touches.
 pub type Group = (bool, bool, L4, Port);
 
-/// The group of a set element.
-pub fn group_of(e: &Element) -> Group {
-    (matches!(e.net, IpNet::V6(_)), e.is_host(), e.proto, e.port)
-}
-
 /// A grant's (group, prefix) pairs: `*` is both families, protocol `*` both
 /// protocols.
 pub fn grant_parts(g: &GrantRef) -> impl Iterator<Item = (Group, IpNet)> + '_ {
