@@ -756,6 +756,47 @@ mod tests {
         assert!(messages(&bad).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever arrives on the socket, decoding never panics: a malformed
+        /// message is an error or is skipped.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            ty in proptest::sample::select(vec![
+                nft_type(msg::NEWSETELEM),
+                nft_type(msg::DELSETELEM),
+                nft_type(msg::NEWGEN),
+                nft_type(msg::NEWTABLE),
+                nft_type(msg::NEWRULE),
+                NLMSG_ERROR,
+                NLMSG_DONE,
+                0xffff,
+            ]),
+        ) {
+            if let Ok(msgs) = messages(&bytes) {
+                for m in &msgs {
+                    let _ = m.error();
+                    let _ = dumped_elements(m);
+                    let _ = notice(m);
+                    let _ = generation(m);
+                }
+            }
+            // The same bytes as the payload of a message of any type.
+            let mut framed = Vec::new();
+            framed.extend_from_slice(&((16 + bytes.len()) as u32).to_ne_bytes());
+            framed.extend_from_slice(&ty.to_ne_bytes());
+            framed.extend_from_slice(&[0; 10]);
+            framed.extend_from_slice(&bytes);
+            let msgs = messages(&framed).unwrap();
+            for m in &msgs {
+                let _ = m.error();
+                let _ = dumped_elements(m);
+                let _ = notice(m);
+                let _ = generation(m);
+            }
+        }
+    }
+
     #[test]
     fn prefixes_come_back_from_their_bounds() {
         let p = |a: &str, b: &str| prefix_between(a.parse().unwrap(), b.parse().unwrap());

@@ -171,7 +171,7 @@ fn drift_of_the_table_is_found_repaired_reported_and_audited() {
     let all = serde_json::to_string(&events).unwrap();
     for want in [
         "JIT-Deny",
-        "added to set hosts4",
+        "in set hosts4 was added",
         "deleted",
         "before its end",
     ] {
