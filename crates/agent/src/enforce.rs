@@ -124,6 +124,78 @@ impl Applied {
         nft::plan_group(group, items)
     }
 
+    /// Indexes the grants `added` and un-indexes the `removed` ones, and returns the
+    /// element changes this makes at `now`: (to delete, to add).
+    fn change(
+        &mut self,
+        added: &[&GrantRef],
+        removed: &[GrantRef],
+        now: Timestamp,
+    ) -> (Vec<Element>, Vec<Element>) {
+        let mut hosts: BTreeSet<HostKey> = BTreeSet::new();
+        let mut groups: BTreeSet<Group> = BTreeSet::new();
+        for (g, add) in removed
+            .iter()
+            .map(|g| (g, false))
+            .chain(added.iter().map(|g| (*g, true)))
+        {
+            let (h, n) = self.index(g, add);
+            hosts.extend(h);
+            groups.extend(n);
+        }
+        let (mut dels, mut adds): (Vec<Element>, Vec<Element>) = (Vec::new(), Vec::new());
+        let mut host_updates = Vec::new();
+        for key in &hosts {
+            let old = self.host_elements.get(key).copied();
+            let new = self.host_element(key, now).map(|e| e.end);
+            if old == new {
+                continue;
+            }
+            let element = |end| Element {
+                net: IpNet::from(key.0),
+                proto: key.1,
+                port: key.2,
+                end,
+            };
+            if let Some(end) = old.filter(|e| *e > now) {
+                dels.push(element(end));
+            }
+            if let Some(end) = new {
+                adds.push(element(end));
+            }
+            host_updates.push((*key, new));
+        }
+        let mut net_updates = Vec::new();
+        for group in &groups {
+            let old = self.net_elements.get(group).cloned().unwrap_or_default();
+            let new = self.net_plan(*group, now);
+            let (a, d) = nft::diff(&old, &new, now);
+            dels.extend(d);
+            adds.extend(a);
+            net_updates.push((*group, new));
+        }
+        for (key, new) in host_updates {
+            match new {
+                Some(end) => self.host_elements.insert(key, end),
+                None => self.host_elements.remove(&key),
+            };
+            if self.hosts.get(&key).is_some_and(Vec::is_empty) {
+                self.hosts.remove(&key);
+            }
+        }
+        for (group, new) in net_updates {
+            if new.is_empty() {
+                self.net_elements.remove(&group);
+            } else {
+                self.net_elements.insert(group, new);
+            }
+            if self.nets.get(&group).is_some_and(Vec::is_empty) {
+                self.nets.remove(&group);
+            }
+        }
+        (dels, adds)
+    }
+
     /// Every element, as [`nft::plan_elements`] would plan the grants.
     fn all_elements(&self) -> Vec<Element> {
         let mut out: Vec<Element> = self
@@ -356,67 +428,7 @@ impl Enforcer {
     ) -> anyhow::Result<Option<ApplyStats>> {
         let (added, removed) = changed(&applied.grants, grants);
         let removed: Vec<GrantRef> = removed.into_iter().cloned().collect();
-        let mut hosts: BTreeSet<HostKey> = BTreeSet::new();
-        let mut groups: BTreeSet<Group> = BTreeSet::new();
-        for (g, add) in removed
-            .iter()
-            .map(|g| (g, false))
-            .chain(added.into_iter().map(|g| (g, true)))
-        {
-            let (h, n) = applied.index(g, add);
-            hosts.extend(h);
-            groups.extend(n);
-        }
-        let (mut dels, mut adds): (Vec<Element>, Vec<Element>) = (Vec::new(), Vec::new());
-        let mut host_updates = Vec::new();
-        for key in &hosts {
-            let old = applied.host_elements.get(key).copied();
-            let new = applied.host_element(key, now).map(|e| e.end);
-            if old == new {
-                continue;
-            }
-            let element = |end| Element {
-                net: IpNet::from(key.0),
-                proto: key.1,
-                port: key.2,
-                end,
-            };
-            if let Some(end) = old.filter(|e| *e > now) {
-                dels.push(element(end));
-            }
-            if let Some(end) = new {
-                adds.push(element(end));
-            }
-            host_updates.push((*key, new));
-        }
-        let mut net_updates = Vec::new();
-        for group in &groups {
-            let old = applied.net_elements.get(group).cloned().unwrap_or_default();
-            let new = applied.net_plan(*group, now);
-            let (a, d) = nft::diff(&old, &new, now);
-            dels.extend(d);
-            adds.extend(a);
-            net_updates.push((*group, new));
-        }
-        for (key, new) in host_updates {
-            match new {
-                Some(end) => applied.host_elements.insert(key, end),
-                None => applied.host_elements.remove(&key),
-            };
-            if applied.hosts.get(&key).is_some_and(Vec::is_empty) {
-                applied.hosts.remove(&key);
-            }
-        }
-        for (group, new) in net_updates {
-            if new.is_empty() {
-                applied.net_elements.remove(&group);
-            } else {
-                applied.net_elements.insert(group, new);
-            }
-            if applied.nets.get(&group).is_some_and(Vec::is_empty) {
-                applied.nets.remove(&group);
-            }
-        }
+        let (dels, adds) = applied.change(&added, &removed, now);
         // Elements too close to their end to be written are left out of `adds` by
         // the planner already (see `nft::timeout_ms`).
         let mut ops: Vec<SetOp> = dels.iter().map(|e| SetOp::Del(*e)).collect();
@@ -580,30 +592,8 @@ mod tests {
             next.sort();
             let (added, removed) = changed(&current, &next);
             assert_eq!(added.len() + removed.len(), 1);
-            for g in removed {
-                let (h, n) = applied.index(g, false);
-                for k in h {
-                    match applied.host_element(&k, now) {
-                        Some(e) => applied.host_elements.insert(k, e.end),
-                        None => applied.host_elements.remove(&k),
-                    };
-                }
-                for grp in n {
-                    applied.net_elements.insert(grp, applied.net_plan(grp, now));
-                }
-            }
-            for g in added {
-                let (h, n) = applied.index(g, true);
-                for k in h {
-                    match applied.host_element(&k, now) {
-                        Some(e) => applied.host_elements.insert(k, e.end),
-                        None => applied.host_elements.remove(&k),
-                    };
-                }
-                for grp in n {
-                    applied.net_elements.insert(grp, applied.net_plan(grp, now));
-                }
-            }
+            let removed: Vec<GrantRef> = removed.into_iter().cloned().collect();
+            applied.change(&added, &removed, now);
             let mut got = applied.all_elements();
             got.sort_by_key(|e| (e.net, e.proto, e.port, e.end));
             let mut want = nft::plan_elements(&next, now);

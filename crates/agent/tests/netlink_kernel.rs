@@ -9,9 +9,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -27,81 +26,22 @@ use jitgate_core::nsg::{Access, GrantRef, NsgRule, RuleOrigin};
 use jitgate_core::request::RequestId;
 use jitgate_proto::Desired;
 
-fn preflight() {
-    let install = "install nftables and iproute2 (apt-get install nftables iproute2) and run \
-                   this test as root: it changes nf_tables over netlink in a network namespace";
-    for (tool, arg) in [("nft", "--version"), ("ip", "-V")] {
-        match Command::new(tool).arg(arg).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => panic!("`{tool} {arg}` failed ({}): {install}", o.status),
-            Err(e) => panic!("`{tool}` cannot be run ({e}): {install}"),
-        }
-    }
-    let uid = Command::new("id").arg("-u").output().map(|o| o.stdout);
-    match uid {
-        Ok(out) if String::from_utf8_lossy(&out).trim() == "0" => {}
-        _ => panic!("not running as root: {install}"),
-    }
+mod netns {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    include!("../../core/tests/support/netns.rs");
+}
+use netns::{Netns, nft_ms};
+
+/// A namespace holding an empty `table inet jitgate`.
+fn fresh(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    ns.apply(&nft::render_full(&[], &[], Timestamp::now()))
+        .unwrap();
+    ns
 }
 
-struct Netns(String);
-
 impl Netns {
-    fn new(tag: &str) -> Self {
-        preflight();
-        let name = format!("jg-nl-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ns = Netns(name);
-        ns.apply(&nft::render_full(&[], &[], Timestamp::now()))
-            .unwrap();
-        ns
-    }
-
-    fn apply(&self, script: &str) -> Result<(), String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn nft(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "nft {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
     /// Runs `f` on a thread that has entered the namespace: sockets it opens and
     /// processes it starts belong to the namespace.
     fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
@@ -151,39 +91,6 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-/// `1d2h3m4s5ms` as milliseconds.
-fn nft_ms(s: &str) -> i64 {
-    let mut total = 0;
-    let mut n = 0i64;
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if let Some(d) = c.to_digit(10) {
-            n = n * 10 + i64::from(d);
-            continue;
-        }
-        let unit = match c {
-            'd' => 86_400_000,
-            'h' => 3_600_000,
-            'm' if chars.peek() == Some(&'s') => {
-                chars.next();
-                1
-            }
-            'm' => 60_000,
-            's' => 1_000,
-            _ => panic!("bad duration {s}"),
-        };
-        total += n * unit;
-        n = 0;
-    }
-    total
-}
-
 fn el(net: &str, proto: L4, port: u16) -> Element {
     Element {
         net: net.parse().unwrap(),
@@ -212,8 +119,8 @@ fn dump_all(socket: &mut NfSocket) -> Vec<Held> {
 /// says the same.
 #[test]
 fn what_the_encoder_sends_is_what_nft_reads_back() {
-    let by_netlink = Netns::new("enc");
-    let by_text = Netns::new("txt");
+    let by_netlink = fresh("enc");
+    let by_text = fresh("txt");
     let elements = [
         (el("10.1.2.3/32", L4::Tcp, 22), 90_000),
         (el("10.1.2.3/32", L4::Udp, 65_535), 2_345),
@@ -285,7 +192,7 @@ fn what_the_encoder_sends_is_what_nft_reads_back() {
 /// One conflicting element fails the batch, and nothing of it is committed.
 #[test]
 fn a_conflicting_element_aborts_the_whole_batch() {
-    let ns = Netns::new("abort");
+    let ns = fresh("abort");
     ns.run(|| {
         let mut s = NfSocket::open().unwrap();
         let x = el("10.0.0.1/32", L4::Tcp, 22);
@@ -318,7 +225,7 @@ fn a_conflicting_element_aborts_the_whole_batch() {
 /// (or never held) is done for that element, and the rest of the batch commits.
 #[test]
 fn a_delete_of_an_element_already_gone_does_not_stop_the_rest() {
-    let ns = Netns::new("gone");
+    let ns = fresh("gone");
     ns.run(|| {
         let mut s = NfSocket::open().unwrap();
         let short = el("10.0.0.1/32", L4::Tcp, 22);
@@ -415,7 +322,7 @@ fn assert_kernel_matches(e: &mut Enforcer) {
 /// rebuilding the table.
 #[test]
 fn the_enforcer_applies_grant_changes_as_deltas() {
-    let ns = Netns::new("enf");
+    let ns = fresh("enf");
     ns.run(|| {
         let mut e = Enforcer::new(Nft::new("nft".into()));
         assert!(e.netlink_port().is_some(), "no netlink socket");
@@ -500,7 +407,7 @@ fn the_enforcer_applies_grant_changes_as_deltas() {
 fn changes_are_announced_with_who_made_them() {
     use jitgate_agent::netlink::{Heard, Monitor};
     use jitgate_core::nfnl::Notice;
-    let ns = Netns::new("mon");
+    let ns = fresh("mon");
     let (mut monitor, mut socket) =
         ns.run(|| (Monitor::open().unwrap(), NfSocket::open().unwrap()));
     let heard = |monitor: &mut Monitor| {

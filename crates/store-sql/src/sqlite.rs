@@ -326,8 +326,7 @@ pub(crate) fn open_connection(path: &Path) -> Result<Connection> {
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
-         PRAGMA foreign_keys = ON;
-         PRAGMA temp_store = MEMORY;",
+         PRAGMA foreign_keys = ON;",
     )?;
     Ok(conn)
 }
