@@ -11,9 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ipnet::IpNet;
