@@ -9,7 +9,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -27,11 +26,17 @@ use jitgate_core::request::RequestId;
 use jitgate_proto::Desired;
 
 mod netns {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
     include!("../../core/tests/support/netns.rs");
 }
-use netns::{Netns, nft_ms};
+use netns::Netns;
+
+/// `nft list set` text (millisecond precision): key -> (timeout ms, expires ms).
+fn held(ns: &Netns, set: &str) -> BTreeMap<(IpNet, L4, u16), (i64, i64)> {
+    netns::held_text(ns, set)
+        .into_iter()
+        .map(|(key, timeout, expires)| (key, (timeout, expires)))
+        .collect()
+}
 
 /// A namespace holding an empty `table inet jitgate`.
 fn fresh(tag: &str) -> Netns {
@@ -54,40 +59,6 @@ impl Netns {
             .join()
             .unwrap()
         })
-    }
-
-    /// `nft list set` text (millisecond precision): key -> (timeout ms, expires ms).
-    fn held_text(&self, set: &str) -> BTreeMap<(IpNet, L4, u16), (i64, i64)> {
-        let text = self.nft(&["list", "set", "inet", "jitgate", set]);
-        let Some(start) = text.find("elements = {") else {
-            return BTreeMap::new();
-        };
-        let body = &text[start + "elements = {".len()..];
-        let body = &body[..body.find('}').unwrap()];
-        body.split(',')
-            .map(|item| {
-                let t: Vec<&str> = item.split_whitespace().collect();
-                assert!(
-                    t.len() == 9 && t[5] == "timeout" && t[7] == "expires",
-                    "element without timeout/expires in {set}: '{}'",
-                    item.trim()
-                );
-                let net: IpNet = if t[0].contains('/') {
-                    t[0].parse().unwrap()
-                } else {
-                    IpNet::from(t[0].parse::<IpAddr>().unwrap())
-                };
-                let proto = match t[2] {
-                    "tcp" => L4::Tcp,
-                    "udp" => L4::Udp,
-                    p => panic!("protocol {p}"),
-                };
-                (
-                    (net, proto, t[4].parse().unwrap()),
-                    (nft_ms(t[6]), nft_ms(t[8])),
-                )
-            })
-            .collect()
     }
 }
 
@@ -156,8 +127,8 @@ fn what_the_encoder_sends_is_what_nft_reads_back() {
         .unwrap();
 
     for set in nft::SETS {
-        let a = by_netlink.held_text(set);
-        let b = by_text.held_text(set);
+        let a = held(&by_netlink, set);
+        let b = held(&by_text, set);
         let keys = |m: &BTreeMap<(IpNet, L4, u16), (i64, i64)>| {
             m.iter().map(|(k, (t, _))| (*k, *t)).collect::<Vec<_>>()
         };
@@ -166,10 +137,10 @@ fn what_the_encoder_sends_is_what_nft_reads_back() {
     // nft's view of the netlink namespace: every element, in the set of its shape,
     // with its timeout (the kernel rounds down to its tick, at most 10 ms).
     for (e, ms) in &elements {
-        let held = by_netlink.held_text(e.set());
-        let (timeout, expires) = held
+        let listing = held(&by_netlink, e.set());
+        let (timeout, expires) = listing
             .get(&(e.net, e.proto, e.port.get()))
-            .unwrap_or_else(|| panic!("{e:?} not in {}: {held:?}", e.set()));
+            .unwrap_or_else(|| panic!("{e:?} not in {}: {listing:?}", e.set()));
         assert!(
             *timeout <= *ms as i64 && *timeout > *ms as i64 - 10,
             "{e:?}: {timeout} ms"
@@ -218,7 +189,7 @@ fn a_conflicting_element_aborts_the_whole_batch() {
             assert_eq!(held.len(), 2, "only the first two elements: {held:?}");
         }
     });
-    assert!(ns.held_text(nft::HOSTS6).is_empty());
+    assert!(held(&ns, nft::HOSTS6).is_empty());
 }
 
 /// A revoke at any moment: deleting an element the kernel expired a moment ago

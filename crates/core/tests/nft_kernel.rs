@@ -29,11 +29,9 @@ use uuid::Uuid;
 // ---------------------------------------------------------------------------------
 
 mod netns {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
     include!("support/netns.rs");
 }
-use netns::{Netns, nft_ms};
+use netns::{Netns, held_text, proto};
 
 // ---------------------------------------------------------------------------------
 // Reading the sets back
@@ -50,14 +48,6 @@ struct Held {
 
 fn key_of(e: &Element) -> (IpNet, L4, u16) {
     (e.net, e.proto, e.port.get())
-}
-
-fn proto(s: &str) -> L4 {
-    match s {
-        "tcp" => L4::Tcp,
-        "udp" => L4::Udp,
-        other => panic!("unexpected protocol {other}"),
-    }
 }
 
 /// `nft -j list set inet jitgate <set>`: every element must be the `{"elem": {...}}`
@@ -111,37 +101,6 @@ fn held_json(ns: &Netns, set: &str) -> Vec<Held> {
                 timeout_s: secs("timeout"),
                 expires_s: secs("expires"),
             }
-        })
-        .collect()
-}
-
-/// `nft list set` text, which has millisecond precision:
-/// `(key, timeout ms, expires ms)` for every element.
-fn held_text(ns: &Netns, set: &str) -> Vec<((IpNet, L4, u16), i64, i64)> {
-    let text = ns.nft(&["list", "set", "inet", "jitgate", set]);
-    let Some(start) = text.find("elements = {") else {
-        return Vec::new();
-    };
-    let body = &text[start + "elements = {".len()..];
-    let body = &body[..body.find('}').unwrap()];
-    body.split(',')
-        .map(|item| {
-            let t: Vec<&str> = item.split_whitespace().collect();
-            assert!(
-                t.len() == 9 && t[5] == "timeout" && t[7] == "expires",
-                "element without timeout/expires in {set}: '{}'",
-                item.trim()
-            );
-            let net: IpNet = if t[0].contains('/') {
-                t[0].parse().unwrap()
-            } else {
-                IpNet::from(t[0].parse::<IpAddr>().unwrap())
-            };
-            (
-                (net, proto(t[2]), t[4].parse().unwrap()),
-                nft_ms(t[6]),
-                nft_ms(t[8]),
-            )
         })
         .collect()
 }

@@ -2,6 +2,13 @@
 // and `jitgate-agent` (included by both with `include!`). It needs root, `nft`
 // (nftables) and `ip` (iproute2), and fails (never skips) without them.
 
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use ipnet::IpNet;
+use jitgate_core::nft::L4;
+
 fn preflight() {
     let install = "install nftables and iproute2 (apt-get install nftables iproute2) and run \
                    this test as root: it applies rules with real nft in a network namespace";
@@ -107,5 +114,45 @@ pub fn nft_ms(s: &str) -> i64 {
         n = 0;
     }
     total
+}
+
+
+pub fn proto(s: &str) -> L4 {
+    match s {
+        "tcp" => L4::Tcp,
+        "udp" => L4::Udp,
+        other => panic!("unexpected protocol {other}"),
+    }
+}
+
+/// `nft list set` text, which has millisecond precision:
+/// `(key, timeout ms, expires ms)` for every element.
+pub fn held_text(ns: &Netns, set: &str) -> Vec<((IpNet, L4, u16), i64, i64)> {
+    let text = ns.nft(&["list", "set", "inet", "jitgate", set]);
+    let Some(start) = text.find("elements = {") else {
+        return Vec::new();
+    };
+    let body = &text[start + "elements = {".len()..];
+    let body = &body[..body.find('}').unwrap()];
+    body.split(',')
+        .map(|item| {
+            let t: Vec<&str> = item.split_whitespace().collect();
+            assert!(
+                t.len() == 9 && t[5] == "timeout" && t[7] == "expires",
+                "element without timeout/expires in {set}: '{}'",
+                item.trim()
+            );
+            let net: IpNet = if t[0].contains('/') {
+                t[0].parse().unwrap()
+            } else {
+                IpNet::from(t[0].parse::<IpAddr>().unwrap())
+            };
+            (
+                (net, proto(t[2]), t[4].parse().unwrap()),
+                nft_ms(t[6]),
+                nft_ms(t[8]),
+            )
+        })
+        .collect()
 }
 
