@@ -63,6 +63,16 @@ fn host_key(group: Group, net: IpNet) -> HostKey {
     (net.addr(), group.2, group.3)
 }
 
+/// The element of a host key ending at `end`.
+fn host_element(key: &HostKey, end: Timestamp) -> Element {
+    Element {
+        net: IpNet::from(key.0),
+        proto: key.1,
+        port: key.2,
+        end,
+    }
+}
+
 impl Applied {
     fn index(&mut self, g: &GrantRef, add: bool) -> (Vec<HostKey>, Vec<Group>) {
         let id = (g.request, g.number);
@@ -102,12 +112,7 @@ impl Applied {
             .map(|(_, e)| *e)
             .filter(|e| nft::timeout_ms(*e, now).is_some())
             .max()?;
-        Some(Element {
-            net: IpNet::from(key.0),
-            proto: key.1,
-            port: key.2,
-            end,
-        })
+        Some(host_element(key, end))
     }
 
     fn net_plan(&self, group: Group, now: Timestamp) -> Vec<Element> {
@@ -151,12 +156,7 @@ impl Applied {
             if old == new {
                 continue;
             }
-            let element = |end| Element {
-                net: IpNet::from(key.0),
-                proto: key.1,
-                port: key.2,
-                end,
-            };
+            let element = |end| host_element(key, end);
             if let Some(end) = old.filter(|e| *e > now) {
                 dels.push(element(end));
             }
@@ -201,12 +201,7 @@ impl Applied {
         let mut out: Vec<Element> = self
             .host_elements
             .iter()
-            .map(|(k, end)| Element {
-                net: IpNet::from(k.0),
-                proto: k.1,
-                port: k.2,
-                end: *end,
-            })
+            .map(|(k, end)| host_element(k, *end))
             .collect();
         out.extend(self.net_elements.values().flatten().copied());
         out
@@ -502,15 +497,13 @@ impl Enforcer {
     }
 
     /// Every element of the grant sets as the kernel holds it now (over netlink).
-    pub fn kernel_elements(&mut self) -> anyhow::Result<Vec<jitgate_core::nfnl::Held>> {
+    pub fn kernel_elements(
+        &mut self,
+    ) -> anyhow::Result<Vec<(&'static str, jitgate_core::nfnl::Held)>> {
         let Some(socket) = &mut self.socket else {
             anyhow::bail!("no netlink socket to nf_tables");
         };
-        let mut out = Vec::new();
-        for set in nft::SETS {
-            out.extend(socket.dump(set)?);
-        }
-        Ok(out)
+        socket.dump_grant_sets()
     }
 }
 

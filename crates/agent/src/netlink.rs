@@ -34,7 +34,9 @@ const MAX_ROUNDS: usize = 4;
 
 const ENOENT: i32 = Errno::ENOENT as i32;
 
-fn open(groups: u32) -> anyhow::Result<OwnedFd> {
+/// A netlink socket to nf_tables, bound to `groups`, whose receives give up after
+/// `recv_timeout`.
+fn open(groups: u32, recv_timeout: Duration) -> anyhow::Result<OwnedFd> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -50,6 +52,8 @@ fn open(groups: u32) -> anyhow::Result<OwnedFd> {
     if setsockopt(&fd, sockopt::SndBufForce, &SNDBUF).is_err() {
         let _ = setsockopt(&fd, sockopt::SndBuf, &SNDBUF);
     }
+    let timeout = nix::sys::time::TimeVal::new(recv_timeout.as_secs() as _, 0);
+    setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).context("cannot set a receive timeout")?;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).context("cannot bind the netlink socket")?;
     Ok(fd)
 }
@@ -89,10 +93,7 @@ pub struct NfSocket {
 impl NfSocket {
     /// Opens a socket in the current network namespace.
     pub fn open() -> anyhow::Result<Self> {
-        let fd = open(0)?;
-        let timeout = nix::sys::time::TimeVal::new(RECV_TIMEOUT.as_secs() as _, 0);
-        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)
-            .context("cannot set a receive timeout")?;
+        let fd = open(0, RECV_TIMEOUT)?;
         let port = getsockname::<NetlinkAddr>(fd.as_raw_fd())
             .map(|a| a.pid())
             .context("cannot read the netlink port id")?;
@@ -228,23 +229,42 @@ impl NfSocket {
         Ok(report)
     }
 
-    /// Every element of `set` in `table inet jitgate`, with its timeout and the time
-    /// left.
-    pub fn dump(&mut self, set: &str) -> anyhow::Result<Vec<Held>> {
+    /// Every element of the grant sets (`core::nft::SETS`), with its set, its
+    /// timeout and the time left. A set that does not exist reads as empty (a drift
+    /// check's structure comparison reports it missing).
+    pub fn dump_grant_sets(&mut self) -> anyhow::Result<Vec<(&'static str, Held)>> {
+        let mut out = Vec::new();
+        for set in jitgate_core::nft::SETS {
+            if let Some(held) = self.dump(set)? {
+                out.extend(held.into_iter().map(|h| (set, h)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every element of `set` in `table inet jitgate`; None when there is no such set.
+    fn dump(&mut self, set: &str) -> anyhow::Result<Option<Vec<Held>>> {
         let seq = self.next_seq(1);
         self.send(&nfnl::dump_set(set, seq))?;
-        let mut out = Vec::new();
+        let mut out = Some(Vec::new());
         self.receive_until(|m| {
             if m.seq != seq {
                 return Ok(false);
             }
-            if let Some(code) = m.error().filter(|c| *c != 0) {
-                bail!("cannot list set {set}: {}", Errno::from_raw(code));
+            match m.error().filter(|c| *c != 0) {
+                Some(ENOENT) => {
+                    out = None;
+                    return Ok(true);
+                }
+                Some(code) => bail!("cannot list set {set}: {}", Errno::from_raw(code)),
+                None => {}
             }
             if m.ty == NLMSG_DONE {
                 return Ok(true);
             }
-            out.extend(nfnl::dumped_elements(m)?);
+            if let Some(v) = out.as_mut() {
+                v.extend(nfnl::dumped_elements(m)?);
+            }
             Ok(false)
         })?;
         Ok(out)
@@ -271,11 +291,9 @@ pub enum Heard {
 
 impl Monitor {
     pub fn open() -> anyhow::Result<Self> {
-        let fd = open(1 << (nfnl::NFNLGRP_NFTABLES - 1))?;
-        // Wakes up now and then even when nothing changes, so the listening thread
+        // Wakes up every second even when nothing changes, so the listening thread
         // notices that the agent has stopped.
-        let wake = nix::sys::time::TimeVal::new(1, 0);
-        setsockopt(&fd, sockopt::ReceiveTimeout, &wake).context("cannot set a receive timeout")?;
+        let fd = open(1 << (nfnl::NFNLGRP_NFTABLES - 1), Duration::from_secs(1))?;
         Ok(Monitor {
             fd,
             buf: vec![0; 1 << 20],

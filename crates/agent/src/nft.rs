@@ -116,11 +116,6 @@ impl Nft {
         }
     }
 
-    pub fn table_exists(&self) -> bool {
-        self.run(&["-t", "list", "table", "inet", "jitgate"])
-            .is_ok()
-    }
-
     /// Packet counts of the table's named counters.
     pub fn counters(&self) -> anyhow::Result<Vec<(String, u64)>> {
         let text = self.run(&["-j", "list", "counters", "table", "inet", "jitgate"])?;

@@ -479,8 +479,8 @@ impl Shared {
         DriftCheck::Drift
     }
 
-    /// Every element of the grant sets, over netlink. A set that does not exist
-    /// reads as empty (the structure comparison reports it missing).
+    /// Every element of the grant sets, over netlink (the reader socket, opened again
+    /// after a failure).
     fn read_elements(&self) -> anyhow::Result<Vec<(&'static str, jitgate_core::nfnl::Held)>> {
         let mut reader = self
             .reader
@@ -492,19 +492,12 @@ impl Shared {
         let Some(socket) = reader.as_mut() else {
             bail!("no netlink socket");
         };
-        let mut out = Vec::new();
-        for set in jitgate_core::nft::SETS {
-            match socket.dump(set) {
-                Ok(held) => out.extend(held.into_iter().map(|h| (set, h))),
-                Err(e) if format!("{e:#}").contains("No such file or directory") => {}
-                Err(e) => {
-                    // The socket may be out of step with the kernel: a new one next time.
-                    *reader = None;
-                    return Err(e);
-                }
-            }
+        let read = socket.dump_grant_sets();
+        if read.is_err() {
+            // The socket may be out of step with the kernel: a new one next time.
+            *reader = None;
         }
-        Ok(out)
+        read
     }
 
     /// Rebuilds the whole table from the last desired state (grants with their

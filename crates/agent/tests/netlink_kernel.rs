@@ -79,9 +79,11 @@ fn add(e: Element, timeout_ms: u64) -> SetOp {
 }
 
 fn dump_all(socket: &mut NfSocket) -> Vec<Held> {
-    nft::SETS
-        .iter()
-        .flat_map(|s| socket.dump(s).unwrap())
+    socket
+        .dump_grant_sets()
+        .unwrap()
+        .into_iter()
+        .map(|(_, h)| h)
         .collect()
 }
 
@@ -281,7 +283,7 @@ fn assert_kernel_matches(e: &mut Enforcer) {
         .kernel_elements()
         .unwrap()
         .iter()
-        .map(|h| (h.net, h.proto, h.port.get()))
+        .map(|(_, h)| (h.net, h.proto, h.port.get()))
         .collect();
     planned.sort();
     held.sort();
@@ -355,9 +357,9 @@ fn the_enforcer_applies_grant_changes_as_deltas() {
         assert_eq!(s.kind, ApplyKind::Full);
         assert_kernel_matches(&mut e);
         let held = e.kernel_elements().unwrap();
-        let nine = held
+        let (_, nine) = held
             .iter()
-            .find(|h| h.net == "10.0.0.9/32".parse::<IpNet>().unwrap())
+            .find(|(_, h)| h.net == "10.0.0.9/32".parse::<IpNet>().unwrap())
             .unwrap();
         assert!(nine.timeout_ms.unwrap() <= 60_000, "{nine:?}");
 

@@ -93,6 +93,18 @@ fn key() -> PolicyKey {
 /// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
 /// approvals, break-glass, webhooks, offline agents), undone, for the tests that take a database back to an older schema.
 const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 7;
+
+/// Turns the database file back into an older one: runs `undo` (what the last
+/// `migrations` migrations did, undone) and sets the schema version that many back.
+fn rewind(path: &std::path::Path, undo: &str, migrations: i64) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let version: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    c.execute_batch(undo).unwrap();
+    c.execute_batch(&format!("PRAGMA user_version = {};", version - migrations))
+        .unwrap();
+}
 const UNDO_SINCE_IDEMPOTENCY: &str = "
     ALTER TABLE vm_verdicts DROP COLUMN protected;
     ALTER TABLE agent_status DROP COLUMN offline_ns;
@@ -486,20 +498,18 @@ async fn the_vm_name_index_is_filled_in_for_an_older_database() {
     {
         // Back to the schema before the migration that added the name (and the four
         // after it: VM pages, the list page indexes, stored verdicts, idempotency keys).
-        let c = rusqlite::Connection::open(&path).unwrap();
-        let version: i64 = c
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        c.execute_batch(UNDO_SINCE_IDEMPOTENCY).unwrap();
-        c.execute_batch(&format!(
-            "DROP TABLE idempotency; DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts;
+        rewind(
+            &path,
+            &format!(
+                "{UNDO_SINCE_IDEMPOTENCY}
+             DROP TABLE idempotency; DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts;
              DROP INDEX requests_page; DROP INDEX tokens_page; DROP INDEX role_assignments_page;
              DROP INDEX enroll_tokens_page; DROP INDEX exclusions_page;
              DROP INDEX vms_page; DROP INDEX vms_name; DROP INDEX vms_rg_page;
-             ALTER TABLE vms DROP COLUMN name_key; PRAGMA user_version = {};",
-            version - 5 - MIGRATIONS_SINCE_IDEMPOTENCY
-        ))
-        .unwrap();
+             ALTER TABLE vms DROP COLUMN name_key;"
+            ),
+            5 + MIGRATIONS_SINCE_IDEMPOTENCY,
+        );
     }
     let store = SqlStore::open(&path).unwrap();
     let found = store
@@ -583,16 +593,14 @@ async fn verdicts_are_filled_in_for_an_older_database_and_follow_the_configurati
             .unwrap();
     }
     {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        let version: i64 = c
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        c.execute_batch(UNDO_SINCE_IDEMPOTENCY).unwrap();
-        c.execute_batch(&format!(
-            "DROP TABLE idempotency; DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts; PRAGMA user_version = {};",
-            version - 2 - MIGRATIONS_SINCE_IDEMPOTENCY
-        ))
-        .unwrap();
+        rewind(
+            &path,
+            &format!(
+                "{UNDO_SINCE_IDEMPOTENCY}
+             DROP TABLE idempotency; DROP TABLE vm_verdicts; ALTER TABLE agent_status DROP COLUMN facts;"
+            ),
+            2 + MIGRATIONS_SINCE_IDEMPOTENCY,
+        );
     }
     let store = SqlStore::open(&path).unwrap();
     let v = verdicts(&store, 110).await;
@@ -883,15 +891,7 @@ async fn the_protected_flag_is_filled_in_for_an_older_database() {
             .unwrap();
     }
     {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        let version: i64 = c
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        c.execute_batch(&format!(
-            "ALTER TABLE vm_verdicts DROP COLUMN protected; PRAGMA user_version = {};",
-            version - 1
-        ))
-        .unwrap();
+        rewind(&path, "ALTER TABLE vm_verdicts DROP COLUMN protected;", 1);
     }
     let store = SqlStore::open(&path).unwrap();
     let page = store

@@ -180,27 +180,20 @@ async fn a_browser_without_a_session_is_sent_to_sign_in_and_a_wrong_token_is_ref
     let refused = ctl.audit("action=auth.signin").await;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["outcome"], "denied");
-    // Another site cannot sign a browser in to its own credential (login CSRF).
-    let r = http
-        .post(format!("{}/ui/signin", ctl.base))
-        .header("origin", "https://evil.example")
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(encode(&[("token", OWNER)]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert!(r.headers().get(SET_COOKIE).is_none());
-    // ... nor a form without any Origin (browsers always send one).
-    let r = http
-        .post(format!("{}/ui/signin", ctl.base))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(encode(&[("token", OWNER)]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert!(r.headers().get(SET_COOKIE).is_none());
+    // Another site cannot sign a browser in to its own credential (login CSRF), nor
+    // can a form without any Origin (browsers always send one).
+    for origin in [Some("https://evil.example"), None] {
+        let mut req = http
+            .post(format!("{}/ui/signin", ctl.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(encode(&[("token", OWNER)]));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "origin {origin:?}");
+        assert!(r.headers().get(SET_COOKIE).is_none());
+    }
     // A cookie with a wrong or revoked credential: 401, the cookie cleared, audited
     // like any refused credential.
     let r = http
