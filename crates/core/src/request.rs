@@ -212,6 +212,24 @@ pub struct LiveGrant {
     pub source: SourcePrefix,
 }
 
+/// The live grants a request supersedes: the same requestor's, for a VM, port and
+/// source the request asks for again. A store may pass every live grant of the VMs or
+/// only those it found by (VM, port, source): the answer is the same.
+pub fn superseded_by(vms: &[RequestVm], requestor: &str, live: &[LiveGrant]) -> Vec<LiveGrant> {
+    live.iter()
+        .filter(|g| g.requestor == requestor)
+        .filter(|g| {
+            vms.iter().any(|v| {
+                v.id == g.vm
+                    && v.ports
+                        .iter()
+                        .any(|p| p.number == g.number && p.source == g.source)
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 /// Who asks, from where, when.
 pub struct InitiateContext<'a> {
     pub id: RequestId,
@@ -442,19 +460,7 @@ pub fn plan_initiate(
         }
         vms.push(RequestVm { id, ports });
     }
-    let superseded = live
-        .iter()
-        .filter(|g| g.requestor == ctx.requestor)
-        .filter(|g| {
-            vms.iter().any(|v| {
-                v.id == g.vm
-                    && v.ports
-                        .iter()
-                        .any(|p| p.number == g.number && p.source == g.source)
-            })
-        })
-        .cloned()
-        .collect();
+    let superseded = superseded_by(&vms, ctx.requestor, live);
     Ok(InitiatePlan {
         request: AccessRequest {
             id: ctx.id,

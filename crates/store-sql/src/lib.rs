@@ -36,7 +36,7 @@ use jitgate_core::recommend::{
 };
 use jitgate_core::request::{
     AccessRequest, InitiateContext, InitiateError, LiveGrant, PortStatus, RequestId, RequestPort,
-    RequestVm, RevokeReason, plan_initiate,
+    RequestVm, RevokeReason, plan_initiate, superseded_by,
 };
 
 use jitgate_store::*;
@@ -1908,26 +1908,6 @@ impl Store for SqlStore {
             let Some((uid, policy)) = ctx.policy(&args.policy.key())? else {
                 return Err(OpError::Refused(InitiateRefusal::PolicyNotFound));
             };
-            // Live grants on the requested VMs, for superseding.
-            let mut live = Vec::new();
-            let requested = args
-                .input
-                .virtual_machines
-                .iter()
-                .flatten()
-                .filter_map(|v| v.id.as_deref())
-                .filter_map(|s| VmId::parse(s).ok());
-            for vm in requested {
-                live.extend(read_live_grants(ctx.tx, &vm.key(), audit.now)?.into_iter().map(|g| {
-                    LiveGrant {
-                        request: g.request,
-                        requestor: g.requestor,
-                        vm: vm.clone(),
-                        number: g.number,
-                        source: g.source,
-                    }
-                }));
-            }
             let ictx = InitiateContext {
                 id: args.id,
                 policy: &policy,
@@ -1936,12 +1916,16 @@ impl Store for SqlStore {
                 now: audit.now,
             };
             let may = |vm: &VmId| rbac::is_allowed(&args.assignments, &args.requestor, Action::Initiate, &vm.scope());
-            let mut plan = plan_initiate(&ictx, &args.input, &may, &live).map_err(|e| {
+            let mut plan = plan_initiate(&ictx, &args.input, &may, &[]).map_err(|e| {
                 OpError::Refused(match e {
                     InitiateError::Invalid(f) => InitiateRefusal::Invalid(f),
                     InitiateError::Forbidden { field, vm } => InitiateRefusal::Forbidden { field, vm },
                 })
             })?;
+            // The grants this request supersedes, found by (VM, port, source) in an
+            // index: a VM with many live grants costs no more than one with none.
+            let live = read_same_grants(ctx.tx, &plan.request.vms, &args.requestor, audit.now)?;
+            plan.superseded = superseded_by(&plan.request.vms, &args.requestor, &live);
             match args.break_glass {
                 // Break-glass: the right on every VM, then open now, capped.
                 Some(max) => {
@@ -3534,6 +3518,45 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The live grants (status `Initiated`, ending after `now`) on the VM with key
 /// `vm_key`, oldest request first (`live_grants`, initiate's superseding and a
 /// policy update's judgement all read them here).
+/// The requestor's live grants for the VMs, ports and sources a request asks for.
+fn read_same_grants(
+    conn: &dyn Db,
+    vms: &[RequestVm],
+    requestor: &str,
+    now: Timestamp,
+) -> Result<Vec<LiveGrant>> {
+    let mut live = Vec::new();
+    for vm in vms {
+        let vm_key = vm.id.key();
+        for p in &vm.ports {
+            let source = p.source.to_string();
+            live.extend(conn.all(
+                "SELECT p.request_id FROM request_ports p JOIN requests r ON r.id = p.request_id
+                 WHERE p.vm_key = ?1 AND p.number = ?2 AND p.source = ?3 AND p.status = 'Initiated'
+                   AND p.end_ns > ?4 AND r.requestor = ?5",
+                &[
+                    &vm_key,
+                    &(p.number.get() as i64),
+                    &source,
+                    &ns(now),
+                    &requestor,
+                ],
+                |r| {
+                    Ok(LiveGrant {
+                        request: RequestId::parse(&r.get::<String>(0)?)
+                            .map_err(corrupt("request id"))?,
+                        requestor: requestor.to_owned(),
+                        vm: vm.id.clone(),
+                        number: p.number,
+                        source: p.source.clone(),
+                    })
+                },
+            )?);
+        }
+    }
+    Ok(live)
+}
+
 fn read_live_grants(conn: &dyn Db, vm_key: &str, now: Timestamp) -> Result<Vec<Grant>> {
     conn.all(
         "SELECT p.request_id, r.requestor, p.number, p.protocol, p.source, r.start_ns, p.end_ns

@@ -91,8 +91,9 @@ fn key() -> PolicyKey {
 }
 
 /// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
-/// approvals, break-glass, webhooks, offline agents), undone, for the tests that take a database back to an older schema.
-const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 7;
+/// approvals, break-glass, webhooks, offline agents, the
+/// protected flag, the superseding index), undone, for the tests that take a database back to an older schema.
+const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 8;
 
 /// Turns the database file back into an older one: runs `undo` (what the last
 /// `migrations` migrations did, undone) and sets the schema version that many back.
@@ -106,6 +107,8 @@ fn rewind(path: &std::path::Path, undo: &str, migrations: i64) {
         .unwrap();
 }
 const UNDO_SINCE_IDEMPOTENCY: &str = "
+    DROP INDEX request_ports_vm;
+    CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
     ALTER TABLE vm_verdicts DROP COLUMN protected;
     ALTER TABLE agent_status DROP COLUMN offline_ns;
     DROP TABLE webhook_outbox; DROP TABLE webhooks;
@@ -891,7 +894,13 @@ async fn the_protected_flag_is_filled_in_for_an_older_database() {
             .unwrap();
     }
     {
-        rewind(&path, "ALTER TABLE vm_verdicts DROP COLUMN protected;", 1);
+        rewind(
+            &path,
+            "DROP INDEX request_ports_vm;
+             CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
+             ALTER TABLE vm_verdicts DROP COLUMN protected;",
+            2,
+        );
     }
     let store = SqlStore::open(&path).unwrap();
     let page = store
