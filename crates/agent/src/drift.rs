@@ -3,7 +3,7 @@
 //! Two comparisons:
 //!
 //! * **Structure**: right after every full rebuild the agent reads its table back
-//!   (`nft -t -j list table inet jitgate`: chains with hook, priority and policy,
+//!   (`nft -t -j list ruleset`, its items of this table: chains with hook, priority and policy,
 //!   rules in order, sets with type and flags, counters; handles and counter values
 //!   left out) and keeps it as the [`Baseline`]; a later listing that differs is
 //!   drift. Comparing the kernel with itself keeps this independent of how nft prints
@@ -81,7 +81,7 @@ fn summary(kind: &str, body: &Value) -> String {
     }
 }
 
-/// The structure in `nft -t -j list table` (elements, if any, are left out).
+/// The structure in a terse JSON listing of the table (elements, if any, are left out).
 fn parse(json: &str) -> anyhow::Result<Vec<(String, String)>> {
     let v: Value = serde_json::from_str(json)?;
     let mut structure = Vec::new();

@@ -106,27 +106,52 @@ impl Nft {
         Ok(self.run(&["--version"])?.trim().to_owned())
     }
 
-    /// `nft -t -j list table inet jitgate`: the table without set elements; None
-    /// when the table does not exist.
-    pub fn list_table_terse_json(&self) -> anyhow::Result<Option<String>> {
-        match self.run(&["-t", "-j", "list", "table", "inet", "jitgate"]) {
-            Ok(json) => Ok(Some(json)),
-            Err(e) if format!("{e:#}").contains("No such file or directory") => Ok(None),
-            Err(e) => Err(e),
+    /// The items of table `inet jitgate` in `nft -t -j list ruleset` (chains, rules,
+    /// sets without their elements, named counters with their values); None when the
+    /// table does not exist.
+    ///
+    /// Listed with `list ruleset` and filtered here: nft 1.0.6 fetches every set
+    /// element for `list table` or `list counters` even with `-t` (0.1 s of CPU at
+    /// 10,000 elements, ten times that at 100,000), but not for `list ruleset -t`.
+    fn table_items(&self) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
+        let text = self.run(&["-t", "-j", "list", "ruleset"])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).context("nft printed invalid JSON")?;
+        let ours = |body: &serde_json::Value, key: &str| {
+            body["family"] == "inet" && body[key] == "jitgate"
+        };
+        let mut items = Vec::new();
+        let mut found = false;
+        for item in v["nftables"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let Some((kind, body)) = item.as_object().and_then(|m| m.iter().next()) else {
+                continue;
+            };
+            if kind == "table" {
+                if ours(body, "name") {
+                    found = true;
+                    items.push(item.clone());
+                }
+            } else if kind != "metainfo" && ours(body, "table") {
+                items.push(item.clone());
+            }
         }
+        Ok(found.then_some(items))
+    }
+
+    /// Table `inet jitgate` without set elements, as `nft -t -j` lists it; None when
+    /// the table does not exist.
+    pub fn list_table_terse_json(&self) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .table_items()?
+            .map(|items| serde_json::json!({ "nftables": items }).to_string()))
     }
 
     /// Packet counts of the table's named counters.
     pub fn counters(&self) -> anyhow::Result<Vec<(String, u64)>> {
-        let text = self.run(&["-j", "list", "counters", "table", "inet", "jitgate"])?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).context("nft printed invalid JSON")?;
         let mut out = Vec::new();
-        for item in v["nftables"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        for item in self.table_items()?.unwrap_or_default() {
             let c = &item["counter"];
-            if c["table"] == "jitgate"
-                && let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64())
-            {
+            if let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64()) {
                 out.push((name.to_owned(), packets));
             }
         }

@@ -57,7 +57,16 @@ pub struct DesiredState {
     pub revision: String,
     pub generated_at: String,
     pub rules: Vec<WireRule>,
+    /// Every live grant; in a delta, only the grants added since `base`.
     pub grants: Vec<WireGrant>,
+    /// Set in a delta (asked for with `delta=1`): the revision it changes, which is
+    /// the agent's `known` one. The state is then `base`'s grants without `removed`,
+    /// with `grants`; `rules` are always whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// In a delta, the grants removed since `base`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<WireGrant>,
 }
 
 /// The validated content of a desired state.
@@ -107,17 +116,7 @@ fn revision_of(vm: &str, rules: &[WireRule], grants: &[WireGrant]) -> String {
 /// grants instead) and live grants.
 pub fn encode(vm: &VmId, nsg: &[NsgRule], grants: &[GrantRef], now: Timestamp) -> DesiredState {
     let rules: Vec<WireRule> = nsg.iter().filter_map(rule_to_wire).collect();
-    let grants: Vec<WireGrant> = grants
-        .iter()
-        .map(|g| WireGrant {
-            request: g.request.to_string(),
-            port: g.number.get(),
-            protocol: g.protocol.as_str().to_owned(),
-            source: g.source.to_string(),
-            start_time_utc: g.start.to_string(),
-            end_time_utc: g.end.to_string(),
-        })
-        .collect();
+    let grants: Vec<WireGrant> = grants.iter().map(grant_to_wire).collect();
     let vm_text = vm.to_string();
     DesiredState {
         revision: revision_of(&vm_text, &rules, &grants),
@@ -125,21 +124,155 @@ pub fn encode(vm: &VmId, nsg: &[NsgRule], grants: &[GrantRef], now: Timestamp) -
         generated_at: now.to_string(),
         rules,
         grants,
+        base: None,
+        removed: Vec::new(),
     }
+}
+
+fn grant_to_wire(g: &GrantRef) -> WireGrant {
+    WireGrant {
+        request: g.request.to_string(),
+        port: g.number.get(),
+        protocol: g.protocol.as_str().to_owned(),
+        source: g.source.to_string(),
+        start_time_utc: g.start.to_string(),
+        end_time_utc: g.end.to_string(),
+    }
+}
+
+/// The delta from a state whose grants were `old` (revision `base`) to `full`, whose
+/// grants are `new` (`full.grants[i]` is `new[i]`). Both lists are sorted, as the
+/// controller sends them; the delta carries what changed, so its size does not grow
+/// with the grants that stayed.
+pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], full: &DesiredState) -> DesiredState {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if o == n => {
+                i += 1;
+                j += 1;
+            }
+            (Some(o), Some(n)) if o < n => {
+                removed.push(grant_to_wire(o));
+                i += 1;
+            }
+            (Some(o), None) => {
+                removed.push(grant_to_wire(o));
+                i += 1;
+            }
+            _ => {
+                added.push(full.grants[j].clone());
+                j += 1;
+            }
+        }
+    }
+    DesiredState {
+        vm: full.vm.clone(),
+        revision: full.revision.clone(),
+        generated_at: full.generated_at.clone(),
+        rules: full.rules.clone(),
+        grants: added,
+        base: Some(base.to_owned()),
+        removed,
+    }
+}
+
+/// The state `delta` leads to from `prev`, validated like [`decode`] validates a whole
+/// state. The delta must change `prev` (its `base` is `prev`'s revision), every grant
+/// it removes must be in `prev` and none it adds may be.
+///
+/// The new revision is taken as sent; checking it means hashing the whole state,
+/// which the agent does off the path of the change ([`revision_matches`]) and, on a
+/// mismatch, asks for the whole state.
+pub fn apply_delta(prev: &Desired, d: &DesiredState) -> Result<Desired, String> {
+    if d.base.as_deref() != Some(prev.revision.as_str()) {
+        return Err(format!(
+            "base: the delta changes revision {}, not the applied {}",
+            d.base.as_deref().unwrap_or("(none)"),
+            prev.revision
+        ));
+    }
+    let vm = VmId::parse(&d.vm).map_err(|e| format!("vm: {e}"))?;
+    if vm != prev.vm {
+        return Err(format!("vm: the delta is for {vm}, not {}", prev.vm));
+    }
+    if !valid_revision(&d.revision) {
+        return Err("revision: not 32 hexadecimal digits".to_owned());
+    }
+    let rules = decode_rules(&d.rules)?;
+    let mut removed = decode_grants("removed", &d.removed)?;
+    let mut added = decode_grants("grants", &d.grants)?;
+    removed.sort_unstable();
+    added.sort_unstable();
+    let mut kept = Vec::with_capacity(prev.grants.len() + added.len());
+    let mut found = 0;
+    for g in &prev.grants {
+        if removed.binary_search(g).is_ok() {
+            found += 1;
+        } else {
+            kept.push(g.clone());
+        }
+    }
+    if found != removed.len() {
+        return Err("removed: a grant that the applied state does not hold".to_owned());
+    }
+    kept.sort_unstable();
+    let mut grants = Vec::with_capacity(kept.len() + added.len());
+    let mut kept = kept.into_iter().peekable();
+    for a in added {
+        while let Some(k) = kept.next_if(|k| *k < a) {
+            grants.push(k);
+        }
+        if kept.peek() == Some(&a) {
+            return Err("grants: a grant that the applied state already holds".to_owned());
+        }
+        grants.push(a);
+    }
+    grants.extend(kept);
+    Ok(Desired {
+        vm,
+        revision: d.revision.clone(),
+        rules,
+        grants,
+    })
+}
+
+/// Whether `d`'s revision is the hash of its content, as the controller computes it.
+pub fn revision_matches(d: &Desired, now: Timestamp) -> bool {
+    encode(&d.vm, &d.rules, &d.grants, now).revision == d.revision
+}
+
+fn valid_revision(r: &str) -> bool {
+    r.len() == 32 && r.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Validates a received desired state. Nothing half-valid gets through: any bad field
 /// rejects the whole state, naming it. The rules of a decoded state always pass
 /// [`jitgate_core::nft::validate`].
 pub fn decode(d: &DesiredState) -> Result<Desired, String> {
+    if d.base.is_some() {
+        return Err(
+            "base: a delta is applied to the state it changes, not decoded alone".to_owned(),
+        );
+    }
     let vm = VmId::parse(&d.vm).map_err(|e| format!("vm: {e}"))?;
     if revision_of(&d.vm, &d.rules, &d.grants) != d.revision {
         return Err(
             "revision: does not match the content (corrupted or tampered state)".to_owned(),
         );
     }
-    let mut rules = Vec::with_capacity(d.rules.len());
-    for (i, r) in d.rules.iter().enumerate() {
+    Ok(Desired {
+        vm,
+        revision: d.revision.clone(),
+        rules: decode_rules(&d.rules)?,
+        grants: decode_grants("grants", &d.grants)?,
+    })
+}
+
+fn decode_rules(wire: &[WireRule]) -> Result<Vec<NsgRule>, String> {
+    let mut rules = Vec::with_capacity(wire.len());
+    for (i, r) in wire.iter().enumerate() {
         let f = |what: &str, e: String| format!("rules[{i}].{what}: {e}");
         let origin = match r.origin.as_str() {
             "user" => RuleOrigin::User,
@@ -189,9 +322,13 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
     }
     // The whole set too, so that a decoded state is one the agent can render.
     nft::validate(&rules).map_err(|e| format!("rules: {e}"))?;
-    let mut grants = Vec::with_capacity(d.grants.len());
-    for (i, g) in d.grants.iter().enumerate() {
-        let f = |what: &str, e: String| format!("grants[{i}].{what}: {e}");
+    Ok(rules)
+}
+
+fn decode_grants(field: &str, wire: &[WireGrant]) -> Result<Vec<GrantRef>, String> {
+    let mut grants = Vec::with_capacity(wire.len());
+    for (i, g) in wire.iter().enumerate() {
+        let f = |what: &str, e: String| format!("{field}[{i}].{what}: {e}");
         let start: Timestamp = g
             .start_time_utc
             .parse()
@@ -209,12 +346,7 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
             end,
         });
     }
-    Ok(Desired {
-        vm,
-        revision: d.revision.clone(),
-        rules,
-        grants,
-    })
+    Ok(grants)
 }
 
 /// A secret (a token): its `Debug` never shows it, so it cannot reach a log through a
@@ -388,6 +520,139 @@ mod tests {
                 .unwrap(),
         }];
         encode(&vm(), &rules, &grants, t)
+    }
+
+    /// A pool of grants for the delta tests: three requests, two ports, two sources.
+    fn pool() -> Vec<GrantRef> {
+        let t: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let mut out = Vec::new();
+        for r in 1..=3u8 {
+            for port in [22, 3389] {
+                for src in ["10.1.1.1", "2001:db8::/64"] {
+                    out.push(GrantRef {
+                        request: RequestId::parse(&format!(
+                            "00000000-0000-0000-0000-00000000000{r}"
+                        ))
+                        .unwrap(),
+                        number: Port::new(port).unwrap(),
+                        protocol: Protocol::Tcp,
+                        source: SourcePrefix::parse(src).unwrap(),
+                        start: t,
+                        end: t
+                            .checked_add(jiff::SignedDuration::from_secs(60 * r as i64))
+                            .unwrap(),
+                    });
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    fn pick(mask: u16) -> Vec<GrantRef> {
+        pool()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, g)| g)
+            .collect()
+    }
+
+    proptest! {
+        /// Any change from any state: the delta applied to the old state is the new
+        /// state, revision included, and carries only what changed.
+        #[test]
+        fn a_delta_applied_is_the_new_state(old in 0u16..4096, new in 0u16..4096) {
+            let rules = decode(&sample()).unwrap().rules;
+            let (old, new) = (pick(old), pick(new));
+            let prev = decode(&encode(&vm(), &rules, &old, t0())).unwrap();
+            let full = encode(&vm(), &rules, &new, t0());
+            let d = delta(&prev.revision, &old, &new, &full);
+            let changed = old.iter().filter(|g| !new.contains(g)).count()
+                + new.iter().filter(|g| !old.contains(g)).count();
+            prop_assert_eq!(d.grants.len() + d.removed.len(), changed);
+            let wire: DesiredState = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+            let next = apply_delta(&prev, &wire).unwrap();
+            prop_assert_eq!(&next, &decode(&full).unwrap());
+            prop_assert!(revision_matches(&next, t0()));
+        }
+    }
+
+    #[test]
+    fn a_delta_that_does_not_fit_the_applied_state_is_refused() {
+        let rules = decode(&sample()).unwrap().rules;
+        let all = pool();
+        let (a, b) = (all[..4].to_vec(), all[2..6].to_vec());
+        let prev = decode(&encode(&vm(), &rules, &a, t0())).unwrap();
+        let full = encode(&vm(), &rules, &b, t0());
+        let good = delta(&prev.revision, &a, &b, &full);
+        assert!(apply_delta(&prev, &good).is_ok());
+
+        let mut other_base = good.clone();
+        other_base.base = Some("f".repeat(32));
+        assert!(
+            apply_delta(&prev, &other_base)
+                .unwrap_err()
+                .starts_with("base:")
+        );
+
+        let mut absent = good.clone();
+        absent
+            .removed
+            .push(encode(&vm(), &rules, &all[8..9], t0()).grants[0].clone());
+        assert!(
+            apply_delta(&prev, &absent)
+                .unwrap_err()
+                .starts_with("removed:")
+        );
+
+        let mut present = good.clone();
+        present
+            .grants
+            .push(encode(&vm(), &rules, &all[2..3], t0()).grants[0].clone());
+        assert!(
+            apply_delta(&prev, &present)
+                .unwrap_err()
+                .starts_with("grants:")
+        );
+
+        let mut bad_grant = good.clone();
+        bad_grant.grants[0].source = "10.0.0.1/8".into();
+        assert!(
+            apply_delta(&prev, &bad_grant)
+                .unwrap_err()
+                .starts_with("grants[0].source")
+        );
+
+        let mut bad_revision = good.clone();
+        bad_revision.revision = "not-hex".into();
+        assert!(
+            apply_delta(&prev, &bad_revision)
+                .unwrap_err()
+                .starts_with("revision:")
+        );
+
+        // A wrong new revision passes here and is caught by the check made after.
+        let mut lying = good.clone();
+        lying.revision = "0".repeat(32);
+        assert!(!revision_matches(
+            &apply_delta(&prev, &lying).unwrap(),
+            t0()
+        ));
+
+        assert!(
+            decode(&good).unwrap_err().starts_with("base:"),
+            "a delta is never a whole state"
+        );
+    }
+
+    #[test]
+    fn a_whole_state_carries_no_delta_fields() {
+        let json = serde_json::to_value(sample()).unwrap();
+        assert!(
+            json.get("base").is_none() && json.get("removed").is_none(),
+            "{json}"
+        );
     }
 
     #[test]
@@ -587,6 +852,8 @@ mod tests {
                     generated_at: t0().to_string(),
                     rules,
                     grants,
+                    base: None,
+                    removed: Vec::new(),
                 };
                 if fix_revision {
                     d.revision = revision_of(&d.vm, &d.rules, &d.grants);
