@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use jitgate_core::Timestamp;
-use jitgate_proto::{DesiredState, EnrollRequest, EnrollResponse, StatusReport};
+use jitgate_proto::{Desired, DesiredState, EnrollRequest, EnrollResponse, StatusReport};
 use tokio::sync::watch;
 
 use crate::config::AgentConfig;
@@ -22,8 +22,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 #[derive(Default, Clone)]
 struct Progress {
     /// The desired state last applied successfully (its revision is reported; the
-    /// table watchdog rebuilds from it).
-    last: Option<DesiredState>,
+    /// table watchdog rebuilds from it; the next delta applies to it).
+    last: Option<Arc<Desired>>,
     applied_at: Option<String>,
     error: Option<String>,
     /// Some(false) from finding drift until a later check confirms the table matches.
@@ -75,6 +75,8 @@ struct Shared {
     /// drift.
     own_ports: Vec<u32>,
     progress: Mutex<Progress>,
+    /// Held while the applied state is written (one writer of its file at a time).
+    saving: Mutex<()>,
     nft_version: Option<String>,
 }
 
@@ -509,7 +511,7 @@ impl Shared {
         if let Ok(mut e) = self.enforcer.lock() {
             e.forget();
         }
-        match self.apply(&last) {
+        match self.enforce((*last).clone()) {
             Ok(_) => {
                 if let Ok(mut p) = self.progress.lock()
                     && let Some(d) = &mut p.last_drift
@@ -521,11 +523,33 @@ impl Shared {
         }
     }
 
-    /// Validates and applies a desired state; records the outcome.
+    /// Validates and applies a desired state, whole or a delta from the state last
+    /// applied; records the outcome.
     fn apply(&self, d: &DesiredState) -> anyhow::Result<ApplyKind> {
+        let desired = if d.base.is_some() {
+            let prev = self.progress.lock().ok().and_then(|p| p.last.clone());
+            match prev {
+                Some(prev) => jitgate_proto::apply_delta(&prev, d),
+                None => Err("base: a delta, and no state is applied".to_owned()),
+            }
+        } else {
+            jitgate_proto::decode(d)
+        };
+        match desired {
+            Ok(desired) => self.enforce(desired),
+            Err(e) => {
+                let e = anyhow::anyhow!("invalid desired state: {e}");
+                if let Ok(mut p) = self.progress.lock() {
+                    p.error = Some(format!("{e:#}"));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies a validated desired state; records the outcome.
+    fn enforce(&self, desired: Desired) -> anyhow::Result<ApplyKind> {
         let result = (|| {
-            let desired = jitgate_proto::decode(d)
-                .map_err(|e| anyhow::anyhow!("invalid desired state: {e}"))?;
             if !desired
                 .vm
                 .to_string()
@@ -545,7 +569,7 @@ impl Shared {
             let grants = desired.grants.len();
             let stats = {
                 let _seq = SeqGuard::enter(&self.apply_seq);
-                enforcer.apply(desired, Timestamp::now())?
+                enforcer.apply(desired.clone(), Timestamp::now())?
             };
             if stats.kind == ApplyKind::Full {
                 // The watchdog reads the new table back at once, off this path, as
@@ -561,7 +585,7 @@ impl Shared {
         if let Ok(mut p) = self.progress.lock() {
             match &result {
                 Ok(_) => {
-                    p.last = Some(d.clone());
+                    p.last = Some(Arc::new(desired));
                     p.applied_at = Some(Timestamp::now().to_string());
                     p.error = None;
                 }
@@ -571,9 +595,34 @@ impl Shared {
         result
     }
 
+    /// Writes the state last applied to the state directory (for restarts and the
+    /// boot-time restore), whole, after checking that its revision is the hash of its
+    /// content: a delta's revision is taken as sent when it is applied, and checked
+    /// here, off the path of the change. False on a mismatch: the agent then asks the
+    /// controller for its whole state.
+    fn save(&self, state: &StateDir) -> bool {
+        let _one = self.saving.lock();
+        let Some(last) = self.progress.lock().ok().and_then(|p| p.last.clone()) else {
+            return true;
+        };
+        let whole = jitgate_proto::encode(&last.vm, &last.rules, &last.grants, Timestamp::now());
+        if whole.revision != last.revision {
+            tracing::error!(sent = %last.revision, content = %whole.revision, "the state built from a delta does not hash to the revision the controller sent; asking for the whole state");
+            return false;
+        }
+        if let Err(e) = state.save_applied(&whole) {
+            tracing::error!(error = %format!("{e:#}"), "cannot persist the applied state");
+        }
+        true
+    }
+
     async fn poll(&self, known: Option<&str>) -> Result<DesiredState, PollError> {
         let wait = self.config.poll_wait.as_secs().to_string();
-        let mut q = vec![("vm", self.creds.vm_id.as_str()), ("wait", wait.as_str())];
+        let mut q = vec![
+            ("vm", self.creds.vm_id.as_str()),
+            ("wait", wait.as_str()),
+            ("delta", "1"),
+        ];
         if let Some(k) = known {
             q.push(("known", k));
         }
@@ -731,6 +780,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         reader: Mutex::new(reader),
         own_ports,
         progress: Mutex::new(Progress::default()),
+        saving: Mutex::new(()),
         nft_version,
         config,
     });
@@ -812,13 +862,40 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         }
     });
 
+    // The applied state is written to disk by its own task, off the path of the next
+    // change (at 10,000 grants a write is a megabyte and an fsync); a burst of changes
+    // writes the last. Checking a delta's revision is part of the write: on a
+    // mismatch the next poll asks for the whole state.
+    let whole_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let save_wanted = Arc::new(tokio::sync::Notify::new());
+    let saver = {
+        let (me, wanted, whole) = (shared.clone(), save_wanted.clone(), whole_next.clone());
+        let dir = StateDir::open(&shared.config.state_dir)?;
+        let dir = Arc::new(dir);
+        tokio::spawn(async move {
+            loop {
+                wanted.notified().await;
+                let (me, dir) = (me.clone(), dir.clone());
+                let ok = tokio::task::spawn_blocking(move || me.save(&dir))
+                    .await
+                    .unwrap_or(true);
+                if !ok {
+                    whole.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+        })
+    };
     let mut backoff = Duration::from_millis(200);
     loop {
-        let known = shared
-            .progress
-            .lock()
-            .ok()
-            .and_then(|p| p.applied_revision());
+        let known = if whole_next.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            None
+        } else {
+            shared
+                .progress
+                .lock()
+                .ok()
+                .and_then(|p| p.applied_revision())
+        };
         let polled = tokio::select! {
             r = shared.poll(known.as_deref()) => r,
             _ = shutdown.changed() => break,
@@ -831,13 +908,13 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                     continue;
                 }
                 match shared.apply(&d) {
-                    Ok(_) => {
-                        if let Err(e) = state.save_applied(&d) {
-                            tracing::error!(error = %format!("{e:#}"), "cannot persist the applied state");
-                        }
-                    }
+                    Ok(_) => save_wanted.notify_one(),
                     Err(e) => {
                         tracing::error!(error = %format!("{e:#}"), "apply failed; keeping the previous state");
+                        if d.base.is_some() {
+                            // A delta that does not fit: the whole state next time.
+                            whole_next.store(true, std::sync::atomic::Ordering::Release);
+                        }
                         let s = shared.clone();
                         tokio::spawn(async move { s.report(false).await });
                         tokio::select! {
@@ -885,6 +962,10 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     }
     heartbeat.abort();
     watchdog.abort();
+    saver.abort();
+    // What the saver may not have written yet.
+    let me = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || me.save(&state)).await;
     Ok(())
 }
 

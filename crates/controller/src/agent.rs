@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::AppState;
 use crate::auth::{CallerIp, Principal, sha256_hex};
 use crate::body::JsonBody;
-use crate::desired::desired_state;
+use crate::desired::{Built, agent_state};
 use crate::error::{ApiError, ApiResult};
 
 /// Longest a desired-state long-poll is held open.
@@ -58,7 +58,7 @@ pub fn credential_revoked() -> ApiError {
 }
 
 #[utoipa::path(get, path = "/api/v1/agent/desired", tag = "agents",
-    params(("vm" = String, Query, description = "The agent's VM (resource id)"), ("known" = Option<String>, Query, description = "The revision the agent has"), ("wait" = Option<u64>, Query, maximum = 60, description = "Seconds (0-60) to hold the call open until the state differs from `known`")),
+    params(("vm" = String, Query, description = "The agent's VM (resource id)"), ("known" = Option<String>, Query, description = "The revision the agent has"), ("wait" = Option<u64>, Query, maximum = 60, description = "Seconds (0-60) to hold the call open until the state differs from `known`"), ("delta" = Option<bool>, Query, description = "1: when the controller still has the state `known` names, answer with what changed since (`base`, `grants` added, `removed`) instead of the whole state")),
     responses((status = 200, body = jitgate_proto::DesiredState)))]
 pub async fn desired(
     State(state): State<AppState>,
@@ -79,8 +79,34 @@ pub async fn desired(
                 )
             })?,
     };
+    let want_delta = match q.get("delta").map(String::as_str) {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_param(
+                "delta",
+                format!("'{other}' is not 1 or 0 (true or false)"),
+            ));
+        }
+    };
     require_agent(&state, &principal, &vm).await?;
     let known = q.get("known").cloned();
+    // The answer: the whole state, or, when the agent asked for deltas and the state
+    // it has is still kept here, what changed since.
+    let answer = |built: &Built| -> Json<DesiredState> {
+        if want_delta
+            && let Some(k) = known.as_deref()
+            && let Some(base) = state.vm_changes.of_revision(&vm, k)
+        {
+            return Json(jitgate_proto::delta(
+                k,
+                &base.grants,
+                &built.grants,
+                &built.full,
+            ));
+        }
+        Json(built.full.clone())
+    };
     let mut rx = state.vm_changes.subscribe(&vm);
     // The deadline is on the controller's clock; a long-poll is also never held longer
     // than `wait` of real time (a wall clock set back must not hold it for hours).
@@ -94,9 +120,9 @@ pub async fn desired(
     let mut woken = false;
     loop {
         rx.borrow_and_update();
-        let d = desired_state(&state, &vm).await?;
-        if known.as_deref() != Some(d.revision.as_str()) {
-            return Ok(Json(d));
+        let built = agent_state(&state, &vm).await?;
+        if known.as_deref() != Some(built.full.revision.as_str()) {
+            return Ok(answer(&built));
         }
         // Woken with nothing new for this VM: it may be this agent being replaced or
         // revoked; tell it now (off the path of real changes).
@@ -111,23 +137,18 @@ pub async fn desired(
         }
         woken = false;
         // Grants leave the desired state at their end even without a write; wake then.
-        let next_end = d
-            .grants
-            .iter()
-            .filter_map(|g| g.end_time_utc.parse::<Timestamp>().ok())
-            .min();
-        let until = next_end.map_or(deadline, |e| e.min(deadline));
+        let until = built.next_end.map_or(deadline, |e| e.min(deadline));
         tokio::select! {
             changed = rx.changed() => {
-                if changed.is_err() { return Ok(Json(d)); }
+                if changed.is_err() { return Ok(answer(&built)); }
                 woken = true;
             }
             _ = state.clock.sleep_until(until) => {
                 if state.clock.now() >= deadline {
-                    return Ok(Json(d));
+                    return Ok(answer(&built));
                 }
             }
-            _ = tokio::time::sleep_until(hard_stop) => return Ok(Json(d)),
+            _ = tokio::time::sleep_until(hard_stop) => return Ok(answer(&built)),
         }
     }
 }

@@ -18,9 +18,59 @@ use crate::error::ApiResult;
 /// One watch channel per VM: bumped whenever that VM's desired state may have changed.
 /// A channel exists only while a long-poll waits on it: the last [`VmWatch`] to go
 /// removes it, so the map holds the VMs being watched now, not every VM ever watched.
+///
+/// Beside the channels, the last desired state built for each long-polled VM
+/// ([`Built`]), so that a long-poll that finds nothing new reads nothing, and the one
+/// before it, so that a change can be answered as a delta from the state the agent
+/// has. Every `touch` drops the VM's current state; a state built from reads that
+/// began before a touch is never kept (each read is stamped).
 #[derive(Default)]
 pub struct VmChanges {
     map: Mutex<HashMap<String, watch::Sender<u64>>>,
+    states: Mutex<States>,
+}
+
+/// At most this many VMs' states are kept (beyond, all are dropped: a cache, not a
+/// record).
+const MAX_STATES: usize = 100_000;
+
+#[derive(Default)]
+struct States {
+    /// Counts touches; a read is stamped with the count when it begins.
+    stamp: u64,
+    /// Reads stamped before this are never kept (the entries that would tell whether
+    /// a touch came after them were dropped).
+    floor: u64,
+    entries: HashMap<String, StateEntry>,
+}
+
+#[derive(Default)]
+struct StateEntry {
+    /// The stamp of the last touch.
+    touched: u64,
+    /// The state now, unless touched since.
+    current: Option<Arc<Built>>,
+    /// The state before it: an agent that has it gets a delta.
+    previous: Option<Arc<Built>>,
+}
+
+/// A VM's desired state as built, with its sorted grants (the delta's input).
+pub struct Built {
+    pub full: DesiredState,
+    pub grants: Vec<GrantRef>,
+    /// The first end among its grants: from then on the state is a different one.
+    pub next_end: Option<Timestamp>,
+}
+
+impl Built {
+    pub fn new(full: DesiredState, grants: Vec<GrantRef>) -> Self {
+        let next_end = grants.iter().map(|g| g.end).min();
+        Built {
+            full,
+            grants,
+            next_end,
+        }
+    }
 }
 
 impl VmChanges {
@@ -40,8 +90,18 @@ impl VmChanges {
 
     pub fn touch<'a>(&self, vms: impl IntoIterator<Item = &'a VmId>) {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         for vm in vms {
-            if let Some(tx) = map.get(&vm.key()) {
+            let key = vm.key();
+            states.stamp += 1;
+            let stamp = states.stamp;
+            if let Some(e) = states.entries.get_mut(&key) {
+                e.touched = stamp;
+                if let Some(cur) = e.current.take() {
+                    e.previous = Some(cur);
+                }
+            }
+            if let Some(tx) = map.get(&key) {
                 tx.send_modify(|r| *r += 1);
             }
         }
@@ -50,9 +110,82 @@ impl VmChanges {
     /// Wakes every long-poll (each re-reads its VM's state).
     pub fn touch_all(&self) {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.stamp += 1;
+        let stamp = states.stamp;
+        for e in states.entries.values_mut() {
+            e.touched = stamp;
+            if let Some(cur) = e.current.take() {
+                e.previous = Some(cur);
+            }
+        }
         for tx in map.values() {
             tx.send_modify(|r| *r += 1);
         }
+    }
+
+    /// The VM's state, if one was built since its last touch and none of its grants
+    /// has ended since.
+    pub fn current(&self, vm: &VmId, now: Timestamp) -> Option<Arc<Built>> {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = states.entries.get(&vm.key())?.current.clone()?;
+        cur.next_end.is_none_or(|e| now < e).then_some(cur)
+    }
+
+    /// The state of revision `revision` kept for the VM (the current one or the one
+    /// before it).
+    pub fn of_revision(&self, vm: &VmId, revision: &str) -> Option<Arc<Built>> {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let e = states.entries.get(&vm.key())?;
+        [&e.current, &e.previous]
+            .into_iter()
+            .flatten()
+            .find(|b| b.full.revision == revision)
+            .cloned()
+    }
+
+    /// Stamps a read of the VM's state that begins now.
+    pub fn begin(&self, vm: &VmId) -> u64 {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = states.stamp;
+        if !states.entries.contains_key(&vm.key()) {
+            if states.entries.len() >= MAX_STATES {
+                states.entries.clear();
+                states.stamp += 1;
+                states.floor = states.stamp;
+                // This read too began before the drop: it is not kept.
+                return stamp;
+            }
+            states.entries.insert(
+                vm.key(),
+                StateEntry {
+                    touched: stamp,
+                    ..StateEntry::default()
+                },
+            );
+        }
+        stamp
+    }
+
+    /// Keeps the state built from the read stamped `stamp`, unless the VM was touched
+    /// after that read began.
+    pub fn keep(&self, vm: &VmId, stamp: u64, built: Arc<Built>) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if stamp < states.floor {
+            return;
+        }
+        let Some(e) = states.entries.get_mut(&vm.key()) else {
+            return;
+        };
+        if e.touched > stamp {
+            return;
+        }
+        if let Some(cur) = e.current.take()
+            && cur.full.revision != built.full.revision
+        {
+            e.previous = Some(cur);
+        }
+        e.current = Some(built);
     }
 
     /// How many VMs are watched now.
@@ -141,6 +274,23 @@ pub async fn desired_state(state: &AppState, vm: &VmId) -> ApiResult<DesiredStat
     Ok(jitgate_proto::encode(vm, &view, &grants, now))
 }
 
+/// The VM's desired state now for its agent: the one kept since the last change, or
+/// built from the store (and kept).
+pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
+    let now = state.clock.now();
+    if let Some(b) = state.vm_changes.current(vm, now) {
+        return Ok(b);
+    }
+    let stamp = state.vm_changes.begin(vm);
+    let (view, grants) = nsg_now(state, vm, now).await?;
+    let built = Arc::new(Built::new(
+        jitgate_proto::encode(vm, &view, &grants, now),
+        grants,
+    ));
+    state.vm_changes.keep(vm, stamp, built.clone());
+    Ok(built)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -155,6 +305,64 @@ mod tests {
             ResourceGroup::parse("rg").unwrap(),
             VmName::parse(name).unwrap(),
         )
+    }
+
+    fn built(revision: &str, end: Option<Timestamp>) -> Arc<Built> {
+        let full = DesiredState {
+            vm: "vm".into(),
+            revision: revision.into(),
+            generated_at: String::new(),
+            rules: Vec::new(),
+            grants: Vec::new(),
+            base: None,
+            removed: Vec::new(),
+        };
+        Arc::new(Built {
+            full,
+            grants: Vec::new(),
+            next_end: end,
+        })
+    }
+
+    /// A state is served from memory only while nothing touched its VM since its read
+    /// began, and none of its grants has ended; the one before stays for deltas.
+    #[test]
+    fn a_kept_state_is_never_older_than_the_last_touch() {
+        let changes = VmChanges::default();
+        let (a, b) = (vm("a"), vm("b"));
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+
+        // A read that began before a touch of its VM is not kept...
+        let stamp = changes.begin(&a);
+        changes.touch([&a]);
+        changes.keep(&a, stamp, built("r1", None));
+        assert!(changes.current(&a, now).is_none());
+        // ...but a touch of another VM does not matter.
+        let stamp = changes.begin(&a);
+        changes.touch([&b]);
+        changes.keep(&a, stamp, built("r1", None));
+        assert_eq!(changes.current(&a, now).unwrap().full.revision, "r1");
+
+        // A touch drops it as current and keeps it as the one before.
+        changes.touch([&a]);
+        assert!(changes.current(&a, now).is_none());
+        assert!(changes.of_revision(&a, "r1").is_some());
+        let stamp = changes.begin(&a);
+        changes.keep(&a, stamp, built("r2", Some(now)));
+        assert!(changes.of_revision(&a, "r1").is_some());
+        assert!(changes.of_revision(&a, "r2").is_some());
+        assert!(changes.of_revision(&b, "r1").is_none());
+
+        // A grant's end makes it another state.
+        let before = now.checked_sub(jiff::SignedDuration::from_secs(1)).unwrap();
+        assert!(changes.current(&a, before).is_some());
+        assert!(changes.current(&a, now).is_none());
+
+        // Touching everything drops everything current, and reads begun before.
+        let stamp = changes.begin(&a);
+        changes.touch_all();
+        changes.keep(&a, stamp, built("r3", None));
+        assert!(changes.current(&a, before).is_none());
     }
 
     /// Issue 10: channels of VMs nobody watches any more are removed (the map grew by

@@ -3548,7 +3548,7 @@ fn read_same_grants(
                         requestor: requestor.to_owned(),
                         vm: vm.id.clone(),
                         number: p.number,
-                        source: p.source.clone(),
+                        source: p.source,
                     })
                 },
             )?);

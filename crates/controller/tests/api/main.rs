@@ -14,6 +14,7 @@ mod audit_anchor;
 mod azure;
 mod bad_input;
 mod dashboard;
+mod deltas;
 mod enrollment;
 mod examples;
 mod growth;

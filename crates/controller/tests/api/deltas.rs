@@ -1,0 +1,137 @@
+//! Issue 15: an agent that asks for deltas (`delta=1`) gets what changed since the
+//! state it has, not the whole state; applied in order, the deltas are the whole
+//! state, revision included. An agent the controller has no state for, or one that
+//! does not ask, gets the whole state.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use jitgate_proto::DesiredState;
+
+use crate::util::{Ctl, OWNER, enroll};
+
+async fn desired(ctl: &Ctl, agent: &str, vm: &str, query: &str) -> DesiredState {
+    let r = ctl
+        .get_as(
+            agent,
+            &format!(
+                "/api/v1/agent/desired?vm={}&wait=0{query}",
+                vm.replace('/', "%2F")
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    serde_json::from_value(r.body).unwrap()
+}
+
+fn from(d: &DesiredState) -> String {
+    format!("&delta=1&known={}", d.revision)
+}
+
+fn sources(grants: &[jitgate_proto::WireGrant]) -> Vec<&str> {
+    grants.iter().map(|g| g.source.as_str()).collect()
+}
+
+async fn initiate(ctl: &Ctl, source: &str) -> String {
+    let ports: Value =
+        json!([{"number": 22, "duration": "PT1H", "allowedSourceAddressPrefix": source}]);
+    let r = ctl.initiate_as(OWNER, "lab", "web-1", ports).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    r.request_id()
+}
+
+#[tokio::test]
+async fn an_agent_gets_what_changed_since_the_state_it_has() {
+    let ctl = Ctl::start().await;
+    let (vm, agent) = enroll(&ctl, "web-1").await;
+    ctl.enable("lab", &["web-1"], "*").await;
+
+    let d0 = desired(&ctl, &agent, &vm, "&delta=1").await;
+    assert!(
+        d0.base.is_none() && d0.grants.is_empty(),
+        "no known state: the whole state"
+    );
+    let mut applied = jitgate_proto::decode(&d0).unwrap();
+
+    let a = initiate(&ctl, "10.0.0.1").await;
+    let d1 = desired(&ctl, &agent, &vm, &from(&d0)).await;
+    assert_eq!(d1.base.as_deref(), Some(d0.revision.as_str()));
+    assert_eq!(
+        (sources(&d1.grants), d1.removed.len()),
+        (vec!["10.0.0.1"], 0)
+    );
+    assert_eq!(d1.rules, d0.rules, "rules are always whole");
+    applied = jitgate_proto::apply_delta(&applied, &d1).unwrap();
+
+    initiate(&ctl, "10.0.0.2").await;
+    let d2 = desired(&ctl, &agent, &vm, &from(&d1)).await;
+    assert_eq!(
+        (sources(&d2.grants), d2.removed.len()),
+        (vec!["10.0.0.2"], 0)
+    );
+    applied = jitgate_proto::apply_delta(&applied, &d2).unwrap();
+
+    let r = ctl
+        .post(&format!("/api/v1/requests/{a}/revoke"), json!({}))
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    let d3 = desired(&ctl, &agent, &vm, &from(&d2)).await;
+    assert_eq!(
+        (d3.grants.len(), sources(&d3.removed)),
+        (0, vec!["10.0.0.1"])
+    );
+    applied = jitgate_proto::apply_delta(&applied, &d3).unwrap();
+
+    // The deltas add up to the whole state, which hashes to the revision sent.
+    let whole = desired(&ctl, &agent, &vm, "").await;
+    assert!(whole.base.is_none() && whole.removed.is_empty());
+    assert_eq!(whole.revision, d3.revision);
+    assert_eq!(applied, jitgate_proto::decode(&whole).unwrap());
+    assert!(jitgate_proto::revision_matches(&applied, ctl.now()));
+
+    // Nothing new: the same revision, nothing in it.
+    let same = desired(&ctl, &agent, &vm, &from(&d3)).await;
+    assert_eq!(same.revision, d3.revision);
+    assert!(same.grants.is_empty() && same.removed.is_empty());
+
+    // A state the controller does not keep (another controller's, or made up): whole.
+    let unknown = desired(
+        &ctl,
+        &agent,
+        &vm,
+        &format!("&delta=1&known={}", "0".repeat(32)),
+    )
+    .await;
+    assert!(unknown.base.is_none());
+    assert_eq!(sources(&unknown.grants), vec!["10.0.0.2"]);
+    // An agent that does not ask for deltas gets whole states, as before.
+    let old = desired(&ctl, &agent, &vm, &format!("&known={}", d0.revision)).await;
+    assert!(old.base.is_none());
+    assert_eq!(old, whole_but_generated_at(&old, &whole));
+}
+
+/// `whole` with `d`'s generation time (the only field that differs between two
+/// answers of the same state).
+fn whole_but_generated_at(d: &DesiredState, whole: &DesiredState) -> DesiredState {
+    DesiredState {
+        generated_at: d.generated_at.clone(),
+        ..whole.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_bad_delta_parameter_is_refused_by_name() {
+    let ctl = Ctl::start().await;
+    let (vm, agent) = enroll(&ctl, "web-1").await;
+    let r = ctl
+        .get_as(
+            &agent,
+            &format!(
+                "/api/v1/agent/desired?vm={}&delta=yes",
+                vm.replace('/', "%2F")
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(r.message().contains("delta"), "{:?}", r.body);
+}
