@@ -209,8 +209,8 @@ fn end_pending(
     let ports = pending_ports(ctx.tx, request, start)?;
     let (st, reason) = status_cols(status);
     ctx.tx.defer(
-        "UPDATE request_ports SET status = ?2, reason = ?3 WHERE request_id = ?1 AND status = 'Pending'",
-        &[&request, &st, &reason],
+        "UPDATE request_ports SET status = ?2, reason = ?3, changed = ?4 WHERE request_id = ?1 AND status = 'Pending'",
+        &[&request, &st, &reason, &ctx.change_point()],
     )?;
     ctx.tx.defer(
         "UPDATE requests SET open_until_ns = NULL WHERE id = ?1",
@@ -367,9 +367,9 @@ pub(crate) fn decide(
             for (vm_idx, port_idx, secs, src) in &activated {
                 let end = audit.now + jiff::SignedDuration::from_secs(*secs);
                 ctx.tx.defer(
-                    "UPDATE request_ports SET status = 'Initiated', reason = NULL, end_ns = ?4, source = ?5
+                    "UPDATE request_ports SET status = 'Initiated', reason = NULL, end_ns = ?4, source = ?5, changed = ?6
                      WHERE request_id = ?1 AND vm_idx = ?2 AND port_idx = ?3",
-                    &[&id, vm_idx, port_idx, &ns(end), &src.to_string()],
+                    &[&id, vm_idx, port_idx, &ns(end), &src.to_string(), &ctx.change_point()],
                 )?;
             }
             ctx.tx.defer(

@@ -459,6 +459,13 @@ pub struct WriteCtx<'a> {
 }
 
 impl WriteCtx<'_> {
+    /// The mark of a grant row changed now (`request_ports.changed`): past every
+    /// audit sequence number committed, because every write of a grant row is audited
+    /// in its transaction (so two transactions never share a mark).
+    fn change_point(&self) -> i64 {
+        (self.tail.seq + 1) as i64
+    }
+
     /// `load_policy` through the writer's cache.
     fn policy(&mut self, key: &str) -> Result<Option<(String, Arc<Policy>)>> {
         self.policies.looked_up.push(key.to_owned());
@@ -1472,9 +1479,9 @@ fn revoke_where(
     let mut out = Vec::with_capacity(rows.len());
     for (req, vm_idx, port_idx, vm_id, number, source, end_ns) in rows {
         ctx.tx.defer(
-            "UPDATE request_ports SET status = 'Revoked', reason = ?4
+            "UPDATE request_ports SET status = 'Revoked', reason = ?4, changed = ?5
                  WHERE request_id = ?1 AND vm_idx = ?2 AND port_idx = ?3",
-            &[&req, &vm_idx, &port_idx, &reason.as_str()],
+            &[&req, &vm_idx, &port_idx, &reason.as_str(), &ctx.change_point()],
         )?;
         let rp = RevokedPort {
             request: RequestId::parse(&req).map_err(corrupt("request id"))?,
@@ -1990,8 +1997,8 @@ impl Store for SqlStore {
                 for (j, p) in vm.ports.iter().enumerate() {
                     let (status, reason) = status_cols(p.status);
                     ctx.tx.defer(
-                        "INSERT INTO request_ports(request_id, vm_idx, port_idx, vm_key, vm_id, number, protocol, source, end_ns, status, reason)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                        "INSERT INTO request_ports(request_id, vm_idx, port_idx, vm_key, vm_id, number, protocol, source, end_ns, status, reason, changed)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                         &[
                             &req.id.to_string(),
                             &(i as i64),
@@ -2004,6 +2011,7 @@ impl Store for SqlStore {
                             &ns(p.end),
                             &status,
                             &reason,
+                            &ctx.change_point(),
                         ],
                     )?;
                 }
@@ -2179,6 +2187,19 @@ impl Store for SqlStore {
     async fn live_grants(&self, vm: &VmId, now: Timestamp) -> Result<Vec<Grant>> {
         let vm = vm.key();
         self.read(move |c| read_live_grants(c, &vm, now)).await
+    }
+
+    async fn grant_changes(&self, vm: &VmId, after: u64, now: Timestamp) -> Result<GrantChanges> {
+        let vm = vm.key();
+        self.read(move |c| {
+            // One snapshot: the rows and the point they run up to.
+            c.batch(match c.dialect() {
+                Dialect::Sqlite => "BEGIN",
+                Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            })?;
+            c.end(read_grant_changes(c, &vm, after, now))
+        })
+        .await
     }
 
     async fn count_live_grants(&self, now: Timestamp) -> Result<u64> {
@@ -3518,6 +3539,47 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The live grants (status `Initiated`, ending after `now`) on the VM with key
 /// `vm_key`, oldest request first (`live_grants`, initiate's superseding and a
 /// policy update's judgement all read them here).
+/// See [`Store::grant_changes`].
+fn read_grant_changes(c: &dyn Db, vm_key: &str, after: u64, now: Timestamp) -> Result<GrantChanges> {
+    let after = after.min(i64::MAX as u64) as i64;
+    let upto: i64 = c.row(
+        "SELECT COALESCE(MAX(changed), 0) FROM request_ports WHERE vm_key = ?1",
+        &[&vm_key],
+        |r| r.get(0),
+    )?;
+    let rows = if after == 0 {
+        read_live_grants(c, vm_key, now)?
+            .into_iter()
+            .map(|g| (g, true))
+            .collect()
+    } else {
+        c.all(
+            "SELECT p.request_id, r.requestor, p.number, p.protocol, p.source, r.start_ns, p.end_ns, p.status
+             FROM request_ports p JOIN requests r ON r.id = p.request_id
+             WHERE p.vm_key = ?1 AND p.changed > ?2",
+            &[&vm_key, &after],
+            |r| {
+                Ok((
+                    Grant {
+                        request: RequestId::parse(&r.get::<String>(0)?).map_err(corrupt("request id"))?,
+                        requestor: r.get(1)?,
+                        number: Port::new(r.get(2)?).map_err(corrupt("port"))?,
+                        protocol: Protocol::parse(&r.get::<String>(3)?).map_err(corrupt("protocol"))?,
+                        source: SourcePrefix::parse(&r.get::<String>(4)?).map_err(corrupt("source"))?,
+                        start: from_ns(r.get(5)?)?,
+                        end: from_ns(r.get(6)?)?,
+                    },
+                    r.get::<String>(7)? == "Initiated",
+                ))
+            },
+        )?
+    };
+    Ok(GrantChanges {
+        upto: upto.max(after) as u64,
+        rows,
+    })
+}
+
 /// The requestor's live grants for the VMs, ports and sources a request asks for.
 fn read_same_grants(
     conn: &dyn Db,

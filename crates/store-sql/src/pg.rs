@@ -332,6 +332,12 @@ ALTER TABLE vm_verdicts ADD COLUMN protected BIGINT NOT NULL DEFAULT 0;
 DROP INDEX request_ports_vm;
 CREATE INDEX request_ports_vm ON request_ports(vm_key, number, source) WHERE status = 'Initiated';
 "#,
+    // Where each grant row last changed (an audit sequence point), so that the
+    // controller reads only a VM's grants changed since it last looked.
+    r#"
+ALTER TABLE request_ports ADD COLUMN changed BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX request_ports_changed ON request_ports(vm_key, changed);
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

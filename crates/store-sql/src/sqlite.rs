@@ -323,6 +323,12 @@ ALTER TABLE vm_verdicts ADD COLUMN protected INTEGER NOT NULL DEFAULT 0;
 DROP INDEX request_ports_vm;
 CREATE INDEX request_ports_vm ON request_ports(vm_key, number, source) WHERE status = 'Initiated';
 "#,
+    // Where each grant row last changed (an audit sequence point), so that the
+    // controller reads only a VM's grants changed since it last looked.
+    r#"
+ALTER TABLE request_ports ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX request_ports_changed ON request_ports(vm_key, changed);
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

@@ -93,6 +93,7 @@ macro_rules! store_conformance_tests {
             expire_due_expires_exactly_once,
             next_expiry_is_earliest_initiated_end,
             live_grants_and_count,
+            grant_changes_since_a_point,
             put_policy_update_revokes_removed_ports,
             put_policy_update_ends_only_the_grants_it_no_longer_allows,
             delete_policy_revokes_live_grants,
@@ -2242,6 +2243,59 @@ pub async fn next_expiry_is_earliest_initiated_end(store: &dyn Store) {
 }
 
 /// `live_grants` and `count_live_grants` see initiated ports before their end.
+/// Issue 15: a reader that keeps a VM's grants reads what changed since its last read:
+/// new grants, revoked or superseded ones, none of another VM's, nothing twice.
+pub async fn grant_changes_since_a_point(store: &dyn Store) {
+    let s = scene(store).await;
+    let changes = |vm: VmId, after: u64, now: Timestamp| async move {
+        store.grant_changes(&vm, after, now).await.unwrap()
+    };
+    let first = changes(s.vm1.clone(), 0, at(0)).await;
+    assert!(first.rows.is_empty());
+    initiate_ok(
+        store,
+        args(&s.key, rid(1), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(0),
+    )
+    .await;
+    initiate_ok(
+        store,
+        args(&s.key, rid(2), vec![(&s.vm2, vec![want(22, None, "PT1H")])]),
+        at(0),
+    )
+    .await;
+    let c1 = changes(s.vm1.clone(), first.upto, at(10)).await;
+    assert!(c1.upto > first.upto);
+    let got: Vec<_> = c1.rows.iter().map(|(g, live)| (g.request, g.number.get(), *live)).collect();
+    assert_eq!(got, vec![(rid(1), 22, true)], "the new grant, and none of vm2's");
+    // The whole state from scratch says the same.
+    let whole = changes(s.vm1.clone(), 0, at(10)).await;
+    assert_eq!((whole.upto, whole.rows.len()), (c1.upto, 1));
+    // Nothing since: nothing.
+    let none = changes(s.vm1.clone(), c1.upto, at(20)).await;
+    assert!(none.rows.is_empty());
+    assert_eq!(none.upto, c1.upto);
+
+    // The same requestor asks again for the same port: the older grant is superseded.
+    initiate_ok(
+        store,
+        args(&s.key, rid(3), vec![(&s.vm1, vec![want(22, None, "PT1H")])]),
+        at(30),
+    )
+    .await;
+    let c2 = changes(s.vm1.clone(), c1.upto, at(40)).await;
+    let mut got: Vec<_> = c2.rows.iter().map(|(g, live)| (g.request, *live)).collect();
+    got.sort();
+    assert_eq!(got, vec![(rid(1), false), (rid(3), true)]);
+
+    store.revoke_request(rid(3), None, ctx(at(50))).await.unwrap();
+    let c3 = changes(s.vm1.clone(), c2.upto, at(60)).await;
+    let got: Vec<_> = c3.rows.iter().map(|(g, live)| (g.request, *live)).collect();
+    assert_eq!(got, vec![(rid(3), false)]);
+    assert!(c3.upto > c2.upto);
+    assert!(changes(s.vm1.clone(), 0, at(60)).await.rows.is_empty());
+}
+
 pub async fn live_grants_and_count(store: &dyn Store) {
     let s = scene(store).await;
     initiate_ok(

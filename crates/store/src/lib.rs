@@ -165,6 +165,11 @@ pub trait Store: Send + Sync + 'static {
     /// The earliest end time among initiated ports.
     async fn next_expiry(&self) -> Result<Option<Timestamp>>;
     async fn live_grants(&self, vm: &VmId, now: Timestamp) -> Result<Vec<Grant>>;
+    /// The VM's grants changed after `after`, a point an earlier call returned, so that
+    /// a reader who keeps a VM's grants reads only what changed; with `after` 0, its
+    /// grants live at `now`. Every write that changes a grant's row marks it with a
+    /// point past every point already committed.
+    async fn grant_changes(&self, vm: &VmId, after: u64, now: Timestamp) -> Result<GrantChanges>;
     async fn count_live_grants(&self, now: Timestamp) -> Result<u64>;
 
     // ---- identity ----

@@ -218,6 +218,16 @@ pub struct Grant {
     pub end: Timestamp,
 }
 
+/// What [`crate::Store::grant_changes`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GrantChanges {
+    /// Where the next read starts.
+    pub upto: u64,
+    /// The rows changed: each grant, and whether it is initiated now (a row that is
+    /// not, or whose end has passed, is no longer live).
+    pub rows: Vec<(Grant, bool)>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
     /// Public identifier (the part of the token before the secret).
