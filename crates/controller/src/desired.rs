@@ -60,15 +60,19 @@ pub struct Built {
     pub grants: Vec<GrantRef>,
     /// The first end among its grants: from then on the state is a different one.
     pub next_end: Option<Timestamp>,
+    /// The store's grant changes it includes ([`jitgate_store::GrantChanges::upto`]):
+    /// the next state reads only those after.
+    pub upto: u64,
 }
 
 impl Built {
-    pub fn new(full: DesiredState, grants: Vec<GrantRef>) -> Self {
+    pub fn new(full: DesiredState, grants: Vec<GrantRef>, upto: u64) -> Self {
         let next_end = grants.iter().map(|g| g.end).min();
         Built {
             full,
             grants,
             next_end,
+            upto,
         }
     }
 }
@@ -142,6 +146,14 @@ impl VmChanges {
             .flatten()
             .find(|b| b.full.revision == revision)
             .cloned()
+    }
+
+    /// The newest state kept for the VM, current or not (the base a new one is built
+    /// on: its grants plus the changes since).
+    pub fn newest(&self, vm: &VmId) -> Option<Arc<Built>> {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let e = states.entries.get(&vm.key())?;
+        e.current.clone().or_else(|| e.previous.clone())
     }
 
     /// Stamps a read of the VM's state that begins now.
@@ -274,21 +286,79 @@ pub async fn desired_state(state: &AppState, vm: &VmId) -> ApiResult<DesiredStat
     Ok(jitgate_proto::encode(vm, &view, &grants, now))
 }
 
-/// The VM's desired state now for its agent: the one kept since the last change, or
-/// built from the store (and kept).
+/// The VM's desired state now for its agent: the one kept since the last change;
+/// else the newest one kept with the grants changed since (only those are read); else
+/// built from the store. Kept for the next call.
 pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
     let now = state.clock.now();
     if let Some(b) = state.vm_changes.current(vm, now) {
         return Ok(b);
     }
     let stamp = state.vm_changes.begin(vm);
-    let (view, grants) = nsg_now(state, vm, now).await?;
+    let base = state.vm_changes.newest(vm);
+    let after = base.as_ref().map_or(0, |b| b.upto);
+    let changes = state.store.grant_changes(vm, after, now).await?;
+    let grants = patch_grants(
+        base.as_ref().map_or(&[][..], |b| &b.grants),
+        &changes.rows,
+        now,
+    );
+    // The rules: user rules and the policy's deny rules, which do not depend on the
+    // grants (the agent gets grants, not allow rules).
+    let user = state.store.nsg_rules(vm).await?;
+    let policy = state.store.vm_policy(vm).await?;
+    let pvm = policy.as_ref().map(|p| (&p.key, &p.vm));
+    let view = nsg_view(vm, &user, pvm, &[]);
     let built = Arc::new(Built::new(
         jitgate_proto::encode(vm, &view, &grants, now),
         grants,
+        changes.upto,
     ));
     state.vm_changes.keep(vm, stamp, built.clone());
     Ok(built)
+}
+
+/// `base` (sorted) without the grants ended by `now`, with the changed rows: a row
+/// replaces the grants of its request, port and protocol, and is one if initiated
+/// and not ended. The result is sorted.
+fn patch_grants(
+    base: &[GrantRef],
+    rows: &[(jitgate_store::Grant, bool)],
+    now: Timestamp,
+) -> Vec<GrantRef> {
+    let changed: std::collections::HashSet<_> = rows
+        .iter()
+        .map(|(g, _)| (g.request, g.number, g.protocol))
+        .collect();
+    let mut grants: Vec<GrantRef> = base
+        .iter()
+        .filter(|g| g.end > now && !changed.contains(&(g.request, g.number, g.protocol)))
+        .cloned()
+        .collect();
+    let added = rows
+        .iter()
+        .filter(|(g, live)| *live && g.end > now)
+        .map(|(g, _)| GrantRef {
+            request: g.request,
+            number: g.number,
+            protocol: g.protocol,
+            source: g.source,
+            start: g.start,
+            end: g.end,
+        });
+    if rows.len() > 64 {
+        grants.extend(added);
+        grants.sort_unstable();
+        grants.dedup();
+    } else {
+        // A change is a few rows: each goes in its place.
+        for g in added {
+            if let Err(at) = grants.binary_search(&g) {
+                grants.insert(at, g);
+            }
+        }
+    }
+    grants
 }
 
 #[cfg(test)]
@@ -321,7 +391,56 @@ mod tests {
             full,
             grants: Vec::new(),
             next_end: end,
+            upto: 0,
         })
+    }
+
+    /// The grants of a state built on an older one: ended grants leave, a changed row
+    /// replaces its grant (revoked: gone; initiated: in its sorted place).
+    #[test]
+    fn a_state_is_its_base_with_the_changed_rows() {
+        use jitgate_core::net::{Port, Protocol, SourcePrefix};
+        use jitgate_core::request::RequestId;
+        let t: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let at = |s: i64| t.checked_add(jiff::SignedDuration::from_secs(s)).unwrap();
+        let row = |r: u128, port: i64, end: i64| jitgate_store::Grant {
+            request: RequestId::new(uuid::Uuid::from_u128(r)),
+            requestor: "alice".into(),
+            number: Port::new(port).unwrap(),
+            protocol: Protocol::Tcp,
+            source: SourcePrefix::parse("10.0.0.1").unwrap(),
+            start: t,
+            end: at(end),
+        };
+        let refs = |rows: &[jitgate_store::Grant]| -> Vec<GrantRef> {
+            patch_grants(
+                &[],
+                &rows.iter().map(|g| (g.clone(), true)).collect::<Vec<_>>(),
+                t,
+            )
+        };
+        let base = refs(&[row(1, 22, 100), row(3, 22, 300), row(2, 22, 10)]);
+        assert!(base.windows(2).all(|w| w[0] < w[1]), "sorted");
+        let next = patch_grants(
+            &base,
+            &[
+                (row(3, 22, 300), false),
+                (row(4, 3389, 400), true),
+                (row(0, 22, 50), true),
+            ],
+            at(20),
+        );
+        // 2 ended at 10, 3 was revoked, 0 and 4 are new.
+        assert_eq!(
+            next,
+            refs(&[row(0, 22, 50), row(1, 22, 100), row(4, 3389, 400)])
+        );
+        // A row changed while initiated replaces its old values.
+        let moved = patch_grants(&next, &[(row(1, 22, 200), true)], at(20));
+        assert_eq!(
+            moved,
+            refs(&[row(0, 22, 50), row(1, 22, 200), row(4, 3389, 400)])
+        );
     }
 
     /// A state is served from memory only while nothing touched its VM since its read

@@ -408,6 +408,23 @@ mod tests {
             user("c", 4000, 3, 3),
         ];
         let view = nsg_view(&vm(), &user_rules, Some((&key(), &pvm(&[22]))), &grants);
+        // The rules besides the allow rules do not depend on the grants (the agent's
+        // desired state is built from the view of no grants).
+        let others = |v: &[NsgRule]| -> Vec<NsgRule> {
+            v.iter()
+                .filter(|r| !matches!(r.origin, RuleOrigin::JitAllow { .. }))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            others(&view),
+            others(&nsg_view(
+                &vm(),
+                &user_rules,
+                Some((&key(), &pvm(&[22]))),
+                &[]
+            ))
+        );
         let allow: Vec<u16> = view
             .iter()
             .filter(|r| matches!(r.origin, RuleOrigin::JitAllow { .. }))

@@ -1481,7 +1481,13 @@ fn revoke_where(
         ctx.tx.defer(
             "UPDATE request_ports SET status = 'Revoked', reason = ?4, changed = ?5
                  WHERE request_id = ?1 AND vm_idx = ?2 AND port_idx = ?3",
-            &[&req, &vm_idx, &port_idx, &reason.as_str(), &ctx.change_point()],
+            &[
+                &req,
+                &vm_idx,
+                &port_idx,
+                &reason.as_str(),
+                &ctx.change_point(),
+            ],
         )?;
         let rp = RevokedPort {
             request: RequestId::parse(&req).map_err(corrupt("request id"))?,
@@ -3540,7 +3546,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// `vm_key`, oldest request first (`live_grants`, initiate's superseding and a
 /// policy update's judgement all read them here).
 /// See [`Store::grant_changes`].
-fn read_grant_changes(c: &dyn Db, vm_key: &str, after: u64, now: Timestamp) -> Result<GrantChanges> {
+fn read_grant_changes(
+    c: &dyn Db,
+    vm_key: &str,
+    after: u64,
+    now: Timestamp,
+) -> Result<GrantChanges> {
     let after = after.min(i64::MAX as u64) as i64;
     let upto: i64 = c.row(
         "SELECT COALESCE(MAX(changed), 0) FROM request_ports WHERE vm_key = ?1",

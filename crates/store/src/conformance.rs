@@ -2266,8 +2266,16 @@ pub async fn grant_changes_since_a_point(store: &dyn Store) {
     .await;
     let c1 = changes(s.vm1.clone(), first.upto, at(10)).await;
     assert!(c1.upto > first.upto);
-    let got: Vec<_> = c1.rows.iter().map(|(g, live)| (g.request, g.number.get(), *live)).collect();
-    assert_eq!(got, vec![(rid(1), 22, true)], "the new grant, and none of vm2's");
+    let got: Vec<_> = c1
+        .rows
+        .iter()
+        .map(|(g, live)| (g.request, g.number.get(), *live))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(rid(1), 22, true)],
+        "the new grant, and none of vm2's"
+    );
     // The whole state from scratch says the same.
     let whole = changes(s.vm1.clone(), 0, at(10)).await;
     assert_eq!((whole.upto, whole.rows.len()), (c1.upto, 1));
@@ -2288,7 +2296,10 @@ pub async fn grant_changes_since_a_point(store: &dyn Store) {
     got.sort();
     assert_eq!(got, vec![(rid(1), false), (rid(3), true)]);
 
-    store.revoke_request(rid(3), None, ctx(at(50))).await.unwrap();
+    store
+        .revoke_request(rid(3), None, ctx(at(50)))
+        .await
+        .unwrap();
     let c3 = changes(s.vm1.clone(), c2.upto, at(60)).await;
     let got: Vec<_> = c3.rows.iter().map(|(g, live)| (g.request, *live)).collect();
     assert_eq!(got, vec![(rid(3), false)]);
