@@ -102,10 +102,10 @@ pub async fn desired(
                 k,
                 &base.grants,
                 &built.grants,
-                &built.full,
+                &built.head,
             ));
         }
-        Json(built.full.clone())
+        Json(built.full())
     };
     let mut rx = state.vm_changes.subscribe(&vm);
     // The deadline is on the controller's clock; a long-poll is also never held longer
@@ -121,7 +121,7 @@ pub async fn desired(
     loop {
         rx.borrow_and_update();
         let built = agent_state(&state, &vm).await?;
-        if known.as_deref() != Some(built.full.revision.as_str()) {
+        if known.as_deref() != Some(built.revision()) {
             return Ok(answer(&built));
         }
         // Woken with nothing new for this VM: it may be this agent being replaced or

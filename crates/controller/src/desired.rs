@@ -54,10 +54,14 @@ struct StateEntry {
     previous: Option<Arc<Built>>,
 }
 
-/// A VM's desired state as built, with its sorted grants (the delta's input).
+/// A VM's desired state as built: its sorted grants (the delta's input) with their
+/// revision lines (`proto::grant_line`, shared with the state it was built on, so a
+/// change formats only the grants it adds), and the rest of the wire state.
 pub struct Built {
-    pub full: DesiredState,
+    /// The wire state without its grants ([`Built::full`] adds them).
+    pub head: DesiredState,
     pub grants: Vec<GrantRef>,
+    lines: Vec<Arc<[u8]>>,
     /// The first end among its grants: from then on the state is a different one.
     pub next_end: Option<Timestamp>,
     /// The store's grant changes it includes ([`jitgate_store::GrantChanges::upto`]):
@@ -66,13 +70,62 @@ pub struct Built {
 }
 
 impl Built {
-    pub fn new(full: DesiredState, grants: Vec<GrantRef>, upto: u64) -> Self {
-        let next_end = grants.iter().map(|g| g.end).min();
+    /// The state of `vm` with these rules and (sorted) grants; the lines of grants
+    /// `base` has are reused.
+    pub fn new(
+        vm: &VmId,
+        rules: &[NsgRule],
+        grants: Vec<GrantRef>,
+        base: Option<&Built>,
+        upto: u64,
+        now: Timestamp,
+    ) -> Self {
+        let mut lines: Vec<Arc<[u8]>> = Vec::with_capacity(grants.len());
+        let (old, old_lines) = base.map_or((&[][..], &[][..]), |b| (&b.grants[..], &b.lines[..]));
+        let mut i = 0;
+        for g in &grants {
+            while i < old.len() && old[i] < *g {
+                i += 1;
+            }
+            match old.get(i) {
+                Some(o) if o == g => lines.push(old_lines[i].clone()),
+                _ => lines.push(jitgate_proto::grant_line(g).into()),
+            }
+        }
+        let vm_text = vm.to_string();
+        let rules = jitgate_proto::rules_to_wire(rules);
+        let revision =
+            jitgate_proto::revision_of_lines(&vm_text, &rules, lines.iter().map(|l| &l[..]));
         Built {
-            full,
+            head: DesiredState {
+                vm: vm_text,
+                revision,
+                generated_at: now.to_string(),
+                rules,
+                grants: Vec::new(),
+                base: None,
+                removed: Vec::new(),
+            },
+            next_end: grants.iter().map(|g| g.end).min(),
             grants,
-            next_end,
+            lines,
             upto,
+        }
+    }
+
+    pub fn revision(&self) -> &str {
+        &self.head.revision
+    }
+
+    /// The whole wire state.
+    pub fn full(&self) -> DesiredState {
+        DesiredState {
+            grants: self
+                .grants
+                .iter()
+                .map(jitgate_proto::grant_to_wire)
+                .collect(),
+            ..self.head.clone()
         }
     }
 }
@@ -144,7 +197,7 @@ impl VmChanges {
         [&e.current, &e.previous]
             .into_iter()
             .flatten()
-            .find(|b| b.full.revision == revision)
+            .find(|b| b.revision() == revision)
             .cloned()
     }
 
@@ -193,7 +246,7 @@ impl VmChanges {
             return;
         }
         if let Some(cur) = e.current.take()
-            && cur.full.revision != built.full.revision
+            && cur.revision() != built.revision()
         {
             e.previous = Some(cur);
         }
@@ -310,9 +363,12 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
     let pvm = policy.as_ref().map(|p| (&p.key, &p.vm));
     let view = nsg_view(vm, &user, pvm, &[]);
     let built = Arc::new(Built::new(
-        jitgate_proto::encode(vm, &view, &grants, now),
+        vm,
+        &view,
         grants,
+        base.as_deref(),
         changes.upto,
+        now,
     ));
     state.vm_changes.keep(vm, stamp, built.clone());
     Ok(built)
@@ -388,8 +444,9 @@ mod tests {
             removed: Vec::new(),
         };
         Arc::new(Built {
-            full,
+            head: full,
             grants: Vec::new(),
+            lines: Vec::new(),
             next_end: end,
             upto: 0,
         })
@@ -441,6 +498,20 @@ mod tests {
             moved,
             refs(&[row(0, 22, 50), row(1, 22, 200), row(4, 3389, 400)])
         );
+
+        // A state built on another reuses its lines and is what `encode` builds.
+        let v = vm("a");
+        let first = Built::new(&v, &[], base.clone(), None, 1, t);
+        for (grants, on) in [
+            (next.clone(), Some(&first)),
+            (moved.clone(), None),
+            (moved, Some(&first)),
+        ] {
+            let b = Built::new(&v, &[], grants.clone(), on, 2, t);
+            let want = jitgate_proto::encode(&v, &[], &grants, t);
+            assert_eq!(b.revision(), want.revision);
+            assert_eq!(b.full(), want);
+        }
     }
 
     /// A state is served from memory only while nothing touched its VM since its read
@@ -460,7 +531,7 @@ mod tests {
         let stamp = changes.begin(&a);
         changes.touch([&b]);
         changes.keep(&a, stamp, built("r1", None));
-        assert_eq!(changes.current(&a, now).unwrap().full.revision, "r1");
+        assert_eq!(changes.current(&a, now).unwrap().revision(), "r1");
 
         // A touch drops it as current and keeps it as the one before.
         changes.touch([&a]);

@@ -98,6 +98,27 @@ fn rule_to_wire(r: &NsgRule) -> Option<WireRule> {
 }
 
 fn revision_of(vm: &str, rules: &[WireRule], grants: &[WireGrant]) -> String {
+    let lines: Vec<Vec<u8>> = grants
+        .iter()
+        .map(|g| serde_json::to_vec(g).unwrap_or_default())
+        .collect();
+    revision_of_lines(vm, rules, lines.iter().map(Vec::as_slice))
+}
+
+/// A grant as it enters the revision: the JSON of its wire form. A controller that
+/// keeps a VM's grants keeps their lines too, and hashes a new state without
+/// formatting the grants that stayed.
+pub fn grant_line(g: &GrantRef) -> Vec<u8> {
+    serde_json::to_vec(&grant_to_wire(g)).unwrap_or_default()
+}
+
+/// The revision of the state of `vm` with these rules and grants (given as
+/// [`grant_line`]s, in order): what [`encode`] computes.
+pub fn revision_of_lines<'a>(
+    vm: &str,
+    rules: &[WireRule],
+    grant_lines: impl Iterator<Item = &'a [u8]>,
+) -> String {
     let mut h = Sha256::new();
     h.update(vm.to_ascii_lowercase().as_bytes());
     for r in rules {
@@ -105,17 +126,22 @@ fn revision_of(vm: &str, rules: &[WireRule], grants: &[WireGrant]) -> String {
         h.update(serde_json::to_vec(r).unwrap_or_default());
         h.update(b"\n");
     }
-    for g in grants {
-        h.update(serde_json::to_vec(g).unwrap_or_default());
+    for g in grant_lines {
+        h.update(g);
         h.update(b"\n");
     }
     hex::encode(&h.finalize()[..16])
 }
 
+/// The rules of a desired state on the wire (JIT allow rules travel as grants).
+pub fn rules_to_wire(nsg: &[NsgRule]) -> Vec<WireRule> {
+    nsg.iter().filter_map(rule_to_wire).collect()
+}
+
 /// Builds the desired state of `vm` from its NSG view (JIT allow rules are carried as
 /// grants instead) and live grants.
 pub fn encode(vm: &VmId, nsg: &[NsgRule], grants: &[GrantRef], now: Timestamp) -> DesiredState {
-    let rules: Vec<WireRule> = nsg.iter().filter_map(rule_to_wire).collect();
+    let rules = rules_to_wire(nsg);
     let grants: Vec<WireGrant> = grants.iter().map(grant_to_wire).collect();
     let vm_text = vm.to_string();
     DesiredState {
@@ -129,7 +155,8 @@ pub fn encode(vm: &VmId, nsg: &[NsgRule], grants: &[GrantRef], now: Timestamp) -
     }
 }
 
-fn grant_to_wire(g: &GrantRef) -> WireGrant {
+/// A grant on the wire.
+pub fn grant_to_wire(g: &GrantRef) -> WireGrant {
     WireGrant {
         request: g.request.to_string(),
         port: g.number.get(),
@@ -140,11 +167,11 @@ fn grant_to_wire(g: &GrantRef) -> WireGrant {
     }
 }
 
-/// The delta from a state whose grants were `old` (revision `base`) to `full`, whose
-/// grants are `new` (`full.grants[i]` is `new[i]`). Both lists are sorted, as the
-/// controller sends them; the delta carries what changed, so its size does not grow
-/// with the grants that stayed.
-pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], full: &DesiredState) -> DesiredState {
+/// The delta from a state whose grants were `old` (revision `base`) to `to`, whose
+/// grants are `new` (`to.grants` is not read: it may be left empty). Both lists are
+/// sorted, as the controller sends them; the delta carries what changed, so its size
+/// does not grow with the grants that stayed.
+pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], to: &DesiredState) -> DesiredState {
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
     while i < old.len() || j < new.len() {
@@ -161,17 +188,18 @@ pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], full: &DesiredState
                 removed.push(grant_to_wire(o));
                 i += 1;
             }
-            _ => {
-                added.push(full.grants[j].clone());
+            (_, Some(n)) => {
+                added.push(grant_to_wire(n));
                 j += 1;
             }
+            (None, None) => break,
         }
     }
     DesiredState {
-        vm: full.vm.clone(),
-        revision: full.revision.clone(),
-        generated_at: full.generated_at.clone(),
-        rules: full.rules.clone(),
+        vm: to.vm.clone(),
+        revision: to.revision.clone(),
+        generated_at: to.generated_at.clone(),
+        rules: to.rules.clone(),
         grants: added,
         base: Some(base.to_owned()),
         removed,
