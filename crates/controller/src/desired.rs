@@ -316,15 +316,8 @@ pub async fn nsg_now(
         .store
         .live_grants(vm, now)
         .await?
-        .into_iter()
-        .map(|g| GrantRef {
-            request: g.request,
-            number: g.number,
-            protocol: g.protocol,
-            source: g.source,
-            start: g.start,
-            end: g.end,
-        })
+        .iter()
+        .map(jitgate_store::Grant::to_ref)
         .collect();
     // In order: the agent finds what changed by walking two sorted lists.
     grants.sort_unstable();
@@ -394,14 +387,7 @@ fn patch_grants(
     let added = rows
         .iter()
         .filter(|(g, live)| *live && g.end > now)
-        .map(|(g, _)| GrantRef {
-            request: g.request,
-            number: g.number,
-            protocol: g.protocol,
-            source: g.source,
-            start: g.start,
-            end: g.end,
-        });
+        .map(|(g, _)| g.to_ref());
     if rows.len() > 64 {
         grants.extend(added);
         grants.sort_unstable();

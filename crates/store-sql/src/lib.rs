@@ -3545,6 +3545,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The live grants (status `Initiated`, ending after `now`) on the VM with key
 /// `vm_key`, oldest request first (`live_grants`, initiate's superseding and a
 /// policy update's judgement all read them here).
+/// A grant from a row whose first columns are request id, requestor, number,
+/// protocol, source, start and end.
+fn grant_row(r: &mut Row) -> Result<Grant> {
+    Ok(Grant {
+        request: RequestId::parse(&r.get::<String>(0)?).map_err(corrupt("request id"))?,
+        requestor: r.get(1)?,
+        number: Port::new(r.get(2)?).map_err(corrupt("port"))?,
+        protocol: Protocol::parse(&r.get::<String>(3)?).map_err(corrupt("protocol"))?,
+        source: SourcePrefix::parse(&r.get::<String>(4)?).map_err(corrupt("source"))?,
+        start: from_ns(r.get(5)?)?,
+        end: from_ns(r.get(6)?)?,
+    })
+}
+
 /// See [`Store::grant_changes`].
 fn read_grant_changes(
     c: &dyn Db,
@@ -3570,18 +3584,7 @@ fn read_grant_changes(
              WHERE p.vm_key = ?1 AND p.changed > ?2",
             &[&vm_key, &after],
             |r| {
-                Ok((
-                    Grant {
-                        request: RequestId::parse(&r.get::<String>(0)?).map_err(corrupt("request id"))?,
-                        requestor: r.get(1)?,
-                        number: Port::new(r.get(2)?).map_err(corrupt("port"))?,
-                        protocol: Protocol::parse(&r.get::<String>(3)?).map_err(corrupt("protocol"))?,
-                        source: SourcePrefix::parse(&r.get::<String>(4)?).map_err(corrupt("source"))?,
-                        start: from_ns(r.get(5)?)?,
-                        end: from_ns(r.get(6)?)?,
-                    },
-                    r.get::<String>(7)? == "Initiated",
-                ))
+                Ok((grant_row(r)?, r.get::<String>(7)? == "Initiated"))
             },
         )?
     };
@@ -3637,17 +3640,7 @@ fn read_live_grants(conn: &dyn Db, vm_key: &str, now: Timestamp) -> Result<Vec<G
          WHERE p.vm_key = ?1 AND p.status = 'Initiated' AND p.end_ns > ?2
          ORDER BY r.start_ns, p.request_id, p.number",
         &[&vm_key, &ns(now)],
-        |r| {
-            Ok(Grant {
-                request: RequestId::parse(&r.get::<String>(0)?).map_err(corrupt("request id"))?,
-                requestor: r.get(1)?,
-                number: Port::new(r.get(2)?).map_err(corrupt("port"))?,
-                protocol: Protocol::parse(&r.get::<String>(3)?).map_err(corrupt("protocol"))?,
-                source: SourcePrefix::parse(&r.get::<String>(4)?).map_err(corrupt("source"))?,
-                start: from_ns(r.get(5)?)?,
-                end: from_ns(r.get(6)?)?,
-            })
-        },
+        grant_row,
     )
 }
 

@@ -218,6 +218,20 @@ pub struct Grant {
     pub end: Timestamp,
 }
 
+impl Grant {
+    /// The grant as the NSG view and the agent's state know it (without who asked).
+    pub fn to_ref(&self) -> jitgate_core::nsg::GrantRef {
+        jitgate_core::nsg::GrantRef {
+            request: self.request,
+            number: self.number,
+            protocol: self.protocol,
+            source: self.source,
+            start: self.start,
+            end: self.end,
+        }
+    }
+}
+
 /// What [`crate::Store::grant_changes`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GrantChanges {
