@@ -108,6 +108,7 @@ fn rewind(path: &std::path::Path, undo: &str, migrations: i64) {
 }
 const UNDO_SINCE_IDEMPOTENCY: &str = "
     DROP INDEX request_ports_changed; ALTER TABLE request_ports DROP COLUMN changed;
+    CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
     DROP INDEX request_ports_vm;
     CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
     ALTER TABLE vm_verdicts DROP COLUMN protected;
@@ -898,6 +899,7 @@ async fn the_protected_flag_is_filled_in_for_an_older_database() {
         rewind(
             &path,
             "DROP INDEX request_ports_changed; ALTER TABLE request_ports DROP COLUMN changed;
+    CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
              DROP INDEX request_ports_vm;
              CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
              ALTER TABLE vm_verdicts DROP COLUMN protected;",
