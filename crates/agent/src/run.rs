@@ -868,10 +868,10 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     // mismatch the next poll asks for the whole state.
     let whole_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let save_wanted = Arc::new(tokio::sync::Notify::new());
+    let state = Arc::new(state);
     let saver = {
         let (me, wanted, whole) = (shared.clone(), save_wanted.clone(), whole_next.clone());
-        let dir = StateDir::open(&shared.config.state_dir)?;
-        let dir = Arc::new(dir);
+        let dir = state.clone();
         tokio::spawn(async move {
             loop {
                 wanted.notified().await;

@@ -127,15 +127,7 @@ pub async fn run(agents: usize, grants: usize) -> anyhow::Result<()> {
         let k = (j * 7919) % agents;
         let body = json!({"virtualMachines": [{"id": tokens[k].0, "ports": [{"number": 22, "allowedSourceAddressPrefix": format!("10.1.{}.{}", j / 250, j % 250 + 1), "duration": "PT10M"}]}]});
         let t0 = Instant::now();
-        let resp = http
-            .post(format!("{policy}/initiate?api-version=2020-01-01"))
-            .bearer_auth(BENCH_TOKEN)
-            .json(&body)
-            .send()
-            .await?;
-        if resp.status().as_u16() != 202 {
-            bail!("initiate: {}", resp.text().await?);
-        }
+        let resp = super::lab::initiate(&http, &policy, &body).await?;
         let id = resp
             .headers()
             .get("x-jitgate-request-id")

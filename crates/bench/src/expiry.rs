@@ -15,7 +15,6 @@ use anyhow::{Context, bail};
 use jiff::Timestamp;
 use serde_json::json;
 
-use super::BENCH_TOKEN;
 use super::rig::{Rig, port_open};
 
 /// min, p50, p90, max of signed milliseconds.
@@ -39,16 +38,7 @@ fn spread(v: &mut [f64]) -> String {
 /// returns the grant's end time.
 async fn open_grant(rig: &Rig, secs: u64) -> anyhow::Result<Timestamp> {
     let body = json!({"virtualMachines": [{"id": rig.vm_id, "ports": [{"number": 22, "duration": format!("PT{secs}S")}]}]});
-    let r = rig
-        .http
-        .post(format!("{}/initiate?api-version=2020-01-01", rig.policy))
-        .bearer_auth(BENCH_TOKEN)
-        .json(&body)
-        .send()
-        .await?;
-    if r.status().as_u16() != 202 {
-        bail!("initiate: {}", r.text().await?);
-    }
+    let r = super::lab::initiate(&rig.http, &rig.policy, &body).await?;
     let v: serde_json::Value = r.json().await?;
     let end: Timestamp = v["virtualMachines"][0]["ports"][0]["endTimeUtc"]
         .as_str()

@@ -274,6 +274,25 @@ pub async fn enroll_token(
         .to_owned())
 }
 
+/// Sends an Azure initiate for `policy` (the policy's URL) as the bench Owner; fails
+/// unless it is accepted (202).
+pub async fn initiate(
+    http: &reqwest::Client,
+    policy: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<reqwest::Response> {
+    let r = http
+        .post(format!("{policy}/initiate?api-version=2020-01-01"))
+        .bearer_auth(BENCH_TOKEN)
+        .json(body)
+        .send()
+        .await?;
+    if r.status().as_u16() != 202 {
+        bail!("initiate: {}", r.text().await?);
+    }
+    Ok(r)
+}
+
 pub fn free_port(ip: std::net::IpAddr) -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }

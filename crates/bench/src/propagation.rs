@@ -42,16 +42,8 @@ pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Re
         json!({"virtualMachines": [{"id": vm_id, "ports": [{"number": 22, "duration": "PT10M"}]}]});
     for _ in 0..grants {
         let mut t0 = Instant::now();
-        let resp = http
-            .post(format!("{policy}/initiate?api-version=2020-01-01"))
-            .bearer_auth(BENCH_TOKEN)
-            .json(&body)
-            .send()
-            .await?;
+        let resp = super::lab::initiate(http, policy, &body).await?;
         let mut t_http = t0.elapsed();
-        if resp.status().as_u16() != 202 {
-            bail!("initiate: {}", resp.text().await?);
-        }
         let id = resp
             .headers()
             .get("x-jitgate-request-id")
@@ -148,7 +140,7 @@ pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Re
 /// `n` live grants of port 22 for other sources (172.16.0.0/12, one address each),
 /// made by 8 concurrent clients.
 async fn fill(http: &reqwest::Client, policy: &str, vm_id: &str, n: usize) -> anyhow::Result<()> {
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = tokio::task::JoinSet::<anyhow::Result<()>>::new();
     for worker in 0..8usize {
         let (http, policy, vm_id) = (http.clone(), policy.to_owned(), vm_id.to_owned());
         tasks.spawn(async move {
@@ -157,15 +149,7 @@ async fn fill(http: &reqwest::Client, policy: &str, vm_id: &str, n: usize) -> an
                 let body = json!({"virtualMachines": [{"id": vm_id, "ports": [
                     {"number": 22, "duration": "PT1H", "allowedSourceAddressPrefix": addr.to_string()}
                 ]}]});
-                let r = http
-                    .post(format!("{policy}/initiate?api-version=2020-01-01"))
-                    .bearer_auth(BENCH_TOKEN)
-                    .json(&body)
-                    .send()
-                    .await?;
-                if r.status().as_u16() != 202 {
-                    bail!("background initiate: {}", r.text().await?);
-                }
+                super::lab::initiate(&http, &policy, &body).await?;
             }
             Ok(())
         });

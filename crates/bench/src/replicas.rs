@@ -251,18 +251,13 @@ async fn propagation(
         tokio::time::sleep(Duration::from_millis(20)).await;
         let src = format!("10.200.{}.{}", i / 250, i % 250 + 1);
         let t = Instant::now();
-        let r = http
-            .post(format!(
-                "{a}/subscriptions/{sub}/resourceGroups/prop/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default/initiate?api-version=2020-01-01"
-            ))
-            .bearer_auth(BENCH_TOKEN)
-            .json(&json!({"virtualMachines": [{"id": vm, "ports": [
-                {"number": 22, "allowedSourceAddressPrefix": src, "duration": "PT1H"}]}]}))
-            .send()
-            .await?;
-        if r.status().as_u16() != 202 {
-            bail!("initiate: {}", r.text().await?);
-        }
+        super::lab::initiate(
+            http,
+            &format!("{a}/subscriptions/{sub}/resourceGroups/prop/providers/Microsoft.Security/locations/westeurope/jitNetworkAccessPolicies/default"),
+            &json!({"virtualMachines": [{"id": vm, "ports": [
+                {"number": 22, "allowedSourceAddressPrefix": src, "duration": "PT1H"}]}]}),
+        )
+        .await?;
         let (body, at) = poll.await??;
         if body["revision"] == known.as_str() {
             bail!("the long-poll on the other replica ended without the change");

@@ -1000,7 +1000,7 @@ mod tests {
             };
             match crate::body::decode::<InitiateIn>(&bytes) {
                 Err(e) => prop_assert!(bad_request(&e), "{:?}", e.message),
-                Ok(body) => match plan_initiate(&ctx, &body.into(), &|_: &VmId| true, &[]) {
+                Ok(body) => match plan_initiate(&ctx, &body.into(), &|_: &VmId| true) {
                     Ok(_) => {}
                     Err(InitiateError::Invalid(e)) => prop_assert!(
                         e.field == "justification" || e.field.starts_with("virtualMachines"),
@@ -1026,7 +1026,7 @@ mod tests {
             now: "2026-01-01T00:00:00Z".parse().unwrap(),
         };
         let body: InitiateIn = serde_json::from_value(initiate_body()).unwrap();
-        let plan = plan_initiate(&ctx, &body.into(), &|_: &VmId| true, &[]).unwrap();
+        let plan = plan_initiate(&ctx, &body.into(), &|_: &VmId| true).unwrap();
         assert_eq!(plan.request.vms[0].ports.len(), 2);
     }
 }

@@ -54,6 +54,16 @@ struct StateEntry {
     previous: Option<Arc<Built>>,
 }
 
+impl StateEntry {
+    /// A change at `stamp`: the current state becomes the one before.
+    fn touch(&mut self, stamp: u64) {
+        self.touched = stamp;
+        if let Some(cur) = self.current.take() {
+            self.previous = Some(cur);
+        }
+    }
+}
+
 /// A VM's desired state as built: its sorted grants (the delta's input) with their
 /// revision lines (`proto::grant_line`, shared with the state it was built on, so a
 /// change formats only the grants it adds), and the rest of the wire state.
@@ -94,8 +104,7 @@ impl Built {
         }
         let vm_text = vm.to_string();
         let rules = jitgate_proto::rules_to_wire(rules);
-        let revision =
-            jitgate_proto::revision_of_lines(&vm_text, &rules, lines.iter().map(|l| &l[..]));
+        let revision = jitgate_proto::revision_of_lines(&vm_text, &rules, &lines);
         Built {
             head: DesiredState {
                 vm: vm_text,
@@ -153,10 +162,7 @@ impl VmChanges {
             states.stamp += 1;
             let stamp = states.stamp;
             if let Some(e) = states.entries.get_mut(&key) {
-                e.touched = stamp;
-                if let Some(cur) = e.current.take() {
-                    e.previous = Some(cur);
-                }
+                e.touch(stamp);
             }
             if let Some(tx) = map.get(&key) {
                 tx.send_modify(|r| *r += 1);
@@ -171,10 +177,7 @@ impl VmChanges {
         states.stamp += 1;
         let stamp = states.stamp;
         for e in states.entries.values_mut() {
-            e.touched = stamp;
-            if let Some(cur) = e.current.take() {
-                e.previous = Some(cur);
-            }
+            e.touch(stamp);
         }
         for tx in map.values() {
             tx.send_modify(|r| *r += 1);
@@ -304,32 +307,26 @@ impl Drop for VmWatch {
     }
 }
 
-/// The VM's NSG view (user, JIT deny and JIT allow rules) and live grants at `now`.
-pub async fn nsg_now(
-    state: &AppState,
-    vm: &VmId,
-    now: Timestamp,
-) -> ApiResult<(Vec<NsgRule>, Vec<GrantRef>)> {
-    let user = state.store.nsg_rules(vm).await?;
-    let policy = state.store.vm_policy(vm).await?;
-    let mut grants: Vec<GrantRef> = state
+/// The VM's NSG view (user, JIT deny and JIT allow rules) with its live grants at
+/// `now`.
+pub async fn nsg_now(state: &AppState, vm: &VmId, now: Timestamp) -> ApiResult<Vec<NsgRule>> {
+    let grants: Vec<GrantRef> = state
         .store
         .live_grants(vm, now)
         .await?
         .iter()
         .map(jitgate_store::Grant::to_ref)
         .collect();
-    // In order: the agent finds what changed by walking two sorted lists.
-    grants.sort_unstable();
-    let pvm = policy.as_ref().map(|p| (&p.key, &p.vm));
-    Ok((nsg_view(vm, &user, pvm, &grants), grants))
+    view_with(state, vm, &grants).await
 }
 
-/// The VM's desired state now.
-pub async fn desired_state(state: &AppState, vm: &VmId) -> ApiResult<DesiredState> {
-    let now = state.clock.now();
-    let (view, grants) = nsg_now(state, vm, now).await?;
-    Ok(jitgate_proto::encode(vm, &view, &grants, now))
+/// The VM's NSG view with these grants (with none: its user and deny rules, which do
+/// not depend on the grants).
+async fn view_with(state: &AppState, vm: &VmId, grants: &[GrantRef]) -> ApiResult<Vec<NsgRule>> {
+    let user = state.store.nsg_rules(vm).await?;
+    let policy = state.store.vm_policy(vm).await?;
+    let pvm = policy.as_ref().map(|p| (&p.key, &p.vm));
+    Ok(nsg_view(vm, &user, pvm, grants))
 }
 
 /// The VM's desired state now for its agent: the one kept since the last change;
@@ -349,12 +346,8 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
         &changes.rows,
         now,
     );
-    // The rules: user rules and the policy's deny rules, which do not depend on the
-    // grants (the agent gets grants, not allow rules).
-    let user = state.store.nsg_rules(vm).await?;
-    let policy = state.store.vm_policy(vm).await?;
-    let pvm = policy.as_ref().map(|p| (&p.key, &p.vm));
-    let view = nsg_view(vm, &user, pvm, &[]);
+    // The agent gets grants, not allow rules.
+    let view = view_with(state, vm, &[]).await?;
     let built = Arc::new(Built::new(
         vm,
         &view,

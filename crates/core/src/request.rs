@@ -262,7 +262,9 @@ pub struct InitiatePlan {
     /// The same requestor's older live grants for the same VM, port and source: they
     /// become `Revoked/NewerRequestInitiated`. Other people's grants are never touched
     /// (ending them needs the revoke right); the kernel element carries the latest end
-    /// of all grants that cover it.
+    /// of all grants that cover it. Empty from [`plan_initiate`]: the store, which
+    /// reads only the grants the planned request could supersede, fills it with
+    /// [`superseded_by`] (before the approval rules, which may keep them).
     pub superseded: Vec<LiveGrant>,
 }
 
@@ -286,7 +288,6 @@ pub fn plan_initiate(
     ctx: &InitiateContext<'_>,
     input: &InitiateInput,
     may_initiate: &dyn Fn(&VmId) -> bool,
-    live: &[LiveGrant],
 ) -> Result<InitiatePlan, InitiateError> {
     let justification = match &input.justification {
         Some(j) if j.len() > MAX_JUSTIFICATION_LEN => {
@@ -460,7 +461,6 @@ pub fn plan_initiate(
         }
         vms.push(RequestVm { id, ports });
     }
-    let superseded = superseded_by(&vms, ctx.requestor, live);
     Ok(InitiatePlan {
         request: AccessRequest {
             id: ctx.id,
@@ -473,7 +473,7 @@ pub fn plan_initiate(
             approval: None,
             break_glass: None,
         },
-        superseded,
+        superseded: Vec::new(),
     })
 }
 
@@ -664,7 +664,7 @@ mod tests {
     #[test]
     fn my_ip_is_the_caller_address() {
         let p = policy("10.0.0.0/24", "PT3H");
-        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes, &[]).unwrap();
+        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes).unwrap();
         let rp = &plan.request.vms[0].ports[0];
         assert_eq!(rp.source.to_string(), "10.0.0.9");
         assert_eq!(rp.end, "2026-01-01T01:00:00Z".parse::<Timestamp>().unwrap());
@@ -677,18 +677,18 @@ mod tests {
         let p = policy("10.0.0.0/16", "PT3H");
         let mut i = port(22);
         i.allowed_source_address_prefix = Some("10.0.5.0/24".into());
-        assert!(plan_initiate(&ctx(&p), &one(i.clone()), &yes, &[]).is_ok());
+        assert!(plan_initiate(&ctx(&p), &one(i.clone()), &yes).is_ok());
         i.allowed_source_address_prefix = Some("10.1.0.0/24".into());
         assert_eq!(
-            field_of(plan_initiate(&ctx(&p), &one(i.clone()), &yes, &[])),
+            field_of(plan_initiate(&ctx(&p), &one(i.clone()), &yes)),
             "virtualMachines[0].ports[0].allowedSourceAddressPrefix"
         );
         i.allowed_source_address_prefix = Some("*".into());
-        assert!(plan_initiate(&ctx(&p), &one(i), &yes, &[]).is_err());
+        assert!(plan_initiate(&ctx(&p), &one(i), &yes).is_err());
         let any = policy("*", "PT3H");
         let mut i = port(22);
         i.allowed_source_address_prefix = Some("*".into());
-        assert!(plan_initiate(&ctx(&any), &one(i), &yes, &[]).is_ok());
+        assert!(plan_initiate(&ctx(&any), &one(i), &yes).is_ok());
     }
 
     #[test]
@@ -767,7 +767,7 @@ mod tests {
         ];
         for (input, field) in cases {
             assert_eq!(
-                field_of(plan_initiate(&ctx(&p), &one(input.clone()), &yes, &[])),
+                field_of(plan_initiate(&ctx(&p), &one(input.clone()), &yes)),
                 field,
                 "{input:?}"
             );
@@ -779,13 +779,13 @@ mod tests {
             .unwrap()
             .push(port(22));
         assert_eq!(
-            field_of(plan_initiate(&ctx(&p), &dup, &yes, &[])),
+            field_of(plan_initiate(&ctx(&p), &dup, &yes)),
             "virtualMachines[0].ports[1].number"
         );
         let mut other = one(port(22));
         other.virtual_machines.as_mut().unwrap()[0].id = Some(vm_id("vm2"));
         assert_eq!(
-            field_of(plan_initiate(&ctx(&p), &other, &yes, &[])),
+            field_of(plan_initiate(&ctx(&p), &other, &yes)),
             "virtualMachines[0].id"
         );
         let empty = InitiateInput {
@@ -793,7 +793,7 @@ mod tests {
             justification: None,
         };
         assert_eq!(
-            field_of(plan_initiate(&ctx(&p), &empty, &yes, &[])),
+            field_of(plan_initiate(&ctx(&p), &empty, &yes)),
             "virtualMachines"
         );
     }
@@ -801,7 +801,7 @@ mod tests {
     #[test]
     fn forbidden_vm_is_reported_before_anything_else() {
         let p = policy("*", "PT3H");
-        let r = plan_initiate(&ctx(&p), &one(port(8080)), &|_: &VmId| false, &[]);
+        let r = plan_initiate(&ctx(&p), &one(port(8080)), &|_: &VmId| false);
         assert!(matches!(r, Err(InitiateError::Forbidden { .. })));
     }
 
@@ -813,7 +813,7 @@ mod tests {
             end_time_utc: Some("2026-01-01T03:00:30Z".into()),
             ..port(22)
         };
-        let plan = plan_initiate(&ctx(&p), &one(i), &yes, &[]).unwrap();
+        let plan = plan_initiate(&ctx(&p), &one(i), &yes).unwrap();
         assert_eq!(
             plan.request.vms[0].ports[0].end,
             "2026-01-01T03:00:00Z".parse::<Timestamp>().unwrap()
@@ -836,8 +836,11 @@ mod tests {
             g(8, 22, "10.0.0.10"),
             g(9, 3389, "10.0.0.9"),
         ];
-        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes, &live).unwrap();
-        assert_eq!(plan.superseded, vec![live[0].clone()]);
+        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes).unwrap();
+        assert_eq!(
+            superseded_by(&plan.request.vms, "alice", &live),
+            vec![live[0].clone()]
+        );
     }
 
     #[test]
@@ -854,8 +857,11 @@ mod tests {
             source: SourcePrefix::parse("10.0.0.9").unwrap(),
         };
         let live = vec![grant(7, "admin"), grant(8, "alice")];
-        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes, &live).unwrap();
-        assert_eq!(plan.superseded, vec![live[1].clone()]);
+        let plan = plan_initiate(&ctx(&p), &one(port(22)), &yes).unwrap();
+        assert_eq!(
+            superseded_by(&plan.request.vms, "alice", &live),
+            vec![live[1].clone()]
+        );
     }
 
     #[test]
@@ -1080,7 +1086,7 @@ mod tests {
         fn duration_bounds(mins in 0i64..400) {
             let p = policy("*", "PT3H");
             let i = InitiatePortInput { duration: Some(format!("PT{mins}M")), ..port(22) };
-            match plan_initiate(&ctx(&p), &one(i), &yes, &[]) {
+            match plan_initiate(&ctx(&p), &one(i), &yes) {
                 Ok(plan) => {
                     let end = plan.request.vms[0].ports[0].end;
                     prop_assert!(end > now());

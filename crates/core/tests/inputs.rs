@@ -550,7 +550,7 @@ proptest! {
             now: now(),
         };
         let may = |id: &VmId| allowed_vm2 || id.name.as_str() != "vm2";
-        match plan_initiate(&ctx, &input, &may, &[]) {
+        match plan_initiate(&ctx, &input, &may) {
             Ok(plan) => {
                 prop_assert!(plan.superseded.is_empty());
                 for vm in &plan.request.vms {

@@ -98,11 +98,13 @@ fn rule_to_wire(r: &NsgRule) -> Option<WireRule> {
 }
 
 fn revision_of(vm: &str, rules: &[WireRule], grants: &[WireGrant]) -> String {
-    let lines: Vec<Vec<u8>> = grants
-        .iter()
-        .map(|g| serde_json::to_vec(g).unwrap_or_default())
-        .collect();
-    revision_of_lines(vm, rules, lines.iter().map(Vec::as_slice))
+    revision_of_lines(
+        vm,
+        rules,
+        grants
+            .iter()
+            .map(|g| serde_json::to_vec(g).unwrap_or_default()),
+    )
 }
 
 /// A grant as it enters the revision: the JSON of its wire form. A controller that
@@ -114,10 +116,10 @@ pub fn grant_line(g: &GrantRef) -> Vec<u8> {
 
 /// The revision of the state of `vm` with these rules and grants (given as
 /// [`grant_line`]s, in order): what [`encode`] computes.
-pub fn revision_of_lines<'a>(
+pub fn revision_of_lines(
     vm: &str,
     rules: &[WireRule],
-    grant_lines: impl Iterator<Item = &'a [u8]>,
+    grant_lines: impl IntoIterator<Item = impl AsRef<[u8]>>,
 ) -> String {
     let mut h = Sha256::new();
     h.update(vm.to_ascii_lowercase().as_bytes());
@@ -127,7 +129,7 @@ pub fn revision_of_lines<'a>(
         h.update(b"\n");
     }
     for g in grant_lines {
-        h.update(g);
+        h.update(g.as_ref());
         h.update(b"\n");
     }
     hex::encode(&h.finalize()[..16])

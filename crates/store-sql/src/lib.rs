@@ -1929,7 +1929,7 @@ impl Store for SqlStore {
                 now: audit.now,
             };
             let may = |vm: &VmId| rbac::is_allowed(&args.assignments, &args.requestor, Action::Initiate, &vm.scope());
-            let mut plan = plan_initiate(&ictx, &args.input, &may, &[]).map_err(|e| {
+            let mut plan = plan_initiate(&ictx, &args.input, &may).map_err(|e| {
                 OpError::Refused(match e {
                     InitiateError::Invalid(f) => InitiateRefusal::Invalid(f),
                     InitiateError::Forbidden { field, vm } => InitiateRefusal::Forbidden { field, vm },
@@ -2197,15 +2197,9 @@ impl Store for SqlStore {
 
     async fn grant_changes(&self, vm: &VmId, after: u64, now: Timestamp) -> Result<GrantChanges> {
         let vm = vm.key();
-        self.read(move |c| {
-            // One snapshot: the rows and the point they run up to.
-            c.batch(match c.dialect() {
-                Dialect::Sqlite => "BEGIN",
-                Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-            })?;
-            c.end(read_grant_changes(c, &vm, after, now))
-        })
-        .await
+        // One snapshot: the rows and the point they run up to.
+        self.read(move |c| in_snapshot(c, |c| read_grant_changes(c, &vm, after, now)))
+            .await
     }
 
     async fn count_live_grants(&self, now: Timestamp) -> Result<u64> {
@@ -3240,12 +3234,17 @@ fn stream_audit<T>(
     from: u64,
     walk: impl FnOnce(&mut dyn Iterator<Item = AuditRecord>, Option<u64>) -> T,
 ) -> Result<(T, Vec<audit::Problem>)> {
+    in_snapshot(c, |c| stream_audit_in(c, from, walk))
+}
+
+/// Runs the reads of `f` in one read-only snapshot of the database.
+fn in_snapshot<T>(c: &dyn Db, f: impl FnOnce(&dyn Db) -> Result<T>) -> Result<T> {
     c.batch(match c.dialect() {
         Dialect::Sqlite => "BEGIN",
         Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
     })?;
     // Read only: a rollback after an error leaves the same as a commit.
-    c.end(stream_audit_in(c, from, walk))
+    c.end(f(c))
 }
 
 fn stream_audit_in<T>(

@@ -79,7 +79,7 @@ pub async fn get_nsg(
     Path((rg, name)): Path<(String, String)>,
 ) -> ApiResult<Json<NsgView>> {
     let id = readable_vm(&state, &principal, &rg, &name).await?;
-    let (rules, _) = crate::desired::nsg_now(&state, &id, state.clock.now()).await?;
+    let rules = crate::desired::nsg_now(&state, &id, state.clock.now()).await?;
     Ok(Json(NsgView {
         vm: id.to_string(),
         rules: rules.iter().map(rule_wire).collect(),

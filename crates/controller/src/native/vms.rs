@@ -61,12 +61,13 @@ pub async fn agent_status(state: &AppState, vm: &VmId, now: Timestamp) -> ApiRes
         return Ok(AgentStatus::default());
     };
     let report: StatusReport = serde_json::from_str(&rec.report).unwrap_or_default();
-    let current = crate::desired::desired_state(state, vm).await?;
+    // The state the agent is sent, kept between changes: no store read when it is.
+    let current = crate::desired::agent_state(state, vm).await?;
     Ok(AgentStatus {
         enrolled: true,
         online: online(state, rec.last_seen, now),
         last_seen: Some(rec.last_seen.to_string()),
-        up_to_date: Some(report.applied_revision.as_deref() == Some(current.revision.as_str())),
+        up_to_date: Some(report.applied_revision.as_deref() == Some(current.revision())),
         report,
     })
 }
