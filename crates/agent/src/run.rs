@@ -611,7 +611,13 @@ impl Shared {
             return false;
         }
         if let Err(e) = state.save_applied(&whole) {
-            tracing::error!(error = %format!("{e:#}"), "cannot persist the applied state");
+            let e = format!(
+                "cannot persist the applied state (a reboot would restore an older one): {e:#}"
+            );
+            tracing::error!(error = %e, "save failed");
+            if let Ok(mut p) = self.progress.lock() {
+                p.error = Some(e);
+            }
         }
         true
     }
@@ -876,10 +882,18 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             loop {
                 wanted.notified().await;
                 let (me, dir) = (me.clone(), dir.clone());
-                let ok = tokio::task::spawn_blocking(move || me.save(&dir))
-                    .await
-                    .unwrap_or(true);
-                if !ok {
+                let saved = {
+                    let me = me.clone();
+                    tokio::task::spawn_blocking(move || me.save(&dir))
+                        .await
+                        .unwrap_or(true)
+                };
+                if saved {
+                    // Reported once on disk: an agent the controller shows up to date
+                    // keeps its grants through a reboot (the boot-time restore).
+                    let s = me.clone();
+                    tokio::spawn(async move { s.report(false).await });
+                } else {
                     whole.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
@@ -925,8 +939,6 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                         continue;
                     }
                 }
-                let s = shared.clone();
-                tokio::spawn(async move { s.report(false).await });
             }
             Err(e) => {
                 match &e {

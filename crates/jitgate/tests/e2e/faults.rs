@@ -200,6 +200,8 @@ fn the_boot_time_restore_closes_the_machine_before_the_agent_runs() {
     let ssh4 = lab.vm.v4_at(SSH);
     let g = lab.initiate(&a, json!([{"number": SSH, "duration": "PT10M"}]));
     a.wait_tcp_open(ssh4, Duration::from_secs(2));
+    // The agent reports a state once it is on disk: from then on a reboot keeps it.
+    lab.wait_agent_up_to_date();
 
     // The simulated reboot: agent and controller gone, the table with them.
     lab.kill_agent();
