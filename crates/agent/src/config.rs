@@ -29,6 +29,9 @@ pub struct AgentConfig {
     /// How often the table is compared with what was applied when nothing announced
     /// a change (the kernel's change notifications trigger a comparison at once).
     pub drift_check: Duration,
+    /// Gateway mode (`jitgate gateway`): also enforce the machines placed behind this
+    /// one (see [`crate::gateway`]).
+    pub gateway: bool,
 }
 
 impl AgentConfig {
@@ -47,6 +50,7 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(10),
             poll_wait: Duration::from_secs(25),
             drift_check: Duration::from_secs(5),
+            gateway: false,
         }
     }
 }

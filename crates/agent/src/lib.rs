@@ -17,6 +17,7 @@
 pub mod config;
 pub mod drift;
 pub mod enforce;
+pub mod gateway;
 pub mod host;
 pub mod netlink;
 pub mod nft;

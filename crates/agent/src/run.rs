@@ -605,7 +605,13 @@ impl Shared {
         let Some(last) = self.progress.lock().ok().and_then(|p| p.last.clone()) else {
             return true;
         };
-        let whole = jitgate_proto::encode(&last.vm, &last.rules, &last.grants, Timestamp::now());
+        let whole = jitgate_proto::encode(
+            &last.vm,
+            last.gateway.as_ref(),
+            &last.rules,
+            &last.grants,
+            Timestamp::now(),
+        );
         if whole.revision != last.revision {
             tracing::error!(sent = %last.revision, content = %whole.revision, "the state built from a delta does not hash to the revision the controller sent; asking for the whole state");
             return false;
@@ -802,6 +808,20 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         }
     }
 
+    let gateway = shared.config.gateway.then(|| {
+        let g = crate::gateway::Gateway {
+            controller: shared.config.controller.clone(),
+            http: shared.http.clone(),
+            vm: shared.creds.vm_id.clone(),
+            token: shared.creds.token.clone(),
+            nft: Nft::new(shared.config.nft.clone()),
+            state_dir: shared.config.state_dir.clone(),
+            poll_wait: shared.config.poll_wait,
+            heartbeat: shared.config.heartbeat,
+            nft_version: shared.nft_version.clone(),
+        };
+        tokio::spawn(g.run(shutdown.clone()))
+    });
     let hb = shared.clone();
     let mut hb_shutdown = shutdown.clone();
     let heartbeat = tokio::spawn(async move {
@@ -975,6 +995,9 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     heartbeat.abort();
     watchdog.abort();
     saver.abort();
+    if let Some(g) = gateway {
+        g.abort();
+    }
     // What the saver may not have written yet.
     let me = shared.clone();
     let _ = tokio::task::spawn_blocking(move || me.save(&state)).await;

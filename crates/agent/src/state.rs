@@ -26,7 +26,7 @@ pub struct StateDir {
 }
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename), mode 0600.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)

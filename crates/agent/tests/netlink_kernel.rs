@@ -269,6 +269,7 @@ fn desired(rules: &[NsgRule], grants: &[GrantRef]) -> Desired {
         revision: "r".into(),
         rules: rules.to_vec(),
         grants: grants.to_vec(),
+        gateway: None,
     }
 }
 

@@ -80,6 +80,7 @@ fn inner_run(elements: usize) -> anyhow::Result<()> {
         revision: format!("r{rev}"),
         rules: rules.to_vec(),
         grants: grants.to_vec(),
+        gateway: None,
     };
     let mut enforcer = Enforcer::new(Nft::new("nft".into()));
     if enforcer.netlink_port().is_none() {

@@ -2,6 +2,7 @@
 //! the long-poll wakes on [`crate::desired`]'s per-VM change notifications.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -37,14 +38,85 @@ fn vm_query(q: &HashMap<String, String>) -> ApiResult<VmId> {
     VmId::parse(id).map_err(|e| ApiError::bad_param("vm", e))
 }
 
+/// The caller must be the agent of `vm`, or, for a VM behind a gateway, the gateway's
+/// agent (and only that one: the VM's own credential no longer enforces it).
 async fn require_agent(state: &AppState, principal: &Principal, vm: &VmId) -> ApiResult<()> {
-    principal.require(Action::AgentReport, &vm.scope())?;
+    match state.store.placement(vm).await? {
+        Some(p) => principal.require(Action::AgentReport, &p.gateway.scope())?,
+        None => principal.require(Action::AgentReport, &vm.scope())?,
+    }
     if state.store.get_vm(vm).await?.is_none() {
         return Err(ApiError::not_found(format!(
             "virtual machine '{vm}' is not registered"
         )));
     }
     Ok(())
+}
+
+/// The VMs a gateway enforces, for `jitgate gateway`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Behind {
+    /// A hash of the list, for `known`.
+    pub revision: String,
+    pub vms: Vec<String>,
+}
+
+fn behind_of(vms: Vec<String>) -> Behind {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for v in &vms {
+        h.update(v.to_ascii_lowercase().as_bytes());
+        h.update(b"\n");
+    }
+    Behind {
+        revision: hex::encode(&h.finalize()[..16]),
+        vms,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/agent/behind", tag = "agents",
+    params(("vm" = String, Query, description = "The gateway (its agent's VM id)"), ("known" = Option<String>, Query, description = "The list's revision the gateway has"), ("wait" = Option<u64>, Query, maximum = 60, description = "Seconds (0-60) to hold the call open until the list differs from `known`")),
+    responses((status = 200, body = Behind)))]
+pub async fn behind(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Behind>> {
+    let gateway = vm_query(&q)?;
+    let wait = wait_query(&q)?;
+    require_agent(&state, &principal, &gateway).await?;
+    let known = q.get("known").cloned();
+    let mut rx = state.vm_changes.subscribe(&gateway);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        rx.borrow_and_update();
+        let list = state.store.behind(&gateway).await?;
+        let now = behind_of(list.into_iter().map(|(v, _)| v.to_string()).collect());
+        if known.as_deref() != Some(now.revision.as_str()) {
+            return Ok(Json(now));
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return Ok(Json(now)); },
+            _ = tokio::time::sleep_until(deadline) => return Ok(Json(now)),
+        }
+    }
+}
+
+fn wait_query(q: &HashMap<String, String>) -> ApiResult<u64> {
+    match q.get("wait") {
+        None => Ok(0),
+        Some(w) => w
+            .parse::<u64>()
+            .ok()
+            .filter(|w| *w <= MAX_WAIT_SECS)
+            .ok_or_else(|| {
+                ApiError::bad_param(
+                    "wait",
+                    format!("'{w}' is not a number of seconds from 0 to {MAX_WAIT_SECS}"),
+                )
+            }),
+    }
 }
 
 /// The answer to an agent whose credential was revoked (told apart from other 401s so
@@ -66,19 +138,7 @@ pub async fn desired(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<DesiredState>> {
     let vm = vm_query(&q)?;
-    let wait = match q.get("wait") {
-        None => 0,
-        Some(w) => w
-            .parse::<u64>()
-            .ok()
-            .filter(|w| *w <= MAX_WAIT_SECS)
-            .ok_or_else(|| {
-                ApiError::bad_param(
-                    "wait",
-                    format!("'{w}' is not a number of seconds from 0 to {MAX_WAIT_SECS}"),
-                )
-            })?,
-    };
+    let wait = wait_query(&q)?;
     let want_delta = match q.get("delta").map(String::as_str) {
         None | Some("0") | Some("false") => false,
         Some("1") | Some("true") => true,
@@ -658,5 +718,6 @@ pub fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(revoke_enroll_token))
         .routes(routes!(enroll))
         .routes(routes!(desired))
+        .routes(routes!(behind))
         .routes(routes!(status))
 }

@@ -11,7 +11,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, SubscriptionId};
+use jitgate_core::ids::{Location, PolicyName, ResourceGroup, Scope, SubscriptionId, VmId};
 use jitgate_core::policy::{
     AllowedSources, Policy, PolicyInput, PolicyKey, PolicySpec, PolicyVmInput, PortRuleInput,
     RawPrefix, validate_policy,
@@ -188,6 +188,10 @@ pub struct PolicyVmOut {
 #[serde(rename_all = "camelCase")]
 pub struct RequestPortOut {
     pub number: u16,
+    /// The port of the gateway's public address that leads to `number`, for a VM
+    /// behind a DNAT gateway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped_port: Option<u16>,
     pub allowed_source_address_prefix: String,
     pub end_time_utc: String,
     pub status: String,
@@ -247,7 +251,27 @@ fn azure_reason(s: PortStatus) -> &'static str {
     }
 }
 
-pub fn request_out(r: &AccessRequest) -> RequestOut {
+/// The placements of VMs behind a DNAT gateway, by VM key: they give a policy's VM its
+/// `publicIpAddress` and a request's port its `mappedPort`, as on Azure Firewall.
+pub type DnatPlaces = HashMap<String, jitgate_core::gateway::Placement>;
+
+/// The DNAT placements of `vms`.
+pub async fn dnat_places<'a>(
+    state: &AppState,
+    vms: impl IntoIterator<Item = &'a VmId>,
+) -> ApiResult<DnatPlaces> {
+    let vms: Vec<VmId> = vms.into_iter().cloned().collect();
+    Ok(state
+        .store
+        .placements(&vms)
+        .await?
+        .into_iter()
+        .filter(|(_, p)| p.place.mode == jitgate_core::gateway::Mode::Dnat)
+        .map(|(v, p)| (v.key(), p.place))
+        .collect())
+}
+
+pub fn request_out(r: &AccessRequest, places: &DnatPlaces) -> RequestOut {
     RequestOut {
         virtual_machines: r
             .vms
@@ -259,6 +283,10 @@ pub fn request_out(r: &AccessRequest) -> RequestOut {
                     .iter()
                     .map(|p| RequestPortOut {
                         number: p.number.get(),
+                        mapped_port: places
+                            .get(&vm.id.key())
+                            .and_then(|pl| pl.mapped_port(p.number))
+                            .map(|m| m.get()),
                         allowed_source_address_prefix: p.source.to_string(),
                         end_time_utc: p.end.to_string(),
                         status: p.status.status_str().to_owned(),
@@ -273,7 +301,7 @@ pub fn request_out(r: &AccessRequest) -> RequestOut {
     }
 }
 
-pub fn policy_out(p: &Policy, requests: &[AccessRequest]) -> PolicyOut {
+pub fn policy_out(p: &Policy, requests: &[AccessRequest], places: &DnatPlaces) -> PolicyOut {
     PolicyOut {
         id: p.key.id(),
         name: p.key.name.to_string(),
@@ -287,7 +315,13 @@ pub fn policy_out(p: &Policy, requests: &[AccessRequest]) -> PolicyOut {
                 .iter()
                 .map(|vm| PolicyVmOut {
                     id: vm.id.to_string(),
-                    public_ip_address: vm.public_ip_address.clone(),
+                    // Behind a DNAT gateway: its public address, as Azure shows its
+                    // firewall's; otherwise what the caller stored.
+                    public_ip_address: places
+                        .get(&vm.id.key())
+                        .and_then(|pl| pl.public)
+                        .map(|a| a.to_string())
+                        .or_else(|| vm.public_ip_address.clone()),
                     ports: vm
                         .ports
                         .iter()
@@ -309,7 +343,7 @@ pub fn policy_out(p: &Policy, requests: &[AccessRequest]) -> PolicyOut {
                         .collect(),
                 })
                 .collect(),
-            requests: requests.iter().map(request_out).collect(),
+            requests: requests.iter().map(|r| request_out(r, places)).collect(),
             provisioning_state: "Succeeded".to_owned(),
         },
     }
@@ -459,7 +493,8 @@ async fn render(state: &AppState, view: &Policy) -> ApiResult<PolicyOut> {
         .store
         .policy_requests(&view.key, REQUESTS_SHOWN)
         .await?;
-    Ok(policy_out(view, &visible_requests(view, requests)))
+    let places = dnat_places(state, view.spec.vms.iter().map(|v| &v.id)).await?;
+    Ok(policy_out(view, &visible_requests(view, requests), &places))
 }
 
 // ---- handlers --------------------------------------------------------------------------
@@ -684,12 +719,14 @@ pub async fn put(
                 format!("subscription {s} not found"),
             ),
             OpError::Refused(PolicyError::UnknownVm(f)) => ApiError::field(f),
-            OpError::Refused(PolicyError::VmInOtherPolicy(f)) => ApiError::new(
-                StatusCode::CONFLICT,
-                "Conflict",
-                format!("{}: {}", f.field, f.message),
-            )
-            .with_target(f.field),
+            OpError::Refused(PolicyError::VmInOtherPolicy(f) | PolicyError::NoMappedPort(f)) => {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!("{}: {}", f.field, f.message),
+                )
+                .with_target(f.field)
+            }
             OpError::Store(s) => s.into(),
         })?;
     state.changed(outcome.revoked.len());
@@ -818,7 +855,8 @@ pub async fn initiate(
     {
         state.initiated(first_end);
     }
-    let mut resp = (StatusCode::ACCEPTED, Json(request_out(&request))).into_response();
+    let places = dnat_places(&state, request.vms.iter().map(|v| &v.id)).await?;
+    let mut resp = (StatusCode::ACCEPTED, Json(request_out(&request, &places))).into_response();
     if let Ok(v) = HeaderValue::from_str(&request.id.to_string()) {
         resp.headers_mut().insert("x-jitgate-request-id", v);
     }

@@ -84,6 +84,7 @@ impl Built {
     /// `base` has are reused.
     pub fn new(
         vm: &VmId,
+        gateway: Option<&jitgate_core::gateway::Placement>,
         rules: &[NsgRule],
         grants: Vec<GrantRef>,
         base: Option<&Built>,
@@ -104,7 +105,8 @@ impl Built {
         }
         let vm_text = vm.to_string();
         let rules = jitgate_proto::rules_to_wire(rules);
-        let revision = jitgate_proto::revision_of_lines(&vm_text, &rules, &lines);
+        let gateway = gateway.map(jitgate_proto::WireGateway::from_placement);
+        let revision = jitgate_proto::revision_of_lines(&vm_text, gateway.as_ref(), &rules, &lines);
         Built {
             head: DesiredState {
                 vm: vm_text,
@@ -114,6 +116,7 @@ impl Built {
                 grants: Vec::new(),
                 base: None,
                 removed: Vec::new(),
+                gateway,
             },
             next_end: grants.iter().map(|g| g.end).min(),
             grants,
@@ -348,8 +351,10 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
     );
     // The agent gets grants, not allow rules.
     let view = view_with(state, vm, &[]).await?;
+    let placement = state.store.placement(vm).await?;
     let built = Arc::new(Built::new(
         vm,
+        placement.as_ref().map(|p| &p.place),
         &view,
         grants,
         base.as_deref(),
@@ -421,6 +426,7 @@ mod tests {
             grants: Vec::new(),
             base: None,
             removed: Vec::new(),
+            gateway: None,
         };
         Arc::new(Built {
             head: full,
@@ -480,14 +486,14 @@ mod tests {
 
         // A state built on another reuses its lines and is what `encode` builds.
         let v = vm("a");
-        let first = Built::new(&v, &[], base.clone(), None, 1, t);
+        let first = Built::new(&v, None, &[], base.clone(), None, 1, t);
         for (grants, on) in [
             (next.clone(), Some(&first)),
             (moved.clone(), None),
             (moved, Some(&first)),
         ] {
-            let b = Built::new(&v, &[], grants.clone(), on, 2, t);
-            let want = jitgate_proto::encode(&v, &[], &grants, t);
+            let b = Built::new(&v, None, &[], grants.clone(), on, 2, t);
+            let want = jitgate_proto::encode(&v, None, &[], &grants, t);
             assert_eq!(b.revision(), want.revision);
             assert_eq!(b.full(), want);
         }

@@ -304,9 +304,11 @@ pub async fn apply(
         )
         .await
         .map_err(|e| match e {
-            OpError::Refused(PolicyError::UnknownVm(f) | PolicyError::VmInOtherPolicy(f)) => {
-                ApiError::conflict(f.to_string())
-            }
+            OpError::Refused(
+                PolicyError::UnknownVm(f)
+                | PolicyError::VmInOtherPolicy(f)
+                | PolicyError::NoMappedPort(f),
+            ) => ApiError::conflict(f.to_string()),
             OpError::Refused(PolicyError::UnknownSubscription(s)) => {
                 ApiError::not_found(format!("subscription {s}"))
             }

@@ -15,6 +15,7 @@ pub mod blocked;
 pub mod duration;
 pub mod enable;
 pub mod error;
+pub mod gateway;
 pub mod ids;
 pub mod net;
 pub mod nfnl;

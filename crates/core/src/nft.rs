@@ -161,7 +161,7 @@ impl Element {
 }
 
 /// The deterministic order of elements: family, protocol, port, network, end.
-fn element_order(e: &Element) -> (bool, L4, Port, IpNet, Timestamp) {
+pub(crate) fn element_order(e: &Element) -> (bool, L4, Port, IpNet, Timestamp) {
     (matches!(e.net, IpNet::V6(_)), e.proto, e.port, e.net, e.end)
 }
 
@@ -395,7 +395,7 @@ pub fn validate(rules: &[NsgRule]) -> Result<(), String> {
 // ---------------------------------------------------------------------------------
 
 /// The rules in evaluation order (stable by priority, so equal input order is kept).
-fn ordered(rules: &[NsgRule]) -> Vec<&NsgRule> {
+pub(crate) fn ordered(rules: &[NsgRule]) -> Vec<&NsgRule> {
     let mut v: Vec<&NsgRule> = rules.iter().collect();
     v.sort_by_key(|r| r.priority);
     v
@@ -451,7 +451,7 @@ pub fn deny_counter_names(rules: &[NsgRule]) -> Vec<(String, Port, Protocol)> {
 
 /// A rule name as an nft comment: printable ASCII without `"` or `\` (nft strings
 /// have no escapes), at most 128 characters.
-fn comment(name: &str) -> String {
+pub(crate) fn comment(name: &str) -> String {
     name.chars()
         .map(|c| match c {
             '"' => '\'',
@@ -465,7 +465,7 @@ fn comment(name: &str) -> String {
 
 /// `22`, `5985-5986` or `{ 22, 5985-5986 }`, after merging overlapping and adjacent
 /// ranges.
-fn ports_expr(ports: &[PortRange]) -> String {
+pub(crate) fn ports_expr(ports: &[PortRange]) -> String {
     let mut ranges: Vec<(u16, u16)> = ports
         .iter()
         .filter(|p| p.first <= p.last)
@@ -500,7 +500,7 @@ fn braces(items: &[String]) -> String {
 }
 
 /// A host prefix is written as the bare address.
-fn net_text(n: &IpNet) -> String {
+pub(crate) fn net_text(n: &IpNet) -> String {
     if n.prefix_len() == n.max_prefix_len() {
         n.addr().to_string()
     } else {
@@ -511,7 +511,7 @@ fn net_text(n: &IpNet) -> String {
 /// The source matches of a rule: `[""]` for any source, else one `ip saddr ...` and/or
 /// one `ip6 saddr ...` (nft cannot mix families in one set); empty when the rule has
 /// no source at all (it then matches nothing and renders nothing).
-fn source_matches(sources: &[SourcePrefix]) -> Vec<String> {
+pub(crate) fn source_matches(sources: &[SourcePrefix]) -> Vec<String> {
     if sources.contains(&SourcePrefix::Any) {
         return vec![String::new()];
     }
@@ -537,6 +537,17 @@ fn source_matches(sources: &[SourcePrefix]) -> Vec<String> {
 }
 
 fn render_rule(out: &mut String, rule: &NsgRule, counter: Option<&str>) {
+    render_rule_for(out, "", rule, counter);
+}
+
+/// A rule's lines, each starting with `destination` (empty on a host; `ip daddr
+/// 192.0.2.5 ` on a gateway, for the machine behind it).
+pub(crate) fn render_rule_for(
+    out: &mut String,
+    destination: &str,
+    rule: &NsgRule,
+    counter: Option<&str>,
+) {
     if rule.ports.is_empty() {
         return;
     }
@@ -553,7 +564,10 @@ fn render_rule(out: &mut String, rule: &NsgRule, counter: Option<&str>) {
     };
     let note = comment(&rule.name);
     for saddr in source_matches(&rule.sources) {
-        let _ = writeln!(out, "\t\t{saddr}{proto} {verdict} comment \"{note}\"");
+        let _ = writeln!(
+            out,
+            "\t\t{destination}{saddr}{proto} {verdict} comment \"{note}\""
+        );
     }
 }
 

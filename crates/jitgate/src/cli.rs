@@ -30,6 +30,13 @@ pub enum Command {
     /// Example: jitgate agent --controller https://jit.example.com:8443 --enroll-token-file /etc/jitgate/enroll-token --resource-group prod-web
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Agent(cmd::agent::AgentArgs),
+    /// Run the agent of a Linux gateway (as root): enforce its own rules and those of
+    /// the machines placed behind it (`jitgate vm place`), which run no agent, in its
+    /// forward and NAT chains. It enrolls and restores like an agent.
+    ///
+    /// Example: jitgate gateway --controller https://jit.example.com:8443 --enroll-token-file /etc/jitgate/enroll-token --resource-group edge --name gw-1
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Gateway(cmd::agent::AgentArgs),
     /// Create, list and revoke enrollment tokens for agents.
     ///
     /// Example: jitgate enroll-token create --resource-group prod-web --uses 10 --expires-in 1d
@@ -192,6 +199,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => cmd::serve::serve(*args).await,
         Command::Agent(args) => cmd::agent::agent(args).await,
+        Command::Gateway(args) => cmd::agent::gateway(args).await,
         Command::EnrollToken(c) => cmd::enroll::enroll_token(c).await,
         Command::Vm(c) => cmd::vm::vm(c).await,
         Command::Login(a) => cmd::login::login(a).await,

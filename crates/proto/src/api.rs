@@ -221,6 +221,39 @@ pub struct VmDetail {
     pub last_user: Option<String>,
     pub blocked_last24h: Vec<BlockedTotal>,
     pub grants: Vec<Grant>,
+    /// Set when a gateway enforces this VM's state (it runs no agent): the gateway
+    /// then reports as its agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// Places a VM behind a gateway (`PUT /api/v1/vms/{rg}/{name}/placement`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PutPlacement {
+    /// The gateway: a registered VM whose agent runs `jitgate gateway`, as its
+    /// resource id or `resourceGroup/name`.
+    pub gateway: Option<String>,
+    /// The VM's private address, as the gateway reaches it.
+    pub address: Option<String>,
+    /// `routed` (clients reach the VM's own address through the gateway) or `dnat`
+    /// (clients reach the gateway's public address on a mapped port).
+    pub mode: Option<String>,
+    /// DNAT: the VM sees connections come from the gateway.
+    #[serde(default)]
+    pub masquerade: bool,
+    /// DNAT: the gateway's public address clients connect to.
+    pub public_ip_address: Option<String>,
+}
+
+/// Where a VM sits behind a gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// The gateway's VM id.
+    pub gateway: String,
+    #[serde(flatten)]
+    pub place: crate::WireGateway,
 }
 
 /// A VM's agent as the controller knows it: whether it reports, whether it applied the

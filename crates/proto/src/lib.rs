@@ -16,6 +16,7 @@
 //! receives (`decode`) before it touches the kernel.
 
 use jitgate_core::Timestamp;
+use jitgate_core::gateway::{self, MappedPort, Placement};
 use jitgate_core::ids::VmId;
 use jitgate_core::net::{Port, Protocol, SourcePrefix};
 use jitgate_core::nft;
@@ -23,6 +24,7 @@ use jitgate_core::nsg::{Access, GrantRef, NsgRule, RuleOrigin, parse_port_range}
 use jitgate_core::request::RequestId;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::net::IpAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -67,6 +69,90 @@ pub struct DesiredState {
     /// In a delta, the grants removed since `base`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<WireGrant>,
+    /// Set for a machine behind a gateway: where it sits. Its gateway enforces the
+    /// state; the machine runs no agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<WireGateway>,
+}
+
+/// Where a machine behind a gateway sits (see `jitgate_core::gateway`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WireGateway {
+    /// The machine's private address.
+    pub address: String,
+    /// `routed` or `dnat`.
+    pub mode: String,
+    #[serde(default)]
+    pub masquerade: bool,
+    /// DNAT: the gateway's public address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip_address: Option<String>,
+    /// DNAT: the gateway's port for each protected port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mapped_ports: Vec<WireMappedPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WireMappedPort {
+    pub number: u16,
+    pub mapped_port: u16,
+}
+
+impl WireGateway {
+    pub fn from_placement(p: &Placement) -> WireGateway {
+        WireGateway {
+            address: p.address.to_string(),
+            mode: p.mode.as_str().to_owned(),
+            masquerade: p.masquerade,
+            public_ip_address: p.public.map(|a| a.to_string()),
+            mapped_ports: p
+                .mapped
+                .iter()
+                .map(|m| WireMappedPort {
+                    number: m.port.get(),
+                    mapped_port: m.mapped.get(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Validates it, naming the bad field.
+    pub fn to_placement(&self) -> Result<Placement, String> {
+        let f = |what: &str, e: String| format!("gateway.{what}: {e}");
+        let address: IpAddr = self.address.parse().map_err(|_| {
+            f(
+                "address",
+                format!("'{}' is not an IP address", self.address),
+            )
+        })?;
+        let public = match &self.public_ip_address {
+            None => None,
+            Some(a) => Some(
+                a.parse::<IpAddr>()
+                    .map_err(|_| f("publicIpAddress", format!("'{a}' is not an IP address")))?,
+            ),
+        };
+        let mut mapped = Vec::with_capacity(self.mapped_ports.len());
+        for (i, m) in self.mapped_ports.iter().enumerate() {
+            mapped.push(MappedPort {
+                port: Port::new(i64::from(m.number))
+                    .map_err(|e| f(&format!("mappedPorts[{i}].number"), e))?,
+                mapped: Port::new(i64::from(m.mapped_port))
+                    .map_err(|e| f(&format!("mappedPorts[{i}].mappedPort"), e))?,
+            });
+        }
+        let p = Placement {
+            address,
+            mode: gateway::Mode::parse(&self.mode).map_err(|e| f("mode", e))?,
+            masquerade: self.masquerade,
+            public,
+            mapped,
+        };
+        p.validate().map_err(|e| format!("gateway: {e}"))?;
+        Ok(p)
+    }
 }
 
 /// The validated content of a desired state.
@@ -77,6 +163,8 @@ pub struct Desired {
     /// User and JIT deny rules, by priority.
     pub rules: Vec<NsgRule>,
     pub grants: Vec<GrantRef>,
+    /// Set for a machine behind a gateway.
+    pub gateway: Option<Placement>,
 }
 
 fn rule_to_wire(r: &NsgRule) -> Option<WireRule> {
@@ -97,9 +185,15 @@ fn rule_to_wire(r: &NsgRule) -> Option<WireRule> {
     })
 }
 
-fn revision_of(vm: &str, rules: &[WireRule], grants: &[WireGrant]) -> String {
+fn revision_of(
+    vm: &str,
+    gateway: Option<&WireGateway>,
+    rules: &[WireRule],
+    grants: &[WireGrant],
+) -> String {
     revision_of_lines(
         vm,
+        gateway,
         rules,
         grants
             .iter()
@@ -114,15 +208,22 @@ pub fn grant_line(g: &GrantRef) -> Vec<u8> {
     serde_json::to_vec(&grant_to_wire(g)).unwrap_or_default()
 }
 
-/// The revision of the state of `vm` with these rules and grants (given as
-/// [`grant_line`]s, in order): what [`encode`] computes.
+/// The revision of the state of `vm` with its placement behind a gateway, if any, and
+/// these rules and grants (given as [`grant_line`]s, in order): what [`encode`]
+/// computes. A machine without a gateway hashes as it did before gateways existed,
+/// so states saved then still match.
 pub fn revision_of_lines(
     vm: &str,
+    gateway: Option<&WireGateway>,
     rules: &[WireRule],
     grant_lines: impl IntoIterator<Item = impl AsRef<[u8]>>,
 ) -> String {
     let mut h = Sha256::new();
     h.update(vm.to_ascii_lowercase().as_bytes());
+    if let Some(g) = gateway {
+        h.update(b"\ngateway ");
+        h.update(serde_json::to_vec(g).unwrap_or_default());
+    }
     for r in rules {
         // serde_json output of these plain structs is deterministic (field order).
         h.update(serde_json::to_vec(r).unwrap_or_default());
@@ -141,19 +242,27 @@ pub fn rules_to_wire(nsg: &[NsgRule]) -> Vec<WireRule> {
 }
 
 /// Builds the desired state of `vm` from its NSG view (JIT allow rules are carried as
-/// grants instead) and live grants.
-pub fn encode(vm: &VmId, nsg: &[NsgRule], grants: &[GrantRef], now: Timestamp) -> DesiredState {
+/// grants instead), live grants and placement behind a gateway.
+pub fn encode(
+    vm: &VmId,
+    gateway: Option<&Placement>,
+    nsg: &[NsgRule],
+    grants: &[GrantRef],
+    now: Timestamp,
+) -> DesiredState {
     let rules = rules_to_wire(nsg);
     let grants: Vec<WireGrant> = grants.iter().map(grant_to_wire).collect();
+    let gateway = gateway.map(WireGateway::from_placement);
     let vm_text = vm.to_string();
     DesiredState {
-        revision: revision_of(&vm_text, &rules, &grants),
+        revision: revision_of(&vm_text, gateway.as_ref(), &rules, &grants),
         vm: vm_text,
         generated_at: now.to_string(),
         rules,
         grants,
         base: None,
         removed: Vec::new(),
+        gateway,
     }
 }
 
@@ -205,6 +314,7 @@ pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], to: &DesiredState) 
         grants: added,
         base: Some(base.to_owned()),
         removed,
+        gateway: to.gateway.clone(),
     }
 }
 
@@ -265,12 +375,13 @@ pub fn apply_delta(prev: &Desired, d: &DesiredState) -> Result<Desired, String> 
         revision: d.revision.clone(),
         rules,
         grants,
+        gateway: decode_gateway(d)?,
     })
 }
 
 /// Whether `d`'s revision is the hash of its content, as the controller computes it.
 pub fn revision_matches(d: &Desired, now: Timestamp) -> bool {
-    encode(&d.vm, &d.rules, &d.grants, now).revision == d.revision
+    encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now).revision == d.revision
 }
 
 fn valid_revision(r: &str) -> bool {
@@ -287,7 +398,7 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
         );
     }
     let vm = VmId::parse(&d.vm).map_err(|e| format!("vm: {e}"))?;
-    if revision_of(&d.vm, &d.rules, &d.grants) != d.revision {
+    if revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants) != d.revision {
         return Err(
             "revision: does not match the content (corrupted or tampered state)".to_owned(),
         );
@@ -297,7 +408,15 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
         revision: d.revision.clone(),
         rules: decode_rules(&d.rules)?,
         grants: decode_grants("grants", &d.grants)?,
+        gateway: decode_gateway(d)?,
     })
+}
+
+fn decode_gateway(d: &DesiredState) -> Result<Option<Placement>, String> {
+    d.gateway
+        .as_ref()
+        .map(WireGateway::to_placement)
+        .transpose()
 }
 
 fn decode_rules(wire: &[WireRule]) -> Result<Vec<NsgRule>, String> {
@@ -549,7 +668,7 @@ mod tests {
                 .checked_add(jiff::SignedDuration::from_secs(3600))
                 .unwrap(),
         }];
-        encode(&vm(), &rules, &grants, t)
+        encode(&vm(), None, &rules, &grants, t)
     }
 
     /// A pool of grants for the delta tests: three requests, two ports, two sources.
@@ -595,8 +714,8 @@ mod tests {
         fn a_delta_applied_is_the_new_state(old in 0u16..4096, new in 0u16..4096) {
             let rules = decode(&sample()).unwrap().rules;
             let (old, new) = (pick(old), pick(new));
-            let prev = decode(&encode(&vm(), &rules, &old, t0())).unwrap();
-            let full = encode(&vm(), &rules, &new, t0());
+            let prev = decode(&encode(&vm(), None, &rules, &old, t0())).unwrap();
+            let full = encode(&vm(), None, &rules, &new, t0());
             let d = delta(&prev.revision, &old, &new, &full);
             let changed = old.iter().filter(|g| !new.contains(g)).count()
                 + new.iter().filter(|g| !old.contains(g)).count();
@@ -613,8 +732,8 @@ mod tests {
         let rules = decode(&sample()).unwrap().rules;
         let all = pool();
         let (a, b) = (all[..4].to_vec(), all[2..6].to_vec());
-        let prev = decode(&encode(&vm(), &rules, &a, t0())).unwrap();
-        let full = encode(&vm(), &rules, &b, t0());
+        let prev = decode(&encode(&vm(), None, &rules, &a, t0())).unwrap();
+        let full = encode(&vm(), None, &rules, &b, t0());
         let good = delta(&prev.revision, &a, &b, &full);
         assert!(apply_delta(&prev, &good).is_ok());
 
@@ -629,7 +748,7 @@ mod tests {
         let mut absent = good.clone();
         absent
             .removed
-            .push(encode(&vm(), &rules, &all[8..9], t0()).grants[0].clone());
+            .push(encode(&vm(), None, &rules, &all[8..9], t0()).grants[0].clone());
         assert!(
             apply_delta(&prev, &absent)
                 .unwrap_err()
@@ -639,7 +758,7 @@ mod tests {
         let mut present = good.clone();
         present
             .grants
-            .push(encode(&vm(), &rules, &all[2..3], t0()).grants[0].clone());
+            .push(encode(&vm(), None, &rules, &all[2..3], t0()).grants[0].clone());
         assert!(
             apply_delta(&prev, &present)
                 .unwrap_err()
@@ -693,6 +812,7 @@ mod tests {
         assert_eq!(back.grants.len(), 1);
         let again = encode(
             &back.vm,
+            None,
             &back.rules,
             &back.grants,
             "2027-01-01T00:00:00Z".parse().unwrap(),
@@ -715,7 +835,7 @@ mod tests {
             "content changed without a new revision"
         );
         let fix = |mut d: DesiredState| {
-            d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+            d.revision = revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants);
             d
         };
         let e = decode(&fix(d)).unwrap_err();
@@ -884,9 +1004,10 @@ mod tests {
                     grants,
                     base: None,
                     removed: Vec::new(),
+                    gateway: None,
                 };
                 if fix_revision {
-                    d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+                    d.revision = revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants);
                 }
                 d
             })
@@ -922,7 +1043,7 @@ mod tests {
                 let elements = nft::plan_elements(&got.grants, t0());
                 let script = nft::render_full(&got.rules, &elements, t0());
                 prop_assert!(script.ends_with("}\n"), "{}", script);
-                let again = decode(&encode(&got.vm, &got.rules, &got.grants, t0()));
+                let again = decode(&encode(&got.vm, None, &got.rules, &got.grants, t0()));
                 prop_assert!(again.is_ok(), "{:?}", again);
                 let again = again.unwrap();
                 prop_assert_eq!(again.rules, got.rules);
@@ -1038,7 +1159,7 @@ mod tests {
         g.source = "*".into();
         g.protocol = "*".into();
         d.grants.push(g);
-        d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+        d.revision = revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants);
         d
     }
 
@@ -1184,7 +1305,7 @@ mod tests {
         fn arbitrary_json_never_panics(v in arb_json(), fix in any::<bool>()) {
             if let Ok(mut d) = serde_json::from_value::<DesiredState>(v) {
                 if fix {
-                    d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+                    d.revision = revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants);
                 }
                 check_decode(&d)?;
             }
@@ -1208,7 +1329,7 @@ mod tests {
             }
             if let Ok(mut d) = serde_json::from_slice::<DesiredState>(&text) {
                 if fix {
-                    d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+                    d.revision = revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants);
                 }
                 check_decode(&d)?;
             }
@@ -1218,7 +1339,7 @@ mod tests {
         /// protected ports and grants) the agent accepts, unchanged.
         #[test]
         fn every_encoded_view_decodes((view, grants) in arb_view()) {
-            let d = encode(&vm(), &view, &grants, t0());
+            let d = encode(&vm(), None, &view, &grants, t0());
             let got = decode(&d);
             prop_assert!(got.is_ok(), "{:?}", got);
             let got = got.unwrap();
@@ -1240,7 +1361,7 @@ mod tests {
     #[test]
     fn rules_the_renderer_cannot_use_are_rejected_naming_the_rule() {
         let fix = |mut d: DesiredState| {
-            d.revision = revision_of(&d.vm, &d.rules, &d.grants);
+            d.revision = revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants);
             d
         };
         type Change = fn(&mut WireRule);

@@ -45,6 +45,7 @@ use crate::db::{Db, Dialect, Row, ToParam};
 
 mod approvals;
 pub mod db;
+mod gateways;
 mod pg;
 mod sqlite;
 #[cfg(feature = "testpg")]
@@ -1385,6 +1386,14 @@ fn put_policy_in(
             &[&vm.id.key(), &pkey],
         )?;
     }
+    // A VM behind a DNAT gateway gets a mapped port for each new port.
+    for (i, vm) in spec.vms.iter().enumerate() {
+        if let Err(e) = gateways::allocate_mapped(ctx.tx, &vm.id.key())? {
+            return Err(OpError::Refused(PolicyError::NoMappedPort(
+                FieldError::new(format!("properties.virtualMachines[{i}].ports"), e.message),
+            )));
+        }
+    }
     let mut revoked = Vec::new();
     if let Some((_, old)) = &old {
         // End exactly the live grants the new rules no longer allow (a removed
@@ -1752,6 +1761,10 @@ impl Store for SqlStore {
             if let Some(p) = in_policy {
                 return Err(OpError::Refused(VmError::InPolicy(p)));
             }
+            if let Some(behind) = gateways::first_behind(ctx.tx, &id.key())? {
+                return Err(OpError::Refused(VmError::GatewayInUse(behind)));
+            }
+            gateways::unplace(ctx, &id, &audit)?;
             let n = ctx
                 .tx
                 .execute("DELETE FROM vms WHERE key = ?1", &[&id.key()])?;
@@ -1762,6 +1775,48 @@ impl Store for SqlStore {
             Ok(n > 0)
         })
         .await
+    }
+
+    async fn place_vm(
+        &self,
+        vm: &VmId,
+        gateway: &VmId,
+        place: jitgate_core::gateway::Placement,
+        audit: AuditCtx,
+    ) -> Result<VmPlacement, OpError<PlaceError>> {
+        let (vm, gateway) = (vm.clone(), gateway.clone());
+        self.write(move |ctx| gateways::place(ctx, &vm, &gateway, &place, &audit))
+            .await
+    }
+
+    async fn unplace_vm(&self, vm: &VmId, audit: AuditCtx) -> Result<bool> {
+        let vm = vm.clone();
+        self.write_plain(move |ctx| gateways::unplace(ctx, &vm, &audit))
+            .await
+    }
+
+    async fn placement(&self, vm: &VmId) -> Result<Option<VmPlacement>> {
+        let vm = vm.clone();
+        self.read(move |c| gateways::one(c, &vm)).await
+    }
+
+    async fn placements(&self, vms: &[VmId]) -> Result<Vec<(VmId, VmPlacement)>> {
+        let vms = vms.to_vec();
+        self.read(move |c| {
+            let mut out = Vec::new();
+            for vm in vms {
+                if let Some(p) = gateways::one(c, &vm)? {
+                    out.push((vm, p));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn behind(&self, gateway: &VmId) -> Result<Vec<(VmId, VmPlacement)>> {
+        let gateway = gateway.clone();
+        self.read(move |c| gateways::behind(c, &gateway)).await
     }
 
     async fn put_policy(

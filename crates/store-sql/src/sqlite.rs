@@ -332,6 +332,28 @@ ALTER TABLE request_ports ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX request_ports_changed ON request_ports(vm_key, changed);
 DROP INDEX request_ports_vm_all;
 "#,
+    // Machines behind a gateway (gateway mode), and the mapped ports of those in DNAT
+    // mode: unique per public address, stable while the machine stays on it.
+    r#"
+CREATE TABLE placements(
+    vm_key TEXT PRIMARY KEY,
+    gateway_key TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    address TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    masquerade INTEGER NOT NULL,
+    public_address TEXT,
+    UNIQUE(gateway_key, address)
+);
+CREATE TABLE mapped_ports(
+    vm_key TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    public_address TEXT NOT NULL,
+    mapped INTEGER NOT NULL,
+    PRIMARY KEY(vm_key, number),
+    UNIQUE(public_address, mapped)
+);
+"#,
 ];
 
 /// Opens (creating if needed) the database file with the store's settings.

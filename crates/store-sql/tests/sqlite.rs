@@ -92,8 +92,8 @@ fn key() -> PolicyKey {
 
 /// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
 /// approvals, break-glass, webhooks, offline agents, the
-/// protected flag, the superseding index, grant change marks), undone, for the tests that take a database back to an older schema.
-const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 9;
+/// protected flag, the superseding index, grant change marks, gateway placements), undone, for the tests that take a database back to an older schema.
+const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 10;
 
 /// Turns the database file back into an older one: runs `undo` (what the last
 /// `migrations` migrations did, undone) and sets the schema version that many back.
@@ -107,6 +107,7 @@ fn rewind(path: &std::path::Path, undo: &str, migrations: i64) {
         .unwrap();
 }
 const UNDO_SINCE_IDEMPOTENCY: &str = "
+    DROP TABLE mapped_ports; DROP TABLE placements;
     DROP INDEX request_ports_changed; ALTER TABLE request_ports DROP COLUMN changed;
     CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
     DROP INDEX request_ports_vm;

@@ -108,6 +108,30 @@ pub trait Store: Send + Sync + 'static {
     async fn vm_summaries(&self, vms: &[VmId], now: Timestamp) -> Result<Vec<VmSummary>>;
     async fn delete_vm(&self, id: &VmId, audit: AuditCtx) -> Result<bool, OpError<VmError>>;
 
+    // ---- gateways ----
+    /// Places `vm` behind `gateway` (or moves it), audited as `vm.place`. `place`'s
+    /// mapped ports are ignored: in DNAT mode the store allocates one per port of the
+    /// VM's policy on the public address (the lowest free of [`MAPPED_PORTS`]), here
+    /// and whenever a policy gives the VM a new port, and keeps them while the VM
+    /// stays on that address; moving the VM to another public address or mode
+    /// allocates afresh. Returns the placement as stored.
+    async fn place_vm(
+        &self,
+        vm: &VmId,
+        gateway: &VmId,
+        place: jitgate_core::gateway::Placement,
+        audit: AuditCtx,
+    ) -> Result<VmPlacement, OpError<PlaceError>>;
+    /// Takes `vm` from behind its gateway (audited as `vm.unplace`); false when it
+    /// was not behind one.
+    async fn unplace_vm(&self, vm: &VmId, audit: AuditCtx) -> Result<bool>;
+    /// Where `vm` sits behind a gateway, if it does.
+    async fn placement(&self, vm: &VmId) -> Result<Option<VmPlacement>>;
+    /// The placements of those of `vms` behind a gateway, in one read.
+    async fn placements(&self, vms: &[VmId]) -> Result<Vec<(VmId, VmPlacement)>>;
+    /// The VMs behind `gateway`, in key order.
+    async fn behind(&self, gateway: &VmId) -> Result<Vec<(VmId, VmPlacement)>>;
+
     // ---- policies ----
     async fn put_policy(
         &self,

@@ -89,7 +89,34 @@ pub enum VmError {
     UnknownSubscription(SubscriptionId),
     /// A VM in a policy cannot be deleted; the policy key is given.
     InPolicy(String),
+    /// A gateway with machines behind it cannot be deleted; one of them is given.
+    GatewayInUse(VmId),
 }
+
+/// Where a VM sits behind a gateway: the gateway (a VM whose agent enforces this
+/// VM's state) and the placement, with the mapped ports allocated so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPlacement {
+    pub gateway: VmId,
+    pub place: jitgate_core::gateway::Placement,
+}
+
+/// A refused `place_vm`, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlaceError {
+    /// The VM or the gateway is not registered (`vm` or `gateway`).
+    Unknown(FieldError),
+    /// A gateway cannot be behind itself or behind a machine that is itself behind a
+    /// gateway, and a machine with machines behind it cannot move behind one.
+    Chain(FieldError),
+    /// Another machine behind the same gateway has this address.
+    AddressTaken(FieldError),
+    /// No free mapped port is left on the public address.
+    NoMappedPort(FieldError),
+}
+
+/// The first and last ports a DNAT gateway hands out as mapped ports.
+pub const MAPPED_PORTS: (u16, u16) = (50000, 59999);
 
 /// An audit event a caller composes (its actor, source and time come from the
 /// operation's `AuditCtx`): the summary `apply_policies` appends after its writes.
@@ -117,6 +144,9 @@ pub enum PolicyError {
     UnknownVm(FieldError),
     /// The VM at this field is already protected by another policy.
     VmInOtherPolicy(FieldError),
+    /// The VM at this field is behind a DNAT gateway whose public address has no
+    /// mapped port left for a new port.
+    NoMappedPort(FieldError),
 }
 
 #[derive(Debug, Clone, Default)]

@@ -31,6 +31,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::list_vms, vms::register_vm))
         .routes(routes!(vms::get_vm, vms::delete_vm))
         .routes(routes!(vms::blocked))
+        .routes(routes!(vms::put_placement, vms::delete_placement))
         .routes(routes!(nsg::get_nsg))
         .routes(routes!(nsg::list_nsg_rules))
         .routes(routes!(nsg::put_nsg_rule, nsg::delete_nsg_rule))

@@ -12,10 +12,12 @@ use jitgate_core::ids::{Location, VmId, VmName};
 use jitgate_core::rbac::Action;
 use jitgate_proto::StatusReport;
 use jitgate_proto::api::{
-    AgentPresence, AgentStatus, BlockedPoint, BlockedSeries, BlockedTotal, Grant, RegisterVm, Vm,
-    VmDetail, VmListItem, VmPage,
+    AgentPresence, AgentStatus, BlockedPoint, BlockedSeries, BlockedTotal, Grant, Placement,
+    PutPlacement, RegisterVm, Vm, VmDetail, VmListItem, VmPage,
 };
-use jitgate_store::{OpError, RegisterOutcome, RequestFilter, VmError, VmRecord, VmSummary};
+use jitgate_store::{
+    OpError, PlaceError, RegisterOutcome, RequestFilter, VmError, VmPlacement, VmRecord, VmSummary,
+};
 
 use crate::AppState;
 use crate::auth::{CallerIp, Principal};
@@ -128,6 +130,9 @@ pub async fn register_vm(
             )
             .with_target("id"),
             OpError::Refused(VmError::InPolicy(p)) => ApiError::conflict(format!("in policy {p}")),
+            OpError::Refused(VmError::GatewayInUse(v)) => {
+                ApiError::conflict(format!("the gateway of {v}"))
+            }
             OpError::Store(s) => s.into(),
         })?;
     let vm = state
@@ -257,7 +262,9 @@ pub async fn get_vm(
         })
         .await?;
     let blocked = state.store.blocked_series(Some(&id), day_ago(now)?).await?;
+    let placement = state.store.placement(&id).await?;
     Ok(Json(VmDetail {
+        placement: placement.as_ref().map(placement_wire),
         vm: vm_wire(&vm),
         policy: policy.as_ref().map(|p| p.key.id()),
         agent: agent_status(&state, &id, now).await?,
@@ -301,6 +308,9 @@ pub async fn delete_vm(
         Ok(false) => Ok(StatusCode::NO_CONTENT),
         Err(OpError::Refused(VmError::InPolicy(p))) => Err(ApiError::conflict(format!(
             "virtual machine '{id}' is protected by policy {p}; remove it from the policy first"
+        ))),
+        Err(OpError::Refused(VmError::GatewayInUse(v))) => Err(ApiError::conflict(format!(
+            "virtual machine '{id}' is the gateway of '{v}' (and maybe others); move them first (DELETE .../placement)"
         ))),
         Err(OpError::Refused(VmError::UnknownSubscription(s))) => {
             Err(ApiError::not_found(format!("subscription {s} not found")))
@@ -362,4 +372,146 @@ pub async fn blocked(
 fn day_ago(now: Timestamp) -> ApiResult<Timestamp> {
     now.checked_sub(jiff::SignedDuration::from_hours(24))
         .map_err(ApiError::internal)
+}
+
+/// A placement on the wire.
+pub fn placement_wire(p: &VmPlacement) -> Placement {
+    Placement {
+        gateway: p.gateway.to_string(),
+        place: jitgate_proto::WireGateway::from_placement(&p.place),
+    }
+}
+
+/// The gateway named in a request: a resource id or `resourceGroup/name`.
+fn gateway_param(state: &AppState, s: &str) -> ApiResult<VmId> {
+    if s.starts_with('/') {
+        return VmId::parse(s).map_err(|e| ApiError::bad_param("gateway", e));
+    }
+    match s.split_once('/') {
+        Some((rg, name)) => {
+            params::vm_param(state, rg, name).map_err(|e| ApiError::bad_param("gateway", e.message))
+        }
+        None => Err(ApiError::bad_param(
+            "gateway",
+            format!("'{s}' is neither a resource id nor resourceGroup/name"),
+        )),
+    }
+}
+
+/// Places a VM behind a gateway, or moves it (gateway mode): from then on the
+/// gateway's agent enforces the VM's state, and in DNAT mode each port of its policy
+/// gets a mapped port on the public address. 200 with the placement as stored.
+#[utoipa::path(put, path = "/api/v1/vms/{rg}/{name}/placement", tag = "vms",
+    params(("rg" = String, Path), ("name" = String, Path)), request_body = PutPlacement,
+    responses((status = 200, body = Placement)))]
+pub async fn put_placement(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((rg, name)): Path<(String, String)>,
+    JsonBody(body): JsonBody<PutPlacement>,
+) -> ApiResult<Json<Placement>> {
+    let id = params::vm_param(&state, &rg, &name)?;
+    let gateway = gateway_param(
+        &state,
+        body.gateway
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_param("gateway", "is required"))?,
+    )?;
+    let address = body
+        .address
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_param("address", "is required (the VM's private address)"))?;
+    let address: std::net::IpAddr = address
+        .parse()
+        .map_err(|_| ApiError::bad_param("address", format!("'{address}' is not an IP address")))?;
+    let mode = jitgate_core::gateway::Mode::parse(body.mode.as_deref().unwrap_or("routed"))
+        .map_err(|e| ApiError::bad_param("mode", e))?;
+    let public = body
+        .public_ip_address
+        .as_deref()
+        .map(|p| {
+            p.parse::<std::net::IpAddr>().map_err(|_| {
+                ApiError::bad_param("publicIpAddress", format!("'{p}' is not an IP address"))
+            })
+        })
+        .transpose()?;
+    let place = jitgate_core::gateway::Placement {
+        address,
+        mode,
+        masquerade: body.masquerade,
+        public,
+        mapped: Vec::new(),
+    };
+    if mode == jitgate_core::gateway::Mode::Routed && (public.is_some() || body.masquerade) {
+        return Err(ApiError::bad_param(
+            if public.is_some() {
+                "publicIpAddress"
+            } else {
+                "masquerade"
+            },
+            "applies to mode dnat only",
+        ));
+    }
+    place.validate().map_err(|e| {
+        let field = if e.contains("public address") {
+            "publicIpAddress"
+        } else {
+            "address"
+        };
+        ApiError::bad_param(field, e)
+    })?;
+    // Placing a VM decides who enforces it, which is the VM's and the gateway's business.
+    principal.require(Action::VmWrite, &id.scope())?;
+    principal.require(Action::VmWrite, &gateway.scope())?;
+    let stored = state
+        .store
+        .place_vm(
+            &id,
+            &gateway,
+            place,
+            principal.audit_ctx(ip, state.clock.now()),
+        )
+        .await
+        .map_err(|e| match e {
+            OpError::Refused(PlaceError::Unknown(f)) => {
+                ApiError::new(StatusCode::NOT_FOUND, "NotFound", f.message.clone())
+                    .with_target(f.field)
+            }
+            OpError::Refused(
+                PlaceError::Chain(f) | PlaceError::AddressTaken(f) | PlaceError::NoMappedPort(f),
+            ) => ApiError::new(StatusCode::CONFLICT, "Conflict", f.message.clone())
+                .with_target(f.field),
+            OpError::Store(s) => s.into(),
+        })?;
+    state.vm_changes.touch([&id, &gateway]);
+    Ok(Json(placement_wire(&stored)))
+}
+
+/// Takes a VM from behind its gateway (200 done, 204 it was not behind one). Its
+/// grants then close on the gateway; an agent on the VM enforces it from then on.
+#[utoipa::path(delete, path = "/api/v1/vms/{rg}/{name}/placement", tag = "vms",
+    params(("rg" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "Taken from behind its gateway"), (status = 204, description = "It was not behind one")))]
+pub async fn delete_placement(
+    State(state): State<AppState>,
+    principal: Principal,
+    CallerIp(ip): CallerIp,
+    Path((rg, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let id = params::vm_param(&state, &rg, &name)?;
+    principal.require(Action::VmWrite, &id.scope())?;
+    let before = state.store.placement(&id).await?;
+    let done = state
+        .store
+        .unplace_vm(&id, principal.audit_ctx(ip, state.clock.now()))
+        .await?;
+    let mut touched = vec![id.clone()];
+    touched.extend(before.map(|p| p.gateway));
+    state.vm_changes.touch(touched.iter());
+    Ok(if done {
+        StatusCode::OK
+    } else {
+        StatusCode::NO_CONTENT
+    })
 }

@@ -90,6 +90,15 @@ pub struct AgentArgs {
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    run(args, false).await
+}
+
+/// `jitgate gateway`: the agent, also enforcing the machines placed behind it.
+pub async fn gateway(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    run(args, true).await
+}
+
+async fn run(args: AgentArgs, gateway: bool) -> anyhow::Result<ExitCode> {
     init_logging(&args.log_format)?;
     if let Some(AgentCommand::Restore { state_dir, nft }) = args.cmd {
         return match jitgate_agent::restore(&state_dir, nft)? {
@@ -140,6 +149,10 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.nft = args.nft;
     config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs.max(1));
     config.drift_check = std::time::Duration::from_secs(args.drift_check_secs);
+    config.gateway = gateway;
+    if gateway {
+        check_forwarding();
+    }
     let (tx, rx) = tokio::sync::watch::channel(false);
     let (mut term, mut int) = stop_signals()?;
     let task = tokio::spawn(jitgate_agent::run(config, rx));
@@ -162,6 +175,23 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     tracing::info!("agent stopping; the kernel keeps enforcing the applied state");
     let _ = tx.send(true);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A gateway forwards: warn when the kernel would not (the grants would open nothing).
+fn check_forwarding() {
+    for (file, what) in [
+        ("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+        (
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+            "net.ipv6.conf.all.forwarding",
+        ),
+    ] {
+        if std::fs::read_to_string(file).is_ok_and(|v| v.trim() == "0") {
+            tracing::warn!(
+                "{what} is 0: this gateway does not forward, so machines behind it are unreachable even with a grant (sysctl -w {what}=1)"
+            );
+        }
+    }
 }
 
 /// A secret from a file, or from standard input for `-`; surrounding whitespace

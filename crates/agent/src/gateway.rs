@@ -1,0 +1,469 @@
+//! Gateway mode (`jitgate gateway`): the agent of a Linux gateway also enforces the
+//! desired states of the machines placed behind it, which run no agent, in `table
+//! inet jitgate_gw` (see `jitgate_core::gateway`).
+//!
+//! ```text
+//! long-poll /api/v1/agent/behind  -> the machines behind this gateway
+//! per machine: long-poll desired  -> decode (with its placement) -> the map
+//! any change: validate every target -> one `nft -f` of the whole table -> save
+//!             -> report each machine's applied revision (as its agent would)
+//! every heartbeat: TCP probes of each machine's management ports -> its report
+//! ```
+//!
+//! Grants are set and map elements with kernel timeouts: they close on time with
+//! this process and the controller dead. A restart keeps the table as it is until
+//! every machine's state has been fetched again, so it never drops a live grant;
+//! `jitgate agent restore` rebuilds it at boot from the saved states.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use jitgate_core::Timestamp;
+use jitgate_core::gateway::{self, Target};
+use jitgate_proto::{Desired, DesiredState, StatusReport, WireListener};
+use tokio::sync::{Notify, watch};
+
+use crate::nft::Nft;
+
+/// Ports probed on each machine (the reference's management ports).
+pub const PROBED_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
+
+/// The file the machines' applied states are kept in, for restarts and the boot-time
+/// restore.
+pub const STATE_FILE: &str = "gateway.json";
+
+/// What the gateway needs from the agent that runs it.
+pub struct Gateway {
+    pub controller: String,
+    pub http: reqwest::Client,
+    /// The gateway's own VM id and credential.
+    pub vm: String,
+    pub token: jitgate_proto::Secret,
+    pub nft: Nft,
+    pub state_dir: std::path::PathBuf,
+    pub poll_wait: Duration,
+    pub heartbeat: Duration,
+    pub nft_version: Option<String>,
+}
+
+#[derive(Default)]
+struct Machines {
+    /// The last desired state fetched for each machine behind the gateway.
+    fetched: BTreeMap<String, Desired>,
+    /// The wire form of each (what is saved).
+    wire: BTreeMap<String, DesiredState>,
+    /// The machines listed by the controller; a render waits until each was fetched.
+    listed: Vec<String>,
+    /// What the last apply did: the revision applied per machine, or the error.
+    applied: BTreeMap<String, String>,
+    applied_at: Option<String>,
+    error: Option<String>,
+    probes: BTreeMap<String, Vec<WireListener>>,
+}
+
+/// Reads the saved states (empty when there are none or they do not parse).
+pub fn saved(state_dir: &std::path::Path) -> Vec<DesiredState> {
+    std::fs::read(state_dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// The targets of decoded states: each must carry its placement.
+pub fn targets(states: &[Desired]) -> anyhow::Result<Vec<Target>> {
+    states
+        .iter()
+        .map(|d| {
+            let place = d.gateway.clone().with_context(|| {
+                format!(
+                    "{}: the controller sent no placement for a machine behind this gateway",
+                    d.vm
+                )
+            })?;
+            Ok(Target {
+                name: d.vm.to_string(),
+                place,
+                rules: d.rules.clone(),
+                grants: d.grants.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Renders and applies the whole gateway table for `states`, timeouts from now.
+pub fn enforce(nft: &Nft, states: &[Desired]) -> anyhow::Result<()> {
+    let targets = targets(states)?;
+    gateway::validate(&targets).map_err(|e| anyhow::anyhow!(e))?;
+    nft.apply(&gateway::render_full(&targets, Timestamp::now()))
+}
+
+impl Gateway {
+    /// Runs until `shutdown` changes.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let me = Arc::new(self);
+        let machines = Arc::new(Mutex::new(Machines::default()));
+        let changed = Arc::new(Notify::new());
+        let (list_tx, mut list_rx) = watch::channel(Vec::<String>::new());
+
+        // The machines behind this gateway.
+        let lister = {
+            let (me, mut stop) = (me.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut known: Option<String> = None;
+                let mut backoff = Duration::from_millis(200);
+                loop {
+                    let got = tokio::select! {
+                        r = me.behind(known.as_deref()) => r,
+                        _ = stop.changed() => return,
+                    };
+                    match got {
+                        Ok((rev, vms)) => {
+                            backoff = Duration::from_millis(200);
+                            if known.as_deref() != Some(rev.as_str()) {
+                                tracing::info!(
+                                    machines = vms.len(),
+                                    "machines behind this gateway"
+                                );
+                                known = Some(rev);
+                                let _ = list_tx.send(vms);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "cannot list the machines behind this gateway");
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = stop.changed() => return,
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+            })
+        };
+
+        // The applier: one render of the whole table per burst of changes.
+        let applier = {
+            let (me, machines, changed, mut stop) = (
+                me.clone(),
+                machines.clone(),
+                changed.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = changed.notified() => {}
+                        _ = stop.changed() => return,
+                    }
+                    let (me2, m2) = (me.clone(), machines.clone());
+                    let done = tokio::task::spawn_blocking(move || me2.apply(&m2))
+                        .await
+                        .unwrap_or(false);
+                    if done {
+                        me.report_all(&machines).await;
+                    }
+                }
+            })
+        };
+
+        // The prober and heartbeat: reports every machine's probed ports.
+        let prober = {
+            let (me, machines, mut stop) = (me.clone(), machines.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    let targets: Vec<(String, IpAddr)> = machines
+                        .lock()
+                        .map(|m| {
+                            m.fetched
+                                .iter()
+                                .filter_map(|(k, d)| {
+                                    d.gateway.as_ref().map(|g| (k.clone(), g.address))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for (vm, addr) in targets {
+                        let found = probe(addr).await;
+                        if let Ok(mut m) = machines.lock() {
+                            m.probes.insert(vm, found);
+                        }
+                    }
+                    me.report_all(&machines).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(me.heartbeat) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            })
+        };
+
+        // One long-poll per machine behind the gateway.
+        let mut pollers: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+        loop {
+            let list = list_rx.borrow_and_update().clone();
+            pollers.retain(|vm, h| {
+                let keep = list.contains(vm);
+                if !keep {
+                    h.abort();
+                }
+                keep
+            });
+            let removed = {
+                let mut m = machines.lock().unwrap_or_else(|p| p.into_inner());
+                m.listed = list.clone();
+                let before = m.fetched.len();
+                m.fetched.retain(|vm, _| list.contains(vm));
+                m.wire.retain(|vm, _| list.contains(vm));
+                m.fetched.len() != before
+            };
+            if removed {
+                changed.notify_one();
+            }
+            for vm in &list {
+                if pollers.contains_key(vm) {
+                    continue;
+                }
+                let (me, machines, changed, stop) = (
+                    me.clone(),
+                    machines.clone(),
+                    changed.clone(),
+                    shutdown.clone(),
+                );
+                let vm2 = vm.clone();
+                pollers.insert(
+                    vm.clone(),
+                    tokio::spawn(
+                        async move { me.poll_machine(vm2, machines, changed, stop).await },
+                    ),
+                );
+            }
+            tokio::select! {
+                r = list_rx.changed() => if r.is_err() { break; },
+                _ = shutdown.changed() => break,
+            }
+        }
+        for (_, h) in pollers {
+            h.abort();
+        }
+        lister.abort();
+        applier.abort();
+        prober.abort();
+    }
+
+    async fn behind(&self, known: Option<&str>) -> anyhow::Result<(String, Vec<String>)> {
+        let wait = self.poll_wait.as_secs().to_string();
+        let mut q = vec![("vm", self.vm.as_str()), ("wait", wait.as_str())];
+        if let Some(k) = known {
+            q.push(("known", k));
+        }
+        let resp = self
+            .http
+            .get(format!("{}/api/v1/agent/behind", self.controller))
+            .query(&q)
+            .bearer_auth(self.token.expose())
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            anyhow::bail!("the controller answered {}", resp.status());
+        }
+        #[derive(serde::Deserialize)]
+        struct Behind {
+            revision: String,
+            vms: Vec<String>,
+        }
+        let b: Behind = resp.json().await?;
+        Ok((b.revision, b.vms))
+    }
+
+    async fn poll_machine(
+        self: Arc<Self>,
+        vm: String,
+        machines: Arc<Mutex<Machines>>,
+        changed: Arc<Notify>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut known: Option<String> = None;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let wait = self.poll_wait.as_secs().to_string();
+            let mut q = vec![("vm", vm.as_str()), ("wait", wait.as_str())];
+            if let Some(k) = &known {
+                q.push(("known", k.as_str()));
+            }
+            let sent = self
+                .http
+                .get(format!("{}/api/v1/agent/desired", self.controller))
+                .query(&q)
+                .bearer_auth(self.token.expose())
+                .send();
+            let got = tokio::select! {
+                r = sent => r,
+                _ = stop.changed() => return,
+            };
+            let result: anyhow::Result<DesiredState> = match got {
+                Ok(r) if r.status().is_success() => r.json().await.map_err(Into::into),
+                Ok(r) => Err(anyhow::anyhow!("the controller answered {}", r.status())),
+                Err(e) => Err(e.into()),
+            };
+            match result.and_then(|d| {
+                let decoded = jitgate_proto::decode(&d).map_err(|e| anyhow::anyhow!(e))?;
+                Ok((d, decoded))
+            }) {
+                Ok((wire, d)) => {
+                    backoff = Duration::from_millis(200);
+                    if known.as_deref() == Some(d.revision.as_str()) {
+                        continue;
+                    }
+                    known = Some(d.revision.clone());
+                    if let Ok(mut m) = machines.lock() {
+                        m.fetched.insert(vm.clone(), d);
+                        m.wire.insert(vm.clone(), wire);
+                    }
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(%vm, error = %format!("{e:#}"), "cannot fetch the desired state of a machine behind this gateway");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Applies the whole table once every listed machine has been fetched; true when
+    /// something was applied (or failed: the failure is reported too).
+    fn apply(&self, machines: &Mutex<Machines>) -> bool {
+        let (states, wire): (Vec<Desired>, Vec<DesiredState>) = {
+            let Ok(m) = machines.lock() else { return false };
+            if m.listed.iter().any(|vm| !m.fetched.contains_key(vm)) {
+                // A restart: keep the table as it is until every state is known.
+                return false;
+            }
+            (
+                m.fetched.values().cloned().collect(),
+                m.wire.values().cloned().collect(),
+            )
+        };
+        let result = enforce(&self.nft, &states);
+        if let Ok(mut m) = machines.lock() {
+            match &result {
+                Ok(()) => {
+                    m.applied = states
+                        .iter()
+                        .map(|d| (d.vm.to_string(), d.revision.clone()))
+                        .collect();
+                    m.applied_at = Some(Timestamp::now().to_string());
+                    m.error = None;
+                }
+                Err(e) => m.error = Some(format!("{e:#}")),
+            }
+        }
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    machines = states.len(),
+                    grants = states.iter().map(|d| d.grants.len()).sum::<usize>(),
+                    "applied the gateway table"
+                );
+                let saved = serde_json::to_vec(&wire)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| {
+                        crate::state::write_private(&self.state_dir.join(STATE_FILE), &b)
+                    });
+                if let Err(e) = saved {
+                    tracing::error!(error = %format!("{e:#}"), "cannot save the gateway's states");
+                    if let Ok(mut m) = machines.lock() {
+                        m.error = Some(format!(
+                            "cannot save the applied states (a reboot would restore older ones): {e:#}"
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot apply the gateway table; keeping the previous one")
+            }
+        }
+        true
+    }
+
+    /// Reports each machine as its agent would: the revision applied, the ports that
+    /// answered the gateway's probe.
+    async fn report_all(&self, machines: &Mutex<Machines>) {
+        let reports: Vec<(String, StatusReport)> = {
+            let Ok(m) = machines.lock() else { return };
+            m.listed
+                .iter()
+                .map(|vm| {
+                    let addresses = m
+                        .fetched
+                        .get(vm)
+                        .and_then(|d| d.gateway.as_ref())
+                        .map(|g| vec![g.address.to_string()])
+                        .unwrap_or_default();
+                    (
+                        vm.clone(),
+                        StatusReport {
+                            applied_revision: m.applied.get(vm).cloned(),
+                            applied_at: m.applied_at.clone(),
+                            nft_version: self.nft_version.clone(),
+                            error: m.error.clone(),
+                            agent_version: Some(format!(
+                                "{} (gateway {})",
+                                env!("CARGO_PKG_VERSION"),
+                                self.vm
+                            )),
+                            addresses,
+                            listening: m.probes.get(vm).cloned().unwrap_or_default(),
+                            ..StatusReport::default()
+                        },
+                    )
+                })
+                .collect()
+        };
+        for (vm, report) in reports {
+            let r = self
+                .http
+                .post(format!("{}/api/v1/agent/status", self.controller))
+                .query(&[("vm", vm.as_str())])
+                .bearer_auth(self.token.expose())
+                .json(&report)
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status().is_success() => {}
+                Ok(resp) => tracing::warn!(%vm, status = %resp.status(), "status report refused"),
+                Err(e) => tracing::debug!(%vm, error = %e, "status report failed"),
+            }
+        }
+    }
+}
+
+/// The management ports of `addr` that accept a TCP connection from the gateway
+/// (one second each, one port at a time: a bounded rate), as listeners.
+pub async fn probe(addr: IpAddr) -> Vec<WireListener> {
+    let mut out = Vec::new();
+    for port in PROBED_PORTS {
+        let open = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(SocketAddr::new(addr, port)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if open {
+            out.push(WireListener {
+                protocol: "TCP".into(),
+                family: if addr.is_ipv4() { "IPv4" } else { "IPv6" }.into(),
+                address: addr.to_string(),
+                port,
+                process: Some("found by the gateway's probe".into()),
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,581 @@
+//! Gateway mode: the nftables table of a Linux gateway in front of machines that run
+//! no agent (Windows with RDP, appliances), the analogue of JIT on Azure Firewall.
+//!
+//! The gateway owns `table inet jitgate_gw`, apart from the `inet jitgate` table its
+//! own agent may keep for the gateway's own ports. Each machine behind it (a
+//! [`Target`]) has one private address and one of two modes:
+//!
+//! * **routed**: clients reach the machine's own address through the gateway. A grant
+//!   is an element `source . address . protocol . port` of `fwd4`/`fwd6`, accepted in
+//!   the `forward` chain;
+//! * **DNAT** (Azure Firewall's way): clients reach the gateway's public address on a
+//!   *mapped port* the controller allocated for the machine's port. A grant is an
+//!   element `source . protocol . mapped port : address . port` of the `dnat4`/`dnat6`
+//!   map, which the `prerouting` chain uses to translate, plus the element `source .
+//!   address . protocol . port` of `dfwd4`/`dfwd6`, accepted in `forward` only for
+//!   translated connections (`ct status dnat`): a granted source still cannot reach
+//!   the private address directly.
+//!
+//! Every element carries a kernel timeout equal to the time left until its grant's
+//! end (as in [`crate::nft`]), so grants close on time with the gateway's agent and
+//! the controller dead. In `forward`, after the grants, each machine's NSG rules
+//! apply to traffic to its address, in priority order, its JIT deny rules last: a
+//! protected port is closed to everyone without a grant, in both modes. Established
+//! and related traffic is accepted first, so a connection opened under a grant keeps
+//! working after its end (Azure's documented behaviour); the translation of a
+//! connection lives in conntrack and outlives the map element.
+//!
+//! The `input` chain drops packets to the public address's mapped ports that no
+//! grant translated, so an ungranted client sees a filtered port, not a refusal from
+//! the gateway's own stack. With `masquerade`, a DNAT machine sees connections come
+//! from the gateway (for machines whose default route is not the gateway).
+//!
+//! Sources of one group (family, protocol, port, machine) are planned into disjoint
+//! prefixes as in [`crate::nft::plan_group`]; every set here is an interval set.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use jiff::Timestamp;
+
+use crate::net::Port;
+use crate::nft::{self, L4};
+use crate::nsg::{GrantRef, NsgRule, RuleOrigin};
+
+/// The table a gateway owns (family `inet`).
+pub const TABLE: &str = "jitgate_gw";
+
+/// How clients reach a machine behind a gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    Routed,
+    Dnat,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "routed" => Ok(Mode::Routed),
+            "dnat" => Ok(Mode::Dnat),
+            _ => Err(format!("mode '{s}' is not one of routed, dnat")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Routed => "routed",
+            Mode::Dnat => "dnat",
+        }
+    }
+}
+
+/// A port of a machine behind a DNAT gateway and the gateway's port for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MappedPort {
+    pub port: Port,
+    pub mapped: Port,
+}
+
+/// Where a machine sits behind its gateway: what the controller says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The machine's private address, as the gateway reaches it.
+    pub address: IpAddr,
+    pub mode: Mode,
+    /// DNAT only: the machine sees connections come from the gateway.
+    pub masquerade: bool,
+    /// DNAT only: the gateway's public address clients connect to.
+    pub public: Option<IpAddr>,
+    /// DNAT only: the mapped port of each protected port.
+    pub mapped: Vec<MappedPort>,
+}
+
+impl Placement {
+    pub fn mapped_port(&self, port: Port) -> Option<Port> {
+        self.mapped
+            .iter()
+            .find(|m| m.port == port)
+            .map(|m| m.mapped)
+    }
+
+    /// What can be checked of one placement alone: for DNAT a public address of the
+    /// machine's family and each port mapped once.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mode == Mode::Routed {
+            return Ok(());
+        }
+        match self.public {
+            None => return Err("DNAT mode needs the gateway's public address".to_owned()),
+            Some(p) if p.is_ipv4() != self.address.is_ipv4() => {
+                return Err(format!(
+                    "the public address {p} and the machine's {} are of different families",
+                    self.address
+                ));
+            }
+            Some(_) => {}
+        }
+        let mut ports = BTreeSet::new();
+        for m in &self.mapped {
+            if !ports.insert(m.port) {
+                return Err(format!("port {} is mapped twice", m.port));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A machine behind the gateway, with what its desired state says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// For comments and errors (the VM's id).
+    pub name: String,
+    pub place: Placement,
+    pub rules: Vec<NsgRule>,
+    pub grants: Vec<GrantRef>,
+}
+
+/// Checks what the renderer relies on, before anything touches the kernel: valid
+/// rules and placements, one machine per address, mapped ports unique per public
+/// address and one for every port a DNAT grant names.
+pub fn validate(targets: &[Target]) -> Result<(), String> {
+    let mut addresses = BTreeSet::new();
+    let mut mapped: BTreeMap<(IpAddr, Port), &str> = BTreeMap::new();
+    for t in targets {
+        let p = &t.place;
+        nft::validate(&t.rules).map_err(|e| format!("{}: {e}", t.name))?;
+        p.validate().map_err(|e| format!("{}: {e}", t.name))?;
+        if !addresses.insert(p.address) {
+            return Err(format!(
+                "{}: address {} is also another machine's",
+                t.name, p.address
+            ));
+        }
+        let Some(public) = p.public.filter(|_| p.mode == Mode::Dnat) else {
+            continue;
+        };
+        for m in &p.mapped {
+            if let Some(other) = mapped.insert((public, m.mapped), &t.name) {
+                return Err(format!(
+                    "{}: mapped port {public}:{} is also {other}'s",
+                    t.name, m.mapped
+                ));
+            }
+        }
+        if let Some(g) = t.grants.iter().find(|g| p.mapped_port(g.number).is_none()) {
+            return Err(format!(
+                "{}: port {} has a grant but no mapped port",
+                t.name, g.number
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One element of the gateway's grant sets: traffic from `net` with `proto` to
+/// `address`:`port` (reached on `mapped` for DNAT) until `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GwElement {
+    pub mode: Mode,
+    pub address: IpAddr,
+    pub proto: L4,
+    pub port: Port,
+    pub mapped: Option<Port>,
+    pub net: IpNet,
+    pub end: Timestamp,
+}
+
+/// The elements of every target, sorted: per (target, protocol, port), the grants'
+/// sources of the target's family, disjoint, each with the latest end covering it.
+/// Grants with less than [`nft::MIN_TIMEOUT_MS`] left give nothing.
+pub fn plan(targets: &[Target], now: Timestamp) -> Vec<GwElement> {
+    let mut out = Vec::new();
+    for t in targets {
+        let p = &t.place;
+        let v6 = p.address.is_ipv6();
+        let mut groups: BTreeMap<(L4, Port), Vec<(IpNet, Timestamp)>> = BTreeMap::new();
+        for ((fam6, _host, proto, port), items) in nft::group_grants(&t.grants, now) {
+            if fam6 == v6 {
+                groups.entry((proto, port)).or_default().extend(items);
+            }
+        }
+        for ((proto, port), items) in groups {
+            let mapped = match p.mode {
+                Mode::Routed => None,
+                // validate() refuses a DNAT grant without a mapped port.
+                Mode::Dnat => match p.mapped_port(port) {
+                    Some(m) => Some(m),
+                    None => continue,
+                },
+            };
+            for e in nft::plan_group((v6, false, proto, port), items) {
+                out.push(GwElement {
+                    mode: p.mode,
+                    address: p.address,
+                    proto,
+                    port,
+                    mapped,
+                    net: e.net,
+                    end: e.end,
+                });
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn family(a: &IpAddr) -> &'static str {
+    if a.is_ipv4() { "ip" } else { "ip6" }
+}
+
+fn suffix(v6: bool) -> &'static str {
+    if v6 { "6" } else { "4" }
+}
+
+fn addr_type(v6: bool) -> &'static str {
+    if v6 { "ipv6_addr" } else { "ipv4_addr" }
+}
+
+fn net_key(n: &IpNet) -> String {
+    // Interval sets take a prefix; a host prefix is written as the bare address.
+    nft::net_text(n)
+}
+
+/// The lines of each set and map, by name.
+fn element_lines(elements: &[GwElement], now: Timestamp) -> BTreeMap<String, Vec<String>> {
+    let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in elements {
+        let Some(ms) = nft::timeout_ms(e.end, now) else {
+            continue;
+        };
+        let v6 = suffix(e.address.is_ipv6());
+        let (src, proto) = (net_key(&e.net), e.proto.as_str());
+        let fwd = format!(
+            "{src} . {} . {proto} . {} timeout {ms}ms",
+            e.address, e.port
+        );
+        match (e.mode, e.mapped) {
+            (Mode::Routed, _) => sets.entry(format!("fwd{v6}")).or_default().push(fwd),
+            (Mode::Dnat, Some(m)) => {
+                sets.entry(format!("dfwd{v6}")).or_default().push(fwd);
+                sets.entry(format!("dnat{v6}")).or_default().push(format!(
+                    "{src} . {proto} . {m} timeout {ms}ms : {} . {}",
+                    e.address, e.port
+                ));
+            }
+            (Mode::Dnat, None) => {}
+        }
+    }
+    sets
+}
+
+fn render_elements(out: &mut String, lines: &[String]) {
+    if lines.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\t\telements = {{");
+    for (i, e) in lines.iter().enumerate() {
+        let sep = if i + 1 < lines.len() { "," } else { "" };
+        let _ = writeln!(out, "\t\t\t{e}{sep}");
+    }
+    let _ = writeln!(out, "\t\t}}");
+}
+
+/// The public addresses of the DNAT machines, each with its mapped ports.
+fn publics(targets: &[Target]) -> BTreeMap<IpAddr, BTreeSet<u16>> {
+    let mut out: BTreeMap<IpAddr, BTreeSet<u16>> = BTreeMap::new();
+    for t in targets.iter().filter(|t| t.place.mode == Mode::Dnat) {
+        if let Some(p) = t.place.public {
+            out.entry(p)
+                .or_default()
+                .extend(t.place.mapped.iter().map(|m| m.mapped.get()));
+        }
+    }
+    out
+}
+
+/// One atomic script that recreates `table inet jitgate_gw` (see the module
+/// documentation) from the targets; timeouts count from `now`. Call [`validate`]
+/// first.
+pub fn render_full(targets: &[Target], now: Timestamp) -> String {
+    let elements = plan(targets, now);
+    let sets = element_lines(&elements, now);
+    let publics = publics(targets);
+    let none = Vec::new();
+    let mut out = String::new();
+    let _ = writeln!(out, "table inet {TABLE} {{}}");
+    let _ = writeln!(out, "delete table inet {TABLE}");
+    let _ = writeln!(out, "table inet {TABLE} {{");
+    for v6 in [false, true] {
+        let (s, a) = (suffix(v6), addr_type(v6));
+        for name in ["fwd", "dfwd"] {
+            let _ = writeln!(out, "\tset {name}{s} {{");
+            let _ = writeln!(out, "\t\ttype {a} . {a} . inet_proto . inet_service");
+            let _ = writeln!(out, "\t\tflags interval, timeout");
+            render_elements(&mut out, sets.get(&format!("{name}{s}")).unwrap_or(&none));
+            let _ = writeln!(out, "\t}}");
+        }
+        let _ = writeln!(out, "\tmap dnat{s} {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype {a} . inet_proto . inet_service : {a} . inet_service"
+        );
+        let _ = writeln!(out, "\t\tflags interval, timeout");
+        render_elements(&mut out, sets.get(&format!("dnat{s}")).unwrap_or(&none));
+        let _ = writeln!(out, "\t}}");
+    }
+
+    let _ = writeln!(out, "\tchain prerouting {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+    );
+    for p in publics.keys() {
+        let (fam, s) = (family(p), suffix(p.is_ipv6()));
+        let _ = writeln!(
+            out,
+            "\t\t{fam} daddr {p} dnat {fam} to {fam} saddr . meta l4proto . th dport map @dnat{s}"
+        );
+    }
+    let _ = writeln!(out, "\t}}");
+
+    let _ = writeln!(out, "\tchain forward {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook forward priority filter; policy accept;"
+    );
+    let _ = writeln!(out, "\t\tct state established,related accept");
+    for v6 in [false, true] {
+        let (fam, s) = (if v6 { "ip6" } else { "ip" }, suffix(v6));
+        let _ = writeln!(
+            out,
+            "\t\t{fam} saddr . {fam} daddr . meta l4proto . th dport @fwd{s} accept"
+        );
+        let _ = writeln!(
+            out,
+            "\t\tct status dnat {fam} saddr . {fam} daddr . meta l4proto . th dport @dfwd{s} accept"
+        );
+    }
+    for t in targets {
+        let a = t.place.address;
+        let destination = format!("{} daddr {a} ", family(&a));
+        for rule in nft::ordered(&t.rules) {
+            if matches!(rule.origin, RuleOrigin::JitAllow { .. }) {
+                continue;
+            }
+            nft::render_rule_for(&mut out, &destination, rule, None);
+        }
+    }
+    let _ = writeln!(out, "\t}}");
+
+    let _ = writeln!(out, "\tchain input {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook input priority filter; policy accept;"
+    );
+    for (p, ports) in &publics {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        if ports.is_empty() {
+            continue;
+        }
+        let list = if ports.len() == 1 {
+            ports[0].clone()
+        } else {
+            format!("{{ {} }}", ports.join(", "))
+        };
+        let _ = writeln!(
+            out,
+            "\t\t{} daddr {p} meta l4proto {{ tcp, udp }} th dport {list} drop",
+            family(p)
+        );
+    }
+    let _ = writeln!(out, "\t}}");
+
+    let _ = writeln!(out, "\tchain postrouting {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+    );
+    for t in targets {
+        let p = &t.place;
+        if p.mode == Mode::Dnat && p.masquerade {
+            let _ = writeln!(
+                out,
+                "\t\tct status dnat {} daddr {} masquerade",
+                family(&p.address),
+                p.address
+            );
+        }
+    }
+    let _ = writeln!(out, "\t}}");
+    let _ = writeln!(out, "}}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::{PortRange, Protocol, SourcePrefix};
+    use crate::nsg::Access;
+    use crate::request::RequestId;
+
+    fn port(n: u16) -> Port {
+        Port::new(i64::from(n)).unwrap()
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn deny(p: u16) -> NsgRule {
+        NsgRule {
+            name: format!("JIT-deny-{p}"),
+            priority: 4096,
+            access: Access::Deny,
+            protocol: Protocol::Any,
+            sources: vec![SourcePrefix::Any],
+            ports: vec![PortRange::single(port(p))],
+            origin: RuleOrigin::JitDeny { policy: "p".into() },
+            description: String::new(),
+        }
+    }
+
+    fn grant(p: u16, source: &str, end: &str) -> GrantRef {
+        GrantRef {
+            request: RequestId::new(uuid::Uuid::from_u128(u128::from(p))),
+            number: port(p),
+            protocol: Protocol::Tcp,
+            source: SourcePrefix::parse(source).unwrap(),
+            start: at("2026-01-01T00:00:00Z"),
+            end: at(end),
+        }
+    }
+
+    fn target(name: &str, address: &str, mode: Mode) -> Target {
+        Target {
+            name: name.into(),
+            place: Placement {
+                address: address.parse().unwrap(),
+                mode,
+                masquerade: false,
+                public: (mode == Mode::Dnat).then(|| "198.51.100.1".parse().unwrap()),
+                mapped: vec![],
+            },
+            rules: vec![deny(3389)],
+            grants: vec![],
+        }
+    }
+
+    const NOW: &str = "2026-01-01T00:00:00Z";
+
+    #[test]
+    fn routed_and_dnat_grants_become_their_elements() {
+        let mut r = target("win-1", "192.0.2.5", Mode::Routed);
+        r.grants = vec![grant(3389, "198.51.100.10", "2026-01-01T01:00:00Z")];
+        let mut d = target("win-2", "192.0.2.6", Mode::Dnat);
+        d.place.mapped = vec![MappedPort {
+            port: port(3389),
+            mapped: port(50001),
+        }];
+        d.grants = vec![grant(3389, "198.51.100.0/24", "2026-01-01T00:00:02.5Z")];
+        validate(&[r.clone(), d.clone()]).unwrap();
+        let text = render_full(&[r, d], at(NOW));
+        assert!(
+            text.contains("198.51.100.10 . 192.0.2.5 . tcp . 3389 timeout 3600000ms"),
+            "{text}"
+        );
+        assert!(
+            text.contains("198.51.100.0/24 . 192.0.2.6 . tcp . 3389 timeout 2500ms"),
+            "{text}"
+        );
+        assert!(
+            text.contains("198.51.100.0/24 . tcp . 50001 timeout 2500ms : 192.0.2.6 . 3389"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "ip daddr 198.51.100.1 dnat ip to ip saddr . meta l4proto . th dport map @dnat4"
+        ));
+        assert!(text.contains("ip daddr 192.0.2.5 meta l4proto { tcp, udp } th dport 3389 drop"));
+        assert!(text.contains("ip daddr 192.0.2.6 meta l4proto { tcp, udp } th dport 3389 drop"));
+        assert!(
+            text.contains("ip daddr 198.51.100.1 meta l4proto { tcp, udp } th dport 50001 drop")
+        );
+        // The routed grant is not in the DNAT sets, nor the other way round.
+        let dfwd = text.split("set dfwd4").nth(1).unwrap();
+        let dfwd = &dfwd[..dfwd.find("}\n\tset").unwrap()];
+        assert!(!dfwd.contains("192.0.2.5 "), "{dfwd}");
+    }
+
+    #[test]
+    fn sources_are_planned_disjoint_per_machine_and_port_and_of_its_family() {
+        let mut t = target("vm", "192.0.2.5", Mode::Routed);
+        t.grants = vec![
+            grant(3389, "10.0.0.0/8", "2026-01-01T01:00:00Z"),
+            grant(3389, "10.1.2.3", "2026-01-01T02:00:00Z"),
+            grant(3389, "*", "2026-01-01T00:30:00Z"),
+            grant(3389, "2001:db8::1", "2026-01-01T02:00:00Z"),
+        ];
+        let elements = plan(&[t], at(NOW));
+        assert!(elements.iter().all(|e| e.net.addr().is_ipv4()));
+        for (i, a) in elements.iter().enumerate() {
+            for b in &elements[i + 1..] {
+                assert!(
+                    !(a.net.contains(&b.net) || b.net.contains(&a.net)),
+                    "{a:?} overlaps {b:?}"
+                );
+            }
+        }
+        let host = elements
+            .iter()
+            .find(|e| e.net == "10.1.2.3/32".parse::<IpNet>().unwrap())
+            .unwrap();
+        assert_eq!(host.end, at("2026-01-01T02:00:00Z"));
+    }
+
+    #[test]
+    fn what_cannot_be_rendered_is_refused() {
+        let mut d = target("win", "192.0.2.6", Mode::Dnat);
+        d.grants = vec![grant(3389, "198.51.100.10", "2026-01-01T01:00:00Z")];
+        let mut no_public = d.clone();
+        no_public.place.public = None;
+        assert!(
+            validate(&[no_public])
+                .unwrap_err()
+                .contains("public address")
+        );
+        let mut v6 = d.clone();
+        v6.place.public = Some("2001:db8::1".parse().unwrap());
+        assert!(validate(&[v6]).unwrap_err().contains("families"));
+        assert!(
+            validate(&[d.clone()])
+                .unwrap_err()
+                .contains("no mapped port")
+        );
+        d.place.mapped = vec![MappedPort {
+            port: port(3389),
+            mapped: port(50001),
+        }];
+        validate(&[d.clone()]).unwrap();
+        let mut twice = d.clone();
+        twice.place.mapped.push(twice.place.mapped[0]);
+        assert!(validate(&[twice]).unwrap_err().contains("mapped twice"));
+        let mut e = target("other", "192.0.2.7", Mode::Dnat);
+        e.place.mapped = d.place.mapped.clone();
+        assert!(
+            validate(&[d.clone(), e.clone()])
+                .unwrap_err()
+                .contains("also win's")
+        );
+        // The same mapped port on another public address is another port.
+        e.place.public = Some("198.51.100.2".parse().unwrap());
+        validate(&[d.clone(), e]).unwrap();
+        let same = target("twin", "192.0.2.6", Mode::Routed);
+        assert!(
+            validate(&[d, same])
+                .unwrap_err()
+                .contains("another machine")
+        );
+    }
+}
