@@ -413,11 +413,7 @@ impl Gateway {
                             applied_at: m.applied_at.clone(),
                             nft_version: self.nft_version.clone(),
                             error: m.error.clone(),
-                            agent_version: Some(format!(
-                                "{} (gateway {})",
-                                env!("CARGO_PKG_VERSION"),
-                                self.vm
-                            )),
+                            agent_version: Some(format!("{} (gateway)", env!("CARGO_PKG_VERSION"))),
                             addresses,
                             listening: m.probes.get(vm).cloned().unwrap_or_default(),
                             ..StatusReport::default()
@@ -457,11 +453,11 @@ pub async fn probe(addr: IpAddr) -> Vec<WireListener> {
         .is_ok_and(|r| r.is_ok());
         if open {
             out.push(WireListener {
-                protocol: "TCP".into(),
+                protocol: "tcp".into(),
                 family: if addr.is_ipv4() { "IPv4" } else { "IPv6" }.into(),
                 address: addr.to_string(),
                 port,
-                process: Some("found by the gateway's probe".into()),
+                process: Some("gateway-probe".into()),
             });
         }
     }

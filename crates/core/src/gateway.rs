@@ -336,7 +336,7 @@ pub fn render_full(targets: &[Target], now: Timestamp) -> String {
         let (fam, s) = (family(p), suffix(p.is_ipv6()));
         let _ = writeln!(
             out,
-            "\t\t{fam} daddr {p} dnat {fam} to {fam} saddr . meta l4proto . th dport map @dnat{s}"
+            "\t\t{fam} daddr {p} meta l4proto {{ tcp, udp }} dnat {fam} to {fam} saddr . meta l4proto . th dport map @dnat{s}"
         );
     }
     let _ = writeln!(out, "\t}}");
@@ -495,7 +495,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(
-            "ip daddr 198.51.100.1 dnat ip to ip saddr . meta l4proto . th dport map @dnat4"
+            "ip daddr 198.51.100.1 meta l4proto { tcp, udp } dnat ip to ip saddr . meta l4proto . th dport map @dnat4"
         ));
         assert!(text.contains("ip daddr 192.0.2.5 meta l4proto { tcp, udp } th dport 3389 drop"));
         assert!(text.contains("ip daddr 192.0.2.6 meta l4proto { tcp, udp } th dport 3389 drop"));

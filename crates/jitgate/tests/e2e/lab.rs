@@ -596,6 +596,12 @@ pub struct Lab {
     serve_args: Vec<String>,
     /// Extra flags of every `jitgate agent` this lab starts from now on.
     pub agent_args: Vec<String>,
+    /// The subcommand the lab's agent runs: `agent`, or `gateway` (the VM's namespace
+    /// is then the gateway of the hosts made by [`Lab::behind`]).
+    pub agent_cmd: &'static str,
+    /// Namespaces and services made after the start ([`Lab::behind`]).
+    extra_ns: Vec<String>,
+    extra_services: Vec<Services>,
     pub tls: LabTls,
     /// The PEM file clients trust when the controller serves HTTPS.
     pub ca: Option<PathBuf>,
@@ -698,6 +704,9 @@ impl Lab {
             tables_before: String::new(),
             serve_args: options.serve_args,
             agent_args: Vec::new(),
+            agent_cmd: "agent",
+            extra_ns: Vec::new(),
+            extra_services: Vec::new(),
             ca: match &options.tls {
                 LabTls::Given { cert, .. } => Some(cert.clone()),
                 _ => None,
@@ -888,7 +897,7 @@ impl Lab {
         let child = self.spawn_in(
             &self.vm.ns.clone(),
             &[
-                "agent",
+                self.agent_cmd,
                 "--controller",
                 &controller,
                 "--enroll-token",
@@ -1142,6 +1151,84 @@ impl Lab {
         }
     }
 
+    /// A host behind the VM's namespace (which becomes a router, the gateway): its own
+    /// network `10.78.<lab>.0/24` on a veth from the VM's namespace (`.1` there, `.5` on
+    /// the host, whose default route is the gateway), TCP echo services on `tcp`, and a
+    /// route to that network through the gateway on both clients. No agent runs there.
+    pub fn behind(&mut self, role: &'static str, tcp: &[u16]) -> Host {
+        let net = self.vm.v4.octets()[2];
+        let host = Host {
+            role,
+            ns: format!("{}-{role}", self.id),
+            v4: Ipv4Addr::new(10, 78, net, 5),
+            v6: format!("fd00:78:{net}::5").parse().unwrap(),
+        };
+        let inside = format!("10.78.{net}.1");
+        self.ip(&["netns", "add", &host.ns]);
+        self.extra_ns.push(host.ns.clone());
+        self.ip(&["-n", &host.ns, "link", "set", "lo", "up"]);
+        self.ip(&[
+            "-n",
+            &self.vm.ns,
+            "link",
+            "add",
+            "in0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &host.ns,
+        ]);
+        self.ip(&[
+            "-n",
+            &self.vm.ns,
+            "addr",
+            "add",
+            &format!("{inside}/24"),
+            "dev",
+            "in0",
+        ]);
+        self.ip(&["-n", &self.vm.ns, "link", "set", "in0", "up"]);
+        self.ip(&[
+            "-n",
+            &host.ns,
+            "addr",
+            "add",
+            &format!("{}/24", host.v4),
+            "dev",
+            "eth0",
+        ]);
+        self.ip(&["-n", &host.ns, "link", "set", "eth0", "up"]);
+        self.ip(&["-n", &host.ns, "route", "add", "default", "via", &inside]);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.vm.ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
+        for c in [&self.a, &self.b] {
+            self.ip(&[
+                "-n",
+                &c.ns,
+                "route",
+                "add",
+                &format!("10.78.{net}.0/24"),
+                "via",
+                &self.vm.v4.to_string(),
+            ]);
+        }
+        self.extra_services
+            .push(Services::start(&host.ns, tcp, &[]));
+        host
+    }
+
     /// PUT a user NSG rule on vm1.
     pub fn put_rule(&self, name: &str, rule: Value) {
         let r = self.admin(
@@ -1188,7 +1275,16 @@ impl Drop for Lab {
             let _ = c.wait();
         }
         self.services.stop();
-        for ns in [&self.a.ns, &self.b.ns, &self.vm.ns, &self.ctl.ns, &self.lan] {
+        for s in &mut self.extra_services {
+            s.stop();
+        }
+        for ns in self.extra_ns.iter().chain([
+            &self.a.ns,
+            &self.b.ns,
+            &self.vm.ns,
+            &self.ctl.ns,
+            &self.lan,
+        ]) {
             let _ = Command::new("ip")
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())

@@ -16,6 +16,7 @@ mod agent;
 mod common;
 mod dashboard;
 mod faults;
+mod gateway;
 mod lab;
 mod nsg;
 mod readme;
