@@ -77,6 +77,31 @@ fn wait_win_up_to_date(lab: &Lab) {
     }
 }
 
+/// Polls until win-1's recommendation has `verdict`; returns it.
+fn wait_recommendation(lab: &Lab, verdict: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = lab.admin("GET", "/api/v1/recommendations", None);
+        assert_eq!(r.status, 200, "{r:?}");
+        let mine = r.body["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == WIN)
+            .cloned()
+            .unwrap_or_default();
+        if mine["verdict"] == verdict {
+            return mine;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "win-1 is not {verdict} within 15 s: {mine}\n{}",
+            lab.log_tail("agent")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// JIT on win-1's RDP and SSH ports (Azure API); returns the policy as answered.
 fn enable_win(lab: &Lab) -> Value {
     let ports: Vec<Value> = [RDP, SSH]
@@ -126,7 +151,13 @@ fn routed_the_gateway_opens_the_machines_own_address_to_the_requester_only() {
     let view = win_view(&lab);
     assert_eq!(view["placement"]["mode"], "routed", "{view}");
     assert_eq!(view["placement"]["gateway"].as_str().unwrap(), lab.vm_id());
+    // Without an agent on win-1, the gateway's probe finds RDP and SSH answering, and
+    // a machine exposing them without a policy is Unhealthy like any other.
+    let rec = wait_recommendation(&lab, "Unhealthy");
+    let exposed = rec.to_string();
+    assert!(exposed.contains("3389") && exposed.contains("22"), "{rec}");
     enable_win(&lab);
+    wait_recommendation(&lab, "Healthy");
     for c in [&a, &b] {
         assert!(!c.tcp_open(rdp), "{} reached RDP without a grant", c.role);
         assert!(!c.tcp_open(win.v4_at(SSH)), "{} reached SSH", c.role);
@@ -149,25 +180,6 @@ fn routed_the_gateway_opens_the_machines_own_address_to_the_requester_only() {
     );
     assert!(r.status == 200 || r.status == 202, "revoke: {r:?}");
     a.wait_tcp_closed(rdp, Duration::from_secs(2));
-
-    // What the gateway's probe found: RDP and SSH listen on win-1, which has a
-    // policy now, and the view shows them.
-    let mut last = Value::Null;
-    let found = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(100));
-        let v = win_view(&lab);
-        let ports: Vec<u64> = v["agent"]["listening"]
-            .as_array()
-            .map(|l| l.iter().filter_map(|x| x["port"].as_u64()).collect())
-            .unwrap_or_default();
-        last = v;
-        ports.contains(&u64::from(RDP)) && ports.contains(&u64::from(SSH))
-    });
-    assert!(
-        found,
-        "the probe's findings are not in win-1's view: {last}\n{}",
-        lab.log_tail("agent")
-    );
 }
 
 #[test]
