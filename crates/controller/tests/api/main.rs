@@ -17,6 +17,7 @@ mod dashboard;
 mod deltas;
 mod enrollment;
 mod examples;
+mod gateways;
 mod growth;
 mod hardening;
 mod lifecycle;
