@@ -899,12 +899,13 @@ async fn the_protected_flag_is_filled_in_for_an_older_database() {
     {
         rewind(
             &path,
-            "DROP INDEX request_ports_changed; ALTER TABLE request_ports DROP COLUMN changed;
+            "DROP TABLE mapped_ports; DROP TABLE placements;
+             DROP INDEX request_ports_changed; ALTER TABLE request_ports DROP COLUMN changed;
     CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
              DROP INDEX request_ports_vm;
              CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
              ALTER TABLE vm_verdicts DROP COLUMN protected;",
-            3,
+            4,
         );
     }
     let store = SqlStore::open(&path).unwrap();

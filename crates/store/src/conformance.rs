@@ -94,6 +94,7 @@ macro_rules! store_conformance_tests {
             next_expiry_is_earliest_initiated_end,
             live_grants_and_count,
             grant_changes_since_a_point,
+            placements_and_mapped_ports,
             put_policy_update_revokes_removed_ports,
             put_policy_update_ends_only_the_grants_it_no_longer_allows,
             delete_policy_revokes_live_grants,
@@ -2245,6 +2246,131 @@ pub async fn next_expiry_is_earliest_initiated_end(store: &dyn Store) {
 /// `live_grants` and `count_live_grants` see initiated ports before their end.
 /// Issue 15: a reader that keeps a VM's grants reads what changed since its last read:
 /// new grants, revoked or superseded ones, none of another VM's, nothing twice.
+/// Gateway mode: a VM placed behind a gateway, in DNAT mode, gets one mapped port per
+/// port of its policy on the public address, unique there, kept while it stays on that
+/// address, and one for a port a policy adds; chains and taken addresses are refused;
+/// a gateway in use cannot be deleted; taking a VM from behind it forgets its ports.
+pub async fn placements_and_mapped_ports(store: &dyn Store) {
+    use jitgate_core::gateway::{Mode, Placement};
+    let s = scene(store).await;
+    let gw = vm("rg1", "gw");
+    register(store, &gw, t0()).await;
+    let public: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+    let dnat = |addr: &str| Placement {
+        address: addr.parse().unwrap(),
+        mode: Mode::Dnat,
+        masquerade: false,
+        public: Some(public),
+        mapped: Vec::new(),
+    };
+    let p1 = store
+        .place_vm(&s.vm1, &gw, dnat("10.0.0.1"), ctx(at(1)))
+        .await
+        .unwrap();
+    assert_eq!(p1.gateway, gw);
+    let ports = |p: &VmPlacement| -> Vec<(u16, u16)> {
+        p.place
+            .mapped
+            .iter()
+            .map(|m| (m.port.get(), m.mapped.get()))
+            .collect()
+    };
+    let (first, _) = MAPPED_PORTS;
+    assert_eq!(ports(&p1), vec![(22, first), (3389, first + 1)]);
+    let p2 = store
+        .place_vm(&s.vm2, &gw, dnat("10.0.0.2"), ctx(at(2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        ports(&p2),
+        vec![(22, first + 2)],
+        "unique on the public address"
+    );
+    // A port the policy adds gets the next free one; the others stay.
+    let sp = spec(&s.key, &[(&s.vm1, &[22, 3389, 5985]), (&s.vm2, &[22])]);
+    put(store, &s.key, sp, at(3)).await;
+    let p1 = store.placement(&s.vm1).await.unwrap().unwrap();
+    assert_eq!(
+        ports(&p1),
+        vec![(22, first), (3389, first + 1), (5985, first + 3)]
+    );
+    // Refusals change nothing.
+    let taken = store
+        .place_vm(&s.vm3, &gw, dnat("10.0.0.1"), ctx(at(4)))
+        .await;
+    assert!(
+        matches!(taken, Err(OpError::Refused(PlaceError::AddressTaken(ref f))) if f.field == "address"),
+        "{taken:?}"
+    );
+    let chain = store
+        .place_vm(&gw, &s.vm3, dnat("10.0.0.9"), ctx(at(4)))
+        .await;
+    assert!(
+        matches!(chain, Err(OpError::Refused(PlaceError::Chain(_)))),
+        "{chain:?}"
+    );
+    let behind_vm = store
+        .place_vm(&s.vm3, &s.vm1, dnat("10.0.0.9"), ctx(at(4)))
+        .await;
+    assert!(
+        matches!(behind_vm, Err(OpError::Refused(PlaceError::Chain(_)))),
+        "{behind_vm:?}"
+    );
+    let unknown = store
+        .place_vm(&s.vm3, &vm("rg1", "nowhere"), dnat("10.0.0.9"), ctx(at(4)))
+        .await;
+    assert!(
+        matches!(unknown, Err(OpError::Refused(PlaceError::Unknown(ref f))) if f.field == "gateway"),
+        "{unknown:?}"
+    );
+    assert!(store.placement(&s.vm3).await.unwrap().is_none());
+    let listed: Vec<VmId> = store
+        .behind(&gw)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(v, _)| v)
+        .collect();
+    assert_eq!(listed, vec![s.vm1.clone(), s.vm2.clone()]);
+    let both = store
+        .placements(&[s.vm2.clone(), s.vm3.clone()])
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 1);
+    assert_eq!(both[0].0, s.vm2);
+    let deleted = store.delete_vm(&gw, ctx(at(5))).await;
+    assert!(
+        matches!(deleted, Err(OpError::Refused(VmError::GatewayInUse(_)))),
+        "{deleted:?}"
+    );
+
+    // Placed again on the same address: the same ports. Routed: none.
+    let again = store
+        .place_vm(&s.vm1, &gw, dnat("10.0.0.1"), ctx(at(6)))
+        .await
+        .unwrap();
+    assert_eq!(ports(&again), ports(&p1));
+    let routed = Placement {
+        mode: Mode::Routed,
+        public: None,
+        ..dnat("10.0.0.1")
+    };
+    let r = store
+        .place_vm(&s.vm1, &gw, routed, ctx(at(7)))
+        .await
+        .unwrap();
+    assert!(r.place.mapped.is_empty());
+    // Its old ports are free again: vm3 takes the lowest.
+    let p3 = store
+        .place_vm(&s.vm3, &gw, dnat("10.0.0.3"), ctx(at(8)))
+        .await
+        .unwrap();
+    assert!(p3.place.mapped.is_empty(), "vm3 is in no policy");
+    assert!(store.unplace_vm(&s.vm2, ctx(at(9))).await.unwrap());
+    assert!(!store.unplace_vm(&s.vm2, ctx(at(9))).await.unwrap());
+    assert!(store.placement(&s.vm2).await.unwrap().is_none());
+}
+
 pub async fn grant_changes_since_a_point(store: &dyn Store) {
     let s = scene(store).await;
     let changes = |vm: VmId, after: u64, now: Timestamp| async move {
