@@ -64,12 +64,39 @@ struct Machines {
     probes: BTreeMap<String, Vec<WireListener>>,
 }
 
-/// Reads the saved states (empty when there are none or they do not parse).
-pub fn saved(state_dir: &std::path::Path) -> Vec<DesiredState> {
-    std::fs::read(state_dir.join(STATE_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+/// What the boot-time restore put back in `table inet jitgate_gw`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredGateway {
+    pub machines: usize,
+    /// Grants still live (each with its remaining lifetime).
+    pub grants: usize,
+}
+
+/// The boot-time step for a gateway: rebuilds `table inet jitgate_gw` from the saved
+/// states (each validated as received; expired grants dropped), with no network and
+/// no controller. `None` when this machine saved none (it is not a gateway).
+pub fn restore(state_dir: &std::path::Path, nft: &Nft) -> anyhow::Result<Option<RestoredGateway>> {
+    if !state_dir.join(STATE_FILE).exists() {
+        return Ok(None);
+    }
+    let b = std::fs::read(state_dir.join(STATE_FILE))
+        .with_context(|| format!("cannot read {}", state_dir.join(STATE_FILE).display()))?;
+    let wire: Vec<DesiredState> = serde_json::from_slice(&b)
+        .with_context(|| format!("{} is corrupt", state_dir.join(STATE_FILE).display()))?;
+    let states = wire
+        .iter()
+        .map(|d| jitgate_proto::decode(d).map_err(|e| anyhow::anyhow!("{}: {e}", d.vm)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let now = Timestamp::now();
+    let grants = states
+        .iter()
+        .map(|d| d.grants.iter().filter(|g| g.end > now).count())
+        .sum();
+    enforce(nft, &states)?;
+    Ok(Some(RestoredGateway {
+        machines: states.len(),
+        grants,
+    }))
 }
 
 /// The targets of decoded states: each must carry its placement.

@@ -25,4 +25,4 @@ pub mod run;
 pub mod state;
 
 pub use config::AgentConfig;
-pub use run::{Permanent, Replaced, Restored, preflight, restore, run};
+pub use run::{Permanent, Replaced, Restored, RestoredOwn, preflight, restore, run};

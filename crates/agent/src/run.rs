@@ -1007,6 +1007,15 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
 /// What `restore` put back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
+    /// The agent's own table, when a state was saved.
+    pub own: Option<RestoredOwn>,
+    /// The gateway's table, when this machine is a gateway that saved states.
+    pub gateway: Option<crate::gateway::RestoredGateway>,
+}
+
+/// What the restore put back in `table inet jitgate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredOwn {
     pub revision: String,
     /// Grants still live (each with its remaining lifetime).
     pub grants: usize,
@@ -1021,6 +1030,19 @@ pub fn restore(
     state_dir: &std::path::Path,
     nft: std::path::PathBuf,
 ) -> anyhow::Result<Option<Restored>> {
+    // The gateway's table first: it does not depend on the agent's own state.
+    let gateway = crate::gateway::restore(state_dir, &Nft::new(nft.clone()))?;
+    let own = restore_own(state_dir, nft)?;
+    if own.is_none() && gateway.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Restored { own, gateway }))
+}
+
+fn restore_own(
+    state_dir: &std::path::Path,
+    nft: std::path::PathBuf,
+) -> anyhow::Result<Option<RestoredOwn>> {
     let state = StateDir::open(state_dir)?;
     let Some(saved) = state.applied() else {
         return Ok(None);
@@ -1040,7 +1062,7 @@ pub fn restore(
     let now = Timestamp::now();
     let grants = desired.grants.iter().filter(|g| g.end > now).count();
     Enforcer::new(Nft::new(nft)).apply(desired, now)?;
-    Ok(Some(Restored {
+    Ok(Some(RestoredOwn {
         revision: saved.revision,
         grants,
     }))

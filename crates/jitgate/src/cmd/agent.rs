@@ -101,14 +101,26 @@ pub async fn gateway(args: AgentArgs) -> anyhow::Result<ExitCode> {
 async fn run(args: AgentArgs, gateway: bool) -> anyhow::Result<ExitCode> {
     init_logging(&args.log_format)?;
     if let Some(AgentCommand::Restore { state_dir, nft }) = args.cmd {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
         return match jitgate_agent::restore(&state_dir, nft)? {
             Some(r) => {
-                println!(
-                    "restored table inet jitgate (revision {}, {} live grant{})",
-                    r.revision,
-                    r.grants,
-                    if r.grants == 1 { "" } else { "s" }
-                );
+                if let Some(own) = r.own {
+                    println!(
+                        "restored table inet jitgate (revision {}, {} live grant{})",
+                        own.revision,
+                        own.grants,
+                        plural(own.grants)
+                    );
+                }
+                if let Some(g) = r.gateway {
+                    println!(
+                        "restored table inet jitgate_gw ({} machine{} behind this gateway, {} live grant{})",
+                        g.machines,
+                        plural(g.machines),
+                        g.grants,
+                        plural(g.grants)
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
             None => {

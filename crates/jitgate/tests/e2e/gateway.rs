@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::lab::{Host, LOCATION, Lab, OPEN_PROBE, RG, VM, echo, sleep_until};
+use crate::lab::{BIN, Host, LOCATION, Lab, OPEN_PROBE, RG, VM, echo, run_in_ns, sleep_until};
 
 const RDP: u16 = 3389;
 const SSH: u16 = 22;
@@ -288,4 +288,43 @@ fn dnat_the_requester_reaches_the_mapped_port_only_and_grants_end_on_time_withou
         "the restarted gateway dropped a live grant"
     );
     assert!(!b.tcp_open(front));
+    // Let the restarted gateway save its states before the "reboot".
+    wait_win_up_to_date(&lab);
+
+    // A reboot loses the tables; the boot-time step rebuilds the gateway's from its
+    // saved states, controller and gateway down: closed to others, the grant kept.
+    lab.kill_agent();
+    lab.kill_controller();
+    lab.nft(&["delete", "table", "inet", "jitgate_gw"]);
+    assert!(
+        b.tcp_open(win.v4_at(RDP)),
+        "without the table RDP is open to everyone"
+    );
+    let r = run_in_ns(
+        &lab.vm.ns,
+        BIN,
+        &[
+            "agent",
+            "restore",
+            "--state-dir",
+            lab.agent_state_dir().to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(r.success(), "{r}");
+    assert!(
+        r.stdout
+            .contains("jitgate_gw (1 machine behind this gateway, 1 live grant)"),
+        "{r}"
+    );
+    assert!(
+        !b.tcp_open(win.v4_at(RDP)),
+        "the restored table left RDP open"
+    );
+    assert!(!b.tcp_open(front));
+    assert!(
+        a.connect_within(front, OPEN_PROBE).is_some(),
+        "the live grant did not survive the reboot"
+    );
 }
