@@ -104,22 +104,44 @@ fn host_of(addresses: &[String], name: &str) -> String {
     agent_address(addresses).unwrap_or_else(|| name.to_owned())
 }
 
+/// Where a machine's `port` is reached by default: `(host, port to connect to)`. Behind
+/// a DNAT gateway, the gateway's public address and the port mapped to `port` (as
+/// Azure's `publicIpAddress` and `mappedPort`); behind a routed gateway, the
+/// machine's private address; else the address its agent reports.
+fn default_target(vm: &api::VmDetail, port: u16) -> (String, u16) {
+    match &vm.placement {
+        Some(p) => {
+            let mapped = p
+                .place
+                .mapped_ports
+                .iter()
+                .find(|m| m.number == port)
+                .map(|m| m.mapped_port);
+            match (&p.place.public_ip_address, mapped) {
+                (Some(public), Some(m)) if p.place.mode == "dnat" => (public.clone(), m),
+                _ => (p.place.address.clone(), port),
+            }
+        }
+        None => (host_of(&vm.agent.report.addresses, &vm.vm.name), port),
+    }
+}
+
 /// Where to connect, resolved before anything is asked of the controller: a machine
-/// whose address is unknown gets no grant nobody could use.
+/// whose address is unknown gets no grant nobody could use. `(host, addresses, the
+/// port to connect to)`.
 fn resolve_host(
     vm: &api::VmDetail,
     flag: Option<&str>,
     port: u16,
-) -> anyhow::Result<(String, Vec<SocketAddr>)> {
-    let host = flag
-        .map(str::to_owned)
-        .unwrap_or_else(|| host_of(&vm.agent.report.addresses, &vm.vm.name));
+) -> anyhow::Result<(String, Vec<SocketAddr>, u16)> {
+    let (default, port) = default_target(vm, port);
+    let host = flag.map(str::to_owned).unwrap_or(default);
     let addrs: Vec<SocketAddr> = (host.as_str(), port)
         .to_socket_addrs()
         .map(Iterator::collect)
         .unwrap_or_default();
     if !addrs.is_empty() {
-        return Ok((host, addrs));
+        return Ok((host, addrs, port));
     }
     let short = short_id(&vm.vm.id);
     Err(Exit::err(
@@ -284,9 +306,9 @@ pub async fn connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
     let wait = wait_duration(&a.wait)?;
     let ses = Session::new(&a.client)?;
     let vm = ses.vm(&a.vm).await?;
-    let (host, addrs) = resolve_host(&vm, a.host.as_deref(), a.port)?;
+    let (host, addrs, to_port) = resolve_host(&vm, a.host.as_deref(), a.port)?;
     let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
-    let addr = tokio::task::block_in_place(|| wait_open(&host, &addrs, a.port, wait))?;
+    let addr = tokio::task::block_in_place(|| wait_open(&host, &addrs, to_port, wait))?;
     let out = Connected {
         vm: &vm.vm.id,
         port: a.port,
@@ -350,9 +372,9 @@ pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
     let ses = Session::new(&a.client)?;
     let vm = ses.vm(&machine).await?;
     let short = short_id(&vm.vm.id);
-    let (host, addrs) = resolve_host(&vm, a.host.as_deref(), a.port)?;
+    let (host, addrs, to_port) = resolve_host(&vm, a.host.as_deref(), a.port)?;
     let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
-    tokio::task::block_in_place(|| wait_open(&host, &addrs, a.port, wait))?;
+    tokio::task::block_in_place(|| wait_open(&host, &addrs, to_port, wait))?;
     let until = human::time(&grant.end);
     if a.revoke_on_exit && !grant.reused {
         eprintln!(
@@ -372,7 +394,7 @@ pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
     };
     let mut cmd = std::process::Command::new(&a.ssh);
     cmd.arg("-p")
-        .arg(a.port.to_string())
+        .arg(to_port.to_string())
         .args(&opts)
         .arg(&dest)
         .args(&command);

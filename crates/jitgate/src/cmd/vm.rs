@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use jitgate_proto::api;
 use serde_json::Value;
 
@@ -14,14 +14,38 @@ use crate::usage::name_flags;
 
 #[derive(Subcommand)]
 pub enum VmCommand {
-    /// Register a machine without an agent.
+    /// Register a machine without an agent; with --behind, a machine a gateway
+    /// protects (one that cannot run the agent: Windows, an appliance).
     ///
-    /// Example: jitgate vm register prod-web web-1 --location westeurope
+    /// Example: jitgate vm register prod-web win-1 --behind edge/gw-1 --address 10.1.2.3 --mode dnat --public-address 203.0.113.10
     Register {
         resource_group: String,
         name: String,
         #[arg(long)]
         location: Option<String>,
+        #[command(flatten)]
+        place: PlaceArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Put a registered machine behind a gateway (or move it): the gateway's agent
+    /// (`jitgate gateway`) enforces it from then on, and its own agent no longer can.
+    ///
+    /// Example: jitgate vm place win-1 --behind edge/gw-1 --address 10.1.2.3
+    Place {
+        /// Machine: name, resource-group/name, or full id.
+        vm: String,
+        #[command(flatten)]
+        place: PlaceArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Take a machine from behind its gateway (its own agent enforces it again).
+    ///
+    /// Example: jitgate vm unplace win-1
+    Unplace {
+        /// Machine: name, resource-group/name, or full id.
+        vm: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -54,20 +78,126 @@ pub enum VmCommand {
     },
 }
 
+/// Where a machine sits behind a gateway (`vm register --behind`, `vm place`).
+#[derive(Args, Clone, Default)]
+pub struct PlaceArgs {
+    /// The gateway in front of the machine: a registered machine running `jitgate
+    /// gateway` (name, resource-group/name, or full id).
+    #[arg(long, value_name = "GATEWAY")]
+    pub behind: Option<String>,
+    /// The machine's private address, as the gateway reaches it.
+    #[arg(long, requires = "behind")]
+    pub address: Option<String>,
+    /// routed: clients reach the machine's own address through the gateway; dnat:
+    /// clients reach the gateway's public address on a port mapped to the machine's.
+    #[arg(long, requires = "behind", value_parser = ["routed", "dnat"])]
+    pub mode: Option<String>,
+    /// dnat: the gateway's public address clients connect to.
+    #[arg(long, requires = "behind")]
+    pub public_address: Option<String>,
+    /// dnat: the machine sees connections come from the gateway (when its default
+    /// route is not the gateway).
+    #[arg(long, requires = "behind")]
+    pub masquerade: bool,
+}
+
+/// Places `vm` (rg, name) as `place` says; the placement as stored.
+async fn place_vm(
+    ses: &Session,
+    rg: &str,
+    name: &str,
+    place: PlaceArgs,
+) -> anyhow::Result<crate::client::Reply<api::Placement>> {
+    let behind = place.behind.unwrap_or_default();
+    // A short gateway name is found like any machine name.
+    let gateway = if behind.contains('/') {
+        behind
+    } else {
+        ses.find_vm(&behind).await?.vm.id
+    };
+    let body = api::PutPlacement {
+        gateway: Some(gateway),
+        address: place.address,
+        mode: place.mode,
+        masquerade: place.masquerade,
+        public_ip_address: place.public_address,
+    };
+    ses.c
+        .put::<_, api::Placement>(&format!("/api/v1/vms/{rg}/{name}/placement"), &body)
+        .await
+        .map_err(|e| {
+            name_flags(
+                e,
+                &[
+                    ("gateway", "--behind"),
+                    ("address", "--address"),
+                    ("mode", "--mode"),
+                    ("publicIpAddress", "--public-address"),
+                    ("masquerade", "--masquerade"),
+                ],
+            )
+        })
+}
+
+/// One line about a placement.
+fn placement_line(p: &api::Placement) -> String {
+    let mut line = format!(
+        "behind gateway {} at {} ({})",
+        p.gateway, p.place.address, p.place.mode
+    );
+    if let Some(public) = &p.place.public_ip_address {
+        let ports: Vec<String> = p
+            .place
+            .mapped_ports
+            .iter()
+            .map(|m| format!("{} -> {public}:{}", m.number, m.mapped_port))
+            .collect();
+        line.push_str(&format!(", reached at {public}"));
+        if !ports.is_empty() {
+            line.push_str(&format!(" [{}]", ports.join(", ")));
+        }
+    }
+    line
+}
+
 pub async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         VmCommand::Show { vm, client } => return vm_show(&vm, &client).await,
+        VmCommand::Place { vm, place, client } => {
+            let ses = Session::new(&client)?;
+            let found = ses.find_vm(&vm).await?;
+            let p = place_vm(&ses, &found.vm.resource_group, &found.vm.name, place).await?;
+            print(ses.json, &p.json, || {
+                println!("{}: {}", found.vm.id, placement_line(&p))
+            });
+        }
+        VmCommand::Unplace { vm, client } => {
+            let ses = Session::new(&client)?;
+            let found = ses.find_vm(&vm).await?;
+            ses.c
+                .delete(&format!(
+                    "/api/v1/vms/{}/{}/placement",
+                    found.vm.resource_group, found.vm.name
+                ))
+                .await?;
+            print(
+                ses.json,
+                &serde_json::json!({"vm": found.vm.id, "placement": null}),
+                || println!("{}: enforced by its own agent again", found.vm.id),
+            );
+        }
         VmCommand::Register {
             resource_group,
             name,
             location,
+            place,
             client,
         } => {
             let ses = Session::new(&client)?;
             let body = api::RegisterVm {
                 id: None,
-                resource_group: Some(resource_group),
-                name: Some(name),
+                resource_group: Some(resource_group.clone()),
+                name: Some(name.clone()),
                 location,
             };
             let v = ses
@@ -84,7 +214,18 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                         ],
                     )
                 })?;
-            print(ses.json, &v.json, || println!("registered {}", v.id));
+            if place.behind.is_none() {
+                print(ses.json, &v.json, || println!("registered {}", v.id));
+            } else {
+                let p = place_vm(&ses, &resource_group, &name, place).await?;
+                let mut out = v.json.clone();
+                if let Value::Object(m) = &mut out {
+                    m.insert("placement".to_owned(), p.json.clone());
+                }
+                print(ses.json, &out, || {
+                    println!("registered {}, {}", v.id, placement_line(&p))
+                });
+            }
         }
         VmCommand::List {
             resource_group,
@@ -183,6 +324,12 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
             "  policy:      {}",
             vm.policy.as_deref().unwrap_or("none (JIT not enabled)")
         );
+        if let Some(p) = &vm.placement {
+            println!(
+                "  gateway:     {} (the gateway reports as its agent)",
+                placement_line(p)
+            );
+        }
         println!("  agent:       {agent_state}");
         if let Some(e) = &agent.report.error {
             println!("  agent error: {e}");

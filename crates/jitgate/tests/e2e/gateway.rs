@@ -166,6 +166,14 @@ fn routed_the_gateway_opens_the_machines_own_address_to_the_requester_only() {
     let (id, port) = initiate(&lab, &a, RDP, "600");
     assert!(port.get("mappedPort").is_none(), "routed: {port}");
     a.wait_tcp_open(rdp, Duration::from_secs(2));
+    let ran = lab.jitgate(
+        &a,
+        crate::lab::OWNER,
+        &["connect", WIN, "--port", "3389", "--json"],
+    );
+    assert!(ran.success(), "{ran}");
+    let out: Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(out["address"], rdp.to_string(), "{ran}");
     assert!(!b.tcp_open(rdp), "the grant opened RDP to another source");
     assert!(!a.tcp_open(win.v4_at(SSH)), "the grant opened another port");
     // The gateway's own agent table still protects the gateway itself.
@@ -288,6 +296,16 @@ fn dnat_the_requester_reaches_the_mapped_port_only_and_grants_end_on_time_withou
         "the restarted gateway dropped a live grant"
     );
     assert!(!b.tcp_open(front));
+    // `jitgate connect` says where to connect: the public address and mapped port.
+    let ran = lab.jitgate(
+        &a,
+        crate::lab::OWNER,
+        &["connect", WIN, "--port", "3389", "--json"],
+    );
+    assert!(ran.success(), "{ran}");
+    let out: Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(out["address"], front.to_string(), "{ran}");
+    assert_eq!(out["reused"], true, "{ran}");
     // Let the restarted gateway save its states before the "reboot".
     wait_win_up_to_date(&lab);
 
