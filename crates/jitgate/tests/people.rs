@@ -895,6 +895,53 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
             5,
             vec!["--resource-group: "],
         ),
+        // Gateway mode: a placement the controller refuses names the flag.
+        (
+            vec![
+                "vm",
+                "place",
+                "db",
+                "--behind",
+                "prod/app",
+                "--address",
+                "nope",
+            ],
+            5,
+            vec!["--address: ", "'nope'"],
+        ),
+        (
+            vec![
+                "vm",
+                "place",
+                "db",
+                "--behind",
+                "prod/app",
+                "--address",
+                "10.0.0.5",
+                "--mode",
+                "dnat",
+            ],
+            5,
+            vec!["--public-address: "],
+        ),
+        (
+            vec!["vm", "place", "db", "--address", "10.0.0.5"],
+            2,
+            vec!["--behind"],
+        ),
+        (
+            vec![
+                "vm",
+                "place",
+                "db",
+                "--behind",
+                "prod/db",
+                "--address",
+                "10.0.0.5",
+            ],
+            5,
+            vec!["--behind: ", "its own gateway"],
+        ),
         (
             vec!["enable", "db", "nope"],
             3,

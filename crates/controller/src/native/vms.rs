@@ -474,14 +474,20 @@ pub async fn put_placement(
         )
         .await
         .map_err(|e| match e {
-            OpError::Refused(PlaceError::Unknown(f)) => {
-                ApiError::new(StatusCode::NOT_FOUND, "NotFound", f.message.clone())
-                    .with_target(f.field)
-            }
+            OpError::Refused(PlaceError::Unknown(f)) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{}: {}", f.field, f.message),
+            )
+            .with_target(f.field),
             OpError::Refused(
                 PlaceError::Chain(f) | PlaceError::AddressTaken(f) | PlaceError::NoMappedPort(f),
-            ) => ApiError::new(StatusCode::CONFLICT, "Conflict", f.message.clone())
-                .with_target(f.field),
+            ) => ApiError::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!("{}: {}", f.field, f.message),
+            )
+            .with_target(f.field),
             OpError::Store(s) => s.into(),
         })?;
     state.vm_changes.touch([&id, &gateway]);

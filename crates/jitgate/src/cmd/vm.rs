@@ -86,18 +86,18 @@ pub struct PlaceArgs {
     #[arg(long, value_name = "GATEWAY")]
     pub behind: Option<String>,
     /// The machine's private address, as the gateway reaches it.
-    #[arg(long, requires = "behind")]
+    #[arg(long)]
     pub address: Option<String>,
     /// routed: clients reach the machine's own address through the gateway; dnat:
     /// clients reach the gateway's public address on a port mapped to the machine's.
-    #[arg(long, requires = "behind", value_parser = ["routed", "dnat"])]
+    #[arg(long, value_parser = ["routed", "dnat"])]
     pub mode: Option<String>,
     /// dnat: the gateway's public address clients connect to.
-    #[arg(long, requires = "behind")]
+    #[arg(long)]
     pub public_address: Option<String>,
     /// dnat: the machine sees connections come from the gateway (when its default
     /// route is not the gateway).
-    #[arg(long, requires = "behind")]
+    #[arg(long)]
     pub masquerade: bool,
 }
 
@@ -108,7 +108,12 @@ async fn place_vm(
     name: &str,
     place: PlaceArgs,
 ) -> anyhow::Result<crate::client::Reply<api::Placement>> {
-    let behind = place.behind.unwrap_or_default();
+    let Some(behind) = place.behind else {
+        return Err(crate::usage::bad_flag(
+            "--behind",
+            "is required: the gateway in front of the machine (resource-group/name of a machine running `jitgate gateway`)",
+        ));
+    };
     // A short gateway name is found like any machine name.
     let gateway = if behind.contains('/') {
         behind
@@ -193,6 +198,17 @@ pub async fn vm(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             place,
             client,
         } => {
+            if place.behind.is_none()
+                && (place.address.is_some()
+                    || place.mode.is_some()
+                    || place.public_address.is_some()
+                    || place.masquerade)
+            {
+                return Err(crate::usage::bad_flag(
+                    "--behind",
+                    "is required with --address, --mode, --public-address and --masquerade (nothing was registered)",
+                ));
+            }
             let ses = Session::new(&client)?;
             let body = api::RegisterVm {
                 id: None,
