@@ -47,6 +47,14 @@ pub struct Gateway {
     pub poll_wait: Duration,
     pub heartbeat: Duration,
     pub nft_version: Option<String>,
+    /// What the table holds since the last apply (None: unknown, render it whole).
+    pub applied: Mutex<Option<Applied>>,
+}
+
+/// The table as last applied: its structure and its elements.
+pub struct Applied {
+    structure: Vec<(String, gateway::Placement, Vec<jitgate_core::nsg::NsgRule>)>,
+    elements: Vec<gateway::GwElement>,
 }
 
 #[derive(Default)]
@@ -122,9 +130,40 @@ pub fn targets(states: &[Desired]) -> anyhow::Result<Vec<Target>> {
 
 /// Renders and applies the whole gateway table for `states`, timeouts from now.
 pub fn enforce(nft: &Nft, states: &[Desired]) -> anyhow::Result<()> {
+    enforce_from(nft, states, None).map(|_| ())
+}
+
+/// Applies `states`: when their structure (machines, placements, rules) is the one
+/// `last` applied, only the elements that changed, in one transaction; otherwise, or
+/// when that fails (an element to delete expired meanwhile), the whole table. Returns
+/// what the table then holds.
+fn enforce_from(nft: &Nft, states: &[Desired], last: Option<&Applied>) -> anyhow::Result<Applied> {
     let targets = targets(states)?;
     gateway::validate(&targets).map_err(|e| anyhow::anyhow!(e))?;
-    nft.apply(&gateway::render_full(&targets, Timestamp::now()))
+    let now = Timestamp::now();
+    let structure = gateway::structure(&targets);
+    let elements = gateway::plan(&targets, now);
+    if let Some(l) = last
+        && l.structure == structure
+    {
+        let (add, remove) = gateway::diff(&l.elements, &elements, now);
+        match nft.apply(&gateway::render_delta(&add, &remove, now)) {
+            Ok(()) => {
+                return Ok(Applied {
+                    structure,
+                    elements,
+                });
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "the change did not apply as a delta; rendering the whole table")
+            }
+        }
+    }
+    nft.apply(&gateway::render_full(&targets, now))?;
+    Ok(Applied {
+        structure,
+        elements,
+    })
 }
 
 impl Gateway {
@@ -377,7 +416,19 @@ impl Gateway {
                 m.wire.values().cloned().collect(),
             )
         };
-        let result = enforce(&self.nft, &states);
+        let result = {
+            let mut last = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+            match enforce_from(&self.nft, &states, last.as_ref()) {
+                Ok(a) => {
+                    *last = Some(a);
+                    Ok(())
+                }
+                Err(e) => {
+                    *last = None;
+                    Err(e)
+                }
+            }
+        };
         if let Ok(mut m) = machines.lock() {
             match &result {
                 Ok(()) => {

@@ -819,6 +819,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             poll_wait: shared.config.poll_wait,
             heartbeat: shared.config.heartbeat,
             nft_version: shared.nft_version.clone(),
+            applied: Default::default(),
         };
         tokio::spawn(g.run(shutdown.clone()))
     });

@@ -243,32 +243,110 @@ fn net_key(n: &IpNet) -> String {
     nft::net_text(n)
 }
 
-/// The lines of each set and map, by name.
+/// Where an element goes: `(set, key)` pairs, and for DNAT the map's `(map, key,
+/// data)`.
+fn element_parts(e: &GwElement) -> (String, String, Option<(String, String, String)>) {
+    let v6 = suffix(e.address.is_ipv6());
+    let (src, proto) = (net_key(&e.net), e.proto.as_str());
+    let fwd = format!("{src} . {} . {proto} . {}", e.address, e.port);
+    match (e.mode, e.mapped) {
+        (Mode::Routed, _) | (Mode::Dnat, None) => (format!("fwd{v6}"), fwd, None),
+        (Mode::Dnat, Some(m)) => (
+            format!("dfwd{v6}"),
+            fwd,
+            Some((
+                format!("dnat{v6}"),
+                format!("{src} . {proto} . {m}"),
+                format!("{} . {}", e.address, e.port),
+            )),
+        ),
+    }
+}
+
+/// The lines of each set and map (key, timeout and data), by name.
 fn element_lines(elements: &[GwElement], now: Timestamp) -> BTreeMap<String, Vec<String>> {
     let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for e in elements {
         let Some(ms) = nft::timeout_ms(e.end, now) else {
             continue;
         };
-        let v6 = suffix(e.address.is_ipv6());
-        let (src, proto) = (net_key(&e.net), e.proto.as_str());
-        let fwd = format!(
-            "{src} . {} . {proto} . {} timeout {ms}ms",
-            e.address, e.port
-        );
-        match (e.mode, e.mapped) {
-            (Mode::Routed, _) => sets.entry(format!("fwd{v6}")).or_default().push(fwd),
-            (Mode::Dnat, Some(m)) => {
-                sets.entry(format!("dfwd{v6}")).or_default().push(fwd);
-                sets.entry(format!("dnat{v6}")).or_default().push(format!(
-                    "{src} . {proto} . {m} timeout {ms}ms : {} . {}",
-                    e.address, e.port
-                ));
-            }
-            (Mode::Dnat, None) => {}
+        if e.mode == Mode::Dnat && e.mapped.is_none() {
+            continue;
+        }
+        let (set, key, map) = element_parts(e);
+        sets.entry(set)
+            .or_default()
+            .push(format!("{key} timeout {ms}ms"));
+        if let Some((map, key, data)) = map {
+            sets.entry(map)
+                .or_default()
+                .push(format!("{key} timeout {ms}ms : {data}"));
         }
     }
     sets
+}
+
+/// What to change to go from the `applied` elements to the `desired` ones (both as
+/// [`plan`] makes them): `(to_add, to_remove)`. An element whose end changed is
+/// removed and added again (older kernels keep the old timeout of an element added
+/// twice); applied elements already ended at `now` are left to the kernel.
+pub fn diff(
+    applied: &[GwElement],
+    desired: &[GwElement],
+    now: Timestamp,
+) -> (Vec<GwElement>, Vec<GwElement>) {
+    let a: BTreeSet<&GwElement> = applied.iter().collect();
+    let d: BTreeSet<&GwElement> = desired.iter().collect();
+    let add = d.difference(&a).map(|e| **e).collect();
+    let remove = a
+        .difference(&d)
+        .filter(|e| e.end > now)
+        .map(|e| **e)
+        .collect();
+    (add, remove)
+}
+
+/// The change from one set of elements to another as one `nft -f` transaction:
+/// deletions first (keys only), then additions with timeouts from `now`. Empty when
+/// nothing changes. It fails as a whole when an element to delete is already gone
+/// (expired in the meantime); the caller then renders the whole table.
+pub fn render_delta(add: &[GwElement], remove: &[GwElement], now: Timestamp) -> String {
+    let mut out = String::new();
+    let mut deletes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in remove {
+        if e.mode == Mode::Dnat && e.mapped.is_none() {
+            continue;
+        }
+        let (set, key, map) = element_parts(e);
+        deletes.entry(set).or_default().push(key);
+        if let Some((map, key, _)) = map {
+            deletes.entry(map).or_default().push(key);
+        }
+    }
+    for (set, keys) in &deletes {
+        let _ = writeln!(
+            out,
+            "delete element inet {TABLE} {set} {{ {} }}",
+            keys.join(", ")
+        );
+    }
+    for (set, lines) in element_lines(add, now) {
+        let _ = writeln!(
+            out,
+            "add element inet {TABLE} {set} {{ {} }}",
+            lines.join(", ")
+        );
+    }
+    out
+}
+
+/// The targets without their grants: what a whole render depends on besides the
+/// elements. While it stays the same, a change is a [`render_delta`].
+pub fn structure(targets: &[Target]) -> Vec<(String, Placement, Vec<NsgRule>)> {
+    targets
+        .iter()
+        .map(|t| (t.name.clone(), t.place.clone(), t.rules.clone()))
+        .collect()
 }
 
 fn render_elements(out: &mut String, lines: &[String]) {
@@ -532,6 +610,41 @@ mod tests {
             .find(|e| e.net == "10.1.2.3/32".parse::<IpNet>().unwrap())
             .unwrap();
         assert_eq!(host.end, at("2026-01-01T02:00:00Z"));
+    }
+
+    #[test]
+    fn a_change_of_grants_is_a_delta_of_keys_and_elements() {
+        let mut d = target("win", "192.0.2.6", Mode::Dnat);
+        d.place.mapped = vec![MappedPort {
+            port: port(3389),
+            mapped: port(50001),
+        }];
+        let kept = grant(3389, "198.51.100.10", "2026-01-01T01:00:00Z");
+        d.grants = vec![kept.clone()];
+        let before = plan(std::slice::from_ref(&d), at(NOW));
+        d.grants = vec![kept, grant(3389, "198.51.100.11", "2026-01-01T00:10:00Z")];
+        let after = plan(std::slice::from_ref(&d), at(NOW));
+        let (add, remove) = diff(&before, &after, at(NOW));
+        assert_eq!((add.len(), remove.len()), (1, 0));
+        let text = render_delta(&add, &remove, at(NOW));
+        assert_eq!(
+            text,
+            "add element inet jitgate_gw dfwd4 { 198.51.100.11 . 192.0.2.6 . tcp . 3389 timeout 600000ms }\n\
+             add element inet jitgate_gw dnat4 { 198.51.100.11 . tcp . 50001 timeout 600000ms : 192.0.2.6 . 3389 }\n"
+        );
+        // Revoked: its keys are deleted from the set and the map, nothing added.
+        let (add, remove) = diff(&after, &before, at(NOW));
+        let text = render_delta(&add, &remove, at(NOW));
+        assert_eq!(
+            text,
+            "delete element inet jitgate_gw dfwd4 { 198.51.100.11 . 192.0.2.6 . tcp . 3389 }\n\
+             delete element inet jitgate_gw dnat4 { 198.51.100.11 . tcp . 50001 }\n"
+        );
+        // What has ended is left to the kernel.
+        let later = at("2026-01-01T00:20:00Z");
+        let (_, remove) = diff(&after, &before, later);
+        assert!(remove.is_empty());
+        assert_eq!(structure(&[d.clone()]), structure(&[d]));
     }
 
     #[test]
