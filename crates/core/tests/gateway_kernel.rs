@@ -14,6 +14,8 @@ use jitgate_core::nsg::{Access, GrantRef, NsgRule, RuleOrigin};
 use jitgate_core::request::RequestId;
 use uuid::Uuid;
 
+// Shared with the other kernel tests, which use more of it.
+#[allow(dead_code)]
 mod netns {
     include!("support/netns.rs");
 }
