@@ -70,6 +70,9 @@ struct Machines {
     applied_at: Option<String>,
     error: Option<String>,
     probes: BTreeMap<String, Vec<WireListener>>,
+    /// The revision last reported applied for each machine (a change reports only
+    /// the machines whose revision moved).
+    reported: BTreeMap<String, String>,
 }
 
 /// What the boot-time restore put back in `table inet jitgate_gw`.
@@ -229,13 +232,14 @@ impl Gateway {
                         .await
                         .unwrap_or(false);
                     if done {
-                        me.report_all(&machines).await;
+                        me.report(&machines, true).await;
                     }
                 }
             })
         };
 
-        // The prober and heartbeat: reports every machine's probed ports.
+        // The prober: one machine at a time, one port at a time (a bounded rate that
+        // never floods the machines), a pause between rounds.
         let prober = {
             let (me, machines, mut stop) = (me.clone(), machines.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -252,16 +256,32 @@ impl Gateway {
                         })
                         .unwrap_or_default();
                     for (vm, addr) in targets {
-                        let found = probe(addr).await;
+                        let found = tokio::select! {
+                            f = probe(addr) => f,
+                            _ = stop.changed() => return,
+                        };
                         if let Ok(mut m) = machines.lock() {
                             m.probes.insert(vm, found);
                         }
                     }
-                    me.report_all(&machines).await;
                     tokio::select! {
                         _ = tokio::time::sleep(me.heartbeat) => {}
                         _ = stop.changed() => return,
                     }
+                }
+            })
+        };
+        // The heartbeat: every machine's report (what was applied, what the probe
+        // found), so the controller sees each one online.
+        let heartbeat = {
+            let (me, machines, mut stop) = (me.clone(), machines.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(me.heartbeat) => {}
+                        _ = stop.changed() => return,
+                    }
+                    me.report(&machines, false).await;
                 }
             })
         };
@@ -283,6 +303,9 @@ impl Gateway {
                 let before = m.fetched.len();
                 m.fetched.retain(|vm, _| list.contains(vm));
                 m.wire.retain(|vm, _| list.contains(vm));
+                m.probes.retain(|vm, _| list.contains(vm));
+                m.reported.retain(|vm, _| list.contains(vm));
+                m.applied.retain(|vm, _| list.contains(vm));
                 m.fetched.len() != before
             };
             if removed {
@@ -317,6 +340,7 @@ impl Gateway {
         lister.abort();
         applier.abort();
         prober.abort();
+        heartbeat.abort();
     }
 
     async fn behind(&self, known: Option<&str>) -> anyhow::Result<(String, Vec<String>)> {
@@ -472,11 +496,17 @@ impl Gateway {
 
     /// Reports each machine as its agent would: the revision applied, the ports that
     /// answered the gateway's probe.
-    async fn report_all(&self, machines: &Mutex<Machines>) {
+    /// With `changed`, only the machines whose applied revision moved since their last
+    /// report (all of them while there is an error to tell); 16 at a time.
+    async fn report(&self, machines: &Mutex<Machines>, changed: bool) {
+        use futures_util::StreamExt as _;
         let reports: Vec<(String, StatusReport)> = {
             let Ok(m) = machines.lock() else { return };
             m.listed
                 .iter()
+                .filter(|vm| {
+                    !changed || m.error.is_some() || m.applied.get(*vm) != m.reported.get(*vm)
+                })
                 .map(|vm| {
                     let addresses = m
                         .fetched
@@ -500,19 +530,41 @@ impl Gateway {
                 })
                 .collect()
         };
-        for (vm, report) in reports {
-            let r = self
-                .http
-                .post(format!("{}/api/v1/agent/status", self.controller))
-                .query(&[("vm", vm.as_str())])
-                .bearer_auth(self.token.expose())
-                .json(&report)
-                .send()
-                .await;
-            match r {
-                Ok(resp) if resp.status().is_success() => {}
-                Ok(resp) => tracing::warn!(%vm, status = %resp.status(), "status report refused"),
-                Err(e) => tracing::debug!(%vm, error = %e, "status report failed"),
+        let sent = futures_util::stream::iter(reports)
+            .map(|(vm, report)| async move {
+                let r = self
+                    .http
+                    .post(format!("{}/api/v1/agent/status", self.controller))
+                    .query(&[("vm", vm.as_str())])
+                    .bearer_auth(self.token.expose())
+                    .json(&report)
+                    .send()
+                    .await;
+                match r {
+                    Ok(resp) if resp.status().is_success() => Some((vm, report.applied_revision)),
+                    Ok(resp) => {
+                        tracing::warn!(%vm, status = %resp.status(), "status report refused");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!(%vm, error = %e, "status report failed");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        if let Ok(mut m) = machines.lock() {
+            for (vm, rev) in sent.into_iter().flatten() {
+                match rev {
+                    Some(r) => {
+                        m.reported.insert(vm, r);
+                    }
+                    None => {
+                        m.reported.remove(&vm);
+                    }
+                }
             }
         }
     }
