@@ -9,6 +9,7 @@
 mod agents;
 mod apply;
 mod expiry;
+mod gateway;
 mod initiate;
 mod lab;
 mod propagation;
@@ -61,6 +62,23 @@ pub enum BenchCommand {
         approval: bool,
         /// Other live grants on the VM before the rounds start (one per source
         /// address, through the API like any other).
+        #[arg(long, default_value_t = 0)]
+        background: usize,
+    },
+    /// Time from sending an initiate to the port of a machine behind a DNAT gateway
+    /// answering on the gateway's public address and mapped port, through a real
+    /// controller and a real `jitgate gateway` (root only); optionally with many
+    /// machines behind the gateway and live grants across them.
+    ///
+    /// Example: jitgate-bench gateway --rounds 200 --machines 1000 --background 10000
+    Gateway {
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+        /// Machines behind the gateway (one real, the others at addresses where
+        /// nothing answers).
+        #[arg(long, default_value_t = 1)]
+        machines: usize,
+        /// Other live grants, spread across the machines.
         #[arg(long, default_value_t = 0)]
         background: usize,
     },
@@ -136,6 +154,11 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
             approval,
             background,
         } => propagation::run(grants.max(1), approval, background).await?,
+        BenchCommand::Gateway {
+            rounds,
+            machines,
+            background,
+        } => gateway::run(rounds.max(1), machines.max(1), background).await?,
         BenchCommand::Reads { vms, rounds } => {
             let tmp = lab::tempdir()?;
             let r = reads::run(vms.max(1), rounds.max(1), &tmp).await;
