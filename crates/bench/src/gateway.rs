@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use super::lab::{self, sh};
-use super::rig::port_open;
+use super::rig::{port_open, time_to_close, time_to_open};
 use super::{BENCH_TOKEN, Child, percentiles};
 
 const RDP: u16 = 3389;
@@ -279,15 +279,9 @@ pub async fn run(rounds: usize, machines: usize, background: usize) -> anyhow::R
             .and_then(|v| v.to_str().ok())
             .context("no request id")?
             .to_owned();
-        let opened = tokio::task::block_in_place(|| {
-            while !port_open(front, Duration::from_millis(1)) {
-                if t0.elapsed() > Duration::from_secs(10) {
-                    return None;
-                }
-            }
-            Some(t0.elapsed())
-        })
-        .context("the mapped port did not open within 10 s")?;
+        let opened =
+            tokio::task::block_in_place(|| time_to_open(front, t0, Duration::from_secs(10)))
+                .context("the mapped port did not open within 10 s")?;
         open_hist.record(opened.as_micros() as u64)?;
         let t1 = Instant::now();
         call(
@@ -296,19 +290,9 @@ pub async fn run(rounds: usize, machines: usize, background: usize) -> anyhow::R
             None,
         )
         .await?;
-        let closed = tokio::task::block_in_place(|| {
-            loop {
-                let started = t1.elapsed();
-                if !port_open(front, Duration::from_millis(1)) {
-                    return Some(started);
-                }
-                if t1.elapsed() > Duration::from_secs(10) {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-        .context("the mapped port did not close within 10 s after revoke")?;
+        let closed =
+            tokio::task::block_in_place(|| time_to_close(front, t1, Duration::from_secs(10)))
+                .context("the mapped port did not close within 10 s after revoke")?;
         close_hist.record(closed.as_micros() as u64)?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::rig::{Rig, port_open};
+use super::rig::{Rig, port_open, time_to_close, time_to_open};
 use super::{BENCH_TOKEN, percentiles};
 
 pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Result<()> {
@@ -68,15 +68,9 @@ pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Re
                 bail!("approve: {}", r.text().await?);
             }
         }
-        let opened = tokio::task::block_in_place(|| {
-            while !port_open(service, Duration::from_millis(1)) {
-                if t0.elapsed() > Duration::from_secs(5) {
-                    return None;
-                }
-            }
-            Some(t0.elapsed())
-        })
-        .context("the port did not open within 5 s")?;
+        let opened =
+            tokio::task::block_in_place(|| time_to_open(service, t0, Duration::from_secs(5)))
+                .context("the port did not open within 5 s")?;
         open_hist.record(opened.as_micros() as u64)?;
         if std::env::var_os("JITGATE_BENCH_TRACE").is_some() {
             eprintln!(
@@ -97,22 +91,9 @@ pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Re
         if !r.status().is_success() {
             bail!("revoke: {}", r.text().await?);
         }
-        // The time is when the first refused probe started: the port was closed by
-        // then (a refused probe ends only at its 1 ms timeout, which is not counted).
-        let closed = tokio::task::block_in_place(|| {
-            loop {
-                let started = t1.elapsed();
-                if !port_open(service, Duration::from_millis(1)) {
-                    return Some(started);
-                }
-                if t1.elapsed() > Duration::from_secs(5) {
-                    return None;
-                }
-                // Paced: every successful probe leaves a TIME_WAIT socket.
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-        .context("the port did not close within 5 s after revoke")?;
+        let closed =
+            tokio::task::block_in_place(|| time_to_close(service, t1, Duration::from_secs(5)))
+                .context("the port did not close within 5 s after revoke")?;
         close_hist.record(closed.as_micros() as u64)?;
         // Let the agent finish this round (a probe can time out while nft is still
         // committing) so that rounds do not overlap.

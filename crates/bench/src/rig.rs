@@ -30,6 +30,33 @@ pub fn port_open(addr: SocketAddr, timeout: Duration) -> bool {
     TcpStream::connect_timeout(&addr, timeout).is_ok()
 }
 
+/// Time from `since` until `addr` answers a TCP connect (1 ms probes back to back),
+/// or None after `limit`.
+pub fn time_to_open(addr: SocketAddr, since: Instant, limit: Duration) -> Option<Duration> {
+    while !port_open(addr, Duration::from_millis(1)) {
+        if since.elapsed() > limit {
+            return None;
+        }
+    }
+    Some(since.elapsed())
+}
+
+/// Time from `since` until the start of the first refused 1 ms probe of `addr` (the
+/// port was closed by then; the probe's own timeout is not counted), or None after
+/// `limit`. Paced: every successful probe leaves a TIME_WAIT socket.
+pub fn time_to_close(addr: SocketAddr, since: Instant, limit: Duration) -> Option<Duration> {
+    loop {
+        let started = since.elapsed();
+        if !port_open(addr, Duration::from_millis(1)) {
+            return Some(started);
+        }
+        if since.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 impl Rig {
     pub async fn start() -> anyhow::Result<Rig> {
         lab::require_root_tools()?;
