@@ -61,8 +61,6 @@ pub struct Applied {
 struct Machines {
     /// The last desired state fetched for each machine behind the gateway.
     fetched: BTreeMap<String, Desired>,
-    /// The wire form of each (what is saved).
-    wire: BTreeMap<String, DesiredState>,
     /// The machines listed by the controller; a render waits until each was fetched.
     listed: Vec<String>,
     /// What the last apply did: the revision applied per machine, or the error.
@@ -302,7 +300,6 @@ impl Gateway {
                 m.listed = list.clone();
                 let before = m.fetched.len();
                 m.fetched.retain(|vm, _| list.contains(vm));
-                m.wire.retain(|vm, _| list.contains(vm));
                 m.probes.retain(|vm, _| list.contains(vm));
                 m.reported.retain(|vm, _| list.contains(vm));
                 m.applied.retain(|vm, _| list.contains(vm));
@@ -398,11 +395,8 @@ impl Gateway {
                 Ok(r) => Err(anyhow::anyhow!("the controller answered {}", r.status())),
                 Err(e) => Err(e.into()),
             };
-            match result.and_then(|d| {
-                let decoded = jitgate_proto::decode(&d).map_err(|e| anyhow::anyhow!(e))?;
-                Ok((d, decoded))
-            }) {
-                Ok((wire, d)) => {
+            match result.and_then(|d| jitgate_proto::decode(&d).map_err(|e| anyhow::anyhow!(e))) {
+                Ok(d) => {
                     backoff = Duration::from_millis(200);
                     if known.as_deref() == Some(d.revision.as_str()) {
                         continue;
@@ -410,7 +404,6 @@ impl Gateway {
                     known = Some(d.revision.clone());
                     if let Ok(mut m) = machines.lock() {
                         m.fetched.insert(vm.clone(), d);
-                        m.wire.insert(vm.clone(), wire);
                     }
                     changed.notify_one();
                 }
@@ -429,16 +422,13 @@ impl Gateway {
     /// Applies the whole table once every listed machine has been fetched; true when
     /// something was applied (or failed: the failure is reported too).
     fn apply(&self, machines: &Mutex<Machines>) -> bool {
-        let (states, wire): (Vec<Desired>, Vec<DesiredState>) = {
+        let states: Vec<Desired> = {
             let Ok(m) = machines.lock() else { return false };
             if m.listed.iter().any(|vm| !m.fetched.contains_key(vm)) {
                 // A restart: keep the table as it is until every state is known.
                 return false;
             }
-            (
-                m.fetched.values().cloned().collect(),
-                m.wire.values().cloned().collect(),
-            )
+            m.fetched.values().cloned().collect()
         };
         let result = {
             let mut last = self.applied.lock().unwrap_or_else(|p| p.into_inner());
@@ -473,6 +463,15 @@ impl Gateway {
                     grants = states.iter().map(|d| d.grants.len()).sum::<usize>(),
                     "applied the gateway table"
                 );
+                // Saved in wire form (the revision is the content's hash, so the
+                // restore decodes it as it was received).
+                let now = Timestamp::now();
+                let wire: Vec<DesiredState> = states
+                    .iter()
+                    .map(|d| {
+                        jitgate_proto::encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now)
+                    })
+                    .collect();
                 let saved = serde_json::to_vec(&wire)
                     .map_err(anyhow::Error::from)
                     .and_then(|b| {

@@ -238,16 +238,12 @@ fn addr_type(v6: bool) -> &'static str {
     if v6 { "ipv6_addr" } else { "ipv4_addr" }
 }
 
-fn net_key(n: &IpNet) -> String {
-    // Interval sets take a prefix; a host prefix is written as the bare address.
-    nft::net_text(n)
-}
-
 /// Where an element goes: `(set, key)` pairs, and for DNAT the map's `(map, key,
 /// data)`.
 fn element_parts(e: &GwElement) -> (String, String, Option<(String, String, String)>) {
     let v6 = suffix(e.address.is_ipv6());
-    let (src, proto) = (net_key(&e.net), e.proto.as_str());
+    // Interval sets take a prefix; a host prefix is written as the bare address.
+    let (src, proto) = (nft::net_text(&e.net), e.proto.as_str());
     let fwd = format!("{src} . {} . {proto} . {}", e.address, e.port);
     match (e.mode, e.mapped) {
         (Mode::Routed, _) | (Mode::Dnat, None) => (format!("fwd{v6}"), fwd, None),

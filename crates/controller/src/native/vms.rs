@@ -453,14 +453,11 @@ pub async fn put_placement(
             "applies to mode dnat only",
         ));
     }
-    place.validate().map_err(|e| {
-        let field = if e.contains("public address") {
-            "publicIpAddress"
-        } else {
-            "address"
-        };
-        ApiError::bad_param(field, e)
-    })?;
+    // With no mapped ports yet, what validate can refuse is the public address (missing
+    // in DNAT mode, or of another family than the address).
+    place
+        .validate()
+        .map_err(|e| ApiError::bad_param("publicIpAddress", e))?;
     // Placing a VM decides who enforces it, which is the VM's and the gateway's business.
     principal.require(Action::VmWrite, &id.scope())?;
     principal.require(Action::VmWrite, &gateway.scope())?;
