@@ -18,12 +18,14 @@
 //! the table from the last desired state (grants with their remaining lifetimes).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use jitgate_core::Timestamp;
+use jitgate_core::gateway::{self, Entry, GwElement};
 use jitgate_core::net::Port;
-use jitgate_core::nfnl::Held;
+use jitgate_core::nfnl::{GwHeld, Held};
 use jitgate_core::nft::{Element, L4};
 use serde_json::Value;
 
@@ -38,6 +40,7 @@ const MAX_CHANGES: usize = 20;
 /// The table's structure as read back after a full rebuild.
 #[derive(Debug, Clone)]
 pub struct Baseline {
+    table: String,
     structure: Vec<(String, String)>,
 }
 
@@ -102,9 +105,11 @@ fn parse(json: &str) -> anyhow::Result<Vec<(String, String)>> {
     Ok(structure)
 }
 
-/// The baseline from the listing read right after a full rebuild.
-pub fn baseline(json: &str) -> anyhow::Result<Baseline> {
+/// The baseline of `table inet <table>` from its listing read right after a full
+/// rebuild.
+pub fn baseline(table: &str, json: &str) -> anyhow::Result<Baseline> {
     Ok(Baseline {
+        table: table.to_owned(),
         structure: parse(json)?,
     })
 }
@@ -113,7 +118,7 @@ pub fn baseline(json: &str) -> anyhow::Result<Baseline> {
 /// gone). Empty when it does not.
 pub fn compare_structure(base: &Baseline, listing: Option<&str>) -> Vec<String> {
     let Some(json) = listing else {
-        return vec!["table inet jitgate was deleted".to_owned()];
+        return vec![format!("table inet {} was deleted", base.table)];
     };
     let cur = match parse(json) {
         Ok(c) => c,
@@ -187,6 +192,80 @@ pub fn compare_elements(
     out
 }
 
+fn describe_gw(e: &Entry) -> String {
+    match e.to_port {
+        None => format!(
+            "{} . {} . {} . {} in set {}",
+            e.net,
+            e.address,
+            e.proto.as_str(),
+            e.port,
+            e.set
+        ),
+        Some(to) => format!(
+            "{} . {} . {} : {} . {to} in map {}",
+            e.net,
+            e.proto.as_str(),
+            e.port,
+            e.address,
+            e.set
+        ),
+    }
+}
+
+/// How the elements of `table inet jitgate_gw` (`held`, dumped at `now`) differ from
+/// those the gateway applied (`expected`): each change with the address of the
+/// machine it concerns, so it is reported on that machine.
+pub fn compare_gateway_elements(
+    expected: &[GwElement],
+    held: &[(&'static str, GwHeld)],
+    now: Timestamp,
+) -> Vec<(IpAddr, String)> {
+    let want: HashMap<Entry, Timestamp> = expected
+        .iter()
+        .flat_map(|e| gateway::entries(e).into_iter().map(|x| (x, e.end)))
+        .collect();
+    let mut out = Vec::new();
+    let mut present = std::collections::HashSet::with_capacity(held.len());
+    for (set, h) in held {
+        let entry = Entry {
+            set,
+            net: h.net,
+            proto: h.proto,
+            port: h.port,
+            address: h.address,
+            to_port: h.to_port,
+        };
+        present.insert(entry);
+        let what = describe_gw(&entry);
+        let change = match (want.get(&entry), h.timeout_ms) {
+            (None, _) => format!("element {what} was added"),
+            (Some(_), None) => format!("element {what} has no timeout"),
+            (Some(end), Some(_)) => {
+                let expires = now
+                    .checked_add(Duration::from_millis(h.expires_ms.unwrap_or(0)))
+                    .unwrap_or(Timestamp::MAX);
+                if expires <= end.checked_add(SLACK).unwrap_or(Timestamp::MAX) {
+                    continue;
+                }
+                format!("element {what} had its lifetime extended")
+            }
+        };
+        out.push((h.address, change));
+    }
+    let still_due = now.checked_add(SLACK).unwrap_or(Timestamp::MAX);
+    for (entry, end) in &want {
+        if *end > still_due && !present.contains(entry) {
+            out.push((
+                entry.address,
+                format!("element {} was removed before its end", describe_gw(entry)),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Cuts a long list of changes to [`MAX_CHANGES`] with a count of the rest.
 pub fn limit(mut out: Vec<String>) -> Vec<String> {
     if out.len() > MAX_CHANGES {
@@ -218,7 +297,7 @@ mod tests {
 
     #[test]
     fn the_structure_is_compared_without_handles_or_counter_values() {
-        let b = baseline(&listing(&["a", "b"])).unwrap();
+        let b = baseline("jitgate", &listing(&["a", "b"])).unwrap();
         let later = listing(&["a", "b"]).replace("\"packets\":5", "\"packets\":9");
         assert!(compare_structure(&b, Some(&later)).is_empty());
         let cases = [

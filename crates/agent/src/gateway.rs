@@ -8,6 +8,9 @@
 //! any change: validate every target -> one `nft -f` of the whole table -> save
 //!             -> report each machine's applied revision (as its agent would)
 //! every heartbeat: TCP probes of each machine's management ports -> its report
+//! drift: the table read back (structure, every element over netlink) when the
+//!        kernel announces another process changed it, and periodically; on drift
+//!        -> reported on the machines concerned -> the whole table rendered again
 //! ```
 //!
 //! Grants are set and map elements with kernel timeouts: they close on time with
@@ -47,7 +50,14 @@ pub struct Gateway {
     pub poll_wait: Duration,
     pub heartbeat: Duration,
     pub nft_version: Option<String>,
+    /// How often the table is read back to find drift (elements less often on a
+    /// large table).
+    pub drift_check: Duration,
+    /// Woken when the kernel announces that another process changed the table.
+    pub table_changed: Arc<Notify>,
     /// What the table holds since the last apply (None: unknown, render it whole).
+    /// Held while applying and while reading the table back, so a read-back is
+    /// always of one applied state.
     pub applied: Mutex<Option<Applied>>,
 }
 
@@ -55,6 +65,28 @@ pub struct Gateway {
 pub struct Applied {
     structure: Vec<(String, gateway::Placement, Vec<jitgate_core::nsg::NsgRule>)>,
     elements: Vec<gateway::GwElement>,
+    /// The structure as the kernel listed it right after the last whole render
+    /// (None: not read yet).
+    baseline: Option<crate::drift::Baseline>,
+}
+
+/// What one machine's reports say about drift of the gateway's table.
+#[derive(Default)]
+struct MachineDrift {
+    /// Some(false) from finding drift until a later check finds the table as applied.
+    table_matches: Option<bool>,
+    events: u64,
+    last: Option<jitgate_proto::WireDrift>,
+}
+
+/// What a drift check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Same,
+    /// Drift, recorded on the machines it concerns.
+    Drift,
+    /// A table found drifted earlier is as applied again.
+    Confirmed,
 }
 
 #[derive(Default)]
@@ -71,6 +103,7 @@ struct Machines {
     /// The revision last reported applied for each machine (a change reports only
     /// the machines whose revision moved).
     reported: BTreeMap<String, String>,
+    drift: BTreeMap<String, MachineDrift>,
 }
 
 /// What the boot-time restore put back in `table inet jitgate_gw`.
@@ -153,6 +186,7 @@ fn enforce_from(nft: &Nft, states: &[Desired], last: Option<&Applied>) -> anyhow
                 return Ok(Applied {
                     structure,
                     elements,
+                    baseline: l.baseline.clone(),
                 });
             }
             Err(e) => {
@@ -161,9 +195,19 @@ fn enforce_from(nft: &Nft, states: &[Desired], last: Option<&Applied>) -> anyhow
         }
     }
     nft.apply(&gateway::render_full(&targets, now))?;
+    // What the kernel made of it, the baseline later read-backs are compared with.
+    let baseline = match nft.list_terse_json_of(gateway::TABLE) {
+        Ok(Some(json)) => crate::drift::baseline(gateway::TABLE, &json).ok(),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read table inet jitgate_gw back");
+            None
+        }
+    };
     Ok(Applied {
         structure,
         elements,
+        baseline,
     })
 }
 
@@ -284,6 +328,49 @@ impl Gateway {
             })
         };
 
+        // The drift watch: the table read back when another process changed it (the
+        // agent's monitor wakes it) and periodically; elements of a large table
+        // less often (every `drift_check` times one per 10,000 elements).
+        let watchdog = {
+            let (me, machines, mut stop) = (me.clone(), machines.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut elements_checked = std::time::Instant::now();
+                loop {
+                    let elements = tokio::select! {
+                        _ = tokio::time::sleep(me.drift_check) => {
+                            let size = me.applied.lock().ok().and_then(|a| a.as_ref().map(|a| a.elements.len())).unwrap_or(0);
+                            elements_checked.elapsed() >= me.drift_check * (1 + size / 10_000) as u32
+                        }
+                        _ = me.table_changed.notified() => true,
+                        _ = stop.changed() => return,
+                    };
+                    if elements {
+                        elements_checked = std::time::Instant::now();
+                    }
+                    let (me2, m2) = (me.clone(), machines.clone());
+                    let found = tokio::task::spawn_blocking(move || me2.check(&m2, elements))
+                        .await
+                        .unwrap_or(Check::Same);
+                    match found {
+                        Check::Same => {}
+                        Check::Confirmed => me.report(&machines, false).await,
+                        Check::Drift => {
+                            // On record before the repair, so it is known even if the
+                            // repair fails; then repaired, read back, and reported.
+                            me.report(&machines, false).await;
+                            let (me2, m2) = (me.clone(), machines.clone());
+                            let _ = tokio::task::spawn_blocking(move || {
+                                me2.repair(&m2);
+                                me2.check(&m2, true)
+                            })
+                            .await;
+                            me.report(&machines, false).await;
+                        }
+                    }
+                }
+            })
+        };
+
         // One long-poll per machine behind the gateway.
         let mut pollers: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
         loop {
@@ -303,6 +390,7 @@ impl Gateway {
                 m.probes.retain(|vm, _| list.contains(vm));
                 m.reported.retain(|vm, _| list.contains(vm));
                 m.applied.retain(|vm, _| list.contains(vm));
+                m.drift.retain(|vm, _| list.contains(vm));
                 m.fetched.len() != before
             };
             if removed {
@@ -338,6 +426,7 @@ impl Gateway {
         applier.abort();
         prober.abort();
         heartbeat.abort();
+        watchdog.abort();
     }
 
     async fn behind(&self, known: Option<&str>) -> anyhow::Result<(String, Vec<String>)> {
@@ -493,6 +582,111 @@ impl Gateway {
         true
     }
 
+    /// Reads the table back and compares it with what was last applied: its structure
+    /// with the listing taken after the last whole render, and with `elements`, every
+    /// element of its sets and maps (over netlink, lifetimes to the millisecond).
+    /// A change is recorded on the machine it concerns (by address); a change of the
+    /// structure, or of an element for no machine behind the gateway, on all of them.
+    fn check(&self, machines: &Mutex<Machines>, elements: bool) -> Check {
+        let (table, by_address) = {
+            let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(a) = applied.as_mut() else {
+                return Check::Same;
+            };
+            let listing = match self.nft.list_terse_json_of(gateway::TABLE) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read table inet jitgate_gw back");
+                    return Check::Same;
+                }
+            };
+            let table = match (&listing, &a.baseline) {
+                (None, _) => vec![format!("table inet {} was deleted", gateway::TABLE)],
+                (Some(json), Some(base)) => crate::drift::compare_structure(base, Some(json)),
+                (Some(json), None) => {
+                    a.baseline = crate::drift::baseline(gateway::TABLE, json).ok();
+                    Vec::new()
+                }
+            };
+            let by_address = match (listing.is_some() && elements)
+                .then(|| crate::netlink::NfSocket::open()?.dump_gateway_sets())
+            {
+                Some(Ok(held)) => {
+                    crate::drift::compare_gateway_elements(&a.elements, &held, Timestamp::now())
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the gateway's sets back");
+                    Vec::new()
+                }
+                None => Vec::new(),
+            };
+            (table, by_address)
+        };
+        let Ok(mut m) = machines.lock() else {
+            return Check::Same;
+        };
+        let address: BTreeMap<String, IpAddr> = m
+            .fetched
+            .iter()
+            .filter_map(|(vm, d)| d.gateway.as_ref().map(|g| (vm.clone(), g.address)))
+            .collect();
+        let mut everyone = table;
+        everyone.extend(
+            by_address
+                .iter()
+                .filter(|(a, _)| !address.values().any(|x| x == a))
+                .map(|(_, c)| c.clone()),
+        );
+        let now = Timestamp::now().to_string();
+        let mut found = Check::Same;
+        for vm in m.listed.clone() {
+            let mut changes = everyone.clone();
+            if let Some(a) = address.get(&vm) {
+                changes.extend(
+                    by_address
+                        .iter()
+                        .filter(|(x, _)| x == a)
+                        .map(|(_, c)| c.clone()),
+                );
+            }
+            let d = m.drift.entry(vm.clone()).or_default();
+            if changes.is_empty() {
+                if d.table_matches == Some(false) && found == Check::Same {
+                    found = Check::Confirmed;
+                }
+                d.table_matches = Some(true);
+                continue;
+            }
+            let changes = crate::drift::limit(changes);
+            tracing::warn!(%vm, changes = ?changes, "table inet jitgate_gw was changed outside jitgate; reporting and rebuilding it");
+            d.table_matches = Some(false);
+            d.events += 1;
+            d.last = Some(jitgate_proto::WireDrift {
+                detected_at: now.clone(),
+                changes,
+                repaired: false,
+            });
+            found = Check::Drift;
+        }
+        found
+    }
+
+    /// Renders the whole table again from the states last fetched, after drift.
+    fn repair(&self, machines: &Mutex<Machines>) {
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let repaired =
+            self.apply(machines) && self.applied.lock().map(|a| a.is_some()).unwrap_or(false);
+        if repaired && let Ok(mut m) = machines.lock() {
+            for d in m.drift.values_mut() {
+                if d.table_matches == Some(false)
+                    && let Some(last) = &mut d.last
+                {
+                    last.repaired = true;
+                }
+            }
+        }
+    }
+
     /// Reports each machine as its agent would: the revision applied, the ports that
     /// answered the gateway's probe.
     /// With `changed`, only the machines whose applied revision moved since their last
@@ -523,6 +717,9 @@ impl Gateway {
                             agent_version: Some(format!("{} (gateway)", env!("CARGO_PKG_VERSION"))),
                             addresses,
                             listening: m.probes.get(vm).cloned().unwrap_or_default(),
+                            table_matches: m.drift.get(vm).and_then(|d| d.table_matches),
+                            drift_events: m.drift.get(vm).map_or(0, |d| d.events),
+                            last_drift: m.drift.get(vm).and_then(|d| d.last.clone()),
                             ..StatusReport::default()
                         },
                     )

@@ -13,7 +13,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use jitgate_core::nfnl::{self, Held, Message, NLMSG_DONE, Notice, Outcome, SetOp};
+use jitgate_core::gateway;
+use jitgate_core::nfnl::{self, GwHeld, Held, Message, NLMSG_DONE, Notice, Outcome, SetOp};
 use nix::errno::Errno;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockname,
@@ -242,10 +243,38 @@ impl NfSocket {
         Ok(out)
     }
 
+    /// Every element of the sets and maps of `table inet jitgate_gw`
+    /// (`core::gateway::SETS` and `MAPS`), with its set. A set that does not exist
+    /// reads as empty (the structure comparison reports it missing).
+    pub fn dump_gateway_sets(&mut self) -> anyhow::Result<Vec<(&'static str, GwHeld)>> {
+        let mut out = Vec::new();
+        for (sets, map) in [(&gateway::SETS[..], false), (&gateway::MAPS[..], true)] {
+            for set in sets {
+                let got =
+                    self.dump_of(gateway::TABLE, set, |m| nfnl::dumped_gw_elements(m, map))?;
+                if let Some(held) = got {
+                    out.extend(held.into_iter().map(|h| (*set, h)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every element of `set` in `table inet jitgate`; None when there is no such set.
     fn dump(&mut self, set: &str) -> anyhow::Result<Option<Vec<Held>>> {
+        self.dump_of(jitgate_core::nft::TABLE, set, nfnl::dumped_elements)
+    }
+
+    /// Every element of `set` in `table inet <table>`, decoded by `decode`; None when
+    /// there is no such set.
+    fn dump_of<T>(
+        &mut self,
+        table: &str,
+        set: &str,
+        decode: impl Fn(&nfnl::Message<'_>) -> Result<Vec<T>, nfnl::Malformed>,
+    ) -> anyhow::Result<Option<Vec<T>>> {
         let seq = self.next_seq(1);
-        self.send(&nfnl::dump_set(set, seq))?;
+        self.send(&nfnl::dump_set_of(table, set, seq))?;
         let mut out = Some(Vec::new());
         self.receive_until(|m| {
             if m.seq != seq {
@@ -263,7 +292,7 @@ impl NfSocket {
                 return Ok(true);
             }
             if let Some(v) = out.as_mut() {
-                v.extend(nfnl::dumped_elements(m)?);
+                v.extend(decode(m)?);
             }
             Ok(false)
         })?;

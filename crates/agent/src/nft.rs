@@ -1,5 +1,6 @@
-//! The thin executor: runs `nft` for the agent. Only `table inet jitgate` is ever
-//! named; the ruleset as a whole is never listed.
+//! The thin executor: runs `nft` for the agent. Only `table inet jitgate` (and a
+//! gateway's `table inet jitgate_gw`) is ever named or changed; the ruleset is listed
+//! tersely and filtered to these tables.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -106,20 +107,19 @@ impl Nft {
         Ok(self.run(&["--version"])?.trim().to_owned())
     }
 
-    /// The items of table `inet jitgate` in `nft -t -j list ruleset` (chains, rules,
+    /// The items of `table inet <table>` in `nft -t -j list ruleset` (chains, rules,
     /// sets without their elements, named counters with their values); None when the
     /// table does not exist.
     ///
     /// Listed with `list ruleset` and filtered here: nft 1.0.6 fetches every set
     /// element for `list table` or `list counters` even with `-t` (0.1 s of CPU at
     /// 10,000 elements, ten times that at 100,000), but not for `list ruleset -t`.
-    fn table_items(&self) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
+    fn table_items(&self, table: &str) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
         let text = self.run(&["-t", "-j", "list", "ruleset"])?;
         let v: serde_json::Value =
             serde_json::from_str(&text).context("nft printed invalid JSON")?;
-        let ours = |body: &serde_json::Value, key: &str| {
-            body["family"] == "inet" && body[key] == "jitgate"
-        };
+        let ours =
+            |body: &serde_json::Value, key: &str| body["family"] == "inet" && body[key] == table;
         let mut items = Vec::new();
         let mut found = false;
         for item in v["nftables"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
@@ -141,15 +141,23 @@ impl Nft {
     /// Table `inet jitgate` without set elements, as `nft -t -j` lists it; None when
     /// the table does not exist.
     pub fn list_table_terse_json(&self) -> anyhow::Result<Option<String>> {
+        self.list_terse_json_of(jitgate_core::nft::TABLE)
+    }
+
+    /// [`Self::list_table_terse_json`] of `table inet <table>`.
+    pub fn list_terse_json_of(&self, table: &str) -> anyhow::Result<Option<String>> {
         Ok(self
-            .table_items()?
+            .table_items(table)?
             .map(|items| serde_json::json!({ "nftables": items }).to_string()))
     }
 
     /// Packet counts of the table's named counters.
     pub fn counters(&self) -> anyhow::Result<Vec<(String, u64)>> {
         let mut out = Vec::new();
-        for item in self.table_items()?.unwrap_or_default() {
+        for item in self
+            .table_items(jitgate_core::nft::TABLE)?
+            .unwrap_or_default()
+        {
             let c = &item["counter"];
             if let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64()) {
                 out.push((name.to_owned(), packets));

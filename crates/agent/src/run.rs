@@ -68,6 +68,8 @@ struct Shared {
     /// Wakes the watchdog when the kernel announces a change of the table by another
     /// process (see [`watch_changes`]).
     table_changed: tokio::sync::Notify,
+    /// The same for a gateway's `table inet jitgate_gw`.
+    gateway_changed: Arc<tokio::sync::Notify>,
     /// Reads the grant sets' elements for the drift check (a socket of its own, so
     /// reading never waits for an apply).
     reader: Mutex<Option<NfSocket>>,
@@ -139,9 +141,9 @@ fn watch_changes(shared: std::sync::Weak<Shared>) {
     let spawned = std::thread::Builder::new()
         .name("nft-monitor".into())
         .spawn(move || {
-            // Whether the transaction being announced touched the table from a
-            // socket that is not the agent's.
-            let mut foreign = false;
+            // Whether the transaction being announced touched the table (the
+            // gateway's table) from a socket that is not the agent's.
+            let (mut foreign, mut foreign_gw) = (false, false);
             loop {
                 let heard = match monitor.listen() {
                     Ok(h) => h,
@@ -158,17 +160,26 @@ fn watch_changes(shared: std::sync::Weak<Shared>) {
                         Heard::Lost => {
                             tracing::debug!("nf_tables notifications were lost; checking the table");
                             shared.table_changed.notify_one();
+                            shared.gateway_changed.notify_one();
                         }
                         Heard::Notice { notice, port } => match notice {
                             Notice::Commit { pid, process, .. } => {
-                                if foreign && !is_own_task(pid) {
+                                let other = !is_own_task(pid);
+                                if foreign && other {
                                     tracing::info!(pid, %process, "another process changed table inet jitgate; checking it now");
                                     shared.table_changed.notify_one();
                                 }
-                                foreign = false;
+                                if foreign_gw && other {
+                                    tracing::info!(pid, %process, "another process changed table inet jitgate_gw; checking it now");
+                                    shared.gateway_changed.notify_one();
+                                }
+                                (foreign, foreign_gw) = (false, false);
                             }
                             n if n.touches_jitgate() && !shared.own_ports.contains(&port) => {
                                 foreign = true;
+                            }
+                            n if n.touches(jitgate_core::gateway::TABLE) => {
+                                foreign_gw = true;
                             }
                             _ => {}
                         },
@@ -438,7 +449,7 @@ impl Shared {
                 Some(base) => crate::drift::compare_structure(base, Some(json)),
                 None => {
                     // The first read-back after a full rebuild becomes its baseline.
-                    match crate::drift::baseline(json) {
+                    match crate::drift::baseline(jitgate_core::nft::TABLE, json) {
                         Ok(b) => *slot = Some(b),
                         Err(e) => tracing::warn!(error = %e, "cannot parse table inet jitgate"),
                     }
@@ -789,6 +800,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         apply_seq: std::sync::atomic::AtomicU64::new(0),
         baseline_wanted: tokio::sync::Notify::new(),
         table_changed: tokio::sync::Notify::new(),
+        gateway_changed: Arc::new(tokio::sync::Notify::new()),
         reader: Mutex::new(reader),
         own_ports,
         progress: Mutex::new(Progress::default()),
@@ -819,6 +831,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             poll_wait: shared.config.poll_wait,
             heartbeat: shared.config.heartbeat,
             nft_version: shared.nft_version.clone(),
+            drift_check: shared.config.drift_check,
+            table_changed: shared.gateway_changed.clone(),
             applied: Default::default(),
         };
         tokio::spawn(g.run(shutdown.clone()))

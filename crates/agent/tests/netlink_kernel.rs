@@ -13,10 +13,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use jitgate_agent::drift::compare_gateway_elements;
 use jitgate_agent::enforce::{ApplyKind, Enforcer};
 use jitgate_agent::netlink::{BatchError, NfSocket};
 use jitgate_agent::nft::Nft;
 use jitgate_core::Timestamp;
+use jitgate_core::gateway::{self, MappedPort, Mode, Placement, Target};
 use jitgate_core::ids::VmId;
 use jitgate_core::net::{Port, PortRange, Protocol, SourcePrefix};
 use jitgate_core::nfnl::{Held, SetOp};
@@ -478,4 +480,163 @@ fn changes_are_announced_with_who_made_them() {
         std::path::Path::new(&format!("/proc/self/task/{own}")).exists(),
         "the commit names task {own}, not one of this process's"
     );
+}
+
+/// A machine behind a gateway, with grants of `(request, port, source, seconds)`.
+fn behind(
+    name: &str,
+    address: &str,
+    dnat: Option<&str>,
+    grants: &[(u128, u16, &str, i64)],
+) -> Target {
+    let p = |n: u16| Port::new(i64::from(n)).unwrap();
+    Target {
+        name: name.into(),
+        place: Placement {
+            address: address.parse().unwrap(),
+            mode: if dnat.is_some() {
+                Mode::Dnat
+            } else {
+                Mode::Routed
+            },
+            masquerade: false,
+            public: dnat.map(|a| a.parse().unwrap()),
+            mapped: if dnat.is_some() {
+                vec![
+                    MappedPort {
+                        port: p(3389),
+                        mapped: p(50001),
+                    },
+                    MappedPort {
+                        port: p(22),
+                        mapped: p(50002),
+                    },
+                ]
+            } else {
+                vec![]
+            },
+        },
+        rules: vec![deny(22), deny(3389)],
+        grants: grants
+            .iter()
+            .map(|(n, port, source, secs)| grant(*n, *port, source, *secs))
+            .collect(),
+    }
+}
+
+/// Issue 16, drift of a gateway's table: what the kernel holds, read over netlink
+/// (the sets' four-field keys, the maps' keys and data, IPv4 and IPv6, prefixes and
+/// single addresses), is exactly what the gateway planned; an element planted,
+/// deleted or given a longer life by someone else is found and named on the machine
+/// it concerns.
+#[test]
+fn the_gateway_tables_elements_read_back_as_planned_and_changes_are_named() {
+    let ns = Netns::new("gwd");
+    let targets = vec![
+        behind(
+            "routed",
+            "192.0.2.5",
+            None,
+            &[(1, 3389, "198.51.100.10", 3600), (2, 22, "10.0.0.0/8", 600)],
+        ),
+        behind(
+            "dnat",
+            "192.0.2.6",
+            Some("198.51.100.1"),
+            &[(3, 3389, "203.0.113.0/24", 900)],
+        ),
+        behind(
+            "v6",
+            "2001:db8:1::5",
+            Some("2001:db8::1"),
+            &[
+                (4, 22, "2001:db8:99::/48", 300),
+                (5, 3389, "2001:db8:7::7", 300),
+            ],
+        ),
+    ];
+    let now = Timestamp::now();
+    gateway::validate(&targets).unwrap();
+    ns.apply(&gateway::render_full(&targets, now)).unwrap();
+    let planned = gateway::plan(&targets, now);
+    let read = || ns.run(|| NfSocket::open().unwrap().dump_gateway_sets().unwrap());
+    let held = read();
+    // Each routed element once, each DNAT element in a set and a map.
+    assert_eq!(held.len(), 2 + 2 + 2 * 2, "{held:?}");
+    let changes = compare_gateway_elements(&planned, &held, Timestamp::now());
+    assert!(changes.is_empty(), "{changes:?}\n{held:?}");
+    let map6 = held.iter().find(|(s, _)| *s == "dnat6").unwrap().1;
+    assert_eq!(
+        map6.address,
+        "2001:db8:1::5".parse::<std::net::IpAddr>().unwrap()
+    );
+    assert!(map6.to_port.is_some() && [50001, 50002].contains(&map6.port.get()));
+    for (set, h) in &held {
+        let left = h.expires_ms.unwrap();
+        assert!(h.timeout_ms.unwrap() >= left, "{set}: {h:?}");
+        assert!(left > 250_000 && left <= 3_600_000, "{set}: {h:?}");
+    }
+
+    // Someone plants a permanent forward element, deletes a DNAT map element, and
+    // re-adds a routed grant with a longer life.
+    ns.nft(&[
+        "add",
+        "element",
+        "inet",
+        "jitgate_gw",
+        "fwd4",
+        "{ 203.0.113.66 . 192.0.2.5 . tcp . 22 }",
+    ]);
+    ns.nft(&[
+        "delete",
+        "element",
+        "inet",
+        "jitgate_gw",
+        "dnat4",
+        "{ 203.0.113.0/24 . tcp . 50001 }",
+    ]);
+    ns.nft(&[
+        "delete",
+        "element",
+        "inet",
+        "jitgate_gw",
+        "fwd4",
+        "{ 10.0.0.0/8 . 192.0.2.5 . tcp . 22 }",
+    ]);
+    ns.nft(&[
+        "add",
+        "element",
+        "inet",
+        "jitgate_gw",
+        "fwd4",
+        "{ 10.0.0.0/8 . 192.0.2.5 . tcp . 22 timeout 2h }",
+    ]);
+    let changes = compare_gateway_elements(&planned, &read(), Timestamp::now());
+    let has = |addr: &str, text: &str| {
+        changes
+            .iter()
+            .any(|(a, c)| a.to_string() == addr && c.contains(text))
+    };
+    assert!(
+        has(
+            "192.0.2.5",
+            "203.0.113.66/32 . 192.0.2.5 . tcp . 22 in set fwd4 was added"
+        ),
+        "{changes:?}"
+    );
+    assert!(
+        has(
+            "192.0.2.6",
+            "203.0.113.0/24 . tcp . 50001 : 192.0.2.6 . 3389 in map dnat4 was removed before its end"
+        ),
+        "{changes:?}"
+    );
+    assert!(
+        has(
+            "192.0.2.5",
+            "10.0.0.0/8 . 192.0.2.5 . tcp . 22 in set fwd4 had its lifetime extended"
+        ),
+        "{changes:?}"
+    );
+    assert_eq!(changes.len(), 3, "{changes:?}");
 }

@@ -47,6 +47,13 @@ use crate::nsg::{GrantRef, NsgRule, RuleOrigin};
 /// The table a gateway owns (family `inet`).
 pub const TABLE: &str = "jitgate_gw";
 
+/// The grant sets of the table (keys `source . address . protocol . port`).
+pub const SETS: [&str; 4] = ["fwd4", "fwd6", "dfwd4", "dfwd6"];
+
+/// The DNAT maps of the table (keys `source . protocol . mapped port`, data
+/// `address . port`).
+pub const MAPS: [&str; 2] = ["dnat4", "dnat6"];
+
 /// How clients reach a machine behind a gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Mode {
@@ -256,6 +263,49 @@ fn element_parts(e: &GwElement) -> (String, String, Option<(String, String, Stri
                 format!("{} . {}", e.address, e.port),
             )),
         ),
+    }
+}
+
+/// How an element is held in one set or map, as read back from the kernel: the
+/// source, protocol, port (the mapped one in a map), the machine's address, and in
+/// a map the machine's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Entry {
+    pub set: &'static str,
+    pub net: IpNet,
+    pub proto: L4,
+    pub port: Port,
+    pub address: IpAddr,
+    pub to_port: Option<Port>,
+}
+
+/// The entries an element puts in the table: one set element, and for DNAT one map
+/// element too; nothing for a DNAT element without a mapped port (never rendered).
+pub fn entries(e: &GwElement) -> Vec<Entry> {
+    let v6 = e.address.is_ipv6();
+    let pick = |four: &'static str, six: &'static str| if v6 { six } else { four };
+    let fwd = |set| Entry {
+        set,
+        net: e.net,
+        proto: e.proto,
+        port: e.port,
+        address: e.address,
+        to_port: None,
+    };
+    match (e.mode, e.mapped) {
+        (Mode::Routed, _) => vec![fwd(pick("fwd4", "fwd6"))],
+        (Mode::Dnat, None) => Vec::new(),
+        (Mode::Dnat, Some(m)) => vec![
+            fwd(pick("dfwd4", "dfwd6")),
+            Entry {
+                set: pick("dnat4", "dnat6"),
+                net: e.net,
+                proto: e.proto,
+                port: m,
+                address: e.address,
+                to_port: Some(e.port),
+            },
+        ],
     }
 }
 

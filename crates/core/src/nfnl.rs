@@ -81,6 +81,7 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
@@ -280,6 +281,11 @@ pub fn get_gen(seq: u32) -> Vec<u8> {
 /// jitgate`, answered by `NFT_MSG_NEWSETELEM` messages (see [`dumped_elements`]) and
 /// `NLMSG_DONE`.
 pub fn dump_set(set: &str, seq: u32) -> Vec<u8> {
+    dump_set_of(TABLE, set, seq)
+}
+
+/// [`dump_set`] of a set (or map) in `table inet <table>`.
+pub fn dump_set_of(table: &str, set: &str, seq: u32) -> Vec<u8> {
     let mut w = Writer::default();
     let m = w.begin(
         nft_type(msg::GETSETELEM),
@@ -288,7 +294,7 @@ pub fn dump_set(set: &str, seq: u32) -> Vec<u8> {
         NFPROTO_INET,
         0,
     );
-    w.str_attr(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    w.str_attr(NFTA_SET_ELEM_LIST_TABLE, table);
     w.str_attr(NFTA_SET_ELEM_LIST_SET, set);
     w.end(m);
     w.buf
@@ -458,8 +464,8 @@ fn nested_value(b: &[u8]) -> Result<&[u8], Malformed> {
     find(&attrs(b)?, NFTA_DATA_VALUE).ok_or(Malformed("key without a value"))
 }
 
-/// The elements in one answer to [`dump_set`].
-pub fn dumped_elements(m: &Message<'_>) -> Result<Vec<Held>, Malformed> {
+/// The attributes of each element in one answer to [`dump_set_of`].
+fn dumped_items<'a>(m: &'a Message<'_>) -> Result<Vec<Attrs<'a>>, Malformed> {
     if m.nft_kind() != Some(msg::NEWSETELEM) {
         return Ok(Vec::new());
     }
@@ -469,23 +475,134 @@ pub fn dumped_elements(m: &Message<'_>) -> Result<Vec<Held>, Malformed> {
     };
     let mut out = Vec::new();
     for (ty, item) in attrs(list)? {
-        if ty != NFTA_LIST_ELEM {
-            continue;
+        if ty == NFTA_LIST_ELEM {
+            out.push(attrs(item)?);
         }
-        let a = attrs(item)?;
+    }
+    Ok(out)
+}
+
+/// The source of an element: its key's first field, a prefix when the element is an
+/// interval (its key end's first field is the prefix's last address).
+fn source(
+    first: IpAddr,
+    a: &Attrs<'_>,
+    last: impl Fn(&[u8]) -> Result<IpAddr, Malformed>,
+) -> Result<IpNet, Malformed> {
+    match find(a, NFTA_SET_ELEM_KEY_END) {
+        Some(end) => prefix_between(first, last(nested_value(end)?)?)
+            .ok_or(Malformed("interval is not a prefix")),
+        None => Ok(IpNet::from(first)),
+    }
+}
+
+/// The elements in one answer to [`dump_set`].
+pub fn dumped_elements(m: &Message<'_>) -> Result<Vec<Held>, Malformed> {
+    let mut out = Vec::new();
+    for a in dumped_items(m)? {
         let key = find(&a, NFTA_SET_ELEM_KEY).ok_or(Malformed("element without a key"))?;
         let (first, proto, port) = parse_key(nested_value(key)?)?;
-        let net = match find(&a, NFTA_SET_ELEM_KEY_END) {
-            Some(end) => {
-                let (last, _, _) = parse_key(nested_value(end)?)?;
-                prefix_between(first, last).ok_or(Malformed("interval is not a prefix"))?
-            }
-            None => IpNet::from(first),
-        };
+        let net = source(first, &a, |b| parse_key(b).map(|k| k.0))?;
         out.push(Held {
             net,
             proto,
             port,
+            timeout_ms: find(&a, NFTA_SET_ELEM_TIMEOUT).and_then(be_u64),
+            expires_ms: find(&a, NFTA_SET_ELEM_EXPIRATION).and_then(be_u64),
+        });
+    }
+    Ok(out)
+}
+
+/// One element of a set or map of `table inet jitgate_gw` as the kernel holds it
+/// (see `crate::gateway`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GwHeld {
+    /// The source prefix.
+    pub net: IpNet,
+    pub proto: L4,
+    /// In a set, the machine's port; in a map, the mapped port.
+    pub port: Port,
+    /// The machine's address: in a set's key, in a map's data.
+    pub address: IpAddr,
+    /// In a map, the machine's port the mapped port leads to.
+    pub to_port: Option<Port>,
+    pub timeout_ms: Option<u64>,
+    pub expires_ms: Option<u64>,
+}
+
+/// An address of `len` bytes (4 or 16) at the start of `b`.
+fn addr_at(b: &[u8], len: usize) -> Result<IpAddr, Malformed> {
+    match len {
+        4 => {
+            let o: [u8; 4] = b
+                .get(..4)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(Malformed("address"))?;
+            Ok(IpAddr::V4(Ipv4Addr::from(o)))
+        }
+        _ => {
+            let o: [u8; 16] = b
+                .get(..16)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(Malformed("address"))?;
+            Ok(IpAddr::V6(Ipv6Addr::from(o)))
+        }
+    }
+}
+
+/// A gateway set's key, `source . address . proto . port` (16 or 40 bytes).
+fn parse_gw_key(b: &[u8]) -> Result<(IpAddr, IpAddr, L4, Port), Malformed> {
+    let alen = match b.len() {
+        16 => 4,
+        40 => 16,
+        _ => return Err(Malformed("gateway key length")),
+    };
+    let (src, dst) = (addr_at(b, alen)?, addr_at(&b[alen..], alen)?);
+    let (_, proto, port) = parse_key(&[&b[..alen], &b[2 * alen..]].concat())?;
+    Ok((src, dst, proto, port))
+}
+
+/// A gateway map's data, `address . port` (8 or 20 bytes).
+fn parse_gw_data(b: &[u8]) -> Result<(IpAddr, Port), Malformed> {
+    let alen = match b.len() {
+        8 => 4,
+        20 => 16,
+        _ => return Err(Malformed("gateway map data length")),
+    };
+    let port = Port::new(i64::from(u16::from_be_bytes([b[alen], b[alen + 1]])))
+        .map_err(|_| Malformed("map data port"))?;
+    Ok((addr_at(b, alen)?, port))
+}
+
+/// The elements in one answer to [`dump_set_of`] for a set (`map` false: keys
+/// `source . address . proto . port`) or a DNAT map (`map` true: keys `source . proto
+/// . mapped port`, data `address . port`) of `table inet jitgate_gw`.
+pub fn dumped_gw_elements(m: &Message<'_>, map: bool) -> Result<Vec<GwHeld>, Malformed> {
+    let mut out = Vec::new();
+    for a in dumped_items(m)? {
+        let key =
+            nested_value(find(&a, NFTA_SET_ELEM_KEY).ok_or(Malformed("element without a key"))?)?;
+        let (first, address, proto, port, to_port) = if map {
+            let (first, proto, port) = parse_key(key)?;
+            let data = find(&a, NFTA_SET_ELEM_DATA).ok_or(Malformed("map element without data"))?;
+            let (address, to) = parse_gw_data(nested_value(data)?)?;
+            (first, address, proto, port, Some(to))
+        } else {
+            let (first, address, proto, port) = parse_gw_key(key)?;
+            (first, address, proto, port, None)
+        };
+        let net = if map {
+            source(first, &a, |b| parse_key(b).map(|k| k.0))?
+        } else {
+            source(first, &a, |b| parse_gw_key(b).map(|k| k.0))?
+        };
+        out.push(GwHeld {
+            net,
+            proto,
+            port,
+            address,
+            to_port,
             timeout_ms: find(&a, NFTA_SET_ELEM_TIMEOUT).and_then(be_u64),
             expires_ms: find(&a, NFTA_SET_ELEM_EXPIRATION).and_then(be_u64),
         });
@@ -523,7 +640,12 @@ pub enum Notice {
 impl Notice {
     /// True for a change to `table inet jitgate`.
     pub fn touches_jitgate(&self) -> bool {
-        matches!(self, Notice::Change { family, table, .. } if *family == NFPROTO_INET && table == TABLE)
+        self.touches(TABLE)
+    }
+
+    /// True for a change to `table inet <name>`.
+    pub fn touches(&self, name: &str) -> bool {
+        matches!(self, Notice::Change { family, table, .. } if *family == NFPROTO_INET && table == name)
     }
 }
 
@@ -777,6 +899,8 @@ mod tests {
                 for m in &msgs {
                     let _ = m.error();
                     let _ = dumped_elements(m);
+                    let _ = dumped_gw_elements(m, false);
+                    let _ = dumped_gw_elements(m, true);
                     let _ = notice(m);
                     let _ = generation(m);
                 }
@@ -791,10 +915,85 @@ mod tests {
             for m in &msgs {
                 let _ = m.error();
                 let _ = dumped_elements(m);
+                let _ = dumped_gw_elements(m, false);
+                let _ = dumped_gw_elements(m, true);
                 let _ = notice(m);
                 let _ = generation(m);
             }
         }
+    }
+
+    /// A dump answer of `set` holding one element: key, optional key end and data,
+    /// timeout and time left.
+    fn answer(set: &str, key: &[u8], end: Option<&[u8]>, data: Option<&[u8]>) -> Vec<u8> {
+        let mut w = Writer::default();
+        let m = w.begin(nft_type(msg::NEWSETELEM), 0, 1, NFPROTO_INET, 0);
+        w.str_attr(NFTA_SET_ELEM_LIST_TABLE, "jitgate_gw");
+        w.str_attr(NFTA_SET_ELEM_LIST_SET, set);
+        let list = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+        let item = w.nest(NFTA_LIST_ELEM);
+        for (ty, v) in [
+            (NFTA_SET_ELEM_KEY, Some(key)),
+            (NFTA_SET_ELEM_KEY_END, end),
+            (NFTA_SET_ELEM_DATA, data),
+        ] {
+            if let Some(v) = v {
+                let n = w.nest(ty);
+                w.attr(NFTA_DATA_VALUE, v);
+                w.nest_end(n);
+            }
+        }
+        w.attr(NFTA_SET_ELEM_TIMEOUT, &60_000u64.to_be_bytes());
+        w.attr(NFTA_SET_ELEM_EXPIRATION, &59_500u64.to_be_bytes());
+        w.nest_end(item);
+        w.nest_end(list);
+        w.end(m);
+        w.buf
+    }
+
+    #[test]
+    fn gateway_elements_are_read_with_their_machine() {
+        // fwd4: 10.0.0.0/8 . 10.78.1.5 . tcp . 3389
+        let key = [10, 0, 0, 0, 10, 78, 1, 5, 6, 0, 0, 0, 0x0d, 0x3d, 0, 0];
+        let end = [
+            10, 255, 255, 255, 10, 78, 1, 5, 6, 0, 0, 0, 0x0d, 0x3d, 0, 0,
+        ];
+        let bytes = answer("fwd4", &key, Some(&end), None);
+        let got = dumped_gw_elements(&messages(&bytes).unwrap()[0], false).unwrap();
+        assert_eq!(
+            got,
+            [GwHeld {
+                net: "10.0.0.0/8".parse().unwrap(),
+                proto: L4::Tcp,
+                port: Port::new(3389).unwrap(),
+                address: "10.78.1.5".parse().unwrap(),
+                to_port: None,
+                timeout_ms: Some(60_000),
+                expires_ms: Some(59_500),
+            }]
+        );
+        // dnat6: 2001:db8::7 . udp . 50000 : 2001:db8:1::5 . 53
+        let mut key = "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets().to_vec();
+        key.extend([17, 0, 0, 0, 0xc3, 0x50, 0, 0]);
+        let mut data = "2001:db8:1::5"
+            .parse::<Ipv6Addr>()
+            .unwrap()
+            .octets()
+            .to_vec();
+        data.extend([0, 53, 0, 0]);
+        let bytes = answer("dnat6", &key, None, Some(&data));
+        let got = dumped_gw_elements(&messages(&bytes).unwrap()[0], true).unwrap();
+        assert_eq!(got.len(), 1);
+        let h = got[0];
+        assert_eq!(h.net, "2001:db8::7/128".parse::<IpNet>().unwrap());
+        assert_eq!((h.proto, h.port.get()), (L4::Udp, 50000));
+        assert_eq!(h.address, "2001:db8:1::5".parse::<IpAddr>().unwrap());
+        assert_eq!(h.to_port, Some(Port::new(53).unwrap()));
+        // A map element without data, or a key of the wrong length, is malformed.
+        let bytes = answer("dnat6", &key, None, None);
+        assert!(dumped_gw_elements(&messages(&bytes).unwrap()[0], true).is_err());
+        let bytes = answer("fwd4", &key[..12], None, None);
+        assert!(dumped_gw_elements(&messages(&bytes).unwrap()[0], false).is_err());
     }
 
     #[test]

@@ -346,3 +346,88 @@ fn dnat_the_requester_reaches_the_mapped_port_only_and_grants_end_on_time_withou
         "the live grant did not survive the reboot"
     );
 }
+
+/// Drift of the gateway's table (`table inet jitgate_gw`): each change made by
+/// someone else is found the moment the kernel announces it (the periodic check is
+/// once an hour here), reported on the machine behind the gateway, audited, and
+/// repaired by rendering the whole table again with the grants' remaining lifetimes.
+/// Each attack is made while the gateway is frozen (SIGSTOP), which proves it really
+/// opens the machine to someone without a grant.
+#[test]
+fn drift_of_the_gateway_table_is_found_repaired_and_reported_on_the_machine() {
+    let (mut lab, win) = gateway_lab(json!({"mode": "routed"}));
+    lab.kill_agent();
+    lab.agent_args = vec!["--drift-check-secs".into(), "3600".into()];
+    lab.start_agent();
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let rdp = win.v4_at(RDP);
+    enable_win(&lab);
+    initiate(&lab, &a, RDP, "600");
+    a.wait_tcp_open(rdp, Duration::from_secs(2));
+    assert!(!b.tcp_open(rdp));
+
+    let attack_then_repair = |what: &str, attack: &dyn Fn()| {
+        let before = win_view(&lab)["agent"]["driftEvents"].as_u64().unwrap_or(0);
+        lab.pause_agent();
+        attack();
+        let opened = b.tcp_open(rdp);
+        lab.resume_agent();
+        assert!(
+            opened,
+            "{what}: the attack did not open RDP: the test proves nothing"
+        );
+        b.wait_tcp_closed(rdp, Duration::from_secs(4));
+        crate::lab::wait_for(
+            &format!("drift reported on win-1 after: {what}"),
+            Duration::from_secs(6),
+            || {
+                let v = win_view(&lab);
+                v["agent"]["driftEvents"].as_u64().unwrap_or(0) > before
+                    && v["agent"]["tableMatches"] == true
+                    && v["agent"]["lastDrift"]["repaired"] == true
+            },
+        );
+        a.wait_tcp_open(rdp, Duration::from_secs(2));
+    };
+    let b_element = format!("{{ {} . {} . tcp . {RDP} }}", b.v4, win.v4);
+    attack_then_repair("a permanent element for b", &|| {
+        lab.nft(&["add", "element", "inet", "jitgate_gw", "fwd4", &b_element]);
+    });
+    attack_then_repair("nft flush chain inet jitgate_gw forward", &|| {
+        lab.nft(&["flush", "chain", "inet", "jitgate_gw", "forward"]);
+    });
+    attack_then_repair("nft delete table inet jitgate_gw", &|| {
+        lab.nft(&["delete", "table", "inet", "jitgate_gw"]);
+    });
+
+    // A flushed grant set: a loses access and gets it back with its remaining
+    // lifetime.
+    lab.nft(&["flush", "set", "inet", "jitgate_gw", "fwd4"]);
+    a.wait_tcp_open(rdp, Duration::from_secs(4));
+    let listing = lab.nft(&["list", "set", "inet", "jitgate_gw", "fwd4"]);
+    assert!(
+        listing.contains(&a.v4.to_string()) && listing.contains("expires"),
+        "the grant came back without its lifetime:\n{listing}"
+    );
+
+    // On record, on win-1 (not on the gateway's own machine, whose table is intact).
+    let events = lab.admin(
+        "GET",
+        "/api/v1/audit?action=enforcement.drift&limit=100",
+        None,
+    );
+    let all = serde_json::to_string(&events.body["value"]).unwrap();
+    for want in [
+        "in set fwd4 was added",
+        "chain forward",
+        "table inet jitgate_gw was deleted",
+        "was removed before its end",
+        WIN,
+    ] {
+        assert!(all.contains(want), "no drift event mentions {want}: {all}");
+    }
+    assert_eq!(
+        lab.vm_view()["agent"]["driftEvents"].as_u64().unwrap_or(0),
+        0
+    );
+}
