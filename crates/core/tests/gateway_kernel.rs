@@ -144,6 +144,12 @@ fn check(ns: &Netns, planned: &[gateway::GwElement], now: Timestamp) {
         ("set", "dfwd6"),
         ("map", "dnat4"),
         ("map", "dnat6"),
+        ("set", "hfwd4"),
+        ("set", "hdfwd4"),
+        ("set", "hfwd6"),
+        ("set", "hdfwd6"),
+        ("map", "hdnat4"),
+        ("map", "hdnat6"),
     ] {
         for (key, left) in held(ns, kind, name) {
             count += 1;

@@ -402,9 +402,9 @@ fn drift_of_the_gateway_table_is_found_repaired_and_reported_on_the_machine() {
 
     // A flushed grant set: a loses access and gets it back with its remaining
     // lifetime.
-    lab.nft(&["flush", "set", "inet", "jitgate_gw", "fwd4"]);
+    lab.nft(&["flush", "set", "inet", "jitgate_gw", "hfwd4"]);
     a.wait_tcp_open(rdp, Duration::from_secs(4));
-    let listing = lab.nft(&["list", "set", "inet", "jitgate_gw", "fwd4"]);
+    let listing = lab.nft(&["list", "set", "inet", "jitgate_gw", "hfwd4"]);
     assert!(
         listing.contains(&a.v4.to_string()) && listing.contains("expires"),
         "the grant came back without its lifetime:\n{listing}"
