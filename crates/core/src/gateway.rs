@@ -257,7 +257,7 @@ fn is_host(e: &GwElement) -> bool {
 /// Where an element goes: `(set, key)` pairs, and for DNAT the map's `(map, key,
 /// data)`.
 fn element_parts(e: &GwElement) -> (String, String, Option<(String, String, String)>) {
-    let v6 = format!("{}", suffix(e.address.is_ipv6()));
+    let v6 = suffix(e.address.is_ipv6());
     let h = if is_host(e) { "h" } else { "" };
     // Interval sets take a prefix; a host prefix is written as the bare address.
     let (src, proto) = (nft::net_text(&e.net), e.proto.as_str());
