@@ -18,6 +18,7 @@
 //! every machine's state has been fetched again, so it never drops a live grant;
 //! `jitgate agent restore` rebuilds it at boot from the saved states.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -92,11 +93,14 @@ enum Check {
 #[derive(Default)]
 struct Machines {
     /// The last desired state fetched for each machine behind the gateway.
-    fetched: BTreeMap<String, Desired>,
+    fetched: BTreeMap<String, Arc<Desired>>,
     /// The machines listed by the controller; a render waits until each was fetched.
     listed: Vec<String>,
-    /// What the last apply did: the revision applied per machine, or the error.
+    /// The revision applied and saved per machine (what is reported as applied, so
+    /// "up to date" means it survives a reboot).
     applied: BTreeMap<String, String>,
+    /// The states of the last apply, until the saver has written them.
+    unsaved: Option<Vec<Arc<Desired>>>,
     applied_at: Option<String>,
     error: Option<String>,
     probes: BTreeMap<String, Vec<WireListener>>,
@@ -142,10 +146,11 @@ pub fn restore(state_dir: &std::path::Path, nft: &Nft) -> anyhow::Result<Option<
 }
 
 /// The targets of decoded states: each must carry its placement.
-pub fn targets(states: &[Desired]) -> anyhow::Result<Vec<Target>> {
+pub fn targets<D: Borrow<Desired>>(states: &[D]) -> anyhow::Result<Vec<Target>> {
     states
         .iter()
         .map(|d| {
+            let d = d.borrow();
             let place = d.gateway.clone().with_context(|| {
                 format!(
                     "{}: the controller sent no placement for a machine behind this gateway",
@@ -163,7 +168,7 @@ pub fn targets(states: &[Desired]) -> anyhow::Result<Vec<Target>> {
 }
 
 /// Renders and applies the whole gateway table for `states`, timeouts from now.
-pub fn enforce(nft: &Nft, states: &[Desired]) -> anyhow::Result<()> {
+pub fn enforce<D: Borrow<Desired>>(nft: &Nft, states: &[D]) -> anyhow::Result<()> {
     enforce_from(nft, states, None).map(|_| ())
 }
 
@@ -171,7 +176,11 @@ pub fn enforce(nft: &Nft, states: &[Desired]) -> anyhow::Result<()> {
 /// `last` applied, only the elements that changed, in one transaction; otherwise, or
 /// when that fails (an element to delete expired meanwhile), the whole table. Returns
 /// what the table then holds.
-fn enforce_from(nft: &Nft, states: &[Desired], last: Option<&Applied>) -> anyhow::Result<Applied> {
+fn enforce_from<D: Borrow<Desired>>(
+    nft: &Nft,
+    states: &[D],
+    last: Option<&Applied>,
+) -> anyhow::Result<Applied> {
     let targets = targets(states)?;
     gateway::validate(&targets).map_err(|e| anyhow::anyhow!(e))?;
     let now = Timestamp::now();
@@ -255,8 +264,10 @@ impl Gateway {
             })
         };
 
-        // The applier: one render of the whole table per burst of changes.
+        // The applier: one change of the table per burst of changes.
+        let save_wanted = Arc::new(Notify::new());
         let applier = {
+            let save_wanted = save_wanted.clone();
             let (me, machines, changed, mut stop) = (
                 me.clone(),
                 machines.clone(),
@@ -270,10 +281,37 @@ impl Gateway {
                         _ = stop.changed() => return,
                     }
                     let (me2, m2) = (me.clone(), machines.clone());
-                    let done = tokio::task::spawn_blocking(move || me2.apply(&m2))
+                    match tokio::task::spawn_blocking(move || me2.apply(&m2))
+                        .await
+                        .unwrap_or(None)
+                    {
+                        Some(true) => save_wanted.notify_one(),
+                        Some(false) => me.report(&machines, true).await,
+                        None => {}
+                    }
+                }
+            })
+        };
+        // The saver: writes the last applied states, then reports them applied; a
+        // burst of changes writes the last.
+        let saver = {
+            let (me, machines, wanted, mut stop) = (
+                me.clone(),
+                machines.clone(),
+                save_wanted.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = wanted.notified() => {}
+                        _ = stop.changed() => return,
+                    }
+                    let (me2, m2) = (me.clone(), machines.clone());
+                    let saved = tokio::task::spawn_blocking(move || me2.save(&m2))
                         .await
                         .unwrap_or(false);
-                    if done {
+                    if saved {
                         me.report(&machines, true).await;
                     }
                 }
@@ -424,6 +462,7 @@ impl Gateway {
         }
         lister.abort();
         applier.abort();
+        saver.abort();
         prober.abort();
         heartbeat.abort();
         watchdog.abort();
@@ -492,7 +531,7 @@ impl Gateway {
                     }
                     known = Some(d.revision.clone());
                     if let Ok(mut m) = machines.lock() {
-                        m.fetched.insert(vm.clone(), d);
+                        m.fetched.insert(vm.clone(), Arc::new(d));
                     }
                     changed.notify_one();
                 }
@@ -508,14 +547,15 @@ impl Gateway {
         }
     }
 
-    /// Applies the whole table once every listed machine has been fetched; true when
-    /// something was applied (or failed: the failure is reported too).
-    fn apply(&self, machines: &Mutex<Machines>) -> bool {
-        let states: Vec<Desired> = {
-            let Ok(m) = machines.lock() else { return false };
+    /// Applies the whole table once every listed machine has been fetched; `Some(true)`
+    /// when applied (the saver then writes it), `Some(false)` when it failed (the
+    /// error is to be reported), None when nothing was done.
+    fn apply(&self, machines: &Mutex<Machines>) -> Option<bool> {
+        let states: Vec<Arc<Desired>> = {
+            let m = machines.lock().ok()?;
             if m.listed.iter().any(|vm| !m.fetched.contains_key(vm)) {
                 // A restart: keep the table as it is until every state is known.
-                return false;
+                return None;
             }
             m.fetched.values().cloned().collect()
         };
@@ -532,51 +572,63 @@ impl Gateway {
                 }
             }
         };
-        if let Ok(mut m) = machines.lock() {
-            match &result {
-                Ok(()) => {
-                    m.applied = states
-                        .iter()
-                        .map(|d| (d.vm.to_string(), d.revision.clone()))
-                        .collect();
-                    m.applied_at = Some(Timestamp::now().to_string());
-                    m.error = None;
-                }
-                Err(e) => m.error = Some(format!("{e:#}")),
-            }
-        }
-        match result {
-            Ok(()) => {
-                tracing::info!(
-                    machines = states.len(),
-                    grants = states.iter().map(|d| d.grants.len()).sum::<usize>(),
-                    "applied the gateway table"
-                );
-                // Saved in wire form (the revision is the content's hash, so the
-                // restore decodes it as it was received).
-                let now = Timestamp::now();
-                let wire: Vec<DesiredState> = states
-                    .iter()
-                    .map(|d| {
-                        jitgate_proto::encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now)
-                    })
-                    .collect();
-                let saved = serde_json::to_vec(&wire)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|b| {
-                        crate::state::write_private(&self.state_dir.join(STATE_FILE), &b)
-                    });
-                if let Err(e) = saved {
-                    tracing::error!(error = %format!("{e:#}"), "cannot save the gateway's states");
-                    if let Ok(mut m) = machines.lock() {
-                        m.error = Some(format!(
-                            "cannot save the applied states (a reboot would restore older ones): {e:#}"
-                        ));
-                    }
-                }
-            }
+        match &result {
+            Ok(()) => tracing::debug!(
+                machines = states.len(),
+                grants = states.iter().map(|d| d.grants.len()).sum::<usize>(),
+                "applied the gateway table"
+            ),
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "cannot apply the gateway table; keeping the previous one")
+            }
+        }
+        let mut m = machines.lock().ok()?;
+        match result {
+            Ok(()) => {
+                m.applied_at = Some(Timestamp::now().to_string());
+                m.error = None;
+                m.unsaved = Some(states);
+                Some(true)
+            }
+            Err(e) => {
+                m.error = Some(format!("{e:#}"));
+                Some(false)
+            }
+        }
+    }
+
+    /// Writes the states of the last apply to `gateway.json` (for restarts and the
+    /// boot-time restore), off the path of the next change; then they count as
+    /// applied in reports. False when there was nothing to write.
+    fn save(&self, machines: &Mutex<Machines>) -> bool {
+        let Some(states) = machines.lock().ok().and_then(|mut m| m.unsaved.take()) else {
+            return false;
+        };
+        // Saved in wire form (the revision is the content's hash, so the restore
+        // decodes it as it was received).
+        let now = Timestamp::now();
+        let wire: Vec<DesiredState> = states
+            .iter()
+            .map(|d| jitgate_proto::encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now))
+            .collect();
+        let saved = serde_json::to_vec(&wire)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| crate::state::write_private(&self.state_dir.join(STATE_FILE), &b));
+        let Ok(mut m) = machines.lock() else {
+            return false;
+        };
+        match saved {
+            Ok(()) => {
+                m.applied = states
+                    .iter()
+                    .map(|d| (d.vm.to_string(), d.revision.clone()))
+                    .collect();
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot save the gateway's states");
+                m.error = Some(format!(
+                    "cannot save the applied states (a reboot would restore older ones): {e:#}"
+                ));
             }
         }
         true
@@ -674,8 +726,8 @@ impl Gateway {
     /// Renders the whole table again from the states last fetched, after drift.
     fn repair(&self, machines: &Mutex<Machines>) {
         *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let repaired =
-            self.apply(machines) && self.applied.lock().map(|a| a.is_some()).unwrap_or(false);
+        let repaired = self.apply(machines) == Some(true)
+            && self.applied.lock().map(|a| a.is_some()).unwrap_or(false);
         if repaired && let Ok(mut m) = machines.lock() {
             for d in m.drift.values_mut() {
                 if d.table_matches == Some(false)
