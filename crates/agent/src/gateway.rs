@@ -62,13 +62,35 @@ pub struct Gateway {
     pub applied: Mutex<Option<Applied>>,
 }
 
-/// The table as last applied: its structure and its elements.
+/// The table as last applied: per machine, and the structure as the kernel listed it.
 pub struct Applied {
-    structure: Vec<(String, gateway::Placement, Vec<jitgate_core::nsg::NsgRule>)>,
-    elements: Vec<gateway::GwElement>,
+    machines: BTreeMap<String, MachineApplied>,
     /// The structure as the kernel listed it right after the last whole render
     /// (None: not read yet).
     baseline: Option<crate::drift::Baseline>,
+}
+
+/// One machine's part of the table as last applied.
+struct MachineApplied {
+    revision: String,
+    place: gateway::Placement,
+    rules: Vec<jitgate_core::nsg::NsgRule>,
+    /// Its elements as planned (ended ones included until its next change).
+    elements: Vec<gateway::GwElement>,
+}
+
+impl Applied {
+    /// Every element applied, of every machine.
+    pub fn elements(&self) -> Vec<gateway::GwElement> {
+        self.machines
+            .values()
+            .flat_map(|m| m.elements.iter().copied())
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.machines.values().map(|m| m.elements.len()).sum()
+    }
 }
 
 /// What one machine's reports say about drift of the gateway's table.
@@ -169,41 +191,57 @@ pub fn targets<D: Borrow<Desired>>(states: &[D]) -> anyhow::Result<Vec<Target>> 
 
 /// Renders and applies the whole gateway table for `states`, timeouts from now.
 pub fn enforce<D: Borrow<Desired>>(nft: &Nft, states: &[D]) -> anyhow::Result<()> {
-    enforce_from(nft, states, None).map(|_| ())
+    enforce_from(nft, states, &mut None).map(|_| ())
 }
 
-/// Applies `states`: when their structure (machines, placements, rules) is the one
-/// `last` applied, only the elements that changed, in one transaction; otherwise, or
-/// when that fails (an element to delete expired meanwhile), the whole table. Returns
-/// what the table then holds.
-fn enforce_from<D: Borrow<Desired>>(
+/// How [`enforce_from`] changed the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Only the changed machines' elements.
+    Delta,
+    /// The whole table.
+    Whole,
+}
+
+/// Applies `states` and records in `last` what the table then holds (None after a
+/// failure). When the machines are those `last` applied and each machine whose
+/// revision moved kept its placement and rules, only that machine's elements that
+/// changed are applied, in one transaction (the cost of a change does not grow with
+/// the machines behind the gateway); otherwise, or when that fails (an element to
+/// delete expired meanwhile), the whole table is rendered.
+pub fn enforce_from<D: Borrow<Desired>>(
     nft: &Nft,
     states: &[D],
-    last: Option<&Applied>,
-) -> anyhow::Result<Applied> {
-    let targets = targets(states)?;
-    gateway::validate(&targets).map_err(|e| anyhow::anyhow!(e))?;
+    last: &mut Option<Applied>,
+) -> anyhow::Result<Change> {
     let now = Timestamp::now();
-    let structure = gateway::structure(&targets);
-    let elements = gateway::plan(&targets, now);
-    if let Some(l) = last
-        && l.structure == structure
-    {
-        let (add, remove) = gateway::diff(&l.elements, &elements, now);
-        match nft.apply(&gateway::render_delta(&add, &remove, now)) {
-            Ok(()) => {
-                return Ok(Applied {
-                    structure,
-                    elements,
-                    baseline: l.baseline.clone(),
-                });
-            }
+    if let Some(l) = last.as_mut() {
+        match delta(nft, states, l, now) {
+            Ok(true) => return Ok(Change::Delta),
+            Ok(false) => {}
             Err(e) => {
                 tracing::debug!(error = %format!("{e:#}"), "the change did not apply as a delta; rendering the whole table")
             }
         }
     }
+    *last = None;
+    let targets = targets(states)?;
+    gateway::validate(&targets).map_err(|e| anyhow::anyhow!(e))?;
     nft.apply(&gateway::render_full(&targets, now))?;
+    let machines = states
+        .iter()
+        .zip(&targets)
+        .map(|(d, t)| {
+            let elements = gateway::plan(std::slice::from_ref(t), now);
+            let m = MachineApplied {
+                revision: d.borrow().revision.clone(),
+                place: t.place.clone(),
+                rules: t.rules.clone(),
+                elements,
+            };
+            (t.name.clone(), m)
+        })
+        .collect();
     // What the kernel made of it, the baseline later read-backs are compared with.
     let baseline = match nft.list_terse_json_of(gateway::TABLE) {
         Ok(Some(json)) => crate::drift::baseline(gateway::TABLE, &json).ok(),
@@ -213,11 +251,57 @@ fn enforce_from<D: Borrow<Desired>>(
             None
         }
     };
-    Ok(Applied {
-        structure,
-        elements,
-        baseline,
-    })
+    *last = Some(Applied { machines, baseline });
+    Ok(Change::Whole)
+}
+
+/// The change from `last` to `states` as a delta of the changed machines' elements:
+/// Ok(false) when it cannot be one (machines, placements or rules changed), an error
+/// when it was refused (nothing changed then).
+fn delta<D: Borrow<Desired>>(
+    nft: &Nft,
+    states: &[D],
+    last: &mut Applied,
+    now: Timestamp,
+) -> anyhow::Result<bool> {
+    if states.len() != last.machines.len() {
+        return Ok(false);
+    }
+    let mut changed = Vec::new();
+    for d in states {
+        let d = d.borrow();
+        let Some(a) = last.machines.get(&d.vm.to_string()) else {
+            return Ok(false);
+        };
+        if a.revision == d.revision {
+            continue;
+        }
+        if d.gateway.as_ref() != Some(&a.place) || d.rules != a.rules {
+            return Ok(false);
+        }
+        changed.push(d);
+    }
+    let targets = targets(&changed)?;
+    // The placements are those validated with every machine's before; this checks
+    // the changed machines' grants against them.
+    gateway::validate(&targets).map_err(|e| anyhow::anyhow!(e))?;
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    let mut planned = Vec::with_capacity(targets.len());
+    for t in &targets {
+        let elements = gateway::plan(std::slice::from_ref(t), now);
+        let (a, r) = gateway::diff(&last.machines[&t.name].elements, &elements, now);
+        add.extend(a);
+        remove.extend(r);
+        planned.push(elements);
+    }
+    nft.apply(&gateway::render_delta(&add, &remove, now))?;
+    for ((d, t), elements) in changed.iter().zip(&targets).zip(planned) {
+        if let Some(m) = last.machines.get_mut(&t.name) {
+            m.revision = d.revision.clone();
+            m.elements = elements;
+        }
+    }
+    Ok(true)
 }
 
 impl Gateway {
@@ -376,7 +460,7 @@ impl Gateway {
                 loop {
                     let elements = tokio::select! {
                         _ = tokio::time::sleep(me.drift_check) => {
-                            let size = me.applied.lock().ok().and_then(|a| a.as_ref().map(|a| a.elements.len())).unwrap_or(0);
+                            let size = me.applied.lock().ok().and_then(|a| a.as_ref().map(Applied::len)).unwrap_or(0);
                             elements_checked.elapsed() >= me.drift_check * (1 + size / 10_000) as u32
                         }
                         _ = me.table_changed.notified() => true,
@@ -561,16 +645,7 @@ impl Gateway {
         };
         let result = {
             let mut last = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-            match enforce_from(&self.nft, &states, last.as_ref()) {
-                Ok(a) => {
-                    *last = Some(a);
-                    Ok(())
-                }
-                Err(e) => {
-                    *last = None;
-                    Err(e)
-                }
-            }
+            enforce_from(&self.nft, &states, &mut last).map(|_| ())
         };
         match &result {
             Ok(()) => tracing::debug!(
@@ -664,7 +739,7 @@ impl Gateway {
                 .then(|| crate::netlink::NfSocket::open()?.dump_gateway_sets())
             {
                 Some(Ok(held)) => {
-                    crate::drift::compare_gateway_elements(&a.elements, &held, Timestamp::now())
+                    crate::drift::compare_gateway_elements(&a.elements(), &held, Timestamp::now())
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot read the gateway's sets back");

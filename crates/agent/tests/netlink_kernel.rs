@@ -640,3 +640,94 @@ fn the_gateway_tables_elements_read_back_as_planned_and_changes_are_named() {
     );
     assert_eq!(changes.len(), 3, "{changes:?}");
 }
+
+/// A machine's state behind a gateway, as the gateway decodes it (the revision is the
+/// content's: any change of grants moves it).
+fn state_behind(t: &Target) -> Desired {
+    let vm = VmId::parse(&format!(
+        "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{}",
+        t.name
+    ))
+    .unwrap();
+    let wire = jitgate_proto::encode(&vm, Some(&t.place), &t.rules, &t.grants, Timestamp::now());
+    jitgate_proto::decode(&wire).unwrap()
+}
+
+/// The kernel's gateway table holds exactly what the gateway recorded as applied.
+fn assert_gateway_matches(ns: &Netns, applied: &Option<jitgate_agent::gateway::Applied>) {
+    let held = ns.run(|| NfSocket::open().unwrap().dump_gateway_sets().unwrap());
+    let expected = applied.as_ref().unwrap().elements();
+    let changes = compare_gateway_elements(&expected, &held, Timestamp::now());
+    assert!(changes.is_empty(), "{changes:?}");
+}
+
+/// Issue 16, the gateway's applies with many machines behind it: a grant added or
+/// revoked on one machine is a delta of that machine's elements only; a placement or
+/// rule change renders the whole table; the kernel always holds what was recorded.
+#[test]
+fn the_gateway_applies_one_machines_change_as_a_delta() {
+    use jitgate_agent::gateway::{Change, enforce_from};
+    let ns = Netns::new("gwe");
+    let nft = Nft::new("nft".into());
+    let mut targets: Vec<Target> = (0..20)
+        .map(|i| {
+            behind(
+                &format!("m{i}"),
+                &format!("192.0.2.{}", 10 + i),
+                (i % 2 == 1).then_some("198.51.100.1"),
+                &[(100 + i as u128, 3389, &format!("203.0.113.{i}"), 600)],
+            )
+        })
+        .collect();
+    // DNAT machines need distinct mapped ports on the shared public address.
+    for (i, t) in targets.iter_mut().enumerate() {
+        for (j, m) in t.place.mapped.iter_mut().enumerate() {
+            m.mapped = Port::new(50000 + (i * 2 + j) as i64).unwrap();
+        }
+    }
+    let states = |ts: &[Target]| ts.iter().map(state_behind).collect::<Vec<_>>();
+    ns.run(|| {
+        let mut applied = None;
+        let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
+        assert_eq!(change, Change::Whole);
+        assert_gateway_matches(&ns, &applied);
+
+        // A grant added to one DNAT machine, one revoked from a routed one.
+        targets[3].grants.push(grant(900, 22, "198.51.100.99", 300));
+        targets[4].grants.clear();
+        let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
+        assert_eq!(change, Change::Delta);
+        assert_gateway_matches(&ns, &applied);
+        let text = ns.nft(&["list", "map", "inet", "jitgate_gw", "hdnat4"]);
+        assert!(text.contains("198.51.100.99 . tcp . 50007"), "{text}");
+
+        // A rule changed on one machine: the whole table.
+        targets[5].rules.pop();
+        let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
+        assert_eq!(change, Change::Whole);
+        assert_gateway_matches(&ns, &applied);
+
+        // A machine gone: the whole table; the rest as before.
+        targets.remove(0);
+        let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
+        assert_eq!(change, Change::Whole);
+        assert_gateway_matches(&ns, &applied);
+        let text = ns.nft(&["list", "table", "inet", "jitgate_gw"]);
+        assert!(!text.contains("192.0.2.10 "), "{text}");
+
+        // Someone deleted an element the next delta removes: the delta is refused
+        // whole and the table rendered again, still as recorded.
+        ns.nft(&[
+            "delete",
+            "element",
+            "inet",
+            "jitgate_gw",
+            "hfwd4",
+            "{ 203.0.113.2 . 192.0.2.12 . tcp . 3389 }",
+        ]);
+        targets[1].grants.clear();
+        let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
+        assert_eq!(change, Change::Whole);
+        assert_gateway_matches(&ns, &applied);
+    });
+}
