@@ -436,16 +436,22 @@ impl Gateway {
             })
         };
         // The heartbeat: every machine's report (what was applied, what the probe
-        // found), so the controller sees each one online.
+        // found), so the controller sees each one online; spread over half the
+        // period, so a thousand machines are a steady trickle of reports rather than
+        // a burst the controller's other work waits behind.
         let heartbeat = {
             let (me, machines, mut stop) = (me.clone(), machines.clone(), shutdown.clone());
             tokio::spawn(async move {
+                let mut every = tokio::time::interval(me.heartbeat);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                every.tick().await;
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep(me.heartbeat) => {}
+                        _ = every.tick() => {}
                         _ = stop.changed() => return,
                     }
-                    me.report(&machines, false).await;
+                    me.send_reports(&machines, false, Some(me.heartbeat / 2))
+                        .await;
                 }
             })
         };
@@ -819,7 +825,16 @@ impl Gateway {
     /// With `changed`, only the machines whose applied revision moved since their last
     /// report (all of them while there is an error to tell); 16 at a time.
     async fn report(&self, machines: &Mutex<Machines>, changed: bool) {
-        use futures_util::StreamExt as _;
+        self.send_reports(machines, changed, None).await;
+    }
+
+    /// [`Self::report`], 16 at a time, the groups spread evenly over `pace` when given.
+    async fn send_reports(
+        &self,
+        machines: &Mutex<Machines>,
+        changed: bool,
+        pace: Option<Duration>,
+    ) {
         let reports: Vec<(String, StatusReport)> = {
             let Ok(m) = machines.lock() else { return };
             m.listed
@@ -853,31 +868,40 @@ impl Gateway {
                 })
                 .collect()
         };
-        let sent = futures_util::stream::iter(reports)
-            .map(|(vm, report)| async move {
-                let r = self
-                    .http
-                    .post(format!("{}/api/v1/agent/status", self.controller))
-                    .query(&[("vm", vm.as_str())])
-                    .bearer_auth(self.token.expose())
-                    .json(&report)
-                    .send()
-                    .await;
-                match r {
-                    Ok(resp) if resp.status().is_success() => Some((vm, report.applied_revision)),
-                    Ok(resp) => {
-                        tracing::warn!(%vm, status = %resp.status(), "status report refused");
-                        None
-                    }
-                    Err(e) => {
-                        tracing::debug!(%vm, error = %e, "status report failed");
-                        None
-                    }
+        let send = |(vm, report): (String, StatusReport)| async move {
+            let r = self
+                .http
+                .post(format!("{}/api/v1/agent/status", self.controller))
+                .query(&[("vm", vm.as_str())])
+                .bearer_auth(self.token.expose())
+                .json(&report)
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status().is_success() => Some((vm, report.applied_revision)),
+                Ok(resp) => {
+                    tracing::warn!(%vm, status = %resp.status(), "status report refused");
+                    None
                 }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await;
+                Err(e) => {
+                    tracing::debug!(%vm, error = %e, "status report failed");
+                    None
+                }
+            }
+        };
+        let groups = reports.len().div_ceil(16).max(1);
+        let gap = pace.map(|p| p / groups as u32);
+        let mut sent = Vec::with_capacity(reports.len());
+        let mut reports = reports.into_iter().peekable();
+        while reports.peek().is_some() {
+            let group: Vec<_> = reports.by_ref().take(16).map(send).collect();
+            sent.extend(futures_util::future::join_all(group).await);
+            if let Some(g) = gap
+                && reports.peek().is_some()
+            {
+                tokio::time::sleep(g).await;
+            }
+        }
         if let Ok(mut m) = machines.lock() {
             for (vm, rev) in sent.into_iter().flatten() {
                 match rev {
