@@ -56,6 +56,9 @@ pub struct Gateway {
     pub drift_check: Duration,
     /// Woken when the kernel announces that another process changed the table.
     pub table_changed: Arc<Notify>,
+    /// Each machine's saved state in wire form, with the revision it was encoded at
+    /// (only the saver uses it).
+    pub encoded: Mutex<BTreeMap<String, (String, Vec<u8>)>>,
     /// What the table holds since the last apply (None: unknown, render it whole).
     /// Held while applying and while reading the table back, so a read-back is
     /// always of one applied state.
@@ -686,15 +689,43 @@ impl Gateway {
             return false;
         };
         // Saved in wire form (the revision is the content's hash, so the restore
-        // decodes it as it was received).
+        // decodes it as it was received): a JSON array of each machine's state, encoded
+        // again only when its revision moved.
         let now = Timestamp::now();
-        let wire: Vec<DesiredState> = states
-            .iter()
-            .map(|d| jitgate_proto::encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now))
-            .collect();
-        let saved = serde_json::to_vec(&wire)
-            .map_err(anyhow::Error::from)
-            .and_then(|b| crate::state::write_private(&self.state_dir.join(STATE_FILE), &b));
+        let saved = {
+            let mut cache = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
+            cache.retain(|vm, _| states.iter().any(|d| d.vm.to_string() == *vm));
+            let mut out = vec![b'['];
+            let mut failed = None;
+            for (i, d) in states.iter().enumerate() {
+                let vm = d.vm.to_string();
+                let fresh = cache.get(&vm).is_some_and(|(rev, _)| *rev == d.revision);
+                if !fresh {
+                    let wire =
+                        jitgate_proto::encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now);
+                    match serde_json::to_vec(&wire) {
+                        Ok(b) => {
+                            cache.insert(vm.clone(), (d.revision.clone(), b));
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if i > 0 {
+                    out.push(b',');
+                }
+                if let Some((_, b)) = cache.get(&vm) {
+                    out.extend_from_slice(b);
+                }
+            }
+            out.push(b']');
+            match failed {
+                Some(e) => Err(anyhow::Error::from(e)),
+                None => crate::state::write_private(&self.state_dir.join(STATE_FILE), &out),
+            }
+        };
         let Ok(mut m) = machines.lock() else {
             return false;
         };

@@ -833,6 +833,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             nft_version: shared.nft_version.clone(),
             drift_check: shared.config.drift_check,
             table_changed: shared.gateway_changed.clone(),
+            encoded: Default::default(),
             applied: Default::default(),
         };
         tokio::spawn(g.run(shutdown.clone()))
