@@ -60,9 +60,12 @@ pub struct Gateway {
     /// (only the saver uses it).
     pub encoded: Mutex<BTreeMap<String, (String, Vec<u8>)>>,
     /// What the table holds since the last apply (None: unknown, render it whole).
-    /// Held while applying and while reading the table back, so a read-back is
-    /// always of one applied state.
+    /// Held while applying.
     pub applied: Mutex<Option<Applied>>,
+    /// A sequence lock around applies: odd while one runs, bumped twice by each. A
+    /// read-back is trusted only when it is even and unchanged across it, so reading
+    /// the table back never holds up an apply.
+    pub apply_seq: std::sync::atomic::AtomicU64,
 }
 
 /// The table as last applied: per machine, and the structure as the kernel listed it.
@@ -109,6 +112,8 @@ struct MachineDrift {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Check {
     Same,
+    /// An apply ran during the read-back: read again shortly.
+    Retry,
     /// Drift, recorded on the machines it concerns.
     Drift,
     /// A table found drifted earlier is as applied again.
@@ -466,36 +471,44 @@ impl Gateway {
             let (me, machines, mut stop) = (me.clone(), machines.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let mut elements_checked = std::time::Instant::now();
+                let mut pause = me.drift_check;
+                // Set when a read of the elements was retried: the next check reads them.
+                let mut elements_pending = false;
                 loop {
                     let elements = tokio::select! {
-                        _ = tokio::time::sleep(me.drift_check) => {
+                        _ = tokio::time::sleep(pause) => {
                             let size = me.applied.lock().ok().and_then(|a| a.as_ref().map(Applied::len)).unwrap_or(0);
-                            elements_checked.elapsed() >= me.drift_check * (1 + size / 10_000) as u32
+                            elements_pending || elements_checked.elapsed() >= me.drift_check * (1 + size / 10_000) as u32
                         }
                         _ = me.table_changed.notified() => true,
                         _ = stop.changed() => return,
                     };
                     if elements {
                         elements_checked = std::time::Instant::now();
+                        elements_pending = false;
                     }
+                    pause = me.drift_check;
                     let (me2, m2) = (me.clone(), machines.clone());
                     let found = tokio::task::spawn_blocking(move || me2.check(&m2, elements))
                         .await
                         .unwrap_or(Check::Same);
                     match found {
                         Check::Same => {}
+                        Check::Retry => {
+                            pause = Duration::from_millis(20);
+                            elements_pending |= elements;
+                        }
                         Check::Confirmed => me.report(&machines, false).await,
                         Check::Drift => {
                             // On record before the repair, so it is known even if the
                             // repair fails; then repaired, read back, and reported.
                             me.report(&machines, false).await;
                             let (me2, m2) = (me.clone(), machines.clone());
-                            let _ = tokio::task::spawn_blocking(move || {
-                                me2.repair(&m2);
-                                me2.check(&m2, true)
-                            })
-                            .await;
+                            let _ = tokio::task::spawn_blocking(move || me2.repair(&m2)).await;
                             me.report(&machines, false).await;
+                            // Read back at once: the check confirms the repair.
+                            pause = Duration::from_millis(20);
+                            elements_pending = true;
                         }
                     }
                 }
@@ -653,8 +666,12 @@ impl Gateway {
             m.fetched.values().cloned().collect()
         };
         let result = {
+            use std::sync::atomic::Ordering;
             let mut last = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-            enforce_from(&self.nft, &states, &mut last).map(|_| ())
+            self.apply_seq.fetch_add(1, Ordering::AcqRel);
+            let r = enforce_from(&self.nft, &states, &mut last).map(|_| ());
+            self.apply_seq.fetch_add(1, Ordering::AcqRel);
+            r
         };
         match &result {
             Ok(()) => tracing::debug!(
@@ -694,7 +711,9 @@ impl Gateway {
         let now = Timestamp::now();
         let saved = {
             let mut cache = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
-            cache.retain(|vm, _| states.iter().any(|d| d.vm.to_string() == *vm));
+            let names: std::collections::BTreeSet<String> =
+                states.iter().map(|d| d.vm.to_string()).collect();
+            cache.retain(|vm, _| names.contains(vm));
             let mut out = vec![b'['];
             let mut failed = None;
             for (i, d) in states.iter().enumerate() {
@@ -752,17 +771,39 @@ impl Gateway {
     /// A change is recorded on the machine it concerns (by address); a change of the
     /// structure, or of an element for no machine behind the gateway, on all of them.
     fn check(&self, machines: &Mutex<Machines>, elements: bool) -> Check {
+        use std::sync::atomic::Ordering;
+        // Read without holding up applies: trusted only if no apply ran meanwhile.
+        let before = self.apply_seq.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            return Check::Retry;
+        }
+        if self.applied.lock().map(|a| a.is_none()).unwrap_or(true) {
+            return Check::Same;
+        }
+        let listing = match self.nft.list_terse_json_of(gateway::TABLE) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read table inet jitgate_gw back");
+                return Check::Same;
+            }
+        };
+        let held = match (listing.is_some() && elements)
+            .then(|| crate::netlink::NfSocket::open()?.dump_gateway_sets())
+        {
+            Some(Ok(held)) => Some((Timestamp::now(), held)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the gateway's sets back");
+                None
+            }
+            None => None,
+        };
         let (table, by_address) = {
             let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+            if self.apply_seq.load(Ordering::Acquire) != before {
+                return Check::Retry;
+            }
             let Some(a) = applied.as_mut() else {
                 return Check::Same;
-            };
-            let listing = match self.nft.list_terse_json_of(gateway::TABLE) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot read table inet jitgate_gw back");
-                    return Check::Same;
-                }
             };
             let table = match (&listing, &a.baseline) {
                 (None, _) => vec![format!("table inet {} was deleted", gateway::TABLE)],
@@ -772,15 +813,9 @@ impl Gateway {
                     Vec::new()
                 }
             };
-            let by_address = match (listing.is_some() && elements)
-                .then(|| crate::netlink::NfSocket::open()?.dump_gateway_sets())
-            {
-                Some(Ok(held)) => {
-                    crate::drift::compare_gateway_elements(&a.elements(), &held, Timestamp::now())
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot read the gateway's sets back");
-                    Vec::new()
+            let by_address = match &held {
+                Some((at, held)) => {
+                    crate::drift::compare_gateway_elements(&a.elements(), held, *at)
                 }
                 None => Vec::new(),
             };
@@ -837,6 +872,8 @@ impl Gateway {
 
     /// Renders the whole table again from the states last fetched, after drift.
     fn repair(&self, machines: &Mutex<Machines>) {
+        // Forgotten, so the apply renders the whole table (a read-back meanwhile finds
+        // nothing applied).
         *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let repaired = self.apply(machines) == Some(true)
             && self.applied.lock().map(|a| a.is_some()).unwrap_or(false);

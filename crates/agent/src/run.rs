@@ -835,6 +835,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             table_changed: shared.gateway_changed.clone(),
             encoded: Default::default(),
             applied: Default::default(),
+            apply_seq: Default::default(),
         };
         tokio::spawn(g.run(shutdown.clone()))
     });

@@ -269,10 +269,13 @@ pub async fn run(rounds: usize, machines: usize, background: usize) -> anyhow::R
 
     let mut open_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut close_hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    // The controller's part: initiate sent -> its answer (a durable commit).
+    let mut answer_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let body = json!({"virtualMachines": [{"id": vm_id(0), "ports": [{"number": RDP, "duration": "PT10M"}]}]});
     for _ in 0..rounds {
         let t0 = Instant::now();
         let resp = lab::initiate(&http, &policy, &body).await?;
+        answer_hist.record(t0.elapsed().as_micros() as u64)?;
         let id = resp
             .headers()
             .get("x-jitgate-request-id")
@@ -307,6 +310,10 @@ pub async fn run(rounds: usize, machines: usize, background: usize) -> anyhow::R
     println!(
         "  revoke sent -> mapped port refuses new connects:  {} (start of the first refused 1 ms probe)",
         percentiles(&close_hist)
+    );
+    println!(
+        "  of which the controller: initiate sent -> answered: {}",
+        percentiles(&answer_hist)
     );
     if let Some(kib) = rss {
         println!(
