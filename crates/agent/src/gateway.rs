@@ -385,7 +385,8 @@ impl Gateway {
             })
         };
         // The saver: writes the last applied states, then reports them applied; a
-        // burst of changes writes the last.
+        // burst of changes writes the last, at most ten writes a second (the file
+        // holds every machine's state: a megabyte at 10,000 grants).
         let saver = {
             let (me, machines, wanted, mut stop) = (
                 me.clone(),
@@ -405,6 +406,10 @@ impl Gateway {
                         .unwrap_or(false);
                     if saved {
                         me.report(&machines, true).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            _ = stop.changed() => return,
+                        }
                     }
                 }
             })
