@@ -562,6 +562,7 @@ pub struct EnrollTokenIn {
     expires_in: Option<String>,
     description: Option<String>,
     allow_replace: Option<bool>,
+    install: Option<bool>,
 }
 
 fn enroll_token_wire(t: &EnrollTokenRecord) -> jitgate_proto::api::EnrollToken {
@@ -584,6 +585,7 @@ pub async fn create_enroll_token(
     State(state): State<AppState>,
     principal: Principal,
     CallerIp(ip): CallerIp,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<EnrollTokenIn>,
 ) -> ApiResult<Response> {
     let scope = match body.scope.as_deref() {
@@ -637,19 +639,45 @@ pub async fn create_enroll_token(
         revoked: None,
         allow_replace: body.allow_replace.unwrap_or(false),
     };
+    // Over TLS the token carries the fingerprint agents pin: nothing else to copy.
+    let token = match state.tls_pin {
+        Some(pin) => format!("{token}{}{pin}", jitgate_proto::tls::PIN_SEPARATOR),
+        None => token,
+    };
+    let install = match (body.install.unwrap_or(false), &record.scope) {
+        (false, _) => None,
+        (true, Scope::ResourceGroup(_, rg)) => {
+            let sealed = crate::install::Sealed {
+                token: token.clone(),
+                resource_group: rg.to_string(),
+            };
+            Some(crate::install::make_line(
+                &state,
+                &headers,
+                &record.id,
+                &sealed,
+                record.expires,
+                record.uses_left,
+            )?)
+        }
+        (true, _) => {
+            return Err(ApiError::bad_param(
+                "install",
+                "needs a token scoped to a resource group (the machines' resource group)",
+            ));
+        }
+    };
     let audit = principal.audit_ctx(ip, now);
+    let (code, line) = install.unzip();
     state
         .store
-        .create_enroll_token(record.clone(), audit)
+        .create_enroll_token(record.clone(), code, audit)
         .await?;
-    // Over TLS the token carries the fingerprint agents pin: nothing else to copy.
     let v = jitgate_proto::api::CreatedEnrollToken {
         info: enroll_token_wire(&record),
-        token: match state.tls_pin {
-            Some(pin) => format!("{token}{}{pin}", jitgate_proto::tls::PIN_SEPARATOR),
-            None => token,
-        },
+        token,
         ca_fingerprint: state.tls_pin.map(|pin| pin.to_string()),
+        install: line,
     };
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }

@@ -339,7 +339,7 @@ pub fn is_public(path: &str) -> bool {
             | "/auth/logout"
             | "/auth/token"
             | "/auth/device"
-    )
+    ) || crate::install::is_public(path)
 }
 
 /// Authenticates every non-public request; a failure is answered 401 and audited.

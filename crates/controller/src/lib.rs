@@ -16,6 +16,7 @@ pub mod desired;
 pub mod error;
 pub mod expiry;
 pub mod feed;
+pub mod install;
 pub mod limits;
 pub mod metrics;
 pub mod native;
@@ -69,6 +70,10 @@ pub struct AppState {
     /// The SHA-256 fingerprint clients pin (the controller's own CA, or the top of a
     /// given chain); carried by enrollment tokens.
     pub tls_pin: Option<jitgate_proto::tls::Fingerprint>,
+    /// The certificate served (its public key is what install lines pin).
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The binary served to machines as the agent (`/download/...`, `/install.sh`).
+    pub agent_binary: Option<Arc<install::AgentBinary>>,
     pub recommend: Arc<jitgate_core::recommend::RecommendConfig>,
     /// Signs and ships audit checkpoints; its file anchors `audit verify`.
     pub checkpoints: Arc<checkpoint::Checkpointer>,
@@ -218,6 +223,15 @@ pub fn router(state: AppState) -> Router {
         .set(routes.clone().fallback(not_found).with_state(state.clone()));
     let api = routes
         .merge(web::routes())
+        .route(install::SCRIPT_PATH, axum::routing::get(install::script))
+        .route(
+            &install::binary_path(),
+            axum::routing::get(install::download),
+        )
+        .route(
+            &format!("{}.sha256", install::binary_path()),
+            axum::routing::get(install::checksum),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -103,6 +103,8 @@ pub struct Config {
     pub webhook_allow: Vec<String>,
     /// The first retry of a failed webhook delivery (later ones are multiples).
     pub webhook_retry: std::time::Duration,
+    /// The binary served to machines as the agent (default: this controller's own).
+    pub agent_binary: Option<PathBuf>,
     /// Where the controller reads the time (the system clock; tests pass a
     /// `ManualClock`).
     pub clock: crate::clock::Clock,
@@ -131,6 +133,7 @@ impl Config {
             break_glass_max: jitgate_core::approval::BREAK_GLASS_MAX_SECS,
             webhook_allow: Vec::new(),
             webhook_retry: std::time::Duration::from_secs(5),
+            agent_binary: None,
             clock: crate::clock::Clock::system(),
         }
     }
@@ -334,6 +337,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         vm_changes: Arc::new(crate::desired::VmChanges::default()),
         tls: served.is_some(),
         tls_pin: served.as_ref().map(|s| s.pin),
+        tls_cert: served.as_ref().map(|s| s.files.cert.clone()),
+        agent_binary: match &config.agent_binary {
+            Some(p) => Some(p.clone()),
+            None => std::env::current_exe().ok(),
+        }
+        .map(|p| Arc::new(crate::install::AgentBinary::new(p))),
         recommend: Arc::new(config.recommend.clone()),
         checkpoints: checkpointer.clone(),
         refusals: Arc::new(crate::limits::RefusalLimiter::new(config.limits.clone())),

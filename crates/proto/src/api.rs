@@ -715,6 +715,26 @@ pub struct CreateEnrollToken {
     /// Whether a machine may enroll under a name an agent already holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_replace: Option<bool>,
+    /// Also make a one-time install line for machines to run (the token must be
+    /// scoped to a resource group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<bool>,
+}
+
+/// The line that installs and enrolls the agent on a machine: its install code
+/// delivers the enrollment token once, never on a command line.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstallLine {
+    /// What to run on the machine, as root.
+    pub command: String,
+    /// The install script's URL, with the one-time code.
+    pub url: String,
+    /// When the code stops working (the token's end).
+    pub expires_at: String,
+    /// Over TLS: the controller's public key as curl pins it (`sha256//<base64>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -743,6 +763,9 @@ pub struct CreatedEnrollToken {
     /// Over TLS: the fingerprint clients pin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_fingerprint: Option<String>,
+    /// With `install`: the line to run on machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<InstallLine>,
 }
 
 page!(

@@ -2710,17 +2710,70 @@ impl Store for SqlStore {
         .await
     }
 
-    async fn create_enroll_token(&self, token: EnrollTokenRecord, audit: AuditCtx) -> Result<()> {
+    async fn create_enroll_token(
+        &self,
+        token: EnrollTokenRecord,
+        install: Option<InstallCodeRecord>,
+        audit: AuditCtx,
+    ) -> Result<()> {
         self.write_plain(move |ctx| {
             ctx.tx.defer("INSERT INTO enroll_tokens(id, secret_hash, scope, expires_ns, uses_left, description, created_ns, created_by, revoked_ns, allow_replace)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)", &[&token.id, &token.secret_hash, &token.scope.to_string(), &ns(token.expires), &(token.uses_left as i64), &token.description, &ns(token.created), &token.created_by, &token.revoked.map(ns), &token.allow_replace])?;
+            if let Some(i) = &install {
+                ctx.tx.defer(
+                    "INSERT INTO install_codes(code_hash, token_id, sealed, expires_ns, uses_left) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    &[&i.code_hash, &i.token_id, &i.sealed, &ns(i.expires), &(i.uses_left as i64)],
+                )?;
+            }
             ctx.audit(
                 &audit,
                 "enrollToken.create",
                 &token.scope.to_string(),
-                serde_json::json!({"id": token.id, "uses": token.uses_left, "expires": token.expires.to_string(), "allowReplace": token.allow_replace}),
+                serde_json::json!({"id": token.id, "uses": token.uses_left, "expires": token.expires.to_string(), "allowReplace": token.allow_replace, "installCode": install.is_some()}),
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn take_install_code(
+        &self,
+        code_hash: &str,
+        audit: AuditCtx,
+    ) -> Result<Option<InstallCodeRecord>> {
+        let code_hash = code_hash.to_owned();
+        // A read first: an unknown code (a guess, a flood) costs no write.
+        let found = self
+            .read({
+                let h = code_hash.clone();
+                move |c| read_install_codes(c, "WHERE code_hash = ?1", &[&h])
+            })
+            .await?;
+        if found.is_empty() {
+            return Ok(None);
+        }
+        self.write_plain(move |ctx| {
+            let now = ns(audit.now);
+            let taken = ctx.tx.execute(
+                "UPDATE install_codes SET uses_left = uses_left - 1 WHERE code_hash = ?1 AND uses_left > 0 AND expires_ns > ?2",
+                &[&code_hash, &now],
+            )?;
+            if taken == 0 {
+                return Ok(None);
+            }
+            let Some(rec) = read_install_codes(ctx.tx, "WHERE code_hash = ?1", &[&code_hash])?
+                .into_iter()
+                .next()
+            else {
+                return Ok(None);
+            };
+            ctx.audit(
+                &audit,
+                "enrollToken.installCodeUsed",
+                &rec.token_id,
+                serde_json::json!({"id": rec.token_id}),
+            )?;
+            Ok(Some(rec))
         })
         .await
     }
@@ -3723,6 +3776,28 @@ fn revoke_row(ctx: &mut WriteCtx<'_>, audit: &AuditCtx, what: Revocable, id: &st
         ctx.audit(audit, action, id, serde_json::json!({}))?;
     }
     Ok(n > 0)
+}
+
+fn read_install_codes(
+    c: &dyn Db,
+    tail: &str,
+    params: &[&dyn ToParam],
+) -> Result<Vec<InstallCodeRecord>> {
+    c.all(
+        &format!(
+            "SELECT code_hash, token_id, sealed, expires_ns, uses_left FROM install_codes {tail}"
+        ),
+        params,
+        |r| {
+            Ok(InstallCodeRecord {
+                code_hash: r.get(0)?,
+                token_id: r.get(1)?,
+                sealed: r.get(2)?,
+                expires: from_ns(r.get(3)?)?,
+                uses_left: u32::try_from(r.get::<i64>(4)?.max(0)).unwrap_or(0),
+            })
+        },
+    )
 }
 
 fn read_enroll_tokens(

@@ -363,6 +363,17 @@ CREATE TABLE mapped_ports(
     UNIQUE(public_address, mapped)
 );
 "#,
+    // Install codes (`enroll-token create --print-install`): the enrollment token
+    // sealed with a key only the code gives, and how many more times it is given.
+    r#"
+CREATE TABLE install_codes(
+    code_hash TEXT PRIMARY KEY,
+    token_id TEXT NOT NULL,
+    sealed TEXT NOT NULL,
+    expires_ns BIGINT NOT NULL,
+    uses_left BIGINT NOT NULL
+);
+"#,
 ];
 
 /// Any number below 2^63 that no other program takes as its advisory lock key: the

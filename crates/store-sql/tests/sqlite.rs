@@ -92,8 +92,9 @@ fn key() -> PolicyKey {
 
 /// The migrations after the idempotency keys' (sign-ins, a sign-in's last use,
 /// approvals, break-glass, webhooks, offline agents, the
-/// protected flag, the superseding index, grant change marks, gateway placements), undone, for the tests that take a database back to an older schema.
-const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 10;
+/// protected flag, the superseding index, grant change marks, gateway placements,
+/// install codes), undone, for the tests that take a database back to an older schema.
+const MIGRATIONS_SINCE_IDEMPOTENCY: i64 = 11;
 
 /// Turns the database file back into an older one: runs `undo` (what the last
 /// `migrations` migrations did, undone) and sets the schema version that many back.
@@ -107,6 +108,7 @@ fn rewind(path: &std::path::Path, undo: &str, migrations: i64) {
         .unwrap();
 }
 const UNDO_SINCE_IDEMPOTENCY: &str = "
+    DROP TABLE install_codes;
     DROP TABLE mapped_ports; DROP TABLE placements;
     DROP INDEX request_ports_changed; ALTER TABLE request_ports DROP COLUMN changed;
     CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
@@ -899,13 +901,13 @@ async fn the_protected_flag_is_filled_in_for_an_older_database() {
     {
         rewind(
             &path,
-            "DROP TABLE mapped_ports; DROP TABLE placements;
+            "DROP TABLE install_codes; DROP TABLE mapped_ports; DROP TABLE placements;
              DROP INDEX request_ports_changed; ALTER TABLE request_ports DROP COLUMN changed;
     CREATE INDEX request_ports_vm_all ON request_ports(vm_key);
              DROP INDEX request_ports_vm;
              CREATE INDEX request_ports_vm ON request_ports(vm_key, number) WHERE status = 'Initiated';
              ALTER TABLE vm_verdicts DROP COLUMN protected;",
-            4,
+            5,
         );
     }
     let store = SqlStore::open(&path).unwrap();

@@ -95,6 +95,7 @@ macro_rules! store_conformance_tests {
             live_grants_and_count,
             grant_changes_since_a_point,
             placements_and_mapped_ports,
+            install_codes_are_used_as_often_as_their_token,
             put_policy_update_revokes_removed_ports,
             put_policy_update_ends_only_the_grants_it_no_longer_allows,
             delete_policy_revokes_live_grants,
@@ -3716,6 +3717,58 @@ async fn uses_left(store: &dyn Store, id: &str) -> u32 {
         .uses_left
 }
 
+/// Issue 17: an install code is created with its enrollment token, in one transaction;
+/// it is taken as many times as it has uses (each audited), never after it expired,
+/// and an unknown code is nothing.
+pub async fn install_codes_are_used_as_often_as_their_token(store: &dyn Store) {
+    install(store).await;
+    let code = |h: &str, expires: Timestamp| InstallCodeRecord {
+        code_hash: h.into(),
+        token_id: format!("tok-{h}"),
+        sealed: format!("sealed-{h}"),
+        expires,
+        uses_left: 2,
+    };
+    for (id, h) in [("et-a", "aa"), ("et-b", "bb")] {
+        store
+            .create_enroll_token(
+                enroll_token(id, rg_scope("rg1"), 2, at(3600)),
+                Some(code(h, at(600))),
+                ctx(at(1)),
+            )
+            .await
+            .unwrap();
+    }
+    let seq = verified(store).await.last_seq;
+    assert_eq!(
+        store.take_install_code("cc", ctx(at(10))).await.unwrap(),
+        None
+    );
+    let got = store.take_install_code("aa", ctx(at(10))).await.unwrap();
+    assert_eq!(
+        got,
+        Some(InstallCodeRecord {
+            uses_left: 1,
+            ..code("aa", at(600))
+        })
+    );
+    let seq = expect_events(store, seq, &["enrollToken.installCodeUsed"], &ctx(at(10))).await;
+    let got = store.take_install_code("aa", ctx(at(11))).await.unwrap();
+    assert_eq!(got.map(|c| c.uses_left), Some(0));
+    expect_events(store, seq, &["enrollToken.installCodeUsed"], &ctx(at(11))).await;
+    // Used up: never again.
+    assert_eq!(
+        store.take_install_code("aa", ctx(at(12))).await.unwrap(),
+        None
+    );
+    // Expired: not taken.
+    assert_eq!(
+        store.take_install_code("bb", ctx(at(600))).await.unwrap(),
+        None
+    );
+    verified(store).await;
+}
+
 /// A valid enrollment registers the VM, stores the agent's credential as given and
 /// gives its principal the Agent role on that VM only; it uses one use, and is audited.
 pub async fn enroll_registers_the_vm_and_issues_an_agent_credential(store: &dyn Store) {
@@ -3723,7 +3776,7 @@ pub async fn enroll_registers_the_vm_and_issues_an_agent_credential(store: &dyn 
     let tok = enroll_token("et1", rg_scope("rg1"), 5, at(3600));
     let mut seq = verified(store).await.last_seq;
     store
-        .create_enroll_token(tok.clone(), ctx(at(1)))
+        .create_enroll_token(tok.clone(), None, ctx(at(1)))
         .await
         .unwrap();
     seq = expect_events(store, seq, &["enrollToken.create"], &ctx(at(1))).await;
@@ -3813,6 +3866,7 @@ pub async fn enroll_uses_run_out(store: &dyn Store) {
     store
         .create_enroll_token(
             enroll_token("et2", Scope::Subscription(sub()), 2, at(3600)),
+            None,
             ctx(at(1)),
         )
         .await
@@ -3871,7 +3925,11 @@ pub async fn enroll_uses_run_out(store: &dyn Store) {
 pub async fn enroll_refuses_an_expired_token(store: &dyn Store) {
     install(store).await;
     store
-        .create_enroll_token(enroll_token("et3", rg_scope("rg1"), 5, at(100)), ctx(at(1)))
+        .create_enroll_token(
+            enroll_token("et3", rg_scope("rg1"), 5, at(100)),
+            None,
+            ctx(at(1)),
+        )
         .await
         .unwrap();
     store
@@ -3919,7 +3977,7 @@ pub async fn enroll_refusals_change_nothing(store: &dyn Store) {
     let foreign = enroll_token("et8", Scope::Subscription(other_sub()), 1, at(3600));
     for t in [&good, &spent, &old, &revoked, &foreign] {
         store
-            .create_enroll_token(t.clone(), ctx(at(1)))
+            .create_enroll_token(t.clone(), None, ctx(at(1)))
             .await
             .unwrap();
     }
@@ -4026,6 +4084,7 @@ pub async fn re_enroll_revokes_the_previous_agent_credential(store: &dyn Store) 
     store
         .create_enroll_token(
             enroll_token("et9", rg_scope("rg1"), 5, at(3600)),
+            None,
             ctx(at(1)),
         )
         .await
@@ -4212,6 +4271,7 @@ pub async fn enroll_refuses_to_replace_an_online_agent(store: &dyn Store) {
     store
         .create_enroll_token(
             enroll_token("et1", rg_scope("rg1"), 5, at(3600)),
+            None,
             ctx(at(1)),
         )
         .await
@@ -4292,6 +4352,7 @@ pub async fn enroll_refuses_to_replace_an_online_agent(store: &dyn Store) {
                 allow_replace: true,
                 ..enroll_token("et2", rg_scope("rg1"), 1, at(3600))
             },
+            None,
             ctx(at(301)),
         )
         .await
@@ -4331,6 +4392,7 @@ pub async fn revoked_enroll_tokens_enroll_nothing(store: &dyn Store) {
     store
         .create_enroll_token(
             enroll_token("et1", rg_scope("rg1"), 5, at(3600)),
+            None,
             ctx(at(1)),
         )
         .await
@@ -5238,7 +5300,10 @@ pub async fn lists_page_in_creation_order(store: &dyn Store) {
             at(99_999),
         );
         e.created = at(*t);
-        store.create_enroll_token(e, ctx(at(*t))).await.unwrap();
+        store
+            .create_enroll_token(e, None, ctx(at(*t)))
+            .await
+            .unwrap();
         store
             .add_exclusion(
                 ExclusionRecord {
@@ -5930,6 +5995,7 @@ pub async fn verdicts_follow_vm_register_and_delete(store: &dyn Store) {
     store
         .create_enroll_token(
             enroll_token("et1", rg_scope("rg1"), 5, at(3600)),
+            None,
             ctx(at(1)),
         )
         .await

@@ -330,7 +330,21 @@ pub trait Store: Send + Sync + 'static {
     async fn nsg_rules(&self, vm: &VmId) -> Result<Vec<NsgRule>>;
 
     // ---- agents ----
-    async fn create_enroll_token(&self, token: EnrollTokenRecord, audit: AuditCtx) -> Result<()>;
+    /// Creates an enrollment token (audited), with its one-time install code if given,
+    /// in one transaction.
+    async fn create_enroll_token(
+        &self,
+        token: EnrollTokenRecord,
+        install: Option<InstallCodeRecord>,
+        audit: AuditCtx,
+    ) -> Result<()>;
+    /// Uses an install code once: its record when it exists, has uses left and has not
+    /// expired at `audit.now` (one use is then taken, audited), else None.
+    async fn take_install_code(
+        &self,
+        code_hash: &str,
+        audit: AuditCtx,
+    ) -> Result<Option<InstallCodeRecord>>;
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>>;
     /// Enrollment tokens oldest first, a page at a time.
     async fn enroll_tokens_page(&self, paging: &Paging) -> Result<Vec<EnrollTokenRecord>>;

@@ -361,6 +361,24 @@ pub struct EnrollTokenRecord {
     pub allow_replace: bool,
 }
 
+/// An install code (`jitgate enroll-token create --print-install`): the line a machine
+/// runs carries the code, the controller exchanges it for the enrollment token as
+/// many times as the token has uses (once, by default), and keeps the token here
+/// encrypted with a key only the code gives (someone with the database cannot recover
+/// the token from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallCodeRecord {
+    /// Hex SHA-256 of the code (with its own domain label): how it is looked up.
+    pub code_hash: String,
+    /// The enrollment token it delivers (its id; the secret is in `sealed`).
+    pub token_id: String,
+    /// The token, sealed with the code.
+    pub sealed: String,
+    pub expires: Timestamp,
+    /// How many more times it delivers the token.
+    pub uses_left: u32,
+}
+
 pub struct EnrollArgs {
     pub token_id: String,
     /// Hex SHA-256 of the presented secret.

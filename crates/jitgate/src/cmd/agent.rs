@@ -46,8 +46,14 @@ pub struct AgentArgs {
         hide = true
     )]
     pub enroll_token: Option<String>,
-    /// File holding the enrollment token (`-` reads it from standard input).
-    #[arg(long, conflicts_with = "enroll_token")]
+    /// File holding the enrollment token (`-` reads it from standard input). Once the
+    /// agent has enrolled, a missing file is no error (the installer removes the used
+    /// token).
+    #[arg(
+        long,
+        env = "JITGATE_ENROLL_TOKEN_FILE",
+        conflicts_with = "enroll_token"
+    )]
     pub enroll_token_file: Option<PathBuf>,
     /// Resource group of this machine.
     #[arg(long, env = "JITGATE_RESOURCE_GROUP", required = true)]
@@ -149,7 +155,9 @@ async fn run(args: AgentArgs, gateway: bool) -> anyhow::Result<ExitCode> {
         &name,
         args.state_dir,
     );
+    let enrolled = config.state_dir.join("credentials.json").exists();
     config.enroll_token = match (&args.enroll_token_file, args.enroll_token) {
+        (Some(path), _) if enrolled && !path.exists() => None,
         (Some(path), _) => Some(jitgate_proto::Secret::new(
             read_secret(path).context("--enroll-token-file")?,
         )),

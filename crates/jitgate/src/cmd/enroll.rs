@@ -33,6 +33,12 @@ pub enum EnrollTokenCommand {
         /// reinstall). Without it, such an enrollment is refused.
         #[arg(long)]
         allow_replace: bool,
+        /// Print the line to run on machines instead of the token: it downloads the
+        /// agent from this controller (pinned to its key, checksum checked), installs
+        /// it with its systemd units, and enrolls it. Its one-time code delivers the
+        /// token, which never appears on a command line. Needs --resource-group.
+        #[arg(long)]
+        print_install: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -68,10 +74,17 @@ pub async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
             expires_in,
             description,
             allow_replace,
+            print_install,
             client,
         } => {
             let (sc, rg) = (scope.scope.as_deref(), scope.resource_group.as_deref());
             check_scope(sc, rg)?;
+            if print_install && rg.is_none() && sc.is_none_or(|s| !s.contains("/resourceGroups/")) {
+                return Err(bad_flag(
+                    "--print-install",
+                    "needs --resource-group (the machines' resource group)",
+                ));
+            }
             if uses == 0 {
                 return Err(bad_flag("--uses", "0 enrolls nothing; give 1 or more"));
             }
@@ -83,6 +96,7 @@ pub async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                 expires_in,
                 description,
                 allow_replace: Some(allow_replace),
+                install: print_install.then_some(true),
             };
             let t = ses
                 .c
@@ -95,6 +109,7 @@ pub async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                             ("uses", "--uses"),
                             ("expiresIn", "--expires-in"),
                             ("description", "--description"),
+                            ("install", "--print-install"),
                         ],
                     );
                     name_flags(e, scope_flag(sc))
@@ -107,6 +122,17 @@ pub async fn enroll_token(cmd: EnrollTokenCommand) -> anyhow::Result<ExitCode> {
                     t.info.uses_left,
                     human::time(&t.info.expires_at)
                 );
+                if let Some(line) = &t.install {
+                    eprintln!(
+                        "run this as root on the machine{} (until {}; its code delivers the token {} time{}, never on a command line):",
+                        if t.info.uses_left == 1 { "" } else { "s" },
+                        human::time(&line.expires_at),
+                        t.info.uses_left,
+                        if t.info.uses_left == 1 { "" } else { "s" }
+                    );
+                    println!("{}", line.command);
+                    return;
+                }
                 if let Some(fp) = &t.ca_fingerprint {
                     eprintln!(
                         "(it carries the controller's CA fingerprint {fp}: the agent pins it, nothing else to copy)"
