@@ -586,6 +586,7 @@ pub async fn create_enroll_token(
     principal: Principal,
     CallerIp(ip): CallerIp,
     headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
     JsonBody(body): JsonBody<EnrollTokenIn>,
 ) -> ApiResult<Response> {
     let scope = match body.scope.as_deref() {
@@ -654,6 +655,7 @@ pub async fn create_enroll_token(
             Some(crate::install::make_line(
                 &state,
                 &headers,
+                &uri,
                 &record.id,
                 &sealed,
                 record.expires,

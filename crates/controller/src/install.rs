@@ -25,7 +25,7 @@
 use std::path::{Path, PathBuf};
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use jitgate_store::{AuditCtx, InstallCodeRecord};
@@ -168,13 +168,14 @@ pub fn curl_pin(cert_pem: &Path) -> anyhow::Result<String> {
     ))
 }
 
-/// The controller's URL as the caller reached it (`Host`), for the line and the
-/// script: only a host name or address with an optional port is taken, since it is
-/// written into a shell script.
-pub fn base_url(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
+/// The controller's URL as the caller reached it (`Host`, or the authority of an
+/// HTTP/2 request), for the line and the script: only a host name or address with an
+/// optional port is taken, since it is written into a shell script.
+pub fn base_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> ApiResult<String> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
     let ok = !host.is_empty()
         && host.len() <= 255
@@ -203,12 +204,13 @@ fn pin(state: &AppState) -> ApiResult<Option<String>> {
 pub fn make_line(
     state: &AppState,
     headers: &HeaderMap,
+    uri: &Uri,
     token_id: &str,
     sealed: &Sealed,
     expires: jiff::Timestamp,
     uses_left: u32,
 ) -> ApiResult<(InstallCodeRecord, jitgate_proto::api::InstallLine)> {
-    let base = base_url(state, headers)?;
+    let base = base_url(state, headers, uri)?;
     let pin = pin(state)?;
     let (code, code_hash) = new_code();
     let url = format!("{base}{SCRIPT_PATH}?code={code}");
@@ -283,9 +285,10 @@ pub async fn script(
     State(state): State<AppState>,
     CallerIp(ip): CallerIp,
     headers: HeaderMap,
+    uri: Uri,
     Query(q): Query<ScriptQuery>,
 ) -> ApiResult<Response> {
-    let controller = base_url(&state, &headers)?;
+    let controller = base_url(&state, &headers, &uri)?;
     let binary = state
         .agent_binary
         .as_ref()

@@ -241,3 +241,126 @@ async fn the_vm_list_says_which_machines_have_an_agent_and_whether_it_reports() 
     let one = ctl.get("/api/v1/vms/lab/web-1").await.body;
     assert_eq!(one["agent"]["online"], false, "{one}");
 }
+
+/// Issue 17: the install line. Its code gives the enrollment token to the script as
+/// many times as the token has uses (here once), only to whoever presents it, and the
+/// database never holds the token in clear; bad input is refused naming the field and
+/// creates nothing; the binary and its checksum are served to anyone.
+#[tokio::test]
+async fn an_install_line_delivers_its_token_once_and_the_binary_is_served() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("agent-binary");
+    std::fs::write(&binary, b"#!/bin/sh\necho a stand-in for the agent\n").unwrap();
+    let served = binary.clone();
+    let ctl = crate::util::Ctl::start_with(tempfile::tempdir().unwrap(), move |c| {
+        c.agent_binary = Some(served)
+    })
+    .await;
+    let rg = format!("/subscriptions/{}/resourceGroups/lab", ctl.sub);
+
+    // Refused, naming the field, and no token made.
+    let before = ctl.get("/api/v1/enrollTokens").await.body["value"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let r = ctl
+        .post("/api/v1/enrollTokens", json!({"install": true}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(r.body["error"]["target"], "install", "{:?}", r.body);
+    let r = ctl
+        .call_with(
+            Method::POST,
+            "/api/v1/enrollTokens",
+            Some(crate::util::OWNER),
+            Some(json!({"scope": rg, "install": true})),
+            &[("host", "evil;touch${IFS}x")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(r.body["error"]["target"], "Host", "{:?}", r.body);
+    let after = ctl.get("/api/v1/enrollTokens").await.body["value"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(before, after, "a refused request made a token");
+
+    let r = ctl
+        .post(
+            "/api/v1/enrollTokens",
+            json!({"scope": rg, "install": true}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let token = r.body["token"].as_str().unwrap().to_owned();
+    let url = r.body["install"]["url"].as_str().unwrap().to_owned();
+    let command = r.body["install"]["command"].as_str().unwrap();
+    assert_eq!(command, format!("curl -fsS '{url}' | sudo sh"));
+    assert!(!command.contains(&token));
+    let code = url.split("code=").nth(1).unwrap().to_owned();
+
+    // The database holds neither the token nor the code.
+    let mut db = std::fs::read(ctl.dir.path().join("jitgate.db")).unwrap();
+    db.extend(std::fs::read(ctl.dir.path().join("jitgate.db-wal")).unwrap_or_default());
+    assert!(db.len() > 4096, "the database was not read");
+    let secret = token.split('.').nth(1).unwrap();
+    for s in [secret, code.as_str()] {
+        assert!(
+            !db.windows(s.len()).any(|w| w == s.as_bytes()),
+            "{s} is in the database file"
+        );
+    }
+
+    let anonymous = reqwest::Client::new();
+    let fetch = |u: String| {
+        let c = anonymous.clone();
+        async move {
+            let r = c.get(u).send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    let (status, first) = fetch(url.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(first.starts_with("#!/bin/sh"), "{first}");
+    assert!(first.contains(&format!("TOKEN='{token}'")), "{first}");
+    assert!(first.contains("RESOURCE_GROUP='lab'"), "{first}");
+    let want = hex::encode(sha2::Sha256::digest(std::fs::read(&binary).unwrap()));
+    assert!(first.contains(&format!("SHA256='{want}'")), "{first}");
+    // Spent, wrong or absent codes: the script without a token.
+    for u in [
+        url.clone(),
+        url.replace(&code, "nope"),
+        format!("{}/install.sh", ctl.base),
+    ] {
+        let (status, text) = fetch(u).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            text.contains("TOKEN=''") && !text.contains(&token),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        ctl.audit("action=enrollToken.installCodeUsed").await.len(),
+        1
+    );
+
+    // The binary and its checksum, to anyone.
+    let bin_url = format!("{}{}", ctl.base, jitgate_controller::install::binary_path());
+    let r = anonymous.get(&bin_url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.bytes().await.unwrap().as_ref(),
+        std::fs::read(&binary).unwrap().as_slice()
+    );
+    let (status, sum) = fetch(format!("{bin_url}.sha256")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        sum,
+        format!(
+            "{want}  jitgate-linux-{}\n",
+            jitgate_controller::install::ARCH
+        )
+    );
+    // Nothing else under /download is public.
+    let (status, _) = fetch(format!("{}/download/other", ctl.base)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Seconds without a report after which an agent counts as offline [default: 60].
     #[arg(long, env = "JITGATE_AGENT_OFFLINE_AFTER")]
     pub agent_offline_after: Option<u64>,
+    /// The binary served to machines as the agent (`/install.sh`, `/download/...`)
+    /// [default: this controller's own binary].
+    #[arg(long, env = "JITGATE_AGENT_BINARY")]
+    pub agent_binary: Option<PathBuf>,
     /// Use this as the bootstrap Owner token at first start instead of generating one.
     #[arg(
         long,
@@ -152,6 +156,7 @@ struct FileConfig {
     log_format: Option<String>,
     management_ports: Option<Vec<u16>>,
     agent_offline_after: Option<u64>,
+    agent_binary: Option<PathBuf>,
     audit_checkpoints: Option<PathBuf>,
     refusals_audited: Option<u32>,
     refusals_block_after: Option<u32>,
@@ -462,6 +467,12 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<(jitgate_controller::Config, 
     };
     if let Some(secs) = retention {
         config.blocked_retention = std::time::Duration::from_secs(secs);
+    }
+    if let Some(p) = args.agent_binary.or(file.agent_binary) {
+        if !p.is_file() {
+            bail!("agent_binary: {} is not a file", p.display());
+        }
+        config.agent_binary = Some(p);
     }
     if let Some(ports) = args.management_ports.or(file.management_ports) {
         if ports.is_empty() || ports.contains(&0) {

@@ -17,6 +17,7 @@ mod common;
 mod dashboard;
 mod faults;
 mod gateway;
+mod install;
 mod lab;
 mod nsg;
 mod readme;
