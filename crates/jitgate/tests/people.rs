@@ -849,6 +849,11 @@ fn bad_input_is_one_line_naming_problem_and_fix_with_its_exit_code_and_changes_n
             vec!["--uses"],
         ),
         (
+            vec!["enroll-token", "create", "--print-install"],
+            2,
+            vec!["--print-install", "--resource-group"],
+        ),
+        (
             vec![
                 "role",
                 "assign",
