@@ -116,6 +116,7 @@ impl Built {
                 grants: Vec::new(),
                 base: None,
                 removed: Vec::new(),
+                requires: jitgate_proto::requires_for(gateway.as_ref()),
                 gateway,
             },
             next_end: grants.iter().map(|g| g.end).min(),
@@ -427,6 +428,7 @@ mod tests {
             base: None,
             removed: Vec::new(),
             gateway: None,
+            requires: None,
         };
         Arc::new(Built {
             head: full,

@@ -73,6 +73,32 @@ pub struct DesiredState {
     /// state; the machine runs no agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<WireGateway>,
+    /// The agent protocol this state needs (see [`AGENT_PROTOCOL`]); absent: 1. An
+    /// agent that speaks less refuses the state, keeps the one it enforces, and says
+    /// so, rather than enforce a state whose newer parts it would silently ignore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requires: Option<u32>,
+}
+
+/// The agent protocol this build speaks: 1 is desired states with rules and grants
+/// (and deltas), 2 adds `gateway` (gateway mode). An agent sends it in its reports;
+/// a state says in `requires` what it needs.
+pub const AGENT_PROTOCOL: u32 = 2;
+
+/// What a state with this content needs of the agent.
+pub fn requires_for(gateway: Option<&WireGateway>) -> Option<u32> {
+    gateway.map(|_| 2)
+}
+
+/// Refuses a state this agent cannot fully enforce, saying what to do.
+fn check_protocol(d: &DesiredState) -> Result<(), String> {
+    match d.requires {
+        Some(n) if n > AGENT_PROTOCOL => Err(format!(
+            "requires: the controller sends a state for agent protocol {n}; this agent ({}) speaks {AGENT_PROTOCOL}: upgrade it (jitgate agent upgrade)",
+            env!("CARGO_PKG_VERSION")
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Where a machine behind a gateway sits (see `jitgate_core::gateway`).
@@ -262,6 +288,7 @@ pub fn encode(
         grants,
         base: None,
         removed: Vec::new(),
+        requires: requires_for(gateway.as_ref()),
         gateway,
     }
 }
@@ -315,6 +342,7 @@ pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], to: &DesiredState) 
         base: Some(base.to_owned()),
         removed,
         gateway: to.gateway.clone(),
+        requires: to.requires,
     }
 }
 
@@ -326,6 +354,7 @@ pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], to: &DesiredState) 
 /// which the agent does off the path of the change ([`revision_matches`]) and, on a
 /// mismatch, asks for the whole state.
 pub fn apply_delta(prev: &Desired, d: &DesiredState) -> Result<Desired, String> {
+    check_protocol(d)?;
     if d.base.as_deref() != Some(prev.revision.as_str()) {
         return Err(format!(
             "base: the delta changes revision {}, not the applied {}",
@@ -392,6 +421,7 @@ fn valid_revision(r: &str) -> bool {
 /// rejects the whole state, naming it. The rules of a decoded state always pass
 /// [`jitgate_core::nft::validate`].
 pub fn decode(d: &DesiredState) -> Result<Desired, String> {
+    check_protocol(d)?;
     if d.base.is_some() {
         return Err(
             "base: a delta is applied to the state it changes, not decoded alone".to_owned(),
@@ -632,6 +662,34 @@ mod tests {
             ResourceGroup::parse("rg").unwrap(),
             VmName::parse("vm1").unwrap(),
         )
+    }
+
+    /// Issue 17: a state needing a newer agent protocol is refused, saying what to do;
+    /// one this agent speaks decodes, and a gateway's placement needs protocol 2.
+    #[test]
+    fn a_state_for_a_newer_agent_is_refused_with_advice() {
+        let mut d = sample();
+        assert_eq!(d.requires, None);
+        assert!(decode(&d).is_ok());
+        d.requires = Some(AGENT_PROTOCOL);
+        assert!(decode(&d).is_ok());
+        d.requires = Some(AGENT_PROTOCOL + 1);
+        let e = decode(&d).unwrap_err();
+        assert!(e.starts_with("requires:") && e.contains("jitgate agent upgrade"), "{e}");
+        let prev = decode(&sample()).unwrap();
+        let mut delta = sample();
+        delta.base = Some(prev.revision.clone());
+        delta.requires = Some(AGENT_PROTOCOL + 1);
+        assert!(apply_delta(&prev, &delta).unwrap_err().starts_with("requires:"));
+        let gw = WireGateway {
+            address: "10.0.0.5".into(),
+            mode: "routed".into(),
+            masquerade: false,
+            public_ip_address: None,
+            mapped_ports: Vec::new(),
+        };
+        assert_eq!(requires_for(Some(&gw)), Some(2));
+        assert!(requires_for(Some(&gw)) <= Some(AGENT_PROTOCOL));
     }
 
     fn sample() -> DesiredState {
@@ -1005,6 +1063,7 @@ mod tests {
                     base: None,
                     removed: Vec::new(),
                     gateway: None,
+                    requires: None,
                 };
                 if fix_revision {
                     d.revision = revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants);
