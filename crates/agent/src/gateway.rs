@@ -938,6 +938,7 @@ impl Gateway {
                             nft_version: self.nft_version.clone(),
                             error: m.error.clone(),
                             agent_version: Some(format!("{} (gateway)", env!("CARGO_PKG_VERSION"))),
+                            protocol: Some(jitgate_proto::AGENT_PROTOCOL),
                             addresses,
                             listening: m.probes.get(vm).cloned().unwrap_or_default(),
                             table_matches: m.drift.get(vm).and_then(|d| d.table_matches),

@@ -369,6 +369,7 @@ impl Shared {
             hostname: host::hostname(),
             os: host::os_name(),
             agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            protocol: Some(jitgate_proto::AGENT_PROTOCOL),
             addresses: inventory.addresses,
             listening: inventory.listening,
             inventory_errors: inventory.errors,

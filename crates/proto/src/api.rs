@@ -268,6 +268,11 @@ pub struct AgentStatus {
     /// Whether the agent applied the current desired state.
     #[serde(default)]
     pub up_to_date: Option<bool>,
+    /// Whether the agent is older than this controller (its version), or speaks less
+    /// than the protocol its desired state needs; `jitgate agent upgrade` on the
+    /// machine installs the controller's.
+    #[serde(default)]
+    pub outdated: Option<bool>,
     #[serde(flatten)]
     pub report: crate::StatusReport,
 }

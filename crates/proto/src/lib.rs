@@ -85,6 +85,18 @@ pub struct DesiredState {
 /// a state says in `requires` what it needs.
 pub const AGENT_PROTOCOL: u32 = 2;
 
+/// True when version `agent` (`1.2.3`, maybe followed by a note) is older than
+/// `ours`; None when either is not `major.minor.patch`.
+pub fn older_version(agent: &str, ours: &str) -> Option<bool> {
+    fn parse(v: &str) -> Option<(u64, u64, u64)> {
+        let core = v.split_whitespace().next()?.split(['-', '+']).next()?;
+        let mut it = core.split('.').map(|n| n.parse::<u64>().ok());
+        let v = (it.next()??, it.next()??, it.next()??);
+        it.next().is_none().then_some(v)
+    }
+    Some(parse(agent)? < parse(ours)?)
+}
+
 /// What a state with this content needs of the agent.
 pub fn requires_for(gateway: Option<&WireGateway>) -> Option<u32> {
     gateway.map(|_| 2)
@@ -610,6 +622,9 @@ pub struct StatusReport {
     pub os: Option<String>,
     #[serde(default)]
     pub agent_version: Option<String>,
+    /// The agent protocol it speaks ([`AGENT_PROTOCOL`]; absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
     #[serde(default)]
     pub addresses: Vec<String>,
     #[serde(default)]
@@ -664,6 +679,16 @@ mod tests {
         )
     }
 
+    #[test]
+    fn versions_compare_by_number() {
+        assert_eq!(older_version("0.1.0", "0.2.0"), Some(true));
+        assert_eq!(older_version("0.1.0 (gateway)", "0.1.0"), Some(false));
+        assert_eq!(older_version("0.10.0", "0.9.9"), Some(false));
+        assert_eq!(older_version("1.0.0-rc.1", "1.0.1"), Some(true));
+        assert_eq!(older_version("banana", "0.1.0"), None);
+        assert_eq!(older_version("1.2", "0.1.0"), None);
+    }
+
     /// Issue 17: a state needing a newer agent protocol is refused, saying what to do;
     /// one this agent speaks decodes, and a gateway's placement needs protocol 2.
     #[test]
@@ -675,12 +700,19 @@ mod tests {
         assert!(decode(&d).is_ok());
         d.requires = Some(AGENT_PROTOCOL + 1);
         let e = decode(&d).unwrap_err();
-        assert!(e.starts_with("requires:") && e.contains("jitgate agent upgrade"), "{e}");
+        assert!(
+            e.starts_with("requires:") && e.contains("jitgate agent upgrade"),
+            "{e}"
+        );
         let prev = decode(&sample()).unwrap();
         let mut delta = sample();
         delta.base = Some(prev.revision.clone());
         delta.requires = Some(AGENT_PROTOCOL + 1);
-        assert!(apply_delta(&prev, &delta).unwrap_err().starts_with("requires:"));
+        assert!(
+            apply_delta(&prev, &delta)
+                .unwrap_err()
+                .starts_with("requires:")
+        );
         let gw = WireGateway {
             address: "10.0.0.5".into(),
             mode: "routed".into(),

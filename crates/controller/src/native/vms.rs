@@ -57,6 +57,20 @@ fn online(state: &AppState, seen: Timestamp, now: Timestamp) -> bool {
     now.duration_since(seen).as_secs() <= state.recommend.offline_after.as_secs()
 }
 
+/// Whether the agent is older than this controller, or speaks less than its state
+/// needs (None: it did not say its version).
+fn outdated(report: &StatusReport, requires: Option<u32>) -> Option<bool> {
+    let short = report.protocol.unwrap_or(1) < requires.unwrap_or(1);
+    let older = report
+        .agent_version
+        .as_deref()
+        .and_then(|v| jitgate_proto::older_version(v, env!("CARGO_PKG_VERSION")));
+    match (older, short) {
+        (_, true) => Some(true),
+        (o, false) => o,
+    }
+}
+
 /// A VM's agent in full: its last report, and whether it applied the current state.
 pub async fn agent_status(state: &AppState, vm: &VmId, now: Timestamp) -> ApiResult<AgentStatus> {
     let Some(rec) = state.store.agent_status(vm).await? else {
@@ -70,6 +84,7 @@ pub async fn agent_status(state: &AppState, vm: &VmId, now: Timestamp) -> ApiRes
         online: online(state, rec.last_seen, now),
         last_seen: Some(rec.last_seen.to_string()),
         up_to_date: Some(report.applied_revision.as_deref() == Some(current.revision())),
+        outdated: outdated(&report, current.head.requires),
         report,
     })
 }

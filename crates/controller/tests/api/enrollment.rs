@@ -364,3 +364,31 @@ async fn an_install_line_delivers_its_token_once_and_the_binary_is_served() {
     let (status, _) = fetch(format!("{}/download/other", ctl.base)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+/// Issue 17: the VM view says when a machine's agent is older than the controller.
+#[tokio::test]
+async fn an_agent_older_than_the_controller_is_shown_outdated() {
+    let ctl = Ctl::start().await;
+    let (_, text) = token(&ctl, json!({"uses": 1})).await;
+    let e = enroll(&ctl, &text, "old-1").await;
+    assert_eq!(e.status, StatusCode::OK, "{:?}", e.body);
+    let vm = e.body["vmId"].as_str().unwrap().to_owned();
+    let agent = e.body["token"].as_str().unwrap().to_owned();
+    for (version, want) in [
+        ("0.0.1", true),
+        (env!("CARGO_PKG_VERSION"), false),
+        ("999.0.0", false),
+    ] {
+        let r = ctl
+            .call(
+                Method::POST,
+                &format!("/api/v1/agent/status?vm={}", vm.replace('/', "%2F")),
+                Some(&agent),
+                Some(json!({"agentVersion": version, "protocol": jitgate_proto::AGENT_PROTOCOL})),
+            )
+            .await;
+        assert!(r.status.is_success(), "{:?}", r.body);
+        let v = ctl.get("/api/v1/vms/lab/old-1").await;
+        assert_eq!(v.body["agent"]["outdated"], want, "{version}: {:?}", v.body);
+    }
+}

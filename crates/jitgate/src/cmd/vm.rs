@@ -335,6 +335,12 @@ pub async fn vm_show(name: &str, args: &ClientArgs) -> anyhow::Result<ExitCode> 
                 human::time(&or_dash(agent.last_seen.as_deref()))
             )
         };
+        let agent_state = match (agent.outdated, &agent.report.agent_version) {
+            (Some(true), Some(v)) => format!(
+                "{agent_state}; version {v}, older than the controller's: run 'jitgate agent upgrade' on the machine"
+            ),
+            _ => agent_state,
+        };
         println!("{}", vm.vm.id);
         println!(
             "  policy:      {}",
