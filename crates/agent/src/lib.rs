@@ -23,6 +23,7 @@ pub mod netlink;
 pub mod nft;
 pub mod run;
 pub mod state;
+pub mod upgrade;
 
 pub use config::AgentConfig;
 pub use run::{Permanent, Replaced, Restored, RestoredOwn, preflight, restore, run};

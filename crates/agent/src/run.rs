@@ -84,7 +84,7 @@ struct Shared {
 
 /// The HTTP client: trusts the controller by `--ca-cert` and the pinned fingerprint
 /// when given (see `jitgate_proto::tls`), else by the system's roots.
-fn client(
+pub(crate) fn client(
     config: &AgentConfig,
     pin: Option<jitgate_proto::tls::Fingerprint>,
 ) -> anyhow::Result<reqwest::Client> {

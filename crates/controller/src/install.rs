@@ -41,13 +41,7 @@ use crate::error::{ApiError, ApiResult};
 pub const SCRIPT_PATH: &str = "/install.sh";
 
 /// The architecture of this build, as Debian names it.
-pub const ARCH: &str = if cfg!(target_arch = "x86_64") {
-    "amd64"
-} else if cfg!(target_arch = "aarch64") {
-    "arm64"
-} else {
-    "unknown"
-};
+pub const ARCH: &str = jitgate_proto::ARCH;
 
 /// `/download/jitgate-linux-<arch>`.
 pub fn binary_path() -> String {

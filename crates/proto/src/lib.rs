@@ -97,6 +97,16 @@ pub fn older_version(agent: &str, ours: &str) -> Option<bool> {
     Some(parse(agent)? < parse(ours)?)
 }
 
+/// The architecture of this build as Debian names it: the controller serves its own
+/// binary as `/download/jitgate-linux-<ARCH>`.
+pub const ARCH: &str = if cfg!(target_arch = "x86_64") {
+    "amd64"
+} else if cfg!(target_arch = "aarch64") {
+    "arm64"
+} else {
+    "unknown"
+};
+
 /// What a state with this content needs of the agent.
 pub fn requires_for(gateway: Option<&WireGateway>) -> Option<u32> {
     gateway.map(|_| 2)

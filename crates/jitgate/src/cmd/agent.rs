@@ -28,6 +28,24 @@ pub enum AgentCommand {
         #[arg(long, default_value = "nft")]
         nft: PathBuf,
     },
+    /// Replace this machine's jitgate binary with the one the controller serves
+    /// (trusted by the CA fingerprint pinned at enrollment, its SHA-256 checked,
+    /// written beside the old one and renamed over it). Then restart the agent to run
+    /// it (`systemctl restart jitgate-agent`): live grants are kept across restarts.
+    ///
+    /// Example: jitgate agent upgrade
+    Upgrade {
+        /// Where the agent keeps its credential (it names the controller).
+        #[arg(
+            long,
+            env = "JITGATE_STATE_DIR",
+            default_value = "/var/lib/jitgate-agent"
+        )]
+        state_dir: PathBuf,
+        /// The binary to replace [default: this one].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -106,6 +124,27 @@ pub async fn gateway(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
 async fn run(args: AgentArgs, gateway: bool) -> anyhow::Result<ExitCode> {
     init_logging(&args.log_format)?;
+    if let Some(AgentCommand::Upgrade { state_dir, binary }) = &args.cmd {
+        let binary = match binary {
+            Some(b) => b.clone(),
+            None => std::env::current_exe().context("cannot find this binary; give --binary")?,
+        };
+        let u = jitgate_agent::upgrade::upgrade(state_dir, &binary).await?;
+        if u.replaced {
+            println!(
+                "replaced {} with the controller's binary (sha256 {}); restart the agent to run it: systemctl restart jitgate-agent (live grants are kept)",
+                u.path.display(),
+                u.sha256
+            );
+        } else {
+            println!(
+                "{} already is the controller's binary (sha256 {}): nothing to do",
+                u.path.display(),
+                u.sha256
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(AgentCommand::Restore { state_dir, nft }) = args.cmd {
         let plural = |n: usize| if n == 1 { "" } else { "s" };
         return match jitgate_agent::restore(&state_dir, nft)? {

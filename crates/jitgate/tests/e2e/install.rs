@@ -287,3 +287,90 @@ fn the_printed_line_installs_and_enrolls_a_fresh_machine_once_and_refuses_what_i
     assert!(n >= 2, "{:?}", events.body);
     let _: Value = events.body;
 }
+
+/// Issue 17, version skew: `jitgate agent upgrade` replaces the agent's binary with
+/// the controller's (pinned, checksum checked, renamed into place) during a live
+/// grant; the agent restarted on it keeps the grant, which still ends on time. A
+/// second run changes nothing; a binary that does not match the announced checksum
+/// is refused and the old one left in place.
+#[test]
+fn an_agent_upgrades_to_the_controllers_binary_during_a_live_grant() {
+    let scratch = tempfile::tempdir().unwrap();
+    let served = scratch.path().join("jitgate-served");
+    let stripped = std::process::Command::new("objcopy")
+        .args(["--strip-debug", BIN, served.to_str().unwrap()])
+        .status()
+        .expect("objcopy is missing: install binutils (scripts/setup-deps.sh does)");
+    assert!(stripped.success());
+    let mut lab = Lab::builder()
+        .tls(LabTls::Auto)
+        .serve_args(&["--agent-binary", served.to_str().unwrap()])
+        .start();
+    // The agent runs from a binary of its own (the "older" one).
+    let old = scratch.path().join("jitgate");
+    std::fs::copy(BIN, &old).unwrap();
+    lab.kill_agent();
+    lab.agent_bin = old.clone();
+    lab.start_agent();
+    lab.wait_agent_up_to_date();
+    lab.enable_default();
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let ssh = lab.vm.v4_at(SSH);
+    let g = lab.initiate(&a, json!([{"number": SSH, "duration": "PT25S"}]));
+    a.wait_tcp_open(ssh, Duration::from_secs(3));
+
+    let upgrade = |lab: &Lab, binary: &std::path::Path| {
+        run_in_ns(
+            &lab.vm.ns,
+            BIN,
+            &[
+                "agent",
+                "upgrade",
+                "--state-dir",
+                lab.agent_state_dir().to_str().unwrap(),
+                "--binary",
+                binary.to_str().unwrap(),
+            ],
+            &[],
+            Duration::from_secs(60),
+        )
+    };
+    let ran = upgrade(&lab, &old);
+    assert!(ran.success(), "{ran}");
+    assert!(ran.stdout.contains("replaced"), "{ran}");
+    assert_eq!(
+        std::fs::read(&old).unwrap(),
+        std::fs::read(&served).unwrap()
+    );
+    // The agent restarted on the new binary keeps the grant, to a only.
+    lab.kill_agent();
+    lab.start_agent();
+    lab.wait_agent_up_to_date();
+    assert!(a.tcp_open(ssh), "the upgrade dropped the live grant");
+    assert!(!b.tcp_open(ssh));
+    let ran = upgrade(&lab, &old);
+    assert!(
+        ran.success() && ran.stdout.contains("nothing to do"),
+        "{ran}"
+    );
+
+    // A binary that is not what the controller announced: refused, nothing replaced.
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&served)
+            .unwrap();
+        f.write_all(b"tampered").unwrap();
+    }
+    let other = scratch.path().join("other-jitgate");
+    std::fs::write(&other, b"an older binary").unwrap();
+    let ran = upgrade(&lab, &other);
+    assert!(!ran.success(), "{ran}");
+    assert!(ran.stderr.contains("SHA-256"), "{ran}");
+    assert_eq!(std::fs::read(&other).unwrap(), b"an older binary");
+
+    // The grant still ends on time.
+    crate::lab::sleep_until(g.end());
+    a.wait_tcp_closed(ssh, Duration::from_secs(2));
+}

@@ -599,6 +599,8 @@ pub struct Lab {
     /// The subcommand the lab's agent runs: `agent`, or `gateway` (the VM's namespace
     /// is then the gateway of the hosts made by [`Lab::behind`]).
     pub agent_cmd: &'static str,
+    /// The binary the agent runs (default: the binary under test).
+    pub agent_bin: PathBuf,
     /// Namespaces and services made after the start ([`Lab::behind`]).
     extra_ns: Vec<String>,
     extra_services: Vec<Services>,
@@ -705,6 +707,7 @@ impl Lab {
             serve_args: options.serve_args,
             agent_args: Vec::new(),
             agent_cmd: "agent",
+            agent_bin: PathBuf::from(BIN),
             extra_ns: Vec::new(),
             extra_services: Vec::new(),
             ca: match &options.tls {
@@ -808,9 +811,20 @@ impl Lab {
     }
 
     fn spawn_in(&self, ns: &str, args: &[&str], envs: &[(&str, &str)], log: &Path) -> Child {
+        self.spawn_bin_in(BIN, ns, args, envs, log)
+    }
+
+    fn spawn_bin_in(
+        &self,
+        bin: &str,
+        ns: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        log: &Path,
+    ) -> Child {
         let out = File::options().create(true).append(true).open(log).unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, BIN])
+        cmd.args(["netns", "exec", ns, bin])
             .args(args)
             .env("JITGATE_LOG", "info")
             .env("NO_COLOR", "1")
@@ -894,7 +908,9 @@ impl Lab {
         assert!(self.agent.is_none(), "the agent is running");
         let state = self.agent_state_dir();
         let controller = self.base();
-        let child = self.spawn_in(
+        let bin = self.agent_bin.to_str().unwrap().to_owned();
+        let child = self.spawn_bin_in(
+            &bin,
             &self.vm.ns.clone(),
             &[
                 self.agent_cmd,
