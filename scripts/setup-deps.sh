@@ -4,7 +4,8 @@
 # so repeated runs take well under a second. Never reads stdin (safe under CI=true).
 #
 # Packages and why:
-#   build-essential, pkg-config  C toolchain for crates with build scripts (bundled SQLite, ring)
+#   build-essential, pkg-config  C toolchain for crates with build scripts (bundled SQLite, ring);
+#                                its binutils (objcopy) also strips the binaries tests serve
 #   ca-certificates, curl        TLS roots and downloads (rustup, scripts)
 #   nftables, iproute2           the agent's enforcement and the network-namespace test lab
 #   openssh-server/-client       end-to-end tests of `jitgate ssh` against a real sshd
@@ -16,6 +17,7 @@
 #                                (initdb, pg_ctl); no system-wide server is used
 #   nodejs, npm (if no node)     the sign-in tests run a real OpenID Provider
 #                                (testing/oidc-op, from npm with its lockfile)
+#   cargo-deb (with cargo)       the package tests build the Debian package
 #   chromium, chromium-driver    the dashboard's tests click through it in a real,
 #                                headless browser over WebDriver (same source package,
 #                                so their versions always match; nothing downloads one)
@@ -88,6 +90,17 @@ if ! command -v cargo >/dev/null 2>&1; then
     say "  . \"\$HOME/.cargo/env\""
   fi
   exit 1
+fi
+
+# cargo-deb, which builds the Debian package (scripts/build-deb.sh; the tests build one).
+if [ "${1:-}" = "--tests" ]; then
+  cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+  if [ -x "$cargo_bin/cargo-deb" ] || command -v cargo-deb >/dev/null 2>&1; then
+    say "cargo-deb already installed"
+  else
+    say "installing cargo-deb (cargo install --locked cargo-deb --version '^3')"
+    PATH="$cargo_bin:$PATH" cargo install --locked cargo-deb --version '^3' </dev/null >&2
+  fi
 fi
 
 # The test OpenID Provider's packages, exactly as locked.
