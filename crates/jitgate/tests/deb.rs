@@ -19,10 +19,8 @@ fn repo() -> PathBuf {
 
 fn run(cmd: &mut Command) -> Output {
     let what = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
 }
 
 fn ok(cmd: &mut Command) -> String {
