@@ -115,6 +115,10 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/request", get(pages::request_page).post(pages::request))
         .route("/ui/requests/{id}/{action}", post(pages::decide))
         .route("/ui/access", get(pages::access_page).post(pages::access))
+        .route(
+            "/ui/machines",
+            get(pages::machines_page).post(pages::machines),
+        )
 }
 
 /// Whether a path is the dashboard's (the authentication layer lets it through).

@@ -2028,6 +2028,93 @@ pub(crate) async fn remove(
     }
 }
 
+// ---- add machines -------------------------------------------------------------------------
+
+#[derive(Template)]
+#[template(path = "machines.html")]
+struct MachinesPage {
+    l: Layout,
+    rg: String,
+    uses: String,
+    expires: String,
+    error: Option<String>,
+    line: Option<jitgate_proto::api::InstallLine>,
+}
+
+pub(crate) async fn machines_page(s: Session) -> Response {
+    page(
+        &MachinesPage {
+            l: Layout::form(&s, "Add machines"),
+            rg: String::new(),
+            uses: "1".to_owned(),
+            expires: "P1D".to_owned(),
+            error: None,
+            line: None,
+        },
+        StatusCode::OK,
+    )
+}
+
+/// Makes an install line: an enrollment token for the resource group with its
+/// one-time code, through the API as the person (who needs VM-write rights there).
+pub(crate) async fn machines(
+    axum::extract::State(state): St,
+    headers: axum::http::HeaderMap,
+    Posted { s, f }: Posted,
+) -> Response {
+    let rg = f.one("resourceGroup").unwrap_or("").trim().to_owned();
+    let uses = f.one("uses").unwrap_or("1").trim().to_owned();
+    let expires = f.one("expiresIn").unwrap_or("P1D").to_owned();
+    let mut shown = MachinesPage {
+        l: Layout::form(&s, "Add machines"),
+        rg: rg.clone(),
+        uses: uses.clone(),
+        expires: expires.clone(),
+        error: None,
+        line: None,
+    };
+    let n: Option<i64> = uses.parse().ok();
+    let result = match n {
+        None => Err(Failed {
+            status: StatusCode::BAD_REQUEST,
+            info: None,
+            message: format!("uses: '{uses}' is not a number of machines"),
+        }),
+        Some(n) => {
+            // The line names this controller as the browser reached it.
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            let scope = format!(
+                "/subscriptions/{}/resourceGroups/{rg}",
+                state.default_subscription()
+            );
+            let body = json!({"scope": scope, "uses": n, "expiresIn": expires, "install": true, "description": "Add machines (dashboard)"});
+            api::<jitgate_proto::api::CreatedEnrollToken>(
+                &state,
+                &s,
+                Method::POST,
+                &format!("http://{host}/api/v1/enrollTokens"),
+                Some(body),
+            )
+            .await
+        }
+    };
+    match result {
+        Ok(t) => {
+            shown.line = t.install;
+            page(&shown, StatusCode::OK)
+        }
+        Err(e) => {
+            shown.error = Some(e.text());
+            let mut resp = page(&shown, e.status);
+            attach(&mut resp, &s, e.info);
+            resp
+        }
+    }
+}
+
 // ---- request access ---------------------------------------------------------------------
 
 pub(crate) struct RequestVmRow {

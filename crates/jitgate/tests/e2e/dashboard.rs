@@ -400,6 +400,37 @@ fn the_dashboard_in_a_real_browser() {
         wait_element(&c, "#assignments").await;
         assert!(text(&c, "#assignments").await.contains("dave"));
         shot(&c, "09-access").await;
+        // Add machines (issue 17): the install line for a resource group, never the
+        // token; bad input shown on the form, naming the field.
+        c.goto(&format!("{base}/ui/machines")).await.unwrap();
+        fill(&c, "#machines-rg", "no such group!").await;
+        click(&c, "#machines-submit").await;
+        wait_element(&c, "#form-error").await;
+        assert!(text(&c, "#form-error").await.contains("scope"));
+        assert!(c.find(Locator::Css("#install-line")).await.is_err());
+        fill(&c, "#machines-rg", RG).await;
+        fill(&c, "#machines-uses", "3").await;
+        click(&c, "#machines-submit").await;
+        wait_element(&c, "#install-line").await;
+        let line = text(&c, "#install-line").await;
+        assert!(
+            line.starts_with("curl -fsS ")
+                && line.contains(&format!("{base}/install.sh?code="))
+                && line.ends_with("| sudo sh")
+                && !line.contains("je_"),
+            "{line}"
+        );
+        shot(&c, "09b-add-machines").await;
+        let tokens = lab.admin("GET", "/api/v1/enrollTokens", None);
+        assert!(
+            tokens.body["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| { t["description"] == "Add machines (dashboard)" && t["usesLeft"] == 3 }),
+            "{:?}",
+            tokens.body
+        );
         // An approval rule on the resource group, and an approver.
         let scope = format!("/subscriptions/{}/resourceGroups/{RG}", lab.sub);
         let r = lab.admin(
