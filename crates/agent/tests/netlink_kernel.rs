@@ -579,38 +579,18 @@ fn the_gateway_tables_elements_read_back_as_planned_and_changes_are_named() {
 
     // Someone plants a permanent forward element, deletes a DNAT map element, and
     // re-adds a routed grant with a longer life.
-    ns.nft(&[
-        "add",
-        "element",
-        "inet",
-        "jitgate_gw",
-        "fwd4",
-        "{ 203.0.113.66 . 192.0.2.5 . tcp . 22 }",
-    ]);
-    ns.nft(&[
-        "delete",
-        "element",
-        "inet",
-        "jitgate_gw",
-        "dnat4",
-        "{ 203.0.113.0/24 . tcp . 50001 }",
-    ]);
-    ns.nft(&[
-        "delete",
-        "element",
-        "inet",
-        "jitgate_gw",
-        "fwd4",
-        "{ 10.0.0.0/8 . 192.0.2.5 . tcp . 22 }",
-    ]);
-    ns.nft(&[
-        "add",
-        "element",
-        "inet",
-        "jitgate_gw",
-        "fwd4",
-        "{ 10.0.0.0/8 . 192.0.2.5 . tcp . 22 timeout 2h }",
-    ]);
+    for (verb, set, element) in [
+        ("add", "fwd4", "{ 203.0.113.66 . 192.0.2.5 . tcp . 22 }"),
+        ("delete", "dnat4", "{ 203.0.113.0/24 . tcp . 50001 }"),
+        ("delete", "fwd4", "{ 10.0.0.0/8 . 192.0.2.5 . tcp . 22 }"),
+        (
+            "add",
+            "fwd4",
+            "{ 10.0.0.0/8 . 192.0.2.5 . tcp . 22 timeout 2h }",
+        ),
+    ] {
+        ns.nft(&[verb, "element", "inet", "jitgate_gw", set, element]);
+    }
     let changes = compare_gateway_elements(&planned, &read(), Timestamp::now());
     let has = |addr: &str, text: &str| {
         changes

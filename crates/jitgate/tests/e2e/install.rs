@@ -143,25 +143,31 @@ fn snapshot(root: &Path) -> Vec<(String, u32, String)> {
     out
 }
 
+/// A lab whose TLS controller serves a copy of the binary under test (so a test can
+/// tamper with it), without its debugging sections (a fifth of the size, the same
+/// program); the copy's path.
+fn serving_a_copy(scratch: &Path) -> (Lab, PathBuf) {
+    let served = scratch.join("jitgate-served");
+    let stripped = std::process::Command::new("objcopy")
+        .args(["--strip-debug", BIN, served.to_str().unwrap()])
+        .status()
+        .expect("objcopy is missing: install binutils (scripts/setup-deps.sh does)");
+    assert!(stripped.success());
+    let lab = Lab::builder()
+        .tls(LabTls::Auto)
+        .serve_args(&["--agent-binary", served.to_str().unwrap()])
+        .start();
+    (lab, served)
+}
+
 fn is_empty(dir: &Path) -> bool {
     snapshot(dir).iter().all(|(p, _, _)| p == "etc/os-release")
 }
 
 #[test]
 fn the_printed_line_installs_and_enrolls_a_fresh_machine_once_and_refuses_what_it_cannot_trust() {
-    // The controller serves a copy of the binary, so the test can tamper with it;
-    // without its debugging sections (a fifth of the size, the same program).
     let scratch = tempfile::tempdir().unwrap();
-    let served = scratch.path().join("jitgate-served");
-    let stripped = std::process::Command::new("objcopy")
-        .args(["--strip-debug", BIN, served.to_str().unwrap()])
-        .status()
-        .expect("objcopy is missing: install binutils (scripts/setup-deps.sh does)");
-    assert!(stripped.success());
-    let mut lab = Lab::builder()
-        .tls(LabTls::Auto)
-        .serve_args(&["--agent-binary", served.to_str().unwrap()])
-        .start();
+    let (mut lab, served) = serving_a_copy(scratch.path());
     lab.kill_agent();
     let path = minimal_path(scratch.path());
 
@@ -296,16 +302,7 @@ fn the_printed_line_installs_and_enrolls_a_fresh_machine_once_and_refuses_what_i
 #[test]
 fn an_agent_upgrades_to_the_controllers_binary_during_a_live_grant() {
     let scratch = tempfile::tempdir().unwrap();
-    let served = scratch.path().join("jitgate-served");
-    let stripped = std::process::Command::new("objcopy")
-        .args(["--strip-debug", BIN, served.to_str().unwrap()])
-        .status()
-        .expect("objcopy is missing: install binutils (scripts/setup-deps.sh does)");
-    assert!(stripped.success());
-    let mut lab = Lab::builder()
-        .tls(LabTls::Auto)
-        .serve_args(&["--agent-binary", served.to_str().unwrap()])
-        .start();
+    let (mut lab, served) = serving_a_copy(scratch.path());
     // The agent runs from a binary of its own (the "older" one).
     let old = scratch.path().join("jitgate");
     std::fs::copy(BIN, &old).unwrap();
