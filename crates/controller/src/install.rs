@@ -22,7 +22,10 @@
 //! binary over the same pinned connection and checks it against the SHA-256 the
 //! controller computed of it before installing anything.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
@@ -62,6 +65,40 @@ pub fn is_public(path: &str) -> bool {
 pub struct AgentBinary {
     path: PathBuf,
     sha256: tokio::sync::OnceCell<String>,
+    downloads: Arc<Mutex<Downloads>>,
+}
+
+/// At most this many downloads of the binary at once from one address...
+pub const DOWNLOADS_PER_SOURCE: usize = 2;
+/// ...and in all (anyone may download it: this bounds what a flood costs). The
+/// install script retries a refused download.
+pub const DOWNLOADS_IN_ALL: usize = 32;
+
+/// The downloads under way, per source address.
+#[derive(Default)]
+struct Downloads {
+    per_source: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// One download under way; its place is given back when the body ends or the client
+/// goes away.
+struct Slot {
+    ip: IpAddr,
+    downloads: Arc<Mutex<Downloads>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut d = self.downloads.lock().unwrap_or_else(|p| p.into_inner());
+        d.total = d.total.saturating_sub(1);
+        if let Some(n) = d.per_source.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                d.per_source.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl AgentBinary {
@@ -69,7 +106,23 @@ impl AgentBinary {
         AgentBinary {
             path,
             sha256: tokio::sync::OnceCell::new(),
+            downloads: Arc::default(),
         }
+    }
+
+    /// A place for a download from `ip`, unless the limits are reached.
+    fn slot(&self, ip: IpAddr) -> Option<Slot> {
+        let mut d = self.downloads.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = d.per_source.get(&ip).copied().unwrap_or(0);
+        if mine >= DOWNLOADS_PER_SOURCE || d.total >= DOWNLOADS_IN_ALL {
+            return None;
+        }
+        d.per_source.insert(ip, mine + 1);
+        d.total += 1;
+        Some(Slot {
+            ip,
+            downloads: self.downloads.clone(),
+        })
     }
 
     async fn sha256(&self) -> ApiResult<String> {
@@ -331,27 +384,44 @@ pub async fn checksum(State(state): State<AppState>) -> ApiResult<Response> {
         .into_response())
 }
 
-/// `GET /download/jitgate-linux-<arch>`: the binary, streamed from disk.
-pub async fn download(State(state): State<AppState>) -> ApiResult<Response> {
+/// `GET /download/jitgate-linux-<arch>`: the binary, streamed from disk; 429 past
+/// [`DOWNLOADS_PER_SOURCE`] or [`DOWNLOADS_IN_ALL`] downloads under way.
+pub async fn download(
+    State(state): State<AppState>,
+    CallerIp(ip): CallerIp,
+) -> ApiResult<Response> {
     use tokio::io::AsyncReadExt as _;
     let binary = state
         .agent_binary
         .as_ref()
         .ok_or_else(|| ApiError::not_found("this controller serves no agent binary"))?;
+    let Some(slot) = binary.slot(ip) else {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            "too many downloads of the agent at once; try again shortly",
+        );
+        e.retry_after = Some(2);
+        return Err(e);
+    };
     let file = tokio::fs::File::open(&binary.path)
         .await
         .map_err(ApiError::internal)?;
     let len = file.metadata().await.map_err(ApiError::internal)?.len();
-    let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+    // The slot lives as long as the body (dropped with it, read to the end or not).
+    let chunks = futures_util::stream::unfold((Some(file), slot), |(file, slot)| async move {
         let mut file = file?;
         let mut buf = vec![0u8; 256 * 1024];
         match file.read(&mut buf).await {
             Ok(0) => None,
             Ok(n) => {
                 buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), Some(file)))
+                Some((
+                    Ok::<_, std::io::Error>(bytes::Bytes::from(buf)),
+                    (Some(file), slot),
+                ))
             }
-            Err(e) => Some((Err(e), None)),
+            Err(e) => Some((Err(e), (None, slot))),
         }
     });
     Ok((

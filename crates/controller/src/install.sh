@@ -58,7 +58,8 @@ fetch() {
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-fetch -o "$work/jitgate" "$BINARY_URL" || fail "cannot download the agent from $BINARY_URL"
+# Retried: the controller limits the downloads under way (429) and may be restarting.
+fetch --retry 10 --retry-delay 3 -o "$work/jitgate" "$BINARY_URL" || fail "cannot download the agent from $BINARY_URL"
 got="$(sha256sum "$work/jitgate" | cut -d' ' -f1)"
 [ "$got" = "$SHA256" ] || fail "the downloaded agent's SHA-256 is $got, not $SHA256 as the controller announced: nothing was installed"
 chmod 0755 "$work/jitgate"

@@ -392,3 +392,43 @@ async fn an_agent_older_than_the_controller_is_shown_outdated() {
         assert_eq!(v.body["agent"]["outdated"], want, "{version}: {:?}", v.body);
     }
 }
+
+/// Issue 17: anyone may download the agent, so downloads under way are bounded per
+/// source address (429 with Retry-After past the limit), and a place is given back
+/// when a download ends or its client goes away.
+#[tokio::test]
+async fn downloads_of_the_agent_are_bounded_per_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("agent-binary");
+    // Large enough that an unread download stays under way (socket buffers full).
+    std::fs::write(&binary, vec![7u8; 64 << 20]).unwrap();
+    let served = binary.clone();
+    let ctl = crate::util::Ctl::start_with(tempfile::tempdir().unwrap(), move |c| {
+        c.agent_binary = Some(served)
+    })
+    .await;
+    let url = format!("{}{}", ctl.base, jitgate_controller::install::binary_path());
+    let fresh = || reqwest::Client::builder().build().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..jitgate_controller::install::DOWNLOADS_PER_SOURCE {
+        let r = fresh().get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        open.push(r);
+    }
+    let r = fresh().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "2");
+    // One client goes away: its place comes back.
+    drop(open.pop());
+    let mut got = None;
+    for _ in 0..100 {
+        let r = fresh().get(&url).send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            got = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = got.expect("the place of a download that went away never came back");
+    assert_eq!(r.bytes().await.unwrap().len(), 64 << 20);
+}
