@@ -127,7 +127,7 @@ fn source_range(s: &str) -> (u128, u128, bool) {
 }
 
 /// Parses nft's text durations such as `1m58s776ms` or `2h`.
-fn nft_ms(s: &str) -> u64 {
+pub(crate) fn nft_ms(s: &str) -> u64 {
     let mut total = 0u64;
     let mut num = String::new();
     let mut chars = s.chars().peekable();
