@@ -724,14 +724,17 @@ impl Gateway {
         let now = Timestamp::now();
         let saved = {
             let mut cache = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
-            let names: std::collections::BTreeSet<String> =
-                states.iter().map(|d| d.vm.to_string()).collect();
-            cache.retain(|vm, _| names.contains(vm));
+            let named: Vec<(String, &Arc<Desired>)> =
+                states.iter().map(|d| (d.vm.to_string(), d)).collect();
+            let names: std::collections::BTreeSet<&str> =
+                named.iter().map(|(vm, _)| vm.as_str()).collect();
+            cache.retain(|vm, _| names.contains(vm.as_str()));
             let mut out = vec![b'['];
             let mut failed = None;
-            for (i, d) in states.iter().enumerate() {
-                let vm = d.vm.to_string();
-                let fresh = cache.get(&vm).is_some_and(|(rev, _)| *rev == d.revision);
+            for (i, (vm, d)) in named.iter().enumerate() {
+                let fresh = cache
+                    .get(vm.as_str())
+                    .is_some_and(|(rev, _)| *rev == d.revision);
                 if !fresh {
                     let wire =
                         jitgate_proto::encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now);
@@ -748,7 +751,7 @@ impl Gateway {
                 if i > 0 {
                     out.push(b',');
                 }
-                if let Some((_, b)) = cache.get(&vm) {
+                if let Some((_, b)) = cache.get(vm.as_str()) {
                     out.extend_from_slice(b);
                 }
             }

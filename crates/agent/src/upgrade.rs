@@ -51,11 +51,7 @@ pub async fn upgrade(state_dir: &Path, binary: &Path) -> anyhow::Result<Upgraded
         .map_err(|e| anyhow::anyhow!("the saved CA fingerprint: {e}"))?;
     let config = AgentConfig::new(&creds.controller, "-", "-", state_dir.to_path_buf());
     let http = crate::run::client(&config, pin)?;
-    let url = format!(
-        "{}/download/jitgate-linux-{}",
-        creds.controller,
-        jitgate_proto::ARCH
-    );
+    let url = format!("{}{}", creds.controller, jitgate_proto::binary_path());
     let get = |u: String| {
         let http = http.clone();
         async move {

@@ -46,10 +46,7 @@ pub const SCRIPT_PATH: &str = "/install.sh";
 /// The architecture of this build, as Debian names it.
 pub const ARCH: &str = jitgate_proto::ARCH;
 
-/// `/download/jitgate-linux-<arch>`.
-pub fn binary_path() -> String {
-    format!("/download/jitgate-linux-{ARCH}")
-}
+pub use jitgate_proto::binary_path;
 
 /// Paths anyone may fetch: the script and the binary with its checksum.
 pub fn is_public(path: &str) -> bool {

@@ -496,6 +496,14 @@ fn source(
     }
 }
 
+/// An element's timeout and the milliseconds it has left.
+fn lifetimes(a: &Attrs<'_>) -> (Option<u64>, Option<u64>) {
+    (
+        find(a, NFTA_SET_ELEM_TIMEOUT).and_then(be_u64),
+        find(a, NFTA_SET_ELEM_EXPIRATION).and_then(be_u64),
+    )
+}
+
 /// The elements in one answer to [`dump_set`].
 pub fn dumped_elements(m: &Message<'_>) -> Result<Vec<Held>, Malformed> {
     let mut out = Vec::new();
@@ -503,12 +511,13 @@ pub fn dumped_elements(m: &Message<'_>) -> Result<Vec<Held>, Malformed> {
         let key = find(&a, NFTA_SET_ELEM_KEY).ok_or(Malformed("element without a key"))?;
         let (first, proto, port) = parse_key(nested_value(key)?)?;
         let net = source(first, &a, |b| parse_key(b).map(|k| k.0))?;
+        let (timeout_ms, expires_ms) = lifetimes(&a);
         out.push(Held {
             net,
             proto,
             port,
-            timeout_ms: find(&a, NFTA_SET_ELEM_TIMEOUT).and_then(be_u64),
-            expires_ms: find(&a, NFTA_SET_ELEM_EXPIRATION).and_then(be_u64),
+            timeout_ms,
+            expires_ms,
         });
     }
     Ok(out)
@@ -597,14 +606,15 @@ pub fn dumped_gw_elements(m: &Message<'_>, map: bool) -> Result<Vec<GwHeld>, Mal
         } else {
             source(first, &a, |b| parse_gw_key(b).map(|k| k.0))?
         };
+        let (timeout_ms, expires_ms) = lifetimes(&a);
         out.push(GwHeld {
             net,
             proto,
             port,
             address,
             to_port,
-            timeout_ms: find(&a, NFTA_SET_ELEM_TIMEOUT).and_then(be_u64),
-            expires_ms: find(&a, NFTA_SET_ELEM_EXPIRATION).and_then(be_u64),
+            timeout_ms,
+            expires_ms,
         });
     }
     Ok(out)

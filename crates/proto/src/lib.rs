@@ -107,6 +107,12 @@ pub const ARCH: &str = if cfg!(target_arch = "x86_64") {
     "unknown"
 };
 
+/// Where a controller serves its binary for this architecture (the checksum at the
+/// same path with `.sha256`).
+pub fn binary_path() -> String {
+    format!("/download/jitgate-linux-{ARCH}")
+}
+
 /// What a state with this content needs of the agent.
 pub fn requires_for(gateway: Option<&WireGateway>) -> Option<u32> {
     gateway.map(|_| 2)
