@@ -808,9 +808,18 @@ pub async fn initiate(
         ));
     }
     let now = state.clock.now();
+    let input: InitiateInput = body.into();
+    // The machines asked for, for their mapped ports: read beside the write, not
+    // after it (a placement is the same before and after an initiate).
+    let asked: Vec<VmId> = input
+        .virtual_machines
+        .iter()
+        .flatten()
+        .filter_map(|v| VmId::parse(v.id.as_deref()?).ok())
+        .collect();
     let args = InitiateArgs {
         policy: key.clone(),
-        input: body.into(),
+        input,
         id: RequestId::new(uuid::Uuid::new_v4()),
         requestor: principal.name.clone(),
         caller_ip: ip,
@@ -819,26 +828,28 @@ pub async fn initiate(
         break_glass: break_glass.then_some(state.break_glass_max),
     };
     let audit = principal.audit_ctx(ip, now);
-    let request = state
-        .store
-        .initiate(args, audit)
-        .await
-        .map_err(|e| match e {
-            OpError::Refused(InitiateRefusal::PolicyNotFound) => policy_not_found(&key),
-            OpError::Refused(InitiateRefusal::Invalid(f)) => ApiError::field(f),
-            OpError::Refused(InitiateRefusal::Forbidden { field, vm }) => ApiError::forbidden(
-                &principal.name,
-                if break_glass {
-                    Action::BreakGlass.as_str()
-                } else {
-                    Action::Initiate.as_str()
-                },
-                &vm.to_string(),
-            )
-            .with_target(field),
-            OpError::Store(s) => s.into(),
-        })?;
-    state.vm_changes.touch(request.vms.iter().map(|v| &v.id));
+    let (request, places) = tokio::join!(
+        state.store.initiate(args, audit),
+        dnat_places(&state, asked.iter())
+    );
+    let request = request.map_err(|e| match e {
+        OpError::Refused(InitiateRefusal::PolicyNotFound) => policy_not_found(&key),
+        OpError::Refused(InitiateRefusal::Invalid(f)) => ApiError::field(f),
+        OpError::Refused(InitiateRefusal::Forbidden { field, vm }) => ApiError::forbidden(
+            &principal.name,
+            if break_glass {
+                Action::BreakGlass.as_str()
+            } else {
+                Action::Initiate.as_str()
+            },
+            &vm.to_string(),
+        )
+        .with_target(field),
+        OpError::Store(s) => s.into(),
+    })?;
+    state
+        .vm_changes
+        .touch_grants(request.vms.iter().map(|v| &v.id));
     // The expiry task wakes for the first grant's end, or the end of a wait for
     // approval (a pending port's own end counts only once it is approved).
     if let Some(first_end) = request
@@ -855,7 +866,7 @@ pub async fn initiate(
     {
         state.initiated(first_end);
     }
-    let places = dnat_places(&state, request.vms.iter().map(|v| &v.id)).await?;
+    let places = places?;
     let mut resp = (StatusCode::ACCEPTED, Json(request_out(&request, &places))).into_response();
     if let Ok(v) = HeaderValue::from_str(&request.id.to_string()) {
         resp.headers_mut().insert("x-jitgate-request-id", v);

@@ -48,6 +48,10 @@ struct States {
 struct StateEntry {
     /// The stamp of the last touch.
     touched: u64,
+    /// The stamp of the last touch that may have changed more than grants (rules,
+    /// policy, placement): a state built later may reuse the head of one whose head
+    /// was read after this.
+    head_touched: u64,
     /// The state now, unless touched since.
     current: Option<Arc<Built>>,
     /// The state before it: an agent that has it gets a delta.
@@ -55,9 +59,13 @@ struct StateEntry {
 }
 
 impl StateEntry {
-    /// A change at `stamp`: the current state becomes the one before.
-    fn touch(&mut self, stamp: u64) {
+    /// A change at `stamp`: the current state becomes the one before. `head`: it may
+    /// have changed more than the VM's grants.
+    fn touch(&mut self, stamp: u64, head: bool) {
         self.touched = stamp;
+        if head {
+            self.head_touched = stamp;
+        }
         if let Some(cur) = self.current.take() {
             self.previous = Some(cur);
         }
@@ -77,6 +85,8 @@ pub struct Built {
     /// The store's grant changes it includes ([`jitgate_store::GrantChanges::upto`]):
     /// the next state reads only those after.
     pub upto: u64,
+    /// The stamp of the read its rules and placement come from ([`VmChanges::begin`]).
+    head_stamp: u64,
 }
 
 impl Built {
@@ -91,6 +101,24 @@ impl Built {
         upto: u64,
         now: Timestamp,
     ) -> Self {
+        let rules = jitgate_proto::rules_to_wire(rules);
+        let gateway = gateway.map(jitgate_proto::WireGateway::from_placement);
+        Self::from_wire(vm, rules, gateway, grants, base, upto, now, 0)
+    }
+
+    /// [`Built::new`] with the rules and placement in their wire form, read at
+    /// `head_stamp`.
+    #[allow(clippy::too_many_arguments)]
+    fn from_wire(
+        vm: &VmId,
+        rules: Vec<jitgate_proto::WireRule>,
+        gateway: Option<jitgate_proto::WireGateway>,
+        grants: Vec<GrantRef>,
+        base: Option<&Built>,
+        upto: u64,
+        now: Timestamp,
+        head_stamp: u64,
+    ) -> Self {
         let mut lines: Vec<Arc<[u8]>> = Vec::with_capacity(grants.len());
         let (old, old_lines) = base.map_or((&[][..], &[][..]), |b| (&b.grants[..], &b.lines[..]));
         let mut i = 0;
@@ -104,8 +132,6 @@ impl Built {
             }
         }
         let vm_text = vm.to_string();
-        let rules = jitgate_proto::rules_to_wire(rules);
-        let gateway = gateway.map(jitgate_proto::WireGateway::from_placement);
         let revision = jitgate_proto::revision_of_lines(&vm_text, gateway.as_ref(), &rules, &lines);
         Built {
             head: DesiredState {
@@ -123,6 +149,7 @@ impl Built {
             grants,
             lines,
             upto,
+            head_stamp,
         }
     }
 
@@ -158,7 +185,19 @@ impl VmChanges {
         }
     }
 
+    /// Something about these VMs changed (their rules, policy or placement, perhaps).
     pub fn touch<'a>(&self, vms: impl IntoIterator<Item = &'a VmId>) {
+        self.touch_with(vms, true);
+    }
+
+    /// Only the grants of these VMs changed (initiated, approved, revoked, ended): the
+    /// next state is built from the grant changes alone, with the rules and placement
+    /// of the state before.
+    pub fn touch_grants<'a>(&self, vms: impl IntoIterator<Item = &'a VmId>) {
+        self.touch_with(vms, false);
+    }
+
+    fn touch_with<'a>(&self, vms: impl IntoIterator<Item = &'a VmId>, head: bool) {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         for vm in vms {
@@ -166,7 +205,7 @@ impl VmChanges {
             states.stamp += 1;
             let stamp = states.stamp;
             if let Some(e) = states.entries.get_mut(&key) {
-                e.touch(stamp);
+                e.touch(stamp, head);
             }
             if let Some(tx) = map.get(&key) {
                 tx.send_modify(|r| *r += 1);
@@ -181,7 +220,7 @@ impl VmChanges {
         states.stamp += 1;
         let stamp = states.stamp;
         for e in states.entries.values_mut() {
-            e.touch(stamp);
+            e.touch(stamp, true);
         }
         for tx in map.values() {
             tx.send_modify(|r| *r += 1);
@@ -216,6 +255,16 @@ impl VmChanges {
         e.current.clone().or_else(|| e.previous.clone())
     }
 
+    /// Whether nothing but grants changed for the VM since the read stamped `since`.
+    fn head_unchanged_since(&self, vm: &VmId, since: u64) -> bool {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        since >= states.floor
+            && states
+                .entries
+                .get(&vm.key())
+                .is_some_and(|e| e.head_touched <= since)
+    }
+
     /// Stamps a read of the VM's state that begins now.
     pub fn begin(&self, vm: &VmId) -> u64 {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
@@ -232,6 +281,7 @@ impl VmChanges {
                 vm.key(),
                 StateEntry {
                     touched: stamp,
+                    head_touched: stamp,
                     ..StateEntry::default()
                 },
             );
@@ -350,17 +400,34 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
         &changes.rows,
         now,
     );
-    // The agent gets grants, not allow rules.
-    let view = view_with(state, vm, &[]).await?;
-    let placement = state.store.placement(vm).await?;
-    let built = Arc::new(Built::new(
+    // Only grants changed since the base was read: its rules and placement stand.
+    let (rules, gateway, head_stamp) = match base
+        .as_ref()
+        .filter(|b| state.vm_changes.head_unchanged_since(vm, b.head_stamp))
+    {
+        Some(b) => (b.head.rules.clone(), b.head.gateway.clone(), b.head_stamp),
+        None => {
+            // The agent gets grants, not allow rules.
+            let view = view_with(state, vm, &[]).await?;
+            let placement = state.store.placement(vm).await?;
+            (
+                jitgate_proto::rules_to_wire(&view),
+                placement
+                    .as_ref()
+                    .map(|p| jitgate_proto::WireGateway::from_placement(&p.place)),
+                stamp,
+            )
+        }
+    };
+    let built = Arc::new(Built::from_wire(
         vm,
-        placement.as_ref().map(|p| &p.place),
-        &view,
+        rules,
+        gateway,
         grants,
         base.as_deref(),
         changes.upto,
         now,
+        head_stamp,
     ));
     state.vm_changes.keep(vm, stamp, built.clone());
     Ok(built)
@@ -436,6 +503,7 @@ mod tests {
             lines: Vec::new(),
             next_end: end,
             upto: 0,
+            head_stamp: 0,
         })
     }
 
@@ -540,6 +608,32 @@ mod tests {
         changes.touch_all();
         changes.keep(&a, stamp, built("r3", None));
         assert!(changes.current(&a, before).is_none());
+    }
+
+    /// A state's rules and placement are reused only while nothing but grants changed
+    /// since they were read: a grant-only touch keeps them, any other touch (or
+    /// dropping every kept state) does not.
+    #[test]
+    fn only_grant_changes_keep_the_rules_read_before() {
+        let changes = VmChanges::default();
+        let (a, b) = (vm("a"), vm("b"));
+        let read = changes.begin(&a);
+        assert!(changes.head_unchanged_since(&a, read));
+        changes.touch_grants([&a]);
+        assert!(changes.head_unchanged_since(&a, read), "grants only");
+        changes.touch([&b]);
+        assert!(changes.head_unchanged_since(&a, read), "another VM");
+        changes.touch([&a]);
+        assert!(
+            !changes.head_unchanged_since(&a, read),
+            "a's policy or rules"
+        );
+        let again = changes.begin(&a);
+        assert!(changes.head_unchanged_since(&a, again));
+        changes.touch_all();
+        assert!(!changes.head_unchanged_since(&a, again), "everything");
+        // A VM whose entry is unknown (never read, or dropped) has no head to reuse.
+        assert!(!changes.head_unchanged_since(&vm("c"), changes.begin(&b)));
     }
 
     /// Issue 10: channels of VMs nobody watches any more are removed (the map grew by

@@ -28,7 +28,7 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
             Ok(expired) if !expired.is_empty() => {
                 tracing::info!(count = expired.len(), "grants expired");
                 state.metrics.expired.inc_by(expired.len() as u64);
-                state.vm_changes.touch(expired.iter().map(|p| &p.vm));
+                state.vm_changes.touch_grants(expired.iter().map(|p| &p.vm));
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "expiry pass failed"),

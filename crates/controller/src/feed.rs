@@ -105,6 +105,8 @@ fn apply(state: &AppState, e: &AuditRecord) {
         state.expiry_wake.notify_one();
     }
     match VmId::parse(&e.entry.target) {
+        // A request's actions change only grants.
+        Ok(vm) if family == "request" => state.vm_changes.touch_grants([&vm]),
         Ok(vm) => state.vm_changes.touch([&vm]),
         Err(_) if matches!(family, "policy" | "exclusion" | "recommendations") => {
             state.vm_changes.touch_all();

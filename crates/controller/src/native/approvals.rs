@@ -230,7 +230,7 @@ async fn decide(
         })?;
     let r = &decided.request;
     if decided.outcome == Outcome::Approved {
-        state.vm_changes.touch(r.vms.iter().map(|v| &v.id));
+        state.vm_changes.touch_grants(r.vms.iter().map(|v| &v.id));
         if let Some(first_end) = r
             .vms
             .iter()

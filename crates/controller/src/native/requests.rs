@@ -350,7 +350,7 @@ pub async fn revoke_request(
             OpError::Store(s) => s.into(),
         })?;
     state.changed(revoked.len());
-    state.vm_changes.touch(revoked.iter().map(|p| &p.vm));
+    state.vm_changes.touch_grants(revoked.iter().map(|p| &p.vm));
     let after = state
         .store
         .get_request(id)
