@@ -623,7 +623,11 @@ impl Gateway {
         let mut backoff = Duration::from_millis(200);
         loop {
             let wait = self.poll_wait.as_secs().to_string();
-            let mut q = vec![("vm", vm.as_str()), ("wait", wait.as_str())];
+            let mut q = vec![
+                ("vm", vm.as_str()),
+                ("wait", wait.as_str()),
+                ("protocol", jitgate_proto::AGENT_PROTOCOL_PARAM),
+            ];
             if let Some(k) = &known {
                 q.push(("known", k.as_str()));
             }
@@ -736,8 +740,11 @@ impl Gateway {
                     .get(vm.as_str())
                     .is_some_and(|(rev, _)| *rev == d.revision);
                 if !fresh {
-                    let wire =
-                        jitgate_proto::encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now);
+                    // With the revision the controller sent (of either scheme).
+                    let wire = DesiredState {
+                        revision: d.revision.clone(),
+                        ..jitgate_proto::encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now)
+                    };
                     match serde_json::to_vec(&wire) {
                         Ok(b) => {
                             cache.insert(vm.clone(), (d.revision.clone(), b));

@@ -617,17 +617,23 @@ impl Shared {
         let Some(last) = self.progress.lock().ok().and_then(|p| p.last.clone()) else {
             return true;
         };
-        let whole = jitgate_proto::encode(
-            &last.vm,
-            last.gateway.as_ref(),
-            &last.rules,
-            &last.grants,
-            Timestamp::now(),
-        );
-        if whole.revision != last.revision {
-            tracing::error!(sent = %last.revision, content = %whole.revision, "the state built from a delta does not hash to the revision the controller sent; asking for the whole state");
+        let now = Timestamp::now();
+        if !jitgate_proto::revision_matches(&last, now) {
+            tracing::error!(sent = %last.revision, "the state built from a delta does not hash to the revision the controller sent; asking for the whole state");
             return false;
         }
+        // Saved with the revision the controller sent (of either scheme), which the
+        // agent asks with after a restart.
+        let whole = DesiredState {
+            revision: last.revision.clone(),
+            ..jitgate_proto::encode(
+                &last.vm,
+                last.gateway.as_ref(),
+                &last.rules,
+                &last.grants,
+                now,
+            )
+        };
         if let Err(e) = state.save_applied(&whole) {
             let e = format!(
                 "cannot persist the applied state (a reboot would restore an older one): {e:#}"
@@ -646,6 +652,7 @@ impl Shared {
             ("vm", self.creds.vm_id.as_str()),
             ("wait", wait.as_str()),
             ("delta", "1"),
+            ("protocol", jitgate_proto::AGENT_PROTOCOL_PARAM),
         ];
         if let Some(k) = known {
             q.push(("known", k));

@@ -272,6 +272,7 @@ fn desired(rules: &[NsgRule], grants: &[GrantRef]) -> Desired {
         rules: rules.to_vec(),
         grants: grants.to_vec(),
         gateway: None,
+        digest: jitgate_proto::GrantDigest::of(grants),
     }
 }
 

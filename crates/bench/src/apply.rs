@@ -81,6 +81,8 @@ fn inner_run(elements: usize) -> anyhow::Result<()> {
         rules: rules.to_vec(),
         grants: grants.to_vec(),
         gateway: None,
+        // The enforcer never reads the digest (the agent checks revisions, not it).
+        digest: Default::default(),
     };
     let mut enforcer = Enforcer::new(Nft::new("nft".into()));
     if enforcer.netlink_port().is_none() {

@@ -130,7 +130,7 @@ pub fn credential_revoked() -> ApiError {
 }
 
 #[utoipa::path(get, path = "/api/v1/agent/desired", tag = "agents",
-    params(("vm" = String, Query, description = "The agent's VM (resource id)"), ("known" = Option<String>, Query, description = "The revision the agent has"), ("wait" = Option<u64>, Query, maximum = 60, description = "Seconds (0-60) to hold the call open until the state differs from `known`"), ("delta" = Option<bool>, Query, description = "1: when the controller still has the state `known` names, answer with what changed since (`base`, `grants` added, `removed`) instead of the whole state")),
+    params(("vm" = String, Query, description = "The agent's VM (resource id)"), ("known" = Option<String>, Query, description = "The revision the agent has"), ("wait" = Option<u64>, Query, maximum = 60, description = "Seconds (0-60) to hold the call open until the state differs from `known`"), ("delta" = Option<bool>, Query, description = "1: when the controller still has the state `known` names, answer with what changed since (`base`, `grants` added, `removed`) instead of the whole state"), ("protocol" = Option<u32>, Query, description = "The agent protocol the caller speaks; from 3, revisions are of scheme 2 (an order-free digest of the grants); absent: 1")),
     responses((status = 200, body = jitgate_proto::DesiredState)))]
 pub async fn desired(
     State(state): State<AppState>,
@@ -149,6 +149,17 @@ pub async fn desired(
             ));
         }
     };
+    // The agent protocol the caller speaks (absent: an agent older than protocol 3),
+    // which says how it computes revisions.
+    let protocol = match q.get("protocol") {
+        None => 1,
+        Some(p) => p.parse::<u32>().ok().filter(|p| *p >= 1).ok_or_else(|| {
+            ApiError::bad_param(
+                "protocol",
+                format!("'{p}' is not an agent protocol number (1 or more)"),
+            )
+        })?,
+    };
     require_agent(&state, &principal, &vm).await?;
     let known = q.get("known").cloned();
     // The answer: the whole state, or, when the agent asked for deltas and the state
@@ -156,16 +167,16 @@ pub async fn desired(
     let answer = |built: &Built| -> Json<DesiredState> {
         if want_delta
             && let Some(k) = known.as_deref()
-            && let Some(base) = state.vm_changes.of_revision(&vm, k)
+            && let Some(base) = state.vm_changes.of_revision(&vm, k, protocol)
         {
             return Json(jitgate_proto::delta(
                 k,
                 &base.grants,
                 &built.grants,
-                &built.head,
+                &built.head_for(protocol),
             ));
         }
-        Json(built.full())
+        Json(built.full_for(protocol))
     };
     let mut rx = state.vm_changes.subscribe(&vm);
     // The deadline is on the controller's clock; a long-poll is also never held longer
@@ -181,7 +192,7 @@ pub async fn desired(
     loop {
         rx.borrow_and_update();
         let built = agent_state(&state, &vm).await?;
-        if known.as_deref() != Some(built.revision()) {
+        if known.as_deref() != Some(built.revision_for(protocol)) {
             return Ok(answer(&built));
         }
         // Woken with nothing new for this VM: it may be this agent being replaced or

@@ -73,13 +73,17 @@ impl StateEntry {
 }
 
 /// A VM's desired state as built: its sorted grants (the delta's input) with their
-/// revision lines (`proto::grant_line`, shared with the state it was built on, so a
-/// change formats only the grants it adds), and the rest of the wire state.
+/// digest (`proto::GrantDigest`, carried from the state it was built on, so a change
+/// hashes only the grants it adds or removes), and the rest of the wire state.
 pub struct Built {
-    /// The wire state without its grants ([`Built::full`] adds them).
+    /// The wire state without its grants ([`Built::full`] adds them); its revision is
+    /// of scheme 2.
     pub head: DesiredState,
     pub grants: Vec<GrantRef>,
-    lines: Vec<Arc<[u8]>>,
+    digest: jitgate_proto::GrantDigest,
+    /// The revision of scheme 1, for agents that speak protocol 2 or less: computed
+    /// (over every grant) the first time one asks.
+    revision_v1: std::sync::OnceLock<String>,
     /// The first end among its grants: from then on the state is a different one.
     pub next_end: Option<Timestamp>,
     /// The store's grant changes it includes ([`jitgate_store::GrantChanges::upto`]):
@@ -90,8 +94,8 @@ pub struct Built {
 }
 
 impl Built {
-    /// The state of `vm` with these rules and (sorted) grants; the lines of grants
-    /// `base` has are reused.
+    /// The state of `vm` with these rules and (sorted) grants; the digest of grants
+    /// `base` has is carried over.
     pub fn new(
         vm: &VmId,
         gateway: Option<&jitgate_core::gateway::Placement>,
@@ -119,20 +123,40 @@ impl Built {
         now: Timestamp,
         head_stamp: u64,
     ) -> Self {
-        let mut lines: Vec<Arc<[u8]>> = Vec::with_capacity(grants.len());
-        let (old, old_lines) = base.map_or((&[][..], &[][..]), |b| (&b.grants[..], &b.lines[..]));
-        let mut i = 0;
-        for g in &grants {
-            while i < old.len() && old[i] < *g {
-                i += 1;
+        let digest = match base {
+            None => jitgate_proto::GrantDigest::of(&grants),
+            Some(b) => {
+                // Both lists are sorted: walk them together, hash what differs.
+                let mut d = b.digest;
+                let (old, new) = (&b.grants[..], &grants[..]);
+                let (mut i, mut j) = (0, 0);
+                loop {
+                    match (old.get(i), new.get(j)) {
+                        (Some(o), Some(n)) if o == n => {
+                            i += 1;
+                            j += 1;
+                        }
+                        (Some(o), Some(n)) if o < n => {
+                            d.remove(o);
+                            i += 1;
+                        }
+                        (Some(o), None) => {
+                            d.remove(o);
+                            i += 1;
+                        }
+                        (_, Some(n)) => {
+                            d.add(n);
+                            j += 1;
+                        }
+                        (None, None) => break,
+                    }
+                }
+                d
             }
-            match old.get(i) {
-                Some(o) if o == g => lines.push(old_lines[i].clone()),
-                _ => lines.push(jitgate_proto::grant_line(g).into()),
-            }
-        }
+        };
         let vm_text = vm.to_string();
-        let revision = jitgate_proto::revision_of_lines(&vm_text, gateway.as_ref(), &rules, &lines);
+        let revision =
+            jitgate_proto::revision_of_digest(&vm_text, gateway.as_ref(), &rules, &digest);
         Built {
             head: DesiredState {
                 vm: vm_text,
@@ -147,26 +171,62 @@ impl Built {
             },
             next_end: grants.iter().map(|g| g.end).min(),
             grants,
-            lines,
+            digest,
+            revision_v1: std::sync::OnceLock::new(),
             upto,
             head_stamp,
         }
     }
 
+    /// The revision (scheme 2).
     pub fn revision(&self) -> &str {
         &self.head.revision
     }
 
-    /// The whole wire state.
-    pub fn full(&self) -> DesiredState {
+    /// The revision an agent speaking `protocol` computes: scheme 2 from protocol 3,
+    /// scheme 1 before.
+    pub fn revision_for(&self, protocol: u32) -> &str {
+        if protocol >= 3 {
+            return self.revision();
+        }
+        self.revision_v1.get_or_init(|| {
+            jitgate_proto::revision_of_lines(
+                &self.head.vm,
+                self.head.gateway.as_ref(),
+                &self.head.rules,
+                self.grants.iter().map(jitgate_proto::grant_line),
+            )
+        })
+    }
+
+    /// Whether `revision` names this state, in either scheme.
+    pub fn is_revision(&self, revision: &str) -> bool {
+        self.revision() == revision || self.revision_for(1) == revision
+    }
+
+    /// The wire state without its grants, with the revision `protocol` reads.
+    pub fn head_for(&self, protocol: u32) -> DesiredState {
+        DesiredState {
+            revision: self.revision_for(protocol).to_owned(),
+            ..self.head.clone()
+        }
+    }
+
+    /// The whole wire state, with the revision `protocol` reads.
+    pub fn full_for(&self, protocol: u32) -> DesiredState {
         DesiredState {
             grants: self
                 .grants
                 .iter()
                 .map(jitgate_proto::grant_to_wire)
                 .collect(),
-            ..self.head.clone()
+            ..self.head_for(protocol)
         }
+    }
+
+    /// The whole wire state.
+    pub fn full(&self) -> DesiredState {
+        self.full_for(jitgate_proto::AGENT_PROTOCOL)
     }
 }
 
@@ -235,16 +295,21 @@ impl VmChanges {
         cur.next_end.is_none_or(|e| now < e).then_some(cur)
     }
 
-    /// The state of revision `revision` kept for the VM (the current one or the one
-    /// before it).
-    pub fn of_revision(&self, vm: &VmId, revision: &str) -> Option<Arc<Built>> {
-        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        let e = states.entries.get(&vm.key())?;
-        [&e.current, &e.previous]
-            .into_iter()
-            .flatten()
-            .find(|b| b.revision() == revision)
-            .cloned()
+    /// The state of revision `revision` (as an agent speaking `protocol` computes it)
+    /// kept for the VM: the current one or the one before it.
+    pub fn of_revision(&self, vm: &VmId, revision: &str, protocol: u32) -> Option<Arc<Built>> {
+        let kept: Vec<Arc<Built>> = {
+            let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+            let e = states.entries.get(&vm.key())?;
+            [&e.current, &e.previous]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect()
+        };
+        // Outside the lock: a scheme-1 revision may be computed here.
+        kept.into_iter()
+            .find(|b| b.revision_for(protocol) == revision)
     }
 
     /// The newest state kept for the VM, current or not (the base a new one is built
@@ -500,7 +565,8 @@ mod tests {
         Arc::new(Built {
             head: full,
             grants: Vec::new(),
-            lines: Vec::new(),
+            digest: jitgate_proto::GrantDigest::default(),
+            revision_v1: std::sync::OnceLock::from(revision.to_owned()),
             next_end: end,
             upto: 0,
             head_stamp: 0,
@@ -591,12 +657,12 @@ mod tests {
         // A touch drops it as current and keeps it as the one before.
         changes.touch([&a]);
         assert!(changes.current(&a, now).is_none());
-        assert!(changes.of_revision(&a, "r1").is_some());
+        assert!(changes.of_revision(&a, "r1", 3).is_some());
         let stamp = changes.begin(&a);
         changes.keep(&a, stamp, built("r2", Some(now)));
-        assert!(changes.of_revision(&a, "r1").is_some());
-        assert!(changes.of_revision(&a, "r2").is_some());
-        assert!(changes.of_revision(&b, "r1").is_none());
+        assert!(changes.of_revision(&a, "r1", 3).is_some());
+        assert!(changes.of_revision(&a, "r2", 3).is_some());
+        assert!(changes.of_revision(&b, "r1", 3).is_none());
 
         // A grant's end makes it another state.
         let before = now.checked_sub(jiff::SignedDuration::from_secs(1)).unwrap();

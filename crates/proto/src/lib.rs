@@ -81,9 +81,16 @@ pub struct DesiredState {
 }
 
 /// The agent protocol this build speaks: 1 is desired states with rules and grants
-/// (and deltas), 2 adds `gateway` (gateway mode). An agent sends it in its reports;
-/// a state says in `requires` what it needs.
-pub const AGENT_PROTOCOL: u32 = 2;
+/// (and deltas), 2 adds `gateway` (gateway mode), 3 reads revisions of scheme 2
+/// ([`revision_of_digest`]). An agent sends it in its reports and its long-polls
+/// (`protocol=`); a state says in `requires` what it needs.
+pub const AGENT_PROTOCOL: u32 = 3;
+
+/// [`AGENT_PROTOCOL`] as a long-poll's `protocol=` value.
+pub const AGENT_PROTOCOL_PARAM: &str = "3";
+const _: () = assert!(
+    AGENT_PROTOCOL < 10 && AGENT_PROTOCOL_PARAM.as_bytes()[0] == b'0' + AGENT_PROTOCOL as u8
+);
 
 /// True when version `agent` (`1.2.3`, maybe followed by a note) is older than
 /// `ours`; None when either is not `major.minor.patch`.
@@ -219,6 +226,81 @@ pub struct Desired {
     pub grants: Vec<GrantRef>,
     /// Set for a machine behind a gateway.
     pub gateway: Option<Placement>,
+    /// The digest of `grants` ([`GrantDigest::of`]), kept up to date by
+    /// [`apply_delta`] in the time of the change.
+    pub digest: GrantDigest,
+}
+
+/// An order-free digest of a set of grants: the sum, modulo 2^256, of the SHA-256 of
+/// each grant's [`grant_line`]. Adding or removing a grant costs one hash whatever the
+/// size of the set, so the revision of a state with 100,000 grants is recomputed in
+/// the time of what changed (revision 2, [`revision_of_digest`]).
+///
+/// The revision is a consistency check between an agent and the controller it is
+/// authenticated to, not a proof of origin: each line holds a request id the
+/// controller chose at random, so nobody picks the values being summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct GrantDigest([u64; 4]);
+
+impl GrantDigest {
+    /// The digest of these grants.
+    pub fn of<'a>(grants: impl IntoIterator<Item = &'a GrantRef>) -> Self {
+        let mut d = GrantDigest::default();
+        for g in grants {
+            d.add(g);
+        }
+        d
+    }
+
+    fn limbs(line: &[u8]) -> [u64; 4] {
+        let h = Sha256::digest(line);
+        let mut out = [0u64; 4];
+        for (i, chunk) in h.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            out[i] = u64::from_le_bytes(b);
+        }
+        out
+    }
+
+    pub fn add(&mut self, g: &GrantRef) {
+        self.add_line(&grant_line(g));
+    }
+
+    pub fn remove(&mut self, g: &GrantRef) {
+        self.remove_line(&grant_line(g));
+    }
+
+    /// Adds a grant given as its [`grant_line`] (the JSON of its wire form, as sent).
+    pub fn add_line(&mut self, line: &[u8]) {
+        let x = Self::limbs(line);
+        let mut carry = false;
+        for (a, b) in self.0.iter_mut().zip(x) {
+            let (s1, c1) = a.overflowing_add(b);
+            let (s2, c2) = s1.overflowing_add(u64::from(carry));
+            *a = s2;
+            carry = c1 || c2;
+        }
+    }
+
+    pub fn remove_line(&mut self, line: &[u8]) {
+        let x = Self::limbs(line);
+        let mut borrow = false;
+        for (a, b) in self.0.iter_mut().zip(x) {
+            let (s1, b1) = a.overflowing_sub(b);
+            let (s2, b2) = s1.overflowing_sub(u64::from(borrow));
+            *a = s2;
+            borrow = b1 || b2;
+        }
+    }
+
+    fn bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, l) in self.0.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&l.to_le_bytes());
+        }
+        out
+    }
 }
 
 fn rule_to_wire(r: &NsgRule) -> Option<WireRule> {
@@ -245,14 +327,12 @@ fn revision_of(
     rules: &[WireRule],
     grants: &[WireGrant],
 ) -> String {
-    revision_of_lines(
-        vm,
-        gateway,
-        rules,
-        grants
-            .iter()
-            .map(|g| serde_json::to_vec(g).unwrap_or_default()),
-    )
+    revision_of_lines(vm, gateway, rules, grants.iter().map(wire_line))
+}
+
+/// A grant received, as it enters the revision: the JSON of its wire form as sent.
+fn wire_line(g: &WireGrant) -> Vec<u8> {
+    serde_json::to_vec(g).unwrap_or_default()
 }
 
 /// A grant as it enters the revision: the JSON of its wire form. A controller that
@@ -290,6 +370,34 @@ pub fn revision_of_lines(
     hex::encode(&h.finalize()[..16])
 }
 
+/// The revision (scheme 2) of the state of `vm` with its placement behind a gateway,
+/// if any, and these rules and grants (given by their [`GrantDigest`]): what
+/// [`encode`] computes, in the time of the rules whatever the number of grants.
+/// Scheme 1 ([`revision_of_lines`], an ordered hash of every grant) is still what a
+/// controller sends to an agent that does not say it speaks protocol 3, and is still
+/// accepted by [`decode`] and [`revision_matches`].
+pub fn revision_of_digest(
+    vm: &str,
+    gateway: Option<&WireGateway>,
+    rules: &[WireRule],
+    digest: &GrantDigest,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(b"jitgate revision 2\n");
+    h.update(vm.to_ascii_lowercase().as_bytes());
+    if let Some(g) = gateway {
+        h.update(b"\ngateway ");
+        h.update(serde_json::to_vec(g).unwrap_or_default());
+    }
+    for r in rules {
+        h.update(b"\n");
+        h.update(serde_json::to_vec(r).unwrap_or_default());
+    }
+    h.update(b"\ngrants ");
+    h.update(digest.bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
 /// The rules of a desired state on the wire (JIT allow rules travel as grants).
 pub fn rules_to_wire(nsg: &[NsgRule]) -> Vec<WireRule> {
     nsg.iter().filter_map(rule_to_wire).collect()
@@ -305,11 +413,12 @@ pub fn encode(
     now: Timestamp,
 ) -> DesiredState {
     let rules = rules_to_wire(nsg);
+    let digest = GrantDigest::of(grants);
     let grants: Vec<WireGrant> = grants.iter().map(grant_to_wire).collect();
     let gateway = gateway.map(WireGateway::from_placement);
     let vm_text = vm.to_string();
     DesiredState {
-        revision: revision_of(&vm_text, gateway.as_ref(), &rules, &grants),
+        revision: revision_of_digest(&vm_text, gateway.as_ref(), &rules, &digest),
         vm: vm_text,
         generated_at: now.to_string(),
         rules,
@@ -402,6 +511,16 @@ pub fn apply_delta(prev: &Desired, d: &DesiredState) -> Result<Desired, String> 
     let mut added = decode_grants("grants", &d.grants)?;
     removed.sort_unstable();
     added.sort_unstable();
+    // The digest follows the lines as sent (a grant sent in another spelling than
+    // the one it was added with leaves a digest that matches no revision: the agent
+    // then asks for the whole state).
+    let mut digest = prev.digest;
+    for g in &d.removed {
+        digest.remove_line(&wire_line(g));
+    }
+    for g in &d.grants {
+        digest.add_line(&wire_line(g));
+    }
     let mut kept = Vec::with_capacity(prev.grants.len() + added.len());
     let mut found = 0;
     for g in &prev.grants {
@@ -433,12 +552,21 @@ pub fn apply_delta(prev: &Desired, d: &DesiredState) -> Result<Desired, String> 
         rules,
         grants,
         gateway: decode_gateway(d)?,
+        digest,
     })
 }
 
-/// Whether `d`'s revision is the hash of its content, as the controller computes it.
+/// Whether `d`'s revision is the hash of its content, as the controller computes it:
+/// scheme 2 from the kept digest (no grant is hashed), else scheme 1 (every grant).
 pub fn revision_matches(d: &Desired, now: Timestamp) -> bool {
-    encode(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants, now).revision == d.revision
+    let wire = encode(&d.vm, d.gateway.as_ref(), &d.rules, &[], now);
+    revision_of_digest(&wire.vm, wire.gateway.as_ref(), &wire.rules, &d.digest) == d.revision
+        || revision_of_lines(
+            &wire.vm,
+            wire.gateway.as_ref(),
+            &wire.rules,
+            d.grants.iter().map(grant_line),
+        ) == d.revision
 }
 
 fn valid_revision(r: &str) -> bool {
@@ -456,7 +584,14 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
         );
     }
     let vm = VmId::parse(&d.vm).map_err(|e| format!("vm: {e}"))?;
-    if revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants) != d.revision {
+    let mut digest = GrantDigest::default();
+    for g in &d.grants {
+        digest.add_line(&wire_line(g));
+    }
+    // Scheme 2, or scheme 1 from a controller (or a saved state) older than it.
+    if revision_of_digest(&d.vm, d.gateway.as_ref(), &d.rules, &digest) != d.revision
+        && revision_of(&d.vm, d.gateway.as_ref(), &d.rules, &d.grants) != d.revision
+    {
         return Err(
             "revision: does not match the content (corrupted or tampered state)".to_owned(),
         );
@@ -467,6 +602,7 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
         rules: decode_rules(&d.rules)?,
         grants: decode_grants("grants", &d.grants)?,
         gateway: decode_gateway(d)?,
+        digest,
     })
 }
 
@@ -738,6 +874,102 @@ mod tests {
         };
         assert_eq!(requires_for(Some(&gw)), Some(2));
         assert!(requires_for(Some(&gw)) <= Some(AGENT_PROTOCOL));
+    }
+
+    fn grant_n(n: u128, port: i64) -> GrantRef {
+        let t: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        GrantRef {
+            request: RequestId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap(),
+            number: Port::new(port).unwrap(),
+            protocol: Protocol::Tcp,
+            source: SourcePrefix::parse(&format!("10.0.{}.{}", n / 250, n % 250)).unwrap(),
+            start: t,
+            end: t
+                .checked_add(jiff::SignedDuration::from_secs(3600))
+                .unwrap(),
+        }
+    }
+
+    proptest! {
+        /// The digest of a set is the same whatever the order grants were added in,
+        /// and adding then removing a grant leaves it as it was (carries and borrows
+        /// across all four limbs included).
+        #[test]
+        fn the_digest_is_of_the_set_not_the_history(
+            ids in proptest::collection::vec(0u128..2000, 0..40),
+            gone in proptest::collection::vec(any::<proptest::sample::Index>(), 0..10),
+        ) {
+            let set: Vec<GrantRef> = ids.iter().map(|n| grant_n(*n, 22)).collect();
+            let mut forward = GrantDigest::default();
+            for g in &set {
+                forward.add(g);
+            }
+            prop_assert_eq!(forward, GrantDigest::of(set.iter().rev()));
+            let mut d = forward;
+            let mut left = set.clone();
+            for i in &gone {
+                if left.is_empty() {
+                    break;
+                }
+                let g = left.remove(i.index(left.len()));
+                d.remove(&g);
+            }
+            prop_assert_eq!(d, GrantDigest::of(&left));
+            for g in &left {
+                d.remove(g);
+            }
+            prop_assert_eq!(d, GrantDigest::default());
+        }
+    }
+
+    /// Issue 15: revisions of scheme 2 follow deltas in the time of the change; a state
+    /// decodes with a revision of either scheme, and with no other.
+    #[test]
+    fn revisions_of_both_schemes_name_the_same_content() {
+        let d = sample();
+        let grants = decode(&d).unwrap().grants;
+        let (rules, gw) = (d.rules.clone(), d.gateway.clone());
+        let v2 = revision_of_digest(&d.vm, gw.as_ref(), &rules, &GrantDigest::of(&grants));
+        let v1 = revision_of_lines(&d.vm, gw.as_ref(), &rules, grants.iter().map(grant_line));
+        assert_eq!(d.revision, v2, "encode computes scheme 2");
+        assert_ne!(v1, v2);
+        for rev in [&v1, &v2] {
+            let s = DesiredState {
+                revision: rev.clone(),
+                ..d.clone()
+            };
+            let got = decode(&s).unwrap();
+            assert!(revision_matches(&got, Timestamp::UNIX_EPOCH));
+        }
+        let bad = DesiredState {
+            revision: "0".repeat(32),
+            ..d.clone()
+        };
+        assert!(decode(&bad).unwrap_err().starts_with("revision:"));
+
+        // A delta adding and removing grants: the digest follows, and the result's
+        // scheme-2 revision matches without hashing the grants that stayed.
+        let prev = decode(&d).unwrap();
+        let added = grant_n(7, 3389);
+        let mut next_grants: Vec<GrantRef> = prev.grants[1..].to_vec();
+        next_grants.push(added.clone());
+        next_grants.sort_unstable();
+        let to = DesiredState {
+            revision: revision_of_digest(
+                &d.vm,
+                gw.as_ref(),
+                &rules,
+                &GrantDigest::of(&next_grants),
+            ),
+            ..d.clone()
+        };
+        let delta = delta(&prev.revision, &prev.grants, &next_grants, &to);
+        let applied = apply_delta(&prev, &delta).unwrap();
+        assert_eq!(applied.digest, GrantDigest::of(&next_grants));
+        assert!(revision_matches(&applied, Timestamp::UNIX_EPOCH));
+        let mut wrong = applied.clone();
+        wrong.digest.add(&added);
+        assert!(!revision_matches(&wrong, Timestamp::UNIX_EPOCH));
     }
 
     fn sample() -> DesiredState {

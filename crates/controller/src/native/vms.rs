@@ -83,7 +83,12 @@ pub async fn agent_status(state: &AppState, vm: &VmId, now: Timestamp) -> ApiRes
         enrolled: true,
         online: online(state, rec.last_seen, now),
         last_seen: Some(rec.last_seen.to_string()),
-        up_to_date: Some(report.applied_revision.as_deref() == Some(current.revision())),
+        up_to_date: Some(
+            report
+                .applied_revision
+                .as_deref()
+                .is_some_and(|r| current.is_revision(r)),
+        ),
         outdated: outdated(&report, current.head.requires),
         report,
     })

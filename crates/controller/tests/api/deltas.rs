@@ -40,13 +40,25 @@ async fn initiate(ctl: &Ctl, source: &str) -> String {
     r.request_id()
 }
 
+/// Revisions of scheme 2 (`protocol=3`, an order-free digest of the grants) and of
+/// scheme 1 (agents before protocol 3, which send no `protocol`) both add up.
 #[tokio::test]
 async fn an_agent_gets_what_changed_since_the_state_it_has() {
+    deltas_add_up("&protocol=3").await;
+}
+
+#[tokio::test]
+async fn an_agent_of_protocol_2_gets_what_changed_with_revisions_it_computes() {
+    deltas_add_up("").await;
+}
+
+async fn deltas_add_up(protocol: &str) {
+    let q = |s: &str| format!("{s}{protocol}");
     let ctl = Ctl::start().await;
     let (vm, agent) = enroll(&ctl, "web-1").await;
     ctl.enable("lab", &["web-1"], "*").await;
 
-    let d0 = desired(&ctl, &agent, &vm, "&delta=1").await;
+    let d0 = desired(&ctl, &agent, &vm, &q("&delta=1")).await;
     assert!(
         d0.base.is_none() && d0.grants.is_empty(),
         "no known state: the whole state"
@@ -54,7 +66,7 @@ async fn an_agent_gets_what_changed_since_the_state_it_has() {
     let mut applied = jitgate_proto::decode(&d0).unwrap();
 
     let a = initiate(&ctl, "10.0.0.1").await;
-    let d1 = desired(&ctl, &agent, &vm, &from(&d0)).await;
+    let d1 = desired(&ctl, &agent, &vm, &q(&from(&d0))).await;
     assert_eq!(d1.base.as_deref(), Some(d0.revision.as_str()));
     assert_eq!(
         (sources(&d1.grants), d1.removed.len()),
@@ -64,7 +76,7 @@ async fn an_agent_gets_what_changed_since_the_state_it_has() {
     applied = jitgate_proto::apply_delta(&applied, &d1).unwrap();
 
     initiate(&ctl, "10.0.0.2").await;
-    let d2 = desired(&ctl, &agent, &vm, &from(&d1)).await;
+    let d2 = desired(&ctl, &agent, &vm, &q(&from(&d1))).await;
     assert_eq!(
         (sources(&d2.grants), d2.removed.len()),
         (vec!["10.0.0.2"], 0)
@@ -75,7 +87,7 @@ async fn an_agent_gets_what_changed_since_the_state_it_has() {
         .post(&format!("/api/v1/requests/{a}/revoke"), json!({}))
         .await;
     assert!(r.status.is_success(), "{:?}", r.body);
-    let d3 = desired(&ctl, &agent, &vm, &from(&d2)).await;
+    let d3 = desired(&ctl, &agent, &vm, &q(&from(&d2))).await;
     assert_eq!(
         (d3.grants.len(), sources(&d3.removed)),
         (0, vec!["10.0.0.1"])
@@ -83,14 +95,14 @@ async fn an_agent_gets_what_changed_since_the_state_it_has() {
     applied = jitgate_proto::apply_delta(&applied, &d3).unwrap();
 
     // The deltas add up to the whole state, which hashes to the revision sent.
-    let whole = desired(&ctl, &agent, &vm, "").await;
+    let whole = desired(&ctl, &agent, &vm, &q("")).await;
     assert!(whole.base.is_none() && whole.removed.is_empty());
     assert_eq!(whole.revision, d3.revision);
     assert_eq!(applied, jitgate_proto::decode(&whole).unwrap());
     assert!(jitgate_proto::revision_matches(&applied, ctl.now()));
 
     // Nothing new: the same revision, nothing in it.
-    let same = desired(&ctl, &agent, &vm, &from(&d3)).await;
+    let same = desired(&ctl, &agent, &vm, &q(&from(&d3))).await;
     assert_eq!(same.revision, d3.revision);
     assert!(same.grants.is_empty() && same.removed.is_empty());
 
@@ -99,13 +111,13 @@ async fn an_agent_gets_what_changed_since_the_state_it_has() {
         &ctl,
         &agent,
         &vm,
-        &format!("&delta=1&known={}", "0".repeat(32)),
+        &q(&format!("&delta=1&known={}", "0".repeat(32))),
     )
     .await;
     assert!(unknown.base.is_none());
     assert_eq!(sources(&unknown.grants), vec!["10.0.0.2"]);
     // An agent that does not ask for deltas gets whole states, as before.
-    let old = desired(&ctl, &agent, &vm, &format!("&known={}", d0.revision)).await;
+    let old = desired(&ctl, &agent, &vm, &q(&format!("&known={}", d0.revision))).await;
     assert!(old.base.is_none());
     assert_eq!(old, whole_but_generated_at(&old, &whole));
 }
@@ -134,4 +146,53 @@ async fn a_bad_delta_parameter_is_refused_by_name() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
     assert!(r.message().contains("delta"), "{:?}", r.body);
+}
+
+/// The same state has a revision of each scheme, each naming it to the agent that
+/// computes it; a bad `protocol` is refused by name.
+#[tokio::test]
+async fn each_protocol_gets_the_revision_it_computes() {
+    let ctl = Ctl::start().await;
+    let (vm, agent) = enroll(&ctl, "web-1").await;
+    ctl.enable("lab", &["web-1"], "*").await;
+    initiate(&ctl, "10.0.0.1").await;
+    let v1 = desired(&ctl, &agent, &vm, "").await;
+    let v2 = desired(&ctl, &agent, &vm, "&protocol=3").await;
+    assert_ne!(v1.revision, v2.revision);
+    assert_eq!(v1.grants, v2.grants);
+    let (d1, d2) = (
+        jitgate_proto::decode(&v1).unwrap(),
+        jitgate_proto::decode(&v2).unwrap(),
+    );
+    assert_eq!(d1.digest, d2.digest);
+    assert_eq!(
+        v1.revision,
+        jitgate_proto::revision_of_lines(
+            &v1.vm,
+            None,
+            &v1.rules,
+            d1.grants.iter().map(jitgate_proto::grant_line)
+        ),
+        "scheme 1 is the ordered hash of every grant, as before protocol 3"
+    );
+    // Each is "nothing new" to the agent that has it.
+    for (query, rev) in [("", &v1.revision), ("&protocol=3", &v2.revision)] {
+        let same = desired(&ctl, &agent, &vm, &format!("{query}&delta=1&known={rev}")).await;
+        assert_eq!(&same.revision, rev);
+        assert!(same.grants.is_empty() && same.removed.is_empty());
+    }
+    // A bad protocol is refused by name.
+    for bad in ["0", "x", "-1"] {
+        let r = ctl
+            .get_as(
+                &agent,
+                &format!(
+                    "/api/v1/agent/desired?vm={}&protocol={bad}",
+                    vm.replace('/', "%2F")
+                ),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+        assert!(r.message().contains("protocol"), "{:?}", r.body);
+    }
 }
