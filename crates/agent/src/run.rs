@@ -77,10 +77,22 @@ struct Shared {
     /// drift.
     own_ports: Vec<u32>,
     progress: Mutex<Progress>,
-    /// Held while the applied state is written (one writer of its file at a time).
-    saving: Mutex<()>,
+    /// What is on disk (one writer of the state files at a time: held while writing).
+    saving: Mutex<Option<Saved>>,
     nft_version: Option<String>,
 }
+
+/// The applied state on disk: the state saved last, and the sizes of the whole state
+/// and of the log of changes written since (see [`StateDir`]).
+struct Saved {
+    state: Arc<Desired>,
+    whole_bytes: u64,
+    log_bytes: u64,
+}
+
+/// The log is folded into a new whole state once it is larger than this or than the
+/// whole state, whichever is larger: writing stays proportional to what changed.
+const LOG_AT_LEAST: u64 = 64 * 1024;
 
 /// The HTTP client: trusts the controller by `--ca-cert` and the pinned fingerprint
 /// when given (see `jitgate_proto::tls`), else by the system's roots.
@@ -613,7 +625,7 @@ impl Shared {
     /// here, off the path of the change. False on a mismatch: the agent then asks the
     /// controller for its whole state.
     fn save(&self, state: &StateDir) -> bool {
-        let _one = self.saving.lock();
+        let mut saved = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let Some(last) = self.progress.lock().ok().and_then(|p| p.last.clone()) else {
             return true;
         };
@@ -622,19 +634,59 @@ impl Shared {
             tracing::error!(sent = %last.revision, "the state built from a delta does not hash to the revision the controller sent; asking for the whole state");
             return false;
         }
+        if saved
+            .as_ref()
+            .is_some_and(|s| s.state.revision == last.revision)
+        {
+            return true;
+        }
         // Saved with the revision the controller sent (of either scheme), which the
         // agent asks with after a restart.
-        let whole = DesiredState {
+        let head = DesiredState {
             revision: last.revision.clone(),
-            ..jitgate_proto::encode(
-                &last.vm,
-                last.gateway.as_ref(),
-                &last.rules,
-                &last.grants,
-                now,
-            )
+            ..jitgate_proto::encode(&last.vm, last.gateway.as_ref(), &last.rules, &[], now)
         };
-        if let Err(e) = state.save_applied(&whole) {
+        // What changed since the state saved last, appended to the log; or, when the
+        // log has grown past the whole state (or nothing was saved by this process),
+        // the whole state.
+        let logged = match saved.as_mut() {
+            Some(s)
+                if s.log_bytes <= s.whole_bytes.max(LOG_AT_LEAST)
+                    && s.state.grants.is_sorted()
+                    && last.grants.is_sorted() =>
+            {
+                let delta =
+                    jitgate_proto::delta(&s.state.revision, &s.state.grants, &last.grants, &head);
+                Some(state.append_applied(&delta).map(|n| {
+                    s.log_bytes += n;
+                    s.state = last.clone();
+                }))
+            }
+            _ => None,
+        };
+        let written = match logged {
+            Some(r) => r,
+            None => {
+                let whole = DesiredState {
+                    grants: last
+                        .grants
+                        .iter()
+                        .map(jitgate_proto::grant_to_wire)
+                        .collect(),
+                    ..head
+                };
+                state.save_applied(&whole).map(|n| {
+                    *saved = Some(Saved {
+                        state: last.clone(),
+                        whole_bytes: n,
+                        log_bytes: 0,
+                    });
+                })
+            }
+        };
+        if let Err(e) = written {
+            // The next save writes the whole state.
+            *saved = None;
             let e = format!(
                 "cannot persist the applied state (a reboot would restore an older one): {e:#}"
             );
@@ -812,7 +864,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         reader: Mutex::new(reader),
         own_ports,
         progress: Mutex::new(Progress::default()),
-        saving: Mutex::new(()),
+        saving: Mutex::new(None),
         nft_version,
         config,
     });

@@ -462,6 +462,7 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
     let changes = state.store.grant_changes(vm, after, now).await?;
     let grants = patch_grants(
         base.as_ref().map_or(&[][..], |b| &b.grants),
+        base.as_ref().and_then(|b| b.next_end),
         &changes.rows,
         now,
     );
@@ -500,12 +501,36 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
 
 /// `base` (sorted) without the grants ended by `now`, with the changed rows: a row
 /// replaces the grants of its request, port and protocol, and is one if initiated
-/// and not ended. The result is sorted.
+/// and not ended. The result is sorted. `base_ends` is the first end among `base`'s
+/// grants: while it is to come, a change of a few rows costs a copy of `base` and a
+/// search per row, with no hashing of the grants that stay.
 fn patch_grants(
     base: &[GrantRef],
+    base_ends: Option<Timestamp>,
     rows: &[(jitgate_store::Grant, bool)],
     now: Timestamp,
 ) -> Vec<GrantRef> {
+    let added = rows
+        .iter()
+        .filter(|(g, live)| *live && g.end > now)
+        .map(|(g, _)| g.to_ref());
+    if rows.len() <= 64 && base_ends.is_none_or(|e| e > now) {
+        let mut grants = base.to_vec();
+        // Grants sort by request, port and protocol first: a row's grants are a run.
+        for (g, _) in rows {
+            let key = (g.request, g.number, g.protocol);
+            let from = grants.partition_point(|x| (x.request, x.number, x.protocol) < key);
+            let to =
+                from + grants[from..].partition_point(|x| (x.request, x.number, x.protocol) == key);
+            grants.drain(from..to);
+        }
+        for g in added {
+            if let Err(at) = grants.binary_search(&g) {
+                grants.insert(at, g);
+            }
+        }
+        return grants;
+    }
     let changed: std::collections::HashSet<_> = rows
         .iter()
         .map(|(g, _)| (g.request, g.number, g.protocol))
@@ -515,22 +540,9 @@ fn patch_grants(
         .filter(|g| g.end > now && !changed.contains(&(g.request, g.number, g.protocol)))
         .cloned()
         .collect();
-    let added = rows
-        .iter()
-        .filter(|(g, live)| *live && g.end > now)
-        .map(|(g, _)| g.to_ref());
-    if rows.len() > 64 {
-        grants.extend(added);
-        grants.sort_unstable();
-        grants.dedup();
-    } else {
-        // A change is a few rows: each goes in its place.
-        for g in added {
-            if let Err(at) = grants.binary_search(&g) {
-                grants.insert(at, g);
-            }
-        }
-    }
+    grants.extend(added);
+    grants.sort_unstable();
+    grants.dedup();
     grants
 }
 
@@ -593,14 +605,17 @@ mod tests {
         let refs = |rows: &[jitgate_store::Grant]| -> Vec<GrantRef> {
             patch_grants(
                 &[],
+                None,
                 &rows.iter().map(|g| (g.clone(), true)).collect::<Vec<_>>(),
                 t,
             )
         };
         let base = refs(&[row(1, 22, 100), row(3, 22, 300), row(2, 22, 10)]);
         assert!(base.windows(2).all(|w| w[0] < w[1]), "sorted");
+        let first_end = base.iter().map(|g| g.end).min();
         let next = patch_grants(
             &base,
+            first_end,
             &[
                 (row(3, 22, 300), false),
                 (row(4, 3389, 400), true),
@@ -614,13 +629,28 @@ mod tests {
             refs(&[row(0, 22, 50), row(1, 22, 100), row(4, 3389, 400)])
         );
         // A row changed while initiated replaces its old values.
-        let moved = patch_grants(&next, &[(row(1, 22, 200), true)], at(20));
+        let moved = patch_grants(
+            &next,
+            next.iter().map(|g| g.end).min(),
+            &[(row(1, 22, 200), true)],
+            at(20),
+        );
         assert_eq!(
             moved,
             refs(&[row(0, 22, 50), row(1, 22, 200), row(4, 3389, 400)])
         );
+        // The copy-and-search path (nothing ended) and the filtering one agree.
+        let rows = [
+            (row(1, 22, 200), true),
+            (row(0, 22, 50), false),
+            (row(5, 443, 90), true),
+        ];
+        assert_eq!(
+            patch_grants(&next, next.iter().map(|g| g.end).min(), &rows, at(20)),
+            patch_grants(&next, Some(Timestamp::MIN), &rows, at(20)),
+        );
 
-        // A state built on another reuses its lines and is what `encode` builds.
+        // A state built on another carries its digest and is what `encode` builds.
         let v = vm("a");
         let first = Built::new(&v, None, &[], base.clone(), None, 1, t);
         for (grants, on) in [
