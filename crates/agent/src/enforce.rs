@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -42,11 +43,11 @@ type HostKey = (IpAddr, L4, Port);
 type GrantId = (RequestId, Port);
 
 /// What the agent last put in the kernel, indexed for small changes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Applied {
     rules: Vec<NsgRule>,
-    /// The grants, sorted.
-    grants: Vec<GrantRef>,
+    /// The state applied (its grants sorted), shared with the agent's record of it.
+    state: Arc<Desired>,
     /// True when the grants' keys strictly increase (see `changed`).
     by_key: bool,
     /// For each host key, the grants on it and their ends.
@@ -208,16 +209,20 @@ impl Applied {
     }
 
     /// Indexes `grants` from scratch and plans every element at `now`.
-    fn build(rules: Vec<NsgRule>, grants: Vec<GrantRef>, now: Timestamp) -> Self {
+    fn build(rules: Vec<NsgRule>, state: Arc<Desired>, now: Timestamp) -> Self {
         let mut a = Applied {
             rules,
-            ..Default::default()
+            state: state.clone(),
+            by_key: false,
+            hosts: HashMap::new(),
+            host_elements: HashMap::new(),
+            nets: BTreeMap::new(),
+            net_elements: BTreeMap::new(),
         };
-        for g in &grants {
+        for g in &state.grants {
             a.index(g, true);
         }
-        a.by_key = strictly_sorted(&grants);
-        a.grants = grants;
+        a.by_key = strictly_sorted(&state.grants);
         let keys: Vec<HostKey> = a.hosts.keys().copied().collect();
         for k in keys {
             if let Some(e) = a.host_element(&k, now) {
@@ -241,6 +246,23 @@ impl Applied {
 #[inline]
 fn key(g: &GrantRef) -> (u128, u16) {
     (g.request.as_u128(), g.number.get())
+}
+
+/// A change of the state applied last, as the agent received it (see
+/// [`Enforcer::apply_change`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Told<'a> {
+    /// The revision of the state it changes.
+    pub base: &'a str,
+    pub added: &'a [GrantRef],
+    pub removed: &'a [GrantRef],
+}
+
+/// Whether `g`'s key is held by exactly one grant of `grants` (sorted by key).
+fn one_of_key(grants: &[GrantRef], g: &GrantRef) -> bool {
+    let k = key(g);
+    let from = grants.partition_point(|x| key(x) < k);
+    grants[from..].iter().take_while(|x| key(x) == k).count() == 1
 }
 
 /// True when the keys strictly increase: sorted, and no key twice.
@@ -347,21 +369,62 @@ impl Enforcer {
     /// expected time to commit (1.5 times the last commit) plus one kernel tick
     /// ([`KERNEL_TICK`]), at most [`MAX_COMMIT_MARGIN`]: a grant may close that much
     /// early, never late.
-    pub fn apply(&mut self, desired: Desired, now: Timestamp) -> anyhow::Result<ApplyStats> {
+    pub fn apply(
+        &mut self,
+        desired: impl Into<Arc<Desired>>,
+        now: Timestamp,
+    ) -> anyhow::Result<ApplyStats> {
+        self.apply_with(desired.into(), None, now)
+    }
+
+    /// [`Enforcer::apply`] of a state known to be the one applied last (of revision
+    /// `told.base`) with `told.added` and without `told.removed`: the change is
+    /// planned without walking every grant. Taken as a plain apply when the state
+    /// applied last is another.
+    pub fn apply_change(
+        &mut self,
+        desired: Arc<Desired>,
+        told: Told<'_>,
+        now: Timestamp,
+    ) -> anyhow::Result<ApplyStats> {
+        self.apply_with(desired, Some(told), now)
+    }
+
+    fn apply_with(
+        &mut self,
+        desired: Arc<Desired>,
+        told: Option<Told<'_>>,
+        now: Timestamp,
+    ) -> anyhow::Result<ApplyStats> {
         nft::validate(&desired.rules)
             .map_err(|e| anyhow::anyhow!("refusing an invalid desired state: {e}"))?;
         let margin = (self.recent + self.recent / 2 + KERNEL_TICK).min(MAX_COMMIT_MARGIN);
         let now = now
             .checked_add(jiff::SignedDuration::try_from(margin).unwrap_or_default())
             .unwrap_or(now);
-        let mut grants = desired.grants;
-        // One pass in the common case (the controller sends them in order).
-        let mut by_key = strictly_sorted(&grants);
-        if !by_key {
-            grants.sort_unstable();
-            grants.dedup();
-            by_key = strictly_sorted(&grants);
-        }
+        // What changed, when told and it changes the state applied last into this one
+        // while keeping one grant per key.
+        let told = told.filter(|t| {
+            self.applied
+                .as_ref()
+                .is_some_and(|a| a.by_key && a.state.revision == t.base)
+                && t.added.iter().all(|g| one_of_key(&desired.grants, g))
+        });
+        let (desired, by_key) = if told.is_some() {
+            (desired, true)
+        } else {
+            // One pass in the common case (the controller sends them in order).
+            match strictly_sorted(&desired.grants) {
+                true => (desired, true),
+                false => {
+                    let mut d = (*desired).clone();
+                    d.grants.sort_unstable();
+                    d.grants.dedup();
+                    let by_key = strictly_sorted(&d.grants);
+                    (Arc::new(d), by_key)
+                }
+            }
+        };
 
         // Two different grants with one key (which the controller never sends) cannot
         // be walked by key: such a state is rebuilt in full.
@@ -371,9 +434,17 @@ impl Enforcer {
                 .as_ref()
                 .is_some_and(|a| a.rules == desired.rules && a.by_key);
         if same_rules && let Some(mut applied) = self.applied.take() {
-            match self.delta(&mut applied, &grants, now) {
+            let (added, removed): (Vec<&GrantRef>, Vec<GrantRef>) = match &told {
+                Some(t) => (t.added.iter().collect(), t.removed.to_vec()),
+                None => {
+                    let (a, r) = changed(&applied.state.grants, &desired.grants);
+                    (a, r.into_iter().cloned().collect())
+                }
+            };
+            match self.delta(&mut applied, &added, &removed, now) {
                 Ok(Some(stats)) => {
-                    applied.grants = grants;
+                    drop(added);
+                    applied.state = desired;
                     self.applied = Some(applied);
                     return Ok(stats);
                 }
@@ -383,18 +454,19 @@ impl Enforcer {
                 }
             }
         }
-        self.full(desired.rules, grants, now)
+        let rules = desired.rules.clone();
+        self.full(rules, desired, now)
     }
 
     /// Rebuilds the whole table.
     fn full(
         &mut self,
         rules: Vec<NsgRule>,
-        grants: Vec<GrantRef>,
+        state: Arc<Desired>,
         now: Timestamp,
     ) -> anyhow::Result<ApplyStats> {
         self.applied = None;
-        let applied = Applied::build(rules, grants, now);
+        let applied = Applied::build(rules, state, now);
         let elements = applied.all_elements();
         let started = Instant::now();
         self.nft
@@ -414,16 +486,16 @@ impl Enforcer {
 
     /// Applies a change of grants as element deletes and adds. `Ok(None)`: a delta
     /// cannot do it (too large); the caller rebuilds. On error `applied` may be
-    /// half-updated and must be dropped; on success the caller stores `grants` in it.
+    /// half-updated and must be dropped; on success the caller stores the new state
+    /// in it.
     fn delta(
         &mut self,
         applied: &mut Applied,
-        grants: &[GrantRef],
+        added: &[&GrantRef],
+        removed: &[GrantRef],
         now: Timestamp,
     ) -> anyhow::Result<Option<ApplyStats>> {
-        let (added, removed) = changed(&applied.grants, grants);
-        let removed: Vec<GrantRef> = removed.into_iter().cloned().collect();
-        let (dels, adds) = applied.change(&added, &removed, now);
+        let (dels, adds) = applied.change(added, removed, now);
         // Elements too close to their end to be written are left out of `adds` by
         // the planner already (see `nft::timeout_ms`).
         let mut ops: Vec<SetOp> = dels.iter().map(|e| SetOp::Del(*e)).collect();
@@ -569,7 +641,15 @@ mod tests {
             grant(7, 22, Protocol::Tcp, "10.0.0.2", 1),
         ];
         let now = t0();
-        let mut applied = Applied::build(Vec::new(), Vec::new(), now);
+        let empty = Arc::new(Desired {
+            vm: jitgate_core::ids::VmId::parse("/subscriptions/20ff7fc3-e762-44dd-bd96-b71116dcdc23/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1").unwrap(),
+            revision: String::new(),
+            rules: Vec::new(),
+            grants: Vec::new(),
+            gateway: None,
+            digest: Default::default(),
+        });
+        let mut applied = Applied::build(Vec::new(), empty, now);
         // Every subset in a Gray-code order: each step adds or removes one grant.
         let mut current: Vec<GrantRef> = Vec::new();
         for step in 1u32..(1 << all.len()) {

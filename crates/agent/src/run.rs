@@ -553,14 +553,23 @@ impl Shared {
         let desired = if d.base.is_some() {
             let prev = self.progress.lock().ok().and_then(|p| p.last.clone());
             match prev {
-                Some(prev) => jitgate_proto::apply_delta(&prev, d),
+                Some(prev) => jitgate_proto::apply_delta_parts(&prev, d)
+                    .map(|a| (a.state, Some((prev.revision.clone(), a.added, a.removed)))),
                 None => Err("base: a delta, and no state is applied".to_owned()),
             }
         } else {
-            jitgate_proto::decode(d)
+            jitgate_proto::decode(d).map(|s| (s, None))
         };
         match desired {
-            Ok(desired) => self.enforce(desired),
+            Ok((desired, None)) => self.enforce(desired),
+            Ok((desired, Some((base, added, removed)))) => self.enforce_told(
+                desired,
+                Some(crate::enforce::Told {
+                    base: &base,
+                    added: &added,
+                    removed: &removed,
+                }),
+            ),
             Err(e) => {
                 let e = anyhow::anyhow!("invalid desired state: {e}");
                 if let Ok(mut p) = self.progress.lock() {
@@ -573,6 +582,17 @@ impl Shared {
 
     /// Applies a validated desired state; records the outcome.
     fn enforce(&self, desired: Desired) -> anyhow::Result<ApplyKind> {
+        self.enforce_told(desired, None)
+    }
+
+    /// [`Shared::enforce`], told what changed since the state applied last when it
+    /// is a delta of it.
+    fn enforce_told(
+        &self,
+        desired: Desired,
+        told: Option<crate::enforce::Told<'_>>,
+    ) -> anyhow::Result<ApplyKind> {
+        let desired = Arc::new(desired);
         let result = (|| {
             if !desired
                 .vm
@@ -593,7 +613,10 @@ impl Shared {
             let grants = desired.grants.len();
             let stats = {
                 let _seq = SeqGuard::enter(&self.apply_seq);
-                enforcer.apply(desired.clone(), Timestamp::now())?
+                match told {
+                    Some(t) => enforcer.apply_change(desired.clone(), t, Timestamp::now())?,
+                    None => enforcer.apply(desired.clone(), Timestamp::now())?,
+                }
             };
             if stats.kind == ApplyKind::Full {
                 // The watchdog reads the new table back at once, off this path, as
@@ -609,7 +632,7 @@ impl Shared {
         if let Ok(mut p) = self.progress.lock() {
             match &result {
                 Ok(_) => {
-                    p.last = Some(Arc::new(desired));
+                    p.last = Some(desired);
                     p.applied_at = Some(Timestamp::now().to_string());
                     p.error = None;
                 }
@@ -650,11 +673,8 @@ impl Shared {
         // log has grown past the whole state (or nothing was saved by this process),
         // the whole state.
         let logged = match saved.as_mut() {
-            Some(s)
-                if s.log_bytes <= s.whole_bytes.max(LOG_AT_LEAST)
-                    && s.state.grants.is_sorted()
-                    && last.grants.is_sorted() =>
-            {
+            // (Grants of a decoded or delta-built state are sorted, as `delta` needs.)
+            Some(s) if s.log_bytes <= s.whole_bytes.max(LOG_AT_LEAST) => {
                 let delta =
                     jitgate_proto::delta(&s.state.revision, &s.state.grants, &last.grants, &head);
                 Some(state.append_applied(&delta).map(|n| {

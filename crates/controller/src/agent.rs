@@ -169,6 +169,14 @@ pub async fn desired(
             && let Some(k) = known.as_deref()
             && let Some(base) = state.vm_changes.of_revision(&vm, k, protocol)
         {
+            if let Some(c) = built.change_since(base.revision()) {
+                return Json(jitgate_proto::delta_of(
+                    k,
+                    &c.added,
+                    &c.removed,
+                    &built.head_for(protocol),
+                ));
+            }
             return Json(jitgate_proto::delta(
                 k,
                 &base.grants,

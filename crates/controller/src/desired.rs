@@ -91,6 +91,16 @@ pub struct Built {
     pub upto: u64,
     /// The stamp of the read its rules and placement come from ([`VmChanges::begin`]).
     head_stamp: u64,
+    /// The state it was built on (its revision) and what changed since: an agent that
+    /// has that state is answered with this change, with no walk of the grants.
+    from: Option<(String, Change)>,
+}
+
+/// The grants a state added to, and removed from, the one it was built on.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub added: Vec<GrantRef>,
+    pub removed: Vec<GrantRef>,
 }
 
 impl Built {
@@ -107,7 +117,7 @@ impl Built {
     ) -> Self {
         let rules = jitgate_proto::rules_to_wire(rules);
         let gateway = gateway.map(jitgate_proto::WireGateway::from_placement);
-        Self::from_wire(vm, rules, gateway, grants, base, upto, now, 0)
+        Self::from_wire(vm, rules, gateway, grants, base, None, upto, now, 0)
     }
 
     /// [`Built::new`] with the rules and placement in their wire form, read at
@@ -119,13 +129,35 @@ impl Built {
         gateway: Option<jitgate_proto::WireGateway>,
         grants: Vec<GrantRef>,
         base: Option<&Built>,
+        change: Option<Change>,
         upto: u64,
         now: Timestamp,
         head_stamp: u64,
     ) -> Self {
-        let digest = match base {
-            None => jitgate_proto::GrantDigest::of(&grants),
-            Some(b) => {
+        let mut next_end = None;
+        let digest = match (base, &change) {
+            (None, _) => jitgate_proto::GrantDigest::of(&grants),
+            // What changed is known: hash only that.
+            (Some(b), Some(c)) => {
+                let mut d = b.digest;
+                for g in &c.removed {
+                    d.remove(g);
+                }
+                for g in &c.added {
+                    d.add(g);
+                }
+                // The first end stays unless the grant holding it left.
+                if !c.removed.iter().any(|g| Some(g.end) == b.next_end) {
+                    next_end = Some(
+                        b.next_end
+                            .into_iter()
+                            .chain(c.added.iter().map(|g| g.end))
+                            .min(),
+                    );
+                }
+                d
+            }
+            (Some(b), None) => {
                 // Both lists are sorted: walk them together, hash what differs.
                 let mut d = b.digest;
                 let (old, new) = (&b.grants[..], &grants[..]);
@@ -169,13 +201,23 @@ impl Built {
                 requires: jitgate_proto::requires_for(gateway.as_ref()),
                 gateway,
             },
-            next_end: grants.iter().map(|g| g.end).min(),
+            next_end: next_end.unwrap_or_else(|| grants.iter().map(|g| g.end).min()),
             grants,
             digest,
             revision_v1: std::sync::OnceLock::new(),
             upto,
             head_stamp,
+            from: base.zip(change).map(|(b, c)| (b.revision().to_owned(), c)),
         }
+    }
+
+    /// What changed since the state of revision `base` (scheme 2), when this state was
+    /// built on it.
+    pub fn change_since(&self, base: &str) -> Option<&Change> {
+        self.from
+            .as_ref()
+            .filter(|(b, _)| b == base)
+            .map(|(_, c)| c)
     }
 
     /// The revision (scheme 2).
@@ -460,7 +502,7 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
     let base = state.vm_changes.newest(vm);
     let after = base.as_ref().map_or(0, |b| b.upto);
     let changes = state.store.grant_changes(vm, after, now).await?;
-    let grants = patch_grants(
+    let (grants, change) = patch_grants(
         base.as_ref().map_or(&[][..], |b| &b.grants),
         base.as_ref().and_then(|b| b.next_end),
         &changes.rows,
@@ -491,6 +533,7 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
         gateway,
         grants,
         base.as_deref(),
+        change,
         changes.upto,
         now,
         head_stamp,
@@ -509,27 +552,39 @@ fn patch_grants(
     base_ends: Option<Timestamp>,
     rows: &[(jitgate_store::Grant, bool)],
     now: Timestamp,
-) -> Vec<GrantRef> {
+) -> (Vec<GrantRef>, Option<Change>) {
     let added = rows
         .iter()
         .filter(|(g, live)| *live && g.end > now)
         .map(|(g, _)| g.to_ref());
     if rows.len() <= 64 && base_ends.is_none_or(|e| e > now) {
         let mut grants = base.to_vec();
+        let (mut added_now, mut removed) = (Vec::new(), Vec::new());
         // Grants sort by request, port and protocol first: a row's grants are a run.
         for (g, _) in rows {
             let key = (g.request, g.number, g.protocol);
             let from = grants.partition_point(|x| (x.request, x.number, x.protocol) < key);
             let to =
                 from + grants[from..].partition_point(|x| (x.request, x.number, x.protocol) == key);
-            grants.drain(from..to);
+            removed.extend(grants.drain(from..to));
         }
         for g in added {
             if let Err(at) = grants.binary_search(&g) {
-                grants.insert(at, g);
+                grants.insert(at, g.clone());
+                // A row written again unchanged is neither added nor removed.
+                match removed.iter().position(|r| *r == g) {
+                    Some(i) => {
+                        removed.swap_remove(i);
+                    }
+                    None => added_now.push(g),
+                }
             }
         }
-        return grants;
+        let change = Change {
+            added: added_now,
+            removed,
+        };
+        return (grants, Some(change));
     }
     let changed: std::collections::HashSet<_> = rows
         .iter()
@@ -543,7 +598,7 @@ fn patch_grants(
     grants.extend(added);
     grants.sort_unstable();
     grants.dedup();
-    grants
+    (grants, None)
 }
 
 #[cfg(test)]
@@ -582,6 +637,7 @@ mod tests {
             next_end: end,
             upto: 0,
             head_stamp: 0,
+            from: None,
         })
     }
 
@@ -609,6 +665,7 @@ mod tests {
                 &rows.iter().map(|g| (g.clone(), true)).collect::<Vec<_>>(),
                 t,
             )
+            .0
         };
         let base = refs(&[row(1, 22, 100), row(3, 22, 300), row(2, 22, 10)]);
         assert!(base.windows(2).all(|w| w[0] < w[1]), "sorted");
@@ -622,7 +679,8 @@ mod tests {
                 (row(0, 22, 50), true),
             ],
             at(20),
-        );
+        )
+        .0;
         // 2 ended at 10, 3 was revoked, 0 and 4 are new.
         assert_eq!(
             next,
@@ -634,21 +692,56 @@ mod tests {
             next.iter().map(|g| g.end).min(),
             &[(row(1, 22, 200), true)],
             at(20),
-        );
+        )
+        .0;
         assert_eq!(
             moved,
             refs(&[row(0, 22, 50), row(1, 22, 200), row(4, 3389, 400)])
         );
-        // The copy-and-search path (nothing ended) and the filtering one agree.
+        // The copy-and-search path (nothing ended) and the filtering one agree; the
+        // first also says what changed, and a state built with that change is the one
+        // built by walking both lists. A row written again unchanged is no change.
         let rows = [
             (row(1, 22, 200), true),
             (row(0, 22, 50), false),
             (row(5, 443, 90), true),
+            (row(4, 3389, 400), true),
         ];
+        let first_end = next.iter().map(|g| g.end).min();
+        let (fast, change) = patch_grants(&next, first_end, &rows, at(20));
         assert_eq!(
-            patch_grants(&next, next.iter().map(|g| g.end).min(), &rows, at(20)),
-            patch_grants(&next, Some(Timestamp::MIN), &rows, at(20)),
+            fast,
+            patch_grants(&next, Some(Timestamp::MIN), &rows, at(20)).0
         );
+        let mut change = change.unwrap();
+        change.added.sort_unstable();
+        change.removed.sort_unstable();
+        assert_eq!(
+            (change.added, change.removed),
+            (
+                refs(&[row(1, 22, 200), row(5, 443, 90)]),
+                refs(&[row(1, 22, 100), row(0, 22, 50)])
+            )
+        );
+        let v = vm("a");
+        let on = Built::new(&v, None, &[], next.clone(), None, 1, t);
+        let (grants, change) = patch_grants(&next, first_end, &rows, at(20));
+        let walked = Built::new(&v, None, &[], grants.clone(), Some(&on), 2, t);
+        let told = Built::from_wire(
+            &v,
+            Vec::new(),
+            None,
+            grants,
+            Some(&on),
+            change.clone(),
+            2,
+            t,
+            0,
+        );
+        assert_eq!(told.revision(), walked.revision());
+        assert_eq!(told.next_end, walked.next_end);
+        assert_eq!(told.change_since(on.revision()), change.as_ref());
+        assert!(told.change_since(walked.revision()).is_none());
 
         // A state built on another carries its digest and is what `encode` builds.
         let v = vm("a");

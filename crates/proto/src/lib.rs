@@ -470,6 +470,31 @@ pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], to: &DesiredState) 
             (None, None) => break,
         }
     }
+    delta_with(base, added, removed, to)
+}
+
+/// The delta from the state of revision `base` to `to`, given what it adds and
+/// removes (a controller that knows what changed need not walk both lists).
+pub fn delta_of(
+    base: &str,
+    added: &[GrantRef],
+    removed: &[GrantRef],
+    to: &DesiredState,
+) -> DesiredState {
+    delta_with(
+        base,
+        added.iter().map(grant_to_wire).collect(),
+        removed.iter().map(grant_to_wire).collect(),
+        to,
+    )
+}
+
+fn delta_with(
+    base: &str,
+    added: Vec<WireGrant>,
+    removed: Vec<WireGrant>,
+    to: &DesiredState,
+) -> DesiredState {
     DesiredState {
         vm: to.vm.clone(),
         revision: to.revision.clone(),
@@ -491,6 +516,21 @@ pub fn delta(base: &str, old: &[GrantRef], new: &[GrantRef], to: &DesiredState) 
 /// which the agent does off the path of the change ([`revision_matches`]) and, on a
 /// mismatch, asks for the whole state.
 pub fn apply_delta(prev: &Desired, d: &DesiredState) -> Result<Desired, String> {
+    apply_delta_parts(prev, d).map(|a| a.state)
+}
+
+/// A delta applied: the state it leads to, and the grants it added and removed
+/// (sorted), so that enforcing it need not compare every grant again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaApplied {
+    pub state: Desired,
+    pub added: Vec<GrantRef>,
+    pub removed: Vec<GrantRef>,
+}
+
+/// [`apply_delta`], with what it added and removed. One pass over `prev`'s grants
+/// (sorted, as [`decode`] and this function leave them).
+pub fn apply_delta_parts(prev: &Desired, d: &DesiredState) -> Result<DeltaApplied, String> {
     check_protocol(d)?;
     if d.base.as_deref() != Some(prev.revision.as_str()) {
         return Err(format!(
@@ -521,38 +561,48 @@ pub fn apply_delta(prev: &Desired, d: &DesiredState) -> Result<Desired, String> 
     for g in &d.grants {
         digest.add_line(&wire_line(g));
     }
-    let mut kept = Vec::with_capacity(prev.grants.len() + added.len());
-    let mut found = 0;
-    for g in &prev.grants {
-        if removed.binary_search(g).is_ok() {
-            found += 1;
+    // `prev`'s grants are sorted; a state decoded elsewhere is sorted first.
+    let sorted_copy;
+    let prev_grants: &[GrantRef] = if prev.grants.is_sorted() {
+        &prev.grants
+    } else {
+        let mut g = prev.grants.clone();
+        g.sort_unstable();
+        sorted_copy = g;
+        &sorted_copy
+    };
+    // One merge of three sorted lists: `prev` without `removed`, with `added`.
+    let mut grants = Vec::with_capacity(prev_grants.len() + added.len());
+    let (mut r, mut a) = (0, 0);
+    for g in prev_grants {
+        while a < added.len() && added[a] < *g {
+            grants.push(added[a].clone());
+            a += 1;
+        }
+        let gone = removed.get(r) == Some(g);
+        if gone {
+            r += 1;
+        } else if added.get(a) == Some(g) {
+            return Err("grants: a grant that the applied state already holds".to_owned());
         } else {
-            kept.push(g.clone());
+            grants.push(g.clone());
         }
     }
-    if found != removed.len() {
+    if r != removed.len() {
         return Err("removed: a grant that the applied state does not hold".to_owned());
     }
-    kept.sort_unstable();
-    let mut grants = Vec::with_capacity(kept.len() + added.len());
-    let mut kept = kept.into_iter().peekable();
-    for a in added {
-        while let Some(k) = kept.next_if(|k| *k < a) {
-            grants.push(k);
-        }
-        if kept.peek() == Some(&a) {
-            return Err("grants: a grant that the applied state already holds".to_owned());
-        }
-        grants.push(a);
-    }
-    grants.extend(kept);
-    Ok(Desired {
-        vm,
-        revision: d.revision.clone(),
-        rules,
-        grants,
-        gateway: decode_gateway(d)?,
-        digest,
+    grants.extend(added[a..].iter().cloned());
+    Ok(DeltaApplied {
+        state: Desired {
+            vm,
+            revision: d.revision.clone(),
+            rules,
+            grants,
+            gateway: decode_gateway(d)?,
+            digest,
+        },
+        added,
+        removed,
     })
 }
 
@@ -600,7 +650,11 @@ pub fn decode(d: &DesiredState) -> Result<Desired, String> {
         vm,
         revision: d.revision.clone(),
         rules: decode_rules(&d.rules)?,
-        grants: decode_grants("grants", &d.grants)?,
+        grants: {
+            let mut g = decode_grants("grants", &d.grants)?;
+            g.sort_unstable();
+            g
+        },
         gateway: decode_gateway(d)?,
         digest,
     })
@@ -1059,7 +1113,13 @@ mod tests {
                 + new.iter().filter(|g| !old.contains(g)).count();
             prop_assert_eq!(d.grants.len() + d.removed.len(), changed);
             let wire: DesiredState = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
-            let next = apply_delta(&prev, &wire).unwrap();
+            let parts = apply_delta_parts(&prev, &wire).unwrap();
+            let mut added: Vec<GrantRef> = new.iter().filter(|g| !old.contains(g)).cloned().collect();
+            let mut removed: Vec<GrantRef> = old.iter().filter(|g| !new.contains(g)).cloned().collect();
+            added.sort_unstable();
+            removed.sort_unstable();
+            prop_assert_eq!((&parts.added, &parts.removed), (&added, &removed));
+            let next = parts.state;
             prop_assert_eq!(&next, &decode(&full).unwrap());
             prop_assert!(revision_matches(&next, t0()));
         }
@@ -1693,7 +1753,10 @@ mod tests {
                     (&s.name, s.priority, s.access, s.protocol, &s.sources, &s.ports, &s.description)
                 );
             }
-            prop_assert_eq!(got.grants, grants);
+            // Decoded grants are sorted (the order deltas are applied in).
+            let mut want = grants.clone();
+            want.sort_unstable();
+            prop_assert_eq!(got.grants, want);
         }
     }
 
