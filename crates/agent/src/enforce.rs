@@ -312,6 +312,8 @@ pub struct Enforcer {
     /// How long recent commits took: the kernel starts an element's timeout when the
     /// transaction commits, not when it is planned.
     recent: Duration,
+    /// The elements the last delta deleted or added (empty after a full rebuild).
+    last_changed: Vec<Element>,
 }
 
 /// The kernel keeps element timeouts in jiffies: an element may outlive its timeout by up
@@ -350,6 +352,7 @@ impl Enforcer {
             socket,
             applied: None,
             recent: Duration::from_millis(20),
+            last_changed: Vec::new(),
         }
     }
 
@@ -466,6 +469,7 @@ impl Enforcer {
         now: Timestamp,
     ) -> anyhow::Result<ApplyStats> {
         self.applied = None;
+        self.last_changed.clear();
         let applied = Applied::build(rules, state, now);
         let elements = applied.all_elements();
         let started = Instant::now();
@@ -496,6 +500,8 @@ impl Enforcer {
         now: Timestamp,
     ) -> anyhow::Result<Option<ApplyStats>> {
         let (dels, adds) = applied.change(added, removed, now);
+        self.last_changed.clear();
+        self.last_changed.extend(dels.iter().chain(&adds).copied());
         // Elements too close to their end to be written are left out of `adds` by
         // the planner already (see `nft::timeout_ms`).
         let mut ops: Vec<SetOp> = dels.iter().map(|e| SetOp::Del(*e)).collect();
@@ -538,6 +544,11 @@ impl Enforcer {
             added: adds.len(),
             already_gone,
         }))
+    }
+
+    /// The elements the last apply deleted or added, when it was a delta.
+    pub fn last_changed(&self) -> &[Element] {
+        &self.last_changed
     }
 
     /// Forgets what was applied, so the next apply rebuilds the whole table.

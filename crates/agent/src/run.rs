@@ -63,6 +63,11 @@ struct Shared {
     /// A read-back is trusted only when the number is even and unchanged across it,
     /// so reading the table never holds up an apply.
     apply_seq: std::sync::atomic::AtomicU64,
+    /// Counts full rebuilds, bumped under the enforcer's lock.
+    full_applies: std::sync::atomic::AtomicU64,
+    /// While an element check reads the kernel: the elements deltas changed
+    /// meanwhile (added under the enforcer's lock), which that check leaves out.
+    in_flux: Mutex<Option<std::collections::HashSet<ElementKey>>>,
     /// Wakes the watchdog to read the table back right after an apply.
     baseline_wanted: tokio::sync::Notify,
     /// Wakes the watchdog when the kernel announces a change of the table by another
@@ -425,6 +430,10 @@ impl Shared {
         if before % 2 == 1 {
             return DriftCheck::Retry;
         }
+        let full_before = self.full_applies.load(Ordering::Acquire);
+        if elements && let Ok(mut flux) = self.in_flux.lock() {
+            *flux = Some(Default::default());
+        }
         let listing = match self.counter_nft.list_table_terse_json() {
             Ok(l) => l,
             Err(e) => {
@@ -442,8 +451,9 @@ impl Shared {
             },
             _ => None,
         };
-        // What the agent applied, taken after the read-back: unchanged if no apply
-        // ran meanwhile (checked next).
+        // What the agent applied, taken after the read-back, and the elements deltas
+        // changed while it read (left out of the comparison: the read may have seen
+        // them before or after).
         let expected = match &held {
             Some(_) => match self.enforcer.lock() {
                 Ok(e) => Some(e.applied_elements()),
@@ -451,8 +461,19 @@ impl Shared {
             },
             None => None,
         };
-        if self.apply_seq.load(Ordering::Acquire) != before {
-            // An apply ran meanwhile: this listing belongs to no single state.
+        let flux = self
+            .in_flux
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .unwrap_or_default();
+        let applied_meanwhile = self.apply_seq.load(Ordering::Acquire) != before;
+        if self.full_applies.load(Ordering::Acquire) != full_before
+            || (applied_meanwhile && expected.is_none())
+        {
+            // The table was rebuilt meanwhile (or, without elements to compare, any
+            // apply ran): this listing belongs to no single state. Deltas change
+            // elements only, which are compared without the ones they touched.
             return DriftCheck::Retry;
         }
         let mut changes = match (&listing, self.baseline.lock().as_deref_mut()) {
@@ -471,6 +492,23 @@ impl Shared {
             },
         };
         if let (Some((at, held)), Some(expected)) = (&held, &expected) {
+            let settled: Vec<jitgate_core::nft::Element>;
+            let held_settled: Vec<(&'static str, jitgate_core::nfnl::Held)>;
+            let (expected, held): (&[_], &[_]) = if flux.is_empty() {
+                (expected, held)
+            } else {
+                settled = expected
+                    .iter()
+                    .filter(|e| !flux.contains(&element_key(e)))
+                    .copied()
+                    .collect();
+                held_settled = held
+                    .iter()
+                    .filter(|(set, h)| !flux.contains(&(*set, h.net, h.proto, h.port)))
+                    .cloned()
+                    .collect();
+                (&settled, &held_settled)
+            };
             changes.extend(crate::drift::compare_elements(
                 expected,
                 held,
@@ -618,6 +656,16 @@ impl Shared {
                     None => enforcer.apply(desired.clone(), Timestamp::now())?,
                 }
             };
+            // Still under the enforcer's lock: an element check that takes it after
+            // reading the kernel sees what changed while it read.
+            if stats.kind == ApplyKind::Full {
+                self.full_applies
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            } else if let Ok(mut flux) = self.in_flux.lock()
+                && let Some(keys) = flux.as_mut()
+            {
+                keys.extend(enforcer.last_changed().iter().map(element_key));
+            }
             if stats.kind == ApplyKind::Full {
                 // The watchdog reads the new table back at once, off this path, as
                 // the baseline of its structure (a delta changes only elements).
@@ -759,6 +807,18 @@ impl Shared {
     }
 }
 
+/// An element's identity in the kernel: its set, network, protocol and port.
+type ElementKey = (
+    &'static str,
+    ipnet::IpNet,
+    jitgate_core::nft::L4,
+    jitgate_core::net::Port,
+);
+
+fn element_key(e: &jitgate_core::nft::Element) -> ElementKey {
+    (e.set(), e.net, e.proto, e.port)
+}
+
 /// Holds the apply sequence odd for the duration of an apply (see `Shared::apply_seq`),
 /// even on an early return.
 struct SeqGuard<'a>(&'a std::sync::atomic::AtomicU64);
@@ -878,6 +938,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         enforcer: Mutex::new(enforcer),
         baseline: Mutex::new(None),
         apply_seq: std::sync::atomic::AtomicU64::new(0),
+        full_applies: std::sync::atomic::AtomicU64::new(0),
+        in_flux: Mutex::new(None),
         baseline_wanted: tokio::sync::Notify::new(),
         table_changed: tokio::sync::Notify::new(),
         gateway_changed: Arc::new(tokio::sync::Notify::new()),

@@ -177,10 +177,15 @@ pub async fn desired(
                     &built.head_for(protocol),
                 ));
             }
+            // Two or more states behind: compare the grants.
+            let (old, new): (Vec<_>, Vec<_>) = (
+                base.grants.iter().cloned().collect(),
+                built.grants.iter().cloned().collect(),
+            );
             return Json(jitgate_proto::delta(
                 k,
-                &base.grants,
-                &built.grants,
+                &old,
+                &new,
                 &built.head_for(protocol),
             ));
         }

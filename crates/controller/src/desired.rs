@@ -79,13 +79,17 @@ pub struct Built {
     /// The wire state without its grants ([`Built::full`] adds them); its revision is
     /// of scheme 2.
     pub head: DesiredState,
-    pub grants: Vec<GrantRef>,
+    /// Sorted, and shared with the states built from this one (a persistent set).
+    pub grants: Grants,
     digest: jitgate_proto::GrantDigest,
     /// The revision of scheme 1, for agents that speak protocol 2 or less: computed
     /// (over every grant) the first time one asks.
     revision_v1: std::sync::OnceLock<String>,
     /// The first end among its grants: from then on the state is a different one.
     pub next_end: Option<Timestamp>,
+    /// How many grants end at each time (persistent, like `grants`): the first end
+    /// after a change without a walk of every grant.
+    ends: imbl::OrdMap<Timestamp, u32>,
     /// The store's grant changes it includes ([`jitgate_store::GrantChanges::upto`]):
     /// the next state reads only those after.
     pub upto: u64,
@@ -95,6 +99,10 @@ pub struct Built {
     /// has that state is answered with this change, with no walk of the grants.
     from: Option<(String, Change)>,
 }
+
+/// A VM's grants, in order: a persistent set, so that a state built from another
+/// shares all but the tree nodes its change touched.
+pub type Grants = imbl::OrdSet<GrantRef>;
 
 /// The grants a state added to, and removed from, the one it was built on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -117,6 +125,7 @@ impl Built {
     ) -> Self {
         let rules = jitgate_proto::rules_to_wire(rules);
         let gateway = gateway.map(jitgate_proto::WireGateway::from_placement);
+        let grants: Grants = grants.into_iter().collect();
         Self::from_wire(vm, rules, gateway, grants, base, None, upto, now, 0)
     }
 
@@ -127,14 +136,14 @@ impl Built {
         vm: &VmId,
         rules: Vec<jitgate_proto::WireRule>,
         gateway: Option<jitgate_proto::WireGateway>,
-        grants: Vec<GrantRef>,
+        grants: Grants,
         base: Option<&Built>,
         change: Option<Change>,
         upto: u64,
         now: Timestamp,
         head_stamp: u64,
     ) -> Self {
-        let mut next_end = None;
+        let mut ends = None;
         let digest = match (base, &change) {
             (None, _) => jitgate_proto::GrantDigest::of(&grants),
             // What changed is known: hash only that.
@@ -146,39 +155,42 @@ impl Built {
                 for g in &c.added {
                     d.add(g);
                 }
-                // The first end stays unless the grant holding it left.
-                if !c.removed.iter().any(|g| Some(g.end) == b.next_end) {
-                    next_end = Some(
-                        b.next_end
-                            .into_iter()
-                            .chain(c.added.iter().map(|g| g.end))
-                            .min(),
-                    );
+                let mut e = b.ends.clone();
+                for g in &c.removed {
+                    if let Some(n) = e.get_mut(&g.end) {
+                        *n -= 1;
+                        if *n == 0 {
+                            e.remove(&g.end);
+                        }
+                    }
                 }
+                for g in &c.added {
+                    *e.entry(g.end).or_insert(0) += 1;
+                }
+                ends = Some(e);
                 d
             }
             (Some(b), None) => {
                 // Both lists are sorted: walk them together, hash what differs.
                 let mut d = b.digest;
-                let (old, new) = (&b.grants[..], &grants[..]);
-                let (mut i, mut j) = (0, 0);
+                let (mut old, mut new) = (b.grants.iter().peekable(), grants.iter().peekable());
                 loop {
-                    match (old.get(i), new.get(j)) {
+                    match (old.peek(), new.peek()) {
                         (Some(o), Some(n)) if o == n => {
-                            i += 1;
-                            j += 1;
+                            old.next();
+                            new.next();
                         }
                         (Some(o), Some(n)) if o < n => {
                             d.remove(o);
-                            i += 1;
+                            old.next();
                         }
                         (Some(o), None) => {
                             d.remove(o);
-                            i += 1;
+                            old.next();
                         }
                         (_, Some(n)) => {
                             d.add(n);
-                            j += 1;
+                            new.next();
                         }
                         (None, None) => break,
                     }
@@ -186,6 +198,13 @@ impl Built {
                 d
             }
         };
+        let ends = ends.unwrap_or_else(|| {
+            let mut e = imbl::OrdMap::new();
+            for g in &grants {
+                *e.entry(g.end).or_insert(0) += 1;
+            }
+            e
+        });
         let vm_text = vm.to_string();
         let revision =
             jitgate_proto::revision_of_digest(&vm_text, gateway.as_ref(), &rules, &digest);
@@ -201,7 +220,8 @@ impl Built {
                 requires: jitgate_proto::requires_for(gateway.as_ref()),
                 gateway,
             },
-            next_end: next_end.unwrap_or_else(|| grants.iter().map(|g| g.end).min()),
+            next_end: ends.keys().next().copied(),
+            ends,
             grants,
             digest,
             revision_v1: std::sync::OnceLock::new(),
@@ -502,8 +522,9 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
     let base = state.vm_changes.newest(vm);
     let after = base.as_ref().map_or(0, |b| b.upto);
     let changes = state.store.grant_changes(vm, after, now).await?;
+    let none = Grants::new();
     let (grants, change) = patch_grants(
-        base.as_ref().map_or(&[][..], |b| &b.grants),
+        base.as_ref().map_or(&none, |b| &b.grants),
         base.as_ref().and_then(|b| b.next_end),
         &changes.rows,
         now,
@@ -548,29 +569,42 @@ pub async fn agent_state(state: &AppState, vm: &VmId) -> ApiResult<Arc<Built>> {
 /// grants: while it is to come, a change of a few rows costs a copy of `base` and a
 /// search per row, with no hashing of the grants that stay.
 fn patch_grants(
-    base: &[GrantRef],
+    base: &Grants,
     base_ends: Option<Timestamp>,
     rows: &[(jitgate_store::Grant, bool)],
     now: Timestamp,
-) -> (Vec<GrantRef>, Option<Change>) {
+) -> (Grants, Option<Change>) {
     let added = rows
         .iter()
         .filter(|(g, live)| *live && g.end > now)
         .map(|(g, _)| g.to_ref());
     if rows.len() <= 64 && base_ends.is_none_or(|e| e > now) {
-        let mut grants = base.to_vec();
+        let mut grants = base.clone();
         let (mut added_now, mut removed) = (Vec::new(), Vec::new());
-        // Grants sort by request, port and protocol first: a row's grants are a run.
+        // Grants sort by request, port and protocol first: a row's grants are a run,
+        // from the least grant with that key.
         for (g, _) in rows {
             let key = (g.request, g.number, g.protocol);
-            let from = grants.partition_point(|x| (x.request, x.number, x.protocol) < key);
-            let to =
-                from + grants[from..].partition_point(|x| (x.request, x.number, x.protocol) == key);
-            removed.extend(grants.drain(from..to));
+            let least = GrantRef {
+                request: g.request,
+                number: g.number,
+                protocol: g.protocol,
+                source: jitgate_core::net::SourcePrefix::Any,
+                start: Timestamp::MIN,
+                end: Timestamp::MIN,
+            };
+            let run: Vec<GrantRef> = grants
+                .range(least..)
+                .take_while(|x| (x.request, x.number, x.protocol) == key)
+                .cloned()
+                .collect();
+            for x in run {
+                grants.remove(&x);
+                removed.push(x);
+            }
         }
         for g in added {
-            if let Err(at) = grants.binary_search(&g) {
-                grants.insert(at, g.clone());
+            if grants.insert(g.clone()).is_none() {
                 // A row written again unchanged is neither added nor removed.
                 match removed.iter().position(|r| *r == g) {
                     Some(i) => {
@@ -590,14 +624,12 @@ fn patch_grants(
         .iter()
         .map(|(g, _)| (g.request, g.number, g.protocol))
         .collect();
-    let mut grants: Vec<GrantRef> = base
+    let grants: Grants = base
         .iter()
         .filter(|g| g.end > now && !changed.contains(&(g.request, g.number, g.protocol)))
         .cloned()
+        .chain(added)
         .collect();
-    grants.extend(added);
-    grants.sort_unstable();
-    grants.dedup();
     (grants, None)
 }
 
@@ -608,6 +640,17 @@ mod tests {
     use super::*;
     use jitgate_core::ids::{ResourceGroup, VmName};
     use std::time::Duration;
+
+    /// [`patch_grants`] on lists.
+    fn patch(
+        base: &[GrantRef],
+        base_ends: Option<Timestamp>,
+        rows: &[(jitgate_store::Grant, bool)],
+        now: Timestamp,
+    ) -> (Vec<GrantRef>, Option<Change>) {
+        let (g, c) = patch_grants(&base.iter().cloned().collect(), base_ends, rows, now);
+        (g.into_iter().collect(), c)
+    }
 
     fn vm(name: &str) -> VmId {
         VmId::new(
@@ -631,10 +674,11 @@ mod tests {
         };
         Arc::new(Built {
             head: full,
-            grants: Vec::new(),
+            grants: Grants::new(),
             digest: jitgate_proto::GrantDigest::default(),
             revision_v1: std::sync::OnceLock::from(revision.to_owned()),
             next_end: end,
+            ends: imbl::OrdMap::new(),
             upto: 0,
             head_stamp: 0,
             from: None,
@@ -659,7 +703,7 @@ mod tests {
             end: at(end),
         };
         let refs = |rows: &[jitgate_store::Grant]| -> Vec<GrantRef> {
-            patch_grants(
+            patch(
                 &[],
                 None,
                 &rows.iter().map(|g| (g.clone(), true)).collect::<Vec<_>>(),
@@ -670,7 +714,7 @@ mod tests {
         let base = refs(&[row(1, 22, 100), row(3, 22, 300), row(2, 22, 10)]);
         assert!(base.windows(2).all(|w| w[0] < w[1]), "sorted");
         let first_end = base.iter().map(|g| g.end).min();
-        let next = patch_grants(
+        let next = patch(
             &base,
             first_end,
             &[
@@ -687,7 +731,7 @@ mod tests {
             refs(&[row(0, 22, 50), row(1, 22, 100), row(4, 3389, 400)])
         );
         // A row changed while initiated replaces its old values.
-        let moved = patch_grants(
+        let moved = patch(
             &next,
             next.iter().map(|g| g.end).min(),
             &[(row(1, 22, 200), true)],
@@ -708,11 +752,8 @@ mod tests {
             (row(4, 3389, 400), true),
         ];
         let first_end = next.iter().map(|g| g.end).min();
-        let (fast, change) = patch_grants(&next, first_end, &rows, at(20));
-        assert_eq!(
-            fast,
-            patch_grants(&next, Some(Timestamp::MIN), &rows, at(20)).0
-        );
+        let (fast, change) = patch(&next, first_end, &rows, at(20));
+        assert_eq!(fast, patch(&next, Some(Timestamp::MIN), &rows, at(20)).0);
         let mut change = change.unwrap();
         change.added.sort_unstable();
         change.removed.sort_unstable();
@@ -725,13 +766,13 @@ mod tests {
         );
         let v = vm("a");
         let on = Built::new(&v, None, &[], next.clone(), None, 1, t);
-        let (grants, change) = patch_grants(&next, first_end, &rows, at(20));
+        let (grants, change) = patch(&next, first_end, &rows, at(20));
         let walked = Built::new(&v, None, &[], grants.clone(), Some(&on), 2, t);
         let told = Built::from_wire(
             &v,
             Vec::new(),
             None,
-            grants,
+            grants.into_iter().collect(),
             Some(&on),
             change.clone(),
             2,
