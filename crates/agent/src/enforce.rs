@@ -258,50 +258,68 @@ pub struct Told<'a> {
     pub removed: &'a [GrantRef],
 }
 
-/// Whether `g`'s key is held by exactly one grant of `grants` (sorted by key).
-fn one_of_key(grants: &[GrantRef], g: &GrantRef) -> bool {
+/// Whether `g`'s key is held by exactly one grant of `grants` (in order, so a key's
+/// grants follow the least grant with that key).
+fn one_of_key(grants: &jitgate_proto::Grants, g: &GrantRef) -> bool {
+    let least = GrantRef {
+        request: g.request,
+        number: g.number,
+        protocol: jitgate_core::net::Protocol::Tcp,
+        source: jitgate_core::net::SourcePrefix::Any,
+        start: Timestamp::MIN,
+        end: Timestamp::MIN,
+    };
     let k = key(g);
-    let from = grants.partition_point(|x| key(x) < k);
-    grants[from..].iter().take_while(|x| key(x) == k).count() == 1
+    grants
+        .range(least..)
+        .take_while(|x| key(x) == k)
+        .take(2)
+        .count()
+        == 1
 }
 
 /// True when the keys strictly increase: sorted, and no key twice.
-fn strictly_sorted(grants: &[GrantRef]) -> bool {
-    grants.windows(2).all(|w| key(&w[0]) < key(&w[1]))
+fn strictly_sorted<'a>(grants: impl IntoIterator<Item = &'a GrantRef>) -> bool {
+    let mut last = None;
+    grants.into_iter().all(|g| {
+        let k = key(g);
+        let up = last.is_none_or(|l| l < k);
+        last = Some(k);
+        up
+    })
 }
 
 /// The grants in `new` and not in `old`, and in `old` and not in `new`, for lists
 /// whose keys strictly increase. A grant whose key is in both but whose content
 /// changed is in both results.
 fn changed<'o, 'n>(
-    old: &'o [GrantRef],
-    new: &'n [GrantRef],
+    old: impl IntoIterator<Item = &'o GrantRef>,
+    new: impl IntoIterator<Item = &'n GrantRef>,
 ) -> (Vec<&'n GrantRef>, Vec<&'o GrantRef>) {
     let (mut added, mut removed) = (Vec::new(), Vec::new());
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() && j < new.len() {
-        let (a, b) = (&old[i], &new[j]);
+    let (mut old, mut new) = (old.into_iter().peekable(), new.into_iter().peekable());
+    while let (Some(a), Some(b)) = (old.peek().copied(), new.peek().copied()) {
         match key(a).cmp(&key(b)) {
             std::cmp::Ordering::Equal => {
                 if a != b {
                     removed.push(a);
                     added.push(b);
                 }
-                i += 1;
-                j += 1;
+                old.next();
+                new.next();
             }
             std::cmp::Ordering::Less => {
                 removed.push(a);
-                i += 1;
+                old.next();
             }
             std::cmp::Ordering::Greater => {
                 added.push(b);
-                j += 1;
+                new.next();
             }
         }
     }
-    removed.extend(&old[i..]);
-    added.extend(&new[j..]);
+    removed.extend(old);
+    added.extend(new);
     (added, removed)
 }
 
@@ -413,21 +431,9 @@ impl Enforcer {
                 .is_some_and(|a| a.by_key && a.state.revision == t.base)
                 && t.added.iter().all(|g| one_of_key(&desired.grants, g))
         });
-        let (desired, by_key) = if told.is_some() {
-            (desired, true)
-        } else {
-            // One pass in the common case (the controller sends them in order).
-            match strictly_sorted(&desired.grants) {
-                true => (desired, true),
-                false => {
-                    let mut d = (*desired).clone();
-                    d.grants.sort_unstable();
-                    d.grants.dedup();
-                    let by_key = strictly_sorted(&d.grants);
-                    (Arc::new(d), by_key)
-                }
-            }
-        };
+        // The grants are a sorted set: the keys increase unless one key has two
+        // grants (which the controller never sends).
+        let by_key = told.is_some() || strictly_sorted(&desired.grants);
 
         // Two different grants with one key (which the controller never sends) cannot
         // be walked by key: such a state is rebuilt in full.
@@ -656,7 +662,7 @@ mod tests {
             vm: jitgate_core::ids::VmId::parse("/subscriptions/20ff7fc3-e762-44dd-bd96-b71116dcdc23/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1").unwrap(),
             revision: String::new(),
             rules: Vec::new(),
-            grants: Vec::new(),
+            grants: Default::default(),
             gateway: None,
             digest: Default::default(),
         });

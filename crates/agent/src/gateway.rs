@@ -191,7 +191,7 @@ pub fn targets<D: Borrow<Desired>>(states: &[D]) -> anyhow::Result<Vec<Target>> 
                 name: d.vm.to_string(),
                 place,
                 rules: d.rules.clone(),
-                grants: d.grants.clone(),
+                grants: d.grants.iter().cloned().collect(),
             })
         })
         .collect()

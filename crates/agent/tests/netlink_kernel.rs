@@ -270,7 +270,7 @@ fn desired(rules: &[NsgRule], grants: &[GrantRef]) -> Desired {
         vm: vm(),
         revision: "r".into(),
         rules: rules.to_vec(),
-        grants: grants.to_vec(),
+        grants: grants.iter().cloned().collect(),
         gateway: None,
         digest: jitgate_proto::GrantDigest::of(grants),
     }

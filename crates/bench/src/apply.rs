@@ -77,9 +77,9 @@ fn inner_run(elements: usize) -> anyhow::Result<()> {
     let rules = vec![deny_rule()?];
     let desired = |grants: &[GrantRef], rules: &[NsgRule], rev: usize| Desired {
         vm: vm.clone(),
-        revision: format!("r{rev}"),
+        revision: format!("{rev:032x}"),
         rules: rules.to_vec(),
-        grants: grants.to_vec(),
+        grants: grants.iter().cloned().collect(),
         gateway: None,
         // The enforcer never reads the digest (the agent checks revisions, not it).
         digest: Default::default(),
@@ -89,15 +89,44 @@ fn inner_run(elements: usize) -> anyhow::Result<()> {
         bail!("no netlink socket to nf_tables: deltas would run nft");
     }
 
-    let d = desired(&grants, &rules, 0);
+    let mut cur = std::sync::Arc::new(desired(&grants, &rules, 0));
     let t = Instant::now();
-    let first_stats = enforcer.apply(d, Timestamp::now())?;
+    let first_stats = enforcer.apply(cur.clone(), Timestamp::now())?;
     let first = t.elapsed();
     assert_kind(first_stats.kind, ApplyKind::Full)?;
 
+    // As the agent takes a delta from the controller: applied to the state it holds
+    // (a persistent set: the change, not a copy), then enforced as the change it is.
+    let head = jitgate_proto::encode(&vm, None, &rules, std::iter::empty(), now);
+    let mut step =
+        |cur: &mut std::sync::Arc<Desired>,
+         added: &[GrantRef],
+         removed: &[GrantRef],
+         rev: usize|
+         -> anyhow::Result<(std::time::Duration, jitgate_agent::enforce::ApplyStats)> {
+            let to = jitgate_proto::DesiredState {
+                revision: format!("{rev:032x}"),
+                ..head.clone()
+            };
+            let wire = jitgate_proto::delta_of(&cur.revision, added, removed, &to);
+            let t = Instant::now();
+            let a = jitgate_proto::apply_delta_parts(cur, &wire).map_err(anyhow::Error::msg)?;
+            let next = std::sync::Arc::new(a.state);
+            let told = jitgate_agent::enforce::Told {
+                base: &cur.revision,
+                added: &a.added,
+                removed: &a.removed,
+            };
+            let stats = enforcer.apply_change(next.clone(), told, Timestamp::now())?;
+            let took = t.elapsed();
+            *cur = next;
+            Ok((took, stats))
+        };
+
     // Each round: one single-address grant added, then one revoked; one prefix grant
-    // added and revoked. The desired state is built before the clock starts: what is
-    // timed is the agent's apply (plan, diff, netlink batch, kernel commit).
+    // added and revoked. The delta is built before the clock starts: what is timed is
+    // the agent's apply (the delta applied to its state, the plan, the netlink batch,
+    // the kernel commit).
     let mut add = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut add_kernel = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut remove = hdrhistogram::Histogram::<u64>::new(3)?;
@@ -106,20 +135,17 @@ fn inner_run(elements: usize) -> anyhow::Result<()> {
     let mut rev = 1;
     let rounds = 200u32;
     for k in 0..rounds {
-        grants.push(grant(elements as u32 + k, Timestamp::now())?);
-        let d = desired(&grants, &rules, rev);
-        let t = Instant::now();
-        let stats = enforcer.apply(d, Timestamp::now())?;
-        add.record(t.elapsed().as_micros() as u64)?;
+        let g = grant(elements as u32 + k, Timestamp::now())?;
+        let (took, stats) = step(&mut cur, std::slice::from_ref(&g), &[], rev)?;
+        add.record(took.as_micros() as u64)?;
         add_kernel.record(stats.kernel.as_micros() as u64)?;
         assert_kind(stats.kind, ApplyKind::Delta)?;
+        grants.push(g);
         rev += 1;
 
-        grants.remove(k as usize);
-        let d = desired(&grants, &rules, rev);
-        let t = Instant::now();
-        let stats = enforcer.apply(d, Timestamp::now())?;
-        remove.record(t.elapsed().as_micros() as u64)?;
+        let gone = grants.remove(k as usize);
+        let (took, stats) = step(&mut cur, &[], std::slice::from_ref(&gone), rev)?;
+        remove.record(took.as_micros() as u64)?;
         remove_kernel.record(stats.kernel.as_micros() as u64)?;
         assert_kind(stats.kind, ApplyKind::Delta)?;
         rev += 1;
@@ -127,15 +153,10 @@ fn inner_run(elements: usize) -> anyhow::Result<()> {
         let mut p = grant(2_000_000_000 + k, Timestamp::now())?;
         p.source = SourcePrefix::parse(&format!("192.168.{}.0/24", k % 256))
             .map_err(anyhow::Error::msg)?;
-        grants.push(p);
-        let d = desired(&grants, &rules, rev);
-        let t = Instant::now();
-        let stats = enforcer.apply(d, Timestamp::now())?;
+        let (took1, stats) = step(&mut cur, std::slice::from_ref(&p), &[], rev)?;
         assert_kind(stats.kind, ApplyKind::Delta)?;
-        grants.pop();
-        let d = desired(&grants, &rules, rev + 1);
-        let stats2 = enforcer.apply(d, Timestamp::now())?;
-        prefix.record(t.elapsed().as_micros() as u64)?;
+        let (took2, stats2) = step(&mut cur, &[], std::slice::from_ref(&p), rev + 1)?;
+        prefix.record((took1 + took2).as_micros() as u64)?;
         assert_kind(stats2.kind, ApplyKind::Delta)?;
         rev += 2;
     }

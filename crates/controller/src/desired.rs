@@ -102,7 +102,7 @@ pub struct Built {
 
 /// A VM's grants, in order: a persistent set, so that a state built from another
 /// shares all but the tree nodes its change touched.
-pub type Grants = imbl::OrdSet<GrantRef>;
+pub use jitgate_proto::Grants;
 
 /// The grants a state added to, and removed from, the one it was built on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
