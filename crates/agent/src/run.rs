@@ -723,8 +723,12 @@ impl Shared {
         let logged = match saved.as_mut() {
             // (Grants of a decoded or delta-built state are sorted, as `delta` needs.)
             Some(s) if s.log_bytes <= s.whole_bytes.max(LOG_AT_LEAST) => {
-                let delta =
-                    jitgate_proto::delta(&s.state.revision, &s.state.grants, &last.grants, &head);
+                let delta = jitgate_proto::delta_between(
+                    &s.state.revision,
+                    &s.state.grants,
+                    &last.grants,
+                    &head,
+                );
                 Some(state.append_applied(&delta).map(|n| {
                     s.log_bytes += n;
                     s.state = last.clone();

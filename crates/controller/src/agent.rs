@@ -177,15 +177,12 @@ pub async fn desired(
                     &built.head_for(protocol),
                 ));
             }
-            // Two or more states behind: compare the grants.
-            let (old, new): (Vec<_>, Vec<_>) = (
-                base.grants.iter().cloned().collect(),
-                built.grants.iter().cloned().collect(),
-            );
-            return Json(jitgate_proto::delta(
+            // Two or more states behind: compare the grants (their shared parts are
+            // skipped).
+            return Json(jitgate_proto::delta_between(
                 k,
-                &old,
-                &new,
+                &base.grants,
+                &built.grants,
                 &built.head_for(protocol),
             ));
         }

@@ -489,6 +489,19 @@ pub fn delta<'a, 'b>(
     delta_with(base, added, removed, to)
 }
 
+/// [`delta`] between two sets of grants, visiting only the parts of the sets that
+/// are not shared (two states made from one another differ by a few tree nodes).
+pub fn delta_between(base: &str, old: &Grants, new: &Grants, to: &DesiredState) -> DesiredState {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    for item in old.diff(new) {
+        match item {
+            imbl::ordset::DiffItem::Add(g) => added.push(grant_to_wire(g)),
+            imbl::ordset::DiffItem::Remove(g) => removed.push(grant_to_wire(g)),
+        }
+    }
+    delta_with(base, added, removed, to)
+}
+
 /// The delta from the state of revision `base` to `to`, given what it adds and
 /// removes (a controller that knows what changed need not walk both lists).
 pub fn delta_of(
@@ -1105,6 +1118,9 @@ mod tests {
                 + new.iter().filter(|g| !old.contains(g)).count();
             prop_assert_eq!(d.grants.len() + d.removed.len(), changed);
             let wire: DesiredState = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+            let prev_set: Grants = old.iter().cloned().collect();
+            let next_set: Grants = new.iter().cloned().collect();
+            prop_assert_eq!(&delta_between(&prev.revision, &prev_set, &next_set, &full), &d);
             let parts = apply_delta_parts(&prev, &wire).unwrap();
             let mut added: Vec<GrantRef> = new.iter().filter(|g| !old.contains(g)).cloned().collect();
             let mut removed: Vec<GrantRef> = old.iter().filter(|g| !new.contains(g)).cloned().collect();
