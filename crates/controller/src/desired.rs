@@ -171,28 +171,12 @@ impl Built {
                 d
             }
             (Some(b), None) => {
-                // Both lists are sorted: walk them together, hash what differs.
+                // The two sets share most of their tree: hash what differs.
                 let mut d = b.digest;
-                let (mut old, mut new) = (b.grants.iter().peekable(), grants.iter().peekable());
-                loop {
-                    match (old.peek(), new.peek()) {
-                        (Some(o), Some(n)) if o == n => {
-                            old.next();
-                            new.next();
-                        }
-                        (Some(o), Some(n)) if o < n => {
-                            d.remove(o);
-                            old.next();
-                        }
-                        (Some(o), None) => {
-                            d.remove(o);
-                            old.next();
-                        }
-                        (_, Some(n)) => {
-                            d.add(n);
-                            new.next();
-                        }
-                        (None, None) => break,
+                for item in b.grants.diff(&grants) {
+                    match item {
+                        imbl::ordset::DiffItem::Add(g) => d.add(g),
+                        imbl::ordset::DiffItem::Remove(g) => d.remove(g),
                     }
                 }
                 d

@@ -278,24 +278,22 @@ impl GrantDigest {
 
     /// Adds a grant given as its [`grant_line`] (the JSON of its wire form, as sent).
     pub fn add_line(&mut self, line: &[u8]) {
-        let x = Self::limbs(line);
-        let mut carry = false;
-        for (a, b) in self.0.iter_mut().zip(x) {
-            let (s1, c1) = a.overflowing_add(b);
-            let (s2, c2) = s1.overflowing_add(u64::from(carry));
-            *a = s2;
-            carry = c1 || c2;
-        }
+        self.combine(Self::limbs(line), u64::overflowing_add);
     }
 
     pub fn remove_line(&mut self, line: &[u8]) {
-        let x = Self::limbs(line);
-        let mut borrow = false;
+        self.combine(Self::limbs(line), u64::overflowing_sub);
+    }
+
+    /// Adds or subtracts (by `op`) a 256-bit number, limb by limb with the carry or
+    /// borrow, modulo 2^256.
+    fn combine(&mut self, x: [u64; 4], op: fn(u64, u64) -> (u64, bool)) {
+        let mut carry = false;
         for (a, b) in self.0.iter_mut().zip(x) {
-            let (s1, b1) = a.overflowing_sub(b);
-            let (s2, b2) = s1.overflowing_sub(u64::from(borrow));
+            let (s1, c1) = op(*a, b);
+            let (s2, c2) = op(s1, u64::from(carry));
             *a = s2;
-            borrow = b1 || b2;
+            carry = c1 || c2;
         }
     }
 
