@@ -1287,6 +1287,24 @@ impl SqlStore {
         .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
     }
 
+    /// Runs a short read `f` on a pooled read connection on the calling thread (only
+    /// for reads of a few rows by index: it blocks the caller meanwhile).
+    fn read_here<T>(&self, f: impl FnOnce(&dyn Db) -> Result<T>) -> Result<T> {
+        let conn = self.readers.lock().ok().and_then(|mut v| v.pop());
+        let conn = match conn {
+            Some(c) => c,
+            None => (self.connect)()?,
+        };
+        let r = f(&*conn);
+        if conn.healthy()
+            && let Ok(mut v) = self.readers.lock()
+            && v.len() < 16
+        {
+            v.push(conn);
+        }
+        r
+    }
+
     /// Stops the writer after the queued writes; later writes fail with `Closed`.
     pub fn close(&self) {
         if let Ok(mut w) = self.writer.lock() {
@@ -2252,6 +2270,12 @@ impl Store for SqlStore {
 
     async fn grant_changes(&self, vm: &VmId, after: u64, now: Timestamp) -> Result<GrantChanges> {
         let vm = vm.key();
+        // The changes since a state kept in memory are a few rows by index: on SQLite
+        // they are read on this thread, which costs less than the two thread wake-ups
+        // of the blocking pool (this read is on the path from commit to agent).
+        if after > 0 && self.dialect == Dialect::Sqlite {
+            return self.read_here(|c| in_snapshot(c, |c| read_grant_changes(c, &vm, after, now)));
+        }
         // One snapshot: the rows and the point they run up to.
         self.read(move |c| in_snapshot(c, |c| read_grant_changes(c, &vm, after, now)))
             .await
