@@ -721,8 +721,8 @@ impl Shared {
         // log has grown past the whole state (or nothing was saved by this process),
         // the whole state.
         let logged = match saved.as_mut() {
-            // (Grants of a decoded or delta-built state are sorted, as `delta` needs.)
-            Some(s) if s.log_bytes <= s.whole_bytes.max(LOG_AT_LEAST) => {
+            // (A state for another VM, after enrolling again, is written whole.)
+            Some(s) if s.log_bytes <= s.whole_bytes.max(LOG_AT_LEAST) && s.state.vm == last.vm => {
                 let delta = jitgate_proto::delta_between(
                     &s.state.revision,
                     &s.state.grants,
