@@ -162,6 +162,11 @@ pub async fn desired(
     };
     require_agent(&state, &principal, &vm).await?;
     let known = q.get("known").cloned();
+    // The agent polls again right after applying: an initiate waiting for it to take
+    // a state learns it here.
+    if let Some(k) = &known {
+        state.vm_changes.ack(&vm, k);
+    }
     // The answer: the whole state, or, when the agent asked for deltas and the state
     // it has is still kept here, what changed since.
     let answer = |built: &Built| -> Json<DesiredState> {

@@ -828,6 +828,12 @@ pub async fn initiate(
         break_glass: break_glass.then_some(state.break_glass_max),
     };
     let audit = principal.audit_ctx(ip, now);
+    // Listening for the agents' answers starts before the change is made, so that an
+    // agent quicker than this handler is not missed.
+    let mut acks: Vec<(VmId, crate::desired::AckWait)> = asked
+        .iter()
+        .map(|v| (v.clone(), state.vm_changes.expect_ack(v)))
+        .collect();
     let (request, places) = tokio::join!(
         state.store.initiate(args, audit),
         dnat_places(&state, asked.iter())
@@ -847,6 +853,14 @@ pub async fn initiate(
         .with_target(field),
         OpError::Store(s) => s.into(),
     })?;
+    // The machines whose agent is long-polling now and that this request opens.
+    let enforced: Vec<VmId> = request
+        .vms
+        .iter()
+        .filter(|v| v.ports.iter().any(|p| p.status == PortStatus::Initiated))
+        .map(|v| v.id.clone())
+        .filter(|v| state.vm_changes.is_polled(v))
+        .collect();
     state
         .vm_changes
         .touch_grants(request.vms.iter().map(|v| &v.id));
@@ -867,6 +881,31 @@ pub async fn initiate(
         state.initiated(first_end);
     }
     let places = places?;
+    // Answered once those agents have taken the state that opens the ports (their
+    // next long-poll names it), for at most `ENFORCED_WAIT`: a client that connects
+    // as soon as it has the answer finds the port open. An agent that is offline, or
+    // slow, costs nothing or at most that wait; the answer is the same either way.
+    let deadline = tokio::time::Instant::now() + crate::desired::ENFORCED_WAIT;
+    for vm in &enforced {
+        let Some((_, wait)) = acks.iter_mut().find(|(v, _)| v.key() == vm.key()) else {
+            continue;
+        };
+        let Ok(built) = crate::desired::agent_state(&state, vm).await else {
+            continue;
+        };
+        let changes = state.vm_changes.clone();
+        wait.until(
+            |k| {
+                built.is_revision(k)
+                    || changes
+                        .current(vm, state.clock.now())
+                        .is_some_and(|b| b.is_revision(k))
+            },
+            deadline,
+        )
+        .await;
+    }
+    drop(acks);
     let mut resp = (StatusCode::ACCEPTED, Json(request_out(&request, &places))).into_response();
     if let Ok(v) = HeaderValue::from_str(&request.id.to_string()) {
         resp.headers_mut().insert("x-jitgate-request-id", v);

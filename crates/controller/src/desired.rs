@@ -28,6 +28,56 @@ use crate::error::ApiResult;
 pub struct VmChanges {
     map: Mutex<HashMap<String, watch::Sender<u64>>>,
     states: Mutex<States>,
+    /// While an initiate waits for a VM's agent ([`VmChanges::expect_ack`]): the last
+    /// revision the agent long-polled with, which it sends right after applying.
+    acks: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+}
+
+/// How long an initiate waits for the agents of its machines to take the new state
+/// before it answers anyway.
+pub const ENFORCED_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A wait for one VM's agent to take a state (see [`VmChanges::expect_ack`]).
+pub struct AckWait {
+    changes: Arc<VmChanges>,
+    key: String,
+    rx: Option<watch::Receiver<Option<String>>>,
+}
+
+impl AckWait {
+    /// Waits until the agent long-polls with a revision `taken` accepts, or until
+    /// `deadline`. True when it did.
+    pub async fn until(
+        &mut self,
+        taken: impl Fn(&str) -> bool,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let Some(rx) = self.rx.as_mut() else {
+            return false;
+        };
+        loop {
+            if rx.borrow_and_update().as_deref().is_some_and(&taken) {
+                return true;
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return false; },
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+}
+
+impl Drop for AckWait {
+    fn drop(&mut self) {
+        let mut acks = self.changes.acks.lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.rx.take());
+        if acks
+            .get(&self.key)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            acks.remove(&self.key);
+        }
+    }
 }
 
 /// At most this many VMs' states are kept (beyond, all are dropped: a cache, not a
@@ -277,6 +327,36 @@ impl Built {
 }
 
 impl VmChanges {
+    /// Starts listening for the revisions `vm`'s agent long-polls with (before the
+    /// change it is to take is made, so that no answer is missed).
+    pub fn expect_ack(self: &Arc<Self>, vm: &VmId) -> AckWait {
+        let key = vm.key();
+        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = acks
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        AckWait {
+            changes: self.clone(),
+            key,
+            rx: Some(rx),
+        }
+    }
+
+    /// `vm`'s agent long-polls with `known`: the state it has applied.
+    pub fn ack(&self, vm: &VmId, known: &str) {
+        let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = acks.get(&vm.key()) {
+            tx.send_replace(Some(known.to_owned()));
+        }
+    }
+
+    /// Whether a long-poll of `vm`'s agent is waiting now.
+    pub fn is_polled(&self, vm: &VmId) -> bool {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&vm.key()).is_some_and(|tx| tx.receiver_count() > 0)
+    }
+
     pub fn subscribe(self: &Arc<Self>, vm: &VmId) -> VmWatch {
         let key = vm.key();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -848,6 +928,54 @@ mod tests {
         assert!(!changes.head_unchanged_since(&a, again), "everything");
         // A VM whose entry is unknown (never read, or dropped) has no head to reuse.
         assert!(!changes.head_unchanged_since(&vm("c"), changes.begin(&b)));
+    }
+
+    /// Issue 15: an initiate's wait for an agent ends when the agent polls with the
+    /// revision it waits for (even one sent before the wait began, once listening),
+    /// or at its deadline; acks for VMs nobody waits for are not kept.
+    #[tokio::test]
+    async fn a_wait_for_an_agent_ends_with_its_ack_or_its_deadline() {
+        let changes = Arc::new(VmChanges::default());
+        let (a, b) = (vm("a"), vm("b"));
+        changes.ack(&a, "r0");
+        assert!(changes.acks.lock().unwrap().is_empty(), "nobody waits");
+
+        let mut wait = changes.expect_ack(&a);
+        changes.ack(&a, "r1");
+        let soon = tokio::time::Instant::now() + Duration::from_secs(10);
+        assert!(
+            wait.until(|k| k == "r1", soon).await,
+            "acked before the wait"
+        );
+
+        let later = tokio::time::Instant::now() + Duration::from_secs(10);
+        let c2 = changes.clone();
+        let acker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            c2.ack(&vm("b"), "r2");
+            c2.ack(&vm("a"), "r1-other");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            c2.ack(&vm("a"), "r2");
+        });
+        assert!(
+            wait.until(|k| k == "r2", later).await,
+            "acked while waiting"
+        );
+        acker.await.unwrap();
+
+        let start = tokio::time::Instant::now();
+        let deadline = start + Duration::from_millis(50);
+        assert!(!wait.until(|k| k == "r9", deadline).await, "never acked");
+        assert!(tokio::time::Instant::now() >= deadline);
+        drop(wait);
+        assert!(
+            changes.acks.lock().unwrap().is_empty(),
+            "gone with its waiter"
+        );
+        assert!(!changes.is_polled(&b));
+        let watch = changes.subscribe(&b);
+        assert!(changes.is_polled(&b));
+        drop(watch);
     }
 
     /// Issue 10: channels of VMs nobody watches any more are removed (the map grew by

@@ -186,3 +186,61 @@ async fn each_protocol_gets_the_revision_it_computes() {
         assert!(same.grants.is_empty() && same.removed.is_empty());
     }
 }
+
+/// Issue 15: an initiate on a machine whose agent is long-polling is answered once the
+/// agent has taken the state that opens the port (its next long-poll names it), so a
+/// client that connects on the answer finds the port open; an agent that never polls
+/// again delays the answer by a bounded wait only.
+#[tokio::test]
+async fn an_initiate_is_answered_once_the_polling_agent_has_taken_the_state() {
+    let ctl = Ctl::start().await;
+    let (vm, agent) = enroll(&ctl, "web-1").await;
+    ctl.enable("lab", &["web-1"], "*").await;
+    let poll = |known: String, wait: u32| {
+        let (ctl, agent, vm) = (&ctl, agent.clone(), vm.clone());
+        async move {
+            let r = ctl
+                .get_as(
+                    &agent,
+                    &format!(
+                        "/api/v1/agent/desired?vm={}&wait={wait}&delta=1&protocol=3&known={known}",
+                        vm.replace('/', "%2F")
+                    ),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+            serde_json::from_value::<DesiredState>(r.body).unwrap()
+        }
+    };
+    for agent_polls_again in [true, false] {
+        let d0 = desired(&ctl, &agent, &vm, "&protocol=3").await;
+        let order = std::sync::Mutex::new(Vec::new());
+        let agent_side = async {
+            let d1 = poll(d0.revision.clone(), 30).await;
+            order.lock().unwrap().push("the agent has the new state");
+            assert_eq!(d1.grants.len(), 1, "{d1:?}");
+            if agent_polls_again {
+                poll(d1.revision.clone(), 0).await;
+            }
+        };
+        let client_side = async {
+            // The long-poll is waiting before the initiate is sent.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let ports: Value = json!([{"number": 22, "duration": "PT1H"}]);
+            let r = ctl.initiate_as(OWNER, "lab", "web-1", ports).await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+            order.lock().unwrap().push("the initiate is answered");
+            r.request_id()
+        };
+        let ((), id) = tokio::join!(agent_side, client_side);
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec!["the agent has the new state", "the initiate is answered"],
+            "agent polls again: {agent_polls_again}"
+        );
+        let r = ctl
+            .post(&format!("/api/v1/requests/{id}/revoke"), json!({}))
+            .await;
+        assert!(r.status.is_success(), "{:?}", r.body);
+    }
+}
