@@ -69,14 +69,7 @@ impl AckWait {
 
 impl Drop for AckWait {
     fn drop(&mut self) {
-        let mut acks = self.changes.acks.lock().unwrap_or_else(|p| p.into_inner());
-        drop(self.rx.take());
-        if acks
-            .get(&self.key)
-            .is_some_and(|tx| tx.receiver_count() == 0)
-        {
-            acks.remove(&self.key);
-        }
+        release(&self.changes.acks, &self.key, &mut self.rx);
     }
 }
 
@@ -539,16 +532,22 @@ impl VmWatch {
 
 impl Drop for VmWatch {
     fn drop(&mut self) {
-        // Under the lock, like `subscribe`: a subscriber arriving now either finds the
-        // channel still counted or creates a fresh one, never a channel being removed.
-        let mut map = self.changes.map.lock().unwrap_or_else(|p| p.into_inner());
-        drop(self.rx.take());
-        if map
-            .get(&self.key)
-            .is_some_and(|tx| tx.receiver_count() == 0)
-        {
-            map.remove(&self.key);
-        }
+        release(&self.changes.map, &self.key, &mut self.rx);
+    }
+}
+
+/// Drops a receiver of `map`'s channel for `key`, and the channel with its last one.
+/// Under the map's lock, like subscribing: a subscriber arriving now either finds the
+/// channel still counted or creates a fresh one, never a channel being removed.
+fn release<T>(
+    map: &Mutex<HashMap<String, watch::Sender<T>>>,
+    key: &str,
+    rx: &mut Option<watch::Receiver<T>>,
+) {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    drop(rx.take());
+    if map.get(key).is_some_and(|tx| tx.receiver_count() == 0) {
+        map.remove(key);
     }
 }
 
