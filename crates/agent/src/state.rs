@@ -207,7 +207,12 @@ mod tests {
 
     fn delta(from: &[u32], to: &[u32]) -> DesiredState {
         let ((old, a), (new, b)) = (state(from), state(to));
-        jitgate_proto::delta(&a.revision, &old, &new, &b)
+        jitgate_proto::delta_between(
+            &a.revision,
+            &old.into_iter().collect(),
+            &new.into_iter().collect(),
+            &b,
+        )
     }
 
     fn grants_of(d: &DesiredState) -> Vec<String> {

@@ -452,43 +452,10 @@ pub fn grant_to_wire(g: &GrantRef) -> WireGrant {
 }
 
 /// The delta from a state whose grants were `old` (revision `base`) to `to`, whose
-/// grants are `new` (`to.grants` is not read: it may be left empty). Both lists are
-/// sorted, as the controller sends them; the delta carries what changed, so its size
-/// does not grow with the grants that stayed.
-pub fn delta<'a, 'b>(
-    base: &str,
-    old: impl IntoIterator<Item = &'a GrantRef>,
-    new: impl IntoIterator<Item = &'b GrantRef>,
-    to: &DesiredState,
-) -> DesiredState {
-    let (mut added, mut removed) = (Vec::new(), Vec::new());
-    let (mut old, mut new) = (old.into_iter().peekable(), new.into_iter().peekable());
-    loop {
-        match (old.peek(), new.peek()) {
-            (Some(o), Some(n)) if o == n => {
-                old.next();
-                new.next();
-            }
-            (Some(o), Some(n)) if o < n => {
-                removed.push(grant_to_wire(o));
-                old.next();
-            }
-            (Some(o), None) => {
-                removed.push(grant_to_wire(o));
-                old.next();
-            }
-            (_, Some(n)) => {
-                added.push(grant_to_wire(n));
-                new.next();
-            }
-            (None, None) => break,
-        }
-    }
-    delta_with(base, added, removed, to)
-}
-
-/// [`delta`] between two sets of grants, visiting only the parts of the sets that
-/// are not shared (two states made from one another differ by a few tree nodes).
+/// grants are `new` (`to.grants` is not read: it may be left empty): what changed,
+/// so its size does not grow with the grants that stayed. Only the parts of the sets
+/// that are not shared are visited (two states made from one another differ by a few
+/// tree nodes).
 pub fn delta_between(base: &str, old: &Grants, new: &Grants, to: &DesiredState) -> DesiredState {
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     for item in old.diff(new) {
@@ -1020,7 +987,8 @@ mod tests {
             ),
             ..d.clone()
         };
-        let delta = delta(&prev.revision, &prev.grants, &next_grants, &to);
+        let next_set: Grants = next_grants.iter().cloned().collect();
+        let delta = delta_between(&prev.revision, &prev.grants, &next_set, &to);
         let applied = apply_delta(&prev, &delta).unwrap();
         assert_eq!(applied.digest, GrantDigest::of(&next_grants));
         assert!(revision_matches(&applied, Timestamp::UNIX_EPOCH));
@@ -1111,14 +1079,13 @@ mod tests {
             let (old, new) = (pick(old), pick(new));
             let prev = decode(&encode(&vm(), None, &rules, &old, t0())).unwrap();
             let full = encode(&vm(), None, &rules, &new, t0());
-            let d = delta(&prev.revision, &old, &new, &full);
+            let prev_set: Grants = old.iter().cloned().collect();
+            let next_set: Grants = new.iter().cloned().collect();
+            let d = delta_between(&prev.revision, &prev_set, &next_set, &full);
             let changed = old.iter().filter(|g| !new.contains(g)).count()
                 + new.iter().filter(|g| !old.contains(g)).count();
             prop_assert_eq!(d.grants.len() + d.removed.len(), changed);
             let wire: DesiredState = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
-            let prev_set: Grants = old.iter().cloned().collect();
-            let next_set: Grants = new.iter().cloned().collect();
-            prop_assert_eq!(&delta_between(&prev.revision, &prev_set, &next_set, &full), &d);
             let parts = apply_delta_parts(&prev, &wire).unwrap();
             let mut added: Vec<GrantRef> = new.iter().filter(|g| !old.contains(g)).cloned().collect();
             let mut removed: Vec<GrantRef> = old.iter().filter(|g| !new.contains(g)).cloned().collect();
@@ -1138,7 +1105,12 @@ mod tests {
         let (a, b) = (all[..4].to_vec(), all[2..6].to_vec());
         let prev = decode(&encode(&vm(), None, &rules, &a, t0())).unwrap();
         let full = encode(&vm(), None, &rules, &b, t0());
-        let good = delta(&prev.revision, &a, &b, &full);
+        let good = delta_between(
+            &prev.revision,
+            &a.iter().cloned().collect(),
+            &b.iter().cloned().collect(),
+            &full,
+        );
         assert!(apply_delta(&prev, &good).is_ok());
 
         let mut other_base = good.clone();
