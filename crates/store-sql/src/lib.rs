@@ -1287,6 +1287,20 @@ impl SqlStore {
         .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
     }
 
+    /// Runs a read of a few rows by index: on SQLite on the calling thread, which
+    /// costs less than the blocking pool's two thread wake-ups; on PostgreSQL (a
+    /// network round trip) off the async threads, as `read`.
+    async fn read_small<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Db) -> Result<T> + Send + 'static,
+    {
+        match self.dialect {
+            Dialect::Sqlite => self.read_here(f),
+            Dialect::Postgres => self.read(f).await,
+        }
+    }
+
     /// Runs a short read `f` on a pooled read connection on the calling thread (only
     /// for reads of a few rows by index: it blocks the caller meanwhile).
     fn read_here<T>(&self, f: impl FnOnce(&dyn Db) -> Result<T>) -> Result<T> {
@@ -1637,7 +1651,8 @@ impl Store for SqlStore {
 
     async fn get_vm(&self, id: &VmId) -> Result<Option<VmRecord>> {
         let key = id.key();
-        self.read(move |c| {
+        // On the path of every agent long-poll (and so of an initiate's answer).
+        self.read_small(move |c| {
             let rows = read_vms(c, "WHERE key = ?1", &[&key])?;
             Ok(rows.into_iter().next())
         })
@@ -1815,7 +1830,7 @@ impl Store for SqlStore {
 
     async fn placement(&self, vm: &VmId) -> Result<Option<VmPlacement>> {
         let vm = vm.clone();
-        self.read(move |c| gateways::one(c, &vm)).await
+        self.read_small(move |c| gateways::one(c, &vm)).await
     }
 
     async fn placements(&self, vms: &[VmId]) -> Result<Vec<(VmId, VmPlacement)>> {
@@ -2270,11 +2285,12 @@ impl Store for SqlStore {
 
     async fn grant_changes(&self, vm: &VmId, after: u64, now: Timestamp) -> Result<GrantChanges> {
         let vm = vm.key();
-        // The changes since a state kept in memory are a few rows by index: on SQLite
-        // they are read on this thread, which costs less than the two thread wake-ups
-        // of the blocking pool (this read is on the path from commit to agent).
-        if after > 0 && self.dialect == Dialect::Sqlite {
-            return self.read_here(|c| in_snapshot(c, |c| read_grant_changes(c, &vm, after, now)));
+        // The changes since a state kept in memory are a few rows by index, on the
+        // path from commit to agent.
+        if after > 0 {
+            return self
+                .read_small(move |c| in_snapshot(c, |c| read_grant_changes(c, &vm, after, now)))
+                .await;
         }
         // One snapshot: the rows and the point they run up to.
         self.read(move |c| in_snapshot(c, |c| read_grant_changes(c, &vm, after, now)))
