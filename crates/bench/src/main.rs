@@ -198,7 +198,16 @@ async fn main() -> std::process::ExitCode {
     // reqwest is built without a default TLS provider: the workspace's is ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    match run(cli.command).await {
+    // On a worker thread, as `jitgate` runs its commands: the HTTP client's connection
+    // tasks then run beside the caller instead of a thread wake-up away.
+    let ran = match tokio::spawn(run(cli.command)).await {
+        Ok(r) => r,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(anyhow::anyhow!("cancelled: {e}")),
+        },
+    };
+    match ran {
         Ok(code) => code,
         Err(e) => {
             eprintln!("jitgate-bench: {e:#}");

@@ -34,7 +34,19 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    // The command runs as a task on a worker thread, not on this thread: the tasks it
+    // wakes (the HTTP connections' own, the agent's saver) are then run on the same
+    // worker, where each hand-off between this thread and a worker cost a thread
+    // wake-up (a quarter of a millisecond on a small VM) on every request.
+    let ran = runtime.block_on(async { tokio::spawn(cli::run(args)).await });
+    let ran = match ran {
+        Ok(r) => r,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(anyhow::anyhow!("the command was cancelled: {e}")),
+        },
+    };
+    match ran {
         Ok(code) => code,
         Err(e) => match e.downcast_ref::<usage::Exit>() {
             Some(exit) => {
