@@ -1117,6 +1117,7 @@ impl SqlStore {
     pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self> {
         let mut conn = sqlite::open_connection(path)?;
         sqlite::migrate(&mut conn)?;
+        sqlite::checkpoint_aside(&mut conn, path)?;
         let path = path.to_owned();
         let connect: Connect =
             Arc::new(move || Ok(Box::new(sqlite::open_connection(&path)?) as Box<dyn Db + Send>));

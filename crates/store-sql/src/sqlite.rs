@@ -392,6 +392,51 @@ pub(crate) fn open_connection(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// WAL frames after which the checkpointer is asked to copy the log into the database
+/// (SQLite's automatic checkpoint starts at the same count, in the committing writer).
+const CHECKPOINT_FRAMES: i32 = 1000;
+
+/// WAL frames past which the writer checkpoints the log itself, as SQLite would: the
+/// bound on the log when the checkpointer does not keep up (under a stream of commits
+/// a checkpoint may never reach the log's end, and the log only restarts once all of
+/// it has been copied).
+const CHECKPOINT_FRAMES_MAX: i32 = 20_000;
+
+/// Moves the writer's WAL checkpoints to a thread of their own, on its own connection.
+///
+/// SQLite's automatic checkpoint runs inside the commit that crosses its threshold,
+/// so about one write in thirty waited for a few milliseconds of copying and an fsync
+/// of the database file (the tail of initiate latencies). A passive checkpoint on
+/// another connection takes no lock the writer needs. The thread ends when the writer's
+/// connection is dropped (with the hook, its only wake-up).
+pub(crate) fn checkpoint_aside(writer: &mut Connection, path: &Path) -> Result<()> {
+    use rusqlite::wal::CheckpointMode;
+    let conn = open_connection(path)?;
+    let (ask, asked) = std::sync::mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("jitgate-store-checkpoint".into())
+        .spawn(move || {
+            while asked.recv().is_ok() {
+                if let Err(e) = conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; the next commit asks again");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Db(format!("cannot start the checkpoint thread: {e}")))?;
+    // Registering a hook replaces SQLite's automatic checkpoint on this connection.
+    writer.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, frames: i32| {
+        // An error returned here would fail a commit that has happened: none is.
+        if frames >= CHECKPOINT_FRAMES_MAX {
+            let _ = wal.checkpoint_v2(CheckpointMode::PASSIVE);
+        } else if frames >= CHECKPOINT_FRAMES {
+            // One request waiting is enough.
+            let _ = ask.try_send(());
+        }
+        Ok(())
+    }))?;
+    Ok(())
+}
+
 /// Applies the migrations the file has not had, each in its own transaction.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -522,5 +567,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The writer's log is copied into the database by the checkpoint thread: after
+    /// bursts of commits that, unchecked, would make the log a few thousand frames
+    /// long, it stays near the threshold, and the writer never checkpoints itself
+    /// below `CHECKPOINT_FRAMES_MAX`.
+    #[test]
+    fn the_log_is_checkpointed_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut writer = open_connection(&path).unwrap();
+        migrate(&mut writer).unwrap();
+        checkpoint_aside(&mut writer, &path).unwrap();
+        // Durability is not what is tested: commits without fsync keep this quick.
+        writer.execute_batch("PRAGMA synchronous = OFF").unwrap();
+        let wal = dir.path().join("t.db-wal");
+        let bursts = 8;
+        let per_burst = 600;
+        for b in 0..bursts {
+            for i in 0..per_burst {
+                writer
+                    .execute(
+                        "INSERT INTO meta(key, value) VALUES (?1, ?2)",
+                        [format!("k{b}-{i}"), "x".repeat(200)],
+                    )
+                    .unwrap();
+            }
+            // A pause between bursts, in which the checkpoint reaches the log's end.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let frame = 4096 + 24;
+        let frames = std::fs::metadata(&wal).unwrap().len() / frame;
+        // Each commit adds at least one frame: unchecked, the log would hold them all.
+        assert!(
+            frames < (bursts * per_burst) as u64 / 2,
+            "the log grew to {frames} frames"
+        );
+        // Every row is in the database (read through a fresh connection).
+        let reader = open_connection(&path).unwrap();
+        let n: i64 = reader
+            .query_row("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(n, (bursts * per_burst) as i64);
     }
 }
