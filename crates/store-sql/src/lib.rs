@@ -578,6 +578,28 @@ fn begin_write(db: &dyn Db) -> Result<()> {
 /// Opens a new connection of the store's engine.
 type Connect = Arc<dyn Fn() -> Result<Box<dyn Db + Send>> + Send + Sync>;
 
+/// Runs `f` on a connection from the read pool (a new one when it is empty), then
+/// pools the connection again; a lost one is dropped, not pooled.
+fn on_reader<T>(
+    readers: &Mutex<Vec<Box<dyn Db + Send>>>,
+    connect: &Connect,
+    f: impl FnOnce(&dyn Db) -> Result<T>,
+) -> Result<T> {
+    let conn = readers.lock().ok().and_then(|mut v| v.pop());
+    let conn = match conn {
+        Some(c) => c,
+        None => connect()?,
+    };
+    let r = f(&*conn);
+    if conn.healthy()
+        && let Ok(mut v) = readers.lock()
+        && v.len() < 16
+    {
+        v.push(conn);
+    }
+    r
+}
+
 fn writer_loop(
     mut db: Box<dyn Db + Send>,
     connect: Connect,
@@ -1268,56 +1290,24 @@ impl SqlStore {
             .map_err(|_| StoreError::Closed)?;
         let readers = self.readers.clone();
         let connect = self.connect.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = readers.lock().ok().and_then(|mut v| v.pop());
-            let conn = match conn {
-                Some(c) => c,
-                None => connect()?,
-            };
-            let r = f(&*conn);
-            // A lost connection is dropped, not pooled.
-            if conn.healthy()
-                && let Ok(mut v) = readers.lock()
-                && v.len() < 16
-            {
-                v.push(conn);
-            }
-            r
-        })
-        .await
-        .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
+        tokio::task::spawn_blocking(move || on_reader(&readers, &connect, f))
+            .await
+            .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
     }
 
     /// Runs a read of a few rows by index: on SQLite on the calling thread, which
-    /// costs less than the blocking pool's two thread wake-ups; on PostgreSQL (a
-    /// network round trip) off the async threads, as `read`.
+    /// costs less than the blocking pool's two thread wake-ups (it blocks the caller
+    /// meanwhile); on PostgreSQL (a network round trip) off the async threads, as
+    /// `read`.
     async fn read_small<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Db) -> Result<T> + Send + 'static,
     {
         match self.dialect {
-            Dialect::Sqlite => self.read_here(f),
+            Dialect::Sqlite => on_reader(&self.readers, &self.connect, f),
             Dialect::Postgres => self.read(f).await,
         }
-    }
-
-    /// Runs a short read `f` on a pooled read connection on the calling thread (only
-    /// for reads of a few rows by index: it blocks the caller meanwhile).
-    fn read_here<T>(&self, f: impl FnOnce(&dyn Db) -> Result<T>) -> Result<T> {
-        let conn = self.readers.lock().ok().and_then(|mut v| v.pop());
-        let conn = match conn {
-            Some(c) => c,
-            None => (self.connect)()?,
-        };
-        let r = f(&*conn);
-        if conn.healthy()
-            && let Ok(mut v) = self.readers.lock()
-            && v.len() < 16
-        {
-            v.push(conn);
-        }
-        r
     }
 
     /// Stops the writer after the queued writes; later writes fail with `Closed`.
