@@ -35,6 +35,49 @@ pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Re
     } else {
         None
     };
+    // The client of the measured rounds runs on a thread of its own with a
+    // single-threaded runtime and its own connection, as the `jitgate` CLI and the
+    // SDKs' clients do, rather than as one task of this multi-thread runtime.
+    let (base, policy, vm_id) = (base.clone(), policy.clone(), vm_id.clone());
+    let (open_hist, http_hist, close_hist) = tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(rounds(&base, &policy, &vm_id, service, approver, grants))
+    })
+    .await
+    .context("the measuring client stopped")??;
+    println!(
+        "jitgate-bench propagation (controller + real agent + real nftables, veth between namespaces; {background} other live grants on the VM)"
+    );
+    let what = if approval { "approval" } else { "initiate" };
+    println!(
+        "  {what} sent -> port answers TCP connect: {}",
+        percentiles(&open_hist)
+    );
+    println!(
+        "  {what} HTTP round trip (answer received):  {}",
+        percentiles(&http_hist)
+    );
+    println!(
+        "  revoke sent -> port refuses new connects:  {} (start of the first refused 1 ms probe)",
+        percentiles(&close_hist)
+    );
+    Ok(())
+}
+
+/// The measured rounds: initiate (or approve), wait for the port to open, revoke,
+/// wait for it to close. Blocking probes run on this client's only thread, as a
+/// command-line client's do.
+async fn rounds(
+    base: &str,
+    policy: &str,
+    vm_id: &str,
+    service: std::net::SocketAddr,
+    approver: Option<String>,
+    grants: usize,
+) -> anyhow::Result<(Hist, Hist, Hist)> {
+    let http = &reqwest::Client::new();
     let mut open_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut http_hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut close_hist = hdrhistogram::Histogram::<u64>::new(3)?;
@@ -68,9 +111,8 @@ pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Re
                 bail!("approve: {}", r.text().await?);
             }
         }
-        let opened =
-            tokio::task::block_in_place(|| time_to_open(service, t0, Duration::from_secs(5)))
-                .context("the port did not open within 5 s")?;
+        let opened = time_to_open(service, t0, Duration::from_secs(5))
+            .context("the port did not open within 5 s")?;
         open_hist.record(opened.as_micros() as u64)?;
         if std::env::var_os("JITGATE_BENCH_TRACE").is_some() {
             eprintln!(
@@ -91,32 +133,17 @@ pub async fn run(grants: usize, approval: bool, background: usize) -> anyhow::Re
         if !r.status().is_success() {
             bail!("revoke: {}", r.text().await?);
         }
-        let closed =
-            tokio::task::block_in_place(|| time_to_close(service, t1, Duration::from_secs(5)))
-                .context("the port did not close within 5 s after revoke")?;
+        let closed = time_to_close(service, t1, Duration::from_secs(5))
+            .context("the port did not close within 5 s after revoke")?;
         close_hist.record(closed.as_micros() as u64)?;
         // Let the agent finish this round (a probe can time out while nft is still
         // committing) so that rounds do not overlap.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!(
-        "jitgate-bench propagation (controller + real agent + real nftables, veth between namespaces; {background} other live grants on the VM)"
-    );
-    let what = if approval { "approval" } else { "initiate" };
-    println!(
-        "  {what} sent -> port answers TCP connect: {}",
-        percentiles(&open_hist)
-    );
-    println!(
-        "  {what} HTTP round trip (answer received):  {}",
-        percentiles(&http_hist)
-    );
-    println!(
-        "  revoke sent -> port refuses new connects:  {} (start of the first refused 1 ms probe)",
-        percentiles(&close_hist)
-    );
-    Ok(())
+    Ok((open_hist, http_hist, close_hist))
 }
+
+type Hist = hdrhistogram::Histogram<u64>;
 
 /// `n` live grants of port 22 for other sources (172.16.0.0/12, one address each),
 /// made by 8 concurrent clients.

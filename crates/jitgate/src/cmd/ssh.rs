@@ -244,6 +244,19 @@ async fn ensure_grant(
     })
 }
 
+/// [`wait_open`] on a thread for blocking work, off the async runtime.
+async fn wait_until_open(
+    host: &str,
+    addrs: &[SocketAddr],
+    port: u16,
+    wait: Duration,
+) -> anyhow::Result<SocketAddr> {
+    let (host, addrs) = (host.to_owned(), addrs.to_vec());
+    tokio::task::spawn_blocking(move || wait_open(&host, &addrs, port, wait))
+        .await
+        .map_err(|e| anyhow::anyhow!("waiting for the port stopped: {e}"))?
+}
+
 /// Waits until a TCP connection to one of `addrs` succeeds from here.
 fn wait_open(
     host: &str,
@@ -308,7 +321,7 @@ pub async fn connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
     let vm = ses.vm(&a.vm).await?;
     let (host, addrs, to_port) = resolve_host(&vm, a.host.as_deref(), a.port)?;
     let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
-    let addr = tokio::task::block_in_place(|| wait_open(&host, &addrs, to_port, wait))?;
+    let addr = wait_until_open(&host, &addrs, to_port, wait).await?;
     let out = Connected {
         vm: &vm.vm.id,
         port: a.port,
@@ -374,7 +387,7 @@ pub async fn ssh(a: SshArgs) -> anyhow::Result<ExitCode> {
     let short = short_id(&vm.vm.id);
     let (host, addrs, to_port) = resolve_host(&vm, a.host.as_deref(), a.port)?;
     let grant = ensure_grant(&ses, &vm, a.port, duration.as_deref(), a.reason.as_deref()).await?;
-    tokio::task::block_in_place(|| wait_open(&host, &addrs, to_port, wait))?;
+    wait_until_open(&host, &addrs, to_port, wait).await?;
     let until = human::time(&grant.end);
     if a.revoke_on_exit && !grant.reused {
         eprintln!(
