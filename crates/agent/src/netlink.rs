@@ -234,9 +234,24 @@ impl NfSocket {
     /// timeout and the time left. A set that does not exist reads as empty (a drift
     /// check's structure comparison reports it missing).
     pub fn dump_grant_sets(&mut self) -> anyhow::Result<Vec<(&'static str, Held)>> {
+        self.dump_grant_sets_pausing(|| {})
+    }
+
+    /// [`Self::dump_grant_sets`], calling `pause` once each dump has received its first
+    /// part (for tests: a change made then falls inside a dump).
+    #[doc(hidden)]
+    pub fn dump_grant_sets_pausing(
+        &mut self,
+        mut pause: impl FnMut(),
+    ) -> anyhow::Result<Vec<(&'static str, Held)>> {
         let mut out = Vec::new();
         for set in jitgate_core::nft::SETS {
-            if let Some(held) = self.dump(set)? {
+            if let Some(held) = self.dump_of(
+                jitgate_core::nft::TABLE,
+                set,
+                nfnl::dumped_elements,
+                &mut pause,
+            )? {
                 out.extend(held.into_iter().map(|h| (set, h)));
             }
         }
@@ -250,8 +265,12 @@ impl NfSocket {
         let mut out = Vec::new();
         for (sets, map) in [(&gateway::SETS[..], false), (&gateway::MAPS[..], true)] {
             for set in sets {
-                let got =
-                    self.dump_of(gateway::TABLE, set, |m| nfnl::dumped_gw_elements(m, map))?;
+                let got = self.dump_of(
+                    gateway::TABLE,
+                    set,
+                    |m| nfnl::dumped_gw_elements(m, map),
+                    &mut || {},
+                )?;
                 if let Some(held) = got {
                     out.extend(held.into_iter().map(|h| (*set, h)));
                 }
@@ -260,26 +279,73 @@ impl NfSocket {
         Ok(out)
     }
 
-    /// Every element of `set` in `table inet jitgate`; None when there is no such set.
-    fn dump(&mut self, set: &str) -> anyhow::Result<Option<Vec<Held>>> {
-        self.dump_of(jitgate_core::nft::TABLE, set, nfnl::dumped_elements)
-    }
-
     /// Every element of `set` in `table inet <table>`, decoded by `decode`; None when
-    /// there is no such set.
+    /// there is no such set. A dump the kernel marks interrupted (the table changed
+    /// while it ran, so it may have skipped or repeated elements) is read again, up to
+    /// [`DUMP_ATTEMPTS`] times; then [`DumpInterrupted`].
     fn dump_of<T>(
         &mut self,
         table: &str,
         set: &str,
         decode: impl Fn(&nfnl::Message<'_>) -> Result<Vec<T>, nfnl::Malformed>,
+        pause: &mut dyn FnMut(),
     ) -> anyhow::Result<Option<Vec<T>>> {
+        for _ in 0..DUMP_ATTEMPTS {
+            let (held, interrupted) = self.dump_once(table, set, &decode, pause)?;
+            if !interrupted {
+                return Ok(held);
+            }
+        }
+        Err(DumpInterrupted {
+            set: set.to_owned(),
+        }
+        .into())
+    }
+
+    /// The ruleset's generation now (`NFT_MSG_GETGEN`): every committed change to any
+    /// table moves it.
+    fn generation(&mut self) -> anyhow::Result<u32> {
         let seq = self.next_seq(1);
-        self.send(&nfnl::dump_set_of(table, set, seq))?;
-        let mut out = Some(Vec::new());
+        self.send(&nfnl::get_gen(seq))?;
+        let mut generation = None;
         self.receive_until(|m| {
             if m.seq != seq {
                 return Ok(false);
             }
+            if let Some(code) = m.error().filter(|c| *c != 0) {
+                bail!(
+                    "cannot read the ruleset's generation: {}",
+                    Errno::from_raw(code)
+                );
+            }
+            generation = nfnl::generation(m);
+            Ok(generation.is_some())
+        })?;
+        generation.context("no generation in the answer")
+    }
+
+    /// One dump of `set`, and whether it may mix two states of the table: the
+    /// generation moved while it ran (the kernel does not mark an element dump
+    /// interrupted: a set's elements are walked again from the start for each part of
+    /// the answer, so a change in between skips or repeats elements), or the kernel
+    /// marked it so.
+    fn dump_once<T>(
+        &mut self,
+        table: &str,
+        set: &str,
+        decode: &impl Fn(&nfnl::Message<'_>) -> Result<Vec<T>, nfnl::Malformed>,
+        pause: &mut dyn FnMut(),
+    ) -> anyhow::Result<(Option<Vec<T>>, bool)> {
+        let before = self.generation()?;
+        let seq = self.next_seq(1);
+        self.send(&nfnl::dump_set_of(table, set, seq))?;
+        let mut out = Some(Vec::new());
+        let (mut interrupted, mut paused) = (false, false);
+        self.receive_until(|m| {
+            if m.seq != seq {
+                return Ok(false);
+            }
+            interrupted |= m.dump_interrupted();
             match m.error().filter(|c| *c != 0) {
                 Some(ENOENT) => {
                     out = None;
@@ -294,11 +360,37 @@ impl NfSocket {
             if let Some(v) = out.as_mut() {
                 v.extend(decode(m)?);
             }
+            if !paused {
+                paused = true;
+                pause();
+            }
             Ok(false)
         })?;
-        Ok(out)
+        let after = self.generation()?;
+        Ok((out, interrupted || before != after))
     }
 }
+
+/// How many times a set is dumped while the kernel says each dump was interrupted.
+pub const DUMP_ATTEMPTS: usize = 4;
+
+/// Every dump of a set was interrupted by changes to the table: no consistent read.
+#[derive(Debug)]
+pub struct DumpInterrupted {
+    pub set: String,
+}
+
+impl std::fmt::Display for DumpInterrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "set {} changed during each of {DUMP_ATTEMPTS} reads",
+            self.set
+        )
+    }
+}
+
+impl std::error::Error for DumpInterrupted {}
 
 /// Listens to the nf_tables change notifications (what `nft monitor` reads).
 pub struct Monitor {

@@ -444,6 +444,10 @@ impl Shared {
         let held = match (&listing, elements) {
             (Some(_), true) => match self.read_elements() {
                 Ok(h) => Some((Timestamp::now(), h)),
+                // Changes kept coming while it read: compare later.
+                Err(e) if e.is::<crate::netlink::DumpInterrupted>() => {
+                    return DriftCheck::Retry;
+                }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot read the grant sets back");
                     return DriftCheck::Same;
@@ -557,7 +561,10 @@ impl Shared {
             bail!("no netlink socket");
         };
         let read = socket.dump_grant_sets();
-        if read.is_err() {
+        if read
+            .as_ref()
+            .is_err_and(|e| !e.is::<crate::netlink::DumpInterrupted>())
+        {
             // The socket may be out of step with the kernel: a new one next time.
             *reader = None;
         }

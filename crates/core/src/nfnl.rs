@@ -45,6 +45,9 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
+/// Set on a dump's messages when the table changed while the dump ran: it may have
+/// skipped or repeated elements.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -319,6 +322,14 @@ pub struct Message<'a> {
     pub port: u32,
     /// Everything after the 16-byte header.
     pub payload: &'a [u8],
+}
+
+impl Message<'_> {
+    /// True on a dump's message when the ruleset changed while the dump ran: the
+    /// dump as a whole may have skipped or repeated elements, and must be read again.
+    pub fn dump_interrupted(&self) -> bool {
+        self.flags & NLM_F_DUMP_INTR != 0
+    }
 }
 
 fn u16_ne(b: &[u8]) -> u16 {
@@ -863,6 +874,15 @@ mod tests {
         v.extend_from_slice(&(-errno).to_ne_bytes());
         v.extend_from_slice(&[0; 16]);
         v
+    }
+
+    #[test]
+    fn a_dump_part_flagged_interrupted_says_so() {
+        let mut buf = error_msg(7, 0);
+        assert!(!messages(&buf).unwrap()[0].dump_interrupted());
+        // NLM_F_MULTI | NLM_F_DUMP_INTR
+        buf[6..8].copy_from_slice(&0x12u16.to_ne_bytes());
+        assert!(messages(&buf).unwrap()[0].dump_interrupted());
     }
 
     #[test]
