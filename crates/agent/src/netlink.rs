@@ -244,60 +244,69 @@ impl NfSocket {
         &mut self,
         mut pause: impl FnMut(),
     ) -> anyhow::Result<Vec<(&'static str, Held)>> {
-        let mut out = Vec::new();
-        for set in jitgate_core::nft::SETS {
-            if let Some(held) = self.dump_of(
-                jitgate_core::nft::TABLE,
-                set,
-                nfnl::dumped_elements,
-                &mut pause,
-            )? {
-                out.extend(held.into_iter().map(|h| (set, h)));
+        self.consistently(jitgate_core::nft::TABLE, |s| {
+            let (mut out, mut flagged) = (Vec::new(), false);
+            for set in jitgate_core::nft::SETS {
+                let (held, f) = s.dump_of(
+                    jitgate_core::nft::TABLE,
+                    set,
+                    nfnl::dumped_elements,
+                    &mut pause,
+                )?;
+                flagged |= f;
+                if let Some(held) = held {
+                    out.extend(held.into_iter().map(|h| (set, h)));
+                }
             }
-        }
-        Ok(out)
+            Ok((out, flagged))
+        })
     }
 
     /// Every element of the sets and maps of `table inet jitgate_gw`
     /// (`core::gateway::SETS` and `MAPS`), with its set. A set that does not exist
     /// reads as empty (the structure comparison reports it missing).
     pub fn dump_gateway_sets(&mut self) -> anyhow::Result<Vec<(&'static str, GwHeld)>> {
-        let mut out = Vec::new();
-        for (sets, map) in [(&gateway::SETS[..], false), (&gateway::MAPS[..], true)] {
-            for set in sets {
-                let got = self.dump_of(
-                    gateway::TABLE,
-                    set,
-                    |m| nfnl::dumped_gw_elements(m, map),
-                    &mut || {},
-                )?;
-                if let Some(held) = got {
-                    out.extend(held.into_iter().map(|h| (*set, h)));
+        self.consistently(gateway::TABLE, |s| {
+            let (mut out, mut flagged) = (Vec::new(), false);
+            for (sets, map) in [(&gateway::SETS[..], false), (&gateway::MAPS[..], true)] {
+                for set in sets {
+                    let (held, f) = s.dump_of(
+                        gateway::TABLE,
+                        set,
+                        |m| nfnl::dumped_gw_elements(m, map),
+                        &mut || {},
+                    )?;
+                    flagged |= f;
+                    if let Some(held) = held {
+                        out.extend(held.into_iter().map(|h| (*set, h)));
+                    }
                 }
             }
-        }
-        Ok(out)
+            Ok((out, flagged))
+        })
     }
 
-    /// Every element of `set` in `table inet <table>`, decoded by `decode`; None when
-    /// there is no such set. A dump the kernel marks interrupted (the table changed
-    /// while it ran, so it may have skipped or repeated elements) is read again, up to
-    /// [`DUMP_ATTEMPTS`] times; then [`DumpInterrupted`].
-    fn dump_of<T>(
+    /// `read` (dumps of `table`'s sets, and whether the kernel flagged any of them
+    /// interrupted) between two readings of the ruleset's generation; read again while
+    /// the generation moved or a part was flagged, up to [`DUMP_ATTEMPTS`] times, then
+    /// [`DumpInterrupted`]. The kernel does not flag an element dump interrupted: it
+    /// walks a set's elements again from the start for each part of the answer, so a
+    /// change in between skips or repeats elements. One bracket around all the sets
+    /// also makes them one state of the table.
+    fn consistently<R>(
         &mut self,
         table: &str,
-        set: &str,
-        decode: impl Fn(&nfnl::Message<'_>) -> Result<Vec<T>, nfnl::Malformed>,
-        pause: &mut dyn FnMut(),
-    ) -> anyhow::Result<Option<Vec<T>>> {
+        mut read: impl FnMut(&mut Self) -> anyhow::Result<(R, bool)>,
+    ) -> anyhow::Result<R> {
         for _ in 0..DUMP_ATTEMPTS {
-            let (held, interrupted) = self.dump_once(table, set, &decode, pause)?;
-            if !interrupted {
-                return Ok(held);
+            let before = self.generation()?;
+            let (got, flagged) = read(self)?;
+            if !flagged && self.generation()? == before {
+                return Ok(got);
             }
         }
         Err(DumpInterrupted {
-            set: set.to_owned(),
+            table: table.to_owned(),
         }
         .into())
     }
@@ -324,19 +333,16 @@ impl NfSocket {
         generation.context("no generation in the answer")
     }
 
-    /// One dump of `set`, and whether it may mix two states of the table: the
-    /// generation moved while it ran (the kernel does not mark an element dump
-    /// interrupted: a set's elements are walked again from the start for each part of
-    /// the answer, so a change in between skips or repeats elements), or the kernel
-    /// marked it so.
-    fn dump_once<T>(
+    /// Every element of `set` in `table inet <table>`, decoded by `decode` (None when
+    /// there is no such set), and whether the kernel flagged a part interrupted. Calls
+    /// `pause` once the first part is in (see [`Self::dump_grant_sets_pausing`]).
+    fn dump_of<T>(
         &mut self,
         table: &str,
         set: &str,
-        decode: &impl Fn(&nfnl::Message<'_>) -> Result<Vec<T>, nfnl::Malformed>,
+        decode: impl Fn(&nfnl::Message<'_>) -> Result<Vec<T>, nfnl::Malformed>,
         pause: &mut dyn FnMut(),
     ) -> anyhow::Result<(Option<Vec<T>>, bool)> {
-        let before = self.generation()?;
         let seq = self.next_seq(1);
         self.send(&nfnl::dump_set_of(table, set, seq))?;
         let mut out = Some(Vec::new());
@@ -366,26 +372,25 @@ impl NfSocket {
             }
             Ok(false)
         })?;
-        let after = self.generation()?;
-        Ok((out, interrupted || before != after))
+        Ok((out, interrupted))
     }
 }
 
-/// How many times a set is dumped while the kernel says each dump was interrupted.
+/// How many times a table's sets are read while changes keep interrupting the read.
 pub const DUMP_ATTEMPTS: usize = 4;
 
-/// Every dump of a set was interrupted by changes to the table: no consistent read.
+/// Every read of a table's sets was interrupted by changes: no consistent read.
 #[derive(Debug)]
 pub struct DumpInterrupted {
-    pub set: String,
+    pub table: String,
 }
 
 impl std::fmt::Display for DumpInterrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "set {} changed during each of {DUMP_ATTEMPTS} reads",
-            self.set
+            "table inet {} changed during each of {DUMP_ATTEMPTS} reads of its sets",
+            self.table
         )
     }
 }
