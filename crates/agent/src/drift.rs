@@ -16,6 +16,12 @@
 //! The agent compares whenever the kernel announces a change to the table made by
 //! another process, and periodically as a backstop; on drift it reports and rebuilds
 //! the table from the last desired state (grants with their remaining lifetimes).
+//!
+//! A read of the elements is only trusted when no change happened while it ran (the
+//! kernel walks a set again from the start for each part of a dump). At 100,000
+//! elements a read takes about half a second, so a steady stream of grants and
+//! revokes interrupts every one: [`ElementReads`] paces the reads again, and makes
+//! one complete by holding the agent's own changes while it reads.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -36,6 +42,38 @@ const SLACK: Duration = Duration::from_millis(500);
 
 /// At most this many changes are described.
 const MAX_CHANGES: usize = 20;
+
+/// The pace of the element reads that changes interrupt. An interrupted read is tried
+/// again at the watchdog's usual pause (not at once: each try costs a whole dump, and
+/// under a steady stream of changes a read at once is interrupted again). After
+/// [`ElementReads::HOLD_AFTER`] interrupted reads in a row, the next read holds the
+/// agent's own changes until it has read: a change waits at most one read (about half
+/// a second at 100,000 elements), and the backstop comparison cannot be put off
+/// forever by traffic.
+#[derive(Debug, Default)]
+pub struct ElementReads {
+    interrupted: u32,
+}
+
+impl ElementReads {
+    /// Interrupted reads in a row after which the next read holds changes.
+    pub const HOLD_AFTER: u32 = 3;
+
+    /// Whether the next read of the elements holds the agent's own changes.
+    pub fn hold(&self) -> bool {
+        self.interrupted >= Self::HOLD_AFTER
+    }
+
+    /// A read of the elements was interrupted by changes.
+    pub fn interrupted(&mut self) {
+        self.interrupted = self.interrupted.saturating_add(1);
+    }
+
+    /// A read of the elements completed (compared, drift or not).
+    pub fn completed(&mut self) {
+        self.interrupted = 0;
+    }
+}
 
 /// The table's structure as read back after a full rebuild.
 #[derive(Debug, Clone)]
@@ -280,6 +318,27 @@ pub fn limit(mut out: Vec<String>) -> Vec<String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Interrupted reads do not hold changes until [`ElementReads::HOLD_AFTER`] of
+    /// them in a row; a completed read starts the count again.
+    #[test]
+    fn element_reads_hold_changes_only_after_interruptions_in_a_row() {
+        let mut r = ElementReads::default();
+        for _ in 0..ElementReads::HOLD_AFTER {
+            assert!(!r.hold());
+            r.interrupted();
+        }
+        assert!(r.hold());
+        r.interrupted();
+        assert!(
+            r.hold(),
+            "still held while interrupted (by another process)"
+        );
+        r.completed();
+        assert!(!r.hold());
+        r.interrupted();
+        assert!(!r.hold());
+    }
 
     fn listing(rules: &[&str]) -> String {
         let mut items = vec![

@@ -114,6 +114,9 @@ enum Check {
     Same,
     /// An apply ran during the read-back: read again shortly.
     Retry,
+    /// Changes interrupted the read of the elements: read them again later (see
+    /// [`crate::drift::ElementReads`]).
+    Interrupted,
     /// Drift, recorded on the machines it concerns.
     Drift,
     /// A table found drifted earlier is as applied again.
@@ -481,6 +484,7 @@ impl Gateway {
                 let mut pause = me.drift_check;
                 // Set when a read of the elements was retried: the next check reads them.
                 let mut elements_pending = false;
+                let mut element_reads = crate::drift::ElementReads::default();
                 loop {
                     let elements = tokio::select! {
                         _ = tokio::time::sleep(pause) => {
@@ -502,11 +506,22 @@ impl Gateway {
                         .unwrap_or(0);
                     pause = me.drift_check * (1 + machines_behind / 250) as u32;
                     let (me2, m2) = (me.clone(), machines.clone());
-                    let found = tokio::task::spawn_blocking(move || me2.check(&m2, elements))
+                    let hold = element_reads.hold();
+                    let found = tokio::task::spawn_blocking(move || me2.check(&m2, elements, hold))
                         .await
                         .unwrap_or(Check::Same);
                     match found {
-                        Check::Same => {}
+                        Check::Interrupted => {
+                            element_reads.interrupted();
+                            elements_pending = true;
+                        }
+                        Check::Same | Check::Drift | Check::Confirmed if elements => {
+                            element_reads.completed()
+                        }
+                        _ => {}
+                    }
+                    match found {
+                        Check::Same | Check::Interrupted => {}
                         Check::Retry => {
                             pause = Duration::from_millis(20);
                             elements_pending |= elements;
@@ -793,7 +808,8 @@ impl Gateway {
     /// element of its sets and maps (over netlink, lifetimes to the millisecond).
     /// A change is recorded on the machine it concerns (by address); a change of the
     /// structure, or of an element for no machine behind the gateway, on all of them.
-    fn check(&self, machines: &Mutex<Machines>, elements: bool) -> Check {
+    /// With `hold`, applies wait while the elements are read.
+    fn check(&self, machines: &Mutex<Machines>, elements: bool, hold: bool) -> Check {
         use std::sync::atomic::Ordering;
         // Read without holding up applies: trusted only if no apply ran meanwhile.
         let before = self.apply_seq.load(Ordering::Acquire);
@@ -810,10 +826,17 @@ impl Gateway {
                 return Check::Same;
             }
         };
-        let held = match (listing.is_some() && elements)
+        let read_elements = listing.is_some() && elements;
+        // Holding changes: an apply waits for `applied` until the comparison is made.
+        let holding =
+            (read_elements && hold).then(|| self.applied.lock().unwrap_or_else(|p| p.into_inner()));
+        let held = match read_elements
             .then(|| crate::netlink::NfSocket::open()?.dump_gateway_sets())
         {
             Some(Ok(held)) => Some((Timestamp::now(), held)),
+            Some(Err(e)) if e.is::<crate::netlink::DumpInterrupted>() => {
+                return Check::Interrupted;
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot read the gateway's sets back");
                 None
@@ -821,9 +844,15 @@ impl Gateway {
             None => None,
         };
         let (table, by_address) = {
-            let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+            let mut applied =
+                holding.unwrap_or_else(|| self.applied.lock().unwrap_or_else(|p| p.into_inner()));
             if self.apply_seq.load(Ordering::Acquire) != before {
-                return Check::Retry;
+                // The elements read belong to no single state: read them again later.
+                return if held.is_some() {
+                    Check::Interrupted
+                } else {
+                    Check::Retry
+                };
             }
             let Some(a) = applied.as_mut() else {
                 return Check::Same;

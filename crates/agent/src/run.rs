@@ -415,8 +415,9 @@ impl Shared {
     /// first time after one), and, when `elements` is true, every set element with
     /// the applied plan. On drift, records it (the caller reports, then calls
     /// [`Self::repair`]); when a table found drifted earlier matches again, confirms
-    /// it.
-    fn check_table(&self, elements: bool) -> DriftCheck {
+    /// it. With `hold`, the agent's own changes wait while the elements are read (see
+    /// [`crate::drift::ElementReads`]).
+    fn check_table(&self, elements: bool, hold: bool) -> DriftCheck {
         use std::sync::atomic::Ordering;
         let has_state = self
             .progress
@@ -441,12 +442,21 @@ impl Shared {
                 return DriftCheck::Same;
             }
         };
+        // Holding changes: an apply waits for the enforcer until the elements and what
+        // was applied have both been read.
+        let holding = match (&listing, elements && hold) {
+            (Some(_), true) => match self.enforcer.lock() {
+                Ok(e) => Some(e),
+                Err(_) => return DriftCheck::Same,
+            },
+            _ => None,
+        };
         let held = match (&listing, elements) {
             (Some(_), true) => match self.read_elements() {
                 Ok(h) => Some((Timestamp::now(), h)),
                 // Changes kept coming while it read: compare later.
                 Err(e) if e.is::<crate::netlink::DumpInterrupted>() => {
-                    return DriftCheck::Retry;
+                    return DriftCheck::Interrupted;
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot read the grant sets back");
@@ -458,12 +468,13 @@ impl Shared {
         // What the agent applied, taken after the read-back, and the elements deltas
         // changed while it read (left out of the comparison: the read may have seen
         // them before or after).
-        let expected = match &held {
-            Some(_) => match self.enforcer.lock() {
+        let expected = match (&held, holding) {
+            (Some(_), Some(e)) => Some(e.applied_elements()),
+            (Some(_), None) => match self.enforcer.lock() {
                 Ok(e) => Some(e.applied_elements()),
                 Err(_) => return DriftCheck::Same,
             },
-            None => None,
+            (None, _) => None,
         };
         let flux = self
             .in_flux
@@ -852,6 +863,9 @@ enum DriftCheck {
     Same,
     /// An apply ran during the read-back: read again shortly.
     Retry,
+    /// Changes interrupted every read of the elements: read them again later (see
+    /// [`crate::drift::ElementReads`]).
+    Interrupted,
     Drift,
     /// A table found drifted earlier matches again.
     Confirmed,
@@ -1015,6 +1029,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         let mut elements_checked = Instant::now();
         // Set when an element check could not finish: the next check reads them.
         let mut elements_pending = false;
+        let mut element_reads = crate::drift::ElementReads::default();
         loop {
             // Elements are read when the kernel announced a change by someone else,
             // and periodically; a large set is read less often (the kernel's dump of
@@ -1036,11 +1051,22 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             }
             pause = wd.config.drift_check;
             let me = wd.clone();
-            let found = tokio::task::spawn_blocking(move || me.check_table(elements))
+            let hold = element_reads.hold();
+            let found = tokio::task::spawn_blocking(move || me.check_table(elements, hold))
                 .await
                 .unwrap_or(DriftCheck::Same);
             match found {
-                DriftCheck::Same => {}
+                DriftCheck::Interrupted => {
+                    element_reads.interrupted();
+                    elements_pending = true;
+                }
+                DriftCheck::Same | DriftCheck::Drift | DriftCheck::Confirmed if elements => {
+                    element_reads.completed()
+                }
+                _ => {}
+            }
+            match found {
+                DriftCheck::Same | DriftCheck::Interrupted => {}
                 DriftCheck::Retry => {
                     pause = Duration::from_millis(20);
                     elements_pending |= elements;
