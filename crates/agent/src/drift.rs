@@ -48,8 +48,10 @@ const MAX_CHANGES: usize = 20;
 /// under a steady stream of changes a read at once is interrupted again). After
 /// [`ElementReads::HOLD_AFTER`] interrupted reads in a row, the next read holds the
 /// agent's own changes until it has read: a change waits at most one read (about half
-/// a second at 100,000 elements), and the backstop comparison cannot be put off
-/// forever by traffic.
+/// a second at 100,000 elements, a second if its first try is interrupted), and the
+/// agent's own traffic cannot put the backstop comparison off forever. Another
+/// process's change can still interrupt a held read (the kernel's notifications report
+/// that change anyway); the next read then holds again.
 #[derive(Debug, Default)]
 pub struct ElementReads {
     interrupted: u32,

@@ -64,7 +64,8 @@ pub struct Gateway {
     pub applied: Mutex<Option<Applied>>,
     /// A sequence lock around applies: odd while one runs, bumped twice by each. A
     /// read-back is trusted only when it is even and unchanged across it, so reading
-    /// the table back never holds up an apply.
+    /// the table back holds up no apply (but for a held element read,
+    /// [`crate::drift::ElementReads`]).
     pub apply_seq: std::sync::atomic::AtomicU64,
 }
 
@@ -808,15 +809,25 @@ impl Gateway {
     /// element of its sets and maps (over netlink, lifetimes to the millisecond).
     /// A change is recorded on the machine it concerns (by address); a change of the
     /// structure, or of an element for no machine behind the gateway, on all of them.
-    /// With `hold`, applies wait while the elements are read.
+    /// With `hold` (and `elements`), applies wait from before the listing until the
+    /// comparison is made.
     fn check(&self, machines: &Mutex<Machines>, elements: bool, hold: bool) -> Check {
         use std::sync::atomic::Ordering;
-        // Read without holding up applies: trusted only if no apply ran meanwhile.
+        // Holding changes: an apply waits for `applied`. Taken before the sequence
+        // number is read, so no apply of this gateway can fall in the read.
+        let holding =
+            (elements && hold).then(|| self.applied.lock().unwrap_or_else(|p| p.into_inner()));
+        // Otherwise read without holding up applies: trusted only if no apply ran
+        // meanwhile.
         let before = self.apply_seq.load(Ordering::Acquire);
         if before % 2 == 1 {
             return Check::Retry;
         }
-        if self.applied.lock().map(|a| a.is_none()).unwrap_or(true) {
+        let nothing_applied = match &holding {
+            Some(a) => a.is_none(),
+            None => self.applied.lock().map(|a| a.is_none()).unwrap_or(true),
+        };
+        if nothing_applied {
             return Check::Same;
         }
         let listing = match self.nft.list_terse_json_of(gateway::TABLE) {
@@ -827,9 +838,6 @@ impl Gateway {
             }
         };
         let read_elements = listing.is_some() && elements;
-        // Holding changes: an apply waits for `applied` until the comparison is made.
-        let holding =
-            (read_elements && hold).then(|| self.applied.lock().unwrap_or_else(|p| p.into_inner()));
         let held = match read_elements
             .then(|| crate::netlink::NfSocket::open()?.dump_gateway_sets())
         {
