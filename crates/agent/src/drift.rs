@@ -37,8 +37,25 @@ use serde_json::Value;
 
 /// An element may vanish this long before its grant's end (beyond the agent's commit
 /// margin), or outlive it by this much, without being drift: the kernel counts in
-/// ticks, and the table is read a moment before the time it is compared at.
+/// ticks.
 const SLACK: Duration = Duration::from_millis(500);
+
+/// When a dump of the elements ran: each element's time left was read at some moment
+/// in between (half a second apart at 100,000 elements). An element outlives its grant
+/// only if it does so counted from the start; it is gone early only if its grant was
+/// still due at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadAt {
+    pub from: Timestamp,
+    pub to: Timestamp,
+}
+
+impl ReadAt {
+    /// A read taken as one moment.
+    pub fn instant(at: Timestamp) -> Self {
+        ReadAt { from: at, to: at }
+    }
+}
 
 /// At most this many changes are described.
 const MAX_CHANGES: usize = 20;
@@ -187,13 +204,13 @@ fn describe(set: &str, net: IpNet, proto: L4, port: Port) -> String {
     format!("{net} . {} . {port} in set {set}", proto.as_str())
 }
 
-/// How the elements the kernel holds (`held`, dumped at `now`) differ from those the
-/// agent applied (`expected`, each with its grant's end). `margin` is the most the
+/// How the elements the kernel holds (`held`, dumped during `read`) differ from those
+/// the agent applied (`expected`, each with its grant's end). `margin` is the most the
 /// agent shortens a timeout to be sure it never ends late.
 pub fn compare_elements(
     expected: &[Element],
     held: &Elements,
-    now: Timestamp,
+    read: ReadAt,
     margin: Duration,
 ) -> Vec<String> {
     let want: HashMap<(&str, IpNet, L4, Port), Timestamp> = expected
@@ -210,7 +227,8 @@ pub fn compare_elements(
             (None, _, _) => out.push(format!("element {what} was added")),
             (Some(_), None, _) => out.push(format!("element {what} has no timeout")),
             (Some(end), Some(_), left) => {
-                let expires = now
+                let expires = read
+                    .from
                     .checked_add(Duration::from_millis(left.unwrap_or(0)))
                     .unwrap_or(Timestamp::MAX);
                 let latest = end.checked_add(SLACK).unwrap_or(Timestamp::MAX);
@@ -220,7 +238,10 @@ pub fn compare_elements(
             }
         }
     }
-    let still_due = now.checked_add(margin + SLACK).unwrap_or(Timestamp::MAX);
+    let still_due = read
+        .to
+        .checked_add(margin + SLACK)
+        .unwrap_or(Timestamp::MAX);
     for e in expected {
         if e.end > still_due && !present.contains(&(e.set(), e.net, e.proto, e.port)) {
             out.push(format!(
@@ -253,13 +274,13 @@ fn describe_gw(e: &Entry) -> String {
     }
 }
 
-/// How the elements of `table inet jitgate_gw` (`held`, dumped at `now`) differ from
+/// How the elements of `table inet jitgate_gw` (`held`, dumped during `read`) differ from
 /// those the gateway applied (`expected`): each change with the address of the
 /// machine it concerns, so it is reported on that machine.
 pub fn compare_gateway_elements(
     expected: &[GwElement],
     held: &[(&'static str, GwHeld)],
-    now: Timestamp,
+    read: ReadAt,
 ) -> Vec<(IpAddr, String)> {
     let want: HashMap<Entry, Timestamp> = expected
         .iter()
@@ -282,7 +303,8 @@ pub fn compare_gateway_elements(
             (None, _) => format!("element {what} was added"),
             (Some(_), None) => format!("element {what} has no timeout"),
             (Some(end), Some(_)) => {
-                let expires = now
+                let expires = read
+                    .from
                     .checked_add(Duration::from_millis(h.expires_ms.unwrap_or(0)))
                     .unwrap_or(Timestamp::MAX);
                 if expires <= end.checked_add(SLACK).unwrap_or(Timestamp::MAX) {
@@ -293,7 +315,7 @@ pub fn compare_gateway_elements(
         };
         out.push((h.address, change));
     }
-    let still_due = now.checked_add(SLACK).unwrap_or(Timestamp::MAX);
+    let still_due = read.to.checked_add(SLACK).unwrap_or(Timestamp::MAX);
     for (entry, end) in &want {
         if *end > still_due && !present.contains(entry) {
             out.push((
@@ -428,13 +450,13 @@ mod tests {
             held("10.0.0.1/32", Some(98_950)),
             held("10.0.0.0/8", Some(48_900)),
         ];
-        assert!(compare_elements(&expected, &ok, at(1_000), margin).is_empty());
+        assert!(compare_elements(&expected, &ok, ReadAt::instant(at(1_000)), margin).is_empty());
         // Within the slack of the kernel's ticks: no drift either.
         let close = [
             held("10.0.0.1/32", Some(99_300)),
             held("10.0.0.0/8", Some(48_900)),
         ];
-        assert!(compare_elements(&expected, &close, at(1_000), margin).is_empty());
+        assert!(compare_elements(&expected, &close, ReadAt::instant(at(1_000)), margin).is_empty());
 
         let cases: [(&[(&'static str, Held)], &str); 5] = [
             (
@@ -466,7 +488,7 @@ mod tests {
             ),
         ];
         for (cur, want) in cases {
-            let d = compare_elements(&expected, cur, at(1_000), margin);
+            let d = compare_elements(&expected, cur, ReadAt::instant(at(1_000)), margin);
             assert!(d.iter().any(|c| c.contains(want)), "{want}: {d:?}");
         }
         // The same address in the other set's shape is not the applied element.
@@ -474,12 +496,38 @@ mod tests {
             ("nets4", held("10.0.0.1/32", Some(98_950)).1),
             held("10.0.0.0/8", Some(48_900)),
         ];
-        let d = compare_elements(&expected, &wrong_set, at(1_000), margin);
+        let d = compare_elements(&expected, &wrong_set, ReadAt::instant(at(1_000)), margin);
         assert!(
             d.iter().any(|c| c.contains("in set nets4 was added")),
             "{d:?}"
         );
         let many: Vec<String> = (0..30).map(|i| i.to_string()).collect();
         assert_eq!(limit(many).len(), MAX_CHANGES + 1);
+
+        // A long read (from 1 s to 1.9 s): an element read at its start, as applied,
+        // is not taken for one extended (counted from the read's end it would be), and
+        // one that ended during the read is not taken for one removed early.
+        let long = ReadAt {
+            from: at(1_000),
+            to: at(1_900),
+        };
+        let expected = [el("10.0.0.1/32", 100_000), el("10.0.0.2/32", 1_800)];
+        let read_early = [held("10.0.0.1/32", Some(98_950))];
+        assert_eq!(
+            compare_elements(&expected, &read_early, long, margin),
+            Vec::<String>::new()
+        );
+        assert!(
+            !compare_elements(&expected, &read_early, ReadAt::instant(at(1_900)), margin)
+                .is_empty(),
+            "counted from the end, the same read is drift"
+        );
+        // Extended by more than the slack counted from the read's start: drift still.
+        let extended = [held("10.0.0.1/32", Some(99_700))];
+        assert!(
+            compare_elements(&expected, &extended, long, margin)
+                .iter()
+                .any(|c| c.contains("had its lifetime extended"))
+        );
     }
 }

@@ -838,10 +838,17 @@ impl Gateway {
             }
         };
         let read_elements = listing.is_some() && elements;
+        let read_from = Timestamp::now();
         let held = match read_elements
             .then(|| crate::netlink::NfSocket::open()?.dump_gateway_sets())
         {
-            Some(Ok(held)) => Some((Timestamp::now(), held)),
+            Some(Ok(held)) => Some((
+                crate::drift::ReadAt {
+                    from: read_from,
+                    to: Timestamp::now(),
+                },
+                held,
+            )),
             Some(Err(e)) if e.is::<crate::netlink::DumpInterrupted>() => {
                 return Check::Interrupted;
             }

@@ -457,9 +457,16 @@ impl Shared {
             },
             _ => None,
         };
+        let read_from = Timestamp::now();
         let held = match (&listing, elements) {
             (Some(_), true) => match self.read_elements() {
-                Ok(h) => Some((Timestamp::now(), h)),
+                Ok(h) => Some((
+                    crate::drift::ReadAt {
+                        from: read_from,
+                        to: Timestamp::now(),
+                    },
+                    h,
+                )),
                 // Changes kept coming while it read: compare later.
                 Err(e) if e.is::<crate::netlink::DumpInterrupted>() => {
                     return DriftCheck::Interrupted;

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use jitgate_agent::drift::compare_gateway_elements;
+use jitgate_agent::drift::{ReadAt, compare_gateway_elements};
 use jitgate_agent::enforce::{ApplyKind, Enforcer};
 use jitgate_agent::netlink::{BatchError, NfSocket};
 use jitgate_agent::nft::Nft;
@@ -564,7 +564,7 @@ fn the_gateway_tables_elements_read_back_as_planned_and_changes_are_named() {
     let held = read();
     // Each routed element once, each DNAT element in a set and a map.
     assert_eq!(held.len(), 2 + 2 + 2 * 2, "{held:?}");
-    let changes = compare_gateway_elements(&planned, &held, Timestamp::now());
+    let changes = compare_gateway_elements(&planned, &held, ReadAt::instant(Timestamp::now()));
     assert!(changes.is_empty(), "{changes:?}\n{held:?}");
     let map6 = held.iter().find(|(s, _)| *s == "dnat6").unwrap().1;
     assert_eq!(
@@ -592,7 +592,7 @@ fn the_gateway_tables_elements_read_back_as_planned_and_changes_are_named() {
     ] {
         ns.nft(&[verb, "element", "inet", "jitgate_gw", set, element]);
     }
-    let changes = compare_gateway_elements(&planned, &read(), Timestamp::now());
+    let changes = compare_gateway_elements(&planned, &read(), ReadAt::instant(Timestamp::now()));
     let has = |addr: &str, text: &str| {
         changes
             .iter()
@@ -638,7 +638,7 @@ fn state_behind(t: &Target) -> Desired {
 fn assert_gateway_matches(ns: &Netns, applied: &Option<jitgate_agent::gateway::Applied>) {
     let held = ns.run(|| NfSocket::open().unwrap().dump_gateway_sets().unwrap());
     let expected = applied.as_ref().unwrap().elements();
-    let changes = compare_gateway_elements(&expected, &held, Timestamp::now());
+    let changes = compare_gateway_elements(&expected, &held, ReadAt::instant(Timestamp::now()));
     assert!(changes.is_empty(), "{changes:?}");
 }
 
