@@ -92,6 +92,33 @@ impl ElementReads {
     pub fn completed(&mut self) {
         self.interrupted = 0;
     }
+
+    /// Records how a check that was to read the elements (`elements`) went; true
+    /// when the next check must read them (changes interrupted this read).
+    pub fn record(&mut self, elements: bool, read: ElementRead) -> bool {
+        match read {
+            ElementRead::Interrupted => {
+                self.interrupted();
+                true
+            }
+            ElementRead::Compared if elements => {
+                self.completed();
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How a check went, as [`ElementReads::record`] counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementRead {
+    /// Compared (the same, drift, or a drift repaired), or no elements asked for.
+    Compared,
+    /// Changes interrupted the read of the elements.
+    Interrupted,
+    /// Read again shortly for another reason (an apply crossed the read-back).
+    Retry,
 }
 
 /// The table's structure as read back after a full rebuild.
@@ -361,6 +388,17 @@ mod tests {
         r.completed();
         assert!(!r.hold());
         r.interrupted();
+        assert!(!r.hold());
+        // As the watchdogs record their checks: a retry for another reason, or a
+        // check without elements, neither counts nor resets.
+        let mut r = ElementReads::default();
+        assert!(r.record(true, ElementRead::Interrupted));
+        assert!(!r.record(true, ElementRead::Retry));
+        assert!(!r.record(false, ElementRead::Compared));
+        assert!(r.record(true, ElementRead::Interrupted));
+        assert!(r.record(true, ElementRead::Interrupted));
+        assert!(r.hold());
+        assert!(!r.record(true, ElementRead::Compared));
         assert!(!r.hold());
     }
 

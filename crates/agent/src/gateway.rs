@@ -511,16 +511,14 @@ impl Gateway {
                     let found = tokio::task::spawn_blocking(move || me2.check(&m2, elements, hold))
                         .await
                         .unwrap_or(Check::Same);
-                    match found {
-                        Check::Interrupted => {
-                            element_reads.interrupted();
-                            elements_pending = true;
-                        }
-                        Check::Same | Check::Drift | Check::Confirmed if elements => {
-                            element_reads.completed()
-                        }
-                        _ => {}
-                    }
+                    elements_pending |= element_reads.record(
+                        elements,
+                        match found {
+                            Check::Interrupted => crate::drift::ElementRead::Interrupted,
+                            Check::Retry => crate::drift::ElementRead::Retry,
+                            _ => crate::drift::ElementRead::Compared,
+                        },
+                    );
                     match found {
                         Check::Same | Check::Interrupted => {}
                         Check::Retry => {

@@ -1077,16 +1077,14 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             })
             .await
             .unwrap_or(DriftCheck::Same);
-            match found {
-                DriftCheck::Interrupted => {
-                    element_reads.interrupted();
-                    elements_pending = true;
-                }
-                DriftCheck::Same | DriftCheck::Drift | DriftCheck::Confirmed if elements => {
-                    element_reads.completed()
-                }
-                _ => {}
-            }
+            elements_pending |= element_reads.record(
+                elements,
+                match found {
+                    DriftCheck::Interrupted => crate::drift::ElementRead::Interrupted,
+                    DriftCheck::Retry => crate::drift::ElementRead::Retry,
+                    _ => crate::drift::ElementRead::Compared,
+                },
+            );
             match found {
                 DriftCheck::Same | DriftCheck::Interrupted => {}
                 DriftCheck::Retry => {
