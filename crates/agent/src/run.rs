@@ -114,6 +114,7 @@ pub(crate) fn client(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(jitgate_proto::CLIENT_POOL_IDLE)
         .timeout(config.poll_wait + Duration::from_secs(15));
     let mut anchors = Vec::new();
     if let Some(ca) = &config.ca_cert {

@@ -335,6 +335,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The controller keeps an idle connection open longer than its clients keep it
+    /// for reuse, so no client sends a request on a connection the controller is
+    /// closing.
+    #[test]
+    fn idle_connections_outlive_the_clients_pools() {
+        assert!(Limits::default().header_read_timeout > jitgate_proto::CLIENT_POOL_IDLE);
+    }
+
     fn limits() -> Limits {
         Limits {
             window: Duration::from_secs(10),

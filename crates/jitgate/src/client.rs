@@ -123,8 +123,9 @@ impl Client {
 
     pub fn build(url: &str, token: Option<String>, ca: Option<&Path>) -> anyhow::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder =
-            reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .pool_idle_timeout(jitgate_proto::CLIENT_POOL_IDLE);
         let mut probe = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none());

@@ -86,6 +86,14 @@ pub struct DesiredState {
 /// (`protocol=`); a state says in `requires` what it needs.
 pub const AGENT_PROTOCOL: u32 = 3;
 
+/// How long a client (the agent, the command line) keeps an idle connection to the
+/// controller for its next request. The controller closes a connection that sends no
+/// request for 15 s (its header-read timeout); a request sent on a connection just as
+/// it closes fails with "peer closed connection" (`agent upgrade` did, when hashing
+/// the binary it had took longer than that between its two requests), so clients let
+/// an idle connection go well before.
+pub const CLIENT_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// [`AGENT_PROTOCOL`] as a long-poll's `protocol=` value.
 pub const AGENT_PROTOCOL_PARAM: &str = "3";
 const _: () = assert!(
