@@ -91,8 +91,9 @@ pub const AGENT_PROTOCOL: u32 = 3;
 /// request for 15 s (its header-read timeout); a request sent on a connection just as
 /// it closes fails with "peer closed connection" (`agent upgrade` did, when hashing
 /// the binary it had took longer than that between its two requests), so clients let
-/// an idle connection go well before.
-pub const CLIENT_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// an idle connection go before. Longer than the agent's 10 s between status reports,
+/// which then keep reusing their connection instead of opening one each time.
+pub const CLIENT_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(12);
 
 /// [`AGENT_PROTOCOL`] as a long-poll's `protocol=` value.
 pub const AGENT_PROTOCOL_PARAM: &str = "3";
