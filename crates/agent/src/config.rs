@@ -54,3 +54,16 @@ impl AgentConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Status reports come often enough that their pooled connection is reused, not
+    /// dropped and opened again (a TLS handshake) before each.
+    #[test]
+    fn status_reports_reuse_their_connection() {
+        let c = AgentConfig::new("https://controller", "rg", "vm", PathBuf::from("/tmp"));
+        assert!(c.heartbeat < jitgate_proto::CLIENT_POOL_IDLE);
+    }
+}
