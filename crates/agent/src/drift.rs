@@ -95,30 +95,36 @@ impl ElementReads {
 
     /// Records how a check that was to read the elements (`elements`) went; true
     /// when the next check must read them (changes interrupted this read).
-    pub fn record(&mut self, elements: bool, read: ElementRead) -> bool {
-        match read {
-            ElementRead::Interrupted => {
+    pub fn record(&mut self, elements: bool, found: Check) -> bool {
+        match found {
+            Check::Interrupted => {
                 self.interrupted();
                 true
             }
-            ElementRead::Compared if elements => {
-                self.completed();
+            Check::Retry => false,
+            Check::Same | Check::Drift | Check::Confirmed => {
+                if elements {
+                    self.completed();
+                }
                 false
             }
-            _ => false,
         }
     }
 }
 
-/// How a check went, as [`ElementReads::record`] counts it.
+/// What a drift check (the agent's or the gateway's) found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ElementRead {
-    /// Compared (the same, drift, or a drift repaired), or no elements asked for.
-    Compared,
-    /// Changes interrupted the read of the elements.
-    Interrupted,
-    /// Read again shortly for another reason (an apply crossed the read-back).
+pub enum Check {
+    Same,
+    /// An apply ran during the read-back: read again shortly.
     Retry,
+    /// Changes interrupted the read of the elements: read them again later (see
+    /// [`ElementReads`]).
+    Interrupted,
+    /// Drift (the gateway records it on the machines it concerns).
+    Drift,
+    /// A table found drifted earlier is as applied again.
+    Confirmed,
 }
 
 /// The table's structure as read back after a full rebuild.
@@ -392,13 +398,13 @@ mod tests {
         // As the watchdogs record their checks: a retry for another reason, or a
         // check without elements, neither counts nor resets.
         let mut r = ElementReads::default();
-        assert!(r.record(true, ElementRead::Interrupted));
-        assert!(!r.record(true, ElementRead::Retry));
-        assert!(!r.record(false, ElementRead::Compared));
-        assert!(r.record(true, ElementRead::Interrupted));
-        assert!(r.record(true, ElementRead::Interrupted));
+        assert!(r.record(true, Check::Interrupted));
+        assert!(!r.record(true, Check::Retry));
+        assert!(!r.record(false, Check::Same));
+        assert!(r.record(true, Check::Interrupted));
+        assert!(r.record(true, Check::Interrupted));
         assert!(r.hold());
-        assert!(!r.record(true, ElementRead::Compared));
+        assert!(!r.record(true, Check::Same));
         assert!(!r.hold());
     }
 

@@ -30,6 +30,7 @@ use jitgate_core::gateway::{self, Target};
 use jitgate_proto::{Desired, DesiredState, StatusReport, WireListener};
 use tokio::sync::{Notify, watch};
 
+use crate::drift::Check;
 use crate::nft::Nft;
 
 /// Ports probed on each machine (the reference's management ports).
@@ -107,21 +108,6 @@ struct MachineDrift {
     table_matches: Option<bool>,
     events: u64,
     last: Option<jitgate_proto::WireDrift>,
-}
-
-/// What a drift check found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Check {
-    Same,
-    /// An apply ran during the read-back: read again shortly.
-    Retry,
-    /// Changes interrupted the read of the elements: read them again later (see
-    /// [`crate::drift::ElementReads`]).
-    Interrupted,
-    /// Drift, recorded on the machines it concerns.
-    Drift,
-    /// A table found drifted earlier is as applied again.
-    Confirmed,
 }
 
 #[derive(Default)]
@@ -511,14 +497,7 @@ impl Gateway {
                     let found = tokio::task::spawn_blocking(move || me2.check(&m2, elements, hold))
                         .await
                         .unwrap_or(Check::Same);
-                    elements_pending |= element_reads.record(
-                        elements,
-                        match found {
-                            Check::Interrupted => crate::drift::ElementRead::Interrupted,
-                            Check::Retry => crate::drift::ElementRead::Retry,
-                            _ => crate::drift::ElementRead::Compared,
-                        },
-                    );
+                    elements_pending |= element_reads.record(elements, found);
                     match found {
                         Check::Same | Check::Interrupted => {}
                         Check::Retry => {

@@ -9,6 +9,7 @@ use jitgate_proto::{Desired, DesiredState, EnrollRequest, EnrollResponse, Status
 use tokio::sync::watch;
 
 use crate::config::AgentConfig;
+use crate::drift::Check;
 use crate::enforce::{ApplyKind, Enforcer};
 use crate::host;
 use crate::netlink::{Heard, Monitor, NfSocket};
@@ -69,10 +70,10 @@ struct Shared {
     /// While an element check reads the kernel: the elements deltas changed
     /// meanwhile (added under the enforcer's lock), which that check leaves out.
     in_flux: Mutex<Option<std::collections::HashSet<ElementKey>>>,
-    /// Taken for writing by an element check that holds changes
+    /// Taken for writing around an element check that holds changes
     /// ([`crate::drift::ElementReads`]); the poll loop takes it for reading before an
-    /// apply, so that it waits without blocking the agent's one thread (the check
-    /// also holds the enforcer, for every other apply).
+    /// apply, so that it waits without blocking the agent's one thread. (The only
+    /// other applies, a repair and the boot-time restore, never run beside a check.)
     changes_held: Arc<tokio::sync::RwLock<()>>,
     /// Wakes the watchdog to read the table back right after an apply.
     baseline_wanted: tokio::sync::Notify,
@@ -422,9 +423,9 @@ impl Shared {
     /// first time after one), and, when `elements` is true, every set element with
     /// the applied plan. On drift, records it (the caller reports, then calls
     /// [`Self::repair`]); when a table found drifted earlier matches again, confirms
-    /// it. With `hold`, the agent's own changes wait while the elements are read (see
-    /// [`crate::drift::ElementReads`]).
-    fn check_table(&self, elements: bool, hold: bool) -> DriftCheck {
+    /// it. The watchdog holds the agent's changes around a held read (see
+    /// [`crate::drift::ElementReads`] and `changes_held`).
+    fn check_table(&self, elements: bool) -> Check {
         use std::sync::atomic::Ordering;
         let has_state = self
             .progress
@@ -432,11 +433,11 @@ impl Shared {
             .map(|p| p.last.is_some())
             .unwrap_or(false);
         if !has_state {
-            return DriftCheck::Same;
+            return Check::Same;
         }
         let before = self.apply_seq.load(Ordering::Acquire);
         if before % 2 == 1 {
-            return DriftCheck::Retry;
+            return Check::Retry;
         }
         let full_before = self.full_applies.load(Ordering::Acquire);
         if elements && let Ok(mut flux) = self.in_flux.lock() {
@@ -446,17 +447,8 @@ impl Shared {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot read table inet jitgate back");
-                return DriftCheck::Same;
+                return Check::Same;
             }
-        };
-        // Holding changes: an apply waits for the enforcer until the elements and what
-        // was applied have both been read.
-        let holding = match (&listing, elements && hold) {
-            (Some(_), true) => match self.enforcer.lock() {
-                Ok(e) => Some(e),
-                Err(_) => return DriftCheck::Same,
-            },
-            _ => None,
         };
         let read_from = Timestamp::now();
         let held = match (&listing, elements) {
@@ -470,11 +462,11 @@ impl Shared {
                 )),
                 // Changes kept coming while it read: compare later.
                 Err(e) if e.is::<crate::netlink::DumpInterrupted>() => {
-                    return DriftCheck::Interrupted;
+                    return Check::Interrupted;
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot read the grant sets back");
-                    return DriftCheck::Same;
+                    return Check::Same;
                 }
             },
             _ => None,
@@ -482,13 +474,12 @@ impl Shared {
         // What the agent applied, taken after the read-back, and the elements deltas
         // changed while it read (left out of the comparison: the read may have seen
         // them before or after).
-        let expected = match (&held, holding) {
-            (Some(_), Some(e)) => Some(e.applied_elements()),
-            (Some(_), None) => match self.enforcer.lock() {
+        let expected = match &held {
+            Some(_) => match self.enforcer.lock() {
                 Ok(e) => Some(e.applied_elements()),
-                Err(_) => return DriftCheck::Same,
+                Err(_) => return Check::Same,
             },
-            (None, _) => None,
+            None => None,
         };
         let flux = self
             .in_flux
@@ -503,11 +494,11 @@ impl Shared {
             // The table was rebuilt meanwhile (or, without elements to compare, any
             // apply ran): this listing belongs to no single state. Deltas change
             // elements only, which are compared without the ones they touched.
-            return DriftCheck::Retry;
+            return Check::Retry;
         }
         let mut changes = match (&listing, self.baseline.lock().as_deref_mut()) {
             (None, _) => vec!["table inet jitgate was deleted".to_owned()],
-            (Some(_), Err(_)) => return DriftCheck::Same,
+            (Some(_), Err(_)) => return Check::Same,
             (Some(json), Ok(slot)) => match slot {
                 Some(base) => crate::drift::compare_structure(base, Some(json)),
                 None => {
@@ -547,19 +538,19 @@ impl Shared {
         }
         let changes = crate::drift::limit(changes);
         let Ok(mut p) = self.progress.lock() else {
-            return DriftCheck::Same;
+            return Check::Same;
         };
         if changes.is_empty() {
             if p.table_matches != Some(true) {
                 let was_drifted = p.table_matches == Some(false);
                 p.table_matches = Some(true);
                 return if was_drifted {
-                    DriftCheck::Confirmed
+                    Check::Confirmed
                 } else {
-                    DriftCheck::Same
+                    Check::Same
                 };
             }
-            return DriftCheck::Same;
+            return Check::Same;
         }
         tracing::warn!(changes = ?changes, "table inet jitgate was changed outside jitgate; reporting and rebuilding it");
         p.table_matches = Some(false);
@@ -569,7 +560,7 @@ impl Shared {
             changes,
             repaired: false,
         });
-        DriftCheck::Drift
+        Check::Drift
     }
 
     /// Every element of the grant sets, over netlink (the reader socket, opened again
@@ -872,19 +863,6 @@ impl Drop for SeqGuard<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DriftCheck {
-    Same,
-    /// An apply ran during the read-back: read again shortly.
-    Retry,
-    /// Changes interrupted every read of the elements: read them again later (see
-    /// [`crate::drift::ElementReads`]).
-    Interrupted,
-    Drift,
-    /// A table found drifted earlier matches again.
-    Confirmed,
-}
-
 #[derive(Debug)]
 enum PollError {
     Unreachable(String),
@@ -1072,28 +1050,21 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                 false => None,
             };
             let found = tokio::task::spawn_blocking(move || {
-                let found = me.check_table(elements, hold);
+                let found = me.check_table(elements);
                 drop(held);
                 found
             })
             .await
-            .unwrap_or(DriftCheck::Same);
-            elements_pending |= element_reads.record(
-                elements,
-                match found {
-                    DriftCheck::Interrupted => crate::drift::ElementRead::Interrupted,
-                    DriftCheck::Retry => crate::drift::ElementRead::Retry,
-                    _ => crate::drift::ElementRead::Compared,
-                },
-            );
+            .unwrap_or(Check::Same);
+            elements_pending |= element_reads.record(elements, found);
             match found {
-                DriftCheck::Same | DriftCheck::Interrupted => {}
-                DriftCheck::Retry => {
+                Check::Same | Check::Interrupted => {}
+                Check::Retry => {
                     pause = Duration::from_millis(20);
                     elements_pending |= elements;
                 }
-                DriftCheck::Confirmed => wd.report(false).await,
-                DriftCheck::Drift => {
+                Check::Confirmed => wd.report(false).await,
+                Check::Drift => {
                     // Tell the controller before repairing, so the drift is on record
                     // even if the repair fails; the next check confirms the repair.
                     wd.report(false).await;
