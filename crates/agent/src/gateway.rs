@@ -27,10 +27,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use jitgate_core::Timestamp;
 use jitgate_core::gateway::{self, Target};
+use jitgate_core::nfnl::GwOp;
 use jitgate_proto::{Desired, DesiredState, StatusReport, WireListener};
 use tokio::sync::{Notify, watch};
 
 use crate::drift::Check;
+use crate::netlink::{BatchError, NfSocket};
 use crate::nft::Nft;
 
 /// Ports probed on each machine (the reference's management ports).
@@ -76,6 +78,9 @@ pub struct Applied {
     /// The structure as the kernel listed it right after the last whole render
     /// (None: not read yet).
     baseline: Option<crate::drift::Baseline>,
+    /// The netlink socket deltas are applied with (opened at the first one; None
+    /// when it cannot be: deltas then run `nft -f`).
+    socket: Option<NfSocket>,
 }
 
 /// One machine's part of the table as last applied.
@@ -204,15 +209,17 @@ pub enum Change {
 /// Applies `states` and records in `last` what the table then holds (None after a
 /// failure). When the machines are those `last` applied and each machine whose
 /// revision moved kept its placement and rules, only that machine's elements that
-/// changed are applied, in one transaction (the cost of a change does not grow with
-/// the machines behind the gateway); otherwise, or when that fails (an element to
-/// delete expired meanwhile), the whole table is rendered.
+/// changed are applied, in one netlink batch (the cost of a change does not grow
+/// with the machines behind the gateway, and no `nft` runs); otherwise, or when that
+/// fails, the whole table is rendered with `nft -f`. A delete of an element the
+/// kernel expired meanwhile counts as done, as on a host.
 pub fn enforce_from<D: Borrow<Desired>>(
     nft: &Nft,
     states: &[D],
     last: &mut Option<Applied>,
 ) -> anyhow::Result<Change> {
     let now = Timestamp::now();
+    let mut socket = None;
     if let Some(l) = last.as_mut() {
         match delta(nft, states, l, now) {
             Ok(true) => return Ok(Change::Delta),
@@ -221,6 +228,8 @@ pub fn enforce_from<D: Borrow<Desired>>(
                 tracing::debug!(error = %format!("{e:#}"), "the change did not apply as a delta; rendering the whole table")
             }
         }
+        // The socket serves the next delta after this render.
+        socket = l.socket.take();
     }
     *last = None;
     let targets = targets(states)?;
@@ -249,7 +258,11 @@ pub fn enforce_from<D: Borrow<Desired>>(
             None
         }
     };
-    *last = Some(Applied { machines, baseline });
+    *last = Some(Applied {
+        machines,
+        baseline,
+        socket,
+    });
     Ok(Change::Whole)
 }
 
@@ -292,7 +305,42 @@ fn delta<D: Borrow<Desired>>(
         remove.extend(r);
         planned.push(elements);
     }
-    nft.apply(&gateway::render_delta(&add, &remove, now))?;
+    if last.socket.is_none() {
+        last.socket = NfSocket::open()
+            .map_err(|e| tracing::debug!(error = %format!("{e:#}"), "no netlink socket to nf_tables; the gateway's changes run nft"))
+            .ok();
+    }
+    match &mut last.socket {
+        Some(socket) => {
+            let mut ops: Vec<GwOp> = remove
+                .iter()
+                .flat_map(gateway::entries)
+                .map(GwOp::Del)
+                .collect();
+            for e in &add {
+                // Elements too close to their end are left out (as a render does).
+                let Some(ms) = jitgate_core::nft::timeout_ms(e.end, now) else {
+                    continue;
+                };
+                let timeout_ms = u64::try_from(ms).unwrap_or(u64::MAX);
+                ops.extend(gateway::entries(e).into_iter().map(|element| GwOp::Add {
+                    element,
+                    timeout_ms,
+                }));
+            }
+            match socket.apply(&ops) {
+                Ok(_) => {}
+                Err(BatchError::TooLarge(_)) => return Ok(false),
+                Err(e @ BatchError::Refused { .. }) => return Err(e.into()),
+                Err(e @ BatchError::Other(_)) => {
+                    // Not trusted for the next change (an answer may be left unread).
+                    last.socket = None;
+                    return Err(e.into());
+                }
+            }
+        }
+        None => nft.apply(&gateway::render_delta(&add, &remove, now))?,
+    }
     for ((d, t), elements) in changed.iter().zip(&targets).zip(planned) {
         if let Some(m) = last.machines.get_mut(&t.name) {
             m.revision = d.revision.clone();

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use jitgate_core::gateway;
-use jitgate_core::nfnl::{self, GwHeld, Held, Message, NLMSG_DONE, Notice, Outcome, SetOp};
+use jitgate_core::nfnl::{self, Encode, GwHeld, Held, Message, NLMSG_DONE, Notice, Op, Outcome};
 use nix::errno::Errno;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockname,
@@ -83,7 +83,8 @@ pub enum BatchError {
     Other(anyhow::Error),
 }
 
-/// A socket that changes and reads `table inet jitgate`'s sets.
+/// A socket that changes and reads `table inet jitgate`'s sets (and a gateway's `table inet
+/// jitgate_gw`).
 pub struct NfSocket {
     fd: OwnedFd,
     seq: u32,
@@ -153,7 +154,7 @@ impl NfSocket {
     }
 
     /// Sends one batch and collects the kernel's verdict on it.
-    fn send_batch(&mut self, ops: &[SetOp]) -> anyhow::Result<Outcome> {
+    fn send_batch<E: Encode>(&mut self, ops: &[Op<E>]) -> anyhow::Result<Outcome> {
         let seq = self.next_seq(ops.len() + 3);
         let bytes = nfnl::batch(ops, seq);
         self.send(&bytes)?;
@@ -181,7 +182,12 @@ impl NfSocket {
     /// Applies `ops` as one atomic batch. A delete that fails because the element is
     /// already gone (the kernel expired it between plan and commit) counts as done:
     /// the batch is sent again without it, so the other operations still happen.
-    pub fn apply(&mut self, ops: &[SetOp]) -> Result<BatchReport, BatchError> {
+    /// The elements are `table inet jitgate`'s ([`nfnl::SetOp`]) or a gateway's
+    /// ([`nfnl::GwOp`]).
+    pub fn apply<E: Encode + Clone + std::fmt::Debug>(
+        &mut self,
+        ops: &[Op<E>],
+    ) -> Result<BatchReport, BatchError> {
         // Roughly 100 bytes an element; checked before encoding anything.
         let estimate = ops.len() * 120;
         if estimate > MAX_BATCH_BYTES {
@@ -207,11 +213,11 @@ impl NfSocket {
                 )));
             }
             let gone =
-                |i: usize, code: i32| code == ENOENT && matches!(ops.get(i), Some(SetOp::Del(_)));
+                |i: usize, code: i32| code == ENOENT && matches!(ops.get(i), Some(Op::Del(_)));
             if let Some(&(i, code)) = outcome.failed.iter().find(|(i, c)| !gone(*i, *c)) {
                 let op = match ops.get(i) {
-                    Some(SetOp::Add { element, .. }) => format!("adding {element:?}"),
-                    Some(SetOp::Del(element)) => format!("deleting {element:?}"),
+                    Some(Op::Add { element, .. }) => format!("adding {element:?}"),
+                    Some(Op::Del(element)) => format!("deleting {element:?}"),
                     None => "an unknown operation".to_owned(),
                 };
                 return Err(BatchError::Refused {

@@ -643,8 +643,10 @@ fn assert_gateway_matches(ns: &Netns, applied: &Option<jitgate_agent::gateway::A
 }
 
 /// Issue 16, the gateway's applies with many machines behind it: a grant added or
-/// revoked on one machine is a delta of that machine's elements only; a placement or
-/// rule change renders the whole table; the kernel always holds what was recorded.
+/// revoked on one machine is a delta of that machine's elements only (issue 15: one
+/// netlink batch, which `nft` reads back as written); a placement or rule change
+/// renders the whole table; a delete of an element already gone is no failure; the
+/// kernel always holds what was recorded.
 #[test]
 fn the_gateway_applies_one_machines_change_as_a_delta() {
     use jitgate_agent::gateway::{Change, enforce_from};
@@ -666,6 +668,12 @@ fn the_gateway_applies_one_machines_change_as_a_delta() {
             m.mapped = Port::new(50000 + (i * 2 + j) as i64).unwrap();
         }
     }
+    // An IPv6 machine behind its own public address.
+    let mut v6 = behind("six", "2001:db8:1::5", Some("2001:db8::1"), &[]);
+    for (j, m) in v6.place.mapped.iter_mut().enumerate() {
+        m.mapped = Port::new(51000 + j as i64).unwrap();
+    }
+    targets.push(v6);
     let states = |ts: &[Target]| ts.iter().map(state_behind).collect::<Vec<_>>();
     ns.run(|| {
         let mut applied = None;
@@ -673,14 +681,41 @@ fn the_gateway_applies_one_machines_change_as_a_delta() {
         assert_eq!(change, Change::Whole);
         assert_gateway_matches(&ns, &applied);
 
-        // A grant added to one DNAT machine, one revoked from a routed one.
+        // A grant added to one DNAT machine, one revoked from a routed one, and a
+        // prefix grant to the IPv6 machine.
         targets[3].grants.push(grant(900, 22, "198.51.100.99", 300));
         targets[4].grants.clear();
+        targets[20]
+            .grants
+            .push(grant(901, 3389, "2001:db8:77::/48", 300));
         let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
         assert_eq!(change, Change::Delta);
         assert_gateway_matches(&ns, &applied);
+        // `nft` reads what the batch wrote: keys, intervals, the maps' data.
         let text = ns.nft(&["list", "map", "inet", "jitgate_gw", "hdnat4"]);
-        assert!(text.contains("198.51.100.99 . tcp . 50007"), "{text}");
+        assert!(
+            text.contains("198.51.100.99 . tcp . 50007 timeout")
+                && text.contains(": 192.0.2.13 . 22"),
+            "{text}"
+        );
+        let text = ns.nft(&["list", "set", "inet", "jitgate_gw", "hdfwd4"]);
+        assert!(
+            text.contains("198.51.100.99 . 192.0.2.13 . tcp . 22 timeout"),
+            "{text}"
+        );
+        let text = ns.nft(&["list", "map", "inet", "jitgate_gw", "dnat6"]);
+        assert!(
+            text.contains("2001:db8:77::/48 . tcp . 51000 timeout")
+                && text.contains(": 2001:db8:1::5 . 3389"),
+            "{text}"
+        );
+        let text = ns.nft(&["list", "set", "inet", "jitgate_gw", "dfwd6"]);
+        assert!(
+            text.contains("2001:db8:77::/48 . 2001:db8:1::5 . tcp . 3389 timeout"),
+            "{text}"
+        );
+        let text = ns.nft(&["list", "set", "inet", "jitgate_gw", "hfwd4"]);
+        assert!(!text.contains("192.0.2.14 "), "{text}");
 
         // A rule changed on one machine: the whole table.
         targets[5].rules.pop();
@@ -696,8 +731,10 @@ fn the_gateway_applies_one_machines_change_as_a_delta() {
         let text = ns.nft(&["list", "table", "inet", "jitgate_gw"]);
         assert!(!text.contains("192.0.2.10 "), "{text}");
 
-        // Someone deleted an element the next delta removes: the delta is refused
-        // whole and the table rendered again, still as recorded.
+        // An element the next delta removes is already gone (as when the kernel
+        // expires it a moment before the revoke): the delete counts as done, the
+        // rest of the batch (an add on another machine) still happens, and no
+        // whole render is needed.
         ns.nft(&[
             "delete",
             "element",
@@ -707,6 +744,33 @@ fn the_gateway_applies_one_machines_change_as_a_delta() {
             "{ 203.0.113.2 . 192.0.2.12 . tcp . 3389 }",
         ]);
         targets[1].grants.clear();
+        targets[2]
+            .grants
+            .push(grant(902, 3389, "198.51.100.7", 300));
+        let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
+        assert_eq!(change, Change::Delta);
+        assert_gateway_matches(&ns, &applied);
+        let text = ns.nft(&["list", "set", "inet", "jitgate_gw", "hdfwd4"]);
+        assert!(
+            text.contains("198.51.100.7 . 192.0.2.13 . tcp . 3389"),
+            "{text}"
+        );
+
+        // An element the next delta adds is already there, put by someone else with
+        // another lifetime: the batch is refused whole (nothing of it applied) and
+        // the table rendered again, as recorded.
+        ns.nft(&[
+            "add",
+            "element",
+            "inet",
+            "jitgate_gw",
+            "hfwd4",
+            "{ 198.51.100.8 . 192.0.2.16 . tcp . 3389 timeout 2h }",
+        ]);
+        targets[5]
+            .grants
+            .push(grant(903, 3389, "198.51.100.8", 300));
+        targets[6].grants.clear();
         let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
         assert_eq!(change, Change::Whole);
         assert_gateway_matches(&ns, &applied);

@@ -1,5 +1,6 @@
 //! nf_tables over netlink: the few messages the agent sends to change, read and watch
-//! its grant sets, encoded and decoded here (no IO; the agent owns the socket).
+//! its grant sets (and a gateway's sets and DNAT maps, `crate::gateway`), encoded
+//! and decoded here (no IO; the agent owns the socket).
 //!
 //! Why by hand: no maintained crate on a permissive licence encodes set elements with
 //! per-element timeouts and concatenated keys (see `docs/ARCHITECTURE.md`); the
@@ -26,7 +27,8 @@
 //! inet_service` is `a.b.c.d | proto 0 0 0 | port_hi port_lo 0 0` (12 bytes), with
 //! an IPv6 address 24. An interval set's element carries its first key and, in
 //! `NFTA_SET_ELEM_KEY_END`, its last (the prefix's broadcast address); a hash set's
-//! only the key. Timeouts are milliseconds.
+//! only the key. A map element's data (`NFTA_SET_ELEM_DATA`) is laid out the same
+//! way: a gateway's `ipv4_addr . inet_service` is 8 bytes. Timeouts are milliseconds.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -186,46 +188,142 @@ fn l4_number(p: L4) -> u8 {
     }
 }
 
-/// One change to a grant set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetOp {
-    /// Add the element with this many milliseconds to live (never 0: a timeout of
-    /// 0 means "no timeout" to the kernel, i.e. permanent access).
-    Add { element: Element, timeout_ms: u64 },
-    /// Delete the element.
-    Del(Element),
+/// What an element of a set (or map) is on the wire: where it goes, its key (and
+/// key end in an interval set), and in a map its data.
+pub trait Encode {
+    /// The table, in family `inet`.
+    fn table(&self) -> &str;
+    /// The set or map.
+    fn set(&self) -> &str;
+    /// The key (for an interval, its first key).
+    fn key(&self) -> Vec<u8>;
+    /// An interval's last key (`NFTA_SET_ELEM_KEY_END`); None in a hash set.
+    fn key_end(&self) -> Option<Vec<u8>>;
+    /// A map element's data; None in a set.
+    fn data(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
-impl SetOp {
-    pub fn element(&self) -> &Element {
-        match self {
-            SetOp::Add { element, .. } | SetOp::Del(element) => element,
+impl Encode for Element {
+    fn table(&self) -> &str {
+        TABLE
+    }
+
+    fn set(&self) -> &str {
+        Element::set(self)
+    }
+
+    fn key(&self) -> Vec<u8> {
+        key_bytes(self.net.network(), self.proto, self.port.get())
+    }
+
+    fn key_end(&self) -> Option<Vec<u8>> {
+        (!self.is_host()).then(|| key_bytes(self.net.broadcast(), self.proto, self.port.get()))
+    }
+}
+
+/// A gateway set's key, `source . address . proto . port` (each field in its
+/// register: 16 or 40 bytes); see [`parse_gw_key`].
+fn gw_key(source: IpAddr, address: IpAddr, proto: L4, port: u16) -> Vec<u8> {
+    let tail = key_bytes(address, proto, port);
+    let mut k = match source {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    k.extend_from_slice(&tail);
+    k
+}
+
+/// An entry of `table inet jitgate_gw`: in a set, the key `source . address . proto
+/// . port`; in a DNAT map (`to_port` given), the key `source . proto . mapped port`
+/// and the data `address . port`. The interval sets and maps hold a prefix, the
+/// `h` ones a single address (as [`crate::gateway::entries`] chooses).
+impl Encode for crate::gateway::Entry {
+    fn table(&self) -> &str {
+        crate::gateway::TABLE
+    }
+
+    fn set(&self) -> &str {
+        self.set
+    }
+
+    fn key(&self) -> Vec<u8> {
+        self.key_from(self.net.network())
+    }
+
+    fn key_end(&self) -> Option<Vec<u8>> {
+        (self.net.prefix_len() != self.net.max_prefix_len())
+            .then(|| self.key_from(self.net.broadcast()))
+    }
+
+    fn data(&self) -> Option<Vec<u8>> {
+        self.to_port.map(|to| {
+            let mut d = match self.address {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            d.extend_from_slice(&to.get().to_be_bytes());
+            d.extend_from_slice(&[0, 0]);
+            d
+        })
+    }
+}
+
+impl crate::gateway::Entry {
+    fn key_from(&self, source: IpAddr) -> Vec<u8> {
+        match self.to_port {
+            Some(_) => key_bytes(source, self.proto, self.port.get()),
+            None => gw_key(source, self.address, self.proto, self.port.get()),
         }
     }
 }
 
-fn element_attrs(w: &mut Writer, op: &SetOp) {
+/// One change to a set: an element of `table inet jitgate`'s grant sets
+/// ([`SetOp`]) or of `table inet jitgate_gw`'s sets and maps ([`GwOp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op<E> {
+    /// Add the element with this many milliseconds to live (never 0: a timeout of
+    /// 0 means "no timeout" to the kernel, i.e. permanent access).
+    Add { element: E, timeout_ms: u64 },
+    /// Delete the element.
+    Del(E),
+}
+
+/// A change to a grant set of `table inet jitgate`.
+pub type SetOp = Op<Element>;
+/// A change to a set or map of `table inet jitgate_gw`.
+pub type GwOp = Op<crate::gateway::Entry>;
+
+impl<E> Op<E> {
+    pub fn element(&self) -> &E {
+        match self {
+            Op::Add { element, .. } | Op::Del(element) => element,
+        }
+    }
+}
+
+fn element_attrs<E: Encode>(w: &mut Writer, op: &Op<E>) {
     let e = op.element();
-    w.str_attr(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    w.str_attr(NFTA_SET_ELEM_LIST_TABLE, e.table());
     w.str_attr(NFTA_SET_ELEM_LIST_SET, e.set());
     let list = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
     let item = w.nest(NFTA_LIST_ELEM);
     let key = w.nest(NFTA_SET_ELEM_KEY);
-    w.attr(
-        NFTA_DATA_VALUE,
-        &key_bytes(e.net.network(), e.proto, e.port.get()),
-    );
+    w.attr(NFTA_DATA_VALUE, &e.key());
     w.nest_end(key);
-    if !e.is_host() {
+    if let Some(last) = e.key_end() {
         let end = w.nest(NFTA_SET_ELEM_KEY_END);
-        w.attr(
-            NFTA_DATA_VALUE,
-            &key_bytes(e.net.broadcast(), e.proto, e.port.get()),
-        );
+        w.attr(NFTA_DATA_VALUE, &last);
         w.nest_end(end);
     }
-    if let SetOp::Add { timeout_ms, .. } = op {
+    if let Op::Add { timeout_ms, .. } = op {
         w.attr(NFTA_SET_ELEM_TIMEOUT, &timeout_ms.max(&1).to_be_bytes());
+        if let Some(data) = e.data() {
+            let d = w.nest(NFTA_SET_ELEM_DATA);
+            w.attr(NFTA_DATA_VALUE, &data);
+            w.nest_end(d);
+        }
     }
     w.nest_end(item);
     w.nest_end(list);
@@ -235,7 +333,7 @@ fn element_attrs(w: &mut Writer, op: &SetOp) {
 /// batch's begin takes `seq`, its end `seq + 1 + ops.len()`). Adds carry
 /// `NLM_F_CREATE | NLM_F_EXCL`: an element already in the kernel fails the batch
 /// ("File exists") rather than keep an old timeout.
-pub fn batch(ops: &[SetOp], seq: u32) -> Vec<u8> {
+pub fn batch<E: Encode>(ops: &[Op<E>], seq: u32) -> Vec<u8> {
     let mut w = Writer::default();
     let b = w.begin(
         NFNL_MSG_BATCH_BEGIN,
@@ -247,8 +345,8 @@ pub fn batch(ops: &[SetOp], seq: u32) -> Vec<u8> {
     w.end(b);
     for (i, op) in ops.iter().enumerate() {
         let (kind, flags) = match op {
-            SetOp::Add { .. } => (msg::NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL),
-            SetOp::Del(_) => (msg::DELSETELEM, NLM_F_REQUEST),
+            Op::Add { .. } => (msg::NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL),
+            Op::Del(_) => (msg::DELSETELEM, NLM_F_REQUEST),
         };
         let m = w.begin(
             nft_type(kind),
@@ -1024,6 +1122,86 @@ mod tests {
         assert!(dumped_gw_elements(&messages(&bytes).unwrap()[0], true).is_err());
         let bytes = answer("fwd4", &key[..12], None, None);
         assert!(dumped_gw_elements(&messages(&bytes).unwrap()[0], false).is_err());
+    }
+
+    /// A gateway batch's messages carry each entry as a dump answers it: the same
+    /// bytes, read back by the dump's decoder, in the table and set named.
+    #[test]
+    fn gateway_entries_are_written_as_they_are_read() {
+        use crate::gateway::Entry;
+        let port = |p: i64| Port::new(p).unwrap();
+        let fwd = Entry {
+            set: "fwd4",
+            net: "10.0.0.0/8".parse().unwrap(),
+            proto: L4::Tcp,
+            port: port(3389),
+            address: "10.78.1.5".parse().unwrap(),
+            to_port: None,
+        };
+        let dnat = Entry {
+            set: "hdnat6",
+            net: "2001:db8::7/128".parse().unwrap(),
+            proto: L4::Udp,
+            port: port(50000),
+            address: "2001:db8:1::5".parse().unwrap(),
+            to_port: Some(port(53)),
+        };
+        assert_eq!(
+            fwd.key(),
+            [10, 0, 0, 0, 10, 78, 1, 5, 6, 0, 0, 0, 0x0d, 0x3d, 0, 0]
+        );
+        assert_eq!(
+            fwd.key_end().unwrap(),
+            [
+                10, 255, 255, 255, 10, 78, 1, 5, 6, 0, 0, 0, 0x0d, 0x3d, 0, 0
+            ]
+        );
+        assert!(dnat.key_end().is_none(), "a host entry has no key end");
+        assert_eq!(dnat.data().unwrap()[16..], [0, 53, 0, 0]);
+        let bytes = batch(
+            &[
+                GwOp::Del(fwd),
+                GwOp::Add {
+                    element: dnat,
+                    timeout_ms: 60_000,
+                },
+            ],
+            7,
+        );
+        let msgs = messages(&bytes).unwrap();
+        assert_eq!(msgs.len(), 4);
+        for (m, kind, entry, map) in [
+            (msgs[1], msg::DELSETELEM, fwd, false),
+            (msgs[2], msg::NEWSETELEM, dnat, true),
+        ] {
+            assert_eq!(m.nft_kind(), Some(kind));
+            let (_, a) = m.nfgen().unwrap();
+            assert_eq!(find(&a, NFTA_SET_ELEM_LIST_TABLE).unwrap(), b"jitgate_gw\0");
+            assert_eq!(
+                find(&a, NFTA_SET_ELEM_LIST_SET).unwrap(),
+                format!("{}\0", entry.set).as_bytes()
+            );
+            // The decoder reads NEWSETELEM messages only.
+            let mut copy = bytes[..].to_vec();
+            let at = m.payload.as_ptr() as usize - bytes.as_ptr() as usize - NLMSG_HDRLEN;
+            copy[at + 4..at + 6].copy_from_slice(&nft_type(msg::NEWSETELEM).to_ne_bytes());
+            let read = dumped_gw_elements(&messages(&copy).unwrap()[if map { 2 } else { 1 }], map)
+                .unwrap();
+            assert_eq!(read.len(), 1);
+            let h = read[0];
+            assert_eq!(
+                (h.net, h.proto, h.port, h.address, h.to_port),
+                (
+                    entry.net,
+                    entry.proto,
+                    entry.port,
+                    entry.address,
+                    entry.to_port
+                )
+            );
+            let timeout = if map { Some(60_000) } else { None };
+            assert_eq!(h.timeout_ms, timeout);
+        }
     }
 
     #[test]
