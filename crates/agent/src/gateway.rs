@@ -5,8 +5,9 @@
 //! ```text
 //! long-poll /api/v1/agent/behind  -> the machines behind this gateway
 //! per machine: long-poll desired  -> decode (with its placement) -> the map
-//! any change: validate every target -> one `nft -f` of the whole table -> save
-//!             -> report each machine's applied revision (as its agent would)
+//! grants:     the changed machines' set and map entries -> one netlink batch
+//! otherwise:  validate every target -> one `nft -f` of the whole table
+//! then:       save -> report each machine's applied revision (as its agent would)
 //! every heartbeat: TCP probes of each machine's management ports -> its report
 //! drift: the table read back (structure, every element over netlink) when the
 //!        kernel announces another process changed it, and periodically; on drift
