@@ -69,18 +69,45 @@ const MAX_CHANGES: usize = 20;
 /// agent's own traffic cannot put the backstop comparison off forever. Another
 /// process's change can still interrupt a held read (the kernel's notifications report
 /// that change anyway); the next read then holds again.
+///
+/// A read made because the kernel announced that another process changed the table
+/// ([`ElementReads::foreign_change`]) holds at once, and so do the reads after it
+/// until one completes: that change may be an attack, and a stream of the agent's own
+/// changes must not put off finding it (three interrupted reads are 15 s at the
+/// default pause).
+///
+/// Both moments are logged (info), naming the table: when the reads start to hold
+/// after interruptions, and when a held read completed.
 #[derive(Debug, Default)]
 pub struct ElementReads {
     interrupted: u32,
+    /// Another process changed the table since the last completed read.
+    foreign: bool,
+    table: &'static str,
 }
 
 impl ElementReads {
     /// Interrupted reads in a row after which the next read holds changes.
     pub const HOLD_AFTER: u32 = 3;
 
+    /// The reads of the elements of `table inet <table>`.
+    pub fn of(table: &'static str) -> Self {
+        ElementReads {
+            interrupted: 0,
+            foreign: false,
+            table,
+        }
+    }
+
     /// Whether the next read of the elements holds the agent's own changes.
     pub fn hold(&self) -> bool {
-        self.interrupted >= Self::HOLD_AFTER
+        self.foreign || self.interrupted >= Self::HOLD_AFTER
+    }
+
+    /// The kernel announced a change of the table by another process: the reads hold
+    /// until one completes.
+    pub fn foreign_change(&mut self) {
+        self.foreign = true;
     }
 
     /// A read of the elements was interrupted by changes.
@@ -91,6 +118,7 @@ impl ElementReads {
     /// A read of the elements completed (compared, drift or not).
     pub fn completed(&mut self) {
         self.interrupted = 0;
+        self.foreign = false;
     }
 
     /// Records how a check that was to read the elements (`elements`) went; true
@@ -99,11 +127,25 @@ impl ElementReads {
         match found {
             Check::Interrupted => {
                 self.interrupted();
+                if self.interrupted == Self::HOLD_AFTER {
+                    tracing::info!(
+                        table = self.table,
+                        reads = self.interrupted,
+                        "changes interrupted every read of the set elements; the next read holds this agent's own changes until it has read"
+                    );
+                }
                 true
             }
             Check::Retry => false,
             Check::Same | Check::Drift | Check::Confirmed => {
                 if elements {
+                    if self.hold() {
+                        tracing::info!(
+                            table = self.table,
+                            drift = found == Check::Drift,
+                            "a read of the set elements that held this agent's own changes completed"
+                        );
+                    }
                     self.completed();
                 }
                 false
@@ -379,7 +421,7 @@ mod tests {
     /// Interrupted reads do not hold changes until [`ElementReads::HOLD_AFTER`] of
     /// them in a row; a completed read starts the count again.
     #[test]
-    fn element_reads_hold_changes_only_after_interruptions_in_a_row() {
+    fn element_reads_hold_changes_after_interruptions_in_a_row_or_a_foreign_change() {
         let mut r = ElementReads::default();
         for _ in 0..ElementReads::HOLD_AFTER {
             assert!(!r.hold());
@@ -405,6 +447,15 @@ mod tests {
         assert!(r.record(true, Check::Interrupted));
         assert!(r.hold());
         assert!(!r.record(true, Check::Same));
+        assert!(!r.hold());
+        // Another process changed the table: held at once, and until a read completes.
+        r.foreign_change();
+        assert!(r.hold());
+        assert!(r.record(true, Check::Interrupted));
+        assert!(r.hold());
+        assert!(!r.record(false, Check::Same), "a check without elements");
+        assert!(r.hold());
+        assert!(!r.record(true, Check::Drift));
         assert!(!r.hold());
     }
 

@@ -520,14 +520,17 @@ impl Gateway {
                 let mut pause = me.drift_check;
                 // Set when a read of the elements was retried: the next check reads them.
                 let mut elements_pending = false;
-                let mut element_reads = crate::drift::ElementReads::default();
+                let mut element_reads = crate::drift::ElementReads::of(gateway::TABLE);
                 loop {
                     let elements = tokio::select! {
                         _ = tokio::time::sleep(pause) => {
                             let size = me.applied.lock().ok().and_then(|a| a.as_ref().map(Applied::len)).unwrap_or(0);
                             elements_pending || elements_checked.elapsed() >= me.drift_check * (1 + size / 10_000) as u32
                         }
-                        _ = me.table_changed.notified() => true,
+                        _ = me.table_changed.notified() => {
+                            element_reads.foreign_change();
+                            true
+                        }
                         _ = stop.changed() => return,
                     };
                     if elements {

@@ -144,6 +144,20 @@ fn describe(e: &reqwest::Error, controller: &str) -> String {
     })
 }
 
+/// For tests: a pause in each read of the grant sets' elements, after the first part
+/// of each set's dump (`JITGATE_TEST_READ_PAUSE_MS`), so that a read of a small table
+/// lasts as long as a large table's does (half a second at 100,000 elements) and the
+/// agent's own changes fall inside it. Unset: no pause.
+fn read_pause() -> Option<Duration> {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        std::env::var("JITGATE_TEST_READ_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    })
+}
+
 /// True when `pid` (a committing task, as the kernel names it) is this process's:
 /// one of its threads, or an `nft` it started.
 fn is_own_task(pid: u32) -> bool {
@@ -576,7 +590,10 @@ impl Shared {
         let Some(socket) = reader.as_mut() else {
             bail!("no netlink socket");
         };
-        let read = socket.dump_grant_sets();
+        let read = match read_pause() {
+            Some(pause) => socket.dump_grant_sets_pausing(|| std::thread::sleep(pause)),
+            None => socket.dump_grant_sets(),
+        };
         if read
             .as_ref()
             .is_err_and(|e| !e.is::<crate::netlink::DumpInterrupted>())
@@ -1022,7 +1039,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         let mut elements_checked = Instant::now();
         // Set when an element check could not finish: the next check reads them.
         let mut elements_pending = false;
-        let mut element_reads = crate::drift::ElementReads::default();
+        let mut element_reads = crate::drift::ElementReads::of(jitgate_core::nft::TABLE);
         loop {
             // Elements are read when the kernel announced a change by someone else,
             // and periodically; a large set is read less often (the kernel's dump of
@@ -1035,7 +1052,10 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                     elements_pending || elements_checked.elapsed() >= every
                 }
                 _ = wd.baseline_wanted.notified() => false,
-                _ = wd.table_changed.notified() => true,
+                _ = wd.table_changed.notified() => {
+                    element_reads.foreign_change();
+                    true
+                }
                 _ = wd_shutdown.changed() => return,
             };
             if elements {

@@ -1,11 +1,14 @@
 //! Faults: grants end in the kernel with the controller and the agent dead; an agent
 //! restart keeps a live grant and its end time.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::lab::{BIN, Lab, OPEN_PROBE, SSH, run_in_ns, sleep_until, wait_for};
+use crate::lab::{
+    BIN, Lab, OPEN_PROBE, OWNER, SSH, api_client, in_ns, run_in_ns, sleep_until, wait_for,
+};
 
 #[test]
 fn grants_end_on_time_with_controller_and_agent_killed_and_survive_an_agent_restart() {
@@ -186,6 +189,175 @@ fn drift_of_the_table_is_found_repaired_reported_and_audited() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0.0);
     assert!(count >= 6.0, "{text}");
+}
+
+/// Initiates access to SSH for each source, from the controller's namespace, eight at
+/// a time; returns each request's id. `revoke`: each is revoked once initiated.
+fn initiate_many(lab: &Lab, sources: Vec<String>, revoke: bool, stop: &AtomicBool) -> usize {
+    let done = AtomicUsize::new(0);
+    let (base, policy, vm) = (lab.base(), lab.policy_path(), lab.vm_id());
+    in_ns(&lab.ctl.ns, || {
+        crate::common::block_on(async {
+            let http = api_client(lab.ca.as_deref());
+            let sources = std::sync::Mutex::new(sources.into_iter());
+            let worker = || async {
+                loop {
+                    let next = sources.lock().unwrap().next();
+                    let Some(source) = next.filter(|_| !stop.load(Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let body = json!({"virtualMachines": [{"id": vm, "ports": [
+                        {"number": SSH, "duration": "PT1H", "allowedSourceAddressPrefix": source}
+                    ]}], "justification": "e2e"});
+                    let r = http
+                        .post(format!("{base}{policy}/initiate?api-version=2020-01-01"))
+                        .bearer_auth(OWNER)
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status().as_u16(), 202, "initiate from {source}");
+                    if revoke {
+                        let id = r.headers()["x-jitgate-request-id"].to_str().unwrap();
+                        let r = http
+                            .post(format!("{base}/api/v1/requests/{id}/revoke"))
+                            .bearer_auth(OWNER)
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(r.status().as_u16(), 200, "revoke of {id}");
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            };
+            tokio::join!(
+                worker(),
+                worker(),
+                worker(),
+                worker(),
+                worker(),
+                worker(),
+                worker(),
+                worker()
+            );
+        })
+    });
+    done.into_inner()
+}
+
+/// Issue 15: under a steady stream of the agent's own changes, the backstop's read of
+/// the set elements still completes, and drift is still found. Each read of the
+/// elements is trusted only if the ruleset did not change while it ran; with grants
+/// initiated and revoked all the time, every read is interrupted, and before the agent
+/// paced its reads it retried at once, again and again, for as long as the stream
+/// lasted, never comparing anything. Now, after three interrupted reads in a row, the
+/// next read holds the agent's own changes until it has read; and a read made because
+/// another process changed the table holds at once.
+///
+/// Eight clients initiate and revoke grants without a pause; the agent checks every
+/// second. Each read of the elements pauses 600 ms after its first part
+/// (`JITGATE_TEST_READ_PAUSE_MS`): a read as long as at a million elements, so that
+/// the agent's changes fall inside it here as they do in large tables (a read of this
+/// test's 300 grants alone takes a few milliseconds).
+#[test]
+fn drift_is_found_while_grants_change_all_the_time() {
+    const HELD: &str = "a read of the set elements that held this agent's own changes completed";
+    let mut lab = Lab::start();
+    lab.kill_agent();
+    lab.agent_args = vec!["--drift-check-secs".into(), "1".into()];
+    lab.agent_env = vec![("JITGATE_TEST_READ_PAUSE_MS", "600".into())];
+    lab.start_agent();
+    lab.enable_default();
+    let never = AtomicBool::new(false);
+    let filled = initiate_many(
+        &lab,
+        (0..300u32)
+            .map(|i| std::net::Ipv4Addr::from(0xAC10_0000 + i).to_string())
+            .collect(),
+        false,
+        &never,
+    );
+    assert_eq!(filled, 300);
+    lab.wait_agent_up_to_date();
+    let b = lab.b.clone();
+    let ssh4 = lab.vm.v4_at(SSH);
+    let before = lab.vm_view()["agent"]["driftEvents"].as_u64().unwrap_or(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let stream = s.spawn(|| {
+            let sources = (0..1_000_000u32)
+                .map(|i| std::net::Ipv4Addr::from(0xC612_0000 + i).to_string())
+                .collect();
+            initiate_many(&lab, sources, true, &stop)
+        });
+        let stopped = || {
+            stop.store(true, Ordering::Relaxed);
+        };
+        // The stream interrupts the reads until one holds the agent's changes.
+        let started = std::time::Instant::now();
+        while !lab.log("agent").contains(HELD) {
+            if started.elapsed() > Duration::from_secs(60) || stream.is_finished() {
+                stopped();
+                panic!(
+                    "no read of the elements held the agent's changes within 60 s of a steady stream of changes:\n{}",
+                    lab.log_tail("agent")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A permanent element for b, planted while the stream goes on: found by a
+        // read of the elements, repaired, reported.
+        lab.pause_agent();
+        lab.nft(&[
+            "add",
+            "element",
+            "inet",
+            "jitgate",
+            "hosts4",
+            &format!("{{ {} . tcp . 22 }}", b.v4),
+        ]);
+        let opened = b.tcp_open(ssh4);
+        lab.resume_agent();
+        if !opened {
+            stopped();
+            panic!("the planted element did not open the port: the test proves nothing");
+        }
+        // The kernel's notification makes the next read hold at once: found within a
+        // read or two, not three interrupted reads later.
+        let repaired = std::time::Instant::now();
+        while b.tcp_open(ssh4) {
+            if repaired.elapsed() > Duration::from_secs(10) {
+                stopped();
+                panic!(
+                    "the planted element was not removed within 10 s during a steady stream of changes:\n{}",
+                    lab.log_tail("agent")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let found = repaired.elapsed();
+        stopped();
+        let streamed = stream.join().unwrap();
+        assert!(
+            streamed >= 100,
+            "only {streamed} initiates and revokes ran: the stream was not steady"
+        );
+        eprintln!(
+            "drift found and repaired {found:?} after the plant, during a stream of {streamed} changes"
+        );
+    });
+    wait_for("the drift reported", Duration::from_secs(6), || {
+        let v = lab.vm_view();
+        v["agent"]["driftEvents"].as_u64().unwrap_or(0) > before
+            && v["agent"]["lastDrift"]["repaired"] == true
+    });
+    let log = lab.log("agent");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(HELD) && l.contains("drift=true")),
+        "the drift was not found by a held read:\n{}",
+        lab.log_tail("agent")
+    );
 }
 
 /// Issue 9.3: a machine boots closed. A reboot loses the kernel's table; the boot-time

@@ -505,6 +505,23 @@ pub struct Resp {
     pub headers: reqwest::header::HeaderMap,
 }
 
+/// An HTTP client for the lab's controller: trusts the certificates in `ca` when it
+/// serves HTTPS.
+pub fn api_client(ca: Option<&Path>) -> reqwest::Client {
+    let mut c = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10));
+    if let Some(ca) = ca {
+        let anchors = jitgate_proto::tls::certs_from_pem(&std::fs::read(ca).unwrap()).unwrap();
+        c = c.tls_backend_preconfigured(
+            jitgate_proto::tls::PinnedVerifier::new(anchors, Vec::new())
+                .client_config()
+                .unwrap(),
+        );
+    }
+    c.build().unwrap()
+}
+
 /// One HTTP call made from namespace `ns` (so the controller sees that host's address).
 /// To a controller serving HTTPS, it trusts the certificates in `ca` (a PEM file: its
 /// CA, or its self-signed certificate, pinned).
@@ -518,19 +535,7 @@ pub fn http_ca(
 ) -> Resp {
     in_ns(ns, || {
         crate::common::block_on(async {
-            let mut c = reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(10));
-            if let Some(ca) = ca {
-                let anchors =
-                    jitgate_proto::tls::certs_from_pem(&std::fs::read(ca).unwrap()).unwrap();
-                c = c.tls_backend_preconfigured(
-                    jitgate_proto::tls::PinnedVerifier::new(anchors, Vec::new())
-                        .client_config()
-                        .unwrap(),
-                );
-            }
-            let c = c.build().unwrap();
+            let c = api_client(ca);
             let mut req = c.request(method.parse().unwrap(), url);
             if let Some(t) = token {
                 req = req.bearer_auth(t);
@@ -596,6 +601,8 @@ pub struct Lab {
     serve_args: Vec<String>,
     /// Extra flags of every `jitgate agent` this lab starts from now on.
     pub agent_args: Vec<String>,
+    /// Extra environment of every `jitgate agent` this lab starts from now on.
+    pub agent_env: Vec<(&'static str, String)>,
     /// The subcommand the lab's agent runs: `agent`, or `gateway` (the VM's namespace
     /// is then the gateway of the hosts made by [`Lab::behind`]).
     pub agent_cmd: &'static str,
@@ -706,6 +713,7 @@ impl Lab {
             tables_before: String::new(),
             serve_args: options.serve_args,
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
             agent_cmd: "agent",
             agent_bin: PathBuf::from(BIN),
             extra_ns: Vec::new(),
@@ -930,7 +938,11 @@ impl Lab {
             .into_iter()
             .chain(self.agent_args.iter().map(String::as_str))
             .collect::<Vec<_>>(),
-            &[],
+            &self
+                .agent_env
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect::<Vec<_>>(),
             &self.log_path("agent"),
         );
         self.agent = Some(child);
@@ -1021,6 +1033,11 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The whole log of `what` (`agent`, `controller`).
+    pub fn log(&self, what: &str) -> String {
+        std::fs::read_to_string(self.log_path(what)).unwrap_or_default()
     }
 
     pub fn log_tail(&self, what: &str) -> String {
