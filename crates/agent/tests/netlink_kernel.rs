@@ -692,28 +692,36 @@ fn the_gateway_applies_one_machines_change_as_a_delta() {
         assert_eq!(change, Change::Delta);
         assert_gateway_matches(&ns, &applied);
         // `nft` reads what the batch wrote: keys, intervals, the maps' data.
-        let text = ns.nft(&["list", "map", "inet", "jitgate_gw", "hdnat4"]);
-        assert!(
-            text.contains("198.51.100.99 . tcp . 50007 timeout")
-                && text.contains(": 192.0.2.13 . 22"),
-            "{text}"
-        );
-        let text = ns.nft(&["list", "set", "inet", "jitgate_gw", "hdfwd4"]);
-        assert!(
-            text.contains("198.51.100.99 . 192.0.2.13 . tcp . 22 timeout"),
-            "{text}"
-        );
-        let text = ns.nft(&["list", "map", "inet", "jitgate_gw", "dnat6"]);
-        assert!(
-            text.contains("2001:db8:77::/48 . tcp . 51000 timeout")
-                && text.contains(": 2001:db8:1::5 . 3389"),
-            "{text}"
-        );
-        let text = ns.nft(&["list", "set", "inet", "jitgate_gw", "dfwd6"]);
-        assert!(
-            text.contains("2001:db8:77::/48 . 2001:db8:1::5 . tcp . 3389 timeout"),
-            "{text}"
-        );
+        for (kind, set, wanted) in [
+            (
+                "map",
+                "hdnat4",
+                &["198.51.100.99 . tcp . 50007 timeout", ": 192.0.2.13 . 22"][..],
+            ),
+            (
+                "set",
+                "hdfwd4",
+                &["198.51.100.99 . 192.0.2.13 . tcp . 22 timeout"],
+            ),
+            (
+                "map",
+                "dnat6",
+                &[
+                    "2001:db8:77::/48 . tcp . 51000 timeout",
+                    ": 2001:db8:1::5 . 3389",
+                ],
+            ),
+            (
+                "set",
+                "dfwd6",
+                &["2001:db8:77::/48 . 2001:db8:1::5 . tcp . 3389 timeout"],
+            ),
+        ] {
+            let text = ns.nft(&["list", kind, "inet", "jitgate_gw", set]);
+            for w in wanted {
+                assert!(text.contains(w), "no {w} in {set}:\n{text}");
+            }
+        }
         let text = ns.nft(&["list", "set", "inet", "jitgate_gw", "hfwd4"]);
         assert!(!text.contains("192.0.2.14 "), "{text}");
 

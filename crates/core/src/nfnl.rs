@@ -1130,22 +1130,23 @@ mod tests {
     fn gateway_entries_are_written_as_they_are_read() {
         use crate::gateway::Entry;
         let port = |p: i64| Port::new(p).unwrap();
-        let fwd = Entry {
-            set: "fwd4",
-            net: "10.0.0.0/8".parse().unwrap(),
-            proto: L4::Tcp,
-            port: port(3389),
-            address: "10.78.1.5".parse().unwrap(),
-            to_port: None,
+        let entry = |set, net: &str, proto, p, address: &str, to_port: Option<i64>| Entry {
+            set,
+            net: net.parse().unwrap(),
+            proto,
+            port: port(p),
+            address: address.parse().unwrap(),
+            to_port: to_port.map(port),
         };
-        let dnat = Entry {
-            set: "hdnat6",
-            net: "2001:db8::7/128".parse().unwrap(),
-            proto: L4::Udp,
-            port: port(50000),
-            address: "2001:db8:1::5".parse().unwrap(),
-            to_port: Some(port(53)),
-        };
+        let fwd = entry("fwd4", "10.0.0.0/8", L4::Tcp, 3389, "10.78.1.5", None);
+        let dnat = entry(
+            "hdnat6",
+            "2001:db8::7/128",
+            L4::Udp,
+            50000,
+            "2001:db8:1::5",
+            Some(53),
+        );
         assert_eq!(
             fwd.key(),
             [10, 0, 0, 0, 10, 78, 1, 5, 6, 0, 0, 0, 0x0d, 0x3d, 0, 0]
