@@ -83,6 +83,15 @@ pub enum BatchError {
     Other(anyhow::Error),
 }
 
+/// The netlink port ids of this process's open [`NfSocket`]s: a change notification
+/// that carries one of them is this process's own change, whichever thread made it.
+static OWN_PORTS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// True when `port` is one of this process's open [`NfSocket`]s.
+pub fn is_own_port(port: u32) -> bool {
+    OWN_PORTS.lock().map(|p| p.contains(&port)).unwrap_or(false)
+}
+
 /// A socket that changes and reads `table inet jitgate`'s sets (and a gateway's `table inet
 /// jitgate_gw`).
 pub struct NfSocket {
@@ -92,6 +101,16 @@ pub struct NfSocket {
     buf: Vec<u8>,
 }
 
+impl Drop for NfSocket {
+    fn drop(&mut self) {
+        if let Ok(mut p) = OWN_PORTS.lock()
+            && let Some(i) = p.iter().position(|x| *x == self.port)
+        {
+            p.swap_remove(i);
+        }
+    }
+}
+
 impl NfSocket {
     /// Opens a socket in the current network namespace.
     pub fn open() -> anyhow::Result<Self> {
@@ -99,6 +118,9 @@ impl NfSocket {
         let port = getsockname::<NetlinkAddr>(fd.as_raw_fd())
             .map(|a| a.pid())
             .context("cannot read the netlink port id")?;
+        if let Ok(mut p) = OWN_PORTS.lock() {
+            p.push(port);
+        }
         Ok(NfSocket {
             fd,
             seq: std::process::id().wrapping_mul(1_000_003),
@@ -154,11 +176,21 @@ impl NfSocket {
     }
 
     /// Sends one batch and collects the kernel's verdict on it.
-    fn send_batch<E: Encode>(&mut self, ops: &[Op<E>]) -> anyhow::Result<Outcome> {
+    fn send_batch<E: Encode>(&mut self, ops: &[Op<E>]) -> Result<Outcome, BatchError> {
         let seq = self.next_seq(ops.len() + 3);
         let bytes = nfnl::batch(ops, seq);
-        self.send(&bytes)?;
-        let fence = seq.wrapping_add(ops.len() as u32 + 2);
+        if bytes.len() > MAX_BATCH_BYTES {
+            return Err(BatchError::TooLarge(bytes.len()));
+        }
+        self.collect(ops.len(), seq, &bytes)
+            .map_err(BatchError::Other)
+    }
+
+    /// Sends an encoded batch of `len` operations at `seq` and reads the answers up
+    /// to the generation request that follows it.
+    fn collect(&mut self, len: usize, seq: u32, bytes: &[u8]) -> anyhow::Result<Outcome> {
+        self.send(bytes)?;
+        let fence = seq.wrapping_add(len as u32 + 2);
         self.send(&nfnl::get_gen(fence))?;
         let mut outcome = Outcome::default();
         self.receive_until(|m| {
@@ -171,12 +203,38 @@ impl NfSocket {
                 }
                 return Ok(true);
             }
-            let o = Outcome::from_answers(std::slice::from_ref(m), seq, ops.len());
+            let o = Outcome::from_answers(std::slice::from_ref(m), seq, len);
             outcome.failed.extend(o.failed);
             outcome.batch_error = outcome.batch_error.or(o.batch_error);
             Ok(false)
         })?;
         Ok(outcome)
+    }
+
+    /// Whether set `set` of `table inet <table>` exists (false also when the table
+    /// does not).
+    pub fn set_exists(&mut self, table: &str, set: &str) -> anyhow::Result<bool> {
+        let seq = self.next_seq(2);
+        self.send(&nfnl::get_set(table, set, seq))?;
+        let fence = seq.wrapping_add(1);
+        self.send(&nfnl::get_gen(fence))?;
+        let mut exists = None;
+        self.receive_until(|m| {
+            if m.seq == fence {
+                return Ok(true);
+            }
+            if m.seq == seq {
+                match m.error() {
+                    Some(ENOENT) => exists = Some(false),
+                    Some(0) => {}
+                    Some(code) => bail!("cannot read set {set}: {}", Errno::from_raw(code)),
+                    None if m.nft_kind() == Some(nfnl::msg::NEWSET) => exists = Some(true),
+                    None => {}
+                }
+            }
+            Ok(false)
+        })?;
+        exists.context("nf_tables did not answer the set request")
     }
 
     /// Applies `ops` as one atomic batch. A delete that fails because the element is
@@ -188,10 +246,11 @@ impl NfSocket {
         &mut self,
         ops: &[Op<E>],
     ) -> Result<BatchReport, BatchError> {
-        // Roughly 100 bytes an element; checked before encoding anything.
-        let estimate = ops.len() * 120;
-        if estimate > MAX_BATCH_BYTES {
-            return Err(BatchError::TooLarge(estimate));
+        // At least 100 bytes an operation: a batch far too large is refused before
+        // anything is encoded (`send_batch` checks the encoded size).
+        let least = ops.len() * 100;
+        if least > MAX_BATCH_BYTES {
+            return Err(BatchError::TooLarge(least));
         }
         let mut ops = ops.to_vec();
         let mut report = BatchReport::default();
@@ -202,7 +261,7 @@ impl NfSocket {
                 )));
             }
             report.rounds += 1;
-            let outcome = self.send_batch(&ops).map_err(BatchError::Other)?;
+            let outcome = self.send_batch(&ops)?;
             if outcome.committed() {
                 return Ok(report);
             }
@@ -228,6 +287,22 @@ impl NfSocket {
             let mut drop: Vec<usize> = outcome.failed.iter().map(|(i, _)| *i).collect();
             drop.sort_unstable();
             drop.dedup();
+            // ENOENT also answers a delete from a set, or a table, that is not there
+            // (deleted by someone): only an element gone from a set that is there
+            // counts as done. Otherwise the caller rebuilds.
+            let mut sets: Vec<(&str, &str)> = drop
+                .iter()
+                .map(|&i| (ops[i].element().table(), ops[i].element().set()))
+                .collect();
+            sets.sort_unstable();
+            sets.dedup();
+            for (table, set) in sets {
+                if !self.set_exists(table, set).map_err(BatchError::Other)? {
+                    return Err(BatchError::Other(anyhow::anyhow!(
+                        "set {set} of table inet {table} is gone"
+                    )));
+                }
+            }
             report.already_gone += drop.len();
             for i in drop.into_iter().rev() {
                 ops.remove(i);

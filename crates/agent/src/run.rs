@@ -85,9 +85,6 @@ struct Shared {
     /// Reads the grant sets' elements for the drift check (a socket of its own, so
     /// reading never waits for an apply).
     reader: Mutex<Option<NfSocket>>,
-    /// The netlink port ids of the agent's own sockets: changes they make are not
-    /// drift.
-    own_ports: Vec<u32>,
     progress: Mutex<Progress>,
     /// What is on disk (one writer of the state files at a time: held while writing).
     saving: Mutex<Option<Saved>>,
@@ -148,7 +145,12 @@ fn describe(e: &reqwest::Error, controller: &str) -> String {
 /// of each set's dump (`JITGATE_TEST_READ_PAUSE_MS`), so that a read of a small table
 /// lasts as long as a large table's does (half a second at 100,000 elements) and the
 /// agent's own changes fall inside it. Unset: no pause.
+/// Debug builds only: a release agent never pauses its reads (a held read would hold
+/// revokes for as long).
 fn read_pause() -> Option<Duration> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
     static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
     *PAUSE.get_or_init(|| {
         std::env::var("JITGATE_TEST_READ_PAUSE_MS")
@@ -214,10 +216,14 @@ fn watch_changes(shared: std::sync::Weak<Shared>) {
                                 }
                                 (foreign, foreign_gw) = (false, false);
                             }
-                            n if n.touches_jitgate() && !shared.own_ports.contains(&port) => {
+                            // The agent's and the gateway's netlink sockets make
+                            // their changes from any thread: known by their port.
+                            n if n.touches_jitgate() && !crate::netlink::is_own_port(port) => {
                                 foreign = true;
                             }
-                            n if n.touches(jitgate_core::gateway::TABLE) => {
+                            n if n.touches(jitgate_core::gateway::TABLE)
+                                && !crate::netlink::is_own_port(port) =>
+                            {
                                 foreign_gw = true;
                             }
                             _ => {}
@@ -959,11 +965,6 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let reader = NfSocket::open()
         .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot open a netlink socket to read the grant sets"))
         .ok();
-    let own_ports = enforcer
-        .netlink_port()
-        .into_iter()
-        .chain(reader.as_ref().map(NfSocket::port))
-        .collect();
     let shared = Arc::new(Shared {
         inventory: Mutex::new(Inventory::default()),
         counter_nft: nft,
@@ -979,7 +980,6 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         table_changed: tokio::sync::Notify::new(),
         gateway_changed: Arc::new(tokio::sync::Notify::new()),
         reader: Mutex::new(reader),
-        own_ports,
         progress: Mutex::new(Progress::default()),
         saving: Mutex::new(None),
         nft_version,

@@ -232,6 +232,22 @@ fn a_delete_of_an_element_already_gone_does_not_stop_the_rest() {
         s.apply(&[SetOp::Del(last)]).unwrap();
         assert!(!dump_all(&mut s).iter().any(|h| h.net == last.net));
     });
+
+    // ENOENT also answers a delete from a set that is gone (someone deleted the
+    // table, deny rules with it): that is no "element already gone", and a batch of
+    // revokes does not pass for applied.
+    ns.nft(&["delete", "table", "inet", "jitgate"]);
+    ns.run(|| {
+        let mut s = NfSocket::open().unwrap();
+        assert!(!s.set_exists(jitgate_core::nft::TABLE, nft::HOSTS4).unwrap());
+        let gone = el("10.0.0.4/32", L4::Tcp, 22);
+        match s.apply(&[SetOp::Del(gone)]) {
+            Err(BatchError::Other(e)) => {
+                assert!(e.to_string().contains("is gone"), "{e}")
+            }
+            other => panic!("a delete from a deleted table passed: {other:?}"),
+        }
+    });
 }
 
 fn vm() -> VmId {

@@ -372,7 +372,9 @@ pub fn diff(
 /// The change from one set of elements to another as one `nft -f` transaction:
 /// deletions first (keys only), then additions with timeouts from `now`. Empty when
 /// nothing changes. It fails as a whole when an element to delete is already gone
-/// (expired in the meantime); the caller then renders the whole table.
+/// (expired in the meantime); the caller then renders the whole table. The gateway
+/// applies a change over netlink (the same elements, [`entries`]); this text is its
+/// path when no netlink socket opens.
 pub fn render_delta(add: &[GwElement], remove: &[GwElement], now: Timestamp) -> String {
     let mut out = String::new();
     let mut deletes: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -404,7 +406,7 @@ pub fn render_delta(add: &[GwElement], remove: &[GwElement], now: Timestamp) -> 
 }
 
 /// The targets without their grants: what a whole render depends on besides the
-/// elements. While it stays the same, a change is a [`render_delta`].
+/// elements. While it stays the same, a change is a delta of elements.
 pub fn structure(targets: &[Target]) -> Vec<(String, Placement, Vec<NsgRule>)> {
     targets
         .iter()

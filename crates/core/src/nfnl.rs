@@ -72,6 +72,7 @@ pub mod msg {
     pub const NEWRULE: u16 = 6;
     pub const DELRULE: u16 = 8;
     pub const NEWSET: u16 = 9;
+    pub const GETSET: u16 = 10;
     pub const DELSET: u16 = 11;
     pub const NEWSETELEM: u16 = 12;
     pub const GETSETELEM: u16 = 13;
@@ -81,6 +82,8 @@ pub mod msg {
     pub const NEWOBJ: u16 = 18;
     pub const DELOBJ: u16 = 20;
 }
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -374,6 +377,17 @@ pub fn batch<E: Encode>(ops: &[Op<E>], seq: u32) -> Vec<u8> {
 pub fn get_gen(seq: u32) -> Vec<u8> {
     let mut w = Writer::default();
     let m = w.begin(nft_type(msg::GETGEN), NLM_F_REQUEST, seq, NFPROTO_UNSPEC, 0);
+    w.end(m);
+    w.buf
+}
+
+/// `NFT_MSG_GETSET` of one set of `table inet <table>`: answered by its
+/// `NFT_MSG_NEWSET`, or by ENOENT when the set or the table does not exist.
+pub fn get_set(table: &str, set: &str, seq: u32) -> Vec<u8> {
+    let mut w = Writer::default();
+    let m = w.begin(nft_type(msg::GETSET), NLM_F_REQUEST, seq, NFPROTO_INET, 0);
+    w.str_attr(NFTA_SET_TABLE, table);
+    w.str_attr(NFTA_SET_NAME, set);
     w.end(m);
     w.buf
 }

@@ -192,7 +192,8 @@ fn drift_of_the_table_is_found_repaired_reported_and_audited() {
 }
 
 /// Initiates access to SSH for each source, from the controller's namespace, eight at
-/// a time; returns each request's id. `revoke`: each is revoked once initiated.
+/// a time, until `stop`; returns how many were made. `revoke`: each is revoked once
+/// initiated.
 fn initiate_many(lab: &Lab, sources: Vec<String>, revoke: bool, stop: &AtomicBool) -> usize {
     let done = AtomicUsize::new(0);
     let (base, policy, vm) = (lab.base(), lab.policy_path(), lab.vm_id());
@@ -258,10 +259,16 @@ fn initiate_many(lab: &Lab, sources: Vec<String>, revoke: bool, stop: &AtomicBoo
 /// second. Each read of the elements pauses 600 ms after its first part
 /// (`JITGATE_TEST_READ_PAUSE_MS`): a read as long as at a million elements, so that
 /// the agent's changes fall inside it here as they do in large tables (a read of this
-/// test's 300 grants alone takes a few milliseconds).
+/// test's 300 grants alone takes a few milliseconds). That knob exists in debug
+/// builds only, as the suite runs.
 #[test]
 fn drift_is_found_while_grants_change_all_the_time() {
     const HELD: &str = "a read of the set elements that held this agent's own changes completed";
+    if !cfg!(debug_assertions) {
+        panic!(
+            "run the suite as a debug build: the agent's JITGATE_TEST_READ_PAUSE_MS is off in release builds"
+        );
+    }
     let mut lab = Lab::start();
     lab.kill_agent();
     lab.agent_args = vec!["--drift-check-secs".into(), "1".into()];
