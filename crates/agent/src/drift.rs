@@ -339,7 +339,8 @@ fn describe_gw(e: &Entry) -> String {
             e.set
         ),
         Some(to) => format!(
-            "{} . {} . {} : {} . {to} in map {}",
+            "{} . {} . {} . {} : {} . {to} in map {}",
+            e.public.map_or_else(|| "?".to_owned(), |p| p.to_string()),
             e.net,
             e.proto.as_str(),
             e.port,
@@ -366,6 +367,7 @@ pub fn compare_gateway_elements(
     for (set, h) in held {
         let entry = Entry {
             set,
+            public: h.public,
             net: h.net,
             proto: h.proto,
             port: h.port,

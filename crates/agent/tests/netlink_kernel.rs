@@ -588,6 +588,7 @@ fn the_gateway_tables_elements_read_back_as_planned_and_changes_are_named() {
         "2001:db8:1::5".parse::<std::net::IpAddr>().unwrap()
     );
     assert!(map6.to_port.is_some() && [50001, 50002].contains(&map6.port.get()));
+    assert_eq!(map6.public, Some("2001:db8::1".parse().unwrap()));
     for (set, h) in &held {
         let left = h.expires_ms.unwrap();
         assert!(h.timeout_ms.unwrap() >= left, "{set}: {h:?}");
@@ -598,7 +599,11 @@ fn the_gateway_tables_elements_read_back_as_planned_and_changes_are_named() {
     // re-adds a routed grant with a longer life.
     for (verb, set, element) in [
         ("add", "fwd4", "{ 203.0.113.66 . 192.0.2.5 . tcp . 22 }"),
-        ("delete", "dnat4", "{ 203.0.113.0/24 . tcp . 50001 }"),
+        (
+            "delete",
+            "dnat4",
+            "{ 198.51.100.1 . 203.0.113.0/24 . tcp . 50001 }",
+        ),
         ("delete", "fwd4", "{ 10.0.0.0/8 . 192.0.2.5 . tcp . 22 }"),
         (
             "add",
@@ -624,7 +629,7 @@ fn the_gateway_tables_elements_read_back_as_planned_and_changes_are_named() {
     assert!(
         has(
             "192.0.2.6",
-            "203.0.113.0/24 . tcp . 50001 : 192.0.2.6 . 3389 in map dnat4 was removed before its end"
+            "198.51.100.1 . 203.0.113.0/24 . tcp . 50001 : 192.0.2.6 . 3389 in map dnat4 was removed before its end"
         ),
         "{changes:?}"
     );
@@ -712,7 +717,10 @@ fn the_gateway_applies_one_machines_change_as_a_delta() {
             (
                 "map",
                 "hdnat4",
-                &["198.51.100.99 . tcp . 50007 timeout", ": 192.0.2.13 . 22"][..],
+                &[
+                    "198.51.100.1 . 198.51.100.99 . tcp . 50007 timeout",
+                    ": 192.0.2.13 . 22",
+                ][..],
             ),
             (
                 "set",
@@ -723,7 +731,7 @@ fn the_gateway_applies_one_machines_change_as_a_delta() {
                 "map",
                 "dnat6",
                 &[
-                    "2001:db8:77::/48 . tcp . 51000 timeout",
+                    "2001:db8::1 . 2001:db8:77::/48 . tcp . 51000 timeout",
                     ": 2001:db8:1::5 . 3389",
                 ],
             ),
@@ -796,6 +804,87 @@ fn the_gateway_applies_one_machines_change_as_a_delta() {
             .push(grant(903, 3389, "198.51.100.8", 300));
         targets[6].grants.clear();
         let change = enforce_from(&nft, &states(&targets), &mut applied).unwrap();
+        assert_eq!(change, Change::Whole);
+        assert_gateway_matches(&ns, &applied);
+    });
+}
+
+/// Two public addresses may map the same port to different machines, and one source
+/// may hold grants to both: the maps' keys begin with the public address. Before,
+/// the keys were `source . proto . mapped port`: the two grants were one key with two
+/// machines, the kernel refused the second (the delta, then every whole render of the
+/// gateway's table while both grants lived, other machines' revokes included), and a
+/// client of one public address could be sent to the other's machine.
+#[test]
+fn two_public_addresses_map_one_port_to_two_machines_for_one_source() {
+    use jitgate_agent::gateway::{Change, enforce_from};
+    let ns = Netns::new("gwp");
+    let nft = Nft::new("nft".into());
+    let grants = [
+        (1, 3389, "203.0.113.9", 600),
+        (2, 22, "10.9.0.0/16", 600),
+        (3, 3389, "2001:db8:99::9", 600),
+        (4, 22, "2001:db8:98::/48", 600),
+    ];
+    let one = behind("one", "192.0.2.21", Some("198.51.100.1"), &grants);
+    let mut two = behind("two", "192.0.2.22", Some("198.51.100.2"), &grants);
+    let six = behind("six", "2001:db8:1::5", Some("2001:db8::1"), &grants);
+    let six2 = behind("six2", "2001:db8:1::6", Some("2001:db8::2"), &grants);
+    // Machine "two" gets its grants later, as a delta.
+    let later = std::mem::take(&mut two.grants);
+    let states = |ts: [&Target; 4]| ts.iter().map(|t| state_behind(t)).collect::<Vec<_>>();
+    ns.run(|| {
+        let mut applied = None;
+        let change = enforce_from(&nft, &states([&one, &two, &six, &six2]), &mut applied).unwrap();
+        assert_eq!(change, Change::Whole);
+        two.grants = later;
+        let change = enforce_from(&nft, &states([&one, &two, &six, &six2]), &mut applied).unwrap();
+        assert_eq!(change, Change::Delta);
+        assert_gateway_matches(&ns, &applied);
+        for (map, wanted) in [
+            (
+                "hdnat4",
+                [
+                    "198.51.100.1 . 203.0.113.9 . tcp . 50001 timeout",
+                    "198.51.100.2 . 203.0.113.9 . tcp . 50001 timeout",
+                ],
+            ),
+            (
+                "dnat4",
+                [
+                    "198.51.100.1 . 10.9.0.0/16 . tcp . 50002 timeout",
+                    "198.51.100.2 . 10.9.0.0/16 . tcp . 50002 timeout",
+                ],
+            ),
+            (
+                "hdnat6",
+                [
+                    "2001:db8::1 . 2001:db8:99::9 . tcp . 50001 timeout",
+                    "2001:db8::2 . 2001:db8:99::9 . tcp . 50001 timeout",
+                ],
+            ),
+            (
+                "dnat6",
+                [
+                    "2001:db8::1 . 2001:db8:98::/48 . tcp . 50002 timeout",
+                    "2001:db8::2 . 2001:db8:98::/48 . tcp . 50002 timeout",
+                ],
+            ),
+        ] {
+            let text = ns.nft(&["list", "map", "inet", "jitgate_gw", map]);
+            for w in wanted {
+                assert!(text.contains(w), "no {w} in {map}:\n{text}");
+            }
+        }
+        // Each public address translates to its own machine.
+        let text = ns.nft(&["list", "map", "inet", "jitgate_gw", "hdnat4"]);
+        assert!(
+            text.contains(": 192.0.2.21 . 3389") && text.contains(": 192.0.2.22 . 3389"),
+            "{text}"
+        );
+        // A whole render (a machine gone) holds the rest as well.
+        let states3 = [&one, &two, &six].map(state_behind);
+        let change = enforce_from(&nft, &states3, &mut applied).unwrap();
         assert_eq!(change, Change::Whole);
         assert_gateway_matches(&ns, &applied);
     });

@@ -10,8 +10,10 @@
 //!   `hfwd6` for a single source address), accepted in the `forward` chain;
 //! * **DNAT** (Azure Firewall's way): clients reach the gateway's public address on a
 //!   *mapped port* the controller allocated for the machine's port. A grant is an
-//!   element `source . protocol . mapped port : address . port` of the `dnat4`/`dnat6`
-//!   map (`hdnat4`/`hdnat6`), which the `prerouting` chain uses to translate, plus the
+//!   element `public address . source . protocol . mapped port : address . port` of
+//!   the `dnat4`/`dnat6` map (`hdnat4`/`hdnat6`), which the `prerouting` chain uses to
+//!   translate (the public address is in the key: two public addresses may map the
+//!   same port to different machines, for the same source), plus the
 //!   element `source . address . protocol . port` of `dfwd4`/`dfwd6` (`hdfwd4`/
 //!   `hdfwd6`), accepted in `forward` only for
 //!   translated connections (`ct status dnat`): a granted source still cannot reach
@@ -57,8 +59,9 @@ pub const SETS: [&str; 8] = [
     "fwd4", "fwd6", "dfwd4", "dfwd6", "hfwd4", "hfwd6", "hdfwd4", "hdfwd6",
 ];
 
-/// The DNAT maps of the table (keys `source . protocol . mapped port`, data
-/// `address . port`): interval maps for prefixes, hash maps for single addresses.
+/// The DNAT maps of the table (keys `public address . source . protocol . mapped
+/// port`, data `address . port`): interval maps for prefixes, hash maps for single
+/// addresses.
 pub const MAPS: [&str; 4] = ["dnat4", "dnat6", "hdnat4", "hdnat6"];
 
 /// How clients reach a machine behind a gateway.
@@ -193,6 +196,8 @@ pub fn validate(targets: &[Target]) -> Result<(), String> {
 pub struct GwElement {
     pub mode: Mode,
     pub address: IpAddr,
+    /// DNAT: the gateway's public address the machine is reached on.
+    pub public: Option<IpAddr>,
     pub proto: L4,
     pub port: Port,
     pub mapped: Option<Port>,
@@ -224,6 +229,7 @@ pub fn plan(targets: &[Target], now: Timestamp) -> Vec<GwElement> {
                 out.push(GwElement {
                     mode: p.mode,
                     address: p.address,
+                    public: p.public.filter(|_| p.mode == Mode::Dnat),
                     proto,
                     port,
                     mapped,
@@ -262,14 +268,14 @@ fn element_parts(e: &GwElement) -> (String, String, Option<(String, String, Stri
     // Interval sets take a prefix; a host prefix is written as the bare address.
     let (src, proto) = (nft::net_text(&e.net), e.proto.as_str());
     let fwd = format!("{src} . {} . {proto} . {}", e.address, e.port);
-    match (e.mode, e.mapped) {
+    match (e.mode, e.mapped.zip(e.public)) {
         (Mode::Routed, _) | (Mode::Dnat, None) => (format!("{h}fwd{v6}"), fwd, None),
-        (Mode::Dnat, Some(m)) => (
+        (Mode::Dnat, Some((m, public))) => (
             format!("{h}dfwd{v6}"),
             fwd,
             Some((
                 format!("{h}dnat{v6}"),
-                format!("{src} . {proto} . {m}"),
+                format!("{public} . {src} . {proto} . {m}"),
                 format!("{} . {}", e.address, e.port),
             )),
         ),
@@ -278,10 +284,12 @@ fn element_parts(e: &GwElement) -> (String, String, Option<(String, String, Stri
 
 /// How an element is held in one set or map, as read back from the kernel: the
 /// source, protocol, port (the mapped one in a map), the machine's address, and in
-/// a map the machine's port.
+/// a map the public address and the machine's port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Entry {
     pub set: &'static str,
+    /// In a map, the gateway's public address (the key's first field).
+    pub public: Option<IpAddr>,
     pub net: IpNet,
     pub proto: L4,
     pub port: Port,
@@ -290,7 +298,8 @@ pub struct Entry {
 }
 
 /// The entries an element puts in the table: one set element, and for DNAT one map
-/// element too; nothing for a DNAT element without a mapped port (never rendered).
+/// element too; nothing for a DNAT element without a mapped port or public address
+/// (never rendered: `validate` refuses both).
 pub fn entries(e: &GwElement) -> Vec<Entry> {
     let v6 = e.address.is_ipv6();
     let host = is_host(e);
@@ -303,19 +312,21 @@ pub fn entries(e: &GwElement) -> Vec<Entry> {
     };
     let fwd = |set| Entry {
         set,
+        public: None,
         net: e.net,
         proto: e.proto,
         port: e.port,
         address: e.address,
         to_port: None,
     };
-    match (e.mode, e.mapped) {
+    match (e.mode, e.mapped.zip(e.public)) {
         (Mode::Routed, _) => vec![fwd(pick("fwd4", "fwd6", "hfwd4", "hfwd6"))],
         (Mode::Dnat, None) => Vec::new(),
-        (Mode::Dnat, Some(m)) => vec![
+        (Mode::Dnat, Some((m, public))) => vec![
             fwd(pick("dfwd4", "dfwd6", "hdfwd4", "hdfwd6")),
             Entry {
                 set: pick("dnat4", "dnat6", "hdnat4", "hdnat6"),
+                public: Some(public),
                 net: e.net,
                 proto: e.proto,
                 port: m,
@@ -333,7 +344,7 @@ fn element_lines(elements: &[GwElement], now: Timestamp) -> BTreeMap<String, Vec
         let Some(ms) = nft::timeout_ms(e.end, now) else {
             continue;
         };
-        if e.mode == Mode::Dnat && e.mapped.is_none() {
+        if e.mode == Mode::Dnat && (e.mapped.is_none() || e.public.is_none()) {
             continue;
         }
         let (set, key, map) = element_parts(e);
@@ -379,7 +390,7 @@ pub fn render_delta(add: &[GwElement], remove: &[GwElement], now: Timestamp) -> 
     let mut out = String::new();
     let mut deletes: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for e in remove {
-        if e.mode == Mode::Dnat && e.mapped.is_none() {
+        if e.mode == Mode::Dnat && (e.mapped.is_none() || e.public.is_none()) {
             continue;
         }
         let (set, key, map) = element_parts(e);
@@ -469,7 +480,7 @@ pub fn render_full(targets: &[Target], now: Timestamp) -> String {
             let _ = writeln!(out, "\tmap {h}dnat{s} {{");
             let _ = writeln!(
                 out,
-                "\t\ttype {a} . inet_proto . inet_service : {a} . inet_service"
+                "\t\ttype {a} . {a} . inet_proto . inet_service : {a} . inet_service"
             );
             let _ = writeln!(out, "\t\tflags {flags}");
             render_elements(&mut out, sets.get(&format!("{h}dnat{s}")).unwrap_or(&none));
@@ -489,7 +500,7 @@ pub fn render_full(targets: &[Target], now: Timestamp) -> String {
         for h in ["h", ""] {
             let _ = writeln!(
                 out,
-                "\t\t{fam} daddr {p} meta l4proto {{ tcp, udp }} dnat {fam} to {fam} saddr . meta l4proto . th dport map @{h}dnat{s}"
+                "\t\t{fam} daddr {p} meta l4proto {{ tcp, udp }} dnat {fam} to {fam} daddr . {fam} saddr . meta l4proto . th dport map @{h}dnat{s}"
             );
         }
     }
@@ -647,11 +658,13 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("198.51.100.0/24 . tcp . 50001 timeout 2500ms : 192.0.2.6 . 3389"),
+            text.contains(
+                "198.51.100.1 . 198.51.100.0/24 . tcp . 50001 timeout 2500ms : 192.0.2.6 . 3389"
+            ),
             "{text}"
         );
         assert!(text.contains(
-            "ip daddr 198.51.100.1 meta l4proto { tcp, udp } dnat ip to ip saddr . meta l4proto . th dport map @dnat4"
+            "ip daddr 198.51.100.1 meta l4proto { tcp, udp } dnat ip to ip daddr . ip saddr . meta l4proto . th dport map @dnat4"
         ));
         assert!(text.contains("ip daddr 192.0.2.5 meta l4proto { tcp, udp } th dport 3389 drop"));
         assert!(text.contains("ip daddr 192.0.2.6 meta l4proto { tcp, udp } th dport 3389 drop"));
@@ -712,7 +725,7 @@ mod tests {
         assert_eq!(
             text,
             "add element inet jitgate_gw hdfwd4 { 198.51.100.11 . 192.0.2.6 . tcp . 3389 timeout 600000ms }\n\
-             add element inet jitgate_gw hdnat4 { 198.51.100.11 . tcp . 50001 timeout 600000ms : 192.0.2.6 . 3389 }\n"
+             add element inet jitgate_gw hdnat4 { 198.51.100.1 . 198.51.100.11 . tcp . 50001 timeout 600000ms : 192.0.2.6 . 3389 }\n"
         );
         // Revoked: its keys are deleted from the set and the map, nothing added.
         let (add, remove) = diff(&after, &before, at(NOW));
@@ -720,7 +733,7 @@ mod tests {
         assert_eq!(
             text,
             "delete element inet jitgate_gw hdfwd4 { 198.51.100.11 . 192.0.2.6 . tcp . 3389 }\n\
-             delete element inet jitgate_gw hdnat4 { 198.51.100.11 . tcp . 50001 }\n"
+             delete element inet jitgate_gw hdnat4 { 198.51.100.1 . 198.51.100.11 . tcp . 50001 }\n"
         );
         // What has ended is left to the kernel.
         let later = at("2026-01-01T00:20:00Z");

@@ -226,11 +226,12 @@ impl Encode for Element {
     }
 }
 
-/// A gateway set's key, `source . address . proto . port` (each field in its
-/// register: 16 or 40 bytes); see [`parse_gw_key`].
-fn gw_key(source: IpAddr, address: IpAddr, proto: L4, port: u16) -> Vec<u8> {
-    let tail = key_bytes(address, proto, port);
-    let mut k = match source {
+/// A gateway set's key, `source . address . proto . port`, or a map's, `public .
+/// source . proto . port` (each field in its register: 16 or 40 bytes); see
+/// [`parse_gw_key`].
+fn gw_key(first: IpAddr, second: IpAddr, proto: L4, port: u16) -> Vec<u8> {
+    let tail = key_bytes(second, proto, port);
+    let mut k = match first {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
     };
@@ -239,9 +240,10 @@ fn gw_key(source: IpAddr, address: IpAddr, proto: L4, port: u16) -> Vec<u8> {
 }
 
 /// An entry of `table inet jitgate_gw`: in a set, the key `source . address . proto
-/// . port`; in a DNAT map (`to_port` given), the key `source . proto . mapped port`
-/// and the data `address . port`. The interval sets and maps hold a prefix, the
-/// `h` ones a single address (as [`crate::gateway::entries`] chooses).
+/// . port`; in a DNAT map (`to_port` given), the key `public address . source .
+/// proto . mapped port` and the data `address . port`. The interval sets and maps
+/// hold a prefix, the `h` ones a single address (as [`crate::gateway::entries`]
+/// chooses).
 impl Encode for crate::gateway::Entry {
     fn table(&self) -> &str {
         crate::gateway::TABLE
@@ -275,9 +277,9 @@ impl Encode for crate::gateway::Entry {
 
 impl crate::gateway::Entry {
     fn key_from(&self, source: IpAddr) -> Vec<u8> {
-        match self.to_port {
-            Some(_) => key_bytes(source, self.proto, self.port.get()),
-            None => gw_key(source, self.address, self.proto, self.port.get()),
+        match (self.to_port, self.public) {
+            (Some(_), Some(public)) => gw_key(public, source, self.proto, self.port.get()),
+            _ => gw_key(source, self.address, self.proto, self.port.get()),
         }
     }
 }
@@ -659,6 +661,8 @@ pub struct GwHeld {
     pub address: IpAddr,
     /// In a map, the machine's port the mapped port leads to.
     pub to_port: Option<Port>,
+    /// In a map, the gateway's public address (the key's first field).
+    pub public: Option<IpAddr>,
     pub timeout_ms: Option<u64>,
     pub expires_ms: Option<u64>,
 }
@@ -708,26 +712,24 @@ fn parse_gw_data(b: &[u8]) -> Result<(IpAddr, Port), Malformed> {
 }
 
 /// The elements in one answer to [`dump_set_of`] for a set (`map` false: keys
-/// `source . address . proto . port`) or a DNAT map (`map` true: keys `source . proto
-/// . mapped port`, data `address . port`) of `table inet jitgate_gw`.
+/// `source . address . proto . port`) or a DNAT map (`map` true: keys `public .
+/// source . proto . mapped port`, data `address . port`) of `table inet jitgate_gw`.
 pub fn dumped_gw_elements(m: &Message<'_>, map: bool) -> Result<Vec<GwHeld>, Malformed> {
     let mut out = Vec::new();
     for a in dumped_items(m)? {
         let key =
             nested_value(find(&a, NFTA_SET_ELEM_KEY).ok_or(Malformed("element without a key"))?)?;
-        let (first, address, proto, port, to_port) = if map {
-            let (first, proto, port) = parse_key(key)?;
+        let (net, address, proto, port, to_port, public) = if map {
+            // public . source . proto . mapped port : address . port
+            let (public, first, proto, port) = parse_gw_key(key)?;
             let data = find(&a, NFTA_SET_ELEM_DATA).ok_or(Malformed("map element without data"))?;
             let (address, to) = parse_gw_data(nested_value(data)?)?;
-            (first, address, proto, port, Some(to))
+            let net = source(first, &a, |b| parse_gw_key(b).map(|k| k.1))?;
+            (net, address, proto, port, Some(to), Some(public))
         } else {
             let (first, address, proto, port) = parse_gw_key(key)?;
-            (first, address, proto, port, None)
-        };
-        let net = if map {
-            source(first, &a, |b| parse_key(b).map(|k| k.0))?
-        } else {
-            source(first, &a, |b| parse_gw_key(b).map(|k| k.0))?
+            let net = source(first, &a, |b| parse_gw_key(b).map(|k| k.0))?;
+            (net, address, proto, port, None, None)
         };
         let (timeout_ms, expires_ms) = lifetimes(&a);
         out.push(GwHeld {
@@ -736,6 +738,7 @@ pub fn dumped_gw_elements(m: &Message<'_>, map: bool) -> Result<Vec<GwHeld>, Mal
             port,
             address,
             to_port,
+            public,
             timeout_ms,
             expires_ms,
         });
@@ -1110,12 +1113,18 @@ mod tests {
                 port: Port::new(3389).unwrap(),
                 address: "10.78.1.5".parse().unwrap(),
                 to_port: None,
+                public: None,
                 timeout_ms: Some(60_000),
                 expires_ms: Some(59_500),
             }]
         );
-        // dnat6: 2001:db8::7 . udp . 50000 : 2001:db8:1::5 . 53
-        let mut key = "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets().to_vec();
+        // dnat6: 2001:db8:ff::1 . 2001:db8::7 . udp . 50000 : 2001:db8:1::5 . 53
+        let mut key = "2001:db8:ff::1"
+            .parse::<Ipv6Addr>()
+            .unwrap()
+            .octets()
+            .to_vec();
+        key.extend("2001:db8::7".parse::<Ipv6Addr>().unwrap().octets());
         key.extend([17, 0, 0, 0, 0xc3, 0x50, 0, 0]);
         let mut data = "2001:db8:1::5"
             .parse::<Ipv6Addr>()
@@ -1131,6 +1140,7 @@ mod tests {
         assert_eq!((h.proto, h.port.get()), (L4::Udp, 50000));
         assert_eq!(h.address, "2001:db8:1::5".parse::<IpAddr>().unwrap());
         assert_eq!(h.to_port, Some(Port::new(53).unwrap()));
+        assert_eq!(h.public, Some("2001:db8:ff::1".parse().unwrap()));
         // A map element without data, or a key of the wrong length, is malformed.
         let bytes = answer("dnat6", &key, None, None);
         assert!(dumped_gw_elements(&messages(&bytes).unwrap()[0], true).is_err());
@@ -1144,13 +1154,14 @@ mod tests {
     fn gateway_entries_are_written_as_they_are_read() {
         use crate::gateway::Entry;
         let port = |p: i64| Port::new(p).unwrap();
-        let entry = |set, net: &str, proto, p, address: &str, to_port: Option<i64>| Entry {
+        let entry = |set, net: &str, proto, p, address: &str, to: Option<(i64, &str)>| Entry {
             set,
+            public: to.map(|(_, public)| public.parse().unwrap()),
             net: net.parse().unwrap(),
             proto,
             port: port(p),
             address: address.parse().unwrap(),
-            to_port: to_port.map(port),
+            to_port: to.map(|(to, _)| port(to)),
         };
         let fwd = entry("fwd4", "10.0.0.0/8", L4::Tcp, 3389, "10.78.1.5", None);
         let dnat = entry(
@@ -1159,7 +1170,7 @@ mod tests {
             L4::Udp,
             50000,
             "2001:db8:1::5",
-            Some(53),
+            Some((53, "2001:db8:ff::1")),
         );
         assert_eq!(
             fwd.key(),
@@ -1172,6 +1183,15 @@ mod tests {
             ]
         );
         assert!(dnat.key_end().is_none(), "a host entry has no key end");
+        // A map's key starts with the public address, then the source.
+        assert_eq!(
+            dnat.key()[..32],
+            [
+                "2001:db8:ff::1".parse::<Ipv6Addr>().unwrap().octets(),
+                "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets()
+            ]
+            .concat()
+        );
         assert_eq!(dnat.data().unwrap()[16..], [0, 53, 0, 0]);
         let bytes = batch(
             &[
@@ -1205,13 +1225,14 @@ mod tests {
             assert_eq!(read.len(), 1);
             let h = read[0];
             assert_eq!(
-                (h.net, h.proto, h.port, h.address, h.to_port),
+                (h.net, h.proto, h.port, h.address, h.to_port, h.public),
                 (
                     entry.net,
                     entry.proto,
                     entry.port,
                     entry.address,
-                    entry.to_port
+                    entry.to_port,
+                    entry.public
                 )
             );
             let timeout = if map { Some(60_000) } else { None };

@@ -153,7 +153,10 @@ fn check(ns: &Netns, planned: &[gateway::GwElement], now: Timestamp) {
     ] {
         for (key, left) in held(ns, kind, name) {
             count += 1;
-            let src = key.split(" . ").next().unwrap();
+            // A map's key starts with the public address, then the source.
+            let mut fields = key.split(" . ");
+            let public = if kind == "map" { fields.next() } else { None };
+            let src = fields.next().unwrap();
             let e = planned
                 .iter()
                 .find(|e| {
@@ -163,6 +166,7 @@ fn check(ns: &Netns, planned: &[gateway::GwElement], now: Timestamp) {
                         e.net.to_string()
                     };
                     net == src
+                        && public.is_none_or(|p| e.public.is_some_and(|x| x.to_string() == p))
                         && key.contains(&format!(" {}", e.proto.as_str()))
                         && (key.contains(&e.address.to_string())
                             || e.mapped.is_some_and(|m| key.ends_with(&m.to_string())))
