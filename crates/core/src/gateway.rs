@@ -28,9 +28,11 @@
 //! working after its end (Azure's documented behaviour); the translation of a
 //! connection lives in conntrack and outlives the map element.
 //!
-//! The `input` chain drops packets to the public address's mapped ports that no
-//! grant translated, so an ungranted client sees a filtered port, not a refusal from
-//! the gateway's own stack. With `masquerade`, a DNAT machine sees connections come
+//! The `input` chain drops new connections to the public address's mapped ports that
+//! no grant translated, so an ungranted client sees a filtered port, not a refusal
+//! from the gateway's own stack. It accepts established and related traffic first:
+//! the gateway's own connections (to the controller) take ephemeral source ports,
+//! which overlap the mapped ports (50000-59999), and their replies must pass. With `masquerade`, a DNAT machine sees connections come
 //! from the gateway (for machines whose default route is not the gateway).
 //!
 //! Sources are planned as in [`crate::nft::plan_group`]: single addresses (the latest
@@ -542,6 +544,9 @@ pub fn render_full(targets: &[Target], now: Timestamp) -> String {
         out,
         "\t\ttype filter hook input priority filter; policy accept;"
     );
+    // Replies to the gateway's own connections (to the controller, say) may come to
+    // a mapped port: its ephemeral source ports and the mapped ports overlap.
+    let _ = writeln!(out, "\t\tct state established,related accept");
     for (p, ports) in &publics {
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
         if ports.is_empty() {
