@@ -246,9 +246,10 @@ impl NfSocket {
         &mut self,
         ops: &[Op<E>],
     ) -> Result<BatchReport, BatchError> {
-        // At least 100 bytes an operation: a batch far too large is refused before
-        // anything is encoded (`send_batch` checks the encoded size).
-        let least = ops.len() * 100;
+        // Every operation takes at least 64 bytes (a host's delete, the smallest, 72):
+        // a batch far too large is refused before anything is encoded (`send_batch`
+        // checks the encoded size).
+        let least = ops.len() * 64;
         if least > MAX_BATCH_BYTES {
             return Err(BatchError::TooLarge(least));
         }

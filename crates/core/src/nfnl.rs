@@ -911,6 +911,9 @@ mod tests {
 
         let d = msgs[1];
         assert_eq!((d.ty, d.flags, d.seq), (0x0a0e, NLM_F_REQUEST, 101));
+        // The smallest operation there is (the agent's size check counts 64 bytes at
+        // least for each).
+        assert_eq!(NLMSG_HDRLEN + d.payload.len(), 72);
         let (family, a) = d.nfgen().unwrap();
         assert_eq!(family, NFPROTO_INET);
         assert_eq!(find(&a, 1).unwrap(), b"jitgate\0");
