@@ -111,12 +111,12 @@ impl ElementReads {
     }
 
     /// A read of the elements was interrupted by changes.
-    pub fn interrupted(&mut self) {
+    fn interrupted(&mut self) {
         self.interrupted = self.interrupted.saturating_add(1);
     }
 
     /// A read of the elements completed (compared, drift or not).
-    pub fn completed(&mut self) {
+    fn completed(&mut self) {
         self.interrupted = 0;
         self.foreign = false;
     }

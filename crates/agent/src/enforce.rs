@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use jitgate_core::Timestamp;
 use jitgate_core::net::Port;
-use jitgate_core::nfnl::SetOp;
+use jitgate_core::nfnl;
 use jitgate_core::nft::{self, Element, Group, L4};
 use jitgate_core::nsg::{GrantRef, NsgRule};
 use jitgate_core::request::RequestId;
@@ -510,16 +510,7 @@ impl Enforcer {
         self.last_changed.extend(dels.iter().chain(&adds).copied());
         // Elements too close to their end to be written are left out of `adds` by
         // the planner already (see `nft::timeout_ms`).
-        let mut ops: Vec<SetOp> = dels.iter().map(|e| SetOp::Del(*e)).collect();
-        for e in &adds {
-            let Some(ms) = nft::timeout_ms(e.end, now) else {
-                continue;
-            };
-            ops.push(SetOp::Add {
-                element: *e,
-                timeout_ms: u64::try_from(ms).unwrap_or(u64::MAX),
-            });
-        }
+        let ops = nfnl::changes(dels.iter().copied(), adds.iter().map(|e| (*e, e.end)), now);
         if ops.is_empty() {
             return Ok(Some(ApplyStats {
                 kind: ApplyKind::Nothing,

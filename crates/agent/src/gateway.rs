@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use jitgate_core::Timestamp;
 use jitgate_core::gateway::{self, Target};
-use jitgate_core::nfnl::GwOp;
+use jitgate_core::nfnl;
 use jitgate_proto::{Desired, DesiredState, StatusReport, WireListener};
 use tokio::sync::{Notify, watch};
 
@@ -313,31 +313,16 @@ fn delta<D: Borrow<Desired>>(
     }
     match &mut last.socket {
         Some(socket) => {
-            let mut ops: Vec<GwOp> = remove
-                .iter()
-                .flat_map(gateway::entries)
-                .map(GwOp::Del)
-                .collect();
-            for e in &add {
-                // Elements too close to their end are left out (as a render does).
-                let Some(ms) = jitgate_core::nft::timeout_ms(e.end, now) else {
-                    continue;
-                };
-                let timeout_ms = u64::try_from(ms).unwrap_or(u64::MAX);
-                ops.extend(gateway::entries(e).into_iter().map(|element| GwOp::Add {
-                    element,
-                    timeout_ms,
-                }));
-            }
+            let ops = nfnl::changes(
+                remove.iter().flat_map(gateway::entries),
+                add.iter()
+                    .flat_map(|e| gateway::entries(e).into_iter().map(|x| (x, e.end))),
+                now,
+            );
             match socket.apply(&ops) {
                 Ok(_) => {}
                 Err(BatchError::TooLarge(_)) => return Ok(false),
-                Err(e @ BatchError::Refused { .. }) => return Err(e.into()),
-                Err(e @ BatchError::Other(_)) => {
-                    // Not trusted for the next change (an answer may be left unread).
-                    last.socket = None;
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             }
         }
         None => nft.apply(&gateway::render_delta(&add, &remove, now))?,

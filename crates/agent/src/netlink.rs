@@ -186,27 +186,40 @@ impl NfSocket {
             .map_err(BatchError::Other)
     }
 
-    /// Sends an encoded batch of `len` operations at `seq` and reads the answers up
-    /// to the generation request that follows it.
-    fn collect(&mut self, len: usize, seq: u32, bytes: &[u8]) -> anyhow::Result<Outcome> {
+    /// Sends `bytes` (requests numbered before `fence`), then a generation request
+    /// numbered `fence`, and hands each answer to `each` until the generation's: the
+    /// kernel answers in order, so every answer to `bytes` comes before it.
+    fn fenced(
+        &mut self,
+        bytes: &[u8],
+        fence: u32,
+        mut each: impl FnMut(&Message<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         self.send(bytes)?;
-        let fence = seq.wrapping_add(len as u32 + 2);
         self.send(&nfnl::get_gen(fence))?;
-        let mut outcome = Outcome::default();
         self.receive_until(|m| {
-            if m.seq == fence {
-                if let Some(code) = m.error().filter(|c| *c != 0) {
-                    bail!(
-                        "nf_tables refused the generation request: {}",
-                        Errno::from_raw(code)
-                    );
-                }
-                return Ok(true);
+            if m.seq != fence {
+                each(m)?;
+                return Ok(false);
             }
+            if let Some(code) = m.error().filter(|c| *c != 0) {
+                bail!(
+                    "nf_tables refused the generation request: {}",
+                    Errno::from_raw(code)
+                );
+            }
+            Ok(true)
+        })
+    }
+
+    /// Sends an encoded batch of `len` operations at `seq` and collects the answers.
+    fn collect(&mut self, len: usize, seq: u32, bytes: &[u8]) -> anyhow::Result<Outcome> {
+        let mut outcome = Outcome::default();
+        self.fenced(bytes, seq.wrapping_add(len as u32 + 2), |m| {
             let o = Outcome::from_answers(std::slice::from_ref(m), seq, len);
             outcome.failed.extend(o.failed);
             outcome.batch_error = outcome.batch_error.or(o.batch_error);
-            Ok(false)
+            Ok(())
         })?;
         Ok(outcome)
     }
@@ -215,14 +228,8 @@ impl NfSocket {
     /// does not).
     pub fn set_exists(&mut self, table: &str, set: &str) -> anyhow::Result<bool> {
         let seq = self.next_seq(2);
-        self.send(&nfnl::get_set(table, set, seq))?;
-        let fence = seq.wrapping_add(1);
-        self.send(&nfnl::get_gen(fence))?;
         let mut exists = None;
-        self.receive_until(|m| {
-            if m.seq == fence {
-                return Ok(true);
-            }
+        self.fenced(&nfnl::get_set(table, set, seq), seq.wrapping_add(1), |m| {
             if m.seq == seq {
                 match m.error() {
                     Some(ENOENT) => exists = Some(false),
@@ -232,7 +239,7 @@ impl NfSocket {
                     None => {}
                 }
             }
-            Ok(false)
+            Ok(())
         })?;
         exists.context("nf_tables did not answer the set request")
     }

@@ -262,28 +262,6 @@ fn is_host(e: &GwElement) -> bool {
     e.net.prefix_len() == e.net.max_prefix_len()
 }
 
-/// Where an element goes: `(set, key)` pairs, and for DNAT the map's `(map, key,
-/// data)`.
-fn element_parts(e: &GwElement) -> (String, String, Option<(String, String, String)>) {
-    let v6 = suffix(e.address.is_ipv6());
-    let h = if is_host(e) { "h" } else { "" };
-    // Interval sets take a prefix; a host prefix is written as the bare address.
-    let (src, proto) = (nft::net_text(&e.net), e.proto.as_str());
-    let fwd = format!("{src} . {} . {proto} . {}", e.address, e.port);
-    match (e.mode, e.mapped.zip(e.public)) {
-        (Mode::Routed, _) | (Mode::Dnat, None) => (format!("{h}fwd{v6}"), fwd, None),
-        (Mode::Dnat, Some((m, public))) => (
-            format!("{h}dfwd{v6}"),
-            fwd,
-            Some((
-                format!("{h}dnat{v6}"),
-                format!("{public} . {src} . {proto} . {m}"),
-                format!("{} . {}", e.address, e.port),
-            )),
-        ),
-    }
-}
-
 /// How an element is held in one set or map, as read back from the kernel: the
 /// source, protocol, port (the mapped one in a map), the machine's address, and in
 /// a map the public address and the machine's port.
@@ -339,24 +317,32 @@ pub fn entries(e: &GwElement) -> Vec<Entry> {
     }
 }
 
+impl Entry {
+    /// The key as `nft` writes it: `source . address . proto . port` in a set, `public
+    /// . source . proto . mapped port` in a map (a single-address source bare, as the
+    /// hash sets take it).
+    fn key_text(&self) -> String {
+        let (src, proto) = (nft::net_text(&self.net), self.proto.as_str());
+        match (self.to_port, self.public) {
+            (Some(_), Some(public)) => format!("{public} . {src} . {proto} . {}", self.port),
+            _ => format!("{src} . {} . {proto} . {}", self.address, self.port),
+        }
+    }
+}
+
 /// The lines of each set and map (key, timeout and data), by name.
-fn element_lines(elements: &[GwElement], now: Timestamp) -> BTreeMap<String, Vec<String>> {
-    let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
+fn element_lines(elements: &[GwElement], now: Timestamp) -> BTreeMap<&'static str, Vec<String>> {
+    let mut sets: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     for e in elements {
         let Some(ms) = nft::timeout_ms(e.end, now) else {
             continue;
         };
-        if e.mode == Mode::Dnat && (e.mapped.is_none() || e.public.is_none()) {
-            continue;
-        }
-        let (set, key, map) = element_parts(e);
-        sets.entry(set)
-            .or_default()
-            .push(format!("{key} timeout {ms}ms"));
-        if let Some((map, key, data)) = map {
-            sets.entry(map)
-                .or_default()
-                .push(format!("{key} timeout {ms}ms : {data}"));
+        for x in entries(e) {
+            let mut line = format!("{} timeout {ms}ms", x.key_text());
+            if let Some(to) = x.to_port {
+                let _ = write!(line, " : {} . {to}", x.address);
+            }
+            sets.entry(x.set).or_default().push(line);
         }
     }
     sets
@@ -390,16 +376,9 @@ pub fn diff(
 /// path when no netlink socket opens.
 pub fn render_delta(add: &[GwElement], remove: &[GwElement], now: Timestamp) -> String {
     let mut out = String::new();
-    let mut deletes: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for e in remove {
-        if e.mode == Mode::Dnat && (e.mapped.is_none() || e.public.is_none()) {
-            continue;
-        }
-        let (set, key, map) = element_parts(e);
-        deletes.entry(set).or_default().push(key);
-        if let Some((map, key, _)) = map {
-            deletes.entry(map).or_default().push(key);
-        }
+    let mut deletes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for x in remove.iter().flat_map(entries) {
+        deletes.entry(x.set).or_default().push(x.key_text());
     }
     for (set, keys) in &deletes {
         let _ = writeln!(
@@ -475,7 +454,7 @@ pub fn render_full(targets: &[Target], now: Timestamp) -> String {
                 let _ = writeln!(out, "\t\tflags {flags}");
                 render_elements(
                     &mut out,
-                    sets.get(&format!("{h}{name}{s}")).unwrap_or(&none),
+                    sets.get(format!("{h}{name}{s}").as_str()).unwrap_or(&none),
                 );
                 let _ = writeln!(out, "\t}}");
             }
@@ -485,7 +464,10 @@ pub fn render_full(targets: &[Target], now: Timestamp) -> String {
                 "\t\ttype {a} . {a} . inet_proto . inet_service : {a} . inet_service"
             );
             let _ = writeln!(out, "\t\tflags {flags}");
-            render_elements(&mut out, sets.get(&format!("{h}dnat{s}")).unwrap_or(&none));
+            render_elements(
+                &mut out,
+                sets.get(format!("{h}dnat{s}").as_str()).unwrap_or(&none),
+            );
             let _ = writeln!(out, "\t}}");
         }
     }
@@ -703,8 +685,8 @@ mod tests {
                 );
             }
         }
-        let sets: Vec<String> = elements.iter().map(|e| element_parts(e).0).collect();
-        assert!(sets.contains(&"hfwd4".to_owned()) && sets.contains(&"fwd4".to_owned()));
+        let sets: Vec<&str> = elements.iter().map(|e| entries(e)[0].set).collect();
+        assert!(sets.contains(&"hfwd4") && sets.contains(&"fwd4"));
         let host = elements
             .iter()
             .find(|e| e.net == "10.1.2.3/32".parse::<IpNet>().unwrap())

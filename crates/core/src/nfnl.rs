@@ -33,6 +33,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
+use jiff::Timestamp;
 
 use crate::net::Port;
 use crate::nft::{Element, L4, TABLE};
@@ -172,15 +173,25 @@ impl Writer {
     }
 }
 
-/// The 4-byte-register layout of `addr . proto . port`.
-pub fn key_bytes(addr: IpAddr, proto: L4, port: u16) -> Vec<u8> {
-    let mut k = match addr {
+/// An address's bytes (4 or 16: a whole number of registers).
+fn addr_bytes(addr: IpAddr) -> Vec<u8> {
+    match addr {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
-    };
+    }
+}
+
+/// A port in its register: `port_hi port_lo 0 0`.
+fn port_register(port: u16) -> [u8; 4] {
+    let [hi, lo] = port.to_be_bytes();
+    [hi, lo, 0, 0]
+}
+
+/// The 4-byte-register layout of `addr . proto . port`.
+pub fn key_bytes(addr: IpAddr, proto: L4, port: u16) -> Vec<u8> {
+    let mut k = addr_bytes(addr);
     k.extend_from_slice(&[l4_number(proto), 0, 0, 0]);
-    k.extend_from_slice(&port.to_be_bytes());
-    k.extend_from_slice(&[0, 0]);
+    k.extend_from_slice(&port_register(port));
     k
 }
 
@@ -230,12 +241,8 @@ impl Encode for Element {
 /// source . proto . port` (each field in its register: 16 or 40 bytes); see
 /// [`parse_gw_key`].
 fn gw_key(first: IpAddr, second: IpAddr, proto: L4, port: u16) -> Vec<u8> {
-    let tail = key_bytes(second, proto, port);
-    let mut k = match first {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    };
-    k.extend_from_slice(&tail);
+    let mut k = addr_bytes(first);
+    k.extend_from_slice(&key_bytes(second, proto, port));
     k
 }
 
@@ -264,12 +271,8 @@ impl Encode for crate::gateway::Entry {
 
     fn data(&self) -> Option<Vec<u8>> {
         self.to_port.map(|to| {
-            let mut d = match self.address {
-                IpAddr::V4(a) => a.octets().to_vec(),
-                IpAddr::V6(a) => a.octets().to_vec(),
-            };
-            d.extend_from_slice(&to.get().to_be_bytes());
-            d.extend_from_slice(&[0, 0]);
+            let mut d = addr_bytes(self.address);
+            d.extend_from_slice(&port_register(to.get()));
             d
         })
     }
@@ -306,6 +309,26 @@ impl<E> Op<E> {
             Op::Add { element, .. } | Op::Del(element) => element,
         }
     }
+}
+
+/// The operations of a change: deletes of `dels` first, then adds of `adds`, each
+/// with the time left until its end (`nft::timeout_ms`) as its timeout; an add too
+/// close to its end is left out, as a render leaves it out.
+pub fn changes<E>(
+    dels: impl IntoIterator<Item = E>,
+    adds: impl IntoIterator<Item = (E, Timestamp)>,
+    now: Timestamp,
+) -> Vec<Op<E>> {
+    let mut ops: Vec<Op<E>> = dels.into_iter().map(Op::Del).collect();
+    for (element, end) in adds {
+        if let Some(ms) = crate::nft::timeout_ms(end, now) {
+            ops.push(Op::Add {
+                element,
+                timeout_ms: u64::try_from(ms).unwrap_or(u64::MAX),
+            });
+        }
+    }
+    ops
 }
 
 fn element_attrs<E: Encode>(w: &mut Writer, op: &Op<E>) {

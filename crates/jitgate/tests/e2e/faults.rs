@@ -196,7 +196,7 @@ fn drift_of_the_table_is_found_repaired_reported_and_audited() {
 /// initiated.
 fn initiate_many(lab: &Lab, sources: Vec<String>, revoke: bool, stop: &AtomicBool) -> usize {
     let done = AtomicUsize::new(0);
-    let (base, policy, vm) = (lab.base(), lab.policy_path(), lab.vm_id());
+    let (base, initiate) = (lab.base(), lab.initiate_path());
     in_ns(&lab.ctl.ns, || {
         crate::common::block_on(async {
             let http = api_client(lab.ca.as_deref());
@@ -207,11 +207,11 @@ fn initiate_many(lab: &Lab, sources: Vec<String>, revoke: bool, stop: &AtomicBoo
                     let Some(source) = next.filter(|_| !stop.load(Ordering::Relaxed)) else {
                         return;
                     };
-                    let body = json!({"virtualMachines": [{"id": vm, "ports": [
+                    let body = lab.initiate_body(json!([
                         {"number": SSH, "duration": "PT1H", "allowedSourceAddressPrefix": source}
-                    ]}], "justification": "e2e"});
+                    ]));
                     let r = http
-                        .post(format!("{base}{policy}/initiate?api-version=2020-01-01"))
+                        .post(format!("{base}{initiate}"))
                         .bearer_auth(OWNER)
                         .json(&body)
                         .send()

@@ -1041,7 +1041,7 @@ impl Lab {
     }
 
     pub fn log_tail(&self, what: &str) -> String {
-        let text = std::fs::read_to_string(self.log_path(what)).unwrap_or_default();
+        let text = self.log(what);
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -1154,16 +1154,25 @@ impl Lab {
         ]));
     }
 
+    /// The Azure initiate path of the lab's policy.
+    pub fn initiate_path(&self) -> String {
+        format!("{}/initiate?api-version=2020-01-01", self.policy_path())
+    }
+
+    /// An initiate body for `ports` of vm1.
+    pub fn initiate_body(&self, ports: Value) -> Value {
+        json!({"virtualMachines": [{"id": self.vm_id(), "ports": ports}], "justification": "e2e"})
+    }
+
     /// Initiates access to `ports` of vm1 as the Owner from `from`'s namespace (an
     /// omitted source is "my IP": `from`'s address). Expects 202.
     pub fn initiate(&self, from: &Host, ports: Value) -> Initiated {
-        let body = json!({"virtualMachines": [{"id": self.vm_id(), "ports": ports}], "justification": "e2e"});
         let r = self.call(
             from,
             "POST",
-            &format!("{}/initiate?api-version=2020-01-01", self.policy_path()),
+            &self.initiate_path(),
             Some(OWNER),
-            Some(body),
+            Some(self.initiate_body(ports)),
         );
         assert_eq!(r.status, 202, "initiate: {:?}", r.body);
         let id = r.headers["x-jitgate-request-id"]
